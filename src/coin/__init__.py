@@ -1,0 +1,24 @@
+"""CoIN: Contrastive Instruction Tuning as a workflow-orchestrated MLOps pipeline.
+
+Importing the package keeps every tool local and quiet before any of them is imported:
+telemetry/analytics off, Hugging Face offline (nothing is ever downloaded at run time).
+A variable the user already set wins (``setdefault``).
+"""
+
+import os
+
+LOCAL_ONLY_ENV = {
+    "DO_NOT_TRACK": "true",                      # Prefect client, HF, MLflow (MLflow needs "true", not "1")
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # the Prefect server otherwise posts usage events
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+for _k, _v in LOCAL_ONLY_ENV.items():
+    os.environ.setdefault(_k, _v)
+
+__version__ = "0.1.0"
