@@ -1,0 +1,1 @@
+"""Prefect flows: thin shells over the stage functions in ``coin.stages``."""

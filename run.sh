@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One entry point for set-up and use. Each command first makes sure .venv is installed and current:
+#
+#   ./run.sh pipeline        install (first time) + run the whole pipeline on the embedded default
+#   ./run.sh test            install (first time) + run the test suite (what CI runs)
+#   ./run.sh <command ...>   run any command inside the venv, e.g. ./run.sh dvc repro, ./run.sh coin --help
+#
+# Set-up: torch==2.13.0 is installed first, on its own (the CPU wheel here; an unpinned torch would pull
+# several GB of CUDA packages), then the project with the exact versions of requirements.lock.
+# Override the torch requirement on a GPU machine with COIN_TORCH_SPEC (e.g. "torch==2.13.0" from a CUDA index).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY="${COIN_PYTHON:-python3.11}"
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+VENV=.venv
+STAMP="$VENV/.coin-installed"
+
+# Local-only: no telemetry or analytics from any tool, no hub downloads (also set by the coin package).
+export DO_NOT_TRACK=true PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true \
+       DVC_NO_ANALYTICS=1 GX_ANALYTICS_ENABLED=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+       HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false PIP_DISABLE_PIP_VERSION_CHECK=1
+
+setup() {
+  local want
+  want=$(cat pyproject.toml requirements.lock | sha256sum | cut -d' ' -f1)
+  if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then return; fi
+  echo "[setup] installing into $VENV (first run takes a few minutes)" >&2
+  [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" >&2 || true
+  "$VENV/bin/python" -m pip install -q "${COIN_TORCH_SPEC:-torch==2.13.0}" 2>&1 | grep -v "is ignored" >&2 || true
+  "$VENV/bin/python" -m pip install -q -c requirements.lock -e ".[dev]" 2>&1 | grep -v "is ignored" >&2 || true
+  "$VENV/bin/python" -c "import torch, coin, prefect, mlflow, dvc, great_expectations, peft" \
+    || { echo "[setup] install failed; see the pip output above" >&2; exit 1; }
+  if "$VENV/bin/pip" list 2>/dev/null | grep -qi '^nvidia-' && ! command -v nvidia-smi >/dev/null; then
+    echo "[setup] warning: CUDA packages were installed on a machine without a GPU" >&2
+  fi
+  echo "$want" > "$STAMP"
+}
+
+cmd="${1:-pipeline}"; shift || true
+setup
+export PATH="$PWD/$VENV/bin:$PATH"
+case "$cmd" in
+  pipeline) exec coin pipeline "$@" ;;
+  test)     exec python -m pytest "$@" ;;
+  setup)    echo "[setup] $VENV is ready" ;;
+  *)        exec "$cmd" "$@" ;;
+esac

