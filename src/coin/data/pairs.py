@@ -57,7 +57,13 @@ def load_examples(data_dir: str | Path, spec: TaskSpec) -> list[Example]:
 
 
 def select_templates(tt: TaskTemplates, choice: str | list[int]) -> list[Template]:
-    usable = tt.classification()
+    """The classification templates to draw (A, B) from; a template whose text repeats an earlier one
+    (FLAN's CoLA templates 0 and 3 are identical) is dropped, as it would make copy 'paraphrases'."""
+    usable, seen = [], set()
+    for t in tt.classification():
+        if t.input not in seen:
+            seen.add(t.input)
+            usable.append(t)
     if choice == "classification":
         chosen = usable
     else:

@@ -60,6 +60,11 @@ def format_options(options: tuple[str, ...] | list[str]) -> str:
     return "OPTIONS:\n- " + "\n- ".join(options)
 
 
+def input_text(task: str, text: str) -> str:
+    """An input field as FLAN puts it into a prompt: FLAN replaces '""' with "'" in QQP questions."""
+    return text.replace('""', "'") if task == "qqp" else text
+
+
 def render(template: Template, tt: TaskTemplates, row: dict, answer_words: tuple[str, ...]) -> tuple[str, str]:
     """Render ``template`` on a GLUE row: returns ``(prompt, target)``.
 
@@ -73,8 +78,5 @@ def render(template: Template, tt: TaskTemplates, row: dict, answer_words: tuple
         elif ph == "answer":
             values[ph] = answer_words[int(row["label"])]
         else:
-            text = str(row[tt.field_map.get(ph, ph)])
-            if tt.task == "qqp":  # FLAN replaces '""' with "'" in QQP questions
-                text = text.replace('""', "'")
-            values[ph] = text
+            values[ph] = input_text(tt.task, str(row[tt.field_map.get(ph, ph)]))
     return template.input.format(**values), template.target.format(**values)
