@@ -66,7 +66,7 @@ def test_register_roundtrip_champion_and_idempotent(store, tmp_path, tiny_llama_
         pass
     second = log_and_register(adapter, run2.info.run_id, "tiny-coin")
     assert second.version == "2" and second.aliases == ["challenger"]
-    assert client.get_model_version_by_alias("tiny-coin", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("tiny-coin", "champion").version) == "1"
 
     model = mlflow.pyfunc.load_model("models:/tiny-coin@champion")
     out = model.predict(pd.DataFrame({"instruction": ["Is this 'positive' or 'negative'? "],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -194,7 +195,8 @@ def stage_train(settings: Settings, root: Path) -> dict[str, Any]:
 
     def on_metrics(step: int, metrics: dict[str, float]) -> None:
         history.append({"step": step, **metrics})
-        mlflow.log_metrics({f"train/{k}": float(v) for k, v in metrics.items()}, step=step)
+        finite = {f"train/{k}": float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+        mlflow.log_metrics(finite, step=step)  # sft has no contrastive term: its l_cl/cosines are NaN
 
     with mlflow.start_run(run_name=f"train-{cfg.method}", tags=provenance_tags(settings, root, "train")) as run:
         mlflow.set_tag("coin.method", cfg.method)

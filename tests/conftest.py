@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny causal LMs saved to disk, loadable through ``load_backbone(str(dir))``.
+
+Each model reuses the embedded MiniLM tokenizer (WordPiece, 30522 tokens) so no download is needed;
+hidden size 32 and 2 layers keep a forward pass in the millisecond range on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+def _save_tiny(model_cls, config, out: Path) -> Path:
+    import torch
+
+    from coin.modeling.backbone import load_tokenizer
+
+    torch.manual_seed(0)
+    model_cls(config).save_pretrained(str(out))
+    load_tokenizer("minilm").save_pretrained(str(out))
+    return out
+
+
+def _special_ids() -> dict[str, int]:
+    from coin.modeling.backbone import load_tokenizer
+
+    tok = load_tokenizer("minilm")
+    return {
+        "vocab_size": len(tok),
+        "pad_token_id": tok.pad_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, hidden-32 LlamaForCausalLM (untied head) plus the MiniLM tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, tie_word_embeddings=False, **_special_ids(),
+    )
+    return _save_tiny(LlamaForCausalLM, config, tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, hidden-32 GPT2LMHeadModel (head tied to the embeddings, Conv1D attention)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512, **_special_ids())
+    return _save_tiny(GPT2LMHeadModel, config, tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, hidden-32 BERT *encoder* checkpoint (no LM head), like the embedded MiniLM: loaded
+    as a causal LM, its ``cls.predictions.transform`` is newly initialised."""
+    from transformers import BertConfig, BertModel
+
+    ids = _special_ids()
+    config = BertConfig(
+        vocab_size=ids["vocab_size"], pad_token_id=ids["pad_token_id"], hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
+    )
+    return _save_tiny(BertModel, config, tmp_path_factory.mktemp("tiny_bert_encoder"))
