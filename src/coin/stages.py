@@ -244,15 +244,17 @@ def stage_evaluate(settings: Settings, root: Path) -> dict[str, Any]:
     record = read_json(lay.train_record)
     backbone = load_backbone(settings.model.backbone, dtype=settings.model.dtype, device=settings.model.device,
                              seed=settings.seed)
+    # a relative instruction file is relative to the project root, like every other path in params.yaml
+    cfg = settings.evaluate.model_copy(update={"instruction_file": str(root / settings.evaluate.instruction_file)})
     results = []
     t0 = time.perf_counter()
-    if settings.evaluate.include_base:
+    if cfg.include_base:
         backbone.model.eval()
-        results.append(evaluate_model(backbone.model, backbone.tokenizer, settings.evaluate,
+        results.append(evaluate_model(backbone.model, backbone.tokenizer, cfg,
                                       data_dir=lay.data_dir, seed=settings.seed, model_label="base"))
-    trained = load_adapter(backbone, root / record["adapter_dir"])
+    trained = load_adapter(backbone, root / record["adapter_dir"])  # LoRA injected into the same base
     trained.eval()
-    results.append(evaluate_model(trained, backbone.tokenizer, settings.evaluate,
+    results.append(evaluate_model(trained, backbone.tokenizer, cfg,
                                   data_dir=lay.data_dir, seed=settings.seed, model_label=record["method"]))
     paths = write_eval_outputs(results, lay.eval_dir)
     metrics = read_json(lay.eval_dir / "metrics.json")

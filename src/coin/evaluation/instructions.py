@@ -1,0 +1,95 @@
+"""Instruction sets for the robustness evaluation (CoIN's PromptBench variant, DESIGN §2).
+
+The file schema is the one of ``data/promptbench/coin_perturbed_instructions.json``::
+
+    {"perturbations": {"<set>": {"<task>": ["instruction 1", ..., "instruction 6"]}}, ...}
+
+Other files in the same schema are accepted, so users can bring their own sets; a set name that is
+not one of the five PromptBench levels gets the level ``custom``. Every problem is reported as a
+:class:`~coin.data.io.DataError` naming the file, the set, the task and the field at fault.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from coin.data.io import DataError, read_json
+
+# One perturbation method per level (COIN-REFERENCE §4, "Perturbation sets").
+PERTURBATION_LEVELS: dict[str, str] = {
+    "clean": "clean",
+    "deepwordbug": "character",
+    "textfooler": "word",
+    "checklist": "sentence",
+    "semantic": "semantic",
+}
+
+
+def perturbation_level(set_name: str) -> str:
+    """``textfooler`` -> ``word``; sets from a user's own file -> ``custom``."""
+    return PERTURBATION_LEVELS.get(set_name, "custom")
+
+
+def load_instruction_sets(
+    path: str | Path, sets: list[str], tasks: list[str]
+) -> dict[str, dict[str, list[str]]]:
+    """``{set: {task: [instruction, ...]}}`` for the requested sets and tasks, validated.
+
+    Raises :class:`DataError` for a file that is not JSON, has no ``perturbations`` mapping, lacks a
+    requested set or task, or holds an instruction that is not a non-empty string.
+    """
+    path = Path(path)
+    doc = read_json(path)  # DataError naming the path for missing / non-JSON / non-UTF-8 files
+    perturbations = _mapping(doc, path, "perturbations", where="top level")
+    return {s: _load_set(perturbations, path, s, tasks) for s in sets}
+
+
+def _mapping(obj: Any, path: Path, key: str, *, where: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: {where} should be a JSON object, got {type(obj).__name__}")
+    if key not in obj:
+        have = ", ".join(map(str, obj)) or "nothing"
+        raise DataError(f"{path}: {where}: missing field '{key}' (has: {have})")
+    value = obj[key]
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: {where}: field '{key}' should be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _load_set(perturbations: dict[str, Any], path: Path, set_name: str, tasks: list[str]) -> dict[str, list[str]]:
+    if set_name not in perturbations:
+        have = ", ".join(map(str, perturbations)) or "none"
+        raise DataError(
+            f"{path}: instruction set '{set_name}' not found under 'perturbations' (sets in the file: {have}); "
+            f"fix evaluate.instruction_sets or the file"
+        )
+    by_task = _mapping(perturbations, path, set_name, where="perturbations")
+    return {t: _load_task(by_task, path, set_name, t) for t in tasks}
+
+
+def _load_task(by_task: dict[str, Any], path: Path, set_name: str, task: str) -> list[str]:
+    field = f"perturbations.{set_name}.{task}"
+    if task not in by_task:
+        have = ", ".join(map(str, by_task)) or "none"
+        raise DataError(
+            f"{path}: set '{set_name}', task '{task}': no instructions (field '{field}' missing; tasks in this set: {have})"
+        )
+    items = by_task[task]
+    if not isinstance(items, list) or not items:
+        raise DataError(
+            f"{path}: set '{set_name}', task '{task}': field '{field}' should be a non-empty list of strings, "
+            f"got {_describe(items)}"
+        )
+    for i, text in enumerate(items):
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(
+                f"{path}: set '{set_name}', task '{task}': field '{field}[{i}]' should be a non-empty string, "
+                f"got {_describe(text)}"
+            )
+    return list(items)
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
