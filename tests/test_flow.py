@@ -13,6 +13,7 @@ TINY = {
     "validate": {"min_pass_rate": 0.5},
     "train": {"max_steps": 2, "batch_size": 4, "log_every": 1},
     "evaluate": {"tasks": ["sst2", "rte"], "instruction_sets": ["clean", "textfooler"], "samples_per_task": 3,
+                 "instruction_file": str(ROOT / "data" / "promptbench" / "coin_perturbed_instructions.json"),
                  "include_base": False},
     "register": {"model_name": "coin-tiny"},
 }
