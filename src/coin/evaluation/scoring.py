@@ -99,7 +99,9 @@ def score_sequences(
     model.eval()
     try:
         with torch.inference_mode():
-            for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+            n_batches = -(-len(order) // batch_size)
+            for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False,
+                              disable=n_batches < 2):  # no bar for a single batch (predict)
                 idx = order[start:start + batch_size]
                 out[idx] = _score_batch(model, [seqs[i] for i in idx], pad_id, device)
     finally:

@@ -15,6 +15,7 @@ at the positions that carry a loss or a score, instead of at every position::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -70,6 +71,20 @@ class Backbone:
     newly_initialised: list[str] = field(default_factory=list)  # parameter names not in the checkpoint
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+
+
 def _load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
@@ -113,9 +128,10 @@ def load_backbone(
         extra["is_decoder"] = True  # encoder checkpoints run as causal decoders (BertLMHeadModel, ...)
     # Newly initialised weights (MiniLM's LM-head transform) are random: seed them so two loads agree.
     torch.manual_seed(seed)
-    model, info = AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=True, dtype=pick_dtype(dtype, dev), output_loading_info=True, **extra
-    )
+    with _quiet_transformers():  # its load report is replaced by our one-line log of new weights
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype=pick_dtype(dtype, dev), output_loading_info=True, **extra
+        )
     model.to(dev)
     tok = _load_tokenizer(path)
     if model.config.pad_token_id is None:

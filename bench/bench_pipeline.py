@@ -1,0 +1,40 @@
+"""Wall time per stage of the default pipeline, run in-process on the current params.yaml.
+
+    ./run.sh python bench/bench_pipeline.py [--set key=value ...]
+
+Prints a Markdown table (stage, seconds, share of total). The stages are the same functions the
+CLI, DVC and Prefect call; Prefect's own start-up is not included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import coin  # noqa: F401
+from coin.config import load_settings
+from coin.stages import STAGES
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args()
+    settings = load_settings(args.params, args.overrides)
+    root = Path(args.params).resolve().parent
+    times: dict[str, float] = {}
+    for name, fn in STAGES.items():
+        t0 = time.perf_counter()
+        fn(settings, root)
+        times[name] = time.perf_counter() - t0
+    total = sum(times.values())
+    print("| stage | s | share |\n|---|---:|---:|")
+    for name, s in times.items():
+        print(f"| {name} | {s:.1f} | {100 * s / total:.0f}% |")
+    print(f"| **total** | **{total:.1f}** | |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""The whole default pipeline (params.yaml as shipped, embedded MiniLM) on a fresh copy, then `coin predict`.
+
+Slow (minutes on 2 CPU cores); CI runs it. Skip locally with `-m "not slow"`.
+"""
+
+import json
+
+import pytest
+
+from coin.data.tasks import TASKS
+from helpers_project import copy_project, run
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_pipeline_from_a_fresh_copy_then_predict(tmp_path):
+    proj = copy_project(tmp_path / "proj")
+    assert not (proj / "data").exists()  # the pipeline's data stage must restore it from dvc-remote/
+    run(["coin", "pipeline"], proj, timeout=3000)
+
+    out = proj / "outputs"
+    gate = json.loads((out / "validated" / "summary.json").read_text())
+    assert gate["rows_valid"] > 0 and (out / "validated" / "rejects.jsonl").exists()
+    assert (out / "validated" / "data_docs" / "index.html").exists()
+    assert (out / "train" / "adapter" / "adapter_model.safetensors").exists()
+    metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
+    assert {"base", "coin"} <= set(metrics)
+    assert "clean" in metrics["coin"]["sst2"] and "textfooler" in metrics["coin"]["sst2"]
+    reg = json.loads((out / "register" / "registration.json").read_text())
+    assert reg["aliases"] == ["champion"] and reg["version"] == "1"
+
+    answer = run(["coin", "predict", "--instruction", "Is the sentiment of this review positive or negative? ",
+                  "--input", "An utterly charming and beautifully acted film.", "--task", "sst2"], proj)
+    assert answer.stdout.strip().splitlines()[-1] in TASKS["sst2"].label_words
