@@ -19,6 +19,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 import coin  # noqa: F401  (sets the local-only environment first)
 from coin.config import ConfigError, Settings, load_settings
@@ -37,7 +38,7 @@ def _settings(params: Path, overrides: list[str] | None) -> tuple[Settings, Path
 
 
 def _fail(exc: BaseException) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
     raise typer.Exit(code=2)
 
 
@@ -63,40 +64,22 @@ def _print(result: dict) -> None:
             print(result[key])
 
 
-@app.command()
-def data(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Make sure the DVC-tracked data is present (dvc pull from the in-repo remote if not)."""
-    _print(_run_stage("data", params, set_))
+def _stage_command(name: str):
+    def command(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+        _print(_run_stage(name, params, set_))
+
+    return command
 
 
-@app.command()
-def pairs(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Build (original, paraphrase, hard negative) rows from FLAN templates on GLUE train rows."""
-    _print(_run_stage("pairs", params, set_))
+def _register_stage_commands() -> None:
+    """One subcommand per stage of :mod:`coin.stages`; its help is the stage function's summary line."""
+    from coin.stages import STAGES
+
+    for name, fn in STAGES.items():
+        app.command(name=name, help=(fn.__doc__ or name).strip().split("\n")[0].replace("``", "`"))(_stage_command(name))
 
 
-@app.command()
-def validate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Run the paraphrase-validation gate (Great Expectations + semantic checks)."""
-    _print(_run_stage("validate", params, set_))
-
-
-@app.command()
-def train(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Contrastive instruction tuning (LoRA) on the validated pairs, tracked in MLflow."""
-    _print(_run_stage("train", params, set_))
-
-
-@app.command()
-def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Robustness evaluation under clean and perturbed instructions."""
-    _print(_run_stage("evaluate", params, set_))
-
-
-@app.command()
-def register(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Log the trained adapter to MLflow and register it (alias champion when there is none)."""
-    _print(_run_stage("register", params, set_))
+_register_stage_commands()
 
 
 @app.command()

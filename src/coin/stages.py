@@ -134,7 +134,7 @@ def stage_validate(settings: Settings, root: Path) -> dict[str, Any]:
     from coin.validation.gate import run_gate
 
     lay = Layout(root, settings)
-    rows = read_jsonl(lay.pairs_file)
+    rows = read_jsonl(lay.pairs_file, missing_hint="Run `coin pairs` first.")
     tokenizer = load_tokenizer(settings.model.backbone)
     setup_tracking(settings, root)
     with mlflow.start_run(run_name="validate", tags=provenance_tags(settings, root, "validate")):
@@ -184,7 +184,7 @@ def stage_train(settings: Settings, root: Path) -> dict[str, Any]:
     from coin.training.loop import train
 
     lay = Layout(root, settings)
-    rows = read_jsonl(lay.valid_file)
+    rows = read_jsonl(lay.valid_file, missing_hint="Run `coin validate` first.")
     if not any(r.get("split") == "train" for r in rows):
         raise DataError(f"{lay.valid_file}: no rows with split 'train' to train on; check pairs.val_fraction")
     cfg = settings.train
@@ -241,7 +241,7 @@ def stage_evaluate(settings: Settings, root: Path) -> dict[str, Any]:
     from coin.registry.tracking import setup_tracking
 
     lay = Layout(root, settings)
-    record = read_json(lay.train_record)
+    record = read_json(lay.train_record, missing_hint="Run `coin train` first.")
     backbone = load_backbone(settings.model.backbone, dtype=settings.model.dtype, device=settings.model.device,
                              seed=settings.seed)
     # a relative instruction file is relative to the project root, like every other path in params.yaml
@@ -278,7 +278,7 @@ def stage_register(settings: Settings, root: Path) -> dict[str, Any]:
     from coin.registry.tracking import setup_tracking
 
     lay = Layout(root, settings)
-    record = read_json(lay.train_record)
+    record = read_json(lay.train_record, missing_hint="Run `coin train` first.")
     setup_tracking(settings, root)
     reg = log_and_register(root / record["adapter_dir"], record["run_id"], settings.register_.model_name)
     out = reg.to_dict()

@@ -17,6 +17,8 @@ class DataError(ValueError):
 def read_jsonl(
     path: str | Path,
     required: Mapping[str, type | tuple[type, ...]] | None = None,
+    *,
+    missing_hint: str = "Run `dvc pull` (or `coin data`) to restore the data.",
 ) -> list[dict[str, Any]]:
     """Read a JSONL file; check that every row has the ``required`` fields with the given types.
 
@@ -27,7 +29,7 @@ def read_jsonl(
     """
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: file not found. Run `dvc pull` (or `coin data`) to restore the data.")
+        raise DataError(f"{path}: file not found. {missing_hint}")
     rows: list[dict[str, Any]] = []
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
@@ -88,10 +90,10 @@ def write_json(path: str | Path, obj: Any) -> None:
         raise
 
 
-def read_json(path: str | Path) -> Any:
+def read_json(path: str | Path, *, missing_hint: str = "") -> Any:
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{path}: file not found. {missing_hint}".rstrip(". ") + ("." if missing_hint else ""))
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:

@@ -1,0 +1,43 @@
+"""The `coin` CLI: one subcommand per stage, config errors stop before any work with exit code 2."""
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from coin.cli import app
+from coin.stages import STAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def test_help_lists_every_stage_and_predict():
+    out = runner.invoke(app, ["--help"]).output
+    for name in [*STAGES, "pipeline", "predict", "params"]:
+        assert name in out
+
+
+def test_bad_override_stops_a_stage_before_work(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    res = runner.invoke(app, ["pairs", "--params", str(params), "--set", "pairs.rows_per_tsk=3"])
+    assert res.exit_code == 2
+    assert "pairs.rows_per_tsk: unknown key" in res.output and "rows_per_task" in res.output
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_pairs_stage_from_cli(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    res = runner.invoke(app, ["pairs", "--params", str(params), "--set", f"paths.data_dir={ROOT / 'data'}",
+                              "--set", "pairs.rows_per_task=4", "--set", "pairs.tasks=[wnli]"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "outputs" / "pairs" / "pairs.jsonl").read_text().count("\n") == 4
+
+
+def test_missing_input_names_the_file_and_the_fix(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    res = runner.invoke(app, ["validate", "--params", str(params)])
+    assert res.exit_code == 2
+    assert "pairs.jsonl: file not found. Run `coin pairs` first." in res.output
