@@ -29,7 +29,7 @@ def project(tmp_path_factory) -> Path:
 
 def test_fresh_copy_pulls_data_offline_from_the_in_repo_remote(project):
     assert not (project / "data").exists()
-    run(["dvc", "pull", "-q"], project)
+    run(["dvc", "pull", "-q", "data.dvc"], project)
     assert (project / "data" / "glue" / "sst2.train.jsonl").exists()
     status = run(["dvc", "status", "data.dvc"], project).stdout
     assert "up to date" in status
