@@ -1,0 +1,45 @@
+"""The backbone loader: embedded MiniLM as a causal LM, any HF causal LM by path, never a download."""
+
+import pytest
+import torch
+
+from coin.modeling.backbone import load_backbone, selected_logits, split_body_head
+
+
+@pytest.mark.parametrize("fixture, cls", [("tiny_llama_dir", "LlamaForCausalLM"), ("tiny_gpt2_dir", "GPT2LMHeadModel")])
+def test_tiny_models_load_by_path_through_the_same_loader(request, fixture, cls):
+    bb = load_backbone(str(request.getfixturevalue(fixture)), device="cpu")
+    assert type(bb.model).__name__ == cls
+    tok = bb.tokenizer
+    assert tok.pad_token_id is not None and tok.eos_token_id is not None and tok.padding_side == "right"
+    x = tok(["a short one", "and a somewhat longer sentence here"], return_tensors="pt", padding=True)
+    full = bb.model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
+    rows, cols = torch.tensor([0, 1, 1]), torch.tensor([1, 2, 5])
+    _, head = split_body_head(bb.model)
+    assert head is not None  # the fast path (head applied only where needed) is taken
+    _, sel = selected_logits(bb.model, x["input_ids"], x["attention_mask"], rows, cols)
+    torch.testing.assert_close(sel, full[rows, cols], rtol=1e-4, atol=1e-4)
+
+
+def test_embedded_minilm_is_a_bert_decoder_with_a_new_trainable_head():
+    a = load_backbone("minilm", device="cpu", seed=3)
+    assert type(a.model).__name__ == "BertLMHeadModel" and a.model.config.is_decoder
+    assert "cls.predictions.transform.dense.weight" in a.newly_initialised
+    assert a.reference == "minilm"
+    # seeded: the newly initialised head is the same on every load with the same seed, different otherwise
+    b = load_backbone("minilm", device="cpu", seed=3)
+    c = load_backbone("minilm", device="cpu", seed=4)
+    w = "cls.predictions.transform.dense.weight"
+    sa, sb, sc = (m.model.state_dict()[w] for m in (a, b, c))
+    assert torch.equal(sa, sb) and not torch.equal(sa, sc)
+    # causal: a later token does not change an earlier position's output
+    ids = a.tokenizer("the cat sat on the mat", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        full = a.model(input_ids=ids).logits[0, :3]
+        prefix = a.model(input_ids=ids[:, :3]).logits[0]
+    torch.testing.assert_close(full, prefix, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_name_fails_without_downloading(tmp_path):
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        load_backbone("some-org/not-a-local-model")
