@@ -16,6 +16,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A fresh clone has no data/ yet: restore it from the in-repo DVC remote (offline), exactly as the
+    pipeline's `data` stage does, before any test reads the real GLUE rows or templates."""
+    if not (ROOT / "data" / "flan" / "flan_glue_templates.json").exists():
+        from coin.config import Settings
+        from coin.stages import stage_data
+
+        stage_data(Settings.model_validate({}), ROOT)
+
+
 def _save_tiny(model_cls, config, out: Path) -> Path:
     import torch
 
