@@ -131,7 +131,7 @@ def stage_validate(settings: Settings, root: Path) -> dict[str, Any]:
 
     from coin.modeling.backbone import load_tokenizer
     from coin.registry.tracking import provenance_tags, setup_tracking
-    from coin.validation.gate import run_gate
+    from coin.validation.gate import GateFailed, run_gate
 
     lay = Layout(root, settings)
     rows = read_jsonl(lay.pairs_file, missing_hint="Run `coin pairs` first.")
@@ -142,18 +142,20 @@ def stage_validate(settings: Settings, root: Path) -> dict[str, Any]:
         try:
             report = run_gate(rows, cfg=settings.validate_, cutoff_len=settings.pairs.cutoff_len,
                               tokenizer=tokenizer, out_dir=lay.validated_dir)
-        finally:
-            summary_file = lay.validated_dir / "summary.json"
-            if summary_file.exists():
-                summary = read_json(summary_file)
-                mlflow.log_metrics(_numeric_leaves(summary, "validate"))
-                mlflow.log_artifact(str(summary_file), artifact_path="validate")
-                rejects = lay.validated_dir / "rejects.jsonl"
-                if rejects.exists():
-                    mlflow.log_artifact(str(rejects), artifact_path="validate")
-    summary = read_json(lay.validated_dir / "summary.json")
-    summary["markdown"] = report.to_markdown()
-    return summary
+        except GateFailed as exc:  # outputs are written; record this run's figures before failing
+            _log_gate(exc.report, lay)
+            raise
+        _log_gate(report, lay)
+    return {**report.to_summary(), "markdown": report.to_markdown()}
+
+
+def _log_gate(report: Any, lay: Layout) -> None:
+    import mlflow
+
+    mlflow.log_metrics(report.to_metrics())
+    for name in ("summary.json", "rejects.jsonl"):
+        if (lay.validated_dir / name).exists():
+            mlflow.log_artifact(str(lay.validated_dir / name), artifact_path="validate")
 
 
 def _numeric_leaves(d: dict[str, Any], prefix: str) -> dict[str, float]:

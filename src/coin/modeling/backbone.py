@@ -189,9 +189,9 @@ def selected_logits(
     The one place that knows both paths: the fast body+head split, or the full forward for models
     whose head cannot be applied on its own.
     """
-    _, head = split_body_head(model)
+    body, head = split_body_head(model)
     if head is None:
         out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         return out.hidden_states[-1], out.logits[rows, cols]
-    hidden = body_forward(model, input_ids, attention_mask)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     return hidden, head(hidden[rows, cols])
