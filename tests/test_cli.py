@@ -41,3 +41,16 @@ def test_missing_input_names_the_file_and_the_fix(tmp_path):
     res = runner.invoke(app, ["validate", "--params", str(params)])
     assert res.exit_code == 2
     assert "pairs.jsonl: file not found. Run `coin pairs` first." in res.output
+
+
+def test_gate_failure_message_is_printed_verbatim(tmp_path):
+    """Pair ids like 'sst2:train:12' must not be mangled by the terminal renderer (emoji codes, markup)."""
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    common = ["--params", str(params), "--set", f"paths.data_dir={ROOT / 'data'}",
+              "--set", "pairs.rows_per_task=3", "--set", "pairs.tasks=[sst2]"]
+    assert runner.invoke(app, ["pairs", *common]).exit_code == 0
+    res = runner.invoke(app, ["validate", *common, "--set", "pairs.cutoff_len=20"])
+    assert res.exit_code == 2
+    assert "validation gate failed" in res.output and "pair_id 'sst2:train:" in res.output
+    assert (tmp_path / "outputs" / "validated" / "rejects.jsonl").exists()

@@ -38,7 +38,7 @@ def _settings(params: Path, overrides: list[str] | None) -> tuple[Settings, Path
 
 
 def _fail(exc: BaseException) -> None:
-    console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False, emoji=False)
     raise typer.Exit(code=2)
 
 
