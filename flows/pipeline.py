@@ -1,71 +1,330 @@
-"""The CoIN pipeline as a Prefect flow: each stage of ``coin.stages`` runs as a task.
+"""The CoIN pipeline as one Prefect flow over the stage functions of ``coin.stages``.
 
-    python -m flows.pipeline                 # or: coin pipeline
-    python -m flows.pipeline --set train.max_steps=10
+    python -m flows.pipeline                                  # or: coin pipeline
+    python -m flows.pipeline --set train.max_steps=10 --eval-workers 2
 
-Nothing here computes anything: the tasks call the same stage functions as ``coin <stage>`` and
-``dvc repro``. Validation and evaluation summaries are published as Prefect Markdown artifacts.
+    data (DVC status; new version + push on change) -> pairs -> validate -> train (one task per method)
+      -> coin-evaluate subflow: one task per model on a Dask cluster -> report -> register
+
+Nothing is computed here: each task calls the same stage function as ``coin <stage>`` and ``dvc repro``.
+
+- **Caching** (``flows/caching.py``): a task is skipped (state ``Cached``) when its params, the data
+  version, its input files and its code are unchanged and its outputs are still on disk.
+- **Retries** on the I/O-bound tasks (the DVC data step, the MLflow runs and the registration), for
+  transient errors only (:func:`_transient`).
+- **MLflow**: one parent run ``pipeline`` per flow run; every stage run is nested under it
+  (``COIN_PARENT_RUN_ID``), and the parent ends FINISHED or FAILED with the flow.
+- **Artifacts**: the validation summary (also when the gate fails), the robustness table, the
+  registration decision.
+- **Evaluation fan-out** (:func:`eval_task_runner`): a local Dask cluster of ``eval_workers`` worker
+  processes on 127.0.0.1, or an existing Dask scheduler at ``dask_address``. Processes, not threads:
+  loading two Hugging Face models at once in one process is not thread-safe (the empty-weights
+  initialisation patches ``torch.nn.Module`` globally: "Cannot copy out of meta tensor").
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import coin  # noqa: F401  (local-only environment before Prefect is imported)
-from prefect import flow, get_run_logger, task
+from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
+from prefect.runtime import flow_run
+from prefect.task_runners import TaskRunner
 
-from coin.config import load_settings
-from coin.stages import STAGES
+from coin import stages
+from coin.config import Settings, load_settings
+from flows.caching import missing_outputs, result_storage, stage_cache_policy
+from flows.data_sync import version_data
+
+log = logging.getLogger("coin.flows")
 
 
-def _stage_task(name: str, retries: int = 0):
-    @task(name=name, retries=retries, retry_delay_seconds=2)
-    def run(params_path: str, overrides: list[str]) -> dict[str, Any]:
-        settings = load_settings(params_path, overrides)
-        return STAGES[name](settings, Path(params_path).resolve().parent)
-
-    return run
+def _load(params_path: str, overrides: list[str] | None) -> tuple[Settings, Path]:
+    return load_settings(params_path, overrides), Path(params_path).resolve().parent
 
 
-data_task = _stage_task("data", retries=2)  # I/O against the DVC remote
-pairs_task = _stage_task("pairs")
-validate_task = _stage_task("validate")
-train_task = _stage_task("train")
-evaluate_task = _stage_task("evaluate")
-register_task = _stage_task("register", retries=2)  # I/O against the MLflow store
+def _nest_under(parent_run_id: str | None) -> None:
+    """Stage functions nest their MLflow runs under the pipeline run named by this variable."""
+    if parent_run_id:
+        os.environ[stages.PARENT_RUN_ENV] = parent_run_id
+    else:
+        os.environ.pop(stages.PARENT_RUN_ENV, None)
+
+
+def _transient(task: Task, task_run: Any, state: Any) -> bool:
+    """Retry condition of the I/O tasks: retry network, lock and server trouble, not a deterministic
+    refusal (bad params or data, a promotion the registry cannot decide) that would only fail again."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        return True
+    from coin.registry.promotion import PromotionError
+
+    # ValueError covers ConfigError and DataError
+    return not isinstance(exc, (ValueError, TypeError, KeyError, PromotionError))
+
+
+# --------------------------------------------------------------------------- tasks (thin shells)
+
+
+@task(name="data", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=NO_CACHE)
+def data_task(params_path: str, overrides: list[str], push: bool = True) -> dict[str, Any]:
+    """DVC: version local changes, pull what is missing, push what the remote lacks."""
+    settings, root = _load(params_path, overrides)
+    return version_data(settings, root, push=push)
+
+
+@task(name="pairs", persist_result=True, cache_policy=stage_cache_policy("pairs"))
+def pairs_task(params_path: str, overrides: list[str], parent_run_id: str | None = None) -> dict[str, Any]:
+    settings, root = _load(params_path, overrides)
+    _nest_under(parent_run_id)
+    return stages.stage_pairs(settings, root)
+
+
+@task(name="validate", persist_result=True, cache_policy=stage_cache_policy("validate"))
+def validate_task(params_path: str, overrides: list[str], parent_run_id: str | None = None) -> dict[str, Any]:
+    from coin.validation.gate import GateFailed
+
+    settings, root = _load(params_path, overrides)
+    _nest_under(parent_run_id)
+    try:
+        return stages.stage_validate(settings, root)
+    except GateFailed as exc:  # publish why before the flow stops
+        create_markdown_artifact(exc.report.to_markdown(), key="validation-summary",
+                                 description="paraphrase-validation gate (FAILED)")
+        raise
+
+
+@task(name="train", task_run_name="train-{item}", persist_result=True, cache_policy=stage_cache_policy("train"))
+def train_task(params_path: str, overrides: list[str], item: str, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Train one method (``item``); returns its record (run id, steps, adapter dir, final metrics)."""
+    settings, root = _load(params_path, overrides)
+    _nest_under(parent_run_id)
+    return stages.stage_train(settings, root, method=item)["runs"][item]
+
+
+@task(name="train-index", cache_policy=NO_CACHE)
+def train_index_task(params_path: str, overrides: list[str]) -> dict[str, Any]:
+    settings, root = _load(params_path, overrides)
+    return stages.write_train_index(settings, root)
+
+
+@task(name="evaluate-unit", task_run_name="evaluate-{item}", persist_result=True,
+      cache_policy=stage_cache_policy("evaluate_unit"))
+def evaluate_unit_task(params_path: str, overrides: list[str], item: str, parent_run_id: str | None = None,
+                       torch_threads: int | None = None) -> dict[str, Any]:
+    """Evaluate one model (``base`` or a method); runs on a Dask worker."""
+    settings, root = _load(params_path, overrides)
+    _nest_under(parent_run_id)
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    return {**stages.stage_evaluate_unit(settings, root, item), "executor": _executor()}
+
+
+@task(name="evaluate-report", persist_result=True, cache_policy=stage_cache_policy("evaluate_report"))
+def evaluate_report_task(params_path: str, overrides: list[str], parent_run_id: str | None = None) -> dict[str, Any]:
+    settings, root = _load(params_path, overrides)
+    _nest_under(parent_run_id)
+    return stages.stage_evaluate_report(settings, root)
+
+
+@task(name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=NO_CACHE)
+def register_task(params_path: str, overrides: list[str], parent_run_id: str | None = None) -> dict[str, Any]:
+    """Not cached: the decision depends on the registry's current champion; registering is idempotent."""
+    settings, root = _load(params_path, overrides)
+    _nest_under(parent_run_id)
+    return stages.stage_register(settings, root)
+
+
+@task(name="mlflow-pipeline-run", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient,
+      cache_policy=NO_CACHE)
+def open_pipeline_run(params_path: str, overrides: list[str], flow_run_id: str | None) -> str:
+    """Create the parent MLflow run ``pipeline`` (params, provenance, Prefect flow run id)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    from coin.registry.tracking import provenance_tags, setup_tracking
+
+    settings, root = _load(params_path, overrides)
+    exp_id = setup_tracking(settings, root)
+    tags = {**provenance_tags(settings, root, "pipeline"), "prefect.flow_run_id": str(flow_run_id)}
+    client = MlflowClient()
+    run = client.create_run(exp_id, run_name="pipeline", tags=tags)
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in settings.to_flat_dict().items()])
+    return run.info.run_id
+
+
+@task(name="mlflow-pipeline-run-end", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient,
+      cache_policy=NO_CACHE)
+def close_pipeline_run(params_path: str, overrides: list[str], run_id: str, status: str) -> None:
+    from mlflow import MlflowClient
+
+    from coin.registry.tracking import setup_tracking
+
+    settings, root = _load(params_path, overrides)
+    setup_tracking(settings, root)
+    MlflowClient().set_terminated(run_id, status=status)
+    _nest_under(None)
+
+
+def _executor() -> dict[str, Any]:
+    """Where a task ran: the Dask worker and the cluster's size, or the flow's own process."""
+    try:
+        from distributed import get_client, get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return {"runner": "local", "pid": os.getpid()}
+    workers = len(get_client().scheduler_info()["workers"])
+    return {"runner": "dask", "worker": worker.address, "cluster_workers": workers, "pid": os.getpid()}
+
+
+def _fresh(t: Task, stage: str, settings: Settings, root: Path, item: str | None = None) -> Task:
+    """``t`` with this project's result store; forced to recompute when its outputs are gone
+    (a cache record alone is not a valid hit)."""
+    problems = missing_outputs(stage, settings, root, item)
+    if problems:
+        get_run_logger().info("%s%s: recomputing (%s)", stage, f"[{item}]" if item else "", "; ".join(problems))
+    return t.with_options(result_storage=result_storage(root), refresh_cache=True if problems else None)
+
+
+# --------------------------------------------------------------------------- evaluation fan-out
+
+
+def eval_task_runner(workers: int = 2, address: str | None = None, processes: bool = True) -> TaskRunner:
+    """A Dask task runner: an existing scheduler at ``address``, or a local cluster of ``workers``
+    worker processes on 127.0.0.1 (``processes=False``: one worker thread in this process; more
+    than one thread would load models concurrently, which is not thread-safe)."""
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    if workers < 1:
+        raise ValueError(f"eval_workers = {workers}: needs at least 1 Dask worker")
+    if not processes and workers > 1:
+        raise ValueError(f"eval_workers = {workers} with dask_processes = False: threads in one process cannot "
+                         "load models concurrently; use dask_processes = True or eval_workers = 1")
+    kwargs: dict[str, Any] = {"n_workers": workers, "threads_per_worker": 1, "processes": processes,
+                              "dashboard_address": None}
+    if processes:
+        kwargs["host"] = "127.0.0.1"
+    return DaskTaskRunner(cluster_kwargs=kwargs)
+
+
+@flow(name="coin-evaluate", log_prints=True)
+def evaluate_models(params_path: str, overrides: list[str], parent_run_id: str | None = None,
+                    torch_threads: int | None = None) -> dict[str, Any]:
+    """One ``evaluate-unit`` task per model, submitted to this flow's task runner, then the report."""
+    settings, root = _load(params_path, overrides)
+    labels = stages.eval_units(settings, root)
+    futures = [
+        _fresh(evaluate_unit_task, "evaluate_unit", settings, root, label).submit(
+            params_path, overrides, label, parent_run_id, torch_threads)
+        for label in labels
+    ]
+    wait(futures)
+    units = [f.result() for f in futures]  # raises the first unit's failure
+    report = _fresh(evaluate_report_task, "evaluate_report", settings, root)(params_path, overrides, parent_run_id)
+    return {**report, "units": units}
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def registration_markdown(reg: dict[str, Any]) -> str:
+    """The registration result (version, aliases, promotion decision if any) as a Markdown table."""
+    head = f"**Registered** `{reg.get('name', '?')}` version {reg.get('version', '?')}"
+    if reg.get("aliases"):
+        head += f", aliases: {', '.join(map(str, reg['aliases']))}"
+    lines = [head, "", "| field | value |", "|---|---|"]
+
+    def rows(d: dict[str, Any], prefix: str = "") -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                rows(v, f"{prefix}{k}.")
+            else:
+                lines.append(f"| {prefix}{k} | {str(v).replace('|', '/')} |")
+
+    rows({k: v for k, v in reg.items() if k not in ("name", "version", "aliases")})
+    return "\n".join(lines)
 
 
 @flow(name="coin-pipeline", log_prints=True)
-def coin_pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """data -> pairs -> validate -> train -> evaluate -> register."""
+def coin_pipeline(
+    params_path: str = "params.yaml",
+    overrides: list[str] | None = None,
+    eval_workers: int = 2,
+    dask_address: str | None = None,
+    dask_processes: bool = True,
+    push_data: bool = True,
+) -> dict[str, Any]:
+    """data -> pairs -> validate -> train (per method) -> evaluate (Dask fan-out) -> register.
+
+    ``overrides`` are ``section.key=value`` strings (as ``coin --set``); ``eval_workers``,
+    ``dask_address`` and ``dask_processes`` configure the evaluation's Dask cluster; ``push_data=False``
+    skips ``dvc push``.
+    """
     logger = get_run_logger()
     overrides = list(overrides or [])
-    load_settings(params_path, overrides)  # bad params fail here, before any work
-    data = data_task(params_path, overrides)
-    logger.info("data version %s (pulled: %s)", data["data_version"], data["pulled"])
-    pairs = pairs_task(params_path, overrides)
-    logger.info("pairs: %s", pairs["per_task"])
-    gate = validate_task(params_path, overrides)
-    create_markdown_artifact(gate["markdown"], key="validation-summary", description="paraphrase-validation gate")
-    trained = train_task(params_path, overrides)
-    logger.info("trained %s for %d steps in %.1f s", trained["method"], trained["steps"], trained["wall_time_s"])
-    evaluated = evaluate_task(params_path, overrides)
-    create_markdown_artifact(evaluated["table"], key="robustness-table", description="accuracy mean ± std over instructions")
-    registered = register_task(params_path, overrides)
-    logger.info("registered %s version %s (%s)", registered["name"], registered["version"], registered["aliases"])
-    return {"data": data, "pairs": pairs, "validate": {k: v for k, v in gate.items() if k != "markdown"},
-            "train": trained, "evaluate": evaluated["metrics"], "table": evaluated["table"], "register": registered}
+    settings, root = _load(params_path, overrides)  # bad params fail here, before any work
+    params_path = str(Path(params_path).resolve())  # workers may run elsewhere than the flow's cwd
+    runner = eval_task_runner(eval_workers, dask_address, dask_processes)  # a bad cluster option fails here too
+    threads = None if dask_address else max(1, (os.cpu_count() or 1) // eval_workers)  # torch threads per worker
+
+    data = data_task(params_path, overrides, push=push_data)
+    logger.info("data version %s (pulled: %s, new version: %s, pushed: %s)",
+                data["data_version"], data["pulled"], data["versioned"], data["pushed"])
+    parent = open_pipeline_run(params_path, overrides, flow_run.get_id())
+    status = "FAILED"
+    try:
+        pairs = _fresh(pairs_task, "pairs", settings, root)(params_path, overrides, parent)
+        logger.info("pairs: %s", pairs["per_task"])
+        gate = _fresh(validate_task, "validate", settings, root)(params_path, overrides, parent)
+        create_markdown_artifact(gate["markdown"], key="validation-summary", description="paraphrase-validation gate")
+
+        trained = {m: _fresh(train_task, "train", settings, root, m)(params_path, overrides, m, parent)
+                   for m in settings.train.methods}
+        for m, rec in trained.items():
+            logger.info("train[%s]: %s steps, run %s", m, rec["steps"], rec["run_id"])
+        train_index_task(params_path, overrides)
+
+        evaluated = evaluate_models.with_options(task_runner=runner)(params_path, overrides, parent, threads)
+        create_markdown_artifact(evaluated["table"], key="robustness-table",
+                                 description="accuracy mean ± std over instructions, per model, task and set")
+
+        registered = register_task(params_path, overrides, parent)
+        create_markdown_artifact(registration_markdown(registered), key="registration",
+                                 description="model registry: version, aliases, promotion decision")
+        status = "FINISHED"
+    finally:
+        close_pipeline_run(params_path, overrides, parent, status)
+    return {
+        "data": data, "pairs": pairs, "validate": {k: v for k, v in gate.items() if k != "markdown"},
+        "train": trained, "evaluate": evaluated["metrics"], "table": evaluated["table"],
+        "eval_units": evaluated["units"], "register": registered, "mlflow_parent_run_id": parent,
+    }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value")
-    args = ap.parse_args()
-    coin_pipeline(params_path=args.params, overrides=args.overrides)
+    ap.add_argument("--eval-workers", type=int, default=2, help="local Dask workers for the evaluation")
+    ap.add_argument("--dask-address", default=None, help="use an existing Dask scheduler, e.g. tcp://127.0.0.1:8786")
+    ap.add_argument("--dask-threads", action="store_true",
+                    help="one Dask worker thread in this process (needs --eval-workers 1)")
+    ap.add_argument("--no-push", action="store_true", help="do not `dvc push` a new data version")
+    args = ap.parse_args(argv)
+    coin_pipeline(params_path=args.params, overrides=args.overrides, eval_workers=args.eval_workers,
+                  dask_address=args.dask_address, dask_processes=not args.dask_threads, push_data=not args.no_push)
 
 
 if __name__ == "__main__":

@@ -43,3 +43,23 @@ def test_embedded_minilm_is_a_bert_decoder_with_a_new_trainable_head():
 def test_unknown_name_fails_without_downloading(tmp_path):
     with pytest.raises(FileNotFoundError, match="never downloads"):
         load_backbone("some-org/not-a-local-model")
+
+
+def test_device_comes_from_the_environment(monkeypatch):
+    """No hard-coded CUDA: 'auto' is CPU without a GPU, and cuda:LOCAL_RANK under torchrun with GPUs."""
+    from coin.modeling.backbone import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        pick_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert pick_device("auto") == torch.device("cuda", 1)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_bert_encoder_dir"])
+def test_attention_runs_through_sdpa(request, fixture):
+    bb = load_backbone(str(request.getfixturevalue(fixture)), device="cpu")
+    assert bb.model.config._attn_implementation == "sdpa"

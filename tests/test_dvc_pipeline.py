@@ -1,5 +1,7 @@
-"""`dvc repro` on a copy of the repository (tiny params): all stages, then a no-op, then a partial rerun."""
+"""`dvc repro` / `dvc exp run` on a copy of the repository (tiny params): all stages, then a no-op, then
+partial reruns; metrics and plots from the per-method layout."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,10 +12,11 @@ from helpers_project import copy_project, run
 TINY = {
     "pairs": {"tasks": ["sst2", "rte"], "rows_per_task": 8, "val_fraction": 0.25},
     "validate": {"min_pass_rate": 0.5},
-    "train": {"max_steps": 2, "batch_size": 4, "log_every": 1},
-    "evaluate": {"tasks": ["sst2", "rte"], "instruction_sets": ["clean"], "samples_per_task": 3,
+    "train": {"methods": ["coin", "cit"], "max_steps": 2, "batch_size": 4, "log_every": 1},
+    "evaluate": {"tasks": ["sst2", "rte"], "instruction_sets": ["clean", "textfooler"], "samples_per_task": 3,
                  "include_base": False},
 }
+GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +26,18 @@ def project(tmp_path_factory) -> Path:
     for section, values in TINY.items():
         params[section].update(values)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "tiny params"], dest)
+    run([*GIT, "commit", "-qam", "tiny params"], dest)
     return dest
+
+
+def _ran(stdout: str) -> set[str]:
+    return {s for s in ("pairs", "validate", "train", "evaluate", "register") if f"Running stage '{s}'" in stdout}
+
+
+def _set_param(project: Path, section: str, key: str, value) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params[section][key] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def test_fresh_copy_pulls_data_offline_from_the_in_repo_remote(project):
@@ -37,21 +50,44 @@ def test_fresh_copy_pulls_data_offline_from_the_in_repo_remote(project):
 
 def test_repro_runs_all_stages_then_nothing_then_only_downstream(project):
     first = run(["dvc", "repro"], project).stdout
-    for stage in ("pairs", "validate", "train", "evaluate", "register"):
-        assert f"Running stage '{stage}'" in first, first
-    assert (project / "outputs" / "evaluate" / "metrics.json").exists()
+    assert _ran(first) == {"pairs", "validate", "train", "evaluate", "register"}, first
+    for method in ("coin", "cit"):  # one training run per method, uncached by DVC (MLflow owns weights)
+        assert (project / "outputs" / "train" / method / "adapter" / "adapter_config.json").exists()
+        assert (project / "outputs" / "train" / method / "loss.csv").exists()
+    assert not list((project / ".dvc" / "cache").rglob("adapter_model.safetensors"))
     assert (project / "outputs" / "register" / "registration.json").exists()
 
     second = run(["dvc", "repro"], project).stdout
     assert "Data and pipelines are up to date" in second, second
-    assert "Running stage" not in second
+    assert _ran(second) == set()
 
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["evaluate"]["samples_per_task"] = 4
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _set_param(project, "evaluate", "samples_per_task", 4)
     third = run(["dvc", "repro"], project).stdout
-    assert "Running stage 'evaluate'" in third and "Running stage 'register'" in third
-    for skipped in ("pairs", "validate", "train"):
-        assert f"Running stage '{skipped}'" not in third, third
-    metrics = run(["dvc", "metrics", "show", "--json"], project).stdout
-    assert "acc_mean" in metrics
+    assert _ran(third) == {"evaluate", "register"}, third
+    run([*GIT, "add", "-A"], project)
+    run([*GIT, "commit", "-qm", "samples 4"], project)
+
+
+def test_metrics_and_plots_show_robustness_numbers_and_loss_curves(project):
+    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
+    numbers = json.dumps(metrics)
+    assert "acc_mean" in numbers and "textfooler" in numbers
+    assert all(m in numbers for m in ('"coin"', '"cit"'))
+
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)
+    data = shown["data"]
+    curves = data["training loss"][0]["content"]["data"]["values"]
+    files = {v["filename"] for v in curves}
+    assert any("coin" in f for f in files) and any("cit" in f for f in files), files
+    assert all("loss" in v and "step" in v for v in curves)
+    assert any(k.endswith("accuracy.png") for k in data), list(data)
+
+
+def test_exp_run_with_a_train_param_reruns_train_and_below_only(project):
+    out = run(["dvc", "exp", "run", "-S", "train.lr=0.002", "-n", "lr2"], project).stdout
+    assert _ran(out) == {"train", "evaluate", "register"}, out
+    exps = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    text = json.dumps(exps)
+    assert '"lr2"' in text and "0.002" in text
+    applied = yaml.safe_load((project / "params.yaml").read_text())
+    assert applied["train"]["lr"] == 0.002  # exp run applies its params to the workspace

@@ -1,4 +1,5 @@
-"""Robustness evaluation: label-word scoring, sampling, metrics, instruction files, runner outputs.
+"""Robustness evaluation: scoring (both paths), generation + parsing, sampling, metrics, instruction files,
+the runner, save/load and the report.
 
 Tiny randomly initialised models (built here from configs, saved with the MiniLM tokenizer) keep
 this fast on CPU; the fixtures are local so the file does not depend on a shared conftest.
@@ -6,6 +7,7 @@ this fast on CPU; the fixtures are local so the file does not depend on a shared
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -14,13 +16,24 @@ import pandas as pd
 import pytest
 import torch
 
-from coin.config import EvaluateSettings
+from coin.config import ConfigError, EvaluateSettings, Settings
 from coin.data.io import DataError
+from coin.evaluation import robustness_summary
+from coin.evaluation.generation import (
+    UNPARSED,
+    generate_answers,
+    generate_reference_style,
+    label_choices,
+    normalise_output,
+    parse_answer,
+)
 from coin.evaluation.instructions import PERTURBATION_LEVELS, load_instruction_sets, perturbation_level
-from coin.evaluation.metrics import compute_metrics
-from coin.evaluation.runner import EvalResult, evaluate_model, write_eval_outputs
+from coin.evaluation.metrics import compute_metrics, metrics_dict
+from coin.evaluation.report import write_eval_outputs
+from coin.evaluation.result import EvalResult, load_result, save_result
+from coin.evaluation.runner import evaluate_model
 from coin.evaluation.sampling import SplitUnavailable, sample_examples
-from coin.evaluation.scoring import loglik_scores, predict_labels
+from coin.evaluation.scoring import cache_support, loglik_scores, predict_labels, score_label_words
 from coin.modeling.backbone import Backbone, load_backbone, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,16 +55,21 @@ MARKERS = {"train": "\n\n### Response:\n", "reference": "### Response:"}
 
 
 def _save_tiny(kind: str, path: Path) -> Path:
-    from transformers import BertConfig, BertLMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import BertConfig, BertLMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     tok = load_tokenizer("minilm")
     torch.manual_seed(0)
+    special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     if kind == "llama":
         cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                          pad_token_id=tok.pad_token_id, initializer_range=0.3)
+                          initializer_range=0.3, **special)
         model = LlamaForCausalLM(cfg)
+    elif kind == "mistral":  # sliding-window attention: its cache cannot be shared across rows -> fallback path
+        cfg = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                            sliding_window=256, initializer_range=0.3, **special)
+        model = MistralForCausalLM(cfg)
     else:
         cfg = BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=512, is_decoder=True,
@@ -65,7 +83,7 @@ def _save_tiny(kind: str, path: Path) -> Path:
 @pytest.fixture(scope="session")
 def eval_tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval_tiny")
-    return {k: _save_tiny(k, root / k) for k in ("llama", "bert")}
+    return {k: _save_tiny(k, root / k) for k in ("llama", "bert", "mistral")}
 
 
 @pytest.fixture(scope="session")
@@ -78,12 +96,17 @@ def eval_bert(eval_tiny_dirs: dict[str, Path]) -> Backbone:
     return load_backbone(str(eval_tiny_dirs["bert"]), device="cpu")
 
 
+@pytest.fixture(scope="session")
+def eval_mistral(eval_tiny_dirs: dict[str, Path]) -> Backbone:
+    return load_backbone(str(eval_tiny_dirs["mistral"]), device="cpu")
+
+
 def _settings(**kw) -> EvaluateSettings:
     base = {"instruction_file": str(INSTRUCTIONS), "batch_size": 16}
     return EvaluateSettings(**{**base, **kw})
 
 
-# --------------------------------------------------------------------------- scoring
+# --------------------------------------------------------------------------- loglik scoring
 
 
 def _hand_scores(model, tok, prompts: list[str], labels: list[str], marker: str, shift: int = 0) -> torch.Tensor:
@@ -104,18 +127,45 @@ def _hand_scores(model, tok, prompts: list[str], labels: list[str], marker: str,
     return out
 
 
+@pytest.mark.parametrize("use_cache", [True, False], ids=["kv-cache", "per-label"])
 @pytest.mark.parametrize("kind,fmt", [("llama", "train"), ("bert", "reference"), ("bert", "train")])
-def test_loglik_matches_hand_computation(kind: str, fmt: str, request: pytest.FixtureRequest) -> None:
+def test_loglik_matches_hand_computation(kind: str, fmt: str, use_cache: bool, request: pytest.FixtureRequest) -> None:
     bb: Backbone = request.getfixturevalue(f"eval_{kind}")
     bb.model.eval()
-    got = loglik_scores(bb.model, bb.tokenizer, PROMPTS, LABELS, fmt=fmt, batch_size=4)
+    out = score_label_words(bb.model, bb.tokenizer, PROMPTS, LABELS, fmt=fmt, batch_size=4, use_cache=use_cache)
+    assert out.path == ("kv-cache" if use_cache else "per-label")
     want = _hand_scores(bb.model, bb.tokenizer, PROMPTS, LABELS, MARKERS[fmt])
-    assert got.shape == (len(PROMPTS), len(LABELS))
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    assert out.scores.shape == (len(PROMPTS), len(LABELS))
+    torch.testing.assert_close(out.scores, want, atol=1e-4, rtol=1e-5)
     # the comparison is sharp: an off-by-one position or a dropped label token would not pass it
     off_by_one = _hand_scores(bb.model, bb.tokenizer, PROMPTS, LABELS, MARKERS[fmt], shift=1)
-    assert (got - off_by_one).abs().max() > 0.1
-    assert got[:, 2].mean() < got[:, 0].mean() - 5  # 5 label tokens cost more than 1
+    assert (out.scores - off_by_one).abs().max() > 0.1
+    assert out.scores[:, 2].mean() < out.scores[:, 0].mean() - 5  # 5 label tokens cost more than 1
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_shared_instruction_prefix_gives_the_same_scores(kind: str, request: pytest.FixtureRequest) -> None:
+    bb: Backbone = request.getfixturevalue(f"eval_{kind}")
+    instr = ["Classify the sentiment as 'positive' or 'negative': ", "Is it 'not_entailment'? Answer: "]
+    inputs = ["a gripping film", "dull", "The cat sat on the mat. The dog did not."]
+    prompts = [i + x for i in instr for x in inputs]
+    groups = [g for g in range(len(instr)) for _ in inputs]
+    plain = score_label_words(bb.model, bb.tokenizer, prompts, LABELS, batch_size=2, use_cache=False)
+    shared = score_label_words(bb.model, bb.tokenizer, prompts, LABELS, batch_size=2, groups=groups)
+    assert shared.path == "kv-cache" and shared.prefix_tokens >= 8  # the instruction really was shared
+    assert shared.forward_tokens < plain.forward_tokens / 2
+    torch.testing.assert_close(shared.scores, plain.scores, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(shared.scores, _hand_scores(bb.model, bb.tokenizer, prompts, LABELS, MARKERS["train"]),
+                               atol=1e-4, rtol=1e-5)
+
+
+def test_sliding_window_model_falls_back_to_per_label_and_says_why(eval_mistral: Backbone) -> None:
+    m, tok = eval_mistral.model, eval_mistral.tokenizer
+    assert "sliding" in (cache_support(m) or "")
+    out = score_label_words(m, tok, PROMPTS, LABELS, batch_size=3, groups=list(range(len(PROMPTS))))
+    assert out.path == "per-label" and "sliding" in out.path_note
+    assert any("prefix sharing not applied" in n for n in out.notes)
+    torch.testing.assert_close(out.scores, _hand_scores(m, tok, PROMPTS, LABELS, MARKERS["train"]), atol=1e-4, rtol=1e-5)
 
 
 def test_length_normalise_divides_by_label_tokens(eval_llama: Backbone) -> None:
@@ -144,11 +194,70 @@ def test_scoring_restores_training_mode_and_works_through_peft(eval_llama: Backb
     peft_model = get_peft_model(eval_llama.model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     try:
         peft_model.train()
-        wrapped = loglik_scores(peft_model, eval_llama.tokenizer, PROMPTS[:2], LABELS, batch_size=4)
+        out = score_label_words(peft_model, eval_llama.tokenizer, PROMPTS[:2], LABELS, batch_size=4)
         assert peft_model.training  # evaluation switched to eval() and back
+        assert out.path == "kv-cache"
+        texts = generate_answers(peft_model, eval_llama.tokenizer, PROMPTS[:2], max_new_tokens=3).texts
+        assert peft_model.training and len(texts) == 2
     finally:
         eval_llama.model = peft_model.unload()  # the session fixture gets its plain model back
-    torch.testing.assert_close(wrapped, base, atol=1e-5, rtol=1e-5)  # LoRA B starts at zero
+    torch.testing.assert_close(out.scores, base, atol=1e-5, rtol=1e-5)  # LoRA B starts at zero
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_batched_left_padded_generation_equals_the_reference_loop(kind: str, request: pytest.FixtureRequest) -> None:
+    """Left padding + KV cache must decode every row exactly as the one-at-a-time, no-cache loop does."""
+    bb: Backbone = request.getfixturevalue(f"eval_{kind}")
+    batched = generate_answers(bb.model, bb.tokenizer, PROMPTS, max_new_tokens=7, batch_size=5)
+    reference = generate_reference_style(bb.model, bb.tokenizer, PROMPTS, max_new_tokens=7)
+    assert batched.texts == reference.texts
+    assert batched.new_tokens == reference.new_tokens > 0
+    assert len(set(batched.texts)) > 1  # prompts of very different lengths gave different outputs
+
+
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("entailment", 0), ("not_entailment", 1), ("Not_Entailment.", 1), ("  'entailment' is my answer", 0),
+        ("not _ entailment", 1),        # WordPiece decoding of not_entailment
+        ("not entailment", UNPARSED),  # a different answer (the reference counts it wrong too)
+        ("entailmentnot", 0),          # starts with the label: the reference's startswith rule
+        ("the answer is entailment", UNPARSED), ("", UNPARSED), ("   ", UNPARSED), ("...", UNPARSED),
+        ("1", 1), ("0.", 0),           # the file's aliases for rte
+    ],
+)
+def test_parse_generation_edge_cases(text: str, want: int) -> None:
+    choices = label_choices(("entailment", "not_entailment"), INSTRUCTIONS, "rte")
+    assert parse_answer(text, choices) == want
+
+
+def test_parse_prefers_the_longest_matching_label() -> None:
+    mrpc = {"not_equivalent": 0, "equivalent": 1}
+    assert parse_answer("not_equivalent", mrpc) == 0 and parse_answer("equivalent!", mrpc) == 1
+    assert parse_answer("equivalently", mrpc) == 1 and parse_answer("not equivalent", mrpc) == UNPARSED
+    nested = {"pos": 0, "positive": 1}  # a label that is a prefix of another cannot shadow it
+    assert parse_answer("positive", nested) == 1 and parse_answer("posh", nested) == 0
+    assert normalise_output("  Not _ Equivalent!! ") == "not_equivalent"
+
+
+def test_label_choices_from_the_shipped_file_and_rejection_of_contradicting_ids(tmp_path: Path) -> None:
+    assert label_choices(("negative", "positive"), INSTRUCTIONS, "sst2") == {
+        "negative": 0, "positive": 1, "0": 0, "1": 1}
+    assert label_choices(("not_entailment", "entailment"), INSTRUCTIONS, "wnli") == {
+        "not_entailment": 0, "entailment": 1, "0": 0, "1": 1}
+    assert label_choices(("unacceptable", "acceptable"), INSTRUCTIONS, "cola") == {"unacceptable": 0, "acceptable": 1}
+    no_labels = tmp_path / "plain.json"
+    no_labels.write_text(json.dumps({"perturbations": {}}))
+    assert label_choices(("a", "b"), no_labels, "sst2") == {"a": 0, "b": 1}
+    flipped = tmp_path / "flipped.json"
+    flipped.write_text(json.dumps({"label_set": {"wnli": ["entailment", "not_entailment"]},
+                                   "label_to_id": {"wnli": {"entailment": 0, "not_entailment": 1}}}))
+    with pytest.raises(DataError) as exc:
+        label_choices(("not_entailment", "entailment"), flipped, "wnli")
+    assert str(flipped) in str(exc.value) and "label_to_id.wnli.not_entailment" in str(exc.value)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -184,43 +293,123 @@ def test_qqp_sampling_raises_split_unavailable() -> None:
 # --------------------------------------------------------------------------- metrics
 
 
-def _preds(task: str, set_name: str, correct_per_instruction: list[int], n_examples: int) -> list[dict]:
-    rows = []
-    for i, n_ok in enumerate(correct_per_instruction):
-        for e in range(n_examples):
-            label = e % 2
-            rows.append({"task": task, "set": set_name, "instruction_id": i, "example_id": f"x{e}",
-                         "label": label, "pred": label if e < n_ok else 1 - label})
-    return rows
+def _preds(task: str, set_name: str, table: list[list[int]], labels: list[int], scoring: str = "loglik") -> list[dict]:
+    """``table[i][e]`` = prediction of instruction i on example e."""
+    return [{"scoring": scoring, "task": task, "set": set_name, "instruction_id": i, "example_id": f"x{e}",
+             "label": labels[e], "pred": p} for i, row in enumerate(table) for e, p in enumerate(row)]
+
+
+SST2_LABELS = [0, 1, 0, 1]
+RTE_LABELS = [0, 0, 1, 1, 0]
+HAND = pd.DataFrame(
+    # sst2 clean: instr 0 right on x0..x2 (75%), instr 1 right on x0 only (25%) -> mean 50, std 25 (ddof 1: 35.36)
+    _preds("sst2", "clean", [[0, 1, 0, 0], [0, 0, 1, 0]], SST2_LABELS)
+    # sst2 textfooler: 100, 50, 0 -> mean 50, std sqrt(5000/3)
+    + _preds("sst2", "textfooler", [[0, 1, 0, 1], [0, 1, 1, 0], [1, 0, 1, 0]], SST2_LABELS)
+    # rte clean: 100, 100 -> mean 100, std 0
+    + _preds("rte", "clean", [[0, 0, 1, 1, 0], [0, 0, 1, 1, 0]], RTE_LABELS)
+    # rte textfooler: 20, 40, 60 -> mean 40, std sqrt(800/3)
+    + _preds("rte", "textfooler", [[0, 1, 0, 0, 1], [0, 0, 0, 0, 1], [0, 0, 1, 0, 1]], RTE_LABELS)
+)
 
 
 def test_metrics_on_hand_built_table() -> None:
-    preds = pd.DataFrame(
-        _preds("sst2", "clean", [3, 1], 4)             # 75, 25 -> mean 50, std 25 (ddof 1 would be 35.36)
-        + _preds("sst2", "textfooler", [4, 2, 0], 4)   # 100, 50, 0 -> mean 50, std sqrt(5000/3)
-        + _preds("rte", "clean", [5, 5], 5)             # 100, 100 -> mean 100, std 0
-        + _preds("rte", "textfooler", [1, 2, 3], 5)     # 20, 40, 60 -> mean 40, std sqrt(800/3)
-    )
-    table, nested = compute_metrics(preds)
-    get = lambda t, s: table[(table.task == t) & (table.set == s)].iloc[0]  # noqa: E731
+    m = compute_metrics(HAND)
+    cell = m.cells.set_index(["scoring", "task", "set"])
+    get = lambda t, s: cell.loc[("loglik", t, s)]  # noqa: E731
+    # mean and population std over instructions
     assert get("sst2", "clean").acc_mean == pytest.approx(50.0)
     assert get("sst2", "clean").acc_std == pytest.approx(25.0)
     assert get("sst2", "textfooler").acc_std == pytest.approx(math.sqrt(5000 / 3))
+    assert (get("sst2", "textfooler").acc_min, get("sst2", "textfooler").acc_max) == (0.0, 100.0)
     assert get("rte", "textfooler").acc_mean == pytest.approx(40.0)
     assert get("rte", "textfooler").acc_std == pytest.approx(math.sqrt(800 / 3))
     assert (get("rte", "textfooler").n_examples, get("rte", "textfooler").n_instructions) == (5, 3)
-    # avg over tasks, per set
-    assert get("avg", "clean").acc_mean == pytest.approx(75.0)
-    assert get("avg", "clean").acc_std == pytest.approx(12.5)
-    assert get("avg", "textfooler").acc_mean == pytest.approx(45.0)
-    assert nested["sst2"]["clean"] == {"acc_mean": 50.0, "acc_std": 25.0, "n": 4, "n_instructions": 2}
-    assert nested["avg"]["textfooler"]["n"] == 9
+    # PDR per set = 1 - acc_mean(set) / acc_mean(clean); clean itself has none
+    assert get("sst2", "textfooler").pdr == pytest.approx(1 - 50 / 50)
+    assert get("rte", "textfooler").pdr == pytest.approx(1 - 40 / 100)
+    assert math.isnan(get("rte", "clean").pdr)
+    # consistency: same prediction under every instruction. sst2 clean: x0 (0,0) and x3 (0,0) -> 2/4
+    assert get("sst2", "clean").consistency == pytest.approx(50.0)
+    # sst2 textfooler: no example keeps its prediction across the 3 instructions
+    assert get("sst2", "textfooler").consistency == pytest.approx(0.0)
+    # rte textfooler: x0 (0,0,0), x3 (0,0,0), x4 (1,1,1) consistent -> 3/5
+    assert get("rte", "textfooler").consistency == pytest.approx(60.0)
+    assert get("rte", "clean").consistency == pytest.approx(100.0)
+    # worst case: correct under every instruction. sst2 clean: x0 only -> 25; rte textfooler: x0 only -> 20
+    assert get("sst2", "clean").worst_acc == pytest.approx(25.0)
+    assert get("rte", "textfooler").worst_acc == pytest.approx(20.0)
+    assert get("rte", "clean").worst_acc == pytest.approx(100.0)
+    assert get("sst2", "textfooler").worst_acc == pytest.approx(0.0)
+    assert get("rte", "clean").unparsed == 0.0
+    assert get("sst2", "clean").category == "sentiment" and get("rte", "textfooler").level == "word"
 
 
-def test_metrics_reject_duplicate_rows() -> None:
-    rows = _preds("sst2", "clean", [1], 2)
+def test_metric_aggregates_and_json() -> None:
+    m = compute_metrics(HAND)
+    sets = m.sets.set_index("set")
+    assert list(m.sets["set"]) == ["clean", "textfooler"]  # the configured (first-seen) order
+    assert sets.loc["clean", "acc_mean"] == pytest.approx(75.0)        # (50 + 100) / 2
+    assert sets.loc["clean", "acc_std"] == pytest.approx(12.5)         # (25 + 0) / 2
+    assert sets.loc["textfooler", "acc_mean"] == pytest.approx(45.0)   # (50 + 40) / 2
+    assert sets.loc["textfooler", "pdr"] == pytest.approx((0.0 + 0.6) / 2)  # mean over tasks of the task PDRs
+    assert sets.loc["textfooler", "consistency"] == pytest.approx(30.0)
+    assert sets.loc["textfooler", "worst_acc"] == pytest.approx(10.0)
+    levels = m.levels.set_index("level")
+    assert levels.loc["word", "acc_mean"] == pytest.approx(45.0)
+    cats = m.categories.set_index(["category", "set"])
+    assert cats.loc[("nli", "textfooler"), "acc_mean"] == pytest.approx(40.0)
+    assert cats.loc[("sentiment", "clean"), "acc_mean"] == pytest.approx(50.0)
+    ov = m.overall.set_index("scoring").loc["loglik"]
+    assert (ov.clean_acc, ov.perturbed_acc, ov.pdr) == pytest.approx((75.0, 45.0, 0.3))
+    assert len(m.agreement) == 0  # one scoring mode: nothing to agree with
+    nested = metrics_dict(m, "loglik")
+    assert nested["summary"] == {"clean_acc": 75.0, "perturbed_acc": 45.0, "pdr": 0.3, "consistency": 30.0,
+                                 "worst_acc": 10.0}
+    assert nested["loglik"]["tasks"]["rte"]["textfooler"]["n"] == 5
+    assert nested["loglik"]["tasks"]["rte"]["clean"]["pdr"] is None
+    assert nested["loglik"]["levels"]["word"]["acc_mean"] == 45.0
+    json.dumps(nested, allow_nan=False)  # strictly valid JSON: undefined values are null, never NaN
+
+
+def test_agreement_and_unparsed_between_scoring_modes() -> None:
+    gen = HAND[HAND["task"] == "rte"].copy()
+    gen["scoring"] = "generate"
+    flip = (gen["set"] == "clean") & (gen["example_id"] == "x1")
+    gen.loc[flip, "pred"] = UNPARSED            # 2 of 25 rte items unparsed (and so wrong, and disagreeing)
+    both = pd.concat([HAND, gen], ignore_index=True)
+    m = compute_metrics(both)
+    ag = m.agreement.set_index(["task", "set"])["agreement"]
+    assert ag[("rte", "clean")] == pytest.approx(80.0)     # 8 of 10 clean items agree
+    assert ag[("rte", "textfooler")] == pytest.approx(100.0)
+    assert ag[("rte", "avg")] == pytest.approx(100 * 23 / 25)
+    assert ag[("avg", "avg")] == pytest.approx(100 * 23 / 25)  # sst2 has no generate rows: not compared
+    cell = m.cells.set_index(["scoring", "task", "set"])
+    assert cell.loc[("generate", "rte", "clean"), "unparsed"] == pytest.approx(20.0)
+    assert cell.loc[("generate", "rte", "clean"), "acc_mean"] == pytest.approx(80.0)
+    assert metrics_dict(m, "loglik")["agreement"]["loglik~generate"]["all"] == pytest.approx(92.0)
+
+
+def test_metrics_reject_duplicates_and_uneven_samples() -> None:
+    rows = _preds("sst2", "clean", [[0, 1]], [0, 1])
     with pytest.raises(ValueError, match="duplicate"):
         compute_metrics(pd.DataFrame(rows + rows[:1]))
+    uneven = _preds("sst2", "clean", [[0, 1], [0, 1]], [0, 1])[:-1]
+    with pytest.raises(ValueError, match="different examples"):
+        compute_metrics(pd.DataFrame(uneven))
+
+
+def test_robustness_summary(tmp_path: Path) -> None:
+    doc = {"coin": metrics_dict(compute_metrics(HAND), "loglik")}
+    assert robustness_summary(doc, "coin")["perturbed_acc"] == 45.0
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(doc))
+    assert robustness_summary(path, "coin")["clean_acc"] == 75.0
+    with pytest.raises(ValueError, match="no model 'cit'.*coin"):
+        robustness_summary(doc, "cit")
+    clean_only = {"x": metrics_dict(compute_metrics(HAND[HAND["set"] == "clean"]), "loglik")}
+    with pytest.raises(ValueError, match="perturbed_acc is undefined"):
+        robustness_summary(clean_only, "x")
 
 
 # --------------------------------------------------------------------------- instruction files
@@ -275,12 +464,37 @@ def test_malformed_instruction_file_is_rejected(tmp_path: Path, mutate, expect: 
         assert part in msg, msg
 
 
-# --------------------------------------------------------------------------- runner
+def test_malformed_instruction_file_fails_before_any_model_work(tmp_path: Path, eval_llama: Backbone) -> None:
+    path = tmp_path / "instr.json"
+    path.write_text(json.dumps({"perturbations": {"clean": {"rte": ["ok: ", 7]}}}), encoding="utf-8")
+    cfg = _settings(tasks=["rte"], instruction_sets=["clean"], instruction_file=str(path), samples_per_task=2)
+    with pytest.raises(DataError, match=r"perturbations\.clean\.rte\[1\]"):
+        evaluate_model(eval_llama.model, eval_llama.tokenizer, cfg, data_dir=DATA, seed=0, model_label="x")
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_evaluate_settings_defaults_and_validation() -> None:
+    d = Settings.model_validate({}).evaluate
+    assert d.instruction_sets == ["clean", "deepwordbug", "textfooler", "checklist", "semantic"]
+    assert "qqp" in d.tasks and d.scoring == ["loglik"] and d.max_new_tokens == 7 and d.prompt_format == "train"
+    for raw, part in [({"scoring": ["loglik", "loglik"]}, "evaluate.scoring"),
+                      ({"scoring": ["sample"]}, "evaluate.scoring.0 = 'sample'"),
+                      ({"tasks": ["rte", "rte"]}, "evaluate.tasks"),
+                      ({"max_new_tokens": 0}, "evaluate.max_new_tokens = 0"),
+                      ({"samples_per_task": 0}, "evaluate.samples_per_task = 0")]:
+        with pytest.raises(ConfigError, match=part.replace(".", r"\.").replace("[", r"\[")):
+            Settings.model_validate({"evaluate": raw})
+
+
+# --------------------------------------------------------------------------- runner, save/load, report
 
 
 @pytest.fixture(scope="module")
 def small_run(eval_llama: Backbone) -> EvalResult:
-    cfg = _settings(tasks=["qqp", "wnli", "mnli"], instruction_sets=["clean", "textfooler"], samples_per_task=3)
+    cfg = _settings(tasks=["qqp", "wnli", "mnli"], instruction_sets=["clean", "textfooler"], samples_per_task=3,
+                    scoring=["loglik", "generate"], max_new_tokens=3)
     return evaluate_model(eval_llama.model, eval_llama.tokenizer, cfg, data_dir=DATA, seed=42, model_label="tiny")
 
 
@@ -290,34 +504,42 @@ def test_runner_skips_qqp_with_reason_and_marks_mnli(small_run: EvalResult) -> N
     assert set(small_run.caveats) == {"mnli"} and "fallback" in small_run.caveats["mnli"]
     assert small_run.tasks == ["wnli", "mnli"]
     assert set(small_run.predictions["task"]) == {"wnli", "mnli"}
-    assert len(small_run.predictions) == 2 * 2 * 6 * 3  # tasks x sets x instructions x examples
+    assert len(small_run.predictions) == 2 * 2 * 2 * 6 * 3  # scorings x tasks x sets x instructions x examples
     assert small_run.examples_per_s > 0 and small_run.wall_time_s > 0
+    assert set(small_run.timing) == {"loglik", "generate"} and small_run.timing["loglik"]["items"] == 72
+    assert any("prefix run once and shared via its KV cache" in n for n in small_run.notes)
+    assert any(n.startswith("generate: greedy, 3 new tokens") and "wnli: 0, not_entailment" in n for n in small_run.notes)
 
 
-def test_runner_uses_identical_sample_for_every_set_and_instruction(small_run: EvalResult) -> None:
+def test_runner_uses_identical_sample_for_every_set_instruction_and_mode(small_run: EvalResult) -> None:
     p = small_run.predictions
     for task, grp in p.groupby("task"):
-        samples = {key: tuple(sorted(g["example_id"])) for key, g in grp.groupby(["set", "instruction_id"])}
-        assert len(samples) == 12
-        assert len(set(samples.values())) == 1, f"{task}: different samples across sets/instructions"
+        samples = {key: tuple(sorted(g["example_id"])) for key, g in grp.groupby(["scoring", "set", "instruction_id"])}
+        assert len(samples) == 2 * 2 * 6
+        assert len(set(samples.values())) == 1, f"{task}: different samples across sets/instructions/modes"
         rows, _ = sample_examples(DATA, task, 3, seed=42)
         assert next(iter(samples.values())) == tuple(sorted(r["example_id"] for r in rows))
-    assert set(p["level"]) == {"clean", "word"}
-    assert (p["pred_word"].notna()).all()
+    assert set(p["level"]) == {"clean", "word"} and set(p["category"]) == {"nli"}
 
 
-def test_runner_predictions_match_direct_scoring(small_run: EvalResult, eval_llama: Backbone) -> None:
+def test_runner_predictions_match_direct_scoring_and_generation(small_run: EvalResult, eval_llama: Backbone) -> None:
     from coin.data.tasks import get_task
+    from coin.predict import join_instruction
 
     p = small_run.predictions
-    row = p[(p.task == "wnli") & (p.set == "textfooler") & (p.instruction_id == 4)].iloc[1]
+    key = (p.task == "wnli") & (p.set == "textfooler") & (p.instruction_id == 4)
+    lrow, grow = p[key & (p.scoring == "loglik")].iloc[1], p[key & (p.scoring == "generate")].iloc[1]
+    assert lrow.example_id == grow.example_id
     instr = load_instruction_sets(INSTRUCTIONS, ["textfooler"], ["wnli"])["textfooler"]["wnli"][4]
-    ex = {r["example_id"]: r for r in sample_examples(DATA, "wnli", 3, seed=42)[0]}[row.example_id]
+    ex = {r["example_id"]: r for r in sample_examples(DATA, "wnli", 3, seed=42)[0]}[lrow.example_id]
     spec = get_task("wnli")
-    direct = loglik_scores(eval_llama.model, eval_llama.tokenizer, [instr + spec.render_content(ex)],
-                           list(spec.label_words), batch_size=1)[0]
-    assert row.scores == pytest.approx(direct.tolist(), abs=1e-3)
-    assert row.pred == int(direct.argmax()) and row.label == ex["label"]
+    prompt = join_instruction(instr, spec.render_content(ex))
+    direct = loglik_scores(eval_llama.model, eval_llama.tokenizer, [prompt], list(spec.label_words), batch_size=1)[0]
+    assert lrow.scores == pytest.approx(direct.tolist(), abs=1e-3)
+    assert lrow.pred == int(direct.argmax()) and lrow.label == ex["label"] and lrow.correct == (lrow.pred == ex["label"])
+    text = generate_reference_style(eval_llama.model, eval_llama.tokenizer, [prompt], max_new_tokens=3).texts[0]
+    assert grow.output == text
+    assert grow.pred == parse_answer(text, label_choices(spec.label_words, INSTRUCTIONS, "wnli"))
 
 
 def test_all_tasks_skipped_is_a_clear_error(eval_llama: Backbone) -> None:
@@ -326,24 +548,57 @@ def test_all_tasks_skipped_is_a_clear_error(eval_llama: Backbone) -> None:
         evaluate_model(eval_llama.model, eval_llama.tokenizer, cfg, data_dir=DATA, seed=0, model_label="x")
 
 
-def test_write_eval_outputs(small_run: EvalResult, tmp_path: Path) -> None:
-    other = EvalResult(**{**small_run.__dict__, "model_label": "tiny-2"})
+def test_save_load_round_trip_is_lossless(small_run: EvalResult, tmp_path: Path) -> None:
+    save_result(small_run, tmp_path / "tiny")
+    back = load_result(tmp_path / "tiny")
+    pd.testing.assert_frame_equal(back.predictions, small_run.predictions)
+    assert back == small_run  # every field but the (derived) metrics, which are compared next
+    pd.testing.assert_frame_equal(back.metrics.cells, small_run.metrics.cells)
+    assert back.metrics_nested() == small_run.metrics_nested()
+    assert isinstance(back.predictions["scores"].dropna().iloc[0], list)
+    with pytest.raises(DataError, match="result.json: file not found"):
+        load_result(tmp_path / "nothing-here")
+
+
+def test_write_eval_outputs_for_several_models(small_run: EvalResult, tmp_path: Path) -> None:
+    preds = small_run.predictions.copy()
+    preds["model"] = "tiny-2"
+    other = dataclasses.replace(small_run, model_label="tiny-2", predictions=preds)
     paths = write_eval_outputs([small_run, other], tmp_path / "eval")
-    for key in ("metrics", "predictions", "table", "plot"):
+    for key in ("metrics", "predictions", "table", "report_md", "report_html", "plot_accuracy", "plot_models",
+                "plot_pdr", "info"):
         assert paths[key].exists() and paths[key].stat().st_size > 0, key
     metrics = json.loads(paths["metrics"].read_text())
     assert set(metrics) == {"tiny", "tiny-2"}
-    assert set(metrics["tiny"]) == {"wnli", "mnli", "avg"}
-    cell = metrics["tiny"]["wnli"]["textfooler"]
-    want = small_run.metrics.set_index(["task", "set"]).loc[("wnli", "textfooler")]
+    block = metrics["tiny"]
+    assert set(block) == {"summary", "loglik", "generate", "agreement"}
+    assert set(block["loglik"]["tasks"]) == {"wnli", "mnli"}
+    cell = block["loglik"]["tasks"]["wnli"]["textfooler"]
+    want = small_run.metrics.cells.set_index(["scoring", "task", "set"]).loc[("loglik", "wnli", "textfooler")]
     assert cell["acc_mean"] == pytest.approx(want.acc_mean, abs=1e-3) and cell["n"] == 3
+    assert robustness_summary(paths["metrics"], "tiny-2") == block["summary"]
     lines = paths["predictions"].read_text().splitlines()
     assert len(lines) == 2 * len(small_run.predictions)
     first = json.loads(lines[0])
-    assert {"model", "task", "set", "instruction_id", "example_id", "label", "pred", "scores"} <= set(first)
+    assert {"model", "scoring", "task", "set", "instruction_id", "example_id", "label", "pred", "scores",
+            "output"} <= set(first)
+    # the report: both models, both modes, caveat and skip notes, the numbers of the metrics table
+    md, page = paths["report_md"].read_text(), paths["report_html"].read_text()
+    cell_text = f"{want.acc_mean:.1f} ± {want.acc_std:.1f}"
+    for text in (md, page):
+        assert "### tiny · loglik" in text.replace("<h3>", "### ").replace("</h3>", "")
+        assert "tiny-2 · generate" in text and "mnli†" in text and "Skipped qqp" in text
+        assert cell_text in text and "Scoring modes side by side" in text
+    assert page.startswith("<!doctype html>") and page.count("<table>") >= 8
+    assert page.count('src="data:image/png;base64,') == 3  # self-contained: nothing fetched when opened
+    assert 'src="http' not in page and "<link" not in page and "<script" not in page
+    assert '<td class="t">wnli</td>' in page
     table = paths["table"].read_text()
-    assert table.count("### tiny") == 2  # one block per model ("### tiny" also prefixes "### tiny-2")
-    assert "| mnli† |" in table and "| wnli |" in table and "**avg**" in table
-    assert "† mnli: fallback" in table and "Skipped qqp" in table
-    assert f"{want.acc_mean:.1f} ± {want.acc_std:.1f}" in table
-    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Summary" in table and "| tiny | loglik |" in table and "### tiny · generate" not in table
+    assert paths["plot_accuracy"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "different settings" not in md
+    with pytest.raises(ValueError, match="unique"):
+        write_eval_outputs([small_run, small_run], tmp_path / "dup")
+    odd = dataclasses.replace(other, settings={**other.settings, "seed": 7})
+    warned = write_eval_outputs([small_run, odd], tmp_path / "odd")["report_md"].read_text()
+    assert "different settings** (seed)" in warned and "tiny-2: seed=7" in warned

@@ -1,9 +1,16 @@
-"""The Prefect flow on tiny settings under prefect_test_harness, end to end (real MLflow store in tmp)."""
+"""The Prefect flow on tiny settings under prefect_test_harness, end to end (real MLflow store in tmp):
+every stage, nested MLflow runs, artifacts, the evaluation fan-out on 2 local Dask workers, the cache
+(second run skips everything; a changed param reruns only what depends on it; deleted outputs rerun),
+and a failing validation gate stopping the flow with its message."""
 
+import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
+
+from coin import stages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -11,12 +18,14 @@ TINY = {
     "paths": {"data_dir": str(ROOT / "data"), "out_dir": "outputs", "mlruns_dir": "mlruns"},
     "pairs": {"tasks": ["sst2", "rte"], "rows_per_task": 8, "val_fraction": 0.25, "cutoff_len": 200},
     "validate": {"min_pass_rate": 0.5},
-    "train": {"max_steps": 2, "batch_size": 4, "log_every": 1},
+    "train": {"methods": ["coin", "cit"], "max_steps": 2, "batch_size": 4, "log_every": 1},
     "evaluate": {"tasks": ["sst2", "rte"], "instruction_sets": ["clean", "textfooler"], "samples_per_task": 3,
                  "instruction_file": str(ROOT / "data" / "promptbench" / "coin_perturbed_instructions.json"),
                  "include_base": False},
     "register": {"model_name": "coin-tiny"},
 }
+# evaluation units run in Dask worker processes, out of the spies' reach: their task states tell instead
+SPIED = ("stage_pairs", "stage_validate", "stage_train", "stage_evaluate_report")
 
 
 @pytest.fixture(scope="module")
@@ -27,40 +36,140 @@ def prefect_harness():
         yield
 
 
-def _project(tmp_path: Path, settings: dict) -> Path:
+@pytest.fixture
+def calls(monkeypatch) -> Counter:
+    """Counts the real stage functions' calls (the tasks look them up on ``coin.stages`` at call time)."""
+    counter: Counter = Counter()
+
+    def spy(name, fn):
+        def wrapped(settings, root, *args, **kwargs):
+            item = kwargs.get("method") or kwargs.get("label") or (args[0] if args else None)
+            counter[f"{name.removeprefix('stage_')}{f'[{item}]' if item else ''}"] += 1
+            return fn(settings, root, *args, **kwargs)
+        return wrapped
+
+    for name in SPIED:
+        monkeypatch.setattr(stages, name, spy(name, getattr(stages, name)))
+    return counter
+
+
+def _params(tmp_path: Path, settings: dict) -> Path:
     p = tmp_path / "params.yaml"
     p.write_text(yaml.safe_dump(settings))
     return p
 
 
-def test_flow_runs_every_stage_on_tiny_settings(prefect_harness, tmp_path):
+def _task_states(flow_state) -> dict[str, str]:
+    """Task run name -> final state name, for one flow run and its subflow runs."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+
+    flow_run_id = flow_state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[flow_run_id, *(f.id for f in subflows)])))
+    return {r.name: r.state.name for r in runs}
+
+
+def _artifact(key: str) -> str:
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert arts, f"no artifact {key!r}"
+    return max(arts, key=lambda a: a.created).data
+
+
+def test_flow_end_to_end_then_cache_hits_and_partial_reruns(prefect_harness, tmp_path, calls):
     import mlflow
     from mlflow import MlflowClient
 
     from flows.pipeline import coin_pipeline
 
-    params = _project(tmp_path, TINY)
-    result = coin_pipeline(params_path=str(params), overrides=[])
+    params = _params(tmp_path, TINY)
+    state = coin_pipeline(params_path=str(params), overrides=[], eval_workers=2, return_state=True)
+    result = state.result()
     out = tmp_path / "outputs"
-    assert (out / "pairs" / "pairs.jsonl").exists()
-    assert (out / "validated" / "valid.jsonl").exists() and (out / "validated" / "rejects.jsonl").exists()
-    assert (out / "train" / "adapter" / "adapter_config.json").exists()
-    assert (out / "evaluate" / "metrics.json").exists() and (out / "evaluate" / "table.md").exists()
-    assert result["train"]["steps"] == 2
-    assert result["register"]["aliases"] == ["champion"]
+    assert (out / "validated" / "valid.jsonl").exists()
+    for m in ("coin", "cit"):
+        assert (out / "train" / m / "adapter" / "adapter_config.json").exists()
+        assert (out / "evaluate" / "models" / m).is_dir()
+    assert (out / "evaluate" / "metrics.json").exists()
+    assert set(result["train"]) == {"coin", "cit"} and result["train"]["coin"]["steps"] == 2
+    assert calls == Counter({"pairs": 1, "validate": 1, "train[coin]": 1, "train[cit]": 1, "evaluate_report": 1})
+    states = _task_states(state)
+    assert (states["evaluate-coin"], states["evaluate-cit"]) == ("Completed", "Completed"), states
+    # the evaluation fanned out on the local Dask cluster: 2 worker processes
+    executors = [u["executor"] for u in result["eval_units"]]
+    assert all(e["runner"] == "dask" and e["cluster_workers"] == 2 for e in executors), executors
+    assert all(e["pid"] != os.getpid() for e in executors), executors
+    # artifacts: validation summary, robustness table, registration decision
+    assert "Validation gate passed" in _artifact("validation-summary")
+    assert "coin" in _artifact("robustness-table")
+    assert "coin-tiny" in _artifact("registration")
+    # MLflow: one parent run per flow run, every training run nested under it
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
-    v = MlflowClient().get_model_version_by_alias("coin-tiny", "champion")
-    run = mlflow.get_run(v.run_id)
-    assert run.data.tags["coin.data_version"] == "unknown"  # the tmp project has no data.dvc
-    assert run.data.tags["coin.method"] == "coin"
-    assert "train/loss" in run.data.metrics and any(k.startswith("eval.coin.") for k in run.data.metrics)
+    parent = mlflow.get_run(result["mlflow_parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["prefect.flow_run_id"]
+    for m, rec in result["train"].items():
+        run = mlflow.get_run(rec["run_id"])
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["coin.method"] == m and "train/loss" in run.data.metrics
+    assert MlflowClient().get_registered_model("coin-tiny").latest_versions
+
+    # unchanged data and params: every cached stage is skipped
+    calls.clear()
+    state2 = coin_pipeline(params_path=str(params), overrides=[], eval_workers=2, return_state=True)
+    assert state2.is_completed() and not calls, calls
+    states = _task_states(state2)
+    for name in ("train-coin", "train-cit", "evaluate-coin", "evaluate-cit"):
+        assert states[name] == "Cached", states
+    assert sorted(s for n, s in states.items() if n.startswith(("pairs", "validate", "evaluate-report"))) == [
+        "Cached"] * 3, states
+
+    # an evaluation param: evaluation reruns, nothing upstream of it
+    calls.clear()
+    state3 = coin_pipeline(params_path=str(params), overrides=["evaluate.samples_per_task=4"], eval_workers=2,
+                           return_state=True)
+    assert calls == Counter({"evaluate_report": 1}), calls
+    states = _task_states(state3)
+    assert (states["evaluate-coin"], states["evaluate-cit"]) == ("Completed", "Completed"), states
+
+    # a cache record alone is not enough: a method whose outputs were deleted is retrained, alone
+    import shutil
+
+    shutil.rmtree(out / "train" / "cit")
+    calls.clear()
+    coin_pipeline(params_path=str(params), overrides=["evaluate.samples_per_task=4"], eval_workers=2)
+    assert calls["train[cit]"] == 1 and "train[coin]" not in calls and "pairs" not in calls, calls
+
+
+def test_failing_validation_gate_stops_the_flow_with_its_message(prefect_harness, tmp_path):
+    import mlflow
+
+    from coin.validation.gate import GateFailed
+    from flows.pipeline import coin_pipeline
+
+    strict = {**TINY, "pairs": {**TINY["pairs"], "cutoff_len": 16}, "validate": {"min_pass_rate": 1.0}}
+    params = _params(tmp_path, strict)
+    with pytest.raises(GateFailed, match=r"validation gate failed: pass rate .* is below validate.min_pass_rate = 1.0"):
+        coin_pipeline(params_path=str(params), overrides=[])
+    assert (tmp_path / "outputs" / "validated" / "rejects.jsonl").exists()
+    assert not (tmp_path / "outputs" / "train").exists()
+    assert "Validation gate FAILED" in _artifact("validation-summary")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    pipeline_runs = mlflow.search_runs(experiment_names=["coin"], filter_string="attributes.run_name = 'pipeline'")
+    assert list(pipeline_runs["status"]) == ["FAILED"]
 
 
 def test_flow_rejects_bad_params_before_any_work(prefect_harness, tmp_path):
     from coin.config import ConfigError
     from flows.pipeline import coin_pipeline
 
-    params = _project(tmp_path, {**TINY, "train": {"max_stepz": 2}})
+    params = _params(tmp_path, {**TINY, "train": {"max_stepz": 2}})
     with pytest.raises(ConfigError, match="train.max_stepz: unknown key"):
         coin_pipeline(params_path=str(params), overrides=[])
     assert not (tmp_path / "outputs").exists()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from coin.config import PairsSettings
+from coin.config import ConfigError, PairsSettings, Settings
 from coin.data.io import DataError, read_jsonl, write_jsonl
 from coin.data.pairs import PAIR_COLUMNS, build_pairs, build_task_pairs
 from coin.data.tasks import TASKS
@@ -68,7 +68,7 @@ def test_split_is_by_example_and_sized():
 
 
 def test_template_ids_are_checked():
-    with pytest.raises(DataError, match="not classification templates"):
+    with pytest.raises(DataError, match=r"template ids \[8\] of task sst2 are not usable classification templates"):
         list(build_task_pairs(DATA, "sst2", _cfg(templates=[0, 8]), seed=0))
 
 
@@ -86,3 +86,159 @@ def test_malformed_train_file_names_file_line_field(tmp_path):
     f.write_text('{"sentence": "ok", "label": 1}\n{"sentence": "x", "label": 0\n')
     with pytest.raises(DataError, match=r"sst2.train.jsonl:2: bad JSON"):
         build_pairs(tmp_path, _cfg(tasks=["sst2"]), seed=0)
+
+
+# --------------------------------------------------------------------------- paraphrase sources
+
+
+@pytest.mark.parametrize("source", ["flan", "rules", "both"])
+@pytest.mark.parametrize("strategy", ["random", "all"])
+def test_deterministic_bytes_every_source(tmp_path, source, strategy):
+    cfg = _cfg(tasks=["rte", "sst2", "qnli"], rows_per_task=6, paraphrase_source=source, strategy=strategy)
+    write_jsonl(tmp_path / "a.jsonl", build_pairs(DATA, cfg, seed=5))
+    write_jsonl(tmp_path / "b.jsonl", build_pairs(DATA, cfg, seed=5))
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    rows = read_jsonl(tmp_path / "a.jsonl")
+    assert len({r["pair_id"] for r in rows}) == len(rows)
+    assert {r["paraphrase_source"] for r in rows} == ({"flan", "rules"} if source == "both" else {source})
+
+
+def test_rule_paraphrases_keep_placeholders_and_option_words():
+    from coin.data.templates import placeholders
+
+    rows = build_pairs(DATA, _cfg(tasks=["sst2", "cola", "mrpc", "rte"], rows_per_task=20, paraphrase_source="rules",
+                                  strategy="all"), seed=0)
+    assert rows and all(r["paraphrase_source"] == "rules" for r in rows)
+    for r in rows:
+        a, b = r["original_instruction"], r["paraphrase_instruction"]
+        assert a != b and r["template_a"] == r["template_b"] and ":b" + str(r["template_a"]) + "r" in r["pair_id"]
+        assert placeholders(a) == placeholders(b)
+        for word in TASKS[r["task"]].label_words + ("positive", "negative"):
+            # a word the original names is still named, and no label word is introduced
+            assert (f" {word}" in a) == (f" {word}" in b), (word, a, b)
+        for text in r["inputs"].values():
+            assert text in r["paraphrase_prompt"]
+        assert r["paraphrase_prompt"].endswith(format_options(r["answer_words"]))
+
+
+def test_rules_give_pairs_to_a_task_with_one_template():
+    cfg = _cfg(tasks=["sst2", "rte"], templates={"sst2": [4]}, paraphrase_source="rules")
+    rows = build_pairs(DATA, cfg, seed=1)
+    sst2 = [r for r in rows if r["task"] == "sst2"]
+    assert len(sst2) == 12 and {r["template_a"] for r in sst2} == {4}
+    assert {r["task"] for r in rows} == {"sst2", "rte"}
+    with pytest.raises(ConfigError, match="pairs.paraphrase_source 'flan' needs at least 2"):
+        Settings.model_validate({"pairs": {"templates": {"sst2": [4]}}})
+    # the data-level guard too (settings built without validation, e.g. by a library caller)
+    unchecked = cfg.model_copy(update={"paraphrase_source": "flan"})
+    with pytest.raises(DataError, match="sst2: 1 usable template"):
+        list(build_task_pairs(DATA, "sst2", unchecked, seed=0))
+
+
+def test_templates_per_task():
+    rows = build_pairs(DATA, _cfg(templates={"sst2": [0, 4], "rte": [1, 2, 3]}, strategy="all"), seed=2)
+    assert {(r["template_a"], r["template_b"]) for r in rows if r["task"] == "sst2"} == {(0, 4), (4, 0)}
+    assert {r["template_a"] for r in rows if r["task"] == "rte"} == {1, 2, 3}
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"pairs": {"paraphrase_source": "gpt"}}, "pairs.paraphrase_source = 'gpt'"),
+    ({"pairs": {"templates": {"sst2": [0, 0]}}}, "lists a template id twice (task sst2)"),
+    ({"pairs": {"templates": {"sst2": [0, 12]}}}, "template ids must be 0..9 (task sst2)"),
+    ({"pairs": {"templates": {"stsb": [0, 1]}}}, "pairs.templates"),
+    ({"validate": {"min_similarity": 0.9, "max_similarity": 0.5}},
+     "validate.min_similarity (0.9) must be below validate.max_similarity"),
+    ({"validate": {"leak_max_similarity": 1.5}}, "validate.leak_max_similarity = 1.5"),
+])
+def test_pairs_and_validate_settings_are_checked(params, message):
+    with pytest.raises(ConfigError) as info:
+        Settings.model_validate(params)
+    assert message in str(info.value)
+
+
+# --------------------------------------------------------------------------- malformed input files
+
+
+def _data_copy(tmp_path: Path, tasks=("sst2",)) -> Path:
+    (tmp_path / "glue").mkdir(parents=True)
+    (tmp_path / "flan").mkdir()
+    for t in tasks:
+        (tmp_path / "glue" / f"{t}.train.jsonl").write_bytes((DATA / "glue" / f"{t}.train.jsonl").read_bytes())
+    (tmp_path / "flan" / "flan_glue_templates.json").write_bytes((DATA / "flan" / "flan_glue_templates.json").read_bytes())
+    return tmp_path
+
+
+def test_label_out_of_range_names_line(tmp_path):
+    data = _data_copy(tmp_path)
+    f = data / "glue" / "sst2.train.jsonl"
+    f.write_text('{"sentence": "ok", "label": 1}\n\n{"sentence": "x", "label": 7}\n')
+    with pytest.raises(DataError, match=r"sst2.train.jsonl:3: field 'label' = 7 is not a sst2 label id \(0..1\)"):
+        build_pairs(data, _cfg(tasks=["sst2"]), seed=0)
+    f.write_bytes(b'{"sentence": "ok", "label": 1}\n{"sentence": "caf\xe9", "label": 0}\n')
+    with pytest.raises(DataError, match=r"sst2.train.jsonl:2: not UTF-8"):
+        build_pairs(data, _cfg(tasks=["sst2"]), seed=0)
+    f.write_text('{"sentence": "ok", "label": 1}\n[1, 2]\n')
+    with pytest.raises(DataError, match=r"sst2.train.jsonl:2: expected a JSON object per line"):
+        build_pairs(data, _cfg(tasks=["sst2"]), seed=0)
+
+
+def _edit_templates(data: Path, edit) -> None:
+    path = data / "flan" / "flan_glue_templates.json"
+    doc = json.loads(path.read_text())
+    edit(doc["tasks"]["sst2"])
+    path.write_text(json.dumps(doc, indent=1))
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda e: e.pop("label_to_answer"), r"tasks.sst2.label_to_answer: should be a JSON object, got NoneType"),
+    (lambda e: e["label_to_answer"].pop("1"), r"tasks.sst2.label_to_answer: missing label '1'"),
+    (lambda e: e["templates_v1"][3].update(input=7), r"tasks.sst2.templates_v1\[3\].input: should be a string, got int 7"),
+    (lambda e: e["templates_v1"][2].update(template_id="2"), r"tasks.sst2.templates_v1\[2\].template_id: should be an integer"),
+    (lambda e: e["templates_v1"][1].pop("target"), r"tasks.sst2.templates_v1\[1\]: missing field 'target'"),
+    (lambda e: e["templates_v1"][0].update(input="Review: {sentense}\n{options_}"),
+     r"tasks.sst2.templates_v1\[0\].input: unknown placeholder\(s\) \{sentense\} for task sst2"),
+    (lambda e: e["templates_v1"][0].update(input="Review: {sentence\n{options_}"),
+     r"tasks.sst2.templates_v1\[0\].input: not a valid template"),
+    (lambda e: e["templates_v1"][5].update(template_id=4), r"tasks.sst2.templates_v1: template_id \[4\] used more than once"),
+    (lambda e: e.update(templates_v1={}), r"tasks.sst2.templates_v1: should be a JSON list"),
+])
+def test_malformed_templates_file_names_field(tmp_path, edit, message):
+    data = _data_copy(tmp_path)
+    _edit_templates(data, edit)
+    with pytest.raises(DataError, match=r"flan_glue_templates.json: " + message):
+        build_pairs(data, _cfg(tasks=["sst2"]), seed=0)
+
+
+def test_templates_file_bad_json_names_line(tmp_path):
+    data = _data_copy(tmp_path)
+    path = data / "flan" / "flan_glue_templates.json"
+    path.write_text('{\n  "tasks": {\n    "sst2": {,}\n  }\n}\n')
+    with pytest.raises(DataError, match=r"flan_glue_templates.json:3: bad JSON"):
+        build_pairs(data, _cfg(tasks=["sst2"]), seed=0)
+
+
+def test_coin_pairs_cli_stops_with_the_message(tmp_path):
+    """`coin pairs` on a broken train file: exit code != 0, the message names file, line and field."""
+    import shutil
+    import subprocess
+    import sys
+
+    data = _data_copy(tmp_path / "proj", tasks=("sst2",))
+    (data / "glue" / "sst2.train.jsonl").write_text('{"sentence": "ok", "label": 1}\n{"sentence": 3, "label": 0}\n')
+    shutil.copy(ROOT / "params.yaml", tmp_path / "proj" / "params.yaml")
+    proc = subprocess.run(
+        [sys.executable, "-m", "coin.cli", "pairs", "--params", str(tmp_path / "proj" / "params.yaml"),
+         "--set", f"paths.data_dir={data}", "--set", "pairs.tasks=[sst2]", "--set", f"paths.out_dir={tmp_path / 'out'}"],
+        cwd=tmp_path / "proj", capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "sst2.train.jsonl:2: field 'sentence' should be str, got int 3" in proc.stdout + proc.stderr
+
+
+def test_paraphrase_doctests():
+    import doctest
+
+    from coin.data import paraphrase
+
+    result = doctest.testmod(paraphrase)
+    assert result.failed == 0 and result.attempted > 0

@@ -1,19 +1,125 @@
-"""Registry round trip in a temp MLflow store: log adapter -> register -> champion -> pyfunc predict."""
+"""Registry: the promotion gate (numbers, then in a temp MLflow registry), idempotent registration, the
+pyfunc round trip through ``models:/<name>@champion``, and the pipeline/method run layout."""
 
+import json
+import os
+import threading
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from coin.config import LoraSettings, Settings
+from coin.config import ConfigError, LoraSettings, Settings
 from coin.data.tasks import TASKS
 from coin.modeling.adapter import write_meta
 from coin.modeling.backbone import load_backbone
 from coin.modeling.lora import apply_lora
-from coin.registry.register import log_and_register
-from coin.registry.tracking import data_version, setup_tracking, tracking_uri
+from coin.registry.promotion import (
+    TAG_CLEAN,
+    TAG_DECISION,
+    TAG_PERTURBED,
+    ModelFigures,
+    PromotionError,
+    decide_promotion,
+    decision_from_tags,
+    promote_version,
+)
+from coin.registry.register import log_candidate, register_candidate
+from coin.registry.tracking import (
+    PARENT_RUN_ENV,
+    child_runs,
+    data_version,
+    method_run,
+    pipeline_run,
+    resume_run,
+    setup_tracking,
+    tracking_uri,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
+GATE = {"min_improvement": 1.0, "max_clean_drop": 2.0}
+
+
+# --------------------------------------------------------------------------- the rule, on numbers
+
+
+def _decide(cand, champ, **kw):
+    return decide_promotion(ModelFigures(*cand), None if champ is None else ModelFigures(*champ),
+                            champion_version=None if champ is None else "1", **{**GATE, **kw})
+
+
+def test_no_champion_yet_promotes():
+    d = _decide((10.0, 5.0), None)
+    assert d.promote and d.champion is None and "No champion" in d.reason
+
+
+def test_better_promotes_worse_rejects():
+    better = _decide((80.0, 61.5), (80.0, 60.0))   # +1.5 pp perturbed, same clean
+    assert better.promote and better.champion_version == "1"
+    worse = _decide((80.0, 59.0), (80.0, 60.0))
+    assert not worse.promote and "Not more robust" in worse.reason
+
+
+def test_equal_never_promotes_even_with_zero_margin():
+    assert not _decide((80.0, 60.0), (80.0, 60.0)).promote
+    assert not _decide((80.0, 60.0), (80.0, 60.0), min_improvement=0.0).promote
+    assert _decide((80.0, 60.01), (80.0, 60.0), min_improvement=0.0).promote
+
+
+def test_margin_is_inclusive_and_robust_to_float_error():
+    # 60.3 - 59.3 is 0.9999999999999929 in floats; the margin of exactly 1 pp is met
+    assert _decide((80.0, 60.3), (80.0, 59.3)).promote
+    assert not _decide((80.0, 60.29), (80.0, 59.3)).promote  # 0.99 pp < 1 pp
+
+
+def test_clean_drop_past_tolerance_rejects_within_tolerance_promotes():
+    past = _decide((77.9, 70.0), (80.0, 60.0))     # much more robust, but clean -2.1 pp
+    assert not past.promote and "Clean accuracy drops" in past.reason
+    at = _decide((78.0, 70.0), (80.0, 60.0))       # -2.0 pp: at the tolerance, allowed
+    assert at.promote
+    assert _decide((85.0, 70.0), (80.0, 60.0)).promote  # clean gain is fine
+
+
+def test_bad_thresholds_and_figures_are_rejected():
+    with pytest.raises(ValueError, match="must be >= 0"):
+        _decide((1.0, 1.0), (1.0, 1.0), min_improvement=-0.5)
+    with pytest.raises(ValueError, match="perturbed_acc"):
+        ModelFigures(50.0, float("nan"))
+    with pytest.raises(PromotionError, match="lacks \\['perturbed_acc'\\]"):
+        ModelFigures.from_summary({"clean_acc": 1.0}, source="metrics.json [coin]")
+    assert ModelFigures.from_summary({"clean_acc": 70, "perturbed_acc": 65.5, "sets": ["x"]}) == ModelFigures(70, 65.5)
+
+
+def test_candidate_figures_from_metrics_json(tmp_path):
+    from coin.registry.promotion import candidate_figures
+
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"coin": {"summary": {"clean_acc": 71.25, "perturbed_acc": 64.5, "pdr": 0.09}},
+                                "base": {"summary": {"clean_acc": 50.0, "perturbed_acc": 49.0}}}))
+    assert candidate_figures(path, "coin") == ModelFigures(71.25, 64.5)
+    with pytest.raises(ValueError, match="no model 'sft'"):
+        candidate_figures(path, "sft")
+
+
+def test_decision_round_trips_through_tags():
+    d = _decide((80.0, 61.234567891), (80.5, 60.0))
+    back = decision_from_tags(d.to_tags())
+    assert back.promote == d.promote and back.reason == d.reason and back.champion_version == "1"
+    assert back.champion == ModelFigures(80.5, 60.0) and back.candidate.perturbed_acc == 61.234568
+    # re-deciding from the tag strings alone gives the same decision
+    again = decide_promotion(back.candidate, back.champion, min_improvement=back.min_improvement,
+                             max_clean_drop=back.max_clean_drop, champion_version="1")
+    assert again.promote == d.promote and again.reason == d.reason
+
+
+def test_register_params_validated():
+    with pytest.raises(ConfigError, match="register.max_clean_drop"):
+        Settings.model_validate({"register": {"max_clean_drop": -1}})
+    with pytest.raises(ConfigError, match="tracking.uri = 'mlruns'.*sqlite:///"):
+        Settings.model_validate({"tracking": {"uri": "mlruns"}})
+
+
+# --------------------------------------------------------------------------- in a registry
 
 
 @pytest.fixture()
@@ -21,6 +127,80 @@ def store(tmp_path):
     settings = Settings.model_validate({"paths": {"mlruns_dir": str(tmp_path / "mlruns")}, "tracking": {"experiment": "t"}})
     setup_tracking(settings, tmp_path)
     return settings
+
+
+def _alias(client, name: str, alias: str) -> str:
+    return str(client.get_model_version_by_alias(name, alias).version)
+
+
+def _bare_version(client, name: str) -> str:
+    """A registered version without a logged model (cheap): the gate only needs its tags and aliases."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException:
+        pass
+    return str(client.create_model_version(name, source="file:///nowhere").version)
+
+
+def test_promote_version_records_decision_and_moves_champion(store):
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    v1, v2, v3, v4 = (_bare_version(client, "gate") for _ in range(4))
+    d1 = promote_version("gate", v1, ModelFigures(80.0, 60.0), **GATE)
+    assert d1.promote and _alias(client, "gate", "champion") == v1
+
+    d2 = promote_version("gate", v2, ModelFigures(80.0, 60.5), **GATE)   # +0.5 pp < 1 pp margin
+    mv2 = client.get_model_version("gate", v2)
+    assert not d2.promote and _alias(client, "gate", "champion") == v1
+    assert mv2.tags[TAG_DECISION] == "rejected" and mv2.tags["coin.promotion.champion_version"] == v1
+    assert mv2.tags["coin.promotion.champion_perturbed_acc"] == "60.0" and mv2.tags[TAG_PERTURBED] == "60.5"
+    assert "REJECTED" in mv2.description and "| champion (version 1) | 80.0 | 60.0 |" in mv2.description
+
+    d3 = promote_version("gate", v3, ModelFigures(77.0, 70.0), **GATE)   # robust, but clean -3 pp
+    assert not d3.promote and "Clean accuracy drops" in d3.reason
+
+    d4 = promote_version("gate", v4, ModelFigures(79.0, 62.0), **GATE)   # +2 pp, clean -1 pp
+    assert d4.promote and _alias(client, "gate", "champion") == v4
+    # the decision is reproducible from the registry alone
+    assert decision_from_tags(client.get_model_version("gate", v4).tags) == d4
+
+    # the champion's figures were read from v1's tags, not from what the caller passes: tamper with them
+    client.set_model_version_tag("gate", v4, TAG_PERTURBED, "90.0")
+    v5 = _bare_version(client, "gate")
+    assert not promote_version("gate", v5, ModelFigures(80.0, 70.0), **GATE).promote
+
+
+def test_promote_version_is_idempotent(store):
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    v1, v2 = _bare_version(client, "idem"), _bare_version(client, "idem")
+    promote_version("idem", v1, ModelFigures(80.0, 60.0), **GATE)
+    first = promote_version("idem", v2, ModelFigures(80.0, 65.0), **GATE)
+    assert first.promote
+    before = client.get_model_version("idem", v2)
+    # again, even with other thresholds: the recorded decision stands, nothing moves
+    second = promote_version("idem", v2, ModelFigures(80.0, 65.0), min_improvement=50.0, max_clean_drop=0.0)
+    after = client.get_model_version("idem", v2)
+    assert second == first and after.tags == before.tags and after.description == before.description
+    assert _alias(client, "idem", "champion") == v2
+
+
+def test_champion_without_figures_is_a_clear_error(store):
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    v1, v2 = _bare_version(client, "legacy"), _bare_version(client, "legacy")
+    client.set_registered_model_alias("legacy", "champion", v1)          # e.g. registered before the gate
+    with pytest.raises(PromotionError, match=f"champion, legacy version {v1}, has no recorded figures.*{TAG_CLEAN}"):
+        promote_version("legacy", v2, ModelFigures(80.0, 65.0), **GATE)
+    assert TAG_DECISION not in client.get_model_version("legacy", v2).tags
+
+
+# --------------------------------------------------------------------------- logged model
 
 
 def _adapter(tiny_llama_dir: Path, out: Path) -> Path:
@@ -44,35 +224,145 @@ def test_tracking_uri_defaults_to_sqlite_in_mlruns(tmp_path):
     assert len(data_version(ROOT)) == 36 and data_version(ROOT).endswith(".dir")
 
 
-def test_register_roundtrip_champion_and_idempotent(store, tmp_path, tiny_llama_dir):
+def test_register_gate_idempotent_and_pyfunc_roundtrip(store, tmp_path, tiny_llama_dir):
     import mlflow
     from mlflow import MlflowClient
 
     adapter = _adapter(tiny_llama_dir, tmp_path)
     with mlflow.start_run() as run:
         mlflow.log_param("x", 1)
-    reg = log_and_register(adapter, run.info.run_id, "tiny-coin")
-    assert reg.created and reg.version == "1" and reg.aliases == ["champion"]
+    reg = register_candidate(adapter, run.info.run_id, "tiny-coin", ModelFigures(70.0, 55.0), **GATE)
+    assert reg.created and reg.version == "1" and reg.aliases == ["challenger", "champion"]
+    assert reg.decision["decision"] == "promoted"
     client = MlflowClient()
     assert client.get_model_version_by_alias("tiny-coin", "champion").run_id == run.info.run_id
 
-    # same run again: no second version
-    again = log_and_register(adapter, run.info.run_id, "tiny-coin")
-    assert not again.created and again.version == "1"
+    # same run again: no second version, the same decision, nothing moved
+    again = register_candidate(adapter, run.info.run_id, "tiny-coin", ModelFigures(70.0, 55.0), **GATE)
+    assert not again.created and again.version == "1" and again.decision == reg.decision
     assert len(client.search_model_versions("name = 'tiny-coin'")) == 1
 
-    # a second run becomes challenger, the champion stays
+    # a second, less robust run: challenger only, the champion stays
     with mlflow.start_run() as run2:
         pass
-    second = log_and_register(adapter, run2.info.run_id, "tiny-coin")
-    assert second.version == "2" and second.aliases == ["challenger"]
-    assert str(client.get_model_version_by_alias("tiny-coin", "champion").version) == "1"
+    second = register_candidate(adapter, run2.info.run_id, "tiny-coin", ModelFigures(71.0, 55.5), **GATE)
+    assert second.version == "2" and second.aliases == ["challenger"] and second.decision["decision"] == "rejected"
+    assert _alias(client, "tiny-coin", "champion") == "1"
+    assert _alias(client, "tiny-coin", "challenger") == "2"
+
+    # logged offline-loadable: adapter + base reference, never base weights; signature with params; example
+    files = {p.name: p.stat().st_size for p in Path(mlflow.artifacts.download_artifacts(
+        "models:/tiny-coin@champion", dst_path=str(tmp_path / "dl"))).rglob("*") if p.is_file()}
+    assert {"coin_model.json", "adapter_model.safetensors", "adapter_config.json", "MLmodel",
+            "input_example.json", "serving_input_example.json", "predict.py"} <= set(files)
+    assert not {"model.safetensors", "pytorch_model.bin"} & set(files)
+    base_bytes = sum(p.stat().st_size for p in tiny_llama_dir.glob("*.safetensors"))
+    assert files["adapter_model.safetensors"] < base_bytes / 10
+    info = mlflow.models.get_model_info("models:/tiny-coin@champion")
+    assert info.metadata["coin_base"] == str(tiny_llama_dir)
+    assert {p.name: p.default for p in info.signature.params.params} == {"max_new_tokens": 7, "return_scores": False}
+    assert [c.name for c in info.signature.inputs.inputs] == ["instruction", "input", "task", "options"]
 
     model = mlflow.pyfunc.load_model("models:/tiny-coin@champion")
-    out = model.predict(pd.DataFrame({"instruction": ["Is this 'positive' or 'negative'? "],
-                                      "input": ["what a film"], "task": ["sst2"]}))
-    assert out["answer"].iloc[0] in TASKS["sst2"].label_words
-    assert set(__import__("json").loads(out["scores"].iloc[0])) == set(TASKS["sst2"].label_words)
+    row = pd.DataFrame({"instruction": ["Is this 'positive' or 'negative'? "], "input": ["what a film"], "task": ["sst2"]})
+    plain = model.predict(row)
+    assert list(plain.columns) == ["answer"] and plain["answer"].iloc[0] in TASKS["sst2"].label_words
+    scored = model.predict(row, params={"return_scores": True})
+    scores = json.loads(scored["scores"].iloc[0])
+    assert set(scores) == set(TASKS["sst2"].label_words)
+    assert scored["answer"].iloc[0] == max(scores, key=scores.get)
+    opts = model.predict(pd.DataFrame({"instruction": ["Pick one: "], "input": ["x"], "options": ["yes|no|maybe"]}),
+                         params={"return_scores": True})
+    assert opts["answer"].iloc[0] in {"yes", "no", "maybe"} and len(json.loads(opts["scores"].iloc[0])) == 3
     free = model.predict(pd.DataFrame({"instruction": ["Say something: "], "input": ["hi"]}),
-                         params={"max_new_tokens": 3})
+                         params={"max_new_tokens": 3, "return_scores": True})
     assert isinstance(free["answer"].iloc[0], str) and free["scores"].iloc[0] == ""
+    with pytest.raises(Exception, match="input"):
+        model.predict(pd.DataFrame({"instruction": ["no input column"]}))
+
+    # `coin predict` loads the same champion (default URI from register.model_name) and prints the answer
+    from typer.testing import CliRunner
+
+    from coin.cli import app
+
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    common = ["--params", str(params), "--set", "tracking.experiment=t"]
+    res = CliRunner().invoke(app, ["predict", "--instruction", "Is this 'positive' or 'negative'? ", "--input",
+                                   "what a film", "--task", "sst2", *common, "--set", "register.model_name=tiny-coin"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[-1] == plain["answer"].iloc[0]
+    missing = CliRunner().invoke(app, ["predict", "--instruction", "x", *common, "--set", "register.model_name=nope"])
+    assert missing.exit_code == 2 and "cannot load models:/nope@champion" in missing.output
+
+
+def test_answer_rows_batched_equals_row_by_row(tmp_path, tiny_llama_dir):
+    from coin.modeling.adapter import load_trained
+    from coin.predict import answer_rows
+
+    model, tok, meta = load_trained(_adapter(tiny_llama_dir, tmp_path), device="cpu")
+    df = pd.DataFrame({
+        "instruction": ["Is this 'positive' or 'negative'? "] * 4 + ["Pick: ", "Say: "],
+        "input": ["good", "bad", "fine", None, "x", "hi"],
+        "task": ["sst2", "sst2", None, "sst2", None, None],
+        "options": [None, None, "a|b|c", None, '["yes", "no"]', None],
+    })
+    batched = answer_rows(model, tok, meta, df, max_new_tokens=2, batch_size=2)
+    single = pd.concat([answer_rows(model, tok, meta, df.iloc[[i]], max_new_tokens=2) for i in range(len(df))],
+                       ignore_index=True)
+    assert batched["answer"].tolist() == single["answer"].tolist()
+    for b, s in zip(batched["scores"], single["scores"]):
+        assert (b == "") == (s == "")
+        if b:
+            assert json.loads(b).keys() == json.loads(s).keys()
+            assert all(abs(json.loads(b)[k] - json.loads(s)[k]) < 1e-3 for k in json.loads(b))
+    assert set(json.loads(batched["scores"][2])) == {"a", "b", "c"} and batched["scores"][5] == ""
+    with pytest.raises(ValueError, match="not a known GLUE task"):
+        answer_rows(model, tok, meta, pd.DataFrame({"instruction": ["x"], "input": ["y"], "task": ["imdb"]}))
+
+
+def test_log_candidate_rejects_a_non_adapter_dir(store, tmp_path):
+    import mlflow
+
+    (tmp_path / "empty").mkdir()
+    with mlflow.start_run() as run:
+        pass
+    with pytest.raises(FileNotFoundError, match="coin_model.json: missing.*coin train"):
+        log_candidate(tmp_path / "empty", run.info.run_id, "nothing")
+
+
+# --------------------------------------------------------------------------- run layout
+
+
+def test_pipeline_parent_with_nested_method_runs(tmp_path):
+    import mlflow
+
+    settings = Settings.model_validate({"paths": {"mlruns_dir": str(tmp_path / "mlruns")}, "tracking": {"experiment": "t"}})
+    ids = {}
+    with pipeline_run(settings, ROOT) as parent:
+        with method_run(settings, ROOT, "coin") as r:            # nested under the active parent
+            mlflow.log_metric("train/loss", 1.0)
+            ids["coin"] = r.info.run_id
+
+        def in_thread(method, **kw):                              # e.g. a Prefect task in a worker thread
+            with method_run(settings, ROOT, method, **kw) as r2:
+                ids[method] = r2.info.run_id
+
+        for method, kw in (("cit", {"parent_run_id": parent.info.run_id}), ("sft", {})):  # sft: via the env var
+            t = threading.Thread(target=in_thread, args=(method,), kwargs=kw)
+            t.start()
+            t.join()
+        assert os.environ[PARENT_RUN_ENV] == parent.info.run_id
+        with resume_run(ids["coin"]):                             # a later stage adds to the coin run
+            mlflow.log_metric("eval/x", 2.0)
+    assert child_runs(parent.info.run_id) == ids and PARENT_RUN_ENV not in os.environ
+    p = mlflow.get_run(parent.info.run_id)
+    c = mlflow.get_run(ids["coin"])
+    for run in (p, c):
+        assert run.data.tags["coin.data_version"] == data_version(ROOT)
+        assert len(run.data.tags["mlflow.source.git.commit"].removesuffix("-dirty")) == 40
+    assert c.data.tags["mlflow.parentRunId"] == p.info.run_id and c.data.tags["coin.method"] == "coin"
+    assert c.data.params["train.method"] == "coin" and p.data.params["register.min_improvement"] == "1.0"
+    assert mlflow.get_run(ids["cit"]).data.params["train.method"] == "cit"
+    assert mlflow.get_run(ids["sft"]).data.tags["mlflow.parentRunId"] == p.info.run_id
+    assert set(c.data.metrics) == {"train/loss", "eval/x"} and c.info.status == "FINISHED"

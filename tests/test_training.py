@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers_training import assert_grads_close, cfg_for, grads, make_rows, perturb_lora_b, trainable_state
 
 from coin.config import LoraSettings, TrainSettings
 from coin.data.prompts import encode
-from coin.modeling.backbone import load_backbone, load_tokenizer, selected_logits
+from coin.modeling.backbone import FusedLM, load_backbone, load_tokenizer, selected_logits
 from coin.modeling.lora import apply_lora, load_adapter, newly_initialised_modules
 from coin.training.collator import PairCollator
 from coin.training.loop import iterate_batches, train, train_rows_of
@@ -22,27 +23,14 @@ from coin.training.loss import coin_step_loss, contrastive_weight, generation_lo
 TINY_DIRS = ["tiny_llama_dir", "tiny_gpt2_dir", "tiny_bert_encoder_dir"]
 
 
-def make_rows(n: int, split: str = "train") -> list[dict[str, Any]]:
-    words = ["good", "bad", "fine", "awful", "great", "poor", "nice", "grim"]
-    return [
-        {
-            "pair_id": f"sst2:train:{i}:a0:b1",
-            "task": "sst2",
-            "split": split,
-            "original_prompt": f"Is this review positive?\nThe film was {words[i % 8]} {i}.",
-            "paraphrase_prompt": f"Review: the film was {words[i % 8]} {i}.\nDoes the reviewer like it?",
-            "target": "positive" if i % 2 == 0 else "negative",
-            "negative_prompt": f"Is this review positive?\nA {words[(i + 1) % 8]} story {i + 100}.",
-            "negative_target": "negative" if i % 2 == 0 else "positive",
-        }
-        for i in range(n)
-    ]
-
-
-def cfg_for(method: str = "coin", **kw: Any) -> TrainSettings:
-    base: dict[str, Any] = {"method": method, "batch_size": 2, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
-    base.update(kw)
-    return TrainSettings.model_validate(base)
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Any:
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP's
+    spin-waiting makes them 10-30x slower; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +216,89 @@ def test_collator_without_hard_negatives_and_truncation(minilm_tok: Any) -> None
     ]
 
 
+def test_packed_collation_layout(minilm_tok: Any) -> None:
+    rows = make_rows(4, varied_targets=True)
+    rows[1]["original_prompt"] += " and it was long" * 8  # one long sequence: the others share rows
+    padded = PairCollator(minilm_tok, "coin", cutoff_len=64)(rows)
+    packed = PairCollator(minilm_tok, "coin", cutoff_len=64, pack=True)(rows)
+    n = 12
+    assert padded.input_ids.shape[0] == n and packed.n_sequences == n
+    assert packed.input_ids.shape[0] < n and packed.input_ids.shape[1] == padded.input_ids.shape[1]
+    assert packed.n_tokens == padded.n_tokens  # the same tokens, fewer pad slots
+    assert packed.attention_mask.numel() < 0.8 * padded.attention_mask.numel()
+    assert packed.seq_row is not None and packed.seq_start is not None and packed.position_ids is not None
+    assert packed.segment_ids is not None
+    for i in range(n):
+        length = int(padded.last_index[i]) + 1
+        r, a = int(packed.seq_row[i]), int(packed.seq_start[i])
+        assert packed.input_ids[r, a : a + length].tolist() == padded.input_ids[i, :length].tolist()
+        assert packed.labels[r, a : a + length].tolist() == padded.labels[i, :length].tolist()
+        assert packed.position_ids[r, a : a + length].tolist() == list(range(length))
+        assert (packed.segment_ids[r, a : a + length] == i).all()
+    # the same response positions and targets, tagged with their sequence (never the neighbour's)
+    assert torch.equal(packed.sequence_of_response.sort().values, padded.resp_rows.sort().values)
+    assert sorted(packed.resp_targets.tolist()) == sorted(padded.resp_targets.tolist())
+    assert torch.equal(packed.segment_ids[packed.resp_rows, packed.resp_cols + 1], packed.sequence_of_response)
+    # the per-sequence view of packed hidden states is the padded layout
+    hidden = packed.input_ids.unsqueeze(-1).float()                          # (R, L, 1): token ids as "states"
+    view, mask = packed.sequence_view(hidden)
+    assert torch.equal(mask, padded.attention_mask)
+    assert torch.equal(view.squeeze(-1) * mask, padded.input_ids.float() * mask)
+
+
+@pytest.mark.parametrize("tiny", TINY_DIRS)
+def test_packing_gives_the_padded_loss_and_gradients(request: pytest.FixtureRequest, tiny: str) -> None:
+    from coin.modeling.backbone import packing_supported
+
+    bb = load_backbone(str(request.getfixturevalue(tiny)), device="cpu")
+    torch.manual_seed(0)
+    model = apply_lora(bb, cfg_for().lora)
+    perturb_lora_b(model)
+    model.eval()
+    assert packing_supported(model)
+    rows = make_rows(4, varied_targets=True)
+    rows[1]["original_prompt"] += " and it was long" * 8
+    out = {}
+    for packing in (False, True):
+        cfg = cfg_for("coin", packing=packing, pooling="mean", pool_span="prompt")
+        b = PairCollator.from_settings(bb.tokenizer, cfg, 64)(rows)
+        model.zero_grad(set_to_none=True)
+        loss, m = coin_step_loss(model, b, cfg)
+        loss.backward()
+        out[packing] = (m, grads(model))
+    for key in ("loss", "l_gen", "l_cl", "w", "pos_cos", "neg_cos", "n_tokens", "n_resp_tokens"):
+        assert out[True][0][key] == pytest.approx(out[False][0][key], rel=1e-5, abs=1e-6), key
+    assert out[True][0]["n_slots"] < out[False][0]["n_slots"]
+    assert_grads_close(out[True][1], out[False][1])
+
+
+def test_packing_refuses_models_that_would_mix_sequences(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import coin.modeling.backbone as backbone
+    from coin.modeling.backbone import packed_attention_mask
+
+    bb = load_backbone(str(tiny_llama_dir), device="cpu")
+    seg = torch.tensor([[0, 0, 1, -1]])
+    bb.model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="train.packing"):
+        packed_attention_mask(seg, bb.model, torch.float32)
+    bb.model.config._attn_implementation = "sdpa"
+    allowed = packed_attention_mask(seg, bb.model, torch.float32)[0, 0]
+    assert allowed.tolist() == [[True, False, False, False], [True, True, False, False],
+                                [False, False, True, False], [False, False, False, True]]
+    bb.model.config._attn_implementation = "eager"
+    additive = packed_attention_mask(seg, bb.model, torch.float32)[0, 0]
+    assert torch.equal(additive == 0, allowed)
+    bb.model.config._attn_implementation = "sdpa"
+
+    # an attention that ignores the block-diagonal mask (here: plain causal over the whole row) is caught
+    monkeypatch.setattr(backbone, "packed_attention_mask",
+                        lambda s, m, d: torch.ones(s.size(1), s.size(1), dtype=torch.bool).tril()[None, None])
+    with pytest.raises(ValueError, match="does not keep packed sequences apart"):
+        train(bb, make_rows(4), cfg_for(max_steps=1), out_dir=tmp_path, seed=0, cutoff_len=64, progress=False)
+
+
 # --------------------------------------------------------------------------- loss on tiny models
 
 
@@ -287,6 +358,217 @@ def test_cit_and_sft_have_no_contrastive_term(tiny_llama_dir: Path) -> None:
     assert coin_m["loss"] > coin_m["l_gen"]
 
 
+# --------------------------------------------------------------------------- the objective, end to end
+
+
+def _naive_objective(
+    model: torch.nn.Module, tok: Any, rows: list[dict[str, Any]], cfg: TrainSettings
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The CoIN loss by the textbook: every sequence forwarded alone (no padding at all), full-vocabulary
+    logits, pooling by slicing the unpadded hidden states, InfoNCE by explicit loops."""
+    cols = {"original": ("original_prompt", "target"), "paraphrase": ("paraphrase_prompt", "target"),
+            "negative": ("negative_prompt", "negative_target")}
+    reps: dict[str, list[torch.Tensor]] = {g: [] for g in cols}
+    gen: dict[str, torch.Tensor] = {}
+    for g, (p_col, t_col) in cols.items():
+        ce_sum, n_tok = torch.zeros(()), 0
+        for r in rows:
+            e = encode(tok, r[p_col], r[t_col], max_length=64)
+            ids = torch.tensor([e.input_ids])
+            out = model(input_ids=ids, output_hidden_states=True)
+            h = out.hidden_states[-1][0]                                      # (T, H), after the final norm
+            if g != "negative":
+                logits = out.logits[0, e.n_prompt - 1 : -1]                    # predicts tokens n_prompt..end
+                ce_sum = ce_sum + F.cross_entropy(logits, ids[0, e.n_prompt :], reduction="sum")
+                n_tok += len(e.input_ids) - e.n_prompt
+            span = h if cfg.pool_span == "full" else h[: e.n_prompt]
+            reps[g].append({"last": span[-1], "mean": span.mean(0), "max": span.max(0).values}[cfg.pooling])
+        gen[g] = ce_sum / max(n_tok, 1)
+    l_gen = gen["original"] + gen["paraphrase"]
+    o, p, n = (torch.stack(reps[g]) for g in cols)
+    b = len(rows)
+
+    def ce_row(anchor: torch.Tensor, columns: list[torch.Tensor], target: int) -> torch.Tensor:
+        s = torch.stack([F.cosine_similarity(anchor, c, dim=0) for c in columns]) / cfg.temperature
+        return torch.logsumexp(s, 0) - s[target]
+
+    l_o = sum(ce_row(o[i], [*p, *n], i) for i in range(b)) / b
+    l_p = sum(ce_row(p[i], [*o, *n], i) for i in range(b)) / b
+    l_cl = 0.5 * (l_o + l_p)
+    if cfg.cl_weighting == "fixed":
+        w = torch.tensor(cfg.cl_weight)
+    else:  # reference: c = lambda * L_cl, rescaled to L_gen (detached ratio) when larger
+        w = (l_gen / l_cl).detach() if cfg.cl_lambda * l_cl > l_gen else torch.tensor(cfg.cl_lambda)
+    loss = l_gen + w * l_cl
+    return loss, {"loss": loss.item(), "l_gen": l_gen.item(), "l_cl": l_cl.item(), "w": float(w)}
+
+
+@pytest.mark.parametrize(
+    ("tiny", "pooling", "span", "weighting", "packing"),
+    [
+        ("tiny_llama_dir", "last", "full", "adaptive", False),
+        ("tiny_llama_dir", "last", "prompt", "fixed", True),
+        ("tiny_llama_dir", "mean", "full", "fixed", False),
+        ("tiny_llama_dir", "max", "prompt", "adaptive", True),
+        ("tiny_gpt2_dir", "mean", "prompt", "adaptive", True),
+        ("tiny_bert_encoder_dir", "last", "full", "adaptive", True),
+        ("tiny_bert_encoder_dir", "max", "full", "fixed", False),
+    ],
+)
+def test_fused_step_equals_textbook_objective(
+    request: pytest.FixtureRequest, tiny: str, pooling: str, span: str, weighting: str, packing: bool
+) -> None:
+    """Loss, its parts and the LoRA gradients of one fused forward pass (right-padded or packed) equal the
+    textbook objective computed sequence by sequence. The rows differ in length, so the batch is padded
+    (or packed) and a pooling or shift index that ignored that would give other values."""
+    bb = load_backbone(str(request.getfixturevalue(tiny)), device="cpu")
+    cfg = cfg_for("coin", pooling=pooling, pool_span=span, cl_weighting=weighting, cl_weight=0.7, packing=packing)
+    torch.manual_seed(0)
+    model = apply_lora(bb, cfg.lora)
+    perturb_lora_b(model)
+    model.eval()  # no base-model dropout: both sides see the same network
+    rows = make_rows(3)
+    rows[2]["paraphrase_prompt"] += " and it was long" * 6
+    b = PairCollator.from_settings(bb.tokenizer, cfg, 64)(rows)
+    if packing:
+        assert b.packed and b.input_ids.size(0) < b.n_sequences  # sequences share rows
+    else:
+        assert (b.attention_mask == 0).sum(dim=1).gt(0).sum() >= 4  # most rows carry padding
+
+    loss, m = coin_step_loss(model, b, cfg)
+    loss.backward()
+    ours = grads(model)
+    model.zero_grad(set_to_none=True)
+    ref_loss, ref = _naive_objective(model, bb.tokenizer, rows, cfg)
+    ref_loss.backward()
+    for key in ("loss", "l_gen", "l_cl", "w"):
+        assert m[key] == pytest.approx(ref[key], rel=2e-5, abs=1e-6), key
+    assert ref["w"] != pytest.approx(cfg.cl_lambda)  # adaptive: the cap is active, as in the reference
+    assert_grads_close(ours, grads(model))
+    assert any(g.abs().sum() > 0 for n, g in ours.items() if "lora_A" in n)
+
+
+# --------------------------------------------------------------------------- accumulation
+
+
+def _reference_big_batch_coin(model: torch.nn.Module, big: Any, cfg: TrainSettings, half: int) -> torch.Tensor:
+    """CoIN objective of one big batch whose contrastive groups are its two halves (the documented
+    meaning of accumulating two micro-batches): L_gen over all response tokens of the big batch,
+    per group; L_cl per half with that half's own adaptive weight; full logits, hand-made pooling."""
+    out = model(input_ids=big.input_ids, attention_mask=big.attention_mask, output_hidden_states=True)
+    logits, hidden = out.logits, out.hidden_states[-1]                            # (N, T, V), (N, T, H)
+    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), big.labels[:, 1:], reduction="none")  # (N, T-1), 0 at -100
+    sup = (big.labels[:, 1:] != -100).float()
+    last = big.attention_mask.sum(1) - 1                                          # right padding: last real token
+    pooled = hidden[torch.arange(hidden.size(0)), last]                           # (N, H)
+    l_gen = sum(ce[big.block(g)].sum() / sup[big.block(g)].sum() for g in ("original", "paraphrase"))
+    term = torch.zeros(())
+    for h in range(2):
+        sel = slice(h * half, (h + 1) * half)
+        blk = {g: pooled[big.block(g)][sel] for g in big.groups}
+        l_gen_h = sum(ce[big.block(g)][sel].sum() / sup[big.block(g)][sel].sum() for g in ("original", "paraphrase"))
+        l_cl_h, _, _ = info_nce(blk["original"], blk["paraphrase"], blk["negative"], cfg.temperature)
+        weighted, _ = contrastive_weight(l_gen_h.detach(), l_cl_h, cfg.cl_weighting, cfg.cl_lambda, cfg.cl_weight)
+        term = term + weighted / 2
+    return l_gen + term
+
+
+@pytest.mark.parametrize(("method", "packing"), [("coin", True), ("coin", False), ("cit", True), ("sft", False)])
+def test_grad_accumulation_equals_the_big_batch(tiny_llama_dir: Path, method: str, packing: bool) -> None:
+    """grad_accum = 2 x batch 2 gives the gradient of one batch of 4 (generation loss normalised over
+    the step's response tokens; for coin, InfoNCE per micro-batch = contrastive group, see loss.py),
+    although the two micro-batches carry different numbers of response tokens."""
+    from coin.training.distributed import SINGLE
+    from coin.training.loop import accumulate_gradients
+
+    bb = load_backbone(str(tiny_llama_dir), device="cpu")
+    cfg = cfg_for(method, packing=packing)
+    torch.manual_seed(0)
+    model = apply_lora(bb, cfg.lora)
+    perturb_lora_b(model)
+    model.eval()
+    all_rows = make_rows(6, varied_targets=True)
+    rows = [all_rows[i] for i in (0, 3, 1, 2)]  # micro-batch 1: two long targets, micro-batch 2: two short
+    collate = PairCollator.from_settings(bb.tokenizer, cfg, 64)
+    small, big = [collate(rows[:2]), collate(rows[2:])], collate(rows)
+    assert small[0].resp_rows.numel() >= 2 * small[1].resp_rows.numel()
+    fused = FusedLM(model)
+
+    accumulate_gradients(fused, small, cfg, SINGLE, torch.device("cpu"))
+    accumulated = grads(model)
+    model.zero_grad(set_to_none=True)
+    if method == "coin":  # the hand-made reference reads the plain padded layout
+        padded = PairCollator.from_settings(bb.tokenizer, cfg.model_copy(update={"packing": False}), 64)(rows)
+        _reference_big_batch_coin(model, padded, cfg, half=2).backward()
+    else:
+        accumulate_gradients(fused, [big], cfg, SINGLE, torch.device("cpu"))
+    expected = grads(model)
+    assert_grads_close(accumulated, expected)
+
+    # The test can fail: averaging two per-micro-batch token means is a different gradient.
+    model.zero_grad(set_to_none=True)
+    for b in small:
+        (coin_step_loss(model, b, cfg)[0] / 2).backward()
+    naive = grads(model)
+    assert any(not torch.allclose(naive[n], expected[n], rtol=1e-3, atol=1e-6) for n in expected)
+    if method == "coin":  # ... and one InfoNCE over all 4 pairs is a different loss again
+        model.zero_grad(set_to_none=True)
+        accumulate_gradients(fused, [big], cfg, SINGLE, torch.device("cpu"))
+        one_group = grads(model)
+        assert any(not torch.allclose(one_group[n], expected[n], rtol=1e-3, atol=1e-6) for n in expected)
+
+
+@pytest.mark.parametrize("tiny", ["tiny_llama_dir", "tiny_bert_encoder_dir"])
+def test_gradient_checkpointing_gives_the_same_gradients(request: pytest.FixtureRequest, tiny: str) -> None:
+    from coin.training.loop import _enable_gradient_checkpointing
+
+    out = []
+    for checkpointing in (False, True):
+        bb = load_backbone(str(request.getfixturevalue(tiny)), device="cpu")
+        cfg = cfg_for("coin", gradient_checkpointing=checkpointing)
+        torch.manual_seed(0)
+        model = apply_lora(bb, cfg.lora)
+        perturb_lora_b(model)
+        if checkpointing:
+            _enable_gradient_checkpointing(model)
+        model.train()
+        assert model.get_base_model().is_gradient_checkpointing is checkpointing
+        b = PairCollator.from_settings(bb.tokenizer, cfg, 64)(make_rows(3))
+        torch.manual_seed(1)  # the same base-model dropout masks on both sides (BERT has dropout)
+        loss, _ = coin_step_loss(model, b, cfg)
+        loss.backward()
+        out.append(grads(model))
+    assert_grads_close(out[1], out[0])
+
+
+def test_autocast_modes(tiny_llama_dir: Path) -> None:
+    from coin.training.loop import autocast_context
+
+    cpu = torch.device("cpu")
+    assert not isinstance(autocast_context(cpu, "auto"), torch.autocast)  # CPU: fp32 unless asked
+    assert not isinstance(autocast_context(cpu, "off"), torch.autocast)
+    bb = load_backbone(str(tiny_llama_dir), device="cpu")
+    cfg = cfg_for("coin", autocast="bf16")
+    model = apply_lora(bb, cfg.lora)
+    b = PairCollator.from_settings(bb.tokenizer, cfg, 64)(make_rows(3))
+    with autocast_context(cpu, "bf16"):
+        _, logits = selected_logits(model, b.input_ids, b.attention_mask, b.resp_rows, b.resp_cols)
+        loss, m = coin_step_loss(model, b, cfg)
+    assert logits.dtype == torch.bfloat16 and math.isfinite(m["loss"])  # matmuls ran in bf16
+    loss.backward()
+    with pytest.raises(ValueError, match="train.autocast"):
+        autocast_context(cpu, "fp8")
+
+
+def test_loss_docstring_examples_run() -> None:
+    import doctest
+
+    import coin.training.loss as loss_module
+
+    result = doctest.testmod(loss_module)
+    assert result.attempted >= 5 and result.failed == 0
+
+
 # --------------------------------------------------------------------------- LoRA set-up
 
 
@@ -337,6 +619,43 @@ def test_batches_seeded_train_only_and_cycling() -> None:
         train_rows_of(make_rows(1) + make_rows(5, split="val"), 2)
 
 
+def test_batch_stream_resumes_where_it_stopped() -> None:
+    from coin.training.batching import BatchStream
+
+    rows = make_rows(7)  # 3 batches of 2 per epoch, one row dropped per epoch (a different one each time)
+    ids = lambda batches: [[r["pair_id"] for r in b] for b in batches]  # noqa: E731
+    for bucket in (False, True):
+        full = BatchStream(rows, 2, 5, bucket_by_length=bucket)
+        whole = ids(next(full) for _ in range(8))
+        first = BatchStream(rows, 2, 5, bucket_by_length=bucket)
+        head = ids(next(first) for _ in range(4))
+        state = first.state_dict()
+        assert state == {"epoch": 1, "next_batch": 1}
+        again = BatchStream(rows, 2, 5, bucket_by_length=bucket)
+        again.load_state_dict(state)
+        assert head + ids(next(again) for _ in range(4)) == whole
+
+
+def test_length_bucketing_cuts_padding_and_still_covers_every_pair() -> None:
+    from coin.training.batching import BUCKET_WINDOW, BatchStream, row_length
+
+    rows = make_rows(4 * BUCKET_WINDOW)
+    for i, r in enumerate(rows):  # lengths from a few to a few hundred characters, in random order
+        r["original_prompt"] += " padding words" * ((i * 37) % 23)
+    n_batches = len(rows) // 4
+
+    def padding(bucket: bool) -> tuple[int, list[str]]:
+        stream = BatchStream(rows, 4, 0, bucket_by_length=bucket)
+        epoch = [next(stream) for _ in range(n_batches)]
+        waste = sum(max(map(row_length, b)) * len(b) - sum(map(row_length, b)) for b in epoch)
+        return waste, sorted(r["pair_id"] for b in epoch for r in b)
+
+    plain_waste, plain_ids = padding(False)
+    bucket_waste, bucket_ids = padding(True)
+    assert bucket_ids == plain_ids == sorted(r["pair_id"] for r in rows)  # every pair once per epoch
+    assert bucket_waste < plain_waste / 3
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -348,18 +667,25 @@ def _base_name(peft_name: str) -> str:
     return peft_name.replace(".base_layer", "")
 
 
-def test_train_updates_lora_only_and_saves(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_train_updates_lora_only_and_saves(
+    tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bb = load_backbone(str(tiny_llama_dir), device="cpu")
     before = _snapshot(bb.model)
     logged: list[tuple[int, dict[str, float]]] = []
     cfg = cfg_for("coin", max_steps=3, grad_accum=2, lr=5e-3, log_every=2)
     rows = make_rows(6) + make_rows(2, split="val")
     result = train(bb, rows, cfg, out_dir=tmp_path, seed=0, cutoff_len=64,
-                   on_metrics=lambda s, m: logged.append((s, m)), progress=False)
+                   on_metrics=lambda s, m: logged.append((s, m)), progress=True)
 
+    bar = capsys.readouterr().err  # tqdm: steps done/total, ETA, loss, contrastive loss, tokens/s
+    assert "train[coin]" in bar and "3/3" in bar and "loss=" in bar and "l_cl=" in bar and "tok_s=" in bar
+    assert "<00:00" in bar or "<" in bar.split("3/3")[-1]  # the ETA / remaining-time field
     assert [s for s, _ in logged] == [2, 3] and result.steps == 3 and len(result.history) == 3
-    for key in ("loss", "l_gen", "l_cl", "w", "pos_cos", "neg_cos", "lr", "tokens_per_s"):
+    for key in ("loss", "l_gen", "l_cl", "w", "pos_cos", "neg_cos", "lr", "tokens_per_s", "grad_norm", "pad_frac"):
         assert math.isfinite(logged[-1][1][key]), key
+    m = logged[-1][1]
+    assert m["loss"] > m["l_gen"] > 0  # coin: the weighted contrastive term (mean over micro-batches) on top
     assert logged[0][1]["lr"] > logged[1][1]["lr"] > 0  # linear decay after warm-up
     assert result.tokens_per_s > 0 and result.wall_time_s > 0
 
@@ -380,21 +706,58 @@ def test_train_updates_lora_only_and_saves(tiny_llama_dir: Path, tmp_path: Path)
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json"} <= files
 
 
-def test_train_nan_loss_names_step_and_pairs(
-    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+class _NanGrad(torch.autograd.Function):
+    """Identity in the forward pass, NaN gradient in the backward pass: a finite loss that poisons."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        return g * float("nan")
+
+
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_non_finite_step_stops_before_the_optimiser_step(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, poison: str
 ) -> None:
+    """Step 2's second micro-batch is poisoned: the run stops naming step 2 and its pairs, and the
+    adapter keeps exactly the weights of step 1 (the first micro-batch's gradient is never applied)."""
     import coin.training.loop as loop
 
-    real = loop.coin_step_loss
+    real, calls = loop.coin_step_loss, []
 
-    def poisoned(model: Any, batch: Any, cfg: Any) -> Any:
-        loss, m = real(model, batch, cfg)
-        return loss * float("nan"), {**m, "loss": float("nan")}
+    def poisoned(model: Any, batch: Any, cfg: Any, **kw: Any) -> Any:
+        loss, m = real(model, batch, cfg, **kw)
+        calls.append(batch.pair_ids)
+        if len(calls) == 4:  # step 2 = calls 3 and 4 (grad_accum 2)
+            if poison == "loss":
+                return loss * float("nan"), {**m, "loss": float("nan")}
+            return _NanGrad.apply(loss), m
+        return loss, m
 
     monkeypatch.setattr(loop, "coin_step_loss", poisoned)
     bb = load_backbone(str(tiny_llama_dir), device="cpu")
-    with pytest.raises(RuntimeError, match=r"step 1: .*sst2:train:\d+:a0:b1"):
-        train(bb, make_rows(4), cfg_for(max_steps=2), out_dir=tmp_path, seed=0, cutoff_len=64, progress=False)
+    after_step_1: dict[str, torch.Tensor] = {}
+
+    def snapshot(step: int, _: dict[str, float]) -> None:
+        if step == 1:
+            after_step_1.update(trainable_state(bb.model))
+
+    cfg = cfg_for(max_steps=3, grad_accum=2, lr=1e-2, log_every=1, checkpoint_every=1)
+    what = "loss is nan" if poison == "loss" else "gradient norm is nan"
+    with pytest.raises(RuntimeError, match=rf"step 2: {what}.*sst2:train:\d+:a0:b1") as err:
+        train(bb, make_rows(8), cfg, out_dir=tmp_path, seed=0, cutoff_len=64, on_metrics=snapshot, progress=False)
+    for pid in calls[2] + calls[3]:  # every pair of step 2 is named
+        assert pid in str(err.value)
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in after_step_1.items())  # step 1 did train
+    now = trainable_state(bb.model)
+    assert now.keys() == after_step_1.keys()
+    for name, value in now.items():
+        assert torch.equal(value, after_step_1[name]), name
+    assert not (tmp_path / "adapter").exists()  # no final adapter from a poisoned run
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000001"]
 
 
 @pytest.mark.parametrize("tiny", ["tiny_bert_encoder_dir", "tiny_gpt2_dir"])

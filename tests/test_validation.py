@@ -2,7 +2,8 @@
 rejected by the right check with a reason, a failed gate still writes every output.
 
 Great Expectations runs three times in this file (valid rows, broken rows, failing gate); its import
-(~4 s) is paid once per session.
+(~4 s) is paid once per session, and so is loading the packaged MiniLM sentence-transformer (~3 s):
+the semantic and leak checks run on the real model, the fast unit tests inject a fake embedder.
 """
 
 from __future__ import annotations
@@ -10,20 +11,26 @@ from __future__ import annotations
 import copy
 import doctest
 import json
+import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from coin.config import PairsSettings, ValidateSettings
-from coin.data.io import read_json, read_jsonl
+from coin.config import EvaluateSettings, PairsSettings, ValidateSettings
+from coin.data.io import read_json, read_jsonl, write_jsonl
 from coin.data.pairs import build_pairs
 from coin.data.prompts import encode
+from coin.evaluation.sampling import load_validation_rows
 from coin.modeling.backbone import load_tokenizer
 from coin.validation import CHECKS, CheckContext, GateFailed, GateReport, run_gate, token_lengths
 from coin.validation import checks as checks_module
+from coin.validation.embeddings import CachedEmbedder, minilm_embedder
+from coin.validation.leakage import load_eval_instructions, load_eval_sources
 
 CUTOFF = 256
+EVAL = EvaluateSettings()
 
 
 @pytest.fixture(scope="session")
@@ -36,35 +43,51 @@ def real_rows() -> list[dict[str, Any]]:
     return build_pairs("data", PairsSettings(rows_per_task=5), 42)  # 40 rows, 8 tasks
 
 
+@pytest.fixture(scope="session")
+def embedder() -> CachedEmbedder:
+    """The real packaged MiniLM, loaded once (~3 s); cached per distinct instruction across tests."""
+    return CachedEmbedder(minilm_embedder())
+
+
+@pytest.fixture(scope="session")
+def eval_sources():
+    return load_eval_sources(EVAL.instruction_file, "data", EVAL.tasks)
+
+
 def rows_copy(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return copy.deepcopy(rows)
 
 
-def gate(rows, tokenizer, out_dir: Path, *, min_pass_rate: float = 0.0, cutoff: int = CUTOFF) -> GateReport:
+def gate(rows, tokenizer, out_dir: Path, embedder, eval_sources, *, min_pass_rate: float = 0.0,
+         cutoff: int = CUTOFF) -> GateReport:
     cfg = ValidateSettings(min_pass_rate=min_pass_rate)
-    return run_gate(rows, cfg=cfg, cutoff_len=cutoff, tokenizer=tokenizer, out_dir=out_dir)
+    return run_gate(rows, cfg=cfg, cutoff_len=cutoff, tokenizer=tokenizer, out_dir=out_dir,
+                    eval_sources=eval_sources, embedder=embedder)
 
 
 # --------------------------------------------------------------------------- valid rows
 
 
 @pytest.fixture(scope="module")
-def valid_run(real_rows, tokenizer, tmp_path_factory):
+def valid_run(real_rows, tokenizer, tmp_path_factory, embedder, eval_sources):
     rows = rows_copy(real_rows)
     out = tmp_path_factory.mktemp("gate_valid")
-    return rows, gate(rows, tokenizer, out, min_pass_rate=1.0), out
+    return rows, gate(rows, tokenizer, out, embedder, eval_sources, min_pass_rate=1.0), out
 
 
 def test_registry_order():
     assert list(CHECKS) == [
-        "schema", "text_valid", "paraphrase_differs", "target_in_answer_set", "inputs_present", "negative_valid", "token_length",
+        "schema", "text_valid", "paraphrase_differs", "semantic_similarity", "target_in_answer_set", "inputs_present",
+        "option_words", "negative_valid", "instruction_leakage", "example_leakage", "token_length",
     ]
 
 
-def test_valid_rows_pass_untouched(valid_run, real_rows):
+def test_valid_rows_pass_untouched(valid_run, real_rows, tmp_path):
     rows, report, out = valid_run
     assert rows == real_rows, "run_gate must not modify its input rows"
     assert read_jsonl(out / "valid.jsonl") == real_rows
+    write_jsonl(tmp_path / "expected.jsonl", real_rows)  # byte-equal to the pairs file these rows came from
+    assert (out / "valid.jsonl").read_bytes() == (tmp_path / "expected.jsonl").read_bytes()
     assert read_jsonl(out / "rejects.jsonl") == []
     assert (report.rows_in, report.rows_valid, report.rows_rejected, report.pass_rate) == (40, 40, 0, 1.0)
     assert report.passed and set(report.checks) == set(CHECKS)
@@ -79,9 +102,35 @@ def test_summary_and_docs_written(valid_run):
     assert set(summary["checks"]) == set(CHECKS) and summary["rejects_per_reason"] == {}
     index = out / "data_docs" / "index.html"
     assert index.is_file() and report.data_docs_index == index
-    assert list((out / "data_docs" / "validations").rglob("*.html")), "no validation page in the Data Docs site"
+    pages = {p.parts[-4] for p in (out / "data_docs" / "validations").rglob("*.html")}
+    assert pages == {"coin_pairs", "coin_gate_checks"}, "Data Docs need the schema suite and every gate check"
+    gate_page = next((out / "data_docs" / "validations" / "coin_gate_checks").rglob("*.html")).read_text()
+    assert all(name in gate_page for name in CHECKS)
     md = report.to_markdown()
-    assert "| schema | 1.000 | 0 |" in md and "40/40" in md
+    assert "| schema | 1.000 | 0 |" in md and "40/40" in md and "Instruction similarity (MiniLM cosine, 40 rows)" in md
+    # the offline report: no external asset, every check, links that resolve to the Data Docs pages
+    page = (out / "report.html").read_text()
+    assert "Paraphrase-validation gate" in page and "40 of 40 rows valid" in page
+    assert all(f"<code>{name}</code>" in page for name in CHECKS)
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    links = re.findall(r'href="([^"]+)"', page)
+    assert len(links) == 2 and all((out / link).is_file() for link in links)
+    sim = summary["stats"]["semantic_similarity"]
+    assert sim["n"] == 40 and 0.4 <= sim["min"] <= sim["median"] <= sim["max"] <= 0.98
+    assert (sim["below_min"], sim["above_max"]) == (0, 0)
+    leak = summary["stats"]["instruction_leakage"]
+    assert leak["eval_instructions"] == 246 and leak["max_cosine"] < 0.9 and leak["max_text_ratio"] < 0.9
+    ex = summary["stats"]["example_leakage"]
+    assert ex["rows_leaking"] == 0 and ex["eval_examples"] > 10_000
+    assert summary["stats"]["eval_sources"]["instruction_sets"] == ["checklist", "clean", "deepwordbug", "semantic", "textfooler"]
+
+
+def test_same_rows_same_outputs(valid_run, real_rows, tokenizer, embedder, eval_sources, tmp_path):
+    """valid.jsonl, rejects.jsonl and summary.json are byte-identical across runs (no timings inside)."""
+    _, _, out = valid_run
+    gate(rows_copy(real_rows), tokenizer, tmp_path, embedder, eval_sources, min_pass_rate=1.0)
+    for name in ("valid.jsonl", "rejects.jsonl", "summary.json"):
+        assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name
 
 
 def test_token_lengths_match_encode(real_rows, tokenizer):
@@ -107,7 +156,11 @@ def test_token_length_cutoff_boundary(real_rows, tokenizer):
 
 
 def test_doctests():
-    assert doctest.testmod(checks_module).failed == 0
+    from coin.validation import embeddings
+
+    for module in (checks_module, embeddings):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
 
 
 # --------------------------------------------------------------------------- broken rows, one per check
@@ -124,6 +177,17 @@ def _corrupt_input(row: dict[str, Any], bad: str) -> None:
     row["inputs"][f] = old + bad
     for p in ("original_prompt", "paraphrase_prompt"):
         row[p] = row[p].replace(old, old + bad)
+
+
+def _eval_instruction(ref: str) -> str:
+    return next(i.text for i in load_eval_instructions(EVAL.instruction_file) if i.ref == ref)
+
+
+def _set_paraphrase(row: dict[str, Any], instruction: str) -> None:
+    """Make ``instruction`` the row's paraphrase (sst2: one input, {options_} rendered as the original)."""
+    row["paraphrase_instruction"] = instruction
+    opts = "OPTIONS:\n- " + "\n- ".join(row["answer_words"])
+    row["paraphrase_prompt"] = instruction.format(sentence=row["inputs"]["sentence"], options_=opts)
 
 
 def _break(name: str, row: dict[str, Any]) -> None:
@@ -145,7 +209,7 @@ def _break(name: str, row: dict[str, Any]) -> None:
     elif name == "negative_same_prompt":
         row["negative_prompt"] = row["original_prompt"]
     elif name == "too_long":
-        row["paraphrase_prompt"] += " word" * 900  # 4500 chars > max_length_chars, > 256 tokens
+        row["paraphrase_prompt"] = "word " * 900 + row["paraphrase_prompt"]  # 4500 chars > max_length_chars, > 256 tokens
     elif name == "empty_target":
         row["target"] = "   "
     elif name == "replacement_char":
@@ -160,14 +224,45 @@ def _break(name: str, row: dict[str, Any]) -> None:
         row["label"] = str(row["label"])
     elif name == "bad_split":
         row["split"] = "dev"
+    elif name == "option_words_dropped":  # mrpc: the label words are named only by the OPTIONS block
+        row["paraphrase_instruction"] = row["paraphrase_instruction"].replace("{options_}", "")
+        row["paraphrase_prompt"] = row["paraphrase_prompt"][: row["paraphrase_prompt"].index("OPTIONS:")]
+    elif name == "near_copy_paraphrase":  # one function word: "the" -> "a"
+        for kind in ("instruction", "prompt"):
+            row[f"paraphrase_{kind}"] = row[f"original_{kind}"].replace(" the ", " a ", 1)
+    elif name == "drift_paraphrase":
+        _set_paraphrase(row, "What is the capital of France?\n{sentence}\n{options_}")
+    elif name == "leaked_eval_instruction":  # an evaluation instruction used verbatim as the paraphrase
+        _set_paraphrase(row, _eval_instruction("clean/sst2[0]") + "\n{sentence}\n{options_}")
+    elif name == "near_duplicate_eval_instruction":  # ... with one word changed: not contained, near-duplicate
+        text = _eval_instruction("clean/sst2[0]").replace("excerpt", "passage")
+        _set_paraphrase(row, text + "\n{sentence}\n{options_}")
+    elif name == "leaked_eval_example":  # the input is an SST-2 validation sentence
+        val = load_validation_rows("data", "sst2")[0][7]["sentence"]
+        old = row["inputs"]["sentence"]
+        row["inputs"]["sentence"] = val
+        for p in ("original_prompt", "paraphrase_prompt"):
+            row[p] = row[p].replace(old, val)
     else:
         raise KeyError(name)
 
 
+# the task of the real row a case starts from (default sst2)
+BASE_TASK = {"option_words_dropped": "mrpc"}
+
+
 # case -> (checks that must fail, exact?) ; exact = no other check may fail for this row
 BROKEN: dict[str, tuple[set[str], bool]] = {
-    "copy_paraphrase": ({"paraphrase_differs"}, True),
-    "case_punct_paraphrase": ({"paraphrase_differs"}, True),
+    # a copy is also a near-copy by embedding (MiniLM is uncased: case changes keep cosine ~1)
+    "copy_paraphrase": ({"paraphrase_differs", "semantic_similarity"}, True),
+    # (upper-casing also renames the placeholders and " ?!" lands in the last option: other checks may fire)
+    "case_punct_paraphrase": ({"paraphrase_differs"}, False),
+    "near_copy_paraphrase": ({"semantic_similarity"}, True),
+    "drift_paraphrase": ({"semantic_similarity"}, True),
+    "option_words_dropped": ({"option_words"}, True),
+    "leaked_eval_instruction": ({"instruction_leakage"}, True),
+    "near_duplicate_eval_instruction": ({"instruction_leakage"}, True),
+    "leaked_eval_example": ({"example_leakage"}, True),
     "swapped_target": ({"target_in_answer_set"}, True),
     "unknown_target": ({"schema", "target_in_answer_set"}, True),
     "input_missing": ({"inputs_present"}, True),
@@ -186,6 +281,12 @@ BROKEN: dict[str, tuple[set[str], bool]] = {
 # a reason text that must be in the row's reasons (names the field and what is wrong)
 REASONS = {
     "case_punct_paraphrase": "up to case, whitespace and punctuation",
+    "near_copy_paraphrase": "above validate.max_similarity = 0.98 (a near-copy",
+    "drift_paraphrase": "below validate.min_similarity = 0.4",
+    "option_words_dropped": "'not_equivalent', 'equivalent' named in original_prompt's instruction are missing",
+    "leaked_eval_instruction": "paraphrase_prompt contains evaluation instruction clean/sst2[0]",
+    "near_duplicate_eval_instruction": "paraphrase_instruction is a near-duplicate of evaluation instruction clean/sst2[0]",
+    "leaked_eval_example": "inputs contain evaluation example sst2.validation:7 of sst2",
     "unknown_target": "field 'target' = 'maybe' is not in answer_words",
     "input_missing": "does not appear in paraphrase_prompt",
     "negative_same_target": "negative_target equals target",
@@ -201,17 +302,18 @@ REASONS = {
 
 
 @pytest.fixture(scope="module")
-def broken_run(real_rows, tokenizer, tmp_path_factory):
+def broken_run(real_rows, tokenizer, tmp_path_factory, embedder, eval_sources):
     rows = rows_copy(real_rows)
-    sst2 = [r for r in rows if r["task"] == "sst2"][0]  # a one-input task: removing its text empties no template
+    # sst2 by default: a one-input task, removing its text empties no template
+    first = {t: next(r for r in rows if r["task"] == t) for t in ("sst2", "mrpc")}
     for name in BROKEN:
-        row = copy.deepcopy(sst2)
+        row = copy.deepcopy(first[BASE_TASK.get(name, "sst2")])
         row["pair_id"] = f"broken:{name}"
         _break(name, row)
         rows.append(row)
     rows.append(copy.deepcopy(rows[1]))  # duplicate pair_id: both copies are rejected
     out = tmp_path_factory.mktemp("gate_broken")
-    report = gate(rows, tokenizer, out)
+    report = gate(rows, tokenizer, out, embedder, eval_sources)
     rejects = {}
     for r in read_jsonl(out / "rejects.jsonl"):
         rejects.setdefault(r["pair_id"], []).append(r)
@@ -246,6 +348,8 @@ def test_broken_run_keeps_every_row(broken_run, real_rows):
     n_rejects = sum(len(v) for v in rejects.values())
     assert len(valid) + n_rejects == len(rows) == report.rows_in  # nothing silently dropped
     assert valid == [r for r in real_rows if r["pair_id"] != real_rows[1]["pair_id"]]
+    write_jsonl(out / "expected.jsonl", valid)  # the valid rows, byte for byte as the pairs stage writes them
+    assert (out / "valid.jsonl").read_bytes() == (out / "expected.jsonl").read_bytes()
     assert report.rows_rejected == len(BROKEN) + 2
     summary = read_json(out / "summary.json")
     assert summary["rejects_per_reason"]["schema.unique:pair_id"] == 2
@@ -267,16 +371,16 @@ def test_surrogate_reject_is_written_escaped(broken_run):
 # --------------------------------------------------------------------------- the gate itself
 
 
-def test_gate_failure_raises_after_writing(real_rows, tokenizer, tmp_path):
+def test_gate_failure_raises_after_writing(real_rows, tokenizer, tmp_path, embedder, eval_sources):
     rows = rows_copy(real_rows[:10])
     for r in rows[5:]:
         _break("copy_paraphrase", r)
     with pytest.raises(GateFailed) as info:
-        gate(rows, tokenizer, tmp_path, min_pass_rate=0.9)
+        gate(rows, tokenizer, tmp_path, embedder, eval_sources, min_pass_rate=0.9)
     msg = str(info.value)
     assert "pass rate 0.500 (5/10 rows)" in msg and "min_pass_rate = 0.9" in msg
     assert f"paraphrase_differs: 5 rows (e.g. pair_id {rows[5]['pair_id']!r}" in msg
-    assert str(tmp_path / "rejects.jsonl") in msg
+    assert str(tmp_path / "rejects.jsonl") in msg and str(tmp_path / "report.html") in msg
     assert isinstance(info.value, RuntimeError) and info.value.report.rows_rejected == 5
     assert [r["pair_id"] for r in read_jsonl(tmp_path / "rejects.jsonl")] == [r["pair_id"] for r in rows[5:]]
     assert read_jsonl(tmp_path / "valid.jsonl") == rows[:5]
@@ -284,7 +388,134 @@ def test_gate_failure_raises_after_writing(real_rows, tokenizer, tmp_path):
     assert (tmp_path / "data_docs" / "index.html").is_file()
 
 
-def test_no_rows_fails_the_gate(tokenizer, tmp_path):
+def test_no_rows_fails_the_gate(tokenizer, tmp_path, embedder, eval_sources):
     with pytest.raises(GateFailed, match="no rows to validate"):
-        gate([], tokenizer, tmp_path, min_pass_rate=0.0)
+        gate([], tokenizer, tmp_path, embedder, eval_sources, min_pass_rate=0.0)
     assert (tmp_path / "rejects.jsonl").read_text() == ""
+
+
+# --------------------------------------------------------------------------- semantic and leak checks, unit level
+
+
+class FakeEmbedder:
+    """Texts -> fixed unit vectors: cosine(a, b) is whatever the test sets (no model needed)."""
+
+    def __init__(self, vectors: dict[str, list[float]]) -> None:
+        self.vectors = vectors
+        self.seen: list[list[str]] = []
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        self.seen.append(list(texts))
+        return np.asarray([self.vectors[t] for t in texts], dtype=np.float64)
+
+
+def _sim_row(a: str, b: str) -> dict[str, Any]:
+    return {"original_instruction": a, "paraphrase_instruction": b}
+
+
+def test_similarity_bounds_are_inclusive_and_cached():
+    # unit vectors whose cosine with "a" is exactly 0.6 / 0.8 (the bounds), 0.28 (drift) and 0.96 (copy)
+    fake = FakeEmbedder({"a": [1.0, 0.0], "lo": [0.6, 0.8], "hi": [0.8, 0.6], "drift": [0.28, 0.96], "copy": [0.96, 0.28]})
+    ctx = CheckContext(4000, 256, None, cfg=ValidateSettings(min_similarity=0.6, max_similarity=0.8),
+                       embedder=CachedEmbedder(fake))
+    rows = [_sim_row("a", "lo"), _sim_row("a", "hi"), _sim_row("a", "drift"), _sim_row("a", "copy"), _sim_row("a", "lo")]
+    res = CHECKS["semantic_similarity"](rows, ctx)
+    assert [r.passed for r in res] == [True, True, False, False, True]
+    assert res[2].findings[0].code == "meaning_drift" and "0.280, below validate.min_similarity = 0.6" in res[2].reason
+    assert res[3].findings[0].code == "near_copy" and "0.960, above validate.max_similarity = 0.8" in res[3].reason
+    assert fake.seen == [["a", "copy", "drift", "hi", "lo"]]  # one batched call, each distinct text once
+    stats = ctx.stats["semantic_similarity"]
+    assert (stats["n"], stats["below_min"], stats["above_max"], stats["min"], stats["max"]) == (5, 1, 1, 0.28, 0.96)
+
+
+def test_similarity_ignores_inputs_and_options():
+    """The embedded text is the instruction only: placeholders by name, no {options_}, no input text."""
+    fake = FakeEmbedder({"Is it good? sentence": [1.0, 0.0], "sentence Good or not?": [0.0, 1.0]})
+    ctx = CheckContext(4000, 256, None, embedder=CachedEmbedder(fake))
+    row = _sim_row("Is it good?\n{sentence}\n{options_}", "{sentence}\nGood or not?\n\n{options_}")
+    (res,) = CHECKS["semantic_similarity"]([row], ctx)
+    assert fake.seen == [["Is it good? sentence", "sentence Good or not?"]] and res.findings[0].code == "meaning_drift"
+
+
+def test_checks_without_their_inputs_fail_loudly(real_rows):
+    ctx = CheckContext(4000, 256, None)
+    with pytest.raises(RuntimeError, match="needs sentence embeddings"):
+        CHECKS["semantic_similarity"](real_rows[:1], ctx)
+    with pytest.raises(RuntimeError, match="needs what the evaluation uses"):
+        CHECKS["example_leakage"](real_rows[:1], ctx)
+
+
+@pytest.mark.parametrize(("original", "paraphrase", "missing"), [
+    # label words named in the instruction text must survive even when the options block is gone
+    ("Is it positive or negative?\n{s}\n{o}", "Is it good?\n{s}", ["'negative'", "'positive'"]),
+    # the options block alone names them; the paraphrase may name them in its own words instead
+    ("Is it good?\n{s}\n{o}", "Answer positive or negative: {s}", []),
+    # an input text that happens to contain a label word does not count as naming it
+    ("Is it good?\n{s}\n{o}", "Is it good?\n{s}", ["'negative'", "'positive'"]),
+])
+def test_option_words(original, paraphrase, missing):
+    opts = "OPTIONS:\n- negative\n- positive"
+    text = "a positive and negative film"
+    row = {"task": "sst2", "inputs": {"sentence": text}, "answer_words": ["negative", "positive"],
+           "original_prompt": original.format(s=text, o=opts), "paraphrase_prompt": paraphrase.format(s=text, o=opts)}
+    (res,) = CHECKS["option_words"]([row], CheckContext(4000, 256, None))
+    if missing:
+        assert res.findings[0].code == "option_word_missing"
+        assert all(w in res.reason for w in missing), res.reason
+    else:
+        assert res.passed, res.reason
+
+
+def test_option_words_added_option():
+    row = {"task": "rte", "inputs": {"sentence1": "x", "sentence2": "y"}, "answer_words": ["entailment", "not_entailment"],
+           "original_prompt": "x\ny\nOPTIONS:\n- entailment\n- not_entailment",
+           "paraphrase_prompt": "x\ny\nOPTIONS:\n- entailment\n- not_entailment\n- neutral"}
+    (res,) = CHECKS["option_words"]([row], CheckContext(4000, 256, None))
+    assert [f.code for f in res.findings] == ["option_word_added"] and "'neutral'" in res.reason
+
+
+def test_eval_sources_cover_every_set_and_task(eval_sources):
+    instructions = load_eval_instructions(EVAL.instruction_file)
+    assert len(instructions) == 246 == len(eval_sources.instructions)
+    assert {i.set_name for i in instructions} == {"clean", "deepwordbug", "textfooler", "checklist", "semantic"}
+    assert "squad_v2" in {i.task for i in instructions}  # tasks outside the evaluation too
+    with_qqp = load_eval_sources(EVAL.instruction_file, "data", ["sst2", "qqp"])
+    assert with_qqp.example_tasks == ["sst2"] and len(with_qqp.examples) == 872
+    assert any(n.startswith("qqp: evaluation examples not checked") for n in with_qqp.notes)
+
+
+def test_example_index_matching():
+    from coin.validation.leakage import EvalExample, ExampleIndex, example_leaks
+
+    long = "The committee did n't approve the -LRB- revised -RRB- budget for the coming fiscal year."
+    index = ExampleIndex([["The committee didn't approve the (revised) budget for the coming fiscal year. More text."],
+                          ["short one", "Some premise."]], min_chars=40)
+    assert index.rows_with(long) == {0}                    # PTB tokenisation undone, contained in a longer input
+    assert index.rows_with("short  one!") == {1}           # equal up to case / space / punctuation
+    assert index.rows_with("short") == set()               # short texts must be equal, not contained
+    leaks, partial = example_leaks(index, [
+        EvalExample("rte", "rte.validation:0", (("sentence1", "Some premise."), ("sentence2", "short one"))),
+        EvalExample("rte", "rte.validation:1", (("sentence1", "Some premise."), ("sentence2", "another hypothesis"))),
+    ])
+    assert [e.example_id for e in leaks[1]] == ["rte.validation:0"] and partial == 1  # a shared premise alone is no leak
+
+
+def test_rule_paraphrases_go_through_the_gate(tokenizer, embedder, eval_sources, tmp_path):
+    """Generated paraphrases are checked like FLAN ones and (on these tasks) pass; each row names its source."""
+    rows = build_pairs("data", PairsSettings(tasks=["sst2", "mrpc", "rte"], rows_per_task=4, paraphrase_source="both",
+                                             strategy="all"), 7)
+    assert {r["paraphrase_source"] for r in rows} == {"flan", "rules"}
+    ctx = CheckContext(4000, CUTOFF, tokenizer, embedder=embedder, eval_sources=eval_sources)
+    results, _ = run_checks_without_schema(rows, ctx)
+    failed = {name: [i for i, r in enumerate(res) if not r.passed] for name, res in results.items()}
+    rules = [i for i, r in enumerate(rows) if r["paraphrase_source"] == "rules"]
+    rule_fail = {i for ids in failed.values() for i in ids if i in set(rules)}
+    assert len(rule_fail) <= 0.05 * len(rules), {n: [rows[i]["pair_id"] for i in ids] for n, ids in failed.items()}
+    for name in ("paraphrase_differs", "inputs_present", "option_words", "instruction_leakage"):
+        assert not failed[name], (name, failed[name])
+
+
+def run_checks_without_schema(rows, ctx):
+    from coin.validation import run_checks
+
+    return run_checks(rows, ctx, [n for n in CHECKS if n != "schema"])

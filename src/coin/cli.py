@@ -140,7 +140,7 @@ def predict(
         row["task"] = [task]
     if options:
         row["options"] = [options]
-    out = model.predict(pd.DataFrame(row))
+    out = model.predict(pd.DataFrame(row), params={"return_scores": True})
     answer, scores = out["answer"].iloc[0], out["scores"].iloc[0]
     print(answer)
     if scores:

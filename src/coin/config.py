@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # GLUE tasks the shipped data covers. `qqp` has no validation split offline (data/README.md).
 GlueTask = Literal["sst2", "cola", "mrpc", "qnli", "rte", "wnli", "mnli", "qqp"]
@@ -53,15 +53,25 @@ class ModelSettings(_Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="where to run")
 
 
+# pairs.templates: every classification template, the same ids for every task, or ids per task
+TemplateChoice = Literal["classification"] | list[int] | dict[GlueTask, list[int]]
+
+
 class PairsSettings(_Section):
     tasks: list[GlueTask] = Field(default_factory=lambda: list(ALL_TASKS), min_length=1)
     rows_per_task: int = Field(200, ge=2, le=100_000, description="GLUE train rows drawn per task")
-    templates: Literal["classification"] | list[int] = Field(
+    templates: TemplateChoice = Field(
         "classification",
-        description="'classification' = every FLAN template whose target is the answer, or a list of template ids",
+        description="'classification' = every FLAN template whose target is the answer; a list of template ids "
+        "for every task; or a mapping task -> ids (tasks not named use 'classification')",
     )
     strategy: Literal["random", "all"] = Field(
-        "random", description="random: one (A, B) template pair per row; all: every ordered pair A != B"
+        "random", description="random: one (A, B) pair per row; all: every A with every paraphrase candidate of A"
+    )
+    paraphrase_source: Literal["flan", "rules", "both"] = Field(
+        "flan",
+        description="where paraphrase B comes from: flan = another FLAN template of the task; rules = a rule "
+        "rewording of A (synonyms, word order; keeps placeholders and option words); both = either",
     )
     answers: Literal["flan", "label_words"] = Field(
         "label_words",
@@ -81,17 +91,66 @@ class PairsSettings(_Section):
     @field_validator("templates")
     @classmethod
     def _template_ids(cls, v: Any) -> Any:
-        if isinstance(v, list):
-            if len(v) < 2:
-                raise ValueError("needs at least 2 template ids to build (A, B) paraphrase pairs")
-            if any(t < 0 or t > 9 for t in v):
-                raise ValueError("template ids must be 0..9 (FLAN has 10 templates per task)")
+        lists = [("", v)] if isinstance(v, list) else list(v.items()) if isinstance(v, dict) else []
+        for task, ids in lists:
+            where = f" (task {task})" if task else ""
+            if not ids:
+                raise ValueError(f"lists no template ids{where}; give ids or use 'classification'")
+            if any(t < 0 or t > 9 for t in ids):
+                raise ValueError(f"template ids must be 0..9{where} (FLAN has 10 templates per task)")
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"lists a template id twice{where}; list each once")
         return v
+
+    @model_validator(mode="after")
+    def _enough_templates(self) -> "PairsSettings":
+        t = self.templates
+        lists = [("", t)] if isinstance(t, list) else list(t.items()) if isinstance(t, dict) else []
+        for task, ids in lists:
+            if self.paraphrase_source == "flan" and len(ids) < 2:
+                where = f" for task {task}" if task else ""
+                raise ValueError(
+                    f"pairs.templates lists {len(ids)} template id{where}; pairs.paraphrase_source 'flan' needs at "
+                    "least 2 to build (A, B) pairs (give more ids, or use paraphrase_source 'rules' / 'both')"
+                )
+        return self
 
 
 class ValidateSettings(_Section):
     min_pass_rate: float = Field(0.9, ge=0.0, le=1.0, description="stage fails below this share of rows passing")
     max_length_chars: int = Field(4000, ge=10, description="upper bound on a prompt's characters (schema check)")
+    min_similarity: float = Field(
+        0.4, ge=-1.0, le=1.0,
+        description="lowest MiniLM cosine of original vs paraphrase instruction (below = meaning drift)",
+    )
+    max_similarity: float = Field(
+        0.98, ge=-1.0, le=1.0,
+        description="highest MiniLM cosine of original vs paraphrase instruction (above = near-copy)",
+    )
+    leak_max_similarity: float = Field(
+        0.9, ge=0.0, le=1.0,
+        description="a training instruction with MiniLM cosine >= this to an evaluation instruction is a leak",
+    )
+    leak_max_text_ratio: float = Field(
+        0.9, ge=0.0, le=1.0,
+        description="a training instruction with normalised-text similarity (difflib ratio) >= this to an "
+        "evaluation instruction is a leak",
+    )
+    leak_min_chars: int = Field(
+        40, ge=1,
+        description="an evaluation example text / instruction with at least this many normalised characters "
+        "leaks when contained in a training input / prompt (shorter example texts only when equal)",
+    )
+    embed_batch_size: int = Field(64, ge=1, description="instructions per MiniLM forward pass")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ValidateSettings":
+        if self.min_similarity >= self.max_similarity:
+            raise ValueError(
+                f"validate.min_similarity ({self.min_similarity}) must be below validate.max_similarity "
+                f"({self.max_similarity}); lower the first or raise the second"
+            )
+        return self
 
 
 class LoraSettings(_Section):
@@ -107,12 +166,18 @@ class LoraSettings(_Section):
 
 
 class TrainSettings(_Section):
-    method: Literal["coin", "cit", "sft"] = Field(
-        "coin", description="coin: L_gen(orig)+L_gen(para)+w*L_cl; cit: no L_cl; sft: originals only"
+    methods: list[Literal["coin", "cit", "sft"]] = Field(
+        default_factory=lambda: ["coin", "cit"],
+        min_length=1,
+        description="one training run (adapter + MLflow run) per method; coin: L_gen(orig)+L_gen(para)+w*L_cl; "
+        "cit: no L_cl; sft: originals only",
     )
     max_steps: int = Field(60, ge=1, description="optimiser steps")
-    batch_size: int = Field(8, ge=2, description="pairs per micro-batch (contrastive batch); >= 2 for in-batch negatives")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")
+    batch_size: int = Field(
+        8, ge=2, description="pairs per micro-batch per process; the contrastive batch is batch_size x processes; "
+        ">= 2 for in-batch negatives"
+    )
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step (adds no contrastive negatives)")
     lr: float = Field(1e-3, gt=0.0, le=1.0, description="peak learning rate")
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="linear warm-up share of max_steps")
     weight_decay: float = Field(0.0, ge=0.0)
@@ -128,37 +193,101 @@ class TrainSettings(_Section):
     hard_negatives: bool = Field(True, description="add the explicit hard negatives as extra InfoNCE columns")
     append_eos: bool = Field(True, description="end each response with EOS so the model learns to stop")
     log_every: int = Field(5, ge=1, description="log step metrics every N optimiser steps")
+    checkpoint_every: int = Field(
+        20, ge=0, description="write a resumable checkpoint every N optimiser steps (0 = never)"
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="how many of the latest checkpoints to keep")
+    bucket_by_length: bool = Field(
+        False, description="batch pairs of similar length together (less padding; in-batch negatives then share length)"
+    )
+    packing: bool = Field(
+        True, description="pack a micro-batch's sequences into shared rows with a block-diagonal causal mask "
+        "(same outputs as padding, far fewer pad tokens through the model); needs sdpa or eager attention"
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
+    autocast: Literal["auto", "bf16", "off"] = Field(
+        "auto", description="auto: bf16 autocast on a CUDA GPU with bf16 support, off elsewhere; bf16: always; off: never"
+    )
     lora: LoraSettings = Field(default_factory=LoraSettings)
+
+    @field_validator("methods")
+    @classmethod
+    def _methods_unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("lists a method twice; list each of coin, cit, sft at most once")
+        return v
+
+    @property
+    def method(self) -> str:
+        """The method of *this* run: stages train each method with ``for_method(m)`` (``methods == [m]``)."""
+        return self.methods[0]
+
+    def for_method(self, method: str) -> "TrainSettings":
+        return self.model_copy(update={"methods": [method]})
 
 
 class EvaluateSettings(_Section):
-    tasks: list[GlueTask] = Field(default_factory=lambda: ["sst2", "cola", "mrpc", "qnli", "rte", "wnli", "mnli"])
+    tasks: list[GlueTask] = Field(
+        default_factory=lambda: list(ALL_TASKS), min_length=1,
+        description="GLUE validation tasks; a task without an offline validation split (qqp) is skipped with its "
+        "reason, mnli runs on a fallback sample marked † as not comparable to the paper",
+    )
     instruction_sets: list[str] = Field(
-        default_factory=lambda: ["clean", "textfooler"],
+        default_factory=lambda: ["clean", "deepwordbug", "textfooler", "checklist", "semantic"],
         min_length=1,
-        description="sets from the instruction file: clean, deepwordbug, textfooler, checklist, semantic",
+        description="sets from the instruction file: clean, deepwordbug, textfooler, checklist, semantic "
+        "(or the sets of your own file)",
     )
     instruction_file: str = Field(
         "data/promptbench/coin_perturbed_instructions.json", description="instruction sets (CoIN/PromptBench schema)"
     )
-    samples_per_task: int = Field(40, ge=1, le=100_000, description="validation examples per task (same for every instruction)")
-    scoring: list[Literal["loglik"]] = Field(default_factory=lambda: ["loglik"], min_length=1)
+    samples_per_task: int = Field(
+        16, ge=1, le=100_000,
+        description="validation examples per task, the same for every instruction and set (paper: 300)",
+    )
+    scoring: list[Literal["loglik", "generate"]] = Field(
+        default_factory=lambda: ["loglik"], min_length=1,
+        description="loglik: label-word log-likelihood, argmax; generate: greedy decoding parsed as the reference "
+        "does; the first listed is the primary mode (summary, promotion gate)",
+    )
+    length_normalise: bool = Field(False, description="loglik: divide each label's log-prob by its token count")
+    max_new_tokens: int = Field(7, ge=1, le=256, description="generate: new tokens per answer (paper: 7)")
     prompt_format: Literal["train", "reference"] = Field(
         "train", description="train: same as training ('\\n\\n### Response:\\n'); reference: CoIN's eval format"
     )
-    batch_size: int = Field(32, ge=1, description="sequences per forward pass")
+    batch_size: int = Field(32, ge=1, le=4096, description="prompts per forward pass (loglik) / per generate call")
+    prefix_cache: bool = Field(
+        True, description="loglik: run each instruction's token prefix once and share its KV cache across examples"
+    )
     include_base: bool = Field(True, description="also evaluate the untouched base model for comparison")
 
-    @field_validator("instruction_sets")
+    @field_validator("instruction_sets", "tasks", "scoring")
     @classmethod
-    def _sets_unique(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError("lists an instruction set twice; list each once")
+    def _unique(cls, v: list[str]) -> list[str]:
+        dup = sorted({x for x in v if v.count(x) > 1})
+        if dup:
+            raise ValueError(f"lists {', '.join(dup)} twice; list each once")
         return v
 
 
 class RegisterSettings(_Section):
     model_name: str = Field("coin-minilm", min_length=1, description="registered model name in MLflow")
+    methods: list[Literal["coin", "cit", "sft"]] = Field(
+        default_factory=lambda: ["coin"], min_length=1,
+        description="trained methods registered as candidates, in order; each goes through the promotion gate",
+    )
+    min_improvement: float = Field(
+        1.0, ge=0, le=100,
+        description="percentage points of mean perturbed accuracy a challenger must gain over the champion "
+        "to be promoted (a tie never promotes)",
+    )
+    max_clean_drop: float = Field(
+        2.0, ge=0, le=100,
+        description="percentage points of clean accuracy a challenger may lose against the champion and still be promoted",
+    )
+
+
+_TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
 
 
 class TrackingSettings(_Section):
@@ -166,6 +295,20 @@ class TrackingSettings(_Section):
     uri: str | None = Field(
         None, description="MLflow tracking URI; null = sqlite:///<project>/mlruns/mlflow.db (artifacts beside it)"
     )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_scheme(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        scheme = v.split("://", 1)[0].split("+", 1)[0].lower() if "://" in v else ""
+        if scheme not in _TRACKING_SCHEMES:
+            raise ValueError(
+                f"is not a database or server URI (scheme {scheme or 'missing'!r}; MLflow 3 refuses a plain "
+                "directory store); use null (the project's sqlite store), sqlite:///abs/path/mlflow.db, "
+                "http://127.0.0.1:5000 or postgresql://user@host/db"
+            )
+        return v
 
 
 class Settings(_Section):
@@ -182,6 +325,16 @@ class Settings(_Section):
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+    @model_validator(mode="after")
+    def _register_methods_are_trained(self) -> "Settings":
+        untrained = [m for m in self.register_.methods if m not in self.train.methods]
+        if untrained:
+            raise ValueError(
+                f"register.methods lists {untrained}, which train.methods = {self.train.methods} does not train; "
+                "add them to train.methods or remove them from register.methods"
+            )
+        return self
 
     @classmethod
     def model_validate(cls, obj: Any, **kw: Any) -> "Settings":  # type: ignore[override]
@@ -229,8 +382,11 @@ def _explain(exc: ValidationError, raw: Any) -> str:
             lines.append(f"  - {key}: unknown key.{hint} Known keys here: {', '.join(known)}. Remove or rename it.")
             continue
         value = _lookup(raw, loc)
-        shown = f" = {value!r}" if value is not _MISSING else ""
+        shown = f" = {value!r}" if value is not _MISSING and loc else ""
         msg = err["msg"]
+        if not loc:  # a rule across sections: its message names the keys and the fix itself
+            lines.append(f"  - {msg.removeprefix('Value error, ')}.")
+            continue
         if typ == "literal_error":
             fix = f"use one of {err.get('ctx', {}).get('expected', '')}"
         elif typ.endswith(("_parsing", "_type")):

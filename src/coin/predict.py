@@ -20,6 +20,11 @@ def join_instruction(instruction: str, text: str) -> str:
     return f"{instruction}{sep}{text}"
 
 
+def _text(value: Any) -> str:
+    """A cell as text: missing (None/NaN, e.g. an absent optional value in a JSON request) is ""."""
+    return "" if value is None or (isinstance(value, float) and value != value) else str(value)
+
+
 def _options_for(row: pd.Series) -> list[str] | None:
     opts = row.get("options") if "options" in row else None
     if isinstance(opts, str) and opts.strip():
@@ -47,23 +52,36 @@ def _generate(model, tokenizer, prompt: str, fmt: str, max_new_tokens: int) -> s
     return tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()
 
 
-def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max_new_tokens: int = 7) -> pd.DataFrame:
-    """One answer per row of ``df`` (columns: instruction, input[, task][, options])."""
-    from coin.evaluation.scoring import loglik_scores
+def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max_new_tokens: int = 7,
+                batch_size: int = 32) -> pd.DataFrame:
+    """One answer per row of ``df`` (columns: instruction, input[, task][, options]), in row order.
+
+    Rows with a task or options are scored in batches of ``batch_size`` prompts per distinct option
+    list (the evaluation's label log-likelihood scoring, rows sharing an instruction share its prefix);
+    the others are generated one by one. Returns columns ``answer`` and ``scores`` (JSON
+    ``{option: log-likelihood}`` for scored rows, "" for generated ones).
+    """
+    from coin.evaluation.scoring import score_label_words
 
     missing = [c for c in ("instruction", "input") if c not in df.columns]
     if missing:
         raise ValueError(f"predict input lacks column(s) {missing}; expected instruction, input[, task][, options]")
     fmt = meta.get("prompt_format", "train")
-    answers, scores = [], []
-    for _, row in df.iterrows():
-        prompt = join_instruction(str(row["instruction"]), str(row["input"]))
+    rows = [row for _, row in df.iterrows()]
+    prompts = [join_instruction(_text(r["instruction"]), _text(r["input"])) for r in rows]
+    answers, scores = [""] * len(rows), [""] * len(rows)
+    by_options: dict[tuple[str, ...], list[int]] = {}
+    for i, row in enumerate(rows):
         options = _options_for(row)
         if options:
-            s = loglik_scores(model, tokenizer, [prompt], options, fmt=fmt, batch_size=len(options))[0]
-            answers.append(options[int(s.argmax())])
-            scores.append(json.dumps({o: round(float(v), 4) for o, v in zip(options, s)}))
+            by_options.setdefault(tuple(options), []).append(i)
         else:
-            answers.append(_generate(model, tokenizer, prompt, fmt, max_new_tokens))
-            scores.append("")
+            answers[i] = _generate(model, tokenizer, prompts[i], fmt, max_new_tokens)
+    for options, idx in by_options.items():
+        s = score_label_words(model, tokenizer, [prompts[i] for i in idx], list(options), fmt=fmt,
+                              batch_size=batch_size, groups=[_text(rows[i]["instruction"]) for i in idx],
+                              desc="predict").scores
+        for j, i in enumerate(idx):
+            answers[i] = options[int(s[j].argmax())]
+            scores[i] = json.dumps({o: round(float(v), 4) for o, v in zip(options, s[j])})
     return pd.DataFrame({"answer": answers, "scores": scores})

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any
 
 from coin.config import Settings
 from coin.data.io import DataError, read_json, read_jsonl, write_json, write_jsonl
+from coin.registry.tracking import PARENT_RUN_ENV
 
 log = logging.getLogger("coin")
 
@@ -56,21 +58,40 @@ class Layout:
     def train_dir(self) -> Path:
         return self._out("train")
 
-    @property
-    def adapter_dir(self) -> Path:
-        return self.train_dir / "adapter"
+    def method_dir(self, method: str) -> Path:
+        """``outputs/train/<method>/``: adapter/, train.json, loss.csv, checkpoints/ of one training run."""
+        return self.train_dir / method
+
+    def adapter_dir(self, method: str) -> Path:
+        return self.method_dir(method) / "adapter"
 
     @property
     def train_record(self) -> Path:
+        """Index of the training runs: ``{"methods": [...], "runs": {method: record}}``."""
         return self.train_dir / "train.json"
 
     @property
     def eval_dir(self) -> Path:
         return self._out("evaluate")
 
+    def eval_unit_dir(self, label: str) -> Path:
+        """One evaluated model's raw results (``save_result``), combined by ``stage_evaluate_report``."""
+        return self.eval_dir / "models" / label
+
     @property
     def register_record(self) -> Path:
         return self._out("register", "registration.json")
+
+
+def _run_tags(settings: Settings, root: Path, stage: str) -> dict[str, Any]:
+    """Provenance tags; nested under the pipeline's parent run when the flow set ``COIN_PARENT_RUN_ID``."""
+    from coin.registry.tracking import provenance_tags
+
+    tags = provenance_tags(settings, root, stage)
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    return tags
 
 
 # --------------------------------------------------------------------------- data
@@ -113,7 +134,9 @@ def stage_pairs(settings: Settings, root: Path) -> dict[str, Any]:
     n = write_jsonl(lay.pairs_file, rows)
     per_task = Counter(r["task"] for r in rows)
     per_split = Counter(r["split"] for r in rows)
-    stats = {"rows": n, "per_task": dict(sorted(per_task.items())), "per_split": dict(sorted(per_split.items()))}
+    per_source = Counter(r["paraphrase_source"] for r in rows)
+    stats = {"rows": n, "per_task": dict(sorted(per_task.items())), "per_split": dict(sorted(per_split.items())),
+             "per_paraphrase_source": dict(sorted(per_source.items()))}
     write_json(lay.pairs_file.with_name("stats.json"), stats)
     log.info("pairs: %d rows -> %s", n, lay.pairs_file)
     return stats
@@ -130,18 +153,24 @@ def stage_validate(settings: Settings, root: Path) -> dict[str, Any]:
     import mlflow
 
     from coin.modeling.backbone import load_tokenizer
-    from coin.registry.tracking import provenance_tags, setup_tracking
+    from coin.registry.tracking import setup_tracking
     from coin.validation.gate import GateFailed, run_gate
+    from coin.validation.leakage import load_eval_sources
 
     lay = Layout(root, settings)
     rows = read_jsonl(lay.pairs_file, missing_hint="Run `coin pairs` first.")
     tokenizer = load_tokenizer(settings.model.backbone)
+    # leak checks: every instruction of the evaluation's instruction file (all sets and tasks), and the
+    # validation rows of the evaluation tasks; a relative instruction file is relative to the project root
+    eval_sources = load_eval_sources(root / settings.evaluate.instruction_file, lay.data_dir, settings.evaluate.tasks)
+    eval_sources.instruction_file = settings.evaluate.instruction_file  # as configured: same bytes in every checkout
     setup_tracking(settings, root)
-    with mlflow.start_run(run_name="validate", tags=provenance_tags(settings, root, "validate")):
-        mlflow.log_params({k: v for k, v in settings.to_flat_dict().items() if k.startswith(("pairs.", "validate."))})
+    with mlflow.start_run(run_name="validate", tags=_run_tags(settings, root, "validate")):
+        mlflow.log_params({k: v for k, v in settings.to_flat_dict().items()
+                           if k.startswith(("pairs.", "validate.")) or k in ("evaluate.instruction_file", "evaluate.tasks")})
         try:
             report = run_gate(rows, cfg=settings.validate_, cutoff_len=settings.pairs.cutoff_len,
-                              tokenizer=tokenizer, out_dir=lay.validated_dir)
+                              tokenizer=tokenizer, out_dir=lay.validated_dir, eval_sources=eval_sources)
         except GateFailed as exc:  # outputs are written; record this run's figures before failing
             _log_gate(exc.report, lay)
             raise
@@ -153,7 +182,7 @@ def _log_gate(report: Any, lay: Layout) -> None:
     import mlflow
 
     mlflow.log_metrics(report.to_metrics())
-    for name in ("summary.json", "rejects.jsonl"):
+    for name in ("summary.json", "rejects.jsonl", "report.html"):
         if (lay.validated_dir / name).exists():
             mlflow.log_artifact(str(lay.validated_dir / name), artifact_path="validate")
 
@@ -176,23 +205,53 @@ def _mlflow_key(key: str) -> str:
 # --------------------------------------------------------------------------- train
 
 
-def stage_train(settings: Settings, root: Path) -> dict[str, Any]:
-    """Contrastive fine-tuning (LoRA) on the validated pairs; step metrics go to a new MLflow run."""
-    import mlflow
+def stage_train(settings: Settings, root: Path, method: str | None = None) -> dict[str, Any]:
+    """Contrastive fine-tuning (LoRA) on the validated pairs, one MLflow run per method.
 
-    from coin.modeling.adapter import write_meta
-    from coin.modeling.backbone import load_backbone
-    from coin.registry.tracking import provenance_tags, setup_tracking
-    from coin.training.loop import train
-
+    ``method=None`` trains every method of ``train.methods`` in turn (the CLI and ``dvc repro``);
+    the Prefect flow calls it once per method. Each run writes ``outputs/train/<method>/``; the index
+    ``outputs/train/train.json`` lists the runs of the configured methods.
+    """
+    methods = [method] if method else list(settings.train.methods)
+    for m in methods:
+        if m not in settings.train.methods:
+            raise ValueError(f"method {m!r} is not in train.methods = {settings.train.methods}")
     lay = Layout(root, settings)
     rows = read_jsonl(lay.valid_file, missing_hint="Run `coin validate` first.")
     if not any(r.get("split") == "train" for r in rows):
         raise DataError(f"{lay.valid_file}: no rows with split 'train' to train on; check pairs.val_fraction")
-    cfg = settings.train
+    records = {m: _train_one(settings, root, rows, m) for m in methods}
+    return write_train_index(settings, root, records)
+
+
+def write_train_index(settings: Settings, root: Path, records: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """(Re)write ``outputs/train/train.json`` from the per-method records on disk (+ ``records``)."""
+    lay = Layout(root, settings)
+    runs: dict[str, Any] = {}
+    for m in settings.train.methods:
+        rec_file = lay.method_dir(m) / "train.json"
+        if records and m in records:
+            runs[m] = records[m]
+        elif rec_file.exists():
+            runs[m] = read_json(rec_file)
+    index = {"methods": [m for m in settings.train.methods if m in runs], "runs": runs}
+    write_json(lay.train_record, index)
+    return index
+
+
+def _train_one(settings: Settings, root: Path, rows: list[dict[str, Any]], method: str) -> dict[str, Any]:
+    import mlflow
+
+    from coin.modeling.adapter import write_meta
+    from coin.modeling.backbone import load_backbone
+    from coin.registry.tracking import method_run
+    from coin.training.loop import train
+
+    lay = Layout(root, settings)
+    cfg = settings.train.for_method(method)
+    out_dir = lay.method_dir(method)
     backbone = load_backbone(settings.model.backbone, dtype=settings.model.dtype, device=settings.model.device,
                              seed=settings.seed)
-    setup_tracking(settings, root)
     history: list[dict[str, Any]] = []
 
     def on_metrics(step: int, metrics: dict[str, float]) -> None:
@@ -200,23 +259,24 @@ def stage_train(settings: Settings, root: Path) -> dict[str, Any]:
         finite = {f"train/{k}": float(v) for k, v in metrics.items() if math.isfinite(float(v))}
         mlflow.log_metrics(finite, step=step)  # sft has no contrastive term: its l_cl/cosines are NaN
 
-    with mlflow.start_run(run_name=f"train-{cfg.method}", tags=provenance_tags(settings, root, "train")) as run:
-        mlflow.set_tag("coin.method", cfg.method)
-        mlflow.log_params(settings.to_flat_dict())
-        result = train(backbone, rows, cfg, out_dir=lay.train_dir, seed=settings.seed,
+    with method_run(settings, root, method, stage="train", run_name=f"train-{method}") as run:
+        result = train(backbone, rows, cfg, out_dir=out_dir, seed=settings.seed,
                        cutoff_len=settings.pairs.cutoff_len, on_metrics=on_metrics)
-        write_meta(lay.adapter_dir, {
+        write_meta(lay.adapter_dir(method), {
             "base": backbone.reference, "dtype": settings.model.dtype, "seed": settings.seed,
-            "method": cfg.method, "prompt_format": "train", "append_eos": cfg.append_eos,
+            "method": method, "prompt_format": "train", "append_eos": cfg.append_eos,
         })
-        _write_history_csv(lay.train_dir / "loss.csv", history)
+        _write_history_csv(out_dir / "loss.csv", history)
         mlflow.log_metrics({"train/wall_s": result.wall_time_s, "train/steps": float(result.steps)})
+        if (out_dir / "loss.csv").exists():
+            mlflow.log_artifact(str(out_dir / "loss.csv"), artifact_path="train")
         record = {
-            "run_id": run.info.run_id, "method": cfg.method, "steps": result.steps,
-            "wall_time_s": round(result.wall_time_s, 2), "adapter_dir": str(lay.adapter_dir.relative_to(root)),
+            "run_id": run.info.run_id, "method": method, "steps": result.steps,
+            "wall_time_s": round(result.wall_time_s, 2), "adapter_dir": str(lay.adapter_dir(method).relative_to(root)),
             "final": {k: round(float(v), 6) for k, v in (history[-1] if history else {}).items()},
         }
-        write_json(lay.train_record, record)
+        write_json(out_dir / "train.json", record)
+    log.info("train[%s]: %d steps in %.1f s -> %s", method, result.steps, result.wall_time_s, out_dir)
     return record
 
 
@@ -233,57 +293,123 @@ def _write_history_csv(path: Path, history: list[dict[str, Any]]) -> None:
 # --------------------------------------------------------------------------- evaluate
 
 
-def stage_evaluate(settings: Settings, root: Path) -> dict[str, Any]:
-    """Robustness evaluation of the base model (optional) and the trained adapter; metrics to MLflow."""
-    import mlflow
+def eval_units(settings: Settings, root: Path) -> list[str]:
+    """The models to evaluate: ``base`` (if ``evaluate.include_base``) + every trained method, in order."""
+    lay = Layout(root, settings)
+    index = read_json(lay.train_record, missing_hint="Run `coin train` first.")
+    missing = [m for m in settings.train.methods if m not in index.get("runs", {})]
+    if missing:
+        raise DataError(f"{lay.train_record}: no training run for method(s) {missing}; run `coin train` first")
+    return (["base"] if settings.evaluate.include_base else []) + list(settings.train.methods)
 
-    from coin.evaluation.runner import evaluate_model, write_eval_outputs
+
+def stage_evaluate_unit(settings: Settings, root: Path, label: str) -> dict[str, Any]:
+    """Evaluate one model (``base`` or a trained method) and save its raw results under ``models/<label>/``.
+
+    Independent of the other units, so the flow can fan units out (Dask); ``stage_evaluate_report``
+    combines them.
+    """
+    from coin.evaluation.runner import evaluate_model, save_result
     from coin.modeling.backbone import load_backbone
     from coin.modeling.lora import load_adapter
-    from coin.registry.tracking import setup_tracking
 
     lay = Layout(root, settings)
-    record = read_json(lay.train_record, missing_hint="Run `coin train` first.")
     backbone = load_backbone(settings.model.backbone, dtype=settings.model.dtype, device=settings.model.device,
                              seed=settings.seed)
+    if label == "base":
+        model = backbone.model
+    else:
+        runs = read_json(lay.train_record, missing_hint="Run `coin train` first.").get("runs", {})
+        if label not in runs:
+            raise DataError(f"{lay.train_record}: no training run for {label!r}; run `coin train` first")
+        model = load_adapter(backbone, root / runs[label]["adapter_dir"])  # LoRA injected into the same base
+    model.eval()
+    result = evaluate_model(model, backbone.tokenizer, _eval_cfg(settings, root),
+                            data_dir=lay.data_dir, seed=settings.seed, model_label=label)
+    save_result(result, lay.eval_unit_dir(label))
+    log.info("evaluate[%s]: %.1f s, %.1f examples/s", label, result.wall_time_s, result.examples_per_s)
+    return {"label": label, "wall_time_s": result.wall_time_s, "dir": str(lay.eval_unit_dir(label))}
+
+
+def _eval_cfg(settings: Settings, root: Path):
     # a relative instruction file is relative to the project root, like every other path in params.yaml
-    cfg = settings.evaluate.model_copy(update={"instruction_file": str(root / settings.evaluate.instruction_file)})
+    return settings.evaluate.model_copy(update={"instruction_file": str(root / settings.evaluate.instruction_file)})
+
+
+def stage_evaluate_report(settings: Settings, root: Path) -> dict[str, Any]:
+    """Combine the units' results into metrics.json + report (md/html) + plots; metrics to each model's run."""
+    import mlflow
+
+    from coin.evaluation.runner import load_result, write_eval_outputs
+    from coin.registry.tracking import resume_run, setup_tracking
+
+    lay = Layout(root, settings)
+    labels = eval_units(settings, root)
     results = []
-    t0 = time.perf_counter()
-    if cfg.include_base:
-        backbone.model.eval()
-        results.append(evaluate_model(backbone.model, backbone.tokenizer, cfg,
-                                      data_dir=lay.data_dir, seed=settings.seed, model_label="base"))
-    trained = load_adapter(backbone, root / record["adapter_dir"])  # LoRA injected into the same base
-    trained.eval()
-    results.append(evaluate_model(trained, backbone.tokenizer, cfg,
-                                  data_dir=lay.data_dir, seed=settings.seed, model_label=record["method"]))
+    for label in labels:
+        d = lay.eval_unit_dir(label)
+        if not d.exists():
+            raise DataError(f"{d}: no results for model {label!r}; run `coin evaluate` (or its unit) first")
+        results.append(load_result(d))
     paths = write_eval_outputs(results, lay.eval_dir)
     metrics = read_json(lay.eval_dir / "metrics.json")
+    runs = read_json(lay.train_record).get("runs", {})
     setup_tracking(settings, root)
-    with mlflow.start_run(run_id=record["run_id"]):
-        mlflow.log_metrics(_numeric_leaves(metrics, "eval"))
-        mlflow.log_metric("eval/wall_s", time.perf_counter() - t0)
-        for p in paths.values():
-            if Path(p).is_file():
-                mlflow.log_artifact(str(p), artifact_path="evaluate")
+    for method, rec in runs.items():
+        if method not in labels:
+            continue
+        with resume_run(rec["run_id"]):  # nested-safe: the flow may hold the pipeline run open
+            mlflow.log_metrics(_numeric_leaves(metrics, "eval"))
+            for p in paths.values():
+                if Path(p).is_file():
+                    mlflow.log_artifact(str(p), artifact_path="evaluate")
     table = (lay.eval_dir / "table.md").read_text()
     return {"metrics": metrics, "table": table, "paths": {k: str(v) for k, v in paths.items()}}
+
+
+def stage_evaluate(settings: Settings, root: Path) -> dict[str, Any]:
+    """Robustness evaluation of the base model (optional) and every trained method, then the report."""
+    t0 = time.perf_counter()
+    for label in eval_units(settings, root):
+        stage_evaluate_unit(settings, root, label)
+    out = stage_evaluate_report(settings, root)
+    log.info("evaluate: %.1f s", time.perf_counter() - t0)
+    return out
 
 
 # --------------------------------------------------------------------------- register
 
 
 def stage_register(settings: Settings, root: Path) -> dict[str, Any]:
-    """Log the trained adapter as a pyfunc in its training run and register it (alias champion if none)."""
-    from coin.registry.register import log_and_register
+    """Register each method of ``register.methods`` as a candidate and apply the robustness gate.
+
+    Every candidate gets alias ``challenger``; it becomes ``champion`` only if its mean perturbed
+    accuracy beats the champion's by ``register.min_improvement`` points and its clean accuracy drops
+    by at most ``register.max_clean_drop`` (figures from ``outputs/evaluate/metrics.json``). Candidates
+    are gated in order, each against the champion the previous one left.
+    """
+    from coin.registry.promotion import candidate_figures
+    from coin.registry.register import register_candidate
     from coin.registry.tracking import setup_tracking
 
     lay = Layout(root, settings)
-    record = read_json(lay.train_record, missing_hint="Run `coin train` first.")
+    runs = read_json(lay.train_record, missing_hint="Run `coin train` first.").get("runs", {})
+    metrics_file = lay.eval_dir / "metrics.json"
+    if not metrics_file.exists():
+        raise DataError(f"{metrics_file}: missing; the promotion gate needs the evaluation. Run `coin evaluate` first.")
+    cfg = settings.register_
     setup_tracking(settings, root)
-    reg = log_and_register(root / record["adapter_dir"], record["run_id"], settings.register_.model_name)
-    out = reg.to_dict()
+    regs = []
+    for method in cfg.methods:
+        if method not in runs:
+            raise DataError(f"{lay.train_record}: no training run for {method!r}; run `coin train` first")
+        rec = runs[method]
+        reg = register_candidate(root / rec["adapter_dir"], rec["run_id"], cfg.model_name,
+                                 candidate_figures(metrics_file, method),
+                                 min_improvement=cfg.min_improvement, max_clean_drop=cfg.max_clean_drop)
+        regs.append({"method": method, **reg.to_dict()})
+        log.info("register[%s]: %s version %s, aliases %s", method, reg.name, reg.version, reg.aliases)
+    out = {**regs[-1], "candidates": regs}
     write_json(lay.register_record, out)
     return out
 

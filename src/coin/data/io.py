@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,12 @@ def read_jsonl(
     required: Mapping[str, type | tuple[type, ...]] | None = None,
     *,
     missing_hint: str = "Run `dvc pull` (or `coin data`) to restore the data.",
+    check: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Read a JSONL file; check that every row has the ``required`` fields with the given types.
+
+    ``check(row)`` may return a problem with a row's values (e.g. a label out of range); it is raised
+    with the file and line number in front. Blank lines are skipped.
 
     >>> read_jsonl("missing.jsonl")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -53,6 +57,9 @@ def read_jsonl(
                     raise DataError(
                         f"{path}:{lineno}: field '{field}' should be {want}, got {type(row[field]).__name__} {row[field]!r}"
                     )
+            problem = check(row) if check is not None else None
+            if problem:
+                raise DataError(f"{path}:{lineno}: {problem}")
             rows.append(row)
     return rows
 

@@ -3,7 +3,9 @@
 Every row carries the twins explicitly (never by row order, unlike the reference code):
 
 - ``original``   = template A on example x, target y
-- ``paraphrase`` = template B != A on the same x, same target y           (the positive)
+- ``paraphrase`` = instruction B != A on the same x, same target y        (the positive)
+                   B is another FLAN template or a rule rewording of A (``pairs.paraphrase_source``,
+                   :mod:`coin.data.paraphrase`); the row names it in ``paraphrase_source``
 - ``negative``   = template A on another example x' of the task, y' != y   (the hard negative)
 
 Same data + same settings -> byte-identical output (seeded ``random.Random`` per task, sorted keys).
@@ -17,15 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coin.config import PairsSettings
+from tqdm.auto import tqdm
+
+from coin.config import PairsSettings, TemplateChoice
 from coin.data.io import DataError, read_jsonl
+from coin.data.paraphrase import get_sources, paraphrase_candidates
 from coin.data.tasks import TaskSpec, get_task, train_file
 from coin.data.templates import Template, TaskTemplates, load_templates, render
 
 # Columns of a pair row, in the order documented in README.md ("Pair schema").
 PAIR_COLUMNS = (
     "pair_id", "task", "split", "example_id", "label", "inputs", "answer_words",
-    "template_a", "template_b", "original_instruction", "paraphrase_instruction",
+    "template_a", "template_b", "paraphrase_source", "original_instruction", "paraphrase_instruction",
     "original_prompt", "paraphrase_prompt", "target",
     "negative_example_id", "negative_label", "negative_prompt", "negative_target",
 )
@@ -33,7 +38,7 @@ PAIR_COLUMNS = (
 
 @dataclass(frozen=True)
 class Example:
-    example_id: str      # "<task>:train:<line>" -- the line number is stable, HF idx is null for some files
+    example_id: str      # "<task>:train:<i>" -- i = 0-based row of the train file (HF idx is null for some files)
     row: dict[str, Any]
 
     @property
@@ -42,21 +47,28 @@ class Example:
 
 
 def load_examples(data_dir: str | Path, spec: TaskSpec) -> list[Example]:
+    """The task's GLUE train rows; a missing field, a wrong type, a bad JSON line or a label that is not
+    a label id of the task stops with ``<file>:<line>: ...`` naming the field."""
     required: dict[str, Any] = {f: str for f in spec.fields}
     required["label"] = int
-    rows = read_jsonl(train_file(data_dir, spec.name), required=required)
-    out = []
-    for i, row in enumerate(rows):
+
+    def label_ok(row: dict[str, Any]) -> str | None:
         if not 0 <= row["label"] < spec.num_labels:
-            raise DataError(
-                f"{train_file(data_dir, spec.name)}: row {i + 1}: field 'label' = {row['label']} is not a "
-                f"{spec.name} label id (0..{spec.num_labels - 1})"
-            )
-        out.append(Example(f"{spec.name}:train:{i}", row))
-    return out
+            return f"field 'label' = {row['label']} is not a {spec.name} label id (0..{spec.num_labels - 1}); fix the row"
+        return None
+
+    rows = read_jsonl(train_file(data_dir, spec.name), required=required, check=label_ok)
+    return [Example(f"{spec.name}:train:{i}", row) for i, row in enumerate(rows)]
 
 
-def select_templates(tt: TaskTemplates, choice: str | list[int]) -> list[Template]:
+def templates_for(task: str, choice: TemplateChoice) -> str | list[int]:
+    """``pairs.templates`` for one task: the global choice, or the task's entry of a per-task mapping."""
+    if isinstance(choice, dict):
+        return choice.get(task, "classification")
+    return choice
+
+
+def select_templates(tt: TaskTemplates, choice: str | list[int], *, min_templates: int = 2) -> list[Template]:
     """The classification templates to draw (A, B) from; a template whose text repeats an earlier one
     (FLAN's CoLA templates 0 and 3 are identical) is dropped, as it would make copy 'paraphrases'."""
     usable, seen = [], set()
@@ -71,12 +83,15 @@ def select_templates(tt: TaskTemplates, choice: str | list[int]) -> list[Templat
         bad = [i for i in choice if i not in by_id]
         if bad:
             raise DataError(
-                f"pairs.templates: template ids {bad} of task {tt.task} are not classification templates "
+                f"pairs.templates: template ids {bad} of task {tt.task} are not usable classification templates "
                 f"(usable: {sorted(by_id)}); remove them or use 'classification'"
             )
         chosen = [by_id[i] for i in choice]
-    if len(chosen) < 2:
-        raise DataError(f"task {tt.task}: fewer than 2 usable templates, cannot build paraphrase pairs")
+    if len(chosen) < min_templates:
+        raise DataError(
+            f"task {tt.task}: {len(chosen)} usable template(s), {min_templates} needed to build paraphrase pairs; "
+            f"select more in pairs.templates or use pairs.paraphrase_source = rules / both"
+        )
     return chosen
 
 
@@ -84,11 +99,32 @@ def answer_words(spec: TaskSpec, tt: TaskTemplates, mode: str) -> tuple[str, ...
     return tt.flan_options if mode == "flan" else spec.label_words
 
 
+def protected_words(spec: TaskSpec, tt: TaskTemplates) -> set[str]:
+    """Words a generated paraphrase must neither drop nor add: every verbalisation of the task's labels."""
+    return set(spec.label_words) | set(tt.flan_options)
+
+
 def build_task_pairs(data_dir: str | Path, task: str, cfg: PairsSettings, seed: int) -> Iterator[dict[str, Any]]:
+    """The pair rows of one task, in example order (then candidate order for ``strategy: all``).
+
+    Draws, all from one ``random.Random`` seeded by ``(seed, task)``: the examples, the held-out
+    ones, then per example the original template A (uniform over templates that have a paraphrase),
+    the paraphrase B (uniform over A's candidates, see :mod:`coin.data.paraphrase`) and the negative.
+    """
     spec = get_task(task)
     tt = load_templates(data_dir, spec)
-    templates = select_templates(tt, cfg.templates)
+    sources = get_sources(cfg.paraphrase_source)
+    templates = select_templates(tt, templates_for(task, cfg.templates),
+                                 min_templates=2 if cfg.paraphrase_source == "flan" else 1)
     words = answer_words(spec, tt, cfg.answers)
+    protected = protected_words(spec, tt)
+    candidates = {a.template_id: paraphrase_candidates(a, templates, protected, sources) for a in templates}
+    originals = [a for a in templates if candidates[a.template_id]]
+    if not originals:
+        raise DataError(
+            f"task {task}: no template has a paraphrase from pairs.paraphrase_source = {cfg.paraphrase_source!r}; "
+            f"select more templates or another source"
+        )
     pool = load_examples(data_dir, spec)
     rng = random.Random(f"pairs:{seed}:{task}")
 
@@ -106,10 +142,10 @@ def build_task_pairs(data_dir: str | Path, task: str, cfg: PairsSettings, seed: 
         if not others:
             raise DataError(f"task {task}: every train row has label {ex.label}; no hard negative is possible")
         if cfg.strategy == "random":
-            a, b = rng.sample(templates, 2)
-            combos = [(a, b)]
+            a = rng.choice(originals)
+            combos = [(a, rng.choice(candidates[a.template_id]))]
         else:
-            combos = [(a, b) for a in templates for b in templates if a.template_id != b.template_id]
+            combos = [(a, b) for a in originals for b in candidates[a.template_id]]
         for a, b in combos:
             neg = pool[rng.choice(others)]
             orig_prompt, target = render(a, tt, ex.row, words)
@@ -117,7 +153,7 @@ def build_task_pairs(data_dir: str | Path, task: str, cfg: PairsSettings, seed: 
             neg_prompt, neg_target = render(a, tt, neg.row, words)
             assert para_target == target
             yield {
-                "pair_id": f"{ex.example_id}:a{a.template_id}:b{b.template_id}",
+                "pair_id": f"{ex.example_id}:a{a.key}:b{b.key}",
                 "task": task,
                 "split": "val" if i in val_ids else "train",
                 "example_id": ex.example_id,
@@ -126,6 +162,7 @@ def build_task_pairs(data_dir: str | Path, task: str, cfg: PairsSettings, seed: 
                 "answer_words": list(words),
                 "template_a": a.template_id,
                 "template_b": b.template_id,
+                "paraphrase_source": b.source,
                 "original_instruction": a.input,
                 "paraphrase_instruction": b.input,
                 "original_prompt": orig_prompt,
@@ -141,6 +178,6 @@ def build_task_pairs(data_dir: str | Path, task: str, cfg: PairsSettings, seed: 
 def build_pairs(data_dir: str | Path, cfg: PairsSettings, seed: int) -> list[dict[str, Any]]:
     """All pair rows for ``cfg.tasks``, in task order then example order."""
     rows: list[dict[str, Any]] = []
-    for task in cfg.tasks:
+    for task in tqdm(cfg.tasks, desc="pairs", unit="task", disable=None):
         rows.extend(build_task_pairs(data_dir, task, cfg, seed))
     return rows

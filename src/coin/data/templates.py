@@ -1,15 +1,23 @@
-"""FLAN instruction templates (data/flan/flan_glue_templates.json) and their rendering."""
+"""FLAN instruction templates (data/flan/flan_glue_templates.json) and their rendering.
+
+The loader checks the file before any pair is built: every problem stops ``coin pairs`` with a
+:class:`~coin.data.io.DataError` naming the file, the JSON path of the field at fault and the fix::
+
+    data/flan/flan_glue_templates.json: tasks.sst2.templates_v1[3].input: should be a string, got int 7
+"""
 
 from __future__ import annotations
 
 import string
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from coin.data.io import DataError, read_json
 from coin.data.tasks import TaskSpec
 
 FLAN_FILE = Path("flan") / "flan_glue_templates.json"
+OPTIONS_PLACEHOLDER, ANSWER_PLACEHOLDER = "options_", "answer"
 
 
 @dataclass(frozen=True)
@@ -19,10 +27,22 @@ class Template:
     input: str           # e.g. "Premise: {premise}\n\nHypothesis: {hypothesis}\n\n...{options_}"
     target: str          # "{answer}" for classification templates
     is_classification: bool
+    source: str = "flan"  # where the instruction comes from: "flan" (the file) or a paraphrase source ("rules")
+    variant: int = 0      # 0 for a FLAN template; k >= 1 for the k-th generated rewording of template_id
 
     @property
     def placeholders(self) -> set[str]:
-        return {name for _, name, _, _ in string.Formatter().parse(self.input) if name}
+        return placeholders(self.input)
+
+    @property
+    def key(self) -> str:
+        """``"5"`` for FLAN template 5, ``"5r2"`` for the second rule rewording of it (used in pair ids)."""
+        return str(self.template_id) if self.source == "flan" else f"{self.template_id}r{self.variant}"
+
+
+def placeholders(text: str) -> set[str]:
+    """The ``{name}`` fields of a template (raises ``ValueError`` on unbalanced braces)."""
+    return {name for _, name, _, _ in string.Formatter().parse(text) if name}
 
 
 @dataclass(frozen=True)
@@ -36,23 +56,89 @@ class TaskTemplates:
         return [t for t in self.templates if t.is_classification and t.target == "{answer}"]
 
 
+def _typed(value: Any, typ: type | tuple[type, ...], path: Path, where: str) -> Any:
+    ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+    if not ok:
+        want = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
+        raise DataError(f"{path}: {where}: should be {_article(want)}, got {type(value).__name__} {value!r:.60}; fix the file")
+    return value
+
+
+def _article(word: str) -> str:
+    return {"dict": "a JSON object", "list": "a JSON list", "str": "a string", "int": "an integer", "bool": "true/false"}.get(
+        word, word
+    )
+
+
+def _template(raw: Any, path: Path, where: str, task: str, allowed: set[str]) -> Template:
+    _typed(raw, dict, path, where)
+    for key in ("template_id", "input", "target", "is_classification"):
+        if key not in raw:
+            raise DataError(f"{path}: {where}: missing field '{key}' (has: {', '.join(raw) or 'nothing'}); fix the file")
+    tid = _typed(raw["template_id"], int, path, f"{where}.template_id")
+    text = _typed(raw["input"], str, path, f"{where}.input")
+    target = _typed(raw["target"], str, path, f"{where}.target")
+    is_cls = _typed(raw["is_classification"], bool, path, f"{where}.is_classification")
+    for field, value in (("input", text), ("target", target)):
+        try:
+            names = placeholders(value)
+        except ValueError as exc:
+            raise DataError(
+                f"{path}: {where}.{field}: not a valid template ({exc}); escape literal braces as '{{{{' and '}}}}'"
+            ) from None
+        unknown = sorted(names - allowed)
+        if unknown:
+            raise DataError(
+                f"{path}: {where}.{field}: unknown placeholder(s) {', '.join('{' + u + '}' for u in unknown)} for task "
+                f"{task} (known: {', '.join(sorted(allowed))}); fix the template or flan_field_to_hf_glue_field"
+            )
+    if not text.strip():
+        raise DataError(f"{path}: {where}.input: is empty; remove the template or give it text")
+    return Template(task, tid, text, target, is_cls)
+
+
 def load_templates(data_dir: str | Path, spec: TaskSpec) -> TaskTemplates:
+    """The FLAN templates of one task, every field type- and placeholder-checked."""
     path = Path(data_dir) / FLAN_FILE
-    doc = read_json(path)
-    try:
-        entry = doc["tasks"][spec.flan_key]
-    except (KeyError, TypeError):
-        raise DataError(f"{path}: no entry tasks.{spec.flan_key} for task {spec.name}") from None
-    templates = []
-    for i, t in enumerate(entry.get("templates_v1", [])):
-        for key in ("template_id", "input", "target", "is_classification"):
-            if key not in t:
-                raise DataError(f"{path}: tasks.{spec.flan_key}.templates_v1[{i}] lacks field '{key}'")
-        templates.append(Template(spec.name, int(t["template_id"]), t["input"], t["target"], bool(t["is_classification"])))
+    doc = read_json(path, missing_hint="Run `dvc pull` (or `coin data`) to restore the data")
+    _typed(doc, dict, path, "top level")
+    tasks = _typed(doc.get("tasks"), dict, path, "field 'tasks'")
+    base = f"tasks.{spec.flan_key}"
+    if spec.flan_key not in tasks:
+        raise DataError(f"{path}: no entry {base} for task {spec.name} (entries: {', '.join(tasks)}); add it or drop the task")
+    entry = _typed(tasks[spec.flan_key], dict, path, base)
+
+    field_map = _typed(entry.get("flan_field_to_hf_glue_field", {}), dict, path, f"{base}.flan_field_to_hf_glue_field")
+    for k, v in field_map.items():
+        _typed(v, str, path, f"{base}.flan_field_to_hf_glue_field.{k}")
+        if v not in spec.fields:
+            raise DataError(
+                f"{path}: {base}.flan_field_to_hf_glue_field.{k}: '{v}' is not a {spec.name} field "
+                f"({', '.join(spec.fields)}); fix the mapping"
+            )
+    allowed = set(spec.fields) | set(field_map) | {OPTIONS_PLACEHOLDER, ANSWER_PLACEHOLDER}
+
+    answers = _typed(entry.get("label_to_answer"), dict, path, f"{base}.label_to_answer")
+    options = []
+    for i in range(spec.num_labels):
+        if str(i) not in answers:
+            raise DataError(f"{path}: {base}.label_to_answer: missing label '{i}' ({spec.name} has {spec.num_labels} labels)")
+        word = _typed(answers[str(i)], str, path, f"{base}.label_to_answer.{i}")
+        if not word.strip():
+            raise DataError(f"{path}: {base}.label_to_answer.{i}: is empty; give the answer word of label {i}")
+        options.append(word)
+
+    raw_templates = _typed(entry.get("templates_v1", []), list, path, f"{base}.templates_v1")
+    templates = [
+        _template(t, path, f"{base}.templates_v1[{i}]", spec.name, allowed) for i, t in enumerate(raw_templates)
+    ]
     if not templates:
-        raise DataError(f"{path}: tasks.{spec.flan_key}.templates_v1 is empty")
-    options = tuple(entry["label_to_answer"][str(i)] for i in range(spec.num_labels))
-    return TaskTemplates(spec.name, options, dict(entry.get("flan_field_to_hf_glue_field", {})), tuple(templates))
+        raise DataError(f"{path}: {base}.templates_v1 is empty; the task needs templates to build pairs from")
+    ids = [t.template_id for t in templates]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise DataError(f"{path}: {base}.templates_v1: template_id {dup} used more than once; ids must be unique")
+    return TaskTemplates(spec.name, tuple(options), dict(field_map), tuple(templates))
 
 
 def format_options(options: tuple[str, ...] | list[str]) -> str:
@@ -72,10 +158,10 @@ def render(template: Template, tt: TaskTemplates, row: dict, answer_words: tuple
     instruction offers are always the words the target uses.
     """
     values: dict[str, str] = {}
-    for ph in template.placeholders | {"answer"}:
-        if ph == "options_":
+    for ph in template.placeholders | {ANSWER_PLACEHOLDER}:
+        if ph == OPTIONS_PLACEHOLDER:
             values[ph] = format_options(answer_words)
-        elif ph == "answer":
+        elif ph == ANSWER_PLACEHOLDER:
             values[ph] = answer_words[int(row["label"])]
         else:
             values[ph] = input_text(tt.task, str(row[tt.field_map.get(ph, ph)]))

@@ -1,0 +1,31 @@
+"""Robustness evaluation (CoIN's PromptBench protocol, DESIGN §2): the public contract.
+
+- :func:`evaluate_model` scores one model and returns an :class:`EvalResult`;
+- :func:`save_result` / :func:`load_result` round-trip one model's result on disk (per-process units);
+- :func:`write_eval_outputs` writes the combined report (metrics.json, report.md/html, plots, predictions);
+- :func:`robustness_summary` gives the promotion gate's ``clean_acc`` and ``perturbed_acc``.
+
+Imports are lazy: ``from coin.evaluation import robustness_summary`` does not load torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOME = {
+    "evaluate_model": "coin.evaluation.runner",
+    "EvalResult": "coin.evaluation.result",
+    "save_result": "coin.evaluation.result",
+    "load_result": "coin.evaluation.result",
+    "write_eval_outputs": "coin.evaluation.report",
+    "robustness_summary": "coin.evaluation.metrics",
+}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        return getattr(importlib.import_module(_HOME[name]), name)
+    raise AttributeError(f"module 'coin.evaluation' has no attribute {name!r}")

@@ -1,22 +1,41 @@
 """Log-likelihood scoring of label words (the lm-evaluation-harness way of scoring multiple choice).
 
 For a prompt ``p`` and label word ``w`` the score is ``sum_t log P(w_t | p, w_<t)`` over the tokens of
-``w`` as the continuation of the formatted prompt (``coin.data.prompts.encode``, no EOS). Every
-(prompt, label) pair is one sequence; sequences are sorted by length, batched with right padding,
-and the LM head runs only at the positions that predict a label token (``selected_logits``).
+``w`` as the continuation of the formatted prompt (``coin.data.prompts.encode``, no EOS), optionally
+divided by the number of label tokens (``length_normalise``).
+
+Two execution paths give the same numbers (tests pin both against a full-vocabulary hand computation):
+
+``kv-cache`` (default where the backbone allows it): *one* forward pass per (instruction, example)::
+
+    prompt tokens          [BOS p_1 ... p_n]          -> hidden at p_n -> log P(w_1) for every label w
+    label continuations    [w_1 ... w_{k-1}] per label, reusing the prompt's KV cache
+                           (rows repeat their prompt's cache; only labels of >= 2 tokens need this)
+
+  With ``groups`` (one group per instruction), the group's longest common *token* prefix (the
+  instruction, tokenised as it is inside every prompt, so the prefix is clean by construction) is run
+  once and its KV cache is shared by every example of the group.
+
+``per-label`` (fallback): one right-padded sequence per (prompt, label word); used when the model
+returns no reusable ``DynamicCache`` (e.g. sliding-window layers) or has no separable LM head. The
+reason is reported in :attr:`LoglikOutput.path_note`.
+
+In both paths the LM head runs only at the positions that predict a label token.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
-from dataclasses import dataclass
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from coin.data.prompts import PromptFormat, encode
-from coin.modeling.backbone import selected_logits
+from coin.modeling.backbone import selected_logits, split_body_head
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +44,47 @@ log = logging.getLogger(__name__)
 class ScoredSequence:
     input_ids: list[int]
     n_prompt: int  # label tokens are input_ids[n_prompt:]
+
+
+@dataclass
+class LoglikOutput:
+    scores: torch.Tensor                 # (n_prompts, n_labels) float32, summed (or per-token) log-probs
+    path: str                            # "kv-cache" | "per-label"
+    path_note: str = ""                  # why the fallback was taken, if it was
+    prefix_tokens: float = 0.0           # mean shared-prefix length per prompt (0 = no prefix sharing)
+    forward_tokens: int = 0              # tokens run through the transformer body (honest work count)
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _max_length(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad) if pad is not None else 0
+
+
+def label_token_ids(tokenizer, label_words: Sequence[str]) -> list[list[int]]:
+    """Token ids of each label word as a response (no BOS/EOS), exactly as :func:`encode` tokenises it."""
+    out = []
+    for word in label_words:
+        ids = tokenizer(word, add_special_tokens=False)["input_ids"] if word else []
+        if not ids:
+            raise ValueError(f"label word {word!r} tokenises to nothing; it cannot be scored")
+        out.append(list(ids))
+    return out
+
+
+# --------------------------------------------------------------------------- per-label path
 
 
 def build_sequences(
@@ -44,15 +104,6 @@ def build_sequences(
         log.warning("%d of %d scored sequences lost prompt tokens from the left to fit %s tokens",
                     truncated, len(seqs), max_length)
     return seqs
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _max_length(model: nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
-    return getattr(cfg, "max_position_embeddings", None)
 
 
 def _collate(
@@ -95,17 +146,245 @@ def score_sequences(
     device = _model_device(model)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].input_ids))
     out = torch.empty(len(seqs), dtype=torch.float32)
-    was_training = model.training
-    model.eval()
+    with _eval_mode(model), torch.inference_mode():
+        n_batches = -(-len(order) // batch_size)
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False,
+                          disable=n_batches < 2):  # no bar for a single batch (predict)
+            idx = order[start:start + batch_size]
+            out[idx] = _score_batch(model, [seqs[i] for i in idx], pad_id, device)
+    return out
+
+
+class _eval_mode:
+    """Context manager: ``model.eval()`` inside, the caller's train/eval mode restored after."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self) -> nn.Module:
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.train(self.was_training)
+
+
+# --------------------------------------------------------------------------- kv-cache path
+
+
+def cache_support(model: nn.Module) -> str | None:
+    """``None`` if the kv-cache path can run on ``model``, else the reason it cannot (for the report).
+
+    Needs: a separable LM head (:func:`split_body_head`), a body that takes ``position_ids`` and
+    ``past_key_values``, and a returned cache that is a plain ``DynamicCache`` of full-attention
+    layers (rows can then be selected/repeated freely). Checked with a 2-token forward pass.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    body, head = split_body_head(model)
+    if head is None:
+        return "no separable LM head (logit post-processing or an unusual head)"
+    params = inspect.signature(body.forward).parameters
+    if not {"position_ids", "past_key_values"} <= set(params):
+        return f"{type(body).__name__}.forward takes no position_ids/past_key_values"
+    device = _model_device(model)
+    ids = torch.zeros((1, 2), dtype=torch.long, device=device)
     try:
-        with torch.inference_mode():
-            n_batches = -(-len(order) // batch_size)
-            for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False,
-                              disable=n_batches < 2):  # no bar for a single batch (predict)
-                idx = order[start:start + batch_size]
-                out[idx] = _score_batch(model, [seqs[i] for i in idx], pad_id, device)
-    finally:
-        model.train(was_training)
+        with _eval_mode(model), torch.inference_mode():
+            out = body(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means: use the plain path
+        return f"a cached forward pass failed ({type(exc).__name__}: {exc})"
+    cache = getattr(out, "past_key_values", None)
+    if not isinstance(cache, DynamicCache):
+        return f"the model returns {type(cache).__name__} as its cache, not a DynamicCache"
+    kinds = {type(layer).__name__ for layer in cache.layers}
+    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return f"cache layers of type {sorted(kinds)} (sliding-window/linear) cannot be shared across rows"
+    return None
+
+
+@dataclass
+class _State:
+    """Per-row KV cache of the tokens run so far. Row ``r`` holds ``length[r]`` real tokens; ``mask``
+    marks them inside the (right-padded, so possibly holed) cache width."""
+
+    cache: object            # transformers DynamicCache, batch = rows
+    mask: torch.Tensor       # (R, W) long: 1 = real token in the cache
+    length: torch.Tensor     # (R,) long: real tokens so far = position id of the row's next token
+
+
+def _select(state: _State, rows: torch.Tensor, config) -> _State:
+    """A new state whose row ``k`` is ``state``'s row ``rows[k]`` (copies; the source stays intact)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache([(layer.keys[rows], layer.values[rows]) for layer in state.cache.layers], config=config)
+    return _State(cache, state.mask[rows], state.length[rows])
+
+
+def _extend(
+    body: nn.Module, config, state: _State | None, rows: torch.Tensor | None, seqs: list[list[int]],
+    pad_id: int, device: torch.device,
+) -> tuple[torch.Tensor, _State]:
+    """Run ``seqs[k]`` after row ``rows[k]`` of ``state`` (or from scratch): ``(hidden (R, T, H), new state)``.
+
+    New tokens are right-padded; their position ids continue each row's own length, so a row's
+    numbers do not depend on the padding of the others (holes in the cache are masked out).
+    """
+    n, width = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for k, s in enumerate(seqs):
+        ids[k, :len(s)] = torch.tensor(s)
+        mask[k, :len(s)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    if state is None:
+        cache, prev_mask, prev_len = None, mask[:, :0], torch.zeros(n, dtype=torch.long, device=device)
+    else:
+        sel = _select(state, rows, config)
+        cache, prev_mask, prev_len = sel.cache, sel.mask, sel.length
+    pos = (prev_len[:, None] + torch.arange(width, device=device)[None, :]) * mask  # pads: position 0, masked
+    full_mask = torch.cat([prev_mask, mask], dim=1)
+    out = body(input_ids=ids, attention_mask=full_mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    return out.last_hidden_state, _State(out.past_key_values, full_mask, prev_len + mask.sum(dim=1))
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    first = seqs[0]
+    n = min(len(s) for s in seqs) - 1  # every prompt keeps >= 1 own token: its last hidden state scores label 1
+    for s in seqs[1:]:
+        k = 0
+        while k < n and s[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
+def _score_cached(
+    model: nn.Module, prompt_ids: list[list[int]], labels: list[list[int]], *, groups: list[Hashable] | None,
+    pad_id: int, batch_size: int, min_prefix: int, desc: str,
+) -> tuple[torch.Tensor, float, int]:
+    """``(scores (P, L), mean shared prefix length, forward tokens)`` on the kv-cache path.
+
+    Per batch of prompts (group-contiguous, sorted by length within a group), up to three passes::
+
+        prefixes   one row per group in the batch: its longest common token prefix   (only with groups)
+        suffixes   one row per prompt: the rest of it, after its group's prefix row  -> log P(label token 1)
+        labels     one row per (prompt, label of >= 2 tokens): w_1..w_{k-1}           -> log P(tokens 2..k)
+    """
+    body, head = split_body_head(model)
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    device = _model_device(model)
+    n_labels = len(labels)
+    first_tok = torch.tensor([w[0] for w in labels], device=device)
+    multi = [j for j, w in enumerate(labels) if len(w) > 1]
+    scores = torch.zeros((len(prompt_ids), n_labels), dtype=torch.float32)
+    work, prefix_sum = 0, 0
+
+    by_group: dict[Hashable, list[int]] = {}
+    for i, g in enumerate(groups if groups is not None else [None] * len(prompt_ids)):
+        by_group.setdefault(g, []).append(i)
+    order: list[int] = []
+    prefix_len: dict[Hashable, int] = {}
+    for k, (g, members) in enumerate(by_group.items()):
+        # longest first, alternating direction per group ("snake"): a batch that spans the end of one group
+        # and the start of the next joins prompts of similar length, so little of it is padding
+        members.sort(key=lambda i: len(prompt_ids[i]), reverse=k % 2 == 0)
+        order += members
+        prefix_len[g] = _common_prefix([prompt_ids[i] for i in members]) if groups is not None else 0
+    group_of = [None] * len(prompt_ids) if groups is None else list(groups)
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+    with _eval_mode(model), torch.inference_mode():
+        for idx in tqdm(batches, desc=desc, unit="batch", leave=False, disable=len(batches) < 2):
+            in_batch = list(dict.fromkeys(group_of[i] for i in idx))
+            state, rows, cut = None, None, {g: 0 for g in in_batch}
+            if groups is not None and all(prefix_len[g] >= min_prefix for g in in_batch):
+                cut = {g: prefix_len[g] for g in in_batch}
+                first = {g: next(i for i in idx if group_of[i] == g) for g in in_batch}
+                prefixes = [prompt_ids[first[g]][:cut[g]] for g in in_batch]
+                _, state = _extend(body, config, None, None, prefixes, pad_id, device)
+                rows = torch.tensor([in_batch.index(group_of[i]) for i in idx], device=device)
+                work += sum(map(len, prefixes))
+                prefix_sum += sum(cut[group_of[i]] for i in idx)
+            suffixes = [prompt_ids[i][cut[group_of[i]]:] for i in idx]
+            hidden, st = _extend(body, config, state, rows, suffixes, pad_id, device)
+            work += sum(map(len, suffixes))
+            last = torch.tensor([len(s) - 1 for s in suffixes], device=device)
+            logp = torch.log_softmax(head(hidden[torch.arange(len(idx), device=device), last]).float(), dim=-1)
+            batch_scores = logp[:, first_tok]  # (B, L): log P(first label token | prompt)
+            if multi:
+                pairs = [(b, j) for b in range(len(idx)) for j in multi]
+                conts = [labels[j][:-1] for _, j in pairs]            # inputs predicting tokens 2..k
+                h2, _ = _extend(body, config, st, torch.tensor([b for b, _ in pairs], device=device),
+                                conts, pad_id, device)
+                work += sum(map(len, conts))
+                r, c, t, dest = [], [], [], []
+                for k, (b, j) in enumerate(pairs):
+                    for q, tok in enumerate(labels[j][1:]):
+                        r.append(k), c.append(q), t.append(tok), dest.append(b * n_labels + j)
+                sel = torch.tensor([r, c, t, dest], dtype=torch.long, device=device)
+                lp2 = torch.log_softmax(head(h2[sel[0], sel[1]]).float(), dim=-1).gather(1, sel[2][:, None])[:, 0]
+                batch_scores = batch_scores.reshape(-1).index_add(0, sel[3], lp2).view(len(idx), n_labels)
+            scores[idx] = batch_scores.cpu()
+    return scores, prefix_sum / max(len(prompt_ids), 1), work
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def score_label_words(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    label_words: list[str],
+    *,
+    fmt: PromptFormat = "train",
+    batch_size: int = 32,
+    length_normalise: bool = False,
+    use_cache: bool = True,
+    groups: Sequence[Hashable] | None = None,
+    min_prefix: int = 4,
+    desc: str = "loglik",
+) -> LoglikOutput:
+    """Label-word log-likelihoods of every prompt, with how they were computed.
+
+    ``groups`` (same length as ``prompts``, e.g. the instruction of each prompt) turns on prefix
+    sharing: each group's longest common token prefix (at least ``min_prefix`` tokens) runs once.
+    ``use_cache=False`` forces the per-label path (used by tests and the benchmark).
+    """
+    if not label_words:
+        raise ValueError("label_words is empty")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if groups is not None and len(groups) != len(prompts):
+        raise ValueError(f"groups has {len(groups)} entries for {len(prompts)} prompts")
+    labels = label_token_ids(tokenizer, label_words)
+    n_label_tokens = torch.tensor([len(w) for w in labels], dtype=torch.float32)
+    reason = cache_support(model) if use_cache else "disabled (use_cache=False)"
+    if reason is None:
+        max_len = _max_length(model)
+        budget = None if max_len is None else max_len - max(map(len, labels))
+        encs = [encode(tokenizer, p, "", fmt=fmt, append_eos=False, max_length=budget) for p in prompts]
+        truncated = sum(e.truncated > 0 for e in encs)
+        if truncated:
+            log.warning("%d of %d prompts lost tokens from the left to fit %s tokens", truncated, len(encs), max_len)
+        scores, prefix, work = _score_cached(
+            model, [e.input_ids for e in encs], labels, groups=list(groups) if groups is not None else None,
+            pad_id=_pad_id(tokenizer), batch_size=batch_size, min_prefix=min_prefix, desc=desc)
+        out = LoglikOutput(scores, "kv-cache", prefix_tokens=prefix, forward_tokens=work)
+    else:
+        if use_cache:
+            log.warning("loglik: kv-cache path unavailable for %s (%s); scoring one sequence per label word",
+                        type(model).__name__, reason)
+        seqs = build_sequences(tokenizer, prompts, label_words, fmt=fmt, max_length=_max_length(model))
+        flat = score_sequences(model, seqs, pad_id=_pad_id(tokenizer), batch_size=batch_size, desc=desc)
+        out = LoglikOutput(flat.view(len(prompts), len(label_words)), "per-label", path_note=reason,
+                           forward_tokens=sum(len(s.input_ids) for s in seqs))
+        if groups is not None:
+            out.notes.append(f"prefix sharing not applied: {reason}")
+    if length_normalise:
+        out.scores = out.scores / n_label_tokens
     return out
 
 
@@ -118,6 +397,7 @@ def loglik_scores(
     fmt: PromptFormat = "train",
     batch_size: int = 32,
     length_normalise: bool = False,
+    use_cache: bool = True,
     desc: str = "loglik",
 ) -> torch.Tensor:
     """``(len(prompts), len(label_words))`` log-probabilities of each label word after each prompt.
@@ -125,13 +405,8 @@ def loglik_scores(
     ``length_normalise`` divides by the number of label tokens (per-token log-prob), which removes the
     bias towards label words that tokenise into fewer pieces.
     """
-    if not label_words:
-        raise ValueError("label_words is empty")
-    seqs = build_sequences(tokenizer, prompts, label_words, fmt=fmt, max_length=_max_length(model))
-    scores = score_sequences(model, seqs, pad_id=_pad_id(tokenizer), batch_size=batch_size, desc=desc)
-    if length_normalise:
-        scores = scores / torch.tensor([len(s.input_ids) - s.n_prompt for s in seqs], dtype=torch.float32)
-    return scores.view(len(prompts), len(label_words))
+    return score_label_words(model, tokenizer, prompts, label_words, fmt=fmt, batch_size=batch_size,
+                             length_normalise=length_normalise, use_cache=use_cache, desc=desc).scores
 
 
 def predict_labels(
@@ -148,8 +423,3 @@ def predict_labels(
     scores = loglik_scores(model, tokenizer, prompts, label_words, fmt=fmt, batch_size=batch_size,
                            length_normalise=length_normalise)
     return scores.argmax(dim=1)
-
-
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return int(pad) if pad is not None else 0

@@ -166,9 +166,9 @@ def body_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     """Final hidden states ``(B, T, H)`` (after the final norm) without computing any logits."""
     body, head = split_body_head(model)
     if head is None:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
         return out.hidden_states[-1]
-    return body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
 def head_forward(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -181,17 +181,107 @@ def head_forward(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return head(hidden)
 
 
+def packed_attention_mask(segment_ids: torch.Tensor, model: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """Block-diagonal causal mask ``(R, 1, L, L)`` for packed rows (``segment_ids``: sequence per token, -1 = pad).
+
+    Token i attends to token j iff both belong to the same sequence and ``j <= i``; a pad attends to
+    itself only (a fully masked row would give NaN). The format follows the attention implementation:
+    bool (True = attend) for ``sdpa``, additive float (0 / dtype min) for ``eager``. Models whose
+    attention takes no custom 4D mask (flash-attention-2, ...) cannot be packed.
+    """
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    same = segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1)                       # (R, L, L)
+    causal = torch.ones(same.shape[-2:], dtype=torch.bool, device=same.device).tril()  # (L, L)
+    eye = torch.eye(same.size(-1), dtype=torch.bool, device=same.device)               # (L, L)
+    allowed = ((same & causal & (segment_ids >= 0).unsqueeze(1)) | eye).unsqueeze(1)  # (R, 1, L, L)
+    if impl == "sdpa":
+        return allowed
+    if impl == "eager":
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return additive.masked_fill(~allowed, torch.finfo(dtype).min)
+    raise ValueError(
+        f"train.packing = true needs 'sdpa' or 'eager' attention; {type(model).__name__} uses {impl!r}. "
+        f"Set train.packing to false."
+    )
+
+
 def selected_logits(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(hidden (B,T,H), logits (N,V))`` with logits only at ``(rows[k], cols[k])`` positions.
 
     The one place that knows both paths: the fast body+head split, or the full forward for models
-    whose head cannot be applied on its own.
+    whose head cannot be applied on its own. No KV cache is built (``use_cache=False``).
+    ``attention_mask`` is the usual (B, T) padding mask, or a prepared (B, 1, T, T) mask with
+    ``position_ids`` for packed rows (:func:`packed_attention_mask`).
     """
+    extra = {"position_ids": position_ids} if position_ids is not None else {}
     body, head = split_body_head(model)
     if head is None:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False,
+                    **extra)
         return out.hidden_states[-1], out.logits[rows, cols]
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).last_hidden_state
     return hidden, head(hidden[rows, cols])
+
+
+class FusedLM(nn.Module):
+    """:func:`selected_logits` as a module, so that DDP (which hooks ``forward``) can wrap the training step.
+
+    ``FusedLM(model)(input_ids, attention_mask, rows, cols[, position_ids]) -> (hidden (B,T,H), logits (N,V))``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return selected_logits(self.model, input_ids, attention_mask, rows, cols, position_ids)
+
+
+def packing_supported(model: nn.Module) -> bool:
+    """Self-check: two short sequences packed in one row give the hidden states they give alone.
+
+    Guards against architectures that build their own attention mask and would silently let packed
+    sequences see each other. Runs one tiny forward pass without gradient.
+    """
+    device = next(model.parameters()).device
+    a, b = torch.tensor([5, 6, 7, 8, 9], device=device), torch.tensor([10, 11, 12], device=device)
+    seg = torch.tensor([[0] * 5 + [1] * 3], device=device)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2]], device=device)
+    none = torch.zeros(0, dtype=torch.long, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            dtype = next(model.parameters()).dtype
+            mask = packed_attention_mask(seg, unwrap_model(model), dtype)
+            packed, _ = selected_logits(model, torch.cat([a, b]).unsqueeze(0), mask, none, none, pos)
+            alone = [selected_logits(model, x.unsqueeze(0), torch.ones_like(x).unsqueeze(0), none, none)[0][0]
+                     for x in (a, b)]
+    finally:
+        model.train(was_training)
+    return bool(torch.allclose(packed[0], torch.cat(alone), atol=1e-3, rtol=1e-3))
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside peft / FusedLM / DDP wrappers (its config names the attention)."""
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif isinstance(model, FusedLM) or hasattr(model, "module"):
+            model = model.model if isinstance(model, FusedLM) else model.module
+        else:
+            return model

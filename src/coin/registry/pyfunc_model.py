@@ -5,14 +5,16 @@ The logged artifact is the LoRA adapter only, plus ``coin_model.json`` naming it
 Loading never downloads: the base is resolved locally, the adapter applied on top.
 
 Input: a DataFrame with ``instruction`` and ``input`` columns, and optionally ``task`` (a GLUE task:
-the answer is the task's label word with the highest log-likelihood) or ``options`` (a list of
-candidate answers). Without either, the model generates up to ``max_new_tokens`` tokens greedily.
-Output: a DataFrame with ``answer`` and ``scores`` (JSON of label -> log-likelihood, or "").
+the answer is the task's label word with the highest log-likelihood) or ``options`` (candidate
+answers as ``"a|b|c"`` or a JSON list string). Without either, the model generates up to
+``max_new_tokens`` tokens greedily.
+Params (the signature's params schema): ``max_new_tokens`` (default 7), ``return_scores`` (default
+false). Output: a DataFrame with ``answer``, plus ``scores`` (JSON of option -> log-likelihood, ""
+for generated answers) when ``return_scores`` is true.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlflow
@@ -29,10 +31,9 @@ class CoinModel(mlflow.pyfunc.PythonModel):
         from coin.predict import answer_rows
 
         params = params or {}
-        return answer_rows(
-            self.model, self.tokenizer, self.meta, model_input,
-            max_new_tokens=int(params.get("max_new_tokens", 7)),
-        )
+        out = answer_rows(self.model, self.tokenizer, self.meta, model_input,
+                          max_new_tokens=int(params.get("max_new_tokens", 7)))
+        return out if bool(params.get("return_scores", False)) else out[["answer"]]
 
 
 mlflow.models.set_model(CoinModel())

@@ -3,11 +3,19 @@
 The embedded default store is a SQLite database plus an artifact folder inside the project's
 ``mlruns/`` (MLflow 3 refuses a bare file store). Point ``tracking.uri`` at an MLflow server
 (``http://127.0.0.1:5000``) or a PostgreSQL database to share runs; nothing else changes.
+
+Run layout: one parent run per pipeline execution (:func:`pipeline_run`) and one nested child run
+per trained method (:func:`method_run`: coin, cit, sft), each tagged with the data version and git
+commit. Later stages re-open a method's run by id (:func:`resume_run`) to add evaluation metrics and
+the logged model. Parent/child links are MLflow's own ``mlflow.parentRunId`` tag, so the UI nests them.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +81,88 @@ def provenance_tags(settings: Settings, root: Path, stage: str) -> dict[str, Any
         "mlflow.source.git.commit": git_commit(root),
         "coin.backbone": settings.model.backbone,
     }
+
+
+# --------------------------------------------------------------------------- run layout
+
+PARENT_RUN_ENV = "COIN_PARENT_RUN_ID"  # the pipeline run's id, for stages in other threads or processes
+
+
+@contextmanager
+def resume_run(run_id: str) -> Iterator[Any]:
+    """Make ``run_id`` the active run for the block, whatever is active in this thread.
+
+    If ``run_id`` is already active it is yielded as is (and left open); if another run is active
+    (e.g. the pipeline parent) it is re-opened nested under it; else it is re-opened as a top-level run.
+    On exit the re-opened run keeps its status (FINISHED, or FAILED if the block raised).
+    """
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        yield active
+        return
+    with mlflow.start_run(run_id=run_id, nested=active is not None) as run:
+        yield run
+
+
+@contextmanager
+def pipeline_run(settings: Settings, root: Path, *, run_name: str = "pipeline",
+                 tags: dict[str, str] | None = None) -> Iterator[Any]:
+    """The parent run of one pipeline execution: provenance tags + all params; children nest under it.
+
+    Sets up tracking (the configured store and experiment) first. Yields the active run. For the
+    block's duration ``$COIN_PARENT_RUN_ID`` holds its id, so :func:`method_run` nests under it even
+    where the parent is not active (Prefect tasks run in worker threads; subprocesses inherit the
+    variable); the previous value is restored afterwards.
+    """
+    import mlflow
+
+    setup_tracking(settings, root)
+    previous = os.environ.get(PARENT_RUN_ENV)
+    with mlflow.start_run(run_name=run_name, tags={**provenance_tags(settings, root, "pipeline"), **(tags or {})}) as run:
+        mlflow.log_params(settings.to_flat_dict())
+        os.environ[PARENT_RUN_ENV] = run.info.run_id
+        try:
+            yield run
+        finally:
+            if previous is None:
+                os.environ.pop(PARENT_RUN_ENV, None)
+            else:
+                os.environ[PARENT_RUN_ENV] = previous
+
+
+@contextmanager
+def method_run(settings: Settings, root: Path, method: str, *, parent_run_id: str | None = None,
+               stage: str = "train", run_name: str | None = None, log_params: bool = True) -> Iterator[Any]:
+    """A child run for one method (coin, cit, sft), nested under the pipeline run.
+
+    The parent is ``parent_run_id``, else the active run in this thread, else ``$COIN_PARENT_RUN_ID``
+    (set by :func:`pipeline_run`); with none of them it is a top-level run (a stage run on its own,
+    e.g. ``coin train``). Tags: provenance (data version, git commit, backbone, stage) plus
+    ``coin.method``; params: all settings plus ``train.method = method`` (``log_params=False`` to skip).
+    """
+    import mlflow
+
+    setup_tracking(settings, root)
+    active = mlflow.active_run()
+    parent = parent_run_id or (active.info.run_id if active is not None else None) or os.environ.get(PARENT_RUN_ENV)
+    tags = {**provenance_tags(settings, root, stage), "coin.method": method}
+    with mlflow.start_run(run_name=run_name or f"{stage}-{method}", nested=parent is not None,
+                          parent_run_id=parent, tags=tags) as run:
+        if log_params:
+            mlflow.log_params({**settings.to_flat_dict(), "train.method": method})
+        yield run
+
+
+def child_runs(parent_run_id: str) -> dict[str, str]:
+    """``{method: run_id}`` of the child runs under a pipeline run (the latest per method)."""
+    import mlflow
+
+    parent = mlflow.get_run(parent_run_id)
+    runs = mlflow.search_runs(
+        experiment_ids=[parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        order_by=["attributes.start_time ASC"], output_format="list",
+    )
+    return {r.data.tags.get("coin.method", r.info.run_name): r.info.run_id for r in runs}

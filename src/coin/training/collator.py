@@ -1,14 +1,15 @@
-"""Pair rows -> one fused, right-padded token batch per micro-step.
+"""Pair rows -> one fused token batch per micro-step (one right-padded row per sequence, or packed).
 
-Layout (B = pairs in the micro-batch, G = groups of the method, N = G*B sequences, T = longest)::
+Sequence layout (B = pairs in the micro-batch, G = groups of the method, N = G*B sequences, T = longest);
+without packing, sequence n is row n::
 
     method coin : rows [0, B) originals | [B, 2B) paraphrases | [2B, 3B) hard negatives   (G=3)
                   (coin without hard negatives drops the third block: G=2)
     method cit  : rows [0, B) originals | [B, 2B) paraphrases                             (G=2)
     method sft  : rows [0, B) originals                                                   (G=1)
 
-Row ``g*B + i`` belongs to pair ``i``: pair ``i``'s original, paraphrase and negative are rows
-``i``, ``B+i`` and ``2B+i``, so the contrastive loss can slice the pooled block by ``B``.
+Sequence ``g*B + i`` belongs to pair ``i``: pair ``i``'s original, paraphrase and negative are
+sequences ``i``, ``B+i`` and ``2B+i``, so the contrastive loss can slice the pooled block by ``B``.
 
 Labels are the input ids with ``-100`` on the prompt (BOS + prompt + response marker) and on the
 padding; the negatives carry no generation loss, so their labels are ``-100`` everywhere::
@@ -23,7 +24,18 @@ padding; the negatives carry no generation loss, so their labels are ``-100`` ev
 
 The loss uses the shifted next-token rule: position ``t`` predicts token ``t+1``. ``resp_rows`` /
 ``resp_cols`` are the positions ``t`` with ``labels[row, t+1] != -100`` and ``resp_targets`` the
-tokens they predict; the LM head is applied at these positions only.
+tokens they predict; the LM head is applied at these positions only. ``resp_seq`` is the *sequence*
+(0..N-1, group-major as above) each of those positions belongs to.
+
+Packing (``pack=True``, ``train.packing``). The N sequences are laid out first-fit-decreasing into R <= N
+rows of length L = the longest sequence, instead of one padded row each, so far fewer pad slots go
+through the model. Each row carries ``segment_ids`` (which sequence a token belongs to, -1 on pads) and
+``position_ids`` restarting at 0 for every sequence; the model gets a block-diagonal causal mask
+(:func:`coin.modeling.backbone.packed_attention_mask`), so each token sees exactly the tokens it would
+see alone and the outputs equal the padded layout's. ``seq_row`` / ``seq_start`` / ``seq_len`` say where
+sequence n sits; :meth:`Batch.sequence_view` gathers the per-sequence (N, T, H) view for pooling. A
+response position never crosses into the next sequence: every sequence starts with prompt tokens,
+whose labels are -100.
 """
 
 from __future__ import annotations
@@ -58,17 +70,23 @@ def method_groups(method: str, hard_negatives: bool = True) -> tuple[str, ...]:
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor       # (N, T) long, right-padded with the pad id
-    attention_mask: torch.Tensor  # (N, T) long, 1 = real token
-    labels: torch.Tensor          # (N, T) long, -100 on prompt, pads and every negative row
-    last_index: torch.Tensor      # (N,) long, position of the last real token (= length - 1)
+    input_ids: torch.Tensor       # (R, L) long, right-padded with the pad id; R = N rows unless packed
+    attention_mask: torch.Tensor  # (R, L) long, 1 = real token
+    labels: torch.Tensor          # (R, L) long, -100 on prompt, pads and every negative row
+    last_index: torch.Tensor      # (N,) long, in-sequence position of the last real token (= length - 1)
     prompt_len: torch.Tensor      # (N,) long, number of prompt tokens; the last prompt token is prompt_len - 1
     resp_rows: torch.Tensor       # (K,) long, row of each position that predicts a response token
     resp_cols: torch.Tensor       # (K,) long, position t (predicting token t+1)
     resp_targets: torch.Tensor    # (K,) long, the token at t+1
     n_pairs: int                  # B
-    groups: tuple[str, ...]       # block names in row order, len G
+    groups: tuple[str, ...]       # block names in sequence order, len G
     pair_ids: list[str]           # (B,) for error messages
+    resp_seq: torch.Tensor | None = None      # (K,) long, sequence of each response position (None: = resp_rows)
+    seq_row: torch.Tensor | None = None       # (N,) long, packed row of each sequence (None: not packed)
+    seq_start: torch.Tensor | None = None     # (N,) long, its first position in that row
+    seq_len: torch.Tensor | None = None       # (N,) long, its number of tokens
+    segment_ids: torch.Tensor | None = None   # (R, L) long, sequence of each token, -1 on pads (packed only)
+    position_ids: torch.Tensor | None = None  # (R, L) long, restarting at 0 per sequence (packed only)
 
     def to(self, device: torch.device | str) -> "Batch":
         moved = {
@@ -79,14 +97,59 @@ class Batch:
         return replace(self, **moved)
 
     def block(self, group: str) -> slice:
-        """Rows of one group: ``slice(g*B, (g+1)*B)``."""
+        """Sequences of one group: ``slice(g*B, (g+1)*B)``."""
         g = self.groups.index(group)
         return slice(g * self.n_pairs, (g + 1) * self.n_pairs)
+
+    @property
+    def packed(self) -> bool:
+        return self.segment_ids is not None
+
+    @property
+    def n_sequences(self) -> int:
+        return self.n_pairs * len(self.groups)
+
+    @property
+    def sequence_of_response(self) -> torch.Tensor:
+        """``(K,)`` sequence index of each response position."""
+        return self.resp_rows if self.resp_seq is None else self.resp_seq
 
     @property
     def n_tokens(self) -> int:
         """Real (non-pad) tokens fed to the model."""
         return int(self.attention_mask.sum())
+
+    def sequence_view(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(R, L, H) -> ((N, T, H), (N, T) mask)``: one right-padded row per sequence, positions in-sequence.
+
+        Unpacked batches already are that view (no copy); packed ones are gathered (T = longest sequence).
+        """
+        if not self.packed:
+            return hidden, self.attention_mask
+        assert self.seq_row is not None and self.seq_start is not None and self.seq_len is not None
+        t = int(self.seq_len.max())
+        pos = torch.arange(t, device=hidden.device)                                    # (T,)
+        mask = pos.unsqueeze(0) < self.seq_len.unsqueeze(1)                             # (N, T)
+        cols = (self.seq_start.unsqueeze(1) + pos.unsqueeze(0)).clamp(max=hidden.size(1) - 1)  # (N, T)
+        return hidden[self.seq_row.unsqueeze(1), cols], mask.long()                    # (N, T, H), (N, T)
+
+
+def pack_sequences(lengths: list[int]) -> tuple[list[int], list[int], int]:
+    """First-fit decreasing into rows of length ``L = max(lengths)``: ``(row of each, start of each, n_rows)``.
+
+    >>> pack_sequences([5, 2, 3, 4, 1])   # L = 5: [5] [4 1] [3 2]
+    ([0, 2, 2, 1, 1], [0, 3, 0, 0, 4], 3)
+    """
+    cap = max(lengths)
+    free: list[int] = []                                   # free slots per row
+    row_of, start_of = [0] * len(lengths), [0] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = next((r for r, f in enumerate(free) if f >= lengths[i]), len(free))
+        if r == len(free):
+            free.append(cap)
+        row_of[i], start_of[i] = r, cap - free[r]
+        free[r] -= lengths[i]
+    return row_of, start_of, len(free)
 
 
 class PairCollator:
@@ -101,8 +164,10 @@ class PairCollator:
         hard_negatives: bool = True,
         append_eos: bool = True,
         fmt: PromptFormat = "train",
+        pack: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
+        self.pack = pack
         self.groups = method_groups(method, hard_negatives)
         self.cutoff_len = cutoff_len
         self.append_eos = append_eos
@@ -115,7 +180,8 @@ class PairCollator:
     @classmethod
     def from_settings(cls, tokenizer: Any, cfg: TrainSettings, cutoff_len: int) -> "PairCollator":
         return cls(
-            tokenizer, cfg.method, cutoff_len=cutoff_len, hard_negatives=cfg.hard_negatives, append_eos=cfg.append_eos
+            tokenizer, cfg.method, cutoff_len=cutoff_len, hard_negatives=cfg.hard_negatives, append_eos=cfg.append_eos,
+            pack=cfg.packing,
         )
 
     def _encode_row(self, row: dict[str, Any], group: str) -> tuple[list[int], int]:
@@ -129,25 +195,41 @@ class PairCollator:
         if not rows:
             raise ValueError("PairCollator: empty list of pair rows")
         encoded = [(g, *self._encode_row(r, g)) for g in self.groups for r in rows]  # N = G*B, row-major by group
-        n, t_max = len(encoded), max(len(ids) for _, ids, _ in encoded)
-        input_ids = torch.full((n, t_max), self.pad_id, dtype=torch.long)     # (N, T)
-        attention_mask = torch.zeros((n, t_max), dtype=torch.long)            # (N, T)
-        labels = torch.full((n, t_max), -100, dtype=torch.long)               # (N, T)
-        lengths = torch.empty(n, dtype=torch.long)                            # (N,)
-        prompt_len = torch.empty(n, dtype=torch.long)                         # (N,)
+        n = len(encoded)
+        lengths = [len(ids) for _, ids, _ in encoded]
+        if self.pack:
+            seq_row, seq_start, n_rows = pack_sequences(lengths)
+        else:
+            seq_row, seq_start, n_rows = list(range(n)), [0] * n, n
+        t_max = max(lengths)
+        input_ids = torch.full((n_rows, t_max), self.pad_id, dtype=torch.long)     # (R, L)
+        attention_mask = torch.zeros((n_rows, t_max), dtype=torch.long)            # (R, L)
+        labels = torch.full((n_rows, t_max), -100, dtype=torch.long)               # (R, L)
+        segment_ids = torch.full((n_rows, t_max), -1, dtype=torch.long)            # (R, L)
+        position_ids = torch.zeros((n_rows, t_max), dtype=torch.long)              # (R, L)
+        prompt_len = torch.empty(n, dtype=torch.long)                              # (N,)
         for i, (group, ids, n_prompt) in enumerate(encoded):
+            r, a, b = seq_row[i], seq_start[i], seq_start[i] + len(ids)
             ids_t = torch.tensor(ids, dtype=torch.long)
-            input_ids[i, : len(ids)] = ids_t
-            attention_mask[i, : len(ids)] = 1
+            input_ids[r, a:b] = ids_t
+            attention_mask[r, a:b] = 1
+            segment_ids[r, a:b] = i
+            position_ids[r, a:b] = torch.arange(len(ids))
             if group in GEN_GROUPS:
-                labels[i, n_prompt : len(ids)] = ids_t[n_prompt:]
-            lengths[i], prompt_len[i] = len(ids), n_prompt
+                labels[r, a + n_prompt : b] = ids_t[n_prompt:]
+            prompt_len[i] = n_prompt
         resp_rows, resp_cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)  # (K,), (K,): t predicts t+1
+        lengths_t = torch.tensor(lengths, dtype=torch.long)
+        packed = {}
+        if self.pack:
+            packed = {"resp_seq": segment_ids[resp_rows, resp_cols], "seq_row": torch.tensor(seq_row),
+                      "seq_start": torch.tensor(seq_start), "seq_len": lengths_t, "segment_ids": segment_ids,
+                      "position_ids": position_ids}
         return Batch(
             input_ids=input_ids,
             attention_mask=attention_mask,
             labels=labels,
-            last_index=lengths - 1,
+            last_index=lengths_t - 1,
             prompt_len=prompt_len,
             resp_rows=resp_rows,
             resp_cols=resp_cols,
@@ -155,4 +237,5 @@ class PairCollator:
             n_pairs=len(rows),
             groups=self.groups,
             pair_ids=[str(r.get("pair_id", f"#{i}")) for i, r in enumerate(rows)],
+            **packed,
         )

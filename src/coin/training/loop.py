@@ -1,16 +1,25 @@
-"""The training loop: LoRA on a backbone, AdamW, linear warm-up/decay, clipping, accumulation.
+"""The training loop: LoRA on a backbone, AdamW, linear warm-up/decay, clipping, accumulation,
+checkpoints and resume, data parallelism.
 
-One optimiser step = ``grad_accum`` micro-batches of ``batch_size`` pairs; each micro-batch is one
-fused forward pass (:func:`coin.training.loss.coin_step_loss`). Pair rows of ``split == 'train'``
-are shuffled with a seeded ``random.Random`` per epoch and cycled when ``max_steps`` needs more.
-The adapter (safetensors) and the tokenizer are written to ``out_dir / 'adapter'``.
+One optimiser step = ``grad_accum`` micro-batches of ``batch_size`` pairs on each of the W processes
+(``torchrun`` / ``accelerate launch``; W = 1 otherwise). Each micro-batch is one fused forward pass
+(:func:`coin.training.loss.coin_step_loss`). All micro-batches of a step are collated first, so the
+generation loss can be normalised by the response tokens of the whole step (see
+:mod:`coin.training.loss` for the objective and :mod:`coin.training.distributed` for DDP). Pair rows
+of ``split == 'train'`` come from a seeded, resumable :class:`~coin.training.batching.BatchStream`.
+
+Safety: a non-finite loss stops the run before that micro-batch's backward pass, and a non-finite
+gradient norm before the optimiser step; both name the step and the pair ids, and the adapter keeps
+the weights of the last good step. The adapter (safetensors) and the tokenizer are written to
+``out_dir / 'adapter'``; checkpoints to ``checkpoint_dir`` (default ``out_dir / 'checkpoints'``).
+Under DDP only rank 0 writes files and calls ``on_metrics``; all ranks return the same result.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,76 +31,102 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from coin.config import TrainSettings
-from coin.modeling.backbone import Backbone
+from coin.modeling.backbone import Backbone, FusedLM, packing_supported, unwrap_model
 from coin.modeling.lora import apply_lora
-from coin.training.collator import PairCollator
-from coin.training.loss import coin_step_loss
+from coin.training.batching import BatchStream, iterate_batches, train_rows_of
+from coin.training.checkpoint import (
+    clear_checkpoints,
+    fingerprint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from coin.training.collator import Batch, PairCollator
+from coin.training.distributed import World, init_world, maybe_no_sync
+from coin.training.loss import StepScale, coin_step_loss
+
+__all__ = ["MetricsCallback", "TrainResult", "accumulate_gradients", "iterate_batches", "train", "train_rows_of"]
+
+log = logging.getLogger(__name__)
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
-_MEAN_KEYS = ("loss", "l_gen", "l_cl", "w", "pos_cos", "neg_cos")
+_MEAN_KEYS = ("l_cl", "w", "pos_cos", "neg_cos")
 
 
 @dataclass
 class TrainResult:
-    adapter_dir: Path                    # out_dir / "adapter": adapter_config.json, adapter_model.safetensors, tokenizer
-    steps: int                           # optimiser steps taken
+    adapter_dir: Path                    # out_dir / "adapter": adapter (safetensors) + tokenizer
+    steps: int                           # optimiser steps taken (in total, including those before a resume)
     metrics: dict[str, float]            # metrics of the last step
     history: list[dict[str, float]] = field(default_factory=list)  # one dict per step, with "step"
-    wall_time_s: float = 0.0             # training time (excluding saving)
-    tokens_per_s: float = 0.0            # real (non-pad) tokens forwarded per second
+    wall_time_s: float = 0.0             # training time of this process (excluding saving)
+    tokens_per_s: float = 0.0            # real (non-pad) tokens forwarded per second, all ranks
+    resumed_from: int = 0                # the checkpoint step this run continued from (0: a fresh run)
 
 
-def train_rows_of(rows: list[dict[str, Any]], batch_size: int) -> list[dict[str, Any]]:
-    """The ``split == 'train'`` rows; at least one full contrastive batch of distinct pairs."""
-    train_rows = [r for r in rows if r.get("split") == "train"]
-    if len(train_rows) < batch_size:
-        raise ValueError(
-            f"training needs at least train.batch_size = {batch_size} pair rows with split 'train', "
-            f"got {len(train_rows)} (of {len(rows)} rows); add data or lower train.batch_size"
-        )
-    return train_rows
+def autocast_context(device: torch.device, mode: str) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast per ``train.autocast``: ``auto`` = on a CUDA device with bf16 support, else off."""
+    if mode == "off":
+        return contextlib.nullcontext()
+    if mode == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+    if mode == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    raise ValueError(f"train.autocast = {mode!r}: use auto, bf16 or off")
 
 
-def iterate_batches(rows: list[dict[str, Any]], batch_size: int, seed: int) -> Iterator[list[dict[str, Any]]]:
-    """Endless seeded batches: a fresh shuffle per epoch, the incomplete tail dropped (so no pair
-    appears twice in one batch, which would make it its own in-batch negative)."""
-    rng = random.Random(f"train-batches:{seed}")
-    order = list(range(len(rows)))
-    while True:
-        rng.shuffle(order)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield [rows[i] for i in order[start : start + batch_size]]
+def step_scale(batches: list[Batch], world: World) -> StepScale:
+    """Response tokens per group over the step's micro-batches on all ranks (one all-reduce)."""
+    n_groups = len(batches[0].groups)
+    counts = torch.zeros(n_groups, dtype=torch.float32)                          # (G,)
+    for b in batches:
+        group_of = torch.div(b.sequence_of_response, b.n_pairs, rounding_mode="floor")  # (K,)
+        counts += torch.bincount(group_of.cpu(), minlength=n_groups).float()
+    counts = world.all_reduce_sum(counts.to(_comm_device(world))).cpu()
+    return StepScale(gen_tokens=tuple(float(c) for c in counts), n_micro=len(batches))
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _micro_step(
-    model: nn.Module, chunk: list[dict[str, Any]], collate: PairCollator, cfg: TrainSettings, step: int
-) -> dict[str, float]:
-    """Forward + backward of one micro-batch (loss scaled by 1/grad_accum); its metrics."""
-    device = next(model.parameters()).device
-    batch = collate(chunk).to(device)
-    with _autocast(device):
-        loss, metrics = coin_step_loss(model, batch, cfg)
-    if not math.isfinite(metrics["loss"]):
-        raise RuntimeError(
-            f"step {step}: loss is {metrics['loss']} (l_gen={metrics['l_gen']}, l_cl={metrics['l_cl']}); "
-            f"pair_ids of the batch: {batch.pair_ids}. Lower train.lr or inspect these rows."
-        )
-    (loss / cfg.grad_accum).backward()
-    return metrics
+def _comm_device(world: World) -> torch.device:
+    """NCCL collectives need CUDA tensors; gloo and the single process take CPU tensors."""
+    if world.distributed and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _merge(parts: list[dict[str, float]]) -> dict[str, float]:
-    """Mean of the loss metrics over micro-batches; token counts summed."""
+    """Step metrics from its micro-batches: the step's L_gen is the sum of the parts (token-normalised
+    over the step), the contrastive values are means over micro-batches, counts are sums."""
     out = {k: sum(p[k] for p in parts) / len(parts) for k in _MEAN_KEYS}
-    out["n_tokens"] = sum(p["n_tokens"] for p in parts)
-    out["n_resp_tokens"] = sum(p["n_resp_tokens"] for p in parts)
+    out["l_gen"] = sum(p["l_gen_part"] for p in parts)
+    out["loss"] = out["l_gen"] + sum(p["loss"] - p["l_gen"] for p in parts) / len(parts)
+    for k in ("n_tokens", "n_slots", "n_resp_tokens"):
+        out[k] = sum(p[k] for p in parts)
+    out["pad_frac"] = 1.0 - out["n_tokens"] / max(out["n_slots"], 1.0)
     return out
+
+
+def _non_finite(what: str, step: int, batches: list[Batch], world: World, detail: str) -> RuntimeError:
+    ids = [pid for b in batches for pid in b.pair_ids]
+    where = f" (rank {world.rank} of {world.size})" if world.distributed else ""
+    return RuntimeError(
+        f"step {step}: {what} ({detail}); the optimiser step was not taken, the adapter keeps the weights of "
+        f"step {step - 1}. pair_ids of the batch{where}: {ids}. Lower train.lr or inspect these rows."
+    )
+
+
+def _enable_gradient_checkpointing(model: nn.Module) -> None:
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(hf, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"train.gradient_checkpointing = true: {type(hf).__name__} does not support it; set it to false"
+        )
+    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _take_rank(batch: list[dict[str, Any]], world: World, batch_size: int) -> list[dict[str, Any]]:
+    return batch[world.rank * batch_size : (world.rank + 1) * batch_size]
 
 
 def train(
@@ -104,46 +139,167 @@ def train(
     cutoff_len: int,
     on_metrics: MetricsCallback | None = None,
     progress: bool = True,
+    resume: bool = False,
+    checkpoint_dir: Path | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter on ``backbone`` (wrapped in place) and save it to ``out_dir / 'adapter'``."""
+    """Train a LoRA adapter on ``backbone`` (wrapped in place) and save it to ``out_dir / 'adapter'``.
+
+    ``resume=True`` continues from the latest complete checkpoint in ``checkpoint_dir`` (default
+    ``out_dir / 'checkpoints'``) to the same final adapter as an uninterrupted run; without a
+    checkpoint it starts fresh. ``resume=False`` removes old checkpoints there first. Checkpoints are
+    written every ``cfg.checkpoint_every`` steps (0: never). Run under ``torchrun`` for DDP.
+    """
+    device = next(backbone.model.parameters()).device
+    world = init_world(device)
+    try:
+        return _train(backbone, rows, cfg, world, device, out_dir=Path(out_dir), seed=seed, cutoff_len=cutoff_len,
+                      on_metrics=on_metrics, progress=progress, resume=resume,
+                      checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else Path(out_dir) / "checkpoints")
+    finally:
+        world.finish()
+
+
+def _train(
+    backbone: Backbone,
+    rows: list[dict[str, Any]],
+    cfg: TrainSettings,
+    world: World,
+    device: torch.device,
+    *,
+    out_dir: Path,
+    seed: int,
+    cutoff_len: int,
+    on_metrics: MetricsCallback | None,
+    progress: bool,
+    resume: bool,
+    checkpoint_dir: Path,
+) -> TrainResult:
     from transformers import get_linear_schedule_with_warmup
 
-    train_rows = train_rows_of(rows, cfg.batch_size)
-    torch.manual_seed(seed)  # LoRA A init and dropout
+    global_batch = cfg.batch_size * world.size
+    train_rows = train_rows_of(rows, global_batch)
+    torch.manual_seed(seed)  # LoRA A init: the same on every rank
     model = apply_lora(backbone, cfg.lora)
+    if cfg.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    if cfg.packing and not packing_supported(model):
+        raise ValueError(
+            f"train.packing = true, but {type(unwrap_model(model)).__name__} does not keep packed sequences apart "
+            f"(its attention ignores the block-diagonal mask); set train.packing to false"
+        )
+    torch.manual_seed(seed + world.rank)  # LoRA dropout: its own stream per rank
     collate = PairCollator.from_settings(backbone.tokenizer, cfg, cutoff_len)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    param_names, params = [n for n, _ in named], [p for _, p in named]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, round(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
-    batches = iterate_batches(train_rows, cfg.batch_size, seed)
+    stream = BatchStream(train_rows, global_batch, seed, bucket_by_length=cfg.bucket_by_length)
+    fp = fingerprint(cfg.model_dump(mode="json"), seed=seed, cutoff_len=cutoff_len, world_size=world.size,
+                     rows=train_rows)
+
+    history: list[dict[str, float]] = []
+    start = 0
+    latest = latest_checkpoint(checkpoint_dir) if resume else None
+    if latest is not None:
+        restored = load_checkpoint(latest, model=model, optimizer=opt, scheduler=sched, param_names=param_names,
+                                   fp=fp, world=world)
+        start, history = restored.step, restored.history
+        stream.load_state_dict(restored.stream_state)
+    elif world.is_main:
+        if resume:
+            log.info("resume: no checkpoint in %s; starting from step 0", checkpoint_dir)
+        clear_checkpoints(checkpoint_dir)
+    world.barrier()
+
+    fused: nn.Module = FusedLM(model)
+    if world.distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        fused = nn.parallel.DistributedDataParallel(fused, device_ids=ids)
 
     model.train()
-    history: list[dict[str, float]] = []
     tokens, t0 = 0.0, time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, desc=f"train[{cfg.method}]", unit="step", disable=not progress)
-    for step in range(1, cfg.max_steps + 1):
+    bar = tqdm(total=cfg.max_steps, initial=start, desc=f"train[{cfg.method}]", unit="step",
+               disable=not (progress and world.is_main))
+    for step in range(start + 1, cfg.max_steps + 1):
         t_step = time.perf_counter()
-        metrics = _merge([_micro_step(model, next(batches), collate, cfg, step) for _ in range(cfg.grad_accum)])
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        metrics["lr"] = float(opt.param_groups[0]["lr"])
-        opt.step()
+        metrics = _optimizer_step(fused, params, opt, stream, collate, cfg, world, device, step)
         sched.step()
-        opt.zero_grad(set_to_none=True)
         tokens += metrics["n_tokens"]
         elapsed = time.perf_counter() - t0
-        metrics.update(
-            grad_norm=float(grad_norm), step_s=time.perf_counter() - t_step, tokens_per_s=tokens / max(elapsed, 1e-9)
-        )
+        metrics.update(step_s=time.perf_counter() - t_step, tokens_per_s=tokens / max(elapsed, 1e-9))
         history.append({"step": float(step), **metrics})
         bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-        if on_metrics is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", l_cl=f"{metrics['l_cl']:.3f}",
+                        tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if world.is_main and on_metrics is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
             on_metrics(step, dict(metrics))
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            save_checkpoint(checkpoint_dir, step, model=model, optimizer=opt, scheduler=sched,
+                            stream_state=stream.state_dict(), history=history, param_names=param_names, fp=fp,
+                            world=world, keep=cfg.keep_checkpoints)
     bar.close()
     wall = time.perf_counter() - t0
 
     model.eval()
-    adapter_dir = Path(out_dir) / "adapter"
-    model.save_pretrained(str(adapter_dir), safe_serialization=True)
-    backbone.tokenizer.save_pretrained(str(adapter_dir))
-    return TrainResult(adapter_dir, cfg.max_steps, history[-1], history, wall, tokens / max(wall, 1e-9))
+    adapter_dir = out_dir / "adapter"
+    if world.is_main:
+        model.save_pretrained(str(adapter_dir), safe_serialization=True)
+        backbone.tokenizer.save_pretrained(str(adapter_dir))
+    world.barrier()
+    last = history[-1] if history else {}
+    return TrainResult(adapter_dir, cfg.max_steps, last, history, wall, tokens / max(wall, 1e-9), start)
+
+
+def _optimizer_step(
+    fused: nn.Module,
+    params: list[nn.Parameter],
+    opt: torch.optim.Optimizer,
+    stream: Iterator[list[dict[str, Any]]],
+    collate: PairCollator,
+    cfg: TrainSettings,
+    world: World,
+    device: torch.device,
+    step: int,
+) -> dict[str, float]:
+    """One optimiser step: ``grad_accum`` micro-batches, clipping, the AdamW step; the step's metrics."""
+    batches = [collate(_take_rank(next(stream), world, cfg.batch_size)) for _ in range(cfg.grad_accum)]
+    metrics = accumulate_gradients(fused, batches, cfg, world, device, step=step)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+    if not math.isfinite(grad_norm):
+        opt.zero_grad(set_to_none=True)
+        raise _non_finite(f"gradient norm is {grad_norm}", step, batches, world, f"loss={metrics['loss']:.6g}")
+    metrics["lr"] = float(opt.param_groups[0]["lr"])
+    metrics["grad_norm"] = grad_norm
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return metrics
+
+
+def accumulate_gradients(
+    fused: nn.Module,
+    batches: list[Batch],
+    cfg: TrainSettings,
+    world: World,
+    device: torch.device,
+    *,
+    step: int = 0,
+) -> dict[str, float]:
+    """Forward + backward of the micro-batches of one optimiser step; gradients accumulate in ``.grad``.
+
+    The gradient is that of the step objective (:mod:`coin.training.loss`): generation loss normalised
+    by the response tokens of all ``batches`` on all ranks, contrastive term averaged over them.
+    Raises before a micro-batch's backward pass if its loss is not finite.
+    """
+    scale = step_scale(batches, world)
+    parts = []
+    for i, batch in enumerate(batches):
+        skip_sync = i < len(batches) - 1
+        with maybe_no_sync(fused, skip_sync), autocast_context(device, cfg.autocast):
+            objective, m = coin_step_loss(fused, batch.to(device), cfg, scale=scale, world=world)
+        if not math.isfinite(m["loss"]):  # the same value on every rank: all stop together
+            raise _non_finite(f"loss is {m['loss']}", step, batches, world,
+                              f"l_gen={m['l_gen']}, l_cl={m['l_cl']}, micro-batch {i + 1} of {len(batches)}")
+        with maybe_no_sync(fused, skip_sync):
+            objective.backward()
+        parts.append(m)
+    return _merge(parts)

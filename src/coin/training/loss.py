@@ -3,11 +3,30 @@
 ``L = L_gen(original) + L_gen(paraphrase) + w * L_cl`` (DESIGN.md §1). Everything here is pure
 tensor code: no logging, no side effects; :func:`coin_step_loss` returns metrics as floats for the
 caller to log.
+
+How a micro-batch's loss enters an optimiser step (``grad_accum`` micro-batches, ``W`` ranks)::
+
+    L_step = sum_g  (sum of CE over group g's response tokens in the whole step, all ranks)
+                    / (number of those tokens)                                  g in {original, paraphrase}
+           + (1 / grad_accum) * sum_m  w_m * L_cl(m)                            m = micro-batch, all ranks
+
+- The generation loss is normalised by the response-token count of the *whole step* (torchtune's
+  rule): accumulating micro-batches gives exactly the gradient of the one big batch, whatever the
+  response lengths. Per group, as in the reference (``CE(x^o) + CE(x^p)``, each a token mean).
+- The contrastive loss is a mean over *contrastive groups*. A contrastive group is one micro-batch on
+  all ranks (``batch_size x W`` pairs, gathered). Its in-batch negatives are the other pairs of that
+  group, so accumulation does not add negatives, while data parallelism does; this is the
+  reference's contract too (its contrastive batch is the micro-batch of 2 under 32 accumulation steps).
+  Accumulating ``k`` micro-batches equals one big batch whose InfoNCE is computed per ``batch_size``
+  chunk, not one InfoNCE over all ``k x batch_size`` pairs (that would be a different loss).
+- ``w_m`` (adaptive rule) is computed from micro-batch ``m``'s own ``L_gen`` and ``L_cl`` (detached),
+  as the reference does per micro-batch.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -15,8 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from coin.config import TrainSettings
-from coin.modeling.backbone import selected_logits
+from coin.modeling.backbone import FusedLM, packed_attention_mask, selected_logits, unwrap_model
 from coin.training.collator import GEN_GROUPS, Batch
+from coin.training.distributed import SINGLE, World, gather_with_local_grad
 
 Pooling = Literal["last", "mean", "max"]
 
@@ -45,7 +65,14 @@ def pool(
       token with ``span_end = prompt_len - 1`` under right padding).
     - ``mean`` / ``max``: over those positions only; pads never contribute.
 
-    Positions are absolute, so left and right padding both work.
+    Positions are absolute, so left and right padding both work. Left padding, H = 1, pads hold 9:
+
+    >>> h = torch.tensor([[[9.0], [1.0], [2.0], [3.0]], [[9.0], [9.0], [4.0], [6.0]]])
+    >>> m = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]])
+    >>> pool(h, m, "last").squeeze(-1).tolist(), pool(h, m, "mean").squeeze(-1).tolist()
+    ([3.0, 6.0], [2.0, 5.0])
+    >>> pool(h, m, "max", span_end=torch.tensor([2, 2])).squeeze(-1).tolist()  # prompt = up to position 2
+    [2.0, 4.0]
     """
     mask = _span_mask(attention_mask, span_end)                                   # (B, T)
     if not bool(mask.any(dim=1).all()):
@@ -116,6 +143,13 @@ def contrastive_weight(
     ``c = c * min(lam, L_gen / c)`` with both values detached. Its value is then ``L_gen`` and its
     gradient is ``L_gen / L_cl`` times that of ``L_cl``: in effect ``w = min(lam, L_gen / L_cl)``.
     fixed: ``w = fixed``.
+
+    >>> l_cl = torch.tensor(0.5, requires_grad=True)
+    >>> term, w = contrastive_weight(torch.tensor(2.0), l_cl, "adaptive", 1000.0, 1.0)
+    >>> round(term.item(), 6), round(w, 6)   # c = 500 > 2: capped at L_gen, w = 2 / 0.5
+    (2.0, 4.0)
+    >>> term.backward(); l_cl.grad.item()    # the gradient is w times that of L_cl
+    4.0
     """
     if mode == "fixed":
         return fixed * l_cl, float(fixed)
@@ -132,6 +166,28 @@ def contrastive_weight(
 # --------------------------------------------------------------------------- generation
 
 
+def generation_sums(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    rows: torch.Tensor,
+    n_pairs: int,
+    groups: tuple[str, ...],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group ``g``: ``(sum of token CE (G,), number of response tokens (G,))``; 0 for non-generation groups.
+
+    ``logits`` (K, V) are the LM-head outputs at the K response positions only, ``targets`` (K,) the
+    tokens they predict, ``rows`` (K,) their sequences (group = sequence // n_pairs).
+    """
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")            # (K,)
+    group_of = torch.div(rows, n_pairs, rounding_mode="floor")                   # (K,)
+    gen = torch.tensor([name in GEN_GROUPS for name in groups], device=ce.device)  # (G,)
+    keep = gen[group_of]                                                         # (K,)
+    n_groups = len(groups)
+    sums = torch.zeros(n_groups, dtype=torch.float32, device=ce.device).index_add(0, group_of, ce * keep)  # (G,)
+    counts = torch.bincount(group_of[keep], minlength=n_groups).to(torch.float32)  # (G,)
+    return sums, counts
+
+
 def generation_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -139,64 +195,112 @@ def generation_loss(
     n_pairs: int,
     groups: tuple[str, ...],
 ) -> tuple[torch.Tensor, int]:
-    """Sum over the generation groups of the mean token CE of that group; ``(loss, response tokens)``.
-
-    ``logits`` (K, V) are the LM-head outputs at the K response positions only, ``targets`` (K,) the
-    tokens they predict, ``rows`` (K,) their sequence rows (group = row // n_pairs).
-    """
-    ce = F.cross_entropy(logits.float(), targets, reduction="none")            # (K,)
-    group_of = torch.div(rows, n_pairs, rounding_mode="floor")                   # (K,)
-    loss = logits.new_zeros((), dtype=torch.float32)
-    for g, name in enumerate(groups):
-        if name not in GEN_GROUPS:
-            continue
-        sel = group_of == g                                                      # (K,)
-        loss = loss + ce[sel].sum() / sel.sum().clamp(min=1)
-    return loss, int(targets.numel())
+    """Sum over the generation groups of the mean token CE of that group; ``(loss, response tokens)``."""
+    sums, counts = generation_sums(logits, targets, rows, n_pairs, groups)
+    return (sums / counts.clamp(min=1)).sum(), int(counts.sum())
 
 
 # --------------------------------------------------------------------------- one step
 
 
-def coin_step_loss(model: nn.Module, batch: Batch, cfg: TrainSettings) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss of one micro-batch in one fused forward pass over all its sequences.
+@dataclass(frozen=True)
+class StepScale:
+    """How one micro-batch enters its optimiser step's objective (module docstring).
 
-    Metrics (floats): loss, l_gen, l_cl, w, pos_cos, neg_cos, n_tokens (real tokens forwarded),
-    n_resp_tokens. For ``cit`` the contrastive loss and cosines are measured without gradient
-    (w = 0) so runs can be compared; for ``sft`` they are NaN (no paraphrases in the batch).
+    ``gen_tokens``: per group of the batch, the response tokens of the whole optimiser step on all
+    ranks, i.e. the generation loss's denominators (0 for groups without generation loss); ``None``:
+    this micro-batch's own counts (a step of one micro-batch). ``n_micro``: micro-batches per step.
     """
-    hidden, logits = selected_logits(                                            # (N, T, H), (K, V)
-        model, batch.input_ids, batch.attention_mask, batch.resp_rows, batch.resp_cols
-    )
-    l_gen, n_resp = generation_loss(logits, batch.resp_targets, batch.resp_rows, batch.n_pairs, batch.groups)
-    l_cl, w, pos_cos, neg_cos = _contrastive(hidden, batch, cfg)
+
+    gen_tokens: tuple[float, ...] | None = None
+    n_micro: int = 1
+
+
+def _forward(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hidden (R, L, H), logits (K, V))`` through a :class:`FusedLM` (possibly DDP-wrapped) or a bare model."""
+    mask = batch.attention_mask                                                  # (R, L)
+    if batch.packed:
+        assert batch.segment_ids is not None
+        hf = unwrap_model(model)
+        mask = packed_attention_mask(batch.segment_ids, hf, next(hf.parameters()).dtype)  # (R, 1, L, L)
+    args = (batch.input_ids, mask, batch.resp_rows, batch.resp_cols, batch.position_ids)
+    if isinstance(model, (FusedLM, nn.parallel.DistributedDataParallel)):
+        return model(*args)
+    return selected_logits(model, *args)
+
+
+def coin_step_loss(
+    model: nn.Module,
+    batch: Batch,
+    cfg: TrainSettings,
+    *,
+    scale: StepScale | None = None,
+    world: World = SINGLE,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One fused forward pass over all sequences of a micro-batch; ``(tensor to backpropagate, metrics)``.
+
+    With the defaults (one micro-batch per step, one process) the tensor is the loss itself,
+    ``L_gen + w * L_cl``. Otherwise it is ``W x`` this rank's share of the step objective (module
+    docstring; :mod:`coin.training.distributed` for the ``W``).
+
+    Metrics (floats, the same on every rank: values of this micro-batch over all ranks): loss, l_gen,
+    l_cl, w, pos_cos, neg_cos, l_gen_part (this micro-batch's part of the step's generation loss),
+    n_tokens (real tokens forwarded), n_slots (token slots incl. padding), n_resp_tokens. For ``cit``
+    the contrastive loss and cosines are measured without gradient (w = 0) so runs can be compared;
+    for ``sft`` they are NaN (no paraphrases in the batch).
+    """
+    scale = scale or StepScale()
+    hidden, logits = _forward(model, batch)                                      # (R, L, H), (K, V)
+    sums, counts = generation_sums(logits, batch.resp_targets, batch.sequence_of_response, batch.n_pairs,
+                                   batch.groups)
+    n_groups = len(batch.groups)
+    local = torch.cat([                                                          # one all-reduce for all counters
+        sums.detach(), counts,
+        sums.new_tensor([float(batch.n_tokens), float(batch.attention_mask.numel())]),
+    ])
+    total = world.all_reduce_sum(local)
+    g_sums, g_counts = total[:n_groups], total[n_groups : 2 * n_groups]           # (G,), (G,) over all ranks
+    l_gen = (g_sums / g_counts.clamp(min=1)).sum()                               # this micro-batch, detached
+    denom = g_counts if scale.gen_tokens is None else sums.new_tensor(scale.gen_tokens)  # (G,)
+    gen_share = (sums / denom.clamp(min=1)).sum()                                # this rank's share, with grad
+    l_gen_part = float((g_sums / denom.clamp(min=1)).sum())
+
+    l_cl, pos_cos, neg_cos = _contrastive(hidden, batch, cfg, world)
+    w = 0.0
+    objective = gen_share
     if cfg.method == "coin":
         term, w = contrastive_weight(l_gen, l_cl, cfg.cl_weighting, cfg.cl_lambda, cfg.cl_weight)
-        loss = l_gen + term
-    else:
-        loss = l_gen
+        objective = objective + term / scale.n_micro
+    if world.distributed:
+        objective = objective * world.size                                      # DDP averages over ranks
     metrics = {
-        "loss": float(loss.detach()),
-        "l_gen": float(l_gen.detach()),
+        "loss": float(l_gen) + w * float(l_cl.detach()) if cfg.method == "coin" else float(l_gen),
+        "l_gen": float(l_gen),
         "l_cl": float(l_cl.detach()),
         "w": float(w),
         "pos_cos": pos_cos,
         "neg_cos": neg_cos,
-        "n_tokens": float(batch.n_tokens),
-        "n_resp_tokens": float(n_resp),
+        "l_gen_part": l_gen_part,
+        "n_tokens": float(total[2 * n_groups]),
+        "n_slots": float(total[2 * n_groups + 1]),
+        "n_resp_tokens": float(g_counts.sum()),
     }
-    return loss, metrics
+    return objective, metrics
 
 
-def _contrastive(hidden: torch.Tensor, batch: Batch, cfg: TrainSettings) -> tuple[torch.Tensor, float, float, float]:
-    """``(L_cl, w placeholder, pos_cos, neg_cos)`` from the pooled blocks of the fused batch."""
+def _contrastive(
+    hidden: torch.Tensor, batch: Batch, cfg: TrainSettings, world: World
+) -> tuple[torch.Tensor, float, float]:
+    """``(L_cl, pos_cos, neg_cos)`` of the contrastive group: this micro-batch on all ranks.
+
+    Pooled blocks (B, H) per rank are gathered into (W*B, H) in rank order, so pair ``i`` of rank
+    ``r`` is row ``r*B + i`` of the original, paraphrase and negative blocks alike.
+    """
     if "paraphrase" not in batch.groups:
-        return hidden.new_tensor(math.nan, dtype=torch.float32), 0.0, math.nan, math.nan
+        return hidden.new_tensor(math.nan, dtype=torch.float32), math.nan, math.nan
     span_end = batch.prompt_len - 1 if cfg.pool_span == "prompt" else None        # (N,) or None
     with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.method == "coin"):
-        pooled = pool(hidden, batch.attention_mask, cfg.pooling, span_end)       # (N, H)
-        h_neg = pooled[batch.block("negative")] if "negative" in batch.groups else None
-        l_cl, pos_cos, neg_cos = info_nce(
-            pooled[batch.block("original")], pooled[batch.block("paraphrase")], h_neg, cfg.temperature
-        )
-    return l_cl, 0.0, pos_cos, neg_cos
+        seq_hidden, seq_mask = batch.sequence_view(hidden)                       # (N, T, H), (N, T)
+        pooled = pool(seq_hidden, seq_mask, cfg.pooling, span_end)               # (N, H)
+        blocks = {g: gather_with_local_grad(pooled[batch.block(g)], world) for g in batch.groups}  # (W*B, H)
+        return info_nce(blocks["original"], blocks["paraphrase"], blocks.get("negative"), cfg.temperature)

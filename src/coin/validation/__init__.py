@@ -4,9 +4,12 @@
 """
 
 from coin.validation.checks import CHECKS, CheckContext, CheckResult, Finding, register, token_lengths
+from coin.validation.embeddings import CachedEmbedder, instruction_text, minilm_embedder
 from coin.validation.gate import CheckStats, GateFailed, GateReport, run_checks, run_gate
+from coin.validation.leakage import EvalSources, load_eval_sources
 
 __all__ = [
-    "CHECKS", "CheckContext", "CheckResult", "CheckStats", "Finding", "GateFailed", "GateReport",
-    "register", "run_checks", "run_gate", "token_lengths",
+    "CHECKS", "CachedEmbedder", "CheckContext", "CheckResult", "CheckStats", "EvalSources", "Finding", "GateFailed",
+    "GateReport", "instruction_text", "load_eval_sources", "minilm_embedder", "register", "run_checks", "run_gate",
+    "token_lengths",
 ]

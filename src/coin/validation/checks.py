@@ -12,7 +12,24 @@ names the field and what is wrong::
     ["paraphrase_instruction equals original_instruction up to case, whitespace and punctuation ('is it GOOD' vs 'Is it good?')"]
 
 Checks run in registration order: ``schema`` (Great Expectations, :mod:`coin.validation.schema`,
-imported lazily because ``great_expectations`` takes ~4 s to import) first, then the row checks.
+imported lazily because ``great_expectations`` takes ~4 s to import) first, then:
+
+====================  ==========================================================================
+text_valid            required text present, not empty, valid UTF-8 (no U+FFFD / lone surrogates)
+paraphrase_differs    paraphrase instruction and prompt differ from the original beyond case/space/punct.
+semantic_similarity   MiniLM cosine of the two instructions within [validate.min_similarity, max_similarity]
+target_in_answer_set  target / negative_target are the answer words of label / negative_label
+inputs_present        every input text appears in both prompts
+option_words          option / label words the original instruction names survive in the paraphrase
+negative_valid        negative: the original's instruction, another example, another target
+instruction_leakage   no evaluation instruction in, or near-duplicate of, a training instruction
+example_leakage       no evaluation example in a row's inputs
+token_length          prompt + response tokens within pairs.cutoff_len
+====================  ==========================================================================
+
+``semantic_similarity`` and ``instruction_leakage`` need ``CheckContext.embedder`` (sentence
+embeddings, :mod:`coin.validation.embeddings`); the leak checks need ``CheckContext.eval_sources``
+(:mod:`coin.validation.leakage`). Without them they raise instead of passing silently.
 """
 
 from __future__ import annotations
@@ -25,7 +42,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from coin.config import ValidateSettings
 from coin.data.prompts import PromptFormat, format_prompt
+from coin.validation.embeddings import CachedEmbedder, instruction_text
+from coin.validation.leakage import (
+    EvalSources, ExampleIndex, InstructionHit, example_leaks, max_text_ratio, normalise, text_ratios,
+)
 
 Row = Mapping[str, Any]
 
@@ -57,7 +81,23 @@ class CheckContext:
     docs_dir: Path | None = None        # where the schema check builds its Data Docs site (None = no docs)
     prompt_format: PromptFormat = "train"
     append_eos: bool = True             # count the EOS training appends (the longer, safe case)
+    cfg: ValidateSettings = field(default_factory=ValidateSettings)  # similarity and leak bounds
+    embedder: CachedEmbedder | None = None    # sentence embeddings (semantic_similarity, instruction_leakage)
+    eval_sources: EvalSources | None = None   # what the evaluation uses (instruction_leakage, example_leakage)
     artifacts: dict[str, Any] = field(default_factory=dict)  # what checks hand back (e.g. data_docs index path)
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-check figures for summary.json
+
+    def need_embedder(self, check: str) -> CachedEmbedder:
+        if self.embedder is None:
+            raise RuntimeError(f"check {check!r} needs sentence embeddings: pass CheckContext(embedder=...)")
+        return self.embedder
+
+    def need_eval_sources(self, check: str) -> EvalSources:
+        if self.eval_sources is None:
+            raise RuntimeError(
+                f"check {check!r} needs what the evaluation uses: pass CheckContext(eval_sources=load_eval_sources(...))"
+            )
+        return self.eval_sources
 
 
 Check = Callable[[Sequence[Row], CheckContext], list[CheckResult]]
@@ -122,7 +162,17 @@ def squash(text: str) -> str:
     True
     """
     text = unicodedata.normalize("NFKC", text).casefold()
-    return "".join(c for c in text if not (c.isspace() or unicodedata.category(c).startswith("P")))
+    out = text.translate(_DROP_BMP)
+    if out.isascii():
+        return out
+    return "".join(c for c in out if not (c.isspace() or unicodedata.category(c).startswith("P")))
+
+
+# whitespace and punctuation of the Basic Multilingual Plane, deleted by str.translate (fast path of squash)
+_DROP_BMP = {
+    i: None for i in range(0x10000)
+    if not 0xD800 <= i <= 0xDFFF and (chr(i).isspace() or unicodedata.category(chr(i)).startswith("P"))
+}
 
 
 def rendered_forms(task: Any, text: str) -> set[str]:
@@ -225,6 +275,53 @@ def paraphrase_differs(row: Row) -> list[Finding]:
     return out
 
 
+def _instr_needs(row: Row) -> list[Finding]:
+    return _unusable(row, {"original_instruction": str, "paraphrase_instruction": str})
+
+
+def _describe(values: list[float]) -> dict[str, Any]:
+    if not values:
+        return {"n": 0}
+    a = np.asarray(values, dtype=np.float64)
+    q = np.percentile(a, [0, 5, 50, 95, 100])
+    return {"n": len(values), **{k: round(float(v), 4) for k, v in zip(("min", "p05", "median", "p95", "max"), q)}}
+
+
+@register("semantic_similarity")
+def semantic_similarity(rows: Sequence[Row], ctx: CheckContext) -> list[CheckResult]:
+    """MiniLM cosine of the two instructions (:func:`~coin.validation.embeddings.instruction_text`, no
+    input text, no options) within ``[validate.min_similarity, validate.max_similarity]``."""
+    emb = ctx.need_embedder("semantic_similarity")
+    lo, hi = ctx.cfg.min_similarity, ctx.cfg.max_similarity
+    findings = [_instr_needs(r) for r in rows]
+    usable = [i for i, f in enumerate(findings) if not f]
+    a = [instruction_text(replace_surrogates(rows[i]["original_instruction"])) for i in usable]
+    b = [instruction_text(replace_surrogates(rows[i]["paraphrase_instruction"])) for i in usable]
+    cos = emb.cosine(a, b)
+    per_row: list[float | None] = [None] * len(rows)
+    for i, c in zip(usable, cos.tolist()):
+        per_row[i] = c
+        if c < lo:
+            findings[i].append(Finding(
+                "meaning_drift",
+                f"MiniLM cosine of original_instruction and paraphrase_instruction is {c:.3f}, below "
+                f"validate.min_similarity = {lo} (the paraphrase may not mean the same)",
+            ))
+        elif c > hi:
+            findings[i].append(Finding(
+                "near_copy",
+                f"MiniLM cosine of original_instruction and paraphrase_instruction is {c:.3f}, above "
+                f"validate.max_similarity = {hi} (a near-copy, not a paraphrase)",
+            ))
+    ctx.artifacts["similarity"] = per_row
+    values = [c for c in per_row if c is not None]
+    ctx.stats["semantic_similarity"] = {
+        **_describe(values), "min_similarity": lo, "max_similarity": hi,
+        "below_min": sum(c < lo for c in values), "above_max": sum(c > hi for c in values),
+    }
+    return [CheckResult(tuple(f)) for f in findings]
+
+
 def _answer_finding(row: Row, t_field: str, l_field: str) -> list[Finding]:
     words, target, label = row["answer_words"], row[t_field], row.get(l_field)
     if target not in words:
@@ -263,6 +360,73 @@ def inputs_present(row: Row) -> list[Finding]:
     return out
 
 
+_OPTIONS_BLOCK = re.compile(r"OPTIONS:[ \t]*\n((?:[ \t]*- [^\n]*(?:\n|$))+)")
+
+
+def option_block(text: str) -> list[str]:
+    """The options of FLAN ``OPTIONS:`` blocks in ``text``, in order.
+
+    >>> option_block("Is it good?\\nOPTIONS:\\n- yes\\n- no")
+    ['yes', 'no']
+    """
+    return [ln.strip()[2:].strip() for m in _OPTIONS_BLOCK.finditer(text) for ln in m.group(1).splitlines() if ln.strip()]
+
+
+def _has_word(text: str, word: str) -> bool:
+    return re.search(r"(?<![\w])" + re.escape(word) + r"(?![\w])", text, re.IGNORECASE) is not None
+
+
+def instruction_view(prompt: str, inputs: Mapping[str, Any], task: Any) -> str:
+    """A prompt without its input texts: the instruction as rendered (options included)."""
+    for text in sorted((t for t in inputs.values() if isinstance(t, str) and t), key=len, reverse=True):
+        for form in rendered_forms(task, text):
+            prompt = prompt.replace(form, " \n ")
+    return prompt
+
+
+def named_options(view: str, vocabulary: Sequence[str]) -> list[str]:
+    """Options and label words an instruction names: its ``OPTIONS:`` block, and any vocabulary word
+    (the row's answer words, the task's label words) it mentions as a whole word."""
+    named = list(dict.fromkeys(option_block(view)))
+    named += [w for w in vocabulary if w not in named and _has_word(view, w)]
+    return named
+
+
+def _label_vocabulary(row: Row) -> list[str]:
+    from coin.data.tasks import TASKS
+
+    vocab = [w for w in row["answer_words"] if isinstance(w, str) and w.strip()]
+    spec = TASKS.get(row.get("task")) if isinstance(row.get("task"), str) else None
+    if spec is not None:
+        vocab += [w for w in spec.label_words if w not in vocab]
+    return vocab
+
+
+@row_check("option_words", needs={"original_prompt": str, "paraphrase_prompt": str, "inputs": dict, "answer_words": list})
+def option_words(row: Row) -> list[Finding]:
+    """Every option / label word the original instruction names is named by the paraphrase too, and the
+    paraphrase offers no option the original does not."""
+    vocab = _label_vocabulary(row)
+    orig = instruction_view(row["original_prompt"], row["inputs"], row.get("task"))
+    para = instruction_view(row["paraphrase_prompt"], row["inputs"], row.get("task"))
+    named = named_options(orig, vocab)
+    out = []
+    missing = [w for w in named if not _has_word(para, w)]
+    if missing:
+        out.append(Finding(
+            "option_word_missing",
+            f"option/label word(s) {', '.join(_short(w, 40) for w in missing)} named in original_prompt's instruction "
+            f"are missing from paraphrase_prompt's instruction",
+        ))
+    added = [w for w in option_block(para) if w not in named and not _has_word(orig, w)]
+    if added:
+        out.append(Finding(
+            "option_word_added",
+            f"paraphrase_prompt offers option(s) {', '.join(_short(w, 40) for w in added)} that original_prompt does not",
+        ))
+    return out
+
+
 def _literal_chunks(template: str) -> list[str]:
     """The fixed text of a template around its {placeholders} (stripped, non-empty)."""
     return [lit.strip() for lit, _, _, _ in string.Formatter().parse(template) if lit.strip()]
@@ -290,6 +454,91 @@ def negative_valid(row: Row) -> list[Finding]:
             f"negative_prompt does not use original_instruction (its text {_short(missing[0], 40)} is absent)",
         ))
     return out
+
+
+# --------------------------------------------------------------------------- leakage
+
+_PROMPT_FIELDS = ("original_prompt", "paraphrase_prompt", "negative_prompt")
+_LEAK_NEEDS = {k: str for k in ("original_instruction", "paraphrase_instruction", *_PROMPT_FIELDS)}
+
+
+def _eval_ref(hit: InstructionHit) -> str:
+    return f"evaluation instruction {hit.instruction.ref} ({_short(hit.instruction.text, 50)})"
+
+
+@register("instruction_leakage")
+def instruction_leakage(rows: Sequence[Row], ctx: CheckContext) -> list[CheckResult]:
+    """No evaluation instruction inside a prompt (normalised text) and no training instruction that is a
+    near-duplicate of one (normalised-text ratio >= ``validate.leak_max_text_ratio`` or MiniLM cosine
+    >= ``validate.leak_max_similarity``); instructions compared without their placeholders."""
+    src = ctx.need_eval_sources("instruction_leakage")
+    emb = ctx.need_embedder("instruction_leakage")
+    cfg = ctx.cfg
+    findings = [_unusable(r, _LEAK_NEEDS) for r in rows]
+    usable = [i for i, f in enumerate(findings) if not f]
+    evals = src.instructions
+    eval_texts = [e.text for e in evals]
+    eval_norm = [normalise(t) for t in eval_texts]
+
+    # near-duplicates, computed once per distinct training instruction
+    train = sorted({instruction_text(replace_surrogates(rows[i][f]), fields=False)
+                    for i in usable for f in ("original_instruction", "paraphrase_instruction")})
+    col = {t: j for j, t in enumerate(train)}
+    near: dict[int, list[InstructionHit]] = {}
+    for (e, j), r in text_ratios(eval_texts, train, cfg.leak_max_text_ratio).items():
+        near.setdefault(j, []).append(InstructionHit(evals[e], f"normalised-text ratio {r:.3f} >= "
+                                                     f"validate.leak_max_text_ratio = {cfg.leak_max_text_ratio}"))
+    sims = emb.cosine_matrix(eval_texts, train)
+    for e, j in zip(*np.nonzero(sims >= cfg.leak_max_similarity)):
+        near.setdefault(int(j), []).append(InstructionHit(evals[int(e)], f"MiniLM cosine {sims[e, j]:.3f} >= "
+                                                          f"validate.leak_max_similarity = {cfg.leak_max_similarity}"))
+
+    for i in usable:
+        row = rows[i]
+        for f in ("original_instruction", "paraphrase_instruction"):
+            hits = near.get(col[instruction_text(replace_surrogates(row[f]), fields=False)], [])
+            if hits:
+                more = f" (and {len(hits) - 1} more)" if len(hits) > 1 else ""
+                findings[i].append(Finding("near_duplicate", f"{f} is a near-duplicate of {_eval_ref(hits[0])}: "
+                                                             f"{hits[0].how}{more}"))
+        for f in _PROMPT_FIELDS:
+            text = normalise(row[f])
+            inside = [e for e, n in zip(evals, eval_norm) if len(n) >= cfg.leak_min_chars and n in text]
+            if inside:
+                more = f" (and {len(inside) - 1} more)" if len(inside) > 1 else ""
+                findings[i].append(Finding(
+                    "contained", f"{f} contains evaluation instruction {inside[0].ref} ({_short(inside[0].text, 50)}){more}"))
+    ctx.stats["instruction_leakage"] = {
+        "eval_instructions": len(evals), "training_instructions": len(train),
+        "max_cosine": round(float(sims.max()), 4) if sims.size else None,
+        "max_text_ratio": round(max_text_ratio(eval_texts, train), 4) if train else None,
+        "leak_max_similarity": cfg.leak_max_similarity, "leak_max_text_ratio": cfg.leak_max_text_ratio,
+    }
+    return [CheckResult(tuple(f)) for f in findings]
+
+
+@register("example_leakage")
+def example_leakage(rows: Sequence[Row], ctx: CheckContext) -> list[CheckResult]:
+    """No evaluation example (every field of a validation row of an evaluation task) in a row's inputs."""
+    src = ctx.need_eval_sources("example_leakage")
+    findings = [_unusable(r, {"inputs": dict}) for r in rows]
+    usable = [i for i, f in enumerate(findings) if not f]
+    index = ExampleIndex(
+        [[replace_surrogates(v) for v in rows[i]["inputs"].values() if isinstance(v, str)] for i in usable],
+        ctx.cfg.leak_min_chars,
+    )
+    leaks, partial = example_leaks(index, src.examples)
+    for k, exs in leaks.items():
+        ex = exs[0]
+        fields = ", ".join(f"{f} {_short(t, 40)}" for f, t in ex.texts)
+        more = f" (and {len(exs) - 1} more)" if len(exs) > 1 else ""
+        findings[usable[k]].append(Finding(
+            "eval_example", f"inputs contain evaluation example {ex.example_id} of {ex.task} ({fields}){more}"))
+    ctx.stats["example_leakage"] = {
+        "eval_examples": len(src.examples), "eval_tasks": src.example_tasks, "rows_leaking": len(leaks),
+        "partial_example_matches": partial, "leak_min_chars": ctx.cfg.leak_min_chars, "notes": src.notes,
+    }
+    return [CheckResult(tuple(f)) for f in findings]
 
 
 # --------------------------------------------------------------------------- token length (batched)

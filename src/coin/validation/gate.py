@@ -5,8 +5,11 @@ under ``out_dir``::
 
     valid.jsonl      rows that passed every check, unchanged
     rejects.jsonl    every other row + failed_checks [names] + reasons ["check: what is wrong", ...]
-    summary.json     counts, pass rate, per-check pass rates / failures, rejects per reason code
-    data_docs/       the Great Expectations Data Docs site (index.html)
+    summary.json     counts, pass rate, per-check pass rates / failures, rejects per reason code, and
+                     per-check figures (similarity distribution, what the leak checks compared against)
+    report.html      all of that as one static page (opens offline, links the Data Docs pages)
+    data_docs/       the Great Expectations Data Docs site (index.html): the schema suite, and one
+                     page with every gate check (reasons of failing rows as unexpected values)
 
 and only then raises :class:`GateFailed` if the pass rate is below ``validate.min_pass_rate``:
 nothing is silently dropped, and a failed gate still leaves everything needed to see why.
@@ -26,6 +29,10 @@ from typing import Any
 from coin.config import ValidateSettings
 from coin.data.io import write_json, write_jsonl
 from coin.validation.checks import CHECKS, CheckContext, CheckResult, Row
+from coin.validation.embeddings import CachedEmbedder, Embedder, minilm_embedder
+from coin.validation.leakage import EvalSources
+from coin.validation.report_html import REPORT_FILE
+from coin.validation.report_html import render as render_report_html
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,7 @@ class GateReport:
     data_docs_index: Path | None
     seconds: float                               # wall time of run_gate (outputs included)
     check_seconds: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-check figures (similarity distribution, ...)
 
     @property
     def passed(self) -> bool:
@@ -92,7 +100,9 @@ class GateReport:
                 for name, s in self.checks.items()
             },
             "rejects_per_reason": self.rejects_per_reason,
-            "outputs": {"valid": VALID_FILE, "rejects": REJECTS_FILE, "data_docs": f"{DOCS_DIR}/index.html"},
+            "stats": self.stats,
+            "outputs": {"valid": VALID_FILE, "rejects": REJECTS_FILE, "report": REPORT_FILE,
+                        "data_docs": f"{DOCS_DIR}/index.html"},
         }
 
     def to_metrics(self) -> dict[str, float]:
@@ -118,6 +128,13 @@ class GateReport:
         if self.rejects_per_reason:
             lines += ["", "| reason | rows |", "|---|---:|"]
             lines += [f"| {code} | {n} |" for code, n in self.rejects_per_reason.items()]
+        sim = self.stats.get("semantic_similarity", {})
+        if sim.get("n"):
+            lines += ["", f"Instruction similarity (MiniLM cosine, {sim['n']} rows): min {sim['min']:.3f}, "
+                      f"median {sim['median']:.3f}, max {sim['max']:.3f}; bounds [{sim['min_similarity']}, "
+                      f"{sim['max_similarity']}]: {sim['below_min']} below, {sim['above_max']} above."]
+        for note in self.stats.get("example_leakage", {}).get("notes", []):
+            lines.append(f"Note: {note}")
         return "\n".join(lines)
 
     def failure_message(self, top: int = 3) -> str:
@@ -134,7 +151,8 @@ class GateReport:
             s = self.checks[name]
             reason = (s.example_reason or "")[:200]
             lines.append(f"  - {name}: {n} rows (e.g. pair_id {s.example_pair_id!r}: {reason})")
-        lines.append(f"Every rejected row and its reasons: {self.rejects_path} (summary: {self.summary_path}"
+        lines.append(f"Every rejected row and its reasons: {self.rejects_path} (report: {self.out_dir / REPORT_FILE}, "
+                     f"summary: {self.summary_path}"
                      + (f", Data Docs: {self.data_docs_index})" if self.data_docs_index else ")"))
         lines.append("Fix the data or the settings (e.g. pairs.cutoff_len), or lower validate.min_pass_rate.")
         return "\n".join(lines)
@@ -212,12 +230,24 @@ def run_gate(
     cutoff_len: int,
     tokenizer: Any,
     out_dir: Path,
+    eval_sources: EvalSources,
+    embedder: CachedEmbedder | Embedder | None = None,
 ) -> GateReport:
-    """Validate pair rows; write valid/rejects/summary/Data Docs; raise :class:`GateFailed` below the threshold."""
+    """Validate pair rows; write valid/rejects/summary/Data Docs; raise :class:`GateFailed` below the threshold.
+
+    ``eval_sources`` is what the evaluation uses (:func:`coin.validation.leakage.load_eval_sources`);
+    ``embedder`` defaults to the packaged MiniLM (:func:`coin.validation.embeddings.minilm_embedder`).
+    """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    ctx = CheckContext(cfg.max_length_chars, cutoff_len, tokenizer, docs_dir=out_dir / DOCS_DIR)
+    if embedder is None:
+        embedder = minilm_embedder(cfg.embed_batch_size)
+    if not isinstance(embedder, CachedEmbedder):
+        embedder = CachedEmbedder(embedder)
+    ctx = CheckContext(cfg.max_length_chars, cutoff_len, tokenizer, docs_dir=out_dir / DOCS_DIR, cfg=cfg,
+                       embedder=embedder, eval_sources=eval_sources)
     results, check_seconds = run_checks(rows, ctx)
+    ctx.stats["eval_sources"] = eval_sources.summary()
 
     valid: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
@@ -232,15 +262,21 @@ def run_gate(
 
     write_jsonl(out_dir / VALID_FILE, valid)
     write_jsonl(out_dir / REJECTS_FILE, rejects)
+    from coin.validation.schema import document_checks
+
+    t_docs = time.perf_counter()
+    document_checks(ctx, rows, results)
+    check_seconds["data_docs"] = time.perf_counter() - t_docs
     report = GateReport(
         rows_in=len(rows), rows_valid=len(valid), rows_rejected=len(rejects),
         pass_rate=len(valid) / len(rows) if rows else 0.0, min_pass_rate=cfg.min_pass_rate,
         checks={name: _check_stats(rows, res) for name, res in results.items()},
         rejects_per_reason=dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
         out_dir=out_dir, data_docs_index=ctx.artifacts.get("data_docs_index"), seconds=0.0,
-        check_seconds=check_seconds,
+        check_seconds=check_seconds, stats=ctx.stats,
     )
     write_json(out_dir / SUMMARY_FILE, report.to_summary())
+    (out_dir / REPORT_FILE).write_text(render_report_html(report, out_dir), encoding="utf-8")
     report.seconds = time.perf_counter() - t0
     log.info("validation gate: %d/%d rows valid (pass rate %.3f) in %.1f s", len(valid), len(rows), report.pass_rate, report.seconds)
     if not report.passed:

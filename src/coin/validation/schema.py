@@ -173,7 +173,47 @@ def _validate(rows: Sequence[Row], rules: list[Rule], ctx: CheckContext) -> list
     results = list(res.run_results.values())[0].results
     if sites:
         ctx.artifacts["data_docs_index"] = ctx.docs_dir / "index.html"
+        ctx.artifacts["gx"] = (gctx, sites)  # document_checks adds the other checks' page to this site
     return results
+
+
+CHECKS_SUITE = "coin_gate_checks"
+
+
+def document_checks(ctx: CheckContext, rows: Sequence[Row], results: dict[str, list[CheckResult]]) -> None:
+    """Add a page for *every* gate check to the Data Docs site the schema check built.
+
+    One column per check holds each row's reasons (null when it passed), validated by
+    ``expect_column_values_to_be_null``: the page shows each check's failure count and its most
+    frequent reasons, next to the schema suite's page. No-op when no site was built.
+    """
+    if "gx" not in ctx.artifacts:
+        return
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+    import pandas as pd
+
+    gctx, sites = ctx.artifacts["gx"]
+    cols: dict[str, list[Any]] = {
+        "_row": list(range(len(rows))),
+        "pair_id": [replace_surrogates(r["pair_id"]) if isinstance(r.get("pair_id"), str) else f"<row {i}>"
+                    for i, r in enumerate(rows)],
+    }
+    for name, res in results.items():
+        cols[name] = [None if r.passed else replace_surrogates(r.reason)[:300] for r in res]
+    frame = pd.DataFrame(cols, dtype=object)
+    batch = gctx.data_sources.add_pandas("gate").add_dataframe_asset("checks").add_batch_definition_whole_dataframe("all")
+    suite = gctx.suites.add(gx.ExpectationSuite(name=CHECKS_SUITE))
+    for name in results:
+        suite.add_expectation(gxe.ExpectColumnValuesToBeNull(
+            column=name, description=f"every row passes gate check '{name}' (a failing row shows its reasons)"))
+    vd = gctx.validation_definitions.add(gx.ValidationDefinition(name="gate_checks", data=batch, suite=suite))
+    cp = gctx.checkpoints.add(gx.Checkpoint(
+        name="gate_checks", validation_definitions=[vd],
+        actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=sites)],
+        result_format={"result_format": "SUMMARY", "unexpected_index_column_names": ["pair_id"]},
+    ))
+    cp.run(batch_parameters={"dataframe": frame})
 
 
 def _key(config: Any) -> tuple[str, str | None]:

@@ -1,0 +1,68 @@
+"""Data versioning step of the Prefect flow: DVC status, new version on change, push to the remote.
+
+``stage_data`` (``coin data``) restores ``data/`` from the DVC remote when it is missing. A scheduled
+pipeline also has to handle the other direction: when ``data/`` was *changed* in place (a refresh job
+dropped new files), the change is recorded as a new DVC version (``dvc add data`` rewrites
+``data.dvc``) and pushed to the configured remote, so the version that the runs are tagged with can
+be pulled again anywhere. Commit the new ``data.dvc`` afterwards (the step says so in the log).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from coin.config import Settings
+from coin.stages import stage_data
+
+log = logging.getLogger("coin.flows")
+
+
+def _out_status(repo: Any, dvc_file: Path) -> dict[str, str]:
+    """``{"data": "modified" | "deleted" | "not in cache" | ...}`` for the outs of ``dvc_file`` ({} if in sync)."""
+    changes: dict[str, str] = {}
+    for entries in repo.status(targets=[str(dvc_file)]).values():
+        for entry in entries:
+            if isinstance(entry, dict):
+                changes.update(entry.get("changed outs", {}))
+    return changes
+
+
+def version_data(settings: Settings, root: Path, push: bool = True) -> dict[str, Any]:
+    """DVC status of ``data/``: version local changes (``dvc add``), pull what is missing, push what the
+    remote lacks.
+
+    Returns ``stage_data``'s ``{"data_version", "pulled"}`` plus ``"versioned"`` (a new version was
+    recorded in ``data.dvc``) and ``"pushed"`` (files sent to the remote).
+    """
+    dvc_file = root / "data.dvc"
+    if not dvc_file.exists():
+        return {**stage_data(settings, root), "versioned": False, "pushed": 0}
+    from dvc.repo import Repo
+
+    data_dir = root / settings.paths.data_dir
+    versioned = False
+    with Repo(str(root)) as repo:
+        changes = _out_status(repo, dvc_file)
+        if data_dir.exists() and any(v == "modified" for v in changes.values()):
+            log.warning("data: %s differs from data.dvc (%s); recording it as a new DVC version", data_dir, changes)
+            repo.add(str(data_dir))
+            versioned = True
+    result = stage_data(settings, root)  # pulls when data/ is missing or incomplete
+    pushed = 0
+    if push:
+        from dvc.config import NoRemoteError
+
+        with Repo(str(root)) as repo:
+            try:
+                if repo.status(targets=[str(dvc_file)], cloud=True):  # files the remote does not have
+                    pushed = int(repo.push(targets=[str(dvc_file)]))
+                    log.info("data: pushed %d file(s) of version %s to the DVC remote", pushed, result["data_version"])
+            except NoRemoteError:
+                log.warning("data: no DVC remote configured, version %s stays local; add one with "
+                            "`dvc remote add -d NAME URL`", result["data_version"])
+    if versioned:
+        log.warning("data: new version %s; commit it: git add %s && git commit -m 'data version'",
+                    result["data_version"], dvc_file.name)
+    return {**result, "versioned": versioned, "pushed": pushed}

@@ -1,0 +1,222 @@
+"""Generation scoring: greedy decoding of a few tokens, parsed into a label as the reference does.
+
+``generate_answers`` is the batched path: prompts are tokenised exactly like training/scoring
+(``coin.data.prompts.encode``: BOS + prompt + response marker), LEFT-padded, and decoded greedily
+with ``model.generate`` (KV cache on; position ids follow the attention mask, so a left-padded row
+decodes as it would alone). ``generate_reference_style`` is the reference's loop (batch size 1, no KV
+cache, full-vocabulary logits at every position) kept for the benchmark and as a test oracle.
+
+``parse_answer`` maps a decoded output to a label index (COIN-REFERENCE §4, "Decoding"):
+
+1. only the *new* tokens are decoded (the reference splits the full text on the prompt, which raises
+   when detokenisation does not reproduce the prompt);
+2. lower-case, strip whitespace and punctuation at both ends (as the reference does);
+3. spaces around ``_`` are removed: WordPiece decodes the tokens of ``not_entailment`` as
+   ``"not _ entailment"``; a model that wrote ``not entailment`` (no underscore) is still wrong;
+4. the answer is the label whose word the text *starts with*; candidates are tried longest first, so a
+   label that is a prefix of another can never shadow it (``entailment`` vs ``not_entailment`` and
+   ``equivalent`` vs ``not_equivalent`` cannot collide either way with ``startswith``);
+5. no match, or an empty output, is ``-1`` (always wrong).
+
+The reference also accepts the aliases of its ``LABEL_SET`` (``'0'``/``'1'`` for sst2, qnli, rte,
+wnli); :func:`label_choices` reads them from the instruction file when it has them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from coin.data.io import DataError, read_json
+from coin.data.prompts import PromptFormat, encode
+
+log = logging.getLogger(__name__)
+
+UNPARSED = -1
+_STRIP = string.whitespace + string.punctuation
+_UNDERSCORE_SPACES = re.compile(r"\s*_\s*")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def normalise_output(text: str) -> str:
+    """Lower-case, undo WordPiece's spaces around ``_``, strip whitespace/punctuation at both ends."""
+    return _UNDERSCORE_SPACES.sub("_", text.lower()).strip(_STRIP)
+
+
+def parse_answer(text: str, choices: Mapping[str, int]) -> int:
+    """Label index of the first choice ``text`` starts with (longest choice first), else ``-1``.
+
+    >>> choices = {"entailment": 0, "not_entailment": 1}
+    >>> parse_answer("Not_entailment.", choices), parse_answer("entailment, because", choices)
+    (1, 0)
+    >>> parse_answer("not entailment", choices), parse_answer("", choices), parse_answer("the answer", choices)
+    (-1, -1, -1)
+    """
+    norm = normalise_output(text)
+    if not norm:
+        return UNPARSED
+    for word in sorted(choices, key=len, reverse=True):
+        if norm.startswith(normalise_output(word)):
+            return int(choices[word])
+    return UNPARSED
+
+
+def label_choices(label_words: Sequence[str], instruction_file: str | Path | None = None,
+                  task: str | None = None) -> dict[str, int]:
+    """``{answer string: label index}``: the task's label words plus the file's aliases, if any.
+
+    An instruction file in the CoIN/PromptBench schema may carry ``label_set`` (the strings the
+    reference accepts) and ``label_to_id``; a mapping that contradicts our label ids is rejected with
+    the file and field named, because it would silently flip answers (wnli's ids are reversed).
+    """
+    choices = {w: i for i, w in enumerate(label_words)}
+    if instruction_file is None or task is None:
+        return choices
+    path = Path(instruction_file)
+    doc = read_json(path)
+    label_set, to_id = _get(doc, "label_set", task), _get(doc, "label_to_id", task)
+    if label_set is None or to_id is None:
+        return choices
+    if not isinstance(label_set, list) or not isinstance(to_id, dict):
+        raise DataError(f"{path}: task '{task}': fields 'label_set.{task}' / 'label_to_id.{task}' should be a "
+                        f"list and an object")
+    for word, idx in choices.items():
+        if word in to_id and to_id[word] != idx:
+            raise DataError(f"{path}: task '{task}': field 'label_to_id.{task}.{word}' = {to_id[word]!r} but "
+                            f"'{word}' is label {idx} in the data (coin.data.tasks); fix the file")
+    for alias in label_set:
+        if isinstance(alias, str) and alias in to_id and alias not in choices:
+            idx = to_id[alias]
+            if not isinstance(idx, int) or not 0 <= idx < len(label_words):
+                raise DataError(f"{path}: task '{task}': field 'label_to_id.{task}.{alias}' = {idx!r} is not a "
+                                f"label index 0..{len(label_words) - 1}")
+            choices[alias] = idx
+    return choices
+
+
+def _get(doc: Any, key: str, task: str) -> Any:
+    section = doc.get(key) if isinstance(doc, dict) else None
+    return section.get(task) if isinstance(section, dict) else None
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@dataclass
+class GenerateOutput:
+    texts: list[str]            # decoded new tokens per prompt (special tokens removed)
+    new_tokens: int             # tokens generated in total (all rows, before EOS/padding)
+    prompt_tokens: int          # prompt tokens in total
+
+
+def _prompt_ids(tokenizer, prompts: Sequence[str], fmt: PromptFormat, max_length: int | None) -> list[list[int]]:
+    ids = [encode(tokenizer, p, "", fmt=fmt, append_eos=False, max_length=max_length) for p in prompts]
+    cut = sum(e.truncated > 0 for e in ids)
+    if cut:
+        log.warning("%d of %d prompts lost tokens from the left to fit %s tokens", cut, len(ids), max_length)
+    return [e.input_ids for e in ids]
+
+
+def _gen_config(tokenizer, max_new_tokens: int):
+    """Greedy decoding, overriding whatever sampling defaults the checkpoint's generation_config has."""
+    from transformers import GenerationConfig
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+
+
+def _budget(model: nn.Module, max_new_tokens: int) -> int | None:
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return None if n is None else n - max_new_tokens
+
+
+def _decode_new(tokenizer, out: torch.Tensor, width: int) -> tuple[list[str], int]:
+    """Decoded new tokens per row (up to the first EOS) and how many tokens that was."""
+    texts, n = [], 0
+    eos = tokenizer.eos_token_id
+    for row in out[:, width:].tolist():
+        if eos is not None and eos in row:
+            row = row[:row.index(eos)]
+        n += len(row)
+        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts, n
+
+
+def generate_answers(
+    model: nn.Module, tokenizer, prompts: Sequence[str], *, fmt: PromptFormat = "train", max_new_tokens: int = 7,
+    batch_size: int = 32, desc: str = "generate",
+) -> GenerateOutput:
+    """Greedy ``max_new_tokens`` continuations of every prompt, batched with left padding and a KV cache."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = next(model.parameters()).device
+    ids = _prompt_ids(tokenizer, prompts, fmt, _budget(model, max_new_tokens))
+    cfg = _gen_config(tokenizer, max_new_tokens)
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths share a batch: less padding
+    texts: list[str] = [""] * len(ids)
+    new_tokens = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            starts = range(0, len(order), batch_size)
+            for s in tqdm(starts, desc=desc, unit="batch", leave=False, disable=len(starts) < 2):
+                idx = order[s:s + batch_size]
+                width = max(len(ids[i]) for i in idx)
+                x = torch.full((len(idx), width), pad, dtype=torch.long)
+                m = torch.zeros((len(idx), width), dtype=torch.long)
+                for b, i in enumerate(idx):  # LEFT padding: every row's last prompt token is at width - 1
+                    x[b, width - len(ids[i]):] = torch.tensor(ids[i])
+                    m[b, width - len(ids[i]):] = 1
+                out = model.generate(input_ids=x.to(device), attention_mask=m.to(device), generation_config=cfg)
+                decoded, n = _decode_new(tokenizer, out.cpu(), width)
+                new_tokens += n
+                for b, i in enumerate(idx):
+                    texts[i] = decoded[b]
+    finally:
+        model.train(was_training)
+    return GenerateOutput(texts, new_tokens, sum(map(len, ids)))
+
+
+def generate_reference_style(
+    model: nn.Module, tokenizer, prompts: Sequence[str], *, fmt: PromptFormat = "train", max_new_tokens: int = 7,
+    desc: str = "generate (reference loop)",
+) -> GenerateOutput:
+    """The reference's decoding loop: one prompt at a time, greedy, **no KV cache** (each new token
+    re-runs the whole sequence and the LM head over every position), stopping at EOS."""
+    device = next(model.parameters()).device
+    ids = _prompt_ids(tokenizer, prompts, fmt, _budget(model, max_new_tokens))
+    eos = tokenizer.eos_token_id
+    texts, new_tokens = [], 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for p in tqdm(ids, desc=desc, unit="prompt", leave=False, disable=len(ids) < 2):
+                x = torch.tensor([p], device=device)
+                new: list[int] = []
+                for _ in range(max_new_tokens):
+                    logits = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits  # (1, T, V)
+                    nxt = int(logits[0, -1].argmax())
+                    if nxt == eos:
+                        break
+                    new.append(nxt)
+                    x = torch.cat([x, torch.tensor([[nxt]], device=device)], dim=1)
+                new_tokens += len(new)
+                texts.append(tokenizer.decode(new, skip_special_tokens=True))
+    finally:
+        model.train(was_training)
+    return GenerateOutput(texts, new_tokens, sum(map(len, ids)))

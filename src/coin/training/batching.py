@@ -1,0 +1,106 @@
+"""Which pair rows go into which batch: seeded, resumable, optionally length-bucketed.
+
+A :class:`BatchStream` yields *global* batches of ``batch_size x world_size`` pair rows forever: epoch
+``e`` is a permutation drawn from ``random.Random(f"train-batches:{seed}:{e}")``, cut into batches,
+the incomplete tail dropped (so no pair appears twice in one batch, which would make it its own
+in-batch negative). Its whole state is ``(epoch, next batch index)``, so a resumed run continues with
+exactly the batches an uninterrupted run would have seen. Under DDP rank ``r`` takes rows
+``[r*batch_size, (r+1)*batch_size)`` of each global batch.
+
+Length bucketing (``train.bucket_by_length``): each epoch's permutation is cut into windows of
+``BUCKET_WINDOW`` batches; inside a window rows are sorted by length and cut into batches, and the
+batches of the whole epoch are then shuffled. A batch thus holds pairs of similar length (less
+padding, see ``bench/bench_train.py``) drawn from a random window, and every pair is still seen once
+per epoch. The length of a row is the character count of its longest sequence (prompt + target of the
+original, paraphrase or negative): cheap, no tokenizer, and monotone enough in the token count.
+Side effect to know: in-batch negatives are then pairs of similar length.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+from coin.training.collator import GROUP_COLUMNS
+
+BUCKET_WINDOW = 32  # batches per sorting window
+
+
+def train_rows_of(rows: list[dict[str, Any]], batch_size: int) -> list[dict[str, Any]]:
+    """The ``split == 'train'`` rows; at least one full contrastive batch of distinct pairs."""
+    train_rows = [r for r in rows if r.get("split") == "train"]
+    if len(train_rows) < batch_size:
+        raise ValueError(
+            f"training needs at least train.batch_size = {batch_size} pair rows with split 'train' "
+            f"(times the number of processes under torchrun), got {len(train_rows)} (of {len(rows)} rows); "
+            f"add data or lower train.batch_size"
+        )
+    return train_rows
+
+
+def row_length(row: dict[str, Any]) -> int:
+    """Characters of the row's longest sequence (prompt + target), over the groups it has."""
+    return max(
+        len(str(row.get(p, ""))) + len(str(row.get(t, ""))) for p, t in GROUP_COLUMNS.values() if p in row
+    )
+
+
+class BatchStream:
+    """Endless, seeded, resumable batches of pair rows (module docstring)."""
+
+    def __init__(
+        self, rows: list[dict[str, Any]], batch_size: int, seed: int, *, bucket_by_length: bool = False
+    ) -> None:
+        if len(rows) < batch_size:
+            raise ValueError(f"BatchStream: {len(rows)} rows cannot fill one batch of {batch_size}")
+        self.rows, self.batch_size, self.seed, self.bucket = rows, batch_size, seed, bucket_by_length
+        self._lengths = [row_length(r) for r in rows] if bucket_by_length else None
+        self.epoch, self.next_batch = 0, 0
+        self._cache: tuple[int, list[list[int]]] | None = None
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Row indices of every batch of ``epoch`` (deterministic in ``(seed, epoch)``)."""
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        rng = random.Random(f"train-batches:{self.seed}:{epoch}")
+        order = list(range(len(self.rows)))
+        rng.shuffle(order)
+        bs = self.batch_size
+        usable = len(order) - len(order) % bs
+        if self._lengths is None:
+            batches = [order[i : i + bs] for i in range(0, usable, bs)]
+        else:
+            lengths, window = self._lengths, bs * BUCKET_WINDOW
+            batches = []
+            for w in range(0, usable, window):
+                chunk = sorted(order[w : min(w + window, usable)], key=lambda i: lengths[i])
+                batches += [chunk[i : i + bs] for i in range(0, len(chunk), bs)]
+            rng.shuffle(batches)
+        self._cache = (epoch, batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        return self
+
+    def __next__(self) -> list[dict[str, Any]]:
+        batches = self._epoch_batches(self.epoch)
+        if self.next_batch >= len(batches):
+            self.epoch, self.next_batch = self.epoch + 1, 0
+            batches = self._epoch_batches(self.epoch)
+        idx = batches[self.next_batch]
+        self.next_batch += 1
+        return [self.rows[i] for i in idx]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "next_batch": self.next_batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.next_batch = int(state["epoch"]), int(state["next_batch"])
+
+
+def iterate_batches(
+    rows: list[dict[str, Any]], batch_size: int, seed: int, *, bucket_by_length: bool = False
+) -> Iterator[list[dict[str, Any]]]:
+    """Endless seeded batches (a :class:`BatchStream`)."""
+    return BatchStream(rows, batch_size, seed, bucket_by_length=bucket_by_length)

@@ -1,0 +1,273 @@
+"""Training checkpoints: everything a killed run needs to continue to the same result, no pickle.
+
+One checkpoint is a directory ``<checkpoint_dir>/step-0000020/``::
+
+    adapter/                  the LoRA adapter at that step (peft ``save_pretrained``: safetensors + config);
+                              loadable on its own with coin.modeling.lora.load_adapter
+    optimizer.safetensors     the optimizer's tensors (AdamW moments, step counts), "state.<param>.<name>"
+    rng-rank<r>.safetensors   torch CPU (and CUDA) RNG states of rank r (LoRA dropout)
+    rng-rank<r>.json          python ``random`` and numpy RNG states of rank r
+    state.json                step, optimizer hyper-parameters, LR-scheduler state, data position,
+                              metrics history, trainable parameter names, and the run's fingerprint
+
+It is written into ``.tmp-step-0000020/`` and renamed into place only when complete (``os.replace``
+of a directory is atomic on POSIX), so a run killed while writing leaves either the previous
+checkpoints or the new one, never half of one. The last ``keep`` checkpoints are kept.
+
+Resuming checks the fingerprint (training settings, seed, cutoff, world size, a hash of the training
+rows) and refuses, naming the keys that differ, when the run would not be the same run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from coin.training.distributed import World
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^step-(\d+)$")
+STATE_FILE = "state.json"
+# Settings that may change between a run and its resumption without changing the result
+# (gradient checkpointing recomputes the very same activations: turn it on to resume after running out of memory).
+RESUME_FREE_KEYS = frozenset({"log_every", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing"})
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def fingerprint(cfg_dump: dict[str, Any], *, seed: int, cutoff_len: int, world_size: int,
+                rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What must be equal for a resumed run to be the same run (flat ``{key: value}``)."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, sort_keys=True, default=str).encode("utf-8"))
+        digest.update(b"\n")
+    out = {f"train.{k}": v for k, v in _flatten(cfg_dump).items() if k.split(".")[0] not in RESUME_FREE_KEYS}
+    out.update({"seed": seed, "cutoff_len": cutoff_len, "world_size": world_size,
+                "train_rows": len(rows), "train_rows_sha256": digest.hexdigest()})
+    return out
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``root`` as ``(step, path)``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def clear_checkpoints(root: Path) -> None:
+    """Remove every checkpoint (and leftover temporary directory) under ``root``: a fresh run starts clean,
+    so a later ``resume`` can never pick up a checkpoint of an older run."""
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.is_dir() and (_NAME.match(p.name) or p.name.startswith(".tmp-")):
+            shutil.rmtree(p)
+
+
+# --------------------------------------------------------------------------- file helpers
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with path.open("w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=1, allow_nan=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    with path.open("rb") as fh:
+        os.fsync(fh.fileno())
+
+
+# --------------------------------------------------------------------------- optimizer / rng <-> plain
+
+
+def _optimizer_split(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    plain_state: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"state.{idx}.{k}"] = v
+            else:
+                plain_state.setdefault(str(idx), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "state": plain_state}
+
+
+def _optimizer_join(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in plain["state"].items()}
+    for key, t in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = t
+    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else dict(g) for g in plain["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _rng_capture() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    py = random.getstate()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # type: ignore[misc]
+    plain = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(gauss)]}
+    return tensors, plain
+
+
+def _rng_restore(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    v, state, gauss = plain["python"]
+    random.setstate((v, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+@dataclass
+class Restored:
+    step: int
+    history: list[dict[str, float]]
+    stream_state: dict[str, int]
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    stream_state: dict[str, int],
+    history: list[dict[str, float]],
+    param_names: list[str],
+    fp: dict[str, Any],
+    world: World,
+    keep: int,
+) -> Path:
+    """Write checkpoint ``step`` atomically (every rank calls this; rank 0 writes all but the RNG files)."""
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{checkpoint_name(step)}"
+    if world.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a run killed while writing
+        tmp.mkdir()
+    world.barrier()
+    rng_tensors, rng_plain = _rng_capture()
+    _save_tensors(tmp / f"rng-rank{world.rank}.safetensors", rng_tensors)
+    _write_json(tmp / f"rng-rank{world.rank}.json", rng_plain)
+    if world.is_main:
+        model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
+        opt_tensors, opt_plain = _optimizer_split(optimizer)
+        _save_tensors(tmp / "optimizer.safetensors", opt_tensors)
+    world.barrier()  # every rank's RNG files are in tmp
+    if world.is_main:
+        _write_json(tmp / STATE_FILE, {
+            "step": step, "optimizer": opt_plain, "scheduler": scheduler.state_dict(), "data": stream_state,
+            "history": history, "param_names": param_names, "world_size": world.size, "fingerprint": fp,
+        })
+        for sub in (tmp / "adapter", tmp):
+            _fsync_dir(sub)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for _, old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old)
+    world.barrier()
+    return final
+
+
+def _check_fingerprint(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if diff:
+        shown = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in diff[:8])
+        raise ValueError(
+            f"{path}: cannot resume, this run differs from the checkpointed one ({shown}). Resume with the "
+            f"same settings and data, or start without resume (the old checkpoints are then removed)."
+        )
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    param_names: list[str],
+    fp: dict[str, Any],
+    world: World,
+) -> Restored:
+    """Restore the adapter weights, optimizer, scheduler and this rank's RNG states from ``path``."""
+    from peft import set_peft_model_state_dict
+
+    with (path / STATE_FILE).open(encoding="utf-8") as fh:
+        state = json.load(fh)
+    _check_fingerprint(path, state["fingerprint"], fp)
+    if state["param_names"] != param_names:
+        raise ValueError(f"{path}: the trainable parameters differ from this run's (LoRA settings changed?)")
+    weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, weights)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"{path}/adapter: keys that this model does not have: {result.unexpected_keys[:5]}")
+    optimizer.load_state_dict(_optimizer_join(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
+    scheduler.load_state_dict(state["scheduler"])
+    rank_files = (path / f"rng-rank{world.rank}.safetensors", path / f"rng-rank{world.rank}.json")
+    if not all(f.is_file() for f in rank_files):
+        raise FileNotFoundError(f"{path}: no RNG state for rank {world.rank}; resume with the same number of processes")
+    with rank_files[1].open(encoding="utf-8") as fh:
+        _rng_restore(load_file(str(rank_files[0])), json.load(fh))
+    log.info("resumed from %s (step %d)", path, state["step"])
+    return Restored(int(state["step"]), list(state["history"]), dict(state["data"]))

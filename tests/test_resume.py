@@ -1,0 +1,157 @@
+"""Checkpoints and resume: a run killed with SIGKILL and resumed ends with the adapter of an
+uninterrupted run; checkpoints are atomic, pruned, pickle-free, and refuse a different run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers_training import adapter_tensors, cfg_for, make_rows
+from training_workers import CUTOFF, resume_cfg, resume_rows
+
+from coin.modeling.backbone import load_backbone
+from coin.modeling.lora import load_adapter
+from coin.training.checkpoint import latest_checkpoint, list_checkpoints
+from coin.training.loop import train
+
+WORKER = Path(__file__).resolve().parent / "training_workers.py"
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Any:
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP's
+    spin-waiting makes them 10-30x slower; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_sigkilled_run_resumes_to_the_uninterrupted_adapter(tiny_bert_encoder_dir: Path, tmp_path: Path) -> None:
+    model_dir = str(tiny_bert_encoder_dir)
+    cfg = resume_cfg()
+    uninterrupted = train(load_backbone(model_dir, device="cpu", seed=0), resume_rows(), cfg,
+                          out_dir=tmp_path / "a", seed=0, cutoff_len=CUTOFF, progress=False)
+
+    killed = tmp_path / "b"
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), "killed", model_dir, str(killed), str(torch.get_num_threads()), "5"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert [s for s, _ in list_checkpoints(killed / "checkpoints")] == [2, 4]  # killed after step 5
+    assert not (killed / "adapter").exists()
+
+    logged: list[int] = []
+    resumed = train(load_backbone(model_dir, device="cpu", seed=0), resume_rows(), cfg, out_dir=killed, seed=0,
+                    cutoff_len=CUTOFF, progress=False, resume=True, on_metrics=lambda s, _: logged.append(s))
+    assert resumed.resumed_from == 4 and resumed.steps == 6 and logged == [5, 6]  # only steps 5 and 6 ran
+    assert [h["step"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
+    for ours, theirs in zip(resumed.history, uninterrupted.history, strict=True):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-6)
+    a, b = adapter_tensors(uninterrupted.adapter_dir), adapter_tensors(resumed.adapter_dir)
+    assert a.keys() == b.keys() and any("cls.predictions.transform" in k for k in a)  # the trained head too
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert [s for s, _ in list_checkpoints(killed / "checkpoints")] == [4, 6]  # keep_checkpoints = 2
+
+
+def test_each_part_of_the_checkpoint_matters(tiny_bert_encoder_dir: Path, tmp_path: Path) -> None:
+    """Counter-check of the test above: resuming from step 4 with the data position, the RNG state or
+    the optimizer state replaced gives another final adapter, so each is really restored."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir = str(tiny_bert_encoder_dir)
+    cfg = resume_cfg()
+    full = train(load_backbone(model_dir, device="cpu", seed=0), resume_rows(), cfg, out_dir=tmp_path / "a",
+                 seed=0, cutoff_len=CUTOFF, progress=False)
+    reference = adapter_tensors(full.adapter_dir)
+    step4 = tmp_path / "a" / "checkpoints" / "step-0000004"
+
+    def resume_tampered(what: str) -> dict[str, torch.Tensor]:
+        out = tmp_path / what
+        shutil.copytree(step4, out / "checkpoints" / step4.name)
+        ckpt = out / "checkpoints" / step4.name
+        if what == "data":
+            state = json.loads((ckpt / "state.json").read_text())
+            state["data"] = {"epoch": 0, "next_batch": 0}
+            (ckpt / "state.json").write_text(json.dumps(state))
+        elif what == "rng":
+            save_file({"torch": torch.Generator().manual_seed(123).get_state()}, str(ckpt / "rng-rank0.safetensors"))
+        else:
+            opt = load_file(str(ckpt / "optimizer.safetensors"))
+            save_file({k: torch.zeros_like(v) if "exp_avg" in k else v for k, v in opt.items()},
+                      str(ckpt / "optimizer.safetensors"))
+        steps: list[int] = []
+        result = train(load_backbone(model_dir, device="cpu", seed=0), resume_rows(), cfg, out_dir=out, seed=0,
+                       cutoff_len=CUTOFF, progress=False, resume=True, on_metrics=lambda s, _: steps.append(s))
+        assert result.resumed_from == 4 and steps == [5, 6]
+        return adapter_tensors(result.adapter_dir)
+
+    for what in ("data", "rng", "optimizer"):
+        tampered = resume_tampered(what)
+        assert any(not torch.allclose(tampered[k], reference[k], rtol=1e-4, atol=1e-6) for k in reference), what
+
+
+def test_checkpoint_files_atomicity_and_pruning(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    cfg = cfg_for("coin", max_steps=3, checkpoint_every=1, keep_checkpoints=2, lr=1e-2)
+    rows = make_rows(6)
+    ckpts = tmp_path / "ckpts"
+    train(load_backbone(str(tiny_llama_dir), device="cpu"), rows, cfg, out_dir=tmp_path, seed=0, cutoff_len=64,
+          progress=False, checkpoint_dir=ckpts)
+    assert [p.name for p in sorted(ckpts.iterdir())] == ["step-0000002", "step-0000003"]
+    last = ckpts / "step-0000003"
+    files = sorted(str(p.relative_to(last)) for p in last.rglob("*") if p.is_file())
+    assert files == ["adapter/README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                     "optimizer.safetensors", "rng-rank0.json", "rng-rank0.safetensors", "state.json"]
+    state = json.loads((last / "state.json").read_text())
+    assert state["step"] == 3 and state["data"] == {"epoch": 0, "next_batch": 3} and len(state["history"]) == 3
+    assert state["scheduler"]["last_epoch"] == 3
+    # a checkpoint's adapter is a usable adapter
+    loaded = load_adapter(load_backbone(str(tiny_llama_dir), device="cpu"), last / "adapter")
+    assert not loaded.training
+
+    # a crash while writing leaves a temporary directory, and a directory without state.json is incomplete:
+    # resume ignores both and continues from the last complete checkpoint
+    (ckpts / ".tmp-step-0000004").mkdir()
+    (ckpts / ".tmp-step-0000004" / "optimizer.safetensors").write_bytes(b"partial")
+    (ckpts / "step-0000009").mkdir()
+    assert latest_checkpoint(ckpts) == last
+    more = cfg.model_copy(update={"max_steps": 3})
+    again = train(load_backbone(str(tiny_llama_dir), device="cpu"), rows, more, out_dir=tmp_path, seed=0,
+                  cutoff_len=64, progress=False, checkpoint_dir=ckpts, resume=True)
+    assert again.resumed_from == 3 and len(again.history) == 3  # nothing left to do
+
+    # a fresh run (no resume) starts clean: no checkpoint of an older run can be picked up later
+    cfg1 = cfg.model_copy(update={"max_steps": 1})
+    train(load_backbone(str(tiny_llama_dir), device="cpu"), rows, cfg1, out_dir=tmp_path, seed=0, cutoff_len=64,
+          progress=False, checkpoint_dir=ckpts)
+    assert [p.name for p in ckpts.iterdir()] == ["step-0000001"]
+
+
+def test_resume_refuses_a_different_run_and_starts_fresh_without_checkpoint(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    cfg = cfg_for("coin", max_steps=2, checkpoint_every=1, lr=1e-2)
+    rows = make_rows(6)
+    train(load_backbone(str(tiny_llama_dir), device="cpu"), rows, cfg, out_dir=tmp_path, seed=0, cutoff_len=64,
+          progress=False)
+    changed = cfg.model_copy(update={"lr": 2e-2, "max_steps": 3})
+    with pytest.raises(ValueError, match=r"cannot resume.*train\.lr: checkpoint 0\.01, now 0\.02.*train\.max_steps"):
+        train(load_backbone(str(tiny_llama_dir), device="cpu"), rows, changed, out_dir=tmp_path, seed=0,
+              cutoff_len=64, progress=False, resume=True)
+    with pytest.raises(ValueError, match="train_rows_sha256"):
+        train(load_backbone(str(tiny_llama_dir), device="cpu"), make_rows(7), cfg, out_dir=tmp_path, seed=0,
+              cutoff_len=64, progress=False, resume=True)
+    # log_every / checkpoint_every may change; an empty checkpoint dir means a fresh start
+    fresh = train(load_backbone(str(tiny_llama_dir), device="cpu"), rows, cfg, out_dir=tmp_path / "new", seed=0,
+                  cutoff_len=64, progress=False, resume=True)
+    assert fresh.resumed_from == 0 and os.path.isdir(tmp_path / "new" / "checkpoints" / "step-0000002")

@@ -1,0 +1,104 @@
+"""Subprocess entry points for test_distributed.py and test_resume.py (not a test module).
+
+    torchrun --standalone --nproc_per_node 2 tests/training_workers.py ddp MODEL_DIR OUT_DIR THREADS
+    python tests/training_workers.py killed MODEL_DIR OUT_DIR THREADS KILL_AT_STEP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from helpers_training import cfg_for, grads, make_rows, perturb_lora_b  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+CUTOFF = 64
+DDP_ROWS = 8          # pair rows of the distributed test
+DDP_GLOBAL_BATCH = 4  # pairs per micro-batch over all ranks
+
+
+def ddp_step_cfg():
+    return cfg_for("coin", batch_size=DDP_GLOBAL_BATCH)
+
+
+def ddp_train_cfg(batch_size: int):
+    return cfg_for("coin", batch_size=batch_size, grad_accum=2, max_steps=2, lr=1e-2, checkpoint_every=1)
+
+
+def resume_cfg():
+    """Everything that could break an exact resume: dropout (RNG), bucketing and accumulation (data
+    position), warm-up/decay (scheduler), AdamW moments, a trained head (modules_to_save)."""
+    return cfg_for("coin", max_steps=6, grad_accum=2, lr=1e-2, warmup_ratio=0.34, checkpoint_every=2,
+                   keep_checkpoints=2, bucket_by_length=True, log_every=1,
+                   lora={"r": 4, "alpha": 8, "dropout": 0.1})
+
+
+def resume_rows():
+    return make_rows(10, varied_targets=True)
+
+
+def run_ddp(model_dir: str, out_dir: Path) -> None:
+    """One CoIN step on this rank's shard (loss + gradients), then 2 steps of the real loop."""
+    from coin.modeling.backbone import FusedLM, load_backbone
+    from coin.modeling.lora import apply_lora
+    from coin.training.collator import PairCollator
+    from coin.training.distributed import init_world
+    from coin.training.loop import accumulate_gradients, train
+
+    cpu = torch.device("cpu")
+    world = init_world(cpu)
+    assert world.size == 2, world
+    per_rank = DDP_GLOBAL_BATCH // world.size
+
+    bb = load_backbone(model_dir, device="cpu")
+    cfg = ddp_step_cfg().model_copy(update={"batch_size": per_rank})
+    torch.manual_seed(0)
+    model = apply_lora(bb, cfg.lora)
+    perturb_lora_b(model)
+    model.eval()
+    rows = make_rows(DDP_GLOBAL_BATCH, varied_targets=True)[world.rank * per_rank : (world.rank + 1) * per_rank]
+    batch = PairCollator.from_settings(bb.tokenizer, cfg, CUTOFF)(rows)
+    fused = torch.nn.parallel.DistributedDataParallel(FusedLM(model))
+    metrics = accumulate_gradients(fused, [batch], cfg, world, cpu)
+    g = grads(model)
+
+    bb2 = load_backbone(model_dir, device="cpu")
+    result = train(bb2, make_rows(DDP_ROWS, varied_targets=True), ddp_train_cfg(per_rank), out_dir=out_dir,
+                   seed=0, cutoff_len=CUTOFF, progress=False)
+    if world.is_main:
+        save_file({k: v.contiguous() for k, v in g.items()}, str(out_dir / "step_grads.safetensors"))
+        (out_dir / "step_metrics.json").write_text(json.dumps(metrics))
+        (out_dir / "train_history.json").write_text(json.dumps(result.history))
+    world.finish()  # init_world created the group here; train() reused it and left it alone
+
+
+def run_killed(model_dir: str, out_dir: Path, kill_at: int) -> None:
+    """Train with the resume settings and SIGKILL this very process right after step ``kill_at``."""
+    from coin.modeling.backbone import load_backbone
+    from coin.training.loop import train
+
+    def on_metrics(step: int, _: dict[str, float]) -> None:
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    bb = load_backbone(model_dir, device="cpu", seed=0)
+    train(bb, resume_rows(), resume_cfg(), out_dir=out_dir, seed=0, cutoff_len=CUTOFF, on_metrics=on_metrics,
+          progress=False)
+    raise SystemExit("not killed")
+
+
+if __name__ == "__main__":
+    mode, model_dir, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    torch.set_num_threads(int(sys.argv[4]))
+    if mode == "ddp":
+        run_ddp(model_dir, out)
+    elif mode == "killed":
+        run_killed(model_dir, out, int(sys.argv[5]))
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
