@@ -130,6 +130,7 @@ def main() -> None:
         f"generate (batched, left padding, KV cache, {args.max_new_tokens} tokens)": (gen(False), warm_gen),
         f"reference loop (batch 1, no KV cache, {args.max_new_tokens} tokens)": (gen(True), warm_ref),
     }
+    load_before = os.getloadavg()[0]
     results = {}
     for name, (fn, warm) in modes.items():
         (out, _info), secs = _timed(fn, warm)
@@ -155,7 +156,9 @@ def main() -> None:
         f"Model `{args.backbone}` on CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads); {n} prompts = tasks "
         f"{', '.join(args.tasks)} x the 6 `{args.set}` instructions x {args.examples} seeded examples; "
-        f"batch size {args.batch_size}. Every mode scores the same prompts, one after the other, after a warm-up.",
+        f"batch size {args.batch_size}. Every mode scores the same prompts, one after the other, after a warm-up. "
+        f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other processes share the "
+        "CPU when it is well above 0).",
         "",
         "| mode | s | prompts/s | speed-up vs reference loop | accuracy (%) |",
         "|---|---:|---:|---:|---:|",

@@ -22,12 +22,19 @@ def test_default_pipeline_from_a_fresh_copy_then_predict(tmp_path):
     gate = json.loads((out / "validated" / "summary.json").read_text())
     assert gate["rows_valid"] > 0 and (out / "validated" / "rejects.jsonl").exists()
     assert (out / "validated" / "data_docs" / "index.html").exists()
-    assert (out / "train" / "adapter" / "adapter_model.safetensors").exists()
+    for method in ("coin", "cit"):  # train.methods as shipped
+        assert (out / "train" / method / "adapter" / "adapter_model.safetensors").exists()
+        history = (out / "train" / method / "loss.csv").read_text().splitlines()
+        assert len(history) > 2
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
-    assert {"base", "coin"} <= set(metrics)
-    assert "clean" in metrics["coin"]["sst2"] and "textfooler" in metrics["coin"]["sst2"]
+    assert {"base", "coin", "cit"} <= set(metrics)
+    for s in ("clean", "deepwordbug", "textfooler", "checklist", "semantic"):
+        assert s in metrics["coin"]["loglik"]["tasks"]["sst2"], s
+    assert metrics["coin"]["summary"]["clean_acc"] is not None
+    assert (out / "evaluate" / "report.html").exists()
     reg = json.loads((out / "register" / "registration.json").read_text())
-    assert reg["aliases"] == ["champion"] and reg["version"] == "1"
+    assert reg["version"] == "1" and set(reg["aliases"]) == {"champion", "challenger"}  # first candidate: no champion yet
+    assert reg["decision"]["promote"] is True
 
     answer = run(["coin", "predict", "--instruction", "Is the sentiment of this review positive or negative? ",
                   "--input", "An utterly charming and beautifully acted film.", "--task", "sst2"], proj)

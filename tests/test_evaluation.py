@@ -508,7 +508,8 @@ def test_runner_skips_qqp_with_reason_and_marks_mnli(small_run: EvalResult) -> N
     assert small_run.examples_per_s > 0 and small_run.wall_time_s > 0
     assert set(small_run.timing) == {"loglik", "generate"} and small_run.timing["loglik"]["items"] == 72
     assert any("prefix run once and shared via its KV cache" in n for n in small_run.notes)
-    assert any(n.startswith("generate: greedy, 3 new tokens") and "wnli: 0, not_entailment" in n for n in small_run.notes)
+    assert any(n.startswith("generate: greedy, 3 new tokens") and "wnli: not_entailment, 0, entailment, 1" in n
+               for n in small_run.notes)
 
 
 def test_runner_uses_identical_sample_for_every_set_instruction_and_mode(small_run: EvalResult) -> None:
@@ -602,3 +603,28 @@ def test_write_eval_outputs_for_several_models(small_run: EvalResult, tmp_path: 
     odd = dataclasses.replace(other, settings={**other.settings, "seed": 7})
     warned = write_eval_outputs([small_run, odd], tmp_path / "odd")["report_md"].read_text()
     assert "different settings** (seed)" in warned and "tiny-2: seed=7" in warned
+
+
+@pytest.mark.parametrize("sets,scoring", [(["clean"], ["generate"]), (["textfooler", "semantic"], ["loglik"])],
+                         ids=["clean-only-generate", "no-clean"])
+def test_report_without_perturbed_or_clean_sets(sets: list[str], scoring: list[str], eval_llama: Backbone,
+                                                tmp_path: Path) -> None:
+    """Undefined figures (no perturbed set; no clean set, so no PDR) are shown as '–', never as numbers."""
+    cfg = _settings(tasks=["rte"], instruction_sets=sets, samples_per_task=2, scoring=scoring, max_new_tokens=2)
+    res = evaluate_model(eval_llama.model, eval_llama.tokenizer, cfg, data_dir=DATA, seed=0, model_label="m")
+    paths = write_eval_outputs([res], tmp_path)
+    lines = paths["report_md"].read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| model | scoring |"))
+    row = next(line for line in lines if line.startswith("| m |"))
+    summary = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    assert "nan" not in paths["report_md"].read_text().lower()
+    metrics = json.loads(paths["metrics"].read_text())["m"]
+    if "clean" in sets:
+        assert metrics["summary"]["perturbed_acc"] is None and "plot_pdr" not in paths
+        assert summary["perturbed"] == summary["PDR"] == "–" and summary["clean"] != "–"
+    else:
+        assert metrics["summary"]["clean_acc"] is None and metrics["summary"]["pdr"] is None
+        assert "plot_pdr" not in paths
+        assert summary["clean"] == summary["PDR"] == "–" and summary["perturbed"] != "–"
+    with pytest.raises(ValueError, match="undefined"):
+        robustness_summary(paths["metrics"], "m")

@@ -309,7 +309,7 @@ def stage_evaluate_unit(settings: Settings, root: Path, label: str) -> dict[str,
     Independent of the other units, so the flow can fan units out (Dask); ``stage_evaluate_report``
     combines them.
     """
-    from coin.evaluation.runner import evaluate_model, save_result
+    from coin.evaluation import evaluate_model, save_result
     from coin.modeling.backbone import load_backbone
     from coin.modeling.lora import load_adapter
 
@@ -340,7 +340,7 @@ def stage_evaluate_report(settings: Settings, root: Path) -> dict[str, Any]:
     """Combine the units' results into metrics.json + report (md/html) + plots; metrics to each model's run."""
     import mlflow
 
-    from coin.evaluation.runner import load_result, write_eval_outputs
+    from coin.evaluation import load_result, write_eval_outputs
     from coin.registry.tracking import resume_run, setup_tracking
 
     lay = Layout(root, settings)
