@@ -197,6 +197,9 @@ class TrainSettings(_Section):
         20, ge=0, description="write a resumable checkpoint every N optimiser steps (0 = never)"
     )
     keep_checkpoints: int = Field(2, ge=1, description="how many of the latest checkpoints to keep")
+    resume: bool = Field(
+        False, description="continue each method from its latest checkpoint (refused if settings or rows differ)"
+    )
     bucket_by_length: bool = Field(
         False, description="batch pairs of similar length together (less padding; in-batch negatives then share length)"
     )

@@ -245,6 +245,7 @@ def _train_one(settings: Settings, root: Path, rows: list[dict[str, Any]], metho
     from coin.modeling.adapter import write_meta
     from coin.modeling.backbone import load_backbone
     from coin.registry.tracking import method_run
+    from coin.training.distributed import is_main_process
     from coin.training.loop import train
 
     lay = Layout(root, settings)
@@ -259,14 +260,19 @@ def _train_one(settings: Settings, root: Path, rows: list[dict[str, Any]], metho
         finite = {f"train/{k}": float(v) for k, v in metrics.items() if math.isfinite(float(v))}
         mlflow.log_metrics(finite, step=step)  # sft has no contrastive term: its l_cl/cosines are NaN
 
+    if not is_main_process():  # under torchrun every rank trains; rank 0 alone tracks and writes
+        train(backbone, rows, cfg, out_dir=out_dir, seed=settings.seed, cutoff_len=settings.pairs.cutoff_len,
+              resume=cfg.resume)
+        return {"method": method, "rank": "worker"}
     with method_run(settings, root, method, stage="train", run_name=f"train-{method}") as run:
         result = train(backbone, rows, cfg, out_dir=out_dir, seed=settings.seed,
-                       cutoff_len=settings.pairs.cutoff_len, on_metrics=on_metrics)
+                       cutoff_len=settings.pairs.cutoff_len, on_metrics=on_metrics, resume=cfg.resume)
         write_meta(lay.adapter_dir(method), {
             "base": backbone.reference, "dtype": settings.model.dtype, "seed": settings.seed,
             "method": method, "prompt_format": "train", "append_eos": cfg.append_eos,
         })
-        _write_history_csv(out_dir / "loss.csv", history)
+        # the full history: after a resume, on_metrics saw only the steps run in this process
+        _write_history_csv(out_dir / "loss.csv", [{**h, "step": int(h["step"])} for h in (result.history or history)])
         mlflow.log_metrics({"train/wall_s": result.wall_time_s, "train/steps": float(result.steps)})
         if (out_dir / "loss.csv").exists():
             mlflow.log_artifact(str(out_dir / "loss.csv"), artifact_path="train")
