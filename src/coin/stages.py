@@ -278,12 +278,20 @@ def _train_one(settings: Settings, root: Path, rows: list[dict[str, Any]], metho
             mlflow.log_artifact(str(out_dir / "loss.csv"), artifact_path="train")
         record = {
             "run_id": run.info.run_id, "method": method, "steps": result.steps,
-            "wall_time_s": round(result.wall_time_s, 2), "adapter_dir": str(lay.adapter_dir(method).relative_to(root)),
+            "wall_time_s": round(result.wall_time_s, 2), "adapter_dir": _rel(lay.adapter_dir(method), root),
             "final": {k: round(float(v), 6) for k, v in (history[-1] if history else {}).items()},
         }
         write_json(out_dir / "train.json", record)
     log.info("train[%s]: %d steps in %.1f s -> %s", method, result.steps, result.wall_time_s, out_dir)
     return record
+
+
+def _rel(path: Path, root: Path) -> str:
+    """``path`` relative to the project root when inside it (portable records), else absolute."""
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 def _write_history_csv(path: Path, history: list[dict[str, Any]]) -> None:
@@ -365,12 +373,26 @@ def stage_evaluate_report(settings: Settings, root: Path) -> dict[str, Any]:
         if method not in labels:
             continue
         with resume_run(rec["run_id"]):  # nested-safe: the flow may hold the pipeline run open
-            mlflow.log_metrics(_numeric_leaves(metrics, "eval"))
+            # headline figures only (summary, per set, per level of every model); the full nested
+            # metrics.json (per task, category, ...) is logged as an artifact below
+            mlflow.log_metrics(_numeric_leaves(_headline(metrics), "eval"))
             for p in paths.values():
                 if Path(p).is_file():
                     mlflow.log_artifact(str(p), artifact_path="evaluate")
     table = (lay.eval_dir / "table.md").read_text()
     return {"metrics": metrics, "table": table, "paths": {k: str(v) for k, v in paths.items()}}
+
+
+def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for label, m in metrics.items():
+        if not isinstance(m, dict):
+            continue
+        out[label] = {"summary": m.get("summary", {})}
+        for scoring, block in m.items():
+            if isinstance(block, dict) and "sets" in block:
+                out[label][scoring] = {k: block[k] for k in ("overall", "sets", "levels") if k in block}
+    return out
 
 
 def stage_evaluate(settings: Settings, root: Path) -> dict[str, Any]:
