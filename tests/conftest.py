@@ -85,3 +85,16 @@ def tiny_bert_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
     )
     return _save_tiny(BertModel, config, tmp_path_factory.mktemp("tiny_bert_encoder"))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP's
+    spin-waiting makes them 10-30x slower; restored afterwards. Training test modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

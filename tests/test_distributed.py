@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -31,14 +30,7 @@ from coin.training.loop import accumulate_gradients, train
 WORKER = Path(__file__).resolve().parent / "training_workers.py"
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Any:
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP's
-    spin-waiting makes them 10-30x slower; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_single_process_world_needs_no_process_group(monkeypatch: pytest.MonkeyPatch) -> None:

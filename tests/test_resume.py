@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -25,14 +24,7 @@ from coin.training.loop import train
 WORKER = Path(__file__).resolve().parent / "training_workers.py"
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Any:
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP's
-    spin-waiting makes them 10-30x slower; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_sigkilled_run_resumes_to_the_uninterrupted_adapter(tiny_bert_encoder_dir: Path, tmp_path: Path) -> None:

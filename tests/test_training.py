@@ -23,14 +23,7 @@ from coin.training.loss import coin_step_loss, contrastive_weight, generation_lo
 TINY_DIRS = ["tiny_llama_dir", "tiny_gpt2_dir", "tiny_bert_encoder_dir"]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Any:
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP's
-    spin-waiting makes them 10-30x slower; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
