@@ -572,7 +572,8 @@ def test_write_eval_outputs_for_several_models(small_run: EvalResult, tmp_path: 
     metrics = json.loads(paths["metrics"].read_text())
     assert set(metrics) == {"tiny", "tiny-2"}
     block = metrics["tiny"]
-    assert set(block) == {"summary", "loglik", "generate", "agreement"}
+    assert set(block) == {"summary", "loglik", "generate", "agreement", "uncertainty"}
+    assert "vs_base" not in block["uncertainty"]  # no base model here: intervals only, no paired gap
     assert set(block["loglik"]["tasks"]) == {"wnli", "mnli"}
     cell = block["loglik"]["tasks"]["wnli"]["textfooler"]
     want = small_run.metrics.cells.set_index(["scoring", "task", "set"]).loc[("loglik", "wnli", "textfooler")]

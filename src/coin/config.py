@@ -245,7 +245,7 @@ class EvaluateSettings(_Section):
         "data/promptbench/coin_perturbed_instructions.json", description="instruction sets (CoIN/PromptBench schema)"
     )
     samples_per_task: int = Field(
-        16, ge=1, le=100_000,
+        100, ge=1, le=100_000,
         description="validation examples per task, the same for every instruction and set (paper: 300)",
     )
     scoring: list[Literal["loglik", "generate"]] = Field(

@@ -338,16 +338,12 @@ def stage_evaluate_unit(settings: Settings, root: Path, label: str) -> dict[str,
             raise DataError(f"{lay.train_record}: no training run for {label!r}; run `coin train` first")
         model = load_adapter(backbone, root / runs[label]["adapter_dir"])  # LoRA injected into the same base
     model.eval()
-    result = evaluate_model(model, backbone.tokenizer, _eval_cfg(settings, root),
-                            data_dir=lay.data_dir, seed=settings.seed, model_label=label)
+    # paths as configured, resolved against the project root: records and reports carry no checkout path
+    result = evaluate_model(model, backbone.tokenizer, settings.evaluate, data_dir=settings.paths.data_dir,
+                            seed=settings.seed, model_label=label, root=root)
     save_result(result, lay.eval_unit_dir(label))
     log.info("evaluate[%s]: %.1f s, %.1f examples/s", label, result.wall_time_s, result.examples_per_s)
     return {"label": label, "wall_time_s": result.wall_time_s, "dir": str(lay.eval_unit_dir(label))}
-
-
-def _eval_cfg(settings: Settings, root: Path):
-    # a relative instruction file is relative to the project root, like every other path in params.yaml
-    return settings.evaluate.model_copy(update={"instruction_file": str(root / settings.evaluate.instruction_file)})
 
 
 def stage_evaluate_report(settings: Settings, root: Path) -> dict[str, Any]:
@@ -388,7 +384,7 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
     for label, m in metrics.items():
         if not isinstance(m, dict):
             continue
-        out[label] = {"summary": m.get("summary", {})}
+        out[label] = {"summary": m.get("summary", {}), "uncertainty": m.get("uncertainty", {})}
         for scoring, block in m.items():
             if isinstance(block, dict) and "sets" in block:
                 out[label][scoring] = {k: block[k] for k in ("overall", "sets", "levels") if k in block}

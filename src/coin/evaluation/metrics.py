@@ -190,7 +190,7 @@ def agreement_table(preds: pd.DataFrame) -> pd.DataFrame:
 # --------------------------------------------------------------------------- metrics.json
 
 
-def _num(x: Any) -> float | None:
+def json_number(x: Any) -> float | None:
     """JSON-safe rounded float; NaN (undefined, e.g. PDR without clean) becomes null."""
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), 4)
 
@@ -204,9 +204,9 @@ def metrics_dict(m: Metrics, primary: str) -> dict[str, Any]:
          "agreement": {"<a>~<b>": {"all": x, "tasks": {task: x}}}}                # with two scorings
     """
     out: dict[str, Any] = {}
-    stat = (lambda row: {k: _num(row[k]) for k in STATS if k in row})  # noqa: E731
+    stat = (lambda row: {k: json_number(row[k]) for k in STATS if k in row})  # noqa: E731
     for scoring, ov in m.overall.set_index("scoring").iterrows():
-        block: dict[str, Any] = {"overall": {k: _num(v) for k, v in ov.items() if k != "n_perturbed_sets"}}
+        block: dict[str, Any] = {"overall": {k: json_number(v) for k, v in ov.items() if k != "n_perturbed_sets"}}
         block["sets"] = {r["set"]: stat(r) for _, r in m.sets[m.sets["scoring"] == scoring].iterrows()}
         block["levels"] = {r["level"]: stat(r) for _, r in m.levels[m.levels["scoring"] == scoring].iterrows()}
         cats: dict[str, Any] = {}
@@ -227,8 +227,8 @@ def metrics_dict(m: Metrics, primary: str) -> dict[str, Any]:
         agree: dict[str, Any] = {}
         for pair, g in m.agreement.groupby("pair", sort=False):
             per_task = g[(g["set"] == AVG) & (g["task"] != AVG)]
-            agree[str(pair)] = {"all": _num(g[g["task"] == AVG]["agreement"].iloc[0]),
-                                "tasks": {r["task"]: _num(r["agreement"]) for _, r in per_task.iterrows()}}
+            agree[str(pair)] = {"all": json_number(g[g["task"] == AVG]["agreement"].iloc[0]),
+                                "tasks": {r["task"]: json_number(r["agreement"]) for _, r in per_task.iterrows()}}
         out["agreement"] = agree
     return out
 

@@ -2,7 +2,8 @@
 
 :func:`write_eval_outputs` writes, under one directory::
 
-    metrics.json        {model: nested metrics} (numeric leaves only: DVC metrics / MLflow friendly)
+    metrics.json        {model: nested metrics} (numeric leaves only: DVC metrics / MLflow friendly), with an
+                        ``uncertainty`` block per model: bootstrap 95% intervals and the paired gap to ``base``
     predictions.jsonl   every model's per-example predictions
     report.md           the full report; report.html the same, self-contained (plots as base64 PNG)
     table.md            the compact summary (Prefect artifact)
@@ -21,6 +22,7 @@ import base64
 import html
 import io
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +35,12 @@ from coin.data.tasks import get_task
 from coin.evaluation.instructions import perturbation_level
 from coin.evaluation.metrics import AVG, CLEAN
 from coin.evaluation.result import EvalResult
+from coin.evaluation.uncertainty import LEVEL, N_BOOT, bootstrap_ci, paired_delta
+
+log = logging.getLogger(__name__)
 
 CAVEAT_MARK = "†"
+REFERENCE = "base"  # the model every other one is compared with, paired on the same examples, when present
 DASH = "–"
 # settings that must agree for models to be compared in one report (else the report says so)
 COMPARABLE = ("seed", "samples_per_task", "n_examples", "instruction_file", "prompt_format", "length_normalise",
@@ -200,6 +206,52 @@ def _summary(results: list[EvalResult]) -> list[Block]:
                                       " Consistency, worst-case and unparsed here are means over the perturbed sets.")]
 
 
+def uncertainty(results: list[EvalResult]) -> dict[str, dict[str, Any]]:
+    """Per model: bootstrap intervals of its primary scoring's clean and perturbed accuracy and, when a
+    ``base`` model with the same primary scoring is among ``results``, the paired gap to it (``vs_base``)."""
+    ref = next((r for r in results if r.model_label == REFERENCE), None)
+    out: dict[str, dict[str, Any]] = {}
+    for r in results:
+        u: dict[str, Any] = {"n_boot": N_BOOT, "level": LEVEL, **bootstrap_ci(r.predictions, r.primary)}
+        if ref is not None and r is not ref and ref.primary == r.primary:
+            try:
+                u[f"vs_{REFERENCE}"] = paired_delta(r.predictions, ref.predictions, r.primary)
+            except ValueError as exc:  # different samples: no paired gap, the report says so
+                log.warning("evaluate report: %s vs %s: %s", r.model_label, REFERENCE, exc)
+        out[r.model_label] = u
+    return out
+
+
+def f_ci(point: Any, lo: Any, hi: Any, *, signed: bool = False) -> str:
+    if not all(_isnum(x) for x in (point, lo, hi)):
+        return DASH
+    f = "{:+.1f}" if signed else "{:.1f}"
+    return f"{f.format(point)} [{f.format(lo)}, {f.format(hi)}]"
+
+
+def _uncertainty_table(results: list[EvalResult], unc: dict[str, dict[str, Any]]) -> list[Block]:
+    vs = f"vs_{REFERENCE}"
+    has_ref = any(vs in u for u in unc.values())
+    header = ["model", "scoring", "clean", "perturbed"] + ([f"Δ clean vs {REFERENCE}", f"Δ perturbed vs {REFERENCE}"]
+                                                          if has_ref else [])
+    rows = []
+    for r in results:
+        u, o = unc[r.model_label], _overall(r, r.primary)
+        row = [r.model_label, r.primary, f_ci(o["clean_acc"], u["clean_ci_low"], u["clean_ci_high"]),
+               f_ci(o["perturbed_acc"], u["perturbed_ci_low"], u["perturbed_ci_high"])]
+        if has_ref:
+            d = u.get(vs)
+            row += [f_ci(d[f"{c}_delta"], d[f"{c}_delta_ci_low"], d[f"{c}_delta_ci_high"], signed=True) if d else DASH
+                    for c in ("clean", "perturbed")]
+        rows.append(row)
+    caption = (f"Accuracy in % with its {LEVEL:.0%} bootstrap interval over the evaluated examples ({N_BOOT} "
+               "resamples within each task; a drawn example keeps all its instructions and sets). "
+               + (f"Δ = model − {REFERENCE} on the same examples, paired; an interval that excludes 0 is a gap "
+                  "larger than the example draw explains. " if has_ref else "")
+               + "Not covered: the choice of instructions (the ± std above) and the training seed.")
+    return [Heading("Sampling uncertainty"), Table(header, rows, text_cols=2, caption=caption)]
+
+
 def _accuracy_tables(results: list[EvalResult], *, primary_only: bool = False) -> list[Block]:
     out: list[Block] = [Heading("Accuracy by task and instruction set")]
     for r in results:
@@ -298,10 +350,13 @@ def _run_details(results: list[EvalResult]) -> list[Block]:
     return [Heading("Run details"), table] + ([Bullets(notes)] if notes else [])
 
 
-def build_report(results: list[EvalResult], plots: dict[str, Plot] | None = None) -> list[Block]:
-    """The full report as blocks; ``plots`` (name -> Plot) are placed next to the tables they illustrate."""
+def build_report(results: list[EvalResult], plots: dict[str, Plot] | None = None,
+                 unc: dict[str, dict[str, Any]] | None = None) -> list[Block]:
+    """The full report as blocks; ``plots`` (name -> Plot) are placed next to the tables they illustrate;
+    ``unc``: :func:`uncertainty` of ``results`` (computed when not given)."""
     plots = plots or {}
-    blocks: list[Block] = [*_header(results), *_summary(results)]
+    unc = uncertainty(results) if unc is None else unc
+    blocks: list[Block] = [*_header(results), *_summary(results), *_uncertainty_table(results, unc)]
     blocks += [plots[k] for k in ("models", "pdr") if k in plots]
     blocks += _accuracy_tables(results)
     if "accuracy" in plots:
@@ -311,9 +366,11 @@ def build_report(results: list[EvalResult], plots: dict[str, Plot] | None = None
     return blocks
 
 
-def build_table(results: list[EvalResult]) -> list[Block]:
-    """The compact summary: header, summary table, the primary scoring's accuracy table per model."""
-    return [*_header(results), *_summary(results), *_accuracy_tables(results, primary_only=True)]
+def build_table(results: list[EvalResult], unc: dict[str, dict[str, Any]] | None = None) -> list[Block]:
+    """The compact summary: header, summary and uncertainty tables, the primary scoring's accuracy table per model."""
+    unc = uncertainty(results) if unc is None else unc
+    return [*_header(results), *_summary(results), *_uncertainty_table(results, unc),
+            *_accuracy_tables(results, primary_only=True)]
 
 
 # --------------------------------------------------------------------------- rendering
@@ -516,13 +573,15 @@ def write_eval_outputs(results: list[EvalResult], out_dir: str | Path) -> dict[s
         "table": out / "table.md",
         "info": out / "eval_info.json",
     }
-    write_json(paths["metrics"], {r.model_label: r.metrics_nested() for r in results})
+    unc = uncertainty(results)
+    write_json(paths["metrics"], {r.model_label: {**r.metrics_nested(), "uncertainty": unc[r.model_label]}
+                                  for r in results})
     frame = pd.concat([r.predictions for r in results], ignore_index=True)
     write_jsonl(paths["predictions"], json.loads(frame.to_json(orient="records", force_ascii=False)))
-    blocks = build_report(results, plots)
+    blocks = build_report(results, plots, unc)
     paths["report_md"].write_text(to_markdown(blocks), encoding="utf-8")
     paths["report_html"].write_text(to_html(blocks), encoding="utf-8")
-    paths["table"].write_text(to_markdown(build_table(results)), encoding="utf-8")
+    paths["table"].write_text(to_markdown(build_table(results, unc)), encoding="utf-8")
     for name, plot in plots.items():
         paths[f"plot_{name}"] = out / f"{name}.png"
         paths[f"plot_{name}"].write_bytes(plot.png)

@@ -36,10 +36,19 @@ __all__ = ["EvalResult", "evaluate_model", "load_result", "robustness_summary", 
 
 
 def evaluate_model(
-    model: nn.Module, tokenizer, cfg: EvaluateSettings, *, data_dir: str | Path, seed: int, model_label: str
+    model: nn.Module, tokenizer, cfg: EvaluateSettings, *, data_dir: str | Path, seed: int, model_label: str,
+    root: str | Path | None = None,
 ) -> EvalResult:
-    """Score ``model`` (any causal LM, possibly peft-wrapped, already on its device) on ``cfg``."""
+    """Score ``model`` (any causal LM, possibly peft-wrapped, already on its device) on ``cfg``.
+
+    A relative ``data_dir`` or ``cfg.instruction_file`` resolves against ``root`` (default: the working
+    directory); the result records the instruction file as configured, so reports read the same in every checkout.
+    """
     start = time.perf_counter()
+    configured_file = str(cfg.instruction_file)
+    if root is not None:
+        data_dir = Path(root) / data_dir
+        cfg = cfg.model_copy(update={"instruction_file": str(Path(root) / cfg.instruction_file)})
     samples: dict[str, list[dict[str, Any]]] = {}
     caveats: dict[str, str] = {}
     skipped: dict[str, str] = {}
@@ -76,7 +85,7 @@ def evaluate_model(
         scorings=list(cfg.scoring), caveats=caveats, skipped=skipped, wall_time_s=time.perf_counter() - start,
         timing=timing, notes=_notes(cfg, paths, choices),
         settings={"scoring": list(cfg.scoring), "prompt_format": cfg.prompt_format, "seed": seed,
-                  "samples_per_task": cfg.samples_per_task, "instruction_file": str(cfg.instruction_file),
+                  "samples_per_task": cfg.samples_per_task, "instruction_file": configured_file,
                   "length_normalise": cfg.length_normalise, "max_new_tokens": cfg.max_new_tokens,
                   "prefix_cache": cfg.prefix_cache, "batch_size": cfg.batch_size,
                   "n_examples": {t: len(r) for t, r in samples.items()}},

@@ -1,0 +1,102 @@
+"""Sampling uncertainty of the headline figures: a bootstrap over the evaluated examples.
+
+Mean ± std over instructions (the protocol's figure) says how much accuracy moves with the wording;
+it says nothing about how much it would move with another draw of examples. With ``n`` examples per
+task that second source is about ``50 / sqrt(n * tasks)`` points for one model, which decides whether a
+1-point gap between two models means anything. This module puts a number on it.
+
+Per-example score, per task: the share of a drawn example's (instruction) predictions that are
+correct, over the clean set (``clean``) or over every perturbed set (``perturbed``). Because all
+instructions and sets of a task see the same sample, the mean of these scores over examples and then
+over tasks is exactly ``clean_acc`` / ``perturbed_acc`` of :mod:`coin.evaluation.metrics`.
+
+Bootstrap: ``n_boot`` resamples of the examples, with replacement, *within each task* (each task keeps
+its size and counts once, as in the metrics); a drawn example brings all its instructions and sets
+along. The interval is the percentile interval at ``level``. For two models on the same sample (same
+seed, same tasks), :func:`paired_delta` resamples the per-example *differences*, so the shared
+difficulty of the examples cancels and the interval is much narrower than the two intervals suggest.
+
+Not covered: the choice of instructions (the std column), the training seed, the data order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from coin.evaluation.metrics import CLEAN, json_number
+
+N_BOOT = 2000
+LEVEL = 0.95
+SEED = 0
+PARTS = ("clean", "perturbed")
+
+
+def example_scores(preds: pd.DataFrame, scoring: str) -> pd.DataFrame:
+    """Index (task, example_id); columns ``clean`` and ``perturbed`` in percent (NaN where a part is absent)."""
+    p = preds[preds["scoring"] == scoring]
+    if p.empty:
+        raise ValueError(f"no predictions for scoring {scoring!r} (have {sorted(preds['scoring'].unique())})")
+    ok = (p["pred"] == p["label"]).astype(float) * 100.0
+    part = np.where(p["set"] == CLEAN, "clean", "perturbed")
+    # mean over instructions within each set first, then over the perturbed sets: every set weighs the same
+    per_set = ok.groupby([p["task"], p["example_id"], p["set"], part]).mean()
+    per_part = per_set.groupby(level=[0, 1, 3]).mean().unstack(level=2)
+    return per_part.reindex(columns=list(PARTS)).rename_axis(index=["task", "example_id"], columns=None)
+
+
+def _boot_means(scores: pd.DataFrame, n_boot: int, seed: int) -> dict[str, np.ndarray]:
+    """Per part: ``n_boot`` bootstrap replicates of the mean over tasks of the mean over examples."""
+    rng = np.random.default_rng(seed)
+    reps = {c: np.zeros(n_boot) for c in PARTS}
+    tasks = list(dict.fromkeys(scores.index.get_level_values("task")))
+    for task in tasks:
+        block = scores.xs(task, level="task")
+        idx = rng.integers(0, len(block), size=(n_boot, len(block)))  # one draw per task, shared by both parts
+        for c in PARTS:
+            reps[c] += block[c].to_numpy()[idx].mean(axis=1)
+    return {c: r / len(tasks) for c, r in reps.items()}
+
+
+def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
+    if np.isnan(values).any():
+        return math.nan, math.nan
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def bootstrap_ci(preds: pd.DataFrame, scoring: str, *, n_boot: int = N_BOOT, level: float = LEVEL,
+                 seed: int = SEED) -> dict[str, float | None]:
+    """``clean_ci_low/high`` and ``perturbed_ci_low/high`` (percent) of one model and scoring mode
+    (None where the part was not evaluated: no clean or no perturbed set)."""
+    scores = example_scores(preds, scoring)
+    reps = _boot_means(scores, n_boot, seed)
+    out: dict[str, float | None] = {}
+    for c in PARTS:
+        out[f"{c}_ci_low"], out[f"{c}_ci_high"] = _interval(reps[c], level)
+    return {k: json_number(v) for k, v in out.items()}  # JSON-ready: rounded, NaN (part not evaluated) -> None
+
+
+def paired_delta(preds: pd.DataFrame, reference: pd.DataFrame, scoring: str, *, n_boot: int = N_BOOT,
+                 level: float = LEVEL, seed: int = SEED) -> dict[str, Any]:
+    """Model minus reference on the examples both were scored on, with paired bootstrap intervals.
+
+    Returns ``clean_delta``, ``clean_delta_ci_low/high``, the same for ``perturbed`` (points) and
+    ``n_examples`` (shared examples). Raises ``ValueError`` when the two share no example (different
+    seeds, sample sizes or tasks): a paired comparison needs the same sample.
+    """
+    a, b = example_scores(preds, scoring), example_scores(reference, scoring)
+    shared = a.index.intersection(b.index)
+    if shared.empty:
+        raise ValueError("the two models share no evaluated example: evaluate them with the same seed, "
+                         "tasks and samples_per_task to compare them")
+    diff = a.loc[shared] - b.loc[shared]
+    reps = _boot_means(diff, n_boot, seed)
+    out: dict[str, Any] = {}
+    for c in PARTS:
+        out[f"{c}_delta"] = float(diff[c].groupby(level="task").mean().mean())
+        out[f"{c}_delta_ci_low"], out[f"{c}_delta_ci_high"] = _interval(reps[c], level)
+    return {**{k: json_number(v) for k, v in out.items()}, "n_examples": int(len(shared))}

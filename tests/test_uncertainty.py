@@ -1,0 +1,121 @@
+"""Bootstrap intervals and paired gaps of the headline figures (coin.evaluation.uncertainty)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from coin.data.tasks import get_task
+from coin.evaluation.instructions import perturbation_level
+from coin.evaluation.metrics import compute_metrics
+from coin.evaluation.report import write_eval_outputs
+from coin.evaluation.result import EvalResult
+from coin.evaluation.uncertainty import bootstrap_ci, example_scores, paired_delta
+from test_evaluation import HAND
+
+
+def _table(correct: dict[str, dict[str, np.ndarray]], model: str = "m") -> pd.DataFrame:
+    """``correct[task][set]``: bool array (instructions x examples); label 0, pred 0 if correct else 1."""
+    rows = []
+    for task, sets in correct.items():
+        for set_name, grid in sets.items():
+            for i, row in enumerate(grid):
+                for e, ok in enumerate(row):
+                    rows.append({"model": model, "scoring": "loglik", "task": task,
+                                 "category": get_task(task).category, "set": set_name,
+                                 "level": perturbation_level(set_name), "instruction_id": i, "example_id": f"x{e}",
+                                 "label": 0, "pred": 0 if ok else 1, "correct": bool(ok), "label_word": "a",
+                                 "pred_word": "a" if ok else "b", "scores": None, "output": None})
+    return pd.DataFrame(rows)
+
+
+def test_example_scores_average_back_to_the_headline_figures() -> None:
+    scores = example_scores(HAND, "loglik")
+    # sst2 clean: x0 right under both instructions, x1 and x2 under one, x3 under none
+    assert scores.loc[("sst2", "x0"), "clean"] == 100.0 and scores.loc[("sst2", "x3"), "clean"] == 0.0
+    assert scores.loc[("sst2", "x1"), "clean"] == 50.0
+    ov = compute_metrics(HAND).overall.set_index("scoring").loc["loglik"]
+    per_task = scores.groupby(level="task").mean().mean()  # each task counts once, like the metrics
+    assert per_task["clean"] == pytest.approx(ov.clean_acc)          # 75
+    assert per_task["perturbed"] == pytest.approx(ov.perturbed_acc)  # 45
+
+
+def test_interval_width_matches_the_binomial_standard_error() -> None:
+    rng = np.random.default_rng(1)
+    n = 400
+    clean = np.zeros((1, n), bool)
+    clean[0, rng.permutation(n)[: n // 2]] = True                    # exactly 50% right
+    pert = np.ones((2, n), bool)                                       # always right: no spread at all
+    ci = bootstrap_ci(_table({"sst2": {"clean": clean, "textfooler": pert}}), "loglik")
+    half = 1.96 * 50.0 / math.sqrt(n)                                  # 4.9 points
+    assert ci["clean_ci_low"] < 50.0 < ci["clean_ci_high"]
+    assert (ci["clean_ci_high"] - ci["clean_ci_low"]) / 2 == pytest.approx(half, rel=0.15)
+    assert ci["perturbed_ci_low"] == ci["perturbed_ci_high"] == 100.0
+    assert bootstrap_ci(_table({"sst2": {"clean": clean, "textfooler": pert}}), "loglik") == ci  # seeded
+
+
+def test_no_clean_set_gives_null_interval_not_nan() -> None:
+    ci = bootstrap_ci(_table({"rte": {"textfooler": np.ones((2, 5), bool)}}), "loglik")
+    assert ci["clean_ci_low"] is None and ci["perturbed_ci_low"] == 100.0
+    json.dumps(ci, allow_nan=False)
+
+
+def test_paired_delta_is_exact_and_cancels_shared_difficulty() -> None:
+    rng = np.random.default_rng(2)
+    n = 200
+    base = rng.random((3, n)) < 0.6
+    base[:, :10] = False                                               # 10 examples wrong under every instruction
+    better = base.copy()
+    better[:, :10] = True                                              # ... that the better model gets right
+    a = _table({"sst2": {"clean": better, "checklist": better}})
+    b = _table({"sst2": {"clean": base, "checklist": base}})
+    d = paired_delta(a, b, "loglik")
+    assert d["clean_delta"] == pytest.approx(100.0 * 10 / n) and d["perturbed_delta"] == pytest.approx(5.0)
+    assert d["n_examples"] == n
+    assert 0.0 < d["perturbed_delta_ci_low"] < 5.0 < d["perturbed_delta_ci_high"]  # never below 0: no example got worse
+    # unpaired intervals overlap; the paired one excludes 0: the shared difficulty cancels
+    ca, cb = bootstrap_ci(a, "loglik"), bootstrap_ci(b, "loglik")
+    assert ca["clean_ci_low"] < cb["clean_ci_high"]
+    same = paired_delta(b, b, "loglik")
+    assert same["clean_delta"] == same["clean_delta_ci_low"] == same["clean_delta_ci_high"] == 0.0
+
+
+def test_paired_delta_needs_a_shared_sample() -> None:
+    a = _table({"sst2": {"clean": np.ones((1, 3), bool)}})
+    b = a.assign(example_id=a["example_id"] + "-other")
+    with pytest.raises(ValueError, match="share no evaluated example"):
+        paired_delta(a, b, "loglik")
+
+
+def test_report_and_metrics_carry_intervals_and_the_gap_to_base(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    grid = {t: rng.random((2, 30)) < 0.5 for t in ("sst2", "rte")}
+    base_tab = _table({t: {"clean": g, "deepwordbug": g} for t, g in grid.items()}, "base")
+    good = {t: g | (rng.random(g.shape) < 0.5) for t, g in grid.items()}  # right wherever base was, and more
+    coin_tab = _table({t: {"clean": g, "deepwordbug": g} for t, g in good.items()}, "coin")
+    mk = lambda label, tab: EvalResult(model_label=label, predictions=tab, tasks=["sst2", "rte"],  # noqa: E731
+                                       sets=["clean", "deepwordbug"], scorings=["loglik"])
+    base, coin = mk("base", base_tab), mk("coin", coin_tab)
+    paths = write_eval_outputs([base, coin], tmp_path)
+    metrics = json.loads(paths["metrics"].read_text())
+    u = metrics["coin"]["uncertainty"]
+    assert "vs_base" not in metrics["base"]["uncertainty"]
+    gap = u["vs_base"]
+    want = metrics["coin"]["summary"]["perturbed_acc"] - metrics["base"]["summary"]["perturbed_acc"]
+    assert gap["perturbed_delta"] == pytest.approx(want, abs=1e-3) and gap["perturbed_delta_ci_low"] > 0
+    assert u["clean_ci_low"] <= metrics["coin"]["summary"]["clean_acc"] <= u["clean_ci_high"]
+    md = paths["report_md"].read_text()
+    assert "## Sampling uncertainty" in md and "Δ perturbed vs base" in md
+    row = next(line for line in md.splitlines() if line.startswith("| coin | loglik |") and "[" in line)
+    assert f"+{gap['perturbed_delta']:.1f} [+{gap['perturbed_delta_ci_low']:.1f}, " in row
+    assert "## Sampling uncertainty" in paths["table"].read_text()
+    # a base scored on another sample: intervals still, no paired gap, no crash
+    other = dataclasses.replace(base, predictions=base_tab.assign(example_id=base_tab["example_id"] + "b"))
+    again = json.loads(write_eval_outputs([other, coin], tmp_path / "x")["metrics"].read_text())
+    assert "vs_base" not in again["coin"]["uncertainty"] and again["coin"]["uncertainty"]["clean_ci_low"] is not None
