@@ -216,7 +216,24 @@ def eval_task_runner(workers: int = 2, address: str | None = None, processes: bo
                               "dashboard_address": None}
     if processes:
         kwargs["host"] = "127.0.0.1"
+        _keep_malloc_dynamic()
     return DaskTaskRunner(cluster_kwargs=kwargs)
+
+
+def _keep_malloc_dynamic() -> None:
+    """Drop ``MALLOC_TRIM_THRESHOLD_`` from the environment Dask's nannies give new worker processes.
+
+    Dask sets it (65536) to return memory to the OS quickly. Setting it at all switches off glibc's
+    dynamic mmap threshold, so every large tensor buffer is a fresh mmap + page faults + munmap. Measured
+    on one evaluation unit (MiniLM, 3 tasks x 16 examples, 1 torch thread, 2-core CPU): 71 s with
+    20 s of system time under Dask's default, 52 s with 2 s without it, the same as outside Dask.
+    Set in this process's Dask config: the local cluster's nannies read it when they spawn workers.
+    """
+    import dask
+
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
+    if environ.pop("MALLOC_TRIM_THRESHOLD_", None) is not None:
+        dask.config.set({"distributed.nanny.pre-spawn-environ": environ})
 
 
 @flow(name="coin-evaluate", log_prints=True)

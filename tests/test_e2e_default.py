@@ -31,6 +31,8 @@ def test_default_pipeline_from_a_fresh_copy_then_predict(tmp_path):
     for s in ("clean", "deepwordbug", "textfooler", "checklist", "semantic"):
         assert s in metrics["coin"]["loglik"]["tasks"]["sst2"], s
     assert metrics["coin"]["summary"]["clean_acc"] is not None
+    gap = metrics["coin"]["uncertainty"]["vs_base"]  # paired bootstrap gap to the base model
+    assert gap["perturbed_delta_ci_low"] <= gap["perturbed_delta"] <= gap["perturbed_delta_ci_high"]
     assert (out / "evaluate" / "report.html").exists()
     reg = json.loads((out / "register" / "registration.json").read_text())
     assert reg["version"] == "1" and set(reg["aliases"]) == {"champion", "challenger"}  # first candidate: no champion yet

@@ -1,5 +1,6 @@
 """The flow's cache keys, output checks, task runner and deployment file, without running a flow."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,28 @@ def test_eval_task_runner_local_cluster_or_existing_scheduler():
         eval_task_runner(0)
     with pytest.raises(ValueError, match="cannot load models concurrently"):
         eval_task_runner(2, processes=False)
+
+
+def test_local_dask_workers_keep_glibc_dynamic_malloc():
+    """Dask's nannies set MALLOC_TRIM_THRESHOLD_ in new workers, which made evaluation 1.4x slower (mmap churn);
+    the flow's local cluster must spawn workers without it."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    from flows.pipeline import eval_task_runner
+
+    key = "distributed.nanny.pre-spawn-environ"
+    before = dict(dask.config.get(key))
+    try:
+        dask.config.set({key: {**before, "MALLOC_TRIM_THRESHOLD_": 65536}})  # Dask's default (an earlier runner may
+        eval_task_runner(2)                                                   # have dropped it in this process)
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                          dashboard_address=None) as cluster, Client(cluster) as client:
+            env = client.submit(dict, os.environ, pure=False).result()
+        assert "MALLOC_TRIM_THRESHOLD_" not in env
+        assert env.get("OMP_NUM_THREADS") == "1"  # the rest of Dask's worker environment is kept
+    finally:
+        dask.config.set({key: before})
 
 
 def test_registration_markdown_shows_the_decision():

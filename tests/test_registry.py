@@ -101,6 +101,35 @@ def test_candidate_figures_from_metrics_json(tmp_path):
         candidate_figures(path, "sft")
 
 
+def test_other_evaluation_protocol_never_promotes():
+    a = "scoring loglik; seed 42; examples rte:100,sst2:100; sets clean,textfooler; instructions ab12; format train"
+    b = a.replace("rte:100,sst2:100", "rte:16,sst2:16")
+    far_better = decide_promotion(ModelFigures(90.0, 90.0, b), ModelFigures(50.0, 50.0, a), champion_version="3",
+                                  **GATE)
+    assert not far_better.promote and "Not comparable" in far_better.reason and "rte:16" in far_better.reason
+    # same protocol: the ordinary rule; a figure without a recorded protocol (older versions) is compared as before
+    assert decide_promotion(ModelFigures(90.0, 90.0, a), ModelFigures(50.0, 50.0, a), **GATE).promote
+    assert decide_promotion(ModelFigures(90.0, 90.0, b), ModelFigures(50.0, 50.0), **GATE).promote
+    back = decision_from_tags(far_better.to_tags())
+    assert back.candidate.protocol == b and back.reason == far_better.reason
+
+
+def test_candidate_figures_carry_the_protocol_of_eval_info(tmp_path):
+    from coin.evaluation.result import evaluation_protocol
+    from coin.registry.promotion import candidate_figures
+
+    info = {"scorings": ["loglik"], "sets": ["clean", "textfooler"],
+            "settings": {"seed": 42, "n_examples": {"sst2": 100, "rte": 100}, "instruction_sha256": "ab12",
+                         "prompt_format": "train", "length_normalise": False}}
+    (tmp_path / "metrics.json").write_text(json.dumps({"coin": {"summary": {"clean_acc": 70.0, "perturbed_acc": 65.0}}}))
+    (tmp_path / "eval_info.json").write_text(json.dumps({"coin": info}))
+    figs = candidate_figures(tmp_path / "metrics.json", "coin")
+    assert figs.protocol == evaluation_protocol(info)
+    assert figs.protocol == ("scoring loglik; seed 42; examples rte:100,sst2:100; sets clean,textfooler; "
+                             "instructions ab12; format train")
+    assert figs.to_tags()["coin.eval_protocol"] == figs.protocol
+
+
 def test_decision_round_trips_through_tags():
     d = _decide((80.0, 61.234567891), (80.5, 60.0))
     back = decision_from_tags(d.to_tags())

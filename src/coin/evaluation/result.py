@@ -119,3 +119,24 @@ def load_result(directory: str | Path) -> EvalResult:
     preds = pd.read_parquet(d / PREDICTIONS_FILE)
     return EvalResult(predictions=preds, **{k: v for k, v in meta.items() if k in init})
 
+
+
+def evaluation_protocol(info: dict[str, Any]) -> str:
+    """What must match for two models' headline figures to be comparable, as one readable line.
+
+    ``info`` is a model's entry of ``eval_info.json`` (:meth:`EvalResult.info`): primary scoring, seed,
+    examples per task, instruction sets and the instruction file's content hash, prompt format and
+    length normalisation. The registry records it on every version; the promotion gate refuses to
+    compare figures measured under different protocols.
+    """
+    st = info.get("settings", {})
+    n = st.get("n_examples", {})
+    scorings = info.get("scorings") or ["?"]
+    return "; ".join([
+        f"scoring {scorings[0]}" + (" (length-normalised)" if st.get("length_normalise") else ""),
+        f"seed {st.get('seed')}",
+        "examples " + ",".join(f"{t}:{n[t]}" for t in sorted(n)),
+        "sets " + ",".join(info.get("sets", [])),
+        f"instructions {st.get('instruction_sha256', st.get('instruction_file'))}",
+        f"format {st.get('prompt_format')}",
+    ])

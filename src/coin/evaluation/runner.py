@@ -12,6 +12,7 @@ report for any number of models) and ``robustness_summary`` (the promotion gate'
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -86,6 +87,7 @@ def evaluate_model(
         timing=timing, notes=_notes(cfg, paths, choices),
         settings={"scoring": list(cfg.scoring), "prompt_format": cfg.prompt_format, "seed": seed,
                   "samples_per_task": cfg.samples_per_task, "instruction_file": configured_file,
+                  "instruction_sha256": hashlib.sha256(Path(cfg.instruction_file).read_bytes()).hexdigest()[:16],
                   "length_normalise": cfg.length_normalise, "max_new_tokens": cfg.max_new_tokens,
                   "prefix_cache": cfg.prefix_cache, "batch_size": cfg.batch_size,
                   "n_examples": {t: len(r) for t, r in samples.items()}},

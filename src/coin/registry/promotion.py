@@ -5,6 +5,8 @@ The rule (:func:`decide_promotion`, a pure function on numbers), with accuracies
 evaluation's ``metrics.json`` (percent) and both thresholds in percentage points:
 
 - no champion yet: promote;
+- champion evaluated under another protocol (sample, sets, instructions, scoring; both recorded): do
+  not promote, say why (the figures are not comparable);
 - else promote iff ``candidate.perturbed_acc - champion.perturbed_acc >= min_improvement`` *and* that
   gain is > 0 (a tie never replaces the champion, even with ``min_improvement = 0``), *and*
   ``champion.clean_acc - candidate.clean_acc <= max_clean_drop``.
@@ -36,6 +38,7 @@ CHALLENGER = "challenger"
 
 TAG_CLEAN = "coin.clean_acc"
 TAG_PERTURBED = "coin.perturbed_acc"
+TAG_PROTOCOL = "coin.eval_protocol"
 TAG_DECISION = "coin.promotion.decision"
 TAG_REASON = "coin.promotion.reason"
 TAG_CHAMPION_VERSION = "coin.promotion.champion_version"
@@ -53,10 +56,13 @@ class PromotionError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelFigures:
-    """The two figures the gate compares, in percent: clean accuracy and mean perturbed accuracy."""
+    """The two figures the gate compares, in percent: clean accuracy and mean perturbed accuracy, and the
+    evaluation protocol they were measured under (``coin.evaluation.result.evaluation_protocol``; None
+    when unknown, e.g. a version registered before protocols were recorded)."""
 
     clean_acc: float
     perturbed_acc: float
+    protocol: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("clean_acc", "perturbed_acc"):
@@ -77,7 +83,12 @@ class ModelFigures:
             raise PromotionError(f"{source}: {exc}") from None
 
     def to_tags(self) -> dict[str, str]:
-        return {TAG_CLEAN: _fmt(self.clean_acc), TAG_PERTURBED: _fmt(self.perturbed_acc)}
+        tags = {TAG_CLEAN: _fmt(self.clean_acc), TAG_PERTURBED: _fmt(self.perturbed_acc)}
+        return {**tags, TAG_PROTOCOL: self.protocol} if self.protocol else tags
+
+    def rounded(self) -> ModelFigures:
+        """As read back from tags (``_DIGITS`` decimals)."""
+        return ModelFigures(round(self.clean_acc, _DIGITS), round(self.perturbed_acc, _DIGITS), self.protocol)
 
 
 @dataclass(frozen=True)
@@ -119,6 +130,8 @@ class PromotionDecision:
                          f"{_fmt(self.champion.perturbed_acc)} |")
         else:
             lines.append("| champion | none | none |")
+        if c.protocol:
+            lines += ["", f"Evaluation protocol: {c.protocol}."]
         lines += ["", f"Rule: promote iff perturbed gain >= {_fmt(self.min_improvement)} pp (and > 0) and clean drop "
                       f"<= {_fmt(self.max_clean_drop)} pp (register.min_improvement / register.max_clean_drop)."]
         return "\n".join(lines)
@@ -146,6 +159,11 @@ def decide_promotion(candidate: ModelFigures, champion: ModelFigures | None, *, 
 
     if champion is None:
         return decision(True, "No champion yet: the first candidate becomes champion.")
+    if candidate.protocol and champion.protocol and candidate.protocol != champion.protocol:
+        return decision(False, "Not comparable: the champion was evaluated under another protocol "
+                        f"(champion: {champion.protocol} | candidate: {candidate.protocol}). Its figures cannot "
+                        "gate this candidate; evaluate both under one protocol (evaluate.* as for the champion), "
+                        "or move the champion alias by hand.")
     gain = round(candidate.perturbed_acc - champion.perturbed_acc, _DIGITS)
     drop = round(champion.clean_acc - candidate.clean_acc, _DIGITS)
     need = round(float(min_improvement), _DIGITS)
@@ -165,7 +183,7 @@ def figures_from_tags(tags: Mapping[str, str], *, what: str) -> ModelFigures | N
     if TAG_CLEAN not in tags and TAG_PERTURBED not in tags:
         return None
     try:
-        return ModelFigures(float(tags[TAG_CLEAN]), float(tags[TAG_PERTURBED]))
+        return ModelFigures(float(tags[TAG_CLEAN]), float(tags[TAG_PERTURBED]), tags.get(TAG_PROTOCOL))
     except (KeyError, ValueError) as exc:
         raise PromotionError(f"{what}: tags {TAG_CLEAN}/{TAG_PERTURBED} are incomplete or not numbers "
                              f"({ {k: tags.get(k) for k in (TAG_CLEAN, TAG_PERTURBED)} }): {exc}. "
@@ -195,8 +213,18 @@ def candidate_figures(metrics_json: str | Path, model_label: str) -> ModelFigure
     """A model's gate figures from the evaluation's ``metrics.json`` (via ``coin.evaluation.robustness_summary``)."""
     from coin.evaluation import robustness_summary  # the evaluation owns how the figures are aggregated
 
+    from coin.data.io import read_json
+    from coin.evaluation.result import evaluation_protocol
+
     summary = robustness_summary(metrics_json, model_label)
-    return ModelFigures.from_summary(summary, source=f"{metrics_json} [{model_label}]")
+    figures = ModelFigures.from_summary(summary, source=f"{metrics_json} [{model_label}]")
+    info_file = Path(metrics_json).with_name("eval_info.json")  # written beside metrics.json by the report
+    info = read_json(info_file).get(model_label) if info_file.exists() else None
+    if not isinstance(info, dict):
+        log.warning("%s: no entry for %s; the gate cannot check that the champion was evaluated the same way",
+                    info_file, model_label)
+        return figures
+    return ModelFigures(figures.clean_acc, figures.perturbed_acc, evaluation_protocol(info))
 
 
 def _alias_version(client, name: str, alias: str):
@@ -226,7 +254,7 @@ def promote_version(name: str, version: str | int, figures: ModelFigures, *, min
     mv = client.get_model_version(name, version)
     recorded = decision_from_tags(mv.tags)
     if recorded is not None:
-        if recorded.candidate != ModelFigures(round(figures.clean_acc, _DIGITS), round(figures.perturbed_acc, _DIGITS)):
+        if recorded.candidate != figures.rounded():
             log.warning("%s version %s was already %s with figures %s; the figures given now (%s) differ "
                         "(re-evaluated?). The recorded decision stands; register a new training run to re-decide.",
                         name, version, recorded.decision, recorded.candidate, figures)
