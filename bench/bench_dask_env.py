@@ -1,0 +1,82 @@
+"""One evaluation unit in a plain process vs in a Dask worker, with and without Dask's malloc setting.
+
+    ./run.sh python bench/bench_dask_env.py [--samples 16] [--tasks sst2 rte mnli]
+
+Needs a trained project (outputs/train/train.json) only for its index; the unit evaluated is `base`.
+Prints a Markdown table: where the unit ran, torch threads, wall, user and system CPU seconds of the
+process that ran it. Variants, one after another on the same examples:
+
+- plain process, 2 and 1 torch threads;
+- Dask worker with Dask's default worker environment (``MALLOC_TRIM_THRESHOLD_=65536``);
+- Dask worker with the flow's environment (:func:`flows.pipeline._keep_malloc_dynamic`), 1 and 2 threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # flows/ is a project directory, not an installed package
+
+
+def unit(threads: int, samples: int, tasks: list[str], out_dir: str) -> tuple[float, float, float]:
+    import torch
+
+    from coin.config import load_settings
+    from coin.stages import stage_evaluate_unit
+
+    torch.set_num_threads(threads)
+    s = load_settings(ROOT / "params.yaml", [f"evaluate.samples_per_task={samples}", f"paths.out_dir={out_dir}",
+                                             f"evaluate.tasks=[{', '.join(tasks)}]"])
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    stage_evaluate_unit(s, ROOT, "base")
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter() - t0, r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
+
+
+def in_dask(threads: int, args, out_dir: str, *, flow_env: bool) -> tuple[float, float, float]:
+    import dask
+    from distributed import Client, LocalCluster
+
+    key = "distributed.nanny.pre-spawn-environ"
+    before = dict(dask.config.get(key))
+    try:
+        if flow_env:
+            from flows.pipeline import _keep_malloc_dynamic
+
+            _keep_malloc_dynamic()
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                          dashboard_address=None) as cluster, Client(cluster) as client:
+            return client.submit(unit, threads, args.samples, args.tasks, out_dir, pure=False).result()
+    finally:
+        dask.config.set({key: before})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--tasks", nargs="+", default=["sst2", "rte", "mnli"])
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="bench-dask-")
+    (Path(tmp) / "train").mkdir()
+    shutil.copy(ROOT / "outputs" / "train" / "train.json", Path(tmp) / "train" / "train.json")
+    rows = [("plain process", 2, unit(2, args.samples, args.tasks, tmp)),
+            ("plain process", 1, unit(1, args.samples, args.tasks, tmp)),
+            ("Dask worker, Dask's default environment", 1, in_dask(1, args, tmp, flow_env=False)),
+            ("Dask worker, the flow's environment (no MALLOC_TRIM_THRESHOLD_)", 1, in_dask(1, args, tmp, flow_env=True)),
+            ("Dask worker, the flow's environment (no MALLOC_TRIM_THRESHOLD_)", 2, in_dask(2, args, tmp, flow_env=True))]
+    print(f"base model, tasks {' '.join(args.tasks)} x {args.samples} examples x 5 sets x 6 instructions\n")
+    print("| where | torch threads | wall (s) | user (s) | sys (s) |\n|---|---:|---:|---:|---:|")
+    for where, threads, (wall, user, sys_) in rows:
+        print(f"| {where} | {threads} | {wall:.1f} | {user:.1f} | {sys_:.1f} |")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
