@@ -132,6 +132,13 @@ def test_eval_task_runner_local_cluster_or_existing_scheduler():
         eval_task_runner(2, processes=False)
 
 
+def test_default_eval_workers_one_per_two_cores():
+    from flows.pipeline import default_eval_workers
+
+    assert [default_eval_workers(c) for c in (1, 2, 3, 4, 16)] == [1, 1, 1, 2, 8]
+    assert default_eval_workers() >= 1
+
+
 def test_local_dask_workers_keep_glibc_dynamic_malloc():
     """Dask's nannies set MALLOC_TRIM_THRESHOLD_ in new workers, which made evaluation 1.4x slower (mmap churn);
     the flow's local cluster must spawn workers without it."""
