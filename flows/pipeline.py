@@ -243,12 +243,19 @@ def _keep_malloc_dynamic() -> None:
     on one evaluation unit (MiniLM, 3 tasks x 16 examples, 1 torch thread, 2-core CPU): 71 s with
     20 s of system time under Dask's default, 52 s with 2 s without it, the same as outside Dask.
     Set in this process's Dask config: the local cluster's nannies read it when they spawn workers.
+    A nanny also copies its variables into this process's ``os.environ`` (Dask: "this leaks variables
+    into the nanny process"), where later workers would inherit them: a value left there by an
+    earlier cluster is removed too (one the user set to anything else is kept).
     """
     import dask
 
-    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
-    if environ.pop("MALLOC_TRIM_THRESHOLD_", None) is not None:
-        dask.config.set({"distributed.nanny.pre-spawn-environ": environ})
+    key, var = "distributed.nanny.pre-spawn-environ", "MALLOC_TRIM_THRESHOLD_"
+    environ = dict(dask.config.get(key, default={}) or {})
+    dropped = environ.pop(var, None)
+    if dropped is not None:
+        dask.config.set({key: environ})
+    if os.environ.get(var) in {"65536", str(dropped)}:  # Dask's default, leaked by an earlier nanny
+        del os.environ[var]
 
 
 @flow(name="coin-evaluate", log_prints=True)

@@ -139,9 +139,11 @@ def test_default_eval_workers_one_per_two_cores():
     assert default_eval_workers() >= 1
 
 
-def test_local_dask_workers_keep_glibc_dynamic_malloc():
+def test_local_dask_workers_keep_glibc_dynamic_malloc(monkeypatch):
     """Dask's nannies set MALLOC_TRIM_THRESHOLD_ in new workers, which made evaluation 1.4x slower (mmap churn);
-    the flow's local cluster must spawn workers without it."""
+    the flow's local cluster must spawn workers without it, even after an earlier nanny leaked it into this
+    process's environment."""
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")  # what a nanny started earlier in this process leaves
     import dask
     from distributed import Client, LocalCluster
 
