@@ -52,16 +52,16 @@ def test_interval_width_matches_the_binomial_standard_error() -> None:
     clean = np.zeros((1, n), bool)
     clean[0, rng.permutation(n)[: n // 2]] = True                    # exactly 50% right
     pert = np.ones((2, n), bool)                                       # always right: no spread at all
-    ci = bootstrap_ci(_table({"sst2": {"clean": clean, "textfooler": pert}}), "loglik")
+    ci = bootstrap_ci(example_scores(_table({"sst2": {"clean": clean, "textfooler": pert}}), "loglik"))
     half = 1.96 * 50.0 / math.sqrt(n)                                  # 4.9 points
     assert ci["clean_ci_low"] < 50.0 < ci["clean_ci_high"]
     assert (ci["clean_ci_high"] - ci["clean_ci_low"]) / 2 == pytest.approx(half, rel=0.15)
     assert ci["perturbed_ci_low"] == ci["perturbed_ci_high"] == 100.0
-    assert bootstrap_ci(_table({"sst2": {"clean": clean, "textfooler": pert}}), "loglik") == ci  # seeded
+    assert bootstrap_ci(example_scores(_table({"sst2": {"clean": clean, "textfooler": pert}}), "loglik")) == ci  # seed
 
 
 def test_no_clean_set_gives_null_interval_not_nan() -> None:
-    ci = bootstrap_ci(_table({"rte": {"textfooler": np.ones((2, 5), bool)}}), "loglik")
+    ci = bootstrap_ci(example_scores(_table({"rte": {"textfooler": np.ones((2, 5), bool)}}), "loglik"))
     assert ci["clean_ci_low"] is None and ci["perturbed_ci_low"] == 100.0
     json.dumps(ci, allow_nan=False)
 
@@ -75,14 +75,14 @@ def test_paired_delta_is_exact_and_cancels_shared_difficulty() -> None:
     better[:, :10] = True                                              # ... that the better model gets right
     a = _table({"sst2": {"clean": better, "checklist": better}})
     b = _table({"sst2": {"clean": base, "checklist": base}})
-    d = paired_delta(a, b, "loglik")
+    d = paired_delta(example_scores(a, "loglik"), example_scores(b, "loglik"))
     assert d["clean_delta"] == pytest.approx(100.0 * 10 / n) and d["perturbed_delta"] == pytest.approx(5.0)
     assert d["n_examples"] == n
     assert 0.0 < d["perturbed_delta_ci_low"] < 5.0 < d["perturbed_delta_ci_high"]  # never below 0: no example got worse
     # unpaired intervals overlap; the paired one excludes 0: the shared difficulty cancels
-    ca, cb = bootstrap_ci(a, "loglik"), bootstrap_ci(b, "loglik")
+    ca, cb = bootstrap_ci(example_scores(a, "loglik")), bootstrap_ci(example_scores(b, "loglik"))
     assert ca["clean_ci_low"] < cb["clean_ci_high"]
-    same = paired_delta(b, b, "loglik")
+    same = paired_delta(example_scores(b, "loglik"), example_scores(b, "loglik"))
     assert same["clean_delta"] == same["clean_delta_ci_low"] == same["clean_delta_ci_high"] == 0.0
 
 
@@ -90,7 +90,7 @@ def test_paired_delta_needs_a_shared_sample() -> None:
     a = _table({"sst2": {"clean": np.ones((1, 3), bool)}})
     b = a.assign(example_id=a["example_id"] + "-other")
     with pytest.raises(ValueError, match="share no evaluated example"):
-        paired_delta(a, b, "loglik")
+        paired_delta(example_scores(a, "loglik"), example_scores(b, "loglik"))
 
 
 def test_report_and_metrics_carry_intervals_and_the_gap_to_base(tmp_path: Path) -> None:

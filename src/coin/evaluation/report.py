@@ -35,7 +35,7 @@ from coin.data.tasks import get_task
 from coin.evaluation.instructions import perturbation_level
 from coin.evaluation.metrics import AVG, CLEAN
 from coin.evaluation.result import EvalResult
-from coin.evaluation.uncertainty import LEVEL, N_BOOT, bootstrap_ci, paired_delta
+from coin.evaluation.uncertainty import LEVEL, N_BOOT, bootstrap_ci, example_scores, paired_delta
 
 log = logging.getLogger(__name__)
 
@@ -210,12 +210,13 @@ def uncertainty(results: list[EvalResult]) -> dict[str, dict[str, Any]]:
     """Per model: bootstrap intervals of its primary scoring's clean and perturbed accuracy and, when a
     ``base`` model with the same primary scoring is among ``results``, the paired gap to it (``vs_base``)."""
     ref = next((r for r in results if r.model_label == REFERENCE), None)
+    scores = {r.model_label: example_scores(r.predictions, r.primary) for r in results}  # once per model
     out: dict[str, dict[str, Any]] = {}
     for r in results:
-        u: dict[str, Any] = {"n_boot": N_BOOT, "level": LEVEL, **bootstrap_ci(r.predictions, r.primary)}
+        u: dict[str, Any] = {"n_boot": N_BOOT, "level": LEVEL, **bootstrap_ci(scores[r.model_label])}
         if ref is not None and r is not ref and ref.primary == r.primary:
             try:
-                u[f"vs_{REFERENCE}"] = paired_delta(r.predictions, ref.predictions, r.primary)
+                u[f"vs_{REFERENCE}"] = paired_delta(scores[r.model_label], scores[REFERENCE])
             except ValueError as exc:  # different samples: no paired gap, the report says so
                 log.warning("evaluate report: %s vs %s: %s", r.model_label, REFERENCE, exc)
         out[r.model_label] = u

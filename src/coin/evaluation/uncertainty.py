@@ -68,11 +68,10 @@ def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def bootstrap_ci(preds: pd.DataFrame, scoring: str, *, n_boot: int = N_BOOT, level: float = LEVEL,
+def bootstrap_ci(scores: pd.DataFrame, *, n_boot: int = N_BOOT, level: float = LEVEL,
                  seed: int = SEED) -> dict[str, float | None]:
-    """``clean_ci_low/high`` and ``perturbed_ci_low/high`` (percent) of one model and scoring mode
+    """``clean_ci_low/high`` and ``perturbed_ci_low/high`` (percent) of one model's :func:`example_scores`
     (None where the part was not evaluated: no clean or no perturbed set)."""
-    scores = example_scores(preds, scoring)
     reps = _boot_means(scores, n_boot, seed)
     out: dict[str, float | None] = {}
     for c in PARTS:
@@ -80,15 +79,15 @@ def bootstrap_ci(preds: pd.DataFrame, scoring: str, *, n_boot: int = N_BOOT, lev
     return {k: json_number(v) for k, v in out.items()}  # JSON-ready: rounded, NaN (part not evaluated) -> None
 
 
-def paired_delta(preds: pd.DataFrame, reference: pd.DataFrame, scoring: str, *, n_boot: int = N_BOOT,
-                 level: float = LEVEL, seed: int = SEED) -> dict[str, Any]:
-    """Model minus reference on the examples both were scored on, with paired bootstrap intervals.
+def paired_delta(a: pd.DataFrame, b: pd.DataFrame, *, n_boot: int = N_BOOT, level: float = LEVEL,
+                 seed: int = SEED) -> dict[str, Any]:
+    """Model ``a`` minus reference ``b`` (their :func:`example_scores`) on the examples both were scored
+    on, with paired bootstrap intervals.
 
     Returns ``clean_delta``, ``clean_delta_ci_low/high``, the same for ``perturbed`` (points) and
     ``n_examples`` (shared examples). Raises ``ValueError`` when the two share no example (different
     seeds, sample sizes or tasks): a paired comparison needs the same sample.
     """
-    a, b = example_scores(preds, scoring), example_scores(reference, scoring)
     shared = a.index.intersection(b.index)
     if shared.empty:
         raise ValueError("the two models share no evaluated example: evaluate them with the same seed, "
