@@ -21,7 +21,6 @@ checked before each task is submitted and a task whose outputs are gone runs wit
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -35,39 +34,20 @@ import coin
 from coin.config import Settings, load_settings
 from coin.registry.tracking import data_version
 from coin.stages import Layout
+from coin.study.keys import sha256_files
 
 log = logging.getLogger("coin.flows")
 
 CODE_ROOT = Path(coin.__file__).resolve().parent  # the coin package that actually runs
-_CHUNK = 1 << 20
 
 
 # --------------------------------------------------------------------------- fingerprints
 
 
 def fingerprint(paths: Iterable[Path], base: Path | None = None) -> str:
-    """sha256 over the content of ``paths`` (files, or directories walked in sorted order).
-
-    Names are taken relative to ``base`` (so a copy of the project hashes the same); a missing path
-    contributes a ``missing`` marker instead of failing. ``__pycache__`` and ``*.pyc`` are skipped.
-    """
-    h = hashlib.sha256()
-    for path in paths:
-        path = Path(path)
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for f in files:
-            if "__pycache__" in f.parts or f.suffix == ".pyc":
-                continue
-            name = str(f.relative_to(base)) if base is not None and f.is_relative_to(base) else str(f)
-            h.update(name.encode() + b"\0")
-            if not f.exists():
-                h.update(b"<missing>\0")
-                continue
-            with f.open("rb") as fh:
-                while chunk := fh.read(_CHUNK):
-                    h.update(chunk)
-            h.update(b"\0")
-    return h.hexdigest()
+    """sha256 over the content of ``paths`` (files, or directories walked in sorted order): the one
+    content hash of the project (:func:`coin.study.keys.sha256_files`), so a copy of the project hashes the same."""
+    return sha256_files(paths, base=base)
 
 
 def select_params(settings: Settings, keys: Iterable[str], exclude: Iterable[str] = ()) -> dict[str, Any]:

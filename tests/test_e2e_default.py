@@ -35,9 +35,16 @@ def test_default_pipeline_from_a_fresh_copy_then_predict(tmp_path):
     assert gap["perturbed_delta_ci_low"] <= gap["perturbed_delta"] <= gap["perturbed_delta_ci_high"]
     assert (out / "evaluate" / "report.html").exists()
     reg = json.loads((out / "register" / "registration.json").read_text())
-    assert reg["version"] == "1" and set(reg["aliases"]) == {"champion", "challenger"}  # first candidate: no champion yet
-    assert reg["decision"]["promote"] is True
+    # first candidate, no champion yet: it becomes champion only if its clean accuracy beats the majority-class
+    # rate of its sample (a model at or below it does no better than a constant answer)
+    summary = metrics["coin"]["summary"]
+    above = summary["clean_acc"] > summary["majority_acc"]
+    assert reg["version"] == "1" and reg["decision"]["promote"] is above
+    assert set(reg["aliases"]) == ({"champion", "challenger"} if above else {"challenger"})
+    if not above:
+        assert "majority-class rate" in reg["decision"]["reason"]
 
     answer = run(["coin", "predict", "--instruction", "Is the sentiment of this review positive or negative? ",
-                  "--input", "An utterly charming and beautifully acted film.", "--task", "sst2"], proj)
+                  "--input", "An utterly charming and beautifully acted film.", "--task", "sst2",
+                  "--model-uri", "models:/coin-minilm/1"], proj)
     assert answer.stdout.strip().splitlines()[-1] in TASKS["sst2"].label_words

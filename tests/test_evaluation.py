@@ -570,9 +570,12 @@ def test_write_eval_outputs_for_several_models(small_run: EvalResult, tmp_path: 
                 "plot_pdr", "info"):
         assert paths[key].exists() and paths[key].stat().st_size > 0, key
     metrics = json.loads(paths["metrics"].read_text())
-    assert set(metrics) == {"tiny", "tiny-2"}
+    assert set(metrics) == {"tiny", "tiny-2", "reference"}  # + the sample's majority-class / chance rates
     block = metrics["tiny"]
     assert set(block) == {"summary", "loglik", "generate", "agreement", "uncertainty"}
+    assert set(metrics["reference"]) == {"majority", "chance", "n_examples"}
+    assert block["summary"]["clean_vs_majority"] == pytest.approx(
+        block["summary"]["clean_acc"] - block["summary"]["majority_acc"], abs=1e-3)
     assert "vs_base" not in block["uncertainty"]  # no base model here: intervals only, no paired gap
     assert set(block["loglik"]["tasks"]) == {"wnli", "mnli"}
     cell = block["loglik"]["tasks"]["wnli"]["textfooler"]

@@ -94,11 +94,15 @@ def test_candidate_figures_from_metrics_json(tmp_path):
     from coin.registry.promotion import candidate_figures
 
     path = tmp_path / "metrics.json"
-    path.write_text(json.dumps({"coin": {"summary": {"clean_acc": 71.25, "perturbed_acc": 64.5, "pdr": 0.09}},
+    path.write_text(json.dumps({"coin": {"summary": {"clean_acc": 71.25, "perturbed_acc": 64.5, "pdr": 0.09,
+                                                     "majority_acc": 57.5}},
                                 "base": {"summary": {"clean_acc": 50.0, "perturbed_acc": 49.0}}}))
-    assert candidate_figures(path, "coin") == ModelFigures(71.25, 64.5)
+    assert candidate_figures(path, "coin") == ModelFigures(71.25, 64.5, majority_acc=57.5)
     with pytest.raises(ValueError, match="no model 'sft'"):
         candidate_figures(path, "sft")
+    # an evaluation written before majority references: the gate cannot tell a constant predictor, so it stops
+    with pytest.raises(PromotionError, match="base.summary has no majority_acc.*Re-run `coin evaluate`"):
+        candidate_figures(path, "base")
 
 
 def test_other_evaluation_protocol_never_promotes():
@@ -121,13 +125,15 @@ def test_candidate_figures_carry_the_protocol_of_eval_info(tmp_path):
     info = {"scorings": ["loglik"], "sets": ["clean", "textfooler"],
             "settings": {"seed": 42, "n_examples": {"sst2": 100, "rte": 100}, "instruction_sha256": "ab12",
                          "prompt_format": "train", "length_normalise": False}}
-    (tmp_path / "metrics.json").write_text(json.dumps({"coin": {"summary": {"clean_acc": 70.0, "perturbed_acc": 65.0}}}))
+    (tmp_path / "metrics.json").write_text(json.dumps({"coin": {"summary": {"clean_acc": 70.0, "perturbed_acc": 65.0,
+                                                                            "majority_acc": 55.0}}}))
     (tmp_path / "eval_info.json").write_text(json.dumps({"coin": info}))
     figs = candidate_figures(tmp_path / "metrics.json", "coin")
     assert figs.protocol == evaluation_protocol(info)
     assert figs.protocol == ("scoring loglik; seed 42; examples rte:100,sst2:100; sets clean,textfooler; "
                              "instructions ab12; format train")
     assert figs.to_tags()["coin.eval_protocol"] == figs.protocol
+    assert figs.majority_acc == 55.0 and figs.to_tags()["coin.majority_acc"] == "55.0"
 
 
 def test_decision_round_trips_through_tags():
@@ -141,11 +147,39 @@ def test_decision_round_trips_through_tags():
     assert again.promote == d.promote and again.reason == d.reason
 
 
+def test_at_or_below_the_majority_rate_never_promotes_even_without_champion():
+    constant = ModelFigures(57.0, 57.0, majority_acc=57.0)            # always the majority label: clean == majority
+    first = decide_promotion(constant, None, **GATE)
+    assert not first.promote and first.champion is None
+    assert first.reason.startswith("Not better than a constant answer: clean accuracy 57.0 is not above the "
+                                   "majority-class rate 57.0 of the same sample (+0 pp)")
+    below = decide_promotion(ModelFigures(48.3, 47.0, majority_acc=58.6), None, **GATE)
+    assert not below.promote and "(-10.3 pp)" in below.reason and "majority-class rate 58.6" in below.reason
+    # ... nor against a champion it beats by far on the perturbed sets
+    vs = decide_promotion(ModelFigures(57.0, 57.0, majority_acc=57.0), ModelFigures(40.0, 30.0), champion_version="1",
+                          **GATE)
+    assert not vs.promote and "Not better than a constant" in vs.reason
+    # above it: the first candidate becomes champion, and the reason says by how much
+    above = decide_promotion(ModelFigures(57.1, 50.0, majority_acc=57.0), None, **GATE)
+    assert above.promote and above.reason == ("No champion yet: the first candidate becomes champion; clean accuracy "
+                                              "57.1 is above the majority-class rate 57.0 (+0.1 pp).")
+    back = decision_from_tags(first.to_tags())
+    assert back.candidate.majority_acc == 57.0 and first.to_tags()["coin.majority_acc"] == "57.0"
+    assert back.promote is False and back.reason == first.reason
+    assert "Majority-class rate of the evaluated sample: 57.0 %" in first.description()
+    with pytest.raises(ValueError, match="majority_acc"):
+        ModelFigures(50.0, 50.0, majority_acc=float("inf"))
+
+
 def test_register_params_validated():
     with pytest.raises(ConfigError, match="register.max_clean_drop"):
         Settings.model_validate({"register": {"max_clean_drop": -1}})
     with pytest.raises(ConfigError, match="tracking.uri = 'mlruns'.*sqlite:///"):
         Settings.model_validate({"tracking": {"uri": "mlruns"}})
+    assert Settings.model_validate({}).register_.evidence == "point"      # today's rule unless asked
+    assert Settings.model_validate({"register": {"evidence": "interval"}}).register_.evidence == "interval"
+    with pytest.raises(ConfigError, match="register.evidence"):
+        Settings.model_validate({"register": {"evidence": "ci"}})
 
 
 # --------------------------------------------------------------------------- in a registry
@@ -229,6 +263,169 @@ def test_champion_without_figures_is_a_clear_error(store):
     assert TAG_DECISION not in client.get_model_version("legacy", v2).tags
 
 
+def test_constant_predictor_from_an_evaluation_is_refused_in_the_registry(store, tmp_path):
+    """metrics.json -> candidate_figures -> promote_version: a model that always answers the majority label is
+    refused, with no champion yet; a model above the majority rate then becomes the first champion."""
+    from mlflow import MlflowClient
+
+    from coin.evaluation.report import write_eval_outputs
+    from coin.registry.promotion import PREDICTION_COLUMNS, TAG_MAJORITY, candidate_figures, candidate_predictions
+    from test_references import constant, oracle, result
+
+    paths = write_eval_outputs([result("base", constant), result("coin", oracle)], tmp_path / "eval")
+    client = MlflowClient()
+    v1, v2 = _bare_version(client, "refs"), _bare_version(client, "refs")
+    figs = candidate_figures(paths["metrics"], "base")
+    assert figs.clean_acc == pytest.approx(figs.majority_acc) == pytest.approx(56.1111, abs=1e-4)
+    d1 = promote_version("refs", v1, figs, **GATE)
+    mv1 = client.get_model_version("refs", v1)
+    assert not d1.promote and "Not better than a constant answer" in d1.reason and "majority-class rate 56.1111" in d1.reason
+    assert mv1.tags[TAG_DECISION] == "rejected" and mv1.tags[TAG_MAJORITY] == "56.1111"
+    assert "champion" not in client.get_registered_model("refs").aliases
+    d2 = promote_version("refs", v2, candidate_figures(paths["metrics"], "coin"), **GATE)
+    assert d2.promote and d2.reason.startswith("No champion yet") and _alias(client, "refs", "champion") == v2
+    # the rows the registry keeps with a version: the model's primary scoring, from predictions.jsonl
+    rows = candidate_predictions(paths["metrics"], "coin")
+    assert list(rows.columns) == list(PREDICTION_COLUMNS) and len(rows) == 2 * 2 * 12
+    assert (rows["pred"] == rows["label"]).all() and set(rows["scoring"]) == {"loglik"}
+    with pytest.raises(PromotionError, match="no predictions of model 'sft'"):
+        candidate_predictions(paths["metrics"], "sft")
+
+
+N_PAIRED = 200
+
+
+def _paired_table(right: list[int], ids: str = "x") -> pd.DataFrame:
+    """sst2, N_PAIRED examples with labels 0,1,0,1,... (majority 50 %), sets clean and textfooler, 2 instructions;
+    the examples in ``right`` answered correctly under every instruction, the others wrongly."""
+    ok = set(right)
+    rows = [{"model": "m", "scoring": "loglik", "task": "sst2", "set": s, "instruction_id": i, "example_id": f"{ids}{e}",
+             "label": e % 2, "pred": e % 2 if e in ok else 1 - e % 2}
+            for s in ("clean", "textfooler") for i in range(2) for e in range(N_PAIRED)]
+    return pd.DataFrame(rows)
+
+
+def _paired_figures(right: list[int]) -> ModelFigures:
+    acc = 100.0 * len(right) / N_PAIRED
+    return ModelFigures(acc, acc, majority_acc=50.0)
+
+
+CHAMP_RIGHT = list(range(120))                                   # 60 %
+STEADY_RIGHT = list(range(140))                                  # the champion's 120 and 20 more: +10 pp, every time
+NOISY_RIGHT = list(range(60)) + list(range(120, 200))            # 80 gained, 60 lost: +10 pp too, but a coin toss
+
+
+def _run_version(client, name: str) -> tuple[str, str]:
+    """A registered version backed by a real run (its per-example predictions are an artifact of that run)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    with mlflow.start_run() as run:
+        pass
+    try:
+        client.create_registered_model(name)
+    except MlflowException:
+        pass
+    mv = client.create_model_version(name, source="file:///nowhere", run_id=run.info.run_id)
+    return str(mv.version), run.info.run_id
+
+
+def test_interval_rule_promotes_an_established_gain_and_refuses_a_noisy_one(store):
+    from mlflow import MlflowClient
+
+    from coin.registry.promotion import (
+        TAG_GAIN_CI_HIGH,
+        TAG_GAIN_CI_LOW,
+        TAG_PREDICTIONS,
+        load_predictions,
+        paired_gain,
+    )
+    from coin.registry.register import keep_predictions
+
+    client = MlflowClient()
+    gate = {**GATE, "evidence": "interval"}
+    v1, run1 = _run_version(client, "ci")
+    champ = _paired_table(CHAMP_RIGHT)
+    uri = keep_predictions("ci", v1, run1, _paired_figures(CHAMP_RIGHT), champ)
+    assert uri == f"runs:/{run1}/coin_eval/predictions.parquet"
+    assert client.get_model_version("ci", v1).tags[TAG_PREDICTIONS] == uri
+    stored = load_predictions(client, "ci", client.get_model_version("ci", v1), what="v1")
+    pd.testing.assert_frame_equal(stored, champ[list(stored.columns)])      # through MLflow's artifact API
+    assert promote_version("ci", v1, _paired_figures(CHAMP_RIGHT), **gate).promote   # no champion yet
+
+    # the same point gain (+10 pp), but half the examples flip either way: the interval reaches below the margin
+    v2, run2 = _run_version(client, "ci")
+    noisy = _paired_table(NOISY_RIGHT)
+    keep_predictions("ci", v2, run2, _paired_figures(NOISY_RIGHT), noisy)
+    d2 = promote_version("ci", v2, _paired_figures(NOISY_RIGHT), predictions=noisy, **gate)
+    assert not d2.promote and _alias(client, "ci", "champion") == v1
+    assert d2.paired is not None and d2.paired.delta == pytest.approx(10.0) and d2.paired.n_examples == N_PAIRED
+    assert d2.paired.ci_low < GATE["min_improvement"] < d2.paired.ci_high
+    assert d2.reason.startswith("Gain not established by the interval: paired 95% bootstrap interval of the "
+                                f"perturbed-accuracy gain on {N_PAIRED} shared examples: +10 [")
+    assert "lower bound needed > 1" in d2.reason
+    tags2 = client.get_model_version("ci", v2).tags
+    assert tags2["coin.promotion.evidence"] == "interval" and float(tags2[TAG_GAIN_CI_LOW]) == d2.paired.ci_low
+    assert "Evidence: paired 95% bootstrap interval" in client.get_model_version("ci", v2).description
+    # the point rule would have promoted it: the interval is what refused it
+    assert decide_promotion(_paired_figures(NOISY_RIGHT), _paired_figures(CHAMP_RIGHT), **GATE).promote
+
+    # +10 pp on the same examples, never worse on any: the interval clears the margin
+    v3, run3 = _run_version(client, "ci")
+    keep_predictions("ci", v3, run3, _paired_figures(STEADY_RIGHT), _paired_table(STEADY_RIGHT))
+    d3 = promote_version("ci", v3, _paired_figures(STEADY_RIGHT), **gate)   # its predictions: read back from its tag
+    assert d3.promote and _alias(client, "ci", "champion") == v3
+    assert d3.paired.delta == pytest.approx(10.0) and d3.paired.ci_low > GATE["min_improvement"]
+    assert d3.reason.startswith("More robust by the margin beyond the sampling noise")
+    tags3 = client.get_model_version("ci", v3).tags
+    assert float(tags3[TAG_GAIN_CI_LOW]) > 1.0 and float(tags3[TAG_GAIN_CI_HIGH]) > 10.0
+    back = decision_from_tags(tags3)
+    assert back.paired == d3.paired and back.evidence == "interval" and back.reason == d3.reason
+    # the interval is the shared helper's (coin.evaluation.uncertainty.paired_delta), not a second bootstrap
+    assert paired_gain(_paired_table(STEADY_RIGHT), champ) == d3.paired
+
+
+def test_interval_rule_without_comparable_champion_predictions_refuses_with_the_fix(store):
+    from mlflow import MlflowClient
+
+    from coin.registry.register import keep_predictions
+
+    client = MlflowClient()
+    gate = {**GATE, "evidence": "interval"}
+    # a champion registered before versions kept their predictions
+    v1, run1 = _run_version(client, "old")
+    assert promote_version("old", v1, _paired_figures(CHAMP_RIGHT), **GATE).promote
+    v2, run2 = _run_version(client, "old")
+    steady = _paired_table(STEADY_RIGHT)
+    keep_predictions("old", v2, run2, _paired_figures(STEADY_RIGHT), steady)
+    d = promote_version("old", v2, _paired_figures(STEADY_RIGHT), predictions=steady, **gate)
+    assert not d.promote and _alias(client, "old", "champion") == v1
+    assert d.reason.startswith("No evidence for the interval rule (register.evidence: interval): the champion, old "
+                               f"version {v1}, has no stored per-example predictions (tag coin.eval_predictions)")
+    assert "register that run again" in d.reason and "register.evidence: point" in d.reason
+    assert client.get_model_version("old", v2).tags[TAG_DECISION] == "rejected"
+    # the fix the reason names: register the champion's run again; its (decided) version then keeps predictions,
+    # but only those of the evaluation its recorded figures came from
+    assert keep_predictions("old", v1, run1, _paired_figures(STEADY_RIGHT), _paired_table(STEADY_RIGHT)) is None
+    assert keep_predictions("old", v1, run1, _paired_figures(CHAMP_RIGHT), _paired_table(CHAMP_RIGHT))
+    v3, run3 = _run_version(client, "old")
+    keep_predictions("old", v3, run3, _paired_figures(STEADY_RIGHT), steady)
+    assert promote_version("old", v3, _paired_figures(STEADY_RIGHT), **gate).promote
+
+    # a champion whose predictions share no example with the candidate (another sample)
+    w1, wrun1 = _run_version(client, "apart")
+    keep_predictions("apart", w1, wrun1, _paired_figures(CHAMP_RIGHT), _paired_table(CHAMP_RIGHT, ids="other-"))
+    assert promote_version("apart", w1, _paired_figures(CHAMP_RIGHT), **gate).promote
+    w2, wrun2 = _run_version(client, "apart")
+    d2 = promote_version("apart", w2, _paired_figures(STEADY_RIGHT), predictions=steady, **gate)
+    assert not d2.promote and "share no evaluated example" in d2.reason
+    assert "re-evaluate this candidate under the champion's protocol" in d2.reason and d2.paired is None
+    # no predictions for the candidate at all (none given, none stored): refused as well, never a traceback
+    w3, _ = _run_version(client, "apart")
+    d3 = promote_version("apart", w3, _paired_figures(STEADY_RIGHT), **gate)
+    assert not d3.promote and f"this candidate, apart version {w3}, has no stored per-example predictions" in d3.reason
+
+
 # --------------------------------------------------------------------------- logged model
 
 
@@ -260,11 +457,16 @@ def test_register_gate_idempotent_and_pyfunc_roundtrip(store, tmp_path, tiny_lla
     adapter = _adapter(tiny_llama_dir, tmp_path)
     with mlflow.start_run() as run:
         mlflow.log_param("x", 1)
-    reg = register_candidate(adapter, run.info.run_id, "tiny-coin", ModelFigures(70.0, 55.0), **GATE)
+    reg = register_candidate(adapter, run.info.run_id, "tiny-coin", ModelFigures(70.0, 55.0), **GATE,
+                             predictions=_paired_table(CHAMP_RIGHT))
     assert reg.created and reg.version == "1" and reg.aliases == ["challenger", "champion"]
     assert reg.decision["decision"] == "promoted"
     client = MlflowClient()
     assert client.get_model_version_by_alias("tiny-coin", "champion").run_id == run.info.run_id
+    # its per-example predictions are kept beside the logged model, in the same run
+    assert client.get_model_version("tiny-coin", "1").tags["coin.eval_predictions"] == (
+        f"runs:/{run.info.run_id}/coin_eval/predictions.parquet")
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "coin_eval")] == ["coin_eval/predictions.parquet"]
 
     # same run again: no second version, the same decision, nothing moved
     again = register_candidate(adapter, run.info.run_id, "tiny-coin", ModelFigures(70.0, 55.0), **GATE)

@@ -6,6 +6,7 @@ calls the stage function in :mod:`coin.stages` -- the same function DVC and Pref
     coin pairs                      # one stage, default params.yaml
     coin train --set train.max_steps=10
     coin pipeline                   # data -> pairs -> validate -> train -> evaluate -> register (Prefect flow)
+    coin study                      # methods x seeds: mean ± std and paired differences with intervals (Prefect flow)
     coin predict --instruction "Is this review positive or negative?" --input "A gem." --task sst2
 """
 
@@ -94,6 +95,41 @@ def pipeline(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> No
 
     try:
         result = coin_pipeline(params_path=str(params.resolve()), overrides=list(set_ or []))
+    except (ConfigError, DataError, RuntimeError) as exc:
+        _fail(exc)
+    _print(result)
+
+
+@app.command()
+def study(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    sweep: Annotated[Optional[str], typer.Option(help="sweep one key: KEY=[v1,v2,...], e.g. train.lr=[5.0e-4,1.0e-3]")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="local Dask workers (default: study.workers, else one per GPU, "
+                                                        "else one per 2 CPU cores)")] = None,
+    dask_address: Annotated[Optional[str], typer.Option(help="an existing Dask scheduler, e.g. tcp://127.0.0.1:8786")] = None,
+    dask_threads: Annotated[bool, typer.Option(help="one Dask worker thread in this process (needs --workers 1)")] = False,
+) -> None:
+    """Methods x training seeds [x one swept key]: train + evaluate each cell, then mean ± std and paired differences (Prefect flow).
+
+    Runs the Prefect flow `coin-study` (as `coin pipeline` runs `coin-pipeline`): the same Dask fan-out,
+    MLflow runs and artifacts whether started here or from a deployment. Done cells are skipped, so a
+    killed study resumes by running the command again. One cell without Prefect or MLflow:
+    `python -m coin.study.cell --method coin --seed 1`.
+    """
+    from coin.study.grid import load_study, sweep_overrides
+
+    try:
+        overrides = [*(set_ or []), *sweep_overrides(sweep)]
+        _, root = load_study(params, overrides)  # fail on bad params (methods, seeds, sweep) before Prefect starts
+    except ConfigError as exc:
+        _fail(exc)
+    sys.path.insert(0, str(root))
+    from flows.study import coin_study
+
+    try:
+        result = coin_study(params_path=str(params.resolve()), overrides=overrides, workers=workers,
+                            dask_address=dask_address, dask_processes=not dask_threads)
     except (ConfigError, DataError, RuntimeError) as exc:
         _fail(exc)
     _print(result)

@@ -16,8 +16,9 @@ Overrides use dotted keys (``train.max_steps=10``), the same syntax as ``dvc exp
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -288,6 +289,12 @@ class RegisterSettings(_Section):
         2.0, ge=0, le=100,
         description="percentage points of clean accuracy a challenger may lose against the champion and still be promoted",
     )
+    evidence: Literal["point", "interval"] = Field(
+        "point",
+        description="how the perturbed gain over the champion must be shown: 'point' = the mean gain >= "
+        "min_improvement; 'interval' = the lower bound of its paired 95% bootstrap interval on the examples both "
+        "were scored on > min_improvement (needs the champion's stored per-example predictions)",
+    )
 
 
 _TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
@@ -314,6 +321,120 @@ class TrackingSettings(_Section):
         return v
 
 
+# --------------------------------------------------------------------------- study (coin study)
+
+# The trained methods, read from their one home (the Literal of TrainSettings.methods); ``base`` is the
+# untouched backbone. Adding a method there adds it to studies (and to their paired differences) too.
+TRAIN_METHODS: tuple[str, ...] = get_args(get_args(TrainSettings.model_fields["methods"].annotation)[0])
+BASE_METHOD = "base"
+STUDY_METHODS: tuple[str, ...] = (BASE_METHOD, *TRAIN_METHODS)
+StudyMethod = Literal[STUDY_METHODS]  # type: ignore[valid-type]
+
+# Keys a study cannot sweep, and why: its own grid dimensions, and what the pairs and the validation gate
+# read (computed once per study and shared by every cell, so they must not change between cells).
+STUDY_FIXED_KEYS: dict[str, str] = {
+    "seed": "it fixes the pairs and the evaluation sample shared by every cell; the training seeds are study.seeds",
+    "train.methods": "the methods are study.methods",
+    "study": "it configures the study itself",
+    "paths": "it says where things are, not how a cell trains or evaluates",
+    "pairs": "pairs are built once per study and shared by every cell",
+    "validate": "the validation gate runs once per study",
+    "model.backbone": "the validation gate tokenises with it; run one study per backbone (--set model.backbone=...)",
+    "evaluate.tasks": "the validation gate's leak checks read it; run one study per task list",
+    "evaluate.instruction_file": "the validation gate's leak checks read it; run one study per file",
+    "evaluate.include_base": "it changes no cell; add base to study.methods instead",
+    "register": "it changes no cell",
+    "tracking": "it changes no cell",
+}
+
+
+class StudySettings(_Section):
+    """``coin study``: every method x training seed [x one swept key], then mean ± std and paired differences."""
+
+    methods: list[StudyMethod] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(STUDY_METHODS),
+        description="methods compared: base (the untouched backbone, evaluated) and the trained methods of train.methods' "
+        "choices",
+    )
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1, 2],
+        description="training seeds: backbone init of new weights, LoRA init, data order, dropout; the evaluation "
+        "sample stays fixed by the global seed",
+    )
+    sweep_key: str | None = Field(
+        None, description="one dotted params key swept over sweep_values (e.g. train.lr); null = no sweep"
+    )
+    sweep_values: list[Any] | None = Field(None, description="the values of sweep_key, one grid layer each")
+    out_dir: str = Field("outputs/study", min_length=1, description="where the study writes (cells/, study.json, reports)")
+    workers: int | None = Field(
+        None, ge=1, description="local Dask worker processes for the cells (null: one per GPU, else one per 2 CPU cores)"
+    )
+    dask_address: str | None = Field(None, description="an existing Dask scheduler instead of local workers")
+    n_boot: int = Field(2000, ge=100, le=1_000_000, description="bootstrap resamples of the intervals")
+
+    @field_validator("methods")
+    @classmethod
+    def _some_methods_once(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"lists no method; list at least one of {', '.join(STUDY_METHODS)}")
+        if len(set(v)) != len(v):
+            raise ValueError("lists a method twice; list each method once")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _some_seeds_once(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("lists no seed; give at least one training seed, e.g. [0, 1, 2] (3 or more for a spread)")
+        if any(s < 0 for s in v):
+            raise ValueError("seeds must be >= 0")
+        if len(set(v)) != len(v):
+            raise ValueError("lists a seed twice; list each seed once")
+        return v
+
+    @model_validator(mode="after")
+    def _sweep_pairs(self) -> "StudySettings":
+        key, values = self.sweep_key, self.sweep_values
+        if key is None and values is None:
+            return self
+        if key is None or values is None:
+            raise ValueError(
+                "study.sweep_key and study.sweep_values go together: set both (e.g. sweep_key: train.lr, "
+                "sweep_values: [5.0e-4, 1.0e-3]) or neither"
+            )
+        if not values:
+            raise ValueError(f"study.sweep_values is empty for study.sweep_key = {key!r}; give at least one value")
+        dumped = [json.dumps(v, sort_keys=True) for v in values]
+        if len(set(dumped)) != len(dumped):
+            raise ValueError(f"study.sweep_values = {values} lists a value twice; list each value once")
+        return self
+
+
+def check_study_sweep(settings: "Settings") -> None:
+    """Raise ``ValueError`` naming ``study.sweep_key`` unless every sweep value, applied with the override
+    machinery (:func:`apply_overrides`, as ``--set key=value``), gives valid params."""
+    st = settings.study
+    key = st.sweep_key
+    if key is None:
+        return
+    for fixed, why in STUDY_FIXED_KEYS.items():
+        if key == fixed or key.startswith(fixed + "."):
+            raise ValueError(f"study.sweep_key = {key!r} cannot be swept: {why}. Sweep a train.*, evaluate.* or "
+                             "model.* key")
+    if "." not in key:
+        raise ValueError(f"study.sweep_key = {key!r} names a whole section; name one key in it, e.g. train.lr")
+    raw = settings.model_dump(by_alias=True, mode="json")
+    raw["study"].update(sweep_key=None, sweep_values=None)
+    for value in st.sweep_values or []:
+        try:
+            Settings.model_validate(apply_overrides(raw, [f"{key}={json.dumps(value)}"]))
+        except ConfigError as exc:
+            lines = str(exc).splitlines()
+            problems = "; ".join(ln.strip().removeprefix("- ") for ln in (lines[1:] or lines))
+            raise ValueError(f"study.sweep_key = {key!r} with value {value!r} does not give valid params: "
+                             f"{problems.rstrip('.')}; fix study.sweep_key or study.sweep_values") from None
+
+
 class Settings(_Section):
     """All pipeline settings; one section per stage."""
 
@@ -326,6 +447,7 @@ class Settings(_Section):
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
     register_: RegisterSettings = Field(default_factory=RegisterSettings, alias="register")
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    study: StudySettings = Field(default_factory=StudySettings)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 
@@ -337,6 +459,11 @@ class Settings(_Section):
                 f"register.methods lists {untrained}, which train.methods = {self.train.methods} does not train; "
                 "add them to train.methods or remove them from register.methods"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _study_sweep_applies(self) -> "Settings":
+        check_study_sweep(self)  # a bad sweep key stops every command, before any cell runs
         return self
 
     @classmethod

@@ -239,20 +239,44 @@ def write_train_index(settings: Settings, root: Path, records: dict[str, dict[st
     return index
 
 
-def _train_one(settings: Settings, root: Path, rows: list[dict[str, Any]], method: str) -> dict[str, Any]:
-    import mlflow
+def train_adapter(settings: Settings, rows: list[dict[str, Any]], method: str, out_dir: Path, *,
+                  seed: int | None = None, device: str | None = None, on_metrics: Any = None,
+                  progress: bool = True) -> Any:
+    """Load the backbone, train ``method``'s LoRA adapter on ``rows`` into ``out_dir/adapter`` (with its
+    ``coin_model.json``) and return the :class:`~coin.training.loop.TrainResult`. No MLflow, no index.
 
+    ``seed`` is the *training* seed: the seeded new weights of the backbone (MiniLM's LM-head transform),
+    the LoRA init, the data order and dropout. ``None`` = the global ``settings.seed`` (the pipeline).
+    ``coin study`` passes each cell's seed while its evaluation keeps ``settings.seed``, so every cell is
+    scored on the same sample. ``device`` overrides ``model.device`` (e.g. ``cuda:1`` for a study worker).
+    """
     from coin.modeling.adapter import write_meta
     from coin.modeling.backbone import load_backbone
-    from coin.registry.tracking import method_run
     from coin.training.distributed import is_main_process
     from coin.training.loop import train
 
-    lay = Layout(root, settings)
+    seed = settings.seed if seed is None else seed
     cfg = settings.train.for_method(method)
+    backbone = load_backbone(settings.model.backbone, dtype=settings.model.dtype,
+                             device=device or settings.model.device, seed=seed)
+    result = train(backbone, rows, cfg, out_dir=Path(out_dir), seed=seed, cutoff_len=settings.pairs.cutoff_len,
+                   on_metrics=on_metrics, resume=cfg.resume, progress=progress)
+    if is_main_process():  # under torchrun every rank trains; rank 0 alone writes
+        write_meta(Path(out_dir) / "adapter", {
+            "base": backbone.reference, "dtype": settings.model.dtype, "seed": seed,
+            "method": method, "prompt_format": "train", "append_eos": cfg.append_eos,
+        })
+    return result
+
+
+def _train_one(settings: Settings, root: Path, rows: list[dict[str, Any]], method: str) -> dict[str, Any]:
+    import mlflow
+
+    from coin.registry.tracking import method_run
+    from coin.training.distributed import is_main_process
+
+    lay = Layout(root, settings)
     out_dir = lay.method_dir(method)
-    backbone = load_backbone(settings.model.backbone, dtype=settings.model.dtype, device=settings.model.device,
-                             seed=settings.seed)
     history: list[dict[str, Any]] = []
 
     def on_metrics(step: int, metrics: dict[str, float]) -> None:
@@ -261,16 +285,10 @@ def _train_one(settings: Settings, root: Path, rows: list[dict[str, Any]], metho
         mlflow.log_metrics(finite, step=step)  # sft has no contrastive term: its l_cl/cosines are NaN
 
     if not is_main_process():  # under torchrun every rank trains; rank 0 alone tracks and writes
-        train(backbone, rows, cfg, out_dir=out_dir, seed=settings.seed, cutoff_len=settings.pairs.cutoff_len,
-              resume=cfg.resume)
+        train_adapter(settings, rows, method, out_dir)
         return {"method": method, "rank": "worker"}
     with method_run(settings, root, method, stage="train", run_name=f"train-{method}") as run:
-        result = train(backbone, rows, cfg, out_dir=out_dir, seed=settings.seed,
-                       cutoff_len=settings.pairs.cutoff_len, on_metrics=on_metrics, resume=cfg.resume)
-        write_meta(lay.adapter_dir(method), {
-            "base": backbone.reference, "dtype": settings.model.dtype, "seed": settings.seed,
-            "method": method, "prompt_format": "train", "append_eos": cfg.append_eos,
-        })
+        result = train_adapter(settings, rows, method, out_dir, on_metrics=on_metrics)
         # the full history: after a resume, on_metrics saw only the steps run in this process
         _write_history_csv(out_dir / "loss.csv", [{**h, "step": int(h["step"])} for h in (result.history or history)])
         mlflow.log_metrics({"train/wall_s": result.wall_time_s, "train/steps": float(result.steps)})
@@ -380,9 +398,14 @@ def stage_evaluate_report(settings: Settings, root: Path) -> dict[str, Any]:
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    from coin.evaluation.metrics import AVG, REFERENCE_KEY
+
     out: dict[str, Any] = {}
+    ref = metrics.get(REFERENCE_KEY)
+    if isinstance(ref, dict):  # the sample's majority-class / chance rates (averages): what the models must beat
+        out[REFERENCE_KEY] = {k: {AVG: ref[k].get(AVG)} for k in ("majority", "chance") if isinstance(ref.get(k), dict)}
     for label, m in metrics.items():
-        if not isinstance(m, dict):
+        if not isinstance(m, dict) or label == REFERENCE_KEY:
             continue
         out[label] = {"summary": m.get("summary", {}), "uncertainty": m.get("uncertainty", {})}
         for scoring, block in m.items():
@@ -407,12 +430,14 @@ def stage_evaluate(settings: Settings, root: Path) -> dict[str, Any]:
 def stage_register(settings: Settings, root: Path) -> dict[str, Any]:
     """Register each method of ``register.methods`` as a candidate and apply the robustness gate.
 
-    Every candidate gets alias ``challenger``; it becomes ``champion`` only if its mean perturbed
-    accuracy beats the champion's by ``register.min_improvement`` points and its clean accuracy drops
-    by at most ``register.max_clean_drop`` (figures from ``outputs/evaluate/metrics.json``). Candidates
-    are gated in order, each against the champion the previous one left.
+    Every candidate gets alias ``challenger``; it becomes ``champion`` only if its clean accuracy is above
+    the majority-class rate of its evaluated sample, its mean perturbed accuracy beats the champion's by
+    ``register.min_improvement`` points (``register.evidence: interval``: the lower bound of the paired
+    bootstrap interval does) and its clean accuracy drops by at most ``register.max_clean_drop`` (figures
+    from ``outputs/evaluate/metrics.json``; per-example predictions from ``predictions.jsonl`` beside it,
+    kept with the version). Candidates are gated in order, each against the champion the previous one left.
     """
-    from coin.registry.promotion import candidate_figures
+    from coin.registry.promotion import candidate_figures, candidate_predictions
     from coin.registry.register import register_candidate
     from coin.registry.tracking import setup_tracking
 
@@ -430,7 +455,8 @@ def stage_register(settings: Settings, root: Path) -> dict[str, Any]:
         rec = runs[method]
         reg = register_candidate(root / rec["adapter_dir"], rec["run_id"], cfg.model_name,
                                  candidate_figures(metrics_file, method),
-                                 min_improvement=cfg.min_improvement, max_clean_drop=cfg.max_clean_drop)
+                                 min_improvement=cfg.min_improvement, max_clean_drop=cfg.max_clean_drop,
+                                 evidence=cfg.evidence, predictions=candidate_predictions(metrics_file, method))
         regs.append({"method": method, **reg.to_dict()})
         log.info("register[%s]: %s version %s, aliases %s", method, reg.name, reg.version, reg.aliases)
     out = {**regs[-1], "candidates": regs}

@@ -3,7 +3,8 @@
 - :func:`evaluate_model` scores one model and returns an :class:`EvalResult`;
 - :func:`save_result` / :func:`load_result` round-trip one model's result on disk (per-process units);
 - :func:`write_eval_outputs` writes the combined report (metrics.json, report.md/html, plots, predictions);
-- :func:`robustness_summary` gives the promotion gate's ``clean_acc`` and ``perturbed_acc``.
+- :func:`robustness_summary` gives the promotion gate's ``clean_acc`` and ``perturbed_acc``;
+- :func:`reference_rates` gives the evaluated sample's majority-class and chance rates.
 
 Imports are lazy: ``from coin.evaluation import robustness_summary`` does not load torch.
 """
@@ -20,6 +21,7 @@ _HOME = {
     "load_result": "coin.evaluation.result",
     "write_eval_outputs": "coin.evaluation.report",
     "robustness_summary": "coin.evaluation.metrics",
+    "reference_rates": "coin.evaluation.reference",
 }
 
 __all__ = sorted(_HOME)

@@ -55,6 +55,9 @@ CELL = ["scoring", "task", "set"]
 CLEAN = "clean"
 STATS = ("acc_mean", "acc_std", "acc_min", "acc_max", "consistency", "worst_acc", "pdr", "unparsed")
 AVG = "avg"
+# metrics.json's top-level block of the sample's majority-class and chance rates (coin.evaluation.reference):
+# not a model; every other top-level key is one
+REFERENCE_KEY = "reference"
 
 
 def check_predictions(preds: pd.DataFrame) -> None:
@@ -239,12 +242,15 @@ def robustness_summary(metrics_json: dict[str, Any] | str | Path, model_label: s
     Returns ``clean_acc`` (mean over tasks of the clean set's accuracy) and ``perturbed_acc`` (mean over
     the perturbed sets of their mean accuracy over tasks), both in percent, plus ``pdr``, ``consistency``
     and ``worst_acc`` over the perturbed sets: the ``summary`` block of the primary scoring mode (the
-    first of ``evaluate.scoring``). Raises ``ValueError`` naming what is missing.
+    first of ``evaluate.scoring``). A report written by ``write_eval_outputs`` adds ``majority_acc`` and
+    ``clean_vs_majority`` (:func:`coin.evaluation.reference.majority_summary`). Raises ``ValueError``
+    naming what is missing.
     """
     source = str(metrics_json) if not isinstance(metrics_json, dict) else "metrics.json"
     doc = metrics_json if isinstance(metrics_json, dict) else read_json(metrics_json)
-    if model_label not in doc:
-        raise ValueError(f"{source}: no model {model_label!r} (models: {', '.join(map(str, doc)) or 'none'})")
+    models = [str(k) for k in doc if k != REFERENCE_KEY]
+    if model_label not in models:
+        raise ValueError(f"{source}: no model {model_label!r} (models: {', '.join(models) or 'none'})")
     summary = doc[model_label].get("summary") if isinstance(doc[model_label], dict) else None
     if not isinstance(summary, dict):
         raise ValueError(f"{source}: model {model_label!r} has no 'summary' block; re-run `coin evaluate`")

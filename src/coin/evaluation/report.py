@@ -3,7 +3,10 @@
 :func:`write_eval_outputs` writes, under one directory::
 
     metrics.json        {model: nested metrics} (numeric leaves only: DVC metrics / MLflow friendly), with an
-                        ``uncertainty`` block per model: bootstrap 95% intervals and the paired gap to ``base``
+                        ``uncertainty`` block per model: bootstrap 95% intervals and the paired gap to ``base``;
+                        each model's summary adds ``majority_acc`` and ``clean_vs_majority``, and the top-level
+                        ``reference`` block holds the sample's majority-class and chance rates per task and
+                        averaged (``coin.evaluation.reference``: what a model that reads nothing scores)
     predictions.jsonl   every model's per-example predictions
     report.md           the full report; report.html the same, self-contained (plots as base64 PNG)
     table.md            the compact summary (Prefect artifact)
@@ -33,7 +36,8 @@ import pandas as pd
 from coin.data.io import write_json, write_jsonl
 from coin.data.tasks import get_task
 from coin.evaluation.instructions import perturbation_level
-from coin.evaluation.metrics import AVG, CLEAN
+from coin.evaluation.metrics import AVG, CLEAN, REFERENCE_KEY
+from coin.evaluation.reference import COLUMNS, ReferenceRates, clean_tasks, majority_summary, reference_rates
 from coin.evaluation.result import EvalResult
 from coin.evaluation.uncertainty import LEVEL, N_BOOT, bootstrap_ci, example_scores, paired_delta
 
@@ -136,10 +140,42 @@ def _perturbed(r: EvalResult) -> list[str]:
     return [s for s in r.sets if s != CLEAN]
 
 
+# --------------------------------------------------------------------------- references
+
+
+@dataclass(frozen=True)
+class References:
+    """The majority-class and chance rates (:mod:`coin.evaluation.reference`) of every model's own sample
+    (``models``) and of all the evaluated examples together (``all``, the ``reference`` block of
+    metrics.json). The two agree whenever the models share one sample, as the protocol makes them."""
+
+    all: ReferenceRates
+    models: dict[str, ReferenceRates]
+
+    @property
+    def samples_differ(self) -> bool:
+        return len({json.dumps(r.to_dict(), sort_keys=True) for r in self.models.values()}) > 1
+
+    def model_summary(self, r: EvalResult, scoring: str, clean_acc: Any) -> dict[str, Any]:
+        """``majority_acc`` / ``clean_vs_majority`` of ``r``'s ``scoring`` (its clean tasks, its own sample)."""
+        clean = float(clean_acc) if _isnum(clean_acc) else None
+        return majority_summary(self.models[r.model_label], clean, clean_tasks(r.predictions, scoring))
+
+
+def references(results: list[EvalResult]) -> References:
+    """Computed once per report from the predictions (task, example_id, label) and read by every table and plot."""
+    return References(reference_rates(pd.concat([r.predictions[list(COLUMNS)] for r in results], ignore_index=True)),
+                      {r.model_label: reference_rates(r.predictions) for r in results})
+
+
+def f_gap(x: Any) -> str:
+    return f"{x:+.1f}" if _isnum(x) else DASH
+
+
 # --------------------------------------------------------------------------- content
 
 
-def _header(results: list[EvalResult]) -> list[Block]:
+def _header(results: list[EvalResult], refs: References) -> list[Block]:
     first = results[0]
     sets = list(dict.fromkeys(s for r in results for s in r.sets))
     scorings = list(dict.fromkeys(m for r in results for m in r.scorings))
@@ -157,6 +193,14 @@ def _header(results: list[EvalResult]) -> list[Block]:
         f"Prompt format: `{first.settings.get('prompt_format')}`"
         + (", label log-probs length-normalised" if first.settings.get("length_normalise") else "") + ".",
     ]
+    ref = refs.all
+    items.append(
+        f"Reference (majority class): always answering each task's most frequent label scores **{ref.majority_avg():.1f}%** "
+        f"on this sample (avg over tasks; " + ", ".join(f"{t} {v:.1f}" for t, v in ref.majority.items())
+        + f"); chance (100 / number of labels) is {ref.chance_avg():.1f}%. A model at or below the majority rate "
+        "does no better than a constant answer" + (" (the models were scored on different samples: these rates are "
+                                                    "of all their examples together; each model's own is in its tables)"
+                                                    if refs.samples_differ else "") + ".")
     differ = [k for k in COMPARABLE if len({json.dumps(r.settings.get(k), sort_keys=True) for r in results}) > 1]
     if differ:
         items.append("**Warning: the models were evaluated with different settings** (" + ", ".join(differ)
@@ -182,18 +226,26 @@ DEFINITIONS = (
     "every instruction of the set; worst-case = % of examples correct under every instruction. Unparsed = % of "
     "generations that named no label (counted wrong)."
 )
+MAJORITY_ROW, CHANCE_ROW, REFERENCE_SCORING = "majority class", "chance", "(reference)"
+REFERENCES_NOTE = (
+    "Majority class = always answering each task's most frequent label of the evaluated sample (the same on every "
+    "set: the labels do not change with the instruction); chance = 100 / number of labels; both averaged over tasks. "
+    "clean − majority = the model's clean accuracy minus the majority rate of its sample, in points: at or below 0 "
+    "it does no better than a constant answer."
+)
 
 
-def _summary(results: list[EvalResult]) -> list[Block]:
+def _summary(results: list[EvalResult], refs: References) -> list[Block]:
     levels = list(dict.fromkeys(s for r in results for s in _perturbed(r)))
     has_gen = any("generate" in r.scorings for r in results)
-    header = ["model", "scoring", "clean", *[_set_name(s) for s in levels], "perturbed", "PDR", "consistency",
-              "worst-case"] + (["unparsed"] if has_gen else [])
+    header = ["model", "scoring", "clean", "clean − majority", *[_set_name(s) for s in levels], "perturbed", "PDR",
+              "consistency", "worst-case"] + (["unparsed"] if has_gen else [])
     rows = []
     for r in results:
         for m in r.scorings:
             o = _overall(r, m)
-            row = [r.model_label, m, f_acc(o["clean_acc"], o["clean_std"])]
+            row = [r.model_label, m, f_acc(o["clean_acc"], o["clean_std"]),
+                   f_gap(refs.model_summary(r, m, o["clean_acc"])["clean_vs_majority"])]
             for s in levels:
                 a = _set_avg(r, m, s)
                 row.append(f_acc(a["acc_mean"], a["acc_std"]) if a is not None else DASH)
@@ -202,8 +254,13 @@ def _summary(results: list[EvalResult]) -> list[Block]:
             if has_gen:
                 row.append(f_pct(o["unparsed"]) if m == "generate" else DASH)
             rows.append(row)
+    for name, rate in ((MAJORITY_ROW, refs.all.majority_avg()), (CHANCE_ROW, refs.all.chance_avg())):
+        # a constant (or random) answer scores its rate on every set: no spread, no drop
+        rows.append([name, REFERENCE_SCORING, f_pct(rate), DASH, *[f_pct(rate)] * len(levels), f_pct(rate),
+                     *[DASH] * (3 + has_gen)])
     return [Heading("Summary"), Table(header, rows, text_cols=2, caption=DEFINITIONS +
-                                      " Consistency, worst-case and unparsed here are means over the perturbed sets.")]
+                                      " Consistency, worst-case and unparsed here are means over the perturbed sets. "
+                                      + REFERENCES_NOTE)]
 
 
 def uncertainty(results: list[EvalResult]) -> dict[str, dict[str, Any]]:
@@ -253,16 +310,20 @@ def _uncertainty_table(results: list[EvalResult], unc: dict[str, dict[str, Any]]
     return [Heading("Sampling uncertainty"), Table(header, rows, text_cols=2, caption=caption)]
 
 
-def _accuracy_tables(results: list[EvalResult], *, primary_only: bool = False) -> list[Block]:
-    out: list[Block] = [Heading("Accuracy by task and instruction set")]
+def _accuracy_tables(results: list[EvalResult], refs: References, *, primary_only: bool = False) -> list[Block]:
+    out: list[Block] = [Heading("Accuracy by task and instruction set"),
+                        Text("Columns `majority` and `chance`: the accuracy of always answering the task's most "
+                             "frequent label of the evaluated sample, and of a uniform random guess (100 / labels).")]
     for r in results:
+        ref = refs.models[r.model_label]
         for m in ([r.primary] if primary_only else r.scorings):
             rows = [[_task_name(r, t)] + [f_acc(c["acc_mean"], c["acc_std"]) if (c := _cell(r, m, t, s)) is not None
-                                          else DASH for s in r.sets] for t in r.tasks]
+                                          else DASH for s in r.sets]
+                    + [f_pct(ref.majority.get(t)), f_pct(ref.chance.get(t))] for t in r.tasks]
             rows.append([AVG] + [f_acc(a["acc_mean"], a["acc_std"]) if (a := _set_avg(r, m, s)) is not None else DASH
-                                 for s in r.sets])
+                                 for s in r.sets] + [f_pct(ref.majority_avg(r.tasks)), f_pct(ref.chance_avg(r.tasks))])
             out += [Heading(f"{r.model_label} · {m}", 3),
-                    Table(["task", *r.sets], rows, bold_rows={len(rows) - 1})]
+                    Table(["task", *r.sets, "majority", "chance"], rows, bold_rows={len(rows) - 1})]
     return out
 
 
@@ -352,14 +413,15 @@ def _run_details(results: list[EvalResult]) -> list[Block]:
 
 
 def build_report(results: list[EvalResult], plots: dict[str, Plot] | None = None,
-                 unc: dict[str, dict[str, Any]] | None = None) -> list[Block]:
+                 unc: dict[str, dict[str, Any]] | None = None, refs: References | None = None) -> list[Block]:
     """The full report as blocks; ``plots`` (name -> Plot) are placed next to the tables they illustrate;
-    ``unc``: :func:`uncertainty` of ``results`` (computed when not given)."""
+    ``unc``: :func:`uncertainty` of ``results``, ``refs``: :func:`references` (each computed when not given)."""
     plots = plots or {}
     unc = uncertainty(results) if unc is None else unc
-    blocks: list[Block] = [*_header(results), *_summary(results), *_uncertainty_table(results, unc)]
+    refs = references(results) if refs is None else refs
+    blocks: list[Block] = [*_header(results, refs), *_summary(results, refs), *_uncertainty_table(results, unc)]
     blocks += [plots[k] for k in ("models", "pdr") if k in plots]
-    blocks += _accuracy_tables(results)
+    blocks += _accuracy_tables(results, refs)
     if "accuracy" in plots:
         blocks.append(plots["accuracy"])
     blocks += [*_robustness_tables(results), *_category_table(results), *_scoring_comparison(results),
@@ -367,11 +429,13 @@ def build_report(results: list[EvalResult], plots: dict[str, Plot] | None = None
     return blocks
 
 
-def build_table(results: list[EvalResult], unc: dict[str, dict[str, Any]] | None = None) -> list[Block]:
+def build_table(results: list[EvalResult], unc: dict[str, dict[str, Any]] | None = None,
+                refs: References | None = None) -> list[Block]:
     """The compact summary: header, summary and uncertainty tables, the primary scoring's accuracy table per model."""
     unc = uncertainty(results) if unc is None else unc
-    return [*_header(results), *_summary(results), *_uncertainty_table(results, unc),
-            *_accuracy_tables(results, primary_only=True)]
+    refs = references(results) if refs is None else refs
+    return [*_header(results, refs), *_summary(results, refs), *_uncertainty_table(results, unc),
+            *_accuracy_tables(results, refs, primary_only=True)]
 
 
 # --------------------------------------------------------------------------- rendering
@@ -475,9 +539,16 @@ def _png(fig) -> bytes:
 
 
 def _bars(ax, groups: list[str], series: list[tuple[str, list[float], list[float]]], *, ylabel: str,
-          ylim: tuple[float, float] | None = (0, 100)) -> None:
-    """Grouped bars: ``series`` = (label, heights, errors) with one value per group (NaN = no bar)."""
+          ylim: tuple[float, float] | None = (0, 100), ref: tuple[str, list[float]] | None = None) -> None:
+    """Grouped bars: ``series`` = (label, heights, errors) with one value per group (NaN = no bar);
+    ``ref`` = (label, one level per group): a dashed line across each group's bars (e.g. the majority rate)."""
     width = 0.8 / max(len(series), 1)
+    if ref is not None:
+        name, levels = ref
+        for g, y in enumerate(levels):
+            if _isnum(y):
+                ax.hlines(y, g - 0.45, g + 0.45, colors="black", linestyles="--", linewidth=1.1, zorder=3,
+                          label=name if g == next(i for i, v in enumerate(levels) if _isnum(v)) else None)
     for k, (label, ys, errs) in enumerate(series):
         keep = [g for g in range(len(groups)) if _isnum(ys[g])]  # undefined values get no bar (not a 0 bar)
         xs = [g + (k - (len(series) - 1) / 2) * width for g in keep]
@@ -491,8 +562,10 @@ def _bars(ax, groups: list[str], series: list[tuple[str, list[float], list[float
     ax.legend(fontsize="x-small", ncols=min(len(series), 6), loc="upper left")
 
 
-def plot_accuracy(results: list[EvalResult]) -> Plot:
-    """One panel per (model, scoring): groups = tasks + avg, one bar per set, error bar = std over instructions."""
+def plot_accuracy(results: list[EvalResult], refs: References | None = None) -> Plot:
+    """One panel per (model, scoring): groups = tasks + avg, one bar per set, error bar = std over instructions;
+    a dashed line over each group at the majority-class rate of the model's sample."""
+    refs = references(results) if refs is None else refs
     panels = [(r, m) for r in results for m in r.scorings]
     fig, axes = _figure(len(panels), max(7.0, 1.25 * max(len(r.tasks) + 1 for r in results)))
     for ax, (r, m) in zip(axes, panels):
@@ -502,13 +575,20 @@ def plot_accuracy(results: list[EvalResult]) -> Plot:
             cells = [_cell(r, m, t, s) if t != AVG else _set_avg(r, m, s) for t in groups]
             series.append((_set_name(s), [c["acc_mean"] if c is not None else math.nan for c in cells],
                            [c["acc_std"] if c is not None else math.nan for c in cells]))
-        _bars(ax, [_task_name(r, g) if g != AVG else AVG for g in groups], series, ylabel="accuracy (%)")
+        ref = refs.models[r.model_label]
+        majority = [ref.majority.get(t, math.nan) if t != AVG else ref.majority_avg(r.tasks) for t in groups]
+        _bars(ax, [_task_name(r, g) if g != AVG else AVG for g in groups], series, ylabel="accuracy (%)",
+              ref=("majority class", majority))
         ax.set_title(f"{r.model_label} · {m}: accuracy by task and instruction set", fontsize="medium")
-    return Plot("accuracy", _png(fig), "Accuracy by task and instruction set (mean ± std over instructions)")
+    return Plot("accuracy", _png(fig), "Accuracy by task and instruction set (mean ± std over instructions; dashed: "
+                                       "majority-class rate of the evaluated sample)")
 
 
-def plot_models(results: list[EvalResult]) -> Plot:
-    """One panel per scoring: groups = sets + perturbed mean, one bar per model, error bar = mean std."""
+def plot_models(results: list[EvalResult], refs: References | None = None) -> Plot:
+    """One panel per scoring: groups = sets + perturbed mean, one bar per model, error bar = mean std; a dashed
+    line at the sample's majority-class rate (mean over tasks: the same on every set)."""
+    refs = references(results) if refs is None else refs
+    majority = refs.all.majority_avg()
     scorings = list(dict.fromkeys(m for r in results for m in r.scorings))
     sets = list(dict.fromkeys(s for r in results for s in r.sets))
     fig, axes = _figure(len(scorings), max(7.0, 1.4 * (len(sets) + 1) * max(1, len(results)) / 2))
@@ -525,10 +605,10 @@ def plot_models(results: list[EvalResult]) -> Plot:
             o = _overall(r, m)
             series.append((r.model_label, ys + [o["perturbed_acc"]], es + [o["perturbed_std"]]))
         _bars(ax, [_set_name(s).replace(" (", "\n(") for s in sets] + ["perturbed\n(mean)"], series,
-              ylabel="accuracy (%)")
+              ylabel="accuracy (%)", ref=("majority class", [majority] * (len(sets) + 1)))
         ax.set_title(f"{m}: models compared (mean over tasks; error bars: mean std over instructions)",
                      fontsize="medium")
-    return Plot("models", _png(fig), "Models compared per instruction set")
+    return Plot("models", _png(fig), "Models compared per instruction set (dashed: majority-class rate)")
 
 
 def plot_pdr(results: list[EvalResult]) -> Plot | None:
@@ -563,9 +643,14 @@ def write_eval_outputs(results: list[EvalResult], out_dir: str | Path) -> dict[s
     labels = [r.model_label for r in results]
     if len(set(labels)) != len(labels):
         raise ValueError(f"model labels must be unique, got {labels}")
+    if REFERENCE_KEY in labels:
+        raise ValueError(f"model label {REFERENCE_KEY!r} is reserved: metrics.json's {REFERENCE_KEY!r} block holds "
+                         "the majority-class and chance rates; label the model otherwise")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plots = {p.name: p for p in (plot_accuracy(results), plot_models(results), plot_pdr(results)) if p is not None}
+    refs = references(results)
+    plots = {p.name: p for p in (plot_accuracy(results, refs), plot_models(results, refs), plot_pdr(results))
+             if p is not None}
     paths: dict[str, Path] = {
         "metrics": out / "metrics.json",
         "predictions": out / "predictions.jsonl",
@@ -575,14 +660,20 @@ def write_eval_outputs(results: list[EvalResult], out_dir: str | Path) -> dict[s
         "info": out / "eval_info.json",
     }
     unc = uncertainty(results)
-    write_json(paths["metrics"], {r.model_label: {**r.metrics_nested(), "uncertainty": unc[r.model_label]}
-                                  for r in results})
+    doc: dict[str, Any] = {}
+    for r in results:
+        nested = r.metrics_nested()
+        summary = nested["summary"]
+        nested["summary"] = {**summary, **refs.model_summary(r, r.primary, summary["clean_acc"])}
+        doc[r.model_label] = {**nested, "uncertainty": unc[r.model_label]}
+    doc[REFERENCE_KEY] = refs.all.to_dict()
+    write_json(paths["metrics"], doc)
     frame = pd.concat([r.predictions for r in results], ignore_index=True)
     write_jsonl(paths["predictions"], json.loads(frame.to_json(orient="records", force_ascii=False)))
-    blocks = build_report(results, plots, unc)
+    blocks = build_report(results, plots, unc, refs)
     paths["report_md"].write_text(to_markdown(blocks), encoding="utf-8")
     paths["report_html"].write_text(to_html(blocks), encoding="utf-8")
-    paths["table"].write_text(to_markdown(build_table(results, unc)), encoding="utf-8")
+    paths["table"].write_text(to_markdown(build_table(results, unc, refs)), encoding="utf-8")
     for name, plot in plots.items():
         paths[f"plot_{name}"] = out / f"{name}.png"
         paths[f"plot_{name}"].write_bytes(plot.png)

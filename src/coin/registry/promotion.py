@@ -4,32 +4,51 @@ it is measurably more robust than the current champion without giving up clean a
 The rule (:func:`decide_promotion`, a pure function on numbers), with accuracies in the units of the
 evaluation's ``metrics.json`` (percent) and both thresholds in percentage points:
 
+- clean accuracy not strictly above the majority-class rate of the same sample (``majority_acc``, from
+  :mod:`coin.evaluation.reference`): do not promote, champion or not. Always answering each task's most
+  frequent label scores that rate without reading the input; a model at or below it has learnt nothing
+  the gate should serve;
 - no champion yet: promote;
 - champion evaluated under another protocol (sample, sets, instructions, scoring; both recorded): do
   not promote, say why (the figures are not comparable);
-- else promote iff ``candidate.perturbed_acc - champion.perturbed_acc >= min_improvement`` *and* that
-  gain is > 0 (a tie never replaces the champion, even with ``min_improvement = 0``), *and*
-  ``champion.clean_acc - candidate.clean_acc <= max_clean_drop``.
+- ``evidence = "point"`` (``register.evidence``): promote iff ``candidate.perturbed_acc -
+  champion.perturbed_acc >= min_improvement`` *and* that gain is > 0 (a tie never replaces the champion,
+  even with ``min_improvement = 0``), *and* ``champion.clean_acc - candidate.clean_acc <= max_clean_drop``;
+- ``evidence = "interval"``: the gain must be *established*, not just measured: promote iff the lower
+  bound of the paired 95% bootstrap interval of the perturbed-accuracy gain on the examples both models
+  were scored on (:func:`coin.evaluation.uncertainty.paired_delta`) is ``> min_improvement``, and the
+  clean drop is within ``max_clean_drop``. At 100 examples per task a point gain of 1-3 points is within
+  the sampling noise; the interval says whether it is. Without the champion's per-example predictions
+  (or with no example in common) there is no interval, and the candidate is not promoted.
 
 Differences are rounded to 6 decimals before comparing, so figures read back from registry tags
 (strings) give exactly the decision made from the floats.
 
 :func:`promote_version` applies the rule in the MLflow registry. Every version carries its own figures
-as tags (``coin.clean_acc``, ``coin.perturbed_acc``), the champion's figures are read back from *its*
-tags, and the decision, its reason, both models' figures and the thresholds are written to the
-candidate version's tags (``coin.promotion.*``) and description. The decision can therefore be
-re-derived from the registry alone (:func:`decision_from_tags`). Re-running it for a version that
-already has a decision changes nothing and returns the recorded decision.
+as tags (``coin.clean_acc``, ``coin.perturbed_acc``, ``coin.majority_acc``), the champion's figures are read
+back from *its* tags, and the decision, its reason, both models' figures, the thresholds and (interval
+rule) the interval are written to the candidate version's tags (``coin.promotion.*``) and description.
+The decision can therefore be re-derived from the registry alone (:func:`decision_from_tags`). Re-running
+it for a version that already has a decision changes nothing and returns the recorded decision.
+
+Each version also keeps its per-example predictions (primary scoring) as an artifact of its run
+(:data:`PREDICTIONS_ARTIFACT`, located by the version tag ``coin.eval_predictions``), so a later
+candidate can be compared with it example by example (:func:`store_predictions`, :func:`load_predictions`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import tempfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pandas is only needed where predictions are handled
+    import pandas as pd
 
 log = logging.getLogger("coin")
 
@@ -39,6 +58,8 @@ CHALLENGER = "challenger"
 TAG_CLEAN = "coin.clean_acc"
 TAG_PERTURBED = "coin.perturbed_acc"
 TAG_PROTOCOL = "coin.eval_protocol"
+TAG_MAJORITY = "coin.majority_acc"
+TAG_PREDICTIONS = "coin.eval_predictions"          # runs:/<run_id>/coin_eval/predictions.parquet
 TAG_DECISION = "coin.promotion.decision"
 TAG_REASON = "coin.promotion.reason"
 TAG_CHAMPION_VERSION = "coin.promotion.champion_version"
@@ -46,8 +67,19 @@ TAG_CHAMPION_CLEAN = "coin.promotion.champion_clean_acc"
 TAG_CHAMPION_PERTURBED = "coin.promotion.champion_perturbed_acc"
 TAG_MIN_IMPROVEMENT = "coin.promotion.min_improvement"
 TAG_MAX_CLEAN_DROP = "coin.promotion.max_clean_drop"
+TAG_EVIDENCE = "coin.promotion.evidence"
+TAG_GAIN = "coin.promotion.perturbed_gain"                  # paired, on the shared examples (interval rule)
+TAG_GAIN_CI_LOW = "coin.promotion.perturbed_gain_ci_low"
+TAG_GAIN_CI_HIGH = "coin.promotion.perturbed_gain_ci_high"
+TAG_GAIN_LEVEL = "coin.promotion.perturbed_gain_level"
+TAG_SHARED = "coin.promotion.shared_examples"
 NONE = "none"
 _DIGITS = 6
+EVIDENCE = ("point", "interval")
+PREDICTIONS_DIR = "coin_eval"
+PREDICTIONS_ARTIFACT = f"{PREDICTIONS_DIR}/predictions.parquet"
+# what a paired comparison needs of a model's predictions (coin.evaluation.uncertainty.example_scores)
+PREDICTION_COLUMNS = ("scoring", "task", "set", "instruction_id", "example_id", "label", "pred")
 
 
 class PromotionError(RuntimeError):
@@ -56,39 +88,78 @@ class PromotionError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelFigures:
-    """The two figures the gate compares, in percent: clean accuracy and mean perturbed accuracy, and the
-    evaluation protocol they were measured under (``coin.evaluation.result.evaluation_protocol``; None
-    when unknown, e.g. a version registered before protocols were recorded)."""
+    """The figures the gate compares, in percent: clean accuracy and mean perturbed accuracy; the evaluation
+    protocol they were measured under (``coin.evaluation.result.evaluation_protocol``; None when unknown,
+    e.g. a version registered before protocols were recorded); and the majority-class rate of the same
+    sample (``majority_acc``, averaged over the same tasks as ``clean_acc``; None when unknown, and then
+    :func:`decide_promotion` cannot apply the majority rule: :func:`candidate_figures` always sets it)."""
 
     clean_acc: float
     perturbed_acc: float
     protocol: str | None = None
+    majority_acc: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("clean_acc", "perturbed_acc"):
+        for name in ("clean_acc", "perturbed_acc", "majority_acc"):
             v = getattr(self, name)
+            if v is None and name == "majority_acc":
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"{name} = {v!r}: must be a finite number (accuracy in percent)")
 
     @classmethod
     def from_summary(cls, summary: Mapping[str, Any], *, source: str = "robustness summary") -> ModelFigures:
-        """From :func:`coin.evaluation.robustness_summary`'s dict (extra keys are ignored)."""
+        """From :func:`coin.evaluation.robustness_summary`'s dict (``majority_acc`` when it has one; extra keys
+        are ignored)."""
         missing = [k for k in ("clean_acc", "perturbed_acc") if k not in summary]
         if missing:
             raise PromotionError(f"{source} lacks {missing}; has {sorted(summary)}. "
                                  "It must give clean_acc and perturbed_acc (percent).")
         try:
-            return cls(float(summary["clean_acc"]), float(summary["perturbed_acc"]))
+            majority = summary.get("majority_acc")
+            return cls(float(summary["clean_acc"]), float(summary["perturbed_acc"]),
+                       majority_acc=None if majority is None else float(majority))
         except (TypeError, ValueError) as exc:
             raise PromotionError(f"{source}: {exc}") from None
 
     def to_tags(self) -> dict[str, str]:
         tags = {TAG_CLEAN: _fmt(self.clean_acc), TAG_PERTURBED: _fmt(self.perturbed_acc)}
+        if self.majority_acc is not None:
+            tags[TAG_MAJORITY] = _fmt(self.majority_acc)
         return {**tags, TAG_PROTOCOL: self.protocol} if self.protocol else tags
 
     def rounded(self) -> ModelFigures:
         """As read back from tags (``_DIGITS`` decimals)."""
-        return ModelFigures(round(self.clean_acc, _DIGITS), round(self.perturbed_acc, _DIGITS), self.protocol)
+        return ModelFigures(round(self.clean_acc, _DIGITS), round(self.perturbed_acc, _DIGITS), self.protocol,
+                            None if self.majority_acc is None else round(self.majority_acc, _DIGITS))
+
+
+@dataclass(frozen=True)
+class PairedGain:
+    """Candidate minus champion mean perturbed accuracy on the examples both were scored on (points), with its
+    paired bootstrap interval at ``level`` (:func:`coin.evaluation.uncertainty.paired_delta`): the evidence
+    the ``interval`` rule asks for. ``n_examples``: the (task, example) pairs both were scored on."""
+
+    delta: float
+    ci_low: float
+    ci_high: float
+    n_examples: int
+    level: float = 0.95
+
+    def text(self) -> str:
+        return (f"paired {self.level:.0%} bootstrap interval of the perturbed-accuracy gain on {self.n_examples} "
+                f"shared examples: {self.delta:+g} [{self.ci_low:+g}, {self.ci_high:+g}] pp")
+
+    def to_tags(self) -> dict[str, str]:
+        return {TAG_GAIN: _fmt(self.delta), TAG_GAIN_CI_LOW: _fmt(self.ci_low), TAG_GAIN_CI_HIGH: _fmt(self.ci_high),
+                TAG_GAIN_LEVEL: _fmt(self.level), TAG_SHARED: str(int(self.n_examples))}
+
+    @classmethod
+    def from_tags(cls, tags: Mapping[str, str]) -> PairedGain | None:
+        if TAG_GAIN_CI_LOW not in tags:
+            return None
+        return cls(float(tags[TAG_GAIN]), float(tags[TAG_GAIN_CI_LOW]), float(tags[TAG_GAIN_CI_HIGH]),
+                   int(tags[TAG_SHARED]), float(tags.get(TAG_GAIN_LEVEL, "0.95")))
 
 
 @dataclass(frozen=True)
@@ -100,6 +171,8 @@ class PromotionDecision:
     champion_version: str | None
     min_improvement: float
     max_clean_drop: float
+    evidence: str = "point"                # register.evidence the decision was made under
+    paired: PairedGain | None = None       # the interval, when the interval rule computed one
 
     @property
     def decision(self) -> str:
@@ -117,6 +190,8 @@ class PromotionDecision:
             TAG_CHAMPION_PERTURBED: _fmt(champ.perturbed_acc) if champ else NONE,
             TAG_MIN_IMPROVEMENT: _fmt(self.min_improvement),
             TAG_MAX_CLEAN_DROP: _fmt(self.max_clean_drop),
+            TAG_EVIDENCE: self.evidence,
+            **(self.paired.to_tags() if self.paired is not None else {}),
         }
 
     def description(self) -> str:
@@ -130,10 +205,20 @@ class PromotionDecision:
                          f"{_fmt(self.champion.perturbed_acc)} |")
         else:
             lines.append("| champion | none | none |")
+        if c.majority_acc is not None:
+            lines += ["", f"Majority-class rate of the evaluated sample: {_fmt(c.majority_acc)} % (clean accuracy "
+                          f"{_fmt(c.clean_acc)} %, {c.clean_acc - c.majority_acc:+.6g} pp); always answering each "
+                          "task's most frequent label scores that much."]
+        if self.paired is not None:
+            lines += ["", f"Evidence: {self.paired.text()}."]
         if c.protocol:
             lines += ["", f"Evaluation protocol: {c.protocol}."]
-        lines += ["", f"Rule: promote iff perturbed gain >= {_fmt(self.min_improvement)} pp (and > 0) and clean drop "
-                      f"<= {_fmt(self.max_clean_drop)} pp (register.min_improvement / register.max_clean_drop)."]
+        gain_rule = (f"the lower bound of the paired 95% bootstrap interval of the perturbed gain > "
+                     f"{_fmt(self.min_improvement)} pp" if self.evidence == "interval" else
+                     f"perturbed gain >= {_fmt(self.min_improvement)} pp (and > 0)")
+        lines += ["", f"Rule (register.evidence: {self.evidence}): promote iff clean accuracy > the majority-class "
+                      f"rate, {gain_rule} and clean drop <= {_fmt(self.max_clean_drop)} pp "
+                      "(register.min_improvement / register.max_clean_drop)."]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,17 +233,35 @@ def _fmt(x: float) -> str:
 
 
 def decide_promotion(candidate: ModelFigures, champion: ModelFigures | None, *, min_improvement: float,
-                     max_clean_drop: float, champion_version: str | None = None) -> PromotionDecision:
-    """The gate on numbers alone (see the module docstring for the rule)."""
+                     max_clean_drop: float, champion_version: str | None = None, evidence: str = "point",
+                     paired: PairedGain | None = None, paired_error: str | None = None) -> PromotionDecision:
+    """The gate on numbers alone (see the module docstring for the rule).
+
+    ``evidence="interval"`` needs ``paired``, the candidate-minus-champion interval on shared examples; when
+    it could not be computed, ``paired_error`` says why, and the candidate is not promoted for that reason.
+    """
     if min_improvement < 0 or max_clean_drop < 0:
         raise ValueError(f"min_improvement = {min_improvement}, max_clean_drop = {max_clean_drop}: both must be >= 0")
+    if evidence not in EVIDENCE:
+        raise ValueError(f"evidence = {evidence!r}: must be one of {', '.join(EVIDENCE)} (register.evidence)")
 
     def decision(promote: bool, reason: str) -> PromotionDecision:
         return PromotionDecision(promote, reason, candidate, champion, champion_version if champion else None,
-                                 float(min_improvement), float(max_clean_drop))
+                                 float(min_improvement), float(max_clean_drop), evidence,
+                                 paired if champion is not None and evidence == "interval" else None)
 
+    above = ""
+    if candidate.majority_acc is not None:
+        margin = round(candidate.clean_acc - candidate.majority_acc, _DIGITS)
+        if margin <= 0:
+            return decision(False, f"Not better than a constant answer: clean accuracy {_fmt(candidate.clean_acc)} is "
+                            f"not above the majority-class rate {_fmt(candidate.majority_acc)} of the same sample "
+                            f"({margin:+g} pp); always answering each task's most frequent label scores as much. "
+                            "Never promoted, with or without a champion.")
+        above = (f"; clean accuracy {_fmt(candidate.clean_acc)} is above the majority-class rate "
+                 f"{_fmt(candidate.majority_acc)} ({margin:+g} pp)")
     if champion is None:
-        return decision(True, "No champion yet: the first candidate becomes champion.")
+        return decision(True, f"No champion yet: the first candidate becomes champion{above}.")
     if candidate.protocol and champion.protocol and candidate.protocol != champion.protocol:
         return decision(False, "Not comparable: the champion was evaluated under another protocol "
                         f"(champion: {champion.protocol} | candidate: {candidate.protocol}). Its figures cannot "
@@ -168,9 +271,22 @@ def decide_promotion(candidate: ModelFigures, champion: ModelFigures | None, *, 
     drop = round(champion.clean_acc - candidate.clean_acc, _DIGITS)
     need = round(float(min_improvement), _DIGITS)
     tol = round(float(max_clean_drop), _DIGITS)
+    needed = f", needed >= {need:g} and > 0" if evidence == "point" else ""
     figures = (f"mean perturbed accuracy {_fmt(candidate.perturbed_acc)} vs {_fmt(champion.perturbed_acc)} "
-               f"(gain {gain:+g} pp, needed >= {need:g} and > 0); clean accuracy {_fmt(candidate.clean_acc)} vs "
+               f"(gain {gain:+g} pp{needed}); clean accuracy {_fmt(candidate.clean_acc)} vs "
                f"{_fmt(champion.clean_acc)} (drop {drop:+g} pp, allowed <= {tol:g})")
+    if evidence == "interval":
+        if paired is None:
+            return decision(False, "No evidence for the interval rule (register.evidence: interval): "
+                            f"{paired_error or 'no paired interval against the champion was computed'}; {figures}.")
+        lo = round(paired.ci_low, _DIGITS)
+        interval = f"{paired.text()}, lower bound needed > {need:g}"
+        if lo <= need:
+            return decision(False, f"Gain not established by the interval: {interval}; {figures}.")
+        if drop > tol:
+            return decision(False, f"Clean accuracy drops past the tolerance: {interval}; {figures}.")
+        return decision(True, f"More robust by the margin beyond the sampling noise, clean accuracy within "
+                        f"tolerance: {interval}; {figures}.")
     if gain <= 0 or gain < need:
         return decision(False, f"Not more robust than the champion by the margin: {figures}.")
     if drop > tol:
@@ -183,10 +299,12 @@ def figures_from_tags(tags: Mapping[str, str], *, what: str) -> ModelFigures | N
     if TAG_CLEAN not in tags and TAG_PERTURBED not in tags:
         return None
     try:
-        return ModelFigures(float(tags[TAG_CLEAN]), float(tags[TAG_PERTURBED]), tags.get(TAG_PROTOCOL))
+        majority = tags.get(TAG_MAJORITY)
+        return ModelFigures(float(tags[TAG_CLEAN]), float(tags[TAG_PERTURBED]), tags.get(TAG_PROTOCOL),
+                            None if majority is None else float(majority))
     except (KeyError, ValueError) as exc:
-        raise PromotionError(f"{what}: tags {TAG_CLEAN}/{TAG_PERTURBED} are incomplete or not numbers "
-                             f"({ {k: tags.get(k) for k in (TAG_CLEAN, TAG_PERTURBED)} }): {exc}. "
+        raise PromotionError(f"{what}: tags {TAG_CLEAN}/{TAG_PERTURBED}/{TAG_MAJORITY} are incomplete or not numbers "
+                             f"({ {k: tags.get(k) for k in (TAG_CLEAN, TAG_PERTURBED, TAG_MAJORITY)} }): {exc}. "
                              "Fix them with MlflowClient().set_model_version_tag.") from None
 
 
@@ -206,25 +324,143 @@ def decision_from_tags(tags: Mapping[str, str]) -> PromotionDecision | None:
         champion=champion, champion_version=None if champ_version == NONE else champ_version,
         min_improvement=float(tags.get(TAG_MIN_IMPROVEMENT, "nan")),
         max_clean_drop=float(tags.get(TAG_MAX_CLEAN_DROP, "nan")),
+        evidence=tags.get(TAG_EVIDENCE, "point"), paired=PairedGain.from_tags(tags),
     )
 
 
+def _eval_info(metrics_json: str | Path, model_label: str) -> dict[str, Any] | None:
+    from coin.data.io import read_json
+
+    info_file = Path(metrics_json).with_name("eval_info.json")  # written beside metrics.json by the report
+    info = read_json(info_file).get(model_label) if info_file.exists() else None
+    return info if isinstance(info, dict) else None
+
+
 def candidate_figures(metrics_json: str | Path, model_label: str) -> ModelFigures:
-    """A model's gate figures from the evaluation's ``metrics.json`` (via ``coin.evaluation.robustness_summary``)."""
+    """A model's gate figures from the evaluation's ``metrics.json`` (via ``coin.evaluation.robustness_summary``),
+    with the majority-class rate of its sample (``summary.majority_acc``, required: without it the gate could
+    promote a constant predictor) and its evaluation protocol (from ``eval_info.json`` beside it)."""
     from coin.evaluation import robustness_summary  # the evaluation owns how the figures are aggregated
 
-    from coin.data.io import read_json
     from coin.evaluation.result import evaluation_protocol
 
     summary = robustness_summary(metrics_json, model_label)
     figures = ModelFigures.from_summary(summary, source=f"{metrics_json} [{model_label}]")
-    info_file = Path(metrics_json).with_name("eval_info.json")  # written beside metrics.json by the report
-    info = read_json(info_file).get(model_label) if info_file.exists() else None
-    if not isinstance(info, dict):
+    if figures.majority_acc is None:
+        raise PromotionError(f"{metrics_json}: {model_label}.summary has no majority_acc (the majority-class rate of "
+                             "its evaluated sample, which the gate's clean accuracy must beat); the evaluation was "
+                             "written before majority-class references. Re-run `coin evaluate`, then `coin register`.")
+    info = _eval_info(metrics_json, model_label)
+    if info is None:
         log.warning("%s: no entry for %s; the gate cannot check that the champion was evaluated the same way",
-                    info_file, model_label)
+                    Path(metrics_json).with_name("eval_info.json"), model_label)
         return figures
-    return ModelFigures(figures.clean_acc, figures.perturbed_acc, evaluation_protocol(info))
+    return replace(figures, protocol=evaluation_protocol(info))
+
+
+# --------------------------------------------------------------------------- per-example predictions
+
+
+def candidate_predictions(metrics_json: str | Path, model_label: str) -> pd.DataFrame:
+    """A model's per-example predictions of its primary scoring, from the evaluation's ``predictions.jsonl``
+    (beside ``metrics.json``: the very rows its figures were computed from), columns
+    :data:`PREDICTION_COLUMNS`. What the registry keeps with the version for later paired comparisons."""
+    import pandas as pd
+
+    path = Path(metrics_json).with_name("predictions.jsonl")
+    if not path.is_file():
+        raise PromotionError(f"{path}: missing beside {Path(metrics_json).name}; the registry keeps each candidate's "
+                             "per-example predictions from it. Re-run `coin evaluate`, then `coin register`.")
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                rec = json.loads(line)
+                if rec.get("model") == model_label:
+                    rows.append({c: rec.get(c) for c in PREDICTION_COLUMNS})
+    frame = pd.DataFrame(rows, columns=list(PREDICTION_COLUMNS))
+    if frame.empty:
+        raise PromotionError(f"{path}: no predictions of model {model_label!r}; re-run `coin evaluate` with it "
+                             "(train.methods), then `coin register`.")
+    info = _eval_info(metrics_json, model_label) or {}
+    primary = (info.get("scorings") or [frame["scoring"].iloc[0]])[0]  # the runner writes the primary mode first
+    frame = frame[frame["scoring"] == primary]
+    return frame.astype({"scoring": str, "task": str, "set": str, "instruction_id": "int64", "example_id": str,
+                         "label": "int64", "pred": "int64"}).reset_index(drop=True)
+
+
+def store_predictions(client, name: str, version: str, run_id: str, predictions: pd.DataFrame) -> str:
+    """Log ``predictions`` (:data:`PREDICTION_COLUMNS`) as :data:`PREDICTIONS_ARTIFACT` of ``run_id`` (the
+    registered model's run) and record its ``runs:/`` URI in version tag :data:`TAG_PREDICTIONS`."""
+    missing = [c for c in PREDICTION_COLUMNS if c not in predictions.columns]
+    if missing:
+        raise ValueError(f"predictions lack columns {missing}; have {list(predictions.columns)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / Path(PREDICTIONS_ARTIFACT).name
+        predictions[list(PREDICTION_COLUMNS)].to_parquet(local, index=False)
+        client.log_artifact(run_id, str(local), artifact_path=PREDICTIONS_DIR)
+    uri = f"runs:/{run_id}/{PREDICTIONS_ARTIFACT}"
+    client.set_model_version_tag(name, str(version), TAG_PREDICTIONS, uri)
+    return uri
+
+
+def load_predictions(client, name: str, mv, *, what: str) -> pd.DataFrame:
+    """The per-example predictions kept with model version ``mv`` (see :func:`store_predictions`), through
+    MLflow's artifact API. Raises :class:`PromotionError` saying what is missing and how to fix it."""
+    import pandas as pd
+
+    uri = mv.tags.get(TAG_PREDICTIONS)
+    if not uri:
+        raise PromotionError(
+            f"{what}, {name} version {mv.version}, has no stored per-example predictions (tag {TAG_PREDICTIONS}); "
+            "it was registered before versions kept them. Fix: evaluate its training run under the same protocol and "
+            "register that run again (`coin register` stores them on its existing version), or gate with "
+            "register.evidence: point, or move the champion alias by hand")
+    run_id, _, path = uri.removeprefix("runs:/").partition("/")
+    if not uri.startswith("runs:/") or not run_id or not path:
+        raise PromotionError(f"{what}, {name} version {mv.version}: tag {TAG_PREDICTIONS} = {uri!r} is not a "
+                             "runs:/<run_id>/<path> URI; fix or delete the tag and register the run again")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return pd.read_parquet(client.download_artifacts(run_id, path, tmp))
+        except Exception as exc:  # noqa: BLE001 -- MLflow and pyarrow raise several types for a missing/bad file
+            raise PromotionError(f"{what}, {name} version {mv.version}: its stored predictions {uri} cannot be read "
+                                 f"({type(exc).__name__}: {exc}). Register its training run again to store them "
+                                 "anew, or gate with register.evidence: point") from None
+
+
+def paired_gain(candidate: pd.DataFrame, champion: pd.DataFrame) -> PairedGain:
+    """Candidate minus champion on their shared examples, in the candidate's (primary) scoring, with
+    :func:`coin.evaluation.uncertainty.paired_delta`'s bootstrap. Raises ``ValueError`` when there is no
+    paired comparison to make (other scoring, no shared example, no perturbed set in common)."""
+    from coin.evaluation.uncertainty import LEVEL, example_scores, paired_delta
+
+    scoring = str(candidate["scoring"].iloc[0]) if len(candidate) else "?"
+    if scoring not in set(map(str, champion["scoring"])):
+        raise ValueError(f"the champion's stored predictions have no {scoring!r} scoring (they have "
+                         f"{sorted(set(map(str, champion['scoring'])))}): evaluate both with the same evaluate.scoring")
+    d = paired_delta(example_scores(candidate, scoring), example_scores(champion, scoring))
+    if d["perturbed_delta_ci_low"] is None or d["perturbed_delta"] is None:
+        raise ValueError(f"the two share {d['n_examples']} examples but no perturbed instruction set on all of them: "
+                         "evaluate both with the same evaluate.instruction_sets")
+    return PairedGain(float(d["perturbed_delta"]), float(d["perturbed_delta_ci_low"]),
+                      float(d["perturbed_delta_ci_high"]), int(d["n_examples"]), LEVEL)
+
+
+def _paired_evidence(client, name: str, mv, champ_mv, predictions: pd.DataFrame | None) -> tuple[
+        PairedGain | None, str | None]:
+    """(interval, None), or (None, why there is none and how to fix it): never raises for missing evidence."""
+    try:
+        cand = predictions if predictions is not None else load_predictions(client, name, mv, what="this candidate")
+        champ = load_predictions(client, name, champ_mv, what="the champion")
+    except PromotionError as exc:
+        return None, str(exc)
+    try:
+        return paired_gain(cand, champ), None
+    except ValueError as exc:
+        return None, (f"no paired comparison with the champion, {name} version {champ_mv.version}: {exc}. Fix: "
+                      "re-evaluate this candidate under the champion's protocol (same seed, tasks, "
+                      "samples_per_task, instruction sets and scoring) and register again")
 
 
 def _alias_version(client, name: str, alias: str):
@@ -239,13 +475,23 @@ def _alias_version(client, name: str, alias: str):
         raise
 
 
+def _same_figures(recorded: ModelFigures, given: ModelFigures) -> bool:
+    """Equal as tags; a recorded version without a majority tag (decided before it existed) matches on the rest."""
+    given = given.rounded()
+    return recorded == (given if recorded.majority_acc is not None else replace(given, majority_acc=None))
+
+
 def promote_version(name: str, version: str | int, figures: ModelFigures, *, min_improvement: float,
-                    max_clean_drop: float, client=None) -> PromotionDecision:
+                    max_clean_drop: float, evidence: str = "point", predictions: pd.DataFrame | None = None,
+                    client=None) -> PromotionDecision:
     """Apply the gate to registered version ``version`` of ``name`` (which should carry ``challenger``).
 
     Records the decision on the version (tags + description) and, if promoted, moves ``champion`` to it.
     Idempotent: a version that already has a recorded decision is left as it is and that decision
     returned (a warning is logged if ``figures`` differ from the recorded ones).
+
+    ``evidence="interval"`` compares this version's per-example ``predictions`` (default: those stored with
+    it) with those stored with the champion; missing or disjoint predictions refuse promotion with a reason.
     """
     from mlflow import MlflowClient
 
@@ -254,7 +500,7 @@ def promote_version(name: str, version: str | int, figures: ModelFigures, *, min
     mv = client.get_model_version(name, version)
     recorded = decision_from_tags(mv.tags)
     if recorded is not None:
-        if recorded.candidate != figures.rounded():
+        if not _same_figures(recorded.candidate, figures):
             log.warning("%s version %s was already %s with figures %s; the figures given now (%s) differ "
                         "(re-evaluated?). The recorded decision stands; register a new training run to re-decide.",
                         name, version, recorded.decision, recorded.candidate, figures)
@@ -276,11 +522,15 @@ def promote_version(name: str, version: str | int, figures: ModelFigures, *, min
         partial = decision_from_tags({**mv.tags, TAG_DECISION: "promoted"}) if TAG_REASON in mv.tags else None
         decision = partial or PromotionDecision(
             True, "Already the champion (alias set before this gate ran).", figures, None, None,
-            float(min_improvement), float(max_clean_drop))
+            float(min_improvement), float(max_clean_drop), evidence)
     else:
+        paired, paired_error = None, None
+        if evidence == "interval" and champion is not None:
+            paired, paired_error = _paired_evidence(client, name, mv, champ_mv, predictions)
         decision = decide_promotion(figures, champion, min_improvement=min_improvement,
                                     max_clean_drop=max_clean_drop,
-                                    champion_version=str(champ_mv.version) if champ_mv is not None else None)
+                                    champion_version=str(champ_mv.version) if champ_mv is not None else None,
+                                    evidence=evidence, paired=paired, paired_error=paired_error)
     client.update_model_version(name, version, description=decision.description())
     tags = decision.to_tags()
     for key in sorted(k for k in tags if k != TAG_DECISION):

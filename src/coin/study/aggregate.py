@@ -1,0 +1,268 @@
+"""A study's numbers from its cells: mean ± std over seeds per method, and paired differences between
+methods with a 95% interval that covers both the training seed and the example draw.
+
+Pure numpy/pandas over :class:`CellData` (one per cell: its figures, and the per-example scores of
+:func:`coin.evaluation.uncertainty.example_scores`), so it is unit-testable on constructed data.
+
+**Figures per method** (and sweep value): the mean and sample std (ddof 1) over seeds of each cell's
+``clean_acc``, ``perturbed_acc``, ``perturbed_std`` (std over instructions), ``consistency``,
+``worst_acc`` and ``pdr``, read from the cell's metrics (:func:`coin.evaluation.metrics.robustness_summary`
+and the primary scoring's ``overall`` block), and of its accuracy per perturbation level.
+
+**Hierarchical bootstrap** (:func:`hierarchical_replicates`). The quantity is a method's accuracy
+averaged over training seeds, on the population of examples. One replicate:
+
+1. resample the examples *within each task*, with replacement (each task keeps its size and weight, as
+   in the metrics); this one draw is shared by every method and seed, so in a difference the
+   difficulty of the drawn examples cancels (the pairing of :func:`coin.evaluation.uncertainty.paired_delta`);
+2. per method, resample its seeds with replacement (independently per method: seed ``i`` of one method
+   and seed ``i`` of another are different trainings);
+3. per drawn seed, the mean over tasks of the mean over the drawn examples of its per-example score;
+   then the mean over the drawn seeds.
+
+A difference A − B takes the two methods' replicates from the same replicate world (same example
+draw); its interval is the 2.5/97.5 percentile of ``n_boot`` replicates. With one seed per method it
+reduces to the paired example bootstrap. Alongside, ``seeds_same_sign`` counts the seeds ``s`` (present
+for both methods) where ``A_s − B_s`` has the sign of the mean difference.
+
+**Differences** (:func:`difference_pairs`): every pair of trained methods in their configured order
+(``coin − cit``, ``coin − sft``, ``cit − sft``), then every trained method minus ``base``.
+
+**Majority-class rate**: the share of the most frequent label per task over the evaluated examples,
+averaged over tasks (:func:`coin.evaluation.reference.reference_rates`): what answering one label
+everywhere would score on this sample.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from coin.config import BASE_METHOD, TRAIN_METHODS
+from coin.evaluation.metrics import json_number, robustness_summary
+from coin.evaluation.uncertainty import example_scores
+
+PARTS = ("clean", "perturbed")
+FIGURES = ("clean_acc", "perturbed_acc", "perturbed_std", "consistency", "worst_acc", "pdr")
+N_BOOT = 2000
+LEVEL = 0.95
+BOOT_SEED = 0
+
+
+@dataclass
+class CellData:
+    """What the aggregation needs from one cell."""
+
+    method: str
+    seed: int
+    sweep: str | None              # the sweep group (``train.lr=0.0005``), None without a sweep
+    figures: dict[str, Any]        # FIGURES -> percent (pdr: a fraction); None where undefined
+    levels: dict[str, Any]         # perturbation level (clean, character, ...) -> accuracy, percent
+    scores: pd.DataFrame           # example_scores: index (task, example_id), columns clean, perturbed (percent)
+    labels: pd.DataFrame           # columns task, example_id, label: one row per evaluated example
+
+
+def figures_of(result: Any) -> dict[str, dict[str, Any]]:
+    """``{"figures": {...}, "levels": {...}}`` of an :class:`~coin.evaluation.result.EvalResult` (its primary
+    scoring), read from its metrics: the promotion gate's summary + the std over instructions + the levels."""
+    nested = result.metrics_nested()
+    label = str(result.model_label)
+    summary = robustness_summary({label: nested}, label)
+    block = nested[result.primary]
+    figures = {k: summary.get(k) for k in ("clean_acc", "perturbed_acc", "consistency", "worst_acc", "pdr")}
+    figures["perturbed_std"] = block["overall"].get("perturbed_std")
+    levels = {lvl: v.get("acc_mean") for lvl, v in block.get("levels", {}).items()}
+    return {"figures": {k: figures[k] for k in FIGURES}, "levels": levels}
+
+
+def cell_data(record: dict[str, Any], result: Any) -> CellData:
+    """:class:`CellData` of one cell from its ``cell.json`` record and its loaded EvalResult."""
+    preds = result.predictions
+    fl = figures_of(result)
+    cell = record["cell"]
+    sweep = _sweep_label(cell)
+    labels = preds[["task", "example_id", "label"]].drop_duplicates().reset_index(drop=True)
+    return CellData(cell["method"], int(cell["seed"]), sweep, fl["figures"], fl["levels"],
+                    example_scores(preds, result.primary), labels)
+
+
+def _sweep_label(cell: dict[str, Any]) -> str | None:
+    from coin.study.grid import Cell
+
+    return Cell(cell["method"], int(cell["seed"]), cell.get("sweep_key"), cell.get("sweep_value")).sweep
+
+
+# --------------------------------------------------------------------------- the bootstrap
+
+
+def task_codes(index: pd.MultiIndex) -> np.ndarray:
+    """Integer task code per example of an ``(task, example_id)`` index (tasks numbered in order first seen)."""
+    codes, _ = pd.factorize(index.get_level_values("task"))
+    return codes
+
+
+def point_weights(codes: np.ndarray) -> np.ndarray:
+    """Per-example weight ``1 / (n_task * n_tasks)``: ``scores @ w`` = mean over tasks of the mean over examples."""
+    counts = np.bincount(codes)
+    return 1.0 / (counts[codes] * len(counts))
+
+
+def example_weights(codes: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """``(n_boot, n_examples)``: per replicate, how often each example was drawn (resampling within each
+    task, with replacement, keeping its size), times :func:`point_weights`."""
+    n = len(codes)
+    counts = np.zeros((n_boot, n))
+    for t in range(int(codes.max()) + 1 if n else 0):
+        members = np.flatnonzero(codes == t)
+        k = len(members)
+        draws = rng.integers(0, k, size=(n_boot, k))
+        flat = (draws + k * np.arange(n_boot)[:, None]).ravel()
+        counts[:, members] = np.bincount(flat, minlength=n_boot * k).reshape(n_boot, k)
+    return counts * point_weights(codes)
+
+
+def hierarchical_replicates(matrices: dict[str, np.ndarray], codes: np.ndarray, *, n_boot: int = N_BOOT,
+                            seed: int = BOOT_SEED) -> dict[str, np.ndarray]:
+    """Bootstrap replicates of each method's seed-averaged accuracy.
+
+    ``matrices``: method -> ``(n_seeds, n_examples)`` per-example scores (rows: seeds; columns: the
+    shared examples, task of column ``j`` = ``codes[j]``). Returns method -> ``(n_boot,)``. One example
+    draw per replicate for all methods (paired), seeds resampled per method (see the module docstring).
+    A method whose scores hold NaN (a part it was not evaluated on) gets NaN replicates.
+    """
+    rng = np.random.default_rng(seed)
+    weights = example_weights(codes, n_boot, rng)
+    out: dict[str, np.ndarray] = {}
+    for method, scores in matrices.items():
+        per_seed = weights @ scores.T                                          # (n_boot, n_seeds)
+        pick = rng.integers(0, scores.shape[0], size=(n_boot, scores.shape[0]))  # seeds with replacement
+        out[method] = np.take_along_axis(per_seed, pick, axis=1).mean(axis=1)
+    return out
+
+
+def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
+    if len(values) == 0 or np.isnan(values).any():
+        return math.nan, math.nan
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def difference_pairs(methods: Sequence[str], order: Sequence[str] = TRAIN_METHODS,
+                     reference: str = BASE_METHOD) -> list[tuple[str, str]]:
+    """``(a, b)`` for ``a − b``: each pair of trained methods present, in ``order`` (coin, cit, sft), then each
+    trained method minus ``reference`` when present."""
+    trained = [m for m in order if m in methods]
+    pairs = [(a, b) for i, a in enumerate(trained) for b in trained[i + 1:]]
+    return pairs + ([(m, reference) for m in trained] if reference in methods else [])
+
+
+def _mean_std(values: Iterable[Any]) -> dict[str, Any]:
+    xs = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not xs:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": json_number(float(np.mean(xs))), "std": json_number(float(np.std(xs, ddof=1))) if len(xs) > 1
+            else None, "n": len(xs)}
+
+
+def majority_class(labels: pd.DataFrame) -> dict[str, Any]:
+    """Majority-class rate of the evaluated sample: per task, and the mean over tasks (percent)."""
+    from coin.evaluation.reference import reference_rates
+
+    rates = reference_rates(labels)
+    return {"avg": json_number(rates.majority_avg()), "tasks": {t: json_number(v) for t, v in rates.majority.items()},
+            "chance_avg": json_number(rates.chance_avg())}
+
+
+def _shared_index(cells: list[CellData]) -> pd.MultiIndex:
+    """The examples every cell was scored on (all of them: a study scores every cell on the same sample)."""
+    index = cells[0].scores.index
+    for c in cells[1:]:
+        index = index.intersection(c.scores.index, sort=False)
+    if index.empty:
+        raise ValueError("the cells share no evaluated example: evaluate them with the same seed, tasks and "
+                         "samples_per_task (a study keeps the global seed fixed for that)")
+    # tasks in the evaluation's order (the predictions', as in the labels), examples sorted within a task
+    seen = [*cells[0].labels["task"], *cells[0].scores.index.get_level_values("task")]
+    order = {t: i for i, t in enumerate(dict.fromkeys(seen))}
+    frame = index.to_frame(index=False)
+    frame["_t"] = frame["task"].map(order)
+    frame = frame.sort_values(["_t", "example_id"], kind="stable").drop(columns="_t")
+    return pd.MultiIndex.from_frame(frame)
+
+
+def aggregate_group(cells: list[CellData], methods: Sequence[str], *, n_boot: int = N_BOOT, level: float = LEVEL,
+                    seed: int = BOOT_SEED) -> dict[str, Any]:
+    """Figures per method and paired differences for the cells of one sweep group (see the module docstring)."""
+    present = [m for m in methods if any(c.method == m for c in cells)]
+    present += [m for m in dict.fromkeys(c.method for c in cells) if m not in present]
+    index = _shared_index(cells)
+    codes = task_codes(index)
+    w0 = point_weights(codes)
+    per_method = {m: sorted((c for c in cells if c.method == m), key=lambda c: c.seed) for m in present}
+    seeds = {m: [c.seed for c in cs] for m, cs in per_method.items()}
+    for m, ss in seeds.items():
+        if len(set(ss)) != len(ss):
+            raise ValueError(f"method {m!r} has two cells with the same seed in one group: {ss}")
+    mats = {part: {m: np.stack([c.scores.loc[index, part].to_numpy(dtype=float) for c in cs])
+                   for m, cs in per_method.items()} for part in PARTS}
+    points = {part: {m: s @ w0 for m, s in mats[part].items()} for part in PARTS}   # per seed, = clean/perturbed_acc
+    reps = {part: hierarchical_replicates(mats[part], codes, n_boot=n_boot, seed=seed) for part in PARTS}
+
+    methods_out: dict[str, Any] = {}
+    for m, cs in per_method.items():
+        levels = list(dict.fromkeys(lvl for c in cs for lvl in c.levels))
+        ci = {}
+        for part in PARTS:
+            lo, hi = _interval(reps[part][m], level)
+            ci[part] = {"mean": json_number(float(np.mean(points[part][m]))), "ci_low": json_number(lo),
+                        "ci_high": json_number(hi)}
+        methods_out[m] = {
+            "seeds": seeds[m], "n_seeds": len(cs),
+            "figures": {f: {**_mean_std(c.figures.get(f) for c in cs),
+                            "values": {str(c.seed): json_number(c.figures.get(f)) for c in cs}} for f in FIGURES},
+            "levels": {lvl: _mean_std(c.levels.get(lvl) for c in cs) for lvl in levels},
+            "interval": ci,
+        }
+
+    diffs = []
+    for a, b in difference_pairs(present):
+        d: dict[str, Any] = {"a": a, "b": b, "label": f"{a} − {b}"}
+        common = sorted(set(seeds[a]) & set(seeds[b]))
+        for part in PARTS:
+            delta = float(np.mean(points[part][a]) - np.mean(points[part][b]))
+            lo, hi = _interval(reps[part][a] - reps[part][b], level)
+            pa = dict(zip(seeds[a], points[part][a]))
+            pb = dict(zip(seeds[b], points[part][b]))
+            per_seed = {s: float(pa[s] - pb[s]) for s in common}
+            same = sum(1 for x in per_seed.values() if x != 0 and np.sign(x) == np.sign(delta))
+            d[part] = {"delta": json_number(delta), "ci_low": json_number(lo), "ci_high": json_number(hi),
+                       "excludes_zero": bool(not math.isnan(lo) and (lo > 0 or hi < 0)),
+                       "seeds_same_sign": same, "seeds_paired": len(common),
+                       "per_seed": {str(s): json_number(x) for s, x in per_seed.items()}}
+        diffs.append(d)
+
+    labels = pd.concat([c.labels for c in cells], ignore_index=True).drop_duplicates(["task", "example_id"])
+    keep = pd.MultiIndex.from_frame(labels[["task", "example_id"]]).isin(index)
+    n_per_task = pd.Series(index.get_level_values("task")).groupby(codes, sort=True).agg(["first", "size"])
+    return {"methods": methods_out, "differences": diffs, "majority_class": majority_class(labels[keep]),
+            "n_examples": int(len(index)), "tasks": {str(t): int(n) for t, n in n_per_task.itertuples(index=False)}}
+
+
+def aggregate(cells: list[CellData], methods: Sequence[str] | None = None, *, n_boot: int = N_BOOT,
+              level: float = LEVEL, seed: int = BOOT_SEED) -> dict[str, Any]:
+    """The study's numbers: one group per sweep value (one group without a sweep), see the module docstring."""
+    if not cells:
+        raise ValueError("no cells to aggregate")
+    methods = list(methods) if methods is not None else list(dict.fromkeys(c.method for c in cells))
+    sweeps = list(dict.fromkeys(c.sweep for c in cells))
+    groups = [{"sweep": s, **aggregate_group([c for c in cells if c.sweep == s], methods, n_boot=n_boot, level=level,
+                                             seed=seed)} for s in sweeps]
+    return {"n_boot": n_boot, "level": level, "bootstrap_seed": seed, "methods": methods, "groups": groups}

@@ -1,0 +1,268 @@
+"""One cell of a study: train the method with the cell's seed (unless ``base``), evaluate it on the study's
+fixed sample, and write everything into the cell's own directory, atomically. Done cells are skipped.
+
+Runs anywhere the ML stack runs: this module imports torch, transformers, peft, pandas/pyarrow, numpy,
+pydantic/PyYAML and ``coin`` modules that import neither Prefect nor MLflow. The Prefect flow calls
+:func:`run_cell` on its Dask workers; a GPU machine without the MLOps stack runs the same function::
+
+    python -m coin.study.cell --params params.yaml --method coin --seed 1 [--out DIR] [--device cuda:1]
+    python -m coin.study.cell --params params.yaml --all          # every cell of the grid, one after another
+
+(the validated pairs come from ``coin study``, or ``--pairs FILE``; copy ``<study.out_dir>/validated/``
+along with the project). A cell directory ``cells/<method>-s<seed>[-<key>=<value>]/`` holds::
+
+    adapter/      LoRA adapter + tokenizer + coin_model.json (trained methods; its seed = the cell's)
+    eval/         the EvalResult (coin.evaluation.result.save_result): predictions.parquet + result.json
+    loss.csv      training history (trained methods)
+    cell.json     the cell, its key (coin.study.keys), headline figures, wall times, device, versions
+
+**Done** means: ``cell.json`` says complete, its key equals the current key (same cell, params, pairs,
+evaluation inputs and code), and the files above exist. **Atomic**: a cell is computed in
+``cells/.tmp-<name>-<random>/`` and renamed into place only after ``cell.json`` is written, so a killed
+cell never looks done; its leftovers are removed the next time that cell runs. One process per cell at
+a time (the flow guarantees it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import platform
+import re
+import shutil
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import coin  # noqa: F401  (local-only environment first)
+from coin.config import ConfigError, Settings
+from coin.data.io import DataError, read_json, read_jsonl, write_json
+from coin.study.grid import Cell, cell_settings, cells_dir, grid_cells, load_study, make_cell, valid_file
+from coin.study.keys import cell_key_parts, cell_params, key_of
+
+log = logging.getLogger("coin.study")
+
+CELL_RECORD = "cell.json"
+EVAL_DIR = "eval"
+ADAPTER_DIR = "adapter"
+LOSS_FILE = "loss.csv"
+RECORD_FORMAT = 1
+
+
+def required_files(cell_dir: Path, trained: bool) -> list[Path]:
+    from coin.evaluation.result import PREDICTIONS_FILE, RESULT_FILE
+
+    files = [cell_dir / CELL_RECORD, cell_dir / EVAL_DIR / RESULT_FILE, cell_dir / EVAL_DIR / PREDICTIONS_FILE]
+    return files + ([cell_dir / ADAPTER_DIR / "adapter_config.json"] if trained else [])
+
+
+def cell_status(cell_dir: Path, parts: dict[str, Any], trained: bool) -> str | None:
+    """``None`` when ``cell_dir`` holds a complete result with key ``parts``; else why it must be (re)computed."""
+    rec_file = cell_dir / CELL_RECORD
+    if not cell_dir.exists():
+        return "not computed yet"
+    if not rec_file.exists():
+        return f"{rec_file.name} is missing"
+    try:
+        rec = read_json(rec_file)
+    except DataError as exc:
+        return f"{rec_file.name} is unreadable ({exc})"
+    if not isinstance(rec, dict) or rec.get("complete") is not True or rec.get("format") != RECORD_FORMAT:
+        return f"{rec_file.name} is not a complete record"
+    if rec.get("key") != key_of(parts):
+        old = rec.get("key_parts") if isinstance(rec.get("key_parts"), dict) else {}
+        changed = [k for k in parts if old.get(k) != parts[k]] or ["key"]
+        return "stale: " + ", ".join(changed) + " changed"
+    missing = [str(p.relative_to(cell_dir)) for p in required_files(cell_dir, trained) if not p.exists()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    return None
+
+
+def _clear_leftovers(final: Path) -> None:
+    """Remove what a killed run of this cell left: its temp dirs and displaced old copies (exactly
+    ``.tmp-<name>-<8 hex>`` / ``.old-<name>-<8 hex>``, never another cell's)."""
+    leftover = re.compile(rf"\.(tmp|old)-{re.escape(final.name)}-[0-9a-f]{{8}}")
+    for p in final.parent.glob(f".*-{final.name}-*"):
+        if leftover.fullmatch(p.name):
+            log.info("cell %s: removing leftover %s", final.name, p.name)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Put the finished ``tmp`` at ``final``; a previous (stale or broken) ``final`` is moved aside first."""
+    old = None
+    if final.exists() or final.is_symlink():
+        old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+def _release_memory() -> None:
+    """Return what the last model held (the caller dropped its references) before the next one loads."""
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def _compute(s: Settings, root: Path, cell: Cell, tmp: Path, pairs: Path, device: str | None,
+             progress: bool) -> dict[str, Any]:
+    """Train (unless base) and evaluate into ``tmp``; returns the record's figures and timings."""
+    import pandas as pd
+
+    from coin import stages
+    from coin.evaluation.result import save_result
+    from coin.evaluation.runner import evaluate_model
+    from coin.modeling.backbone import load_backbone
+    from coin.modeling.lora import load_adapter
+    from coin.study.aggregate import figures_of
+
+    t0 = time.perf_counter()
+    train_info = None
+    if cell.trained:
+        rows = read_jsonl(pairs, missing_hint="Run `coin study` (it prepares the pairs) or pass --pairs FILE.")
+        if not any(r.get("split") == "train" for r in rows):
+            raise DataError(f"{pairs}: no rows with split 'train' to train on; check pairs.val_fraction")
+        result = stages.train_adapter(s, rows, cell.method, tmp, seed=cell.seed, device=device, progress=progress)
+        shutil.rmtree(tmp / "checkpoints", ignore_errors=True)  # a cell is the unit of resumption
+        pd.DataFrame(result.history).to_csv(tmp / LOSS_FILE, index=False)
+        last = result.history[-1] if result.history else {}
+        train_info = {"steps": result.steps, "wall_time_s": round(result.wall_time_s, 2),
+                      "final": {k: round(float(v), 6) for k, v in last.items() if k in ("loss", "l_gen", "l_cl")}}
+        del result
+        _release_memory()
+        # evaluate what was saved, as the pipeline does: the adapter on a fresh backbone with the cell's seed
+        backbone = load_backbone(s.model.backbone, dtype=s.model.dtype, device=device or s.model.device, seed=cell.seed)
+        model = load_adapter(backbone, tmp / ADAPTER_DIR)
+    else:  # the untouched backbone; its newly initialised weights (MiniLM's head transform) follow the seed
+        backbone = load_backbone(s.model.backbone, dtype=s.model.dtype, device=device or s.model.device, seed=cell.seed)
+        model = backbone.model
+    t_train = time.perf_counter() - t0
+    model.eval()
+    param = next(model.parameters())
+    where = {"device": str(param.device), "dtype": str(param.dtype).removeprefix("torch.")}
+    # the evaluation sample is drawn with the study's global seed: the same examples for every cell
+    res = evaluate_model(model, backbone.tokenizer, s.evaluate, data_dir=s.paths.data_dir, seed=s.seed,
+                         model_label=cell.name, root=root)
+    save_result(res, tmp / EVAL_DIR)
+    del model, backbone
+    _release_memory()
+    total = time.perf_counter() - t0
+    return {"scoring": res.primary, **figures_of(res), "train": train_info, **where,
+            "wall_time_s": {"train": round(t_train, 2), "evaluate": round(res.wall_time_s, 2),
+                            "total": round(total, 2)}}
+
+
+def run_cell(settings: Settings, root: Path, cell: Cell, *, out_dir: Path | None = None,
+             pairs_file: Path | None = None, device: str | None = None, force: bool = False,
+             progress: bool = True) -> dict[str, Any]:
+    """Compute ``cell`` into ``out_dir`` (default ``<study.out_dir>/cells/<cell.name>``) unless it is done.
+
+    Returns the cell's record (``cell.json``) plus ``cached`` (True: nothing was computed) and ``dir``.
+    ``pairs_file`` defaults to the study's validated pairs; ``device`` overrides ``model.device``.
+    """
+    from coin.registry.tracking import data_version
+
+    root = Path(root)
+    s = cell_settings(settings, cell)
+    pairs = Path(pairs_file) if pairs_file else valid_file(settings, root)
+    if cell.trained and not pairs.exists():
+        raise DataError(f"{pairs}: the study's validated pairs are missing. Run `coin study` (it prepares them "
+                        "first), or pass --pairs FILE (a valid.jsonl of the validation gate).")
+    final = Path(out_dir) if out_dir else cells_dir(settings, root) / cell.name
+    parts = cell_key_parts(s, root, cell, pairs if cell.trained else None)
+    why = "forced" if force else cell_status(final, parts, cell.trained)
+    if why is None:
+        log.info("cell %s: done, skipped", cell.name)
+        return {**read_json(final / CELL_RECORD), "cached": True, "dir": str(final)}
+    log.info("cell %s: computing (%s)", cell.name, why)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _clear_leftovers(final)
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        out = _compute(s, root, cell, tmp, pairs, device, progress)
+        record = {
+            "format": RECORD_FORMAT, "complete": True, "cell": cell.to_dict(), "key": key_of(parts),
+            "key_parts": parts, "params": cell_params(s, cell.trained), "train_seed": cell.seed,
+            "eval_seed": s.seed, **out, "data_version": data_version(root), "versions": _versions(),
+            "host": platform.node(), "computed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "run_token": uuid.uuid4().hex,  # unique per computation: a rerun that recomputes changes it
+        }
+        write_json(tmp / CELL_RECORD, record)  # last: the record marks a complete cell
+        _swap_in(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("cell %s: clean %.1f, perturbed %.1f in %.1f s -> %s", cell.name, record["figures"]["clean_acc"] or 0,
+             record["figures"]["perturbed_acc"] or 0, record["wall_time_s"]["total"], final)
+    return {**record, "cached": False, "dir": str(final)}
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    import yaml
+
+    ap = argparse.ArgumentParser(prog="python -m coin.study.cell", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml", help="params file (project root = its directory)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value (repeatable)")
+    ap.add_argument("--method", help="base or a trained method (coin, cit, sft)")
+    ap.add_argument("--seed", type=int, help="the training seed")
+    ap.add_argument("--sweep-value", help="the value of study.sweep_key for this cell (YAML), when the study sweeps")
+    ap.add_argument("--all", action="store_true", help="every cell of the study's grid, one after another")
+    ap.add_argument("--out", type=Path, help="the cell's directory (default <study.out_dir>/cells/<name>)")
+    ap.add_argument("--pairs", type=Path, help="validated pairs (default <study.out_dir>/validated/valid.jsonl)")
+    ap.add_argument("--device", help="e.g. cuda:1 (default: model.device)")
+    ap.add_argument("--force", action="store_true", help="recompute even when the cell is done")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        settings, root = load_study(args.params, args.overrides)
+        if args.all:
+            if args.method or args.seed is not None or args.out:
+                raise ConfigError("--all runs the whole grid: drop --method, --seed and --out")
+            from tqdm.auto import tqdm
+
+            cells = grid_cells(settings)
+            records = [run_cell(settings, root, c, pairs_file=args.pairs, device=args.device, force=args.force)
+                       for c in tqdm(cells, desc="study cells", unit="cell")]
+        else:
+            if args.method is None or args.seed is None:
+                raise ConfigError("give --method and --seed (or --all)")
+            value = yaml.safe_load(args.sweep_value) if args.sweep_value is not None else None
+            cell = make_cell(settings, args.method, args.seed, value)
+            records = [run_cell(settings, root, cell, out_dir=args.out, pairs_file=args.pairs, device=args.device,
+                                force=args.force)]
+    except (ConfigError, DataError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for r in records:
+        print(json.dumps({"cell": r["cell"]["name"], "cached": r["cached"], "dir": r["dir"], **r["figures"]}))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The grid of a study: one :class:`Cell` per (method, training seed[, sweep value]), and where it lives.
+
+The settings of a cell are the study's settings with the sweep value applied through the same override
+machinery as ``--set key=value`` (:func:`coin.config.apply_overrides`), so a swept value is validated
+exactly like a command-line override. Its *training* seed is the cell's seed; the global ``seed`` stays
+the study's, because it fixes the pairs and the evaluation sample, which every cell must share.
+
+Layout under ``study.out_dir`` (default ``outputs/study``)::
+
+    pairs/ validated/                       pairs + validation gate, once per study (coin.study.prepare)
+    cells/<method>-s<seed>[-<key>=<value>]/ one cell: adapter/, eval/ (save_result), loss.csv, cell.json
+    study.json report.md report.html table.md spread.png levels.png
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from coin.config import BASE_METHOD, ConfigError, Settings, apply_overrides, load_settings
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One trained-and-evaluated model of the study."""
+
+    method: str                      # base (the untouched backbone) or a trained method
+    seed: int                        # the training seed (base: the seed of the backbone's new weights)
+    sweep_key: str | None = None     # the swept params key, or None
+    sweep_value: Any = None          # its value, as validated (JSON-able)
+
+    @property
+    def trained(self) -> bool:
+        return self.method != BASE_METHOD
+
+    @property
+    def sweep(self) -> str | None:
+        """``key=value`` of the swept setting (a group label of the report), or None without a sweep."""
+        return None if self.sweep_key is None else f"{self.sweep_key}={format_value(self.sweep_value)}"
+
+    @property
+    def name(self) -> str:
+        """Directory name: ``coin-s1`` or ``coin-s1-train.lr=0.0005`` (characters outside ``[\\w.+=-]``: ``_``)."""
+        name = f"{self.method}-s{self.seed}" + (f"-{self.sweep}" if self.sweep else "")
+        return re.sub(r"[^\w.+=-]", "_", name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "seed": self.seed, "sweep_key": self.sweep_key, "sweep_value": self.sweep_value,
+                "name": self.name}
+
+
+def format_value(value: Any) -> str:
+    """A sweep value as written in names and tables: ``0.0005``, ``adaptive``, ``[q,v]``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return repr(value)
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def sweep_overrides(sweep: str | None) -> list[str]:
+    """``"train.lr=[5.0e-4,1.0e-3]"`` (the CLI's ``--sweep``) -> the two ``study.sweep_*`` overrides."""
+    if not sweep:
+        return []
+    if "=" not in sweep:
+        raise ConfigError(f"--sweep {sweep!r}: expected KEY=[v1,v2,...], e.g. --sweep train.lr=[5.0e-4,1.0e-3]")
+    key, values = sweep.split("=", 1)
+    return [f"study.sweep_key={key.strip()}", f"study.sweep_values={values}"]
+
+
+def load_study(params_path: str | Path, overrides: list[str] | None = None) -> tuple[Settings, Path]:
+    """Parse and check the params of a study (bad keys, methods, seeds or sweep stop here, before any work);
+    returns the settings and the project root (the params file's directory)."""
+    settings = load_settings(params_path, overrides)
+    grid_cells(settings)  # names must be unique
+    return settings, Path(params_path).resolve().parent
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+def _lookup(doc: Any, key: str) -> Any:
+    for part in key.split("."):
+        doc = doc[part]
+    return doc
+
+
+@lru_cache(maxsize=64)
+def _settings_for(base_json: str, key: str | None, value_json: str) -> tuple[Settings, Any]:
+    raw = json.loads(base_json)
+    raw["study"].update(sweep_key=None, sweep_values=None)
+    if key is not None:
+        raw = apply_overrides(raw, [f"{key}={value_json}"])
+    settings = Settings.model_validate(raw)
+    value = _lookup(settings.model_dump(by_alias=True, mode="json"), key) if key is not None else None
+    return settings, value
+
+
+def sweep_points(settings: Settings) -> list[tuple[Any, Settings]]:
+    """``[(value, settings with the value applied), ...]`` in ``study.sweep_values`` order; ``[(None, settings)]``
+    without a sweep. Values are normalised by validation (``'5e-4'`` -> ``0.0005``)."""
+    st = settings.study
+    base = json.dumps(settings.model_dump(by_alias=True, mode="json"), sort_keys=True)
+    if st.sweep_key is None:
+        return [(None, _settings_for(base, None, "null")[0])]
+    points = []
+    for v in st.sweep_values or []:
+        s, value = _settings_for(base, st.sweep_key, json.dumps(v))
+        points.append((value, s))
+    return points
+
+
+def cell_settings(settings: Settings, cell: Cell) -> Settings:
+    """The settings a cell trains and evaluates with: the study's, with the cell's sweep value applied."""
+    if cell.sweep_key != settings.study.sweep_key:
+        raise ConfigError(f"cell {cell.name}: its sweep key {cell.sweep_key!r} is not study.sweep_key = "
+                          f"{settings.study.sweep_key!r}")
+    base = json.dumps(settings.model_dump(by_alias=True, mode="json"), sort_keys=True)
+    return _settings_for(base, cell.sweep_key, json.dumps(cell.sweep_value))[0]
+
+
+def grid_cells(settings: Settings) -> list[Cell]:
+    """Every cell of the study: for each sweep value, each method (``study.methods`` order), each seed."""
+    st = settings.study
+    cells = [Cell(m, seed, st.sweep_key, value) for value, _ in sweep_points(settings)
+             for m in st.methods for seed in st.seeds]
+    names = [c.name for c in cells]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"study.sweep_values = {st.sweep_values}: two values give the same cell name(s) {dup}; "
+                          "use values that differ in letters, digits or . + = -")
+    return cells
+
+
+def make_cell(settings: Settings, method: str, seed: int, sweep_value: Any = None) -> Cell:
+    """A cell from the command line: the sweep value is normalised like the study's (``'5e-4'`` -> ``0.0005``)."""
+    from coin.config import STUDY_METHODS
+
+    if method not in STUDY_METHODS:
+        raise ConfigError(f"--method {method!r}: use one of {', '.join(STUDY_METHODS)}")
+    if seed < 0:
+        raise ConfigError(f"--seed {seed}: must be >= 0")
+    key = settings.study.sweep_key
+    if key is None:
+        if sweep_value is not None:
+            raise ConfigError("--sweep-value given but study.sweep_key is null; set study.sweep_key (or drop it)")
+        return Cell(method, seed)
+    if sweep_value is None:
+        raise ConfigError(f"study.sweep_key = {key!r}: pass --sweep-value (one of {settings.study.sweep_values})")
+    base = json.dumps(settings.model_dump(by_alias=True, mode="json"), sort_keys=True)
+    _, value = _settings_for(base, key, json.dumps(sweep_value))
+    return Cell(method, seed, key, value)
+
+
+def cell_named(settings: Settings, name: str) -> Cell:
+    """The grid's cell called ``name`` (what the flow passes to a worker)."""
+    for c in grid_cells(settings):
+        if c.name == name:
+            return c
+    names = ", ".join(c.name for c in grid_cells(settings))
+    raise ConfigError(f"no cell {name!r} in this study's grid (cells: {names})")
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def study_dir(settings: Settings, root: Path) -> Path:
+    return Path(root) / settings.study.out_dir
+
+
+def cells_dir(settings: Settings, root: Path) -> Path:
+    return study_dir(settings, root) / "cells"
+
+
+def prep_settings(settings: Settings) -> Settings:
+    """The settings with ``paths.out_dir = study.out_dir``: the pipeline's pairs and validate stages then
+    write ``<study.out_dir>/pairs/`` and ``<study.out_dir>/validated/``, apart from the pipeline's own."""
+    return settings.model_copy(update={"paths": settings.paths.model_copy(update={"out_dir": settings.study.out_dir})})
+
+
+def valid_file(settings: Settings, root: Path) -> Path:
+    """The study's validated pairs (what every trained cell trains on)."""
+    return study_dir(settings, root) / "validated" / "valid.jsonl"

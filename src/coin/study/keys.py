@@ -1,0 +1,127 @@
+"""What a study's results depend on, as hashes: a cell is done when its recorded key equals the current one.
+
+A cell's key (:func:`cell_key_parts`) covers
+
+- the cell: method, training seed, sweep key and value;
+- the params the cell reads, after the sweep value is applied (:data:`CELL_PARAMS`): the global ``seed``
+  (the evaluation sample), ``model`` (not ``model.device``: where a cell ran is recorded, not keyed, so a
+  cell computed on a GPU machine counts on the CPU machine that aggregates), ``pairs.cutoff_len``,
+  ``train`` and ``evaluate``, minus knobs that cannot change a result (logging, checkpoint cadence);
+  ``base`` reads no ``train`` param and no pairs;
+- the content of the validated pairs a trained cell trains on (sha256 of ``valid.jsonl``);
+- the content of the evaluation's inputs: the validation files of ``evaluate.tasks`` and the instruction file;
+- the code a cell runs: ``coin.training``, ``coin.modeling``, ``coin.evaluation`` (except the report
+  and uncertainty modules, which a cell does not run), ``coin.data``, ``stages.py`` and ``coin.study.cell``.
+  ``config.py`` is not hashed: the validated params are.
+
+Library versions and the device are recorded in ``cell.json`` but not keyed. Nothing here imports
+Prefect or MLflow: a cell checks its own key wherever it runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import coin
+from coin.config import Settings
+from coin.data.tasks import validation_files
+
+CODE_ROOT = Path(coin.__file__).resolve().parent  # the coin package that actually runs
+KEY_FORMAT = 1
+_CHUNK = 1 << 20
+
+CELL_PARAMS = ("seed", "model", "pairs.cutoff_len", "train", "evaluate")
+CELL_PARAMS_EXCLUDE = ("model.device", "train.methods", "train.resume", "train.log_every", "train.checkpoint_every",
+                       "train.keep_checkpoints", "evaluate.include_base")
+BASE_PARAMS = ("seed", "model", "evaluate")
+CELL_CODE = ("training", "modeling", "evaluation", "data", "stages.py", "study/cell.py")
+CELL_CODE_EXCLUDE = ("evaluation/report.py", "evaluation/uncertainty.py")
+
+# pairs + validation gate: what coin.study.prepare reads (the pipeline's pairs and validate stages)
+PREP_PARAMS = ("seed", "pairs", "validate", "model.backbone", "evaluate.instruction_file", "evaluate.tasks")
+PREP_CODE = ("data", "validation", "modeling", "stages.py")
+
+
+def sha256_files(paths: Iterable[Path], base: Path | None = None, exclude: Iterable[Path] = ()) -> str:
+    """sha256 over names (relative to ``base``) and contents of ``paths`` (directories walked in sorted order;
+    ``__pycache__``/``*.pyc`` skipped; a missing path hashes as a ``missing`` marker)."""
+    skip = {Path(p).resolve() for p in exclude}
+    h = hashlib.sha256()
+    for path in paths:
+        path = Path(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            if "__pycache__" in f.parts or f.suffix == ".pyc" or f.resolve() in skip:
+                continue
+            name = str(f.relative_to(base)) if base is not None and f.is_relative_to(base) else f.name
+            h.update(name.encode() + b"\0")
+            if not f.exists():
+                h.update(b"<missing>\0")
+                continue
+            with f.open("rb") as fh:
+                while chunk := fh.read(_CHUNK):
+                    h.update(chunk)
+            h.update(b"\0")
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def select_params(settings: Settings, keys: Iterable[str], exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """The flat params (``train.lr``: ...) under ``keys`` (keys or sections), minus ``exclude``."""
+    keys, exclude = tuple(keys), tuple(exclude)
+
+    def under(k: str, prefixes: tuple[str, ...]) -> bool:
+        return any(k == p or k.startswith(p + ".") for p in prefixes)
+
+    return {k: v for k, v in settings.to_flat_dict().items() if under(k, keys) and not under(k, exclude)}
+
+
+def code_hash(parts: Iterable[str], exclude: Iterable[str] = ()) -> str:
+    return sha256_files([CODE_ROOT / p for p in parts], base=CODE_ROOT, exclude=[CODE_ROOT / e for e in exclude])
+
+
+def eval_inputs_hash(settings: Settings, root: Path) -> str:
+    """The evaluation's input files: validation split(s) of each task and the instruction file."""
+    data_dir = Path(root) / settings.paths.data_dir
+    files: list[Path] = []
+    for task in settings.evaluate.tasks:
+        files += validation_files(data_dir, task)[0]
+    return sha256_files([*files, Path(root) / settings.evaluate.instruction_file], base=Path(root))
+
+
+def cell_params(settings: Settings, trained: bool) -> dict[str, Any]:
+    """The params one cell reads (``settings``: the cell's, sweep value applied)."""
+    return select_params(settings, CELL_PARAMS if trained else BASE_PARAMS, CELL_PARAMS_EXCLUDE)
+
+
+def cell_key_parts(settings: Settings, root: Path, cell: Any, pairs_file: Path | None) -> dict[str, Any]:
+    """The readable ingredients of a cell's key (``settings``: the cell's, sweep value applied)."""
+    return {
+        "format": KEY_FORMAT,
+        "cell": {k: v for k, v in cell.to_dict().items() if k != "name"},
+        "params": sha256_json(cell_params(settings, cell.trained)),
+        "pairs": sha256_files([pairs_file]) if cell.trained and pairs_file is not None else None,
+        "eval_inputs": eval_inputs_hash(settings, root),
+        "code": code_hash(CELL_CODE, CELL_CODE_EXCLUDE),
+    }
+
+
+def key_of(parts: dict[str, Any]) -> str:
+    return sha256_json(parts)
+
+
+def prep_key_parts(settings: Settings, root: Path) -> dict[str, Any]:
+    """What the study's pairs and validation gate depend on: their params, the whole data directory, the code."""
+    return {
+        "format": KEY_FORMAT,
+        "params": sha256_json(select_params(settings, PREP_PARAMS)),
+        "data": sha256_files([Path(root) / settings.paths.data_dir], base=Path(root) / settings.paths.data_dir),
+        "code": code_hash(PREP_CODE),
+    }

@@ -1,0 +1,84 @@
+"""Where cells run: how many local workers, how many torch threads each, which GPU a worker uses.
+
+Simple on purpose. Each Dask worker runs one cell at a time (one thread per worker).
+
+- **Local workers** (default): one per visible GPU; without a GPU, one per 2 CPU cores (as the
+  pipeline's evaluation, :func:`flows.pipeline.default_eval_workers`: on 2 cores one 2-thread worker
+  beats two 1-thread ones). ``study.workers`` or ``--workers`` overrides it.
+- **GPU per worker**: a local Dask cluster names its workers 0, 1, ...; on a machine with more than one
+  visible GPU, worker ``i`` puts its cells on ``cuda:(i mod n_gpus)`` (:func:`worker_device`). With one
+  GPU (or none) the device is ``model.device`` as configured.
+- **An existing cluster** (``dask_address``): start one worker per GPU with that GPU as its only visible
+  device (``CUDA_VISIBLE_DEVICES=k dask worker ... --nthreads 1``, or dask-cuda's ``LocalCUDACluster``);
+  each then sees one GPU and uses it. Its torch threads are left to the worker's own settings.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from coin.config import Settings
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def default_workers(cpus: int | None = None, gpus: int | None = None) -> int:
+    """One local worker per visible GPU, else one per 2 CPU cores (at least 1)."""
+    gpus = gpu_count() if gpus is None else gpus
+    if gpus > 0:
+        return gpus
+    cpus = (os.cpu_count() or 1) if cpus is None else cpus
+    return max(1, cpus // 2)
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    workers: int                 # local Dask worker processes (ignored with an address)
+    address: str | None          # an existing Dask scheduler, or None for a local cluster
+    torch_threads: int | None    # torch threads per local worker (None: leave as is)
+
+
+def worker_plan(settings: Settings, workers: int | None = None, address: str | None = None,
+                processes: bool = True, cpus: int | None = None) -> WorkerPlan:
+    """Arguments (CLI / flow parameters) win over ``study.workers`` / ``study.dask_address``, then the default.
+
+    Local worker processes get ``cpus // workers`` torch threads each; a worker thread inside the calling
+    process (``processes=False``) and an existing cluster's workers keep their own setting.
+    """
+    address = address or settings.study.dask_address
+    n = workers if workers is not None else settings.study.workers or default_workers(cpus)
+    if n < 1:
+        raise ValueError(f"workers = {n}: needs at least 1 worker")
+    cpus = (os.cpu_count() or 1) if cpus is None else cpus
+    return WorkerPlan(n, address, max(1, cpus // n) if processes and not address else None)
+
+
+def worker_device() -> str | None:
+    """``cuda:<worker index mod GPUs>`` inside a local Dask worker on a multi-GPU machine, else None
+    (use ``model.device``)."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return None
+    n = gpu_count()
+    name = worker.name
+    index = name if isinstance(name, int) else int(name) if isinstance(name, str) and name.isdigit() else None
+    if n <= 1 or index is None:
+        return None
+    return f"cuda:{index % n}"
+
+
+def configure_worker(torch_threads: int | None = None) -> str | None:
+    """Set this process's torch threads (when given) and return the device its cells should use (or None)."""
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    return worker_device()

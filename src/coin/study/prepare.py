@@ -1,0 +1,66 @@
+"""The study's training pairs: built and validated once, shared by every cell.
+
+Pairs and the validation gate do not depend on the training seed, so a study runs the pipeline's own
+``pairs`` and ``validate`` stage functions once, into ``<study.out_dir>/pairs/`` and
+``<study.out_dir>/validated/`` (apart from the pipeline's ``outputs/``, which a study with other
+overrides must not overwrite). ``prepare.json`` records what they were computed from
+(:func:`coin.study.keys.prep_key_parts`) and the sha256 of ``valid.jsonl``; a rerun with the same key
+and the same file skips both. The gate's MLflow run nests under the study run when one is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from coin.config import Settings
+from coin.data.io import DataError, read_json, write_json
+from coin.study.grid import prep_settings, study_dir, valid_file
+from coin.study.keys import key_of, prep_key_parts, sha256_files
+
+log = logging.getLogger("coin.study")
+
+PREP_RECORD = "prepare.json"
+
+
+def prepare_pairs(settings: Settings, root: Path, *, parent_run_id: str | None = None,
+                  force: bool = False) -> dict[str, Any]:
+    """Pairs + validation gate for the study (skipped when ``prepare.json`` matches); returns the record.
+
+    Raises the gate's ``GateFailed`` (outputs written) when too few pairs pass, as the pipeline does.
+    """
+    from coin import stages
+    from coin.registry.tracking import PARENT_RUN_ENV
+
+    root = Path(root)
+    record_file = study_dir(settings, root) / PREP_RECORD
+    parts = prep_key_parts(settings, root)
+    key = key_of(parts)
+    valid = valid_file(settings, root)
+    if not force and record_file.exists() and valid.exists():
+        try:
+            rec = read_json(record_file)
+        except DataError:
+            rec = {}
+        if rec.get("key") == key and rec.get("valid_sha256") == sha256_files([valid]):
+            log.info("study: pairs and validation unchanged (%s); reusing them", valid)
+            return {**rec, "cached": True}
+    s = prep_settings(settings)
+    previous = os.environ.get(PARENT_RUN_ENV)
+    if parent_run_id:  # the validate stage nests its MLflow run under the study run
+        os.environ[PARENT_RUN_ENV] = parent_run_id
+    try:
+        pairs = stages.stage_pairs(s, root)
+        gate = stages.stage_validate(s, root)
+    finally:
+        if previous is None:
+            os.environ.pop(PARENT_RUN_ENV, None)
+        else:
+            os.environ[PARENT_RUN_ENV] = previous
+    shown = valid.relative_to(root) if valid.is_relative_to(root) else valid
+    rec = {"key": key, "key_parts": parts, "valid_file": str(shown), "valid_sha256": sha256_files([valid]),
+           "pairs": pairs, "validate": {k: v for k, v in gate.items() if k != "markdown"}}
+    write_json(record_file, rec)
+    return {**rec, "cached": False, "markdown": gate.get("markdown", "")}

@@ -1,0 +1,313 @@
+"""The study's outputs, under ``study.out_dir`` (default ``outputs/study``)::
+
+    study.json     every number: per method (and sweep value) mean ± std over seeds, per-level accuracy,
+                   hierarchical-bootstrap intervals, paired differences, majority-class rate, the cells
+    report.md      the report; report.html the same, self-contained (plots as base64 PNG)
+    table.md       the compact summary (the Prefect artifact)
+    spread.png     per method: one dot per seed, the mean, the majority-class line
+    levels.png     per method: accuracy per perturbation level (mean over seeds ± std), the majority-class line
+
+The blocks and renderers are the evaluation report's (:mod:`coin.evaluation.report`), so the two reports
+read alike. Every cell of the grid must be done (:func:`coin.study.cell.cell_status`); a missing or
+stale cell is an error naming it and the fix.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from coin.config import Settings
+from coin.data.io import DataError, read_json, write_json
+from coin.evaluation.report import Bullets, Heading, Plot, Table, Text, to_html, to_markdown
+from coin.study.aggregate import FIGURES, CellData, aggregate, cell_data
+from coin.study.cell import CELL_RECORD, EVAL_DIR, cell_status
+from coin.study.grid import cell_settings, cells_dir, grid_cells, study_dir, valid_file
+from coin.study.keys import cell_key_parts
+
+log = logging.getLogger("coin.study")
+
+DASH = "–"
+LEVEL_ORDER = ("clean", "character", "word", "sentence", "semantic")
+FIGURE_NAMES = {"clean_acc": "clean", "perturbed_acc": "perturbed", "perturbed_std": "std over instructions",
+                "consistency": "consistency", "worst_acc": "worst-case", "pdr": "PDR"}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_cells(settings: Settings, root: Path, *, progress: bool = True) -> tuple[list[dict[str, Any]], list[CellData]]:
+    """Every grid cell's record and :class:`CellData`; raises ``DataError`` naming cells that are not done."""
+    from tqdm.auto import tqdm
+
+    from coin.evaluation.result import load_result
+
+    root = Path(root)
+    pairs = valid_file(settings, root)
+    cells = grid_cells(settings)
+    problems = []
+    for c in cells:
+        parts = cell_key_parts(cell_settings(settings, c), root, c, pairs if c.trained else None)
+        why = cell_status(cells_dir(settings, root) / c.name, parts, c.trained)
+        if why:
+            problems.append(f"{c.name}: {why}")
+    if problems:
+        raise DataError(f"{cells_dir(settings, root)}: {len(problems)} of {len(cells)} cells are not done ("
+                        + "; ".join(problems) + "). Run `coin study` (done cells are skipped), or "
+                        "`python -m coin.study.cell --all`.")
+    records, data = [], []
+    for c in tqdm(cells, desc="study: loading cells", unit="cell", disable=not progress):
+        d = cells_dir(settings, root) / c.name
+        rec = read_json(d / CELL_RECORD)
+        records.append(rec)
+        data.append(cell_data(rec, load_result(d / EVAL_DIR)))
+    return records, data
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _num(x: Any) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x))
+
+
+def f_ms(block: dict[str, Any] | None, fmt: str = "{:.1f}") -> str:
+    """``mean ± std`` over seeds (``mean`` alone with one seed)."""
+    if not block or not _num(block.get("mean")):
+        return DASH
+    m = fmt.format(block["mean"])
+    return f"{m} ± {fmt.replace('+', '').format(block['std'])}" if _num(block.get("std")) else m
+
+
+def f_pct(x: Any) -> str:
+    return f"{x:.1f}" if _num(x) else DASH
+
+
+def f_ci(point: Any, lo: Any, hi: Any, signed: bool = False) -> str:
+    if not all(_num(x) for x in (point, lo, hi)):
+        return DASH
+    f = "{:+.1f}" if signed else "{:.1f}"
+    return f"{f.format(point)} [{f.format(lo)}, {f.format(hi)}]"
+
+
+def _group_title(group: dict[str, Any]) -> str:
+    return f" · {group['sweep']}" if group.get("sweep") else ""
+
+
+def _levels(group: dict[str, Any]) -> list[str]:
+    found = list(dict.fromkeys(lvl for m in group["methods"].values() for lvl in m["levels"]))
+    return [lvl for lvl in LEVEL_ORDER if lvl in found] + [lvl for lvl in found if lvl not in LEVEL_ORDER]
+
+
+# --------------------------------------------------------------------------- content
+
+
+def _header(study: dict[str, Any]) -> list[Any]:
+    info = study["study"]
+    g0 = study["groups"][0]
+    tasks = ", ".join(f"{t} ({n})" for t, n in g0["tasks"].items())
+    items = [
+        "Methods: " + ", ".join(f"**{m}**" for m in study["methods"])
+        + ("; `base` is the untouched backbone." if "base" in study["methods"] else "."),
+        f"Training seeds: {', '.join(map(str, info['seeds']))} (backbone init of new weights, LoRA init, data order, "
+        f"dropout). Evaluation: the same seeded sample (seed {info['eval_seed']}) for every cell: {tasks} examples.",
+        f"Backbone `{info['backbone']}`, {info['max_steps']} training steps, scoring `{info['scoring']}`.",
+    ]
+    if info.get("sweep_key"):
+        values = [str(g["sweep"]).split("=", 1)[-1] for g in study["groups"]]
+        items.append(f"Swept: `{info['sweep_key']}` over {', '.join(values)}.")
+    for g in study["groups"]:
+        mc = g["majority_class"]
+        items.append(f"Majority-class rate{_group_title(g)}: **{f_pct(mc['avg'])}%** (the most frequent label per "
+                     f"task, averaged over tasks: what one constant answer scores on this sample; chance "
+                     f"{f_pct(mc['chance_avg'])}%).")
+    return [Heading("Study: methods × seeds", 1), Bullets(items)]
+
+
+def _summary(study: dict[str, Any]) -> list[Any]:
+    out: list[Any] = []
+    header = ["method", "seeds", *[FIGURE_NAMES[f] for f in FIGURES[:2]], "perturbed 95% interval",
+              *[FIGURE_NAMES[f] for f in FIGURES[2:]]]
+    for g in study["groups"]:
+        rows = []
+        for m, b in g["methods"].items():
+            iv = b["interval"]["perturbed"]
+            fmt = (lambda f: "{:+.3f}" if f == "pdr" else "{:.1f}")  # noqa: E731
+            rows.append([m, str(b["n_seeds"]), *[f_ms(b["figures"][f], fmt(f)) for f in FIGURES[:2]],
+                         f_ci(iv["mean"], iv["ci_low"], iv["ci_high"]),
+                         *[f_ms(b["figures"][f], fmt(f)) for f in FIGURES[2:]]])
+        out += [Heading("Methods" + _group_title(g)), Table(header, rows, text_cols=1, caption=(
+            "Accuracy in %, mean ± sample std over the training seeds (each seed: mean over tasks, the protocol's "
+            "figures). Std over instructions = the protocol's spread across rewordings (mean over perturbed sets). "
+            f"Perturbed 95% interval: hierarchical bootstrap over seeds and examples ({study['n_boot']} resamples)."))]
+        lv = _levels(g)
+        rows = [[m, *[f_ms(b["levels"].get(lvl)) for lvl in lv]] for m, b in g["methods"].items()]
+        out += [Table(["method", *lv], rows, caption="Accuracy per perturbation level, mean ± std over seeds.")]
+    return out
+
+
+def _differences(study: dict[str, Any]) -> list[Any]:
+    out: list[Any] = []
+    header = ["difference", "Δ clean [95% CI]", "seeds agreeing", "Δ perturbed [95% CI]", "seeds agreeing"]
+    for g in study["groups"]:
+        rows = []
+        for d in g["differences"]:
+            row = [d["label"]]
+            for part in ("clean", "perturbed"):
+                p = d[part]
+                mark = " *" if p["excludes_zero"] else ""
+                row += [f_ci(p["delta"], p["ci_low"], p["ci_high"], signed=True) + mark,
+                        f"{p['seeds_same_sign']}/{p['seeds_paired']}"]
+            rows.append(row)
+        if rows:
+            out += [Heading("Paired differences" + _group_title(g)), Table(header, rows, caption=(
+                "Points, A − B: the difference of the two methods' seed-averaged accuracies, with a 95% interval "
+                "from a hierarchical bootstrap: per replicate, the examples are resampled within each task (one draw "
+                "shared by both methods, so example difficulty cancels) and each method's seeds are resampled with "
+                "replacement. * = the interval excludes 0. Seeds agreeing: in how many seeds s (paired by seed "
+                "number) A_s − B_s has the sign of the mean difference."))]
+    return out
+
+
+def _cells_table(study: dict[str, Any]) -> list[Any]:
+    rows = []
+    for c in study["cells"]:
+        f = c["figures"]
+        w = c["wall_time_s"]
+        rows.append([c["name"], *[f"{f[k]:.1f}" if _num(f.get(k)) else DASH
+                                  for k in ("clean_acc", "perturbed_acc", "consistency", "worst_acc")],
+                     f"{w['train']:.1f}", f"{w['evaluate']:.1f}", c["device"], c["computed_at"]])
+    return [Heading("Cells"), Table(["cell", "clean", "perturbed", "consistency", "worst-case", "train+load (s)",
+                                     "evaluate (s)", "device", "computed at"], rows, text_cols=1,
+                                    caption="One trained-and-evaluated model each; a rerun skips done cells.")]
+
+
+def build_report(study: dict[str, Any], plots: list[Plot]) -> list[Any]:
+    return [*_header(study), *_summary(study), *_differences(study), *plots, *_cells_table(study),
+            Heading("Method"), Text(
+                "Each cell trains one method with its seed on the study's validated pairs (built once) and evaluates "
+                "it on one fixed sample. Figures come from each cell's metrics, as in `coin evaluate`. The intervals "
+                "cover two sources of noise, the training seed and the example draw, and not the choice of "
+                "instructions (the std column) or of the instruction file.")]
+
+
+def build_table(study: dict[str, Any]) -> list[Any]:
+    return [*_header(study), *_summary(study), *_differences(study)]
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _figure(rows: int, cols: int, width: float, height: float = 3.4):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def plot_spread(study: dict[str, Any]) -> Plot:
+    """Per group and part (clean, perturbed): one dot per seed, a bar at the mean, the majority-class line."""
+    groups = study["groups"]
+    fig, axes = _figure(len(groups), 2, max(8.0, 1.6 * len(study["methods"]) * 2))
+    for row, g in zip(axes, groups):
+        methods = list(g["methods"])
+        for ax, fig_key in zip(row, ("clean_acc", "perturbed_acc")):
+            for i, m in enumerate(methods):
+                vals = [v for v in g["methods"][m]["figures"][fig_key]["values"].values() if _num(v)]
+                xs = [i + (k - (len(vals) - 1) / 2) * 0.08 for k in range(len(vals))]
+                ax.scatter(xs, vals, s=22, zorder=3, label="seeds" if i == 0 else None, color=f"C{i}")
+                mean = g["methods"][m]["figures"][fig_key]["mean"]
+                if _num(mean):
+                    ax.hlines(mean, i - 0.3, i + 0.3, color="black", linewidth=2, zorder=4,
+                              label="mean over seeds" if i == 0 else None)
+            maj = g["majority_class"]["avg"]
+            if _num(maj):
+                ax.axhline(maj, color="grey", linestyle="--", linewidth=1, label=f"majority class {maj:.1f}")
+            ax.set_xticks(range(len(methods)), methods)
+            ax.set_xlim(-0.6, len(methods) - 0.4)
+            ax.set_ylabel("accuracy (%)")
+            ax.grid(axis="y", alpha=0.3)
+            ax.set_title(f"{FIGURE_NAMES[fig_key]} accuracy{_group_title(g)}", fontsize="medium")
+            ax.legend(fontsize="x-small", loc="best")
+    return Plot("spread", _png(fig), "Accuracy per method: one dot per training seed, bar = mean over seeds, "
+                "dashed = majority-class rate")
+
+
+def plot_levels(study: dict[str, Any]) -> Plot:
+    """Per group: groups = perturbation levels, one bar per method (mean over seeds, error bar = std)."""
+    groups = study["groups"]
+    fig, axes = _figure(len(groups), 1, max(8.0, 1.3 * len(LEVEL_ORDER) * max(1, len(study["methods"])) / 2))
+    for (ax,), g in zip(axes, groups):
+        levels = _levels(g)
+        methods = list(g["methods"])
+        width = 0.8 / max(len(methods), 1)
+        for k, m in enumerate(methods):
+            blocks = [g["methods"][m]["levels"].get(lvl) or {} for lvl in levels]
+            keep = [j for j, b in enumerate(blocks) if _num(b.get("mean"))]
+            xs = [j + (k - (len(methods) - 1) / 2) * width for j in keep]
+            ax.bar(xs, [blocks[j]["mean"] for j in keep], width,
+                   yerr=[blocks[j]["std"] if _num(blocks[j].get("std")) else 0 for j in keep], capsize=2, label=m)
+        maj = g["majority_class"]["avg"]
+        if _num(maj):
+            ax.axhline(maj, color="grey", linestyle="--", linewidth=1, label=f"majority class {maj:.1f}")
+        ax.set_xticks(range(len(levels)), levels)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize="x-small", ncols=min(len(methods) + 1, 6), loc="upper left")
+        ax.set_title(f"accuracy per perturbation level, mean ± std over seeds{_group_title(g)}", fontsize="medium")
+    return Plot("levels", _png(fig), "Accuracy per perturbation level (mean over seeds, error bars: std over seeds)")
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _cell_summary(rec: dict[str, Any]) -> dict[str, Any]:
+    return {"name": rec["cell"]["name"], **{k: rec["cell"][k] for k in ("method", "seed", "sweep_key", "sweep_value")},
+            "figures": rec["figures"], "levels": rec["levels"], "train": rec.get("train"),
+            "wall_time_s": rec["wall_time_s"], "device": rec.get("device"), "dtype": rec.get("dtype"),
+            "computed_at": rec.get("computed_at"), "run_token": rec.get("run_token"), "key": rec.get("key")}
+
+
+def write_study_outputs(settings: Settings, root: Path, *, progress: bool = True) -> dict[str, Any]:
+    """Aggregate every cell and write study.json, report.md/html, table.md and the plots; returns their paths,
+    the table (Markdown) and the numbers."""
+    root = Path(root)
+    records, data = load_cells(settings, root, progress=progress)
+    st = settings.study
+    numbers = aggregate(data, st.methods, n_boot=st.n_boot)
+    study = {
+        "study": {"methods": st.methods, "seeds": st.seeds, "sweep_key": st.sweep_key, "sweep_values": st.sweep_values,
+                  "eval_seed": settings.seed, "backbone": settings.model.backbone,
+                  "max_steps": settings.train.max_steps,
+                  "scoring": settings.evaluate.scoring[0], "cells": len(records)},
+        **numbers,
+        "cells": [_cell_summary(r) for r in records],
+    }
+    out = study_dir(settings, root)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = [plot_spread(study), plot_levels(study)]
+    paths = {"study": out / "study.json", "report_md": out / "report.md", "report_html": out / "report.html",
+             "table": out / "table.md"}
+    write_json(paths["study"], study)
+    blocks = build_report(study, plots)
+    paths["report_md"].write_text(to_markdown(blocks), encoding="utf-8")
+    paths["report_html"].write_text(to_html(blocks, title="Study: methods × seeds"), encoding="utf-8")
+    table = to_markdown(build_table(study))
+    paths["table"].write_text(table, encoding="utf-8")
+    for p in plots:
+        paths[f"plot_{p.name}"] = out / f"{p.name}.png"
+        paths[f"plot_{p.name}"].write_bytes(p.png)
+    log.info("study: %d cells aggregated -> %s", len(records), out)
+    return {"paths": {k: str(v) for k, v in paths.items()}, "table": table, "study": study}

@@ -1,0 +1,415 @@
+"""`coin study`: methods x seeds [x one swept key].
+
+- the CLI runs a tiny grid (2 methods x 2 seeds, tiny Llama, 2 tasks, 2 sets, 3 examples, 2 steps) through the
+  Prefect flow under prefect_test_harness, with a real MLflow store in a tmp dir, and writes every output;
+- a rerun recomputes no cell (each computation leaves a unique run_token in cell.json);
+- a killed study resumes: a corrupted cell and a cell whose computation left only a temp dir are recomputed,
+  nothing else;
+- a cell runs without Prefect/MLflow (its modules import neither) and is keyed on what it reads;
+- the aggregation on constructed predictions: a known gap is found with an interval that holds it, a zero gap
+  gives an interval holding 0, seed noise widens the interval, one seed per method matches the paired bootstrap;
+- bad study params stop before any work, naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from coin.config import ConfigError, Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+INSTRUCTIONS = str(ROOT / "data" / "promptbench" / "coin_perturbed_instructions.json")
+
+
+def tiny_params(backbone: Path) -> dict:
+    return {
+        "paths": {"data_dir": str(ROOT / "data"), "out_dir": "outputs", "mlruns_dir": "mlruns"},
+        "model": {"backbone": str(backbone)},
+        "pairs": {"tasks": ["sst2", "rte"], "rows_per_task": 8, "val_fraction": 0.25, "cutoff_len": 200},
+        "validate": {"min_pass_rate": 0.5},
+        "train": {"methods": ["coin"], "max_steps": 2, "batch_size": 4, "log_every": 1, "checkpoint_every": 0},
+        "evaluate": {"tasks": ["sst2", "rte"], "instruction_sets": ["clean", "textfooler"], "samples_per_task": 3,
+                     "instruction_file": INSTRUCTIONS, "include_base": False},
+        "register": {"methods": ["coin"], "model_name": "coin-tiny"},
+        "study": {"methods": ["base", "coin"], "seeds": [0, 1], "n_boot": 200},
+    }
+
+
+CELLS = ["base-s0", "base-s1", "coin-s0", "coin-s1"]
+
+
+def _tokens(cells: Path) -> dict[str, str]:
+    return {n: json.loads((cells / n / "cell.json").read_text())["run_token"] for n in CELLS}
+
+
+# --------------------------------------------------------------------------- the flow, end to end
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def study_project(prefect_harness, tiny_llama_dir, tmp_path_factory):
+    """A project dir with a tiny study run once through `coin study` (the CLI runs the Prefect flow)."""
+    import torch
+    from typer.testing import CliRunner
+
+    import flows.study  # noqa: F401  (Prefect binds its console log handler to sys.stderr on first import: not to
+    from coin.cli import app  # CliRunner's captured stream, which is closed after the run and breaks later flows)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the in-process Dask worker thread shares this process (see conftest.one_torch_thread)
+    root = tmp_path_factory.mktemp("study")
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params(tiny_llama_dir)))
+    t0 = time.perf_counter()
+    res = CliRunner().invoke(app, ["study", "--params", str(params), "--workers", "1", "--dask-threads"])
+    wall = time.perf_counter() - t0
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    print(f"\ntiny study (4 cells, through the CLI and the flow): {wall:.1f} s")
+    yield {"root": root, "params": params, "output": res.output, "wall": wall}
+    torch.set_num_threads(threads)
+
+
+def test_study_cli_runs_the_grid_and_writes_every_output(study_project):
+    import mlflow
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from coin.evaluation.result import load_result
+
+    out = study_project["root"] / "outputs" / "study"
+    cells = out / "cells"
+    assert sorted(p.name for p in cells.iterdir()) == CELLS  # no temp dir left behind
+    recs = {n: json.loads((cells / n / "cell.json").read_text()) for n in CELLS}
+    for n, rec in recs.items():
+        assert rec["complete"] and (cells / n / "eval" / "predictions.parquet").exists()
+        assert (cells / n / "adapter").exists() == n.startswith("coin")
+        assert rec["eval_seed"] == 42 and rec["train_seed"] == rec["cell"]["seed"]
+    # the training seed is used: the two coin adapters differ; the evaluation sample is the same in every cell
+    a0, a1 = (load_adapter_tensors(cells / f"coin-s{s}" / "adapter") for s in (0, 1))
+    assert any(not np.array_equal(a0[k], a1[k]) for k in a0)
+    samples = {n: set(load_result(cells / n / "eval").predictions["example_id"]) for n in CELLS}
+    assert len({frozenset(s) for s in samples.values()}) == 1 and len(samples["base-s0"]) == 6
+    meta = json.loads((cells / "coin-s1" / "adapter" / "coin_model.json").read_text())
+    assert meta["seed"] == 1 and meta["method"] == "coin"  # load_trained rebuilds the same model
+
+    study = json.loads((out / "study.json").read_text())
+    (g,) = study["groups"]
+    assert list(g["methods"]) == ["base", "coin"] and g["methods"]["coin"]["n_seeds"] == 2
+    for m in ("base", "coin"):  # seed-averaged figures = the mean of the cells' own figures
+        vals = [recs[f"{m}-s{s}"]["figures"]["clean_acc"] for s in (0, 1)]
+        assert g["methods"][m]["figures"]["clean_acc"]["mean"] == pytest.approx(np.mean(vals), abs=1e-3)
+        assert g["methods"][m]["interval"]["clean"]["mean"] == pytest.approx(np.mean(vals), abs=1e-3)
+    (d,) = g["differences"]
+    assert (d["a"], d["b"]) == ("coin", "base") and d["perturbed"]["seeds_paired"] == 2
+    assert d["perturbed"]["ci_low"] <= d["perturbed"]["delta"] <= d["perturbed"]["ci_high"]
+    assert 50.0 <= g["majority_class"]["avg"] <= 100.0 and set(g["tasks"]) == {"sst2", "rte"}
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and "coin − base" in html
+    assert "coin − base" in (out / "table.md").read_text() and (out / "spread.png").exists()
+    assert "coin − base" in study_project["output"]  # the CLI printed the table
+
+    mlflow.set_tracking_uri(f"sqlite:///{study_project['root'] / 'mlruns' / 'mlflow.db'}")
+    parents = mlflow.search_runs(experiment_names=["coin"], filter_string="attributes.run_name = 'study'")
+    assert list(parents["status"]) == ["FINISHED"]
+    parent_id = parents["run_id"].iloc[0]
+    assert "metrics.coin/perturbed_acc_mean" in parents and "metrics.delta/coin-base/perturbed_delta" in parents
+    children = mlflow.search_runs(experiment_names=["coin"], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    cell_runs = children[children["tags.coin.stage"] == "study-cell"]
+    assert sorted(cell_runs["tags.coin.study.cell"]) == CELLS
+    assert sorted(zip(cell_runs["params.method"], cell_runs["params.seed"])) == [
+        ("base", "0"), ("base", "1"), ("coin", "0"), ("coin", "1")]
+    assert cell_runs["metrics.perturbed_acc"].notna().all()
+    assert (children["tags.coin.stage"] == "validate").sum() == 1  # the gate's run nests under the study run
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["study-summary"])))
+    assert arts and "coin − base" in max(arts, key=lambda a: a.created).data
+
+
+def load_adapter_tensors(adapter_dir: Path) -> dict[str, np.ndarray]:
+    from safetensors.torch import load_file
+
+    return {k: v.numpy() for k, v in load_file(str(adapter_dir / "adapter_model.safetensors")).items()}
+
+
+def test_rerun_recomputes_no_cell(study_project):
+    from flows.study import coin_study
+
+    cells = study_project["root"] / "outputs" / "study" / "cells"
+    before = _tokens(cells)
+    prep_before = (cells.parent / "prepare.json").stat().st_mtime_ns
+    result = coin_study(params_path=str(study_project["params"]), overrides=[], workers=1, dask_processes=False)
+    assert {n: c["cached"] for n, c in result["cells"].items()} == dict.fromkeys(CELLS, True)
+    assert _tokens(cells) == before
+    assert (cells.parent / "prepare.json").stat().st_mtime_ns == prep_before  # pairs + gate not rerun either
+
+
+def test_killed_study_resumes_recomputing_only_the_broken_cells(study_project):
+    from flows.study import coin_study
+
+    cells = study_project["root"] / "outputs" / "study" / "cells"
+    before = _tokens(cells)
+    # coin-s1: its record was cut short; base-s0: killed while computing (only its temp dir is left);
+    # coin-s0: done, plus a stray temp dir from an interrupted forced recompute (must not trigger anything)
+    (cells / "coin-s1" / "cell.json").write_text('{"format": 1, "complete": tr')
+    shutil.rmtree(cells / "base-s0")
+    (cells / ".tmp-base-s0-0badc0de" / "eval").mkdir(parents=True)
+    (cells / ".tmp-base-s0-0badc0de" / "eval" / "result.json").write_text("{")
+    (cells / ".tmp-coin-s0-0badc0de").mkdir()
+    result = coin_study(params_path=str(study_project["params"]), overrides=[], workers=1, dask_processes=False)
+    recomputed = sorted(n for n, c in result["cells"].items() if not c["cached"])
+    assert recomputed == ["base-s0", "coin-s1"]
+    after = _tokens(cells)
+    assert [n for n in CELLS if after[n] != before[n]] == ["base-s0", "coin-s1"]
+    assert not (cells / ".tmp-base-s0-0badc0de").exists()
+    assert json.loads((cells / "coin-s1" / "cell.json").read_text())["complete"] is True
+
+
+def test_a_cell_runs_without_prefect_and_is_keyed_on_what_it_reads(study_project, capsys):
+    """`python -m coin.study.cell` (its main, in process): base reads no train param, so a changed train.lr leaves
+    it done; a coin cell copied elsewhere is still done there (portable key), and recomputed once train.lr changes."""
+    import torch
+
+    from coin.study.cell import main
+
+    torch.set_num_threads(1)
+    params = str(study_project["params"])
+    cells = study_project["root"] / "outputs" / "study" / "cells"
+
+    def run(*args: str) -> dict:
+        assert main(["--params", params, *args]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    assert run("--method", "base", "--seed", "0", "--set", "train.lr=0.002")["cached"] is True
+    copy = study_project["root"] / "elsewhere" / "coin-s0"
+    shutil.copytree(cells / "coin-s0", copy)
+    assert run("--method", "coin", "--seed", "0", "--out", str(copy))["cached"] is True
+    assert run("--method", "coin", "--seed", "0", "--out", str(copy), "--set", "train.lr=0.002")["cached"] is False
+    rec = json.loads((copy / "cell.json").read_text())
+    assert rec["params"]["train.lr"] == 0.002 and not list(copy.parent.glob(".tmp-*"))
+    assert main(["--params", params, "--method", "dpo", "--seed", "0"]) == 2
+    assert "--method 'dpo'" in capsys.readouterr().err
+
+
+def test_cell_modules_import_neither_prefect_nor_mlflow():
+    code = ("import sys, coin.study.cell, coin.study.aggregate, coin.stages, coin.evaluation.runner, "
+            "coin.evaluation.result, coin.modeling.lora, coin.training.loop, coin.registry.tracking; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'mlflow')); "
+            "assert not bad, bad")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- aggregation on constructed data
+
+
+def synth_result(label: str, correct: dict[str, set[int]], *, n: int, labels: dict[str, list[int]],
+                 sets=("clean", "textfooler"), n_instr: int = 2):
+    """An EvalResult whose predictions are right exactly on ``correct[task]`` (every set and instruction)."""
+    from coin.data.tasks import get_task
+    from coin.evaluation.instructions import perturbation_level
+    from coin.evaluation.result import EvalResult
+
+    rows = []
+    for task, ok in correct.items():
+        words = get_task(task).label_words
+        for s in sets:
+            for i in range(n_instr):
+                for e in range(n):
+                    y = labels[task][e]
+                    pred = y if e in ok else 1 - y
+                    rows.append({"model": label, "scoring": "loglik", "task": task, "category": get_task(task).category,
+                                 "set": s, "level": perturbation_level(s), "instruction_id": i,
+                                 "example_id": f"{task}:{e}", "label": y, "pred": pred, "correct": pred == y,
+                                 "label_word": words[y], "pred_word": words[pred], "scores": None, "output": None})
+    return EvalResult(label, pd.DataFrame(rows), list(correct), list(sets), ["loglik"])
+
+
+def synth_cells(gap: int, *, seeds=(0, 1, 2, 3), n: int = 40, base_right: int = 20, seed_spread: dict | None = None,
+                sweep: str | None = None):
+    """Methods A and B x seeds on tasks sst2, rte (n examples each). In every seed and task B is right on
+    ``base_right`` random examples and A on ``base_right + gap`` random examples (+ ``seed_spread[seed]`` for A):
+    the true gap is exactly ``gap / n * 100`` points in every seed (with no spread)."""
+    from coin.study.aggregate import cell_data
+
+    rng = np.random.default_rng(123)
+    labels = {"sst2": [e % 2 for e in range(n)], "rte": [0 if e % 4 else 1 for e in range(n)]}  # rte: 75% label 0
+    out = []
+    for s in seeds:
+        for method, k in (("cit", base_right + gap + (seed_spread or {}).get(s, 0)), ("sft", base_right)):
+            correct = {t: set(rng.choice(n, size=k, replace=False).tolist()) for t in ("sst2", "rte")}
+            res = synth_result(f"{method}-s{s}", correct, n=n, labels=labels)
+            key, value = (sweep.split("=") if sweep else (None, None))
+            out.append(cell_data({"cell": {"method": method, "seed": s, "sweep_key": key, "sweep_value": value}}, res))
+    return out
+
+
+def test_aggregation_finds_a_known_gap_with_an_interval_that_holds_it():
+    from coin.study.aggregate import aggregate
+
+    cells = synth_cells(gap=8)  # 8 of 40 examples per task: +20 points, in every seed
+    study = aggregate(cells, ["cit", "sft"], n_boot=1000)
+    (g,) = study["groups"]
+    (d,) = g["differences"]
+    assert (d["a"], d["b"]) == ("cit", "sft")
+    for part in ("clean", "perturbed"):
+        p = d[part]
+        assert p["delta"] == pytest.approx(20.0)
+        assert 0 < p["ci_low"] < 20.0 < p["ci_high"] < 40 and p["excludes_zero"]
+        assert (p["seeds_same_sign"], p["seeds_paired"]) == (4, 4)
+        assert set(p["per_seed"].values()) == {20.0}
+    cit = g["methods"]["cit"]
+    assert cit["figures"]["clean_acc"]["mean"] == pytest.approx(70.0) and cit["figures"]["clean_acc"]["std"] == 0.0
+    assert cit["figures"]["worst_acc"]["mean"] == pytest.approx(70.0)  # right on the same examples everywhere
+    assert cit["levels"]["word"]["mean"] == pytest.approx(70.0)
+    assert cit["interval"]["perturbed"]["ci_low"] < 70.0 < cit["interval"]["perturbed"]["ci_high"]
+    assert g["majority_class"]["avg"] == pytest.approx(62.5)  # sst2 50%, rte 75%
+    assert g["majority_class"]["tasks"] == {"sst2": 50.0, "rte": 75.0} and g["n_examples"] == 80
+
+
+def test_aggregation_of_a_zero_gap_gives_an_interval_holding_zero():
+    from coin.study.aggregate import aggregate
+
+    (g,) = aggregate(synth_cells(gap=0), ["cit", "sft"], n_boot=1000)["groups"]
+    p = g["differences"][0]["perturbed"]
+    assert p["delta"] == pytest.approx(0.0) and p["ci_low"] < 0 < p["ci_high"] and not p["excludes_zero"]
+    assert p["seeds_same_sign"] == 0  # every seed's difference is exactly 0
+
+
+def test_seed_noise_widens_the_interval_and_one_seed_matches_the_paired_bootstrap():
+    from coin.evaluation.uncertainty import paired_delta
+    from coin.study.aggregate import aggregate
+
+    calm = aggregate(synth_cells(gap=4), ["cit", "sft"], n_boot=1000)["groups"][0]["differences"][0]["clean"]
+    noisy_cells = synth_cells(gap=4, seed_spread={0: -12, 1: 12, 2: -12, 3: 12})  # same mean gap, seeds +-30 points
+    noisy = aggregate(noisy_cells, ["cit", "sft"], n_boot=1000)["groups"][0]["differences"][0]["clean"]
+    assert noisy["delta"] == pytest.approx(calm["delta"]) == pytest.approx(10.0)
+    assert noisy["ci_high"] - noisy["ci_low"] > 1.5 * (calm["ci_high"] - calm["ci_low"])
+    assert noisy["seeds_same_sign"] == 2
+
+    one = [c for c in synth_cells(gap=4) if c.seed == 0]
+    ours = aggregate(one, ["cit", "sft"], n_boot=4000)["groups"][0]["differences"][0]["clean"]
+    a, b = (next(c for c in one if c.method == m).scores for m in ("cit", "sft"))
+    ref = paired_delta(a, b, n_boot=4000)
+    assert ours["delta"] == pytest.approx(ref["clean_delta"])
+    assert ours["ci_low"] == pytest.approx(ref["clean_delta_ci_low"], abs=2.0)
+    assert ours["ci_high"] == pytest.approx(ref["clean_delta_ci_high"], abs=2.0)
+
+
+def test_aggregation_groups_by_sweep_value_and_orders_differences_from_the_method_list():
+    from coin.study.aggregate import aggregate, difference_pairs
+
+    assert difference_pairs(["base", "sft", "cit", "coin"]) == [
+        ("coin", "cit"), ("coin", "sft"), ("cit", "sft"), ("coin", "base"), ("cit", "base"), ("sft", "base")]
+    assert difference_pairs(["sft", "base"]) == [("sft", "base")]
+    cells = (synth_cells(gap=8, seeds=(0, 1), sweep="train.lr=0.001")
+             + synth_cells(gap=0, seeds=(0, 1), sweep="train.lr=0.002"))
+    groups = aggregate(cells, ["cit", "sft"], n_boot=200)["groups"]
+    assert [g["sweep"] for g in groups] == ["train.lr=0.001", "train.lr=0.002"]
+    assert [g["differences"][0]["clean"]["delta"] for g in groups] == [pytest.approx(20.0), pytest.approx(0.0)]
+
+
+# --------------------------------------------------------------------------- grid and settings
+
+
+def test_grid_cells_names_and_sweep_values_go_through_the_override_machinery():
+    from coin.study.grid import cell_settings, grid_cells, make_cell, sweep_overrides
+
+    over = sweep_overrides("train.lr=[5e-4, 1.0e-3]")
+    assert over == ["study.sweep_key=train.lr", "study.sweep_values=[5e-4, 1.0e-3]"]
+    from coin.config import apply_overrides
+
+    s = Settings.model_validate(apply_overrides({"study": {"methods": ["base", "coin"], "seeds": [3]}}, over))
+    cells = grid_cells(s)
+    assert [c.name for c in cells] == ["base-s3-train.lr=0.0005", "coin-s3-train.lr=0.0005",
+                                       "base-s3-train.lr=0.001", "coin-s3-train.lr=0.001"]
+    assert cell_settings(s, cells[1]).train.lr == 0.0005 and cell_settings(s, cells[3]).train.lr == 0.001
+    assert cell_settings(s, cells[1]).seed == s.seed  # the evaluation seed is never the cell's
+    assert make_cell(s, "coin", 3, "5e-4") == cells[1]
+    plain = Settings.model_validate({})
+    assert [c.name for c in grid_cells(plain)][:4] == ["base-s0", "base-s1", "base-s2", "coin-s0"]
+
+
+def test_worker_plan_and_defaults():
+    from coin.study.placement import default_workers, worker_plan
+
+    assert [default_workers(cpus=c, gpus=0) for c in (1, 2, 16)] == [1, 1, 8]
+    assert default_workers(cpus=16, gpus=4) == 4
+    s = Settings.model_validate({"study": {"workers": 2}})
+    plan = worker_plan(s, cpus=8)
+    assert (plan.workers, plan.address, plan.torch_threads) == (2, None, 4)
+    assert worker_plan(s, workers=1, processes=False, cpus=8).torch_threads is None  # a thread in this process
+    assert worker_plan(s, address="tcp://127.0.0.1:8786", cpus=8).address == "tcp://127.0.0.1:8786"
+
+
+@pytest.mark.parametrize(
+    "study, expected",
+    [
+        ({"methods": ["dpo"]}, ["study.methods.0 = 'dpo'", "'base', 'coin', 'cit' or 'sft'"]),
+        ({"methods": []}, ["study.methods", "lists no method"]),
+        ({"seeds": []}, ["study.seeds = []", "lists no seed"]),
+        ({"seeds": [1, 1]}, ["study.seeds", "lists a seed twice"]),
+        ({"sweep_key": "train.lrr", "sweep_values": [0.1]}, ["study.sweep_key = 'train.lrr'", "Did you mean 'lr'"]),
+        ({"sweep_key": "train.lr", "sweep_values": [0.1, -1]}, ["study.sweep_key = 'train.lr' with value -1",
+                                                               "train.lr = -1"]),
+        ({"sweep_key": "seed", "sweep_values": [1]}, ["study.sweep_key = 'seed' cannot be swept", "study.seeds"]),
+        ({"sweep_key": "pairs.rows_per_task", "sweep_values": [4]}, ["cannot be swept", "built once per study"]),
+        ({"sweep_key": "train.methods", "sweep_values": [["cit"]]}, ["cannot be swept", "study.methods"]),
+        ({"sweep_key": "train", "sweep_values": [{}]}, ["names a whole section"]),
+        ({"sweep_key": "train.lr"}, ["sweep_key and study.sweep_values go together"]),
+        ({"sweep_key": "train.lr", "sweep_values": []}, ["study.sweep_values is empty"]),
+        ({"sweep_key": "train.lr", "sweep_values": [0.1, 0.1]}, ["lists a value twice"]),
+    ],
+)
+def test_bad_study_params_are_rejected_naming_the_key(study, expected):
+    with pytest.raises(ConfigError) as err:
+        Settings.model_validate({"study": study})
+    for part in expected:
+        assert part in str(err.value), str(err.value)
+
+
+def test_cli_stops_on_bad_study_params_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from coin.cli import app
+
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    for args, msg in ((["--set", "study.seeds=[]"], "lists no seed"),
+                      (["--sweep", "train.lrr=[1]"], "Did you mean 'lr'"),
+                      (["--sweep", "train.lr"], "expected KEY=[v1,v2,...]")):
+        res = CliRunner().invoke(app, ["study", "--params", str(params), *args])
+        assert res.exit_code == 2 and msg in res.output, res.output
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_shipped_params_and_deployment_declare_the_study():
+    s = Settings.model_validate(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    assert sorted(s.study.methods) == ["base", "cit", "coin", "sft"] and s.study.seeds == [0, 1, 2]
+    assert s.study.out_dir == "outputs/study" and s.study.sweep_key is None
+    doc = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    (dep,) = [d for d in doc["deployments"] if d["name"] == "study"]
+    module, func = dep["entrypoint"].split(":")
+    assert module == "flows/study.py"
+    import flows.study
+
+    assert getattr(flows.study, func).name == "coin-study"
+    assert dep["work_pool"]["name"] == "coin-local"
+    assert all(not sch.get("active", True) for sch in dep.get("schedules") or [])  # not scheduled by default
