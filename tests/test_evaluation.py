@@ -102,7 +102,8 @@ def eval_mistral(eval_tiny_dirs: dict[str, Path]) -> Backbone:
 
 
 def _settings(**kw) -> EvaluateSettings:
-    base = {"instruction_file": str(INSTRUCTIONS), "batch_size": 16}
+    # fp32 scores, so that runner figures can be compared with direct fp32 scoring to 1e-3
+    base = {"instruction_file": str(INSTRUCTIONS), "batch_size": 16, "autocast": "off"}
     return EvaluateSettings(**{**base, **kw})
 
 
@@ -541,6 +542,19 @@ def test_runner_predictions_match_direct_scoring_and_generation(small_run: EvalR
     text = generate_reference_style(eval_llama.model, eval_llama.tokenizer, [prompt], max_new_tokens=3).texts[0]
     assert grow.output == text
     assert grow.pred == parse_answer(text, label_choices(spec.label_words, INSTRUCTIONS, "wnli"))
+
+
+def test_bf16_autocast_scores_stay_close_to_fp32(eval_llama: Backbone) -> None:
+    """evaluate.autocast=bf16 runs the matmuls in bf16: scores move by bf16 rounding only, and are recorded."""
+    cfg = _settings(tasks=["sst2", "rte"], instruction_sets=["clean"], samples_per_task=4, scoring=["loglik"])
+    fp32 = evaluate_model(eval_llama.model, eval_llama.tokenizer, cfg, data_dir=DATA, seed=0, model_label="x")
+    bf16 = evaluate_model(eval_llama.model, eval_llama.tokenizer, cfg.model_copy(update={"autocast": "bf16"}),
+                          data_dir=DATA, seed=0, model_label="x")
+    a = torch.tensor(fp32.predictions["scores"].tolist())
+    b = torch.tensor(bf16.predictions["scores"].tolist())
+    assert not torch.equal(a, b)  # bf16 really ran
+    torch.testing.assert_close(b, a, rtol=0.02, atol=0.05)
+    assert fp32.settings["bf16_autocast"] is False and bf16.settings["bf16_autocast"] is True
 
 
 def test_all_tasks_skipped_is_a_clear_error(eval_llama: Backbone) -> None:

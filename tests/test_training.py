@@ -357,8 +357,12 @@ def test_cit_and_sft_have_no_contrastive_term(tiny_llama_dir: Path) -> None:
 def _naive_objective(
     model: torch.nn.Module, tok: Any, rows: list[dict[str, Any]], cfg: TrainSettings
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The CoIN loss by the textbook: every sequence forwarded alone (no padding at all), full-vocabulary
-    logits, pooling by slicing the unpadded hidden states, InfoNCE by explicit loops."""
+    """The CoIN loss by the textbook: every sequence forwarded alone (no padding at all) under a hand-built
+    mask (causal; under the prefix LM its prompt block all ones), full-vocabulary logits, pooling by slicing
+    the unpadded hidden states, InfoNCE by explicit loops."""
+    from coin.modeling.backbone import attention_mode
+
+    prefix = attention_mode(model) == "prefix"
     cols = {"original": ("original_prompt", "target"), "paraphrase": ("paraphrase_prompt", "target"),
             "negative": ("negative_prompt", "negative_target")}
     reps: dict[str, list[torch.Tensor]] = {g: [] for g in cols}
@@ -368,7 +372,10 @@ def _naive_objective(
         for r in rows:
             e = encode(tok, r[p_col], r[t_col], max_length=64)
             ids = torch.tensor([e.input_ids])
-            out = model(input_ids=ids, output_hidden_states=True)
+            mask = torch.ones(ids.size(1), ids.size(1), dtype=torch.bool).tril()
+            if prefix:
+                mask[: e.n_prompt, : e.n_prompt] = True
+            out = model(input_ids=ids, attention_mask=mask[None, None], output_hidden_states=True)
             h = out.hidden_states[-1][0]                                      # (T, H), after the final norm
             if g != "negative":
                 logits = out.logits[0, e.n_prompt - 1 : -1]                    # predicts tokens n_prompt..end
@@ -535,10 +542,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(request: pytest.Fixture
 
 
 def test_autocast_modes(tiny_llama_dir: Path) -> None:
+    from coin.modeling.backbone import bf16_native
     from coin.training.loop import autocast_context
 
     cpu = torch.device("cpu")
-    assert not isinstance(autocast_context(cpu, "auto"), torch.autocast)  # CPU: fp32 unless asked
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert bf16_native(cpu) == native
+    assert isinstance(autocast_context(cpu, "auto"), torch.autocast) == native  # CPU: bf16 where it is native
     assert not isinstance(autocast_context(cpu, "off"), torch.autocast)
     bb = load_backbone(str(tiny_llama_dir), device="cpu")
     cfg = cfg_for("coin", autocast="bf16")

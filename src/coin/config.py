@@ -52,6 +52,11 @@ class ModelSettings(_Section):
         "auto", description="weights dtype: auto = float32 on CPU, bfloat16 on a GPU that supports it"
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="where to run")
+    attention: Literal["auto", "causal", "prefix"] = Field(
+        "auto",
+        description="prefix: prompt tokens see each other both ways, the response causally (a prefix LM); causal: "
+        "a plain decoder; auto: prefix for encoder checkpoints run as decoders (MiniLM), causal for causal LMs",
+    )
 
 
 # pairs.templates: every classification template, the same ids for every task, or ids per task
@@ -210,7 +215,8 @@ class TrainSettings(_Section):
     )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
     autocast: Literal["auto", "bf16", "off"] = Field(
-        "auto", description="auto: bf16 autocast on a CUDA GPU with bf16 support, off elsewhere; bf16: always; off: never"
+        "auto", description="auto: bf16 autocast where bf16 runs in hardware (a CUDA GPU with bf16, a CPU with "
+        "AVX512-BF16 or AMX), off elsewhere; bf16: always; off: never"
     )
     lora: LoraSettings = Field(default_factory=LoraSettings)
 
@@ -264,6 +270,10 @@ class EvaluateSettings(_Section):
         True, description="loglik: run each instruction's token prefix once and share its KV cache across examples"
     )
     include_base: bool = Field(True, description="also evaluate the untouched base model for comparison")
+    autocast: Literal["auto", "bf16", "off"] = Field(
+        "auto", description="auto: bf16 autocast where bf16 runs in hardware (a CUDA GPU with bf16, a CPU with "
+        "AVX512-BF16 or AMX), off elsewhere; bf16: always; off: never (fp32 scores)"
+    )
 
     @field_validator("instruction_sets", "tasks", "scoring")
     @classmethod

@@ -6,9 +6,7 @@ import json
 from typing import Any
 
 import pandas as pd
-import torch
 
-from coin.data.prompts import format_prompt
 from coin.data.tasks import TASKS
 
 
@@ -39,28 +37,16 @@ def _options_for(row: pd.Series) -> list[str] | None:
     return None
 
 
-@torch.inference_mode()
-def _generate(model, tokenizer, prompt: str, fmt: str, max_new_tokens: int) -> str:
-    text = format_prompt(prompt, fmt)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id] + ids
-    device = next(model.parameters()).device
-    x = torch.tensor([ids], device=device)
-    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()
-
-
 def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max_new_tokens: int = 7,
                 batch_size: int = 32) -> pd.DataFrame:
     """One answer per row of ``df`` (columns: instruction, input[, task][, options]), in row order.
 
     Rows with a task or options are scored in batches of ``batch_size`` prompts per distinct option
     list (the evaluation's label log-likelihood scoring, rows sharing an instruction share its prefix);
-    the others are generated one by one. Returns columns ``answer`` and ``scores`` (JSON
+    the others are decoded greedily in batches. Returns columns ``answer`` and ``scores`` (JSON
     ``{option: log-likelihood}`` for scored rows, "" for generated ones).
     """
+    from coin.evaluation.generation import generate_answers
     from coin.evaluation.scoring import score_label_words
 
     missing = [c for c in ("instruction", "input") if c not in df.columns]
@@ -71,12 +57,18 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
     prompts = [join_instruction(_text(r["instruction"]), _text(r["input"])) for r in rows]
     answers, scores = [""] * len(rows), [""] * len(rows)
     by_options: dict[tuple[str, ...], list[int]] = {}
+    free: list[int] = []
     for i, row in enumerate(rows):
         options = _options_for(row)
         if options:
             by_options.setdefault(tuple(options), []).append(i)
         else:
-            answers[i] = _generate(model, tokenizer, prompts[i], fmt, max_new_tokens)
+            free.append(i)
+    if free:  # the evaluation's greedy decoder: it honours the model's attention (causal or prefix LM)
+        gen = generate_answers(model, tokenizer, [prompts[i] for i in free], fmt=fmt, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, desc="predict")
+        for i, text in zip(free, gen.texts):
+            answers[i] = text.strip()
     for options, idx in by_options.items():
         s = score_label_words(model, tokenizer, [prompts[i] for i in idx], list(options), fmt=fmt,
                               batch_size=batch_size, groups=[_text(rows[i]["instruction"]) for i in idx],

@@ -258,12 +258,12 @@ def train_adapter(settings: Settings, rows: list[dict[str, Any]], method: str, o
     seed = settings.seed if seed is None else seed
     cfg = settings.train.for_method(method)
     backbone = load_backbone(settings.model.backbone, dtype=settings.model.dtype,
-                             device=device or settings.model.device, seed=seed)
+                             device=device or settings.model.device, seed=seed, attention=settings.model.attention)
     result = train(backbone, rows, cfg, out_dir=Path(out_dir), seed=seed, cutoff_len=settings.pairs.cutoff_len,
                    on_metrics=on_metrics, resume=cfg.resume, progress=progress)
     if is_main_process():  # under torchrun every rank trains; rank 0 alone writes
         write_meta(Path(out_dir) / "adapter", {
-            "base": backbone.reference, "dtype": settings.model.dtype, "seed": seed,
+            "base": backbone.reference, "dtype": settings.model.dtype, "seed": seed, "attention": backbone.attention,
             "method": method, "prompt_format": "train", "append_eos": cfg.append_eos,
         })
     return result
@@ -342,22 +342,23 @@ def stage_evaluate_unit(settings: Settings, root: Path, label: str) -> dict[str,
     combines them.
     """
     from coin.evaluation import evaluate_model, save_result
+    from coin.modeling.adapter import load_trained
     from coin.modeling.backbone import load_backbone
-    from coin.modeling.lora import load_adapter
 
     lay = Layout(root, settings)
-    backbone = load_backbone(settings.model.backbone, dtype=settings.model.dtype, device=settings.model.device,
-                             seed=settings.seed)
     if label == "base":
-        model = backbone.model
+        backbone = load_backbone(settings.model.backbone, dtype=settings.model.dtype, device=settings.model.device,
+                                 seed=settings.seed, attention=settings.model.attention)
+        model, tokenizer = backbone.model, backbone.tokenizer
     else:
         runs = read_json(lay.train_record, missing_hint="Run `coin train` first.").get("runs", {})
         if label not in runs:
             raise DataError(f"{lay.train_record}: no training run for {label!r}; run `coin train` first")
-        model = load_adapter(backbone, root / runs[label]["adapter_dir"])  # LoRA injected into the same base
+        # the base, seed and attention the adapter was trained with (its coin_model.json), as the pyfunc loads it
+        model, tokenizer, _ = load_trained(root / runs[label]["adapter_dir"], device=settings.model.device)
     model.eval()
     # paths as configured, resolved against the project root: records and reports carry no checkout path
-    result = evaluate_model(model, backbone.tokenizer, settings.evaluate, data_dir=settings.paths.data_dir,
+    result = evaluate_model(model, tokenizer, settings.evaluate, data_dir=settings.paths.data_dir,
                             seed=settings.seed, model_label=label, root=root)
     save_result(result, lay.eval_unit_dir(label))
     log.info("evaluate[%s]: %.1f s, %.1f examples/s", label, result.wall_time_s, result.examples_per_s)

@@ -3,7 +3,10 @@
 ``generate_answers`` is the batched path: prompts are tokenised exactly like training/scoring
 (``coin.data.prompts.encode``: BOS + prompt + response marker), LEFT-padded, and decoded greedily
 with ``model.generate`` (KV cache on; position ids follow the attention mask, so a left-padded row
-decodes as it would alone). ``generate_reference_style`` is the reference's loop (batch size 1, no KV
+decodes as it would alone). A prefix-LM backbone (``model.attention: prefix``) decodes with our own
+greedy loop instead: the prompt runs once with every prompt token seeing every other, then each new
+token runs causally on the KV cache (right padding, per-row positions, as the loglik scorer does);
+``model.generate`` knows only the causal mask. ``generate_reference_style`` is the reference's loop (batch size 1, no KV
 cache, full-vocabulary logits at every position) kept for the benchmark and as a test oracle.
 
 ``parse_answer`` maps a decoded output to a label index (COIN-REFERENCE §4, "Decoding"):
@@ -38,6 +41,7 @@ from tqdm.auto import tqdm
 
 from coin.data.io import DataError, read_json
 from coin.data.prompts import PromptFormat, encode
+from coin.modeling.backbone import attention_mode, row_attention_mask, selected_logits, split_body_head
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +167,9 @@ def generate_answers(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = next(model.parameters()).device
     ids = _prompt_ids(tokenizer, prompts, fmt, _budget(model, max_new_tokens))
+    if attention_mode(model) == "prefix":
+        return _generate_prefix_lm(model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   desc=desc)
     cfg = _gen_config(tokenizer, max_new_tokens)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths share a batch: less padding
@@ -186,6 +193,88 @@ def generate_answers(
                 new_tokens += n
                 for b, i in enumerate(idx):
                     texts[i] = decoded[b]
+    finally:
+        model.train(was_training)
+    return GenerateOutput(texts, new_tokens, sum(map(len, ids)))
+
+
+def _greedy_rows(model: nn.Module, prompt_ids: list[list[int]], max_new_tokens: int, eos: int | None,
+                 pad: int) -> list[list[int]]:
+    """Greedy new tokens (up to EOS, excluded) of each prompt under the prefix-LM mask, KV-cached.
+
+    Falls back to re-running the whole sequence per token (4D prefix mask, no cache) where the model has
+    no shareable cache (:func:`coin.evaluation.scoring.cache_support`).
+    """
+    from coin.evaluation.scoring import _extend, cache_support
+
+    device = next(model.parameters()).device
+    n = len(prompt_ids)
+    new: list[list[int]] = [[] for _ in range(n)]
+    done = [False] * n
+    if cache_support(model) is None:
+        body, head = split_body_head(model)
+        config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+        hidden, state = _extend(body, config, None, None, prompt_ids, pad, device, bidirectional=True)
+        last = hidden[torch.arange(n, device=device), torch.tensor([len(p) - 1 for p in prompt_ids], device=device)]
+        for step in range(max_new_tokens):
+            nxt = head(last).argmax(dim=-1).tolist()                                   # (n,)
+            for i, t in enumerate(nxt):
+                if not done[i]:
+                    if t == eos:
+                        done[i] = True
+                    else:
+                        new[i].append(t)
+            if all(done) or step == max_new_tokens - 1:
+                break
+            step = [[t if not d else pad] for t, d in zip(nxt, done)]
+            hidden, state = _extend(body, config, state, torch.arange(n, device=device), step, pad, device)
+            last = hidden[:, 0]
+        return new
+    seqs = [list(p) for p in prompt_ids]
+    for _ in range(max_new_tokens):
+        live = [i for i in range(n) if not done[i]]
+        if not live:
+            break
+        width = max(len(seqs[i]) for i in live)
+        x = torch.full((len(live), width), pad, dtype=torch.long)
+        m = torch.zeros((len(live), width), dtype=torch.long)
+        for b, i in enumerate(live):
+            x[b, :len(seqs[i])] = torch.tensor(seqs[i])
+            m[b, :len(seqs[i])] = 1
+        x, m = x.to(device), m.to(device)
+        n_prompt = torch.tensor([len(prompt_ids[i]) for i in live], device=device)
+        mask = row_attention_mask(m, n_prompt, model, next(model.parameters()).dtype)
+        rows = torch.arange(len(live), device=device)
+        cols = torch.tensor([len(seqs[i]) - 1 for i in live], device=device)
+        _, logits = selected_logits(model, x, mask, rows, cols)
+        for b, i in enumerate(live):
+            t = int(logits[b].argmax())
+            if t == eos:
+                done[i] = True
+            else:
+                new[i].append(t)
+                seqs[i].append(t)
+    return new
+
+
+def _generate_prefix_lm(model: nn.Module, tokenizer, ids: list[list[int]], *, max_new_tokens: int,
+                        batch_size: int, desc: str) -> GenerateOutput:
+    """:func:`generate_answers` for a prefix-LM backbone (module docstring)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    texts: list[str] = [""] * len(ids)
+    new_tokens = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            starts = range(0, len(order), batch_size)
+            for s in tqdm(starts, desc=desc, unit="batch", leave=False, disable=len(starts) < 2):
+                idx = order[s:s + batch_size]
+                rows = _greedy_rows(model, [ids[i] for i in idx], max_new_tokens, tokenizer.eos_token_id, pad)
+                for i, row in zip(idx, rows):
+                    new_tokens += len(row)
+                    texts[i] = tokenizer.decode(row, skip_special_tokens=True)
     finally:
         model.train(was_training)
     return GenerateOutput(texts, new_tokens, sum(map(len, ids)))

@@ -30,6 +30,7 @@ from coin.evaluation.report import write_eval_outputs
 from coin.evaluation.result import EvalResult, load_result, save_result
 from coin.evaluation.sampling import SplitUnavailable, sample_examples
 from coin.evaluation.scoring import score_label_words
+from coin.modeling.backbone import autocast_context, uses_bf16
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,11 @@ def evaluate_model(
     timing: dict[str, dict[str, Any]] = {m: {"seconds": 0.0, "items": 0, "forward_tokens": 0} for m in cfg.scoring}
     paths: list[tuple[str, str, float, int]] = []  # loglik (path, reason, mean prefix tokens, prompts) per task
     frames = []
-    for task, rows in samples.items():
-        per_set = {s: instructions[s][task] for s in cfg.instruction_sets}
-        frames += _evaluate_task(model, tokenizer, task, rows, per_set, cfg, choices[task], timing, paths)
+    device = next(model.parameters()).device
+    with autocast_context(device, cfg.autocast, "evaluate.autocast"):
+        for task, rows in samples.items():
+            per_set = {s: instructions[s][task] for s in cfg.instruction_sets}
+            frames += _evaluate_task(model, tokenizer, task, rows, per_set, cfg, choices[task], timing, paths)
     preds = pd.concat(frames, ignore_index=True)
     preds.insert(0, "model", model_label)
     for t in timing.values():
@@ -90,6 +93,7 @@ def evaluate_model(
                   "instruction_sha256": hashlib.sha256(Path(cfg.instruction_file).read_bytes()).hexdigest()[:16],
                   "length_normalise": cfg.length_normalise, "max_new_tokens": cfg.max_new_tokens,
                   "prefix_cache": cfg.prefix_cache, "batch_size": cfg.batch_size,
+                  "bf16_autocast": uses_bf16(device, cfg.autocast, "evaluate.autocast"),
                   "n_examples": {t: len(r) for t, r in samples.items()}},
     )
 
@@ -158,9 +162,11 @@ def _notes(cfg: EvaluateSettings, paths: list[tuple[str, str, float, int]],
         fallback = sorted({why for path, why, _, _ in paths if path != "kv-cache"})
         if cached:
             n = sum(k for _, k in cached)
+            mean_prefix = sum(p * k for p, k in cached) / n
             share = (f"each instruction's token prefix run once and shared via its KV cache (mean "
-                     f"{sum(p * k for p, k in cached) / n:.1f} tokens per prompt)" if cfg.prefix_cache
-                     else "no instruction-prefix sharing")
+                     f"{mean_prefix:.1f} tokens per prompt)" if cfg.prefix_cache and mean_prefix > 0
+                     else "no instruction-prefix sharing" + (" (prefix-LM attention: every prompt token sees the "
+                                                             "input)" if cfg.prefix_cache else ""))
             notes.append("loglik: one forward pass per (instruction, example), label continuations on its KV "
                          f"cache; {share}" + ("; length-normalised" if cfg.length_normalise else ""))
         if fallback:

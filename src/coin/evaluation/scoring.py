@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from coin.data.prompts import PromptFormat, encode
-from coin.modeling.backbone import selected_logits, split_body_head
+from coin.modeling.backbone import attention_mode, bidirectional_mask, row_attention_mask, selected_logits, split_body_head
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,9 @@ def _collate(
 def _score_batch(model: nn.Module, batch: list[ScoredSequence], pad_id: int, device: torch.device) -> torch.Tensor:
     """Summed label-token log-probs of each sequence in ``batch`` (float32, on CPU)."""
     ids, mask, rows, cols, targets = _collate(batch, pad_id, device)
+    if attention_mode(model) == "prefix":  # the prompt part of every row is seen both ways
+        n_prompt = torch.tensor([s.n_prompt for s in batch], device=device)
+        mask = row_attention_mask(mask, n_prompt, model, next(model.parameters()).dtype)
     _, logits = selected_logits(model, ids, mask, rows, cols)
     logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
     sums = torch.zeros(len(batch), dtype=torch.float32, device=device).index_add_(0, rows, logp)
@@ -224,13 +227,17 @@ def _select(state: _State, rows: torch.Tensor, config) -> _State:
 
 def _extend(
     body: nn.Module, config, state: _State | None, rows: torch.Tensor | None, seqs: list[list[int]],
-    pad_id: int, device: torch.device,
+    pad_id: int, device: torch.device, *, bidirectional: bool = False,
 ) -> tuple[torch.Tensor, _State]:
     """Run ``seqs[k]`` after row ``rows[k]`` of ``state`` (or from scratch): ``(hidden (R, T, H), new state)``.
 
     New tokens are right-padded; their position ids continue each row's own length, so a row's
     numbers do not depend on the padding of the others (holes in the cache are masked out).
+    ``bidirectional`` (from scratch only): the tokens see each other both ways (a prefix LM's prompt);
+    continuations are always causal, which is what a prefix LM's response is.
     """
+    if bidirectional and state is not None:
+        raise ValueError("_extend: only a pass from scratch (a whole prompt) can be bidirectional")
     n, width = len(seqs), max(len(s) for s in seqs)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
@@ -245,7 +252,8 @@ def _extend(
         cache, prev_mask, prev_len = sel.cache, sel.mask, sel.length
     pos = (prev_len[:, None] + torch.arange(width, device=device)[None, :]) * mask  # pads: position 0, masked
     full_mask = torch.cat([prev_mask, mask], dim=1)
-    out = body(input_ids=ids, attention_mask=full_mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    attn = bidirectional_mask(mask, body, next(body.parameters()).dtype) if bidirectional else full_mask
+    out = body(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
     return out.last_hidden_state, _State(out.past_key_values, full_mask, prev_len + mask.sum(dim=1))
 
 
@@ -275,6 +283,9 @@ def _score_cached(
     body, head = split_body_head(model)
     config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
     device = _model_device(model)
+    prefix_lm = attention_mode(model) == "prefix"
+    if prefix_lm:
+        groups = None  # a prefix LM's prompt is seen whole: its instruction's states depend on the input
     n_labels = len(labels)
     first_tok = torch.tensor([w[0] for w in labels], device=device)
     multi = [j for j, w in enumerate(labels) if len(w) > 1]
@@ -308,7 +319,7 @@ def _score_cached(
                 work += sum(map(len, prefixes))
                 prefix_sum += sum(cut[group_of[i]] for i in idx)
             suffixes = [prompt_ids[i][cut[group_of[i]]:] for i in idx]
-            hidden, st = _extend(body, config, state, rows, suffixes, pad_id, device)
+            hidden, st = _extend(body, config, state, rows, suffixes, pad_id, device, bidirectional=prefix_lm)
             work += sum(map(len, suffixes))
             last = torch.tensor([len(s) - 1 for s in suffixes], device=device)
             logp = torch.log_softmax(head(hidden[torch.arange(len(idx), device=device), last]).float(), dim=-1)
@@ -373,6 +384,9 @@ def score_label_words(
             model, [e.input_ids for e in encs], labels, groups=list(groups) if groups is not None else None,
             pad_id=_pad_id(tokenizer), batch_size=batch_size, min_prefix=min_prefix, desc=desc)
         out = LoglikOutput(scores, "kv-cache", prefix_tokens=prefix, forward_tokens=work)
+        if groups is not None and attention_mode(model) == "prefix":
+            out.notes.append("prefix sharing not applied: under the prefix-LM attention every prompt token sees "
+                             "the input, so no instruction prefix can be shared")
     else:
         if use_cache:
             log.warning("loglik: kv-cache path unavailable for %s (%s); scoring one sequence per label word",

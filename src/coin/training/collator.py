@@ -27,6 +27,10 @@ The loss uses the shifted next-token rule: position ``t`` predicts token ``t+1``
 tokens they predict; the LM head is applied at these positions only. ``resp_seq`` is the *sequence*
 (0..N-1, group-major as above) each of those positions belongs to.
 
+``prompt_mask`` marks every prompt token; under a prefix-LM backbone (``model.attention: prefix``) the
+loss builds the mask in which prompt tokens see each other both ways from it
+(:func:`coin.modeling.backbone.packed_attention_mask`).
+
 Packing (``pack=True``, ``train.packing``). The N sequences are laid out first-fit-decreasing into R <= N
 rows of length L = the longest sequence, instead of one padded row each, so far fewer pad slots go
 through the model. Each row carries ``segment_ids`` (which sequence a token belongs to, -1 on pads) and
@@ -87,6 +91,7 @@ class Batch:
     seq_len: torch.Tensor | None = None       # (N,) long, its number of tokens
     segment_ids: torch.Tensor | None = None   # (R, L) long, sequence of each token, -1 on pads (packed only)
     position_ids: torch.Tensor | None = None  # (R, L) long, restarting at 0 per sequence (packed only)
+    prompt_mask: torch.Tensor | None = None   # (R, L) bool, the token is in its sequence's prompt (prefix LM)
 
     def to(self, device: torch.device | str) -> "Batch":
         moved = {
@@ -208,6 +213,7 @@ class PairCollator:
         segment_ids = torch.full((n_rows, t_max), -1, dtype=torch.long)            # (R, L)
         position_ids = torch.zeros((n_rows, t_max), dtype=torch.long)              # (R, L)
         prompt_len = torch.empty(n, dtype=torch.long)                              # (N,)
+        prompt_mask = torch.zeros((n_rows, t_max), dtype=torch.bool)                # (R, L)
         for i, (group, ids, n_prompt) in enumerate(encoded):
             r, a, b = seq_row[i], seq_start[i], seq_start[i] + len(ids)
             ids_t = torch.tensor(ids, dtype=torch.long)
@@ -215,6 +221,7 @@ class PairCollator:
             attention_mask[r, a:b] = 1
             segment_ids[r, a:b] = i
             position_ids[r, a:b] = torch.arange(len(ids))
+            prompt_mask[r, a : a + n_prompt] = True
             if group in GEN_GROUPS:
                 labels[r, a + n_prompt : b] = ids_t[n_prompt:]
             prompt_len[i] = n_prompt
@@ -237,5 +244,6 @@ class PairCollator:
             n_pairs=len(rows),
             groups=self.groups,
             pair_ids=[str(r.get("pair_id", f"#{i}")) for i, r in enumerate(rows)],
+            prompt_mask=prompt_mask,
             **packed,
         )

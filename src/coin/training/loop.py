@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from coin.config import TrainSettings
-from coin.modeling.backbone import Backbone, FusedLM, packing_supported, unwrap_model
+from coin.modeling.backbone import Backbone, FusedLM, autocast_context, packing_supported, unwrap_model
 from coin.modeling.lora import apply_lora
 from coin.training.batching import BatchStream, iterate_batches, train_rows_of
 from coin.training.checkpoint import (
@@ -62,19 +62,6 @@ class TrainResult:
     wall_time_s: float = 0.0             # training time of this process (excluding saving)
     tokens_per_s: float = 0.0            # real (non-pad) tokens forwarded per second, all ranks
     resumed_from: int = 0                # the checkpoint step this run continued from (0: a fresh run)
-
-
-def autocast_context(device: torch.device, mode: str) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast per ``train.autocast``: ``auto`` = on a CUDA device with bf16 support, else off."""
-    if mode == "off":
-        return contextlib.nullcontext()
-    if mode == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-    if mode == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    raise ValueError(f"train.autocast = {mode!r}: use auto, bf16 or off")
 
 
 def step_scale(batches: list[Batch], world: World) -> StepScale:

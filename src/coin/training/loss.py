@@ -34,7 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from coin.config import TrainSettings
-from coin.modeling.backbone import FusedLM, packed_attention_mask, selected_logits, unwrap_model
+from coin.modeling.backbone import (
+    FusedLM,
+    attention_mode,
+    packed_attention_mask,
+    row_attention_mask,
+    selected_logits,
+    unwrap_model,
+)
 from coin.training.collator import GEN_GROUPS, Batch
 from coin.training.distributed import SINGLE, World, gather_with_local_grad
 
@@ -219,10 +226,16 @@ class StepScale:
 def _forward(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """``(hidden (R, L, H), logits (K, V))`` through a :class:`FusedLM` (possibly DDP-wrapped) or a bare model."""
     mask = batch.attention_mask                                                  # (R, L)
+    hf = unwrap_model(model)
+    prefix = attention_mode(hf) == "prefix"
+    if prefix and batch.prompt_mask is None:
+        raise ValueError("a prefix-LM backbone needs the batch's prompt_mask; build batches with PairCollator")
+    dtype = next(hf.parameters()).dtype
     if batch.packed:
         assert batch.segment_ids is not None
-        hf = unwrap_model(model)
-        mask = packed_attention_mask(batch.segment_ids, hf, next(hf.parameters()).dtype)  # (R, 1, L, L)
+        mask = packed_attention_mask(batch.segment_ids, hf, dtype, batch.prompt_mask if prefix else None)  # (R,1,L,L)
+    elif prefix:
+        mask = row_attention_mask(batch.attention_mask, batch.prompt_len, hf, dtype)  # (R, 1, L, L)
     args = (batch.input_ids, mask, batch.resp_rows, batch.resp_cols, batch.position_ids)
     if isinstance(model, (FusedLM, nn.parallel.DistributedDataParallel)):
         return model(*args)

@@ -1,0 +1,217 @@
+"""The prefix-LM attention (``model.attention: prefix``): masks against a hand-built one, and every consumer
+(training, both scoring paths, generation, predict, a saved adapter) honours it.
+
+A tiny BERT encoder checkpoint (like the embedded MiniLM) resolves to ``prefix`` under ``auto``; a tiny
+Llama to ``causal``. Every equivalence is checked against a *hand-built* reference: the full forward of
+one sequence at a time with an explicit (T, T) mask whose prompt block is all ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coin.modeling.backbone import (
+    attention_mode,
+    load_backbone,
+    packed_attention_mask,
+    row_attention_mask,
+    split_body_head,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _hand_mask(n_prompt: int, length: int) -> torch.Tensor:
+    """(T, T) bool: prompt tokens see the whole prompt, every token sees what comes before it."""
+    m = torch.ones(length, length, dtype=torch.bool).tril()
+    m[:n_prompt, :n_prompt] = True
+    return m
+
+
+def _hand_logprobs(model, ids: list[int], n_prompt: int) -> torch.Tensor:
+    """log P(token t+1 | ...) at every position t, one sequence alone under the hand-built mask (V-sized)."""
+    body, head = split_body_head(model)
+    x = torch.tensor([ids])
+    mask = _hand_mask(n_prompt, len(ids))[None, None]
+    with torch.no_grad():
+        h = body(input_ids=x, attention_mask=mask, use_cache=False).last_hidden_state[0]
+        return torch.log_softmax(head(h).float(), dim=-1)
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    """A tiny BERT encoder checkpoint with large initial weights: its logits, and with them every difference
+    a mask makes, are far from uniform (at the usual 0.02 init they sit within 1e-5 of log 1/V)."""
+    from transformers import BertConfig, BertModel
+
+    from tests.conftest import _save_tiny, _special_ids
+
+    ids = _special_ids()
+    config = BertConfig(vocab_size=ids["vocab_size"], pad_token_id=ids["pad_token_id"], hidden_size=32,
+                        intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
+                        initializer_range=0.5)
+    return _save_tiny(BertModel, config, tmp_path_factory.mktemp("tiny_bert_sharp"))
+
+
+@pytest.fixture(scope="module")
+def bert(bert_dir):
+    bb = load_backbone(str(bert_dir), seed=3)
+    with torch.no_grad():  # the newly initialised head transform, sharp as well
+        for p in bb.model.cls.predictions.transform.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.5)
+    bb.model.eval()
+    return bb
+
+
+def test_auto_picks_prefix_for_encoder_checkpoints_and_causal_for_decoders(bert, tiny_llama_dir):
+    assert bert.attention == "prefix" and attention_mode(bert.model) == "prefix"
+    llama = load_backbone(str(tiny_llama_dir))
+    assert llama.attention == "causal" and attention_mode(llama.model) == "causal"
+    forced = load_backbone(str(tiny_llama_dir), attention="prefix")
+    assert attention_mode(forced.model) == "prefix"
+    with pytest.raises(ValueError, match="model.attention"):
+        load_backbone(str(tiny_llama_dir), attention="sideways")
+
+
+def test_packed_prefix_mask_equals_a_hand_built_one(bert):
+    # two sequences in one row: lengths 5 (prompt 3) and 3 (prompt 2), then one pad
+    seg = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, -1]])
+    prompt = torch.tensor([[1, 1, 1, 0, 0, 1, 1, 0, 0]]).bool()
+    got = packed_attention_mask(seg, bert.model, torch.float32, prompt)[0, 0]
+    want = torch.zeros(9, 9, dtype=torch.bool)
+    want[:5, :5] = _hand_mask(3, 5)
+    want[5:8, 5:8] = _hand_mask(2, 3)
+    want[8, 8] = True  # a pad sees itself only
+    assert torch.equal(got, want)
+    # without a prompt mask: the causal block-diagonal mask of before
+    causal = packed_attention_mask(seg, bert.model, torch.float32)[0, 0]
+    assert torch.equal(causal[:5, :5], torch.ones(5, 5, dtype=torch.bool).tril())
+    assert not causal[0, 1] and got[0, 1]
+
+
+def test_row_mask_changes_what_the_prompt_sees(bert):
+    m2d = torch.tensor([[1, 1, 1, 1, 0]])
+    got = row_attention_mask(m2d, torch.tensor([2]), bert.model, torch.float32)[0, 0]
+    want = torch.zeros(5, 5, dtype=torch.bool)
+    want[:4, :4] = _hand_mask(2, 4)
+    want[4, 4] = True
+    assert torch.equal(got, want)
+
+
+def test_training_loss_under_prefix_attention_equals_the_hand_built_masks(bert):
+    """The fused (packed and padded) generation loss equals the mean CE from the hand-built per-sequence masks,
+    and differs from the causal one (the mask is really applied)."""
+    from coin.training.collator import PairCollator
+    from coin.training.loss import coin_step_loss
+    from tests.helpers_training import cfg_for, make_rows
+
+    rows = make_rows(3)
+    cfg = cfg_for("cit")
+    tok = bert.tokenizer
+    expected = []
+    for group in ("original", "paraphrase"):
+        ce, n = 0.0, 0
+        for r in rows:
+            from coin.data.prompts import encode
+
+            prompt = r["original_prompt"] if group == "original" else r["paraphrase_prompt"]
+            enc = encode(tok, prompt, r["target"])
+            lp = _hand_logprobs(bert.model, enc.input_ids, enc.n_prompt)
+            for t in range(enc.n_prompt, len(enc.input_ids)):
+                ce -= float(lp[t - 1, enc.input_ids[t]])
+                n += 1
+        expected.append(ce / n)
+    with torch.no_grad():
+        for pack in (False, True):
+            batch = PairCollator(tok, "cit", pack=pack)(rows)
+            _, m = coin_step_loss(bert.model, batch, cfg)
+            assert m["l_gen"] == pytest.approx(sum(expected), abs=1e-4), pack
+        from coin.modeling.backbone import set_attention_mode
+
+        set_attention_mode(bert.model, "causal")
+        try:
+            _, causal = coin_step_loss(bert.model, PairCollator(tok, "cit")(rows), cfg)
+        finally:
+            set_attention_mode(bert.model, "prefix")
+    assert abs(causal["l_gen"] - sum(expected)) > 0.01  # 100x the tolerance of the equality above
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_loglik_scores_under_prefix_attention_equal_the_hand_built_masks(bert, use_cache):
+    from coin.data.prompts import encode
+    from coin.evaluation.scoring import score_label_words
+
+    tok = bert.tokenizer
+    prompts = ["Is this positive? A fine film.", "Is this positive? Dull, long and loud, a waste of time."]
+    words = ["positive", "not_entailment"]  # one and several tokens
+    out = score_label_words(bert.model, tok, prompts, words, use_cache=use_cache, batch_size=1,
+                            groups=["a", "a"])
+    for i, p in enumerate(prompts):
+        for j, w in enumerate(words):
+            enc = encode(tok, p, w, append_eos=False)
+            lp = _hand_logprobs(bert.model, enc.input_ids, enc.n_prompt)
+            want = sum(float(lp[t - 1, enc.input_ids[t]]) for t in range(enc.n_prompt, len(enc.input_ids)))
+            assert float(out.scores[i, j]) == pytest.approx(want, abs=1e-4), (i, j)
+    if use_cache:
+        assert out.path == "kv-cache" and out.prefix_tokens == 0  # nothing shared under the prefix LM
+        assert any("prefix-LM" in n for n in out.notes)
+
+
+def test_greedy_generation_under_prefix_attention_equals_the_hand_built_masks(bert):
+    """The KV-cached prefix-LM decoder and its no-cache fallback agree with a hand-built greedy loop."""
+    from coin.data.prompts import encode
+    from coin.evaluation import generation
+
+    tok = bert.tokenizer
+    prompts = ["Is this positive? A fine film.", "Answer yes or no: is the sky green today, friend?"]
+    got = generation.generate_answers(bert.model, tok, prompts, max_new_tokens=4, batch_size=2)
+    for i, p in enumerate(prompts):
+        enc = encode(tok, p, "", append_eos=False)
+        ids, new = list(enc.input_ids), []
+        for _ in range(4):
+            nxt = int(_hand_logprobs(bert.model, ids, enc.n_prompt)[-1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            new.append(nxt)
+            ids.append(nxt)
+        assert got.texts[i] == tok.decode(new, skip_special_tokens=True)
+    no_cache = generation._greedy_rows  # the fallback path, forced
+    ids = [encode(tok, p, "", append_eos=False).input_ids for p in prompts]
+    import coin.evaluation.scoring as scoring
+
+    orig = scoring.cache_support
+    scoring.cache_support = lambda model: "forced off"
+    try:
+        fallback = no_cache(bert.model, ids, 4, tok.eos_token_id, tok.pad_token_id)
+    finally:
+        scoring.cache_support = orig
+    assert [tok.decode(r, skip_special_tokens=True) for r in fallback] == got.texts
+
+
+def test_a_trained_prefix_adapter_is_loaded_and_answered_with_its_attention(tiny_bert_encoder_dir, tmp_path):
+    """Training records the attention in coin_model.json; load_trained (the pyfunc's loader) and predict use it."""
+    import pandas as pd
+
+    from coin.config import Settings
+    from coin.modeling.adapter import load_trained, read_meta
+    from coin.predict import answer_rows
+    from coin.stages import train_adapter
+    from tests.helpers_training import make_rows
+
+    settings = Settings.model_validate({"model": {"backbone": str(tiny_bert_encoder_dir)},
+                                        "train": {"methods": ["cit"], "max_steps": 2, "batch_size": 2,
+                                                  "checkpoint_every": 0, "lora": {"r": 4, "alpha": 8}},
+                                        "register": {"methods": ["cit"]}})
+    train_adapter(settings, make_rows(4), "cit", tmp_path, progress=False)
+    assert read_meta(tmp_path / "adapter")["attention"] == "prefix"
+    model, tok, meta = load_trained(tmp_path / "adapter")
+    assert attention_mode(model) == "prefix"
+    df = pd.DataFrame({"instruction": ["Is this positive? ", "Say something: "], "input": ["A fine film.", "hi"],
+                       "task": ["sst2", None]})
+    out = answer_rows(model, tok, meta, df, max_new_tokens=3)
+    assert out["answer"][0] in ("negative", "positive")
+    from coin.evaluation.generation import generate_answers
+
+    assert out["answer"][1] == generate_answers(model, tok, ["Say something: hi"], max_new_tokens=3).texts[0].strip()
