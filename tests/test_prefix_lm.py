@@ -1,9 +1,11 @@
-"""The prefix-LM attention (``model.attention: prefix``): masks against a hand-built one, and every consumer
-(training, both scoring paths, generation, predict, a saved adapter) honours it.
+"""The prefix-LM attention (``model.attention: prefix``) and the mean readout (``model.readout: mean``): masks
+against a hand-built one, and every consumer (training, both scoring paths, generation, predict, a saved
+adapter) honours both.
 
-A tiny BERT encoder checkpoint (like the embedded MiniLM) resolves to ``prefix`` under ``auto``; a tiny
-Llama to ``causal``. Every equivalence is checked against a *hand-built* reference: the full forward of
-one sequence at a time with an explicit (T, T) mask whose prompt block is all ones.
+A tiny BERT encoder checkpoint (like the embedded MiniLM) resolves to ``prefix`` + ``mean`` under ``auto``; a
+tiny Llama to ``causal`` + ``last``. Every equivalence is checked against a *hand-built* reference: the full
+forward of one sequence at a time with an explicit (T, T) mask whose prompt block is all ones, the first
+response token predicted from the mean of the prompt's states.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from coin.modeling.backbone import (
     attention_mode,
     load_backbone,
     packed_attention_mask,
+    readout_mode,
     row_attention_mask,
+    set_readout_mode,
     split_body_head,
 )
 
@@ -30,12 +34,15 @@ def _hand_mask(n_prompt: int, length: int) -> torch.Tensor:
 
 
 def _hand_logprobs(model, ids: list[int], n_prompt: int) -> torch.Tensor:
-    """log P(token t+1 | ...) at every position t, one sequence alone under the hand-built mask (V-sized)."""
+    """log P(token t+1 | ...) at every position t, one sequence alone under the hand-built mask (V-sized);
+    under the mean readout, position n_prompt - 1 reads the mean of the prompt's states."""
     body, head = split_body_head(model)
     x = torch.tensor([ids])
     mask = _hand_mask(n_prompt, len(ids))[None, None]
     with torch.no_grad():
-        h = body(input_ids=x, attention_mask=mask, use_cache=False).last_hidden_state[0]
+        h = body(input_ids=x, attention_mask=mask, use_cache=False).last_hidden_state[0].clone()
+        if readout_mode(model) == "mean":
+            h[n_prompt - 1] = h[:n_prompt].mean(0)
         return torch.log_softmax(head(h).float(), dim=-1)
 
 
@@ -67,12 +74,16 @@ def bert(bert_dir):
 
 def test_auto_picks_prefix_for_encoder_checkpoints_and_causal_for_decoders(bert, tiny_llama_dir):
     assert bert.attention == "prefix" and attention_mode(bert.model) == "prefix"
+    assert bert.readout == "mean" and readout_mode(bert.model) == "mean"
     llama = load_backbone(str(tiny_llama_dir))
     assert llama.attention == "causal" and attention_mode(llama.model) == "causal"
-    forced = load_backbone(str(tiny_llama_dir), attention="prefix")
-    assert attention_mode(forced.model) == "prefix"
+    assert llama.readout == "last" and readout_mode(llama.model) == "last"
+    forced = load_backbone(str(tiny_llama_dir), attention="prefix", readout="mean")
+    assert attention_mode(forced.model) == "prefix" and readout_mode(forced.model) == "mean"
     with pytest.raises(ValueError, match="model.attention"):
         load_backbone(str(tiny_llama_dir), attention="sideways")
+    with pytest.raises(ValueError, match="model.readout"):
+        load_backbone(str(tiny_llama_dir), readout="first")
 
 
 def test_packed_prefix_mask_equals_a_hand_built_one(bert):
@@ -135,7 +146,13 @@ def test_training_loss_under_prefix_attention_equals_the_hand_built_masks(bert):
             _, causal = coin_step_loss(bert.model, PairCollator(tok, "cit")(rows), cfg)
         finally:
             set_attention_mode(bert.model, "prefix")
+        set_readout_mode(bert.model, "last")
+        try:
+            _, last = coin_step_loss(bert.model, PairCollator(tok, "cit", pack=True)(rows), cfg)
+        finally:
+            set_readout_mode(bert.model, "mean")
     assert abs(causal["l_gen"] - sum(expected)) > 0.01  # 100x the tolerance of the equality above
+    assert abs(last["l_gen"] - sum(expected)) > 0.01
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
@@ -206,8 +223,9 @@ def test_a_trained_prefix_adapter_is_loaded_and_answered_with_its_attention(tiny
                                         "register": {"methods": ["cit"]}})
     train_adapter(settings, make_rows(4), "cit", tmp_path, progress=False)
     assert read_meta(tmp_path / "adapter")["attention"] == "prefix"
+    assert read_meta(tmp_path / "adapter")["readout"] == "mean"
     model, tok, meta = load_trained(tmp_path / "adapter")
-    assert attention_mode(model) == "prefix"
+    assert attention_mode(model) == "prefix" and readout_mode(model) == "mean"
     df = pd.DataFrame({"instruction": ["Is this positive? ", "Say something: "], "input": ["A fine film.", "hi"],
                        "task": ["sst2", None]})
     out = answer_rows(model, tok, meta, df, max_new_tokens=3)
@@ -215,3 +233,27 @@ def test_a_trained_prefix_adapter_is_loaded_and_answered_with_its_attention(tiny
     from coin.evaluation.generation import generate_answers
 
     assert out["answer"][1] == generate_answers(model, tok, ["Say something: hi"], max_new_tokens=3).texts[0].strip()
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_mean_readout_under_causal_attention_equals_the_hand_built_one(tiny_llama_dir, use_cache):
+    """The readout is independent of the attention: a causal Llama with readout mean scores as by hand
+    (causal mask, first label token from the mean of the prompt's states), on both scoring paths."""
+    from coin.data.prompts import encode
+    from coin.evaluation.scoring import score_label_words
+
+    bb = load_backbone(str(tiny_llama_dir), readout="mean")
+    tok = bb.tokenizer
+    prompts = ["Is this positive? A fine film.", "Is this positive? Dull."]
+    words = ["positive", "not_entailment"]
+    out = score_label_words(bb.model, tok, prompts, words, use_cache=use_cache, batch_size=2, groups=["a", "a"])
+    body, head = split_body_head(bb.model)
+    for i, p in enumerate(prompts):
+        for j, w in enumerate(words):
+            enc = encode(tok, p, w, append_eos=False)
+            with torch.no_grad():
+                h = body(input_ids=torch.tensor([enc.input_ids])).last_hidden_state[0].clone()
+                h[enc.n_prompt - 1] = h[: enc.n_prompt].mean(0)
+                lp = torch.log_softmax(head(h).float(), dim=-1)
+            want = sum(float(lp[t - 1, enc.input_ids[t]]) for t in range(enc.n_prompt, len(enc.input_ids)))
+            assert float(out.scores[i, j]) == pytest.approx(want, abs=1e-4), (i, j)

@@ -360,9 +360,10 @@ def _naive_objective(
     """The CoIN loss by the textbook: every sequence forwarded alone (no padding at all) under a hand-built
     mask (causal; under the prefix LM its prompt block all ones), full-vocabulary logits, pooling by slicing
     the unpadded hidden states, InfoNCE by explicit loops."""
-    from coin.modeling.backbone import attention_mode
+    from coin.modeling.backbone import attention_mode, readout_mode, split_body_head
 
     prefix = attention_mode(model) == "prefix"
+    mean_readout = readout_mode(model) == "mean"
     cols = {"original": ("original_prompt", "target"), "paraphrase": ("paraphrase_prompt", "target"),
             "negative": ("negative_prompt", "negative_target")}
     reps: dict[str, list[torch.Tensor]] = {g: [] for g in cols}
@@ -379,6 +380,9 @@ def _naive_objective(
             h = out.hidden_states[-1][0]                                      # (T, H), after the final norm
             if g != "negative":
                 logits = out.logits[0, e.n_prompt - 1 : -1]                    # predicts tokens n_prompt..end
+                if mean_readout:  # the first response token reads the mean of the prompt's states
+                    first = split_body_head(model)[1](h[: e.n_prompt].mean(0))
+                    logits = torch.cat([first.unsqueeze(0), logits[1:]])
                 ce_sum = ce_sum + F.cross_entropy(logits, ids[0, e.n_prompt :], reduction="sum")
                 n_tok += len(e.input_ids) - e.n_prompt
             span = h if cfg.pool_span == "full" else h[: e.n_prompt]

@@ -57,6 +57,12 @@ class ModelSettings(_Section):
         description="prefix: prompt tokens see each other both ways, the response causally (a prefix LM); causal: "
         "a plain decoder; auto: prefix for encoder checkpoints run as decoders (MiniLM), causal for causal LMs",
     )
+    readout: Literal["auto", "last", "mean"] = Field(
+        "auto",
+        description="mean: the first response token is predicted from the mean of the prompt's hidden states (how "
+        "MiniLM was trained to pool); last: from the last prompt token (a plain LM); auto: mean for encoder "
+        "checkpoints, last for causal LMs",
+    )
 
 
 # pairs.templates: every classification template, the same ids for every task, or ids per task

@@ -258,12 +258,14 @@ def train_adapter(settings: Settings, rows: list[dict[str, Any]], method: str, o
     seed = settings.seed if seed is None else seed
     cfg = settings.train.for_method(method)
     backbone = load_backbone(settings.model.backbone, dtype=settings.model.dtype,
-                             device=device or settings.model.device, seed=seed, attention=settings.model.attention)
+                             device=device or settings.model.device, seed=seed, attention=settings.model.attention,
+                             readout=settings.model.readout)
     result = train(backbone, rows, cfg, out_dir=Path(out_dir), seed=seed, cutoff_len=settings.pairs.cutoff_len,
                    on_metrics=on_metrics, resume=cfg.resume, progress=progress)
     if is_main_process():  # under torchrun every rank trains; rank 0 alone writes
         write_meta(Path(out_dir) / "adapter", {
             "base": backbone.reference, "dtype": settings.model.dtype, "seed": seed, "attention": backbone.attention,
+            "readout": backbone.readout,
             "method": method, "prompt_format": "train", "append_eos": cfg.append_eos,
         })
     return result
@@ -348,7 +350,8 @@ def stage_evaluate_unit(settings: Settings, root: Path, label: str) -> dict[str,
     lay = Layout(root, settings)
     if label == "base":
         backbone = load_backbone(settings.model.backbone, dtype=settings.model.dtype, device=settings.model.device,
-                                 seed=settings.seed, attention=settings.model.attention)
+                                 seed=settings.seed, attention=settings.model.attention,
+                                 readout=settings.model.readout)
         model, tokenizer = backbone.model, backbone.tokenizer
     else:
         runs = read_json(lay.train_record, missing_hint="Run `coin train` first.").get("runs", {})

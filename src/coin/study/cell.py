@@ -157,7 +157,7 @@ def _compute(s: Settings, root: Path, cell: Cell, tmp: Path, pairs: Path, device
         model, tokenizer, _ = load_trained(tmp / ADAPTER_DIR, device=device or s.model.device)
     else:  # the untouched backbone; its newly initialised weights (MiniLM's head transform) follow the seed
         backbone = load_backbone(s.model.backbone, dtype=s.model.dtype, device=device or s.model.device, seed=cell.seed,
-                                 attention=s.model.attention)
+                                 attention=s.model.attention, readout=s.model.readout)
         model, tokenizer = backbone.model, backbone.tokenizer
     t_train = time.perf_counter() - t0
     model.eval()

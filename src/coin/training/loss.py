@@ -236,7 +236,8 @@ def _forward(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor
         mask = packed_attention_mask(batch.segment_ids, hf, dtype, batch.prompt_mask if prefix else None)  # (R,1,L,L)
     elif prefix:
         mask = row_attention_mask(batch.attention_mask, batch.prompt_len, hf, dtype)  # (R, 1, L, L)
-    args = (batch.input_ids, mask, batch.resp_rows, batch.resp_cols, batch.position_ids)
+    args = (batch.input_ids, mask, batch.resp_rows, batch.resp_cols, batch.position_ids, batch.prompt_mask,
+            batch.segment_ids)
     if isinstance(model, (FusedLM, nn.parallel.DistributedDataParallel)):
         return model(*args)
     return selected_logits(model, *args)
