@@ -544,6 +544,39 @@ def test_runner_predictions_match_direct_scoring_and_generation(small_run: EvalR
     assert grow.pred == parse_answer(text, label_choices(spec.label_words, INSTRUCTIONS, "wnli"))
 
 
+def test_content_free_calibration_subtracts_the_empty_input_and_adds_the_training_prior(eval_llama: Backbone) -> None:
+    """evaluate.calibration=content_free: every decision is argmax(raw - content_free + log prior), recomputed
+    here by hand for every item; the raw scores are kept beside the calibrated ones."""
+    import math
+
+    from coin.data.tasks import get_task
+    from coin.predict import join_instruction
+
+    cfg = _settings(tasks=["rte"], instruction_sets=["clean"], samples_per_task=3, scoring=["loglik"],
+                    calibration="content_free")
+    counts = {"rte": [30, 10]}
+    res = evaluate_model(eval_llama.model, eval_llama.tokenizer, cfg, data_dir=DATA, seed=0, model_label="x",
+                         label_counts=counts)
+    instr = load_instruction_sets(INSTRUCTIONS, ["clean"], ["rte"])["clean"]["rte"]
+    words = list(get_task("rte").label_words)
+    log_prior = [math.log(31 / 42), math.log(11 / 42)]  # add-one smoothed shares of 30 and 10
+    p = res.predictions
+    assert res.settings["calibration"] == "content_free" and res.settings["label_counts"] == counts
+    for i, text in enumerate(instr):
+        cf = loglik_scores(eval_llama.model, eval_llama.tokenizer, [join_instruction(text, "")], words)[0]
+        for _, row in p[p.instruction_id == i].iterrows():
+            want = [r - c + lp for r, c, lp in zip(row.raw_scores, cf.tolist(), log_prior)]
+            assert list(row.scores) == pytest.approx(want, abs=1e-3)
+            assert row.pred == max(range(2), key=lambda j: want[j])
+    # the decisions really moved: a strong prior on label 0 beats what the raw scores say somewhere
+    flipped = res.predictions["pred"] != [int(max(range(2), key=lambda j: r[j])) for r in p.raw_scores]
+    none = evaluate_model(eval_llama.model, eval_llama.tokenizer, cfg.model_copy(update={"calibration": "none"}),
+                          data_dir=DATA, seed=0, model_label="x")
+    assert none.predictions["raw_scores"].isna().all()
+    assert list(none.predictions["scores"]) == list(p["raw_scores"])
+    assert flipped.any() or (p["pred"] == 0).all()
+
+
 def test_bf16_autocast_scores_stay_close_to_fp32(eval_llama: Backbone) -> None:
     """evaluate.autocast=bf16 runs the matmuls in bf16: scores move by bf16 rounding only, and are recorded."""
     cfg = _settings(tasks=["sst2", "rte"], instruction_sets=["clean"], samples_per_task=4, scoring=["loglik"])

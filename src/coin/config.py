@@ -71,7 +71,9 @@ TemplateChoice = Literal["classification"] | list[int] | dict[GlueTask, list[int
 
 class PairsSettings(_Section):
     tasks: list[GlueTask] = Field(default_factory=lambda: list(ALL_TASKS), min_length=1)
-    rows_per_task: int = Field(200, ge=2, le=100_000, description="GLUE train rows drawn per task")
+    rows_per_task: int | dict[GlueTask, int] = Field(
+        200, description="GLUE train rows drawn per task: one number for every task, or a mapping task -> rows "
+        "naming every task of pairs.tasks (e.g. more rows for the tasks a small budget can learn)")
     templates: TemplateChoice = Field(
         "classification",
         description="'classification' = every FLAN template whose target is the answer; a list of template ids "
@@ -100,6 +102,20 @@ class PairsSettings(_Section):
             raise ValueError("lists a task twice; list each task once")
         return v
 
+    @field_validator("rows_per_task")
+    @classmethod
+    def _rows_range(cls, v: int | dict[str, int]) -> int | dict[str, int]:
+        for task, n in ([("", v)] if isinstance(v, int) else list(v.items())):
+            if not 2 <= n <= 100_000:
+                where = f" for task {task}" if task else ""
+                raise ValueError(f"{n} rows{where}: give 2..100000 rows per task")
+        return v
+
+    def rows_for(self, task: str) -> int:
+        """Train rows to draw for ``task`` (``rows_per_task`` as one number or per task)."""
+        v = self.rows_per_task
+        return v if isinstance(v, int) else v[task]
+
     @field_validator("templates")
     @classmethod
     def _template_ids(cls, v: Any) -> Any:
@@ -113,6 +129,17 @@ class PairsSettings(_Section):
             if len(set(ids)) != len(ids):
                 raise ValueError(f"lists a template id twice{where}; list each once")
         return v
+
+    @model_validator(mode="after")
+    def _rows_for_every_task(self) -> "PairsSettings":
+        if isinstance(self.rows_per_task, dict):
+            missing = [t for t in self.tasks if t not in self.rows_per_task]
+            if missing:
+                raise ValueError(
+                    f"pairs.rows_per_task names no row count for {missing} (pairs.tasks = {self.tasks}); add them "
+                    "to the mapping, or give one number for every task"
+                )
+        return self
 
     @model_validator(mode="after")
     def _enough_templates(self) -> "PairsSettings":
@@ -267,6 +294,12 @@ class EvaluateSettings(_Section):
         "does; the first listed is the primary mode (summary, promotion gate)",
     )
     length_normalise: bool = Field(False, description="loglik: divide each label's log-prob by its token count")
+    calibration: Literal["none", "content_free"] = Field(
+        "none",
+        description="loglik: none = argmax of the label log-likelihoods; content_free = subtract each label's "
+        "log-likelihood under the same instruction with an empty input and add the log of the label's share in "
+        "the model's training rows (contextual calibration, Zhao et al. 2021, with the training prior)",
+    )
     max_new_tokens: int = Field(7, ge=1, le=256, description="generate: new tokens per answer (paper: 7)")
     prompt_format: Literal["train", "reference"] = Field(
         "train", description="train: same as training ('\\n\\n### Response:\\n'); reference: CoIN's eval format"
@@ -530,7 +563,8 @@ def _explain(exc: ValidationError, raw: Any) -> str:
         value = _lookup(raw, loc)
         shown = f" = {value!r}" if value is not _MISSING and loc else ""
         msg = err["msg"]
-        if not loc:  # a rule across sections: its message names the keys and the fix itself
+        if not loc or (typ == "value_error" and isinstance(value, dict)):
+            # a rule across keys (of the file or of one section): its message names the keys and the fix itself
             lines.append(f"  - {msg.removeprefix('Value error, ')}.")
             continue
         if typ == "literal_error":

@@ -37,6 +37,24 @@ def _options_for(row: pd.Series) -> list[str] | None:
     return None
 
 
+def _calibrate(model, tokenizer, meta: dict[str, Any], instructions: list[str], options: tuple[str, ...],
+               task: str | None, scores, fmt: str, batch_size: int):
+    """Content-free calibration of ``scores`` (``coin.evaluation.scoring.calibrated``): the options' scores after
+    each instruction with an empty input are subtracted, and the task's training label prior added when the
+    options are the task's label words (else no prior)."""
+    from coin.evaluation.scoring import calibrated, label_log_prior, score_label_words
+
+    distinct = list(dict.fromkeys(instructions))
+    cf = score_label_words(model, tokenizer, [join_instruction(t, "") for t in distinct], list(options), fmt=fmt,
+                           batch_size=batch_size, desc="predict (content-free)").scores
+    per_row = cf[[distinct.index(t) for t in instructions]]
+    counts = (meta.get("label_counts") or {}).get(task) if task else None
+    prior = None
+    if counts and tuple(TASKS[task].label_words) == tuple(options):
+        prior = label_log_prior(counts)
+    return calibrated(scores, per_row, prior)
+
+
 def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max_new_tokens: int = 7,
                 batch_size: int = 32) -> pd.DataFrame:
     """One answer per row of ``df`` (columns: instruction, input[, task][, options]), in row order.
@@ -56,12 +74,13 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
     rows = [row for _, row in df.iterrows()]
     prompts = [join_instruction(_text(r["instruction"]), _text(r["input"])) for r in rows]
     answers, scores = [""] * len(rows), [""] * len(rows)
-    by_options: dict[tuple[str, ...], list[int]] = {}
+    by_options: dict[tuple[tuple[str, ...], str | None], list[int]] = {}
     free: list[int] = []
     for i, row in enumerate(rows):
         options = _options_for(row)
         if options:
-            by_options.setdefault(tuple(options), []).append(i)
+            task = _text(row["task"]) if "task" in row and _text(row["task"]) in TASKS else None
+            by_options.setdefault((tuple(options), task), []).append(i)
         else:
             free.append(i)
     if free:  # the evaluation's greedy decoder: it honours the model's attention (causal or prefix LM)
@@ -69,10 +88,14 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
                                batch_size=batch_size, desc="predict")
         for i, text in zip(free, gen.texts):
             answers[i] = text.strip()
-    for options, idx in by_options.items():
+    calibrate = meta.get("calibration", "none") == "content_free"
+    for (options, task), idx in by_options.items():
         s = score_label_words(model, tokenizer, [prompts[i] for i in idx], list(options), fmt=fmt,
                               batch_size=batch_size, groups=[_text(rows[i]["instruction"]) for i in idx],
                               desc="predict").scores
+        if calibrate:  # as the evaluation decided (evaluate.calibration when the model was trained)
+            s = _calibrate(model, tokenizer, meta, [_text(rows[i]["instruction"]) for i in idx], options, task, s,
+                           fmt, batch_size)
         for j, i in enumerate(idx):
             answers[i] = options[int(s[j].argmax())]
             scores[i] = json.dumps({o: round(float(v), 4) for o, v in zip(options, s[j])})

@@ -265,10 +265,25 @@ def train_adapter(settings: Settings, rows: list[dict[str, Any]], method: str, o
     if is_main_process():  # under torchrun every rank trains; rank 0 alone writes
         write_meta(Path(out_dir) / "adapter", {
             "base": backbone.reference, "dtype": settings.model.dtype, "seed": seed, "attention": backbone.attention,
-            "readout": backbone.readout,
+            "readout": backbone.readout, "label_counts": label_counts(rows),
+            "calibration": settings.evaluate.calibration,
             "method": method, "prompt_format": "train", "append_eos": cfg.append_eos,
         })
     return result
+
+
+def label_counts(rows: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """Per task, how often each label occurs among the training rows (split 'train'): the prior that
+    ``evaluate.calibration: content_free`` and ``coin predict`` add back, stored in ``coin_model.json``."""
+    from coin.data.tasks import get_task
+
+    counts: dict[str, list[int]] = {}
+    for r in rows:
+        if r.get("split", "train") != "train" or "label" not in r or r.get("task") is None:
+            continue
+        c = counts.setdefault(r["task"], [0] * get_task(r["task"]).num_labels)
+        c[int(r["label"])] += 1
+    return counts
 
 
 def _train_one(settings: Settings, root: Path, rows: list[dict[str, Any]], method: str) -> dict[str, Any]:
@@ -352,17 +367,18 @@ def stage_evaluate_unit(settings: Settings, root: Path, label: str) -> dict[str,
         backbone = load_backbone(settings.model.backbone, dtype=settings.model.dtype, device=settings.model.device,
                                  seed=settings.seed, attention=settings.model.attention,
                                  readout=settings.model.readout)
-        model, tokenizer = backbone.model, backbone.tokenizer
+        model, tokenizer, counts = backbone.model, backbone.tokenizer, None  # no training rows: a uniform prior
     else:
         runs = read_json(lay.train_record, missing_hint="Run `coin train` first.").get("runs", {})
         if label not in runs:
             raise DataError(f"{lay.train_record}: no training run for {label!r}; run `coin train` first")
         # the base, seed and attention the adapter was trained with (its coin_model.json), as the pyfunc loads it
-        model, tokenizer, _ = load_trained(root / runs[label]["adapter_dir"], device=settings.model.device)
+        model, tokenizer, meta = load_trained(root / runs[label]["adapter_dir"], device=settings.model.device)
+        counts = meta.get("label_counts")
     model.eval()
     # paths as configured, resolved against the project root: records and reports carry no checkout path
     result = evaluate_model(model, tokenizer, settings.evaluate, data_dir=settings.paths.data_dir,
-                            seed=settings.seed, model_label=label, root=root)
+                            seed=settings.seed, model_label=label, root=root, label_counts=counts)
     save_result(result, lay.eval_unit_dir(label))
     log.info("evaluate[%s]: %.1f s, %.1f examples/s", label, result.wall_time_s, result.examples_per_s)
     return {"label": label, "wall_time_s": result.wall_time_s, "dir": str(lay.eval_unit_dir(label))}

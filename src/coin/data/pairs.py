@@ -128,7 +128,7 @@ def build_task_pairs(data_dir: str | Path, task: str, cfg: PairsSettings, seed: 
     pool = load_examples(data_dir, spec)
     rng = random.Random(f"pairs:{seed}:{task}")
 
-    n = min(cfg.rows_per_task, len(pool))
+    n = min(cfg.rows_for(task), len(pool))
     chosen = sorted(rng.sample(range(len(pool)), n))
     n_val = round(n * cfg.val_fraction)
     val_ids = set(rng.sample(chosen, n_val)) if n_val else set()

@@ -30,12 +30,15 @@ FORMAT_VERSION = 1
 PREDICTION_DTYPES: dict[str, str] = {
     "model": "string", "scoring": "string", "task": "string", "category": "string", "set": "string", "level": "string",
     "instruction_id": "int64", "example_id": "string", "label": "int64", "pred": "int64", "correct": "bool",
-    "label_word": "string", "pred_word": "string", "scores": "object", "output": "string",
+    "label_word": "string", "pred_word": "string", "scores": "object", "raw_scores": "object", "output": "string",
 }
+# raw_scores: the uncalibrated loglik scores where evaluate.calibration moved the decision (scores), else None
 
 
 def normalise_predictions(frame: pd.DataFrame) -> pd.DataFrame:
     """Fixed column order and dtypes; ``scores`` as Python lists of floats (or None)."""
+    if "raw_scores" not in frame.columns:  # results saved before calibration existed
+        frame = frame.assign(raw_scores=None)
     missing = [c for c in PREDICTION_DTYPES if c not in frame.columns]
     if missing:
         raise ValueError(f"predictions table lacks columns {missing}")
@@ -132,8 +135,10 @@ def evaluation_protocol(info: dict[str, Any]) -> str:
     st = info.get("settings", {})
     n = st.get("n_examples", {})
     scorings = info.get("scorings") or ["?"]
+    calibration = st.get("calibration", "none")
     return "; ".join([
-        f"scoring {scorings[0]}" + (" (length-normalised)" if st.get("length_normalise") else ""),
+        f"scoring {scorings[0]}" + (" (length-normalised)" if st.get("length_normalise") else "")
+        + (f" (calibration {calibration})" if calibration != "none" else ""),
         f"seed {st.get('seed')}",
         "examples " + ",".join(f"{t}:{n[t]}" for t in sorted(n)),
         "sets " + ",".join(info.get("sets", [])),

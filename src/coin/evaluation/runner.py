@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from torch import nn
 
 from coin.config import EvaluateSettings
@@ -29,7 +30,7 @@ from coin.evaluation.metrics import robustness_summary
 from coin.evaluation.report import write_eval_outputs
 from coin.evaluation.result import EvalResult, load_result, save_result
 from coin.evaluation.sampling import SplitUnavailable, sample_examples
-from coin.evaluation.scoring import score_label_words
+from coin.evaluation.scoring import calibrated, label_log_prior, score_label_words
 from coin.modeling.backbone import autocast_context, uses_bf16
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,12 @@ __all__ = ["EvalResult", "evaluate_model", "load_result", "robustness_summary", 
 
 def evaluate_model(
     model: nn.Module, tokenizer, cfg: EvaluateSettings, *, data_dir: str | Path, seed: int, model_label: str,
-    root: str | Path | None = None,
+    root: str | Path | None = None, label_counts: dict[str, list[int]] | None = None,
 ) -> EvalResult:
     """Score ``model`` (any causal LM, possibly peft-wrapped, already on its device) on ``cfg``.
+
+    ``label_counts``: per task, how often each label occurred in the model's training rows (its
+    ``coin_model.json``); the prior of ``evaluate.calibration: content_free`` (uniform for tasks without).
 
     A relative ``data_dir`` or ``cfg.instruction_file`` resolves against ``root`` (default: the working
     directory); the result records the instruction file as configured, so reports read the same in every checkout.
@@ -78,7 +82,8 @@ def evaluate_model(
     with autocast_context(device, cfg.autocast, "evaluate.autocast"):
         for task, rows in samples.items():
             per_set = {s: instructions[s][task] for s in cfg.instruction_sets}
-            frames += _evaluate_task(model, tokenizer, task, rows, per_set, cfg, choices[task], timing, paths)
+            counts = (label_counts or {}).get(task)
+            frames += _evaluate_task(model, tokenizer, task, rows, per_set, cfg, choices[task], timing, paths, counts)
     preds = pd.concat(frames, ignore_index=True)
     preds.insert(0, "model", model_label)
     for t in timing.values():
@@ -94,6 +99,8 @@ def evaluate_model(
                   "length_normalise": cfg.length_normalise, "max_new_tokens": cfg.max_new_tokens,
                   "prefix_cache": cfg.prefix_cache, "batch_size": cfg.batch_size,
                   "bf16_autocast": uses_bf16(device, cfg.autocast, "evaluate.autocast"),
+                  "calibration": cfg.calibration,
+                  "label_counts": {t: c for t, c in (label_counts or {}).items() if t in samples},
                   "n_examples": {t: len(r) for t, r in samples.items()}},
     )
 
@@ -101,7 +108,7 @@ def evaluate_model(
 def _evaluate_task(
     model: nn.Module, tokenizer, task: str, rows: list[dict[str, Any]], per_set: dict[str, list[str]],
     cfg: EvaluateSettings, choices: dict[str, int], timing: dict[str, dict[str, Any]],
-    paths: list[tuple[str, str, float, int]],
+    paths: list[tuple[str, str, float, int]], label_counts: list[int] | None = None,
 ) -> list[pd.DataFrame]:
     """Every set x instruction x example of one task, once per scoring mode (one batched call each)."""
     from coin.predict import join_instruction  # the one definition of "instruction + input", shared with predict
@@ -121,14 +128,19 @@ def _evaluate_task(
     frames = []
     for mode in cfg.scoring:
         t0 = time.perf_counter()
+        raw: list[Any] | None = None
         if mode == "loglik":
             out = score_label_words(
                 model, tokenizer, prompts, list(spec.label_words), fmt=cfg.prompt_format, batch_size=cfg.batch_size,
                 length_normalise=cfg.length_normalise, use_cache=True,
                 groups=[(s, i) for s, i, _, _ in items] if cfg.prefix_cache else None,
                 desc=f"loglik {task} ({len(prompts)})")
-            pred = out.scores.argmax(dim=1).tolist()
-            scores: list[Any] = [[round(v, 5) for v in r] for r in out.scores.tolist()]
+            decide = out.scores
+            if cfg.calibration == "content_free":
+                raw = [[round(v, 5) for v in r] for r in out.scores.tolist()]
+                decide = _content_free_calibrated(model, tokenizer, task, items, out.scores, cfg, label_counts)
+            pred = decide.argmax(dim=1).tolist()
+            scores: list[Any] = [[round(v, 5) for v in r] for r in decide.tolist()]
             outputs: list[Any] = [None] * len(items)
             timing[mode]["forward_tokens"] += out.forward_tokens
             paths.append((out.path, out.path_note, out.prefix_tokens, len(prompts)))
@@ -148,9 +160,30 @@ def _evaluate_task(
         frame["correct"] = frame["pred"] == frame["label"]
         frame["pred_word"] = [spec.label_words[p] if p != UNPARSED else None for p in pred]
         frame["scores"] = scores
+        frame["raw_scores"] = raw if mode == "loglik" and raw is not None else None
         frame["output"] = outputs
         frames.append(frame)
     return frames
+
+
+def _content_free_calibrated(
+    model: nn.Module, tokenizer, task: str, items: list[tuple[str, int, str, dict[str, Any]]], scores: torch.Tensor,
+    cfg: EvaluateSettings, label_counts: list[int] | None,
+) -> torch.Tensor:
+    """``evaluate.calibration: content_free``: each item's label scores minus those of its instruction with an
+    empty input (one extra prompt per instruction), plus the log label prior of the task's training rows."""
+    from coin.predict import join_instruction
+
+    spec = get_task(task)
+    keys = list(dict.fromkeys((s, i) for s, i, _, _ in items))
+    text = {(s, i): instr for s, i, instr, _ in items}
+    cf = score_label_words(model, tokenizer, [join_instruction(text[k], "") for k in keys], list(spec.label_words),
+                           fmt=cfg.prompt_format, batch_size=cfg.batch_size, length_normalise=cfg.length_normalise,
+                           desc=f"content-free {task}").scores                       # (K, L)
+    row_of = {k: j for j, k in enumerate(keys)}
+    per_item = cf[torch.tensor([row_of[(s, i)] for s, i, _, _ in items])]           # (P, L)
+    prior = label_log_prior(label_counts) if label_counts and len(label_counts) == spec.num_labels else None
+    return calibrated(scores, per_item, prior)
 
 
 def _notes(cfg: EvaluateSettings, paths: list[tuple[str, str, float, int]],
@@ -169,6 +202,10 @@ def _notes(cfg: EvaluateSettings, paths: list[tuple[str, str, float, int]],
                                                              "input)" if cfg.prefix_cache else ""))
             notes.append("loglik: one forward pass per (instruction, example), label continuations on its KV "
                          f"cache; {share}" + ("; length-normalised" if cfg.length_normalise else ""))
+        if cfg.calibration == "content_free":
+            notes.append("loglik decisions are calibrated (evaluate.calibration: content_free): each label's score "
+                         "minus its score after the same instruction with an empty input, plus the log of its share "
+                         "in the model's training rows (uniform without them); raw scores in raw_scores")
         if fallback:
             notes.append("loglik: one sequence per (prompt, label word), since the kv-cache path is unavailable: "
                          + "; ".join(fallback))

@@ -419,6 +419,29 @@ def score_label_words(
     return out
 
 
+def calibrated(scores: torch.Tensor, content_free: torch.Tensor, log_prior: torch.Tensor | None = None) -> torch.Tensor:
+    """Contextual calibration (Zhao et al. 2021, "Calibrate Before Use") with a label prior.
+
+    ``scores`` (P, L): label log-likelihoods after each prompt; ``content_free`` (P, L): the same labels after
+    the same instruction with an empty input (the bias the instruction alone puts on each label);
+    ``log_prior`` (L,): log share of each label in the model's training rows (None: uniform). The result is
+    ``scores - content_free + log_prior``: what the input adds to each label, on top of how often the label
+    was right in training. It moves decisions only where the instruction, not the input, drove them.
+
+    >>> s = torch.tensor([[-0.1, -2.5], [-0.3, -1.4]]); cf = torch.tensor([[-0.2, -1.8], [-0.2, -1.8]])
+    >>> calibrated(s, cf).argmax(1).tolist()   # the instruction alone favours label 0 by 1.6 nats
+    [0, 1]
+    """
+    out = scores - content_free
+    return out if log_prior is None else out + log_prior.to(out.dtype)
+
+
+def label_log_prior(counts: Sequence[int]) -> torch.Tensor:
+    """Log label shares from training counts, add-one smoothed (a label never seen keeps a small share)."""
+    c = torch.tensor([float(x) for x in counts]) + 1.0
+    return torch.log(c / c.sum())
+
+
 def loglik_scores(
     model: nn.Module,
     tokenizer,

@@ -154,18 +154,19 @@ def _compute(s: Settings, root: Path, cell: Cell, tmp: Path, pairs: Path, device
         _release_memory()
         # evaluate what was saved, as the pipeline does: the adapter on a fresh backbone (its coin_model.json:
         # base, the cell's seed, attention)
-        model, tokenizer, _ = load_trained(tmp / ADAPTER_DIR, device=device or s.model.device)
+        model, tokenizer, meta = load_trained(tmp / ADAPTER_DIR, device=device or s.model.device)
+        counts = meta.get("label_counts")
     else:  # the untouched backbone; its newly initialised weights (MiniLM's head transform) follow the seed
         backbone = load_backbone(s.model.backbone, dtype=s.model.dtype, device=device or s.model.device, seed=cell.seed,
                                  attention=s.model.attention, readout=s.model.readout)
-        model, tokenizer = backbone.model, backbone.tokenizer
+        model, tokenizer, counts = backbone.model, backbone.tokenizer, None
     t_train = time.perf_counter() - t0
     model.eval()
     param = next(model.parameters())
     where = {"device": str(param.device), "dtype": str(param.dtype).removeprefix("torch.")}
     # the evaluation sample is drawn with the study's global seed: the same examples for every cell
     res = evaluate_model(model, tokenizer, s.evaluate, data_dir=s.paths.data_dir, seed=s.seed,
-                         model_label=cell.name, root=root)
+                         model_label=cell.name, root=root, label_counts=counts)
     save_result(res, tmp / EVAL_DIR)
     del model
     _release_memory()
