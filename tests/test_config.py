@@ -45,6 +45,13 @@ def test_every_key_in_params_yaml_has_a_comment():
         ({"validate": {"min_pass_rate": 1.5}}, ["validate.min_pass_rate = 1.5", "less than or equal to 1"]),
         ({"train": {"lora": {"rank": 8}}}, ["train.lora.rank: unknown key", "Known keys here: r, alpha"]),
         ({"train": {"batch_size": 1}}, ["train.batch_size = 1", "greater than or equal to 2"]),
+        ({"pairs": {"tasks": ["sst2", "rte"], "rows_per_task": {"sst2": 10}}},
+         ["pairs.rows_per_task names no row count for ['rte']", "add them to the mapping"]),
+        ({"pairs": {"rows_per_task": {"sst2": 1}}}, ["pairs.rows_per_task", "1 rows for task sst2", "2..100000"]),
+        ({"pairs": {"rows_per_task": {"imdb": 10}}}, ["pairs.rows_per_task", "imdb"]),
+        ({"model": {"attention": "sideways"}}, ["model.attention = 'sideways'", "'auto', 'causal' or 'prefix'"]),
+        ({"model": {"readout": "first"}}, ["model.readout = 'first'", "'auto', 'last' or 'mean'"]),
+        ({"evaluate": {"calibration": "yes"}}, ["evaluate.calibration = 'yes'", "'none' or 'content_free'"]),
     ],
 )
 def test_bad_params_are_rejected_with_key_and_fix(raw, expected):

@@ -242,3 +242,23 @@ def test_paraphrase_doctests():
 
     result = doctest.testmod(paraphrase)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_rows_per_task_can_differ_by_task():
+    """A mapping gives each task its own number of rows (the others' draws are those of a plain number)."""
+    rows = build_pairs(DATA, _cfg(rows_per_task={"rte": 4, "sst2": 10}, val_fraction=0.0), seed=1)
+    by_task = {t: [r for r in rows if r["task"] == t] for t in ("rte", "sst2")}
+    assert (len(by_task["rte"]), len(by_task["sst2"])) == (4, 10)
+    same = build_pairs(DATA, _cfg(rows_per_task=10, val_fraction=0.0), seed=1)
+    assert [r for r in same if r["task"] == "sst2"] == by_task["sst2"]
+
+
+def test_label_counts_of_training_rows():
+    from coin.stages import label_counts
+
+    rows = build_pairs(DATA, _cfg(tasks=["rte", "mnli"], rows_per_task=12, val_fraction=0.25), seed=1)
+    counts = label_counts(rows)
+    assert set(counts) == {"rte", "mnli"} and len(counts["mnli"]) == 3
+    for task, c in counts.items():
+        train = [r["label"] for r in rows if r["task"] == task and r["split"] == "train"]
+        assert c == [train.count(i) for i in range(len(c))] and sum(c) == 9  # the val rows are left out

@@ -71,7 +71,7 @@ TemplateChoice = Literal["classification"] | list[int] | dict[GlueTask, list[int
 
 class PairsSettings(_Section):
     tasks: list[GlueTask] = Field(default_factory=lambda: list(ALL_TASKS), min_length=1)
-    rows_per_task: int | dict[GlueTask, int] = Field(
+    rows_per_task: int | dict[str, int] = Field(
         200, description="GLUE train rows drawn per task: one number for every task, or a mapping task -> rows "
         "naming every task of pairs.tasks (e.g. more rows for the tasks a small budget can learn)")
     templates: TemplateChoice = Field(
@@ -105,6 +105,9 @@ class PairsSettings(_Section):
     @field_validator("rows_per_task")
     @classmethod
     def _rows_range(cls, v: int | dict[str, int]) -> int | dict[str, int]:
+        unknown = [t for t in v if t not in ALL_TASKS] if isinstance(v, dict) else []
+        if unknown:
+            raise ValueError(f"names unknown task(s) {unknown}; the tasks are {', '.join(ALL_TASKS)}")
         for task, n in ([("", v)] if isinstance(v, int) else list(v.items())):
             if not 2 <= n <= 100_000:
                 where = f" for task {task}" if task else ""
@@ -563,9 +566,11 @@ def _explain(exc: ValidationError, raw: Any) -> str:
         value = _lookup(raw, loc)
         shown = f" = {value!r}" if value is not _MISSING and loc else ""
         msg = err["msg"]
-        if not loc or (typ == "value_error" and isinstance(value, dict)):
-            # a rule across keys (of the file or of one section): its message names the keys and the fix itself
+        if not loc:  # a rule across sections: its message names the keys and the fix itself
             lines.append(f"  - {msg.removeprefix('Value error, ')}.")
+            continue
+        if typ == "value_error" and isinstance(value, dict):  # a rule over a mapping: the key, not the dump
+            lines.append(f"  - {key}: {msg.removeprefix('Value error, ')}.")
             continue
         if typ == "literal_error":
             fix = f"use one of {err.get('ctx', {}).get('expected', '')}"
