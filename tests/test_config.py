@@ -22,6 +22,17 @@ def test_shipped_params_parse_and_cover_every_field():
     assert s.model.backbone == "minilm"
 
 
+def test_strong_params_file_parses_and_differs_only_where_it_says():
+    """params-strong.yaml is params.yaml with the keys marked 'strong:' changed (and nothing else)."""
+    default, strong = load_settings(ROOT / "params.yaml"), load_settings(ROOT / "params-strong.yaml")
+    a, b = default.to_flat_dict(), strong.to_flat_dict()
+    changed = {k.split(".rows_per_task.")[0] + (".rows_per_task" if ".rows_per_task." in k else "")
+               for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+    assert changed == {"pairs.rows_per_task", "train.max_steps", "evaluate.samples_per_task"}
+    marked = [line for line in (ROOT / "params-strong.yaml").read_text().splitlines() if "# strong:" in line]
+    assert len(marked) == len(changed)
+
+
 def test_every_key_in_params_yaml_has_a_comment():
     for lineno, line in enumerate((ROOT / "params.yaml").read_text().splitlines(), 1):
         stripped = line.strip()

@@ -170,7 +170,12 @@ def predict(
     try:
         model = mlflow.pyfunc.load_model(uri)
     except Exception as exc:  # noqa: BLE001 -- MLflow raises several types for a missing model
-        _fail(RuntimeError(f"cannot load {uri}: {exc}. Run `coin pipeline` (or `coin register`) first."))
+        hint = "Run `coin pipeline` (or `coin register`) first."
+        if model_uri is None and "alias champion not found" in str(exc):
+            hint = ("No candidate has passed the promotion gate yet (see `coin.promotion.reason` on its version, or "
+                    "outputs/register/registration.json); the newest candidate is "
+                    f"--model-uri models:/{settings.register_.model_name}@challenger.")
+        _fail(RuntimeError(f"cannot load {uri}: {exc}. {hint}"))
     row = {"instruction": [instruction], "input": [input]}
     if task:
         row["task"] = [task]
@@ -180,7 +185,8 @@ def predict(
     answer, scores = out["answer"].iloc[0], out["scores"].iloc[0]
     print(answer)
     if scores:
-        console.print(f"[dim]log-likelihoods: {scores}[/]")
+        console.print(f"[dim]scores (label log-likelihoods; calibrated if the model was trained with "
+                      f"evaluate.calibration: content_free): {scores}[/]")
 
 
 def main() -> None:  # pragma: no cover

@@ -1,0 +1,220 @@
+"""The recipe probe of RESULTS.md: a single-file training + clean-instruction evaluation of the embedded MiniLM,
+outside the pipeline, to compare attention masks, readouts, LoRA targets, learning rates and data sizes fast.
+
+It is a prototype, not the pipeline: one sequence per training row (the original prompt; --both adds the
+paraphrase), plain SFT loss (optionally a first-token weight or a label-word softmax), hand-built 4D masks,
+per-label loglik scoring on the clean CoIN instructions. The findings it produced were then rebuilt in the
+package (model.attention, model.readout, ...) and measured again through `coin` itself (RESULTS.md).
+
+    ./run.sh python experiments/recipe_probe.py --tasks sst2 --rows 800 --steps 50 --readout mean --bf16
+"""
+import argparse, json, math, random, sys, time
+from pathlib import Path
+import torch, torch.nn.functional as F
+from coin.modeling.backbone import load_backbone, split_body_head
+from coin.config import PairsSettings
+from coin.data.pairs import build_pairs
+from coin.data.prompts import encode
+from coin.data.tasks import get_task
+from coin.evaluation.sampling import sample_examples
+from coin.evaluation.instructions import load_instruction_sets
+from coin.predict import join_instruction
+from peft import LoraConfig, get_peft_model
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--attn", default="prefix")
+ap.add_argument("--rows", type=int, default=400)
+ap.add_argument("--steps", type=int, default=300)
+ap.add_argument("--bs", type=int, default=16)
+ap.add_argument("--lr", type=float, default=1e-3)
+ap.add_argument("--targets", default="query,value")
+ap.add_argument("--r", type=int, default=16)
+ap.add_argument("--full", action="store_true")
+ap.add_argument("--tasks", default="sst2,cola,mrpc,qnli,rte,wnli,mnli")
+ap.add_argument("--neval", type=int, default=100)
+ap.add_argument("--eval_every", type=int, default=0)
+ap.add_argument("--bf16", action="store_true")
+ap.add_argument("--both", action="store_true", help="train on paraphrase prompts too")
+ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--seed", type=int, default=0)
+ap.add_argument("--balance", action="store_true")
+ap.add_argument("--first_weight", type=float, default=1.0)
+ap.add_argument("--label_ce", type=float, default=0.0)
+ap.add_argument("--flan_eval", action="store_true")
+ap.add_argument("--answers", default="label_words")
+ap.add_argument("--layers", default="")
+ap.add_argument("--readout", default="last")
+args = ap.parse_args()
+torch.set_num_threads(args.threads)
+torch.manual_seed(args.seed)
+DATA = str(Path(__file__).resolve().parents[1] / "data")
+tasks = args.tasks.split(",")
+
+bb = load_backbone("minilm", seed=args.seed)
+tok = bb.tokenizer
+model = bb.model
+if not args.full:
+    cfg = LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05, target_modules=args.targets.split(","),
+                     modules_to_save=["cls.predictions.transform"], task_type="CAUSAL_LM", layers_to_transform=[int(x) for x in args.layers.split(",")] if args.layers else None)
+    model = get_peft_model(model, cfg)
+body, head = split_body_head(model)
+print("trainable", sum(p.numel() for p in model.parameters() if p.requires_grad), flush=True)
+
+def mask4d(lengths, prompt_lens, T, attn):
+    n = len(lengths)
+    pos = torch.arange(T)
+    real = pos[None, :] < torch.tensor(lengths)[:, None]          # (N,T)
+    prm = pos[None, :] < torch.tensor(prompt_lens)[:, None]        # (N,T)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    allowed = causal[None] & real[:, None, :]
+    if attn == "prefix":
+        allowed = allowed | (prm[:, :, None] & prm[:, None, :])
+    allowed = allowed | torch.eye(T, dtype=torch.bool)[None]
+    return allowed[:, None]
+
+def forward_hidden(ids_list, plen_list):
+    T = max(map(len, ids_list))
+    ids = torch.full((len(ids_list), T), tok.pad_token_id)
+    for i, s in enumerate(ids_list):
+        ids[i, :len(s)] = torch.tensor(s)
+    m = mask4d([len(s) for s in ids_list], plen_list, T, args.attn)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else torch.autocast("cpu", enabled=False)
+    with ctx:
+        return body(input_ids=ids, attention_mask=m, use_cache=False).last_hidden_state
+
+def mean_readout(h, plens):
+    T = h.shape[1]
+    pos = torch.arange(T)
+    pm = (pos[None, :] < torch.tensor(plens)[:, None]).to(h.dtype)          # (B,T)
+    mean = (h * pm[..., None]).sum(1) / pm.sum(1, keepdim=True)              # (B,H)
+    idx = torch.tensor(plens) - 1
+    out = h.clone()
+    out[torch.arange(h.shape[0]), idx] = mean
+    return out
+
+rows = build_pairs(DATA, PairsSettings(tasks=tasks, rows_per_task=args.rows, val_fraction=0.0, answers=args.answers), 42)
+train_items = []
+for r in rows:
+    train_items.append((r["original_prompt"], r["target"], r["task"], r["answer_words"]))
+    if args.both:
+        train_items.append((r["paraphrase_prompt"], r["target"], r["task"], r["answer_words"]))
+print("train items", len(train_items), flush=True)
+enc = []
+for p, t, _, words in train_items:
+    e = encode(tok, p, t, append_eos=True, max_length=256)
+    firsts = [tok(w, add_special_tokens=False)["input_ids"][0] for w in words]
+    enc.append((e.input_ids, e.n_prompt, firsts))
+
+# eval set
+instr = load_instruction_sets(f"{DATA}/promptbench/coin_perturbed_instructions.json", ["clean"], tasks)
+evals = {}
+for t in tasks:
+    spec = get_task(t)
+    ex, _ = sample_examples(DATA, t, args.neval, 42)
+    prompts, labels = [], []
+    for ins in instr["clean"][t]:
+        for row in ex:
+            prompts.append(join_instruction(ins, spec.render_content(row)))
+            labels.append(int(row["label"]))
+    evals[t] = (prompts, labels, list(spec.label_words))
+
+from coin.data.templates import load_templates, render
+flan_evals = {}
+if args.flan_eval:
+    for t in tasks:
+        spec = get_task(t); tt = load_templates(DATA, spec)
+        ex, _ = sample_examples(DATA, t, args.neval, 42)
+        words = list(spec.label_words) if args.answers == "label_words" else list(tt.flan_options)
+        prompts, labels = [], []
+        for tpl in [x for x in tt.classification()][:6]:
+            for row in ex:
+                p, _ = render(tpl, tt, row, tuple(words)); prompts.append(p); labels.append(int(row["label"]))
+        flan_evals[t] = (prompts, labels, words)
+
+def evaluate():
+    run_eval(evals, "clean")
+    if flan_evals:
+        run_eval(flan_evals, "flan")
+
+def run_eval(evals, name):
+    model.eval()
+    out = {}
+    with torch.inference_mode():
+        for t, (prompts, labels, words) in evals.items():
+            seqs, plens, meta = [], [], []
+            for i, p in enumerate(prompts):
+                for j, w in enumerate(words):
+                    e = encode(tok, p, w, append_eos=False, max_length=256)
+                    seqs.append(e.input_ids); plens.append(e.n_prompt); meta.append((i, j))
+            scores = torch.zeros(len(prompts), len(words))
+            order = sorted(range(len(seqs)), key=lambda k: -len(seqs[k]))
+            for s in range(0, len(order), 64):
+                idx = order[s:s + 64]
+                h = forward_hidden([seqs[k] for k in idx], [plens[k] for k in idx])
+                if args.readout == "mean":
+                    h = mean_readout(h, [plens[k] for k in idx])
+                rr, cc, tt, dd = [], [], [], []
+                for b, k in enumerate(idx):
+                    for q in range(plens[k], len(seqs[k])):
+                        rr.append(b); cc.append(q - 1); tt.append(seqs[k][q]); dd.append(k)
+                lp = torch.log_softmax(head(h[rr, cc]).float(), -1).gather(1, torch.tensor(tt)[:, None])[:, 0]
+                flat = torch.zeros(len(seqs)).index_add_(0, torch.tensor(dd), lp)
+                for k in idx:
+                    i, j = meta[k]; scores[i, j] = flat[k]
+            pred = scores.argmax(1)
+            lab = torch.tensor(labels)
+            acc = (pred == lab).float().mean().item() * 100
+            maj = max((lab == c).float().mean().item() for c in range(len(words))) * 100
+            share = [(pred == c).float().mean().item() for c in range(len(words))]
+            out[t] = (acc, maj, share)
+    model.train()
+    s = " ".join(f"{t}={a:.1f}/{m:.0f}" for t, (a, m, _) in out.items())
+    ma = sum(a for a, _, _ in out.values()) / len(out); mm = sum(m for _, m, _ in out.values()) / len(out)
+    print(f"  eval[{name}]: {s} | mean {ma:.1f} vs maj {mm:.1f} ({ma-mm:+.1f})", flush=True)
+    print("   pred shares:", {t: [round(x, 2) for x in sh] for t, (_, _, sh) in out.items()}, flush=True)
+    return out
+
+params = [p for p in model.parameters() if p.requires_grad]
+opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+from transformers import get_linear_schedule_with_warmup
+sched = get_linear_schedule_with_warmup(opt, int(0.06 * args.steps), args.steps)
+rng = random.Random(args.seed)
+order = list(range(len(enc)))
+rng.shuffle(order)
+ptr = 0
+t0 = time.time()
+model.train()
+for step in range(1, args.steps + 1):
+    if ptr + args.bs > len(order):
+        rng.shuffle(order); ptr = 0
+    idx = order[ptr:ptr + args.bs]; ptr += args.bs
+    ids = [enc[k][0] for k in idx]; pl = [enc[k][1] for k in idx]
+    h = forward_hidden(ids, pl)
+    if args.readout == "mean":
+        h = mean_readout(h, pl)
+    rr, cc, tt, ww = [], [], [], []
+    for b, k in enumerate(idx):
+        s, n, _ = enc[k]
+        for q in range(n, len(s)):
+            rr.append(b); cc.append(q - 1); tt.append(s[q]); ww.append(args.first_weight if q == n else 1.0)
+    logits = head(h[rr, cc]).float()
+    ww = torch.tensor(ww)
+    loss = (F.cross_entropy(logits, torch.tensor(tt), reduction="none") * ww).sum() / ww.sum()
+    if args.label_ce:
+        fl = []; ft = []
+        for b, k in enumerate(idx):
+            s, n, firsts = enc[k]
+            lg = head(h[b, n - 1]).float()[firsts]
+            fl.append(F.cross_entropy(lg[None], torch.tensor([firsts.index(s[n])])))
+        loss = loss + args.label_ce * torch.stack(fl).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step(); sched.step(); opt.zero_grad()
+    if step % 25 == 0:
+        print(f"step {step} loss {loss.item():.4f} {time.time()-t0:.0f}s", flush=True)
+    if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+        evaluate()
+print(f"train time {time.time()-t0:.0f}s epochs {args.steps*args.bs/len(enc):.2f}", flush=True)
+t1 = time.time()
+evaluate()
+print(f"eval time {time.time()-t1:.0f}s", flush=True)
