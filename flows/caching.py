@@ -120,7 +120,8 @@ STAGE_SPECS: dict[str, StageSpec] = {
         code=("validation", "data", "modeling"),
     ),
     "train": StageSpec(  # item = method
-        params=("seed", "paths", "model", "pairs.cutoff_len", "train"),
+        # evaluate.calibration: recorded in coin_model.json, so the registered model answers as it was evaluated
+        params=("seed", "paths", "model", "pairs.cutoff_len", "train", "evaluate.calibration"),
         exclude=("train.methods",),  # adding sft must not retrain coin; the method is the item
         inputs=lambda lay, m: [lay.valid_file],
         outputs=lambda lay, m: [lay.adapter_dir(str(m)), lay.method_dir(str(m)) / "train.json",
