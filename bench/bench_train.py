@@ -27,6 +27,8 @@ Variants:
                       same sequences. (``sft`` trains on the originals only, half the sequences; it is
                       listed for reference, but it is not "the same sequences".)
 - ``sft``             ours, originals only.
+- ``coin_fp32``       ``coin`` with ``train.autocast: off``: against ``coin`` (``auto``: bf16 where it is native,
+                      e.g. a CPU with AVX512-BF16) it is the gain of bf16 autocast.
 - ``coin_bucketed``   ``coin`` on length-bucketed batches (``train.bucket_by_length``): other batch
                       compositions of the same rows, so compare its tokens/s and padding, not pairs/s.
 
@@ -71,7 +73,8 @@ from coin.training.loop import accumulate_gradients, autocast_context
 from coin.training.loss import contrastive_weight, info_nce
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("coin", "coin_padded", "reference", "coin_noneg", "reference_noneg", "cit", "sft", "coin_bucketed")
+VARIANTS = ("coin", "coin_padded", "reference", "coin_noneg", "reference_noneg", "cit", "sft", "coin_bucketed",
+            "coin_fp32")
 
 
 # --------------------------------------------------------------------------- FLOP counting
@@ -165,6 +168,7 @@ def variant_cfg(name: str, base: TrainSettings) -> TrainSettings:
     return base.model_copy(update={
         "methods": [method], "hard_negatives": "noneg" not in name, "bucket_by_length": name == "coin_bucketed",
         "packing": not (name.startswith("reference") or name == "coin_padded"),
+        "autocast": "off" if name == "coin_fp32" else base.autocast,
     })
 
 
