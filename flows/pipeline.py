@@ -38,16 +38,24 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner
+from pydantic import SecretStr
 
 from coin import stages
 from coin.config import Settings, load_settings
+from coin.secrets import reveal, seal_overrides, seal_text
 from flows.caching import missing_outputs, result_storage, stage_cache_policy
 from flows.data_sync import version_data
 
 log = logging.getLogger("coin.flows")
 
+# ``section.key=value`` overrides (as ``coin --set``). One that holds a secret (a password in tracking.uri, a
+# key naming a token) is a ``coin.secrets.SealedOverride``: the flow run's recorded parameters show it
+# redacted, ``load_settings`` applies its real value. Callers seal them (``coin pipeline`` / ``coin study``,
+# ``main`` below); the flows seal again what they pass on to subflows.
+Overrides = list[str | SecretStr]
 
-def _load(params_path: str, overrides: list[str] | None) -> tuple[Settings, Path]:
+
+def _load(params_path: str, overrides: Overrides | None) -> tuple[Settings, Path]:
     return load_settings(params_path, overrides), Path(params_path).resolve().parent
 
 
@@ -75,21 +83,21 @@ def _transient(task: Task, task_run: Any, state: Any) -> bool:
 
 
 @task(name="data", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=NO_CACHE)
-def data_task(params_path: str, overrides: list[str], push: bool = True) -> dict[str, Any]:
+def data_task(params_path: str, overrides: Overrides, push: bool = True) -> dict[str, Any]:
     """DVC: version local changes, pull what is missing, push what the remote lacks."""
     settings, root = _load(params_path, overrides)
     return version_data(settings, root, push=push)
 
 
 @task(name="pairs", persist_result=True, cache_policy=stage_cache_policy("pairs"))
-def pairs_task(params_path: str, overrides: list[str], parent_run_id: str | None = None) -> dict[str, Any]:
+def pairs_task(params_path: str, overrides: Overrides, parent_run_id: str | None = None) -> dict[str, Any]:
     settings, root = _load(params_path, overrides)
     _nest_under(parent_run_id)
     return stages.stage_pairs(settings, root)
 
 
 @task(name="validate", persist_result=True, cache_policy=stage_cache_policy("validate"))
-def validate_task(params_path: str, overrides: list[str], parent_run_id: str | None = None) -> dict[str, Any]:
+def validate_task(params_path: str, overrides: Overrides, parent_run_id: str | None = None) -> dict[str, Any]:
     from coin.validation.gate import GateFailed
 
     settings, root = _load(params_path, overrides)
@@ -103,7 +111,7 @@ def validate_task(params_path: str, overrides: list[str], parent_run_id: str | N
 
 
 @task(name="train", task_run_name="train-{item}", persist_result=True, cache_policy=stage_cache_policy("train"))
-def train_task(params_path: str, overrides: list[str], item: str, parent_run_id: str | None = None) -> dict[str, Any]:
+def train_task(params_path: str, overrides: Overrides, item: str, parent_run_id: str | None = None) -> dict[str, Any]:
     """Train one method (``item``); returns its record (run id, steps, adapter dir, final metrics)."""
     settings, root = _load(params_path, overrides)
     _nest_under(parent_run_id)
@@ -118,7 +126,7 @@ def train_index_task(params_path: str, overrides: list[str]) -> dict[str, Any]:
 
 @task(name="evaluate-unit", task_run_name="evaluate-{item}", persist_result=True,
       cache_policy=stage_cache_policy("evaluate_unit"))
-def evaluate_unit_task(params_path: str, overrides: list[str], item: str, parent_run_id: str | None = None,
+def evaluate_unit_task(params_path: str, overrides: Overrides, item: str, parent_run_id: str | None = None,
                        torch_threads: int | None = None) -> dict[str, Any]:
     """Evaluate one model (``base`` or a method); runs on a Dask worker."""
     settings, root = _load(params_path, overrides)
@@ -131,14 +139,14 @@ def evaluate_unit_task(params_path: str, overrides: list[str], item: str, parent
 
 
 @task(name="evaluate-report", persist_result=True, cache_policy=stage_cache_policy("evaluate_report"))
-def evaluate_report_task(params_path: str, overrides: list[str], parent_run_id: str | None = None) -> dict[str, Any]:
+def evaluate_report_task(params_path: str, overrides: Overrides, parent_run_id: str | None = None) -> dict[str, Any]:
     settings, root = _load(params_path, overrides)
     _nest_under(parent_run_id)
     return stages.stage_evaluate_report(settings, root)
 
 
 @task(name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=NO_CACHE)
-def register_task(params_path: str, overrides: list[str], parent_run_id: str | None = None) -> dict[str, Any]:
+def register_task(params_path: str, overrides: Overrides, parent_run_id: str | None = None) -> dict[str, Any]:
     """Not cached: the decision depends on the registry's current champion; registering is idempotent."""
     settings, root = _load(params_path, overrides)
     _nest_under(parent_run_id)
@@ -147,7 +155,7 @@ def register_task(params_path: str, overrides: list[str], parent_run_id: str | N
 
 @task(name="mlflow-pipeline-run", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient,
       cache_policy=NO_CACHE)
-def open_pipeline_run(params_path: str, overrides: list[str], flow_run_id: str | None) -> str:
+def open_pipeline_run(params_path: str, overrides: Overrides, flow_run_id: str | None) -> str:
     """Create the parent MLflow run ``pipeline`` (params, provenance, Prefect flow run id)."""
     from mlflow import MlflowClient
     from mlflow.entities import Param
@@ -165,7 +173,7 @@ def open_pipeline_run(params_path: str, overrides: list[str], flow_run_id: str |
 
 @task(name="mlflow-pipeline-run-end", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient,
       cache_policy=NO_CACHE)
-def close_pipeline_run(params_path: str, overrides: list[str], run_id: str, status: str) -> None:
+def close_pipeline_run(params_path: str, overrides: Overrides, run_id: str, status: str) -> None:
     from mlflow import MlflowClient
 
     from coin.registry.tracking import setup_tracking
@@ -259,7 +267,7 @@ def _keep_malloc_dynamic() -> None:
 
 
 @flow(name="coin-evaluate", log_prints=True)
-def evaluate_models(params_path: str, overrides: list[str], parent_run_id: str | None = None,
+def evaluate_models(params_path: str, overrides: Overrides, parent_run_id: str | None = None,
                     torch_threads: int | None = None) -> dict[str, Any]:
     """One ``evaluate-unit`` task per model, submitted to this flow's task runner, then the report."""
     settings, root = _load(params_path, overrides)
@@ -299,20 +307,22 @@ def registration_markdown(reg: dict[str, Any]) -> str:
 @flow(name="coin-pipeline", log_prints=True)
 def coin_pipeline(
     params_path: str = "params.yaml",
-    overrides: list[str] | None = None,
+    overrides: Overrides | None = None,
     eval_workers: int | None = None,
-    dask_address: str | None = None,
+    dask_address: str | SecretStr | None = None,
     dask_processes: bool = True,
     push_data: bool = True,
 ) -> dict[str, Any]:
     """data -> pairs -> validate -> train (per method) -> evaluate (Dask fan-out) -> register.
 
-    ``overrides`` are ``section.key=value`` strings (as ``coin --set``); ``eval_workers`` (default:
+    ``overrides`` are ``section.key=value`` strings (as ``coin --set``; :data:`Overrides`: pass secrets sealed,
+    ``coin.secrets.seal_overrides``, so the flow run records them redacted); ``eval_workers`` (default:
     :func:`default_eval_workers`), ``dask_address`` and ``dask_processes`` configure the evaluation's Dask
     cluster; ``push_data=False`` skips ``dvc push``.
     """
     logger = get_run_logger()
-    overrides = list(overrides or [])
+    overrides = seal_overrides(overrides)  # subflow runs record their parameters too
+    dask_address = reveal(dask_address)  # sealed (seal_text) when it holds a credential
     settings, root = _load(params_path, overrides)  # bad params fail here, before any work
     params_path = str(Path(params_path).resolve())  # workers may run elsewhere than the flow's cwd
     eval_workers = default_eval_workers() if eval_workers is None else eval_workers
@@ -364,8 +374,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="one Dask worker thread in this process (needs --eval-workers 1)")
     ap.add_argument("--no-push", action="store_true", help="do not `dvc push` a new data version")
     args = ap.parse_args(argv)
-    coin_pipeline(params_path=args.params, overrides=args.overrides, eval_workers=args.eval_workers,
-                  dask_address=args.dask_address, dask_processes=not args.dask_threads, push_data=not args.no_push)
+    coin_pipeline(params_path=args.params, overrides=seal_overrides(args.overrides), eval_workers=args.eval_workers,
+                  dask_address=seal_text(args.dask_address), dask_processes=not args.dask_threads,
+                  push_data=not args.no_push)
 
 
 if __name__ == "__main__":

@@ -35,31 +35,33 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.runtime import flow_run
+from pydantic import SecretStr
 
+from coin.secrets import reveal, seal_overrides, seal_text
 from coin.study import tracking as study_tracking
 from coin.study.cell import run_cell
 from coin.study.grid import cell_named, grid_cells, load_study, sweep_overrides
 from coin.study.placement import configure_worker, worker_plan
 from coin.study.prepare import prepare_pairs
 from coin.study.report import write_study_outputs
-from flows.pipeline import _transient, eval_task_runner
+from flows.pipeline import Overrides, _transient, eval_task_runner
 
 
 @task(name="mlflow-study-run", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=NO_CACHE)
-def open_study_run_task(params_path: str, overrides: list[str], flow_run_id: str | None) -> str:
+def open_study_run_task(params_path: str, overrides: Overrides, flow_run_id: str | None) -> str:
     settings, root = load_study(params_path, overrides)
     return study_tracking.open_study_run(settings, root, flow_run_id)
 
 
 @task(name="study-prepare", cache_policy=NO_CACHE)
-def prepare_task(params_path: str, overrides: list[str], parent_run_id: str | None) -> dict[str, Any]:
+def prepare_task(params_path: str, overrides: Overrides, parent_run_id: str | None) -> dict[str, Any]:
     """Pairs + validation gate once per study (skipped when unchanged)."""
     settings, root = load_study(params_path, overrides)
     return prepare_pairs(settings, root, parent_run_id=parent_run_id)
 
 
 @task(name="study-cell", task_run_name="cell-{name}", cache_policy=NO_CACHE)
-def cell_task(params_path: str, overrides: list[str], name: str, torch_threads: int | None = None) -> dict[str, Any]:
+def cell_task(params_path: str, overrides: Overrides, name: str, torch_threads: int | None = None) -> dict[str, Any]:
     """Train + evaluate one cell (or find it done); runs on a Dask worker."""
     settings, root = load_study(params_path, overrides)
     device = configure_worker(torch_threads)
@@ -67,7 +69,7 @@ def cell_task(params_path: str, overrides: list[str], name: str, torch_threads: 
 
 
 @flow(name="coin-study-cells", log_prints=True)
-def study_cells(params_path: str, overrides: list[str], torch_threads: int | None = None) -> list[dict[str, Any]]:
+def study_cells(params_path: str, overrides: Overrides, torch_threads: int | None = None) -> list[dict[str, Any]]:
     """One ``study-cell`` task per cell of the grid, submitted to this flow's task runner."""
     settings, _ = load_study(params_path, overrides)
     futures = [cell_task.submit(params_path, overrides, c.name, torch_threads) for c in grid_cells(settings)]
@@ -82,7 +84,7 @@ def aggregate_task(params_path: str, overrides: list[str]) -> dict[str, Any]:
 
 
 @task(name="mlflow-study-log", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=NO_CACHE)
-def log_study_task(params_path: str, overrides: list[str], parent_run_id: str, cells: list[dict[str, Any]],
+def log_study_task(params_path: str, overrides: Overrides, parent_run_id: str, cells: list[dict[str, Any]],
                    outputs: dict[str, Any]) -> dict[str, str]:
     settings, root = load_study(params_path, overrides)
     runs = study_tracking.log_cell_runs(settings, root, parent_run_id, cells)
@@ -92,7 +94,7 @@ def log_study_task(params_path: str, overrides: list[str], parent_run_id: str, c
 
 @task(name="mlflow-study-run-end", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient,
       cache_policy=NO_CACHE)
-def close_study_run_task(params_path: str, overrides: list[str], run_id: str, status: str) -> None:
+def close_study_run_task(params_path: str, overrides: Overrides, run_id: str, status: str) -> None:
     settings, root = load_study(params_path, overrides)
     study_tracking.close_study_run(settings, root, run_id, status)
 
@@ -100,19 +102,21 @@ def close_study_run_task(params_path: str, overrides: list[str], run_id: str, st
 @flow(name="coin-study", log_prints=True)
 def coin_study(
     params_path: str = "params.yaml",
-    overrides: list[str] | None = None,
+    overrides: Overrides | None = None,
     workers: int | None = None,
-    dask_address: str | None = None,
+    dask_address: str | SecretStr | None = None,
     dask_processes: bool = True,
 ) -> dict[str, Any]:
     """prepare -> cells (Dask fan-out) -> aggregate -> MLflow; see the module docstring.
 
-    ``overrides`` are ``section.key=value`` strings (as ``coin --set``); ``workers`` / ``dask_address``
+    ``overrides`` are ``section.key=value`` strings (as ``coin --set``; secrets sealed, see
+    ``flows.pipeline.Overrides``); ``workers`` / ``dask_address``
     override ``study.workers`` / ``study.dask_address``; ``dask_processes=False`` runs one worker thread
     in this process (needs one worker).
     """
     logger = get_run_logger()
-    overrides = list(overrides or [])
+    overrides = seal_overrides(overrides)  # subflow runs record their parameters too
+    dask_address = reveal(dask_address)  # sealed (seal_text) when it holds a credential
     settings, root = load_study(params_path, overrides)  # bad params, methods, seeds or sweep fail here
     params_path = str(Path(params_path).resolve())  # workers may run elsewhere than the flow's cwd
     plan = worker_plan(settings, workers, dask_address, dask_processes)
@@ -157,8 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dask-threads", action="store_true",
                     help="one Dask worker thread in this process (needs --workers 1)")
     args = ap.parse_args(argv)
-    coin_study(params_path=args.params, overrides=[*args.overrides, *sweep_overrides(args.sweep)],
-               workers=args.workers, dask_address=args.dask_address, dask_processes=not args.dask_threads)
+    coin_study(params_path=args.params, overrides=seal_overrides([*args.overrides, *sweep_overrides(args.sweep)]),
+               workers=args.workers, dask_address=seal_text(args.dask_address), dask_processes=not args.dask_threads)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The `coin` CLI: one subcommand per stage, config errors stop before any work with exit code 2."""
+"""The `coin` CLI: one subcommand per stage, config errors stop before any work with exit code 2 (data errors
+exit 3; every error class and its code: tests/test_cli_errors.py)."""
 
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def test_missing_input_names_the_file_and_the_fix(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text((ROOT / "params.yaml").read_text())
     res = runner.invoke(app, ["validate", "--params", str(params)])
-    assert res.exit_code == 2
+    assert res.exit_code == 3  # a data error (ExitCode.DATA)
     assert "pairs.jsonl: file not found. Run `coin pairs` first." in res.output
 
 
@@ -53,6 +54,6 @@ def test_gate_failure_message_is_printed_verbatim(tmp_path):
               "--set", f"evaluate.instruction_file={ROOT / 'data' / 'promptbench' / 'coin_perturbed_instructions.json'}"]
     assert runner.invoke(app, ["pairs", *common]).exit_code == 0
     res = runner.invoke(app, ["validate", *common, "--set", "pairs.cutoff_len=20"])
-    assert res.exit_code == 2
+    assert res.exit_code == 3  # the gate refused the data (ExitCode.DATA)
     assert "validation gate failed" in res.output and "pair_id 'sst2:train:" in res.output
     assert (tmp_path / "outputs" / "validated" / "rejects.jsonl").exists()

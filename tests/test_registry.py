@@ -524,7 +524,7 @@ def test_register_gate_idempotent_and_pyfunc_roundtrip(store, tmp_path, tiny_lla
     assert res.exit_code == 0, res.output
     assert res.stdout.splitlines()[-1] == plain["answer"].iloc[0]
     missing = CliRunner().invoke(app, ["predict", "--instruction", "x", *common, "--set", "register.model_name=nope"])
-    assert missing.exit_code == 2 and "cannot load models:/nope@champion" in missing.output
+    assert missing.exit_code == 4 and "cannot load models:/nope@champion" in missing.output  # ExitCode.MODEL
 
 
 def test_answer_rows_batched_equals_row_by_row(tmp_path, tiny_llama_dir):

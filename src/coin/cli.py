@@ -8,58 +8,254 @@ calls the stage function in :mod:`coin.stages` -- the same function DVC and Pref
     coin pipeline                   # data -> pairs -> validate -> train -> evaluate -> register (Prefect flow)
     coin study                      # methods x seeds: mean ± std and paired differences with intervals (Prefect flow)
     coin predict --instruction "Is this review positive or negative?" --input "A gem." --task sst2
+
+Errors: every command runs inside one wrapper (:class:`_CoinGroup`, :func:`classify`). An error a user can
+cause (a bad key, file, field or option) prints one or two lines naming it and the fix, with credentials
+redacted, and exits with the code of its class (:class:`ExitCode`: 2 configuration or input, 3 data, 4 model
+or registry, 5 runtime, 1 a bug). ``coin --debug <command>`` (or ``COIN_DEBUG=1``) adds the traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import sys
+import traceback
+from enum import IntEnum
 from pathlib import Path
-from typing import Annotated, Optional
+from types import TracebackType
+from typing import Annotated, Any, Optional
 
 import typer
+import typer.core
+import yaml
 from rich.console import Console
 from rich.markup import escape
 
 import coin  # noqa: F401  (sets the local-only environment first)
 from coin.config import ConfigError, Settings, load_settings
 from coin.data.io import DataError
+from coin.secrets import install_log_redaction, redact_text, seal_overrides, seal_text
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+
+class ExitCode(IntEnum):
+    """What ``coin`` exits with: one code per class of problem, so scripts and schedulers can tell them apart."""
+
+    OK = 0
+    BUG = 1          # an unexpected error: a bug; `--debug` shows the traceback to report
+    CONFIG = 2       # params file, --set override, command-line option or input value
+    DATA = 3         # input data or a stage's files: missing, not UTF-8/JSON, malformed, refused by the gate
+    MODEL = 4        # model or registry: backbone, checkpoint or adapter files, MLflow model registry
+    RUNTIME = 5      # the run itself: diverged training, memory, disk, permissions, network
+    INTERRUPTED = 130  # Ctrl-C
+
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 success; 1 unexpected error (a bug: rerun with --debug and report the traceback); "
+    "2 configuration or input (params file, --set, settings a checkpoint refuses, options, predict inputs); "
+    "3 data (missing or malformed input files, validation gate); "
+    "4 model or registry (backbone, checkpoint, adapter, MLflow); "
+    "5 runtime (diverged training, memory, disk, permissions, network); 130 interrupted. "
+    "An error prints one or two lines naming the key, file or field at fault and the fix; "
+    "--debug (or COIN_DEBUG=1) adds the traceback."
+)
+
+
+class ModelUnavailable(RuntimeError):
+    """A model the command needs cannot be loaded from the registry (exit code 4)."""
+
+
+def _loaded(module: str, name: str) -> type | None:
+    """``module.name`` if that module is already imported (an exception of that type can only come from it)."""
+    cls = getattr(sys.modules.get(module), name, None)
+    return cls if isinstance(cls, type) else None
+
+
+def _is(exc: BaseException, module: str, name: str) -> bool:
+    cls = _loaded(module, name)
+    return cls is not None and isinstance(exc, cls)
+
+
+_MODEL_LIBS = ("transformers", "huggingface_hub", "peft", "safetensors", "tokenizers")
+
+
+def _frames(exc: BaseException) -> list[tuple[Any, str]]:
+    """``(frame, module name)`` of the traceback, innermost first."""
+    out = []
+    tb: TracebackType | None = exc.__traceback__
+    while tb is not None:
+        out.append((tb.tb_frame, str(tb.tb_frame.f_globals.get("__name__", ""))))
+        tb = tb.tb_next
+    return out[::-1]
+
+
+def _raised_in(exc: BaseException, packages: tuple[str, ...]) -> bool:
+    return any(mod.split(".")[0] in packages for _, mod in _frames(exc)[:1])
+
+
+def _file_at_fault(exc: BaseException) -> str | None:
+    """The file an error was reading, for errors that do not name it (JSON, UTF-8, safetensors, a missing
+    key): ``exc.filename``, else the innermost traceback frame holding a path to an existing file."""
+    name = getattr(exc, "filename", None)
+    if name:
+        return str(name)
+    for frame, _ in _frames(exc):
+        for value in list(frame.f_locals.values()):
+            if hasattr(value, "read") and isinstance(getattr(value, "name", None), str):
+                value = value.name  # an open file (json.load(fh))
+            if isinstance(value, Path) or (isinstance(value, str) and os.sep in value and "\n" not in value
+                                           and len(value) < 4096):
+                try:
+                    if os.path.isfile(value):
+                        return str(value)
+                except (OSError, ValueError):
+                    continue
+    return None
+
+
+def _in_file(exc: BaseException) -> str:
+    f = _file_at_fault(exc)
+    return f"{f}: " if f else ""
+
+
+def classify(exc: BaseException) -> tuple[ExitCode, str, str | None]:
+    """``(exit code, message, how to fix it or None)`` for an error a command raised.
+
+    The project's own errors (ConfigError, DataError, the validation gate's GateFailed, PromotionError) carry
+    a message that already names the key, file or field and the fix. Library errors a user can cause (YAML,
+    JSON, UTF-8, safetensors, MLflow, OS errors, a missing key in a file) get the file at fault and a fix.
+    Anything else is a bug (code 1).
+    """
+    msg = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, ConfigError):
+        return ExitCode.CONFIG, msg, None
+    if isinstance(exc, yaml.YAMLError):
+        return ExitCode.CONFIG, f"{_in_file(exc)}not valid YAML: {' '.join(msg.split())}", "fix the YAML at that line"
+    if _is(exc, "coin.validation.gate", "GateFailed"):
+        return ExitCode.DATA, msg, None
+    if isinstance(exc, DataError):
+        return ExitCode.DATA, msg, None
+    if _is(exc, "coin.registry.promotion", "PromotionError") or isinstance(exc, ModelUnavailable):
+        return ExitCode.MODEL, msg, None
+    flat = " ".join(msg.split())  # a library's message on one line
+    if _is(exc, "dvc.exceptions", "DvcException"):
+        return (ExitCode.DATA, f"DVC: {flat}",
+                "data/ could not be restored from the DVC remote: check the remote (`dvc remote list`; the default "
+                "is dvc-remote/) holds this data version (`dvc push` it from a checkout that has it), and .dvc/config")
+    if _is(exc, "mlflow.exceptions", "MlflowException"):
+        return (ExitCode.MODEL, f"MLflow: {flat}",
+                "check tracking.uri and the registered model (`coin register` registers one)")
+    if _is(exc, "safetensors", "SafetensorError"):
+        return (ExitCode.MODEL, f"{_in_file(exc)}damaged safetensors file ({flat})",
+                "the file is truncated or not a safetensors file: restore it, or rerun the stage that wrote it")
+    if isinstance(exc, json.JSONDecodeError):
+        return (ExitCode.DATA, f"{_in_file(exc)}not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
+                "the file is truncated or was edited by hand: restore it (`dvc pull` for data/) or rerun the stage "
+                "that writes it")
+    if isinstance(exc, UnicodeDecodeError):
+        return (ExitCode.DATA, f"{_in_file(exc)}not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                f"{exc.start})", "save the file as UTF-8")
+    if isinstance(exc, UnicodeError):
+        return ExitCode.CONFIG, f"not valid UTF-8 text: {flat}", "pass UTF-8 text"
+    if isinstance(exc, KeyError):
+        return (ExitCode.DATA, f"{_in_file(exc)}no entry {exc.args[0]!r}" if exc.args else msg,
+                "the file lacks it (written by another configuration or a partial run): rerun the stage that writes it")
+    if isinstance(exc, FileNotFoundError):
+        return ExitCode.DATA, msg, None if exc.filename is None else "restore the file or rerun the stage that writes it"
+    if isinstance(exc, MemoryError) or _is(exc, "torch", "OutOfMemoryError"):
+        return (ExitCode.RUNTIME, f"out of memory: {msg}",
+                "lower train.batch_size / evaluate.batch_size, or use a machine with more memory")
+    if isinstance(exc, OSError):
+        if _raised_in(exc, _MODEL_LIBS):
+            return ExitCode.MODEL, msg, "check model.backbone and the model files"
+        hint = {errno.ENOSPC: "free disk space", errno.EACCES: "check the permissions of that path",
+                errno.EROFS: "write somewhere writable (paths.out_dir, paths.mlruns_dir)"}.get(exc.errno or 0)
+        return ExitCode.RUNTIME, msg, hint
+    if isinstance(exc, ValueError):
+        if _raised_in(exc, _MODEL_LIBS):
+            return ExitCode.MODEL, msg, "check model.backbone and the model files"
+        return ExitCode.CONFIG, msg, None
+    if isinstance(exc, RuntimeError):  # a non-finite loss, a distributed set-up, ... carry their own explanation
+        return ExitCode.RUNTIME, msg, None
+    return (ExitCode.BUG, f"unexpected {type(exc).__name__}: {flat}",
+            "this is a bug: rerun with --debug for the traceback and report it")
+
+
+def report(exc: BaseException, *, debug: bool = False) -> ExitCode:
+    """Print ``exc`` as one or two lines (``error: ...`` and ``fix: ...``), credentials redacted; the traceback
+    first with ``debug``. Returns the exit code of its class."""
+    code, msg, hint = classify(exc)
+    if debug:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        console.print(escape(redact_text(tb)), soft_wrap=True, highlight=False, emoji=False, markup=True)
+    console.print(f"[bold red]error:[/] {escape(redact_text(msg))}", soft_wrap=True, highlight=False, emoji=False)
+    if hint:
+        console.print(f"[bold]fix:[/] {escape(redact_text(hint))}", soft_wrap=True, highlight=False, emoji=False)
+    return code
+
+
+def _debug_requested(ctx: Any) -> bool:
+    root = ctx.find_root() if ctx is not None else None
+    flag = bool(root.params.get("debug")) if root is not None else False
+    return flag or os.environ.get("COIN_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+class _CoinGroup(typer.core.TyperGroup):
+    """Runs every subcommand inside one error wrapper (:func:`report`), not one ``try`` per command: whatever a
+    user can cause ends in one or two lines and the exit code of its class; usage errors stay typer's (code 2)."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.exceptions.TyperException):
+            raise
+        except KeyboardInterrupt:
+            console.print("[bold red]interrupted[/]")
+            raise typer.Exit(code=ExitCode.INTERRUPTED) from None
+        except Exception as exc:  # noqa: BLE001 -- classified, reported, turned into an exit code
+            raise typer.Exit(code=report(exc, debug=_debug_requested(ctx))) from None
+
+
+app = typer.Typer(cls=_CoinGroup, add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0],
+                  epilog=EXIT_CODES_HELP, pretty_exceptions_enable=False)
 console = Console(stderr=True)
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (project root = its directory)")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a key: section.key=value (repeatable)")]
 
 
-def _settings(params: Path, overrides: list[str] | None) -> tuple[Settings, Path]:
-    settings = load_settings(params, overrides)
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="on an error, also print the traceback (for bug reports); "
+                                                        "the same as COIN_DEBUG=1")] = False,
+) -> None:
+    """Global options (before the command: `coin --debug train`)."""
+
+
+def _settings(params: Path, overrides: list[str] | None, *, check_project: bool = True) -> tuple[Settings, Path]:
+    settings = load_settings(params, overrides, check_project=check_project)
     return settings, params.resolve().parent
 
 
-def _fail(exc: BaseException) -> None:
-    console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False, emoji=False)
-    raise typer.Exit(code=2)
+def _setup_logging() -> None:
+    """INFO logs of the stages on stderr, credentials in them redacted."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    install_log_redaction()
 
 
 def _run_stage(name: str, params: Path, overrides: list[str] | None) -> dict:
     from coin.stages import STAGES
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        settings, root = _settings(params, overrides)
-        return STAGES[name](settings, root)
-    except (ConfigError, DataError, FileNotFoundError) as exc:
-        _fail(exc)
-    except RuntimeError as exc:  # GateFailed, NaN loss, ... carry their own explanation
-        _fail(exc)
-    raise AssertionError("unreachable")
+    _setup_logging()
+    settings, root = _settings(params, overrides)
+    return STAGES[name](settings, root)
 
 
 def _print(result: dict) -> None:
     shown = {k: v for k, v in result.items() if k not in ("markdown", "table")}
-    print(json.dumps(shown, indent=2, default=str))
+    print(redact_text(json.dumps(shown, indent=2, default=str)))
     for key in ("markdown", "table"):
         if key in result:
             print(result[key])
@@ -86,18 +282,13 @@ _register_stage_commands()
 @app.command()
 def pipeline(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Run every stage as a Prefect flow (data -> pairs -> validate -> train -> evaluate -> register)."""
-    try:
-        _, root = _settings(params, set_)  # fail on bad params before Prefect starts
-    except ConfigError as exc:
-        _fail(exc)
+    _, root = _settings(params, set_)  # fail on bad params before Prefect starts
     sys.path.insert(0, str(root))
     from flows.pipeline import coin_pipeline
 
-    try:
-        result = coin_pipeline(params_path=str(params.resolve()), overrides=list(set_ or []))
-    except (ConfigError, DataError, RuntimeError) as exc:
-        _fail(exc)
-    _print(result)
+    install_log_redaction(logging.getLogger("prefect"))  # Prefect's console and API log handlers
+    # a secret in an override is recorded redacted as the flow run's parameter, and applied as given
+    _print(coin_pipeline(params_path=str(params.resolve()), overrides=seal_overrides(set_)))
 
 
 @app.command()
@@ -119,30 +310,33 @@ def study(
     """
     from coin.study.grid import load_study, sweep_overrides
 
-    try:
-        overrides = [*(set_ or []), *sweep_overrides(sweep)]
-        _, root = load_study(params, overrides)  # fail on bad params (methods, seeds, sweep) before Prefect starts
-    except ConfigError as exc:
-        _fail(exc)
+    overrides = [*(set_ or []), *sweep_overrides(sweep)]
+    _, root = load_study(params, overrides)  # fail on bad params (methods, seeds, sweep) before Prefect starts
     sys.path.insert(0, str(root))
     from flows.study import coin_study
 
-    try:
-        result = coin_study(params_path=str(params.resolve()), overrides=overrides, workers=workers,
-                            dask_address=dask_address, dask_processes=not dask_threads)
-    except (ConfigError, DataError, RuntimeError) as exc:
-        _fail(exc)
-    _print(result)
+    install_log_redaction(logging.getLogger("prefect"))  # Prefect's console and API log handlers
+    _print(coin_study(params_path=str(params.resolve()), overrides=seal_overrides(overrides), workers=workers,
+                      dask_address=seal_text(dask_address), dask_processes=not dask_threads))
 
 
 @app.command()
 def params(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Validate params.yaml and print the resolved settings."""
-    try:
-        settings, _ = _settings(params, set_)
-    except ConfigError as exc:
-        _fail(exc)
+    """Validate params.yaml and print the resolved settings (credentials redacted)."""
+    settings, _ = _settings(params, set_)
     print(json.dumps(settings.to_flat_dict(), indent=2))
+
+
+def _text_option(name: str, value: str | None) -> None:
+    """Refuse a command-line text that is not valid UTF-8 (such an argument arrives with surrogate escapes and
+    would fail deep in the tokenizer), naming the option."""
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name}: not valid UTF-8 text (byte 0x{ord(value[exc.start]) & 0xFF:02x} at character "
+                         f"{exc.start}); pass UTF-8 text") from None
 
 
 @app.command()
@@ -150,21 +344,34 @@ def predict(
     instruction: Annotated[str, typer.Option(help="the instruction, e.g. \"Is this review positive or negative?\"")],
     input: Annotated[str, typer.Option("--input", help="the input text")] = "",
     task: Annotated[Optional[str], typer.Option(help="GLUE task: answer with its label words (loglik)")] = None,
-    options: Annotated[Optional[str], typer.Option(help="candidate answers separated by '|'")] = None,
+    options: Annotated[Optional[str], typer.Option(help="candidate answers separated by '|', or a JSON list")] = None,
     model_uri: Annotated[Optional[str], typer.Option(help="default: models:/<register.model_name>@champion")] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
     """Answer an instruction + input with the registered champion (MLflow pyfunc)."""
+    from coin.predict import check_task, parse_options
+
+    for name, value in (("--instruction", instruction), ("--input", input), ("--task", task), ("--options", options)):
+        _text_option(name, value)
+    # checked before the model loads: a typo costs no model load
+    if task:
+        try:
+            check_task(task)
+        except ValueError as exc:
+            raise ValueError(f"--task: {exc}") from None
+    if options is not None:
+        try:
+            parse_options(options)
+        except ValueError as exc:
+            raise ValueError(f"--options: {exc}") from None
+
     import mlflow
     import pandas as pd
 
     from coin.registry.tracking import setup_tracking
 
-    try:
-        settings, root = _settings(params, set_)
-    except ConfigError as exc:
-        _fail(exc)
+    settings, root = _settings(params, set_, check_project=False)  # predict reads neither data nor the backbone
     setup_tracking(settings, root)
     uri = model_uri or f"models:/{settings.register_.model_name}@champion"
     try:
@@ -175,13 +382,18 @@ def predict(
             hint = ("No candidate has passed the promotion gate yet (see `coin.promotion.reason` on its version, or "
                     "outputs/register/registration.json); the newest candidate is "
                     f"--model-uri models:/{settings.register_.model_name}@challenger.")
-        _fail(RuntimeError(f"cannot load {uri}: {exc}. {hint}"))
+        raise ModelUnavailable(f"cannot load {uri}: {exc}. {hint}") from None
     row = {"instruction": [instruction], "input": [input]}
     if task:
         row["task"] = [task]
     if options:
         row["options"] = [options]
-    out = model.predict(pd.DataFrame(row), params={"return_scores": True})
+    try:
+        out = model.predict(pd.DataFrame(row), params={"return_scores": True})
+    except mlflow.exceptions.MlflowException as exc:  # the pyfunc's refusal of an input (coin.predict): exit 2
+        if not exc.message.startswith("invalid input:"):
+            raise
+        raise ValueError(exc.message) from None
     answer, scores = out["answer"].iloc[0], out["scores"].iloc[0]
     print(answer)
     if scores:

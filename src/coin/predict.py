@@ -1,13 +1,29 @@
-"""Answering an instruction + input with a trained model: the logic behind `coin predict` and the pyfunc."""
+"""Answering an instruction + input with a trained model: the logic behind `coin predict` and the pyfunc.
+
+Inputs are checked row by row before any model work, and a bad one is a ``ValueError`` naming the row (when
+there are several), the field and what it accepts: ``task`` must be a GLUE task name given as a string
+(:func:`check_task`), ``options`` a ``"a|b|c"`` string or a JSON list string of distinct, non-empty answers
+(:func:`parse_options`). The pyfunc turns these into MLflow's invalid-input error, so the model server
+answers a 400 that says what is wrong instead of "unexpected error".
+
+Long inputs: the model reads at most ``max_position_embeddings`` positions (MiniLM: 512), which must hold the
+prompt (BOS, instruction, input, answer marker) and the answer (the longest option, or ``max_new_tokens``
+generated tokens). An input that does not fit is cut to its first tokens that do (:func:`fit_input`), with a
+warning; the instruction and the answer marker are always kept whole. (Left truncation of the whole prompt,
+what the evaluation's encoder does for rows that are still too long, would cut the instruction first.)
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import pandas as pd
 
 from coin.data.tasks import TASKS
+
+log = logging.getLogger("coin")
 
 
 def join_instruction(instruction: str, text: str) -> str:
@@ -18,41 +34,142 @@ def join_instruction(instruction: str, text: str) -> str:
     return f"{instruction}{sep}{text}"
 
 
+def _missing(value: Any) -> bool:
+    """An absent optional value (None/NaN, e.g. a key missing from one record of a JSON request)."""
+    return value is None or (isinstance(value, float) and value != value)
+
+
 def _text(value: Any) -> str:
     """A cell as text: missing (None/NaN, e.g. an absent optional value in a JSON request) is ""."""
-    return "" if value is None or (isinstance(value, float) and value != value) else str(value)
+    return "" if _missing(value) else str(value)
+
+
+def check_task(task: Any) -> str | None:
+    """The task of a row: None when absent (None, NaN, ""), else a known GLUE task name.
+
+    A value of another type (``task: 7`` in a JSON request) is refused rather than ignored: ignoring it would
+    make the model silently generate instead of scoring the task's label words.
+    """
+    if _missing(task):
+        return None
+    if not isinstance(task, str):
+        raise ValueError(f"task = {task!r} ({type(task).__name__}): must be the name of a GLUE task, as a string "
+                         f"({', '.join(TASKS)}), or absent")
+    if not task.strip():
+        return None
+    if task not in TASKS:
+        raise ValueError(f"task {task!r} is not a known GLUE task; the known tasks: {', '.join(TASKS)}. "
+                         "Fix the name, omit it, or pass options")
+    return task
+
+
+def parse_options(value: Any) -> list[str] | None:
+    """Candidate answers from ``"a|b|c"`` or a JSON list string (``'["yes", "no"]'``; a list is taken as is);
+    None when absent. Refused, naming the value: a ``[`` that does not start a JSON list, an empty answer
+    (``'||'``), an answer listed twice, a value that is neither text nor a list."""
+    if _missing(value):
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        if text.startswith("["):
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"options {value!r}: starts with '[' but is not a JSON list ({exc.msg} at character "
+                                 f"{exc.pos}); give a JSON list of strings such as [\"yes\", \"no\"], or 'yes|no'"
+                                 ) from None
+            if not isinstance(items, list):
+                raise ValueError(f"options {value!r}: not a JSON list; give [\"yes\", \"no\"] or 'yes|no'")
+        else:
+            items = [o.strip() for o in text.split("|")]
+    elif isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
+        items = list(value.tolist() if hasattr(value, "tolist") else value)
+    else:
+        raise ValueError(f"options = {value!r} ({type(value).__name__}): give the answers as 'a|b|c' or a JSON list "
+                         "string")
+    if not items:
+        raise ValueError(f"options {value!r}: lists no answer; give at least one, e.g. 'yes|no'")
+    bad = [o for o in items if isinstance(o, bool) or not isinstance(o, (str, int, float))]
+    if bad:
+        raise ValueError(f"options {value!r}: {bad[0]!r} is not an answer; every option must be a string")
+    answers = [str(o) for o in items]
+    if any(not a.strip() for a in answers):
+        raise ValueError(f"options {value!r}: has an empty answer; give non-empty answers separated by '|' "
+                         "(e.g. 'yes|no') or a JSON list")
+    dup = sorted({a for a in answers if answers.count(a) > 1})
+    if dup:
+        raise ValueError(f"options {value!r}: lists {', '.join(map(repr, dup))} twice; list each answer once")
+    return answers
 
 
 def _options_for(row: pd.Series) -> list[str] | None:
-    opts = row.get("options") if "options" in row else None
-    if isinstance(opts, str) and opts.strip():
-        opts = json.loads(opts) if opts.strip().startswith("[") else [o.strip() for o in opts.split("|")]
-    if opts is not None and not isinstance(opts, float) and len(opts) > 0:
-        return [str(o) for o in opts]
-    task = row.get("task") if "task" in row else None
-    if isinstance(task, str) and task:
-        if task not in TASKS:
-            raise ValueError(f"task {task!r} is not a known GLUE task ({', '.join(TASKS)}); omit it or pass options")
-        return list(TASKS[task].label_words)
-    return None
+    """The answers a row is scored on: its ``options``, else its task's label words, else None (generate)."""
+    options = parse_options(row["options"]) if "options" in row else None
+    if options:
+        return options
+    task = check_task(row["task"]) if "task" in row else None
+    return list(TASKS[task].label_words) if task else None
 
 
-def _calibrate(model, tokenizer, meta: dict[str, Any], instructions: list[str], options: tuple[str, ...],
-               task: str | None, scores, fmt: str, batch_size: int):
-    """Content-free calibration of ``scores`` (``coin.evaluation.scoring.calibrated``): the options' scores after
-    each instruction with an empty input are subtracted, and the task's training label prior added when the
-    options are the task's label words (else no prior)."""
-    from coin.evaluation.scoring import calibrated, label_log_prior, score_label_words
+def max_positions(model) -> int | None:
+    """How many positions the model reads: ``max_position_embeddings`` of the unwrapped model (a PeftModel's
+    base), None when it has no fixed limit."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    n = getattr(getattr(base, "config", None), "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
 
-    distinct = list(dict.fromkeys(instructions))
-    cf = score_label_words(model, tokenizer, [join_instruction(t, "") for t in distinct], list(options), fmt=fmt,
-                           batch_size=batch_size, desc="predict (content-free)").scores
-    per_row = cf[[distinct.index(t) for t in instructions]]
-    counts = (meta.get("label_counts") or {}).get(task) if task else None
-    prior = None
-    if counts and tuple(TASKS[task].label_words) == tuple(options):
-        prior = label_log_prior(counts)
-    return calibrated(scores, per_row, prior)
+
+def _prompt_tokens(tokenizer, prompt: str, fmt: str) -> int:
+    """Tokens of a prompt as the scorer and the generator encode it (BOS + prompt + answer marker)."""
+    from coin.data.prompts import encode
+
+    return len(encode(tokenizer, prompt, "", fmt=fmt, append_eos=False).input_ids)
+
+
+def _answer_tokens(tokenizer, options: list[str]) -> int:
+    return max(len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in options)
+
+
+def _head(tokenizer, text: str, n_tokens: int) -> str:
+    """The first ``n_tokens`` tokens of ``text``, as the original characters where the tokenizer maps offsets."""
+    if n_tokens <= 0:
+        return ""
+    try:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return text[:offsets[min(n_tokens, len(offsets)) - 1][1]]
+    except (NotImplementedError, KeyError, TypeError, ValueError):  # a slow tokenizer: no offsets
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer.decode(ids[:n_tokens], skip_special_tokens=True)
+
+
+def fit_input(tokenizer, instruction: str, text: str, *, fmt: str, limit: int) -> tuple[str, int]:
+    """``(input, tokens dropped)``: ``text`` cut to its first tokens so that the prompt (BOS, instruction, input,
+    answer marker) takes at most ``limit`` tokens; the instruction is never cut. ``ValueError`` when the
+    instruction alone does not fit."""
+    n = _prompt_tokens(tokenizer, join_instruction(instruction, text), fmt)
+    if n <= limit:
+        return text, 0
+    bare = _prompt_tokens(tokenizer, join_instruction(instruction, ""), fmt)
+    if bare > limit:
+        raise ValueError(f"instruction: {bare} tokens with the answer marker, but the model reads at most {limit} before "
+                         "the answer; shorten the instruction")
+    total = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    keep = max(total - (n - limit), 0)
+    for _ in range(8):  # token counts of the joined prompt can differ by a token or two at the seam
+        cut = _head(tokenizer, text, keep)
+        over = _prompt_tokens(tokenizer, join_instruction(instruction, cut), fmt) - limit
+        if over <= 0:
+            return cut, total - keep
+        keep = max(keep - over, 0)
+    return "", total
+
+
+def _check_columns(df: pd.DataFrame) -> None:
+    missing = [c for c in ("instruction", "input") if c not in df.columns]
+    if missing:
+        raise ValueError(f"predict input lacks column(s) {missing}; expected instruction, input[, task][, options]")
 
 
 def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max_new_tokens: int = 7,
@@ -62,25 +179,43 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
     Rows with a task or options are scored in batches of ``batch_size`` prompts per distinct option
     list (the evaluation's label log-likelihood scoring, rows sharing an instruction share its prefix);
     the others are decoded greedily in batches. Returns columns ``answer`` and ``scores`` (JSON
-    ``{option: log-likelihood}`` for scored rows, "" for generated ones).
+    ``{option: log-likelihood}`` for scored rows, "" for generated ones). Every row is checked before any
+    model work (module docstring); an input too long for the model is cut to fit, with a warning.
     """
     from coin.evaluation.generation import generate_answers
     from coin.evaluation.scoring import score_label_words
 
-    missing = [c for c in ("instruction", "input") if c not in df.columns]
-    if missing:
-        raise ValueError(f"predict input lacks column(s) {missing}; expected instruction, input[, task][, options]")
+    _check_columns(df)
     fmt = meta.get("prompt_format", "train")
     rows = [row for _, row in df.iterrows()]
-    prompts = [join_instruction(_text(r["instruction"]), _text(r["input"])) for r in rows]
-    answers, scores = [""] * len(rows), [""] * len(rows)
+    limit = max_positions(model)
+    if limit is not None and not 1 <= max_new_tokens < limit:
+        raise ValueError(f"max_new_tokens = {max_new_tokens}: give 1..{limit - 1} (the model reads at most {limit} "
+                         "positions, prompt included)")
+    answers, scores, prompts = [""] * len(rows), [""] * len(rows), [""] * len(rows)
     by_options: dict[tuple[tuple[str, ...], str | None], list[int]] = {}
     free: list[int] = []
+    reserve: dict[tuple[str, ...], int] = {}
     for i, row in enumerate(rows):
-        options = _options_for(row)
+        where = f"row {i}: " if len(rows) > 1 else ""
+        try:
+            options = _options_for(row)
+            task = check_task(row["task"]) if "task" in row else None
+            instruction, text = _text(row["instruction"]), _text(row["input"])
+            if limit is not None:  # room for the answer: the longest option, or the generated tokens
+                room = max_new_tokens if not options else reserve.setdefault(
+                    tuple(options), _answer_tokens(tokenizer, options))
+                fitted, dropped = fit_input(tokenizer, instruction, text, fmt=fmt, limit=limit - room)
+                if dropped:
+                    log.warning("predict: %sthe input is %d tokens too long for the model (%d positions with the "
+                                "instruction and the answer); kept its first %d characters, the instruction whole",
+                                where, dropped, limit, len(fitted))
+                text = fitted
+        except ValueError as exc:
+            raise ValueError(f"{where}{exc}") from None
+        prompts[i] = join_instruction(instruction, text)
         if options:
-            task = _text(row["task"]) if "task" in row and _text(row["task"]) in TASKS else None
-            by_options.setdefault((tuple(options), task), []).append(i)
+            by_options.setdefault((tuple(options), task if task and task in TASKS else None), []).append(i)
         else:
             free.append(i)
     if free:  # the evaluation's greedy decoder: it honours the model's attention (causal or prefix LM)
@@ -100,3 +235,21 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
             answers[i] = options[int(s[j].argmax())]
             scores[i] = json.dumps({o: round(float(v), 4) for o, v in zip(options, s[j])})
     return pd.DataFrame({"answer": answers, "scores": scores})
+
+
+def _calibrate(model, tokenizer, meta: dict[str, Any], instructions: list[str], options: tuple[str, ...],
+               task: str | None, scores, fmt: str, batch_size: int):
+    """Content-free calibration of ``scores`` (``coin.evaluation.scoring.calibrated``): the options' scores after
+    each instruction with an empty input are subtracted, and the task's training label prior added when the
+    options are the task's label words (else no prior)."""
+    from coin.evaluation.scoring import calibrated, label_log_prior, score_label_words
+
+    distinct = list(dict.fromkeys(instructions))
+    cf = score_label_words(model, tokenizer, [join_instruction(t, "") for t in distinct], list(options), fmt=fmt,
+                           batch_size=batch_size, desc="predict (content-free)").scores
+    per_row = cf[[distinct.index(t) for t in instructions]]
+    counts = (meta.get("label_counts") or {}).get(task) if task else None
+    prior = None
+    if counts and tuple(TASKS[task].label_words) == tuple(options):
+        prior = label_log_prior(counts)
+    return calibrated(scores, per_row, prior)

@@ -344,7 +344,15 @@ def candidate_figures(metrics_json: str | Path, model_label: str) -> ModelFigure
 
     from coin.evaluation.result import evaluation_protocol
 
-    summary = robustness_summary(metrics_json, model_label)
+    from coin.data.io import DataError
+
+    try:
+        summary = robustness_summary(metrics_json, model_label)
+    except DataError:  # missing or unreadable file: its message names it and the fix
+        raise
+    except ValueError as exc:  # the file lacks the model or its figures: a data problem, with the way out
+        raise DataError(f"{exc}. Evaluate {model_label!r} (`coin evaluate` with it in train.methods) or remove it from "
+                        "register.methods, then `coin register`") from None
     figures = ModelFigures.from_summary(summary, source=f"{metrics_json} [{model_label}]")
     if figures.majority_acc is None:
         raise PromotionError(f"{metrics_json}: {model_label}.summary has no majority_acc (the majority-class rate of "

@@ -11,6 +11,11 @@ answers as ``"a|b|c"`` or a JSON list string). Without either, the model generat
 Params (the signature's params schema): ``max_new_tokens`` (default 7), ``return_scores`` (default
 false). Output: a DataFrame with ``answer``, plus ``scores`` (JSON of option -> log-likelihood, ""
 for generated answers) when ``return_scores`` is true.
+
+A bad row (a ``task`` that is not a GLUE task name string, malformed ``options``, an instruction too long for
+the model; :mod:`coin.predict`) raises MLflow's invalid-input error with the row, the field and the fix, so
+``mlflow models serve`` answers 400 with that message instead of a generic "unexpected error". An input too
+long for the model is cut to fit (the instruction and the answer marker kept whole), with a warning.
 """
 
 from __future__ import annotations
@@ -30,9 +35,14 @@ class CoinModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from coin.predict import answer_rows
 
+        from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
+
         params = params or {}
-        out = answer_rows(self.model, self.tokenizer, self.meta, model_input,
-                          max_new_tokens=int(params.get("max_new_tokens", 7)))
+        try:
+            out = answer_rows(self.model, self.tokenizer, self.meta, model_input,
+                              max_new_tokens=int(params.get("max_new_tokens", 7)))
+        except ValueError as exc:  # the caller's input: say what is wrong (the server's 400 carries this message)
+            raise MlflowException(f"invalid input: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
         return out if bool(params.get("return_scores", False)) else out[["answer"]]
 
 

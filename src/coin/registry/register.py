@@ -10,11 +10,27 @@ any machine that has the base model (the embedded MiniLM ships with the ``gt-all
 predictions with it (an artifact of its run, so a later candidate can be compared with it example by
 example), then apply the robustness gate (:mod:`coin.registry.promotion`), which moves ``champion`` to it
 only if it wins.
+
+Concurrency: "one version per training run, one decision per version" must hold when two ``coin register``
+(or pipeline) processes run at once. The check-and-create and the alias decision are a read-then-write on
+the registry, so :func:`register_candidate` holds an inter-process file lock for their whole span
+(:func:`registration_lock`): beside the SQLite database for the default store (every process on this
+machine that uses the store sees the same lock), or in the temp directory, keyed by the registry URI, for a
+tracking server or database. A file lock cannot reach other machines; for processes on different machines
+sharing one server, :func:`log_candidate` also checks after creating: if an older version of the same run
+appeared meanwhile, it deletes its own and returns that one (no duplicate version), though two such
+processes may still both record a decision (the same one, from the same figures). Run one registration per
+model at a time across machines.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -43,6 +59,59 @@ INPUT_EXAMPLE = pd.DataFrame(
      "task": ["sst2"]}
 )
 PREDICT_PARAMS: dict[str, Any] = {"max_new_tokens": 7, "return_scores": False}
+LOCK_TIMEOUT_S = 900.0  # a registration logs the adapter (seconds to a minute); a waiter gives up after this
+
+
+# --------------------------------------------------------------------------- one registration at a time
+
+_THREAD_LOCKS: dict[str, threading.RLock] = {}
+_FILE_LOCKS: dict[str, Any] = {}
+_GUARD = threading.Lock()
+
+
+def registration_lock_path(registry_uri: str | None = None) -> Path:
+    """The lock file of a registry: ``<db>.coin-register.lock`` beside a SQLite store, else a file in the temp
+    directory named by a hash of the registry URI (so it never holds the URI, nor its credentials)."""
+    import mlflow
+
+    uri = registry_uri or mlflow.get_registry_uri()
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+        return db.with_name(db.name + ".coin-register.lock")
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"coin-register-{digest}.lock"
+
+
+@contextmanager
+def registration_lock(registry_uri: str | None = None, *, timeout: float = LOCK_TIMEOUT_S) -> Iterator[Path]:
+    """Hold the registry's registration lock (processes: a file lock; threads of this process: an RLock).
+
+    Re-entrant in one thread. Raises ``TimeoutError`` naming the lock file after ``timeout`` seconds (a
+    killed holder releases it: the OS drops the lock with the process; the file itself stays, harmlessly).
+    """
+    from filelock import FileLock, Timeout
+
+    path = registration_lock_path(registry_uri)
+    key = str(path)
+    with _GUARD:
+        rlock = _THREAD_LOCKS.setdefault(key, threading.RLock())
+    if not rlock.acquire(timeout=timeout):
+        raise TimeoutError(f"{path}: another registration in this process held the lock for over {timeout:.0f} s")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _GUARD:
+            flock = _FILE_LOCKS.setdefault(key, FileLock(key, timeout=timeout))
+        try:
+            flock.acquire()  # re-entrant in this thread (filelock counts per thread)
+        except Timeout:
+            raise TimeoutError(f"{path}: another `coin register` held the registration lock for over {timeout:.0f} s; "
+                               "wait for it, or delete the file if no registration is running") from None
+        try:
+            yield path
+        finally:
+            flock.release()
+    finally:
+        rlock.release()
 
 
 @dataclass
@@ -111,7 +180,9 @@ def log_candidate(adapter_dir: Path, run_id: str, name: str) -> Registration:
     """Log the adapter into run ``run_id`` as a pyfunc, register it under ``name`` and alias it ``challenger``.
 
     Idempotent per run: if ``run_id`` already has a version of ``name``, nothing is logged or moved and
-    that version is returned with ``created=False``.
+    that version is returned with ``created=False``. Concurrent callers must hold :func:`registration_lock`
+    (:func:`register_candidate` does); without it (processes on other machines) a duplicate created in the
+    race is deleted again after the fact, and the oldest version of the run kept.
     """
     import mlflow
     from mlflow import MlflowClient
@@ -138,6 +209,13 @@ def log_candidate(adapter_dir: Path, run_id: str, name: str) -> Registration:
             metadata={"coin_base": str(meta["base"]), "coin_method": str(meta.get("method", ""))},
         )
     version = str(info.registered_model_version)
+    first = existing_version(client, name, run_id)
+    if first is not None and str(first.version) != version:  # another process registered this run meanwhile
+        log.warning("%s: run %s was registered as version %s while this process registered it as version %s; "
+                    "deleting the duplicate %s", name, run_id, first.version, version, version)
+        client.delete_model_version(name, version)
+        return Registration(name, str(first.version), run_id, f"models:/{name}/{first.version}",
+                            sorted(client.get_model_version(name, first.version).aliases), created=False)
     client.set_model_version_tag(name, version, "coin.base", str(meta["base"]))
     client.set_model_version_tag(name, version, "coin.method", str(meta.get("method", "")))
     client.set_registered_model_alias(name, CHALLENGER, version)
@@ -177,16 +255,18 @@ def register_candidate(adapter_dir: Path, run_id: str, name: str, figures: Model
     sample (percent), e.g. ``candidate_figures(eval_dir / "metrics.json", method)``; ``predictions`` its rows
     of the same evaluation (``candidate_predictions``), which ``evidence="interval"`` compares with the
     champion's. Running this again for the same run creates no version and repeats no decision: the
-    recorded one is returned.
+    recorded one is returned. All of it (check-and-create, predictions, decision, aliases) runs under
+    :func:`registration_lock`, so two processes registering at once behave as if one ran after the other.
     """
     from mlflow import MlflowClient
 
-    reg = log_candidate(adapter_dir, run_id, name)
-    if predictions is not None:
-        keep_predictions(name, reg.version, run_id, figures, predictions)
-    decision: PromotionDecision = promote_version(name, reg.version, figures, min_improvement=min_improvement,
-                                                  max_clean_drop=max_clean_drop, evidence=evidence,
-                                                  predictions=predictions)
-    reg.aliases = sorted(MlflowClient().get_model_version(name, reg.version).aliases)
+    with registration_lock():
+        reg = log_candidate(adapter_dir, run_id, name)
+        if predictions is not None:
+            keep_predictions(name, reg.version, run_id, figures, predictions)
+        decision: PromotionDecision = promote_version(name, reg.version, figures, min_improvement=min_improvement,
+                                                      max_clean_drop=max_clean_drop, evidence=evidence,
+                                                      predictions=predictions)
+        reg.aliases = sorted(MlflowClient().get_model_version(name, reg.version).aliases)
     reg.decision = decision.to_dict()
     return reg

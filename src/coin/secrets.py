@@ -1,0 +1,189 @@
+"""Redaction of credentials wherever the configuration is recorded: the one place that decides what is secret.
+
+The settings are recorded in several places: MLflow params (every pipeline, training and study run logs the
+flattened settings, :meth:`coin.config.Settings.to_flat_dict`), Prefect flow parameters (the ``--set``
+overrides of ``coin pipeline`` / ``coin study``), ``coin params``, log lines and error messages. A password
+written into ``tracking.uri`` (``http://user:secret@host:5000``) or any other value must not end up in any of
+them in plain text. Every recorder goes through this module:
+
+- :func:`redact_text`: the password of every ``scheme://user:password@host`` URI in a text becomes ``***``,
+  and so does the value of a query parameter that names a secret (``?token=...``, ``&password=...``);
+- :func:`redact_value` / :func:`redacted`: the value of a key that names a secret (:func:`is_secret_key`:
+  ``password``, ``token``, ``secret``, ``api_key``, ...) becomes ``***`` whatever it is; other values are
+  redacted as text (recursively in lists and mappings);
+- :func:`redact_override`: one ``section.key=value`` override, the same way;
+- :func:`seal_overrides` / :func:`reveal_overrides` (and :func:`seal_text` / :func:`reveal` for one value such
+  as a Dask address): values passed as Prefect flow parameters. One that holds a secret travels as a
+  :class:`Sealed` value (a pydantic ``SecretStr``): Prefect records its redacted form, the code uses the
+  real one (``apply_overrides`` unwraps sealed overrides itself);
+- :class:`RedactingFilter`: a logging filter that redacts every record's message.
+
+Only the recorded form is redacted; what is *used* (the tracking URI MLflow connects to) keeps its value.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pydantic import SecretStr
+
+REDACTED = "***"
+
+# Words that make a key secret when they are one of its ``_``/``-``/``.``-separated words (so ``max_new_tokens``
+# or ``tokenizer`` are not secret, ``hf_token`` and ``db.password`` are), and adjacent word pairs that do.
+SECRET_WORDS = frozenset({"password", "passwd", "pwd", "passphrase", "secret", "secrets", "token", "apikey",
+                          "credential", "credentials", "auth", "authorization", "cookie", "sas", "sig", "signature"})
+SECRET_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key"), ("secret", "key"),
+                          ("client", "secret"), ("account", "key"), ("session", "key")})
+
+# scheme://user:password@  (the password part may not contain '@', '/' or whitespace; ':' is allowed)
+_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:@/?#]*):(?P<pw>[^\s@/]*)@")
+# ?token=...  &password=...  (a query parameter whose name is secret)
+_QUERY = re.compile(r"(?P<head>[?&;](?P<name>[A-Za-z0-9_.\-]+)=)(?P<value>[^&;#\s'\"]*)")
+
+
+def _words(key: str) -> list[str]:
+    return [w for w in re.split(r"[^a-z0-9]+", key.lower()) if w]
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a (dotted) key names a secret: one of its words is in :data:`SECRET_WORDS`, or two adjacent
+    words are a pair of :data:`SECRET_PAIRS` (``api_key``, ``access-key``, ``client_secret``).
+
+    >>> [is_secret_key(k) for k in ("tracking.password", "hf_token", "aws.secret_access_key", "max_new_tokens")]
+    [True, True, True, False]
+    """
+    words = _words(key)
+    return any(w in SECRET_WORDS for w in words) or any(p in SECRET_PAIRS for p in zip(words, words[1:]))
+
+
+def redact_text(text: str) -> str:
+    """``text`` with the password of every URI's user info and every secret query value replaced by ``***``.
+
+    >>> redact_text("cannot reach http://alice:s3cr%40t@mlflow:5000/api?token=abc&x=1")
+    'cannot reach http://alice:***@mlflow:5000/api?token=***&x=1'
+    >>> redact_text("postgresql://bob@db/coin")  # no password: nothing to hide
+    'postgresql://bob@db/coin'
+    """
+    if not isinstance(text, str) or ("://" not in text and "=" not in text):
+        return text
+    out = _USERINFO.sub(lambda m: f"{m['head']}:{REDACTED}@", text)
+
+    def query(m: re.Match[str]) -> str:
+        return f"{m['head']}{REDACTED}" if m["value"] and is_secret_key(m["name"]) else m.group(0)
+
+    return _QUERY.sub(query, out)
+
+
+def redact_value(key: str, value: Any) -> Any:
+    """The recorded form of ``value`` under ``key``: ``***`` for a non-empty value of a secret key, else the
+    value with :func:`redact_text` applied to every string in it (lists and mappings recursively)."""
+    if is_secret_key(key) and value not in (None, "", [], {}):
+        return REDACTED
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, Mapping):
+        return {k: redact_value(f"{key}.{k}", v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_value(key, v) for v in value)
+    return value
+
+
+def redacted(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """``mapping`` (flat ``{"tracking.uri": ...}`` or nested) with every value in its recorded form."""
+    return {k: redact_value(str(k), v) for k, v in mapping.items()}
+
+
+def redact_override(item: str) -> str:
+    """One ``section.key=value`` override in its recorded form.
+
+    >>> redact_override("tracking.uri=http://u:pw@host:5000"), redact_override("db.password=hunter2")
+    ('tracking.uri=http://u:***@host:5000', 'db.password=***')
+    """
+    if "=" not in item:
+        return redact_text(item)
+    key, value = item.split("=", 1)
+    return f"{key}={REDACTED}" if is_secret_key(key) and value.strip() else f"{key}={redact_text(value)}"
+
+
+class Sealed(SecretStr):
+    """A value that holds a secret, as a Prefect flow parameter: its real text is :meth:`get_secret_value`;
+    ``str()`` (what Prefect's parameter serialiser records, and what logs show) is its redacted form, so what
+    is not secret stays readable (``tcp://user:***@host:8786``)."""
+
+    def __init__(self, secret_value: str, shown: str | None = None) -> None:
+        super().__init__(secret_value)
+        self._shown = redact_text(secret_value) if shown is None else shown
+
+    def __str__(self) -> str:
+        return self._shown
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._shown!r})"
+
+
+class SealedOverride(Sealed):
+    """A ``section.key=value`` override that holds a secret; shown as :func:`redact_override` gives it (the key
+    stays visible, a secret key's whole value is hidden)."""
+
+    def __init__(self, secret_value: str) -> None:
+        super().__init__(secret_value, redact_override(secret_value))
+
+
+def seal_text(value: str | SecretStr | None) -> str | SecretStr | None:
+    """``value`` as a flow parameter: :class:`Sealed` when it holds a credential (:func:`redact_text`), else as is."""
+    if value is None or isinstance(value, SecretStr) or redact_text(value) == value:
+        return value
+    return Sealed(value)
+
+
+def reveal(value: str | SecretStr | None) -> str | None:
+    """The real text of a value sealed by :func:`seal_text` (or a plain one)."""
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+
+def seal_overrides(overrides: Iterable[str | SecretStr] | None) -> list[str | SecretStr]:
+    """``overrides`` with each one that holds a secret wrapped in a :class:`SealedOverride` (the others stay
+    plain strings, so the recorded flow parameters stay readable). Idempotent."""
+    out: list[str | SecretStr] = []
+    for item in overrides or []:
+        if isinstance(item, SecretStr):
+            out.append(item)
+        elif redact_override(item) != item:
+            out.append(SealedOverride(item))
+        else:
+            out.append(item)
+    return out
+
+
+def reveal_override(item: str | SecretStr) -> str:
+    """The real text of one override (plain, or sealed by :func:`seal_overrides`)."""
+    return item.get_secret_value() if isinstance(item, SecretStr) else item
+
+
+def reveal_overrides(overrides: Iterable[str | SecretStr] | None) -> list[str]:
+    return [reveal_override(o) for o in overrides or []]
+
+
+class RedactingFilter(logging.Filter):
+    """Redacts every record's formatted message (:func:`redact_text`) before a handler writes it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 -- a malformed record is logging's problem, not ours
+            return True
+        clean = redact_text(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+def install_log_redaction(logger: logging.Logger | None = None) -> None:
+    """Add a :class:`RedactingFilter` to every handler of ``logger`` (default: the root logger), once."""
+    for handler in (logger or logging.getLogger()).handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())

@@ -1,0 +1,318 @@
+"""Every error a user can cause ends in one or two lines that name the key, file or field at fault and the fix,
+with the exit code of its class (``coin --help``: 2 configuration or input, 3 data, 4 model or registry,
+5 runtime, 1 a bug), and no traceback unless ``--debug``.
+
+The table drives the real CLI (typer's CliRunner on ``coin.cli.app``, and the real ``python -m coin.cli``
+process for a few). Where an error comes from deep inside a stage (a truncated checkpoint, a damaged
+safetensors file), the stage is replaced by one that does the same library call on the same kind of broken
+file: the wrapper around every command is what is under test, not the stage."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from coin import stages
+from coin.cli import ExitCode, app, classify
+
+ROOT = Path(__file__).resolve().parents[1]
+INSTRUCTIONS = ROOT / "data" / "promptbench" / "coin_perturbed_instructions.json"
+runner = CliRunner()
+
+
+def _params(tmp_path: Path, text: str | bytes | None = None) -> Path:
+    p = tmp_path / "params.yaml"
+    if isinstance(text, bytes):
+        p.write_bytes(text)
+    else:
+        p.write_text((ROOT / "params.yaml").read_text() if text is None else text)
+    return p
+
+
+# --------------------------------------------------------------------------- stand-ins for deep failures
+# Each does what the real stage code does at that point, on a broken file of the same kind.
+
+
+def _truncated_state_json(settings, root: Path):  # coin.training.checkpoint: json.load of state.json
+    ckpt = root / "outputs" / "train" / "coin" / "checkpoints" / "step-000040"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text('{"step": 40, "optimizer": {"lr": 0.0')
+    with (ckpt / "state.json").open(encoding="utf-8") as fh:
+        json.load(fh)
+
+
+def _half_safetensors(settings, root: Path):  # coin.training.checkpoint: load_file of the adapter weights
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    f = root / "outputs" / "train" / "coin" / "adapter" / "adapter_model.safetensors"
+    f.parent.mkdir(parents=True)
+    save_file({"w": torch.zeros(64, 64)}, str(f))
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    load_file(str(f))
+
+
+def _latin1_data(settings, root: Path):  # a data file saved in another encoding
+    f = root / "data" / "glue" / "sst2.train.jsonl"
+    f.parent.mkdir(parents=True)
+    f.write_bytes('{"sentence": "caf\xe9", "label": 1}\n'.encode("latin-1"))
+    f.read_text(encoding="utf-8")
+
+
+def _method_missing_from_metrics(settings, root: Path):  # a report without the method asked for
+    f = root / "outputs" / "evaluate" / "metrics.json"
+    f.parent.mkdir(parents=True)
+    f.write_text(json.dumps({"coin": {"summary": {"clean_acc": 60.0}}}))
+    return json.loads(f.read_text())["cit"]["summary"]
+
+
+def _open_missing(settings, root: Path):
+    (root / "outputs" / "pairs" / "pairs.jsonl").open(encoding="utf-8")
+
+
+def _batch_larger_than_rows(settings, root: Path):  # coin.training.batching, called as the train stage does
+    from coin.training.batching import train_rows_of
+
+    train_rows_of([{"split": "train"}] * 3, 8)
+
+
+def _resume_refused(settings, root: Path):  # coin.training.checkpoint._check_fingerprint's refusal
+    raise ValueError("outputs/train/coin/checkpoints/step-000040: cannot resume, this run differs from the "
+                     "checkpointed one (lr: checkpoint 0.001, now 0.002). Resume with the same settings and data, "
+                     "or start without resume (the old checkpoints are then removed).")
+
+
+def _diverged(settings, root: Path):  # coin.training.loop: a non-finite loss stops the run
+    raise RuntimeError("step 12: loss is nan (loss=nan); the optimiser step was not taken, the adapter keeps the "
+                       "weights of step 11. pair_ids of the batch: ['sst2:train:3']. Lower train.lr or inspect these "
+                       "rows.")
+
+
+def _permission_denied(settings, root: Path):
+    raise PermissionError(errno.EACCES, "Permission denied", str(root / "outputs" / "train"))
+
+
+def _registry_refuses(settings, root: Path):
+    from mlflow.exceptions import MlflowException
+
+    raise MlflowException("Registered Model with name=coin-minilm not found")
+
+
+def _a_bug(settings, root: Path):
+    return len(None)  # type: ignore[arg-type]
+
+
+def _interrupted(settings, root: Path):
+    raise KeyboardInterrupt
+
+
+# --------------------------------------------------------------------------- the table
+
+
+@dataclass
+class Case:
+    name: str
+    args: Callable[[Path], list[str]]
+    code: ExitCode
+    names: list[str]                       # what the message must name (key, file, field, value)
+    stage: tuple[str, Callable] | None = None
+    params: str | bytes | None = None      # the params file's content (default: the shipped one)
+    setup: Callable[[Path], None] | None = None  # more of the project (tmp dir) before the command runs
+
+
+def _dvc_project_without_remote(tmp: Path) -> None:
+    """data.dvc and the project's DVC config, but neither data/ nor the DVC remote (dvc-remote/) it names."""
+    (tmp / ".dvc").mkdir()
+    (tmp / ".dvc" / "config").write_text((ROOT / ".dvc" / "config").read_text().replace(
+        "[core]", "[core]\n    no_scm = True", 1))
+    (tmp / "data.dvc").write_text((ROOT / "data.dvc").read_text())
+
+
+def _p(*rest: str) -> Callable[[Path], list[str]]:
+    """``<rest> --params <tmp>/params.yaml`` (the command first)."""
+    return lambda tmp: [rest[0], "--params", str(tmp / "params.yaml"), *rest[1:]]
+
+
+PREDICT = ("predict", "--instruction", "Is this review positive or negative? ", "--input", "A gem.")
+DUP = (ROOT / "params.yaml").read_text() + "\ntrain:\n  max_steps: 3\n"
+
+CASES = [
+    # 2: configuration or input
+    Case("override-not-yaml", _p("params", "--set", "pairs.tasks=[sst2"), ExitCode.CONFIG,
+         ["pairs.tasks", "not valid YAML", "pairs.tasks=[sst2,rte]"]),
+    Case("params-not-utf8", _p("params"), ExitCode.CONFIG, ["params.yaml", "not UTF-8", "line 2"],
+         params=b"seed: 42\npaths: {data_dir: caf\xe9}\n"),
+    Case("params-not-yaml", _p("params"), ExitCode.CONFIG, ["params.yaml", "not valid YAML", "line 2"],
+         params="seed: 42\ntrain: {lr: [1\n"),
+    Case("params-empty", _p("params"), ExitCode.CONFIG, ["params.yaml", "empty"], params="# nothing\n"),
+    Case("params-duplicate-section", _p("params"), ExitCode.CONFIG, ["key 'train' is written twice", "line"],
+         params=DUP),
+    Case("unknown-key", _p("train", "--set", "train.lrr=3"), ExitCode.CONFIG, ["train.lrr: unknown key", "'lr'"]),
+    Case("non-finite", _p("train", "--set", "train.weight_decay=.inf"), ExitCode.CONFIG,
+         ["train.weight_decay", "finite number"]),
+    Case("backbone-missing", _p("pairs", "--set", "model.backbone=/nonexistent"), ExitCode.CONFIG,
+         ["model.backbone", "'/nonexistent'", "minilm"]),
+    Case("instruction-set-misspelt", _p("train", "--set", f"evaluate.instruction_file={INSTRUCTIONS}",
+                                        "--set", "evaluate.instruction_sets=[clean,textfoolr]"), ExitCode.CONFIG,
+         ["evaluate.instruction_sets", "'textfoolr'", "Did you mean 'textfooler'"]),
+    Case("batch-larger-than-rows", _p("train"), ExitCode.CONFIG, ["train.batch_size = 8", "got 3"],
+         stage=("train", _batch_larger_than_rows)),
+    Case("resume-with-other-settings", _p("train"), ExitCode.CONFIG, ["cannot resume", "lr: checkpoint 0.001"],
+         stage=("train", _resume_refused)),
+    Case("predict-options-bad-json", _p(*PREDICT, "--options", "[bad"), ExitCode.CONFIG,
+         ["--options", "'[bad'", "JSON list"]),
+    Case("predict-options-empty", _p(*PREDICT, "--options", "||"), ExitCode.CONFIG,
+         ["--options", "'||'", "empty answer"]),
+    Case("predict-unknown-task", _p(*PREDICT, "--task", "imdb"), ExitCode.CONFIG,
+         ["--task", "'imdb'", "sst2", "rte"]),
+    Case("predict-input-not-utf8", lambda tmp: ["predict", "--params", str(tmp / "params.yaml"), "--instruction",
+                                                "x", "--input", "caf\udce9"], ExitCode.CONFIG,
+         ["--input", "not valid UTF-8", "0xe9"]),
+    # 3: data
+    Case("stage-input-missing", _p("validate"), ExitCode.DATA, ["pairs.jsonl", "Run `coin pairs` first"]),
+    Case("data-untracked-and-gone", _p("data", "--set", "paths.data_dir=nowhere"), ExitCode.DATA,
+         ["nowhere", "data.dvc"]),
+    Case("data-and-dvc-remote-gone", _p("data"), ExitCode.DATA, ["DVC: Checkout failed", "data", "dvc remote list"],
+         setup=_dvc_project_without_remote),
+    Case("state-json-truncated", _p("train"), ExitCode.DATA, ["state.json", "not valid JSON", "line 1"],
+         stage=("train", _truncated_state_json)),
+    Case("data-not-utf8", _p("pairs"), ExitCode.DATA, ["sst2.train.jsonl", "not UTF-8", "0xe9"],
+         stage=("pairs", _latin1_data)),
+    Case("method-missing-from-metrics", _p("register"), ExitCode.DATA, ["metrics.json", "'cit'"],
+         stage=("register", _method_missing_from_metrics)),
+    Case("file-missing", _p("validate"), ExitCode.DATA, ["pairs.jsonl", "No such file"],
+         stage=("validate", _open_missing)),
+    # 4: model or registry
+    Case("safetensors-truncated", _p("train"), ExitCode.MODEL,
+         ["adapter_model.safetensors", "damaged safetensors file", "restore it"], stage=("train", _half_safetensors)),
+    Case("predict-model-missing", _p(*PREDICT, "--set", "register.model_name=nope"), ExitCode.MODEL,
+         ["cannot load models:/nope@champion", "coin register"]),
+    Case("registry-refuses", _p("register"), ExitCode.MODEL, ["MLflow", "coin-minilm not found"],
+         stage=("register", _registry_refuses)),
+    # 5: runtime
+    Case("diverged", _p("train"), ExitCode.RUNTIME, ["loss is nan", "Lower train.lr"], stage=("train", _diverged)),
+    Case("permission-denied", _p("train"), ExitCode.RUNTIME, ["outputs/train", "Permission denied", "permissions"],
+         stage=("train", _permission_denied)),
+    # 1: a bug
+    Case("bug", _p("evaluate"), ExitCode.BUG, ["unexpected TypeError", "this is a bug", "--debug"],
+         stage=("evaluate", _a_bug)),
+    # 130: Ctrl-C
+    Case("interrupted", _p("evaluate"), ExitCode.INTERRUPTED, ["interrupted"], stage=("evaluate", _interrupted)),
+]
+
+
+def _no_traceback(output: str) -> None:
+    assert "Traceback" not in output and 'File "' not in output, output
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_gives_a_named_one_or_two_line_error_and_its_exit_code(case: Case, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("COIN_DEBUG", raising=False)
+    _params(tmp_path, case.params)
+    if case.setup:
+        case.setup(tmp_path)
+    if case.stage:
+        monkeypatch.setitem(stages.STAGES, *case.stage)
+    res = runner.invoke(app, case.args(tmp_path))
+    out = res.output
+    assert res.exit_code == case.code, f"exit {res.exit_code}, expected {int(case.code)}:\n{out}"
+    for part in case.names:
+        assert part in out, f"{part!r} not in:\n{out}"
+    _no_traceback(out)
+    error_lines = [ln for ln in out.splitlines() if ln.startswith(("error:", "fix:", "interrupted"))]
+    assert 1 <= len(error_lines) <= 2, out
+
+
+def test_every_exit_code_is_documented_in_help():
+    out = runner.invoke(app, ["--help"]).output
+    for code in ExitCode:
+        assert f"{int(code)} " in out, code
+    assert "--debug" in out
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _params(tmp_path)
+    monkeypatch.setitem(stages.STAGES, "evaluate", _a_bug)
+    res = runner.invoke(app, ["--debug", "evaluate", "--params", str(tmp_path / "params.yaml")])
+    assert res.exit_code == ExitCode.BUG and "Traceback" in res.output and "_a_bug" in res.output
+    monkeypatch.setenv("COIN_DEBUG", "1")
+    res = runner.invoke(app, ["evaluate", "--params", str(tmp_path / "params.yaml")])
+    assert res.exit_code == ExitCode.BUG and "Traceback" in res.output
+
+
+def test_a_secret_in_an_error_is_redacted(tmp_path, monkeypatch):
+    def leak(settings, root):
+        raise ConnectionError(f"cannot reach {settings.tracking.uri}/api/2.0/mlflow/runs/create")
+
+    _params(tmp_path)
+    monkeypatch.setitem(stages.STAGES, "register", leak)
+    res = runner.invoke(app, ["register", "--params", str(tmp_path / "params.yaml"),
+                              "--set", "tracking.uri=http://alice:hunter2@127.0.0.1:5000"])
+    assert res.exit_code == ExitCode.RUNTIME and "hunter2" not in res.output
+    assert "http://alice:***@127.0.0.1:5000" in res.output
+
+
+def test_classify_sorts_library_errors_into_their_classes(tmp_path):
+    import yaml
+
+    from coin.config import ConfigError
+    from coin.data.io import DataError
+
+    def raised(fn: Callable) -> BaseException:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001
+            return exc
+        raise AssertionError("did not raise")
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"a": ')
+    assert classify(ConfigError("x"))[0] == ExitCode.CONFIG
+    assert classify(raised(lambda: yaml.safe_load("a: [1")))[0] == ExitCode.CONFIG
+    assert classify(DataError("x"))[0] == ExitCode.DATA
+    code, msg, _ = classify(raised(lambda: json.loads(bad.read_text())))
+    assert code == ExitCode.DATA and str(bad) in msg  # the file, found where it was being read
+    assert classify(raised(lambda: {}["cit"]))[0] == ExitCode.DATA
+    assert classify(ValueError("x"))[0] == ExitCode.CONFIG
+    assert classify(RuntimeError("x"))[0] == ExitCode.RUNTIME
+    assert classify(MemoryError())[0] == ExitCode.RUNTIME
+    assert classify(TypeError("x"))[0] == ExitCode.BUG
+
+
+# --------------------------------------------------------------------------- the real process
+
+
+def _coin(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COIN_DEBUG": ""}
+    return subprocess.run([sys.executable, "-m", "coin.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          timeout=300)
+
+
+def test_the_real_process_prints_no_traceback(tmp_path):
+    """As a user runs it: bytes that are not UTF-8 on the command line, a broken override, a non-UTF-8 file."""
+    params = _params(tmp_path)
+    res = _coin("predict", "--params", str(params), "--instruction", "x", "--input", os.fsdecode(b"caf\xe9"),
+                cwd=tmp_path)
+    err = res.stderr.decode("utf-8", "replace")
+    assert res.returncode == ExitCode.CONFIG and "--input: not valid UTF-8" in err, err
+    _no_traceback(err + res.stdout.decode("utf-8", "replace"))
+    res = _coin("params", "--params", str(params), "--set", "pairs.tasks=[sst2", cwd=tmp_path)
+    err = res.stderr.decode()
+    assert res.returncode == ExitCode.CONFIG and "pairs.tasks" in err, err
+    _no_traceback(err)
+    params.write_bytes(b"seed: 42\n\xff\n")
+    res = _coin("pairs", "--params", str(params), cwd=tmp_path)
+    err = res.stderr.decode()
+    assert res.returncode == ExitCode.CONFIG and "params.yaml: not UTF-8 text (byte 0xff on line 2)" in err, err
+    _no_traceback(err)

@@ -1,0 +1,211 @@
+"""Config that parses but cannot be meant is refused (or warned about) when it is loaded, before any work:
+an empty params file, a key written twice, a non-finite number, instruction sets and tasks the instruction
+file does not have, duplicated instructions in a set, a backbone that cannot be loaded offline."""
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from coin.config import ConfigError, Settings, apply_overrides, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "params.yaml"
+INSTRUCTIONS = ROOT / "data" / "promptbench" / "coin_perturbed_instructions.json"
+
+
+def _project(tmp_path: Path, text: str | None = None, *, instructions: dict | None = None) -> Path:
+    """A project dir with params.yaml (the shipped one unless ``text``) and, if given, its instruction file
+    at the shipped relative path."""
+    p = tmp_path / "params.yaml"
+    p.write_text(SHIPPED.read_text() if text is None else text)
+    if instructions is not None:
+        f = tmp_path / "data" / "promptbench" / "coin_perturbed_instructions.json"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(instructions))
+    return p
+
+
+# --------------------------------------------------------------------------- empty file, one source of values
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only comments\n# here\n", "{}\n"])
+def test_an_empty_params_file_is_an_error(tmp_path, text):
+    with pytest.raises(ConfigError, match=r"params\.yaml: empty, it sets nothing.*shipped params\.yaml"):
+        load_settings(_project(tmp_path, text))
+
+
+def test_a_file_that_omits_sections_is_warned_about_by_name(tmp_path, caplog):
+    p = _project(tmp_path, "seed: 1\ntrain:\n  max_steps: 3\n")
+    with caplog.at_level(logging.WARNING, logger="coin"):
+        s = load_settings(p)
+    assert s.train.max_steps == 3
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "sets no paths, model, pairs, validate, evaluate, register, tracking, study" in warned
+    assert "library defaults" in warned
+
+
+def test_the_shipped_files_load_without_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="coin"):
+        load_settings(SHIPPED)
+        load_settings(ROOT / "params-strong.yaml")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [r.getMessage() for r in caplog.records]
+
+
+# --------------------------------------------------------------------------- duplicate keys
+
+
+def test_a_second_section_block_is_an_error_naming_key_and_lines(tmp_path):
+    text = SHIPPED.read_text() + "\ntrain:\n  max_steps: 3\n"
+    first = next(i for i, line in enumerate(text.splitlines(), 1) if line.startswith("train:"))
+    second = len(text.splitlines()) - 1
+    with pytest.raises(ConfigError) as err:
+        load_settings(_project(tmp_path, text))
+    msg = str(err.value)
+    assert f"line {second}: key 'train' is written twice (first on line {first})" in msg and "Merge" in msg
+
+
+def test_a_nested_duplicate_names_its_dotted_path(tmp_path):
+    with pytest.raises(ConfigError, match=r"line 4: key 'train\.lr' is written twice \(first on line 3\)"):
+        load_settings(_project(tmp_path, "seed: 1\ntrain:\n  lr: 0.1\n  lr: 0.2\n"))
+
+
+def test_a_duplicate_inside_an_override_value_is_an_error():
+    with pytest.raises(ConfigError, match=r"pairs\.rows_per_task.*'sst2' is written twice"):
+        apply_overrides({}, ["pairs.rows_per_task={sst2: 2, sst2: 3}"])
+
+
+def test_yaml_anchors_and_merge_keys_still_work(tmp_path):
+    text = "seed: 1\ntrain: &t\n  max_steps: 3\nstudy:\n  seeds: [0, 1]\n"
+    assert load_settings(_project(tmp_path, text)).train.max_steps == 3
+    assert yaml.safe_load("a: &x {b: 1}\nc:\n  <<: *x\n  b: 2\n")["c"] == {"b": 2}  # merge keys may override
+
+
+# --------------------------------------------------------------------------- non-finite numbers
+
+
+def _float_fields(model: type[BaseModel] = Settings, prefix: str = "") -> list[str]:
+    """Every float-valued key of the settings (the class of field the rule covers), found from the models."""
+    out = []
+    for name, f in model.model_fields.items():
+        key = f"{prefix}{f.alias or name}"
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += _float_fields(ann, key + ".")
+        elif ann is float or (getattr(ann, "__args__", None) and float in ann.__args__):
+            out.append(key)
+    return out
+
+
+def _nested(key: str, value) -> dict:
+    head, _, rest = key.partition(".")
+    return {head: _nested(rest, value) if rest else value}
+
+
+def test_every_float_field_refuses_inf_and_nan():
+    keys = _float_fields()
+    assert {"train.weight_decay", "train.lr", "validate.min_pass_rate", "register.min_improvement"} <= set(keys)
+    for key in keys:
+        for bad in (math.inf, -math.inf, math.nan):
+            with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')} = .*finite number"):
+                Settings.model_validate(_nested(key, bad))
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", ".NaN"])
+def test_non_finite_yaml_in_the_params_file_and_in_overrides(tmp_path, value):
+    text = SHIPPED.read_text().replace("  weight_decay: 0.0", f"  weight_decay: {value}", 1)
+    assert text != SHIPPED.read_text()
+    with pytest.raises(ConfigError, match=r"train\.weight_decay = .*finite number"):
+        load_settings(_project(tmp_path, text))
+    with pytest.raises(ConfigError, match=r"train\.max_grad_norm = .*finite number"):
+        load_settings(_project(tmp_path), [f"train.max_grad_norm={value}"])
+
+
+# --------------------------------------------------------------------------- the instruction file
+
+
+def _doc(**sets: dict[str, list[str]]) -> dict:
+    return {"perturbations": sets}
+
+
+SIX = [f"Classify the sentiment, variant {i}: " for i in range(6)]
+
+
+def test_a_misspelt_instruction_set_is_refused_at_load_naming_key_file_and_guess(tmp_path):
+    p = _project(tmp_path, instructions=json.loads(INSTRUCTIONS.read_text()))  # the shipped file
+    with pytest.raises(ConfigError) as err:
+        load_settings(p, ["evaluate.instruction_sets=[clean, textfoolr]"])
+    msg = str(err.value)
+    assert "evaluate.instruction_sets: 'textfoolr' is not a set of" in msg and str(INSTRUCTIONS.name) in msg
+    assert "Did you mean 'textfooler'?" in msg
+
+
+def test_a_task_missing_from_a_set_is_refused_at_load(tmp_path):
+    p = _project(tmp_path, instructions=_doc(clean={"sst2": SIX}, textfooler={"sst2": SIX}))
+    with pytest.raises(ConfigError, match=r"evaluate\.tasks: rte have no instructions in set 'clean'"):
+        load_settings(p, ["evaluate.tasks=[sst2, rte]", "evaluate.instruction_sets=[clean, textfooler]"])
+    s = load_settings(p, ["evaluate.tasks=[sst2]", "evaluate.instruction_sets=[clean, textfooler]"])
+    assert s.evaluate.tasks == ["sst2"]
+
+
+def test_an_absolute_instruction_file_is_checked_too(tmp_path):
+    f = tmp_path / "mine.json"
+    f.write_text(json.dumps(_doc(clean={"sst2": SIX})))
+    with pytest.raises(ConfigError, match="'textfooler' is not a set of .*mine.json"):
+        load_settings(_project(tmp_path), [f"evaluate.instruction_file={f}", "evaluate.tasks=[sst2]"])
+
+
+def test_a_missing_instruction_file_is_skipped_and_said_at_debug_level(tmp_path, caplog):
+    p = _project(tmp_path)  # no data/ here: the data stage restores it later
+    with caplog.at_level(logging.DEBUG, logger="coin"):
+        s = load_settings(p, ["evaluate.instruction_sets=[clean, textfoolr]"])
+    assert s.evaluate.instruction_sets == ["clean", "textfoolr"]
+    said = [r for r in caplog.records if "not there (yet)" in r.getMessage()]
+    assert said and said[0].levelno == logging.DEBUG and "evaluate.instruction_sets" in said[0].getMessage()
+
+
+def test_duplicate_instructions_are_warned_about_naming_set_task_and_text(tmp_path, caplog):
+    same = ["Is it positive? "] * 6
+    p = _project(tmp_path, instructions=_doc(clean={"sst2": SIX}, textfooler={"sst2": same}))
+    with caplog.at_level(logging.WARNING, logger="coin"):
+        load_settings(p, ["evaluate.tasks=[sst2]", "evaluate.instruction_sets=[clean, textfooler]"])
+    msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    dup = [m for m in msgs if "listed 6 times" in m]
+    assert len(dup) == 1 and "set 'textfooler', task 'sst2'" in dup[0] and "'Is it positive? '" in dup[0]
+
+
+def test_a_promptbench_set_with_another_count_is_warned_about(tmp_path, caplog):
+    p = _project(tmp_path, instructions=_doc(clean={"sst2": SIX}, textfooler={"sst2": SIX[:3]},
+                                             mine={"sst2": SIX[:2]}))
+    with caplog.at_level(logging.WARNING, logger="coin"):
+        load_settings(p, ["evaluate.tasks=[sst2]", "evaluate.instruction_sets=[clean, textfooler, mine]"])
+    msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("set 'textfooler', task 'sst2' has 3 instructions; the shipped PromptBench set has 6" in m for m in msgs)
+    assert not any("'mine'" in m for m in msgs)  # a set of the user's own has no shipped count
+
+
+# --------------------------------------------------------------------------- the backbone
+
+
+@pytest.mark.parametrize("backbone", ["/nonexistent", "./no/such/dir", "no-such-org/no-such-model"])
+def test_a_backbone_that_cannot_be_loaded_offline_names_the_key(tmp_path, backbone):
+    with pytest.raises(ConfigError, match=r"model\.backbone = .*(no such directory|no config.json)"):
+        load_settings(_project(tmp_path), [f"model.backbone={backbone}"])
+
+
+def test_a_directory_without_a_saved_model_is_not_a_backbone(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="model.backbone = .*has no config.json"):
+        load_settings(_project(tmp_path), [f"model.backbone={tmp_path / 'empty'}"])
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    assert load_settings(_project(tmp_path), [f"model.backbone={tmp_path / 'empty'}"]).model.backbone
+
+
+def test_predict_does_not_need_the_project(tmp_path):
+    """``coin predict`` reads neither the backbone nor the instruction file: it loads with check_project=False."""
+    s = load_settings(_project(tmp_path), ["model.backbone=/nonexistent"], check_project=False)
+    assert s.model.backbone == "/nonexistent"

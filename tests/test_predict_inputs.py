@@ -1,0 +1,215 @@
+"""Predict inputs that used to crash or lie: an input longer than the model reads (cut to fit, the instruction
+and the answer marker kept whole), a ``task`` of the wrong type or an unknown one, malformed ``options``;
+through ``answer_rows`` and through the model server's own app (the HTTP layer of ``mlflow models serve``)."""
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from coin.config import LoraSettings
+from coin.data.prompts import encode
+from coin.data.tasks import TASKS
+from coin.predict import answer_rows, check_task, fit_input, max_positions, parse_options
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+INSTRUCTION = "Is the sentiment of this review 'positive' or 'negative'? "
+LONG = ("A warm, funny and beautifully acted film that never drags. " * 400)[:20_000]
+
+
+@pytest.fixture(scope="module")
+def bert_adapter(tiny_bert_encoder_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter on a tiny BERT encoder run as a prefix LM (like the embedded MiniLM): absolute position
+    embeddings, 512 positions, so a sequence past them would fail with "index out of range"."""
+    from coin.modeling.adapter import write_meta
+    from coin.modeling.backbone import load_backbone
+    from coin.modeling.lora import apply_lora
+
+    bb = load_backbone(str(tiny_bert_encoder_dir), seed=0)
+    model = apply_lora(bb, LoraSettings(r=4, alpha=8))
+    out = tmp_path_factory.mktemp("bert_adapter") / "adapter"
+    model.save_pretrained(str(out))
+    bb.tokenizer.save_pretrained(str(out))
+    write_meta(out, {"base": str(tiny_bert_encoder_dir), "dtype": "float32", "seed": 0, "method": "coin",
+                     "prompt_format": "train", "append_eos": True, "attention": bb.attention, "readout": bb.readout})
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(bert_adapter):
+    from coin.modeling.adapter import load_trained
+
+    return load_trained(bert_adapter, device="cpu")
+
+
+@pytest.fixture
+def seen(monkeypatch) -> dict[str, list[str]]:
+    """The prompts the generator and the scorer receive (the real functions still run)."""
+    import coin.evaluation.generation as generation
+    import coin.evaluation.scoring as scoring
+
+    got: dict[str, list[str]] = {"generate": [], "score": []}
+    real_gen, real_score = generation.generate_answers, scoring.score_label_words
+
+    def gen(model, tokenizer, prompts, **kw):
+        got["generate"] += list(prompts)
+        return real_gen(model, tokenizer, prompts, **kw)
+
+    def score(model, tokenizer, prompts, label_words, **kw):
+        got["score"] += list(prompts)
+        return real_score(model, tokenizer, prompts, label_words, **kw)
+
+    monkeypatch.setattr(generation, "generate_answers", gen)
+    monkeypatch.setattr(scoring, "score_label_words", score)
+    return got
+
+
+# --------------------------------------------------------------------------- long inputs
+
+
+def test_max_positions_reads_the_unwrapped_model(trained):
+    model, _, _ = trained
+    assert type(model).__name__.startswith("PeftModel") and max_positions(model) == 512
+
+
+@pytest.mark.parametrize("with_task", [False, True], ids=["generate", "task"])
+def test_a_20000_character_input_is_cut_to_fit_keeping_the_instruction(trained, seen, caplog, with_task):
+    model, tok, meta = trained
+    row = {"instruction": [INSTRUCTION], "input": [LONG], **({"task": ["sst2"]} if with_task else {})}
+    with caplog.at_level(logging.WARNING):
+        out = answer_rows(model, tok, meta, pd.DataFrame(row), max_new_tokens=5)
+    assert len(out) == 1 and isinstance(out["answer"].iloc[0], str)
+    if with_task:
+        assert out["answer"].iloc[0] in TASKS["sst2"].label_words
+    (prompt,) = seen["score" if with_task else "generate"]
+    assert prompt.startswith(INSTRUCTION) and LONG.startswith(prompt[len(INSTRUCTION):])  # the input's head
+    room = 5 if not with_task else max(len(tok(w, add_special_tokens=False)["input_ids"])
+                                        for w in TASKS["sst2"].label_words)
+    enc = encode(tok, prompt, "", fmt="train", append_eos=False, max_length=512 - room)
+    assert enc.truncated == 0  # nothing left for the evaluator's left truncation (which would cut the instruction)
+    assert 512 - room - 10 <= len(enc.input_ids) <= 512 - room  # and the input fills what there is
+    warned = [r.getMessage() for r in caplog.records if "too long for the model" in r.getMessage()]
+    assert len(warned) == 1 and "the instruction whole" in warned[0]
+    assert not [r for r in caplog.records if "lost" in r.getMessage() and "from the left" in r.getMessage()]
+
+
+def test_fit_input_keeps_short_inputs_and_refuses_an_instruction_that_cannot_fit(trained):
+    _, tok, _ = trained
+    assert fit_input(tok, INSTRUCTION, "a gem", fmt="train", limit=512) == ("a gem", 0)
+    with pytest.raises(ValueError, match="instruction: .* tokens .* at most 20 .* shorten the instruction"):
+        fit_input(tok, INSTRUCTION * 3, LONG, fmt="train", limit=20)
+
+
+def test_too_many_new_tokens_are_refused(trained):
+    model, tok, meta = trained
+    with pytest.raises(ValueError, match=r"max_new_tokens = 600: give 1\.\.511"):
+        answer_rows(model, tok, meta, pd.DataFrame({"instruction": ["Say: "], "input": ["hi"]}), max_new_tokens=600)
+
+
+# --------------------------------------------------------------------------- task and options
+
+
+@pytest.mark.parametrize("task, expected", [
+    (7, r"task = 7 \(int\): must be the name of a GLUE task, as a string"),
+    (np.int64(7), r"task = 7 \((int|int64)\): must be the name of a GLUE task"),
+    (True, r"task = True \(bool\)"),
+    ("imdb", r"task 'imdb' is not a known GLUE task; the known tasks: sst2, cola"),
+])
+def test_a_bad_task_is_refused_naming_it(trained, task, expected):
+    model, tok, meta = trained
+    with pytest.raises(ValueError, match=expected):
+        answer_rows(model, tok, meta, pd.DataFrame({"instruction": ["x"], "input": ["y"], "task": [task]}))
+
+
+def test_an_absent_task_generates(trained):
+    assert check_task(None) is None and check_task(float("nan")) is None and check_task("") is None
+    assert check_task("rte") == "rte"
+
+
+@pytest.mark.parametrize("options, expected", [
+    ("[bad", r"options '\[bad': starts with '\[' but is not a JSON list"),
+    ("||", r"options '\|\|': has an empty answer"),
+    ("yes||no", r"has an empty answer"),
+    ("yes|no|yes", r"lists 'yes' twice"),
+    ("[]", r"lists no answer"),
+    ('["yes", ["no"]]', r"\['no'\] is not an answer"),
+])
+def test_malformed_options_are_refused_naming_them(options, expected):
+    with pytest.raises(ValueError, match=expected):
+        parse_options(options)
+
+
+def test_good_options_parse():
+    assert parse_options("yes | no") == ["yes", "no"] and parse_options('["a b", "c"]') == ["a b", "c"]
+    assert parse_options(None) is None and parse_options("  ") is None
+
+
+def test_a_bad_row_among_several_is_named_by_its_index(trained):
+    model, tok, meta = trained
+    df = pd.DataFrame({"instruction": ["x", "x"], "input": ["y", "z"], "options": ["yes|no", "[oops"]})
+    with pytest.raises(ValueError, match=r"^row 1: options '\[oops'"):
+        answer_rows(model, tok, meta, df)
+
+
+# --------------------------------------------------------------------------- over HTTP (the model server's app)
+
+
+@pytest.fixture(scope="module")
+def server(bert_adapter, tmp_path_factory):
+    """The app ``mlflow models serve`` runs (``mlflow.pyfunc.scoring_server``), on the logged pyfunc, in process."""
+    import os
+
+    import mlflow
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc import scoring_server
+
+    from coin.registry.register import PYFUNC_FILE, model_signature
+
+    path = tmp_path_factory.mktemp("pyfunc") / "model"
+    mlflow.pyfunc.save_model(str(path), python_model=str(PYFUNC_FILE), artifacts={"adapter": str(bert_adapter)},
+                             signature=model_signature())
+    before = dict(os.environ)
+    app = scoring_server.init(mlflow.pyfunc.load_model(str(path)))
+    try:
+        with TestClient(app) as client:
+            yield client
+    finally:
+        os.environ.clear()
+        os.environ.update(before)  # init() marks the process as a serving environment
+
+
+def _post(client, records: list[dict], **params):
+    return client.post("/invocations", json={"dataframe_records": records, "params": params})
+
+
+def test_http_a_task_of_the_wrong_type_is_a_400_naming_the_field(server):
+    res = _post(server, [{"instruction": "Is this positive? ", "input": "a gem", "task": 7}])
+    assert res.status_code == 400, res.text
+    msg = res.json()["message"]
+    assert "task = 7" in msg and "must be the name of a GLUE task" in msg
+
+
+def test_http_an_unknown_task_is_a_400_naming_it_and_the_known_ones(server):
+    res = _post(server, [{"instruction": "Is this positive? ", "input": "a gem", "task": "imdb"}])
+    assert res.status_code == 400, res.text
+    msg = res.json()["message"]
+    assert "task 'imdb' is not a known GLUE task" in msg and "sst2" in msg and "unexpected error" not in msg
+
+
+def test_http_malformed_options_are_a_400(server):
+    res = _post(server, [{"instruction": "Pick: ", "input": "x", "options": "[bad"}])
+    assert res.status_code == 400 and "options '[bad'" in res.json()["message"], res.text
+
+
+def test_http_a_long_input_is_answered(server):
+    res = _post(server, [{"instruction": INSTRUCTION, "input": LONG, "task": "sst2"},
+                         {"instruction": "Say: ", "input": LONG}], return_scores=True, max_new_tokens=3)
+    assert res.status_code == 200, res.text
+    preds = res.json()["predictions"]
+    assert preds[0]["answer"] in TASKS["sst2"].label_words and set(json.loads(preds[0]["scores"])) == {
+        "negative", "positive"}
+    assert isinstance(preds[1]["answer"], str)

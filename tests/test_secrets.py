@@ -1,0 +1,223 @@
+"""Credentials never reach a recorder in plain text: MLflow params of real runs (pipeline parent, training
+child, the flow's parent run), Prefect flow-run parameters, ``coin params``, error messages and logs; the
+settings themselves keep the real value (what is used is not what is recorded)."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from coin.config import ConfigError, Settings, load_settings
+from coin.secrets import (
+    REDACTED,
+    RedactingFilter,
+    SealedOverride,
+    is_secret_key,
+    redact_override,
+    redact_text,
+    redacted,
+    reveal,
+    reveal_overrides,
+    seal_overrides,
+    seal_text,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PASSWORD = "hunter2-Sup3r"
+
+
+# --------------------------------------------------------------------------- the one redaction function
+
+
+@pytest.mark.parametrize("text, shown", [
+    (f"http://alice:{PASSWORD}@mlflow.example.org:5000", "http://alice:***@mlflow.example.org:5000"),
+    (f"postgresql+psycopg2://bob:{PASSWORD}@db/coin", "postgresql+psycopg2://bob:***@db/coin"),
+    (f"tcp://u:{PASSWORD}@127.0.0.1:8786", "tcp://u:***@127.0.0.1:8786"),
+    (f"see https://x:{PASSWORD}@h/a and s3://k:{PASSWORD}@b/c", "see https://x:***@h/a and s3://k:***@b/c"),
+    (f"https://h/api?token={PASSWORD}&page=2", "https://h/api?token=***&page=2"),
+    (f"https://acct.blob.core.windows.net/c?sv=2024&sig={PASSWORD}", "https://acct.blob.core.windows.net/c?sv=2024&sig=***"),
+    ("postgresql://bob@db/coin", "postgresql://bob@db/coin"),  # no password, nothing to hide
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ("sqlite:////abs/mlruns/mlflow.db", "sqlite:////abs/mlruns/mlflow.db"),
+])
+def test_redact_text_hides_uri_passwords_and_secret_query_values(text, shown):
+    assert redact_text(text) == shown
+
+
+def test_secret_keys_are_words_not_substrings():
+    assert all(map(is_secret_key, ["db.password", "hf_token", "auth.api_key", "aws.secret_access_key",
+                                   "client-secret", "MLFLOW_TRACKING_PASSWORD", "credentials"]))
+    assert not any(map(is_secret_key, ["evaluate.max_new_tokens", "tokenizer", "train.lr", "tracking.uri"]))
+
+
+def test_redacted_covers_flat_nested_and_list_values():
+    rec = redacted({"tracking.uri": f"http://a:{PASSWORD}@h", "db": {"password": PASSWORD, "host": "h"},
+                    "hf_token": PASSWORD, "empty_token": None, "hosts": [f"tcp://u:{PASSWORD}@h:1", "plain"],
+                    "train.lr": 0.001})
+    assert PASSWORD not in json.dumps(rec)
+    assert rec["db"] == {"password": REDACTED, "host": "h"} and rec["hf_token"] == REDACTED
+    assert rec["empty_token"] is None and rec["train.lr"] == 0.001 and rec["hosts"][1] == "plain"
+
+
+def test_settings_record_redacted_but_keep_the_real_value(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text((ROOT / "params.yaml").read_text())
+    uri, dask = f"http://alice:{PASSWORD}@127.0.0.1:5000", f"tcp://u:{PASSWORD}@127.0.0.1:8786"
+    s = load_settings(p, [f"tracking.uri={uri}", f"study.dask_address={dask}"])
+    assert s.tracking.uri == uri and s.study.dask_address == dask  # what is used
+    flat = s.to_flat_dict()  # what every recorder logs
+    assert PASSWORD not in json.dumps(flat)
+    assert flat["tracking.uri"] == "http://alice:***@127.0.0.1:5000"
+    assert flat["study.dask_address"] == "tcp://u:***@127.0.0.1:8786"
+
+
+def test_config_errors_show_the_value_redacted():
+    with pytest.raises(ConfigError) as err:
+        Settings.model_validate({"tracking": {"uri": f"ftp://alice:{PASSWORD}@host/x"}})
+    assert PASSWORD not in str(err.value) and "tracking.uri = 'ftp://alice:***@host/x'" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_settings(ROOT / "params.yaml", [f"tracking.uri=[http://a:{PASSWORD}@h"])
+    assert PASSWORD not in str(err.value) and "tracking.uri" in str(err.value)
+
+
+def test_sealed_overrides_record_redacted_and_apply_the_real_value(tmp_path):
+    from fastapi.encoders import jsonable_encoder  # what Prefect uses to record flow-run parameters
+
+    p = tmp_path / "params.yaml"
+    p.write_text((ROOT / "params.yaml").read_text())
+    real = [f"tracking.uri=http://alice:{PASSWORD}@127.0.0.1:5000", "train.max_steps=3"]
+    sealed = seal_overrides(real)
+    assert isinstance(sealed[0], SealedOverride) and sealed[1] == "train.max_steps=3"
+    assert seal_overrides(sealed) == sealed and reveal_overrides(sealed) == real
+    recorded = jsonable_encoder(sealed)
+    assert recorded == ["tracking.uri=http://alice:***@127.0.0.1:5000", "train.max_steps=3"]
+    assert PASSWORD not in repr(sealed) and PASSWORD not in str(sealed[0])
+    s = load_settings(p, sealed)
+    assert s.tracking.uri == f"http://alice:{PASSWORD}@127.0.0.1:5000" and s.train.max_steps == 3
+    assert redact_override(f"db.password={PASSWORD}") == "db.password=***"
+
+
+def test_logs_are_redacted():
+    logger = logging.getLogger("coin.test_secrets")
+    handler = logging.Handler()
+    records: list[str] = []
+    handler.emit = lambda r: records.append(handler.format(r))  # type: ignore[method-assign]
+    handler.addFilter(RedactingFilter())
+    logger.addHandler(handler)
+    try:
+        logger.warning("cannot reach %s (attempt %d)", f"http://alice:{PASSWORD}@h:5000", 2)
+    finally:
+        logger.removeHandler(handler)
+    assert records == ["cannot reach http://alice:***@h:5000 (attempt 2)"]
+
+
+def test_coin_params_and_cli_errors_print_no_secret(tmp_path):
+    from typer.testing import CliRunner
+
+    from coin.cli import app
+
+    p = tmp_path / "params.yaml"
+    p.write_text((ROOT / "params.yaml").read_text())
+    ok = CliRunner().invoke(app, ["params", "--params", str(p), "--set", f"tracking.uri=http://a:{PASSWORD}@h:1"])
+    assert ok.exit_code == 0 and PASSWORD not in ok.output and '"tracking.uri": "http://a:***@h:1"' in ok.output
+    bad = CliRunner().invoke(app, ["params", "--params", str(p), "--set", f"tracking.uri=ftp://a:{PASSWORD}@h:1"])
+    assert bad.exit_code == 2 and PASSWORD not in bad.output and "tracking.uri" in bad.output
+
+
+# --------------------------------------------------------------------------- real recorders
+
+
+def test_real_mlflow_runs_log_no_password(tmp_path):
+    """``tracking.uri: http://alice:<password>@127.0.0.1:<port>`` pointing at a real ``mlflow server``: the
+    pipeline parent run, a training child run and the Prefect flow's parent run (``open_pipeline_run``) record
+    the URI redacted, while the runs did go through that URI."""
+    from mlflow import MlflowClient
+    from test_serve import _env, _free_port, _start, _stop, _wait_ready
+
+    import mlflow
+    from coin.registry.tracking import method_run, pipeline_run
+
+    port = _free_port()
+    log_path = tmp_path / "server.log"
+    proc = _start(["server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                   "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                   "--artifacts-destination", str(tmp_path / "mlartifacts")],
+                  _env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), log_path)
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}/health", proc, log_path, timeout=120)
+        secret_uri = f"http://alice:{PASSWORD}@127.0.0.1:{port}"
+        params = tmp_path / "params.yaml"
+        params.write_text((ROOT / "params.yaml").read_text())
+        overrides = seal_overrides([f"tracking.uri={secret_uri}", "tracking.experiment=secrets"])
+        settings = load_settings(params, overrides)
+        with pipeline_run(settings, tmp_path) as parent:
+            with method_run(settings, tmp_path, "coin") as child:
+                mlflow.log_metric("train/loss", 0.5)
+        assert mlflow.get_tracking_uri() == secret_uri  # the real URI was used
+
+        from flows.pipeline import close_pipeline_run, open_pipeline_run
+
+        flow_parent = open_pipeline_run.fn(str(params), overrides, None)
+        close_pipeline_run.fn(str(params), overrides, flow_parent, "FINISHED")
+
+        client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
+        for run_id in (parent.info.run_id, child.info.run_id, flow_parent):
+            run = client.get_run(run_id)
+            recorded = json.dumps({**run.data.params, **run.data.tags})
+            assert PASSWORD not in recorded, (run_id, recorded)
+            assert run.data.params["tracking.uri"] == f"http://alice:***@127.0.0.1:{port}"
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+        _stop(proc)
+
+
+def test_prefect_flow_run_parameters_hold_no_password(tmp_path):
+    """A sealed override is recorded redacted as the flow run's parameter (the flow fails right after reading
+    its params here: no cluster for 0 evaluation workers), not in plain text."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.testing.utilities import prefect_test_harness
+
+    import flows.pipeline  # noqa: F401  (Prefect's console handler binds to the real stderr first)
+    from flows.pipeline import coin_pipeline
+
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    secret = f"tracking.uri=http://alice:{PASSWORD}@127.0.0.1:9"
+    with prefect_test_harness(server_startup_timeout=120):
+        with pytest.raises(ValueError, match="eval_workers = 0"):
+            coin_pipeline(params_path=str(params), overrides=seal_overrides([secret, "train.max_steps=2"]),
+                          eval_workers=0)
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["coin-pipeline"])))
+    assert len(runs) == 1
+    recorded = runs[0].parameters
+    assert PASSWORD not in json.dumps(recorded)
+    assert recorded["overrides"] == ["tracking.uri=http://alice:***@127.0.0.1:9", "train.max_steps=2"]
+
+
+def test_flow_parameters_stay_sealed_through_validation_and_serialise_redacted():
+    """What Prefect does with a flow's parameters: validate them (the sealed values survive, so the flow gets the
+    real ones) and serialise them for the API (redacted)."""
+    from flows.pipeline import coin_pipeline
+    from flows.study import coin_study
+
+    address = f"tcp://u:{PASSWORD}@127.0.0.1:8786"
+    assert seal_text("tcp://127.0.0.1:8786") == "tcp://127.0.0.1:8786" and seal_text(None) is None
+    for flow in (coin_pipeline, coin_study):
+        params = flow.validate_parameters({"params_path": "params.yaml", "dask_address": seal_text(address),
+                                           "overrides": seal_overrides([f"tracking.uri=http://a:{PASSWORD}@h:1"])})
+        assert reveal(params["dask_address"]) == address
+        assert reveal_overrides(params["overrides"]) == [f"tracking.uri=http://a:{PASSWORD}@h:1"]
+        recorded = flow.serialize_parameters(params)
+        assert PASSWORD not in json.dumps(recorded)
+        assert recorded["dask_address"] == "tcp://u:***@127.0.0.1:8786"
+
+
+def test_secretstr_overrides_are_accepted_by_load_settings():
+    s = load_settings(ROOT / "params.yaml", [SecretStr("train.max_steps=4")])
+    assert s.train.max_steps == 4
