@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from coin.config import Settings
-from coin.stages import stage_data
+from coin.stages import check_data, stage_data
 
 log = logging.getLogger("coin.flows")
 
@@ -33,7 +33,10 @@ def version_data(settings: Settings, root: Path, push: bool = True) -> dict[str,
     """DVC status of ``data/``: version local changes (``dvc add``), pull what is missing, push what the
     remote lacks.
 
-    Returns ``stage_data``'s ``{"data_version", "pulled"}`` plus ``"versioned"`` (a new version was
+    Data is checked (:func:`coin.stages.check_data`) before it is versioned and before anything is pushed:
+    a refusal is a ``DataError`` naming the file and line, which the flow never retries.
+
+    Returns ``stage_data``'s ``{"data_version", "pulled", "rows"}`` plus ``"versioned"`` (a new version was
     recorded in ``data.dvc``) and ``"pushed"`` (files sent to the remote).
     """
     dvc_file = root / "data.dvc"
@@ -46,10 +49,13 @@ def version_data(settings: Settings, root: Path, push: bool = True) -> dict[str,
     with Repo(str(root)) as repo:
         changes = _out_status(repo, dvc_file)
         if data_dir.exists() and any(v == "modified" for v in changes.values()):
+            # validated before it is versioned: a broken file stops here (DataError naming file and line,
+            # never retried), so it is neither recorded in data.dvc nor pushed; rerunning refuses again
+            check_data(settings, root)
             log.warning("data: %s differs from data.dvc (%s); recording it as a new DVC version", data_dir, changes)
             repo.add(str(data_dir))
             versioned = True
-    result = stage_data(settings, root)  # pulls when data/ is missing or incomplete
+    result = stage_data(settings, root)  # pulls when data/ is missing or incomplete, then checks every file
     pushed = 0
     if push:
         from dvc.config import NoRemoteError

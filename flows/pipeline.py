@@ -71,6 +71,12 @@ def _transient(task: Task, task_run: Any, state: Any) -> bool:
     """Retry condition of the I/O tasks: retry network, lock and server trouble, not a deterministic
     refusal (bad params or data, a promotion the registry cannot decide) that would only fail again."""
     exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:  # Prefect may hold the exception in a result record rather than in state.data
+        try:
+            got = state.result(raise_on_failure=False)
+        except Exception:  # noqa: BLE001 - an unreadable result: treat as transient, as before
+            got = None
+        exc = got if isinstance(got, BaseException) else None
     if exc is None:
         return True
     from coin.registry.promotion import PromotionError

@@ -2,11 +2,17 @@
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from coin.config import Settings
+from coin.data.io import DataError
 from flows.data_sync import version_data
 from helpers_project import copy_project
+
+
+def _status(out: dict) -> dict:
+    return {k: v for k, v in out.items() if k != "rows"}  # rows: per-file counts of the data check
 
 
 def _md5(project: Path) -> str:
@@ -21,10 +27,12 @@ def test_version_data_pulls_then_versions_and_pushes_a_change(tmp_path, monkeypa
     v0 = _md5(project)
 
     first = version_data(settings, project)  # fresh clone: no data/ yet
-    assert first == {"data_version": v0, "pulled": True, "versioned": False, "pushed": 0}
+    assert _status(first) == {"data_version": v0, "pulled": True, "versioned": False, "pushed": 0}
+    assert first["rows"]["sst2.train"] == 5000 and first["rows"]["sst2.validation"] == 872
     assert (project / "data" / "glue" / "sst2.train.jsonl").exists()
 
-    assert version_data(settings, project) == {"data_version": v0, "pulled": False, "versioned": False, "pushed": 0}
+    assert _status(version_data(settings, project)) == {"data_version": v0, "pulled": False, "versioned": False,
+                                                        "pushed": 0}
 
     files_before = {p for p in remote.rglob("*") if p.is_file()}
     (project / "data" / "glue" / "extra.jsonl").write_text('{"sentence": "new row", "label": 1}\n')
@@ -35,7 +43,7 @@ def test_version_data_pulls_then_versions_and_pushes_a_change(tmp_path, monkeypa
     assert {p for p in remote.rglob("*") if p.is_file()} > files_before  # the new version is in the remote
 
     again = version_data(settings, project)
-    assert again == {"data_version": v1, "pulled": False, "versioned": False, "pushed": 0}
+    assert _status(again) == {"data_version": v1, "pulled": False, "versioned": False, "pushed": 0}
 
 
 def test_version_data_without_push_leaves_the_remote_alone(tmp_path, monkeypatch):
@@ -48,3 +56,42 @@ def test_version_data_without_push_leaves_the_remote_alone(tmp_path, monkeypatch
     out = version_data(settings, project, push=False)
     assert out["versioned"] and out["pushed"] == 0
     assert {p for p in (project / "dvc-remote").rglob("*") if p.is_file()} == files_before
+
+
+def test_broken_data_is_refused_before_it_is_versioned_or_pushed_also_on_retry(tmp_path, monkeypatch):
+    """Issue 12 §2: a careless in-place edit that breaks one JSON line must be refused naming the file and the
+    line, and neither recorded in data.dvc nor pushed to the remote, however often the step is retried."""
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    project = copy_project(tmp_path)
+    settings = Settings.model_validate({})
+    version_data(settings, project)
+    v0, remote = _md5(project), project / "dvc-remote"
+    files_before = {p for p in remote.rglob("*") if p.is_file()}
+    train = project / "data" / "glue" / "sst2.train.jsonl"
+    lines = train.read_text().splitlines(keepends=True)
+    lines[2] = lines[2].replace('"label"', '"label', 1)  # line 3 is no longer JSON
+    train.write_text("".join(lines))
+    for _attempt in range(3):  # the first try and Prefect's two retries
+        with pytest.raises(DataError, match=r"sst2\.train\.jsonl.*\b3\b"):
+            version_data(settings, project)
+        assert _md5(project) == v0
+        assert {p for p in remote.rglob("*") if p.is_file()} == files_before
+
+
+def test_empty_task_files_are_errors_not_smaller_averages(tmp_path):
+    """Issue 12 §5: an empty train or validation file of a configured task stops the run, naming the file and
+    the key that lists the task."""
+    import shutil
+
+    from coin.config import PairsSettings
+    from coin.data.pairs import build_pairs
+    from coin.evaluation.sampling import sample_examples
+
+    data = tmp_path / "data"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "data", data)
+    (data / "glue" / "sst2.train.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"sst2\.train\.jsonl: no rows.*pairs\.tasks"):
+        build_pairs(data, PairsSettings(tasks=["rte", "sst2"], rows_per_task=4), seed=0)
+    (data / "glue" / "rte.validation.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"rte\.validation\.jsonl: no rows.*evaluate\.tasks"):
+        sample_examples(data, "rte", 10, seed=0)

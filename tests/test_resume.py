@@ -43,7 +43,10 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_adapter(tiny_bert_encoder_di
     assert not (killed / "adapter").exists()
 
     logged: list[int] = []
-    resumed = train(load_backbone(model_dir, device="cpu", seed=0), resume_rows(), cfg, out_dir=killed, seed=0,
+    # as the README says: the killed run had train.resume false; it is continued with --set train.resume=true
+    assert cfg.resume is False
+    again = cfg.model_copy(update={"resume": True})
+    resumed = train(load_backbone(model_dir, device="cpu", seed=0), resume_rows(), again, out_dir=killed, seed=0,
                     cutoff_len=CUTOFF, progress=False, resume=True, on_metrics=lambda s, _: logged.append(s))
     assert resumed.resumed_from == 4 and resumed.steps == 6 and logged == [5, 6]  # only steps 5 and 6 ran
     assert [h["step"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
@@ -147,3 +150,32 @@ def test_resume_refuses_a_different_run_and_starts_fresh_without_checkpoint(
     fresh = train(load_backbone(str(tiny_llama_dir), device="cpu"), rows, cfg, out_dir=tmp_path / "new", seed=0,
                   cutoff_len=64, progress=False, resume=True)
     assert fresh.resumed_from == 0 and os.path.isdir(tmp_path / "new" / "checkpoints" / "step-0000002")
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tiny_llama_dir: Path, tmp_path: Path, caplog) -> None:
+    """A checkpoint cut short (its safetensors half written, its state.json truncated) is named in a warning and
+    the resume continues from the newest complete one, to the same adapter as an uninterrupted run."""
+    import logging
+
+    cfg = cfg_for("coin", max_steps=4, checkpoint_every=1, keep_checkpoints=3, lr=1e-2)
+    rows = make_rows(8)
+    full = train(load_backbone(str(tiny_llama_dir), device="cpu"), rows, cfg, out_dir=tmp_path / "full", seed=0,
+                 cutoff_len=64, progress=False)
+    run = tmp_path / "run"
+    train(load_backbone(str(tiny_llama_dir), device="cpu"), rows, cfg, out_dir=run, seed=0, cutoff_len=64,
+          progress=False)
+    ckpts = {s: p for s, p in list_checkpoints(run / "checkpoints")}
+    assert sorted(ckpts) == [2, 3, 4]
+    weights = ckpts[4] / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])       # step 4: half a file
+    state = ckpts[3] / "state.json"
+    state.write_text(state.read_text()[:40])                                         # step 3: truncated JSON
+    with caplog.at_level(logging.WARNING, logger="coin.training.loop"):
+        resumed = train(load_backbone(str(tiny_llama_dir), device="cpu"), rows, cfg.model_copy(update={"resume": True}),
+                        out_dir=run, seed=0, cutoff_len=64, progress=False, resume=True)
+    assert resumed.resumed_from == 2
+    warned = "\n".join(r.getMessage() for r in caplog.records)
+    assert "adapter_model.safetensors: cannot be read back" in warned and "state.json: cannot be read back" in warned
+    a, b = adapter_tensors(full.adapter_dir), adapter_tensors(resumed.adapter_dir)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7, msg=name)

@@ -119,7 +119,47 @@ def stage_data(settings: Settings, root: Path) -> dict[str, Any]:
             log.info("data not in sync with data.dvc (%s); pulling from the DVC remote", status)
             repo.pull(targets=[str(root / "data.dvc")])
             pulled = True
-    return {"data_version": data_version(root), "pulled": pulled}
+    return {"data_version": data_version(root), "pulled": pulled, "rows": check_data(settings, root)}
+
+
+def check_data(settings: Settings, root: Path) -> dict[str, int]:
+    """Read every data file the later stages read, as they read it, and stop at the first bad one.
+
+    The train rows of ``pairs.tasks``, their FLAN templates, the validation rows of ``evaluate.tasks``
+    (a task without an offline split, qqp, is skipped there as the evaluation skips it) and the
+    instruction file. A broken JSON line, a missing field, a label outside the task's ids or an empty
+    file raises :class:`DataError` naming the file and the line. The data stage runs it after a pull,
+    and the flow's data versioning before it records or pushes anything: nothing that fails here is
+    versioned. Returns the rows per file read.
+    """
+    from coin.data.pairs import load_examples
+    from coin.data.tasks import get_task, train_file
+    from coin.data.templates import load_templates
+    from coin.evaluation.instructions import load_instruction_sets
+    from coin.evaluation.sampling import SplitUnavailable, load_validation_rows
+
+    lay = Layout(root, settings)
+    counts: dict[str, int] = {}
+    for task in settings.pairs.tasks:
+        spec = get_task(task)
+        rows = load_examples(lay.data_dir, spec)
+        if not rows:
+            raise DataError(f"{train_file(lay.data_dir, task)}: no rows; restore it (dvc pull data.dvc) or remove "
+                            f"{task} from pairs.tasks")
+        counts[f"{task}.train"] = len(rows)
+        load_templates(lay.data_dir, spec)
+    evaluated = []
+    for task in settings.evaluate.tasks:
+        try:
+            rows, _ = load_validation_rows(lay.data_dir, task)
+        except SplitUnavailable:
+            continue
+        counts[f"{task}.validation"] = len(rows)
+        evaluated.append(task)
+    instruction_file = root / settings.evaluate.instruction_file
+    if evaluated and instruction_file.exists():
+        load_instruction_sets(instruction_file, settings.evaluate.instruction_sets, evaluated)
+    return counts
 
 
 # --------------------------------------------------------------------------- pairs

@@ -126,6 +126,9 @@ def build_task_pairs(data_dir: str | Path, task: str, cfg: PairsSettings, seed: 
             f"select more templates or another source"
         )
     pool = load_examples(data_dir, spec)
+    if not pool:  # a configured task with no rows is an error, never a silently smaller dataset
+        raise DataError(f"{train_file(data_dir, task)}: no rows, so task {task} would silently get no training pairs; "
+                        f"restore the file (dvc pull data.dvc) or remove {task} from pairs.tasks")
     rng = random.Random(f"pairs:{seed}:{task}")
 
     n = min(cfg.rows_for(task), len(pool))

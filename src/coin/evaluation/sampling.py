@@ -44,6 +44,10 @@ def load_validation_rows(data_dir: str | Path, task: str) -> tuple[list[dict[str
             if not 0 <= row["label"] < spec.num_labels:
                 raise DataError(f"{path}: row {i + 1}: label {row['label']} outside 0..{spec.num_labels - 1} for {task}")
             rows.append({**row, "example_id": f"{path.stem}:{i}"})
+    if not rows:  # an evaluation average over the other tasks would pass for the configured one
+        files = ", ".join(str(p) for p in paths)
+        raise DataError(f"{files}: no rows, so task {task} would silently drop out of every average; restore the "
+                        f"file (dvc pull data.dvc) or remove {task} from evaluate.tasks")
     return rows, caveat
 
 

@@ -43,7 +43,15 @@ _NAME = re.compile(r"^step-(\d+)$")
 STATE_FILE = "state.json"
 # Settings that may change between a run and its resumption without changing the result
 # (gradient checkpointing recomputes the very same activations: turn it on to resume after running out of memory).
-RESUME_FREE_KEYS = frozenset({"log_every", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing"})
+# settings that cannot change what a run computes; ``resume`` above all: whether to resume must never decide
+# whether one can (a run started with resume: false is continued with --set train.resume=true)
+RESUME_FREE_KEYS = frozenset({"log_every", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing",
+                              "resume"})
+
+
+class DamagedCheckpoint(RuntimeError):
+    """A checkpoint whose files cannot be read back (cut short, missing, not JSON): resume falls back to the
+    one before it. A checkpoint of another run is not damaged: that is a ``ValueError`` naming the keys."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -83,6 +91,21 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
         if m and p.is_dir() and (p / STATE_FILE).is_file():
             found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+def _read_json(path: Path) -> Any:
+    with path.open(encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _read(path: Path, reader: Any) -> Any:
+    """``reader(path)``, with any failure to read the file turned into :class:`DamagedCheckpoint` naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        return reader(path)
+    except (OSError, ValueError, SafetensorError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DamagedCheckpoint(f"{path}: cannot be read back ({type(exc).__name__}: {exc})") from None
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -250,24 +273,34 @@ def load_checkpoint(
     fp: dict[str, Any],
     world: World,
 ) -> Restored:
-    """Restore the adapter weights, optimizer, scheduler and this rank's RNG states from ``path``."""
+    """Restore the adapter weights, optimizer, scheduler and this rank's RNG states from ``path``.
+
+    Every file is read (and so checked) before anything is restored: a file that cannot be read raises
+    :class:`DamagedCheckpoint` and leaves the model untouched; a checkpoint of another run (fingerprint)
+    raises ``ValueError`` naming the keys that differ.
+    """
     from peft import set_peft_model_state_dict
 
-    with (path / STATE_FILE).open(encoding="utf-8") as fh:
-        state = json.load(fh)
-    _check_fingerprint(path, state["fingerprint"], fp)
-    if state["param_names"] != param_names:
+    state = _read(path / STATE_FILE, _read_json)
+    try:
+        saved_fp, names = state["fingerprint"], state["param_names"]
+    except (KeyError, TypeError) as exc:
+        raise DamagedCheckpoint(f"{path / STATE_FILE}: incomplete ({exc!r} missing)") from None
+    _check_fingerprint(path, saved_fp, fp)
+    if names != param_names:
         raise ValueError(f"{path}: the trainable parameters differ from this run's (LoRA settings changed?)")
-    weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model, weights)
-    if getattr(result, "unexpected_keys", None):
-        raise ValueError(f"{path}/adapter: keys that this model does not have: {result.unexpected_keys[:5]}")
-    optimizer.load_state_dict(_optimizer_join(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
-    scheduler.load_state_dict(state["scheduler"])
     rank_files = (path / f"rng-rank{world.rank}.safetensors", path / f"rng-rank{world.rank}.json")
     if not all(f.is_file() for f in rank_files):
         raise FileNotFoundError(f"{path}: no RNG state for rank {world.rank}; resume with the same number of processes")
-    with rank_files[1].open(encoding="utf-8") as fh:
-        _rng_restore(load_file(str(rank_files[0])), json.load(fh))
+    weights = _read(path / "adapter" / "adapter_model.safetensors", lambda f: load_file(str(f)))
+    opt_tensors = _read(path / "optimizer.safetensors", lambda f: load_file(str(f)))
+    rng_tensors = _read(rank_files[0], lambda f: load_file(str(f)))
+    rng_state = _read(rank_files[1], _read_json)
+    result = set_peft_model_state_dict(model, weights)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"{path}/adapter: keys that this model does not have: {result.unexpected_keys[:5]}")
+    optimizer.load_state_dict(_optimizer_join(opt_tensors, state["optimizer"]))
+    scheduler.load_state_dict(state["scheduler"])
+    _rng_restore(rng_tensors, rng_state)
     log.info("resumed from %s (step %d)", path, state["step"])
     return Restored(int(state["step"]), list(state["history"]), dict(state["data"]))

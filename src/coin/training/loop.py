@@ -35,9 +35,10 @@ from coin.modeling.backbone import Backbone, FusedLM, autocast_context, packing_
 from coin.modeling.lora import apply_lora
 from coin.training.batching import BatchStream, iterate_batches, train_rows_of
 from coin.training.checkpoint import (
+    DamagedCheckpoint,
     clear_checkpoints,
     fingerprint,
-    latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
@@ -186,15 +187,20 @@ def _train(
 
     history: list[dict[str, float]] = []
     start = 0
-    latest = latest_checkpoint(checkpoint_dir) if resume else None
-    if latest is not None:
-        restored = load_checkpoint(latest, model=model, optimizer=opt, scheduler=sched, param_names=param_names,
-                                   fp=fp, world=world)
+    restored = None
+    for _, ckpt in reversed(list_checkpoints(checkpoint_dir) if resume else []):  # newest complete one first
+        try:
+            restored = load_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched, param_names=param_names,
+                                       fp=fp, world=world)
+            break
+        except DamagedCheckpoint as exc:
+            log.warning("resume: %s; falling back to the checkpoint before it", exc)
+    if restored is not None:
         start, history = restored.step, restored.history
         stream.load_state_dict(restored.stream_state)
     elif world.is_main:
         if resume:
-            log.info("resume: no checkpoint in %s; starting from step 0", checkpoint_dir)
+            log.info("resume: no readable checkpoint in %s; starting from step 0", checkpoint_dir)
         clear_checkpoints(checkpoint_dir)
     world.barrier()
 
