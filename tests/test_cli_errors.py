@@ -107,6 +107,32 @@ def _registry_refuses(settings, root: Path):
     raise MlflowException("Registered Model with name=coin-minilm not found")
 
 
+def _small_data(tmp: Path, *, train: str | None = None, validation: str | None = None) -> None:
+    """A project data/ with the real FLAN templates and a few real sst2 rows (train and validation); ``train``
+    or ``validation`` replace that file's text."""
+    glue = tmp / "data" / "glue"
+    glue.mkdir(parents=True)
+    (tmp / "data" / "flan").mkdir()
+    (tmp / "data" / "flan" / "flan_glue_templates.json").write_text(
+        (ROOT / "data" / "flan" / "flan_glue_templates.json").read_text())
+    for split, text in (("train", train), ("validation", validation)):
+        head = (ROOT / "data" / "glue" / f"sst2.{split}.jsonl").read_text().splitlines()[:20]
+        (glue / f"sst2.{split}.jsonl").write_text("\n".join(head) + "\n" if text is None else text)
+
+
+def _broken_line_3(tmp: Path) -> None:  # a careless in-place edit: line 3 is no longer JSON
+    lines = (ROOT / "data" / "glue" / "sst2.train.jsonl").read_text().splitlines()[:20]
+    lines[2] = lines[2][: len(lines[2]) // 2]
+    _small_data(tmp, train="\n".join(lines) + "\n")
+
+
+def _empty_validation(settings, root: Path):  # coin.evaluation.sampling, as the evaluate stage reads each task
+    from coin.evaluation.sampling import load_validation_rows
+
+    _small_data(root, validation="")
+    load_validation_rows(root / "data", "sst2")
+
+
 def _a_bug(settings, root: Path):
     return len(None)  # type: ignore[arg-type]
 
@@ -187,6 +213,12 @@ CASES = [
          stage=("train", _truncated_state_json)),
     Case("data-not-utf8", _p("pairs"), ExitCode.DATA, ["sst2.train.jsonl", "not UTF-8", "0xe9"],
          stage=("pairs", _latin1_data)),
+    Case("data-broken-json-line", _p("pairs", "--set", "pairs.tasks=[sst2]"), ExitCode.DATA,
+         ["sst2.train.jsonl", "line 3"], setup=_broken_line_3),
+    Case("train-file-empty", _p("pairs", "--set", "pairs.tasks=[sst2]"), ExitCode.DATA,
+         ["sst2.train.jsonl", "no rows", "pairs.tasks"], setup=lambda tmp: _small_data(tmp, train="")),
+    Case("validation-file-empty", _p("evaluate"), ExitCode.DATA, ["sst2.validation.jsonl", "no rows", "evaluate.tasks"],
+         stage=("evaluate", _empty_validation)),
     Case("method-missing-from-metrics", _p("register"), ExitCode.DATA, ["metrics.json", "'cit'"],
          stage=("register", _method_missing_from_metrics)),
     Case("file-missing", _p("validate"), ExitCode.DATA, ["pairs.jsonl", "No such file"],

@@ -46,7 +46,8 @@ def read_jsonl(
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: bad JSON ({exc.msg} at column {exc.colno}); fix or remove the line") from None
+                raise DataError(f"{path}:{lineno}: bad JSON on line {lineno} ({exc.msg.removesuffix(' at')}, column {exc.colno}); "
+                                f"fix or remove the line") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
             for field, typ in (required or {}).items():
@@ -106,6 +107,7 @@ def read_json(path: str | Path, *, missing_hint: str = "") -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: bad JSON ({exc.msg} at column {exc.colno})") from None
+        raise DataError(f"{path}:{exc.lineno}: bad JSON on line {exc.lineno} ({exc.msg.removesuffix(' at')}, "
+                        f"column {exc.colno}); fix the file") from None
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
