@@ -163,6 +163,14 @@ def test_doctests():
         assert result.failed == 0 and result.attempted > 0, module.__name__
 
 
+def test_text_doctests():
+    """squash's doctest moved with it from checks to coin.validation.text."""
+    from coin.validation import text
+
+    result = doctest.testmod(text)
+    assert result.failed == 0 and result.attempted > 0
+
+
 # --------------------------------------------------------------------------- broken rows, one per check
 
 

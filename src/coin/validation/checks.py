@@ -1,4 +1,4 @@
-"""The gate's check registry and the row-level (semantic) checks.
+"""The row-level (semantic) checks, registered in the gate's check registry (:mod:`coin.validation.types`).
 
 A check is a named function ``(rows, ctx) -> list[CheckResult]``: one result per input row, in row
 order. Every check runs on every row, so a row can fail several checks; a result carries one
@@ -36,83 +36,16 @@ from __future__ import annotations
 
 import re
 import string
-import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from coin.config import ValidateSettings
 from coin.data.prompts import PromptFormat, format_prompt
-from coin.validation.embeddings import CachedEmbedder, instruction_text
-from coin.validation.leakage import (
-    EvalSources, ExampleIndex, InstructionHit, example_leaks, max_text_ratio, normalise, text_ratios,
-)
-
-Row = Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class Finding:
-    code: str      # stable kind of problem, e.g. "same_target"; summary.json counts rows per check.code
-    message: str   # names the field and what is wrong, e.g. "negative_target 'yes' equals target 'yes'"
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    findings: tuple[Finding, ...] = ()
-
-    @property
-    def passed(self) -> bool:
-        return not self.findings
-
-    @property
-    def reason(self) -> str:
-        return "; ".join(f.message for f in self.findings)
-
-
-@dataclass
-class CheckContext:
-    max_length_chars: int               # validate.max_length_chars: prompt length bound (schema)
-    cutoff_len: int                     # pairs.cutoff_len: max tokens of prompt + response
-    tokenizer: Any                      # the backbone tokenizer (token_length)
-    docs_dir: Path | None = None        # where the schema check builds its Data Docs site (None = no docs)
-    prompt_format: PromptFormat = "train"
-    append_eos: bool = True             # count the EOS training appends (the longer, safe case)
-    cfg: ValidateSettings = field(default_factory=ValidateSettings)  # similarity and leak bounds
-    embedder: CachedEmbedder | None = None    # sentence embeddings (semantic_similarity, instruction_leakage)
-    eval_sources: EvalSources | None = None   # what the evaluation uses (instruction_leakage, example_leakage)
-    artifacts: dict[str, Any] = field(default_factory=dict)  # what checks hand back (e.g. data_docs index path)
-    stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-check figures for summary.json
-
-    def need_embedder(self, check: str) -> CachedEmbedder:
-        if self.embedder is None:
-            raise RuntimeError(f"check {check!r} needs sentence embeddings: pass CheckContext(embedder=...)")
-        return self.embedder
-
-    def need_eval_sources(self, check: str) -> EvalSources:
-        if self.eval_sources is None:
-            raise RuntimeError(
-                f"check {check!r} needs what the evaluation uses: pass CheckContext(eval_sources=load_eval_sources(...))"
-            )
-        return self.eval_sources
-
-
-Check = Callable[[Sequence[Row], CheckContext], list[CheckResult]]
-CHECKS: dict[str, Check] = {}
-
-
-def register(name: str) -> Callable[[Check], Check]:
-    def deco(fn: Check) -> Check:
-        if name in CHECKS:
-            raise ValueError(f"check {name!r} is registered twice")
-        CHECKS[name] = fn
-        return fn
-
-    return deco
-
+from coin.validation.embeddings import instruction_text
+from coin.validation.leakage import ExampleIndex, InstructionHit, example_leaks, max_text_ratio, normalise, text_ratios
+from coin.validation.text import replace_surrogates, squash
+from coin.validation.types import CHECKS, CheckContext, CheckResult, Finding, Row, register  # noqa: F401 (CHECKS: doctest)
 
 # --------------------------------------------------------------------------- helpers
 
@@ -155,26 +88,6 @@ def row_check(name: str, needs: Mapping[str, type]) -> Callable[[RowCheck], RowC
     return deco
 
 
-def squash(text: str) -> str:
-    """Casefolded NFKC text without whitespace and punctuation: equal squash = 'differs only in form'.
-
-    >>> squash("Is it  GOOD?") == squash("is it good")
-    True
-    """
-    text = unicodedata.normalize("NFKC", text).casefold()
-    out = text.translate(_DROP_BMP)
-    if out.isascii():
-        return out
-    return "".join(c for c in out if not (c.isspace() or unicodedata.category(c).startswith("P")))
-
-
-# whitespace and punctuation of the Basic Multilingual Plane, deleted by str.translate (fast path of squash)
-_DROP_BMP = {
-    i: None for i in range(0x10000)
-    if not 0xD800 <= i <= 0xDFFF and (chr(i).isspace() or unicodedata.category(chr(i)).startswith("P"))
-}
-
-
 def rendered_forms(task: Any, text: str) -> set[str]:
     """The forms an input text can take in a prompt: as given, or as :func:`coin.data.templates.render`
     puts it (:func:`coin.data.templates.input_text`)."""
@@ -194,15 +107,6 @@ def iter_strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
             yield from iter_strings(v, f"{path}[{i}]")
-
-
-_SURROGATES = re.compile("[\ud800-\udfff]")
-
-
-def replace_surrogates(text: str) -> str:
-    """Lone surrogates as U+FFFD (same length): GX and the Rust tokenizers refuse them outright.
-    Only rows that text_valid rejects contain them."""
-    return _SURROGATES.sub("\ufffd", text)
 
 
 _BAD_CHARS = re.compile("[\ufffd\ud800-\udfff]")

@@ -22,22 +22,19 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import coin.validation.checks  # noqa: F401  (importing it registers the checks in CHECKS)
 from coin.config import ValidateSettings
 from coin.data.io import write_json, write_jsonl
-from coin.validation.checks import CHECKS, CheckContext, CheckResult, Row
 from coin.validation.embeddings import CachedEmbedder, Embedder, minilm_embedder
 from coin.validation.leakage import EvalSources
-from coin.validation.report_html import REPORT_FILE
 from coin.validation.report_html import render as render_report_html
+from coin.validation.result import DOCS_DIR, REJECTS_FILE, REPORT_FILE, SUMMARY_FILE, VALID_FILE, CheckStats, GateReport
+from coin.validation.types import CHECKS, CheckContext, CheckResult, Row
 
 log = logging.getLogger(__name__)
-
-VALID_FILE, REJECTS_FILE, SUMMARY_FILE, DOCS_DIR = "valid.jsonl", "rejects.jsonl", "summary.json", "data_docs"
-
 
 class GateFailed(RuntimeError):
     """The pass rate is below ``validate.min_pass_rate``; all outputs were written first."""
@@ -45,117 +42,6 @@ class GateFailed(RuntimeError):
     def __init__(self, report: GateReport) -> None:
         super().__init__(report.failure_message())
         self.report = report
-
-
-@dataclass(frozen=True)
-class CheckStats:
-    failures: int                   # rows this check rejected
-    pass_rate: float                # share of rows passing this check
-    example_pair_id: str | None     # the first failing row's pair_id (None if no failure or no usable id)
-    example_reason: str | None
-
-
-@dataclass
-class GateReport:
-    rows_in: int
-    rows_valid: int
-    rows_rejected: int
-    pass_rate: float
-    min_pass_rate: float
-    checks: dict[str, CheckStats]                # in run order
-    rejects_per_reason: dict[str, int]           # "check.code" -> rows, most frequent first
-    out_dir: Path
-    data_docs_index: Path | None
-    seconds: float                               # wall time of run_gate (outputs included)
-    check_seconds: dict[str, float] = field(default_factory=dict)
-    stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-check figures (similarity distribution, ...)
-
-    @property
-    def passed(self) -> bool:
-        return self.rows_in > 0 and self.pass_rate >= self.min_pass_rate
-
-    @property
-    def valid_path(self) -> Path:
-        return self.out_dir / VALID_FILE
-
-    @property
-    def rejects_path(self) -> Path:
-        return self.out_dir / REJECTS_FILE
-
-    @property
-    def summary_path(self) -> Path:
-        return self.out_dir / SUMMARY_FILE
-
-    def to_summary(self) -> dict[str, Any]:
-        """The content of ``summary.json`` (no timings: same rows -> same bytes)."""
-        return {
-            "rows_in": self.rows_in,
-            "rows_valid": self.rows_valid,
-            "rows_rejected": self.rows_rejected,
-            "pass_rate": round(self.pass_rate, 6),
-            "min_pass_rate": self.min_pass_rate,
-            "gate_passed": self.passed,
-            "checks": {
-                name: {"failures": s.failures, "pass_rate": round(s.pass_rate, 6), "example_pair_id": s.example_pair_id}
-                for name, s in self.checks.items()
-            },
-            "rejects_per_reason": self.rejects_per_reason,
-            "stats": self.stats,
-            "outputs": {"valid": VALID_FILE, "rejects": REJECTS_FILE, "report": REPORT_FILE,
-                        "data_docs": f"{DOCS_DIR}/index.html"},
-        }
-
-    def to_metrics(self) -> dict[str, float]:
-        """Flat numbers for MLflow: ``validate.pass_rate``, ``validate.<check>.pass_rate``, ..."""
-        out = {"validate.pass_rate": self.pass_rate, "validate.rows_in": float(self.rows_in),
-               "validate.rows_valid": float(self.rows_valid), "validate.rows_rejected": float(self.rows_rejected)}
-        for name, s in self.checks.items():
-            out[f"validate.{name}.pass_rate"] = s.pass_rate
-            out[f"validate.{name}.failures"] = float(s.failures)
-        return out
-
-    def to_markdown(self) -> str:
-        verdict = "passed" if self.passed else "FAILED"
-        lines = [
-            f"**Validation gate {verdict}**: {self.rows_valid}/{self.rows_in} rows valid "
-            f"(pass rate {self.pass_rate:.3f}, threshold {self.min_pass_rate:.3f}), {self.seconds:.1f} s",
-            "",
-            "| check | pass rate | failures | example pair_id |",
-            "|---|---:|---:|---|",
-        ]
-        for name, s in self.checks.items():
-            lines.append(f"| {name} | {s.pass_rate:.3f} | {s.failures} | {s.example_pair_id or ''} |")
-        if self.rejects_per_reason:
-            lines += ["", "| reason | rows |", "|---|---:|"]
-            lines += [f"| {code} | {n} |" for code, n in self.rejects_per_reason.items()]
-        sim = self.stats.get("semantic_similarity", {})
-        if sim.get("n"):
-            lines += ["", f"Instruction similarity (MiniLM cosine, {sim['n']} rows): min {sim['min']:.3f}, "
-                      f"median {sim['median']:.3f}, max {sim['max']:.3f}; bounds [{sim['min_similarity']}, "
-                      f"{sim['max_similarity']}]: {sim['below_min']} below, {sim['above_max']} above."]
-        for note in self.stats.get("example_leakage", {}).get("notes", []):
-            lines.append(f"Note: {note}")
-        return "\n".join(lines)
-
-    def failure_message(self, top: int = 3) -> str:
-        if self.rows_in == 0:
-            head = "validation gate failed: no rows to validate (the pairs stage produced nothing)."
-        else:
-            head = (
-                f"validation gate failed: pass rate {self.pass_rate:.3f} ({self.rows_valid}/{self.rows_in} rows) "
-                f"is below validate.min_pass_rate = {self.min_pass_rate}."
-            )
-        failing = sorted((s.failures, name) for name, s in self.checks.items() if s.failures)
-        lines = [head, "Top failing checks:"] if failing else [head]
-        for n, name in reversed(failing[-top:]):
-            s = self.checks[name]
-            reason = (s.example_reason or "")[:200]
-            lines.append(f"  - {name}: {n} rows (e.g. pair_id {s.example_pair_id!r}: {reason})")
-        lines.append(f"Every rejected row and its reasons: {self.rejects_path} (report: {self.out_dir / REPORT_FILE}, "
-                     f"summary: {self.summary_path}"
-                     + (f", Data Docs: {self.data_docs_index})" if self.data_docs_index else ")"))
-        lines.append("Fix the data or the settings (e.g. pairs.cutoff_len), or lower validate.min_pass_rate.")
-        return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- running the checks

@@ -11,7 +11,7 @@ Two kinds of leak make robustness numbers meaningless:
   Multi-field examples leak only as a whole: RTE/WNLI validation rows share premises with train rows by
   design of the datasets, and a shared premise with another hypothesis is a different question.
 
-Text is compared *normalised* (:func:`coin.validation.checks.squash`: NFKC, casefolded, without
+Text is compared *normalised* (:func:`coin.validation.text.squash`: NFKC, casefolded, without
 whitespace and punctuation), so ``do n't`` (the PTB-tokenised MNLI fallback) matches ``don't``.
 """
 
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from coin.data.io import DataError, read_json
+from coin.validation.text import squash
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,7 @@ _WORDS = re.compile(r"\w+")
 
 
 def normalise(text: str) -> str:
-    """Text as leak checks compare it: PTB escapes undone, then :func:`~coin.validation.checks.squash`."""
-    from coin.validation.checks import squash
-
+    """Text as leak checks compare it: PTB escapes undone, then :func:`~coin.validation.text.squash`."""
     return squash(_PTB_RE.sub(lambda m: _PTB[m.group()], text))
 
 

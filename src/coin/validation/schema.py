@@ -24,7 +24,8 @@ from typing import Any
 
 from coin.config import ALL_TASKS
 from coin.data.pairs import PAIR_COLUMNS
-from coin.validation.checks import CheckContext, CheckResult, Finding, Row, replace_surrogates
+from coin.validation.text import replace_surrogates
+from coin.validation.types import CheckContext, CheckResult, Finding, Row
 
 SPLITS = ("train", "val")
 # python type of every pair column; inputs = {field: text}, answer_words = [word, ...]

@@ -1,0 +1,40 @@
+"""Text normalisers shared by the checks and the leak matching (a leaf of :mod:`coin.validation`).
+
+:func:`squash` is the "differs only in form" key (``paraphrase_differs``) and the base of
+:func:`coin.validation.leakage.normalise`; :func:`replace_surrogates` makes text that was not valid
+UTF-8 safe for Great Expectations, the tokenizers and the embedder.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+
+def squash(text: str) -> str:
+    """Casefolded NFKC text without whitespace and punctuation: equal squash = 'differs only in form'.
+
+    >>> squash("Is it  GOOD?") == squash("is it good")
+    True
+    """
+    text = unicodedata.normalize("NFKC", text).casefold()
+    out = text.translate(_DROP_BMP)
+    if out.isascii():
+        return out
+    return "".join(c for c in out if not (c.isspace() or unicodedata.category(c).startswith("P")))
+
+
+# whitespace and punctuation of the Basic Multilingual Plane, deleted by str.translate (fast path of squash)
+_DROP_BMP = {
+    i: None for i in range(0x10000)
+    if not 0xD800 <= i <= 0xDFFF and (chr(i).isspace() or unicodedata.category(chr(i)).startswith("P"))
+}
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def replace_surrogates(text: str) -> str:
+    """Lone surrogates as U+FFFD (same length): GX and the Rust tokenizers refuse them outright.
+    Only rows that text_valid rejects contain them."""
+    return _SURROGATES.sub("\ufffd", text)
