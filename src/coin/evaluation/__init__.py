@@ -1,4 +1,4 @@
-"""Robustness evaluation (CoIN's PromptBench protocol, DESIGN §2): the public contract.
+"""Robustness evaluation (CoIN's PromptBench protocol, docs/protocol.md): the public contract.
 
 - :func:`evaluate_model` scores one model and returns an :class:`EvalResult`;
 - :func:`save_result` / :func:`load_result` round-trip one model's result on disk (per-process units);

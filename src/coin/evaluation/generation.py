@@ -9,7 +9,7 @@ token runs causally on the KV cache (right padding, per-row positions, as the lo
 ``model.generate`` knows only the causal mask. ``generate_reference_style`` is the reference's loop (batch size 1, no KV
 cache, full-vocabulary logits at every position) kept for the benchmark and as a test oracle.
 
-``parse_answer`` maps a decoded output to a label index (COIN-REFERENCE §4, "Decoding"):
+``parse_answer`` maps a decoded output to a label index (docs/protocol.md#scoring):
 
 1. only the *new* tokens are decoded (the reference splits the full text on the prompt, which raises
    when detokenisation does not reproduce the prompt);

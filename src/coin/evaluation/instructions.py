@@ -1,4 +1,4 @@
-"""Instruction sets for the robustness evaluation (CoIN's PromptBench variant, DESIGN §2).
+"""Instruction sets for the robustness evaluation (CoIN's PromptBench variant, docs/protocol.md#instruction-sets).
 
 The file schema is the one of ``data/promptbench/coin_perturbed_instructions.json``::
 
@@ -16,7 +16,7 @@ from typing import Any
 
 from coin.data.io import DataError, read_json
 
-# One perturbation method per level (COIN-REFERENCE §4, "Perturbation sets").
+# One perturbation method per level (docs/protocol.md#instruction-sets).
 PERTURBATION_LEVELS: dict[str, str] = {
     "clean": "clean",
     "deepwordbug": "character",

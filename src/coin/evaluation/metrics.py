@@ -1,4 +1,4 @@
-"""Robustness metrics from a per-example predictions table (COIN-REFERENCE §4; DESIGN §2).
+"""Robustness metrics from a per-example predictions table (docs/protocol.md#metrics).
 
 Input: one row per (scoring, task, set, instruction_id, example_id) with ``label`` and ``pred``
 (``pred = -1``: a generation that named no label, always wrong). Every instruction of a set must be

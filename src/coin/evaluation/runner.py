@@ -1,4 +1,4 @@
-"""Run the robustness evaluation of one model (DESIGN §2) and hand out the public entry points.
+"""Run the robustness evaluation of one model (docs/protocol.md) and hand out the public entry points.
 
 ``evaluate_model`` scores every (set, instruction, example) of every task with each requested scoring
 mode (``loglik`` and/or ``generate``) on one seeded sample per task and returns an

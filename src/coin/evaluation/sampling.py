@@ -1,6 +1,6 @@
 """The evaluation sample: one seeded subset per task, shared by every instruction and every set.
 
-The reference draws a new subset per perturbation set from a global RNG (COIN-REFERENCE §4, "Data"),
+The reference draws a new subset per perturbation set from a global RNG (docs/protocol.md#sampling),
 which mixes sampling noise into the robustness comparison. Here the indices depend only on
 ``(seed, task, number of available rows)``: the same examples for every instruction, every set, and
 every model, whichever other tasks are evaluated alongside.

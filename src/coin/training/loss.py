@@ -1,6 +1,6 @@
 """CoIN losses: generation loss on response tokens, symmetric InfoNCE, the adaptive weight, pooling.
 
-``L = L_gen(original) + L_gen(paraphrase) + w * L_cl`` (DESIGN.md §1). Everything here is pure
+``L = L_gen(original) + L_gen(paraphrase) + w * L_cl`` (docs/design.md#objective). Everything here is pure
 tensor code: no logging, no side effects; :func:`coin_step_loss` returns metrics as floats for the
 caller to log.
 

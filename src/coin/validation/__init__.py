@@ -1,4 +1,4 @@
-"""Paraphrase validation: the gate between pair building and training (DESIGN.md §4).
+"""Paraphrase validation: the gate between pair building and training (docs/design.md#validation-gate).
 
 >>> from coin.validation import run_gate, GateFailed   # doctest: +SKIP
 """

@@ -1,4 +1,4 @@
-"""What the evaluation uses, and where it shows up in training pairs (DESIGN.md §4, leakage).
+"""What the evaluation uses, and where it shows up in training pairs (docs/design.md#validation-gate, leakage).
 
 Two kinds of leak make robustness numbers meaningless:
 

@@ -3,7 +3,7 @@
 GX validates the columns; failures come back per row through ``result_format=COMPLETE`` with
 ``unexpected_index_column_names=["_row"]`` (the row's position, so duplicate or null pair_ids still map
 to exactly one row). Checks GX cannot express on pandas (python types, "target is in this row's list")
-are computed here as bool columns that GX then validates to be ``True`` (STACK-NOTES §4).
+are computed here as bool columns that GX then validates to be ``True`` (docs/design.md#great-expectations).
 
 The DataFrame (all ``object`` dtype, never the caller's rows)::
 
