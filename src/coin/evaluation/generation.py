@@ -117,7 +117,7 @@ def _get(doc: Any, key: str, task: str) -> Any:
 # --------------------------------------------------------------------------- decoding
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GenerateOutput:
     texts: list[str]            # decoded new tokens per prompt (special tokens removed)
     new_tokens: int             # tokens generated in total (all rows, before EOS/padding)
@@ -195,7 +195,7 @@ def generate_answers(
                     texts[i] = decoded[b]
     finally:
         model.train(was_training)
-    return GenerateOutput(texts, new_tokens, sum(map(len, ids)))
+    return GenerateOutput(texts=texts, new_tokens=new_tokens, prompt_tokens=sum(map(len, ids)))
 
 
 def _greedy_rows(model: nn.Module, prompt_ids: list[list[int]], max_new_tokens: int, eos: int | None,
@@ -286,7 +286,7 @@ def _generate_prefix_lm(model: nn.Module, tokenizer, ids: list[list[int]], *, ma
                     texts[i] = tokenizer.decode(row, skip_special_tokens=True)
     finally:
         model.train(was_training)
-    return GenerateOutput(texts, new_tokens, sum(map(len, ids)))
+    return GenerateOutput(texts=texts, new_tokens=new_tokens, prompt_tokens=sum(map(len, ids)))
 
 
 def generate_reference_style(
@@ -317,4 +317,4 @@ def generate_reference_style(
                 texts.append(tokenizer.decode(new, skip_special_tokens=True))
     finally:
         model.train(was_training)
-    return GenerateOutput(texts, new_tokens, sum(map(len, ids)))
+    return GenerateOutput(texts=texts, new_tokens=new_tokens, prompt_tokens=sum(map(len, ids)))
