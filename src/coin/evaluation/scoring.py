@@ -234,36 +234,54 @@ def _select(state: _State, rows: torch.Tensor, config) -> _State:
     return _State(cache, state.mask[rows], state.length[rows])
 
 
-def _extend(
-    body: nn.Module, config, state: _State | None, rows: torch.Tensor | None, seqs: list[list[int]],
-    pad_id: int, device: torch.device, *, bidirectional: bool = False,
-) -> tuple[torch.Tensor, _State]:
-    """Run ``seqs[k]`` after row ``rows[k]`` of ``state`` (or from scratch): ``(hidden (R, T, H), new state)``.
+@dataclass(frozen=True, eq=False)
+class _CachedLM:
+    """A model split for incremental passes on a per-row KV cache: its transformer body and LM head (None
+    where it has no separable one), the config a cache is rebuilt with, the id that pads new tokens and the
+    device."""
 
-    New tokens are right-padded; their position ids continue each row's own length, so a row's
-    numbers do not depend on the padding of the others (holes in the cache are masked out).
-    ``bidirectional`` (from scratch only): the tokens see each other both ways (a prefix LM's prompt);
-    continuations are always causal, which is what a prefix LM's response is.
-    """
-    if bidirectional and state is not None:
-        raise ValueError("_extend: only a pass from scratch (a whole prompt) can be bidirectional")
-    n, width = len(seqs), max(len(s) for s in seqs)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for k, s in enumerate(seqs):
-        ids[k, :len(s)] = torch.tensor(s)
-        mask[k, :len(s)] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    if state is None:
-        cache, prev_mask, prev_len = None, mask[:, :0], torch.zeros(n, dtype=torch.long, device=device)
-    else:
-        sel = _select(state, rows, config)
-        cache, prev_mask, prev_len = sel.cache, sel.mask, sel.length
-    pos = (prev_len[:, None] + torch.arange(width, device=device)[None, :]) * mask  # pads: position 0, masked
-    full_mask = torch.cat([prev_mask, mask], dim=1)
-    attn = bidirectional_mask(mask, body, next(body.parameters()).dtype) if bidirectional else full_mask
-    out = body(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
-    return out.last_hidden_state, _State(out.past_key_values, full_mask, prev_len + mask.sum(dim=1))
+    body: nn.Module
+    head: nn.Module | None
+    config: Any
+    pad_id: int
+    device: torch.device
+
+    @classmethod
+    def of(cls, model: nn.Module, pad_id: int) -> _CachedLM:
+        body, head = split_body_head(model)
+        config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+        return cls(body=body, head=head, config=config, pad_id=pad_id, device=_model_device(model))
+
+    def extend(
+        self, state: _State | None, rows: torch.Tensor | None, seqs: list[list[int]], *, bidirectional: bool = False,
+    ) -> tuple[torch.Tensor, _State]:
+        """Run ``seqs[k]`` after row ``rows[k]`` of ``state`` (or from scratch): ``(hidden (R, T, H), new state)``.
+
+        New tokens are right-padded; their position ids continue each row's own length, so a row's
+        numbers do not depend on the padding of the others (holes in the cache are masked out).
+        ``bidirectional`` (from scratch only): the tokens see each other both ways (a prefix LM's prompt);
+        continuations are always causal, which is what a prefix LM's response is.
+        """
+        if bidirectional and state is not None:
+            raise ValueError("_CachedLM.extend: only a pass from scratch (a whole prompt) can be bidirectional")
+        body, device = self.body, self.device
+        n, width = len(seqs), max(len(s) for s in seqs)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for k, s in enumerate(seqs):
+            ids[k, :len(s)] = torch.tensor(s)
+            mask[k, :len(s)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        if state is None:
+            cache, prev_mask, prev_len = None, mask[:, :0], torch.zeros(n, dtype=torch.long, device=device)
+        else:
+            sel = _select(state, rows, self.config)
+            cache, prev_mask, prev_len = sel.cache, sel.mask, sel.length
+        pos = (prev_len[:, None] + torch.arange(width, device=device)[None, :]) * mask  # pads: position 0, masked
+        full_mask = torch.cat([prev_mask, mask], dim=1)
+        attn = bidirectional_mask(mask, body, next(body.parameters()).dtype) if bidirectional else full_mask
+        out = body(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+        return out.last_hidden_state, _State(out.past_key_values, full_mask, prev_len + mask.sum(dim=1))
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:
@@ -291,10 +309,8 @@ def _score_cached(
     """
     model, batch_size, min_prefix = request.model, request.batch_size, request.min_prefix
     groups = list(request.groups) if request.groups is not None else None
-    pad_id = _pad_id(request.tokenizer)
-    body, head = split_body_head(model)
-    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
-    device = _model_device(model)
+    lm = _CachedLM.of(model, _pad_id(request.tokenizer))
+    head, device = lm.head, lm.device
     prefix_lm = attention_mode(model) == "prefix"
     mean_readout = readout_mode(model) == "mean"
     if prefix_lm or mean_readout:
@@ -328,12 +344,12 @@ def _score_cached(
                 cut = {g: prefix_len[g] for g in in_batch}
                 first = {g: next(i for i in idx if group_of[i] == g) for g in in_batch}
                 prefixes = [prompt_ids[first[g]][:cut[g]] for g in in_batch]
-                _, state = _extend(body, config, None, None, prefixes, pad_id, device)
+                _, state = lm.extend(None, None, prefixes)
                 rows = torch.tensor([in_batch.index(group_of[i]) for i in idx], device=device)
                 work += sum(map(len, prefixes))
                 prefix_sum += sum(cut[group_of[i]] for i in idx)
             suffixes = [prompt_ids[i][cut[group_of[i]]:] for i in idx]
-            hidden, st = _extend(body, config, state, rows, suffixes, pad_id, device, bidirectional=prefix_lm)
+            hidden, st = lm.extend(state, rows, suffixes, bidirectional=prefix_lm)
             work += sum(map(len, suffixes))
             last = torch.tensor([len(s) - 1 for s in suffixes], device=device)
             if mean_readout:  # cut is 0 here: the pass holds the whole prompt
@@ -347,8 +363,7 @@ def _score_cached(
             if multi:
                 pairs = [(b, j) for b in range(len(idx)) for j in multi]
                 conts = [labels[j][:-1] for _, j in pairs]            # inputs predicting tokens 2..k
-                h2, _ = _extend(body, config, st, torch.tensor([b for b, _ in pairs], device=device),
-                                conts, pad_id, device)
+                h2, _ = lm.extend(st, torch.tensor([b for b, _ in pairs], device=device), conts)
                 work += sum(map(len, conts))
                 r, c, t, dest = [], [], [], []
                 for k, (b, j) in enumerate(pairs):
