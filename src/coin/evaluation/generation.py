@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from coin.data.io import DataError, read_json
 from coin.data.prompts import PromptFormat, encode
-from coin.modeling.backbone import attention_mode, readout_mode, row_attention_mask, selected_logits, split_body_head
+from coin.modeling.backbone import attention_mode, readout_mode, row_attention_mask, selected_logits
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def _get(doc: Any, key: str, task: str) -> Any:
 # --------------------------------------------------------------------------- decoding
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GenerateOutput:
     texts: list[str]            # decoded new tokens per prompt (special tokens removed)
     new_tokens: int             # tokens generated in total (all rows, before EOS/padding)
@@ -195,7 +195,7 @@ def generate_answers(
                     texts[i] = decoded[b]
     finally:
         model.train(was_training)
-    return GenerateOutput(texts, new_tokens, sum(map(len, ids)))
+    return GenerateOutput(texts=texts, new_tokens=new_tokens, prompt_tokens=sum(map(len, ids)))
 
 
 def _greedy_rows(model: nn.Module, prompt_ids: list[list[int]], max_new_tokens: int, eos: int | None,
@@ -206,17 +206,17 @@ def _greedy_rows(model: nn.Module, prompt_ids: list[list[int]], max_new_tokens: 
     Falls back to re-running the whole sequence per token (4D prefix mask, no cache) where the model has
     no shareable cache (:func:`coin.evaluation.scoring.cache_support`).
     """
-    from coin.evaluation.scoring import _extend, cache_support
+    from coin.evaluation.scoring import _CachedLM, cache_support
 
     device = next(model.parameters()).device
     n = len(prompt_ids)
     new: list[list[int]] = [[] for _ in range(n)]
     done = [False] * n
     if cache_support(model) is None:
-        body, head = split_body_head(model)
-        config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+        lm = _CachedLM.of(model, pad)
+        head = lm.head
         prefix = attention_mode(model) == "prefix"
-        hidden, state = _extend(body, config, None, None, prompt_ids, pad, device, bidirectional=prefix)
+        hidden, state = lm.extend(None, None, prompt_ids, bidirectional=prefix)
         lengths = torch.tensor([len(p) for p in prompt_ids], device=device)
         if readout_mode(model) == "mean":  # the first new token reads the mean of the prompt's states
             real = torch.arange(hidden.size(1), device=device).unsqueeze(0) < lengths.unsqueeze(1)   # (n, T)
@@ -234,7 +234,7 @@ def _greedy_rows(model: nn.Module, prompt_ids: list[list[int]], max_new_tokens: 
             if all(done) or step == max_new_tokens - 1:
                 break
             step = [[t if not d else pad] for t, d in zip(nxt, done)]
-            hidden, state = _extend(body, config, state, torch.arange(n, device=device), step, pad, device)
+            hidden, state = lm.extend(state, torch.arange(n, device=device), step)
             last = hidden[:, 0]
         return new
     seqs = [list(p) for p in prompt_ids]
@@ -286,7 +286,7 @@ def _generate_prefix_lm(model: nn.Module, tokenizer, ids: list[list[int]], *, ma
                     texts[i] = tokenizer.decode(row, skip_special_tokens=True)
     finally:
         model.train(was_training)
-    return GenerateOutput(texts, new_tokens, sum(map(len, ids)))
+    return GenerateOutput(texts=texts, new_tokens=new_tokens, prompt_tokens=sum(map(len, ids)))
 
 
 def generate_reference_style(
@@ -317,4 +317,4 @@ def generate_reference_style(
                 texts.append(tokenizer.decode(new, skip_special_tokens=True))
     finally:
         model.train(was_training)
-    return GenerateOutput(texts, new_tokens, sum(map(len, ids)))
+    return GenerateOutput(texts=texts, new_tokens=new_tokens, prompt_tokens=sum(map(len, ids)))

@@ -128,7 +128,7 @@ def _mean_over(table: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     return out.reset_index()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Metrics:
     """Every table of one model's evaluation (long format; ``scoring`` is a column everywhere)."""
 
@@ -149,8 +149,8 @@ def compute_metrics(preds: pd.DataFrame) -> Metrics:
     sets = sets.sort_values(["scoring", "set"], key=lambda c: c.map(order) if c.name == "set" else c)
     levels = sets.groupby(["scoring", "level"], sort=False)[list(STATS)].mean().reset_index()
     categories = _mean_over(cells, ["scoring", "category", "set"])
-    return Metrics(cells.reset_index(drop=True), sets.reset_index(drop=True), levels, categories,
-                   _overall(sets), agreement_table(preds))
+    return Metrics(cells=cells.reset_index(drop=True), sets=sets.reset_index(drop=True), levels=levels,
+                   categories=categories, overall=_overall(sets), agreement=agreement_table(preds))
 
 
 def _overall(sets: pd.DataFrame) -> pd.DataFrame:

@@ -31,7 +31,7 @@ COLUMNS = ("task", "example_id", "label")
 __all__ = ["COLUMNS", "REFERENCE_KEY", "ReferenceRates", "clean_tasks", "majority_summary", "reference_rates"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ReferenceRates:
     """Per task (in the order first seen): majority-class and chance accuracy in percent, and sample size."""
 
@@ -91,7 +91,7 @@ def reference_rates(preds: pd.DataFrame) -> ReferenceRates:
         n[str(task)] = int(len(grp))
         majority[str(task)] = 100.0 * float(counts.max()) / len(grp)
         chance[str(task)] = 100.0 / get_task(str(task)).num_labels
-    return ReferenceRates(majority, chance, n)
+    return ReferenceRates(majority=majority, chance=chance, n_examples=n)
 
 
 def clean_tasks(preds: pd.DataFrame, scoring: str | None = None) -> list[str]:

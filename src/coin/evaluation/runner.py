@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from coin.evaluation.metrics import robustness_summary
 from coin.evaluation.report import write_eval_outputs
 from coin.evaluation.result import EvalResult, load_result, save_result
 from coin.evaluation.sampling import SplitUnavailable, sample_examples
-from coin.evaluation.scoring import calibrated, label_log_prior, score_label_words
+from coin.evaluation.scoring import ScoringRequest, calibrated, label_log_prior, score_labels
 from coin.modeling.backbone import autocast_context, uses_bf16
 
 log = logging.getLogger(__name__)
@@ -130,15 +131,16 @@ def _evaluate_task(
         t0 = time.perf_counter()
         raw: list[Any] | None = None
         if mode == "loglik":
-            out = score_label_words(
-                model, tokenizer, prompts, list(spec.label_words), fmt=cfg.prompt_format, batch_size=cfg.batch_size,
-                length_normalise=cfg.length_normalise, use_cache=True,
+            request = ScoringRequest(
+                model=model, tokenizer=tokenizer, prompts=prompts, label_words=list(spec.label_words),
+                fmt=cfg.prompt_format, batch_size=cfg.batch_size, length_normalise=cfg.length_normalise, use_cache=True,
                 groups=[(s, i) for s, i, _, _ in items] if cfg.prefix_cache else None,
                 desc=f"loglik {task} ({len(prompts)})")
+            out = score_labels(request)
             decide = out.scores
             if cfg.calibration == "content_free":
                 raw = [[round(v, 5) for v in r] for r in out.scores.tolist()]
-                decide = _content_free_calibrated(model, tokenizer, task, items, out.scores, cfg, label_counts)
+                decide = _content_free_calibrated(request, task, items, out.scores, label_counts)
             pred = decide.argmax(dim=1).tolist()
             scores: list[Any] = [[round(v, 5) for v in r] for r in decide.tolist()]
             outputs: list[Any] = [None] * len(items)
@@ -167,19 +169,19 @@ def _evaluate_task(
 
 
 def _content_free_calibrated(
-    model: nn.Module, tokenizer, task: str, items: list[tuple[str, int, str, dict[str, Any]]], scores: torch.Tensor,
-    cfg: EvaluateSettings, label_counts: list[int] | None,
+    request: ScoringRequest, task: str, items: list[tuple[str, int, str, dict[str, Any]]], scores: torch.Tensor,
+    label_counts: list[int] | None,
 ) -> torch.Tensor:
-    """``evaluate.calibration: content_free``: each item's label scores minus those of its instruction with an
-    empty input (one extra prompt per instruction), plus the log label prior of the task's training rows."""
+    """``evaluate.calibration: content_free``: each item's label scores (``scores``, from ``request``) minus those
+    of its instruction with an empty input (one extra prompt per instruction, scored as ``request`` is, without
+    prefix sharing), plus the log label prior of the task's training rows."""
     from coin.predict import join_instruction
 
     spec = get_task(task)
     keys = list(dict.fromkeys((s, i) for s, i, _, _ in items))
     text = {(s, i): instr for s, i, instr, _ in items}
-    cf = score_label_words(model, tokenizer, [join_instruction(text[k], "") for k in keys], list(spec.label_words),
-                           fmt=cfg.prompt_format, batch_size=cfg.batch_size, length_normalise=cfg.length_normalise,
-                           desc=f"content-free {task}").scores                       # (K, L)
+    cf = score_labels(replace(request, prompts=[join_instruction(text[k], "") for k in keys], groups=None,
+                              desc=f"content-free {task}")).scores                  # (K, L)
     row_of = {k: j for j, k in enumerate(keys)}
     per_item = cf[torch.tensor([row_of[(s, i)] for s, i, _, _ in items])]           # (P, L)
     prior = label_log_prior(label_counts) if label_counts and len(label_counts) == spec.num_labels else None

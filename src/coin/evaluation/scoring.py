@@ -29,6 +29,7 @@ import inspect
 import logging
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,7 +54,7 @@ class ScoredSequence:
     n_prompt: int  # label tokens are input_ids[n_prompt:]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LoglikOutput:
     scores: torch.Tensor                 # (n_prompts, n_labels) float32, summed (or per-token) log-probs
     path: str                            # "kv-cache" | "per-label"
@@ -106,7 +107,7 @@ def build_sequences(
             if enc.n_response == 0:
                 raise ValueError(f"label word {word!r} tokenises to nothing; it cannot be scored")
             truncated += enc.truncated > 0
-            seqs.append(ScoredSequence(enc.input_ids, enc.n_prompt))
+            seqs.append(ScoredSequence(input_ids=enc.input_ids, n_prompt=enc.n_prompt))
     if truncated:
         log.warning("%d of %d scored sequences lost prompt tokens from the left to fit %s tokens",
                     truncated, len(seqs), max_length)
@@ -233,36 +234,54 @@ def _select(state: _State, rows: torch.Tensor, config) -> _State:
     return _State(cache, state.mask[rows], state.length[rows])
 
 
-def _extend(
-    body: nn.Module, config, state: _State | None, rows: torch.Tensor | None, seqs: list[list[int]],
-    pad_id: int, device: torch.device, *, bidirectional: bool = False,
-) -> tuple[torch.Tensor, _State]:
-    """Run ``seqs[k]`` after row ``rows[k]`` of ``state`` (or from scratch): ``(hidden (R, T, H), new state)``.
+@dataclass(frozen=True, eq=False)
+class _CachedLM:
+    """A model split for incremental passes on a per-row KV cache: its transformer body and LM head (None
+    where it has no separable one), the config a cache is rebuilt with, the id that pads new tokens and the
+    device."""
 
-    New tokens are right-padded; their position ids continue each row's own length, so a row's
-    numbers do not depend on the padding of the others (holes in the cache are masked out).
-    ``bidirectional`` (from scratch only): the tokens see each other both ways (a prefix LM's prompt);
-    continuations are always causal, which is what a prefix LM's response is.
-    """
-    if bidirectional and state is not None:
-        raise ValueError("_extend: only a pass from scratch (a whole prompt) can be bidirectional")
-    n, width = len(seqs), max(len(s) for s in seqs)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for k, s in enumerate(seqs):
-        ids[k, :len(s)] = torch.tensor(s)
-        mask[k, :len(s)] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    if state is None:
-        cache, prev_mask, prev_len = None, mask[:, :0], torch.zeros(n, dtype=torch.long, device=device)
-    else:
-        sel = _select(state, rows, config)
-        cache, prev_mask, prev_len = sel.cache, sel.mask, sel.length
-    pos = (prev_len[:, None] + torch.arange(width, device=device)[None, :]) * mask  # pads: position 0, masked
-    full_mask = torch.cat([prev_mask, mask], dim=1)
-    attn = bidirectional_mask(mask, body, next(body.parameters()).dtype) if bidirectional else full_mask
-    out = body(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
-    return out.last_hidden_state, _State(out.past_key_values, full_mask, prev_len + mask.sum(dim=1))
+    body: nn.Module
+    head: nn.Module | None
+    config: Any
+    pad_id: int
+    device: torch.device
+
+    @classmethod
+    def of(cls, model: nn.Module, pad_id: int) -> _CachedLM:
+        body, head = split_body_head(model)
+        config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+        return cls(body=body, head=head, config=config, pad_id=pad_id, device=_model_device(model))
+
+    def extend(
+        self, state: _State | None, rows: torch.Tensor | None, seqs: list[list[int]], *, bidirectional: bool = False,
+    ) -> tuple[torch.Tensor, _State]:
+        """Run ``seqs[k]`` after row ``rows[k]`` of ``state`` (or from scratch): ``(hidden (R, T, H), new state)``.
+
+        New tokens are right-padded; their position ids continue each row's own length, so a row's
+        numbers do not depend on the padding of the others (holes in the cache are masked out).
+        ``bidirectional`` (from scratch only): the tokens see each other both ways (a prefix LM's prompt);
+        continuations are always causal, which is what a prefix LM's response is.
+        """
+        if bidirectional and state is not None:
+            raise ValueError("_CachedLM.extend: only a pass from scratch (a whole prompt) can be bidirectional")
+        body, device = self.body, self.device
+        n, width = len(seqs), max(len(s) for s in seqs)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for k, s in enumerate(seqs):
+            ids[k, :len(s)] = torch.tensor(s)
+            mask[k, :len(s)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        if state is None:
+            cache, prev_mask, prev_len = None, mask[:, :0], torch.zeros(n, dtype=torch.long, device=device)
+        else:
+            sel = _select(state, rows, self.config)
+            cache, prev_mask, prev_len = sel.cache, sel.mask, sel.length
+        pos = (prev_len[:, None] + torch.arange(width, device=device)[None, :]) * mask  # pads: position 0, masked
+        full_mask = torch.cat([prev_mask, mask], dim=1)
+        attn = bidirectional_mask(mask, body, next(body.parameters()).dtype) if bidirectional else full_mask
+        out = body(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+        return out.last_hidden_state, _State(out.past_key_values, full_mask, prev_len + mask.sum(dim=1))
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:
@@ -277,10 +296,10 @@ def _common_prefix(seqs: list[list[int]]) -> int:
 
 
 def _score_cached(
-    model: nn.Module, prompt_ids: list[list[int]], labels: list[list[int]], *, groups: list[Hashable] | None,
-    pad_id: int, batch_size: int, min_prefix: int, desc: str,
+    request: ScoringRequest, prompt_ids: list[list[int]], labels: list[list[int]]
 ) -> tuple[torch.Tensor, float, int]:
-    """``(scores (P, L), mean shared prefix length, forward tokens)`` on the kv-cache path.
+    """``(scores (P, L), mean shared prefix length, forward tokens)`` of ``request`` on the kv-cache path,
+    given its prompts' token ids and the label words' token ids.
 
     Per batch of prompts (group-contiguous, sorted by length within a group), up to three passes::
 
@@ -288,9 +307,10 @@ def _score_cached(
         suffixes   one row per prompt: the rest of it, after its group's prefix row  -> log P(label token 1)
         labels     one row per (prompt, label of >= 2 tokens): w_1..w_{k-1}           -> log P(tokens 2..k)
     """
-    body, head = split_body_head(model)
-    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
-    device = _model_device(model)
+    model, batch_size, min_prefix = request.model, request.batch_size, request.min_prefix
+    groups = list(request.groups) if request.groups is not None else None
+    lm = _CachedLM.of(model, _pad_id(request.tokenizer))
+    head, device = lm.head, lm.device
     prefix_lm = attention_mode(model) == "prefix"
     mean_readout = readout_mode(model) == "mean"
     if prefix_lm or mean_readout:
@@ -317,19 +337,19 @@ def _score_cached(
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
 
     with _eval_mode(model), torch.inference_mode():
-        for idx in tqdm(batches, desc=desc, unit="batch", leave=False, disable=len(batches) < 2):
+        for idx in tqdm(batches, desc=request.desc, unit="batch", leave=False, disable=len(batches) < 2):
             in_batch = list(dict.fromkeys(group_of[i] for i in idx))
             state, rows, cut = None, None, {g: 0 for g in in_batch}
             if groups is not None and all(prefix_len[g] >= min_prefix for g in in_batch):
                 cut = {g: prefix_len[g] for g in in_batch}
                 first = {g: next(i for i in idx if group_of[i] == g) for g in in_batch}
                 prefixes = [prompt_ids[first[g]][:cut[g]] for g in in_batch]
-                _, state = _extend(body, config, None, None, prefixes, pad_id, device)
+                _, state = lm.extend(None, None, prefixes)
                 rows = torch.tensor([in_batch.index(group_of[i]) for i in idx], device=device)
                 work += sum(map(len, prefixes))
                 prefix_sum += sum(cut[group_of[i]] for i in idx)
             suffixes = [prompt_ids[i][cut[group_of[i]]:] for i in idx]
-            hidden, st = _extend(body, config, state, rows, suffixes, pad_id, device, bidirectional=prefix_lm)
+            hidden, st = lm.extend(state, rows, suffixes, bidirectional=prefix_lm)
             work += sum(map(len, suffixes))
             last = torch.tensor([len(s) - 1 for s in suffixes], device=device)
             if mean_readout:  # cut is 0 here: the pass holds the whole prompt
@@ -343,8 +363,7 @@ def _score_cached(
             if multi:
                 pairs = [(b, j) for b in range(len(idx)) for j in multi]
                 conts = [labels[j][:-1] for _, j in pairs]            # inputs predicting tokens 2..k
-                h2, _ = _extend(body, config, st, torch.tensor([b for b, _ in pairs], device=device),
-                                conts, pad_id, device)
+                h2, _ = lm.extend(st, torch.tensor([b for b, _ in pairs], device=device), conts)
                 work += sum(map(len, conts))
                 r, c, t, dest = [], [], [], []
                 for k, (b, j) in enumerate(pairs):
@@ -358,6 +377,85 @@ def _score_cached(
 
 
 # --------------------------------------------------------------------------- public API
+
+
+@dataclass(frozen=True, eq=False)
+class ScoringRequest:
+    """One label-word scoring: the model and its tokenizer, the prompts, the label words to score after
+    each of them, and how (prompt format, batch size, length normalisation, kv-cache path, prefix sharing).
+
+    ``groups`` (same length as ``prompts``, e.g. the instruction of each prompt) turns on prefix
+    sharing: each group's longest common token prefix (at least ``min_prefix`` tokens) runs once.
+    ``use_cache=False`` forces the per-label path (used by tests and the benchmark). ``desc`` labels the
+    progress bar. Checked when made: an empty label list, a batch size below 1 or a ``groups`` of another
+    length than ``prompts`` is a ``ValueError``.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    prompts: Sequence[str]
+    label_words: Sequence[str]
+    fmt: PromptFormat = "train"
+    batch_size: int = 32
+    length_normalise: bool = False
+    use_cache: bool = True
+    groups: Sequence[Hashable] | None = None
+    min_prefix: int = 4
+    desc: str = "loglik"
+
+    def __post_init__(self) -> None:
+        if not self.label_words:
+            raise ValueError("label_words is empty")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.groups is not None and len(self.groups) != len(self.prompts):
+            raise ValueError(f"groups has {len(self.groups)} entries for {len(self.prompts)} prompts")
+
+
+def score_labels(request: ScoringRequest) -> LoglikOutput:
+    """Label-word log-likelihoods of every prompt of ``request``, with how they were computed."""
+    labels = label_token_ids(request.tokenizer, request.label_words)
+    n_label_tokens = torch.tensor([len(w) for w in labels], dtype=torch.float32)
+    reason = cache_support(request.model) if request.use_cache else "disabled (use_cache=False)"
+    out = _score_on_cache(request, labels) if reason is None else _score_per_label(request, reason)
+    if request.length_normalise:
+        out.scores = out.scores / n_label_tokens
+    return out
+
+
+def _score_on_cache(request: ScoringRequest, labels: list[list[int]]) -> LoglikOutput:
+    """The kv-cache path: prompts encoded once (cut from the left to leave room for the longest label)."""
+    model = request.model
+    max_len = _max_length(model)
+    budget = None if max_len is None else max_len - max(map(len, labels))
+    encs = [encode(request.tokenizer, p, "", fmt=request.fmt, append_eos=False, max_length=budget)
+            for p in request.prompts]
+    truncated = sum(e.truncated > 0 for e in encs)
+    if truncated:
+        log.warning("%d of %d prompts lost tokens from the left to fit %s tokens", truncated, len(encs), max_len)
+    scores, prefix, work = _score_cached(request, [e.input_ids for e in encs], labels)
+    out = LoglikOutput(scores=scores, path="kv-cache", prefix_tokens=prefix, forward_tokens=work)
+    if request.groups is not None and (attention_mode(model) == "prefix" or readout_mode(model) == "mean"):
+        out.notes.append("prefix sharing not applied: under the prefix-LM attention every prompt token sees "
+                         "the input, and the mean readout needs every prompt state, so no instruction prefix "
+                         "is shared")
+    return out
+
+
+def _score_per_label(request: ScoringRequest, reason: str) -> LoglikOutput:
+    """The fallback path: one sequence per (prompt, label word); ``reason``: why the kv-cache path is not taken."""
+    model, tokenizer = request.model, request.tokenizer
+    if request.use_cache:
+        log.warning("loglik: kv-cache path unavailable for %s (%s); scoring one sequence per label word",
+                    type(model).__name__, reason)
+    seqs = build_sequences(tokenizer, list(request.prompts), list(request.label_words), fmt=request.fmt,
+                           max_length=_max_length(model))
+    flat = score_sequences(model, seqs, pad_id=_pad_id(tokenizer), batch_size=request.batch_size, desc=request.desc)
+    out = LoglikOutput(scores=flat.view(len(request.prompts), len(request.label_words)), path="per-label",
+                       path_note=reason, forward_tokens=sum(len(s.input_ids) for s in seqs))
+    if request.groups is not None:
+        out.notes.append(f"prefix sharing not applied: {reason}")
+    return out
 
 
 def score_label_words(
@@ -374,49 +472,10 @@ def score_label_words(
     min_prefix: int = 4,
     desc: str = "loglik",
 ) -> LoglikOutput:
-    """Label-word log-likelihoods of every prompt, with how they were computed.
-
-    ``groups`` (same length as ``prompts``, e.g. the instruction of each prompt) turns on prefix
-    sharing: each group's longest common token prefix (at least ``min_prefix`` tokens) runs once.
-    ``use_cache=False`` forces the per-label path (used by tests and the benchmark).
-    """
-    if not label_words:
-        raise ValueError("label_words is empty")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if groups is not None and len(groups) != len(prompts):
-        raise ValueError(f"groups has {len(groups)} entries for {len(prompts)} prompts")
-    labels = label_token_ids(tokenizer, label_words)
-    n_label_tokens = torch.tensor([len(w) for w in labels], dtype=torch.float32)
-    reason = cache_support(model) if use_cache else "disabled (use_cache=False)"
-    if reason is None:
-        max_len = _max_length(model)
-        budget = None if max_len is None else max_len - max(map(len, labels))
-        encs = [encode(tokenizer, p, "", fmt=fmt, append_eos=False, max_length=budget) for p in prompts]
-        truncated = sum(e.truncated > 0 for e in encs)
-        if truncated:
-            log.warning("%d of %d prompts lost tokens from the left to fit %s tokens", truncated, len(encs), max_len)
-        scores, prefix, work = _score_cached(
-            model, [e.input_ids for e in encs], labels, groups=list(groups) if groups is not None else None,
-            pad_id=_pad_id(tokenizer), batch_size=batch_size, min_prefix=min_prefix, desc=desc)
-        out = LoglikOutput(scores, "kv-cache", prefix_tokens=prefix, forward_tokens=work)
-        if groups is not None and (attention_mode(model) == "prefix" or readout_mode(model) == "mean"):
-            out.notes.append("prefix sharing not applied: under the prefix-LM attention every prompt token sees "
-                             "the input, and the mean readout needs every prompt state, so no instruction prefix "
-                             "is shared")
-    else:
-        if use_cache:
-            log.warning("loglik: kv-cache path unavailable for %s (%s); scoring one sequence per label word",
-                        type(model).__name__, reason)
-        seqs = build_sequences(tokenizer, prompts, label_words, fmt=fmt, max_length=_max_length(model))
-        flat = score_sequences(model, seqs, pad_id=_pad_id(tokenizer), batch_size=batch_size, desc=desc)
-        out = LoglikOutput(flat.view(len(prompts), len(label_words)), "per-label", path_note=reason,
-                           forward_tokens=sum(len(s.input_ids) for s in seqs))
-        if groups is not None:
-            out.notes.append(f"prefix sharing not applied: {reason}")
-    if length_normalise:
-        out.scores = out.scores / n_label_tokens
-    return out
+    """:func:`score_labels` of a :class:`ScoringRequest` made of these arguments (see it for each)."""
+    return score_labels(ScoringRequest(
+        model=model, tokenizer=tokenizer, prompts=prompts, label_words=label_words, fmt=fmt, batch_size=batch_size,
+        length_normalise=length_normalise, use_cache=use_cache, groups=groups, min_prefix=min_prefix, desc=desc))
 
 
 def calibrated(scores: torch.Tensor, content_free: torch.Tensor, log_prior: torch.Tensor | None = None) -> torch.Tensor:

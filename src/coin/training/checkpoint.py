@@ -198,28 +198,32 @@ def _rng_restore(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> Non
 # --------------------------------------------------------------------------- save / load
 
 
-@dataclass
-class Restored:
+@dataclass(frozen=True, eq=False)
+class TrainingState:
+    """The live objects of a run that a checkpoint is written from and restored into (in place), with what
+    identifies the run: its trainable parameter names and its :func:`fingerprint`."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    param_names: list[str]
+    fingerprint: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Progress:
+    """How far a run has got: the last optimiser step taken, the metrics history up to it (one dict per
+    step) and the position of the training data stream."""
+
     step: int
     history: list[dict[str, float]]
     stream_state: dict[str, int]
 
 
-def save_checkpoint(
-    root: Path,
-    step: int,
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    stream_state: dict[str, int],
-    history: list[dict[str, float]],
-    param_names: list[str],
-    fp: dict[str, Any],
-    world: World,
-    keep: int,
-) -> Path:
-    """Write checkpoint ``step`` atomically (every rank calls this; rank 0 writes all but the RNG files)."""
+def save_checkpoint(root: Path, state: TrainingState, progress: Progress, *, world: World, keep: int) -> Path:
+    """Write checkpoint ``progress.step`` atomically (every rank calls this; rank 0 writes all but the RNG files),
+    keeping the last ``keep`` checkpoints under ``root``."""
+    step = progress.step
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{checkpoint_name(step)}"
     if world.is_main:
@@ -232,14 +236,15 @@ def save_checkpoint(
     _save_tensors(tmp / f"rng-rank{world.rank}.safetensors", rng_tensors)
     _write_json(tmp / f"rng-rank{world.rank}.json", rng_plain)
     if world.is_main:
-        model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
-        opt_tensors, opt_plain = _optimizer_split(optimizer)
+        state.model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
+        opt_tensors, opt_plain = _optimizer_split(state.optimizer)
         _save_tensors(tmp / "optimizer.safetensors", opt_tensors)
     world.barrier()  # every rank's RNG files are in tmp
     if world.is_main:
         _write_json(tmp / STATE_FILE, {
-            "step": step, "optimizer": opt_plain, "scheduler": scheduler.state_dict(), "data": stream_state,
-            "history": history, "param_names": param_names, "world_size": world.size, "fingerprint": fp,
+            "step": step, "optimizer": opt_plain, "scheduler": state.scheduler.state_dict(),
+            "data": progress.stream_state, "history": progress.history, "param_names": state.param_names,
+            "world_size": world.size, "fingerprint": state.fingerprint,
         })
         for sub in (tmp / "adapter", tmp):
             _fsync_dir(sub)
@@ -263,17 +268,9 @@ def _check_fingerprint(path: Path, saved: dict[str, Any], now: dict[str, Any]) -
         )
 
 
-def load_checkpoint(
-    path: Path,
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    param_names: list[str],
-    fp: dict[str, Any],
-    world: World,
-) -> Restored:
-    """Restore the adapter weights, optimizer, scheduler and this rank's RNG states from ``path``.
+def load_checkpoint(path: Path, state: TrainingState, *, world: World) -> Progress:
+    """Restore the adapter weights, optimizer, scheduler (of ``state``) and this rank's RNG states from ``path``;
+    the progress the checkpoint was written at.
 
     Every file is read (and so checked) before anything is restored: a file that cannot be read raises
     :class:`DamagedCheckpoint` and leaves the model untouched; a checkpoint of another run (fingerprint)
@@ -281,13 +278,13 @@ def load_checkpoint(
     """
     from peft import set_peft_model_state_dict
 
-    state = _read(path / STATE_FILE, _read_json)
+    saved = _read(path / STATE_FILE, _read_json)
     try:
-        saved_fp, names = state["fingerprint"], state["param_names"]
+        saved_fp, names = saved["fingerprint"], saved["param_names"]
     except (KeyError, TypeError) as exc:
         raise DamagedCheckpoint(f"{path / STATE_FILE}: incomplete ({exc!r} missing)") from None
-    _check_fingerprint(path, saved_fp, fp)
-    if names != param_names:
+    _check_fingerprint(path, saved_fp, state.fingerprint)
+    if names != state.param_names:
         raise ValueError(f"{path}: the trainable parameters differ from this run's (LoRA settings changed?)")
     rank_files = (path / f"rng-rank{world.rank}.safetensors", path / f"rng-rank{world.rank}.json")
     if not all(f.is_file() for f in rank_files):
@@ -296,11 +293,11 @@ def load_checkpoint(
     opt_tensors = _read(path / "optimizer.safetensors", lambda f: load_file(str(f)))
     rng_tensors = _read(rank_files[0], lambda f: load_file(str(f)))
     rng_state = _read(rank_files[1], _read_json)
-    result = set_peft_model_state_dict(model, weights)
+    result = set_peft_model_state_dict(state.model, weights)
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"{path}/adapter: keys that this model does not have: {result.unexpected_keys[:5]}")
-    optimizer.load_state_dict(_optimizer_join(opt_tensors, state["optimizer"]))
-    scheduler.load_state_dict(state["scheduler"])
+    state.optimizer.load_state_dict(_optimizer_join(opt_tensors, saved["optimizer"]))
+    state.scheduler.load_state_dict(saved["scheduler"])
     _rng_restore(rng_tensors, rng_state)
-    log.info("resumed from %s (step %d)", path, state["step"])
-    return Restored(int(state["step"]), list(state["history"]), dict(state["data"]))
+    log.info("resumed from %s (step %d)", path, saved["step"])
+    return Progress(step=int(saved["step"]), history=list(saved["history"]), stream_state=dict(saved["data"]))

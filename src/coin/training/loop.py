@@ -36,6 +36,8 @@ from coin.modeling.lora import apply_lora
 from coin.training.batching import BatchStream, iterate_batches, train_rows_of
 from coin.training.checkpoint import (
     DamagedCheckpoint,
+    Progress,
+    TrainingState,
     clear_checkpoints,
     fingerprint,
     list_checkpoints,
@@ -46,7 +48,8 @@ from coin.training.collator import Batch, PairCollator
 from coin.training.distributed import World, init_world, maybe_no_sync
 from coin.training.loss import StepScale, coin_step_loss
 
-__all__ = ["MetricsCallback", "TrainResult", "accumulate_gradients", "iterate_batches", "train", "train_rows_of"]
+__all__ = ["MetricsCallback", "TrainResult", "TrainRun", "accumulate_gradients", "iterate_batches", "train",
+           "train_rows_of"]
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,32 @@ MetricsCallback = Callable[[int, dict[str, float]], None]
 _MEAN_KEYS = ("l_cl", "w", "pos_cos", "neg_cos")
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
+class TrainRun:
+    """One training run: the backbone to adapt and the pair rows to train it on, under which settings,
+    seed and token cutoff; where its files go; how it reports progress; whether it continues a killed run."""
+
+    backbone: Backbone
+    rows: list[dict[str, Any]]
+    cfg: TrainSettings
+    out_dir: Path
+    seed: int
+    cutoff_len: int
+    on_metrics: MetricsCallback | None = None   # called on rank 0 every cfg.log_every steps and at the last
+    progress: bool = True                       # a progress bar (rank 0)
+    resume: bool = False                        # continue from the latest complete checkpoint, if any
+    checkpoint_dir: Path | None = None          # None: out_dir / "checkpoints"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return Path(self.out_dir) / "adapter"
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return Path(self.checkpoint_dir) if self.checkpoint_dir else Path(self.out_dir) / "checkpoints"
+
+
+@dataclass(kw_only=True)
 class TrainResult:
     adapter_dir: Path                    # out_dir / "adapter": adapter (safetensors) + tokenizer
     steps: int                           # optimiser steps taken (in total, including those before a resume)
@@ -137,35 +165,22 @@ def train(
     checkpoint it starts fresh. ``resume=False`` removes old checkpoints there first. Checkpoints are
     written every ``cfg.checkpoint_every`` steps (0: never). Run under ``torchrun`` for DDP.
     """
+    run = TrainRun(backbone=backbone, rows=rows, cfg=cfg, out_dir=Path(out_dir), seed=seed, cutoff_len=cutoff_len,
+                   on_metrics=on_metrics, progress=progress, resume=resume, checkpoint_dir=checkpoint_dir)
     device = next(backbone.model.parameters()).device
     world = init_world(device)
     try:
-        return _train(backbone, rows, cfg, world, device, out_dir=Path(out_dir), seed=seed, cutoff_len=cutoff_len,
-                      on_metrics=on_metrics, progress=progress, resume=resume,
-                      checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else Path(out_dir) / "checkpoints")
+        return _train(run, world, device)
     finally:
         world.finish()
 
 
-def _train(
-    backbone: Backbone,
-    rows: list[dict[str, Any]],
-    cfg: TrainSettings,
-    world: World,
-    device: torch.device,
-    *,
-    out_dir: Path,
-    seed: int,
-    cutoff_len: int,
-    on_metrics: MetricsCallback | None,
-    progress: bool,
-    resume: bool,
-    checkpoint_dir: Path,
-) -> TrainResult:
+def _train(run: TrainRun, world: World, device: torch.device) -> TrainResult:
     from transformers import get_linear_schedule_with_warmup
 
+    backbone, cfg, seed, checkpoint_dir = run.backbone, run.cfg, run.seed, run.checkpoint_root
     global_batch = cfg.batch_size * world.size
-    train_rows = train_rows_of(rows, global_batch)
+    train_rows = train_rows_of(run.rows, global_batch)
     torch.manual_seed(seed)  # LoRA A init: the same on every rank
     model = apply_lora(backbone, cfg.lora)
     if cfg.gradient_checkpointing:
@@ -176,22 +191,22 @@ def _train(
             f"(its attention ignores the block-diagonal mask); set train.packing to false"
         )
     torch.manual_seed(seed + world.rank)  # LoRA dropout: its own stream per rank
-    collate = PairCollator.from_settings(backbone.tokenizer, cfg, cutoff_len)
+    collate = PairCollator.from_settings(backbone.tokenizer, cfg, run.cutoff_len)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     param_names, params = [n for n, _ in named], [p for _, p in named]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, round(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
     stream = BatchStream(train_rows, global_batch, seed, bucket_by_length=cfg.bucket_by_length)
-    fp = fingerprint(cfg.model_dump(mode="json"), seed=seed, cutoff_len=cutoff_len, world_size=world.size,
-                     rows=train_rows)
+    state = TrainingState(model=model, optimizer=opt, scheduler=sched, param_names=param_names,
+                          fingerprint=fingerprint(cfg.model_dump(mode="json"), seed=seed, cutoff_len=run.cutoff_len,
+                                                  world_size=world.size, rows=train_rows))
 
     history: list[dict[str, float]] = []
     start = 0
     restored = None
-    for _, ckpt in reversed(list_checkpoints(checkpoint_dir) if resume else []):  # newest complete one first
+    for _, ckpt in reversed(list_checkpoints(checkpoint_dir) if run.resume else []):  # newest complete one first
         try:
-            restored = load_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched, param_names=param_names,
-                                       fp=fp, world=world)
+            restored = load_checkpoint(ckpt, state, world=world)
             break
         except DamagedCheckpoint as exc:
             log.warning("resume: %s; falling back to the checkpoint before it", exc)
@@ -199,7 +214,7 @@ def _train(
         start, history = restored.step, restored.history
         stream.load_state_dict(restored.stream_state)
     elif world.is_main:
-        if resume:
+        if run.resume:
             log.info("resume: no readable checkpoint in %s; starting from step 0", checkpoint_dir)
         clear_checkpoints(checkpoint_dir)
     world.barrier()
@@ -212,10 +227,12 @@ def _train(
     model.train()
     tokens, t0 = 0.0, time.perf_counter()
     bar = tqdm(total=cfg.max_steps, initial=start, desc=f"train[{cfg.method}]", unit="step",
-               disable=not (progress and world.is_main))
+               disable=not (run.progress and world.is_main))
+    stepper = _Stepper(fused=fused, params=params, optimizer=opt, stream=stream, collate=collate, cfg=cfg,
+                       world=world, device=device)
     for step in range(start + 1, cfg.max_steps + 1):
         t_step = time.perf_counter()
-        metrics = _optimizer_step(fused, params, opt, stream, collate, cfg, world, device, step)
+        metrics = stepper.step(step)
         sched.step()
         tokens += metrics["n_tokens"]
         elapsed = time.perf_counter() - t0
@@ -224,48 +241,54 @@ def _train(
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", l_cl=f"{metrics['l_cl']:.3f}",
                         tok_s=f"{metrics['tokens_per_s']:.0f}")
-        if world.is_main and on_metrics is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
-            on_metrics(step, dict(metrics))
+        if world.is_main and run.on_metrics is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
+            run.on_metrics(step, dict(metrics))
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            save_checkpoint(checkpoint_dir, step, model=model, optimizer=opt, scheduler=sched,
-                            stream_state=stream.state_dict(), history=history, param_names=param_names, fp=fp,
+            save_checkpoint(checkpoint_dir, state,
+                            Progress(step=step, history=history, stream_state=stream.state_dict()),
                             world=world, keep=cfg.keep_checkpoints)
     bar.close()
     wall = time.perf_counter() - t0
 
     model.eval()
-    adapter_dir = out_dir / "adapter"
+    adapter_dir = run.adapter_dir
     if world.is_main:
         model.save_pretrained(str(adapter_dir), safe_serialization=True)
         backbone.tokenizer.save_pretrained(str(adapter_dir))
     world.barrier()
     last = history[-1] if history else {}
-    return TrainResult(adapter_dir, cfg.max_steps, last, history, wall, tokens / max(wall, 1e-9), start)
+    return TrainResult(adapter_dir=adapter_dir, steps=cfg.max_steps, metrics=last, history=history, wall_time_s=wall,
+                       tokens_per_s=tokens / max(wall, 1e-9), resumed_from=start)
 
 
-def _optimizer_step(
-    fused: nn.Module,
-    params: list[nn.Parameter],
-    opt: torch.optim.Optimizer,
-    stream: Iterator[list[dict[str, Any]]],
-    collate: PairCollator,
-    cfg: TrainSettings,
-    world: World,
-    device: torch.device,
-    step: int,
-) -> dict[str, float]:
-    """One optimiser step: ``grad_accum`` micro-batches, clipping, the AdamW step; the step's metrics."""
-    batches = [collate(_take_rank(next(stream), world, cfg.batch_size)) for _ in range(cfg.grad_accum)]
-    metrics = accumulate_gradients(fused, batches, cfg, world, device, step=step)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-    if not math.isfinite(grad_norm):
+@dataclass(frozen=True, eq=False)
+class _Stepper:
+    """What one optimiser step works with: the (possibly DDP-wrapped) fused model, its trainable parameters
+    and their optimiser, the batch stream and its collator, the settings, the process group and the device."""
+
+    fused: nn.Module
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    stream: Iterator[list[dict[str, Any]]]
+    collate: PairCollator
+    cfg: TrainSettings
+    world: World
+    device: torch.device
+
+    def step(self, step: int) -> dict[str, float]:
+        """One optimiser step: ``grad_accum`` micro-batches, clipping, the AdamW step; the step's metrics."""
+        cfg, world, opt = self.cfg, self.world, self.optimizer
+        batches = [self.collate(_take_rank(next(self.stream), world, cfg.batch_size)) for _ in range(cfg.grad_accum)]
+        metrics = accumulate_gradients(self.fused, batches, cfg, world, self.device, step=step)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+        if not math.isfinite(grad_norm):
+            opt.zero_grad(set_to_none=True)
+            raise _non_finite(f"gradient norm is {grad_norm}", step, batches, world, f"loss={metrics['loss']:.6g}")
+        metrics["lr"] = float(opt.param_groups[0]["lr"])
+        metrics["grad_norm"] = grad_norm
+        opt.step()
         opt.zero_grad(set_to_none=True)
-        raise _non_finite(f"gradient norm is {grad_norm}", step, batches, world, f"loss={metrics['loss']:.6g}")
-    metrics["lr"] = float(opt.param_groups[0]["lr"])
-    metrics["grad_norm"] = grad_norm
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return metrics
+        return metrics
 
 
 def accumulate_gradients(
