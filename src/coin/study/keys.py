@@ -39,7 +39,7 @@ CELL_PARAMS_EXCLUDE = ("model.device", "train.methods", "train.resume", "train.l
                        "train.keep_checkpoints", "evaluate.include_base")
 BASE_PARAMS = ("seed", "model", "evaluate")
 CELL_CODE = ("training", "modeling", "evaluation", "data", "stages.py", "study/cell.py")
-CELL_CODE_EXCLUDE = ("evaluation/report.py", "evaluation/uncertainty.py")
+CELL_CODE_EXCLUDE = ("evaluation/report", "evaluation/uncertainty.py")  # report: the package, every module of it
 
 # pairs + validation gate: what coin.study.prepare reads (the pipeline's pairs and validate stages)
 PREP_PARAMS = ("seed", "pairs", "validate", "model.backbone", "evaluate.instruction_file", "evaluate.tasks")
@@ -48,14 +48,15 @@ PREP_CODE = ("data", "validation", "modeling", "stages.py")
 
 def sha256_files(paths: Iterable[Path], base: Path | None = None, exclude: Iterable[Path] = ()) -> str:
     """sha256 over names (relative to ``base``) and contents of ``paths`` (directories walked in sorted order;
-    ``__pycache__``/``*.pyc`` skipped; a missing path hashes as a ``missing`` marker)."""
+    ``__pycache__``/``*.pyc`` skipped; a missing path hashes as a ``missing`` marker). ``exclude``: files, or
+    directories (everything under them)."""
     skip = {Path(p).resolve() for p in exclude}
     h = hashlib.sha256()
     for path in paths:
         path = Path(path)
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for f in files:
-            if "__pycache__" in f.parts or f.suffix == ".pyc" or f.resolve() in skip:
+            if "__pycache__" in f.parts or f.suffix == ".pyc" or skip.intersection([f.resolve(), *f.resolve().parents]):
                 continue
             name = str(f.relative_to(base)) if base is not None and f.is_relative_to(base) else f.name
             h.update(name.encode() + b"\0")

@@ -1,92 +1,31 @@
-"""The combined report of one or more evaluated models (base, sft, cit, coin, ... any labels).
-
-:func:`write_eval_outputs` writes, under one directory::
-
-    metrics.json        {model: nested metrics} (numeric leaves only: DVC metrics / MLflow friendly), with an
-                        ``uncertainty`` block per model: bootstrap 95% intervals and the paired gap to ``base``;
-                        each model's summary adds ``majority_acc`` and ``clean_vs_majority``, and the top-level
-                        ``reference`` block holds the sample's majority-class and chance rates per task and
-                        averaged (``coin.evaluation.reference``: what a model that reads nothing scores)
-    predictions.jsonl   every model's per-example predictions
-    report.md           the full report; report.html the same, self-contained (plots as base64 PNG)
-    table.md            the compact summary (Prefect artifact)
-    accuracy.png        accuracy by instruction set and task (one panel per model and scoring)
-    models.png          model-vs-model bars per set, error bars = std over instructions
-    pdr.png             performance drop rate by perturbation level
-    eval_info.json      per model: tasks, caveats, skipped tasks, timings, settings, notes
-
-The report's content is built once as a list of blocks (:func:`build_report`) and rendered to
-Markdown and to HTML, so the two never disagree.
-"""
+"""The report's content: tables as blocks (:mod:`.blocks`), the numbers in them, the majority-class and chance
+reference rows, and what goes in each table (:func:`build_report`, :func:`build_table`); no rendering here."""
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import logging
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
-from coin.data.io import write_json, write_jsonl
 from coin.data.tasks import get_task
 from coin.evaluation.instructions import perturbation_level
-from coin.evaluation.metrics import AVG, CLEAN, REFERENCE_KEY
+from coin.evaluation.metrics import AVG, CLEAN
 from coin.evaluation.reference import COLUMNS, ReferenceRates, clean_tasks, majority_summary, reference_rates
+from coin.evaluation.report.blocks import DASH, Block, Bullets, Heading, Plot, Table, Text
 from coin.evaluation.result import EvalResult
 from coin.evaluation.uncertainty import LEVEL, N_BOOT, bootstrap_ci, example_scores, paired_delta
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("coin.evaluation.report")  # the name it had before the split
 
 CAVEAT_MARK = "†"
 REFERENCE = "base"  # the model every other one is compared with, paired on the same examples, when present
-DASH = "–"
 # settings that must agree for models to be compared in one report (else the report says so)
 COMPARABLE = ("seed", "samples_per_task", "n_examples", "instruction_file", "prompt_format", "length_normalise",
               "max_new_tokens")
-
-
-# --------------------------------------------------------------------------- blocks
-
-
-@dataclass
-class Heading:
-    text: str
-    level: int = 2
-
-
-@dataclass
-class Text:
-    text: str
-
-
-@dataclass
-class Bullets:
-    items: list[str]
-
-
-@dataclass
-class Table:
-    header: list[str]
-    rows: list[list[str]]
-    bold_rows: set[int] = field(default_factory=set)   # row indices rendered bold (averages)
-    caption: str = ""
-    text_cols: int = 1                                  # leading columns of text (left-aligned); the rest numbers
-
-
-@dataclass
-class Plot:
-    name: str          # file stem: accuracy, models, pdr
-    png: bytes
-    alt: str
-
-
-Block = Heading | Text | Bullets | Table | Plot
 
 
 # --------------------------------------------------------------------------- formatting
@@ -436,246 +375,3 @@ def build_table(results: list[EvalResult], unc: dict[str, dict[str, Any]] | None
     refs = references(results) if refs is None else refs
     return [*_header(results, refs), *_summary(results, refs), *_uncertainty_table(results, unc),
             *_accuracy_tables(results, refs, primary_only=True)]
-
-
-# --------------------------------------------------------------------------- rendering
-
-
-def _md_escape(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
-def to_markdown(blocks: list[Block]) -> str:
-    lines: list[str] = []
-    for b in blocks:
-        if isinstance(b, Heading):
-            lines += ["#" * b.level + " " + b.text, ""]
-        elif isinstance(b, Text):
-            lines += [b.text, ""]
-        elif isinstance(b, Bullets):
-            lines += [f"- {item}" for item in b.items] + [""]
-        elif isinstance(b, Table):
-            lines.append("| " + " | ".join(map(_md_escape, b.header)) + " |")
-            lines.append("|" + "|".join(["---"] * b.text_cols + ["---:"] * (len(b.header) - b.text_cols)) + "|")
-            for i, row in enumerate(b.rows):
-                cells = [f"**{c}**" if i in b.bold_rows and c != DASH else c for c in map(_md_escape, row)]
-                lines.append("| " + " | ".join(cells) + " |")
-            lines += [""] + ([b.caption, ""] if b.caption else [])
-        elif isinstance(b, Plot):
-            lines += [f"![{b.alt}]({b.name}.png)", ""]
-    return "\n".join(lines)
-
-
-def _inline_html(text: str) -> str:
-    """Escape, then the two Markdown inline forms the report uses: **bold** and `code`."""
-    out, parts = [], html.escape(text).split("`")
-    for i, part in enumerate(parts):
-        if i % 2:
-            out.append(f"<code>{part}</code>")
-        else:
-            bits = part.split("**")
-            out.append("".join(f"<b>{x}</b>" if j % 2 else x for j, x in enumerate(bits)))
-    return "".join(out)
-
-
-_CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:24px auto;max-width:1320px;color:#1b1f23;
-padding:0 16px;line-height:1.45}
-h1{font-size:26px;margin:0 0 8px}h2{font-size:20px;margin:28px 0 8px;border-bottom:1px solid #d0d7de;padding-bottom:4px}
-h3{font-size:16px;margin:18px 0 6px}
-table{border-collapse:collapse;margin:6px 0 4px;font-size:13px}
-th,td{border:1px solid #d0d7de;padding:3px 8px}th{background:#f3f4f6;text-align:center}
-td{text-align:right;white-space:nowrap}td.t{text-align:left}
-tr.avg td{font-weight:600;background:#f8fafc}
-p.caption{font-size:12px;color:#57606a;margin:2px 0 12px;max-width:1100px}
-figure{margin:10px 0 16px}figure img{max-width:100%;border:1px solid #eaeef2}
-figcaption{font-size:12px;color:#57606a}code{background:#f3f4f6;padding:0 3px;border-radius:3px}
-ul{margin:4px 0 10px}
-"""
-
-
-def to_html(blocks: list[Block], title: str = "Robustness evaluation") -> str:
-    body: list[str] = []
-    for b in blocks:
-        if isinstance(b, Heading):
-            body.append(f"<h{b.level}>{_inline_html(b.text)}</h{b.level}>")
-        elif isinstance(b, Text):
-            body.append(f"<p>{_inline_html(b.text)}</p>")
-        elif isinstance(b, Bullets):
-            body.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in b.items) + "</ul>")
-        elif isinstance(b, Table):
-            head = "".join(f"<th>{_inline_html(h)}</th>" for h in b.header)
-            rows = "".join(
-                ("<tr class=\"avg\">" if i in b.bold_rows else "<tr>")
-                + "".join(("<td class=\"t\">" if k < b.text_cols else "<td>") + f"{_inline_html(c)}</td>"
-                          for k, c in enumerate(row)) + "</tr>" for i, row in enumerate(b.rows))
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
-            if b.caption:
-                body.append(f"<p class=\"caption\">{_inline_html(b.caption)}</p>")
-        elif isinstance(b, Plot):
-            data = base64.b64encode(b.png).decode("ascii")
-            body.append(f"<figure><img alt=\"{html.escape(b.alt)}\" src=\"data:image/png;base64,{data}\">"
-                        f"<figcaption>{html.escape(b.alt)}</figcaption></figure>")
-    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
-
-
-# --------------------------------------------------------------------------- plots
-
-
-def _figure(n_panels: int, width: float, height: float = 3.3):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height * n_panels), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(n_panels, 1, squeeze=False)[:, 0]
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    return buf.getvalue()
-
-
-def _bars(ax, groups: list[str], series: list[tuple[str, list[float], list[float]]], *, ylabel: str,
-          ylim: tuple[float, float] | None = (0, 100), ref: tuple[str, list[float]] | None = None) -> None:
-    """Grouped bars: ``series`` = (label, heights, errors) with one value per group (NaN = no bar);
-    ``ref`` = (label, one level per group): a dashed line across each group's bars (e.g. the majority rate)."""
-    width = 0.8 / max(len(series), 1)
-    if ref is not None:
-        name, levels = ref
-        for g, y in enumerate(levels):
-            if _isnum(y):
-                ax.hlines(y, g - 0.45, g + 0.45, colors="black", linestyles="--", linewidth=1.1, zorder=3,
-                          label=name if g == next(i for i, v in enumerate(levels) if _isnum(v)) else None)
-    for k, (label, ys, errs) in enumerate(series):
-        keep = [g for g in range(len(groups)) if _isnum(ys[g])]  # undefined values get no bar (not a 0 bar)
-        xs = [g + (k - (len(series) - 1) / 2) * width for g in keep]
-        ax.bar(xs, [ys[g] for g in keep], width, yerr=[errs[g] if _isnum(errs[g]) else 0 for g in keep],
-               capsize=2, label=label)
-    ax.set_xticks(range(len(groups)), groups, fontsize="small")
-    if ylim:
-        ax.set_ylim(*ylim)
-    ax.set_ylabel(ylabel)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize="x-small", ncols=min(len(series), 6), loc="upper left")
-
-
-def plot_accuracy(results: list[EvalResult], refs: References | None = None) -> Plot:
-    """One panel per (model, scoring): groups = tasks + avg, one bar per set, error bar = std over instructions;
-    a dashed line over each group at the majority-class rate of the model's sample."""
-    refs = references(results) if refs is None else refs
-    panels = [(r, m) for r in results for m in r.scorings]
-    fig, axes = _figure(len(panels), max(7.0, 1.25 * max(len(r.tasks) + 1 for r in results)))
-    for ax, (r, m) in zip(axes, panels):
-        groups = [*r.tasks, AVG]
-        series = []
-        for s in r.sets:
-            cells = [_cell(r, m, t, s) if t != AVG else _set_avg(r, m, s) for t in groups]
-            series.append((_set_name(s), [c["acc_mean"] if c is not None else math.nan for c in cells],
-                           [c["acc_std"] if c is not None else math.nan for c in cells]))
-        ref = refs.models[r.model_label]
-        majority = [ref.majority.get(t, math.nan) if t != AVG else ref.majority_avg(r.tasks) for t in groups]
-        _bars(ax, [_task_name(r, g) if g != AVG else AVG for g in groups], series, ylabel="accuracy (%)",
-              ref=("majority class", majority))
-        ax.set_title(f"{r.model_label} · {m}: accuracy by task and instruction set", fontsize="medium")
-    return Plot("accuracy", _png(fig), "Accuracy by task and instruction set (mean ± std over instructions; dashed: "
-                                       "majority-class rate of the evaluated sample)")
-
-
-def plot_models(results: list[EvalResult], refs: References | None = None) -> Plot:
-    """One panel per scoring: groups = sets + perturbed mean, one bar per model, error bar = mean std; a dashed
-    line at the sample's majority-class rate (mean over tasks: the same on every set)."""
-    refs = references(results) if refs is None else refs
-    majority = refs.all.majority_avg()
-    scorings = list(dict.fromkeys(m for r in results for m in r.scorings))
-    sets = list(dict.fromkeys(s for r in results for s in r.sets))
-    fig, axes = _figure(len(scorings), max(7.0, 1.4 * (len(sets) + 1) * max(1, len(results)) / 2))
-    for ax, m in zip(axes, scorings):
-        series = []
-        for r in results:
-            if m not in r.scorings:
-                continue
-            ys, es = [], []
-            for s in sets:
-                a = _set_avg(r, m, s)
-                ys.append(a["acc_mean"] if a is not None else math.nan)
-                es.append(a["acc_std"] if a is not None else math.nan)
-            o = _overall(r, m)
-            series.append((r.model_label, ys + [o["perturbed_acc"]], es + [o["perturbed_std"]]))
-        _bars(ax, [_set_name(s).replace(" (", "\n(") for s in sets] + ["perturbed\n(mean)"], series,
-              ylabel="accuracy (%)", ref=("majority class", [majority] * (len(sets) + 1)))
-        ax.set_title(f"{m}: models compared (mean over tasks; error bars: mean std over instructions)",
-                     fontsize="medium")
-    return Plot("models", _png(fig), "Models compared per instruction set (dashed: majority-class rate)")
-
-
-def plot_pdr(results: list[EvalResult]) -> Plot | None:
-    """One panel per scoring: groups = perturbation levels, one bar per model. None without clean + perturbed."""
-    scorings = list(dict.fromkeys(m for r in results for m in r.scorings))
-    pert = list(dict.fromkeys(s for r in results for s in _perturbed(r)))
-    if not pert or not any(CLEAN in r.sets for r in results):
-        return None
-    fig, axes = _figure(len(scorings), max(7.0, 1.3 * len(pert) * max(1, len(results)) / 2), height=2.8)
-    for ax, m in zip(axes, scorings):
-        series = []
-        for r in results:
-            if m not in r.scorings:
-                continue
-            vals = [a["pdr"] if (a := _set_avg(r, m, s)) is not None else math.nan for s in pert]
-            series.append((r.model_label, vals, [math.nan] * len(vals)))
-        _bars(ax, [perturbation_level(s) + f"\n({s})" for s in pert], series, ylabel="PDR", ylim=None)
-        ax.axhline(0, color="black", linewidth=0.8)
-        undefined = "" if any(_isnum(v) for _, vals, _ in series for v in vals) else " — undefined: clean accuracy 0"
-        ax.set_title(f"{m}: performance drop rate vs clean by perturbation level (lower is more robust){undefined}",
-                     fontsize="medium")
-    return Plot("pdr", _png(fig), "Performance drop rate by perturbation level (1 − acc/acc_clean, mean over tasks)")
-
-
-# --------------------------------------------------------------------------- outputs
-
-
-def write_eval_outputs(results: list[EvalResult], out_dir: str | Path) -> dict[str, Path]:
-    """Write the combined outputs for ``results`` (any number of models) under ``out_dir``; returns their paths."""
-    if not results:
-        raise ValueError("no evaluation results to write")
-    labels = [r.model_label for r in results]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"model labels must be unique, got {labels}")
-    if REFERENCE_KEY in labels:
-        raise ValueError(f"model label {REFERENCE_KEY!r} is reserved: metrics.json's {REFERENCE_KEY!r} block holds "
-                         "the majority-class and chance rates; label the model otherwise")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    refs = references(results)
-    plots = {p.name: p for p in (plot_accuracy(results, refs), plot_models(results, refs), plot_pdr(results))
-             if p is not None}
-    paths: dict[str, Path] = {
-        "metrics": out / "metrics.json",
-        "predictions": out / "predictions.jsonl",
-        "report_md": out / "report.md",
-        "report_html": out / "report.html",
-        "table": out / "table.md",
-        "info": out / "eval_info.json",
-    }
-    unc = uncertainty(results)
-    doc: dict[str, Any] = {}
-    for r in results:
-        nested = r.metrics_nested()
-        summary = nested["summary"]
-        nested["summary"] = {**summary, **refs.model_summary(r, r.primary, summary["clean_acc"])}
-        doc[r.model_label] = {**nested, "uncertainty": unc[r.model_label]}
-    doc[REFERENCE_KEY] = refs.all.to_dict()
-    write_json(paths["metrics"], doc)
-    frame = pd.concat([r.predictions for r in results], ignore_index=True)
-    write_jsonl(paths["predictions"], json.loads(frame.to_json(orient="records", force_ascii=False)))
-    blocks = build_report(results, plots, unc, refs)
-    paths["report_md"].write_text(to_markdown(blocks), encoding="utf-8")
-    paths["report_html"].write_text(to_html(blocks), encoding="utf-8")
-    paths["table"].write_text(to_markdown(build_table(results, unc, refs)), encoding="utf-8")
-    for name, plot in plots.items():
-        paths[f"plot_{name}"] = out / f"{name}.png"
-        paths[f"plot_{name}"].write_bytes(plot.png)
-    write_json(paths["info"], {r.model_label: r.info() for r in results})
-    return paths

@@ -1,0 +1,96 @@
+"""The combined report of one or more evaluated models (base, sft, cit, coin, ... any labels).
+
+:func:`write_eval_outputs` writes, under one directory::
+
+    metrics.json        {model: nested metrics} (numeric leaves only: DVC metrics / MLflow friendly), with an
+                        ``uncertainty`` block per model: bootstrap 95% intervals and the paired gap to ``base``;
+                        each model's summary adds ``majority_acc`` and ``clean_vs_majority``, and the top-level
+                        ``reference`` block holds the sample's majority-class and chance rates per task and
+                        averaged (``coin.evaluation.reference``: what a model that reads nothing scores)
+    predictions.jsonl   every model's per-example predictions
+    report.md           the full report; report.html the same, self-contained (plots as base64 PNG)
+    table.md            the compact summary (Prefect artifact)
+    accuracy.png        accuracy by instruction set and task (one panel per model and scoring)
+    models.png          model-vs-model bars per set, error bars = std over instructions
+    pdr.png             performance drop rate by perturbation level
+    eval_info.json      per model: tasks, caveats, skipped tasks, timings, settings, notes
+
+The report's content is built once as a list of blocks (:func:`build_report`) and rendered to
+Markdown and to HTML, so the two never disagree. One module per concern, each importing only those
+before it (``blocks`` <- ``content`` <- ``plots``; ``blocks`` <- ``render_md`` / ``render_html``; all <- this
+writer, which computes the references and intervals once and writes the files):
+
+- :mod:`.blocks`: the block types (heading, text, bullets, table, plot);
+- :mod:`.content`: the numbers, rows and reference rows of each table, :func:`build_report` / :func:`build_table`;
+- :mod:`.render_md` / :mod:`.render_html`: Markdown, and one self-contained HTML page with its CSS;
+- :mod:`.plots`: the matplotlib figures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from coin.data.io import write_json, write_jsonl
+from coin.evaluation.metrics import REFERENCE_KEY
+from coin.evaluation.report.blocks import DASH, Block, Bullets, Heading, Plot, Table, Text
+from coin.evaluation.report.content import (CAVEAT_MARK, CHANCE_ROW, COMPARABLE, DEFINITIONS, MAJORITY_ROW, REFERENCE,
+                                            REFERENCE_SCORING, REFERENCES_NOTE, References, build_report, build_table,
+                                            f_acc, f_ci, f_gap, f_pct, f_pdr, references, uncertainty)
+from coin.evaluation.report.plots import plot_accuracy, plot_models, plot_pdr
+from coin.evaluation.report.render_html import to_html
+from coin.evaluation.report.render_md import to_markdown
+from coin.evaluation.result import EvalResult
+
+__all__ = ["CAVEAT_MARK", "CHANCE_ROW", "COMPARABLE", "DASH", "DEFINITIONS", "MAJORITY_ROW", "REFERENCE",
+           "REFERENCE_SCORING", "REFERENCES_NOTE", "Block", "Bullets", "Heading", "Plot", "References", "Table", "Text",
+           "build_report", "build_table", "f_acc", "f_ci", "f_gap", "f_pct", "f_pdr", "plot_accuracy", "plot_models",
+           "plot_pdr", "references", "to_html", "to_markdown", "uncertainty", "write_eval_outputs"]
+
+
+def write_eval_outputs(results: list[EvalResult], out_dir: str | Path) -> dict[str, Path]:
+    """Write the combined outputs for ``results`` (any number of models) under ``out_dir``; returns their paths."""
+    if not results:
+        raise ValueError("no evaluation results to write")
+    labels = [r.model_label for r in results]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"model labels must be unique, got {labels}")
+    if REFERENCE_KEY in labels:
+        raise ValueError(f"model label {REFERENCE_KEY!r} is reserved: metrics.json's {REFERENCE_KEY!r} block holds "
+                         "the majority-class and chance rates; label the model otherwise")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    refs = references(results)
+    plots = {p.name: p for p in (plot_accuracy(results, refs), plot_models(results, refs), plot_pdr(results))
+             if p is not None}
+    paths: dict[str, Path] = {
+        "metrics": out / "metrics.json",
+        "predictions": out / "predictions.jsonl",
+        "report_md": out / "report.md",
+        "report_html": out / "report.html",
+        "table": out / "table.md",
+        "info": out / "eval_info.json",
+    }
+    unc = uncertainty(results)
+    doc: dict[str, Any] = {}
+    for r in results:
+        nested = r.metrics_nested()
+        summary = nested["summary"]
+        nested["summary"] = {**summary, **refs.model_summary(r, r.primary, summary["clean_acc"])}
+        doc[r.model_label] = {**nested, "uncertainty": unc[r.model_label]}
+    doc[REFERENCE_KEY] = refs.all.to_dict()
+    write_json(paths["metrics"], doc)
+    frame = pd.concat([r.predictions for r in results], ignore_index=True)
+    write_jsonl(paths["predictions"], json.loads(frame.to_json(orient="records", force_ascii=False)))
+    blocks = build_report(results, plots, unc, refs)
+    paths["report_md"].write_text(to_markdown(blocks), encoding="utf-8")
+    paths["report_html"].write_text(to_html(blocks), encoding="utf-8")
+    paths["table"].write_text(to_markdown(build_table(results, unc, refs)), encoding="utf-8")
+    for name, plot in plots.items():
+        paths[f"plot_{name}"] = out / f"{name}.png"
+        paths[f"plot_{name}"].write_bytes(plot.png)
+    write_json(paths["info"], {r.model_label: r.info() for r in results})
+    return paths

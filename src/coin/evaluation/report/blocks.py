@@ -1,0 +1,44 @@
+"""The report's vocabulary: the blocks a report is built of (headings, text, bullet lists, tables, plots),
+shared by the content (:mod:`.content`), the renderers (:mod:`.render_md`, :mod:`.render_html`) and the
+study report (:mod:`coin.study.report`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DASH = "–"  # an undefined number
+
+
+@dataclass
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclass
+class Text:
+    text: str
+
+
+@dataclass
+class Bullets:
+    items: list[str]
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+    bold_rows: set[int] = field(default_factory=set)   # row indices rendered bold (averages)
+    caption: str = ""
+    text_cols: int = 1                                  # leading columns of text (left-aligned); the rest numbers
+
+
+@dataclass
+class Plot:
+    name: str          # file stem: accuracy, models, pdr
+    png: bytes
+    alt: str
+
+
+Block = Heading | Text | Bullets | Table | Plot

@@ -1,0 +1,123 @@
+"""The report's figures (matplotlib, drawn off-screen to PNG bytes): accuracy.png, models.png, pdr.png."""
+
+from __future__ import annotations
+
+import io
+import math
+
+from coin.evaluation.instructions import perturbation_level
+from coin.evaluation.metrics import AVG, CLEAN
+from coin.evaluation.report.blocks import Plot
+from coin.evaluation.report.content import (References, _cell, _isnum, _overall, _perturbed, _set_avg, _set_name,
+                                            _task_name, references)
+from coin.evaluation.result import EvalResult
+
+
+def _figure(n_panels: int, width: float, height: float = 3.3):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height * n_panels), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(n_panels, 1, squeeze=False)[:, 0]
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def _bars(ax, groups: list[str], series: list[tuple[str, list[float], list[float]]], *, ylabel: str,
+          ylim: tuple[float, float] | None = (0, 100), ref: tuple[str, list[float]] | None = None) -> None:
+    """Grouped bars: ``series`` = (label, heights, errors) with one value per group (NaN = no bar);
+    ``ref`` = (label, one level per group): a dashed line across each group's bars (e.g. the majority rate)."""
+    width = 0.8 / max(len(series), 1)
+    if ref is not None:
+        name, levels = ref
+        for g, y in enumerate(levels):
+            if _isnum(y):
+                ax.hlines(y, g - 0.45, g + 0.45, colors="black", linestyles="--", linewidth=1.1, zorder=3,
+                          label=name if g == next(i for i, v in enumerate(levels) if _isnum(v)) else None)
+    for k, (label, ys, errs) in enumerate(series):
+        keep = [g for g in range(len(groups)) if _isnum(ys[g])]  # undefined values get no bar (not a 0 bar)
+        xs = [g + (k - (len(series) - 1) / 2) * width for g in keep]
+        ax.bar(xs, [ys[g] for g in keep], width, yerr=[errs[g] if _isnum(errs[g]) else 0 for g in keep],
+               capsize=2, label=label)
+    ax.set_xticks(range(len(groups)), groups, fontsize="small")
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="x-small", ncols=min(len(series), 6), loc="upper left")
+
+
+def plot_accuracy(results: list[EvalResult], refs: References | None = None) -> Plot:
+    """One panel per (model, scoring): groups = tasks + avg, one bar per set, error bar = std over instructions;
+    a dashed line over each group at the majority-class rate of the model's sample."""
+    refs = references(results) if refs is None else refs
+    panels = [(r, m) for r in results for m in r.scorings]
+    fig, axes = _figure(len(panels), max(7.0, 1.25 * max(len(r.tasks) + 1 for r in results)))
+    for ax, (r, m) in zip(axes, panels):
+        groups = [*r.tasks, AVG]
+        series = []
+        for s in r.sets:
+            cells = [_cell(r, m, t, s) if t != AVG else _set_avg(r, m, s) for t in groups]
+            series.append((_set_name(s), [c["acc_mean"] if c is not None else math.nan for c in cells],
+                           [c["acc_std"] if c is not None else math.nan for c in cells]))
+        ref = refs.models[r.model_label]
+        majority = [ref.majority.get(t, math.nan) if t != AVG else ref.majority_avg(r.tasks) for t in groups]
+        _bars(ax, [_task_name(r, g) if g != AVG else AVG for g in groups], series, ylabel="accuracy (%)",
+              ref=("majority class", majority))
+        ax.set_title(f"{r.model_label} · {m}: accuracy by task and instruction set", fontsize="medium")
+    return Plot("accuracy", _png(fig), "Accuracy by task and instruction set (mean ± std over instructions; dashed: "
+                                       "majority-class rate of the evaluated sample)")
+
+
+def plot_models(results: list[EvalResult], refs: References | None = None) -> Plot:
+    """One panel per scoring: groups = sets + perturbed mean, one bar per model, error bar = mean std; a dashed
+    line at the sample's majority-class rate (mean over tasks: the same on every set)."""
+    refs = references(results) if refs is None else refs
+    majority = refs.all.majority_avg()
+    scorings = list(dict.fromkeys(m for r in results for m in r.scorings))
+    sets = list(dict.fromkeys(s for r in results for s in r.sets))
+    fig, axes = _figure(len(scorings), max(7.0, 1.4 * (len(sets) + 1) * max(1, len(results)) / 2))
+    for ax, m in zip(axes, scorings):
+        series = []
+        for r in results:
+            if m not in r.scorings:
+                continue
+            ys, es = [], []
+            for s in sets:
+                a = _set_avg(r, m, s)
+                ys.append(a["acc_mean"] if a is not None else math.nan)
+                es.append(a["acc_std"] if a is not None else math.nan)
+            o = _overall(r, m)
+            series.append((r.model_label, ys + [o["perturbed_acc"]], es + [o["perturbed_std"]]))
+        _bars(ax, [_set_name(s).replace(" (", "\n(") for s in sets] + ["perturbed\n(mean)"], series,
+              ylabel="accuracy (%)", ref=("majority class", [majority] * (len(sets) + 1)))
+        ax.set_title(f"{m}: models compared (mean over tasks; error bars: mean std over instructions)",
+                     fontsize="medium")
+    return Plot("models", _png(fig), "Models compared per instruction set (dashed: majority-class rate)")
+
+
+def plot_pdr(results: list[EvalResult]) -> Plot | None:
+    """One panel per scoring: groups = perturbation levels, one bar per model. None without clean + perturbed."""
+    scorings = list(dict.fromkeys(m for r in results for m in r.scorings))
+    pert = list(dict.fromkeys(s for r in results for s in _perturbed(r)))
+    if not pert or not any(CLEAN in r.sets for r in results):
+        return None
+    fig, axes = _figure(len(scorings), max(7.0, 1.3 * len(pert) * max(1, len(results)) / 2), height=2.8)
+    for ax, m in zip(axes, scorings):
+        series = []
+        for r in results:
+            if m not in r.scorings:
+                continue
+            vals = [a["pdr"] if (a := _set_avg(r, m, s)) is not None else math.nan for s in pert]
+            series.append((r.model_label, vals, [math.nan] * len(vals)))
+        _bars(ax, [perturbation_level(s) + f"\n({s})" for s in pert], series, ylabel="PDR", ylim=None)
+        ax.axhline(0, color="black", linewidth=0.8)
+        undefined = "" if any(_isnum(v) for _, vals, _ in series for v in vals) else " — undefined: clean accuracy 0"
+        ax.set_title(f"{m}: performance drop rate vs clean by perturbation level (lower is more robust){undefined}",
+                     fontsize="medium")
+    return Plot("pdr", _png(fig), "Performance drop rate by perturbation level (1 − acc/acc_clean, mean over tasks)")
