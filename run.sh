@@ -2,7 +2,7 @@
 # One entry point for set-up and use. Each command first makes sure .venv is installed and current:
 #
 #   ./run.sh pipeline        install (first time) + run the whole pipeline on the embedded default
-#   ./run.sh test            install (first time) + run the test suite (what CI runs)
+#   ./run.sh test            install (first time) + lint (ruff check) + run the test suite (what CI runs)
 #   ./run.sh <command ...>   run any command inside the venv, e.g. ./run.sh dvc repro, ./run.sh coin --help
 #
 # Set-up: torch==2.13.0 is installed first, on its own (the CPU wheel here; an unpinned torch would pull
@@ -43,7 +43,7 @@ setup
 export PATH="$PWD/$VENV/bin:$PATH"
 case "$cmd" in
   pipeline) exec coin pipeline "$@" ;;
-  test)     exec python -m pytest "$@" ;;
+  test)     ruff check . && exec python -m pytest "$@" ;;   # lint first: a lint error fails CI
   setup)    echo "[setup] $VENV is ready" ;;
   *)        exec "$cmd" "$@" ;;
 esac

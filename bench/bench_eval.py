@@ -29,9 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-import coin  # noqa: F401  (offline environment before torch/transformers)
 import torch
 
+import coin  # noqa: F401  (offline environment before torch/transformers)
 from coin.config import load_settings
 from coin.data.tasks import get_task
 from coin.evaluation.generation import generate_answers, generate_reference_style, label_choices, parse_answer

@@ -4,16 +4,21 @@ instruction. OUT is an out_dir of `coin train` + `coin evaluate` (evaluate.calib
 
     ./run.sh python experiments/calibration_probe.py OUT coin
 """
-import json, sys, collections, math
+import collections
+import json
+import math
+import sys
+
 import torch
 
 torch.set_num_threads(2)
-from coin.modeling.adapter import load_trained
-from coin.evaluation.scoring import score_label_words
-from coin.evaluation.instructions import load_instruction_sets
 from coin.data.tasks import get_task
-from coin.predict import join_instruction
+from coin.evaluation.instructions import load_instruction_sets
+from coin.evaluation.scoring import score_label_words
+from coin.modeling.adapter import load_trained
 from coin.modeling.backbone import autocast_context
+from coin.predict import join_instruction
+
 out = sys.argv[1].rstrip("/"); method = sys.argv[2]
 model, tok, meta = load_trained(f"{out}/train/{method}/adapter")
 preds = [json.loads(l) for l in open(f"{out}/evaluate/predictions.jsonl")]

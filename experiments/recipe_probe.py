@@ -8,18 +8,23 @@ package (model.attention, model.readout, ...) and measured again through `coin` 
 
     ./run.sh python experiments/recipe_probe.py --tasks sst2 --rows 800 --steps 50 --readout mean --bf16
 """
-import argparse, json, math, random, sys, time
+import argparse
+import random
+import time
 from pathlib import Path
-import torch, torch.nn.functional as F
-from coin.modeling.backbone import load_backbone, split_body_head
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+
 from coin.config import PairsSettings
 from coin.data.pairs import build_pairs
 from coin.data.prompts import encode
 from coin.data.tasks import get_task
-from coin.evaluation.sampling import sample_examples
 from coin.evaluation.instructions import load_instruction_sets
+from coin.evaluation.sampling import sample_examples
+from coin.modeling.backbone import load_backbone, split_body_head
 from coin.predict import join_instruction
-from peft import LoraConfig, get_peft_model
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--attn", default="prefix")
@@ -119,6 +124,7 @@ for t in tasks:
     evals[t] = (prompts, labels, list(spec.label_words))
 
 from coin.data.templates import load_templates, render
+
 flan_evals = {}
 if args.flan_eval:
     for t in tasks:
@@ -177,6 +183,7 @@ def run_eval(evals, name):
 params = [p for p in model.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
 from transformers import get_linear_schedule_with_warmup
+
 sched = get_linear_schedule_with_warmup(opt, int(0.06 * args.steps), args.steps)
 rng = random.Random(args.seed)
 order = list(range(len(enc)))

@@ -31,7 +31,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import coin  # noqa: F401  (local-only environment before Prefect is imported)
 from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -40,6 +39,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner
 from pydantic import SecretStr
 
+import coin  # noqa: F401  (local-only environment before Prefect is imported)
 from coin import stages
 from coin.config import Settings, load_settings
 from coin.secrets import reveal, seal_overrides, seal_text

@@ -29,7 +29,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import coin  # noqa: F401  (local-only environment before Prefect is imported)
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -37,6 +36,7 @@ from prefect.futures import wait
 from prefect.runtime import flow_run
 from pydantic import SecretStr
 
+import coin  # noqa: F401  (local-only environment before Prefect is imported)
 from coin.secrets import reveal, seal_overrides, seal_text
 from coin.study import tracking as study_tracking
 from coin.study.cell import run_cell

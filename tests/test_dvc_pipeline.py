@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers_project import copy_project, run
 
 TINY = {

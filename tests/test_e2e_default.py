@@ -6,7 +6,6 @@ Slow (minutes on 2 CPU cores); CI runs it. Skip locally with `-m "not slow"`.
 import json
 
 import pytest
-
 from helpers_project import copy_project, run
 
 pytestmark = pytest.mark.slow

@@ -55,7 +55,14 @@ MARKERS = {"train": "\n\n### Response:\n", "reference": "### Response:"}
 
 
 def _save_tiny(kind: str, path: Path) -> Path:
-    from transformers import BertConfig, BertLMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    from transformers import (
+        BertConfig,
+        BertLMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+    )
 
     tok = load_tokenizer("minilm")
     torch.manual_seed(0)

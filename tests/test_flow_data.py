@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers_project import copy_project
 
 from coin.config import Settings
 from coin.data.io import DataError
 from flows.data_sync import version_data
-from helpers_project import copy_project
 
 
 def _status(out: dict) -> dict:

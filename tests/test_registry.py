@@ -267,10 +267,10 @@ def test_constant_predictor_from_an_evaluation_is_refused_in_the_registry(store,
     """metrics.json -> candidate_figures -> promote_version: a model that always answers the majority label is
     refused, with no champion yet; a model above the majority rate then becomes the first champion."""
     from mlflow import MlflowClient
+    from test_references import constant, oracle, result
 
     from coin.evaluation.report import write_eval_outputs
     from coin.registry.promotion import PREDICTION_COLUMNS, TAG_MAJORITY, candidate_figures, candidate_predictions
-    from test_references import constant, oracle, result
 
     paths = write_eval_outputs([result("base", constant), result("coin", oracle)], tmp_path / "eval")
     client = MlflowClient()

@@ -10,12 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+from test_registry import _adapter
+
 from coin.config import Settings
-from coin.registry.promotion import ModelFigures
 from coin.registry.register import log_candidate, registration_lock_path
 from coin.registry.tracking import setup_tracking
-
-from test_registry import _adapter
 
 NAME = "race"
 

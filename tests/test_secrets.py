@@ -133,10 +133,10 @@ def test_real_mlflow_runs_log_no_password(tmp_path):
     """``tracking.uri: http://alice:<password>@127.0.0.1:<port>`` pointing at a real ``mlflow server``: the
     pipeline parent run, a training child run and the Prefect flow's parent run (``open_pipeline_run``) record
     the URI redacted, while the runs did go through that URI."""
+    import mlflow
     from mlflow import MlflowClient
     from test_serve import _env, _free_port, _start, _stop, _wait_ready
 
-    import mlflow
     from coin.registry.tracking import method_run, pipeline_run
 
     port = _free_port()

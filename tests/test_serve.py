@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_registry import GATE, _adapter
 
 from coin.config import Settings
 from coin.data.tasks import TASKS
 from coin.registry.promotion import ModelFigures
 from coin.registry.register import register_candidate
 from coin.registry.tracking import setup_tracking, tracking_uri
-from test_registry import GATE, _adapter
 
 
 def _free_port() -> int:

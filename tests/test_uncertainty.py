@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from test_evaluation import HAND
 
 from coin.data.tasks import get_task
 from coin.evaluation.instructions import perturbation_level
@@ -17,7 +18,6 @@ from coin.evaluation.metrics import compute_metrics
 from coin.evaluation.report import write_eval_outputs
 from coin.evaluation.result import EvalResult
 from coin.evaluation.uncertainty import bootstrap_ci, example_scores, paired_delta
-from test_evaluation import HAND
 
 
 def _table(correct: dict[str, dict[str, np.ndarray]], model: str = "m") -> pd.DataFrame:

@@ -25,7 +25,7 @@ from coin.config import PairsSettings, TemplateChoice
 from coin.data.io import DataError, read_jsonl
 from coin.data.paraphrase import get_sources, paraphrase_candidates
 from coin.data.tasks import TaskSpec, get_task, train_file
-from coin.data.templates import Template, TaskTemplates, load_templates, render
+from coin.data.templates import TaskTemplates, Template, load_templates, render
 
 # Columns of a pair row, in the order documented in README.md ("Pair schema").
 PAIR_COLUMNS = (

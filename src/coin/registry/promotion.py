@@ -340,11 +340,9 @@ def candidate_figures(metrics_json: str | Path, model_label: str) -> ModelFigure
     """A model's gate figures from the evaluation's ``metrics.json`` (via ``coin.evaluation.robustness_summary``),
     with the majority-class rate of its sample (``summary.majority_acc``, required: without it the gate could
     promote a constant predictor) and its evaluation protocol (from ``eval_info.json`` beside it)."""
-    from coin.evaluation import robustness_summary  # the evaluation owns how the figures are aggregated
-
-    from coin.evaluation.result import evaluation_protocol
-
     from coin.data.io import DataError
+    from coin.evaluation import robustness_summary  # the evaluation owns how the figures are aggregated
+    from coin.evaluation.result import evaluation_protocol
 
     try:
         summary = robustness_summary(metrics_json, model_label)

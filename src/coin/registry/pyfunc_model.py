@@ -33,9 +33,9 @@ class CoinModel(mlflow.pyfunc.PythonModel):
         self.model, self.tokenizer, self.meta = load_trained(Path(context.artifacts["adapter"]))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from coin.predict import answer_rows
-
         from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
+
+        from coin.predict import answer_rows
 
         params = params or {}
         try:

@@ -17,7 +17,6 @@ Under DDP only rank 0 writes files and calls ``on_metrics``; all ranks return th
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time

@@ -37,9 +37,26 @@ import pandas as pd
 from coin.data.io import write_json, write_jsonl
 from coin.evaluation.metrics import REFERENCE_KEY
 from coin.evaluation.report.blocks import DASH, Block, Bullets, Heading, Plot, Table, Text
-from coin.evaluation.report.content import (CAVEAT_MARK, CHANCE_ROW, COMPARABLE, DEFINITIONS, MAJORITY_ROW, REFERENCE,
-                                            REFERENCE_SCORING, REFERENCES_NOTE, References, build_report, build_table,
-                                            f_acc, f_ci, f_gap, f_pct, f_pdr, references, uncertainty)
+from coin.evaluation.report.content import (
+    CAVEAT_MARK,
+    CHANCE_ROW,
+    COMPARABLE,
+    DEFINITIONS,
+    MAJORITY_ROW,
+    REFERENCE,
+    REFERENCE_SCORING,
+    REFERENCES_NOTE,
+    References,
+    build_report,
+    build_table,
+    f_acc,
+    f_ci,
+    f_gap,
+    f_pct,
+    f_pdr,
+    references,
+    uncertainty,
+)
 from coin.evaluation.report.plots import plot_accuracy, plot_models, plot_pdr
 from coin.evaluation.report.render_html import to_html
 from coin.evaluation.report.render_md import to_markdown

@@ -8,8 +8,17 @@ import math
 from coin.evaluation.instructions import perturbation_level
 from coin.evaluation.metrics import AVG, CLEAN
 from coin.evaluation.report.blocks import Plot
-from coin.evaluation.report.content import (References, _cell, _isnum, _overall, _perturbed, _set_avg, _set_name,
-                                            _task_name, references)
+from coin.evaluation.report.content import (
+    References,
+    _cell,
+    _isnum,
+    _overall,
+    _perturbed,
+    _set_avg,
+    _set_name,
+    _task_name,
+    references,
+)
 from coin.evaluation.result import EvalResult
 
 
