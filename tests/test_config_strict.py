@@ -49,6 +49,32 @@ def test_a_file_that_omits_sections_is_warned_about_by_name(tmp_path, caplog):
     assert "library defaults" in warned
 
 
+# Where the code's default may differ from the shipped params.yaml, and why.
+SHIPPED_ONLY = {
+    # the shipped file names MiniLM's linear layers; the code's "auto" (peft's per-architecture default) also
+    # works for a Llama or GPT-2 backbone, whose modules have other names
+    "train.lora.target_modules",
+}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) and k != "rows_per_task" else {key: v})
+    return out
+
+
+def test_the_code_defaults_are_the_shipped_params():
+    """One source of defaults: a params file that leaves a key out gets the shipped file's value for it."""
+    shipped = _flat(load_settings(SHIPPED).model_dump())
+    code = _flat(Settings().model_dump())
+    assert shipped.keys() == code.keys()
+    differ = {k: (shipped[k], code[k]) for k in shipped if shipped[k] != code[k] and k not in SHIPPED_ONLY}
+    assert not differ, f"code default differs from params.yaml (key: (params.yaml, code)): {differ}"
+    assert all(shipped[k] != code[k] for k in SHIPPED_ONLY), "an exception that no longer differs: remove it"
+
+
 def test_the_shipped_files_load_without_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="coin"):
         load_settings(SHIPPED)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from coin.config import EvaluateSettings, PairsSettings, ValidateSettings
+from coin.config import ALL_TASKS, EvaluateSettings, PairsSettings, ValidateSettings
 from coin.data.io import read_json, read_jsonl, write_jsonl
 from coin.data.pairs import build_pairs
 from coin.data.prompts import encode
@@ -40,7 +40,7 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def real_rows() -> list[dict[str, Any]]:
-    return build_pairs("data", PairsSettings(rows_per_task=5), 42)  # 40 rows, 8 tasks
+    return build_pairs("data", PairsSettings(tasks=list(ALL_TASKS), rows_per_task=5), 42)  # 40 rows, 8 tasks
 
 
 @pytest.fixture(scope="session")
