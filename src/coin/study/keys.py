@@ -29,6 +29,7 @@ from typing import Any
 import coin
 from coin.config import Settings
 from coin.data.tasks import validation_files
+from coin.stage_specs import select_params
 
 CODE_ROOT = Path(coin.__file__).resolve().parent  # the coin package that actually runs
 KEY_FORMAT = 1
@@ -71,16 +72,6 @@ def sha256_files(paths: Iterable[Path], base: Path | None = None, exclude: Itera
 
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def select_params(settings: Settings, keys: Iterable[str], exclude: Iterable[str] = ()) -> dict[str, Any]:
-    """The flat params (``train.lr``: ...) under ``keys`` (keys or sections), minus ``exclude``."""
-    keys, exclude = tuple(keys), tuple(exclude)
-
-    def under(k: str, prefixes: tuple[str, ...]) -> bool:
-        return any(k == p or k.startswith(p + ".") for p in prefixes)
-
-    return {k: v for k, v in settings.to_flat_dict().items() if under(k, keys) and not under(k, exclude)}
 
 
 def code_hash(parts: Iterable[str], exclude: Iterable[str] = ()) -> str:
