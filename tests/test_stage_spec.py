@@ -88,3 +88,14 @@ def test_one_list_of_evaluated_models(tmp_path):
     lay = Layout(tmp_path, s)
     report_inputs = STAGE_SPECS["evaluate_report"].inputs(lay, None)
     assert report_inputs[:3] == [lay.eval_unit_dir(x) for x in eval_labels(s)]
+
+
+def test_study_prep_reads_what_the_pairs_and_validate_stages_read(settings):
+    """The study's prepared pairs are keyed on the same params and code as the pipeline's stages (less
+    ``paths``); these keys are the ones studies already recorded (a recorded prep stays valid)."""
+    from coin.stage_specs import select_params
+    from coin.study.keys import PREP_CODE, PREP_PARAMS, PREP_PARAMS_EXCLUDE
+
+    assert PREP_CODE == ("data", "validation", "modeling", "stages.py")
+    recorded = ("seed", "pairs", "validate", "model.backbone", "evaluate.instruction_file", "evaluate.tasks")
+    assert select_params(settings, PREP_PARAMS, PREP_PARAMS_EXCLUDE) == select_params(settings, recorded)

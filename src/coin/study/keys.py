@@ -29,7 +29,7 @@ from typing import Any
 import coin
 from coin.config import Settings
 from coin.data.tasks import validation_files
-from coin.stage_specs import select_params
+from coin.stage_specs import STAGE_SPECS, select_params
 
 CODE_ROOT = Path(coin.__file__).resolve().parent  # the coin package that actually runs
 KEY_FORMAT = 1
@@ -42,9 +42,12 @@ BASE_PARAMS = ("seed", "model", "evaluate")
 CELL_CODE = ("training", "modeling", "evaluation", "data", "stages.py", "study/cell.py")
 CELL_CODE_EXCLUDE = ("evaluation/report.py", "evaluation/uncertainty.py")
 
-# pairs + validation gate: what coin.study.prepare reads (the pipeline's pairs and validate stages)
-PREP_PARAMS = ("seed", "pairs", "validate", "model.backbone", "evaluate.instruction_file", "evaluate.tasks")
-PREP_CODE = ("data", "validation", "modeling", "stages.py")
+# pairs + validation gate: what coin.study.prepare reads, i.e. the pipeline's pairs and validate stages
+# (coin.stage_specs) minus ``paths`` (the study writes under its own directory; the data is hashed itself)
+PREP_STAGES = ("pairs", "validate")
+PREP_PARAMS = tuple(dict.fromkeys(p for s in PREP_STAGES for p in STAGE_SPECS[s].params))
+PREP_PARAMS_EXCLUDE = ("paths",)
+PREP_CODE = (*dict.fromkeys(c for s in PREP_STAGES for c in STAGE_SPECS[s].code), "stages.py")
 
 
 def sha256_files(paths: Iterable[Path], base: Path | None = None, exclude: Iterable[Path] = ()) -> str:
@@ -112,7 +115,7 @@ def prep_key_parts(settings: Settings, root: Path) -> dict[str, Any]:
     """What the study's pairs and validation gate depend on: their params, the whole data directory, the code."""
     return {
         "format": KEY_FORMAT,
-        "params": sha256_json(select_params(settings, PREP_PARAMS)),
+        "params": sha256_json(select_params(settings, PREP_PARAMS, PREP_PARAMS_EXCLUDE)),
         "data": sha256_files([Path(root) / settings.paths.data_dir], base=Path(root) / settings.paths.data_dir),
         "code": code_hash(PREP_CODE),
     }
