@@ -282,9 +282,8 @@ _register_stage_commands()
 @app.command()
 def pipeline(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Run every stage as a Prefect flow (data -> pairs -> validate -> train -> evaluate -> register)."""
-    _, root = _settings(params, set_)  # fail on bad params before Prefect starts
-    sys.path.insert(0, str(root))
-    from flows.pipeline import coin_pipeline
+    _settings(params, set_)  # fail on bad params before Prefect starts
+    from flows.pipeline import coin_pipeline  # the installed `flows` package (pyproject.toml)
 
     install_log_redaction(logging.getLogger("prefect"))  # Prefect's console and API log handlers
     # a secret in an override is recorded redacted as the flow run's parameter, and applied as given
@@ -311,8 +310,7 @@ def study(
     from coin.study.grid import load_study, sweep_overrides
 
     overrides = [*(set_ or []), *sweep_overrides(sweep)]
-    _, root = load_study(params, overrides)  # fail on bad params (methods, seeds, sweep) before Prefect starts
-    sys.path.insert(0, str(root))
+    load_study(params, overrides)  # fail on bad params (methods, seeds, sweep) before Prefect starts
     from flows.study import coin_study
 
     install_log_redaction(logging.getLogger("prefect"))  # Prefect's console and API log handlers

@@ -6,7 +6,8 @@ The CLI (``coin <stage>``), the DVC stages (``dvc.yaml`` runs the CLI) and the P
     data -> pairs -> validate -> train -> evaluate -> register
 
 Each takes the parsed :class:`~coin.config.Settings` and the project root, reads its inputs from the
-previous stage's output directory and writes its own (``outputs/<stage>/`` by default).
+previous stage's output directory and writes its own (``outputs/<stage>/`` by default). What each one
+reads and writes (params, files, code) is declared once, in :mod:`coin.stage_specs`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 from coin.config import Settings
 from coin.data.io import DataError, read_json, read_jsonl, write_json, write_jsonl
 from coin.registry.tracking import PARENT_RUN_ENV
+from coin.stage_specs import eval_labels, stage_params
 
 log = logging.getLogger("coin")
 
@@ -206,8 +208,7 @@ def stage_validate(settings: Settings, root: Path) -> dict[str, Any]:
     eval_sources.instruction_file = settings.evaluate.instruction_file  # as configured: same bytes in every checkout
     setup_tracking(settings, root)
     with mlflow.start_run(run_name="validate", tags=_run_tags(settings, root, "validate")):
-        mlflow.log_params({k: v for k, v in settings.to_flat_dict().items()
-                           if k.startswith(("pairs.", "validate.")) or k in ("evaluate.instruction_file", "evaluate.tasks")})
+        mlflow.log_params(stage_params("validate", settings))  # what it reads (coin.stage_specs)
         try:
             report = run_gate(rows, cfg=settings.validate_, cutoff_len=settings.pairs.cutoff_len,
                               tokenizer=tokenizer, out_dir=lay.validated_dir, eval_sources=eval_sources)
@@ -389,7 +390,7 @@ def eval_units(settings: Settings, root: Path) -> list[str]:
     missing = [m for m in settings.train.methods if m not in index.get("runs", {})]
     if missing:
         raise DataError(f"{lay.train_record}: no training run for method(s) {missing}; run `coin train` first")
-    return (["base"] if settings.evaluate.include_base else []) + list(settings.train.methods)
+    return eval_labels(settings)
 
 
 def stage_evaluate_unit(settings: Settings, root: Path, label: str) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from typing import Any
 import coin
 from coin.config import Settings
 from coin.data.tasks import validation_files
+from coin.stage_specs import STAGE_SPECS, select_params
 
 CODE_ROOT = Path(coin.__file__).resolve().parent  # the coin package that actually runs
 KEY_FORMAT = 1
@@ -41,9 +42,12 @@ BASE_PARAMS = ("seed", "model", "evaluate")
 CELL_CODE = ("training", "modeling", "evaluation", "data", "stages.py", "study/cell.py")
 CELL_CODE_EXCLUDE = ("evaluation/report", "evaluation/uncertainty.py")  # report: the package, every module of it
 
-# pairs + validation gate: what coin.study.prepare reads (the pipeline's pairs and validate stages)
-PREP_PARAMS = ("seed", "pairs", "validate", "model.backbone", "evaluate.instruction_file", "evaluate.tasks")
-PREP_CODE = ("data", "validation", "modeling", "stages.py")
+# pairs + validation gate: what coin.study.prepare reads, i.e. the pipeline's pairs and validate stages
+# (coin.stage_specs) minus ``paths`` (the study writes under its own directory; the data is hashed itself)
+PREP_STAGES = ("pairs", "validate")
+PREP_PARAMS = tuple(dict.fromkeys(p for s in PREP_STAGES for p in STAGE_SPECS[s].params))
+PREP_PARAMS_EXCLUDE = ("paths",)
+PREP_CODE = (*dict.fromkeys(c for s in PREP_STAGES for c in STAGE_SPECS[s].code), "stages.py")
 
 
 def sha256_files(paths: Iterable[Path], base: Path | None = None, exclude: Iterable[Path] = ()) -> str:
@@ -72,16 +76,6 @@ def sha256_files(paths: Iterable[Path], base: Path | None = None, exclude: Itera
 
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def select_params(settings: Settings, keys: Iterable[str], exclude: Iterable[str] = ()) -> dict[str, Any]:
-    """The flat params (``train.lr``: ...) under ``keys`` (keys or sections), minus ``exclude``."""
-    keys, exclude = tuple(keys), tuple(exclude)
-
-    def under(k: str, prefixes: tuple[str, ...]) -> bool:
-        return any(k == p or k.startswith(p + ".") for p in prefixes)
-
-    return {k: v for k, v in settings.to_flat_dict().items() if under(k, keys) and not under(k, exclude)}
 
 
 def code_hash(parts: Iterable[str], exclude: Iterable[str] = ()) -> str:
@@ -122,7 +116,7 @@ def prep_key_parts(settings: Settings, root: Path) -> dict[str, Any]:
     """What the study's pairs and validation gate depend on: their params, the whole data directory, the code."""
     return {
         "format": KEY_FORMAT,
-        "params": sha256_json(select_params(settings, PREP_PARAMS)),
+        "params": sha256_json(select_params(settings, PREP_PARAMS, PREP_PARAMS_EXCLUDE)),
         "data": sha256_files([Path(root) / settings.paths.data_dir], base=Path(root) / settings.paths.data_dir),
         "code": code_hash(PREP_CODE),
     }

@@ -1,0 +1,230 @@
+"""What each pipeline stage reads and writes: the one declaration every consumer uses.
+
+:data:`STAGE_SPECS` names, per stage task, the params it reads (keys or sections of ``params.yaml``),
+the files it reads and writes (as :class:`~coin.stages.Layout` paths) and the ``coin`` code it runs.
+Read by
+
+- the stages themselves: the params a stage logs to MLflow (:func:`stage_params`);
+- the Prefect flow's cache keys and output checks (``flows/caching.py``);
+- ``dvc.yaml``: its stages must declare the same params, deps and outs (``tests/test_stage_spec.py``
+  checks the committed file against this module, :data:`DVC_STAGES` maps its stages onto these specs).
+
+The flow splits two stages finer than DVC does: ``train`` runs once per method (the item), and
+``evaluate`` is one ``evaluate_unit`` per evaluated model (:func:`eval_labels`) plus ``evaluate_report``.
+
+A new stage: its function in :mod:`coin.stages` (and ``STAGES``), its spec here, its entry in
+``dvc.yaml`` (the test says what is missing) and its task in ``flows/pipeline.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from coin.config import Settings
+
+if TYPE_CHECKING:
+    from coin.stages import Layout
+
+PathsFn = Callable[["Layout", "str | None"], list[Path]]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What one stage task depends on and produces."""
+
+    params: tuple[str, ...]            # params keys/sections the stage reads
+    inputs: PathsFn                    # files/dirs whose content the stage reads
+    outputs: PathsFn                   # what it writes (all of it must still exist for a flow cache hit to count)
+    code: tuple[str, ...]              # coin subpackages it runs (stages.py and config.py always count)
+    exclude: tuple[str, ...] = ()      # params under ``params`` that do not affect this task (flow: the item)
+    extra_check: Callable[[Settings, Path, str | None], str | None] | None = field(default=None, compare=False)
+
+
+ALWAYS_CODE = ("stages.py", "config.py")  # every stage runs these
+
+
+def select_params(settings: Settings, keys: Iterable[str], exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """The flat params (``train.lr``...) under the given keys or sections, minus ``exclude``.
+
+    >>> sorted(select_params(Settings.model_validate({}), ["seed", "train.lora"], ["train.lora.dropout"]))
+    ['seed', 'train.lora.alpha', 'train.lora.modules_to_save', 'train.lora.r', 'train.lora.target_modules']
+    """
+    keys, exclude = tuple(keys), tuple(exclude)
+
+    def under(k: str, prefixes: tuple[str, ...]) -> bool:
+        return any(k == p or k.startswith(p + ".") for p in prefixes)
+
+    return {k: v for k, v in settings.to_flat_dict().items() if under(k, keys) and not under(k, exclude)}
+
+
+def stage_params(stage: str, settings: Settings) -> dict[str, Any]:
+    """The flat params ``stage`` reads (what it logs to MLflow and what keys its cached results)."""
+    spec = STAGE_SPECS[stage]
+    return select_params(settings, spec.params, spec.exclude)
+
+
+def eval_labels(settings: Settings) -> list[str]:
+    """The models the evaluation scores, in order: ``base`` (if ``evaluate.include_base``) + ``train.methods``."""
+    return (["base"] if settings.evaluate.include_base else []) + list(settings.train.methods)
+
+
+def _mlflow_run_gone(settings: Settings, root: Path, method: str | None) -> str | None:
+    """A cached training run is useless once its MLflow run is gone (the report logs into it)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from coin.data.io import read_json
+    from coin.registry.tracking import tracking_uri
+    from coin.stages import Layout
+
+    rec_file = Layout(root, settings).method_dir(str(method)) / "train.json"
+    run_id = read_json(rec_file).get("run_id")
+    if not run_id:
+        return f"{rec_file} has no run_id"
+    try:
+        MlflowClient(tracking_uri=tracking_uri(settings, root)).get_run(run_id)
+    except MlflowException:
+        return f"MLflow run {run_id} of {method!r} is not in the tracking store"
+    return None
+
+
+EVAL_REPORT_FILES = ("metrics.json", "predictions.jsonl", "report.md", "report.html", "table.md", "accuracy.png")
+
+
+def _instruction_file(lay: Layout) -> Path:
+    return lay.root / lay.settings.evaluate.instruction_file
+
+
+STAGE_SPECS: dict[str, StageSpec] = {
+    "pairs": StageSpec(
+        params=("seed", "paths", "pairs"),
+        inputs=lambda lay, _: [lay.data_dir],
+        outputs=lambda lay, _: [lay.pairs_file, lay.pairs_file.with_name("stats.json")],
+        code=("data",),
+    ),
+    "validate": StageSpec(  # leak checks read the evaluation's instruction file and validation rows
+        params=("paths", "validate", "pairs.cutoff_len", "model.backbone", "evaluate.instruction_file",
+                "evaluate.tasks"),
+        inputs=lambda lay, _: [lay.pairs_file, lay.data_dir, _instruction_file(lay)],
+        outputs=lambda lay, _: [lay.valid_file, lay.validated_dir / "summary.json"],
+        code=("validation", "data", "modeling"),
+    ),
+    "train": StageSpec(  # item = method
+        # evaluate.calibration: recorded in coin_model.json, so the registered model answers as it was evaluated
+        params=("seed", "paths", "model", "pairs.cutoff_len", "train", "evaluate.calibration"),
+        exclude=("train.methods",),  # adding sft must not retrain coin; the method is the item
+        inputs=lambda lay, m: [lay.valid_file],
+        outputs=lambda lay, m: [lay.adapter_dir(str(m)), lay.method_dir(str(m)) / "train.json",
+                                lay.method_dir(str(m)) / "loss.csv"],
+        code=("training", "modeling", "data"),
+        extra_check=_mlflow_run_gone,
+    ),
+    "evaluate_unit": StageSpec(  # item = model label (base, coin, cit, ...)
+        params=("seed", "paths", "model", "evaluate"),
+        exclude=("evaluate.include_base",),
+        inputs=lambda lay, label: [lay.data_dir, _instruction_file(lay)]
+        + ([] if label == "base" else [lay.adapter_dir(str(label))]),
+        outputs=lambda lay, label: [lay.eval_unit_dir(str(label))],
+        code=("evaluation", "modeling", "data"),
+    ),
+    "evaluate_report": StageSpec(
+        params=("paths", "evaluate", "train.methods", "tracking"),
+        inputs=lambda lay, _: [lay.eval_unit_dir(lbl) for lbl in eval_labels(lay.settings)] + [lay.train_record],
+        # predictions.jsonl: the registry's paired evidence; accuracy.png: dvc.yaml's plot
+        outputs=lambda lay, _: [lay.eval_dir / name for name in EVAL_REPORT_FILES],
+        code=("evaluation",),
+    ),
+    "register": StageSpec(  # not cached by the flow: it reads the tracking store's champion each time
+        params=("paths", "register", "tracking"),
+        inputs=lambda lay, _: [lay.train_record, *(lay.adapter_dir(m) for m in lay.settings.register_.methods),
+                               lay.eval_dir / "metrics.json", lay.eval_dir / "predictions.jsonl"],
+        outputs=lambda lay, _: [lay.register_record],
+        code=("registry",),
+    ),
+}
+
+# dvc.yaml's stages and the stage tasks each one runs (the flow's finer split)
+DVC_STAGES: dict[str, tuple[str, ...]] = {
+    "pairs": ("pairs",),
+    "validate": ("validate",),
+    "train": ("train",),
+    "evaluate": ("evaluate_unit", "evaluate_report"),
+    "register": ("register",),
+}
+
+
+def _items(spec_name: str, settings: Settings) -> list[str | None]:
+    if spec_name == "train":
+        return list(settings.train.methods)
+    if spec_name == "evaluate_unit":
+        return list(eval_labels(settings))
+    return [None]
+
+
+def _under(path: str, base: str) -> bool:
+    return path == base or path.startswith(base.rstrip("/") + "/")
+
+
+def _entries(items: list[Any]) -> list[str]:
+    """``dvc.yaml`` list entries: a path, or a one-key mapping ``{path: {cache: false}}``."""
+    return [next(iter(e)) if isinstance(e, dict) else str(e) for e in items or []]
+
+
+def dvc_mismatches(dvc_stages: dict[str, Any], settings: Settings, root: Path) -> list[str]:
+    """Where ``dvc.yaml``'s ``stages`` (parsed) disagree with :data:`STAGE_SPECS`; empty when they agree.
+
+    For each stage of :data:`DVC_STAGES` (paths resolved with ``settings``, per method / evaluated model):
+
+    - ``params`` are exactly the specs' params;
+    - the ``src/coin/...`` deps are exactly the code the specs run (plus :data:`ALWAYS_CODE`);
+    - every other dep holds at least one input, and every input is under a dep (inputs one of the stage's
+      own tasks writes, such as the evaluation units the report combines, excepted);
+    - every out, metric and plot holds at least one output, and every output is under one of them.
+    """
+    from coin.stages import Layout
+
+    lay = Layout(root, settings)
+    problems: list[str] = []
+    for name in sorted(set(dvc_stages) - set(DVC_STAGES)):
+        problems.append(f"dvc.yaml stage {name!r} has no spec in coin.stage_specs.DVC_STAGES")
+    for stage, spec_names in DVC_STAGES.items():
+        if stage not in dvc_stages:
+            problems.append(f"dvc.yaml has no stage {stage!r}")
+            continue
+        entry, specs = dvc_stages[stage], [STAGE_SPECS[s] for s in spec_names]
+        if entry.get("cmd") != f"coin {stage}":
+            problems.append(f"{stage}: cmd {entry.get('cmd')!r}, expected 'coin {stage}'")
+
+        declared, wanted = [str(p) for p in entry.get("params") or []], {p for s in specs for p in s.params}
+        for p in sorted(wanted - set(declared)):
+            problems.append(f"{stage}: param {p!r} is read but not in dvc.yaml's params")
+        for p in sorted(set(declared) - wanted):
+            problems.append(f"{stage}: param {p!r} is in dvc.yaml's params but not in the spec")
+
+        rel = lambda p: str(Path(p).resolve().relative_to(root.resolve()))  # noqa: E731
+        deps = _entries(entry.get("deps"))
+        code_deps = {d for d in deps if d.startswith("src/")}
+        want_code = {f"src/coin/{c}" for c in (*ALWAYS_CODE, *(c for s in specs for c in s.code))}
+        for d in sorted(want_code - code_deps):
+            problems.append(f"{stage}: code {d!r} runs but is not a dep")
+        for d in sorted(code_deps - want_code):
+            problems.append(f"{stage}: dep {d!r} is not code the spec runs")
+
+        outputs = {rel(p) for n, s in zip(spec_names, specs) for i in _items(n, settings) for p in s.outputs(lay, i)}
+        inputs = {rel(p) for n, s in zip(spec_names, specs) for i in _items(n, settings) for p in s.inputs(lay, i)}
+        inputs = {p for p in inputs if not any(_under(p, o) for o in outputs)}  # written by the stage itself
+        problems += _coverage(stage, "dep", [d for d in deps if d not in code_deps], "input", inputs)
+        outs = [*_entries(entry.get("outs")), *_entries(entry.get("metrics")), *_entries(entry.get("plots"))]
+        problems += _coverage(stage, "out", outs, "output", outputs)
+    return problems
+
+
+def _coverage(stage: str, kind: str, declared: list[str], what: str, paths: set[str]) -> list[str]:
+    problems = [f"{stage}: {what} {p!r} is under no {kind} of dvc.yaml" for p in sorted(paths)
+                if not any(_under(p, d) for d in declared)]
+    problems += [f"{stage}: {kind} {d!r} of dvc.yaml holds no {what} of the spec" for d in declared
+                 if not any(_under(p, d) for p in paths)]
+    return problems
