@@ -163,7 +163,8 @@ def classify(exc: BaseException) -> tuple[ExitCode, str, str | None]:
         return (ExitCode.DATA, f"{_in_file(exc)}no entry {exc.args[0]!r}" if exc.args else msg,
                 "the file lacks it (written by another configuration or a partial run): rerun the stage that writes it")
     if isinstance(exc, FileNotFoundError):
-        return ExitCode.DATA, msg, None if exc.filename is None else "restore the file or rerun the stage that writes it"
+        fix = None if exc.filename is None else "restore the file or rerun the stage that writes it"
+        return ExitCode.DATA, msg, fix
     if isinstance(exc, MemoryError) or _is(exc, "torch", "OutOfMemoryError"):
         return (ExitCode.RUNTIME, f"out of memory: {msg}",
                 "lower train.batch_size / evaluate.batch_size, or use a machine with more memory")
@@ -223,7 +224,8 @@ app = typer.Typer(cls=_CoinGroup, add_completion=False, no_args_is_help=True, he
 console = Console(stderr=True)
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (project root = its directory)")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a key: section.key=value (repeatable)")]
+SetOpt = Annotated[Optional[list[str]],
+                   typer.Option("--set", "-s", help="override a key: section.key=value (repeatable)")]
 
 
 @app.callback()
@@ -273,7 +275,8 @@ def _register_stage_commands() -> None:
     from coin.stages import STAGES
 
     for name, fn in STAGES.items():
-        app.command(name=name, help=(fn.__doc__ or name).strip().split("\n")[0].replace("``", "`"))(_stage_command(name))
+        summary = (fn.__doc__ or name).strip().split("\n")[0].replace("``", "`")
+        app.command(name=name, help=summary)(_stage_command(name))
 
 
 _register_stage_commands()
@@ -294,13 +297,17 @@ def pipeline(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> No
 def study(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
-    sweep: Annotated[Optional[str], typer.Option(help="sweep one key: KEY=[v1,v2,...], e.g. train.lr=[5.0e-4,1.0e-3]")] = None,
+    sweep: Annotated[Optional[str],
+                     typer.Option(help="sweep one key: KEY=[v1,v2,...], e.g. train.lr=[5.0e-4,1.0e-3]")] = None,
     workers: Annotated[Optional[int], typer.Option(help="local Dask workers (default: study.workers, else one per GPU, "
                                                         "else one per 2 CPU cores)")] = None,
-    dask_address: Annotated[Optional[str], typer.Option(help="an existing Dask scheduler, e.g. tcp://127.0.0.1:8786")] = None,
-    dask_threads: Annotated[bool, typer.Option(help="one Dask worker thread in this process (needs --workers 1)")] = False,
+    dask_address: Annotated[Optional[str],
+                            typer.Option(help="an existing Dask scheduler, e.g. tcp://127.0.0.1:8786")] = None,
+    dask_threads: Annotated[bool,
+                            typer.Option(help="one Dask worker thread in this process (needs --workers 1)")] = False,
 ) -> None:
-    """Methods x training seeds [x one swept key]: train + evaluate each cell, then mean ± std and paired differences (Prefect flow).
+    """Methods x training seeds [x one swept key]: train + evaluate each cell, then mean ± std and paired differences
+    (Prefect flow).
 
     Runs the Prefect flow `coin-study` (as `coin pipeline` runs `coin-pipeline`): the same Dask fan-out,
     MLflow runs and artifacts whether started here or from a deployment. Done cells are skipped, so a

@@ -1,7 +1,7 @@
 """What each pipeline stage reads and writes: the one declaration every consumer uses.
 
 :data:`STAGE_SPECS` names, per stage task, the params it reads (keys or sections of ``params.yaml``),
-the files it reads and writes (as :class:`~coin.stages.Layout` paths) and the ``coin`` code it runs.
+the files it reads and writes (as :class:`~coin.layout.Layout` paths) and the ``coin`` code it runs.
 Read by
 
 - the stages themselves: the params a stage logs to MLflow (:func:`stage_params`);
@@ -21,14 +21,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from coin.config import Settings
+from coin.layout import Layout
 
-if TYPE_CHECKING:
-    from coin.stages import Layout
-
-PathsFn = Callable[["Layout", "str | None"], list[Path]]
+PathsFn = Callable[[Layout, "str | None"], list[Path]]
 
 
 @dataclass(frozen=True)
@@ -78,7 +76,6 @@ def _mlflow_run_gone(settings: Settings, root: Path, method: str | None) -> str 
 
     from coin.data.io import read_json
     from coin.registry.tracking import tracking_uri
-    from coin.stages import Layout
 
     rec_file = Layout(root, settings).method_dir(str(method)) / "train.json"
     run_id = read_json(rec_file).get("run_id")
@@ -184,8 +181,6 @@ def dvc_mismatches(dvc_stages: dict[str, Any], settings: Settings, root: Path) -
       own tasks writes, such as the evaluation units the report combines, excepted);
     - every out, metric and plot holds at least one output, and every output is under one of them.
     """
-    from coin.stages import Layout
-
     lay = Layout(root, settings)
     problems: list[str] = []
     for name in sorted(set(dvc_stages) - set(DVC_STAGES)):
@@ -213,8 +208,10 @@ def dvc_mismatches(dvc_stages: dict[str, Any], settings: Settings, root: Path) -
         for d in sorted(code_deps - want_code):
             problems.append(f"{stage}: dep {d!r} is not code the spec runs")
 
-        outputs = {rel(p) for n, s in zip(spec_names, specs) for i in _items(n, settings) for p in s.outputs(lay, i)}
-        inputs = {rel(p) for n, s in zip(spec_names, specs) for i in _items(n, settings) for p in s.inputs(lay, i)}
+        outputs = {rel(p) for n, s in zip(spec_names, specs, strict=True)
+                   for i in _items(n, settings) for p in s.outputs(lay, i)}
+        inputs = {rel(p) for n, s in zip(spec_names, specs, strict=True)
+                  for i in _items(n, settings) for p in s.inputs(lay, i)}
         inputs = {p for p in inputs if not any(_under(p, o) for o in outputs)}  # written by the stage itself
         problems += _coverage(stage, "dep", [d for d in deps if d not in code_deps], "input", inputs)
         outs = [*_entries(entry.get("outs")), *_entries(entry.get("metrics")), *_entries(entry.get("plots"))]

@@ -18,72 +18,16 @@ import math
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from coin.config import Settings
 from coin.data.io import DataError, read_json, read_jsonl, write_json, write_jsonl
+from coin.layout import Layout
 from coin.registry.tracking import PARENT_RUN_ENV
 from coin.stage_specs import eval_labels, stage_params
 
 log = logging.getLogger("coin")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where every stage reads and writes, relative to the project root."""
-
-    root: Path
-    settings: Settings
-
-    def _out(self, *parts: str) -> Path:
-        return self.root / self.settings.paths.out_dir / Path(*parts)
-
-    @property
-    def data_dir(self) -> Path:
-        return self.root / self.settings.paths.data_dir
-
-    @property
-    def pairs_file(self) -> Path:
-        return self._out("pairs", "pairs.jsonl")
-
-    @property
-    def validated_dir(self) -> Path:
-        return self._out("validated")
-
-    @property
-    def valid_file(self) -> Path:
-        return self.validated_dir / "valid.jsonl"
-
-    @property
-    def train_dir(self) -> Path:
-        return self._out("train")
-
-    def method_dir(self, method: str) -> Path:
-        """``outputs/train/<method>/``: adapter/, train.json, loss.csv, checkpoints/ of one training run."""
-        return self.train_dir / method
-
-    def adapter_dir(self, method: str) -> Path:
-        return self.method_dir(method) / "adapter"
-
-    @property
-    def train_record(self) -> Path:
-        """Index of the training runs: ``{"methods": [...], "runs": {method: record}}``."""
-        return self.train_dir / "train.json"
-
-    @property
-    def eval_dir(self) -> Path:
-        return self._out("evaluate")
-
-    def eval_unit_dir(self, label: str) -> Path:
-        """One evaluated model's raw results (``save_result``), combined by ``stage_evaluate_report``."""
-        return self.eval_dir / "models" / label
-
-    @property
-    def register_record(self) -> Path:
-        return self._out("register", "registration.json")
-
 
 def _run_tags(settings: Settings, root: Path, stage: str) -> dict[str, Any]:
     """Provenance tags; nested under the pipeline's parent run when the flow set ``COIN_PARENT_RUN_ID``."""
@@ -265,7 +209,8 @@ def stage_train(settings: Settings, root: Path, method: str | None = None) -> di
     return write_train_index(settings, root, records)
 
 
-def write_train_index(settings: Settings, root: Path, records: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def write_train_index(settings: Settings, root: Path,
+                      records: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """(Re)write ``outputs/train/train.json`` from the per-method records on disk (+ ``records``)."""
     lay = Layout(root, settings)
     runs: dict[str, Any] = {}

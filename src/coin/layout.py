@@ -1,0 +1,65 @@
+"""Where every stage reads and writes, relative to the project root: one home for the paths under
+``paths.out_dir`` that stages, the flow's cache keys (:mod:`coin.stage_specs`) and the CLI share. A leaf
+module: it imports only the settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from coin.config import Settings
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every stage reads and writes, relative to the project root."""
+
+    root: Path
+    settings: Settings
+
+    def _out(self, *parts: str) -> Path:
+        return self.root / self.settings.paths.out_dir / Path(*parts)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / self.settings.paths.data_dir
+
+    @property
+    def pairs_file(self) -> Path:
+        return self._out("pairs", "pairs.jsonl")
+
+    @property
+    def validated_dir(self) -> Path:
+        return self._out("validated")
+
+    @property
+    def valid_file(self) -> Path:
+        return self.validated_dir / "valid.jsonl"
+
+    @property
+    def train_dir(self) -> Path:
+        return self._out("train")
+
+    def method_dir(self, method: str) -> Path:
+        """``outputs/train/<method>/``: adapter/, train.json, loss.csv, checkpoints/ of one training run."""
+        return self.train_dir / method
+
+    def adapter_dir(self, method: str) -> Path:
+        return self.method_dir(method) / "adapter"
+
+    @property
+    def train_record(self) -> Path:
+        """Index of the training runs: ``{"methods": [...], "runs": {method: record}}``."""
+        return self.train_dir / "train.json"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self._out("evaluate")
+
+    def eval_unit_dir(self, label: str) -> Path:
+        """One evaluated model's raw results (``save_result``), combined by ``stage_evaluate_report``."""
+        return self.eval_dir / "models" / label
+
+    @property
+    def register_record(self) -> Path:
+        return self._out("register", "registration.json")
