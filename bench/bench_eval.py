@@ -98,7 +98,7 @@ def main() -> None:
         for task, idx in by_task.items():
             res, info = fn(task, [items[k][3] for k in idx], idx)
             extra.append(info)
-            for k, v in zip(idx, res):
+            for k, v in zip(idx, res, strict=True):
                 out[k] = v
         return out, extra
 
@@ -143,10 +143,10 @@ def main() -> None:
     choices = {t: label_choices(get_task(t).label_words, instruction_file, t) for t in by_task}
     parsed = {nm: [parse_answer(txt, choices[items[k][0]]) for k, txt in enumerate(results[nm][0])] for nm in names[3:]}
     preds = {**{nm: results[nm][0] for nm in names[:3]}, **parsed}
-    acc = {nm: 100 * sum(p == y for p, y in zip(preds[nm], labels)) / n for nm in names}
+    acc = {nm: 100 * sum(p == y for p, y in zip(preds[nm], labels, strict=True)) / n for nm in names}
 
     def agree(a, b):
-        return 100 * sum(x == y for x, y in zip(a, b)) / n
+        return 100 * sum(x == y for x, y in zip(a, b, strict=True)) / n
 
     lines = [
         "# Evaluation scoring benchmark",

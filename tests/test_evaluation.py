@@ -572,7 +572,7 @@ def test_content_free_calibration_subtracts_the_empty_input_and_adds_the_trainin
     for i, text in enumerate(instr):
         cf = loglik_scores(eval_llama.model, eval_llama.tokenizer, [join_instruction(text, "")], words)[0]
         for _, row in p[p.instruction_id == i].iterrows():
-            want = [r - c + lp for r, c, lp in zip(row.raw_scores, cf.tolist(), log_prior)]
+            want = [r - c + lp for r, c, lp in zip(row.raw_scores, cf.tolist(), log_prior, strict=True)]
             assert list(row.scores) == pytest.approx(want, abs=1e-3)
             assert row.pred == max(range(2), key=lambda j: want[j])
     # the decisions really moved: a strong prior on label 0 beats what the raw scores say somewhere
@@ -674,7 +674,7 @@ def test_report_without_perturbed_or_clean_sets(sets: list[str], scoring: list[s
     lines = paths["report_md"].read_text().splitlines()
     header = next(line for line in lines if line.startswith("| model | scoring |"))
     row = next(line for line in lines if line.startswith("| m |"))
-    summary = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    summary = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")], strict=True))
     assert "nan" not in paths["report_md"].read_text().lower()
     metrics = json.loads(paths["metrics"].read_text())["m"]
     if "clean" in sets:

@@ -542,7 +542,7 @@ def test_answer_rows_batched_equals_row_by_row(tmp_path, tiny_llama_dir):
     single = pd.concat([answer_rows(model, tok, meta, df.iloc[[i]], max_new_tokens=2) for i in range(len(df))],
                        ignore_index=True)
     assert batched["answer"].tolist() == single["answer"].tolist()
-    for b, s in zip(batched["scores"], single["scores"]):
+    for b, s in zip(batched["scores"], single["scores"], strict=True):
         assert (b == "") == (s == "")
         if b:
             assert json.loads(b).keys() == json.loads(s).keys()

@@ -616,7 +616,8 @@ def test_batches_seeded_train_only_and_cycling() -> None:
     rows = make_rows(6) + make_rows(2, split="val")
     train_rows = train_rows_of(rows, 2)
     assert len(train_rows) == 6
-    take = lambda seed: [[r["pair_id"] for r in b] for _, b in zip(range(7), iterate_batches(train_rows, 2, seed))]  # noqa: E731
+    take = lambda seed: [[r["pair_id"] for r in b]  # noqa: E731
+                         for _, b in zip(range(7), iterate_batches(train_rows, 2, seed), strict=False)]
     a, again, other = take(1), take(1), take(2)
     assert a == again and a != other
     epoch = sorted(pid for batch in a[:3] for pid in batch)

@@ -137,7 +137,7 @@ def test_token_lengths_match_encode(real_rows, tokenizer):
     prompts = [r["paraphrase_prompt"] for r in real_rows] + [""]
     targets = [r["target"] for r in real_rows] + [""]
     batched = token_lengths(tokenizer, prompts, targets)
-    assert batched == [len(encode(tokenizer, p, t).input_ids) for p, t in zip(prompts, targets)]
+    assert batched == [len(encode(tokenizer, p, t).input_ids) for p, t in zip(prompts, targets, strict=True)]
 
 
 def test_token_length_cutoff_boundary(real_rows, tokenizer):

@@ -213,7 +213,7 @@ class RuleRewording:
                     j += 1
                 if j < len(kinds) and kinds[j] == "input":
                     kinds[i] = "input"
-        content = [(k, ln) for k, ln in zip(kinds, lines) if k != "blank"]
+        content = [(k, ln) for k, ln in zip(kinds, lines, strict=True) if k != "blank"]
         order = "".join("q" if k == "question" else "i" for k, _ in content)
         if not re.fullmatch(r"q+i+|i+q+", order):
             return None

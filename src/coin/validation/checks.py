@@ -188,7 +188,8 @@ def _describe(values: list[float]) -> dict[str, Any]:
         return {"n": 0}
     a = np.asarray(values, dtype=np.float64)
     q = np.percentile(a, [0, 5, 50, 95, 100])
-    return {"n": len(values), **{k: round(float(v), 4) for k, v in zip(("min", "p05", "median", "p95", "max"), q)}}
+    return {"n": len(values),
+            **{k: round(float(v), 4) for k, v in zip(("min", "p05", "median", "p95", "max"), q, strict=True)}}
 
 
 @register("semantic_similarity")
@@ -203,7 +204,7 @@ def semantic_similarity(rows: Sequence[Row], ctx: CheckContext) -> list[CheckRes
     b = [instruction_text(replace_surrogates(rows[i]["paraphrase_instruction"])) for i in usable]
     cos = emb.cosine(a, b)
     per_row: list[float | None] = [None] * len(rows)
-    for i, c in zip(usable, cos.tolist()):
+    for i, c in zip(usable, cos.tolist(), strict=True):
         per_row[i] = c
         if c < lo:
             findings[i].append(Finding(
@@ -393,7 +394,7 @@ def instruction_leakage(rows: Sequence[Row], ctx: CheckContext) -> list[CheckRes
         near.setdefault(j, []).append(InstructionHit(evals[e], f"normalised-text ratio {r:.3f} >= "
                                                      f"validate.leak_max_text_ratio = {cfg.leak_max_text_ratio}"))
     sims = emb.cosine_matrix(eval_texts, train)
-    for e, j in zip(*np.nonzero(sims >= cfg.leak_max_similarity)):
+    for e, j in zip(*np.nonzero(sims >= cfg.leak_max_similarity), strict=True):
         near.setdefault(int(j), []).append(InstructionHit(evals[int(e)], f"MiniLM cosine {sims[e, j]:.3f} >= "
                                                           f"validate.leak_max_similarity = {cfg.leak_max_similarity}"))
 
@@ -407,7 +408,7 @@ def instruction_leakage(rows: Sequence[Row], ctx: CheckContext) -> list[CheckRes
                                                              f"{hits[0].how}{more}"))
         for f in _PROMPT_FIELDS:
             text = normalise(row[f])
-            inside = [e for e, n in zip(evals, eval_norm) if len(n) >= cfg.leak_min_chars and n in text]
+            inside = [e for e, n in zip(evals, eval_norm, strict=True) if len(n) >= cfg.leak_min_chars and n in text]
             if inside:
                 more = f" (and {len(inside) - 1} more)" if len(inside) > 1 else ""
                 findings[i].append(Finding(
@@ -452,7 +453,7 @@ def _lengths(tokenizer: Any, texts: list[str]) -> dict[str, int]:
     """Token count of each distinct text, tokenised in one batch call (no special tokens)."""
     uniq = sorted(set(texts))
     ids = tokenizer(uniq, add_special_tokens=False)["input_ids"] if uniq else []
-    return {t: len(i) for t, i in zip(uniq, ids)}
+    return {t: len(i) for t, i in zip(uniq, ids, strict=True)}
 
 
 def token_lengths(
@@ -463,7 +464,8 @@ def token_lengths(
     p_len = _lengths(tokenizer, [format_prompt(p, fmt) for p in prompts])
     r_len = _lengths(tokenizer, [r for r in responses if r])
     extra = (tokenizer.bos_token_id is not None) + (append_eos and tokenizer.eos_token_id is not None)
-    return [p_len[format_prompt(p, fmt)] + (r_len[r] if r else 0) + extra for p, r in zip(prompts, responses)]
+    return [p_len[format_prompt(p, fmt)] + (r_len[r] if r else 0) + extra
+            for p, r in zip(prompts, responses, strict=True)]
 
 
 # which response goes with which prompt: the negative is scored against its own target
@@ -481,7 +483,7 @@ def token_length(rows: Sequence[Row], ctx: CheckContext) -> list[CheckResult]:
             ctx.tokenizer, prompts, [replace_surrogates(rows[i][target_f]) for i in usable],
             fmt=ctx.prompt_format, append_eos=ctx.append_eos,
         )
-        for i, n in zip(usable, lengths):
+        for i, n in zip(usable, lengths, strict=True):
             if n > ctx.cutoff_len:
                 findings[i].append(Finding(
                     f"{prompt_f}_too_long",
