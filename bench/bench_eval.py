@@ -52,7 +52,8 @@ def _prompts(args, instruction_file: Path) -> list[tuple[str, int, str, str]]:
         spec = get_task(task)
         rows, _ = sample_examples(ROOT / "data", task, args.examples, args.seed)
         for i, instr in enumerate(sets[task]):
-            out += [(task, int(r["label"]), f"{task}/{i}", join_instruction(instr, spec.render_content(r))) for r in rows]
+            out += [(task, int(r["label"]), f"{task}/{i}", join_instruction(instr, spec.render_content(r)))
+                    for r in rows]
     return out
 
 
@@ -173,7 +174,8 @@ def main() -> None:
         "",
         f"- loglik (default) vs loglik per label: {agree(preds[names[0]], preds[names[2]]):.1f}% same label "
         "(the paths differ only by float rounding);",
-        f"- loglik (default) vs loglik without prefix sharing: {agree(preds[names[0]], preds[names[1]]):.1f}% same label;",
+        f"- loglik (default) vs loglik without prefix sharing: {agree(preds[names[0]], preds[names[1]]):.1f}% "
+        "same label;",
         f"- batched generate vs reference loop: {agree(results[names[3]][0], results[names[4]][0]):.1f}% identical "
         "output text;",
         f"- loglik vs parsed generation: {agree(preds[names[0]], preds[names[3]]):.1f}% same label "

@@ -173,7 +173,8 @@ def test_sliding_window_model_falls_back_to_per_label_and_says_why(eval_mistral:
     out = score_label_words(m, tok, PROMPTS, LABELS, batch_size=3, groups=list(range(len(PROMPTS))))
     assert out.path == "per-label" and "sliding" in out.path_note
     assert any("prefix sharing not applied" in n for n in out.notes)
-    torch.testing.assert_close(out.scores, _hand_scores(m, tok, PROMPTS, LABELS, MARKERS["train"]), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out.scores, _hand_scores(m, tok, PROMPTS, LABELS, MARKERS["train"]),
+                               atol=1e-4, rtol=1e-5)
 
 
 def test_length_normalise_divides_by_label_tokens(eval_llama: Backbone) -> None:
@@ -428,7 +429,8 @@ def test_instruction_sets_load_and_levels() -> None:
     assert set(sets) == {"clean", "checklist"} and set(sets["clean"]) == {"sst2", "qqp"}
     assert all(len(v) == 6 for s in sets.values() for v in s.values())
     assert sets["clean"]["sst2"] != sets["checklist"]["sst2"]
-    assert [perturbation_level(s) for s in PERTURBATION_LEVELS] == ["clean", "character", "word", "sentence", "semantic"]
+    assert [perturbation_level(s) for s in PERTURBATION_LEVELS] == ["clean", "character", "word", "sentence",
+                                                                    "semantic"]
     assert perturbation_level("mine") == "custom"
 
 
@@ -545,7 +547,8 @@ def test_runner_predictions_match_direct_scoring_and_generation(small_run: EvalR
     prompt = join_instruction(instr, spec.render_content(ex))
     direct = loglik_scores(eval_llama.model, eval_llama.tokenizer, [prompt], list(spec.label_words), batch_size=1)[0]
     assert lrow.scores == pytest.approx(direct.tolist(), abs=1e-3)
-    assert lrow.pred == int(direct.argmax()) and lrow.label == ex["label"] and lrow.correct == (lrow.pred == ex["label"])
+    assert (lrow.pred == int(direct.argmax()) and lrow.label == ex["label"]
+            and lrow.correct == (lrow.pred == ex["label"]))
     text = generate_reference_style(eval_llama.model, eval_llama.tokenizer, [prompt], max_new_tokens=3).texts[0]
     assert grow.output == text
     assert grow.pred == parse_answer(text, label_choices(spec.label_words, INSTRUCTIONS, "wnli"))

@@ -153,8 +153,8 @@ def fit_input(tokenizer, instruction: str, text: str, *, fmt: str, limit: int) -
         return text, 0
     bare = _prompt_tokens(tokenizer, join_instruction(instruction, ""), fmt)
     if bare > limit:
-        raise ValueError(f"instruction: {bare} tokens with the answer marker, but the model reads at most {limit} before "
-                         "the answer; shorten the instruction")
+        raise ValueError(f"instruction: {bare} tokens with the answer marker, but the model reads at most {limit} "
+                         "before the answer; shorten the instruction")
     total = len(tokenizer(text, add_special_tokens=False)["input_ids"])
     keep = max(total - (n - limit), 0)
     for _ in range(8):  # token counts of the joined prompt can differ by a token or two at the seam

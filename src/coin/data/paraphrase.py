@@ -16,8 +16,8 @@ paraphrases exactly like FLAN ones.
 A rewording never touches a ``{placeholder}`` or a *protected* word (the task's answer / label words),
 and never introduces one::
 
-    >>> t = Template("sst2", 4, "Is the sentiment of the following sentence positive or negative?\\n{sentence}\\n{options_}",
-    ...              "{answer}", True)
+    >>> t = Template("sst2", 4, "Is the sentiment of the following sentence positive or negative?"
+    ...              "\\n{sentence}\\n{options_}", "{answer}", True)
     >>> for v in RuleRewording().candidates(t, [t], {"positive", "negative"}):
     ...     print(v.key, repr(v.input))
     4r1 '{sentence}\\n\\nIs the sentiment of the preceding statement positive or negative?\\n{options_}'

@@ -158,7 +158,7 @@ def _overall(sets: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for scoring, grp in sets.groupby("scoring", sort=False):
         clean, pert = grp[grp["set"] == CLEAN], grp[grp["set"] != CLEAN]
-        mean = (lambda col: float(pert[col].mean()) if len(pert) else math.nan)  # noqa: E731
+        mean = (lambda col, pert=pert: float(pert[col].mean()) if len(pert) else math.nan)  # noqa: E731
         rows.append({
             "scoring": scoring,
             "clean_acc": float(clean["acc_mean"].iloc[0]) if len(clean) else math.nan,

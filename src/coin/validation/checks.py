@@ -8,8 +8,9 @@ names the field and what is wrong::
     >>> ctx = CheckContext(max_length_chars=4000, cutoff_len=256, tokenizer=None)
     >>> row = {"original_instruction": "Is it good?", "paraphrase_instruction": "is it GOOD",
     ...        "original_prompt": "Is it good? x", "paraphrase_prompt": "Is it good? y"}
-    >>> [r.reason for r in CHECKS["paraphrase_differs"]([row], ctx)]
-    ["paraphrase_instruction equals original_instruction up to case, whitespace and punctuation ('is it GOOD' vs 'Is it good?')"]
+    >>> [r.reason for r in CHECKS["paraphrase_differs"]([row], ctx)]  # doctest: +NORMALIZE_WHITESPACE
+    ["paraphrase_instruction equals original_instruction up to case, whitespace and punctuation
+      ('is it GOOD' vs 'Is it good?')"]
 
 Checks run in registration order: ``schema`` (Great Expectations, :mod:`coin.validation.schema`,
 imported lazily because ``great_expectations`` takes ~4 s to import) first, then:
@@ -261,7 +262,8 @@ def inputs_present(row: Row) -> list[Finding]:
         forms = rendered_forms(row.get("task"), text)
         for prompt in ("original_prompt", "paraphrase_prompt"):
             if not any(f in row[prompt] for f in forms):
-                out.append(Finding(f"input_missing_{prompt}", f"inputs.{name} ({_short(text)}) does not appear in {prompt}"))
+                out.append(Finding(f"input_missing_{prompt}",
+                                   f"inputs.{name} ({_short(text)}) does not appear in {prompt}"))
     return out
 
 
@@ -274,7 +276,8 @@ def option_block(text: str) -> list[str]:
     >>> option_block("Is it good?\\nOPTIONS:\\n- yes\\n- no")
     ['yes', 'no']
     """
-    return [ln.strip()[2:].strip() for m in _OPTIONS_BLOCK.finditer(text) for ln in m.group(1).splitlines() if ln.strip()]
+    return [ln.strip()[2:].strip() for m in _OPTIONS_BLOCK.finditer(text) for ln in m.group(1).splitlines()
+            if ln.strip()]
 
 
 def _has_word(text: str, word: str) -> bool:
@@ -307,7 +310,8 @@ def _label_vocabulary(row: Row) -> list[str]:
     return vocab
 
 
-@row_check("option_words", needs={"original_prompt": str, "paraphrase_prompt": str, "inputs": dict, "answer_words": list})
+@row_check("option_words",
+           needs={"original_prompt": str, "paraphrase_prompt": str, "inputs": dict, "answer_words": list})
 def option_words(row: Row) -> list[Finding]:
     """Every option / label word the original instruction names is named by the paraphrase too, and the
     paraphrase offers no option the original does not."""
@@ -327,7 +331,8 @@ def option_words(row: Row) -> list[Finding]:
     if added:
         out.append(Finding(
             "option_word_added",
-            f"paraphrase_prompt offers option(s) {', '.join(_short(w, 40) for w in added)} that original_prompt does not",
+            f"paraphrase_prompt offers option(s) {', '.join(_short(w, 40) for w in added)} "
+            "that original_prompt does not",
         ))
     return out
 
@@ -412,7 +417,8 @@ def instruction_leakage(rows: Sequence[Row], ctx: CheckContext) -> list[CheckRes
             if inside:
                 more = f" (and {len(inside) - 1} more)" if len(inside) > 1 else ""
                 findings[i].append(Finding(
-                    "contained", f"{f} contains evaluation instruction {inside[0].ref} ({_short(inside[0].text, 50)}){more}"))
+                    "contained",
+                    f"{f} contains evaluation instruction {inside[0].ref} ({_short(inside[0].text, 50)}){more}"))
     ctx.stats["instruction_leakage"] = {
         "eval_instructions": len(evals), "training_instructions": len(train),
         "max_cosine": round(float(sims.max()), 4) if sims.size else None,
@@ -470,7 +476,8 @@ def token_lengths(
 
 # which response goes with which prompt: the negative is scored against its own target
 _SEQUENCES = (("original_prompt", "target"), ("paraphrase_prompt", "target"), ("negative_prompt", "negative_target"))
-_TOKEN_NEEDS = {k: str for k in ("original_prompt", "paraphrase_prompt", "negative_prompt", "target", "negative_target")}
+_TOKEN_NEEDS = {k: str for k in ("original_prompt", "paraphrase_prompt", "negative_prompt", "target",
+                                  "negative_target")}
 
 
 @register("token_length")
