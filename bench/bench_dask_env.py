@@ -69,8 +69,10 @@ def main() -> None:
     rows = [("plain process", 2, unit(2, args.samples, args.tasks, tmp)),
             ("plain process", 1, unit(1, args.samples, args.tasks, tmp)),
             ("Dask worker, Dask's default environment", 1, in_dask(1, args, tmp, flow_env=False)),
-            ("Dask worker, the flow's environment (no MALLOC_TRIM_THRESHOLD_)", 1, in_dask(1, args, tmp, flow_env=True)),
-            ("Dask worker, the flow's environment (no MALLOC_TRIM_THRESHOLD_)", 2, in_dask(2, args, tmp, flow_env=True))]
+            ("Dask worker, the flow's environment (no MALLOC_TRIM_THRESHOLD_)", 1,
+             in_dask(1, args, tmp, flow_env=True)),
+            ("Dask worker, the flow's environment (no MALLOC_TRIM_THRESHOLD_)", 2,
+             in_dask(2, args, tmp, flow_env=True))]
     print(f"base model, tasks {' '.join(args.tasks)} x {args.samples} examples x 5 sets x 6 instructions\n")
     print("| where | torch threads | wall (s) | user (s) | sys (s) |\n|---|---:|---:|---:|---:|")
     for where, threads, (wall, user, sys_) in rows:

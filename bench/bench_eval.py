@@ -52,7 +52,8 @@ def _prompts(args, instruction_file: Path) -> list[tuple[str, int, str, str]]:
         spec = get_task(task)
         rows, _ = sample_examples(ROOT / "data", task, args.examples, args.seed)
         for i, instr in enumerate(sets[task]):
-            out += [(task, int(r["label"]), f"{task}/{i}", join_instruction(instr, spec.render_content(r))) for r in rows]
+            out += [(task, int(r["label"]), f"{task}/{i}", join_instruction(instr, spec.render_content(r)))
+                    for r in rows]
     return out
 
 
@@ -98,7 +99,7 @@ def main() -> None:
         for task, idx in by_task.items():
             res, info = fn(task, [items[k][3] for k in idx], idx)
             extra.append(info)
-            for k, v in zip(idx, res):
+            for k, v in zip(idx, res, strict=True):
                 out[k] = v
         return out, extra
 
@@ -143,10 +144,10 @@ def main() -> None:
     choices = {t: label_choices(get_task(t).label_words, instruction_file, t) for t in by_task}
     parsed = {nm: [parse_answer(txt, choices[items[k][0]]) for k, txt in enumerate(results[nm][0])] for nm in names[3:]}
     preds = {**{nm: results[nm][0] for nm in names[:3]}, **parsed}
-    acc = {nm: 100 * sum(p == y for p, y in zip(preds[nm], labels)) / n for nm in names}
+    acc = {nm: 100 * sum(p == y for p, y in zip(preds[nm], labels, strict=True)) / n for nm in names}
 
     def agree(a, b):
-        return 100 * sum(x == y for x, y in zip(a, b)) / n
+        return 100 * sum(x == y for x, y in zip(a, b, strict=True)) / n
 
     lines = [
         "# Evaluation scoring benchmark",
@@ -173,7 +174,8 @@ def main() -> None:
         "",
         f"- loglik (default) vs loglik per label: {agree(preds[names[0]], preds[names[2]]):.1f}% same label "
         "(the paths differ only by float rounding);",
-        f"- loglik (default) vs loglik without prefix sharing: {agree(preds[names[0]], preds[names[1]]):.1f}% same label;",
+        f"- loglik (default) vs loglik without prefix sharing: {agree(preds[names[0]], preds[names[1]]):.1f}% "
+        "same label;",
         f"- batched generate vs reference loop: {agree(results[names[3]][0], results[names[4]][0]):.1f}% identical "
         "output text;",
         f"- loglik vs parsed generation: {agree(preds[names[0]], preds[names[3]]):.1f}% same label "

@@ -83,7 +83,8 @@ def main() -> int:
         f"{t_sources:.2f} s ({len(sources.instructions)} instructions, {len(sources.examples)} examples), "
         f"MiniLM sentence-transformer load {t_model:.1f} s  ",
         f"Embedded per run: {emb.texts_embedded} distinct texts in {emb.calls} batched calls "
-        f"(for {len(rows)} rows = {2 * len(rows)} instructions + {len(sources.instructions)} evaluation instructions)  ",
+        f"(for {len(rows)} rows = {2 * len(rows)} instructions + {len(sources.instructions)} evaluation "
+        "instructions)  ",
         f"Pass rate {report.pass_rate:.3f} ({report.rows_valid}/{report.rows_in})",
         "",
         "| step | seconds (median) | " + " | ".join(f"run {i + 1}" for i in range(len(runs))) + " |",

@@ -116,8 +116,9 @@ def main() -> None:
         bb.tokenizer.save_pretrained(str(adapter))
         write_meta(adapter, {"base": bb.reference, "dtype": settings.model.dtype, "seed": settings.seed,
                              "method": "coin", "prompt_format": "train", "append_eos": True})
-        store = settings.model_copy(update={"paths": settings.paths.model_copy(update={"mlruns_dir": str(tmp_path / "mlruns")}),
-                                            "tracking": settings.tracking.model_copy(update={"uri": None})})
+        store = settings.model_copy(update={
+            "paths": settings.paths.model_copy(update={"mlruns_dir": str(tmp_path / "mlruns")}),
+            "tracking": settings.tracking.model_copy(update={"uri": None})})
         setup_tracking(store, tmp_path)
         with mlflow.start_run() as run:
             pass

@@ -11,7 +11,6 @@ import sys
 
 import torch
 
-torch.set_num_threads(2)
 from coin.data.tasks import get_task
 from coin.evaluation.instructions import load_instruction_sets
 from coin.evaluation.scoring import score_label_words
@@ -19,17 +18,21 @@ from coin.modeling.adapter import load_trained
 from coin.modeling.backbone import autocast_context
 from coin.predict import join_instruction
 
-out = sys.argv[1].rstrip("/"); method = sys.argv[2]
+torch.set_num_threads(2)
+
+out = sys.argv[1].rstrip("/")
+method = sys.argv[2]
 model, tok, meta = load_trained(f"{out}/train/{method}/adapter")
-preds = [json.loads(l) for l in open(f"{out}/evaluate/predictions.jsonl")]
+preds = [json.loads(line) for line in open(f"{out}/evaluate/predictions.jsonl")]
 tasks = sorted({p["task"] for p in preds})
 instr = load_instruction_sets("data/promptbench/coin_perturbed_instructions.json", ["clean"], tasks)
 # training prior per task
-valid = [json.loads(l) for l in open(f"{out}/validated/valid.jsonl")]
+valid = [json.loads(line) for line in open(f"{out}/validated/valid.jsonl")]
 prior = {}
 for t in tasks:
     c = collections.Counter(r["label"] for r in valid if r["task"] == t and r["split"] == "train")
-    n = sum(c.values()); k = get_task(t).num_labels
+    n = sum(c.values())
+    k = get_task(t).num_labels
     prior[t] = [math.log((c[i] + 1) / (n + k)) for i in range(k)]
 cf = {}
 with autocast_context(torch.device("cpu"), "auto"):
@@ -42,8 +45,11 @@ with autocast_context(torch.device("cpu"), "auto"):
 for variant in ["N/A", ""]:
     res = collections.defaultdict(lambda: [0, 0, 0, 0])
     for p in preds:
-        if p["set"] != "clean": continue
-        t = p["task"]; s = torch.tensor(p["scores"]); c = cf[(t, variant)][p["instruction_id"]]
+        if p["set"] != "clean":
+            continue
+        t = p["task"]
+        s = torch.tensor(p["scores"])
+        c = cf[(t, variant)][p["instruction_id"]]
         pr = torch.tensor(prior[t])
         r = res[t]
         r[0] += int(int(s.argmax()) == p["label"])
@@ -54,5 +60,6 @@ for variant in ["N/A", ""]:
     tot = [0, 0, 0]
     for t, r in res.items():
         print(f"  {t:5s} raw {100*r[0]/r[3]:5.1f}  cc {100*r[1]/r[3]:5.1f}  cc+prior {100*r[2]/r[3]:5.1f}")
-        for i in range(3): tot[i] += 100 * r[i] / r[3] / len(res)
+        for i in range(3):
+            tot[i] += 100 * r[i] / r[3] / len(res)
     print(f"  avg   raw {tot[0]:5.1f}  cc {tot[1]:5.1f}  cc+prior {tot[2]:5.1f}")

@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
+from transformers import get_linear_schedule_with_warmup
 
 from coin.config import PairsSettings
 from coin.data.pairs import build_pairs
 from coin.data.prompts import encode
 from coin.data.tasks import get_task
+from coin.data.templates import load_templates, render
 from coin.evaluation.instructions import load_instruction_sets
 from coin.evaluation.sampling import sample_examples
 from coin.modeling.backbone import load_backbone, split_body_head
@@ -60,13 +62,13 @@ tok = bb.tokenizer
 model = bb.model
 if not args.full:
     cfg = LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05, target_modules=args.targets.split(","),
-                     modules_to_save=["cls.predictions.transform"], task_type="CAUSAL_LM", layers_to_transform=[int(x) for x in args.layers.split(",")] if args.layers else None)
+                     modules_to_save=["cls.predictions.transform"], task_type="CAUSAL_LM",
+                     layers_to_transform=[int(x) for x in args.layers.split(",")] if args.layers else None)
     model = get_peft_model(model, cfg)
 body, head = split_body_head(model)
 print("trainable", sum(p.numel() for p in model.parameters() if p.requires_grad), flush=True)
 
 def mask4d(lengths, prompt_lens, T, attn):
-    n = len(lengths)
     pos = torch.arange(T)
     real = pos[None, :] < torch.tensor(lengths)[:, None]          # (N,T)
     prm = pos[None, :] < torch.tensor(prompt_lens)[:, None]        # (N,T)
@@ -97,7 +99,8 @@ def mean_readout(h, plens):
     out[torch.arange(h.shape[0]), idx] = mean
     return out
 
-rows = build_pairs(DATA, PairsSettings(tasks=tasks, rows_per_task=args.rows, val_fraction=0.0, answers=args.answers), 42)
+rows = build_pairs(DATA, PairsSettings(tasks=tasks, rows_per_task=args.rows, val_fraction=0.0,
+                                       answers=args.answers), 42)
 train_items = []
 for r in rows:
     train_items.append((r["original_prompt"], r["target"], r["task"], r["answer_words"]))
@@ -123,18 +126,19 @@ for t in tasks:
             labels.append(int(row["label"]))
     evals[t] = (prompts, labels, list(spec.label_words))
 
-from coin.data.templates import load_templates, render
-
 flan_evals = {}
 if args.flan_eval:
     for t in tasks:
-        spec = get_task(t); tt = load_templates(DATA, spec)
+        spec = get_task(t)
+        tt = load_templates(DATA, spec)
         ex, _ = sample_examples(DATA, t, args.neval, 42)
         words = list(spec.label_words) if args.answers == "label_words" else list(tt.flan_options)
         prompts, labels = [], []
         for tpl in [x for x in tt.classification()][:6]:
             for row in ex:
-                p, _ = render(tpl, tt, row, tuple(words)); prompts.append(p); labels.append(int(row["label"]))
+                p, _ = render(tpl, tt, row, tuple(words))
+                prompts.append(p)
+                labels.append(int(row["label"]))
         flan_evals[t] = (prompts, labels, words)
 
 def evaluate():
@@ -151,7 +155,9 @@ def run_eval(evals, name):
             for i, p in enumerate(prompts):
                 for j, w in enumerate(words):
                     e = encode(tok, p, w, append_eos=False, max_length=256)
-                    seqs.append(e.input_ids); plens.append(e.n_prompt); meta.append((i, j))
+                    seqs.append(e.input_ids)
+                    plens.append(e.n_prompt)
+                    meta.append((i, j))
             scores = torch.zeros(len(prompts), len(words))
             order = sorted(range(len(seqs)), key=lambda k: -len(seqs[k]))
             for s in range(0, len(order), 64):
@@ -162,11 +168,15 @@ def run_eval(evals, name):
                 rr, cc, tt, dd = [], [], [], []
                 for b, k in enumerate(idx):
                     for q in range(plens[k], len(seqs[k])):
-                        rr.append(b); cc.append(q - 1); tt.append(seqs[k][q]); dd.append(k)
+                        rr.append(b)
+                        cc.append(q - 1)
+                        tt.append(seqs[k][q])
+                        dd.append(k)
                 lp = torch.log_softmax(head(h[rr, cc]).float(), -1).gather(1, torch.tensor(tt)[:, None])[:, 0]
                 flat = torch.zeros(len(seqs)).index_add_(0, torch.tensor(dd), lp)
                 for k in idx:
-                    i, j = meta[k]; scores[i, j] = flat[k]
+                    i, j = meta[k]
+                    scores[i, j] = flat[k]
             pred = scores.argmax(1)
             lab = torch.tensor(labels)
             acc = (pred == lab).float().mean().item() * 100
@@ -175,15 +185,14 @@ def run_eval(evals, name):
             out[t] = (acc, maj, share)
     model.train()
     s = " ".join(f"{t}={a:.1f}/{m:.0f}" for t, (a, m, _) in out.items())
-    ma = sum(a for a, _, _ in out.values()) / len(out); mm = sum(m for _, m, _ in out.values()) / len(out)
+    ma = sum(a for a, _, _ in out.values()) / len(out)
+    mm = sum(m for _, m, _ in out.values()) / len(out)
     print(f"  eval[{name}]: {s} | mean {ma:.1f} vs maj {mm:.1f} ({ma-mm:+.1f})", flush=True)
     print("   pred shares:", {t: [round(x, 2) for x in sh] for t, (_, _, sh) in out.items()}, flush=True)
     return out
 
 params = [p for p in model.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-from transformers import get_linear_schedule_with_warmup
-
 sched = get_linear_schedule_with_warmup(opt, int(0.06 * args.steps), args.steps)
 rng = random.Random(args.seed)
 order = list(range(len(enc)))
@@ -193,9 +202,12 @@ t0 = time.time()
 model.train()
 for step in range(1, args.steps + 1):
     if ptr + args.bs > len(order):
-        rng.shuffle(order); ptr = 0
-    idx = order[ptr:ptr + args.bs]; ptr += args.bs
-    ids = [enc[k][0] for k in idx]; pl = [enc[k][1] for k in idx]
+        rng.shuffle(order)
+        ptr = 0
+    idx = order[ptr:ptr + args.bs]
+    ptr += args.bs
+    ids = [enc[k][0] for k in idx]
+    pl = [enc[k][1] for k in idx]
     h = forward_hidden(ids, pl)
     if args.readout == "mean":
         h = mean_readout(h, pl)
@@ -203,12 +215,15 @@ for step in range(1, args.steps + 1):
     for b, k in enumerate(idx):
         s, n, _ = enc[k]
         for q in range(n, len(s)):
-            rr.append(b); cc.append(q - 1); tt.append(s[q]); ww.append(args.first_weight if q == n else 1.0)
+            rr.append(b)
+            cc.append(q - 1)
+            tt.append(s[q])
+            ww.append(args.first_weight if q == n else 1.0)
     logits = head(h[rr, cc]).float()
     ww = torch.tensor(ww)
     loss = (F.cross_entropy(logits, torch.tensor(tt), reduction="none") * ww).sum() / ww.sum()
     if args.label_ce:
-        fl = []; ft = []
+        fl = []
         for b, k in enumerate(idx):
             s, n, firsts = enc[k]
             lg = head(h[b, n - 1]).float()[firsts]
@@ -216,7 +231,9 @@ for step in range(1, args.steps + 1):
         loss = loss + args.label_ce * torch.stack(fl).mean()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step(); sched.step(); opt.zero_grad()
+    opt.step()
+    sched.step()
+    opt.zero_grad()
     if step % 25 == 0:
         print(f"step {step} loss {loss.item():.4f} {time.time()-t0:.0f}s", flush=True)
     if args.eval_every and step % args.eval_every == 0 and step < args.steps:

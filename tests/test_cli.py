@@ -51,7 +51,8 @@ def test_gate_failure_message_is_printed_verbatim(tmp_path):
     common = ["--params", str(params), "--set", f"paths.data_dir={ROOT / 'data'}",
               "--set", "pairs.rows_per_task=3", "--set", "pairs.tasks=[sst2]",
               # the gate's leak checks read the evaluation's instruction file (relative to the project root)
-              "--set", f"evaluate.instruction_file={ROOT / 'data' / 'promptbench' / 'coin_perturbed_instructions.json'}"]
+              "--set",
+              f"evaluate.instruction_file={ROOT / 'data' / 'promptbench' / 'coin_perturbed_instructions.json'}"]
     assert runner.invoke(app, ["pairs", *common]).exit_code == 0
     res = runner.invoke(app, ["validate", *common, "--set", "pairs.cutoff_len=20"])
     assert res.exit_code == 3  # the gate refused the data (ExitCode.DATA)

@@ -33,7 +33,8 @@ def test_default_pipeline_from_a_fresh_copy_then_predict(tmp_path):
     assert u["clean_ci_low"] <= summary["clean_acc"] <= u["clean_ci_high"]
     assert metrics["reference"]["majority"]["avg"] == pytest.approx(summary["majority_acc"])
     # the model learned sst2 (RESULTS.md: 71.5% against a 57% majority on a fresh clone)
-    assert metrics["coin"]["loglik"]["tasks"]["sst2"]["clean"]["acc_mean"] > metrics["reference"]["majority"]["sst2"] + 5
+    assert (metrics["coin"]["loglik"]["tasks"]["sst2"]["clean"]["acc_mean"]
+            > metrics["reference"]["majority"]["sst2"] + 5)
     assert (out / "evaluate" / "report.html").exists()
     reg = json.loads((out / "register" / "registration.json").read_text())
     # first candidate, no champion yet: it becomes champion only if its clean accuracy beats the majority-class

@@ -173,7 +173,8 @@ def test_sliding_window_model_falls_back_to_per_label_and_says_why(eval_mistral:
     out = score_label_words(m, tok, PROMPTS, LABELS, batch_size=3, groups=list(range(len(PROMPTS))))
     assert out.path == "per-label" and "sliding" in out.path_note
     assert any("prefix sharing not applied" in n for n in out.notes)
-    torch.testing.assert_close(out.scores, _hand_scores(m, tok, PROMPTS, LABELS, MARKERS["train"]), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out.scores, _hand_scores(m, tok, PROMPTS, LABELS, MARKERS["train"]),
+                               atol=1e-4, rtol=1e-5)
 
 
 def test_length_normalise_divides_by_label_tokens(eval_llama: Backbone) -> None:
@@ -428,7 +429,8 @@ def test_instruction_sets_load_and_levels() -> None:
     assert set(sets) == {"clean", "checklist"} and set(sets["clean"]) == {"sst2", "qqp"}
     assert all(len(v) == 6 for s in sets.values() for v in s.values())
     assert sets["clean"]["sst2"] != sets["checklist"]["sst2"]
-    assert [perturbation_level(s) for s in PERTURBATION_LEVELS] == ["clean", "character", "word", "sentence", "semantic"]
+    assert [perturbation_level(s) for s in PERTURBATION_LEVELS] == ["clean", "character", "word", "sentence",
+                                                                    "semantic"]
     assert perturbation_level("mine") == "custom"
 
 
@@ -545,7 +547,8 @@ def test_runner_predictions_match_direct_scoring_and_generation(small_run: EvalR
     prompt = join_instruction(instr, spec.render_content(ex))
     direct = loglik_scores(eval_llama.model, eval_llama.tokenizer, [prompt], list(spec.label_words), batch_size=1)[0]
     assert lrow.scores == pytest.approx(direct.tolist(), abs=1e-3)
-    assert lrow.pred == int(direct.argmax()) and lrow.label == ex["label"] and lrow.correct == (lrow.pred == ex["label"])
+    assert (lrow.pred == int(direct.argmax()) and lrow.label == ex["label"]
+            and lrow.correct == (lrow.pred == ex["label"]))
     text = generate_reference_style(eval_llama.model, eval_llama.tokenizer, [prompt], max_new_tokens=3).texts[0]
     assert grow.output == text
     assert grow.pred == parse_answer(text, label_choices(spec.label_words, INSTRUCTIONS, "wnli"))
@@ -572,7 +575,7 @@ def test_content_free_calibration_subtracts_the_empty_input_and_adds_the_trainin
     for i, text in enumerate(instr):
         cf = loglik_scores(eval_llama.model, eval_llama.tokenizer, [join_instruction(text, "")], words)[0]
         for _, row in p[p.instruction_id == i].iterrows():
-            want = [r - c + lp for r, c, lp in zip(row.raw_scores, cf.tolist(), log_prior)]
+            want = [r - c + lp for r, c, lp in zip(row.raw_scores, cf.tolist(), log_prior, strict=True)]
             assert list(row.scores) == pytest.approx(want, abs=1e-3)
             assert row.pred == max(range(2), key=lambda j: want[j])
     # the decisions really moved: a strong prior on label 0 beats what the raw scores say somewhere
@@ -674,7 +677,7 @@ def test_report_without_perturbed_or_clean_sets(sets: list[str], scoring: list[s
     lines = paths["report_md"].read_text().splitlines()
     header = next(line for line in lines if line.startswith("| model | scoring |"))
     row = next(line for line in lines if line.startswith("| m |"))
-    summary = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    summary = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")], strict=True))
     assert "nan" not in paths["report_md"].read_text().lower()
     metrics = json.loads(paths["metrics"].read_text())["m"]
     if "clean" in sets:

@@ -55,7 +55,7 @@ def test_deterministic_bytes(tmp_path):
     b = write_jsonl(tmp_path / "b.jsonl", build_pairs(DATA, _cfg(), seed=3))
     assert a == b and (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
     c = build_pairs(DATA, _cfg(), seed=4)
-    assert [r["pair_id"] for r in c] != [json.loads(l)["pair_id"] for l in (tmp_path / "a.jsonl").open()]
+    assert [r["pair_id"] for r in c] != [json.loads(line)["pair_id"] for line in (tmp_path / "a.jsonl").open()]
 
 
 def test_split_is_by_example_and_sized():
@@ -75,7 +75,8 @@ def test_template_ids_are_checked():
 def test_malformed_train_file_names_file_line_field(tmp_path):
     (tmp_path / "glue").mkdir()
     (tmp_path / "flan").mkdir()
-    (tmp_path / "flan" / "flan_glue_templates.json").write_text((DATA / "flan" / "flan_glue_templates.json").read_text())
+    (tmp_path / "flan" / "flan_glue_templates.json").write_text(
+        (DATA / "flan" / "flan_glue_templates.json").read_text())
     f = tmp_path / "glue" / "sst2.train.jsonl"
     f.write_text('{"sentence": "ok", "label": 1}\n{"sentence": "x", "label": "1"}\n')
     with pytest.raises(DataError, match=r"sst2.train.jsonl:2: field 'label' should be int"):
@@ -164,7 +165,8 @@ def _data_copy(tmp_path: Path, tasks=("sst2",)) -> Path:
     (tmp_path / "flan").mkdir()
     for t in tasks:
         (tmp_path / "glue" / f"{t}.train.jsonl").write_bytes((DATA / "glue" / f"{t}.train.jsonl").read_bytes())
-    (tmp_path / "flan" / "flan_glue_templates.json").write_bytes((DATA / "flan" / "flan_glue_templates.json").read_bytes())
+    (tmp_path / "flan" / "flan_glue_templates.json").write_bytes(
+        (DATA / "flan" / "flan_glue_templates.json").read_bytes())
     return tmp_path
 
 
@@ -192,14 +194,17 @@ def _edit_templates(data: Path, edit) -> None:
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda e: e.pop("label_to_answer"), r"tasks.sst2.label_to_answer: should be a JSON object, got NoneType"),
     (lambda e: e["label_to_answer"].pop("1"), r"tasks.sst2.label_to_answer: missing label '1'"),
-    (lambda e: e["templates_v1"][3].update(input=7), r"tasks.sst2.templates_v1\[3\].input: should be a string, got int 7"),
-    (lambda e: e["templates_v1"][2].update(template_id="2"), r"tasks.sst2.templates_v1\[2\].template_id: should be an integer"),
+    (lambda e: e["templates_v1"][3].update(input=7),
+     r"tasks.sst2.templates_v1\[3\].input: should be a string, got int 7"),
+    (lambda e: e["templates_v1"][2].update(template_id="2"),
+     r"tasks.sst2.templates_v1\[2\].template_id: should be an integer"),
     (lambda e: e["templates_v1"][1].pop("target"), r"tasks.sst2.templates_v1\[1\]: missing field 'target'"),
     (lambda e: e["templates_v1"][0].update(input="Review: {sentense}\n{options_}"),
      r"tasks.sst2.templates_v1\[0\].input: unknown placeholder\(s\) \{sentense\} for task sst2"),
     (lambda e: e["templates_v1"][0].update(input="Review: {sentence\n{options_}"),
      r"tasks.sst2.templates_v1\[0\].input: not a valid template"),
-    (lambda e: e["templates_v1"][5].update(template_id=4), r"tasks.sst2.templates_v1: template_id \[4\] used more than once"),
+    (lambda e: e["templates_v1"][5].update(template_id=4),
+     r"tasks.sst2.templates_v1: template_id \[4\] used more than once"),
     (lambda e: e.update(templates_v1={}), r"tasks.sst2.templates_v1: should be a JSON list"),
 ])
 def test_malformed_templates_file_names_field(tmp_path, edit, message):
@@ -228,7 +233,8 @@ def test_coin_pairs_cli_stops_with_the_message(tmp_path):
     shutil.copy(ROOT / "params.yaml", tmp_path / "proj" / "params.yaml")
     proc = subprocess.run(
         [sys.executable, "-m", "coin.cli", "pairs", "--params", str(tmp_path / "proj" / "params.yaml"),
-         "--set", f"paths.data_dir={data}", "--set", "pairs.tasks=[sst2]", "--set", f"paths.out_dir={tmp_path / 'out'}"],
+         "--set", f"paths.data_dir={data}", "--set", "pairs.tasks=[sst2]",
+         "--set", f"paths.out_dir={tmp_path / 'out'}"],
         cwd=tmp_path / "proj", capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode != 0

@@ -187,7 +187,8 @@ def test_register_params_validated():
 
 @pytest.fixture()
 def store(tmp_path):
-    settings = Settings.model_validate({"paths": {"mlruns_dir": str(tmp_path / "mlruns")}, "tracking": {"experiment": "t"}})
+    settings = Settings.model_validate({"paths": {"mlruns_dir": str(tmp_path / "mlruns")},
+                                        "tracking": {"experiment": "t"}})
     setup_tracking(settings, tmp_path)
     return settings
 
@@ -279,7 +280,8 @@ def test_constant_predictor_from_an_evaluation_is_refused_in_the_registry(store,
     assert figs.clean_acc == pytest.approx(figs.majority_acc) == pytest.approx(56.1111, abs=1e-4)
     d1 = promote_version("refs", v1, figs, **GATE)
     mv1 = client.get_model_version("refs", v1)
-    assert not d1.promote and "Not better than a constant answer" in d1.reason and "majority-class rate 56.1111" in d1.reason
+    assert (not d1.promote and "Not better than a constant answer" in d1.reason
+            and "majority-class rate 56.1111" in d1.reason)
     assert mv1.tags[TAG_DECISION] == "rejected" and mv1.tags[TAG_MAJORITY] == "56.1111"
     assert "champion" not in client.get_registered_model("refs").aliases
     d2 = promote_version("refs", v2, candidate_figures(paths["metrics"], "coin"), **GATE)
@@ -299,8 +301,8 @@ def _paired_table(right: list[int], ids: str = "x") -> pd.DataFrame:
     """sst2, N_PAIRED examples with labels 0,1,0,1,... (majority 50 %), sets clean and textfooler, 2 instructions;
     the examples in ``right`` answered correctly under every instruction, the others wrongly."""
     ok = set(right)
-    rows = [{"model": "m", "scoring": "loglik", "task": "sst2", "set": s, "instruction_id": i, "example_id": f"{ids}{e}",
-             "label": e % 2, "pred": e % 2 if e in ok else 1 - e % 2}
+    rows = [{"model": "m", "scoring": "loglik", "task": "sst2", "set": s, "instruction_id": i,
+             "example_id": f"{ids}{e}", "label": e % 2, "pred": e % 2 if e in ok else 1 - e % 2}
             for s in ("clean", "textfooler") for i in range(2) for e in range(N_PAIRED)]
     return pd.DataFrame(rows)
 
@@ -495,7 +497,8 @@ def test_register_gate_idempotent_and_pyfunc_roundtrip(store, tmp_path, tiny_lla
     assert [c.name for c in info.signature.inputs.inputs] == ["instruction", "input", "task", "options"]
 
     model = mlflow.pyfunc.load_model("models:/tiny-coin@champion")
-    row = pd.DataFrame({"instruction": ["Is this 'positive' or 'negative'? "], "input": ["what a film"], "task": ["sst2"]})
+    row = pd.DataFrame({"instruction": ["Is this 'positive' or 'negative'? "], "input": ["what a film"],
+                        "task": ["sst2"]})
     plain = model.predict(row)
     assert list(plain.columns) == ["answer"] and plain["answer"].iloc[0] in TASKS["sst2"].label_words
     scored = model.predict(row, params={"return_scores": True})
@@ -542,7 +545,7 @@ def test_answer_rows_batched_equals_row_by_row(tmp_path, tiny_llama_dir):
     single = pd.concat([answer_rows(model, tok, meta, df.iloc[[i]], max_new_tokens=2) for i in range(len(df))],
                        ignore_index=True)
     assert batched["answer"].tolist() == single["answer"].tolist()
-    for b, s in zip(batched["scores"], single["scores"]):
+    for b, s in zip(batched["scores"], single["scores"], strict=True):
         assert (b == "") == (s == "")
         if b:
             assert json.loads(b).keys() == json.loads(s).keys()
@@ -568,7 +571,8 @@ def test_log_candidate_rejects_a_non_adapter_dir(store, tmp_path):
 def test_pipeline_parent_with_nested_method_runs(tmp_path):
     import mlflow
 
-    settings = Settings.model_validate({"paths": {"mlruns_dir": str(tmp_path / "mlruns")}, "tracking": {"experiment": "t"}})
+    settings = Settings.model_validate({"paths": {"mlruns_dir": str(tmp_path / "mlruns")},
+                                        "tracking": {"experiment": "t"}})
     ids = {}
     with pipeline_run(settings, ROOT) as parent:
         with method_run(settings, ROOT, "coin") as r:            # nested under the active parent

@@ -30,7 +30,8 @@ from coin.registry.register import register_candidate
 from coin.registry.tracking import setup_tracking
 
 root, adapter, run_id, go, clean, perturbed = sys.argv[1:7]
-settings = Settings.model_validate({"paths": {"mlruns_dir": str(Path(root) / "mlruns")}, "tracking": {"experiment": "t"}})
+settings = Settings.model_validate({"paths": {"mlruns_dir": str(Path(root) / "mlruns")},
+                                    "tracking": {"experiment": "t"}})
 setup_tracking(settings, Path(root))
 while not Path(go).exists():
     time.sleep(0.005)

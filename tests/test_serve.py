@@ -33,8 +33,8 @@ def _env(**extra: str) -> dict[str, str]:
     """Local-only env for a child MLflow process; the venv's bin on PATH (the scoring server execs
     `uvicorn` by name, as `./run.sh` arranges for users)."""
     return {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            **extra}
+            "TRANSFORMERS_OFFLINE": "1",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
 
 
 def _start(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
@@ -72,11 +72,13 @@ def _wait_ready(url: str, proc: subprocess.Popen, log_path, timeout: float) -> N
 def test_mlflow_models_serve_answers_a_request(tmp_path, tiny_llama_dir):
     import mlflow
 
-    settings = Settings.model_validate({"paths": {"mlruns_dir": str(tmp_path / "mlruns")}, "tracking": {"experiment": "s"}})
+    settings = Settings.model_validate({"paths": {"mlruns_dir": str(tmp_path / "mlruns")},
+                                        "tracking": {"experiment": "s"}})
     setup_tracking(settings, tmp_path)
     with mlflow.start_run() as run:
         pass
-    register_candidate(_adapter(tiny_llama_dir, tmp_path), run.info.run_id, "tiny-serve", ModelFigures(70.0, 55.0), **GATE)
+    register_candidate(_adapter(tiny_llama_dir, tmp_path), run.info.run_id, "tiny-serve", ModelFigures(70.0, 55.0),
+                       **GATE)
 
     port = _free_port()
     log_path = tmp_path / "serve.log"

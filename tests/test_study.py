@@ -133,7 +133,7 @@ def test_study_cli_runs_the_grid_and_writes_every_output(study_project):
     children = mlflow.search_runs(experiment_names=["coin"], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
     cell_runs = children[children["tags.coin.stage"] == "study-cell"]
     assert sorted(cell_runs["tags.coin.study.cell"]) == CELLS
-    assert sorted(zip(cell_runs["params.method"], cell_runs["params.seed"])) == [
+    assert sorted(zip(cell_runs["params.method"], cell_runs["params.seed"], strict=True)) == [
         ("base", "0"), ("base", "1"), ("coin", "0"), ("coin", "1")]
     assert cell_runs["metrics.perturbed_acc"].notna().all()
     assert (children["tags.coin.stage"] == "validate").sum() == 1  # the gate's run nests under the study run

@@ -163,9 +163,8 @@ def test_collator_docstring_example(minilm_tok: Any) -> None:
     row = {"pair_id": "x", "original_prompt": "Is it good?", "target": "yes"}
     longer = {"pair_id": "y", "original_prompt": "Is it good? Really good?", "target": "yes"}
     b = PairCollator(minilm_tok, "sft")([row, longer])
-    assert b.input_ids[0].tolist() == [101, 2003, 2009, 2204, 1029, 1001, 1001, 1001, 3433, 1024, 2748, 102, 0, 0, 0, 0][
-        : b.input_ids.size(1)
-    ]
+    assert b.input_ids[0].tolist() == [101, 2003, 2009, 2204, 1029, 1001, 1001, 1001, 3433, 1024, 2748, 102,
+                                       0, 0, 0, 0][: b.input_ids.size(1)]
     assert b.labels[0, :12].tolist() == [-100] * 10 + [2748, 102]
     assert (b.labels[0, 12:] == -100).all()
     assert b.last_index[0].item() == 11 and b.prompt_len[0].item() == 10
@@ -616,7 +615,8 @@ def test_batches_seeded_train_only_and_cycling() -> None:
     rows = make_rows(6) + make_rows(2, split="val")
     train_rows = train_rows_of(rows, 2)
     assert len(train_rows) == 6
-    take = lambda seed: [[r["pair_id"] for r in b] for _, b in zip(range(7), iterate_batches(train_rows, 2, seed))]  # noqa: E731
+    take = lambda seed: [[r["pair_id"] for r in b]  # noqa: E731
+                         for _, b in zip(range(7), iterate_batches(train_rows, 2, seed), strict=False)]
     a, again, other = take(1), take(1), take(2)
     assert a == again and a != other
     epoch = sorted(pid for batch in a[:3] for pid in batch)

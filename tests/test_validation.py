@@ -122,7 +122,8 @@ def test_summary_and_docs_written(valid_run):
     assert leak["eval_instructions"] == 246 and leak["max_cosine"] < 0.9 and leak["max_text_ratio"] < 0.9
     ex = summary["stats"]["example_leakage"]
     assert ex["rows_leaking"] == 0 and ex["eval_examples"] > 10_000
-    assert summary["stats"]["eval_sources"]["instruction_sets"] == ["checklist", "clean", "deepwordbug", "semantic", "textfooler"]
+    assert summary["stats"]["eval_sources"]["instruction_sets"] == ["checklist", "clean", "deepwordbug", "semantic",
+                                                                    "textfooler"]
 
 
 def test_same_rows_same_outputs(valid_run, real_rows, tokenizer, embedder, eval_sources, tmp_path):
@@ -137,14 +138,15 @@ def test_token_lengths_match_encode(real_rows, tokenizer):
     prompts = [r["paraphrase_prompt"] for r in real_rows] + [""]
     targets = [r["target"] for r in real_rows] + [""]
     batched = token_lengths(tokenizer, prompts, targets)
-    assert batched == [len(encode(tokenizer, p, t).input_ids) for p, t in zip(prompts, targets)]
+    assert batched == [len(encode(tokenizer, p, t).input_ids) for p, t in zip(prompts, targets, strict=True)]
 
 
 def test_token_length_cutoff_boundary(real_rows, tokenizer):
     row = real_rows[0]
     longest = max(
         len(encode(tokenizer, row[p], row[t]).input_ids)
-        for p, t in (("original_prompt", "target"), ("paraphrase_prompt", "target"), ("negative_prompt", "negative_target"))
+        for p, t in (("original_prompt", "target"), ("paraphrase_prompt", "target"),
+                     ("negative_prompt", "negative_target"))
     )
     check = CHECKS["token_length"]
     at = check([row], CheckContext(4000, longest, tokenizer))[0]
@@ -217,7 +219,8 @@ def _break(name: str, row: dict[str, Any]) -> None:
     elif name == "negative_same_prompt":
         row["negative_prompt"] = row["original_prompt"]
     elif name == "too_long":
-        row["paraphrase_prompt"] = "word " * 900 + row["paraphrase_prompt"]  # 4500 chars > max_length_chars, > 256 tokens
+        # 4500 chars > max_length_chars, > 256 tokens
+        row["paraphrase_prompt"] = "word " * 900 + row["paraphrase_prompt"]
     elif name == "empty_target":
         row["target"] = "   "
     elif name == "replacement_char":
@@ -293,7 +296,8 @@ REASONS = {
     "drift_paraphrase": "below validate.min_similarity = 0.4",
     "option_words_dropped": "'not_equivalent', 'equivalent' named in original_prompt's instruction are missing",
     "leaked_eval_instruction": "paraphrase_prompt contains evaluation instruction clean/sst2[0]",
-    "near_duplicate_eval_instruction": "paraphrase_instruction is a near-duplicate of evaluation instruction clean/sst2[0]",
+    "near_duplicate_eval_instruction":
+        "paraphrase_instruction is a near-duplicate of evaluation instruction clean/sst2[0]",
     "leaked_eval_example": "inputs contain evaluation example sst2.validation:7 of sst2",
     "unknown_target": "field 'target' = 'maybe' is not in answer_words",
     "input_missing": "does not appear in paraphrase_prompt",
@@ -423,10 +427,12 @@ def _sim_row(a: str, b: str) -> dict[str, Any]:
 
 def test_similarity_bounds_are_inclusive_and_cached():
     # unit vectors whose cosine with "a" is exactly 0.6 / 0.8 (the bounds), 0.28 (drift) and 0.96 (copy)
-    fake = FakeEmbedder({"a": [1.0, 0.0], "lo": [0.6, 0.8], "hi": [0.8, 0.6], "drift": [0.28, 0.96], "copy": [0.96, 0.28]})
+    fake = FakeEmbedder({"a": [1.0, 0.0], "lo": [0.6, 0.8], "hi": [0.8, 0.6], "drift": [0.28, 0.96],
+                         "copy": [0.96, 0.28]})
     ctx = CheckContext(4000, 256, None, cfg=ValidateSettings(min_similarity=0.6, max_similarity=0.8),
                        embedder=CachedEmbedder(fake))
-    rows = [_sim_row("a", "lo"), _sim_row("a", "hi"), _sim_row("a", "drift"), _sim_row("a", "copy"), _sim_row("a", "lo")]
+    rows = [_sim_row("a", "lo"), _sim_row("a", "hi"), _sim_row("a", "drift"), _sim_row("a", "copy"),
+            _sim_row("a", "lo")]
     res = CHECKS["semantic_similarity"](rows, ctx)
     assert [r.passed for r in res] == [True, True, False, False, True]
     assert res[2].findings[0].code == "meaning_drift" and "0.280, below validate.min_similarity = 0.6" in res[2].reason
@@ -475,7 +481,8 @@ def test_option_words(original, paraphrase, missing):
 
 
 def test_option_words_added_option():
-    row = {"task": "rte", "inputs": {"sentence1": "x", "sentence2": "y"}, "answer_words": ["entailment", "not_entailment"],
+    row = {"task": "rte", "inputs": {"sentence1": "x", "sentence2": "y"},
+           "answer_words": ["entailment", "not_entailment"],
            "original_prompt": "x\ny\nOPTIONS:\n- entailment\n- not_entailment",
            "paraphrase_prompt": "x\ny\nOPTIONS:\n- entailment\n- not_entailment\n- neutral"}
     (res,) = CHECKS["option_words"]([row], CheckContext(4000, 256, None))
@@ -505,7 +512,8 @@ def test_example_index_matching():
         EvalExample("rte", "rte.validation:0", (("sentence1", "Some premise."), ("sentence2", "short one"))),
         EvalExample("rte", "rte.validation:1", (("sentence1", "Some premise."), ("sentence2", "another hypothesis"))),
     ])
-    assert [e.example_id for e in leaks[1]] == ["rte.validation:0"] and partial == 1  # a shared premise alone is no leak
+    # a shared premise alone is no leak
+    assert [e.example_id for e in leaks[1]] == ["rte.validation:0"] and partial == 1
 
 
 def test_rule_paraphrases_go_through_the_gate(tokenizer, embedder, eval_sources, tmp_path):

@@ -259,7 +259,8 @@ class TrainSettings(_Section):
     cl_lambda: float = Field(1000.0, gt=0.0, description="lambda of the adaptive rule")
     cl_weight: float = Field(1.0, ge=0.0, description="w of the fixed rule")
     pooling: Literal["last", "mean", "max"] = Field("last", description="how a sequence becomes one vector")
-    pool_span: Literal["full", "prompt"] = Field("full", description="pool over prompt+response (reference) or prompt only")
+    pool_span: Literal["full", "prompt"] = Field("full",
+                                                 description="pool over prompt+response (reference) or prompt only")
     hard_negatives: bool = Field(True, description="add the explicit hard negatives as extra InfoNCE columns")
     append_eos: bool = Field(True, description="end each response with EOS so the model learns to stop")
     log_every: int = Field(5, ge=1, description="log step metrics every N optimiser steps")
@@ -277,7 +278,8 @@ class TrainSettings(_Section):
         True, description="pack a micro-batch's sequences into shared rows with a block-diagonal causal mask "
         "(same outputs as padding, far fewer pad tokens through the model); needs sdpa or eager attention"
     )
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
+    gradient_checkpointing: bool = Field(False,
+                                         description="recompute activations in backward: less memory, ~30% slower")
     autocast: Literal["auto", "bf16", "off"] = Field(
         "auto", description="auto: bf16 autocast where bf16 runs in hardware (a CUDA GPU with bf16, a CPU with "
         "AVX512-BF16 or AMX), off elsewhere; bf16: always; off: never"
@@ -367,7 +369,8 @@ class RegisterSettings(_Section):
     )
     max_clean_drop: float = Field(
         2.0, ge=0, le=100,
-        description="percentage points of clean accuracy a challenger may lose against the champion and still be promoted",
+        description="percentage points of clean accuracy a challenger may lose against the champion and still be "
+        "promoted",
     )
     evidence: Literal["point", "interval"] = Field(
         "point",
@@ -433,8 +436,8 @@ class StudySettings(_Section):
 
     methods: list[StudyMethod] = Field(  # type: ignore[valid-type]
         default_factory=lambda: list(STUDY_METHODS),
-        description="methods compared: base (the untouched backbone, evaluated) and the trained methods of train.methods' "
-        "choices",
+        description="methods compared: base (the untouched backbone, evaluated) and the trained methods of "
+        "train.methods' choices",
     )
     seeds: list[int] = Field(
         default_factory=lambda: [0, 1, 2],
@@ -445,9 +448,11 @@ class StudySettings(_Section):
         None, description="one dotted params key swept over sweep_values (e.g. train.lr); null = no sweep"
     )
     sweep_values: list[Any] | None = Field(None, description="the values of sweep_key, one grid layer each")
-    out_dir: str = Field("outputs/study", min_length=1, description="where the study writes (cells/, study.json, reports)")
+    out_dir: str = Field("outputs/study", min_length=1,
+                         description="where the study writes (cells/, study.json, reports)")
     workers: int | None = Field(
-        None, ge=1, description="local Dask worker processes for the cells (null: one per GPU, else one per 2 CPU cores)"
+        None, ge=1,
+        description="local Dask worker processes for the cells (null: one per GPU, else one per 2 CPU cores)"
     )
     dask_address: str | None = Field(None, description="an existing Dask scheduler instead of local workers")
     n_boot: int = Field(2000, ge=100, le=1_000_000, description="bootstrap resamples of the intervals")
@@ -677,7 +682,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def yaml_load(text: str) -> Any:
-    """``yaml.safe_load`` that refuses duplicate keys (:class:`DuplicateKeyError`): params files and ``--set`` values."""
+    """``yaml.safe_load`` that refuses duplicate keys (:class:`DuplicateKeyError`): params files and ``--set``
+    values."""
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
 
 
@@ -737,8 +743,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str | SecretStr] | None
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
         if not all(parts):
-            raise ConfigError(f"override {shown!r}: the key {key.strip()!r} has an empty part; write section.key=VALUE, "
-                              "e.g. train.max_steps=10")
+            raise ConfigError(f"override {shown!r}: the key {key.strip()!r} has an empty part; write "
+                              "section.key=VALUE, e.g. train.max_steps=10")
         cur = raw
         for p in parts[:-1]:
             nxt = cur.setdefault(p, {})

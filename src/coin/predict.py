@@ -153,8 +153,8 @@ def fit_input(tokenizer, instruction: str, text: str, *, fmt: str, limit: int) -
         return text, 0
     bare = _prompt_tokens(tokenizer, join_instruction(instruction, ""), fmt)
     if bare > limit:
-        raise ValueError(f"instruction: {bare} tokens with the answer marker, but the model reads at most {limit} before "
-                         "the answer; shorten the instruction")
+        raise ValueError(f"instruction: {bare} tokens with the answer marker, but the model reads at most {limit} "
+                         "before the answer; shorten the instruction")
     total = len(tokenizer(text, add_special_tokens=False)["input_ids"])
     keep = max(total - (n - limit), 0)
     for _ in range(8):  # token counts of the joined prompt can differ by a token or two at the seam
@@ -221,7 +221,7 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
     if free:  # the evaluation's greedy decoder: it honours the model's attention (causal or prefix LM)
         gen = generate_answers(model, tokenizer, [prompts[i] for i in free], fmt=fmt, max_new_tokens=max_new_tokens,
                                batch_size=batch_size, desc="predict")
-        for i, text in zip(free, gen.texts):
+        for i, text in zip(free, gen.texts, strict=True):
             answers[i] = text.strip()
     calibrate = meta.get("calibration", "none") == "content_free"
     for (options, task), idx in by_options.items():
@@ -233,7 +233,7 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
                            fmt, batch_size)
         for j, i in enumerate(idx):
             answers[i] = options[int(s[j].argmax())]
-            scores[i] = json.dumps({o: round(float(v), 4) for o, v in zip(options, s[j])})
+            scores[i] = json.dumps({o: round(float(v), 4) for o, v in zip(options, s[j], strict=True)})
     return pd.DataFrame({"answer": answers, "scores": scores})
 
 

@@ -57,7 +57,7 @@ def is_secret_key(key: str) -> bool:
     [True, True, True, False]
     """
     words = _words(key)
-    return any(w in SECRET_WORDS for w in words) or any(p in SECRET_PAIRS for p in zip(words, words[1:]))
+    return any(w in SECRET_WORDS for w in words) or any(p in SECRET_PAIRS for p in zip(words, words[1:], strict=False))
 
 
 def redact_text(text: str) -> str:

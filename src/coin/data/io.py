@@ -40,14 +40,15 @@ def read_jsonl(
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8") from None
+                raise DataError(f"{path}:{lineno}: not UTF-8 ({exc.reason} at byte {exc.start}); "
+                                "re-encode the file as UTF-8") from None
             if not text.strip():
                 continue
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: bad JSON on line {lineno} ({exc.msg.removesuffix(' at')}, column {exc.colno}); "
-                                f"fix or remove the line") from None
+                raise DataError(f"{path}:{lineno}: bad JSON on line {lineno} ({exc.msg.removesuffix(' at')}, "
+                                f"column {exc.colno}); fix or remove the line") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
             for field, typ in (required or {}).items():
@@ -56,7 +57,8 @@ def read_jsonl(
                 if not isinstance(row[field], typ) or (typ is int and isinstance(row[field], bool)):
                     want = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
                     raise DataError(
-                        f"{path}:{lineno}: field '{field}' should be {want}, got {type(row[field]).__name__} {row[field]!r}"
+                        f"{path}:{lineno}: field '{field}' should be {want}, "
+                        f"got {type(row[field]).__name__} {row[field]!r}"
                     )
             problem = check(row) if check is not None else None
             if problem:

@@ -54,7 +54,8 @@ def load_examples(data_dir: str | Path, spec: TaskSpec) -> list[Example]:
 
     def label_ok(row: dict[str, Any]) -> str | None:
         if not 0 <= row["label"] < spec.num_labels:
-            return f"field 'label' = {row['label']} is not a {spec.name} label id (0..{spec.num_labels - 1}); fix the row"
+            return (f"field 'label' = {row['label']} is not a {spec.name} label id (0..{spec.num_labels - 1}); "
+                    "fix the row")
         return None
 
     rows = read_jsonl(train_file(data_dir, spec.name), required=required, check=label_ok)

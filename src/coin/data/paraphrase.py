@@ -16,8 +16,8 @@ paraphrases exactly like FLAN ones.
 A rewording never touches a ``{placeholder}`` or a *protected* word (the task's answer / label words),
 and never introduces one::
 
-    >>> t = Template("sst2", 4, "Is the sentiment of the following sentence positive or negative?\\n{sentence}\\n{options_}",
-    ...              "{answer}", True)
+    >>> t = Template("sst2", 4, "Is the sentiment of the following sentence positive or negative?"
+    ...              "\\n{sentence}\\n{options_}", "{answer}", True)
     >>> for v in RuleRewording().candidates(t, [t], {"positive", "negative"}):
     ...     print(v.key, repr(v.input))
     4r1 '{sentence}\\n\\nIs the sentiment of the preceding statement positive or negative?\\n{options_}'
@@ -213,7 +213,7 @@ class RuleRewording:
                     j += 1
                 if j < len(kinds) and kinds[j] == "input":
                     kinds[i] = "input"
-        content = [(k, ln) for k, ln in zip(kinds, lines) if k != "blank"]
+        content = [(k, ln) for k, ln in zip(kinds, lines, strict=True) if k != "blank"]
         order = "".join("q" if k == "question" else "i" for k, _ in content)
         if not re.fullmatch(r"q+i+|i+q+", order):
             return None

@@ -28,7 +28,7 @@ class TaskSpec:
         """The input part of an evaluation prompt, as CoIN's PromptBench builds it."""
         if self.content_prefixes == ("",):
             return str(row[self.fields[0]])
-        return " ".join(f"{p} {row[f]}" for p, f in zip(self.content_prefixes, self.fields))
+        return " ".join(f"{p} {row[f]}" for p, f in zip(self.content_prefixes, self.fields, strict=True))
 
 
 TASKS: dict[str, TaskSpec] = {

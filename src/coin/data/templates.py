@@ -60,21 +60,22 @@ def _typed(value: Any, typ: type | tuple[type, ...], path: Path, where: str) -> 
     ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
     if not ok:
         want = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
-        raise DataError(f"{path}: {where}: should be {_article(want)}, got {type(value).__name__} {value!r:.60}; fix the file")
+        raise DataError(f"{path}: {where}: should be {_article(want)}, got {type(value).__name__} {value!r:.60}; "
+                        "fix the file")
     return value
 
 
 def _article(word: str) -> str:
-    return {"dict": "a JSON object", "list": "a JSON list", "str": "a string", "int": "an integer", "bool": "true/false"}.get(
-        word, word
-    )
+    return {"dict": "a JSON object", "list": "a JSON list", "str": "a string", "int": "an integer",
+            "bool": "true/false"}.get(word, word)
 
 
 def _template(raw: Any, path: Path, where: str, task: str, allowed: set[str]) -> Template:
     _typed(raw, dict, path, where)
     for key in ("template_id", "input", "target", "is_classification"):
         if key not in raw:
-            raise DataError(f"{path}: {where}: missing field '{key}' (has: {', '.join(raw) or 'nothing'}); fix the file")
+            raise DataError(f"{path}: {where}: missing field '{key}' (has: {', '.join(raw) or 'nothing'}); "
+                            "fix the file")
     tid = _typed(raw["template_id"], int, path, f"{where}.template_id")
     text = _typed(raw["input"], str, path, f"{where}.input")
     target = _typed(raw["target"], str, path, f"{where}.target")
@@ -105,7 +106,8 @@ def load_templates(data_dir: str | Path, spec: TaskSpec) -> TaskTemplates:
     tasks = _typed(doc.get("tasks"), dict, path, "field 'tasks'")
     base = f"tasks.{spec.flan_key}"
     if spec.flan_key not in tasks:
-        raise DataError(f"{path}: no entry {base} for task {spec.name} (entries: {', '.join(tasks)}); add it or drop the task")
+        raise DataError(f"{path}: no entry {base} for task {spec.name} (entries: {', '.join(tasks)}); "
+                        "add it or drop the task")
     entry = _typed(tasks[spec.flan_key], dict, path, base)
 
     field_map = _typed(entry.get("flan_field_to_hf_glue_field", {}), dict, path, f"{base}.flan_field_to_hf_glue_field")
@@ -122,7 +124,8 @@ def load_templates(data_dir: str | Path, spec: TaskSpec) -> TaskTemplates:
     options = []
     for i in range(spec.num_labels):
         if str(i) not in answers:
-            raise DataError(f"{path}: {base}.label_to_answer: missing label '{i}' ({spec.name} has {spec.num_labels} labels)")
+            raise DataError(f"{path}: {base}.label_to_answer: missing label '{i}' "
+                            f"({spec.name} has {spec.num_labels} labels)")
         word = _typed(answers[str(i)], str, path, f"{base}.label_to_answer.{i}")
         if not word.strip():
             raise DataError(f"{path}: {base}.label_to_answer.{i}: is empty; give the answer word of label {i}")

@@ -233,7 +233,7 @@ def _greedy_rows(model: nn.Module, prompt_ids: list[list[int]], max_new_tokens: 
                         new[i].append(t)
             if all(done) or step == max_new_tokens - 1:
                 break
-            step = [[t if not d else pad] for t, d in zip(nxt, done)]
+            step = [[t if not d else pad] for t, d in zip(nxt, done, strict=True)]
             hidden, state = lm.extend(state, torch.arange(n, device=device), step)
             last = hidden[:, 0]
         return new
@@ -281,7 +281,7 @@ def _generate_prefix_lm(model: nn.Module, tokenizer, ids: list[list[int]], *, ma
             for s in tqdm(starts, desc=desc, unit="batch", leave=False, disable=len(starts) < 2):
                 idx = order[s:s + batch_size]
                 rows = _greedy_rows(model, [ids[i] for i in idx], max_new_tokens, tokenizer.eos_token_id, pad)
-                for i, row in zip(idx, rows):
+                for i, row in zip(idx, rows, strict=True):
                     new_tokens += len(row)
                     texts[i] = tokenizer.decode(row, skip_special_tokens=True)
     finally:

@@ -73,7 +73,8 @@ def _load_task(by_task: dict[str, Any], path: Path, set_name: str, task: str) ->
     if task not in by_task:
         have = ", ".join(map(str, by_task)) or "none"
         raise DataError(
-            f"{path}: set '{set_name}', task '{task}': no instructions (field '{field}' missing; tasks in this set: {have})"
+            f"{path}: set '{set_name}', task '{task}': no instructions (field '{field}' missing; "
+            f"tasks in this set: {have})"
         )
     items = by_task[task]
     if not isinstance(items, list) or not items:

@@ -73,7 +73,7 @@ def check_predictions(preds: pd.DataFrame) -> None:
     for cell, grp in preds.groupby(CELL, sort=False):
         samples = grp.groupby("instruction_id")["example_id"].apply(frozenset)
         if samples.nunique() > 1:
-            raise ValueError(f"{dict(zip(CELL, cell))}: instructions were scored on different examples "
+            raise ValueError(f"{dict(zip(CELL, cell, strict=True))}: instructions were scored on different examples "
                              f"(sizes {sorted(samples.map(len).unique().tolist())}); every instruction of a set "
                              "must see the same sample")
 
@@ -113,7 +113,8 @@ def task_set_table(preds: pd.DataFrame) -> pd.DataFrame:
     extra = preds.groupby(CELL, sort=True)[["example_id", "instruction_id", "pred", "label"]].apply(_cell_stats)
     table = table.merge(extra.reset_index(), on=CELL)
     clean = table[table["set"] == CLEAN].set_index(["scoring", "task"])["acc_mean"]
-    ref = pd.Series([clean.get((s, t), math.nan) for s, t in zip(table["scoring"], table["task"])], index=table.index)
+    ref = pd.Series([clean.get((s, t), math.nan) for s, t in zip(table["scoring"], table["task"], strict=True)],
+                    index=table.index)
     pdr = 1.0 - table["acc_mean"] / ref.where(ref > 0)
     table["pdr"] = pdr.where(table["set"] != CLEAN)
     table.insert(2, "category", [get_task(t).category for t in table["task"]])
@@ -157,7 +158,7 @@ def _overall(sets: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for scoring, grp in sets.groupby("scoring", sort=False):
         clean, pert = grp[grp["set"] == CLEAN], grp[grp["set"] != CLEAN]
-        mean = (lambda col: float(pert[col].mean()) if len(pert) else math.nan)  # noqa: E731
+        mean = (lambda col, pert=pert: float(pert[col].mean()) if len(pert) else math.nan)  # noqa: E731
         rows.append({
             "scoring": scoring,
             "clean_acc": float(clean["acc_mean"].iloc[0]) if len(clean) else math.nan,

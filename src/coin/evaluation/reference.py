@@ -56,7 +56,8 @@ class ReferenceRates:
             {"majority": {task: pct, ..., "avg": pct}, "chance": {...}, "n_examples": {task: n}}
         """
         return {
-            "majority": {**{t: json_number(v) for t, v in self.majority.items()}, AVG: json_number(self.majority_avg())},
+            "majority": {**{t: json_number(v) for t, v in self.majority.items()},
+                         AVG: json_number(self.majority_avg())},
             "chance": {**{t: json_number(v) for t, v in self.chance.items()}, AVG: json_number(self.chance_avg())},
             "n_examples": dict(self.n_examples),
         }

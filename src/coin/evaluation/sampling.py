@@ -42,7 +42,8 @@ def load_validation_rows(data_dir: str | Path, task: str) -> tuple[list[dict[str
     for path in paths:
         for i, row in enumerate(read_jsonl(path, required=required)):
             if not 0 <= row["label"] < spec.num_labels:
-                raise DataError(f"{path}: row {i + 1}: label {row['label']} outside 0..{spec.num_labels - 1} for {task}")
+                raise DataError(f"{path}: row {i + 1}: label {row['label']} outside 0..{spec.num_labels - 1} "
+                                f"for {task}")
             rows.append({**row, "example_id": f"{path.stem}:{i}"})
     if not rows:  # an evaluation average over the other tasks would pass for the configured one
         files = ", ".join(str(p) for p in paths)

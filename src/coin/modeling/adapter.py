@@ -31,8 +31,9 @@ def load_trained(adapter_dir: Path, *, device: str = "auto"):
 
     meta = read_meta(adapter_dir)
     # adapters written before model.attention existed were trained causally
-    backbone = load_backbone(meta["base"], dtype=meta.get("dtype", "auto"), device=device, seed=int(meta.get("seed", 0)),
-                             attention=meta.get("attention", "causal"), readout=meta.get("readout", "last"))
+    backbone = load_backbone(meta["base"], dtype=meta.get("dtype", "auto"), device=device,
+                             seed=int(meta.get("seed", 0)), attention=meta.get("attention", "causal"),
+                             readout=meta.get("readout", "last"))
     model = load_adapter(backbone, Path(adapter_dir))
     model.eval()
     return model, backbone.tokenizer, meta

@@ -5,9 +5,9 @@ q_proj/v_proj, ``gpt2``: c_attn, ...). ``modules_to_save='auto'`` trains and sav
 outermost modules whose parameters are *all* newly initialised by ``load_backbone`` (the weights the
 checkpoint did not contain), except modules that hold weights tied to the input embeddings. For the
 embedded MiniLM that is ``cls.predictions.transform``: it is random on every load, so an adapter
-without it would not reproduce its logits (docs/design.md#minilm-as-a-decoder). Newly initialised parameters outside such
-a module (MiniLM's ``cls.predictions.bias``, tied to the decoder bias) keep their initial value and
-are reported in the log.
+without it would not reproduce its logits (docs/design.md#minilm-as-a-decoder). Newly initialised parameters
+outside such a module (MiniLM's ``cls.predictions.bias``, tied to the decoder bias) keep their initial value
+and are reported in the log.
 """
 
 from __future__ import annotations

@@ -120,7 +120,8 @@ def pipeline_run(settings: Settings, root: Path, *, run_name: str = "pipeline",
 
     setup_tracking(settings, root)
     previous = os.environ.get(PARENT_RUN_ENV)
-    with mlflow.start_run(run_name=run_name, tags={**provenance_tags(settings, root, "pipeline"), **(tags or {})}) as run:
+    with mlflow.start_run(run_name=run_name,
+                          tags={**provenance_tags(settings, root, "pipeline"), **(tags or {})}) as run:
         mlflow.log_params(settings.to_flat_dict())
         os.environ[PARENT_RUN_ENV] = run.info.run_id
         try:

@@ -239,8 +239,8 @@ def aggregate_group(cells: list[CellData], methods: Sequence[str], *, n_boot: in
         for part in PARTS:
             delta = float(np.mean(points[part][a]) - np.mean(points[part][b]))
             lo, hi = _interval(reps[part][a] - reps[part][b], level)
-            pa = dict(zip(seeds[a], points[part][a]))
-            pb = dict(zip(seeds[b], points[part][b]))
+            pa = dict(zip(seeds[a], points[part][a], strict=True))
+            pb = dict(zip(seeds[b], points[part][b], strict=True))
             per_seed = {s: float(pa[s] - pb[s]) for s in common}
             same = sum(1 for x in per_seed.values() if x != 0 and np.sign(x) == np.sign(delta))
             d[part] = {"delta": json_number(delta), "ci_low": json_number(lo), "ci_high": json_number(hi),

@@ -220,9 +220,9 @@ def plot_spread(study: dict[str, Any]) -> Plot:
     """Per group and part (clean, perturbed): one dot per seed, a bar at the mean, the majority-class line."""
     groups = study["groups"]
     fig, axes = _figure(len(groups), 2, max(8.0, 1.6 * len(study["methods"]) * 2))
-    for row, g in zip(axes, groups):
+    for row, g in zip(axes, groups, strict=True):
         methods = list(g["methods"])
-        for ax, fig_key in zip(row, ("clean_acc", "perturbed_acc")):
+        for ax, fig_key in zip(row, ("clean_acc", "perturbed_acc"), strict=True):
             for i, m in enumerate(methods):
                 vals = [v for v in g["methods"][m]["figures"][fig_key]["values"].values() if _num(v)]
                 xs = [i + (k - (len(vals) - 1) / 2) * 0.08 for k in range(len(vals))]
@@ -248,7 +248,7 @@ def plot_levels(study: dict[str, Any]) -> Plot:
     """Per group: groups = perturbation levels, one bar per method (mean over seeds, error bar = std)."""
     groups = study["groups"]
     fig, axes = _figure(len(groups), 1, max(8.0, 1.3 * len(LEVEL_ORDER) * max(1, len(study["methods"])) / 2))
-    for (ax,), g in zip(axes, groups):
+    for (ax,), g in zip(axes, groups, strict=True):
         levels = _levels(g)
         methods = list(g["methods"])
         width = 0.8 / max(len(methods), 1)

@@ -8,8 +8,9 @@ names the field and what is wrong::
     >>> ctx = CheckContext(max_length_chars=4000, cutoff_len=256, tokenizer=None)
     >>> row = {"original_instruction": "Is it good?", "paraphrase_instruction": "is it GOOD",
     ...        "original_prompt": "Is it good? x", "paraphrase_prompt": "Is it good? y"}
-    >>> [r.reason for r in CHECKS["paraphrase_differs"]([row], ctx)]
-    ["paraphrase_instruction equals original_instruction up to case, whitespace and punctuation ('is it GOOD' vs 'Is it good?')"]
+    >>> [r.reason for r in CHECKS["paraphrase_differs"]([row], ctx)]  # doctest: +NORMALIZE_WHITESPACE
+    ["paraphrase_instruction equals original_instruction up to case, whitespace and punctuation
+      ('is it GOOD' vs 'Is it good?')"]
 
 Checks run in registration order: ``schema`` (Great Expectations, :mod:`coin.validation.schema`,
 imported lazily because ``great_expectations`` takes ~4 s to import) first, then:
@@ -188,7 +189,8 @@ def _describe(values: list[float]) -> dict[str, Any]:
         return {"n": 0}
     a = np.asarray(values, dtype=np.float64)
     q = np.percentile(a, [0, 5, 50, 95, 100])
-    return {"n": len(values), **{k: round(float(v), 4) for k, v in zip(("min", "p05", "median", "p95", "max"), q)}}
+    return {"n": len(values),
+            **{k: round(float(v), 4) for k, v in zip(("min", "p05", "median", "p95", "max"), q, strict=True)}}
 
 
 @register("semantic_similarity")
@@ -203,7 +205,7 @@ def semantic_similarity(rows: Sequence[Row], ctx: CheckContext) -> list[CheckRes
     b = [instruction_text(replace_surrogates(rows[i]["paraphrase_instruction"])) for i in usable]
     cos = emb.cosine(a, b)
     per_row: list[float | None] = [None] * len(rows)
-    for i, c in zip(usable, cos.tolist()):
+    for i, c in zip(usable, cos.tolist(), strict=True):
         per_row[i] = c
         if c < lo:
             findings[i].append(Finding(
@@ -260,7 +262,8 @@ def inputs_present(row: Row) -> list[Finding]:
         forms = rendered_forms(row.get("task"), text)
         for prompt in ("original_prompt", "paraphrase_prompt"):
             if not any(f in row[prompt] for f in forms):
-                out.append(Finding(f"input_missing_{prompt}", f"inputs.{name} ({_short(text)}) does not appear in {prompt}"))
+                out.append(Finding(f"input_missing_{prompt}",
+                                   f"inputs.{name} ({_short(text)}) does not appear in {prompt}"))
     return out
 
 
@@ -273,7 +276,8 @@ def option_block(text: str) -> list[str]:
     >>> option_block("Is it good?\\nOPTIONS:\\n- yes\\n- no")
     ['yes', 'no']
     """
-    return [ln.strip()[2:].strip() for m in _OPTIONS_BLOCK.finditer(text) for ln in m.group(1).splitlines() if ln.strip()]
+    return [ln.strip()[2:].strip() for m in _OPTIONS_BLOCK.finditer(text) for ln in m.group(1).splitlines()
+            if ln.strip()]
 
 
 def _has_word(text: str, word: str) -> bool:
@@ -306,7 +310,8 @@ def _label_vocabulary(row: Row) -> list[str]:
     return vocab
 
 
-@row_check("option_words", needs={"original_prompt": str, "paraphrase_prompt": str, "inputs": dict, "answer_words": list})
+@row_check("option_words",
+           needs={"original_prompt": str, "paraphrase_prompt": str, "inputs": dict, "answer_words": list})
 def option_words(row: Row) -> list[Finding]:
     """Every option / label word the original instruction names is named by the paraphrase too, and the
     paraphrase offers no option the original does not."""
@@ -326,7 +331,8 @@ def option_words(row: Row) -> list[Finding]:
     if added:
         out.append(Finding(
             "option_word_added",
-            f"paraphrase_prompt offers option(s) {', '.join(_short(w, 40) for w in added)} that original_prompt does not",
+            f"paraphrase_prompt offers option(s) {', '.join(_short(w, 40) for w in added)} "
+            "that original_prompt does not",
         ))
     return out
 
@@ -393,7 +399,7 @@ def instruction_leakage(rows: Sequence[Row], ctx: CheckContext) -> list[CheckRes
         near.setdefault(j, []).append(InstructionHit(evals[e], f"normalised-text ratio {r:.3f} >= "
                                                      f"validate.leak_max_text_ratio = {cfg.leak_max_text_ratio}"))
     sims = emb.cosine_matrix(eval_texts, train)
-    for e, j in zip(*np.nonzero(sims >= cfg.leak_max_similarity)):
+    for e, j in zip(*np.nonzero(sims >= cfg.leak_max_similarity), strict=True):
         near.setdefault(int(j), []).append(InstructionHit(evals[int(e)], f"MiniLM cosine {sims[e, j]:.3f} >= "
                                                           f"validate.leak_max_similarity = {cfg.leak_max_similarity}"))
 
@@ -407,11 +413,12 @@ def instruction_leakage(rows: Sequence[Row], ctx: CheckContext) -> list[CheckRes
                                                              f"{hits[0].how}{more}"))
         for f in _PROMPT_FIELDS:
             text = normalise(row[f])
-            inside = [e for e, n in zip(evals, eval_norm) if len(n) >= cfg.leak_min_chars and n in text]
+            inside = [e for e, n in zip(evals, eval_norm, strict=True) if len(n) >= cfg.leak_min_chars and n in text]
             if inside:
                 more = f" (and {len(inside) - 1} more)" if len(inside) > 1 else ""
                 findings[i].append(Finding(
-                    "contained", f"{f} contains evaluation instruction {inside[0].ref} ({_short(inside[0].text, 50)}){more}"))
+                    "contained",
+                    f"{f} contains evaluation instruction {inside[0].ref} ({_short(inside[0].text, 50)}){more}"))
     ctx.stats["instruction_leakage"] = {
         "eval_instructions": len(evals), "training_instructions": len(train),
         "max_cosine": round(float(sims.max()), 4) if sims.size else None,
@@ -452,7 +459,7 @@ def _lengths(tokenizer: Any, texts: list[str]) -> dict[str, int]:
     """Token count of each distinct text, tokenised in one batch call (no special tokens)."""
     uniq = sorted(set(texts))
     ids = tokenizer(uniq, add_special_tokens=False)["input_ids"] if uniq else []
-    return {t: len(i) for t, i in zip(uniq, ids)}
+    return {t: len(i) for t, i in zip(uniq, ids, strict=True)}
 
 
 def token_lengths(
@@ -463,12 +470,14 @@ def token_lengths(
     p_len = _lengths(tokenizer, [format_prompt(p, fmt) for p in prompts])
     r_len = _lengths(tokenizer, [r for r in responses if r])
     extra = (tokenizer.bos_token_id is not None) + (append_eos and tokenizer.eos_token_id is not None)
-    return [p_len[format_prompt(p, fmt)] + (r_len[r] if r else 0) + extra for p, r in zip(prompts, responses)]
+    return [p_len[format_prompt(p, fmt)] + (r_len[r] if r else 0) + extra
+            for p, r in zip(prompts, responses, strict=True)]
 
 
 # which response goes with which prompt: the negative is scored against its own target
 _SEQUENCES = (("original_prompt", "target"), ("paraphrase_prompt", "target"), ("negative_prompt", "negative_target"))
-_TOKEN_NEEDS = {k: str for k in ("original_prompt", "paraphrase_prompt", "negative_prompt", "target", "negative_target")}
+_TOKEN_NEEDS = {k: str for k in ("original_prompt", "paraphrase_prompt", "negative_prompt", "target",
+                                  "negative_target")}
 
 
 @register("token_length")
@@ -481,7 +490,7 @@ def token_length(rows: Sequence[Row], ctx: CheckContext) -> list[CheckResult]:
             ctx.tokenizer, prompts, [replace_surrogates(rows[i][target_f]) for i in usable],
             fmt=ctx.prompt_format, append_eos=ctx.append_eos,
         )
-        for i, n in zip(usable, lengths):
+        for i, n in zip(usable, lengths, strict=True):
             if n > ctx.cutoff_len:
                 findings[i].append(Finding(
                     f"{prompt_f}_too_long",

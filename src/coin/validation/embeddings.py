@@ -93,7 +93,7 @@ class CachedEmbedder:
                 raise RuntimeError(f"embedder returned {vecs.shape[0]} vectors for {len(missing)} texts")
             norms = np.linalg.norm(vecs, axis=1, keepdims=True)
             vecs = vecs / np.where(norms == 0, 1.0, norms)
-            self._cache.update(zip(missing, vecs))
+            self._cache.update(zip(missing, vecs, strict=True))
             self.calls += 1
             self.texts_embedded += len(missing)
         if not texts:

@@ -47,7 +47,8 @@ class GateFailed(RuntimeError):
 # --------------------------------------------------------------------------- running the checks
 
 
-def run_checks(rows: Sequence[Row], ctx: CheckContext, names: Sequence[str] | None = None) -> tuple[dict[str, list[CheckResult]], dict[str, float]]:
+def run_checks(rows: Sequence[Row], ctx: CheckContext,
+               names: Sequence[str] | None = None) -> tuple[dict[str, list[CheckResult]], dict[str, float]]:
     """``{check: [result per row]}`` for the registered checks (all of them by default), and their seconds."""
     results: dict[str, list[CheckResult]] = {}
     seconds: dict[str, float] = {}
@@ -164,7 +165,8 @@ def run_gate(
     write_json(out_dir / SUMMARY_FILE, report.to_summary())
     (out_dir / REPORT_FILE).write_text(render_report_html(report, out_dir), encoding="utf-8")
     report.seconds = time.perf_counter() - t0
-    log.info("validation gate: %d/%d rows valid (pass rate %.3f) in %.1f s", len(valid), len(rows), report.pass_rate, report.seconds)
+    log.info("validation gate: %d/%d rows valid (pass rate %.3f) in %.1f s", len(valid), len(rows), report.pass_rate,
+             report.seconds)
     if not report.passed:
         raise GateFailed(report)
     return report

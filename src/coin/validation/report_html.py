@@ -32,7 +32,8 @@ def _e(value: Any) -> str:
 
 def _rows(rows: list[list[Any]], numeric: set[int]) -> str:
     return "\n".join(
-        "<tr>" + "".join(f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>" for i, c in enumerate(r)) + "</tr>"
+        "<tr>" + "".join(f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>" for i, c in enumerate(r))
+        + "</tr>"
         for r in rows
     )
 
@@ -75,7 +76,8 @@ def render(report: GateReport, out_dir: Path) -> str:
     if src:
         parts += [
             "<h2>Leakage: compared against</h2><ul>",
-            f"<li>{src.get('instructions')} evaluation instructions (sets: {_e(', '.join(src.get('instruction_sets', [])))}) "
+            f"<li>{src.get('instructions')} evaluation instructions "
+            f"(sets: {_e(', '.join(src.get('instruction_sets', [])))}) "
             f"from <code>{_e(src.get('instruction_file'))}</code>; closest training instruction: MiniLM cosine "
             f"{inst.get('max_cosine')}, text ratio {inst.get('max_text_ratio')} (leak bounds "
             f"{inst.get('leak_max_similarity')} / {inst.get('leak_max_text_ratio')})</li>",

@@ -106,30 +106,37 @@ def _rules(gxe: Any, max_chars: int, pair_id_counts: Counter) -> list[Rule]:
         ))
     rules.append(Rule(
         gxe.ExpectColumnValuesToBeUnique(column="pair_id", description="pair_id identifies one row"),
-        "unique:pair_id", lambda r: f"pair_id {r.get('pair_id')!r} is not unique ({pair_id_counts[r.get('pair_id')]} rows share it)",
+        "unique:pair_id",
+        lambda r: f"pair_id {r.get('pair_id')!r} is not unique ({pair_id_counts[r.get('pair_id')]} rows share it)",
     ))
     for c, typ in FIELD_TYPES.items():
         rules.append(Rule(
-            gxe.ExpectColumnValuesToBeInSet(column=f"type_ok__{c}", value_set=[True], description=f"{c} is a {_type_name(typ)}"),
+            gxe.ExpectColumnValuesToBeInSet(column=f"type_ok__{c}", value_set=[True],
+                                            description=f"{c} is a {_type_name(typ)}"),
             f"type:{c}",
-            lambda r, c=c, typ=typ: f"field '{c}' is a {type(r.get(c)).__name__} ({str(r.get(c))[:40]!r}), expected {_type_name(typ)}",
+            lambda r, c=c, typ=typ: f"field '{c}' is a {type(r.get(c)).__name__} ({str(r.get(c))[:40]!r}), "
+                                    f"expected {_type_name(typ)}",
         ))
     for c, allowed in (("split", SPLITS), ("task", ALL_TASKS)):
         rules.append(Rule(
-            gxe.ExpectColumnValuesToBeInSet(column=c, value_set=list(allowed), description=f"{c} is one of {list(allowed)}"),
+            gxe.ExpectColumnValuesToBeInSet(column=c, value_set=list(allowed),
+                                            description=f"{c} is one of {list(allowed)}"),
             f"in_set:{c}", lambda r, c=c, allowed=allowed: f"field '{c}' = {r.get(c)!r} is not one of {list(allowed)}",
         ))
     for c in ("original_prompt", "paraphrase_prompt", "negative_prompt"):
         rules.append(Rule(
             gxe.ExpectColumnValueLengthsToBeBetween(
-                column=c, min_value=1, max_value=max_chars, description=f"{c} has 1..{max_chars} chars (validate.max_length_chars)"
+                column=c, min_value=1, max_value=max_chars,
+                description=f"{c} has 1..{max_chars} chars (validate.max_length_chars)"
             ),
             f"length:{c}",
-            lambda r, c=c: f"field '{c}' has {len(str(r.get(c)))} chars, outside 1..{max_chars} (validate.max_length_chars)",
+            lambda r, c=c: f"field '{c}' has {len(str(r.get(c)))} chars, outside 1..{max_chars} "
+                           "(validate.max_length_chars)",
         ))
     for c, t in (("target_in_answers", "target"), ("negative_target_in_answers", "negative_target")):
         rules.append(Rule(
-            gxe.ExpectColumnValuesToBeInSet(column=c, value_set=[True], description=f"{t} is one of the row's answer_words"),
+            gxe.ExpectColumnValuesToBeInSet(column=c, value_set=[True],
+                                            description=f"{t} is one of the row's answer_words"),
             c, lambda r, t=t: f"field '{t}' = {r.get(t)!r} is not in answer_words {r.get('answer_words')!r}",
         ))
     return rules
@@ -160,7 +167,8 @@ def _validate(rows: Sequence[Row], rules: list[Rule], ctx: CheckContext) -> list
     import great_expectations as gx
 
     gctx, sites = _context(gx, ctx)
-    batch = gctx.data_sources.add_pandas("pairs").add_dataframe_asset("pairs").add_batch_definition_whole_dataframe("all")
+    batch = (gctx.data_sources.add_pandas("pairs").add_dataframe_asset("pairs")
+             .add_batch_definition_whole_dataframe("all"))
     suite = gctx.suites.add(gx.ExpectationSuite(name=SUITE_NAME))
     for rule in rules:
         suite.add_expectation(rule.expectation)
@@ -203,7 +211,8 @@ def document_checks(ctx: CheckContext, rows: Sequence[Row], results: dict[str, l
     for name, res in results.items():
         cols[name] = [None if r.passed else replace_surrogates(r.reason)[:300] for r in res]
     frame = pd.DataFrame(cols, dtype=object)
-    batch = gctx.data_sources.add_pandas("gate").add_dataframe_asset("checks").add_batch_definition_whole_dataframe("all")
+    batch = (gctx.data_sources.add_pandas("gate").add_dataframe_asset("checks")
+             .add_batch_definition_whole_dataframe("all"))
     suite = gctx.suites.add(gx.ExpectationSuite(name=CHECKS_SUITE))
     for name in results:
         suite.add_expectation(gxe.ExpectColumnValuesToBeNull(
@@ -228,13 +237,15 @@ def _failing_rows(result: Any) -> list[int]:
     for exc in [info, *(v for v in info.values() if isinstance(v, dict))]:
         if exc.get("raised_exception"):
             raise RuntimeError(
-                f"great_expectations could not evaluate {_key(result.expectation_config)}: {exc.get('exception_message')}"
+                f"great_expectations could not evaluate {_key(result.expectation_config)}: "
+                f"{exc.get('exception_message')}"
             )
     if result.success:
         return []
     index = result.result.get("unexpected_index_list")
     if index is None:
-        raise RuntimeError(f"great_expectations gave no failing rows for {_key(result.expectation_config)}; cannot map to rows")
+        raise RuntimeError(f"great_expectations gave no failing rows for {_key(result.expectation_config)}; "
+                           "cannot map to rows")
     return sorted({int(item["_row"]) for item in index})
 
 

@@ -66,7 +66,8 @@ class CheckContext:
     def need_eval_sources(self, check: str) -> EvalSources:
         if self.eval_sources is None:
             raise RuntimeError(
-                f"check {check!r} needs what the evaluation uses: pass CheckContext(eval_sources=load_eval_sources(...))"
+                f"check {check!r} needs what the evaluation uses: "
+                "pass CheckContext(eval_sources=load_eval_sources(...))"
             )
         return self.eval_sources
 

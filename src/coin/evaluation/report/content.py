@@ -134,8 +134,9 @@ def _header(results: list[EvalResult], refs: References) -> list[Block]:
     ]
     ref = refs.all
     items.append(
-        f"Reference (majority class): always answering each task's most frequent label scores **{ref.majority_avg():.1f}%** "
-        f"on this sample (avg over tasks; " + ", ".join(f"{t} {v:.1f}" for t, v in ref.majority.items())
+        "Reference (majority class): always answering each task's most frequent label scores "
+        f"**{ref.majority_avg():.1f}%** on this sample (avg over tasks; "
+        + ", ".join(f"{t} {v:.1f}" for t, v in ref.majority.items())
         + f"); chance (100 / number of labels) is {ref.chance_avg():.1f}%. A model at or below the majority rate "
         "does no better than a constant answer" + (" (the models were scored on different samples: these rates are "
                                                     "of all their examples together; each model's own is in its tables)"
@@ -274,7 +275,8 @@ def _robustness_tables(results: list[EvalResult]) -> list[Block]:
             header = ["task", *[f"PDR {s}" for s in pert], *[f"cons. / worst {s}" for s in r.sets]]
             rows = []
             for t in [*r.tasks, AVG]:
-                get = (lambda s: _set_avg(r, m, s)) if t == AVG else (lambda s, t=t: _cell(r, m, t, s))  # noqa: E731
+                get = ((lambda s, r=r, m=m: _set_avg(r, m, s)) if t == AVG  # noqa: E731
+                       else (lambda s, r=r, m=m, t=t: _cell(r, m, t, s)))
                 row = [AVG if t == AVG else _task_name(r, t)]
                 row += [f_pdr(c["pdr"]) if (c := get(s)) is not None else DASH for s in pert]
                 row += [f"{f_pct(c['consistency'])} / {f_pct(c['worst_acc'])}" if (c := get(s)) is not None else DASH

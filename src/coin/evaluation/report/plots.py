@@ -67,7 +67,7 @@ def plot_accuracy(results: list[EvalResult], refs: References | None = None) -> 
     refs = references(results) if refs is None else refs
     panels = [(r, m) for r in results for m in r.scorings]
     fig, axes = _figure(len(panels), max(7.0, 1.25 * max(len(r.tasks) + 1 for r in results)))
-    for ax, (r, m) in zip(axes, panels):
+    for ax, (r, m) in zip(axes, panels, strict=True):
         groups = [*r.tasks, AVG]
         series = []
         for s in r.sets:
@@ -91,7 +91,7 @@ def plot_models(results: list[EvalResult], refs: References | None = None) -> Pl
     scorings = list(dict.fromkeys(m for r in results for m in r.scorings))
     sets = list(dict.fromkeys(s for r in results for s in r.sets))
     fig, axes = _figure(len(scorings), max(7.0, 1.4 * (len(sets) + 1) * max(1, len(results)) / 2))
-    for ax, m in zip(axes, scorings):
+    for ax, m in zip(axes, scorings, strict=True):
         series = []
         for r in results:
             if m not in r.scorings:
@@ -117,7 +117,7 @@ def plot_pdr(results: list[EvalResult]) -> Plot | None:
     if not pert or not any(CLEAN in r.sets for r in results):
         return None
     fig, axes = _figure(len(scorings), max(7.0, 1.3 * len(pert) * max(1, len(results)) / 2), height=2.8)
-    for ax, m in zip(axes, scorings):
+    for ax, m in zip(axes, scorings, strict=True):
         series = []
         for r in results:
             if m not in r.scorings:
