@@ -100,8 +100,9 @@ TemplateChoice = Literal["classification"] | list[int] | dict[GlueTask, list[int
 class PairsSettings(_Section):
     tasks: list[GlueTask] = Field(default_factory=lambda: list(DEFAULT_TRAIN_TASKS), min_length=1)
     rows_per_task: int | dict[str, int] = Field(
-        default_factory=lambda: dict(DEFAULT_ROWS_PER_TASK), description="GLUE train rows drawn per task: one number for every task, or a mapping task -> rows "
-        "naming every task of pairs.tasks (e.g. more rows for the tasks a small budget can learn)")
+        default_factory=lambda: dict(DEFAULT_ROWS_PER_TASK),
+        description="GLUE train rows drawn per task: one number for every task, or a mapping task -> rows naming "
+        "every task of pairs.tasks (e.g. more rows for the tasks a small budget can learn)")
     templates: TemplateChoice = Field(
         "classification",
         description="'classification' = every FLAN template whose target is the answer; a list of template ids "
