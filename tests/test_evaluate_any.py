@@ -243,3 +243,32 @@ def test_malformed_inputs_are_refused_before_any_model_loads(project, tiny_llama
 def test_without_model_the_options_of_any_model_are_refused(project):
     res = runner.invoke(app, ["evaluate", *project["common"], "--out", str(project["tmp"] / "x")])
     assert res.exit_code == 2 and "--out / --cache-dir go with --model" in res.output
+
+
+def test_pipeline_base_evaluation_is_cached_per_protocol(tmp_path, tiny_llama_dir, monkeypatch):
+    """The pipeline's `base` unit reuses the result of an earlier run under the same protocol (a new training run
+    does not change the base), and recomputes when the protocol changes."""
+    import coin.evaluation.runner as runner_mod
+    from coin.config import Settings
+    from coin.layout import Layout
+    from coin.stages import stage_evaluate_unit
+
+    calls: list[str] = []
+    real = runner_mod.evaluate_model
+    monkeypatch.setattr(runner_mod, "evaluate_model", lambda *a, **k: calls.append(k["model_label"]) or real(*a, **k))
+
+    def settings(n: int) -> Settings:
+        return Settings.model_validate({
+            "paths": {"data_dir": str(ROOT / "data")}, "model": {"backbone": str(tiny_llama_dir), "device": "cpu"},
+            "evaluate": {"tasks": ["sst2"], "instruction_sets": ["clean"], "samples_per_task": n, "autocast": "off",
+                         "instruction_file": str(ROOT / "data" / "promptbench" / "coin_perturbed_instructions.json")}})
+
+    first = stage_evaluate_unit(settings(3), tmp_path, "base")
+    unit = Layout(tmp_path, settings(3)).eval_unit_dir("base")
+    before = (unit / "predictions.parquet").read_bytes()
+    (unit / "predictions.parquet").unlink()  # a new pipeline run (another workspace state): the unit is rewritten
+    second = stage_evaluate_unit(settings(3), tmp_path, "base")
+    assert calls == ["base"] and second["cached"] and "cached" not in first
+    assert (unit / "predictions.parquet").read_bytes() == before
+    stage_evaluate_unit(settings(2), tmp_path, "base")  # another protocol
+    assert calls == ["base", "base"]

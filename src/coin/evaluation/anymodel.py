@@ -352,12 +352,19 @@ def save_cached(cache_dir: Path, fingerprint: str, protocol: dict[str, Any], res
     from coin.evaluation.result import save_result
 
     entry = cache_entry(cache_dir, fingerprint, protocol)
-    tmp = entry.with_name(entry.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_result(result, tmp)
-    write_json(tmp / KEY_FILE, {"fingerprint": fingerprint, "protocol": protocol})
-    shutil.rmtree(entry, ignore_errors=True)
-    tmp.replace(entry)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))  # own name: concurrent writers are safe
+    try:
+        save_result(result, tmp)
+        write_json(tmp / KEY_FILE, {"fingerprint": fingerprint, "protocol": protocol})
+        shutil.rmtree(entry, ignore_errors=True)
+        try:
+            tmp.rename(entry)
+        except OSError:  # another process stored the same (fingerprint, protocol) meanwhile: keep its entry
+            if not (entry / KEY_FILE).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return entry
 
 
