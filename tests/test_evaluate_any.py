@@ -169,13 +169,20 @@ def test_registry_alias_version_and_run_uri_evaluate(project, tiny_llama_dir):
     assert all(p.parts[-2] == "evaluate" or "evaluate" in p.parts for p in new), new  # only the eval runs' artifacts
     # the training run was not reopened: its tags carry no evaluation
     assert "coin.eval.model_spec" not in mlflow.get_run(run.info.run_id).data.tags
+    # what the temp copy avoids: MLflow's download without a destination writes into the store itself
+    local = Path(mlflow.artifacts.download_artifacts("models:/tiny-coin/1"))
+    assert store in local.parents and (local / "registered_model_meta").is_file()
 
 
 def test_python_api_evaluates_a_base_path(project, tiny_llama_dir):
     from coin.evaluation import evaluate_models
+    from coin.evaluation.anymodel import sets_and_tasks_of
 
     out = project["tmp"] / "api"
-    settings = _settings(project, "evaluate.tasks=[sst2]", "evaluate.instruction_sets=[clean,mine]")
+    settings = sets_and_tasks_of(_settings(project), project["instr"])  # the file's sets, the tasks they cover
+    assert (settings.evaluate.instruction_sets, settings.evaluate.tasks) == (["clean", "mine"], ["sst2"])
+    kept = sets_and_tasks_of(_settings(project, "evaluate.instruction_sets=[clean]"), project["instr"], keep_sets=True)
+    assert (kept.evaluate.instruction_sets, kept.evaluate.tasks) == (["clean"], ["sst2"])
     run = evaluate_models([str(tiny_llama_dir)], settings, project["root"], out,
                           instruction_file=project["instr"], track=False)
     assert [t.kind for t in run.targets] == ["base"] and run.cached == [False] and run.run_ids == [""]

@@ -284,28 +284,6 @@ def _register_stage_commands() -> None:
 _register_stage_commands()
 
 
-def _from_instruction_file(settings: Settings, file: Path, overrides: list[str]) -> Settings:
-    """With ``--instructions`` and no ``--set evaluate.instruction_sets`` / ``evaluate.tasks``: the file's own sets,
-    and the configured tasks that every one of them covers (a user's file need not have the five PromptBench sets)."""
-    from coin.data.io import read_json
-
-    given = {o.split("=", 1)[0].strip() for o in overrides}
-    doc = read_json(file)  # DataError naming the file when it is missing or not JSON
-    perturbations = doc.get("perturbations") if isinstance(doc, dict) else None
-    if not isinstance(perturbations, dict) or not perturbations:
-        return settings  # the schema check names what is wrong
-    update: dict[str, Any] = {}
-    if "evaluate.instruction_sets" not in given:
-        update["instruction_sets"] = list(perturbations)
-    if "evaluate.tasks" not in given:
-        sets = update.get("instruction_sets", settings.evaluate.instruction_sets)
-        covered = [t for t in settings.evaluate.tasks
-                   if all(isinstance(perturbations.get(s), dict) and t in perturbations[s] for s in sets)]
-        if covered:
-            update["tasks"] = covered
-    return settings.model_copy(update={"evaluate": settings.evaluate.model_copy(update=update)}) if update else settings
-
-
 @app.command(name="evaluate")
 def evaluate(
     params: ParamsOpt = Path("params.yaml"),
@@ -332,13 +310,15 @@ def evaluate(
             overrides.append(f"evaluate.instruction_file={instructions.expanduser().resolve()}")
         _print(_run_stage("evaluate", params, overrides))
         return
-    from coin.evaluation.anymodel import evaluate_models
+    from coin.evaluation.anymodel import evaluate_models, sets_and_tasks_of
 
     _setup_logging()
     settings, root = _settings(params, overrides)
     if instructions is not None:
         instructions = instructions.expanduser().resolve()
-        settings = _from_instruction_file(settings, instructions, overrides)
+        given = {o.split("=", 1)[0].strip() for o in overrides}
+        settings = sets_and_tasks_of(settings, instructions, keep_sets="evaluate.instruction_sets" in given,
+                                     keep_tasks="evaluate.tasks" in given)
     out_dir = out.expanduser().resolve() if out is not None else root / settings.paths.out_dir / "evaluate-any"
     run = evaluate_models(model, settings, root, out_dir, instruction_file=instructions, cache_dir=cache_dir)
     _print({**run.summary(), "table": (out_dir / "table.md").read_text()})

@@ -312,6 +312,26 @@ def check_instructions(settings: Settings, root: Path) -> None:
     load_instruction_sets(root / settings.evaluate.instruction_file, settings.evaluate.instruction_sets, tasks)
 
 
+def sets_and_tasks_of(settings: Settings, file: Path, *, keep_sets: bool = False, keep_tasks: bool = False) -> Settings:
+    """``settings`` evaluating the instruction file's own sets (unless ``keep_sets``), on the configured tasks
+    that every one of them covers (unless ``keep_tasks``): a user's file need not have the five PromptBench sets.
+    ``coin evaluate --instructions`` applies it unless ``--set`` gives ``evaluate.instruction_sets`` / ``tasks``."""
+    doc = read_json(file)  # DataError naming the file when it is missing or not JSON
+    perturbations = doc.get("perturbations") if isinstance(doc, dict) else None
+    if not isinstance(perturbations, dict) or not perturbations:
+        return settings  # the schema check (check_instructions) names what is wrong
+    update: dict[str, Any] = {}
+    if not keep_sets:
+        update["instruction_sets"] = list(perturbations)
+    if not keep_tasks:
+        sets = update.get("instruction_sets", settings.evaluate.instruction_sets)
+        covered = [t for t in settings.evaluate.tasks
+                   if all(isinstance(perturbations.get(s), dict) and t in perturbations[s] for s in sets)]
+        if covered:
+            update["tasks"] = covered
+    return settings.model_copy(update={"evaluate": settings.evaluate.model_copy(update=update)}) if update else settings
+
+
 def protocol_of(settings: Settings, root: Path) -> dict[str, Any]:
     """What decides an evaluation's figures besides the model: the instruction file's content, sets, tasks and
     their validation data, sample size, seed, scoring, calibration, prompt format and numerics."""
