@@ -200,6 +200,7 @@ def test_python_api_evaluates_a_base_path(project, tiny_llama_dir):
     ("unknown-model", 4, ["models:/nope@champion", "no registered model 'nope'"]),
     ("unknown-alias", 4, ["models:/tiny-coin@champion", "has no alias 'champion'", "challenger"]),
     ("unknown-version", 4, ["models:/tiny-coin/7", "has no version 7"]),
+    ("unknown-run", 4, ["runs:/0123abcd/model", "no MLflow run '0123abcd'"]),
     ("instructions", 3, ["bad_instructions.json", "perturbations.clean.sst2[1]"]),
     ("duplicate-label", 2, ["label(s) ['x'] given twice"]),
     ("reserved-label", 2, ["'reference' is reserved"]),
@@ -231,7 +232,8 @@ def test_malformed_inputs_are_refused_before_any_model_loads(project, tiny_llama
     spec = {"scheme": ["s3://bucket/model"], "missing-dir": ["./no/such/adapter"], "neither": [str(empty)],
             "half-adapter": [str(half)], "not-cached-hf": ["some-org-xyz/not-a-model"],
             "unknown-model": ["models:/nope@champion"], "unknown-alias": ["models:/tiny-coin@champion"],
-            "unknown-version": ["models:/tiny-coin/7"], "instructions": [str(tiny_llama_dir)],
+            "unknown-version": ["models:/tiny-coin/7"], "unknown-run": ["runs:/0123abcd/model"],
+            "instructions": [str(tiny_llama_dir)],
             "duplicate-label": [f"x={tiny_llama_dir}", f"x={tiny_llama_dir}"],
             "reserved-label": [f"reference={tiny_llama_dir}"]}[case]
     if case == "instructions":

@@ -294,7 +294,8 @@ def evaluate(
         "Without it: the pipeline's evaluation (base if evaluate.include_base + every trained method)")] = None,
     instructions: Annotated[Optional[Path], typer.Option(
         help="an instruction file in the schema of data/promptbench/coin_perturbed_instructions.json "
-        "(default evaluate.instruction_file); its sets and the tasks they cover, unless --set says otherwise")] = None,
+        "(default evaluate.instruction_file); with --model, its own sets and the tasks they cover unless --set "
+        "gives evaluate.instruction_sets / evaluate.tasks")] = None,
     out: Annotated[Optional[Path], typer.Option(
         help="with --model: write the report, results and cache here (default outputs/evaluate-any/)")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(

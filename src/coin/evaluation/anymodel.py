@@ -172,7 +172,7 @@ def _resolve_registry(spec: str, scheme: str, settings: Settings, root: Path) ->
             client.get_run(run_id)
         except MlflowException:
             raise ModelUnavailable(f"--model {spec}: no MLflow run {run_id!r} in the tracking store "
-                                   f"({client._tracking_client.tracking_uri})") from None
+                                   "(tracking.uri)") from None
         if not client.list_artifacts(run_id, path):
             raise ModelUnavailable(f"--model {spec}: run {run_id} has no artifact {path!r}")
         return spec, _sha_text("run", run_id, path), {"run_id": run_id, "path": path}
