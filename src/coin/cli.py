@@ -37,6 +37,7 @@ from rich.markup import escape
 import coin  # noqa: F401  (sets the local-only environment first)
 from coin.config import ConfigError, Settings, load_settings
 from coin.data.io import DataError
+from coin.registry.errors import ModelUnavailable
 from coin.secrets import install_log_redaction, redact_text, seal_overrides, seal_text
 
 
@@ -61,10 +62,6 @@ EXIT_CODES_HELP = (
     "An error prints one or two lines naming the key, file or field at fault and the fix; "
     "--debug (or COIN_DEBUG=1) adds the traceback."
 )
-
-
-class ModelUnavailable(RuntimeError):
-    """A model the command needs cannot be loaded from the registry (exit code 4)."""
 
 
 def _loaded(module: str, name: str) -> type | None:
@@ -270,16 +267,62 @@ def _stage_command(name: str):
     return command
 
 
+_OWN_COMMANDS = ("evaluate",)  # stages whose command has options of its own (defined below)
+
+
 def _register_stage_commands() -> None:
     """One subcommand per stage of :mod:`coin.stages`; its help is the stage function's summary line."""
     from coin.stages import STAGES
 
     for name, fn in STAGES.items():
+        if name in _OWN_COMMANDS:
+            continue
         summary = (fn.__doc__ or name).strip().split("\n")[0].replace("``", "`")
         app.command(name=name, help=summary)(_stage_command(name))
 
 
 _register_stage_commands()
+
+
+@app.command(name="evaluate")
+def evaluate(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    model: Annotated[Optional[list[str]], typer.Option(
+        "--model", "-m", help="[LABEL=]SPEC, repeatable: models:/<name>@<alias>, models:/<name>/<version>, "
+        "runs:/<id>/<path>, an adapter directory (coin train), minilm, a HF model directory or cached name. "
+        "Without it: the pipeline's evaluation (base if evaluate.include_base + every trained method)")] = None,
+    instructions: Annotated[Optional[Path], typer.Option(
+        help="an instruction file in the schema of data/promptbench/coin_perturbed_instructions.json "
+        "(default evaluate.instruction_file); with --model, its own sets and the tasks they cover unless --set "
+        "gives evaluate.instruction_sets / evaluate.tasks")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="with --model: write the report, results and cache here (default outputs/evaluate-any/)")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(
+        help="with --model: results cached per (model fingerprint, protocol) (default <out>/cache)")] = None,
+) -> None:
+    """Robustness evaluation: the pipeline's models, or any models (--model) on any instruction file."""
+    overrides = list(set_ or [])
+    if not model:
+        if out is not None or cache_dir is not None:
+            raise ConfigError("--out / --cache-dir go with --model; the pipeline's evaluation writes under "
+                              "paths.out_dir (--set paths.out_dir=...)")
+        if instructions is not None:
+            overrides.append(f"evaluate.instruction_file={instructions.expanduser().resolve()}")
+        _print(_run_stage("evaluate", params, overrides))
+        return
+    from coin.evaluation.anymodel import evaluate_models, sets_and_tasks_of
+
+    _setup_logging()
+    settings, root = _settings(params, overrides)
+    if instructions is not None:
+        instructions = instructions.expanduser().resolve()
+        given = {o.split("=", 1)[0].strip() for o in overrides}
+        settings = sets_and_tasks_of(settings, instructions, keep_sets="evaluate.instruction_sets" in given,
+                                     keep_tasks="evaluate.tasks" in given)
+    out_dir = out.expanduser().resolve() if out is not None else root / settings.paths.out_dir / "evaluate-any"
+    run = evaluate_models(model, settings, root, out_dir, instruction_file=instructions, cache_dir=cache_dir)
+    _print({**run.summary(), "table": (out_dir / "table.md").read_text()})
 
 
 @app.command()

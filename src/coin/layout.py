@@ -61,5 +61,11 @@ class Layout:
         return self.eval_dir / "models" / label
 
     @property
+    def eval_cache_dir(self) -> Path:
+        """Evaluation results per (model fingerprint, protocol) (:mod:`coin.evaluation.anymodel`): the base model
+        is evaluated once per protocol, whatever the training runs."""
+        return self._out("cache", "evaluate")
+
+    @property
     def register_record(self) -> Path:
         return self._out("register", "registration.json")

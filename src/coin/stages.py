@@ -350,6 +350,11 @@ def stage_evaluate_unit(settings: Settings, root: Path, label: str) -> dict[str,
 
     lay = Layout(root, settings)
     if label == "base":
+        cached = _cached_base(settings, root)
+        if cached is not None:
+            save_result(cached, lay.eval_unit_dir(label))
+            return {"label": label, "wall_time_s": cached.wall_time_s, "dir": str(lay.eval_unit_dir(label)),
+                    "cached": True}
         backbone = load_backbone(settings.model.backbone, dtype=settings.model.dtype, device=settings.model.device,
                                  seed=settings.seed, attention=settings.model.attention,
                                  readout=settings.model.readout)
@@ -366,8 +371,37 @@ def stage_evaluate_unit(settings: Settings, root: Path, label: str) -> dict[str,
     result = evaluate_model(model, tokenizer, settings.evaluate, data_dir=settings.paths.data_dir,
                             seed=settings.seed, model_label=label, root=root, label_counts=counts)
     save_result(result, lay.eval_unit_dir(label))
+    if label == "base":
+        _cache_base(settings, root, result)
     log.info("evaluate[%s]: %.1f s, %.1f examples/s", label, result.wall_time_s, result.examples_per_s)
     return {"label": label, "wall_time_s": result.wall_time_s, "dir": str(lay.eval_unit_dir(label))}
+
+
+def _base_key(settings: Settings, root: Path) -> tuple[str, dict[str, Any]]:
+    """(fingerprint, protocol) of the untouched base model under ``settings``: the key of its cached result."""
+    from coin.evaluation.anymodel import protocol_of, resolve_target
+
+    backbone = settings.model.backbone  # a relative local path is the project's
+    spec = str(root / backbone) if backbone != "minilm" and (root / backbone).exists() else backbone
+    return resolve_target(f"base={spec}", settings, root).fingerprint, protocol_of(settings, root)
+
+
+def _cached_base(settings: Settings, root: Path) -> Any:
+    """The base model's result under the same protocol from an earlier run (any pipeline run), or None."""
+    from coin.evaluation.anymodel import load_cached
+
+    fingerprint, protocol = _base_key(settings, root)
+    result = load_cached(Layout(root, settings).eval_cache_dir, fingerprint, protocol, "base")
+    if result is not None:
+        log.info("evaluate[base]: cached (fingerprint %s, same protocol): not recomputed", fingerprint[:12])
+    return result
+
+
+def _cache_base(settings: Settings, root: Path, result: Any) -> None:
+    from coin.evaluation.anymodel import save_cached
+
+    fingerprint, protocol = _base_key(settings, root)
+    save_cached(Layout(root, settings).eval_cache_dir, fingerprint, protocol, result)
 
 
 def stage_evaluate_report(settings: Settings, root: Path) -> dict[str, Any]:

@@ -1,0 +1,496 @@
+"""Evaluate any model on any instruction file: ``coin evaluate --model SPEC`` and :func:`evaluate_models`.
+
+A model spec (``--model [LABEL=]SPEC``, repeatable) is one of
+
+- a registry URI: ``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``runs:/<run id>/<path>`` (a pyfunc
+  logged by ``coin register``); its artifacts are downloaded read-only into a temporary directory, so the
+  store's artifact folder is never written to (MLflow writes its ``registered_model_meta`` file into that copy);
+- an adapter directory written by ``coin train`` (``coin_model.json`` + adapter weights);
+- a base model: ``minilm`` (the embedded checkpoint), a local Hugging Face model directory (``config.json``) or
+  the name of a Hugging Face causal LM in the local cache (nothing is downloaded).
+
+Every spec is resolved and checked (:func:`resolve_targets`), and the instruction file read against the schema,
+before any model is loaded; a bad one raises an error naming it (:class:`~coin.config.ConfigError`,
+:class:`~coin.data.io.DataError`, :class:`~coin.registry.errors.ModelUnavailable`).
+
+Results are cached per (model fingerprint, protocol) under ``cache_dir``: the fingerprint of an adapter is the
+hash of its weight files and ``coin_model.json``, of a base model its reference, the settings it is loaded with and
+(when local) the hash of its files, of a registry URI the resolved version's run id and source. The protocol is
+everything that decides the figures (:func:`protocol_of`). Each evaluation is its own MLflow run, tagged with both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from coin.config import ConfigError, Settings
+from coin.data.io import DataError, read_json, write_json
+
+log = logging.getLogger("coin")
+
+URI_SCHEMES = ("models", "runs")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]*$")
+_WEIGHTS = ("*.safetensors", "*.bin")
+_BASE_FILES = ("config.json", "*.safetensors", "*.bin", "tokenizer*.json", "vocab.txt", "*.model")
+ADAPTER_FILES = ("coin_model.json", "adapter_config.json", *_WEIGHTS)
+KEY_FILE = "cache_key.json"
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    """One model to evaluate, resolved and checked; nothing loaded yet."""
+
+    label: str
+    spec: str            # as the user gave it
+    kind: str            # registry | adapter | base
+    location: str        # the resolved registry URI (models:/<name>/<version> or runs:/...), adapter dir, or backbone
+    fingerprint: str     # sha256 of what decides the model's outputs
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvaluationRun:
+    """What :func:`evaluate_models` did: per model its result, whether it came from the cache, its MLflow run."""
+
+    targets: list[ModelTarget]
+    results: list[Any]                     # EvalResult, in the order of targets
+    cached: list[bool]
+    run_ids: list[str]
+    protocol: dict[str, Any]
+    paths: dict[str, Path]                 # the combined report's files (write_eval_outputs)
+    out_dir: Path
+
+    def summary(self) -> dict[str, Any]:
+        return {"out_dir": str(self.out_dir), "protocol": self.protocol,
+                "models": [{"label": t.label, "spec": t.spec, "kind": t.kind, "fingerprint": t.fingerprint[:16],
+                            "cached": c, "mlflow_run_id": r,
+                            **{k: r_.metrics_nested()["summary"].get(k) for k in ("clean_acc", "perturbed_acc")}}
+                           for t, r_, c, r in zip(self.targets, self.results, self.cached, self.run_ids, strict=True)],
+                "paths": {k: str(v) for k, v in self.paths.items()}}
+
+
+# --------------------------------------------------------------------------- specs
+
+
+def split_label(arg: str) -> tuple[str | None, str]:
+    """``"mine=models:/x@y"`` -> ``("mine", "models:/x@y")``; no label -> ``(None, arg)``."""
+    head, sep, tail = arg.partition("=")
+    if sep and tail and _LABEL.match(head):
+        return head, tail
+    return None, arg
+
+
+def _sha_files(files: list[Path], root: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(str(f.relative_to(root)).encode() + b"\0")
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _files(directory: Path, patterns: tuple[str, ...]) -> list[Path]:
+    return sorted({p for pat in patterns for p in directory.glob(pat) if p.is_file()})
+
+
+def _sha_text(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def adapter_fingerprint(adapter_dir: Path) -> str:
+    """Hash of the adapter's weight files, ``adapter_config.json`` and ``coin_model.json``."""
+    return _sha_text("adapter", _sha_files(_files(adapter_dir, ADAPTER_FILES), adapter_dir))
+
+
+def _hf_cached_dir(name: str) -> Path | None:
+    """The local snapshot of Hugging Face model ``name`` (offline: the cache only), or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json")
+    except Exception:  # noqa: BLE001 -- an invalid repo id is simply not a cached model
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _base_dir(reference: str) -> Path | None:
+    """Where the files of base ``reference`` are: the embedded MiniLM, a local directory, or the HF cache."""
+    if reference == "minilm":
+        from coin.modeling.backbone import embedded_minilm_path
+
+        return embedded_minilm_path()
+    p = Path(reference).expanduser()
+    if p.is_dir():
+        return p
+    return _hf_cached_dir(reference)
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", ".", "~")) or spec.endswith("/") or spec.count("/") > 1 or "\\" in spec
+
+
+def _label_of(kind: str, spec: str, details: dict[str, Any]) -> str:
+    if kind == "registry":
+        if "alias" in details:
+            raw = f"{details['name']}@{details['alias']}"
+        elif "version" in details:
+            raw = f"{details['name']}-v{details['version']}"
+        else:
+            raw = f"run-{details['run_id'][:8]}"
+    else:
+        p = Path(spec.rstrip("/"))
+        raw = p.parent.name if p.name == "adapter" and p.parent.name else p.name
+    return re.sub(r"[^A-Za-z0-9_.@+-]", "-", raw).strip("-.") or kind
+
+
+def _resolve_registry(spec: str, scheme: str, settings: Settings, root: Path) -> tuple[str, str, dict[str, Any]]:
+    """``(resolved uri, fingerprint, details)`` of a ``models:/`` or ``runs:/`` URI; the store is asked only."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from coin.registry.errors import ModelUnavailable
+    from coin.registry.tracking import setup_tracking
+
+    setup_tracking(settings, root)
+    client = MlflowClient()
+    rest = spec[len(scheme) + 2:]
+    if scheme == "runs":
+        run_id, _, path = rest.partition("/")
+        if not run_id or not path:
+            raise ConfigError(f"--model {spec}: a run URI is runs:/<run id>/<artifact path>, e.g. runs:/abc123/model")
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            raise ModelUnavailable(f"--model {spec}: no MLflow run {run_id!r} in the tracking store "
+                                   "(tracking.uri)") from None
+        if not client.list_artifacts(run_id, path):
+            raise ModelUnavailable(f"--model {spec}: run {run_id} has no artifact {path!r}")
+        return spec, _sha_text("run", run_id, path), {"run_id": run_id, "path": path}
+    name, at, alias = rest.partition("@")
+    version = None
+    if not at:
+        name, _, version = rest.partition("/")
+        if not version or not version.isdigit():
+            raise ConfigError(f"--model {spec}: a registry URI is models:/<name>@<alias> or models:/<name>/<version>")
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        known = sorted(m.name for m in client.search_registered_models())
+        raise ModelUnavailable(f"--model {spec}: no registered model {name!r} (registered: "
+                               f"{', '.join(known) or 'none'}); `coin register` registers one") from None
+    try:
+        mv = client.get_model_version_by_alias(name, alias) if at else client.get_model_version(name, str(version))
+    except MlflowException:
+        rm = client.get_registered_model(name)
+        if at:
+            have = ", ".join(sorted(rm.aliases)) or "none"
+            raise ModelUnavailable(f"--model {spec}: registered model {name!r} has no alias {alias!r} "
+                                   f"(its aliases: {have})") from None
+        have = ", ".join(str(v.version) for v in client.search_model_versions(f"name = '{name}'")) or "none"
+        raise ModelUnavailable(f"--model {spec}: registered model {name!r} has no version {version} "
+                               f"(its versions: {have})") from None
+    details = {"name": name, "version": str(mv.version), "run_id": mv.run_id, "source": mv.source}
+    if at:
+        details["alias"] = alias
+    return f"models:/{name}/{mv.version}", _sha_text("registry", mv.run_id, mv.source), details
+
+
+def _base_fingerprint(reference: str, directory: Path | None, settings: Settings) -> str:
+    """A base model's outputs depend on its files and on how it is loaded (attention, readout, dtype and the
+    seed of the weights a checkpoint lacks, e.g. MiniLM's LM-head transform)."""
+    m = settings.model
+    files = _sha_files(_files(directory, _BASE_FILES), directory) if directory is not None else None
+    return _sha_text("base", reference, files, m.attention, m.readout, m.dtype, settings.seed)
+
+
+def resolve_target(arg: str, settings: Settings, root: Path) -> ModelTarget:
+    """Resolve and check one ``--model [LABEL=]SPEC``; loads no model."""
+    from coin.registry.errors import ModelUnavailable
+
+    label, spec = split_label(arg.strip())
+    if not spec:
+        raise ConfigError("--model: empty model spec; give a registry URI, an adapter directory or a base model")
+    details: dict[str, Any] = {}
+    scheme = _SCHEME.match(spec)
+    if scheme:
+        if scheme.group(1) not in URI_SCHEMES:
+            raise ConfigError(f"--model {spec}: unknown URI scheme {scheme.group(1)!r}; use models:/<name>@<alias>, "
+                              "models:/<name>/<version>, runs:/<run id>/<path>, an adapter directory or a base model")
+        kind = "registry"
+        location, fingerprint, details = _resolve_registry(spec, scheme.group(1), settings, root)
+    elif spec == "minilm":
+        kind, location = "base", "minilm"
+        fingerprint = _base_fingerprint(spec, _base_dir(spec), settings)
+    else:
+        path = Path(spec).expanduser()
+        if path.exists():
+            location = str(path.resolve())
+            kind, fingerprint = _check_directory(spec, path, settings)
+        elif _looks_like_path(spec):
+            raise DataError(f"--model {spec}: no such directory ({path.resolve()}); give an adapter directory "
+                            "(coin train writes outputs/train/<method>/adapter), a model directory or a registry URI")
+        else:
+            cached = _hf_cached_dir(spec)
+            if cached is None:
+                raise ModelUnavailable(
+                    f"--model {spec}: not a directory, not 'minilm', not a registry URI, and not a Hugging Face model "
+                    "in the local cache (nothing is downloaded: Hugging Face runs offline)")
+            kind, location = "base", spec
+            fingerprint = _base_fingerprint(spec, cached, settings)
+    label = label or _label_of(kind, spec, details)
+    from coin.evaluation.metrics import REFERENCE_KEY
+
+    if label == REFERENCE_KEY:
+        raise ConfigError(f"--model {arg}: the label {REFERENCE_KEY!r} is reserved; give another: --model LABEL=SPEC")
+    return ModelTarget(label=label, spec=spec, kind=kind, location=location, fingerprint=fingerprint, details=details)
+
+
+def _check_directory(spec: str, path: Path, settings: Settings) -> tuple[str, str]:
+    """``(kind, fingerprint)`` of an existing path: a CoIN adapter or a Hugging Face model directory."""
+    from coin.modeling.adapter import META_FILE, read_meta
+
+    if not path.is_dir():
+        raise DataError(f"--model {spec}: {path} is a file; give an adapter or model directory")
+    if (path / META_FILE).is_file():
+        if not (path / "adapter_config.json").is_file() or not _files(path, _WEIGHTS):
+            raise DataError(f"--model {spec}: {path} has {META_FILE} but no adapter_config.json and adapter weights "
+                            "(*.safetensors); it is not a complete adapter: rerun `coin train`")
+        meta = read_meta(path)
+        if not isinstance(meta, dict) or not meta.get("base"):
+            raise DataError(f"--model {spec}: {path / META_FILE}: no 'base' key naming the base model")
+        if _base_dir(str(meta["base"])) is None:
+            raise DataError(f"--model {spec}: its base model {meta['base']!r} ({path / META_FILE}) is neither "
+                            "'minilm', a local directory, nor a Hugging Face model in the local cache")
+        return "adapter", adapter_fingerprint(path)
+    if (path / "config.json").is_file():
+        return "base", _base_fingerprint(str(path.resolve()), path, settings)
+    raise DataError(f"--model {spec}: {path} is neither a CoIN adapter (no {META_FILE}) nor a Hugging Face model "
+                    "directory (no config.json)")
+
+
+def resolve_targets(args: list[str], settings: Settings, root: Path) -> list[ModelTarget]:
+    """Every ``--model`` resolved and checked, labels unique; loads no model."""
+    if not args:
+        raise ConfigError("--model: give at least one model to evaluate")
+    targets = [resolve_target(a, settings, root) for a in args]
+    labels = [t.label for t in targets]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ConfigError(f"--model: label(s) {dup} given twice; name each model: --model LABEL=SPEC")
+    return targets
+
+
+# --------------------------------------------------------------------------- protocol and cache
+
+
+def evaluable_tasks(settings: Settings, root: Path) -> list[str]:
+    """The configured tasks that have validation data (the runner skips the others, e.g. qqp)."""
+    from coin.data.tasks import validation_files
+
+    data_dir = root / settings.paths.data_dir
+    return [t for t in settings.evaluate.tasks if validation_files(data_dir, t)[0]]
+
+
+def check_instructions(settings: Settings, root: Path) -> None:
+    """Read the instruction file against the schema for the configured sets and evaluable tasks (DataError)."""
+    from coin.evaluation.instructions import load_instruction_sets
+
+    tasks = evaluable_tasks(settings, root)
+    if not tasks:
+        raise DataError(f"{root / settings.paths.data_dir}: no validation data for any of evaluate.tasks "
+                        f"{settings.evaluate.tasks}")
+    load_instruction_sets(root / settings.evaluate.instruction_file, settings.evaluate.instruction_sets, tasks)
+
+
+def sets_and_tasks_of(settings: Settings, file: Path, *, keep_sets: bool = False, keep_tasks: bool = False) -> Settings:
+    """``settings`` evaluating the instruction file's own sets (unless ``keep_sets``), on the configured tasks
+    that every one of them covers (unless ``keep_tasks``): a user's file need not have the five PromptBench sets.
+    ``coin evaluate --instructions`` applies it unless ``--set`` gives ``evaluate.instruction_sets`` / ``tasks``."""
+    doc = read_json(file)  # DataError naming the file when it is missing or not JSON
+    perturbations = doc.get("perturbations") if isinstance(doc, dict) else None
+    if not isinstance(perturbations, dict) or not perturbations:
+        return settings  # the schema check (check_instructions) names what is wrong
+    update: dict[str, Any] = {}
+    if not keep_sets:
+        update["instruction_sets"] = list(perturbations)
+    if not keep_tasks:
+        sets = update.get("instruction_sets", settings.evaluate.instruction_sets)
+        covered = [t for t in settings.evaluate.tasks
+                   if all(isinstance(perturbations.get(s), dict) and t in perturbations[s] for s in sets)]
+        if covered:
+            update["tasks"] = covered
+    return settings.model_copy(update={"evaluate": settings.evaluate.model_copy(update=update)}) if update else settings
+
+
+def protocol_of(settings: Settings, root: Path) -> dict[str, Any]:
+    """What decides an evaluation's figures besides the model: the instruction file's content, sets, tasks and
+    their validation data, sample size, seed, scoring, calibration, prompt format and numerics."""
+    from coin.data.tasks import validation_files
+
+    ev = settings.evaluate
+    data_dir = root / settings.paths.data_dir
+    data_files = [f for t in ev.tasks for f in validation_files(data_dir, t)[0]]
+    return {
+        "instruction_sha256": hashlib.sha256((root / ev.instruction_file).read_bytes()).hexdigest(),
+        "instruction_sets": list(ev.instruction_sets), "tasks": list(ev.tasks),
+        "samples_per_task": ev.samples_per_task, "seed": settings.seed, "scoring": list(ev.scoring),
+        "calibration": ev.calibration, "prompt_format": ev.prompt_format, "length_normalise": ev.length_normalise,
+        "max_new_tokens": ev.max_new_tokens, "autocast": ev.autocast,
+        "data_sha256": _sha_files(data_files, data_dir) if data_files else None,
+    }
+
+
+def cache_entry(cache_dir: Path, fingerprint: str, protocol: dict[str, Any]) -> Path:
+    return Path(cache_dir) / f"{fingerprint[:20]}-{_sha_text(protocol)[:20]}"
+
+
+def load_cached(cache_dir: Path, fingerprint: str, protocol: dict[str, Any], label: str) -> Any | None:
+    """The saved result of (fingerprint, protocol), relabelled ``label``; None when there is none (or a partial one)."""
+    from coin.evaluation.result import RESULT_FILE, load_result
+
+    entry = cache_entry(cache_dir, fingerprint, protocol)
+    key = entry / KEY_FILE
+    if not (entry / RESULT_FILE).is_file() or not key.is_file():
+        return None
+    if read_json(key) != json.loads(json.dumps({"fingerprint": fingerprint, "protocol": protocol})):
+        return None
+    result = load_result(entry)
+    return replace(result, model_label=label, predictions=result.predictions.assign(model=label))
+
+
+def save_cached(cache_dir: Path, fingerprint: str, protocol: dict[str, Any], result: Any) -> Path:
+    from coin.evaluation.result import save_result
+
+    entry = cache_entry(cache_dir, fingerprint, protocol)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))  # own name: concurrent writers are safe
+    try:
+        save_result(result, tmp)
+        write_json(tmp / KEY_FILE, {"fingerprint": fingerprint, "protocol": protocol})
+        shutil.rmtree(entry, ignore_errors=True)
+        try:
+            tmp.rename(entry)
+        except OSError:  # another process stored the same (fingerprint, protocol) meanwhile: keep its entry
+            if not (entry / KEY_FILE).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return entry
+
+
+# --------------------------------------------------------------------------- loading and scoring
+
+
+def load_target(target: ModelTarget, settings: Settings):
+    """``(model, tokenizer, label_counts)`` of a resolved target, in eval mode."""
+    from coin.modeling.adapter import load_trained
+    from coin.modeling.backbone import load_backbone
+
+    m = settings.model
+    if target.kind == "base":
+        bb = load_backbone(target.location, dtype=m.dtype, device=m.device, seed=settings.seed,
+                           attention=m.attention, readout=m.readout)
+        bb.model.eval()
+        return bb.model, bb.tokenizer, None  # no training rows: a uniform prior
+    if target.kind == "adapter":
+        model, tok, meta = load_trained(Path(target.location), device=m.device)
+        return model, tok, meta.get("label_counts")
+    import mlflow
+
+    from coin.modeling.adapter import META_FILE
+    from coin.registry.errors import ModelUnavailable
+
+    # a read-only copy: download_artifacts into our own temp dir never writes into the store's artifact folder
+    with tempfile.TemporaryDirectory(prefix="coin-eval-model-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=target.location, dst_path=tmp))
+        metas = sorted(local.rglob(META_FILE))
+        if not metas:
+            raise ModelUnavailable(f"--model {target.spec}: {target.location} holds no {META_FILE}; it is not a "
+                                   "model logged by `coin register`")
+        model, tok, meta = load_trained(metas[0].parent, device=m.device)  # weights are in memory after this
+    return model, tok, meta.get("label_counts")
+
+
+def _tags(target: ModelTarget, protocol: dict[str, Any], cached: bool) -> dict[str, str]:
+    tags = {"coin.stage": "evaluate", "coin.eval.model_label": target.label, "coin.eval.model_spec": target.spec,
+            "coin.eval.model_kind": target.kind, "coin.eval.model_location": target.location,
+            "coin.eval.model_fingerprint": target.fingerprint, "coin.eval.cached": str(cached).lower()}
+    tags.update({f"coin.eval.protocol.{k}": json.dumps(v) if isinstance(v, list) else str(v)
+                 for k, v in protocol.items()})
+    tags.update({f"coin.eval.registry.{k}": str(v) for k, v in target.details.items()})
+    return tags
+
+
+def _log_run(target: ModelTarget, protocol: dict[str, Any], cached: bool, result: Any, unit_dir: Path,
+             settings: Settings, root: Path) -> str:
+    """One new MLflow run per evaluation (never a training run reopened): tags, headline metrics, the result."""
+    import mlflow
+
+    from coin.registry.tracking import setup_tracking
+
+    setup_tracking(settings, root)
+    summary = result.metrics_nested().get("summary", {})
+    with mlflow.start_run(run_name=f"evaluate-{target.label}", nested=mlflow.active_run() is not None,
+                          tags=_tags(target, protocol, cached)) as run:
+        mlflow.log_metrics({f"eval/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))})
+        mlflow.log_artifacts(str(unit_dir), artifact_path="evaluate")
+    return run.info.run_id
+
+
+def evaluate_models(models: list[str], settings: Settings, root: Path, out_dir: Path, *,
+                    instruction_file: str | Path | None = None, cache_dir: Path | None = None,
+                    track: bool = True) -> EvaluationRun:
+    """Evaluate each of ``models`` (``[LABEL=]SPEC`` strings) under ``settings.evaluate`` and write the combined
+    report, each model's result (``models/<label>/``) and ``evaluation.json`` under ``out_dir``.
+
+    ``instruction_file`` replaces ``evaluate.instruction_file``. Every spec and the instruction file are checked
+    before any model is loaded. A model already evaluated under the same protocol (same fingerprint) is read
+    from ``cache_dir`` (default ``out_dir/cache``). With ``track``, each model's evaluation is a new MLflow run.
+    """
+    from coin.evaluation.report import write_eval_outputs
+    from coin.evaluation.result import save_result
+    from coin.evaluation.runner import evaluate_model
+
+    root, out_dir = Path(root).resolve(), Path(out_dir).resolve()
+    if instruction_file is not None:
+        settings = settings.model_copy(update={"evaluate": settings.evaluate.model_copy(
+            update={"instruction_file": str(Path(instruction_file).expanduser().resolve())})})
+    check_instructions(settings, root)                  # DataError naming the file, set, task and field
+    targets = resolve_targets(list(models), settings, root)
+    protocol = protocol_of(settings, root)
+    cache_dir = Path(cache_dir).resolve() if cache_dir is not None else out_dir / "cache"
+    results, cached, run_ids = [], [], []
+    for target in targets:
+        result = load_cached(cache_dir, target.fingerprint, protocol, target.label)
+        hit = result is not None
+        if result is not None:
+            log.info("evaluate[%s]: cached (%s, fingerprint %s): not recomputed", target.label,
+                     cache_entry(cache_dir, target.fingerprint, protocol), target.fingerprint[:12])
+        else:
+            model, tok, counts = load_target(target, settings)
+            result = evaluate_model(model, tok, settings.evaluate, data_dir=settings.paths.data_dir,
+                                    seed=settings.seed, model_label=target.label, root=root, label_counts=counts)
+            del model
+            save_cached(cache_dir, target.fingerprint, protocol, result)
+            log.info("evaluate[%s]: %.1f s, %.1f examples/s", target.label, result.wall_time_s, result.examples_per_s)
+        unit_dir = save_result(result, out_dir / "models" / target.label)
+        write_json(unit_dir / "model.json", {"label": target.label, "spec": target.spec, "kind": target.kind,
+                                             "location": target.location, "fingerprint": target.fingerprint,
+                                             "details": target.details, "cached": hit})
+        results.append(result)
+        cached.append(hit)
+        run_ids.append(_log_run(target, protocol, hit, result, unit_dir, settings, root) if track else "")
+    paths = write_eval_outputs(results, out_dir)
+    run = EvaluationRun(targets, results, cached, run_ids, protocol, paths, out_dir)
+    write_json(out_dir / "evaluation.json", run.summary())
+    return run

@@ -1,0 +1,283 @@
+"""``coin evaluate --model SPEC --instructions FILE --out DIR`` (and ``coin.evaluation.evaluate_models``): any model
+(adapter directory, base model, registry alias / version / run URI) on a user's own instruction file, cached per
+(model fingerprint, protocol), one MLflow run per evaluation, malformed inputs refused before any model loads."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from coin.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+DOC = {"perturbations": {"clean": {"sst2": ["Is this review positive or negative? ", "Sentiment: "]},
+                         "mine": {"sst2": ["Positve or negatve?? "]}}}
+
+
+@pytest.fixture()
+def project(tmp_path: Path) -> dict:
+    """A checkout-like root (params.yaml, data from the repo, its own mlruns/), a tiny instruction file."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    params = root / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    instr = tmp_path / "my_instructions.json"
+    instr.write_text(json.dumps(DOC))
+    common = ["--params", str(params), "--set", f"paths.data_dir={ROOT / 'data'}", "--set", "model.device=cpu",
+              "--set", "evaluate.samples_per_task=3", "--set", "evaluate.autocast='off'",
+              "--set", "evaluate.batch_size=8"]
+    return {"root": root, "params": params, "instr": instr, "common": common, "tmp": tmp_path}
+
+
+def _settings(project: dict, *more: str):
+    from coin.config import load_settings
+
+    return load_settings(project["params"], [c for c in project["common"][2:] if c != "--set"] + list(more),
+                         check_project=False)
+
+
+def _adapter(tiny_llama_dir: Path, out: Path) -> Path:
+    import torch
+
+    from coin.config import LoraSettings
+    from coin.modeling.adapter import write_meta
+    from coin.modeling.backbone import load_backbone
+    from coin.modeling.lora import apply_lora
+
+    bb = load_backbone(str(tiny_llama_dir), seed=0)
+    model = apply_lora(bb, LoraSettings(r=4, alpha=8))
+    with torch.no_grad():  # a non-trivial adapter: loading it must matter
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05)
+    adapter = out / "coin" / "adapter"
+    model.save_pretrained(str(adapter))
+    bb.tokenizer.save_pretrained(str(adapter))
+    write_meta(adapter, {"base": str(tiny_llama_dir), "dtype": "float32", "seed": 0, "method": "coin",
+                         "prompt_format": "train", "append_eos": True, "label_counts": {"sst2": [3, 1]}})
+    return adapter
+
+
+def _evaluate(project: dict, *args: str):
+    return runner.invoke(app, ["evaluate", *project["common"], "--instructions", str(project["instr"]), *args])
+
+
+def _summary(res) -> dict:
+    text = res.stdout
+    return json.loads(text[: text.index("\n}\n") + 2])
+
+
+def _runs(project: dict) -> list:
+    import mlflow
+
+    from coin.registry.tracking import setup_tracking
+
+    setup_tracking(_settings(project), project["root"])
+    return mlflow.search_runs(search_all_experiments=True, filter_string="tags.`coin.stage` = 'evaluate'",
+                              output_format="list")
+
+
+def test_adapter_and_base_evaluate_on_own_instructions_then_rerun_is_cached(project, tiny_llama_dir, monkeypatch,
+                                                                            caplog):
+    import coin.evaluation.runner as runner_mod
+
+    adapter = _adapter(tiny_llama_dir, project["tmp"] / "train")
+    out = project["tmp"] / "report"
+    calls: list[str] = []
+    real = runner_mod.evaluate_model
+    monkeypatch.setattr(runner_mod, "evaluate_model", lambda *a, **k: calls.append(k["model_label"]) or real(*a, **k))
+
+    res = _evaluate(project, "--model", str(adapter), "--model", f"tiny={tiny_llama_dir}", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    first = _summary(res)
+    assert [(m["label"], m["kind"], m["cached"]) for m in first["models"]] == [
+        ("coin", "adapter", False), ("tiny", "base", False)]
+    assert calls == ["coin", "tiny"]
+    # the file's own sets and the tasks they cover; everything under --out, the checkout's outputs/ untouched
+    assert first["protocol"]["instruction_sets"] == ["clean", "mine"] and first["protocol"]["tasks"] == ["sst2"]
+    assert not (project["root"] / "outputs").exists()
+    for f in ("metrics.json", "table.md", "report.html", "evaluation.json", "models/coin/result.json",
+              "models/tiny/model.json"):
+        assert (out / f).is_file(), f
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"coin", "tiny"} <= set(metrics)
+    preds = json.loads((out / "models" / "coin" / "result.json").read_text())
+    assert preds["settings"]["label_counts"] == {"sst2": [3, 1]}  # the adapter's own prior (calibration)
+
+    # an unchanged model on the same protocol: loaded from the cache, not recomputed
+    caplog.set_level(logging.INFO, logger="coin")
+    again = _evaluate(project, "--model", str(adapter), "--model", f"tiny={tiny_llama_dir}", "--out", str(out))
+    assert again.exit_code == 0, again.output
+    assert calls == ["coin", "tiny"]
+    assert [m["cached"] for m in _summary(again)["models"]] == [True, True]
+    assert any("evaluate[coin]: cached" in r.getMessage() for r in caplog.records)
+    assert json.loads((out / "metrics.json").read_text())["coin"] == metrics["coin"]
+
+    # another protocol (sample size) is another cache entry: computed again
+    other = _evaluate(project, "--model", str(adapter), "--out", str(out), "--set", "evaluate.samples_per_task=2")
+    assert other.exit_code == 0, other.output and calls == ["coin", "tiny", "coin"]
+
+    # each evaluation is its own MLflow run, tagged with the model and the protocol
+    runs = _runs(project)
+    assert len(runs) == 5 and len({r.info.run_id for r in runs}) == 5
+    tags = [r.data.tags for r in runs if r.data.tags["coin.eval.model_label"] == "coin"]
+    assert sorted(t["coin.eval.cached"] for t in tags) == ["false", "false", "true"]
+    t = tags[0]
+    assert t["coin.eval.model_kind"] == "adapter" and len(t["coin.eval.model_fingerprint"]) == 64
+    assert json.loads(t["coin.eval.protocol.instruction_sets"]) == ["clean", "mine"]
+    assert {"coin.eval.protocol.instruction_sha256", "coin.eval.protocol.seed", "coin.eval.protocol.scoring",
+            "coin.eval.protocol.calibration", "coin.eval.protocol.samples_per_task"} <= set(t)
+    assert not any(r.info.run_name.startswith("train-") for r in runs)
+
+
+def test_registry_alias_version_and_run_uri_evaluate(project, tiny_llama_dir):
+    import mlflow
+
+    from coin.registry.register import log_candidate
+    from coin.registry.tracking import setup_tracking
+
+    adapter = _adapter(tiny_llama_dir, project["tmp"] / "train")
+    setup_tracking(_settings(project), project["root"])
+    with mlflow.start_run(run_name="train-coin") as run:
+        pass
+    log_candidate(adapter, run.info.run_id, "tiny-coin")  # version 1, alias challenger
+    store = project["root"] / "mlruns"
+    before = sorted(p.relative_to(store) for p in store.rglob("*") if p.is_file() and p.suffix != ".db")
+
+    out = project["tmp"] / "reg"
+    res = _evaluate(project, "--model", "models:/tiny-coin@challenger", "--model", "models:/tiny-coin/1",
+                    "--model", f"byrun=runs:/{run.info.run_id}/model", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    models = _summary(res)["models"]
+    assert [m["label"] for m in models] == ["tiny-coin@challenger", "tiny-coin-v1", "byrun"]
+    # alias and version name the same registered version: one fingerprint, so the second is served by the cache
+    assert [m["cached"] for m in models] == [False, True, False]
+    assert models[0]["fingerprint"] == models[1]["fingerprint"]
+    assert (out / "models" / "tiny-coin@challenger" / "result.json").is_file()
+    assert not (project["root"] / "outputs").exists()
+    # the model was read from a temporary copy: no registered_model_meta (nor anything else) in the store
+    after = sorted(p.relative_to(store) for p in store.rglob("*") if p.is_file() and p.suffix != ".db")
+    new = [p for p in after if p not in before]
+    assert not any("registered_model_meta" in str(p) for p in after)
+    assert all(p.parts[-2] == "evaluate" or "evaluate" in p.parts for p in new), new  # only the eval runs' artifacts
+    # the training run was not reopened: its tags carry no evaluation
+    assert "coin.eval.model_spec" not in mlflow.get_run(run.info.run_id).data.tags
+    # what the temp copy avoids: MLflow's download without a destination writes into the store itself
+    local = Path(mlflow.artifacts.download_artifacts("models:/tiny-coin/1"))
+    assert store in local.parents and (local / "registered_model_meta").is_file()
+
+
+def test_python_api_evaluates_a_base_path(project, tiny_llama_dir):
+    from coin.evaluation import evaluate_models
+    from coin.evaluation.anymodel import sets_and_tasks_of
+
+    out = project["tmp"] / "api"
+    settings = sets_and_tasks_of(_settings(project), project["instr"])  # the file's sets, the tasks they cover
+    assert (settings.evaluate.instruction_sets, settings.evaluate.tasks) == (["clean", "mine"], ["sst2"])
+    kept = sets_and_tasks_of(_settings(project, "evaluate.instruction_sets=[clean]"), project["instr"], keep_sets=True)
+    assert (kept.evaluate.instruction_sets, kept.evaluate.tasks) == (["clean"], ["sst2"])
+    run = evaluate_models([str(tiny_llama_dir)], settings, project["root"], out,
+                          instruction_file=project["instr"], track=False)
+    assert [t.kind for t in run.targets] == ["base"] and run.cached == [False] and run.run_ids == [""]
+    assert run.results[0].model_label == tiny_llama_dir.name and (out / "metrics.json").is_file()
+    assert evaluate_models([str(tiny_llama_dir)], settings, project["root"], out,
+                           instruction_file=project["instr"], track=False).cached == [True]
+
+
+@pytest.mark.parametrize("case,code,expect", [
+    ("scheme", 2, ["s3://bucket/model", "unknown URI scheme 's3'"]),
+    ("missing-dir", 3, ["./no/such/adapter", "no such directory"]),
+    ("neither", 3, ["neither a CoIN adapter", "nor a Hugging Face model"]),
+    ("half-adapter", 3, ["coin_model.json but no adapter_config.json"]),
+    ("not-cached-hf", 4, ["some-org-xyz/not-a-model", "not a Hugging Face model in the local cache"]),
+    ("unknown-model", 4, ["models:/nope@champion", "no registered model 'nope'"]),
+    ("unknown-alias", 4, ["models:/tiny-coin@champion", "has no alias 'champion'", "challenger"]),
+    ("unknown-version", 4, ["models:/tiny-coin/7", "has no version 7"]),
+    ("unknown-run", 4, ["runs:/0123abcd/model", "no MLflow run '0123abcd'"]),
+    ("instructions", 3, ["bad_instructions.json", "perturbations.clean.sst2[1]"]),
+    ("duplicate-label", 2, ["label(s) ['x'] given twice"]),
+    ("reserved-label", 2, ["'reference' is reserved"]),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_malformed_inputs_are_refused_before_any_model_loads(project, tiny_llama_dir, monkeypatch, case, code,
+                                                             expect):
+    import coin.evaluation.anymodel as anymodel
+
+    monkeypatch.setattr(anymodel, "load_target", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.chdir(project["tmp"])
+    empty = project["tmp"] / "empty"
+    empty.mkdir()
+    half = project["tmp"] / "half"
+    half.mkdir()
+    (half / "coin_model.json").write_text(json.dumps({"base": "minilm"}))
+    if case in ("unknown-alias", "unknown-version"):
+        import mlflow
+        from mlflow import MlflowClient
+
+        from coin.registry.tracking import setup_tracking
+
+        setup_tracking(_settings(project), project["root"])
+        with mlflow.start_run() as run:
+            pass
+        client = MlflowClient()
+        client.create_registered_model("tiny-coin")
+        v = client.create_model_version("tiny-coin", f"runs:/{run.info.run_id}/model", run.info.run_id)
+        client.set_registered_model_alias("tiny-coin", "challenger", v.version)
+    spec = {"scheme": ["s3://bucket/model"], "missing-dir": ["./no/such/adapter"], "neither": [str(empty)],
+            "half-adapter": [str(half)], "not-cached-hf": ["some-org-xyz/not-a-model"],
+            "unknown-model": ["models:/nope@champion"], "unknown-alias": ["models:/tiny-coin@champion"],
+            "unknown-version": ["models:/tiny-coin/7"], "unknown-run": ["runs:/0123abcd/model"],
+            "instructions": [str(tiny_llama_dir)],
+            "duplicate-label": [f"x={tiny_llama_dir}", f"x={tiny_llama_dir}"],
+            "reserved-label": [f"reference={tiny_llama_dir}"]}[case]
+    if case == "instructions":
+        bad = project["tmp"] / "bad_instructions.json"
+        bad.write_text(json.dumps({"perturbations": {"clean": {"sst2": ["ok: ", 7]}}}))
+        project = {**project, "instr": bad}
+    args = [a for s in spec for a in ("--model", s)]
+    res = _evaluate(project, *args, "--out", str(project["tmp"] / "out"))
+    assert res.exit_code == code, res.output
+    flat = " ".join(res.output.split())
+    for part in expect:
+        assert part in flat, flat
+    assert not (project["tmp"] / "out" / "metrics.json").exists()
+
+
+def test_without_model_the_options_of_any_model_are_refused(project):
+    res = runner.invoke(app, ["evaluate", *project["common"], "--out", str(project["tmp"] / "x")])
+    assert res.exit_code == 2 and "--out / --cache-dir go with --model" in res.output
+
+
+def test_pipeline_base_evaluation_is_cached_per_protocol(tmp_path, tiny_llama_dir, monkeypatch):
+    """The pipeline's `base` unit reuses the result of an earlier run under the same protocol (a new training run
+    does not change the base), and recomputes when the protocol changes."""
+    import coin.evaluation.runner as runner_mod
+    from coin.config import Settings
+    from coin.layout import Layout
+    from coin.stages import stage_evaluate_unit
+
+    calls: list[str] = []
+    real = runner_mod.evaluate_model
+    monkeypatch.setattr(runner_mod, "evaluate_model", lambda *a, **k: calls.append(k["model_label"]) or real(*a, **k))
+
+    def settings(n: int) -> Settings:
+        return Settings.model_validate({
+            "paths": {"data_dir": str(ROOT / "data")}, "model": {"backbone": str(tiny_llama_dir), "device": "cpu"},
+            "evaluate": {"tasks": ["sst2"], "instruction_sets": ["clean"], "samples_per_task": n, "autocast": "off",
+                         "instruction_file": str(ROOT / "data" / "promptbench" / "coin_perturbed_instructions.json")}})
+
+    first = stage_evaluate_unit(settings(3), tmp_path, "base")
+    unit = Layout(tmp_path, settings(3)).eval_unit_dir("base")
+    before = (unit / "predictions.parquet").read_bytes()
+    (unit / "predictions.parquet").unlink()  # a new pipeline run (another workspace state): the unit is rewritten
+    second = stage_evaluate_unit(settings(3), tmp_path, "base")
+    assert calls == ["base"] and second["cached"] and "cached" not in first
+    assert (unit / "predictions.parquet").read_bytes() == before
+    stage_evaluate_unit(settings(2), tmp_path, "base")  # another protocol
+    assert calls == ["base", "base"]
