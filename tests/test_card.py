@@ -2,6 +2,7 @@
 answer is worked out by hand, the aggregation over tasks / sets / levels, and the card's JSON."""
 
 import math
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -171,3 +172,173 @@ def test_card_of_generations_has_no_score_based_figures():
     assert card["headline"]["perturbed_acc"] is None  # no perturbed set: undefined, never a number
     with pytest.raises(ValueError, match="scoring 'loglik'"):
         build_card(rows, model="g", scoring="loglik")
+
+
+# --------------------------------------------------------------------------- written by the evaluation
+
+
+def _result(label: str, table: pd.DataFrame):
+    from coin.data.tasks import get_task
+    from coin.evaluation.instructions import perturbation_level
+    from coin.evaluation.result import EvalResult
+
+    t = table.copy()
+    t["model"] = label
+    t["category"] = [get_task(x).category for x in t["task"]]
+    t["level"] = [perturbation_level(s) for s in t["set"]]
+    t["correct"] = t["pred"] == t["label"]
+    t["label_word"] = t["label"].astype(str)
+    t["pred_word"] = t["pred"].astype(str)
+    t["raw_scores"] = None
+    t["output"] = ""
+    return EvalResult(model_label=label, predictions=t, tasks=["sst2", "rte"], sets=["clean", "textfooler"],
+                      scorings=["loglik"])
+
+
+# model "n": sst2 textfooler right everywhere (a steadier model than "m")
+STEADY = TABLE.copy()
+_rows_tf = (STEADY["task"] == "sst2") & (STEADY["set"] == "textfooler")
+STEADY.loc[_rows_tf, "pred"] = STEADY.loc[_rows_tf, "label"]
+STEADY["scores"] = [[2.0 + math.log(0.75), 2.0 + math.log(0.25)] if p == 0 else
+                    [2.0 + math.log(0.25), 2.0 + math.log(0.75)] for p in STEADY["pred"]]
+
+
+@pytest.fixture(scope="module")
+def eval_dir(tmp_path_factory):
+    from coin.evaluation.report import write_eval_outputs
+
+    out = tmp_path_factory.mktemp("evaluate")
+    paths = write_eval_outputs([_result("m", TABLE), _result("n", STEADY)], out)
+    assert paths["cards"] == out / "cards"
+    return out
+
+
+def test_evaluation_writes_each_models_card_beside_metrics_json(eval_dir):
+    import json
+
+    card = json.loads((eval_dir / "cards" / "m" / "card.json").read_text())
+    assert card == json.loads(json.dumps(build_card(TABLE, model="m")))
+    page = (eval_dir / "cards" / "m" / "card.html").read_text()
+    assert page.startswith("<!doctype html>") and "Robustness card: m" in page
+    assert "<script" not in page and 'src="http' not in page and "<link" not in page  # self-contained
+    assert "arXiv 2410.02185" in page and "arXiv 2410.12405" in page and "arXiv 2310.11324" in page
+    assert (eval_dir / "cards" / "n" / "card.json").is_file()
+    # the combined report: the card's headline side by side, its definitions, the renamed all-agree label
+    md = (eval_dir / "report.md").read_text()
+    assert "## Robustness card" in md and "| pairwise consistency (perturbed) | % | 77.8 | 100.0 |" in md
+    assert "arXiv 2503.00137" in md and "all-agree consistency" in md
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert metrics["m"]["summary"]["consistency"] == pytest.approx((100 / 3 + 100) / 2, abs=1e-3)  # key kept
+
+
+# --------------------------------------------------------------------------- kept with the registered version
+
+
+GATE = {"min_improvement": 1.0, "max_clean_drop": 2.0}
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, eval_dir, tiny_llama_dir):
+    """Two versions of tiny-card registered from runs whose evaluations wrote cards m (v1) and n (v2, champion)."""
+    import mlflow
+    import yaml
+
+    from coin.config import LoraSettings, Settings
+    from coin.modeling.adapter import write_meta
+    from coin.modeling.backbone import load_backbone
+    from coin.modeling.lora import apply_lora
+    from coin.registry.card import candidate_card
+    from coin.registry.promotion import ModelFigures
+    from coin.registry.register import register_candidate
+    from coin.registry.tracking import setup_tracking
+
+    root = tmp_path_factory.mktemp("registry")
+    cfg = {"paths": {"mlruns_dir": str(root / "mlruns")}, "tracking": {"experiment": "t"}}
+    setup_tracking(Settings.model_validate(cfg), root)
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump(cfg))
+    bb = load_backbone(str(tiny_llama_dir), seed=0)
+    model = apply_lora(bb, LoraSettings(r=4, alpha=8))
+    adapter = root / "adapter"
+    model.save_pretrained(str(adapter))
+    bb.tokenizer.save_pretrained(str(adapter))
+    write_meta(adapter, {"base": str(tiny_llama_dir), "dtype": "float32", "seed": 0, "method": "coin",
+                         "prompt_format": "train", "append_eos": True})
+    regs = []
+    for label, figures in (("m", ModelFigures(100.0, 83.3)), ("n", ModelFigures(100.0, 100.0))):
+        with mlflow.start_run() as run:
+            pass
+        regs.append(register_candidate(adapter, run.info.run_id, "tiny-card", figures, **GATE,
+                                       card=candidate_card(eval_dir / "metrics.json", label)))
+    assert [r.version for r in regs] == ["1", "2"] and "champion" in regs[1].aliases
+    return {"params": params, "regs": regs}
+
+
+def test_registration_keeps_the_card_as_artifacts_and_headline_tags(registry, eval_dir):
+    import json
+
+    from mlflow import MlflowClient
+
+    from coin.registry.card import TAG_CARD, load_card
+
+    client = MlflowClient()
+    reg = registry["regs"][0]
+    mv = client.get_model_version("tiny-card", "1")
+    assert mv.tags[TAG_CARD] == f"runs:/{reg.run_id}/coin_card/card.json"
+    card = json.loads((eval_dir / "cards" / "m" / "card.json").read_text())
+    for key in HEADLINE:
+        assert float(mv.tags[f"coin.card.{key}"]) == pytest.approx(card["headline"][key], abs=1e-4), key
+    assert sorted(a.path for a in client.list_artifacts(reg.run_id, "coin_card")) == [
+        "coin_card/card.html", "coin_card/card.json"]
+    loaded = load_card("models:/tiny-card/1")
+    assert {k: v for k, v in loaded.items() if not k.startswith("_")} == card
+    assert load_card("models:/tiny-card@champion")["model"] == "n" and load_card("tiny-card")["_version"] == "2"
+
+
+def _coin(*args: str, params) -> Any:
+    from typer.testing import CliRunner
+
+    from coin.cli import app
+
+    return CliRunner().invoke(app, ["card", *args, "--params", str(params)])
+
+
+def test_coin_card_prints_the_champions_card(registry):
+    res = _coin("models:/tiny-card@champion", params=registry["params"])
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert "pairwise consistency (perturbed)" in out and "ECE, clean instructions" in out
+    assert "by instruction set" in out and "textfooler (word)" in out
+    assert "Downloading artifacts" not in out  # no progress bar in the printout
+    row = next(line for line in out.splitlines() if "pairwise consistency (perturbed)" in line)
+    assert "100.0" in row
+
+
+def test_coin_card_compares_two_versions_side_by_side(registry):
+    res = _coin("models:/tiny-card/1", "models:/tiny-card@champion", params=registry["params"])
+    assert res.exit_code == 0, res.output
+    row = next(line for line in res.output.splitlines() if "pairwise consistency (perturbed)" in line)
+    # m: (5/9 + 1) / 2 = 77.8 %, n: 100 %, difference +22.2 points
+    assert "77.8" in row and "100.0" in row and "+22.2" in row
+    assert "B − A" in res.output
+
+
+def test_coin_card_errors_name_the_thing_at_fault(registry):
+    from mlflow import MlflowClient
+
+    from coin.cli import ExitCode
+
+    res = _coin("models:/nope@champion", params=registry["params"])
+    assert res.exit_code == ExitCode.MODEL and "no registered model 'nope'" in res.output
+    assert "tiny-card" in res.output  # the models there are
+    res = _coin("models:/tiny-card@gold", params=registry["params"])
+    assert res.exit_code == ExitCode.MODEL and "has no alias 'gold'" in res.output and "champion" in res.output
+    res = _coin("models:/tiny-card/99", params=registry["params"])
+    assert res.exit_code == ExitCode.MODEL and "has no version 99" in res.output
+    bare = MlflowClient().create_model_version("tiny-card", source="file:///nowhere").version
+    res = _coin(f"models:/tiny-card/{bare}", params=registry["params"])
+    assert res.exit_code == ExitCode.MODEL and f"tiny-card version {bare} has no robustness card" in res.output
+    res = _coin("models:/tiny-card/latest", params=registry["params"])
+    assert res.exit_code == ExitCode.CONFIG and "model reference 'models:/tiny-card/latest'" in res.output
+    res = _coin("a@x", "b@x", "c@x", params=registry["params"])
+    assert res.exit_code == ExitCode.CONFIG and "one or two models" in res.output

@@ -34,6 +34,7 @@ and ``perturbed`` the mean over the perturbed sets.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,8 @@ from coin.evaluation.instructions import perturbation_level
 from coin.evaluation.metrics import CELL, CLEAN, check_predictions, json_number
 
 CARD_VERSION = 1
+CARDS_DIR = "cards"  # beside metrics.json: cards/<model>/card.json and card.html
+CARD_JSON, CARD_HTML = "card.json", "card.html"
 N_BINS = 10
 QUANTILE = 10.0  # percent
 # the card's figures per cell, in display order (acc_mean for reference)
@@ -278,3 +281,8 @@ def build_card(preds: pd.DataFrame, model: str, scoring: str | None = None) -> d
     return _json({"card_version": CARD_VERSION, "model": model, "scoring": scoring,
                   "headline": headline(agg["overall"]), **agg,
                   "definitions": DEFINITIONS, "notes": list(NOTES)})
+
+
+def card_dir(eval_dir: str | Path, model: str) -> Path:
+    """Where the evaluation writes ``model``'s card.json and card.html: ``<eval_dir>/cards/<model>/``."""
+    return Path(eval_dir) / CARDS_DIR / model

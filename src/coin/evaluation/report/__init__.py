@@ -14,6 +14,8 @@
     models.png          model-vs-model bars per set, error bars = std over instructions
     pdr.png             performance drop rate by perturbation level
     eval_info.json      per model: tasks, caveats, skipped tasks, timings, settings, notes
+    cards/<model>/      the model's robustness card (``coin.evaluation.card``): card.json and a self-contained
+                        card.html; its headline and definitions are also a section of the report
 
 The report's content is built once as a list of blocks (:func:`build_report`) and rendered to
 Markdown and to HTML, so the two never disagree. One module per concern, each importing only those
@@ -35,8 +37,10 @@ from typing import Any
 import pandas as pd
 
 from coin.data.io import write_json, write_jsonl
+from coin.evaluation.card import CARD_HTML, CARD_JSON, CARDS_DIR, build_card, card_dir
 from coin.evaluation.metrics import REFERENCE_KEY
 from coin.evaluation.report.blocks import DASH, Block, Bullets, Heading, Plot, Table, Text
+from coin.evaluation.report.card import card_html
 from coin.evaluation.report.content import (
     CAVEAT_MARK,
     CHANCE_ROW,
@@ -102,7 +106,14 @@ def write_eval_outputs(results: list[EvalResult], out_dir: str | Path) -> dict[s
     write_json(paths["metrics"], doc)
     frame = pd.concat([r.predictions for r in results], ignore_index=True)
     write_jsonl(paths["predictions"], json.loads(frame.to_json(orient="records", force_ascii=False)))
-    blocks = build_report(results, plots, unc, refs)
+    cards = {r.model_label: build_card(r.predictions, r.model_label, r.primary) for r in results}
+    paths["cards"] = out / CARDS_DIR
+    for label, card in cards.items():
+        d = card_dir(out, label)
+        d.mkdir(parents=True, exist_ok=True)
+        write_json(d / CARD_JSON, card)
+        (d / CARD_HTML).write_text(card_html(card), encoding="utf-8")
+    blocks = build_report(results, plots, unc, refs, cards=cards)
     paths["report_md"].write_text(to_markdown(blocks), encoding="utf-8")
     paths["report_html"].write_text(to_html(blocks), encoding="utf-8")
     paths["table"].write_text(to_markdown(build_table(results, unc, refs)), encoding="utf-8")
