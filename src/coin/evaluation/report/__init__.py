@@ -26,6 +26,8 @@ writer, which computes the references and intervals once and writes the files):
 - :mod:`.content`: the numbers, rows and reference rows of each table, :func:`build_report` / :func:`build_table`;
 - :mod:`.render_md` / :mod:`.render_html`: Markdown, and one self-contained HTML page with its CSS;
 - :mod:`.plots`: the matplotlib figures.
+- :mod:`.card`: the robustness card's own page (card.html), its report section and ``coin card``'s tables
+  (imports ``blocks`` and ``render_html``; ``content`` imports it).
 """
 
 from __future__ import annotations
