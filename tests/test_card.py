@@ -229,6 +229,7 @@ def test_evaluation_writes_each_models_card_beside_metrics_json(eval_dir):
     assert "arXiv 2503.00137" in md and "all-agree consistency" in md
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     assert metrics["m"]["summary"]["consistency"] == pytest.approx((100 / 3 + 100) / 2, abs=1e-3)  # key kept
+    assert metrics["m"]["card"] == card["headline"]  # a new key; the gate's summary is unchanged
 
 
 # --------------------------------------------------------------------------- kept with the registered version

@@ -413,7 +413,8 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
     for label, m in metrics.items():
         if not isinstance(m, dict) or label == REFERENCE_KEY:
             continue
-        out[label] = {"summary": m.get("summary", {}), "uncertainty": m.get("uncertainty", {})}
+        out[label] = {"summary": m.get("summary", {}), "uncertainty": m.get("uncertainty", {}),
+                      "card": m.get("card", {})}
         for scoring, block in m.items():
             if isinstance(block, dict) and "sets" in block:
                 out[label][scoring] = {k: block[k] for k in ("overall", "sets", "levels") if k in block}

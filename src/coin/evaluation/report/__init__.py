@@ -2,7 +2,8 @@
 
 :func:`write_eval_outputs` writes, under one directory::
 
-    metrics.json        {model: nested metrics} (numeric leaves only: DVC metrics / MLflow friendly), with an
+    metrics.json        {model: nested metrics} (numeric leaves only: DVC metrics / MLflow friendly), with a
+                        ``card`` block per model (its robustness card's headline figures) and an
                         ``uncertainty`` block per model: bootstrap 95% intervals and the paired gap to ``base``;
                         each model's summary adds ``majority_acc`` and ``clean_vs_majority``, and the top-level
                         ``reference`` block holds the sample's majority-class and chance rates per task and
@@ -104,11 +105,13 @@ def write_eval_outputs(results: list[EvalResult], out_dir: str | Path) -> dict[s
         summary = nested["summary"]
         nested["summary"] = {**summary, **refs.model_summary(r, r.primary, summary["clean_acc"])}
         doc[r.model_label] = {**nested, "uncertainty": unc[r.model_label]}
+    cards = {r.model_label: build_card(r.predictions, r.model_label, r.primary) for r in results}
+    for label, card in cards.items():  # a new key: the card's headline figures (DVC metrics, MLflow)
+        doc[label]["card"] = dict(card["headline"])
     doc[REFERENCE_KEY] = refs.all.to_dict()
     write_json(paths["metrics"], doc)
     frame = pd.concat([r.predictions for r in results], ignore_index=True)
     write_jsonl(paths["predictions"], json.loads(frame.to_json(orient="records", force_ascii=False)))
-    cards = {r.model_label: build_card(r.predictions, r.model_label, r.primary) for r in results}
     paths["cards"] = out / CARDS_DIR
     for label, card in cards.items():
         d = card_dir(out, label)
