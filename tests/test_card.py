@@ -272,7 +272,11 @@ def registry(tmp_path_factory, eval_dir, tiny_llama_dir):
         regs.append(register_candidate(adapter, run.info.run_id, "tiny-card", figures, **GATE,
                                        card=candidate_card(eval_dir / "metrics.json", label)))
     assert [r.version for r in regs] == ["1", "2"] and "champion" in regs[1].aliases
-    return {"params": params, "regs": regs}
+    # registering run 1 again (say after a re-evaluation) keeps the card of its first registration, as its figures
+    again = register_candidate(adapter, regs[0].run_id, "tiny-card", ModelFigures(100.0, 83.3), **GATE,
+                               card=candidate_card(eval_dir / "metrics.json", "n"))
+    assert not again.created and again.version == "1"
+    return {"params": params, "regs": regs, "adapter": adapter}
 
 
 def test_registration_keeps_the_card_as_artifacts_and_headline_tags(registry, eval_dir):
@@ -294,6 +298,14 @@ def test_registration_keeps_the_card_as_artifacts_and_headline_tags(registry, ev
     loaded = load_card("models:/tiny-card/1")
     assert {k: v for k, v in loaded.items() if not k.startswith("_")} == card
     assert load_card("models:/tiny-card@champion")["model"] == "n" and load_card("tiny-card")["_version"] == "2"
+
+
+def test_an_evaluation_without_cards_registers_without_one(tmp_path, caplog):
+    from coin.registry.card import candidate_card
+
+    with caplog.at_level("WARNING", logger="coin"):
+        assert candidate_card(tmp_path / "metrics.json", "coin") is None
+    assert f"{tmp_path / 'cards' / 'coin' / 'card.json'}: missing" in caplog.text
 
 
 def _coin(*args: str, params) -> Any:
