@@ -629,7 +629,7 @@ def test_write_eval_outputs_for_several_models(small_run: EvalResult, tmp_path: 
     metrics = json.loads(paths["metrics"].read_text())
     assert set(metrics) == {"tiny", "tiny-2", "reference"}  # + the sample's majority-class / chance rates
     block = metrics["tiny"]
-    assert set(block) == {"summary", "loglik", "generate", "agreement", "uncertainty"}
+    assert set(block) == {"summary", "loglik", "generate", "agreement", "uncertainty", "card"}
     assert set(metrics["reference"]) == {"majority", "chance", "n_examples"}
     assert block["summary"]["clean_vs_majority"] == pytest.approx(
         block["summary"]["clean_acc"] - block["summary"]["majority_acc"], abs=1e-3)

@@ -449,6 +449,30 @@ def predict(
                       f"evaluate.calibration: content_free): {scores}[/]")
 
 
+@app.command()
+def card(
+    models: Annotated[list[str], typer.Argument(help="one or two registered versions: models:/<name>@<alias> or "
+                                                     "models:/<name>/<version>; two are printed side by side")],
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Print a registered version's robustness card (two versions: side by side)."""
+    from coin.evaluation.report.card import rich_tables
+    from coin.registry.card import load_card, parse_model_ref
+    from coin.registry.tracking import setup_tracking
+
+    if len(models) > 2:
+        raise ValueError(f"coin card: one or two models, got {len(models)}: {' '.join(models)}")
+    for ref in models:
+        parse_model_ref(ref)  # a malformed reference fails before the registry is opened
+    settings, root = _settings(params, set_, check_project=False)  # reads only the registry
+    setup_tracking(settings, root)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the card alone on stdout
+    out = Console(width=max(100, Console().width))
+    for table in rich_tables([load_card(ref) for ref in models]):
+        out.print(table)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

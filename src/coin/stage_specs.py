@@ -88,7 +88,8 @@ def _mlflow_run_gone(settings: Settings, root: Path, method: str | None) -> str 
     return None
 
 
-EVAL_REPORT_FILES = ("metrics.json", "predictions.jsonl", "report.md", "report.html", "table.md", "accuracy.png")
+EVAL_REPORT_FILES = ("metrics.json", "predictions.jsonl", "report.md", "report.html", "table.md", "accuracy.png",
+                     "cards")  # cards/<model>/card.json + card.html: the robustness card the registry keeps
 
 
 def _instruction_file(lay: Layout) -> Path:
@@ -137,7 +138,8 @@ STAGE_SPECS: dict[str, StageSpec] = {
     "register": StageSpec(  # not cached by the flow: it reads the tracking store's champion each time
         params=("paths", "register", "tracking"),
         inputs=lambda lay, _: [lay.train_record, *(lay.adapter_dir(m) for m in lay.settings.register_.methods),
-                               lay.eval_dir / "metrics.json", lay.eval_dir / "predictions.jsonl"],
+                               lay.eval_dir / "metrics.json", lay.eval_dir / "predictions.jsonl",
+                               lay.eval_dir / "cards"],
         outputs=lambda lay, _: [lay.register_record],
         code=("registry",),
     ),

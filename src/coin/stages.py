@@ -447,7 +447,8 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
     for label, m in metrics.items():
         if not isinstance(m, dict) or label == REFERENCE_KEY:
             continue
-        out[label] = {"summary": m.get("summary", {}), "uncertainty": m.get("uncertainty", {})}
+        out[label] = {"summary": m.get("summary", {}), "uncertainty": m.get("uncertainty", {}),
+                      "card": m.get("card", {})}
         for scoring, block in m.items():
             if isinstance(block, dict) and "sets" in block:
                 out[label][scoring] = {k: block[k] for k in ("overall", "sets", "levels") if k in block}
@@ -477,6 +478,7 @@ def stage_register(settings: Settings, root: Path) -> dict[str, Any]:
     from ``outputs/evaluate/metrics.json``; per-example predictions from ``predictions.jsonl`` beside it,
     kept with the version). Candidates are gated in order, each against the champion the previous one left.
     """
+    from coin.registry.card import candidate_card
     from coin.registry.promotion import candidate_figures, candidate_predictions
     from coin.registry.register import register_candidate
     from coin.registry.tracking import setup_tracking
@@ -496,7 +498,8 @@ def stage_register(settings: Settings, root: Path) -> dict[str, Any]:
         reg = register_candidate(root / rec["adapter_dir"], rec["run_id"], cfg.model_name,
                                  candidate_figures(metrics_file, method),
                                  min_improvement=cfg.min_improvement, max_clean_drop=cfg.max_clean_drop,
-                                 evidence=cfg.evidence, predictions=candidate_predictions(metrics_file, method))
+                                 evidence=cfg.evidence, predictions=candidate_predictions(metrics_file, method),
+                                 card=candidate_card(metrics_file, method))
         regs.append({"method": method, **reg.to_dict()})
         log.info("register[%s]: %s version %s, aliases %s", method, reg.name, reg.version, reg.aliases)
     out = {**regs[-1], "candidates": regs}

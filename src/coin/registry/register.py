@@ -247,15 +247,17 @@ def keep_predictions(name: str, version: str, run_id: str, figures: ModelFigures
 
 def register_candidate(adapter_dir: Path, run_id: str, name: str, figures: ModelFigures, *,
                        min_improvement: float, max_clean_drop: float, evidence: str = "point",
-                       predictions: pd.DataFrame | None = None) -> Registration:
+                       predictions: pd.DataFrame | None = None, card: Path | None = None) -> Registration:
     """Log + register the adapter (alias ``challenger``), keep its per-example predictions with it, and apply
     the robustness gate to it.
 
     ``figures`` are the candidate's clean and mean perturbed accuracy and the majority-class rate of its
     sample (percent), e.g. ``candidate_figures(eval_dir / "metrics.json", method)``; ``predictions`` its rows
     of the same evaluation (``candidate_predictions``), which ``evidence="interval"`` compares with the
-    champion's. Running this again for the same run creates no version and repeats no decision: the
-    recorded one is returned. All of it (check-and-create, predictions, decision, aliases) runs under
+    champion's; ``card`` the directory of its robustness card (``coin.registry.card.candidate_card``), kept with
+    the version as artifacts and headline tags (``coin.registry.card.store_card``). Running this again for the
+    same run creates no version and repeats no decision: the recorded one is returned. All of it
+    (check-and-create, predictions, card, decision, aliases) runs under
     :func:`registration_lock`, so two processes registering at once behave as if one ran after the other.
     """
     from mlflow import MlflowClient
@@ -264,6 +266,10 @@ def register_candidate(adapter_dir: Path, run_id: str, name: str, figures: Model
         reg = log_candidate(adapter_dir, run_id, name)
         if predictions is not None:
             keep_predictions(name, reg.version, run_id, figures, predictions)
+        if card is not None:
+            from coin.registry.card import store_card
+
+            store_card(MlflowClient(), name, reg.version, run_id, card)
         decision: PromotionDecision = promote_version(name, reg.version, figures, min_improvement=min_improvement,
                                                       max_clean_drop=max_clean_drop, evidence=evidence,
                                                       predictions=predictions)

@@ -33,7 +33,7 @@ log = logging.getLogger("coin.study")
 DASH = "–"
 LEVEL_ORDER = ("clean", "character", "word", "sentence", "semantic")
 FIGURE_NAMES = {"clean_acc": "clean", "perturbed_acc": "perturbed", "perturbed_std": "std over instructions",
-                "consistency": "consistency", "worst_acc": "worst-case", "pdr": "PDR"}
+                "consistency": "all-agree consistency", "worst_acc": "worst-case", "pdr": "PDR"}
 
 
 # --------------------------------------------------------------------------- loading
@@ -180,7 +180,7 @@ def _cells_table(study: dict[str, Any]) -> list[Any]:
         rows.append([c["name"], *[f"{f[k]:.1f}" if _num(f.get(k)) else DASH
                                   for k in ("clean_acc", "perturbed_acc", "consistency", "worst_acc")],
                      f"{w['train']:.1f}", f"{w['evaluate']:.1f}", c["device"], c["computed_at"]])
-    return [Heading("Cells"), Table(["cell", "clean", "perturbed", "consistency", "worst-case", "train+load (s)",
+    return [Heading("Cells"), Table(["cell", "clean", "perturbed", "all-agree consistency", "worst-case", "train+load (s)",
                                      "evaluate (s)", "device", "computed at"], rows, text_cols=1,
                                     caption="One trained-and-evaluated model each; a rerun skips done cells.")]
 

@@ -2,7 +2,8 @@
 
 :func:`write_eval_outputs` writes, under one directory::
 
-    metrics.json        {model: nested metrics} (numeric leaves only: DVC metrics / MLflow friendly), with an
+    metrics.json        {model: nested metrics} (numeric leaves only: DVC metrics / MLflow friendly), with a
+                        ``card`` block per model (its robustness card's headline figures) and an
                         ``uncertainty`` block per model: bootstrap 95% intervals and the paired gap to ``base``;
                         each model's summary adds ``majority_acc`` and ``clean_vs_majority``, and the top-level
                         ``reference`` block holds the sample's majority-class and chance rates per task and
@@ -14,6 +15,8 @@
     models.png          model-vs-model bars per set, error bars = std over instructions
     pdr.png             performance drop rate by perturbation level
     eval_info.json      per model: tasks, caveats, skipped tasks, timings, settings, notes
+    cards/<model>/      the model's robustness card (``coin.evaluation.card``): card.json and a self-contained
+                        card.html; its headline and definitions are also a section of the report
 
 The report's content is built once as a list of blocks (:func:`build_report`) and rendered to
 Markdown and to HTML, so the two never disagree. One module per concern, each importing only those
@@ -24,6 +27,8 @@ writer, which computes the references and intervals once and writes the files):
 - :mod:`.content`: the numbers, rows and reference rows of each table, :func:`build_report` / :func:`build_table`;
 - :mod:`.render_md` / :mod:`.render_html`: Markdown, and one self-contained HTML page with its CSS;
 - :mod:`.plots`: the matplotlib figures.
+- :mod:`.card`: the robustness card's own page (card.html), its report section and ``coin card``'s tables
+  (imports ``blocks`` and ``render_html``; ``content`` imports it).
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ from typing import Any
 import pandas as pd
 
 from coin.data.io import write_json, write_jsonl
+from coin.evaluation.card import CARD_HTML, CARD_JSON, CARDS_DIR, build_card, card_dir
 from coin.evaluation.metrics import REFERENCE_KEY
 from coin.evaluation.report.blocks import DASH, Block, Bullets, Heading, Plot, Table, Text
+from coin.evaluation.report.card import card_html
 from coin.evaluation.report.content import (
     CAVEAT_MARK,
     CHANCE_ROW,
@@ -98,11 +105,20 @@ def write_eval_outputs(results: list[EvalResult], out_dir: str | Path) -> dict[s
         summary = nested["summary"]
         nested["summary"] = {**summary, **refs.model_summary(r, r.primary, summary["clean_acc"])}
         doc[r.model_label] = {**nested, "uncertainty": unc[r.model_label]}
+    cards = {r.model_label: build_card(r.predictions, r.model_label, r.primary) for r in results}
+    for label, card in cards.items():  # a new key: the card's headline figures (DVC metrics, MLflow)
+        doc[label]["card"] = dict(card["headline"])
     doc[REFERENCE_KEY] = refs.all.to_dict()
     write_json(paths["metrics"], doc)
     frame = pd.concat([r.predictions for r in results], ignore_index=True)
     write_jsonl(paths["predictions"], json.loads(frame.to_json(orient="records", force_ascii=False)))
-    blocks = build_report(results, plots, unc, refs)
+    paths["cards"] = out / CARDS_DIR
+    for label, card in cards.items():
+        d = card_dir(out, label)
+        d.mkdir(parents=True, exist_ok=True)
+        write_json(d / CARD_JSON, card)
+        (d / CARD_HTML).write_text(card_html(card), encoding="utf-8")
+    blocks = build_report(results, plots, unc, refs, cards=cards)
     paths["report_md"].write_text(to_markdown(blocks), encoding="utf-8")
     paths["report_html"].write_text(to_html(blocks), encoding="utf-8")
     paths["table"].write_text(to_markdown(build_table(results, unc, refs)), encoding="utf-8")

@@ -16,6 +16,7 @@ from coin.evaluation.instructions import perturbation_level
 from coin.evaluation.metrics import AVG, CLEAN
 from coin.evaluation.reference import COLUMNS, ReferenceRates, clean_tasks, majority_summary, reference_rates
 from coin.evaluation.report.blocks import DASH, Block, Bullets, Heading, Plot, Table, Text
+from coin.evaluation.report.card import card_section
 from coin.evaluation.result import EvalResult
 from coin.evaluation.uncertainty import LEVEL, N_BOOT, bootstrap_ci, example_scores, paired_delta
 
@@ -162,9 +163,9 @@ def _header(results: list[EvalResult], refs: References) -> list[Block]:
 DEFINITIONS = (
     "Accuracy in % as mean ± population std over the instructions of a set; `avg` = unweighted mean over tasks. "
     "Perturbed = mean over the perturbed sets. PDR = 1 − acc(set)/acc(clean) per task and set (negative: the "
-    "perturbed set did better), averaged over tasks. Consistency = % of examples with the same prediction under "
-    "every instruction of the set; worst-case = % of examples correct under every instruction. Unparsed = % of "
-    "generations that named no label (counted wrong)."
+    "perturbed set did better), averaged over tasks. All-agree consistency = % of examples with the same prediction "
+    "under every instruction of the set (the robustness card adds the pairwise rate); worst-case = % of examples "
+    "correct under every instruction. Unparsed = % of generations that named no label (counted wrong)."
 )
 MAJORITY_ROW, CHANCE_ROW, REFERENCE_SCORING = "majority class", "chance", "(reference)"
 REFERENCES_NOTE = (
@@ -179,7 +180,7 @@ def _summary(results: list[EvalResult], refs: References) -> list[Block]:
     levels = list(dict.fromkeys(s for r in results for s in _perturbed(r)))
     has_gen = any("generate" in r.scorings for r in results)
     header = ["model", "scoring", "clean", "clean − majority", *[_set_name(s) for s in levels], "perturbed", "PDR",
-              "consistency", "worst-case"] + (["unparsed"] if has_gen else [])
+              "all-agree consistency", "worst-case"] + (["unparsed"] if has_gen else [])
     rows = []
     for r in results:
         for m in r.scorings:
@@ -198,8 +199,8 @@ def _summary(results: list[EvalResult], refs: References) -> list[Block]:
         # a constant (or random) answer scores its rate on every set: no spread, no drop
         rows.append([name, REFERENCE_SCORING, f_pct(rate), DASH, *[f_pct(rate)] * len(levels), f_pct(rate),
                      *[DASH] * (3 + has_gen)])
-    return [Heading("Summary"), Table(header, rows, text_cols=2, caption=DEFINITIONS +
-                                      " Consistency, worst-case and unparsed here are means over the perturbed sets. "
+    return [Heading("Summary"), Table(header, rows, text_cols=2, caption=DEFINITIONS + " All-agree consistency, "
+                                      "worst-case and unparsed here are means over the perturbed sets. "
                                       + REFERENCES_NOTE)]
 
 
@@ -268,11 +269,11 @@ def _accuracy_tables(results: list[EvalResult], refs: References, *, primary_onl
 
 
 def _robustness_tables(results: list[EvalResult]) -> list[Block]:
-    out: list[Block] = [Heading("Robustness by task: PDR, consistency, worst case")]
+    out: list[Block] = [Heading("Robustness by task: PDR, all-agree consistency, worst case")]
     for r in results:
         pert = _perturbed(r)
         for m in r.scorings:
-            header = ["task", *[f"PDR {s}" for s in pert], *[f"cons. / worst {s}" for s in r.sets]]
+            header = ["task", *[f"PDR {s}" for s in pert], *[f"all-agree / worst {s}" for s in r.sets]]
             rows = []
             for t in [*r.tasks, AVG]:
                 get = ((lambda s, r=r, m=m: _set_avg(r, m, s)) if t == AVG  # noqa: E731
@@ -354,9 +355,11 @@ def _run_details(results: list[EvalResult]) -> list[Block]:
 
 
 def build_report(results: list[EvalResult], plots: dict[str, Plot] | None = None,
-                 unc: dict[str, dict[str, Any]] | None = None, refs: References | None = None) -> list[Block]:
+                 unc: dict[str, dict[str, Any]] | None = None, refs: References | None = None, *,
+                 cards: dict[str, dict[str, Any]] | None = None) -> list[Block]:
     """The full report as blocks; ``plots`` (name -> Plot) are placed next to the tables they illustrate;
-    ``unc``: :func:`uncertainty` of ``results``, ``refs``: :func:`references` (each computed when not given)."""
+    ``unc``: :func:`uncertainty` of ``results``, ``refs``: :func:`references` (each computed when not given);
+    ``cards``: each model's robustness card (``coin.evaluation.card.build_card``), a section when given."""
     plots = plots or {}
     unc = uncertainty(results) if unc is None else unc
     refs = references(results) if refs is None else refs
@@ -365,8 +368,8 @@ def build_report(results: list[EvalResult], plots: dict[str, Plot] | None = None
     blocks += _accuracy_tables(results, refs)
     if "accuracy" in plots:
         blocks.append(plots["accuracy"])
-    blocks += [*_robustness_tables(results), *_category_table(results), *_scoring_comparison(results),
-               *_run_details(results)]
+    blocks += [*_robustness_tables(results), *card_section(cards or {}), *_category_table(results),
+               *_scoring_comparison(results), *_run_details(results)]
     return blocks
 
 

@@ -1,0 +1,146 @@
+"""The robustness card as report blocks: its own self-contained page (``card.html``), its section of the combined
+report, and the side-by-side rows ``coin card`` prints (figures from :mod:`coin.evaluation.card`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from coin.evaluation.card import DEFINITIONS, FIGURES, HEADLINE
+from coin.evaluation.instructions import perturbation_level
+from coin.evaluation.metrics import CLEAN
+from coin.evaluation.report.blocks import DASH, Block, Bullets, Heading, Table
+from coin.evaluation.report.render_html import to_html
+
+# the headline's labels: the perturbed sets' figures keep their definitions' names
+HEADLINE_LABELS = {"clean_acc": ("clean accuracy", "%"), "perturbed_acc": ("perturbed accuracy", "%"),
+                   "ece_clean": ("ECE, clean instructions", "%"), "ece_perturbed": ("ECE, perturbed instructions", "%")}
+
+
+def headline_label(key: str) -> tuple[str, str]:
+    """(name, unit) of a headline figure."""
+    if key in HEADLINE_LABELS:
+        return HEADLINE_LABELS[key]
+    d = DEFINITIONS[key]
+    return d["name"], d["unit"]
+
+
+def f_card(value: Any, unit: str) -> str:
+    """A card figure: 1 decimal in %/points, 3 otherwise; ``–`` when undefined."""
+    if value is None or not isinstance(value, (int, float)):
+        return DASH
+    return f"{value:.1f}" if unit in ("%", "points") else f"{value:.3f}"
+
+
+def headline_rows(cards: list[dict[str, Any]]) -> list[list[str]]:
+    """One row per headline figure: name, unit, then its value in each card (side by side)."""
+    rows = []
+    for key in HEADLINE:
+        name, unit = headline_label(key)
+        if key not in ("clean_acc", "perturbed_acc", "ece_clean", "ece_perturbed"):
+            name += " (perturbed)"
+        rows.append([name, unit, *[f_card(c.get("headline", {}).get(key), unit) for c in cards]])
+    return rows
+
+
+def _set_label(s: str) -> str:
+    lvl = perturbation_level(s)
+    return s if lvl == s else f"{s} ({lvl})"
+
+
+def _figure_table(blocks: dict[str, dict[str, Any]], label=_set_label) -> Table:
+    """Rows: the figures; columns: the blocks (sets or levels)."""
+    cols = list(blocks)
+    rows = [[DEFINITIONS[k]["name"], DEFINITIONS[k]["unit"], *[f_card(blocks[c].get(k), DEFINITIONS[k]["unit"])
+                                                               for c in cols]] for k in FIGURES]
+    return Table(["figure", "unit", *[label(c) for c in cols]], rows, text_cols=2)
+
+
+def definitions_table() -> Table:
+    rows = [[d["name"], d["unit"], d["formula"], d["source"]] for d in (DEFINITIONS[k] for k in FIGURES)]
+    return Table(["figure", "unit", "formula", "source"], rows, text_cols=4,
+                 caption="x: an example; i, j: instructions of the set (n of them); acc_i: accuracy under "
+                         "instruction i; [·]: 1 if true else 0.")
+
+
+def card_blocks(card: dict[str, Any]) -> list[Block]:
+    """The whole card of one model: headline, by set, by level, by task, definitions and notes."""
+    overall = {"clean": card["overall"]["clean"], "perturbed": card["overall"]["perturbed"]}
+    blocks: list[Block] = [
+        Heading(f"Robustness card: {card['model']}", 1),
+        Bullets([f"scoring: {card['scoring']}", f"card version: {card['card_version']}"]),
+        Heading("Headline"), Table(["figure", "unit", card["model"]], headline_rows([card]), text_cols=2),
+        Heading("Clean and perturbed"), _figure_table(overall, label=str),
+        Heading("By instruction set"), _figure_table(card["sets"]),
+        Heading("By perturbation level"), _figure_table(card["levels"], label=str),
+        Heading("By task"),
+    ]
+    for task, sets in card["tasks"].items():
+        blocks += [Heading(task, 3), _figure_table(sets)]
+    blocks += [Heading("Definitions"), definitions_table(), Bullets(list(card.get("notes", [])))]
+    return blocks
+
+
+def card_html(card: dict[str, Any]) -> str:
+    """``card.html``: one self-contained page (inline CSS, nothing fetched)."""
+    return to_html(card_blocks(card), title=f"Robustness card: {card['model']}")
+
+
+def card_section(cards: dict[str, dict[str, Any]]) -> list[Block]:
+    """The combined report's section: every model's headline side by side, each one's figures by set, and the
+    definitions (formula and source of each figure)."""
+    if not cards:
+        return []
+    models = list(cards)
+    out: list[Block] = [
+        Heading("Robustness card"),
+        Table(["figure", "unit", *models], headline_rows([cards[m] for m in models]), text_cols=2,
+              caption="Figures of the primary scoring; (perturbed) = mean over the perturbed sets of the mean over "
+                      "tasks. The whole card of each model is cards/<model>/card.json (+ card.html)."),
+    ]
+    for m in models:
+        sets = {s: v for s, v in cards[m]["sets"].items()}
+        if CLEAN in sets:
+            sets = {CLEAN: sets.pop(CLEAN), **sets}
+        out += [Heading(f"{m} · {cards[m]['scoring']}: by instruction set", 3), _figure_table(sets)]
+    out += [Heading("Card definitions", 3), definitions_table()]
+    return out
+
+
+def _delta(a: Any, b: Any, unit: str) -> str:
+    if not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
+        return DASH
+    return f"{b - a:+.1f}" if unit in ("%", "points") else f"{b - a:+.3f}"
+
+
+def rich_tables(cards: list[dict[str, Any]]) -> list[Any]:
+    """``coin card``'s output: the headline of one card, or of two side by side with their difference, then
+    each card's figures by instruction set (``rich.table.Table`` objects)."""
+    from rich.table import Table as RichTable
+
+    names = [str(c.get("_ref") or c["model"]) for c in cards]
+    head = RichTable(title="Robustness card" + (" (side by side)" if len(cards) > 1 else ""), title_justify="left")
+    head.add_column("figure", no_wrap=True)
+    head.add_column("unit", no_wrap=True)
+    for n in names:
+        head.add_column(n, justify="right")
+    if len(cards) == 2:
+        head.add_column("B − A", justify="right")
+    for key, row in zip(HEADLINE, headline_rows(cards), strict=True):
+        extra = []
+        if len(cards) == 2:
+            extra = [_delta(cards[0]["headline"].get(key), cards[1]["headline"].get(key), row[1])]
+        head.add_row(*row, *extra)
+    out: list[Any] = [head]
+    for name, card in zip(names, cards, strict=True):
+        sets = dict(card.get("sets", {}))
+        if CLEAN in sets:
+            sets = {CLEAN: sets.pop(CLEAN), **sets}
+        t = _figure_table(sets)
+        by_set = RichTable(title=f"{name} · {card['model']} · {card['scoring']}: by instruction set",
+                           title_justify="left")
+        for i, h in enumerate(t.header):
+            by_set.add_column(h, justify="left" if i < t.text_cols else "right")
+        for row in t.rows:
+            by_set.add_row(*row)
+        out.append(by_set)
+    return out

@@ -1,0 +1,129 @@
+"""The robustness card travels with the registered model.
+
+The evaluation writes each model's card under ``outputs/evaluate/cards/<model>/`` (``card.json`` and a
+self-contained ``card.html``, :mod:`coin.evaluation.card`). Registration keeps it with the version:
+
+- both files as artifacts of the version's run, under :data:`CARD_DIR` (beside the logged model);
+- tag :data:`TAG_CARD` = their ``runs:/`` URI, and one tag ``coin.card.<figure>`` per headline figure
+  (:data:`coin.evaluation.card.HEADLINE`; ``null`` when undefined), so the registry UI and a search show them.
+
+:func:`load_card` resolves ``models:/<name>@<alias>``, ``models:/<name>/<version>`` (or the same without
+``models:/``) and reads the card back; ``coin card`` prints it. Errors (:class:`CardUnavailable`, exit code 4)
+name the model, alias, version or tag at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from coin.evaluation.card import CARD_HTML, CARD_JSON, HEADLINE, card_dir
+from coin.registry.promotion import PromotionError
+
+log = logging.getLogger("coin")
+
+CARD_DIR = "coin_card"
+TAG_CARD = "coin.card"                   # runs:/<run_id>/coin_card/card.json
+TAG_CARD_FIGURE = "coin.card.{}"         # one per headline figure
+
+
+class CardUnavailable(PromotionError):
+    """A model reference that resolves to no version, or a version without a robustness card (exit code 4)."""
+
+
+def candidate_card(metrics_json: str | Path, model_label: str) -> Path | None:
+    """The directory of ``model_label``'s card beside the evaluation's ``metrics.json``, or None (with a
+    warning) when the evaluation predates cards."""
+    d = card_dir(Path(metrics_json).parent, model_label)
+    if not (d / CARD_JSON).is_file():
+        log.warning("%s: missing; the version is registered without a robustness card (re-run `coin evaluate`, then "
+                    "`coin register`, to attach one)", d / CARD_JSON)
+        return None
+    return d
+
+
+def _tag_value(x: Any) -> str:
+    return "null" if x is None else f"{float(x):.4f}".rstrip("0").rstrip(".")
+
+
+def store_card(client, name: str, version: str, run_id: str, directory: str | Path) -> str:
+    """Log ``directory``'s card.json (and card.html) to ``run_id`` under :data:`CARD_DIR` and tag the version with
+    its URI and headline figures. Keeps a card already there (a version's card is that of its first
+    registration, like its gate figures). Returns the card's ``runs:/`` URI."""
+    mv = client.get_model_version(name, str(version))
+    if mv.tags.get(TAG_CARD):
+        return mv.tags[TAG_CARD]
+    directory = Path(directory)
+    card = json.loads((directory / CARD_JSON).read_text(encoding="utf-8"))
+    for fname in (CARD_JSON, CARD_HTML):
+        if (directory / fname).is_file():
+            client.log_artifact(run_id, str(directory / fname), artifact_path=CARD_DIR)
+    uri = f"runs:/{run_id}/{CARD_DIR}/{CARD_JSON}"
+    headline = card.get("headline", {})
+    for key in HEADLINE:
+        client.set_model_version_tag(name, str(version), TAG_CARD_FIGURE.format(key), _tag_value(headline.get(key)))
+    client.set_model_version_tag(name, str(version), TAG_CARD, uri)
+    return uri
+
+
+def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """``(name, alias, version)`` of ``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``<name>@<alias>``
+    or ``<name>/<version>``; a bare ``<name>`` means its ``champion``. Raises ``ValueError`` naming the reference."""
+    body = ref.strip().removeprefix("models:/")
+    if "@" in body:
+        name, _, alias = body.partition("@")
+        if name and alias and "/" not in name:
+            return name, alias, None
+    elif "/" in body:
+        name, _, version = body.partition("/")
+        if name and version.isdigit():
+            return name, None, version
+    elif body:
+        return body, "champion", None
+    raise ValueError(f"model reference {ref!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+
+
+def resolve_version(client, ref: str):
+    """The model version ``ref`` names; :class:`CardUnavailable` naming the model, alias or version not found."""
+    from mlflow.exceptions import MlflowException
+
+    name, alias, version = parse_model_ref(ref)
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        names = sorted(m.name for m in client.search_registered_models())
+        raise CardUnavailable(f"{ref}: no registered model {name!r} in the registry (models: "
+                              f"{', '.join(names) or 'none'}); `coin register` registers one") from None
+    try:
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
+    except MlflowException:
+        aliases = sorted(client.get_registered_model(name).aliases or {})
+        what = f"alias {alias!r}" if alias is not None else f"version {version}"
+        raise CardUnavailable(f"{ref}: model {name!r} has no {what} (aliases: {', '.join(aliases) or 'none'})"
+                              ) from None
+
+
+def load_card(ref: str, client=None) -> dict[str, Any]:
+    """The robustness card of the version ``ref`` names, with ``_ref`` / ``_name`` / ``_version`` added."""
+    from mlflow import MlflowClient
+
+    client = client or MlflowClient()
+    mv = resolve_version(client, ref)
+    uri = mv.tags.get(TAG_CARD)
+    if not uri:
+        raise CardUnavailable(f"{ref}: {mv.name} version {mv.version} has no robustness card (tag {TAG_CARD}); it "
+                              "was registered before cards or from an evaluation without one. Re-run `coin evaluate` "
+                              "and `coin register` for its training run to attach one")
+    run_id, _, path = uri.removeprefix("runs:/").partition("/")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            card = json.loads(Path(client.download_artifacts(run_id, path, tmp)).read_text(encoding="utf-8"))
+        except Exception as exc:  # noqa: BLE001 -- MLflow raises several types for a missing artifact
+            raise CardUnavailable(f"{ref}: {mv.name} version {mv.version}: its card {uri} cannot be read "
+                                  f"({type(exc).__name__}: {exc})") from None
+    return {**card, "_ref": ref, "_name": mv.name, "_version": str(mv.version)}

@@ -1,0 +1,357 @@
+"""The robustness card (coin.evaluation.card): every figure on hand-built examples × instructions matrices whose
+answer is worked out by hand, the aggregation over tasks / sets / levels, and the card's JSON."""
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from coin.evaluation.card import (
+    DEFINITIONS,
+    FIGURES,
+    HEADLINE,
+    all_agree_consistency,
+    build_card,
+    card_cells,
+    expected_calibration_error,
+    instruction_spread,
+    pairwise_consistency,
+    posix,
+    prompt_sensitivity_score,
+)
+
+# 3 examples x 3 instructions; labels 0, 1, 0
+LABELS = [0, 1, 0]
+PRED = np.array([[0, 0, 0],    # x0: all agree (3/3 pairs), right everywhere
+                 [1, 0, 1],    # x1: pairs (0,1) differ, (0,2) agree, (1,2) differ -> 1/3; right, wrong, right
+                 [1, 1, 0]])   # x2: pairs agree, differ, differ -> 1/3; wrong, wrong, right
+CORRECT = (PRED == np.array(LABELS)[:, None]).astype(float)
+
+
+def test_pairwise_consistency_is_the_mean_pair_agreement():
+    # (3/3 + 1/3 + 1/3) / 3 = 5/9
+    assert pairwise_consistency(PRED) == pytest.approx(100 * 5 / 9)
+    assert pairwise_consistency(np.array([[0, 0, 1, 1]])) == pytest.approx(100 * 2 / 6)  # 2 of the 6 pairs agree
+    assert math.isnan(pairwise_consistency(np.array([[0], [1]])))                        # one instruction: no pair
+
+
+def test_all_agree_consistency_counts_unanimous_examples():
+    assert all_agree_consistency(PRED) == pytest.approx(100 / 3)
+
+
+def test_pss_is_the_mean_absolute_pairwise_correctness_difference():
+    # x0: 0; x1: |1-0| + |1-1| + |0-1| = 2 of 3 pairs; x2: |0-0| + |0-1| + |0-1| = 2 of 3 -> (0 + 2/3 + 2/3) / 3
+    assert prompt_sensitivity_score(CORRECT) == pytest.approx(4 / 9)
+    assert prompt_sensitivity_score(np.ones((4, 5))) == 0.0
+    # graded correctness (ProSA allows scores in [0, 1]): pairs |1-.5| + |1-0| + |.5-0| = 2 over 3 pairs
+    assert prompt_sensitivity_score(np.array([[1.0, 0.5, 0.0]])) == pytest.approx(2 / 3)
+
+
+def test_spread_worst_and_low_quantile_over_instruction_accuracies():
+    acc = 100 * CORRECT.mean(axis=0)  # 2/3, 1/3, 3/3
+    out = instruction_spread(acc)
+    assert out["spread"] == pytest.approx(100 - 100 / 3)
+    assert out["worst_instruction_acc"] == pytest.approx(100 / 3)
+    # sorted 33.3, 66.7, 100: the 10th percentile sits 0.2 of the way from the first to the second
+    assert out["p10_acc"] == pytest.approx(100 / 3 + 0.2 * 100 / 3)
+
+
+def test_posix_on_two_instructions_by_hand():
+    # instruction 0: p = (0.8, 0.2) -> y0 = 0; instruction 1: p = (0.4, 0.6) -> y1 = 1
+    # psi = 1/2 (|log .4 - log .8| + |log .2 - log .6|) = (log 2 + log 3) / 2
+    scores = np.log(np.array([[[0.8, 0.2], [0.4, 0.6]]]))
+    want = (math.log(2) + math.log(3)) / 2
+    assert posix(scores, np.array([[0, 1]])) == pytest.approx(want)
+    # log_softmax: unnormalised scores (each row shifted by its own constant) give the same value
+    shifted = scores + np.array([[[3.0], [-7.0]]])
+    assert posix(shifted, np.array([[0, 1]])) == pytest.approx(want)
+    # identical distributions under every instruction: no sensitivity
+    assert posix(np.log(np.full((2, 3, 2), 0.5)), np.zeros((2, 3), dtype=int)) == 0.0
+    # a response length divides each term: L = 2 halves it
+    assert posix(scores, np.array([[0, 1]]), lengths=np.full((1, 2), 2.0)) == pytest.approx(want / 2)
+
+
+def test_posix_on_three_instructions_by_hand():
+    # p(label 0) under instructions 0..2: .9, .6, .3 -> y = 0, 0, 1
+    p0 = np.array([0.9, 0.6, 0.3])
+    scores = np.log(np.stack([p0, 1 - p0], axis=1))[None]
+    lg = np.log
+    terms = [  # |log p(y_j | i) - log p(y_j | j)| for i != j
+        abs(lg(.6) - lg(.9)), abs(lg(.3) - lg(.9)),   # y0 = 0 under instructions 1, 2
+        abs(lg(.9) - lg(.6)), abs(lg(.3) - lg(.6)),   # y1 = 0 under instructions 0, 2
+        abs(lg(.1) - lg(.7)), abs(lg(.4) - lg(.7)),   # y2 = 1 under instructions 0, 1
+    ]
+    assert posix(scores, np.array([[0, 0, 1]])) == pytest.approx(sum(terms) / 6)
+
+
+def test_ece_with_ten_equal_width_bins_by_hand():
+    conf = np.array([0.95, 0.95, 0.65, 0.55])
+    ok = np.array([1, 0, 1, 1])
+    # (0.9, 1]: acc .5, conf .95 -> .45 * 2/4; (0.6, 0.7]: |1 - .65| * 1/4; (0.5, 0.6]: |1 - .55| * 1/4
+    assert expected_calibration_error(conf, ok) == pytest.approx(100 * (0.45 * 0.5 + 0.35 * 0.25 + 0.45 * 0.25))
+    assert expected_calibration_error(np.array([0.8, 0.8]), np.array([1, 0])) == pytest.approx(30.0)
+    # edges: 0.7 belongs to (0.6, 0.7], 0.71 to (0.7, 0.8]; each alone in its bin
+    assert expected_calibration_error(np.array([0.7, 0.71]), np.array([1, 1])) == pytest.approx(100 * (0.3 + 0.29) / 2)
+
+
+# --------------------------------------------------------------------------- the table and the card
+
+
+def _rows(task: str, set_name: str, pred: np.ndarray, labels: list[int], probs: np.ndarray | None = None,
+          scoring: str = "loglik") -> list[dict]:
+    """``pred[e, i]``: prediction on example e under instruction i; ``probs[e, i]``: its label distribution."""
+    out = []
+    for e in range(pred.shape[0]):
+        for i in range(pred.shape[1]):
+            scores = None if probs is None else [float(v) for v in np.log(probs[e, i]) + 2.0]  # unnormalised
+            out.append({"scoring": scoring, "task": task, "set": set_name, "instruction_id": i,
+                        "example_id": f"x{e}", "label": labels[e], "pred": int(pred[e, i]), "scores": scores})
+    return out
+
+
+def _probs(pred: np.ndarray, conf: float) -> np.ndarray:
+    """Two-label distributions putting ``conf`` on the predicted label."""
+    p = np.where(pred[..., None] == np.arange(2), conf, 1 - conf)
+    return p.astype(float)
+
+
+CLEAN_PRED = np.array([[0, 0, 0], [1, 1, 1], [0, 0, 0]])  # all right, all agree
+TABLE = pd.DataFrame(
+    _rows("sst2", "clean", CLEAN_PRED, LABELS, _probs(CLEAN_PRED, 0.75))
+    + _rows("sst2", "textfooler", PRED, LABELS, _probs(PRED, 0.75))
+    + _rows("rte", "clean", CLEAN_PRED, LABELS, _probs(CLEAN_PRED, 0.75))
+    + _rows("rte", "textfooler", CLEAN_PRED, LABELS, _probs(CLEAN_PRED, 0.75))
+)
+
+
+def test_cells_carry_every_figure_from_the_matrix():
+    cells = card_cells(TABLE).set_index(["task", "set"])
+    c = cells.loc[("sst2", "textfooler")]
+    assert c["acc_mean"] == pytest.approx(200 / 3)
+    assert c["pairwise_consistency"] == pytest.approx(100 * 5 / 9)
+    assert c["all_agree_consistency"] == pytest.approx(100 / 3)
+    assert c["pss"] == pytest.approx(4 / 9)
+    assert c["spread"] == pytest.approx(200 / 3) and c["worst_instruction_acc"] == pytest.approx(100 / 3)
+    # every prediction has confidence .75; 6 of 9 right -> ECE = |6/9 - .75| (one bin)
+    assert c["ece"] == pytest.approx(100 * abs(6 / 9 - 0.75))
+    # POSIX: the same two-point distribution per instruction; a term is nonzero iff the instructions disagree, and
+    # then it is |log .25 - log .75| = log 3. x0: 0 of 6 terms, x1: 4 of 6, x2: 4 of 6 -> (0 + 4 + 4) / 18 log 3
+    assert c["posix"] == pytest.approx(8 / 18 * math.log(3))
+    assert c["n_examples"] == 3 and c["n_instructions"] == 3 and c["level"] == "word"
+    clean = cells.loc[("sst2", "clean")]
+    assert clean["pairwise_consistency"] == 100.0 and clean["pss"] == 0.0 and clean["posix"] == 0.0
+    assert clean["spread"] == 0.0 and clean["ece"] == pytest.approx(25.0)
+
+
+def test_card_aggregates_like_the_metrics_and_exposes_its_headline():
+    card = build_card(TABLE, model="m")
+    assert card["model"] == "m" and card["scoring"] == "loglik" and card["card_version"] == 1
+    # textfooler = mean over sst2 (5/9) and rte (100 %) ; level word = that one set; perturbed = that set
+    want = (100 * 5 / 9 + 100) / 2
+    assert card["sets"]["textfooler"]["pairwise_consistency"] == pytest.approx(want, abs=1e-4)
+    assert card["levels"]["word"]["pairwise_consistency"] == pytest.approx(want, abs=1e-4)
+    assert card["overall"]["perturbed"]["pss"] == pytest.approx(2 / 9, abs=1e-4)
+    head = card["headline"]
+    assert list(head) == list(HEADLINE)
+    assert head["clean_acc"] == 100.0 and head["perturbed_acc"] == pytest.approx((200 / 3 + 100) / 2, abs=1e-4)
+    assert head["ece_clean"] == pytest.approx(25.0)
+    assert head["ece_perturbed"] == pytest.approx((100 * abs(6 / 9 - 0.75) + 25) / 2, abs=1e-4)
+    assert card["tasks"]["sst2"]["textfooler"]["n"] == 3
+    assert set(card["definitions"]) == set(FIGURES) == set(DEFINITIONS)
+    for d in card["definitions"].values():
+        assert d["formula"] and d["source"] and d["name"]
+
+
+def test_card_of_generations_has_no_score_based_figures():
+    rows = pd.DataFrame(_rows("sst2", "clean", PRED, LABELS, None, scoring="generate"))
+    card = build_card(rows, model="g")
+    assert card["overall"]["clean"]["posix"] is None and card["headline"]["ece_clean"] is None
+    assert card["overall"]["clean"]["pss"] == pytest.approx(4 / 9, abs=1e-4)
+    assert card["headline"]["perturbed_acc"] is None  # no perturbed set: undefined, never a number
+    with pytest.raises(ValueError, match="scoring 'loglik'"):
+        build_card(rows, model="g", scoring="loglik")
+
+
+# --------------------------------------------------------------------------- written by the evaluation
+
+
+def _result(label: str, table: pd.DataFrame):
+    from coin.data.tasks import get_task
+    from coin.evaluation.instructions import perturbation_level
+    from coin.evaluation.result import EvalResult
+
+    t = table.copy()
+    t["model"] = label
+    t["category"] = [get_task(x).category for x in t["task"]]
+    t["level"] = [perturbation_level(s) for s in t["set"]]
+    t["correct"] = t["pred"] == t["label"]
+    t["label_word"] = t["label"].astype(str)
+    t["pred_word"] = t["pred"].astype(str)
+    t["raw_scores"] = None
+    t["output"] = ""
+    return EvalResult(model_label=label, predictions=t, tasks=["sst2", "rte"], sets=["clean", "textfooler"],
+                      scorings=["loglik"])
+
+
+# model "n": sst2 textfooler right everywhere (a steadier model than "m")
+STEADY = TABLE.copy()
+_rows_tf = (STEADY["task"] == "sst2") & (STEADY["set"] == "textfooler")
+STEADY.loc[_rows_tf, "pred"] = STEADY.loc[_rows_tf, "label"]
+STEADY["scores"] = [[2.0 + math.log(0.75), 2.0 + math.log(0.25)] if p == 0 else
+                    [2.0 + math.log(0.25), 2.0 + math.log(0.75)] for p in STEADY["pred"]]
+
+
+@pytest.fixture(scope="module")
+def eval_dir(tmp_path_factory):
+    from coin.evaluation.report import write_eval_outputs
+
+    out = tmp_path_factory.mktemp("evaluate")
+    paths = write_eval_outputs([_result("m", TABLE), _result("n", STEADY)], out)
+    assert paths["cards"] == out / "cards"
+    return out
+
+
+def test_evaluation_writes_each_models_card_beside_metrics_json(eval_dir):
+    import json
+
+    card = json.loads((eval_dir / "cards" / "m" / "card.json").read_text())
+    assert card == json.loads(json.dumps(build_card(TABLE, model="m")))
+    page = (eval_dir / "cards" / "m" / "card.html").read_text()
+    assert page.startswith("<!doctype html>") and "Robustness card: m" in page
+    assert "<script" not in page and 'src="http' not in page and "<link" not in page  # self-contained
+    assert "arXiv 2410.02185" in page and "arXiv 2410.12405" in page and "arXiv 2310.11324" in page
+    assert (eval_dir / "cards" / "n" / "card.json").is_file()
+    # the combined report: the card's headline side by side, its definitions, the renamed all-agree label
+    md = (eval_dir / "report.md").read_text()
+    assert "## Robustness card" in md and "| pairwise consistency (perturbed) | % | 77.8 | 100.0 |" in md
+    assert "arXiv 2503.00137" in md and "all-agree consistency" in md
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert metrics["m"]["summary"]["consistency"] == pytest.approx((100 / 3 + 100) / 2, abs=1e-3)  # key kept
+    assert metrics["m"]["card"] == card["headline"]  # a new key; the gate's summary is unchanged
+
+
+# --------------------------------------------------------------------------- kept with the registered version
+
+
+GATE = {"min_improvement": 1.0, "max_clean_drop": 2.0}
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, eval_dir, tiny_llama_dir):
+    """Two versions of tiny-card registered from runs whose evaluations wrote cards m (v1) and n (v2, champion)."""
+    import mlflow
+    import yaml
+
+    from coin.config import LoraSettings, Settings
+    from coin.modeling.adapter import write_meta
+    from coin.modeling.backbone import load_backbone
+    from coin.modeling.lora import apply_lora
+    from coin.registry.card import candidate_card
+    from coin.registry.promotion import ModelFigures
+    from coin.registry.register import register_candidate
+    from coin.registry.tracking import setup_tracking
+
+    root = tmp_path_factory.mktemp("registry")
+    cfg = {"paths": {"mlruns_dir": str(root / "mlruns")}, "tracking": {"experiment": "t"}}
+    setup_tracking(Settings.model_validate(cfg), root)
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump(cfg))
+    bb = load_backbone(str(tiny_llama_dir), seed=0)
+    model = apply_lora(bb, LoraSettings(r=4, alpha=8))
+    adapter = root / "adapter"
+    model.save_pretrained(str(adapter))
+    bb.tokenizer.save_pretrained(str(adapter))
+    write_meta(adapter, {"base": str(tiny_llama_dir), "dtype": "float32", "seed": 0, "method": "coin",
+                         "prompt_format": "train", "append_eos": True})
+    regs = []
+    for label, figures in (("m", ModelFigures(100.0, 83.3)), ("n", ModelFigures(100.0, 100.0))):
+        with mlflow.start_run() as run:
+            pass
+        regs.append(register_candidate(adapter, run.info.run_id, "tiny-card", figures, **GATE,
+                                       card=candidate_card(eval_dir / "metrics.json", label)))
+    assert [r.version for r in regs] == ["1", "2"] and "champion" in regs[1].aliases
+    # registering run 1 again (say after a re-evaluation) keeps the card of its first registration, as its figures
+    again = register_candidate(adapter, regs[0].run_id, "tiny-card", ModelFigures(100.0, 83.3), **GATE,
+                               card=candidate_card(eval_dir / "metrics.json", "n"))
+    assert not again.created and again.version == "1"
+    return {"params": params, "regs": regs, "adapter": adapter}
+
+
+def test_registration_keeps_the_card_as_artifacts_and_headline_tags(registry, eval_dir):
+    import json
+
+    from mlflow import MlflowClient
+
+    from coin.registry.card import TAG_CARD, load_card
+
+    client = MlflowClient()
+    reg = registry["regs"][0]
+    mv = client.get_model_version("tiny-card", "1")
+    assert mv.tags[TAG_CARD] == f"runs:/{reg.run_id}/coin_card/card.json"
+    card = json.loads((eval_dir / "cards" / "m" / "card.json").read_text())
+    for key in HEADLINE:
+        assert float(mv.tags[f"coin.card.{key}"]) == pytest.approx(card["headline"][key], abs=1e-4), key
+    assert sorted(a.path for a in client.list_artifacts(reg.run_id, "coin_card")) == [
+        "coin_card/card.html", "coin_card/card.json"]
+    loaded = load_card("models:/tiny-card/1")
+    assert {k: v for k, v in loaded.items() if not k.startswith("_")} == card
+    assert load_card("models:/tiny-card@champion")["model"] == "n" and load_card("tiny-card")["_version"] == "2"
+
+
+def test_an_evaluation_without_cards_registers_without_one(tmp_path, caplog):
+    from coin.registry.card import candidate_card
+
+    with caplog.at_level("WARNING", logger="coin"):
+        assert candidate_card(tmp_path / "metrics.json", "coin") is None
+    assert f"{tmp_path / 'cards' / 'coin' / 'card.json'}: missing" in caplog.text
+
+
+def _coin(*args: str, params) -> Any:
+    from typer.testing import CliRunner
+
+    from coin.cli import app
+
+    return CliRunner().invoke(app, ["card", *args, "--params", str(params)])
+
+
+def test_coin_card_prints_the_champions_card(registry):
+    res = _coin("models:/tiny-card@champion", params=registry["params"])
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert "pairwise consistency (perturbed)" in out and "ECE, clean instructions" in out
+    assert "by instruction set" in out and "textfooler (word)" in out
+    assert "Downloading artifacts" not in out  # no progress bar in the printout
+    row = next(line for line in out.splitlines() if "pairwise consistency (perturbed)" in line)
+    assert "100.0" in row
+
+
+def test_coin_card_compares_two_versions_side_by_side(registry):
+    res = _coin("models:/tiny-card/1", "models:/tiny-card@champion", params=registry["params"])
+    assert res.exit_code == 0, res.output
+    row = next(line for line in res.output.splitlines() if "pairwise consistency (perturbed)" in line)
+    # m: (5/9 + 1) / 2 = 77.8 %, n: 100 %, difference +22.2 points
+    assert "77.8" in row and "100.0" in row and "+22.2" in row
+    assert "B − A" in res.output
+
+
+def test_coin_card_errors_name_the_thing_at_fault(registry):
+    from mlflow import MlflowClient
+
+    from coin.cli import ExitCode
+
+    res = _coin("models:/nope@champion", params=registry["params"])
+    assert res.exit_code == ExitCode.MODEL and "no registered model 'nope'" in res.output
+    assert "tiny-card" in res.output  # the models there are
+    res = _coin("models:/tiny-card@gold", params=registry["params"])
+    assert res.exit_code == ExitCode.MODEL and "has no alias 'gold'" in res.output and "champion" in res.output
+    res = _coin("models:/tiny-card/99", params=registry["params"])
+    assert res.exit_code == ExitCode.MODEL and "has no version 99" in res.output
+    bare = MlflowClient().create_model_version("tiny-card", source="file:///nowhere").version
+    res = _coin(f"models:/tiny-card/{bare}", params=registry["params"])
+    assert res.exit_code == ExitCode.MODEL and f"tiny-card version {bare} has no robustness card" in res.output
+    res = _coin("models:/tiny-card/latest", params=registry["params"])
+    assert res.exit_code == ExitCode.CONFIG and "model reference 'models:/tiny-card/latest'" in res.output
+    res = _coin("a@x", "b@x", "c@x", params=registry["params"])
+    assert res.exit_code == ExitCode.CONFIG and "one or two models" in res.output
