@@ -180,8 +180,8 @@ def _cells_table(study: dict[str, Any]) -> list[Any]:
         rows.append([c["name"], *[f"{f[k]:.1f}" if _num(f.get(k)) else DASH
                                   for k in ("clean_acc", "perturbed_acc", "consistency", "worst_acc")],
                      f"{w['train']:.1f}", f"{w['evaluate']:.1f}", c["device"], c["computed_at"]])
-    return [Heading("Cells"), Table(["cell", "clean", "perturbed", "all-agree consistency", "worst-case", "train+load (s)",
-                                     "evaluate (s)", "device", "computed at"], rows, text_cols=1,
+    return [Heading("Cells"), Table(["cell", "clean", "perturbed", "all-agree consistency", "worst-case",
+                                     "train+load (s)", "evaluate (s)", "device", "computed at"], rows, text_cols=1,
                                     caption="One trained-and-evaluated model each; a rerun skips done cells.")]
 
 
