@@ -109,8 +109,8 @@ def eval_mistral(eval_tiny_dirs: dict[str, Path]) -> Backbone:
 
 
 def _settings(**kw) -> EvaluateSettings:
-    # fp32 scores, so that runner figures can be compared with direct fp32 scoring to 1e-3
-    base = {"instruction_file": str(INSTRUCTIONS), "batch_size": 16, "autocast": "off"}
+    # fp32, uncalibrated scores, so that runner figures can be compared with direct fp32 scoring to 1e-3
+    base = {"instruction_file": str(INSTRUCTIONS), "batch_size": 16, "autocast": "off", "calibration": "none"}
     return EvaluateSettings(**{**base, **kw})
 
 
