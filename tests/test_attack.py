@@ -260,7 +260,13 @@ def test_cli_attack_on_a_tiny_model_writes_a_loadable_file(tiny_llama_dir: Path,
     assert all(e["queries"] <= 4 and len(e["edits"]) <= 1 for e in record["instructions"])
     assert CliRunner().invoke(app, args).exit_code == 0 and out.read_bytes() == first  # deterministic end to end
     bad = CliRunner().invoke(app, [*args, "--levels", "sentence"])
-    assert bad.exit_code != 0 and "--levels" in bad.output
+    assert bad.exit_code == 2 and "--levels" in bad.output
+    bad = CliRunner().invoke(app, [*args, "--tasks", "sst3"])
+    assert bad.exit_code == 2 and "--tasks" in bad.output and "unknown task 'sst3'" in bad.output
+    bad = CliRunner().invoke(app, [*args[:2], str(tmp_path / "nope" / "adapter"), *args[3:]])
+    assert bad.exit_code == 3 and "no such directory" in bad.output
+    bad = CliRunner().invoke(app, [*args[:2], str(tmp_path), *args[3:]])
+    assert bad.exit_code == 3 and "no coin_model.json" in bad.output
 
 
 def test_settings_default_instruction_file_is_the_shipped_one() -> None:

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from coin.data.io import read_json, write_json
+from coin.data.io import DataError, read_json, write_json
 from coin.data.paraphrase import SYNONYMS as RULE_SYNONYMS
 
 LEVELS: dict[str, str] = {"char": "attack-char", "word": "attack-word"}  # level -> set name in the output file
@@ -400,8 +400,15 @@ def load_model(spec: str, settings) -> tuple[Any, Any, dict[str, list[int]] | No
     from coin.modeling.adapter import META_FILE, load_trained
     from coin.modeling.backbone import load_backbone
 
-    if (Path(spec) / META_FILE).is_file():
-        model, tokenizer, meta = load_trained(Path(spec), device=settings.model.device)
+    path = Path(spec)
+    if path.is_dir() and not (path / META_FILE).is_file() and not (path / "config.json").is_file():
+        raise DataError(f"{spec}: neither an adapter directory written by `coin train` (no {META_FILE}) nor a model "
+                        f"checkpoint (no config.json)")
+    if not path.exists() and ("/" in spec or "\\" in spec):
+        raise DataError(f"{spec}: no such directory; pass an adapter directory written by `coin train` "
+                        f"(outputs/train/<method>/adapter) or a backbone name such as minilm")
+    if (path / META_FILE).is_file():
+        model, tokenizer, meta = load_trained(path, device=settings.model.device)
         return model, tokenizer, meta.get("label_counts"), "adapter"
     m = settings.model
     bb = load_backbone(spec, dtype=m.dtype, device=m.device, seed=settings.seed, attention=m.attention,
@@ -434,8 +441,11 @@ def run_attack(settings, root: Path, *, model: str, out: str | Path, instruction
         raise ValueError(f"--levels: unknown {', '.join(bad) or '(none)'}; use one or more of {', '.join(LEVELS)}")
     if samples < 1:
         raise ValueError(f"--samples must be >= 1, got {samples}")
-    for t in tasks:
-        get_task(t)  # an unknown task fails before the model loads
+    for t in tasks:  # an unknown task fails before the model loads
+        try:
+            get_task(t)
+        except KeyError as exc:
+            raise ValueError(f"--tasks: {exc.args[0]}") from None
     # a file given on the command line is relative to the working directory, the configured one to the project
     source = Path(instructions) if instructions is not None else root / settings.evaluate.instruction_file
     clean = load_instruction_sets(source, [source_set], tasks)[source_set]
