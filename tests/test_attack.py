@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from coin.cli import app
-from coin.config import EvaluateSettings, Settings
+from coin.config import EvaluateSettings, Settings, load_settings
 from coin.data.tasks import TASKS, get_task
 from coin.evaluation.attack import (
     KEYBOARD_NEIGHBOURS,
@@ -23,10 +23,12 @@ from coin.evaluation.attack import (
     attack_sets,
     candidate_edits,
     char_edits,
+    load_model,
     log_path,
     model_scorer,
     protected_spans,
     protected_words,
+    run_attack,
     write_attack_files,
 )
 from coin.evaluation.generation import label_choices
@@ -267,6 +269,30 @@ def test_cli_attack_on_a_tiny_model_writes_a_loadable_file(tiny_llama_dir: Path,
     assert bad.exit_code == 3 and "no such directory" in bad.output
     bad = CliRunner().invoke(app, [*args[:2], str(tmp_path), *args[3:]])
     assert bad.exit_code == 3 and "no coin_model.json" in bad.output
+
+
+def test_attacked_file_goes_straight_into_the_evaluation_with_the_logged_accuracies(tiny_llama_dir: Path,
+                                                                                   tmp_path: Path) -> None:
+    """The written file is evaluated as is, and on the attack's sample and seed the evaluation measures, per
+    instruction, exactly the clean and attacked accuracies the log records."""
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    settings = load_settings(params, [f"paths.data_dir={DATA}", f"evaluate.instruction_file={INSTRUCTIONS}",
+                                      "evaluate.tasks=[sst2]"])
+    out = tmp_path / "attack.json"
+    run_attack(settings, tmp_path, model=str(tiny_llama_dir), out=out, instructions=INSTRUCTIONS, tasks=["rte"],
+               budget=Budget(max_edits=2, max_queries=7, per_step=3), samples=5, seed=7)
+    model, tok, counts, kind = load_model(str(tiny_llama_dir), settings)
+    cfg = settings.evaluate.model_copy(update={"instruction_file": str(out), "tasks": ["rte"], "samples_per_task": 5,
+                                               "instruction_sets": ["clean", "attack-char", "attack-word"],
+                                               "scoring": ["loglik"]})
+    res = evaluate_model(model, tok, cfg, data_dir=DATA, seed=7, model_label="t", label_counts=counts)
+    acc = res.predictions.groupby(["set", "instruction_id"])["correct"].mean()
+    logged = json.loads(log_path(out).read_text())["instructions"]
+    assert any(e["edits"] for e in logged)  # the margin moves on any edit: the search kept some
+    for e in logged:
+        assert acc[("clean", e["index"])] == pytest.approx(e["clean_accuracy"])
+        assert acc[(LEVELS[e["level"]], e["index"])] == pytest.approx(e["attacked_accuracy"])
 
 
 def test_settings_default_instruction_file_is_the_shipped_one() -> None:
