@@ -6,8 +6,8 @@ of the model under test on a small seeded sample, and writes the result as an in
 shipped schema (sets ``attack-char`` and ``attack-word`` next to the ``clean`` originals), so it goes
 straight into ``coin evaluate`` (``evaluate.instruction_file``).
 
-Operators (own code: TextAttack's transformations need flair/nltk and run-time downloads, see the module's
-tests and the report of issue 14):
+Operators (own code: TextAttack needs flair, nltk and more, and downloads embeddings or WordNet at run time;
+docs/protocol.md#adaptive-attack-coin-attack):
 
 - ``char`` (DeepWordBug / TextBugger style), inside one word of >= 3 letters: swap two adjacent characters,
   delete one, insert a letter, substitute one with a QWERTY keyboard neighbour;
