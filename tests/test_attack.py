@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from coin.cli import app
 from coin.config import EvaluateSettings, Settings, load_settings
+from coin.data.io import DataError
 from coin.data.tasks import TASKS, get_task
 from coin.evaluation.attack import (
     KEYBOARD_NEIGHBOURS,
@@ -20,6 +21,7 @@ from coin.evaluation.attack import (
     Budget,
     Score,
     attack_instruction,
+    attack_sample,
     attack_sets,
     candidate_edits,
     char_edits,
@@ -259,6 +261,7 @@ def test_cli_attack_on_a_tiny_model_writes_a_loadable_file(tiny_llama_dir: Path,
     record = json.loads(log_path(out).read_text())
     assert record["settings"]["budget"] == {"max_edits": 1, "max_queries": 4, "per_step": 3}
     assert record["settings"]["samples"] == {"sst2": 4} and record["settings"]["model_kind"] == "backbone"
+    assert record["settings"]["holdout"] is True
     assert all(e["queries"] <= 4 and len(e["edits"]) <= 1 for e in record["instructions"])
     assert CliRunner().invoke(app, args).exit_code == 0 and out.read_bytes() == first  # deterministic end to end
     bad = CliRunner().invoke(app, [*args, "--levels", "sentence"])
@@ -281,7 +284,7 @@ def test_attacked_file_goes_straight_into_the_evaluation_with_the_logged_accurac
                                       "evaluate.tasks=[sst2]"])
     out = tmp_path / "attack.json"
     run_attack(settings, tmp_path, model=str(tiny_llama_dir), out=out, instructions=INSTRUCTIONS, tasks=["rte"],
-               budget=Budget(max_edits=2, max_queries=7, per_step=3), samples=5, seed=7)
+               budget=Budget(max_edits=2, max_queries=7, per_step=3), samples=5, seed=7, holdout=False)
     model, tok, counts, kind = load_model(str(tiny_llama_dir), settings)
     cfg = settings.evaluate.model_copy(update={"instruction_file": str(out), "tasks": ["rte"], "samples_per_task": 5,
                                                "instruction_sets": ["clean", "attack-char", "attack-word"],
@@ -293,6 +296,17 @@ def test_attacked_file_goes_straight_into_the_evaluation_with_the_logged_accurac
     for e in logged:
         assert acc[("clean", e["index"])] == pytest.approx(e["clean_accuracy"])
         assert acc[(LEVELS[e["level"]], e["index"])] == pytest.approx(e["attacked_accuracy"])
+
+
+def test_holdout_sample_avoids_the_evaluation_sample(tmp_path: Path) -> None:
+    settings = Settings.model_validate({"paths": {"data_dir": str(DATA)}, "evaluate": {"samples_per_task": 100}})
+    ev = {r["example_id"] for r in sample_examples(DATA, "sst2", 100, settings.seed)[0]}
+    held = attack_sample(settings, tmp_path, "sst2", 50, 3)
+    assert len(held) == 50 and not ev & {r["example_id"] for r in held}
+    assert held == attack_sample(settings, tmp_path, "sst2", 50, 3)  # seeded
+    assert attack_sample(settings, tmp_path, "sst2", 50, 3, holdout=False) == sample_examples(DATA, "sst2", 50, 3)[0]
+    with pytest.raises(DataError, match="every validation row is in the evaluation sample"):
+        attack_sample(settings, tmp_path, "wnli", 5, 3)  # 71 rows, all evaluated
 
 
 def test_settings_default_instruction_file_is_the_shipped_one() -> None:

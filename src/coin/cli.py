@@ -419,6 +419,7 @@ def attack(
     per_step: Annotated[int, typer.Option(help="candidate edits drawn and scored per greedy step")] = 12,
     samples: Annotated[int, typer.Option(help="validation examples per task (seeded)")] = 50,
     seed: Annotated[Optional[int], typer.Option(help="default: the params file's seed")] = None,
+    holdout: Annotated[bool, typer.Option(help="attack on rows outside the evaluation's sample")] = True,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
@@ -431,7 +432,7 @@ def attack(
     _print(run_attack(settings, root, model=model, out=out, instructions=instructions, source_set=source_set,
                       tasks=split, levels=[v.strip() for v in levels.split(",") if v.strip()],
                       budget=Budget(max_edits=budget, max_queries=max_queries, per_step=per_step),
-                      samples=samples, seed=seed))
+                      samples=samples, seed=seed, holdout=holdout))
 
 
 def main() -> None:  # pragma: no cover

@@ -417,21 +417,39 @@ def load_model(spec: str, settings) -> tuple[Any, Any, dict[str, list[int]] | No
     return bb.model, bb.tokenizer, None, "backbone"
 
 
+def attack_sample(settings, root: Path, task: str, n: int, seed: int, *, holdout: bool = True) -> list[dict[str, Any]]:
+    """The attack's rows of ``task``: ``n`` drawn with ``sample_indices(.., seed, task)`` from the validation rows,
+    without (``holdout``, the default) the evaluation's own sample (``evaluate.samples_per_task`` rows under the
+    global seed). Held out, the evaluation of the written file measures the attack on examples it was not tuned
+    on; with ``holdout=False`` and the global seed the attack sample is the evaluation's (PromptBench's way), and
+    the evaluated drop is the search's own, optimistic for the attacker."""
+    from coin.evaluation.sampling import load_validation_rows, sample_examples, sample_indices
+
+    data_dir = root / settings.paths.data_dir
+    rows, _ = load_validation_rows(data_dir, task)
+    if holdout:
+        ev = settings.evaluate.samples_per_task
+        seen = {r["example_id"] for r in sample_examples(data_dir, task, ev, settings.seed)[0]}
+        rows = [r for r in rows if r["example_id"] not in seen]
+        if not rows:
+            raise DataError(f"{task}: every validation row is in the evaluation sample (evaluate.samples_per_task="
+                            f"{ev}); lower it or attack on the evaluation sample itself (--no-holdout)")
+    return [rows[i] for i in sample_indices(len(rows), n, seed, task)]
+
+
 def run_attack(settings, root: Path, *, model: str, out: str | Path, instructions: str | Path | None = None,
                source_set: str = "clean", tasks: Sequence[str] | None = None, levels: Sequence[str] = tuple(LEVELS),
-               budget: Budget = Budget(), samples: int = 50, seed: int | None = None) -> dict[str, Any]:
+               budget: Budget = Budget(), samples: int = 50, seed: int | None = None,
+               holdout: bool = True) -> dict[str, Any]:
     """Attack ``model`` with the ``source_set`` instructions of ``instructions`` (default
     ``evaluate.instruction_file``) on ``samples`` seeded validation rows per task; write the file and its log.
 
-    The sample is ``sample_examples(data_dir, task, samples, seed)``: with the evaluation's seed it overlaps the
-    evaluation sample (the attack then tunes on examples it is evaluated on, as PromptBench does); pass another
-    ``seed`` for a held-out attack."""
+    See :func:`attack_sample` for the rows (``holdout``: none of the evaluation's own sample)."""
     import time
 
     from coin.data.tasks import get_task
     from coin.evaluation.generation import label_choices
     from coin.evaluation.instructions import load_instruction_sets
-    from coin.evaluation.sampling import sample_examples
 
     t0 = time.perf_counter()
     seed = settings.seed if seed is None else seed
@@ -451,12 +469,13 @@ def run_attack(settings, root: Path, *, model: str, out: str | Path, instruction
     clean = load_instruction_sets(source, [source_set], tasks)[source_set]
     protected = {t: protected_words(get_task(t).label_words, label_choices(get_task(t).label_words, source, t))
                  for t in tasks}
-    rows = {t: sample_examples(root / settings.paths.data_dir, t, samples, seed)[0] for t in tasks}
+    rows = {t: attack_sample(settings, root, t, samples, seed, holdout=holdout) for t in tasks}
     net, tokenizer, counts, kind = load_model(model, settings)
     scorer = model_scorer(net, tokenizer, rows, settings.evaluate, label_counts=counts)
     outcomes = attack_sets(clean, scorer=scorer, protected=protected, levels=levels, budget=budget, seed=seed)
     recorded = {"model": str(model), "model_kind": kind, "tasks": tasks, "levels": list(levels),
-                "samples": {t: len(r) for t, r in rows.items()}, "seed": seed, "budget": asdict(budget),
+                "samples": {t: len(r) for t, r in rows.items()}, "seed": seed, "holdout": holdout,
+                "budget": asdict(budget),
                 "prompt_format": settings.evaluate.prompt_format, "calibration": settings.evaluate.calibration,
                 "length_normalise": settings.evaluate.length_normalise}
     path, log_file = write_attack_files(out, clean, outcomes, source=source, source_set=source_set, settings=recorded)
