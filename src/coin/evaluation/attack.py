@@ -487,4 +487,5 @@ def run_attack(settings, root: Path, *, model: str, out: str | Path, instruction
             "accuracy": {k: {"clean": round(sum(c for c, _ in v) / len(v), 4),
                              "attacked": round(sum(a for _, a in v) / len(v), 4)} for k, v in table.items()},
             "evaluate_with": f"--set evaluate.instruction_file={path} "
-                             f"--set 'evaluate.instruction_sets=[clean,{','.join(LEVELS[lv] for lv in levels)}]'"}
+                             f"--set 'evaluate.instruction_sets=[clean,{','.join(LEVELS[lv] for lv in levels)}]' "
+                             f"--set 'evaluate.tasks=[{','.join(tasks)}]'"}
