@@ -97,7 +97,7 @@ WORD_SYNONYMS: dict[str, tuple[str, ...]] = {
     "sentences": ("statements",), "tone": ("mood", "attitude"), "sentiment": ("feeling", "emotion"),
     "describe": ("characterize", "depict"), "role": ("capacity", "function"), "tool": ("instrument", "system"),
     "acting": ("serving", "working"), "classifier": ("categorizer",), "evaluator": ("assessor", "judge"),
-    "please": ("kindly",), "whether": ("if",), "between": ("among",), "either": ("one",), "this": ("that",),
+    "please": ("kindly",), "whether": ("if",), "between": ("among",), "this": ("that",),
     "grammatically": ("syntactically",), "correct": ("right", "proper"), "acceptable": ("permissible",),
     "meaning": ("sense",), "same": ("identical",), "equivalent": ("identical", "equal"), "pair": ("couple",),
     "question": ("query",), "context": ("background",), "check": ("verify", "examine"), "verify": ("check",),
