@@ -473,6 +473,35 @@ def card(
         out.print(table)
 
 
+@app.command()
+def attack(
+    model: Annotated[str, typer.Option(help="an adapter directory written by `coin train`, or a backbone (minilm)")],
+    out: Annotated[Path, typer.Option(help="instruction file to write; its edit log goes beside it (<stem>.log.json)")],
+    instructions: Annotated[Optional[Path], typer.Option(help="default: evaluate.instruction_file")] = None,
+    source_set: Annotated[str, typer.Option(help="the set of --instructions to attack")] = "clean",
+    tasks: Annotated[Optional[str], typer.Option(help="comma-separated; default: evaluate.tasks")] = None,
+    levels: Annotated[str, typer.Option(help="comma-separated: char, word")] = "char,word",
+    budget: Annotated[int, typer.Option(help="max kept edits per instruction")] = 2,
+    max_queries: Annotated[int, typer.Option(help="max scored instructions per instruction (clean included)")] = 50,
+    per_step: Annotated[int, typer.Option(help="candidate edits drawn and scored per greedy step")] = 12,
+    samples: Annotated[int, typer.Option(help="validation examples per task (seeded)")] = 50,
+    seed: Annotated[Optional[int], typer.Option(help="default: the params file's seed")] = None,
+    holdout: Annotated[bool, typer.Option(help="attack on rows outside the evaluation's sample")] = True,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Search perturbed instructions that lower this model's accuracy; write them as an instruction file."""
+    from coin.evaluation.attack import Budget, run_attack
+
+    _setup_logging()
+    settings, root = _settings(params, set_)
+    split = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    _print(run_attack(settings, root, model=model, out=out, instructions=instructions, source_set=source_set,
+                      tasks=split, levels=[v.strip() for v in levels.split(",") if v.strip()],
+                      budget=Budget(max_edits=budget, max_queries=max_queries, per_step=per_step),
+                      samples=samples, seed=seed, holdout=holdout))
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -1,0 +1,491 @@
+"""Adaptive instruction attack (``coin attack``): perturbed instructions searched against *one* model.
+
+The shipped perturbed sets (docs/protocol.md#instruction-sets) are static: computed against other models,
+they measure transfer. This module searches, per clean instruction, for small edits that lower the accuracy
+of the model under test on a small seeded sample, and writes the result as an instruction file in the
+shipped schema (sets ``attack-char`` and ``attack-word`` next to the ``clean`` originals), so it goes
+straight into ``coin evaluate`` (``evaluate.instruction_file``).
+
+Operators (own code: TextAttack needs flair, nltk and more, and downloads embeddings or WordNet at run time;
+docs/protocol.md#adaptive-attack-coin-attack):
+
+- ``char`` (DeepWordBug / TextBugger style), inside one word of >= 3 letters: swap two adjacent characters,
+  delete one, insert a letter, substitute one with a QWERTY keyboard neighbour;
+- ``word``: substitute a word with a synonym from :data:`WORD_SYNONYMS` (plus the single-word rules of
+  :data:`coin.data.paraphrase.SYNONYMS`), or swap two adjacent words.
+
+Protected, never edited and never created by an edit (each candidate is checked): the task's label words, the
+answer options of the file's ``label_set`` and ``{placeholders}``. Each word is edited at most once.
+
+Search: greedy. From the current instruction every applicable edit is listed in a fixed order, ``per_step`` of
+them are drawn with ``random.Random(f"{seed}/{level}/{task}/{index}")``, each is scored (one *query* = one
+candidate instruction scored on the whole sample), and the best is kept if it lowers the objective
+``(accuracy, mean margin)`` (margin = gold label score minus the best other label's: it lets the search move
+while the accuracy of a small sample does not). It stops at ``max_edits`` kept edits, at ``max_queries``
+queries (the clean instruction's score counts as one) or when no drawn edit lowers the objective. Same
+inputs and seed, same file byte for byte.
+
+The search core (:func:`attack_instruction`, :func:`attack_sets`) takes a scoring callable, so it runs with
+a stub; :func:`model_scorer` builds the real one on the evaluation's own scoring path.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from coin.data.io import DataError, read_json, write_json
+from coin.data.paraphrase import SYNONYMS as RULE_SYNONYMS
+
+LEVELS: dict[str, str] = {"char": "attack-char", "word": "attack-word"}  # level -> set name in the output file
+
+
+class Score(NamedTuple):
+    """An instruction's result on the sample: accuracy in [0, 1] and mean gold margin (lower = worse)."""
+
+    accuracy: float
+    margin: float = 0.0
+
+
+# (task, instructions) -> one Score (or a plain accuracy) per instruction, in order
+Scorer = Callable[[str, Sequence[str]], Sequence["Score | float"]]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """``max_edits`` kept edits per instruction; ``max_queries`` scored instructions per instruction (its clean
+    score included); ``per_step`` candidate edits drawn and scored per greedy step."""
+
+    max_edits: int = 2
+    max_queries: int = 50
+    per_step: int = 12
+
+    def __post_init__(self) -> None:
+        if self.max_edits < 1 or self.max_queries < 2 or self.per_step < 1:
+            raise ValueError(f"budget needs max_edits >= 1, max_queries >= 2, per_step >= 1; got {self}")
+
+
+# --------------------------------------------------------------------------- tokens and protection
+
+_TOKEN = re.compile(r"\{[^{}]*\}|[A-Za-z0-9_]+")
+
+# QWERTY neighbours (same row and the rows above/below), lower case
+_KEYBOARD_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
+KEYBOARD_NEIGHBOURS: dict[str, str] = {}
+for _r, _row in enumerate(_KEYBOARD_ROWS):
+    for _c, _ch in enumerate(_row):
+        near = [_row[j] for j in (_c - 1, _c + 1) if 0 <= j < len(_row)]
+        for _r2 in (_r - 1, _r + 1):
+            if 0 <= _r2 < len(_KEYBOARD_ROWS):
+                near += [_KEYBOARD_ROWS[_r2][j] for j in (_c - 1, _c, _c + 1) if 0 <= j < len(_KEYBOARD_ROWS[_r2])]
+        KEYBOARD_NEIGHBOURS[_ch] = "".join(near)
+
+# Single-word synonyms of words common in classification instructions (a small built-in table in the spirit of
+# TextFooler's counter-fitted neighbours; no embedding download). Merged with the project's rewording rules.
+WORD_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "analyze": ("examine", "assess"), "analyse": ("examine",), "evaluate": ("assess", "judge"),
+    "assess": ("evaluate", "judge"), "determine": ("decide", "establish"), "identify": ("detect", "recognize"),
+    "classify": ("categorize", "label"), "categorize": ("classify",), "choose": ("select", "pick"),
+    "select": ("choose", "pick"), "respond": ("reply", "answer"), "reply": ("respond",), "answer": ("reply",),
+    "read": ("review", "study"), "provided": ("given", "supplied"), "given": ("provided", "supplied"),
+    "following": ("subsequent", "next"), "text": ("passage", "writing"), "excerpt": ("passage", "extract"),
+    "passage": ("excerpt", "text"), "statement": ("claim", "assertion"), "sentence": ("statement", "phrase"),
+    "sentences": ("statements",), "tone": ("mood", "attitude"), "sentiment": ("feeling", "emotion"),
+    "describe": ("characterize", "depict"), "role": ("capacity", "function"), "tool": ("instrument", "system"),
+    "acting": ("serving", "working"), "classifier": ("categorizer",), "evaluator": ("assessor", "judge"),
+    "please": ("kindly",), "whether": ("if",), "between": ("among",), "this": ("that",),
+    "grammatically": ("syntactically",), "correct": ("right", "proper"), "acceptable": ("permissible",),
+    "meaning": ("sense",), "same": ("identical",), "equivalent": ("identical", "equal"), "pair": ("couple",),
+    "question": ("query",), "context": ("background",), "check": ("verify", "examine"), "verify": ("check",),
+    "indicate": ("state", "show"), "decide": ("determine",), "consider": ("regard", "examine"),
+    "relationship": ("relation", "connection"), "entails": ("implies",), "implies": ("entails",),
+    "conclusion": ("inference",), "premise": ("assumption",), "hypothesis": ("claim",), "label": ("tag",),
+    "expert": ("specialist",), "linguistic": ("language",), "examine": ("inspect", "study"),
+    "assist": ("help",), "task": ("job", "assignment"), "review": ("assessment",), "whole": ("entire",),
+}
+
+
+def synonym_table() -> dict[str, tuple[str, ...]]:
+    """Built-in single-word synonyms plus the project's single-word rewording rules (deduplicated, in order)."""
+    table = {k: list(v) for k, v in WORD_SYNONYMS.items()}
+    for src, dst in RULE_SYNONYMS.items():
+        if src.isalpha() and dst.isalpha():
+            alts = table.setdefault(src, [])
+            if dst not in alts:
+                alts.append(dst)
+    return {k: tuple(v) for k, v in table.items()}
+
+
+def protected_words(label_words: Collection[str], options: Collection[str] = ()) -> frozenset[str]:
+    """Lower-cased words an edit must never touch: label words and answer options (quotes stripped)."""
+    out = set()
+    for w in [*label_words, *options]:
+        out.update(t.lower() for t in _TOKEN.findall(str(w)))
+    return frozenset(out)
+
+
+@dataclass(frozen=True)
+class _Tok:
+    start: int
+    end: int
+    text: str
+    editable: bool
+
+
+def _tokens(text: str, protected: frozenset[str]) -> list[_Tok]:
+    out = []
+    for m in _TOKEN.finditer(text):
+        t = m.group()
+        editable = t.isalpha() and not t.startswith("{") and t.lower() not in protected
+        out.append(_Tok(m.start(), m.end(), t, editable))
+    return out
+
+
+def protected_spans(text: str, protected: frozenset[str]) -> list[str]:
+    """The placeholders and protected words of ``text`` in order: an edit must leave this list unchanged."""
+    return [m.group() for m in _TOKEN.finditer(text) if m.group().startswith("{") or m.group().lower() in protected]
+
+
+# --------------------------------------------------------------------------- edits
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One operator applied at one place: token ``index`` (and ``index + 1`` for a word swap) of the text."""
+
+    op: str          # swap_chars | delete_char | insert_char | keyboard_sub | synonym | swap_words
+    index: int       # token index (the ``_TOKEN`` matches of the text)
+    before: str      # the token(s) before the edit
+    after: str       # the token(s) after it
+
+    def apply(self, text: str, protected: frozenset[str]) -> str:
+        toks = _tokens(text, protected)
+        if self.op == "swap_words":
+            a, b = toks[self.index], toks[self.index + 1]
+            return text[:a.start] + b.text + text[a.end:b.start] + a.text + text[b.end:]
+        t = toks[self.index]
+        return text[:t.start] + self.after + text[t.end:]
+
+
+def _case_like(word: str, model: str) -> str:
+    if model.isupper() and len(model) > 1:
+        return word.upper()
+    return word[:1].upper() + word[1:] if model[:1].isupper() else word
+
+
+def char_edits(word: str, index: int, rng: random.Random) -> list[Edit]:
+    """One random instance of each character operator on ``word`` (>= 3 letters), in operator order."""
+    if len(word) < 3:
+        return []
+    out = []
+    swaps = [i for i in range(len(word) - 1) if word[i] != word[i + 1]]
+    if swaps:
+        i = rng.choice(swaps)
+        out.append(Edit("swap_chars", index, word, word[:i] + word[i + 1] + word[i] + word[i + 2:]))
+    i = rng.randrange(len(word))
+    out.append(Edit("delete_char", index, word, word[:i] + word[i + 1:]))
+    i = rng.randrange(len(word) + 1)
+    ch = rng.choice("abcdefghijklmnopqrstuvwxyz")
+    out.append(Edit("insert_char", index, word, word[:i] + ch + word[i:]))
+    subs = [i for i in range(len(word)) if word[i].lower() in KEYBOARD_NEIGHBOURS]
+    if subs:
+        i = rng.choice(subs)
+        near = rng.choice(KEYBOARD_NEIGHBOURS[word[i].lower()])
+        near = near.upper() if word[i].isupper() else near
+        out.append(Edit("keyboard_sub", index, word, word[:i] + near + word[i + 1:]))
+    return [e for e in out if e.after != word]
+
+
+def candidate_edits(level: str, text: str, protected: frozenset[str], edited: Collection[int],
+                    rng: random.Random, synonyms: dict[str, tuple[str, ...]] | None = None) -> list[Edit]:
+    """Every edit of ``level`` applicable to ``text`` (random instances for ``char``), in a fixed order; tokens
+    in ``edited`` and protected ones are skipped, and an edit that changes the protected spans is dropped."""
+    toks = _tokens(text, protected)
+    out: list[Edit] = []
+    if level == "char":
+        for i, t in enumerate(toks):
+            if t.editable and i not in edited:
+                out += char_edits(t.text, i, rng)
+    elif level == "word":
+        table = synonym_table() if synonyms is None else synonyms
+        for i, t in enumerate(toks):
+            if not t.editable or i in edited:
+                continue
+            out += [Edit("synonym", i, t.text, _case_like(s, t.text)) for s in table.get(t.text.lower(), ())]
+            if i + 1 < len(toks):
+                n = toks[i + 1]
+                if (n.editable and i + 1 not in edited and text[t.end:n.start].isspace()
+                        and t.text.lower() != n.text.lower()):
+                    out.append(Edit("swap_words", i, f"{t.text} {n.text}", f"{n.text} {t.text}"))
+    else:
+        raise ValueError(f"unknown attack level {level!r}; use one of {', '.join(LEVELS)}")
+    keep = protected_spans(text, protected)
+    return [e for e in out if protected_spans(e.apply(text, protected), protected) == keep]
+
+
+# --------------------------------------------------------------------------- search
+
+
+@dataclass
+class KeptEdit:
+    op: str
+    before: str
+    after: str
+    instruction: str            # the instruction after this edit
+    accuracy_before: float
+    accuracy_after: float
+    accuracy_drop: float        # accuracy_before - accuracy_after (>= 0)
+    margin_before: float
+    margin_after: float
+
+
+@dataclass
+class AttackOutcome:
+    task: str
+    level: str
+    index: int
+    clean: str
+    attacked: str
+    clean_accuracy: float
+    attacked_accuracy: float
+    queries: int
+    stopped: str                # max_edits | max_queries | no_improvement | no_candidates
+    edits: list[KeptEdit] = field(default_factory=list)
+
+
+def _as_score(value: Score | float) -> Score:
+    return value if isinstance(value, Score) else Score(float(value), 0.0)
+
+
+def attack_instruction(clean: str, *, task: str, level: str, index: int, scorer: Scorer, protected: frozenset[str],
+                       budget: Budget, seed: int) -> AttackOutcome:
+    """Greedy search on one instruction (see the module docstring); deterministic under ``seed``."""
+    rng = random.Random(f"{seed}/{level}/{task}/{index}")  # str seeds: stable across runs and platforms
+    cache: dict[str, Score] = {}
+    queries = 0
+
+    def score(texts: list[str]) -> list[Score]:
+        nonlocal queries
+        new = list(dict.fromkeys(t for t in texts if t not in cache))
+        if new:
+            got = list(scorer(task, new))
+            if len(got) != len(new):
+                raise ValueError(f"scorer returned {len(got)} scores for {len(new)} instructions")
+            cache.update(zip(new, map(_as_score, got), strict=True))
+            queries += len(new)
+        return [cache[t] for t in texts]
+
+    current, (cur,) = clean, score([clean])
+    first = cur
+    edited: set[int] = set()
+    kept: list[KeptEdit] = []
+    stopped = "max_edits"
+    while len(kept) < budget.max_edits:
+        left = budget.max_queries - queries
+        if left <= 0:
+            stopped = "max_queries"
+            break
+        cands = candidate_edits(level, current, protected, edited, rng)
+        if not cands:
+            stopped = "no_candidates"
+            break
+        drawn = rng.sample(cands, min(budget.per_step, len(cands), left))
+        texts = [e.apply(current, protected) for e in drawn]
+        scores = score(texts)
+        best = min(range(len(drawn)), key=lambda j: (scores[j].accuracy, scores[j].margin, j))
+        if (scores[best].accuracy, scores[best].margin) >= (cur.accuracy, cur.margin):
+            stopped = "no_improvement"
+            break
+        e, new = drawn[best], scores[best]
+        kept.append(KeptEdit(op=e.op, before=e.before, after=e.after, instruction=texts[best],
+                             accuracy_before=cur.accuracy, accuracy_after=new.accuracy,
+                             accuracy_drop=round(cur.accuracy - new.accuracy, 6),
+                             margin_before=round(cur.margin, 6), margin_after=round(new.margin, 6)))
+        edited.update({e.index, e.index + 1} if e.op == "swap_words" else {e.index})
+        current, cur = texts[best], new
+    return AttackOutcome(task=task, level=level, index=index, clean=clean, attacked=current,
+                         clean_accuracy=first.accuracy, attacked_accuracy=cur.accuracy, queries=queries,
+                         stopped=stopped, edits=kept)
+
+
+def attack_sets(clean: dict[str, list[str]], *, scorer: Scorer, protected: dict[str, frozenset[str]],
+                levels: Sequence[str], budget: Budget, seed: int) -> list[AttackOutcome]:
+    """Every (level, task, instruction) of ``clean`` (``{task: [instruction, ...]}``), in that order."""
+    return [attack_instruction(text, task=task, level=level, index=i, scorer=scorer, protected=protected[task],
+                               budget=budget, seed=seed)
+            for level in levels for task, texts in clean.items() for i, text in enumerate(texts)]
+
+
+# --------------------------------------------------------------------------- files
+
+
+def log_path(out: str | Path) -> Path:
+    """The edit log beside the instruction file: ``attack.json`` -> ``attack.log.json``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.log.json")
+
+
+def write_attack_files(out: str | Path, clean: dict[str, list[str]], outcomes: list[AttackOutcome], *,
+                       source: str | Path, source_set: str, settings: dict[str, Any]) -> tuple[Path, Path]:
+    """The instruction file (shipped schema: ``clean`` plus one ``attack-<level>`` set per level, and the source
+    file's label fields, which the generation parser reads) and its edit log. Both key-sorted: same run, same
+    bytes (nothing time-dependent is written)."""
+    out = Path(out)
+    perturbations: dict[str, dict[str, list[str]]] = {"clean": {t: list(v) for t, v in clean.items()}}
+    for o in outcomes:
+        perturbations.setdefault(LEVELS[o.level], {t: list(v) for t, v in clean.items()})[o.task][o.index] = o.attacked
+    src = read_json(source)
+    doc: dict[str, Any] = {
+        "_source": {"generator": "coin attack", "source_file": str(source), "source_set": source_set,
+                    "log": log_path(out).name, **settings},
+        "perturbations": perturbations,
+    }
+    for key in ("label_set", "label_to_id", "id_to_label"):
+        if isinstance(src, dict) and isinstance(src.get(key), dict):
+            doc[key] = {t: v for t, v in src[key].items() if t in clean}
+    write_json(out, doc)
+    summary: dict[str, Any] = {}
+    for o in outcomes:
+        s = summary.setdefault(LEVELS[o.level], {}).setdefault(o.task, {"clean": [], "attacked": []})
+        s["clean"].append(o.clean_accuracy)
+        s["attacked"].append(o.attacked_accuracy)
+    for by_task in summary.values():
+        for s in by_task.values():
+            s["clean_mean"] = round(sum(s["clean"]) / len(s["clean"]), 6)
+            s["attacked_mean"] = round(sum(s["attacked"]) / len(s["attacked"]), 6)
+    write_json(log_path(out), {"settings": settings, "instruction_file": out.name, "summary": summary,
+                               "instructions": [asdict(o) for o in outcomes]})
+    return out, log_path(out)
+
+
+# --------------------------------------------------------------------------- the model's scorer
+
+
+def model_scorer(model, tokenizer, samples: dict[str, list[dict[str, Any]]], cfg, *,
+                 label_counts: dict[str, list[int]] | None = None) -> Scorer:
+    """A :data:`Scorer` that decides exactly as the evaluation does (``runner._evaluate_task``, loglik with
+    ``cfg``'s prompt format, length normalisation and calibration) on ``samples`` (``{task: rows}``)."""
+    from coin.evaluation.runner import _evaluate_task
+
+    loglik = cfg.model_copy(update={"scoring": ["loglik"]})
+
+    def score(task: str, instructions: Sequence[str]) -> list[Score]:
+        timing = {"loglik": {"seconds": 0.0, "items": 0, "forward_tokens": 0}}
+        (frame,) = _evaluate_task(model, tokenizer, task, samples[task], {"attack": list(instructions)}, loglik,
+                                  {}, timing, [], (label_counts or {}).get(task))
+        frame = frame.assign(margin=[_margin(s, y) for s, y in zip(frame["scores"], frame["label"], strict=True)])
+        by = frame.groupby("instruction_id")
+        acc, margin = by["correct"].mean(), by["margin"].mean()
+        return [Score(round(float(acc[i]), 6), round(float(margin[i]), 6)) for i in range(len(instructions))]
+
+    return score
+
+
+def _margin(scores: Sequence[float], label: int) -> float:
+    others = [s for j, s in enumerate(scores) if j != label]
+    return float(scores[label] - max(others)) if others else 0.0
+
+
+# --------------------------------------------------------------------------- `coin attack`
+
+
+def load_model(spec: str, settings) -> tuple[Any, Any, dict[str, list[int]] | None, str]:
+    """``(model, tokenizer, label_counts, kind)``: an adapter directory written by ``coin train`` (it has
+    ``coin_model.json``; run the way it was trained, with its training label counts) or a backbone name/path
+    (``minilm``; ``model.*`` settings, a uniform prior), as the evaluation loads them."""
+    from coin.modeling.adapter import META_FILE, load_trained
+    from coin.modeling.backbone import load_backbone
+
+    path = Path(spec)
+    if path.is_dir() and not (path / META_FILE).is_file() and not (path / "config.json").is_file():
+        raise DataError(f"{spec}: neither an adapter directory written by `coin train` (no {META_FILE}) nor a model "
+                        f"checkpoint (no config.json)")
+    if not path.exists() and ("/" in spec or "\\" in spec):
+        raise DataError(f"{spec}: no such directory; pass an adapter directory written by `coin train` "
+                        f"(outputs/train/<method>/adapter) or a backbone name such as minilm")
+    if (path / META_FILE).is_file():
+        model, tokenizer, meta = load_trained(path, device=settings.model.device)
+        return model, tokenizer, meta.get("label_counts"), "adapter"
+    m = settings.model
+    bb = load_backbone(spec, dtype=m.dtype, device=m.device, seed=settings.seed, attention=m.attention,
+                       readout=m.readout)
+    bb.model.eval()
+    return bb.model, bb.tokenizer, None, "backbone"
+
+
+def attack_sample(settings, root: Path, task: str, n: int, seed: int, *, holdout: bool = True) -> list[dict[str, Any]]:
+    """The attack's rows of ``task``: ``n`` drawn with ``sample_indices(.., seed, task)`` from the validation rows,
+    without (``holdout``, the default) the evaluation's own sample (``evaluate.samples_per_task`` rows under the
+    global seed). Held out, the evaluation of the written file measures the attack on examples it was not tuned
+    on; with ``holdout=False`` and the global seed the attack sample is the evaluation's (PromptBench's way), and
+    the evaluated drop is the search's own, optimistic for the attacker."""
+    from coin.evaluation.sampling import load_validation_rows, sample_examples, sample_indices
+
+    data_dir = root / settings.paths.data_dir
+    rows, _ = load_validation_rows(data_dir, task)
+    if holdout:
+        ev = settings.evaluate.samples_per_task
+        seen = {r["example_id"] for r in sample_examples(data_dir, task, ev, settings.seed)[0]}
+        rows = [r for r in rows if r["example_id"] not in seen]
+        if not rows:
+            raise DataError(f"{task}: every validation row is in the evaluation sample (evaluate.samples_per_task="
+                            f"{ev}); lower it or attack on the evaluation sample itself (--no-holdout)")
+    return [rows[i] for i in sample_indices(len(rows), n, seed, task)]
+
+
+def run_attack(settings, root: Path, *, model: str, out: str | Path, instructions: str | Path | None = None,
+               source_set: str = "clean", tasks: Sequence[str] | None = None, levels: Sequence[str] = tuple(LEVELS),
+               budget: Budget = Budget(), samples: int = 50, seed: int | None = None,
+               holdout: bool = True) -> dict[str, Any]:
+    """Attack ``model`` with the ``source_set`` instructions of ``instructions`` (default
+    ``evaluate.instruction_file``) on ``samples`` seeded validation rows per task; write the file and its log.
+
+    See :func:`attack_sample` for the rows (``holdout``: none of the evaluation's own sample)."""
+    import time
+
+    from coin.data.tasks import get_task
+    from coin.evaluation.generation import label_choices
+    from coin.evaluation.instructions import load_instruction_sets
+
+    t0 = time.perf_counter()
+    seed = settings.seed if seed is None else seed
+    tasks = list(tasks or settings.evaluate.tasks)
+    bad = [lv for lv in levels if lv not in LEVELS]
+    if bad or not levels:
+        raise ValueError(f"--levels: unknown {', '.join(bad) or '(none)'}; use one or more of {', '.join(LEVELS)}")
+    if samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {samples}")
+    for t in tasks:  # an unknown task fails before the model loads
+        try:
+            get_task(t)
+        except KeyError as exc:
+            raise ValueError(f"--tasks: {exc.args[0]}") from None
+    # a file given on the command line is relative to the working directory, the configured one to the project
+    source = Path(instructions) if instructions is not None else root / settings.evaluate.instruction_file
+    clean = load_instruction_sets(source, [source_set], tasks)[source_set]
+    protected = {t: protected_words(get_task(t).label_words, label_choices(get_task(t).label_words, source, t))
+                 for t in tasks}
+    rows = {t: attack_sample(settings, root, t, samples, seed, holdout=holdout) for t in tasks}
+    net, tokenizer, counts, kind = load_model(model, settings)
+    scorer = model_scorer(net, tokenizer, rows, settings.evaluate, label_counts=counts)
+    outcomes = attack_sets(clean, scorer=scorer, protected=protected, levels=levels, budget=budget, seed=seed)
+    recorded = {"model": str(model), "model_kind": kind, "tasks": tasks, "levels": list(levels),
+                "samples": {t: len(r) for t, r in rows.items()}, "seed": seed, "holdout": holdout,
+                "budget": asdict(budget),
+                "prompt_format": settings.evaluate.prompt_format, "calibration": settings.evaluate.calibration,
+                "length_normalise": settings.evaluate.length_normalise}
+    path, log_file = write_attack_files(out, clean, outcomes, source=source, source_set=source_set, settings=recorded)
+    table = {f"{LEVELS[o.level]}/{o.task}": [] for o in outcomes}
+    for o in outcomes:
+        table[f"{LEVELS[o.level]}/{o.task}"].append((o.clean_accuracy, o.attacked_accuracy))
+    return {"instruction_file": str(path), "log": str(log_file), "wall_time_s": round(time.perf_counter() - t0, 1),
+            "queries": sum(o.queries for o in outcomes),
+            "accuracy": {k: {"clean": round(sum(c for c, _ in v) / len(v), 4),
+                             "attacked": round(sum(a for _, a in v) / len(v), 4)} for k, v in table.items()},
+            "evaluate_with": f"--set evaluate.instruction_file={path} "
+                             f"--set 'evaluate.instruction_sets=[clean,{','.join(LEVELS[lv] for lv in levels)}]' "
+                             f"--set 'evaluate.tasks=[{','.join(tasks)}]'"}

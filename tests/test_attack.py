@@ -1,0 +1,313 @@
+"""`coin attack` (coin.evaluation.attack): edit operators, protection, the greedy search with a stub scorer,
+the files it writes, the real scorer on a tiny model against the evaluation, and the CLI command."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from coin.cli import app
+from coin.config import EvaluateSettings, Settings, load_settings
+from coin.data.io import DataError
+from coin.data.tasks import TASKS, get_task
+from coin.evaluation.attack import (
+    KEYBOARD_NEIGHBOURS,
+    LEVELS,
+    Budget,
+    Score,
+    attack_instruction,
+    attack_sample,
+    attack_sets,
+    candidate_edits,
+    char_edits,
+    load_model,
+    log_path,
+    model_scorer,
+    protected_spans,
+    protected_words,
+    run_attack,
+    write_attack_files,
+)
+from coin.evaluation.generation import label_choices
+from coin.evaluation.instructions import load_instruction_sets
+from coin.evaluation.runner import evaluate_model
+from coin.evaluation.sampling import sample_examples
+from coin.modeling.backbone import load_backbone
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+INSTRUCTIONS = DATA / "promptbench" / "coin_perturbed_instructions.json"
+TEMPLATE = "Is the sentiment of the following {sentence} positive or negative? Options: {options_} 'positive'"
+
+
+def _clean(tasks: list[str]) -> dict[str, list[str]]:
+    return load_instruction_sets(INSTRUCTIONS, ["clean"], tasks)["clean"]
+
+
+def _protected(task: str) -> frozenset[str]:
+    words = get_task(task).label_words
+    return protected_words(words, label_choices(words, INSTRUCTIONS, task))
+
+
+def _label_counts(text: str, words) -> list[int]:
+    return [len(re.findall(rf"(?<![A-Za-z0-9_]){re.escape(w)}(?![A-Za-z0-9_])", text, flags=re.I)) for w in words]
+
+
+# --------------------------------------------------------------------------- operators
+
+
+def test_char_operators_do_what_they_say() -> None:
+    rng = random.Random(0)
+    for word in ["sentiment", "Classify", "tone"]:
+        for e in char_edits(word, 3, rng):
+            a, b = e.before, e.after
+            assert a == word and e.index == 3 and b != a
+            if e.op == "swap_chars":
+                assert sorted(a) == sorted(b) and len(a) == len(b)
+                diff = [i for i in range(len(a)) if a[i] != b[i]]
+                assert len(diff) == 2 and diff[1] == diff[0] + 1
+            elif e.op == "delete_char":
+                assert len(b) == len(a) - 1 and any(a[:i] + a[i + 1:] == b for i in range(len(a)))
+            elif e.op == "insert_char":
+                assert len(b) == len(a) + 1 and any(b[:i] + b[i + 1:] == a for i in range(len(b)))
+            else:
+                assert e.op == "keyboard_sub"
+                (i,) = [i for i in range(len(a)) if a[i] != b[i]]
+                assert b[i].lower() in KEYBOARD_NEIGHBOURS[a[i].lower()] and a[i].isupper() == b[i].isupper()
+    assert char_edits("is", 0, rng) == []  # words of < 3 letters are left alone
+    assert "s" in KEYBOARD_NEIGHBOURS["a"] and "q" in KEYBOARD_NEIGHBOURS["a"] and "p" not in KEYBOARD_NEIGHBOURS["a"]
+
+
+def test_word_operators_synonyms_keep_case_and_swaps_are_adjacent() -> None:
+    text = "Analyze the tone of this statement: "
+    edits = candidate_edits("word", text, protected_words(["positive", "negative"]), set(), random.Random(0))
+    syn = {(e.before, e.after) for e in edits if e.op == "synonym"}
+    assert ("Analyze", "Examine") in syn and ("tone", "mood") in syn
+    swaps = {e.apply(text, frozenset()) for e in edits if e.op == "swap_words"}
+    assert "the Analyze tone of this statement: " in swaps
+    assert "Analyze the tone of statement this: " in swaps
+    assert all(e.op in {"synonym", "swap_words"} for e in edits)
+    # only words separated by whitespace alone swap: not across punctuation
+    other = candidate_edits("word", "Rate tone: this", frozenset(), set(), random.Random(0))
+    assert [e.apply("Rate tone: this", frozenset()) for e in other if e.op == "swap_words"] == ["tone Rate: this"]
+
+
+def test_unknown_level_and_bad_budget_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown attack level"):
+        candidate_edits("sentence", "a b c", frozenset(), set(), random.Random(0))
+    with pytest.raises(ValueError, match="max_edits >= 1"):
+        Budget(max_edits=0)
+
+
+@pytest.mark.parametrize("level", list(LEVELS))
+def test_protected_words_and_placeholders_survive_every_candidate_edit(level: str) -> None:
+    """Every candidate edit of every shipped clean instruction (many seeds), and of a template with
+    placeholders, keeps the label words, the answer options and the placeholders, and adds none."""
+    cases = [(t, text) for t, texts in _clean(list(TASKS)).items() for text in texts]
+    cases.append(("sst2", TEMPLATE))
+    for task, text in cases:
+        prot = _protected(task)
+        keep = protected_spans(text, prot)
+        words = get_task(task).label_words
+        for seed in range(5):
+            for e in candidate_edits(level, text, prot, set(), random.Random(seed)):
+                new = e.apply(text, prot)
+                assert new != text
+                assert protected_spans(new, prot) == keep, (task, text, e)
+                assert _label_counts(new, words) == _label_counts(text, words), (task, text, e)
+                assert re.findall(r"\{[^{}]*\}", new) == re.findall(r"\{[^{}]*\}", text)
+
+
+def test_an_edit_that_would_create_a_label_word_is_dropped() -> None:
+    prot = protected_words(["good", "bad"])
+    edits = candidate_edits("word", "Is it fine ?", prot, set(), random.Random(0), synonyms={"fine": ("good", "ok")})
+    assert [e.after for e in edits if e.op == "synonym"] == ["ok"]
+
+
+# --------------------------------------------------------------------------- search with stub scorers
+
+
+def _word_stub(word: str):
+    """Accuracy 1.0 while ``word`` is a token of the instruction, 0.5 without it: only that edit helps."""
+    def score(task, instructions):
+        return [Score(1.0 if re.search(rf"\b{word}\b", s) else 0.5, 0.0) for s in instructions]
+    return score
+
+
+@pytest.mark.parametrize("level", list(LEVELS))
+def test_search_finds_the_edit_that_lowers_accuracy(level: str) -> None:
+    clean = "Analyze the tone of this statement and respond with 'positive' or 'negative': "
+    out = attack_instruction(clean, task="sst2", level=level, index=0, scorer=_word_stub("tone"),
+                             protected=_protected("sst2"), budget=Budget(max_edits=2, max_queries=500, per_step=500),
+                             seed=0)
+    assert out.clean_accuracy == 1.0 and out.attacked_accuracy == 0.5
+    (edit,) = out.edits  # a second edit cannot lower it further: the search stops
+    assert edit.before == "tone" and edit.accuracy_drop == 0.5 and edit.instruction == out.attacked
+    assert out.stopped == "no_improvement" and "'positive' or 'negative'" in out.attacked
+
+
+def test_search_uses_the_margin_between_accuracy_steps_and_respects_the_budget() -> None:
+    """A stub whose margin falls with every changed word: the search keeps max_edits edits, spends at
+    most max_queries queries and records each edit's accuracy (unchanged: drop 0) and margin."""
+    clean = "Evaluate the sentiment of the given text and classify it as 'positive' or 'negative': "
+
+    def score(task, instructions):
+        words = set(re.findall(r"\w+", clean))
+        return [Score(0.8, -float(len(set(re.findall(r"\w+", s)) - words))) for s in instructions]
+
+    # 1 query for the clean instruction, then up to 4 per step (the last step draws what is left)
+    for max_queries, n_edits, stopped in ((5, 1, "max_queries"), (7, 2, "max_queries"), (200, 3, "max_edits")):
+        out = attack_instruction(clean, task="sst2", level="char", index=0, scorer=score,
+                                 protected=_protected("sst2"), budget=Budget(3, max_queries, per_step=4), seed=1)
+        assert out.queries <= max_queries
+        assert len(out.edits) == n_edits and out.stopped == stopped
+        assert all(e.accuracy_drop == 0 and e.margin_after < e.margin_before for e in out.edits)
+
+
+def test_no_edit_that_does_not_lower_the_objective_is_kept() -> None:
+    out = attack_instruction("Classify this text as 'positive' or 'negative': ", task="sst2", level="word", index=0,
+                             scorer=lambda task, xs: [0.7] * len(xs), protected=_protected("sst2"),
+                             budget=Budget(), seed=0)
+    assert out.edits == [] and out.attacked == out.clean and out.stopped == "no_improvement" and out.queries > 1
+
+
+def _random_stub(task, instructions):
+    """Deterministic pseudo-accuracies from the text (a 'model' the search can move by any edit)."""
+    return [Score(random.Random(s).randrange(0, 11) / 10, random.Random(s + "m").uniform(-1, 1)) for s in instructions]
+
+
+def _attack_files(tmp_path: Path, name: str, seed: int, tasks=("sst2", "rte", "mnli")) -> tuple[Path, Path]:
+    clean = _clean(list(tasks))
+    protected = {t: _protected(t) for t in tasks}
+    outcomes = attack_sets(clean, scorer=_random_stub, protected=protected, levels=list(LEVELS), budget=Budget(),
+                           seed=seed)
+    return write_attack_files(tmp_path / name, clean, outcomes, source=INSTRUCTIONS, source_set="clean",
+                              settings={"seed": seed})
+
+
+def test_output_loads_in_the_evaluation_and_keeps_protected_words(tmp_path: Path) -> None:
+    path, log = _attack_files(tmp_path, "attack.json", seed=0)
+    assert log == log_path(path) == tmp_path / "attack.log.json"
+    tasks = ["sst2", "rte", "mnli"]
+    sets = load_instruction_sets(path, ["clean", "attack-char", "attack-word"], tasks)
+    assert sets["clean"] == _clean(tasks)
+    for t in tasks:
+        label_choices(get_task(t).label_words, path, t)  # label fields copied and consistent
+        for s in ("attack-char", "attack-word"):
+            assert len(sets[s][t]) == len(sets["clean"][t])
+            for clean, attacked in zip(sets["clean"][t], sets[s][t], strict=True):
+                assert protected_spans(attacked, _protected(t)) == protected_spans(clean, _protected(t))
+    assert any(sets[s][t] != sets["clean"][t] for s in ("attack-char", "attack-word") for t in tasks)
+    record = json.loads(log.read_text())
+    entries = record["instructions"]
+    assert len(entries) == 2 * sum(len(v) for v in sets["clean"].values())
+    for e in entries:
+        attacked = sets[LEVELS[e["level"]]][e["task"]][e["index"]]
+        assert e["attacked"] == attacked and len(e["edits"]) <= Budget().max_edits and e["queries"] <= 50
+        acc = e["clean_accuracy"]
+        for k in e["edits"]:  # each kept edit's accuracy drop, chained from the clean accuracy
+            assert k["accuracy_before"] == acc and k["accuracy_drop"] == pytest.approx(acc - k["accuracy_after"])
+            acc = k["accuracy_after"]
+        assert acc == e["attacked_accuracy"] and (not e["edits"] or e["edits"][-1]["instruction"] == attacked)
+
+
+def test_same_seed_same_bytes_other_seed_other_file(tmp_path: Path) -> None:
+    a = _attack_files(tmp_path, "a.json", seed=3)
+    b = _attack_files(tmp_path, "b.json", seed=3)
+    c = _attack_files(tmp_path, "c.json", seed=4)
+    assert a[0].read_bytes() == b[0].read_bytes().replace(b"b.log.json", b"a.log.json")
+    assert a[1].read_bytes() == b[1].read_bytes().replace(b'"b.json"', b'"a.json"')
+    assert json.loads(a[0].read_text())["perturbations"] != json.loads(c[0].read_text())["perturbations"]
+
+
+# --------------------------------------------------------------------------- the real scorer, a tiny model
+
+
+def test_model_scorer_agrees_with_the_evaluation(tiny_llama_dir: Path) -> None:
+    """The attack's accuracy of an instruction is the evaluation's accuracy of it (same sample, same decision
+    rule, calibration included)."""
+    bb = load_backbone(str(tiny_llama_dir), device="cpu")
+    cfg = EvaluateSettings(instruction_file=str(INSTRUCTIONS), tasks=["sst2"], instruction_sets=["clean"],
+                           samples_per_task=6, batch_size=16, autocast="off", scoring=["loglik"])
+    rows, _ = sample_examples(DATA, "sst2", 6, 0)
+    scorer = model_scorer(bb.model, bb.tokenizer, {"sst2": rows}, cfg, label_counts={"sst2": [3, 1]})
+    got = scorer("sst2", _clean(["sst2"])["sst2"])
+    res = evaluate_model(bb.model, bb.tokenizer, cfg, data_dir=DATA, seed=0, model_label="t",
+                         label_counts={"sst2": [3, 1]})
+    want = res.predictions.groupby("instruction_id")["correct"].mean().tolist()
+    assert [s.accuracy for s in got] == pytest.approx(want)
+    assert all(isinstance(s.margin, float) for s in got)
+
+
+def test_cli_attack_on_a_tiny_model_writes_a_loadable_file(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    out = tmp_path / "att" / "attack.json"
+    args = ["attack", "--model", str(tiny_llama_dir), "--out", str(out), "--instructions", str(INSTRUCTIONS),
+            "--tasks", "sst2", "--budget", "1", "--max-queries", "4", "--per-step", "3", "--samples", "4",
+            "--seed", "0", "--params", str(params), "--set", f"paths.data_dir={DATA}",
+            "--set", f"evaluate.instruction_file={INSTRUCTIONS}"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    first = out.read_bytes()
+    load_instruction_sets(out, ["clean", "attack-char", "attack-word"], ["sst2"])
+    record = json.loads(log_path(out).read_text())
+    assert record["settings"]["budget"] == {"max_edits": 1, "max_queries": 4, "per_step": 3}
+    assert record["settings"]["samples"] == {"sst2": 4} and record["settings"]["model_kind"] == "backbone"
+    assert record["settings"]["holdout"] is True
+    assert all(e["queries"] <= 4 and len(e["edits"]) <= 1 for e in record["instructions"])
+    assert CliRunner().invoke(app, args).exit_code == 0 and out.read_bytes() == first  # deterministic end to end
+    bad = CliRunner().invoke(app, [*args, "--levels", "sentence"])
+    assert bad.exit_code == 2 and "--levels" in bad.output
+    bad = CliRunner().invoke(app, [*args, "--tasks", "sst3"])
+    assert bad.exit_code == 2 and "--tasks" in bad.output and "unknown task 'sst3'" in bad.output
+    bad = CliRunner().invoke(app, [*args[:2], str(tmp_path / "nope" / "adapter"), *args[3:]])
+    assert bad.exit_code == 3 and "no such directory" in bad.output
+    bad = CliRunner().invoke(app, [*args[:2], str(tmp_path), *args[3:]])
+    assert bad.exit_code == 3 and "no coin_model.json" in bad.output
+
+
+def test_attacked_file_goes_straight_into_the_evaluation_with_the_logged_accuracies(tiny_llama_dir: Path,
+                                                                                   tmp_path: Path) -> None:
+    """The written file is evaluated as is, and on the attack's sample and seed the evaluation measures, per
+    instruction, exactly the clean and attacked accuracies the log records."""
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    settings = load_settings(params, [f"paths.data_dir={DATA}", f"evaluate.instruction_file={INSTRUCTIONS}",
+                                      "evaluate.tasks=[sst2]"])
+    out = tmp_path / "attack.json"
+    run_attack(settings, tmp_path, model=str(tiny_llama_dir), out=out, instructions=INSTRUCTIONS, tasks=["rte"],
+               budget=Budget(max_edits=2, max_queries=7, per_step=3), samples=5, seed=7, holdout=False)
+    model, tok, counts, kind = load_model(str(tiny_llama_dir), settings)
+    cfg = settings.evaluate.model_copy(update={"instruction_file": str(out), "tasks": ["rte"], "samples_per_task": 5,
+                                               "instruction_sets": ["clean", "attack-char", "attack-word"],
+                                               "scoring": ["loglik"]})
+    res = evaluate_model(model, tok, cfg, data_dir=DATA, seed=7, model_label="t", label_counts=counts)
+    acc = res.predictions.groupby(["set", "instruction_id"])["correct"].mean()
+    logged = json.loads(log_path(out).read_text())["instructions"]
+    assert any(e["edits"] for e in logged)  # the margin moves on any edit: the search kept some
+    for e in logged:
+        assert acc[("clean", e["index"])] == pytest.approx(e["clean_accuracy"])
+        assert acc[(LEVELS[e["level"]], e["index"])] == pytest.approx(e["attacked_accuracy"])
+
+
+def test_holdout_sample_avoids_the_evaluation_sample(tmp_path: Path) -> None:
+    settings = Settings.model_validate({"paths": {"data_dir": str(DATA)}, "evaluate": {"samples_per_task": 100}})
+    ev = {r["example_id"] for r in sample_examples(DATA, "sst2", 100, settings.seed)[0]}
+    held = attack_sample(settings, tmp_path, "sst2", 50, 3)
+    assert len(held) == 50 and not ev & {r["example_id"] for r in held}
+    assert held == attack_sample(settings, tmp_path, "sst2", 50, 3)  # seeded
+    assert attack_sample(settings, tmp_path, "sst2", 50, 3, holdout=False) == sample_examples(DATA, "sst2", 50, 3)[0]
+    with pytest.raises(DataError, match="every validation row is in the evaluation sample"):
+        attack_sample(settings, tmp_path, "wnli", 5, 3)  # 71 rows, all evaluated
+
+
+def test_settings_default_instruction_file_is_the_shipped_one() -> None:
+    assert Settings.model_validate({}).evaluate.instruction_file.endswith("coin_perturbed_instructions.json")
