@@ -120,7 +120,8 @@ def coin_study(
     settings, root = load_study(params_path, overrides)  # bad params, methods, seeds or sweep fail here
     params_path = str(Path(params_path).resolve())  # workers may run elsewhere than the flow's cwd
     plan = worker_plan(settings, workers, dask_address, dask_processes)
-    runner = eval_task_runner(plan.workers, plan.address, dask_processes)  # a bad cluster option fails here too
+    # a bad cluster option fails here too
+    runner = eval_task_runner(plan.workers, plan.address, dask_processes, settings.study.dask_dashboard)
 
     parent = open_study_run_task(params_path, overrides, flow_run.get_id())
     status = "FAILED"
