@@ -69,8 +69,9 @@ def test_repro_runs_all_stages_then_nothing_then_only_downstream(project):
 
 def test_metrics_and_plots_show_robustness_numbers_and_loss_curves(project):
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
-    numbers = json.dumps(metrics)
-    assert "acc_mean" in numbers and "textfooler" in numbers
+    numbers = json.dumps(metrics)  # the headline figures (metrics/summary.json), not every cell of metrics.json
+    assert "metrics/summary.json" in numbers and "clean_acc" in numbers and '"word"' in numbers
+    assert "majority_acc" in numbers and "acc_mean" not in numbers
     assert all(m in numbers for m in ('"coin"', '"cit"'))
 
     shown = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)
@@ -88,5 +89,10 @@ def test_exp_run_with_a_train_param_reruns_train_and_below_only(project):
     exps = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     text = json.dumps(exps)
     assert '"lr2"' in text and "0.002" in text
+    lr2 = [e for b in exps for r in b.get("experiments") or [] for e in r.get("revs") or [] if e.get("name") == "lr2"]
+    assert lr2 and not lr2[0].get("error"), lr2  # its metrics are there, not `!`
+    assert lr2[0]["data"]["metrics"]["metrics/summary.json"]["data"]["coin"]["clean_acc"] is not None
+    diff = json.loads(run(["dvc", "metrics", "diff", "--all", "--json"], project).stdout)  # lr2 (workspace) vs HEAD
+    assert {"coin.clean_acc", "cit.levels.word", "reference.majority_acc"} <= set(diff["metrics/summary.json"]), diff
     applied = yaml.safe_load((project / "params.yaml").read_text())
     assert applied["train"]["lr"] == 0.002  # exp run applies its params to the workspace

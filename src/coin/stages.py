@@ -385,7 +385,7 @@ def stage_evaluate_report(settings: Settings, root: Path) -> dict[str, Any]:
         if not d.exists():
             raise DataError(f"{d}: no results for model {label!r}; run `coin evaluate` (or its unit) first")
         results.append(load_result(d))
-    paths = write_eval_outputs(results, lay.eval_dir)
+    paths = write_eval_outputs(results, lay.eval_dir, summary_file=lay.metrics_summary)  # + DVC's metrics file
     metrics = read_json(lay.eval_dir / "metrics.json")
     runs = read_json(lay.train_record).get("runs", {})
     setup_tracking(settings, root)
