@@ -310,7 +310,11 @@ def evaluate_models(params_path: str, overrides: Overrides, parent_run_id: str |
 
 
 def registration_markdown(reg: dict[str, Any]) -> str:
-    """The registration result (version, aliases, promotion decision if any) as a Markdown table."""
+    """The registration result (version, aliases, promotion decision if any) as a Markdown table; a run
+    registered before (a cached re-registration) says so in one line instead of repeating its old decision."""
+    if reg.get("created") is False:
+        return f"**Already registered** `{reg.get('name', '?')}` as version {reg.get('version', '?')}; decision " \
+               f"unchanged (aliases: {', '.join(map(str, reg.get('aliases') or [])) or 'none'})."
     head = f"**Registered** `{reg.get('name', '?')}` version {reg.get('version', '?')}"
     if reg.get("aliases"):
         head += f", aliases: {', '.join(map(str, reg['aliases']))}"
@@ -325,6 +329,13 @@ def registration_markdown(reg: dict[str, Any]) -> str:
 
     rows({k: v for k, v in reg.items() if k not in ("name", "version", "aliases")})
     return "\n".join(lines)
+
+
+def run_banner(flow_name: str, params_path: str, overrides: Overrides | None) -> str:
+    """The flow's first log line: the params file and every ``--set`` override (a secret one redacted), so a run
+    started from a deployment (``--params``) or a schedule says what it runs with."""
+    shown = ", ".join(str(o) for o in overrides or []) or "none"
+    return f"{flow_name}: params {params_path}; overrides: {shown}"
 
 
 @flow(name="coin-pipeline", log_prints=True)
@@ -347,6 +358,7 @@ def coin_pipeline(
     """
     logger = get_run_logger()
     overrides = seal_overrides(overrides)  # subflow runs record their parameters too
+    logger.info("%s", run_banner("coin-pipeline", params_path, overrides))
     dask_address = reveal(dask_address)  # sealed (seal_text) when it holds a credential
     settings, root = _load(params_path, overrides)  # bad params fail here, before any work
     params_path = str(Path(params_path).resolve())  # workers may run elsewhere than the flow's cwd

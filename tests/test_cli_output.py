@@ -68,3 +68,24 @@ def test_validate_stage_output_is_bounded_and_gx_is_quiet(tmp_path):
     print(out)  # shown with -s: what a user sees
     full = json.loads(_coin(["pairs", "--json", *common], tmp_path).stdout)  # the whole result, as before
     assert full["rows"] > 0 and set(full["per_task"]) == {"sst2", "rte"}
+
+
+def test_a_cached_registration_says_so_instead_of_repeating_its_decision():
+    from coin.registry.register import registration_message
+    from flows.pipeline import registration_markdown
+
+    decision = {"promote": True, "reason": "No champion yet: promoted."}
+    new = {"name": "coin-minilm", "version": "1", "aliases": ["champion", "challenger"], "created": True,
+           "decision": decision}
+    again = {**new, "created": False}
+    assert registration_message(new) == ("coin-minilm v1: registered, promoted to champion (aliases: champion, "
+                                         "challenger): No champion yet: promoted.")
+    assert registration_message(again) == ("coin-minilm: already registered as v1; decision unchanged "
+                                           "(aliases: champion, challenger)")
+    md = registration_markdown(again)
+    assert "already registered" in md.lower() and "decision unchanged" in md and "No champion yet" not in md
+    assert "No champion yet" in registration_markdown(new)
+    result = {**again, "message": registration_message(again), "candidates": [{**again, "message": "m1"}]}
+    text = "\n".join(summary_lines("register", result))
+    assert "already registered as v1; decision unchanged" in text and "No champion yet" not in text
+    assert 'candidates: ["m1"]' in text

@@ -47,6 +47,10 @@ def _flatten(d: dict[str, Any], prefix: str = "", depth: int = 0) -> list[tuple[
             continue
         if key == "paths" and isinstance(value, dict):  # the outputs line says where they are
             continue
+        if key == "decision" and d.get("created") is False:  # a registration made before: its message says so
+            continue
+        if isinstance(value, list) and value and all(isinstance(v, dict) and "message" in v for v in value):
+            value = [v["message"] for v in value]  # registrations: their one-line messages
         if isinstance(value, dict) and value and depth < DEPTH:
             out += _flatten(value, f"{prefix}{key}.", depth + 1)
         else:

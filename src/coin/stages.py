@@ -444,7 +444,7 @@ def stage_register(settings: Settings, root: Path) -> dict[str, Any]:
     kept with the version). Candidates are gated in order, each against the champion the previous one left.
     """
     from coin.registry.promotion import candidate_figures, candidate_predictions
-    from coin.registry.register import register_candidate
+    from coin.registry.register import register_candidate, registration_message
     from coin.registry.tracking import setup_tracking
 
     lay = Layout(root, settings)
@@ -463,8 +463,8 @@ def stage_register(settings: Settings, root: Path) -> dict[str, Any]:
                                  candidate_figures(metrics_file, method),
                                  min_improvement=cfg.min_improvement, max_clean_drop=cfg.max_clean_drop,
                                  evidence=cfg.evidence, predictions=candidate_predictions(metrics_file, method))
-        regs.append({"method": method, **reg.to_dict()})
-        log.info("register[%s]: %s version %s, aliases %s", method, reg.name, reg.version, reg.aliases)
+        regs.append({"method": method, **reg.to_dict(), "message": registration_message(reg.to_dict())})
+        log.info("register[%s]: %s", method, regs[-1]["message"])
     out = {**regs[-1], "candidates": regs}
     write_json(lay.register_record, out)
     return out
