@@ -301,12 +301,22 @@ def evaluate_models(params_path: str, overrides: Overrides, parent_run_id: str |
         for label in labels
     ]
     wait(futures)
-    units = [f.result() for f in futures]  # raises the first unit's failure
+    # raises the first unit's failure; "cached": the flow cache's hit (the result, wall time included, is the old one)
+    units = [{**f.result(), "cached": f.state.name == "Cached"} for f in futures]
     report = _fresh(evaluate_report_task, "evaluate_report", settings, root)(params_path, overrides, parent_run_id)
     return {**report, "units": units}
 
 
 # --------------------------------------------------------------------------- the pipeline
+
+
+def unit_line(unit: dict[str, Any]) -> str:
+    """One evaluation unit, for the pipeline flow's log: computed or cached, and how long its evaluation took."""
+    took = f"{float(unit.get('wall_time_s') or 0):.1f} s"
+    if unit.get("cached"):
+        return f"evaluate[{unit.get('label', '?')}]: cached (evaluated earlier in {took})"
+    where = (unit.get("executor") or {}).get("worker") or (unit.get("executor") or {}).get("runner", "?")
+    return f"evaluate[{unit.get('label', '?')}]: computed in {took} on {where}"
 
 
 def registration_markdown(reg: dict[str, Any]) -> str:
@@ -385,6 +395,8 @@ def coin_pipeline(
         train_index_task(params_path, overrides)
 
         evaluated = evaluate_models.with_options(task_runner=runner)(params_path, overrides, parent, threads)
+        for unit in evaluated["units"]:  # the units ran in the subflow, on Dask: say here what each did
+            logger.info("%s", unit_line(unit))
         create_markdown_artifact(evaluated["table"], key="robustness-table",
                                  description="accuracy mean ± std over instructions, per model, task and set")
 
