@@ -20,7 +20,7 @@ def test_an_evaluation_result_prints_its_headline_not_every_figure(tmp_path):
     paths = write_eval_outputs([result("base", constant), result("coin", oracle)], tmp_path / "outputs" / "evaluate")
     metrics = json.loads(paths["metrics"].read_text())
     res = {"metrics": metrics, "table": paths["table"].read_text(), "paths": {k: str(v) for k, v in paths.items()}}
-    settings = Settings.model_validate({"train": {"methods": ["coin"]}})
+    settings = Settings.model_validate({"train": {"methods": ["coin", "cit"]}})
     lines = summary_lines("evaluate", res, stage_outputs("evaluate", settings, tmp_path))
     full = json.dumps({k: v for k, v in res.items() if k != "table"}, indent=2).splitlines()
     assert len(lines) <= MAX_LINES + 12 < len(full)
@@ -30,7 +30,7 @@ def test_an_evaluation_result_prints_its_headline_not_every_figure(tmp_path):
     assert '"clean_acc": 100.0' in text and "metrics.coin:" in text and "metrics.base:" in text
     assert "acc_mean" not in text and "|" not in text  # no per-set figures, no table
     shown = lines[lines.index("outputs:") + 1:]
-    assert "  outputs/evaluate/metrics.json" in shown and "  metrics/summary.json" in shown
+    assert shown == ["  outputs/evaluate/models/", "  outputs/evaluate/", "  metrics/summary.json"]  # 9 paths, by dir
 
 
 def test_a_long_result_is_cut():
@@ -89,3 +89,13 @@ def test_a_cached_registration_says_so_instead_of_repeating_its_decision():
     text = "\n".join(summary_lines("register", result))
     assert "already registered as v1; decision unchanged" in text and "No champion yet" not in text
     assert 'candidates: ["m1"]' in text
+
+
+def test_a_new_registration_prints_its_message_not_every_decision_field():
+    from coin.registry.register import registration_message
+
+    reg = {"name": "m", "version": "2", "aliases": ["challenger"], "created": True,
+           "decision": {"promote": False, "reason": "gain 0.4 < 1.0", "champion": {"clean_acc": 70.0}}}
+    text = "\n".join(summary_lines("register", {**reg, "message": registration_message(reg)}))
+    assert "message: m v2: registered, not promoted (aliases: challenger): gain 0.4 < 1.0" in text
+    assert "decision" not in text

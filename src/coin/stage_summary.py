@@ -47,7 +47,7 @@ def _flatten(d: dict[str, Any], prefix: str = "", depth: int = 0) -> list[tuple[
             continue
         if key == "paths" and isinstance(value, dict):  # the outputs line says where they are
             continue
-        if key == "decision" and d.get("created") is False:  # a registration made before: its message says so
+        if key == "decision" and "message" in d:  # a registration: its message holds the verdict and the reason
             continue
         if isinstance(value, list) and value and all(isinstance(v, dict) and "message" in v for v in value):
             value = [v["message"] for v in value]  # registrations: their one-line messages
@@ -90,11 +90,9 @@ def stage_outputs(stage: str, settings: Any, root: Path) -> list[str]:
                     rel = str(p)
                 if rel not in paths:
                     paths.append(rel)
-    if len(paths) > 8:  # e.g. every file of every method: their directories
-        dirs: list[str] = []
+    if len(paths) > 8:  # e.g. every file of every method: their directories (a lone file stays itself)
+        by_dir: dict[str, list[str]] = {}
         for rel in paths:
-            d = str(Path(rel).parent) + "/"
-            if d not in dirs:
-                dirs.append(d)
-        paths = dirs
+            by_dir.setdefault(str(Path(rel).parent), []).append(rel)
+        paths = [files[0] if len(files) == 1 else f"{d}/" for d, files in by_dir.items()]
     return paths
