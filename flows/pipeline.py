@@ -42,6 +42,7 @@ from pydantic import SecretStr
 import coin  # noqa: F401  (local-only environment before Prefect is imported)
 from coin import stages
 from coin.config import Settings, load_settings
+from coin.cpus import cpu_budget, threads_per_worker
 from coin.secrets import reveal, seal_overrides, seal_text
 from flows.caching import missing_outputs, result_storage, stage_cache_policy
 from flows.data_sync import version_data
@@ -215,23 +216,39 @@ def _fresh(t: Task, stage: str, settings: Settings, root: Path, item: str | None
 
 
 def default_eval_workers(cpus: int | None = None) -> int:
-    """Local Dask workers for the evaluation fan-out: one per 2 CPU cores, at least 1 (each gets
-    ``cpus // workers`` torch threads).
+    """Local Dask workers for the evaluation fan-out: one per 2 CPU cores this process may use
+    (:func:`coin.cpus.cpu_budget`: ``cpus``, else ``OMP_NUM_THREADS``, else the affinity mask), at least 1
+    (each gets ``cpus // workers`` torch threads).
 
     Why not one single-thread worker per core: on 2 cores, two 1-thread workers ran the default
     evaluation (base, coin, cit) in 16 min inside the flow, against 12 min for the same three units one
     after another at 2 threads (`coin evaluate`). A 1-thread unit runs at 0.6x a 2-thread one, two of
     them side by side slow each other further, and the third unit leaves a core idle.
     """
-    if cpus is None:
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // 2)
+    return max(1, cpu_budget(cpus) // 2)
 
 
-def eval_task_runner(workers: int = 2, address: str | None = None, processes: bool = True) -> TaskRunner:
+def dashboard_kwargs(dashboard: bool | str | None = None) -> dict[str, Any]:
+    """``LocalCluster`` kwargs for the Dask dashboard: off by default; ``True`` = 127.0.0.1:8787; a string is
+    the address (``host:port``; port 0 = any free port).
+
+    ``LocalCluster(dashboard_address=None)`` does not switch the scheduler's HTTP server off: the scheduler
+    still listens on its default port 8787 (health, Prometheus and JSON routes; the Bokeh dashboard itself
+    only when bokeh is installed), so two flows on one machine race for the port. Off therefore means
+    ``dashboard=False`` for the scheduler and its HTTP routes on a free loopback port.
+    """
+    if dashboard is None or dashboard is False:
+        return {"dashboard_address": "127.0.0.1:0", "scheduler_kwargs": {"dashboard": False}}
+    address = "127.0.0.1:8787" if dashboard is True else str(dashboard)
+    return {"dashboard_address": address, "scheduler_kwargs": {"dashboard": True}}
+
+
+def eval_task_runner(workers: int = 2, address: str | None = None, processes: bool = True,
+                     dashboard: bool | str | None = None) -> TaskRunner:
     """A Dask task runner: an existing scheduler at ``address``, or a local cluster of ``workers``
     worker processes on 127.0.0.1 (``processes=False``: one worker thread in this process; more
-    than one thread would load models concurrently, which is not thread-safe)."""
+    than one thread would load models concurrently, which is not thread-safe). The local cluster's
+    dashboard is off unless ``dashboard`` asks for it (:func:`dashboard_kwargs`)."""
     from prefect_dask import DaskTaskRunner
 
     if address:
@@ -242,7 +259,7 @@ def eval_task_runner(workers: int = 2, address: str | None = None, processes: bo
         raise ValueError(f"eval_workers = {workers} with dask_processes = False: threads in one process cannot "
                          "load models concurrently; use dask_processes = True or eval_workers = 1")
     kwargs: dict[str, Any] = {"n_workers": workers, "threads_per_worker": 1, "processes": processes,
-                              "dashboard_address": None}
+                              **dashboard_kwargs(dashboard)}
     if processes:
         kwargs["host"] = "127.0.0.1"
         _keep_malloc_dynamic()
@@ -284,7 +301,8 @@ def evaluate_models(params_path: str, overrides: Overrides, parent_run_id: str |
         for label in labels
     ]
     wait(futures)
-    units = [f.result() for f in futures]  # raises the first unit's failure
+    # raises the first unit's failure; "cached": the flow cache's hit (the result, wall time included, is the old one)
+    units = [{**f.result(), "cached": f.state.name == "Cached"} for f in futures]
     report = _fresh(evaluate_report_task, "evaluate_report", settings, root)(params_path, overrides, parent_run_id)
     return {**report, "units": units}
 
@@ -292,8 +310,21 @@ def evaluate_models(params_path: str, overrides: Overrides, parent_run_id: str |
 # --------------------------------------------------------------------------- the pipeline
 
 
+def unit_line(unit: dict[str, Any]) -> str:
+    """One evaluation unit, for the pipeline flow's log: computed or cached, and how long its evaluation took."""
+    took = f"{float(unit.get('wall_time_s') or 0):.1f} s"
+    if unit.get("cached"):
+        return f"evaluate[{unit.get('label', '?')}]: cached (evaluated earlier in {took})"
+    where = (unit.get("executor") or {}).get("worker") or (unit.get("executor") or {}).get("runner", "?")
+    return f"evaluate[{unit.get('label', '?')}]: computed in {took} on {where}"
+
+
 def registration_markdown(reg: dict[str, Any]) -> str:
-    """The registration result (version, aliases, promotion decision if any) as a Markdown table."""
+    """The registration result (version, aliases, promotion decision if any) as a Markdown table; a run
+    registered before (a cached re-registration) says so in one line instead of repeating its old decision."""
+    if reg.get("created") is False:
+        return f"**Already registered** `{reg.get('name', '?')}` as version {reg.get('version', '?')}; decision " \
+               f"unchanged (aliases: {', '.join(map(str, reg.get('aliases') or [])) or 'none'})."
     head = f"**Registered** `{reg.get('name', '?')}` version {reg.get('version', '?')}"
     if reg.get("aliases"):
         head += f", aliases: {', '.join(map(str, reg['aliases']))}"
@@ -310,6 +341,13 @@ def registration_markdown(reg: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_banner(flow_name: str, params_path: str, overrides: Overrides | None) -> str:
+    """The flow's first log line: the params file and every ``--set`` override (a secret one redacted), so a run
+    started from a deployment (``--params``) or a schedule says what it runs with."""
+    shown = ", ".join(str(o) for o in overrides or []) or "none"
+    return f"{flow_name}: params {params_path}; overrides: {shown}"
+
+
 @flow(name="coin-pipeline", log_prints=True)
 def coin_pipeline(
     params_path: str = "params.yaml",
@@ -318,22 +356,26 @@ def coin_pipeline(
     dask_address: str | SecretStr | None = None,
     dask_processes: bool = True,
     push_data: bool = True,
+    dask_dashboard: bool | str | None = None,
 ) -> dict[str, Any]:
     """data -> pairs -> validate -> train (per method) -> evaluate (Dask fan-out) -> register.
 
     ``overrides`` are ``section.key=value`` strings (as ``coin --set``; :data:`Overrides`: pass secrets sealed,
     ``coin.secrets.seal_overrides``, so the flow run records them redacted); ``eval_workers`` (default:
     :func:`default_eval_workers`), ``dask_address`` and ``dask_processes`` configure the evaluation's Dask
-    cluster; ``push_data=False`` skips ``dvc push``.
+    cluster, whose dashboard is off unless ``dask_dashboard`` is ``True`` (127.0.0.1:8787) or an address;
+    ``push_data=False`` skips ``dvc push``.
     """
     logger = get_run_logger()
     overrides = seal_overrides(overrides)  # subflow runs record their parameters too
+    logger.info("%s", run_banner("coin-pipeline", params_path, overrides))
     dask_address = reveal(dask_address)  # sealed (seal_text) when it holds a credential
     settings, root = _load(params_path, overrides)  # bad params fail here, before any work
     params_path = str(Path(params_path).resolve())  # workers may run elsewhere than the flow's cwd
     eval_workers = default_eval_workers() if eval_workers is None else eval_workers
-    runner = eval_task_runner(eval_workers, dask_address, dask_processes)  # a bad cluster option fails here too
-    threads = None if dask_address else max(1, (os.cpu_count() or 1) // eval_workers)  # torch threads per worker
+    # a bad cluster option fails here too
+    runner = eval_task_runner(eval_workers, dask_address, dask_processes, dask_dashboard)
+    threads = None if dask_address else threads_per_worker(eval_workers)  # torch threads per worker (coin.cpus)
 
     data = data_task(params_path, overrides, push=push_data)
     logger.info("data version %s (pulled: %s, new version: %s, pushed: %s)",
@@ -353,6 +395,8 @@ def coin_pipeline(
         train_index_task(params_path, overrides)
 
         evaluated = evaluate_models.with_options(task_runner=runner)(params_path, overrides, parent, threads)
+        for unit in evaluated["units"]:  # the units ran in the subflow, on Dask: say here what each did
+            logger.info("%s", unit_line(unit))
         create_markdown_artifact(evaluated["table"], key="robustness-table",
                                  description="accuracy mean ± std over instructions, per model, task and set")
 
@@ -378,11 +422,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dask-address", default=None, help="use an existing Dask scheduler, e.g. tcp://127.0.0.1:8786")
     ap.add_argument("--dask-threads", action="store_true",
                     help="one Dask worker thread in this process (needs --eval-workers 1)")
+    ap.add_argument("--dask-dashboard", default=None, metavar="ADDRESS",
+                    help="serve the local Dask cluster's dashboard at ADDRESS, e.g. 127.0.0.1:8787 (needs bokeh)")
     ap.add_argument("--no-push", action="store_true", help="do not `dvc push` a new data version")
     args = ap.parse_args(argv)
     coin_pipeline(params_path=args.params, overrides=seal_overrides(args.overrides), eval_workers=args.eval_workers,
                   dask_address=seal_text(args.dask_address), dask_processes=not args.dask_threads,
-                  push_data=not args.no_push)
+                  push_data=not args.no_push, dask_dashboard=args.dask_dashboard)
 
 
 if __name__ == "__main__":

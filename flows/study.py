@@ -44,7 +44,7 @@ from coin.study.grid import cell_named, grid_cells, load_study, sweep_overrides
 from coin.study.placement import configure_worker, worker_plan
 from coin.study.prepare import prepare_pairs
 from coin.study.report import write_study_outputs
-from flows.pipeline import Overrides, _transient, eval_task_runner
+from flows.pipeline import Overrides, _transient, eval_task_runner, run_banner
 
 
 @task(name="mlflow-study-run", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=NO_CACHE)
@@ -116,11 +116,13 @@ def coin_study(
     """
     logger = get_run_logger()
     overrides = seal_overrides(overrides)  # subflow runs record their parameters too
+    logger.info("%s", run_banner("coin-study", params_path, overrides))
     dask_address = reveal(dask_address)  # sealed (seal_text) when it holds a credential
     settings, root = load_study(params_path, overrides)  # bad params, methods, seeds or sweep fail here
     params_path = str(Path(params_path).resolve())  # workers may run elsewhere than the flow's cwd
     plan = worker_plan(settings, workers, dask_address, dask_processes)
-    runner = eval_task_runner(plan.workers, plan.address, dask_processes)  # a bad cluster option fails here too
+    # a bad cluster option fails here too
+    runner = eval_task_runner(plan.workers, plan.address, dask_processes, settings.study.dask_dashboard)
 
     parent = open_study_run_task(params_path, overrides, flow_run.get_id())
     status = "FAILED"

@@ -98,6 +98,8 @@ def test_flow_end_to_end_then_cache_hits_and_partial_reruns(prefect_harness, tmp
         assert (out / "train" / m / "adapter" / "adapter_config.json").exists()
         assert (out / "evaluate" / "models" / m).is_dir()
     assert (out / "evaluate" / "metrics.json").exists()
+    assert (tmp_path / "metrics" / "summary.json").exists()  # DVC's metrics file (headline figures)
+    assert not any(u["cached"] for u in result["eval_units"])
     assert set(result["train"]) == {"coin", "cit"} and result["train"]["coin"]["steps"] == 2
     assert calls == Counter({"pairs": 1, "validate": 1, "train[coin]": 1, "train[cit]": 1, "evaluate_report": 1})
     states = _task_states(state)
@@ -124,6 +126,12 @@ def test_flow_end_to_end_then_cache_hits_and_partial_reruns(prefect_harness, tmp
     calls.clear()
     state2 = coin_pipeline(params_path=str(params), overrides=[], eval_workers=2, return_state=True)
     assert state2.is_completed() and not calls, calls
+    from flows.pipeline import unit_line
+
+    units = state2.result()["eval_units"]
+    assert all(u["cached"] for u in units) and unit_line(units[0]).endswith(" s)")
+    assert "cached (evaluated earlier in" in unit_line(units[0])
+    assert "decision unchanged" in _artifact("registration")  # the same run, registered by the first flow run
     states = _task_states(state2)
     for name in ("train-coin", "train-cit", "evaluate-coin", "evaluate-cit"):
         assert states[name] == "Cached", states

@@ -260,9 +260,25 @@ def _print(result: dict) -> None:
             print(result[key])
 
 
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the whole result as JSON (default: a short summary and "
+                                                      "where the outputs are)")]
+
+
+def _print_summary(name: str, result: dict, params: Path, overrides: list[str] | None) -> None:
+    """A few lines (:mod:`coin.stage_summary`): the details are in the stage's files and in MLflow."""
+    from coin.stage_summary import stage_outputs, summary_lines
+
+    settings, root = _settings(params, overrides, check_project=False)
+    print(redact_text("\n".join(summary_lines(name, result, stage_outputs(name, settings, root)))))
+
+
 def _stage_command(name: str):
-    def command(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-        _print(_run_stage(name, params, set_))
+    def command(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, json_: JsonOpt = False) -> None:
+        result = _run_stage(name, params, set_)
+        if json_:
+            _print(result)
+        else:
+            _print_summary(name, result, params, set_)
 
     return command
 
@@ -326,14 +342,18 @@ def evaluate(
 
 
 @app.command()
-def pipeline(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+def pipeline(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, json_: JsonOpt = False) -> None:
     """Run every stage as a Prefect flow (data -> pairs -> validate -> train -> evaluate -> register)."""
     _settings(params, set_)  # fail on bad params before Prefect starts
     from flows.pipeline import coin_pipeline  # the installed `flows` package (pyproject.toml)
 
     install_log_redaction(logging.getLogger("prefect"))  # Prefect's console and API log handlers
     # a secret in an override is recorded redacted as the flow run's parameter, and applied as given
-    _print(coin_pipeline(params_path=str(params.resolve()), overrides=seal_overrides(set_)))
+    result = coin_pipeline(params_path=str(params.resolve()), overrides=seal_overrides(set_))
+    if json_:
+        _print(result)
+    else:
+        _print_summary("pipeline", result, params, set_)
 
 
 @app.command()

@@ -456,6 +456,10 @@ class StudySettings(_Section):
         description="local Dask worker processes for the cells (null: one per GPU, else one per 2 CPU cores)"
     )
     dask_address: str | None = Field(None, description="an existing Dask scheduler instead of local workers")
+    dask_dashboard: bool | str | None = Field(
+        None, description="the local Dask cluster's dashboard: null/false = off, true = 127.0.0.1:8787, or an address "
+        "host:port (needs bokeh)"
+    )
     n_boot: int = Field(2000, ge=100, le=1_000_000, description="bootstrap resamples of the intervals")
 
     @field_validator("methods")

@@ -56,6 +56,12 @@ class Layout:
     def eval_dir(self) -> Path:
         return self._out("evaluate")
 
+    @property
+    def metrics_summary(self) -> Path:
+        """``metrics/summary.json`` at the project root: the evaluation's headline figures, git-tracked, DVC's
+        metrics file (``dvc exp show``, ``dvc metrics diff``); the full figures stay in ``metrics.json``."""
+        return self.root / "metrics" / "summary.json"
+
     def eval_unit_dir(self, label: str) -> Path:
         """One evaluated model's raw results (``save_result``), combined by ``stage_evaluate_report``."""
         return self.eval_dir / "models" / label

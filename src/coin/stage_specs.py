@@ -132,7 +132,8 @@ STAGE_SPECS: dict[str, StageSpec] = {
         params=("paths", "evaluate", "train.methods", "tracking"),
         inputs=lambda lay, _: [lay.eval_unit_dir(lbl) for lbl in eval_labels(lay.settings)] + [lay.train_record],
         # predictions.jsonl: the registry's paired evidence; accuracy.png: dvc.yaml's plot
-        outputs=lambda lay, _: [lay.eval_dir / name for name in EVAL_REPORT_FILES],
+        # metrics/summary.json: the headline figures, DVC's metrics file (git-tracked)
+        outputs=lambda lay, _: [lay.eval_dir / name for name in EVAL_REPORT_FILES] + [lay.metrics_summary],
         code=("evaluation",),
     ),
     "register": StageSpec(  # not cached by the flow: it reads the tracking store's champion each time

@@ -419,7 +419,7 @@ def stage_evaluate_report(settings: Settings, root: Path) -> dict[str, Any]:
         if not d.exists():
             raise DataError(f"{d}: no results for model {label!r}; run `coin evaluate` (or its unit) first")
         results.append(load_result(d))
-    paths = write_eval_outputs(results, lay.eval_dir)
+    paths = write_eval_outputs(results, lay.eval_dir, summary_file=lay.metrics_summary)  # + DVC's metrics file
     metrics = read_json(lay.eval_dir / "metrics.json")
     runs = read_json(lay.train_record).get("runs", {})
     setup_tracking(settings, root)
@@ -480,7 +480,7 @@ def stage_register(settings: Settings, root: Path) -> dict[str, Any]:
     """
     from coin.registry.card import candidate_card
     from coin.registry.promotion import candidate_figures, candidate_predictions
-    from coin.registry.register import register_candidate
+    from coin.registry.register import register_candidate, registration_message
     from coin.registry.tracking import setup_tracking
 
     lay = Layout(root, settings)
@@ -500,8 +500,8 @@ def stage_register(settings: Settings, root: Path) -> dict[str, Any]:
                                  min_improvement=cfg.min_improvement, max_clean_drop=cfg.max_clean_drop,
                                  evidence=cfg.evidence, predictions=candidate_predictions(metrics_file, method),
                                  card=candidate_card(metrics_file, method))
-        regs.append({"method": method, **reg.to_dict()})
-        log.info("register[%s]: %s version %s, aliases %s", method, reg.name, reg.version, reg.aliases)
+        regs.append({"method": method, **reg.to_dict(), "message": registration_message(reg.to_dict())})
+        log.info("register[%s]: %s", method, regs[-1]["message"])
     out = {**regs[-1], "candidates": regs}
     write_json(lay.register_record, out)
     return out

@@ -128,6 +128,19 @@ class Registration:
         return asdict(self)
 
 
+def registration_message(reg: dict[str, Any]) -> str:
+    """One line on a registration (:meth:`Registration.to_dict`): a new version and its decision, or, for a run
+    registered before, that nothing changed (its decision was made then; repeating its text reads as news)."""
+    head = f"{reg.get('name', '?')} v{reg.get('version', '?')}"
+    aliases = ", ".join(map(str, reg.get("aliases") or [])) or "none"
+    if reg.get("created") is False:
+        return f"{reg.get('name', '?')}: already registered as v{reg.get('version', '?')}; decision unchanged " \
+               f"(aliases: {aliases})"
+    decision = reg.get("decision") or {}
+    verdict = "promoted to champion" if decision.get("promote") else "not promoted"
+    return f"{head}: registered, {verdict} (aliases: {aliases}): {decision.get('reason', 'no decision')}"
+
+
 def _requirements() -> list[str]:
     reqs = []
     for dist in ("torch", "transformers", "peft", "accelerate", "safetensors", "mlflow", "pandas", "pyyaml",

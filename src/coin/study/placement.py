@@ -15,10 +15,10 @@ Simple on purpose. Each Dask worker runs one cell at a time (one thread per work
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from coin.config import Settings
+from coin.cpus import cpu_budget, threads_per_worker
 
 
 def gpu_count() -> int:
@@ -28,12 +28,12 @@ def gpu_count() -> int:
 
 
 def default_workers(cpus: int | None = None, gpus: int | None = None) -> int:
-    """One local worker per visible GPU, else one per 2 CPU cores (at least 1)."""
+    """One local worker per visible GPU, else one per 2 CPU cores this process may use (at least 1;
+    :func:`coin.cpus.cpu_budget`)."""
     gpus = gpu_count() if gpus is None else gpus
     if gpus > 0:
         return gpus
-    cpus = (os.cpu_count() or 1) if cpus is None else cpus
-    return max(1, cpus // 2)
+    return max(1, cpu_budget(cpus) // 2)
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,7 @@ def worker_plan(settings: Settings, workers: int | None = None, address: str | N
     n = workers if workers is not None else settings.study.workers or default_workers(cpus)
     if n < 1:
         raise ValueError(f"workers = {n}: needs at least 1 worker")
-    cpus = (os.cpu_count() or 1) if cpus is None else cpus
-    return WorkerPlan(n, address, max(1, cpus // n) if processes and not address else None)
+    return WorkerPlan(n, address, threads_per_worker(n, cpus) if processes and not address else None)
 
 
 def worker_device() -> str | None:

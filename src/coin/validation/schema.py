@@ -16,6 +16,7 @@ The DataFrame (all ``object`` dtype, never the caller's rows)::
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -33,6 +34,12 @@ FIELD_TYPES: dict[str, type] = {c: str for c in PAIR_COLUMNS} | {
     "label": int, "negative_label": int, "template_a": int, "template_b": int, "inputs": dict, "answer_words": list,
 }
 SUITE_NAME = "coin_pairs"
+
+
+def quiet_gx() -> None:
+    """Keep Great Expectations' warnings, drop its INFO chatter: importing it logs ~200 "Skipping registering
+    function" lines, which a stage run (``dvc repro``, ``coin validate``) would print. Called before every import."""
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
 
 def _type_ok(value: Any, typ: type) -> bool:
@@ -146,6 +153,7 @@ def _rules(gxe: Any, max_chars: int, pair_id_counts: Counter) -> list[Rule]:
 
 
 def _context(gx: Any, ctx: CheckContext) -> tuple[Any, list[str]]:
+    quiet_gx()
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     gctx = gx.get_context(mode="ephemeral")
@@ -164,6 +172,7 @@ def _context(gx: Any, ctx: CheckContext) -> tuple[Any, list[str]]:
 
 def _validate(rows: Sequence[Row], rules: list[Rule], ctx: CheckContext) -> list[Any]:
     """Run the suite through a checkpoint (which also builds Data Docs); one GX result per rule."""
+    quiet_gx()
     import great_expectations as gx
 
     gctx, sites = _context(gx, ctx)
@@ -198,6 +207,7 @@ def document_checks(ctx: CheckContext, rows: Sequence[Row], results: dict[str, l
     """
     if "gx" not in ctx.artifacts:
         return
+    quiet_gx()
     import great_expectations as gx
     import great_expectations.expectations as gxe
     import pandas as pd
@@ -251,6 +261,7 @@ def _failing_rows(result: Any) -> list[int]:
 
 def schema_check(rows: Sequence[Row], ctx: CheckContext) -> list[CheckResult]:
     counts = Counter(r.get("pair_id") for r in rows if isinstance(r.get("pair_id"), str))
+    quiet_gx()
     import great_expectations.expectations as gxe
 
     rules = _rules(gxe, ctx.max_length_chars, counts)

@@ -18,6 +18,9 @@
     cards/<model>/      the model's robustness card (``coin.evaluation.card``): card.json and a self-contained
                         card.html; its headline and definitions are also a section of the report
 
+and, when asked, the headline figures (:func:`headline_summary`) to a summary file: the pipeline's
+``metrics/summary.json``, DVC's metrics file.
+
 The report's content is built once as a list of blocks (:func:`build_report`) and rendered to
 Markdown and to HTML, so the two never disagree. One module per concern, each importing only those
 before it (``blocks`` <- ``content`` <- ``plots``; ``blocks`` <- ``render_md`` / ``render_html``; all <- this
@@ -41,7 +44,7 @@ import pandas as pd
 
 from coin.data.io import write_json, write_jsonl
 from coin.evaluation.card import CARD_HTML, CARD_JSON, CARDS_DIR, build_card, card_dir
-from coin.evaluation.metrics import REFERENCE_KEY
+from coin.evaluation.metrics import AVG, REFERENCE_KEY
 from coin.evaluation.report.blocks import DASH, Block, Bullets, Heading, Plot, Table, Text
 from coin.evaluation.report.card import card_html
 from coin.evaluation.report.content import (
@@ -69,14 +72,39 @@ from coin.evaluation.report.render_html import to_html
 from coin.evaluation.report.render_md import to_markdown
 from coin.evaluation.result import EvalResult
 
-__all__ = ["CAVEAT_MARK", "CHANCE_ROW", "COMPARABLE", "DASH", "DEFINITIONS", "MAJORITY_ROW", "REFERENCE",
+__all__ = ["CAVEAT_MARK", "CHANCE_ROW", "COMPARABLE", "DASH", "DEFINITIONS", "HEADLINE", "MAJORITY_ROW", "REFERENCE",
            "REFERENCE_SCORING", "REFERENCES_NOTE", "Block", "Bullets", "Heading", "Plot", "References", "Table", "Text",
-           "build_report", "build_table", "f_acc", "f_ci", "f_gap", "f_pct", "f_pdr", "plot_accuracy", "plot_models",
-           "plot_pdr", "references", "to_html", "to_markdown", "uncertainty", "write_eval_outputs"]
+           "build_report", "build_table", "f_acc", "f_ci", "f_gap", "f_pct", "f_pdr", "headline_summary",
+           "plot_accuracy", "plot_models", "plot_pdr", "references", "to_html", "to_markdown", "uncertainty",
+           "write_eval_outputs"]
 
 
-def write_eval_outputs(results: list[EvalResult], out_dir: str | Path) -> dict[str, Path]:
-    """Write the combined outputs for ``results`` (any number of models) under ``out_dir``; returns their paths."""
+HEADLINE = ("clean_acc", "perturbed_acc", "consistency", "worst_acc")
+
+
+def headline_summary(doc: dict[str, Any], primary: dict[str, str]) -> dict[str, Any]:
+    """The few figures worth a column in ``dvc exp show`` / ``dvc metrics diff``, from ``metrics.json``'s ``doc``.
+
+    Per model (``primary``: its primary scoring): :data:`HEADLINE` and ``levels`` (mean accuracy per
+    perturbation level, clean excepted); ``reference``: the sample's majority-class and chance rates
+    (averaged over tasks), what a model that reads nothing scores.
+    """
+    out: dict[str, Any] = {}
+    for label, scoring in primary.items():
+        block = doc[label]
+        levels = (block.get(scoring) or {}).get("levels") or {}
+        out[label] = {**{k: block["summary"].get(k) for k in HEADLINE},
+                      "levels": {lvl: v.get("acc_mean") for lvl, v in levels.items() if lvl != "clean"}}
+    ref = doc.get(REFERENCE_KEY) or {}
+    out[REFERENCE_KEY] = {f"{k}_acc": (ref.get(k) or {}).get(AVG) for k in ("majority", "chance")}
+    return out
+
+
+def write_eval_outputs(results: list[EvalResult], out_dir: str | Path,
+                       summary_file: str | Path | None = None) -> dict[str, Path]:
+    """Write the combined outputs for ``results`` (any number of models) under ``out_dir``; returns their paths.
+
+    ``summary_file``: also write :func:`headline_summary` there (the pipeline's ``metrics/summary.json``)."""
     if not results:
         raise ValueError("no evaluation results to write")
     labels = [r.model_label for r in results]
@@ -110,6 +138,9 @@ def write_eval_outputs(results: list[EvalResult], out_dir: str | Path) -> dict[s
         doc[label]["card"] = dict(card["headline"])
     doc[REFERENCE_KEY] = refs.all.to_dict()
     write_json(paths["metrics"], doc)
+    if summary_file is not None:
+        paths["summary"] = Path(summary_file)
+        write_json(paths["summary"], headline_summary(doc, {r.model_label: r.primary for r in results}))
     frame = pd.concat([r.predictions for r in results], ignore_index=True)
     write_jsonl(paths["predictions"], json.loads(frame.to_json(orient="records", force_ascii=False)))
     paths["cards"] = out / CARDS_DIR

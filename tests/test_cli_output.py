@@ -1,0 +1,101 @@
+"""A stage command prints a short summary and where its outputs are (coin.stage_summary), not its whole result;
+`--json` prints the whole result. Great Expectations' INFO chatter stays out of a stage's log."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from test_references import constant, oracle, result
+
+from coin.config import Settings
+from coin.evaluation.report import write_eval_outputs
+from coin.stage_summary import MAX_LINES, WIDTH, stage_outputs, summary_lines
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_an_evaluation_result_prints_its_headline_not_every_figure(tmp_path):
+    paths = write_eval_outputs([result("base", constant), result("coin", oracle)], tmp_path / "outputs" / "evaluate")
+    metrics = json.loads(paths["metrics"].read_text())
+    res = {"metrics": metrics, "table": paths["table"].read_text(), "paths": {k: str(v) for k, v in paths.items()}}
+    settings = Settings.model_validate({"train": {"methods": ["coin", "cit"]}})
+    lines = summary_lines("evaluate", res, stage_outputs("evaluate", settings, tmp_path))
+    full = json.dumps({k: v for k, v in res.items() if k != "table"}, indent=2).splitlines()
+    assert len(lines) <= MAX_LINES + 12 < len(full)
+    assert all(len(line) <= WIDTH for line in lines)
+    text = "\n".join(lines)
+    assert lines[0] == "evaluate: done"
+    assert '"clean_acc": 100.0' in text and "metrics.coin:" in text and "metrics.base:" in text
+    assert "acc_mean" not in text and "|" not in text  # no per-set figures, no table
+    shown = lines[lines.index("outputs:") + 1:]
+    assert shown == ["  outputs/evaluate/models/", "  outputs/evaluate/", "  metrics/summary.json"]  # 9 paths, by dir
+
+
+def test_a_long_result_is_cut():
+    lines = summary_lines("x", {f"k{i}": "v" * 500 for i in range(100)})
+    assert len(lines) == MAX_LINES + 2 and "70 more fields" in lines[-1] and "--json" in lines[-1]
+    assert all(len(line) <= WIDTH for line in lines)
+
+
+def _coin(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    res = subprocess.run([sys.executable, "-m", "coin.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def test_validate_stage_output_is_bounded_and_gx_is_quiet(tmp_path):
+    """`coin validate` on tiny settings: its whole console output (stdout and the stage's log on stderr) is a
+    few dozen lines. `--json` prints the whole result (checked on pairs: cheaper)."""
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    instructions = ROOT / "data" / "promptbench" / "coin_perturbed_instructions.json"
+    common = ["--params", str(params), "--set", f"paths.data_dir={ROOT / 'data'}",
+              "--set", "pairs.rows_per_task=8", "--set", "pairs.tasks=[sst2,rte]", "--set", "pairs.val_fraction=0.25",
+              "--set", "validate.min_pass_rate=0.5", "--set", "evaluate.tasks=[sst2,rte]",
+              "--set", f"evaluate.instruction_file={instructions}"]
+    pairs = _coin(["pairs", *common], tmp_path)
+    assert pairs.stdout.startswith("pairs: done") and "outputs:\n  outputs/pairs/pairs.jsonl" in pairs.stdout
+    res = _coin(["validate", *common], tmp_path)
+    out = res.stdout + res.stderr
+    assert "Skipping registering function" not in out
+    assert len(out.splitlines()) < 60, out
+    assert res.stdout.startswith("validate: done") and "gate_passed: true" in res.stdout
+    assert "outputs/validated/valid.jsonl" in res.stdout
+    print(out)  # shown with -s: what a user sees
+    full = json.loads(_coin(["pairs", "--json", *common], tmp_path).stdout)  # the whole result, as before
+    assert full["rows"] > 0 and set(full["per_task"]) == {"sst2", "rte"}
+
+
+def test_a_cached_registration_says_so_instead_of_repeating_its_decision():
+    from coin.registry.register import registration_message
+    from flows.pipeline import registration_markdown
+
+    decision = {"promote": True, "reason": "No champion yet: promoted."}
+    new = {"name": "coin-minilm", "version": "1", "aliases": ["champion", "challenger"], "created": True,
+           "decision": decision}
+    again = {**new, "created": False}
+    assert registration_message(new) == ("coin-minilm v1: registered, promoted to champion (aliases: champion, "
+                                         "challenger): No champion yet: promoted.")
+    assert registration_message(again) == ("coin-minilm: already registered as v1; decision unchanged "
+                                           "(aliases: champion, challenger)")
+    md = registration_markdown(again)
+    assert "already registered" in md.lower() and "decision unchanged" in md and "No champion yet" not in md
+    assert "No champion yet" in registration_markdown(new)
+    result = {**again, "message": registration_message(again), "candidates": [{**again, "message": "m1"}]}
+    text = "\n".join(summary_lines("register", result))
+    assert "already registered as v1; decision unchanged" in text and "No champion yet" not in text
+    assert 'candidates: ["m1"]' in text
+
+
+def test_a_new_registration_prints_its_message_not_every_decision_field():
+    from coin.registry.register import registration_message
+
+    reg = {"name": "m", "version": "2", "aliases": ["challenger"], "created": True,
+           "decision": {"promote": False, "reason": "gain 0.4 < 1.0", "champion": {"clean_acc": 70.0}}}
+    text = "\n".join(summary_lines("register", {**reg, "message": registration_message(reg)}))
+    assert "message: m v2: registered, not promoted (aliases: challenger): gain 0.4 < 1.0" in text
+    assert "decision" not in text

@@ -1,0 +1,58 @@
+"""One CPU budget (coin.cpus) for worker counts and torch threads: the affinity mask, not the machine's
+cores; OMP_NUM_THREADS when set; an explicit value first."""
+
+import os
+
+import pytest
+
+from coin import cpus
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """A 16-core machine on which this process may run on 4 cores, OMP_NUM_THREADS unset."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    return monkeypatch
+
+
+def test_affinity_not_the_machine(machine):
+    assert cpus.cpu_budget() == 4
+    assert cpus.threads_per_worker(2) == 2
+
+
+def test_omp_num_threads_wins_over_affinity(machine):
+    machine.setenv("OMP_NUM_THREADS", "1")
+    assert cpus.cpu_budget() == 1
+    for bad in ("", "0", "-2", "four"):  # ignored, as OpenMP ignores it
+        machine.setenv("OMP_NUM_THREADS", bad)
+        assert cpus.cpu_budget() == 4
+
+
+def test_explicit_wins(machine):
+    machine.setenv("OMP_NUM_THREADS", "1")
+    assert cpus.cpu_budget(8) == 8
+    assert cpus.threads_per_worker(3, cpus=8) == 2
+    with pytest.raises(ValueError, match="at least 1"):
+        cpus.cpu_budget(0)
+
+
+def test_without_sched_getaffinity_the_cpu_count(machine):
+    machine.delattr(os, "sched_getaffinity")
+    assert cpus.cpu_budget() == 16
+    machine.setattr(os, "cpu_count", lambda: None)
+    assert cpus.cpu_budget() == 1
+
+
+def test_every_worker_count_and_thread_count_uses_it(machine):
+    """The evaluation fan-out (pipeline) and the study's placement both follow the budget."""
+    from coin.config import Settings
+    from coin.study.placement import default_workers, worker_plan
+    from flows.pipeline import default_eval_workers
+
+    assert default_eval_workers() == 2
+    assert default_workers(gpus=0) == 2
+    assert worker_plan(Settings.model_validate({})).torch_threads == 4 // default_workers()
+    machine.setenv("OMP_NUM_THREADS", "2")
+    assert default_eval_workers() == 1 and worker_plan(Settings.model_validate({}), workers=1).torch_threads == 2

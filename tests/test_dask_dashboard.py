@@ -1,0 +1,43 @@
+"""The evaluation's local Dask cluster serves no dashboard unless asked (flows.pipeline.dashboard_kwargs).
+
+``LocalCluster(dashboard_address=None)`` alone still has the scheduler listen on 8787 (its HTTP routes);
+off means ``dashboard=False`` and those routes on a free loopback port."""
+
+import urllib.error
+import urllib.request
+
+import pytest
+
+from flows.pipeline import dashboard_kwargs, eval_task_runner
+
+
+def test_kwargs_off_by_default_on_by_setting():
+    assert dashboard_kwargs() == dashboard_kwargs(False) == {
+        "dashboard_address": "127.0.0.1:0", "scheduler_kwargs": {"dashboard": False}}
+    assert dashboard_kwargs(True)["dashboard_address"] == "127.0.0.1:8787"
+    assert dashboard_kwargs("127.0.0.1:9999") == {"dashboard_address": "127.0.0.1:9999",
+                                                  "scheduler_kwargs": {"dashboard": True}}
+    runner = eval_task_runner(1, processes=False)
+    assert runner.cluster_kwargs["scheduler_kwargs"] == {"dashboard": False}
+    assert runner.cluster_kwargs["dashboard_address"] == "127.0.0.1:0"
+
+
+def test_study_setting_reaches_the_runner():
+    from coin.config import Settings
+
+    assert Settings.model_validate({}).study.dask_dashboard is None
+    s = Settings.model_validate({"study": {"dask_dashboard": "127.0.0.1:8788"}})
+    assert eval_task_runner(1, processes=False, dashboard=s.study.dask_dashboard).cluster_kwargs[
+        "dashboard_address"] == "127.0.0.1:8788"
+
+
+def test_default_cluster_has_no_dashboard_and_leaves_8787_free():
+    distributed = pytest.importorskip("distributed")
+    kwargs = {**eval_task_runner(1, processes=False).cluster_kwargs, "n_workers": 0}
+    with distributed.LocalCluster(**kwargs) as cluster:
+        http = cluster.scheduler.http_server
+        assert http.port != 8787
+        assert http.address == "127.0.0.1"
+        with pytest.raises(urllib.error.HTTPError) as err:  # the dashboard's page is not served
+            urllib.request.urlopen(f"http://127.0.0.1:{http.port}/status", timeout=10)
+        assert err.value.code == 404

@@ -1,0 +1,38 @@
+"""The flows' first log line says which params file and which --set overrides the run uses (a secret redacted)."""
+
+import logging
+
+import pytest
+
+import flows.pipeline
+import flows.study
+from coin.secrets import seal_overrides
+from flows.pipeline import run_banner
+
+
+def test_banner_lists_the_overrides_redacted():
+    overrides = seal_overrides(["train.max_steps=2", "evaluate.tasks=[sst2, rte]", "tracking.uri=http://u:pw@h:5000"])
+    line = run_banner("coin-pipeline", "/p/params.yaml", overrides)
+    assert line == ("coin-pipeline: params /p/params.yaml; overrides: train.max_steps=2, evaluate.tasks=[sst2, rte], "
+                    "tracking.uri=http://u:***@h:5000")
+    assert run_banner("coin-study", "params.yaml", None).endswith("overrides: none")
+
+
+@pytest.mark.parametrize("module,flow", [(flows.pipeline, "coin_pipeline"), (flows.study, "coin_study")])
+def test_it_is_the_flows_first_log_line(monkeypatch, tmp_path, module, flow):
+    """Logged before the params are even parsed: a bad override still shows what the run was given."""
+    records: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logger = logging.getLogger(f"test-banner-{flow}")
+    logger.addHandler(Capture())
+    logger.setLevel(logging.INFO)
+    monkeypatch.setattr(module, "get_run_logger", lambda: logger)
+    params = tmp_path / "params.yaml"
+    params.write_text("seed: 0\n")
+    with pytest.raises(ValueError):
+        getattr(module, flow).fn(params_path=str(params), overrides=["train.max_stepz=2", "evaluate.tasks=[sst2]"])
+    assert records and records[0].endswith("overrides: train.max_stepz=2, evaluate.tasks=[sst2]"), records
