@@ -682,10 +682,10 @@ def test_report_without_perturbed_or_clean_sets(sets: list[str], scoring: list[s
     metrics = json.loads(paths["metrics"].read_text())["m"]
     if "clean" in sets:
         assert metrics["summary"]["perturbed_acc"] is None and "plot_pdr" not in paths
-        assert summary["perturbed"] == summary["PDR"] == "–" and summary["clean"] != "–"
+        assert summary["perturbed"] == summary["PDR (set means)"] == "–" and summary["clean"] != "–"
     else:
         assert metrics["summary"]["clean_acc"] is None and metrics["summary"]["pdr"] is None
         assert "plot_pdr" not in paths
-        assert summary["clean"] == summary["PDR"] == "–" and summary["perturbed"] != "–"
+        assert summary["clean"] == summary["PDR (set means)"] == "–" and summary["perturbed"] != "–"
     with pytest.raises(ValueError, match="undefined"):
         robustness_summary(paths["metrics"], "m")

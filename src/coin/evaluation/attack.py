@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 
 from coin.data.io import DataError, read_json, write_json
 from coin.data.paraphrase import SYNONYMS as RULE_SYNONYMS
+from coin.evaluation.instructions import SOURCES_KEY
 
 LEVELS: dict[str, str] = {"char": "attack-char", "word": "attack-word"}  # level -> set name in the output file
 
@@ -331,18 +332,25 @@ def log_path(out: str | Path) -> Path:
 
 def write_attack_files(out: str | Path, clean: dict[str, list[str]], outcomes: list[AttackOutcome], *,
                        source: str | Path, source_set: str, settings: dict[str, Any]) -> tuple[Path, Path]:
-    """The instruction file (shipped schema: ``clean`` plus one ``attack-<level>`` set per level, and the source
-    file's label fields, which the generation parser reads) and its edit log. Both key-sorted: same run, same
+    """The instruction file (shipped schema: ``clean`` plus one ``attack-<level>`` set per level, ``sources``
+    pairing each attacked instruction with the ``clean`` one it came from, and the source file's label fields,
+    which the generation parser reads) and its edit log. Both key-sorted: same run, same
     bytes (nothing time-dependent is written)."""
     out = Path(out)
     perturbations: dict[str, dict[str, list[str]]] = {"clean": {t: list(v) for t, v in clean.items()}}
+    # the pairing the per-pair PDR reads (instructions.SOURCES_KEY): instruction j of an attack set perturbs clean
+    # instruction j (an instruction the search did not reach is clean j's copy, so its source is j as well)
+    sources: dict[str, dict[str, list[int | None]]] = {}
     for o in outcomes:
-        perturbations.setdefault(LEVELS[o.level], {t: list(v) for t, v in clean.items()})[o.task][o.index] = o.attacked
+        name = LEVELS[o.level]
+        perturbations.setdefault(name, {t: list(v) for t, v in clean.items()})[o.task][o.index] = o.attacked
+        sources.setdefault(name, {t: list(range(len(v))) for t, v in clean.items()})[o.task][o.index] = o.index
     src = read_json(source)
     doc: dict[str, Any] = {
         "_source": {"generator": "coin attack", "source_file": str(source), "source_set": source_set,
                     "log": log_path(out).name, **settings},
         "perturbations": perturbations,
+        SOURCES_KEY: sources,
     }
     for key in ("label_set", "label_to_id", "id_to_label"):
         if isinstance(src, dict) and isinstance(src.get(key), dict):

@@ -2,7 +2,14 @@
 
 The file schema is the one of ``data/promptbench/coin_perturbed_instructions.json``::
 
-    {"perturbations": {"<set>": {"<task>": ["instruction 1", ..., "instruction 6"]}}, ...}
+    {"perturbations": {"<set>": {"<task>": ["instruction 1", ..., "instruction 6"]}},
+     "sources": {"<set>": {"<task>": [0, 1, null, ...]}},      # optional
+     ...}
+
+``sources`` (optional; the shipped file has none) pairs a perturbed instruction with the clean one it was made
+from: ``sources[set][task][j]`` is the index, in ``perturbations.clean[task]``, of the clean instruction that
+``perturbations[set][task][j]`` perturbs, or ``null`` where it has none. A set or task without an entry has no
+pairing. It is what the per-pair PDR reads (:mod:`coin.evaluation.metrics`); ``coin attack`` writes it.
 
 Other files in the same schema are accepted, so users can bring their own sets; a set name that is
 not one of the five PromptBench levels gets the level ``custom``. Every problem is reported as a
@@ -16,6 +23,8 @@ from typing import Any
 
 from coin.data.io import DataError, read_json
 
+CLEAN_SET = "clean"
+SOURCES_KEY = "sources"  # optional top-level field: set -> task -> [clean index or null], see the module docstring
 # One perturbation method per level (docs/protocol.md#instruction-sets).
 PERTURBATION_LEVELS: dict[str, str] = {
     "clean": "clean",
@@ -37,12 +46,61 @@ def load_instruction_sets(
     """``{set: {task: [instruction, ...]}}`` for the requested sets and tasks, validated.
 
     Raises :class:`DataError` for a file that is not JSON, has no ``perturbations`` mapping, lacks a
-    requested set or task, or holds an instruction that is not a non-empty string.
+    requested set or task, or holds an instruction that is not a non-empty string, and for a malformed
+    ``sources`` entry of a requested set and task (:func:`load_instruction_sources`).
     """
+    return _read(path, sets, tasks)[0]
+
+
+def load_instruction_sources(
+    path: str | Path, sets: list[str], tasks: list[str]
+) -> dict[str, dict[str, list[int | None]]]:
+    """``{set: {task: [clean index or None, ...]}}`` of the file's optional ``sources`` field, for the requested
+    sets and tasks that have an entry (``{}`` for a file without one), validated like
+    :func:`load_instruction_sets` (which checks it too): aligned with the set's instruction list, every index
+    an instruction of the task's ``clean`` set. Errors name the set, the task and the index."""
+    return _read(path, sets, tasks)[1]
+
+
+def _read(path: str | Path, sets: list[str], tasks: list[str]
+          ) -> tuple[dict[str, dict[str, list[str]]], dict[str, dict[str, list[int | None]]]]:
     path = Path(path)
     doc = read_json(path)  # DataError naming the path for missing / non-JSON / non-UTF-8 files
     perturbations = _mapping(doc, path, "perturbations", where="top level")
-    return {s: _load_set(perturbations, path, s, tasks) for s in sets}
+    loaded = {s: _load_set(perturbations, path, s, tasks) for s in sets}
+    return loaded, _load_sources(doc, perturbations, loaded, path, tasks)
+
+
+def _load_sources(doc: dict[str, Any], perturbations: dict[str, Any], loaded: dict[str, dict[str, list[str]]],
+                  path: Path, tasks: list[str]) -> dict[str, dict[str, list[int | None]]]:
+    if SOURCES_KEY not in doc:
+        return {}
+    sources = _mapping(doc, path, SOURCES_KEY, where="top level")
+    out: dict[str, dict[str, list[int | None]]] = {}
+    for set_name, instructions in loaded.items():
+        if set_name not in sources:
+            continue
+        by_task = _mapping(sources, path, set_name, where=SOURCES_KEY)
+        for task in tasks:
+            if task not in by_task:
+                continue
+            where, field = f"{path}: set '{set_name}', task '{task}'", f"{SOURCES_KEY}.{set_name}.{task}"
+            items, n = by_task[task], len(instructions[task])
+            if not isinstance(items, list) or len(items) != n:
+                raise DataError(f"{where}: field '{field}' should be a list of {n} entries (one per instruction of "
+                                f"'perturbations.{set_name}.{task}': a clean index or null), got {_describe(items)}")
+            clean = perturbations.get(CLEAN_SET)
+            clean_task = clean.get(task) if isinstance(clean, dict) else None
+            if not isinstance(clean_task, list):
+                raise DataError(f"{where}: field '{field}' points into the '{CLEAN_SET}' set, which has no task "
+                                f"'{task}' (field 'perturbations.{CLEAN_SET}.{task}' missing)")
+            m = len(clean_task)
+            for i, v in enumerate(items):
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < m):
+                    raise DataError(f"{where}: field '{field}[{i}]' should be the index of a '{CLEAN_SET}' "
+                                    f"instruction of task '{task}' (0..{m - 1}) or null, got {_describe(v)}")
+            out.setdefault(set_name, {})[task] = list(items)
+    return out
 
 
 def _mapping(obj: Any, path: Path, key: str, *, where: str) -> dict[str, Any]:

@@ -9,12 +9,18 @@ Per (scoring, task, set), accuracies in percent:
 ``acc_mean`` / ``acc_std``
     mean and *population* std (ddof 0, ``np.std``) over the instructions of each instruction's
     accuracy on the shared sample (the paper's ``postprocessing.py``); also ``acc_min`` / ``acc_max``.
-``pdr``
+``pdr`` (*PDR (set means)*)
     performance drop rate vs the ``clean`` set of the same task and scoring, defined **per set**:
     ``1 - acc_mean(set) / acc_mean(clean)`` (a fraction; negative = the perturbed set did better;
-    undefined when clean accuracy is 0 or no clean set was evaluated). PromptBench's PDR is per prompt
-    pair, ``1 - acc(attacked prompt) / acc(original prompt)``; the per-set ratio of means needs no
-    pairing between the i-th clean and the i-th perturbed instruction, which custom sets lack.
+    undefined when clean accuracy is 0 or no clean set was evaluated). It needs no pairing between
+    clean and perturbed instructions, which the shipped file and custom sets lack.
+``pdr_pairs`` (*PDR (per pair)*), ``n_pairs``
+    PromptBench's own PDR (Zhu et al., arXiv 2306.04528: ``1 - acc(A(P)) / acc(P)`` for a prompt ``P``
+    and its attacked version ``A(P)`` on the same examples), averaged over the pairs of the cell: for
+    every instruction ``j`` of the set whose clean source ``i`` is recorded (the instruction file's
+    ``sources``, carried by the result), ``1 - acc(j) / acc(clean i)``. A pair whose clean instruction
+    scored 0 (or was not evaluated) is left out; ``n_pairs`` counts the pairs used. Undefined (NaN, null
+    in ``metrics.json``) without any such pair, e.g. for every set of the shipped file.
 ``consistency``
     share of examples whose prediction is identical under every instruction of the set.
 ``worst_acc``
@@ -31,7 +37,8 @@ Aggregates (each task counts once, whatever its sample size; mnli's fallback cou
 - **categories**: per (scoring, task category, set), the mean over the category's tasks;
 - **overall**: per scoring, ``clean_acc`` (the clean set's mean over tasks), ``perturbed_acc`` (the
   mean over the perturbed sets of their means over tasks) and, over the perturbed sets, the mean
-  ``perturbed_std``, ``pdr``, ``consistency`` and ``worst_acc``.
+  ``perturbed_std``, ``pdr``, ``pdr_pairs`` (over the perturbed sets where it is defined), ``consistency``
+  and ``worst_acc``.
 
 With two scorings, **agreement** is the share of (instruction, example) items on which both modes
 predict the same label, per (task, set), per task and pooled over everything.
@@ -53,7 +60,10 @@ from coin.evaluation.instructions import perturbation_level
 PREDICTION_COLUMNS = ("scoring", "task", "set", "instruction_id", "example_id", "label", "pred")
 CELL = ["scoring", "task", "set"]
 CLEAN = "clean"
-STATS = ("acc_mean", "acc_std", "acc_min", "acc_max", "consistency", "worst_acc", "pdr", "unparsed")
+STATS = ("acc_mean", "acc_std", "acc_min", "acc_max", "consistency", "worst_acc", "pdr", "pdr_pairs", "unparsed")
+# set -> task -> per instruction of the set, the index of its clean source instruction (or None); see
+# coin.evaluation.instructions.load_instruction_sources
+Sources = dict[str, dict[str, list[int | None]]]
 AVG = "avg"
 # metrics.json's top-level block of the sample's majority-class and chance rates (coin.evaluation.reference):
 # not a model; every other top-level key is one
@@ -98,8 +108,29 @@ def _cell_stats(grp: pd.DataFrame) -> pd.Series:
     })
 
 
-def task_set_table(preds: pd.DataFrame) -> pd.DataFrame:
-    """One row per (scoring, task, set): category, level, every stat of :data:`STATS`, n_examples, n_instructions."""
+def pair_pdr(per_instr: pd.DataFrame, sources: Sources | None) -> pd.DataFrame:
+    """Per (scoring, task, set) with recorded sources: ``pdr_pairs`` (mean over pairs of ``1 - acc(j)/acc(clean i)``)
+    and ``n_pairs``; ``per_instr`` is :func:`instruction_accuracy`'s table."""
+    rows: list[dict[str, Any]] = []
+    clean = per_instr[per_instr["set"] == CLEAN].set_index(["scoring", "task", "instruction_id"])["acc"]
+    for (scoring, task, set_name), grp in per_instr.groupby(CELL, sort=True):
+        src = (sources or {}).get(set_name, {}).get(task)
+        if set_name == CLEAN or src is None:
+            continue
+        drops = []
+        for j, acc in zip(grp["instruction_id"], grp["acc"], strict=True):
+            i = src[j] if 0 <= j < len(src) else None
+            ref = clean.get((scoring, task, i)) if i is not None else None
+            if ref is not None and ref > 0:
+                drops.append(1.0 - acc / ref)
+        rows.append({"scoring": scoring, "task": task, "set": set_name,
+                     "pdr_pairs": sum(drops) / len(drops) if drops else math.nan, "n_pairs": len(drops)})
+    return pd.DataFrame(rows, columns=[*CELL, "pdr_pairs", "n_pairs"])
+
+
+def task_set_table(preds: pd.DataFrame, sources: Sources | None = None) -> pd.DataFrame:
+    """One row per (scoring, task, set): category, level, every stat of :data:`STATS`, n_examples, n_instructions,
+    n_pairs (``pdr_pairs`` needs ``sources``; without, it is NaN and ``n_pairs`` 0)."""
     per_instr = instruction_accuracy(preds)
     g = per_instr.groupby(CELL, sort=True)
     table = g.agg(
@@ -117,9 +148,12 @@ def task_set_table(preds: pd.DataFrame) -> pd.DataFrame:
                     index=table.index)
     pdr = 1.0 - table["acc_mean"] / ref.where(ref > 0)
     table["pdr"] = pdr.where(table["set"] != CLEAN)
+    table = table.merge(pair_pdr(per_instr, sources), on=CELL, how="left")
+    table["pdr_pairs"] = table["pdr_pairs"].astype(float)
+    table["n_pairs"] = table["n_pairs"].fillna(0).astype(int)
     table.insert(2, "category", [get_task(t).category for t in table["task"]])
     table.insert(4, "level", [perturbation_level(s) for s in table["set"]])
-    return table[[*CELL[:2], "category", "set", "level", *STATS, "n_examples", "n_instructions"]]
+    return table[[*CELL[:2], "category", "set", "level", *STATS, "n_examples", "n_instructions", "n_pairs"]]
 
 
 def _mean_over(table: pd.DataFrame, by: list[str]) -> pd.DataFrame:
@@ -137,13 +171,14 @@ class Metrics:
     sets: pd.DataFrame         # per (scoring, set): mean over tasks
     levels: pd.DataFrame       # per (scoring, level): mean over the level's sets
     categories: pd.DataFrame   # per (scoring, category, set): mean over the category's tasks
-    overall: pd.DataFrame      # per scoring: clean_acc, perturbed_acc, perturbed_std, pdr, consistency, worst_acc
+    overall: pd.DataFrame      # per scoring: clean_acc, perturbed_acc, perturbed_std, pdr, pdr_pairs, consistency, ...
     agreement: pd.DataFrame    # per (pair, task, set) + per task + all: share of identical predictions
 
 
-def compute_metrics(preds: pd.DataFrame) -> Metrics:
-    """All metrics of one model's predictions table (see the module docstring for definitions)."""
-    cells = task_set_table(preds)
+def compute_metrics(preds: pd.DataFrame, sources: Sources | None = None) -> Metrics:
+    """All metrics of one model's predictions table (see the module docstring for definitions); ``sources``
+    (the instruction file's pairing of perturbed with clean instructions) adds the per-pair PDR."""
+    cells = task_set_table(preds, sources)
     order = {s: i for i, s in enumerate(dict.fromkeys(preds["set"]))}  # keep the configured set order
     sets = _mean_over(cells, ["scoring", "set"])
     sets["level"] = sets["set"].map(perturbation_level)
@@ -164,6 +199,7 @@ def _overall(sets: pd.DataFrame) -> pd.DataFrame:
             "clean_acc": float(clean["acc_mean"].iloc[0]) if len(clean) else math.nan,
             "clean_std": float(clean["acc_std"].iloc[0]) if len(clean) else math.nan,
             "perturbed_acc": mean("acc_mean"), "perturbed_std": mean("acc_std"), "pdr": mean("pdr"),
+            "pdr_pairs": mean("pdr_pairs"),
             "consistency": mean("consistency"), "worst_acc": mean("worst_acc"), "unparsed": mean("unparsed"),
             "n_perturbed_sets": len(pert),
         })
@@ -203,6 +239,7 @@ def metrics_dict(m: Metrics, primary: str) -> dict[str, Any]:
     """The nested, numeric ``metrics.json`` block of one model (DVC metrics flatten it to dotted keys)::
 
         {"summary": {clean_acc, perturbed_acc, pdr, consistency, worst_acc},      # the primary scoring
+         # every stat block also has pdr_pairs (null without recorded sources); task cells also n_pairs
          "<scoring>": {"overall": {...}, "sets": {set: {...}}, "levels": {level: {...}},
                        "categories": {category: {set: {...}}}, "tasks": {task: {set: {..., n, n_instructions}}}},
          "agreement": {"<a>~<b>": {"all": x, "tasks": {task: x}}}}                # with two scorings
@@ -220,7 +257,8 @@ def metrics_dict(m: Metrics, primary: str) -> dict[str, Any]:
         tasks: dict[str, Any] = {}
         for _, r in m.cells[m.cells["scoring"] == scoring].iterrows():
             tasks.setdefault(r["task"], {})[r["set"]] = {
-                **stat(r), "n": int(r["n_examples"]), "n_instructions": int(r["n_instructions"])}
+                **stat(r), "n": int(r["n_examples"]), "n_instructions": int(r["n_instructions"]),
+                "n_pairs": int(r["n_pairs"])}
         block["tasks"] = tasks
         out[str(scoring)] = block
     if primary not in out:

@@ -5,7 +5,7 @@
 the combined report built later::
 
     <dir>/predictions.parquet   one row per (scoring, task, set, instruction, example)
-    <dir>/result.json           everything else (label, tasks, sets, caveats, timings, settings, notes)
+    <dir>/result.json           everything else (label, tasks, sets, caveats, timings, settings, notes, sources)
 
 Metrics are never stored here: they are recomputed from the predictions on load (one source of truth).
 """
@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from coin.data.io import DataError, read_json, write_json
-from coin.evaluation.metrics import Metrics, compute_metrics, metrics_dict
+from coin.evaluation.metrics import Metrics, Sources, compute_metrics, metrics_dict
 
 RESULT_FILE = "result.json"
 PREDICTIONS_FILE = "predictions.parquet"
@@ -67,13 +67,16 @@ class EvalResult:
     timing: dict[str, dict[str, Any]] = field(default_factory=dict)  # scoring -> seconds, items, items_per_s...
     settings: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)          # how the numbers were computed (paths, fallbacks)
+    # set -> task -> clean source index (or None) per instruction, from the instruction file's optional `sources`
+    # field; the per-pair PDR needs it ({} for files without pairing and for results saved before it existed)
+    sources: Sources = field(default_factory=dict)
     metrics: Metrics = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.predictions = normalise_predictions(self.predictions)
         if not self.scorings:
             raise ValueError(f"{self.model_label}: no scoring mode")
-        self.metrics = compute_metrics(self.predictions)
+        self.metrics = compute_metrics(self.predictions, self.sources)
 
     @property
     def primary(self) -> str:

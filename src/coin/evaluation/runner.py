@@ -26,7 +26,7 @@ from torch import nn
 from coin.config import EvaluateSettings
 from coin.data.tasks import get_task
 from coin.evaluation.generation import UNPARSED, generate_answers, label_choices, parse_answer
-from coin.evaluation.instructions import load_instruction_sets, perturbation_level
+from coin.evaluation.instructions import load_instruction_sets, load_instruction_sources, perturbation_level
 from coin.evaluation.metrics import robustness_summary
 from coin.evaluation.report import write_eval_outputs
 from coin.evaluation.result import EvalResult, load_result, save_result
@@ -74,6 +74,7 @@ def evaluate_model(
         raise ValueError(f"no task could be evaluated ({model_label}): {reasons}")
     # every instruction problem is reported before any model work starts
     instructions = load_instruction_sets(cfg.instruction_file, cfg.instruction_sets, list(samples))
+    sources = load_instruction_sources(cfg.instruction_file, cfg.instruction_sets, list(samples))  # per-pair PDR
     choices = {t: label_choices(get_task(t).label_words, cfg.instruction_file, t) for t in samples}
 
     timing: dict[str, dict[str, Any]] = {m: {"seconds": 0.0, "items": 0, "forward_tokens": 0} for m in cfg.scoring}
@@ -93,7 +94,7 @@ def evaluate_model(
     return EvalResult(
         model_label=model_label, predictions=preds, tasks=list(samples), sets=list(cfg.instruction_sets),
         scorings=list(cfg.scoring), caveats=caveats, skipped=skipped, wall_time_s=time.perf_counter() - start,
-        timing=timing, notes=_notes(cfg, paths, choices),
+        timing=timing, notes=_notes(cfg, paths, choices), sources=sources,
         settings={"scoring": list(cfg.scoring), "prompt_format": cfg.prompt_format, "seed": seed,
                   "samples_per_task": cfg.samples_per_task, "instruction_file": configured_file,
                   "instruction_sha256": hashlib.sha256(Path(cfg.instruction_file).read_bytes()).hexdigest()[:16],

@@ -80,6 +80,14 @@ def _perturbed(r: EvalResult) -> list[str]:
     return [s for s in r.sets if s != CLEAN]
 
 
+PDR_SETS, PDR_PAIRS = "PDR (set means)", "PDR (per pair)"  # the two definitions, see DEFINITIONS
+
+
+def _paired(r: EvalResult) -> list[str]:
+    """The perturbed sets whose instructions record their clean source (the per-pair PDR's input)."""
+    return [s for s in _perturbed(r) if r.sources.get(s)]
+
+
 # --------------------------------------------------------------------------- references
 
 
@@ -162,8 +170,11 @@ def _header(results: list[EvalResult], refs: References) -> list[Block]:
 
 DEFINITIONS = (
     "Accuracy in % as mean ± population std over the instructions of a set; `avg` = unweighted mean over tasks. "
-    "Perturbed = mean over the perturbed sets. PDR = 1 − acc(set)/acc(clean) per task and set (negative: the "
-    "perturbed set did better), averaged over tasks. All-agree consistency = % of examples with the same prediction "
+    "Perturbed = mean over the perturbed sets. PDR (set means) = 1 − acc_mean(set)/acc_mean(clean) per task and set "
+    "(negative: the perturbed set did better), averaged over tasks. PDR (per pair) = PromptBench's definition, the "
+    "mean over the pairs (clean instruction i, its perturbed version i′) of 1 − acc(i′)/acc(i), averaged over tasks; "
+    "shown only where the instruction file records each perturbed instruction's clean source (`sources`, written "
+    "by `coin attack`), else –. All-agree consistency = % of examples with the same prediction "
     "under every instruction of the set (the robustness card adds the pairwise rate); worst-case = % of examples "
     "correct under every instruction. Unparsed = % of generations that named no label (counted wrong)."
 )
@@ -179,8 +190,10 @@ REFERENCES_NOTE = (
 def _summary(results: list[EvalResult], refs: References) -> list[Block]:
     levels = list(dict.fromkeys(s for r in results for s in _perturbed(r)))
     has_gen = any("generate" in r.scorings for r in results)
-    header = ["model", "scoring", "clean", "clean − majority", *[_set_name(s) for s in levels], "perturbed", "PDR",
-              "all-agree consistency", "worst-case"] + (["unparsed"] if has_gen else [])
+    has_pairs = any(_paired(r) for r in results)
+    header = ["model", "scoring", "clean", "clean − majority", *[_set_name(s) for s in levels], "perturbed",
+              PDR_SETS, *([PDR_PAIRS] if has_pairs else []), "all-agree consistency", "worst-case"] \
+        + (["unparsed"] if has_gen else [])
     rows = []
     for r in results:
         for m in r.scorings:
@@ -190,15 +203,16 @@ def _summary(results: list[EvalResult], refs: References) -> list[Block]:
             for s in levels:
                 a = _set_avg(r, m, s)
                 row.append(f_acc(a["acc_mean"], a["acc_std"]) if a is not None else DASH)
-            row += [f_acc(o["perturbed_acc"], o["perturbed_std"]), f_pdr(o["pdr"]), f_pct(o["consistency"]),
-                    f_pct(o["worst_acc"])]
+            row += [f_acc(o["perturbed_acc"], o["perturbed_std"]), f_pdr(o["pdr"])]
+            row += [f_pdr(o["pdr_pairs"])] if has_pairs else []
+            row += [f_pct(o["consistency"]), f_pct(o["worst_acc"])]
             if has_gen:
                 row.append(f_pct(o["unparsed"]) if m == "generate" else DASH)
             rows.append(row)
     for name, rate in ((MAJORITY_ROW, refs.all.majority_avg()), (CHANCE_ROW, refs.all.chance_avg())):
         # a constant (or random) answer scores its rate on every set: no spread, no drop
         rows.append([name, REFERENCE_SCORING, f_pct(rate), DASH, *[f_pct(rate)] * len(levels), f_pct(rate),
-                     *[DASH] * (3 + has_gen)])
+                     *[DASH] * (3 + has_pairs + has_gen)])
     return [Heading("Summary"), Table(header, rows, text_cols=2, caption=DEFINITIONS + " All-agree consistency, "
                                       "worst-case and unparsed here are means over the perturbed sets. "
                                       + REFERENCES_NOTE)]
@@ -272,14 +286,17 @@ def _robustness_tables(results: list[EvalResult]) -> list[Block]:
     out: list[Block] = [Heading("Robustness by task: PDR, all-agree consistency, worst case")]
     for r in results:
         pert = _perturbed(r)
+        paired = [s for s in pert if s in _paired(r)]
         for m in r.scorings:
-            header = ["task", *[f"PDR {s}" for s in pert], *[f"all-agree / worst {s}" for s in r.sets]]
+            header = ["task", *[f"{PDR_SETS} {s}" for s in pert], *[f"{PDR_PAIRS} {s}" for s in paired],
+                      *[f"all-agree / worst {s}" for s in r.sets]]
             rows = []
             for t in [*r.tasks, AVG]:
                 get = ((lambda s, r=r, m=m: _set_avg(r, m, s)) if t == AVG  # noqa: E731
                        else (lambda s, r=r, m=m, t=t: _cell(r, m, t, s)))
                 row = [AVG if t == AVG else _task_name(r, t)]
                 row += [f_pdr(c["pdr"]) if (c := get(s)) is not None else DASH for s in pert]
+                row += [f_pdr(c["pdr_pairs"]) if (c := get(s)) is not None else DASH for s in paired]
                 row += [f"{f_pct(c['consistency'])} / {f_pct(c['worst_acc'])}" if (c := get(s)) is not None else DASH
                         for s in r.sets]
                 rows.append(row)

@@ -124,9 +124,10 @@ def plot_pdr(results: list[EvalResult]) -> Plot | None:
                 continue
             vals = [a["pdr"] if (a := _set_avg(r, m, s)) is not None else math.nan for s in pert]
             series.append((r.model_label, vals, [math.nan] * len(vals)))
-        _bars(ax, [perturbation_level(s) + f"\n({s})" for s in pert], series, ylabel="PDR", ylim=None)
+        _bars(ax, [perturbation_level(s) + f"\n({s})" for s in pert], series, ylabel="PDR (set means)", ylim=None)
         ax.axhline(0, color="black", linewidth=0.8)
         undefined = "" if any(_isnum(v) for _, vals, _ in series for v in vals) else " — undefined: clean accuracy 0"
         ax.set_title(f"{m}: performance drop rate vs clean by perturbation level (lower is more robust){undefined}",
                      fontsize="medium")
-    return Plot("pdr", _png(fig), "Performance drop rate by perturbation level (1 − acc/acc_clean, mean over tasks)")
+    return Plot("pdr", _png(fig), "Performance drop rate by perturbation level: PDR (set means), 1 − acc/acc_clean, "
+                "mean over tasks")

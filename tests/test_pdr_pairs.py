@@ -1,0 +1,208 @@
+"""PDR per pair (issue 14): PromptBench's per-prompt-pair PDR where the instruction file records each perturbed
+instruction's clean source (``sources``), next to the set-level PDR (docs/protocol.md#metrics)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from coin.config import load_settings
+from coin.data.io import DataError
+from coin.data.tasks import get_task
+from coin.evaluation.attack import (
+    LEVELS,
+    Budget,
+    Score,
+    attack_sets,
+    load_model,
+    log_path,
+    protected_words,
+    run_attack,
+    write_attack_files,
+)
+from coin.evaluation.generation import label_choices
+from coin.evaluation.instructions import (
+    PERTURBATION_LEVELS,
+    load_instruction_sets,
+    load_instruction_sources,
+    perturbation_level,
+)
+from coin.evaluation.metrics import compute_metrics, metrics_dict
+from coin.evaluation.report import write_eval_outputs
+from coin.evaluation.result import EvalResult, load_result, save_result
+from coin.evaluation.runner import evaluate_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+INSTRUCTIONS = DATA / "promptbench" / "coin_perturbed_instructions.json"
+
+# sst2, 4 examples (label 1). clean: instruction 0 right on all 4 (100 %), instruction 1 on 2 (50 %).
+# "p": instruction 0 perturbs clean 1 and is right on 1 (25 %), instruction 1 perturbs clean 0 and is right on
+# 3 (75 %), instruction 2 has no recorded source (0 %). Per pair: 1 - 25/50 = 0.5 and 1 - 75/100 = 0.25, mean
+# 0.375; set means: 1 - (100/3)/75 = 0.5556 (a different number: the test tells the two apart).
+# rte: the same accuracies, no sources: no per-pair PDR.
+CORRECT = {("clean", 0): 4, ("clean", 1): 2, ("p", 0): 1, ("p", 1): 3, ("p", 2): 0}
+SOURCES = {"p": {"sst2": [1, 0, None]}}
+
+
+def _table() -> pd.DataFrame:
+    rows = []
+    for task in ("sst2", "rte"):
+        for (s, i), k in CORRECT.items():
+            for x in range(4):
+                rows.append({"scoring": "loglik", "task": task, "set": s, "instruction_id": i, "example_id": f"e{x}",
+                             "label": 1, "pred": 1 if x < k else 0})
+    t = pd.DataFrame(rows)
+    t["model"] = "m"
+    t["category"] = [get_task(x).category for x in t["task"]]
+    t["level"] = [perturbation_level(s) for s in t["set"]]
+    t["correct"] = t["pred"] == t["label"]
+    t["label_word"] = t["label"].astype(str)
+    t["pred_word"] = t["pred"].astype(str)
+    t["scores"] = None
+    t["raw_scores"] = None
+    t["output"] = ""
+    return t
+
+
+def _result(sources) -> EvalResult:
+    return EvalResult(model_label="m", predictions=_table(), tasks=["sst2", "rte"], sets=["clean", "p"],
+                      scorings=["loglik"], sources=sources)
+
+
+def test_hand_built_table_gives_the_known_per_pair_pdr(tmp_path: Path) -> None:
+    res = _result(SOURCES)
+    cells = res.metrics.cells.set_index(["task", "set"])
+    assert cells.loc[("sst2", "p"), "pdr_pairs"] == pytest.approx(0.375)
+    assert cells.loc[("sst2", "p"), "n_pairs"] == 2
+    assert cells.loc[("sst2", "p"), "pdr"] == pytest.approx(1 - (100 / 3) / 75)  # set-level PDR kept as it was
+    assert math.isnan(cells.loc[("rte", "p"), "pdr_pairs"]) and cells.loc[("rte", "p"), "n_pairs"] == 0
+    assert math.isnan(cells.loc[("sst2", "clean"), "pdr_pairs"])
+    # averaged like the other metrics: over the tasks where it is defined, then over the perturbed sets
+    sets = res.metrics.sets.set_index("set")
+    assert sets.loc["p", "pdr_pairs"] == pytest.approx(0.375)
+    assert res.metrics.overall.iloc[0]["pdr_pairs"] == pytest.approx(0.375)
+    # metrics.json: keys added, the old ones unchanged; undefined -> null
+    m = metrics_dict(res.metrics, "loglik")
+    assert m["loglik"]["tasks"]["sst2"]["p"]["pdr_pairs"] == 0.375 and m["loglik"]["tasks"]["sst2"]["p"]["n_pairs"] == 2
+    assert m["loglik"]["tasks"]["rte"]["p"]["pdr_pairs"] is None and m["loglik"]["tasks"]["rte"]["p"]["n_pairs"] == 0
+    assert m["loglik"]["overall"]["pdr_pairs"] == 0.375 and m["loglik"]["sets"]["p"]["pdr_pairs"] == 0.375
+    assert m["loglik"]["overall"]["pdr"] == pytest.approx(round(1 - (100 / 3) / 75, 4))
+    assert set(m["summary"]) == {"clean_acc", "perturbed_acc", "pdr", "consistency", "worst_acc"}
+    # a clean instruction that scored 0 makes its pair undefined: left out, not a division by zero
+    zero = compute_metrics(_table().assign(pred=lambda t: t["pred"].where(
+        ~((t["set"] == "clean") & (t["instruction_id"] == 1)), 0)), SOURCES).cells.set_index(["task", "set"])
+    assert zero.loc[("sst2", "p"), "pdr_pairs"] == pytest.approx(0.25) and zero.loc[("sst2", "p"), "n_pairs"] == 1
+    # the pairing travels with the result: save / load keeps it and the figure
+    back = load_result(save_result(res, tmp_path / "res"))
+    assert back.sources == SOURCES and back == res
+    assert back.metrics.cells.set_index(["task", "set"]).loc[("sst2", "p"), "pdr_pairs"] == pytest.approx(0.375)
+
+
+def test_report_labels_both_definitions(tmp_path: Path) -> None:
+    paired = write_eval_outputs([_result(SOURCES)], tmp_path / "paired")["report_md"].read_text()
+    assert "PDR (set means)" in paired and "PDR (per pair)" in paired and "PDR (per pair) p" in paired
+    assert "+0.375" in paired and "+0.556" in paired
+    header = next(line for line in paired.splitlines() if line.startswith("| model | scoring |"))
+    row = next(line for line in paired.splitlines() if line.startswith("| m |"))
+    summary = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")], strict=True))
+    assert summary["PDR (per pair)"] == "+0.375" and summary["PDR (set means)"] == "+0.556"
+    plain = write_eval_outputs([_result({})], tmp_path / "plain")
+    text = plain["report_md"].read_text()
+    assert "PDR (set means)" in text and "| PDR (per pair)" not in text and "+0.375" not in text
+    metrics = json.loads(plain["metrics"].read_text())["m"]
+    assert metrics["loglik"]["overall"]["pdr_pairs"] is None  # null, never a number made up
+
+
+def _write(tmp_path: Path, sources, clean=None) -> Path:
+    doc = {"perturbations": {"clean": clean if clean is not None else {"sst2": ["a: ", "b: "], "rte": ["c: "]},
+                             "p": {"sst2": ["x: ", "y: ", "z: "], "rte": ["w: "]}},
+           "sources": sources}
+    path = tmp_path / "instr.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_a_file_with_sources_loads(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"p": {"sst2": [1, 0, None]}})
+    assert load_instruction_sources(path, ["clean", "p"], ["sst2", "rte"]) == {"p": {"sst2": [1, 0, None]}}
+    assert load_instruction_sets(path, ["clean", "p"], ["sst2", "rte"])["p"]["sst2"] == ["x: ", "y: ", "z: "]
+    assert load_instruction_sources(path, ["clean"], ["sst2"]) == {}  # only requested sets
+
+
+@pytest.mark.parametrize("sources,clean,match", [
+    ({"p": {"sst2": [1, 2, None]}}, None, r"set 'p', task 'sst2': field 'sources\.p\.sst2\[1\]'.*\(0\.\.1\).*int 2"),
+    ({"p": {"sst2": [0, -1, 0]}}, None, r"set 'p', task 'sst2': field 'sources\.p\.sst2\[1\]'"),
+    ({"p": {"sst2": [0, True, 0]}}, None, r"set 'p', task 'sst2': field 'sources\.p\.sst2\[1\]'.*bool"),
+    ({"p": {"rte": [0, 0]}}, None, r"set 'p', task 'rte': field 'sources\.p\.rte' should be a list of 1 entries"),
+    ({"p": {"sst2": "0,1,2"}}, None, r"set 'p', task 'sst2': field 'sources\.p\.sst2' should be a list of 3"),
+    ({"p": ["sst2"]}, None, r"sources: field 'p' should be a JSON object"),
+    ({"p": {"rte": [0]}}, {"sst2": ["a: ", "b: "]}, r"set 'p', task 'rte':.*'clean' set, which has no task 'rte'"),
+], ids=["out-of-range", "negative", "bool", "length", "not-a-list", "set-not-an-object", "no-clean-task"])
+def test_a_malformed_sources_field_is_refused_naming_set_task_index(tmp_path: Path, sources, clean,
+                                                                     match: str) -> None:
+    path = _write(tmp_path, sources, clean)
+    with pytest.raises(DataError, match=match):
+        load_instruction_sources(path, ["p"], ["sst2", "rte"])
+    with pytest.raises(DataError, match=match):  # the loader every caller uses refuses it too
+        load_instruction_sets(path, ["p"], ["sst2", "rte"])
+
+
+def test_the_shipped_file_gives_no_per_pair_pdr() -> None:
+    tasks = list(load_instruction_sets(INSTRUCTIONS, ["clean"], ["sst2", "rte", "mnli"])["clean"])
+    assert load_instruction_sources(INSTRUCTIONS, list(PERTURBATION_LEVELS), tasks) == {}
+    assert "sources" not in json.loads(INSTRUCTIONS.read_text())
+
+
+def _stub(task, instructions):
+    return [Score(random.Random(s).randrange(0, 11) / 10, random.Random(s + "m").uniform(-1, 1)) for s in instructions]
+
+
+def test_attack_output_records_the_clean_source_of_each_attacked_instruction(tmp_path: Path) -> None:
+    tasks = ["sst2", "rte"]
+    clean = load_instruction_sets(INSTRUCTIONS, ["clean"], tasks)["clean"]
+    protected = {t: protected_words(get_task(t).label_words, label_choices(get_task(t).label_words, INSTRUCTIONS, t))
+                 for t in tasks}
+    outcomes = attack_sets(clean, scorer=_stub, protected=protected, levels=list(LEVELS), budget=Budget(), seed=0)
+    path, log = write_attack_files(tmp_path / "a.json", clean, outcomes, source=INSTRUCTIONS, source_set="clean",
+                                   settings={"seed": 0})
+    sets = ["clean", *LEVELS.values()]
+    sources = load_instruction_sources(path, sets, tasks)
+    loaded = load_instruction_sets(path, sets, tasks)
+    assert set(sources) == set(LEVELS.values())
+    for e in json.loads(log.read_text())["instructions"]:
+        s, t, j = LEVELS[e["level"]], e["task"], e["index"]
+        assert loaded[s][t][j] == e["attacked"]
+        assert loaded["clean"][t][sources[s][t][j]] == e["clean"]  # points at the clean instruction it came from
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_attacked_file_evaluates_to_the_per_pair_pdr_of_the_logged_accuracies(tiny_llama_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    """End to end on a tiny model: `coin attack` writes sources, the evaluation carries them, and the per-pair
+    PDR equals the mean over pairs of 1 - attacked/clean accuracy from the attack log (attack sample = the
+    evaluation's: --no-holdout, same seed)."""
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    settings = load_settings(params, [f"paths.data_dir={DATA}", f"evaluate.instruction_file={INSTRUCTIONS}",
+                                      "evaluate.tasks=[rte]"])
+    out = tmp_path / "attack.json"
+    run_attack(settings, tmp_path, model=str(tiny_llama_dir), out=out, instructions=INSTRUCTIONS, tasks=["rte"],
+               levels=["char"], budget=Budget(max_edits=1, max_queries=4, per_step=3), samples=5, seed=7,
+               holdout=False)
+    model, tok, counts, _ = load_model(str(tiny_llama_dir), settings)
+    cfg = settings.evaluate.model_copy(update={"instruction_file": str(out), "tasks": ["rte"], "samples_per_task": 5,
+                                               "instruction_sets": ["clean", "attack-char"], "scoring": ["loglik"]})
+    res = evaluate_model(model, tok, cfg, data_dir=DATA, seed=7, model_label="t", label_counts=counts)
+    n = len(load_instruction_sets(out, ["clean"], ["rte"])["clean"]["rte"])
+    assert res.sources == {"attack-char": {"rte": list(range(n))}}
+    logged = json.loads(log_path(out).read_text())["instructions"]
+    drops = [1 - e["attacked_accuracy"] / e["clean_accuracy"] for e in logged if e["clean_accuracy"] > 0]
+    cell = res.metrics.cells.set_index(["task", "set"]).loc[("rte", "attack-char")]
+    assert cell["n_pairs"] == len(drops) > 0  # the tiny model gets some rte rows right
+    assert cell["pdr_pairs"] == pytest.approx(sum(drops) / len(drops))
