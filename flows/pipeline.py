@@ -4,7 +4,7 @@
     python -m flows.pipeline --set train.max_steps=10 --eval-workers 2
 
     data (DVC status; new version + push on change) -> pairs -> validate -> train (one task per method)
-      -> coin-evaluate subflow: one task per model on a Dask cluster -> report -> register
+      -> coin-pipeline-evaluate subflow: one task per model on a Dask cluster -> report -> register
 
 Nothing is computed here: each task calls the same stage function as ``coin <stage>`` and ``dvc repro``.
 
@@ -68,16 +68,22 @@ def _nest_under(parent_run_id: str | None) -> None:
         os.environ.pop(stages.PARENT_RUN_ENV, None)
 
 
-def _transient(task: Task, task_run: Any, state: Any) -> bool:
-    """Retry condition of the I/O tasks: retry network, lock and server trouble, not a deterministic
-    refusal (bad params or data, a promotion the registry cannot decide) that would only fail again."""
+def _failure(state: Any) -> BaseException | None:
+    """The exception a failed task state holds, or None when it cannot be read."""
     exc = state.data if isinstance(state.data, BaseException) else None
     if exc is None:  # Prefect may hold the exception in a result record rather than in state.data
         try:
             got = state.result(raise_on_failure=False)
-        except Exception:  # noqa: BLE001 - an unreadable result: treat as transient, as before
+        except Exception:  # noqa: BLE001 - an unreadable result: the caller decides (retry conditions: transient)
             got = None
         exc = got if isinstance(got, BaseException) else None
+    return exc
+
+
+def _transient(task: Task, task_run: Any, state: Any) -> bool:
+    """Retry condition of the I/O tasks: retry network, lock and server trouble, not a deterministic
+    refusal (bad params or data, a promotion the registry cannot decide) that would only fail again."""
+    exc = _failure(state)
     if exc is None:
         return True
     from coin.registry.promotion import PromotionError
@@ -289,7 +295,7 @@ def _keep_malloc_dynamic() -> None:
         del os.environ[var]
 
 
-@flow(name="coin-evaluate", log_prints=True)
+@flow(name="coin-pipeline-evaluate", log_prints=True)
 def evaluate_models(params_path: str, overrides: Overrides, parent_run_id: str | None = None,
                     torch_threads: int | None = None) -> dict[str, Any]:
     """One ``evaluate-unit`` task per model, submitted to this flow's task runner, then the report."""

@@ -4,6 +4,7 @@ import logging
 
 import pytest
 
+import flows.evaluate
 import flows.pipeline
 import flows.study
 from coin.secrets import seal_overrides
@@ -18,7 +19,8 @@ def test_banner_lists_the_overrides_redacted():
     assert run_banner("coin-study", "params.yaml", None).endswith("overrides: none")
 
 
-@pytest.mark.parametrize("module,flow", [(flows.pipeline, "coin_pipeline"), (flows.study, "coin_study")])
+@pytest.mark.parametrize("module,flow", [(flows.pipeline, "coin_pipeline"), (flows.study, "coin_study"),
+                                         (flows.evaluate, "coin_evaluate")])
 def test_it_is_the_flows_first_log_line(monkeypatch, tmp_path, module, flow):
     """Logged before the params are even parsed: a bad override still shows what the run was given."""
     records: list[str] = []

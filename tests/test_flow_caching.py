@@ -188,6 +188,25 @@ def test_prefect_yaml_deploys_the_pipeline_on_a_process_pool_with_a_cron_schedul
     assert steps == ["prefect.deployments.steps.set_working_directory"]
 
 
+def test_every_deployment_names_a_flow_that_accepts_its_parameters():
+    """Each deployment's entrypoint is a flow function in this repository, its parameters pass the flow's own
+    validation, and it uses the project's build and pull steps (working directory pinned at deploy time)."""
+    import importlib
+
+    from prefect import Flow
+
+    doc = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    assert {d["name"] for d in doc["deployments"]} >= {"nightly", "study", "champion"}
+    for dep in doc["deployments"]:
+        path, func = dep["entrypoint"].split(":")
+        assert (ROOT / path).is_file(), dep["entrypoint"]
+        fl = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), func)
+        assert isinstance(fl, Flow), dep["entrypoint"]
+        fl.validate_parameters(dep.get("parameters") or {})
+        assert dep["work_pool"]["name"] == "coin-local"
+        assert not {"build", "pull", "push"} & set(dep), f"{dep['name']}: project-level steps only"
+
+
 def test_io_tasks_retry_transient_errors_only():
     from prefect.states import Failed
 

@@ -327,15 +327,13 @@ def evaluate(
             overrides.append(f"evaluate.instruction_file={instructions.expanduser().resolve()}")
         _print(_run_stage("evaluate", params, overrides))
         return
-    from coin.evaluation.anymodel import evaluate_models, sets_and_tasks_of
+    from coin.evaluation.anymodel import evaluate_models, with_instruction_file
 
     _setup_logging()
     settings, root = _settings(params, overrides)
     if instructions is not None:
         instructions = instructions.expanduser().resolve()
-        given = {o.split("=", 1)[0].strip() for o in overrides}
-        settings = sets_and_tasks_of(settings, instructions, keep_sets="evaluate.instruction_sets" in given,
-                                     keep_tasks="evaluate.tasks" in given)
+    settings = with_instruction_file(settings, instructions, overrides)
     out_dir = out.expanduser().resolve() if out is not None else root / settings.paths.out_dir / "evaluate-any"
     run = evaluate_models(model, settings, root, out_dir, instruction_file=instructions, cache_dir=cache_dir)
     _print({**run.summary(), "table": (out_dir / "table.md").read_text()})

@@ -332,6 +332,19 @@ def sets_and_tasks_of(settings: Settings, file: Path, *, keep_sets: bool = False
     return settings.model_copy(update={"evaluate": settings.evaluate.model_copy(update=update)}) if update else settings
 
 
+def with_instruction_file(settings: Settings, file: str | Path | None, overrides: list[Any] | None = None) -> Settings:
+    """What ``coin evaluate --model ... --instructions FILE`` and the ``coin-evaluate`` flow evaluate on: with a
+    ``file``, its own sets and the tasks they cover (:func:`sets_and_tasks_of`), unless ``overrides`` (``--set``
+    strings, sealed or not) give ``evaluate.instruction_sets`` / ``evaluate.tasks``; without one, ``settings``."""
+    if file is None:
+        return settings
+    from coin.secrets import reveal_overrides
+
+    given = {o.split("=", 1)[0].strip() for o in reveal_overrides(overrides)}
+    return sets_and_tasks_of(settings, Path(file).expanduser().resolve(),
+                             keep_sets="evaluate.instruction_sets" in given, keep_tasks="evaluate.tasks" in given)
+
+
 def protocol_of(settings: Settings, root: Path) -> dict[str, Any]:
     """What decides an evaluation's figures besides the model: the instruction file's content, sets, tasks and
     their validation data, sample size, seed, scoring, calibration, prompt format and numerics."""
