@@ -65,8 +65,17 @@ def _adapter(tiny_llama_dir: Path, out: Path) -> Path:
     return adapter
 
 
-def _evaluate(project: dict, *args: str):
-    return runner.invoke(app, ["evaluate", *project["common"], "--instructions", str(project["instr"]), *args])
+def _evaluate(project: dict, *args: str):  # --json: the whole result, which _summary reads
+    return runner.invoke(app, ["evaluate", *project["common"], "--instructions", str(project["instr"]), "--json",
+                               *args])
+
+
+def test_without_json_the_output_is_the_headline_table(project, tiny_llama_dir):
+    res = runner.invoke(app, ["evaluate", *project["common"], "--instructions", str(project["instr"]),
+                              "--model", f"tiny={tiny_llama_dir}", "--out", str(project["tmp"] / "short")])
+    assert res.exit_code == 0, res.output
+    assert "| tiny |" in res.stdout and "outputs:" in res.stdout and '"protocol"' not in res.stdout
+    assert len(res.stdout.splitlines()) < 40, res.stdout
 
 
 def _summary(res) -> dict:

@@ -316,6 +316,7 @@ def evaluate(
         help="with --model: write the report, results and cache here (default outputs/evaluate-any/)")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(
         help="with --model: results cached per (model fingerprint, protocol) (default <out>/cache)")] = None,
+    json_: JsonOpt = False,
 ) -> None:
     """Robustness evaluation: the pipeline's models, or any models (--model) on any instruction file."""
     overrides = list(set_ or [])
@@ -325,7 +326,11 @@ def evaluate(
                               "paths.out_dir (--set paths.out_dir=...)")
         if instructions is not None:
             overrides.append(f"evaluate.instruction_file={instructions.expanduser().resolve()}")
-        _print(_run_stage("evaluate", params, overrides))
+        result = _run_stage("evaluate", params, overrides)
+        if json_:
+            _print(result)
+        else:
+            _print_summary("evaluate", result, params, overrides)
         return
     from coin.evaluation.anymodel import evaluate_models, with_instruction_file
 
@@ -336,7 +341,12 @@ def evaluate(
     settings = with_instruction_file(settings, instructions, overrides)
     out_dir = out.expanduser().resolve() if out is not None else root / settings.paths.out_dir / "evaluate-any"
     run = evaluate_models(model, settings, root, out_dir, instruction_file=instructions, cache_dir=cache_dir)
-    _print({**run.summary(), "table": (out_dir / "table.md").read_text()})
+    table = (out_dir / "table.md").read_text()
+    if json_:
+        _print({**run.summary(), "table": table})
+    else:  # the headline table and where the rest is; --json for every figure
+        print(table)
+        print(f"outputs: {out_dir} (report.html, metrics.json, predictions.jsonl, cards/)")
 
 
 @app.command()
