@@ -34,11 +34,12 @@ import json
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from coin.methods import METHODS
 from coin.secrets import redact_override, redact_value, redacted, reveal_override
 
 log = logging.getLogger("coin")
@@ -53,6 +54,19 @@ DEFAULT_TRAIN_TASKS: tuple[str, ...] = tuple(t for t in ALL_TASKS if t != "qqp")
 # Rows per task of the default recipe: most of the budget where a few thousand rows are learnable (RESULTS.md §2).
 DEFAULT_ROWS_PER_TASK: dict[str, int] = {"sst2": 2500, "qnli": 1500, "mnli": 400, "rte": 250, "mrpc": 250,
                                          "cola": 250, "wnli": 250}
+
+
+# The registered training methods (coin.methods, their one home), in declaration order.
+MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+
+
+def _registered_methods(v: list[str], also: tuple[str, ...] = ()) -> list[str]:
+    """The names must be registered *now*: the Literal above is built at import, the registry is read here."""
+    known = (*also, *METHODS)
+    unknown = [m for m in v if m not in known]
+    if unknown:
+        raise ValueError(f"{', '.join(map(repr, unknown))} is not a registered method; use one of {', '.join(known)}")
+    return v
 
 
 class ConfigError(ValueError):
@@ -237,11 +251,11 @@ class LoraSettings(_Section):
 
 
 class TrainSettings(_Section):
-    methods: list[Literal["coin", "cit", "sft"]] = Field(
+    methods: list[MethodName] = Field(
         default_factory=lambda: ["coin"],
         min_length=1,
-        description="one training run (adapter + MLflow run) per method; coin: L_gen(orig)+L_gen(para)+w*L_cl; "
-        "cit: no L_cl; sft: originals only",
+        description="one training run (adapter + MLflow run) per method; "
+        + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()),
     )
     max_steps: int = Field(320, ge=1, description="optimiser steps")
     batch_size: int = Field(
@@ -291,8 +305,8 @@ class TrainSettings(_Section):
     @classmethod
     def _methods_unique(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
-            raise ValueError("lists a method twice; list each of coin, cit, sft at most once")
-        return v
+            raise ValueError(f"lists a method twice; list each of {', '.join(METHODS)} at most once")
+        return _registered_methods(v)
 
     @property
     def method(self) -> str:
@@ -359,7 +373,7 @@ class EvaluateSettings(_Section):
 
 class RegisterSettings(_Section):
     model_name: str = Field("coin-minilm", min_length=1, description="registered model name in MLflow")
-    methods: list[Literal["coin", "cit", "sft"]] = Field(
+    methods: list[MethodName] = Field(
         default_factory=lambda: ["coin"], min_length=1,
         description="trained methods registered as candidates, in order; each goes through the promotion gate",
     )
@@ -379,6 +393,11 @@ class RegisterSettings(_Section):
         "min_improvement; 'interval' = the lower bound of its paired 95% bootstrap interval on the examples both "
         "were scored on > min_improvement (needs the champion's stored per-example predictions)",
     )
+
+    @field_validator("methods")
+    @classmethod
+    def _methods_registered(cls, v: list[str]) -> list[str]:
+        return _registered_methods(v)
 
 
 _TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
@@ -407,9 +426,9 @@ class TrackingSettings(_Section):
 
 # --------------------------------------------------------------------------- study (coin study)
 
-# The trained methods, read from their one home (the Literal of TrainSettings.methods); ``base`` is the
-# untouched backbone. Adding a method there adds it to studies (and to their paired differences) too.
-TRAIN_METHODS: tuple[str, ...] = get_args(get_args(TrainSettings.model_fields["methods"].annotation)[0])
+# The trained methods, read from their one home (coin.methods.METHODS, in declaration order); ``base`` is the
+# untouched backbone. Registering a method there adds it to studies (and to their paired differences) too.
+TRAIN_METHODS: tuple[str, ...] = tuple(METHODS)
 BASE_METHOD = "base"
 STUDY_METHODS: tuple[str, ...] = (BASE_METHOD, *TRAIN_METHODS)
 StudyMethod = Literal[STUDY_METHODS]  # type: ignore[valid-type]
@@ -469,7 +488,7 @@ class StudySettings(_Section):
             raise ValueError(f"lists no method; list at least one of {', '.join(STUDY_METHODS)}")
         if len(set(v)) != len(v):
             raise ValueError("lists a method twice; list each method once")
-        return v
+        return _registered_methods(v, also=(BASE_METHOD,))
 
     @field_validator("seeds")
     @classmethod

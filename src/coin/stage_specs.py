@@ -36,12 +36,12 @@ class StageSpec:
     params: tuple[str, ...]            # params keys/sections the stage reads
     inputs: PathsFn                    # files/dirs whose content the stage reads
     outputs: PathsFn                   # what it writes (all of it must still exist for a flow cache hit to count)
-    code: tuple[str, ...]              # coin subpackages it runs (stages.py and config.py always count)
+    code: tuple[str, ...]              # coin subpackages it runs (stages.py, config.py, methods.py always count)
     exclude: tuple[str, ...] = ()      # params under ``params`` that do not affect this task (flow: the item)
     extra_check: Callable[[Settings, Path, str | None], str | None] | None = field(default=None, compare=False)
 
 
-ALWAYS_CODE = ("stages.py", "config.py")  # every stage runs these
+ALWAYS_CODE = ("stages.py", "config.py", "methods.py")  # every stage runs these (config.py imports methods.py)
 
 
 def select_params(settings: Settings, keys: Iterable[str], exclude: Iterable[str] = ()) -> dict[str, Any]:

@@ -51,6 +51,9 @@ import torch
 
 from coin.config import TrainSettings
 from coin.data.prompts import PromptFormat, encode
+from coin.methods import GEN_GROUPS, get_method
+
+__all__ = ["GEN_GROUPS", "GROUP_COLUMNS", "Batch", "PairCollator", "method_groups", "pack_sequences"]
 
 # (prompt column, target column) of each group in a pair row.
 GROUP_COLUMNS: dict[str, tuple[str, str]] = {
@@ -58,18 +61,11 @@ GROUP_COLUMNS: dict[str, tuple[str, str]] = {
     "paraphrase": ("paraphrase_prompt", "target"),
     "negative": ("negative_prompt", "negative_target"),
 }
-GEN_GROUPS: frozenset[str] = frozenset({"original", "paraphrase"})  # groups that carry L_gen
 
 
 def method_groups(method: str, hard_negatives: bool = True) -> tuple[str, ...]:
-    """The sequence blocks of a batch, in order, for a training method."""
-    if method == "coin":
-        return ("original", "paraphrase", "negative") if hard_negatives else ("original", "paraphrase")
-    if method == "cit":
-        return ("original", "paraphrase")
-    if method == "sft":
-        return ("original",)
-    raise ValueError(f"train.method = {method!r}: use one of coin, cit, sft")
+    """The sequence blocks of a batch, in order, for a training method (declared in :mod:`coin.methods`)."""
+    return get_method(method).groups(hard_negatives)
 
 
 @dataclass
@@ -174,6 +170,7 @@ class PairCollator:
         self.tokenizer = tokenizer
         self.pack = pack
         self.groups = method_groups(method, hard_negatives)
+        self.gen_groups = frozenset(get_method(method).generation_groups)  # blocks whose responses carry labels
         self.cutoff_len = cutoff_len
         self.append_eos = append_eos
         self.fmt = fmt
@@ -222,7 +219,7 @@ class PairCollator:
             segment_ids[r, a:b] = i
             position_ids[r, a:b] = torch.arange(len(ids))
             prompt_mask[r, a : a + n_prompt] = True
-            if group in GEN_GROUPS:
+            if group in self.gen_groups:
                 labels[r, a + n_prompt : b] = ids_t[n_prompt:]
             prompt_len[i] = n_prompt
         resp_rows, resp_cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)  # (K,), (K,): t predicts t+1

@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from coin.config import TrainSettings
+from coin.methods import Method, get_method
 from coin.modeling.backbone import Backbone, FusedLM, autocast_context, packing_supported, unwrap_model
 from coin.modeling.lora import apply_lora
 from coin.training.batching import BatchStream, iterate_batches, train_rows_of
@@ -53,7 +54,6 @@ __all__ = ["MetricsCallback", "TrainResult", "TrainRun", "accumulate_gradients",
 log = logging.getLogger(__name__)
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
-_MEAN_KEYS = ("l_cl", "w", "pos_cos", "neg_cos")
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,14 +110,11 @@ def _comm_device(world: World) -> torch.device:
     return torch.device("cpu")
 
 
-def _merge(parts: list[dict[str, float]]) -> dict[str, float]:
-    """Step metrics from its micro-batches: the step's L_gen is the sum of the parts (token-normalised
-    over the step), the contrastive values are means over micro-batches, counts are sums."""
-    out = {k: sum(p[k] for p in parts) / len(parts) for k in _MEAN_KEYS}
-    out["l_gen"] = sum(p["l_gen_part"] for p in parts)
-    out["loss"] = out["l_gen"] + sum(p["loss"] - p["l_gen"] for p in parts) / len(parts)
-    for k in ("n_tokens", "n_slots", "n_resp_tokens"):
-        out[k] = sum(p[k] for p in parts)
+def _merge(parts: list[dict[str, float]], method: Method) -> dict[str, float]:
+    """Step metrics from its micro-batches, each reduced as the method declares (:attr:`Method.metrics`:
+    the step's L_gen is the sum of the parts, token-normalised over the step; the contrastive values are
+    means over micro-batches, counts are sums); a metric the loss returned undeclared raises."""
+    out = method.reduce(parts)
     out["pad_frac"] = 1.0 - out["n_tokens"] / max(out["n_slots"], 1.0)
     return out
 
@@ -317,4 +314,4 @@ def accumulate_gradients(
         with maybe_no_sync(fused, skip_sync):
             objective.backward()
         parts.append(m)
-    return _merge(parts)
+    return _merge(parts, get_method(cfg.method))

@@ -26,6 +26,7 @@ How a micro-batch's loss enters an optimiser step (``grad_accum`` micro-batches,
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coin.config import TrainSettings
+from coin.methods import GEN_GROUPS, get_method
 from coin.modeling.backbone import (
     FusedLM,
     attention_mode,
@@ -42,7 +44,7 @@ from coin.modeling.backbone import (
     selected_logits,
     unwrap_model,
 )
-from coin.training.collator import GEN_GROUPS, Batch
+from coin.training.collator import Batch
 from coin.training.distributed import SINGLE, World, gather_with_local_grad
 
 Pooling = Literal["last", "mean", "max"]
@@ -179,15 +181,17 @@ def generation_sums(
     rows: torch.Tensor,
     n_pairs: int,
     groups: tuple[str, ...],
+    gen_groups: Collection[str] = GEN_GROUPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group ``g``: ``(sum of token CE (G,), number of response tokens (G,))``; 0 for non-generation groups.
 
     ``logits`` (K, V) are the LM-head outputs at the K response positions only, ``targets`` (K,) the
-    tokens they predict, ``rows`` (K,) their sequences (group = sequence // n_pairs).
+    tokens they predict, ``rows`` (K,) their sequences (group = sequence // n_pairs). ``gen_groups``: the
+    groups with a generation term (the method's, :attr:`coin.methods.Method.generation_groups`).
     """
     ce = F.cross_entropy(logits.float(), targets, reduction="none")            # (K,)
     group_of = torch.div(rows, n_pairs, rounding_mode="floor")                   # (K,)
-    gen = torch.tensor([name in GEN_GROUPS for name in groups], device=ce.device)  # (G,)
+    gen = torch.tensor([name in gen_groups for name in groups], device=ce.device)  # (G,)
     keep = gen[group_of]                                                         # (K,)
     n_groups = len(groups)
     sums = torch.zeros(n_groups, dtype=torch.float32, device=ce.device).index_add(0, group_of, ce * keep)  # (G,)
@@ -259,14 +263,17 @@ def coin_step_loss(
 
     Metrics (floats, the same on every rank: values of this micro-batch over all ranks): loss, l_gen,
     l_cl, w, pos_cos, neg_cos, l_gen_part (this micro-batch's part of the step's generation loss),
-    n_tokens (real tokens forwarded), n_slots (token slots incl. padding), n_resp_tokens. For ``cit``
-    the contrastive loss and cosines are measured without gradient (w = 0) so runs can be compared;
-    for ``sft`` they are NaN (no paraphrases in the batch).
+    n_tokens (real tokens forwarded), n_slots (token slots incl. padding), n_resp_tokens. The method
+    (:mod:`coin.methods`) says which groups carry L_gen and whether InfoNCE is trained: for ``cit`` the
+    contrastive loss and cosines are measured without gradient (w = 0) so runs can be compared; for ``sft``
+    they are NaN (no paraphrases in the batch). Every metric returned here must be declared in the method's
+    ``metrics`` (the loop reduces them over micro-batches by that declaration and raises on any other).
     """
     scale = scale or StepScale()
+    method = get_method(cfg.method)
     hidden, logits = _forward(model, batch)                                      # (R, L, H), (K, V)
     sums, counts = generation_sums(logits, batch.resp_targets, batch.sequence_of_response, batch.n_pairs,
-                                   batch.groups)
+                                   batch.groups, method.generation_groups)
     n_groups = len(batch.groups)
     local = torch.cat([                                                          # one all-reduce for all counters
         sums.detach(), counts,
@@ -282,13 +289,13 @@ def coin_step_loss(
     l_cl, pos_cos, neg_cos = _contrastive(hidden, batch, cfg, world)
     w = 0.0
     objective = gen_share
-    if cfg.method == "coin":
+    if method.trains_contrastive:
         term, w = contrastive_weight(l_gen, l_cl, cfg.cl_weighting, cfg.cl_lambda, cfg.cl_weight)
         objective = objective + term / scale.n_micro
     if world.distributed:
         objective = objective * world.size                                      # DDP averages over ranks
     metrics = {
-        "loss": float(l_gen) + w * float(l_cl.detach()) if cfg.method == "coin" else float(l_gen),
+        "loss": float(l_gen) + w * float(l_cl.detach()) if method.trains_contrastive else float(l_gen),
         "l_gen": float(l_gen),
         "l_cl": float(l_cl.detach()),
         "w": float(w),
@@ -310,10 +317,11 @@ def _contrastive(
     Pooled blocks (B, H) per rank are gathered into (W*B, H) in rank order, so pair ``i`` of rank
     ``r`` is row ``r*B + i`` of the original, paraphrase and negative blocks alike.
     """
-    if "paraphrase" not in batch.groups:
+    method = get_method(cfg.method)
+    if method.info_nce is None or "paraphrase" not in batch.groups:
         return hidden.new_tensor(math.nan, dtype=torch.float32), math.nan, math.nan
     span_end = batch.prompt_len - 1 if cfg.pool_span == "prompt" else None        # (N,) or None
-    with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.method == "coin"):
+    with torch.set_grad_enabled(torch.is_grad_enabled() and method.trains_contrastive):
         seq_hidden, seq_mask = batch.sequence_view(hidden)                       # (N, T, H), (N, T)
         pooled = pool(seq_hidden, seq_mask, cfg.pooling, span_end)               # (N, H)
         blocks = {g: gather_with_local_grad(pooled[batch.block(g)], world) for g in batch.groups}  # (W*B, H)
