@@ -290,3 +290,29 @@ def test_pipeline_base_evaluation_is_cached_per_protocol(tmp_path, tiny_llama_di
     assert (unit / "predictions.parquet").read_bytes() == before
     stage_evaluate_unit(settings(2), tmp_path, "base")  # another protocol
     assert calls == ["base", "base"]
+
+
+def test_instructions_without_model_evaluate_the_pipelines_models_apart_from_the_pipeline(project, tiny_llama_dir):
+    """`coin evaluate --instructions FILE` (no --model): the pipeline's trained methods on FILE, as a separate
+    evaluation under outputs/evaluate-<stem>/ with its own MLflow runs; the pipeline's evaluate/ and its training
+    runs are left alone."""
+    from coin.layout import Layout
+    from coin.stages import pipeline_model_specs
+
+    outputs = project["root"] / "outputs"
+    adapter = _adapter(tiny_llama_dir, outputs / "train")
+    (outputs / "train" / "train.json").write_text(json.dumps(
+        {"methods": ["coin"], "runs": {"coin": {"adapter_dir": str(adapter), "run_id": "r0"}}}))
+    settings = _settings(project)
+    assert Layout(project["root"], settings).adapter_dir("coin") == adapter
+    assert pipeline_model_specs(settings, project["root"]) == [f"coin={adapter}"]  # include_base: false
+
+    res = _evaluate(project)
+    assert res.exit_code == 0, res.output
+    summary = _summary(res)
+    assert [(m["label"], m["kind"]) for m in summary["models"]] == [("coin", "adapter")]
+    out = outputs / f"evaluate-{project['instr'].stem}"
+    assert (out / "metrics.json").is_file() and not (outputs / "evaluate").exists()
+    runs = _runs(project)  # one evaluation run of its own, not the training run "r0"
+    assert [r.data.tags.get("mlflow.runName") for r in runs] == ["evaluate-coin"]
+    assert all(r.info.run_id != "r0" for r in runs)

@@ -313,19 +313,27 @@ def evaluate(
         "(default evaluate.instruction_file); with --model, its own sets and the tasks they cover unless --set "
         "gives evaluate.instruction_sets / evaluate.tasks")] = None,
     out: Annotated[Optional[Path], typer.Option(
-        help="with --model: write the report, results and cache here (default outputs/evaluate-any/)")] = None,
+        help="with --model or --instructions: write the report, results and cache here (default "
+        "outputs/evaluate-any/, or outputs/evaluate-<instruction file stem>/ for the pipeline's models)")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(
         help="with --model: results cached per (model fingerprint, protocol) (default <out>/cache)")] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Robustness evaluation: the pipeline's models, or any models (--model) on any instruction file."""
     overrides = list(set_ or [])
+    if not model and instructions is not None:
+        # the pipeline's models on another instruction file: a separate evaluation (own out dir, own MLflow runs),
+        # never written over the pipeline's evaluation or into its training runs
+        from coin.stages import pipeline_model_specs
+
+        model = pipeline_model_specs(*_settings(params, overrides))
+        default_out = f"evaluate-{instructions.stem}"
+    else:
+        default_out = "evaluate-any"
     if not model:
         if out is not None or cache_dir is not None:
-            raise ConfigError("--out / --cache-dir go with --model; the pipeline's evaluation writes under "
-                              "paths.out_dir (--set paths.out_dir=...)")
-        if instructions is not None:
-            overrides.append(f"evaluate.instruction_file={instructions.expanduser().resolve()}")
+            raise ConfigError("--out / --cache-dir go with --model or --instructions; the pipeline's evaluation "
+                              "writes under paths.out_dir (--set paths.out_dir=...)")
         result = _run_stage("evaluate", params, overrides)
         if json_:
             _print(result)
@@ -339,7 +347,7 @@ def evaluate(
     if instructions is not None:
         instructions = instructions.expanduser().resolve()
     settings = with_instruction_file(settings, instructions, overrides)
-    out_dir = out.expanduser().resolve() if out is not None else root / settings.paths.out_dir / "evaluate-any"
+    out_dir = out.expanduser().resolve() if out is not None else root / settings.paths.out_dir / default_out
     run = evaluate_models(model, settings, root, out_dir, instruction_file=instructions, cache_dir=cache_dir)
     table = (out_dir / "table.md").read_text()
     if json_:

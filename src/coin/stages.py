@@ -338,6 +338,14 @@ def eval_units(settings: Settings, root: Path) -> list[str]:
     return eval_labels(settings)
 
 
+def pipeline_model_specs(settings: Settings, root: Path) -> list[str]:
+    """The pipeline's evaluated models as ``LABEL=SPEC`` strings for :func:`coin.evaluation.evaluate_models`:
+    ``base`` as the backbone, each trained method as its adapter directory (``coin evaluate --instructions``)."""
+    lay = Layout(root, settings)
+    return [f"base={settings.model.backbone}" if label == "base" else f"{label}={lay.adapter_dir(label)}"
+            for label in eval_units(settings, root)]
+
+
 def stage_evaluate_unit(settings: Settings, root: Path, label: str) -> dict[str, Any]:
     """Evaluate one model (``base`` or a trained method) and save its raw results under ``models/<label>/``.
 
