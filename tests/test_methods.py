@@ -25,13 +25,16 @@ def _part(**extra: float) -> dict[str, float]:
     return {**base, **extra}
 
 
-def test_registry_order_is_coin_cit_sft():
-    # Study paired differences are earlier - later in this order: coin-cit, coin-sft, cit-sft.
-    assert list(METHODS) == ["coin", "cit", "sft"]
-    assert TRAIN_METHODS == ("coin", "cit", "sft")
-    assert STUDY_METHODS == ("base", "coin", "cit", "sft")
+def test_registry_order_puts_newer_objectives_first():
+    # Study paired differences are earlier - later in this order: each newer objective minus coin, cit and sft,
+    # then coin-cit, coin-sft, cit-sft.
+    assert list(METHODS) == ["coin_consistency", "consistency", "coin", "cit", "sft"]
+    assert TRAIN_METHODS == tuple(METHODS)
+    assert STUDY_METHODS == ("base", *METHODS)
     assert all(name == m.name for name, m in METHODS.items())
     assert [f"{a}-{b}" for a, b in difference_pairs(["sft", "cit", "coin"])][:3] == ["coin-cit", "coin-sft", "cit-sft"]
+    pairs = [f"{a}-{b}" for a, b in difference_pairs(list(METHODS))]
+    assert {"consistency-coin", "consistency-cit", "coin_consistency-coin", "coin_consistency-cit"} <= set(pairs)
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -54,7 +57,7 @@ def test_removing_a_declaration_makes_config_reject_it(monkeypatch):
     monkeypatch.setattr(config_module, "METHODS", {k: m for k, m in METHODS.items() if k != "cit"})
     for section in ("train", "register"):
         with pytest.raises(ConfigError, match=rf"{section}\.methods = \['cit'\]: .*'cit' is not a registered "
-                                              "method; use one of coin, sft"):
+                                              "method; use one of coin_consistency, consistency, coin, sft"):
             Settings.model_validate({**without_cit, "train": {"methods": ["cit"]}, "register": {"methods": ["cit"]}})
     with pytest.raises(ConfigError, match=r"study\.methods = .*'cit' is not a registered method; use one of base"):
         Settings.model_validate({"study": {"methods": ["base", "cit"]}})
@@ -66,10 +69,10 @@ def test_groups_and_terms_are_the_declared_ones():
     assert method_groups("coin", hard_negatives=False) == ("original", "paraphrase")
     assert method_groups("cit") == ("original", "paraphrase")
     assert method_groups("sft") == ("original",)
-    assert [m.generation_groups for m in METHODS.values()] == [("original", "paraphrase")] * 2 + [("original",)]
-    assert [m.trains_contrastive for m in METHODS.values()] == [True, False, False]
+    assert [m.generation_groups for m in METHODS.values()] == [("original", "paraphrase")] * 4 + [("original",)]
+    assert [m.trains_contrastive for m in METHODS.values()] == [True, False, True, False, False]
     assert METHODS["cit"].info_nce == InfoNCE("measured") and METHODS["sft"].info_nce is None
-    with pytest.raises(ValueError, match="use one of coin, cit, sft"):
+    with pytest.raises(ValueError, match="use one of coin_consistency, consistency, coin, cit, sft"):
         method_groups("nope")
 
 

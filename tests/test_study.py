@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from coin.config import ConfigError, Settings
+from coin.config import STUDY_METHODS, ConfigError, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTRUCTIONS = str(ROOT / "data" / "promptbench" / "coin_perturbed_instructions.json")
@@ -344,7 +344,7 @@ def test_grid_cells_names_and_sweep_values_go_through_the_override_machinery():
     assert cell_settings(s, cells[1]).seed == s.seed  # the evaluation seed is never the cell's
     assert make_cell(s, "coin", 3, "5e-4") == cells[1]
     plain = Settings.model_validate({})
-    assert [c.name for c in grid_cells(plain)][:4] == ["base-s0", "base-s1", "base-s2", "coin-s0"]
+    assert [c.name for c in grid_cells(plain)][:4] == ["base-s0", "base-s1", "base-s2", "coin_consistency-s0"]
 
 
 def test_worker_plan_and_defaults():
@@ -362,7 +362,8 @@ def test_worker_plan_and_defaults():
 @pytest.mark.parametrize(
     "study, expected",
     [
-        ({"methods": ["dpo"]}, ["study.methods.0 = 'dpo'", "'base', 'coin', 'cit' or 'sft'"]),
+        ({"methods": ["dpo"]}, ["study.methods.0 = 'dpo'",
+                                ", ".join(map(repr, STUDY_METHODS[:-1])) + f" or {STUDY_METHODS[-1]!r}"]),
         ({"methods": []}, ["study.methods", "lists no method"]),
         ({"seeds": []}, ["study.seeds = []", "lists no seed"]),
         ({"seeds": [1, 1]}, ["study.seeds", "lists a seed twice"]),
@@ -402,7 +403,7 @@ def test_cli_stops_on_bad_study_params_before_any_work(tmp_path):
 
 def test_shipped_params_and_deployment_declare_the_study():
     s = Settings.model_validate(yaml.safe_load((ROOT / "params.yaml").read_text()))
-    assert sorted(s.study.methods) == ["base", "cit", "coin", "sft"] and s.study.seeds == [0, 1, 2]
+    assert s.study.methods == list(STUDY_METHODS) and s.study.seeds == [0, 1, 2]
     assert s.study.out_dir == "outputs/study" and s.study.sweep_key is None
     doc = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     (dep,) = [d for d in doc["deployments"] if d["name"] == "study"]

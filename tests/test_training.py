@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_training import assert_grads_close, cfg_for, grads, make_rows, perturb_lora_b, trainable_state
+from helpers_training import (
+    assert_grads_close,
+    cfg_for,
+    grads,
+    make_rows,
+    naive_objective,
+    perturb_lora_b,
+    trainable_state,
+)
 
 from coin.config import LoraSettings, TrainSettings
 from coin.data.prompts import encode
@@ -353,59 +361,6 @@ def test_cit_and_sft_have_no_contrastive_term(tiny_llama_dir: Path) -> None:
 # --------------------------------------------------------------------------- the objective, end to end
 
 
-def _naive_objective(
-    model: torch.nn.Module, tok: Any, rows: list[dict[str, Any]], cfg: TrainSettings
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The CoIN loss by the textbook: every sequence forwarded alone (no padding at all) under a hand-built
-    mask (causal; under the prefix LM its prompt block all ones), full-vocabulary logits, pooling by slicing
-    the unpadded hidden states, InfoNCE by explicit loops."""
-    from coin.modeling.backbone import attention_mode, readout_mode, split_body_head
-
-    prefix = attention_mode(model) == "prefix"
-    mean_readout = readout_mode(model) == "mean"
-    cols = {"original": ("original_prompt", "target"), "paraphrase": ("paraphrase_prompt", "target"),
-            "negative": ("negative_prompt", "negative_target")}
-    reps: dict[str, list[torch.Tensor]] = {g: [] for g in cols}
-    gen: dict[str, torch.Tensor] = {}
-    for g, (p_col, t_col) in cols.items():
-        ce_sum, n_tok = torch.zeros(()), 0
-        for r in rows:
-            e = encode(tok, r[p_col], r[t_col], max_length=64)
-            ids = torch.tensor([e.input_ids])
-            mask = torch.ones(ids.size(1), ids.size(1), dtype=torch.bool).tril()
-            if prefix:
-                mask[: e.n_prompt, : e.n_prompt] = True
-            out = model(input_ids=ids, attention_mask=mask[None, None], output_hidden_states=True)
-            h = out.hidden_states[-1][0]                                      # (T, H), after the final norm
-            if g != "negative":
-                logits = out.logits[0, e.n_prompt - 1 : -1]                    # predicts tokens n_prompt..end
-                if mean_readout:  # the first response token reads the mean of the prompt's states
-                    first = split_body_head(model)[1](h[: e.n_prompt].mean(0))
-                    logits = torch.cat([first.unsqueeze(0), logits[1:]])
-                ce_sum = ce_sum + F.cross_entropy(logits, ids[0, e.n_prompt :], reduction="sum")
-                n_tok += len(e.input_ids) - e.n_prompt
-            span = h if cfg.pool_span == "full" else h[: e.n_prompt]
-            reps[g].append({"last": span[-1], "mean": span.mean(0), "max": span.max(0).values}[cfg.pooling])
-        gen[g] = ce_sum / max(n_tok, 1)
-    l_gen = gen["original"] + gen["paraphrase"]
-    o, p, n = (torch.stack(reps[g]) for g in cols)
-    b = len(rows)
-
-    def ce_row(anchor: torch.Tensor, columns: list[torch.Tensor], target: int) -> torch.Tensor:
-        s = torch.stack([F.cosine_similarity(anchor, c, dim=0) for c in columns]) / cfg.temperature
-        return torch.logsumexp(s, 0) - s[target]
-
-    l_o = sum(ce_row(o[i], [*p, *n], i) for i in range(b)) / b
-    l_p = sum(ce_row(p[i], [*o, *n], i) for i in range(b)) / b
-    l_cl = 0.5 * (l_o + l_p)
-    if cfg.cl_weighting == "fixed":
-        w = torch.tensor(cfg.cl_weight)
-    else:  # reference: c = lambda * L_cl, rescaled to L_gen (detached ratio) when larger
-        w = (l_gen / l_cl).detach() if cfg.cl_lambda * l_cl > l_gen else torch.tensor(cfg.cl_lambda)
-    loss = l_gen + w * l_cl
-    return loss, {"loss": loss.item(), "l_gen": l_gen.item(), "l_cl": l_cl.item(), "w": float(w)}
-
-
 @pytest.mark.parametrize(
     ("tiny", "pooling", "span", "weighting", "packing"),
     [
@@ -442,7 +397,7 @@ def test_fused_step_equals_textbook_objective(
     loss.backward()
     ours = grads(model)
     model.zero_grad(set_to_none=True)
-    ref_loss, ref = _naive_objective(model, bb.tokenizer, rows, cfg)
+    ref_loss, ref = naive_objective(model, bb.tokenizer, rows, cfg)
     ref_loss.backward()
     for key in ("loss", "l_gen", "l_cl", "w"):
         assert m[key] == pytest.approx(ref[key], rel=2e-5, abs=1e-6), key

@@ -23,12 +23,18 @@ DDP_ROWS = 8          # pair rows of the distributed test
 DDP_GLOBAL_BATCH = 4  # pairs per micro-batch over all ranks
 
 
+# coin_consistency: coin's gathered InfoNCE and the consistency term's all-reduced means and adaptive weight in one run
+DDP_METHOD = "coin_consistency"
+DDP_CONSISTENCY = {"weighting": "adaptive", "push_weight": 50.0, "push_temperature": 0.1}
+
+
 def ddp_step_cfg():
-    return cfg_for("coin", batch_size=DDP_GLOBAL_BATCH)
+    return cfg_for(DDP_METHOD, batch_size=DDP_GLOBAL_BATCH, consistency=DDP_CONSISTENCY)
 
 
 def ddp_train_cfg(batch_size: int):
-    return cfg_for("coin", batch_size=batch_size, grad_accum=2, max_steps=2, lr=1e-2, checkpoint_every=1)
+    return cfg_for(DDP_METHOD, batch_size=batch_size, grad_accum=2, max_steps=2, lr=1e-2, checkpoint_every=1,
+                   consistency=DDP_CONSISTENCY)
 
 
 def resume_cfg():

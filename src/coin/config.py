@@ -250,6 +250,26 @@ class LoraSettings(_Section):
     )
 
 
+class ConsistencySettings(_Section):
+    """The output-consistency term of the methods that declare one (coin.methods.OutputConsistency)."""
+
+    divergence: Literal["kl", "js"] = Field(
+        "kl", description="kl: KL(P_orig || P_para), the original's distribution as the reference (CoIPO's direction); "
+        "js: Jensen-Shannon, symmetric and bounded by ln 2"
+    )
+    weighting: Literal["adaptive", "fixed"] = Field(
+        "fixed", description="weight of the pull term D(orig, para): fixed = consistency.weight; adaptive = the "
+        "reference rule, w = min(consistency.cap, L_gen / D) per micro-batch (values detached)"
+    )
+    weight: float = Field(1.0, ge=0.0, description="w_oc of the fixed rule")
+    cap: float = Field(1000.0, gt=0.0, description="lambda of the adaptive rule (CoIPO and CoIN: 1000)")
+    push_weight: float = Field(
+        1.0, ge=0.0, description="w_push of the contrastive part softplus((D_pos - D_neg) / push_temperature), which "
+        "pushes the hard negative's distribution away from the original's (0 = off; needs train.hard_negatives)"
+    )
+    push_temperature: float = Field(1.0, gt=0.0, le=100.0, description="tau_push of the contrastive part")
+
+
 class TrainSettings(_Section):
     methods: list[MethodName] = Field(
         default_factory=lambda: ["coin"],
@@ -299,6 +319,7 @@ class TrainSettings(_Section):
         "auto", description="auto: bf16 autocast where bf16 runs in hardware (a CUDA GPU with bf16, a CPU with "
         "AVX512-BF16 or AMX), off elsewhere; bf16: always; off: never"
     )
+    consistency: ConsistencySettings = Field(default_factory=ConsistencySettings)
     lora: LoraSettings = Field(default_factory=LoraSettings)
 
     @field_validator("methods")

@@ -14,7 +14,8 @@ names from :data:`METHODS` and validates against it. Its readers:
   declares (:meth:`Method.reduce`); a metric the loss returns that is not declared raises.
 - ``dvc.yaml``'s loss plots list one file per registered method (tests/test_methods.py checks it).
 
-Declaration order matters: study paired differences are ``earlier - later`` (coin-cit, coin-sft, cit-sft).
+Declaration order matters: study paired differences are ``earlier - later`` (coin_consistency-coin, ...,
+consistency-cit, coin-cit, coin-sft, cit-sft).
 """
 
 from __future__ import annotations
@@ -48,7 +49,23 @@ class InfoNCE:
     weighting: Literal["cl_weighting", "measured"] = "cl_weighting"
 
 
-LossTerm = Generation | InfoNCE
+@dataclass(frozen=True)
+class OutputConsistency:
+    """Output consistency (CoIPO-style, ``train.consistency``): at aligned response positions, a divergence ``D``
+    (KL(P_orig || P_para) or Jensen-Shannon) between the next-token distributions under the original instruction
+    and under its paraphrase, added as ``w_oc * mean_i D_pos,i``. With ``push`` (and the ``negative`` group), a
+    contrastive part ``w_push * mean_i softplus((D_pos,i - D_neg,i) / tau_push)`` pushes the hard negative's
+    distribution away from the original's. Means over the pairs of the micro-batch on all ranks, like InfoNCE."""
+
+    push: bool = True
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The groups whose response logits it reads."""
+        return ("original", "paraphrase", "negative") if self.push else ("original", "paraphrase")
+
+
+LossTerm = Generation | InfoNCE | OutputConsistency
 
 
 @dataclass(frozen=True)
@@ -88,6 +105,20 @@ STEP_METRICS: tuple[Metric, ...] = (
     Metric("n_resp_tokens", "sum"),
 )
 
+# What an OutputConsistency term adds: its divergences (the pull's value is div_pos) and its parts' values and weights.
+CONSISTENCY_METRICS: tuple[Metric, ...] = (
+    Metric("div_pos", "mean"),     # mean D(original, paraphrase) over the pairs: the pull term's value
+    Metric("w_oc", "mean"),        # its weight (fixed, or the adaptive rule's per micro-batch)
+    Metric("div_neg", "mean"),     # mean D(original, hard negative): NaN without negatives
+    Metric("l_push", "mean"),      # the push term's value, mean softplus((D_pos - D_neg) / tau_push)
+    Metric("w_push", "mean"),      # its weight (0 without negatives)
+)
+
+
+def _term_metrics(terms: Sequence[LossTerm]) -> tuple[Metric, ...]:
+    """The step metrics of a method with these terms: the shared ones, then each extra term's own."""
+    return STEP_METRICS + (CONSISTENCY_METRICS if any(isinstance(t, OutputConsistency) for t in terms) else ())
+
 
 @dataclass(frozen=True)
 class Method:
@@ -97,10 +128,12 @@ class Method:
     description: str
     sequence_groups: tuple[str, ...]          # blocks of a batch, in order (a subset of SEQUENCE_GROUPS, in its order)
     terms: tuple[LossTerm, ...]               # what its objective adds up
-    metrics: tuple[Metric, ...] = STEP_METRICS
+    metrics: tuple[Metric, ...] = ()          # () = read off the terms (STEP_METRICS + each term's own)
 
     def __post_init__(self) -> None:
         where = f"method {self.name!r}"
+        if not self.metrics:
+            object.__setattr__(self, "metrics", _term_metrics(self.terms))
         if not self.name or not self.name.isidentifier():
             raise ValueError(f"{where}: the name must be a non-empty identifier")
         if list(self.sequence_groups) != [g for g in SEQUENCE_GROUPS if g in self.sequence_groups] \
@@ -113,8 +146,12 @@ class Method:
                                  "that the method has")
             if isinstance(t, InfoNCE) and "paraphrase" not in self.sequence_groups:
                 raise ValueError(f"{where}: InfoNCE needs the 'paraphrase' group")
-        if sum(isinstance(t, InfoNCE) for t in self.terms) > 1:
-            raise ValueError(f"{where}: at most one InfoNCE term")
+            if isinstance(t, OutputConsistency) and not set(t.groups) <= set(self.sequence_groups):
+                raise ValueError(f"{where}: output consistency{' with push' if t.push else ''} needs the groups "
+                                 f"{t.groups}")
+        for kind in (InfoNCE, OutputConsistency):
+            if sum(isinstance(t, kind) for t in self.terms) > 1:
+                raise ValueError(f"{where}: at most one {kind.__name__} term")
         names = [m.name for m in self.metrics]
         if len(set(names)) != len(names):
             raise ValueError(f"{where}: a metric is declared twice in {names}")
@@ -132,6 +169,17 @@ class Method:
         """The groups with a generation term, in batch order."""
         gen = {t.group for t in self.terms if isinstance(t, Generation)}
         return tuple(g for g in self.sequence_groups if g in gen)
+
+    @property
+    def logit_groups(self) -> tuple[str, ...]:
+        """The groups whose response positions go through the LM head: generation, plus what consistency reads."""
+        oc = self.consistency
+        need = set(self.generation_groups) | (set(oc.groups) if oc else set())
+        return tuple(g for g in self.sequence_groups if g in need)
+
+    @property
+    def consistency(self) -> OutputConsistency | None:
+        return next((t for t in self.terms if isinstance(t, OutputConsistency)), None)
 
     @property
     def info_nce(self) -> InfoNCE | None:
@@ -175,10 +223,21 @@ class Method:
         return out
 
 
-# The registry, in declaration order (study paired differences follow it: coin-cit, coin-sft, cit-sft).
+# The registry, in declaration order (study paired differences follow it: each newer objective minus coin, cit
+# and sft; coin-cit, coin-sft, cit-sft).
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
+        Method(
+            "coin_consistency", "coin + w_oc*D(orig,para) + w_push*push(neg)",
+            ("original", "paraphrase", "negative"),
+            (Generation("original"), Generation("paraphrase"), InfoNCE("cl_weighting"), OutputConsistency()),
+        ),
+        Method(
+            "consistency", "L_gen(orig)+L_gen(para)+w_oc*D(orig,para)+w_push*push(neg), no L_cl",
+            ("original", "paraphrase", "negative"),
+            (Generation("original"), Generation("paraphrase"), OutputConsistency()),
+        ),
         Method(
             "coin", "L_gen(orig)+L_gen(para)+w*L_cl",
             ("original", "paraphrase", "negative"),

@@ -12,7 +12,9 @@ Sequence ``g*B + i`` belongs to pair ``i``: pair ``i``'s original, paraphrase an
 sequences ``i``, ``B+i`` and ``2B+i``, so the contrastive loss can slice the pooled block by ``B``.
 
 Labels are the input ids with ``-100`` on the prompt (BOS + prompt + response marker) and on the
-padding; the negatives carry no generation loss, so their labels are ``-100`` everywhere::
+padding. The negatives carry no generation loss: their labels are ``-100`` everywhere, unless the method's
+output-consistency term reads their response logits (:attr:`coin.methods.Method.logit_groups`); then they are
+labelled like the others and :func:`coin.training.loss.generation_sums` leaves them out of the CE::
 
     encode(tok, "Is it good?", "yes") with the MiniLM tokenizer, padded to T = 14 (n_prompt = 10):
 
@@ -72,7 +74,7 @@ def method_groups(method: str, hard_negatives: bool = True) -> tuple[str, ...]:
 class Batch:
     input_ids: torch.Tensor       # (R, L) long, right-padded with the pad id; R = N rows unless packed
     attention_mask: torch.Tensor  # (R, L) long, 1 = real token
-    labels: torch.Tensor          # (R, L) long, -100 on prompt, pads and every negative row
+    labels: torch.Tensor          # (R, L) long, -100 on prompt, pads and groups outside Method.logit_groups
     last_index: torch.Tensor      # (N,) long, in-sequence position of the last real token (= length - 1)
     prompt_len: torch.Tensor      # (N,) long, number of prompt tokens; the last prompt token is prompt_len - 1
     resp_rows: torch.Tensor       # (K,) long, row of each position that predicts a response token
@@ -170,7 +172,9 @@ class PairCollator:
         self.tokenizer = tokenizer
         self.pack = pack
         self.groups = method_groups(method, hard_negatives)
-        self.gen_groups = frozenset(get_method(method).generation_groups)  # blocks whose responses carry labels
+        # blocks whose responses carry labels: what goes through the LM head (loss.generation_sums keeps the CE
+        # of the generation groups only; the output-consistency term also reads the others' logits)
+        self.gen_groups = frozenset(get_method(method).logit_groups)
         self.cutoff_len = cutoff_len
         self.append_eos = append_eos
         self.fmt = fmt

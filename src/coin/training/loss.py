@@ -211,6 +211,112 @@ def generation_loss(
     return (sums / counts.clamp(min=1)).sum(), int(counts.sum())
 
 
+# --------------------------------------------------------------------------- output consistency
+
+
+def response_index(seq: torch.Tensor, n_sequences: int) -> torch.Tensor:
+    """``(N, T_r)`` long: ``[n, t]`` = the index among the K response positions of sequence ``n``'s ``t``-th
+    response position, ``-1`` past its last (``T_r`` = the most any sequence has).
+
+    ``seq`` (K,) is each position's sequence; a sequence's positions come in increasing order (they lie in one
+    row, and the collator lists positions row-major), which a stable sort by sequence keeps.
+
+    >>> response_index(torch.tensor([0, 0, 2, 1, 1, 1]), 3).tolist()
+    [[0, 1, -1], [3, 4, 5], [2, -1, -1]]
+    """
+    counts = torch.bincount(seq, minlength=n_sequences)                          # (N,)
+    order = torch.sort(seq, stable=True).indices                                 # (K,)
+    starts = torch.cumsum(counts, 0) - counts                                    # (N,)
+    sorted_seq = seq[order]                                                      # (K,)
+    t = torch.arange(seq.numel(), device=seq.device) - starts[sorted_seq]       # (K,) in-sequence rank
+    width = int(counts.max()) if seq.numel() else 0
+    table = torch.full((n_sequences, width), -1, dtype=torch.long, device=seq.device)
+    table[sorted_seq, t] = order
+    return table
+
+
+def divergence(ref: torch.Tensor, other: torch.Tensor, kind: Literal["kl", "js"]) -> torch.Tensor:
+    """``(M, V), (M, V) -> (M,)``: per row, ``KL(softmax(ref) || softmax(other))`` or the Jensen-Shannon divergence
+    of the two, in nats, in float32.
+
+    >>> z = torch.log(torch.tensor([[0.5, 0.5]])); y = torch.log(torch.tensor([[0.9, 0.1]]))
+    >>> round(divergence(z, y, "kl").item(), 4), round(divergence(z, z, "js").item(), 4)  # (ln(5/9) + ln 5) / 2; 0
+    (0.5108, 0.0)
+    """
+    lp = F.log_softmax(ref.float(), dim=-1)                                       # (M, V)
+    lq = F.log_softmax(other.float(), dim=-1)                                     # (M, V)
+    if kind == "kl":
+        return (lp.exp() * (lp - lq)).sum(-1)
+    if kind != "js":
+        raise ValueError(f"train.consistency.divergence = {kind!r}: use kl or js")
+    lm = torch.logaddexp(lp, lq) - math.log(2.0)                                 # log of the mixture
+    return 0.5 * ((lp.exp() * (lp - lm)).sum(-1) + (lq.exp() * (lq - lm)).sum(-1))
+
+
+def pair_divergences(
+    logits: torch.Tensor, batch: Batch, a: str, b: str, kind: Literal["kl", "js"]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(D (B,), has (B,) bool)``: per pair ``i``, the mean over aligned response positions ``t`` (the ``t``-th
+    response position of both sequences, ``t < min`` of their response lengths) of ``divergence(z_a, z_b)``,
+    where group ``a``'s sequence gives the reference distribution; ``has`` is False where no position aligns."""
+    table = response_index(batch.sequence_of_response, batch.n_sequences)        # (N, T_r)
+    ia, ib = table[batch.block(a)], table[batch.block(b)]                        # (B, T_r) each
+    both = (ia >= 0) & (ib >= 0)                                                  # (B, T_r)
+    pair = both.nonzero(as_tuple=True)[0]                                         # (M,)
+    d = divergence(logits[ia[both]], logits[ib[both]], kind)                     # (M,)
+    n = torch.bincount(pair, minlength=batch.n_pairs)                            # (B,)
+    sums = torch.zeros(batch.n_pairs, dtype=d.dtype, device=d.device).index_add(0, pair, d)  # (B,)
+    return sums / n.clamp(min=1).to(d.dtype), n > 0
+
+
+def _consistency(
+    logits: torch.Tensor, batch: Batch, cfg: TrainSettings, world: World, l_gen: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The output-consistency term of one micro-batch: ``(this rank's share with gradient, metrics)``.
+
+    ``w_oc * mean_i D_pos,i + w_push * mean_i softplus((D_pos,i - D_neg,i) / tau_push)``, means over the pairs
+    of the micro-batch on all ranks (the share divides this rank's sums by the global counts); ``w_oc`` is fixed
+    or the reference's adaptive rule on the micro-batch's ``L_gen`` and mean ``D_pos``. Pairs without an aligned
+    response position are left out of the means.
+    """
+    oc = cfg.consistency
+    d_pos, has_pos = pair_divergences(logits, batch, "original", "paraphrase", oc.divergence)   # (B,), (B,)
+    push = "negative" in batch.groups and oc.push_weight > 0
+    zero = d_pos.new_zeros(())
+    s_neg, n_neg, s_push, n_push, l_push_share = zero, zero, zero, zero, zero
+    if push:
+        d_neg, has_neg = pair_divergences(logits, batch, "original", "negative", oc.divergence)
+        both = has_pos & has_neg
+        push_i = F.softplus((d_pos - d_neg) / oc.push_temperature)               # (B,)
+        s_neg, n_neg = (d_neg * has_neg).sum().detach(), has_neg.sum().to(d_pos.dtype)
+        s_push_g, n_push = (push_i * both).sum(), both.sum().to(d_pos.dtype)
+        s_push = s_push_g.detach()
+    s_pos_g = (d_pos * has_pos).sum()
+    local = torch.stack([s_pos_g.detach(), has_pos.sum().to(d_pos.dtype), s_neg, n_neg, s_push, n_push])
+    tot = world.all_reduce_sum(local)                                            # over all ranks
+    n_pos_all, n_neg_all, n_push_all = tot[1], tot[3], tot[5]
+    nan = math.nan
+    div_pos = float(tot[0] / n_pos_all) if n_pos_all > 0 else nan
+    share = zero
+    w_oc = 0.0
+    if n_pos_all > 0:
+        d_mean = tot[0] / n_pos_all
+        _, w_oc = contrastive_weight(l_gen.detach(), d_mean, oc.weighting, oc.cap, oc.weight)
+        share = w_oc * s_pos_g / n_pos_all
+    l_push, w_push = nan, 0.0
+    if push and n_push_all > 0:
+        l_push, w_push = float(tot[4] / n_push_all), float(oc.push_weight)
+        l_push_share = w_push * s_push_g / n_push_all
+    metrics = {
+        "div_pos": div_pos,
+        "w_oc": float(w_oc),
+        "div_neg": float(tot[2] / n_neg_all) if push and n_neg_all > 0 else nan,
+        "l_push": l_push,
+        "w_push": w_push,
+    }
+    return share + l_push_share, metrics
+
+
 # --------------------------------------------------------------------------- one step
 
 
@@ -289,13 +395,22 @@ def coin_step_loss(
     l_cl, pos_cos, neg_cos = _contrastive(hidden, batch, cfg, world)
     w = 0.0
     objective = gen_share
+    loss_value = float(l_gen)
     if method.trains_contrastive:
         term, w = contrastive_weight(l_gen, l_cl, cfg.cl_weighting, cfg.cl_lambda, cfg.cl_weight)
         objective = objective + term / scale.n_micro
+        loss_value += w * float(l_cl.detach())
+    oc_metrics: dict[str, float] = {}
+    if method.consistency is not None:
+        oc_share, oc_metrics = _consistency(logits, batch, cfg, world, l_gen)
+        objective = objective + oc_share / scale.n_micro
+        loss_value += sum(oc_metrics[w_key] * oc_metrics[v_key] for w_key, v_key in (("w_oc", "div_pos"),
+                                                                                     ("w_push", "l_push"))
+                          if oc_metrics[w_key] != 0.0)
     if world.distributed:
         objective = objective * world.size                                      # DDP averages over ranks
     metrics = {
-        "loss": float(l_gen) + w * float(l_cl.detach()) if method.trains_contrastive else float(l_gen),
+        "loss": loss_value,
         "l_gen": float(l_gen),
         "l_cl": float(l_cl.detach()),
         "w": float(w),
@@ -305,6 +420,7 @@ def coin_step_loss(
         "n_tokens": float(total[2 * n_groups]),
         "n_slots": float(total[2 * n_groups + 1]),
         "n_resp_tokens": float(g_counts.sum()),
+        **oc_metrics,
     }
     return objective, metrics
 
