@@ -29,6 +29,10 @@ Variants:
 - ``sft``             ours, originals only.
 - ``coin_fp32``       ``coin`` with ``train.autocast: off``: against ``coin`` (``auto``: bf16 where it is native,
                       e.g. a CPU with AVX512-BF16) it is the gain of bf16 autocast.
+- ``consistency`` / ``coin_consistency``: the output-consistency objective alone and added to coin
+                      (``train.consistency`` as in params.yaml), on the same sequences as ``coin``; with
+                      ``_noneg``, on the same originals + paraphrases as ``cit`` (the pull term only).
+                      ``consistency_noneg`` vs ``cit`` is the consistency term's own cost on the same sequences.
 - ``coin_bucketed``   ``coin`` on length-bucketed batches (``train.bucket_by_length``): other batch
                       compositions of the same rows, so compare its tokens/s and padding, not pairs/s.
 
@@ -74,7 +78,9 @@ from coin.training.loss import contrastive_weight, info_nce
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("coin", "coin_padded", "reference", "coin_noneg", "reference_noneg", "cit", "sft", "coin_bucketed",
-            "coin_fp32")
+            "coin_fp32", "consistency", "consistency_noneg", "coin_consistency", "coin_consistency_noneg")
+# the methods a variant name can start with (the rest of the name: _noneg, _padded, ...); longest first
+_VARIANT_METHODS = ("coin_consistency", "consistency", "cit", "sft")
 
 
 # --------------------------------------------------------------------------- FLOP counting
@@ -164,7 +170,7 @@ class Variant:
 
 
 def variant_cfg(name: str, base: TrainSettings) -> TrainSettings:
-    method = {"cit": "cit", "sft": "sft"}.get(name, "coin")
+    method = next((m for m in _VARIANT_METHODS if name in (m, f"{m}_noneg")), "coin")
     return base.model_copy(update={
         "methods": [method], "hard_negatives": "noneg" not in name, "bucket_by_length": name == "coin_bucketed",
         "packing": not (name.startswith("reference") or name == "coin_padded"),
@@ -391,6 +397,16 @@ def report(args: argparse.Namespace, settings: Settings, variants: list[Variant]
         f"{get('coin_padded', 'step_mb', memory):.0f} / {get('reference', 'step_mb', memory):.0f} MB | |",
         f"| length bucketing: tokens/s `coin_bucketed` / `coin` (other batches) | "
         f"{get('coin_bucketed', 'tokens_s', stats) / get('coin', 'tokens_s', stats):.2f}x | |",
+        f"| (e) consistency term, same sequences: step time `consistency_noneg` vs `cit` | "
+        f"{overhead('consistency_noneg', 'cit')} | small (reuses the logits) |",
+        f"| (e) `coin_consistency_noneg` vs `cit` (InfoNCE + consistency, same sequences) | "
+        f"{overhead('coin_consistency_noneg', 'cit')} | |",
+        f"| (e) `consistency` vs `coin` (same sequences incl. hard negatives; the negatives' logits, no InfoNCE) | "
+        f"{overhead('consistency', 'coin')} | |",
+        f"| (e) `coin_consistency` vs `coin` (same sequences: the cost of adding L_oc to coin) | "
+        f"{overhead('coin_consistency', 'coin')} | |",
+        f"| (e) `consistency` / `coin_consistency` vs `cit` (adds B hard-negative sequences) | "
+        f"{overhead('consistency', 'cit')} / {overhead('coin_consistency', 'cit')} | (not the same sequences) |",
     ]
     return "\n".join(lines)
 

@@ -1,6 +1,9 @@
-"""CoIN losses: generation loss on response tokens, symmetric InfoNCE, the adaptive weight, pooling.
+"""CoIN losses: generation loss on response tokens, symmetric InfoNCE, the adaptive weight, pooling, and the
+output-consistency term.
 
-``L = L_gen(original) + L_gen(paraphrase) + w * L_cl`` (docs/design.md#objective). Everything here is pure
+``L = L_gen(original) + L_gen(paraphrase) + w * L_cl [+ L_oc]`` (docs/design.md#objective), each method adding
+the terms it declares (:mod:`coin.methods`); ``L_oc = w_oc * mean D_pos + w_push * mean softplus((D_pos - D_neg)
+/ tau_push)`` over the next-token distributions at aligned response positions. Everything here is pure
 tensor code: no logging, no side effects; :func:`coin_step_loss` returns metrics as floats for the
 caller to log.
 
@@ -8,7 +11,7 @@ How a micro-batch's loss enters an optimiser step (``grad_accum`` micro-batches,
 
     L_step = sum_g  (sum of CE over group g's response tokens in the whole step, all ranks)
                     / (number of those tokens)                                  g in {original, paraphrase}
-           + (1 / grad_accum) * sum_m  w_m * L_cl(m)                            m = micro-batch, all ranks
+           + (1 / grad_accum) * sum_m  (w_m * L_cl(m) + L_oc(m))               m = micro-batch, all ranks
 
 - The generation loss is normalised by the response-token count of the *whole step* (torchtune's
   rule): accumulating micro-batches gives exactly the gradient of the one big batch, whatever the
