@@ -285,6 +285,11 @@ def write_study_outputs(settings: Settings, root: Path, *, progress: bool = True
     the table (Markdown) and the numbers."""
     root = Path(root)
     records, data = load_cells(settings, root, progress=progress)
+    return render_study(settings, records, data, study_dir(settings, root))
+
+
+def render_study(settings: Settings, records: list[dict[str, Any]], data: list[CellData], out: Path) -> dict[str, Any]:
+    """Aggregate loaded cells and write study.json, report.md/html, table.md and the plots into ``out``."""
     st = settings.study
     numbers = aggregate(data, st.methods, n_boot=st.n_boot)
     study = {
@@ -295,7 +300,7 @@ def write_study_outputs(settings: Settings, root: Path, *, progress: bool = True
         **numbers,
         "cells": [_cell_summary(r) for r in records],
     }
-    out = study_dir(settings, root)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plots = [plot_spread(study), plot_levels(study)]
     paths = {"study": out / "study.json", "report_md": out / "report.md", "report_html": out / "report.html",

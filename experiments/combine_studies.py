@@ -1,0 +1,68 @@
+"""Aggregate the done cells of several study directories as one study (same evaluation sample and pairs).
+
+    ./run.sh python experiments/combine_studies.py outputs/study outputs/study-oc --out results/study-objectives
+
+Used for RESULTS.md §6: the base/coin/cit/sft cells of the §4 study and the consistency/coin_consistency cells
+computed later. ``coin study`` itself would recompute the older cells, because their key covers the training
+code, which the consistency objective changed (without changing what coin, cit and sft compute: the tests
+check their objective against the textbook one). This script checks instead that every directory was built
+from the same validated pairs and evaluation sample (cell records: eval_seed, data_version; the studies'
+valid.jsonl) and that each (method, seed) appears once, then aggregates with the study's own code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from coin.config import STUDY_METHODS  # noqa: E402
+from coin.data.io import read_json  # noqa: E402
+from coin.evaluation.result import load_result  # noqa: E402
+from coin.study.aggregate import cell_data  # noqa: E402
+from coin.study.cell import CELL_RECORD, EVAL_DIR  # noqa: E402
+from coin.study.grid import load_study  # noqa: E402
+from coin.study.report import render_study  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("studies", nargs="+", type=Path, help="study out dirs (each with cells/ and validated/)")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    args = ap.parse_args()
+
+    valid = {d: hashlib.sha256((d / "validated" / "valid.jsonl").read_bytes()).hexdigest() for d in args.studies}
+    if len(set(valid.values())) != 1:
+        raise SystemExit(f"the studies were built from different validated pairs: {valid}")
+    records, data, seen = [], [], {}
+    for d in args.studies:
+        for cell_dir in sorted(p for p in (d / "cells").iterdir() if p.is_dir() and not p.name.startswith(".")):
+            rec = read_json(cell_dir / CELL_RECORD)
+            if not rec.get("complete"):
+                raise SystemExit(f"{cell_dir}: not complete")
+            key = (rec["cell"]["method"], rec["cell"]["seed"])
+            if key in seen:
+                raise SystemExit(f"{key} appears in {seen[key]} and {cell_dir}")
+            seen[key] = cell_dir
+            records.append(rec)
+            data.append(cell_data(rec, load_result(cell_dir / EVAL_DIR)))
+    for field in ("eval_seed", "data_version"):
+        values = {r.get(field) for r in records}
+        if len(values) != 1:
+            raise SystemExit(f"cells differ in {field}: {values}")
+    methods = [m for m in STUDY_METHODS if any(r["cell"]["method"] == m for r in records)]
+    seeds = sorted({r["cell"]["seed"] for r in records})
+    settings, _ = load_study(args.params, [f"study.methods={methods}", f"study.seeds={seeds}"])
+    out = render_study(settings, records, data, args.out)
+    print(out["table"])
+    print("->", out["paths"]["report_md"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
