@@ -29,6 +29,24 @@ from coin.study.grid import load_study  # noqa: E402
 from coin.study.report import render_study  # noqa: E402
 
 
+def per_task_table(data: list, methods: list[str], study: dict) -> str:
+    """Clean accuracy per task, mean ± sample std over seeds, with the majority-class row (Markdown)."""
+    import statistics
+
+    tasks = study["groups"][0]["majority_class"]["tasks"]
+    order = [t for t in ("sst2", "cola", "mrpc", "qnli", "rte", "wnli", "mnli") if t in tasks]
+    lines = ["| method | " + " | ".join(order) + " |", "|---|" + "---:|" * len(order)]
+    for m in methods:
+        per_seed = [d.scores["clean"].groupby(level=0).mean() for d in data if d.method == m]
+        cells = []
+        for t in order:
+            vals = [float(s[t]) for s in per_seed]
+            cells.append(f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals) if len(vals) > 1 else 0.0:.1f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines.append("| *majority* | " + " | ".join(f"*{tasks[t]:.1f}*" for t in order) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("studies", nargs="+", type=Path, help="study out dirs (each with cells/ and validated/)")
@@ -60,6 +78,7 @@ def main() -> int:
     settings, _ = load_study(args.params, [f"study.methods={methods}", f"study.seeds={seeds}"])
     out = render_study(settings, records, data, args.out)
     print(out["table"])
+    print(per_task_table(data, methods, out["study"]))
     print("->", out["paths"]["report_md"])
     return 0
 
