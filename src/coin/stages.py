@@ -245,13 +245,15 @@ def train_adapter(settings: Settings, rows: list[dict[str, Any]], method: str, o
     cfg = settings.train.for_method(method)
     backbone = load_backbone(settings.model.backbone, dtype=settings.model.dtype,
                              device=device or settings.model.device, seed=seed, attention=settings.model.attention,
-                             readout=settings.model.readout)
+                             readout=settings.model.readout, quantization=settings.model.quantization,
+                             double_quant=settings.model.double_quant)
     result = train(backbone, rows, cfg, out_dir=Path(out_dir), seed=seed, cutoff_len=settings.pairs.cutoff_len,
                    on_metrics=on_metrics, resume=cfg.resume, progress=progress)
     if is_main_process():  # under torchrun every rank trains; rank 0 alone writes
         write_meta(Path(out_dir) / "adapter", {
             "base": backbone.reference, "dtype": settings.model.dtype, "seed": seed, "attention": backbone.attention,
-            "readout": backbone.readout, "label_counts": label_counts(rows),
+            "readout": backbone.readout, "quantization": backbone.quantization,
+            "double_quant": backbone.double_quant, "label_counts": label_counts(rows),
             "calibration": settings.evaluate.calibration,
             "method": method, "prompt_format": "train", "append_eos": cfg.append_eos,
         })
@@ -365,7 +367,8 @@ def stage_evaluate_unit(settings: Settings, root: Path, label: str) -> dict[str,
                     "cached": True}
         backbone = load_backbone(settings.model.backbone, dtype=settings.model.dtype, device=settings.model.device,
                                  seed=settings.seed, attention=settings.model.attention,
-                                 readout=settings.model.readout)
+                                 readout=settings.model.readout, quantization=settings.model.quantization,
+                                 double_quant=settings.model.double_quant)
         model, tokenizer, counts = backbone.model, backbone.tokenizer, None  # no training rows: a uniform prior
     else:
         runs = read_json(lay.train_record, missing_hint="Run `coin train` first.").get("runs", {})

@@ -21,7 +21,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from coin.config import LoraSettings
-from coin.modeling.backbone import Backbone
+from coin.modeling.backbone import Backbone, quantization_of
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,16 @@ def lora_config(backbone: Backbone, cfg: LoraSettings) -> LoraConfig:
 
 
 def apply_lora(backbone: Backbone, cfg: LoraSettings) -> PeftModel:
-    """Wrap ``backbone.model`` (in place) with trainable LoRA layers; everything else is frozen."""
+    """Wrap ``backbone.model`` (in place) with trainable LoRA layers; everything else is frozen.
+
+    On a quantised base (``model.quantization``) peft's ``prepare_model_for_kbit_training`` runs first: it
+    freezes the base and casts its half-precision non-quantised weights (norms, embeddings, head) to float32 for
+    stable training. Gradient checkpointing stays ``train.gradient_checkpointing``'s to decide (the training loop).
+    """
+    if quantization_of(backbone.model) != "none":
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(backbone.model, use_gradient_checkpointing=False)  # in place
     peft_model = get_peft_model(backbone.model, lora_config(backbone, cfg))
     n_train = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in peft_model.parameters())
