@@ -102,7 +102,8 @@ SMOKE_1B: dict[str, Any] = dict(
     vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
 )
-SMOKE_7B: dict[str, Any] = {**SMOKE_1B, "intermediate_size": 172, "num_key_value_heads": 4}
+# (intermediate 192, not 172: bitsandbytes' CPU inference kernel wants multiples of its block)
+SMOKE_7B: dict[str, Any] = {**SMOKE_1B, "intermediate_size": 192, "num_key_value_heads": 4}
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s without sparsity; first match of the device name.
 # NVL variants run at lower clocks than their SXM parts and are left unknown rather than guessed.
@@ -234,7 +235,8 @@ def build_llama(shape: dict[str, Any], tok: WordHashTokenizer, device: torch.dev
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
-    model.to(device=device, dtype=dtype)  # a no-op unless transformers chose otherwise
+    if any(p.dtype != dtype or p.device.type != device.type for p in model.parameters()):
+        model.to(device=device, dtype=dtype)  # only where transformers chose otherwise (keeps fp32 rotary buffers)
     return Backbone(model, tok, "llama-config")
 
 
@@ -257,6 +259,8 @@ def quantise_4bit(model: nn.Module, compute_dtype: torch.dtype) -> int:
             if child.bias is not None:
                 q.bias = nn.Parameter(child.bias.data, requires_grad=False)
             q = q.to(weight.device)  # quantises
+            if weight.device.type == "cpu":  # (--smoke) bitsandbytes repacks CPU weights in place for inference in
+                q.support_avx512bf16_for_cpu = False  # eval mode, after which its training path fails; keep it off
             setattr(parent, name, q)
             del child, weight
             n += 1
@@ -299,20 +303,30 @@ class Measured:
 
 
 def make_variants(backbone: Backbone, cfg: StepSettings, specs: list[tuple[str, str, int]], rows: list[dict],
-                  n_batches: int, device: torch.device) -> list[Measured]:
+                  n_batches: int, device: torch.device, notes: list[str], what: str) -> list[Measured]:
     """LoRA on ``backbone`` (one adapter and one AdamW shared by every variant: throughput, not learning, is
-    measured), and one :class:`Measured` per ``(row, variant name, batch size)`` with its collated batches."""
+    measured), and one :class:`Measured` per ``(row, variant name, batch size)`` with its collated batches.
+
+    First the packing self-check that ``coin train`` runs (``packing_supported``; it refuses ``train.packing`` where
+    the check fails): where it fails, the variants are collated unpacked, as ``train.packing: false`` runs."""
     torch.manual_seed(0)
     model = apply_lora(backbone, cfg.lora)
+    packs = packing_supported(model)
+    notes.append(f"Packing self-check (`packing_supported`, run by `coin train` first) on the {what} model: "
+                 f"{'passed' if packs else 'FAILED: coin train refuses train.packing=true there; measured unpacked'}.")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     out = []
     for row, name, batch in specs:
         vcfg = variant_cfg(name, cfg)
+        if not packs:
+            vcfg = vcfg.model_copy(update={"packing": False})
         collate = PairCollator.from_settings(backbone.tokenizer, vcfg, CUTOFF)
         batches = [collate(rows[i * batch:(i + 1) * batch]).to(device) for i in range(n_batches)]
-        out.append(Measured(row, backbone.reference, batch, Variant(name, vcfg, batches, model, opt, params)))
+        note = "unpacked (packing self-check failed)" if name == "coin" and not packs else ""
+        variant = Variant(name, vcfg, batches, model, opt, params)
+        out.append(Measured(row, backbone.reference, batch, variant, note=note))
     return out
 
 
@@ -383,8 +397,31 @@ def datasheet_peak(device: torch.device, override: float | None) -> tuple[float 
     return None, f"unknown for {name!r} (pass --peak-tflops)"
 
 
+def _failed(exc: BaseException) -> str:
+    import traceback
+
+    traceback.print_exc(file=sys.stderr)
+    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+    return f"failed: {type(exc).__name__}: {first}"
+
+
+ROW_1B_COIN, ROW_1B_REF, ROW_4BIT = ROW_NAMES[1], ROW_NAMES[2], ROW_NAMES[3]
+
+
 def bench_1b(args: argparse.Namespace, cfg: StepSettings, device: torch.device, dtype: torch.dtype,
              notes: list[str]) -> list[Measured]:
+    """The 1B rows; an error becomes the rows' note (the other rows still run)."""
+    specs = [(ROW_1B_COIN, "coin", b) for b in args.batch_sizes] + [(ROW_1B_REF, "reference", args.ref_batch)]
+    try:
+        return _bench_1b(args, cfg, device, dtype, notes, specs)
+    except Exception as exc:
+        error = _failed(exc)
+        _free()
+        return [Measured(row, "TinyLlama-1.1B shape", b, error=error) for row, _, b in specs]
+
+
+def _bench_1b(args: argparse.Namespace, cfg: StepSettings, device: torch.device, dtype: torch.dtype,
+              notes: list[str], specs: list[tuple[str, str, int]]) -> list[Measured]:
     shape = SMOKE_1B if args.smoke else TINYLLAMA_1B
     tok = WordHashTokenizer(shape["vocab_size"])
     t = time.perf_counter()
@@ -394,26 +431,17 @@ def bench_1b(args: argparse.Namespace, cfg: StepSettings, device: torch.device, 
           file=sys.stderr)
     label = f"{'smoke' if args.smoke else 'TinyLlama-1.1B'} shape ({_count(n_params)}), {_dtype_name(dtype)}"
     rows = synthetic_rows(args.n_batches * max(args.batch_sizes), args.seed)
-    specs = [("1B bf16 LoRA coin", "coin", b) for b in args.batch_sizes]
-    specs.append(("1B bf16 LoRA reference-style", "reference", args.ref_batch))
-    measured = make_variants(bb, cfg, specs, rows, args.n_batches, device)
-    packs = packing_supported(measured[0].variant.model)
-    notes.append(f"Packing self-check (`packing_supported`, what `coin train` runs first) on the 1B model: "
-                 f"{'passed' if packs else 'FAILED: coin train would refuse train.packing=true here'}.")
-    if not packs:  # measure what would run: the padded layout
-        for m in measured:
-            if m.variant.name == "coin":
-                m.variant = dataclasses.replace(m.variant, cfg=m.variant.cfg.model_copy(update={"packing": False}))
-                m.note = "packing off (self-check failed)"
+    measured = make_variants(bb, cfg, specs, rows, args.n_batches, device, notes, "1B")
     for m in measured:
         m.model = label
     run_interleaved(measured, args.reps, device)
-    del bb
     return measured
 
 
-def bench_4bit(args: argparse.Namespace, cfg: StepSettings, device: torch.device, dtype: torch.dtype) -> Measured:
-    m = Measured("7B 4-bit LoRA coin", "Llama-2-7B shape, NF4", args.q4_batch)
+def bench_4bit(args: argparse.Namespace, cfg: StepSettings, device: torch.device, dtype: torch.dtype,
+               notes: list[str]) -> Measured:
+    """The 7B 4-bit row, or why it was skipped or failed."""
+    m = Measured(ROW_4BIT, "Llama-2-7B shape, NF4", args.q4_batch)
     if args.no_4bit:
         m.error = "skipped: --no-4bit"
         return m
@@ -421,30 +449,35 @@ def bench_4bit(args: argparse.Namespace, cfg: StepSettings, device: torch.device
         m.error = ("skipped: bitsandbytes not installed (carry its wheel: pip download bitsandbytes --no-deps; "
                    "there: pip install --no-deps bitsandbytes-*.whl)")
         return m
+    try:
+        return _bench_4bit(args, cfg, device, dtype, notes, m)
+    except Exception as exc:  # an unusable bitsandbytes build, no memory for the bf16 model, ...
+        m.error = _failed(exc)
+        _free()
+        return m
+
+
+def _bench_4bit(args: argparse.Namespace, cfg: StepSettings, device: torch.device, dtype: torch.dtype,
+                notes: list[str], m: Measured) -> Measured:
+    import bitsandbytes as bnb
+
     shape = SMOKE_7B if args.smoke else LLAMA2_7B
     tok = WordHashTokenizer(shape["vocab_size"])
     t = time.perf_counter()
-    try:
-        bb = build_llama(shape, tok, device, dtype, args.seed)
-        n_params = sum(p.numel() for p in bb.model.parameters())
-        n_q = quantise_4bit(bb.model, dtype)
-    except Exception as exc:  # an unusable bitsandbytes build, or no memory for the bf16 model
-        m.error = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-        _free()
-        return m
+    bb = build_llama(shape, tok, device, dtype, args.seed)
+    n_params = sum(p.numel() for p in bb.model.parameters())
+    n_q = quantise_4bit(bb.model, dtype)
     _free()
     model_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
     print(f"[gpu_check] 7B: built and quantised {n_params / 1e6:.1f}M parameters ({n_q} linears) in "
           f"{time.perf_counter() - t:.1f} s", file=sys.stderr)
     rows = synthetic_rows(args.n_batches * args.q4_batch, args.seed + 1)
-    [m] = make_variants(bb, cfg, [(m.row, "coin", args.q4_batch)], rows, args.n_batches, device)
-    m.model = f"{'smoke' if args.smoke else 'Llama-2-7B'} shape ({_count(n_params)}), NF4 + {_dtype_name(dtype)}"
-    import bitsandbytes as bnb
-
-    m.note = f"bitsandbytes {bnb.__version__}" + (f"; 4-bit model {model_gib:.1f} GiB" if model_gib else "")
-    run_interleaved([m], args.reps, device)
-    del bb
-    return m
+    [out] = make_variants(bb, cfg, [(m.row, "coin", args.q4_batch)], rows, args.n_batches, device, notes, "7B 4-bit")
+    out.model = f"{'smoke' if args.smoke else 'Llama-2-7B'} shape ({_count(n_params)}), NF4 + {_dtype_name(dtype)}"
+    out.note = "; ".join(filter(None, [out.note, f"bitsandbytes {bnb.__version__}",
+                                       f"4-bit model {model_gib:.1f} GiB" if model_gib else ""]))
+    run_interleaved([out], args.reps, device)
+    return out
 
 
 def cell_missing(args: argparse.Namespace) -> list[str]:
@@ -650,7 +683,7 @@ def main(argv: list[str] | None = None) -> str:
           file=sys.stderr)
     measured = bench_1b(args, cfg, device, dtype, notes)
     _free()
-    measured.append(bench_4bit(args, cfg, device, dtype))
+    measured.append(bench_4bit(args, cfg, device, dtype, notes))
     _free()
     cell = bench_cell(args, device)
     peak_meas = max(peak_meas, matmul_rate(device, n=args.matmul_n, reps=3 if small else 10))
