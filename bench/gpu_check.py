@@ -248,7 +248,8 @@ def quantise_4bit(model: nn.Module, compute_dtype: torch.dtype) -> int:
 
     n = 0
     layers = model.get_decoder().layers if hasattr(model, "get_decoder") else model.model.layers
-    for parent in list(layers.modules()):
+    parents = [m for m in layers.modules() if type(m) is not nn.Linear]  # no list holds the bf16 linears
+    for parent in parents:
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Linear:
                 continue
@@ -673,7 +674,8 @@ def main(argv: list[str] | None = None) -> str:
     if device.type != "cuda" and not small:
         print("[gpu_check] no CUDA device: the figures will be CPU figures (use --smoke for a quick run)",
               file=sys.stderr)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # bf16 where the GPU has it (the step's autocast "auto" agrees); fp32 on the CPU and on GPUs without bf16
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     cfg = StepSettings()
     notes: list[str] = []
 
