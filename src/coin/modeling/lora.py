@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from coin.config import LoraSettings
 from coin.modeling.backbone import Backbone, quantization_of
+
+if TYPE_CHECKING:  # settings are duck-typed here: LoRA applies without pydantic (bench/gpu_check.py)
+    from coin.config import LoraSettings
 
 log = logging.getLogger(__name__)
 
