@@ -572,7 +572,7 @@ def report(args: argparse.Namespace, device: torch.device, peak_meas: float, pea
             best = max(best or 0.0, mfu_s if mfu_s is not None else mfu_m)
         lines.append(
             f"| {m.row} | {m.model} | {m.batch} | {s['tokens_step']:.0f} / {s['slots_step']:.0f} | {s['ms']:.1f} | "
-            f"{s['tokens_s']:.0f} | {s['flop_s'] / 1e12:.2f} | {100 * mfu_m:.1f}% | "
+            f"{s['tokens_s']:.0f} | {s['flop_s'] / 1e12:.3g} | {100 * mfu_m:.1f}% | "
             f"{_fmt(100 * mfu_s if mfu_s is not None else None, '.1f')}{'%' if mfu_s is not None else ''} | "
             f"{_fmt(m.peak_gib, '.2f')} | {m.note} |")
     if "error" in cell:

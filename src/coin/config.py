@@ -39,6 +39,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from coin.errors import ConfigError
 from coin.methods import METHODS
 from coin.secrets import redact_override, redact_value, redacted, reveal_override
 
@@ -67,10 +68,6 @@ def _registered_methods(v: list[str], also: tuple[str, ...] = ()) -> list[str]:
     if unknown:
         raise ValueError(f"{', '.join(map(repr, unknown))} is not a registered method; use one of {', '.join(known)}")
     return v
-
-
-class ConfigError(ValueError):
-    """A bad ``params.yaml``: the message names every bad key and how to fix it."""
 
 
 class _Section(BaseModel):

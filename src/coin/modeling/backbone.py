@@ -54,6 +54,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from coin.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "minilm"
@@ -178,8 +180,6 @@ def check_quantization(quantization: str, device: torch.device, *, key: str = "m
     finds nothing."""
     problem = quantization_problem(quantization, device)
     if problem is not None:
-        from coin.config import ConfigError
-
         raise ConfigError(f"{key} = {quantization!r} {problem}; or set model.quantization: none")
 
 
@@ -417,8 +417,6 @@ def _refuse_unquantised_new_layers(model: nn.Module, missing: list[str], quantiz
     bad = [n.removesuffix(".weight") for n in missing
            if n.endswith(".weight") and isinstance(modules.get(n.removesuffix(".weight")), quantised)]
     if bad:
-        from coin.config import ConfigError
-
         raise ConfigError(
             f"model.quantization = {quantization!r}: the checkpoint has no weights for {', '.join(bad)}, and a newly "
             "initialised layer cannot be quantised on load. Set model.quantization: none for this backbone"
