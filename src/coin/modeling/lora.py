@@ -33,12 +33,12 @@ log = logging.getLogger(__name__)
 ALL_LINEAR = "all-linear"  # peft's shorthand (peft.utils.INCLUDE_LINEAR_LAYERS_SHORTHAND)
 
 
-def default_target_modules(model: nn.Module) -> list[str] | str:
+def default_target_modules(model: nn.Module, *, quiet: bool = False) -> list[str] | str:
     """peft's default LoRA targets for ``model.config.model_type``; ``'all-linear'`` (logged) where it has none."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
     if not targets:
-        log.warning(
+        (log.debug if quiet else log.warning)(
             "train.lora.target_modules = 'auto': peft has no default LoRA target modules for architecture %r (%s); "
             "using 'all-linear' (every linear layer but the output head: %s). Set train.lora.target_modules to a "
             "list of these names to adapt fewer.",
@@ -117,22 +117,24 @@ def _report_uncovered(model: nn.Module, uncovered: list[str]) -> None:
         log.info("newly initialised %s is tied or shared and not trained; it %s", name, state)
 
 
-def lora_config(backbone: Backbone, cfg: LoraSettings) -> LoraConfig:
-    """The peft ``LoraConfig`` for ``cfg``, with the 'auto' choices resolved."""
+def lora_config(backbone: Backbone, cfg: LoraSettings, *, quiet: bool = False) -> LoraConfig:
+    """The peft ``LoraConfig`` for ``cfg``, with the 'auto' choices resolved (and logged, unless ``quiet``: the
+    memory plan resolves them on a model without weights)."""
     model = backbone.model
     targets: list[str] | str
     if cfg.target_modules == "auto":
-        targets = default_target_modules(model)
+        targets = default_target_modules(model, quiet=quiet)
     elif cfg.target_modules == ALL_LINEAR:
         targets = ALL_LINEAR
     else:
         targets = list(cfg.target_modules)
     if cfg.modules_to_save == "auto":
         to_save, uncovered = newly_initialised_modules(model, backbone.newly_initialised)
-        _report_uncovered(model, uncovered)
+        if not quiet:
+            _report_uncovered(model, uncovered)
     else:
         to_save = list(cfg.modules_to_save)
-    if to_save:
+    if to_save and not quiet:
         log.info("modules trained and saved in full (modules_to_save): %s", ", ".join(to_save))
     return LoraConfig(
         r=cfg.r,
@@ -145,32 +147,39 @@ def lora_config(backbone: Backbone, cfg: LoraSettings) -> LoraConfig:
     )
 
 
-def apply_lora(backbone: Backbone, cfg: LoraSettings) -> PeftModel:
-    """Wrap ``backbone.model`` (in place) with trainable LoRA layers; everything else is frozen.
+class LoraTargetError(ValueError):
+    """``train.lora.target_modules`` matches no module of the model; the message lists the ones it has."""
 
-    Targets that match no module raise a ValueError naming ``train.lora.target_modules`` and the model's
-    linear module names (:func:`linear_module_names`).
-    """
-    peft_cfg = lora_config(backbone, cfg)
+
+def inject_lora(model: nn.Module, peft_cfg: LoraConfig, cfg: LoraSettings) -> PeftModel:
+    """``get_peft_model``, with targets that match nothing refused as a :class:`LoraTargetError` naming
+    ``train.lora.target_modules`` and the model's linear module names (:func:`linear_module_names`)."""
     # what was asked for, as written (LoraConfig keeps a set; peft turns 'all-linear' into names in place)
     resolved = peft_cfg.target_modules
     wanted = cfg.target_modules if isinstance(cfg.target_modules, list) else (
         resolved if isinstance(resolved, str) else sorted(resolved or []))
     how = " (auto)" if cfg.target_modules == "auto" else ""
     try:
-        peft_model = get_peft_model(backbone.model, peft_cfg)
+        return get_peft_model(model, peft_cfg)
     except ValueError as exc:  # peft's NoMatchingPeftModuleError is a ValueError
         if type(exc).__name__ != "NoMatchingPeftModuleError" and "not found in the base model" not in str(exc):
             raise
-        names = linear_module_names(backbone.model)
-        model_type = getattr(getattr(backbone.model, "config", None), "model_type", None)
-        raise ValueError(
-            f"train.lora.target_modules = {wanted!r}{how}: no module of {type(backbone.model).__name__} "
+        names = linear_module_names(model)
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        raise LoraTargetError(
+            f"train.lora.target_modules = {wanted!r}{how}: no module of {type(model).__name__} "
             f"(architecture {model_type!r}) matches; its linear modules are {names or 'none'}. Set "
             f"train.lora.target_modules to some of these (e.g. the attention projections), to 'all-linear' (every "
-            f"one of them) or to 'auto'. "
-            f"(peft: {' '.join(str(exc).split())})"
+            f"one of them) or to 'auto'. (peft: {' '.join(str(exc).split())})"
         ) from None
+
+
+def apply_lora(backbone: Backbone, cfg: LoraSettings) -> PeftModel:
+    """Wrap ``backbone.model`` (in place) with trainable LoRA layers; everything else is frozen.
+
+    Targets that match no module raise a :class:`LoraTargetError` (:func:`inject_lora`).
+    """
+    peft_model = inject_lora(backbone.model, lora_config(backbone, cfg), cfg)
     n_train = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in peft_model.parameters())
     log.info("LoRA: %d trainable of %d parameters (%.3f%%)", n_train, n_all, 100.0 * n_train / max(n_all, 1))
