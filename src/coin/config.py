@@ -248,8 +248,9 @@ class LoraSettings(_Section):
     r: int = Field(16, ge=1, le=1024)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: Literal["auto"] | list[str] = Field(
-        "auto", description="'auto' = peft's per-architecture default, or explicit module names"
+    target_modules: Literal["auto", "all-linear"] | list[str] = Field(
+        "auto", description="'auto' = peft's per-architecture default ('all-linear' where peft has none, e.g. "
+        "Phi-3); 'all-linear' = every linear layer but the output head; or explicit module names"
     )
     modules_to_save: Literal["auto"] | list[str] = Field(
         "auto", description="'auto' = the modules the checkpoint did not contain (newly initialised heads)"

@@ -196,11 +196,18 @@ def stage_train(settings: Settings, root: Path, method: str | None = None) -> di
     ``method=None`` trains every method of ``train.methods`` in turn (the CLI and ``dvc repro``);
     the Prefect flow calls it once per method. Each run writes ``outputs/train/<method>/``; the index
     ``outputs/train/train.json`` lists the runs of the configured methods.
+
+    First, before reading data or loading weights, the memory plan (:func:`coin.modeling.memory.preflight`)
+    stops a run that clearly cannot fit the device, naming the settings to change (``COIN_MEMORY_CHECK=0``
+    skips it; ``coin train --plan`` prints the plan).
     """
+    from coin.modeling.memory import preflight
+
     methods = [method] if method else list(settings.train.methods)
     for m in methods:
         if m not in settings.train.methods:
             raise ValueError(f"method {m!r} is not in train.methods = {settings.train.methods}")
+    preflight(settings, methods)
     lay = Layout(root, settings)
     rows = read_jsonl(lay.valid_file, missing_hint="Run `coin validate` first.")
     if not any(r.get("split") == "train" for r in rows):
