@@ -61,13 +61,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils import flop_counter as fc
 
 import coin  # noqa: F401  (offline environment variables)
-from coin.config import Settings, TrainSettings, load_settings
 from coin.modeling.backbone import Backbone, FusedLM, load_backbone, load_tokenizer, pick_device
 from coin.modeling.lora import apply_lora
 from coin.training.batching import BatchStream
@@ -75,6 +74,9 @@ from coin.training.collator import GEN_GROUPS, Batch, PairCollator
 from coin.training.distributed import SINGLE
 from coin.training.loop import accumulate_gradients, autocast_context
 from coin.training.loss import contrastive_weight, info_nce
+
+if TYPE_CHECKING:  # imported where used: bench/gpu_check.py imports this module without pydantic
+    from coin.config import Settings, TrainSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("coin", "coin_padded", "reference", "coin_noneg", "reference_noneg", "cit", "sft", "coin_bucketed",
@@ -178,6 +180,13 @@ def variant_cfg(name: str, base: TrainSettings) -> TrainSettings:
     })
 
 
+# TinyLlama-1.1B's shape (hidden 2048, 22 layers, GQA 32/4 heads, vocabulary 32000): ~1.1B parameters
+TINYLLAMA_1B: dict[str, Any] = dict(
+    vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+    num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False,
+)
+
+
 def build_backbone(spec: str, seed: int, layers: int | None) -> Backbone:
     """``minilm``, a path, or ``tinyllama-config``: a TinyLlama-1.1B-shaped Llama from a config (random
     weights, the MiniLM tokenizer, vocabulary 32000), bf16 on a GPU."""
@@ -188,8 +197,7 @@ def build_backbone(spec: str, seed: int, layers: int | None) -> Backbone:
     tok = load_tokenizer("minilm")
     device = pick_device("auto")
     config = LlamaConfig(
-        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers or 22,
-        num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False,
+        **{**TINYLLAMA_1B, "num_hidden_layers": layers or TINYLLAMA_1B["num_hidden_layers"]},
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
     )
     torch.manual_seed(seed)
@@ -281,6 +289,8 @@ def load_rows(settings: Settings) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> str:
+    from coin.config import load_settings
+
     settings = load_settings(args.params, args.overrides)
     rows = load_rows(settings)
     device = pick_device("auto")
@@ -429,6 +439,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.probe_memory:
+        from coin.config import load_settings
+
         settings = load_settings(args.params, args.overrides)
         print(json.dumps(probe_memory(args.probe_memory, args, settings, load_rows(settings))))
         return

@@ -87,6 +87,45 @@ def tiny_bert_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _save_tiny(BertModel, config, tmp_path_factory.mktemp("tiny_bert_encoder"))
 
 
+@pytest.fixture(scope="session")
+def tiny_phi3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, hidden-32 Phi3ForCausalLM: fused ``qkv_proj`` / ``gate_up_proj``, and no peft default LoRA
+    targets for its architecture (``target_modules: auto`` falls back to ``all-linear``)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    config = Phi3Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, original_max_position_embeddings=512, tie_word_embeddings=False,
+        **_special_ids(),
+    )
+    return _save_tiny(Phi3ForCausalLM, config, tmp_path_factory.mktemp("tiny_phi3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, hidden-32 Qwen2ForCausalLM (biased q/k/v projections, untied head)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, tie_word_embeddings=False, **_special_ids(),
+    )
+    return _save_tiny(Qwen2ForCausalLM, config, tmp_path_factory.mktemp("tiny_qwen2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, hidden-32 Gemma2ForCausalLM (head tied to the embeddings, logit soft-capping: no separable
+    head, the full forward path)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, query_pre_attn_scalar=8, sliding_window=64, max_position_embeddings=512, **_special_ids(),
+    )
+    return _save_tiny(Gemma2ForCausalLM, config, tmp_path_factory.mktemp("tiny_gemma2"))
+
+
 @pytest.fixture
 def one_torch_thread():
     """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -554,13 +555,79 @@ def test_apply_lora_explicit_and_unknown_architecture(tiny_llama_dir: Path) -> N
     assert any("k_proj.lora_A" in n for n in names) and not any("q_proj.lora" in n for n in names)
     assert any("lm_head.modules_to_save" in n for n in names)
 
-    class Mystery(torch.nn.Module):
+    class Mystery(torch.nn.Module):  # an architecture peft has no default for, and no linear layer at all
         config = type("Cfg", (), {"model_type": "mystery-net"})()
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(4, 2)
 
     from coin.modeling.backbone import Backbone
 
-    with pytest.raises(ValueError, match="train.lora.target_modules"):
+    with pytest.raises(ValueError, match=r"train.lora.target_modules = .all-linear. \(auto\).*linear modules are none"):
         apply_lora(Backbone(Mystery(), llama.tokenizer, "x"), LoraSettings())
+
+
+def test_explicit_targets_that_match_nothing_name_the_key_and_the_linear_modules(tiny_phi3_dir: Path) -> None:
+    phi3 = load_backbone(str(tiny_phi3_dir), device="cpu")
+    with pytest.raises(ValueError) as err:
+        apply_lora(phi3, LoraSettings(target_modules=["q_proj", "v_proj"]))
+    msg = str(err.value)
+    assert "train.lora.target_modules = ['q_proj', 'v_proj']" in msg
+    assert "['down_proj', 'gate_up_proj', 'o_proj', 'qkv_proj']" in msg  # the choices; lm_head is not one
+    assert "all-linear" in msg
+
+
+def test_all_linear_targets_every_linear_layer_but_the_head(tiny_llama_dir: Path, tiny_gpt2_dir: Path) -> None:
+    from coin.modeling.lora import linear_module_names
+
+    def adapted(model: torch.nn.Module) -> set[str]:
+        return {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if ".lora_A" in n}
+
+    llama = load_backbone(str(tiny_llama_dir), device="cpu")
+    names = linear_module_names(llama.model)
+    assert names == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]  # no lm_head
+    model = apply_lora(llama, LoraSettings(target_modules="all-linear"))
+    assert adapted(model) == set(names)
+    assert not any("lm_head" in n for n, p in model.named_parameters() if p.requires_grad)
+
+    gpt2 = load_backbone(str(tiny_gpt2_dir), device="cpu")  # Conv1D layers, stored transposed: fan_in_fan_out
+    model = apply_lora(gpt2, LoraSettings(target_modules="all-linear"))
+    assert adapted(model) == {"c_attn", "c_proj", "c_fc"} and model.peft_config["default"].fan_in_fan_out
+
+
+NEW_ARCHITECTURES = [("tiny_phi3_dir", "Phi3ForCausalLM"), ("tiny_qwen2_dir", "Qwen2ForCausalLM"),
+                     ("tiny_gemma2_dir", "Gemma2ForCausalLM")]
+
+
+@pytest.mark.parametrize(("tiny", "cls"), NEW_ARCHITECTURES)
+def test_more_architectures_load_and_take_lora_with_the_default_settings(
+    request: pytest.FixtureRequest, tiny: str, cls: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    bb = load_backbone(str(request.getfixturevalue(tiny)), device="cpu")
+    assert type(bb.model).__name__ == cls and bb.attention == "causal" and bb.readout == "last"
+    with caplog.at_level(logging.INFO, logger="coin.modeling.lora"):
+        model = apply_lora(bb, LoraSettings())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    fell_back = "using 'all-linear'" in caplog.text
+    assert fell_back == (cls == "Phi3ForCausalLM")  # peft has defaults for qwen2 and gemma2 (q_proj/v_proj)
+    if fell_back:
+        assert {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in trainable if ".lora_A" in n} == {
+            "qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    b = PairCollator(bb.tokenizer, "coin", cutoff_len=64)(make_rows(2))
+    with torch.no_grad():
+        _, logits = selected_logits(model, b.input_ids, b.attention_mask, b.resp_rows, b.resp_cols)
+    assert logits.shape == (b.resp_rows.numel(), len(bb.tokenizer)) and bool(torch.isfinite(logits).all())
+
+
+def test_a_tiny_phi3_trains_with_the_default_lora_targets(tiny_phi3_dir: Path, tmp_path: Path) -> None:
+    bb = load_backbone(str(tiny_phi3_dir), device="cpu")
+    cfg = cfg_for("coin", max_steps=2, lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    assert cfg.lora.target_modules == "auto"
+    result = train(bb, make_rows(4), cfg, out_dir=tmp_path, seed=0, cutoff_len=64, progress=False)
+    assert result.steps == 2 and all(math.isfinite(h["loss"]) for h in result.history)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 
 
 # --------------------------------------------------------------------------- batches

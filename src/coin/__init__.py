@@ -5,6 +5,7 @@ telemetry/analytics off, Hugging Face offline (nothing is ever downloaded at run
 A variable the user already set wins (``setdefault``).
 """
 
+import logging
 import os
 
 LOCAL_ONLY_ENV = {
@@ -20,5 +21,10 @@ LOCAL_ONLY_ENV = {
 }
 for _k, _v in LOCAL_ONLY_ENV.items():
     os.environ.setdefault(_k, _v)
+
+# bitsandbytes (which peft imports) warns on CPUs with AVX512-BF16 that an optional fused 4-bit kernel (the `kernels`
+# package) is missing; coin keeps 4-bit layers off that kernel (coin.modeling.backbone._plain_cpu_4bit): noise here.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"))
 
 __version__ = "0.1.0"

@@ -283,7 +283,7 @@ def _stage_command(name: str):
     return command
 
 
-_OWN_COMMANDS = ("evaluate",)  # stages whose command has options of its own (defined below)
+_OWN_COMMANDS = ("train", "evaluate")  # stages whose command has options of its own (defined below)
 
 
 def _register_stage_commands() -> None:
@@ -298,6 +298,79 @@ def _register_stage_commands() -> None:
 
 
 _register_stage_commands()
+
+
+@app.command(name="train")
+def train(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    plan: Annotated[bool, typer.Option(
+        "--plan", help="print the memory plan (parameters; weights, LoRA, gradients, optimiser state, activations, "
+        "logits per process; whether it fits the device) and exit without training")] = False,
+    world_size: Annotated[Optional[int], typer.Option(
+        help="with --plan: plan for this many data-parallel processes (default: WORLD_SIZE, else 1)",
+        min=1)] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Contrastive fine-tuning (LoRA) on the validated pairs, one MLflow run per method (`--plan`: the memory
+    plan only)."""
+    if not plan:
+        if world_size is not None:
+            raise ConfigError("--world-size goes with --plan; a training run takes its world size from torchrun")
+        result = _run_stage("train", params, set_)
+        if json_:
+            _print(result)
+        else:
+            _print_summary("train", result, params, set_)
+        return
+    from coin.modeling.memory import plan_training
+
+    settings, _ = _settings(params, set_)
+    memory_plan = plan_training(settings, world_size=world_size)
+    if json_:
+        _print(memory_plan.to_dict())
+    else:
+        _print_plan(memory_plan)
+
+
+def _print_plan(plan: Any) -> None:
+    """The memory plan as a rich table on stdout: one column per method, then the verdict."""
+    from rich.table import Table
+
+    from coin.modeling.memory import CLEARLY, SETTINGS_TO_CHANGE
+
+    def size(n: float) -> str:
+        return f"{n / 2**30:.2f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:.1f} MiB"
+
+    shape = plan.shape
+    out = Console(width=max(100, Console().width))
+    knobs = ", ".join(f"{k} = {v}" for k, v in plan.settings.items())
+    out.print(f"memory plan: {escape(plan.backbone)} on {plan.device} ({escape(knobs)})", highlight=False)
+    out.print(f"parameters: {shape.n_params:,} total, {shape.trainable_params:,} trainable "
+              f"({shape.lora_params:,} LoRA + {shape.saved_params:,} in modules_to_save; "
+              f"{100 * shape.trainable_params / max(shape.n_params, 1):.3f}%)", highlight=False)
+    table = Table(title="memory per process (estimate)", title_justify="left")
+    table.add_column("component")
+    for m in plan.methods:
+        table.add_column(f"{m.method} ({len(m.groups)} group{'s' if len(m.groups) != 1 else ''})", justify="right")
+    rows = [("weights", "weights"), ("autocast weight copies", "autocast_copies"),
+            ("LoRA / trained params", "trainable"), ("gradients", "gradients"),
+            ("optimiser state (AdamW)", "optimizer"), ("DDP gradient buckets", "ddp_buckets"),
+            ("activations", "activations"), ("logits (response positions)", "logits")]
+    for label, key in rows:
+        table.add_row(label, *(size(getattr(m.estimate, key)) if getattr(m.estimate, key) else "-"
+                               for m in plan.methods))
+    table.add_row("[bold]total[/]", *(f"[bold]{size(m.estimate.total)}[/]" for m in plan.methods))
+    table.add_row("tokens per micro-batch", *(f"{m.workload.tokens:,}" for m in plan.methods))
+    out.print(table)
+    procs = f" x {plan.processes_here} processes on this host" if plan.processes_here > 1 else ""
+    colour = {"fits": "green", "tight": "yellow"}.get(plan.verdict, "red")
+    out.print(f"needs {size(plan.needed)}{procs}; {size(plan.available)} {escape(plan.available_what)}: "
+              f"[bold {colour}]{plan.verdict}[/]", highlight=False)
+    if plan.verdict != "fits":
+        out.print(f"lower it with: {', '.join(SETTINGS_TO_CHANGE)}"
+                  + (f" (`coin train` stops above {CLEARLY:g} x the available memory)"
+                     if plan.verdict == "will not fit" else ""), highlight=False)
 
 
 @app.command(name="evaluate")

@@ -39,6 +39,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from coin.errors import ConfigError
 from coin.methods import METHODS
 from coin.secrets import redact_override, redact_value, redacted, reveal_override
 
@@ -67,10 +68,6 @@ def _registered_methods(v: list[str], also: tuple[str, ...] = ()) -> list[str]:
     if unknown:
         raise ValueError(f"{', '.join(map(repr, unknown))} is not a registered method; use one of {', '.join(known)}")
     return v
-
-
-class ConfigError(ValueError):
-    """A bad ``params.yaml``: the message names every bad key and how to fix it."""
 
 
 class _Section(BaseModel):
@@ -104,6 +101,15 @@ class ModelSettings(_Section):
         description="mean: the first response token is predicted from the mean of the prompt's hidden states (how "
         "MiniLM was trained to pool); last: from the last prompt token (a plain LM); auto: mean for encoder "
         "checkpoints, last for causal LMs",
+    )
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        "none",
+        description="load the base's linear layers quantised by bitsandbytes and train LoRA on top (QLoRA): "
+        "none = as model.dtype; 8bit = LLM.int8; 4bit = NF4. Needs bitsandbytes; meant for large bases on GPUs "
+        "(runs on CPU too). Recorded with the adapter",
+    )
+    double_quant: bool = Field(
+        True, description="4bit only: also quantise the quantisation constants (QLoRA's double quantisation)"
     )
 
 
@@ -242,8 +248,9 @@ class LoraSettings(_Section):
     r: int = Field(16, ge=1, le=1024)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: Literal["auto"] | list[str] = Field(
-        "auto", description="'auto' = peft's per-architecture default, or explicit module names"
+    target_modules: Literal["auto", "all-linear"] | list[str] = Field(
+        "auto", description="'auto' = peft's per-architecture default ('all-linear' where peft has none, e.g. "
+        "Phi-3); 'all-linear' = every linear layer but the output head; or explicit module names"
     )
     modules_to_save: Literal["auto"] | list[str] = Field(
         "auto", description="'auto' = the modules the checkpoint did not contain (newly initialised heads)"
@@ -818,7 +825,8 @@ def load_settings(path: str | Path = "params.yaml", overrides: list[str | Secret
 
     ``check_project`` (default true; ``coin predict`` turns it off, it reads neither): also check what the
     settings name in the project, before any work: ``model.backbone`` is loadable offline
-    (:func:`check_backbone`), and ``evaluate.instruction_sets`` / ``evaluate.tasks`` are in
+    (:func:`check_backbone`), bitsandbytes can load it as ``model.quantization`` says (:func:`check_quantization`),
+    and ``evaluate.instruction_sets`` / ``evaluate.tasks`` are in
     ``evaluate.instruction_file`` (:func:`check_instruction_file`; relative to the params file's directory).
     """
     path = Path(path)
@@ -853,6 +861,7 @@ def load_settings(path: str | Path = "params.yaml", overrides: list[str | Secret
     settings = Settings.model_validate(apply_overrides(raw, overrides))
     if check_project:
         check_backbone(settings.model.backbone)
+        check_quantization(settings.model)
         check_instruction_file(settings, path.resolve().parent, source=path)
     return settings
 
@@ -893,6 +902,22 @@ def check_backbone(backbone: str) -> None:
     if not isinstance(found, str):
         raise ConfigError(f"model.backbone = {backbone!r}: no such directory, and no model of that name in the local "
                           f"Hugging Face cache (nothing is ever downloaded). {fix}")
+
+
+def check_quantization(model: ModelSettings) -> None:
+    """Raise :class:`ConfigError` naming ``model.quantization`` and the fix unless bitsandbytes can load a base so
+    quantised on ``model.device`` here (installed, with a backend for the device). Checked when the settings are
+    loaded, so that a run stops before any work; ``none`` needs nothing and is not checked (no torch import)."""
+    if model.quantization == "none":
+        return
+    from coin.modeling.backbone import check_quantization as check
+    from coin.modeling.backbone import pick_device
+
+    try:
+        device = pick_device(model.device)
+    except RuntimeError:  # model.device = cuda without a GPU: the loader refuses that with its own message
+        return
+    check(model.quantization, device)
 
 
 def check_instruction_file(settings: Settings, root: Path, *, source: str | Path = "params.yaml") -> None:

@@ -196,11 +196,18 @@ def stage_train(settings: Settings, root: Path, method: str | None = None) -> di
     ``method=None`` trains every method of ``train.methods`` in turn (the CLI and ``dvc repro``);
     the Prefect flow calls it once per method. Each run writes ``outputs/train/<method>/``; the index
     ``outputs/train/train.json`` lists the runs of the configured methods.
+
+    First, before reading data or loading weights, the memory plan (:func:`coin.modeling.memory.preflight`)
+    stops a run that clearly cannot fit the device, naming the settings to change (``COIN_MEMORY_CHECK=0``
+    skips it; ``coin train --plan`` prints the plan).
     """
+    from coin.modeling.memory import preflight
+
     methods = [method] if method else list(settings.train.methods)
     for m in methods:
         if m not in settings.train.methods:
             raise ValueError(f"method {m!r} is not in train.methods = {settings.train.methods}")
+    preflight(settings, methods)
     lay = Layout(root, settings)
     rows = read_jsonl(lay.valid_file, missing_hint="Run `coin validate` first.")
     if not any(r.get("split") == "train" for r in rows):
@@ -245,13 +252,15 @@ def train_adapter(settings: Settings, rows: list[dict[str, Any]], method: str, o
     cfg = settings.train.for_method(method)
     backbone = load_backbone(settings.model.backbone, dtype=settings.model.dtype,
                              device=device or settings.model.device, seed=seed, attention=settings.model.attention,
-                             readout=settings.model.readout)
+                             readout=settings.model.readout, quantization=settings.model.quantization,
+                             double_quant=settings.model.double_quant)
     result = train(backbone, rows, cfg, out_dir=Path(out_dir), seed=seed, cutoff_len=settings.pairs.cutoff_len,
                    on_metrics=on_metrics, resume=cfg.resume, progress=progress)
     if is_main_process():  # under torchrun every rank trains; rank 0 alone writes
         write_meta(Path(out_dir) / "adapter", {
             "base": backbone.reference, "dtype": settings.model.dtype, "seed": seed, "attention": backbone.attention,
-            "readout": backbone.readout, "label_counts": label_counts(rows),
+            "readout": backbone.readout, "quantization": backbone.quantization,
+            "double_quant": backbone.double_quant, "label_counts": label_counts(rows),
             "calibration": settings.evaluate.calibration,
             "method": method, "prompt_format": "train", "append_eos": cfg.append_eos,
         })
@@ -365,7 +374,8 @@ def stage_evaluate_unit(settings: Settings, root: Path, label: str) -> dict[str,
                     "cached": True}
         backbone = load_backbone(settings.model.backbone, dtype=settings.model.dtype, device=settings.model.device,
                                  seed=settings.seed, attention=settings.model.attention,
-                                 readout=settings.model.readout)
+                                 readout=settings.model.readout, quantization=settings.model.quantization,
+                                 double_quant=settings.model.double_quant)
         model, tokenizer, counts = backbone.model, backbone.tokenizer, None  # no training rows: a uniform prior
     else:
         runs = read_json(lay.train_record, missing_hint="Run `coin train` first.").get("runs", {})

@@ -206,11 +206,13 @@ def _resolve_registry(spec: str, scheme: str, settings: Settings, root: Path) ->
 
 
 def _base_fingerprint(reference: str, directory: Path | None, settings: Settings) -> str:
-    """A base model's outputs depend on its files and on how it is loaded (attention, readout, dtype and the
-    seed of the weights a checkpoint lacks, e.g. MiniLM's LM-head transform)."""
+    """A base model's outputs depend on its files and on how it is loaded (attention, readout, dtype, quantisation
+    and the seed of the weights a checkpoint lacks, e.g. MiniLM's LM-head transform)."""
     m = settings.model
     files = _sha_files(_files(directory, _BASE_FILES), directory) if directory is not None else None
-    return _sha_text("base", reference, files, m.attention, m.readout, m.dtype, settings.seed)
+    # unquantised: the key of earlier versions, so their cached results stay valid
+    quant = () if m.quantization == "none" else (m.quantization, m.double_quant and m.quantization == "4bit")
+    return _sha_text("base", reference, files, m.attention, m.readout, m.dtype, settings.seed, *quant)
 
 
 def resolve_target(arg: str, settings: Settings, root: Path) -> ModelTarget:
@@ -412,7 +414,8 @@ def load_target(target: ModelTarget, settings: Settings):
     m = settings.model
     if target.kind == "base":
         bb = load_backbone(target.location, dtype=m.dtype, device=m.device, seed=settings.seed,
-                           attention=m.attention, readout=m.readout)
+                           attention=m.attention, readout=m.readout, quantization=m.quantization,
+                           double_quant=m.double_quant)
         bb.model.eval()
         return bb.model, bb.tokenizer, None  # no training rows: a uniform prior
     if target.kind == "adapter":

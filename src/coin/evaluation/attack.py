@@ -420,7 +420,7 @@ def load_model(spec: str, settings) -> tuple[Any, Any, dict[str, list[int]] | No
         return model, tokenizer, meta.get("label_counts"), "adapter"
     m = settings.model
     bb = load_backbone(spec, dtype=m.dtype, device=m.device, seed=settings.seed, attention=m.attention,
-                       readout=m.readout)
+                       readout=m.readout, quantization=m.quantization, double_quant=m.double_quant)
     bb.model.eval()
     return bb.model, bb.tokenizer, None, "backbone"
 

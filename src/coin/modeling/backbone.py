@@ -23,6 +23,18 @@ run reached 71.7% clean accuracy with ``mean`` and 50.2% with ``last`` (RESULTS.
 for encoder checkpoints, ``last`` for causal LMs. Like the attention, it is recorded on the model
 (:func:`readout_mode`) and in ``coin_model.json``.
 
+Quantisation (``model.quantization``). ``8bit`` (LLM.int8) or ``4bit`` (NF4, with ``model.double_quant`` the
+quantisation constants quantised too, as in QLoRA) loads the base's linear layers through bitsandbytes
+(transformers' ``BitsAndBytesConfig``); LoRA then trains on top of the frozen quantised base
+(:func:`coin.modeling.lora.apply_lora` runs peft's ``prepare_model_for_kbit_training`` first). The 4-bit compute
+dtype is the dtype the base would run in unquantised (``model.dtype``; ``auto``: bfloat16 on a GPU with bf16,
+float32 elsewhere), and the autocast settings apply on top as for any base. The LM head stays in full precision:
+transformers keeps a causal LM's output layer so, and for an encoder run as a decoder (MiniLM) the whole head is
+kept, because its newly initialised layers are trained in full (``modules_to_save``) and a layer missing from the
+checkpoint cannot be quantised on load. A setting bitsandbytes cannot serve here (not installed, no backend for
+the device) is refused before anything is loaded (:func:`check_quantization`). The choice is recorded in
+``coin_model.json`` and the adapter is always loaded back on a base quantised the same way.
+
 The split into *body* and *head* lets training and scoring apply the (vocabulary-sized) LM head only
 at the positions that carry a loss or a score, instead of at every position::
 
@@ -33,6 +45,7 @@ at the positions that carry a loss or a score, instead of at every position::
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 from dataclasses import dataclass, field
@@ -40,6 +53,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from coin.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +129,116 @@ def autocast_context(device: torch.device, mode: str, key: str = "train.autocast
     return contextlib.nullcontext()
 
 
+QUANTIZATIONS = ("none", "8bit", "4bit")
+BITSANDBYTES_MIN = "0.46.1"  # the oldest bitsandbytes transformers' integration accepts
+
+
+def _import_bitsandbytes():
+    """bitsandbytes, or ImportError when it is not installed (one function, so tests can take it away)."""
+    import bitsandbytes
+
+    return bitsandbytes
+
+
+def quantization_problem(quantization: str, device: torch.device) -> str | None:
+    """Why a base quantised as ``quantization`` cannot be loaded on ``device`` here, and what to install, or None if
+    it can: bitsandbytes (or accelerate, which transformers' integration needs) missing or too old, or no
+    bitsandbytes backend for the device."""
+    if quantization == "none":
+        return None
+    if quantization not in QUANTIZATIONS:
+        return f"is not a quantisation; use one of {', '.join(QUANTIZATIONS)}"
+    from importlib.util import find_spec
+
+    from packaging.version import Version
+
+    install = f"pip install 'bitsandbytes>={BITSANDBYTES_MIN}'"
+    try:
+        bnb = _import_bitsandbytes()
+    except ImportError as exc:
+        return f"needs bitsandbytes, which is not installed here ({exc}): install it ({install}, a project dependency)"
+    version = str(getattr(bnb, "__version__", "0"))
+    if Version(version) < Version(BITSANDBYTES_MIN):
+        return f"needs bitsandbytes >= {BITSANDBYTES_MIN}, this is {version}: upgrade it ({install})"
+    if find_spec("accelerate") is None:
+        return ("needs accelerate (transformers loads bitsandbytes models through it), which is not installed here: "
+                "install it (pip install accelerate, a project dependency)")
+    supported = set(getattr(bnb, "supported_torch_devices", ()))
+    if device.type not in supported:
+        return (f"has no bitsandbytes {version} backend for device {device.type!r} (it supports "
+                f"{', '.join(sorted(supported)) or 'none'}): set model.device to one of those")
+    if device.type != "cpu":
+        lib = getattr(getattr(bnb, "cextension", None), "lib", None)
+        if type(lib).__name__ == "ErrorHandlerMockBNBNativeLibrary":  # its native library for the device did not load
+            return (f"cannot run on {device.type}: bitsandbytes {version} found no native library for this torch "
+                    f"build (`python -m bitsandbytes` says why): install a bitsandbytes build for it")
+    return None
+
+
+def check_quantization(quantization: str, device: torch.device, *, key: str = "model.quantization") -> None:
+    """Raise :class:`~coin.config.ConfigError` naming ``key`` and the fix unless :func:`quantization_problem`
+    finds nothing."""
+    problem = quantization_problem(quantization, device)
+    if problem is not None:
+        raise ConfigError(f"{key} = {quantization!r} {problem}; or set model.quantization: none")
+
+
+class _Once(logging.Filter):
+    """Lets a message through the first time only (bitsandbytes' 8-bit matmul warns on every call that it
+    casts its float32 inputs to float16)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def quantization_config(quantization: str, compute_dtype: torch.dtype, *, double_quant: bool = True,
+                        skip_modules: list[str] | None = None):
+    """transformers' ``BitsAndBytesConfig`` for ``quantization`` (``8bit`` | ``4bit``), or None for ``none``.
+
+    ``skip_modules``: modules kept in full precision (None: transformers' default, the output layer)."""
+    if quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        matmul_log = logging.getLogger("bitsandbytes.autograd._functions")
+        if not any(isinstance(f, _Once) for f in matmul_log.filters):
+            matmul_log.addFilter(_Once())
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip_modules)
+
+
+def quantization_of(model: nn.Module) -> str:
+    """``8bit`` | ``4bit`` for a model loaded quantised by bitsandbytes, else ``none``."""
+    hf = unwrap_model(model)
+    if getattr(hf, "is_loaded_in_4bit", False):
+        return "4bit"
+    return "8bit" if getattr(hf, "is_loaded_in_8bit", False) else "none"
+
+
+def _head_modules(config, extra: dict) -> list[str]:
+    """The children of the causal-LM class other than its body (BERT's ``cls``), from a skeleton on the meta
+    device (no weights are allocated)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(config)
+    for k, v in extra.items():
+        setattr(cfg, k, v)
+    with torch.device("meta"), _quiet_transformers():
+        skeleton = AutoModelForCausalLM.from_config(cfg)
+    body = skeleton.base_model
+    return [name for name, m in skeleton.named_children() if m is not body]
+
+
 @dataclass
 class Backbone:
     model: nn.Module                     # a transformers PreTrainedModel with an LM head
@@ -122,6 +247,8 @@ class Backbone:
     newly_initialised: list[str] = field(default_factory=list)  # parameter names not in the checkpoint
     attention: str = "causal"            # "causal" | "prefix" (see the module docstring)
     readout: str = "last"                # "last" | "mean" (see the module docstring)
+    quantization: str = "none"           # "none" | "8bit" | "4bit" (see the module docstring)
+    double_quant: bool = False           # 4bit: the quantisation constants quantised too
 
 
 @contextlib.contextmanager
@@ -209,16 +336,21 @@ def load_backbone(
     seed: int = 0,
     attention: str = "auto",
     readout: str = "auto",
+    quantization: str = "none",
+    double_quant: bool = True,
 ) -> Backbone:
     """Load a causal LM and its tokenizer from a local path or the local HF cache (never a download).
 
     ``attention`` (``auto`` | ``causal`` | ``prefix``) and ``readout`` (``auto`` | ``last`` | ``mean``): module
-    docstring; both are recorded on the model's config.
+    docstring; both are recorded on the model's config. ``quantization`` (``none`` | ``8bit`` | ``4bit``) and
+    ``double_quant`` (4bit only): module docstring; a quantisation that cannot load here is a ConfigError
+    before anything is loaded.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve_backbone(name_or_path)
     dev = device if isinstance(device, torch.device) else pick_device(device)
+    check_quantization(quantization, dev)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except OSError as exc:
@@ -231,13 +363,22 @@ def load_backbone(
     extra = {}
     if getattr(config, "is_decoder", True) is False and config.model_type in ENCODER_TYPES:
         extra["is_decoder"] = True  # encoder checkpoints run as causal decoders (BertLMHeadModel, ...)
+    weights_dtype = pick_dtype(dtype, dev)
+    quant = {}
+    if quantization != "none":
+        # an encoder's head is newly initialised (trained in full): it stays in full precision
+        skip = _head_modules(config, extra) if extra else None
+        quant = {"quantization_config": quantization_config(quantization, weights_dtype, double_quant=double_quant,
+                                                            skip_modules=skip),
+                 "device_map": {"": dev}}  # quantised on load, on the device; a quantised model is not moved later
     # Newly initialised weights (MiniLM's LM-head transform) are random: seed them so two loads agree.
     torch.manual_seed(seed)
     with _quiet_transformers():  # its load report is replaced by our one-line log of new weights
         model, info = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=pick_dtype(dtype, dev), output_loading_info=True, **extra
+            path, local_files_only=True, dtype=weights_dtype, output_loading_info=True, **extra, **quant
         )
-    model.to(dev)
+    if not quant:
+        model.to(dev)
     tok = _load_tokenizer(path)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
@@ -246,7 +387,40 @@ def load_backbone(
     missing = sorted(info.get("missing_keys", []))
     if missing:
         log.info("newly initialised (not in the checkpoint): %s", ", ".join(missing))
-    return Backbone(model, tok, name_or_path, missing, mode, read)
+    if quant:
+        _refuse_unquantised_new_layers(model, missing, quantization)
+        if dev.type == "cpu":
+            _plain_cpu_4bit(model)
+    return Backbone(model, tok, name_or_path, missing, mode, read, quantization,
+                    double_quant and quantization == "4bit")
+
+
+def _plain_cpu_4bit(model: nn.Module) -> None:
+    """Keep bitsandbytes' 4-bit layers on their plain CPU path (dequantise, then matmul) in training and evaluation.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 re-packs a ``Linear4bit``'s weights for a fused bf16 kernel on its
+    first forward in eval mode without gradient (our packing self-check, any evaluation) and keeps them so: a later
+    training forward then runs through that kernel, which has no backward (torch warns of silently wrong gradients)
+    and fails on layers with fewer than 64 inputs, and its bf16 results differ from the training path's."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+
+
+def _refuse_unquantised_new_layers(model: nn.Module, missing: list[str], quantization: str) -> None:
+    """A layer bitsandbytes was to quantise whose weight the checkpoint lacks is left a plain float tensor that
+    its forward cannot use: refuse, naming it (a checkpoint without some of its body's weights)."""
+    import bitsandbytes as bnb
+
+    quantised = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    bad = [n.removesuffix(".weight") for n in missing
+           if n.endswith(".weight") and isinstance(modules.get(n.removesuffix(".weight")), quantised)]
+    if bad:
+        raise ConfigError(
+            f"model.quantization = {quantization!r}: the checkpoint has no weights for {', '.join(bad)}, and a newly "
+            "initialised layer cannot be quantised on load. Set model.quantization: none for this backbone"
+        )
 
 
 # --------------------------------------------------------------------------- body / head split
@@ -435,7 +609,8 @@ def packing_supported(model: nn.Module) -> bool:
     """Self-check: two short sequences packed in one row give the hidden states they give alone.
 
     Guards against architectures that build their own attention mask and would silently let packed
-    sequences see each other. Runs one tiny forward pass without gradient.
+    sequences see each other. Runs one tiny forward pass without gradient. On an 8-bit base the check runs
+    without LLM.int8's outlier decomposition (:func:`_int8_batch_invariant`), so that it tests the mask alone.
     """
     device = next(model.parameters()).device
     a, b = torch.tensor([5, 6, 7, 8, 9], device=device), torch.tensor([10, 11, 12], device=device)
@@ -445,7 +620,7 @@ def packing_supported(model: nn.Module) -> bool:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _int8_batch_invariant(model):
             dtype = next(model.parameters()).dtype
             mask = packed_attention_mask(seg, unwrap_model(model), dtype)
             packed, _ = selected_logits(model, torch.cat([a, b]).unsqueeze(0), mask, none, none, pos)
@@ -454,6 +629,24 @@ def packing_supported(model: nn.Module) -> bool:
     finally:
         model.train(was_training)
     return bool(torch.allclose(packed[0], torch.cat(alone), atol=1e-3, rtol=1e-3))
+
+
+@contextlib.contextmanager
+def _int8_batch_invariant(model: nn.Module):
+    """8-bit layers without LLM.int8's outlier decomposition for the duration (threshold 0, restored after).
+
+    The decomposition computes in fp16 every input column in which *any* token of the batch exceeds the threshold,
+    so an 8-bit layer's output for one sequence depends on the other sequences of its batch, packed or padded alike
+    (about 1% of the hidden states' scale on MiniLM); without it each token is quantised on its own."""
+    states = [m.state for m in model.modules() if hasattr(getattr(m, "state", None), "threshold")]
+    saved = [st.threshold for st in states]
+    for st in states:
+        st.threshold = 0.0
+    try:
+        yield
+    finally:
+        for st, t in zip(states, saved, strict=True):
+            st.threshold = t
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

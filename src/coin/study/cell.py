@@ -158,7 +158,8 @@ def _compute(s: Settings, root: Path, cell: Cell, tmp: Path, pairs: Path, device
         counts = meta.get("label_counts")
     else:  # the untouched backbone; its newly initialised weights (MiniLM's head transform) follow the seed
         backbone = load_backbone(s.model.backbone, dtype=s.model.dtype, device=device or s.model.device, seed=cell.seed,
-                                 attention=s.model.attention, readout=s.model.readout)
+                                 attention=s.model.attention, readout=s.model.readout,
+                                 quantization=s.model.quantization, double_quant=s.model.double_quant)
         model, tokenizer, counts = backbone.model, backbone.tokenizer, None
     t_train = time.perf_counter() - t0
     model.eval()

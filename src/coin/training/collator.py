@@ -47,13 +47,15 @@ whose labels are -100.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from coin.config import TrainSettings
 from coin.data.prompts import PromptFormat, encode
 from coin.methods import GEN_GROUPS, get_method
+
+if TYPE_CHECKING:  # settings are duck-typed here: the step imports without pydantic (bench/gpu_check.py)
+    from coin.config import TrainSettings
 
 __all__ = ["GEN_GROUPS", "GROUP_COLUMNS", "Batch", "PairCollator", "method_groups", "pack_sequences"]
 

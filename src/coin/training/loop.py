@@ -23,13 +23,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from coin.config import TrainSettings
 from coin.methods import Method, get_method
 from coin.modeling.backbone import Backbone, FusedLM, autocast_context, packing_supported, unwrap_model
 from coin.modeling.lora import apply_lora
@@ -47,6 +46,9 @@ from coin.training.checkpoint import (
 from coin.training.collator import Batch, PairCollator
 from coin.training.distributed import World, init_world, maybe_no_sync
 from coin.training.loss import StepScale, coin_step_loss
+
+if TYPE_CHECKING:  # settings are duck-typed here: the step imports without pydantic (bench/gpu_check.py)
+    from coin.config import TrainSettings
 
 __all__ = ["MetricsCallback", "TrainResult", "TrainRun", "accumulate_gradients", "iterate_batches", "train",
            "train_rows_of"]

@@ -31,13 +31,12 @@ from __future__ import annotations
 import math
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coin.config import TrainSettings
 from coin.methods import GEN_GROUPS, get_method
 from coin.modeling.backbone import (
     FusedLM,
@@ -49,6 +48,9 @@ from coin.modeling.backbone import (
 )
 from coin.training.collator import Batch
 from coin.training.distributed import SINGLE, World, gather_with_local_grad
+
+if TYPE_CHECKING:  # settings are duck-typed here: the step imports without pydantic (bench/gpu_check.py)
+    from coin.config import TrainSettings
 
 Pooling = Literal["last", "mean", "max"]
 

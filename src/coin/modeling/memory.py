@@ -1,0 +1,459 @@
+"""A memory plan before training: parameters, and the memory of one training step per process, estimated from
+the model's shapes and the settings, against the memory the device has free.
+
+``coin train --plan`` prints it without training; the train stage runs it first (:func:`preflight`) and stops a
+run that clearly cannot fit (estimate > :data:`CLEARLY` x available) before it reads data or loads weights.
+``COIN_MEMORY_CHECK=0`` skips that check.
+
+The parameters are counted exactly: the model is built on the ``meta`` device (no weight is allocated; the
+checkpoint is opened for its tensor names only), its newly initialised modules found as
+:func:`~coin.modeling.backbone.load_backbone` finds them, and LoRA is applied to it as
+:func:`~coin.modeling.lora.apply_lora` applies it. The memory estimate is a pure function of those counts and
+shapes (:class:`ModelShape`) and of the step's shape (:class:`Workload`):
+
+- **weights**: every parameter of the backbone in the model dtype; quantised (``model.quantization``, or
+  ``bits_per_weight`` given), the matmul weights at :data:`QUANT_BITS` bits each (the LM head counted among them)
+  and the rest in the model dtype (the model dtype's bits unless given,
+  e.g. by a quantization setting).
+- **autocast copies**: under bf16 autocast with fp32 weights, torch keeps a bf16 copy of every matmul weight
+  for the step (its autocast cache): 2 bytes per weight of the ``nn.Linear`` / ``Conv1D`` modules and the head.
+- **trainable**: LoRA parameters in fp32 (peft keeps adapters in fp32 on half-precision weights), modules
+  trained in full (``modules_to_save``, a copy) in the weights' dtype; **gradients**: the same again;
+  **optimiser**: AdamW's two fp32 moments, 8 bytes per trainable parameter. Under DDP (world size > 1) the
+  gradient buckets hold one more copy of the gradients.
+- **activations**, per token slot (a micro-batch is ``S = batch_size x groups`` sequences; the bound takes each
+  at ``pairs.cutoff_len`` tokens, which packing cannot lower: sequences at the cutoff fill their rows), per
+  layer, in activation bytes ``a`` (4 fp32; 2 half-precision weights; 3 under bf16 autocast of fp32 weights,
+  where matmul outputs are bf16 and norms/softmax stay fp32)::
+
+      a x (ACT_HIDDEN x hidden + ACT_INTER x intermediate)       the frozen layer's saved tensors
+      + (a + 1) x sum of in_features of its LoRA-adapted modules  LoRA dropout's input copy and mask (dropout > 0)
+      + a x r x adapted modules                                   LoRA A outputs
+      + SCORE_COPIES x heads x cutoff x 4 bytes                   attention scores, where they are kept
+
+  for every layer plus one (the backward pass's transients are about one layer's activations), and
+  ``2 x hidden x a`` per token outside the layers (embeddings, final norm). Attention scores are kept by
+  ``eager`` attention, and by SDPA on a CPU when the attention has dropout (the math kernel; MiniLM: 0.1);
+  SDPA's fused kernels keep one log-sum-exp per head instead (not counted). With gradient checkpointing only
+  each layer's input is kept (``hidden x a``) and one layer is recomputed at a time (two layers' worth).
+- **logits**: only at response positions (the loss applies the LM head there alone,
+  :func:`~coin.modeling.backbone.selected_logits`): ``S_logit x response_tokens`` positions x vocabulary x
+  LOGIT_BYTES (fp32 logits, log-softmax and their two gradients); methods with an output-consistency term add
+  as much again (the softmaxes they compare). ``S_logit`` counts the groups whose responses reach the head.
+
+Constants were set from the tensors autograd saves (``torch.autograd.graph.saved_tensors_hooks``) in a coin
+step of MiniLM (post-norm, GELU, dropout 0.1) and of a Llama (pre-norm, SwiGLU): 7-9 hidden-sized and 2-3
+intermediate-sized tensors per token and layer. Measured against peak memory in BENCHMARKS.md ("Memory plan").
+Not counted: the framework itself (the CUDA context, the Python process; the free memory is read after they
+exist), the tokenizer and the data, and the allocator's slack: on a CPU, glibc's malloc keeps part of what the
+forward pass frees, so a small run's peak RSS exceeds its live tensors (MiniLM at 768 token slots: 1.2-1.45 x
+the peak of the same run with ``MALLOC_MMAP_THRESHOLD_=65536``; at the default configuration's size the
+estimate met the peak). Hence the margin :data:`CLEARLY` before a run is stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coin.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+ACT_HIDDEN = 8        # hidden-sized tensors saved per token and layer: norm inputs/outputs, q, k, v, attention output
+ACT_INTER = 3         # intermediate-sized: gate, up and activation (SwiGLU); fc1 output and activation (GELU MLP)
+SCORE_COPIES = 3.5    # per head and key position where scores are kept: scores, softmax, dropout output and mask
+LOGIT_BYTES = 16      # per response position and vocabulary entry: fp32 logits, log-softmax, their gradients
+DEFAULT_RESPONSE_TOKENS = 8  # response tokens per sequence (GLUE label words + EOS: 2-5 tokens)
+CLEARLY = 1.2         # preflight stops a run whose estimate exceeds this x the available memory
+GIB = 2**30
+CHECK_ENV = "COIN_MEMORY_CHECK"  # 0 / false / off: skip the preflight
+# Bits per quantised weight, with bitsandbytes' per-block scales: NF4 keeps one fp32 absmax per 64 weights
+# (+0.5 bit); double quantisation stores those as 8-bit with one fp32 per 256 blocks (+0.127 bit). LLM.int8: one
+# fp32 scale per row, negligible.
+QUANT_BITS = {("4bit", False): 4.5, ("4bit", True): 4.127, ("8bit", False): 8.0, ("8bit", True): 8.0}
+SETTINGS_TO_CHANGE = ("train.batch_size", "pairs.cutoff_len", "train.gradient_checkpointing", "model.quantization")
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate reads off a model: its parameter counts and shapes, and its LoRA layers."""
+
+    n_params: int                 # the backbone's parameters (tied weights once), without LoRA / copies
+    n_matmul_params: int          # of which weights of nn.Linear / Conv1D modules and the LM head (autocast copies)
+    n_layers: int
+    hidden: int
+    intermediate: int
+    n_heads: int
+    vocab: int
+    lora_params: int              # LoRA A and B parameters (trainable)
+    saved_params: int = 0         # trainable full copies of modules_to_save
+    lora_inputs: int = 0          # sum of in_features over the LoRA-adapted modules (all layers)
+    lora_modules: int = 0         # number of LoRA-adapted modules (all layers)
+    lora_r: int = 0
+    lora_dropout: float = 0.0
+    attention: str = "sdpa"       # config._attn_implementation
+    attention_dropout: float = 0.0
+
+    @property
+    def trainable_params(self) -> int:
+        return self.lora_params + self.saved_params
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One training step of one process: its micro-batch, precision and memory savers."""
+
+    sequences: int                # sequences per micro-batch per process: batch_size x groups of the method
+    seq_len: int                  # tokens per sequence (the bound: pairs.cutoff_len)
+    logit_sequences: int          # sequences whose response positions go through the LM head
+    response_tokens: int = DEFAULT_RESPONSE_TOKENS
+    weight_bytes: int = 4         # bytes per weight of the model dtype
+    bits_per_weight: float | None = None  # None: the dtype's (8 x weight_bytes); e.g. 4 for 4-bit weights
+    autocast: bool = False        # bf16 autocast on
+    gradient_checkpointing: bool = False
+    consistency: bool = False     # the method has an output-consistency term
+    world_size: int = 1           # data-parallel processes (one replica each)
+    device: str = "cpu"           # "cpu" | "cuda" | "mps": where the scores rule applies
+
+    @property
+    def act_bytes(self) -> int:
+        """Bytes per saved activation element (module docstring)."""
+        if self.weight_bytes == 2:
+            return 2
+        return 3 if self.autocast else 4
+
+    @property
+    def tokens(self) -> int:
+        return self.sequences * self.seq_len
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """The estimate's components in bytes (per process); :attr:`total` is their sum."""
+
+    weights: int
+    autocast_copies: int
+    trainable: int
+    gradients: int
+    optimizer: int
+    ddp_buckets: int
+    activations: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        return sum(asdict(self).values())
+
+
+def stores_scores(shape: ModelShape, work: Workload) -> bool:
+    """Whether the attention keeps its (heads, T, T) scores for backward (module docstring)."""
+    if shape.attention == "eager":
+        return True
+    return shape.attention == "sdpa" and shape.attention_dropout > 0 and work.device == "cpu"
+
+
+def layer_bytes_per_token(shape: ModelShape, work: Workload) -> float:
+    """Saved activation bytes of one layer per token slot, without checkpointing (module docstring)."""
+    a = work.act_bytes
+    per = a * (ACT_HIDDEN * shape.hidden + ACT_INTER * shape.intermediate)
+    layers = max(shape.n_layers, 1)
+    if shape.lora_dropout > 0:
+        per += (a + 1) * shape.lora_inputs / layers
+    per += a * shape.lora_r * shape.lora_modules / layers
+    if stores_scores(shape, work):
+        per += SCORE_COPIES * shape.n_heads * work.seq_len * 4
+    return per
+
+
+def activation_bytes(shape: ModelShape, work: Workload) -> int:
+    """Activations of one micro-batch: every layer plus one for backward's transients, or with gradient
+    checkpointing each layer's input and two layers' worth; plus embeddings and the final norm."""
+    a = work.act_bytes
+    layer = layer_bytes_per_token(shape, work)
+    if work.gradient_checkpointing:
+        per_token = shape.n_layers * shape.hidden * a + 2 * layer
+    else:
+        per_token = (shape.n_layers + 1) * layer
+    per_token += 2 * shape.hidden * a
+    return round(work.tokens * per_token)
+
+
+def logit_bytes(shape: ModelShape, work: Workload) -> int:
+    """The LM head's outputs at the response positions only, and what the loss derives from them."""
+    positions = work.logit_sequences * min(work.response_tokens, work.seq_len)
+    return positions * shape.vocab * LOGIT_BYTES * (2 if work.consistency else 1)
+
+
+def estimate(shape: ModelShape, work: Workload) -> MemoryEstimate:
+    """The memory of one training step of one process (module docstring for every term)."""
+    if work.bits_per_weight is None:
+        weights = shape.n_params * work.weight_bytes
+    else:  # quantised: the matmul weights at that many bits, the rest (embeddings, norms) in the model dtype
+        weights = round(shape.n_matmul_params * work.bits_per_weight / 8
+                        + (shape.n_params - shape.n_matmul_params) * work.weight_bytes)
+    copies = 2 * shape.n_matmul_params if work.autocast and work.weight_bytes == 4 else 0
+    trainable = 4 * shape.lora_params + work.weight_bytes * shape.saved_params
+    optimizer = 2 * 4 * shape.trainable_params
+    activations, logits = activation_bytes(shape, work), logit_bytes(shape, work)
+    return MemoryEstimate(
+        weights=weights, autocast_copies=copies, trainable=trainable, gradients=trainable, optimizer=optimizer,
+        ddp_buckets=trainable if work.world_size > 1 else 0, activations=activations, logits=logits,
+    )
+
+
+# --------------------------------------------------------------------------- the model's shape (meta device)
+
+
+def _config_int(config: Any, *names: str, default: int | None = None) -> int:
+    for n in names:
+        v = getattr(config, n, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    if default is None:
+        raise ValueError(f"{type(config).__name__}: none of {names} is set; cannot plan its memory")
+    return default
+
+
+def model_shape(backbone: str, lora: Any, *, attention_impl: str | None = None) -> ModelShape:
+    """:class:`ModelShape` of ``backbone`` (``model.backbone``) with ``lora`` (``train.lora``) applied, built on
+    the ``meta`` device: no weight is read or allocated."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    from coin.modeling.backbone import ENCODER_TYPES, Backbone, _quiet_transformers, resolve_backbone
+    from coin.modeling.lora import inject_lora, lora_config
+
+    path = resolve_backbone(backbone)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if getattr(config, "is_decoder", True) is False and config.model_type in ENCODER_TYPES:
+        config.is_decoder = True  # as load_backbone loads it
+    if attention_impl:
+        config._attn_implementation = attention_impl
+    missing: list[str] = []
+    with _quiet_transformers():
+        try:  # the checkpoint's names, not its tensors: which modules load_backbone initialises anew
+            model, info = AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True,
+                                                               device_map="meta", output_loading_info=True)
+            missing = sorted(info.get("missing_keys", []))
+        except Exception as exc:  # noqa: BLE001 -- fall back to the bare config; only modules_to_save may differ
+            log.info("memory plan: %s not read on the meta device (%s); counting from its config alone", path, exc)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = _config_int(text, "hidden_size", "n_embd", "d_model")
+    head = model.get_output_embeddings()
+    n_params = sum(p.numel() for p in model.parameters())
+    matmul = {id(m.weight): m.weight.numel() for m in model.modules()
+              if isinstance(m, (torch.nn.Linear, Conv1D)) or m is head}
+    attn = getattr(model.config, "_attn_implementation", None) or "eager"
+    drop = next((float(v) for n in ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
+                 if isinstance(v := getattr(text, n, None), (int, float))), 0.0)
+    peft_model = inject_lora(model, lora_config(Backbone(model, None, backbone, missing), lora, quiet=True), lora)
+    lora_layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    n_lora = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n and p.requires_grad)
+    n_train = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    return ModelShape(
+        n_params=n_params, n_matmul_params=sum(matmul.values()),
+        n_layers=_config_int(text, "num_hidden_layers", "n_layer", "num_layers"), hidden=hidden,
+        intermediate=_config_int(text, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
+        n_heads=_config_int(text, "num_attention_heads", "n_head"),
+        vocab=_config_int(text, "vocab_size"), lora_params=n_lora, saved_params=n_train - n_lora,
+        lora_inputs=sum(int(m.in_features) for m in lora_layers), lora_modules=len(lora_layers),
+        lora_r=int(lora.r), lora_dropout=float(lora.dropout), attention=attn, attention_dropout=drop,
+    )
+
+
+# --------------------------------------------------------------------------- what the device has
+
+
+def available_memory(device: str) -> tuple[int, str]:
+    """``(bytes, where)``: free memory of a CUDA device (``torch.cuda.mem_get_info``), else the host's available
+    RAM (psutil if installed, else ``MemAvailable`` of /proc/meminfo)."""
+    import torch
+
+    if device.startswith("cuda"):
+        dev = torch.device(device)
+        free, total = torch.cuda.mem_get_info(dev)
+        return int(free), f"{torch.cuda.get_device_name(dev)}: free of {total / GIB:.1f} GiB"
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available), "host RAM available"
+    except ImportError:
+        pass
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "host RAM available (/proc/meminfo)"
+    raise RuntimeError("memory plan: cannot tell the available memory here (no psutil, no /proc/meminfo); set "
+                       f"{CHECK_ENV}=0 to train without the check")
+
+
+# --------------------------------------------------------------------------- the plan for the settings
+
+
+@dataclass
+class MethodPlan:
+    method: str
+    groups: tuple[str, ...]
+    workload: Workload
+    estimate: MemoryEstimate
+
+
+@dataclass
+class MemoryPlan:
+    """The plan of a ``coin train`` run: one estimate per method of ``train.methods`` (they run one after another,
+    so the largest decides), against the memory available where the run will go."""
+
+    backbone: str
+    shape: ModelShape
+    methods: list[MethodPlan]
+    device: str
+    available: int                # bytes free on the device (CUDA) or the host (CPU, MPS)
+    available_what: str
+    processes_here: int = 1       # processes sharing that memory (CPU: the local world; CUDA: one per device)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def worst(self) -> MethodPlan:
+        return max(self.methods, key=lambda m: m.estimate.total)
+
+    @property
+    def needed(self) -> int:
+        """Bytes the run needs of the memory it is checked against."""
+        return self.worst.estimate.total * self.processes_here
+
+    @property
+    def verdict(self) -> str:
+        """``fits`` | ``tight`` (over the available memory by less than the margin) | ``will not fit``."""
+        if self.needed <= self.available:
+            return "fits"
+        return "tight" if self.needed <= CLEARLY * self.available else "will not fit"
+
+    def message(self) -> str:
+        w = self.worst
+        procs = f" x {self.processes_here} processes" if self.processes_here > 1 else ""
+        return (f"memory plan: training {self.backbone} ({w.method}) needs about {_gib(w.estimate.total)} per "
+                f"process{procs}, {_gib(self.available)} {self.available_what} on {self.device}: {self.verdict}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backbone": self.backbone, "device": self.device, "available_bytes": self.available,
+            "available": self.available_what, "processes_here": self.processes_here, "verdict": self.verdict,
+            "needed_bytes": self.needed, "settings": self.settings,
+            "params": {"total": self.shape.n_params, "trainable": self.shape.trainable_params,
+                       "lora": self.shape.lora_params, "modules_to_save": self.shape.saved_params},
+            "methods": {m.method: {"groups": list(m.groups), **asdict(m.estimate), "total": m.estimate.total,
+                                   "tokens": m.workload.tokens} for m in self.methods},
+        }
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= 0.1 * GIB else f"{n / 2**20:.1f} MiB"
+
+
+def world_size_from_env() -> tuple[int, int]:
+    """``(WORLD_SIZE, LOCAL_WORLD_SIZE)`` of a torchrun launch, ``(1, 1)`` otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return world, int(os.environ.get("LOCAL_WORLD_SIZE", str(world)) or world)
+
+
+def plan_training(settings: Any, *, methods: list[str] | None = None, world_size: int | None = None,
+                  device: str | None = None, bits_per_weight: float | None = None,
+                  response_tokens: int = DEFAULT_RESPONSE_TOKENS) -> MemoryPlan:
+    """The :class:`MemoryPlan` of ``coin train`` under ``settings`` (a :class:`~coin.config.Settings`), for
+    ``methods`` (default ``train.methods``).
+
+    ``world_size``: data-parallel processes (default: ``WORLD_SIZE``, 1 outside torchrun); on a CPU or MPS host
+    they all share its RAM. ``bits_per_weight``: default the model dtype's (a quantization setting passes its own).
+    """
+    from coin.methods import get_method
+    from coin.modeling.backbone import pick_device, pick_dtype, uses_bf16
+
+    train = settings.train
+    quantization = getattr(settings.model, "quantization", "none")
+    if bits_per_weight is None and quantization != "none":
+        bits_per_weight = QUANT_BITS[(quantization, bool(getattr(settings.model, "double_quant", False)))]
+    dev = pick_device(device or settings.model.device)
+    dtype = str(pick_dtype(settings.model.dtype, dev)).removeprefix("torch.")
+    env_world, env_local = world_size_from_env()
+    world = world_size or env_world
+    local = min(world, env_local if world_size is None else world)
+    shape = model_shape(settings.model.backbone, train.lora)
+    plans = []
+    for name in methods or train.methods:
+        m = get_method(name)
+        groups = m.groups(train.hard_negatives)
+        work = Workload(
+            sequences=train.batch_size * len(groups), seq_len=settings.pairs.cutoff_len,
+            logit_sequences=train.batch_size * len([g for g in m.logit_groups if g in groups]),
+            response_tokens=response_tokens, weight_bytes=_DTYPE_BYTES[dtype], bits_per_weight=bits_per_weight,
+            autocast=uses_bf16(dev, train.autocast), gradient_checkpointing=train.gradient_checkpointing,
+            consistency=m.consistency is not None, world_size=world, device=dev.type,
+        )
+        plans.append(MethodPlan(name, groups, work, estimate(shape, work)))
+    available, what = available_memory(str(dev))
+    return MemoryPlan(
+        backbone=settings.model.backbone, shape=shape, methods=plans, device=str(dev), available=available,
+        available_what=what, processes_here=1 if dev.type == "cuda" else local,
+        settings={"train.batch_size": train.batch_size, "pairs.cutoff_len": settings.pairs.cutoff_len,
+                  "model.dtype": dtype, "train.autocast": "bf16" if plans[0].workload.autocast else "off",
+                  "train.gradient_checkpointing": train.gradient_checkpointing, "train.packing": train.packing,
+                  "world_size": world, "bits_per_weight": bits_per_weight or 8 * _DTYPE_BYTES[dtype]},
+    )
+
+
+class MemoryPlanError(ConfigError):
+    """The memory plan says the run cannot fit; the message names the settings that lower it."""
+
+
+def check_enabled() -> bool:
+    return os.environ.get(CHECK_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+def preflight(settings: Any, methods: list[str] | None = None) -> MemoryPlan | None:
+    """Plan the run and stop it (:class:`MemoryPlanError`) if it clearly cannot fit: estimate > :data:`CLEARLY` x
+    the available memory. Logs the plan's one line; ``None`` when skipped (``COIN_MEMORY_CHECK=0``) or when the
+    plan cannot be made for this model (logged; training goes on). LoRA targets that match nothing stop here too
+    (:class:`~coin.modeling.lora.LoraTargetError`), before any data is read."""
+    from coin.modeling.lora import LoraTargetError
+
+    if not check_enabled():
+        log.info("memory plan: skipped (%s=0)", CHECK_ENV)
+        return None
+    try:
+        plan = plan_training(settings, methods=methods)
+    except (ConfigError, LoraTargetError):
+        raise
+    except Exception as exc:  # noqa: BLE001 -- an estimate is advice: a model it cannot read still trains
+        log.warning("memory plan: no estimate for %s (%s: %s); training without the check",
+                    settings.model.backbone, type(exc).__name__, exc)
+        return None
+    log.info("%s", plan.message())
+    if plan.verdict == "will not fit":
+        raise MemoryPlanError(refusal(plan))
+    if plan.verdict == "tight":
+        log.warning("%s; it may run out of memory (lower train.batch_size or pairs.cutoff_len)", plan.message())
+    return plan
+
+
+def refusal(plan: MemoryPlan) -> str:
+    w = plan.worst
+    e = w.estimate
+    biggest = sorted((("activations", e.activations), ("weights", e.weights), ("logits", e.logits),
+                      ("optimiser state", e.optimizer)), key=lambda kv: -kv[1])[:2]
+    return (f"{plan.message()} (more than {CLEARLY:g} x the available memory, with every sequence at "
+            f"pairs.cutoff_len); nothing was run. Largest parts: "
+            f"{', '.join(f'{k} {_gib(v)}' for k, v in biggest)}. Lower train.batch_size "
+            f"({plan.settings['train.batch_size']}) or pairs.cutoff_len ({plan.settings['pairs.cutoff_len']}), set "
+            f"train.gradient_checkpointing to true, or use model.quantization to store the weights in fewer bits "
+            f"(`coin train --plan` shows the estimate; {CHECK_ENV}=0 skips this check).")

@@ -1,0 +1,200 @@
+"""The memory plan (coin.modeling.memory, `coin train --plan`, the train stage's preflight): parameter counts
+exact against the loaded model, every estimate component against a hand computation of the documented formula,
+the CLI prints the plan and trains nothing, and a run that cannot fit stops before any work, naming the settings."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from coin.cli import app
+from coin.config import LoraSettings, Settings
+from coin.modeling import memory
+from coin.modeling.backbone import load_backbone, load_tokenizer
+from coin.modeling.lora import apply_lora
+from coin.modeling.memory import ModelShape, Workload, estimate, model_shape, plan_training
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# --------------------------------------------------------------------------- parameter counts
+
+
+def test_parameter_counts_of_a_tiny_llama_are_exact(tiny_llama_dir: Path) -> None:
+    """hidden 32, intermediate 64, 2 layers, 4 heads of 8, 2 KV heads (k/v project to 16), untied head."""
+    v = len(load_tokenizer("minilm"))
+    shape = model_shape(str(tiny_llama_dir), LoraSettings())  # auto: peft's llama default q_proj, v_proj; r 16
+    per_layer = 32 * 32 + 32 * 16 + 32 * 16 + 32 * 32 + 3 * 32 * 64  # q, k, v, o, gate, up, down
+    assert shape.n_params == 2 * (per_layer + 2 * 32) + 2 * v * 32 + 32   # + 2 norms per layer, embeddings, head, norm
+    assert shape.n_matmul_params == 2 * per_layer + v * 32                # linear weights and the head
+    assert shape.lora_params == 2 * ((16 * 32 + 32 * 16) + (16 * 32 + 16 * 16))  # q: A 16x32, B 32x16; v: B 16x16
+    assert shape.saved_params == 0 and shape.trainable_params == shape.lora_params
+    assert (shape.lora_modules, shape.lora_inputs, shape.lora_r) == (4, 4 * 32, 16)
+    assert (shape.n_layers, shape.hidden, shape.intermediate, shape.n_heads, shape.vocab) == (2, 32, 64, 4, v)
+
+    bb = load_backbone(str(tiny_llama_dir), device="cpu")  # the same counts as the model that trains
+    assert shape.n_params == sum(p.numel() for p in bb.model.parameters())
+    model = apply_lora(bb, LoraSettings())
+    assert shape.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_modules_to_save_count_as_trained_in_full(tiny_bert_encoder_dir: Path) -> None:
+    """A BERT encoder run as a decoder: its new LM-head transform is trained in full (a copy), like MiniLM's."""
+    shape = model_shape(str(tiny_bert_encoder_dir), LoraSettings(r=4))
+    assert shape.saved_params == 32 * 32 + 32 + 2 * 32  # cls.predictions.transform: dense + LayerNorm
+    bb = load_backbone(str(tiny_bert_encoder_dir), device="cpu")
+    assert shape.n_params == sum(p.numel() for p in bb.model.parameters())
+    model = apply_lora(bb, LoraSettings(r=4))
+    assert shape.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert shape.attention == "sdpa" and shape.attention_dropout == pytest.approx(0.1)
+
+
+# --------------------------------------------------------------------------- the estimate, by hand
+
+V = 1000
+SHAPE = ModelShape(n_params=100_000, n_matmul_params=80_000, n_layers=2, hidden=32, intermediate=64, n_heads=4,
+                   vocab=V, lora_params=3_000, saved_params=500, lora_inputs=128, lora_modules=4, lora_r=16,
+                   lora_dropout=0.05, attention="eager", attention_dropout=0.0)
+WORK = Workload(sequences=6, seq_len=10, logit_sequences=4, response_tokens=3, weight_bytes=4, device="cpu")
+
+
+def test_every_component_against_the_documented_formula() -> None:
+    e = estimate(SHAPE, WORK)
+    assert e.weights == 100_000 * 4
+    assert e.autocast_copies == 0                      # autocast off
+    assert e.trainable == 3_000 * 4 + 500 * 4          # LoRA in fp32, the full copies in the weights' dtype
+    assert e.gradients == e.trainable
+    assert e.optimizer == 2 * 4 * 3_500                # AdamW: two fp32 moments per trainable parameter
+    assert e.ddp_buckets == 0                          # one process
+    # per token and layer, a = 4 (fp32): 4 x (8 x 32 + 3 x 64) = 1792; LoRA dropout copies (4 + 1) x 128 / 2 = 320;
+    # LoRA A outputs 4 x 16 x 4 / 2 = 128; eager scores 3.5 x 4 heads x 10 keys x 4 bytes = 560  -> 2800
+    # per token: (2 layers + 1) x 2800 + 2 x 32 x 4 (embeddings, final norm) = 8656; 6 x 10 = 60 token slots
+    assert e.activations == 60 * 8656
+    assert e.logits == 4 * 3 * V * 16                  # response positions only, 16 bytes each entry
+    assert e.total == sum([e.weights, e.autocast_copies, e.trainable, e.gradients, e.optimizer, e.ddp_buckets,
+                           e.activations, e.logits])
+
+
+def test_the_savers_and_the_precision_change_what_the_formula_says() -> None:
+    from dataclasses import replace
+
+    ckpt = estimate(SHAPE, replace(WORK, gradient_checkpointing=True))
+    assert ckpt.activations == 60 * (2 * 32 * 4 + 2 * 2800 + 2 * 32 * 4)  # layer inputs, two layers' worth, outside
+    sdpa = replace(SHAPE, attention="sdpa")             # fused kernels keep no scores ...
+    assert estimate(sdpa, WORK).activations == 60 * (3 * (2800 - 560) + 256)
+    assert estimate(replace(sdpa, attention_dropout=0.1), WORK).activations == 60 * 8656  # ... but the CPU math one
+    assert estimate(replace(sdpa, attention_dropout=0.1), replace(WORK, device="cuda")).activations == \
+        60 * (3 * (2800 - 560) + 256)
+    nodrop = estimate(replace(SHAPE, lora_dropout=0.0), WORK)
+    assert nodrop.activations == 60 * (3 * (2800 - 320) + 256)
+    bf16 = estimate(SHAPE, replace(WORK, weight_bytes=2))          # half-precision weights: a = 2
+    assert bf16.weights == 200_000 and bf16.trainable == 3_000 * 4 + 500 * 2
+    # a x 448 (frozen layer) + (a + 1) x 64 (LoRA dropout) + a x 32 (LoRA A) + 560 (scores, fp32) per token and layer
+    assert bf16.activations == 60 * (3 * (2 * 448 + 3 * 64 + 2 * 32 + 560) + 2 * 32 * 2)
+    auto = estimate(SHAPE, replace(WORK, autocast=True))            # bf16 autocast of fp32 weights: a = 3
+    assert auto.autocast_copies == 2 * 80_000
+    assert auto.activations == 60 * (3 * (3 * 448 + 4 * 64 + 3 * 32 + 560) + 2 * 32 * 3)
+    # 4-bit: the 80,000 matmul weights at half a byte, the other 20,000 in fp32
+    assert estimate(SHAPE, replace(WORK, bits_per_weight=4)).weights == 80_000 // 2 + 20_000 * 4
+    ddp = estimate(SHAPE, replace(WORK, world_size=2))
+    assert ddp.ddp_buckets == ddp.gradients
+    assert estimate(SHAPE, replace(WORK, consistency=True)).logits == 2 * 4 * 3 * V * 16
+
+
+# --------------------------------------------------------------------------- the plan of the settings
+
+
+def _settings(backbone: Path, **train: object) -> Settings:
+    return Settings.model_validate({"model": {"backbone": str(backbone), "device": "cpu"},
+                                    "pairs": {"cutoff_len": 32}, "train": {"batch_size": 4, **train}})
+
+
+def test_the_plan_takes_groups_cutoff_and_world_size_from_the_settings(tiny_llama_dir: Path) -> None:
+    plan = plan_training(_settings(tiny_llama_dir, methods=["coin", "sft"]), world_size=2)
+    coin, sft = plan.methods
+    assert coin.workload.sequences == 4 * 3 and coin.workload.logit_sequences == 4 * 2  # negatives: no logits
+    assert sft.workload.sequences == 4 and sft.workload.logit_sequences == 4
+    assert coin.workload.tokens == 12 * 32 and coin.workload.world_size == 2
+    assert plan.worst is coin and plan.processes_here == 2 and plan.needed == 2 * coin.estimate.total
+    assert plan.available > 0 and plan.verdict in ("fits", "tight", "will not fit")
+
+
+# --------------------------------------------------------------------------- CLI and preflight
+
+
+def _params(tmp_path: Path) -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text((ROOT / "params.yaml").read_text())
+    return p
+
+
+def test_coin_train_plan_prints_the_table_and_trains_nothing(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    args = ["train", "--plan", "--params", str(_params(tmp_path)), "--set", f"model.backbone={tiny_llama_dir}",
+            "--set", "train.lora.target_modules=auto", "--set", "train.batch_size=4"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    for text in ("memory plan", "parameters:", "trainable", "weights", "optimiser state (AdamW)", "activations",
+                 "logits (response positions)", "total", "host RAM available"):
+        assert text in res.output, text
+    assert any(v in res.output for v in ("fits", "tight", "will not fit"))
+    assert not (tmp_path / "outputs").exists()  # nothing trained, no data read
+
+    res = runner.invoke(app, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["params"]["trainable"] == doc["params"]["lora"] > 0 and doc["settings"]["train.batch_size"] == 4
+    assert set(doc["methods"]) == {"coin"} and doc["methods"]["coin"]["tokens"] == 4 * 3 * 256
+
+
+def test_a_run_that_cannot_fit_stops_before_any_work(tmp_path: Path, tiny_llama_dir: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory, "available_memory", lambda device: (64 * 2**20, "host RAM available"))
+    args = ["train", "--params", str(_params(tmp_path)), "--set", f"model.backbone={tiny_llama_dir}",
+            "--set", "train.lora.target_modules=auto", "--set", "train.batch_size=512",
+            "--set", "pairs.cutoff_len=4096"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output  # a configuration error: the settings must change
+    msg = " ".join(res.output.split())
+    assert "will not fit" in msg and "nothing was run" in msg
+    for key in ("train.batch_size (512)", "pairs.cutoff_len (4096)", "train.gradient_checkpointing",
+                "model.quantization"):
+        assert key in msg, key
+    assert not (tmp_path / "outputs").exists()  # stopped before reading data (there is none: it would exit 3)
+
+    monkeypatch.setenv(memory.CHECK_ENV, "0")  # the check skipped: the stage goes on, to the missing data
+    res = runner.invoke(app, args)
+    assert res.exit_code == 3 and "Run `coin validate` first" in res.output, res.output
+
+
+def test_a_run_that_fits_passes_the_preflight(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="coin.modeling.memory"):
+        plan = memory.preflight(_settings(tiny_llama_dir))
+    assert plan is not None and plan.verdict == "fits" and "memory plan: training" in caplog.text
+    def unreadable(*args: object, **kwargs: object) -> None:
+        raise KeyError("no_such_field")
+
+    monkeypatch.setattr(memory, "model_shape", unreadable)
+    assert memory.preflight(_settings(tiny_llama_dir)) is None  # an estimate is advice: no plan, no stop
+    assert "no estimate for" in caplog.text
+
+
+def test_the_plan_reads_model_quantization(tiny_llama_dir: Path) -> None:
+    from coin.modeling.memory import QUANT_BITS
+
+    s = _settings(tiny_llama_dir)
+    plain = plan_training(s).methods[0]
+    for quant, double in (("4bit", True), ("4bit", False), ("8bit", False)):
+        q = s.model_copy(update={"model": s.model.model_copy(update={"quantization": quant, "double_quant": double})})
+        m = plan_training(q).methods[0]
+        assert m.workload.bits_per_weight == QUANT_BITS[(quant, double)]
+        shape = plan_training(q).shape
+        want = round(shape.n_matmul_params * m.workload.bits_per_weight / 8
+                     + (shape.n_params - shape.n_matmul_params) * m.workload.weight_bytes)
+        assert m.estimate.weights == want < plain.estimate.weights
