@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from coin.modeling.backbone import FusedLM, load_backbone
 from coin.modeling.lora import apply_lora
 from coin.training.collator import PairCollator
 from coin.training.distributed import SINGLE, World, gather_with_local_grad, init_world, is_main_process
-from coin.training.loop import accumulate_gradients, train
+from coin.training.loop import TrainResult, accumulate_gradients, train
 
 WORKER = Path(__file__).resolve().parent / "training_workers.py"
 
@@ -50,20 +51,40 @@ def test_single_process_world_needs_no_process_group(monkeypatch: pytest.MonkeyP
     assert not is_main_process()
 
 
-def test_two_gloo_processes_equal_one_process(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "ddp"
+def _launch(mode: str, model_dir: Path, out: Path) -> None:
+    """The worker in ``mode`` under ``torchrun --standalone --nproc_per_node 2`` (gloo, one thread each)."""
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [
         str(WORKER.parent), os.environ.get("PYTHONPATH", "")]))}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(WORKER), "ddp", str(tiny_llama_dir), str(out), "1"],
+         str(WORKER), mode, str(model_dir), str(out), "1"],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
-    # one process, the whole global batch of 4 pairs, the same initial adapter
+
+@dataclass
+class _OneProcess:
+    step: dict[str, float]           # one CoIN step on the whole global batch of 4 pairs
+    grads: dict[str, torch.Tensor]
+    half_l_cl: float                 # the same step on half of it: another contrastive loss
+    loop: TrainResult                # 2 steps of the loop at batch 4
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> _OneProcess:
+    """What the 2-process runs must equal: one process, the whole global batch, the same initial adapter."""
     cpu = torch.device("cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _one_process(tiny_llama_dir, tmp_path_factory.mktemp("single"), cpu)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _one_process(tiny_llama_dir: Path, out: Path, cpu: torch.device) -> _OneProcess:
     bb = load_backbone(str(tiny_llama_dir), device="cpu")
     cfg = ddp_step_cfg()
     torch.manual_seed(0)
@@ -74,30 +95,70 @@ def test_two_gloo_processes_equal_one_process(tiny_llama_dir: Path, tmp_path: Pa
     rows = make_rows(DDP_GLOBAL_BATCH, varied_targets=True)
     single = accumulate_gradients(FusedLM(model), [collate(rows)], cfg, SINGLE, cpu)
     single_grads = grads(model)
-
-    ddp = json.loads((out / "step_metrics.json").read_text())
-    for key in ("loss", "l_gen", "l_cl", "w", "pos_cos", "neg_cos", "n_tokens", "n_resp_tokens",
-                "div_pos", "w_oc", "div_neg", "l_push", "w_push"):
-        assert ddp[key] == pytest.approx(single[key], rel=1e-5, abs=1e-7), key
-    assert_grads_close(load_file(str(out / "step_grads.safetensors")), single_grads)
-
-    # the gathered negatives matter: each rank's half alone has another contrastive loss
     model.zero_grad(set_to_none=True)
     half = accumulate_gradients(FusedLM(model), [collate(rows[: DDP_GLOBAL_BATCH // 2])],
                                 cfg.model_copy(update={"batch_size": 2}), SINGLE, cpu)
-    assert half["l_cl"] != pytest.approx(single["l_cl"], rel=1e-3)
+    loop = train(load_backbone(str(tiny_llama_dir), device="cpu"), make_rows(DDP_ROWS, varied_targets=True),
+                 ddp_train_cfg(DDP_GLOBAL_BATCH), out_dir=out, seed=0,
+                 cutoff_len=CUTOFF, progress=False)
+    return _OneProcess(step=single, grads=single_grads, half_l_cl=half["l_cl"], loop=loop)
+
+
+def _assert_equals_one_process(out: Path, ref: _OneProcess) -> None:
+    """The worker's step (metrics, full gradients) and its 2-step loop (history, adapter) equal one process's."""
+    step = json.loads((out / "step_metrics.json").read_text())
+    for key in ("loss", "l_gen", "l_cl", "w", "pos_cos", "neg_cos", "n_tokens", "n_resp_tokens",
+                "div_pos", "w_oc", "div_neg", "l_push", "w_push"):
+        assert step[key] == pytest.approx(ref.step[key], rel=1e-5, abs=1e-7), key
+    assert_grads_close(load_file(str(out / "step_grads.safetensors")), ref.grads)
+    # the gathered negatives matter: each rank's half alone has another contrastive loss
+    assert ref.half_l_cl != pytest.approx(ref.step["l_cl"], rel=1e-3)
 
     # the whole loop: 2 ranks x batch 2 == 1 process x batch 4 (2 steps, accumulation 2, AdamW)
-    bb2 = load_backbone(str(tiny_llama_dir), device="cpu")
-    result = train(bb2, make_rows(DDP_ROWS, varied_targets=True), ddp_train_cfg(DDP_GLOBAL_BATCH),
-                   out_dir=tmp_path / "single", seed=0, cutoff_len=CUTOFF, progress=False)
-    ddp_history = json.loads((out / "train_history.json").read_text())
-    for ours, theirs in zip(ddp_history, result.history, strict=True):
+    run = out / "run" if (out / "run").is_dir() else out
+    history = json.loads((out / "train_history.json").read_text())
+    for ours, theirs in zip(history, ref.loop.history, strict=True):
         for key in ("loss", "l_gen", "l_cl", "div_pos", "l_push", "grad_norm", "lr"):
             assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), key  # D ~ 1e-4: float32 noise
-    a, b = adapter_tensors(out / "adapter"), adapter_tensors(result.adapter_dir)
+    a, b = adapter_tensors(run / "adapter"), adapter_tensors(ref.loop.adapter_dir)
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
-    ckpt = out / "checkpoints" / "step-0000002"
+    ckpt = run / "checkpoints" / "step-0000002"
     assert (ckpt / "rng-rank0.safetensors").is_file() and (ckpt / "rng-rank1.safetensors").is_file()
+
+
+def test_two_gloo_processes_equal_one_process(tiny_llama_dir: Path, tmp_path: Path, one_process: _OneProcess) -> None:
+    _launch("ddp", tiny_llama_dir, tmp_path / "ddp")
+    _assert_equals_one_process(tmp_path / "ddp", one_process)
+
+
+def test_fsdp_two_processes_equal_one_process_and_resume(tiny_llama_dir: Path, tmp_path: Path,
+                                                          one_process: _OneProcess) -> None:
+    """``train.sharding: fsdp``: each decoder layer and the root sharded (every parameter a DTensor), the same step
+    and loop as one process; the checkpoint of step 1, resumed with the same 2 processes, ends at the same adapter."""
+    out = tmp_path / "fsdp"
+    _launch("fsdp", tiny_llama_dir, out)
+    wrapping = json.loads((out / "wrapping.json").read_text())
+    assert wrapping["layer_units"] == 2  # the tiny Llama's two decoder layers
+    assert wrapping["sharded_params"] == wrapping["all_params"]
+    _assert_equals_one_process(out, one_process)
+
+    # the adapter and checkpoints hold whole tensors, as an unsharded run's: same names, same shapes
+    single_ckpt = load_file(str(one_process.loop.adapter_dir.parent / "checkpoints" / "step-0000002" /
+                                "optimizer.safetensors"))
+    sharded_ckpt = load_file(str(out / "run" / "checkpoints" / "step-0000002" / "optimizer.safetensors"))
+    assert {k: v.shape for k, v in sharded_ckpt.items()} == {k: v.shape for k, v in single_ckpt.items()}
+    for name, t in single_ckpt.items():
+        torch.testing.assert_close(sharded_ckpt[name], t, rtol=1e-4, atol=1e-6, msg=name)
+
+    # resumed from step 1: the same step 2 and the same final adapter as the uninterrupted sharded run
+    assert wrapping["resumed_from"] == 1
+    full = json.loads((out / "train_history.json").read_text())
+    resumed = json.loads((out / "resumed_history.json").read_text())
+    assert [h["step"] for h in resumed] == [1.0, 2.0]
+    assert resumed[-1]["loss"] == full[-1]["loss"] and resumed[-1]["grad_norm"] == full[-1]["grad_norm"]
+    a, b = adapter_tensors(out / "resumed" / "adapter"), adapter_tensors(out / "run" / "adapter")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)

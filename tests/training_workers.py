@@ -1,6 +1,6 @@
 """Subprocess entry points for test_distributed.py and test_resume.py (not a test module).
 
-    torchrun --standalone --nproc_per_node 2 tests/training_workers.py ddp MODEL_DIR OUT_DIR THREADS
+    torchrun --standalone --nproc_per_node 2 tests/training_workers.py ddp|fsdp MODEL_DIR OUT_DIR THREADS
     python tests/training_workers.py killed MODEL_DIR OUT_DIR THREADS KILL_AT_STEP
 """
 
@@ -49,27 +49,34 @@ def resume_rows():
     return make_rows(10, varied_targets=True)
 
 
-def run_ddp(model_dir: str, out_dir: Path) -> None:
-    """One CoIN step on this rank's shard (loss + gradients), then 2 steps of the real loop."""
-    from coin.modeling.backbone import FusedLM, load_backbone
+def _rank_step_setup(model_dir: str, update: dict):
+    """Join the 2-process world; this rank's model (the seeded LoRA, B perturbed, eval mode), step settings and
+    its half of the global batch, collated."""
+    from coin.modeling.backbone import load_backbone
     from coin.modeling.lora import apply_lora
     from coin.training.collator import PairCollator
     from coin.training.distributed import init_world
-    from coin.training.loop import accumulate_gradients, train
 
-    cpu = torch.device("cpu")
-    world = init_world(cpu)
+    world = init_world(torch.device("cpu"))
     assert world.size == 2, world
     per_rank = DDP_GLOBAL_BATCH // world.size
-
     bb = load_backbone(model_dir, device="cpu")
-    cfg = ddp_step_cfg().model_copy(update={"batch_size": per_rank})
+    cfg = ddp_step_cfg().model_copy(update={"batch_size": per_rank, **update})
     torch.manual_seed(0)
     model = apply_lora(bb, cfg.lora)
     perturb_lora_b(model)
     model.eval()
     rows = make_rows(DDP_GLOBAL_BATCH, varied_targets=True)[world.rank * per_rank : (world.rank + 1) * per_rank]
-    batch = PairCollator.from_settings(bb.tokenizer, cfg, CUTOFF)(rows)
+    return world, per_rank, cfg, model, PairCollator.from_settings(bb.tokenizer, cfg, CUTOFF)(rows)
+
+
+def run_ddp(model_dir: str, out_dir: Path) -> None:
+    """One CoIN step on this rank's shard (loss + gradients), then 2 steps of the real loop."""
+    from coin.modeling.backbone import FusedLM, load_backbone
+    from coin.training.loop import accumulate_gradients, train
+
+    world, per_rank, cfg, model, batch = _rank_step_setup(model_dir, {})
+    cpu = torch.device("cpu")
     fused = torch.nn.parallel.DistributedDataParallel(FusedLM(model))
     metrics = accumulate_gradients(fused, [batch], cfg, world, cpu)
     g = grads(model)
@@ -82,6 +89,44 @@ def run_ddp(model_dir: str, out_dir: Path) -> None:
         (out_dir / "step_metrics.json").write_text(json.dumps(metrics))
         (out_dir / "train_history.json").write_text(json.dumps(result.history))
     world.finish()  # init_world created the group here; train() reused it and left it alone
+
+
+def run_fsdp(model_dir: str, out_dir: Path) -> None:
+    """The DDP worker's checks under FSDP2 shards (``train.sharding: fsdp``), then a resume: the full run's step-1
+    checkpoint copied into a fresh directory and continued to step 2 must give the same adapter."""
+    import shutil
+
+    from coin.modeling.backbone import FusedLM, load_backbone
+    from coin.training.distributed import full_tensor, shard_model
+    from coin.training.loop import accumulate_gradients, train
+
+    world, per_rank, cfg, model, batch = _rank_step_setup(model_dir, {"sharding": "fsdp"})
+    cpu = torch.device("cpu")
+    fused = FusedLM(model)
+    units = shard_model(fused, model, world, cpu)
+    sharded = [n for n, p in model.named_parameters() if hasattr(p, "full_tensor")]
+    metrics = accumulate_gradients(fused, [batch], cfg, world, cpu)
+    g = {n: full_tensor(p.grad).detach().clone() for n, p in model.named_parameters()
+         if p.requires_grad and p.grad is not None}  # a collective: every rank gathers
+
+    train_cfg = ddp_train_cfg(per_rank).model_copy(update={"sharding": "fsdp"})
+    result = train(load_backbone(model_dir, device="cpu"), make_rows(DDP_ROWS, varied_targets=True), train_cfg,
+                   out_dir=out_dir / "run", seed=0, cutoff_len=CUTOFF, progress=False)
+    if world.is_main:
+        shutil.copytree(out_dir / "run" / "checkpoints" / "step-0000001",
+                        out_dir / "resumed" / "checkpoints" / "step-0000001")
+    world.barrier()
+    resumed = train(load_backbone(model_dir, device="cpu"), make_rows(DDP_ROWS, varied_targets=True), train_cfg,
+                    out_dir=out_dir / "resumed", seed=0, cutoff_len=CUTOFF, progress=False, resume=True)
+    if world.is_main:
+        save_file({k: v.contiguous() for k, v in g.items()}, str(out_dir / "step_grads.safetensors"))
+        (out_dir / "step_metrics.json").write_text(json.dumps(metrics))
+        (out_dir / "train_history.json").write_text(json.dumps(result.history))
+        (out_dir / "resumed_history.json").write_text(json.dumps(resumed.history))
+        (out_dir / "wrapping.json").write_text(json.dumps({
+            "layer_units": units, "sharded_params": len(sharded),
+            "all_params": sum(1 for _ in model.parameters()), "resumed_from": resumed.resumed_from}))
+    world.finish()
 
 
 def run_killed(model_dir: str, out_dir: Path, kill_at: int) -> None:
@@ -104,6 +149,8 @@ if __name__ == "__main__":
     torch.set_num_threads(int(sys.argv[4]))
     if mode == "ddp":
         run_ddp(model_dir, out)
+    elif mode == "fsdp":
+        run_fsdp(model_dir, out)
     elif mode == "killed":
         run_killed(model_dir, out, int(sys.argv[5]))
     else:

@@ -322,6 +322,11 @@ class TrainSettings(_Section):
     )
     gradient_checkpointing: bool = Field(False,
                                          description="recompute activations in backward: less memory, ~30% slower")
+    sharding: Literal["none", "fsdp"] = Field(
+        "none", description="none: every process holds the whole model (DDP under torchrun) | fsdp: parameters, "
+        "gradients and optimiser state sharded over the processes (FSDP2 fully_shard per decoder layer), for models "
+        "that do not fit one device; resume needs the same number of processes"
+    )
     autocast: Literal["auto", "bf16", "off"] = Field(
         "auto", description="auto: bf16 autocast where bf16 runs in hardware (a CUDA GPU with bf16, a CPU with "
         "AVX512-BF16 or AMX), off elsewhere; bf16: always; off: never"
@@ -385,6 +390,11 @@ class EvaluateSettings(_Section):
         True, description="loglik: run each instruction's token prefix once and share its KV cache across examples"
     )
     include_base: bool = Field(False, description="also evaluate the untouched base model for comparison")
+    sharding: Literal["none", "fsdp"] = Field(
+        "none", description="none: every process holds the whole model (DDP under torchrun) | fsdp: parameters, "
+        "gradients and optimiser state sharded over the processes (FSDP2 fully_shard per decoder layer), for models "
+        "that do not fit one device; resume needs the same number of processes"
+    )
     autocast: Literal["auto", "bf16", "off"] = Field(
         "auto", description="auto: bf16 autocast where bf16 runs in hardware (a CUDA GPU with bf16, a CPU with "
         "AVX512-BF16 or AMX), off elsewhere; bf16: always; off: never (fp32 scores)"
@@ -595,6 +605,16 @@ class Settings(_Section):
             raise ValueError(
                 f"register.methods lists {untrained}, which train.methods = {self.train.methods} does not train; "
                 "add them to train.methods or remove them from register.methods"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _sharding_takes_plain_weights(self) -> "Settings":
+        if self.train.sharding == "fsdp" and self.model.quantization != "none":
+            raise ValueError(
+                f"train.sharding = fsdp with model.quantization = {self.model.quantization}: bitsandbytes' packed "
+                "weights cannot be sharded by FSDP here; set model.quantization to none (FSDP then shards the "
+                "bf16/fp32 base over the processes) or train.sharding to none (a quantised base on every process)"
             )
         return self
 

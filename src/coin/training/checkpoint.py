@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from coin.training.distributed import World
+from coin.training.distributed import World, full_tensor, is_sharded, shard_like
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +151,15 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _optimizer_split(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The optimizer's state as whole tensors + plain values. Sharded moments are gathered: under FSDP every rank
+    calls this (the same parameters in the same order), and the files equal an unsharded run's."""
     sd = opt.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     plain_state: dict[str, dict[str, Any]] = {}
     for idx, st in sd["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"state.{idx}.{k}"] = v
+                tensors[f"state.{idx}.{k}"] = full_tensor(v)
             else:
                 plain_state.setdefault(str(idx), {})[k] = v
     return tensors, {"param_groups": sd["param_groups"], "state": plain_state}
@@ -170,6 +172,44 @@ def _optimizer_join(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> 
         state.setdefault(int(idx), {})[name] = t
     groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else dict(g) for g in plain["param_groups"]]
     return {"state": state, "param_groups": groups}
+
+
+def _reshard_optimizer(opt: torch.optim.Optimizer) -> None:
+    """After ``load_state_dict`` of whole tensors: cut every moment of a sharded parameter into its shards."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if not is_sharded(p):
+                continue
+            st = opt.state.get(p, {})
+            for k, v in list(st.items()):
+                if torch.is_tensor(v) and not is_sharded(v) and tuple(v.shape) == tuple(p.shape):
+                    st[k] = shard_like(v, p)
+
+
+def model_is_sharded(model: torch.nn.Module) -> bool:
+    return any(is_sharded(p) for p in model.parameters())
+
+
+def save_adapter(model: torch.nn.Module, directory: Path, *, world: World) -> None:
+    """Write the peft adapter of ``model`` (safetensors + config) to ``directory`` from rank 0. Every rank must
+    call it: a sharded model's trainable tensors are first gathered whole, so the files are the same as an
+    unsharded run's and load anywhere (one process, another world size, ``coin evaluate``)."""
+    state_dict = None
+    if model_is_sharded(model):
+        state_dict = {n: full_tensor(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
+    if world.is_main:
+        model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict)  # type: ignore[operator]
+
+
+def _load_adapter_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> Any:
+    """``set_peft_model_state_dict`` for an unsharded or sharded model (whole tensors cut into the shards of the
+    parameter they restore: FSDP2 shards every parameter on dim 0 of one device mesh)."""
+    from peft import set_peft_model_state_dict
+
+    sharded = next((p for p in model.parameters() if is_sharded(p)), None)
+    if sharded is not None:
+        weights = {k: shard_like(v, sharded) for k, v in weights.items()}
+    return set_peft_model_state_dict(model, weights)
 
 
 def _rng_capture() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -235,9 +275,10 @@ def save_checkpoint(root: Path, state: TrainingState, progress: Progress, *, wor
     rng_tensors, rng_plain = _rng_capture()
     _save_tensors(tmp / f"rng-rank{world.rank}.safetensors", rng_tensors)
     _write_json(tmp / f"rng-rank{world.rank}.json", rng_plain)
-    if world.is_main:
-        state.model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
+    save_adapter(state.model, tmp / "adapter", world=world)
+    if world.is_main or model_is_sharded(state.model):  # gathering shards takes every rank
         opt_tensors, opt_plain = _optimizer_split(state.optimizer)
+    if world.is_main:
         _save_tensors(tmp / "optimizer.safetensors", opt_tensors)
     world.barrier()  # every rank's RNG files are in tmp
     if world.is_main:
@@ -276,8 +317,6 @@ def load_checkpoint(path: Path, state: TrainingState, *, world: World) -> Progre
     :class:`DamagedCheckpoint` and leaves the model untouched; a checkpoint of another run (fingerprint)
     raises ``ValueError`` naming the keys that differ.
     """
-    from peft import set_peft_model_state_dict
-
     saved = _read(path / STATE_FILE, _read_json)
     try:
         saved_fp, names = saved["fingerprint"], saved["param_names"]
@@ -293,10 +332,11 @@ def load_checkpoint(path: Path, state: TrainingState, *, world: World) -> Progre
     opt_tensors = _read(path / "optimizer.safetensors", lambda f: load_file(str(f)))
     rng_tensors = _read(rank_files[0], lambda f: load_file(str(f)))
     rng_state = _read(rank_files[1], _read_json)
-    result = set_peft_model_state_dict(state.model, weights)
+    result = _load_adapter_weights(state.model, weights)
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"{path}/adapter: keys that this model does not have: {result.unexpected_keys[:5]}")
     state.optimizer.load_state_dict(_optimizer_join(opt_tensors, saved["optimizer"]))
+    _reshard_optimizer(state.optimizer)
     state.scheduler.load_state_dict(saved["scheduler"])
     _rng_restore(rng_tensors, rng_state)
     log.info("resumed from %s (step %d)", path, saved["step"])

@@ -1,4 +1,5 @@
-"""Data-parallel training under ``torchrun`` / ``accelerate launch`` (DDP), and the single-process case.
+"""Data-parallel (DDP) and sharded (FSDP2) training under ``torchrun`` / ``accelerate launch``, and the
+single-process case.
 
 The launcher sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``;
 :func:`init_world` joins the process group from them (``nccl`` on CUDA, ``gloo`` on CPU), or returns
@@ -17,6 +18,12 @@ objective itself, exactly as one process holding the whole global batch would co
   global InfoNCE. Its gradient reaches rank r only through rank r's own rows, so the DDP average of
   ``W x`` that loss is the full gradient. Negatives therefore grow with the world size: the contrastive
   batch is ``batch_size x W`` pairs.
+
+Sharding (``train.sharding: fsdp``, :func:`shard_model`): FSDP2 ``fully_shard`` over the same ranks. Its
+reduce-scatter also *averages* gradients over the W ranks, so the same ``W x`` scaling and the same gathered
+InfoNCE give the one-process gradient; each rank then holds 1/W of every parameter, gradient and AdamW moment
+(DTensors). Checkpoints and the adapter are written from whole tensors (:func:`full_tensor`) and read back
+into shards (:func:`shard_like`), so their files are the same as an unsharded run's.
 """
 
 from __future__ import annotations
@@ -113,12 +120,76 @@ def gather_with_local_grad(x: torch.Tensor, world: World) -> torch.Tensor:
 
 @contextlib.contextmanager
 def maybe_no_sync(module: torch.nn.Module, skip_sync: bool) -> Iterator[None]:
-    """DDP's ``no_sync()`` for all but the last micro-batch of an optimiser step; a no-op otherwise."""
+    """No gradient synchronisation for all but the last micro-batch of an optimiser step: DDP's ``no_sync()``,
+    FSDP2's ``set_requires_gradient_sync(False)`` (unsharded gradients accumulate locally, and the last
+    micro-batch reduce-scatters their sum); a no-op otherwise."""
     if skip_sync and isinstance(module, torch.nn.parallel.DistributedDataParallel):
         with module.no_sync():
             yield
+    elif skip_sync and _is_fsdp_module(module):
+        module.set_requires_gradient_sync(False)  # type: ignore[operator]  # recurses into every sharded unit
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)  # type: ignore[operator]
     else:
         yield
+
+
+# --------------------------------------------------------------------------- sharded training (FSDP2)
+
+
+def _is_fsdp_module(module: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without FSDP2
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """True for a DTensor (a parameter, gradient or optimiser moment sharded by FSDP2)."""
+    return hasattr(t, "full_tensor") and hasattr(t, "device_mesh")
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor gathered from every rank (a collective: every rank calls it, in the same order),
+    any other tensor as it is."""
+    return t.full_tensor() if is_sharded(t) else t  # type: ignore[operator]
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` (the same on every rank; its own dtype) cut into ``like``'s shards when ``like`` is a DTensor, else
+    ``full`` on ``like``'s device. Restores sharded optimiser moments and weights from a checkpoint's whole tensors."""
+    if not is_sharded(like):
+        return full.to(like.device)
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements)  # type: ignore[attr-defined]
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks FSDP shards one by one: modules whose class the Hugging Face model names in
+    ``_no_split_modules`` (its decoder layers; accelerate's ``TRANSFORMER_BASED_WRAP`` reads the same list)."""
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def shard_model(fused: torch.nn.Module, model: torch.nn.Module, world: World, device: torch.device) -> int:
+    """Shard ``fused`` in place with FSDP2 (``fully_shard``) over all ranks: each decoder layer of ``model`` is one
+    unit (its parameters gathered for its forward and backward only), the root holds the rest (embeddings, head).
+    Returns the number of layer units. Frozen base weights are sharded too; only LoRA's are trained."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world.size,))
+    layers = decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(fused, mesh=mesh)
+    return len(layers)
 
 
 def is_main_process() -> bool:

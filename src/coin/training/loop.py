@@ -1,5 +1,5 @@
 """The training loop: LoRA on a backbone, AdamW, linear warm-up/decay, clipping, accumulation,
-checkpoints and resume, data parallelism.
+checkpoints and resume, data parallelism (DDP) or sharding (FSDP2, ``train.sharding: fsdp``).
 
 One optimiser step = ``grad_accum`` micro-batches of ``batch_size`` pairs on each of the W processes
 (``torchrun`` / ``accelerate launch``; W = 1 otherwise). Each micro-batch is one fused forward pass
@@ -12,13 +12,14 @@ Safety: a non-finite loss stops the run before that micro-batch's backward pass,
 gradient norm before the optimiser step; both name the step and the pair ids, and the adapter keeps
 the weights of the last good step. The adapter (safetensors) and the tokenizer are written to
 ``out_dir / 'adapter'``; checkpoints to ``checkpoint_dir`` (default ``out_dir / 'checkpoints'``).
-Under DDP only rank 0 writes files and calls ``on_metrics``; all ranks return the same result.
+Under DDP and FSDP only rank 0 writes files and calls ``on_metrics``; all ranks return the same result.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,10 +42,11 @@ from coin.training.checkpoint import (
     fingerprint,
     list_checkpoints,
     load_checkpoint,
+    save_adapter,
     save_checkpoint,
 )
 from coin.training.collator import Batch, PairCollator
-from coin.training.distributed import World, init_world, maybe_no_sync
+from coin.training.distributed import World, full_tensor, init_world, maybe_no_sync, shard_model
 from coin.training.loss import StepScale, coin_step_loss
 
 if TYPE_CHECKING:  # settings are duck-typed here: the step imports without pydantic (bench/gpu_check.py)
@@ -190,6 +192,7 @@ def _train(run: TrainRun, world: World, device: torch.device) -> TrainResult:
         )
     torch.manual_seed(seed + world.rank)  # LoRA dropout: its own stream per rank
     collate = PairCollator.from_settings(backbone.tokenizer, cfg, run.cutoff_len)
+    fused = _wrap(FusedLM(model), model, cfg, world, device)  # before the optimiser: FSDP replaces the parameters
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     param_names, params = [n for n, _ in named], [p for _, p in named]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -216,11 +219,6 @@ def _train(run: TrainRun, world: World, device: torch.device) -> TrainResult:
             log.info("resume: no readable checkpoint in %s; starting from step 0", checkpoint_dir)
         clear_checkpoints(checkpoint_dir)
     world.barrier()
-
-    fused: nn.Module = FusedLM(model)
-    if world.distributed:
-        ids = [device.index] if device.type == "cuda" else None
-        fused = nn.parallel.DistributedDataParallel(fused, device_ids=ids)
 
     model.train()
     tokens, t0 = 0.0, time.perf_counter()
@@ -250,13 +248,36 @@ def _train(run: TrainRun, world: World, device: torch.device) -> TrainResult:
 
     model.eval()
     adapter_dir = run.adapter_dir
+    save_adapter(model, adapter_dir, world=world)
     if world.is_main:
-        model.save_pretrained(str(adapter_dir), safe_serialization=True)
         backbone.tokenizer.save_pretrained(str(adapter_dir))
     world.barrier()
     last = history[-1] if history else {}
     return TrainResult(adapter_dir=adapter_dir, steps=cfg.max_steps, metrics=last, history=history, wall_time_s=wall,
                        tokens_per_s=tokens / max(wall, 1e-9), resumed_from=start)
+
+
+def _wrap(fused: FusedLM, model: nn.Module, cfg: TrainSettings, world: World, device: torch.device) -> nn.Module:
+    """The fused model as the world trains it: as it is in one process; under ``torchrun``, DDP
+    (``train.sharding: none``) or FSDP2 shards (``fsdp``: :func:`~coin.training.distributed.shard_model`)."""
+    launched_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    if launched_fsdp and cfg.sharding != "fsdp":
+        raise ValueError(
+            "launched with an accelerate config whose distributed_type is FSDP, but train.sharding is "
+            f"{cfg.sharding!r}: this project shards by its own setting. Launch with configs/accelerate/fsdp.yaml "
+            "(distributed_type MULTI_GPU) and --set train.sharding=fsdp"
+        )
+    if cfg.sharding == "fsdp":
+        if not world.distributed:
+            log.info("train.sharding = fsdp in a single process: nothing to shard, training unsharded")
+            return fused
+        units = shard_model(fused, model, world, device)
+        log.info("FSDP: %d decoder layers + the root sharded over %d processes", units, world.size)
+        return fused
+    if world.distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(fused, device_ids=ids)
+    return fused
 
 
 @dataclass(frozen=True, eq=False)
@@ -278,7 +299,7 @@ class _Stepper:
         cfg, world, opt = self.cfg, self.world, self.optimizer
         batches = [self.collate(_take_rank(next(self.stream), world, cfg.batch_size)) for _ in range(cfg.grad_accum)]
         metrics = accumulate_gradients(self.fused, batches, cfg, world, self.device, step=step)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)))
         if not math.isfinite(grad_norm):
             opt.zero_grad(set_to_none=True)
             raise _non_finite(f"gradient norm is {grad_norm}", step, batches, world, f"loss={metrics['loss']:.6g}")
