@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_training import adapter_tensors, assert_grads_close, grads, make_rows, perturb_lora_b
+from helpers_training import adapter_tensors, assert_grads_close, cfg_for, grads, make_rows, perturb_lora_b
 from safetensors.torch import load_file
 from training_workers import CUTOFF, DDP_GLOBAL_BATCH, DDP_ROWS, ddp_step_cfg, ddp_train_cfg
 
+from coin.errors import ConfigError
 from coin.modeling.backbone import FusedLM, load_backbone
 from coin.modeling.lora import apply_lora
 from coin.training.collator import PairCollator
@@ -162,3 +163,49 @@ def test_fsdp_two_processes_equal_one_process_and_resume(tiny_llama_dir: Path, t
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_fsdp_in_one_process_trains_unsharded_and_accelerate_fsdp_launch_is_refused(
+        tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    rows = make_rows(4, varied_targets=True)
+    cfg = cfg_for("coin", batch_size=2, max_steps=1, checkpoint_every=0, sharding="fsdp")
+    with caplog.at_level("INFO", logger="coin.training.loop"):
+        result = train(load_backbone(str(tiny_llama_dir), device="cpu"), rows, cfg, out_dir=tmp_path / "one", seed=0,
+                       cutoff_len=CUTOFF, progress=False)
+    assert "nothing to shard" in caplog.text
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+    # accelerate's own FSDP plugin would shard nothing here: that launch stops, naming the project's setting
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="train.sharding"):
+        train(load_backbone(str(tiny_llama_dir), device="cpu"), rows, cfg.model_copy(update={"sharding": "none"}),
+              out_dir=tmp_path / "acc", seed=0, cutoff_len=CUTOFF, progress=False)
+
+
+def test_fsdp_with_a_quantised_base_is_refused_with_the_fix() -> None:
+    from coin.config import Settings
+
+    with pytest.raises(ConfigError, match=r"train.sharding = fsdp with model.quantization = 4bit.*set model"):
+        Settings.model_validate({"model": {"quantization": "4bit"}, "train": {"sharding": "fsdp"}})
+    assert Settings.model_validate({"train": {"sharding": "fsdp"}}).train.sharding == "fsdp"
+    with pytest.raises(ConfigError, match="sharding"):
+        Settings.model_validate({"train": {"sharding": "zero3"}})
+
+
+def test_shipped_accelerate_configs_launch_processes_only() -> None:
+    """configs/accelerate/*.yaml are accelerate launch configs that start one process per GPU and leave precision
+    and sharding to params.yaml (the README's launch lines name them)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    files = sorted((root / "configs" / "accelerate").glob("*.yaml"))
+    assert [f.stem for f in files] == ["ddp", "fsdp"]
+    for f in files:
+        cfg = load_config_from_file(str(f))
+        assert str(cfg.distributed_type) in ("MULTI_GPU", "DistributedType.MULTI_GPU"), f
+        assert cfg.num_processes == 8 and str(cfg.mixed_precision) in ("no", "PrecisionType.NO"), f
+        assert f"--config_file configs/accelerate/{f.name}" in readme, f"README has no launch line for {f.name}"
+    assert "--set train.sharding=fsdp" in readme

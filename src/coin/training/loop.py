@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from coin.errors import ConfigError
 from coin.methods import Method, get_method
 from coin.modeling.backbone import Backbone, FusedLM, autocast_context, packing_supported, unwrap_model
 from coin.modeling.lora import apply_lora
@@ -262,7 +263,7 @@ def _wrap(fused: FusedLM, model: nn.Module, cfg: TrainSettings, world: World, de
     (``train.sharding: none``) or FSDP2 shards (``fsdp``: :func:`~coin.training.distributed.shard_model`)."""
     launched_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
     if launched_fsdp and cfg.sharding != "fsdp":
-        raise ValueError(
+        raise ConfigError(
             "launched with an accelerate config whose distributed_type is FSDP, but train.sharding is "
             f"{cfg.sharding!r}: this project shards by its own setting. Launch with configs/accelerate/fsdp.yaml "
             "(distributed_type MULTI_GPU) and --set train.sharding=fsdp"
