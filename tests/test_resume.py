@@ -146,6 +146,10 @@ def test_resume_refuses_a_different_run_and_starts_fresh_without_checkpoint(
     with pytest.raises(ValueError, match="train_rows_sha256"):
         train(load_backbone(str(tiny_llama_dir), device="cpu"), make_rows(7), cfg, out_dir=tmp_path, seed=0,
               cutoff_len=64, progress=False, resume=True)
+    # the same LoRA shapes on a backbone run another way (here: its attention mask) would load and train on
+    with pytest.raises(ValueError, match=r"cannot resume.*model\.attention: checkpoint 'causal', now 'prefix'"):
+        train(load_backbone(str(tiny_llama_dir), device="cpu", attention="prefix"), rows, cfg, out_dir=tmp_path,
+              seed=0, cutoff_len=64, progress=False, resume=True)
     # log_every / checkpoint_every may change; an empty checkpoint dir means a fresh start
     fresh = train(load_backbone(str(tiny_llama_dir), device="cpu"), rows, cfg, out_dir=tmp_path / "new", seed=0,
                   cutoff_len=64, progress=False, resume=True)

@@ -59,13 +59,16 @@ def checkpoint_name(step: int) -> str:
 
 
 def fingerprint(cfg_dump: dict[str, Any], *, seed: int, cutoff_len: int, world_size: int,
-                rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """What must be equal for a resumed run to be the same run (flat ``{key: value}``)."""
+                rows: list[dict[str, Any]], model: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What must be equal for a resumed run to be the same run (flat ``{key: value}``): the training settings,
+    seed, cutoff, world size, the rows, and ``model`` (what the backbone is and how it runs: its reference,
+    attention, readout, quantisation, dtype), recorded as ``model.<key>``."""
     digest = hashlib.sha256()
     for row in rows:
         digest.update(json.dumps(row, sort_keys=True, default=str).encode("utf-8"))
         digest.update(b"\n")
     out = {f"train.{k}": v for k, v in _flatten(cfg_dump).items() if k.split(".")[0] not in RESUME_FREE_KEYS}
+    out.update({f"model.{k}": v for k, v in (model or {}).items()})
     out.update({"seed": seed, "cutoff_len": cutoff_len, "world_size": world_size,
                 "train_rows": len(rows), "train_rows_sha256": digest.hexdigest()})
     return out

@@ -201,7 +201,8 @@ def _train(run: TrainRun, world: World, device: torch.device) -> TrainResult:
     stream = BatchStream(train_rows, global_batch, seed, bucket_by_length=cfg.bucket_by_length)
     state = TrainingState(model=model, optimizer=opt, scheduler=sched, param_names=param_names,
                           fingerprint=fingerprint(cfg.model_dump(mode="json"), seed=seed, cutoff_len=run.cutoff_len,
-                                                  world_size=world.size, rows=train_rows))
+                                                  world_size=world.size, rows=train_rows,
+                                                  model=_model_identity(backbone)))
 
     history: list[dict[str, float]] = []
     start = 0
@@ -256,6 +257,15 @@ def _train(run: TrainRun, world: World, device: torch.device) -> TrainResult:
     last = history[-1] if history else {}
     return TrainResult(adapter_dir=adapter_dir, steps=cfg.max_steps, metrics=last, history=history, wall_time_s=wall,
                        tokens_per_s=tokens / max(wall, 1e-9), resumed_from=start)
+
+
+def _model_identity(backbone: Backbone) -> dict[str, Any]:
+    """What a resumed run's backbone must share with the checkpointed one: a checkpoint of another base, mask,
+    readout, quantisation or dtype would load (the LoRA shapes may even match) and silently train something else."""
+    dtype = next(backbone.model.parameters()).dtype
+    return {"backbone": backbone.reference, "attention": backbone.attention, "readout": backbone.readout,
+            "quantization": backbone.quantization, "double_quant": backbone.double_quant,
+            "dtype": str(dtype).removeprefix("torch.")}
 
 
 def _wrap(fused: FusedLM, model: nn.Module, cfg: TrainSettings, world: World, device: torch.device) -> nn.Module:
