@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -26,7 +27,14 @@ from coin.errors import ConfigError
 from coin.modeling.backbone import FusedLM, load_backbone
 from coin.modeling.lora import apply_lora
 from coin.training.collator import PairCollator
-from coin.training.distributed import SINGLE, World, gather_with_local_grad, init_world, is_main_process
+from coin.training.distributed import (
+    SINGLE,
+    World,
+    decoder_layers,
+    gather_with_local_grad,
+    init_world,
+    is_main_process,
+)
 from coin.training.loop import TrainResult, accumulate_gradients, train
 
 WORKER = Path(__file__).resolve().parent / "training_workers.py"
@@ -52,14 +60,14 @@ def test_single_process_world_needs_no_process_group(monkeypatch: pytest.MonkeyP
     assert not is_main_process()
 
 
-def _launch(mode: str, model_dir: Path, out: Path) -> None:
+def _launch(mode: str, model_dir: Path, out: Path, *extra: str) -> None:
     """The worker in ``mode`` under ``torchrun --standalone --nproc_per_node 2`` (gloo, one thread each)."""
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [
         str(WORKER.parent), os.environ.get("PYTHONPATH", "")]))}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(WORKER), mode, str(model_dir), str(out), "1"],
+         str(WORKER), mode, str(model_dir), str(out), "1", *extra],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -134,12 +142,15 @@ def test_two_gloo_processes_equal_one_process(tiny_llama_dir: Path, tmp_path: Pa
     _assert_equals_one_process(tmp_path / "ddp", one_process)
 
 
-def test_fsdp_two_processes_equal_one_process_and_resume(tiny_llama_dir: Path, tmp_path: Path,
-                                                          one_process: _OneProcess) -> None:
+def test_fsdp_two_processes_equal_one_process_and_resume(tiny_llama_dir: Path, tiny_bert_encoder_dir: Path,
+                                                          tmp_path: Path, one_process: _OneProcess) -> None:
     """``train.sharding: fsdp``: each decoder layer and the root sharded (every parameter a DTensor), the same step
-    and loop as one process; the checkpoint of step 1, resumed with the same 2 processes, ends at the same adapter."""
+    and loop as one process; the checkpoint of step 1, resumed with the same 2 processes, ends at the same adapter.
+    A BERT encoder run as a prefix LM (MiniLM's shape: tied embeddings kept in the root unit, a head trained in
+    full) trains to the one-process adapter too."""
     out = tmp_path / "fsdp"
-    _launch("fsdp", tiny_llama_dir, out)
+    encoder_dir = _without_dropout(tiny_bert_encoder_dir, tmp_path / "encoder-model")
+    _launch("fsdp", tiny_llama_dir, out, str(encoder_dir))
     wrapping = json.loads((out / "wrapping.json").read_text())
     assert wrapping["layer_units"] == 2  # the tiny Llama's two decoder layers
     assert wrapping["sharded_params"] == wrapping["all_params"]
@@ -163,6 +174,34 @@ def test_fsdp_two_processes_equal_one_process_and_resume(tiny_llama_dir: Path, t
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+    encoder = load_backbone(str(encoder_dir), device="cpu")
+    assert encoder.attention == "prefix" and encoder.newly_initialised  # the MiniLM case
+    single = train(encoder, make_rows(DDP_ROWS, varied_targets=True), ddp_train_cfg(DDP_GLOBAL_BATCH),
+                   out_dir=tmp_path / "encoder", seed=0, cutoff_len=CUTOFF, progress=False)
+    a, b = adapter_tensors(out / "encoder" / "adapter"), adapter_tensors(single.adapter_dir)
+    assert a.keys() == b.keys() and any("modules_to_save" in k or "cls." in k for k in a)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _without_dropout(model_dir: Path, out: Path) -> Path:
+    """A copy of a BERT checkpoint with its dropout off: one process and two draw different dropout masks (each rank
+    has its own stream), so only a dropout-free model can be compared across world sizes."""
+    shutil.copytree(model_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_fsdp_units_are_the_decoder_layers_and_tied_weights_stay_in_the_root(
+        tiny_llama_dir: Path, tiny_bert_encoder_dir: Path) -> None:
+    llama = apply_lora(load_backbone(str(tiny_llama_dir), device="cpu"), cfg_for("coin").lora)
+    assert [type(m).__name__ for m in decoder_layers(llama)] == ["LlamaDecoderLayer"] * 2
+    bert = apply_lora(load_backbone(str(tiny_bert_encoder_dir), device="cpu"), cfg_for("coin").lora)
+    names = [type(m).__name__ for m in decoder_layers(bert)]
+    assert names == ["BertLayer"] * 2  # BertEmbeddings is listed by the model, but its word embeddings are the head's
 
 
 def test_fsdp_in_one_process_trains_unsharded_and_accelerate_fsdp_launch_is_refused(

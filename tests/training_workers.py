@@ -1,6 +1,7 @@
 """Subprocess entry points for test_distributed.py and test_resume.py (not a test module).
 
-    torchrun --standalone --nproc_per_node 2 tests/training_workers.py ddp|fsdp MODEL_DIR OUT_DIR THREADS
+    torchrun --standalone --nproc_per_node 2 tests/training_workers.py ddp MODEL_DIR OUT_DIR THREADS
+    torchrun --standalone --nproc_per_node 2 tests/training_workers.py fsdp MODEL_DIR OUT_DIR THREADS ENCODER_DIR
     python tests/training_workers.py killed MODEL_DIR OUT_DIR THREADS KILL_AT_STEP
 """
 
@@ -91,9 +92,10 @@ def run_ddp(model_dir: str, out_dir: Path) -> None:
     world.finish()  # init_world created the group here; train() reused it and left it alone
 
 
-def run_fsdp(model_dir: str, out_dir: Path) -> None:
+def run_fsdp(model_dir: str, out_dir: Path, encoder_dir: str) -> None:
     """The DDP worker's checks under FSDP2 shards (``train.sharding: fsdp``), then a resume: the full run's step-1
-    checkpoint copied into a fresh directory and continued to step 2 must give the same adapter."""
+    checkpoint copied into a fresh directory and continued to step 2 must give the same adapter. Last, the loop on
+    a BERT encoder run as a prefix LM (MiniLM's case: tied embeddings, a head trained in full)."""
     import shutil
 
     from coin.modeling.backbone import FusedLM, load_backbone
@@ -118,6 +120,8 @@ def run_fsdp(model_dir: str, out_dir: Path) -> None:
     world.barrier()
     resumed = train(load_backbone(model_dir, device="cpu"), make_rows(DDP_ROWS, varied_targets=True), train_cfg,
                     out_dir=out_dir / "resumed", seed=0, cutoff_len=CUTOFF, progress=False, resume=True)
+    train(load_backbone(encoder_dir, device="cpu"), make_rows(DDP_ROWS, varied_targets=True), train_cfg,
+          out_dir=out_dir / "encoder", seed=0, cutoff_len=CUTOFF, progress=False)
     if world.is_main:
         save_file({k: v.contiguous() for k, v in g.items()}, str(out_dir / "step_grads.safetensors"))
         (out_dir / "step_metrics.json").write_text(json.dumps(metrics))
@@ -150,7 +154,7 @@ if __name__ == "__main__":
     if mode == "ddp":
         run_ddp(model_dir, out)
     elif mode == "fsdp":
-        run_fsdp(model_dir, out)
+        run_fsdp(model_dir, out, sys.argv[5])
     elif mode == "killed":
         run_killed(model_dir, out, int(sys.argv[5]))
     else:

@@ -170,11 +170,23 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The blocks FSDP shards one by one: modules whose class the Hugging Face model names in
-    ``_no_split_modules`` (its decoder layers; accelerate's ``TRANSFORMER_BASED_WRAP`` reads the same list)."""
+    ``_no_split_modules`` (its decoder layers; accelerate's ``TRANSFORMER_BASED_WRAP`` reads the same list), except
+    those holding a weight tied to one outside them (BERT's ``BertEmbeddings``: its word embeddings are the LM head's
+    weight). FSDP2 needs a tied weight in one unit, so those stay with the root."""
     names: set[str] = set()
     for m in model.modules():
         names.update(getattr(m, "_no_split_modules", None) or ())
-    return [m for m in model.modules() if type(m).__name__ in names]
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+
+    def holds_tied(m: torch.nn.Module) -> bool:
+        inside: dict[int, int] = {}
+        for _, p in m.named_parameters(remove_duplicate=False):
+            inside[id(p)] = inside.get(id(p), 0) + 1
+        return any(uses[i] > n for i, n in inside.items())
+
+    return [m for m in model.modules() if type(m).__name__ in names and not holds_tied(m)]
 
 
 def shard_model(fused: torch.nn.Module, model: torch.nn.Module, world: World, device: torch.device) -> int:
