@@ -15,7 +15,13 @@ train stage does, then runs the project's own ``train()`` for ``--steps`` optimi
 Against them: the plan's estimate at the measured micro-batch (the one with the most token slots: its rows x row
 length, its response positions) and the plan's bound at ``pairs.cutoff_len`` (what ``coin train --plan``
 prints and the preflight checks). ``--backbone tiny-llama`` builds a small Llama from a config (hidden 256,
-4 layers, the MiniLM tokenizer) in a temporary directory.
+4 layers, the MiniLM tokenizer) in a temporary directory; ``small-llama``: hidden 512, 8 layers;
+``medium-llama``: hidden 1024, 12 layers.
+
+``--processes N`` (CPU, gloo) launches the probe under ``torch.distributed.run`` with N processes, with the params'
+``train.sharding`` (``--set train.sharding=fsdp`` for FSDP2, else DDP). Each process loads the whole model before
+it is wrapped (DDP) or sharded (FSDP), so its peak is taken from after the wrap (``loop._wrap``) to the end of
+training; "measured" is that peak minus the RSS before loading, per process (the largest over the ranks).
 """
 
 from __future__ import annotations
@@ -43,15 +49,24 @@ ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
 
 
-def tiny_llama(out: Path) -> Path:
-    """A 4-layer, hidden-256 Llama (random weights) with the MiniLM tokenizer, saved to ``out``."""
+LLAMAS = {  # --backbone NAME: hidden, intermediate, layers, heads, KV heads
+    "tiny-llama": (256, 688, 4, 8, 4),
+    "small-llama": (512, 1376, 8, 8, 8),
+    "medium-llama": (1024, 2752, 12, 16, 16),
+}
+
+
+def tiny_llama(out: Path, name: str = "tiny-llama") -> Path:
+    """A Llama of :data:`LLAMAS` (random weights) with the MiniLM tokenizer, saved to ``out``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from coin.modeling.backbone import load_tokenizer
 
+    hidden, inter, layers, heads, kv = LLAMAS[name]
     tok = load_tokenizer("minilm")
-    config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False,
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=2048,
+                         tie_word_embeddings=False,
                          vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                          eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
@@ -83,14 +98,30 @@ def probe(settings: Any, steps: int) -> dict[str, Any]:
     with torch.no_grad():  # safetensors weights may stay memory-mapped: touch them so they count as loaded
         for p in bb.model.parameters():
             p.sum()
+        del p  # no reference past loading: a sharded run frees the whole tensors (and their file mapping)
     loaded = torch.cuda.memory_allocated() if cuda else _rss_bytes()
     cfg = settings.train.for_method(settings.train.methods[0]).model_copy(
         update={"max_steps": steps, "checkpoint_every": 0, "log_every": 1})
     peak, stop = [loaded], threading.Event()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    phase = {"wrapped": False, "at_wrap": 0}
+    if distributed:  # the peak from after the model is wrapped/sharded: loading holds the whole model
+        from coin.training import loop as loop_module
+
+        wrap = loop_module._wrap
+
+        def wrapped(*a: Any, **kw: Any) -> Any:
+            out = wrap(*a, **kw)
+            phase["at_wrap"] = peak[0] = _rss_bytes()
+            phase["wrapped"] = True
+            return out
+
+        loop_module._wrap = wrapped  # type: ignore[assignment]
 
     def sample() -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
+            if phase["wrapped"] or not distributed:
+                peak[0] = max(peak[0], _rss_bytes())
             time.sleep(0.001)
 
     if cuda:
@@ -104,15 +135,16 @@ def probe(settings: Any, steps: int) -> dict[str, Any]:
     peak[0] = torch.cuda.max_memory_allocated() if cuda else max(peak[0], _rss_bytes())
     widest = max(shapes, key=lambda s: s[0] * s[1])
     return {"before": before, "loaded": loaded, "peak": peak[0], "rows": widest[0], "row_len": widest[1],
-            "positions": widest[2], "batches": len(shapes)}
+            "positions": widest[2], "batches": len(shapes), "at_wrap": phase["at_wrap"],
+            "rank": int(os.environ.get("RANK", "0"))}
 
 
-def compare(settings: Any, measured: dict[str, Any]) -> dict[str, float]:
+def compare(settings: Any, measured: dict[str, Any], nproc: int = 1) -> dict[str, float]:
     from dataclasses import replace
 
     from coin.modeling.memory import Workload, estimate, plan_training
 
-    plan = plan_training(settings, methods=settings.train.methods[:1])
+    plan = plan_training(settings, methods=settings.train.methods[:1], world_size=nproc)
     m = plan.methods[0]
     at_batch = replace(m.workload, sequences=measured["rows"], seq_len=measured["row_len"],
                        logit_sequences=measured["positions"], response_tokens=1)
@@ -120,6 +152,10 @@ def compare(settings: Any, measured: dict[str, Any]) -> dict[str, float]:
     est = estimate(plan.shape, at_batch)
     weights_m = measured["loaded"] - measured["before"]
     step_m = measured["peak"] - measured["loaded"]
+    if nproc > 1:  # the process's share once wrapped/sharded (weights and LoRA), and what the step adds to it
+        weights_m = measured["at_wrap"] - measured["before"]
+        step_m = measured["peak"] - measured["at_wrap"]
+        est = replace(est, weights=est.weights + est.trainable, trainable=0)
     return {
         "weights_measured": weights_m / MIB, "weights_estimate": est.weights / MIB,
         "step_measured": step_m / MIB, "step_estimate": (est.total - est.weights) / MIB,
@@ -134,9 +170,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="params override KEY=VALUE")
-    ap.add_argument("--backbone", default=None, help="minilm (params' model.backbone) | a local path | tiny-llama")
+    ap.add_argument("--backbone", default=None,
+                    help="minilm (params' model.backbone) | a local path | " + " | ".join(LLAMAS))
     ap.add_argument("--steps", type=int, default=3, help="optimiser steps measured")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--processes", type=int, default=1, help="processes (torch.distributed.run, gloo on CPU)")
     ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:
@@ -144,28 +182,33 @@ def main(argv: list[str] | None = None) -> None:
     label = args.backbone or "params' backbone"
     with tempfile.TemporaryDirectory() as tmp:
         child = [a for a in argv if a != "--probe"]
-        if args.backbone == "tiny-llama" and not args.probe:
-            args.backbone = str(tiny_llama(Path(tmp) / "tiny-llama"))
-            child = [args.backbone if a == "tiny-llama" else a for a in child]
+        if args.backbone in LLAMAS and not args.probe:
+            name, args.backbone = args.backbone, str(tiny_llama(Path(tmp) / args.backbone, args.backbone))
+            child = [args.backbone if a == name else a for a in child]
         settings = load_settings(args.params, [*args.overrides, *([f"model.backbone={args.backbone}"]
                                                                   if args.backbone else [])])
         if args.probe:
             print(json.dumps(probe(settings, args.steps)))
             return
-        out = subprocess.run([sys.executable, __file__, *child, "--probe"], capture_output=True, text=True,
-                             check=False)
+        launch = [sys.executable] if args.processes == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.processes)]
+        out = subprocess.run([*launch, __file__, *child, "--probe"], capture_output=True, text=True, check=False)
         if out.returncode != 0:
             raise RuntimeError(f"memory probe failed:\n{out.stderr[-3000:]}")
-        measured = json.loads(out.stdout.strip().splitlines()[-1])
-        r = compare(settings, measured)
+        ranks = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+        measured = max(ranks, key=lambda m: m["peak"] - m["before"])  # the largest process
+        r = compare(settings, measured, args.processes)
     err = lambda e, m: f"{100 * (e - m) / m:+.0f}%"  # noqa: E731
     alloc = f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}" if "MALLOC_MMAP_THRESHOLD_" in \
         os.environ else "glibc default"
     total = f"{r['total_measured']:.0f} | {r['total_estimate']:.0f} ({err(r['total_estimate'], r['total_measured'])})"
     step = f"{r['step_measured']:.0f} | {r['step_estimate']:.0f} ({err(r['step_estimate'], r['step_measured'])})"
+    if args.processes > 1:
+        label += f", {args.processes} processes ({settings.train.sharding}), per process"
     print(f"| {label} | {' '.join(args.overrides) or 'params.yaml'} | {alloc} | {measured['rows']} x "
           f"{measured['row_len']} ({r['slots']} of {r['bound_slots']}) | {total} | {step} | {r['bound_total']:.0f} |")
-    print(json.dumps({"measured": measured, **{k: round(v, 1) for k, v in r.items()}}), file=sys.stderr)
+    print(json.dumps({"measured": measured, "ranks": ranks, **{k: round(v, 1) for k, v in r.items()}}),
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

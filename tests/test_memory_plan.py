@@ -198,3 +198,100 @@ def test_the_plan_reads_model_quantization(tiny_llama_dir: Path) -> None:
         want = round(shape.n_matmul_params * m.workload.bits_per_weight / 8
                      + (shape.n_params - shape.n_matmul_params) * m.workload.weight_bytes)
         assert m.estimate.weights == want < plain.estimate.weights
+
+
+# --------------------------------------------------------------------------- sharded training (train.sharding: fsdp)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_sharded_estimate_divides_the_decoder_layers_and_keeps_the_root_whole(tiny_llama_dir: Path,
+                                                                                  world: int) -> None:
+    from dataclasses import replace
+
+    from coin.training.distributed import decoder_layers
+
+    shape = model_shape(str(tiny_llama_dir), LoraSettings())
+    v = shape.vocab
+    per_layer = 32 * 32 + 32 * 16 + 32 * 16 + 32 * 32 + 3 * 32 * 64
+    assert shape.layer_units == 2 and shape.layer_params == 2 * (per_layer + 2 * 32)
+    assert shape.layer_matmul_params == 2 * per_layer
+    assert shape.layer_lora_params == shape.lora_params and shape.layer_saved_params == 0  # LoRA on q, v: in layers
+    assert shape.two_layers_params == shape.layer_params + shape.lora_params  # both layers, with their LoRA
+    root = shape.n_params - shape.layer_params
+    assert root == 2 * v * 32 + 32                                            # embeddings, head, final norm
+    bb = load_backbone(str(tiny_llama_dir), device="cpu")  # the layers FSDP shards in the loaded model
+    assert sum(p.numel() for layer in decoder_layers(bb.model) for p in layer.parameters()) == shape.layer_params
+
+    work = Workload(sequences=4, seq_len=16, logit_sequences=4, world_size=world, autocast=True)
+    plain, sharded = estimate(shape, work), estimate(shape, replace(work, sharded=True))
+    up = lambda n: -(-n // world)  # noqa: E731 -- a shard, rounded up
+    assert sharded.weights == up(4 * shape.layer_params) + up(4 * root) < plain.weights
+    assert sharded.trainable == sharded.gradients == up(4 * shape.lora_params)
+    assert sharded.optimizer == up(8 * shape.lora_params)
+    assert sharded.ddp_buckets == 0 and plain.ddp_buckets == plain.gradients
+    assert sharded.gathered == 4 * root + 4 * (shape.layer_params + shape.lora_params) and plain.gathered == 0
+    assert sharded.autocast_copies == plain.autocast_copies == 2 * shape.n_matmul_params  # saved for backward
+    assert (sharded.activations, sharded.logits) == (plain.activations, plain.logits)
+    assert sharded.total == sum([sharded.weights, sharded.autocast_copies, sharded.trainable, sharded.gradients,
+                                 sharded.optimizer, sharded.activations, sharded.logits, sharded.gathered])
+
+
+def test_sharding_in_one_process_is_no_sharding() -> None:
+    from dataclasses import replace
+
+    shape = replace(SHAPE, layer_units=2, layer_params=60_000, layer_matmul_params=50_000, layer_lora_params=3_000,
+                    two_layers_params=63_000)
+    one = replace(WORK, world_size=1)
+    assert estimate(shape, replace(one, sharded=True)) == estimate(shape, one)
+
+
+def test_modules_to_save_outside_the_layers_stay_in_the_root(tiny_bert_encoder_dir: Path) -> None:
+    from dataclasses import replace
+
+    shape = model_shape(str(tiny_bert_encoder_dir), LoraSettings(r=4))
+    assert shape.layer_saved_params == 0 and shape.saved_params > 0  # the new LM-head transform: the root's
+    work = Workload(sequences=2, seq_len=8, logit_sequences=2, world_size=2, sharded=True)
+    e = estimate(shape, work)
+    assert e.trainable == -(-4 * shape.layer_lora_params // 2) + -(-4 * shape.saved_params // 2)
+    root_params = shape.n_params - shape.layer_params
+    assert e.gathered == 4 * (root_params + shape.saved_params) + 4 * shape.two_layers_params
+    assert estimate(shape, replace(work, sharded=False)).gathered == 0
+
+
+def test_the_plan_reads_train_sharding(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    fsdp = plan_training(_settings(tiny_llama_dir, sharding="fsdp"), world_size=2)
+    assert fsdp.settings["train.sharding"] == "fsdp" and fsdp.methods[0].workload.sharded
+    doc = fsdp.to_dict()
+    assert doc["settings"]["train.sharding"] == "fsdp" and doc["params"]["decoder_layers"] == 2
+    assert doc["methods"]["coin"]["gathered"] == fsdp.worst.estimate.gathered > 0
+    assert doc["methods"]["coin"]["ddp_buckets"] == 0
+    ddp = plan_training(_settings(tiny_llama_dir), world_size=2)
+    assert ddp.settings["train.sharding"] == "none" and not ddp.methods[0].workload.sharded
+    assert fsdp.worst.estimate.weights < ddp.worst.estimate.weights
+    one = plan_training(_settings(tiny_llama_dir, sharding="fsdp"), world_size=1)
+    assert not one.methods[0].workload.sharded and one.worst.estimate.gathered == 0
+
+    args = ["train", "--plan", "--params", str(_params(tmp_path)), "--set", f"model.backbone={tiny_llama_dir}",
+            "--set", "train.lora.target_modules=auto", "--set", "train.sharding=fsdp", "--world-size", "2"]
+    res = runner.invoke(app, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["settings"]["train.sharding"] == "fsdp" and doc["settings"]["world_size"] == 2
+    assert doc["methods"]["coin"]["gathered"] > 0 and doc["methods"]["coin"]["ddp_buckets"] == 0
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0 and "FSDP-gathered" in res.output and "train.sharding = fsdp" in res.output, res.output
+
+
+def test_a_multi_process_run_that_cannot_fit_is_told_to_shard(tiny_llama_dir: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory, "available_memory", lambda device: (2**20, "host RAM available"))
+    small = {"batch_size": 2}  # one response token: weights (the 30k-row embeddings and head) are the largest part
+    ddp = plan_training(_settings(tiny_llama_dir, **small), world_size=2, response_tokens=1)
+    assert ddp.verdict == "will not fit"
+    msg = memory.refusal(ddp)
+    assert "Largest parts: weights" in msg and "train.sharding=fsdp" in msg and "over the 2 processes" in msg
+    one = plan_training(_settings(tiny_llama_dir, **small), world_size=1, response_tokens=1)
+    assert "train.sharding=fsdp" not in memory.refusal(one)  # nothing to shard over
+    fsdp = plan_training(_settings(tiny_llama_dir, sharding="fsdp", **small), world_size=2, response_tokens=1)
+    assert fsdp.verdict == "will not fit" and "train.sharding=fsdp" not in memory.refusal(fsdp)  # already sharded
+    assert "train.sharding" in memory.SETTINGS_TO_CHANGE

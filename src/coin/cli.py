@@ -356,7 +356,8 @@ def _print_plan(plan: Any) -> None:
     rows = [("weights", "weights"), ("autocast weight copies", "autocast_copies"),
             ("LoRA / trained params", "trainable"), ("gradients", "gradients"),
             ("optimiser state (AdamW)", "optimizer"), ("DDP gradient buckets", "ddp_buckets"),
-            ("activations", "activations"), ("logits (response positions)", "logits")]
+            ("FSDP-gathered (root + 2 layers)", "gathered"), ("activations", "activations"),
+            ("logits (response positions)", "logits")]
     for label, key in rows:
         table.add_row(label, *(size(getattr(m.estimate, key)) if getattr(m.estimate, key) else "-"
                                for m in plan.methods))

@@ -21,6 +21,17 @@ shapes (:class:`ModelShape`) and of the step's shape (:class:`Workload`):
   trained in full (``modules_to_save``, a copy) in the weights' dtype; **gradients**: the same again;
   **optimiser**: AdamW's two fp32 moments, 8 bytes per trainable parameter. Under DDP (world size > 1) the
   gradient buckets hold one more copy of the gradients.
+- **sharded** (``train.sharding: fsdp``, W > 1 processes; :func:`~coin.training.distributed.shard_model`): each
+  process stores 1/W of every parameter, gradient and AdamW moment, so weights, trainable, gradients and
+  optimiser are those terms / W (per decoder layer and for the root, each rounded up); no DDP buckets. The
+  decoder layers are the modules the model names in ``_no_split_modules``
+  (:func:`~coin.training.distributed.decoder_layers`). **gathered**: what FSDP2 all-gathers for the step: the
+  root (every parameter outside those layers; a Llama's embeddings, final norm and LM head), which it keeps
+  unsharded from forward to the end of backward next to its shard, and two layers' full parameters in the
+  weights' dtype (the layer running and the one prefetched; the two largest). The autocast copies stay whole:
+  each matmul saves its bf16 cast of the gathered weight for backward. Not counted: with ``train.grad_accum``
+  > 1 the unsharded gradients that accumulate before the last micro-batch (the trainable size), and the
+  loading: each process reads the whole model before it is sharded. Measured: BENCHMARKS.md, "Memory plan".
 - **activations**, per token slot (a micro-batch is ``S = batch_size x groups`` sequences; the bound takes each
   at ``pairs.cutoff_len`` tokens, which packing cannot lower: sequences at the cutoff fill their rows), per
   layer, in activation bytes ``a`` (4 fp32; 2 half-precision weights; 3 under bf16 autocast of fp32 weights,
@@ -75,7 +86,8 @@ CHECK_ENV = "COIN_MEMORY_CHECK"  # 0 / false / off: skip the preflight
 # (+0.5 bit); double quantisation stores those as 8-bit with one fp32 per 256 blocks (+0.127 bit). LLM.int8: one
 # fp32 scale per row, negligible.
 QUANT_BITS = {("4bit", False): 4.5, ("4bit", True): 4.127, ("8bit", False): 8.0, ("8bit", True): 8.0}
-SETTINGS_TO_CHANGE = ("train.batch_size", "pairs.cutoff_len", "train.gradient_checkpointing", "model.quantization")
+SETTINGS_TO_CHANGE = ("train.batch_size", "pairs.cutoff_len", "train.gradient_checkpointing", "model.quantization",
+                      "train.sharding")
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -99,6 +111,13 @@ class ModelShape:
     lora_dropout: float = 0.0
     attention: str = "sdpa"       # config._attn_implementation
     attention_dropout: float = 0.0
+    # inside the decoder layers (coin.training.distributed.decoder_layers: what FSDP shards one unit per layer)
+    layer_units: int = 0          # decoder layers found
+    layer_params: int = 0         # backbone parameters in them (the rest, the root, is never split by layer)
+    layer_matmul_params: int = 0  # of which matmul weights
+    layer_lora_params: int = 0    # LoRA parameters in them
+    layer_saved_params: int = 0   # modules_to_save copies in them
+    two_layers_params: int = 0    # all parameters (LoRA too) of the two largest of them: FSDP gathers two at a time
 
     @property
     def trainable_params(self) -> int:
@@ -118,7 +137,8 @@ class Workload:
     autocast: bool = False        # bf16 autocast on
     gradient_checkpointing: bool = False
     consistency: bool = False     # the method has an output-consistency term
-    world_size: int = 1           # data-parallel processes (one replica each)
+    world_size: int = 1           # data-parallel processes (one replica each, or one shard each if sharded)
+    sharded: bool = False         # FSDP: train.sharding == "fsdp" and world_size > 1
     device: str = "cpu"           # "cpu" | "cuda" | "mps": where the scores rule applies
 
     @property
@@ -145,6 +165,7 @@ class MemoryEstimate:
     ddp_buckets: int
     activations: int
     logits: int
+    gathered: int = 0             # FSDP: the unsharded root and two decoder layers' full parameters
 
     @property
     def total(self) -> int:
@@ -190,20 +211,39 @@ def logit_bytes(shape: ModelShape, work: Workload) -> int:
     return positions * shape.vocab * LOGIT_BYTES * (2 if work.consistency else 1)
 
 
+def _weight_bytes(n_params: int, n_matmul: int, work: Workload) -> int:
+    """Bytes of ``n_params`` backbone weights of which ``n_matmul`` are matmul weights (quantised if bits given)."""
+    if work.bits_per_weight is None:
+        return n_params * work.weight_bytes
+    # quantised: the matmul weights at that many bits, the rest (embeddings, norms) in the model dtype
+    return round(n_matmul * work.bits_per_weight / 8 + (n_params - n_matmul) * work.weight_bytes)
+
+
 def estimate(shape: ModelShape, work: Workload) -> MemoryEstimate:
     """The memory of one training step of one process (module docstring for every term)."""
-    if work.bits_per_weight is None:
-        weights = shape.n_params * work.weight_bytes
-    else:  # quantised: the matmul weights at that many bits, the rest (embeddings, norms) in the model dtype
-        weights = round(shape.n_matmul_params * work.bits_per_weight / 8
-                        + (shape.n_params - shape.n_matmul_params) * work.weight_bytes)
+    weights = _weight_bytes(shape.n_params, shape.n_matmul_params, work)
     copies = 2 * shape.n_matmul_params if work.autocast and work.weight_bytes == 4 else 0
     trainable = 4 * shape.lora_params + work.weight_bytes * shape.saved_params
     optimizer = 2 * 4 * shape.trainable_params
     activations, logits = activation_bytes(shape, work), logit_bytes(shape, work)
+    if not (work.sharded and work.world_size > 1):
+        return MemoryEstimate(
+            weights=weights, autocast_copies=copies, trainable=trainable, gradients=trainable, optimizer=optimizer,
+            ddp_buckets=trainable if work.world_size > 1 else 0, activations=activations, logits=logits,
+        )
+    w = work.world_size
+    layer_w = _weight_bytes(shape.layer_params, shape.layer_matmul_params, work)
+    layer_t = 4 * shape.layer_lora_params + work.weight_bytes * shape.layer_saved_params
+    layer_o = 2 * 4 * (shape.layer_lora_params + shape.layer_saved_params)
+
+    def shard(total: int, in_layers: int) -> int:  # 1/W of the layers' part and of the root's, each rounded up
+        return -(-in_layers // w) + -(-(total - in_layers) // w)
+
+    gathered = (weights - layer_w) + (trainable - layer_t) + shape.two_layers_params * work.weight_bytes
     return MemoryEstimate(
-        weights=weights, autocast_copies=copies, trainable=trainable, gradients=trainable, optimizer=optimizer,
-        ddp_buckets=trainable if work.world_size > 1 else 0, activations=activations, logits=logits,
+        weights=shard(weights, layer_w), autocast_copies=copies, trainable=shard(trainable, layer_t),
+        gradients=shard(trainable, layer_t), optimizer=shard(optimizer, layer_o), ddp_buckets=0,
+        activations=activations, logits=logits, gathered=gathered,
     )
 
 
@@ -230,6 +270,7 @@ def model_shape(backbone: str, lora: Any, *, attention_impl: str | None = None) 
 
     from coin.modeling.backbone import ENCODER_TYPES, Backbone, _quiet_transformers, resolve_backbone
     from coin.modeling.lora import inject_lora, lora_config
+    from coin.training.distributed import decoder_layers
 
     path = resolve_backbone(backbone)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -253,6 +294,8 @@ def model_shape(backbone: str, lora: Any, *, attention_impl: str | None = None) 
     n_params = sum(p.numel() for p in model.parameters())
     matmul = {id(m.weight): m.weight.numel() for m in model.modules()
               if isinstance(m, (torch.nn.Linear, Conv1D)) or m is head}
+    layers = decoder_layers(model)  # FSDP's units (train.sharding: fsdp), counted before LoRA is injected
+    in_layers = {id(p): p.numel() for layer in layers for p in layer.parameters()}
     attn = getattr(model.config, "_attn_implementation", None) or "eager"
     drop = next((float(v) for n in ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
                  if isinstance(v := getattr(text, n, None), (int, float))), 0.0)
@@ -260,6 +303,10 @@ def model_shape(backbone: str, lora: Any, *, attention_impl: str | None = None) 
     lora_layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
     n_lora = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n and p.requires_grad)
     n_train = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    units = decoder_layers(peft_model)
+    trained = [(n, p) for layer in units for n, p in layer.named_parameters() if p.requires_grad]
+    sizes = sorted((sum(p.numel() for p in layer.parameters()) for layer in units), reverse=True)
+    layer_lora = sum(p.numel() for n, p in trained if "lora_" in n)
     return ModelShape(
         n_params=n_params, n_matmul_params=sum(matmul.values()),
         n_layers=_config_int(text, "num_hidden_layers", "n_layer", "num_layers"), hidden=hidden,
@@ -268,6 +315,9 @@ def model_shape(backbone: str, lora: Any, *, attention_impl: str | None = None) 
         vocab=_config_int(text, "vocab_size"), lora_params=n_lora, saved_params=n_train - n_lora,
         lora_inputs=sum(int(m.in_features) for m in lora_layers), lora_modules=len(lora_layers),
         lora_r=int(lora.r), lora_dropout=float(lora.dropout), attention=attn, attention_dropout=drop,
+        layer_units=len(layers), layer_params=sum(in_layers.values()),
+        layer_matmul_params=sum(n for i, n in matmul.items() if i in in_layers), layer_lora_params=layer_lora,
+        layer_saved_params=sum(p.numel() for _, p in trained) - layer_lora, two_layers_params=sum(sizes[:2]),
     )
 
 
@@ -351,7 +401,8 @@ class MemoryPlan:
             "available": self.available_what, "processes_here": self.processes_here, "verdict": self.verdict,
             "needed_bytes": self.needed, "settings": self.settings,
             "params": {"total": self.shape.n_params, "trainable": self.shape.trainable_params,
-                       "lora": self.shape.lora_params, "modules_to_save": self.shape.saved_params},
+                       "lora": self.shape.lora_params, "modules_to_save": self.shape.saved_params,
+                       "in_decoder_layers": self.shape.layer_params, "decoder_layers": self.shape.layer_units},
             "methods": {m.method: {"groups": list(m.groups), **asdict(m.estimate), "total": m.estimate.total,
                                    "tokens": m.workload.tokens} for m in self.methods},
         }
@@ -373,8 +424,9 @@ def plan_training(settings: Any, *, methods: list[str] | None = None, world_size
     """The :class:`MemoryPlan` of ``coin train`` under ``settings`` (a :class:`~coin.config.Settings`), for
     ``methods`` (default ``train.methods``).
 
-    ``world_size``: data-parallel processes (default: ``WORLD_SIZE``, 1 outside torchrun); on a CPU or MPS host
-    they all share its RAM. ``bits_per_weight``: default the model dtype's (a quantization setting passes its own).
+    ``world_size``: data-parallel processes (default: ``WORLD_SIZE``, 1 outside torchrun), sharded over them
+    under ``train.sharding: fsdp``; on a CPU or MPS host they all share its RAM. ``bits_per_weight``: default
+    the model dtype's (a quantization setting passes its own).
     """
     from coin.methods import get_method
     from coin.modeling.backbone import pick_device, pick_dtype, uses_bf16
@@ -399,6 +451,7 @@ def plan_training(settings: Any, *, methods: list[str] | None = None, world_size
             response_tokens=response_tokens, weight_bytes=_DTYPE_BYTES[dtype], bits_per_weight=bits_per_weight,
             autocast=uses_bf16(dev, train.autocast), gradient_checkpointing=train.gradient_checkpointing,
             consistency=m.consistency is not None, world_size=world, device=dev.type,
+            sharded=train.sharding == "fsdp" and world > 1,
         )
         plans.append(MethodPlan(name, groups, work, estimate(shape, work)))
     available, what = available_memory(str(dev))
@@ -408,7 +461,8 @@ def plan_training(settings: Any, *, methods: list[str] | None = None, world_size
         settings={"train.batch_size": train.batch_size, "pairs.cutoff_len": settings.pairs.cutoff_len,
                   "model.dtype": dtype, "train.autocast": "bf16" if plans[0].workload.autocast else "off",
                   "train.gradient_checkpointing": train.gradient_checkpointing, "train.packing": train.packing,
-                  "world_size": world, "bits_per_weight": bits_per_weight or 8 * _DTYPE_BYTES[dtype]},
+                  "train.sharding": train.sharding, "world_size": world,
+                  "bits_per_weight": bits_per_weight or 8 * _DTYPE_BYTES[dtype]},
     )
 
 
@@ -450,10 +504,16 @@ def refusal(plan: MemoryPlan) -> str:
     w = plan.worst
     e = w.estimate
     biggest = sorted((("activations", e.activations), ("weights", e.weights), ("logits", e.logits),
-                      ("optimiser state", e.optimizer)), key=lambda kv: -kv[1])[:2]
+                      ("optimiser state", e.optimizer), ("FSDP-gathered weights", e.gathered)),
+                     key=lambda kv: -kv[1])[:2]
+    world = w.workload.world_size
+    shard = ""
+    if world > 1 and not w.workload.sharded and {"weights", "optimiser state"} & {k for k, _ in biggest}:
+        shard = (f", or set train.sharding=fsdp to shard the weights, gradients and optimiser state over the "
+                 f"{world} processes")
     return (f"{plan.message()} (more than {CLEARLY:g} x the available memory, with every sequence at "
             f"pairs.cutoff_len); nothing was run. Largest parts: "
             f"{', '.join(f'{k} {_gib(v)}' for k, v in biggest)}. Lower train.batch_size "
             f"({plan.settings['train.batch_size']}) or pairs.cutoff_len ({plan.settings['pairs.cutoff_len']}), set "
-            f"train.gradient_checkpointing to true, or use model.quantization to store the weights in fewer bits "
-            f"(`coin train --plan` shows the estimate; {CHECK_ENV}=0 skips this check).")
+            f"train.gradient_checkpointing to true, or use model.quantization to store the weights in fewer bits"
+            f"{shard} (`coin train --plan` shows the estimate; {CHECK_ENV}=0 skips this check).")
