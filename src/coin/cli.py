@@ -272,13 +272,18 @@ def _print_summary(name: str, result: dict, params: Path, overrides: list[str] |
     print(redact_text("\n".join(summary_lines(name, result, stage_outputs(name, settings, root)))))
 
 
+def _report(name: str, result: dict, params: Path, overrides: list[str] | None, json_: bool) -> None:
+    """A stage's result as JSON (``--json``) or as its few summary lines."""
+    if json_:
+        _print(result)
+    else:
+        _print_summary(name, result, params, overrides)
+
+
 def _stage_command(name: str):
     def command(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, json_: JsonOpt = False) -> None:
         result = _run_stage(name, params, set_)
-        if json_:
-            _print(result)
-        else:
-            _print_summary(name, result, params, set_)
+        _report(name, result, params, set_, json_)
 
     return command
 
@@ -318,10 +323,7 @@ def train(
         if world_size is not None:
             raise ConfigError("--world-size goes with --plan; a training run takes its world size from torchrun")
         result = _run_stage("train", params, set_)
-        if json_:
-            _print(result)
-        else:
-            _print_summary("train", result, params, set_)
+        _report("train", result, params, set_, json_)
         return
     from coin.modeling.memory import plan_training
 
@@ -409,10 +411,7 @@ def evaluate(
             raise ConfigError("--out / --cache-dir go with --model or --instructions; the pipeline's evaluation "
                               "writes under paths.out_dir (--set paths.out_dir=...)")
         result = _run_stage("evaluate", params, overrides)
-        if json_:
-            _print(result)
-        else:
-            _print_summary("evaluate", result, params, overrides)
+        _report("evaluate", result, params, overrides, json_)
         return
     from coin.evaluation.anymodel import evaluate_models, with_instruction_file
 
@@ -440,10 +439,7 @@ def pipeline(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, json_
     install_log_redaction(logging.getLogger("prefect"))  # Prefect's console and API log handlers
     # a secret in an override is recorded redacted as the flow run's parameter, and applied as given
     result = coin_pipeline(params_path=str(params.resolve()), overrides=seal_overrides(set_))
-    if json_:
-        _print(result)
-    else:
-        _print_summary("pipeline", result, params, set_)
+    _report("pipeline", result, params, set_, json_)
 
 
 @app.command()
