@@ -4,7 +4,8 @@
   Prefect flow under prefect_test_harness, with a real MLflow store in a tmp dir, and writes every output;
 - a rerun recomputes no cell (each computation leaves a unique run_token in cell.json);
 - a killed study resumes: a corrupted cell and a cell whose computation left only a temp dir are recomputed,
-  nothing else;
+  nothing else; a cell killed mid-training continues from its checkpoint to the uninterrupted cell's adapter and
+  figures, one killed during evaluation does not train again; a second process waits for the cell's lock;
 - a cell runs without Prefect/MLflow (its modules import neither) and is keyed on what it reads;
 - the aggregation on constructed predictions: a known gap is found with an interval that holds it, a zero gap
   gives an interval holding 0, seed noise widens the interval, one seed per method matches the paired bootstrap;
@@ -95,7 +96,8 @@ def test_study_cli_runs_the_grid_and_writes_every_output(study_project):
 
     out = study_project["root"] / "outputs" / "study"
     cells = out / "cells"
-    assert sorted(p.name for p in cells.iterdir()) == CELLS  # no temp dir left behind
+    # no work directory left behind (the per-cell lock files stay: deleting a lock file races its waiters)
+    assert sorted(p.name for p in cells.iterdir() if not p.name.startswith(".lock-")) == CELLS
     recs = {n: json.loads((cells / n / "cell.json").read_text()) for n in CELLS}
     for n, rec in recs.items():
         assert rec["complete"] and (cells / n / "eval" / "predictions.parquet").exists()
@@ -206,6 +208,100 @@ def test_a_cell_runs_without_prefect_and_is_keyed_on_what_it_reads(study_project
     assert rec["params"]["train.lr"] == 0.002 and not list(copy.parent.glob(".tmp-*"))
     assert main(["--params", params, "--method", "dpo", "--seed", "0"]) == 2
     assert "--method 'dpo'" in capsys.readouterr().err
+
+
+def _adapter_equal(a: Path, b: Path) -> bool:
+    ta, tb = load_adapter_tensors(a), load_adapter_tensors(b)
+    return ta.keys() == tb.keys() and all(np.array_equal(ta[k], tb[k]) for k in ta)
+
+
+def test_a_cell_killed_mid_training_continues_from_its_checkpoint(study_project, monkeypatch, tmp_path):
+    """Kill the coin-s0 cell right after its step-1 checkpoint: the work directory stays; the next run resumes at
+    step 1 and ends at the adapter, loss history and figures of the uninterrupted cell (bit-exact resume).
+    Then kill one during evaluation: the next run evaluates the trained adapter without training again."""
+    import torch
+
+    import coin.evaluation.runner as runner
+    import coin.stages as stages
+    import coin.training.loop as loop
+    from coin.study import cell as cell_mod
+    from coin.study.grid import load_study, make_cell
+    from coin.study.keys import cell_key_parts, key_of
+
+    torch.set_num_threads(1)
+    settings, root = load_study(study_project["params"], ["train.checkpoint_every=1"])  # not part of the key
+    cell = make_cell(settings, "coin", 0)
+    done = study_project["root"] / "outputs" / "study" / "cells" / "coin-s0"  # computed uninterrupted
+    final = tmp_path / "cells" / "coin-s0"
+
+    saved = loop.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        saved(*args, **kwargs)
+        raise KeyboardInterrupt  # what a kill looks like to the code: nothing after this line runs
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        cell_mod.run_cell(settings, root, cell, out_dir=final, progress=False)
+    monkeypatch.setattr(loop, "save_checkpoint", saved)
+    s_cell = cell_mod.cell_settings(settings, cell)
+    work = cell_mod.work_dir(final, key_of(cell_key_parts(s_cell, root, cell, cell_mod.valid_file(settings, root))))
+    assert (work / "checkpoints").is_dir() and not final.exists()
+    # a stray work directory of another key (older code or params) is removed; this key's is continued
+    (final.parent / ".tmp-coin-s0-0badc0de").mkdir()
+
+    rec = cell_mod.run_cell(settings, root, cell, out_dir=final, progress=False)
+    assert rec["cached"] is False and rec["train"]["resumed_from"] == 1 and rec["train"]["steps"] == 2
+    assert rec["key"] == json.loads((done / "cell.json").read_text())["key"]
+    assert _adapter_equal(final / "adapter", done / "adapter")
+    assert pd.read_csv(final / "loss.csv")["step"].tolist() == pd.read_csv(done / "loss.csv")["step"].tolist()
+    assert rec["figures"] == json.loads((done / "cell.json").read_text())["figures"]
+    assert sorted(p.name for p in final.parent.iterdir() if not p.name.startswith(".lock-")) == ["coin-s0"]
+    assert not (final / "checkpoints").exists() and not (final / cell_mod.TRAIN_RECORD).exists()
+
+    # killed while evaluating: training is not repeated
+    shutil.rmtree(final)
+
+    real_eval = runner.evaluate_model
+
+    def eval_dies(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "evaluate_model", eval_dies)
+    with pytest.raises(KeyboardInterrupt):
+        cell_mod.run_cell(settings, root, cell, out_dir=final, progress=False)
+    assert not (work / "checkpoints").exists()
+    trained = json.loads((work / cell_mod.TRAIN_RECORD).read_text())
+    assert trained["resumed_from"] == 0 and trained["steps"] == 2
+    monkeypatch.setattr(runner, "evaluate_model", real_eval)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again although training had finished")
+
+    monkeypatch.setattr(stages, "train_adapter", no_training)
+    rec2 = cell_mod.run_cell(settings, root, cell, out_dir=final, progress=False)
+    assert rec2["train"] == trained
+    assert rec2["figures"] == rec["figures"] and _adapter_equal(final / "adapter", done / "adapter")
+
+
+def test_a_second_process_waits_for_the_cells_lock(tmp_path):
+    import threading
+
+    from coin.study.cell import _cell_lock
+
+    final = tmp_path / "coin-s0"
+    got = threading.Event()
+
+    def second():
+        with _cell_lock(final):
+            got.set()
+
+    with _cell_lock(final):
+        t = threading.Thread(target=second)
+        t.start()
+        assert not got.wait(0.5)  # flock is per open file: a second open waits, even in this process
+    assert got.wait(10)
+    t.join()
 
 
 def test_cell_modules_import_neither_prefect_nor_mlflow():

@@ -18,9 +18,14 @@ along with the project). A cell directory ``cells/<method>-s<seed>[-<key>=<value
 
 **Done** means: ``cell.json`` says complete, its key equals the current key (same cell, params, pairs,
 evaluation inputs and code), and the files above exist. **Atomic**: a cell is computed in
-``cells/.tmp-<name>-<random>/`` and renamed into place only after ``cell.json`` is written, so a killed
-cell never looks done; its leftovers are removed the next time that cell runs. One process per cell at
-a time (the flow guarantees it).
+``cells/.tmp-<name>-<key[:8]>/`` and renamed into place only after ``cell.json`` is written, so a killed
+cell never looks done. **Resumable inside**: that work directory is named by the cell's key and kept when
+the cell fails or is killed, so the next computation of the same cell continues from the training's latest
+checkpoint (``train.checkpoint_every``), or skips training when it had finished (``train.json`` marks it);
+bit-exact resume makes the result the same as an uninterrupted run. Work directories of other keys (older
+code, params, data) are removed when the cell next runs. **One process per cell**: a lock file
+``cells/.lock-<name>`` is held while the cell computes; a second process waits for it (a Dask worker
+declared dead while its process still runs, a hand-started ``python -m coin.study.cell``).
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -48,6 +55,7 @@ from coin.study.keys import cell_key_parts, cell_params, key_of
 log = logging.getLogger("coin.study")
 
 CELL_RECORD = "cell.json"
+TRAIN_RECORD = "train.json"  # in the work directory: training finished (adapter, loss.csv written)
 EVAL_DIR = "eval"
 ADAPTER_DIR = "adapter"
 LOSS_FILE = "loss.csv"
@@ -84,14 +92,40 @@ def cell_status(cell_dir: Path, parts: dict[str, Any], trained: bool) -> str | N
     return None
 
 
-def _clear_leftovers(final: Path) -> None:
-    """Remove what a killed run of this cell left: its temp dirs and displaced old copies (exactly
-    ``.tmp-<name>-<8 hex>`` / ``.old-<name>-<8 hex>``, never another cell's)."""
+def work_dir(final: Path, key: str) -> Path:
+    """Where the cell with ``key`` is computed before it is renamed to ``final``; kept across a kill."""
+    return final.parent / f".tmp-{final.name}-{key[:8]}"
+
+
+def _clear_leftovers(final: Path, keep: Path | None = None) -> None:
+    """Remove what earlier runs of this cell left: work directories of other keys and displaced old copies
+    (exactly ``.tmp-<name>-<8 hex>`` / ``.old-<name>-<8 hex>``, never another cell's, never ``keep``)."""
     leftover = re.compile(rf"\.(tmp|old)-{re.escape(final.name)}-[0-9a-f]{{8}}")
     for p in final.parent.glob(f".*-{final.name}-*"):
-        if leftover.fullmatch(p.name):
+        if leftover.fullmatch(p.name) and (keep is None or p.name != keep.name):
             log.info("cell %s: removing leftover %s", final.name, p.name)
             shutil.rmtree(p, ignore_errors=True)
+
+
+@contextmanager
+def _cell_lock(final: Path) -> Iterator[None]:
+    """Hold ``.lock-<name>`` beside the cell while it computes; wait while another process holds it. The OS
+    releases the lock when its holder dies, however it dies. (No locking where ``fcntl`` is missing.)"""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(final.parent / f".lock-{final.name}", "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("cell %s: another process is computing it; waiting for it to finish or die", final.name)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _swap_in(tmp: Path, final: Path) -> None:
@@ -141,17 +175,28 @@ def _compute(s: Settings, root: Path, cell: Cell, tmp: Path, pairs: Path, device
     t0 = time.perf_counter()
     train_info = None
     if cell.trained:
-        rows = read_jsonl(pairs, missing_hint="Run `coin study` (it prepares the pairs) or pass --pairs FILE.")
-        if not any(r.get("split") == "train" for r in rows):
-            raise DataError(f"{pairs}: no rows with split 'train' to train on; check pairs.val_fraction")
-        result = stages.train_adapter(s, rows, cell.method, tmp, seed=cell.seed, device=device, progress=progress)
-        shutil.rmtree(tmp / "checkpoints", ignore_errors=True)  # a cell is the unit of resumption
-        pd.DataFrame(result.history).to_csv(tmp / LOSS_FILE, index=False)
-        last = result.history[-1] if result.history else {}
-        train_info = {"steps": result.steps, "wall_time_s": round(result.wall_time_s, 2),
-                      "final": {k: round(float(v), 6) for k, v in last.items() if k in ("loss", "l_gen", "l_cl")}}
-        del result
-        _release_memory()
+        done = tmp / TRAIN_RECORD
+        if done.exists() and (tmp / ADAPTER_DIR / "adapter_config.json").exists():
+            train_info = read_json(done)  # a killed earlier run of this cell had finished training
+            log.info("cell %s: training had finished in an earlier run; evaluating its adapter", cell.name)
+        else:
+            rows = read_jsonl(pairs, missing_hint="Run `coin study` (it prepares the pairs) or pass --pairs FILE.")
+            if not any(r.get("split") == "train" for r in rows):
+                raise DataError(f"{pairs}: no rows with split 'train' to train on; check pairs.val_fraction")
+            # continue from the work directory's latest checkpoint, if an earlier run of this cell left one
+            # (train.resume is not part of the cell's key: it cannot change the result)
+            s_run = s.model_copy(update={"train": s.train.model_copy(update={"resume": True})})
+            result = stages.train_adapter(s_run, rows, cell.method, tmp, seed=cell.seed, device=device,
+                                          progress=progress)
+            pd.DataFrame(result.history).to_csv(tmp / LOSS_FILE, index=False)
+            last = result.history[-1] if result.history else {}
+            train_info = {"steps": result.steps, "resumed_from": result.resumed_from,
+                          "wall_time_s": round(result.wall_time_s, 2),
+                          "final": {k: round(float(v), 6) for k, v in last.items() if k in ("loss", "l_gen", "l_cl")}}
+            write_json(done, train_info)
+            shutil.rmtree(tmp / "checkpoints", ignore_errors=True)  # training is done; its checkpoints are not needed
+            del result
+            _release_memory()
         # evaluate what was saved, as the pipeline does: the adapter on a fresh backbone (its coin_model.json:
         # base, the cell's seed, attention)
         model, tokenizer, meta = load_trained(tmp / ADAPTER_DIR, device=device or s.model.device)
@@ -199,25 +244,34 @@ def run_cell(settings: Settings, root: Path, cell: Cell, *, out_dir: Path | None
     if why is None:
         log.info("cell %s: done, skipped", cell.name)
         return {**read_json(final / CELL_RECORD), "cached": True, "dir": str(final)}
-    log.info("cell %s: computing (%s)", cell.name, why)
     final.parent.mkdir(parents=True, exist_ok=True)
-    _clear_leftovers(final)
-    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        out = _compute(s, root, cell, tmp, pairs, device, progress)
+    with _cell_lock(final):
+        if not force and why is not None and cell_status(final, parts, cell.trained) is None:
+            log.info("cell %s: done by another process meanwhile, skipped", cell.name)  # we waited for its lock
+            return {**read_json(final / CELL_RECORD), "cached": True, "dir": str(final)}
+        log.info("cell %s: computing (%s)", cell.name, why)
+        key = key_of(parts)
+        tmp = work_dir(final, key)
+        _clear_leftovers(final, keep=tmp)
+        if tmp.exists():
+            log.info("cell %s: continuing the work an earlier run left in %s", cell.name, tmp.name)
+        tmp.mkdir(exist_ok=True)
+        try:
+            out = _compute(s, root, cell, tmp, pairs, device, progress)
+        except BaseException:
+            log.warning("cell %s: failed; %s is kept, so the next run of this cell continues from its last "
+                        "checkpoint", cell.name, tmp)
+            raise
         record = {
-            "format": RECORD_FORMAT, "complete": True, "cell": cell.to_dict(), "key": key_of(parts),
+            "format": RECORD_FORMAT, "complete": True, "cell": cell.to_dict(), "key": key,
             "key_parts": parts, "params": cell_params(s, cell.trained), "train_seed": cell.seed,
             "eval_seed": s.seed, **out, "data_version": data_version(root), "versions": _versions(),
             "host": platform.node(), "computed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "run_token": uuid.uuid4().hex,  # unique per computation: a rerun that recomputes changes it
         }
+        (tmp / TRAIN_RECORD).unlink(missing_ok=True)
         write_json(tmp / CELL_RECORD, record)  # last: the record marks a complete cell
         _swap_in(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("cell %s: clean %.1f, perturbed %.1f in %.1f s -> %s", cell.name, record["figures"]["clean_acc"] or 0,
              record["figures"]["perturbed_acc"] or 0, record["wall_time_s"]["total"], final)
     return {**record, "cached": False, "dir": str(final)}
