@@ -31,20 +31,16 @@ from typing import Any
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.utilities.hashing import hash_objects
 
-import coin
 from coin.config import Settings, load_settings
 from coin.registry.tracking import data_version
 from coin.stage_specs import ALWAYS_CODE, STAGE_SPECS, StageSpec, select_params, stage_params
 from coin.stages import Layout
-from coin.study.keys import sha256_files
+from coin.study.keys import code_hash, sha256_files
 
 log = logging.getLogger("coin.flows")
 
 __all__ = ["STAGE_SPECS", "StageSpec", "cache_key", "fingerprint", "missing_outputs", "result_storage",
            "select_params", "stage_cache_policy"]
-
-CODE_ROOT = Path(coin.__file__).resolve().parent  # the coin package that actually runs
-
 
 # --------------------------------------------------------------------------- fingerprints
 
@@ -80,7 +76,6 @@ def cache_key(stage: str, settings: Settings, root: Path, item: str | None = Non
     """The input-based key of one stage task (see the module docstring for what goes in)."""
     spec = STAGE_SPECS[stage]
     lay = Layout(root, settings)
-    code = [*(CODE_ROOT / c for c in ALWAYS_CODE), *(CODE_ROOT / c for c in spec.code)]
     return hash_objects(
         {
             "stage": stage,
@@ -89,7 +84,7 @@ def cache_key(stage: str, settings: Settings, root: Path, item: str | None = Non
             "params": stage_params(stage, settings),
             "data_version": data_version(root),
             "inputs": fingerprint(spec.inputs(lay, item), base=root),
-            "code": fingerprint(code, base=CODE_ROOT),
+            "code": code_hash((*ALWAYS_CODE, *spec.code)),  # the coin package that actually runs
         },
         raise_on_failure=True,
     )
