@@ -40,7 +40,7 @@ import coin  # noqa: F401  (local-only environment before Prefect is imported)
 from coin.secrets import reveal, seal_overrides, seal_text
 from coin.study import tracking as study_tracking
 from coin.study.cell import run_cell
-from coin.study.grid import cell_named, grid_cells, load_study, sweep_overrides
+from coin.study.grid import cell_named, grid_cells, load_study, preflight_study, sweep_overrides
 from coin.study.placement import configure_worker, worker_plan
 from coin.study.prepare import prepare_pairs
 from coin.study.report import write_study_outputs
@@ -119,6 +119,7 @@ def coin_study(
     logger.info("%s", run_banner("coin-study", params_path, overrides))
     dask_address = reveal(dask_address)  # sealed (seal_text) when it holds a credential
     settings, root = load_study(params_path, overrides)  # bad params, methods, seeds or sweep fail here
+    preflight_study(settings)  # ... and a grid with a cell that clearly cannot fit (the memory plan)
     params_path = str(Path(params_path).resolve())  # workers may run elsewhere than the flow's cwd
     plan = worker_plan(settings, workers, dask_address, dask_processes)
     # a bad cluster option fails here too

@@ -304,6 +304,40 @@ def test_a_second_process_waits_for_the_cells_lock(tmp_path):
     t.join()
 
 
+def test_a_study_that_cannot_fit_stops_before_any_work(prefect_harness, study_project, tiny_llama_dir, tmp_path,
+                                                        monkeypatch, capsys):
+    """The memory plan runs for the grid (every sweep point) before the pairs are built, and for a cell run on its
+    own before it computes; each refusal names the settings to change."""
+    from typer.testing import CliRunner
+
+    from coin.cli import app
+    from coin.modeling import memory
+    from coin.study.cell import main
+    from coin.study.grid import load_study, preflight_study
+
+    monkeypatch.setattr(memory, "available_memory", lambda device: (64 * 2**20, "host RAM available"))
+    big = ["--set", "train.batch_size=512", "--set", "pairs.cutoff_len=4096"]
+    root = tmp_path / "project"
+    root.mkdir()
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params(tiny_llama_dir)))
+    res = CliRunner().invoke(app, ["study", "--params", str(params), "--workers", "1", "--dask-threads", *big])
+    msg = " ".join(res.output.split())
+    assert res.exit_code == 2, res.output
+    assert "will not fit" in msg and "train.batch_size (512)" in msg and "pairs.cutoff_len (4096)" in msg
+    assert not (root / "outputs" / "study").exists()  # no pairs, no cells
+
+    settings, _ = load_study(params, ["study.sweep_key=train.batch_size", "study.sweep_values=[2, 512]"])
+    with pytest.raises(memory.MemoryPlanError, match=r"at train.batch_size = 512: .*will not fit"):
+        preflight_study(settings)
+    preflight_study(load_study(params, ["study.methods=[base]", "train.batch_size=512"])[0])  # base trains nothing
+
+    out = tmp_path / "cell"  # one cell on its own (python -m coin.study.cell), against the study's pairs
+    args = ["--params", str(study_project["params"]), "--method", "coin", "--seed", "0", "--out", str(out)]
+    assert main([*args, *big]) == 2
+    assert "will not fit" in capsys.readouterr().err and not out.parent.joinpath(".lock-cell").exists()
+
+
 def test_cell_modules_import_neither_prefect_nor_mlflow():
     code = ("import sys, coin.study.cell, coin.study.aggregate, coin.stages, coin.evaluation.runner, "
             "coin.evaluation.result, coin.modeling.lora, coin.training.loop, coin.registry.tracking; "

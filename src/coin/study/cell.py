@@ -244,6 +244,11 @@ def run_cell(settings: Settings, root: Path, cell: Cell, *, out_dir: Path | None
     if why is None:
         log.info("cell %s: done, skipped", cell.name)
         return {**read_json(final / CELL_RECORD), "cached": True, "dir": str(final)}
+    if cell.trained:  # the memory plan on the cell's device: a cell that clearly cannot fit stops before any work
+        from coin.modeling.memory import preflight
+
+        preflight(s.model_copy(update={"model": s.model.model_copy(update={"device": device})}) if device else s,
+                  [cell.method])
     final.parent.mkdir(parents=True, exist_ok=True)
     with _cell_lock(final):
         if not force and why is not None and cell_status(final, parts, cell.trained) is None:

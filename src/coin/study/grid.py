@@ -114,6 +114,24 @@ def sweep_points(settings: Settings) -> list[tuple[Any, Settings]]:
     return points
 
 
+def preflight_study(settings: Settings) -> None:
+    """The memory plan (:func:`coin.modeling.memory.preflight`) of every trained method at every sweep point: a
+    grid with a cell that clearly cannot fit stops here, before the pairs are built, naming the settings to
+    change (and the sweep value). ``COIN_MEMORY_CHECK=0`` skips it, as for ``coin train``."""
+    from coin.modeling.memory import MemoryPlanError, preflight
+
+    trained = [m for m in settings.study.methods if m != BASE_METHOD]
+    if not trained:
+        return
+    for value, s in sweep_points(settings):
+        try:
+            preflight(s, trained)
+        except MemoryPlanError as exc:
+            if value is None:
+                raise
+            raise MemoryPlanError(f"at {settings.study.sweep_key} = {value}: {exc}") from None
+
+
 def cell_settings(settings: Settings, cell: Cell) -> Settings:
     """The settings a cell trains and evaluates with: the study's, with the cell's sweep value applied."""
     if cell.sweep_key != settings.study.sweep_key:
