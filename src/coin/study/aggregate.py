@@ -199,8 +199,9 @@ def _shared_index(cells: list[CellData]) -> pd.MultiIndex:
 
 
 def aggregate_group(cells: list[CellData], methods: Sequence[str], *, n_boot: int = N_BOOT, level: float = LEVEL,
-                    seed: int = BOOT_SEED) -> dict[str, Any]:
-    """Figures per method and paired differences for the cells of one sweep group (see the module docstring)."""
+                    seed: int = BOOT_SEED, pairs: Sequence[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Figures per method and paired differences for the cells of one sweep group (see the module docstring).
+    ``pairs``: the differences ``a − b`` to compute (default :func:`difference_pairs` of the methods present)."""
     present = [m for m in methods if any(c.method == m for c in cells)]
     present += [m for m in dict.fromkeys(c.method for c in cells) if m not in present]
     index = _shared_index(cells)
@@ -233,7 +234,7 @@ def aggregate_group(cells: list[CellData], methods: Sequence[str], *, n_boot: in
         }
 
     diffs = []
-    for a, b in difference_pairs(present):
+    for a, b in (difference_pairs(present) if pairs is None else pairs):
         d: dict[str, Any] = {"a": a, "b": b, "label": f"{a} − {b}"}
         common = sorted(set(seeds[a]) & set(seeds[b]))
         for part in PARTS:
