@@ -251,7 +251,7 @@ def run_cell(settings: Settings, root: Path, cell: Cell, *, out_dir: Path | None
                   [cell.method])
     final.parent.mkdir(parents=True, exist_ok=True)
     with _cell_lock(final):
-        if not force and why is not None and cell_status(final, parts, cell.trained) is None:
+        if not force and cell_status(final, parts, cell.trained) is None:
             log.info("cell %s: done by another process meanwhile, skipped", cell.name)  # we waited for its lock
             return {**read_json(final / CELL_RECORD), "cached": True, "dir": str(final)}
         log.info("cell %s: computing (%s)", cell.name, why)
