@@ -13,18 +13,14 @@ valid.jsonl) and that each (method, seed) appears once, then aggregates with the
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from study_cells import ROOT, cell_dirs, load_cell, same_pairs, same_sample  # noqa: E402
 
 from coin.config import STUDY_METHODS  # noqa: E402
-from coin.data.io import read_json  # noqa: E402
-from coin.evaluation.result import load_result  # noqa: E402
-from coin.study.aggregate import cell_data  # noqa: E402
-from coin.study.cell import CELL_RECORD, EVAL_DIR  # noqa: E402
 from coin.study.grid import load_study  # noqa: E402
 from coin.study.report import render_study  # noqa: E402
 
@@ -54,25 +50,18 @@ def main() -> int:
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     args = ap.parse_args()
 
-    valid = {d: hashlib.sha256((d / "validated" / "valid.jsonl").read_bytes()).hexdigest() for d in args.studies}
-    if len(set(valid.values())) != 1:
-        raise SystemExit(f"the studies were built from different validated pairs: {valid}")
+    same_pairs(args.studies)
     records, data, seen = [], [], {}
     for d in args.studies:
-        for cell_dir in sorted(p for p in (d / "cells").iterdir() if p.is_dir() and not p.name.startswith(".")):
-            rec = read_json(cell_dir / CELL_RECORD)
-            if not rec.get("complete"):
-                raise SystemExit(f"{cell_dir}: not complete")
-            key = (rec["cell"]["method"], rec["cell"]["seed"])
+        for cell_dir in cell_dirs(d):
+            rec, cell = load_cell(cell_dir)
+            key = (cell.method, cell.seed, cell.sweep)
             if key in seen:
                 raise SystemExit(f"{key} appears in {seen[key]} and {cell_dir}")
             seen[key] = cell_dir
             records.append(rec)
-            data.append(cell_data(rec, load_result(cell_dir / EVAL_DIR)))
-    for field in ("eval_seed", "data_version"):
-        values = {r.get(field) for r in records}
-        if len(values) != 1:
-            raise SystemExit(f"cells differ in {field}: {values}")
+            data.append(cell)
+    same_sample(records)
     methods = [m for m in STUDY_METHODS if any(r["cell"]["method"] == m for r in records)]
     seeds = sorted({r["cell"]["seed"] for r in records})
     settings, _ = load_study(args.params, [f"study.methods={methods}", f"study.seeds={seeds}"])

@@ -4,11 +4,13 @@
         "coin (prompt, mean)=outputs/study-pool:coin" "coin=outputs/study:coin" "cit=outputs/study:cit" \
         --out results/study-pool
 
-Each argument is ``LABEL=STUDY_DIR:METHOD``: the done cells of METHOD in STUDY_DIR (every seed), shown as LABEL.
-``coin study`` keys its cells by method, so two configurations of one method (here coin with another
+Each argument is ``LABEL=STUDY_DIR:METHOD`` or ``LABEL=STUDY_DIR:METHOD@SWEEP``: the done cells of METHOD in
+STUDY_DIR (every seed), shown as LABEL; with ``@SWEEP`` (a sweep group as the study names it, e.g.
+``@train.cl_weight=0.1``) only the cells of that sweep value, without it only the cells of a study that sweeps
+nothing. ``coin study`` keys its cells by method, so two configurations of one method (here coin with another
 ``train.pool_span``) live in two study directories and cannot be one study; this script puts them side by side.
-It checks that every directory was built from the same validated pairs and evaluation sample (the studies'
-``valid.jsonl``; the cells' ``eval_seed`` and ``data_version``), then calls the study's aggregation
+It checks that every directory was built from the same validated pairs and evaluation sample
+(:mod:`study_cells`), then calls the study's aggregation
 (:func:`coin.study.aggregate.aggregate_group`: mean ± std over seeds, and each difference first − other with
 the hierarchical bootstrap over seeds and examples). Differences: the first variant against each other one,
 then each pair among the others. Writes ``comparison.json`` and ``table.md`` under ``--out`` and prints the table.
@@ -18,27 +20,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import itertools
 import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from coin.data.io import read_json, write_json  # noqa: E402
-from coin.evaluation.result import load_result  # noqa: E402
-from coin.study.aggregate import aggregate_group, cell_data  # noqa: E402
-from coin.study.cell import CELL_RECORD, EVAL_DIR  # noqa: E402
+from study_cells import cell_dirs, load_cell, same_pairs, same_sample  # noqa: E402
+
+from coin.data.io import write_json  # noqa: E402
+from coin.study.aggregate import aggregate_group  # noqa: E402
 
 
-def parse_variant(text: str) -> tuple[str, Path, str]:
+def parse_variant(text: str) -> tuple[str, Path, str, str | None]:
+    """``LABEL=STUDY_DIR:METHOD[@SWEEP]`` -> (label, study dir, method, sweep group or None)."""
     label, sep, rest = text.partition("=")
-    study, sep2, method = rest.rpartition(":")
+    study, sep2, spec = rest.rpartition(":")
+    method, _, sweep = spec.partition("@")
     if not (sep and sep2 and label and study and method):
-        raise SystemExit(f"{text!r}: write LABEL=STUDY_DIR:METHOD, e.g. 'coin=outputs/study:coin'")
-    return label, Path(study), method
+        raise SystemExit(f"{text!r}: write LABEL=STUDY_DIR:METHOD[@SWEEP], e.g. 'coin=outputs/study:coin' or "
+                         "'coin w=0.1=outputs/study-w:coin@train.cl_weight=0.1'")
+    return label, Path(study), method, sweep or None
 
 
 def _fmt(x: float | None, sign: bool = False) -> str:
@@ -83,35 +86,30 @@ def main() -> int:
     labels = [v[0] for v in variants]
     if len(set(labels)) != len(labels):
         raise SystemExit(f"two variants share a label: {labels}")
-    valid = {str(d): hashlib.sha256((d / "validated" / "valid.jsonl").read_bytes()).hexdigest()
-             for _, d, _ in variants}
-    if len(set(valid.values())) != 1:
-        raise SystemExit(f"the studies were built from different validated pairs: {valid}")
+    valid_sha = same_pairs(d for _, d, _, _ in variants)
     records, data = [], []
-    for label, study, method in variants:
-        dirs = sorted(p for p in (study / "cells").glob(f"{method}-s*") if p.is_dir())
+    for label, study, method, sweep in variants:
         found = []
-        for cell_dir in dirs:
-            rec = read_json(cell_dir / CELL_RECORD)
-            if rec["cell"]["method"] != method or rec["cell"].get("sweep_key"):
+        for cell_dir in cell_dirs(study):
+            if not cell_dir.name.startswith(f"{method}-s"):
                 continue
-            if not rec.get("complete"):
-                raise SystemExit(f"{cell_dir}: not complete")
-            found.append(rec["cell"]["seed"])
+            rec, cell = load_cell(cell_dir)
+            if cell.method != method or cell.sweep != sweep:
+                continue
+            found.append(cell.seed)
             records.append(rec)
-            data.append(dataclasses.replace(cell_data(rec, load_result(cell_dir / EVAL_DIR)), method=label))
+            data.append(dataclasses.replace(cell, method=label))
         if not found:
-            raise SystemExit(f"{study / 'cells'}: no done cell of method {method!r}")
-        print(f"{label}: {study}/cells/{method}-s{{{','.join(map(str, sorted(found)))}}}")
-    for field in ("eval_seed", "data_version"):
-        values = {r.get(field) for r in records}
-        if len(values) != 1:
-            raise SystemExit(f"cells differ in {field}: {values}")
+            at = f" at {sweep}" if sweep else " without a sweep"
+            raise SystemExit(f"{study / 'cells'}: no done cell of method {method!r}{at}")
+        seeds = ",".join(map(str, sorted(found)))
+        print(f"{label}: {study}/cells/{method}-s{{{seeds}}}" + (f"-{sweep}" if sweep else ""))
+    same_sample(records)
     pairs = [(labels[0], b) for b in labels[1:]] + list(itertools.combinations(labels[1:], 2))
     agg = aggregate_group(data, labels, n_boot=args.n_boot, pairs=pairs)
     md = table(agg, labels)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "comparison.json", {"variants": args.variants, "valid_sha256": next(iter(valid.values())),
+    write_json(args.out / "comparison.json", {"variants": args.variants, "valid_sha256": valid_sha,
                                               "eval_seed": records[0].get("eval_seed"), **agg})
     (args.out / "table.md").write_text(md + "\n")
     print(md)
