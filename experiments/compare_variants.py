@@ -4,8 +4,8 @@
         "coin (prompt, mean)=outputs/study-pool:coin" "coin=outputs/study:coin" "cit=outputs/study:cit" \
         --out results/study-pool
 
-Each argument is ``LABEL=STUDY_DIR:METHOD`` or ``LABEL=STUDY_DIR:METHOD@SWEEP``: the done cells of METHOD in
-STUDY_DIR (every seed), shown as LABEL; with ``@SWEEP`` (a sweep group as the study names it, e.g.
+Each argument is ``LABEL=STUDY_DIR:METHOD`` or ``LABEL=STUDY_DIR:METHOD@SWEEP`` (LABEL without ``=``): the done
+cells of METHOD in STUDY_DIR (every seed), shown as LABEL; with ``@SWEEP`` (a sweep group as the study names it, e.g.
 ``@train.cl_weight=0.1``) only the cells of that sweep value, without it only the cells of a study that sweeps
 nothing. ``coin study`` keys its cells by method, so two configurations of one method (here coin with another
 ``train.pool_span``) live in two study directories and cannot be one study; this script puts them side by side.
@@ -40,7 +40,7 @@ def parse_variant(text: str) -> tuple[str, Path, str, str | None]:
     method, _, sweep = spec.partition("@")
     if not (sep and sep2 and label and study and method):
         raise SystemExit(f"{text!r}: write LABEL=STUDY_DIR:METHOD[@SWEEP], e.g. 'coin=outputs/study:coin' or "
-                         "'coin w=0.1=outputs/study-w:coin@train.cl_weight=0.1'")
+                         "'coin w 0.1=outputs/study-w:coin@train.cl_weight=0.1' (no '=' in LABEL)")
     return label, Path(study), method, sweep or None
 
 
