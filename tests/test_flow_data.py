@@ -95,3 +95,22 @@ def test_empty_task_files_are_errors_not_smaller_averages(tmp_path):
     (data / "glue" / "rte.validation.jsonl").write_text("")
     with pytest.raises(DataError, match=r"rte\.validation\.jsonl: no rows.*evaluate\.tasks"):
         sample_examples(data, "rte", 10, seed=0)
+
+
+def test_a_study_on_a_fresh_clone_pulls_the_data_before_it_builds_pairs(tmp_path, monkeypatch):
+    """`coin study` before any pipeline run: data/ exists only in the DVC remote. The study's prepare step pulls
+    it, as the pipeline's data stage does, instead of stopping with 'file not found'."""
+    from coin.study.prepare import prepare_pairs
+
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    project = copy_project(tmp_path)
+    assert not (project / "data" / "glue").exists()
+    settings = Settings.model_validate({
+        "pairs": {"tasks": ["sst2", "rte"], "rows_per_task": 8, "val_fraction": 0.25},
+        "validate": {"min_pass_rate": 0.5},
+        "study": {"out_dir": "outputs/study"},
+    })
+    rec = prepare_pairs(settings, project)
+    assert (project / "data" / "glue" / "sst2.train.jsonl").exists()
+    assert not rec["cached"] and (project / rec["valid_file"]).stat().st_size > 0
+    assert prepare_pairs(settings, project)["cached"]  # the data check does not change the key

@@ -5,7 +5,9 @@ Pairs and the validation gate do not depend on the training seed, so a study run
 ``<study.out_dir>/validated/`` (apart from the pipeline's ``outputs/``, which a study with other
 overrides must not overwrite). ``prepare.json`` records what they were computed from
 (:func:`coin.study.keys.prep_key_parts`) and the sha256 of ``valid.jsonl``; a rerun with the same key
-and the same file skips both. The gate's MLflow run nests under the study run when one is given.
+and the same file skips both. The gate's MLflow run nests under the study run when one is given. First, as the
+pipeline's ``data`` stage does, ``data/`` is pulled from the DVC remote when it is missing or out of date, so
+``coin study`` runs on a fresh clone.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def prepare_pairs(settings: Settings, root: Path, *, parent_run_id: str | None =
     from coin.registry.tracking import PARENT_RUN_ENV
 
     root = Path(root)
+    stages.stage_data(settings, root)  # a fresh clone holds data/ only in the DVC remote; the key hashes data/
     record_file = study_dir(settings, root) / PREP_RECORD
     parts = prep_key_parts(settings, root)
     key = key_of(parts)
