@@ -75,6 +75,27 @@ def table(agg: dict, labels: list[str]) -> str:
     return "\n".join(lines)
 
 
+def per_task_table(data: list, labels: list[str], agg: dict) -> str:
+    """Clean accuracy per task: mean ± std over each variant's seeds (example mean of the per-example clean
+    scores, the instructions averaged), with the majority-class rate of the sample."""
+    import statistics
+
+    tasks = list(agg["tasks"])
+    per: dict[str, dict[str, list[float]]] = {lab: {t: [] for t in tasks} for lab in labels}
+    for cell in data:
+        by_task = cell.scores["clean"].groupby(level="task").mean()
+        for t in tasks:
+            per[cell.method][t].append(float(by_task[t]))
+    lines = ["| variant | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for lab in labels:
+        vals = [per[lab][t] for t in tasks]
+        lines.append(f"| {lab} | " + " | ".join(
+            f"{statistics.mean(v):.1f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.1f}" for v in vals) + " |")
+    maj = agg["majority_class"]["tasks"]
+    lines.append("| *majority class* | " + " | ".join(f"*{maj[t]:.1f}*" for t in tasks) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("variants", nargs="+", help="LABEL=STUDY_DIR:METHOD (the first is compared with each other)")
@@ -107,7 +128,8 @@ def main() -> int:
     same_sample(records)
     pairs = [(labels[0], b) for b in labels[1:]] + list(itertools.combinations(labels[1:], 2))
     agg = aggregate_group(data, labels, n_boot=args.n_boot, pairs=pairs)
-    md = table(agg, labels)
+    md = (table(agg, labels) + "\n\nClean accuracy per task, mean ± std over seeds:\n\n"
+          + per_task_table(data, labels, agg))
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "comparison.json", {"variants": args.variants, "valid_sha256": valid_sha,
                                               "eval_seed": records[0].get("eval_seed"), **agg})

@@ -296,10 +296,11 @@ class TrainSettings(_Section):
     max_grad_norm: float = Field(1.0, gt=0.0)
     temperature: float = Field(0.05, gt=0.0, le=10.0, description="InfoNCE temperature tau")
     cl_weighting: Literal["adaptive", "fixed"] = Field(
-        "adaptive", description="adaptive: reference rule w = min(lambda, L_gen/L_cl) (detached); fixed: w = cl_weight"
+        "fixed", description="fixed: w = cl_weight (default: RESULTS.md section 8); adaptive: the reference rule "
+        "w = min(lambda, L_gen/L_cl) (detached)"
     )
     cl_lambda: float = Field(1000.0, gt=0.0, description="lambda of the adaptive rule")
-    cl_weight: float = Field(1.0, ge=0.0, description="w of the fixed rule")
+    cl_weight: float = Field(0.1, ge=0.0, description="w of the fixed rule")
     pooling: Literal["last", "mean", "max"] = Field("last", description="how a sequence becomes one vector")
     pool_span: Literal["full", "prompt"] = Field("full",
                                                  description="pool over prompt+response (reference) or prompt only")
