@@ -149,9 +149,9 @@ class StepSettings:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     temperature: float = 0.05
-    cl_weighting: str = "adaptive"
+    cl_weighting: str = "fixed"
     cl_lambda: float = 1000.0
-    cl_weight: float = 1.0
+    cl_weight: float = 0.1
     pooling: str = "last"
     pool_span: str = "full"
     hard_negatives: bool = True
