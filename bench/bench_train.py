@@ -29,6 +29,9 @@ Variants:
 - ``sft``             ours, originals only.
 - ``coin_fp32``       ``coin`` with ``train.autocast: off``: against ``coin`` (``auto``: bf16 where it is native,
                       e.g. a CPU with AVX512-BF16) it is the gain of bf16 autocast.
+- ``coin_dropout``    ``coin`` with dropout as the checkpoint and the reference have it (``train.backbone_dropout:
+                      null``: MiniLM's 0.1 hidden + attention dropout; ``train.lora.dropout: 0.05``): against
+                      ``coin`` (params.yaml) it is the cost of dropout's random masks on this device.
 - ``consistency`` / ``coin_consistency``: the output-consistency objective alone and added to coin
                       (``train.consistency`` as in params.yaml), on the same sequences as ``coin``; with
                       ``_noneg``, on the same originals + paraphrases as ``cit`` (the pull term only).
@@ -67,7 +70,14 @@ import torch
 from torch.utils import flop_counter as fc
 
 import coin  # noqa: F401  (offline environment variables)
-from coin.modeling.backbone import Backbone, FusedLM, load_backbone, load_tokenizer, pick_device
+from coin.modeling.backbone import (
+    Backbone,
+    FusedLM,
+    load_backbone,
+    load_tokenizer,
+    pick_device,
+    set_backbone_dropout,
+)
 from coin.modeling.lora import apply_lora
 from coin.training.batching import BatchStream
 from coin.training.collator import GEN_GROUPS, Batch, PairCollator
@@ -80,7 +90,9 @@ if TYPE_CHECKING:  # imported where used: bench/gpu_check.py imports this module
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("coin", "coin_padded", "reference", "coin_noneg", "reference_noneg", "cit", "sft", "coin_bucketed",
-            "coin_fp32", "consistency", "consistency_noneg", "coin_consistency", "coin_consistency_noneg")
+            "coin_fp32", "coin_dropout", "consistency", "consistency_noneg", "coin_consistency",
+            "coin_consistency_noneg")
+DROPOUT_ON = 0.05  # coin_dropout's LoRA dropout: the reference's (its backbone dropout: the checkpoint's, MiniLM 0.1)
 # the methods a variant name can start with (the rest of the name: _noneg, _padded, ...); longest first
 _VARIANT_METHODS = ("coin_consistency", "consistency", "cit", "sft")
 
@@ -177,6 +189,8 @@ def variant_cfg(name: str, base: TrainSettings) -> TrainSettings:
         "methods": [method], "hard_negatives": "noneg" not in name, "bucket_by_length": name == "coin_bucketed",
         "packing": not (name.startswith("reference") or name == "coin_padded"),
         "autocast": "off" if name == "coin_fp32" else base.autocast,
+        **({"backbone_dropout": None, "lora": base.lora.model_copy(update={"dropout": DROPOUT_ON})}
+           if name == "coin_dropout" else {}),
     })
 
 
@@ -209,6 +223,8 @@ def build_backbone(spec: str, seed: int, layers: int | None) -> Backbone:
 def make_variant(name: str, args: argparse.Namespace, settings: Settings, rows: list[dict[str, Any]]) -> Variant:
     cfg = variant_cfg(name, settings.train.model_copy(update={"batch_size": args.batch_size}))
     bb = build_backbone(args.backbone, settings.seed, args.layers)
+    if cfg.backbone_dropout is not None:  # as coin train does
+        set_backbone_dropout(bb.model, cfg.backbone_dropout)
     torch.manual_seed(settings.seed)
     model = apply_lora(bb, cfg.lora)
     if cfg.gradient_checkpointing:
@@ -407,6 +423,8 @@ def report(args: argparse.Namespace, settings: Settings, variants: list[Variant]
         f"{get('coin_padded', 'step_mb', memory):.0f} / {get('reference', 'step_mb', memory):.0f} MB | |",
         f"| length bucketing: tokens/s `coin_bucketed` / `coin` (other batches) | "
         f"{get('coin_bucketed', 'tokens_s', stats) / get('coin', 'tokens_s', stats):.2f}x | |",
+        f"| dropout off (params.yaml) vs on (checkpoint + reference rates): `coin` vs `coin_dropout` | "
+        f"{speedup('coin', 'coin_dropout')} | |",
         f"| (e) consistency term, same sequences: step time `consistency_noneg` vs `cit` | "
         f"{overhead('consistency_noneg', 'cit')} | small (reuses the logits) |",
         f"| (e) `coin_consistency_noneg` vs `cit` (InfoNCE + consistency, same sequences) | "

@@ -88,7 +88,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import TINYLLAMA_1B, Variant, _sync, count_flops, matmul_rate, variant_cfg  # noqa: E402
 
 import coin  # noqa: E402,F401  (local-only environment: HF offline, no telemetry)
-from coin.modeling.backbone import Backbone, packing_supported, pick_device  # noqa: E402
+from coin.modeling.backbone import Backbone, packing_supported, pick_device, set_backbone_dropout  # noqa: E402
 from coin.modeling.lora import apply_lora  # noqa: E402
 from coin.training.collator import PairCollator  # noqa: E402
 
@@ -133,7 +133,7 @@ class LoraStepSettings:
 
     r: int = 16
     alpha: int = 32
-    dropout: float = 0.05
+    dropout: float = 0.0
     target_modules: str | tuple[str, ...] = "auto"
     modules_to_save: str | tuple[str, ...] = "auto"
 
@@ -160,6 +160,7 @@ class StepSettings:
     packing: bool = True
     gradient_checkpointing: bool = False
     autocast: str = "auto"
+    backbone_dropout: float | None = 0.0
     lora: LoraStepSettings = dataclasses.field(default_factory=LoraStepSettings)
 
     @property
@@ -310,6 +311,8 @@ def make_variants(backbone: Backbone, cfg: StepSettings, specs: list[tuple[str, 
 
     First the packing self-check that ``coin train`` runs (``packing_supported``; it refuses ``train.packing`` where
     the check fails): where it fails, the variants are collated unpacked, as ``train.packing: false`` runs."""
+    if cfg.backbone_dropout is not None:  # as coin train does
+        set_backbone_dropout(backbone.model, cfg.backbone_dropout)
     torch.manual_seed(0)
     model = apply_lora(backbone, cfg.lora)
     packs = packing_supported(model)

@@ -28,7 +28,8 @@ def test_strong_params_file_parses_and_differs_only_where_it_says():
     a, b = default.to_flat_dict(), strong.to_flat_dict()
     changed = {k.split(".rows_per_task.")[0] + (".rows_per_task" if ".rows_per_task." in k else "")
                for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
-    assert changed == {"pairs.rows_per_task", "train.max_steps", "evaluate.samples_per_task", "train.cl_weighting"}
+    assert changed == {"pairs.rows_per_task", "train.max_steps", "evaluate.samples_per_task", "train.cl_weighting",
+                       "train.backbone_dropout", "train.lora.dropout"}
     marked = [line for line in (ROOT / "params-strong.yaml").read_text().splitlines() if "# strong:" in line]
     assert len(marked) == len(changed)
 

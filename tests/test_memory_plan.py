@@ -115,6 +115,14 @@ def _settings(backbone: Path, **train: object) -> Settings:
                                     "pairs": {"cutoff_len": 32}, "train": {"batch_size": 4, **train}})
 
 
+def test_the_plan_reads_the_backbone_dropout_override(tiny_bert_encoder_dir: Path) -> None:
+    """train.backbone_dropout replaces the config's attention dropout (0.1): at 0 SDPA needs no math kernel on a CPU."""
+    kept = plan_training(_settings(tiny_bert_encoder_dir, backbone_dropout=None))
+    off = plan_training(_settings(tiny_bert_encoder_dir, backbone_dropout=0.0))
+    assert kept.shape.attention_dropout == pytest.approx(0.1) and off.shape.attention_dropout == 0.0
+    assert off.methods[0].estimate.activations < kept.methods[0].estimate.activations
+
+
 def test_the_plan_takes_groups_cutoff_and_world_size_from_the_settings(tiny_llama_dir: Path) -> None:
     plan = plan_training(_settings(tiny_llama_dir, methods=["coin", "sft"]), world_size=2)
     coin, sft = plan.methods

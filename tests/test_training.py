@@ -23,7 +23,7 @@ from helpers_training import (
 
 from coin.config import LoraSettings, TrainSettings
 from coin.data.prompts import encode
-from coin.modeling.backbone import FusedLM, load_backbone, load_tokenizer, selected_logits
+from coin.modeling.backbone import FusedLM, load_backbone, load_tokenizer, selected_logits, set_backbone_dropout
 from coin.modeling.lora import apply_lora, load_adapter, newly_initialised_modules
 from coin.training.collator import PairCollator
 from coin.training.loop import iterate_batches, train, train_rows_of
@@ -807,3 +807,42 @@ def test_adapter_round_trip_gives_identical_logits(request: pytest.FixtureReques
         assert not loaded.training
         again = loaded(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
     torch.testing.assert_close(again, trained, rtol=0, atol=1e-6)
+
+
+def _train_mode_logits(model: torch.nn.Module, seed: int) -> torch.Tensor:
+    ids = torch.arange(5, 29).reshape(2, 12)
+    torch.manual_seed(seed)
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+@pytest.mark.parametrize("tiny", [*TINY_DIRS, "tiny_qwen2_dir"])
+def test_backbone_dropout_reaches_every_rate_of_the_architecture(request: pytest.FixtureRequest, tiny: str) -> None:
+    """train.backbone_dropout: at 0.5 two train-mode forwards differ (so the rates it sets are the ones the model
+    uses: BERT's nn.Dropout modules incl. SDPA's attention dropout, GPT-2's, Llama's/Qwen2's float
+    ``attention_dropout``); at 0.0 they are equal; eval mode never drops."""
+    bb = load_backbone(str(request.getfixturevalue(tiny)), device="cpu")
+    assert set_backbone_dropout(bb.model, 0.5) > 0
+    bb.model.train()
+    assert not torch.allclose(_train_mode_logits(bb.model, 0), _train_mode_logits(bb.model, 1))
+    assert set_backbone_dropout(bb.model, 0.0) > 0
+    assert torch.equal(_train_mode_logits(bb.model, 0), _train_mode_logits(bb.model, 1))
+
+
+def test_backbone_dropout_leaves_lora_dropout_to_its_own_key(tiny_bert_encoder_dir: Path) -> None:
+    bb = load_backbone(str(tiny_bert_encoder_dir), device="cpu")
+    model = apply_lora(bb, LoraSettings(r=4, dropout=0.3))
+    set_backbone_dropout(model, 0.0)
+    rates = {n: m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    lora = {n: p for n, p in rates.items() if "lora_dropout" in n}
+    assert lora and set(lora.values()) == {0.3}
+    assert {p for n, p in rates.items() if n not in lora} == {0.0}
+
+
+@pytest.mark.parametrize("rate", [None, 0.0])
+def test_train_applies_backbone_dropout(tiny_bert_encoder_dir: Path, tmp_path: Path, rate: float | None) -> None:
+    """null keeps the checkpoint's rates (the tiny BERT's config: 0.1); a number replaces them for the run."""
+    bb = load_backbone(str(tiny_bert_encoder_dir), device="cpu")
+    train(bb, make_rows(4), cfg_for("coin", max_steps=1, backbone_dropout=rate), out_dir=tmp_path, seed=0,
+          cutoff_len=64)
+    rates = {m.p for n, m in bb.model.named_modules() if isinstance(m, torch.nn.Dropout) and "lora_" not in n}
+    assert rates == ({0.1} if rate is None else {0.0})

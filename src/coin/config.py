@@ -247,7 +247,8 @@ class ValidateSettings(_Section):
 class LoraSettings(_Section):
     r: int = Field(16, ge=1, le=1024)
     alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout (reference: 0.05; 0 with "
+                           "train.backbone_dropout 0: RESULTS.md section 9)")
     target_modules: Literal["auto", "all-linear"] | list[str] = Field(
         "auto", description="'auto' = peft's per-architecture default ('all-linear' where peft has none, e.g. "
         "Phi-3); 'all-linear' = every linear layer but the output head; or explicit module names"
@@ -331,6 +332,11 @@ class TrainSettings(_Section):
     autocast: Literal["auto", "bf16", "off"] = Field(
         "auto", description="auto: bf16 autocast where bf16 runs in hardware (a CUDA GPU with bf16, a CPU with "
         "AVX512-BF16 or AMX), off elsewhere; bf16: always; off: never"
+    )
+    backbone_dropout: float | None = Field(
+        0.0, ge=0.0, lt=1.0, description="the backbone's own dropout rates (hidden, attention probabilities) while "
+        "training: null = the checkpoint's config (MiniLM: 0.1); a number replaces every one. LoRA's dropout is "
+        "train.lora.dropout"
     )
     consistency: ConsistencySettings = Field(default_factory=ConsistencySettings)
     lora: LoraSettings = Field(default_factory=LoraSettings)

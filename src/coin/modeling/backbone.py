@@ -426,6 +426,41 @@ def _refuse_unquantised_new_layers(model: nn.Module, missing: list[str], quantiz
 # --------------------------------------------------------------------------- body / head split
 
 
+# Float attributes some attention modules read as their attention-probability dropout instead of an nn.Dropout
+# (Llama, Qwen2, Mistral: ``attention_dropout``; transformers' GPT-2 keeps nn.Dropout modules, covered below).
+_DROPOUT_ATTRS = ("attention_dropout", "attn_dropout", "dropout_p")
+
+
+def set_backbone_dropout(model: nn.Module, rate: float) -> int:
+    """Set every dropout rate of the backbone ``model`` (before LoRA is injected: LoRA's own dropout is
+    ``train.lora.dropout``) to ``rate``: each ``nn.Dropout`` module (hidden, embedding and attention-probability
+    dropout of BERT/MiniLM and GPT-2) and the float attention-dropout attributes that Llama-style attention
+    modules pass to SDPA. Returns how many were set. Dropout acts in train mode only; evaluation is unchanged.
+
+    Why a setting: on a CPU, dropout's random masks cost more than the matmuls of a small model (MiniLM, 2 cores:
+    the checkpoint's 0.1 hidden + attention dropout and LoRA's 0.05 take 40% of a training step, BENCHMARKS.md),
+    and a non-zero attention dropout sends SDPA to its unfused math kernel."""
+    n = 0
+    for name, module in model.named_modules():
+        if "lora_" in name:
+            continue
+        if isinstance(module, nn.Dropout):
+            module.p = float(rate)
+            n += 1
+            continue
+        for attr in _DROPOUT_ATTRS:
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, float(rate))
+                n += 1
+    config = getattr(model, "config", None)
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "resid_pdrop",
+                "embd_pdrop", "attn_pdrop", "hidden_dropout", "dropout"):
+        if config is not None and isinstance(getattr(config, key, None), (int, float)) \
+                and not isinstance(getattr(config, key), bool):
+            setattr(config, key, float(rate))
+    return n
+
+
 def split_body_head(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     """The transformer body (returns final-norm hidden states) and the LM head module.
 

@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -441,6 +441,8 @@ def plan_training(settings: Any, *, methods: list[str] | None = None, world_size
     world = world_size or env_world
     local = min(world, env_local if world_size is None else world)
     shape = model_shape(settings.model.backbone, train.lora)
+    if getattr(train, "backbone_dropout", None) is not None:  # train.backbone_dropout replaces the config's rates
+        shape = replace(shape, attention_dropout=float(train.backbone_dropout))
     plans = []
     for name in methods or train.methods:
         m = get_method(name)

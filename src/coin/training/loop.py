@@ -32,7 +32,14 @@ from tqdm.auto import tqdm
 
 from coin.errors import ConfigError
 from coin.methods import Method, get_method
-from coin.modeling.backbone import Backbone, FusedLM, autocast_context, packing_supported, unwrap_model
+from coin.modeling.backbone import (
+    Backbone,
+    FusedLM,
+    autocast_context,
+    packing_supported,
+    set_backbone_dropout,
+    unwrap_model,
+)
 from coin.modeling.lora import apply_lora
 from coin.training.batching import BatchStream, iterate_batches, train_rows_of
 from coin.training.checkpoint import (
@@ -182,6 +189,8 @@ def _train(run: TrainRun, world: World, device: torch.device) -> TrainResult:
     backbone, cfg, seed, checkpoint_dir = run.backbone, run.cfg, run.seed, run.checkpoint_root
     global_batch = cfg.batch_size * world.size
     train_rows = train_rows_of(run.rows, global_batch)
+    if cfg.backbone_dropout is not None:
+        set_backbone_dropout(backbone.model, cfg.backbone_dropout)
     torch.manual_seed(seed)  # LoRA A init: the same on every rank
     model = apply_lora(backbone, cfg.lora)
     if cfg.gradient_checkpointing:
