@@ -223,8 +223,7 @@ def build_backbone(spec: str, seed: int, layers: int | None) -> Backbone:
 def make_variant(name: str, args: argparse.Namespace, settings: Settings, rows: list[dict[str, Any]]) -> Variant:
     cfg = variant_cfg(name, settings.train.model_copy(update={"batch_size": args.batch_size}))
     bb = build_backbone(args.backbone, settings.seed, args.layers)
-    if cfg.backbone_dropout is not None:  # as coin train does
-        set_backbone_dropout(bb.model, cfg.backbone_dropout)
+    set_backbone_dropout(bb.model, cfg.backbone_dropout)  # as coin train does
     torch.manual_seed(settings.seed)
     model = apply_lora(bb, cfg.lora)
     if cfg.gradient_checkpointing:

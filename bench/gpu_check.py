@@ -311,8 +311,7 @@ def make_variants(backbone: Backbone, cfg: StepSettings, specs: list[tuple[str, 
 
     First the packing self-check that ``coin train`` runs (``packing_supported``; it refuses ``train.packing`` where
     the check fails): where it fails, the variants are collated unpacked, as ``train.packing: false`` runs."""
-    if cfg.backbone_dropout is not None:  # as coin train does
-        set_backbone_dropout(backbone.model, cfg.backbone_dropout)
+    set_backbone_dropout(backbone.model, cfg.backbone_dropout)  # as coin train does
     torch.manual_seed(0)
     model = apply_lora(backbone, cfg.lora)
     packs = packing_supported(model)

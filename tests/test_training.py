@@ -824,6 +824,8 @@ def test_backbone_dropout_reaches_every_rate_of_the_architecture(request: pytest
     assert set_backbone_dropout(bb.model, 0.5) > 0
     bb.model.train()
     assert not torch.allclose(_train_mode_logits(bb.model, 0), _train_mode_logits(bb.model, 1))
+    assert set_backbone_dropout(bb.model, None) == 0  # null: the rates stay as they are
+    assert not torch.allclose(_train_mode_logits(bb.model, 0), _train_mode_logits(bb.model, 1))
     assert set_backbone_dropout(bb.model, 0.0) > 0
     assert torch.equal(_train_mode_logits(bb.model, 0), _train_mode_logits(bb.model, 1))
 

@@ -431,15 +431,18 @@ def _refuse_unquantised_new_layers(model: nn.Module, missing: list[str], quantiz
 _DROPOUT_ATTRS = ("attention_dropout", "attn_dropout", "dropout_p")
 
 
-def set_backbone_dropout(model: nn.Module, rate: float) -> int:
-    """Set every dropout rate of the backbone ``model`` (before LoRA is injected: LoRA's own dropout is
-    ``train.lora.dropout``) to ``rate``: each ``nn.Dropout`` module (hidden, embedding and attention-probability
-    dropout of BERT/MiniLM and GPT-2) and the float attention-dropout attributes that Llama-style attention
-    modules pass to SDPA. Returns how many were set. Dropout acts in train mode only; evaluation is unchanged.
+def set_backbone_dropout(model: nn.Module, rate: float | None) -> int:
+    """Set every dropout rate of the backbone ``model`` to ``rate`` (``train.backbone_dropout``; ``None`` keeps the
+    checkpoint's rates): each ``nn.Dropout`` module (hidden, embedding and attention-probability dropout of
+    BERT/MiniLM and GPT-2) and the float attention-dropout attributes that Llama-style attention modules pass to
+    SDPA. LoRA's own dropout (``train.lora.dropout``) is left alone. Returns how many were set. Dropout acts in
+    train mode only; evaluation is unchanged.
 
     Why a setting: on a CPU, dropout's random masks cost more than the matmuls of a small model (MiniLM, 2 cores:
-    the checkpoint's 0.1 hidden + attention dropout and LoRA's 0.05 take 40% of a training step, BENCHMARKS.md),
-    and a non-zero attention dropout sends SDPA to its unfused math kernel."""
+    the checkpoint's 0.1 hidden + attention dropout and LoRA's 0.05 were 38% of a profiled training step; off, a
+    step is 1.75x as fast, BENCHMARKS.md), and a non-zero attention dropout sends SDPA to its unfused math kernel."""
+    if rate is None:
+        return 0
     n = 0
     for name, module in model.named_modules():
         if "lora_" in name:
@@ -452,12 +455,6 @@ def set_backbone_dropout(model: nn.Module, rate: float) -> int:
             if isinstance(getattr(module, attr, None), float):
                 setattr(module, attr, float(rate))
                 n += 1
-    config = getattr(model, "config", None)
-    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "resid_pdrop",
-                "embd_pdrop", "attn_pdrop", "hidden_dropout", "dropout"):
-        if config is not None and isinstance(getattr(config, key, None), (int, float)) \
-                and not isinstance(getattr(config, key), bool):
-            setattr(config, key, float(rate))
     return n
 
 

@@ -189,8 +189,7 @@ def _train(run: TrainRun, world: World, device: torch.device) -> TrainResult:
     backbone, cfg, seed, checkpoint_dir = run.backbone, run.cfg, run.seed, run.checkpoint_root
     global_batch = cfg.batch_size * world.size
     train_rows = train_rows_of(run.rows, global_batch)
-    if cfg.backbone_dropout is not None:
-        set_backbone_dropout(backbone.model, cfg.backbone_dropout)
+    set_backbone_dropout(backbone.model, cfg.backbone_dropout)
     torch.manual_seed(seed)  # LoRA A init: the same on every rank
     model = apply_lora(backbone, cfg.lora)
     if cfg.gradient_checkpointing:
