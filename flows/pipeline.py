@@ -16,11 +16,13 @@ Nothing is computed here: each task calls the same stage function as ``coin <sta
   (``COIN_PARENT_RUN_ID``), and the parent ends FINISHED or FAILED with the flow.
 - **Artifacts**: the validation summary (also when the gate fails), the robustness table, the
   registration decision.
-- **Evaluation fan-out** (:func:`eval_task_runner`): a local Dask cluster of ``eval_workers`` worker
-  processes on 127.0.0.1 (default one per 2 CPU cores, :func:`default_eval_workers`), or an existing
-  Dask scheduler at ``dask_address``. Processes, not threads:
-  loading two Hugging Face models at once in one process is not thread-safe (the empty-weights
-  initialisation patches ``torch.nn.Module`` globally: "Cannot copy out of meta tensor").
+- **Evaluation fan-out** (:func:`eval_task_runner`): a local Dask cluster of ``eval_workers`` workers
+  on 127.0.0.1 (default one per 2 CPU cores, :func:`default_eval_workers`), or an existing Dask
+  scheduler at ``dask_address``. Several local workers are processes, not threads: loading two Hugging
+  Face models at once in one process is not thread-safe (the empty-weights initialisation patches
+  ``torch.nn.Module`` globally: "Cannot copy out of meta tensor"). A single local worker is a thread in
+  this process (:func:`local_worker_processes`): nothing runs beside it, and it skips a worker process's
+  start-up (imports, its own Prefect server) and shutdown.
 """
 
 from __future__ import annotations
@@ -249,16 +251,26 @@ def dashboard_kwargs(dashboard: bool | str | None = None) -> dict[str, Any]:
     return {"dashboard_address": address, "scheduler_kwargs": {"dashboard": True}}
 
 
-def eval_task_runner(workers: int = 2, address: str | None = None, processes: bool = True,
+def local_worker_processes(workers: int, processes: bool | None = None) -> bool:
+    """Whether a local Dask cluster of ``workers`` runs them as processes: ``processes`` when given, else
+    processes for several workers (models load concurrently only in separate processes) and a thread in
+    this process for one. A lone worker process only adds its start-up and shutdown: measured in
+    BENCHMARKS.md (bench/bench_eval_runner.py)."""
+    return workers > 1 if processes is None else processes
+
+
+def eval_task_runner(workers: int = 2, address: str | None = None, processes: bool | None = None,
                      dashboard: bool | str | None = None) -> TaskRunner:
     """A Dask task runner: an existing scheduler at ``address``, or a local cluster of ``workers``
-    worker processes on 127.0.0.1 (``processes=False``: one worker thread in this process; more
-    than one thread would load models concurrently, which is not thread-safe). The local cluster's
-    dashboard is off unless ``dashboard`` asks for it (:func:`dashboard_kwargs`)."""
+    workers on 127.0.0.1: processes, or (``processes=False``; the default for one worker,
+    :func:`local_worker_processes`) one worker thread in this process; more than one thread would load
+    models concurrently, which is not thread-safe. The local cluster's dashboard is off unless
+    ``dashboard`` asks for it (:func:`dashboard_kwargs`)."""
     from prefect_dask import DaskTaskRunner
 
     if address:
         return DaskTaskRunner(address=address)
+    processes = local_worker_processes(workers, processes)
     if workers < 1:
         raise ValueError(f"eval_workers = {workers}: needs at least 1 Dask worker")
     if not processes and workers > 1:
@@ -360,7 +372,7 @@ def coin_pipeline(
     overrides: Overrides | None = None,
     eval_workers: int | None = None,
     dask_address: str | SecretStr | None = None,
-    dask_processes: bool = True,
+    dask_processes: bool | None = None,
     push_data: bool = True,
     dask_dashboard: bool | str | None = None,
 ) -> dict[str, Any]:
@@ -368,8 +380,9 @@ def coin_pipeline(
 
     ``overrides`` are ``section.key=value`` strings (as ``coin --set``; :data:`Overrides`: pass secrets sealed,
     ``coin.secrets.seal_overrides``, so the flow run records them redacted); ``eval_workers`` (default:
-    :func:`default_eval_workers`), ``dask_address`` and ``dask_processes`` configure the evaluation's Dask
-    cluster, whose dashboard is off unless ``dask_dashboard`` is ``True`` (127.0.0.1:8787) or an address;
+    :func:`default_eval_workers`), ``dask_address`` and ``dask_processes`` (default: processes for several
+    local workers, a thread in this process for one) configure the evaluation's Dask cluster, whose dashboard
+    is off unless ``dask_dashboard`` is ``True`` (127.0.0.1:8787) or an address;
     ``push_data=False`` skips ``dvc push``.
     """
     logger = get_run_logger()
@@ -426,14 +439,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-workers", type=int, default=None,
                     help="local Dask workers for the evaluation (default: one per 2 CPU cores)")
     ap.add_argument("--dask-address", default=None, help="use an existing Dask scheduler, e.g. tcp://127.0.0.1:8786")
-    ap.add_argument("--dask-threads", action="store_true",
-                    help="one Dask worker thread in this process (needs --eval-workers 1)")
+    workers = ap.add_mutually_exclusive_group()
+    workers.add_argument("--dask-threads", dest="dask_processes", action="store_false", default=None,
+                         help="one Dask worker thread in this process (needs --eval-workers 1; the default for one)")
+    workers.add_argument("--dask-processes", dest="dask_processes", action="store_true", default=None,
+                         help="Dask worker processes, also for a single worker (the default for several)")
     ap.add_argument("--dask-dashboard", default=None, metavar="ADDRESS",
                     help="serve the local Dask cluster's dashboard at ADDRESS, e.g. 127.0.0.1:8787 (needs bokeh)")
     ap.add_argument("--no-push", action="store_true", help="do not `dvc push` a new data version")
     args = ap.parse_args(argv)
     coin_pipeline(params_path=args.params, overrides=seal_overrides(args.overrides), eval_workers=args.eval_workers,
-                  dask_address=seal_text(args.dask_address), dask_processes=not args.dask_threads,
+                  dask_address=seal_text(args.dask_address), dask_processes=args.dask_processes,
                   push_data=not args.no_push, dask_dashboard=args.dask_dashboard)
 
 

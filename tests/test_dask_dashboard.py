@@ -41,3 +41,30 @@ def test_default_cluster_has_no_dashboard_and_leaves_8787_free():
         with pytest.raises(urllib.error.HTTPError) as err:  # the dashboard's page is not served
             urllib.request.urlopen(f"http://127.0.0.1:{http.port}/status", timeout=10)
         assert err.value.code == 404
+
+
+def test_one_local_worker_is_a_thread_here_several_are_processes():
+    """The default: worker processes only where several models load at once; an explicit choice wins."""
+    from flows.pipeline import local_worker_processes
+
+    assert eval_task_runner(1).cluster_kwargs["processes"] is False
+    assert "host" not in eval_task_runner(1).cluster_kwargs
+    assert eval_task_runner(2).cluster_kwargs["processes"] is True
+    assert eval_task_runner(1, processes=True).cluster_kwargs["processes"] is True
+    assert [local_worker_processes(1), local_worker_processes(3), local_worker_processes(1, True)] == [
+        False, True, True]
+    with pytest.raises(ValueError, match="threads in one process cannot load models concurrently"):
+        eval_task_runner(2, processes=False)
+
+
+def test_pipeline_cli_flags_choose_threads_or_processes(monkeypatch):
+    import flows.pipeline as fp
+
+    seen = []
+    monkeypatch.setattr(fp, "coin_pipeline", lambda **kw: seen.append(kw["dask_processes"]))
+    fp.main([])
+    fp.main(["--dask-threads"])
+    fp.main(["--dask-processes"])
+    assert seen == [None, False, True]
+    with pytest.raises(SystemExit):
+        fp.main(["--dask-threads", "--dask-processes"])

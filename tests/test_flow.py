@@ -138,13 +138,17 @@ def test_flow_end_to_end_then_cache_hits_and_partial_reruns(prefect_harness, tmp
     assert sorted(s for n, s in states.items() if n.startswith(("pairs", "validate", "evaluate-report"))) == [
         "Cached"] * 3, states
 
-    # an evaluation param: evaluation reruns, nothing upstream of it
+    # an evaluation param: evaluation reruns, nothing upstream of it; one local worker is a thread in this
+    # process (no worker process to start and stop)
     calls.clear()
-    state3 = coin_pipeline(params_path=str(params), overrides=["evaluate.samples_per_task=4"], eval_workers=2,
+    state3 = coin_pipeline(params_path=str(params), overrides=["evaluate.samples_per_task=4"], eval_workers=1,
                            return_state=True)
     assert calls == Counter({"evaluate_report": 1}), calls
     states = _task_states(state3)
     assert (states["evaluate-coin"], states["evaluate-cit"]) == ("Completed", "Completed"), states
+    executors = [u["executor"] for u in state3.result()["eval_units"]]
+    assert all(e["runner"] == "dask" and e["cluster_workers"] == 1 and e["pid"] == os.getpid()
+               for e in executors), executors
 
     # a cache record alone is not enough: a method whose outputs were deleted is retrained, alone
     import shutil
