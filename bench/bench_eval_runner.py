@@ -5,8 +5,8 @@
 What the flow pays besides the evaluation itself. Each rep runs a Prefect flow whose one task is the
 pipeline's ``evaluate-unit`` task (model ``base``) on :func:`flows.pipeline.eval_task_runner` with one local
 worker, once as a process (``processes=True``: the cluster, a nanny and a worker process that imports the
-stack and starts its own Prefect client, then shuts down) and once as a thread in this process
-(``processes=False``, the default for one worker since :func:`flows.pipeline.local_worker_processes`);
+stack and starts its own Prefect client, then shuts down; the default) and once as a thread in this process
+(``processes=False``). This process has not trained, unlike the pipeline's (BENCHMARKS.md: there the thread was slower);
 the two alternate, so drifts in machine speed hit both. Prints a Markdown table: the flow's wall time, the
 unit's own evaluation time (``wall_time_s``) and the difference, the runner's overhead.
 

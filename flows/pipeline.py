@@ -20,9 +20,9 @@ Nothing is computed here: each task calls the same stage function as ``coin <sta
   on 127.0.0.1 (default one per 2 CPU cores, :func:`default_eval_workers`), or an existing Dask
   scheduler at ``dask_address``. Several local workers are processes, not threads: loading two Hugging
   Face models at once in one process is not thread-safe (the empty-weights initialisation patches
-  ``torch.nn.Module`` globally: "Cannot copy out of meta tensor"). A single local worker is a thread in
-  this process (:func:`local_worker_processes`): nothing runs beside it, and it skips a worker process's
-  start-up (imports, its own Prefect server) and shutdown.
+  ``torch.nn.Module`` globally: "Cannot copy out of meta tensor"). A single local worker is a process
+  too (:func:`local_worker_processes`): in the flow's process, after training there, the default
+  evaluation ran 343 s against 271 s in a fresh worker process, far more than the ~20 s a process costs.
 """
 
 from __future__ import annotations
@@ -253,17 +253,17 @@ def dashboard_kwargs(dashboard: bool | str | None = None) -> dict[str, Any]:
 
 def local_worker_processes(workers: int, processes: bool | None = None) -> bool:
     """Whether a local Dask cluster of ``workers`` runs them as processes: ``processes`` when given, else
-    processes for several workers (models load concurrently only in separate processes) and a thread in
-    this process for one. A lone worker process only adds its start-up and shutdown: measured in
-    BENCHMARKS.md (bench/bench_eval_runner.py)."""
-    return workers > 1 if processes is None else processes
+    processes, also for one worker. A thread in the flow's process spares a process's start-up and shutdown
+    (about 20 s, bench/bench_eval_runner.py), but the default pipeline's evaluation, run in the process that
+    had just trained, took 343 s against 271 s in a fresh worker process (BENCHMARKS.md)."""
+    return True if processes is None else processes
 
 
 def eval_task_runner(workers: int = 2, address: str | None = None, processes: bool | None = None,
                      dashboard: bool | str | None = None) -> TaskRunner:
     """A Dask task runner: an existing scheduler at ``address``, or a local cluster of ``workers``
-    workers on 127.0.0.1: processes, or (``processes=False``; the default for one worker,
-    :func:`local_worker_processes`) one worker thread in this process; more than one thread would load
+    workers on 127.0.0.1: processes (the default, :func:`local_worker_processes`), or
+    (``processes=False``) one worker thread in this process; more than one thread would load
     models concurrently, which is not thread-safe. The local cluster's dashboard is off unless
     ``dashboard`` asks for it (:func:`dashboard_kwargs`)."""
     from prefect_dask import DaskTaskRunner
@@ -380,8 +380,8 @@ def coin_pipeline(
 
     ``overrides`` are ``section.key=value`` strings (as ``coin --set``; :data:`Overrides`: pass secrets sealed,
     ``coin.secrets.seal_overrides``, so the flow run records them redacted); ``eval_workers`` (default:
-    :func:`default_eval_workers`), ``dask_address`` and ``dask_processes`` (default: processes for several
-    local workers, a thread in this process for one) configure the evaluation's Dask cluster, whose dashboard
+    :func:`default_eval_workers`), ``dask_address`` and ``dask_processes`` (default: worker
+    processes; ``False``: one worker thread in this process) configure the evaluation's Dask cluster, whose dashboard
     is off unless ``dask_dashboard`` is ``True`` (127.0.0.1:8787) or an address;
     ``push_data=False`` skips ``dvc push``.
     """
@@ -441,9 +441,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dask-address", default=None, help="use an existing Dask scheduler, e.g. tcp://127.0.0.1:8786")
     workers = ap.add_mutually_exclusive_group()
     workers.add_argument("--dask-threads", dest="dask_processes", action="store_false", default=None,
-                         help="one Dask worker thread in this process (needs --eval-workers 1; the default for one)")
+                         help="one Dask worker thread in this process (needs --eval-workers 1)")
     workers.add_argument("--dask-processes", dest="dask_processes", action="store_true", default=None,
-                         help="Dask worker processes, also for a single worker (the default for several)")
+                         help="Dask worker processes (the default)")
     ap.add_argument("--dask-dashboard", default=None, metavar="ADDRESS",
                     help="serve the local Dask cluster's dashboard at ADDRESS, e.g. 127.0.0.1:8787 (needs bokeh)")
     ap.add_argument("--no-push", action="store_true", help="do not `dvc push` a new data version")

@@ -138,11 +138,11 @@ def test_flow_end_to_end_then_cache_hits_and_partial_reruns(prefect_harness, tmp
     assert sorted(s for n, s in states.items() if n.startswith(("pairs", "validate", "evaluate-report"))) == [
         "Cached"] * 3, states
 
-    # an evaluation param: evaluation reruns, nothing upstream of it; one local worker is a thread in this
-    # process (no worker process to start and stop)
+    # an evaluation param: evaluation reruns, nothing upstream of it; dask_processes=False: one worker thread
+    # in this process
     calls.clear()
     state3 = coin_pipeline(params_path=str(params), overrides=["evaluate.samples_per_task=4"], eval_workers=1,
-                           return_state=True)
+                           dask_processes=False, return_state=True)
     assert calls == Counter({"evaluate_report": 1}), calls
     states = _task_states(state3)
     assert (states["evaluate-coin"], states["evaluate-cit"]) == ("Completed", "Completed"), states
