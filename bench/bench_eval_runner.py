@@ -74,7 +74,7 @@ def main() -> None:
     print(f"\nbase model, tasks {' '.join(args.tasks)} x {args.samples} examples, {args.threads} torch threads, "
           f"{args.reps} reps each, alternating\n")
     print("| one local worker | flow wall (s) | unit's evaluation (s) | overhead (s) |\n|---|---:|---:|---:|")
-    for processes, label in ((True, "a process (before)"), (False, "a thread in the flow's process (default)")):
+    for processes, label in ((True, "a process (default)"), (False, "a thread in the flow's process")):
         walls = [w for w, _ in results[processes]]
         units = [u for _, u in results[processes]]
         over = [w - u for w, u in results[processes]]

@@ -21,8 +21,8 @@ Nothing is computed here: each task calls the same stage function as ``coin <sta
   scheduler at ``dask_address``. Several local workers are processes, not threads: loading two Hugging
   Face models at once in one process is not thread-safe (the empty-weights initialisation patches
   ``torch.nn.Module`` globally: "Cannot copy out of meta tensor"). A single local worker is a process
-  too (:func:`local_worker_processes`): in the flow's process, after training there, the default
-  evaluation ran 343 s against 271 s in a fresh worker process, far more than the ~20 s a process costs.
+  too: in the flow's process, after training there, the default evaluation ran 343 s against 271 s in a
+  fresh worker process, far more than the ~20 s a process costs (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -251,18 +251,10 @@ def dashboard_kwargs(dashboard: bool | str | None = None) -> dict[str, Any]:
     return {"dashboard_address": address, "scheduler_kwargs": {"dashboard": True}}
 
 
-def local_worker_processes(workers: int, processes: bool | None = None) -> bool:
-    """Whether a local Dask cluster of ``workers`` runs them as processes: ``processes`` when given, else
-    processes, also for one worker. A thread in the flow's process spares a process's start-up and shutdown
-    (about 20 s, bench/bench_eval_runner.py), but the default pipeline's evaluation, run in the process that
-    had just trained, took 343 s against 271 s in a fresh worker process (BENCHMARKS.md)."""
-    return True if processes is None else processes
-
-
-def eval_task_runner(workers: int = 2, address: str | None = None, processes: bool | None = None,
+def eval_task_runner(workers: int = 2, address: str | None = None, processes: bool = True,
                      dashboard: bool | str | None = None) -> TaskRunner:
     """A Dask task runner: an existing scheduler at ``address``, or a local cluster of ``workers``
-    workers on 127.0.0.1: processes (the default, :func:`local_worker_processes`), or
+    workers on 127.0.0.1: processes (also for one: see the module docstring), or
     (``processes=False``) one worker thread in this process; more than one thread would load
     models concurrently, which is not thread-safe. The local cluster's dashboard is off unless
     ``dashboard`` asks for it (:func:`dashboard_kwargs`)."""
@@ -270,7 +262,6 @@ def eval_task_runner(workers: int = 2, address: str | None = None, processes: bo
 
     if address:
         return DaskTaskRunner(address=address)
-    processes = local_worker_processes(workers, processes)
     if workers < 1:
         raise ValueError(f"eval_workers = {workers}: needs at least 1 Dask worker")
     if not processes and workers > 1:
@@ -372,7 +363,7 @@ def coin_pipeline(
     overrides: Overrides | None = None,
     eval_workers: int | None = None,
     dask_address: str | SecretStr | None = None,
-    dask_processes: bool | None = None,
+    dask_processes: bool = True,
     push_data: bool = True,
     dask_dashboard: bool | str | None = None,
 ) -> dict[str, Any]:
@@ -440,10 +431,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="local Dask workers for the evaluation (default: one per 2 CPU cores)")
     ap.add_argument("--dask-address", default=None, help="use an existing Dask scheduler, e.g. tcp://127.0.0.1:8786")
     workers = ap.add_mutually_exclusive_group()
-    workers.add_argument("--dask-threads", dest="dask_processes", action="store_false", default=None,
+    workers.add_argument("--dask-threads", dest="dask_processes", action="store_false",
                          help="one Dask worker thread in this process (needs --eval-workers 1)")
-    workers.add_argument("--dask-processes", dest="dask_processes", action="store_true", default=None,
+    workers.add_argument("--dask-processes", dest="dask_processes", action="store_true",
                          help="Dask worker processes (the default)")
+    ap.set_defaults(dask_processes=True)
     ap.add_argument("--dask-dashboard", default=None, metavar="ADDRESS",
                     help="serve the local Dask cluster's dashboard at ADDRESS, e.g. 127.0.0.1:8787 (needs bokeh)")
     ap.add_argument("--no-push", action="store_true", help="do not `dvc push` a new data version")
