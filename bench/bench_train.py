@@ -32,6 +32,10 @@ Variants:
 - ``coin_dropout``    ``coin`` with dropout as the checkpoint and the reference have it (``train.backbone_dropout:
                       null``: MiniLM's 0.1 hidden + attention dropout; ``train.lora.dropout: 0.05``): against
                       ``coin`` (params.yaml) it is the cost of dropout's random masks on this device.
+- ``coin_bf16_attention``: ``coin`` with its attention in autocast's bf16 (the modules flagged
+                      ``coin_autocast_attention``), as before the fp32 attention of CPU training
+                      (:data:`coin.modeling.backbone.AUTOCAST_ATTENTION_ATTR`): the cost of the CPU's bf16
+                      flash-attention backward. On a GPU or with autocast off the two are the same.
 - ``consistency`` / ``coin_consistency``: the output-consistency objective alone and added to coin
                       (``train.consistency`` as in params.yaml), on the same sequences as ``coin``; with
                       ``_noneg``, on the same originals + paraphrases as ``cit`` (the pull term only).
@@ -71,8 +75,10 @@ from torch.utils import flop_counter as fc
 
 import coin  # noqa: F401  (offline environment variables)
 from coin.modeling.backbone import (
+    AUTOCAST_ATTENTION_ATTR,
     Backbone,
     FusedLM,
+    install_training_attention,
     load_backbone,
     load_tokenizer,
     pick_device,
@@ -90,7 +96,7 @@ if TYPE_CHECKING:  # imported where used: bench/gpu_check.py imports this module
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("coin", "coin_padded", "reference", "coin_noneg", "reference_noneg", "cit", "sft", "coin_bucketed",
-            "coin_fp32", "coin_dropout", "consistency", "consistency_noneg", "coin_consistency",
+            "coin_fp32", "coin_dropout", "coin_bf16_attention", "consistency", "consistency_noneg", "coin_consistency",
             "coin_consistency_noneg")
 DROPOUT_ON = 0.05  # coin_dropout's LoRA dropout: the reference's (its backbone dropout: the checkpoint's, MiniLM 0.1)
 # the methods a variant name can start with (the rest of the name: _noneg, _padded, ...); longest first
@@ -208,6 +214,7 @@ def build_backbone(spec: str, seed: int, layers: int | None) -> Backbone:
         return load_backbone(spec, seed=seed)
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    install_training_attention()  # as load_backbone does
     tok = load_tokenizer("minilm")
     device = pick_device("auto")
     config = LlamaConfig(
@@ -226,6 +233,9 @@ def make_variant(name: str, args: argparse.Namespace, settings: Settings, rows: 
     set_backbone_dropout(bb.model, cfg.backbone_dropout)  # as coin train does
     torch.manual_seed(settings.seed)
     model = apply_lora(bb, cfg.lora)
+    if name == "coin_bf16_attention":
+        for module in model.modules():
+            setattr(module, AUTOCAST_ATTENTION_ATTR, True)
     if cfg.gradient_checkpointing:
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -424,6 +434,8 @@ def report(args: argparse.Namespace, settings: Settings, variants: list[Variant]
         f"{get('coin_bucketed', 'tokens_s', stats) / get('coin', 'tokens_s', stats):.2f}x | |",
         f"| dropout off (params.yaml) vs on (checkpoint + reference rates): `coin` vs `coin_dropout` | "
         f"{speedup('coin', 'coin_dropout')} | |",
+        f"| fp32 attention in CPU training vs autocast's bf16: `coin` vs `coin_bf16_attention` | "
+        f"{speedup('coin', 'coin_bf16_attention')} | |",
         f"| (e) consistency term, same sequences: step time `consistency_noneg` vs `cit` | "
         f"{overhead('consistency_noneg', 'cit')} | small (reuses the logits) |",
         f"| (e) `coin_consistency_noneg` vs `cit` (InfoNCE + consistency, same sequences) | "

@@ -129,6 +129,45 @@ def autocast_context(device: torch.device, mode: str, key: str = "train.autocast
     return contextlib.nullcontext()
 
 
+# Attention of a model that trains on a CPU under half-precision autocast runs in fp32. torch's CPU autocast sends
+# scaled_dot_product_attention to bf16, and the CPU flash-attention kernel's backward pass is about twice as slow in
+# bf16 as in fp32 (MiniLM's shapes, 2 threads: 104 against 37 ms forward + backward per layer with a boolean mask,
+# `bench/bench_train.py --variants coin coin_bf16_attention`). The matmuls around it stay in bf16. Evaluation (no
+# training mode), GPUs and fp32 runs are untouched. A module with ``coin_autocast_attention = True`` keeps
+# autocast's dtype (the bench's reference variant).
+AUTOCAST_ATTENTION_ATTR = "coin_autocast_attention"
+
+
+def _training_cpu_sdpa(hf_sdpa):
+    """transformers' ``sdpa`` attention function, with query/key/value (and a float mask) in fp32 while its module
+    trains on a CPU under bf16/fp16 autocast; the output is cast back to the query's dtype."""
+
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        if (module.training and query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16)
+                and torch.is_autocast_enabled("cpu") and not getattr(module, AUTOCAST_ATTENTION_ATTR, False)):
+            if attention_mask is not None and attention_mask.is_floating_point():
+                attention_mask = attention_mask.float()
+            with torch.autocast("cpu", enabled=False):
+                out, weights = hf_sdpa(module, query.float(), key.float(), value.float(), attention_mask,
+                                       *args, **kwargs)
+            return out.to(query.dtype), weights
+        return hf_sdpa(module, query, key, value, attention_mask, *args, **kwargs)
+
+    attention.coin_wraps = hf_sdpa  # type: ignore[attr-defined]
+    return attention
+
+
+def install_training_attention() -> None:
+    """Register :func:`_training_cpu_sdpa` as transformers' ``sdpa`` attention (its documented ``AttentionInterface``
+    hook; idempotent). Called by :func:`load_backbone`, so every model coin loads trains with it."""
+    from transformers import AttentionInterface
+
+    current = AttentionInterface._global_mapping.get("sdpa")
+    if current is None or hasattr(current, "coin_wraps"):
+        return
+    AttentionInterface.register("sdpa", _training_cpu_sdpa(current))
+
+
 QUANTIZATIONS = ("none", "8bit", "4bit")
 BITSANDBYTES_MIN = "0.46.1"  # the oldest bitsandbytes transformers' integration accepts
 
@@ -348,6 +387,7 @@ def load_backbone(
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    install_training_attention()
     path = resolve_backbone(name_or_path)
     dev = device if isinstance(device, torch.device) else pick_device(device)
     check_quantization(quantization, dev)
