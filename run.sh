@@ -21,17 +21,28 @@ export DO_NOT_TRACK=true PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_T
        DVC_NO_ANALYTICS=1 GX_ANALYTICS_ENABLED=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
        HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false PIP_DISABLE_PIP_VERSION_CHECK=1
 
+pip_install() {  # quiet pip; its "location is ignored" noise filtered out of stderr; a failure stops set-up
+  local err rc=0
+  err=$(mktemp)
+  "$VENV/bin/python" -m pip install -q "$@" 2>"$err" || rc=$?
+  grep -v "is ignored" "$err" >&2 || true
+  rm -f "$err"
+  if (( rc )); then echo "[setup] pip install $* failed (exit $rc); see the pip output above" >&2; exit 1; fi
+}
+
 setup() {
   local want
   want=$(cat pyproject.toml requirements.lock | sha256sum | cut -d' ' -f1)
   if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then return; fi
   echo "[setup] installing into $VENV (first run takes a few minutes)" >&2
   [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" >&2 || true
-  "$VENV/bin/python" -m pip install -q "${COIN_TORCH_SPEC:-torch==2.13.0}" 2>&1 | grep -v "is ignored" >&2 || true
-  "$VENV/bin/python" -m pip install -q -c requirements.lock -e ".[dev]" 2>&1 | grep -v "is ignored" >&2 || true
-  "$VENV/bin/python" -c "import torch, coin, prefect, mlflow, dvc, great_expectations, peft" \
-    || { echo "[setup] install failed; see the pip output above" >&2; exit 1; }
+  pip_install --upgrade pip
+  pip_install "${COIN_TORCH_SPEC:-torch==2.13.0}"
+  pip_install -c requirements.lock -e ".[dev]"
+  # Installed? (find_spec: importing the whole stack only to check it would add ~20 s to every fresh set-up)
+  "$VENV/bin/python" -c "import importlib.util as u, sys; m = [n for n in sys.argv[1:] if u.find_spec(n) is None]; \
+sys.exit(f'[setup] missing after install: {m}; see the pip output above' if m else 0)" \
+    torch coin prefect mlflow dvc great_expectations peft
   if "$VENV/bin/pip" list 2>/dev/null | grep -qi '^nvidia-' && ! command -v nvidia-smi >/dev/null; then
     echo "[setup] warning: CUDA packages were installed on a machine without a GPU" >&2
   fi

@@ -522,6 +522,83 @@ def test_autocast_modes(tiny_llama_dir: Path) -> None:
         autocast_context(cpu, "fp8")
 
 
+@pytest.mark.parametrize("tiny", ["tiny_llama_dir", "tiny_bert_encoder_dir"])
+def test_cpu_training_attention_runs_in_fp32_under_bf16_autocast(
+    request: pytest.FixtureRequest, tiny: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a model trains on a CPU under bf16 autocast, attention gets fp32 q/k/v with autocast off inside
+    (the CPU's bf16 flash-attention backward is the slow one); evaluation, a flagged module and fp32 runs keep
+    what autocast (or its absence) gives."""
+    from transformers import AttentionInterface
+
+    from coin.modeling.backbone import AUTOCAST_ATTENTION_ATTR, _training_cpu_sdpa, install_training_attention
+
+    bb = load_backbone(str(request.getfixturevalue(tiny)), device="cpu")
+    registered = AttentionInterface._global_mapping["sdpa"]
+    assert hasattr(registered, "coin_wraps"), "load_backbone registers the training attention"
+    install_training_attention()
+    assert AttentionInterface._global_mapping["sdpa"] is registered  # idempotent: never a wrapper of a wrapper
+    seen: list[tuple[torch.dtype, torch.dtype, torch.dtype, bool]] = []
+
+    def spy(module, query, key, value, attention_mask, *args, **kwargs):
+        seen.append((query.dtype, key.dtype, value.dtype, torch.is_autocast_enabled("cpu")))
+        return registered.coin_wraps(module, query, key, value, attention_mask, *args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", _training_cpu_sdpa(spy))
+    cfg = cfg_for("coin", autocast="bf16")
+    model = apply_lora(bb, cfg.lora)
+    perturb_lora_b(model)
+    b = PairCollator.from_settings(bb.tokenizer, cfg, 64)(make_rows(3))
+
+    def run(training: bool, autocast: bool) -> tuple[torch.Tensor, set]:
+        seen.clear()
+        model.train(training)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss, _ = coin_step_loss(model, b, cfg)
+        return loss, set(seen)
+
+    fp32, bf16 = torch.float32, torch.bfloat16
+    loss, calls = run(training=True, autocast=True)
+    assert calls == {(fp32, fp32, fp32, False)}
+    loss.backward()
+    g = grads(model)
+    assert g and all(bool(t.isfinite().all()) for t in g.values())
+    # evaluation and the bench's reference variant: autocast's inputs (Llama: fp32 q/k after the rotary embedding,
+    # bf16 v; autocast casts them to bf16 inside), autocast on
+    as_autocast = {(bf16, bf16, bf16, True)} if tiny == "tiny_bert_encoder_dir" else {(fp32, fp32, bf16, True)}
+    assert run(training=False, autocast=True)[1] == as_autocast
+    assert run(training=True, autocast=False)[1] == {(fp32, fp32, fp32, False)}  # fp32 training: as it was
+    for module in model.modules():
+        setattr(module, AUTOCAST_ATTENTION_ATTR, True)
+    assert run(training=True, autocast=True)[1] == as_autocast
+
+
+@pytest.mark.parametrize("tiny", ["tiny_llama_dir", "tiny_bert_encoder_dir"])
+def test_gradient_checkpointing_under_bf16_autocast_recomputes_the_fp32_attention(
+    request: pytest.FixtureRequest, tiny: str
+) -> None:
+    """The recomputation in backward takes the same attention path as the forward pass (training mode, the
+    autocast state checkpointing restores), so the gradients are those of a run without checkpointing."""
+    from coin.training.distributed import SINGLE
+    from coin.training.loop import _enable_gradient_checkpointing, accumulate_gradients
+
+    out = []
+    for checkpointing in (False, True):
+        bb = load_backbone(str(request.getfixturevalue(tiny)), device="cpu")
+        cfg = cfg_for("coin", autocast="bf16", gradient_checkpointing=checkpointing)
+        torch.manual_seed(0)
+        model = apply_lora(bb, cfg.lora)
+        perturb_lora_b(model)
+        if checkpointing:
+            _enable_gradient_checkpointing(model)
+        model.train()
+        b = PairCollator.from_settings(bb.tokenizer, cfg, 64)(make_rows(3))
+        torch.manual_seed(1)
+        accumulate_gradients(FusedLM(model), [b], cfg, SINGLE, torch.device("cpu"))
+        out.append(grads(model))
+    assert_grads_close(out[1], out[0])
+
+
 def test_loss_docstring_examples_run() -> None:
     import doctest
 

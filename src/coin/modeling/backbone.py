@@ -140,17 +140,20 @@ AUTOCAST_ATTENTION_ATTR = "coin_autocast_attention"
 
 def _training_cpu_sdpa(hf_sdpa):
     """transformers' ``sdpa`` attention function, with query/key/value (and a float mask) in fp32 while its module
-    trains on a CPU under bf16/fp16 autocast; the output is cast back to the query's dtype."""
+    trains on a CPU under bf16/fp16 autocast; the output is cast to the autocast dtype, as autocast's attention
+    returns it. (Llama-style models hand over fp32 queries and keys after the rotary embedding and a bf16 value;
+    autocast would have cast all three to bf16.)"""
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
-        if (module.training and query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16)
-                and torch.is_autocast_enabled("cpu") and not getattr(module, AUTOCAST_ATTENTION_ATTR, False)):
+        if (module.training and query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") in (torch.bfloat16, torch.float16)
+                and not getattr(module, AUTOCAST_ATTENTION_ATTR, False)):
             if attention_mask is not None and attention_mask.is_floating_point():
                 attention_mask = attention_mask.float()
             with torch.autocast("cpu", enabled=False):
                 out, weights = hf_sdpa(module, query.float(), key.float(), value.float(), attention_mask,
                                        *args, **kwargs)
-            return out.to(query.dtype), weights
+            return out.to(torch.get_autocast_dtype("cpu")), weights
         return hf_sdpa(module, query, key, value, attention_mask, *args, **kwargs)
 
     attention.coin_wraps = hf_sdpa  # type: ignore[attr-defined]
