@@ -100,6 +100,12 @@ def test_the_savers_and_the_precision_change_what_the_formula_says() -> None:
     auto = estimate(SHAPE, replace(WORK, autocast=True))            # bf16 autocast of fp32 weights: a = 3
     assert auto.autocast_copies == 2 * 80_000
     assert auto.activations == 60 * (3 * (3 * 448 + 4 * 64 + 3 * 32 + 560) + 2 * 32 * 3)
+    # SDPA under autocast on a CPU trains in fp32: its q, k, v and output, 4 x 32 x 4 bytes per token and layer more;
+    # not on a GPU, and not without autocast
+    sdpa_auto = 3 * 448 + 4 * 64 + 3 * 32
+    assert estimate(sdpa, replace(WORK, autocast=True)).activations == \
+        60 * (3 * (sdpa_auto + 4 * 32 * 4) + 2 * 32 * 3)
+    assert estimate(sdpa, replace(WORK, autocast=True, device="cuda")).activations == 60 * (3 * sdpa_auto + 2 * 32 * 3)
     # 4-bit: the 80,000 matmul weights at half a byte, the other 20,000 in fp32
     assert estimate(SHAPE, replace(WORK, bits_per_weight=4)).weights == 80_000 // 2 + 20_000 * 4
     ddp = estimate(SHAPE, replace(WORK, world_size=2))

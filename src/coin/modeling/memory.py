@@ -41,11 +41,14 @@ shapes (:class:`ModelShape`) and of the step's shape (:class:`Workload`):
       + (a + 1) x sum of in_features of its LoRA-adapted modules  LoRA dropout's input copy and mask (dropout > 0)
       + a x r x adapted modules                                   LoRA A outputs
       + SCORE_COPIES x heads x cutoff x 4 bytes                   attention scores, where they are kept
+      + FP32_ATTENTION x hidden x 4 bytes                         SDPA's fp32 q, k, v, output (CPU autocast)
 
   for every layer plus one (the backward pass's transients are about one layer's activations), and
   ``2 x hidden x a`` per token outside the layers (embeddings, final norm). Attention scores are kept by
   ``eager`` attention, and by SDPA on a CPU when the attention has dropout (the math kernel; MiniLM: 0.1);
-  SDPA's fused kernels keep one log-sum-exp per head instead (not counted). With gradient checkpointing only
+  SDPA's fused kernels keep one log-sum-exp per head instead (not counted). Training under bf16 autocast on a CPU,
+  SDPA runs in fp32 (:mod:`coin.modeling.backbone`): its fp32 inputs and output are kept besides (measured on
+  MiniLM's default step: 131 MB more than with bf16 attention, the term gives 129 MB). With gradient checkpointing only
   each layer's input is kept (``hidden x a``) and one layer is recomputed at a time (two layers' worth).
 - **logits**: only at response positions (the loss applies the LM head there alone,
   :func:`~coin.modeling.backbone.selected_logits`): ``S_logit x response_tokens`` positions x vocabulary x
@@ -77,6 +80,8 @@ log = logging.getLogger(__name__)
 ACT_HIDDEN = 8        # hidden-sized tensors saved per token and layer: norm inputs/outputs, q, k, v, attention output
 ACT_INTER = 3         # intermediate-sized: gate, up and activation (SwiGLU); fc1 output and activation (GELU MLP)
 SCORE_COPIES = 3.5    # per head and key position where scores are kept: scores, softmax, dropout output and mask
+FP32_ATTENTION = 4    # hidden-sized fp32 tensors kept per token and layer by the training attention on a CPU under
+                      # autocast (q, k, v and its output; coin.modeling.backbone runs it in fp32 there)
 LOGIT_BYTES = 16      # per response position and vocabulary entry: fp32 logits, log-softmax, their gradients
 DEFAULT_RESPONSE_TOKENS = 8  # response tokens per sequence (GLUE label words + EOS: 2-5 tokens)
 CLEARLY = 1.2         # preflight stops a run whose estimate exceeds this x the available memory
@@ -179,6 +184,11 @@ def stores_scores(shape: ModelShape, work: Workload) -> bool:
     return shape.attention == "sdpa" and shape.attention_dropout > 0 and work.device == "cpu"
 
 
+def fp32_attention(shape: ModelShape, work: Workload) -> bool:
+    """Whether the SDPA attention trains in fp32 under bf16 autocast (on a CPU; module docstring)."""
+    return shape.attention == "sdpa" and work.autocast and work.device == "cpu"
+
+
 def layer_bytes_per_token(shape: ModelShape, work: Workload) -> float:
     """Saved activation bytes of one layer per token slot, without checkpointing (module docstring)."""
     a = work.act_bytes
@@ -189,6 +199,8 @@ def layer_bytes_per_token(shape: ModelShape, work: Workload) -> float:
     per += a * shape.lora_r * shape.lora_modules / layers
     if stores_scores(shape, work):
         per += SCORE_COPIES * shape.n_heads * work.seq_len * 4
+    if fp32_attention(shape, work):
+        per += FP32_ATTENTION * shape.hidden * 4
     return per
 
 
