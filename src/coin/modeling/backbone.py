@@ -131,8 +131,9 @@ def autocast_context(device: torch.device, mode: str, key: str = "train.autocast
 
 # Attention of a model that trains on a CPU under half-precision autocast runs in fp32. torch's CPU autocast sends
 # scaled_dot_product_attention to bf16, and the CPU flash-attention kernel's backward pass is about twice as slow in
-# bf16 as in fp32 (MiniLM's shapes, 2 threads: 104 against 37 ms forward + backward per layer with a boolean mask,
-# `bench/bench_train.py --variants coin coin_bf16_attention`). The matmuls around it stay in bf16. Evaluation (no
+# bf16 as in fp32 (one MiniLM layer at the default's packed shapes, 2 threads: 96 against 42 ms forward + backward,
+# `bench/bench_attention_dtype.py`; the whole training step 1.21x as fast, `bench/bench_train.py --variants coin
+# coin_bf16_attention`; the same accuracy over three seeds, RESULTS.md §10). The matmuls stay in bf16. Evaluation (no
 # training mode), GPUs and fp32 runs are untouched. A module with ``coin_autocast_attention = True`` keeps
 # autocast's dtype (the bench's reference variant).
 AUTOCAST_ATTENTION_ATTR = "coin_autocast_attention"
@@ -163,9 +164,11 @@ def _training_cpu_sdpa(hf_sdpa):
 def install_training_attention() -> None:
     """Register :func:`_training_cpu_sdpa` as transformers' ``sdpa`` attention (its documented ``AttentionInterface``
     hook; idempotent). Called by :func:`load_backbone`, so every model coin loads trains with it."""
-    from transformers import AttentionInterface
-
-    current = AttentionInterface._global_mapping.get("sdpa")
+    try:
+        from transformers import AttentionInterface
+    except ImportError:  # a transformers without the interface (before 4.48; e.g. a GPU box's own): nothing to do
+        return
+    current = AttentionInterface().get("sdpa")  # a fresh instance: the library-wide mapping, no local overrides
     if current is None or hasattr(current, "coin_wraps"):
         return
     AttentionInterface.register("sdpa", _training_cpu_sdpa(current))
