@@ -477,14 +477,19 @@ def test_grad_accumulation_equals_the_big_batch(tiny_llama_dir: Path, method: st
         assert any(not torch.allclose(one_group[n], expected[n], rtol=1e-3, atol=1e-6) for n in expected)
 
 
+@pytest.mark.parametrize("autocast", ["off", "bf16"])
 @pytest.mark.parametrize("tiny", ["tiny_llama_dir", "tiny_bert_encoder_dir"])
-def test_gradient_checkpointing_gives_the_same_gradients(request: pytest.FixtureRequest, tiny: str) -> None:
-    from coin.training.loop import _enable_gradient_checkpointing
+def test_gradient_checkpointing_gives_the_same_gradients(request: pytest.FixtureRequest, tiny: str,
+                                                         autocast: str) -> None:
+    """Under bf16 autocast too: the recomputation in backward takes the forward pass's attention path (training
+    mode, the autocast state checkpointing restores: fp32 attention on a CPU), so the gradients are the same."""
+    from coin.training.distributed import SINGLE
+    from coin.training.loop import _enable_gradient_checkpointing, accumulate_gradients
 
     out = []
     for checkpointing in (False, True):
         bb = load_backbone(str(request.getfixturevalue(tiny)), device="cpu")
-        cfg = cfg_for("coin", gradient_checkpointing=checkpointing)
+        cfg = cfg_for("coin", autocast=autocast, gradient_checkpointing=checkpointing)
         torch.manual_seed(0)
         model = apply_lora(bb, cfg.lora)
         perturb_lora_b(model)
@@ -494,8 +499,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(request: pytest.Fixture
         assert model.get_base_model().is_gradient_checkpointing is checkpointing
         b = PairCollator.from_settings(bb.tokenizer, cfg, 64)(make_rows(3))
         torch.manual_seed(1)  # the same base-model dropout masks on both sides (BERT has dropout)
-        loss, _ = coin_step_loss(model, b, cfg)
-        loss.backward()
+        accumulate_gradients(FusedLM(model), [b], cfg, SINGLE, torch.device("cpu"))  # under cfg.autocast
         out.append(grads(model))
     assert_grads_close(out[1], out[0])
 
@@ -571,32 +575,6 @@ def test_cpu_training_attention_runs_in_fp32_under_bf16_autocast(
     for module in model.modules():
         setattr(module, AUTOCAST_ATTENTION_ATTR, True)
     assert run(training=True, autocast=True)[1] == as_autocast
-
-
-@pytest.mark.parametrize("tiny", ["tiny_llama_dir", "tiny_bert_encoder_dir"])
-def test_gradient_checkpointing_under_bf16_autocast_recomputes_the_fp32_attention(
-    request: pytest.FixtureRequest, tiny: str
-) -> None:
-    """The recomputation in backward takes the same attention path as the forward pass (training mode, the
-    autocast state checkpointing restores), so the gradients are those of a run without checkpointing."""
-    from coin.training.distributed import SINGLE
-    from coin.training.loop import _enable_gradient_checkpointing, accumulate_gradients
-
-    out = []
-    for checkpointing in (False, True):
-        bb = load_backbone(str(request.getfixturevalue(tiny)), device="cpu")
-        cfg = cfg_for("coin", autocast="bf16", gradient_checkpointing=checkpointing)
-        torch.manual_seed(0)
-        model = apply_lora(bb, cfg.lora)
-        perturb_lora_b(model)
-        if checkpointing:
-            _enable_gradient_checkpointing(model)
-        model.train()
-        b = PairCollator.from_settings(bb.tokenizer, cfg, 64)(make_rows(3))
-        torch.manual_seed(1)
-        accumulate_gradients(FusedLM(model), [b], cfg, SINGLE, torch.device("cpu"))
-        out.append(grads(model))
-    assert_grads_close(out[1], out[0])
 
 
 def test_loss_docstring_examples_run() -> None:
