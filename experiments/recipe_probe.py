@@ -20,7 +20,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from coin.config import PairsSettings
 from coin.data.pairs import build_pairs
-from coin.data.prompts import encode
+from coin.data.prompts import encode, format_prompt
 from coin.data.tasks import get_task
 from coin.data.templates import load_templates, render
 from coin.evaluation.instructions import load_instruction_sets
@@ -29,7 +29,10 @@ from coin.modeling.backbone import load_backbone, split_body_head
 from coin.predict import join_instruction
 
 ap = argparse.ArgumentParser()
-ap.add_argument("--attn", default="prefix")
+ap.add_argument("--attn", default="prefix",
+                help="prefix | causal | segment: prefix, but each input field's tokens attend only within that field "
+                     "(the sentence embedding MiniLM was trained to produce); the other prompt tokens see the whole "
+                     "prompt, the response the whole prompt causally")
 ap.add_argument("--rows", type=int, default=400)
 ap.add_argument("--steps", type=int, default=300)
 ap.add_argument("--bs", type=int, default=16)
@@ -68,23 +71,32 @@ if not args.full:
 body, head = split_body_head(model)
 print("trainable", sum(p.numel() for p in model.parameters() if p.requires_grad), flush=True)
 
-def mask4d(lengths, prompt_lens, T, attn):
+def mask4d(lengths, prompt_lens, T, attn, segs=None):
     pos = torch.arange(T)
     real = pos[None, :] < torch.tensor(lengths)[:, None]          # (N,T)
     prm = pos[None, :] < torch.tensor(prompt_lens)[:, None]        # (N,T)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     allowed = causal[None] & real[:, None, :]
-    if attn == "prefix":
-        allowed = allowed | (prm[:, :, None] & prm[:, None, :])
+    if attn in ("prefix", "segment"):
+        both = prm[:, :, None] & prm[:, None, :]
+        if attn == "segment":
+            sg = torch.zeros(len(lengths), T, dtype=torch.long)
+            for i, s_ in enumerate(segs):
+                sg[i, :len(s_)] = torch.tensor(s_)
+            # a field token (segment > 0) sees only its own field; the other prompt tokens see all the prompt
+            same = (sg[:, :, None] == sg[:, None, :]) | (sg[:, :, None] == 0)
+            allowed = (allowed & ~prm[:, :, None]) | (both & same)
+        else:
+            allowed = allowed | both
     allowed = allowed | torch.eye(T, dtype=torch.bool)[None]
     return allowed[:, None]
 
-def forward_hidden(ids_list, plen_list):
+def forward_hidden(ids_list, plen_list, segs=None):
     T = max(map(len, ids_list))
     ids = torch.full((len(ids_list), T), tok.pad_token_id)
     for i, s in enumerate(ids_list):
         ids[i, :len(s)] = torch.tensor(s)
-    m = mask4d([len(s) for s in ids_list], plen_list, T, args.attn)
+    m = mask4d([len(s) for s in ids_list], plen_list, T, args.attn, segs)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else torch.autocast("cpu", enabled=False)
     with ctx:
         return body(input_ids=ids, attention_mask=m, use_cache=False).last_hidden_state
@@ -99,19 +111,48 @@ def mean_readout(h, plens):
     out[torch.arange(h.shape[0]), idx] = mean
     return out
 
+def segments(prompt, fields):
+    """Per prompt token of ``encode(tok, prompt, ...)``: 0 for BOS/instruction/marker, i + 1 inside field i."""
+    text = format_prompt(prompt)
+    enc_ = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans, at = [], 0
+    for f in fields:
+        k = text.find(f, at)
+        if k < 0:
+            SEG_MISSES[0] += 1
+            spans.append((-1, -1))
+            continue
+        spans.append((k, k + len(f)))
+        at = k + len(f)
+    seg = []
+    for a, b in enc_["offset_mapping"]:
+        s_ = 0
+        for i, (x, y) in enumerate(spans):
+            if x <= a and b <= y and b > a:
+                s_ = i + 1
+        seg.append(s_)
+    bos = [0] if tok.bos_token_id is not None else []
+    return bos + seg
+
+SEG_MISSES = [0]
+
 rows = build_pairs(DATA, PairsSettings(tasks=tasks, rows_per_task=args.rows, val_fraction=0.0,
                                        answers=args.answers), 42)
 train_items = []
 for r in rows:
-    train_items.append((r["original_prompt"], r["target"], r["task"], r["answer_words"]))
+    fields = [str(r["inputs"][f]) for f in get_task(r["task"]).fields]
+    train_items.append((r["original_prompt"], r["target"], r["task"], r["answer_words"], fields))
     if args.both:
-        train_items.append((r["paraphrase_prompt"], r["target"], r["task"], r["answer_words"]))
+        train_items.append((r["paraphrase_prompt"], r["target"], r["task"], r["answer_words"], fields))
 print("train items", len(train_items), flush=True)
 enc = []
-for p, t, _, words in train_items:
+for p, t, _, words, fields in train_items:
     e = encode(tok, p, t, append_eos=True, max_length=256)
     firsts = [tok(w, add_special_tokens=False)["input_ids"][0] for w in words]
-    enc.append((e.input_ids, e.n_prompt, firsts))
+    seg = segments(p, fields) if args.attn == "segment" else None
+    if seg is not None and len(seg) != e.n_prompt:
+        seg = seg[-e.n_prompt:] if len(seg) > e.n_prompt else None
+    enc.append((e.input_ids, e.n_prompt, firsts, seg))
 
 # eval set
 instr = load_instruction_sets(f"{DATA}/promptbench/coin_perturbed_instructions.json", ["clean"], tasks)
@@ -122,7 +163,7 @@ for t in tasks:
     prompts, labels = [], []
     for ins in instr["clean"][t]:
         for row in ex:
-            prompts.append(join_instruction(ins, spec.render_content(row)))
+            prompts.append((join_instruction(ins, spec.render_content(row)), [str(row[f]) for f in spec.fields]))
             labels.append(int(row["label"]))
     evals[t] = (prompts, labels, list(spec.label_words))
 
@@ -137,7 +178,7 @@ if args.flan_eval:
         for tpl in [x for x in tt.classification()][:6]:
             for row in ex:
                 p, _ = render(tpl, tt, row, tuple(words))
-                prompts.append(p)
+                prompts.append((p, [str(row[f]) for f in spec.fields]))
                 labels.append(int(row["label"]))
         flan_evals[t] = (prompts, labels, words)
 
@@ -151,18 +192,21 @@ def run_eval(evals, name):
     out = {}
     with torch.inference_mode():
         for t, (prompts, labels, words) in evals.items():
-            seqs, plens, meta = [], [], []
-            for i, p in enumerate(prompts):
+            seqs, plens, meta, segl = [], [], [], []
+            for i, (p, fields) in enumerate(prompts):
+                seg = segments(p, fields) if args.attn == "segment" else None
                 for j, w in enumerate(words):
                     e = encode(tok, p, w, append_eos=False, max_length=256)
                     seqs.append(e.input_ids)
                     plens.append(e.n_prompt)
                     meta.append((i, j))
+                    segl.append(seg[-e.n_prompt:] if seg is not None else None)
             scores = torch.zeros(len(prompts), len(words))
             order = sorted(range(len(seqs)), key=lambda k: -len(seqs[k]))
             for s in range(0, len(order), 64):
                 idx = order[s:s + 64]
-                h = forward_hidden([seqs[k] for k in idx], [plens[k] for k in idx])
+                h = forward_hidden([seqs[k] for k in idx], [plens[k] for k in idx],
+                                   [segl[k] for k in idx] if args.attn == "segment" else None)
                 if args.readout == "mean":
                     h = mean_readout(h, [plens[k] for k in idx])
                 rr, cc, tt, dd = [], [], [], []
@@ -208,12 +252,12 @@ for step in range(1, args.steps + 1):
     ptr += args.bs
     ids = [enc[k][0] for k in idx]
     pl = [enc[k][1] for k in idx]
-    h = forward_hidden(ids, pl)
+    h = forward_hidden(ids, pl, [enc[k][3] or [0] * enc[k][1] for k in idx] if args.attn == "segment" else None)
     if args.readout == "mean":
         h = mean_readout(h, pl)
     rr, cc, tt, ww = [], [], [], []
     for b, k in enumerate(idx):
-        s, n, _ = enc[k]
+        s, n = enc[k][0], enc[k][1]
         for q in range(n, len(s)):
             rr.append(b)
             cc.append(q - 1)
@@ -225,7 +269,7 @@ for step in range(1, args.steps + 1):
     if args.label_ce:
         fl = []
         for b, k in enumerate(idx):
-            s, n, firsts = enc[k]
+            s, n, firsts = enc[k][:3]
             lg = head(h[b, n - 1]).float()[firsts]
             fl.append(F.cross_entropy(lg[None], torch.tensor([firsts.index(s[n])])))
         loss = loss + args.label_ce * torch.stack(fl).mean()
@@ -238,6 +282,7 @@ for step in range(1, args.steps + 1):
         print(f"step {step} loss {loss.item():.4f} {time.time()-t0:.0f}s", flush=True)
     if args.eval_every and step % args.eval_every == 0 and step < args.steps:
         evaluate()
+print(f"segment misses {SEG_MISSES[0]}", flush=True)
 print(f"train time {time.time()-t0:.0f}s epochs {args.steps*args.bs/len(enc):.2f}", flush=True)
 t1 = time.time()
 evaluate()
