@@ -53,7 +53,9 @@ ap.add_argument("--label_ce", type=float, default=0.0)
 ap.add_argument("--flan_eval", action="store_true")
 ap.add_argument("--answers", default="label_words")
 ap.add_argument("--layers", default="")
-ap.add_argument("--readout", default="last")
+ap.add_argument("--readout", default="last",
+                help="last | mean | pair: the mean readout plus a learned projection (zero at start) of "
+                     "[u, v, |u - v|, u * v], u and v the mean states of the two input fields (v = u for one field)")
 args = ap.parse_args()
 torch.set_num_threads(args.threads)
 torch.manual_seed(args.seed)
@@ -111,19 +113,43 @@ def mean_readout(h, plens):
     out[torch.arange(h.shape[0]), idx] = mean
     return out
 
+def pair_readout(h, plens, segs):
+    """mean_readout, plus PAIR_PROJ([u, v, |u - v|, u * v]) at the last prompt position."""
+    B, T, H = h.shape
+    pos = torch.arange(T)
+    sg = torch.zeros(B, T, dtype=torch.long)
+    for i, s_ in enumerate(segs):
+        sg[i, :len(s_)] = torch.tensor(s_)
+    pm = (pos[None, :] < torch.tensor(plens)[:, None]).to(h.dtype)
+    mean = (h * pm[..., None]).sum(1) / pm.sum(1, keepdim=True)
+
+    def field_mean(i):
+        m = (sg == i).to(h.dtype) * pm
+        n = m.sum(1, keepdim=True)
+        return torch.where(n > 0, (h * m[..., None]).sum(1) / n.clamp(min=1), mean)
+
+    u = field_mean(1)
+    v = torch.where(((sg == 2).sum(1) > 0)[:, None], field_mean(2), u)
+    feat = torch.cat([u, v, (u - v).abs(), u * v], dim=-1)
+    idx = torch.tensor(plens) - 1
+    out = h.clone()
+    out[torch.arange(B), idx] = mean + PAIR_PROJ(feat).to(h.dtype)
+    return out
+
 def segments(prompt, fields):
     """Per prompt token of ``encode(tok, prompt, ...)``: 0 for BOS/instruction/marker, i + 1 inside field i."""
     text = format_prompt(prompt)
     enc_ = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    spans, at = [], 0
-    for f in fields:
-        k = text.find(f, at)
+    spans = []
+    for f in fields:  # in any order: some FLAN templates name the second field first
+        k = text.find(f)
+        while k >= 0 and any(x < k + len(f) and k < y for x, y in spans):
+            k = text.find(f, k + 1)
         if k < 0:
             SEG_MISSES[0] += 1
             spans.append((-1, -1))
             continue
         spans.append((k, k + len(f)))
-        at = k + len(f)
     seg = []
     for a, b in enc_["offset_mapping"]:
         s_ = 0
@@ -135,6 +161,14 @@ def segments(prompt, fields):
     return bos + seg
 
 SEG_MISSES = [0]
+NEED_SEG = args.attn == "segment" or args.readout == "pair"
+_rng = torch.get_rng_state()  # the projection's default init draws numbers: keep the other runs' stream unchanged
+PAIR_PROJ = torch.nn.Linear(4 * model.config.hidden_size, model.config.hidden_size)
+torch.set_rng_state(_rng)
+torch.nn.init.zeros_(PAIR_PROJ.weight)
+torch.nn.init.zeros_(PAIR_PROJ.bias)
+if args.readout != "pair":
+    PAIR_PROJ.requires_grad_(False)
 
 rows = build_pairs(DATA, PairsSettings(tasks=tasks, rows_per_task=args.rows, val_fraction=0.0,
                                        answers=args.answers), 42)
@@ -149,7 +183,7 @@ enc = []
 for p, t, _, words, fields in train_items:
     e = encode(tok, p, t, append_eos=True, max_length=256)
     firsts = [tok(w, add_special_tokens=False)["input_ids"][0] for w in words]
-    seg = segments(p, fields) if args.attn == "segment" else None
+    seg = segments(p, fields) if NEED_SEG else None
     if seg is not None and len(seg) != e.n_prompt:
         seg = seg[-e.n_prompt:] if len(seg) > e.n_prompt else None
     enc.append((e.input_ids, e.n_prompt, firsts, seg))
@@ -194,7 +228,7 @@ def run_eval(evals, name):
         for t, (prompts, labels, words) in evals.items():
             seqs, plens, meta, segl = [], [], [], []
             for i, (p, fields) in enumerate(prompts):
-                seg = segments(p, fields) if args.attn == "segment" else None
+                seg = segments(p, fields) if NEED_SEG else None
                 for j, w in enumerate(words):
                     e = encode(tok, p, w, append_eos=False, max_length=256)
                     seqs.append(e.input_ids)
@@ -209,6 +243,8 @@ def run_eval(evals, name):
                                    [segl[k] for k in idx] if args.attn == "segment" else None)
                 if args.readout == "mean":
                     h = mean_readout(h, [plens[k] for k in idx])
+                elif args.readout == "pair":
+                    h = pair_readout(h, [plens[k] for k in idx], [segl[k] for k in idx])
                 rr, cc, tt, dd = [], [], [], []
                 for b, k in enumerate(idx):
                     for q in range(plens[k], len(seqs[k])):
@@ -235,7 +271,7 @@ def run_eval(evals, name):
     print("   pred shares:", {t: [round(x, 2) for x in sh] for t, (_, _, sh) in out.items()}, flush=True)
     return out
 
-params = [p for p in model.parameters() if p.requires_grad]
+params = [p for p in model.parameters() if p.requires_grad] + list(PAIR_PROJ.parameters())
 opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
 sched = get_linear_schedule_with_warmup(opt, int(0.06 * args.steps), args.steps)
 rng = random.Random(args.seed)
@@ -252,9 +288,12 @@ for step in range(1, args.steps + 1):
     ptr += args.bs
     ids = [enc[k][0] for k in idx]
     pl = [enc[k][1] for k in idx]
-    h = forward_hidden(ids, pl, [enc[k][3] or [0] * enc[k][1] for k in idx] if args.attn == "segment" else None)
+    segs = [enc[k][3] or [0] * enc[k][1] for k in idx] if NEED_SEG else None
+    h = forward_hidden(ids, pl, segs if args.attn == "segment" else None)
     if args.readout == "mean":
         h = mean_readout(h, pl)
+    elif args.readout == "pair":
+        h = pair_readout(h, pl, segs)
     rr, cc, tt, ww = [], [], [], []
     for b, k in enumerate(idx):
         s, n = enc[k][0], enc[k][1]
