@@ -73,6 +73,13 @@ if not args.full:
 body, head = split_body_head(model)
 print("trainable", sum(p.numel() for p in model.parameters() if p.requires_grad), flush=True)
 
+def seg_tensor(segs, T):
+    """(B, T) field index per token from the per-row lists of segments(); 0 past each list."""
+    sg = torch.zeros(len(segs), T, dtype=torch.long)
+    for i, s_ in enumerate(segs):
+        sg[i, :len(s_)] = torch.tensor(s_)
+    return sg
+
 def mask4d(lengths, prompt_lens, T, attn, segs=None):
     pos = torch.arange(T)
     real = pos[None, :] < torch.tensor(lengths)[:, None]          # (N,T)
@@ -82,9 +89,7 @@ def mask4d(lengths, prompt_lens, T, attn, segs=None):
     if attn in ("prefix", "segment"):
         both = prm[:, :, None] & prm[:, None, :]
         if attn == "segment":
-            sg = torch.zeros(len(lengths), T, dtype=torch.long)
-            for i, s_ in enumerate(segs):
-                sg[i, :len(s_)] = torch.tensor(s_)
+            sg = seg_tensor(segs, T)
             # a field token (segment > 0) sees only its own field; the other prompt tokens see all the prompt
             same = (sg[:, :, None] == sg[:, None, :]) | (sg[:, :, None] == 0)
             allowed = (allowed & ~prm[:, :, None]) | (both & same)
@@ -115,13 +120,12 @@ def mean_readout(h, plens):
 
 def pair_readout(h, plens, segs):
     """mean_readout, plus PAIR_PROJ([u, v, |u - v|, u * v]) at the last prompt position."""
-    B, T, H = h.shape
-    pos = torch.arange(T)
-    sg = torch.zeros(B, T, dtype=torch.long)
-    for i, s_ in enumerate(segs):
-        sg[i, :len(s_)] = torch.tensor(s_)
-    pm = (pos[None, :] < torch.tensor(plens)[:, None]).to(h.dtype)
-    mean = (h * pm[..., None]).sum(1) / pm.sum(1, keepdim=True)
+    B, T, _ = h.shape
+    sg = seg_tensor(segs, T)
+    pm = (torch.arange(T)[None, :] < torch.tensor(plens)[:, None]).to(h.dtype)
+    idx = torch.tensor(plens) - 1
+    out = mean_readout(h, plens)   # the prompt mean at idx
+    mean = out[torch.arange(B), idx]
 
     def field_mean(i):
         m = (sg == i).to(h.dtype) * pm
@@ -131,8 +135,6 @@ def pair_readout(h, plens, segs):
     u = field_mean(1)
     v = torch.where(((sg == 2).sum(1) > 0)[:, None], field_mean(2), u)
     feat = torch.cat([u, v, (u - v).abs(), u * v], dim=-1)
-    idx = torch.tensor(plens) - 1
-    out = h.clone()
     out[torch.arange(B), idx] = mean + PAIR_PROJ(feat).to(h.dtype)
     return out
 
