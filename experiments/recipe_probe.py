@@ -25,7 +25,7 @@ from coin.data.tasks import get_task
 from coin.data.templates import load_templates, render
 from coin.evaluation.instructions import load_instruction_sets
 from coin.evaluation.sampling import sample_examples
-from coin.modeling.backbone import load_backbone, split_body_head
+from coin.modeling.backbone import load_backbone, set_backbone_dropout, split_body_head
 from coin.predict import join_instruction
 
 ap = argparse.ArgumentParser()
@@ -33,7 +33,8 @@ ap.add_argument("--attn", default="prefix",
                 help="prefix | causal | segment: prefix, but each input field's tokens attend only within that field "
                      "(the sentence embedding MiniLM was trained to produce); the other prompt tokens see the whole "
                      "prompt, the response the whole prompt causally")
-ap.add_argument("--rows", type=int, default=400)
+ap.add_argument("--rows", default="400",
+                help="GLUE train rows per task: a number, or 'params' (the shipped params.yaml's pairs.rows_per_task)")
 ap.add_argument("--steps", type=int, default=300)
 ap.add_argument("--bs", type=int, default=16)
 ap.add_argument("--lr", type=float, default=1e-3)
@@ -48,6 +49,9 @@ ap.add_argument("--both", action="store_true", help="train on paraphrase prompts
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--seed", type=int, default=0)
 ap.add_argument("--balance", action="store_true")
+ap.add_argument("--dropout", type=float, default=None,
+                help="backbone and LoRA dropout while training (the shipped recipe: 0); default: the checkpoint's "
+                     "0.1 and LoRA's 0.05")
 ap.add_argument("--first_weight", type=float, default=1.0)
 ap.add_argument("--label_ce", type=float, default=0.0)
 ap.add_argument("--flan_eval", action="store_true")
@@ -65,8 +69,10 @@ tasks = args.tasks.split(",")
 bb = load_backbone("minilm", seed=args.seed)
 tok = bb.tokenizer
 model = bb.model
+set_backbone_dropout(model, args.dropout)
 if not args.full:
-    cfg = LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05, target_modules=args.targets.split(","),
+    cfg = LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05 if args.dropout is None else args.dropout,
+                     target_modules=args.targets.split(","),
                      modules_to_save=["cls.predictions.transform"], task_type="CAUSAL_LM",
                      layers_to_transform=[int(x) for x in args.layers.split(",")] if args.layers else None)
     model = get_peft_model(model, cfg)
@@ -172,7 +178,12 @@ torch.nn.init.zeros_(PAIR_PROJ.bias)
 if args.readout != "pair":
     PAIR_PROJ.requires_grad_(False)
 
-rows = build_pairs(DATA, PairsSettings(tasks=tasks, rows_per_task=args.rows, val_fraction=0.0,
+if args.rows == "params":
+    import yaml
+    ROWS = yaml.safe_load((Path(DATA).parent / "params.yaml").read_text())["pairs"]["rows_per_task"]
+else:
+    ROWS = int(args.rows)
+rows = build_pairs(DATA, PairsSettings(tasks=tasks, rows_per_task=ROWS, val_fraction=0.0,
                                        answers=args.answers), 42)
 train_items = []
 for r in rows:
@@ -181,6 +192,9 @@ for r in rows:
     if args.both:
         train_items.append((r["paraphrase_prompt"], r["target"], r["task"], r["answer_words"], fields))
 print("train items", len(train_items), flush=True)
+LABEL_COUNTS = {t: [0] * get_task(t).num_labels for t in tasks}
+for r in rows:
+    LABEL_COUNTS[r["task"]][int(r["label"])] += 1
 enc = []
 for p, t, _, words, fields in train_items:
     e = encode(tok, p, t, append_eos=True, max_length=256)
@@ -201,7 +215,10 @@ for t in tasks:
         for row in ex:
             prompts.append((join_instruction(ins, spec.render_content(row)), [str(row[f]) for f in spec.fields]))
             labels.append(int(row["label"]))
-    evals[t] = (prompts, labels, list(spec.label_words))
+    # content-free calibration (the package's evaluate.calibration: content_free): each label's score minus its
+    # score after the same instruction with an empty input, plus the log label share of the training rows
+    cf = [(join_instruction(ins, ""), []) for ins in instr["clean"][t]]
+    evals[t] = (prompts + cf, labels, list(spec.label_words))
 
 flan_evals = {}
 if args.flan_eval:
@@ -259,18 +276,32 @@ def run_eval(evals, name):
                 for k in idx:
                     i, j = meta[k]
                     scores[i, j] = flat[k]
-            pred = scores.argmax(1)
             lab = torch.tensor(labels)
+            n_cf = len(prompts) - len(labels)
+            if n_cf:  # the content-free prompts close the list, one per instruction (instruction-major order)
+                scores, cf = scores[:len(labels)], scores[len(labels):]
+                prior = torch.log(torch.tensor(LABEL_COUNTS[t], dtype=torch.float) + 1.0)
+                prior = prior - torch.logsumexp(prior, 0)
+                cal = scores - cf.repeat_interleave(len(labels) // n_cf, 0) + prior
+                cacc = (cal.argmax(1) == lab).float().mean().item() * 100
+            else:
+                cacc = float("nan")
+            pred = scores.argmax(1)
             acc = (pred == lab).float().mean().item() * 100
             maj = max((lab == c).float().mean().item() for c in range(len(words))) * 100
             share = [(pred == c).float().mean().item() for c in range(len(words))]
-            out[t] = (acc, maj, share)
+            out[t] = (acc, maj, share, cacc)
     model.train()
-    s = " ".join(f"{t}={a:.1f}/{m:.0f}" for t, (a, m, _) in out.items())
-    ma = sum(a for a, _, _ in out.values()) / len(out)
-    mm = sum(m for _, m, _ in out.values()) / len(out)
+    s = " ".join(f"{t}={a:.1f}/{m:.0f}" for t, (a, m, _, _) in out.items())
+    ma = sum(a for a, _, _, _ in out.values()) / len(out)
+    mm = sum(m for _, m, _, _ in out.values()) / len(out)
     print(f"  eval[{name}]: {s} | mean {ma:.1f} vs maj {mm:.1f} ({ma-mm:+.1f})", flush=True)
-    print("   pred shares:", {t: [round(x, 2) for x in sh] for t, (_, _, sh) in out.items()}, flush=True)
+    if all(c == c for *_, c in out.values()):
+        s = " ".join(f"{t}={c:.1f}" for t, (*_, c) in out.items())
+        mc = sum(c for *_, c in out.values()) / len(out)
+        print(f"  eval[{name}, content-free calibrated]: {s} | mean {mc:.1f} vs maj {mm:.1f} ({mc-mm:+.1f})",
+              flush=True)
+    print("   pred shares:", {t: [round(x, 2) for x in sh] for t, (_, _, sh, _) in out.items()}, flush=True)
     return out
 
 params = [p for p in model.parameters() if p.requires_grad] + list(PAIR_PROJ.parameters())
