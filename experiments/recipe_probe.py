@@ -169,6 +169,7 @@ def segments(prompt, fields):
     return bos + seg
 
 SEG_MISSES = [0]
+BACC, PACC = {}, {}
 NEED_SEG = args.attn == "segment" or args.readout == "pair"
 _rng = torch.get_rng_state()  # the projection's default init draws numbers: keep the other runs' stream unchanged
 PAIR_PROJ = torch.nn.Linear(4 * model.config.hidden_size, model.config.hidden_size)
@@ -284,6 +285,13 @@ def run_eval(evals, name):
                 prior = prior - torch.logsumexp(prior, 0)
                 cal = scores - cf.repeat_interleave(len(labels) // n_cf, 0) + prior
                 cacc = (cal.argmax(1) == lab).float().mean().item() * 100
+                # batch calibration (Zhou et al. 2024): each label's log-probability minus the log of its mean
+                # probability over the instruction's evaluated examples, plus the same training-label prior
+                lp = torch.log_softmax(scores, 1).view(n_cf, -1, scores.size(1))          # (I, N, L)
+                bias = torch.logsumexp(lp, 1, keepdim=True) - torch.log(torch.tensor(float(lp.size(1))))
+                bc = (lp - bias).view_as(scores) + prior
+                BACC[t] = (bc.argmax(1) == lab).float().mean().item() * 100
+                PACC[t] = ((torch.log_softmax(scores, 1) + prior).argmax(1) == lab).float().mean().item() * 100
             else:
                 cacc = float("nan")
             pred = scores.argmax(1)
@@ -301,6 +309,12 @@ def run_eval(evals, name):
         mc = sum(c for *_, c in out.values()) / len(out)
         print(f"  eval[{name}, content-free calibrated]: {s} | mean {mc:.1f} vs maj {mm:.1f} ({mc-mm:+.1f})",
               flush=True)
+        s = " ".join(f"{t}={BACC[t]:.1f}" for t in out)
+        mb = sum(BACC[t] for t in out) / len(out)
+        print(f"  eval[{name}, batch calibrated]: {s} | mean {mb:.1f} vs maj {mm:.1f} ({mb-mm:+.1f})", flush=True)
+        s = " ".join(f"{t}={PACC[t]:.1f}" for t in out)
+        mp = sum(PACC[t] for t in out) / len(out)
+        print(f"  eval[{name}, + label prior only]: {s} | mean {mp:.1f} vs maj {mm:.1f} ({mp-mm:+.1f})", flush=True)
     print("   pred shares:", {t: [round(x, 2) for x in sh] for t, (_, _, sh, _) in out.items()}, flush=True)
     return out
 

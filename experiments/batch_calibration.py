@@ -1,0 +1,79 @@
+"""Re-decide an evaluation's loglik predictions under other calibrations, from its stored raw label scores.
+
+Each model's ``predictions.parquet`` (written by ``coin evaluate`` and by study cells) keeps every item's raw label
+log-likelihoods (``raw_scores``) beside the decision the evaluation took (``correct``, under the
+``evaluate.calibration`` it ran with). This script decides the same items again, without running any model:
+
+- ``raw``: argmax of the raw label log-likelihoods (``evaluate.calibration: none``);
+- ``evaluated``: the stored decision (``content_free`` for the shipped params);
+- ``batch``: batch calibration (Zhou et al., ICLR 2024): each label's log-probability (normalised over the labels)
+  minus the log of its mean probability over the instruction's evaluated examples, plus the log label share of the
+  model's training rows (the prior ``content_free`` adds too);
+- ``batch_uniform``: the same without the training prior.
+
+    ./run.sh python experiments/batch_calibration.py \\
+        coin-s0=<cell>/eval/predictions.parquet,<cell>/adapter/coin_model.json  [more models ...]
+
+It prints per task (clean set, averaged over the models) and per model (clean, averaged over tasks), with the
+majority-class rate of the same sample.
+"""
+import argparse
+import json
+
+import numpy as np
+import pandas as pd
+from scipy.special import log_softmax, logsumexp
+
+
+def decide(d: pd.DataFrame, counts: dict[str, list[int]]) -> pd.DataFrame:
+    out = {}
+    for (task, st), g in d.groupby(["task", "set"]):
+        raw = np.stack(g.raw_scores.values)
+        lab = g.label.values
+        c = np.array(counts.get(task, [1] * raw.shape[1]), float) + 1.0   # add-one, as label_log_prior
+        prior = np.log(c / c.sum())
+        lp = log_softmax(raw, axis=1)
+        bc = np.empty_like(lp)
+        for idx in g.groupby("instruction_id").indices.values():
+            bc[idx] = lp[idx] - (logsumexp(lp[idx], axis=0) - np.log(len(idx)))
+        out[(task, st)] = {
+            "raw": (raw.argmax(1) == lab).mean() * 100,
+            "evaluated": g.correct.mean() * 100,
+            "batch": ((bc + prior).argmax(1) == lab).mean() * 100,
+            "batch_uniform": (bc.argmax(1) == lab).mean() * 100,
+            "majority": max((lab == k).mean() for k in range(raw.shape[1])) * 100,
+        }
+    return pd.DataFrame(out).T
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("models", nargs="+", help="name=predictions.parquet,coin_model.json")
+    args = ap.parse_args()
+    frames = []
+    for spec in args.models:
+        name, paths = spec.split("=", 1)
+        pq, meta = paths.split(",")
+        d = pd.read_parquet(pq)
+        d = d[d.scoring == "loglik"]
+        t = decide(d, json.load(open(meta)).get("label_counts") or {})
+        t["model"] = name
+        frames.append(t)
+    df = pd.concat(frames)
+    df.index.names = ["task", "set"]
+    clean = df.xs("clean", level="set")
+    print("clean, per task (mean over models):")
+    print(clean.groupby("task").mean(numeric_only=True).round(1).to_string())
+    per_model = clean.reset_index().groupby("model").mean(numeric_only=True)
+    print("\nclean, per model (mean over tasks):")
+    print(per_model.round(1).to_string())
+    print("\nmean over models:", per_model.mean().round(1).to_dict(), " std:", per_model.std().round(1).to_dict())
+    pert = df.reset_index()
+    pert = pert[pert.set != "clean"]
+    if len(pert):
+        per_model = pert.groupby("model").mean(numeric_only=True)
+        print("perturbed sets, mean over models:", per_model.mean().round(1).to_dict())
+
+
+if __name__ == "__main__":
+    main()
