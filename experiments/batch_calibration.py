@@ -19,29 +19,40 @@ majority-class rate of the same sample.
 """
 import argparse
 import json
+import math
 
 import numpy as np
 import pandas as pd
-from scipy.special import log_softmax, logsumexp
+import torch
+
+from coin.evaluation.scoring import label_log_prior
+
+
+def batch_calibrated(scores: torch.Tensor, groups: list) -> torch.Tensor:
+    """Batch calibration of ``scores`` (P, L), label log-likelihoods: within each group of rows (``groups``: index
+    arrays, one per instruction), each label's log-probability (normalised over the labels) minus the log of its
+    mean probability over the group. Add a log prior to the result to favour the training label shares."""
+    lp = torch.log_softmax(scores.float(), 1)
+    out = torch.empty_like(lp)
+    for idx in groups:
+        idx = torch.as_tensor(idx)
+        out[idx] = lp[idx] - (torch.logsumexp(lp[idx], 0) - math.log(len(idx)))
+    return out
 
 
 def decide(d: pd.DataFrame, counts: dict[str, list[int]]) -> pd.DataFrame:
     out = {}
     for (task, st), g in d.groupby(["task", "set"]):
-        raw = np.stack(g.raw_scores.values)
-        lab = g.label.values
-        c = np.array(counts.get(task, [1] * raw.shape[1]), float) + 1.0   # add-one, as label_log_prior
-        prior = np.log(c / c.sum())
-        lp = log_softmax(raw, axis=1)
-        bc = np.empty_like(lp)
-        for idx in g.groupby("instruction_id").indices.values():
-            bc[idx] = lp[idx] - (logsumexp(lp[idx], axis=0) - np.log(len(idx)))
+        raw = torch.tensor(np.stack(g.raw_scores.values))
+        lab = torch.tensor(g.label.values)
+        prior = label_log_prior(counts.get(task, [1] * raw.shape[1]))
+        bc = batch_calibrated(raw, list(g.groupby("instruction_id").indices.values()))
         out[(task, st)] = {
-            "raw": (raw.argmax(1) == lab).mean() * 100,
+            "raw": (raw.argmax(1) == lab).float().mean().item() * 100,
             "evaluated": g.correct.mean() * 100,
-            "batch": ((bc + prior).argmax(1) == lab).mean() * 100,
-            "batch_uniform": (bc.argmax(1) == lab).mean() * 100,
-            "majority": max((lab == k).mean() for k in range(raw.shape[1])) * 100,
+            "batch": ((bc + prior).argmax(1) == lab).float().mean().item() * 100,
+            "batch_uniform": (bc.argmax(1) == lab).float().mean().item() * 100,
+            "majority": max((lab == k).float().mean().item() for k in range(raw.shape[1])) * 100,
         }
     return pd.DataFrame(out).T
 

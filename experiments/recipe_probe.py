@@ -15,16 +15,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from batch_calibration import batch_calibrated  # experiments/, beside this script
 from peft import LoraConfig, get_peft_model
 from transformers import get_linear_schedule_with_warmup
 
-from coin.config import PairsSettings
+from coin.config import PairsSettings, load_settings
 from coin.data.pairs import build_pairs
 from coin.data.prompts import encode, format_prompt
 from coin.data.tasks import get_task
 from coin.data.templates import load_templates, render
 from coin.evaluation.instructions import load_instruction_sets
 from coin.evaluation.sampling import sample_examples
+from coin.evaluation.scoring import calibrated, label_log_prior
 from coin.modeling.backbone import load_backbone, set_backbone_dropout, split_body_head
 from coin.predict import join_instruction
 
@@ -169,7 +171,6 @@ def segments(prompt, fields):
     return bos + seg
 
 SEG_MISSES = [0]
-BACC, PACC = {}, {}
 NEED_SEG = args.attn == "segment" or args.readout == "pair"
 _rng = torch.get_rng_state()  # the projection's default init draws numbers: keep the other runs' stream unchanged
 PAIR_PROJ = torch.nn.Linear(4 * model.config.hidden_size, model.config.hidden_size)
@@ -179,11 +180,7 @@ torch.nn.init.zeros_(PAIR_PROJ.bias)
 if args.readout != "pair":
     PAIR_PROJ.requires_grad_(False)
 
-if args.rows == "params":
-    import yaml
-    ROWS = yaml.safe_load((Path(DATA).parent / "params.yaml").read_text())["pairs"]["rows_per_task"]
-else:
-    ROWS = int(args.rows)
+ROWS = load_settings(Path(DATA).parent / "params.yaml").pairs.rows_per_task if args.rows == "params" else int(args.rows)
 rows = build_pairs(DATA, PairsSettings(tasks=tasks, rows_per_task=ROWS, val_fraction=0.0,
                                        answers=args.answers), 42)
 train_items = []
@@ -279,42 +276,32 @@ def run_eval(evals, name):
                     scores[i, j] = flat[k]
             lab = torch.tensor(labels)
             n_cf = len(prompts) - len(labels)
+            cal = {}  # calibrated decisions, by name (none for evaluations without content-free prompts)
             if n_cf:  # the content-free prompts close the list, one per instruction (instruction-major order)
                 scores, cf = scores[:len(labels)], scores[len(labels):]
-                prior = torch.log(torch.tensor(LABEL_COUNTS[t], dtype=torch.float) + 1.0)
-                prior = prior - torch.logsumexp(prior, 0)
-                cal = scores - cf.repeat_interleave(len(labels) // n_cf, 0) + prior
-                cacc = (cal.argmax(1) == lab).float().mean().item() * 100
-                # batch calibration (Zhou et al. 2024): each label's log-probability minus the log of its mean
-                # probability over the instruction's evaluated examples, plus the same training-label prior
-                lp = torch.log_softmax(scores, 1).view(n_cf, -1, scores.size(1))          # (I, N, L)
-                bias = torch.logsumexp(lp, 1, keepdim=True) - torch.log(torch.tensor(float(lp.size(1))))
-                bc = (lp - bias).view_as(scores) + prior
-                BACC[t] = (bc.argmax(1) == lab).float().mean().item() * 100
-                PACC[t] = ((torch.log_softmax(scores, 1) + prior).argmax(1) == lab).float().mean().item() * 100
-            else:
-                cacc = float("nan")
+                prior = label_log_prior(LABEL_COUNTS[t])
+                per_ins = len(labels) // n_cf
+                cal["content-free calibrated"] = calibrated(scores, cf.repeat_interleave(per_ins, 0), prior)
+                # batch calibration (Zhou et al. 2024), with the same training-label prior
+                groups = [range(i * per_ins, (i + 1) * per_ins) for i in range(n_cf)]
+                cal["batch calibrated"] = batch_calibrated(scores, groups) + prior
+                cal["+ label prior only"] = torch.log_softmax(scores, 1) + prior
+            cal = {k: (v.argmax(1) == lab).float().mean().item() * 100 for k, v in cal.items()}
             pred = scores.argmax(1)
             acc = (pred == lab).float().mean().item() * 100
             maj = max((lab == c).float().mean().item() for c in range(len(words))) * 100
             share = [(pred == c).float().mean().item() for c in range(len(words))]
-            out[t] = (acc, maj, share, cacc)
+            out[t] = (acc, maj, share, cal)
     model.train()
     s = " ".join(f"{t}={a:.1f}/{m:.0f}" for t, (a, m, _, _) in out.items())
     ma = sum(a for a, _, _, _ in out.values()) / len(out)
     mm = sum(m for _, m, _, _ in out.values()) / len(out)
     print(f"  eval[{name}]: {s} | mean {ma:.1f} vs maj {mm:.1f} ({ma-mm:+.1f})", flush=True)
-    if all(c == c for *_, c in out.values()):
-        s = " ".join(f"{t}={c:.1f}" for t, (*_, c) in out.items())
-        mc = sum(c for *_, c in out.values()) / len(out)
-        print(f"  eval[{name}, content-free calibrated]: {s} | mean {mc:.1f} vs maj {mm:.1f} ({mc-mm:+.1f})",
-              flush=True)
-        s = " ".join(f"{t}={BACC[t]:.1f}" for t in out)
-        mb = sum(BACC[t] for t in out) / len(out)
-        print(f"  eval[{name}, batch calibrated]: {s} | mean {mb:.1f} vs maj {mm:.1f} ({mb-mm:+.1f})", flush=True)
-        s = " ".join(f"{t}={PACC[t]:.1f}" for t in out)
-        mp = sum(PACC[t] for t in out) / len(out)
-        print(f"  eval[{name}, + label prior only]: {s} | mean {mp:.1f} vs maj {mm:.1f} ({mp-mm:+.1f})", flush=True)
+    for how in next(iter(out.values()))[3]:
+        accs = {t: c[how] for t, (*_, c) in out.items()}
+        s = " ".join(f"{t}={a:.1f}" for t, a in accs.items())
+        mc = sum(accs.values()) / len(accs)
+        print(f"  eval[{name}, {how}]: {s} | mean {mc:.1f} vs maj {mm:.1f} ({mc-mm:+.1f})", flush=True)
     print("   pred shares:", {t: [round(x, 2) for x in sh] for t, (_, _, sh, _) in out.items()}, flush=True)
     return out
 
