@@ -1,0 +1,213 @@
+"""Clean accuracy against training rows: the same recipe at several row budgets, scored on one sample, and where a
+log-linear fit of (average − majority rate) would reach a target.
+
+Each model is given by its evaluation's ``predictions.parquet`` (``coin evaluate --out`` writes
+``models/<label>/predictions.parquet``, a study cell ``eval/predictions.parquet``) and its adapter's
+``coin_model.json``, whose ``label_counts`` say how many rows it was trained on. Models are grouped into budgets by
+the name before the colon:
+
+    ./run.sh python experiments/scaling.py \\
+        default:s0=<eval>/models/coin-s0/predictions.parquet,<adapter>/coin_model.json  [more budget:seed=... ] \\
+        --probe results/frozen-probe/probe.json --out results/row-scaling
+
+Every model must have been scored on the same examples (checked). The decision is the one the evaluation took
+(``correct``, under its ``evaluate.calibration``); accuracy per task is the mean over the clean instructions. The fit is
+ordinary least squares of each model's (average − majority) on log2(training rows); its interval resamples the
+models within each budget (a bootstrap over seeds). ``--probe`` adds the frozen bi-encoder linear probe of
+``experiments/frozen_probe.py`` on the 1,000-example sample, as a reference at its own row counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+TASKS = ("sst2", "cola", "mrpc", "qnli", "rte", "wnli", "mnli")
+
+
+def load_model(pq: str, meta: str) -> tuple[pd.Series, int, frozenset, pd.DataFrame]:
+    """Per-task clean accuracy, the number of training rows, the (task, example) ids scored, and the clean rows."""
+    d = pd.read_parquet(pq, columns=["scoring", "set", "task", "example_id", "label", "correct"])
+    d = d[(d.scoring == "loglik") & (d.set == "clean")]
+    counts = json.load(open(meta)).get("label_counts") or {}
+    if not counts:
+        raise SystemExit(f"{meta}: no label_counts, so the training rows are unknown")
+    acc = d.groupby("task").correct.mean() * 100
+    return acc, sum(sum(c) for c in counts.values()), frozenset(zip(d.task, d.example_id, strict=True)), d
+
+
+def majority(d: pd.DataFrame) -> pd.Series:
+    """The majority-class rate of each task's sample (each example counted once)."""
+    ex = d.drop_duplicates(["task", "example_id"])
+    return ex.groupby("task").label.agg(lambda s: s.value_counts(normalize=True).max() * 100)
+
+
+def fit(x: np.ndarray, y: np.ndarray, target: float) -> tuple[float, float, float]:
+    """OLS of y on x = log2(rows): (intercept, slope per doubling, rows at which the line reaches target)."""
+    slope, icpt = np.polyfit(x, y, 1)
+    doublings = (target - icpt) / slope if slope > 1e-9 else math.inf
+    rows = 2**doublings if doublings < 1000 else math.inf
+    return float(icpt), float(slope), float(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("models", nargs="+", help="budget:seed=predictions.parquet,coin_model.json")
+    ap.add_argument("--target", type=float, default=10.0, help="points above the majority rate (issue 11: 10)")
+    ap.add_argument("--probe", type=Path, help="experiments/frozen_probe.py's probe.json (1,000-example sample)")
+    ap.add_argument("--n_boot", type=int, default=2000)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+
+    rows, ids, maj = [], None, None
+    for spec in args.models:
+        name, paths = spec.split("=", 1)
+        budget, seed = name.split(":", 1)
+        acc, n_rows, seen, d = load_model(*paths.split(","))
+        if ids is None:
+            ids, maj = seen, majority(d)
+        elif seen != ids:
+            raise SystemExit(f"{name}: scored on other examples than the first model; use one evaluation sample")
+        tasks = [t for t in TASKS if t in acc.index]
+        rows.append(
+            {
+                "budget": budget,
+                "seed": seed,
+                "rows": n_rows,
+                **acc[tasks].round(2).to_dict(),
+                "avg": acc[tasks].mean(),
+                "avg_minus_majority": acc[tasks].mean() - maj[tasks].mean(),
+            }
+        )
+    df = pd.DataFrame(rows)
+    tasks = [t for t in TASKS if t in df.columns]
+    order = list(dict.fromkeys(df.budget))
+
+    x, y = np.log2(df.rows.to_numpy(float)), df.avg_minus_majority.to_numpy()
+    if len(set(x)) < 2:
+        raise SystemExit("give models of at least two row budgets: a fit over one budget says nothing")
+    icpt, slope, cross = fit(x, y, args.target)
+    rng = np.random.default_rng(0)
+    groups = [np.flatnonzero(df.budget.to_numpy() == b) for b in order]
+    boot = []
+    for _ in range(args.n_boot):
+        idx = np.concatenate([rng.choice(g, len(g)) for g in groups])
+        boot.append(fit(x[idx], y[idx], args.target))
+    slopes = np.array([b[1] for b in boot])
+    crosses = np.array([b[2] for b in boot])
+
+    probe = []
+    if args.probe:
+        p = json.loads(args.probe.read_text())
+        for run in next(iter(p["tasks"].values()))["runs"]:
+            if not run.startswith("bi"):
+                continue
+            accs = [p["tasks"][t]["runs"][run]["acc_sample_1000"] for t in tasks]
+            majs = [p["tasks"][t]["majority_sample_1000"] for t in tasks]
+            n = sum(p["tasks"][t]["runs"][run]["rows"] for t in tasks)  # fit on all of them (the decoder: 95%)
+            probe.append(
+                {
+                    "run": f"frozen {run}",
+                    "rows": n,
+                    "avg": float(np.mean(accs)),
+                    "avg_minus_majority": float(np.mean(accs) - np.mean(majs)),
+                }
+            )
+
+    lines = [
+        "| budget | training rows | seeds | " + " | ".join(tasks) + " | avg clean | avg − majority |",
+        "|---|---:|---:|" + "---:|" * len(tasks) + "---:|---:|",
+    ]
+    for b in order:
+        g = df[df.budget == b]
+
+        def ms(col: str, g: pd.DataFrame = g) -> str:
+            return f"{g[col].mean():.1f} ± {g[col].std(ddof=1):.1f}" if len(g) > 1 else f"{g[col].mean():.1f}"
+
+        lines.append(
+            f"| {b} | {int(g.rows.mean()):,} | {len(g)} | "
+            + " | ".join(ms(t) for t in tasks)
+            + f" | {ms('avg')} | {ms('avg_minus_majority')} |"
+        )
+    lines.append(
+        "| *majority class* | | | " + " | ".join(f"*{maj[t]:.1f}*" for t in tasks) + f" | *{maj[tasks].mean():.1f}* | |"
+    )
+    for r in probe:
+        lines.append(
+            f"| {r['run']} (reference) | {r['rows']:,} | | "
+            + " |" * len(tasks)
+            + f" {r['avg']:.1f} | {r['avg_minus_majority']:+.1f} |"
+        )
+    lo, hi = np.percentile(slopes, [2.5, 97.5])
+    clo, chi = np.percentile(crosses, [2.5, 97.5])
+    fit_line = (
+        f"Fit over {len(df)} models: avg − majority = {icpt:+.2f} + {slope:.2f} × log2(rows); "
+        f"{slope:+.2f} points per doubling of the rows [95%: {lo:+.2f}, {hi:+.2f}]; "
+        f"+{args.target:g} at about {cross:,.0f} training rows [95%: {clo:,.0f}, {chi:,.0f}] "
+        f"(an extrapolation of a straight line in log rows; inf = never on that resample)."
+    )
+    table = "\n".join(lines) + "\n\n" + fit_line + "\n"
+    print(table)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "table.md").write_text(table)
+    (args.out / "scaling.json").write_text(
+        json.dumps(
+            {
+                "models": df.to_dict("records"),
+                "majority": maj[tasks].round(2).to_dict(),
+                "probe": probe,
+                "fit": {
+                    "intercept": icpt,
+                    "slope_per_doubling": slope,
+                    "slope_95": [lo, hi],
+                    "target": args.target,
+                    "rows_at_target": cross,
+                    "rows_at_target_95": [clo, chi],
+                },
+            },
+            indent=2,
+            default=float,
+        )
+    )
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.scatter(df.rows, df.avg_minus_majority, color="C0", alpha=0.5, label="fine-tuned decoder, one seed")
+    means = df.groupby("budget", sort=False)[["rows", "avg_minus_majority"]].mean()
+    ax.plot(means.rows, means.avg_minus_majority, "o", color="C0", ms=9, label="mean over seeds")
+    xs = np.geomspace(df.rows.min() / 1.2, max(df.rows.max(), min(cross, 1e7)) * 1.2, 100)
+    ax.plot(xs, icpt + slope * np.log2(xs), "--", color="C0", lw=1, label=f"fit: {slope:+.1f} per doubling")
+    for r in probe:
+        ax.plot(r["rows"], r["avg_minus_majority"], "s", color="C2")
+        ax.annotate(
+            r["run"],
+            (r["rows"], r["avg_minus_majority"]),
+            textcoords="offset points",
+            xytext=(5, -12),
+            fontsize=8,
+            color="C2",
+        )
+    ax.axhline(args.target, color="C3", lw=1, label=f"target: majority + {args.target:g}")
+    ax.axhline(0, color="grey", lw=1, label="majority class")
+    ax.set_xscale("log")
+    ax.set_xlabel("training rows (log scale)")
+    ax.set_ylabel("avg clean accuracy − majority rate (points)")
+    ax.set_title("Clean accuracy over training rows (sample of up to 1,000 per task)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(args.out / "scaling.png", dpi=120)
+    print(f"wrote {args.out}/table.md, scaling.json, scaling.png")
+
+
+if __name__ == "__main__":
+    main()
