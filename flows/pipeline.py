@@ -43,7 +43,7 @@ from pydantic import SecretStr
 
 import coin  # noqa: F401  (local-only environment before Prefect is imported)
 from coin import stages
-from coin.config import Settings, load_settings
+from coin.config import Settings, check_robustness_sets, load_settings
 from coin.cpus import cpu_budget, threads_per_worker
 from coin.secrets import reveal, seal_overrides, seal_text
 from flows.caching import missing_outputs, result_storage, stage_cache_policy
@@ -381,6 +381,7 @@ def coin_pipeline(
     logger.info("%s", run_banner("coin-pipeline", params_path, overrides))
     dask_address = reveal(dask_address)  # sealed (seal_text) when it holds a credential
     settings, root = _load(params_path, overrides)  # bad params fail here, before any work
+    check_robustness_sets(settings, "the pipeline (its register stage gates on both)")
     params_path = str(Path(params_path).resolve())  # workers may run elsewhere than the flow's cwd
     eval_workers = default_eval_workers() if eval_workers is None else eval_workers
     # a bad cluster option fails here too

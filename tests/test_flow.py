@@ -184,4 +184,7 @@ def test_flow_rejects_bad_params_before_any_work(prefect_harness, tmp_path):
     params = _params(tmp_path, {**TINY, "train": {"max_stepz": 2}})
     with pytest.raises(ConfigError, match="train.max_stepz: unknown key"):
         coin_pipeline(params_path=str(params), overrides=[])
+    params = _params(tmp_path, TINY)  # register gates on perturbed accuracy: a clean-only run stops before training
+    with pytest.raises(ConfigError, match=r"lacks a perturbed set: the pipeline"):
+        coin_pipeline(params_path=str(params), overrides=["evaluate.instruction_sets=[clean]"])
     assert not (tmp_path / "outputs").exists()

@@ -525,7 +525,13 @@ def test_cli_stops_on_bad_study_params_before_any_work(tmp_path):
     params.write_text((ROOT / "params.yaml").read_text())
     for args, msg in ((["--set", "study.seeds=[]"], "lists no seed"),
                       (["--sweep", "train.lrr=[1]"], "Did you mean 'lr'"),
-                      (["--sweep", "train.lr"], "expected KEY=[v1,v2,...]")):
+                      (["--sweep", "train.lr"], "expected KEY=[v1,v2,...]"),
+                      # a clean-only evaluation leaves the perturbed figures every cell aggregates undefined: it
+                      # must stop here, not after every cell has trained and been scored
+                      (["--set", "evaluate.instruction_sets=[clean]"], "lacks a perturbed set: a study"),
+                      (["--set", "evaluate.instruction_sets=[deepwordbug]"], "lacks the 'clean' set"),
+                      (["--sweep", "evaluate.instruction_sets=[[clean,semantic],[clean]]"],
+                       "a study at evaluate.instruction_sets = ['clean']")):
         res = CliRunner().invoke(app, ["study", "--params", str(params), *args])
         assert res.exit_code == 2 and msg in res.output, res.output
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "mlruns").exists()

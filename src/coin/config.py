@@ -947,6 +947,22 @@ def check_quantization(model: ModelSettings) -> None:
     check(model.quantization, device)
 
 
+def check_robustness_sets(settings: Settings, command: str) -> None:
+    """Stop ``command`` (a study, or a pipeline that registers) before any work unless ``evaluate.instruction_sets``
+    holds the clean set and at least one perturbed set: both aggregate and gate on clean *and* perturbed accuracy,
+    which a clean-only evaluation leaves undefined. ``coin evaluate`` alone needs no perturbed set."""
+    from coin.evaluation.instructions import CLEAN_SET
+
+    sets = settings.evaluate.instruction_sets
+    if CLEAN_SET in sets and any(s != CLEAN_SET for s in sets):
+        return
+    lack = f"the '{CLEAN_SET}' set" if CLEAN_SET not in sets else "a perturbed set"
+    raise ConfigError(f"evaluate.instruction_sets = {sets} lacks {lack}: {command} compares clean and perturbed "
+                      f"accuracy, so it needs '{CLEAN_SET}' and at least one perturbed set. Add them, e.g. --set "
+                      f"'evaluate.instruction_sets=[{CLEAN_SET},deepwordbug]', or score adapters on these sets alone "
+                      "with `coin evaluate --model NAME=ADAPTER_DIR`. Nothing was run.")
+
+
 def check_instruction_file(settings: Settings, root: Path, *, source: str | Path = "params.yaml") -> None:
     """Check ``evaluate.instruction_sets`` and ``evaluate.tasks`` against ``evaluate.instruction_file`` (relative
     to ``root``) when the settings are loaded, so a misspelt set fails before training, not at evaluation.

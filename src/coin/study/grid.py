@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from coin.config import BASE_METHOD, ConfigError, Settings, apply_overrides, load_settings
+from coin.config import BASE_METHOD, ConfigError, Settings, apply_overrides, check_robustness_sets, load_settings
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,8 @@ def load_study(params_path: str | Path, overrides: list[str] | None = None) -> t
     returns the settings and the project root (the params file's directory)."""
     settings = load_settings(params_path, overrides)
     grid_cells(settings)  # names must be unique
+    for value, s in sweep_points(settings):  # every cell aggregates clean and perturbed accuracy
+        check_robustness_sets(s, "a study" if value is None else f"a study at {settings.study.sweep_key} = {value}")
     return settings, Path(params_path).resolve().parent
 
 
