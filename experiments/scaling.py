@@ -12,9 +12,11 @@ the name before the colon:
 
 Every model must have been scored on the same examples (checked). The decision is the one the evaluation took
 (``correct``, under its ``evaluate.calibration``); accuracy per task is the mean over the clean instructions. The fit is
-ordinary least squares of each model's (average − majority) on log2(training rows); its interval resamples the
-models within each budget (a bootstrap over seeds). ``--probe`` adds the frozen bi-encoder linear probe of
-``experiments/frozen_probe.py`` on the 1,000-example sample, as a reference at its own row counts.
+ordinary least squares of each model's (average − majority) on log2(training rows), over all budgets, from each
+budget onwards, and over each two consecutive budgets (whether the return per doubling holds as the rows grow);
+its interval resamples the models within each budget (a bootstrap over seeds). ``--probe`` adds the frozen
+bi-encoder linear probe of ``experiments/frozen_probe.py`` on the 1,000-example sample, as a reference at its own
+row counts.
 """
 
 from __future__ import annotations
@@ -55,6 +57,29 @@ def fit(x: np.ndarray, y: np.ndarray, target: float) -> tuple[float, float, floa
     return float(icpt), float(slope), float(rows)
 
 
+def fit_with_interval(
+    df: pd.DataFrame, budgets: list[str], target: float, n_boot: int, rng: np.random.Generator
+) -> dict:
+    """:func:`fit` over the models of ``df``, with 95% intervals from resampling the models within each budget."""
+    x, y = np.log2(df.rows.to_numpy(float)), df.avg_minus_majority.to_numpy()
+    icpt, slope, cross = fit(x, y, target)
+    groups = [np.flatnonzero(df.budget.to_numpy() == b) for b in budgets]
+    boot = np.array(
+        [
+            fit(x[i], y[i], target)
+            for i in (np.concatenate([rng.choice(g, len(g)) for g in groups]) for _ in range(n_boot))
+        ]
+    )
+    return {
+        "n_models": len(df),
+        "intercept": icpt,
+        "slope_per_doubling": slope,
+        "slope_95": np.percentile(boot[:, 1], [2.5, 97.5]).tolist(),
+        "rows_at_target": cross,
+        "rows_at_target_95": np.percentile(boot[:, 2], [2.5, 97.5], method="nearest").tolist(),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="+", help="budget:seed=predictions.parquet,coin_model.json")
@@ -88,18 +113,16 @@ def main() -> None:
     tasks = [t for t in TASKS if t in df.columns]
     order = list(dict.fromkeys(df.budget))
 
-    x, y = np.log2(df.rows.to_numpy(float)), df.avg_minus_majority.to_numpy()
-    if len(set(x)) < 2:
+    if df.rows.nunique() < 2:
         raise SystemExit("give models of at least two row budgets: a fit over one budget says nothing")
-    icpt, slope, cross = fit(x, y, args.target)
     rng = np.random.default_rng(0)
-    groups = [np.flatnonzero(df.budget.to_numpy() == b) for b in order]
-    boot = []
-    for _ in range(args.n_boot):
-        idx = np.concatenate([rng.choice(g, len(g)) for g in groups])
-        boot.append(fit(x[idx], y[idx], args.target))
-    slopes = np.array([b[1] for b in boot])
-    crosses = np.array([b[2] for b in boot])
+    fits = {"all budgets": fit_with_interval(df, order, args.target, args.n_boot, rng)}
+    for i, a in enumerate(order[1:-2], 1):  # leaving out the smallest budgets: the return where the rows are many
+        fits[f"{a} onwards"] = fit_with_interval(
+            df[df.budget.isin(order[i:])], order[i:], args.target, args.n_boot, rng
+        )
+    for a, b in zip(order, order[1:], strict=False):  # consecutive budgets: does the return per doubling hold?
+        fits[f"{a} → {b}"] = fit_with_interval(df[df.budget.isin([a, b])], [a, b], args.target, args.n_boot, rng)
 
     probe = []
     if args.probe:
@@ -143,13 +166,21 @@ def main() -> None:
             + " |" * len(tasks)
             + f" {r['avg']:.1f} | {r['avg_minus_majority']:+.1f} |"
         )
-    lo, hi = np.percentile(slopes, [2.5, 97.5])
-    clo, chi = np.percentile(crosses, [2.5, 97.5])
-    fit_line = (
-        f"Fit over {len(df)} models: avg − majority = {icpt:+.2f} + {slope:.2f} × log2(rows); "
-        f"{slope:+.2f} points per doubling of the rows [95%: {lo:+.2f}, {hi:+.2f}]; "
-        f"+{args.target:g} at about {cross:,.0f} training rows [95%: {clo:,.0f}, {chi:,.0f}] "
-        f"(an extrapolation of a straight line in log rows; inf = never on that resample)."
+    fit_lines = [
+        "| fit of avg − majority on log2(rows) | models | points per doubling [95%] | rows at majority "
+        f"+ {args.target:g} [95%] |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, f in fits.items():
+        fit_lines.append(
+            f"| {name} | {f['n_models']} | {f['slope_per_doubling']:+.2f} [{f['slope_95'][0]:+.2f}, "
+            f"{f['slope_95'][1]:+.2f}] | {f['rows_at_target']:,.0f} [{f['rows_at_target_95'][0]:,.0f}, "
+            f"{f['rows_at_target_95'][1]:,.0f}] |"
+        )
+    fit_line = "\n".join(fit_lines) + (
+        "\n\nOrdinary least squares on each model's point; the interval resamples the models within each budget "
+        "(seeds only: not the example draw, not the curve's shape). Rows at the target extrapolate a straight line "
+        "in log rows (inf: never on that resample)."
     )
     table = "\n".join(lines) + "\n\n" + fit_line + "\n"
     print(table)
@@ -162,14 +193,8 @@ def main() -> None:
                 "models": df.to_dict("records"),
                 "majority": maj[tasks].round(2).to_dict(),
                 "probe": probe,
-                "fit": {
-                    "intercept": icpt,
-                    "slope_per_doubling": slope,
-                    "slope_95": [lo, hi],
-                    "target": args.target,
-                    "rows_at_target": cross,
-                    "rows_at_target_95": [clo, chi],
-                },
+                "target": args.target,
+                "fits": fits,
             },
             indent=2,
             default=float,
@@ -184,9 +209,19 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     ax.scatter(df.rows, df.avg_minus_majority, color="C0", alpha=0.5, label="fine-tuned decoder, one seed")
     means = df.groupby("budget", sort=False)[["rows", "avg_minus_majority"]].mean()
-    ax.plot(means.rows, means.avg_minus_majority, "o", color="C0", ms=9, label="mean over seeds")
-    xs = np.geomspace(df.rows.min() / 1.2, max(df.rows.max(), min(cross, 1e7)) * 1.2, 100)
-    ax.plot(xs, icpt + slope * np.log2(xs), "--", color="C0", lw=1, label=f"fit: {slope:+.1f} per doubling")
+    ax.plot(means.rows, means.avg_minus_majority, "o-", color="C0", ms=9, label="mean over seeds")
+    later = f"{order[1]} onwards" if f"{order[1]} onwards" in fits else f"{order[-2]} → {order[-1]}"
+    for f, style, what in ((fits["all budgets"], "--", "all budgets"), (fits[later], ":", later)):
+        end = max(df.rows.max(), min(f["rows_at_target"], 1e7)) * 1.2
+        xs = np.geomspace(df.rows.min() / 1.2, end, 100)
+        ax.plot(
+            xs,
+            f["intercept"] + f["slope_per_doubling"] * np.log2(xs),
+            style,
+            color="C0",
+            lw=1,
+            label=f"fit, {what}: {f['slope_per_doubling']:+.1f} per doubling",
+        )
     for r in probe:
         ax.plot(r["rows"], r["avg_minus_majority"], "s", color="C2")
         ax.annotate(

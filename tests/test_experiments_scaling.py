@@ -42,10 +42,11 @@ def test_fit_recovers_known_slope_and_crossing(tmp_path: Path) -> None:
     ]
     out = _run(tmp_path, specs)
     assert out.returncode == 0, out.stderr
-    fit = json.loads((tmp_path / "o" / "scaling.json").read_text())["fit"]
-    assert fit["slope_per_doubling"] == pytest.approx(2.0)
-    assert fit["rows_at_target"] == pytest.approx(16000, rel=1e-6)
-    assert fit["slope_95"] == pytest.approx([2.0, 2.0])  # every seed of a budget agrees: no spread to resample
+    fits = json.loads((tmp_path / "o" / "scaling.json").read_text())["fits"]
+    for name in ("all budgets", "a → b", "b → c"):  # a straight line: every fit has its slope
+        assert fits[name]["slope_per_doubling"] == pytest.approx(2.0), name
+        assert fits[name]["rows_at_target"] == pytest.approx(16000, rel=1e-6), name
+        assert fits[name]["slope_95"] == pytest.approx([2.0, 2.0])  # the seeds of a budget agree: no spread
     assert "| b | 2,000 | 2 | 64.0 ± 0.0 |" in (tmp_path / "o" / "table.md").read_text()
     assert (tmp_path / "o" / "scaling.png").stat().st_size > 0
 
@@ -54,7 +55,7 @@ def test_flat_curve_never_reaches_target(tmp_path: Path) -> None:
     specs = [f"{b}:s0=" + _model(tmp_path, b, rows, 31) for b, rows in [("a", 1000), ("b", 4000)]]
     out = _run(tmp_path, specs)
     assert out.returncode == 0, out.stderr
-    assert math.isinf(json.loads((tmp_path / "o" / "scaling.json").read_text())["fit"]["rows_at_target"])
+    assert math.isinf(json.loads((tmp_path / "o" / "scaling.json").read_text())["fits"]["a → b"]["rows_at_target"])
 
 
 def test_refuses_models_scored_on_other_examples(tmp_path: Path) -> None:
@@ -66,3 +67,20 @@ def test_refuses_models_scored_on_other_examples(tmp_path: Path) -> None:
     out = _run(tmp_path, [f"a:s0={a}", f"b:s0={b}"])
     assert out.returncode != 0
     assert "other examples" in out.stderr
+
+
+def test_segments_show_falling_returns(tmp_path: Path) -> None:
+    # +0, +4, +6 points at 1,000 / 2,000 / 4,000 rows: +4 then +2 per doubling; the last segment reaches +10 at
+    # 4,000 * 2**2 = 16,000 rows, the fit over all budgets (slope 3) sooner
+    specs = [
+        f"{b}:s0=" + _model(tmp_path, b, rows, k) for b, rows, k in [("a", 1000, 30), ("b", 2000, 32), ("c", 4000, 33)]
+    ]
+    out = _run(tmp_path, specs)
+    assert out.returncode == 0, out.stderr
+    fits = json.loads((tmp_path / "o" / "scaling.json").read_text())["fits"]
+    assert fits["a → b"]["slope_per_doubling"] == pytest.approx(4.0)
+    assert fits["b → c"]["slope_per_doubling"] == pytest.approx(2.0)
+    assert fits["b → c"]["rows_at_target"] == pytest.approx(16000, rel=1e-6)
+    assert fits["all budgets"]["slope_per_doubling"] == pytest.approx(3.0)
+    assert fits["all budgets"]["rows_at_target"] < 16000
+    assert "b onwards" not in fits  # from b onwards is the segment b → c itself
