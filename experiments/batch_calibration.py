@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from coin.evaluation.reference import reference_rates
 from coin.evaluation.scoring import label_log_prior
 
 
@@ -41,6 +42,7 @@ def batch_calibrated(scores: torch.Tensor, groups: list) -> torch.Tensor:
 
 
 def decide(d: pd.DataFrame, counts: dict[str, list[int]]) -> pd.DataFrame:
+    majority = reference_rates(d).majority
     out = {}
     for (task, st), g in d.groupby(["task", "set"]):
         raw = torch.tensor(np.stack(g.raw_scores.values))
@@ -52,7 +54,7 @@ def decide(d: pd.DataFrame, counts: dict[str, list[int]]) -> pd.DataFrame:
             "evaluated": g.correct.mean() * 100,
             "batch": ((bc + prior).argmax(1) == lab).float().mean().item() * 100,
             "batch_uniform": (bc.argmax(1) == lab).float().mean().item() * 100,
-            "majority": max((lab == k).float().mean().item() for k in range(raw.shape[1])) * 100,
+            "majority": majority[task],
         }
     return pd.DataFrame(out).T
 

@@ -29,24 +29,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-TASKS = ("sst2", "cola", "mrpc", "qnli", "rte", "wnli", "mnli")
+from coin.config import ALL_TASKS
+from coin.evaluation.reference import reference_rates
 
 
-def load_model(pq: str, meta: str) -> tuple[pd.Series, int, frozenset, pd.DataFrame]:
-    """Per-task clean accuracy, the number of training rows, the (task, example) ids scored, and the clean rows."""
+def load_model(pq: str, meta: str) -> tuple[pd.DataFrame, int]:
+    """The model's clean loglik predictions and the number of rows it was trained on."""
     d = pd.read_parquet(pq, columns=["scoring", "set", "task", "example_id", "label", "correct"])
-    d = d[(d.scoring == "loglik") & (d.set == "clean")]
     counts = json.load(open(meta)).get("label_counts") or {}
     if not counts:
         raise SystemExit(f"{meta}: no label_counts, so the training rows are unknown")
-    acc = d.groupby("task").correct.mean() * 100
-    return acc, sum(sum(c) for c in counts.values()), frozenset(zip(d.task, d.example_id, strict=True)), d
-
-
-def majority(d: pd.DataFrame) -> pd.Series:
-    """The majority-class rate of each task's sample (each example counted once)."""
-    ex = d.drop_duplicates(["task", "example_id"])
-    return ex.groupby("task").label.agg(lambda s: s.value_counts(normalize=True).max() * 100)
+    return d[(d.scoring == "loglik") & (d.set == "clean")], sum(sum(c) for c in counts.values())
 
 
 def fit(x: np.ndarray, y: np.ndarray, target: float) -> tuple[float, float, float]:
@@ -89,16 +82,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
-    rows, ids, maj = [], None, None
+    rows, ids, ref = [], None, None
     for spec in args.models:
         name, paths = spec.split("=", 1)
         budget, seed = name.split(":", 1)
-        acc, n_rows, seen, d = load_model(*paths.split(","))
+        d, n_rows = load_model(*paths.split(","))
+        seen = frozenset(zip(d.task, d.example_id, strict=True))
         if ids is None:
-            ids, maj = seen, majority(d)
+            ids, ref = seen, reference_rates(d)
         elif seen != ids:
             raise SystemExit(f"{name}: scored on other examples than the first model; use one evaluation sample")
-        tasks = [t for t in TASKS if t in acc.index]
+        acc = d.groupby("task").correct.mean() * 100
+        tasks = [t for t in ALL_TASKS if t in acc.index]
         rows.append(
             {
                 "budget": budget,
@@ -106,11 +101,11 @@ def main() -> None:
                 "rows": n_rows,
                 **acc[tasks].round(2).to_dict(),
                 "avg": acc[tasks].mean(),
-                "avg_minus_majority": acc[tasks].mean() - maj[tasks].mean(),
+                "avg_minus_majority": acc[tasks].mean() - ref.majority_avg(tasks),
             }
         )
     df = pd.DataFrame(rows)
-    tasks = [t for t in TASKS if t in df.columns]
+    tasks = [t for t in ALL_TASKS if t in df.columns]
     order = list(dict.fromkeys(df.budget))
 
     if df.rows.nunique() < 2:
@@ -158,7 +153,9 @@ def main() -> None:
             + f" | {ms('avg')} | {ms('avg_minus_majority')} |"
         )
     lines.append(
-        "| *majority class* | | | " + " | ".join(f"*{maj[t]:.1f}*" for t in tasks) + f" | *{maj[tasks].mean():.1f}* | |"
+        "| *majority class* | | | "
+        + " | ".join(f"*{ref.majority[t]:.1f}*" for t in tasks)
+        + f" | *{ref.majority_avg(tasks):.1f}* | |"
     )
     for r in probe:
         lines.append(
@@ -191,7 +188,7 @@ def main() -> None:
         json.dumps(
             {
                 "models": df.to_dict("records"),
-                "majority": maj[tasks].round(2).to_dict(),
+                "majority": {t: round(ref.majority[t], 2) for t in tasks},
                 "probe": probe,
                 "target": args.target,
                 "fits": fits,
