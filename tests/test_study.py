@@ -145,6 +145,56 @@ def test_study_cli_runs_the_grid_and_writes_every_output(study_project):
     assert arts and "coin − base" in max(arts, key=lambda a: a.created).data
 
 
+def test_a_clean_only_study_reports_the_clean_figures_and_leaves_out_the_perturbed(prefect_harness, tiny_llama_dir,
+                                                                                   tmp_path):
+    """evaluate.instruction_sets = [clean]: every cell, the aggregation, the report, the table and MLflow carry the
+    clean figures (with the majority-class rate and the paired clean difference) and no empty perturbed columns."""
+    import mlflow
+    import torch
+    from typer.testing import CliRunner
+
+    import flows.study  # noqa: F401  (before the CliRunner: see study_project)
+    from coin.cli import app
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    p = tiny_params(tiny_llama_dir)
+    p["evaluate"]["instruction_sets"] = ["clean"]
+    p["study"]["seeds"] = [0]
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(p))
+    try:
+        res = CliRunner().invoke(app, ["study", "--params", str(params), "--workers", "1", "--dask-threads"])
+    finally:
+        torch.set_num_threads(threads)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+
+    out = tmp_path / "outputs" / "study"
+    study = json.loads((out / "study.json").read_text())
+    (g,) = study["groups"]
+    for m in ("base", "coin"):
+        rec = json.loads((out / "cells" / f"{m}-s0" / "cell.json").read_text())
+        assert 0.0 <= rec["figures"]["clean_acc"] <= 100.0 and rec["figures"]["perturbed_acc"] is None
+        assert g["methods"][m]["figures"]["clean_acc"]["mean"] == pytest.approx(rec["figures"]["clean_acc"], abs=1e-3)
+        assert g["methods"][m]["figures"]["perturbed_acc"]["mean"] is None
+        iv = g["methods"][m]["interval"]["clean"]
+        assert iv["ci_low"] <= iv["mean"] <= iv["ci_high"]
+    (d,) = g["differences"]
+    assert d["clean"]["ci_low"] <= d["clean"]["delta"] <= d["clean"]["ci_high"] and d["perturbed"]["delta"] is None
+    table = (out / "table.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert any("clean 95% interval" in r for r in rows) and not any("perturbed" in r for r in rows)
+    assert "clean instructions only" in table and "coin − base" in table
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 1  # the spread plot; no per-level bars for one level
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    (parent,) = mlflow.search_runs(experiment_names=["coin"], filter_string="attributes.run_name = 'study'",
+                                   output_format="list")
+    assert parent.info.status == "FINISHED" and "coin/clean_acc_mean" in parent.data.metrics
+    assert not any("perturbed" in k for k in parent.data.metrics)
+
+
 def load_adapter_tensors(adapter_dir: Path) -> dict[str, np.ndarray]:
     from safetensors.torch import load_file
 
@@ -526,12 +576,11 @@ def test_cli_stops_on_bad_study_params_before_any_work(tmp_path):
     for args, msg in ((["--set", "study.seeds=[]"], "lists no seed"),
                       (["--sweep", "train.lrr=[1]"], "Did you mean 'lr'"),
                       (["--sweep", "train.lr"], "expected KEY=[v1,v2,...]"),
-                      # a clean-only evaluation leaves the perturbed figures every cell aggregates undefined: it
-                      # must stop here, not after every cell has trained and been scored
-                      (["--set", "evaluate.instruction_sets=[clean]"], "lacks a perturbed set: a study"),
-                      (["--set", "evaluate.instruction_sets=[deepwordbug]"], "lacks the 'clean' set"),
-                      (["--sweep", "evaluate.instruction_sets=[[clean,semantic],[clean]]"],
-                       "a study at evaluate.instruction_sets = ['clean']")):
+                      # every cell is compared with the majority class on the clean set: without it, stop here,
+                      # not after every cell has trained and been scored (perturbed sets are optional)
+                      (["--set", "evaluate.instruction_sets=[deepwordbug]"], "lacks the 'clean' set: a study"),
+                      (["--sweep", "evaluate.instruction_sets=[[clean,semantic],[deepwordbug]]"],
+                       "a study at evaluate.instruction_sets = ['deepwordbug']")):
         res = CliRunner().invoke(app, ["study", "--params", str(params), *args])
         assert res.exit_code == 2 and msg in res.output, res.output
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "mlruns").exists()

@@ -947,19 +947,26 @@ def check_quantization(model: ModelSettings) -> None:
     check(model.quantization, device)
 
 
-def check_robustness_sets(settings: Settings, command: str) -> None:
-    """Stop ``command`` (a study, or a pipeline that registers) before any work unless ``evaluate.instruction_sets``
-    holds the clean set and at least one perturbed set: both aggregate and gate on clean *and* perturbed accuracy,
-    which a clean-only evaluation leaves undefined. ``coin evaluate`` alone needs no perturbed set."""
+def check_robustness_sets(settings: Settings, command: str, *, perturbed: bool = True) -> None:
+    """Stop ``command`` before any work unless ``evaluate.instruction_sets`` holds the clean set and, with
+    ``perturbed`` (a pipeline that registers: its gate compares perturbed accuracy), at least one perturbed set.
+    A study needs the clean set only: without a perturbed set its perturbed figures are left out. ``coin
+    evaluate`` alone needs neither."""
     from coin.evaluation.instructions import CLEAN_SET
 
     sets = settings.evaluate.instruction_sets
-    if CLEAN_SET in sets and any(s != CLEAN_SET for s in sets):
+    has_perturbed = any(s != CLEAN_SET for s in sets)
+    if CLEAN_SET in sets and (has_perturbed or not perturbed):
         return
     lack = f"the '{CLEAN_SET}' set" if CLEAN_SET not in sets else "a perturbed set"
-    raise ConfigError(f"evaluate.instruction_sets = {sets} lacks {lack}: {command} compares clean and perturbed "
-                      f"accuracy, so it needs '{CLEAN_SET}' and at least one perturbed set. Add them, e.g. --set "
-                      f"'evaluate.instruction_sets=[{CLEAN_SET},deepwordbug]', or score adapters on these sets alone "
+    if perturbed:
+        need = f"compares clean and perturbed accuracy, so it needs '{CLEAN_SET}' and at least one perturbed set"
+        example = f"[{CLEAN_SET},deepwordbug]"
+    else:
+        need = f"compares every model with the majority class on the '{CLEAN_SET}' set, so it needs that set"
+        example = f"[{CLEAN_SET},{','.join(sets)}]" if sets else f"[{CLEAN_SET}]"
+    raise ConfigError(f"evaluate.instruction_sets = {sets} lacks {lack}: {command} {need}. Add it, e.g. --set "
+                      f"'evaluate.instruction_sets={example}', or score adapters on these sets alone "
                       "with `coin evaluate --model NAME=ADAPTER_DIR`. Nothing was run.")
 
 

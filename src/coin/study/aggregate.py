@@ -6,8 +6,10 @@ Pure numpy/pandas over :class:`CellData` (one per cell: its figures, and the per
 
 **Figures per method** (and sweep value): the mean and sample std (ddof 1) over seeds of each cell's
 ``clean_acc``, ``perturbed_acc``, ``perturbed_std`` (std over instructions), ``consistency``,
-``worst_acc`` and ``pdr``, read from the cell's metrics (:func:`coin.evaluation.metrics.robustness_summary`
-and the primary scoring's ``overall`` block), and of its accuracy per perturbation level.
+``worst_acc`` and ``pdr``, read from the cell's metrics (the ``summary`` block, the promotion gate's figures, and
+the primary scoring's ``overall`` block of :meth:`coin.evaluation.result.EvalResult.metrics_nested`), and of its
+accuracy per perturbation level. A study evaluated on the clean set alone has no perturbed figures: they are None
+(``null`` in ``study.json``), and the report and MLflow leave them out.
 
 **Hierarchical bootstrap** (:func:`hierarchical_replicates`). The quantity is a method's accuracy
 averaged over training seeds, on the population of examples. One replicate:
@@ -44,7 +46,7 @@ import numpy as np
 import pandas as pd
 
 from coin.config import BASE_METHOD, TRAIN_METHODS
-from coin.evaluation.metrics import json_number, robustness_summary
+from coin.evaluation.metrics import json_number
 from coin.evaluation.uncertainty import example_scores
 
 PARTS = ("clean", "perturbed")
@@ -69,10 +71,10 @@ class CellData:
 
 def figures_of(result: Any) -> dict[str, dict[str, Any]]:
     """``{"figures": {...}, "levels": {...}}`` of an :class:`~coin.evaluation.result.EvalResult` (its primary
-    scoring), read from its metrics: the promotion gate's summary + the std over instructions + the levels."""
+    scoring), read from its metrics: the promotion gate's summary + the std over instructions + the levels.
+    A figure the evaluated sets leave undefined (every perturbed figure of a clean-only evaluation) is None."""
     nested = result.metrics_nested()
-    label = str(result.model_label)
-    summary = robustness_summary({label: nested}, label)
+    summary = nested["summary"]
     block = nested[result.primary]
     figures = {k: summary.get(k) for k in ("clean_acc", "perturbed_acc", "consistency", "worst_acc", "pdr")}
     figures["perturbed_std"] = block["overall"].get("perturbed_std")

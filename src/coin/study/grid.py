@@ -77,8 +77,9 @@ def load_study(params_path: str | Path, overrides: list[str] | None = None) -> t
     returns the settings and the project root (the params file's directory)."""
     settings = load_settings(params_path, overrides)
     grid_cells(settings)  # names must be unique
-    for value, s in sweep_points(settings):  # every cell aggregates clean and perturbed accuracy
-        check_robustness_sets(s, "a study" if value is None else f"a study at {settings.study.sweep_key} = {value}")
+    for value, s in sweep_points(settings):  # every cell is compared on the clean set (perturbed sets optional)
+        where = "a study" if value is None else f"a study at {settings.study.sweep_key} = {value}"
+        check_robustness_sets(s, where, perturbed=False)
     return settings, Path(params_path).resolve().parent
 
 

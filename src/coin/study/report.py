@@ -97,6 +97,12 @@ def _group_title(group: dict[str, Any]) -> str:
     return f" · {group['sweep']}" if group.get("sweep") else ""
 
 
+def has_perturbed(study: dict[str, Any]) -> bool:
+    """Whether any cell has a perturbed figure: False for a study evaluated on the clean set alone, whose
+    tables, plots and differences then show the clean figures only."""
+    return any(_num(v) for c in study["cells"] for v in [c["figures"].get("perturbed_acc")])
+
+
 def _levels(group: dict[str, Any]) -> list[str]:
     found = list(dict.fromkeys(lvl for m in group["methods"].values() for lvl in m["levels"]))
     return [lvl for lvl in LEVEL_ORDER if lvl in found] + [lvl for lvl in found if lvl not in LEVEL_ORDER]
@@ -119,6 +125,9 @@ def _header(study: dict[str, Any]) -> list[Any]:
     if info.get("sweep_key"):
         values = [str(g["sweep"]).split("=", 1)[-1] for g in study["groups"]]
         items.append(f"Swept: `{info['sweep_key']}` over {', '.join(values)}.")
+    if not has_perturbed(study):
+        items.append("Evaluated on the clean instructions only: no perturbed figures. Add perturbed sets to "
+                     "`evaluate.instruction_sets` to measure robustness.")
     for g in study["groups"]:
         mc = g["majority_class"]
         items.append(f"Majority-class rate{_group_title(g)}: **{f_pct(mc['avg'])}%** (the most frequent label per "
@@ -129,21 +138,26 @@ def _header(study: dict[str, Any]) -> list[Any]:
 
 def _summary(study: dict[str, Any]) -> list[Any]:
     out: list[Any] = []
-    header = ["method", "seeds", *[FIGURE_NAMES[f] for f in FIGURES[:2]], "perturbed 95% interval",
-              *[FIGURE_NAMES[f] for f in FIGURES[2:]]]
+    perturbed = has_perturbed(study)
+    part, shown = ("perturbed", FIGURES) if perturbed else ("clean", FIGURES[:1])
+    header = ["method", "seeds", *[FIGURE_NAMES[f] for f in shown[:2]], f"{part} 95% interval",
+              *[FIGURE_NAMES[f] for f in shown[2:]]]
+    caption = ("Accuracy in %, mean ± sample std over the training seeds (each seed: mean over tasks, the protocol's "
+               "figures). " + ("Std over instructions = the protocol's spread across rewordings (mean over perturbed "
+                               "sets). " if perturbed else "") + f"{part.capitalize()} 95% interval: hierarchical "
+               f"bootstrap over seeds and examples ({study['n_boot']} resamples).")
     for g in study["groups"]:
         rows = []
         for m, b in g["methods"].items():
-            iv = b["interval"]["perturbed"]
+            iv = b["interval"][part]
             fmt = (lambda f: "{:+.3f}" if f == "pdr" else "{:.1f}")  # noqa: E731
-            rows.append([m, str(b["n_seeds"]), *[f_ms(b["figures"][f], fmt(f)) for f in FIGURES[:2]],
+            rows.append([m, str(b["n_seeds"]), *[f_ms(b["figures"][f], fmt(f)) for f in shown[:2]],
                          f_ci(iv["mean"], iv["ci_low"], iv["ci_high"]),
-                         *[f_ms(b["figures"][f], fmt(f)) for f in FIGURES[2:]]])
-        out += [Heading("Methods" + _group_title(g)), Table(header, rows, text_cols=1, caption=(
-            "Accuracy in %, mean ± sample std over the training seeds (each seed: mean over tasks, the protocol's "
-            "figures). Std over instructions = the protocol's spread across rewordings (mean over perturbed sets). "
-            f"Perturbed 95% interval: hierarchical bootstrap over seeds and examples ({study['n_boot']} resamples)."))]
+                         *[f_ms(b["figures"][f], fmt(f)) for f in shown[2:]]])
+        out += [Heading("Methods" + _group_title(g)), Table(header, rows, text_cols=1, caption=caption)]
         lv = _levels(g)
+        if not perturbed:  # one level, the clean column above
+            continue
         rows = [[m, *[f_ms(b["levels"].get(lvl)) for lvl in lv]] for m, b in g["methods"].items()]
         out += [Table(["method", *lv], rows, caption="Accuracy per perturbation level, mean ± std over seeds.")]
     return out
@@ -151,12 +165,13 @@ def _summary(study: dict[str, Any]) -> list[Any]:
 
 def _differences(study: dict[str, Any]) -> list[Any]:
     out: list[Any] = []
-    header = ["difference", "Δ clean [95% CI]", "seeds agreeing", "Δ perturbed [95% CI]", "seeds agreeing"]
+    parts = ("clean", "perturbed") if has_perturbed(study) else ("clean",)
+    header = ["difference", *[h for part in parts for h in (f"Δ {part} [95% CI]", "seeds agreeing")]]
     for g in study["groups"]:
         rows = []
         for d in g["differences"]:
             row = [d["label"]]
-            for part in ("clean", "perturbed"):
+            for part in parts:
                 p = d[part]
                 mark = " *" if p["excludes_zero"] else ""
                 row += [f_ci(p["delta"], p["ci_low"], p["ci_high"], signed=True) + mark,
@@ -173,15 +188,17 @@ def _differences(study: dict[str, Any]) -> list[Any]:
 
 
 def _cells_table(study: dict[str, Any]) -> list[Any]:
+    keys = ("clean_acc", "perturbed_acc", "consistency", "worst_acc") if has_perturbed(study) else ("clean_acc",)
+    names = {"consistency": "all-agree consistency", "worst_acc": "worst-case"}
     rows = []
     for c in study["cells"]:
         f = c["figures"]
         w = c["wall_time_s"]
-        rows.append([c["name"], *[f"{f[k]:.1f}" if _num(f.get(k)) else DASH
-                                  for k in ("clean_acc", "perturbed_acc", "consistency", "worst_acc")],
+        rows.append([c["name"], *[f"{f[k]:.1f}" if _num(f.get(k)) else DASH for k in keys],
                      f"{w['train']:.1f}", f"{w['evaluate']:.1f}", c["device"], c["computed_at"]])
-    return [Heading("Cells"), Table(["cell", "clean", "perturbed", "all-agree consistency", "worst-case",
-                                     "train+load (s)", "evaluate (s)", "device", "computed at"], rows, text_cols=1,
+    header = ["cell", *[names.get(k, FIGURE_NAMES.get(k, k)) for k in keys], "train+load (s)", "evaluate (s)",
+              "device", "computed at"]
+    return [Heading("Cells"), Table(header, rows, text_cols=1,
                                     caption="One trained-and-evaluated model each; a rerun skips done cells.")]
 
 
@@ -217,12 +234,14 @@ def _png(fig) -> bytes:
 
 
 def plot_spread(study: dict[str, Any]) -> Plot:
-    """Per group and part (clean, perturbed): one dot per seed, a bar at the mean, the majority-class line."""
+    """Per group and part (clean, perturbed; clean alone without perturbed figures): one dot per seed, a bar at
+    the mean, the majority-class line."""
     groups = study["groups"]
-    fig, axes = _figure(len(groups), 2, max(8.0, 1.6 * len(study["methods"]) * 2))
+    keys = ("clean_acc", "perturbed_acc") if has_perturbed(study) else ("clean_acc",)
+    fig, axes = _figure(len(groups), len(keys), max(8.0 / (3 - len(keys)), 1.6 * len(study["methods"]) * len(keys)))
     for row, g in zip(axes, groups, strict=True):
         methods = list(g["methods"])
-        for ax, fig_key in zip(row, ("clean_acc", "perturbed_acc"), strict=True):
+        for ax, fig_key in zip(row, keys, strict=True):
             for i, m in enumerate(methods):
                 vals = [v for v in g["methods"][m]["figures"][fig_key]["values"].values() if _num(v)]
                 xs = [i + (k - (len(vals) - 1) / 2) * 0.08 for k in range(len(vals))]
@@ -302,7 +321,7 @@ def render_study(settings: Settings, records: list[dict[str, Any]], data: list[C
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plots = [plot_spread(study), plot_levels(study)]
+    plots = [plot_spread(study), *([plot_levels(study)] if has_perturbed(study) else [])]  # clean only: one level
     paths = {"study": out / "study.json", "report_md": out / "report.md", "report_html": out / "report.html",
              "table": out / "table.md"}
     write_json(paths["study"], study)
