@@ -277,8 +277,9 @@ def run_cell(settings: Settings, root: Path, cell: Cell, *, out_dir: Path | None
         (tmp / TRAIN_RECORD).unlink(missing_ok=True)
         write_json(tmp / CELL_RECORD, record)  # last: the record marks a complete cell
         _swap_in(tmp, final)
-    log.info("cell %s: clean %.1f, perturbed %.1f in %.1f s -> %s", cell.name, record["figures"]["clean_acc"] or 0,
-             record["figures"]["perturbed_acc"] or 0, record["wall_time_s"]["total"], final)
+    shown = ", ".join(f"{part} {v:.1f}" for part in ("clean", "perturbed")
+                      if (v := record["figures"][f"{part}_acc"]) is not None)  # clean-only studies: no perturbed
+    log.info("cell %s: %s in %.1f s -> %s", cell.name, shown, record["wall_time_s"]["total"], final)
     return {**record, "cached": False, "dir": str(final)}
 
 
