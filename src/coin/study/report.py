@@ -97,10 +97,11 @@ def _group_title(group: dict[str, Any]) -> str:
     return f" · {group['sweep']}" if group.get("sweep") else ""
 
 
-def has_perturbed(study: dict[str, Any]) -> bool:
-    """Whether any cell has a perturbed figure: False for a study evaluated on the clean set alone, whose
-    tables, plots and differences then show the clean figures only."""
-    return any(_num(v) for c in study["cells"] for v in [c["figures"].get("perturbed_acc")])
+def parts_of(study: dict[str, Any]) -> tuple[str, ...]:
+    """The parts the study has figures for: ``("clean", "perturbed")``, or ``("clean",)`` for a study evaluated on
+    the clean set alone, whose tables, plots and differences then show the clean figures only."""
+    perturbed = any(_num(c["figures"].get("perturbed_acc")) for c in study["cells"])
+    return ("clean", "perturbed") if perturbed else ("clean",)
 
 
 def _levels(group: dict[str, Any]) -> list[str]:
@@ -125,7 +126,7 @@ def _header(study: dict[str, Any]) -> list[Any]:
     if info.get("sweep_key"):
         values = [str(g["sweep"]).split("=", 1)[-1] for g in study["groups"]]
         items.append(f"Swept: `{info['sweep_key']}` over {', '.join(values)}.")
-    if not has_perturbed(study):
+    if "perturbed" not in parts_of(study):
         items.append("Evaluated on the clean instructions only: no perturbed figures. Add perturbed sets to "
                      "`evaluate.instruction_sets` to measure robustness.")
     for g in study["groups"]:
@@ -138,7 +139,7 @@ def _header(study: dict[str, Any]) -> list[Any]:
 
 def _summary(study: dict[str, Any]) -> list[Any]:
     out: list[Any] = []
-    perturbed = has_perturbed(study)
+    perturbed = "perturbed" in parts_of(study)
     part, shown = ("perturbed", FIGURES) if perturbed else ("clean", FIGURES[:1])
     header = ["method", "seeds", *[FIGURE_NAMES[f] for f in shown[:2]], f"{part} 95% interval",
               *[FIGURE_NAMES[f] for f in shown[2:]]]
@@ -155,9 +156,9 @@ def _summary(study: dict[str, Any]) -> list[Any]:
                          f_ci(iv["mean"], iv["ci_low"], iv["ci_high"]),
                          *[f_ms(b["figures"][f], fmt(f)) for f in shown[2:]]])
         out += [Heading("Methods" + _group_title(g)), Table(header, rows, text_cols=1, caption=caption)]
-        lv = _levels(g)
         if not perturbed:  # one level, the clean column above
             continue
+        lv = _levels(g)
         rows = [[m, *[f_ms(b["levels"].get(lvl)) for lvl in lv]] for m, b in g["methods"].items()]
         out += [Table(["method", *lv], rows, caption="Accuracy per perturbation level, mean ± std over seeds.")]
     return out
@@ -165,7 +166,7 @@ def _summary(study: dict[str, Any]) -> list[Any]:
 
 def _differences(study: dict[str, Any]) -> list[Any]:
     out: list[Any] = []
-    parts = ("clean", "perturbed") if has_perturbed(study) else ("clean",)
+    parts = parts_of(study)
     header = ["difference", *[h for part in parts for h in (f"Δ {part} [95% CI]", "seeds agreeing")]]
     for g in study["groups"]:
         rows = []
@@ -188,7 +189,8 @@ def _differences(study: dict[str, Any]) -> list[Any]:
 
 
 def _cells_table(study: dict[str, Any]) -> list[Any]:
-    keys = ("clean_acc", "perturbed_acc", "consistency", "worst_acc") if has_perturbed(study) else ("clean_acc",)
+    perturbed = "perturbed" in parts_of(study)
+    keys = ("clean_acc", "perturbed_acc", "consistency", "worst_acc") if perturbed else ("clean_acc",)
     names = {"consistency": "all-agree consistency", "worst_acc": "worst-case"}
     rows = []
     for c in study["cells"]:
@@ -237,8 +239,8 @@ def plot_spread(study: dict[str, Any]) -> Plot:
     """Per group and part (clean, perturbed; clean alone without perturbed figures): one dot per seed, a bar at
     the mean, the majority-class line."""
     groups = study["groups"]
-    keys = ("clean_acc", "perturbed_acc") if has_perturbed(study) else ("clean_acc",)
-    fig, axes = _figure(len(groups), len(keys), max(8.0 / (3 - len(keys)), 1.6 * len(study["methods"]) * len(keys)))
+    keys = [f"{part}_acc" for part in parts_of(study)]
+    fig, axes = _figure(len(groups), len(keys), len(keys) * max(4.0, 1.6 * len(study["methods"])))
     for row, g in zip(axes, groups, strict=True):
         methods = list(g["methods"])
         for ax, fig_key in zip(row, keys, strict=True):
@@ -321,7 +323,8 @@ def render_study(settings: Settings, records: list[dict[str, Any]], data: list[C
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plots = [plot_spread(study), *([plot_levels(study)] if has_perturbed(study) else [])]  # clean only: one level
+    levels = "perturbed" in parts_of(study)  # clean only: one level, no per-level plot
+    plots = [plot_spread(study), *([plot_levels(study)] if levels else [])]
     paths = {"study": out / "study.json", "report_md": out / "report.md", "report_html": out / "report.html",
              "table": out / "table.md"}
     write_json(paths["study"], study)
