@@ -191,14 +191,13 @@ def _differences(study: dict[str, Any]) -> list[Any]:
 def _cells_table(study: dict[str, Any]) -> list[Any]:
     perturbed = "perturbed" in parts_of(study)
     keys = ("clean_acc", "perturbed_acc", "consistency", "worst_acc") if perturbed else ("clean_acc",)
-    names = {"consistency": "all-agree consistency", "worst_acc": "worst-case"}
     rows = []
     for c in study["cells"]:
         f = c["figures"]
         w = c["wall_time_s"]
         rows.append([c["name"], *[f"{f[k]:.1f}" if _num(f.get(k)) else DASH for k in keys],
                      f"{w['train']:.1f}", f"{w['evaluate']:.1f}", c["device"], c["computed_at"]])
-    header = ["cell", *[names.get(k, FIGURE_NAMES.get(k, k)) for k in keys], "train+load (s)", "evaluate (s)",
+    header = ["cell", *[FIGURE_NAMES[k] for k in keys], "train+load (s)", "evaluate (s)",
               "device", "computed at"]
     return [Heading("Cells"), Table(header, rows, text_cols=1,
                                     caption="One trained-and-evaluated model each; a rerun skips done cells.")]
