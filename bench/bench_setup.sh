@@ -19,16 +19,22 @@ venv() {  # fresh venv with pip upgraded and torch (+ uv for the uv arm), untime
   "$1/bin/python" -m pip install -q "${COIN_TORCH_SPEC:-torch==2.13.0}" "$UV_SPEC" 2>/dev/null
 }
 
-timed() {  # seconds of one project install: timed <installer> <venv>
-  local t0 t1
+timed() {  # seconds of one project install: timed <installer> <venv>; a failed install stops the bench (its log on
+  # stderr), since its time would be meaningless: the exit status is checked here because `set -e` does not reach
+  # into the $(...) that calls this
+  local t0 t1 rc=0 log="$work/$1-$(basename "$2").log"
   t0=$(date +%s.%N)
   if [[ $1 == pip ]]; then
-    "$2/bin/python" -m pip install -q --no-cache-dir -c requirements.lock -e ".[dev]" >/dev/null 2>&1
+    "$2/bin/python" -m pip install -q --no-cache-dir -c requirements.lock -e ".[dev]" >"$log" 2>&1 || rc=$?
   else
     UV_CACHE_DIR="$work/uv-cache-$RANDOM" "$2/bin/uv" pip install -q --compile-bytecode --python "$2/bin/python" \
-      -c requirements.lock -e ".[dev]" >/dev/null 2>&1
+      -c requirements.lock -e ".[dev]" >"$log" 2>&1 || rc=$?
   fi
   t1=$(date +%s.%N)
+  if (( rc )); then
+    { echo "bench_setup: the $1 install into $2 failed (exit $rc); its last lines:"; tail -20 "$log"; } >&2
+    return "$rc"
+  fi
   echo "$t1 - $t0" | bc
 }
 
@@ -36,8 +42,8 @@ echo "| rep | order | pip (s) | uv (s) | pip / uv | same packages |"
 echo "|---:|---|---:|---:|---:|---|"
 for rep in $(seq 1 "$REPS"); do
   venv "$work/pip-$rep"; venv "$work/uv-$rep"
-  if (( rep % 2 )); then order="pip, uv"; p=$(timed pip "$work/pip-$rep"); u=$(timed uv "$work/uv-$rep")
-  else order="uv, pip"; u=$(timed uv "$work/uv-$rep"); p=$(timed pip "$work/pip-$rep"); fi
+  if (( rep % 2 )); then order="pip, uv"; p=$(timed pip "$work/pip-$rep") || exit 1; u=$(timed uv "$work/uv-$rep") || exit 1
+  else order="uv, pip"; u=$(timed uv "$work/uv-$rep") || exit 1; p=$(timed pip "$work/pip-$rep") || exit 1; fi
   same=yes  # else the differing lines go to stderr
   if ! diff <("$work/pip-$rep/bin/python" -m pip freeze 2>/dev/null | grep -v '^-e\|^#\|^uv==' | sort) \
             <("$work/uv-$rep/bin/python" -m pip freeze 2>/dev/null | grep -v '^-e\|^#\|^uv==' | sort) >&2; then

@@ -651,6 +651,32 @@ def test_all_linear_targets_every_linear_layer_but_the_head(tiny_llama_dir: Path
     assert adapted(model) == {"c_attn", "c_proj", "c_fc"} and model.peft_config["default"].fan_in_fan_out
 
 
+def test_wrapping_and_loading_an_adapter_leave_out_peft_deprecation_noise_only(
+    tiny_bert_encoder_dir: Path, tmp_path: Path
+) -> None:
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` on every wrap and load; that one
+    FutureWarning is silenced, and nothing else is: a warning the wrapped code raises still comes through."""
+    import warnings
+
+    from coin.modeling.lora import load_adapter
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = apply_lora(load_backbone(str(tiny_bert_encoder_dir), device="cpu"), LoraSettings())
+        model.save_pretrained(tmp_path / "adapter")
+        load_adapter(load_backbone(str(tiny_bert_encoder_dir), device="cpu"), tmp_path / "adapter")
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+    from coin.modeling.lora import _peft_deprecations_quiet
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _peft_deprecations_quiet():
+            warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed", FutureWarning, stacklevel=1)
+            warnings.warn("some other future change", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["some other future change"]
+
+
 NEW_ARCHITECTURES = [("tiny_phi3_dir", "Phi3ForCausalLM"), ("tiny_qwen2_dir", "Qwen2ForCausalLM"),
                      ("tiny_gemma2_dir", "Gemma2ForCausalLM")]
 

@@ -17,6 +17,8 @@ and are reported in the log.
 from __future__ import annotations
 
 import logging
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +36,16 @@ log = logging.getLogger(__name__)
 
 
 ALL_LINEAR = "all-linear"  # peft's shorthand (peft.utils.INCLUDE_LINEAR_LAYERS_SHORTHAND)
+
+
+@contextmanager
+def _peft_deprecations_quiet():
+    """peft reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates with a FutureWarning on every
+    adapter wrapped or loaded: a message about library internals that the user cannot act on, so it is silenced here
+    (and only that one)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def default_target_modules(model: nn.Module, *, quiet: bool = False) -> list[str] | str:
@@ -163,7 +175,8 @@ def inject_lora(model: nn.Module, peft_cfg: LoraConfig, cfg: LoraSettings) -> Pe
         resolved if isinstance(resolved, str) else sorted(resolved or []))
     how = " (auto)" if cfg.target_modules == "auto" else ""
     try:
-        return get_peft_model(model, peft_cfg)
+        with _peft_deprecations_quiet():
+            return get_peft_model(model, peft_cfg)
     except ValueError as exc:  # peft's NoMatchingPeftModuleError is a ValueError
         if type(exc).__name__ != "NoMatchingPeftModuleError" and "not found in the base model" not in str(exc):
             raise
@@ -201,6 +214,7 @@ def load_adapter(backbone: Backbone, adapter_dir: str | Path) -> PeftModel:
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").exists():
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json; expected a directory written by coin train")
-    model = PeftModel.from_pretrained(backbone.model, str(adapter_dir), is_trainable=False)
+    with _peft_deprecations_quiet():
+        model = PeftModel.from_pretrained(backbone.model, str(adapter_dir), is_trainable=False)
     model.eval()
     return model
