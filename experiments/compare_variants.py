@@ -49,22 +49,32 @@ def _fmt(x: float | None, sign: bool = False) -> str:
 
 
 def table(agg: dict, labels: list[str]) -> str:
+    """The variants' figures and the paired differences; clean columns only when the variants were evaluated on
+    the clean set alone (``evaluate.instruction_sets=[clean]``: no perturbed figures to show)."""
     maj = agg["majority_class"]["avg"]
-    lines = ["| variant | seeds | clean | perturbed | perturbed 95% interval | std over instructions |",
-             "|---|---:|---:|---:|---:|---:|"]
+    perturbed = any(agg["methods"][lab]["figures"]["perturbed_acc"]["mean"] is not None for lab in labels)
+    if perturbed:
+        lines = ["| variant | seeds | clean | perturbed | perturbed 95% interval | std over instructions |",
+                 "|---|---:|---:|---:|---:|---:|"]
+    else:
+        lines = ["| variant | seeds | clean | clean 95% interval |", "|---|---:|---:|---:|"]
     for lab in labels:
         m = agg["methods"][lab]
-        f, ci = m["figures"], m["interval"]["perturbed"]
-        lines.append(f"| {lab} | {m['n_seeds']} | {_fmt(f['clean_acc']['mean'])} ± {_fmt(f['clean_acc']['std'])} | "
-                     f"{_fmt(f['perturbed_acc']['mean'])} ± {_fmt(f['perturbed_acc']['std'])} | "
-                     f"[{_fmt(ci['ci_low'])}, {_fmt(ci['ci_high'])}] | "
-                     f"{_fmt(f['perturbed_std']['mean'])} ± {_fmt(f['perturbed_std']['std'])} |")
-    lines += [f"| *majority class* | | *{maj:.1f}* | *{maj:.1f}* | | |", "",
-              "| difference | Δ clean [95% CI] | seeds agreeing | Δ perturbed [95% CI] | seeds agreeing |",
-              "|---|---:|---:|---:|---:|"]
+        f, ci = m["figures"], m["interval"]["perturbed" if perturbed else "clean"]
+        row = (f"| {lab} | {m['n_seeds']} | {_fmt(f['clean_acc']['mean'])} ± {_fmt(f['clean_acc']['std'])} | "
+               + (f"{_fmt(f['perturbed_acc']['mean'])} ± {_fmt(f['perturbed_acc']['std'])} | " if perturbed else "")
+               + f"[{_fmt(ci['ci_low'])}, {_fmt(ci['ci_high'])}] |")
+        if perturbed:
+            row += f" {_fmt(f['perturbed_std']['mean'])} ± {_fmt(f['perturbed_std']['std'])} |"
+        lines.append(row)
+    parts = ("clean", "perturbed") if perturbed else ("clean",)
+    lines += ([f"| *majority class* | | *{maj:.1f}* | *{maj:.1f}* | | |"] if perturbed
+              else [f"| *majority class* | | *{maj:.1f}* | |"])
+    lines += ["", "| difference | " + " | ".join(f"Δ {p} [95% CI] | seeds agreeing" for p in parts) + " |",
+              "|---|" + "---:|---:|" * len(parts)]
     for d in agg["differences"]:
         cells = []
-        for part in ("clean", "perturbed"):
+        for part in parts:
             x = d[part]
             star = " *" if x["excludes_zero"] else ""
             cells += [f"{_fmt(x['delta'], True)} [{_fmt(x['ci_low'], True)}, {_fmt(x['ci_high'], True)}]{star}",

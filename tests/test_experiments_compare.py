@@ -1,0 +1,52 @@
+"""experiments/compare_variants.py's table, on constructed aggregates with and without perturbed figures."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    spec = importlib.util.spec_from_file_location("compare_variants", ROOT / "experiments" / "compare_variants.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _agg(perturbed: bool) -> dict:
+    def fig(mean: float | None) -> dict:
+        return {"mean": mean, "std": None if mean is None else 0.5}
+
+    def around(x: float | None, half: float) -> dict:
+        return {"ci_low": None if x is None else x - half, "ci_high": None if x is None else x + half}
+
+    def method(clean: float) -> dict:
+        p = clean - 1 if perturbed else None
+        figures = {"clean_acc": fig(clean), "perturbed_acc": fig(p), "perturbed_std": fig(2.0 if perturbed else None)}
+        return {"n_seeds": 3, "figures": figures, "interval": {"clean": around(clean, 2), "perturbed": around(p, 2)}}
+
+    def diff(delta: float | None, excl: bool) -> dict:
+        return {"delta": delta, **around(delta, 1), "excludes_zero": excl, "seeds_same_sign": 3, "seeds_paired": 3}
+
+    differences = [{"label": "a − b", "clean": diff(5.5, True),
+                    "perturbed": diff(5.0 if perturbed else None, perturbed)}]
+    return {"majority_class": {"avg": 58.6}, "methods": {"a": method(61.7), "b": method(56.2)},
+            "differences": differences}
+
+
+def test_a_clean_only_comparison_shows_clean_columns_and_no_empty_perturbed_ones() -> None:
+    md = _module().table(_agg(perturbed=False), ["a", "b"])
+    assert "perturbed" not in md and "n/a" not in md
+    assert "| a | 3 | 61.7 ± 0.5 | [59.7, 63.7] |" in md
+    assert "| a − b | +5.5 [+4.5, +6.5] * | 3/3 |" in md
+    assert "| *majority class* | | *58.6* | |" in md
+
+
+def test_a_comparison_with_perturbed_figures_shows_both_parts() -> None:
+    md = _module().table(_agg(perturbed=True), ["a", "b"])
+    assert "| a | 3 | 61.7 ± 0.5 | 60.7 ± 0.5 | [58.7, 62.7] | 2.0 ± 0.5 |" in md
+    assert "| a − b | +5.5 [+4.5, +6.5] * | 3/3 | +5.0 [+4.0, +6.0] * | 3/3 |" in md
