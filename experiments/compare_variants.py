@@ -48,29 +48,29 @@ def _fmt(x: float | None, sign: bool = False) -> str:
     return "n/a" if x is None else (f"{x:+.1f}" if sign else f"{x:.1f}")
 
 
+def _row(cells: list[str]) -> str:
+    """One Markdown table row; an empty cell is one space."""
+    return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+
+
 def table(agg: dict, labels: list[str]) -> str:
     """The variants' figures and the paired differences; clean columns only when the variants were evaluated on
     the clean set alone (``evaluate.instruction_sets=[clean]``: no perturbed figures to show)."""
     maj = agg["majority_class"]["avg"]
     perturbed = any(agg["methods"][lab]["figures"]["perturbed_acc"]["mean"] is not None for lab in labels)
-    if perturbed:
-        lines = ["| variant | seeds | clean | perturbed | perturbed 95% interval | std over instructions |",
-                 "|---|---:|---:|---:|---:|---:|"]
-    else:
-        lines = ["| variant | seeds | clean | clean 95% interval |", "|---|---:|---:|---:|"]
+    parts = ("clean", "perturbed") if perturbed else ("clean",)
+    extra = ["std over instructions"] if perturbed else []  # a column that exists only with perturbed figures
+    header = ["variant", "seeds", *parts, f"{parts[-1]} 95% interval", *extra]
+    lines = [_row(header), "|---|" + "---:|" * (len(header) - 1)]
     for lab in labels:
         m = agg["methods"][lab]
-        f, ci = m["figures"], m["interval"]["perturbed" if perturbed else "clean"]
-        row = (f"| {lab} | {m['n_seeds']} | {_fmt(f['clean_acc']['mean'])} ± {_fmt(f['clean_acc']['std'])} | "
-               + (f"{_fmt(f['perturbed_acc']['mean'])} ± {_fmt(f['perturbed_acc']['std'])} | " if perturbed else "")
-               + f"[{_fmt(ci['ci_low'])}, {_fmt(ci['ci_high'])}] |")
-        if perturbed:
-            row += f" {_fmt(f['perturbed_std']['mean'])} ± {_fmt(f['perturbed_std']['std'])} |"
-        lines.append(row)
-    parts = ("clean", "perturbed") if perturbed else ("clean",)
-    lines += ([f"| *majority class* | | *{maj:.1f}* | *{maj:.1f}* | | |"] if perturbed
-              else [f"| *majority class* | | *{maj:.1f}* | |"])
-    lines += ["", "| difference | " + " | ".join(f"Δ {p} [95% CI] | seeds agreeing" for p in parts) + " |",
+        f, ci = m["figures"], m["interval"][parts[-1]]
+        spread = [f"{_fmt(f['perturbed_std']['mean'])} ± {_fmt(f['perturbed_std']['std'])}"] if perturbed else []
+        lines.append(_row([lab, str(m["n_seeds"]),
+                           *[f"{_fmt(f[f'{p}_acc']['mean'])} ± {_fmt(f[f'{p}_acc']['std'])}" for p in parts],
+                           f"[{_fmt(ci['ci_low'])}, {_fmt(ci['ci_high'])}]", *spread]))
+    lines.append(_row(["*majority class*", "", *[f"*{maj:.1f}*"] * len(parts), "", *[""] * len(extra)]))
+    lines += ["", _row(["difference", *[h for p in parts for h in (f"Δ {p} [95% CI]", "seeds agreeing")]]),
               "|---|" + "---:|---:|" * len(parts)]
     for d in agg["differences"]:
         cells = []
@@ -79,7 +79,7 @@ def table(agg: dict, labels: list[str]) -> str:
             star = " *" if x["excludes_zero"] else ""
             cells += [f"{_fmt(x['delta'], True)} [{_fmt(x['ci_low'], True)}, {_fmt(x['ci_high'], True)}]{star}",
                       f"{x['seeds_same_sign']}/{x['seeds_paired']}"]
-        lines.append(f"| {d['label']} | " + " | ".join(cells) + " |")
+        lines.append(_row([d["label"], *cells]))
     lines.append("")
     lines.append("(* = the interval excludes 0)")
     return "\n".join(lines)
