@@ -21,6 +21,31 @@ def _cfg(**kw):
     return PairsSettings(**base)
 
 
+def test_shuffled_option_order_keeps_the_rows_and_varies_only_the_listed_order():
+    """pairs.option_order: shuffled lists each example's options in a seeded order shared by the original, its
+    paraphrase and the negative; the rows, targets and negatives drawn are those of the fixed order."""
+    from coin.validation.checks import option_block
+
+    kw = dict(tasks=["sst2", "mnli", "rte"], rows_per_task=40)
+    fixed, shuffled = build_pairs(DATA, _cfg(**kw), seed=3), build_pairs(DATA, _cfg(option_order="shuffled", **kw), seed=3)
+    assert shuffled == build_pairs(DATA, _cfg(option_order="shuffled", **kw), seed=3)  # seeded
+    keep = ("pair_id", "example_id", "label", "target", "negative_example_id", "template_a", "template_b")
+    assert [{k: r[k] for k in keep} for r in fixed] == [{k: r[k] for k in keep} for r in shuffled]
+    orders = set()
+    for f, r in zip(fixed, shuffled):
+        assert option_block(f["original_prompt"]) == r["answer_words"]  # fixed: label order
+        listed = option_block(r["original_prompt"])
+        assert sorted(listed) == sorted(r["answer_words"])
+        assert option_block(r["paraphrase_prompt"]) == listed and option_block(r["negative_prompt"]) == listed
+        # the prompts differ from the fixed order's in the options block only
+        assert r["original_prompt"].replace(format_options(listed), format_options(r["answer_words"])) == \
+            f["original_prompt"]
+        orders.add((r["task"], tuple(listed)))
+    # every order of sst2's two options and more than two of mnli's six occur
+    assert {o for t, o in orders if t == "sst2"} == {("negative", "positive"), ("positive", "negative")}
+    assert len({o for t, o in orders if t == "mnli"}) > 2
+
+
 def test_rows_are_explicit_triplets_on_real_rows():
     rows = build_pairs(DATA, _cfg(), seed=1)
     assert len(rows) == 24

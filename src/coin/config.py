@@ -141,6 +141,11 @@ class PairsSettings(_Section):
         description="answer verbalisation: FLAN's own option words (yes/no) or the label words the "
         "evaluation instructions ask for (entailment/not_entailment, ...)",
     )
+    option_order: Literal["fixed", "shuffled"] = Field(
+        "fixed",
+        description="order of the answer options a FLAN template lists (OPTIONS: - negative - positive): fixed = "
+        "FLAN's label order; shuffled = a seeded order per example (the same rows are drawn either way)",
+    )
     cutoff_len: int = Field(256, ge=16, le=8192, description="max tokens of prompt + response")
     val_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="share of pairs held out for validation")
 

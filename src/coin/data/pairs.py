@@ -111,6 +111,8 @@ def build_task_pairs(data_dir: str | Path, task: str, cfg: PairsSettings, seed: 
     Draws, all from one ``random.Random`` seeded by ``(seed, task)``: the examples, the held-out
     ones, then per example the original template A (uniform over templates that have a paraphrase),
     the paraphrase B (uniform over A's candidates, see :mod:`coin.data.paraphrase`) and the negative.
+    ``option_order: shuffled`` draws each example's order of the listed options from a second generator, so
+    the rows drawn are the same either way; the original, its paraphrase and the negative share that order.
     """
     spec = get_task(task)
     tt = load_templates(data_dir, spec)
@@ -131,6 +133,7 @@ def build_task_pairs(data_dir: str | Path, task: str, cfg: PairsSettings, seed: 
         raise DataError(f"{train_file(data_dir, task)}: no rows, so task {task} would silently get no training pairs; "
                         f"restore the file (dvc pull data.dvc) or remove {task} from pairs.tasks")
     rng = random.Random(f"pairs:{seed}:{task}")
+    option_rng = random.Random(f"options:{seed}:{task}")
 
     n = min(cfg.rows_for(task), len(pool))
     chosen = sorted(rng.sample(range(len(pool)), n))
@@ -150,11 +153,12 @@ def build_task_pairs(data_dir: str | Path, task: str, cfg: PairsSettings, seed: 
             combos = [(a, rng.choice(candidates[a.template_id]))]
         else:
             combos = [(a, b) for a in originals for b in candidates[a.template_id]]
+        order = tuple(option_rng.sample(range(len(words)), len(words))) if cfg.option_order == "shuffled" else None
         for a, b in combos:
             neg = pool[rng.choice(others)]
-            orig_prompt, target = render(a, tt, ex.row, words)
-            para_prompt, para_target = render(b, tt, ex.row, words)
-            neg_prompt, neg_target = render(a, tt, neg.row, words)
+            orig_prompt, target = render(a, tt, ex.row, words, order)
+            para_prompt, para_target = render(b, tt, ex.row, words, order)
+            neg_prompt, neg_target = render(a, tt, neg.row, words, order)
             assert para_target == target
             yield {
                 "pair_id": f"{ex.example_id}:a{a.key}:b{b.key}",

@@ -154,16 +154,24 @@ def input_text(task: str, text: str) -> str:
     return text.replace('""', "'") if task == "qqp" else text
 
 
-def render(template: Template, tt: TaskTemplates, row: dict, answer_words: tuple[str, ...]) -> tuple[str, str]:
+def render(
+    template: Template,
+    tt: TaskTemplates,
+    row: dict,
+    answer_words: tuple[str, ...],
+    option_order: tuple[int, ...] | None = None,
+) -> tuple[str, str]:
     """Render ``template`` on a GLUE row: returns ``(prompt, target)``.
 
     ``answer_words`` (index = label id) fill both ``{options_}`` and ``{answer}``, so the options the
-    instruction offers are always the words the target uses.
+    instruction offers are always the words the target uses. ``option_order`` (a permutation of the label
+    ids) lists the options in that order instead of FLAN's label order; the target is unchanged.
     """
     values: dict[str, str] = {}
     for ph in template.placeholders | {ANSWER_PLACEHOLDER}:
         if ph == OPTIONS_PLACEHOLDER:
-            values[ph] = format_options(answer_words)
+            order = option_order if option_order is not None else range(len(answer_words))
+            values[ph] = format_options([answer_words[i] for i in order])
         elif ph == ANSWER_PLACEHOLDER:
             values[ph] = answer_words[int(row["label"])]
         else:
