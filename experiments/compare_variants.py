@@ -10,10 +10,12 @@ cells of METHOD in STUDY_DIR (every seed), shown as LABEL; with ``@SWEEP`` (a sw
 nothing. ``coin study`` keys its cells by method, so two configurations of one method (here coin with another
 ``train.pool_span``) live in two study directories and cannot be one study; this script puts them side by side.
 It checks that every directory was built from the same validated pairs and evaluation sample
-(:mod:`study_cells`), then calls the study's aggregation
-(:func:`coin.study.aggregate.aggregate_group`: mean ± std over seeds, and each difference first − other with
-the hierarchical bootstrap over seeds and examples). Differences: the first variant against each other one,
-then each pair among the others. Writes ``comparison.json`` and ``table.md`` under ``--out`` and prints the table.
+(:mod:`study_cells`); ``--pairs-may-differ`` drops the first check, for variants that differ in the pairs
+themselves (e.g. ``pairs.option_order``), and records each directory's pairs hash instead. Then it calls the
+study's aggregation (:func:`coin.study.aggregate.aggregate_group`: mean ± std over seeds, and each difference
+first − other with the hierarchical bootstrap over seeds and examples). Differences: the first variant against
+each other one, then each pair among the others. Writes ``comparison.json`` and ``table.md`` under ``--out`` and
+prints the table.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from study_cells import cell_dirs, load_cell, same_pairs, same_sample  # noqa: E402
+from study_cells import cell_dirs, load_cell, pairs_sha, same_pairs, same_sample  # noqa: E402
 
 from coin.data.io import write_json  # noqa: E402
 from coin.study.aggregate import aggregate_group  # noqa: E402
@@ -111,13 +113,16 @@ def main() -> int:
     ap.add_argument("variants", nargs="+", help="LABEL=STUDY_DIR:METHOD (the first is compared with each other)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--n-boot", type=int, default=2000)
+    ap.add_argument("--pairs-may-differ", action="store_true",
+                    help="compare studies built from different validated pairs (a pairs.* setting is the variant)")
     args = ap.parse_args()
 
     variants = [parse_variant(v) for v in args.variants]
     labels = [v[0] for v in variants]
     if len(set(labels)) != len(labels):
         raise SystemExit(f"two variants share a label: {labels}")
-    valid_sha = same_pairs(d for _, d, _, _ in variants)
+    dirs = dict.fromkeys(d for _, d, _, _ in variants)
+    valid_sha = pairs_sha(dirs) if args.pairs_may_differ else same_pairs(dirs)
     records, data = [], []
     for label, study, method, sweep in variants:
         found = []

@@ -27,14 +27,20 @@ from coin.study.aggregate import CellData, cell_data  # noqa: E402
 from coin.study.cell import CELL_RECORD, EVAL_DIR  # noqa: E402
 
 
-def same_pairs(study_dirs: Iterable[Path]) -> str:
-    """The sha256 of the validated pairs every study directory shares; stops when two differ."""
+def pairs_sha(study_dirs: Iterable[Path]) -> dict[str, str]:
+    """The sha256 of each study directory's validated pairs, by directory."""
     valid = {}
     for d in study_dirs:
         path = Path(d) / "validated" / "valid.jsonl"
         if not path.is_file():
             raise SystemExit(f"{d}: not a study directory (no {path.relative_to(d)}); pass a study's out_dir")
         valid[str(d)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return valid
+
+
+def same_pairs(study_dirs: Iterable[Path]) -> str:
+    """The sha256 of the validated pairs every study directory shares; stops when two differ."""
+    valid = pairs_sha(study_dirs)
     if len(set(valid.values())) != 1:
         raise SystemExit(f"the studies were built from different validated pairs: {valid}")
     return next(iter(valid.values()))
