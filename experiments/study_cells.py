@@ -4,7 +4,8 @@
 configuration of a method beside another. Both need the same guarantees before they aggregate with the study's
 own code, so they are checked here, once:
 
-- every directory was built from the same validated pairs (sha256 of ``validated/valid.jsonl``);
+- every directory was built from the same validated pairs (sha256 of ``validated/valid.jsonl``), unless the
+  pairs are the variant (``compare_variants.py --pairs-may-differ``);
 - every cell used is complete;
 - every cell was scored on the same evaluation sample (the records' ``eval_seed`` and ``data_version``).
 """

@@ -1,10 +1,13 @@
-"""experiments/compare_variants.py's table, on constructed aggregates with and without perturbed figures."""
+"""experiments/compare_variants.py's table, on constructed aggregates with and without perturbed figures, and the
+pairs check of experiments/study_cells.py on constructed study directories."""
 
 from __future__ import annotations
 
 import importlib.util
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,3 +53,20 @@ def test_a_comparison_with_perturbed_figures_shows_both_parts() -> None:
     md = _module().table(_agg(perturbed=True), ["a", "b"])
     assert "| a | 3 | 61.7 ± 0.5 | 60.7 ± 0.5 | [58.7, 62.7] | 2.0 ± 0.5 |" in md
     assert "| a − b | +5.5 [+4.5, +6.5] * | 3/3 | +5.0 [+4.0, +6.0] * | 3/3 |" in md
+
+
+def test_studies_from_different_pairs_are_refused_unless_the_pairs_are_the_variant(tmp_path: Path) -> None:
+    _module()  # puts experiments/ on the path
+    import study_cells as cells
+    dirs = []
+    for name, text in (("a", "row 1\n"), ("b", "row 1\n"), ("c", "row 1 shuffled\n")):
+        (tmp_path / name / "validated").mkdir(parents=True)
+        (tmp_path / name / "validated" / "valid.jsonl").write_text(text)
+        dirs.append(tmp_path / name)
+    assert len(cells.same_pairs(dirs[:2])) == 64
+    with pytest.raises(SystemExit, match="different validated pairs"):
+        cells.same_pairs(dirs)
+    shas = cells.pairs_sha(dirs)
+    assert shas[str(dirs[0])] == shas[str(dirs[1])] != shas[str(dirs[2])]
+    with pytest.raises(SystemExit, match="not a study directory"):
+        cells.pairs_sha([tmp_path])

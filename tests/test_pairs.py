@@ -27,12 +27,13 @@ def test_shuffled_option_order_keeps_the_rows_and_varies_only_the_listed_order()
     from coin.validation.checks import option_block
 
     kw = dict(tasks=["sst2", "mnli", "rte"], rows_per_task=40)
-    fixed, shuffled = build_pairs(DATA, _cfg(**kw), seed=3), build_pairs(DATA, _cfg(option_order="shuffled", **kw), seed=3)
+    fixed = build_pairs(DATA, _cfg(**kw), seed=3)
+    shuffled = build_pairs(DATA, _cfg(option_order="shuffled", **kw), seed=3)
     assert shuffled == build_pairs(DATA, _cfg(option_order="shuffled", **kw), seed=3)  # seeded
     keep = ("pair_id", "example_id", "label", "target", "negative_example_id", "template_a", "template_b")
     assert [{k: r[k] for k in keep} for r in fixed] == [{k: r[k] for k in keep} for r in shuffled]
     orders = set()
-    for f, r in zip(fixed, shuffled):
+    for f, r in zip(fixed, shuffled, strict=True):
         assert option_block(f["original_prompt"]) == r["answer_words"]  # fixed: label order
         listed = option_block(r["original_prompt"])
         assert sorted(listed) == sorted(r["answer_words"])
