@@ -55,7 +55,7 @@ def test_a_comparison_with_perturbed_figures_shows_both_parts() -> None:
     assert "| a − b | +5.5 [+4.5, +6.5] * | 3/3 | +5.0 [+4.0, +6.0] * | 3/3 |" in md
 
 
-def test_studies_from_different_pairs_are_refused_unless_the_pairs_are_the_variant(tmp_path: Path) -> None:
+def test_the_pairs_check_refuses_studies_from_different_pairs_and_pairs_sha_hashes_each(tmp_path: Path) -> None:
     _module()  # puts experiments/ on the path
     import study_cells as cells
     dirs = []
