@@ -929,3 +929,24 @@ def test_train_applies_backbone_dropout(tiny_bert_encoder_dir: Path, tmp_path: P
           cutoff_len=64)
     rates = {m.p for n, m in bb.model.named_modules() if isinstance(m, torch.nn.Dropout) and "lora_" not in n}
     assert rates == ({0.1} if rate is None else {0.0})
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_lr_schedule_follows_its_closed_form_after_the_warm_up(
+    tiny_llama_dir: Path, tmp_path: Path, schedule: str
+) -> None:
+    """train.lr_schedule: 8 steps, 2 of warm-up; the lr each logged step ran at is the schedule's, step by step."""
+    bb = load_backbone(str(tiny_llama_dir), device="cpu")
+    logged: dict[int, float] = {}
+    cfg = cfg_for("sft", max_steps=8, lr=1e-2, warmup_ratio=0.25, lr_schedule=schedule, log_every=1)
+    train(bb, make_rows(8) + make_rows(2, split="val"), cfg, out_dir=tmp_path, seed=0, cutoff_len=64,
+          on_metrics=lambda s, m: logged.__setitem__(s, m["lr"]))
+
+    def expected(k: int) -> float:  # k optimiser steps taken before this one
+        if k < 2:
+            return 1e-2 * k / 2
+        done = (k - 2) / 6
+        return 1e-2 * {"linear": 1 - done, "cosine": 0.5 * (1 + math.cos(math.pi * done)), "constant": 1.0}[schedule]
+
+    assert sorted(logged) == list(range(1, 9))
+    assert [logged[s] for s in range(1, 9)] == pytest.approx([expected(s - 1) for s in range(1, 9)], rel=1e-9)

@@ -298,6 +298,9 @@ class TrainSettings(_Section):
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step (adds no contrastive negatives)")
     lr: float = Field(1e-3, gt=0.0, le=1.0, description="peak learning rate")
     warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0, description="linear warm-up share of max_steps")
+    lr_schedule: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="after the warm-up: linear decay to 0 (default) | cosine decay to 0 | constant at lr"
+    )
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
     temperature: float = Field(0.05, gt=0.0, le=10.0, description="InfoNCE temperature tau")

@@ -183,8 +183,12 @@ def train(
         world.finish()
 
 
+# train.lr_schedule -> the transformers scheduler that follows the warm-up with it
+_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+
+
 def _train(run: TrainRun, world: World, device: torch.device) -> TrainResult:
-    from transformers import get_linear_schedule_with_warmup
+    from transformers import get_scheduler
 
     backbone, cfg, seed, checkpoint_dir = run.backbone, run.cfg, run.seed, run.checkpoint_root
     global_batch = cfg.batch_size * world.size
@@ -205,7 +209,8 @@ def _train(run: TrainRun, world: World, device: torch.device) -> TrainResult:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     param_names, params = [n for n, _ in named], [p for _, p in named]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = get_linear_schedule_with_warmup(opt, round(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
+    sched = get_scheduler(_SCHEDULES[cfg.lr_schedule], opt, num_warmup_steps=round(cfg.warmup_ratio * cfg.max_steps),
+                          num_training_steps=cfg.max_steps)
     stream = BatchStream(train_rows, global_batch, seed, bucket_by_length=cfg.bucket_by_length)
     state = TrainingState(model=model, optimizer=opt, scheduler=sched, param_names=param_names,
                           fingerprint=fingerprint(cfg.model_dump(mode="json"), seed=seed, cutoff_len=run.cutoff_len,
