@@ -75,16 +75,28 @@ def table(agg: dict, labels: list[str]) -> str:
     lines += ["", _row(["difference", *[h for p in parts for h in (f"Δ {p} [95% CI]", "seeds agreeing")]]),
               "|---|" + "---:|---:|" * len(parts)]
     for d in agg["differences"]:
-        cells = []
-        for part in parts:
-            x = d[part]
-            star = " *" if x["excludes_zero"] else ""
-            cells += [f"{_fmt(x['delta'], True)} [{_fmt(x['ci_low'], True)}, {_fmt(x['ci_high'], True)}]{star}",
-                      f"{x['seeds_same_sign']}/{x['seeds_paired']}"]
-        lines.append(_row([d["label"], *cells]))
+        lines.append(_row([d["label"], *_diff_cells(d, parts)]))
+    if perturbed and any(d.get("consistency") for d in agg["differences"]):
+        lines += ["", _row(["difference", "Δ all-agree consistency [95% CI]", "seeds agreeing",
+                            "Δ worst case [95% CI]", "seeds agreeing"]), "|---|" + "---:|---:|" * 2]
+        lines += [_row([d["label"], *_diff_cells(d, ("consistency", "worst_acc"))]) for d in agg["differences"]]
     lines.append("")
     lines.append("(* = the interval excludes 0)")
     return "\n".join(lines)
+
+
+def _diff_cells(d: dict, parts: tuple[str, ...]) -> list[str]:
+    """``Δ [lo, hi]`` (* = excludes 0) and the seeds agreeing, per part of one difference (n/a where it has none)."""
+    cells = []
+    for part in parts:
+        x = d.get(part) or {}
+        if x.get("delta") is None:
+            cells += ["n/a", "n/a"]
+            continue
+        star = " *" if x["excludes_zero"] else ""
+        cells += [f"{_fmt(x['delta'], True)} [{_fmt(x['ci_low'], True)}, {_fmt(x['ci_high'], True)}]{star}",
+                  f"{x['seeds_same_sign']}/{x['seeds_paired']}"]
+    return cells
 
 
 def per_task_table(data: list, labels: list[str], agg: dict) -> str:

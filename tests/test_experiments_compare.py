@@ -36,14 +36,16 @@ def _agg(perturbed: bool) -> dict:
         return {"delta": delta, **around(delta, 1), "excludes_zero": excl, "seeds_same_sign": 3, "seeds_paired": 3}
 
     differences = [{"label": "a − b", "clean": diff(5.5, True),
-                    "perturbed": diff(5.0 if perturbed else None, perturbed)}]
+                    "perturbed": diff(5.0 if perturbed else None, perturbed),
+                    "consistency": diff(3.0 if perturbed else None, perturbed),
+                    "worst_acc": diff(0.5 if perturbed else None, False)}]
     return {"majority_class": {"avg": 58.6}, "methods": {"a": method(61.7), "b": method(56.2)},
             "differences": differences}
 
 
 def test_a_clean_only_comparison_shows_clean_columns_and_no_empty_perturbed_ones() -> None:
     md = _module().table(_agg(perturbed=False), ["a", "b"])
-    assert "perturbed" not in md and "n/a" not in md
+    assert "perturbed" not in md and "n/a" not in md and "consistency" not in md
     assert "| a | 3 | 61.7 ± 0.5 | [59.7, 63.7] |" in md
     assert "| a − b | +5.5 [+4.5, +6.5] * | 3/3 |" in md
     assert "| *majority class* | | *58.6* | |" in md
@@ -53,6 +55,7 @@ def test_a_comparison_with_perturbed_figures_shows_both_parts() -> None:
     md = _module().table(_agg(perturbed=True), ["a", "b"])
     assert "| a | 3 | 61.7 ± 0.5 | 60.7 ± 0.5 | [58.7, 62.7] | 2.0 ± 0.5 |" in md
     assert "| a − b | +5.5 [+4.5, +6.5] * | 3/3 | +5.0 [+4.0, +6.0] * | 3/3 |" in md
+    assert "| a − b | +3.0 [+2.0, +4.0] * | 3/3 | +0.5 [-0.5, +1.5] | 3/3 |" in md  # consistency, worst case
 
 
 def test_the_pairs_check_refuses_studies_from_different_pairs_and_pairs_sha_hashes_each(tmp_path: Path) -> None:

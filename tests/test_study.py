@@ -121,10 +121,15 @@ def test_study_cli_runs_the_grid_and_writes_every_output(study_project):
     (d,) = g["differences"]
     assert (d["a"], d["b"]) == ("coin", "base") and d["perturbed"]["seeds_paired"] == 2
     assert d["perturbed"]["ci_low"] <= d["perturbed"]["delta"] <= d["perturbed"]["ci_high"]
+    for f in ("consistency", "worst_acc"):  # the robustness figures' point = the mean of the cells' own figures
+        vals = {m: np.mean([recs[f"{m}-s{s}"]["figures"][f] for s in (0, 1)]) for m in ("coin", "base")}
+        assert d[f]["delta"] == pytest.approx(vals["coin"] - vals["base"], abs=1e-3)
+        assert d[f]["ci_low"] <= d[f]["delta"] <= d[f]["ci_high"]
     assert 50.0 <= g["majority_class"]["avg"] <= 100.0 and set(g["tasks"]) == {"sst2", "rte"}
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "coin − base" in html
     assert "coin − base" in (out / "table.md").read_text() and (out / "spread.png").exists()
+    assert "Δ all-agree consistency [95% CI]" in html and "Δ worst-case [95% CI]" in html
     assert "coin − base" in study_project["output"]  # the CLI printed the table
 
     mlflow.set_tracking_uri(f"sqlite:///{study_project['root'] / 'mlruns' / 'mlflow.db'}")
@@ -132,6 +137,7 @@ def test_study_cli_runs_the_grid_and_writes_every_output(study_project):
     assert list(parents["status"]) == ["FINISHED"]
     parent_id = parents["run_id"].iloc[0]
     assert "metrics.coin/perturbed_acc_mean" in parents and "metrics.delta/coin-base/perturbed_delta" in parents
+    assert "metrics.delta/coin-base/consistency_ci_low" in parents
     children = mlflow.search_runs(experiment_names=["coin"], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
     cell_runs = children[children["tags.coin.stage"] == "study-cell"]
     assert sorted(cell_runs["tags.coin.study.cell"]) == CELLS
@@ -400,9 +406,10 @@ def test_cell_modules_import_neither_prefect_nor_mlflow():
 # --------------------------------------------------------------------------- aggregation on constructed data
 
 
-def synth_result(label: str, correct: dict[str, set[int]], *, n: int, labels: dict[str, list[int]],
+def synth_result(label: str, correct: dict[str, set[int] | list[set[int]]], *, n: int, labels: dict[str, list[int]],
                  sets=("clean", "textfooler"), n_instr: int = 2):
-    """An EvalResult whose predictions are right exactly on ``correct[task]`` (every set and instruction)."""
+    """An EvalResult whose predictions are right exactly on ``correct[task]`` (every set and instruction), or, where
+    ``correct[task]`` is a list, on its ``i``-th set of examples under instruction ``i`` (every set)."""
     from coin.data.tasks import get_task
     from coin.evaluation.instructions import perturbation_level
     from coin.evaluation.result import EvalResult
@@ -414,7 +421,7 @@ def synth_result(label: str, correct: dict[str, set[int]], *, n: int, labels: di
             for i in range(n_instr):
                 for e in range(n):
                     y = labels[task][e]
-                    pred = y if e in ok else 1 - y
+                    pred = y if e in (ok[i] if isinstance(ok, list) else ok) else 1 - y
                     rows.append({"model": label, "scoring": "loglik", "task": task, "category": get_task(task).category,
                                  "set": s, "level": perturbation_level(s), "instruction_id": i,
                                  "example_id": f"{task}:{e}", "label": y, "pred": pred, "correct": pred == y,
@@ -462,6 +469,32 @@ def test_aggregation_finds_a_known_gap_with_an_interval_that_holds_it():
     assert cit["interval"]["perturbed"]["ci_low"] < 70.0 < cit["interval"]["perturbed"]["ci_high"]
     assert g["majority_class"]["avg"] == pytest.approx(62.5)  # sst2 50%, rte 75%
     assert g["majority_class"]["tasks"] == {"sst2": 50.0, "rte": 75.0} and g["n_examples"] == 80
+
+
+def test_aggregation_gives_paired_consistency_and_worst_case_gaps_where_accuracy_is_equal():
+    """Both methods are right on half the examples under each instruction. cit on the same half (0-19) under both
+    instructions: consistency 100, worst case 50. sft on 0-19 under one and 10-29 under the other: it answers alike
+    only on 10-19 (both right) and 30-39 (both wrong), consistency 50, worst case 25. So accuracy ties exactly,
+    consistency differs by +50 and worst case by +25 points, in every seed."""
+    from coin.study.aggregate import aggregate, cell_data
+
+    n = 40
+    labels = {"sst2": [e % 2 for e in range(n)]}
+    consistent, shifting = {"sst2": set(range(20))}, {"sst2": [set(range(20)), set(range(10, 30))]}
+    cells = [cell_data({"cell": {"method": m, "seed": s, "sweep_key": None, "sweep_value": None}},
+                       synth_result(f"{m}-s{s}", correct, n=n, labels=labels))
+             for s in (0, 1, 2) for m, correct in (("cit", consistent), ("sft", shifting))]
+    (g,) = aggregate(cells, ["cit", "sft"], n_boot=1000)["groups"]
+    (d,) = g["differences"]
+    assert d["perturbed"]["delta"] == pytest.approx(0.0) and d["perturbed"]["ci_low"] < 0 < d["perturbed"]["ci_high"]
+    for f, gap in (("consistency", 50.0), ("worst_acc", 25.0)):
+        assert d[f]["delta"] == pytest.approx(gap)
+        assert 0 < d[f]["ci_low"] < gap < d[f]["ci_high"] and d[f]["excludes_zero"]
+        assert (d[f]["seeds_same_sign"], d[f]["seeds_paired"]) == (3, 3)
+        for m in ("cit", "sft"):  # the bootstrapped point is the figure the metrics compute
+            assert g["methods"][m]["interval"][f]["mean"] == pytest.approx(g["methods"][m]["figures"][f]["mean"])
+    assert g["methods"]["sft"]["figures"]["consistency"]["mean"] == pytest.approx(50.0)
+    assert g["methods"]["sft"]["figures"]["worst_acc"]["mean"] == pytest.approx(25.0)
 
 
 def test_aggregation_of_a_zero_gap_gives_an_interval_holding_zero():

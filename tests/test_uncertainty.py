@@ -17,7 +17,7 @@ from coin.evaluation.instructions import perturbation_level
 from coin.evaluation.metrics import compute_metrics
 from coin.evaluation.report import write_eval_outputs
 from coin.evaluation.result import EvalResult
-from coin.evaluation.uncertainty import bootstrap_ci, example_scores, paired_delta
+from coin.evaluation.uncertainty import bootstrap_ci, example_scores, paired_delta, robustness_scores
 
 
 def _table(correct: dict[str, dict[str, np.ndarray]], model: str = "m") -> pd.DataFrame:
@@ -44,6 +44,42 @@ def test_example_scores_average_back_to_the_headline_figures() -> None:
     per_task = scores.groupby(level="task").mean().mean()  # each task counts once, like the metrics
     assert per_task["clean"] == pytest.approx(ov.clean_acc)          # 75
     assert per_task["perturbed"] == pytest.approx(ov.perturbed_acc)  # 45
+
+
+def test_robustness_scores_average_back_to_the_summary_consistency_and_worst_case() -> None:
+    scores = robustness_scores(HAND, "loglik")
+    # sst2 textfooler (preds per instruction): x0 (0,0,1) and x1 (1,1,0) mixed; rte x4 (1,1,1) agrees, wrong (label 0)
+    assert scores.loc[("sst2", "x0"), "consistency"] == 0.0 and scores.loc[("rte", "x4"), "consistency"] == 100.0
+    assert scores.loc[("rte", "x4"), "worst_acc"] == 0.0 and scores.loc[("rte", "x0"), "worst_acc"] == 100.0
+    ov = compute_metrics(HAND).overall.set_index("scoring").loc["loglik"]
+    per_task = scores.groupby(level="task").mean().mean()
+    assert per_task["consistency"] == pytest.approx(ov.consistency)
+    assert per_task["worst_acc"] == pytest.approx(ov.worst_acc)
+
+
+def test_robustness_scores_match_the_metrics_over_several_sets_labels_and_unparsed_answers() -> None:
+    rng = np.random.default_rng(7)
+    rows = []
+    for task, n_labels in (("mnli", 3), ("sst2", 2)):
+        labels = rng.integers(0, n_labels, size=12)
+        for set_name, n_instr in (("clean", 2), ("deepwordbug", 3), ("checklist", 2), ("semantic", 4)):
+            for i in range(n_instr):
+                preds = np.where(rng.random(12) < 0.6, labels, rng.integers(-1, n_labels, size=12))  # -1: unparsed
+                rows += [{"model": "m", "scoring": "generate", "task": task, "category": get_task(task).category,
+                          "set": set_name, "level": perturbation_level(set_name), "instruction_id": i,
+                          "example_id": f"{task}{e}", "label": int(y), "pred": int(p), "correct": bool(p == y),
+                          "label_word": "a", "pred_word": "a", "scores": None, "output": None}
+                         for e, (y, p) in enumerate(zip(labels, preds, strict=True))]
+    table = pd.DataFrame(rows)
+    scores = robustness_scores(table, "generate")
+    assert len(scores) == 24 and scores.notna().all().all()
+    ov = compute_metrics(table).overall.set_index("scoring").loc["generate"]
+    per_task = scores.groupby(level="task").mean().mean()
+    assert per_task["consistency"] == pytest.approx(ov.consistency)
+    assert per_task["worst_acc"] == pytest.approx(ov.worst_acc)
+    assert ov.consistency > ov.worst_acc > 0  # neither figure is trivially 0 or equal here
+    clean_only = robustness_scores(table[table["set"] == "clean"], "generate")
+    assert clean_only.empty and list(clean_only.columns) == ["consistency", "worst_acc"]
 
 
 def test_interval_width_matches_the_binomial_standard_error() -> None:

@@ -33,6 +33,7 @@ N_BOOT = 2000
 LEVEL = 0.95
 SEED = 0
 PARTS = ("clean", "perturbed")
+ROBUSTNESS = ("consistency", "worst_acc")  # per-example robustness figures (robustness_scores)
 
 
 def example_scores(preds: pd.DataFrame, scoring: str) -> pd.DataFrame:
@@ -46,6 +47,27 @@ def example_scores(preds: pd.DataFrame, scoring: str) -> pd.DataFrame:
     per_set = ok.groupby([p["task"], p["example_id"], p["set"], part]).mean()
     per_part = per_set.groupby(level=[0, 1, 3]).mean().unstack(level=2)
     return per_part.reindex(columns=list(PARTS)).rename_axis(index=["task", "example_id"], columns=None)
+
+
+def robustness_scores(preds: pd.DataFrame, scoring: str) -> pd.DataFrame:
+    """Index (task, example_id); columns ``consistency`` and ``worst_acc`` in percent (NaN where a task has no
+    perturbed set): per example, the mean over the perturbed sets of 100 x [every instruction of the set gives it
+    the same answer] and of 100 x [every instruction of the set answers it right].
+
+    Every set of a task is scored on the same examples, so their mean over examples and then over tasks is exactly
+    the summary's ``consistency`` / ``worst_acc`` (:mod:`coin.evaluation.metrics`: per set the share over
+    examples, then the mean over tasks and over the perturbed sets). That makes the two robustness figures
+    per-example means like the accuracies, so the same (paired, hierarchical) bootstrap puts intervals on them.
+    """
+    p = preds[(preds["scoring"] == scoring) & (preds["set"] != CLEAN)]
+    index = ["task", "example_id", "set"]
+    if p.empty:
+        return pd.DataFrame(columns=list(ROBUSTNESS), dtype=float,
+                            index=pd.MultiIndex.from_tuples([], names=["task", "example_id"]))
+    grouped = p.assign(_ok=p["pred"] == p["label"]).groupby(index, sort=False)
+    per_set = pd.DataFrame({"consistency": grouped["pred"].nunique().eq(1) * 100.0,
+                            "worst_acc": grouped["_ok"].all() * 100.0})
+    return per_set.groupby(level=["task", "example_id"], sort=False).mean()
 
 
 def _boot_means(scores: pd.DataFrame, n_boot: int, seed: int) -> dict[str, np.ndarray]:

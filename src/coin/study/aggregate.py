@@ -27,6 +27,12 @@ draw); its interval is the 2.5/97.5 percentile of ``n_boot`` replicates. With on
 reduces to the paired example bootstrap. Alongside, ``seeds_same_sign`` counts the seeds ``s`` (present
 for both methods) where ``A_s − B_s`` has the sign of the mean difference.
 
+**Robustness differences.** ``consistency`` (all instructions of a perturbed set give an example the same
+answer) and ``worst_acc`` (all of them answer it right) are per-example means too
+(:func:`coin.evaluation.uncertainty.robustness_scores`), so each difference also carries them, with an interval
+from the same replicates: the same example draw and seed draw as the accuracies. The std over instructions is not
+a per-example mean and gets no interval.
+
 **Differences** (:func:`difference_pairs`): every pair of trained methods in their configured order
 (``coin − cit``, ``coin − sft``, ``cit − sft``), then every trained method minus ``base``.
 
@@ -47,9 +53,10 @@ import pandas as pd
 
 from coin.config import BASE_METHOD, TRAIN_METHODS
 from coin.evaluation.metrics import json_number
-from coin.evaluation.uncertainty import example_scores
+from coin.evaluation.uncertainty import ROBUSTNESS, example_scores, robustness_scores
 
 PARTS = ("clean", "perturbed")
+BOOTSTRAPPED = (*PARTS, *ROBUSTNESS)  # the per-example scores with intervals and paired differences
 FIGURES = ("clean_acc", "perturbed_acc", "perturbed_std", "consistency", "worst_acc", "pdr")
 N_BOOT = 2000
 LEVEL = 0.95
@@ -65,7 +72,8 @@ class CellData:
     sweep: str | None              # the sweep group (``train.lr=0.0005``), None without a sweep
     figures: dict[str, Any]        # FIGURES -> percent (pdr: a fraction); None where undefined
     levels: dict[str, Any]         # perturbation level (clean, character, ...) -> accuracy, percent
-    scores: pd.DataFrame           # example_scores: index (task, example_id), columns clean, perturbed (percent)
+    scores: pd.DataFrame           # index (task, example_id); columns BOOTSTRAPPED (percent; NaN where undefined):
+                                   # example_scores' clean, perturbed and robustness_scores' consistency, worst_acc
     labels: pd.DataFrame           # columns task, example_id, label: one row per evaluated example
 
 
@@ -89,8 +97,9 @@ def cell_data(record: dict[str, Any], result: Any) -> CellData:
     cell = record["cell"]
     sweep = _sweep_label(cell)
     labels = preds[["task", "example_id", "label"]].drop_duplicates().reset_index(drop=True)
+    scores = example_scores(preds, result.primary).join(robustness_scores(preds, result.primary))
     return CellData(cell["method"], int(cell["seed"]), sweep, fl["figures"], fl["levels"],
-                    example_scores(preds, result.primary), labels)
+                    scores.reindex(columns=list(BOOTSTRAPPED)), labels)
 
 
 def _sweep_label(cell: dict[str, Any]) -> str | None:
@@ -215,15 +224,16 @@ def aggregate_group(cells: list[CellData], methods: Sequence[str], *, n_boot: in
         if len(set(ss)) != len(ss):
             raise ValueError(f"method {m!r} has two cells with the same seed in one group: {ss}")
     mats = {part: {m: np.stack([c.scores.loc[index, part].to_numpy(dtype=float) for c in cs])
-                   for m, cs in per_method.items()} for part in PARTS}
-    points = {part: {m: s @ w0 for m, s in mats[part].items()} for part in PARTS}   # per seed, = clean/perturbed_acc
-    reps = {part: hierarchical_replicates(mats[part], codes, n_boot=n_boot, seed=seed) for part in PARTS}
+                   for m, cs in per_method.items()} for part in BOOTSTRAPPED}
+    points = {part: {m: s @ w0 for m, s in mats[part].items()} for part in BOOTSTRAPPED}  # per seed = the figures
+    # one call per part with the same bootstrap seed: every part sees the same example and seed draws
+    reps = {part: hierarchical_replicates(mats[part], codes, n_boot=n_boot, seed=seed) for part in BOOTSTRAPPED}
 
     methods_out: dict[str, Any] = {}
     for m, cs in per_method.items():
         levels = list(dict.fromkeys(lvl for c in cs for lvl in c.levels))
         ci = {}
-        for part in PARTS:
+        for part in BOOTSTRAPPED:
             lo, hi = _interval(reps[part][m], level)
             ci[part] = {"mean": json_number(float(np.mean(points[part][m]))), "ci_low": json_number(lo),
                         "ci_high": json_number(hi)}
@@ -239,7 +249,7 @@ def aggregate_group(cells: list[CellData], methods: Sequence[str], *, n_boot: in
     for a, b in (difference_pairs(present) if pairs is None else pairs):
         d: dict[str, Any] = {"a": a, "b": b, "label": f"{a} − {b}"}
         common = sorted(set(seeds[a]) & set(seeds[b]))
-        for part in PARTS:
+        for part in BOOTSTRAPPED:
             delta = float(np.mean(points[part][a]) - np.mean(points[part][b]))
             lo, hi = _interval(reps[part][a] - reps[part][b], level)
             pa = dict(zip(seeds[a], points[part][a], strict=True))

@@ -23,6 +23,7 @@ from typing import Any
 from coin.config import Settings
 from coin.data.io import DataError, read_json, write_json
 from coin.evaluation.report import Bullets, Heading, Plot, Table, Text, to_html, to_markdown
+from coin.evaluation.uncertainty import ROBUSTNESS
 from coin.study.aggregate import FIGURES, CellData, aggregate, cell_data
 from coin.study.cell import CELL_RECORD, EVAL_DIR, cell_status
 from coin.study.grid import cell_settings, cells_dir, grid_cells, study_dir, valid_file
@@ -164,27 +165,40 @@ def _summary(study: dict[str, Any]) -> list[Any]:
     return out
 
 
+def _difference_rows(group: dict[str, Any], parts: tuple[str, ...]) -> list[list[str]]:
+    """One row per difference: its label, then per part ``Δ [95% CI]`` (* = excludes 0) and the seeds agreeing."""
+    rows = []
+    for d in group["differences"]:
+        row = [d["label"]]
+        for part in parts:
+            p = d.get(part) or {}
+            mark = " *" if p.get("excludes_zero") else ""
+            row += [f_ci(p.get("delta"), p.get("ci_low"), p.get("ci_high"), signed=True) + mark,
+                    f"{p['seeds_same_sign']}/{p['seeds_paired']}" if p else DASH]
+        rows.append(row)
+    return rows
+
+
 def _differences(study: dict[str, Any]) -> list[Any]:
     out: list[Any] = []
     parts = parts_of(study)
     header = ["difference", *[h for part in parts for h in (f"Δ {part} [95% CI]", "seeds agreeing")]]
+    robust = ROBUSTNESS if "perturbed" in parts else ()
+    robust_header = ["difference", *[h for f in robust for h in (f"Δ {FIGURE_NAMES[f]} [95% CI]", "seeds agreeing")]]
     for g in study["groups"]:
-        rows = []
-        for d in g["differences"]:
-            row = [d["label"]]
-            for part in parts:
-                p = d[part]
-                mark = " *" if p["excludes_zero"] else ""
-                row += [f_ci(p["delta"], p["ci_low"], p["ci_high"], signed=True) + mark,
-                        f"{p['seeds_same_sign']}/{p['seeds_paired']}"]
-            rows.append(row)
-        if rows:
-            out += [Heading("Paired differences" + _group_title(g)), Table(header, rows, caption=(
-                "Points, A − B: the difference of the two methods' seed-averaged accuracies, with a 95% interval "
-                "from a hierarchical bootstrap: per replicate, the examples are resampled within each task (one draw "
-                "shared by both methods, so example difficulty cancels) and each method's seeds are resampled with "
-                "replacement. * = the interval excludes 0. Seeds agreeing: in how many seeds s (paired by seed "
-                "number) A_s − B_s has the sign of the mean difference."))]
+        if not g["differences"]:
+            continue
+        out += [Heading("Paired differences" + _group_title(g)), Table(header, _difference_rows(g, parts), caption=(
+            "Points, A − B: the difference of the two methods' seed-averaged accuracies, with a 95% interval "
+            "from a hierarchical bootstrap: per replicate, the examples are resampled within each task (one draw "
+            "shared by both methods, so example difficulty cancels) and each method's seeds are resampled with "
+            "replacement. * = the interval excludes 0. Seeds agreeing: in how many seeds s (paired by seed "
+            "number) A_s − B_s has the sign of the mean difference."))]
+        if robust:
+            out += [Table(robust_header, _difference_rows(g, robust), caption=(
+                "Robustness, A − B in points, over the perturbed sets: all-agree consistency (the share of examples "
+                "that every instruction of a set answers alike) and worst case (the share that every instruction "
+                "answers right). Same bootstrap replicates as the accuracies above."))]
     return out
 
 

@@ -81,7 +81,10 @@ def log_cell_runs(settings: Settings, root: Path, parent_run_id: str, records: l
 
 def study_metrics(study: dict[str, Any]) -> dict[str, float]:
     """The parent run's metrics: per group and method the mean/std over seeds of each figure and the
-    interval of the perturbed mean; per difference the delta and its interval."""
+    interval of each bootstrapped figure; per difference the delta and its interval, for the accuracies and the
+    robustness figures (consistency, worst case)."""
+    from coin.study.aggregate import BOOTSTRAPPED
+
     out: dict[str, float] = {}
     for g in study["groups"]:
         prefix = f"{g['sweep']}/" if g.get("sweep") else ""
@@ -95,9 +98,9 @@ def study_metrics(study: dict[str, Any]) -> dict[str, float]:
                     if (v := _metric(iv.get(stat))) is not None:
                         out[_key(f"{prefix}{m}/{part}_{stat}")] = v
         for d in g["differences"]:
-            for part in ("clean", "perturbed"):
+            for part in BOOTSTRAPPED:
                 for stat in ("delta", "ci_low", "ci_high"):
-                    if (v := _metric(d[part].get(stat))) is not None:
+                    if (v := _metric((d.get(part) or {}).get(stat))) is not None:
                         out[_key(f"{prefix}delta/{d['a']}-{d['b']}/{part}_{stat}")] = v
         if (v := _metric(g["majority_class"].get("avg"))) is not None:
             out[_key(f"{prefix}majority_class")] = v
