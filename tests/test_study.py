@@ -127,7 +127,7 @@ def test_study_cli_runs_the_grid_and_writes_every_output(study_project):
         assert d[f]["ci_low"] <= d[f]["delta"] <= d[f]["ci_high"]
     assert 50.0 <= g["majority_class"]["avg"] <= 100.0 and set(g["tasks"]) == {"sst2", "rte"}
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2 and "coin − base" in html
+    assert html.count("data:image/png;base64,") == 3 and "coin − base" in html and (out / "robustness.png").exists()
     assert "coin − base" in (out / "table.md").read_text() and (out / "spread.png").exists()
     assert "Δ all-agree consistency [95% CI]" in html and "Δ worst-case [95% CI]" in html
     assert "coin − base" in study_project["output"]  # the CLI printed the table

@@ -9,7 +9,7 @@ Layout under ``study.out_dir`` (default ``outputs/study``)::
 
     pairs/ validated/                       pairs + validation gate, once per study (coin.study.prepare)
     cells/<method>-s<seed>[-<key>=<value>]/ one cell: adapter/, eval/ (save_result), loss.csv, cell.json
-    study.json report.md report.html table.md spread.png levels.png
+    study.json report.md report.html table.md spread.png levels.png robustness.png
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@
     table.md       the compact summary (the Prefect artifact)
     spread.png     per method: one dot per seed, the mean, the majority-class line
     levels.png     per method: accuracy per perturbation level (mean over seeds ± std), the majority-class line
+    robustness.png per method: all-agree consistency and worst case over the perturbed sets, one dot per seed
 
 The blocks and renderers are the evaluation report's (:mod:`coin.evaluation.report`), so the two reports
 read alike. Every cell of the grid must be done (:func:`coin.study.cell.cell_status`); a missing or
@@ -248,11 +249,10 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def plot_spread(study: dict[str, Any]) -> Plot:
-    """Per group and part (clean, perturbed; clean alone without perturbed figures): one dot per seed, a bar at
-    the mean, the majority-class line."""
+def _dots_per_seed(study: dict[str, Any], keys: list[str], majority_on: set[str]):
+    """One panel per group and figure in ``keys``: one dot per seed per method, a bar at the mean over seeds, and
+    the majority-class line on the panels in ``majority_on``. Returns the figure."""
     groups = study["groups"]
-    keys = [f"{part}_acc" for part in parts_of(study)]
     fig, axes = _figure(len(groups), len(keys), len(keys) * max(4.0, 1.6 * len(study["methods"])))
     for row, g in zip(axes, groups, strict=True):
         methods = list(g["methods"])
@@ -266,16 +266,35 @@ def plot_spread(study: dict[str, Any]) -> Plot:
                     ax.hlines(mean, i - 0.3, i + 0.3, color="black", linewidth=2, zorder=4,
                               label="mean over seeds" if i == 0 else None)
             maj = g["majority_class"]["avg"]
-            if _num(maj):
+            if fig_key in majority_on and _num(maj):
                 ax.axhline(maj, color="grey", linestyle="--", linewidth=1, label=f"majority class {maj:.1f}")
             ax.set_xticks(range(len(methods)), methods)
             ax.set_xlim(-0.6, len(methods) - 0.4)
-            ax.set_ylabel("accuracy (%)")
+            ax.set_ylabel("%")
             ax.grid(axis="y", alpha=0.3)
-            ax.set_title(f"{FIGURE_NAMES[fig_key]} accuracy{_group_title(g)}", fontsize="medium")
+            name = FIGURE_NAMES[fig_key] + (" accuracy" if fig_key.endswith("_acc") else "")
+            ax.set_title(f"{name}{_group_title(g)}", fontsize="medium")
             ax.legend(fontsize="x-small", loc="best")
-    return Plot("spread", _png(fig), "Accuracy per method: one dot per training seed, bar = mean over seeds, "
-                "dashed = majority-class rate")
+    return fig
+
+
+def plot_spread(study: dict[str, Any]) -> Plot:
+    """Per group and part (clean, perturbed; clean alone without perturbed figures): one dot per seed, a bar at
+    the mean, the majority-class line."""
+    keys = [f"{part}_acc" for part in parts_of(study)]
+    return Plot("spread", _png(_dots_per_seed(study, keys, set(keys))), "Accuracy per method: one dot per training "
+                "seed, bar = mean over seeds, dashed = majority-class rate")
+
+
+def plot_robustness(study: dict[str, Any]) -> Plot:
+    """Per group, over the perturbed sets: all-agree consistency and worst-case accuracy, one dot per seed, a bar at
+    the mean. A constant answer is 100% consistent and its worst case is the majority rate, so the majority line is
+    drawn on the worst-case panel: consistency means something only next to accuracy."""
+    return Plot("robustness", _png(_dots_per_seed(study, ["consistency", "worst_acc"], {"worst_acc"})),
+                "Robustness per method over the perturbed sets: all-agree consistency (the share of examples every "
+                "instruction of a set answers alike) and worst case (the share every instruction answers right); one "
+                "dot per training seed, bar = mean. A constant answer scores 100 on consistency and the majority rate "
+                "(dashed) on worst case.")
 
 
 def plot_levels(study: dict[str, Any]) -> Plot:
@@ -337,7 +356,7 @@ def render_study(settings: Settings, records: list[dict[str, Any]], data: list[C
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     levels = "perturbed" in parts_of(study)  # clean only: one level, no per-level plot
-    plots = [plot_spread(study), *([plot_levels(study)] if levels else [])]
+    plots = [plot_spread(study), *([plot_levels(study), plot_robustness(study)] if levels else [])]
     paths = {"study": out / "study.json", "report_md": out / "report.md", "report_html": out / "report.html",
              "table": out / "table.md"}
     write_json(paths["study"], study)
