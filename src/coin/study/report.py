@@ -199,7 +199,8 @@ def _differences(study: dict[str, Any]) -> list[Any]:
             out += [Table(robust_header, _difference_rows(g, robust), caption=(
                 "Robustness, A − B in points, over the perturbed sets: all-agree consistency (the share of examples "
                 "that every instruction of a set answers alike) and worst case (the share that every instruction "
-                "answers right). Same bootstrap replicates as the accuracies above."))]
+                "answers right). Same bootstrap replicates as the accuracies above. A constant answer is fully "
+                "consistent, so a consistency gap means something only beside the accuracy gap."))]
     return out
 
 
