@@ -137,22 +137,25 @@ def example_weights(codes: np.ndarray, n_boot: int, rng: np.random.Generator) ->
     return counts * point_weights(codes)
 
 
-def hierarchical_replicates(matrices: dict[str, np.ndarray], codes: np.ndarray, *, n_boot: int = N_BOOT,
-                            seed: int = BOOT_SEED) -> dict[str, np.ndarray]:
-    """Bootstrap replicates of each method's seed-averaged accuracy.
+def hierarchical_replicates(matrices: dict[str, dict[str, np.ndarray]], codes: np.ndarray, *, n_boot: int = N_BOOT,
+                            seed: int = BOOT_SEED) -> dict[str, dict[str, np.ndarray]]:
+    """Bootstrap replicates of each method's seed-averaged score, per scored part.
 
-    ``matrices``: method -> ``(n_seeds, n_examples)`` per-example scores (rows: seeds; columns: the
-    shared examples, task of column ``j`` = ``codes[j]``). Returns method -> ``(n_boot,)``. One example
-    draw per replicate for all methods (paired), seeds resampled per method (see the module docstring).
-    A method whose scores hold NaN (a part it was not evaluated on) gets NaN replicates.
+    ``matrices``: part (clean, perturbed, consistency, ...) -> method -> ``(n_seeds, n_examples)`` per-example
+    scores (rows: seeds; columns: the shared examples, task of column ``j`` = ``codes[j]``). Returns part -> method
+    -> ``(n_boot,)``. One example draw per replicate for all methods and parts (paired), and one draw of each
+    method's seeds shared by its parts (see the module docstring). A method whose scores hold NaN (a part it was not
+    evaluated on) gets NaN replicates there.
     """
     rng = np.random.default_rng(seed)
     weights = example_weights(codes, n_boot, rng)
-    out: dict[str, np.ndarray] = {}
-    for method, scores in matrices.items():
-        per_seed = weights @ scores.T                                          # (n_boot, n_seeds)
-        pick = rng.integers(0, scores.shape[0], size=(n_boot, scores.shape[0]))  # seeds with replacement
-        out[method] = np.take_along_axis(per_seed, pick, axis=1).mean(axis=1)
+    out: dict[str, dict[str, np.ndarray]] = {part: {} for part in matrices}
+    for method in next(iter(matrices.values()), {}):
+        n_seeds = next(iter(matrices.values()))[method].shape[0]
+        pick = rng.integers(0, n_seeds, size=(n_boot, n_seeds))                # seeds with replacement
+        for part, by_method in matrices.items():
+            per_seed = weights @ by_method[method].T                            # (n_boot, n_seeds)
+            out[part][method] = np.take_along_axis(per_seed, pick, axis=1).mean(axis=1)
     return out
 
 
@@ -226,8 +229,7 @@ def aggregate_group(cells: list[CellData], methods: Sequence[str], *, n_boot: in
     mats = {part: {m: np.stack([c.scores.loc[index, part].to_numpy(dtype=float) for c in cs])
                    for m, cs in per_method.items()} for part in BOOTSTRAPPED}
     points = {part: {m: s @ w0 for m, s in mats[part].items()} for part in BOOTSTRAPPED}  # per seed = the figures
-    # one call per part with the same bootstrap seed: every part sees the same example and seed draws
-    reps = {part: hierarchical_replicates(mats[part], codes, n_boot=n_boot, seed=seed) for part in BOOTSTRAPPED}
+    reps = hierarchical_replicates(mats, codes, n_boot=n_boot, seed=seed)   # one draw shared by every part
 
     methods_out: dict[str, Any] = {}
     for m, cs in per_method.items():
