@@ -17,7 +17,14 @@ from coin.evaluation.instructions import perturbation_level
 from coin.evaluation.metrics import compute_metrics
 from coin.evaluation.report import write_eval_outputs
 from coin.evaluation.result import EvalResult
-from coin.evaluation.uncertainty import bootstrap_ci, example_scores, paired_delta, robustness_scores
+from coin.evaluation.uncertainty import (
+    SCORES,
+    all_scores,
+    bootstrap_ci,
+    example_scores,
+    paired_delta,
+    robustness_scores,
+)
 
 
 def _table(correct: dict[str, dict[str, np.ndarray]], model: str = "m") -> pd.DataFrame:
@@ -122,6 +129,35 @@ def test_paired_delta_is_exact_and_cancels_shared_difficulty() -> None:
     assert same["clean_delta"] == same["clean_delta_ci_low"] == same["clean_delta_ci_high"] == 0.0
 
 
+def test_paired_gap_separates_consistency_from_accuracy() -> None:
+    """Two models right on 60% of the examples under every instruction. ``steady`` is right on the same
+    examples whatever the wording; ``fickle`` on a different 60% per instruction. Accuracy ties exactly; the
+    consistency and worst-case gaps are large, and their paired intervals exclude 0."""
+    n, k = 200, 3
+    right = np.arange(n) < int(0.6 * n)
+    steady = np.tile(right, (k, 1))
+    rng = np.random.default_rng(5)
+    fickle = np.stack([rng.permutation(right) for _ in range(k)])  # agrees on about 28% of examples by chance
+    sets = ("clean", "deepwordbug", "checklist")
+    a = all_scores(_table({"sst2": dict.fromkeys(sets, steady)}, "steady"), "loglik")
+    b = all_scores(_table({"sst2": dict.fromkeys(sets, fickle)}, "fickle"), "loglik")
+    assert list(a.columns) == list(SCORES)
+    d = paired_delta(a, b)
+    assert d["clean_delta"] == d["perturbed_delta"] == 0.0
+    agree = (fickle.all(axis=0) | ~fickle.any(axis=0)).mean() * 100  # fickle's instructions all agree here
+    assert d["consistency_delta"] == pytest.approx(100.0 - agree) and d["consistency_delta"] > 50
+    assert d["worst_acc_delta"] == pytest.approx(60.0 - fickle.all(axis=0).mean() * 100)
+    for c in ("consistency", "worst_acc"):
+        assert 0.0 < d[f"{c}_delta_ci_low"] < d[f"{c}_delta"] < d[f"{c}_delta_ci_high"]
+    ci = bootstrap_ci(a)
+    assert ci["consistency_ci_low"] == ci["consistency_ci_high"] == 100.0  # steady always agrees
+    assert ci["worst_acc_ci_low"] < 60.0 < ci["worst_acc_ci_high"]
+    # no perturbed set: no robustness figure, null intervals (JSON-ready), the accuracies still bootstrapped
+    clean_only = bootstrap_ci(all_scores(_table({"sst2": {"clean": steady}}), "loglik"))
+    assert clean_only["consistency_ci_low"] is None and clean_only["worst_acc_ci_high"] is None
+    assert clean_only["clean_ci_low"] < 60.0 < clean_only["clean_ci_high"]
+
+
 def test_paired_delta_needs_a_shared_sample() -> None:
     a = _table({"sst2": {"clean": np.ones((1, 3), bool)}})
     b = a.assign(example_id=a["example_id"] + "-other")
@@ -146,10 +182,18 @@ def test_report_and_metrics_carry_intervals_and_the_gap_to_base(tmp_path: Path) 
     want = metrics["coin"]["summary"]["perturbed_acc"] - metrics["base"]["summary"]["perturbed_acc"]
     assert gap["perturbed_delta"] == pytest.approx(want, abs=1e-3) and gap["perturbed_delta_ci_low"] > 0
     assert u["clean_ci_low"] <= metrics["coin"]["summary"]["clean_acc"] <= u["clean_ci_high"]
+    for fig in ("consistency", "worst_acc"):  # the robustness figures: an interval each, and the paired gap
+        own, ref = metrics["coin"]["summary"][fig], metrics["base"]["summary"][fig]
+        assert u[f"{fig}_ci_low"] <= own <= u[f"{fig}_ci_high"] and u[f"{fig}_ci_low"] < u[f"{fig}_ci_high"]
+        assert gap[f"{fig}_delta"] == pytest.approx(own - ref, abs=1e-3)
+    assert gap["worst_acc_delta_ci_low"] >= 0  # coin is right wherever base is: no example's worst case drops
     md = paths["report_md"].read_text()
-    assert "## Sampling uncertainty" in md and "Δ perturbed vs base" in md
+    assert "## Sampling uncertainty" in md and "Δ perturbed vs base" in md and "Δ worst case vs base" in md
     row = next(line for line in md.splitlines() if line.startswith("| coin | loglik |") and "[" in line)
     assert f"+{gap['perturbed_delta']:.1f} [+{gap['perturbed_delta_ci_low']:.1f}, " in row
+    rob = [line for line in md.splitlines() if line.startswith("| coin | loglik |") and "[" in line][1]
+    assert rob.startswith(f"| coin | loglik | {metrics['coin']['summary']['consistency']:.1f} [")
+    assert f"{gap['worst_acc_delta']:+.1f} [{gap['worst_acc_delta_ci_low']:+.1f}, " in rob
     assert "## Sampling uncertainty" in paths["table"].read_text()
     # a base scored on another sample: intervals still, no paired gap, no crash
     other = dataclasses.replace(base, predictions=base_tab.assign(example_id=base_tab["example_id"] + "b"))

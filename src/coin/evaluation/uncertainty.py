@@ -8,7 +8,10 @@ task that second source is about ``50 / sqrt(n * tasks)`` points for one model, 
 Per-example score, per task: the share of a drawn example's (instruction) predictions that are
 correct, over the clean set (``clean``) or over every perturbed set (``perturbed``). Because all
 instructions and sets of a task see the same sample, the mean of these scores over examples and then
-over tasks is exactly ``clean_acc`` / ``perturbed_acc`` of :mod:`coin.evaluation.metrics`.
+over tasks is exactly ``clean_acc`` / ``perturbed_acc`` of :mod:`coin.evaluation.metrics`. The two
+robustness figures, all-agree consistency and worst-case accuracy, are per-example means as well
+(:func:`robustness_scores`); :func:`all_scores` puts all four side by side, and the bootstrap below covers
+every column it is given.
 
 Bootstrap: ``n_boot`` resamples of the examples, with replacement, *within each task* (each task keeps
 its size and counts once, as in the metrics); a drawn example brings all its instructions and sets
@@ -32,8 +35,9 @@ from coin.evaluation.metrics import CLEAN, json_number
 N_BOOT = 2000
 LEVEL = 0.95
 SEED = 0
-PARTS = ("clean", "perturbed")
+PARTS = ("clean", "perturbed")  # per-example accuracies (example_scores)
 ROBUSTNESS = ("consistency", "worst_acc")  # per-example robustness figures (robustness_scores)
+SCORES = (*PARTS, *ROBUSTNESS)  # every per-example score (all_scores): each gets an interval and a paired gap
 
 
 def example_scores(preds: pd.DataFrame, scoring: str) -> pd.DataFrame:
@@ -70,15 +74,21 @@ def robustness_scores(preds: pd.DataFrame, scoring: str) -> pd.DataFrame:
     return per_set.groupby(level=["task", "example_id"], sort=False).mean()
 
 
+def all_scores(preds: pd.DataFrame, scoring: str) -> pd.DataFrame:
+    """Index (task, example_id); columns :data:`SCORES`: :func:`example_scores` beside :func:`robustness_scores`
+    (NaN where a figure is undefined: no clean set, or no perturbed set)."""
+    return example_scores(preds, scoring).join(robustness_scores(preds, scoring)).reindex(columns=list(SCORES))
+
+
 def _boot_means(scores: pd.DataFrame, n_boot: int, seed: int) -> dict[str, np.ndarray]:
-    """Per part: ``n_boot`` bootstrap replicates of the mean over tasks of the mean over examples."""
+    """Per column of ``scores``: ``n_boot`` bootstrap replicates of the mean over tasks of the mean over examples."""
     rng = np.random.default_rng(seed)
-    reps = {c: np.zeros(n_boot) for c in PARTS}
+    reps = {c: np.zeros(n_boot) for c in scores.columns}
     tasks = list(dict.fromkeys(scores.index.get_level_values("task")))
     for task in tasks:
         block = scores.xs(task, level="task")
-        idx = rng.integers(0, len(block), size=(n_boot, len(block)))  # one draw per task, shared by both parts
-        for c in PARTS:
+        idx = rng.integers(0, len(block), size=(n_boot, len(block)))  # one draw per task, shared by every column
+        for c in scores.columns:
             reps[c] += block[c].to_numpy()[idx].mean(axis=1)
     return {c: r / len(tasks) for c, r in reps.items()}
 
@@ -92,22 +102,23 @@ def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
 
 def bootstrap_ci(scores: pd.DataFrame, *, n_boot: int = N_BOOT, level: float = LEVEL,
                  seed: int = SEED) -> dict[str, float | None]:
-    """``clean_ci_low/high`` and ``perturbed_ci_low/high`` (percent) of one model's :func:`example_scores`
-    (None where the part was not evaluated: no clean or no perturbed set)."""
+    """``<score>_ci_low/high`` (percent) for each column of one model's scores (:func:`example_scores`:
+    clean, perturbed; :func:`all_scores`: also consistency, worst_acc), None where the figure was not evaluated
+    (no clean or no perturbed set)."""
     reps = _boot_means(scores, n_boot, seed)
     out: dict[str, float | None] = {}
-    for c in PARTS:
+    for c in scores.columns:
         out[f"{c}_ci_low"], out[f"{c}_ci_high"] = _interval(reps[c], level)
     return {k: json_number(v) for k, v in out.items()}  # JSON-ready: rounded, NaN (part not evaluated) -> None
 
 
 def paired_delta(a: pd.DataFrame, b: pd.DataFrame, *, n_boot: int = N_BOOT, level: float = LEVEL,
                  seed: int = SEED) -> dict[str, Any]:
-    """Model ``a`` minus reference ``b`` (their :func:`example_scores`) on the examples both were scored
-    on, with paired bootstrap intervals.
+    """Model ``a`` minus reference ``b`` (their :func:`example_scores` or :func:`all_scores`) on the examples
+    both were scored on, with paired bootstrap intervals.
 
-    Returns ``clean_delta``, ``clean_delta_ci_low/high``, the same for ``perturbed`` (points) and
-    ``n_examples`` (shared examples). Raises ``ValueError`` when the two share no example (different
+    Returns, per score column, ``<score>_delta`` and ``<score>_delta_ci_low/high`` (points), and ``n_examples``
+    (shared examples). Raises ``ValueError`` when the two share no example (different
     seeds, sample sizes or tasks): a paired comparison needs the same sample.
     """
     shared = a.index.intersection(b.index)
@@ -117,7 +128,7 @@ def paired_delta(a: pd.DataFrame, b: pd.DataFrame, *, n_boot: int = N_BOOT, leve
     diff = a.loc[shared] - b.loc[shared]
     reps = _boot_means(diff, n_boot, seed)
     out: dict[str, Any] = {}
-    for c in PARTS:
+    for c in diff.columns:
         out[f"{c}_delta"] = float(diff[c].groupby(level="task").mean().mean())
         out[f"{c}_delta_ci_low"], out[f"{c}_delta_ci_high"] = _interval(reps[c], level)
     return {**{k: json_number(v) for k, v in out.items()}, "n_examples": int(len(shared))}

@@ -53,13 +53,10 @@ import pandas as pd
 
 from coin.config import BASE_METHOD, TRAIN_METHODS
 from coin.evaluation.metrics import json_number
-from coin.evaluation.uncertainty import ROBUSTNESS, example_scores, robustness_scores
+from coin.evaluation.uncertainty import LEVEL, N_BOOT, all_scores
+from coin.evaluation.uncertainty import SCORES as BOOTSTRAPPED  # the per-example scores with intervals and deltas
 
-PARTS = ("clean", "perturbed")
-BOOTSTRAPPED = (*PARTS, *ROBUSTNESS)  # the per-example scores with intervals and paired differences
 FIGURES = ("clean_acc", "perturbed_acc", "perturbed_std", "consistency", "worst_acc", "pdr")
-N_BOOT = 2000
-LEVEL = 0.95
 BOOT_SEED = 0
 
 
@@ -97,9 +94,8 @@ def cell_data(record: dict[str, Any], result: Any) -> CellData:
     cell = record["cell"]
     sweep = _sweep_label(cell)
     labels = preds[["task", "example_id", "label"]].drop_duplicates().reset_index(drop=True)
-    scores = example_scores(preds, result.primary).join(robustness_scores(preds, result.primary))
     return CellData(cell["method"], int(cell["seed"]), sweep, fl["figures"], fl["levels"],
-                    scores.reindex(columns=list(BOOTSTRAPPED)), labels)
+                    all_scores(preds, result.primary), labels)
 
 
 def _sweep_label(cell: dict[str, Any]) -> str | None:

@@ -18,7 +18,7 @@ from coin.evaluation.reference import COLUMNS, ReferenceRates, clean_tasks, majo
 from coin.evaluation.report.blocks import DASH, Block, Bullets, Heading, Plot, Table, Text
 from coin.evaluation.report.card import card_section
 from coin.evaluation.result import EvalResult
-from coin.evaluation.uncertainty import LEVEL, N_BOOT, bootstrap_ci, example_scores, paired_delta
+from coin.evaluation.uncertainty import LEVEL, N_BOOT, PARTS, ROBUSTNESS, all_scores, bootstrap_ci, paired_delta
 
 log = logging.getLogger("coin.evaluation.report")  # the name it had before the split
 
@@ -219,10 +219,11 @@ def _summary(results: list[EvalResult], refs: References) -> list[Block]:
 
 
 def uncertainty(results: list[EvalResult]) -> dict[str, dict[str, Any]]:
-    """Per model: bootstrap intervals of its primary scoring's clean and perturbed accuracy and, when a
-    ``base`` model with the same primary scoring is among ``results``, the paired gap to it (``vs_base``)."""
+    """Per model: bootstrap intervals of its primary scoring's clean and perturbed accuracy, all-agree
+    consistency and worst-case accuracy and, when a ``base`` model with the same primary scoring is among
+    ``results``, the paired gaps to it (``vs_base``)."""
     ref = next((r for r in results if r.model_label == REFERENCE), None)
-    scores = {r.model_label: example_scores(r.predictions, r.primary) for r in results}  # once per model
+    scores = {r.model_label: all_scores(r.predictions, r.primary) for r in results}  # once per model
     out: dict[str, dict[str, Any]] = {}
     for r in results:
         u: dict[str, Any] = {"n_boot": N_BOOT, "level": LEVEL, **bootstrap_ci(scores[r.model_label])}
@@ -242,27 +243,54 @@ def f_ci(point: Any, lo: Any, hi: Any, *, signed: bool = False) -> str:
     return f"{f.format(point)} [{f.format(lo)}, {f.format(hi)}]"
 
 
-def _uncertainty_table(results: list[EvalResult], unc: dict[str, dict[str, Any]]) -> list[Block]:
+# each bootstrapped score: its column name in the report, and its key in the metrics' summary
+_SCORE_NAMES = {"clean": "clean", "perturbed": "perturbed", "consistency": "all-agree consistency",
+                "worst_acc": "worst case"}
+_SUMMARY_KEY = {"clean": "clean_acc", "perturbed": "perturbed_acc", "consistency": "consistency",
+                "worst_acc": "worst_acc"}
+
+
+def _interval_rows(results: list[EvalResult], unc: dict[str, dict[str, Any]], scores: tuple[str, ...],
+                   has_ref: bool) -> list[list[str]]:
     vs = f"vs_{REFERENCE}"
-    has_ref = any(vs in u for u in unc.values())
-    header = ["model", "scoring", "clean", "perturbed"] + ([f"Δ clean vs {REFERENCE}", f"Δ perturbed vs {REFERENCE}"]
-                                                          if has_ref else [])
     rows = []
     for r in results:
         u, o = unc[r.model_label], _overall(r, r.primary)
-        row = [r.model_label, r.primary, f_ci(o["clean_acc"], u["clean_ci_low"], u["clean_ci_high"]),
-               f_ci(o["perturbed_acc"], u["perturbed_ci_low"], u["perturbed_ci_high"])]
+        row = [r.model_label, r.primary, *[f_ci(o[_SUMMARY_KEY[c]], u.get(f"{c}_ci_low"), u.get(f"{c}_ci_high"))
+                                           for c in scores]]
         if has_ref:
             d = u.get(vs)
-            row += [f_ci(d[f"{c}_delta"], d[f"{c}_delta_ci_low"], d[f"{c}_delta_ci_high"], signed=True) if d else DASH
-                    for c in ("clean", "perturbed")]
+            row += [f_ci(d.get(f"{c}_delta"), d.get(f"{c}_delta_ci_low"), d.get(f"{c}_delta_ci_high"), signed=True)
+                    if d else DASH for c in scores]
         rows.append(row)
+    return rows
+
+
+def _uncertainty_table(results: list[EvalResult], unc: dict[str, dict[str, Any]]) -> list[Block]:
+    """Two tables of bootstrap intervals (and paired gaps to ``base`` where it was scored on the same sample):
+    accuracy, clean and perturbed; and, where a perturbed set was evaluated, all-agree consistency and worst case."""
+    has_ref = any(f"vs_{REFERENCE}" in u for u in unc.values())
+
+    def header(scores: tuple[str, ...]) -> list[str]:
+        names = [_SCORE_NAMES[c] for c in scores]
+        return ["model", "scoring", *names, *([f"Δ {n} vs {REFERENCE}" for n in names] if has_ref else [])]
+
+    paired = (f"Δ = model − {REFERENCE} on the same examples, paired; an interval that excludes 0 is a gap "
+              "larger than the example draw explains. " if has_ref else "")
+    not_covered = "Not covered: the choice of instructions (the ± std above) and the training seed."
     caption = (f"Accuracy in % with its {LEVEL:.0%} bootstrap interval over the evaluated examples ({N_BOOT} "
                "resamples within each task; a drawn example keeps all its instructions and sets). "
-               + (f"Δ = model − {REFERENCE} on the same examples, paired; an interval that excludes 0 is a gap "
-                  "larger than the example draw explains. " if has_ref else "")
-               + "Not covered: the choice of instructions (the ± std above) and the training seed.")
-    return [Heading("Sampling uncertainty"), Table(header, rows, text_cols=2, caption=caption)]
+               + paired + not_covered)
+    out: list[Block] = [Heading("Sampling uncertainty"),
+                        Table(header(PARTS), _interval_rows(results, unc, PARTS, has_ref), text_cols=2,
+                              caption=caption)]
+    if any(_perturbed(r) for r in results):
+        out.append(Table(header(ROBUSTNESS), _interval_rows(results, unc, ROBUSTNESS, has_ref), text_cols=2,
+                         caption=("All-agree consistency and worst-case accuracy in %, means over the perturbed "
+                                  f"sets, with their {LEVEL:.0%} intervals from the same resamples. A constant "
+                                  "answer is 100% consistent: read consistency beside accuracy, and worst case "
+                                  "beside the majority rate. " + paired + not_covered)))
+    return out
 
 
 def _accuracy_tables(results: list[EvalResult], refs: References, *, primary_only: bool = False) -> list[Block]:
