@@ -32,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study_cells import cell_dirs, load_cell, pairs_sha, same_pairs, same_sample  # noqa: E402
 
 from coin.data.io import write_json  # noqa: E402
+from coin.evaluation.uncertainty import N_BOOT, ROBUSTNESS  # noqa: E402
 from coin.study.aggregate import aggregate_group  # noqa: E402
+from coin.study.report import difference_rows  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, Path, str, str | None]:
@@ -74,29 +76,14 @@ def table(agg: dict, labels: list[str]) -> str:
     lines.append(_row(["*majority class*", "", *[f"*{maj:.1f}*"] * len(parts), "", *[""] * len(extra)]))
     lines += ["", _row(["difference", *[h for p in parts for h in (f"Δ {p} [95% CI]", "seeds agreeing")]]),
               "|---|" + "---:|---:|" * len(parts)]
-    for d in agg["differences"]:
-        lines.append(_row([d["label"], *_diff_cells(d, parts)]))
+    lines += [_row(r) for r in difference_rows(agg, parts)]
     if perturbed and any(d.get("consistency") for d in agg["differences"]):
         lines += ["", _row(["difference", "Δ all-agree consistency [95% CI]", "seeds agreeing",
                             "Δ worst case [95% CI]", "seeds agreeing"]), "|---|" + "---:|---:|" * 2]
-        lines += [_row([d["label"], *_diff_cells(d, ("consistency", "worst_acc"))]) for d in agg["differences"]]
+        lines += [_row(r) for r in difference_rows(agg, ROBUSTNESS)]
     lines.append("")
     lines.append("(* = the interval excludes 0)")
     return "\n".join(lines)
-
-
-def _diff_cells(d: dict, parts: tuple[str, ...]) -> list[str]:
-    """``Δ [lo, hi]`` (* = excludes 0) and the seeds agreeing, per part of one difference (n/a where it has none)."""
-    cells = []
-    for part in parts:
-        x = d.get(part) or {}
-        if x.get("delta") is None:
-            cells += ["n/a", "n/a"]
-            continue
-        star = " *" if x["excludes_zero"] else ""
-        cells += [f"{_fmt(x['delta'], True)} [{_fmt(x['ci_low'], True)}, {_fmt(x['ci_high'], True)}]{star}",
-                  f"{x['seeds_same_sign']}/{x['seeds_paired']}"]
-    return cells
 
 
 def per_task_table(data: list, labels: list[str], agg: dict) -> str:
@@ -124,7 +111,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("variants", nargs="+", help="LABEL=STUDY_DIR:METHOD (the first is compared with each other)")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--n-boot", type=int, default=2000)
+    ap.add_argument("--n-boot", type=int, default=N_BOOT)
     ap.add_argument("--pairs-may-differ", action="store_true",
                     help="compare studies built from different validated pairs (a pairs.* setting is the variant)")
     args = ap.parse_args()

@@ -24,6 +24,7 @@ from typing import Any
 from coin.config import Settings
 from coin.data.io import DataError, read_json, write_json
 from coin.evaluation.report import Bullets, Heading, Plot, Table, Text, to_html, to_markdown
+from coin.evaluation.report.blocks import DASH
 from coin.evaluation.uncertainty import ROBUSTNESS
 from coin.study.aggregate import FIGURES, CellData, aggregate, cell_data
 from coin.study.cell import CELL_RECORD, EVAL_DIR, cell_status
@@ -32,7 +33,6 @@ from coin.study.keys import cell_key_parts
 
 log = logging.getLogger("coin.study")
 
-DASH = "–"
 LEVEL_ORDER = ("clean", "character", "word", "sentence", "semantic")
 FIGURE_NAMES = {"clean_acc": "clean", "perturbed_acc": "perturbed", "perturbed_std": "std over instructions",
                 "consistency": "all-agree consistency", "worst_acc": "worst-case", "pdr": "PDR"}
@@ -166,8 +166,9 @@ def _summary(study: dict[str, Any]) -> list[Any]:
     return out
 
 
-def _difference_rows(group: dict[str, Any], parts: tuple[str, ...]) -> list[list[str]]:
-    """One row per difference: its label, then per part ``Δ [95% CI]`` (* = excludes 0) and the seeds agreeing."""
+def difference_rows(group: dict[str, Any], parts: tuple[str, ...]) -> list[list[str]]:
+    """One row per difference: its label, then per part ``Δ [95% CI]`` (* = excludes 0) and the seeds agreeing
+    (also the table of ``experiments/compare_variants.py``)."""
     rows = []
     for d in group["differences"]:
         row = [d["label"]]
@@ -189,14 +190,14 @@ def _differences(study: dict[str, Any]) -> list[Any]:
     for g in study["groups"]:
         if not g["differences"]:
             continue
-        out += [Heading("Paired differences" + _group_title(g)), Table(header, _difference_rows(g, parts), caption=(
+        out += [Heading("Paired differences" + _group_title(g)), Table(header, difference_rows(g, parts), caption=(
             "Points, A − B: the difference of the two methods' seed-averaged accuracies, with a 95% interval "
             "from a hierarchical bootstrap: per replicate, the examples are resampled within each task (one draw "
             "shared by both methods, so example difficulty cancels) and each method's seeds are resampled with "
             "replacement. * = the interval excludes 0. Seeds agreeing: in how many seeds s (paired by seed "
             "number) A_s − B_s has the sign of the mean difference."))]
         if robust:
-            out += [Table(robust_header, _difference_rows(g, robust), caption=(
+            out += [Table(robust_header, difference_rows(g, robust), caption=(
                 "Robustness, A − B in points, over the perturbed sets: all-agree consistency (the share of examples "
                 "that every instruction of a set answers alike) and worst case (the share that every instruction "
                 "answers right). Same bootstrap replicates as the accuracies above. A constant answer is fully "
