@@ -4,10 +4,14 @@
 configuration of a method beside another. Both need the same guarantees before they aggregate with the study's
 own code, so they are checked here, once:
 
-- every directory was built from the same validated pairs (sha256 of ``validated/valid.jsonl``), unless the
-  pairs are the variant (``compare_variants.py --pairs-may-differ``);
+- every directory was built from the same validated pairs (sha256 of ``validated/valid.jsonl``; for a
+  ``results/`` copy, which keeps no pairs, the pairs hash in its trained cells' keys), unless the pairs are the
+  variant (``compare_variants.py --pairs-may-differ``);
 - every cell used is complete;
 - every cell was scored on the same evaluation sample (the records' ``eval_seed`` and ``data_version``).
+
+A cell is read from its evaluation (``eval/``) where it is there, else from the ``scores.csv`` that the study's
+aggregation writes beside its ``cell.json``: a ``results/`` copy of those two files is enough to aggregate again.
 """
 
 from __future__ import annotations
@@ -24,19 +28,29 @@ if str(ROOT / "src") not in sys.path:
 
 from coin.data.io import read_json  # noqa: E402
 from coin.evaluation.result import load_result  # noqa: E402
-from coin.study.aggregate import CellData, cell_data  # noqa: E402
+from coin.study.aggregate import SCORES_FILE, CellData, cell_data, cell_data_from_scores  # noqa: E402
 from coin.study.cell import CELL_RECORD, EVAL_DIR  # noqa: E402
+
+VALID = Path("validated") / "valid.jsonl"
 
 
 def pairs_sha(study_dirs: Iterable[Path]) -> dict[str, str]:
-    """The sha256 of each study directory's validated pairs, by directory."""
-    valid = {}
-    for d in study_dirs:
-        path = Path(d) / "validated" / "valid.jsonl"
-        if not path.is_file():
-            raise SystemExit(f"{d}: not a study directory (no {path.relative_to(d)}); pass a study's out_dir")
-        valid[str(d)] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return valid
+    """The hash of each study directory's validated pairs, by directory: the sha256 of ``validated/valid.jsonl``
+    where every directory has it; else (a ``results/`` copy keeps no pairs) the pairs hash the trained cells'
+    keys record, prefixed ``cells:``, which every cell of a directory must share."""
+    dirs = [Path(d) for d in study_dirs]
+    if all((d / VALID).is_file() for d in dirs):
+        return {str(d): hashlib.sha256((d / VALID).read_bytes()).hexdigest() for d in dirs}
+    out = {}
+    for d in dirs:
+        keys = {read_json(r)["key_parts"].get("pairs") for r in sorted(d.glob(f"cells/*/{CELL_RECORD}"))} - {None}
+        if not keys:
+            raise SystemExit(f"{d}: not a study directory (no {VALID}, and no trained cell's {CELL_RECORD} under "
+                             "cells/); pass a study's out_dir or a results/ copy of one")
+        if len(keys) > 1:
+            raise SystemExit(f"{d}: its cells were trained on {len(keys)} different validated pairs")
+        out[str(d)] = "cells:" + keys.pop()
+    return out
 
 
 def same_pairs(study_dirs: Iterable[Path]) -> str:
@@ -53,11 +67,17 @@ def cell_dirs(study_dir: Path) -> list[Path]:
 
 
 def load_cell(cell_dir: Path) -> tuple[dict[str, Any], CellData]:
-    """``(cell.json record, CellData)`` of a complete cell; stops on an incomplete one."""
+    """``(cell.json record, CellData)`` of a complete cell; stops on an incomplete one. From the cell's
+    evaluation where it is there, else from its ``scores.csv`` (a ``results/`` copy of an aggregated study)."""
     rec = read_json(cell_dir / CELL_RECORD)
     if not rec.get("complete"):
         raise SystemExit(f"{cell_dir}: not complete")
-    return rec, cell_data(rec, load_result(cell_dir / EVAL_DIR))
+    if (cell_dir / EVAL_DIR).is_dir():
+        return rec, cell_data(rec, load_result(cell_dir / EVAL_DIR))
+    if (cell_dir / SCORES_FILE).is_file():
+        return rec, cell_data_from_scores(rec, cell_dir / SCORES_FILE)
+    raise SystemExit(f"{cell_dir}: neither its evaluation ({EVAL_DIR}/) nor {SCORES_FILE}; aggregate its study "
+                     "with `coin study` once to write the latter")
 
 
 def same_sample(records: list[dict[str, Any]]) -> None:

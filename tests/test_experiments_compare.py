@@ -4,6 +4,7 @@ pairs check of experiments/study_cells.py on constructed study directories."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -73,3 +74,35 @@ def test_the_pairs_check_refuses_studies_from_different_pairs_and_pairs_sha_hash
     assert shas[str(dirs[0])] == shas[str(dirs[1])] != shas[str(dirs[2])]
     with pytest.raises(SystemExit, match="not a study directory"):
         cells.pairs_sha([tmp_path])
+
+
+def test_a_results_copy_is_read_from_its_cells_records_and_scores(tmp_path: Path) -> None:
+    """A results/ copy keeps cell.json and scores.csv, not the predictions or validated/: the cells load from the
+    scores file and the pairs check reads the pairs hash the cells' keys record."""
+    _module()
+    import study_cells as cells
+
+    def copy(name: str, pairs: list[str]) -> Path:
+        for i, p in enumerate(pairs):
+            d = tmp_path / name / "cells" / f"coin-s{i}"
+            d.mkdir(parents=True)
+            (d / "cell.json").write_text(json.dumps({
+                "complete": True, "cell": {"method": "coin", "seed": i, "sweep_key": None, "sweep_value": None},
+                "figures": {"clean_acc": 60.0}, "levels": {"clean": 60.0}, "key_parts": {"pairs": p}}))
+            (d / "scores.csv").write_text("task,example_id,label,clean,perturbed,consistency,worst_acc\n"
+                                          "sst2,sst2:0,1,100.0,50.0,50.0,0.0\nsst2,sst2:1,0,0.0,25.0,100.0,0.0\n")
+        return tmp_path / name
+
+    a, b, c = copy("a", ["p1", "p1"]), copy("b", ["p1"]), copy("c", ["p2"])
+    assert cells.same_pairs([a, b]) == "cells:p1"
+    with pytest.raises(SystemExit, match="different validated pairs"):
+        cells.same_pairs([a, c])
+    rec, cell = cells.load_cell(a / "cells" / "coin-s1")
+    assert (cell.method, cell.seed) == ("coin", 1) and cell.scores.loc[("sst2", "sst2:1"), "perturbed"] == 25.0
+    assert list(cell.labels["label"]) == [1, 0]
+    mixed = copy("d", ["p1", "p3"])
+    with pytest.raises(SystemExit, match="2 different validated pairs"):
+        cells.pairs_sha([mixed])
+    (a / "cells" / "coin-s0" / "scores.csv").unlink()
+    with pytest.raises(SystemExit, match="neither its evaluation"):
+        cells.load_cell(a / "cells" / "coin-s0")

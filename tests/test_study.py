@@ -131,6 +131,12 @@ def test_study_cli_runs_the_grid_and_writes_every_output(study_project):
     assert "coin − base" in (out / "table.md").read_text() and (out / "spread.png").exists()
     assert "Δ all-agree consistency [95% CI]" in html and "Δ worst-case [95% CI]" in html
     assert "coin − base" in study_project["output"]  # the CLI printed the table
+    # each cell's scores.csv (what a results/ copy keeps) aggregates to the same study without the predictions
+    from coin.study.aggregate import SCORES_FILE, aggregate, cell_data_from_scores
+
+    copies = [cell_data_from_scores(recs[n], cells / n / SCORES_FILE) for n in CELLS]
+    (g2,) = aggregate(copies, ["base", "coin"], n_boot=study["n_boot"])["groups"]
+    assert json.loads(json.dumps(g2["differences"])) == g["differences"]
 
     mlflow.set_tracking_uri(f"sqlite:///{study_project['root'] / 'mlruns' / 'mlflow.db'}")
     parents = mlflow.search_runs(experiment_names=["coin"], filter_string="attributes.run_name = 'study'")
@@ -495,6 +501,33 @@ def test_aggregation_gives_paired_consistency_and_worst_case_gaps_where_accuracy
             assert g["methods"][m]["interval"][f]["mean"] == pytest.approx(g["methods"][m]["figures"][f]["mean"])
     assert g["methods"]["sft"]["figures"]["consistency"]["mean"] == pytest.approx(50.0)
     assert g["methods"]["sft"]["figures"]["worst_acc"]["mean"] == pytest.approx(25.0)
+
+
+def test_a_cells_scores_file_aggregates_exactly_as_its_predictions(tmp_path):
+    """``scores.csv`` (what a results/ copy keeps of a cell) reloads to the same CellData, and a study aggregated
+    from the files equals the one aggregated from the predictions, in every figure and interval."""
+    import dataclasses
+
+    from coin.study.aggregate import SCORES_FILE, aggregate, cell_data_from_scores, write_scores
+
+    cells = [dataclasses.replace(c, figures={"perturbed_acc": float(i)}, levels={"clean": 1.0})
+             for i, c in enumerate(synth_cells(gap=3, seeds=(0, 1)))]
+    again = []
+    for c in cells:
+        path = tmp_path / f"{c.method}-s{c.seed}" / SCORES_FILE
+        path.parent.mkdir()
+        write_scores(path, c)
+        record = {"cell": {"method": c.method, "seed": c.seed, "sweep_key": None, "sweep_value": None},
+                  "figures": c.figures, "levels": c.levels}
+        r = cell_data_from_scores(record, path)
+        pd.testing.assert_frame_equal(r.scores.sort_index(), c.scores.sort_index())  # rows in any order
+        pd.testing.assert_frame_equal(r.labels.reset_index(drop=True), c.labels.reset_index(drop=True))
+        assert (r.method, r.seed, r.sweep, r.figures, r.levels) == (c.method, c.seed, c.sweep, c.figures, c.levels)
+        again.append(r)
+    assert aggregate(again, ["cit", "sft"], n_boot=300) == aggregate(cells, ["cit", "sft"], n_boot=300)
+    path.write_text("task,example_id,label,clean\nsst2,sst2:0,1,100.0\n")
+    with pytest.raises(ValueError, match="no column perturbed, consistency, worst_acc"):
+        cell_data_from_scores(record, path)
 
 
 def test_aggregation_of_a_zero_gap_gives_an_interval_holding_zero():

@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -96,6 +97,30 @@ def cell_data(record: dict[str, Any], result: Any) -> CellData:
     labels = preds[["task", "example_id", "label"]].drop_duplicates().reset_index(drop=True)
     return CellData(cell["method"], int(cell["seed"]), sweep, fl["figures"], fl["levels"],
                     all_scores(preds, result.primary), labels)
+
+
+SCORES_FILE = "scores.csv"  # per cell: its per-example scores and labels, all the aggregation reads of its predictions
+
+
+def write_scores(path: Path, data: CellData) -> None:
+    """One row per evaluated example, in the evaluation's order: ``task, example_id, label`` and the
+    :data:`BOOTSTRAPPED` scores (full float precision). With the cell's ``cell.json`` it is enough to aggregate
+    the cell again (:func:`cell_data_from_scores`) after its predictions are gone, e.g. from a ``results/`` copy."""
+    frame = data.labels.join(data.scores, on=["task", "example_id"])
+    frame.to_csv(path, index=False)
+
+
+def cell_data_from_scores(record: dict[str, Any], path: Path) -> CellData:
+    """:class:`CellData` of one cell from its ``cell.json`` record and the :data:`SCORES_FILE` beside it."""
+    frame = pd.read_csv(path, dtype={"task": "string", "example_id": "string", "label": "int64",
+                                     **dict.fromkeys(BOOTSTRAPPED, "float64")})
+    missing = [c for c in ("task", "example_id", "label", *BOOTSTRAPPED) if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: no column {', '.join(missing)}; rewrite it with `coin study` (aggregation)")
+    cell = record["cell"]
+    scores = frame.set_index(["task", "example_id"])[list(BOOTSTRAPPED)]
+    return CellData(cell["method"], int(cell["seed"]), _sweep_label(cell), record["figures"], record["levels"],
+                    scores, frame[["task", "example_id", "label"]])
 
 
 def _sweep_label(cell: dict[str, Any]) -> str | None:

@@ -26,7 +26,7 @@ from coin.data.io import DataError, read_json, write_json
 from coin.evaluation.report import Bullets, Heading, Plot, Table, Text, to_html, to_markdown
 from coin.evaluation.report.blocks import DASH
 from coin.evaluation.uncertainty import ROBUSTNESS
-from coin.study.aggregate import FIGURES, CellData, aggregate, cell_data
+from coin.study.aggregate import FIGURES, SCORES_FILE, CellData, aggregate, cell_data, write_scores
 from coin.study.cell import CELL_RECORD, EVAL_DIR, cell_status
 from coin.study.grid import cell_settings, cells_dir, grid_cells, study_dir, valid_file
 from coin.study.keys import cell_key_parts
@@ -66,6 +66,7 @@ def load_cells(settings: Settings, root: Path, *, progress: bool = True) -> tupl
         rec = read_json(d / CELL_RECORD)
         records.append(rec)
         data.append(cell_data(rec, load_result(d / EVAL_DIR)))
+        write_scores(d / SCORES_FILE, data[-1])  # what a results/ copy of the cell needs to be aggregated again
     return records, data
 
 
