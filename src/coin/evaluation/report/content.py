@@ -266,9 +266,11 @@ def _interval_rows(results: list[EvalResult], unc: dict[str, dict[str, Any]], sc
     return rows
 
 
-def _uncertainty_table(results: list[EvalResult], unc: dict[str, dict[str, Any]]) -> list[Block]:
+def _uncertainty_table(results: list[EvalResult], unc: dict[str, dict[str, Any]], *,
+                       robustness: bool = True) -> list[Block]:
     """Two tables of bootstrap intervals (and paired gaps to ``base`` where it was scored on the same sample):
-    accuracy, clean and perturbed; and, where a perturbed set was evaluated, all-agree consistency and worst case."""
+    accuracy, clean and perturbed; and, with ``robustness`` and where a perturbed set was evaluated, all-agree
+    consistency and worst case (the full report; the compact table keeps to the accuracies)."""
     has_ref = any(f"vs_{REFERENCE}" in u for u in unc.values())
 
     def header(scores: tuple[str, ...]) -> list[str]:
@@ -284,7 +286,7 @@ def _uncertainty_table(results: list[EvalResult], unc: dict[str, dict[str, Any]]
     out: list[Block] = [Heading("Sampling uncertainty"),
                         Table(header(PARTS), _interval_rows(results, unc, PARTS, has_ref), text_cols=2,
                               caption=caption)]
-    if any(_perturbed(r) for r in results):
+    if robustness and any(_perturbed(r) for r in results):
         out.append(Table(header(ROBUSTNESS), _interval_rows(results, unc, ROBUSTNESS, has_ref), text_cols=2,
                          caption=("All-agree consistency and worst-case accuracy in %, means over the perturbed "
                                   f"sets, with their {LEVEL:.0%} intervals from the same resamples. A constant "
@@ -420,8 +422,9 @@ def build_report(results: list[EvalResult], plots: dict[str, Plot] | None = None
 
 def build_table(results: list[EvalResult], unc: dict[str, dict[str, Any]] | None = None,
                 refs: References | None = None) -> list[Block]:
-    """The compact summary: header, summary and uncertainty tables, the primary scoring's accuracy table per model."""
+    """The compact summary: header, summary and accuracy-uncertainty tables, the primary scoring's accuracy table per
+    model."""
     unc = uncertainty(results) if unc is None else unc
     refs = references(results) if refs is None else refs
-    return [*_header(results, refs), *_summary(results, refs), *_uncertainty_table(results, unc),
+    return [*_header(results, refs), *_summary(results, refs), *_uncertainty_table(results, unc, robustness=False),
             *_accuracy_tables(results, refs, primary_only=True)]
