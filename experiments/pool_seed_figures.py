@@ -34,12 +34,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from study_cells import cell_dirs  # noqa: E402
+
 from coin.data.io import read_json, write_json  # noqa: E402
+from coin.evaluation.uncertainty import LEVEL  # noqa: E402
 from coin.study.cell import CELL_RECORD  # noqa: E402
+from coin.study.report import FIGURE_NAMES as NAMES  # noqa: E402
 
 SAME = ("code", "params", "pairs", "eval_inputs")  # key parts that must match: only method and seed may differ
 SHOWN = ("clean_acc", "perturbed_acc", "consistency", "worst_acc")
-LEVEL = 0.95
 
 
 def load_records(dirs: list[Path]) -> dict[tuple[str, int], dict[str, Any]]:
@@ -48,7 +53,8 @@ def load_records(dirs: list[Path]) -> dict[tuple[str, int], dict[str, Any]]:
     where: dict[tuple[str, int], Path] = {}
     ref: tuple[Path, dict[str, Any]] | None = None
     for d in dirs:
-        paths = sorted(Path(d).glob(f"cells/*/{CELL_RECORD}"))
+        found = cell_dirs(d) if (Path(d) / "cells").is_dir() else []
+        paths = [c / CELL_RECORD for c in found if (c / CELL_RECORD).is_file()]
         if not paths:
             raise SystemExit(f"{d}: no cells/*/{CELL_RECORD}; pass a study's out_dir or a results copy of one")
         for path in paths:
@@ -109,10 +115,6 @@ def pool(records: dict[tuple[str, int], dict[str, Any]], pairs: list[tuple[str, 
                       "excludes_zero": bool(lo > 0 or hi < 0)}
         diffs.append(row)
     return {"methods": per_method, "differences": diffs, "level": LEVEL}
-
-
-NAMES = {"clean_acc": "clean", "perturbed_acc": "perturbed", "consistency": "all-agree consistency",
-         "worst_acc": "worst case"}
 
 
 def table(p: dict[str, Any]) -> str:
