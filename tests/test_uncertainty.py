@@ -188,14 +188,14 @@ def test_report_and_metrics_carry_intervals_and_the_gap_to_base(tmp_path: Path) 
         assert gap[f"{fig}_delta"] == pytest.approx(own - ref, abs=1e-3)
     assert gap["worst_acc_delta_ci_low"] >= 0  # coin is right wherever base is: no example's worst case drops
     md = paths["report_md"].read_text()
-    assert "## Sampling uncertainty" in md and "Δ perturbed vs base" in md and "Δ worst case vs base" in md
+    assert "## Sampling uncertainty" in md and "Δ perturbed vs base" in md and "Δ worst-case vs base" in md
     row = next(line for line in md.splitlines() if line.startswith("| coin | loglik |") and "[" in line)
     assert f"+{gap['perturbed_delta']:.1f} [+{gap['perturbed_delta_ci_low']:.1f}, " in row
     rob = [line for line in md.splitlines() if line.startswith("| coin | loglik |") and "[" in line][1]
     assert rob.startswith(f"| coin | loglik | {metrics['coin']['summary']['consistency']:.1f} [")
     assert f"{gap['worst_acc_delta']:+.1f} [{gap['worst_acc_delta_ci_low']:+.1f}, " in rob
     table = paths["table"].read_text()  # the compact table: the accuracy intervals, not the robustness ones
-    assert "## Sampling uncertainty" in table and "Δ perturbed vs base" in table and "worst case vs" not in table
+    assert "## Sampling uncertainty" in table and "Δ perturbed vs base" in table and "worst-case vs" not in table
     # a base scored on another sample: intervals still, no paired gap, no crash
     other = dataclasses.replace(base, predictions=base_tab.assign(example_id=base_tab["example_id"] + "b"))
     again = json.loads(write_eval_outputs([other, coin], tmp_path / "x")["metrics"].read_text())

@@ -38,6 +38,9 @@ SEED = 0
 PARTS = ("clean", "perturbed")  # per-example accuracies (example_scores)
 ROBUSTNESS = ("consistency", "worst_acc")  # per-example robustness figures (robustness_scores)
 SCORES = (*PARTS, *ROBUSTNESS)  # every per-example score (all_scores): each gets an interval and a paired gap
+# the metrics' summary figure (metrics.SUMMARY_KEYS) that each score's mean over examples, then tasks, equals
+SCORE_FIGURE = {"clean": "clean_acc", "perturbed": "perturbed_acc", "consistency": "consistency",
+                "worst_acc": "worst_acc"}
 
 
 def example_scores(preds: pd.DataFrame, scoring: str) -> pd.DataFrame:

@@ -82,10 +82,9 @@ def figures_of(result: Any) -> dict[str, dict[str, Any]]:
     nested = result.metrics_nested()
     summary = nested["summary"]
     block = nested[result.primary]
-    figures = {k: summary.get(k) for k in ("clean_acc", "perturbed_acc", "consistency", "worst_acc", "pdr")}
-    figures["perturbed_std"] = block["overall"].get("perturbed_std")
+    figures = {**summary, "perturbed_std": block["overall"].get("perturbed_std")}
     levels = {lvl: v.get("acc_mean") for lvl, v in block.get("levels", {}).items()}
-    return {"figures": {k: figures[k] for k in FIGURES}, "levels": levels}
+    return {"figures": {k: figures.get(k) for k in FIGURES}, "levels": levels}
 
 
 def cell_data(record: dict[str, Any], result: Any) -> CellData:

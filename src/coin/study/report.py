@@ -24,7 +24,7 @@ from typing import Any
 from coin.config import Settings
 from coin.data.io import DataError, read_json, write_json
 from coin.evaluation.report import Bullets, Heading, Plot, Table, Text, to_html, to_markdown
-from coin.evaluation.report.blocks import DASH
+from coin.evaluation.report.blocks import DASH, FIGURE_NAMES
 from coin.evaluation.uncertainty import ROBUSTNESS
 from coin.study.aggregate import FIGURES, SCORES_FILE, CellData, aggregate, cell_data, write_scores
 from coin.study.cell import CELL_RECORD, EVAL_DIR, cell_status
@@ -34,8 +34,6 @@ from coin.study.keys import cell_key_parts
 log = logging.getLogger("coin.study")
 
 LEVEL_ORDER = ("clean", "character", "word", "sentence", "semantic")
-FIGURE_NAMES = {"clean_acc": "clean", "perturbed_acc": "perturbed", "perturbed_std": "std over instructions",
-                "consistency": "all-agree consistency", "worst_acc": "worst-case", "pdr": "PDR"}
 
 
 # --------------------------------------------------------------------------- loading

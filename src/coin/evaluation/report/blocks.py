@@ -7,6 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DASH = "–"  # an undefined number
+# how the evaluation report and the study report name each headline figure (keys: metrics.json's summary block,
+# coin.evaluation.metrics.SUMMARY_KEYS, and the spread over instructions)
+FIGURE_NAMES = {"clean_acc": "clean", "perturbed_acc": "perturbed", "perturbed_std": "std over instructions",
+                "consistency": "all-agree consistency", "worst_acc": "worst-case", "pdr": "PDR"}
 
 
 @dataclass

@@ -15,10 +15,19 @@ from coin.data.tasks import get_task
 from coin.evaluation.instructions import perturbation_level
 from coin.evaluation.metrics import AVG, CLEAN
 from coin.evaluation.reference import COLUMNS, ReferenceRates, clean_tasks, majority_summary, reference_rates
-from coin.evaluation.report.blocks import DASH, Block, Bullets, Heading, Plot, Table, Text
+from coin.evaluation.report.blocks import DASH, FIGURE_NAMES, Block, Bullets, Heading, Plot, Table, Text
 from coin.evaluation.report.card import card_section
 from coin.evaluation.result import EvalResult
-from coin.evaluation.uncertainty import LEVEL, N_BOOT, PARTS, ROBUSTNESS, all_scores, bootstrap_ci, paired_delta
+from coin.evaluation.uncertainty import (
+    LEVEL,
+    N_BOOT,
+    PARTS,
+    ROBUSTNESS,
+    SCORE_FIGURE,
+    all_scores,
+    bootstrap_ci,
+    paired_delta,
+)
 
 log = logging.getLogger("coin.evaluation.report")  # the name it had before the split
 
@@ -192,7 +201,7 @@ def _summary(results: list[EvalResult], refs: References) -> list[Block]:
     has_gen = any("generate" in r.scorings for r in results)
     has_pairs = any(_paired(r) for r in results)
     header = ["model", "scoring", "clean", "clean − majority", *[_set_name(s) for s in levels], "perturbed",
-              PDR_SETS, *([PDR_PAIRS] if has_pairs else []), "all-agree consistency", "worst-case"] \
+              PDR_SETS, *([PDR_PAIRS] if has_pairs else []), FIGURE_NAMES["consistency"], FIGURE_NAMES["worst_acc"]] \
         + (["unparsed"] if has_gen else [])
     rows = []
     for r in results:
@@ -243,20 +252,13 @@ def f_ci(point: Any, lo: Any, hi: Any, *, signed: bool = False) -> str:
     return f"{f.format(point)} [{f.format(lo)}, {f.format(hi)}]"
 
 
-# each bootstrapped score: its column name in the report, and its key in the metrics' summary
-_SCORE_NAMES = {"clean": "clean", "perturbed": "perturbed", "consistency": "all-agree consistency",
-                "worst_acc": "worst case"}
-_SUMMARY_KEY = {"clean": "clean_acc", "perturbed": "perturbed_acc", "consistency": "consistency",
-                "worst_acc": "worst_acc"}
-
-
 def _interval_rows(results: list[EvalResult], unc: dict[str, dict[str, Any]], scores: tuple[str, ...],
                    has_ref: bool) -> list[list[str]]:
     vs = f"vs_{REFERENCE}"
     rows = []
     for r in results:
         u, o = unc[r.model_label], _overall(r, r.primary)
-        row = [r.model_label, r.primary, *[f_ci(o[_SUMMARY_KEY[c]], u.get(f"{c}_ci_low"), u.get(f"{c}_ci_high"))
+        row = [r.model_label, r.primary, *[f_ci(o[SCORE_FIGURE[c]], u.get(f"{c}_ci_low"), u.get(f"{c}_ci_high"))
                                            for c in scores]]
         if has_ref:
             d = u.get(vs)
@@ -274,7 +276,7 @@ def _uncertainty_table(results: list[EvalResult], unc: dict[str, dict[str, Any]]
     has_ref = any(f"vs_{REFERENCE}" in u for u in unc.values())
 
     def header(scores: tuple[str, ...]) -> list[str]:
-        names = [_SCORE_NAMES[c] for c in scores]
+        names = [FIGURE_NAMES[SCORE_FIGURE[c]] for c in scores]
         return ["model", "scoring", *names, *([f"Δ {n} vs {REFERENCE}" for n in names] if has_ref else [])]
 
     paired = (f"Δ = model − {REFERENCE} on the same examples, paired; an interval that excludes 0 is a gap "
