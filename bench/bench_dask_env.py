@@ -7,8 +7,10 @@ Prints a Markdown table: where the unit ran, torch threads, wall, user and syste
 process that ran it. Variants, one after another on the same examples:
 
 - plain process, 2 and 1 torch threads;
-- Dask worker with Dask's default worker environment (``MALLOC_TRIM_THRESHOLD_=65536``);
-- Dask worker with the flow's environment (:func:`flows.pipeline._keep_malloc_dynamic`), 1 and 2 threads.
+- Dask worker with Dask's default worker environment (``MALLOC_TRIM_THRESHOLD_=65536``, OpenMP/MKL/OpenBLAS at 1);
+- Dask worker without ``MALLOC_TRIM_THRESHOLD_``, thread libraries at Dask's 1 (the flow's until RESULTS.md §18);
+- Dask worker with the flow's environment (:func:`flows.pipeline._worker_environ`: thread libraries at the
+  torch threads), 1 and 2 threads.
 """
 
 from __future__ import annotations
@@ -26,12 +28,11 @@ sys.path.insert(0, str(ROOT))  # flows/ is a project directory, not an installed
 
 
 def unit(threads: int, samples: int, tasks: list[str], out_dir: str) -> tuple[float, float, float]:
-    import torch
-
     from coin.config import load_settings
+    from coin.cpus import use_torch_threads
     from coin.stages import stage_evaluate_unit
 
-    torch.set_num_threads(threads)
+    use_torch_threads(threads)  # as the flow's evaluation task does
     s = load_settings(ROOT / "params.yaml", [f"evaluate.samples_per_task={samples}", f"paths.out_dir={out_dir}",
                                              f"evaluate.tasks=[{', '.join(tasks)}]"])
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -40,22 +41,37 @@ def unit(threads: int, samples: int, tasks: list[str], out_dir: str) -> tuple[fl
     return time.perf_counter() - t0, r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
 
 
-def in_dask(threads: int, args, out_dir: str, *, flow_env: bool) -> tuple[float, float, float]:
+# the worker environments compared: Dask's default; the flow's until RESULTS.md §18 (no MALLOC_TRIM_THRESHOLD_,
+# Dask's 1 thread for OpenMP/MKL/OpenBLAS); the flow's now (flows.pipeline._worker_environ)
+ENVS = {"dask": "Dask worker, Dask's default environment",
+        "flow-before": "Dask worker, no MALLOC_TRIM_THRESHOLD_, thread libraries at Dask's 1",
+        "flow": "Dask worker, the flow's environment (no MALLOC_TRIM_THRESHOLD_, thread libraries at torch's)"}
+
+
+def in_dask(threads: int, args, out_dir: str, *, env: str) -> tuple[float, float, float]:
     import dask
     from distributed import Client, LocalCluster
+
+    from coin.cpus import THREAD_VARS
+    from flows.pipeline import MALLOC_VAR, _worker_environ, restore_process_env
 
     key = "distributed.nanny.pre-spawn-environ"
     before = dict(dask.config.get(key))
     try:
-        if flow_env:
-            from flows.pipeline import _keep_malloc_dynamic
-
-            _keep_malloc_dynamic()
+        restore_process_env()  # drop what the previous variant's nanny left in this process
+        if env == "flow":
+            _worker_environ(threads)
+        elif env == "flow-before":
+            dask.config.set({key: {**{k: v for k, v in before.items() if k != MALLOC_VAR},
+                                   **dict.fromkeys(THREAD_VARS, 1)}})
+        else:
+            dask.config.set({key: {**before, MALLOC_VAR: 65536, **dict.fromkeys(THREAD_VARS, 1)}})
         with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
                           dashboard_address=None) as cluster, Client(cluster) as client:
             return client.submit(unit, threads, args.samples, args.tasks, out_dir, pure=False).result()
     finally:
         dask.config.set({key: before})
+        restore_process_env()
 
 
 def main() -> None:
@@ -67,12 +83,9 @@ def main() -> None:
     (Path(tmp) / "train").mkdir()
     shutil.copy(ROOT / "outputs" / "train" / "train.json", Path(tmp) / "train" / "train.json")
     rows = [("plain process", 2, unit(2, args.samples, args.tasks, tmp)),
+            *[(ENVS[e], 2, in_dask(2, args, tmp, env=e)) for e in ("flow-before", "flow")],
             ("plain process", 1, unit(1, args.samples, args.tasks, tmp)),
-            ("Dask worker, Dask's default environment", 1, in_dask(1, args, tmp, flow_env=False)),
-            ("Dask worker, the flow's environment (no MALLOC_TRIM_THRESHOLD_)", 1,
-             in_dask(1, args, tmp, flow_env=True)),
-            ("Dask worker, the flow's environment (no MALLOC_TRIM_THRESHOLD_)", 2,
-             in_dask(2, args, tmp, flow_env=True))]
+            *[(ENVS[e], 1, in_dask(1, args, tmp, env=e)) for e in ("dask", "flow-before", "flow")]]
     print(f"base model, tasks {' '.join(args.tasks)} x {args.samples} examples x 5 sets x 6 instructions\n")
     print("| where | torch threads | wall (s) | user (s) | sys (s) |\n|---|---:|---:|---:|---:|")
     for where, threads, (wall, user, sys_) in rows:

@@ -44,7 +44,7 @@ from pydantic import SecretStr
 import coin  # noqa: F401  (local-only environment before Prefect is imported)
 from coin import stages
 from coin.config import Settings, check_robustness_sets, load_settings
-from coin.cpus import cpu_budget, threads_per_worker
+from coin.cpus import THREAD_VARS, cpu_budget, threads_per_worker, use_torch_threads
 from coin.secrets import reveal, seal_overrides, seal_text
 from flows.caching import missing_outputs, result_storage, stage_cache_policy
 from flows.data_sync import version_data
@@ -147,9 +147,7 @@ def evaluate_unit_task(params_path: str, overrides: Overrides, item: str, parent
     settings, root = _load(params_path, overrides)
     _nest_under(parent_run_id)
     if torch_threads:
-        import torch
-
-        torch.set_num_threads(torch_threads)
+        use_torch_threads(torch_threads)
     return {**stages.stage_evaluate_unit(settings, root, item), "executor": _executor()}
 
 
@@ -252,12 +250,14 @@ def dashboard_kwargs(dashboard: bool | str | None = None) -> dict[str, Any]:
 
 
 def eval_task_runner(workers: int = 2, address: str | None = None, processes: bool = True,
-                     dashboard: bool | str | None = None) -> TaskRunner:
+                     dashboard: bool | str | None = None, threads: int | None = None) -> TaskRunner:
     """A Dask task runner: an existing scheduler at ``address``, or a local cluster of ``workers``
     workers on 127.0.0.1: processes (also for one: see the module docstring), or
     (``processes=False``) one worker thread in this process; more than one thread would load
     models concurrently, which is not thread-safe. The local cluster's dashboard is off unless
-    ``dashboard`` asks for it (:func:`dashboard_kwargs`)."""
+    ``dashboard`` asks for it (:func:`dashboard_kwargs`). Local worker processes start with ``threads``
+    (default: their share of :func:`coin.cpus.cpu_budget`) as their thread libraries' count
+    (:func:`_worker_environ`)."""
     from prefect_dask import DaskTaskRunner
 
     if address:
@@ -271,31 +271,54 @@ def eval_task_runner(workers: int = 2, address: str | None = None, processes: bo
                               **dashboard_kwargs(dashboard)}
     if processes:
         kwargs["host"] = "127.0.0.1"
-        _keep_malloc_dynamic()
+        _worker_environ(threads or threads_per_worker(workers))
     return DaskTaskRunner(cluster_kwargs=kwargs)
 
 
-def _keep_malloc_dynamic() -> None:
-    """Drop ``MALLOC_TRIM_THRESHOLD_`` from the environment Dask's nannies give new worker processes.
+MALLOC_VAR = "MALLOC_TRIM_THRESHOLD_"
+# this process's own values of what a nanny writes into it, read before any nanny ran (see _worker_environ)
+_PROCESS_ENV = {k: os.environ.get(k) for k in (*THREAD_VARS, MALLOC_VAR)}
 
-    Dask sets it (65536) to return memory to the OS quickly. Setting it at all switches off glibc's
-    dynamic mmap threshold, so every large tensor buffer is a fresh mmap + page faults + munmap. Measured
-    on one evaluation unit (MiniLM, 3 tasks x 16 examples, 1 torch thread, 2-core CPU): 71 s with
-    20 s of system time under Dask's default, 52 s with 2 s without it, the same as outside Dask.
-    Set in this process's Dask config: the local cluster's nannies read it when they spawn workers.
-    A nanny also copies its variables into this process's ``os.environ`` (Dask: "this leaks variables
-    into the nanny process"), where later workers would inherit them: a value left there by an
-    earlier cluster is removed too (one the user set to anything else is kept).
+
+def restore_process_env() -> None:
+    """Put back this process's own values of the variables Dask's nannies write into it (:data:`_PROCESS_ENV`).
+
+    A nanny copies the worker environment into the process that runs it (Dask: "this leaks variables into
+    the nanny process"): after a local cluster, this process would read ``OMP_NUM_THREADS=1`` and hand it to
+    anything it starts later, :func:`coin.cpus.cpu_budget` would count one core, and a later cluster's
+    workers would inherit the old values (the environment wins over Dask's config)."""
+    for k, v in _PROCESS_ENV.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _worker_environ(threads: int) -> None:
+    """The environment Dask's nannies give new local worker processes (this process's Dask config).
+
+    - Without ``MALLOC_TRIM_THRESHOLD_``. Dask sets it (65536) to return memory to the OS quickly. Setting it
+      at all switches off glibc's dynamic mmap threshold, so every large tensor buffer is a fresh mmap + page
+      faults + munmap. Measured on one evaluation unit (MiniLM, 3 tasks x 16 examples, 1 torch thread, 2-core
+      CPU): 71 s with 20 s of system time under Dask's default, 52 s with 2 s without it, the same as outside
+      Dask.
+    - With ``threads`` for OpenMP, MKL and OpenBLAS (:data:`coin.cpus.THREAD_VARS`) instead of Dask's 1. The
+      worker's torch then starts with its share of the cores, and MKL with the same count, so a cell computes
+      bit for bit as ``python -m coin.study.cell`` or ``coin train`` do in a plain process with that many
+      threads. Under Dask's 1, MKL ran one thread under torch's two, and one backward step of a study cell
+      came out different in the 6th digit (RESULTS.md §18; :func:`coin.cpus.use_torch_threads`).
+
+    A value this process had before any nanny ran (the user's) still wins, as Dask gives the environment
+    precedence; values an earlier nanny leaked into it are removed first (:func:`restore_process_env`).
     """
     import dask
 
-    key, var = "distributed.nanny.pre-spawn-environ", "MALLOC_TRIM_THRESHOLD_"
+    restore_process_env()
+    key = "distributed.nanny.pre-spawn-environ"
     environ = dict(dask.config.get(key, default={}) or {})
-    dropped = environ.pop(var, None)
-    if dropped is not None:
-        dask.config.set({key: environ})
-    if os.environ.get(var) in {"65536", str(dropped)}:  # Dask's default, leaked by an earlier nanny
-        del os.environ[var]
+    environ.pop(MALLOC_VAR, None)
+    environ.update({var: str(threads) for var in THREAD_VARS})
+    dask.config.set({key: environ})
 
 
 @flow(name="coin-pipeline-evaluate", log_prints=True)
@@ -385,8 +408,8 @@ def coin_pipeline(
     params_path = str(Path(params_path).resolve())  # workers may run elsewhere than the flow's cwd
     eval_workers = default_eval_workers() if eval_workers is None else eval_workers
     # a bad cluster option fails here too
-    runner = eval_task_runner(eval_workers, dask_address, dask_processes, dask_dashboard)
     threads = None if dask_address else threads_per_worker(eval_workers)  # torch threads per worker (coin.cpus)
+    runner = eval_task_runner(eval_workers, dask_address, dask_processes, dask_dashboard, threads)
 
     data = data_task(params_path, overrides, push=push_data)
     logger.info("data version %s (pulled: %s, new version: %s, pushed: %s)",
@@ -405,7 +428,10 @@ def coin_pipeline(
             logger.info("train[%s]: %s steps, run %s", m, rec["steps"], rec["run_id"])
         train_index_task(params_path, overrides)
 
-        evaluated = evaluate_models.with_options(task_runner=runner)(params_path, overrides, parent, threads)
+        try:
+            evaluated = evaluate_models.with_options(task_runner=runner)(params_path, overrides, parent, threads)
+        finally:
+            restore_process_env()  # the local cluster's nannies wrote the workers' thread settings into this process
         for unit in evaluated["units"]:  # the units ran in the subflow, on Dask: say here what each did
             logger.info("%s", unit_line(unit))
         create_markdown_artifact(evaluated["table"], key="robustness-table",

@@ -44,7 +44,7 @@ from coin.study.grid import cell_named, grid_cells, load_study, preflight_study,
 from coin.study.placement import configure_worker, worker_plan
 from coin.study.prepare import prepare_pairs
 from coin.study.report import write_study_outputs
-from flows.pipeline import Overrides, _transient, eval_task_runner, run_banner
+from flows.pipeline import Overrides, _transient, eval_task_runner, restore_process_env, run_banner
 
 
 @task(name="mlflow-study-run", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=NO_CACHE)
@@ -123,14 +123,18 @@ def coin_study(
     params_path = str(Path(params_path).resolve())  # workers may run elsewhere than the flow's cwd
     plan = worker_plan(settings, workers, dask_address, dask_processes)
     # a bad cluster option fails here too
-    runner = eval_task_runner(plan.workers, plan.address, dask_processes, settings.study.dask_dashboard)
+    runner = eval_task_runner(plan.workers, plan.address, dask_processes, settings.study.dask_dashboard,
+                              plan.torch_threads)
 
     parent = open_study_run_task(params_path, overrides, flow_run.get_id())
     status = "FAILED"
     try:
         prep = prepare_task(params_path, overrides, parent)
         logger.info("study pairs: %s (%s)", prep["valid_file"], "unchanged" if prep["cached"] else "rebuilt")
-        cells = study_cells.with_options(task_runner=runner)(params_path, overrides, plan.torch_threads)
+        try:
+            cells = study_cells.with_options(task_runner=runner)(params_path, overrides, plan.torch_threads)
+        finally:
+            restore_process_env()  # the local cluster's nannies wrote the workers' thread settings into this process
         logger.info("study cells: %d computed, %d already done", sum(not c["cached"] for c in cells),
                     sum(c["cached"] for c in cells))
         outputs = aggregate_task(params_path, overrides)

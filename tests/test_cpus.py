@@ -56,3 +56,29 @@ def test_every_worker_count_and_thread_count_uses_it(machine):
     assert worker_plan(Settings.model_validate({})).torch_threads == 4 // default_workers()
     machine.setenv("OMP_NUM_THREADS", "2")
     assert default_eval_workers() == 1 and worker_plan(Settings.model_validate({}), workers=1).torch_threads == 2
+
+
+def test_use_torch_threads_leaves_a_process_that_has_them_alone(monkeypatch):
+    """torch.set_num_threads also sets MKL's thread count and switches its dynamic threading off, which can move
+    a backward pass's last bits (RESULTS.md §18): it is called only when the count has to change."""
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    have = torch.get_num_threads()
+    cpus.use_torch_threads(have)
+    assert calls == []
+    cpus.use_torch_threads(have + 1)
+    assert calls == [have + 1]
+    with pytest.raises(ValueError, match="at least 1"):
+        cpus.use_torch_threads(0)
+
+
+def test_thread_settings_record_torch_and_the_thread_libraries(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    got = cpus.thread_settings()
+    assert got["torch"] == torch.get_num_threads() and got["MKL_NUM_THREADS"] == "3"
+    assert got["OPENBLAS_NUM_THREADS"] is None and set(got) == {"torch", *cpus.THREAD_VARS}

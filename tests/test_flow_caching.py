@@ -139,26 +139,39 @@ def test_default_eval_workers_one_per_two_cores():
     assert default_eval_workers() >= 1
 
 
-def test_local_dask_workers_keep_glibc_dynamic_malloc(monkeypatch):
-    """Dask's nannies set MALLOC_TRIM_THRESHOLD_ in new workers, which made evaluation 1.4x slower (mmap churn);
-    the flow's local cluster must spawn workers without it, even after an earlier nanny leaked it into this
-    process's environment."""
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")  # what a nanny started earlier in this process leaves
+def test_local_dask_workers_get_the_flow_environment(monkeypatch):
+    """The flow's local workers start without MALLOC_TRIM_THRESHOLD_ (Dask sets it; evaluation ran 1.4x slower
+    from mmap churn) and with their torch threads as OpenMP's, MKL's and OpenBLAS's count (Dask sets 1: MKL then
+    ran one thread under torch's two, and a study cell's backward differed from a plain process's, RESULTS.md
+    §18), even after an earlier nanny leaked its values into this process; the flow puts this process's own
+    values back after its cluster."""
     import dask
+    import torch
     from distributed import Client, LocalCluster
 
-    from flows.pipeline import eval_task_runner
+    import flows.pipeline as fp
+    from coin.cpus import THREAD_VARS
 
+    monkeypatch.setattr(fp, "_PROCESS_ENV", dict.fromkeys(fp._PROCESS_ENV))  # a process started without them
+    for var in THREAD_VARS:
+        monkeypatch.setenv(var, "7")  # what the nanny of an earlier cluster in this process leaves
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
     key = "distributed.nanny.pre-spawn-environ"
     before = dict(dask.config.get(key))
     try:
         dask.config.set({key: {**before, "MALLOC_TRIM_THRESHOLD_": 65536}})  # Dask's default (an earlier runner may
-        eval_task_runner(2)                                                   # have dropped it in this process)
+        fp.eval_task_runner(2, threads=1)                                     # have changed it in this process)
+        assert not any(var in os.environ for var in fp._PROCESS_ENV)  # the leaked values are gone
         with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
                           dashboard_address=None) as cluster, Client(cluster) as client:
             env = client.submit(dict, os.environ, pure=False).result()
+            torch_threads = client.submit(torch.get_num_threads, pure=False).result()
         assert "MALLOC_TRIM_THRESHOLD_" not in env
-        assert env.get("OMP_NUM_THREADS") == "1"  # the rest of Dask's worker environment is kept
+        assert {var: env.get(var) for var in THREAD_VARS} == dict.fromkeys(THREAD_VARS, "1")
+        assert torch_threads == 1  # torch starts with them: use_torch_threads(1) has nothing to change there
+        assert os.environ.get("MKL_NUM_THREADS") == "1"  # the nanny wrote the workers' values into this process
+        fp.restore_process_env()
+        assert not any(var in os.environ for var in fp._PROCESS_ENV)
     finally:
         dask.config.set({key: before})
 

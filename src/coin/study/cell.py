@@ -14,7 +14,13 @@ along with the project). A cell directory ``cells/<method>-s<seed>[-<key>=<value
     adapter/      LoRA adapter + tokenizer + coin_model.json (trained methods; its seed = the cell's)
     eval/         the EvalResult (coin.evaluation.result.save_result): predictions.parquet + result.json
     loss.csv      training history (trained methods)
-    cell.json     the cell, its key (coin.study.keys), headline figures, wall times, device, versions
+    cell.json     the cell, its key (coin.study.keys), headline figures, wall times, device, versions, threads
+
+On a CPU, the last bits of a training step can depend on MKL's thread settings (RESULTS.md §18), which the
+key leaves out, like the device. ``coin study``'s local workers start with their thread libraries set to
+their torch threads (``flows.pipeline._worker_environ``), so a worker with n threads computes exactly what
+``python -m coin.study.cell`` computes in a process whose ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` are n
+(on an n-core machine, the defaults). ``cell.json`` records them (``threads``).
 
 **Done** means: ``cell.json`` says complete, its key equals the current key (same cell, params, pairs,
 evaluation inputs and code), and the files above exist. **Atomic**: a cell is computed in
@@ -48,6 +54,7 @@ from typing import Any
 
 import coin  # noqa: F401  (local-only environment first)
 from coin.config import ConfigError, Settings
+from coin.cpus import thread_settings
 from coin.data.io import DataError, read_json, read_jsonl, write_json
 from coin.study.grid import Cell, cell_settings, cells_dir, grid_cells, load_study, make_cell, valid_file
 from coin.study.keys import cell_key_parts, cell_params, key_of
@@ -271,6 +278,7 @@ def run_cell(settings: Settings, root: Path, cell: Cell, *, out_dir: Path | None
             "format": RECORD_FORMAT, "complete": True, "cell": cell.to_dict(), "key": key,
             "key_parts": parts, "params": cell_params(s, cell.trained), "train_seed": cell.seed,
             "eval_seed": s.seed, **out, "data_version": data_version(root), "versions": _versions(),
+            "threads": thread_settings(),  # not keyed, as the device: MKL's threads can move the last bits
             "host": platform.node(), "computed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "run_token": uuid.uuid4().hex,  # unique per computation: a rerun that recomputes changes it
         }

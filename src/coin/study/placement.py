@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from coin.config import Settings
-from coin.cpus import cpu_budget, threads_per_worker
+from coin.cpus import cpu_budget, threads_per_worker, use_torch_threads
 
 
 def gpu_count() -> int:
@@ -77,7 +77,5 @@ def worker_device() -> str | None:
 def configure_worker(torch_threads: int | None = None) -> str | None:
     """Set this process's torch threads (when given) and return the device its cells should use (or None)."""
     if torch_threads:
-        import torch
-
-        torch.set_num_threads(torch_threads)
+        use_torch_threads(torch_threads)
     return worker_device()
