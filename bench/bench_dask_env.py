@@ -58,7 +58,6 @@ def in_dask(threads: int, args, out_dir: str, *, env: str) -> tuple[float, float
     key = "distributed.nanny.pre-spawn-environ"
     before = dict(dask.config.get(key))
     try:
-        restore_process_env()  # drop what the previous variant's nanny left in this process
         if env == "flow":
             _worker_environ(threads)
         elif env == "flow-before":
@@ -71,7 +70,7 @@ def in_dask(threads: int, args, out_dir: str, *, env: str) -> tuple[float, float
             return client.submit(unit, threads, args.samples, args.tasks, out_dir, pure=False).result()
     finally:
         dask.config.set({key: before})
-        restore_process_env()
+        restore_process_env()  # what this variant's nanny wrote into this process
 
 
 def main() -> None:

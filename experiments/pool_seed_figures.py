@@ -40,11 +40,11 @@ from study_cells import cell_dirs  # noqa: E402
 
 from coin.data.io import read_json, write_json  # noqa: E402
 from coin.evaluation.report.blocks import FIGURE_NAMES as NAMES  # noqa: E402
-from coin.evaluation.uncertainty import LEVEL  # noqa: E402
+from coin.evaluation.uncertainty import LEVEL, SCORE_FIGURE  # noqa: E402
 from coin.study.cell import CELL_RECORD  # noqa: E402
 
 SAME = ("code", "params", "pairs", "eval_inputs")  # key parts that must match: only method and seed may differ
-SHOWN = ("clean_acc", "perturbed_acc", "consistency", "worst_acc")
+SHOWN = tuple(SCORE_FIGURE.values())  # the figures the study bootstraps, in its order
 
 
 def load_records(dirs: list[Path]) -> dict[tuple[str, int], dict[str, Any]]:
