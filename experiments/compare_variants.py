@@ -26,6 +26,7 @@ import itertools
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -107,6 +108,23 @@ def per_task_table(data: list, labels: list[str], agg: dict) -> str:
     return "\n".join(lines)
 
 
+def task_differences(data: list, labels: list[str], agg: dict, pairs: list[tuple[str, str]], n_boot: int) -> tuple[
+        str, dict[str, Any]]:
+    """The paired clean difference on each task's examples alone: the study's hierarchical bootstrap (seeds, then
+    the task's examples) run on the cells restricted to that task. Returns the Markdown table and the figures."""
+    tasks = list(agg["tasks"])
+    out: dict[str, Any] = {}
+    for t in tasks:
+        only = [dataclasses.replace(c, scores=c.scores.xs(t, level="task", drop_level=False),
+                                    labels=c.labels[c.labels["task"] == t]) for c in data]
+        out[t] = aggregate_group(only, labels, n_boot=n_boot, pairs=pairs)["differences"]
+    lines = ["| difference | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for i, d in enumerate(agg["differences"]):
+        cells = [" ".join(difference_rows({"differences": [out[t][i]]}, ("clean",))[0][1:]) for t in tasks]
+        lines.append(f"| {d['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), {t: [{"label": d["label"], "clean": d.get("clean")} for d in out[t]] for t in tasks}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("variants", nargs="+", help="LABEL=STUDY_DIR:METHOD (the first is compared with each other)")
@@ -142,11 +160,15 @@ def main() -> int:
     same_sample(records)
     pairs = [(labels[0], b) for b in labels[1:]] + list(itertools.combinations(labels[1:], 2))
     agg = aggregate_group(data, labels, n_boot=args.n_boot, pairs=pairs)
+    by_task_md, by_task = task_differences(data, labels, agg, pairs, args.n_boot)
     md = (table(agg, labels) + "\n\nClean accuracy per task, mean ± std over seeds:\n\n"
-          + per_task_table(data, labels, agg))
+          + per_task_table(data, labels, agg)
+          + "\n\nPaired clean difference per task, on that task's examples (Δ [95% CI], seeds agreeing):\n\n"
+          + by_task_md)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "comparison.json", {"variants": args.variants, "valid_sha256": valid_sha,
-                                              "eval_seed": records[0].get("eval_seed"), **agg})
+                                              "eval_seed": records[0].get("eval_seed"), **agg,
+                                              "task_differences": by_task})
     (args.out / "table.md").write_text(md + "\n")
     print(md)
     print(json.dumps({"n_examples": agg["n_examples"], "tasks": agg["tasks"]}))

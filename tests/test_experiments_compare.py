@@ -106,3 +106,37 @@ def test_a_results_copy_is_read_from_its_cells_records_and_scores(tmp_path: Path
     (a / "cells" / "coin-s0" / "scores.csv").unlink()
     with pytest.raises(SystemExit, match="neither its evaluation"):
         cells.load_cell(a / "cells" / "coin-s0")
+
+
+def test_task_differences_bootstrap_each_task_on_its_own_examples() -> None:
+    """A constructed pair of variants: a scores 10 points over b on every sst2 example in every seed and the same
+    on rte. The per-task table gives +10.0 on sst2 (3/3 seeds, excluding 0) and +0.0 on rte; the
+    whole-sample difference is their example-weighted mean."""
+    import pandas as pd
+
+    from coin.study.aggregate import BOOTSTRAPPED, CellData, aggregate_group
+
+    mod = _module()
+    idx = pd.MultiIndex.from_tuples([(t, f"{t}:{i}") for t in ("sst2", "rte") for i in range(20)],
+                                    names=["task", "example_id"])
+    labels = pd.DataFrame({"task": [t for t, _ in idx], "example_id": [e for _, e in idx],
+                           "label": [i % 2 for i in range(len(idx))]})
+
+    def cell(method: str, seed: int) -> CellData:
+        base = [40.0 + 10 * ((i + seed) % 4) for i in range(len(idx))]
+        clean = [b + (10.0 if method == "a" and t == "sst2" else 0.0) for b, (t, _) in zip(base, idx, strict=True)]
+        scores = pd.DataFrame({part: clean for part in BOOTSTRAPPED}, index=idx)
+        return CellData(method=method, seed=seed, sweep=None, figures={}, levels={}, scores=scores, labels=labels)
+
+    data = [cell(m, s) for m in ("a", "b") for s in (0, 1, 2)]
+    pairs = [("a", "b")]
+    agg = aggregate_group(data, ["a", "b"], n_boot=200, pairs=pairs)
+    md, by_task = mod.task_differences(data, ["a", "b"], agg, pairs, 200)
+    assert by_task["sst2"][0]["clean"]["delta"] == pytest.approx(10.0)
+    assert by_task["rte"][0]["clean"]["delta"] == pytest.approx(0.0)
+    sst2, rte = by_task["sst2"][0]["clean"], by_task["rte"][0]["clean"]
+    assert sst2["ci_low"] > 0 and sst2["excludes_zero"] and sst2["seeds_same_sign"] == 3
+    assert rte["ci_low"] < 0 < rte["ci_high"] and not rte["excludes_zero"]
+    row = md.splitlines()[-1]
+    assert row.startswith("| a − b | +10.0 [") and "* 3/3 | +0.0 [" in row and row.endswith("] 0/3 |")
+    assert agg["differences"][0]["clean"]["delta"] == pytest.approx(5.0)

@@ -83,8 +83,11 @@ def test_key_changes_with_input_content_and_data_version(project):
 
 def test_missing_outputs_invalidate_a_cache_hit(project):
     s = _settings()
-    assert missing_outputs("pairs", s, project) == [f"{project / 'outputs' / 'pairs' / 'stats.json'} is missing"]
-    (project / "outputs" / "pairs" / "stats.json").write_text("{}")
+    pairs_dir = project / "outputs" / "pairs"
+    assert missing_outputs("pairs", s, project) == [f"{pairs_dir / 'stats.json'} is missing",
+                                                    f"{pairs_dir / 'short_rows.jsonl'} is missing"]
+    (pairs_dir / "stats.json").write_text("{}")
+    (pairs_dir / "short_rows.jsonl").write_text("")
     assert missing_outputs("pairs", s, project) == []
     problems = missing_outputs("train", s, project, "cit")
     assert len(problems) == 3 and all("outputs/train/cit" in p for p in problems)

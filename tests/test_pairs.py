@@ -294,3 +294,72 @@ def test_label_counts_of_training_rows():
     for task, c in counts.items():
         train = [r["label"] for r in rows if r["task"] == task and r["split"] == "train"]
         assert c == [train.count(i) for i in range(len(c))] and sum(c) == 9  # the val rows are left out
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def test_min_words_keeps_short_rows_out_of_the_draw_and_the_negatives():
+    """pairs.min_words: no drawn row and no hard negative has fewer input words; ids stay the train file's rows;
+    0 draws every row, as before the setting existed."""
+    from coin.data.pairs import load_examples
+
+    pool = {ex.example_id: ex.row for ex in load_examples(DATA, TASKS["sst2"])}
+    rows = build_pairs(DATA, _cfg(tasks=["sst2", "rte"], rows_per_task=60, min_words={"sst2": 9}), seed=2)
+    sst2 = [r for r in rows if r["task"] == "sst2"]
+    assert len(sst2) == 60
+    for r in sst2:
+        row = pool[r["example_id"]]
+        assert (row["sentence"], row["label"]) == (r["inputs"]["sentence"], r["label"])
+        assert _words(r["inputs"]["sentence"]) >= 9
+        assert _words(pool[r["negative_example_id"]]["sentence"]) >= 9
+    every = build_pairs(DATA, _cfg(tasks=["sst2", "rte"], rows_per_task=60, min_words=0), seed=2)
+    assert any(_words(r["inputs"]["sentence"]) < 9 for r in every if r["task"] == "sst2")  # the draw had short ones
+    # a task the mapping does not name draws every row: rte is the same either way
+    assert [r for r in rows if r["task"] == "rte"] == [r for r in every if r["task"] == "rte"]
+
+
+def test_min_words_draws_as_a_train_file_without_the_short_rows_would(tmp_path):
+    """The same pairs as a data directory whose train file holds only the long rows (how RESULTS.md §19 measured
+    it), but for the ids, which keep pointing at the shipped file's rows."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(DATA / "flan", data / "flan")
+    (data / "glue").mkdir()
+    lines = (DATA / "glue" / "sst2.train.jsonl").read_text().splitlines(keepends=True)
+    (data / "glue" / "sst2.train.jsonl").write_text(
+        "".join(line for line in lines if _words(json.loads(line)["sentence"]) >= 7))
+    filtered = build_pairs(data, _cfg(tasks=["sst2"], rows_per_task=200, min_words=0), seed=5)
+    built = build_pairs(DATA, _cfg(tasks=["sst2"], rows_per_task=200, min_words={"sst2": 7}), seed=5)
+    ids = ("pair_id", "example_id", "negative_example_id")
+    assert [{k: v for k, v in r.items() if k not in ids} for r in built] == \
+        [{k: v for k, v in r.items() if k not in ids} for r in filtered]
+    assert [r["example_id"] for r in built] != [r["example_id"] for r in filtered]  # shipped-file row numbers
+
+
+def test_min_words_rows_left_out_are_kept_with_their_reason(tmp_path):
+    """`coin pairs` writes every row min_words keeps out of the draw, with its word count, and counts them."""
+    from coin.stages import stage_pairs
+
+    (tmp_path / "data").symlink_to(DATA)
+    s = Settings.model_validate({"pairs": {"tasks": ["sst2", "rte"], "rows_per_task": 10,
+                                           "min_words": {"sst2": 4}}})
+    stats = stage_pairs(s, tmp_path)
+    short = read_jsonl(tmp_path / "outputs" / "pairs" / "short_rows.jsonl")
+    lines = [json.loads(line) for line in (DATA / "glue" / "sst2.train.jsonl").read_text().splitlines()]
+    expected = [i for i, row in enumerate(lines) if _words(row["sentence"]) < 4]
+    assert [r["example_id"] for r in short] == [f"sst2:train:{i}" for i in expected] and expected
+    assert all(r["task"] == "sst2" and r["words"] < 4 and "pairs.min_words 4" in r["reason"] for r in short)
+    assert stats["short_rows_not_drawn"] == {"sst2": len(expected)}
+    assert json.loads((tmp_path / "outputs" / "pairs" / "stats.json").read_text()) == stats
+
+
+def test_min_words_bad_values_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match="unknown task"):
+        PairsSettings(min_words={"sst3": 5})
+    with pytest.raises(ValueError, match="0..1000"):
+        PairsSettings(min_words=-1)
+    with pytest.raises(DataError, match=r"lower pairs.min_words for rte"):
+        build_pairs(DATA, _cfg(tasks=["rte"], min_words={"rte": 1000}), seed=0)

@@ -123,6 +123,12 @@ class PairsSettings(_Section):
         default_factory=lambda: dict(DEFAULT_ROWS_PER_TASK),
         description="GLUE train rows drawn per task: one number for every task, or a mapping task -> rows naming "
         "every task of pairs.tasks (e.g. more rows for the tasks a small budget can learn)")
+    min_words: int | dict[str, int] = Field(
+        0,
+        description="train rows whose input fields hold fewer words than this are not drawn (kept in "
+        "pairs/short_rows.jsonl with the count): one number for every task, or a mapping task -> words (tasks "
+        "not named: 0, every row). SST-2's train split is half treebank phrases, its validation split sentences: "
+        "{sst2: 7} raised sst2 by 4.6 points over 3 seeds, the average not (RESULTS.md §19)")
     templates: TemplateChoice = Field(
         "classification",
         description="'classification' = every FLAN template whose target is the answer; a list of template ids "
@@ -156,17 +162,32 @@ class PairsSettings(_Section):
             raise ValueError("lists a task twice; list each task once")
         return v
 
-    @field_validator("rows_per_task")
-    @classmethod
-    def _rows_range(cls, v: int | dict[str, int]) -> int | dict[str, int]:
+    @staticmethod
+    def _per_task_range(v: int | dict[str, int], lo: int, hi: int, unit: str, fix: str) -> int | dict[str, int]:
+        """One number or a mapping task -> number (``rows_per_task``, ``min_words``): known tasks, lo..hi each."""
         unknown = [t for t in v if t not in ALL_TASKS] if isinstance(v, dict) else []
         if unknown:
             raise ValueError(f"names unknown task(s) {unknown}; the tasks are {', '.join(ALL_TASKS)}")
         for task, n in ([("", v)] if isinstance(v, int) else list(v.items())):
-            if not 2 <= n <= 100_000:
+            if not lo <= n <= hi:
                 where = f" for task {task}" if task else ""
-                raise ValueError(f"{n} rows{where}: give 2..100000 rows per task")
+                raise ValueError(f"{n} {unit}{where}: {fix}")
         return v
+
+    @field_validator("rows_per_task")
+    @classmethod
+    def _rows_range(cls, v: int | dict[str, int]) -> int | dict[str, int]:
+        return cls._per_task_range(v, 2, 100_000, "rows", "give 2..100000 rows per task")
+
+    @field_validator("min_words")
+    @classmethod
+    def _min_words_range(cls, v: int | dict[str, int]) -> int | dict[str, int]:
+        return cls._per_task_range(v, 0, 1000, "words", "give 0..1000 (0 draws every row)")
+
+    def min_words_for(self, task: str) -> int:
+        """Fewest words a train row of ``task`` needs to be drawn (``min_words`` as one number or per task)."""
+        v = self.min_words
+        return v if isinstance(v, int) else v.get(task, 0)
 
     def rows_for(self, task: str) -> int:
         """Train rows to draw for ``task`` (``rows_per_task`` as one number or per task)."""

@@ -100,7 +100,8 @@ STAGE_SPECS: dict[str, StageSpec] = {
     "pairs": StageSpec(
         params=("seed", "paths", "pairs"),
         inputs=lambda lay, _: [lay.data_dir],
-        outputs=lambda lay, _: [lay.pairs_file, lay.pairs_file.with_name("stats.json")],
+        outputs=lambda lay, _: [lay.pairs_file, lay.pairs_file.with_name("stats.json"),
+                                lay.pairs_file.with_name("short_rows.jsonl")],
         code=("data",),
     ),
     "validate": StageSpec(  # leak checks read the evaluation's instruction file and validation rows

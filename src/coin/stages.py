@@ -113,18 +113,25 @@ def check_data(settings: Settings, root: Path) -> dict[str, int]:
 
 def stage_pairs(settings: Settings, root: Path) -> dict[str, Any]:
     """Render FLAN templates on GLUE train rows into explicit (original, paraphrase, negative) rows."""
-    from coin.data.pairs import build_pairs
+    from coin.data.pairs import build_pairs, short_rows
 
     lay = Layout(root, settings)
     rows = build_pairs(lay.data_dir, settings.pairs, settings.seed)
     n = write_jsonl(lay.pairs_file, rows)
+    # train rows pairs.min_words keeps out of the draw: kept, with their word counts, beside the pairs
+    short = short_rows(lay.data_dir, settings.pairs)
+    write_jsonl(lay.pairs_file.with_name("short_rows.jsonl"), short)
     per_task = Counter(r["task"] for r in rows)
     per_split = Counter(r["split"] for r in rows)
     per_source = Counter(r["paraphrase_source"] for r in rows)
     stats = {"rows": n, "per_task": dict(sorted(per_task.items())), "per_split": dict(sorted(per_split.items())),
-             "per_paraphrase_source": dict(sorted(per_source.items()))}
+             "per_paraphrase_source": dict(sorted(per_source.items())),
+             "short_rows_not_drawn": dict(sorted(Counter(r["task"] for r in short).items()))}
     write_json(lay.pairs_file.with_name("stats.json"), stats)
     log.info("pairs: %d rows -> %s", n, lay.pairs_file)
+    if short:
+        log.info("pairs: %d train rows under pairs.min_words not drawn -> %s", len(short),
+                 lay.pairs_file.with_name("short_rows.jsonl"))
     return stats
 
 

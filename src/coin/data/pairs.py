@@ -62,6 +62,34 @@ def load_examples(data_dir: str | Path, spec: TaskSpec) -> list[Example]:
     return [Example(f"{spec.name}:train:{i}", row) for i, row in enumerate(rows)]
 
 
+def input_words(ex: Example, spec: TaskSpec) -> int:
+    """Whitespace-separated words over the task's input fields: what ``pairs.min_words`` counts."""
+    return sum(len(str(ex.row[f]).split()) for f in spec.fields)
+
+
+def split_short(pool: list[Example], spec: TaskSpec, min_words: int) -> tuple[list[Example], list[Example]]:
+    """``(drawable, short)``: the rows with at least ``min_words`` input words, in file order, and the others."""
+    if min_words <= 0:
+        return pool, []
+    drawable = [ex for ex in pool if input_words(ex, spec) >= min_words]
+    short = [ex for ex in pool if input_words(ex, spec) < min_words]
+    return drawable, short
+
+
+def short_rows(data_dir: str | Path, cfg: PairsSettings) -> list[dict[str, Any]]:
+    """The train rows ``pairs.min_words`` keeps out of the draw, each with its word count and the reason."""
+    out: list[dict[str, Any]] = []
+    for task in cfg.tasks:
+        spec = get_task(task)
+        need = cfg.min_words_for(task)
+        for ex in split_short(load_examples(data_dir, spec), spec, need)[1]:
+            words = input_words(ex, spec)
+            out.append({"task": task, "example_id": ex.example_id, "words": words,
+                        "reason": f"{words} input word(s) < pairs.min_words {need} for {task}",
+                        "inputs": {f: ex.row[f] for f in spec.fields}, "label": ex.label})
+    return out
+
+
 def templates_for(task: str, choice: TemplateChoice) -> str | list[int]:
     """``pairs.templates`` for one task: the global choice, or the task's entry of a per-task mapping."""
     if isinstance(choice, dict):
@@ -132,6 +160,11 @@ def build_task_pairs(data_dir: str | Path, task: str, cfg: PairsSettings, seed: 
     if not pool:  # a configured task with no rows is an error, never a silently smaller dataset
         raise DataError(f"{train_file(data_dir, task)}: no rows, so task {task} would silently get no training pairs; "
                         f"restore the file (dvc pull data.dvc) or remove {task} from pairs.tasks")
+    need = cfg.min_words_for(task)
+    pool, short = split_short(pool, spec, need)
+    if not pool:
+        raise DataError(f"task {task}: none of its {len(short)} train rows has {need} or more input words, so it "
+                        f"would get no training pairs; lower pairs.min_words for {task} (0 draws every row)")
     rng = random.Random(f"pairs:{seed}:{task}")
     option_rng = random.Random(f"options:{seed}:{task}")
 
