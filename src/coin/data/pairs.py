@@ -71,8 +71,10 @@ def split_short(pool: list[Example], spec: TaskSpec, min_words: int) -> tuple[li
     """``(drawable, short)``: the rows with at least ``min_words`` input words, in file order, and the others."""
     if min_words <= 0:
         return pool, []
-    drawable = [ex for ex in pool if input_words(ex, spec) >= min_words]
-    short = [ex for ex in pool if input_words(ex, spec) < min_words]
+    drawable: list[Example] = []
+    short: list[Example] = []
+    for ex in pool:
+        (drawable if input_words(ex, spec) >= min_words else short).append(ex)
     return drawable, short
 
 
@@ -82,6 +84,8 @@ def short_rows(data_dir: str | Path, cfg: PairsSettings) -> list[dict[str, Any]]
     for task in cfg.tasks:
         spec = get_task(task)
         need = cfg.min_words_for(task)
+        if need <= 0:
+            continue
         for ex in split_short(load_examples(data_dir, spec), spec, need)[1]:
             words = input_words(ex, spec)
             out.append({"task": task, "example_id": ex.example_id, "words": words,
