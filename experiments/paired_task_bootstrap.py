@@ -1,0 +1,78 @@
+"""Paired difference of two sets of adapters on one evaluation, seed by seed: a hierarchical bootstrap.
+
+    ./run.sh python experiments/paired_task_bootstrap.py \
+        --a outputs/eval-a/predictions.jsonl:s0,s1,s2 --b outputs/eval-b/predictions.jsonl:r0,r1,r2
+
+Each side is an evaluation's ``predictions.jsonl`` and its models, in seed order: the i-th model of A is paired
+with the i-th of B (same training seed). Every model must have scored the same examples under the same
+instructions. Per model and example, the score is the share of instructions answered right (the protocol's
+per-example clean accuracy). The interval resamples the seed pairs, then the examples within each task (the
+study's hierarchical bootstrap, ``coin.evaluation.uncertainty``), with every task weighted equally as in the
+protocol's average. Used for RESULTS.md §19 (sst2 on its whole validation split). Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def per_example(path: Path, models: list[str]) -> pd.DataFrame:
+    """Rows (task, example_id), one column per model: the share of instructions it answered right (percent)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    df = pd.DataFrame(rows)
+    df = df[df["model"].isin(models)]
+    missing = sorted(set(models) - set(df["model"]))
+    if missing:
+        raise SystemExit(f"{path}: no predictions of model(s) {missing}")
+    table = df.pivot_table(index=["task", "example_id"], columns="model", values="correct", aggfunc="mean") * 100
+    return table[models]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--a", required=True, help="PREDICTIONS:MODEL,MODEL,... (seed order)")
+    ap.add_argument("--b", required=True, help="PREDICTIONS:MODEL,MODEL,... (seed order, paired with --a)")
+    ap.add_argument("--n-boot", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    sides = []
+    for spec in (args.a, args.b):
+        path, _, models = spec.rpartition(":")
+        sides.append(per_example(Path(path), models.split(",")))
+    a, b = sides
+    if a.shape[1] != b.shape[1]:
+        raise SystemExit(f"--a has {a.shape[1]} models, --b {b.shape[1]}: pair them seed by seed")
+    if not a.index.equals(b.index):
+        raise SystemExit("the two evaluations scored different examples; evaluate both on the same sample")
+    diff = a.to_numpy() - b.to_numpy()                      # (examples, seeds)
+    tasks = a.index.get_level_values("task").to_numpy()
+    groups = [np.flatnonzero(tasks == t) for t in dict.fromkeys(tasks)]
+
+    def avg(d: np.ndarray) -> np.ndarray:                   # per seed: mean over tasks of the example means
+        return np.mean([d[g].mean(axis=0) for g in groups], axis=0)
+
+    rng = np.random.default_rng(args.seed)
+    n_seeds = diff.shape[1]
+    reps = np.empty(args.n_boot)
+    for i in range(args.n_boot):
+        seeds = rng.integers(0, n_seeds, n_seeds)
+        picked = [g[rng.integers(0, len(g), len(g))] for g in groups]
+        reps[i] = np.mean([diff[idx][:, seeds].mean(axis=0) for idx in picked], axis=0).mean()
+    per_seed = avg(diff)
+    lo, hi = np.quantile(reps, [0.025, 0.975])
+    out = {"a": avg(a.to_numpy()).round(2).tolist(), "b": avg(b.to_numpy()).round(2).tolist(),
+           "difference_per_seed": per_seed.round(2).tolist(), "difference": round(float(per_seed.mean()), 2),
+           "ci95": [round(float(lo), 2), round(float(hi), 2)],
+           "seeds_same_sign": int(np.sum(np.sign(per_seed) == np.sign(per_seed.mean()))),
+           "examples": int(diff.shape[0]), "n_boot": args.n_boot}
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""experiments/paired_task_bootstrap.py on constructed predictions whose paired difference is known."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(path: Path, models: dict[str, dict[str, int]]) -> None:
+    """models: name -> {task: how many of its 10 examples the model answers right, under both instructions}."""
+    rows = []
+    for model, right in models.items():
+        for task, k in right.items():
+            for i in range(10):
+                for instruction in (0, 1):
+                    rows.append({"model": model, "task": task, "example_id": f"{task}:{i}",
+                                 "instruction_id": instruction, "correct": i < k})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _run(*args: str) -> dict:
+    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "paired_task_bootstrap.py"), *args],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 0 or out.returncode == 1, out.stderr
+    return json.loads(out.stdout) if out.returncode == 0 else {"error": out.stderr}
+
+
+def test_the_paired_difference_and_its_interval(tmp_path: Path) -> None:
+    """A is right on all 10 sst2 examples in both seeds, B on 2 and 3; rte is equal. Per seed the task-weighted
+    difference is 80 / 2 and 70 / 2 points, +37.5 on average, inside its interval, which lies above 0."""
+    _write(tmp_path / "a.jsonl", {"a0": {"sst2": 10, "rte": 5}, "a1": {"sst2": 10, "rte": 4}})
+    _write(tmp_path / "b.jsonl", {"b0": {"sst2": 2, "rte": 5}, "b1": {"sst2": 3, "rte": 4}})
+    res = _run("--a", f"{tmp_path / 'a.jsonl'}:a0,a1", "--b", f"{tmp_path / 'b.jsonl'}:b0,b1", "--n-boot", "500")
+    assert res["difference_per_seed"] == [40.0, 35.0] and res["difference"] == 37.5
+    assert 0 < res["ci95"][0] <= 37.5 <= res["ci95"][1] and res["seeds_same_sign"] == 2
+    assert res["a"] == [75.0, 70.0] and res["b"] == [35.0, 35.0] and res["examples"] == 20
+
+
+def test_unpaired_inputs_are_refused(tmp_path: Path) -> None:
+    _write(tmp_path / "a.jsonl", {"a0": {"sst2": 8}})
+    _write(tmp_path / "b.jsonl", {"b0": {"sst2": 5}, "b1": {"sst2": 6}})
+    res = _run("--a", f"{tmp_path / 'a.jsonl'}:a0", "--b", f"{tmp_path / 'b.jsonl'}:b0,b1")
+    assert "pair them seed by seed" in res["error"]
+    res = _run("--a", f"{tmp_path / 'a.jsonl'}:a0,a9", "--b", f"{tmp_path / 'b.jsonl'}:b0,b1")
+    assert "no predictions of model(s) ['a9']" in res["error"]
