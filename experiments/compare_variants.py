@@ -14,8 +14,8 @@ It checks that every directory was built from the same validated pairs and evalu
 themselves (e.g. ``pairs.option_order``), and records each directory's pairs hash instead. Then it calls the
 study's aggregation (:func:`coin.study.aggregate.aggregate_group`: mean ± std over seeds, and each difference
 first − other with the hierarchical bootstrap over seeds and examples). Differences: the first variant against
-each other one, then each pair among the others. Writes ``comparison.json`` and ``table.md`` under ``--out`` and
-prints the table.
+each other one, then each pair among the others; the clean difference also per task, the same bootstrap on that
+task's examples alone. Writes ``comparison.json`` and ``table.md`` under ``--out`` and prints the table.
 """
 
 from __future__ import annotations
