@@ -6,9 +6,9 @@
 Each side is an evaluation's ``predictions.jsonl`` and its models, in seed order: the i-th model of A is paired
 with the i-th of B (same training seed). Every model must have scored the same examples under the same
 instructions. Per model and example, the score is the share of instructions answered right (the protocol's
-per-example clean accuracy). The interval resamples the seed pairs, then the examples within each task (the
-study's hierarchical bootstrap, ``coin.evaluation.uncertainty``), with every task weighted equally as in the
-protocol's average. Used for RESULTS.md §19 (sst2 on its whole validation split). Prints one JSON object.
+per-example clean accuracy). The interval resamples the examples within each task as the study does
+(``coin.study.aggregate.example_weights``, every task weighted equally as in the protocol's average) and the seeds
+as pairs: the study draws each method's seeds apart, here the i-th model of A and of B share their training seed. Used for RESULTS.md §19 (sst2 on its whole validation split). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from coin.study.aggregate import example_weights, point_weights, task_codes
 
 
 def per_example(path: Path, models: list[str]) -> pd.DataFrame:
@@ -49,27 +51,21 @@ def main() -> int:
         raise SystemExit(f"--a has {a.shape[1]} models, --b {b.shape[1]}: pair them seed by seed")
     if not a.index.equals(b.index):
         raise SystemExit("the two evaluations scored different examples; evaluate both on the same sample")
-    diff = a.to_numpy() - b.to_numpy()                      # (examples, seeds)
-    tasks = a.index.get_level_values("task").to_numpy()
-    groups = [np.flatnonzero(tasks == t) for t in dict.fromkeys(tasks)]
-
-    def avg(d: np.ndarray) -> np.ndarray:                   # per seed: mean over tasks of the example means
-        return np.mean([d[g].mean(axis=0) for g in groups], axis=0)
-
+    diff = (a.to_numpy() - b.to_numpy()).T                  # (seeds, examples)
+    codes = task_codes(a.index)
+    w0 = point_weights(codes)                                # the protocol's average: tasks weighted equally
     rng = np.random.default_rng(args.seed)
-    n_seeds = diff.shape[1]
-    reps = np.empty(args.n_boot)
-    for i in range(args.n_boot):
-        seeds = rng.integers(0, n_seeds, n_seeds)
-        picked = [g[rng.integers(0, len(g), len(g))] for g in groups]
-        reps[i] = np.mean([diff[idx][:, seeds].mean(axis=0) for idx in picked], axis=0).mean()
-    per_seed = avg(diff)
+    weights = example_weights(codes, args.n_boot, rng)       # the study's draw of examples within each task
+    n_seeds = diff.shape[0]
+    pick = rng.integers(0, n_seeds, size=(args.n_boot, n_seeds))  # seed pairs with replacement (paired draw)
+    reps = np.take_along_axis(weights @ diff.T, pick, axis=1).mean(axis=1)
+    per_seed = diff @ w0
     lo, hi = np.quantile(reps, [0.025, 0.975])
-    out = {"a": avg(a.to_numpy()).round(2).tolist(), "b": avg(b.to_numpy()).round(2).tolist(),
+    out = {"a": (a.to_numpy().T @ w0).round(2).tolist(), "b": (b.to_numpy().T @ w0).round(2).tolist(),
            "difference_per_seed": per_seed.round(2).tolist(), "difference": round(float(per_seed.mean()), 2),
            "ci95": [round(float(lo), 2), round(float(hi), 2)],
            "seeds_same_sign": int(np.sum(np.sign(per_seed) == np.sign(per_seed.mean()))),
-           "examples": int(diff.shape[0]), "n_boot": args.n_boot}
+           "examples": int(diff.shape[1]), "n_boot": args.n_boot}
     print(json.dumps(out))
     return 0
 
