@@ -8,7 +8,8 @@ with the i-th of B (same training seed). Every model must have scored the same e
 instructions. Per model and example, the score is the share of instructions answered right (the protocol's
 per-example clean accuracy). The interval resamples the examples within each task as the study does
 (``coin.study.aggregate.example_weights``, every task weighted equally as in the protocol's average) and the seeds
-as pairs: the study draws each method's seeds apart, here the i-th model of A and of B share their training seed. Used for RESULTS.md §19 (sst2 on its whole validation split). Prints one JSON object.
+as pairs: the study draws each method's seeds apart, here the i-th model of A and of B share their training seed.
+Used for RESULTS.md §19 (sst2 on its whole validation split). Prints one JSON object.
 """
 
 from __future__ import annotations
