@@ -113,6 +113,8 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=200, help="held-out rows per task")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--n-boot", type=int, default=2000)
+    ap.add_argument("--offsets", type=Path, action="append", default=[],
+                    help="an earlier run's offsets.csv: its models' fitted biases are reused, not refitted")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -124,11 +126,17 @@ def main() -> int:
     tasks = list(dict.fromkeys(preds["task"]))
     offsets: dict[tuple[str, str], np.ndarray] = {}
     inside: dict[tuple[str, str], np.ndarray] = {}
-    rows_out = []
+    rows_out = [r for f in args.offsets for r in pd.read_csv(f).to_dict("records")]
+    for r in rows_out:
+        r["offsets"], r["in_sample_offsets"] = json.loads(r["offsets"]), json.loads(r["in_sample_offsets"])
+        offsets[(r["model"], r["task"])] = np.array([0.0, *r["offsets"]])
+        inside[(r["model"], r["task"])] = np.array([0.0, *r["in_sample_offsets"]])
     pairs = [json.loads(x) for x in args.pairs.read_text().splitlines() if x.strip()]
     held = {t: heldout_rows(data_dir, t, {p["example_id"] for p in pairs if p["task"] == t}, args.rows) for t in tasks}
     for spec in args.adapter:
         label, _, adapter_dir = spec.partition("=")
+        if all((label, t) in offsets for t in tasks):
+            continue
         model, tokenizer, meta = load_trained(Path(adapter_dir), device="cpu")
         for task in tasks:
             rows = held[task]
