@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,10 @@ from coin.data.tasks import get_task
 from coin.data.templates import load_templates, render
 from coin.evaluation.scoring import ScoringRequest, calibrated, label_log_prior, score_labels
 from coin.modeling.adapter import load_trained
-from experiments.paired_task_bootstrap import paired_difference, per_example_frame
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from paired_task_bootstrap import paired_difference, per_example_frame  # noqa: E402
 
 GRID = np.round(np.arange(-8.0, 8.0 + 1e-9, 0.05), 2)
 
