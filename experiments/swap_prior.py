@@ -1,0 +1,66 @@
+"""Re-decide an evaluation's calibrated predictions with another adapter's label prior (RESULTS §19, §21).
+
+    ./run.sh python experiments/swap_prior.py --predictions outputs/eval-bal/predictions.jsonl \\
+        --model b0=outputs/bal/adapter-s0:outputs/ref/adapter-s0 ... --out outputs/eval-bal-shipped-prior.jsonl
+
+Under ``evaluate.calibration: content_free`` each row's ``scores`` are the label log-likelihoods minus the
+instruction's content-free scores plus the log label share of the model's training rows (its ``coin_model.json``
+``label_counts``, add-one smoothed). ``--model LABEL=OWN_ADAPTER:PRIOR_ADAPTER`` swaps that share for
+``PRIOR_ADAPTER``'s: ``scores - log prior_own + log prior_other``, then ``pred`` and ``correct`` are re-decided. Only
+the prior changes; the model's scores are the same. Writes the re-decided rows (loglik only) as JSON lines, for
+``paired_task_bootstrap.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from coin.evaluation.scoring import label_log_prior
+
+
+def log_priors(adapter_dir: Path) -> dict[str, np.ndarray]:
+    counts = json.loads((adapter_dir / "coin_model.json").read_text()).get("label_counts", {})
+    return {task: label_log_prior(c).numpy().astype(float) for task, c in counts.items()}
+
+
+def swap(row: dict, own: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> dict:
+    """``row`` re-decided with ``other``'s prior in place of ``own``'s (a task missing from either: unchanged)."""
+    task = row["task"]
+    if task not in own or task not in other:
+        return row
+    scores = np.asarray(row["scores"], dtype=float) - own[task] + other[task]
+    pred = int(np.argmax(scores))
+    return {**row, "scores": scores.round(5).tolist(), "pred": pred, "correct": pred == int(row["label"])}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--predictions", required=True, type=Path)
+    ap.add_argument("--model", action="append", required=True, help="LABEL=OWN_ADAPTER:PRIOR_ADAPTER")
+    ap.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args()
+    swaps = {}
+    for spec in args.model:
+        label, _, dirs = spec.partition("=")
+        own, _, other = dirs.partition(":")
+        swaps[label] = (log_priors(Path(own)), log_priors(Path(other)))
+    out = []
+    for line in args.predictions.read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if row.get("scoring") != "loglik" or row["model"] not in swaps:
+            continue
+        out.append(swap(row, *swaps[row["model"]]))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("".join(json.dumps(r) + "\n" for r in out))
+    print(f"{len(out)} rows re-decided -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

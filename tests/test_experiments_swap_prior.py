@@ -1,0 +1,44 @@
+"""experiments/swap_prior.py: a prediction re-decided with another adapter's label prior."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+from swap_prior import swap  # noqa: E402
+
+
+def test_swap_moves_the_decision_by_the_difference_of_the_priors():
+    own = {"t": np.log(np.array([0.5, 0.5]))}
+    other = {"t": np.log(np.array([0.8, 0.2]))}
+    row = {"task": "t", "label": 0, "scores": [-0.3, 0.0], "pred": 1, "correct": False}
+    out = swap(row, own, other)                  # 0.3 nats for label 1 < log(0.8/0.2) = 1.39 for label 0
+    assert out["pred"] == 0 and out["correct"] is True
+    assert math.isclose(out["scores"][0] - out["scores"][1], -0.3 + math.log(4), abs_tol=1e-4)
+    assert swap({**row, "task": "u"}, own, other) == {**row, "task": "u"}   # no prior for the task: unchanged
+    assert row["pred"] == 1                                                  # the input row is not modified
+
+
+def test_cli_rewrites_only_the_named_models(tmp_path):
+    for name, counts in (("own", [5, 5]), ("other", [8, 2])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "coin_model.json").write_text(json.dumps({"label_counts": {"t": counts}}))
+    rows = [{"model": "m", "scoring": "loglik", "task": "t", "label": 0, "scores": [-0.3, 0.0], "pred": 1,
+             "correct": False},
+            {"model": "n", "scoring": "loglik", "task": "t", "label": 0, "scores": [-0.3, 0.0], "pred": 1,
+             "correct": False}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "swap_prior.py"), "--predictions",
+                          str(tmp_path / "p.jsonl"), "--model", f"m={tmp_path / 'own'}:{tmp_path / 'other'}",
+                          "--out", str(tmp_path / "o.jsonl")], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    got = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [(r["model"], r["pred"], r["correct"]) for r in got] == [("m", 0, True)]
