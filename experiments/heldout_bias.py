@@ -121,7 +121,6 @@ def main() -> int:
                     help="an earlier run's offsets.csv: its models' fitted biases are reused, not refitted")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     settings = load_settings(args.params)
     data_dir = Path(settings.paths.data_dir)
     preds = pd.DataFrame([json.loads(x) for x in args.predictions.read_text().splitlines() if x.strip()])
