@@ -20,8 +20,8 @@ The plan, fixed before any adapter was trained, is ``results/heldout-bias/PLAN.m
 4. the evaluation's predictions are re-decided with it. Nothing of the evaluation sample is used to fit.
 
 Also computed, as an in-sample bound only: the bias fitted on the evaluation's own clean predictions.
-Writes ``summary.json`` (paired differences with intervals, clean and perturbed), ``per-task.md``,
-``offsets.csv`` and ``heldout-accuracy.csv`` under ``--out``.
+Writes ``summary.json`` (paired differences with intervals, clean and perturbed), ``per-task.md`` and
+``offsets.csv`` (each fitted offset, with the held-out accuracy before and after it) under ``--out``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import argparse
 import json
 import random
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -91,9 +92,7 @@ def heldout_scores(model, tokenizer, settings, task: str, rows: list, counts: li
                              fmt=ev.prompt_format, batch_size=ev.batch_size, length_normalise=ev.length_normalise,
                              desc=f"held-out {task}")
     raw = score_labels(request).scores
-    cf = score_labels(ScoringRequest(model=model, tokenizer=tokenizer, prompts=cf_prompts, label_words=list(words),
-                                     fmt=ev.prompt_format, batch_size=ev.batch_size,
-                                     length_normalise=ev.length_normalise, desc=f"content-free {task}")).scores
+    cf = score_labels(replace(request, prompts=cf_prompts, desc=f"content-free {task}")).scores
     per_row = cf[torch.tensor([keys.index(t.template_id) for t in picked])]
     prior = label_log_prior(counts) if counts and len(counts) == spec.num_labels else None
     return calibrated(raw, per_row, prior).float().numpy()
@@ -124,8 +123,8 @@ def main() -> int:
     settings = load_settings(args.params)
     data_dir = Path(settings.paths.data_dir)
     preds = pd.DataFrame([json.loads(x) for x in args.predictions.read_text().splitlines() if x.strip()])
-    preds = preds[preds["scoring"] == "loglik"]
     labels = [a.partition("=")[0] for a in args.adapter]
+    preds = preds[(preds["scoring"] == "loglik") & preds["model"].isin(labels)]   # only the named models
     tasks = list(dict.fromkeys(preds["task"]))
     offsets: dict[tuple[str, str], np.ndarray] = {}
     inside: dict[tuple[str, str], np.ndarray] = {}

@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from coin.evaluation.scoring import label_log_prior
+from coin.modeling.adapter import read_meta
 
 
 def log_priors(adapter_dir: Path) -> dict[str, np.ndarray]:
-    counts = json.loads((adapter_dir / "coin_model.json").read_text()).get("label_counts", {})
+    counts = read_meta(adapter_dir).get("label_counts", {})
     return {task: label_log_prior(c).numpy().astype(float) for task, c in counts.items()}
 
 
