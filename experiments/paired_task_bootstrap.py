@@ -5,11 +5,15 @@
 
 Each side is an evaluation's ``predictions.jsonl`` and its models, in seed order: the i-th model of A is paired
 with the i-th of B (same training seed). Every model must have scored the same examples under the same
-instructions. Per model and example, the score is the share of instructions answered right (the protocol's
-per-example clean accuracy). The interval resamples the examples within each task as the study does
+instructions. A side may be given several times (``--a E1:s0,s1 --a E2:s0``): its models are taken in that
+order, so pairs can span evaluations (e.g. one per draw of training rows). ``--set clean`` keeps the rows of that
+instruction set only (repeatable; default every row given); ``--per-task`` adds each task's own paired difference.
+
+Per model and example, the score is the share of instructions answered right (the protocol's per-example clean
+accuracy). The interval resamples the examples within each task as the study does
 (``coin.study.aggregate.example_weights``, every task weighted equally as in the protocol's average) and the seeds
 as pairs: the study draws each method's seeds apart, here the i-th model of A and of B share their training seed.
-Used for RESULTS.md §19 (sst2 on its whole validation split). Prints one JSON object.
+Used for RESULTS.md §19 (sst2 on its whole validation split) and §22 (row draws). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -24,10 +28,40 @@ import pandas as pd
 from coin.study.aggregate import example_weights, point_weights, task_codes
 
 
-def per_example(path: Path, models: list[str]) -> pd.DataFrame:
-    """Rows (task, example_id), one column per model: the share of instructions it answered right (percent)."""
+def per_example(path: Path, models: list[str], sets: list[str] | None = None) -> pd.DataFrame:
+    """Rows (task, example_id), one column per model: the share of instructions it answered right (percent);
+    ``sets``: only the rows of these instruction sets (``None``: every row)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return per_example_frame(pd.DataFrame(rows), models, where=str(path))
+    df = pd.DataFrame(rows)
+    if sets is not None:
+        if "set" not in df:
+            raise SystemExit(f"{path}: its rows name no instruction set; drop --set")
+        df = df[df["set"].isin(sets)]
+        if df.empty:
+            raise SystemExit(f"{path}: no rows of instruction set(s) {sets}")
+    return per_example_frame(df, models, where=str(path))
+
+
+def side_frame(specs: list[str], sets: list[str] | None = None) -> pd.DataFrame:
+    """One side's models, ``PREDICTIONS:MODEL,MODEL,...`` specs in order, as one :func:`per_example` table whose
+    columns are named ``k:model`` (k = the spec's index, so a model name may repeat across evaluations)."""
+    frames = []
+    for k, spec in enumerate(specs):
+        path, _, models = spec.rpartition(":")
+        if not path or not models:
+            raise SystemExit(f"{spec!r}: give PREDICTIONS:MODEL,MODEL,...")
+        frame = per_example(Path(path), models.split(","), sets)
+        frames.append(frame.set_axis([f"{k}:{m}" for m in frame.columns], axis=1))
+    for spec, frame in zip(specs[1:], frames[1:], strict=True):
+        if not frame.index.equals(frames[0].index):
+            raise SystemExit(f"{spec}: scored other examples than {specs[0]}; evaluate every model on the same sample")
+    return pd.concat(frames, axis=1)
+
+
+def per_task_differences(a: pd.DataFrame, b: pd.DataFrame, **kw) -> dict:
+    """:func:`paired_difference` on each task's own examples."""
+    tasks = a.index.get_level_values("task")
+    return {t: paired_difference(a[tasks == t], b[tasks == t], **kw) for t in dict.fromkeys(tasks)}
 
 
 def per_example_frame(df: pd.DataFrame, models: list[str], where: str = "predictions") -> pd.DataFrame:
@@ -67,17 +101,21 @@ def paired_difference(a: pd.DataFrame, b: pd.DataFrame, *, n_boot: int = 2000, s
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--a", required=True, help="PREDICTIONS:MODEL,MODEL,... (seed order)")
-    ap.add_argument("--b", required=True, help="PREDICTIONS:MODEL,MODEL,... (seed order, paired with --a)")
+    ap.add_argument("--a", required=True, action="append",
+                    help="PREDICTIONS:MODEL,MODEL,... (seed order); repeat to add models of other evaluations")
+    ap.add_argument("--b", required=True, action="append",
+                    help="PREDICTIONS:MODEL,MODEL,... (seed order, paired with --a); repeatable likewise")
+    ap.add_argument("--set", action="append", dest="sets", metavar="NAME",
+                    help="keep only the rows of this instruction set (repeatable; default: every row)")
+    ap.add_argument("--per-task", action="store_true", help="add each task's own paired difference")
     ap.add_argument("--n-boot", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    sides = []
-    for spec in (args.a, args.b):
-        path, _, models = spec.rpartition(":")
-        sides.append(per_example(Path(path), models.split(",")))
-    a, b = sides
-    print(json.dumps(paired_difference(a, b, n_boot=args.n_boot, seed=args.seed)))
+    a, b = side_frame(args.a, args.sets), side_frame(args.b, args.sets)
+    result = paired_difference(a, b, n_boot=args.n_boot, seed=args.seed)
+    if args.per_task:
+        result["per_task"] = per_task_differences(a, b, n_boot=args.n_boot, seed=args.seed)
+    print(json.dumps(result))
     return 0
 
 

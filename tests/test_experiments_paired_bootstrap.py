@@ -10,15 +10,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _write(path: Path, models: dict[str, dict[str, int]]) -> None:
-    """models: name -> {task: how many of its 10 examples the model answers right, under both instructions}."""
+def _write(path: Path, models: dict[str, dict[str, int]], *,
+           perturbed: dict[str, dict[str, int]] | None = None) -> None:
+    """models: name -> {task: how many of its 10 examples the model answers right, under both instructions};
+    ``perturbed``: the same for rows of a second instruction set (every row is then tagged with its set)."""
     rows = []
-    for model, right in models.items():
-        for task, k in right.items():
-            for i in range(10):
-                for instruction in (0, 1):
-                    rows.append({"model": model, "task": task, "example_id": f"{task}:{i}",
-                                 "instruction_id": instruction, "correct": i < k})
+    for name, table in (("clean", models), ("deepwordbug", perturbed or {})):
+        for model, right in table.items():
+            for task, k in right.items():
+                for i in range(10):
+                    for instruction in (0, 1):
+                        row = {"model": model, "task": task, "example_id": f"{task}:{i}",
+                               "instruction_id": instruction, "correct": i < k}
+                        rows.append(row | ({"set": name} if perturbed is not None else {}))
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -47,3 +51,32 @@ def test_unpaired_inputs_are_refused(tmp_path: Path) -> None:
     assert "pair them seed by seed" in res["error"]
     res = _run("--a", f"{tmp_path / 'a.jsonl'}:a0,a9", "--b", f"{tmp_path / 'b.jsonl'}:b0,b1")
     assert "no predictions of model(s) ['a9']" in res["error"]
+
+
+def test_pairs_spanning_evaluations_one_set_and_per_task(tmp_path: Path) -> None:
+    """Seed 0 of each side in one evaluation, seed 1 in another (the same model name in both): the pairs are taken
+    in the order given. --set keeps the clean rows only (the perturbed rows would give a difference of 0), and
+    --per-task gives each task's own difference: sst2 +80 and +70, rte 0."""
+    _write(tmp_path / "a0.jsonl", {"m": {"sst2": 10, "rte": 5}}, perturbed={"m": {"sst2": 2, "rte": 5}})
+    _write(tmp_path / "a1.jsonl", {"m": {"sst2": 10, "rte": 4}}, perturbed={"m": {"sst2": 3, "rte": 4}})
+    _write(tmp_path / "b.jsonl", {"b0": {"sst2": 2, "rte": 5}, "b1": {"sst2": 3, "rte": 4}},
+           perturbed={"b0": {"sst2": 2, "rte": 5}, "b1": {"sst2": 3, "rte": 4}})
+    res = _run("--a", f"{tmp_path / 'a0.jsonl'}:m", "--a", f"{tmp_path / 'a1.jsonl'}:m",
+               "--b", f"{tmp_path / 'b.jsonl'}:b0,b1", "--set", "clean", "--per-task", "--n-boot", "500")
+    assert res["difference_per_seed"] == [40.0, 35.0] and res["examples"] == 20
+    assert res["per_task"]["sst2"]["difference_per_seed"] == [80.0, 70.0]
+    assert res["per_task"]["rte"]["difference"] == 0.0 and res["per_task"]["sst2"]["examples"] == 10
+    both = _run("--a", f"{tmp_path / 'a0.jsonl'}:m", "--a", f"{tmp_path / 'a1.jsonl'}:m",
+                "--b", f"{tmp_path / 'b.jsonl'}:b0,b1", "--n-boot", "500")
+    assert both["difference_per_seed"] == [20.0, 17.5]
+    none = _run("--a", f"{tmp_path / 'a0.jsonl'}:m", "--b", f"{tmp_path / 'b.jsonl'}:b0", "--set", "textfooler")
+    assert "no rows of instruction set(s) ['textfooler']" in none["error"]
+
+
+def test_sides_from_evaluations_of_other_examples_are_refused(tmp_path: Path) -> None:
+    _write(tmp_path / "a0.jsonl", {"m": {"sst2": 8}})
+    _write(tmp_path / "a1.jsonl", {"m": {"rte": 8}})
+    _write(tmp_path / "b.jsonl", {"b0": {"sst2": 5}, "b1": {"sst2": 6}})
+    res = _run("--a", f"{tmp_path / 'a0.jsonl'}:m", "--a", f"{tmp_path / 'a1.jsonl'}:m",
+               "--b", f"{tmp_path / 'b.jsonl'}:b0,b1")
+    assert "scored other examples than" in res["error"]
