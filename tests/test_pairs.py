@@ -363,3 +363,25 @@ def test_min_words_bad_values_are_refused_with_the_fix():
         PairsSettings(min_words=-1)
     with pytest.raises(DataError, match=r"lower pairs.min_words for rte"):
         build_pairs(DATA, _cfg(tasks=["rte"], min_words={"rte": 1000}), seed=0)
+
+
+def test_pairs_seed_draws_other_rows_and_leaves_the_global_seed(tmp_path):
+    """pairs.seed sets the row draw alone: with global seed 42 it writes the pairs global seed 7 writes, bytes and
+    all, and other rows than global seed 42; null draws with the global seed. Negative seeds are refused."""
+    from coin.stages import stage_pairs
+
+    def pairs_bytes(name: str, params: dict) -> bytes:
+        root = tmp_path / name
+        root.mkdir()
+        (root / "data").symlink_to(DATA)
+        stage_pairs(Settings.model_validate({"pairs": {"tasks": ["sst2", "rte"], "rows_per_task": 20}} | params),
+                    root)
+        return (root / "outputs" / "pairs" / "pairs.jsonl").read_bytes()
+
+    drawn_7 = pairs_bytes("a", {"seed": 42, "pairs": {"tasks": ["sst2", "rte"], "rows_per_task": 20, "seed": 7}})
+    assert drawn_7 == pairs_bytes("b", {"seed": 7})
+    assert drawn_7 != pairs_bytes("c", {"seed": 42})
+    assert pairs_bytes("d", {"seed": 42, "pairs": {"tasks": ["sst2", "rte"], "rows_per_task": 20, "seed": None}}) \
+        == pairs_bytes("e", {"seed": 42})
+    with pytest.raises(ValueError, match="greater than or equal to 0"):
+        PairsSettings(seed=-1)

@@ -116,7 +116,7 @@ def stage_pairs(settings: Settings, root: Path) -> dict[str, Any]:
     from coin.data.pairs import build_pairs, short_rows
 
     lay = Layout(root, settings)
-    rows = build_pairs(lay.data_dir, settings.pairs, settings.seed)
+    rows = build_pairs(lay.data_dir, settings.pairs, settings.pairs.draw_seed(settings.seed))
     n = write_jsonl(lay.pairs_file, rows)
     # train rows pairs.min_words keeps out of the draw: kept, with their word counts, beside the pairs
     short = short_rows(lay.data_dir, settings.pairs)
