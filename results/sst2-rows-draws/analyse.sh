@@ -1,5 +1,11 @@
-cd /tmp/wt-cal
-P="env PYTHONPATH=/work/main/src:/work/main OMP_NUM_THREADS=1 .venv/bin/python /work/main/experiments/paired_task_bootstrap.py --set clean --per-task"
-$P --a outputs/sb42-eval-012/predictions.jsonl:v0,v1,v2 --a outputs/sb7-eval-012/predictions.jsonl:v0,v1,v2 --b outputs/eval-ref/predictions.jsonl:s0,s1,s2 --b outputs/ref7-eval-012/predictions.jsonl:r0,r1,r2 > /tmp/sb-an/primary.json
-$P --a outputs/sb7-eval-012/predictions.jsonl:v0,v1,v2 --b outputs/ref7-eval-012/predictions.jsonl:r0,r1,r2 > /tmp/sb-an/d7.json
-$P --a outputs/sb42-eval-012/predictions.jsonl:v0,v1,v2 --b outputs/eval-ref/predictions.jsonl:s0,s1,s2 > /tmp/sb-an/d42-012.json
+# RESULTS §22's figures, from the repository root after run.sh (outputs/eval-ref*: §20's shipped adapters, all sets)
+P="./run.sh python experiments/paired_task_bootstrap.py --set clean --per-task"
+$P --a outputs/sb42-eval-012/predictions.jsonl:v0,v1,v2 --a outputs/sb7-eval-012/predictions.jsonl:v0,v1,v2 --b outputs/eval-ref/predictions.jsonl:s0,s1,s2 --b outputs/ref7-eval-012/predictions.jsonl:r0,r1,r2 > results/sst2-rows-draws/primary.json
+$P --a outputs/sb7-eval-012/predictions.jsonl:v0,v1,v2 --b outputs/ref7-eval-012/predictions.jsonl:r0,r1,r2 > results/sst2-rows-draws/d7.json
+$P --a outputs/sb42-eval-012/predictions.jsonl:v0,v1,v2 --b outputs/eval-ref/predictions.jsonl:s0,s1,s2 > results/sst2-rows-draws/d42-012.json
+$P --a outputs/sb42-eval-345/predictions.jsonl:v3,v4,v5 --b outputs/eval-ref-345/predictions.jsonl:s3,s4,s5 > results/sst2-rows-draws/d42-345.json
+$P --a outputs/sb11-eval-012/predictions.jsonl:v0,v1,v2 --b outputs/ref11-eval-012/predictions.jsonl:r0,r1,r2 > results/sst2-rows-draws/d11.json
+$P --a outputs/sb42-eval-012/predictions.jsonl:v0,v1,v2 --a outputs/sb42-eval-345/predictions.jsonl:v3,v4,v5 \
+   --a outputs/sb7-eval-012/predictions.jsonl:v0,v1,v2 --a outputs/sb11-eval-012/predictions.jsonl:v0,v1,v2 \
+   --b outputs/eval-ref/predictions.jsonl:s0,s1,s2 --b outputs/eval-ref-345/predictions.jsonl:s3,s4,s5 \
+   --b outputs/ref7-eval-012/predictions.jsonl:r0,r1,r2 --b outputs/ref11-eval-012/predictions.jsonl:r0,r1,r2 > results/sst2-rows-draws/pooled.json

@@ -1,4 +1,21 @@
-cd /tmp/wt-cal
+# RESULTS §22, run from the repository root with data-sb/ made as PLAN.md says (a copy of data/ whose
+# glue/sst2.train.jsonl holds the 2,422 balanced sentence rows). §20's shipped adapters are outputs/ref/adapter-s0..5.
+rm -rf data-sb && cp -r data data-sb && ./run.sh python - <<'PY'
+import random
+from coin.data.pairs import input_words, load_examples
+from coin.data.tasks import get_task
+spec = get_task("sst2")
+lines = open("data/glue/sst2.train.jsonl").read().splitlines()
+pool = load_examples("data", spec)
+by = {}
+for i, ex in enumerate(pool):
+    if input_words(ex, spec) >= 7:
+        by.setdefault(ex.label, []).append(i)
+n = min(len(v) for v in by.values())                       # 1,211
+rng = random.Random("balance:sst2")
+keep = sorted(j for label in sorted(by) for j in rng.sample(by[label], n))
+open("data-sb/glue/sst2.train.jsonl", "w").write("\n".join(lines[i] for i in keep) + "\n")   # sha256 53486f4e...
+PY
 prep() { # out data seed
   ./run.sh coin pairs --set paths.out_dir=$1 --set paths.data_dir=$2 --set seed=$3 && ./run.sh coin validate --set paths.out_dir=$1 --set paths.data_dir=$2 --set seed=$3 || { echo "PREP $1 RC=1"; exit 1; }
 }
