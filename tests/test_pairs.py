@@ -370,18 +370,16 @@ def test_pairs_seed_draws_other_rows_and_leaves_the_global_seed(tmp_path):
     all, and other rows than global seed 42; null draws with the global seed. Negative seeds are refused."""
     from coin.stages import stage_pairs
 
-    def pairs_bytes(name: str, params: dict) -> bytes:
+    def pairs_bytes(name: str, seed: int, pairs_seed: int | None = None) -> bytes:
         root = tmp_path / name
         root.mkdir()
         (root / "data").symlink_to(DATA)
-        stage_pairs(Settings.model_validate({"pairs": {"tasks": ["sst2", "rte"], "rows_per_task": 20}} | params),
-                    root)
+        pairs = {"tasks": ["sst2", "rte"], "rows_per_task": 20, "seed": pairs_seed}
+        stage_pairs(Settings.model_validate({"seed": seed, "pairs": pairs}), root)
         return (root / "outputs" / "pairs" / "pairs.jsonl").read_bytes()
 
-    drawn_7 = pairs_bytes("a", {"seed": 42, "pairs": {"tasks": ["sst2", "rte"], "rows_per_task": 20, "seed": 7}})
-    assert drawn_7 == pairs_bytes("b", {"seed": 7})
-    assert drawn_7 != pairs_bytes("c", {"seed": 42})
-    assert pairs_bytes("d", {"seed": 42, "pairs": {"tasks": ["sst2", "rte"], "rows_per_task": 20, "seed": None}}) \
-        == pairs_bytes("e", {"seed": 42})
+    drawn_7 = pairs_bytes("a", 42, pairs_seed=7)
+    assert drawn_7 == pairs_bytes("b", 7)
+    assert drawn_7 != pairs_bytes("c", 42)
     with pytest.raises(ValueError, match="greater than or equal to 0"):
         PairsSettings(seed=-1)
