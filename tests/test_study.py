@@ -572,6 +572,97 @@ def test_aggregation_groups_by_sweep_value_and_orders_differences_from_the_metho
     assert [g["differences"][0]["clean"]["delta"] for g in groups] == [pytest.approx(20.0), pytest.approx(0.0)]
 
 
+def test_pooled_draws_pair_by_draw_and_seed_and_widen_the_interval_by_the_draw():
+    """Three draws of training rows (a sweep of pairs.seed). With the same +20-point gap in every draw, the pooled
+    group finds it, pairs the 3 x 4 cells by draw and seed, and its interval holds it. With gaps of 0, 20 and 40
+    points in the three draws (the same mean), the pooled difference is the mean over draws and its interval is far
+    wider: it resamples the draws. A per-draw group is exactly the study of that draw alone."""
+    from coin.study.aggregate import aggregate
+
+    def draws(gaps):
+        return [c for d, gap in zip((42, 7, 11), gaps, strict=True)
+                for c in synth_cells(gap=gap, sweep=f"pairs.seed={d}")]
+
+    calm = aggregate(draws((8, 8, 8)), ["cit", "sft"], n_boot=1000, pool="pairs.seed")["groups"]
+    assert [g["sweep"] for g in calm] == ["pairs.seed=42", "pairs.seed=7", "pairs.seed=11", "pooled over pairs.seed"]
+    pooled = calm[-1]
+    assert pooled["pooled"] == "pairs.seed" and pooled["draws"] == ["pairs.seed=42", "pairs.seed=7", "pairs.seed=11"]
+    assert pooled["methods"]["cit"]["n_seeds"] == 12 and pooled["methods"]["cit"]["seeds"][:2] == ["42/s0", "42/s1"]
+    assert pooled["methods"]["cit"]["figures"]["clean_acc"]["mean"] == pytest.approx(70.0)
+    assert "11/s3" in pooled["methods"]["cit"]["figures"]["clean_acc"]["values"]
+    d = pooled["differences"][0]["clean"]
+    assert d["delta"] == pytest.approx(20.0) and 0 < d["ci_low"] < 20.0 < d["ci_high"]
+    assert (d["seeds_same_sign"], d["seeds_paired"]) == (12, 12) and d["per_seed"]["7/s2"] == pytest.approx(20.0)
+    alone = aggregate(synth_cells(gap=8, sweep="pairs.seed=7"), ["cit", "sft"], n_boot=1000)["groups"][0]
+    assert calm[1] == alone  # a draw's own group is the study of that draw alone
+
+    spread = aggregate(draws((0, 8, 16)), ["cit", "sft"], n_boot=1000, pool="pairs.seed")["groups"]
+    wide = spread[-1]["differences"][0]["clean"]
+    assert wide["delta"] == pytest.approx(20.0) and wide["ci_low"] < 20.0 < wide["ci_high"]
+    assert wide["ci_high"] - wide["ci_low"] > 2 * (d["ci_high"] - d["ci_low"])
+    assert [g["differences"][0]["clean"]["delta"] for g in spread[:3]] == [
+        pytest.approx(0.0), pytest.approx(20.0), pytest.approx(40.0)]
+    # without pool (any other swept key) there is no pooled group; one draw pools nothing
+    assert len(aggregate(draws((8, 8, 8)), ["cit", "sft"], n_boot=200)["groups"]) == 3
+    assert len(aggregate(synth_cells(gap=8, sweep="pairs.seed=7"), ["cit", "sft"], n_boot=200,
+                         pool="pairs.seed")["groups"]) == 1
+    # every method must be in every draw
+    lopsided = [c for c in draws((8, 8, 8)) if not (c.method == "sft" and c.sweep == "pairs.seed=11")]
+    with pytest.raises(ValueError, match="'sft' has no cell in pairs.seed=11"):
+        aggregate(lopsided, ["cit", "sft"], n_boot=200, pool="pairs.seed")
+
+
+def test_a_study_sweeping_the_row_draw_prepares_pairs_per_draw_and_pools_them(prefect_harness, tiny_llama_dir,
+                                                                             tmp_path):
+    """--sweep pairs.seed=[3,4]: each draw gets its own pairs and validation gate (the rows `coin pairs` draws with
+    that pairs.seed), each cell trains on its draw's pairs (its key hashes them), and the study adds the group pooled
+    over the draws; a rerun reuses the pairs and every cell."""
+    import torch
+    from typer.testing import CliRunner
+
+    import flows.study  # noqa: F401  (before the CliRunner: see study_project)
+    from coin import stages
+    from coin.cli import app
+    from coin.study.keys import sha256_files
+
+    p = tiny_params(tiny_llama_dir)
+    p["evaluate"]["instruction_sets"] = ["clean"]
+    p["study"].update(methods=["coin"], seeds=[0])
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(p))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        args = ["study", "--params", str(params), "--workers", "1", "--dask-threads", "--sweep", "pairs.seed=[3,4]"]
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 0, res.output + repr(res.exception)
+        out = tmp_path / "outputs" / "study"
+        tokens = {n: json.loads((out / "cells" / n / "cell.json").read_text())["run_token"]
+                  for n in ("coin-s0-pairs.seed=3", "coin-s0-pairs.seed=4")}
+        again = CliRunner().invoke(app, args)
+    finally:
+        torch.set_num_threads(threads)
+    assert again.exit_code == 0, again.output + repr(again.exception)
+    assert not (out / "validated").exists()
+    valid = {d: out / "draws" / f"pairs.seed={d}" / "validated" / "valid.jsonl" for d in (3, 4)}
+    ids = {d: {json.loads(line)["pair_id"] for line in valid[d].read_text().splitlines()} for d in (3, 4)}
+    assert ids[3] and ids[3] != ids[4]  # two draws of rows
+    ref = Settings.model_validate({**p, "paths": {**p["paths"], "out_dir": "ref"}, "pairs": {**p["pairs"], "seed": 3}})
+    stages.stage_pairs(ref, tmp_path)  # the rows `coin pairs --set pairs.seed=3` draws
+    assert (tmp_path / "ref" / "pairs" / "pairs.jsonl").read_bytes() == (
+        out / "draws" / "pairs.seed=3" / "pairs" / "pairs.jsonl").read_bytes()
+    for d in (3, 4):
+        rec = json.loads((out / "cells" / f"coin-s0-pairs.seed={d}" / "cell.json").read_text())
+        assert rec["key_parts"]["pairs"] == sha256_files([valid[d]]) and rec["run_token"] == tokens[rec["cell"]["name"]]
+    study = json.loads((out / "study.json").read_text())
+    assert [g["sweep"] for g in study["groups"]] == ["pairs.seed=3", "pairs.seed=4", "pooled over pairs.seed"]
+    cells = [g["methods"]["coin"]["figures"]["clean_acc"]["mean"] for g in study["groups"][:2]]
+    pooled = study["groups"][2]["methods"]["coin"]
+    assert pooled["n_seeds"] == 2 and pooled["interval"]["clean"]["mean"] == pytest.approx(np.mean(cells), abs=1e-3)
+    report = (out / "report.md").read_text()
+    assert "pooled over pairs.seed" in report and "resamples the draws" in report
+
+
 # --------------------------------------------------------------------------- grid and settings
 
 

@@ -520,11 +520,12 @@ StudyMethod = Literal[STUDY_METHODS]  # type: ignore[valid-type]
 # read (computed once per study and shared by every cell, so they must not change between cells).
 STUDY_FIXED_KEYS: dict[str, str] = {
     "seed": "it fixes the pairs and the evaluation sample shared by every cell; the training seeds are study.seeds "
-            "(for other draws of training rows, run one study per pairs.seed)",
+            "(for other draws of training rows, sweep pairs.seed: --sweep pairs.seed=[42,7,11])",
     "train.methods": "the methods are study.methods",
     "study": "it configures the study itself",
     "paths": "it says where things are, not how a cell trains or evaluates",
-    "pairs": "pairs are built once per study and shared by every cell",
+    "pairs": "pairs are built once per study and shared by every cell (pairs.seed, the draw of training rows, "
+             "is the exception: each of its values builds and validates its own pairs)",
     "validate": "the validation gate runs once per study",
     "model.backbone": "the validation gate tokenises with it; run one study per backbone (--set model.backbone=...)",
     "evaluate.tasks": "the validation gate's leak checks read it; run one study per task list",
@@ -533,6 +534,12 @@ STUDY_FIXED_KEYS: dict[str, str] = {
     "register": "it changes no cell",
     "tracking": "it changes no cell",
 }
+
+
+# The one pairs key a study may sweep: the draw of training rows. Each of its values builds and validates its own
+# pairs (coin.study.prepare), and the study pools the draws in one more group whose bootstrap resamples the draws,
+# then the seeds within each draw, then the examples (coin.study.aggregate).
+STUDY_DRAW_KEY = "pairs.seed"
 
 
 class StudySettings(_Section):
@@ -611,7 +618,7 @@ def check_study_sweep(settings: "Settings") -> None:
     if key is None:
         return
     for fixed, why in STUDY_FIXED_KEYS.items():
-        if key == fixed or key.startswith(fixed + "."):
+        if key != STUDY_DRAW_KEY and (key == fixed or key.startswith(fixed + ".")):
             raise ValueError(f"study.sweep_key = {key!r} cannot be swept: {why}. Sweep a train.*, evaluate.* or "
                              "model.* key")
     if "." not in key:

@@ -33,6 +33,13 @@ answer) and ``worst_acc`` (all of them answer it right) are per-example means to
 from the same replicates: the same example draw and seed draw as the accuracies. The std over instructions is not
 a per-example mean and gets no interval.
 
+**Draws of training rows.** A study that sweeps ``pairs.seed`` trains each draw on its own rows. Each draw is a
+group as above, and one more group, ``pooled over pairs.seed``, takes every cell: a method's figure is the mean over
+draws of its mean over seeds, and the bootstrap gets a level above the seeds: per replicate the draws are resampled
+(one pick shared by the methods, which trained on the same rows in a draw), then each method's seeds within each
+drawn draw, with the examples drawn as above. Its interval is the one to quote for a recipe: it covers the rows
+trained on, the training seed and the examples. Differences pair cells of the same draw and seed.
+
 **Differences** (:func:`difference_pairs`): every pair of trained methods in their configured order
 (``coin − cit``, ``coin − sft``, ``cit − sft``), then every trained method minus ``base``.
 
@@ -158,7 +165,8 @@ def example_weights(codes: np.ndarray, n_boot: int, rng: np.random.Generator) ->
 
 
 def hierarchical_replicates(matrices: dict[str, dict[str, np.ndarray]], codes: np.ndarray, *, n_boot: int = N_BOOT,
-                            seed: int = BOOT_SEED) -> dict[str, dict[str, np.ndarray]]:
+                            seed: int = BOOT_SEED, draws: dict[str, np.ndarray] | None = None
+                            ) -> dict[str, dict[str, np.ndarray]]:
     """Bootstrap replicates of each method's seed-averaged score, per scored part.
 
     ``matrices``: part (clean, perturbed, consistency, ...) -> method -> ``(n_seeds, n_examples)`` per-example
@@ -166,16 +174,33 @@ def hierarchical_replicates(matrices: dict[str, dict[str, np.ndarray]], codes: n
     -> ``(n_boot,)``. One example draw per replicate for all methods and parts (paired), and one draw of each
     method's seeds shared by its parts (see the module docstring). A method whose scores hold NaN (a part it was not
     evaluated on) gets NaN replicates there.
+
+    ``draws`` (method -> the draw index ``0..D-1`` of each row) adds a level above the seeds: the draws of training
+    rows. Per replicate the draws are resampled with replacement, one pick shared by every method (the methods of a
+    draw trained on the same rows, so the draw pairs them as the examples do); within each draw each method's
+    seeds are resampled; the replicate is the mean over the drawn draws of the mean over the drawn seeds. Without
+    ``draws`` (one draw) the random stream and the result are exactly the two-level bootstrap's.
     """
     rng = np.random.default_rng(seed)
     weights = example_weights(codes, n_boot, rng)
     out: dict[str, dict[str, np.ndarray]] = {part: {} for part in matrices}
-    for method in next(iter(matrices.values()), {}):
-        n_seeds = next(iter(matrices.values()))[method].shape[0]
-        pick = rng.integers(0, n_seeds, size=(n_boot, n_seeds))                # seeds with replacement
+    first = next(iter(matrices.values()), {})
+    n_draws = 1 + max((int(d.max()) for d in draws.values() if len(d)), default=0) if draws else 1
+    draw_pick = rng.integers(0, n_draws, size=(n_boot, n_draws)) if n_draws > 1 else None   # shared by the methods
+    for method in first:
+        rows = np.zeros(first[method].shape[0], dtype=int) if draws is None else np.asarray(draws[method])
+        picks = []
+        for d in range(n_draws):
+            members = np.flatnonzero(rows == d)
+            if not len(members):
+                raise ValueError(f"method {method!r} has no cell in draw {d}: every method needs every draw")
+            picks.append((members, rng.integers(0, len(members), size=(n_boot, len(members)))))  # seeds, replaced
         for part, by_method in matrices.items():
             per_seed = weights @ by_method[method].T                            # (n_boot, n_seeds)
-            out[part][method] = np.take_along_axis(per_seed, pick, axis=1).mean(axis=1)
+            per_draw = np.stack([np.take_along_axis(per_seed[:, members], pick, axis=1).mean(axis=1)
+                                 for members, pick in picks], axis=1)           # (n_boot, n_draws)
+            out[part][method] = (per_draw[:, 0] if draw_pick is None
+                                 else np.take_along_axis(per_draw, draw_pick, axis=1).mean(axis=1))
     return out
 
 
@@ -233,23 +258,45 @@ def _shared_index(cells: list[CellData]) -> pd.MultiIndex:
 
 
 def aggregate_group(cells: list[CellData], methods: Sequence[str], *, n_boot: int = N_BOOT, level: float = LEVEL,
-                    seed: int = BOOT_SEED, pairs: Sequence[tuple[str, str]] | None = None) -> dict[str, Any]:
+                    seed: int = BOOT_SEED, pairs: Sequence[tuple[str, str]] | None = None,
+                    pooled: bool = False) -> dict[str, Any]:
     """Figures per method and paired differences for the cells of one sweep group (see the module docstring).
-    ``pairs``: the differences ``a − b`` to compute (default :func:`difference_pairs` of the methods present)."""
+    ``pairs``: the differences ``a − b`` to compute (default :func:`difference_pairs` of the methods present).
+
+    ``pooled``: the cells span several draws of training rows (their ``sweep`` labels): a cell is then named
+    ``<draw value>/s<seed>``, a method's point estimate is the mean over draws of its mean over seeds, the interval
+    resamples the draws too (:func:`hierarchical_replicates` with ``draws``), and differences pair the cells of the
+    same draw and seed."""
     present = [m for m in methods if any(c.method == m for c in cells)]
     present += [m for m in dict.fromkeys(c.method for c in cells) if m not in present]
     index = _shared_index(cells)
     codes = task_codes(index)
     w0 = point_weights(codes)
-    per_method = {m: sorted((c for c in cells if c.method == m), key=lambda c: c.seed) for m in present}
-    seeds = {m: [c.seed for c in cs] for m, cs in per_method.items()}
+    draw_order = {d: i for i, d in enumerate(dict.fromkeys(c.sweep for c in cells))} if pooled else {}
+
+    def unit(c: CellData) -> Any:  # what names a cell within a method: its seed, or its draw and seed
+        return f"{str(c.sweep).split('=', 1)[-1]}/s{c.seed}" if pooled else c.seed
+
+    per_method = {m: sorted((c for c in cells if c.method == m), key=lambda c: (draw_order.get(c.sweep, 0), c.seed))
+                  for m in present}
+    seeds = {m: [unit(c) for c in cs] for m, cs in per_method.items()}
     for m, ss in seeds.items():
         if len(set(ss)) != len(ss):
             raise ValueError(f"method {m!r} has two cells with the same seed in one group: {ss}")
+    draws = {m: np.array([draw_order[c.sweep] for c in cs]) for m, cs in per_method.items()} if pooled else None
+    for m in present if pooled else ():
+        if set(draws[m]) != set(draw_order.values()):
+            missing = [d for d, i in draw_order.items() if i not in set(draws[m])]
+            raise ValueError(f"method {m!r} has no cell in {', '.join(map(str, missing))}: pooling draws needs every "
+                             "method in every draw")
     mats = {part: {m: np.stack([c.scores.loc[index, part].to_numpy(dtype=float) for c in cs])
                    for m, cs in per_method.items()} for part in BOOTSTRAPPED}
-    points = {part: {m: s @ w0 for m, s in mats[part].items()} for part in BOOTSTRAPPED}  # per seed = the figures
-    reps = hierarchical_replicates(mats, codes, n_boot=n_boot, seed=seed)   # one draw shared by every part
+    per_cell = {part: {m: s @ w0 for m, s in mats[part].items()} for part in BOOTSTRAPPED}  # per seed = the figures
+    # the point estimate: the mean over seeds, or over draws of the mean over each draw's seeds
+    points = per_cell if not pooled else {
+        part: {m: np.array([v[draws[m] == d].mean() for d in sorted(set(draws[m]))]) for m, v in by.items()}
+        for part, by in per_cell.items()}
+    reps = hierarchical_replicates(mats, codes, n_boot=n_boot, seed=seed, draws=draws)  # one draw for every part
 
     methods_out: dict[str, Any] = {}
     for m, cs in per_method.items():
@@ -262,7 +309,7 @@ def aggregate_group(cells: list[CellData], methods: Sequence[str], *, n_boot: in
         methods_out[m] = {
             "seeds": seeds[m], "n_seeds": len(cs),
             "figures": {f: {**_mean_std(c.figures.get(f) for c in cs),
-                            "values": {str(c.seed): json_number(c.figures.get(f)) for c in cs}} for f in FIGURES},
+                            "values": {str(unit(c)): json_number(c.figures.get(f)) for c in cs}} for f in FIGURES},
             "levels": {lvl: _mean_std(c.levels.get(lvl) for c in cs) for lvl in levels},
             "interval": ci,
         }
@@ -274,8 +321,8 @@ def aggregate_group(cells: list[CellData], methods: Sequence[str], *, n_boot: in
         for part in BOOTSTRAPPED:
             delta = float(np.mean(points[part][a]) - np.mean(points[part][b]))
             lo, hi = _interval(reps[part][a] - reps[part][b], level)
-            pa = dict(zip(seeds[a], points[part][a], strict=True))
-            pb = dict(zip(seeds[b], points[part][b], strict=True))
+            pa = dict(zip(seeds[a], per_cell[part][a], strict=True))
+            pb = dict(zip(seeds[b], per_cell[part][b], strict=True))
             per_seed = {s: float(pa[s] - pb[s]) for s in common}
             same = sum(1 for x in per_seed.values() if x != 0 and np.sign(x) == np.sign(delta))
             d[part] = {"delta": json_number(delta), "ci_low": json_number(lo), "ci_high": json_number(hi),
@@ -287,17 +334,32 @@ def aggregate_group(cells: list[CellData], methods: Sequence[str], *, n_boot: in
     labels = pd.concat([c.labels for c in cells], ignore_index=True).drop_duplicates(["task", "example_id"])
     keep = pd.MultiIndex.from_frame(labels[["task", "example_id"]]).isin(index)
     n_per_task = pd.Series(index.get_level_values("task")).groupby(codes, sort=True).agg(["first", "size"])
-    return {"methods": methods_out, "differences": diffs, "majority_class": majority_class(labels[keep]),
-            "n_examples": int(len(index)), "tasks": {str(t): int(n) for t, n in n_per_task.itertuples(index=False)}}
+    out = {"methods": methods_out, "differences": diffs, "majority_class": majority_class(labels[keep]),
+           "n_examples": int(len(index)), "tasks": {str(t): int(n) for t, n in n_per_task.itertuples(index=False)}}
+    if pooled:
+        out["draws"] = list(draw_order)
+    return out
 
 
 def aggregate(cells: list[CellData], methods: Sequence[str] | None = None, *, n_boot: int = N_BOOT,
-              level: float = LEVEL, seed: int = BOOT_SEED) -> dict[str, Any]:
-    """The study's numbers: one group per sweep value (one group without a sweep), see the module docstring."""
+              level: float = LEVEL, seed: int = BOOT_SEED, pool: str | None = None) -> dict[str, Any]:
+    """The study's numbers: one group per sweep value (one group without a sweep), see the module docstring.
+
+    ``pool``: the swept key whose values are draws of training rows (``pairs.seed``). With two or more of them one
+    more group follows, ``pooled over <pool>``, over every cell: its figures and intervals cover the draw of rows
+    as well as the training seed and the examples (:func:`aggregate_group` with ``pooled``)."""
     if not cells:
         raise ValueError("no cells to aggregate")
     methods = list(methods) if methods is not None else list(dict.fromkeys(c.method for c in cells))
     sweeps = list(dict.fromkeys(c.sweep for c in cells))
     groups = [{"sweep": s, **aggregate_group([c for c in cells if c.sweep == s], methods, n_boot=n_boot, level=level,
                                              seed=seed)} for s in sweeps]
+    if pool is not None and len(sweeps) > 1:
+        groups.append({"sweep": pooled_label(pool), "pooled": pool,
+                       **aggregate_group(cells, methods, n_boot=n_boot, level=level, seed=seed, pooled=True)})
     return {"n_boot": n_boot, "level": level, "bootstrap_seed": seed, "methods": methods, "groups": groups}
+
+
+def pooled_label(key: str) -> str:
+    """The group label of the draws pooled: ``pooled over pairs.seed``."""
+    return f"pooled over {key}"

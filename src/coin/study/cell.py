@@ -8,8 +8,9 @@ pydantic/PyYAML and ``coin`` modules that import neither Prefect nor MLflow. The
     python -m coin.study.cell --params params.yaml --method coin --seed 1 [--out DIR] [--device cuda:1]
     python -m coin.study.cell --params params.yaml --all          # every cell of the grid, one after another
 
-(the validated pairs come from ``coin study``, or ``--pairs FILE``; copy ``<study.out_dir>/validated/``
-along with the project). A cell directory ``cells/<method>-s<seed>[-<key>=<value>]/`` holds::
+(the validated pairs come from ``coin study``, or ``--pairs FILE``; copy ``<study.out_dir>/validated/``, or
+``<study.out_dir>/draws/`` for a study that sweeps ``pairs.seed``, along with the project). A cell directory
+``cells/<method>-s<seed>[-<key>=<value>]/`` holds::
 
     adapter/      LoRA adapter + tokenizer + coin_model.json (trained methods; its seed = the cell's)
     eval/         the EvalResult (coin.evaluation.result.save_result): predictions.parquet + result.json
@@ -56,7 +57,16 @@ import coin  # noqa: F401  (local-only environment first)
 from coin.config import ConfigError, Settings
 from coin.cpus import thread_settings
 from coin.data.io import DataError, read_json, read_jsonl, write_json
-from coin.study.grid import Cell, cell_settings, cells_dir, grid_cells, load_study, make_cell, valid_file
+from coin.study.grid import (
+    Cell,
+    cell_settings,
+    cells_dir,
+    grid_cells,
+    load_study,
+    make_cell,
+    sweeps_draws,
+    valid_file,
+)
 from coin.study.keys import cell_key_parts, cell_params, key_of
 
 log = logging.getLogger("coin.study")
@@ -241,7 +251,7 @@ def run_cell(settings: Settings, root: Path, cell: Cell, *, out_dir: Path | None
 
     root = Path(root)
     s = cell_settings(settings, cell)
-    pairs = Path(pairs_file) if pairs_file else valid_file(settings, root)
+    pairs = Path(pairs_file) if pairs_file else valid_file(settings, root, cell)
     if cell.trained and not pairs.exists():
         raise DataError(f"{pairs}: the study's validated pairs are missing. Run `coin study` (it prepares them "
                         "first), or pass --pairs FILE (a valid.jsonl of the validation gate).")
@@ -305,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep-value", help="the value of study.sweep_key for this cell (YAML), when the study sweeps")
     ap.add_argument("--all", action="store_true", help="every cell of the study's grid, one after another")
     ap.add_argument("--out", type=Path, help="the cell's directory (default <study.out_dir>/cells/<name>)")
-    ap.add_argument("--pairs", type=Path, help="validated pairs (default <study.out_dir>/validated/valid.jsonl)")
+    ap.add_argument("--pairs", type=Path, help="validated pairs (default <study.out_dir>/validated/valid.jsonl, or "
+                    "the cell's draw's under <study.out_dir>/draws/ when the study sweeps pairs.seed)")
     ap.add_argument("--device", help="e.g. cuda:1 (default: model.device)")
     ap.add_argument("--force", action="store_true", help="recompute even when the cell is done")
     args = ap.parse_args(argv)
@@ -315,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.all:
             if args.method or args.seed is not None or args.out:
                 raise ConfigError("--all runs the whole grid: drop --method, --seed and --out")
+            if args.pairs and sweeps_draws(settings):
+                raise ConfigError("--all with --pairs: this study sweeps pairs.seed, so each draw trains on its own "
+                                  "pairs (<study.out_dir>/draws/pairs.seed=<v>/validated/); drop --pairs")
             from tqdm.auto import tqdm
 
             cells = grid_cells(settings)

@@ -8,6 +8,7 @@ the study's, because it fixes the pairs and the evaluation sample, which every c
 Layout under ``study.out_dir`` (default ``outputs/study``)::
 
     pairs/ validated/                       pairs + validation gate, once per study (coin.study.prepare)
+    draws/pairs.seed=<v>/pairs/ validated/  ... once per draw instead, when the study sweeps pairs.seed
     cells/<method>-s<seed>[-<key>=<value>]/ one cell: adapter/, eval/ (save_result), loss.csv, cell.json
     study.json report.md report.html table.md spread.png levels.png robustness.png
 """
@@ -21,7 +22,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from coin.config import BASE_METHOD, ConfigError, Settings, apply_overrides, check_robustness_sets, load_settings
+from coin.config import (
+    BASE_METHOD,
+    STUDY_DRAW_KEY,
+    ConfigError,
+    Settings,
+    apply_overrides,
+    check_robustness_sets,
+    load_settings,
+)
 
 
 @dataclass(frozen=True)
@@ -197,12 +206,34 @@ def cells_dir(settings: Settings, root: Path) -> Path:
     return study_dir(settings, root) / "cells"
 
 
-def prep_settings(settings: Settings) -> Settings:
-    """The settings with ``paths.out_dir = study.out_dir``: the pipeline's pairs and validate stages then
-    write ``<study.out_dir>/pairs/`` and ``<study.out_dir>/validated/``, apart from the pipeline's own."""
-    return settings.model_copy(update={"paths": settings.paths.model_copy(update={"out_dir": settings.study.out_dir})})
+def sweeps_draws(settings: Settings) -> bool:
+    """True when the study sweeps the draw of training rows (``study.sweep_key: pairs.seed``): each draw then
+    has its own pairs and validation gate, and the draws are pooled in one more group of the aggregation."""
+    return settings.study.sweep_key == STUDY_DRAW_KEY
 
 
-def valid_file(settings: Settings, root: Path) -> Path:
-    """The study's validated pairs (what every trained cell trains on)."""
-    return study_dir(settings, root) / "validated" / "valid.jsonl"
+def _draw_dir(value: Any) -> str:
+    return "draws/" + re.sub(r"[^\w.+=-]", "_", f"{STUDY_DRAW_KEY}={format_value(value)}")
+
+
+def prep_points(settings: Settings) -> list[tuple[Any, Settings]]:
+    """``[(draw, settings), ...]``: what the pairs and validate stages run with, once per study (draw None) or once
+    per value of ``pairs.seed`` when the study sweeps it. Each has ``paths.out_dir`` set to where its pairs go
+    (``<study.out_dir>`` or ``<study.out_dir>/draws/pairs.seed=<v>``), apart from the pipeline's own outputs."""
+    out = settings.study.out_dir
+    if not sweeps_draws(settings):
+        points = [(None, settings, out)]
+    else:
+        points = [(v, s, f"{out}/{_draw_dir(v)}") for v, s in sweep_points(settings)]
+    return [(v, s.model_copy(update={"paths": s.paths.model_copy(update={"out_dir": d})})) for v, s, d in points]
+
+
+def valid_file(settings: Settings, root: Path, cell: Cell | None = None) -> Path:
+    """The validated pairs a trained cell trains on: the study's (shared by every cell), or its draw's when the
+    study sweeps ``pairs.seed`` (then ``cell`` names the draw)."""
+    base = study_dir(settings, root)
+    if sweeps_draws(settings):
+        if cell is None or cell.sweep_key != STUDY_DRAW_KEY:
+            raise ConfigError(f"study.sweep_key = {STUDY_DRAW_KEY}: each draw has its own pairs; name the cell")
+        base = base / _draw_dir(cell.sweep_value)
+    return base / "validated" / "valid.jsonl"

@@ -3,7 +3,8 @@
 Pairs and the validation gate do not depend on the training seed, so a study runs the pipeline's own
 ``pairs`` and ``validate`` stage functions once, into ``<study.out_dir>/pairs/`` and
 ``<study.out_dir>/validated/`` (apart from the pipeline's ``outputs/``, which a study with other
-overrides must not overwrite). ``prepare.json`` records what they were computed from
+overrides must not overwrite). A study that sweeps ``pairs.seed`` (the draw of training rows) runs them once per
+draw, into ``<study.out_dir>/draws/pairs.seed=<v>/``. ``prepare.json`` records what they were computed from
 (:func:`coin.study.keys.prep_key_parts`) and the sha256 of ``valid.jsonl``; a rerun with the same key
 and the same file skips both. The gate's MLflow run nests under the study run when one is given. First, as the
 pipeline's ``data`` stage does, ``data/`` is pulled from the DVC remote when it is missing or out of date, so
@@ -19,7 +20,7 @@ from typing import Any
 
 from coin.config import Settings
 from coin.data.io import DataError, read_json, write_json
-from coin.study.grid import prep_settings, study_dir, valid_file
+from coin.study.grid import format_value, prep_points, sweeps_draws
 from coin.study.keys import key_of, prep_key_parts, sha256_files
 
 log = logging.getLogger("coin.study")
@@ -31,17 +32,34 @@ def prepare_pairs(settings: Settings, root: Path, *, parent_run_id: str | None =
                   force: bool = False) -> dict[str, Any]:
     """Pairs + validation gate for the study (skipped when ``prepare.json`` matches); returns the record.
 
+    A study that sweeps ``pairs.seed`` prepares each draw in its own directory; the record then lists them under
+    ``draws`` (``valid_file``: every draw's, ``cached``: True when none was rebuilt).
     Raises the gate's ``GateFailed`` (outputs written) when too few pairs pass, as the pipeline does.
     """
     from coin import stages
-    from coin.registry.tracking import PARENT_RUN_ENV
 
     root = Path(root)
     stages.stage_data(settings, root)  # a fresh clone holds data/ only in the DVC remote; the key hashes data/
-    record_file = study_dir(settings, root) / PREP_RECORD
-    parts = prep_key_parts(settings, root)
+    points = prep_points(settings)
+    recs = [_prepare_one(s, root, parent_run_id, force) for _, s in points]
+    if not sweeps_draws(settings):
+        return recs[0]
+    return {"valid_file": ", ".join(r["valid_file"] for r in recs), "cached": all(r["cached"] for r in recs),
+            "markdown": "\n\n".join(r.get("markdown", "") for r in recs if r.get("markdown")),
+            "draws": {format_value(v): {k: x for k, x in r.items() if k != "markdown"}
+                      for (v, _), r in zip(points, recs, strict=True)}}
+
+
+def _prepare_one(s: Settings, root: Path, parent_run_id: str | None, force: bool) -> dict[str, Any]:
+    """One set of pairs + gate, written under ``s.paths.out_dir`` (see :func:`coin.study.grid.prep_points`)."""
+    from coin import stages
+    from coin.layout import Layout
+    from coin.registry.tracking import PARENT_RUN_ENV
+
+    record_file = root / s.paths.out_dir / PREP_RECORD
+    parts = prep_key_parts(s, root)
     key = key_of(parts)
-    valid = valid_file(settings, root)
+    valid = Layout(root, s).valid_file
     if not force and record_file.exists() and valid.exists():
         try:
             rec = read_json(record_file)
@@ -50,7 +68,6 @@ def prepare_pairs(settings: Settings, root: Path, *, parent_run_id: str | None =
         if rec.get("key") == key and rec.get("valid_sha256") == sha256_files([valid]):
             log.info("study: pairs and validation unchanged (%s); reusing them", valid)
             return {**rec, "cached": True}
-    s = prep_settings(settings)
     previous = os.environ.get(PARENT_RUN_ENV)
     if parent_run_id:  # the validate stage nests its MLflow run under the study run
         os.environ[PARENT_RUN_ENV] = parent_run_id

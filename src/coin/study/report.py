@@ -21,12 +21,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from coin.config import Settings
+from coin.config import STUDY_DRAW_KEY, Settings
 from coin.data.io import DataError, read_json, write_json
 from coin.evaluation.report import Bullets, Heading, Plot, Table, Text, to_html, to_markdown
 from coin.evaluation.report.blocks import DASH, FIGURE_NAMES
 from coin.evaluation.uncertainty import ROBUSTNESS
-from coin.study.aggregate import FIGURES, SCORES_FILE, CellData, aggregate, cell_data, write_scores
+from coin.study.aggregate import FIGURES, SCORES_FILE, CellData, aggregate, cell_data, pooled_label, write_scores
 from coin.study.cell import CELL_RECORD, EVAL_DIR, cell_status
 from coin.study.grid import cell_settings, cells_dir, grid_cells, study_dir, valid_file
 from coin.study.keys import cell_key_parts
@@ -46,11 +46,11 @@ def load_cells(settings: Settings, root: Path, *, progress: bool = True) -> tupl
     from coin.evaluation.result import load_result
 
     root = Path(root)
-    pairs = valid_file(settings, root)
     cells = grid_cells(settings)
     problems = []
     for c in cells:
-        parts = cell_key_parts(cell_settings(settings, c), root, c, pairs if c.trained else None)
+        pairs = valid_file(settings, root, c) if c.trained else None
+        parts = cell_key_parts(cell_settings(settings, c), root, c, pairs)
         why = cell_status(cells_dir(settings, root) / c.name, parts, c.trained)
         if why:
             problems.append(f"{c.name}: {why}")
@@ -125,12 +125,20 @@ def _header(study: dict[str, Any]) -> list[Any]:
         f"Backbone `{info['backbone']}`, {info['max_steps']} training steps, scoring `{info['scoring']}`.",
     ]
     if info.get("sweep_key"):
-        values = [str(g["sweep"]).split("=", 1)[-1] for g in study["groups"]]
+        values = [str(g["sweep"]).split("=", 1)[-1] for g in study["groups"] if not g.get("pooled")]
         items.append(f"Swept: `{info['sweep_key']}` over {', '.join(values)}.")
+    if any(g.get("pooled") for g in study["groups"]):
+        items.append(f"Each value of `{info['sweep_key']}` is a draw of training rows, with its own pairs and "
+                     f"validation gate. The group *{pooled_label(info['sweep_key'])}* takes every cell: per method "
+                     "the mean over draws of the mean over seeds, and an interval that resamples the draws, the seeds "
+                     "within each draw and the examples. Quote that interval for a recipe: the rows it trains on "
+                     "move the result as much as the training seed.")
     if "perturbed" not in parts_of(study):
         items.append("Evaluated on the clean instructions only: no perturbed figures. Add perturbed sets to "
                      "`evaluate.instruction_sets` to measure robustness.")
     for g in study["groups"]:
+        if g.get("pooled"):
+            continue  # the evaluation sample is the same in every draw
         mc = g["majority_class"]
         items.append(f"Majority-class rate{_group_title(g)}: **{f_pct(mc['avg'])}%** (the most frequent label per "
                      f"task, averaged over tasks: what one constant answer scores on this sample; chance "
@@ -156,7 +164,10 @@ def _summary(study: dict[str, Any]) -> list[Any]:
             rows.append([m, str(b["n_seeds"]), *[f_ms(b["figures"][f], fmt(f)) for f in shown[:2]],
                          f_ci(iv["mean"], iv["ci_low"], iv["ci_high"]),
                          *[f_ms(b["figures"][f], fmt(f)) for f in shown[2:]]])
-        out += [Heading("Methods" + _group_title(g)), Table(header, rows, text_cols=1, caption=caption)]
+        out += [Heading("Methods" + _group_title(g)), Table(header, rows, text_cols=1, caption=caption if not g.get(
+            "pooled") else caption.replace("over the training seeds (each seed", "over every cell, draws × seeds (each "
+                                           "cell").replace("over seeds and examples", "over draws, seeds within each "
+                                                           "draw, and examples"))]
         if not perturbed:  # one level, the clean column above
             continue
         lv = _levels(g)
@@ -194,7 +205,10 @@ def _differences(study: dict[str, Any]) -> list[Any]:
             "from a hierarchical bootstrap: per replicate, the examples are resampled within each task (one draw "
             "shared by both methods, so example difficulty cancels) and each method's seeds are resampled with "
             "replacement. * = the interval excludes 0. Seeds agreeing: in how many seeds s (paired by seed "
-            "number) A_s − B_s has the sign of the mean difference."))]
+            "number) A_s − B_s has the sign of the mean difference." + (
+                " Pooled over draws: the draws are resampled first (one pick for both methods), then each method's "
+                "seeds within each draw; seeds agreeing counts the cells paired by draw and seed." if g.get("pooled")
+                else "")))]
         if robust:
             out += [Table(robust_header, difference_rows(g, robust), caption=(
                 "Robustness, A − B in points, over the perturbed sets: all-agree consistency (the share of examples "
@@ -345,7 +359,8 @@ def write_study_outputs(settings: Settings, root: Path, *, progress: bool = True
 def render_study(settings: Settings, records: list[dict[str, Any]], data: list[CellData], out: Path) -> dict[str, Any]:
     """Aggregate loaded cells and write study.json, report.md/html, table.md and the plots into ``out``."""
     st = settings.study
-    numbers = aggregate(data, st.methods, n_boot=st.n_boot)
+    pool = st.sweep_key if st.sweep_key == STUDY_DRAW_KEY else None  # draws of training rows: one more group, pooled
+    numbers = aggregate(data, st.methods, n_boot=st.n_boot, pool=pool)
     study = {
         "study": {"methods": st.methods, "seeds": st.seeds, "sweep_key": st.sweep_key, "sweep_values": st.sweep_values,
                   "eval_seed": settings.seed, "backbone": settings.model.backbone,
