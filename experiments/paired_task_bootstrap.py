@@ -13,6 +13,11 @@ Per model and example, the score is the share of instructions answered right (th
 accuracy). The interval resamples the examples within each task as the study does
 (``coin.study.aggregate.example_weights``, every task weighted equally as in the protocol's average) and the seeds
 as pairs: the study draws each method's seeds apart, here the i-th model of A and of B share their training seed.
+
+``--draws 42,42,7,...`` names the draw of training rows (``pairs.seed``) of each pair, in pair order. The
+difference is then the mean over draws of each draw's mean over its pairs, and the interval resamples the draws
+first, then the pairs within each drawn draw, then the examples: the three levels of ``coin study --sweep
+pairs.seed=[...]``. Without it every pair counts alike, as if all came from one draw.
 Used for RESULTS.md §19 (sst2 on its whole validation split) and §22 (row draws). Prints one JSON object.
 """
 
@@ -74,29 +79,48 @@ def per_example_frame(df: pd.DataFrame, models: list[str], where: str = "predict
     return table[models]
 
 
-def paired_difference(a: pd.DataFrame, b: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0) -> dict:
+def paired_difference(a: pd.DataFrame, b: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0,
+                      draws: list[str] | None = None) -> dict:
     """A - B, both :func:`per_example` tables over the same examples, column i of each from training seed i: the
     protocol's task-weighted average per seed, its mean, and a 95% interval that draws the examples within each
-    task and the seeds as pairs."""
+    task and the seeds as pairs. ``draws``: the draw of training rows of each pair (see the module docstring); the
+    mean is then over draws of each draw's mean, and the interval resamples the draws first."""
     if a.shape[1] != b.shape[1]:
         raise SystemExit(f"A has {a.shape[1]} models, B {b.shape[1]}: pair them seed by seed")
     if not a.index.equals(b.index):
         raise SystemExit("the two evaluations scored different examples; evaluate both on the same sample")
+    if draws is not None and len(draws) != a.shape[1]:
+        raise SystemExit(f"--draws names {len(draws)} draws for {a.shape[1]} pairs: give one per pair, in pair order")
     diff = (a.to_numpy() - b.to_numpy()).T                  # (seeds, examples)
     codes = task_codes(a.index)
     w0 = point_weights(codes)                                # the protocol's average: tasks weighted equally
     rng = np.random.default_rng(seed)
     weights = example_weights(codes, n_boot, rng)            # the study's draw of examples within each task
-    n_seeds = diff.shape[0]
-    pick = rng.integers(0, n_seeds, size=(n_boot, n_seeds))  # seed pairs with replacement (paired draw)
-    reps = np.take_along_axis(weights @ diff.T, pick, axis=1).mean(axis=1)
     per_seed = diff @ w0
+    if draws is None:
+        n_seeds = diff.shape[0]
+        pick = rng.integers(0, n_seeds, size=(n_boot, n_seeds))  # seed pairs with replacement (paired draw)
+        reps = np.take_along_axis(weights @ diff.T, pick, axis=1).mean(axis=1)
+        point = float(per_seed.mean())
+    else:
+        groups = list(dict.fromkeys(draws))
+        members = [np.flatnonzero(np.array(draws) == g) for g in groups]
+        draw_pick = rng.integers(0, len(groups), size=(n_boot, len(groups)))         # the draws, with replacement
+        pair_picks = [rng.integers(0, len(m), size=(n_boot, len(m))) for m in members]  # pairs within each draw
+        per_pair = weights @ diff.T                                                   # (n_boot, pairs)
+        per_draw = np.stack([np.take_along_axis(per_pair[:, m], p, axis=1).mean(axis=1)
+                             for m, p in zip(members, pair_picks, strict=True)], axis=1)
+        reps = np.take_along_axis(per_draw, draw_pick, axis=1).mean(axis=1)
+        point = float(np.mean([per_seed[m].mean() for m in members]))
     lo, hi = np.quantile(reps, [0.025, 0.975])
-    return {"a": (a.to_numpy().T @ w0).round(2).tolist(), "b": (b.to_numpy().T @ w0).round(2).tolist(),
-            "difference_per_seed": per_seed.round(2).tolist(), "difference": round(float(per_seed.mean()), 2),
-            "ci95": [round(float(lo), 2), round(float(hi), 2)],
-            "seeds_same_sign": int(np.sum(np.sign(per_seed) == np.sign(per_seed.mean()))),
-            "examples": int(diff.shape[1]), "n_boot": n_boot}
+    out = {"a": (a.to_numpy().T @ w0).round(2).tolist(), "b": (b.to_numpy().T @ w0).round(2).tolist(),
+           "difference_per_seed": per_seed.round(2).tolist(), "difference": round(point, 2),
+           "ci95": [round(float(lo), 2), round(float(hi), 2)],
+           "seeds_same_sign": int(np.sum(np.sign(per_seed) == np.sign(point))),
+           "examples": int(diff.shape[1]), "n_boot": n_boot}
+    if draws is not None:
+        out["per_draw"] = {g: round(float(per_seed[m].mean()), 2) for g, m in zip(groups, members, strict=True)}
+    return out
 
 
 def main() -> int:
@@ -108,13 +132,16 @@ def main() -> int:
     ap.add_argument("--set", action="append", dest="sets", metavar="NAME",
                     help="keep only the rows of this instruction set (repeatable; default: every row)")
     ap.add_argument("--per-task", action="store_true", help="add each task's own paired difference")
+    ap.add_argument("--draws", help="the draw of training rows of each pair, in pair order, comma-separated (e.g. "
+                    "42,42,7,7): the interval then resamples the draws first")
     ap.add_argument("--n-boot", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     a, b = side_frame(args.a, args.sets), side_frame(args.b, args.sets)
-    result = paired_difference(a, b, n_boot=args.n_boot, seed=args.seed)
+    draws = args.draws.split(",") if args.draws else None
+    result = paired_difference(a, b, n_boot=args.n_boot, seed=args.seed, draws=draws)
     if args.per_task:
-        result["per_task"] = per_task_differences(a, b, n_boot=args.n_boot, seed=args.seed)
+        result["per_task"] = per_task_differences(a, b, n_boot=args.n_boot, seed=args.seed, draws=draws)
     print(json.dumps(result))
     return 0
 

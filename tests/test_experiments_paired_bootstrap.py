@@ -80,3 +80,20 @@ def test_sides_from_evaluations_of_other_examples_are_refused(tmp_path: Path) ->
     res = _run("--a", f"{tmp_path / 'a0.jsonl'}:m", "--a", f"{tmp_path / 'a1.jsonl'}:m",
                "--b", f"{tmp_path / 'b.jsonl'}:b0,b1")
     assert "scored other examples than" in res["error"]
+
+
+def test_draws_of_training_rows_weigh_each_draw_once_and_are_resampled_first(tmp_path: Path) -> None:
+    """Three pairs from draw 42 gain +40 points each, the one pair from draw 7 gains 0. Counted alike the pairs average
+    +30; by draw (--draws 42,42,42,7) the difference is the mean of the draws' means, +20, and the interval resamples
+    the two draws: a quarter of the replicates draw 7 twice (0), a quarter 42 twice (+40)."""
+    _write(tmp_path / "a.jsonl", {f"a{i}": {"sst2": 9 if i < 3 else 5} for i in range(4)})
+    _write(tmp_path / "b.jsonl", {f"b{i}": {"sst2": 5} for i in range(4)})
+    args = ["--a", f"{tmp_path / 'a.jsonl'}:a0,a1,a2,a3", "--b", f"{tmp_path / 'b.jsonl'}:b0,b1,b2,b3",
+            "--n-boot", "2000"]
+    alike = _run(*args)
+    assert alike["difference_per_seed"] == [40.0, 40.0, 40.0, 0.0] and alike["difference"] == 30.0
+    assert "per_draw" not in alike
+    by_draw = _run(*args, "--draws", "42,42,42,7")
+    assert by_draw["difference"] == 20.0 and by_draw["per_draw"] == {"42": 40.0, "7": 0.0}
+    assert by_draw["ci95"][0] <= 1.0 and by_draw["ci95"][1] >= 39.0 and by_draw["seeds_same_sign"] == 3
+    assert "give one per pair" in _run(*args, "--draws", "42,7")["error"]
