@@ -447,7 +447,8 @@ def study(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     sweep: Annotated[Optional[str],
-                     typer.Option(help="sweep one key: KEY=[v1,v2,...], e.g. train.lr=[5.0e-4,1.0e-3]")] = None,
+                     typer.Option(help="sweep one key: KEY=[v1,v2,...], e.g. train.lr=[5.0e-4,1.0e-3]; "
+                                  "pairs.seed=[42,7,11] sweeps the draw of training rows and pools the draws")] = None,
     workers: Annotated[Optional[int], typer.Option(help="local Dask workers (default: study.workers, else one per GPU, "
                                                         "else one per 2 CPU cores)")] = None,
     dask_address: Annotated[Optional[str],
