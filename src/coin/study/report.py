@@ -16,6 +16,7 @@ stale cell is an error naming it and the fix.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 from pathlib import Path
@@ -136,12 +137,13 @@ def _header(study: dict[str, Any]) -> list[Any]:
     if "perturbed" not in parts_of(study):
         items.append("Evaluated on the clean instructions only: no perturbed figures. Add perturbed sets to "
                      "`evaluate.instruction_sets` to measure robustness.")
-    for g in study["groups"]:
-        if g.get("pooled"):
-            continue  # the evaluation sample is the same in every draw
+    groups = [g for g in study["groups"] if not g.get("pooled")]  # a pooled group scores the draws' one sample
+    same = len({json.dumps(g["majority_class"], sort_keys=True) for g in groups}) == 1
+    for g in groups[:1] if same else groups:
         mc = g["majority_class"]
-        items.append(f"Majority-class rate{_group_title(g)}: **{f_pct(mc['avg'])}%** (the most frequent label per "
-                     f"task, averaged over tasks: what one constant answer scores on this sample; chance "
+        items.append(f"Majority-class rate{'' if same else _group_title(g)}: **{f_pct(mc['avg'])}%** (the most "
+                     f"frequent label per task, averaged over tasks: what one constant answer scores on this sample"
+                     f"{', the same in every group' if same and len(groups) > 1 else ''}; chance "
                      f"{f_pct(mc['chance_avg'])}%).")
     return [Heading("Study: methods × seeds", 1), Bullets(items)]
 
@@ -249,13 +251,13 @@ def build_table(study: dict[str, Any]) -> list[Any]:
 # --------------------------------------------------------------------------- plots
 
 
-def _figure(rows: int, cols: int, width: float, height: float = 3.4):
+def _figure(rows: int, cols: int, width: float, height: float = 3.4, sharey: bool | str = False):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height * rows), layout="constrained")
     FigureCanvasAgg(fig)
-    return fig, fig.subplots(rows, cols, squeeze=False)
+    return fig, fig.subplots(rows, cols, squeeze=False, sharey=sharey)
 
 
 def _png(fig) -> bytes:
@@ -268,14 +270,16 @@ def _dots_per_seed(study: dict[str, Any], keys: list[str], majority_on: set[str]
     """One panel per group and figure in ``keys``: one dot per seed per method, a bar at the mean over seeds, and
     the majority-class line on the panels in ``majority_on``. Returns the figure."""
     groups = study["groups"]
-    fig, axes = _figure(len(groups), len(keys), len(keys) * max(4.0, 1.6 * len(study["methods"])))
+    # one y scale per figure down the groups (sweep values, draws, pooled), so the groups compare at a glance
+    fig, axes = _figure(len(groups), len(keys), len(keys) * max(4.0, 1.6 * len(study["methods"])), sharey="col")
     for row, g in zip(axes, groups, strict=True):
         methods = list(g["methods"])
         for ax, fig_key in zip(row, keys, strict=True):
             for i, m in enumerate(methods):
                 vals = [v for v in g["methods"][m]["figures"][fig_key]["values"].values() if _num(v)]
                 xs = [i + (k - (len(vals) - 1) / 2) * 0.08 for k in range(len(vals))]
-                ax.scatter(xs, vals, s=22, zorder=3, label="seeds" if i == 0 else None, color=f"C{i}")
+                ax.scatter(xs, vals, s=22, zorder=3, color=f"C{i}",
+                           label=("cells (draw × seed)" if g.get("pooled") else "seeds") if i == 0 else None)
                 mean = g["methods"][m]["figures"][fig_key]["mean"]
                 if _num(mean):
                     ax.hlines(mean, i - 0.3, i + 0.3, color="black", linewidth=2, zorder=4,
