@@ -272,6 +272,45 @@ def test_a_cell_runs_without_prefect_and_is_keyed_on_what_it_reads(study_project
     assert "--method 'dpo'" in capsys.readouterr().err
 
 
+def test_a_cell_whose_evaluation_alone_changed_evaluates_its_adapter_without_training_again(study_project, capsys):
+    """A done coin cell, copied elsewhere, scored on more examples (evaluate.samples_per_task): it is recomputed, but
+    from the adapter it trained (the same bytes, the same loss curve and training record), not trained again. A
+    changed train.lr then trains anew."""
+    import torch
+
+    from coin.study.cell import main
+
+    torch.set_num_threads(1)
+    params = str(study_project["params"])
+    cells = study_project["root"] / "outputs" / "study" / "cells"
+    copy = study_project["root"] / "reuse" / "coin-s1"
+    shutil.copytree(cells / "coin-s1", copy)
+    before = json.loads((copy / "cell.json").read_text())
+    weights = (copy / "adapter" / "adapter_model.safetensors").read_bytes()
+    loss = (copy / "loss.csv").read_text()
+
+    def run(*args: str) -> dict:
+        assert main(["--params", params, "--method", "coin", "--seed", "1", "--out", str(copy), *args]) == 0
+        capsys.readouterr()
+        return json.loads((copy / "cell.json").read_text())
+
+    more = run("--set", "evaluate.samples_per_task=4")
+    assert more["run_token"] != before["run_token"] and more["key"] != before["key"]
+    assert more["train"] == before["train"] and more["train"]["trained_at"] <= more["computed_at"]
+    assert more["train_key"] == before["train_key"] is not None
+    assert (copy / "adapter" / "adapter_model.safetensors").read_bytes() == weights
+    assert (copy / "loss.csv").read_text() == loss
+    from coin.evaluation.result import load_result
+
+    assert load_result(copy / "eval").predictions.groupby("task")["example_id"].nunique().to_dict() == {
+        "sst2": 4, "rte": 4}  # scored on the new sample
+    relearnt = run("--set", "evaluate.samples_per_task=4", "--set", "train.lr=0.002")
+    assert relearnt["train_key"] != before["train_key"] and relearnt["train"]["trained_at"] != before["train"][
+        "trained_at"]
+    assert (copy / "adapter" / "adapter_model.safetensors").read_bytes() != weights
+    assert not list(copy.parent.glob(".tmp-*"))
+
+
 def _adapter_equal(a: Path, b: Path) -> bool:
     ta, tb = load_adapter_tensors(a), load_adapter_tensors(b)
     return ta.keys() == tb.keys() and all(np.array_equal(ta[k], tb[k]) for k in ta)

@@ -67,7 +67,7 @@ from coin.study.grid import (
     sweeps_draws,
     valid_file,
 )
-from coin.study.keys import cell_key_parts, cell_params, key_of
+from coin.study.keys import cell_key_parts, cell_params, key_of, train_key
 
 log = logging.getLogger("coin.study")
 
@@ -159,6 +159,28 @@ def _swap_in(tmp: Path, final: Path) -> None:
             old.unlink(missing_ok=True)
 
 
+def _reuse_training(final: Path, tmp: Path, tkey: str) -> str | None:
+    """When ``final`` holds a complete earlier result of this cell whose training key is ``tkey`` (only its evaluation
+    changed), copy its adapter and loss curve into ``tmp`` with the training record, so :func:`_compute` evaluates
+    that adapter instead of training again. Returns when the reused training was computed, or None."""
+    if (tmp / TRAIN_RECORD).exists():
+        return None  # this key's own work directory already holds a finished training
+    try:
+        old = read_json(final / CELL_RECORD)
+    except DataError:
+        return None
+    if not (isinstance(old, dict) and old.get("complete") is True and old.get("train_key") == tkey
+            and isinstance(old.get("train"), dict) and (final / ADAPTER_DIR / "adapter_config.json").exists()):
+        return None
+    shutil.rmtree(tmp / ADAPTER_DIR, ignore_errors=True)
+    shutil.copytree(final / ADAPTER_DIR, tmp / ADAPTER_DIR)
+    if (final / LOSS_FILE).exists():
+        shutil.copy2(final / LOSS_FILE, tmp / LOSS_FILE)
+    trained_at = str(old["train"].get("trained_at") or old.get("computed_at"))
+    write_json(tmp / TRAIN_RECORD, {**old["train"], "trained_at": trained_at})  # last: it marks the training done
+    return trained_at
+
+
 def _release_memory() -> None:
     """Return what the last model held (the caller dropped its references) before the next one loads."""
     gc.collect()
@@ -209,6 +231,7 @@ def _compute(s: Settings, root: Path, cell: Cell, tmp: Path, pairs: Path, device
             last = result.history[-1] if result.history else {}
             train_info = {"steps": result.steps, "resumed_from": result.resumed_from,
                           "wall_time_s": round(result.wall_time_s, 2),
+                          "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                           "final": {k: round(float(v), 6) for k, v in last.items() if k in ("loss", "l_gen", "l_cl")}}
             write_json(done, train_info)
             shutil.rmtree(tmp / "checkpoints", ignore_errors=True)  # training is done; its checkpoints are not needed
@@ -278,6 +301,11 @@ def run_cell(settings: Settings, root: Path, cell: Cell, *, out_dir: Path | None
         if tmp.exists():
             log.info("cell %s: continuing the work an earlier run left in %s", cell.name, tmp.name)
         tmp.mkdir(exist_ok=True)
+        tkey = train_key(s, cell, pairs) if cell.trained else None
+        reused = _reuse_training(final, tmp, tkey) if tkey and not force else None
+        if reused:
+            log.info("cell %s: its training is unchanged (%s); evaluating the adapter it trained at %s", cell.name,
+                     why, reused)
         try:
             out = _compute(s, root, cell, tmp, pairs, device, progress)
         except BaseException:
@@ -287,6 +315,7 @@ def run_cell(settings: Settings, root: Path, cell: Cell, *, out_dir: Path | None
         record = {
             "format": RECORD_FORMAT, "complete": True, "cell": cell.to_dict(), "key": key,
             "key_parts": parts, "params": cell_params(s, cell.trained), "train_seed": cell.seed,
+            "train_key": tkey,  # train.trained_at before computed_at: the adapter of an earlier run was evaluated
             "eval_seed": s.seed, **out, "data_version": data_version(root), "versions": _versions(),
             "threads": thread_settings(),  # not keyed, as the device: MKL's threads can move the last bits
             "host": platform.node(), "computed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

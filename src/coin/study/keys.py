@@ -14,6 +14,9 @@ A cell's key (:func:`cell_key_parts`) covers
   and uncertainty modules, which a cell does not run), ``coin.data``, ``stages.py`` and ``coin.study.cell``.
   ``config.py`` is not hashed: the validated params are.
 
+A trained cell's record also keeps :func:`train_key`, the key of its training alone: when only the evaluation's
+settings change, the recomputed cell evaluates the adapter it already trained (``coin.study.cell``).
+
 Library versions and the device are recorded in ``cell.json`` but not keyed. Nothing here imports
 Prefect or MLflow: a cell checks its own key wherever it runs.
 """
@@ -110,6 +113,24 @@ def cell_key_parts(settings: Settings, root: Path, cell: Any, pairs_file: Path |
 
 def key_of(parts: dict[str, Any]) -> str:
     return sha256_json(parts)
+
+
+# What a trained cell's *training* reads: its key (:func:`train_key`, recorded in ``cell.json``, not part of the
+# cell's key) lets a cell whose evaluation settings changed (more instruction sets, another sample size) evaluate
+# the adapter it already trained instead of training it again. ``evaluate.calibration`` is in: the adapter's
+# ``coin_model.json`` records it for ``coin predict``.
+TRAIN_PARAMS = ("seed", "model", "pairs.cutoff_len", "train", "evaluate.calibration")
+TRAIN_CODE = ("training", "modeling", "data", "stages.py", "study/cell.py")
+
+
+def train_key(settings: Settings, cell: Any, pairs_file: Path) -> str:
+    """The key of a trained cell's training (``settings``: the cell's): method, seed, the params training reads,
+    the validated pairs' content and the training code."""
+    return key_of({
+        "format": KEY_FORMAT, "method": cell.method, "seed": cell.seed,
+        "params": sha256_json(select_params(settings, TRAIN_PARAMS, CELL_PARAMS_EXCLUDE)),
+        "pairs": sha256_files([pairs_file]), "code": code_hash(TRAIN_CODE),
+    })
 
 
 def prep_key_parts(settings: Settings, root: Path) -> dict[str, Any]:
