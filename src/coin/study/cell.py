@@ -172,7 +172,8 @@ def _reuse_training(final: Path, tmp: Path, tkey: str) -> str | None:
     if not (isinstance(old, dict) and old.get("complete") is True and old.get("train_key") == tkey
             and isinstance(old.get("train"), dict) and (final / ADAPTER_DIR / "adapter_config.json").exists()):
         return None
-    shutil.rmtree(tmp / ADAPTER_DIR, ignore_errors=True)
+    for partial in (ADAPTER_DIR, "checkpoints"):  # what a killed training under this key left: not needed now
+        shutil.rmtree(tmp / partial, ignore_errors=True)
     shutil.copytree(final / ADAPTER_DIR, tmp / ADAPTER_DIR)
     if (final / LOSS_FILE).exists():
         shutil.copy2(final / LOSS_FILE, tmp / LOSS_FILE)
