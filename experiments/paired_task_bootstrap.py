@@ -11,8 +11,9 @@ instruction set only (repeatable; default every row given); ``--per-task`` adds 
 
 Per model and example, the score is the share of instructions answered right (the protocol's per-example clean
 accuracy). The interval resamples the examples within each task as the study does
-(``coin.study.aggregate.example_weights``, every task weighted equally as in the protocol's average) and the seeds
-as pairs: the study draws each method's seeds apart, here the i-th model of A and of B share their training seed.
+(``coin.study.aggregate.hierarchical_replicates``, every task weighted equally as in the protocol's average) and
+the seeds as pairs: the study draws each method's seeds apart, here the i-th model of A and of B share their
+training seed.
 
 ``--draws 42,42,7,...`` names the draw of training rows (``pairs.seed``) of each pair, in pair order. The
 difference is then the mean over draws of each draw's mean over its pairs, and the interval resamples the draws
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from coin.study.aggregate import example_weights, point_weights, task_codes
+from coin.study.aggregate import hierarchical_replicates, point_weights, task_codes
 
 
 def per_example(path: Path, models: list[str], sets: list[str] | None = None) -> pd.DataFrame:
@@ -94,24 +95,15 @@ def paired_difference(a: pd.DataFrame, b: pd.DataFrame, *, n_boot: int = 2000, s
     diff = (a.to_numpy() - b.to_numpy()).T                  # (seeds, examples)
     codes = task_codes(a.index)
     w0 = point_weights(codes)                                # the protocol's average: tasks weighted equally
-    rng = np.random.default_rng(seed)
-    weights = example_weights(codes, n_boot, rng)            # the study's draw of examples within each task
     per_seed = diff @ w0
-    if draws is None:
-        n_seeds = diff.shape[0]
-        pick = rng.integers(0, n_seeds, size=(n_boot, n_seeds))  # seed pairs with replacement (paired draw)
-        reps = np.take_along_axis(weights @ diff.T, pick, axis=1).mean(axis=1)
-        point = float(per_seed.mean())
-    else:
-        groups = list(dict.fromkeys(draws))
-        members = [np.flatnonzero(np.array(draws) == g) for g in groups]
-        draw_pick = rng.integers(0, len(groups), size=(n_boot, len(groups)))         # the draws, with replacement
-        pair_picks = [rng.integers(0, len(m), size=(n_boot, len(m))) for m in members]  # pairs within each draw
-        per_pair = weights @ diff.T                                                   # (n_boot, pairs)
-        per_draw = np.stack([np.take_along_axis(per_pair[:, m], p, axis=1).mean(axis=1)
-                             for m, p in zip(members, pair_picks, strict=True)], axis=1)
-        reps = np.take_along_axis(per_draw, draw_pick, axis=1).mean(axis=1)
-        point = float(np.mean([per_seed[m].mean() for m in members]))
+    # the study's bootstrap on the one matrix of paired differences, so each pair is drawn whole: examples within
+    # each task, [the draws,] the pairs (within each drawn draw)
+    groups = list(dict.fromkeys(draws)) if draws is not None else [None]
+    index = np.array([groups.index(d) for d in draws]) if draws is not None else np.zeros(len(per_seed), dtype=int)
+    reps = hierarchical_replicates({"diff": {"d": diff}}, codes, n_boot=n_boot, seed=seed,
+                                   draws=None if draws is None else {"d": index})["diff"]["d"]
+    members = [np.flatnonzero(index == i) for i in range(len(groups))]
+    point = float(np.mean([per_seed[m].mean() for m in members]))  # the mean over draws of each draw's mean
     lo, hi = np.quantile(reps, [0.025, 0.975])
     out = {"a": (a.to_numpy().T @ w0).round(2).tolist(), "b": (b.to_numpy().T @ w0).round(2).tolist(),
            "difference_per_seed": per_seed.round(2).tolist(), "difference": round(point, 2),

@@ -302,7 +302,7 @@ def run_cell(settings: Settings, root: Path, cell: Cell, *, out_dir: Path | None
         if tmp.exists():
             log.info("cell %s: continuing the work an earlier run left in %s", cell.name, tmp.name)
         tmp.mkdir(exist_ok=True)
-        tkey = train_key(s, cell, pairs) if cell.trained else None
+        tkey = train_key(s, cell, parts["pairs"]) if cell.trained else None  # the pairs hashed once, for the key
         reused = _reuse_training(final, tmp, tkey) if tkey and not force else None
         if reused:
             log.info("cell %s: its training is unchanged (%s); evaluating the adapter it trained at %s", cell.name,

@@ -123,13 +123,13 @@ TRAIN_PARAMS = ("seed", "model", "pairs.cutoff_len", "train", "evaluate.calibrat
 TRAIN_CODE = ("training", "modeling", "data", "stages.py", "study/cell.py")
 
 
-def train_key(settings: Settings, cell: Any, pairs_file: Path) -> str:
+def train_key(settings: Settings, cell: Any, pairs_sha256: str) -> str:
     """The key of a trained cell's training (``settings``: the cell's): method, seed, the params training reads,
-    the validated pairs' content and the training code."""
+    the validated pairs' content (their sha256, as in the cell's key parts) and the training code."""
     return key_of({
         "format": KEY_FORMAT, "method": cell.method, "seed": cell.seed,
         "params": sha256_json(select_params(settings, TRAIN_PARAMS, CELL_PARAMS_EXCLUDE)),
-        "pairs": sha256_files([pairs_file]), "code": code_hash(TRAIN_CODE),
+        "pairs": pairs_sha256, "code": code_hash(TRAIN_CODE),
     })
 
 
