@@ -705,6 +705,43 @@ def test_a_study_sweeping_the_row_draw_prepares_pairs_per_draw_and_pools_them(pr
 # --------------------------------------------------------------------------- grid and settings
 
 
+def test_base_is_scored_once_under_a_sweep_it_does_not_read(study_project, capsys):
+    """Under a sweep of train.lr, base-s0 at the second value copies the first's evaluation (same key, shared_from);
+    under a sweep of an evaluate key it reads, each value is scored."""
+    import torch
+
+    from coin.study.cell import main
+
+    torch.set_num_threads(1)
+    params = str(study_project["params"])
+
+    def run(sweep: str, value: str, out_dir: str) -> dict:
+        key, values = sweep.split("=", 1)
+        assert main(["--params", params, "--method", "base", "--seed", "0", "--sweep-value", value,
+                     "--set", f"study.sweep_key={key}", "--set", f"study.sweep_values={values}",
+                     "--set", f"study.out_dir={out_dir}"]) == 0
+        capsys.readouterr()
+        cells = study_project["root"] / out_dir / "cells"
+        name = f"base-s0-{key}={value}"
+        return {"rec": json.loads((cells / name / "cell.json").read_text()), "dir": cells / name}
+
+    first = run("train.lr=[0.001,0.002]", "0.001", "outputs/sweep-lr")
+    second = run("train.lr=[0.001,0.002]", "0.002", "outputs/sweep-lr")
+    assert "shared_from" not in first["rec"] and second["rec"]["shared_from"] == "base-s0-train.lr=0.001"
+    assert second["rec"]["key"] == first["rec"]["key"] and second["rec"]["cell"]["sweep_value"] == 0.002
+    assert second["rec"]["figures"] == first["rec"]["figures"]
+    assert second["rec"]["run_token"] != first["rec"]["run_token"]
+    for f in ("result.json", "predictions.parquet"):
+        assert (second["dir"] / "eval" / f).read_bytes() == (first["dir"] / "eval" / f).read_bytes()
+    again = run("train.lr=[0.001,0.002]", "0.002", "outputs/sweep-lr")  # done: not copied again
+    assert again["rec"]["run_token"] == second["rec"]["run_token"]
+
+    a = run("evaluate.samples_per_task=[2,3]", "2", "outputs/sweep-n")
+    b = run("evaluate.samples_per_task=[2,3]", "3", "outputs/sweep-n")
+    assert "shared_from" not in b["rec"] and a["rec"]["key"] != b["rec"]["key"]
+    assert b["rec"]["params"]["evaluate.samples_per_task"] == 3 and b["rec"]["run_token"] != a["rec"]["run_token"]
+
+
 def test_grid_cells_names_and_sweep_values_go_through_the_override_machinery():
     from coin.study.grid import cell_settings, grid_cells, make_cell, sweep_overrides
 

@@ -32,7 +32,9 @@ checkpoint (``train.checkpoint_every``), or skips training when it had finished 
 bit-exact resume makes the result the same as an uninterrupted run. Work directories of other keys (older
 code, params, data) are removed when the cell next runs. **One process per cell**: a lock file
 ``cells/.lock-<name>`` is held while the cell computes; a second process waits for it (a Dask worker
-declared dead while its process still runs, a hand-started ``python -m coin.study.cell``).
+declared dead while its process still runs, a hand-started ``python -m coin.study.cell``). **Shared**: ``base``
+under a sweep of a key it does not read (``keys.key_cell``) has the same key at every value; a base cell whose sibling
+of the same seed is done copies that sibling's evaluation instead of scoring the backbone again.
 """
 
 from __future__ import annotations
@@ -182,6 +184,22 @@ def _reuse_training(final: Path, tmp: Path, tkey: str) -> str | None:
     return trained_at
 
 
+def _share_base(final: Path, tmp: Path, key: str, parts: dict[str, Any]) -> dict[str, Any] | None:
+    """A ``base`` cell under a sweep of a key base does not read (``keys.key_cell``) has one result at every sweep
+    value: when a sibling cell of the same seed already holds it (same key, complete), copy its evaluation into
+    ``tmp`` and return its record, so the backbone is not scored again. None when no sibling has it."""
+    for other in sorted(p for p in final.parent.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if other == final or cell_status(other, parts, trained=False) is not None:
+            continue
+        rec = read_json(other / CELL_RECORD)
+        if rec.get("key") != key:
+            continue
+        shutil.rmtree(tmp / EVAL_DIR, ignore_errors=True)
+        shutil.copytree(other / EVAL_DIR, tmp / EVAL_DIR)
+        return rec
+    return None
+
+
 def _release_memory() -> None:
     """Return what the last model held (the caller dropped its references) before the next one loads."""
     gc.collect()
@@ -307,6 +325,15 @@ def run_cell(settings: Settings, root: Path, cell: Cell, *, out_dir: Path | None
         if reused:
             log.info("cell %s: its training is unchanged (%s); evaluating the adapter it trained at %s", cell.name,
                      why, reused)
+        shared = None if cell.trained or force or cell.sweep_key is None else _share_base(final, tmp, key, parts)
+        if shared is not None:
+            log.info("cell %s: base does not read %s; the same result as cell %s, copied", cell.name,
+                     cell.sweep_key, shared["cell"]["name"])
+            record = {**shared, "cell": cell.to_dict(), "run_token": uuid.uuid4().hex,
+                      "shared_from": shared.get("shared_from") or shared["cell"]["name"]}
+            write_json(tmp / CELL_RECORD, record)
+            _swap_in(tmp, final)
+            return {**record, "cached": False, "dir": str(final)}
         try:
             out = _compute(s, root, cell, tmp, pairs, device, progress)
         except BaseException:

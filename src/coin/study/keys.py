@@ -2,7 +2,8 @@
 
 A cell's key (:func:`cell_key_parts`) covers
 
-- the cell: method, training seed, sweep key and value;
+- the cell: method, training seed, sweep key and value (``base`` under a sweep of a key it does not read: not the
+  value, :func:`key_cell`);
 - the params the cell reads, after the sweep value is applied (:data:`CELL_PARAMS`): the global ``seed``
   (the evaluation sample), ``model`` (not ``model.device``: where a cell ran is recorded, not keyed, so a
   cell computed on a GPU machine counts on the CPU machine that aggregates), ``pairs.cutoff_len``,
@@ -99,11 +100,28 @@ def cell_params(settings: Settings, trained: bool) -> dict[str, Any]:
     return select_params(settings, CELL_PARAMS if trained else BASE_PARAMS, CELL_PARAMS_EXCLUDE)
 
 
+def base_reads(key: str | None) -> bool:
+    """Whether ``base`` (the untouched backbone, evaluated) can depend on the params key ``key``: only keys under
+    :data:`BASE_PARAMS` can. A sweep over any other key (``train.lr``, ``pairs.seed``) leaves base alike at every
+    value, so its cells share one key and one computation (``coin.study.cell``)."""
+    return key is not None and any(key == p or key.startswith(p + ".") for p in BASE_PARAMS) \
+        and not any(key == p or key.startswith(p + ".") for p in CELL_PARAMS_EXCLUDE)
+
+
+def key_cell(cell: Any) -> dict[str, Any]:
+    """The cell's identity as its key sees it: method, seed, sweep key and value; for ``base`` under a sweep it does
+    not read, without the sweep (its cells at every value are one result)."""
+    d = {k: v for k, v in cell.to_dict().items() if k != "name"}
+    if not cell.trained and not base_reads(d.get("sweep_key")):
+        d.update(sweep_key=None, sweep_value=None)
+    return d
+
+
 def cell_key_parts(settings: Settings, root: Path, cell: Any, pairs_file: Path | None) -> dict[str, Any]:
     """The readable ingredients of a cell's key (``settings``: the cell's, sweep value applied)."""
     return {
         "format": KEY_FORMAT,
-        "cell": {k: v for k, v in cell.to_dict().items() if k != "name"},
+        "cell": key_cell(cell),
         "params": sha256_json(cell_params(settings, cell.trained)),
         "pairs": sha256_files([pairs_file]) if cell.trained and pairs_file is not None else None,
         "eval_inputs": eval_inputs_hash(settings, root),
