@@ -742,6 +742,43 @@ def test_base_is_scored_once_under_a_sweep_it_does_not_read(study_project, capsy
     assert b["rec"]["params"]["evaluate.samples_per_task"] == 3 and b["rec"]["run_token"] != a["rec"]["run_token"]
 
 
+def test_dry_run_says_what_each_cell_would_do_and_computes_nothing(study_project):
+    """`coin study --dry-run` on the tiny study: every cell done; a changed evaluation setting evaluates the trained
+    cells again from their adapters; a changed train.lr retrains them and leaves base done; a new sweep builds its
+    pairs first and copies base at the second value. Nothing is written."""
+    from typer.testing import CliRunner
+
+    from coin.cli import app
+    from coin.study.grid import load_study
+    from coin.study.plan import study_plan
+
+    params, root = study_project["params"], study_project["root"]
+    before = sorted(str(p) for p in root.rglob("*"))
+
+    def plan(*over: str) -> dict[str, str]:
+        settings, r = load_study(params, list(over))
+        return {c["cell"]: c["action"] for c in study_plan(settings, r)["cells"]}
+
+    assert plan() == dict.fromkeys(CELLS, "done")
+    assert plan("evaluate.samples_per_task=2") == dict.fromkeys(CELLS, "evaluate")
+    assert plan("train.lr=0.002") == {"base-s0": "done", "base-s1": "done",
+                                      "coin-s0": "train + evaluate", "coin-s1": "train + evaluate"}
+    swept = study_plan(*load_study(params, ["study.sweep_key=train.lr", "study.sweep_values=[0.001,0.002]",
+                                            "study.out_dir=outputs/sweep-plan"]))
+    assert [p["action"] for p in swept["prepare"]] == ["build pairs + validate"]
+    acts = {c["cell"]: c["action"] for c in swept["cells"]}
+    assert acts["base-s0-train.lr=0.001"] == "evaluate" and acts["base-s0-train.lr=0.002"] == "copy"
+    assert acts["coin-s1-train.lr=0.002"] == "train + evaluate"
+    assert swept["counts"] == {"done": 0, "evaluate": 2, "train + evaluate": 4, "copy": 2}
+
+    res = CliRunner().invoke(app, ["study", "--params", str(params), "--set", "evaluate.samples_per_task=2",
+                                   "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "0 done, 4 evaluate, 0 train + evaluate, 0 copy (4 cells)" in res.output
+    assert "its training is unchanged, the adapter is reused" in res.output
+    assert sorted(str(p) for p in root.rglob("*")) == before  # nothing computed, nothing written
+
+
 def test_grid_cells_names_and_sweep_values_go_through_the_override_machinery():
     from coin.study.grid import cell_settings, grid_cells, make_cell, sweep_overrides
 

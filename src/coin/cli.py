@@ -335,6 +335,26 @@ def train(
         _print_plan(memory_plan)
 
 
+def _print_study_plan(plan: dict[str, Any]) -> None:
+    """``coin study --dry-run``: a table of the pairs sets and cells, what each would do and why, then the counts."""
+    from rich.table import Table
+
+    colour = {"done": "green", "evaluate": "cyan", "copy": "cyan"}
+    table = Table(title="coin study --dry-run: nothing computed", title_justify="left")
+    for col in ("what", "action", "why"):
+        table.add_column(col)
+    for p in plan["prepare"]:
+        table.add_row(escape(f"pairs {p['pairs']}"), f"[{colour.get(p['action'], 'yellow')}]{p['action']}[/]",
+                      escape(p["why"]))
+    for c in plan["cells"]:
+        table.add_row(escape(c["cell"]), f"[{colour.get(c['action'], 'yellow')}]{escape(c['action'])}[/]",
+                      escape(c["why"]))
+    out = Console(width=max(120, Console().width))
+    out.print(table)
+    out.print(", ".join(f"{n} {a}" for a, n in plan["counts"].items()) + f" ({len(plan['cells'])} cells)",
+              highlight=False)
+
+
 def _print_plan(plan: Any) -> None:
     """The memory plan as a rich table on stdout: one column per method, then the verdict."""
     from rich.table import Table
@@ -455,6 +475,8 @@ def study(
                             typer.Option(help="an existing Dask scheduler, e.g. tcp://127.0.0.1:8786")] = None,
     dask_threads: Annotated[bool,
                             typer.Option(help="one Dask worker thread in this process (needs --workers 1)")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list what each cell would do (done, evaluate only, "
+                                          "train, copy) and stop; computes nothing")] = False,
 ) -> None:
     """Methods x training seeds [x one swept key]: train + evaluate each cell, then mean ± std and paired differences
     (Prefect flow).
@@ -467,7 +489,12 @@ def study(
     from coin.study.grid import load_study, sweep_overrides
 
     overrides = [*(set_ or []), *sweep_overrides(sweep)]
-    load_study(params, overrides)  # fail on bad params (methods, seeds, sweep) before Prefect starts
+    settings, root = load_study(params, overrides)  # fail on bad params (methods, seeds, sweep) before Prefect starts
+    if dry_run:
+        from coin.study.plan import study_plan
+
+        _print_study_plan(study_plan(settings, root))
+        return
     from flows.study import coin_study
 
     install_log_redaction(logging.getLogger("prefect"))  # Prefect's console and API log handlers

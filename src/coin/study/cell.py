@@ -161,18 +161,27 @@ def _swap_in(tmp: Path, final: Path) -> None:
             old.unlink(missing_ok=True)
 
 
+def reusable_training(final: Path, tkey: str) -> dict[str, Any] | None:
+    """The record of a complete earlier result at ``final`` whose training key is ``tkey`` and whose adapter is there
+    (only its evaluation changed, so its training can be reused), or None."""
+    try:
+        old = read_json(final / CELL_RECORD)
+    except DataError:
+        return None
+    if (isinstance(old, dict) and old.get("complete") is True and old.get("train_key") == tkey
+            and isinstance(old.get("train"), dict) and (final / ADAPTER_DIR / "adapter_config.json").exists()):
+        return old
+    return None
+
+
 def _reuse_training(final: Path, tmp: Path, tkey: str) -> str | None:
     """When ``final`` holds a complete earlier result of this cell whose training key is ``tkey`` (only its evaluation
     changed), copy its adapter and loss curve into ``tmp`` with the training record, so :func:`_compute` evaluates
     that adapter instead of training again. Returns when the reused training was computed, or None."""
     if (tmp / TRAIN_RECORD).exists():
         return None  # this key's own work directory already holds a finished training
-    try:
-        old = read_json(final / CELL_RECORD)
-    except DataError:
-        return None
-    if not (isinstance(old, dict) and old.get("complete") is True and old.get("train_key") == tkey
-            and isinstance(old.get("train"), dict) and (final / ADAPTER_DIR / "adapter_config.json").exists()):
+    old = reusable_training(final, tkey)
+    if old is None:
         return None
     for partial in (ADAPTER_DIR, "checkpoints"):  # what a killed training under this key left: not needed now
         shutil.rmtree(tmp / partial, ignore_errors=True)
@@ -184,20 +193,26 @@ def _reuse_training(final: Path, tmp: Path, tkey: str) -> str | None:
     return trained_at
 
 
-def _share_base(final: Path, tmp: Path, key: str, parts: dict[str, Any]) -> dict[str, Any] | None:
-    """A ``base`` cell under a sweep of a key base does not read (``keys.key_cell``) has one result at every sweep
-    value: when a sibling cell of the same seed already holds it (same key, complete), copy its evaluation into
-    ``tmp`` and return its record, so the backbone is not scored again. None when no sibling has it."""
+def done_sibling(final: Path, parts: dict[str, Any]) -> Path | None:
+    """Another cell directory beside ``final`` that holds a complete ``base`` result with key ``parts`` (base under
+    a sweep of a key it does not read has one key at every value, ``keys.key_cell``), or None."""
+    if not final.parent.is_dir():
+        return None
     for other in sorted(p for p in final.parent.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if other == final or cell_status(other, parts, trained=False) is not None:
-            continue
-        rec = read_json(other / CELL_RECORD)
-        if rec.get("key") != key:
-            continue
-        shutil.rmtree(tmp / EVAL_DIR, ignore_errors=True)
-        shutil.copytree(other / EVAL_DIR, tmp / EVAL_DIR)
-        return rec
+        if other != final and cell_status(other, parts, trained=False) is None:
+            return other
     return None
+
+
+def _share_base(final: Path, tmp: Path, parts: dict[str, Any]) -> dict[str, Any] | None:
+    """Copy a done sibling's evaluation (:func:`done_sibling`) into ``tmp`` and return its record, so the backbone
+    is not scored again; None when no sibling has it."""
+    other = done_sibling(final, parts)
+    if other is None:
+        return None
+    shutil.rmtree(tmp / EVAL_DIR, ignore_errors=True)
+    shutil.copytree(other / EVAL_DIR, tmp / EVAL_DIR)
+    return read_json(other / CELL_RECORD)
 
 
 def _release_memory() -> None:
@@ -325,7 +340,7 @@ def run_cell(settings: Settings, root: Path, cell: Cell, *, out_dir: Path | None
         if reused:
             log.info("cell %s: its training is unchanged (%s); evaluating the adapter it trained at %s", cell.name,
                      why, reused)
-        shared = None if cell.trained or force or cell.sweep_key is None else _share_base(final, tmp, key, parts)
+        shared = None if cell.trained or force or cell.sweep_key is None else _share_base(final, tmp, parts)
         if shared is not None:
             log.info("cell %s: base does not read %s; the same result as cell %s, copied", cell.name,
                      cell.sweep_key, shared["cell"]["name"])

@@ -50,6 +50,24 @@ def prepare_pairs(settings: Settings, root: Path, *, parent_run_id: str | None =
                       for (v, _), r in zip(points, recs, strict=True)}}
 
 
+def prepared(s: Settings, root: Path) -> dict[str, Any] | None:
+    """The record of pairs + gate already built under ``s.paths.out_dir`` from the same inputs (same key, and
+    ``valid.jsonl`` as recorded), or None when they must be built."""
+    from coin.layout import Layout
+
+    record_file = Path(root) / s.paths.out_dir / PREP_RECORD
+    valid = Layout(Path(root), s).valid_file
+    if not (record_file.exists() and valid.exists()):
+        return None
+    try:
+        rec = read_json(record_file)
+    except DataError:
+        return None
+    if rec.get("key") == key_of(prep_key_parts(s, Path(root))) and rec.get("valid_sha256") == sha256_files([valid]):
+        return rec
+    return None
+
+
 def _prepare_one(s: Settings, root: Path, parent_run_id: str | None, force: bool) -> dict[str, Any]:
     """One set of pairs + gate, written under ``s.paths.out_dir`` (see :func:`coin.study.grid.prep_points`)."""
     from coin import stages
@@ -57,17 +75,12 @@ def _prepare_one(s: Settings, root: Path, parent_run_id: str | None, force: bool
     from coin.registry.tracking import PARENT_RUN_ENV
 
     record_file = root / s.paths.out_dir / PREP_RECORD
+    valid = Layout(root, s).valid_file
+    if not force and (rec := prepared(s, root)) is not None:
+        log.info("study: pairs and validation unchanged (%s); reusing them", valid)
+        return {**rec, "cached": True}
     parts = prep_key_parts(s, root)
     key = key_of(parts)
-    valid = Layout(root, s).valid_file
-    if not force and record_file.exists() and valid.exists():
-        try:
-            rec = read_json(record_file)
-        except DataError:
-            rec = {}
-        if rec.get("key") == key and rec.get("valid_sha256") == sha256_files([valid]):
-            log.info("study: pairs and validation unchanged (%s); reusing them", valid)
-            return {**rec, "cached": True}
     previous = os.environ.get(PARENT_RUN_ENV)
     if parent_run_id:  # the validate stage nests its MLflow run under the study run
         os.environ[PARENT_RUN_ENV] = parent_run_id

@@ -1,0 +1,69 @@
+"""``coin study --dry-run``: what a study would compute, cell by cell, without computing anything.
+
+A study can run for hours; before it starts, a user wants to know which cells are done, which will only be
+evaluated again (their training is unchanged: :func:`coin.study.cell.reusable_training`), which train from scratch
+or from a checkpoint a killed run left, and which ``base`` cells are copies of a sibling. The answers come from the
+same keys and checks :func:`coin.study.cell.run_cell` uses, so the plan and the run cannot disagree. Nothing here
+writes a file, imports torch, Prefect or MLflow.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from coin.config import Settings
+from coin.study.cell import TRAIN_RECORD, cell_status, done_sibling, reusable_training, work_dir
+from coin.study.grid import cell_settings, cells_dir, grid_cells, prep_points, sweeps_draws, valid_file
+from coin.study.keys import cell_key_parts, key_of, train_key
+from coin.study.prepare import prepared
+
+DONE, EVALUATE, TRAIN, COPY, PREPARE = "done", "evaluate", "train + evaluate", "copy", "build pairs + validate"
+
+
+def study_plan(settings: Settings, root: Path) -> dict[str, Any]:
+    """``{"prepare": [...], "cells": [...], "counts": {...}}``: each pairs set and each cell with its ``action``
+    (done / evaluate / train + evaluate / copy / build pairs + validate) and ``why``."""
+    root = Path(root)
+    prep, ready = [], {}
+    for value, s in prep_points(settings):
+        done = prepared(s, root) is not None
+        ready[value] = done
+        prep.append({"pairs": s.paths.out_dir, "action": DONE if done else PREPARE,
+                     "why": "unchanged" if done else "not built yet, or built from other params, data or code"})
+    cells, first_base = [], {}
+    for cell in grid_cells(settings):
+        final = cells_dir(settings, root) / cell.name
+        draw = cell.sweep_value if sweeps_draws(settings) else None
+        if cell.trained and not ready[draw]:
+            cells.append({"cell": cell.name, "action": TRAIN, "why": "its pairs are built first"})
+            continue
+        s = cell_settings(settings, cell)
+        parts = cell_key_parts(s, root, cell, valid_file(settings, root, cell) if cell.trained else None)
+        why = cell_status(final, parts, cell.trained)
+        key = key_of(parts)
+        if why is None:
+            action, why = DONE, "its key is unchanged"
+        elif cell.trained:
+            tmp = work_dir(final, key)
+            if (tmp / TRAIN_RECORD).exists():
+                action, why = EVALUATE, f"{why}; a killed earlier run finished its training"
+            elif reusable_training(final, train_key(s, cell, parts["pairs"])) is not None:
+                action, why = EVALUATE, f"{why}; its training is unchanged, the adapter is reused"
+            elif (tmp / "checkpoints").is_dir() and any((tmp / "checkpoints").iterdir()):
+                action, why = TRAIN, f"{why}; resumes from the checkpoint a killed earlier run left"
+            else:
+                action = TRAIN
+        else:
+            sibling = done_sibling(final, parts) if cell.sweep_key else None
+            if sibling is not None:
+                action, why = COPY, f"from {sibling.name}: base does not read {cell.sweep_key}"
+            elif cell.sweep_key and key in first_base:
+                action, why = COPY, f"from {first_base[key]}, once it is done: base does not read {cell.sweep_key}"
+            else:
+                first_base.setdefault(key, cell.name)
+                action = EVALUATE
+        cells.append({"cell": cell.name, "action": action, "why": why})
+    counts = Counter(c["action"] for c in cells)
+    return {"prepare": prep, "cells": cells, "counts": {a: counts[a] for a in (DONE, EVALUATE, TRAIN, COPY)}}
