@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from coin.data.io import write_json
 from coin.stage_specs import select_params
