@@ -51,11 +51,13 @@ def select_params(settings: Settings, keys: Iterable[str], exclude: Iterable[str
     ['seed', 'train.lora.alpha', 'train.lora.modules_to_save', 'train.lora.r', 'train.lora.target_modules']
     """
     keys, exclude = tuple(keys), tuple(exclude)
+    return {k: v for k, v in settings.to_flat_dict().items() if key_under(k, keys) and not key_under(k, exclude)}
 
-    def under(k: str, prefixes: tuple[str, ...]) -> bool:
-        return any(k == p or k.startswith(p + ".") for p in prefixes)
 
-    return {k: v for k, v in settings.to_flat_dict().items() if under(k, keys) and not under(k, exclude)}
+def key_under(key: str, prefixes: Iterable[str]) -> bool:
+    """Whether the flat params key ``key`` is one of ``prefixes`` or inside one of them (``train.lr`` is under
+    ``train``, ``training`` is not)."""
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
 def stage_params(stage: str, settings: Settings) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from typing import Any
 import coin
 from coin.config import Settings
 from coin.data.tasks import validation_files
-from coin.stage_specs import STAGE_SPECS, select_params
+from coin.stage_specs import STAGE_SPECS, key_under, select_params
 
 CODE_ROOT = Path(coin.__file__).resolve().parent  # the coin package that actually runs
 KEY_FORMAT = 1
@@ -104,8 +104,7 @@ def base_reads(key: str | None) -> bool:
     """Whether ``base`` (the untouched backbone, evaluated) can depend on the params key ``key``: only keys under
     :data:`BASE_PARAMS` can. A sweep over any other key (``train.lr``, ``pairs.seed``) leaves base alike at every
     value, so its cells share one key and one computation (``coin.study.cell``)."""
-    return key is not None and any(key == p or key.startswith(p + ".") for p in BASE_PARAMS) \
-        and not any(key == p or key.startswith(p + ".") for p in CELL_PARAMS_EXCLUDE)
+    return key is not None and key_under(key, BASE_PARAMS) and not key_under(key, CELL_PARAMS_EXCLUDE)
 
 
 def key_cell(cell: Any) -> dict[str, Any]:

@@ -50,9 +50,10 @@ def prepare_pairs(settings: Settings, root: Path, *, parent_run_id: str | None =
                       for (v, _), r in zip(points, recs, strict=True)}}
 
 
-def prepared(s: Settings, root: Path) -> dict[str, Any] | None:
+def prepared(s: Settings, root: Path, key: str | None = None) -> dict[str, Any] | None:
     """The record of pairs + gate already built under ``s.paths.out_dir`` from the same inputs (same key, and
-    ``valid.jsonl`` as recorded), or None when they must be built."""
+    ``valid.jsonl`` as recorded), or None when they must be built. ``key``: :func:`prep_key_parts`' key, when the
+    caller has it (it hashes the whole data directory)."""
     from coin.layout import Layout
 
     record_file = Path(root) / s.paths.out_dir / PREP_RECORD
@@ -63,7 +64,8 @@ def prepared(s: Settings, root: Path) -> dict[str, Any] | None:
         rec = read_json(record_file)
     except DataError:
         return None
-    if rec.get("key") == key_of(prep_key_parts(s, Path(root))) and rec.get("valid_sha256") == sha256_files([valid]):
+    key = key or key_of(prep_key_parts(s, Path(root)))
+    if rec.get("key") == key and rec.get("valid_sha256") == sha256_files([valid]):
         return rec
     return None
 
@@ -76,11 +78,11 @@ def _prepare_one(s: Settings, root: Path, parent_run_id: str | None, force: bool
 
     record_file = root / s.paths.out_dir / PREP_RECORD
     valid = Layout(root, s).valid_file
-    if not force and (rec := prepared(s, root)) is not None:
-        log.info("study: pairs and validation unchanged (%s); reusing them", valid)
-        return {**rec, "cached": True}
     parts = prep_key_parts(s, root)
     key = key_of(parts)
+    if not force and (rec := prepared(s, root, key)) is not None:
+        log.info("study: pairs and validation unchanged (%s); reusing them", valid)
+        return {**rec, "cached": True}
     previous = os.environ.get(PARENT_RUN_ENV)
     if parent_run_id:  # the validate stage nests its MLflow run under the study run
         os.environ[PARENT_RUN_ENV] = parent_run_id
