@@ -689,3 +689,44 @@ def test_report_without_perturbed_or_clean_sets(sets: list[str], scoring: list[s
         assert summary["clean"] == summary["PDR (set means)"] == "–" and summary["perturbed"] != "–"
     with pytest.raises(ValueError, match="undefined"):
         robustness_summary(paths["metrics"], "m")
+
+
+@pytest.mark.parametrize("attention", ["prefix", "causal"])
+def test_a_sets_figures_do_not_depend_on_which_other_sets_are_evaluated(eval_tiny_dirs: dict[str, Path],
+                                                                       attention: str) -> None:
+    """The clean set scored alone and beside four perturbed sets gives the same scores to the last digit, in bf16,
+    in both scoring modes and with calibration: no batch spans two sets (scoring.length_batches). Batches cut
+    across sets change their shapes with the other sets' prompts, and bf16 then moves the scores."""
+    bb = load_backbone(str(eval_tiny_dirs["bert"]), device="cpu", attention=attention,
+                       readout="mean" if attention == "prefix" else "last")
+    cfg = _settings(tasks=["rte", "sst2"], instruction_sets=["clean"], samples_per_task=5, batch_size=4,
+                    scoring=["loglik", "generate"], max_new_tokens=2, autocast="bf16", calibration="content_free")
+    alone = evaluate_model(bb.model, bb.tokenizer, cfg, data_dir=DATA, seed=0, model_label="x")
+    more = cfg.model_copy(update={"instruction_sets": ["textfooler", "clean", "deepwordbug", "semantic", "checklist"]})
+    beside = evaluate_model(bb.model, bb.tokenizer, more, data_dir=DATA, seed=0, model_label="x")
+    cols = ["scoring", "task", "instruction_id", "example_id", "scores", "raw_scores", "output", "pred"]
+    a = alone.predictions[cols]
+    b = beside.predictions[beside.predictions["set"] == "clean"][cols]
+    assert len(a) == len(b) == 2 * 2 * 6 * 5
+    pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True))
+
+
+def test_length_batches_cover_every_index_once_never_span_blocks_and_reject_bad_keys(eval_llama: Backbone) -> None:
+    from coin.evaluation.scoring import ScoringRequest, length_batches
+
+    lengths = [5, 1, 9, 9, 2, 7, 3, 8, 4, 6, 1]
+    blocks = list("abcabcabcab")
+    got = length_batches(lengths, 3, blocks)
+    assert sorted(i for b in got for i in b) == list(range(len(lengths)))
+    assert all(len(b) <= 3 and len({blocks[i] for i in b}) == 1 for b in got)
+    for b in got:  # longest first inside each block
+        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+    # a block's batches are the same whatever else is batched with it
+    only_a = [i for i, k in enumerate(blocks) if k == "a"]
+    assert [b for b in got if blocks[b[0]] == "a"] == [[only_a[j] for j in b]
+                                                        for b in length_batches([lengths[i] for i in only_a], 3)]
+    with pytest.raises(ValueError, match="blocks has 2 entries for 11 items"):
+        length_batches(lengths, 3, ["a", "b"])
+    with pytest.raises(ValueError, match="a group spans two blocks"):
+        ScoringRequest(model=eval_llama.model, tokenizer=eval_llama.tokenizer, prompts=["x", "y"], label_words=["a"],
+                       groups=[0, 0], blocks=["clean", "checklist"])

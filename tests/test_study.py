@@ -869,3 +869,37 @@ def test_shipped_params_and_deployment_declare_the_study():
     assert getattr(flows.study, func).name == "coin-study"
     assert dep["work_pool"]["name"] == "coin-local"
     assert all(not sch.get("active", True) for sch in dep.get("schedules") or [])  # not scheduled by default
+
+
+def test_train_key_hashes_the_training_code_and_not_the_cells_bookkeeping(tmp_path, monkeypatch):
+    """An edit to coin.study.cell (records, locks, the evaluation call) changes the cell's key, so the cell is
+    evaluated again, but not its train_key, so its adapter is reused; an edit to the training code
+    (coin.study.cell_train, coin.training) changes both."""
+    import coin.study.keys as keys
+    from coin.study.grid import make_cell
+
+    pkg = tmp_path / "coin"
+    shutil.copytree(keys.CODE_ROOT, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(keys, "CODE_ROOT", pkg)
+    s = Settings.model_validate({})
+    cell = make_cell(s, "coin", 0)
+
+    def now() -> tuple[str, str]:
+        return keys.train_key(s, cell, "pairs-sha"), keys.code_hash(keys.CELL_CODE, keys.CELL_CODE_EXCLUDE)
+
+    def edit(rel: str) -> None:
+        with (pkg / rel).open("a") as fh:
+            fh.write("\n# an edit\n")
+
+    train0, cell0 = now()
+    edit("study/cell.py")
+    train1, cell1 = now()
+    assert train1 == train0 and cell1 != cell0
+    edit("evaluation/scoring.py")
+    train2, cell2 = now()
+    assert train2 == train0 and cell2 != cell1
+    for rel in ("study/cell_train.py", "training/loop.py"):
+        edit(rel)
+        train3, cell3 = now()
+        assert train3 != train2 and cell3 != cell2
+        train2, cell2 = train3, cell3

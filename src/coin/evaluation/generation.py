@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import re
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from coin.data.io import DataError, read_json
 from coin.data.prompts import PromptFormat, encode
+from coin.evaluation.scoring import length_batches
 from coin.modeling.backbone import attention_mode, readout_mode, row_attention_mask, selected_logits
 
 log = logging.getLogger(__name__)
@@ -160,28 +161,26 @@ def _decode_new(tokenizer, out: torch.Tensor, width: int) -> tuple[list[str], in
 
 def generate_answers(
     model: nn.Module, tokenizer, prompts: Sequence[str], *, fmt: PromptFormat = "train", max_new_tokens: int = 7,
-    batch_size: int = 32, desc: str = "generate",
+    batch_size: int = 32, desc: str = "generate", blocks: Sequence[Hashable] | None = None,
 ) -> GenerateOutput:
-    """Greedy ``max_new_tokens`` continuations of every prompt, batched with left padding and a KV cache."""
+    """Greedy ``max_new_tokens`` continuations of every prompt, batched with left padding and a KV cache
+    (:func:`coin.evaluation.scoring.length_batches`; ``blocks``: one key per prompt, no batch spans two)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = next(model.parameters()).device
     ids = _prompt_ids(tokenizer, prompts, fmt, _budget(model, max_new_tokens))
+    batches = length_batches(list(map(len, ids)), batch_size, blocks)
     if attention_mode(model) == "prefix" or readout_mode(model) == "mean":
-        return _generate_prefix_lm(model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                   desc=desc)
+        return _generate_prefix_lm(model, tokenizer, ids, batches, max_new_tokens=max_new_tokens, desc=desc)
     cfg = _gen_config(tokenizer, max_new_tokens)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths share a batch: less padding
     texts: list[str] = [""] * len(ids)
     new_tokens = 0
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            starts = range(0, len(order), batch_size)
-            for s in tqdm(starts, desc=desc, unit="batch", leave=False, disable=len(starts) < 2):
-                idx = order[s:s + batch_size]
+            for idx in tqdm(batches, desc=desc, unit="batch", leave=False, disable=len(batches) < 2):
                 width = max(len(ids[i]) for i in idx)
                 x = torch.full((len(idx), width), pad, dtype=torch.long)
                 m = torch.zeros((len(idx), width), dtype=torch.long)
@@ -266,20 +265,17 @@ def _greedy_rows(model: nn.Module, prompt_ids: list[list[int]], max_new_tokens: 
     return new
 
 
-def _generate_prefix_lm(model: nn.Module, tokenizer, ids: list[list[int]], *, max_new_tokens: int,
-                        batch_size: int, desc: str) -> GenerateOutput:
+def _generate_prefix_lm(model: nn.Module, tokenizer, ids: list[list[int]], batches: list[list[int]], *,
+                        max_new_tokens: int, desc: str) -> GenerateOutput:
     """:func:`generate_answers` for a prefix-LM backbone (module docstring)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     texts: list[str] = [""] * len(ids)
     new_tokens = 0
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            starts = range(0, len(order), batch_size)
-            for s in tqdm(starts, desc=desc, unit="batch", leave=False, disable=len(starts) < 2):
-                idx = order[s:s + batch_size]
+            for idx in tqdm(batches, desc=desc, unit="batch", leave=False, disable=len(batches) < 2):
                 rows = _greedy_rows(model, [ids[i] for i in idx], max_new_tokens, tokenizer.eos_token_id, pad)
                 for i, row in zip(idx, rows, strict=True):
                     new_tokens += len(row)

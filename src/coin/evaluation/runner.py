@@ -136,6 +136,7 @@ def _evaluate_task(
                 model=model, tokenizer=tokenizer, prompts=prompts, label_words=list(spec.label_words),
                 fmt=cfg.prompt_format, batch_size=cfg.batch_size, length_normalise=cfg.length_normalise, use_cache=True,
                 groups=[(s, i) for s, i, _, _ in items] if cfg.prefix_cache else None,
+                blocks=[s for s, _, _, _ in items],  # a set's scores do not depend on which other sets run
                 desc=f"loglik {task} ({len(prompts)})")
             out = score_labels(request)
             decide = out.scores
@@ -149,7 +150,8 @@ def _evaluate_task(
             paths.append((out.path, out.path_note, out.prefix_tokens, len(prompts)))
         elif mode == "generate":
             gen = generate_answers(model, tokenizer, prompts, fmt=cfg.prompt_format, max_new_tokens=cfg.max_new_tokens,
-                                   batch_size=cfg.batch_size, desc=f"generate {task} ({len(prompts)})")
+                                   batch_size=cfg.batch_size, desc=f"generate {task} ({len(prompts)})",
+                                   blocks=[s for s, _, _, _ in items])
             pred = [parse_answer(t, choices) for t in gen.texts]
             scores, outputs = [None] * len(items), gen.texts
             timing[mode]["forward_tokens"] += gen.prompt_tokens + gen.new_tokens
@@ -182,7 +184,7 @@ def _content_free_calibrated(
     keys = list(dict.fromkeys((s, i) for s, i, _, _ in items))
     text = {(s, i): instr for s, i, instr, _ in items}
     cf = score_labels(replace(request, prompts=[join_instruction(text[k], "") for k in keys], groups=None,
-                              desc=f"content-free {task}")).scores                  # (K, L)
+                              blocks=[s for s, _ in keys], desc=f"content-free {task}")).scores  # (K, L)
     row_of = {k: j for j, k in enumerate(keys)}
     per_item = cf[torch.tensor([row_of[(s, i)] for s, i, _, _ in items])]           # (P, L)
     prior = label_log_prior(label_counts) if label_counts and len(label_counts) == spec.num_labels else None

@@ -149,20 +149,45 @@ def _score_batch(model: nn.Module, batch: list[ScoredSequence], pad_id: int, dev
     return sums.cpu()
 
 
-def score_sequences(
-    model: nn.Module, seqs: list[ScoredSequence], *, pad_id: int, batch_size: int, desc: str = "loglik"
-) -> torch.Tensor:
-    """Summed label log-probs per sequence, in input order. Longest first: an OOM shows up at once."""
+def length_batches(lengths: Sequence[int], batch_size: int,
+                   blocks: Sequence[Hashable] | None = None) -> list[list[int]]:
+    """Indices into ``lengths`` cut into batches of at most ``batch_size``, longest first (similar lengths share
+    a batch, so little of it is padding; an OOM shows up at once). With ``blocks`` (one key per index), no batch
+    spans two blocks, and a block's batches depend on its own members alone: the evaluation passes each prompt's
+    instruction set, so a set's scores are the same whichever other sets run with it (in bf16 a batch's
+    shape can flip a near-tie).
+
+    >>> length_batches([3, 9, 5, 7], 2)
+    [[1, 3], [2, 0]]
+    >>> length_batches([3, 9, 5, 7], 2, blocks=["a", "b", "a", "b"])
+    [[2, 0], [1, 3]]
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if blocks is not None and len(blocks) != len(lengths):
+        raise ValueError(f"blocks has {len(blocks)} entries for {len(lengths)} items")
+    members: dict[Hashable, list[int]] = {}
+    for i, b in enumerate(blocks if blocks is not None else [None] * len(lengths)):
+        members.setdefault(b, []).append(i)
+    out: list[list[int]] = []
+    for idx in members.values():
+        idx.sort(key=lambda i: -lengths[i])
+        out += [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
+    return out
+
+
+def score_sequences(
+    model: nn.Module, seqs: list[ScoredSequence], *, pad_id: int, batch_size: int, desc: str = "loglik",
+    blocks: Sequence[Hashable] | None = None,
+) -> torch.Tensor:
+    """Summed label log-probs per sequence, in input order, batched by :func:`length_batches` (``blocks``: one
+    key per sequence; no batch spans two)."""
     device = _model_device(model)
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].input_ids))
+    batches = length_batches([len(q.input_ids) for q in seqs], batch_size, blocks)
     out = torch.empty(len(seqs), dtype=torch.float32)
     with _eval_mode(model), torch.inference_mode():
-        n_batches = -(-len(order) // batch_size)
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False,
-                          disable=n_batches < 2):  # no bar for a single batch (predict)
-            idx = order[start:start + batch_size]
+        for idx in tqdm(batches, desc=desc, unit="batch", leave=False,
+                        disable=len(batches) < 2):  # no bar for a single batch (predict)
             out[idx] = _score_batch(model, [seqs[i] for i in idx], pad_id, device)
     return out
 
@@ -322,19 +347,22 @@ def _score_cached(
     scores = torch.zeros((len(prompt_ids), n_labels), dtype=torch.float32)
     work, prefix_sum = 0, 0
 
-    by_group: dict[Hashable, list[int]] = {}
-    for i, g in enumerate(groups if groups is not None else [None] * len(prompt_ids)):
-        by_group.setdefault(g, []).append(i)
-    order: list[int] = []
-    prefix_len: dict[Hashable, int] = {}
-    for k, (g, members) in enumerate(by_group.items()):
-        # longest first, alternating direction per group ("snake"): a batch that spans the end of one group
-        # and the start of the next joins prompts of similar length, so little of it is padding
-        members.sort(key=lambda i: len(prompt_ids[i]), reverse=k % 2 == 0)
-        order += members
-        prefix_len[g] = _common_prefix([prompt_ids[i] for i in members]) if groups is not None else 0
     group_of = [None] * len(prompt_ids) if groups is None else list(groups)
-    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    blocks = list(request.blocks) if request.blocks is not None else [None] * len(prompt_ids)
+    by_block: dict[Hashable, dict[Hashable, list[int]]] = {}
+    for i, (b, g) in enumerate(zip(blocks, group_of, strict=True)):
+        by_block.setdefault(b, {}).setdefault(g, []).append(i)
+    prefix_len: dict[Hashable, int] = {}
+    batches: list[list[int]] = []
+    for by_group in by_block.values():  # no batch spans two blocks (length_batches)
+        order: list[int] = []
+        for k, (g, members) in enumerate(by_group.items()):
+            # longest first, alternating direction per group ("snake"): a batch that spans the end of one group
+            # and the start of the next joins prompts of similar length, so little of it is padding
+            members.sort(key=lambda i: len(prompt_ids[i]), reverse=k % 2 == 0)
+            order += members
+            prefix_len[g] = _common_prefix([prompt_ids[i] for i in members]) if groups is not None else 0
+        batches += [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
 
     with _eval_mode(model), torch.inference_mode():
         for idx in tqdm(batches, desc=request.desc, unit="batch", leave=False, disable=len(batches) < 2):
@@ -379,6 +407,13 @@ def _score_cached(
 # --------------------------------------------------------------------------- public API
 
 
+def _blocks_of(groups: Sequence[Hashable], blocks: Sequence[Hashable]) -> dict[Hashable, set[Hashable]]:
+    out: dict[Hashable, set[Hashable]] = {}
+    for g, b in zip(groups, blocks, strict=True):
+        out.setdefault(g, set()).add(b)
+    return out
+
+
 @dataclass(frozen=True, eq=False)
 class ScoringRequest:
     """One label-word scoring: the model and its tokenizer, the prompts, the label words to score after
@@ -386,9 +421,11 @@ class ScoringRequest:
 
     ``groups`` (same length as ``prompts``, e.g. the instruction of each prompt) turns on prefix
     sharing: each group's longest common token prefix (at least ``min_prefix`` tokens) runs once.
+    ``blocks`` (same length as ``prompts``, e.g. the instruction set of each prompt): no batch spans two blocks
+    (:func:`length_batches`), so a block's scores do not depend on the prompts of other blocks.
     ``use_cache=False`` forces the per-label path (used by tests and the benchmark). ``desc`` labels the
-    progress bar. Checked when made: an empty label list, a batch size below 1 or a ``groups`` of another
-    length than ``prompts`` is a ``ValueError``.
+    progress bar. Checked when made: an empty label list, a batch size below 1, a ``groups`` or ``blocks`` of
+    another length than ``prompts``, or a group in two blocks is a ``ValueError``.
     """
 
     model: nn.Module
@@ -401,6 +438,7 @@ class ScoringRequest:
     use_cache: bool = True
     groups: Sequence[Hashable] | None = None
     min_prefix: int = 4
+    blocks: Sequence[Hashable] | None = None
     desc: str = "loglik"
 
     def __post_init__(self) -> None:
@@ -408,8 +446,13 @@ class ScoringRequest:
             raise ValueError("label_words is empty")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.groups is not None and len(self.groups) != len(self.prompts):
-            raise ValueError(f"groups has {len(self.groups)} entries for {len(self.prompts)} prompts")
+        for name in ("groups", "blocks"):
+            keys = getattr(self, name)
+            if keys is not None and len(keys) != len(self.prompts):
+                raise ValueError(f"{name} has {len(keys)} entries for {len(self.prompts)} prompts")
+        if self.groups is not None and self.blocks is not None and any(
+                len(bs) > 1 for bs in _blocks_of(self.groups, self.blocks).values()):
+            raise ValueError("a group spans two blocks; a group's prompts must share one block")
 
 
 def score_labels(request: ScoringRequest) -> LoglikOutput:
@@ -450,7 +493,10 @@ def _score_per_label(request: ScoringRequest, reason: str) -> LoglikOutput:
                     type(model).__name__, reason)
     seqs = build_sequences(tokenizer, list(request.prompts), list(request.label_words), fmt=request.fmt,
                            max_length=_max_length(model))
-    flat = score_sequences(model, seqs, pad_id=_pad_id(tokenizer), batch_size=request.batch_size, desc=request.desc)
+    n_labels = len(request.label_words)  # build_sequences: prompt-major, one sequence per label word
+    blocks = None if request.blocks is None else [b for b in request.blocks for _ in range(n_labels)]
+    flat = score_sequences(model, seqs, pad_id=_pad_id(tokenizer), batch_size=request.batch_size, desc=request.desc,
+                           blocks=blocks)
     out = LoglikOutput(scores=flat.view(len(request.prompts), len(request.label_words)), path="per-label",
                        path_note=reason, forward_tokens=sum(len(s.input_ids) for s in seqs))
     if request.groups is not None:

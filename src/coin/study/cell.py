@@ -40,7 +40,6 @@ of the same seed is done copies that sibling's evaluation instead of scoring the
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import platform
@@ -58,7 +57,8 @@ from typing import Any
 import coin  # noqa: F401  (local-only environment first)
 from coin.config import ConfigError, Settings
 from coin.cpus import thread_settings
-from coin.data.io import DataError, read_json, read_jsonl, write_json
+from coin.data.io import DataError, read_json, write_json
+from coin.study.cell_train import ADAPTER_DIR, LOSS_FILE, TRAIN_RECORD, release_memory, train_cell
 from coin.study.grid import (
     Cell,
     cell_settings,
@@ -74,10 +74,7 @@ from coin.study.keys import cell_key_parts, cell_params, key_of, train_key
 log = logging.getLogger("coin.study")
 
 CELL_RECORD = "cell.json"
-TRAIN_RECORD = "train.json"  # in the work directory: training finished (adapter, loss.csv written)
 EVAL_DIR = "eval"
-ADAPTER_DIR = "adapter"
-LOSS_FILE = "loss.csv"
 RECORD_FORMAT = 1
 
 
@@ -215,15 +212,6 @@ def _share_base(final: Path, tmp: Path, parts: dict[str, Any]) -> dict[str, Any]
     return read_json(other / CELL_RECORD)
 
 
-def _release_memory() -> None:
-    """Return what the last model held (the caller dropped its references) before the next one loads."""
-    gc.collect()
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _versions() -> dict[str, str]:
     import peft
     import torch
@@ -236,9 +224,6 @@ def _versions() -> dict[str, str]:
 def _compute(s: Settings, root: Path, cell: Cell, tmp: Path, pairs: Path, device: str | None,
              progress: bool) -> dict[str, Any]:
     """Train (unless base) and evaluate into ``tmp``; returns the record's figures and timings."""
-    import pandas as pd
-
-    from coin import stages
     from coin.evaluation.result import save_result
     from coin.evaluation.runner import evaluate_model
     from coin.modeling.adapter import load_trained
@@ -248,29 +233,7 @@ def _compute(s: Settings, root: Path, cell: Cell, tmp: Path, pairs: Path, device
     t0 = time.perf_counter()
     train_info = None
     if cell.trained:
-        done = tmp / TRAIN_RECORD
-        if done.exists() and (tmp / ADAPTER_DIR / "adapter_config.json").exists():
-            train_info = read_json(done)  # a killed earlier run of this cell had finished training
-            log.info("cell %s: training had finished in an earlier run; evaluating its adapter", cell.name)
-        else:
-            rows = read_jsonl(pairs, missing_hint="Run `coin study` (it prepares the pairs) or pass --pairs FILE.")
-            if not any(r.get("split") == "train" for r in rows):
-                raise DataError(f"{pairs}: no rows with split 'train' to train on; check pairs.val_fraction")
-            # continue from the work directory's latest checkpoint, if an earlier run of this cell left one
-            # (train.resume is not part of the cell's key: it cannot change the result)
-            s_run = s.model_copy(update={"train": s.train.model_copy(update={"resume": True})})
-            result = stages.train_adapter(s_run, rows, cell.method, tmp, seed=cell.seed, device=device,
-                                          progress=progress)
-            pd.DataFrame(result.history).to_csv(tmp / LOSS_FILE, index=False)
-            last = result.history[-1] if result.history else {}
-            train_info = {"steps": result.steps, "resumed_from": result.resumed_from,
-                          "wall_time_s": round(result.wall_time_s, 2),
-                          "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                          "final": {k: round(float(v), 6) for k, v in last.items() if k in ("loss", "l_gen", "l_cl")}}
-            write_json(done, train_info)
-            shutil.rmtree(tmp / "checkpoints", ignore_errors=True)  # training is done; its checkpoints are not needed
-            del result
-            _release_memory()
+        train_info = train_cell(s, cell.method, cell.seed, cell.name, tmp, pairs, device, progress)
         # evaluate what was saved, as the pipeline does: the adapter on a fresh backbone (its coin_model.json:
         # base, the cell's seed, attention)
         model, tokenizer, meta = load_trained(tmp / ADAPTER_DIR, device=device or s.model.device)
@@ -289,7 +252,7 @@ def _compute(s: Settings, root: Path, cell: Cell, tmp: Path, pairs: Path, device
                          model_label=cell.name, root=root, label_counts=counts)
     save_result(res, tmp / EVAL_DIR)
     del model
-    _release_memory()
+    release_memory()
     total = time.perf_counter() - t0
     return {"scoring": res.primary, **figures_of(res), "train": train_info, **where,
             "wall_time_s": {"train": round(t_train, 2), "evaluate": round(res.wall_time_s, 2),
