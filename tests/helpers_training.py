@@ -183,4 +183,6 @@ def naive_objective(
             parts["w_oc"].append(w_oc.item())
     metrics = {"loss": total.item(), "l_gen": l_gen_all.item()}
     metrics.update({k: sum(v) / len(v) for k, v in parts.items() if v})
+    # each group's token-mean CE over all rows, whether or not the method trains on it
+    metrics.update({f"ce_{g}": (sum(ce[g]) / max(sum(n_tok[g]), 1)).item() for g in cols})
     return total, metrics

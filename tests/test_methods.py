@@ -28,13 +28,14 @@ def _part(**extra: float) -> dict[str, float]:
 def test_registry_order_puts_newer_objectives_first():
     # Study paired differences are earlier - later in this order: each newer objective minus coin, cit and sft,
     # then coin-cit, coin-sft, cit-sft.
-    assert list(METHODS) == ["coin_consistency", "consistency", "coin", "cit", "sft"]
+    assert list(METHODS) == ["coin_consistency", "consistency", "coin_neg", "coin", "cit", "sft"]
     assert TRAIN_METHODS == tuple(METHODS)
     assert STUDY_METHODS == ("base", *METHODS)
     assert all(name == m.name for name, m in METHODS.items())
     assert [f"{a}-{b}" for a, b in difference_pairs(["sft", "cit", "coin"])][:3] == ["coin-cit", "coin-sft", "cit-sft"]
     pairs = [f"{a}-{b}" for a, b in difference_pairs(list(METHODS))]
-    assert {"consistency-coin", "consistency-cit", "coin_consistency-coin", "coin_consistency-cit"} <= set(pairs)
+    assert {"consistency-coin", "consistency-cit", "coin_consistency-coin", "coin_consistency-cit", "coin_neg-coin",
+            "coin_neg-cit", "coin_neg-sft"} <= set(pairs)
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -57,7 +58,7 @@ def test_removing_a_declaration_makes_config_reject_it(monkeypatch):
     monkeypatch.setattr(config_module, "METHODS", {k: m for k, m in METHODS.items() if k != "cit"})
     for section in ("train", "register"):
         with pytest.raises(ConfigError, match=rf"{section}\.methods = \['cit'\]: .*'cit' is not a registered "
-                                              "method; use one of coin_consistency, consistency, coin, sft"):
+                                              "method; use one of coin_consistency, consistency, coin_neg, coin, sft"):
             Settings.model_validate({**without_cit, "train": {"methods": ["cit"]}, "register": {"methods": ["cit"]}})
     with pytest.raises(ConfigError, match=r"study\.methods = .*'cit' is not a registered method; use one of base"):
         Settings.model_validate({"study": {"methods": ["base", "cit"]}})
@@ -69,10 +70,14 @@ def test_groups_and_terms_are_the_declared_ones():
     assert method_groups("coin", hard_negatives=False) == ("original", "paraphrase")
     assert method_groups("cit") == ("original", "paraphrase")
     assert method_groups("sft") == ("original",)
-    assert [m.generation_groups for m in METHODS.values()] == [("original", "paraphrase")] * 4 + [("original",)]
-    assert [m.trains_contrastive for m in METHODS.values()] == [True, False, True, False, False]
+    assert [m.generation_groups for m in METHODS.values()] == [("original", "paraphrase")] * 2 + [
+        ("original", "paraphrase", "negative")] + [("original", "paraphrase")] * 2 + [("original",)]
+    assert [m.trains_contrastive for m in METHODS.values()] == [True, False, True, True, False, False]
+    assert [m for m in METHODS if METHODS[m].needs_negatives] == ["coin_neg"]
+    with pytest.raises(ValueError, match="'coin_neg' has a generation loss on the hard negatives"):
+        method_groups("coin_neg", hard_negatives=False)
     assert METHODS["cit"].info_nce == InfoNCE("measured") and METHODS["sft"].info_nce is None
-    with pytest.raises(ValueError, match="use one of coin_consistency, consistency, coin, cit, sft"):
+    with pytest.raises(ValueError, match="use one of coin_consistency, consistency, coin_neg, coin, cit, sft"):
         method_groups("nope")
 
 
@@ -119,8 +124,8 @@ def test_sft_nan_contrastive_values_stay_nan():
 def test_bad_declarations_are_refused():
     with pytest.raises(ValueError, match="InfoNCE needs"):
         Method("x", "", ("original",), (Generation("original"), InfoNCE()))
-    with pytest.raises(ValueError, match="generation on 'negative'"):
-        Method("x", "", ("original", "paraphrase", "negative"), (Generation("negative"),))
+    with pytest.raises(ValueError, match="generation on 'negative'"):  # a term on a group the method lacks
+        Method("x", "", ("original", "paraphrase"), (Generation("original"), Generation("negative")))
     with pytest.raises(ValueError, match="order"):
         Method("x", "", ("paraphrase", "original"), ())
     with pytest.raises(ValueError, match="declared twice"):
@@ -138,3 +143,15 @@ def test_dvc_loss_plots_list_every_registered_method():
 def test_methods_module_is_a_leaf():
     src = (ROOT / "src" / "coin" / "methods.py").read_text()
     assert "import torch" not in src and "from coin" not in src and "import coin" not in src
+
+
+def test_settings_refuse_dropping_the_negatives_a_method_trains_on():
+    """train.hard_negatives = false would silently drop coin_neg's generation loss on the negatives: refused, by name,
+    whether coin_neg is trained by the pipeline or a study; other methods still drop them."""
+    for where in ({"train": {"methods": ["coin_neg"]}, "register": {"methods": ["coin_neg"]}},
+                  {"study": {"methods": ["base", "coin_neg"]}}):
+        with pytest.raises(ConfigError, match=r"\['coin_neg'\] train on them"):
+            Settings.model_validate({**where, "train": {**where.get("train", {}), "hard_negatives": False}})
+    s = Settings.model_validate({"train": {"methods": ["coin"], "hard_negatives": False},
+                                 "study": {"methods": ["coin", "cit"]}})
+    assert method_groups("coin", s.train.hard_negatives) == ("original", "paraphrase")

@@ -407,6 +407,40 @@ def test_fused_step_equals_textbook_objective(
     assert any(g.abs().sum() > 0 for n, g in ours.items() if "lora_A" in n)
 
 
+@pytest.mark.parametrize(("tiny", "packing"), [("tiny_llama_dir", True), ("tiny_bert_encoder_dir", False)])
+def test_coin_neg_adds_the_negatives_generation_loss_to_coins_objective(
+    request: pytest.FixtureRequest, tiny: str, packing: bool
+) -> None:
+    """coin_neg = coin + the token-mean CE of the hard negatives' own answers: its fused step equals the textbook
+    objective, and its L_gen exceeds coin's on the same batch by exactly the negatives' CE (coin's collator labels
+    no negative token; coin_neg's labels every one of their response tokens)."""
+    rows = make_rows(3, varied_targets=True)
+    out = {}
+    for method in ("coin", "coin_neg"):
+        bb = load_backbone(str(request.getfixturevalue(tiny)), device="cpu")
+        cfg = cfg_for(method, cl_weighting="fixed", cl_weight=0.5, packing=packing)
+        torch.manual_seed(0)
+        model = apply_lora(bb, cfg.lora)
+        perturb_lora_b(model)
+        model.eval()
+        b = PairCollator.from_settings(bb.tokenizer, cfg, 64)(rows)
+        loss, m = coin_step_loss(model, b, cfg)
+        loss.backward()
+        ours = grads(model)
+        model.zero_grad(set_to_none=True)
+        ref_loss, ref = naive_objective(model, bb.tokenizer, rows, cfg)
+        ref_loss.backward()
+        for key in ("loss", "l_gen", "l_cl"):
+            assert m[key] == pytest.approx(ref[key], rel=2e-5, abs=1e-6), (method, key)
+        assert_grads_close(ours, grads(model))
+        out[method] = (m, ref, int((b.labels != -100).sum()))
+    (coin, coin_ref, coin_labelled), (neg, neg_ref, neg_labelled) = out["coin"], out["coin_neg"]
+    assert neg_ref["ce_negative"] == pytest.approx(coin_ref["ce_negative"], rel=1e-6) and neg_ref["ce_negative"] > 0
+    assert neg["l_gen"] == pytest.approx(coin["l_gen"] + neg_ref["ce_negative"], rel=2e-5)
+    assert neg["l_cl"] == pytest.approx(coin["l_cl"], rel=1e-5)  # the same InfoNCE
+    assert neg_labelled > coin_labelled
+
+
 # --------------------------------------------------------------------------- accumulation
 
 

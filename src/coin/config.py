@@ -672,6 +672,20 @@ class Settings(_Section):
         return self
 
     @model_validator(mode="after")
+    def _negatives_kept_where_trained_on(self) -> "Settings":
+        if self.train.hard_negatives:
+            return self
+        listed = dict.fromkeys([*self.train.methods, *(m for m in self.study.methods if m in METHODS)])
+        needs = [m for m in listed if METHODS[m].needs_negatives]
+        if needs:
+            raise ValueError(
+                f"train.hard_negatives = false drops the hard negatives, but {needs} train on them (a generation "
+                f"loss on the negative); set train.hard_negatives to true or remove {needs} from train.methods and "
+                "study.methods"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _study_sweep_applies(self) -> "Settings":
         check_study_sweep(self)  # a bad sweep key stops every command, before any cell runs
         return self

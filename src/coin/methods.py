@@ -26,8 +26,11 @@ from typing import Literal
 
 # Every sequence group a pair row can give, in batch order (prompt/target columns: coin.training.collator).
 SEQUENCE_GROUPS: tuple[str, ...] = ("original", "paraphrase", "negative")
-# Groups whose responses can carry a generation loss (the hard negative's target is a wrong answer).
-GEN_GROUPS: frozenset[str] = frozenset({"original", "paraphrase"})
+# Groups whose responses can carry a generation loss. All three: the hard negative is the original's instruction on
+# another example x' with *its* answer y' (coin.data.pairs), a right answer to its own input; what makes it a hard
+# negative is that y' differs from the original's answer. coin and the paper leave it out of L_gen; coin_neg
+# trains on it too.
+GEN_GROUPS: frozenset[str] = frozenset({"original", "paraphrase", "negative"})
 
 Reduction = Literal["mean", "sum", "last"]
 _REDUCTIONS: tuple[str, ...] = ("mean", "sum", "last")
@@ -161,8 +164,18 @@ class Method:
                                  "before it")
 
     def groups(self, hard_negatives: bool = True) -> tuple[str, ...]:
-        """The sequence blocks of a batch, in order (``train.hard_negatives = false`` drops the negatives)."""
+        """The sequence blocks of a batch, in order (``train.hard_negatives = false`` drops the negatives; refused
+        for a method that trains on them, :attr:`needs_negatives`)."""
+        if not hard_negatives and self.needs_negatives:
+            raise ValueError(f"method {self.name!r} has a generation loss on the hard negatives, so it needs "
+                             "train.hard_negatives = true")
         return tuple(g for g in self.sequence_groups if hard_negatives or g != "negative")
+
+    @property
+    def needs_negatives(self) -> bool:
+        """Whether the objective reads the hard negatives beyond InfoNCE's extra columns: a generation term on them.
+        ``train.hard_negatives = false`` would silently drop a term of such a method, so the settings refuse it."""
+        return "negative" in self.generation_groups
 
     @property
     def generation_groups(self) -> tuple[str, ...]:
@@ -237,6 +250,11 @@ METHODS: dict[str, Method] = {
             "consistency", "L_gen(orig)+L_gen(para)+w_oc*D(orig,para)+w_push*push(neg), no L_cl",
             ("original", "paraphrase", "negative"),
             (Generation("original"), Generation("paraphrase"), OutputConsistency()),
+        ),
+        Method(
+            "coin_neg", "coin + L_gen(neg): the hard negative, a right answer to another input, trained on too",
+            ("original", "paraphrase", "negative"),
+            (Generation("original"), Generation("paraphrase"), Generation("negative"), InfoNCE("cl_weighting")),
         ),
         Method(
             "coin", "L_gen(orig)+L_gen(para)+w*L_cl",

@@ -12,8 +12,8 @@ A cell's key (:func:`cell_key_parts`) covers
 - the content of the validated pairs a trained cell trains on (sha256 of ``valid.jsonl``);
 - the content of the evaluation's inputs: the validation files of ``evaluate.tasks`` and the instruction file;
 - the code a cell runs: ``coin.training``, ``coin.modeling``, ``coin.evaluation`` (except the report
-  and uncertainty modules, which a cell does not run), ``coin.data``, ``stages.py``, ``coin.study.cell`` and
-  ``coin.study.cell_train``.
+  and uncertainty modules, which a cell does not run), ``coin.data``, ``coin.methods`` (the methods' objectives),
+  ``stages.py``, ``coin.study.cell`` and ``coin.study.cell_train``.
   ``config.py`` is not hashed: the validated params are.
 
 A trained cell's record also keeps :func:`train_key`, the key of its training alone: when only the evaluation's
@@ -44,7 +44,8 @@ CELL_PARAMS = ("seed", "model", "pairs.cutoff_len", "train", "evaluate")
 CELL_PARAMS_EXCLUDE = ("model.device", "train.methods", "train.resume", "train.log_every", "train.checkpoint_every",
                        "train.keep_checkpoints", "evaluate.include_base")
 BASE_PARAMS = ("seed", "model", "evaluate")
-CELL_CODE = ("training", "modeling", "evaluation", "data", "stages.py", "study/cell.py", "study/cell_train.py")
+CELL_CODE = ("training", "modeling", "evaluation", "data", "methods.py", "stages.py", "study/cell.py",
+             "study/cell_train.py")
 CELL_CODE_EXCLUDE = ("evaluation/report", "evaluation/uncertainty.py")  # report: the package, every module of it
 
 # pairs + validation gate: what coin.study.prepare reads, i.e. the pipeline's pairs and validate stages
@@ -138,8 +139,9 @@ def key_of(parts: dict[str, Any]) -> str:
 # the adapter it already trained instead of training it again. ``evaluate.calibration`` is in: the adapter's
 # ``coin_model.json`` records it for ``coin predict``.
 TRAIN_PARAMS = ("seed", "model", "pairs.cutoff_len", "train", "evaluate.calibration")
-TRAIN_CODE = ("training", "modeling", "data", "stages.py", "study/cell_train.py")  # not study/cell.py: its
-# bookkeeping (records, locks, the evaluation call) cannot change an adapter, and an edit to it must not retrain one
+TRAIN_CODE = ("training", "modeling", "data", "methods.py", "stages.py", "study/cell_train.py")  # not study/cell.py:
+# its bookkeeping (records, locks, the evaluation call) cannot change an adapter, and an edit to it must not retrain
+# one. methods.py is in: it declares what each method's objective adds up
 
 
 def train_key(settings: Settings, cell: Any, pairs_sha256: str) -> str:
