@@ -77,6 +77,24 @@ def assert_grads_close(actual: dict[str, torch.Tensor], expected: dict[str, torc
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
+def fused_and_textbook(model: torch.nn.Module, tokenizer: Any, batch: Any, rows: list[dict[str, Any]],
+                       cfg: TrainSettings) -> tuple[dict[str, float], dict[str, torch.Tensor], dict[str, float],
+                                                    dict[str, torch.Tensor]]:
+    """One fused step on ``batch`` and :func:`naive_objective` on ``rows``, each backpropagated from zero gradients:
+    ``(fused metrics, fused LoRA grads, textbook metrics, textbook LoRA grads)``."""
+    from coin.training.loss import coin_step_loss
+
+    loss, m = coin_step_loss(model, batch, cfg)
+    loss.backward()
+    ours = grads(model)
+    model.zero_grad(set_to_none=True)
+    ref_loss, ref = naive_objective(model, tokenizer, rows, cfg)
+    ref_loss.backward()
+    theirs = grads(model)
+    model.zero_grad(set_to_none=True)
+    return m, ours, ref, theirs
+
+
 def naive_objective(
     model: torch.nn.Module, tok: Any, rows: list[dict[str, Any]], cfg: TrainSettings, chunks: int = 1
 ) -> tuple[torch.Tensor, dict[str, float]]:

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from helpers_training import (
     assert_grads_close,
     cfg_for,
+    fused_and_textbook,
     grads,
     make_rows,
-    naive_objective,
     perturb_lora_b,
     trainable_state,
 )
@@ -394,16 +394,11 @@ def test_fused_step_equals_textbook_objective(
     else:
         assert (b.attention_mask == 0).sum(dim=1).gt(0).sum() >= 4  # most rows carry padding
 
-    loss, m = coin_step_loss(model, b, cfg)
-    loss.backward()
-    ours = grads(model)
-    model.zero_grad(set_to_none=True)
-    ref_loss, ref = naive_objective(model, bb.tokenizer, rows, cfg)
-    ref_loss.backward()
+    m, ours, ref, theirs = fused_and_textbook(model, bb.tokenizer, b, rows, cfg)
     for key in ("loss", "l_gen", "l_cl", "w"):
         assert m[key] == pytest.approx(ref[key], rel=2e-5, abs=1e-6), key
     assert ref["w"] != pytest.approx(cfg.cl_lambda)  # adaptive: the cap is active, as in the reference
-    assert_grads_close(ours, grads(model))
+    assert_grads_close(ours, theirs)
     assert any(g.abs().sum() > 0 for n, g in ours.items() if "lora_A" in n)
 
 
@@ -424,15 +419,10 @@ def test_coin_neg_adds_the_negatives_generation_loss_to_coins_objective(
         perturb_lora_b(model)
         model.eval()
         b = PairCollator.from_settings(bb.tokenizer, cfg, 64)(rows)
-        loss, m = coin_step_loss(model, b, cfg)
-        loss.backward()
-        ours = grads(model)
-        model.zero_grad(set_to_none=True)
-        ref_loss, ref = naive_objective(model, bb.tokenizer, rows, cfg)
-        ref_loss.backward()
+        m, ours, ref, theirs = fused_and_textbook(model, bb.tokenizer, b, rows, cfg)
         for key in ("loss", "l_gen", "l_cl"):
             assert m[key] == pytest.approx(ref[key], rel=2e-5, abs=1e-6), (method, key)
-        assert_grads_close(ours, grads(model))
+        assert_grads_close(ours, theirs)
         out[method] = (m, ref, int((b.labels != -100).sum()))
     (coin, coin_ref, coin_labelled), (neg, neg_ref, neg_labelled) = out["coin"], out["coin_neg"]
     assert neg_ref["ce_negative"] == pytest.approx(coin_ref["ce_negative"], rel=1e-6) and neg_ref["ce_negative"] > 0

@@ -281,7 +281,7 @@ def label_counts(rows: list[dict[str, Any]]) -> dict[str, list[int]]:
     The prior stands for the task's label shares, and the originals are a random draw of the task's rows. The hard
     negatives are not counted, even for ``coin_neg``, which trains on them: each is drawn with a label other than its
     original's, so on a binary task they balance any skew, and counting them made the prior uniform and cost coin_neg
-    about 10 points of clean accuracy (RESULTS §26)."""
+    about 7 points of clean accuracy (RESULTS §26)."""
     from coin.data.tasks import get_task
 
     counts: dict[str, list[int]] = {}

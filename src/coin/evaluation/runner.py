@@ -118,6 +118,7 @@ def _evaluate_task(
     spec = get_task(task)
     items = [(s, i, instr, row) for s, instrs in per_set.items() for i, instr in enumerate(instrs) for row in rows]
     prompts = [join_instruction(instr, spec.render_content(row)) for _, _, instr, row in items]
+    set_of = [s for s, _, _, _ in items]  # batches stay within a set: its scores do not depend on the other sets
     base = pd.DataFrame({
         "task": task, "category": spec.category,
         "set": [s for s, _, _, _ in items],
@@ -136,7 +137,7 @@ def _evaluate_task(
                 model=model, tokenizer=tokenizer, prompts=prompts, label_words=list(spec.label_words),
                 fmt=cfg.prompt_format, batch_size=cfg.batch_size, length_normalise=cfg.length_normalise, use_cache=True,
                 groups=[(s, i) for s, i, _, _ in items] if cfg.prefix_cache else None,
-                blocks=[s for s, _, _, _ in items],  # a set's scores do not depend on which other sets run
+                blocks=set_of,
                 desc=f"loglik {task} ({len(prompts)})")
             out = score_labels(request)
             decide = out.scores
@@ -151,7 +152,7 @@ def _evaluate_task(
         elif mode == "generate":
             gen = generate_answers(model, tokenizer, prompts, fmt=cfg.prompt_format, max_new_tokens=cfg.max_new_tokens,
                                    batch_size=cfg.batch_size, desc=f"generate {task} ({len(prompts)})",
-                                   blocks=[s for s, _, _, _ in items])
+                                   blocks=set_of)
             pred = [parse_answer(t, choices) for t in gen.texts]
             scores, outputs = [None] * len(items), gen.texts
             timing[mode]["forward_tokens"] += gen.prompt_tokens + gen.new_tokens
