@@ -526,6 +526,15 @@ def test_register_gate_idempotent_and_pyfunc_roundtrip(store, tmp_path, tiny_lla
                                    "what a film", "--task", "sst2", *common, "--set", "register.model_name=tiny-coin"])
     assert res.exit_code == 0, res.output
     assert res.stdout.splitlines()[-1] == plain["answer"].iloc[0]
+    # --input repeated: every input answered (none dropped), one `answer<TAB>input` line each, in order
+    texts = ["what a film", "a dull, lifeless mess", "fine"]
+    several = CliRunner().invoke(app, ["predict", "--instruction", "Is this 'positive' or 'negative'? ",
+                                       *[a for t in texts for a in ("--input", t)], "--task", "sst2", *common,
+                                       "--set", "register.model_name=tiny-coin"])
+    assert several.exit_code == 0, several.output
+    expected = model.predict(pd.DataFrame({"instruction": ["Is this 'positive' or 'negative'? "] * 3, "input": texts,
+                                           "task": ["sst2"] * 3}))["answer"]
+    assert several.stdout.splitlines()[-3:] == [f"{a}\t{t}" for a, t in zip(expected, texts, strict=True)]
     missing = CliRunner().invoke(app, ["predict", "--instruction", "x", *common, "--set", "register.model_name=nope"])
     assert missing.exit_code == 4 and "cannot load models:/nope@champion" in missing.output  # ExitCode.MODEL
 

@@ -524,7 +524,8 @@ def _text_option(name: str, value: str | None) -> None:
 @app.command()
 def predict(
     instruction: Annotated[str, typer.Option(help="the instruction, e.g. \"Is this review positive or negative?\"")],
-    input: Annotated[str, typer.Option("--input", help="the input text")] = "",
+    input: Annotated[Optional[list[str]], typer.Option(
+        "--input", help="the input text; repeat it for several inputs, answered in one batch, one line each")] = None,
     task: Annotated[Optional[str], typer.Option(help="GLUE task: answer with its label words (loglik)")] = None,
     options: Annotated[Optional[str], typer.Option(help="candidate answers separated by '|', or a JSON list")] = None,
     model_uri: Annotated[Optional[str], typer.Option(help="default: models:/<register.model_name>@champion")] = None,
@@ -534,7 +535,9 @@ def predict(
     """Answer an instruction + input with the registered champion (MLflow pyfunc)."""
     from coin.predict import check_task, parse_options
 
-    for name, value in (("--instruction", instruction), ("--input", input), ("--task", task), ("--options", options)):
+    inputs = input or [""]
+    for name, value in (("--instruction", instruction), *(("--input", text) for text in inputs), ("--task", task),
+                        ("--options", options)):
         _text_option(name, value)
     # checked before the model loads: a typo costs no model load
     if task:
@@ -565,22 +568,23 @@ def predict(
                     "outputs/register/registration.json); the newest candidate is "
                     f"--model-uri models:/{settings.register_.model_name}@challenger.")
         raise ModelUnavailable(f"cannot load {uri}: {exc}. {hint}") from None
-    row = {"instruction": [instruction], "input": [input]}
+    n = len(inputs)
+    row = {"instruction": [instruction] * n, "input": inputs}
     if task:
-        row["task"] = [task]
+        row["task"] = [task] * n
     if options:
-        row["options"] = [options]
+        row["options"] = [options] * n
     try:
         out = model.predict(pd.DataFrame(row), params={"return_scores": True})
     except mlflow.exceptions.MlflowException as exc:  # the pyfunc's refusal of an input (coin.predict): exit 2
         if not exc.message.startswith("invalid input:"):
             raise
         raise ValueError(exc.message) from None
-    answer, scores = out["answer"].iloc[0], out["scores"].iloc[0]
-    print(answer)
-    if scores:
-        console.print(f"[dim]scores (label log-likelihoods; calibrated if the model was trained with "
-                      f"evaluate.calibration: content_free): {scores}[/]")
+    for text, answer, scores in zip(inputs, out["answer"], out["scores"], strict=True):
+        print(answer if n == 1 else f"{answer}\t{text}")  # several inputs: each answer beside its input
+        if scores:
+            console.print(f"[dim]scores (label log-likelihoods; calibrated if the model was trained with "
+                          f"evaluate.calibration: content_free): {scores}[/]")
 
 
 @app.command()
