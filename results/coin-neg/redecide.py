@@ -49,8 +49,9 @@ def main() -> None:
         as_run.append(cell_data(rec, res))
         if rec["cell"]["method"] == "coin_neg":
             same = redecide(res, res.settings["label_counts"])  # the prior it used
-            # the stored decisions again, but for ties at the stored 5 decimals (at most 0.2% of rows here)
-            assert (same.predictions["pred"] == res.predictions["pred"]).mean() > 0.99, d
+            # the stored decisions again, but where the stored (5-decimal) scores tie (at most 0.2% of rows here)
+            moved = res.predictions["scores"][same.predictions["pred"] != res.predictions["pred"]]
+            assert all(sorted(r)[-1] == sorted(r)[-2] for r in moved), d
             res = redecide(res, natural)
         swapped.append(cell_data(rec, res))
     out = {}

@@ -121,7 +121,7 @@ def _evaluate_task(
     set_of = [s for s, _, _, _ in items]  # batches stay within a set: its scores do not depend on the other sets
     base = pd.DataFrame({
         "task": task, "category": spec.category,
-        "set": [s for s, _, _, _ in items],
+        "set": set_of,
         "level": [perturbation_level(s) for s, _, _, _ in items],
         "instruction_id": [i for _, i, _, _ in items],
         "example_id": [row["example_id"] for _, _, _, row in items],
