@@ -4,7 +4,7 @@
         "coin (prompt, mean)=outputs/study-pool:coin" "coin=outputs/study:coin" "cit=outputs/study:cit" \
         --out results/study-pool
 
-Each argument is ``LABEL=STUDY_DIR:METHOD`` or ``LABEL=STUDY_DIR:METHOD@SWEEP`` (LABEL without ``=``): the done
+Each argument is ``LABEL=STUDY_DIR:METHOD`` or ``LABEL=STUDY_DIR:METHOD@SWEEP`` (LABEL may hold ``=``): the done
 cells of METHOD in STUDY_DIR (every seed), shown as LABEL; with ``@SWEEP`` (a sweep group as the study names it, e.g.
 ``@train.cl_weight=0.1``) only the cells of that sweep value, without it only the cells of a study that sweeps
 nothing. ``coin study`` keys its cells by method, so two configurations of one method (here coin with another
@@ -39,14 +39,23 @@ from coin.study.report import difference_rows  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, Path, str, str | None]:
-    """``LABEL=STUDY_DIR:METHOD[@SWEEP]`` -> (label, study dir, method, sweep group or None)."""
-    label, sep, rest = text.partition("=")
-    study, sep2, spec = rest.rpartition(":")
-    method, _, sweep = spec.partition("@")
-    if not (sep and sep2 and label and study and method):
+    """``LABEL=STUDY_DIR:METHOD[@SWEEP]`` -> (label, study dir, method, sweep group or None).
+
+    LABEL may hold ``=`` (``coin tau=0.5=outputs/study-tau:coin``): the split is the first ``=`` after which an
+    existing STUDY_DIR follows; where none exists, the first ``=`` (the study check then names the directory)."""
+    splits = []
+    for i, ch in enumerate(text):
+        if ch != "=":
+            continue
+        label, rest = text[:i], text[i + 1:]
+        study, sep2, spec = rest.rpartition(":")
+        method, _, sweep = spec.partition("@")
+        if label and sep2 and study and method:
+            splits.append((label, Path(study), method, sweep or None))
+    if not splits:
         raise SystemExit(f"{text!r}: write LABEL=STUDY_DIR:METHOD[@SWEEP], e.g. 'coin=outputs/study:coin' or "
-                         "'coin w 0.1=outputs/study-w:coin@train.cl_weight=0.1' (no '=' in LABEL)")
-    return label, Path(study), method, sweep or None
+                         "'coin w 0.1=outputs/study-w:coin@train.cl_weight=0.1'")
+    return next((v for v in splits if v[1].is_dir()), splits[0])
 
 
 def _fmt(x: float | None, sign: bool = False) -> str:

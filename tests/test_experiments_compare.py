@@ -140,3 +140,16 @@ def test_task_differences_bootstrap_each_task_on_its_own_examples() -> None:
     row = md.splitlines()[-1]
     assert row.startswith("| a − b | +10.0 [") and "* 3/3 | +0.0 [" in row and row.endswith("] 0/3 |")
     assert agg["differences"][0]["clean"]["delta"] == pytest.approx(5.0)
+
+
+def test_a_label_may_hold_an_equals_sign_and_a_sweep_suffix_still_parses(tmp_path: Path, monkeypatch) -> None:
+    parse = _module().parse_variant
+    (tmp_path / "study-tau").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert parse("coin tau=0.5=study-tau:coin") == ("coin tau=0.5", Path("study-tau"), "coin", None)
+    assert parse("coin=study-tau:coin@train.cl_weight=0.1") == ("coin", Path("study-tau"), "coin",
+                                                              "train.cl_weight=0.1")
+    # no split names an existing directory: the first '=' (the study check then names the missing directory)
+    assert parse("a=b=missing:coin")[:2] == ("a", Path("b=missing"))
+    with pytest.raises(SystemExit, match="LABEL=STUDY_DIR:METHOD"):
+        parse("coin-without-a-study")
