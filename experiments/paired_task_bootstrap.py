@@ -4,10 +4,13 @@
         --a outputs/eval-a/predictions.jsonl:s0,s1,s2 --b outputs/eval-b/predictions.jsonl:r0,r1,r2
 
 Each side is an evaluation's ``predictions.jsonl`` and its models, in seed order: the i-th model of A is paired
-with the i-th of B (same training seed). Every model must have scored the same examples under the same
+with the i-th of B (same training seed). A side may also name study cells, ``CELL_DIR[,CELL_DIR...]`` (each a
+``coin study`` cell directory with its ``scores.csv``, one model each, in seed order): their clean per-example
+scores are used, so give ``--set clean`` or no ``--set``. Every model must have scored the same examples under the same
 instructions. A side may be given several times (``--a E1:s0,s1 --a E2:s0``): its models are taken in that
 order, so pairs can span evaluations (e.g. one per draw of training rows). ``--set clean`` keeps the rows of that
-instruction set only (repeatable; default every row given); ``--per-task`` adds each task's own paired difference.
+instruction set only (repeatable; default every row given); ``--per-task`` adds each task's own paired difference;
+``--tasks T,T,...`` keeps those tasks' examples only (their average, tasks weighted equally, is the difference).
 
 Per model and example, the score is the share of instructions answered right (the protocol's per-example clean
 accuracy). The interval resamples the examples within each task as the study does
@@ -48,20 +51,48 @@ def per_example(path: Path, models: list[str], sets: list[str] | None = None) ->
     return per_example_frame(df, models, where=str(path))
 
 
+def cells_frame(spec: str, sets: list[str] | None = None) -> pd.DataFrame:
+    """Study cells ``CELL_DIR,CELL_DIR,...`` as one :func:`per_example` table: each cell's clean per-example score
+    (the share of clean instructions answered right, percent) from its ``scores.csv``, one column per cell."""
+    if sets is not None and set(sets) != {"clean"}:
+        raise SystemExit(f"{spec}: a study cell's scores.csv holds clean per-example scores; give --set clean or none")
+    cols = {}
+    for d in spec.split(","):
+        path = Path(d) / "scores.csv"
+        if not path.is_file():
+            raise SystemExit(f"{d}: not a study cell directory (no scores.csv)")
+        frame = pd.read_csv(path, dtype={"task": "string", "example_id": "string"})
+        cols[Path(d).name] = frame.set_index(["task", "example_id"])["clean"]
+    return pd.DataFrame(cols)
+
+
 def side_frame(specs: list[str], sets: list[str] | None = None) -> pd.DataFrame:
-    """One side's models, ``PREDICTIONS:MODEL,MODEL,...`` specs in order, as one :func:`per_example` table whose
-    columns are named ``k:model`` (k = the spec's index, so a model name may repeat across evaluations)."""
+    """One side's models, ``PREDICTIONS:MODEL,MODEL,...`` or ``CELL_DIR,CELL_DIR,...`` specs in order, as one
+    :func:`per_example` table whose columns are named ``k:model`` (k = the spec's index, so a model name may repeat
+    across evaluations)."""
     frames = []
     for k, spec in enumerate(specs):
         path, _, models = spec.rpartition(":")
-        if not path or not models:
-            raise SystemExit(f"{spec!r}: give PREDICTIONS:MODEL,MODEL,...")
-        frame = per_example(Path(path), models.split(","), sets)
+        if Path(spec.split(",")[0]).is_dir():
+            frame = cells_frame(spec, sets)
+        elif not path or not models:
+            raise SystemExit(f"{spec!r}: give PREDICTIONS:MODEL,MODEL,... or CELL_DIR,CELL_DIR,...")
+        else:
+            frame = per_example(Path(path), models.split(","), sets)
         frames.append(frame.set_axis([f"{k}:{m}" for m in frame.columns], axis=1))
     for spec, frame in zip(specs[1:], frames[1:], strict=True):
         if not frame.index.equals(frames[0].index):
             raise SystemExit(f"{spec}: scored other examples than {specs[0]}; evaluate every model on the same sample")
     return pd.concat(frames, axis=1)
+
+
+def only_tasks(frame: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
+    """The rows of these tasks; an unknown task is refused with the tasks there are."""
+    present = list(dict.fromkeys(frame.index.get_level_values("task")))
+    unknown = [t for t in tasks if t not in present]
+    if unknown:
+        raise SystemExit(f"--tasks: no examples of {unknown}; the evaluation has {present}")
+    return frame[frame.index.get_level_values("task").isin(tasks)]
 
 
 def per_task_differences(a: pd.DataFrame, b: pd.DataFrame, **kw) -> dict:
@@ -124,12 +155,16 @@ def main() -> int:
     ap.add_argument("--set", action="append", dest="sets", metavar="NAME",
                     help="keep only the rows of this instruction set (repeatable; default: every row)")
     ap.add_argument("--per-task", action="store_true", help="add each task's own paired difference")
+    ap.add_argument("--tasks", help="keep only these tasks' examples, comma-separated (e.g. cola,mrpc): the "
+                    "difference is then their average, tasks weighted equally")
     ap.add_argument("--draws", help="the draw of training rows of each pair, in pair order, comma-separated (e.g. "
                     "42,42,7,7): the interval then resamples the draws first")
     ap.add_argument("--n-boot", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     a, b = side_frame(args.a, args.sets), side_frame(args.b, args.sets)
+    if args.tasks:
+        a, b = only_tasks(a, args.tasks.split(",")), only_tasks(b, args.tasks.split(","))
     draws = args.draws.split(",") if args.draws else None
     result = paired_difference(a, b, n_boot=args.n_boot, seed=args.seed, draws=draws)
     if args.per_task:

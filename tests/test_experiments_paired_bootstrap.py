@@ -97,3 +97,26 @@ def test_draws_of_training_rows_weigh_each_draw_once_and_are_resampled_first(tmp
     assert by_draw["difference"] == 20.0 and by_draw["per_draw"] == {"42": 40.0, "7": 0.0}
     assert by_draw["ci95"][0] <= 1.0 and by_draw["ci95"][1] >= 39.0 and by_draw["seeds_same_sign"] == 3
     assert "give one per pair" in _run(*args, "--draws", "42,7")["error"]
+
+
+def _cell(path: Path, right: dict[str, int]) -> str:
+    """A study cell directory whose scores.csv answers ``right[task]`` of 10 examples per task right (clean)."""
+    path.mkdir(parents=True)
+    lines = ["task,example_id,label,clean,perturbed,consistency,worst_acc"]
+    lines += [f"{t},{t}:{i},0,{100.0 if i < k else 0.0},,," for t, k in right.items() for i in range(10)]
+    (path / "scores.csv").write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_study_cells_as_sides_and_a_subset_of_tasks(tmp_path: Path) -> None:
+    """Cells of two studies, paired by seed: sst2 +80 and +70, rte +10 and 0, cola 0. Over all three tasks the
+    difference per seed is 30 and 23.33; --tasks rte,cola leaves +5 and 0; --tasks nli is refused by name."""
+    a = ",".join(_cell(tmp_path / f"va/coin-s{s}", {"sst2": 10, "rte": 6 - s, "cola": 7}) for s in (0, 1))
+    b = ",".join(_cell(tmp_path / f"vb/coin-s{s}", {"sst2": 2 + s, "rte": 5, "cola": 7}) for s in (0, 1))
+    res = _run("--a", a, "--b", b, "--n-boot", "500")
+    assert res["difference_per_seed"] == [30.0, 23.33] and res["examples"] == 30
+    sub = _run("--a", a, "--b", b, "--tasks", "rte,cola", "--n-boot", "500", "--per-task")
+    assert sub["difference_per_seed"] == [5.0, 0.0] and sub["examples"] == 20
+    assert set(sub["per_task"]) == {"rte", "cola"}
+    assert "no examples of ['nli']" in _run("--a", a, "--b", b, "--tasks", "nli")["error"]
+    assert "give --set clean or none" in _run("--a", a, "--b", b, "--set", "deepwordbug")["error"]
