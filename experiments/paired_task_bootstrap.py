@@ -5,7 +5,7 @@
 
 Each side is an evaluation's ``predictions.jsonl`` and its models, in seed order: the i-th model of A is paired
 with the i-th of B (same training seed). A side may also name study cells, ``CELL_DIR[,CELL_DIR...]`` (each a
-``coin study`` cell directory with its ``scores.csv``, one model each, in seed order): their clean per-example
+complete ``coin study`` cell directory, one model each, in seed order): their clean per-example
 scores are used, so give ``--set clean`` or no ``--set``. Every model must have scored the same examples under the same
 instructions. A side may be given several times (``--a E1:s0,s1 --a E2:s0``): its models are taken in that
 order, so pairs can span evaluations (e.g. one per draw of training rows). ``--set clean`` keeps the rows of that
@@ -29,12 +29,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from coin.study.aggregate import hierarchical_replicates, point_weights, task_codes
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from study_cells import load_cell  # noqa: E402
+
+from coin.study.aggregate import hierarchical_replicates, point_weights, task_codes  # noqa: E402
 
 
 def per_example(path: Path, models: list[str], sets: list[str] | None = None) -> pd.DataFrame:
@@ -52,18 +57,12 @@ def per_example(path: Path, models: list[str], sets: list[str] | None = None) ->
 
 
 def cells_frame(spec: str, sets: list[str] | None = None) -> pd.DataFrame:
-    """Study cells ``CELL_DIR,CELL_DIR,...`` as one :func:`per_example` table: each cell's clean per-example score
-    (the share of clean instructions answered right, percent) from its ``scores.csv``, one column per cell."""
+    """Study cells ``CELL_DIR,CELL_DIR,...`` as one :func:`per_example` table: each complete cell's clean
+    per-example score (the share of clean instructions answered right, percent), read as the study reads it (its
+    ``eval/``, else its ``scores.csv``), one column per cell."""
     if sets is not None and set(sets) != {"clean"}:
-        raise SystemExit(f"{spec}: a study cell's scores.csv holds clean per-example scores; give --set clean or none")
-    cols = {}
-    for d in spec.split(","):
-        path = Path(d) / "scores.csv"
-        if not path.is_file():
-            raise SystemExit(f"{d}: not a study cell directory (no scores.csv)")
-        frame = pd.read_csv(path, dtype={"task": "string", "example_id": "string"})
-        cols[Path(d).name] = frame.set_index(["task", "example_id"])["clean"]
-    return pd.DataFrame(cols)
+        raise SystemExit(f"{spec}: a study cell gives its clean per-example scores; give --set clean or none")
+    return pd.DataFrame({Path(d).name: load_cell(Path(d))[1].scores["clean"] for d in spec.split(",")})
 
 
 def side_frame(specs: list[str], sets: list[str] | None = None) -> pd.DataFrame:

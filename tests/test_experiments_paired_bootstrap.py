@@ -100,8 +100,12 @@ def test_draws_of_training_rows_weigh_each_draw_once_and_are_resampled_first(tmp
 
 
 def _cell(path: Path, right: dict[str, int]) -> str:
-    """A study cell directory whose scores.csv answers ``right[task]`` of 10 examples per task right (clean)."""
+    """A complete study cell (a results/ copy: cell.json and scores.csv) that answers ``right[task]`` of 10
+    examples per task right (clean)."""
     path.mkdir(parents=True)
+    record = {"cell": {"method": "coin", "seed": int(path.name.rsplit("s", 1)[1])}, "complete": True,
+              "figures": {}, "levels": {}}
+    (path / "cell.json").write_text(json.dumps(record))
     lines = ["task,example_id,label,clean,perturbed,consistency,worst_acc"]
     lines += [f"{t},{t}:{i},0,{100.0 if i < k else 0.0},,," for t, k in right.items() for i in range(10)]
     (path / "scores.csv").write_text("\n".join(lines) + "\n")
@@ -120,3 +124,5 @@ def test_study_cells_as_sides_and_a_subset_of_tasks(tmp_path: Path) -> None:
     assert set(sub["per_task"]) == {"rte", "cola"}
     assert "no examples of ['nli']" in _run("--a", a, "--b", b, "--tasks", "nli")["error"]
     assert "give --set clean or none" in _run("--a", a, "--b", b, "--set", "deepwordbug")["error"]
+    (tmp_path / "vb/coin-s1/cell.json").write_text(json.dumps({"complete": False}))
+    assert "not complete" in _run("--a", a, "--b", b)["error"]
