@@ -22,7 +22,8 @@ training seed.
 difference is then the mean over draws of each draw's mean over its pairs, and the interval resamples the draws
 first, then the pairs within each drawn draw, then the examples: the three levels of ``coin study --sweep
 pairs.seed=[...]``. Without it every pair counts alike, as if all came from one draw.
-Used for RESULTS.md §19 (sst2 on its whole validation split) and §22 (row draws). Prints one JSON object.
+Used for RESULTS.md §19 (sst2 on its whole validation split), §22 (row draws) and §28 (study cells, --tasks).
+Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -59,10 +60,11 @@ def per_example(path: Path, models: list[str], sets: list[str] | None = None) ->
 def cells_frame(spec: str, sets: list[str] | None = None) -> pd.DataFrame:
     """Study cells ``CELL_DIR,CELL_DIR,...`` as one :func:`per_example` table: each complete cell's clean
     per-example score (the share of clean instructions answered right, percent), read as the study reads it (its
-    ``eval/``, else its ``scores.csv``), one column per cell."""
+    ``eval/``, else its ``scores.csv``, which keep the examples in other orders), one column per cell, rows sorted."""
     if sets is not None and set(sets) != {"clean"}:
         raise SystemExit(f"{spec}: a study cell gives its clean per-example scores; give --set clean or none")
-    return pd.DataFrame({Path(d).name: load_cell(Path(d))[1].scores["clean"] for d in spec.split(",")})
+    frame = pd.DataFrame({Path(d).name: load_cell(Path(d))[1].scores["clean"] for d in spec.split(",")})
+    return frame.sort_index()  # the order per_example's pivot gives: the bootstrap then does not depend on the source
 
 
 def side_frame(specs: list[str], sets: list[str] | None = None) -> pd.DataFrame:

@@ -124,5 +124,14 @@ def test_study_cells_as_sides_and_a_subset_of_tasks(tmp_path: Path) -> None:
     assert set(sub["per_task"]) == {"rte", "cola"}
     assert "no examples of ['nli']" in _run("--a", a, "--b", b, "--tasks", "nli")["error"]
     assert "give --set clean or none" in _run("--a", a, "--b", b, "--set", "deepwordbug")["error"]
+    # the same cells with their rows in another order (an eval/ and a scores.csv keep other orders): the same result
+    for s in (0, 1):
+        src, dst = tmp_path / f"va/coin-s{s}", tmp_path / f"va-shuffled/coin-s{s}"
+        dst.mkdir(parents=True)
+        (dst / "cell.json").write_text((src / "cell.json").read_text())
+        head, *rows = (src / "scores.csv").read_text().splitlines()
+        (dst / "scores.csv").write_text("\n".join([head, *rows[::-1]]) + "\n")
+    shuffled = ",".join(str(tmp_path / f"va-shuffled/coin-s{s}") for s in (0, 1))
+    assert _run("--a", shuffled, "--b", b, "--n-boot", "500") == res
     (tmp_path / "vb/coin-s1/cell.json").write_text(json.dumps({"complete": False}))
     assert "not complete" in _run("--a", a, "--b", b)["error"]

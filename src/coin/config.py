@@ -133,7 +133,7 @@ class PairsSettings(_Section):
         description="train rows whose input fields hold fewer words than this are not drawn (kept in "
         "pairs/short_rows.jsonl with the count): one number for every task, or a mapping task -> words (tasks "
         "not named: 0, every row). SST-2's train split is half treebank phrases, its validation split sentences: "
-        "{sst2: 7} raised sst2 in 6 seeds of 6, the average not (RESULTS.md §19)")
+        "{sst2: 7} raised sst2 in 6 seeds of 6, the average not (RESULTS.md §19, §28)")
     templates: TemplateChoice = Field(
         "classification",
         description="'classification' = every FLAN template whose target is the answer; a list of template ids "
