@@ -88,7 +88,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import TINYLLAMA_1B, Variant, _sync, count_flops, matmul_rate, variant_cfg  # noqa: E402
 
 import coin  # noqa: E402,F401  (local-only environment: HF offline, no telemetry)
-from coin.modeling.backbone import Backbone, packing_supported, pick_device, set_backbone_dropout  # noqa: E402
+from coin.modeling.backbone import (  # noqa: E402
+    Backbone,
+    packing_error,
+    packing_tolerance,
+    pick_device,
+    set_backbone_dropout,
+)
 from coin.modeling.lora import apply_lora  # noqa: E402
 from coin.training.collator import PairCollator  # noqa: E402
 
@@ -314,8 +320,10 @@ def make_variants(backbone: Backbone, cfg: StepSettings, specs: list[tuple[str, 
     set_backbone_dropout(backbone.model, cfg.backbone_dropout)  # as coin train does
     torch.manual_seed(0)
     model = apply_lora(backbone, cfg.lora)
-    packs = packing_supported(model)
-    notes.append(f"Packing self-check (`packing_supported`, run by `coin train` first) on the {what} model: "
+    err, tol = packing_error(model), packing_tolerance(next(model.parameters()).dtype)  # packing_supported's parts
+    packs = err <= tol
+    notes.append(f"Packing self-check (`packing_supported`, run by `coin train` first) on the {what} model: relative "
+                 f"error {err:.2e} against a tolerance of {tol:g} for its dtype: "
                  f"{'passed' if packs else 'FAILED: coin train refuses train.packing=true there; measured unpacked'}.")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

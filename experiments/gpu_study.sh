@@ -13,7 +13,8 @@
 # OUT    where the logs, the environment and the finished cells (tarred, at most 15 MiB a file) go; the adapter
 #        weights of the methods in ADAPTERS_OF only (default: all), where 64 MiB cannot hold them all
 # GPU_CHECK_S (optional) then runs bench/gpu_check.py --no-cell for at most that many seconds, before packing
-# JOBS   cells computed at once; METHODS, SEEDS: comma lists, cells started in this order (method-major)
+# JOBS   cells computed at once; METHODS, SEEDS: comma lists, cells started in this order (method-major); SWEEP_VALUES
+#        (optional, comma list): the study sweeps study.sweep_key (pass it with --set), one cell per value, value-major
 # DEADLINE_S  seconds from the start after which running cells are stopped (a stopped cell never looks done)
 set -u
 CARRY=$1 OUT=$2 JOBS=$3 DEADLINE=$4 METHODS=$5 SEEDS=$6
@@ -64,18 +65,21 @@ print('coin.study.cell imports')
 "; nproc --all; free -g; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-cells=()
-for m in ${METHODS//,/ }; do for s in ${SEEDS//,/ }; do cells+=("$m:$s"); done; done
+cells=()  # method:seed[:sweep value]; with SWEEP_VALUES, value-major in its order
+for v in ${SWEEP_VALUES:-_}; do v=${v//,/ }; for w in $v; do
+  for m in ${METHODS//,/ }; do for s in ${SEEDS//,/ }; do cells+=("$m:$s${SWEEP_VALUES:+:$w}"); done; done
+done; done
 say "${#cells[@]} cells, $JOBS at a time, deadline ${DEADLINE} s: ${cells[*]}"
 export T0 DEADLINE
 printf '%s\n' "${cells[@]}" | xargs -P "$JOBS" -I{} bash -c '
-  m=${1%:*} s=${1#*:}; shift
+  IFS=: read -r m s v <<< "$1"; shift
+  name=$m-s$s${v:+-$v}; sweep=(); [ -n "$v" ] && sweep=(--sweep-value "$v")
   left=$(( T0 + DEADLINE - $(date +%s) ))
-  if [ "$left" -le 20 ]; then echo "$m-s$s: not started (deadline)"; exit 0; fi
+  if [ "$left" -le 20 ]; then echo "$name: not started (deadline)"; exit 0; fi
   t=$(date +%s)
-  timeout -k 5 "$left" python3 -m coin.study.cell --params params.yaml --method "$m" --seed "$s" "$@" \
-    > "logs/$m-s$s.log" 2>&1
-  echo "$m-s$s: exit $? after $(( $(date +%s) - t )) s (started at $(( t - T0 )) s)"
+  timeout -k 5 "$left" python3 -m coin.study.cell --params params.yaml --method "$m" --seed "$s" "${sweep[@]}" "$@" \
+    > "logs/$name.log" 2>&1
+  echo "$name: exit $? after $(( $(date +%s) - t )) s (started at $(( t - T0 )) s)"
 ' _ {} "$@" | tee "$OUT/cells.txt"
 say "cells phase over"
 
