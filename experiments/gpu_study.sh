@@ -89,12 +89,14 @@ if [ -n "${GPU_CHECK_S:-}" ]; then  # bench/gpu_check.py's training-step rows on
   say "gpu_check exit $?"
 fi
 
-say "packing: finished cells (without adapter weights) and the logs, then the adapter weights, in 15 MiB parts"
-tar --exclude='.tmp-*' --exclude='.lock-*' --exclude='adapter_model.safetensors' -cf - outputs/*/cells logs \
+say "packing: cells (without adapter weights) and the logs, then the adapter weights, in 15 MiB parts"
+# a cell stopped by the deadline leaves its work directory (.tmp-<cell>-<key>): it comes back without its
+# checkpoints, so a cell whose training had finished (train.json) is only evaluated by the next `coin study` there
+tar --exclude='.lock-*' --exclude='checkpoints' --exclude='adapter_model.safetensors' -cf - outputs/*/cells logs \
   | xz -T0 -6 > /tmp/cells.tar.xz
 # ADAPTERS_OF (comma list, default every method): whose adapter weights come back, where 64 MiB cannot hold them all
-for f in $(find outputs/*/cells -name '.tmp-*' -prune -o -name adapter_model.safetensors -print); do
-  m=$(basename "$(dirname "$(dirname "$f")")"); m=${m%-s*}
+for f in $(find outputs/*/cells -name checkpoints -prune -o -name adapter_model.safetensors -print); do
+  m=$(basename "$(dirname "$(dirname "$f")")"); m=${m#.tmp-}; m=${m%-s*}
   case ",${ADAPTERS_OF:-$m}," in *",$m,"*) echo "$f" ;; esac
 done | tar -cf - -T - | xz -T0 -1 > /tmp/adapters.tar.xz
 split -b 15M /tmp/cells.tar.xz "$OUT/cells.tar.xz."
