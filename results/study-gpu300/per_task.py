@@ -1,5 +1,8 @@
 """Clean accuracy per task, mean ± std over seeds, from the cells' scores.csv, with the sample's majority rate and
-each method's clean interval from study.json: `python results/study-gpu300/per_task.py > results/study-gpu300/per-task.md`."""
+each method's clean interval from study.json::
+
+    python results/study-gpu300/per_task.py > results/study-gpu300/per-task.md
+"""
 import json
 from pathlib import Path
 
