@@ -114,3 +114,8 @@ def test_a_study_on_a_fresh_clone_pulls_the_data_before_it_builds_pairs(tmp_path
     assert (project / "data" / "glue" / "sst2.train.jsonl").exists()
     assert not rec["cached"] and (project / rec["valid_file"]).stat().st_size > 0
     assert prepare_pairs(settings, project)["cached"]  # the data check does not change the key
+    # a study directory moved elsewhere is reused, and reported where it now is, not where it was built
+    (project / "outputs" / "study").rename(project / "outputs" / "study-moved")
+    moved = settings.model_copy(update={"study": settings.study.model_copy(update={"out_dir": "outputs/study-moved"})})
+    again = prepare_pairs(moved, project)
+    assert again["cached"] and again["valid_file"] == "outputs/study-moved/validated/valid.jsonl"

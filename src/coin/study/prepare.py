@@ -80,9 +80,10 @@ def _prepare_one(s: Settings, root: Path, parent_run_id: str | None, force: bool
     valid = Layout(root, s).valid_file
     parts = prep_key_parts(s, root)
     key = key_of(parts)
+    shown = valid.relative_to(root) if valid.is_relative_to(root) else valid
     if not force and (rec := prepared(s, root, key)) is not None:
         log.info("study: pairs and validation unchanged (%s); reusing them", valid)
-        return {**rec, "cached": True}
+        return {**rec, "valid_file": str(shown), "cached": True}  # where they are now (the study may have moved)
     previous = os.environ.get(PARENT_RUN_ENV)
     if parent_run_id:  # the validate stage nests its MLflow run under the study run
         os.environ[PARENT_RUN_ENV] = parent_run_id
@@ -94,7 +95,6 @@ def _prepare_one(s: Settings, root: Path, parent_run_id: str | None, force: bool
             os.environ.pop(PARENT_RUN_ENV, None)
         else:
             os.environ[PARENT_RUN_ENV] = previous
-    shown = valid.relative_to(root) if valid.is_relative_to(root) else valid
     rec = {"key": key, "key_parts": parts, "valid_file": str(shown), "valid_sha256": sha256_files([valid]),
            "pairs": pairs, "validate": {k: v for k, v in gate.items() if k != "markdown"}}
     write_json(record_file, rec)
