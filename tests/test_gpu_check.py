@@ -164,3 +164,14 @@ def test_4bit_layers_get_lora() -> None:
     assert gpu_check.quantise_4bit(bb.model, torch.float32) == 2 * 7
     attn = apply_lora(bb, gpu_check.StepSettings().lora).base_model.model.model.layers[0].self_attn
     assert type(attn.q_proj).__module__ == "peft.tuners.lora.bnb" and hasattr(attn.q_proj, "lora_A")
+
+
+def test_packing_selfcheck_passes_the_real_mask_and_refuses_a_leaky_one(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("packing_selfcheck", ROOT / "bench" / "packing_selfcheck.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--shape", "smoke", "--device", "cpu"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "relative error" in line]
+    assert len(lines) == 4, lines
+    for line in lines:
+        assert line.endswith("passes") == ("block-diagonal" in line), line
