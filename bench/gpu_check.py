@@ -90,8 +90,7 @@ from bench_train import TINYLLAMA_1B, Variant, _sync, count_flops, matmul_rate, 
 import coin  # noqa: E402,F401  (local-only environment: HF offline, no telemetry)
 from coin.modeling.backbone import (  # noqa: E402
     Backbone,
-    packing_error,
-    packing_tolerance,
+    packing_check,
     pick_device,
     set_backbone_dropout,
 )
@@ -320,7 +319,7 @@ def make_variants(backbone: Backbone, cfg: StepSettings, specs: list[tuple[str, 
     set_backbone_dropout(backbone.model, cfg.backbone_dropout)  # as coin train does
     torch.manual_seed(0)
     model = apply_lora(backbone, cfg.lora)
-    err, tol = packing_error(model), packing_tolerance(next(model.parameters()).dtype)  # packing_supported's parts
+    err, tol = packing_check(model)  # what packing_supported compares
     packs = err <= tol
     notes.append(f"Packing self-check (`packing_supported`, run by `coin train` first) on the {what} model: relative "
                  f"error {err:.2e} against a tolerance of {tol:g} for its dtype: "

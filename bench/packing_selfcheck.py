@@ -1,6 +1,7 @@
 """The packing self-check's relative error (``coin.modeling.backbone.packing_error``) on the device at hand.
 
-``coin train`` refuses ``train.packing`` where the error exceeds ``packing_tolerance`` of the weights' dtype. This
+``coin train`` refuses ``train.packing`` where the error exceeds ``packing_tolerance`` of the weights' dtype
+(``packing_check``). This
 prints, for a TinyLlama-1.1B-shaped Llama (random weights, LoRA as ``train.lora`` defaults) in bfloat16 and in
 float32 (or ``--shape smoke``: 2 layers), the error with the real block-diagonal mask and with a mask that lets
 the packed sequences see each other (what the check exists to catch), against the tolerance::
@@ -39,11 +40,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{torch.__version__}; shape {args.shape}")
     for dtype in (torch.bfloat16, torch.float32):
         model = apply_lora(gpu_check.build_llama(shape, tok, device, dtype, 0), gpu_check.StepSettings().lora)
-        tol = backbone.packing_tolerance(dtype)
         for name, mask in (("block-diagonal mask", real), ("leaky mask (sequences mixed)", leaky)):
             backbone.packed_attention_mask = mask
             try:
-                err = backbone.packing_error(model)
+                err, tol = backbone.packing_check(model)
             finally:
                 backbone.packed_attention_mask = real
             print(f"{str(dtype).removeprefix('torch.'):9s} {name:30s} relative error {err:.3e}  tolerance {tol:g}  "

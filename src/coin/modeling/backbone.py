@@ -728,11 +728,17 @@ def packing_error(model: nn.Module) -> float:
     return max(errors)
 
 
+def packing_check(model: nn.Module) -> tuple[float, float]:
+    """``(packing_error(model), the tolerance of its weights' dtype)``: the dtype of its first floating parameter."""
+    dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+    return packing_error(model), packing_tolerance(dtype)
+
+
 def packing_supported(model: nn.Module) -> bool:
     """Whether packed sequences stay apart in ``model``: :func:`packing_error` within :func:`packing_tolerance` of
-    the weights' dtype."""
-    dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
-    return packing_error(model) <= packing_tolerance(dtype)
+    the weights' dtype (:func:`packing_check`)."""
+    err, tol = packing_check(model)
+    return err <= tol
 
 
 @contextlib.contextmanager
