@@ -1,9 +1,10 @@
 """The packing self-check's relative error (``coin.modeling.backbone.packing_error``) on the device at hand.
 
 ``coin train`` refuses ``train.packing`` where the error exceeds ``packing_tolerance`` of the weights' dtype
-(``packing_check``). This prints, for a TinyLlama-1.1B-shaped Llama (random weights, LoRA as ``train.lora`` defaults) in bfloat16 and in
-float32 (or ``--shape smoke``: 2 layers), the error with the real block-diagonal mask and with a mask that lets
-the packed sequences see each other (what the check exists to catch), against the tolerance::
+(``packing_check``). This prints, for a TinyLlama-1.1B-shaped Llama (random weights, LoRA as ``train.lora``
+defaults) in bfloat16 and in float32 (or ``--shape smoke``: 2 layers), the error with the real block-diagonal mask
+and with a mask that lets the packed sequences see each other (what the check exists to catch), against the
+tolerance::
 
     python bench/packing_selfcheck.py [--shape smoke] [--device cuda]
 
