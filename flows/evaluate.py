@@ -33,8 +33,9 @@ from prefect.cache_policies import NO_CACHE
 
 import coin  # noqa: F401  (local-only environment before Prefect is imported)
 from coin.config import Settings
+from coin.evaluation.anymodel import load_for_instructions
 from coin.secrets import seal_overrides
-from flows.pipeline import Overrides, _failure, _load, _transient, run_banner, unit_line
+from flows.pipeline import Overrides, _failure, _transient, run_banner, unit_line
 
 ARTIFACT_KEY = "evaluation-headline"
 HEADLINE = (("clean", "clean_acc"), ("perturbed", "perturbed_acc"), ("consistency", "consistency"),
@@ -82,10 +83,9 @@ def evaluate_any_task(params_path: str, overrides: Overrides, models: list[str],
                       out_dir: str | None, cache_dir: str | None) -> dict[str, Any]:
     """``coin.evaluation.evaluate_models`` as ``coin evaluate --model`` calls it; checks every input first."""
     from coin.data.io import read_json
-    from coin.evaluation.anymodel import evaluate_models, with_instruction_file
+    from coin.evaluation.anymodel import evaluate_models, load_for_instructions
 
-    settings, root = _load(params_path, overrides)
-    settings = with_instruction_file(settings, instruction_file, overrides)
+    settings, root = load_for_instructions(params_path, overrides, instruction_file)
     out = Path(out_dir).expanduser().resolve() if out_dir else root / settings.paths.out_dir / "evaluate-any"
     run = evaluate_models(models, settings, root, out, instruction_file=instruction_file,
                           cache_dir=Path(cache_dir) if cache_dir else None)
@@ -118,7 +118,8 @@ def coin_evaluate(
     logger = get_run_logger()
     overrides = seal_overrides(overrides)
     logger.info("%s", run_banner("coin-evaluate", params_path, overrides))
-    settings, _ = _load(params_path, overrides)  # bad params fail here, before any work
+    # bad params fail here, before any work; sets named by --set are checked against instruction_file
+    settings, _ = load_for_instructions(params_path, overrides, instruction_file)
     models = list(models) if models else default_models(settings)
     logger.info("coin-evaluate: models %s; instructions %s", ", ".join(models),
                 instruction_file or f"{settings.evaluate.instruction_file} (evaluate.instruction_file)")

@@ -200,6 +200,21 @@ def test_python_api_evaluates_a_base_path(project, tiny_llama_dir):
                            instruction_file=project["instr"], track=False).cached == [True]
 
 
+def test_sets_named_by_set_are_checked_against_the_instructions_file(project, tiny_llama_dir):
+    """``--set evaluate.instruction_sets=[...]`` names sets of the ``--instructions`` file, not of the configured
+    one: a set only the file has is evaluated, a set it lacks is refused naming the file and its sets."""
+    out = project["tmp"] / "own-set"
+    res = _evaluate(project, "--model", f"tiny={tiny_llama_dir}", "--out", str(out),
+                    "--set", "evaluate.instruction_sets=[mine]", "--set", "evaluate.tasks=[sst2]")
+    assert res.exit_code == 0, res.output
+    assert _summary(res)["protocol"]["instruction_sets"] == ["mine"]
+    bad = _evaluate(project, "--model", f"tiny={tiny_llama_dir}", "--out", str(out),
+                    "--set", "evaluate.instruction_sets=[deepwordbug]")
+    assert bad.exit_code == 2, bad.output
+    flat = " ".join(bad.output.split())
+    assert "'deepwordbug'" in flat and "my_instructions.json" in flat and "clean, mine" in flat, flat
+
+
 @pytest.mark.parametrize("case,code,expect", [
     ("scheme", 2, ["s3://bucket/model", "unknown URI scheme 's3'"]),
     ("missing-dir", 3, ["./no/such/adapter", "no such directory"]),

@@ -422,7 +422,9 @@ def evaluate(
         # never written over the pipeline's evaluation or into its training runs
         from coin.stages import pipeline_model_specs
 
-        model = pipeline_model_specs(*_settings(params, overrides))
+        from coin.evaluation.anymodel import load_for_instructions
+
+        model = pipeline_model_specs(*load_for_instructions(params, overrides, instructions))
         default_out = f"evaluate-{instructions.stem}"
     else:
         default_out = "evaluate-any"
@@ -433,13 +435,12 @@ def evaluate(
         result = _run_stage("evaluate", params, overrides)
         _report("evaluate", result, params, overrides, json_)
         return
-    from coin.evaluation.anymodel import evaluate_models, with_instruction_file
+    from coin.evaluation.anymodel import evaluate_models, load_for_instructions
 
     _setup_logging()
-    settings, root = _settings(params, overrides)
     if instructions is not None:
         instructions = instructions.expanduser().resolve()
-    settings = with_instruction_file(settings, instructions, overrides)
+    settings, root = load_for_instructions(params, overrides, instructions)
     out_dir = out.expanduser().resolve() if out is not None else root / settings.paths.out_dir / default_out
     run = evaluate_models(model, settings, root, out_dir, instruction_file=instructions, cache_dir=cache_dir)
     table = (out_dir / "table.md").read_text()

@@ -947,10 +947,17 @@ def load_settings(path: str | Path = "params.yaml", overrides: list[str | Secret
                     "params.yaml", path, ", ".join(omitted))
     settings = Settings.model_validate(apply_overrides(raw, overrides))
     if check_project:
-        check_backbone(settings.model.backbone)
-        check_quantization(settings.model)
-        check_instruction_file(settings, path.resolve().parent, source=path)
+        check_names(settings, path.resolve().parent, source=path)
     return settings
+
+
+def check_names(settings: Settings, root: Path, *, source: str | Path = "params.yaml") -> None:
+    """What :func:`load_settings` checks with ``check_project``: the backbone, the quantisation and the
+    instruction file's sets and tasks (``root``: the params file's directory). Callers that change the settings
+    after loading them (``coin evaluate --instructions``) load without the checks and run them here after."""
+    check_backbone(settings.model.backbone)
+    check_quantization(settings.model)
+    check_instruction_file(settings, root, source=source)
 
 
 # --------------------------------------------------------------------------- what the settings name in the project

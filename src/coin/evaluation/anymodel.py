@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from coin.config import ConfigError, Settings
+from coin.config import ConfigError, Settings, check_names, load_settings
 from coin.data.io import DataError, read_json, write_json
 
 log = logging.getLogger("coin")
@@ -345,6 +345,23 @@ def with_instruction_file(settings: Settings, file: str | Path | None, overrides
     given = {o.split("=", 1)[0].strip() for o in reveal_overrides(overrides)}
     return sets_and_tasks_of(settings, Path(file).expanduser().resolve(),
                              keep_sets="evaluate.instruction_sets" in given, keep_tasks="evaluate.tasks" in given)
+
+
+def load_for_instructions(params: str | Path, overrides: list[Any] | None,
+                          file: str | Path | None) -> tuple[Settings, Path]:
+    """The settings ``coin evaluate --instructions FILE`` (and the ``coin-evaluate`` flow) run on, and the params
+    file's directory: :func:`with_instruction_file` applied and ``evaluate.instruction_file`` set to ``FILE``
+    *before* the project checks, so ``--set evaluate.instruction_sets=...`` is checked against ``FILE``'s sets,
+    not the configured file's. Without a file, :func:`~coin.config.load_settings` as usual."""
+    root = Path(params).resolve().parent
+    if file is None:
+        return load_settings(params, overrides), root
+    file = Path(file).expanduser().resolve()
+    settings = with_instruction_file(load_settings(params, overrides, check_project=False), file, overrides)
+    settings = settings.model_copy(update={"evaluate": settings.evaluate.model_copy(
+        update={"instruction_file": str(file)})})
+    check_names(settings, root, source=file)
+    return settings, root
 
 
 def protocol_of(settings: Settings, root: Path) -> dict[str, Any]:
