@@ -420,9 +420,8 @@ def evaluate(
     if not model and instructions is not None:
         # the pipeline's models on another instruction file: a separate evaluation (own out dir, own MLflow runs),
         # never written over the pipeline's evaluation or into its training runs
-        from coin.stages import pipeline_model_specs
-
         from coin.evaluation.anymodel import load_for_instructions
+        from coin.stages import pipeline_model_specs
 
         model = pipeline_model_specs(*load_for_instructions(params, overrides, instructions))
         default_out = f"evaluate-{instructions.stem}"
