@@ -35,7 +35,7 @@ import coin  # noqa: F401  (local-only environment before Prefect is imported)
 from coin.config import Settings
 from coin.evaluation.anymodel import load_for_instructions
 from coin.secrets import seal_overrides
-from flows.pipeline import Overrides, _failure, _transient, run_banner, unit_line
+from flows.pipeline import Overrides, _failure, _transient, run_banner, run_main, unit_line
 
 ARTIFACT_KEY = "evaluation-headline"
 HEADLINE = (("clean", "clean_acc"), ("perturbed", "perturbed_acc"), ("consistency", "consistency"),
@@ -142,8 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="output directory (default: <paths.out_dir>/evaluate-any)")
     ap.add_argument("--cache-dir", default=None, help="result cache (default: <out>/cache)")
     args = ap.parse_args(argv)
-    coin_evaluate(params_path=args.params, overrides=seal_overrides(args.overrides), models=args.models,
-                  instruction_file=args.instructions, out_dir=args.out, cache_dir=args.cache_dir)
+    overrides = seal_overrides(args.overrides)
+    run_main(lambda: load_for_instructions(args.params, overrides, args.instructions),
+             lambda: coin_evaluate(params_path=args.params, overrides=overrides, models=args.models,
+                                   instruction_file=args.instructions, out_dir=args.out, cache_dir=args.cache_dir))
 
 
 if __name__ == "__main__":

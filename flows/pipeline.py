@@ -31,6 +31,7 @@ import argparse
 import logging
 import os
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from prefect import Task, flow, get_run_logger, task
@@ -450,6 +451,22 @@ def coin_pipeline(
     }
 
 
+def run_main(check: Callable[[], Any], run: Callable[[], Any]) -> None:
+    """What ``python -m flows.<flow>`` does: ``check()`` (the flow's own first step: loading the settings) before
+    Prefect starts, then ``run()``. A user error, there or in the flow, ends as ``coin`` ends it (one or two lines,
+    the exit code of its class, the traceback with ``COIN_DEBUG=1``), not as a traceback of a failed flow run."""
+    from coin.cli import ExitCode, report
+
+    debug = os.environ.get("COIN_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}
+    try:
+        check()
+        run()
+    except KeyboardInterrupt:
+        raise SystemExit(int(ExitCode.INTERRUPTED)) from None
+    except Exception as exc:  # noqa: BLE001 -- classified, reported, turned into an exit code
+        raise SystemExit(int(report(exc, debug=debug))) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
@@ -467,9 +484,16 @@ def main(argv: list[str] | None = None) -> None:
                     help="serve the local Dask cluster's dashboard at ADDRESS, e.g. 127.0.0.1:8787 (needs bokeh)")
     ap.add_argument("--no-push", action="store_true", help="do not `dvc push` a new data version")
     args = ap.parse_args(argv)
-    coin_pipeline(params_path=args.params, overrides=seal_overrides(args.overrides), eval_workers=args.eval_workers,
-                  dask_address=seal_text(args.dask_address), dask_processes=args.dask_processes,
-                  push_data=not args.no_push, dask_dashboard=args.dask_dashboard)
+    overrides = seal_overrides(args.overrides)
+
+    def check() -> None:
+        settings, _ = _load(args.params, overrides)
+        check_robustness_sets(settings, "the pipeline (its register stage gates on both)")
+
+    run_main(check, lambda: coin_pipeline(
+        params_path=args.params, overrides=overrides, eval_workers=args.eval_workers,
+        dask_address=seal_text(args.dask_address), dask_processes=args.dask_processes, push_data=not args.no_push,
+        dask_dashboard=args.dask_dashboard))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from coin.study.placement import configure_worker, worker_plan
 from coin.study.plan import study_plan
 from coin.study.prepare import prepare_pairs
 from coin.study.report import write_study_outputs
-from flows.pipeline import Overrides, _transient, eval_task_runner, restore_process_env, run_banner
+from flows.pipeline import Overrides, _transient, eval_task_runner, restore_process_env, run_banner, run_main
 
 
 @task(name="mlflow-study-run", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=NO_CACHE)
@@ -171,8 +171,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dask-threads", action="store_true",
                     help="one Dask worker thread in this process (needs --workers 1)")
     args = ap.parse_args(argv)
-    coin_study(params_path=args.params, overrides=seal_overrides([*args.overrides, *sweep_overrides(args.sweep)]),
-               workers=args.workers, dask_address=seal_text(args.dask_address), dask_processes=not args.dask_threads)
+    overrides: list[Any] = []
+
+    def check() -> None:
+        overrides.extend(seal_overrides([*args.overrides, *sweep_overrides(args.sweep)]))
+        preflight_study(load_study(args.params, overrides)[0])
+
+    run_main(check, lambda: coin_study(params_path=args.params, overrides=overrides, workers=args.workers,
+                                       dask_address=seal_text(args.dask_address),
+                                       dask_processes=not args.dask_threads))
 
 
 if __name__ == "__main__":
