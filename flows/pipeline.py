@@ -30,8 +30,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from prefect import Task, flow, get_run_logger, task

@@ -102,8 +102,10 @@ def test_word_operators_synonyms_keep_case_and_swaps_are_adjacent() -> None:
 def test_unknown_level_and_bad_budget_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown attack level"):
         candidate_edits("sentence", "a b c", frozenset(), set(), random.Random(0))
-    with pytest.raises(ValueError, match="max_edits >= 1"):
+    with pytest.raises(ValueError, match="--budget must be >= 1, got 0"):
         Budget(max_edits=0)
+    with pytest.raises(ValueError, match="--max-queries must be >= 2, got 1; --per-step must be >= 1, got 0"):
+        Budget(max_queries=1, per_step=0)
 
 
 @pytest.mark.parametrize("level", list(LEVELS))
@@ -268,6 +270,11 @@ def test_cli_attack_on_a_tiny_model_writes_a_loadable_file(tiny_llama_dir: Path,
     assert bad.exit_code == 2 and "--levels" in bad.output
     bad = CliRunner().invoke(app, [*args, "--tasks", "sst3"])
     assert bad.exit_code == 2 and "--tasks" in bad.output and "unknown task 'sst3'" in bad.output
+    bad = CliRunner().invoke(app, [*args, "--source-set", "cleen"])
+    flat = " ".join(bad.output.split())
+    assert bad.exit_code == 2 and "--source-set 'cleen'" in flat and "its sets: clean" in flat, flat
+    bad = CliRunner().invoke(app, [*args, "--max-queries", "1"])
+    assert bad.exit_code == 2 and "--max-queries must be >= 2, got 1" in bad.output
     bad = CliRunner().invoke(app, [*args[:2], str(tmp_path / "nope" / "adapter"), *args[3:]])
     assert bad.exit_code == 3 and "no such directory" in bad.output
     bad = CliRunner().invoke(app, [*args[:2], str(tmp_path), *args[3:]])
@@ -307,6 +314,27 @@ def test_holdout_sample_avoids_the_evaluation_sample(tmp_path: Path) -> None:
     assert attack_sample(settings, tmp_path, "sst2", 50, 3, holdout=False) == sample_examples(DATA, "sst2", 50, 3)[0]
     with pytest.raises(DataError, match="every validation row is in the evaluation sample"):
         attack_sample(settings, tmp_path, "wnli", 5, 3)  # 71 rows, all evaluated
+
+
+def test_default_tasks_skip_what_cannot_be_attacked_and_named_tasks_do_not(tiny_llama_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    """Without ``tasks``: ``evaluate.tasks`` less qqp (no split offline) and wnli (every row evaluated at 100
+    examples), each skipped with its reason; a task named explicitly that cannot be attacked is an error."""
+    settings = load_settings(ROOT / "params.yaml", [f"paths.data_dir={DATA}", "evaluate.tasks=[sst2,wnli,qqp]"],
+                             check_project=False)
+    out = tmp_path / "attack.json"
+    res = run_attack(settings, tmp_path, model=str(tiny_llama_dir), out=out, instructions=INSTRUCTIONS,
+                     levels=["char"], budget=Budget(max_edits=1, max_queries=2, per_step=1), samples=2, seed=0)
+    assert sorted(res["skipped"]) == ["qqp", "wnli"]
+    assert "every validation row is in the evaluation sample" in res["skipped"]["wnli"]
+    assert "no validation split" in res["skipped"]["qqp"]
+    assert json.loads(log_path(out).read_text())["settings"]["tasks"] == ["sst2"]
+    with pytest.raises(DataError, match="wnli: every validation row"):
+        run_attack(settings, tmp_path, model=str(tiny_llama_dir), out=out, instructions=INSTRUCTIONS,
+                   tasks=["sst2", "wnli"], levels=["char"], samples=2, seed=0)
+    only = settings.model_copy(update={"evaluate": settings.evaluate.model_copy(update={"tasks": ["wnli", "qqp"]})})
+    with pytest.raises(DataError, match="no task of evaluate.tasks can be attacked"):
+        run_attack(only, tmp_path, model=str(tiny_llama_dir), out=out, instructions=INSTRUCTIONS, samples=2)
 
 
 def test_settings_default_instruction_file_is_the_shipped_one() -> None:

@@ -65,9 +65,16 @@ class Budget:
     max_queries: int = 50
     per_step: int = 12
 
-    def __post_init__(self) -> None:
-        if self.max_edits < 1 or self.max_queries < 2 or self.per_step < 1:
-            raise ValueError(f"budget needs max_edits >= 1, max_queries >= 2, per_step >= 1; got {self}")
+    def __post_init__(self) -> None:  # named by the options of `coin attack` that set them
+        bad = [f"--{opt} must be >= {low}, got {v}" for opt, low, v in (
+            ("budget", 1, self.max_edits), ("max-queries", 2, self.max_queries), ("per-step", 1, self.per_step))
+            if v < low]
+        if bad:
+            raise ValueError("; ".join(bad))
+
+
+class NoHeldOutRows(DataError):
+    """Every validation row of the task is in the evaluation's sample: none is left to attack on."""
 
 
 # --------------------------------------------------------------------------- tokens and protection
@@ -429,8 +436,9 @@ def attack_sample(settings, root: Path, task: str, n: int, seed: int, *, holdout
     """The attack's rows of ``task``: ``n`` drawn with ``sample_indices(.., seed, task)`` from the validation rows,
     without (``holdout``, the default) the evaluation's own sample (``evaluate.samples_per_task`` rows under the
     global seed). Held out, the evaluation of the written file measures the attack on examples it was not tuned
-    on; with ``holdout=False`` and the global seed the attack sample is the evaluation's (PromptBench's way), and
-    the evaluated drop is the search's own, optimistic for the attacker."""
+    on; with ``holdout=False``, the global seed and ``n == evaluate.samples_per_task`` the attack sample is the
+    evaluation's (PromptBench's way; a smaller ``n`` is another draw, not a subset), and the evaluated drop is the
+    search's own, optimistic for the attacker."""
     from coin.evaluation.sampling import load_validation_rows, sample_examples, sample_indices
 
     data_dir = root / settings.paths.data_dir
@@ -440,9 +448,21 @@ def attack_sample(settings, root: Path, task: str, n: int, seed: int, *, holdout
         seen = {r["example_id"] for r in sample_examples(data_dir, task, ev, settings.seed)[0]}
         rows = [r for r in rows if r["example_id"] not in seen]
         if not rows:
-            raise DataError(f"{task}: every validation row is in the evaluation sample (evaluate.samples_per_task="
+            raise NoHeldOutRows(f"{task}: every validation row is in the evaluation sample (evaluate.samples_per_task="
                             f"{ev}); lower it or attack on the evaluation sample itself (--no-holdout)")
     return [rows[i] for i in sample_indices(len(rows), n, seed, task)]
+
+
+def _source_set(source: Path, source_set: str, tasks: list[str]) -> dict[str, list[str]]:
+    """``--source-set`` of ``source``: a set the file lacks is an input error naming the option (exit 2)."""
+    from coin.evaluation.instructions import load_instruction_sets
+
+    doc = read_json(source)
+    sets = doc.get("perturbations") if isinstance(doc, dict) else None
+    if isinstance(sets, dict) and source_set not in sets:
+        raise ValueError(f"--source-set {source_set!r}: {source} has no such set (its sets: "
+                         f"{', '.join(map(str, sets)) or 'none'})")
+    return load_instruction_sets(source, [source_set], tasks)[source_set]
 
 
 def run_attack(settings, root: Path, *, model: str, out: str | Path, instructions: str | Path | None = None,
@@ -452,15 +472,20 @@ def run_attack(settings, root: Path, *, model: str, out: str | Path, instruction
     """Attack ``model`` with the ``source_set`` instructions of ``instructions`` (default
     ``evaluate.instruction_file``) on ``samples`` seeded validation rows per task; write the file and its log.
 
-    See :func:`attack_sample` for the rows (``holdout``: none of the evaluation's own sample)."""
+    See :func:`attack_sample` for the rows (``holdout``: none of the evaluation's own sample). ``tasks`` default to
+    ``evaluate.tasks`` less those that cannot be attacked here (no validation split offline, as qqp; with
+    ``holdout``, no row outside the evaluation's sample, as wnli at 100 examples), each skipped with its reason in
+    the log and the result's ``skipped``; a task named in ``tasks`` that cannot be attacked is an error."""
+    import logging
     import time
 
     from coin.data.tasks import get_task
     from coin.evaluation.generation import label_choices
-    from coin.evaluation.instructions import load_instruction_sets
+    from coin.evaluation.sampling import SplitUnavailable
 
     t0 = time.perf_counter()
     seed = settings.seed if seed is None else seed
+    named = tasks is not None
     tasks = list(tasks or settings.evaluate.tasks)
     bad = [lv for lv in levels if lv not in LEVELS]
     if bad or not levels:
@@ -472,12 +497,25 @@ def run_attack(settings, root: Path, *, model: str, out: str | Path, instruction
             get_task(t)
         except KeyError as exc:
             raise ValueError(f"--tasks: {exc.args[0]}") from None
+    rows: dict[str, list[dict[str, Any]]] = {}
+    skipped: dict[str, str] = {}
+    for t in tasks:
+        try:
+            rows[t] = attack_sample(settings, root, t, samples, seed, holdout=holdout)
+        except (SplitUnavailable, NoHeldOutRows) as exc:
+            if named:
+                raise
+            skipped[t] = str(exc)
+    if skipped:
+        logging.getLogger(__name__).warning("attack: skipped %s", "; ".join(skipped.values()))
+    if not rows:
+        raise DataError("no task of evaluate.tasks can be attacked: " + "; ".join(skipped.values()))
+    tasks = list(rows)
     # a file given on the command line is relative to the working directory, the configured one to the project
     source = Path(instructions) if instructions is not None else root / settings.evaluate.instruction_file
-    clean = load_instruction_sets(source, [source_set], tasks)[source_set]
+    clean = _source_set(source, source_set, tasks)
     protected = {t: protected_words(get_task(t).label_words, label_choices(get_task(t).label_words, source, t))
                  for t in tasks}
-    rows = {t: attack_sample(settings, root, t, samples, seed, holdout=holdout) for t in tasks}
     net, tokenizer, counts, kind = load_model(model, settings)
     scorer = model_scorer(net, tokenizer, rows, settings.evaluate, label_counts=counts)
     outcomes = attack_sets(clean, scorer=scorer, protected=protected, levels=levels, budget=budget, seed=seed)
@@ -491,6 +529,7 @@ def run_attack(settings, root: Path, *, model: str, out: str | Path, instruction
     for o in outcomes:
         table[f"{LEVELS[o.level]}/{o.task}"].append((o.clean_accuracy, o.attacked_accuracy))
     return {"instruction_file": str(path), "log": str(log_file), "wall_time_s": round(time.perf_counter() - t0, 1),
+            "skipped": skipped,
             "queries": sum(o.queries for o in outcomes),
             "accuracy": {k: {"clean": round(sum(c for c, _ in v) / len(v), 4),
                              "attacked": round(sum(a for _, a in v) / len(v), 4)} for k, v in table.items()},
