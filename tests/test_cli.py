@@ -18,6 +18,12 @@ def test_help_lists_every_stage_and_predict():
         assert name in out
 
 
+def test_help_texts_keep_their_brackets():
+    """Help is plain text: ``KEY=[v1,v2,...]`` and ``[x one swept key]`` are not read as markup tags and dropped."""
+    out = " ".join(runner.invoke(app, ["study", "--help"]).output.split())
+    assert "KEY=[v1,v2,...]" in out and "[x one swept key]" in out, out
+
+
 def test_bad_override_stops_a_stage_before_work(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text((ROOT / "params.yaml").read_text())

@@ -1,5 +1,6 @@
 """params.yaml -> typed settings: the shipped file parses; bad keys/types/values are rejected with the fix."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -66,15 +67,25 @@ def test_every_key_in_params_yaml_has_a_comment():
         ({"model": {"attention": "sideways"}}, ["model.attention = 'sideways'", "'auto', 'causal' or 'prefix'"]),
         ({"model": {"readout": "first"}}, ["model.readout = 'first'", "'auto', 'last' or 'mean'"]),
         ({"evaluate": {"calibration": "yes"}}, ["evaluate.calibration = 'yes'", "'none' or 'content_free'"]),
+        # a union (count or mapping; list or word): one line per key, its value, each form's message
+        ({"pairs": {"rows_per_task": "abc"}},
+         ["pairs.rows_per_task = 'abc': fits none of the accepted forms", "valid integer", "valid dictionary"]),
+        ({"pairs": {"templates": {"sst2": [0, "x"]}}}, ["pairs.templates.sst2.1 = 'x'", "valid integer"]),
+        ({"train": {"lora": {"target_modules": 5}}},
+         ["train.lora.target_modules = 5: fits none", "'auto' or 'all-linear'", "valid list"]),
+        # YAML turns on/off/yes/no into booleans: the fix is to quote the value
+        ({"register": {"model_name": True}}, ["register.model_name = True", "put the value in quotes"]),
     ],
 )
 def test_bad_params_are_rejected_with_key_and_fix(raw, expected):
     with pytest.raises(ConfigError) as err:
         Settings.model_validate(raw)
     msg = str(err.value)
-    assert msg.startswith("params.yaml has problems; nothing was run:")
+    assert msg.startswith("the settings have problems; nothing was run:")
     for part in expected:
         assert part in msg, msg
+    assert not re.search(r"\.(int|str|bool|list\[|dict\[)", msg), msg  # no validator names as if they were keys
+    assert len(msg.splitlines()) == 2, msg  # one line per bad key
 
 
 def test_all_problems_reported_at_once():
@@ -107,3 +118,16 @@ def test_missing_and_malformed_files(tmp_path):
     lst.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_settings(lst)
+
+
+def test_the_error_names_the_params_file_and_the_overrides(tmp_path):
+    """The first line names the file that was read (not always params.yaml), and the --set overrides when any."""
+    strong = ROOT / "params-strong.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_settings(strong, ["train.lrr=3"], check_project=False)
+    assert str(err.value).startswith(f"{strong} and the --set overrides have problems; nothing was run:")
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("train: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(bad, check_project=False)
+    assert str(err.value).startswith(f"{bad} has problems; nothing was run:"), err.value

@@ -797,6 +797,14 @@ def test_grid_cells_names_and_sweep_values_go_through_the_override_machinery():
     assert [c.name for c in grid_cells(plain)][:4] == ["base-s0", "base-s1", "base-s2", "coin_consistency-s0"]
 
 
+@pytest.mark.parametrize("sweep", ["train.lr=[1", "train.lr=0.001", "train.lr="])
+def test_a_sweep_that_is_not_a_list_is_refused_naming_the_option(sweep):
+    from coin.study.grid import sweep_overrides
+
+    with pytest.raises(ConfigError, match=r"--sweep .*: the values .* are not a list; write them as \[v1,v2,...\]"):
+        sweep_overrides(sweep)
+
+
 def test_worker_plan_and_defaults():
     from coin.study.placement import default_workers, worker_plan
 

@@ -217,6 +217,7 @@ class _CoinGroup(typer.core.TyperGroup):
 
 
 app = typer.Typer(cls=_CoinGroup, add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0],
+                  rich_markup_mode=None,  # help texts are plain: [v1,v2,...] is not a markup tag
                   epilog=EXIT_CODES_HELP, pretty_exceptions_enable=False)
 console = Console(stderr=True)
 

@@ -14,9 +14,10 @@ Overrides use dotted keys (``train.max_steps=10``), the same syntax as ``dvc exp
 
 Where the values come from: the field defaults below are the *library* defaults (what
 ``Settings.model_validate({})`` gives: the API and the tests build settings from them). The shipped
-configuration is ``params.yaml``, which sets every key and differs from them (e.g. ``train.max_steps``). So
-:func:`load_settings` refuses an empty params file (it would run on the library defaults without a word) and
-warns, naming them, about top-level sections a params file omits.
+configuration is ``params.yaml``, which sets every key; the library defaults equal its values except
+``train.lora.target_modules`` (``auto`` here, MiniLM's layer names there; ``tests/test_config_strict.py``). So
+:func:`load_settings` refuses an empty params file (almost surely a mistake, and silent otherwise) and warns,
+naming them, about top-level sections a params file omits.
 
 :func:`load_settings` also rejects what parses but cannot be meant: a key written twice in one mapping (YAML
 keeps the last one silently, so a second ``train:`` block would replace the first), a non-finite number
@@ -32,6 +33,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -435,11 +437,6 @@ class EvaluateSettings(_Section):
         True, description="loglik: run each instruction's token prefix once and share its KV cache across examples"
     )
     include_base: bool = Field(False, description="also evaluate the untouched base model for comparison")
-    sharding: Literal["none", "fsdp"] = Field(
-        "none", description="none: every process holds the whole model (DDP under torchrun) | fsdp: parameters, "
-        "gradients and optimiser state sharded over the processes (FSDP2 fully_shard per decoder layer), for models "
-        "that do not fit one device; resume needs the same number of processes"
-    )
     autocast: Literal["auto", "bf16", "off"] = Field(
         "auto", description="auto: bf16 autocast where bf16 runs in hardware (a CUDA GPU with bf16, a CPU with "
         "AVX512-BF16 or AMX), off elsewhere; bf16: always; off: never (fp32 scores)"
@@ -726,11 +723,43 @@ def _section_model(loc: tuple[Any, ...]) -> type[BaseModel]:
     return model
 
 
+SETTINGS_PROBLEMS = "the settings have problems"  # load_settings names the file (and the --set overrides) instead
+
+
+# Parts of a pydantic error location that name a validator or a branch of a union, not a key: "int",
+# "dict[str,int]", "list[int]", "function-after[...]", "literal['a','b']".
+_NOT_A_KEY = re.compile(r"^(int|float|str|bool|list|dict|tuple|set|none|literal|function-[a-z]+|is-instance|"
+                        r"json-or-python|lax-or-strict|nullable|chain|union|tagged-union)(\[.*\])?$")
+
+
+def _loc_keys(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(p for p in loc if not (isinstance(p, str) and _NOT_A_KEY.match(p)))
+
+
+def _by_key(exc: ValidationError) -> list[tuple[tuple[Any, ...], list[dict[str, Any]]]]:
+    """Errors grouped by the key they are about (union branches merged). Where one branch of a union went
+    inside the value (``pairs.templates.sst2.1``), the other branches' errors at the key itself are dropped: the
+    deeper one says what is wrong."""
+    errs = [(_loc_keys(tuple(e["loc"])), e) for e in exc.errors()]
+    locs = {loc for loc, _ in errs}
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for loc, e in errs:
+        if not any(len(m) > len(loc) and m[:len(loc)] == loc for m in locs):
+            groups.setdefault(loc, []).append(e)
+    return list(groups.items())
+
+
 def _explain(exc: ValidationError, raw: Any) -> str:
-    lines = ["params.yaml has problems; nothing was run:"]
-    for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal["))))
+    lines = [f"{SETTINGS_PROBLEMS}; nothing was run:"]
+    for loc, errs in _by_key(exc):
         key = ".".join(str(p) for p in loc) or "<top level>"
+        if len(errs) > 1:  # the value fits no form of a union
+            value = _lookup(raw, loc)
+            shown = f" = {redact_value(key, value)!r}" if value is not _MISSING and loc else ""
+            forms = " | ".join(dict.fromkeys(e["msg"] for e in errs))
+            lines.append(f"  - {key}{shown}: fits none of the accepted forms ({forms}); change the value.")
+            continue
+        err = errs[0]
         typ = err["type"]
         if typ == "extra_forbidden":
             known = _known_keys(_section_model(loc))
@@ -751,6 +780,9 @@ def _explain(exc: ValidationError, raw: Any) -> str:
             fix = f"use one of {err.get('ctx', {}).get('expected', '')}"
         elif typ == "finite_number":
             fix = "give a finite number (.inf and .nan are not accepted)"
+        elif typ == "string_type" and isinstance(value, (bool, int, float)):
+            fix = (f"YAML read it as a {type(value).__name__}; put the value in quotes, e.g. --set "
+                   f"'{key}=\"...\"' or {loc[-1]}: \"...\" in the file")
         elif typ.endswith(("_parsing", "_type")):
             fix = "fix the type"
         else:
@@ -937,15 +969,22 @@ def load_settings(path: str | Path = "params.yaml", overrides: list[str | Secret
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)}); fix it there") from None
     if raw is None or raw == {}:
-        raise ConfigError(f"{path}: empty, it sets nothing. An empty file would run on the library defaults, which are "
-                          "not the shipped configuration; start from the shipped params.yaml (every key documented).")
+        raise ConfigError(f"{path}: empty, it sets nothing, which is almost surely a mistake (a wrong or truncated "
+                          "file); start from the shipped params.yaml (every key documented).")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (seed, paths, model, ...)")
     omitted = [k for k in _known_keys(Settings) if k not in raw]
     if omitted:
-        log.warning("%s sets no %s: the library defaults apply there (coin.config), not the values of the shipped "
-                    "params.yaml", path, ", ".join(omitted))
-    settings = Settings.model_validate(apply_overrides(raw, overrides))
+        log.warning("%s sets no %s: the library defaults apply there (coin.config; the shipped params.yaml's "
+                    "values, but for train.lora.target_modules = auto)", path, ", ".join(omitted))
+    try:
+        settings = Settings.model_validate(apply_overrides(raw, overrides))
+    except ConfigError as exc:
+        msg = str(exc)
+        if not msg.startswith(SETTINGS_PROBLEMS):
+            raise
+        where = f"{path} and the --set overrides have" if overrides else f"{path} has"
+        raise ConfigError(where + msg[len(SETTINGS_PROBLEMS) - len(" problems"):]) from None
     if check_project:
         check_names(settings, path.resolve().parent, source=path)
     return settings

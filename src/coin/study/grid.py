@@ -22,6 +22,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from coin.config import (
     BASE_METHOD,
     STUDY_DRAW_KEY,
@@ -78,6 +80,13 @@ def sweep_overrides(sweep: str | None) -> list[str]:
     if "=" not in sweep:
         raise ConfigError(f"--sweep {sweep!r}: expected KEY=[v1,v2,...], e.g. --sweep train.lr=[5.0e-4,1.0e-3]")
     key, values = sweep.split("=", 1)
+    try:
+        parsed = yaml.safe_load(values)
+    except yaml.YAMLError:
+        parsed = None
+    if not isinstance(parsed, list):
+        raise ConfigError(f"--sweep {sweep!r}: the values {values!r} are not a list; write them as [v1,v2,...], "
+                          "e.g. --sweep 'train.lr=[5.0e-4,1.0e-3]'")
     return [f"study.sweep_key={key.strip()}", f"study.sweep_values={values}"]
 
 
