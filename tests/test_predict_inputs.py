@@ -13,7 +13,8 @@ import pytest
 from coin.config import LoraSettings
 from coin.data.prompts import encode
 from coin.data.tasks import TASKS
-from coin.predict import answer_rows, check_task, fit_input, max_positions, parse_options
+from coin.modeling.backbone import max_positions
+from coin.predict import answer_rows, check_task, fit_input, parse_options
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

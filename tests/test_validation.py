@@ -254,6 +254,11 @@ def _break(name: str, row: dict[str, Any]) -> None:
         row["inputs"]["sentence"] = val
         for p in ("original_prompt", "paraphrase_prompt"):
             row[p] = row[p].replace(old, val)
+    elif name == "leaked_eval_negative":  # the hard negative is an SST-2 validation sentence
+        val = load_validation_rows("data", "sst2")[0][9]["sentence"]
+        old = row["negative_inputs"]["sentence"]
+        row["negative_inputs"]["sentence"] = val
+        row["negative_prompt"] = row["negative_prompt"].replace(old, val)
     else:
         raise KeyError(name)
 
@@ -274,6 +279,7 @@ BROKEN: dict[str, tuple[set[str], bool]] = {
     "leaked_eval_instruction": ({"instruction_leakage"}, True),
     "near_duplicate_eval_instruction": ({"instruction_leakage"}, True),
     "leaked_eval_example": ({"example_leakage"}, True),
+    "leaked_eval_negative": ({"example_leakage"}, True),
     "swapped_target": ({"target_in_answer_set"}, True),
     "unknown_target": ({"schema", "target_in_answer_set"}, True),
     "input_missing": ({"inputs_present"}, True),
@@ -299,6 +305,8 @@ REASONS = {
     "near_duplicate_eval_instruction":
         "paraphrase_instruction is a near-duplicate of evaluation instruction clean/sst2[0]",
     "leaked_eval_example": "inputs contain evaluation example sst2.validation:7 of sst2",
+    "leaked_eval_negative":
+        "the hard negative's inputs (negative_inputs) contain evaluation example sst2.validation:9 of sst2",
     "unknown_target": "field 'target' = 'maybe' is not in answer_words",
     "input_missing": "does not appear in paraphrase_prompt",
     "negative_same_target": "negative_target equals target",

@@ -113,14 +113,6 @@ def _options_for(row: pd.Series) -> list[str] | None:
     return list(TASKS[task].label_words) if task else None
 
 
-def max_positions(model) -> int | None:
-    """How many positions the model reads: ``max_position_embeddings`` of the unwrapped model (a PeftModel's
-    base), None when it has no fixed limit."""
-    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-    n = getattr(getattr(base, "config", None), "max_position_embeddings", None)
-    return n if isinstance(n, int) and n > 0 else None
-
-
 def _prompt_tokens(tokenizer, prompt: str, fmt: str) -> int:
     """Tokens of a prompt as the scorer and the generator encode it (BOS + prompt + answer marker)."""
     from coin.data.prompts import encode
@@ -184,6 +176,7 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
     """
     from coin.evaluation.generation import generate_answers
     from coin.evaluation.scoring import score_label_words
+    from coin.modeling.backbone import max_positions
 
     _check_columns(df)
     fmt = meta.get("prompt_format", "train")

@@ -145,11 +145,12 @@ def stage_validate(settings: Settings, root: Path) -> dict[str, Any]:
     """
     import mlflow
 
-    from coin.modeling.backbone import load_tokenizer
+    from coin.modeling.backbone import check_cutoff_len, config_positions, load_tokenizer
     from coin.registry.tracking import setup_tracking
     from coin.validation.gate import GateFailed, run_gate
     from coin.validation.leakage import load_eval_sources
 
+    check_cutoff_len(settings.pairs.cutoff_len, config_positions(settings.model.backbone), settings.model.backbone)
     lay = Layout(root, settings)
     rows = read_jsonl(lay.pairs_file, missing_hint="Run `coin pairs` first.")
     tokenizer = load_tokenizer(settings.model.backbone)

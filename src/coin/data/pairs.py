@@ -32,7 +32,7 @@ PAIR_COLUMNS = (
     "pair_id", "task", "split", "example_id", "label", "inputs", "answer_words",
     "template_a", "template_b", "paraphrase_source", "original_instruction", "paraphrase_instruction",
     "original_prompt", "paraphrase_prompt", "target",
-    "negative_example_id", "negative_label", "negative_prompt", "negative_target",
+    "negative_example_id", "negative_label", "negative_inputs", "negative_prompt", "negative_target",
 )
 
 
@@ -215,6 +215,7 @@ def build_task_pairs(data_dir: str | Path, task: str, cfg: PairsSettings, seed: 
                 "target": target,
                 "negative_example_id": neg.example_id,
                 "negative_label": neg.label,
+                "negative_inputs": {f: neg.row[f] for f in spec.fields},  # the leak check reads them too
                 "negative_prompt": neg_prompt,
                 "negative_target": neg_target,
             }

@@ -325,6 +325,33 @@ def _load_tokenizer(path: str):
     return tok
 
 
+def max_positions(model) -> int | None:
+    """How many positions the model reads: ``max_position_embeddings`` of the unwrapped model (a PeftModel's
+    base), None when it has no fixed limit."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    n = getattr(getattr(base, "config", None), "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def config_positions(name_or_path: str) -> int | None:
+    """:func:`max_positions` of a backbone from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    n = getattr(AutoConfig.from_pretrained(resolve_backbone(name_or_path), local_files_only=True),
+                "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def check_cutoff_len(cutoff_len: int, positions: int | None, backbone: str) -> None:
+    """Refuse ``pairs.cutoff_len`` above the positions the backbone reads (the validation gate would pass rows
+    that training cannot embed: an index error deep in the model)."""
+    if positions is not None and cutoff_len > positions:
+        from coin.errors import ConfigError
+
+        raise ConfigError(f"pairs.cutoff_len = {cutoff_len} is longer than model.backbone = {backbone!r} reads "
+                          f"({positions} positions); set pairs.cutoff_len to at most {positions}")
+
+
 def load_tokenizer(name_or_path: str = DEFAULT_BACKBONE):
     return _load_tokenizer(resolve_backbone(name_or_path))
 

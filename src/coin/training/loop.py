@@ -36,6 +36,8 @@ from coin.modeling.backbone import (
     Backbone,
     FusedLM,
     autocast_context,
+    check_cutoff_len,
+    max_positions,
     packing_supported,
     set_backbone_dropout,
     unwrap_model,
@@ -173,6 +175,7 @@ def train(
     checkpoint it starts fresh. ``resume=False`` removes old checkpoints there first. Checkpoints are
     written every ``cfg.checkpoint_every`` steps (0: never). Run under ``torchrun`` for DDP.
     """
+    check_cutoff_len(cutoff_len, max_positions(backbone.model), backbone.reference)
     run = TrainRun(backbone=backbone, rows=rows, cfg=cfg, out_dir=Path(out_dir), seed=seed, cutoff_len=cutoff_len,
                    on_metrics=on_metrics, progress=progress, resume=resume, checkpoint_dir=checkpoint_dir)
     device = next(backbone.model.parameters()).device

@@ -155,7 +155,8 @@ def text_valid(row: Row) -> list[Finding]:
             hit = bad_char(text)
             if hit:
                 i, kind = hit
-                out.append(Finding("not_utf8", f"field '{path}' has {kind} at char {i}: the text was not valid UTF-8"))
+                out.append(Finding("not_utf8", f"field '{path}' has {kind} at char {i}: a character was lost when "
+                                                   "the text was decoded (here or upstream)"))
     return out
 
 
@@ -430,23 +431,31 @@ def instruction_leakage(rows: Sequence[Row], ctx: CheckContext) -> list[CheckRes
 
 @register("example_leakage")
 def example_leakage(rows: Sequence[Row], ctx: CheckContext) -> list[CheckResult]:
-    """No evaluation example (every field of a validation row of an evaluation task) in a row's inputs."""
+    """No evaluation example (every field of a validation row of an evaluation task) in a row's inputs, nor in
+    its hard negative's (``negative_inputs``: coin contrasts against the negative's prompt, and coin_neg trains on
+    its answer). Each example is matched within one of the two, never half in each."""
     src = ctx.need_eval_sources("example_leakage")
-    findings = [_unusable(r, {"inputs": dict}) for r in rows]
-    usable = [i for i, f in enumerate(findings) if not f]
+    sources = ("inputs", "negative_inputs")
+    findings = [_unusable(r, dict.fromkeys(sources, dict)) for r in rows]
+    usable = [(i, c) for i, f in enumerate(findings) if not f for c in sources]  # one index row per (row, column)
     index = ExampleIndex(
-        [[replace_surrogates(v) for v in rows[i]["inputs"].values() if isinstance(v, str)] for i in usable],
+        [[replace_surrogates(v) for v in rows[i][c].values() if isinstance(v, str)] for i, c in usable],
         ctx.cfg.leak_min_chars,
     )
     leaks, partial = example_leaks(index, src.examples)
+    leaking: set[int] = set()
     for k, exs in leaks.items():
+        i, column = usable[k]
         ex = exs[0]
         fields = ", ".join(f"{f} {_short(t, 40)}" for f, t in ex.texts)
         more = f" (and {len(exs) - 1} more)" if len(exs) > 1 else ""
-        findings[usable[k]].append(Finding(
-            "eval_example", f"inputs contain evaluation example {ex.example_id} of {ex.task} ({fields}){more}"))
+        whose = "inputs contain" if column == "inputs" else "the hard negative's inputs (negative_inputs) contain"
+        findings[i].append(Finding(
+            "eval_example", f"{whose} evaluation example {ex.example_id} of {ex.task} ({fields}){more}"))
+        leaking.add(i)
     ctx.stats["example_leakage"] = {
-        "eval_examples": len(src.examples), "eval_tasks": src.example_tasks, "rows_leaking": len(leaks),
+        "eval_examples": len(src.examples), "eval_tasks": src.example_tasks, "rows_leaking": len(leaking),
+        "rows_leaking_by_negative": len({usable[k][0] for k in leaks if usable[k][1] == "negative_inputs"}),
         "partial_example_matches": partial, "leak_min_chars": ctx.cfg.leak_min_chars, "notes": src.notes,
     }
     return [CheckResult(tuple(f)) for f in findings]

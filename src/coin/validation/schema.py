@@ -32,6 +32,7 @@ SPLITS = ("train", "val")
 # python type of every pair column; inputs = {field: text}, answer_words = [word, ...]
 FIELD_TYPES: dict[str, type] = {c: str for c in PAIR_COLUMNS} | {
     "label": int, "negative_label": int, "template_a": int, "template_b": int, "inputs": dict, "answer_words": list,
+    "negative_inputs": dict,
 }
 SUITE_NAME = "coin_pairs"
 
