@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers_training import cfg_for, make_rows
 
 from coin.config import ConfigError, load_settings
 from coin.modeling.backbone import config_positions, load_backbone
 from coin.training.loop import train
-from helpers_training import cfg_for, make_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
