@@ -1,6 +1,7 @@
 """Pair rendering on the real GLUE rows and FLAN templates shipped in data/."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -360,6 +361,40 @@ def test_min_words_rows_left_out_are_kept_with_their_reason(tmp_path):
     assert all(r["task"] == "sst2" and r["words"] < 4 and "pairs.min_words 4" in r["reason"] for r in short)
     assert stats["short_rows_not_drawn"] == {"sst2": len(expected)}
     assert json.loads((tmp_path / "outputs" / "pairs" / "stats.json").read_text()) == stats
+
+
+def test_min_words_that_leaves_one_label_blames_min_words(tmp_path):
+    """When the rows long enough all share one label, the error names pairs.min_words, not the file."""
+    data = tmp_path / "data"
+    shutil.copytree(DATA / "flan", data / "flan")
+    (data / "glue").mkdir()
+    rows = [{"sentence": "a fine and moving film about love and loss", "label": 1, "idx": 0},
+            {"sentence": "dull", "label": 0, "idx": 1}, {"sentence": "an absolute joy from start to end", "label": 1,
+                                                          "idx": 2}]
+    (data / "glue" / "sst2.train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"every train row with pairs.min_words = 3 or more input words has label 1 "
+                                        r"\(1 shorter rows not drawn\); lower pairs.min_words for sst2"):
+        build_pairs(data, _cfg(tasks=["sst2"], rows_per_task=2, val_fraction=0.0, min_words={"sst2": 3}), seed=0)
+    with pytest.raises(DataError, match=r"task sst2: every train row has label 1; no hard negative"):
+        (data / "glue" / "sst2.train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[::2]))
+        build_pairs(data, _cfg(tasks=["sst2"], rows_per_task=2, val_fraction=0.0, min_words=0), seed=0)
+
+
+def test_fewer_examples_than_requested_are_counted_and_warned_about(tmp_path, caplog):
+    """stats.json records per task the examples asked for and drawn; a file that runs out is said, not hidden."""
+    from coin.stages import stage_pairs
+
+    (tmp_path / "data").symlink_to(DATA)
+    wnli = len((DATA / "glue" / "wnli.train.jsonl").read_text().splitlines())
+    s = Settings.model_validate({"pairs": {"tasks": ["sst2", "wnli"], "rows_per_task": {"sst2": 10, "wnli": 5000},
+                                           "min_words": {"sst2": 4}}})
+    with caplog.at_level("WARNING", logger="coin"):
+        stats = stage_pairs(s, tmp_path)
+    assert stats["examples_per_task"] == {
+        "sst2": {"requested": 10, "drawn": 10, "short_not_drawn": stats["short_rows_not_drawn"]["sst2"]},
+        "wnli": {"requested": 5000, "drawn": wnli, "short_not_drawn": 0}}
+    assert f"wnli: {wnli} examples drawn where pairs.rows_per_task asks for 5000: every train row" in caplog.text
+    assert "sst2:" not in caplog.text
 
 
 def test_min_words_bad_values_are_refused_with_the_fix():

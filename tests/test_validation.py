@@ -408,6 +408,33 @@ def test_gate_failure_raises_after_writing(real_rows, tokenizer, tmp_path, embed
     assert (tmp_path / "data_docs" / "index.html").is_file()
 
 
+def test_per_task_counts_and_a_task_left_without_rows_fails_the_gate(real_rows, tokenizer, tmp_path, embedder,
+                                                                     eval_sources, caplog):
+    """summary.json counts rows per task (valid + rejected = rows in); a task whose every row is rejected fails
+    the gate although the overall pass rate is above the threshold; one that keeps a few rows is warned about."""
+    rows = rows_copy(real_rows)  # 5 rows of each of 8 tasks
+    for r in [r for r in rows if r["task"] == "wnli"]:
+        _break("copy_paraphrase", r)
+    for r in [r for r in rows if r["task"] == "rte"][:3]:
+        _break("copy_paraphrase", r)
+    with caplog.at_level("WARNING", logger="coin"), pytest.raises(GateFailed) as info:
+        gate(rows, tokenizer, tmp_path, embedder, eval_sources, min_pass_rate=0.75)
+    msg = str(info.value)
+    assert "every row of wnli was rejected" in msg and "overall pass rate 0.800" in msg, msg
+    assert "rte kept 2 of 5 rows (pass rate 0.400, below validate.min_pass_rate = 0.75)" in caplog.text
+    summary = read_json(tmp_path / "summary.json")
+    per_task = summary["per_task"]
+    assert per_task["wnli"] == {"rows_in": 5, "valid": 0, "rejected": 5, "pass_rate": 0.0}
+    assert per_task["rte"]["valid"] == 2 and per_task["sst2"] == {"rows_in": 5, "valid": 5, "rejected": 0,
+                                                                    "pass_rate": 1.0}
+    assert sum(c["valid"] for c in per_task.values()) == summary["rows_valid"] == 32
+    assert sum(c["rejected"] for c in per_task.values()) == summary["rows_rejected"] == len(read_jsonl(
+        tmp_path / "rejects.jsonl"))
+    assert summary["gate_passed"] is False
+    assert "Rows per task" in (tmp_path / "report.html").read_text()
+    assert "| wnli | 5 | 0 | 5 | 0.000 (**no row left**) |" in info.value.report.to_markdown()
+
+
 def test_no_rows_fails_the_gate(tokenizer, tmp_path, embedder, eval_sources):
     with pytest.raises(GateFailed, match="no rows to validate"):
         gate([], tokenizer, tmp_path, embedder, eval_sources, min_pass_rate=0.0)

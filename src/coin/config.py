@@ -160,7 +160,8 @@ class PairsSettings(_Section):
         "FLAN's label order; shuffled = a seeded order per example (the same rows are drawn either way)",
     )
     cutoff_len: int = Field(256, ge=16, le=8192, description="max tokens of prompt + response")
-    val_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="share of pairs held out for validation")
+    val_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="share of drawn examples held out from "
+                                "training (split: val; validated, kept in the pairs file, never trained on)")
 
     @field_validator("tasks")
     @classmethod

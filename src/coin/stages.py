@@ -124,10 +124,21 @@ def stage_pairs(settings: Settings, root: Path) -> dict[str, Any]:
     per_task = Counter(r["task"] for r in rows)
     per_split = Counter(r["split"] for r in rows)
     per_source = Counter(r["paraphrase_source"] for r in rows)
+    short_per_task = Counter(r["task"] for r in short)
+    drawn = Counter(task for task, _ in {(r["task"], r["example_id"]) for r in rows})
+    # examples per task: what pairs.rows_per_task asks for, and what was drawn (fewer where the file runs out)
+    examples = {t: {"requested": settings.pairs.rows_for(t), "drawn": drawn[t], "short_not_drawn": short_per_task[t]}
+                for t in settings.pairs.tasks}
     stats = {"rows": n, "per_task": dict(sorted(per_task.items())), "per_split": dict(sorted(per_split.items())),
              "per_paraphrase_source": dict(sorted(per_source.items())),
-             "short_rows_not_drawn": dict(sorted(Counter(r["task"] for r in short).items()))}
+             "short_rows_not_drawn": dict(sorted(short_per_task.items())), "examples_per_task": examples}
     write_json(lay.pairs_file.with_name("stats.json"), stats)
+    for t, e in examples.items():
+        if e["drawn"] < e["requested"]:
+            short_note = (f" with pairs.min_words or more words ({e['short_not_drawn']} shorter rows not drawn, in "
+                          "short_rows.jsonl)" if e["short_not_drawn"] else "")
+            log.warning("pairs: %s: %d examples drawn where pairs.rows_per_task asks for %d: every train row%s",
+                        t, e["drawn"], e["requested"], short_note)
     log.info("pairs: %d rows -> %s", n, lay.pairs_file)
     if short:
         log.info("pairs: %d train rows under pairs.min_words not drawn -> %s", len(short),

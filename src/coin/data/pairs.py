@@ -27,7 +27,7 @@ from coin.data.paraphrase import get_sources, paraphrase_candidates
 from coin.data.tasks import TaskSpec, get_task, train_file
 from coin.data.templates import TaskTemplates, Template, load_templates, render
 
-# Columns of a pair row, in the order documented in README.md ("Pair schema").
+# Columns of a pair row (README.md, "The stages", pairs).
 PAIR_COLUMNS = (
     "pair_id", "task", "split", "example_id", "label", "inputs", "answer_words",
     "template_a", "template_b", "paraphrase_source", "original_instruction", "paraphrase_instruction",
@@ -184,7 +184,10 @@ def build_task_pairs(data_dir: str | Path, task: str, cfg: PairsSettings, seed: 
         ex = pool[i]
         others = [j for lab, idx in sorted(by_label.items()) if lab != ex.label for j in idx]
         if not others:
-            raise DataError(f"task {task}: every train row has label {ex.label}; no hard negative is possible")
+            why = (f"every train row with pairs.min_words = {need} or more input words has label {ex.label} "
+                   f"({len(short)} shorter rows not drawn); lower pairs.min_words for {task}" if short else
+                   f"every train row has label {ex.label}")
+            raise DataError(f"task {task}: {why}; no hard negative is possible")
         if cfg.strategy == "random":
             a = rng.choice(originals)
             combos = [(a, rng.choice(candidates[a.template_id]))]

@@ -139,9 +139,13 @@ def run_gate(
     valid: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
     reasons: Counter[str] = Counter()
+    per_task: dict[str, Counter[str]] = {}
     for i, row in enumerate(rows):
         failed = [(name, res[i]) for name, res in results.items() if not res[i].passed]
+        counts = per_task.setdefault(str(row.get("task")), Counter())
+        counts["rows_in"] += 1
         if not failed:
+            counts["valid"] += 1
             valid.append(row)
             continue
         rejects.append(_writable(_reject(row, failed)))
@@ -161,7 +165,14 @@ def run_gate(
         rejects_per_reason=dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
         out_dir=out_dir, data_docs_index=ctx.artifacts.get("data_docs_index"), seconds=0.0,
         check_seconds=check_seconds, stats=ctx.stats,
+        per_task={t: {"rows_in": c["rows_in"], "valid": c["valid"], "rejected": c["rows_in"] - c["valid"],
+                      "pass_rate": round(c["valid"] / c["rows_in"], 6)} for t, c in per_task.items()},
     )
+    for t in report.thinned_tasks:
+        c = report.per_task[t]
+        log.warning("validation gate: %s kept %d of %d rows (pass rate %.3f, below validate.min_pass_rate = %s); "
+                    "its reasons are in %s", t, c["valid"], c["rows_in"], c["pass_rate"], cfg.min_pass_rate,
+                    out_dir / REJECTS_FILE)
     write_json(out_dir / SUMMARY_FILE, report.to_summary())
     (out_dir / REPORT_FILE).write_text(render_report_html(report, out_dir), encoding="utf-8")
     report.seconds = time.perf_counter() - t0

@@ -37,10 +37,23 @@ class GateReport:
     seconds: float                               # wall time of run_gate (outputs included)
     check_seconds: dict[str, float] = field(default_factory=dict)
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-check figures (similarity distribution, ...)
+    per_task: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> rows_in, valid, rejected, pass_rate
 
     @property
     def passed(self) -> bool:
-        return self.rows_in > 0 and self.pass_rate >= self.min_pass_rate
+        """Pass rate at or above the threshold, and no task left without a valid row (a task that loses every
+        row would be missing from training while the overall rate still passes)."""
+        return self.rows_in > 0 and self.pass_rate >= self.min_pass_rate and not self.emptied_tasks
+
+    @property
+    def emptied_tasks(self) -> list[str]:
+        """Tasks that had rows and kept none."""
+        return [t for t, c in self.per_task.items() if c["rows_in"] and not c["valid"]]
+
+    @property
+    def thinned_tasks(self) -> list[str]:
+        """Tasks that kept some rows, at a pass rate below ``min_pass_rate`` (warned about; the gate is overall)."""
+        return [t for t, c in self.per_task.items() if c["valid"] and c["pass_rate"] < self.min_pass_rate]
 
     @property
     def valid_path(self) -> Path:
@@ -68,6 +81,7 @@ class GateReport:
                 for name, s in self.checks.items()
             },
             "rejects_per_reason": self.rejects_per_reason,
+            "per_task": self.per_task,
             "stats": self.stats,
             "outputs": {"valid": VALID_FILE, "rejects": REJECTS_FILE, "report": REPORT_FILE,
                         "data_docs": f"{DOCS_DIR}/index.html"},
@@ -93,6 +107,12 @@ class GateReport:
         ]
         for name, s in self.checks.items():
             lines.append(f"| {name} | {s.pass_rate:.3f} | {s.failures} | {s.example_pair_id or ''} |")
+        if self.per_task:
+            lines += ["", "| task | rows in | valid | rejected | pass rate |", "|---|---:|---:|---:|---:|"]
+            lines += [f"| {t} | {c['rows_in']} | {c['valid']} | {c['rejected']} | {c['pass_rate']:.3f}"
+                      + (" (below the threshold)" if t in self.thinned_tasks else "")
+                      + (" (**no row left**)" if t in self.emptied_tasks else "") + " |"
+                      for t, c in self.per_task.items()]
         if self.rejects_per_reason:
             lines += ["", "| reason | rows |", "|---|---:|"]
             lines += [f"| {code} | {n} |" for code, n in self.rejects_per_reason.items()]
@@ -108,6 +128,9 @@ class GateReport:
     def failure_message(self, top: int = 3) -> str:
         if self.rows_in == 0:
             head = "validation gate failed: no rows to validate (the pairs stage produced nothing)."
+        elif self.pass_rate >= self.min_pass_rate:
+            head = (f"validation gate failed: every row of {', '.join(self.emptied_tasks)} was rejected, so training "
+                    f"would lack that task (overall pass rate {self.pass_rate:.3f}).")
         else:
             head = (
                 f"validation gate failed: pass rate {self.pass_rate:.3f} ({self.rows_valid}/{self.rows_in} rows) "
