@@ -79,8 +79,7 @@ def test_without_json_the_output_is_the_headline_table(project, tiny_llama_dir):
 
 
 def _summary(res) -> dict:
-    text = res.stdout
-    return json.loads(text[: text.index("\n}\n") + 2])
+    return json.loads(res.stdout)  # --json prints one JSON document, nothing else
 
 
 def _runs(project: dict) -> list:
@@ -198,6 +197,24 @@ def test_python_api_evaluates_a_base_path(project, tiny_llama_dir):
     assert run.results[0].model_label == tiny_llama_dir.name and (out / "metrics.json").is_file()
     assert evaluate_models([str(tiny_llama_dir)], settings, project["root"], out,
                            instruction_file=project["instr"], track=False).cached == [True]
+
+
+def test_a_renamed_instruction_file_hits_the_cache_and_the_report_names_the_new_one(project, tiny_llama_dir):
+    """The cache key is the file's content: a copy under another name is a hit, and the report names the copy
+    (the path this run gave) without warning that the models were evaluated on different files."""
+    cache, copy = project["tmp"] / "cache", project["tmp"] / "renamed.json"
+    copy.write_text(project["instr"].read_text())
+    first = _evaluate(project, "--model", f"tiny={tiny_llama_dir}", "--cache-dir", str(cache),
+                      "--out", str(project["tmp"] / "one"))
+    assert first.exit_code == 0, first.output
+    again = _evaluate({**project, "instr": copy}, "--model", f"tiny={tiny_llama_dir}",
+                      "--model", f"other={tiny_llama_dir}", "--cache-dir", str(cache),
+                      "--out", str(project["tmp"] / "two"))
+    assert again.exit_code == 0, again.output
+    assert [m["cached"] for m in _summary(again)["models"]] == [True, True]
+    report = (project["tmp"] / "two" / "report.md").read_text()
+    assert "renamed.json" in report and "my_instructions.json" not in report
+    assert "evaluated with different settings" not in report
 
 
 def test_sets_named_by_set_are_checked_against_the_instructions_file(project, tiny_llama_dir):

@@ -254,11 +254,9 @@ def _run_stage(name: str, params: Path, overrides: list[str] | None) -> dict:
 
 
 def _print(result: dict) -> None:
-    shown = {k: v for k, v in result.items() if k not in ("markdown", "table")}
-    print(redact_text(json.dumps(shown, indent=2, default=str)))
-    for key in ("markdown", "table"):
-        if key in result:
-            print(result[key])
+    """``--json``: the whole result as one JSON document (a Markdown ``table`` or ``markdown`` is a string in it),
+    so ``coin ... --json | jq`` parses it."""
+    print(redact_text(json.dumps(result, indent=2, default=str)))
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the whole result as JSON (default: a short summary and "

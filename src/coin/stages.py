@@ -433,7 +433,8 @@ def _cached_base(settings: Settings, root: Path) -> Any:
     from coin.evaluation.anymodel import load_cached
 
     fingerprint, protocol = _base_key(settings, root)
-    result = load_cached(Layout(root, settings).eval_cache_dir, fingerprint, protocol, "base")
+    result = load_cached(Layout(root, settings).eval_cache_dir, fingerprint, protocol, "base",
+                         settings.evaluate.instruction_file)
     if result is not None:
         log.info("evaluate[base]: cached (fingerprint %s, same protocol): not recomputed", fingerprint[:12])
     return result

@@ -386,8 +386,13 @@ def cache_entry(cache_dir: Path, fingerprint: str, protocol: dict[str, Any]) -> 
     return Path(cache_dir) / f"{fingerprint[:20]}-{_sha_text(protocol)[:20]}"
 
 
-def load_cached(cache_dir: Path, fingerprint: str, protocol: dict[str, Any], label: str) -> Any | None:
-    """The saved result of (fingerprint, protocol), relabelled ``label``; None when there is none (or a partial one)."""
+def load_cached(cache_dir: Path, fingerprint: str, protocol: dict[str, Any], label: str,
+                instruction_file: str | Path | None = None) -> Any | None:
+    """The saved result of (fingerprint, protocol), relabelled ``label``; None when there is none (or a partial one).
+
+    The key holds the instruction file's content, not its path: the same file under another name hits. With
+    ``instruction_file`` (the path as this run configures it) the result records that path, as a fresh one would,
+    so a report does not name the file of the run that filled the cache, nor warn that the models differ in it."""
     from coin.evaluation.result import RESULT_FILE, load_result
 
     entry = cache_entry(cache_dir, fingerprint, protocol)
@@ -397,7 +402,9 @@ def load_cached(cache_dir: Path, fingerprint: str, protocol: dict[str, Any], lab
     if read_json(key) != json.loads(json.dumps({"fingerprint": fingerprint, "protocol": protocol})):
         return None
     result = load_result(entry)
-    return replace(result, model_label=label, predictions=result.predictions.assign(model=label))
+    settings = result.settings if instruction_file is None else {**result.settings,
+                                                                  "instruction_file": str(instruction_file)}
+    return replace(result, model_label=label, predictions=result.predictions.assign(model=label), settings=settings)
 
 
 def save_cached(cache_dir: Path, fingerprint: str, protocol: dict[str, Any], result: Any) -> Path:
@@ -504,7 +511,8 @@ def evaluate_models(models: list[str], settings: Settings, root: Path, out_dir: 
     cache_dir = Path(cache_dir).resolve() if cache_dir is not None else out_dir / "cache"
     results, cached, run_ids = [], [], []
     for target in targets:
-        result = load_cached(cache_dir, target.fingerprint, protocol, target.label)
+        result = load_cached(cache_dir, target.fingerprint, protocol, target.label,
+                             settings.evaluate.instruction_file)
         hit = result is not None
         if result is not None:
             log.info("evaluate[%s]: cached (%s, fingerprint %s): not recomputed", target.label,
