@@ -69,6 +69,34 @@ def seen(monkeypatch) -> dict[str, list[str]]:
     return got
 
 
+# --------------------------------------------------------------------------- numerics
+
+
+def test_predict_scores_under_the_autocast_the_evaluation_used(trained):
+    """coin_model.json's ``autocast`` (evaluate.autocast at training): bf16 scores as the evaluation's scorer
+    does under bf16 autocast, off (and an adapter without the key) in fp32, so an answer near a tie is the same."""
+    import torch
+
+    from coin.evaluation.scoring import score_label_words
+
+    model, tok, meta = trained
+    df = pd.DataFrame({"instruction": [INSTRUCTION] * 2, "input": ["A fine film.", "Dull."], "task": ["sst2"] * 2})
+    prompts = [INSTRUCTION + "A fine film.", INSTRUCTION + "Dull."]
+    words = ["negative", "positive"]
+
+    def rounded(scores) -> list[dict[str, float]]:
+        return [{w: round(float(v), 4) for w, v in zip(words, row, strict=True)} for row in scores]
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want_bf16 = rounded(score_label_words(model, tok, prompts, words, groups=[INSTRUCTION] * 2).scores)
+    want_fp32 = rounded(score_label_words(model, tok, prompts, words, groups=[INSTRUCTION] * 2).scores)
+    assert want_bf16 != want_fp32  # the setting matters on this model
+    bf16 = answer_rows(model, tok, {**meta, "autocast": "bf16"}, df)
+    assert [json.loads(s) for s in bf16["scores"]] == want_bf16
+    for m in ({**meta, "autocast": "off"}, {k: v for k, v in meta.items() if k != "autocast"}):
+        assert [json.loads(s) for s in answer_rows(model, tok, m, df)["scores"]] == want_fp32
+
+
 # --------------------------------------------------------------------------- long inputs
 
 
@@ -103,6 +131,15 @@ def test_fit_input_keeps_short_inputs_and_refuses_an_instruction_that_cannot_fit
     assert fit_input(tok, INSTRUCTION, "a gem", fmt="train", limit=512) == ("a gem", 0)
     with pytest.raises(ValueError, match="instruction: .* tokens .* at most 20 .* shorten the instruction"):
         fit_input(tok, INSTRUCTION * 3, LONG, fmt="train", limit=20)
+
+
+def test_an_option_too_long_for_the_model_is_named_not_the_instruction(trained):
+    model, tok, meta = trained
+    df = pd.DataFrame({"instruction": ["Pick one: "], "input": ["hello"],
+                       "options": [["yes", "no", "word " * 600]]})
+    with pytest.raises(ValueError, match=r"options: the longest answer is \d+ tokens, and with the instruction "
+                                         r"\(\d+ tokens\) that is more than the 512 positions .* shorten the options"):
+        answer_rows(model, tok, meta, df)
 
 
 def test_too_many_new_tokens_are_refused(trained):

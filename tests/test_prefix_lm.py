@@ -224,6 +224,7 @@ def test_a_trained_prefix_adapter_is_loaded_and_answered_with_its_attention(tiny
     train_adapter(settings, make_rows(4), "cit", tmp_path, progress=False)
     assert read_meta(tmp_path / "adapter")["attention"] == "prefix"
     assert read_meta(tmp_path / "adapter")["readout"] == "mean"
+    assert read_meta(tmp_path / "adapter")["autocast"] == settings.evaluate.autocast  # predict scores as evaluation
     model, tok, meta = load_trained(tmp_path / "adapter")
     assert attention_mode(model) == "prefix" and readout_mode(model) == "mean"
     df = pd.DataFrame({"instruction": ["Is this positive? ", "Say something: "], "input": ["A fine film.", "hi"],

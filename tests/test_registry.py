@@ -387,6 +387,36 @@ def test_interval_rule_promotes_an_established_gain_and_refuses_a_noisy_one(stor
     assert paired_gain(_paired_table(STEADY_RIGHT), champ) == d3.paired
 
 
+def test_registering_again_restores_a_champions_lost_predictions(store, caplog):
+    """The champion's stored predictions deleted from the artifact store: the interval rule refuses, naming the
+    fix (register its run again), and that fix stores them anew, so the next candidate is gated on them."""
+    import shutil
+    from urllib.parse import urlparse
+
+    from mlflow import MlflowClient
+
+    from coin.registry.register import keep_predictions
+
+    client = MlflowClient()
+    gate = {**GATE, "evidence": "interval"}
+    v1, run1 = _run_version(client, "lost")
+    champ = _paired_table(CHAMP_RIGHT)
+    uri = keep_predictions("lost", v1, run1, _paired_figures(CHAMP_RIGHT), champ)
+    assert promote_version("lost", v1, _paired_figures(CHAMP_RIGHT), **gate).promote
+    shutil.rmtree(Path(urlparse(client.get_run(run1).info.artifact_uri).path) / "coin_eval")
+    steady = _paired_table(STEADY_RIGHT)
+    v2, run2 = _run_version(client, "lost")
+    keep_predictions("lost", v2, run2, _paired_figures(STEADY_RIGHT), steady)
+    d = promote_version("lost", v2, _paired_figures(STEADY_RIGHT), predictions=steady, **gate)
+    assert not d.promote and "cannot be read" in d.reason and "Register its training run again" in d.reason
+    with caplog.at_level("WARNING", logger="coin"):
+        assert keep_predictions("lost", v1, run1, _paired_figures(CHAMP_RIGHT), champ) == uri
+    assert "are missing; storing them again" in caplog.text
+    v3, run3 = _run_version(client, "lost")
+    keep_predictions("lost", v3, run3, _paired_figures(STEADY_RIGHT), steady)
+    assert promote_version("lost", v3, _paired_figures(STEADY_RIGHT), **gate).promote
+
+
 def test_interval_rule_without_comparable_champion_predictions_refuses_with_the_fix(store):
     from mlflow import MlflowClient
 
@@ -422,6 +452,17 @@ def test_interval_rule_without_comparable_champion_predictions_refuses_with_the_
     d2 = promote_version("apart", w2, _paired_figures(STEADY_RIGHT), predictions=steady, **gate)
     assert not d2.promote and "share no evaluated example" in d2.reason
     assert "re-evaluate this candidate under the champion's protocol" in d2.reason and d2.paired is None
+    # a champion scored on partly other examples (another task): no pair-wise gain on the shared part only
+    x1, xrun1 = _run_version(client, "part")
+    other_task = _paired_table(CHAMP_RIGHT).assign(task="rte")
+    keep_predictions("part", x1, xrun1, _paired_figures(CHAMP_RIGHT),
+                     pd.concat([_paired_table(CHAMP_RIGHT), other_task], ignore_index=True))
+    assert promote_version("part", x1, _paired_figures(CHAMP_RIGHT), **gate).promote
+    x2, _ = _run_version(client, "part")
+    d3 = promote_version("part", x2, _paired_figures(STEADY_RIGHT), predictions=steady, **gate)
+    assert not d3.promote and d3.paired is None
+    assert f"evaluated on different examples (0 only the candidate's, {N_PAIRED} only the champion's, in rte)" \
+        in d3.reason
     # no predictions for the candidate at all (none given, none stored): refused as well, never a traceback
     w3, _ = _run_version(client, "apart")
     d3 = promote_version("apart", w3, _paired_figures(STEADY_RIGHT), **gate)

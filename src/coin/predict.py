@@ -176,7 +176,7 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
     """
     from coin.evaluation.generation import generate_answers
     from coin.evaluation.scoring import score_label_words
-    from coin.modeling.backbone import max_positions
+    from coin.modeling.backbone import autocast_context, max_positions
 
     _check_columns(df)
     fmt = meta.get("prompt_format", "train")
@@ -198,6 +198,12 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
             if limit is not None:  # room for the answer: the longest option, or the generated tokens
                 room = max_new_tokens if not options else reserve.setdefault(
                     tuple(options), _answer_tokens(tokenizer, options))
+                if options:  # the longest answer leaves no room for the instruction: the options are at fault
+                    bare = _prompt_tokens(tokenizer, join_instruction(instruction, ""), fmt)
+                    if bare + room > limit:
+                        raise ValueError(f"options: the longest answer is {room} tokens, and with the instruction "
+                                         f"({bare} tokens) that is more than the {limit} positions the model reads; "
+                                         "shorten the options")
                 fitted, dropped = fit_input(tokenizer, instruction, text, fmt=fmt, limit=limit - room)
                 if dropped:
                     log.warning("predict: %sthe input is %d tokens too long for the model (%d positions with the "
@@ -211,22 +217,26 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
             by_options.setdefault((tuple(options), task if task and task in TASKS else None), []).append(i)
         else:
             free.append(i)
-    if free:  # the evaluation's greedy decoder: it honours the model's attention (causal or prefix LM)
-        gen = generate_answers(model, tokenizer, [prompts[i] for i in free], fmt=fmt, max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, desc="predict")
-        for i, text in zip(free, gen.texts, strict=True):
-            answers[i] = text.strip()
-    calibrate = meta.get("calibration", "none") == "content_free"
-    for (options, task), idx in by_options.items():
-        s = score_label_words(model, tokenizer, [prompts[i] for i in idx], list(options), fmt=fmt,
-                              batch_size=batch_size, groups=[_text(rows[i]["instruction"]) for i in idx],
-                              desc="predict").scores
-        if calibrate:  # as the evaluation decided (evaluate.calibration when the model was trained)
-            s = _calibrate(model, tokenizer, meta, [_text(rows[i]["instruction"]) for i in idx], options, task, s,
-                           fmt, batch_size)
-        for j, i in enumerate(idx):
-            answers[i] = options[int(s[j].argmax())]
-            scores[i] = json.dumps({o: round(float(v), 4) for o, v in zip(options, s[j], strict=True)})
+    # the evaluation's numerics: bf16 autocast as evaluate.autocast said when the model was trained (resolved on
+    # this machine as the evaluation resolves it); an adapter from before the key was recorded scores in fp32
+    device = next(model.parameters()).device
+    with autocast_context(device, meta.get("autocast", "off"), "evaluate.autocast"):
+        if free:  # the evaluation's greedy decoder: it honours the model's attention (causal or prefix LM)
+            gen = generate_answers(model, tokenizer, [prompts[i] for i in free], fmt=fmt, max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size, desc="predict")
+            for i, text in zip(free, gen.texts, strict=True):
+                answers[i] = text.strip()
+        calibrate = meta.get("calibration", "none") == "content_free"
+        for (options, task), idx in by_options.items():
+            s = score_label_words(model, tokenizer, [prompts[i] for i in idx], list(options), fmt=fmt,
+                                  batch_size=batch_size, groups=[_text(rows[i]["instruction"]) for i in idx],
+                                  desc="predict").scores
+            if calibrate:  # as the evaluation decided (evaluate.calibration when the model was trained)
+                s = _calibrate(model, tokenizer, meta, [_text(rows[i]["instruction"]) for i in idx], options, task, s,
+                               fmt, batch_size)
+            for j, i in enumerate(idx):
+                answers[i] = options[int(s[j].argmax())]
+                scores[i] = json.dumps({o: round(float(v), 4) for o, v in zip(options, s[j], strict=True)})
     return pd.DataFrame({"answer": answers, "scores": scores})
 
 

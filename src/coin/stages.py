@@ -280,7 +280,7 @@ def train_adapter(settings: Settings, rows: list[dict[str, Any]], method: str, o
             "base": backbone.reference, "dtype": settings.model.dtype, "seed": seed, "attention": backbone.attention,
             "readout": backbone.readout, "quantization": backbone.quantization,
             "double_quant": backbone.double_quant, "label_counts": label_counts(rows),
-            "calibration": settings.evaluate.calibration,
+            "calibration": settings.evaluate.calibration, "autocast": settings.evaluate.autocast,
             "method": method, "prompt_format": "train", "append_eos": cfg.append_eos,
         })
     return result

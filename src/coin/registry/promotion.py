@@ -438,13 +438,20 @@ def load_predictions(client, name: str, mv, *, what: str) -> pd.DataFrame:
 def paired_gain(candidate: pd.DataFrame, champion: pd.DataFrame) -> PairedGain:
     """Candidate minus champion on their shared examples, in the candidate's (primary) scoring, with
     :func:`coin.evaluation.uncertainty.paired_delta`'s bootstrap. Raises ``ValueError`` when there is no
-    paired comparison to make (other scoring, no shared example, no perturbed set in common)."""
+    paired comparison to make (other scoring, other examples, no perturbed set in common)."""
     from coin.evaluation.uncertainty import LEVEL, example_scores, paired_delta
 
     scoring = str(candidate["scoring"].iloc[0]) if len(candidate) else "?"
     if scoring not in set(map(str, champion["scoring"])):
         raise ValueError(f"the champion's stored predictions have no {scoring!r} scoring (they have "
                          f"{sorted(set(map(str, champion['scoring'])))}): evaluate both with the same evaluate.scoring")
+    mine = set(zip(candidate["task"].astype(str), candidate["example_id"].astype(str), strict=True))
+    theirs = set(zip(champion["task"].astype(str), champion["example_id"].astype(str), strict=True))
+    if mine & theirs and mine != theirs:  # none shared: paired_delta says so
+        only = sorted({t for t, _ in mine ^ theirs})
+        raise ValueError(f"the two were evaluated on different examples ({len(mine - theirs)} only the candidate's, "
+                         f"{len(theirs - mine)} only the champion's, in {', '.join(only)}), so a gain on the shared "
+                         "ones would not be the gain their figures show: evaluate both on the same sample")
     d = paired_delta(example_scores(candidate, scoring), example_scores(champion, scoring))
     if d["perturbed_delta_ci_low"] is None or d["perturbed_delta"] is None:
         raise ValueError(f"the two share {d['n_examples']} examples but no perturbed instruction set on all of them: "

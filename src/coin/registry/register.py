@@ -242,15 +242,20 @@ def keep_predictions(name: str, version: str, run_id: str, figures: ModelFigures
                      client=None) -> str | None:
     """Store ``predictions`` with the version (see ``promotion.store_predictions``) unless it has some already.
 
-    A version decided earlier with other figures (re-evaluated since) keeps what it has: its stored
-    predictions must be those its figures came from. Returns the tag's URI, or None when nothing is stored.
+    Stored predictions whose file is gone (an artifact store cleaned up) are stored again: re-registering the
+    training run is the fix the interval rule's refusal gives. A version decided earlier with other figures
+    (re-evaluated since) keeps what it has: its stored predictions must be those its figures came from. Returns
+    the tag's URI, or None when nothing is stored.
     """
     from mlflow import MlflowClient
 
     client = client or MlflowClient()
     mv = client.get_model_version(name, version)
-    if mv.tags.get(TAG_PREDICTIONS):
-        return mv.tags[TAG_PREDICTIONS]
+    uri = mv.tags.get(TAG_PREDICTIONS)
+    if uri and _artifact_exists(client, uri):
+        return uri
+    if uri:
+        log.warning("%s version %s: its stored predictions %s are missing; storing them again", name, version, uri)
     recorded = decision_from_tags(mv.tags)
     if recorded is not None and (recorded.candidate.clean_acc, recorded.candidate.perturbed_acc) != (
             figures.rounded().clean_acc, figures.rounded().perturbed_acc):
@@ -259,6 +264,18 @@ def keep_predictions(name: str, version: str, run_id: str, figures: ModelFigures
             "recorded figures (%s vs now %s)", name, version, recorded.candidate, figures)
         return None
     return store_predictions(client, name, version, run_id, predictions)
+
+
+def _artifact_exists(client, uri: str) -> bool:
+    """Whether ``runs:/<run_id>/<path>`` names an artifact that is there (False for any other form)."""
+    run_id, _, path = uri.removeprefix("runs:/").partition("/")
+    if not uri.startswith("runs:/") or not run_id or not path:
+        return False
+    folder = path.rpartition("/")[0] or None
+    try:
+        return any(f.path == path for f in client.list_artifacts(run_id, folder))
+    except Exception:  # noqa: BLE001 -- a deleted run or an unreachable store: not there
+        return False
 
 
 def register_candidate(adapter_dir: Path, run_id: str, name: str, figures: ModelFigures, *,
