@@ -131,3 +131,11 @@ def test_the_error_names_the_params_file_and_the_overrides(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_settings(bad, check_project=False)
     assert str(err.value).startswith(f"{bad} has problems; nothing was run:"), err.value
+
+
+def test_an_unquoted_off_is_off():
+    """YAML reads `autocast: off` (file or --set) as false; for these keys it means 'off', as documented."""
+    s = load_settings(ROOT / "params.yaml", ["train.autocast=off", "evaluate.autocast=off"], check_project=False)
+    assert (s.train.autocast, s.evaluate.autocast) == ("off", "off")
+    with pytest.raises(ConfigError, match="evaluate.autocast = True"):
+        load_settings(ROOT / "params.yaml", ["evaluate.autocast=on"], check_project=False)

@@ -96,6 +96,7 @@ def test_study_prep_reads_what_the_pairs_and_validate_stages_read(settings):
     from coin.stage_specs import select_params
     from coin.study.keys import PREP_CODE, PREP_PARAMS, PREP_PARAMS_EXCLUDE
 
-    assert PREP_CODE == ("data", "validation", "modeling", "stages.py")
+    assert PREP_CODE == ("data", "validation", "modeling", "evaluation/instructions.py", "evaluation/sampling.py",
+                         "stages.py")
     recorded = ("seed", "pairs", "validate", "model.backbone", "evaluate.instruction_file", "evaluate.tasks")
     assert select_params(settings, PREP_PARAMS, PREP_PARAMS_EXCLUDE) == select_params(settings, recorded)

@@ -578,6 +578,28 @@ def test_aggregation_of_a_zero_gap_gives_an_interval_holding_zero():
     assert p["seeds_same_sign"] == 0  # every seed's difference is exactly 0
 
 
+def test_cells_scored_on_other_examples_are_refused_not_cut_to_the_shared_ones():
+    """Cells from studies with another sample (experiments/combine_studies.py): their figures and the intervals
+    would be over different examples, so the aggregation stops, naming the cells, instead of silently pairing
+    the shared examples only."""
+    from coin.study.aggregate import aggregate
+
+    short = [c for c in synth_cells(gap=4, seeds=(0,))]
+    longer = [c for c in synth_cells(gap=4, seeds=(1,), n=48)]
+    with pytest.raises(ValueError, match=r"scored on different examples \(80 shared; cit-s1: 16 more, sft-s1: 16 "
+                                         r"more\)"):
+        aggregate(short + longer, ["cit", "sft"], n_boot=100)
+
+
+def test_seeds_agreeing_ignore_a_rounding_residue_of_a_zero_gap():
+    """A mean gap of 7e-15 (what two equal means of -x and +x can leave) is 0: no seed agrees with it, whatever the
+    residue's sign; a real gap is agreed with by the seeds of its sign."""
+    from coin.study.aggregate import seeds_agreeing
+
+    assert seeds_agreeing([-2.7778, 2.7778], 7.105e-15) == seeds_agreeing([-2.7778, 2.7778], -7.1e-15) == 0
+    assert seeds_agreeing([-2.7778, 2.7778, 1.0], 0.33) == 2 and seeds_agreeing([0.0, -1.0], -0.5) == 1
+
+
 def test_seed_noise_widens_the_interval_and_one_seed_matches_the_paired_bootstrap():
     from coin.evaluation.uncertainty import paired_delta
     from coin.study.aggregate import aggregate

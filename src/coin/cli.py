@@ -256,7 +256,7 @@ def _run_stage(name: str, params: Path, overrides: list[str] | None) -> dict:
 def _print(result: dict) -> None:
     """``--json``: the whole result as one JSON document (a Markdown ``table`` or ``markdown`` is a string in it),
     so ``coin ... --json | jq`` parses it."""
-    print(redact_text(json.dumps(result, indent=2, default=str)))
+    print(redact_text(json.dumps(result, indent=2, default=str, ensure_ascii=False)))
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the whole result as JSON (default: a short summary and "

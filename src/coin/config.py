@@ -316,6 +316,11 @@ class ConsistencySettings(_Section):
     push_temperature: float = Field(1.0, gt=0.0, le=100.0, description="tau_push of the contrastive part")
 
 
+def _yaml_off(value: Any) -> Any:
+    """YAML reads an unquoted ``off`` as false: for a key whose values include ``off``, false means ``off``."""
+    return "off" if value is False else value
+
+
 class TrainSettings(_Section):
     methods: list[MethodName] = Field(
         default_factory=lambda: ["coin"],
@@ -374,6 +379,7 @@ class TrainSettings(_Section):
         "auto", description="auto: bf16 autocast where bf16 runs in hardware (a CUDA GPU with bf16, a CPU with "
         "AVX512-BF16 or AMX), off elsewhere; bf16: always; off: never"
     )
+    _autocast_off = field_validator("autocast", mode="before")(lambda v: _yaml_off(v))
     backbone_dropout: float | None = Field(
         0.0, ge=0.0, lt=1.0, description="the backbone's own dropout rates (hidden, attention probabilities) while "
         "training: null = the checkpoint's config (MiniLM: 0.1); a number replaces every one. LoRA's dropout is "
@@ -442,6 +448,7 @@ class EvaluateSettings(_Section):
         "auto", description="auto: bf16 autocast where bf16 runs in hardware (a CUDA GPU with bf16, a CPU with "
         "AVX512-BF16 or AMX), off elsewhere; bf16: always; off: never (fp32 scores)"
     )
+    _autocast_off = field_validator("autocast", mode="before")(lambda v: _yaml_off(v))
 
     @field_validator("instruction_sets", "tasks", "scoring")
     @classmethod

@@ -111,11 +111,13 @@ STAGE_SPECS: dict[str, StageSpec] = {
                 "evaluate.tasks"),
         inputs=lambda lay, _: [lay.pairs_file, lay.data_dir, _instruction_file(lay)],
         outputs=lambda lay, _: [lay.valid_file, lay.validated_dir / "summary.json"],
-        code=("validation", "data", "modeling"),
+        # the leak checks load the evaluation's instructions and sample its validation rows
+        code=("validation", "data", "modeling", "evaluation/instructions.py", "evaluation/sampling.py"),
     ),
     "train": StageSpec(  # item = method
-        # evaluate.calibration: recorded in coin_model.json, so the registered model answers as it was evaluated
-        params=("seed", "paths", "model", "pairs.cutoff_len", "train", "evaluate.calibration"),
+        # evaluate.calibration and evaluate.autocast: recorded in coin_model.json, so the registered model answers
+        # as it was evaluated
+        params=("seed", "paths", "model", "pairs.cutoff_len", "train", "evaluate.calibration", "evaluate.autocast"),
         exclude=("train.methods",),  # adding sft must not retrain coin; the method is the item
         inputs=lambda lay, m: [lay.valid_file],
         outputs=lambda lay, m: [lay.adapter_dir(str(m)), lay.method_dir(str(m)) / "train.json",
@@ -129,7 +131,7 @@ STAGE_SPECS: dict[str, StageSpec] = {
         inputs=lambda lay, label: [lay.data_dir, _instruction_file(lay)]
         + ([] if label == "base" else [lay.adapter_dir(str(label))]),
         outputs=lambda lay, label: [lay.eval_unit_dir(str(label))],
-        code=("evaluation", "modeling", "data"),
+        code=("evaluation", "modeling", "data", "predict.py"),  # predict.py: the prompt builder the scorer uses
     ),
     "evaluate_report": StageSpec(
         params=("paths", "evaluate", "train.methods", "tracking"),
@@ -137,7 +139,7 @@ STAGE_SPECS: dict[str, StageSpec] = {
         # predictions.jsonl: the registry's paired evidence; accuracy.png: dvc.yaml's plot
         # metrics/summary.json: the headline figures, DVC's metrics file (git-tracked)
         outputs=lambda lay, _: [lay.eval_dir / name for name in EVAL_REPORT_FILES] + [lay.metrics_summary],
-        code=("evaluation",),
+        code=("evaluation", "data"),  # data: the tasks' labels (the majority and chance references)
     ),
     "register": StageSpec(  # not cached by the flow: it reads the tracking store's champion each time
         params=("paths", "register", "tracking"),
@@ -145,7 +147,7 @@ STAGE_SPECS: dict[str, StageSpec] = {
                                lay.eval_dir / "metrics.json", lay.eval_dir / "predictions.jsonl",
                                lay.eval_dir / "cards"],
         outputs=lambda lay, _: [lay.register_record],
-        code=("registry",),
+        code=("registry", "evaluation", "modeling", "data"),  # the gate's figures, intervals and cards; the model
     ),
 }
 

@@ -366,8 +366,12 @@ def load_for_instructions(params: str | Path, overrides: list[Any] | None,
 
 def protocol_of(settings: Settings, root: Path) -> dict[str, Any]:
     """What decides an evaluation's figures besides the model: the instruction file's content, sets, tasks and
-    their validation data, sample size, seed, scoring, calibration, prompt format and numerics."""
+    their validation data, sample size, seed, scoring, calibration, prompt format, numerics, and the code that
+    scores (the evaluate stage's, ``coin.stage_specs``; not the report's): a cached result from older scoring code
+    is not reused."""
     from coin.data.tasks import validation_files
+    from coin.stage_specs import STAGE_SPECS
+    from coin.study.keys import CELL_CODE_EXCLUDE, code_hash
 
     ev = settings.evaluate
     data_dir = root / settings.paths.data_dir
@@ -379,6 +383,7 @@ def protocol_of(settings: Settings, root: Path) -> dict[str, Any]:
         "calibration": ev.calibration, "prompt_format": ev.prompt_format, "length_normalise": ev.length_normalise,
         "max_new_tokens": ev.max_new_tokens, "autocast": ev.autocast,
         "data_sha256": _sha_files(data_files, data_dir) if data_files else None,
+        "code_sha256": code_hash(STAGE_SPECS["evaluate_unit"].code, CELL_CODE_EXCLUDE),
     }
 
 

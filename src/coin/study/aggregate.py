@@ -231,6 +231,13 @@ def _mean_std(values: Iterable[Any]) -> dict[str, Any]:
             else None, "n": len(xs)}
 
 
+def seeds_agreeing(per_seed: Iterable[float], delta: float) -> int:
+    """Seeds whose difference has the sign of the mean difference ``delta``; signs after rounding to 1e-9 points,
+    so the float residue of a zero gap (7e-15 from two equal means) is 0, a sign no seed agrees with."""
+    sign = np.sign(round(delta, 9))
+    return sum(1 for x in per_seed if sign != 0 and np.sign(round(x, 9)) == sign)
+
+
 def majority_class(labels: pd.DataFrame) -> dict[str, Any]:
     """Majority-class rate of the evaluated sample: per task, and the mean over tasks (percent)."""
     from coin.evaluation.reference import reference_rates
@@ -248,6 +255,12 @@ def _shared_index(cells: list[CellData]) -> pd.MultiIndex:
     if index.empty:
         raise ValueError("the cells share no evaluated example: evaluate them with the same seed, tasks and "
                          "samples_per_task (a study keeps the global seed fixed for that)")
+    apart = {f"{c.method}-s{c.seed}" + (f" ({c.sweep})" if c.sweep else ""): len(c.scores.index) - len(index)
+             for c in cells if len(c.scores.index) != len(index)}
+    if apart:  # the intervals and differences would be over fewer examples than each cell's own figures
+        raise ValueError(f"the cells were scored on different examples ({len(index)} shared; "
+                         + ", ".join(f"{n}: {k} more" for n, k in apart.items())
+                         + "): aggregate cells evaluated on the same sample (seed, tasks, samples_per_task)")
     # tasks in the evaluation's order (the predictions', as in the labels), examples sorted within a task
     seen = [*cells[0].labels["task"], *cells[0].scores.index.get_level_values("task")]
     order = {t: i for i, t in enumerate(dict.fromkeys(seen))}
@@ -324,7 +337,7 @@ def aggregate_group(cells: list[CellData], methods: Sequence[str], *, n_boot: in
             pa = dict(zip(seeds[a], per_cell[part][a], strict=True))
             pb = dict(zip(seeds[b], per_cell[part][b], strict=True))
             per_seed = {s: float(pa[s] - pb[s]) for s in common}
-            same = sum(1 for x in per_seed.values() if x != 0 and np.sign(x) == np.sign(delta))
+            same = seeds_agreeing(per_seed.values(), delta)
             d[part] = {"delta": json_number(delta), "ci_low": json_number(lo), "ci_high": json_number(hi),
                        "excludes_zero": bool(not math.isnan(lo) and (lo > 0 or hi < 0)),
                        "seeds_same_sign": same, "seeds_paired": len(common),

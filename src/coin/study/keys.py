@@ -12,8 +12,8 @@ A cell's key (:func:`cell_key_parts`) covers
 - the content of the validated pairs a trained cell trains on (sha256 of ``valid.jsonl``);
 - the content of the evaluation's inputs: the validation files of ``evaluate.tasks`` and the instruction file;
 - the code a cell runs: ``coin.training``, ``coin.modeling``, ``coin.evaluation`` (except the report
-  and uncertainty modules, which a cell does not run), ``coin.data``, ``coin.methods`` (the methods' objectives),
-  ``stages.py``, ``coin.study.cell`` and ``coin.study.cell_train``.
+  and uncertainty modules, which a cell does not run), ``coin.data``, ``coin.predict`` (the prompt builder),
+  ``coin.methods`` (the methods' objectives), ``stages.py``, ``coin.study.cell`` and ``coin.study.cell_train``.
   ``config.py`` is not hashed: the validated params are.
 
 A trained cell's record also keeps :func:`train_key`, the key of its training alone: when only the evaluation's
@@ -44,8 +44,10 @@ CELL_PARAMS = ("seed", "model", "pairs.cutoff_len", "train", "evaluate")
 CELL_PARAMS_EXCLUDE = ("model.device", "train.methods", "train.resume", "train.log_every", "train.checkpoint_every",
                        "train.keep_checkpoints", "evaluate.include_base")
 BASE_PARAMS = ("seed", "model", "evaluate")
-CELL_CODE = ("training", "modeling", "evaluation", "data", "methods.py", "stages.py", "study/cell.py",
-             "study/cell_train.py")
+# the pipeline's train and evaluate_unit stages' code (coin.stage_specs, checked against their imports by
+# tests/test_stage_code.py) and the cell's own modules
+CELL_CODE = tuple(dict.fromkeys((*STAGE_SPECS["train"].code, *STAGE_SPECS["evaluate_unit"].code, "methods.py",
+                                 "stages.py", "study/cell.py", "study/cell_train.py")))
 CELL_CODE_EXCLUDE = ("evaluation/report", "evaluation/uncertainty.py")  # report: the package, every module of it
 
 # pairs + validation gate: what coin.study.prepare reads, i.e. the pipeline's pairs and validate stages
@@ -136,10 +138,11 @@ def key_of(parts: dict[str, Any]) -> str:
 
 # What a trained cell's *training* reads: its key (:func:`train_key`, recorded in ``cell.json``, not part of the
 # cell's key) lets a cell whose evaluation settings changed (more instruction sets, another sample size) evaluate
-# the adapter it already trained instead of training it again. ``evaluate.calibration`` is in: the adapter's
-# ``coin_model.json`` records it for ``coin predict``.
-TRAIN_PARAMS = ("seed", "model", "pairs.cutoff_len", "train", "evaluate.calibration")
-TRAIN_CODE = ("training", "modeling", "data", "methods.py", "stages.py", "study/cell_train.py")  # not study/cell.py:
+# the adapter it already trained instead of training it again. ``evaluate.calibration`` and ``evaluate.autocast``
+# are in: the adapter's ``coin_model.json`` records them for ``coin predict``.
+TRAIN_PARAMS = tuple(p for p in STAGE_SPECS["train"].params if p != "paths")  # the train stage's (the study has
+# its own directories)
+TRAIN_CODE = (*STAGE_SPECS["train"].code, "methods.py", "stages.py", "study/cell_train.py")  # not study/cell.py:
 # its bookkeeping (records, locks, the evaluation call) cannot change an adapter, and an edit to it must not retrain
 # one. methods.py is in: it declares what each method's objective adds up
 

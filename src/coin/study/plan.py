@@ -37,7 +37,9 @@ def study_plan(settings: Settings, root: Path) -> dict[str, Any]:
         final = cells_dir(settings, root) / cell.name
         draw = cell.sweep_value if sweeps_draws(settings) else None
         if cell.trained and not ready[draw]:
-            cells.append({"cell": cell.name, "action": TRAIN, "why": "its pairs are built first"})
+            cells.append({"cell": cell.name, "action": TRAIN,
+                          "why": "its pairs are built first; if they come out as before, a cell done on them is "
+                                 "not recomputed"})
             continue
         s = cell_settings(settings, cell)
         parts = cell_key_parts(s, root, cell, valid_file(settings, root, cell) if cell.trained else None)

@@ -1,0 +1,111 @@
+"""Each stage's declared code (``coin.stage_specs.STAGE_SPECS[...].code``, which ``dvc.yaml``'s deps, the flow's
+cache keys and the study's keys read) covers every ``coin`` module the stage function can import, found by reading
+the sources: an edit to code a stage runs must make ``dvc repro`` and the flow's cache run it again.
+
+Modules that cannot change what a stage writes are listed in :data:`NEUTRAL`, with why, and not followed."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+import coin
+from coin.stage_specs import ALWAYS_CODE, STAGE_SPECS
+
+SRC = Path(coin.__file__).resolve().parent
+FUNCTIONS = {"pairs": "stage_pairs", "validate": "stage_validate", "train": "stage_train",
+             "evaluate_unit": "stage_evaluate_unit", "evaluate_report": "stage_evaluate_report",
+             "register": "stage_register"}
+NEUTRAL = {
+    "coin.errors": "exception classes",
+    "coin.registry.errors": "exception classes",
+    "coin.layout": "where files go (the paths are params)",
+    "coin.secrets": "redaction of what is logged",
+    "coin.stage_specs": "these declarations: which params and code a stage reads",
+    "coin.registry.tracking": "MLflow runs, params and tags of a stage; not its outputs",
+    "coin.cpus": "thread counts",
+    "coin.study.keys": "content hashes for cache keys (the evaluation's result cache keys its scoring code)",
+}
+# Modules a stage runs (they are in ALWAYS_CODE) whose own imports are not followed, with why.
+NOT_FOLLOWED = {
+    "coin.config": "its load-time checks import the instruction loader and the backbone's device and quantisation "
+                   "checks; they refuse settings, they decide nothing a stage writes",
+}
+
+
+def _file(module: str) -> Path | None:
+    p = SRC.parent / module.replace(".", "/")
+    if (p / "__init__.py").is_file():
+        return p / "__init__.py"
+    return p.with_suffix(".py") if p.with_suffix(".py").is_file() else None
+
+
+def _imports(node: ast.AST) -> set[str]:
+    """``coin`` modules imported anywhere under ``node`` (function bodies too); a name a package re-exports
+    lazily (its ``_HOME``) counts as the module it lives in."""
+    out: set[str] = set()
+    for n in ast.walk(node):
+        if isinstance(n, ast.ImportFrom) and n.module and n.module.split(".")[0] == "coin":
+            home = getattr(importlib.import_module(n.module), "_HOME", {}) if _file(n.module) else {}
+            out.add(n.module)
+            for a in n.names:
+                sub = f"{n.module}.{a.name}"
+                out.add(sub if _file(sub) else home.get(a.name, n.module))
+        elif isinstance(n, ast.Import):
+            out |= {a.name for a in n.names if a.name.split(".")[0] == "coin"}
+    return {m for m in out if _file(m)}
+
+
+def _closure(start: set[str]) -> set[str]:
+    seen: set[str] = set()
+    todo = list(start)
+    while todo:
+        m = todo.pop()
+        if m in seen or m in NEUTRAL:
+            continue
+        seen.add(m)
+        if m not in NOT_FOLLOWED:
+            todo += _imports(ast.parse(_file(m).read_text()))
+    return seen
+
+
+def stage_modules(function: str) -> set[str]:
+    """The ``coin`` modules ``coin.stages.<function>`` can run: its imports, those of the module-level helpers it
+    calls, stages.py's own imports, and everything they import in turn."""
+    tree = ast.parse((SRC / "stages.py").read_text())
+    funcs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    start = set().union(*(_imports(n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))))
+    todo, done = [function], set()
+    while todo:
+        f = todo.pop()
+        if f in done:
+            continue
+        done.add(f)
+        start |= _imports(funcs[f])
+        todo += [n.id for n in ast.walk(funcs[f]) if isinstance(n, ast.Name) and n.id in funcs]
+    return _closure(start) - {"coin.stages"}
+
+
+def _covered(module: str, code: tuple[str, ...]) -> bool:
+    rel = module.removeprefix("coin.").replace(".", "/")
+    if module == "coin" or _file(module).name == "__init__.py" and not _imports(ast.parse(_file(module).read_text())):
+        return True  # the package itself, or a package whose __init__ imports nothing (lazy re-exports)
+    return any(rel == c.removesuffix(".py") or rel.startswith(c.rstrip("/") + "/") for c in code)
+
+
+@pytest.mark.parametrize("spec", sorted(FUNCTIONS))
+def test_declared_code_covers_what_the_stage_imports(spec):
+    code = (*ALWAYS_CODE, *STAGE_SPECS[spec].code)
+    missing = sorted(m for m in stage_modules(FUNCTIONS[spec]) if not _covered(m, code))
+    assert not missing, (f"{spec} runs {missing}, not in STAGE_SPECS[{spec!r}].code = {STAGE_SPECS[spec].code}: add "
+                         "them (then dvc.yaml's deps, tests/test_stage_spec.py says how), or to NEUTRAL here if they "
+                         "cannot change what the stage writes")
+
+
+def test_the_scan_sees_an_import_that_is_not_declared():
+    """The check can fail: the evaluation's prompt builder (coin.predict) is found from stage_evaluate_unit."""
+    assert "coin.predict" in stage_modules("stage_evaluate_unit")
+    assert not _covered("coin.predict", ("evaluation", "modeling", "data"))
