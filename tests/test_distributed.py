@@ -140,6 +140,14 @@ def _assert_equals_one_process(out: Path, ref: _OneProcess) -> None:
 def test_two_gloo_processes_equal_one_process(tiny_llama_dir: Path, tmp_path: Path, one_process: _OneProcess) -> None:
     _launch("ddp", tiny_llama_dir, tmp_path / "ddp")
     _assert_equals_one_process(tmp_path / "ddp", one_process)
+    # step 2's checkpoint damaged on rank 1 alone: both ranks resumed from step 1 and ended where the run did
+    damaged = json.loads((tmp_path / "ddp" / "damaged_resume.json").read_text())
+    assert damaged["resumed_from"] == 1
+    full = json.loads((tmp_path / "ddp" / "train_history.json").read_text())
+    assert damaged["history"][-1]["loss"] == full[-1]["loss"]
+    a, b = adapter_tensors(tmp_path / "ddp" / "damaged" / "adapter"), adapter_tensors(tmp_path / "ddp" / "adapter")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
 
 
 def test_fsdp_two_processes_equal_one_process_and_resume(tiny_llama_dir: Path, tiny_bert_encoder_dir: Path,

@@ -4,6 +4,7 @@ uninterrupted run; checkpoints are atomic, pruned, pickle-free, and refuse a dif
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -156,6 +157,13 @@ def test_resume_refuses_a_different_run_and_starts_fresh_without_checkpoint(
     assert fresh.resumed_from == 0 and os.path.isdir(tmp_path / "new" / "checkpoints" / "step-0000002")
 
 
+def _copy_checkpoints(run: Path, out: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run / "checkpoints", out / "checkpoints")
+    return out / "checkpoints"
+
+
 def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tiny_llama_dir: Path, tmp_path: Path, caplog) -> None:
     """A checkpoint cut short (its safetensors half written, its state.json truncated) is named in a warning and
     the resume continues from the newest complete one, to the same adapter as an uninterrupted run."""
@@ -172,6 +180,13 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tiny_llama_dir
     assert sorted(ckpts) == [2, 3, 4]
     weights = ckpts[4] / "adapter" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])       # step 4: half a file
+    (ckpts[3] / "rng-rank0.json").unlink()                                           # step 3: a file gone
+    with caplog.at_level(logging.WARNING, logger="coin.training.loop"):
+        again = train(load_backbone(str(tiny_llama_dir), device="cpu"), rows, cfg.model_copy(update={"resume": True}),
+                      out_dir=tmp_path / "copy", seed=0, cutoff_len=64, progress=False, resume=True,
+                      checkpoint_dir=_copy_checkpoints(run, tmp_path / "copy"))
+    assert again.resumed_from == 2 and "rng-rank0.json missing" in caplog.text
+    caplog.clear()
     state = ckpts[3] / "state.json"
     state.write_text(state.read_text()[:40])                                         # step 3: truncated JSON
     with caplog.at_level(logging.WARNING, logger="coin.training.loop"):
@@ -183,3 +198,26 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tiny_llama_dir
     a, b = adapter_tensors(full.adapter_dir), adapter_tensors(resumed.adapter_dir)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_resuming_a_finished_run_keeps_its_final_metrics(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """train.json's final metrics come from the whole history: a resume that has no step left to run (the newest
+    checkpoint is at max_steps) records the same final figures, not an empty mapping."""
+    from coin.config import Settings
+    from coin.data.io import read_json
+    from coin.stages import _train_one
+
+    def settings(resume: bool) -> Settings:
+        return Settings.model_validate({
+            "model": {"backbone": str(tiny_llama_dir), "device": "cpu"},
+            "train": {"methods": ["sft"], "max_steps": 2, "batch_size": 2, "checkpoint_every": 1, "autocast": "off",
+                      "resume": resume, "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+            "register": {"methods": ["sft"]}, "study": {"methods": ["base", "sft"]}})
+
+    rows = make_rows(4)
+    first = _train_one(settings(False), tmp_path, rows, "sft")
+    again = _train_one(settings(True), tmp_path, rows, "sft")
+    assert first["final"]["step"] == 2 and math.isfinite(first["final"]["loss"])
+    same = json.dumps(first["final"], sort_keys=True)  # sft's l_cl is NaN: compared as text
+    assert json.dumps(again["final"], sort_keys=True) == same
+    assert json.dumps(read_json(tmp_path / "outputs" / "train" / "sft" / "train.json")["final"], sort_keys=True) == same

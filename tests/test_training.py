@@ -180,6 +180,23 @@ def test_collator_docstring_example(minilm_tok: Any) -> None:
     assert b.resp_cols[b.resp_rows == 0].tolist() == [9, 10]
 
 
+def test_collator_warns_once_when_a_prompt_is_cut_to_the_cutoff(minilm_tok: Any, caplog) -> None:
+    """Rows longer than pairs.cutoff_len (validated at another cutoff) lose prompt tokens from the left, the
+    instruction first: said once per run, naming the pair and the setting, and counted."""
+    rows = make_rows(3)
+    collate = PairCollator(minilm_tok, "coin", cutoff_len=16)
+    with caplog.at_level("WARNING", logger="coin.training.collator"):
+        collate(rows)
+        collate(rows)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and f"original_prompt of pair {rows[0]['pair_id']}" in warned[0]
+    assert "over pairs.cutoff_len = 16" in warned[0] and collate.cut_sequences == 18
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="coin.training.collator"):
+        PairCollator(minilm_tok, "coin", cutoff_len=256)(rows)
+    assert not caplog.records
+
+
 @pytest.mark.parametrize(("method", "groups"), [("coin", 3), ("cit", 2), ("sft", 1)])
 def test_collator_layout_and_masking(minilm_tok: Any, method: str, groups: int) -> None:
     rows = make_rows(3)

@@ -85,10 +85,22 @@ def run_ddp(model_dir: str, out_dir: Path) -> None:
     bb2 = load_backbone(model_dir, device="cpu")
     result = train(bb2, make_rows(DDP_ROWS, varied_targets=True), ddp_train_cfg(per_rank), out_dir=out_dir,
                    seed=0, cutoff_len=CUTOFF, progress=False)
+    # step 2's checkpoint unreadable on rank 1 only: both ranks fall back to step 1 together (one alone would hang)
+    import shutil
+
+    damaged = out_dir / "damaged"
+    if world.is_main:
+        shutil.copytree(out_dir / "checkpoints", damaged / "checkpoints")
+        (damaged / "checkpoints" / "step-0000002" / "rng-rank1.safetensors").write_bytes(b"not safetensors")
+    world.barrier()
+    resumed = train(load_backbone(model_dir, device="cpu"), make_rows(DDP_ROWS, varied_targets=True),
+                    ddp_train_cfg(per_rank), out_dir=damaged, seed=0, cutoff_len=CUTOFF, progress=False, resume=True)
     if world.is_main:
         save_file({k: v.contiguous() for k, v in g.items()}, str(out_dir / "step_grads.safetensors"))
         (out_dir / "step_metrics.json").write_text(json.dumps(metrics))
         (out_dir / "train_history.json").write_text(json.dumps(result.history))
+        (out_dir / "damaged_resume.json").write_text(json.dumps({"resumed_from": resumed.resumed_from,
+                                                                 "history": resumed.history}))
     world.finish()  # init_world created the group here; train() reused it and left it alone
 
 

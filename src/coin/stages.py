@@ -333,7 +333,9 @@ def _train_one(settings: Settings, root: Path, rows: list[dict[str, Any]], metho
         record = {
             "run_id": run.info.run_id, "method": method, "steps": result.steps,
             "wall_time_s": round(result.wall_time_s, 2), "adapter_dir": _rel(lay.adapter_dir(method), root),
-            "final": {k: round(float(v), 6) for k, v in (history[-1] if history else {}).items()},
+            # the last step's metrics: the full history's (a resume of a finished run runs no step here)
+            "final": {k: int(v) if k == "step" else round(float(v), 6)
+                      for k, v in ((result.history or history or [{}])[-1]).items()},
         }
         write_json(out_dir / "train.json", record)
     log.info("train[%s]: %d steps in %.1f s -> %s", method, result.steps, result.wall_time_s, out_dir)

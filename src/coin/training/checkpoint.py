@@ -312,14 +312,22 @@ def _check_fingerprint(path: Path, saved: dict[str, Any], now: dict[str, Any]) -
         )
 
 
-def load_checkpoint(path: Path, state: TrainingState, *, world: World) -> Progress:
-    """Restore the adapter weights, optimizer, scheduler (of ``state``) and this rank's RNG states from ``path``;
-    the progress the checkpoint was written at.
+@dataclass
+class ReadCheckpoint:
+    """Every file of one checkpoint for this rank, read and checked (:func:`read_checkpoint`), not yet applied."""
 
-    Every file is read (and so checked) before anything is restored: a file that cannot be read raises
-    :class:`DamagedCheckpoint` and leaves the model untouched; a checkpoint of another run (fingerprint)
-    raises ``ValueError`` naming the keys that differ.
-    """
+    path: Path
+    saved: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    opt_tensors: dict[str, torch.Tensor]
+    rng_tensors: dict[str, torch.Tensor]
+    rng_state: dict[str, Any]
+
+
+def read_checkpoint(path: Path, state: TrainingState, *, world: World) -> ReadCheckpoint:
+    """Read and check every file this rank restores from ``path``; nothing is applied. A file that is missing or
+    cannot be read raises :class:`DamagedCheckpoint`; a checkpoint of another run (fingerprint: settings, rows,
+    world size) raises ``ValueError`` naming the keys that differ."""
     saved = _read(path / STATE_FILE, _read_json)
     try:
         saved_fp, names = saved["fingerprint"], saved["param_names"]
@@ -329,18 +337,31 @@ def load_checkpoint(path: Path, state: TrainingState, *, world: World) -> Progre
     if names != state.param_names:
         raise ValueError(f"{path}: the trainable parameters differ from this run's (LoRA settings changed?)")
     rank_files = (path / f"rng-rank{world.rank}.safetensors", path / f"rng-rank{world.rank}.json")
-    if not all(f.is_file() for f in rank_files):
-        raise FileNotFoundError(f"{path}: no RNG state for rank {world.rank}; resume with the same number of processes")
-    weights = _read(path / "adapter" / "adapter_model.safetensors", lambda f: load_file(str(f)))
-    opt_tensors = _read(path / "optimizer.safetensors", lambda f: load_file(str(f)))
-    rng_tensors = _read(rank_files[0], lambda f: load_file(str(f)))
-    rng_state = _read(rank_files[1], _read_json)
-    result = _load_adapter_weights(state.model, weights)
+    missing = [f.name for f in rank_files if not f.is_file()]
+    if missing:  # the world size is in the fingerprint, checked above: a missing file is damage
+        raise DamagedCheckpoint(f"{path}: {', '.join(missing)} missing")
+    return ReadCheckpoint(
+        path, saved, weights=_read(path / "adapter" / "adapter_model.safetensors", lambda f: load_file(str(f))),
+        opt_tensors=_read(path / "optimizer.safetensors", lambda f: load_file(str(f))),
+        rng_tensors=_read(rank_files[0], lambda f: load_file(str(f))), rng_state=_read(rank_files[1], _read_json))
+
+
+def apply_checkpoint(read: ReadCheckpoint, state: TrainingState) -> Progress:
+    """Restore the adapter weights, optimizer, scheduler (of ``state``) and this rank's RNG states from a
+    :func:`read_checkpoint`; the progress the checkpoint was written at."""
+    saved = read.saved
+    result = _load_adapter_weights(state.model, read.weights)
     if getattr(result, "unexpected_keys", None):
-        raise ValueError(f"{path}/adapter: keys that this model does not have: {result.unexpected_keys[:5]}")
-    state.optimizer.load_state_dict(_optimizer_join(opt_tensors, saved["optimizer"]))
+        raise ValueError(f"{read.path}/adapter: keys that this model does not have: {result.unexpected_keys[:5]}")
+    state.optimizer.load_state_dict(_optimizer_join(read.opt_tensors, saved["optimizer"]))
     _reshard_optimizer(state.optimizer)
     state.scheduler.load_state_dict(saved["scheduler"])
-    _rng_restore(rng_tensors, rng_state)
-    log.info("resumed from %s (step %d)", path, saved["step"])
+    _rng_restore(read.rng_tensors, read.rng_state)
+    log.info("resumed from %s (step %d)", read.path, saved["step"])
     return Progress(step=int(saved["step"]), history=list(saved["history"]), stream_state=dict(saved["data"]))
+
+
+def load_checkpoint(path: Path, state: TrainingState, *, world: World) -> Progress:
+    """:func:`read_checkpoint` then :func:`apply_checkpoint`: every file is read (and so checked) before anything
+    is restored, so a damaged checkpoint leaves the model untouched."""
+    return apply_checkpoint(read_checkpoint(path, state, world=world), state)

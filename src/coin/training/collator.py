@@ -46,6 +46,7 @@ whose labels are -100.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,8 @@ import torch
 
 from coin.data.prompts import PromptFormat, encode
 from coin.methods import GEN_GROUPS, get_method
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # settings are duck-typed here: the step imports without pydantic (bench/gpu_check.py)
     from coin.config import TrainSettings
@@ -184,6 +187,7 @@ class PairCollator:
         if pad is None:
             raise ValueError(f"{type(tokenizer).__name__} has no pad token; load it through load_backbone")
         self.pad_id = int(pad)
+        self.cut_sequences = 0  # sequences whose prompt lost tokens from the left to fit cutoff_len (warned once)
 
     @classmethod
     def from_settings(cls, tokenizer: Any, cfg: TrainSettings, cutoff_len: int) -> "PairCollator":
@@ -197,6 +201,12 @@ class PairCollator:
         enc = encode(
             self.tokenizer, row[p_col], row[t_col], fmt=self.fmt, append_eos=self.append_eos, max_length=self.cutoff_len
         )
+        if enc.truncated:
+            if not self.cut_sequences:  # the gate rejects such rows; a row set validated at another cutoff is not
+                log.warning("train: %s of pair %s is %d tokens over pairs.cutoff_len = %d: its prompt loses them from "
+                            "the left (the instruction first). Validate the pairs at this cutoff (coin validate), or "
+                            "raise pairs.cutoff_len", p_col, row.get("pair_id", "?"), enc.truncated, self.cutoff_len)
+            self.cut_sequences += 1
         return enc.input_ids, enc.n_prompt
 
     def __call__(self, rows: list[dict[str, Any]]) -> Batch:

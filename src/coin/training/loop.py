@@ -48,10 +48,11 @@ from coin.training.checkpoint import (
     DamagedCheckpoint,
     Progress,
     TrainingState,
+    apply_checkpoint,
     clear_checkpoints,
     fingerprint,
     list_checkpoints,
-    load_checkpoint,
+    read_checkpoint,
     save_adapter,
     save_checkpoint,
 )
@@ -224,11 +225,20 @@ def _train(run: TrainRun, world: World, device: torch.device) -> TrainResult:
     start = 0
     restored = None
     for _, ckpt in reversed(list_checkpoints(checkpoint_dir) if run.resume else []):  # newest complete one first
+        # every rank reads its files first; one checkpoint is applied only where every rank could read it, so
+        # the ranks resume from the same step (one rank falling back alone would hang the others)
+        read, why = None, ""
         try:
-            restored = load_checkpoint(ckpt, state, world=world)
-            break
+            read = read_checkpoint(ckpt, state, world=world)
         except DamagedCheckpoint as exc:
-            log.warning("resume: %s; falling back to the checkpoint before it", exc)
+            why = str(exc)
+        readable = int(world.all_reduce_sum(torch.tensor([float(read is not None)], device=_comm_device(world)))
+                       .item())
+        if readable == world.size:
+            restored = apply_checkpoint(read, state)
+            break
+        log.warning("resume: %s; falling back to the checkpoint before it",
+                    why or f"{ckpt}: {world.size - readable} other process(es) cannot read their part of it")
     if restored is not None:
         start, history = restored.step, restored.history
         stream.load_state_dict(restored.stream_state)
