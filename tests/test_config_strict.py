@@ -236,17 +236,3 @@ def test_predict_does_not_need_the_project(tmp_path):
     s = load_settings(_project(tmp_path), ["model.backbone=/nonexistent"], check_project=False)
     assert s.model.backbone == "/nonexistent"
 
-
-def test_a_relative_backbone_is_the_project_roots_from_any_working_directory(tmp_path, tiny_llama_dir, monkeypatch):
-    """model.backbone: models/tiny, relative to the params file's directory (as paths are), becomes its absolute
-    path (what coin_model.json records), whatever the working directory; a cache name stays a name."""
-    import shutil
-
-    project = tmp_path / "proj"
-    shutil.copytree(tiny_llama_dir, project / "models" / "tiny")
-    params = project / "params.yaml"
-    params.write_text((SHIPPED).read_text())
-    monkeypatch.chdir(tmp_path)  # not the project root
-    s = load_settings(params, ["model.backbone=models/tiny"])
-    assert s.model.backbone == str((project / "models" / "tiny").resolve())
-    assert load_settings(params, check_project=False).model.backbone == "minilm"

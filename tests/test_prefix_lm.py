@@ -258,3 +258,28 @@ def test_mean_readout_under_causal_attention_equals_the_hand_built_one(tiny_llam
                 lp = torch.log_softmax(head(h).float(), dim=-1)
             want = sum(float(lp[t - 1, enc.input_ids[t]]) for t in range(enc.n_prompt, len(enc.input_ids)))
             assert float(out.scores[i, j]) == pytest.approx(want, abs=1e-4), (i, j)
+
+
+def test_a_relative_backbone_is_recorded_absolute_so_the_adapter_loads_anywhere(tiny_bert_encoder_dir, tmp_path,
+                                                                                monkeypatch):
+    """model.backbone: a relative directory (as the settings keep it) is recorded in coin_model.json as its
+    absolute path, so load_trained works from another working directory."""
+    import shutil
+
+    from coin.config import Settings
+    from coin.modeling.adapter import load_trained, read_meta
+    from coin.stages import train_adapter
+    from tests.helpers_training import make_rows
+
+    shutil.copytree(tiny_bert_encoder_dir, tmp_path / "proj" / "models" / "enc")
+    monkeypatch.chdir(tmp_path / "proj")
+    settings = Settings.model_validate({"model": {"backbone": "models/enc"},
+                                        "train": {"methods": ["cit"], "max_steps": 1, "batch_size": 2,
+                                                  "checkpoint_every": 0, "lora": {"r": 4, "alpha": 8}},
+                                        "register": {"methods": ["cit"]}})
+    train_adapter(settings, make_rows(4), "cit", tmp_path / "proj" / "out", progress=False)
+    adapter = tmp_path / "proj" / "out" / "adapter"
+    assert read_meta(adapter)["base"] == str((tmp_path / "proj" / "models" / "enc").resolve())
+    monkeypatch.chdir(tmp_path)
+    model, _, _ = load_trained(adapter)
+    assert model is not None

@@ -410,29 +410,42 @@ def test_gate_failure_raises_after_writing(real_rows, tokenizer, tmp_path, embed
 
 def test_per_task_counts_and_a_task_left_without_rows_fails_the_gate(real_rows, tokenizer, tmp_path, embedder,
                                                                      eval_sources, caplog):
-    """summary.json counts rows per task (valid + rejected = rows in); a task whose every row is rejected fails
-    the gate although the overall pass rate is above the threshold; one that keeps a few rows is warned about."""
-    rows = rows_copy(real_rows)  # 5 rows of each of 8 tasks
-    for r in [r for r in rows if r["task"] == "wnli"]:
+    """summary.json counts rows per task (valid + rejected = rows in); a task whose every training row is rejected
+    fails the gate although the overall pass rate is above the threshold (a held-out row left does not count:
+    training does not read it); one that keeps a few rows is warned about; a row without a known task is counted
+    apart and empties nothing."""
+    rows = rows_copy(real_rows)  # 5 rows of each of 8 tasks, all split train
+    wnli = [r for r in rows if r["task"] == "wnli"]
+    for r in wnli[:4]:
         _break("copy_paraphrase", r)
+    wnli[4]["split"] = "val"  # valid, but held out
     for r in [r for r in rows if r["task"] == "rte"][:3]:
         _break("copy_paraphrase", r)
+    stray = copy.deepcopy(rows[0])
+    stray["pair_id"] = "stray"
+    del stray["task"]
+    rows.append(stray)
     with caplog.at_level("WARNING", logger="coin"), pytest.raises(GateFailed) as info:
         gate(rows, tokenizer, tmp_path, embedder, eval_sources, min_pass_rate=0.75)
     msg = str(info.value)
-    assert "every row of wnli was rejected" in msg and "overall pass rate 0.800" in msg, msg
+    assert "every training row of wnli was rejected" in msg and "overall pass rate 0.805" in msg, msg
     assert "rte kept 2 of 5 rows (pass rate 0.400, below validate.min_pass_rate = 0.75)" in caplog.text
     summary = read_json(tmp_path / "summary.json")
     per_task = summary["per_task"]
-    assert per_task["wnli"] == {"rows_in": 5, "valid": 0, "rejected": 5, "pass_rate": 0.0}
+    assert per_task["wnli"] == {"rows_in": 5, "valid": 1, "rejected": 4, "pass_rate": 0.2, "train_in": 4,
+                                "train_valid": 0}
     assert per_task["rte"]["valid"] == 2 and per_task["sst2"] == {"rows_in": 5, "valid": 5, "rejected": 0,
-                                                                    "pass_rate": 1.0}
-    assert sum(c["valid"] for c in per_task.values()) == summary["rows_valid"] == 32
+                                                                    "pass_rate": 1.0, "train_in": 5, "train_valid": 5}
+    assert per_task["(no known task)"]["rows_in"] == 1 and info.value.report.emptied_tasks == ["wnli"]
+    assert sum(c["valid"] for c in per_task.values()) == summary["rows_valid"] == 33
     assert sum(c["rejected"] for c in per_task.values()) == summary["rows_rejected"] == len(read_jsonl(
         tmp_path / "rejects.jsonl"))
     assert summary["gate_passed"] is False
     assert "Rows per task" in (tmp_path / "report.html").read_text()
-    assert "| wnli | 5 | 0 | 5 | 0.000 (**no row left**) |" in info.value.report.to_markdown()
+    assert "| wnli | 5 | 1 | 4 | 0.200 (**no training row left**) |" in info.value.report.to_markdown()
+    # the stray row alone: rejected, counted apart, and the gate passes at threshold 0
+    assert gate([stray, *rows_copy(real_rows)], tokenizer, tmp_path / "again", embedder, eval_sources,
+                min_pass_rate=0.0).passed
 
 
 def test_no_rows_fails_the_gate(tokenizer, tmp_path, embedder, eval_sources):

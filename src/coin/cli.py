@@ -497,8 +497,11 @@ def study(
     from flows.study import coin_study
 
     install_log_redaction(logging.getLogger("prefect"))  # Prefect's console and API log handlers
-    _print(coin_study(params_path=str(params.resolve()), overrides=seal_overrides(overrides), workers=workers,
-                      dask_address=seal_text(dask_address), dask_processes=not dask_threads))
+    result = coin_study(params_path=str(params.resolve()), overrides=seal_overrides(overrides), workers=workers,
+                        dask_address=seal_text(dask_address), dask_processes=not dask_threads)
+    # the figures as JSON, then the study's table as Markdown, readable on the terminal
+    _print({k: v for k, v in result.items() if k != "table"})
+    print(result.get("table", ""))
 
 
 @app.command()

@@ -993,21 +993,9 @@ def load_settings(path: str | Path = "params.yaml", overrides: list[str | Secret
             raise
         where = f"{path} and the --set overrides have" if overrides else f"{path} has"
         raise ConfigError(where + msg[len(SETTINGS_PROBLEMS) - len(" problems"):]) from None
-    settings = _rooted_backbone(settings, path.resolve().parent)
     if check_project:
         check_names(settings, path.resolve().parent, source=path)
     return settings
-
-
-def _rooted_backbone(settings: Settings, root: Path) -> Settings:
-    """A relative ``model.backbone`` that names a directory under the project root (the params file's directory,
-    as for ``paths``) becomes that directory's absolute path: it is what the adapter's ``coin_model.json``
-    records, so the adapter loads from any working directory. A name (minilm, a Hugging Face cache name) stays."""
-    backbone = settings.model.backbone
-    if backbone == EMBEDDED_BACKBONE or Path(backbone).is_absolute() or not (root / backbone).is_dir():
-        return settings
-    return settings.model_copy(update={"model": settings.model.model_copy(
-        update={"backbone": str((root / backbone).resolve())})})
 
 
 def check_names(settings: Settings, root: Path, *, source: str | Path = "params.yaml") -> None:

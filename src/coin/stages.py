@@ -276,8 +276,13 @@ def train_adapter(settings: Settings, rows: list[dict[str, Any]], method: str, o
     result = train(backbone, rows, cfg, out_dir=Path(out_dir), seed=seed, cutoff_len=settings.pairs.cutoff_len,
                    on_metrics=on_metrics, resume=cfg.resume, progress=progress)
     if is_main_process():  # under torchrun every rank trains; rank 0 alone writes
+        # a relative backbone directory is recorded absolute: the adapter then loads from any working directory
+        # (the settings keep it relative, so cache keys stay portable between checkouts)
+        base = backbone.reference
+        if base != "minilm" and not Path(base).is_absolute() and Path(base).is_dir():
+            base = str(Path(base).resolve())
         write_meta(Path(out_dir) / "adapter", {
-            "base": backbone.reference, "dtype": settings.model.dtype, "seed": seed, "attention": backbone.attention,
+            "base": base, "dtype": settings.model.dtype, "seed": seed, "attention": backbone.attention,
             "readout": backbone.readout, "quantization": backbone.quantization,
             "double_quant": backbone.double_quant, "label_counts": label_counts(rows),
             "calibration": settings.evaluate.calibration, "autocast": settings.evaluate.autocast,

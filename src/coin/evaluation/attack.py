@@ -485,7 +485,7 @@ def run_attack(settings, root: Path, *, model: str, out: str | Path, instruction
 
     t0 = time.perf_counter()
     seed = settings.seed if seed is None else seed
-    named = tasks is not None
+    named = bool(tasks)  # an empty --tasks means the default, as no --tasks does
     tasks = list(tasks or settings.evaluate.tasks)
     bad = [lv for lv in levels if lv not in LEVELS]
     if bad or not levels:

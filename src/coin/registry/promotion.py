@@ -431,8 +431,9 @@ def load_predictions(client, name: str, mv, *, what: str) -> pd.DataFrame:
             return pd.read_parquet(client.download_artifacts(run_id, path, tmp))
         except Exception as exc:  # noqa: BLE001 -- MLflow and pyarrow raise several types for a missing/bad file
             raise PromotionError(f"{what}, {name} version {mv.version}: its stored predictions {uri} cannot be read "
-                                 f"({type(exc).__name__}: {exc}). Register its training run again to store them "
-                                 "anew, or gate with register.evidence: point") from None
+                                 f"({type(exc).__name__}: {exc}). If the file is gone, register its training run "
+                                 "again to store it anew; if it is damaged, delete it and do that; or gate with "
+                                 "register.evidence: point") from None
 
 
 def paired_gain(candidate: pd.DataFrame, champion: pd.DataFrame) -> PairedGain:

@@ -26,12 +26,21 @@ from pathlib import Path
 from typing import Any
 
 import coin.validation.checks  # noqa: F401  (importing it registers the checks in CHECKS)
-from coin.config import ValidateSettings
+from coin.config import ALL_TASKS, ValidateSettings
 from coin.data.io import write_json, write_jsonl
 from coin.validation.embeddings import CachedEmbedder, Embedder, minilm_embedder
 from coin.validation.leakage import EvalSources
 from coin.validation.report_html import render as render_report_html
-from coin.validation.result import DOCS_DIR, REJECTS_FILE, REPORT_FILE, SUMMARY_FILE, VALID_FILE, CheckStats, GateReport
+from coin.validation.result import (
+    DOCS_DIR,
+    OTHER_TASK,
+    REJECTS_FILE,
+    REPORT_FILE,
+    SUMMARY_FILE,
+    VALID_FILE,
+    CheckStats,
+    GateReport,
+)
 from coin.validation.types import CHECKS, CheckContext, CheckResult, Row
 
 log = logging.getLogger(__name__)
@@ -142,10 +151,14 @@ def run_gate(
     per_task: dict[str, Counter[str]] = {}
     for i, row in enumerate(rows):
         failed = [(name, res[i]) for name, res in results.items() if not res[i].passed]
-        counts = per_task.setdefault(str(row.get("task")), Counter())
+        task = row.get("task")
+        counts = per_task.setdefault(task if isinstance(task, str) and task in ALL_TASKS else OTHER_TASK, Counter())
+        train = row.get("split") == "train"
         counts["rows_in"] += 1
+        counts["train_in"] += train
         if not failed:
             counts["valid"] += 1
+            counts["train_valid"] += train
             valid.append(row)
             continue
         rejects.append(_writable(_reject(row, failed)))
@@ -166,7 +179,8 @@ def run_gate(
         out_dir=out_dir, data_docs_index=ctx.artifacts.get("data_docs_index"), seconds=0.0,
         check_seconds=check_seconds, stats=ctx.stats,
         per_task={t: {"rows_in": c["rows_in"], "valid": c["valid"], "rejected": c["rows_in"] - c["valid"],
-                      "pass_rate": round(c["valid"] / c["rows_in"], 6)} for t, c in per_task.items()},
+                      "pass_rate": round(c["valid"] / c["rows_in"], 6), "train_in": c["train_in"],
+                      "train_valid": c["train_valid"]} for t, c in per_task.items()},
     )
     for t in report.thinned_tasks:
         c = report.per_task[t]

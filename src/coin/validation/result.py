@@ -13,6 +13,7 @@ from typing import Any
 
 VALID_FILE, REJECTS_FILE, SUMMARY_FILE, DOCS_DIR = "valid.jsonl", "rejects.jsonl", "summary.json", "data_docs"
 REPORT_FILE = "report.html"
+OTHER_TASK = "(no known task)"  # per_task's bucket for rows whose task field is missing or unknown (schema rejects)
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class GateReport:
     seconds: float                               # wall time of run_gate (outputs included)
     check_seconds: dict[str, float] = field(default_factory=dict)
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-check figures (similarity distribution, ...)
-    per_task: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> rows_in, valid, rejected, pass_rate
+    per_task: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> rows_in, valid, rejected, pass_rate,
+    # and train_in / train_valid: the rows of split train (what training reads)
 
     @property
     def passed(self) -> bool:
@@ -47,13 +49,15 @@ class GateReport:
 
     @property
     def emptied_tasks(self) -> list[str]:
-        """Tasks that had rows and kept none."""
-        return [t for t, c in self.per_task.items() if c["rows_in"] and not c["valid"]]
+        """Tasks that had training rows (split train) and kept none: training would lack them."""
+        return [t for t, c in self.per_task.items()
+                if t != OTHER_TASK and c.get("train_in") and not c.get("train_valid")]
 
     @property
     def thinned_tasks(self) -> list[str]:
         """Tasks that kept some rows, at a pass rate below ``min_pass_rate`` (warned about; the gate is overall)."""
-        return [t for t, c in self.per_task.items() if c["valid"] and c["pass_rate"] < self.min_pass_rate]
+        return [t for t, c in self.per_task.items()
+                if t != OTHER_TASK and t not in self.emptied_tasks and c["pass_rate"] < self.min_pass_rate]
 
     @property
     def valid_path(self) -> Path:
@@ -111,7 +115,7 @@ class GateReport:
             lines += ["", "| task | rows in | valid | rejected | pass rate |", "|---|---:|---:|---:|---:|"]
             lines += [f"| {t} | {c['rows_in']} | {c['valid']} | {c['rejected']} | {c['pass_rate']:.3f}"
                       + (" (below the threshold)" if t in self.thinned_tasks else "")
-                      + (" (**no row left**)" if t in self.emptied_tasks else "") + " |"
+                      + (" (**no training row left**)" if t in self.emptied_tasks else "") + " |"
                       for t, c in self.per_task.items()]
         if self.rejects_per_reason:
             lines += ["", "| reason | rows |", "|---|---:|"]
@@ -129,13 +133,15 @@ class GateReport:
         if self.rows_in == 0:
             head = "validation gate failed: no rows to validate (the pairs stage produced nothing)."
         elif self.pass_rate >= self.min_pass_rate:
-            head = (f"validation gate failed: every row of {', '.join(self.emptied_tasks)} was rejected, so training "
-                    f"would lack that task (overall pass rate {self.pass_rate:.3f}).")
+            head = (f"validation gate failed: every training row of {', '.join(self.emptied_tasks)} was rejected, so "
+                    f"training would lack that task (overall pass rate {self.pass_rate:.3f}).")
         else:
             head = (
                 f"validation gate failed: pass rate {self.pass_rate:.3f} ({self.rows_valid}/{self.rows_in} rows) "
                 f"is below validate.min_pass_rate = {self.min_pass_rate}."
             )
+            if self.emptied_tasks:
+                head += f" And every training row of {', '.join(self.emptied_tasks)} was rejected."
         failing = sorted((s.failures, name) for name, s in self.checks.items() if s.failures)
         lines = [head, "Top failing checks:"] if failing else [head]
         for n, name in reversed(failing[-top:]):
