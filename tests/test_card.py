@@ -279,6 +279,57 @@ def registry(tmp_path_factory, eval_dir, tiny_llama_dir):
     return {"params": params, "regs": regs, "adapter": adapter}
 
 
+@pytest.mark.parametrize("name", ["x$\\frac$", "typo[/b]", "[red]loud"])
+def test_user_set_names_are_printed_literally_in_plots_cards_and_coin_card(tmp_path, name):
+    """A set name is the user's text: matplotlib must not read ``$...$`` as math (an invalid formula stopped the
+    report after scoring) and rich must not read ``[...]`` as markup (coin card crashed or relabelled it)."""
+    import json
+
+    from rich.console import Console
+
+    from coin.evaluation.report import write_eval_outputs
+    from coin.evaluation.report.card import rich_tables
+
+    table = TABLE.replace({"set": {"textfooler": name}})
+    res = _result("m", table)
+    res.sets = ["clean", name]
+    write_eval_outputs([res], tmp_path)
+    assert (tmp_path / "accuracy.png").is_file() and (tmp_path / "report.md").is_file()
+    card = json.loads((tmp_path / "cards" / "m" / "card.json").read_text())
+    console = Console(record=True, width=200)
+    for t in rich_tables([{**card, "_ref": "models:/x[/i]/1"}]):
+        console.print(t)
+    text = console.export_text()
+    assert name in text and "models:/x[/i]/1" in text
+
+
+def test_the_report_says_when_models_were_scored_on_different_samples(tmp_path):
+    from dataclasses import replace
+
+    from coin.evaluation.report import write_eval_outputs
+
+    a = replace(_result("m", TABLE), settings={"seed": 42, "n_examples": {"sst2": 3, "rte": 3}})
+    b = replace(_result("n", STEADY), settings={"seed": 7, "n_examples": {"sst2": 3, "rte": 3}})
+    write_eval_outputs([a, b], tmp_path / "two")
+    md = (tmp_path / "two" / "report.md").read_text()
+    assert "the models were scored on different samples" in md and "the same seeded sample" not in md
+    write_eval_outputs([a, replace(b, settings=a.settings)], tmp_path / "one")
+    assert "the same seeded sample (seed 42)" in (tmp_path / "one" / "report.md").read_text()
+
+
+def test_a_clean_only_report_has_no_perturbed_figure_for_the_references_either(tmp_path):
+    from dataclasses import replace
+
+    from coin.evaluation.report import write_eval_outputs
+
+    clean = TABLE[TABLE["set"] == "clean"]
+    write_eval_outputs([replace(_result("m", clean), sets=["clean"])], tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    majority = next(line for line in md.splitlines() if line.startswith("| majority class |"))
+    model = next(line for line in md.splitlines() if line.startswith("| m | loglik |"))
+    assert majority.split("|")[5].strip() == model.split("|")[5].strip() == "–", (majority, model)
+
+
 def test_registration_keeps_the_card_as_artifacts_and_headline_tags(registry, eval_dir):
     import json
 

@@ -115,9 +115,11 @@ def _delta(a: Any, b: Any, unit: str) -> str:
 def rich_tables(cards: list[dict[str, Any]]) -> list[Any]:
     """``coin card``'s output: the headline of one card, or of two side by side with their difference, then
     each card's figures by instruction set (``rich.table.Table`` objects)."""
+    from rich.markup import escape
     from rich.table import Table as RichTable
 
-    names = [str(c.get("_ref") or c["model"]) for c in cards]
+    # every name and cell is the user's text (set names, refs, model labels): printed literally, never as markup
+    names = [escape(str(c.get("_ref") or c["model"])) for c in cards]
     head = RichTable(title="Robustness card" + (" (side by side)" if len(cards) > 1 else ""), title_justify="left")
     head.add_column("figure", no_wrap=True)
     head.add_column("unit", no_wrap=True)
@@ -129,18 +131,18 @@ def rich_tables(cards: list[dict[str, Any]]) -> list[Any]:
         extra = []
         if len(cards) == 2:
             extra = [_delta(cards[0]["headline"].get(key), cards[1]["headline"].get(key), row[1])]
-        head.add_row(*row, *extra)
+        head.add_row(*(escape(str(v)) for v in (*row, *extra)))
     out: list[Any] = [head]
     for name, card in zip(names, cards, strict=True):
         sets = dict(card.get("sets", {}))
         if CLEAN in sets:
             sets = {CLEAN: sets.pop(CLEAN), **sets}
         t = _figure_table(sets)
-        by_set = RichTable(title=f"{name} · {card['model']} · {card['scoring']}: by instruction set",
-                           title_justify="left")
+        by_set = RichTable(title=f"{name} · {escape(str(card['model']))} · {escape(str(card['scoring']))}: by "
+                                 "instruction set", title_justify="left")
         for i, h in enumerate(t.header):
-            by_set.add_column(h, justify="left" if i < t.text_cols else "right")
+            by_set.add_column(escape(str(h)), justify="left" if i < t.text_cols else "right")
         for row in t.rows:
-            by_set.add_row(*row)
+            by_set.add_row(*(escape(str(v)) for v in row))
         out.append(by_set)
     return out

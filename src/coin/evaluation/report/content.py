@@ -139,12 +139,18 @@ def _header(results: list[EvalResult], refs: References) -> list[Block]:
     tasks = list(dict.fromkeys(t for r in results for t in r.tasks))
     n = first.settings.get("n_examples", {})
     n_instr = sorted({int(x) for r in results for x in r.metrics.cells["n_instructions"]})
+    one_sample = len({json.dumps([r.settings.get("seed"), r.settings.get("n_examples")], sort_keys=True)
+                      for r in results}) == 1
+    tasks_line = ("Tasks: " + ", ".join(f"{_task_name(first, t)} ({n.get(t, '?')} examples)" for t in tasks)
+                  + f"; the same seeded sample (seed {first.settings.get('seed')}) for every instruction, set and "
+                  "model." if one_sample else
+                  "Tasks: " + ", ".join(_task_name(first, t) for t in tasks) + "; **the models were scored on "
+                  "different samples** (seed and examples per model in the warning below).")
     items = [
         "Models: " + ", ".join(f"**{r.model_label}**" for r in results) + ".",
         "Scoring: " + ", ".join(f"`{m}`" + (" (primary: summary and promotion gate)" if i == 0 else "")
                                 for i, m in enumerate(scorings)) + ".",
-        "Tasks: " + ", ".join(f"{_task_name(first, t)} ({n.get(t, '?')} examples)" for t in tasks)
-        + f"; the same seeded sample (seed {first.settings.get('seed')}) for every instruction, set and model.",
+        tasks_line,
         "Instruction sets (" + "/".join(map(str, n_instr)) + " instructions per task): "
         + ", ".join(_set_name(s) for s in sets) + f"; file `{first.settings.get('instruction_file')}`.",
         f"Prompt format: `{first.settings.get('prompt_format')}`"
@@ -220,7 +226,8 @@ def _summary(results: list[EvalResult], refs: References) -> list[Block]:
             rows.append(row)
     for name, rate in ((MAJORITY_ROW, refs.all.majority_avg()), (CHANCE_ROW, refs.all.chance_avg())):
         # a constant (or random) answer scores its rate on every set: no spread, no drop
-        rows.append([name, REFERENCE_SCORING, f_pct(rate), DASH, *[f_pct(rate)] * len(levels), f_pct(rate),
+        rows.append([name, REFERENCE_SCORING, f_pct(rate), DASH, *[f_pct(rate)] * len(levels),
+                     f_pct(rate) if levels else DASH,  # no perturbed set: no perturbed mean, as for the models
                      *[DASH] * (3 + has_pairs + has_gen)])
     return [Heading("Summary"), Table(header, rows, text_cols=2, caption=DEFINITIONS + " All-agree consistency, "
                                       "worst-case and unparsed here are means over the perturbed sets. "

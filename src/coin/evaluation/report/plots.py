@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import math
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 from coin.evaluation.instructions import perturbation_level
 from coin.evaluation.metrics import AVG, CLEAN
@@ -20,6 +23,22 @@ from coin.evaluation.report.content import (
     references,
 )
 from coin.evaluation.result import EvalResult
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _plain_text(plot: Callable[P, R]) -> Callable[P, R]:
+    """Draw ``plot``'s figure with every label as plain text: set, task and model names are the user's, and
+    matplotlib would read ``$...$`` in them as math (an invalid formula stopped the report after scoring)."""
+    @functools.wraps(plot)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return plot(*args, **kwargs)
+
+    return wrapper
 
 
 def _figure(n_panels: int, width: float, height: float = 3.3):
@@ -61,6 +80,7 @@ def _bars(ax, groups: list[str], series: list[tuple[str, list[float], list[float
     ax.legend(fontsize="x-small", ncols=min(len(series), 6), loc="upper left")
 
 
+@_plain_text
 def plot_accuracy(results: list[EvalResult], refs: References | None = None) -> Plot:
     """One panel per (model, scoring): groups = tasks + avg, one bar per set, error bar = std over instructions;
     a dashed line over each group at the majority-class rate of the model's sample."""
@@ -83,6 +103,7 @@ def plot_accuracy(results: list[EvalResult], refs: References | None = None) -> 
                                        "majority-class rate of the evaluated sample)")
 
 
+@_plain_text
 def plot_models(results: list[EvalResult], refs: References | None = None) -> Plot:
     """One panel per scoring: groups = sets + perturbed mean, one bar per model, error bar = mean std; a dashed
     line at the sample's majority-class rate (mean over tasks: the same on every set)."""
@@ -110,6 +131,7 @@ def plot_models(results: list[EvalResult], refs: References | None = None) -> Pl
     return Plot("models", _png(fig), "Models compared per instruction set (dashed: majority-class rate)")
 
 
+@_plain_text
 def plot_pdr(results: list[EvalResult]) -> Plot | None:
     """One panel per scoring: groups = perturbation levels, one bar per model. None without clean + perturbed."""
     scorings = list(dict.fromkeys(m for r in results for m in r.scorings))
