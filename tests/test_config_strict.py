@@ -228,6 +228,9 @@ def test_a_directory_without_a_saved_model_is_not_a_backbone(tmp_path):
     with pytest.raises(ConfigError, match="model.backbone = .*has no config.json"):
         load_settings(_project(tmp_path), [f"model.backbone={tmp_path / 'empty'}"])
     (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="model.backbone = .*has no tokenizer files .*tokenizer.json"):
+        load_settings(_project(tmp_path), [f"model.backbone={tmp_path / 'empty'}"])
+    (tmp_path / "empty" / "tokenizer_config.json").write_text("{}")
     assert load_settings(_project(tmp_path), [f"model.backbone={tmp_path / 'empty'}"]).model.backbone
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -237,6 +238,7 @@ def test_sets_named_by_set_are_checked_against_the_instructions_file(project, ti
     ("missing-dir", 3, ["./no/such/adapter", "no such directory"]),
     ("neither", 3, ["neither a CoIN adapter", "nor a Hugging Face model"]),
     ("half-adapter", 3, ["coin_model.json but no adapter_config.json"]),
+    ("no-tokenizer", 3, ["has config.json but no tokenizer files", "tokenizer.json"]),
     ("not-cached-hf", 4, ["some-org-xyz/not-a-model", "not a Hugging Face model in the local cache"]),
     ("unknown-model", 4, ["models:/nope@champion", "no registered model 'nope'"]),
     ("unknown-alias", 4, ["models:/tiny-coin@champion", "has no alias 'champion'", "challenger"]),
@@ -257,6 +259,9 @@ def test_malformed_inputs_are_refused_before_any_model_loads(project, tiny_llama
     half = project["tmp"] / "half"
     half.mkdir()
     (half / "coin_model.json").write_text(json.dumps({"base": "minilm"}))
+    notok = project["tmp"] / "notok"
+    notok.mkdir()
+    shutil.copy(tiny_llama_dir / "config.json", notok / "config.json")
     if case in ("unknown-alias", "unknown-version"):
         import mlflow
         from mlflow import MlflowClient
@@ -271,7 +276,7 @@ def test_malformed_inputs_are_refused_before_any_model_loads(project, tiny_llama
         v = client.create_model_version("tiny-coin", f"runs:/{run.info.run_id}/model", run.info.run_id)
         client.set_registered_model_alias("tiny-coin", "challenger", v.version)
     spec = {"scheme": ["s3://bucket/model"], "missing-dir": ["./no/such/adapter"], "neither": [str(empty)],
-            "half-adapter": [str(half)], "not-cached-hf": ["some-org-xyz/not-a-model"],
+            "half-adapter": [str(half)], "no-tokenizer": [str(notok)], "not-cached-hf": ["some-org-xyz/not-a-model"],
             "unknown-model": ["models:/nope@champion"], "unknown-alias": ["models:/tiny-coin@champion"],
             "unknown-version": ["models:/tiny-coin/7"], "unknown-run": ["runs:/0123abcd/model"],
             "instructions": [str(tiny_llama_dir)],

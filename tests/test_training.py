@@ -674,6 +674,39 @@ def test_explicit_targets_that_match_nothing_name_the_key_and_the_linear_modules
     assert "all-linear" in msg
 
 
+def test_a_target_that_names_a_block_is_refused_naming_the_key_and_the_linear_modules(tiny_llama_dir: Path) -> None:
+    """``[mlp]`` matches the MLP block, which LoRA cannot wrap: the key and the choices, not peft's module dump."""
+    from coin.modeling.lora import LoraTargetError
+
+    llama = load_backbone(str(tiny_llama_dir), device="cpu")
+    with pytest.raises(LoraTargetError) as err:
+        apply_lora(llama, LoraSettings(target_modules=["mlp"]))
+    msg = str(err.value)
+    assert "train.lora.target_modules = ['mlp']: names a module LoRA cannot wrap" in msg
+    assert "'q_proj'" in msg and "LlamaMLP(" not in msg and len(msg) < 1000, msg
+
+
+def test_a_tokenizer_without_pad_eos_or_sep_gets_a_pad_token(tmp_path: Path) -> None:
+    """Padding is masked everywhere, so a tokenizer that declares only an UNK token pads with it (and one that
+    declares nothing with id 0), and the collator takes it, as the evaluation does."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    from coin.modeling.backbone import load_tokenizer
+
+    words = ["[UNK]", "is", "it", "good", "?", "yes", "no", "#", "response", ":"]
+    for name, special in (("unk", {"unk_token": "[UNK]"}), ("none", {})):
+        core = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+        core.pre_tokenizer = Whitespace()
+        PreTrainedTokenizerFast(tokenizer_object=core, **special).save_pretrained(str(tmp_path / name))
+        tok = load_tokenizer(str(tmp_path / name))
+        assert tok.pad_token == "[UNK]" and tok.pad_token_id == 0, name
+        batch = PairCollator(tok, "sft", cutoff_len=32)(make_rows(2))  # refused before: no pad token
+        assert batch.input_ids.shape[0] == 2
+
+
 def test_all_linear_targets_every_linear_layer_but_the_head(tiny_llama_dir: Path, tiny_gpt2_dir: Path) -> None:
     from coin.modeling.lora import linear_module_names
 

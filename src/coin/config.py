@@ -1014,6 +1014,15 @@ EMBEDDED_BACKBONE = "minilm"  # coin.modeling.backbone.DEFAULT_BACKBONE: the che
 PROMPTBENCH_INSTRUCTIONS_PER_TASK = 6
 
 
+# Files one of which a saved Hugging Face tokenizer has (fast, sentencepiece, WordPiece, BPE).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "vocab.txt", "vocab.json")
+
+
+def has_tokenizer(directory: Path) -> bool:
+    return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
+
+
 def check_backbone(backbone: str) -> None:
     """Raise :class:`ConfigError` naming ``model.backbone`` unless the loader can load it offline: ``minilm``,
     a directory holding a saved model (``config.json``), or a model name in the local Hugging Face cache.
@@ -1030,6 +1039,10 @@ def check_backbone(backbone: str) -> None:
         if not (p / "config.json").is_file():
             raise ConfigError(f"model.backbone = {backbone!r}: the directory has no config.json, it is not a saved "
                               f"model. {fix}")
+        if not has_tokenizer(p):
+            raise ConfigError(f"model.backbone = {backbone!r}: the directory has no tokenizer files (none of "
+                              f"{', '.join(TOKENIZER_FILES)}); save the tokenizer beside the model "
+                              "(tokenizer.save_pretrained(DIR)). " + fix)
         return
     if p.exists():
         raise ConfigError(f"model.backbone = {backbone!r}: is a file, not a model directory. {fix}")

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from coin.config import ConfigError, Settings, check_names, load_settings
+from coin.config import TOKENIZER_FILES, ConfigError, Settings, check_names, has_tokenizer, load_settings
 from coin.data.io import DataError, read_json, write_json
 
 log = logging.getLogger("coin")
@@ -275,6 +275,9 @@ def _check_directory(spec: str, path: Path, settings: Settings) -> tuple[str, st
                             "'minilm', a local directory, nor a Hugging Face model in the local cache")
         return "adapter", adapter_fingerprint(path)
     if (path / "config.json").is_file():
+        if not has_tokenizer(path):
+            raise DataError(f"--model {spec}: {path} has config.json but no tokenizer files (none of "
+                            f"{', '.join(TOKENIZER_FILES)}); save the tokenizer beside the model")
         return "base", _base_fingerprint(str(path.resolve()), path, settings)
     raise DataError(f"--model {spec}: {path} is neither a CoIN adapter (no {META_FILE}) nor a Hugging Face model "
                     "directory (no config.json)")

@@ -320,7 +320,9 @@ def _load_tokenizer(path: str):
     if tok.eos_token is None and tok.sep_token is not None:
         tok.eos_token = tok.sep_token
     if tok.pad_token is None:  # GPT-2 / Llama: reuse EOS for padding; padding is masked everywhere
-        tok.pad_token = tok.eos_token
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    if tok.pad_token is None:  # no EOS, SEP or UNK either: any id will do, padding is masked everywhere
+        tok.pad_token = tok.convert_ids_to_tokens(0)
     tok.padding_side = "right"
     return tok
 

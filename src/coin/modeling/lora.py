@@ -178,15 +178,21 @@ def inject_lora(model: nn.Module, peft_cfg: LoraConfig, cfg: LoraSettings) -> Pe
         with _peft_deprecations_quiet():
             return get_peft_model(model, peft_cfg)
     except ValueError as exc:  # peft's NoMatchingPeftModuleError is a ValueError
-        if type(exc).__name__ != "NoMatchingPeftModuleError" and "not found in the base model" not in str(exc):
+        text = str(exc)
+        unsupported = "is not supported" in text  # a name that matches a block (an MLP), not a linear layer
+        if type(exc).__name__ != "NoMatchingPeftModuleError" and "not found in the base model" not in text \
+                and not unsupported:
             raise
         names = linear_module_names(model)
         model_type = getattr(getattr(model, "config", None), "model_type", None)
+        what = ("names a module LoRA cannot wrap (only linear layers; a block such as an MLP is not one)"
+                if unsupported else "matches no module")
+        peft_says = "" if unsupported else f" (peft: {' '.join(text.split())})"  # (peft's is a module dump)
         raise LoraTargetError(
-            f"train.lora.target_modules = {wanted!r}{how}: no module of {type(model).__name__} "
-            f"(architecture {model_type!r}) matches; its linear modules are {names or 'none'}. Set "
+            f"train.lora.target_modules = {wanted!r}{how}: {what} of {type(model).__name__} "
+            f"(architecture {model_type!r}); its linear modules are {names or 'none'}. Set "
             f"train.lora.target_modules to some of these (e.g. the attention projections), to 'all-linear' (every "
-            f"one of them) or to 'auto'. (peft: {' '.join(str(exc).split())})"
+            f"one of them) or to 'auto'.{peft_says}"
         ) from None
 
 
