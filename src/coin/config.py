@@ -379,7 +379,7 @@ class TrainSettings(_Section):
         "auto", description="auto: bf16 autocast where bf16 runs in hardware (a CUDA GPU with bf16, a CPU with "
         "AVX512-BF16 or AMX), off elsewhere; bf16: always; off: never"
     )
-    _autocast_off = field_validator("autocast", mode="before")(lambda v: _yaml_off(v))
+    _autocast_off = field_validator("autocast", mode="before")(_yaml_off)
     backbone_dropout: float | None = Field(
         0.0, ge=0.0, lt=1.0, description="the backbone's own dropout rates (hidden, attention probabilities) while "
         "training: null = the checkpoint's config (MiniLM: 0.1); a number replaces every one. LoRA's dropout is "
@@ -448,7 +448,7 @@ class EvaluateSettings(_Section):
         "auto", description="auto: bf16 autocast where bf16 runs in hardware (a CUDA GPU with bf16, a CPU with "
         "AVX512-BF16 or AMX), off elsewhere; bf16: always; off: never (fp32 scores)"
     )
-    _autocast_off = field_validator("autocast", mode="before")(lambda v: _yaml_off(v))
+    _autocast_off = field_validator("autocast", mode="before")(_yaml_off)
 
     @field_validator("instruction_sets", "tasks", "scoring")
     @classmethod

@@ -337,11 +337,12 @@ def max_positions(model) -> int | None:
 
 def config_positions(name_or_path: str) -> int | None:
     """:func:`max_positions` of a backbone from its config alone (no weights loaded)."""
+    from types import SimpleNamespace
+
     from transformers import AutoConfig
 
-    n = getattr(AutoConfig.from_pretrained(resolve_backbone(name_or_path), local_files_only=True),
-                "max_position_embeddings", None)
-    return n if isinstance(n, int) and n > 0 else None
+    return max_positions(SimpleNamespace(config=AutoConfig.from_pretrained(resolve_backbone(name_or_path),
+                                                                          local_files_only=True)))
 
 
 def check_cutoff_len(cutoff_len: int, positions: int | None, backbone: str) -> None:

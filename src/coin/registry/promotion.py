@@ -422,10 +422,11 @@ def load_predictions(client, name: str, mv, *, what: str) -> pd.DataFrame:
             "it was registered before versions kept them. Fix: evaluate its training run under the same protocol and "
             "register that run again (`coin register` stores them on its existing version), or gate with "
             "register.evidence: point, or move the champion alias by hand")
-    run_id, _, path = uri.removeprefix("runs:/").partition("/")
-    if not uri.startswith("runs:/") or not run_id or not path:
+    parts = split_runs_uri(uri)
+    if parts is None:
         raise PromotionError(f"{what}, {name} version {mv.version}: tag {TAG_PREDICTIONS} = {uri!r} is not a "
                              "runs:/<run_id>/<path> URI; fix or delete the tag and register the run again")
+    run_id, path = parts
     with tempfile.TemporaryDirectory() as tmp:
         try:
             return pd.read_parquet(client.download_artifacts(run_id, path, tmp))
@@ -434,6 +435,12 @@ def load_predictions(client, name: str, mv, *, what: str) -> pd.DataFrame:
                                  f"({type(exc).__name__}: {exc}). If the file is gone, register its training run "
                                  "again to store it anew; if it is damaged, delete it and do that; or gate with "
                                  "register.evidence: point") from None
+
+
+def split_runs_uri(uri: str) -> tuple[str, str] | None:
+    """``runs:/<run_id>/<path>`` -> ``(run_id, path)``; None for any other form."""
+    run_id, _, path = uri.removeprefix("runs:/").partition("/")
+    return (run_id, path) if uri.startswith("runs:/") and run_id and path else None
 
 
 def paired_gain(candidate: pd.DataFrame, champion: pd.DataFrame) -> PairedGain:

@@ -47,6 +47,7 @@ from coin.registry.promotion import (
     PromotionDecision,
     decision_from_tags,
     promote_version,
+    split_runs_uri,
     store_predictions,
 )
 
@@ -268,9 +269,10 @@ def keep_predictions(name: str, version: str, run_id: str, figures: ModelFigures
 
 def _artifact_exists(client, uri: str) -> bool:
     """Whether ``runs:/<run_id>/<path>`` names an artifact that is there (False for any other form)."""
-    run_id, _, path = uri.removeprefix("runs:/").partition("/")
-    if not uri.startswith("runs:/") or not run_id or not path:
+    parts = split_runs_uri(uri)
+    if parts is None:
         return False
+    run_id, path = parts
     folder = path.rpartition("/")[0] or None
     try:
         return any(f.path == path for f in client.list_artifacts(run_id, folder))
