@@ -137,8 +137,18 @@ def test_an_option_too_long_for_the_model_is_named_not_the_instruction(trained):
     model, tok, meta = trained
     df = pd.DataFrame({"instruction": ["Pick one: "], "input": ["hello"],
                        "options": [["yes", "no", "word " * 600]]})
-    with pytest.raises(ValueError, match=r"options: the longest answer is \d+ tokens, and with the instruction "
-                                         r"\(\d+ tokens\) that is more than the 512 positions .* shorten the options"):
+    with pytest.raises(ValueError, match=r"options: the longest answer is \d+ tokens, more than the 512 "
+                                         r"positions .* shorten the options"):
+        answer_rows(model, tok, meta, df)
+
+
+def test_an_instruction_too_long_beside_short_options_is_named_not_the_options(trained):
+    """With the task's one-token label words, a too-long instruction is the instruction's fault (it was blamed
+    on the options, which a user who gave only --task cannot shorten)."""
+    model, tok, meta = trained
+    df = pd.DataFrame({"instruction": ["Decide whether this is positive or negative. " * 100], "input": ["hi"],
+                       "task": ["sst2"]})
+    with pytest.raises(ValueError, match=r"instruction: \d+ tokens .* shorten the instruction"):
         answer_rows(model, tok, meta, df)
 
 

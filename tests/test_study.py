@@ -820,6 +820,26 @@ def test_grid_cells_names_and_sweep_values_go_through_the_override_machinery():
     assert [c.name for c in grid_cells(plain)][:4] == ["base-s0", "base-s1", "base-s2", "coin_consistency-s0"]
 
 
+def test_a_cell_of_a_method_that_trains_on_negatives_is_refused_without_them():
+    """The settings check covers train/study.methods; ``coin.study.cell --method`` names its own method, so
+    make_cell refuses it too (before the model loads), also when a sweep value is what drops the negatives."""
+    from coin.config import apply_overrides
+    from coin.study.grid import make_cell
+
+    s = Settings.model_validate(apply_overrides({}, ["train.hard_negatives=false", "study.methods=[base,coin]",
+                                                     "register.methods=[coin]", "train.methods=[coin]"]))
+    assert make_cell(s, "coin", 0).name == "coin-s0"
+    with pytest.raises(ConfigError, match=r"--method coin_neg: .*train.hard_negatives = false"):
+        make_cell(s, "coin_neg", 0)
+    swept = Settings.model_validate(apply_overrides({}, ["study.methods=[coin]", "train.methods=[coin]",
+                                                         "register.methods=[coin]",
+                                                         "study.sweep_key=train.hard_negatives",
+                                                         "study.sweep_values=[true,false]"]))
+    assert make_cell(swept, "coin_neg", 0, True).name.startswith("coin_neg-s0")
+    with pytest.raises(ConfigError, match=r"--method coin_neg"):
+        make_cell(swept, "coin_neg", 0, False)
+
+
 @pytest.mark.parametrize("sweep", ["train.lr=[1", "train.lr=0.001", "train.lr="])
 def test_a_sweep_that_is_not_a_list_is_refused_naming_the_option(sweep):
     from coin.study.grid import sweep_overrides

@@ -112,7 +112,7 @@ STEP_METRICS: tuple[Metric, ...] = (
 CONSISTENCY_METRICS: tuple[Metric, ...] = (
     Metric("div_pos", "mean"),     # mean D(original, paraphrase) over the pairs: the pull term's value
     Metric("w_oc", "mean"),        # its weight (fixed, or the adaptive rule's per micro-batch)
-    Metric("div_neg", "mean"),     # mean D(original, hard negative): NaN without negatives
+    Metric("div_neg", "mean"),     # mean D(original, hard negative): NaN without negatives (logged with the push off)
     Metric("l_push", "mean"),      # the push term's value, mean softplus((D_pos - D_neg) / tau_push)
     Metric("w_push", "mean"),      # its weight (0 without negatives)
 )

@@ -198,11 +198,12 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
             if limit is not None:  # room for the answer: the longest option, or the generated tokens
                 room = max_new_tokens if not options else reserve.setdefault(
                     tuple(options), _answer_tokens(tokenizer, options))
-                if options:  # the longest answer leaves no room for the instruction: the options are at fault
-                    bare = _prompt_tokens(tokenizer, join_instruction(instruction, ""), fmt)
-                    if bare + room > limit:
-                        raise ValueError(f"options: the longest answer is {room} tokens, and with the instruction "
-                                         f"({bare} tokens) that is more than the {limit} positions the model reads; "
+                if options:  # the options are at fault only if the longest answer leaves no room at all;
+                    # an instruction too long beside an answer that fits is fit_input's error, naming the instruction
+                    empty = _prompt_tokens(tokenizer, join_instruction("", ""), fmt)
+                    if empty + room > limit:
+                        raise ValueError(f"options: the longest answer is {room} tokens, more than the {limit} "
+                                         f"positions the model reads leave after an empty prompt ({empty} tokens); "
                                          "shorten the options")
                 fitted, dropped = fit_input(tokenizer, instruction, text, fmt=fmt, limit=limit - room)
                 if dropped:

@@ -5,7 +5,7 @@ The embedded default store is a SQLite database plus an artifact folder inside t
 (``http://127.0.0.1:5000``) or a PostgreSQL database to share runs; nothing else changes.
 
 Run layout: one parent run per pipeline execution (:func:`pipeline_run`) and one nested child run
-per trained method (:func:`method_run`: coin, cit, sft), each tagged with the data version and git
+per trained method (:func:`method_run`), each tagged with the data version and git
 commit. Later stages re-open a method's run by id (:func:`resume_run`) to add evaluation metrics and
 the logged model. Parent/child links are MLflow's own ``mlflow.parentRunId`` tag, so the UI nests them.
 """
@@ -136,7 +136,7 @@ def pipeline_run(settings: Settings, root: Path, *, run_name: str = "pipeline",
 @contextmanager
 def method_run(settings: Settings, root: Path, method: str, *, parent_run_id: str | None = None,
                stage: str = "train", run_name: str | None = None, log_params: bool = True) -> Iterator[Any]:
-    """A child run for one method (coin, cit, sft), nested under the pipeline run.
+    """A child run for one trained method, nested under the pipeline run.
 
     The parent is ``parent_run_id``, else the active run in this thread, else ``$COIN_PARENT_RUN_ID``
     (set by :func:`pipeline_run`); with none of them it is a top-level run (a stage run on its own,

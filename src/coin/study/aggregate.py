@@ -216,7 +216,7 @@ def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
 
 def difference_pairs(methods: Sequence[str], order: Sequence[str] = TRAIN_METHODS,
                      reference: str = BASE_METHOD) -> list[tuple[str, str]]:
-    """``(a, b)`` for ``a − b``: each pair of trained methods present, in ``order`` (coin, cit, sft), then each
+    """``(a, b)`` for ``a − b``: each pair of trained methods present, in ``order`` (TRAIN_METHODS), then each
     trained method minus ``reference`` when present."""
     trained = [m for m in order if m in methods]
     pairs = [(a, b) for i, a in enumerate(trained) for b in trained[i + 1:]]

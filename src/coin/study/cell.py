@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import coin  # noqa: F401  (local-only environment first)
-from coin.config import ConfigError, Settings
+from coin.config import STUDY_METHODS, ConfigError, Settings
 from coin.cpus import thread_settings
 from coin.data.io import DataError, read_json, write_json
 from coin.study.cell_train import ADAPTER_DIR, LOSS_FILE, TRAIN_RECORD, release_memory, train_cell
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m coin.study.cell", description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml", help="params file (project root = its directory)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value (repeatable)")
-    ap.add_argument("--method", help="base or a trained method (coin, cit, sft)")
+    ap.add_argument("--method", help=f"the cell's method: {', '.join(STUDY_METHODS)}")
     ap.add_argument("--seed", type=int, help="the training seed")
     ap.add_argument("--sweep-value", help="the value of study.sweep_key for this cell (YAML), when the study sweeps")
     ap.add_argument("--all", action="store_true", help="every cell of the study's grid, one after another")

@@ -33,6 +33,7 @@ from coin.config import (
     check_robustness_sets,
     load_settings,
 )
+from coin.methods import METHODS
 
 
 @dataclass(frozen=True)
@@ -187,12 +188,19 @@ def make_cell(settings: Settings, method: str, seed: int, sweep_value: Any = Non
     if key is None:
         if sweep_value is not None:
             raise ConfigError("--sweep-value given but study.sweep_key is null; set study.sweep_key (or drop it)")
-        return Cell(method, seed)
-    if sweep_value is None:
-        raise ConfigError(f"study.sweep_key = {key!r}: pass --sweep-value (one of {settings.study.sweep_values})")
-    base = json.dumps(settings.model_dump(by_alias=True, mode="json"), sort_keys=True)
-    _, value = _settings_for(base, key, json.dumps(sweep_value))
-    return Cell(method, seed, key, value)
+        cell, cell_set = Cell(method, seed), settings
+    else:
+        if sweep_value is None:
+            raise ConfigError(f"study.sweep_key = {key!r}: pass --sweep-value (one of {settings.study.sweep_values})")
+        base = json.dumps(settings.model_dump(by_alias=True, mode="json"), sort_keys=True)
+        cell_set, value = _settings_for(base, key, json.dumps(sweep_value))
+        cell = Cell(method, seed, key, value)
+    # The settings check refuses this for the methods listed in train/study.methods; a cell names its own.
+    if method in METHODS and METHODS[method].needs_negatives and not cell_set.train.hard_negatives:
+        raise ConfigError(f"--method {method}: it trains on the hard negatives (a generation loss on them), but "
+                          "train.hard_negatives = false drops them; set train.hard_negatives to true or pick "
+                          "another method")
+    return cell
 
 
 def cell_named(settings: Settings, name: str) -> Cell:

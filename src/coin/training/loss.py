@@ -286,14 +286,16 @@ def _consistency(
     """
     oc = cfg.consistency
     d_pos, has_pos = pair_divergences(logits, batch, "original", "paraphrase", oc.divergence)   # (B,), (B,)
-    push = "negative" in batch.groups and oc.push_weight > 0
+    negatives = "negative" in batch.groups
+    push = negatives and oc.push_weight > 0
     zero = d_pos.new_zeros(())
     s_neg, n_neg, s_push, n_push, l_push_share = zero, zero, zero, zero, zero
-    if push:
+    if negatives:  # D_neg is logged whenever the negatives are forwarded, also with the push off
         d_neg, has_neg = pair_divergences(logits, batch, "original", "negative", oc.divergence)
+        s_neg, n_neg = (d_neg * has_neg).sum().detach(), has_neg.sum().to(d_pos.dtype)
+    if push:
         both = has_pos & has_neg
         push_i = F.softplus((d_pos - d_neg) / oc.push_temperature)               # (B,)
-        s_neg, n_neg = (d_neg * has_neg).sum().detach(), has_neg.sum().to(d_pos.dtype)
         s_push_g, n_push = (push_i * both).sum(), both.sum().to(d_pos.dtype)
         s_push = s_push_g.detach()
     s_pos_g = (d_pos * has_pos).sum()
@@ -315,7 +317,7 @@ def _consistency(
     metrics = {
         "div_pos": div_pos,
         "w_oc": float(w_oc),
-        "div_neg": float(tot[2] / n_neg_all) if push and n_neg_all > 0 else nan,
+        "div_neg": float(tot[2] / n_neg_all) if negatives and n_neg_all > 0 else nan,
         "l_push": l_push,
         "w_push": w_push,
     }
@@ -376,7 +378,9 @@ def coin_step_loss(
     l_cl, w, pos_cos, neg_cos, l_gen_part (this micro-batch's part of the step's generation loss),
     n_tokens (real tokens forwarded), n_slots (token slots incl. padding), n_resp_tokens. The method
     (:mod:`coin.methods`) says which groups carry L_gen and whether InfoNCE is trained: for ``cit`` the
-    contrastive loss and cosines are measured without gradient (w = 0) so runs can be compared; for ``sft``
+    contrastive loss and cosines are measured without gradient (w = 0) so runs can be compared, over its own
+    batch: original and paraphrase, without the hard-negative columns coin's InfoNCE adds (cit forwards no
+    negatives), so cit's ``l_cl`` is the in-batch term only and reads lower than coin's would; for ``sft``
     they are NaN (no paraphrases in the batch). Every metric returned here must be declared in the method's
     ``metrics`` (the loop reduces them over micro-batches by that declaration and raises on any other).
     """
