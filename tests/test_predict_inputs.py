@@ -261,3 +261,38 @@ def test_http_a_long_input_is_answered(server):
     assert preds[0]["answer"] in TASKS["sst2"].label_words and set(json.loads(preds[0]["scores"])) == {
         "negative", "positive"}
     assert isinstance(preds[1]["answer"], str)
+
+
+def test_the_training_prior_follows_the_options_in_any_order(trained):
+    """Calibrated with a skewed prior: the task's label words listed in another order get the same scores (the
+    prior was dropped when the order differed from the task's, and answers flipped)."""
+    model, tok, _ = trained
+    meta = {"calibration": "content_free", "label_counts": {"sst2": [90, 10]}}
+    row = {"instruction": [INSTRUCTION] * 2, "input": ["a gem", "a mess"], "task": ["sst2"] * 2}
+    plain = answer_rows(model, tok, meta, pd.DataFrame(row))
+    swapped = answer_rows(model, tok, meta, pd.DataFrame({**row, "options": ["positive|negative"] * 2}))
+    assert swapped["answer"].tolist() == plain["answer"].tolist()
+    for a, b in zip(plain["scores"], swapped["scores"], strict=True):
+        assert json.loads(a) == pytest.approx(json.loads(b), abs=2e-4)
+    # the test can fail: without the task (so without its prior) the scores differ
+    bare = answer_rows(model, tok, meta, pd.DataFrame({"instruction": row["instruction"], "input": row["input"],
+                                                       "options": ["positive|negative"] * 2}))
+    assert json.loads(bare["scores"][0]) != pytest.approx(json.loads(plain["scores"][0]), abs=2e-4)
+
+
+@pytest.mark.parametrize("normalise", [False, True])
+def test_predict_scores_labels_as_the_model_was_evaluated(trained, normalise):
+    """coin_model.json's length_normalise (evaluate.length_normalise at training time) is honoured: the scores
+    are score_label_words' with the same setting."""
+    from coin.evaluation.scoring import score_label_words
+
+    model, tok, _ = trained
+    words = list(TASKS["qnli"].label_words)
+    assert len({len(tok(w, add_special_tokens=False)["input_ids"]) for w in words}) == 2  # lengths differ
+    got = answer_rows(model, tok, {"length_normalise": normalise},
+                      pd.DataFrame({"instruction": ["Does it follow? "], "input": ["a. b."], "task": ["qnli"]}))
+    want = score_label_words(model, tok, ["Does it follow? a. b."], words, length_normalise=normalise).scores[0]
+    other = score_label_words(model, tok, ["Does it follow? a. b."], words, length_normalise=not normalise).scores[0]
+    scores = json.loads(got["scores"][0])
+    assert [scores[w] for w in words] == pytest.approx(want.tolist(), abs=2e-4)
+    assert [scores[w] for w in words] != pytest.approx(other.tolist(), abs=2e-4)

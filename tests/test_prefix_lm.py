@@ -220,8 +220,12 @@ def test_a_trained_prefix_adapter_is_loaded_and_answered_with_its_attention(tiny
     settings = Settings.model_validate({"model": {"backbone": str(tiny_bert_encoder_dir)},
                                         "train": {"methods": ["cit"], "max_steps": 2, "batch_size": 2,
                                                   "checkpoint_every": 0, "lora": {"r": 4, "alpha": 8}},
-                                        "register": {"methods": ["cit"]}})
+                                        "register": {"methods": ["cit"]},
+                                        "evaluate": {"prompt_format": "reference", "length_normalise": True}})
     train_adapter(settings, make_rows(4), "cit", tmp_path, progress=False)
+    # the scoring settings the evaluation used travel with the adapter, so predict scores as it did
+    assert read_meta(tmp_path / "adapter")["prompt_format"] == "reference"
+    assert read_meta(tmp_path / "adapter")["length_normalise"] is True
     assert read_meta(tmp_path / "adapter")["attention"] == "prefix"
     assert read_meta(tmp_path / "adapter")["readout"] == "mean"
     assert read_meta(tmp_path / "adapter")["autocast"] == settings.evaluate.autocast  # predict scores as evaluation

@@ -577,6 +577,14 @@ def test_register_gate_idempotent_and_pyfunc_roundtrip(store, tmp_path, tiny_lla
     expected = model.predict(pd.DataFrame({"instruction": ["Is this 'positive' or 'negative'? "] * 3, "input": texts,
                                            "task": ["sst2"] * 3}))["answer"]
     assert several.stdout.splitlines()[-3:] == [f"{a}\t{t}" for a, t in zip(expected, texts, strict=True)]
+    # a line break or tab inside an input stays on its answer's line (escaped), and options print literally
+    odd = CliRunner().invoke(app, ["predict", "--instruction", "Pick: ", "--input", "line one\nline\ttwo",
+                                   "--input", "b", "--options", "yes|no [/]", *common,
+                                   "--set", "register.model_name=tiny-coin"])
+    assert odd.exit_code == 0, odd.output
+    lines = [ln for ln in odd.stdout.splitlines() if "\t" in ln]
+    assert [ln.split("\t", 1)[1] for ln in lines] == ["line one\\nline\\ttwo", "b"]
+    assert "no [/]" in odd.output and "MarkupError" not in odd.output
     missing = CliRunner().invoke(app, ["predict", "--instruction", "x", *common, "--set", "register.model_name=nope"])
     assert missing.exit_code == 4 and "cannot load models:/nope@champion" in missing.output  # ExitCode.MODEL
 

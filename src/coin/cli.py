@@ -583,10 +583,16 @@ def predict(
             raise
         raise ValueError(exc.message) from None
     for text, answer, scores in zip(inputs, out["answer"], out["scores"], strict=True):
-        print(answer if n == 1 else f"{answer}\t{text}")  # several inputs: each answer beside its input
-        if scores:
+        # several inputs: one `answer<TAB>input` line each, so a tab or line break inside either is escaped
+        print(answer if n == 1 else f"{_one_line(answer)}\t{_one_line(text)}")
+        if scores:  # the options are user text: printed literally, never as rich markup
             console.print(f"[dim]scores (label log-likelihoods; calibrated if the model was trained with "
-                          f"evaluate.calibration: content_free): {scores}[/]")
+                          f"evaluate.calibration: content_free): {escape(scores)}[/]", highlight=False)
+
+
+def _one_line(text: str) -> str:
+    r"""``text`` with backslash, tab, CR and LF escaped as ``\\``, ``\t``, ``\r``, ``\n``."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\r", "\\r").replace("\n", "\\n")
 
 
 @app.command()

@@ -180,6 +180,8 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
 
     _check_columns(df)
     fmt = meta.get("prompt_format", "train")
+    # as the evaluation scored (recorded with the adapter); an adapter from before the key was recorded: off
+    length_normalise = bool(meta.get("length_normalise", False))
     rows = [row for _, row in df.iterrows()]
     limit = max_positions(model)
     if limit is not None and not 1 <= max_new_tokens < limit:
@@ -231,10 +233,10 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
         for (options, task), idx in by_options.items():
             s = score_label_words(model, tokenizer, [prompts[i] for i in idx], list(options), fmt=fmt,
                                   batch_size=batch_size, groups=[_text(rows[i]["instruction"]) for i in idx],
-                                  desc="predict").scores
+                                  length_normalise=length_normalise, desc="predict").scores
             if calibrate:  # as the evaluation decided (evaluate.calibration when the model was trained)
                 s = _calibrate(model, tokenizer, meta, [_text(rows[i]["instruction"]) for i in idx], options, task, s,
-                               fmt, batch_size)
+                               fmt, batch_size, length_normalise)
             for j, i in enumerate(idx):
                 answers[i] = options[int(s[j].argmax())]
                 scores[i] = json.dumps({o: round(float(v), 4) for o, v in zip(options, s[j], strict=True)})
@@ -242,18 +244,20 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
 
 
 def _calibrate(model, tokenizer, meta: dict[str, Any], instructions: list[str], options: tuple[str, ...],
-               task: str | None, scores, fmt: str, batch_size: int):
+               task: str | None, scores, fmt: str, batch_size: int, length_normalise: bool = False):
     """Content-free calibration of ``scores`` (``coin.evaluation.scoring.calibrated``): the options' scores after
     each instruction with an empty input are subtracted, and the task's training label prior added when the
-    options are the task's label words (else no prior)."""
+    options are the task's label words, in any order (else no prior)."""
     from coin.evaluation.scoring import calibrated, label_log_prior, score_label_words
 
     distinct = list(dict.fromkeys(instructions))
     cf = score_label_words(model, tokenizer, [join_instruction(t, "") for t in distinct], list(options), fmt=fmt,
-                           batch_size=batch_size, desc="predict (content-free)").scores
+                           batch_size=batch_size, length_normalise=length_normalise,
+                           desc="predict (content-free)").scores
     per_row = cf[[distinct.index(t) for t in instructions]]
     counts = (meta.get("label_counts") or {}).get(task) if task else None
     prior = None
-    if counts and tuple(TASKS[task].label_words) == tuple(options):
-        prior = label_log_prior(counts)
+    words = list(TASKS[task].label_words) if task else []
+    if counts and sorted(words) == sorted(options):  # the prior follows the options' order
+        prior = label_log_prior(counts)[[words.index(o) for o in options]]
     return calibrated(scores, per_row, prior)

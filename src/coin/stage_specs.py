@@ -115,9 +115,10 @@ STAGE_SPECS: dict[str, StageSpec] = {
         code=("validation", "data", "modeling", "evaluation/instructions.py", "evaluation/sampling.py"),
     ),
     "train": StageSpec(  # item = method
-        # evaluate.calibration and evaluate.autocast: recorded in coin_model.json, so the registered model answers
-        # as it was evaluated
-        params=("seed", "paths", "model", "pairs.cutoff_len", "train", "evaluate.calibration", "evaluate.autocast"),
+        # evaluate.calibration, autocast, prompt_format and length_normalise: recorded in coin_model.json, so the
+        # registered model answers as it was evaluated
+        params=("seed", "paths", "model", "pairs.cutoff_len", "train", "evaluate.calibration", "evaluate.autocast",
+                "evaluate.prompt_format", "evaluate.length_normalise"),
         exclude=("train.methods",),  # adding sft must not retrain coin; the method is the item
         inputs=lambda lay, m: [lay.valid_file],
         outputs=lambda lay, m: [lay.adapter_dir(str(m)), lay.method_dir(str(m)) / "train.json",

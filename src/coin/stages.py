@@ -286,7 +286,8 @@ def train_adapter(settings: Settings, rows: list[dict[str, Any]], method: str, o
             "readout": backbone.readout, "quantization": backbone.quantization,
             "double_quant": backbone.double_quant, "label_counts": label_counts(rows),
             "calibration": settings.evaluate.calibration, "autocast": settings.evaluate.autocast,
-            "method": method, "prompt_format": "train", "append_eos": cfg.append_eos,
+            "method": method, "prompt_format": settings.evaluate.prompt_format,
+            "length_normalise": settings.evaluate.length_normalise, "append_eos": cfg.append_eos,
         })
     return result
 
