@@ -85,7 +85,7 @@ def evaluate_any_task(params_path: str, overrides: Overrides, models: list[str],
     from coin.data.io import read_json
     from coin.evaluation.anymodel import evaluate_models, load_for_instructions
 
-    settings, root = load_for_instructions(params_path, overrides, instruction_file)
+    settings, root = load_for_instructions(params_path, overrides, instruction_file, uses_backbone=False)
     out = Path(out_dir).expanduser().resolve() if out_dir else root / settings.paths.out_dir / "evaluate-any"
     run = evaluate_models(models, settings, root, out, instruction_file=instruction_file,
                           cache_dir=Path(cache_dir) if cache_dir else None)
@@ -119,7 +119,7 @@ def coin_evaluate(
     overrides = seal_overrides(overrides)
     logger.info("%s", run_banner("coin-evaluate", params_path, overrides))
     # bad params fail here, before any work; sets named by --set are checked against instruction_file
-    settings, _ = load_for_instructions(params_path, overrides, instruction_file)
+    settings, _ = load_for_instructions(params_path, overrides, instruction_file, uses_backbone=False)
     models = list(models) if models else default_models(settings)
     logger.info("coin-evaluate: models %s; instructions %s", ", ".join(models),
                 instruction_file or f"{settings.evaluate.instruction_file} (evaluate.instruction_file)")
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache-dir", default=None, help="result cache (default: <out>/cache)")
     args = ap.parse_args(argv)
     overrides = seal_overrides(args.overrides)
-    run_main(lambda: load_for_instructions(args.params, overrides, args.instructions),
+    run_main(lambda: load_for_instructions(args.params, overrides, args.instructions, uses_backbone=False),
              lambda: coin_evaluate(params_path=args.params, overrides=overrides, models=args.models,
                                    instruction_file=args.instructions, out_dir=args.out, cache_dir=args.cache_dir))
 

@@ -353,3 +353,89 @@ def test_instructions_without_model_evaluate_the_pipelines_models_apart_from_the
     runs = _runs(project)  # one evaluation run of its own, not the training run "r0"
     assert [r.data.tags.get("mlflow.runName") for r in runs] == ["evaluate-coin"]
     assert all(r.info.run_id != "r0" for r in runs)
+
+
+def test_an_adapters_fingerprint_follows_its_base_model_files(project, tiny_llama_dir):
+    """The adapter loads onto its base: base weights replaced in place must miss the cache (they were served the
+    old figures)."""
+    from coin.evaluation.anymodel import resolve_target
+
+    base = project["tmp"] / "base"
+    shutil.copytree(tiny_llama_dir, base)
+    adapter = _adapter(base, project["tmp"] / "train")
+    settings = _settings(project)
+    before = resolve_target(f"a={adapter}", settings, project["root"]).fingerprint
+    assert resolve_target(f"a={adapter}", settings, project["root"]).fingerprint == before  # stable
+    weights = next(base.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # another value for one weight
+    weights.write_bytes(bytes(data))
+    assert resolve_target(f"a={adapter}", settings, project["root"]).fingerprint != before
+
+
+def test_the_protocol_keys_the_numerics_resolved_on_this_machine(project, monkeypatch):
+    """`auto` dtype and autocast resolve per machine: a bf16 machine and an fp32 one must not share a result."""
+    import coin.modeling.backbone as backbone
+    from coin.evaluation.anymodel import protocol_of
+
+    def numerics(*more: str, native: bool = False) -> dict:
+        monkeypatch.setattr(backbone, "bf16_native", lambda device: native)
+        return protocol_of(_settings(project, *more), ROOT)["numerics"]
+
+    assert numerics("evaluate.autocast=auto") == {"device": "cpu", "dtype": "float32", "bf16_autocast": False}
+    assert numerics("evaluate.autocast=auto", native=True)["bf16_autocast"] is True
+    assert numerics("evaluate.autocast=auto") == numerics("evaluate.autocast='off'")  # resolved, not as written
+    assert numerics("model.dtype=auto") == numerics("model.dtype=float32")
+    assert numerics("model.dtype=bfloat16")["dtype"] == "bfloat16"
+
+
+def _instr(project: dict, doc: dict, name: str = "odd.json") -> Path:
+    path = project["tmp"] / name
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_an_instruction_file_is_checked_whole_before_any_model(project, caplog):
+    """Each of these lost instructions or crashed late: a key written twice (JSON keeps the last), a set named
+    like the pooled rows, a set that is not an object (it was reported as missing tasks), answer aliases given
+    half; and tasks the file names but the evaluation leaves out are said, with the reason."""
+    from coin.evaluation.anymodel import load_for_instructions
+
+    def load(doc: dict, *more: str):
+        return load_for_instructions(project["params"], [c for c in project["common"][2:] if c != "--set"]
+                                     + list(more), _instr(project, doc), uses_backbone=False)
+
+    twice = project["tmp"] / "twice.json"
+    twice.write_text('{"perturbations": {"clean": {"sst2": ["A? "], "sst2": ["B? ", "C? "]}}}')
+    from coin.data.io import DataError
+
+    with pytest.raises(DataError, match=r"twice.json: key 'sst2' appears twice"):
+        load_for_instructions(project["params"], [], twice, uses_backbone=False)
+    with pytest.raises(DataError, match=r"instruction set 'avg' .* reserved"):
+        load({"perturbations": {"clean": {"sst2": ["A? "]}, "avg": {"sst2": ["B? "]}}})
+    with pytest.raises(DataError, match=r"field 'x' should be a JSON object, got list"):
+        load({"perturbations": {"clean": {"sst2": ["A? "]}, "x": []}})
+    with pytest.raises(DataError, match=r"'label_to_id.sst2' is given but 'label_set.sst2' is not"):
+        load({"perturbations": {"clean": {"sst2": ["A? "]}}, "label_to_id": {"sst2": {"good": 1}}})
+    caplog.set_level(logging.WARNING, logger="coin")
+    settings, _ = load({"perturbations": {"clean": {"sst2": ["A? "], "rtee": ["B? "], "rte": ["C? "]},
+                                          "mine": {"sst2": ["D? "]}}})
+    assert settings.evaluate.tasks == ["sst2"]
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "task 'rtee' is not evaluated: not a GLUE task" in said
+    assert "task 'rte' is not evaluated: not in every set (missing from mine)" in said
+
+
+def test_explicit_models_do_not_need_the_unused_backbone(project):
+    """`coin evaluate --model` reads the models it names, not model.backbone: a backbone absent here is no error,
+    while the pipeline's own evaluation (no --model) still refuses it."""
+    from coin.config import ConfigError
+    from coin.evaluation.anymodel import load_for_instructions
+
+    over = [c for c in project["common"][2:] if c != "--set"] + ["model.backbone=Org/absent-model"]
+    settings, _ = load_for_instructions(project["params"], over, project["instr"], uses_backbone=False)
+    assert settings.model.backbone == "Org/absent-model"
+    with pytest.raises(ConfigError, match="model.backbone"):
+        load_for_instructions(project["params"], over, project["instr"])
+    with pytest.raises(ConfigError, match="model.backbone"):
+        load_for_instructions(project["params"], over, None)

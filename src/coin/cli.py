@@ -416,6 +416,7 @@ def evaluate(
 ) -> None:
     """Robustness evaluation: the pipeline's models, or any models (--model) on any instruction file."""
     overrides = list(set_ or [])
+    explicit = bool(model)  # models named here: model.backbone is not read
     if not model and instructions is not None:
         # the pipeline's models on another instruction file: a separate evaluation (own out dir, own MLflow runs),
         # never written over the pipeline's evaluation or into its training runs
@@ -438,7 +439,7 @@ def evaluate(
     _setup_logging()
     if instructions is not None:
         instructions = instructions.expanduser().resolve()
-    settings, root = load_for_instructions(params, overrides, instructions)
+    settings, root = load_for_instructions(params, overrides, instructions, uses_backbone=not explicit)
     out_dir = out.expanduser().resolve() if out is not None else root / settings.paths.out_dir / default_out
     run = evaluate_models(model, settings, root, out_dir, instruction_file=instructions, cache_dir=cache_dir)
     table = (out_dir / "table.md").read_text()
@@ -637,10 +638,12 @@ def attack(
     set_: SetOpt = None,
 ) -> None:
     """Search perturbed instructions that lower this model's accuracy; write them as an instruction file."""
+    from coin.config import check_names
     from coin.evaluation.attack import Budget, run_attack
 
     _setup_logging()
-    settings, root = _settings(params, set_)
+    settings, root = _settings(params, set_, check_project=False)
+    check_names(settings, root, source=params, backbone=False)  # --model names the model, checked by run_attack
     split = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     _print(run_attack(settings, root, model=model, out=out, instructions=instructions, source_set=source_set,
                       tasks=split, levels=[v.strip() for v in levels.split(",") if v.strip()],

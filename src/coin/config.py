@@ -998,11 +998,14 @@ def load_settings(path: str | Path = "params.yaml", overrides: list[str | Secret
     return settings
 
 
-def check_names(settings: Settings, root: Path, *, source: str | Path = "params.yaml") -> None:
+def check_names(settings: Settings, root: Path, *, source: str | Path = "params.yaml", backbone: bool = True) -> None:
     """What :func:`load_settings` checks with ``check_project``: the backbone, the quantisation and the
     instruction file's sets and tasks (``root``: the params file's directory). Callers that change the settings
-    after loading them (``coin evaluate --instructions``) load without the checks and run them here after."""
-    check_backbone(settings.model.backbone)
+    after loading them (``coin evaluate --instructions``) load without the checks and run them here after;
+    ``backbone=False`` where ``model.backbone`` is not read (``coin evaluate --model``, ``coin attack``: the
+    models are named on the command line and checked there)."""
+    if backbone:
+        check_backbone(settings.model.backbone)
     check_quantization(settings.model)
     check_instruction_file(settings, root, source=source)
 
@@ -1139,6 +1142,11 @@ def check_instruction_file(settings: Settings, root: Path, *, source: str | Path
         if problems:
             raise ConfigError(f"{source} has problems; nothing was run:\n" + "\n".join(f"  - {p}" for p in problems))
     sets = load_instruction_sets(path, ev.instruction_sets, list(ev.tasks))  # DataError: file, set, task, field
+    from coin.data.tasks import get_task
+    from coin.evaluation.generation import label_choices
+
+    for t in ev.tasks:  # the file's answer aliases (label_set / label_to_id), checked before any model loads
+        label_choices(get_task(t).label_words, path, t)
     for s, by_task in sets.items():
         for t, items in by_task.items():
             for text, n in Counter(items).items():

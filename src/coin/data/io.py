@@ -102,12 +102,29 @@ def write_json(path: str | Path, obj: Any) -> None:
         raise
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key, "the object with keys " + ", ".join(repr(k) for k, _ in pairs[:6])
+                                + (", ..." if len(pairs) > 6 else ""))
+        out[key] = value
+    return out
+
+
 def read_json(path: str | Path, *, missing_hint: str = "") -> Any:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found. {missing_hint}".rstrip(". ") + ("." if missing_hint else ""))
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as exc:
+        raise DataError(f"{path}: key {exc.args[0]!r} appears twice in one object ({exc.args[1]}); JSON keeps only "
+                        "the last, so the first would be silently lost: merge them into one") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: bad JSON on line {exc.lineno} ({exc.msg.removesuffix(' at')}, "
                         f"column {exc.colno}); fix the file") from None

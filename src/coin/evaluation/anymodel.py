@@ -107,9 +107,14 @@ def _sha_text(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def adapter_fingerprint(adapter_dir: Path) -> str:
-    """Hash of the adapter's weight files, ``adapter_config.json`` and ``coin_model.json``."""
-    return _sha_text("adapter", _sha_files(_files(adapter_dir, ADAPTER_FILES), adapter_dir))
+def adapter_fingerprint(adapter_dir: Path, base_dir: Path | None = None) -> str:
+    """Hash of the adapter's weight files, ``adapter_config.json`` and ``coin_model.json``, and of its base
+    model's files (``base_dir``): the adapter is loaded onto that base, so base weights replaced in place (or a
+    cached model updated) change the fingerprint."""
+    own = _sha_files(_files(adapter_dir, ADAPTER_FILES), adapter_dir)
+    if base_dir is None:
+        return _sha_text("adapter", own)
+    return _sha_text("adapter", own, _sha_files(_files(base_dir, _BASE_FILES), base_dir))
 
 
 def _hf_cached_dir(name: str) -> Path | None:
@@ -270,10 +275,11 @@ def _check_directory(spec: str, path: Path, settings: Settings) -> tuple[str, st
         meta = read_meta(path)
         if not isinstance(meta, dict) or not meta.get("base"):
             raise DataError(f"--model {spec}: {path / META_FILE}: no 'base' key naming the base model")
-        if _base_dir(str(meta["base"])) is None:
+        base_dir = _base_dir(str(meta["base"]))
+        if base_dir is None:
             raise DataError(f"--model {spec}: its base model {meta['base']!r} ({path / META_FILE}) is neither "
                             "'minilm', a local directory, nor a Hugging Face model in the local cache")
-        return "adapter", adapter_fingerprint(path)
+        return "adapter", adapter_fingerprint(path, base_dir)
     if (path / "config.json").is_file():
         if not has_tokenizer(path):
             raise DataError(f"--model {spec}: {path} has config.json but no tokenizer files (none of "
@@ -328,13 +334,38 @@ def sets_and_tasks_of(settings: Settings, file: Path, *, keep_sets: bool = False
     update: dict[str, Any] = {}
     if not keep_sets:
         update["instruction_sets"] = list(perturbations)
+    sets = update.get("instruction_sets", settings.evaluate.instruction_sets)
+    from coin.evaluation.instructions import _mapping
+
+    for s in sets:  # a set that is not an object is named as such, not as tasks missing from it
+        if s in perturbations:
+            _mapping(perturbations, file, s, where="perturbations")
     if not keep_tasks:
-        sets = update.get("instruction_sets", settings.evaluate.instruction_sets)
         covered = [t for t in settings.evaluate.tasks
                    if all(isinstance(perturbations.get(s), dict) and t in perturbations[s] for s in sets)]
         if covered:
             update["tasks"] = covered
+            _log_tasks_left_out(perturbations, sets, settings.evaluate.tasks, covered, file)
     return settings.model_copy(update={"evaluate": settings.evaluate.model_copy(update=update)}) if update else settings
+
+
+def _log_tasks_left_out(perturbations: dict[str, Any], sets: list[str], configured: list[str], covered: list[str],
+                        file: Path) -> None:
+    """A warning for each task of the file that is not evaluated, with the reason, so none is left out silently."""
+    from coin.data.tasks import TASKS
+
+    named = dict.fromkeys(t for s in sets if isinstance(perturbations.get(s), dict) for t in perturbations[s])
+    for t in named:
+        if t in covered:
+            continue
+        if t not in TASKS:
+            why = f"not a GLUE task (known: {', '.join(TASKS)})"
+        elif t not in configured:
+            why = f"not in evaluate.tasks ({', '.join(configured)})"
+        else:
+            missing = [s for s in sets if t not in perturbations.get(s, {})]
+            why = f"not in every set (missing from {', '.join(missing)}); every set must cover a task to compare them"
+        log.warning("%s: task %r is not evaluated: %s", file, t, why)
 
 
 def with_instruction_file(settings: Settings, file: str | Path | None, overrides: list[Any] | None = None) -> Settings:
@@ -351,19 +382,22 @@ def with_instruction_file(settings: Settings, file: str | Path | None, overrides
 
 
 def load_for_instructions(params: str | Path, overrides: list[Any] | None,
-                          file: str | Path | None) -> tuple[Settings, Path]:
+                          file: str | Path | None, *, uses_backbone: bool = True) -> tuple[Settings, Path]:
     """The settings ``coin evaluate --instructions FILE`` (and the ``coin-evaluate`` flow) run on, and the params
     file's directory: :func:`with_instruction_file` applied and ``evaluate.instruction_file`` set to ``FILE``
     *before* the project checks, so ``--set evaluate.instruction_sets=...`` is checked against ``FILE``'s sets,
-    not the configured file's. Without a file, :func:`~coin.config.load_settings` as usual."""
+    not the configured file's. Without a file, :func:`~coin.config.load_settings` as usual. ``uses_backbone``
+    false (explicit ``--model`` specs): ``model.backbone`` is not read, so it is not checked."""
     root = Path(params).resolve().parent
     if file is None:
-        return load_settings(params, overrides), root
+        settings = load_settings(params, overrides, check_project=False)
+        check_names(settings, root, source=params, backbone=uses_backbone)
+        return settings, root
     file = Path(file).expanduser().resolve()
     settings = with_instruction_file(load_settings(params, overrides, check_project=False), file, overrides)
     settings = settings.model_copy(update={"evaluate": settings.evaluate.model_copy(
         update={"instruction_file": str(file)})})
-    check_names(settings, root, source=file)
+    check_names(settings, root, source=file, backbone=uses_backbone)
     return settings, root
 
 
@@ -387,7 +421,21 @@ def protocol_of(settings: Settings, root: Path) -> dict[str, Any]:
         "max_new_tokens": ev.max_new_tokens, "autocast": ev.autocast,
         "data_sha256": _sha_files(data_files, data_dir) if data_files else None,
         "code_sha256": code_hash(STAGE_SPECS["evaluate_unit"].code, CELL_CODE_EXCLUDE),
+        "numerics": _numerics(settings),
     }
+
+
+def _numerics(settings: Settings) -> dict[str, Any]:
+    """The numerics this machine will score with, resolved: ``auto`` dtype and autocast mean fp32 on one machine and
+    bf16 on another, and bf16 can flip an answer near a tie, so a result from other numerics is not reused."""
+    from coin.modeling.backbone import pick_device, pick_dtype, uses_bf16
+
+    try:
+        device = pick_device(settings.model.device)
+    except RuntimeError:  # cuda asked for and absent: the load will say so; key what was asked
+        return {"device": settings.model.device}
+    return {"device": device.type, "dtype": str(pick_dtype(settings.model.dtype, device)).removeprefix("torch."),
+            "bf16_autocast": uses_bf16(device, settings.evaluate.autocast, "evaluate.autocast")}
 
 
 def cache_entry(cache_dir: Path, fingerprint: str, protocol: dict[str, Any]) -> Path:

@@ -412,6 +412,7 @@ def load_model(spec: str, settings) -> tuple[Any, Any, dict[str, list[int]] | No
     """``(model, tokenizer, label_counts, kind)``: an adapter directory written by ``coin train`` (it has
     ``coin_model.json``; run the way it was trained, with its training label counts) or a backbone name/path
     (``minilm``; ``model.*`` settings, a uniform prior), as the evaluation loads them."""
+    from coin.config import ConfigError, check_backbone
     from coin.modeling.adapter import META_FILE, load_trained
     from coin.modeling.backbone import load_backbone
 
@@ -425,6 +426,11 @@ def load_model(spec: str, settings) -> tuple[Any, Any, dict[str, list[int]] | No
     if (path / META_FILE).is_file():
         model, tokenizer, meta = load_trained(path, device=settings.model.device)
         return model, tokenizer, meta.get("label_counts"), "adapter"
+    try:  # offline-loadable, as model.backbone is checked; the error names the option the spec came from
+        check_backbone(spec)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace(f"model.backbone = {spec!r}", f"--model {spec}", 1)
+                          .replace("Set model.backbone to", "Give --model as")) from None
     m = settings.model
     bb = load_backbone(spec, dtype=m.dtype, device=m.device, seed=settings.seed, attention=m.attention,
                        readout=m.readout, quantization=m.quantization, double_quant=m.double_quant)

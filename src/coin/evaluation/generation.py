@@ -91,8 +91,12 @@ def label_choices(label_words: Sequence[str], instruction_file: str | Path | Non
     path = Path(instruction_file)
     doc = read_json(path)
     label_set, to_id = _get(doc, "label_set", task), _get(doc, "label_to_id", task)
-    if label_set is None or to_id is None:
+    if label_set is None and to_id is None:
         return choices
+    if label_set is None or to_id is None:  # one without the other would be ignored, aliases and all
+        have, lacks = ("label_to_id", "label_set") if label_set is None else ("label_set", "label_to_id")
+        raise DataError(f"{path}: task '{task}': field '{have}.{task}' is given but '{lacks}.{task}' is not; the "
+                        "aliases need both (the answer strings, and the label id of each): add it, or drop both")
     if not isinstance(label_set, list) or not isinstance(to_id, dict):
         raise DataError(f"{path}: task '{task}': fields 'label_set.{task}' / 'label_to_id.{task}' should be a "
                         f"list and an object")
@@ -100,6 +104,8 @@ def label_choices(label_words: Sequence[str], instruction_file: str | Path | Non
         if word in to_id and to_id[word] != idx:
             raise DataError(f"{path}: task '{task}': field 'label_to_id.{task}.{word}' = {to_id[word]!r} but "
                             f"'{word}' is label {idx} in the data (coin.data.tasks); fix the file")
+    # an alias of label_set without an id in label_to_id is not an answer: the reference's own file lists such
+    # variants ("positive'") and maps only some of them
     for alias in label_set:
         if isinstance(alias, str) and alias in to_id and alias not in choices:
             idx = to_id[alias]

@@ -116,6 +116,11 @@ def _mapping(obj: Any, path: Path, key: str, *, where: str) -> dict[str, Any]:
 
 
 def _load_set(perturbations: dict[str, Any], path: Path, set_name: str, tasks: list[str]) -> dict[str, list[str]]:
+    from coin.evaluation.metrics import AVG
+
+    if set_name == AVG:  # the metrics' and the report's pooled rows are called that
+        raise DataError(f"{path}: instruction set '{AVG}' under 'perturbations': the name is reserved for the figures "
+                        "pooled over sets; rename the set")
     if set_name not in perturbations:
         have = ", ".join(map(str, perturbations)) or "none"
         raise DataError(
