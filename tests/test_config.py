@@ -75,6 +75,10 @@ def test_every_key_in_params_yaml_has_a_comment():
          ["train.lora.target_modules = 5: fits none", "'auto' or 'all-linear'", "valid list"]),
         # YAML turns on/off/yes/no into booleans: the fix is to quote the value
         ({"register": {"model_name": True}}, ["register.model_name = True", "put the value in quotes"]),
+        ({"register": {"model_name": 3}}, ["register.model_name = 3", "YAML read it as an int"]),
+        # ... and inside a list, the item is quoted in the list (`--set 'k.1="on"'` is no override)
+        ({"evaluate": {"instruction_sets": ["clean", True]}},
+         ["evaluate.instruction_sets.1 = True", "YAML read item 1 as a bool", "'evaluate.instruction_sets=[..., \"...\"]'"]),
     ],
 )
 def test_bad_params_are_rejected_with_key_and_fix(raw, expected):
@@ -131,6 +135,15 @@ def test_the_error_names_the_params_file_and_the_overrides(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_settings(bad, check_project=False)
     assert str(err.value).startswith(f"{bad} has problems; nothing was run:"), err.value
+    # the instruction file's sets and tasks are checked after the values: an override is named there too
+    with pytest.raises(ConfigError) as err:
+        load_settings(ROOT / "params.yaml", ["evaluate.instruction_sets=[foo]"])
+    assert str(err.value).startswith(f"{ROOT / 'params.yaml'} and the --set overrides have problems;"), err.value
+    # coin study's --sweep arrives as study.sweep_* overrides: named as such, even without a --set
+    with pytest.raises(ConfigError) as err:
+        load_settings(ROOT / "params.yaml", ["study.sweep_key=train.lr", "study.sweep_values=[x, 1e-3]"],
+                      check_project=False)
+    assert str(err.value).startswith(f"{ROOT / 'params.yaml'} and the --set/--sweep overrides have problems;")
 
 
 def test_an_unquoted_off_is_off():

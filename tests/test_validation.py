@@ -429,6 +429,8 @@ def test_per_task_counts_and_a_task_left_without_rows_fails_the_gate(real_rows, 
         gate(rows, tokenizer, tmp_path, embedder, eval_sources, min_pass_rate=0.75)
     msg = str(info.value)
     assert "every training row of wnli was rejected" in msg and "overall pass rate 0.805" in msg, msg
+    # the threshold is no fix for an emptied task, so the message does not offer it
+    assert "remove the task from pairs.tasks" in msg and "or lower validate.min_pass_rate." not in msg, msg
     assert "rte kept 2 of 5 rows (pass rate 0.400, below validate.min_pass_rate = 0.75)" in caplog.text
     summary = read_json(tmp_path / "summary.json")
     per_task = summary["per_task"]
@@ -442,6 +444,10 @@ def test_per_task_counts_and_a_task_left_without_rows_fails_the_gate(real_rows, 
         tmp_path / "rejects.jsonl"))
     assert summary["gate_passed"] is False
     assert "Rows per task" in (tmp_path / "report.html").read_text()
+    # the verdict says why it failed (the pass rate alone is above the threshold)
+    assert "And every training row of wnli was rejected" in (tmp_path / "report.html").read_text()
+    assert "FAILED**: 33/41 rows valid" in info.value.report.to_markdown()
+    assert "; **every training row of wnli was rejected" in info.value.report.to_markdown().splitlines()[0]
     assert "| wnli | 5 | 1 | 4 | 0.200 (**no training row left**) |" in info.value.report.to_markdown()
     # the stray row alone: rejected, counted apart, and the gate passes at threshold 0
     assert gate([stray, *rows_copy(real_rows)], tokenizer, tmp_path / "again", embedder, eval_sources,

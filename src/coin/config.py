@@ -789,8 +789,14 @@ def _explain(exc: ValidationError, raw: Any) -> str:
         elif typ == "finite_number":
             fix = "give a finite number (.inf and .nan are not accepted)"
         elif typ == "string_type" and isinstance(value, (bool, int, float)):
-            fix = (f"YAML read it as a {type(value).__name__}; put the value in quotes, e.g. --set "
-                   f"'{key}=\"...\"' or {loc[-1]}: \"...\" in the file")
+            kind = {"bool": "a bool", "int": "an int", "float": "a float"}[type(value).__name__]
+            if isinstance(loc[-1], int):  # an item of a list: quote it inside the list
+                listed = ".".join(str(p) for p in loc[:-1] if not isinstance(p, int))
+                fix = (f"YAML read item {loc[-1]} as {kind}; put it in quotes inside the list, e.g. --set "
+                       f"'{listed}=[..., \"...\"]' or the same in the file")
+            else:
+                fix = (f"YAML read it as {kind}; put the value in quotes, e.g. --set "
+                       f"'{key}=\"...\"' or {loc[-1]}: \"...\" in the file")
         elif typ.endswith(("_parsing", "_type")):
             fix = "fix the type"
         else:
@@ -991,11 +997,21 @@ def load_settings(path: str | Path = "params.yaml", overrides: list[str | Secret
         msg = str(exc)
         if not msg.startswith(SETTINGS_PROBLEMS):
             raise
-        where = f"{path} and the --set overrides have" if overrides else f"{path} has"
-        raise ConfigError(where + msg[len(SETTINGS_PROBLEMS) - len(" problems"):]) from None
+        raise ConfigError(_sources(path, overrides) + msg[len(SETTINGS_PROBLEMS) - len(" problems"):]) from None
     if check_project:
-        check_names(settings, path.resolve().parent, source=path)
+        check_names(settings, path.resolve().parent, source=_sources(path, overrides).removesuffix(" has")
+                    .removesuffix(" have"))
     return settings
+
+
+def _sources(path: Path, overrides: list[str | SecretStr] | None) -> str:
+    """Where settings came from, for an error's first line: the file, and the overrides when there are any
+    (``coin study --sweep`` turns its sweep into ``study.sweep_*`` overrides, so those are named as --sweep)."""
+    if not overrides:
+        return f"{path} has"
+    texts = [o.get_secret_value() if isinstance(o, SecretStr) else str(o) for o in overrides]
+    flags = "--set/--sweep" if any(t.lstrip().startswith("study.sweep_") for t in texts) else "--set"
+    return f"{path} and the {flags} overrides have"
 
 
 def check_names(settings: Settings, root: Path, *, source: str | Path = "params.yaml", backbone: bool = True) -> None:
@@ -1140,7 +1156,8 @@ def check_instruction_file(settings: Settings, root: Path, *, source: str | Path
                                     f"(its tasks: {', '.join(perturbations[s]) or 'none'}). Remove them from "
                                     "evaluate.tasks, or add them to the file.")
         if problems:
-            raise ConfigError(f"{source} has problems; nothing was run:\n" + "\n".join(f"  - {p}" for p in problems))
+            verb = "have" if " and the " in str(source) else "has"
+            raise ConfigError(f"{source} {verb} problems; nothing was run:\n" + "\n".join(f"  - {p}" for p in problems))
     sets = load_instruction_sets(path, ev.instruction_sets, list(ev.tasks))  # DataError: file, set, task, field
     from coin.data.tasks import get_task
     from coin.evaluation.generation import label_choices

@@ -48,7 +48,8 @@ def render(report: GateReport, out_dir: Path) -> str:
         f"<h1>Paraphrase-validation gate {verdict}</h1>",
         f"<p>{report.rows_valid} of {report.rows_in} rows valid: pass rate <b>{report.pass_rate:.3f}</b> "
         f"(threshold <code>validate.min_pass_rate</code> = {report.min_pass_rate}); {report.rows_rejected} rejected "
-        f"to <code>rejects.jsonl</code> with their reasons.</p>",
+        f"to <code>rejects.jsonl</code> with their reasons."
+        + (f' <span class="fail">And {_e(report.emptied_note)}.</span>' if report.emptied_note else "") + "</p>",
         "<h2>Checks</h2>",
         "<table><tr><th>check</th><th>pass rate</th><th>failures</th><th>first failing row</th></tr>",
         _rows([[f"<code>{_e(name)}</code>", f"{s.pass_rate:.3f}", s.failures,

@@ -104,7 +104,8 @@ class GateReport:
         verdict = "passed" if self.passed else "FAILED"
         lines = [
             f"**Validation gate {verdict}**: {self.rows_valid}/{self.rows_in} rows valid "
-            f"(pass rate {self.pass_rate:.3f}, threshold {self.min_pass_rate:.3f}), {self.seconds:.1f} s",
+            f"(pass rate {self.pass_rate:.3f}, threshold {self.min_pass_rate:.3f}), {self.seconds:.1f} s"
+            + (f"; **{self.emptied_note}**" if self.emptied_note else ""),
             "",
             "| check | pass rate | failures | example pair_id |",
             "|---|---:|---:|---|",
@@ -151,5 +152,17 @@ class GateReport:
         lines.append(f"Every rejected row and its reasons: {self.rejects_path} (report: {self.out_dir / REPORT_FILE}, "
                      f"summary: {self.summary_path}"
                      + (f", Data Docs: {self.data_docs_index})" if self.data_docs_index else ")"))
-        lines.append("Fix the data or the settings (e.g. pairs.cutoff_len), or lower validate.min_pass_rate.")
+        if self.rows_in and self.pass_rate >= self.min_pass_rate:  # only a task emptied: the threshold is no fix
+            lines.append(f"Fix the data or the settings that reject {', '.join(self.emptied_tasks)}'s rows (e.g. "
+                         "pairs.cutoff_len), or remove the task from pairs.tasks; lowering validate.min_pass_rate "
+                         "does not help, a task with no training row fails the gate at any threshold.")
+        else:
+            lines.append("Fix the data or the settings (e.g. pairs.cutoff_len), or lower validate.min_pass_rate.")
         return "\n".join(lines)
+
+    @property
+    def emptied_note(self) -> str:
+        """The verdict's reason when a task lost every training row (empty otherwise)."""
+        if not self.emptied_tasks:
+            return ""
+        return f"every training row of {', '.join(self.emptied_tasks)} was rejected, so training would lack it"
