@@ -78,7 +78,8 @@ def test_every_key_in_params_yaml_has_a_comment():
         ({"register": {"model_name": 3}}, ["register.model_name = 3", "YAML read it as an int"]),
         # ... and inside a list, the item is quoted in the list (`--set 'k.1="on"'` is no override)
         ({"evaluate": {"instruction_sets": ["clean", True]}},
-         ["evaluate.instruction_sets.1 = True", "YAML read item 1 as a bool", "'evaluate.instruction_sets=[..., \"...\"]'"]),
+         ["evaluate.instruction_sets.1 = True", "YAML read item 1 as a bool",
+          "'evaluate.instruction_sets=[..., \"...\"]'"]),
     ],
 )
 def test_bad_params_are_rejected_with_key_and_fix(raw, expected):
