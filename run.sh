@@ -68,12 +68,27 @@ sys.exit(f'[setup] missing after install: {m}; see the pip output above' if m el
   echo "$want" > "$STAMP"
 }
 
+usage() {  # the header's usage lines
+  sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+  echo "  ./run.sh setup           install (first time) and stop"
+}
+
 cmd="${1:-pipeline}"; shift || true
+case "$cmd" in
+  -h|--help|help) usage; exit 0 ;;
+  -*) echo "./run.sh: unknown option '$cmd'" >&2; usage >&2; exit 2 ;;
+esac
 setup
 export PATH="$PWD/$VENV/bin:$PATH"
 case "$cmd" in
   pipeline) exec coin pipeline "$@" ;;
   test)     ruff check . && exec python -m pytest "$@" ;;   # lint first: a lint error fails CI
   setup)    echo "[setup] $VENV is ready" ;;
-  *)        exec "$cmd" "$@" ;;
+  *)
+    if ! command -v "$cmd" >/dev/null 2>&1; then
+      echo "./run.sh: '$cmd' is neither pipeline, test nor setup, nor a command in $VENV or on PATH" >&2
+      usage >&2
+      exit 2
+    fi
+    exec "$cmd" "$@" ;;
 esac

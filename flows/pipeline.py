@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dask-address", default=None, help="use an existing Dask scheduler, e.g. tcp://127.0.0.1:8786")
     workers = ap.add_mutually_exclusive_group()
     workers.add_argument("--dask-threads", dest="dask_processes", action="store_false",
-                         help="one Dask worker thread in this process (needs --eval-workers 1)")
+                         help="one Dask worker thread in this process (one worker: --eval-workers above 1 is refused)")
     workers.add_argument("--dask-processes", dest="dask_processes", action="store_true",
                          help="Dask worker processes (the default)")
     ap.set_defaults(dask_processes=True)
@@ -485,6 +485,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-push", action="store_true", help="do not `dvc push` a new data version")
     args = ap.parse_args(argv)
     overrides = seal_overrides(args.overrides)
+    if not args.dask_processes and args.eval_workers is None:
+        args.eval_workers = 1  # --dask-threads: one worker thread in this process, whatever the core count
+    if not args.dask_processes and args.eval_workers > 1:
+        ap.error(f"--dask-threads runs one worker thread in this process: drop --eval-workers {args.eval_workers} "
+                 "(or give --eval-workers 1), or use worker processes (--dask-processes, the default)")
 
     def check() -> None:
         settings, _ = _load(args.params, overrides)

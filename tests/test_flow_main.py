@@ -41,3 +41,18 @@ def test_an_error_inside_the_flow_is_reported_with_its_exit_code(monkeypatch, ca
     with pytest.raises(SystemExit):
         fp.main(["--params", str(ROOT / "params.yaml")])
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_dask_threads_means_one_worker_whatever_the_core_count(monkeypatch, capsys):
+    """`--dask-threads` alone ran the default workers (one per 2 cores) as threads, refused inside the flow on a
+    4-core machine; it now means one, and more is refused before Prefect starts, naming the options."""
+    import flows.pipeline as fp
+
+    got: dict = {}
+    monkeypatch.setattr(fp, "coin_pipeline", lambda **kw: got.update(kw))
+    monkeypatch.setattr(fp, "default_eval_workers", lambda cpus=None: 4)
+    fp.main(["--params", str(ROOT / "params.yaml"), "--dask-threads"])
+    assert got["eval_workers"] == 1 and got["dask_processes"] is False
+    with pytest.raises(SystemExit) as exit_:
+        fp.main(["--params", str(ROOT / "params.yaml"), "--dask-threads", "--eval-workers", "2"])
+    assert exit_.value.code == 2 and "drop --eval-workers 2" in capsys.readouterr().err
