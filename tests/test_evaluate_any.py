@@ -439,3 +439,23 @@ def test_explicit_models_do_not_need_the_unused_backbone(project):
         load_for_instructions(project["params"], over, project["instr"])
     with pytest.raises(ConfigError, match="model.backbone"):
         load_for_instructions(project["params"], over, None)
+
+
+def test_the_python_api_evaluates_a_files_own_sets_and_runs_carry_provenance(project, tiny_llama_dir):
+    """evaluate_models(..., instruction_file=F) as the README shows it, on settings loaded from params.yaml: F's own
+    sets and tasks (it asked for every configured task and failed on F), and its MLflow run records the data
+    version, the commit and the evaluation's params, as every other run does."""
+    import mlflow
+
+    from coin.config import load_settings
+    from coin.evaluation.anymodel import evaluate_models
+
+    settings = load_settings(project["params"], [c for c in project["common"][2:] if c != "--set"],
+                             check_project=False)
+    run = evaluate_models([f"tiny={tiny_llama_dir}"], settings, project["root"], project["tmp"] / "api",
+                          instruction_file=project["instr"])
+    assert run.results[0].tasks == ["sst2"]
+    assert set(run.results[0].sets) == {"clean", "mine"}
+    got = mlflow.get_run(run.run_ids[0])
+    assert "coin.data_version" in got.data.tags and "mlflow.source.git.commit" in got.data.tags
+    assert got.data.params["evaluate.samples_per_task"] == "3"

@@ -532,12 +532,17 @@ def _log_run(target: ModelTarget, protocol: dict[str, Any], cached: bool, result
     """One new MLflow run per evaluation (never a training run reopened): tags, headline metrics, the result."""
     import mlflow
 
-    from coin.registry.tracking import setup_tracking
+    from coin.registry.tracking import provenance_tags, setup_tracking
+    from coin.stage_specs import stage_params
 
     setup_tracking(settings, root)
     summary = result.metrics_nested().get("summary", {})
+    # the data version and the git commit (with -dirty) as every other run records them; the evaluated model is
+    # named by the coin.eval.model_* tags, not by model.backbone
+    prov = {k: v for k, v in provenance_tags(settings, root, "evaluate").items() if k != "coin.backbone"}
     with mlflow.start_run(run_name=f"evaluate-{target.label}", nested=mlflow.active_run() is not None,
-                          tags=_tags(target, protocol, cached)) as run:
+                          tags={**prov, **_tags(target, protocol, cached)}) as run:
+        mlflow.log_params(stage_params("evaluate_unit", settings))  # what the evaluation reads
         mlflow.log_metrics({f"eval/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))})
         mlflow.log_artifacts(str(unit_dir), artifact_path="evaluate")
     return run.info.run_id
@@ -549,9 +554,12 @@ def evaluate_models(models: list[str], settings: Settings, root: Path, out_dir: 
     """Evaluate each of ``models`` (``[LABEL=]SPEC`` strings) under ``settings.evaluate`` and write the combined
     report, each model's result (``models/<label>/``) and ``evaluation.json`` under ``out_dir``.
 
-    ``instruction_file`` replaces ``evaluate.instruction_file``. Every spec and the instruction file are checked
-    before any model is loaded. A model already evaluated under the same protocol (same fingerprint) is read
-    from ``cache_dir`` (default ``out_dir/cache``). With ``track``, each model's evaluation is a new MLflow run.
+    ``instruction_file`` replaces ``evaluate.instruction_file`` (a relative path is read from the working
+    directory, as on the command line), and as with ``coin evaluate --instructions`` its own sets and the tasks
+    they all cover are evaluated (:func:`with_instruction_file`; settings whose ``evaluate.instruction_file``
+    already names it are kept as they are). Every spec and the instruction file are checked before any model is
+    loaded. A model already evaluated under the same protocol (same fingerprint) is read from ``cache_dir``
+    (default ``out_dir/cache``). With ``track``, each model's evaluation is a new MLflow run.
     """
     from coin.evaluation.report import write_eval_outputs
     from coin.evaluation.result import save_result
@@ -559,8 +567,12 @@ def evaluate_models(models: list[str], settings: Settings, root: Path, out_dir: 
 
     root, out_dir = Path(root).resolve(), Path(out_dir).resolve()
     if instruction_file is not None:
+        file = Path(instruction_file).expanduser().resolve()  # relative: from the working directory, as the CLI
+        configured = Path(settings.evaluate.instruction_file)
+        if (configured if configured.is_absolute() else root / configured).resolve() != file:
+            settings = with_instruction_file(settings, file)  # the caller has not narrowed to it: do so
         settings = settings.model_copy(update={"evaluate": settings.evaluate.model_copy(
-            update={"instruction_file": str(Path(instruction_file).expanduser().resolve())})})
+            update={"instruction_file": str(file)})})
     check_instructions(settings, root)                  # DataError naming the file, set, task and field
     targets = resolve_targets(list(models), settings, root)
     protocol = protocol_of(settings, root)
