@@ -660,3 +660,14 @@ def test_pipeline_parent_with_nested_method_runs(tmp_path):
     assert mlflow.get_run(ids["cit"]).data.params["train.method"] == "cit"
     assert mlflow.get_run(ids["sft"]).data.tags["mlflow.parentRunId"] == p.info.run_id
     assert set(c.data.metrics) == {"train/loss", "eval/x"} and c.info.status == "FINISHED"
+    # under another tracking store the training run is not there: a clear refusal that says to train again
+    # (it was MLflow's "Run with id=... not found", blamed on the registered model)
+    other = settings.model_copy(update={"paths": settings.paths.model_copy(
+        update={"mlruns_dir": str(tmp_path / "other")})})
+    from coin.registry.errors import ModelUnavailable
+    from coin.registry.tracking import setup_tracking
+
+    setup_tracking(other, ROOT)
+    with pytest.raises(ModelUnavailable, match=r"run .* is not in the tracking store .*Train again"):
+        with resume_run(ids["coin"]):
+            pass

@@ -94,14 +94,28 @@ def resume_run(run_id: str) -> Iterator[Any]:
 
     If ``run_id`` is already active it is yielded as is (and left open); if another run is active
     (e.g. the pipeline parent) it is re-opened nested under it; else it is re-opened as a top-level run.
-    On exit the re-opened run keeps its status (FINISHED, or FAILED if the block raised).
+    On exit the re-opened run keeps its status (FINISHED, or FAILED if the block raised). A run the tracking
+    store does not hold (trained while ``tracking.uri`` named another store, or deleted) is
+    :class:`~coin.registry.errors.ModelUnavailable`, saying to train again.
     """
     import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from coin.registry.errors import ModelUnavailable
+    from coin.secrets import redact_text
 
     active = mlflow.active_run()
     if active is not None and active.info.run_id == run_id:
         yield active
         return
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise ModelUnavailable(
+            f"MLflow run {run_id} (the training run this step logs into) is not in the tracking store "
+            f"{redact_text(mlflow.get_tracking_uri())}: it was trained while tracking.uri named another store, or "
+            "the run was deleted. Train again under this store: `coin train` (with DVC: `dvc repro -sf train`, "
+            "then `dvc repro`); the coin-pipeline flow retrains by itself") from None
     with mlflow.start_run(run_id=run_id, nested=active is not None) as run:
         yield run
 
