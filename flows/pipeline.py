@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -451,19 +452,57 @@ def coin_pipeline(
     }
 
 
+class _UserErrorTracebacks(logging.Filter):
+    """Drops the traceback Prefect's engines attach to a task or flow run that failed with a user error (a bad
+    setting, a failed gate, a missing model: every class but coin.cli's "bug"), unless ``COIN_DEBUG`` is set: the
+    log keeps the one-line message, and the run ends as ``coin`` ends it (README, "Errors and exit codes")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, Exception):
+            from coin.cli import ExitCode, _debug_requested, classify
+
+            if not _debug_requested(None) and classify(exc)[0] != ExitCode.BUG:
+                record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_prefect_logs() -> None:
+    """Prefect's run logs as coin's own: no traceback for a user error (:class:`_UserErrorTracebacks`), and text
+    printed literally on the console (Prefect's rich console turned ``pair_id sst2:train:164`` into an emoji).
+    Idempotent; call it before a flow runs."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    consoles = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]  # on the root
+    # the run loggers first: a logger's filters see a record before any handler formats it
+    for target in (logging.getLogger("prefect.flow_runs"), logging.getLogger("prefect.task_runs"), *consoles):
+        if not any(isinstance(f, _UserErrorTracebacks) for f in target.filters):
+            target.addFilter(_UserErrorTracebacks())
+    for handler in consoles:
+        if hasattr(handler.console, "_emoji"):
+            handler.console._emoji = False  # rich's Console(emoji=...) after the fact; Prefect has no setting for it
+
+
 def run_main(check: Callable[[], Any], run: Callable[[], Any]) -> None:
     """What ``python -m flows.<flow>`` does: ``check()`` (the flow's own first step: loading the settings) before
     Prefect starts, then ``run()``. A user error, there or in the flow, ends as ``coin`` ends it (one or two lines,
     the exit code of its class, the traceback with ``COIN_DEBUG=1``), not as a traceback of a failed flow run."""
     from coin.cli import ExitCode, _debug_requested, report
+    from coin.interrupt import interrupt_guard, interrupted
 
     debug = _debug_requested(None)  # COIN_DEBUG, as coin reads it
     try:
         check()
-        run()
+        quiet_prefect_logs()
+        with interrupt_guard():  # Ctrl-C also stops Prefect's temporary server: coin.interrupt
+            run()
     except KeyboardInterrupt:
-        raise SystemExit(int(ExitCode.INTERRUPTED)) from None
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(interrupted() or int(ExitCode.INTERRUPTED)) from None
     except Exception as exc:  # noqa: BLE001 -- classified, reported, turned into an exit code
+        if interrupted():  # what the interruption left behind (the dead API server's ConnectError), not a bug
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(interrupted()) from None
         raise SystemExit(int(report(exc, debug=debug))) from None
 
 

@@ -56,3 +56,52 @@ def test_dask_threads_means_one_worker_whatever_the_core_count(monkeypatch, caps
     with pytest.raises(SystemExit) as exit_:
         fp.main(["--params", str(ROOT / "params.yaml"), "--dask-threads", "--eval-workers", "2"])
     assert exit_.value.code == 2 and "drop --eval-workers 2" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:Logger .prefect.task_runs. attempted to send logs")
+def test_prefect_run_logs_drop_a_user_errors_traceback_and_print_text_literally(monkeypatch):
+    """A task that fails with a user error (here a failed gate's DataError) is logged by Prefect's engine with its
+    traceback; after quiet_prefect_logs the message stays and the traceback goes (it comes back with COIN_DEBUG,
+    and stays for a bug), and the console prints ``sst2:train:164`` as written, not as an emoji."""
+    import io
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    import flows.pipeline as fp
+    from coin.data.io import DataError
+
+    stream = io.StringIO()
+    console = PrefectConsoleHandler(stream=stream)
+    root = logging.getLogger()
+    root.addHandler(console)
+    seen: list[logging.LogRecord] = []
+    catcher = logging.Handler()
+    catcher.emit = seen.append
+    runs = logging.getLogger("prefect.task_runs")
+    runs.addHandler(catcher)
+    try:
+        fp.quiet_prefect_logs()
+        fp.quiet_prefect_logs()  # idempotent: one filter each
+        assert sum(type(f).__name__ == "_UserErrorTracebacks" for f in runs.filters) == 1
+
+        def fail(exc: Exception) -> None:
+            try:
+                raise exc
+            except Exception:
+                runs.error("Task run failed with exception: %r", exc, exc_info=True)
+
+        monkeypatch.delenv("COIN_DEBUG", raising=False)
+        fail(DataError("validation gate failed: e.g. pair_id 'sst2:train:164:a7:b4'"))
+        fail(ZeroDivisionError("division by zero"))  # a bug keeps its traceback
+        monkeypatch.setenv("COIN_DEBUG", "1")
+        fail(DataError("again"))
+        assert [r.exc_info is not None for r in seen] == [False, True, True]
+        text = stream.getvalue()
+        assert "pair_id 'sst2:train:164:a7:b4'" in text, text
+        assert text.count("Traceback") == 2, text
+    finally:
+        root.removeHandler(console)
+        runs.removeHandler(catcher)
+        for f in [f for f in runs.filters if type(f).__name__ == "_UserErrorTracebacks"]:
+            runs.removeFilter(f)

@@ -36,6 +36,20 @@ def test_dvc_yaml_agrees_for_any_methods(dvc_stages, settings, methods, include_
     assert dvc_mismatches(dvc_stages, other, ROOT) == []
 
 
+@pytest.mark.parametrize("file", ["my_instructions.json", "/elsewhere/instructions.json"])
+def test_an_instruction_file_of_ones_own_is_a_dep(dvc_stages, settings, file):
+    """The validate and evaluate stages read evaluate.instruction_file: dvc.yaml names it through DVC's templating,
+    so one outside data/ (in the project or anywhere) is a dep too, and editing it reruns them (it was under no
+    dep: dvc repro skipped both and kept stale metrics)."""
+    other = settings.model_copy(update={"evaluate": settings.evaluate.model_copy(update={"instruction_file": file})})
+    assert dvc_mismatches(dvc_stages, other, ROOT) == []
+    plain = copy.deepcopy(dvc_stages)
+    for stage in ("validate", "evaluate"):
+        plain[stage]["deps"] = [d for d in plain[stage]["deps"] if "${" not in str(d)]
+    problems = dvc_mismatches(plain, other, ROOT)
+    assert any(p.startswith("evaluate: input") and "instructions.json" in p for p in problems), problems
+
+
 def _drifted(dvc_stages, stage, key, change):
     doc = copy.deepcopy(dvc_stages)
     doc[stage][key] = change(doc[stage].get(key) or [])

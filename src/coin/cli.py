@@ -37,6 +37,7 @@ from rich.markup import escape
 import coin  # noqa: F401  (sets the local-only environment first)
 from coin.config import ConfigError, Settings, load_settings
 from coin.data.io import DataError
+from coin.interrupt import interrupt_guard, interrupted
 from coin.registry.errors import ModelUnavailable
 from coin.secrets import install_log_redaction, redact_text, seal_overrides, seal_text
 
@@ -211,8 +212,11 @@ class _CoinGroup(typer.core.TyperGroup):
             raise
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]")
-            raise typer.Exit(code=ExitCode.INTERRUPTED) from None
+            raise typer.Exit(code=interrupted() or ExitCode.INTERRUPTED) from None
         except Exception as exc:  # noqa: BLE001 -- classified, reported, turned into an exit code
+            if interrupted():  # what a Ctrl-C left behind (coin.interrupt), not a bug
+                console.print("[bold red]interrupted[/]")
+                raise typer.Exit(code=interrupted()) from None
             raise typer.Exit(code=report(exc, debug=_debug_requested(ctx))) from None
 
 
@@ -454,11 +458,13 @@ def evaluate(
 def pipeline(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, json_: JsonOpt = False) -> None:
     """Run every stage as a Prefect flow (data -> pairs -> validate -> train -> evaluate -> register)."""
     _settings(params, set_)  # fail on bad params before Prefect starts
-    from flows.pipeline import coin_pipeline  # the installed `flows` package (pyproject.toml)
+    from flows.pipeline import coin_pipeline, quiet_prefect_logs  # the installed `flows` package (pyproject.toml)
 
     install_log_redaction(logging.getLogger("prefect"))  # Prefect's console and API log handlers
+    quiet_prefect_logs()  # no traceback for a user error without --debug, text printed literally
     # a secret in an override is recorded redacted as the flow run's parameter, and applied as given
-    result = coin_pipeline(params_path=str(params.resolve()), overrides=seal_overrides(set_))
+    with interrupt_guard():  # Ctrl-C also stops Prefect's temporary server: coin.interrupt
+        result = coin_pipeline(params_path=str(params.resolve()), overrides=seal_overrides(set_))
     _report("pipeline", result, params, set_, json_)
 
 
@@ -495,11 +501,14 @@ def study(
 
         _print_study_plan(study_plan(settings, root))
         return
+    from flows.pipeline import quiet_prefect_logs
     from flows.study import coin_study
 
     install_log_redaction(logging.getLogger("prefect"))  # Prefect's console and API log handlers
-    result = coin_study(params_path=str(params.resolve()), overrides=seal_overrides(overrides), workers=workers,
-                        dask_address=seal_text(dask_address), dask_processes=not dask_threads)
+    quiet_prefect_logs()
+    with interrupt_guard():
+        result = coin_study(params_path=str(params.resolve()), overrides=seal_overrides(overrides), workers=workers,
+                            dask_address=seal_text(dask_address), dask_processes=not dask_threads)
     # the figures as JSON, then the study's table as Markdown, readable on the terminal
     _print({k: v for k, v in result.items() if k != "table"})
     print(result.get("table", ""))

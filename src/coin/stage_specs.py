@@ -18,6 +18,7 @@ A new stage: its function in :mod:`coin.stages` (and ``STAGES``), its spec here,
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,9 +175,21 @@ def _under(path: str, base: str) -> bool:
     return path == base or path.startswith(base.rstrip("/") + "/")
 
 
-def _entries(items: list[Any]) -> list[str]:
-    """``dvc.yaml`` list entries: a path, or a one-key mapping ``{path: {cache: false}}``."""
-    return [next(iter(e)) if isinstance(e, dict) else str(e) for e in items or []]
+def _entries(items: list[Any], settings: Settings | None = None) -> list[str]:
+    """``dvc.yaml`` list entries: a path, or a one-key mapping ``{path: {cache: false}}``; with ``settings``, a
+    ``${section.key}`` in a path is replaced by that setting's value, as DVC's templating does from params.yaml."""
+    paths = [next(iter(e)) if isinstance(e, dict) else str(e) for e in items or []]
+    if settings is None:
+        return paths
+    flat = settings.model_dump(by_alias=True, mode="json")
+
+    def value(match: re.Match) -> str:
+        node: Any = flat
+        for part in match.group(1).split("."):
+            node = node[part]
+        return str(node)
+
+    return [re.sub(r"\$\{([\w.]+)\}", value, p) for p in paths]
 
 
 def dvc_mismatches(dvc_stages: dict[str, Any], settings: Settings, root: Path) -> list[str]:
@@ -208,8 +221,7 @@ def dvc_mismatches(dvc_stages: dict[str, Any], settings: Settings, root: Path) -
         for p in sorted(set(declared) - wanted):
             problems.append(f"{stage}: param {p!r} is in dvc.yaml's params but not in the spec")
 
-        rel = lambda p: str(Path(p).resolve().relative_to(root.resolve()))  # noqa: E731
-        deps = _entries(entry.get("deps"))
+        deps = [rel_to(d, root) for d in _entries(entry.get("deps"), settings)]
         code_deps = {d for d in deps if d.startswith("src/")}
         want_code = {f"src/coin/{c}" for c in (*ALWAYS_CODE, *(c for s in specs for c in s.code))}
         for d in sorted(want_code - code_deps):
@@ -217,15 +229,25 @@ def dvc_mismatches(dvc_stages: dict[str, Any], settings: Settings, root: Path) -
         for d in sorted(code_deps - want_code):
             problems.append(f"{stage}: dep {d!r} is not code the spec runs")
 
-        outputs = {rel(p) for n, s in zip(spec_names, specs, strict=True)
+        outputs = {rel_to(p, root) for n, s in zip(spec_names, specs, strict=True)
                    for i in _items(n, settings) for p in s.outputs(lay, i)}
-        inputs = {rel(p) for n, s in zip(spec_names, specs, strict=True)
+        inputs = {rel_to(p, root) for n, s in zip(spec_names, specs, strict=True)
                   for i in _items(n, settings) for p in s.inputs(lay, i)}
         inputs = {p for p in inputs if not any(_under(p, o) for o in outputs)}  # written by the stage itself
         problems += _coverage(stage, "dep", [d for d in deps if d not in code_deps], "input", inputs)
         outs = [*_entries(entry.get("outs")), *_entries(entry.get("metrics")), *_entries(entry.get("plots"))]
         problems += _coverage(stage, "out", outs, "output", outputs)
     return problems
+
+
+def rel_to(path: str | Path, root: Path) -> str:
+    """``path`` relative to ``root`` (a relative one is taken as under ``root``); absolute when outside it."""
+    p = Path(path)
+    p = (p if p.is_absolute() else root / p).resolve()
+    try:
+        return str(p.relative_to(root.resolve()))
+    except ValueError:
+        return str(p)
 
 
 def _coverage(stage: str, kind: str, declared: list[str], what: str, paths: set[str]) -> list[str]:

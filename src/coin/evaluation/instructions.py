@@ -33,6 +33,9 @@ PERTURBATION_LEVELS: dict[str, str] = {
     "checklist": "sentence",
     "semantic": "semantic",
 }
+# The name of the rows pooled over sets (or tasks) in the metrics and reports (coin.evaluation.metrics.AVG), so no
+# instruction set may be called that.
+POOLED = "avg"
 
 
 def perturbation_level(set_name: str) -> str:
@@ -116,11 +119,9 @@ def _mapping(obj: Any, path: Path, key: str, *, where: str) -> dict[str, Any]:
 
 
 def _load_set(perturbations: dict[str, Any], path: Path, set_name: str, tasks: list[str]) -> dict[str, list[str]]:
-    from coin.evaluation.metrics import AVG
-
-    if set_name == AVG:  # the metrics' and the report's pooled rows are called that
-        raise DataError(f"{path}: instruction set '{AVG}' under 'perturbations': the name is reserved for the figures "
-                        "pooled over sets; rename the set")
+    if set_name == POOLED:
+        raise DataError(f"{path}: instruction set '{POOLED}' under 'perturbations': the name is reserved for the "
+                        "figures pooled over sets; rename the set")
     if set_name not in perturbations:
         have = ", ".join(map(str, perturbations)) or "none"
         raise DataError(

@@ -55,7 +55,7 @@ import pandas as pd
 
 from coin.data.io import read_json
 from coin.data.tasks import get_task
-from coin.evaluation.instructions import perturbation_level
+from coin.evaluation.instructions import POOLED, perturbation_level
 
 PREDICTION_COLUMNS = ("scoring", "task", "set", "instruction_id", "example_id", "label", "pred")
 CELL = ["scoring", "task", "set"]
@@ -64,7 +64,7 @@ STATS = ("acc_mean", "acc_std", "acc_min", "acc_max", "consistency", "worst_acc"
 # set -> task -> per instruction of the set, the index of its clean source instruction (or None); see
 # coin.evaluation.instructions.load_instruction_sources
 Sources = dict[str, dict[str, list[int | None]]]
-AVG = "avg"
+AVG = POOLED
 # metrics.json's top-level block of the sample's majority-class and chance rates (coin.evaluation.reference):
 # not a model; every other top-level key is one
 REFERENCE_KEY = "reference"

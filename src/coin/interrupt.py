@@ -1,0 +1,57 @@
+"""Ctrl-C (SIGINT) or SIGTERM during a Prefect flow ends as ``interrupted``, exit 128 + the signal's number.
+
+Prefect starts its temporary API server as a child in the same process group, so a Ctrl-C in a terminal stops
+the server too. The flow engine then retried the dead API for minutes and ended with a ``ConnectError`` that
+``coin`` reported as a bug, exit 1. Under :func:`interrupt_guard` the first signal raises ``KeyboardInterrupt``
+as usual (the engine marks its runs crashed where it still can), and whatever is raised after it counts as the
+interruption (:func:`interrupted`). If the process has not ended ``COIN_INTERRUPT_GRACE_S`` seconds later
+(default 10) it ends there, and a second signal ends it at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_SIGNAL: list[int] = []  # the signal received, once one was
+
+
+def interrupted() -> int | None:
+    """The exit code of the interruption (130 for SIGINT, 143 for SIGTERM), or None when there was none."""
+    return 128 + _SIGNAL[0] if _SIGNAL else None
+
+
+def _end_after(grace_s: float, code: int) -> None:
+    time.sleep(grace_s)
+    sys.stderr.write(f"interrupted (still shutting down after {grace_s:g} s: stopped)\n")
+    sys.stderr.flush()
+    os._exit(code)
+
+
+@contextmanager
+def interrupt_guard() -> Iterator[None]:
+    """Handle SIGINT and SIGTERM as the module docstring says for the block (main thread only; elsewhere a
+    no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    grace_s = float(os.environ.get("COIN_INTERRUPT_GRACE_S", "10"))
+
+    def handler(signum: int, frame: object) -> None:
+        if _SIGNAL:  # the second one: now
+            os._exit(128 + _SIGNAL[0])
+        _SIGNAL.append(signum)
+        threading.Thread(target=_end_after, args=(grace_s, 128 + signum), daemon=True).start()
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
