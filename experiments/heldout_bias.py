@@ -134,7 +134,10 @@ def main() -> int:
         offsets[(r["model"], r["task"])] = np.array([0.0, *r["offsets"]])
         inside[(r["model"], r["task"])] = np.array([0.0, *r["in_sample_offsets"]])
     pairs = [json.loads(x) for x in args.pairs.read_text().splitlines() if x.strip()]
-    held = {t: heldout_rows(data_dir, t, {p["example_id"] for p in pairs if p["task"] == t}, args.rows) for t in tasks}
+    # held out: neither a pair's own example nor its hard negative (coin contrasts against it, coin_neg trains on it)
+    used = {t: {e for p in pairs if p["task"] == t for e in (p["example_id"], p.get("negative_example_id")) if e}
+            for t in tasks}
+    held = {t: heldout_rows(data_dir, t, used[t], args.rows) for t in tasks}
     for spec in args.adapter:
         label, _, adapter_dir = spec.partition("=")
         if all((label, t) in offsets for t in tasks):

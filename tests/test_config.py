@@ -76,6 +76,8 @@ def test_every_key_in_params_yaml_has_a_comment():
         # YAML turns on/off/yes/no into booleans: the fix is to quote the value
         ({"register": {"model_name": True}}, ["register.model_name = True", "put the value in quotes"]),
         ({"register": {"model_name": 3}}, ["register.model_name = 3", "YAML read it as an int"]),
+        # `--set 'pairs.min_words={sst2:7}'`: YAML reads one key 'sst2:7' with no value
+        ({"pairs": {"min_words": {"sst2:7": None}}}, ["write a space after the colon, {sst2: 7}"]),
         # ... and inside a list, the item is quoted in the list (`--set 'k.1="on"'` is no override)
         ({"evaluate": {"instruction_sets": ["clean", True]}},
          ["evaluate.instruction_sets.1 = True", "YAML read item 1 as a bool",

@@ -149,6 +149,22 @@ def test_rule_paraphrases_keep_placeholders_and_option_words():
         assert r["paraphrase_prompt"].endswith(format_options(r["answer_words"]))
 
 
+def test_templates_without_a_rule_paraphrase_are_said_or_refused(caplog):
+    """With paraphrase_source rules a template that no rule rewords is never an original: named in a warning (it
+    was dropped silently; wnli kept 1 template of 10), and refused where pairs.templates lists it by id."""
+    with caplog.at_level("WARNING", logger="coin"):
+        rows = list(build_task_pairs(DATA, "wnli", _cfg(tasks=["wnli"], rows_per_task=30, paraphrase_source="rules"),
+                                     seed=0))
+    used = {r["template_a"] for r in rows}
+    said = [r.getMessage() for r in caplog.records if "have no paraphrase" in r.getMessage()]
+    assert len(said) == 1 and "of task wnli" in said[0] and "not drawn as originals" in said[0], said
+    unused = [int(t) for t in said[0].split("template(s) [")[1].split("]")[0].split(", ")]
+    assert unused and not used & set(unused)
+    with pytest.raises(DataError, match=r"template\(s\) \[.*\] of task wnli have no paraphrase .* lists them"):
+        list(build_task_pairs(DATA, "wnli", _cfg(tasks=["wnli"], rows_per_task=30, paraphrase_source="rules",
+                                                 templates={"wnli": sorted(used | set(unused))}), seed=0))
+
+
 def test_rules_give_pairs_to_a_task_with_one_template():
     cfg = _cfg(tasks=["sst2", "rte"], templates={"sst2": [4]}, paraphrase_source="rules")
     rows = build_pairs(DATA, cfg, seed=1)
@@ -395,6 +411,10 @@ def test_fewer_examples_than_requested_are_counted_and_warned_about(tmp_path, ca
         "wnli": {"requested": 5000, "drawn": wnli, "short_not_drawn": 0}}
     assert f"wnli: {wnli} examples drawn where pairs.rows_per_task asks for 5000: every train row" in caplog.text
     assert "sst2:" not in caplog.text
+    rows = [json.loads(line) for line in (tmp_path / "outputs" / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    assert stats["templates_per_task"] == {t: sorted({r["template_a"] for r in rows if r["task"] == t})
+                                           for t in ("sst2", "wnli")}
+    assert len(stats["templates_per_task"]["wnli"]) > 1
 
 
 def test_min_words_bad_values_are_refused_with_the_fix():

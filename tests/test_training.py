@@ -1059,3 +1059,29 @@ def test_packing_self_check_tolerates_rounding_and_catches_a_leak(
                         lambda s, m, d: torch.ones(s.size(1), s.size(1), dtype=torch.bool).tril()[None, None])
     assert packing_error(model) > 4 * packing_tolerance(torch.bfloat16)
     assert not packing_supported(model)
+
+
+def test_batches_hold_one_row_per_example_when_examples_repeat():
+    """pairs.strategy: all writes several rows per example; two in one batch would be pushed apart by InfoNCE
+    though they share input and answer. The stream's batches hold each example once, every row still once per
+    epoch, reproducibly; rows with one row per example are batched exactly as a plain shuffle cuts them."""
+    import random
+
+    from coin.training.batching import BatchStream
+
+    rows = [{"pair_id": f"e{e}-{k}", "example_id": f"e{e}", "split": "train"} for e in range(12) for k in range(4)]
+    for epoch in range(3):
+        stream = BatchStream(rows, 6, seed=0)
+        batches = stream._epoch_batches(epoch)
+        assert sorted(i for b in batches for i in b) == list(range(len(rows)))  # each row once
+        for b in batches:
+            ids = [rows[i]["example_id"] for i in b]
+            assert len(set(ids)) == len(ids), ids
+        assert BatchStream(rows, 6, seed=0)._epoch_batches(epoch) == batches
+    # the test can fail: the plain shuffle of these rows does put one example twice into a batch
+    order = list(range(len(rows)))
+    random.Random("train-batches:0:0").shuffle(order)
+    plain = [order[i:i + 6] for i in range(0, len(order), 6)]
+    assert any(len({rows[i]["example_id"] for i in b}) < 6 for b in plain)
+    unique = [{"pair_id": f"p{i}", "example_id": f"x{i}", "split": "train"} for i in range(48)]
+    assert BatchStream(unique, 6, seed=0)._epoch_batches(0) == plain  # nothing to repair: unchanged

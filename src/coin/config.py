@@ -161,7 +161,8 @@ class PairsSettings(_Section):
     )
     cutoff_len: int = Field(256, ge=16, le=8192, description="max tokens of prompt + response")
     val_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="share of drawn examples held out from "
-                                "training (split: val; validated, kept in the pairs file, never trained on)")
+                                "training (split: val; validated, kept in the pairs file, not trained on as rows; "
+                                "one can still be a training row's hard negative)")
 
     @field_validator("tasks")
     @classmethod
@@ -784,7 +785,10 @@ def _explain(exc: ValidationError, raw: Any) -> str:
         if typ == "value_error" and isinstance(value, dict):  # a rule over a mapping: the key, not the dump
             lines.append(f"  - {key}: {msg.removeprefix('Value error, ')}.")
             continue
-        if typ == "literal_error":
+        if value is None and isinstance(loc[-1], str) and ":" in loc[-1]:  # YAML's {sst2:7}: a key 'sst2:7', no value
+            k, _, v = loc[-1].partition(":")
+            fix = f"YAML read '{loc[-1]}' as one key with no value: write a space after the colon, {{{k}: {v}}}"
+        elif typ == "literal_error":
             fix = f"use one of {err.get('ctx', {}).get('expected', '')}"
         elif typ == "finite_number":
             fix = "give a finite number (.inf and .nan are not accepted)"

@@ -131,7 +131,11 @@ def stage_pairs(settings: Settings, root: Path) -> dict[str, Any]:
                 for t in settings.pairs.tasks}
     stats = {"rows": n, "per_task": dict(sorted(per_task.items())), "per_split": dict(sorted(per_split.items())),
              "per_paraphrase_source": dict(sorted(per_source.items())),
-             "short_rows_not_drawn": dict(sorted(short_per_task.items())), "examples_per_task": examples}
+             "short_rows_not_drawn": dict(sorted(short_per_task.items())), "examples_per_task": examples,
+             # the FLAN templates drawn as originals (A) per task: fewer than selected where a template has no
+             # paraphrase from pairs.paraphrase_source (rules: no rule rewording applies), with a warning
+             "templates_per_task": {t: sorted({r["template_a"] for r in rows if r["task"] == t})
+                                    for t in sorted(per_task)}}
     write_json(lay.pairs_file.with_name("stats.json"), stats)
     for t, e in examples.items():
         if e["drawn"] < e["requested"]:

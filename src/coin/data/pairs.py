@@ -13,6 +13,7 @@ Same data + same settings -> byte-identical output (seeded ``random.Random`` per
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from coin.data.io import DataError, read_jsonl
 from coin.data.paraphrase import get_sources, paraphrase_candidates
 from coin.data.tasks import TaskSpec, get_task, train_file
 from coin.data.templates import TaskTemplates, Template, load_templates, render
+
+log = logging.getLogger("coin")
 
 # Columns of a pair row (README.md, "The stages", pairs).
 PAIR_COLUMNS = (
@@ -160,6 +163,14 @@ def build_task_pairs(data_dir: str | Path, task: str, cfg: PairsSettings, seed: 
             f"task {task}: no template has a paraphrase from pairs.paraphrase_source = {cfg.paraphrase_source!r}; "
             f"select more templates or another source"
         )
+    unused = [a.template_id for a in templates if not candidates[a.template_id]]
+    if unused:  # never an original A: said, and refused where the user named the ids
+        why = (f"template(s) {unused} of task {task} have no paraphrase from pairs.paraphrase_source = "
+               f"{cfg.paraphrase_source!r} (no rule rewording applies to them)")
+        if not isinstance(templates_for(task, cfg.templates), str):
+            raise DataError(f"{why}, so they would never be drawn although pairs.templates lists them; drop them "
+                            "from pairs.templates or use paraphrase_source flan or both")
+        log.warning("pairs: %s: they are not drawn as originals (stats.json: templates_per_task)", why)
     pool = load_examples(data_dir, spec)
     if not pool:  # a configured task with no rows is an error, never a silently smaller dataset
         raise DataError(f"{train_file(data_dir, task)}: no rows, so task {task} would silently get no training pairs; "

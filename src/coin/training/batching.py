@@ -14,6 +14,13 @@ padding, see ``bench/bench_train.py``) drawn from a random window, and every pai
 per epoch. The length of a row is the character count of its longest sequence (prompt + target of the
 original, paraphrase or negative): cheap, no tokenizer, and monotone enough in the token count.
 Side effect to know: in-batch negatives are then pairs of similar length.
+
+One example per batch: ``pairs.strategy: all`` writes a row for every (A, B) template pair of an example, so
+a batch could hold two rows of one example, and InfoNCE would push apart two prompts with the same input and
+answer, which the method counts as positives. When the rows repeat an ``example_id``, each epoch's batches are
+repaired by seeded swaps between batches (:func:`spread_examples`) until no batch holds one example twice, where
+another batch can take the row. Rows with one row per example (``strategy: random``, the default) have nothing
+to repair, and their batches are exactly as before.
 """
 
 from __future__ import annotations
@@ -56,6 +63,8 @@ class BatchStream:
             raise ValueError(f"BatchStream: {len(rows)} rows cannot fill one batch of {batch_size}")
         self.rows, self.batch_size, self.seed, self.bucket = rows, batch_size, seed, bucket_by_length
         self._lengths = [row_length(r) for r in rows] if bucket_by_length else None
+        keys = [r.get("example_id", i) for i, r in enumerate(rows)]
+        self._examples = keys if len(set(keys)) < len(keys) else None  # None: one row per example
         self.epoch, self.next_batch = 0, 0
         self._cache: tuple[int, list[list[int]]] | None = None
 
@@ -77,6 +86,8 @@ class BatchStream:
                 chunk = sorted(order[w : min(w + window, usable)], key=lambda i: lengths[i])
                 batches += [chunk[i : i + bs] for i in range(0, len(chunk), bs)]
             rng.shuffle(batches)
+        if self._examples is not None:
+            spread_examples(batches, self._examples, rng)
         self._cache = (epoch, batches)
         return batches
 
@@ -97,6 +108,33 @@ class BatchStream:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.next_batch = int(state["epoch"]), int(state["next_batch"])
+
+
+def spread_examples(batches: list[list[int]], keys: list[Any], rng: random.Random, tries: int = 64) -> int:
+    """Swap rows between ``batches`` (in place, seeded by ``rng``) so that no batch holds two rows with the same
+    ``keys[row]``; a swap never puts a key twice into either batch. Returns the rows left in a batch with their
+    key twice (0 unless some key has more rows than there are batches, or ``tries`` random partners failed)."""
+    left = 0
+    for bi, batch in enumerate(batches):
+        held: set[Any] = set()
+        for pos, row in enumerate(batch):
+            if keys[row] not in held:
+                held.add(keys[row])
+                continue
+            for _ in range(tries):
+                bj = rng.randrange(len(batches))
+                if bj == bi:
+                    continue
+                pj = rng.randrange(len(batches[bj]))
+                other = batches[bj][pj]
+                if keys[other] in held or any(keys[x] == keys[row] for x in batches[bj] if x != other):
+                    continue
+                batch[pos], batches[bj][pj] = other, row
+                held.add(keys[other])
+                break
+            else:
+                left += 1
+    return left
 
 
 def iterate_batches(
