@@ -15,6 +15,10 @@ same model, one after the other, each after a short warm-up:
 - ``reference loop``         the reference's decoding: batch size 1, greedy, 7 new tokens, no KV cache,
                              LM head over every position (docs/protocol.md#scoring, docs/design.md#reference-defects).
 
+The two generate rows decode the backbone loaded as a plain decoder (``attention='causal', readout='last'``), the
+only model the reference's loop can decode, so their agreement compares one model two ways; the loglik rows use
+the backbone as the evaluation loads it (an encoder such as MiniLM: prefix LM, mean readout).
+
 It prints prompts/s, the speed-up over the reference loop, and how the modes agree: loglik vs parsed
 generation (same label), batched vs reference generation (identical text) and each mode's accuracy.
 ``--protocol`` also times ``evaluate_model`` on the whole ``evaluate:`` section of params.yaml (base model).
@@ -85,6 +89,9 @@ def main() -> None:
     instruction_file = ROOT / settings.evaluate.instruction_file
     bb = load_backbone(args.backbone, device="cpu", seed=args.seed)
     model, tok = bb.model.eval(), bb.tokenizer
+    # the generate rows: the backbone as a plain decoder (causal, last-token readout), the only model the
+    # reference's loop can decode; the default loads an encoder such as MiniLM as a prefix LM with the mean readout
+    dec = load_backbone(args.backbone, device="cpu", seed=args.seed, attention="causal", readout="last").model.eval()
     items = _prompts(args, instruction_file)
     by_task: dict[str, list[int]] = {}
     for k, (task, *_rest) in enumerate(items):
@@ -115,21 +122,21 @@ def main() -> None:
         def run(task, prompts, idx):
             f = generate_reference_style if reference else generate_answers
             kw = {} if reference else {"batch_size": args.batch_size}
-            g = f(model, tok, prompts, max_new_tokens=args.max_new_tokens, **kw)
+            g = f(dec, tok, prompts, max_new_tokens=args.max_new_tokens, **kw)
             return g.texts, g.new_tokens
         return lambda: per_task(run)
 
     warm_prompts = [p for *_, p in items[:warm_n]]
     warm_ll = lambda: score_label_words(model, tok, warm_prompts, ["positive", "negative"], batch_size=warm_n)  # noqa: E731
-    warm_gen = lambda: generate_answers(model, tok, warm_prompts, max_new_tokens=2, batch_size=warm_n)  # noqa: E731
-    warm_ref = lambda: generate_reference_style(model, tok, warm_prompts[:1], max_new_tokens=2)  # noqa: E731
+    warm_gen = lambda: generate_answers(dec, tok, warm_prompts, max_new_tokens=2, batch_size=warm_n)  # noqa: E731
+    warm_ref = lambda: generate_reference_style(dec, tok, warm_prompts[:1], max_new_tokens=2)  # noqa: E731
 
     modes = {
         "loglik (kv cache + shared instruction prefix; default)": (loglik(prefix=True), warm_ll),
         "loglik (kv cache, no prefix sharing)": (loglik(), warm_ll),
         "loglik (one sequence per label, no cache)": (loglik(cache=False), warm_ll),
-        f"generate (batched, left padding, KV cache, {args.max_new_tokens} tokens)": (gen(False), warm_gen),
-        f"reference loop (batch 1, no KV cache, {args.max_new_tokens} tokens)": (gen(True), warm_ref),
+        f"generate (batched, left padding, KV cache, {args.max_new_tokens} tokens; causal)": (gen(False), warm_gen),
+        f"reference loop (batch 1, no KV cache, {args.max_new_tokens} tokens; causal)": (gen(True), warm_ref),
     }
     load_before = os.getloadavg()[0]
     results = {}

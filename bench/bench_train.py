@@ -124,9 +124,9 @@ with contextlib.suppress(Exception):  # already registered (re-import) or op abs
     _register_cpu_attention_flops()
 
 
-def matmul_rate(device: torch.device, n: int = 2048, reps: int = 5) -> float:
-    """Best dense matmul FLOP/s of this device over ``reps`` (fp32 on CPU, bf16 on CUDA)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def matmul_rate(device: torch.device, n: int = 2048, reps: int = 5, dtype: torch.dtype | None = None) -> float:
+    """Best dense matmul FLOP/s of this device over ``reps`` in ``dtype`` (default fp32 on CPU, bf16 on CUDA)."""
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = 0.0
@@ -313,10 +313,20 @@ def load_rows(settings: Settings) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("split") == "train"]
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` as given; for ``tinyllama-config`` LoRA targets ``auto`` unless set (params.yaml names MiniLM's
+    modules, which a Llama does not have)."""
+    given = list(args.overrides)
+    if args.backbone == "tinyllama-config" and not any(o.split("=", 1)[0].strip() == "train.lora.target_modules"
+                                                       for o in given):
+        given.append("train.lora.target_modules=auto")
+    return given
+
+
 def run(args: argparse.Namespace, argv: list[str]) -> str:
     from coin.config import load_settings
 
-    settings = load_settings(args.params, args.overrides)
+    settings = load_settings(args.params, _overrides(args))
     rows = load_rows(settings)
     device = pick_device("auto")
     print(f"[bench] {len(rows)} train pair rows; building {len(args.variants)} variants on {device}", file=sys.stderr)
@@ -331,7 +341,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> str:
         collate(c)
     collate_ms = 1000 * (time.perf_counter() - t) / len(chunks)
 
-    rate_before = matmul_rate(device)
+    # the peak in each dtype the variants' matmuls run in (a bf16-autocast step against an fp32 peak read >100%)
+    dtypes = {"bf16" if _bf16_step(v, device) else "fp32" for v in variants}
+    rate_before = {d: matmul_rate(device, dtype=_DTYPES[d]) for d in sorted(dtypes)}
     # warm-up = one untimed pass over every distinct batch, counting its FLOPs
     flops = {v.name: [count_flops(v, i, device) for i in range(args.n_batches)] for v in variants}
     times: dict[str, list[float]] = {v.name: [] for v in variants}
@@ -343,7 +355,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> str:
             _sync(device)
             times[v.name].append(time.perf_counter() - t)
         print(f"[bench] rep {rep + 1}/{args.reps} done", file=sys.stderr)
-    peak_rate = max(rate_before, matmul_rate(device))
+    peak_rate = {d: max(r, matmul_rate(device, dtype=_DTYPES[d])) for d, r in rate_before.items()}
 
     memory = {}
     for v in variants:
@@ -354,9 +366,19 @@ def run(args: argparse.Namespace, argv: list[str]) -> str:
     return report(args, settings, variants, times, flops, peak_rate, memory, collate_ms, device, len(rows))
 
 
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _bf16_step(v: Variant, device: torch.device) -> bool:
+    """Whether the variant's matmuls run in bf16: on CUDA (bf16 weights), or under bf16 autocast."""
+    from coin.modeling.backbone import uses_bf16
+
+    return device.type == "cuda" or uses_bf16(device, v.cfg.autocast)
+
+
 def report(args: argparse.Namespace, settings: Settings, variants: list[Variant], times: dict[str, list[float]],
-           flops: dict[str, list[int]], peak_rate: float, memory: dict[str, dict[str, float]], collate_ms: float,
-           device: torch.device, n_rows: int) -> str:
+           flops: dict[str, list[int]], peak_rate: dict[str, float], memory: dict[str, dict[str, float]],
+           collate_ms: float, device: torch.device, n_rows: int) -> str:
     rows_md = []
     stats: dict[str, dict[str, float]] = {}
     for v in variants:
@@ -373,7 +395,8 @@ def report(args: argparse.Namespace, settings: Settings, variants: list[Variant]
         rows_md.append(
             f"| `{v.name}` | {v.batches[0].n_sequences} | {tokens:.0f} | {slots:.0f} | {s['ms']:.0f} | "
             f"{s['pairs_s']:.2f} | {s['tokens_s']:.0f} | {s['gflop']:.1f} | {s['flop_s'] / 1e9:.1f} | "
-            f"{100 * s['flop_s'] / peak_rate:.1f}% | {memory[v.name]['step_mb']:.0f} | "
+            f"{100 * s['flop_s'] / peak_rate['bf16' if _bf16_step(v, device) else 'fp32']:.1f}% "
+            f"({'bf16' if _bf16_step(v, device) else 'fp32'}) | {memory[v.name]['step_mb']:.0f} | "
             f"{memory[v.name]['peak_mb']:.0f} |"
         )
 
@@ -394,6 +417,8 @@ def report(args: argparse.Namespace, settings: Settings, variants: list[Variant]
         return src.get(name, {}).get(key, math.nan)
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
+    coin_peak = next((peak_rate["bf16" if _bf16_step(v, device) else "fp32"] for v in variants if v.name == "coin"),
+                     math.nan)
     lines = [
         f"Backbone `{args.backbone}`, batch {args.batch_size} pairs, cutoff {settings.pairs.cutoff_len}, LoRA "
         f"r={settings.train.lora.r}, device {device} ({platform.processor() or platform.machine()}, torch threads "
@@ -406,8 +431,10 @@ def report(args: argparse.Namespace, settings: Settings, variants: list[Variant]
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows_md,
         "",
-        f"Measured dense matmul peak: {peak_rate / 1e9:.1f} GFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32'} "
-        f"2048x2048, best of 12). Collation: {collate_ms:.1f} ms per batch (not in the step times). Token slots = "
+        "Measured dense matmul peak, 2048x2048, best of 12: "
+        + ", ".join(f"{r / 1e9:.1f} GFLOP/s in {d}" for d, r in sorted(peak_rate.items()))
+        + "; each variant is compared with the peak of the dtype its matmuls run in (bf16 under autocast)."
+        f" Collation: {collate_ms:.1f} ms per batch (not in the step times). Token slots = "
         f"positions through the model incl. padding. Ratios: median over the timed steps of the per-batch ratio "
         f"(range in brackets).",
         "",
@@ -426,8 +453,8 @@ def report(args: argparse.Namespace, settings: Settings, variants: list[Variant]
         f"| (b') `coin` (adds B hard-negative sequences) vs `cit` | {overhead('coin', 'cit')} "
         f"| (not the same sequences) |",
         f"| `coin` vs `sft` (three times the sequences) | {overhead('coin', 'sft')} | |",
-        f"| (c) `coin` achieved FLOP/s / measured matmul peak | "
-        f"{100 * get('coin', 'flop_s', stats) / peak_rate:.1f}% | |",
+        f"| (c) `coin` achieved FLOP/s / measured matmul peak of its dtype | "
+        f"{100 * get('coin', 'flop_s', stats) / coin_peak:.1f}% | |",
         f"| (d) step memory `coin` / `coin_padded` / `reference` | {get('coin', 'step_mb', memory):.0f} / "
         f"{get('coin_padded', 'step_mb', memory):.0f} / {get('reference', 'step_mb', memory):.0f} MB | |",
         f"| length bucketing: tokens/s `coin_bucketed` / `coin` (other batches) | "
@@ -470,7 +497,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.probe_memory:
         from coin.config import load_settings
 
-        settings = load_settings(args.params, args.overrides)
+        settings = load_settings(args.params, _overrides(args))
         print(json.dumps(probe_memory(args.probe_memory, args, settings, load_rows(settings))))
         return
     run_argv = [a for a in argv if a]  # forwarded to the memory probes

@@ -730,3 +730,17 @@ def test_length_batches_cover_every_index_once_never_span_blocks_and_reject_bad_
     with pytest.raises(ValueError, match="a group spans two blocks"):
         ScoringRequest(model=eval_llama.model, tokenizer=eval_llama.tokenizer, prompts=["x", "y"], label_words=["a"],
                        groups=[0, 0], blocks=["clean", "checklist"])
+
+
+def test_the_reference_loop_refuses_a_model_it_would_decode_differently(tiny_bert_encoder_dir):
+    """The reference's loop is a plain decoder's: on a prefix-LM / mean-readout model it decoded another model than
+    generate_answers does (bench_eval's agreement read 0%), so it is refused, naming the attention and readout."""
+    from coin.modeling.backbone import load_backbone
+
+    bb = load_backbone(str(tiny_bert_encoder_dir), seed=0)  # auto: prefix + mean for an encoder
+    with pytest.raises(ValueError, match="attention = 'prefix', readout = 'mean'"):
+        generate_reference_style(bb.model, bb.tokenizer, PROMPTS[:1], max_new_tokens=2)
+    plain = load_backbone(str(tiny_bert_encoder_dir), seed=0, attention="causal", readout="last")
+    ref = generate_reference_style(plain.model, plain.tokenizer, PROMPTS[:2], max_new_tokens=3)
+    batched = generate_answers(plain.model, plain.tokenizer, PROMPTS[:2], max_new_tokens=3, batch_size=2)
+    assert ref.texts == batched.texts

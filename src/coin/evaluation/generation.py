@@ -296,7 +296,14 @@ def generate_reference_style(
     desc: str = "generate (reference loop)",
 ) -> GenerateOutput:
     """The reference's decoding loop: one prompt at a time, greedy, **no KV cache** (each new token
-    re-runs the whole sequence and the LM head over every position), stopping at EOS."""
+    re-runs the whole sequence and the LM head over every position), stopping at EOS. A plain decoder's loop:
+    a model loaded as a prefix LM or with the mean readout is refused (compare against it loaded
+    ``attention='causal', readout='last'``), since this loop would decode another model than
+    :func:`generate_answers` does."""
+    if (attention_mode(model), readout_mode(model)) != ("causal", "last"):
+        raise ValueError(f"the reference loop decodes a plain causal LM; this model reads with attention = "
+                         f"{attention_mode(model)!r}, readout = {readout_mode(model)!r}: load it with "
+                         "attention='causal', readout='last' to compare")
     device = next(model.parameters()).device
     ids = _prompt_ids(tokenizer, prompts, fmt, _budget(model, max_new_tokens))
     eos = tokenizer.eos_token_id
