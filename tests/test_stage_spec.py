@@ -114,3 +114,11 @@ def test_study_prep_reads_what_the_pairs_and_validate_stages_read(settings):
                          "stages.py")
     recorded = ("seed", "pairs", "validate", "model.backbone", "evaluate.instruction_file", "evaluate.tasks")
     assert select_params(settings, PREP_PARAMS, PREP_PARAMS_EXCLUDE) == select_params(settings, recorded)
+
+
+def test_no_dvc_stage_records_a_key_that_can_hold_a_password(dvc_stages):
+    """dvc.lock records each param's value as written: tracking.uri (http://user:secret@host) must not be one,
+    whole or through its section (README, "Secrets")."""
+    for name, stage in dvc_stages.items():
+        params = [str(p) for p in stage.get("params") or []]
+        assert not {"tracking", "tracking.uri", "study", "study.dask_address"} & set(params), (name, params)

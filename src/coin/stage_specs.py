@@ -136,7 +136,10 @@ STAGE_SPECS: dict[str, StageSpec] = {
         code=("evaluation", "modeling", "data", "predict.py"),  # predict.py: the prompt builder the scorer uses
     ),
     "evaluate_report": StageSpec(
-        params=("paths", "evaluate", "train.methods", "tracking"),
+        # tracking.experiment, not tracking.uri: dvc.lock records param values as written, and a URI can hold a
+        # password. A switch of store shows in the training run (the flow retrains when its run is gone) or stops
+        # the report naming the missing run (coin.registry.tracking.resume_run)
+        params=("paths", "evaluate", "train.methods", "tracking.experiment"),
         inputs=lambda lay, _: [lay.eval_unit_dir(lbl) for lbl in eval_labels(lay.settings)] + [lay.train_record],
         # predictions.jsonl: the registry's paired evidence; accuracy.png: dvc.yaml's plot
         # metrics/summary.json: the headline figures, DVC's metrics file (git-tracked)
@@ -144,7 +147,7 @@ STAGE_SPECS: dict[str, StageSpec] = {
         code=("evaluation", "data"),  # data: the tasks' labels (the majority and chance references)
     ),
     "register": StageSpec(  # not cached by the flow: it reads the tracking store's champion each time
-        params=("paths", "register", "tracking"),
+        params=("paths", "register", "tracking.experiment"),  # not tracking.uri: see evaluate_report
         inputs=lambda lay, _: [lay.train_record, *(lay.adapter_dir(m) for m in lay.settings.register_.methods),
                                lay.eval_dir / "metrics.json", lay.eval_dir / "predictions.jsonl",
                                lay.eval_dir / "cards"],
