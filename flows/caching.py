@@ -14,9 +14,12 @@ A stage task's cache key (:class:`StageCachePolicy`) is a hash of
 plus Prefect's ``TASK_SOURCE`` (the task wrapper itself). ``dvc.yaml`` declares the same stages from the
 same specs (checked by ``tests/test_stage_spec.py``), without the per-method / per-model split the flow adds.
 
-A cache hit is only valid while the stage's outputs are still on disk: :func:`outputs_present` is
-checked before each task is submitted and a task whose outputs are gone runs with
-``refresh_cache=True`` (recompute, then overwrite the cache record). Results are persisted under
+A cache hit is only valid while the stage's outputs are still on disk *and are the ones that run wrote*: every
+stage task records the content hash of its outputs under its key when it finishes (:func:`record_outputs`), and
+before each task is submitted :func:`missing_outputs` checks both. A task whose outputs are gone, or were since
+rewritten (another run with other params wrote the same paths, ``coin <stage>`` from the CLI, a damaged file), runs
+with ``refresh_cache=True`` (recompute, then overwrite the cache record); so does one with no record of its
+outputs (a cache written before the records were kept). Results are persisted under
 ``<project>/.prefect/results`` (:func:`result_storage`), one store per project checkout.
 """
 
@@ -60,8 +63,39 @@ def _present(path: Path) -> bool:
     return path.is_file() or (path.is_dir() and any(p.is_file() for p in path.rglob("*")))
 
 
+def _record_file(root: Path, stage: str, item: str | None) -> Path:
+    return result_storage(root).parent / "outputs" / (f"{stage}-{item}.json" if item else f"{stage}.json")
+
+
+def _outputs_hash(stage: str, settings: Settings, root: Path, item: str | None) -> str:
+    return fingerprint(STAGE_SPECS[stage].outputs(Layout(root, settings), item), base=root)
+
+
+KEEP_RECORDS = 16  # output records kept per stage task: the latest keys (param settings) run
+
+
+def record_outputs(stage: str, settings: Settings, root: Path, item: str | None = None) -> None:
+    """Record, under the stage task's cache key, the content hash of the outputs it just wrote."""
+    from coin.data.io import read_json, write_json
+
+    path = _record_file(root, stage, item)
+    try:
+        records = read_json(path) if path.is_file() else {}
+    except Exception:  # noqa: BLE001 -- a damaged record only costs a recompute
+        records = {}
+    key = cache_key(stage, settings, root, item)
+    records.pop(key, None)
+    records[key] = _outputs_hash(stage, settings, root, item)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, dict(list(records.items())[-KEEP_RECORDS:]))
+
+
 def missing_outputs(stage: str, settings: Settings, root: Path, item: str | None = None) -> list[str]:
-    """Why a cached result of ``stage`` could not be trusted now (empty list: outputs all there)."""
+    """Why a cached result of ``stage`` could not be trusted now (empty list: a hit may be used): an output is
+    missing, the outputs are not the ones the run under this key wrote (or there is no record of them), or the
+    spec's own check fails (e.g. the training run gone from the tracking store)."""
+    from coin.data.io import read_json
+
     spec = STAGE_SPECS[stage]
     lay = Layout(root, settings)
     problems = [f"{p} is missing" for p in spec.outputs(lay, item) if not _present(p)]
@@ -69,6 +103,16 @@ def missing_outputs(stage: str, settings: Settings, root: Path, item: str | None
         extra = spec.extra_check(settings, root, item)
         if extra:
             problems.append(extra)
+    if not problems:
+        path = _record_file(root, stage, item)
+        try:
+            recorded = (read_json(path) if path.is_file() else {}).get(cache_key(stage, settings, root, item))
+        except Exception:  # noqa: BLE001 -- a damaged record: recompute
+            recorded = None
+        if recorded is None:
+            problems.append("no record of the outputs a run with these settings wrote")
+        elif recorded != _outputs_hash(stage, settings, root, item):
+            problems.append("its outputs were rewritten since (another run, the CLI, or an edit)")
     return problems
 
 

@@ -48,7 +48,7 @@ from coin import stages
 from coin.config import Settings, check_robustness_sets, load_settings
 from coin.cpus import THREAD_VARS, cpu_budget, threads_per_worker, use_torch_threads
 from coin.secrets import reveal, seal_overrides, seal_text
-from flows.caching import missing_outputs, result_storage, stage_cache_policy
+from flows.caching import missing_outputs, record_outputs, result_storage, stage_cache_policy
 from flows.data_sync import version_data
 
 log = logging.getLogger("coin.flows")
@@ -110,7 +110,9 @@ def data_task(params_path: str, overrides: Overrides, push: bool = True) -> dict
 def pairs_task(params_path: str, overrides: Overrides, parent_run_id: str | None = None) -> dict[str, Any]:
     settings, root = _load(params_path, overrides)
     _nest_under(parent_run_id)
-    return stages.stage_pairs(settings, root)
+    out = stages.stage_pairs(settings, root)
+    record_outputs("pairs", settings, root)  # what a later cache hit must still find (flows.caching)
+    return out
 
 
 @task(name="validate", persist_result=True, cache_policy=stage_cache_policy("validate"))
@@ -120,7 +122,9 @@ def validate_task(params_path: str, overrides: Overrides, parent_run_id: str | N
     settings, root = _load(params_path, overrides)
     _nest_under(parent_run_id)
     try:
-        return stages.stage_validate(settings, root)
+        out = stages.stage_validate(settings, root)
+        record_outputs("validate", settings, root)
+        return out
     except GateFailed as exc:  # publish why before the flow stops
         create_markdown_artifact(exc.report.to_markdown(), key="validation-summary",
                                  description="paraphrase-validation gate (FAILED)")
@@ -132,7 +136,9 @@ def train_task(params_path: str, overrides: Overrides, item: str, parent_run_id:
     """Train one method (``item``); returns its record (run id, steps, adapter dir, final metrics)."""
     settings, root = _load(params_path, overrides)
     _nest_under(parent_run_id)
-    return stages.stage_train(settings, root, method=item)["runs"][item]
+    out = stages.stage_train(settings, root, method=item)["runs"][item]
+    record_outputs("train", settings, root, item)
+    return out
 
 
 @task(name="train-index", cache_policy=NO_CACHE)
@@ -150,14 +156,18 @@ def evaluate_unit_task(params_path: str, overrides: Overrides, item: str, parent
     _nest_under(parent_run_id)
     if torch_threads:
         use_torch_threads(torch_threads)
-    return {**stages.stage_evaluate_unit(settings, root, item), "executor": _executor()}
+    out = {**stages.stage_evaluate_unit(settings, root, item), "executor": _executor()}
+    record_outputs("evaluate_unit", settings, root, item)
+    return out
 
 
 @task(name="evaluate-report", persist_result=True, cache_policy=stage_cache_policy("evaluate_report"))
 def evaluate_report_task(params_path: str, overrides: Overrides, parent_run_id: str | None = None) -> dict[str, Any]:
     settings, root = _load(params_path, overrides)
     _nest_under(parent_run_id)
-    return stages.stage_evaluate_report(settings, root)
+    out = stages.stage_evaluate_report(settings, root)
+    record_outputs("evaluate_report", settings, root)
+    return out
 
 
 @task(name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=NO_CACHE)

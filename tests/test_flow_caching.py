@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from coin.config import Settings
-from flows.caching import STAGE_SPECS, cache_key, fingerprint, missing_outputs, select_params
+from flows.caching import STAGE_SPECS, cache_key, fingerprint, missing_outputs, record_outputs, select_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,11 +88,31 @@ def test_missing_outputs_invalidate_a_cache_hit(project):
                                                     f"{pairs_dir / 'short_rows.jsonl'} is missing"]
     (pairs_dir / "stats.json").write_text("{}")
     (pairs_dir / "short_rows.jsonl").write_text("")
+    assert missing_outputs("pairs", s, project) == ["no record of the outputs a run with these settings wrote"]
+    record_outputs("pairs", s, project)  # what the task does when it has written them
     assert missing_outputs("pairs", s, project) == []
     problems = missing_outputs("train", s, project, "cit")
     assert len(problems) == 3 and all("outputs/train/cit" in p for p in problems)
     (project / "outputs" / "evaluate" / "models" / "base").mkdir(parents=True)  # empty dir is not an output
     assert missing_outputs("evaluate_unit", s, project, "base")
+
+
+def test_a_hit_needs_the_outputs_its_run_wrote(project):
+    """Outputs on disk from another run (settings A, then B, then A again: every run writes the same paths), from
+    the CLI, or damaged are no cache hit: the task recomputes (it served B's files for A's run)."""
+    pairs_dir = project / "outputs" / "pairs"
+    (pairs_dir / "stats.json").write_text('{"rows": 8}')
+    (pairs_dir / "short_rows.jsonl").write_text("")
+    a, b = _settings(pairs={"rows_per_task": 8}), _settings(pairs={"rows_per_task": 10})
+    record_outputs("pairs", a, project)
+    assert missing_outputs("pairs", a, project) == []
+    (pairs_dir / "stats.json").write_text('{"rows": 10}')  # run B rewrote them
+    record_outputs("pairs", b, project)
+    assert missing_outputs("pairs", b, project) == []
+    assert missing_outputs("pairs", a, project) == ["its outputs were rewritten since (another run, the CLI, or an "
+                                                    "edit)"]
+    (pairs_dir / "stats.json").write_text('{"rows": 1')  # damaged by hand
+    assert missing_outputs("pairs", b, project) != []
 
 
 def test_train_cache_needs_its_mlflow_run(project, tmp_path):

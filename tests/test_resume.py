@@ -221,3 +221,25 @@ def test_resuming_a_finished_run_keeps_its_final_metrics(tiny_llama_dir: Path, t
     same = json.dumps(first["final"], sort_keys=True)  # sft's l_cl is NaN: compared as text
     assert json.dumps(again["final"], sort_keys=True) == same
     assert json.dumps(read_json(tmp_path / "outputs" / "train" / "sft" / "train.json")["final"], sort_keys=True) == same
+
+
+def test_a_worker_rank_never_writes_the_train_index(tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """Under torchrun every rank runs stage_train; a worker's record has no run id or adapter, and a worker that
+    finished last overwrote rank 0's outputs/train/train.json with it (coin evaluate then failed). Rank 0 alone
+    writes it."""
+    from coin.config import Settings
+    from coin.data.io import read_json, write_json, write_jsonl
+    from coin.stages import stage_train
+
+    s = Settings.model_validate({
+        "model": {"backbone": str(tiny_llama_dir), "device": "cpu"},
+        "train": {"methods": ["sft"], "max_steps": 1, "batch_size": 2, "checkpoint_every": 0, "autocast": "off",
+                  "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+        "register": {"methods": ["sft"]}, "study": {"methods": ["base", "sft"]}})
+    write_jsonl(tmp_path / "outputs" / "validated" / "valid.jsonl", make_rows(4))
+    index = tmp_path / "outputs" / "train" / "train.json"
+    write_json(index, {"methods": ["sft"], "runs": {"sft": {"run_id": "rank0", "adapter_dir": "x"}}})
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("COIN_MEMORY_CHECK", "0")
+    out = stage_train(s, tmp_path)
+    assert out["rank"] == "worker" and read_json(index)["runs"]["sft"]["run_id"] == "rank0"

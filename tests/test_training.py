@@ -686,6 +686,23 @@ def test_a_target_that_names_a_block_is_refused_naming_the_key_and_the_linear_mo
     assert "'q_proj'" in msg and "LlamaMLP(" not in msg and len(msg) < 1000, msg
 
 
+def test_a_listed_module_that_matches_nothing_is_refused_not_dropped(tiny_llama_dir: Path) -> None:
+    """peft wraps what a list matches and skips the rest: ``[q_proj, v_prj]`` trained q_proj only and
+    ``modules_to_save: [lm_headd]`` trained no head, both logged as done. Each is refused, naming the key and the
+    name that matches nothing."""
+    from coin.modeling.lora import LoraTargetError
+
+    llama = load_backbone(str(tiny_llama_dir), device="cpu")
+    with pytest.raises(LoraTargetError, match=r"target_modules = \['q_proj', 'v_prj'\]: \['v_prj'\] match no"):
+        apply_lora(llama, LoraSettings(target_modules=["q_proj", "v_prj"]))
+    llama = load_backbone(str(tiny_llama_dir), device="cpu")
+    with pytest.raises(LoraTargetError, match=r"modules_to_save = \['lm_headd'\]: \['lm_headd'\] match no module"):
+        apply_lora(llama, LoraSettings(target_modules=["q_proj"], modules_to_save=["lm_headd"]))
+    llama = load_backbone(str(tiny_llama_dir), device="cpu")  # the right names train
+    model = apply_lora(llama, LoraSettings(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+    assert any("lm_head" in n and p.requires_grad for n, p in model.named_parameters())
+
+
 def test_a_tokenizer_without_pad_eos_or_sep_gets_a_pad_token(tmp_path: Path) -> None:
     """Padding is masked everywhere, so a tokenizer that declares only an UNK token pads with it (and one that
     declares nothing with id 0), and the collator takes it, as the evaluation does."""

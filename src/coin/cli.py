@@ -276,7 +276,10 @@ def _print_summary(name: str, result: dict, params: Path, overrides: list[str] |
 
 
 def _report(name: str, result: dict, params: Path, overrides: list[str] | None, json_: bool) -> None:
-    """A stage's result as JSON (``--json``) or as its few summary lines."""
+    """A stage's result as JSON (``--json``) or as its few summary lines; nothing from a torchrun worker rank
+    (rank 0 prints the run's)."""
+    if result.get("rank") == "worker":
+        return
     if json_:
         _print(result)
     else:

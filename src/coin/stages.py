@@ -236,6 +236,10 @@ def stage_train(settings: Settings, root: Path, method: str | None = None) -> di
     if not any(r.get("split") == "train" for r in rows):
         raise DataError(f"{lay.valid_file}: no rows with split 'train' to train on; check pairs.val_fraction")
     records = {m: _train_one(settings, root, rows, m) for m in methods}
+    from coin.training.distributed import is_main_process
+
+    if not is_main_process():  # under torchrun rank 0 alone writes the index (a worker's record has no run)
+        return {"methods": methods, "runs": records, "rank": "worker"}
     return write_train_index(settings, root, records)
 
 

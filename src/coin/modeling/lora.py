@@ -174,6 +174,21 @@ def inject_lora(model: nn.Module, peft_cfg: LoraConfig, cfg: LoraSettings) -> Pe
     wanted = cfg.target_modules if isinstance(cfg.target_modules, list) else (
         resolved if isinstance(resolved, str) else sorted(resolved or []))
     how = " (auto)" if cfg.target_modules == "auto" else ""
+    # peft wraps what a list matches and skips the rest: a name that matches nothing would be silently dropped
+    modules = [n for n, _ in model.named_modules()]
+
+    def unmatched(names: list[str]) -> list[str]:
+        return [t for t in names if not any(k == t or k.endswith("." + t) for k in modules)]
+
+    if isinstance(cfg.target_modules, list) and (bad := unmatched(list(cfg.target_modules))):
+        raise LoraTargetError(
+            f"train.lora.target_modules = {wanted!r}: {bad} match no module of {type(model).__name__}; its linear "
+            f"modules are {linear_module_names(model) or 'none'}. Fix or drop them (or use 'all-linear' or 'auto')")
+    if isinstance(cfg.modules_to_save, list) and (bad := unmatched(list(cfg.modules_to_save))):
+        raise LoraTargetError(
+            f"train.lora.modules_to_save = {list(cfg.modules_to_save)!r}: {bad} match no module of "
+            f"{type(model).__name__}, so they would not be trained (peft skips them). Fix or drop them, or use "
+            "'auto' (the modules the checkpoint lacks)")
     try:
         with _peft_deprecations_quiet():
             return get_peft_model(model, peft_cfg)

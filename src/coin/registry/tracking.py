@@ -115,7 +115,8 @@ def resume_run(run_id: str) -> Iterator[Any]:
             f"MLflow run {run_id} (the training run this step logs into) is not in the tracking store "
             f"{redact_text(mlflow.get_tracking_uri())}: it was trained while tracking.uri named another store, or "
             "the run was deleted. Train again under this store: `coin train`, then `coin evaluate` and `coin register` "
-            "(with DVC: `dvc repro -f -s train evaluate register`); the coin-pipeline flow retrains by itself") from None
+            "(with DVC: `dvc repro -f -s train evaluate register`); the coin-pipeline flow retrains by itself"
+        ) from None
     with mlflow.start_run(run_id=run_id, nested=active is not None) as run:
         yield run
 
