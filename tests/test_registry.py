@@ -671,3 +671,28 @@ def test_pipeline_parent_with_nested_method_runs(tmp_path):
     with pytest.raises(ModelUnavailable, match=r"run .* is not in the tracking store .*Train again"):
         with resume_run(ids["coin"]):
             pass
+
+
+def test_register_refuses_figures_of_another_adapter_or_without_eval_info(tmp_path):
+    """coin train, then coin register without coin evaluate: the figures in outputs/evaluate belong to the adapter
+    trained before, and registering the new one with them tagged it with another model's accuracy. The evaluation
+    records each adapter's hash in eval_info.json; register refuses a mismatch, and a missing eval_info.json."""
+    from coin.data.io import DataError, write_json
+    from coin.modeling.adapter import adapter_sha256
+    from coin.stages import stage_register
+
+    s = Settings.model_validate({"paths": {"mlruns_dir": str(tmp_path / "mlruns")}, "tracking": {"experiment": "t"}})
+    adapter = tmp_path / "outputs" / "train" / "coin" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text('{"r": 4}')
+    write_json(tmp_path / "outputs" / "train" / "train.json",
+               {"methods": ["coin"],
+                "runs": {"coin": {"run_id": "0" * 32, "adapter_dir": "outputs/train/coin/adapter"}}})
+    write_json(tmp_path / "outputs" / "evaluate" / "metrics.json", {})
+    with pytest.raises(DataError, match="eval_info.json: file not found"):
+        stage_register(s, tmp_path)
+    write_json(tmp_path / "outputs" / "evaluate" / "eval_info.json",
+               {"coin": {"settings": {"adapter_sha256": adapter_sha256(adapter)}}})
+    (adapter / "adapter_config.json").write_text('{"r": 8}')  # trained again since the evaluation
+    with pytest.raises(DataError, match="figures of 'coin' belong to another adapter"):
+        stage_register(s, tmp_path)

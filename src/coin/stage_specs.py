@@ -91,8 +91,9 @@ def _mlflow_run_gone(settings: Settings, root: Path, method: str | None) -> str 
     return None
 
 
-EVAL_REPORT_FILES = ("metrics.json", "predictions.jsonl", "report.md", "report.html", "table.md", "accuracy.png",
-                     "cards")  # cards/<model>/card.json + card.html: the robustness card the registry keeps
+EVAL_REPORT_FILES = ("metrics.json", "eval_info.json", "predictions.jsonl", "report.md", "report.html", "table.md",
+                     "accuracy.png", "cards")  # cards/<model>/card.json + card.html: the robustness card the registry
+# keeps; eval_info.json: each model's protocol (the gate compares it) and the adapter it evaluated
 
 
 def _instruction_file(lay: Layout) -> Path:
@@ -149,8 +150,8 @@ STAGE_SPECS: dict[str, StageSpec] = {
     "register": StageSpec(  # not cached by the flow: it reads the tracking store's champion each time
         params=("paths", "register", "tracking.experiment"),  # not tracking.uri: see evaluate_report
         inputs=lambda lay, _: [lay.train_record, *(lay.adapter_dir(m) for m in lay.settings.register_.methods),
-                               lay.eval_dir / "metrics.json", lay.eval_dir / "predictions.jsonl",
-                               lay.eval_dir / "cards"],
+                               lay.eval_dir / "metrics.json", lay.eval_dir / "eval_info.json",
+                               lay.eval_dir / "predictions.jsonl", lay.eval_dir / "cards"],
         outputs=lambda lay, _: [lay.register_record],
         code=("registry", "evaluation", "modeling", "data"),  # the gate's figures, intervals and cards; the model
     ),

@@ -428,6 +428,10 @@ def stage_evaluate_unit(settings: Settings, root: Path, label: str) -> dict[str,
     # paths as configured, resolved against the project root: records and reports carry no checkout path
     result = evaluate_model(model, tokenizer, settings.evaluate, data_dir=settings.paths.data_dir,
                             seed=settings.seed, model_label=label, root=root, label_counts=counts)
+    if label != "base":  # which adapter these figures belong to: register refuses to pair them with another
+        from coin.modeling.adapter import adapter_sha256
+
+        result.settings["adapter_sha256"] = adapter_sha256(root / runs[label]["adapter_dir"])
     save_result(result, lay.eval_unit_dir(label))
     if label == "base":
         _cache_base(settings, root, result)
@@ -550,10 +554,19 @@ def stage_register(settings: Settings, root: Path) -> dict[str, Any]:
     cfg = settings.register_
     setup_tracking(settings, root)
     regs = []
+    info_file = lay.eval_dir / "eval_info.json"
+    infos = read_json(info_file, missing_hint="The evaluation writes it beside metrics.json: run `coin evaluate`.")
+    from coin.modeling.adapter import adapter_sha256
+
     for method in cfg.methods:
         if method not in runs:
             raise DataError(f"{lay.train_record}: no training run for {method!r}; run `coin train` first")
         rec = runs[method]
+        evaluated = (infos.get(method) or {}).get("settings", {}).get("adapter_sha256")
+        if evaluated is not None and evaluated != adapter_sha256(root / rec["adapter_dir"]):
+            raise DataError(f"{lay.eval_dir}: the figures of {method!r} belong to another adapter than "
+                            f"{rec['adapter_dir']} (trained again since it was evaluated); run `coin evaluate`, then "
+                            "`coin register`")
         reg = register_candidate(root / rec["adapter_dir"], rec["run_id"], cfg.model_name,
                                  candidate_figures(metrics_file, method),
                                  min_improvement=cfg.min_improvement, max_clean_drop=cfg.max_clean_drop,
