@@ -289,7 +289,7 @@ def eval_task_runner(workers: int = 2, address: str | None = None, processes: bo
 
 MALLOC_VAR = "MALLOC_TRIM_THRESHOLD_"
 # this process's own values of what a nanny writes into it, read before any nanny ran (see _worker_environ)
-_PROCESS_ENV = {k: os.environ.get(k) for k in (*THREAD_VARS, MALLOC_VAR)}
+_PROCESS_ENV = {k: os.environ.get(k) for k in (*THREAD_VARS, MALLOC_VAR, "PREFECT_API_URL")}
 
 
 def restore_process_env() -> None:
@@ -320,6 +320,10 @@ def _worker_environ(threads: int) -> None:
       threads. Under Dask's 1, MKL ran one thread under torch's two, and one backward step of a study cell
       came out different in the 6th digit (RESULTS.md §18; :func:`coin.cpus.use_torch_threads`).
 
+    - With ``PREFECT_API_URL`` of the flow's own Prefect server (:func:`flow_api_url`). Without it every worker
+      started a temporary server of its own: under load one missed Prefect's start-up timeout and its cells
+      failed, and an interrupted study left those servers running for good.
+
     A value this process had before any nanny ran (the user's) still wins, as Dask gives the environment
     precedence; values an earlier nanny leaked into it are removed first (:func:`restore_process_env`).
     """
@@ -330,7 +334,29 @@ def _worker_environ(threads: int) -> None:
     environ = dict(dask.config.get(key, default={}) or {})
     environ.pop(MALLOC_VAR, None)
     environ.update({var: str(threads) for var in THREAD_VARS})
+    url = flow_api_url()
+    if url and "PREFECT_API_URL" not in os.environ:
+        environ["PREFECT_API_URL"] = url
+    else:
+        environ.pop("PREFECT_API_URL", None)
     dask.config.set({key: environ})
+
+
+def flow_api_url() -> str | None:
+    """The API this process's flow talks to: the configured one, or the temporary server Prefect started for it
+    (None outside a flow run, or when neither is there)."""
+    try:
+        from prefect.settings import get_current_settings
+
+        url = get_current_settings().api.url
+        if url:
+            return str(url)
+        from prefect.server.api.server import SubprocessASGIServer  # the temporary server (one per process)
+
+        server = SubprocessASGIServer._instances.get(None)
+        return server.api_url if server is not None and getattr(server, "running", False) else None
+    except Exception:  # noqa: BLE001 -- another Prefect version: workers start their own server, as before
+        return None
 
 
 @flow(name="coin-pipeline-evaluate", log_prints=True)

@@ -169,8 +169,13 @@ def main(argv: list[str] | None = None) -> None:
                     "per GPU, else one per 2 CPU cores)")
     ap.add_argument("--dask-address", default=None, help="use an existing Dask scheduler, e.g. tcp://127.0.0.1:8786")
     ap.add_argument("--dask-threads", action="store_true",
-                    help="one Dask worker thread in this process (needs --workers 1)")
+                    help="one Dask worker thread in this process (one worker: --workers above 1 is refused)")
     args = ap.parse_args(argv)
+    if args.dask_threads:  # one worker thread, whatever study.workers and the core count say
+        if args.workers is not None and args.workers > 1:
+            ap.error(f"--dask-threads runs one worker thread in this process: drop --workers {args.workers} (or give "
+                     "--workers 1), or leave out --dask-threads for worker processes")
+        args.workers = 1
     overrides: list[Any] = []
 
     def check() -> None:

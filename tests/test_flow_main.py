@@ -105,3 +105,23 @@ def test_prefect_run_logs_drop_a_user_errors_traceback_and_print_text_literally(
         runs.removeHandler(catcher)
         for f in [f for f in runs.filters if type(f).__name__ == "_UserErrorTracebacks"]:
             runs.removeFilter(f)
+
+
+def test_study_dask_threads_means_one_worker(monkeypatch, capsys):
+    """The same for `coin study` and `python -m flows.study`: --dask-threads is one worker thread, and --workers
+    above 1 with it is refused before Prefect starts (it failed inside the flow, naming internal parameters)."""
+    from typer.testing import CliRunner
+
+    import flows.study as fs
+    from coin.cli import app
+
+    got: dict = {}
+    monkeypatch.setattr(fs, "coin_study", lambda **kw: got.update(kw))
+    monkeypatch.setattr(fs, "preflight_study", lambda settings: None)
+    fs.main(["--params", str(ROOT / "params.yaml"), "--dask-threads"])
+    assert got["workers"] == 1 and got["dask_processes"] is False
+    with pytest.raises(SystemExit) as exit_:
+        fs.main(["--params", str(ROOT / "params.yaml"), "--dask-threads", "--workers", "2"])
+    assert exit_.value.code == 2 and "drop --workers 2" in capsys.readouterr().err
+    res = CliRunner().invoke(app, ["study", "--params", str(ROOT / "params.yaml"), "--dask-threads", "--workers", "2"])
+    assert res.exit_code == 2 and "drop --workers 2" in res.output

@@ -954,3 +954,36 @@ def test_train_key_hashes_the_training_code_and_not_the_cells_bookkeeping(tmp_pa
         train3, cell3 = now()
         assert train3 != train2 and cell3 != cell2
         train2, cell2 = train3, cell3
+
+
+def test_the_prepare_key_follows_the_instruction_files_content(tmp_path):
+    """The study's pairs and gate read evaluate.instruction_file (leak checks): an edit to one outside data/
+    rebuilds them (the key hashed only its path, and cells trained on rows the gate would now reject)."""
+    from coin.config import apply_overrides
+    from coin.study.keys import prep_key_parts
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.json").write_text("{}")
+    mine = tmp_path / "my_instr.json"
+    mine.write_text('{"perturbations": {"clean": {"sst2": ["A? "]}}}')
+    s = Settings.model_validate(apply_overrides({}, ["evaluate.instruction_file=my_instr.json"]))
+    before = prep_key_parts(s, tmp_path)
+    assert prep_key_parts(s, tmp_path) == before
+    mine.write_text('{"perturbations": {"clean": {"sst2": ["B? "]}}}')
+    assert prep_key_parts(s, tmp_path)["instructions"] != before["instructions"]
+
+
+def test_a_cell_whose_adapter_lacks_its_weights_is_not_reused(tmp_path):
+    """gpu_study.sh brings cells back without adapter weights (all but ADAPTERS_OF): such an adapter only aggregates;
+    a cell that must evaluate again trains again (it crashed in the loader, and stayed stuck)."""
+    from coin.data.io import write_json
+    from coin.study.cell import CELL_RECORD, reusable_training
+    from coin.study.cell_train import ADAPTER_DIR, has_adapter
+
+    final = tmp_path / "coin-s0"
+    (final / ADAPTER_DIR).mkdir(parents=True)
+    (final / ADAPTER_DIR / "adapter_config.json").write_text("{}")
+    write_json(final / CELL_RECORD, {"complete": True, "train_key": "k", "train": {"steps": 2}})
+    assert not has_adapter(final / ADAPTER_DIR) and reusable_training(final, "k") is None
+    (final / ADAPTER_DIR / "adapter_model.safetensors").write_bytes(b"weights")
+    assert has_adapter(final / ADAPTER_DIR) and reusable_training(final, "k") is not None

@@ -483,7 +483,8 @@ def study(
     dask_address: Annotated[Optional[str],
                             typer.Option(help="an existing Dask scheduler, e.g. tcp://127.0.0.1:8786")] = None,
     dask_threads: Annotated[bool,
-                            typer.Option(help="one Dask worker thread in this process (needs --workers 1)")] = False,
+                            typer.Option(help="one Dask worker thread in this process (one worker; --workers above "
+                                              "1 is refused)")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list what each cell would do (done, evaluate only, "
                                           "train, copy) and stop; computes nothing")] = False,
 ) -> None:
@@ -498,6 +499,11 @@ def study(
     from coin.study.grid import load_study, sweep_overrides
 
     overrides = [*(set_ or []), *sweep_overrides(sweep)]
+    if dask_threads:  # one worker thread in this process, whatever study.workers and the core count say
+        if workers is not None and workers > 1:
+            raise ConfigError(f"--dask-threads runs one worker thread in this process: drop --workers {workers} (or "
+                              "give --workers 1), or leave out --dask-threads for worker processes")
+        workers = 1
     settings, root = load_study(params, overrides)  # fail on bad params (methods, seeds, sweep) before Prefect starts
     if dry_run:
         from coin.study.plan import study_plan

@@ -58,7 +58,7 @@ import coin  # noqa: F401  (local-only environment first)
 from coin.config import STUDY_METHODS, ConfigError, Settings
 from coin.cpus import thread_settings
 from coin.data.io import DataError, read_json, write_json
-from coin.study.cell_train import ADAPTER_DIR, LOSS_FILE, TRAIN_RECORD, release_memory, train_cell
+from coin.study.cell_train import ADAPTER_DIR, LOSS_FILE, TRAIN_RECORD, has_adapter, release_memory, train_cell
 from coin.study.grid import (
     Cell,
     cell_settings,
@@ -166,7 +166,7 @@ def reusable_training(final: Path, tkey: str) -> dict[str, Any] | None:
     except DataError:
         return None
     if (isinstance(old, dict) and old.get("complete") is True and old.get("train_key") == tkey
-            and isinstance(old.get("train"), dict) and (final / ADAPTER_DIR / "adapter_config.json").exists()):
+            and isinstance(old.get("train"), dict) and has_adapter(final / ADAPTER_DIR)):
         return old
     return None
 

@@ -34,6 +34,13 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def has_adapter(adapter_dir: Path) -> bool:
+    """An adapter that loads: its config *and* its weights (a cell brought back from a GPU machine without its
+    weights, as ``experiments/gpu_study.sh`` packs all but ADAPTERS_OF, has only the config)."""
+    return (adapter_dir / "adapter_config.json").is_file() and any(
+        p.is_file() for pat in ("*.safetensors", "*.bin") for p in adapter_dir.glob(pat))
+
+
 def train_cell(s: Settings, method: str, seed: int, name: str, tmp: Path, pairs: Path, device: str | None,
                progress: bool) -> dict[str, Any]:
     """Train ``method`` with training seed ``seed`` on the validated ``pairs`` into ``tmp`` (``adapter/``,
@@ -45,7 +52,7 @@ def train_cell(s: Settings, method: str, seed: int, name: str, tmp: Path, pairs:
     from coin import stages
 
     done = tmp / TRAIN_RECORD
-    if done.exists() and (tmp / ADAPTER_DIR / "adapter_config.json").exists():
+    if done.exists() and has_adapter(tmp / ADAPTER_DIR):
         log.info("cell %s: training had finished in an earlier run; evaluating its adapter", name)
         return read_json(done)
     rows = read_jsonl(pairs, missing_hint="Run `coin study` (it prepares the pairs) or pass --pairs FILE.")

@@ -159,10 +159,13 @@ def train_key(settings: Settings, cell: Any, pairs_sha256: str) -> str:
 
 
 def prep_key_parts(settings: Settings, root: Path) -> dict[str, Any]:
-    """What the study's pairs and validation gate depend on: their params, the whole data directory, the code."""
+    """What the study's pairs and validation gate depend on: their params, the whole data directory, the
+    evaluation's instruction file (the gate's leak checks read it; one outside data/ too), the code."""
+    instructions = Path(root) / settings.evaluate.instruction_file
     return {
         "format": KEY_FORMAT,
         "params": sha256_json(select_params(settings, PREP_PARAMS, PREP_PARAMS_EXCLUDE)),
         "data": sha256_files([Path(root) / settings.paths.data_dir], base=Path(root) / settings.paths.data_dir),
+        "instructions": sha256_files([instructions], base=instructions.parent),
         "code": code_hash(PREP_CODE),
     }

@@ -15,6 +15,7 @@ from typing import Any
 
 from coin.config import Settings
 from coin.study.cell import TRAIN_RECORD, cell_status, done_sibling, reusable_training, work_dir
+from coin.study.cell_train import ADAPTER_DIR, has_adapter
 from coin.study.grid import cell_settings, cells_dir, grid_cells, prep_points, sweeps_draws, valid_file
 from coin.study.keys import cell_key_parts, key_of, train_key
 from coin.study.prepare import prepared
@@ -49,7 +50,7 @@ def study_plan(settings: Settings, root: Path) -> dict[str, Any]:
             action, why = DONE, "its key is unchanged"
         elif cell.trained:
             tmp = work_dir(final, key)
-            if (tmp / TRAIN_RECORD).exists():
+            if (tmp / TRAIN_RECORD).exists() and has_adapter(tmp / ADAPTER_DIR):
                 action, why = EVALUATE, f"{why}; a killed earlier run finished its training"
             elif reusable_training(final, train_key(s, cell, parts["pairs"])) is not None:
                 action, why = EVALUATE, f"{why}; its training is unchanged, the adapter is reused"
