@@ -392,7 +392,7 @@ def unit_line(unit: dict[str, Any]) -> str:
 def registration_markdown(reg: dict[str, Any]) -> str:
     """The registration result (version, aliases, promotion decision if any) as a Markdown table; a run
     registered before (a cached re-registration) says so in one line instead of repeating its old decision."""
-    if reg.get("created") is False:
+    if reg.get("created") is False and not reg.get("decided_now", False):
         return f"**Already registered** `{reg.get('name', '?')}` as version {reg.get('version', '?')}; decision " \
                f"unchanged (aliases: {', '.join(map(str, reg.get('aliases') or [])) or 'none'})."
     head = f"**Registered** `{reg.get('name', '?')}` version {reg.get('version', '?')}"

@@ -54,7 +54,13 @@ def test_device_comes_from_the_environment(monkeypatch):
     assert pick_device("auto") == torch.device("cpu")
     with pytest.raises(RuntimeError, match="no CUDA device"):
         pick_device("cuda")
+    with pytest.raises(RuntimeError, match=r"device 'cuda:1': this machine has 0 visible CUDA device"):
+        pick_device("cuda:1")  # a study worker's --device (it was torch's "not compiled with CUDA" assertion)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(RuntimeError, match=r"has 2 visible CUDA device\(s\) \(cuda:0..cuda:1\)"):
+        pick_device("cuda:2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert pick_device("auto") == torch.device("cuda", 1)
 

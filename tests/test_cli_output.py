@@ -82,6 +82,10 @@ def test_a_cached_registration_says_so_instead_of_repeating_its_decision():
                                          "challenger): No champion yet: promoted.")
     assert registration_message(again) == ("coin-minilm: already registered as v1; decision unchanged "
                                            "(aliases: champion, challenger)")
+    # a version created by a registration that stopped before deciding (a damaged card): decided now, and said so
+    half = {**new, "created": False, "decided_now": True}
+    assert "promoted to champion" in registration_message(half) and "unchanged" not in registration_message(half)
+    assert "No champion yet" in registration_markdown(half)
     md = registration_markdown(again)
     assert "already registered" in md.lower() and "decision unchanged" in md and "No champion yet" not in md
     assert "No champion yet" in registration_markdown(new)

@@ -696,3 +696,20 @@ def test_register_refuses_figures_of_another_adapter_or_without_eval_info(tmp_pa
     (adapter / "adapter_config.json").write_text('{"r": 8}')  # trained again since the evaluation
     with pytest.raises(DataError, match="figures of 'coin' belong to another adapter"):
         stage_register(s, tmp_path)
+
+
+def test_a_damaged_card_or_predictions_file_is_named_not_metrics_json(tmp_path):
+    """Both were read with json.loads, and the CLI blamed the error on metrics.json (a local of the frame); a
+    damaged card also left a version registered without its decision."""
+    from coin.data.io import DataError
+    from coin.registry.card import read_card
+    from coin.registry.promotion import candidate_predictions
+
+    (tmp_path / "cards" / "coin").mkdir(parents=True)
+    (tmp_path / "cards" / "coin" / "card.json").write_text('{"headline": {"clean')
+    with pytest.raises(DataError, match=r"card.json:1: bad JSON"):
+        read_card(tmp_path / "cards" / "coin")
+    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "predictions.jsonl").write_text('{"model": "coin", "task": "sst2"}\n{"model": "co')
+    with pytest.raises(DataError, match=r"predictions.jsonl.*line 2"):
+        candidate_predictions(tmp_path / "metrics.json", "coin")

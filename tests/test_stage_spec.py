@@ -122,3 +122,14 @@ def test_no_dvc_stage_records_a_key_that_can_hold_a_password(dvc_stages):
     for name, stage in dvc_stages.items():
         params = [str(p) for p in stage.get("params") or []]
         assert not {"tracking", "tracking.uri", "study", "study.dask_address"} & set(params), (name, params)
+
+
+def test_a_scratch_out_dir_keeps_its_summary_beside_it(tmp_path):
+    """metrics/summary.json is the project's DVC metrics file: a run with another paths.out_dir writes its own
+    summary under that directory instead of overwriting the project's (it did, and dvc status showed it)."""
+    from coin.layout import Layout
+
+    shipped = Layout(tmp_path, Settings.model_validate({}))
+    assert shipped.metrics_summary == tmp_path / "metrics" / "summary.json"
+    scratch = Layout(tmp_path, Settings.model_validate({"paths": {"out_dir": str(tmp_path / "scratch")}}))
+    assert scratch.metrics_summary == tmp_path / "scratch" / "metrics" / "summary.json"

@@ -987,3 +987,27 @@ def test_a_cell_whose_adapter_lacks_its_weights_is_not_reused(tmp_path):
     assert not has_adapter(final / ADAPTER_DIR) and reusable_training(final, "k") is None
     (final / ADAPTER_DIR / "adapter_model.safetensors").write_bytes(b"weights")
     assert has_adapter(final / ADAPTER_DIR) and reusable_training(final, "k") is not None
+
+
+def test_a_null_sweep_value_names_its_cell():
+    """train.backbone_dropout takes null, and the grid holds a cell for it; --sweep-value null named no value
+    (None meant "not given"), so that cell could not be run on its own."""
+    from coin.config import apply_overrides
+    from coin.study.grid import grid_cells, make_cell, sweep_overrides
+
+    s = Settings.model_validate(apply_overrides({"study": {"methods": ["coin"], "seeds": [0]}, "train": {
+        "methods": ["coin"]}, "register": {"methods": ["coin"]}}, sweep_overrides("train.backbone_dropout=[null,0.1]")))
+    cells = grid_cells(s)
+    assert make_cell(s, "coin", 0, None) == cells[0] and cells[0].name.endswith("=null")
+    with pytest.raises(ConfigError, match="pass --sweep-value"):
+        make_cell(s, "coin", 0)
+
+
+def test_the_report_header_says_swept_for_a_swept_step_count():
+    """A study sweeping train.max_steps said "2 training steps" (the unswept params value, which no cell trained)."""
+    from coin.study.report import setup_line
+
+    assert setup_line({"backbone": "tiny", "max_steps": None, "scoring": "loglik"}) == (
+        "Backbone `tiny`, training steps swept, scoring `loglik`.")
+    assert setup_line({"backbone": "tiny", "max_steps": 2, "scoring": "loglik"}) == (
+        "Backbone `tiny`, 2 training steps, scoring `loglik`.")

@@ -59,7 +59,12 @@ class Layout:
     @property
     def metrics_summary(self) -> Path:
         """``metrics/summary.json`` at the project root: the evaluation's headline figures, git-tracked, DVC's
-        metrics file (``dvc exp show``, ``dvc metrics diff``); the full figures stay in ``metrics.json``."""
+        metrics file (``dvc exp show``, ``dvc metrics diff``); the full figures stay in ``metrics.json``. With
+        another ``paths.out_dir`` than the shipped ``outputs`` (a scratch run), ``<out_dir>/metrics/summary.json``:
+        the project's DVC metrics are not overwritten by a run DVC did not make."""
+        shipped = (self.root / "outputs").resolve()
+        if (self.root / self.settings.paths.out_dir).resolve() != shipped:
+            return self._out("metrics", "summary.json")
         return self.root / "metrics" / "summary.json"
 
     def eval_unit_dir(self, label: str) -> Path:

@@ -89,6 +89,12 @@ def pick_device(requested: str = "auto") -> torch.device:
         return torch.device("cpu")
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("model.device = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    if requested.startswith("cuda:"):  # a study worker's --device cuda:N
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = requested.partition(":")[2]
+        if not index.isdigit() or int(index) >= count:
+            raise RuntimeError(f"device {requested!r}: this machine has {count} visible CUDA device(s)"
+                               + (f" (cuda:0..cuda:{count - 1})" if count else "") + "; use one of them, cpu or auto")
     return torch.device(requested)
 
 

@@ -49,6 +49,16 @@ def _tag_value(x: Any) -> str:
     return "null" if x is None else f"{float(x):.4f}".rstrip("0").rstrip(".")
 
 
+def read_card(directory: str | Path) -> dict[str, Any]:
+    """``directory``'s card.json, read with errors that name it (a truncated card was blamed on metrics.json)."""
+    from coin.data.io import DataError, read_json
+
+    card = read_json(Path(directory) / CARD_JSON, missing_hint="The evaluation writes it: run `coin evaluate`.")
+    if not isinstance(card, dict):
+        raise DataError(f"{Path(directory) / CARD_JSON}: not a card (a JSON object); run `coin evaluate` again")
+    return card
+
+
 def store_card(client, name: str, version: str, run_id: str, directory: str | Path) -> str:
     """Log ``directory``'s card.json (and card.html) to ``run_id`` under :data:`CARD_DIR` and tag the version with
     its URI and headline figures. Keeps a card already there (a version's card is that of its first
@@ -57,7 +67,7 @@ def store_card(client, name: str, version: str, run_id: str, directory: str | Pa
     if mv.tags.get(TAG_CARD):
         return mv.tags[TAG_CARD]
     directory = Path(directory)
-    card = json.loads((directory / CARD_JSON).read_text(encoding="utf-8"))
+    card = read_card(directory)
     for fname in (CARD_JSON, CARD_HTML):
         if (directory / fname).is_file():
             client.log_artifact(run_id, str(directory / fname), artifact_path=CARD_DIR)

@@ -38,7 +38,6 @@ candidate can be compared with it example by example (:func:`store_predictions`,
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import tempfile
@@ -377,13 +376,10 @@ def candidate_predictions(metrics_json: str | Path, model_label: str) -> pd.Data
     if not path.is_file():
         raise PromotionError(f"{path}: missing beside {Path(metrics_json).name}; the registry keeps each candidate's "
                              "per-example predictions from it. Re-run `coin evaluate`, then `coin register`.")
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                rec = json.loads(line)
-                if rec.get("model") == model_label:
-                    rows.append({c: rec.get(c) for c in PREDICTION_COLUMNS})
+    from coin.data.io import read_jsonl
+
+    rows = [{c: rec.get(c) for c in PREDICTION_COLUMNS}  # read_jsonl: a damaged line is named by file and line
+            for rec in read_jsonl(path) if rec.get("model") == model_label]
     frame = pd.DataFrame(rows, columns=list(PREDICTION_COLUMNS))
     if frame.empty:
         raise PromotionError(f"{path}: no predictions of model {model_label!r}; re-run `coin evaluate` with it "

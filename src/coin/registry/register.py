@@ -124,6 +124,7 @@ class Registration:
     aliases: list[str]   # the version's aliases after registration (and promotion)
     created: bool        # False when this run was already registered
     decision: dict[str, Any] | None = field(default=None)  # PromotionDecision.to_dict(), when gated
+    decided_now: bool = True  # False when the version's decision was recorded by an earlier registration
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,7 +135,7 @@ def registration_message(reg: dict[str, Any]) -> str:
     registered before, that nothing changed (its decision was made then; repeating its text reads as news)."""
     head = f"{reg.get('name', '?')} v{reg.get('version', '?')}"
     aliases = ", ".join(map(str, reg.get("aliases") or [])) or "none"
-    if reg.get("created") is False:
+    if reg.get("created") is False and not reg.get("decided_now", False):
         return f"{reg.get('name', '?')}: already registered as v{reg.get('version', '?')}; decision unchanged " \
                f"(aliases: {aliases})"
     decision = reg.get("decision") or {}
@@ -297,6 +298,10 @@ def register_candidate(adapter_dir: Path, run_id: str, name: str, figures: Model
     """
     from mlflow import MlflowClient
 
+    if card is not None:  # a damaged card stops here, before a version exists (it left one half-registered)
+        from coin.registry.card import read_card
+
+        read_card(card)
     with registration_lock():
         reg = log_candidate(adapter_dir, run_id, name)
         if predictions is not None:
@@ -305,6 +310,7 @@ def register_candidate(adapter_dir: Path, run_id: str, name: str, figures: Model
             from coin.registry.card import store_card
 
             store_card(MlflowClient(), name, reg.version, run_id, card)
+        reg.decided_now = decision_from_tags(MlflowClient().get_model_version(name, reg.version).tags) is None
         decision: PromotionDecision = promote_version(name, reg.version, figures, min_improvement=min_improvement,
                                                       max_clean_drop=max_clean_drop, evidence=evidence,
                                                       predictions=predictions)

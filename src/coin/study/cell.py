@@ -60,6 +60,7 @@ from coin.cpus import thread_settings
 from coin.data.io import DataError, read_json, write_json
 from coin.study.cell_train import ADAPTER_DIR, LOSS_FILE, TRAIN_RECORD, has_adapter, release_memory, train_cell
 from coin.study.grid import (
+    NOT_GIVEN,
     Cell,
     cell_settings,
     cells_dir,
@@ -372,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if args.method is None or args.seed is None:
                 raise ConfigError("give --method and --seed (or --all)")
-            value = yaml.safe_load(args.sweep_value) if args.sweep_value is not None else None
+            value = yaml.safe_load(args.sweep_value) if args.sweep_value is not None else NOT_GIVEN
             cell = make_cell(settings, args.method, args.seed, value)
             records = [run_cell(settings, root, cell, out_dir=args.out, pairs_file=args.pairs, device=args.device,
                                 force=args.force)]

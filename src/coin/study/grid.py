@@ -176,7 +176,10 @@ def grid_cells(settings: Settings) -> list[Cell]:
     return cells
 
 
-def make_cell(settings: Settings, method: str, seed: int, sweep_value: Any = None) -> Cell:
+NOT_GIVEN: Any = object()  # no --sweep-value (None is a value: a key such as train.backbone_dropout takes null)
+
+
+def make_cell(settings: Settings, method: str, seed: int, sweep_value: Any = NOT_GIVEN) -> Cell:
     """A cell from the command line: the sweep value is normalised like the study's (``'5e-4'`` -> ``0.0005``)."""
     from coin.config import STUDY_METHODS
 
@@ -186,11 +189,11 @@ def make_cell(settings: Settings, method: str, seed: int, sweep_value: Any = Non
         raise ConfigError(f"--seed {seed}: must be >= 0")
     key = settings.study.sweep_key
     if key is None:
-        if sweep_value is not None:
+        if sweep_value is not NOT_GIVEN:
             raise ConfigError("--sweep-value given but study.sweep_key is null; set study.sweep_key (or drop it)")
         cell, cell_set = Cell(method, seed), settings
     else:
-        if sweep_value is None:
+        if sweep_value is NOT_GIVEN:
             raise ConfigError(f"study.sweep_key = {key!r}: pass --sweep-value (one of {settings.study.sweep_values})")
         base = json.dumps(settings.model_dump(by_alias=True, mode="json"), sort_keys=True)
         cell_set, value = _settings_for(base, key, json.dumps(sweep_value))

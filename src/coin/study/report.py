@@ -114,6 +114,13 @@ def _levels(group: dict[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------- content
 
 
+def setup_line(info: dict[str, Any]) -> str:
+    """Backbone, steps and scoring of a study (``study.json``'s ``study``); a swept one is said to be swept."""
+    return (f"Backbone `{info['backbone']}`, "
+            + (f"{info['max_steps']} training steps" if info.get("max_steps") is not None else "training steps swept")
+            + (f", scoring `{info['scoring']}`." if info.get("scoring") is not None else ", scoring swept."))
+
+
 def _header(study: dict[str, Any]) -> list[Any]:
     info = study["study"]
     g0 = study["groups"][0]
@@ -123,7 +130,7 @@ def _header(study: dict[str, Any]) -> list[Any]:
         + ("; `base` is the untouched backbone." if "base" in study["methods"] else "."),
         f"Training seeds: {', '.join(map(str, info['seeds']))} (backbone init of new weights, LoRA init, data order, "
         f"dropout). Evaluation: the same seeded sample (seed {info['eval_seed']}) for every cell: {tasks} examples.",
-        f"Backbone `{info['backbone']}`, {info['max_steps']} training steps, scoring `{info['scoring']}`.",
+        setup_line(info),
     ]
     if info.get("sweep_key"):
         values = [str(g["sweep"]).split("=", 1)[-1] for g in study["groups"] if not g.get("pooled")]
@@ -368,8 +375,10 @@ def render_study(settings: Settings, records: list[dict[str, Any]], data: list[C
     study = {
         "study": {"methods": st.methods, "seeds": st.seeds, "sweep_key": st.sweep_key, "sweep_values": st.sweep_values,
                   "eval_seed": settings.seed, "backbone": settings.model.backbone,
-                  "max_steps": settings.train.max_steps,
-                  "scoring": settings.evaluate.scoring[0], "cells": len(records)},
+                  # a swept key has no one value: None, and the header says "swept"
+                  "max_steps": None if st.sweep_key == "train.max_steps" else settings.train.max_steps,
+                  "scoring": None if st.sweep_key == "evaluate.scoring" else settings.evaluate.scoring[0],
+                  "cells": len(records)},
         **numbers,
         "cells": [_cell_summary(r) for r in records],
     }
