@@ -20,6 +20,9 @@ from coin.predict import join_instruction
 
 torch.set_num_threads(2)
 
+if len(sys.argv) != 3 or sys.argv[1] in ("-h", "--help"):
+    raise SystemExit("usage: python experiments/calibration_probe.py OUT_DIR METHOD  (OUT_DIR: a run's outputs/ with "
+                     "train/<METHOD>/adapter, evaluate/predictions.jsonl and validated/valid.jsonl)")
 out = sys.argv[1].rstrip("/")
 method = sys.argv[2]
 model, tok, meta = load_trained(f"{out}/train/{method}/adapter")

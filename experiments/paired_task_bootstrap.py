@@ -46,6 +46,9 @@ from coin.study.aggregate import hierarchical_replicates, point_weights, task_co
 def per_example(path: Path, models: list[str], sets: list[str] | None = None) -> pd.DataFrame:
     """Rows (task, example_id), one column per model: the share of instructions it answered right (percent);
     ``sets``: only the rows of these instruction sets (``None``: every row)."""
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file; give a study cell's predictions (cells/<cell>/eval/...) or an "
+                         "evaluation's predictions.jsonl")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     df = pd.DataFrame(rows)
     if sets is not None:

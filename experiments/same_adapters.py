@@ -15,7 +15,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(sys.argv[1] if len(sys.argv) > 1 else ".") / "tests"))
+if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
+    print(__doc__)
+    raise SystemExit(0)
+CHECKOUT = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+if not (CHECKOUT / "tests" / "helpers_training.py").is_file():
+    raise SystemExit(f"{CHECKOUT}: not a checkout of this project (no tests/helpers_training.py); pass its root")
+sys.path.insert(0, str(CHECKOUT / "tests"))
 torch.set_num_threads(1)
 
 from helpers_training import cfg_for, make_rows  # noqa: E402

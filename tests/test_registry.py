@@ -713,3 +713,14 @@ def test_a_damaged_card_or_predictions_file_is_named_not_metrics_json(tmp_path):
     (tmp_path / "predictions.jsonl").write_text('{"model": "coin", "task": "sst2"}\n{"model": "co')
     with pytest.raises(DataError, match=r"predictions.jsonl.*line 2"):
         candidate_predictions(tmp_path / "metrics.json", "coin")
+
+
+def test_evaluating_a_method_whose_adapter_is_gone_says_to_train(tmp_path):
+    from coin.data.io import DataError, write_json
+    from coin.stages import stage_evaluate_unit
+
+    s = Settings.model_validate({"paths": {"mlruns_dir": str(tmp_path / "mlruns")}})
+    write_json(tmp_path / "outputs" / "train" / "train.json",
+               {"methods": ["coin"], "runs": {"coin": {"run_id": "r", "adapter_dir": "outputs/train/coin/adapter"}}})
+    with pytest.raises(DataError, match=r"adapter: no trained adapter of 'coin' there .* run `coin train` first"):
+        stage_evaluate_unit(s, tmp_path, "coin")

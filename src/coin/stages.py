@@ -421,8 +421,12 @@ def stage_evaluate_unit(settings: Settings, root: Path, label: str) -> dict[str,
         runs = read_json(lay.train_record, missing_hint="Run `coin train` first.").get("runs", {})
         if label not in runs:
             raise DataError(f"{lay.train_record}: no training run for {label!r}; run `coin train` first")
+        adapter = root / runs[label]["adapter_dir"]
+        if not (adapter / "coin_model.json").is_file():
+            raise DataError(f"{adapter}: no trained adapter of {label!r} there ({lay.train_record} names it); run "
+                            "`coin train` first")
         # the base, seed and attention the adapter was trained with (its coin_model.json), as the pyfunc loads it
-        model, tokenizer, meta = load_trained(root / runs[label]["adapter_dir"], device=settings.model.device)
+        model, tokenizer, meta = load_trained(adapter, device=settings.model.device)
         counts = meta.get("label_counts")
     model.eval()
     # paths as configured, resolved against the project root: records and reports carry no checkout path
