@@ -656,12 +656,12 @@ def attack(
     set_: SetOpt = None,
 ) -> None:
     """Search perturbed instructions that lower this model's accuracy; write them as an instruction file."""
-    from coin.config import check_names
+    from coin.config import check_names, settings_source
     from coin.evaluation.attack import Budget, run_attack
 
     _setup_logging()
     settings, root = _settings(params, set_, check_project=False)
-    check_names(settings, root, source=params, backbone=False)  # --model names the model, checked by run_attack
+    check_names(settings, root, source=settings_source(params, set_), backbone=False)  # --model: run_attack checks
     split = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     _print(run_attack(settings, root, model=model, out=out, instructions=instructions, source_set=source_set,
                       tasks=split, levels=[v.strip() for v in levels.split(",") if v.strip()],

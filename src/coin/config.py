@@ -1001,21 +1001,22 @@ def load_settings(path: str | Path = "params.yaml", overrides: list[str | Secret
         msg = str(exc)
         if not msg.startswith(SETTINGS_PROBLEMS):
             raise
-        raise ConfigError(_sources(path, overrides) + msg[len(SETTINGS_PROBLEMS) - len(" problems"):]) from None
+        verb = " have" if overrides else " has"
+        raise ConfigError(settings_source(path, overrides) + verb + msg[len(SETTINGS_PROBLEMS) - len(" problems"):]) \
+            from None
     if check_project:
-        check_names(settings, path.resolve().parent, source=_sources(path, overrides).removesuffix(" has")
-                    .removesuffix(" have"))
+        check_names(settings, path.resolve().parent, source=settings_source(path, overrides))
     return settings
 
 
-def _sources(path: Path, overrides: list[str | SecretStr] | None) -> str:
+def settings_source(path: str | Path, overrides: list[str | SecretStr] | None) -> str:
     """Where settings came from, for an error's first line: the file, and the overrides when there are any
     (``coin study --sweep`` turns its sweep into ``study.sweep_*`` overrides, so those are named as --sweep)."""
     if not overrides:
-        return f"{path} has"
+        return str(path)
     texts = [o.get_secret_value() if isinstance(o, SecretStr) else str(o) for o in overrides]
     flags = "--set/--sweep" if any(t.lstrip().startswith("study.sweep_") for t in texts) else "--set"
-    return f"{path} and the {flags} overrides have"
+    return f"{path} and the {flags} overrides"
 
 
 def check_names(settings: Settings, root: Path, *, source: str | Path = "params.yaml", backbone: bool = True) -> None:

@@ -40,7 +40,11 @@ def interrupt_guard() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    grace_s = float(os.environ.get("COIN_INTERRUPT_GRACE_S", "10"))
+    _SIGNAL.clear()  # a new guarded block: an earlier interrupt in this process (tests) is not this one's
+    try:
+        grace_s = max(0.0, float(os.environ.get("COIN_INTERRUPT_GRACE_S", "10")))
+    except ValueError:
+        grace_s = 10.0
 
     def handler(signum: int, frame: object) -> None:
         if _SIGNAL:  # the second one: now

@@ -31,7 +31,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from coin.config import TOKENIZER_FILES, ConfigError, Settings, check_names, has_tokenizer, load_settings
+from coin.config import (
+    TOKENIZER_FILES,
+    ConfigError,
+    Settings,
+    check_names,
+    has_tokenizer,
+    load_settings,
+    settings_source,
+)
 from coin.data.io import DataError, read_json, write_json
 
 log = logging.getLogger("coin")
@@ -391,7 +399,7 @@ def load_for_instructions(params: str | Path, overrides: list[Any] | None,
     root = Path(params).resolve().parent
     if file is None:
         settings = load_settings(params, overrides, check_project=False)
-        check_names(settings, root, source=params, backbone=uses_backbone)
+        check_names(settings, root, source=settings_source(params, overrides), backbone=uses_backbone)
         return settings, root
     file = Path(file).expanduser().resolve()
     settings = with_instruction_file(load_settings(params, overrides, check_project=False), file, overrides)
