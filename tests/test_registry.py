@@ -678,7 +678,7 @@ def test_register_refuses_figures_of_another_adapter_or_without_eval_info(tmp_pa
     trained before, and registering the new one with them tagged it with another model's accuracy. The evaluation
     records each adapter's hash in eval_info.json; register refuses a mismatch, and a missing eval_info.json."""
     from coin.data.io import DataError, write_json
-    from coin.modeling.adapter import adapter_sha256
+    from coin.modeling.adapter_files import adapter_sha256
     from coin.stages import stage_register
 
     s = Settings.model_validate({"paths": {"mlruns_dir": str(tmp_path / "mlruns")}, "tracking": {"experiment": "t"}})

@@ -977,8 +977,9 @@ def test_a_cell_whose_adapter_lacks_its_weights_is_not_reused(tmp_path):
     """gpu_study.sh brings cells back without adapter weights (all but ADAPTERS_OF): such an adapter only aggregates;
     a cell that must evaluate again trains again (it crashed in the loader, and stayed stuck)."""
     from coin.data.io import write_json
+    from coin.modeling.adapter_files import has_adapter
     from coin.study.cell import CELL_RECORD, reusable_training
-    from coin.study.cell_train import ADAPTER_DIR, has_adapter
+    from coin.study.cell_train import ADAPTER_DIR
 
     final = tmp_path / "coin-s0"
     (final / ADAPTER_DIR).mkdir(parents=True)

@@ -433,7 +433,7 @@ def stage_evaluate_unit(settings: Settings, root: Path, label: str) -> dict[str,
     result = evaluate_model(model, tokenizer, settings.evaluate, data_dir=settings.paths.data_dir,
                             seed=settings.seed, model_label=label, root=root, label_counts=counts)
     if label != "base":  # which adapter these figures belong to: register refuses to pair them with another
-        from coin.modeling.adapter import adapter_sha256
+        from coin.modeling.adapter_files import adapter_sha256
 
         result.settings["adapter_sha256"] = adapter_sha256(root / runs[label]["adapter_dir"])
     save_result(result, lay.eval_unit_dir(label))
@@ -560,7 +560,7 @@ def stage_register(settings: Settings, root: Path) -> dict[str, Any]:
     regs = []
     info_file = lay.eval_dir / "eval_info.json"
     infos = read_json(info_file, missing_hint="The evaluation writes it beside metrics.json: run `coin evaluate`.")
-    from coin.modeling.adapter import adapter_sha256
+    from coin.modeling.adapter_files import adapter_sha256
 
     for method in cfg.methods:
         if method not in runs:

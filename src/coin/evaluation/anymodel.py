@@ -47,9 +47,8 @@ log = logging.getLogger("coin")
 URI_SCHEMES = ("models", "runs")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]*$")
-_WEIGHTS = ("*.safetensors", "*.bin")
+
 _BASE_FILES = ("config.json", "*.safetensors", "*.bin", "tokenizer*.json", "vocab.txt", "*.model")
-ADAPTER_FILES = ("coin_model.json", "adapter_config.json", *_WEIGHTS)
 KEY_FILE = "cache_key.json"
 
 
@@ -119,7 +118,9 @@ def adapter_fingerprint(adapter_dir: Path, base_dir: Path | None = None) -> str:
     """Hash of the adapter's weight files, ``adapter_config.json`` and ``coin_model.json``, and of its base
     model's files (``base_dir``): the adapter is loaded onto that base, so base weights replaced in place (or a
     cached model updated) change the fingerprint."""
-    own = _sha_files(_files(adapter_dir, ADAPTER_FILES), adapter_dir)
+    from coin.modeling.adapter_files import adapter_sha256
+
+    own = adapter_sha256(adapter_dir)
     if base_dir is None:
         return _sha_text("adapter", own)
     return _sha_text("adapter", own, _sha_files(_files(base_dir, _BASE_FILES), base_dir))
@@ -273,11 +274,12 @@ def resolve_target(arg: str, settings: Settings, root: Path) -> ModelTarget:
 def _check_directory(spec: str, path: Path, settings: Settings) -> tuple[str, str]:
     """``(kind, fingerprint)`` of an existing path: a CoIN adapter or a Hugging Face model directory."""
     from coin.modeling.adapter import META_FILE, read_meta
+    from coin.modeling.adapter_files import has_adapter
 
     if not path.is_dir():
         raise DataError(f"--model {spec}: {path} is a file; give an adapter or model directory")
     if (path / META_FILE).is_file():
-        if not (path / "adapter_config.json").is_file() or not _files(path, _WEIGHTS):
+        if not has_adapter(path):
             raise DataError(f"--model {spec}: {path} has {META_FILE} but no adapter_config.json and adapter weights "
                             "(*.safetensors); it is not a complete adapter: rerun `coin train`")
         meta = read_meta(path)

@@ -13,23 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from coin.data.io import read_json, write_json
+from coin.modeling.adapter_files import META_FILE  # noqa: F401  (re-exported: where callers have always found it)
 from coin.modeling.backbone import load_backbone, pick_device, quantization_problem
-
-META_FILE = "coin_model.json"
-
-
-def adapter_sha256(adapter_dir: Path) -> str:
-    """Content hash of an adapter: its weights, ``adapter_config.json`` and ``coin_model.json`` (the evaluation
-    records it with a model's figures; registration checks that the adapter it logs is the one evaluated)."""
-    import hashlib
-
-    d = Path(adapter_dir)
-    files = sorted({p for pat in (META_FILE, "adapter_config.json", "*.safetensors", "*.bin") for p in d.glob(pat)
-                    if p.is_file()})
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
 
 
 def write_meta(adapter_dir: Path, meta: dict[str, Any]) -> None:

@@ -58,7 +58,8 @@ import coin  # noqa: F401  (local-only environment first)
 from coin.config import STUDY_METHODS, ConfigError, Settings
 from coin.cpus import thread_settings
 from coin.data.io import DataError, read_json, write_json
-from coin.study.cell_train import ADAPTER_DIR, LOSS_FILE, TRAIN_RECORD, has_adapter, release_memory, train_cell
+from coin.modeling.adapter_files import has_adapter
+from coin.study.cell_train import ADAPTER_DIR, LOSS_FILE, TRAIN_RECORD, release_memory, train_cell
 from coin.study.grid import (
     NOT_GIVEN,
     Cell,

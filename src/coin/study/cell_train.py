@@ -17,6 +17,7 @@ from typing import Any
 
 from coin.config import Settings
 from coin.data.io import DataError, read_json, read_jsonl, write_json
+from coin.modeling.adapter_files import has_adapter
 
 log = logging.getLogger("coin.study")
 
@@ -32,13 +33,6 @@ def release_memory() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def has_adapter(adapter_dir: Path) -> bool:
-    """An adapter that loads: its config *and* its weights (a cell brought back from a GPU machine without its
-    weights, as ``experiments/gpu_study.sh`` packs all but ADAPTERS_OF, has only the config)."""
-    return (adapter_dir / "adapter_config.json").is_file() and any(
-        p.is_file() for pat in ("*.safetensors", "*.bin") for p in adapter_dir.glob(pat))
 
 
 def train_cell(s: Settings, method: str, seed: int, name: str, tmp: Path, pairs: Path, device: str | None,

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from coin.config import Settings
+from coin.modeling.adapter_files import has_adapter
 from coin.study.cell import TRAIN_RECORD, cell_status, done_sibling, reusable_training, work_dir
-from coin.study.cell_train import ADAPTER_DIR, has_adapter
+from coin.study.cell_train import ADAPTER_DIR
 from coin.study.grid import cell_settings, cells_dir, grid_cells, prep_points, sweeps_draws, valid_file
 from coin.study.keys import cell_key_parts, key_of, train_key
 from coin.study.prepare import prepared
