@@ -216,4 +216,6 @@ def _protocol(settings, bb) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    from coin.cli import run_script  # a user error in two lines, a bug with its traceback
+
+    raise SystemExit(run_script(main))

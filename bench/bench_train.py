@@ -525,4 +525,6 @@ def _strip_out(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    from coin.cli import run_script  # a user error in two lines, a bug with its traceback
+
+    raise SystemExit(run_script(main))

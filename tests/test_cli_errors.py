@@ -348,3 +348,27 @@ def test_the_real_process_prints_no_traceback(tmp_path):
     err = res.stderr.decode()
     assert res.returncode == ExitCode.CONFIG and "params.yaml: not UTF-8 text (byte 0xff on line 2)" in err, err
     _no_traceback(err)
+
+
+@pytest.mark.parametrize("script", ["bench/bench_gate.py", "bench/bench_pipeline.py", "experiments/frozen_probe.py"])
+def test_bench_and_experiment_scripts_report_a_user_error_in_two_lines(script, tmp_path):
+    """A bad --params to a bench or experiment script prints the CLI's error line and its exit code, not a
+    traceback (coin.cli.run_script)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)]), "COIN_DEBUG": ""}
+    res = subprocess.run([sys.executable, str(root / script), "--params", str(tmp_path / "nosuch.yaml")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == ExitCode.CONFIG, res.stderr
+    assert "nosuch.yaml: not found" in res.stderr, res.stderr
+    _no_traceback(res.stderr + res.stdout)
+
+
+def test_run_script_keeps_a_bugs_traceback():
+    from coin.cli import run_script
+
+    def boom() -> None:
+        raise ZeroDivisionError("a bug")
+
+    with pytest.raises(ZeroDivisionError):
+        run_script(boom)
+    assert run_script(lambda: None) == 0 and run_script(lambda: 3) == 3

@@ -195,6 +195,22 @@ def report(exc: BaseException, *, debug: bool = False) -> ExitCode:
     return code
 
 
+def run_script(main: Any, *args: Any) -> int:
+    """Run a bench or experiment script's ``main`` under the CLI's error handling: a user error (a bad
+    ``--params``, a missing file) prints ``error:``/``fix:`` and exits with its class's code; a bug keeps its
+    traceback, as does any error with ``COIN_DEBUG=1``. Returns ``main``'s own exit code (0 for None)."""
+    debug = os.environ.get("COIN_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}
+    try:
+        return int(main(*args) or 0)
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]")
+        return ExitCode.INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 -- classified: a user error becomes two lines, a bug stays loud
+        if debug or classify(exc)[0] is ExitCode.BUG:
+            raise
+        return int(report(exc))
+
+
 def _debug_requested(ctx: Any) -> bool:
     root = ctx.find_root() if ctx is not None else None
     flag = bool(root.params.get("debug")) if root is not None else False
