@@ -101,6 +101,8 @@ def test_flow_end_to_end_then_cache_hits_and_partial_reruns(prefect_harness, tmp
     assert (tmp_path / "metrics" / "summary.json").exists()  # DVC's metrics file (headline figures)
     assert not any(u["cached"] for u in result["eval_units"])
     assert set(result["train"]) == {"coin", "cit"} and result["train"]["coin"]["steps"] == 2
+    coin_train = result["train"]["coin"]
+    assert coin_train["train_rows"] > 0 and coin_train["epochs"] > 0  # the record says how far the data was seen
     assert calls == Counter({"pairs": 1, "validate": 1, "train[coin]": 1, "train[cit]": 1, "evaluate_report": 1})
     states = _task_states(state)
     assert (states["evaluate-coin"], states["evaluate-cit"]) == ("Completed", "Completed"), states

@@ -50,6 +50,9 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_adapter(tiny_bert_encoder_di
     resumed = train(load_backbone(model_dir, device="cpu", seed=0), resume_rows(), again, out_dir=killed, seed=0,
                     cutoff_len=CUTOFF, progress=False, resume=True, on_metrics=lambda s, _: logged.append(s))
     assert resumed.resumed_from == 4 and resumed.steps == 6 and logged == [5, 6]  # only steps 5 and 6 ran
+    n_train = sum(r.get("split") == "train" for r in resume_rows())
+    assert resumed.train_rows == uninterrupted.train_rows == n_train
+    assert resumed.epochs == uninterrupted.epochs == pytest.approx(6 / (n_train // cfg.batch_size), abs=1e-4)
     assert [h["step"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
     for ours, theirs in zip(resumed.history, uninterrupted.history, strict=True):
         assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-6)

@@ -375,6 +375,7 @@ def test_a_cell_killed_mid_training_continues_from_its_checkpoint(study_project,
     assert not (work / "checkpoints").exists()
     trained = json.loads((work / cell_mod.TRAIN_RECORD).read_text())
     assert trained["resumed_from"] == 0 and trained["steps"] == 2
+    assert trained["train_rows"] > 0 and trained["epochs"] > 0
     monkeypatch.setattr(runner, "evaluate_model", real_eval)
 
     def no_training(*args, **kwargs):

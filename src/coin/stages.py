@@ -341,18 +341,21 @@ def _train_one(settings: Settings, root: Path, rows: list[dict[str, Any]], metho
         result = train_adapter(settings, rows, method, out_dir, on_metrics=on_metrics)
         # the full history: after a resume, on_metrics saw only the steps run in this process
         _write_history_csv(out_dir / "loss.csv", [{**h, "step": int(h["step"])} for h in (result.history or history)])
-        mlflow.log_metrics({"train/wall_s": result.wall_time_s, "train/steps": float(result.steps)})
+        mlflow.log_metrics({"train/wall_s": result.wall_time_s, "train/steps": float(result.steps),
+                            "train/epochs": result.epochs, "train/rows": float(result.train_rows)})
         if (out_dir / "loss.csv").exists():
             mlflow.log_artifact(str(out_dir / "loss.csv"), artifact_path="train")
         record = {
             "run_id": run.info.run_id, "method": method, "steps": result.steps,
+            "train_rows": result.train_rows, "epochs": result.epochs,
             "wall_time_s": round(result.wall_time_s, 2), "adapter_dir": _rel(lay.adapter_dir(method), root),
             # the last step's metrics: the full history's (a resume of a finished run runs no step here)
             "final": {k: int(v) if k == "step" else round(float(v), 6)
                       for k, v in ((result.history or history or [{}])[-1]).items()},
         }
         write_json(out_dir / "train.json", record)
-    log.info("train[%s]: %d steps in %.1f s -> %s", method, result.steps, result.wall_time_s, out_dir)
+    log.info("train[%s]: %d steps (%.2f epochs of %d rows) in %.1f s -> %s", method, result.steps, result.epochs,
+             result.train_rows, result.wall_time_s, out_dir)
     return record
 
 

@@ -58,7 +58,8 @@ def train_cell(s: Settings, method: str, seed: int, name: str, tmp: Path, pairs:
     result = stages.train_adapter(s_run, rows, method, tmp, seed=seed, device=device, progress=progress)
     pd.DataFrame(result.history).to_csv(tmp / LOSS_FILE, index=False)
     last = result.history[-1] if result.history else {}
-    info = {"steps": result.steps, "resumed_from": result.resumed_from,
+    info = {"steps": result.steps, "resumed_from": result.resumed_from, "train_rows": result.train_rows,
+            "epochs": result.epochs,
             "wall_time_s": round(result.wall_time_s, 2),
             "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "final": {k: round(float(v), 6) for k, v in last.items() if k in ("loss", "l_gen", "l_cl")}}

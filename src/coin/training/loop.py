@@ -105,6 +105,8 @@ class TrainResult:
     wall_time_s: float = 0.0             # training time of this process (excluding saving)
     tokens_per_s: float = 0.0            # real (non-pad) tokens forwarded per second, all ranks
     resumed_from: int = 0                # the checkpoint step this run continued from (0: a fresh run)
+    train_rows: int = 0                  # pair rows with split "train" that the batches are drawn from
+    epochs: float = 0.0                  # passes over them: steps / full global batches per epoch
 
 
 def step_scale(batches: list[Batch], world: World) -> StepScale:
@@ -281,8 +283,10 @@ def _train(run: TrainRun, world: World, device: torch.device) -> TrainResult:
         backbone.tokenizer.save_pretrained(str(adapter_dir))
     world.barrier()
     last = history[-1] if history else {}
+    per_epoch = len(train_rows) // global_batch  # BatchStream drops each epoch's last partial batch
     return TrainResult(adapter_dir=adapter_dir, steps=cfg.max_steps, metrics=last, history=history, wall_time_s=wall,
-                       tokens_per_s=tokens / max(wall, 1e-9), resumed_from=start)
+                       tokens_per_s=tokens / max(wall, 1e-9), resumed_from=start, train_rows=len(train_rows),
+                       epochs=round(cfg.max_steps / max(per_epoch, 1), 4))
 
 
 def _model_identity(backbone: Backbone) -> dict[str, Any]:
