@@ -41,6 +41,14 @@ def test_all_agree_consistency_counts_unanimous_examples():
     assert all_agree_consistency(PRED) == pytest.approx(100 / 3)
 
 
+def test_an_unparsed_generation_agrees_with_nothing():
+    """-1 names no label: two unparsed answers are not 'the same answer' (a model that never names a label would
+    otherwise be 100% consistent)."""
+    assert all_agree_consistency(np.array([[-1, -1, -1], [1, 1, 1]])) == pytest.approx(50.0)
+    assert pairwise_consistency(np.array([[-1, -1, -1]])) == 0.0
+    assert pairwise_consistency(np.array([[-1, 0, 0]])) == pytest.approx(100 / 3)  # only the pair of 0s agrees
+
+
 def test_pss_is_the_mean_absolute_pairwise_correctness_difference():
     # x0: 0; x1: |1-0| + |1-1| + |0-1| = 2 of 3 pairs; x2: |0-0| + |0-1| + |0-1| = 2 of 3 -> (0 + 2/3 + 2/3) / 3
     assert prompt_sensitivity_score(CORRECT) == pytest.approx(4 / 9)

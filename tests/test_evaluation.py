@@ -744,3 +744,28 @@ def test_the_reference_loop_refuses_a_model_it_would_decode_differently(tiny_ber
     ref = generate_reference_style(plain.model, plain.tokenizer, PROMPTS[:2], max_new_tokens=3)
     batched = generate_answers(plain.model, plain.tokenizer, PROMPTS[:2], max_new_tokens=3, batch_size=2)
     assert ref.texts == batched.texts
+
+
+def test_accuracy_and_models_plots_draw_the_majority_and_chance_lines(small_run: EvalResult, monkeypatch) -> None:
+    """The views docs/protocol.md names carry both references: majority class (dashed) and chance (dotted)."""
+    import matplotlib.axes
+
+    from coin.evaluation.reference import reference_rates
+    from coin.evaluation.report import plots
+
+    real_hlines = matplotlib.axes.Axes.hlines
+    drawn: list[tuple[str, str, float]] = []
+
+    def spy(self, y, xmin, xmax, *args, **kwargs):
+        if kwargs.get("label"):  # the first line of each reference carries its legend label
+            drawn.append((kwargs["label"], kwargs.get("linestyles"), round(float(y), 4)))
+        return real_hlines(self, y, xmin, xmax, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "hlines", spy)
+    refs = reference_rates(small_run.predictions)
+    first_task = next(iter(refs.chance))
+    for plot, chance in ((plots.plot_accuracy, refs.chance[first_task]), (plots.plot_models, refs.chance_avg())):
+        drawn.clear()
+        plot([small_run])
+        assert any(label == "majority class" and style == "--" for label, style, _ in drawn), drawn
+        assert ("chance", ":", round(chance, 4)) in drawn, drawn

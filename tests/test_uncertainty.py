@@ -85,6 +85,10 @@ def test_robustness_scores_match_the_metrics_over_several_sets_labels_and_unpars
     assert per_task["consistency"] == pytest.approx(ov.consistency)
     assert per_task["worst_acc"] == pytest.approx(ov.worst_acc)
     assert ov.consistency > ov.worst_acc > 0  # neither figure is trivially 0 or equal here
+    # a model that never names a label is not consistent (metrics and the per-example scores agree on it)
+    unparsed = table.assign(pred=-1, correct=False)
+    assert compute_metrics(unparsed).overall.set_index("scoring").loc["generate"].consistency == 0.0
+    assert (robustness_scores(unparsed, "generate")["consistency"] == 0.0).all()
     clean_only = robustness_scores(table[table["set"] == "clean"], "generate")
     assert clean_only.empty and list(clean_only.columns) == ["consistency", "worst_acc"]
 

@@ -99,24 +99,26 @@ def _pairs(n: int) -> int:
 
 
 def pairwise_consistency(preds: np.ndarray) -> float:
-    """SCORE consistency rate (%) of an examples × instructions matrix of predicted labels; NaN under 2 instructions."""
+    """SCORE consistency rate (%) of an examples × instructions matrix of predicted labels; NaN under 2 instructions.
+    An unparsed generation (a negative label) agrees with no other answer, another unparsed one included."""
     preds = np.asarray(preds)
     n = preds.shape[1]
     if n < 2 or preds.shape[0] == 0:
         return math.nan
     per_example = []
     for row in preds:
-        _, counts = np.unique(row, return_counts=True)
-        per_example.append(sum(_pairs(int(c)) for c in counts) / _pairs(n))
+        values, counts = np.unique(row, return_counts=True)
+        per_example.append(sum(_pairs(int(c)) for v, c in zip(values, counts, strict=True) if v >= 0) / _pairs(n))
     return 100.0 * float(np.mean(per_example))
 
 
 def all_agree_consistency(preds: np.ndarray) -> float:
-    """Share (%) of examples predicted identically under every instruction."""
+    """Share (%) of examples predicted identically under every instruction, with a label (an unparsed generation,
+    a negative label, agrees with nothing)."""
     preds = np.asarray(preds)
     if preds.shape[0] == 0:
         return math.nan
-    return 100.0 * float(np.mean([len(np.unique(row)) == 1 for row in preds]))
+    return 100.0 * float(np.mean([len(np.unique(row)) == 1 and row.min() >= 0 for row in preds]))
 
 
 def prompt_sensitivity_score(correct: np.ndarray) -> float:

@@ -102,7 +102,8 @@ def _cell_stats(grp: pd.DataFrame) -> pd.Series:
     correct = grp.assign(ok=grp["pred"] == grp["label"]).pivot(index="example_id", columns="instruction_id",
                                                                 values="ok")
     return pd.Series({
-        "consistency": 100.0 * float((preds.nunique(axis=1) == 1).mean()),
+        # an unparsed generation (pred -1) names no label, so it agrees with nothing, itself included
+        "consistency": 100.0 * float(((preds.nunique(axis=1) == 1) & (preds >= 0).all(axis=1)).mean()),
         "worst_acc": 100.0 * float(correct.all(axis=1).mean()),
         "unparsed": 100.0 * float((grp["pred"] < 0).mean()),
     })

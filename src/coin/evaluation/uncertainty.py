@@ -72,7 +72,8 @@ def robustness_scores(preds: pd.DataFrame, scoring: str) -> pd.DataFrame:
         return pd.DataFrame(columns=list(ROBUSTNESS), dtype=float,
                             index=pd.MultiIndex.from_tuples([], names=["task", "example_id"]))
     grouped = p.assign(_ok=p["pred"] == p["label"]).groupby(index, sort=False)
-    per_set = pd.DataFrame({"consistency": grouped["pred"].nunique().eq(1) * 100.0,
+    # an unparsed generation (pred -1) agrees with nothing, as in coin.evaluation.metrics
+    per_set = pd.DataFrame({"consistency": (grouped["pred"].nunique().eq(1) & grouped["pred"].min().ge(0)) * 100.0,
                             "worst_acc": grouped["_ok"].all() * 100.0})
     return per_set.groupby(level=["task", "example_id"], sort=False).mean()
 

@@ -377,7 +377,9 @@ def _scoring_comparison(results: list[EvalResult]) -> list[Block]:
         return []
     out: list[Block] = [Heading("Scoring modes side by side"),
                         Text("Agreement = % of (instruction, example) items on which both modes predict the same "
-                             "label (pooled over sets; `avg` pools everything); an unparsed generation never agrees.")]
+                             "label (pooled over sets; `avg` pools everything); an unparsed generation never agrees. "
+                             "Unparsed (generate) here is the mean over every set, clean included (the summary's "
+                             "is over the perturbed sets).")]
     for r in multi:
         a, b = r.scorings[0], r.scorings[1]
         ag = r.metrics.agreement

@@ -57,16 +57,17 @@ def _png(fig) -> bytes:
 
 
 def _bars(ax, groups: list[str], series: list[tuple[str, list[float], list[float]]], *, ylabel: str,
-          ylim: tuple[float, float] | None = (0, 100), ref: tuple[str, list[float]] | None = None) -> None:
+          ylim: tuple[float, float] | None = (0, 100), refs: list[tuple[str, list[float]]] = ()) -> None:
     """Grouped bars: ``series`` = (label, heights, errors) with one value per group (NaN = no bar);
-    ``ref`` = (label, one level per group): a dashed line across each group's bars (e.g. the majority rate)."""
+    ``refs`` = [(label, one level per group)]: a line across each group's bars, dashed for the first (the
+    majority-class rate), dotted for the second (chance)."""
     width = 0.8 / max(len(series), 1)
-    if ref is not None:
-        name, levels = ref
+    for (name, levels), style in zip(refs, ("--", ":"), strict=False):
+        first = next((i for i, v in enumerate(levels) if _isnum(v)), None)
         for g, y in enumerate(levels):
             if _isnum(y):
-                ax.hlines(y, g - 0.45, g + 0.45, colors="black", linestyles="--", linewidth=1.1, zorder=3,
-                          label=name if g == next(i for i, v in enumerate(levels) if _isnum(v)) else None)
+                ax.hlines(y, g - 0.45, g + 0.45, colors="black", linestyles=style, linewidth=1.1, zorder=3,
+                          label=name if g == first else None)
     for k, (label, ys, errs) in enumerate(series):
         keep = [g for g in range(len(groups)) if _isnum(ys[g])]  # undefined values get no bar (not a 0 bar)
         xs = [g + (k - (len(series) - 1) / 2) * width for g in keep]
@@ -77,7 +78,8 @@ def _bars(ax, groups: list[str], series: list[tuple[str, list[float], list[float
         ax.set_ylim(*ylim)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize="x-small", ncols=min(len(series), 6), loc="upper left")
+    if ax.get_legend_handles_labels()[0] and any(_isnum(v) for _, ys, _ in series for v in ys):
+        ax.legend(fontsize="x-small", ncols=min(len(series) + len(refs), 6), loc="upper left")
 
 
 @_plain_text
@@ -96,11 +98,12 @@ def plot_accuracy(results: list[EvalResult], refs: References | None = None) -> 
                            [c["acc_std"] if c is not None else math.nan for c in cells]))
         ref = refs.models[r.model_label]
         majority = [ref.majority.get(t, math.nan) if t != AVG else ref.majority_avg(r.tasks) for t in groups]
+        chance = [ref.chance.get(t, math.nan) if t != AVG else ref.chance_avg(r.tasks) for t in groups]
         _bars(ax, [_task_name(r, g) if g != AVG else AVG for g in groups], series, ylabel="accuracy (%)",
-              ref=("majority class", majority))
+              refs=[("majority class", majority), ("chance", chance)])
         ax.set_title(f"{r.model_label} · {m}: accuracy by task and instruction set", fontsize="medium")
     return Plot("accuracy", _png(fig), "Accuracy by task and instruction set (mean ± std over instructions; dashed: "
-                                       "majority-class rate of the evaluated sample)")
+                                       "majority-class rate of the evaluated sample; dotted: chance)")
 
 
 @_plain_text
@@ -108,7 +111,7 @@ def plot_models(results: list[EvalResult], refs: References | None = None) -> Pl
     """One panel per scoring: groups = sets + perturbed mean, one bar per model, error bar = mean std; a dashed
     line at the sample's majority-class rate (mean over tasks: the same on every set)."""
     refs = references(results) if refs is None else refs
-    majority = refs.all.majority_avg()
+    majority, chance = refs.all.majority_avg(), refs.all.chance_avg()
     scorings = list(dict.fromkeys(m for r in results for m in r.scorings))
     sets = list(dict.fromkeys(s for r in results for s in r.sets))
     fig, axes = _figure(len(scorings), max(7.0, 1.4 * (len(sets) + 1) * max(1, len(results)) / 2))
@@ -125,10 +128,11 @@ def plot_models(results: list[EvalResult], refs: References | None = None) -> Pl
             o = _overall(r, m)
             series.append((r.model_label, ys + [o["perturbed_acc"]], es + [o["perturbed_std"]]))
         _bars(ax, [_set_name(s).replace(" (", "\n(") for s in sets] + ["perturbed\n(mean)"], series,
-              ylabel="accuracy (%)", ref=("majority class", [majority] * (len(sets) + 1)))
+              ylabel="accuracy (%)", refs=[("majority class", [majority] * (len(sets) + 1)),
+                                           ("chance", [chance] * (len(sets) + 1))])
         ax.set_title(f"{m}: models compared (mean over tasks; error bars: mean std over instructions)",
                      fontsize="medium")
-    return Plot("models", _png(fig), "Models compared per instruction set (dashed: majority-class rate)")
+    return Plot("models", _png(fig), "Models compared per instruction set (dashed: majority-class rate; dotted: chance)")
 
 
 @_plain_text
@@ -148,8 +152,9 @@ def plot_pdr(results: list[EvalResult]) -> Plot | None:
             series.append((r.model_label, vals, [math.nan] * len(vals)))
         _bars(ax, [perturbation_level(s) + f"\n({s})" for s in pert], series, ylabel="PDR (set means)", ylim=None)
         ax.axhline(0, color="black", linewidth=0.8)
-        undefined = "" if any(_isnum(v) for _, vals, _ in series for v in vals) else " — undefined: clean accuracy 0"
-        ax.set_title(f"{m}: performance drop rate vs clean by perturbation level (lower is more robust){undefined}",
+        if not any(_isnum(v) for _, vals, _ in series for v in vals):
+            ax.text(0.5, 0.5, "undefined: clean accuracy 0", transform=ax.transAxes, ha="center", va="center")
+        ax.set_title(f"{m}: performance drop rate vs clean by perturbation level (lower is more robust)",
                      fontsize="medium")
     return Plot("pdr", _png(fig), "Performance drop rate by perturbation level: PDR (set means), 1 − acc/acc_clean, "
                 "mean over tasks")
