@@ -132,7 +132,8 @@ def plot_models(results: list[EvalResult], refs: References | None = None) -> Pl
                                            ("chance", [chance] * (len(sets) + 1))])
         ax.set_title(f"{m}: models compared (mean over tasks; error bars: mean std over instructions)",
                      fontsize="medium")
-    return Plot("models", _png(fig), "Models compared per instruction set (dashed: majority-class rate; dotted: chance)")
+    return Plot("models", _png(fig),
+                "Models compared per instruction set (dashed: majority-class rate; dotted: chance)")
 
 
 @_plain_text
