@@ -158,6 +158,16 @@ def test_too_many_new_tokens_are_refused(trained):
         answer_rows(model, tok, meta, pd.DataFrame({"instruction": ["Say: "], "input": ["hi"]}), max_new_tokens=600)
 
 
+def test_max_new_tokens_that_crowd_out_the_instruction_are_named_not_the_instruction(trained):
+    """511 new tokens pass the range check but leave one position for a 10-odd-token instruction: the fix is
+    max_new_tokens, which the message names with the largest value that fits."""
+    model, tok, meta = trained
+    df = pd.DataFrame({"instruction": ["Is this review positive or negative? "], "input": ["A gem."]})
+    with pytest.raises(ValueError, match=r"max_new_tokens = 511 leaves 1 of the model's 512 positions .* "
+                                         r"lower max_new_tokens to at most \d+"):
+        answer_rows(model, tok, meta, df, max_new_tokens=511)
+
+
 # --------------------------------------------------------------------------- task and options
 
 

@@ -207,6 +207,13 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
                         raise ValueError(f"options: the longest answer is {room} tokens, more than the {limit} "
                                          f"positions the model reads leave after an empty prompt ({empty} tokens); "
                                          "shorten the options")
+                else:  # generated: max_new_tokens is at fault when the instruction would fit with fewer
+                    bare = _prompt_tokens(tokenizer, join_instruction(instruction, ""), fmt)
+                    if bare < limit < bare + room:
+                        raise ValueError(f"max_new_tokens = {room} leaves {limit - room} of the model's {limit} "
+                                         f"positions for the prompt, but the instruction with the answer marker "
+                                         f"takes {bare}; lower max_new_tokens to at most {limit - bare} or shorten "
+                                         "the instruction")
                 fitted, dropped = fit_input(tokenizer, instruction, text, fmt=fmt, limit=limit - room)
                 if dropped:
                     log.warning("predict: %sthe input is %d tokens too long for the model (%d positions with the "
