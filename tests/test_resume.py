@@ -17,6 +17,7 @@ import torch
 from helpers_training import adapter_tensors, cfg_for, make_rows
 from training_workers import CUTOFF, resume_cfg, resume_rows
 
+from coin.data.io import DataError
 from coin.modeling.backbone import load_backbone
 from coin.modeling.lora import load_adapter
 from coin.training.checkpoint import latest_checkpoint, list_checkpoints
@@ -224,6 +225,58 @@ def test_resuming_a_finished_run_keeps_its_final_metrics(tiny_llama_dir: Path, t
     same = json.dumps(first["final"], sort_keys=True)  # sft's l_cl is NaN: compared as text
     assert json.dumps(again["final"], sort_keys=True) == same
     assert json.dumps(read_json(tmp_path / "outputs" / "train" / "sft" / "train.json")["final"], sort_keys=True) == same
+
+
+def _sft_settings(model_dir: Path, **train):
+    from coin.config import Settings
+
+    return Settings.model_validate({
+        "model": {"backbone": str(model_dir), "device": "cpu"},
+        "train": {"methods": ["sft"], "max_steps": 1, "batch_size": 2, "checkpoint_every": 0, "autocast": "off",
+                  "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}, **train},
+        "register": {"methods": ["sft"]}, "study": {"methods": ["base", "sft"]}})
+
+
+def test_a_run_killed_after_saving_its_adapter_leaves_no_record_of_the_old_run(tiny_llama_dir: Path, tmp_path: Path,
+                                                                               monkeypatch) -> None:
+    """The new adapter is saved before its record is written; a run that dies in between left the new weights
+    beside the old run's train.json, and evaluate + register filed them under the old run. The old record now
+    goes first, from the method's train.json and the index, so evaluate asks for a training run instead."""
+    from coin import stages
+    from coin.data.io import read_json
+
+    rows = make_rows(4)
+    s = _sft_settings(tiny_llama_dir)
+    stages.write_train_index(s, tmp_path, {"sft": stages._train_one(s, tmp_path, rows, "sft")})
+    record = tmp_path / "outputs" / "train" / "sft" / "train.json"
+    index = tmp_path / "outputs" / "train" / "train.json"
+    assert record.exists() and "sft" in read_json(index)["runs"]
+
+    def killed(*_args, **_kwargs):
+        raise KeyboardInterrupt  # where SIGKILL landed in the audit: after the adapter, before the record
+
+    monkeypatch.setattr(stages, "_write_history_csv", killed)
+    with pytest.raises(KeyboardInterrupt):
+        stages._train_one(_sft_settings(tiny_llama_dir, max_steps=2), tmp_path, rows, "sft")
+    assert (tmp_path / "outputs" / "train" / "sft" / "adapter").is_dir()  # the new weights are there ...
+    assert not record.exists() and "sft" not in read_json(index)["runs"]  # ... under no run
+    with pytest.raises(DataError, match="no training run for method"):
+        stages.eval_units(s, tmp_path)
+
+
+def test_a_second_train_of_the_same_method_and_out_dir_is_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from filelock import FileLock
+
+    from coin import stages
+    from coin.layout import Layout
+
+    s = _sft_settings(tiny_llama_dir)
+    path = Layout(tmp_path, s).train_lock("sft")
+    path.parent.mkdir(parents=True)
+    with FileLock(str(path)), pytest.raises(RuntimeError, match="another `coin train` is writing it"):
+        stages._train_one(s, tmp_path, make_rows(4), "sft")
+    assert not (tmp_path / "outputs" / "train" / "sft" / "train.json").exists()
+    stages._train_one(s, tmp_path, make_rows(4), "sft")  # released: the next run goes ahead
 
 
 def test_a_worker_rank_never_writes_the_train_index(tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:

@@ -47,6 +47,11 @@ class Layout:
     def adapter_dir(self, method: str) -> Path:
         return self.method_dir(method) / "adapter"
 
+    def train_lock(self, method: str) -> Path:
+        """``outputs/.locks/train-<method>.lock``: held while a ``coin train`` writes ``method_dir(method)``
+        (outside ``outputs/train``, which DVC hashes as the train stage's output)."""
+        return self._out(".locks", f"train-{method}.lock")
+
     @property
     def train_record(self) -> Path:
         """Index of the training runs: ``{"methods": [...], "runs": {method: record}}``."""

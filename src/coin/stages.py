@@ -18,6 +18,8 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -337,7 +339,11 @@ def _train_one(settings: Settings, root: Path, rows: list[dict[str, Any]], metho
     if not is_main_process():  # under torchrun every rank trains; rank 0 alone tracks and writes
         train_adapter(settings, rows, method, out_dir)
         return {"method": method, "rank": "worker"}
-    with method_run(settings, root, method, stage="train", run_name=f"train-{method}") as run:
+    with _train_lock(lay, method), method_run(settings, root, method, stage="train", run_name=f"train-{method}") as run:
+        # the old run's record goes first: a run killed after it saved the new adapter but before it wrote the new
+        # record must not leave the new weights under the old run's id (evaluate and register read the record)
+        (out_dir / "train.json").unlink(missing_ok=True)
+        write_train_index(settings, root)
         result = train_adapter(settings, rows, method, out_dir, on_metrics=on_metrics)
         # the full history: after a resume, on_metrics saw only the steps run in this process
         _write_history_csv(out_dir / "loss.csv", [{**h, "step": int(h["step"])} for h in (result.history or history)])
@@ -357,6 +363,26 @@ def _train_one(settings: Settings, root: Path, rows: list[dict[str, Any]], metho
     log.info("train[%s]: %d steps (%.2f epochs of %d rows) in %.1f s -> %s", method, result.steps, result.epochs,
              result.train_rows, result.wall_time_s, out_dir)
     return record
+
+
+@contextmanager
+def _train_lock(lay: Layout, method: str) -> Iterator[None]:
+    """Refuse a second ``coin train`` of ``method`` into the same ``paths.out_dir`` while one runs (both clear and
+    write the same checkpoints, adapter and record). The OS releases the lock when its holder dies."""
+    from filelock import FileLock, Timeout
+
+    path = lay.train_lock(method)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RuntimeError(f"{lay.method_dir(method)}: another `coin train` is writing it (it holds {path}); wait for "
+                           "it to finish, or train into another paths.out_dir") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _rel(path: Path, root: Path) -> str:
