@@ -25,8 +25,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from safetensors.numpy import save_file
 
 from coin.config import STUDY_METHODS, ConfigError, Settings
+from coin.data.io import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTRUCTIONS = str(ROOT / "data" / "promptbench" / "coin_perturbed_instructions.json")
@@ -987,8 +989,47 @@ def test_a_cell_whose_adapter_lacks_its_weights_is_not_reused(tmp_path):
     (final / ADAPTER_DIR / "adapter_config.json").write_text("{}")
     write_json(final / CELL_RECORD, {"complete": True, "train_key": "k", "train": {"steps": 2}})
     assert not has_adapter(final / ADAPTER_DIR) and reusable_training(final, "k") is None
-    (final / ADAPTER_DIR / "adapter_model.safetensors").write_bytes(b"weights")
+    weights = final / ADAPTER_DIR / "adapter_model.safetensors"
+    save_file({"w": np.zeros(64, dtype=np.float32)}, str(weights))
     assert has_adapter(final / ADAPTER_DIR) and reusable_training(final, "k") is not None
+    weights.write_bytes(weights.read_bytes()[:-16])  # a copy cut short: its header declares more bytes
+    assert reusable_training(final, "k") is None
+
+
+def test_a_done_cell_with_damaged_files_is_computed_again(study_project, capsys):
+    """A cell copied back from a GPU machine with its predictions or adapter cut short counted as done, and the
+    aggregation then failed on it at every run. Its status now names the damage; run again, it is recomputed, and
+    a damaged adapter is trained again rather than reused."""
+    import torch
+
+    from coin.evaluation.result import PREDICTIONS_FILE, load_result
+    from coin.study.cell import CELL_RECORD, EVAL_DIR, cell_status, main
+    from coin.study.cell_train import ADAPTER_DIR
+
+    torch.set_num_threads(1)
+    cells = study_project["root"] / "outputs" / "study" / "cells"
+    copy = study_project["root"] / "damaged" / "coin-s0"
+    shutil.copytree(cells / "coin-s0", copy)
+    parts = json.loads((copy / CELL_RECORD).read_text())["key_parts"]
+    assert cell_status(copy, parts, trained=True) is None
+    preds = copy / EVAL_DIR / PREDICTIONS_FILE
+    good = preds.read_bytes()
+    preds.write_bytes(good[: len(good) // 2])
+    assert "predictions.parquet is damaged" in cell_status(copy, parts, trained=True)
+    with pytest.raises(DataError, match="predictions.parquet: damaged Parquet file"):
+        load_result(copy / EVAL_DIR)
+    preds.write_bytes(good)
+    weights = copy / ADAPTER_DIR / "adapter_model.safetensors"
+    trained = weights.read_bytes()
+    weights.write_bytes(trained[:-100])
+    assert "adapter damaged" in cell_status(copy, parts, trained=True)
+    before = json.loads((copy / CELL_RECORD).read_text())
+    assert main(["--params", str(study_project["params"]), "--method", "coin", "--seed", "0", "--out", str(copy),
+                 "--set", "evaluate.samples_per_task=4"]) == 0
+    capsys.readouterr()
+    after = json.loads((copy / CELL_RECORD).read_text())
+    assert after["train"]["trained_at"] != before["train"]["trained_at"]  # trained again, not reused
+    assert len(weights.read_bytes()) == len(trained) and cell_status(copy, after["key_parts"], trained=True) is None
 
 
 def test_a_null_sweep_value_names_its_cell():

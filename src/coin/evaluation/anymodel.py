@@ -465,9 +465,13 @@ def load_cached(cache_dir: Path, fingerprint: str, protocol: dict[str, Any], lab
     key = entry / KEY_FILE
     if not (entry / RESULT_FILE).is_file() or not key.is_file():
         return None
-    if read_json(key) != json.loads(json.dumps({"fingerprint": fingerprint, "protocol": protocol})):
+    try:
+        if read_json(key) != json.loads(json.dumps({"fingerprint": fingerprint, "protocol": protocol})):
+            return None
+        result = load_result(entry)
+    except DataError as exc:  # a damaged entry (a kill or a full disk): computed again and replaced
+        log.warning("evaluation cache: %s; evaluating again", exc)
         return None
-    result = load_result(entry)
     settings = result.settings if instruction_file is None else {**result.settings,
                                                                   "instruction_file": str(instruction_file)}
     return replace(result, model_label=label, predictions=result.predictions.assign(model=label), settings=settings)
@@ -480,6 +484,7 @@ def save_cached(cache_dir: Path, fingerprint: str, protocol: dict[str, Any], res
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))  # own name: concurrent writers are safe
     try:
+        tmp.chmod(0o755)  # mkdtemp makes 0700; an entry is an ordinary directory, shared as its files are (0644)
         save_result(result, tmp)
         write_json(tmp / KEY_FILE, {"fingerprint": fingerprint, "protocol": protocol})
         shutil.rmtree(entry, ignore_errors=True)

@@ -13,6 +13,7 @@ Metrics are never stored here: they are recomputed from the predictions on load 
 from __future__ import annotations
 
 import math
+import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,7 @@ def save_result(result: EvalResult, directory: str | Path) -> Path:
     """Write ``result`` under ``directory`` (created; previous files replaced). Returns the directory."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".{PREDICTIONS_FILE}.tmp"
+    tmp = d / f".{PREDICTIONS_FILE}.{uuid.uuid4().hex[:8]}.tmp"  # its own name: concurrent writers do not collide
     result.predictions.to_parquet(tmp, index=False)
     tmp.replace(d / PREDICTIONS_FILE)
     write_json(d / RESULT_FILE, result.info())  # written last: its presence marks a complete result
@@ -122,7 +123,11 @@ def load_result(directory: str | Path) -> EvalResult:
     missing = [k for k in ("model_label", "tasks", "sets", "scorings") if k not in meta]
     if missing:
         raise DataError(f"{d / RESULT_FILE}: missing field(s) {missing}")
-    preds = pd.read_parquet(d / PREDICTIONS_FILE)
+    try:
+        preds = pd.read_parquet(d / PREDICTIONS_FILE)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+        raise DataError(f"{d / PREDICTIONS_FILE}: damaged Parquet file ({' '.join(str(exc).split())[:200]}); "
+                        "re-run the evaluation that wrote it") from None
     return EvalResult(predictions=preds, **{k: v for k, v in meta.items() if k in init})
 
 

@@ -4,6 +4,9 @@ its weights, and its content hash. :mod:`coin.modeling.adapter` loads it."""
 from __future__ import annotations
 
 import hashlib
+import json
+import struct
+import zipfile
 from pathlib import Path
 
 META_FILE = "coin_model.json"  # the adapter's record: base model, attention, readout, calibration, ...
@@ -19,6 +22,37 @@ def has_adapter(adapter_dir: Path) -> bool:
     """An adapter that loads: its config *and* its weights (a study cell brought back from a GPU machine without
     its weights, as ``experiments/gpu_study.sh`` packs all but ADAPTERS_OF, has only the config)."""
     return (Path(adapter_dir) / "adapter_config.json").is_file() and bool(_glob(adapter_dir, ADAPTER_WEIGHTS))
+
+
+def weights_damage(adapter_dir: Path) -> str | None:
+    """Why an adapter's weight files cannot be read back whole (e.g. a copy cut short), or None. Structural checks
+    only, no tensor is read: a safetensors file must hold its header and exactly the bytes its header declares; a
+    ``.bin`` (torch's zip) must end in its zip directory."""
+    for f in _glob(adapter_dir, ADAPTER_WEIGHTS):
+        size = f.stat().st_size
+        if f.suffix == ".bin":
+            if not zipfile.is_zipfile(f):
+                return f"{f}: not a complete torch zip file ({size} bytes)"
+            continue
+        try:
+            with f.open("rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n)) if 0 < n <= size - 8 else None
+        except (struct.error, ValueError, UnicodeDecodeError):
+            header = None
+        if not isinstance(header, dict):
+            return f"{f}: no readable safetensors header ({size} bytes)"
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+                and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2]
+        want = 8 + n + max(ends, default=0)
+        if size != want:
+            return f"{f}: {size} bytes where its header declares {want} (truncated or damaged)"
+    return None
+
+
+def adapter_intact(adapter_dir: Path) -> bool:
+    """:func:`has_adapter`, and its weight files whole (:func:`weights_damage`)."""
+    return has_adapter(adapter_dir) and weights_damage(adapter_dir) is None
 
 
 def adapter_sha256(adapter_dir: Path) -> str:

@@ -58,7 +58,7 @@ import coin  # noqa: F401  (local-only environment first)
 from coin.config import STUDY_METHODS, ConfigError, Settings
 from coin.cpus import thread_settings
 from coin.data.io import DataError, read_json, write_json
-from coin.modeling.adapter_files import has_adapter
+from coin.modeling.adapter_files import adapter_intact, weights_damage
 from coin.study.cell_train import ADAPTER_DIR, LOSS_FILE, TRAIN_RECORD, release_memory, train_cell
 from coin.study.grid import (
     NOT_GIVEN,
@@ -107,6 +107,26 @@ def cell_status(cell_dir: Path, parts: dict[str, Any], trained: bool) -> str | N
     missing = [str(p.relative_to(cell_dir)) for p in required_files(cell_dir, trained) if not p.exists()]
     if missing:
         return f"missing {', '.join(missing)}"
+    return _damage(cell_dir, trained)
+
+
+def _damage(cell_dir: Path, trained: bool) -> str | None:
+    """Why a cell's files are present but cannot be read back whole (a copy from a GPU machine cut short), or None:
+    the predictions' Parquet footer and, for a trained cell, the adapter's weight files (no tensor is read)."""
+    from coin.evaluation.result import PREDICTIONS_FILE
+
+    preds = cell_dir / EVAL_DIR / PREDICTIONS_FILE
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - pandas writes the file through pyarrow, so it is there
+        pq = None
+    if pq is not None:
+        try:
+            pq.read_metadata(preds)
+        except Exception as exc:  # noqa: BLE001 -- any reason the footer does not read: damaged
+            return f"{preds.relative_to(cell_dir)} is damaged ({type(exc).__name__})"
+    if trained and (why := weights_damage(cell_dir / ADAPTER_DIR)):
+        return f"adapter damaged: {why}"
     return None
 
 
@@ -168,7 +188,7 @@ def reusable_training(final: Path, tkey: str) -> dict[str, Any] | None:
     except DataError:
         return None
     if (isinstance(old, dict) and old.get("complete") is True and old.get("train_key") == tkey
-            and isinstance(old.get("train"), dict) and has_adapter(final / ADAPTER_DIR)):
+            and isinstance(old.get("train"), dict) and adapter_intact(final / ADAPTER_DIR)):
         return old
     return None
 
@@ -297,6 +317,8 @@ def run_cell(settings: Settings, root: Path, cell: Cell, *, out_dir: Path | None
         key = key_of(parts)
         tmp = work_dir(final, key)
         _clear_leftovers(final, keep=tmp)
+        if force and tmp.exists():  # forced: from scratch, not from what an earlier run of this key left
+            shutil.rmtree(tmp)
         if tmp.exists():
             log.info("cell %s: continuing the work an earlier run left in %s", cell.name, tmp.name)
         tmp.mkdir(exist_ok=True)
@@ -317,8 +339,8 @@ def run_cell(settings: Settings, root: Path, cell: Cell, *, out_dir: Path | None
         try:
             out = _compute(s, root, cell, tmp, pairs, device, progress)
         except BaseException:
-            log.warning("cell %s: failed; %s is kept, so the next run of this cell continues from its last "
-                        "checkpoint", cell.name, tmp)
+            log.warning("cell %s: failed; %s is kept, so the next run of this cell continues from what it holds "
+                        "(its finished training, else its last checkpoint; --force starts over)", cell.name, tmp)
             raise
         record = {
             "format": RECORD_FORMAT, "complete": True, "cell": cell.to_dict(), "key": key,
@@ -378,12 +400,26 @@ def main(argv: list[str] | None = None) -> int:
             cell = make_cell(settings, args.method, args.seed, value)
             records = [run_cell(settings, root, cell, out_dir=args.out, pairs_file=args.pairs, device=args.device,
                                 force=args.force)]
-    except (ConfigError, DataError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # noqa: BLE001 -- a user error in one or two lines, a bug with its traceback
+        return _report(exc)
     for r in records:
         print(json.dumps({"cell": r["cell"]["name"], "cached": r["cached"], "dir": r["dir"], **r["figures"]}))
     return 0
+
+
+def _report(exc: Exception) -> int:
+    """The CLI's report (``error:``/``fix:`` and its class's exit code) where the orchestration stack is installed;
+    on a bare GPU machine (no typer/rich) the project's own errors in one line, exit 2, anything else raised."""
+    try:
+        from coin.cli import ExitCode, classify, report
+    except ImportError:
+        if isinstance(exc, (ConfigError, DataError, FileNotFoundError, RuntimeError)):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise exc from None
+    if classify(exc)[0] is ExitCode.BUG:
+        raise exc
+    return int(report(exc))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,7 +17,7 @@ from typing import Any
 
 from coin.config import Settings
 from coin.data.io import DataError, read_json, read_jsonl, write_json
-from coin.modeling.adapter_files import has_adapter
+from coin.modeling.adapter_files import has_adapter, weights_damage
 
 log = logging.getLogger("coin.study")
 
@@ -47,8 +47,13 @@ def train_cell(s: Settings, method: str, seed: int, name: str, tmp: Path, pairs:
 
     done = tmp / TRAIN_RECORD
     if done.exists() and has_adapter(tmp / ADAPTER_DIR):
-        log.info("cell %s: training had finished in an earlier run; evaluating its adapter", name)
-        return read_json(done)
+        damage = weights_damage(tmp / ADAPTER_DIR)
+        if damage is None:
+            log.info("cell %s: training had finished in an earlier run; evaluating its adapter", name)
+            return read_json(done)
+        log.warning("cell %s: the adapter an earlier run trained is damaged (%s); training again", name, damage)
+        done.unlink()
+        shutil.rmtree(tmp / ADAPTER_DIR, ignore_errors=True)
     rows = read_jsonl(pairs, missing_hint="Run `coin study` (it prepares the pairs) or pass --pairs FILE.")
     if not any(r.get("split") == "train" for r in rows):
         raise DataError(f"{pairs}: no rows with split 'train' to train on; check pairs.val_fraction")

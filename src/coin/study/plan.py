@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from coin.config import Settings
-from coin.modeling.adapter_files import has_adapter
+from coin.modeling.adapter_files import adapter_intact
 from coin.study.cell import TRAIN_RECORD, cell_status, done_sibling, reusable_training, work_dir
 from coin.study.cell_train import ADAPTER_DIR
 from coin.study.grid import cell_settings, cells_dir, grid_cells, prep_points, sweeps_draws, valid_file
@@ -51,7 +51,7 @@ def study_plan(settings: Settings, root: Path) -> dict[str, Any]:
             action, why = DONE, "its key is unchanged"
         elif cell.trained:
             tmp = work_dir(final, key)
-            if (tmp / TRAIN_RECORD).exists() and has_adapter(tmp / ADAPTER_DIR):
+            if (tmp / TRAIN_RECORD).exists() and adapter_intact(tmp / ADAPTER_DIR):
                 action, why = EVALUATE, f"{why}; a killed earlier run finished its training"
             elif reusable_training(final, train_key(s, cell, parts["pairs"])) is not None:
                 action, why = EVALUATE, f"{why}; its training is unchanged, the adapter is reused"
