@@ -35,7 +35,7 @@ import coin  # noqa: F401  (local-only environment before Prefect is imported)
 from coin.config import Settings
 from coin.evaluation.anymodel import load_for_instructions
 from coin.secrets import seal_overrides
-from flows.pipeline import Overrides, _failure, _transient, run_banner, run_main, unit_line
+from flows.pipeline import Overrides, _failure, _transient, quiet_prefect_logs, run_banner, run_main, unit_line
 
 ARTIFACT_KEY = "evaluation-headline"
 HEADLINE = (("clean", "clean_acc"), ("perturbed", "perturbed_acc"), ("consistency", "consistency"),
@@ -115,6 +115,7 @@ def coin_evaluate(
     Returns ``evaluation.json``'s summary (per model: label, spec, fingerprint, cached, MLflow run, clean and
     perturbed accuracy), the per-model ``units``, the report's ``table`` and the ``headline`` artifact.
     """
+    quiet_prefect_logs()  # a process worker runs this function directly, not through run_main
     logger = get_run_logger()
     overrides = seal_overrides(overrides)
     logger.info("%s", run_banner("coin-evaluate", params_path, overrides))

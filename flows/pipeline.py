@@ -437,6 +437,7 @@ def coin_pipeline(
     is off unless ``dask_dashboard`` is ``True`` (127.0.0.1:8787) or an address;
     ``push_data=False`` skips ``dvc push``.
     """
+    quiet_prefect_logs()  # a process worker runs this function directly, not through run_main
     logger = get_run_logger()
     overrides = seal_overrides(overrides)  # subflow runs record their parameters too
     logger.info("%s", run_banner("coin-pipeline", params_path, overrides))

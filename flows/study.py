@@ -45,7 +45,15 @@ from coin.study.placement import configure_worker, worker_plan
 from coin.study.plan import study_plan
 from coin.study.prepare import prepare_pairs
 from coin.study.report import write_study_outputs
-from flows.pipeline import Overrides, _transient, eval_task_runner, restore_process_env, run_banner, run_main
+from flows.pipeline import (
+    Overrides,
+    _transient,
+    eval_task_runner,
+    quiet_prefect_logs,
+    restore_process_env,
+    run_banner,
+    run_main,
+)
 
 
 @task(name="mlflow-study-run", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=NO_CACHE)
@@ -115,6 +123,7 @@ def coin_study(
     override ``study.workers`` / ``study.dask_address``; ``dask_processes=False`` runs one worker thread
     in this process (needs one worker).
     """
+    quiet_prefect_logs()  # a process worker runs this function directly, not through run_main
     logger = get_run_logger()
     overrides = seal_overrides(overrides)  # subflow runs record their parameters too
     logger.info("%s", run_banner("coin-study", params_path, overrides))

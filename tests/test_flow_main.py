@@ -125,3 +125,18 @@ def test_study_dask_threads_means_one_worker(monkeypatch, capsys):
     assert exit_.value.code == 2 and "drop --workers 2" in capsys.readouterr().err
     res = CliRunner().invoke(app, ["study", "--params", str(ROOT / "params.yaml"), "--dask-threads", "--workers", "2"])
     assert res.exit_code == 2 and "drop --workers 2" in res.output
+
+
+@pytest.mark.parametrize("module, flow_name", [("flows.pipeline", "coin_pipeline"), ("flows.study", "coin_study"),
+                                               ("flows.evaluate", "coin_evaluate")])
+def test_each_deployed_flow_quiets_prefects_logs_itself(module, flow_name, monkeypatch, tmp_path):
+    """A process worker calls the flow function directly, never run_main: each flow installs the quiet logs first
+    (deployment runs logged two or three tracebacks per user error, and emoji)."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    calls: list[str] = []
+    monkeypatch.setattr(mod, "quiet_prefect_logs", lambda: calls.append("quiet"))
+    with pytest.raises(Exception):  # noqa: B017,PT011 -- outside a flow run the body stops at get_run_logger
+        getattr(mod, flow_name).fn(params_path=str(tmp_path / "nosuch.yaml"))
+    assert calls == ["quiet"]
