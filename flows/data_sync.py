@@ -4,7 +4,8 @@
 pipeline also has to handle the other direction: when ``data/`` was *changed* in place (a refresh job
 dropped new files), the change is recorded as a new DVC version (``dvc add data`` rewrites
 ``data.dvc``) and pushed to the configured remote, so the version that the runs are tagged with can
-be pulled again anywhere. Commit the new ``data.dvc`` afterwards (the step says so in the log).
+be pulled again anywhere. Commit the new ``data.dvc`` afterwards (the step says so in the log). A file
+``data.dvc`` records that is gone from ``data/`` is restored from the remote first, not versioned away.
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ def _out_status(repo: Any, dvc_file: Path) -> dict[str, str]:
     return changes
 
 
+def _deleted_files(repo: Any, data_dir: Path, root: Path) -> list[str]:
+    """Files ``data.dvc`` records that are gone from ``data_dir`` (paths relative to the project root)."""
+    status = repo.data_status(granular=True, untracked_files="no").get("uncommitted", {})
+    prefix = data_dir.resolve().relative_to(root.resolve()).as_posix().rstrip("/") + "/"
+    return sorted(p for p in status.get("deleted", []) if p.startswith(prefix) and not p.endswith("/"))
+
+
 def version_data(settings: Settings, root: Path, push: bool = True) -> dict[str, Any]:
     """DVC status of ``data/``: version local changes (``dvc add``), pull what is missing, push what the
     remote lacks.
@@ -48,6 +56,14 @@ def version_data(settings: Settings, root: Path, push: bool = True) -> dict[str,
     versioned = False
     with Repo(str(root)) as repo:
         changes = _out_status(repo, dvc_file)
+        gone = _deleted_files(repo, data_dir, root) if data_dir.exists() and changes else []
+        if gone:
+            # a file deleted by accident is restored, not recorded as a new version without it (the nightly run
+            # would push that); to drop a file from the data for good, `dvc add data` by hand and commit data.dvc
+            log.warning("data: %d file(s) of data.dvc are missing from %s (%s); restoring them from the DVC "
+                        "remote", len(gone), data_dir, ", ".join(gone[:5]) + (" ..." if len(gone) > 5 else ""))
+            repo.pull(targets=[str(root / p) for p in gone])
+            changes = _out_status(repo, dvc_file)
         if data_dir.exists() and any(v == "modified" for v in changes.values()):
             # validated before it is versioned: a broken file stops here (DataError naming file and line,
             # never retried), so it is neither recorded in data.dvc nor pushed; rerunning refuses again

@@ -58,6 +58,28 @@ def test_version_data_without_push_leaves_the_remote_alone(tmp_path, monkeypatch
     assert {p for p in (project / "dvc-remote").rglob("*") if p.is_file()} == files_before
 
 
+def test_a_deleted_file_is_restored_not_versioned_away_and_a_change_beside_it_is_versioned(tmp_path, monkeypatch):
+    """qqp's train file is read by no stage of the shipped params, so the data check did not miss it: deleting it
+    recorded a new version without it (and the nightly run pushed that). It is restored; a real change made beside
+    the deletion is still versioned, with the restored file in it."""
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    project = copy_project(tmp_path)
+    settings = Settings.model_validate({})
+    version_data(settings, project)
+    v0 = _md5(project)
+    qqp = project / "data" / "glue" / "qqp.train.jsonl"
+    original = qqp.read_bytes()
+    qqp.unlink()
+    out = version_data(settings, project, push=False)
+    assert not out["versioned"] and _md5(project) == v0 and qqp.read_bytes() == original
+    qqp.unlink()
+    (project / "data" / "glue" / "extra.jsonl").write_text('{"sentence": "new row", "label": 1}\n')
+    out = version_data(settings, project, push=False)
+    assert out["versioned"] and _md5(project) != v0 and qqp.read_bytes() == original
+    assert yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["nfiles"] == \
+        yaml.safe_load((Path(__file__).resolve().parents[1] / "data.dvc").read_text())["outs"][0]["nfiles"] + 1
+
+
 def test_broken_data_is_refused_before_it_is_versioned_or_pushed_also_on_retry(tmp_path, monkeypatch):
     """Issue 12 §2: a careless in-place edit that breaks one JSON line must be refused naming the file and the
     line, and neither recorded in data.dvc nor pushed to the remote, however often the step is retried."""
