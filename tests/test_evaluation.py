@@ -769,3 +769,34 @@ def test_accuracy_and_models_plots_draw_the_majority_and_chance_lines(small_run:
         plot([small_run])
         assert any(label == "majority class" and style == "--" for label, style, _ in drawn), drawn
         assert ("chance", ":", round(chance, 4)) in drawn, drawn
+
+
+def test_a_prompt_too_long_for_the_model_has_its_input_cut_as_predict_cuts_it(eval_llama: Backbone,
+                                                                              monkeypatch) -> None:
+    """The evaluation cut over-long prompts from the left, instruction first, and said so only in a log line, so
+    coin predict (which cuts the input and keeps the instruction) scored other prompts. It now cuts the input by
+    predict's rule, records how many in the result, and the two score the same prompt."""
+    from coin.data.tasks import get_task
+    from coin.predict import answer_rows, join_instruction
+
+    model, tok = eval_llama.model, eval_llama.tokenizer
+    cfg = _settings(tasks=["rte"], samples_per_task=2, instruction_sets=["clean"], scoring=["loglik"])
+    spec = get_task("rte")
+    rows, _ = sample_examples(DATA, "rte", 2, 0)
+    instrs = load_instruction_sets(cfg.instruction_file, ["clean"], ["rte"])["clean"]["rte"]
+    items = [(instr, spec.render_content(row)) for instr in instrs for row in rows]  # the runner's order
+    whole = evaluate_model(model, tok, cfg, data_dir=DATA, seed=0, model_label="x")
+    assert "prompts_cut" not in whole.settings and len(whole.predictions) == len(items)
+    shortest = min(len(tok(join_instruction(i, t), add_special_tokens=False)["input_ids"]) for i, t in items)
+    monkeypatch.setattr(model.config, "max_position_embeddings", shortest)  # every prompt too long, none by far
+    short = evaluate_model(model, tok, cfg, data_dir=DATA, seed=0, model_label="x")
+    rec = short.settings["prompts_cut"]["loglik"]["rte"]
+    assert rec == {"inputs_cut": len(items), "instructions_too_long": 0, "prompts": len(items)}
+    assert any("the instruction kept whole" in n for n in short.notes), short.notes
+    df = pd.DataFrame({"instruction": [i for i, _ in items], "input": [t for _, t in items], "task": "rte"})
+    meta = {"prompt_format": cfg.prompt_format, "calibration": "none", "autocast": "off"}
+    served = [json.loads(s) for s in answer_rows(model, tok, meta, df)["scores"]]
+    for got, want in zip(short.predictions["scores"], served, strict=True):
+        assert got == pytest.approx([want[w] for w in spec.label_words], abs=2e-3)
+    assert not all(a == pytest.approx(b, abs=2e-3)  # and they are not the uncut prompts' scores
+                   for a, b in zip(short.predictions["scores"], whole.predictions["scores"], strict=True))

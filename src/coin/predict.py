@@ -9,8 +9,9 @@ answers a 400 that says what is wrong instead of "unexpected error".
 Long inputs: the model reads at most ``max_position_embeddings`` positions (MiniLM: 512), which must hold the
 prompt (BOS, instruction, input, answer marker) and the answer (the longest option, or ``max_new_tokens``
 generated tokens). An input that does not fit is cut to its first tokens that do (:func:`fit_input`), with a
-warning; the instruction and the answer marker are always kept whole. (Left truncation of the whole prompt,
-what the evaluation's encoder does for rows that are still too long, would cut the instruction first.)
+warning; the instruction and the answer marker are always kept whole. The evaluation cuts its inputs by the same
+rule (:func:`fit_inputs`), so both score the same prompt. (The encoder's left truncation of the whole prompt, the
+last resort for an instruction that alone is too long, would cut the instruction first.)
 """
 
 from __future__ import annotations
@@ -156,6 +157,33 @@ def fit_input(tokenizer, instruction: str, text: str, *, fmt: str, limit: int) -
             return cut, total - keep
         keep = max(keep - over, 0)
     return "", total
+
+
+def fit_inputs(tokenizer, pairs: list[tuple[str, str]], *, fmt: str, limit: int | None
+               ) -> tuple[list[str], int, int]:
+    """:func:`fit_input` over ``(instruction, input)`` pairs, as the evaluation needs it: ``(inputs, inputs cut,
+    instructions too long)``. An instruction that alone does not fit keeps its input whole (the encoder then cuts
+    the prompt from the left, instruction first) and is counted, not raised: one bad instruction must not stop an
+    evaluation. Only prompts that might be too long are tokenised: a WordPiece, byte-level BPE or SentencePiece
+    (byte fallback) tokenizer makes at most one token per UTF-8 byte of text, so a prompt has at most the empty
+    prompt's tokens plus its bytes, plus a margin for the seams; a shorter one is kept without tokenising it."""
+    if limit is None:
+        return [text for _, text in pairs], 0, 0
+    overhead = _prompt_tokens(tokenizer, "", fmt) + 4
+    out, cut, too_long = [], 0, 0
+    for instruction, text in pairs:
+        if overhead + len(join_instruction(instruction, text).encode()) <= limit:
+            out.append(text)
+            continue
+        try:
+            fitted, dropped = fit_input(tokenizer, instruction, text, fmt=fmt, limit=limit)
+        except ValueError:
+            out.append(text)
+            too_long += 1
+            continue
+        out.append(fitted)
+        cut += dropped > 0
+    return out, cut, too_long
 
 
 def _check_columns(df: pd.DataFrame) -> None:

@@ -32,7 +32,7 @@ from coin.evaluation.report import write_eval_outputs
 from coin.evaluation.result import EvalResult, load_result, save_result
 from coin.evaluation.sampling import SplitUnavailable, sample_examples
 from coin.evaluation.scoring import ScoringRequest, calibrated, label_log_prior, score_labels
-from coin.modeling.backbone import autocast_context, uses_bf16
+from coin.modeling.backbone import attention_mode, autocast_context, max_positions, readout_mode, uses_bf16
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +79,15 @@ def evaluate_model(
 
     timing: dict[str, dict[str, Any]] = {m: {"seconds": 0.0, "items": 0, "forward_tokens": 0} for m in cfg.scoring}
     paths: list[tuple[str, str, float, int]] = []  # loglik (path, reason, mean prefix tokens, prompts) per task
+    cut: dict[str, dict[str, dict[str, int]]] = {}  # per mode and task: inputs cut to fit the model
     frames = []
     device = next(model.parameters()).device
     with autocast_context(device, cfg.autocast, "evaluate.autocast"):
         for task, rows in samples.items():
             per_set = {s: instructions[s][task] for s in cfg.instruction_sets}
             counts = (label_counts or {}).get(task)
-            frames += _evaluate_task(model, tokenizer, task, rows, per_set, cfg, choices[task], timing, paths, counts)
+            frames += _evaluate_task(model, tokenizer, task, rows, per_set, cfg, choices[task], timing, paths, counts,
+                                     cut)
     preds = pd.concat(frames, ignore_index=True)
     preds.insert(0, "model", model_label)
     for t in timing.values():
@@ -94,7 +96,9 @@ def evaluate_model(
     return EvalResult(
         model_label=model_label, predictions=preds, tasks=list(samples), sets=list(cfg.instruction_sets),
         scorings=list(cfg.scoring), caveats=caveats, skipped=skipped, wall_time_s=time.perf_counter() - start,
-        timing=timing, notes=_notes(cfg, paths, choices), sources=sources,
+        timing=timing, sources=sources,
+        notes=_notes(cfg, paths, choices, attention_mode(model) == "prefix" or readout_mode(model) == "mean")
+        + _cut_notes(cut, max_positions(model)),
         settings={"scoring": list(cfg.scoring), "prompt_format": cfg.prompt_format, "seed": seed,
                   "samples_per_task": cfg.samples_per_task, "instruction_file": configured_file,
                   "instruction_sha256": hashlib.sha256(Path(cfg.instruction_file).read_bytes()).hexdigest()[:16],
@@ -103,21 +107,55 @@ def evaluate_model(
                   "bf16_autocast": uses_bf16(device, cfg.autocast, "evaluate.autocast"),
                   "calibration": cfg.calibration,
                   "label_counts": {t: c for t, c in (label_counts or {}).items() if t in samples},
-                  "n_examples": {t: len(r) for t, r in samples.items()}},
+                  "n_examples": {t: len(r) for t, r in samples.items()},
+                  **({"prompts_cut": cut} if cut else {})},
     )
+
+
+def _cut_notes(cut: dict[str, dict[str, dict[str, int]]], limit: int | None) -> list[str]:
+    """One report line per scoring mode whose prompts did not fit the model (none when every prompt fit)."""
+    notes = []
+    for mode, per_task in cut.items():
+        parts = [f"{t} {c['inputs_cut']} of {c['prompts']}" for t, c in per_task.items() if c["inputs_cut"]]
+        long = [f"{t} {c['instructions_too_long']}" for t, c in per_task.items() if c["instructions_too_long"]]
+        line = (f"{mode}: inputs cut to their first tokens to fit the model's {limit} positions with the answer, "
+                f"the instruction kept whole, as coin predict does ({', '.join(parts) or 'none'})")
+        if long:
+            line += ("; prompts whose instruction alone is too long were cut from the left, instruction first "
+                     f"({', '.join(long)})")
+        notes.append(line)
+    return notes
 
 
 def _evaluate_task(
     model: nn.Module, tokenizer, task: str, rows: list[dict[str, Any]], per_set: dict[str, list[str]],
     cfg: EvaluateSettings, choices: dict[str, int], timing: dict[str, dict[str, Any]],
     paths: list[tuple[str, str, float, int]], label_counts: list[int] | None = None,
+    cut: dict[str, dict[str, dict[str, int]]] | None = None,
 ) -> list[pd.DataFrame]:
     """Every set x instruction x example of one task, once per scoring mode (one batched call each)."""
-    from coin.predict import join_instruction  # the one definition of "instruction + input", shared with predict
+    # the one definition of "instruction + input", and of fitting a long input, shared with predict
+    from coin.predict import _answer_tokens, fit_inputs, join_instruction
 
     spec = get_task(task)
     items = [(s, i, instr, row) for s, instrs in per_set.items() for i, instr in enumerate(instrs) for row in rows]
-    prompts = [join_instruction(instr, spec.render_content(row)) for _, _, instr, row in items]
+    limit = max_positions(model)
+    cut = {} if cut is None else cut
+
+    def prompts_for(mode: str) -> list[str]:
+        """The prompts of ``mode``, each input cut to leave room for the answer (the longest label word, or
+        max_new_tokens) as coin predict cuts it; how many were cut goes to ``cut``."""
+        room = _answer_tokens(tokenizer, list(spec.label_words)) if mode == "loglik" else cfg.max_new_tokens
+        pairs = [(instr, spec.render_content(row)) for _, _, instr, row in items]
+        texts, n_cut, n_long = fit_inputs(tokenizer, pairs, fmt=cfg.prompt_format,
+                                          limit=None if limit is None else limit - room)
+        if n_cut or n_long:
+            cut.setdefault(mode, {})[task] = {"inputs_cut": n_cut, "instructions_too_long": n_long,
+                                              "prompts": len(items)}
+            log.warning("evaluate %s %s: %d of %d inputs cut to fit the model's %d positions (the instruction "
+                        "kept whole)%s", mode, task, n_cut, len(items), limit,
+                        f"; {n_long} instructions alone too long, cut from the left" if n_long else "")
+        return [join_instruction(instr, text) for (instr, _), text in zip(pairs, texts, strict=True)]
     set_of = [s for s, _, _, _ in items]  # batches stay within a set: its scores do not depend on the other sets
     base = pd.DataFrame({
         "task": task, "category": spec.category,
@@ -132,6 +170,7 @@ def _evaluate_task(
     for mode in cfg.scoring:
         t0 = time.perf_counter()
         raw: list[Any] | None = None
+        prompts = prompts_for(mode)
         if mode == "loglik":
             request = ScoringRequest(
                 model=model, tokenizer=tokenizer, prompts=prompts, label_words=list(spec.label_words),
@@ -193,7 +232,7 @@ def _content_free_calibrated(
 
 
 def _notes(cfg: EvaluateSettings, paths: list[tuple[str, str, float, int]],
-           choices: dict[str, dict[str, int]]) -> list[str]:
+           choices: dict[str, dict[str, int]], whole_prompt: bool = False) -> list[str]:
     """How the numbers were computed, one line per scoring mode (shown in the report's run details)."""
     notes = []
     if "loglik" in cfg.scoring:
@@ -204,8 +243,10 @@ def _notes(cfg: EvaluateSettings, paths: list[tuple[str, str, float, int]],
             mean_prefix = sum(p * k for p, k in cached) / n
             share = (f"each instruction's token prefix run once and shared via its KV cache (mean "
                      f"{mean_prefix:.1f} tokens per prompt)" if cfg.prefix_cache and mean_prefix > 0
-                     else "no instruction-prefix sharing" + (" (prefix-LM attention: every prompt token sees the "
-                                                             "input)" if cfg.prefix_cache else ""))
+                     else "no instruction-prefix sharing" + (
+                         " (prefix-LM attention or the mean readout: every prompt state depends on the input)"
+                         if cfg.prefix_cache and whole_prompt else
+                         " (no token prefix shared within an instruction's prompts)" if cfg.prefix_cache else ""))
             notes.append("loglik: one forward pass per (instruction, example), label continuations on its KV "
                          f"cache; {share}" + ("; length-normalised" if cfg.length_normalise else ""))
         if cfg.calibration == "content_free":
