@@ -306,3 +306,17 @@ def test_predict_scores_labels_as_the_model_was_evaluated(trained, normalise):
     scores = json.loads(got["scores"][0])
     assert [scores[w] for w in words] == pytest.approx(want.tolist(), abs=2e-4)
     assert [scores[w] for w in words] != pytest.approx(other.tolist(), abs=2e-4)
+
+
+def test_an_adapter_whose_base_moved_names_its_record_not_model_backbone(tmp_path):
+    """The base path comes from the adapter's coin_model.json, not from any params key the user set, and running
+    the pipeline again cannot bring it back: the message says where the path is recorded and what to do."""
+    from coin.data.io import write_json
+    from coin.modeling.adapter import load_trained
+    from coin.registry.errors import ModelUnavailable
+
+    write_json(tmp_path / "coin_model.json", {"base": str(tmp_path / "moved-away"), "quantization": "none"})
+    with pytest.raises(ModelUnavailable) as err:
+        load_trained(tmp_path, device="cpu")
+    msg = str(err.value)
+    assert "coin_model.json: its base model" in msg and "moved-away" in msg and "model.backbone" not in msg

@@ -599,12 +599,17 @@ def predict(
     try:
         model = mlflow.pyfunc.load_model(uri)
     except Exception as exc:  # noqa: BLE001 -- MLflow raises several types for a missing model
-        hint = "Run `coin pipeline` (or `coin register`) first."
-        if model_uri is None and "alias champion not found" in str(exc):
-            hint = ("No candidate has passed the promotion gate yet (see `coin.promotion.reason` on its version, or "
-                    "outputs/register/registration.json); the newest candidate is "
-                    f"--model-uri models:/{settings.register_.model_name}@challenger.")
-        raise ModelUnavailable(f"cannot load {uri}: {exc}. {hint}") from None
+        why = str(exc).strip().rstrip(".")
+        if _is(exc, "mlflow.exceptions", "MlflowException") or isinstance(exc, FileNotFoundError):
+            # the registered model, alias, version or run is not in the store: the pipeline makes one
+            hint = " Run `coin pipeline` (or `coin register`) first."
+            if "alias champion not found" in why:
+                hint = (" No candidate has passed the promotion gate yet (see `coin.promotion.reason` on its version, "
+                        "or outputs/register/registration.json); the newest candidate is "
+                        f"--model-uri models:/{settings.register_.model_name}@challenger.")
+        else:  # the model is registered but does not load here (its base, a library): its own message says why
+            hint = ""
+        raise ModelUnavailable(f"cannot load {uri}: {why}.{hint}") from None
     n = len(inputs)
     row = {"instruction": [instruction] * n, "input": inputs}
     if task:

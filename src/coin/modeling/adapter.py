@@ -41,10 +41,18 @@ def load_trained(adapter_dir: Path, *, device: str = "auto"):
             "a base quantised so and is loaded only the same way"
         )
     # adapters written before model.attention existed were trained causally
-    backbone = load_backbone(meta["base"], dtype=meta.get("dtype", "auto"), device=device,
-                             seed=int(meta.get("seed", 0)), attention=meta.get("attention", "causal"),
-                             readout=meta.get("readout", "last"), quantization=quantization,
-                             double_quant=bool(meta.get("double_quant", False)))
+    try:
+        backbone = load_backbone(meta["base"], dtype=meta.get("dtype", "auto"), device=device,
+                                 seed=int(meta.get("seed", 0)), attention=meta.get("attention", "causal"),
+                                 readout=meta.get("readout", "last"), quantization=quantization,
+                                 double_quant=bool(meta.get("double_quant", False)))
+    except FileNotFoundError:  # the base named in the adapter's record, not any params key, is missing
+        from coin.registry.errors import ModelUnavailable
+
+        raise ModelUnavailable(
+            f"{Path(adapter_dir) / META_FILE}: its base model {meta['base']!r} is not on this machine (not a local "
+            "directory, not in the local Hugging Face cache); put the base the adapter was trained on at that path "
+            "(nothing is downloaded)") from None
     model = load_adapter(backbone, Path(adapter_dir))
     model.eval()
     return model, backbone.tokenizer, meta
