@@ -53,3 +53,33 @@ def test_a_flow_stuck_after_the_interrupt_ends_after_the_grace_period():
     assert res.returncode == 130, res.stderr
     assert "interrupted (still shutting down after 1 s: stopped)" in res.stderr
     assert took < 60
+
+
+PLAIN = """
+import os, signal, sys, time
+import coin.cli as cli
+
+SIG = getattr(signal, sys.argv[1])
+
+def settings(*args, **kwargs):  # `coin params` loads its settings first: the signal lands there
+    try:
+        os.kill(os.getpid(), SIG)
+        time.sleep(5)
+    except KeyboardInterrupt:  # as when it lands inside an MLflow write, whose cleanup then fails
+        raise RuntimeError("(sqlite3.OperationalError) database is locked")
+
+cli._settings = settings
+sys.argv = ["coin", "params"]
+cli.main()
+"""
+
+
+@pytest.mark.parametrize(("sig", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_plain_command_interrupted_inside_a_library_call_ends_interrupted(sig, code):
+    """Every coin command runs under interrupt_guard: SIGTERM had no handler (no message, MLflow runs left
+    RUNNING), and an error raised while a Ctrl-C unwound an MLflow write was reported as an MLflow error, exit 4."""
+    env = {**os.environ, "COIN_INTERRUPT_GRACE_S": "5", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
+    env.pop("COIN_DEBUG", None)
+    res = subprocess.run([sys.executable, "-c", PLAIN, sig], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == code, res.stderr
+    assert "interrupted" in res.stderr and "database is locked" not in res.stderr, res.stderr

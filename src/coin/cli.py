@@ -223,7 +223,10 @@ class _CoinGroup(typer.core.TyperGroup):
 
     def invoke(self, ctx: Any) -> Any:
         try:
-            return super().invoke(ctx)
+            # SIGINT/SIGTERM end every command as `interrupted` (130/143), also one stopped inside a library call
+            # (an MLflow write) that then raised something else; without it SIGTERM left MLflow runs RUNNING
+            with interrupt_guard():
+                return super().invoke(ctx)
         except (typer.Exit, typer.Abort, typer.exceptions.TyperException):
             raise
         except KeyboardInterrupt:
