@@ -290,6 +290,26 @@ def test_packing_gives_the_padded_loss_and_gradients(request: pytest.FixtureRequ
     assert_grads_close(out[True][1], out[False][1])
 
 
+def test_packing_is_refused_where_a_sliding_window_is_shorter_than_the_cutoff(
+    tiny_gemma2_dir: Path, tiny_qwen2_dir: Path, tmp_path: Path
+) -> None:
+    """The packed mask has no window, and Hugging Face adds none to a given mask: a Gemma2 with a 64-token window
+    trained packed on 128-token sequences attended farther than it does when scored (the packing self-check's
+    8 tokens fit in any window). Refused past the window, allowed within it; Qwen2 has its window off."""
+    from coin.modeling.backbone import sliding_window
+
+    bb = load_backbone(str(tiny_gemma2_dir), device="cpu")
+    assert sliding_window(bb.model) == 64
+    assert sliding_window(load_backbone(str(tiny_qwen2_dir), device="cpu").model) is None
+    with pytest.raises(ValueError, match=r"sliding window of 64 tokens, shorter than pairs.cutoff_len = 128"):
+        train(bb, make_rows(4), cfg_for(max_steps=1, packing=True), out_dir=tmp_path / "a", seed=0, cutoff_len=128,
+              progress=False)
+    bb = load_backbone(str(tiny_gemma2_dir), device="cpu")
+    done = train(bb, make_rows(4), cfg_for(max_steps=1, packing=True), out_dir=tmp_path / "b", seed=0, cutoff_len=64,
+                 progress=False)
+    assert done.steps == 1
+
+
 def test_packing_refuses_models_that_would_mix_sequences(
     tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

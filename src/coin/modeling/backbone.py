@@ -770,6 +770,20 @@ def packing_check(model: nn.Module) -> tuple[float, float]:
     return packing_error(model), packing_tolerance(dtype)
 
 
+def sliding_window(model: nn.Module) -> int | None:
+    """The attention window of a model whose (some) layers attend within one (Mistral, Gemma 2/3, Qwen2 with
+    ``use_sliding_window``), else None. Packed rows carry a block-diagonal mask with no window limit, and Hugging
+    Face adds none to a mask it is given, so packing equals the padded layout only for sequences within it."""
+    cfg = getattr(unwrap_model(model), "config", None)
+    window = getattr(cfg, "sliding_window", None)
+    if not isinstance(window, int) or window <= 0 or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(cfg, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)) and not any("sliding" in str(t) for t in layer_types):
+        return None
+    return window
+
+
 def packing_supported(model: nn.Module) -> bool:
     """Whether packed sequences stay apart in ``model``: :func:`packing_error` within :func:`packing_tolerance` of
     the weights' dtype (:func:`packing_check`)."""

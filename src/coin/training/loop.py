@@ -40,6 +40,7 @@ from coin.modeling.backbone import (
     max_positions,
     packing_supported,
     set_backbone_dropout,
+    sliding_window,
     unwrap_model,
 )
 from coin.modeling.lora import apply_lora
@@ -208,6 +209,14 @@ def _train(run: TrainRun, world: World, device: torch.device) -> TrainResult:
         raise ValueError(
             f"train.packing = true, but {type(unwrap_model(model)).__name__} does not keep packed sequences apart "
             f"(its attention ignores the block-diagonal mask); set train.packing to false"
+        )
+    window = sliding_window(model) if cfg.packing else None
+    if window is not None and window < run.cutoff_len:
+        raise ValueError(
+            f"train.packing = true, but {type(unwrap_model(model)).__name__} attends within a sliding window of "
+            f"{window} tokens, shorter than pairs.cutoff_len = {run.cutoff_len}: packed rows carry no window, so "
+            f"training would attend farther than the model does when scored; set train.packing to false, or "
+            f"pairs.cutoff_len to at most {window}"
         )
     torch.manual_seed(seed + world.rank)  # LoRA dropout: its own stream per rank
     collate = PairCollator.from_settings(backbone.tokenizer, cfg, run.cutoff_len)
