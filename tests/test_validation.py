@@ -259,6 +259,22 @@ def _break(name: str, row: dict[str, Any]) -> None:
         old = row["negative_inputs"]["sentence"]
         row["negative_inputs"]["sentence"] = val
         row["negative_prompt"] = row["negative_prompt"].replace(old, val)
+    elif name == "leaked_eval_example_zero_width":  # the same leak with invisible characters the tokenizer drops
+        val = load_validation_rows("data", "sst2")[0][5]["sentence"]
+        hidden = val.replace(" ", " \u200b", 1).replace("e", "\u00ade", 1)
+        old = row["inputs"]["sentence"]
+        row["inputs"]["sentence"] = hidden
+        for p in ("original_prompt", "paraphrase_prompt"):
+            row[p] = row[p].replace(old, hidden)
+    elif name == "paraphrase_prompt_drift":  # the prompt trained on is not built from paraphrase_instruction
+        row["paraphrase_prompt"] = "Translate this sentence into French: " + row["inputs"]["sentence"]
+    elif name == "negative_prompt_other_input":  # negative_inputs (what the leak check reads) not in the prompt
+        val = load_validation_rows("data", "sst2")[0][5]["sentence"]
+        row["negative_prompt"] = row["negative_prompt"].replace(row["negative_inputs"]["sentence"], val)
+    elif name == "empty_negative_input":
+        row["negative_inputs"]["sentence"] = " "
+    elif name == "label_nan":
+        row["label"] = float("nan")
     else:
         raise KeyError(name)
 
@@ -285,7 +301,7 @@ BROKEN: dict[str, tuple[set[str], bool]] = {
     "input_missing": ({"inputs_present"}, True),
     "negative_same_target": ({"negative_valid"}, True),
     "negative_same_example": ({"negative_valid"}, True),
-    "negative_same_prompt": ({"negative_valid"}, True),
+    "negative_same_prompt": ({"negative_valid"}, False),  # its negative_inputs are then absent too
     "too_long": ({"schema", "token_length"}, True),
     "empty_target": ({"text_valid"}, False),
     "replacement_char": ({"text_valid"}, True),
@@ -294,6 +310,11 @@ BROKEN: dict[str, tuple[set[str], bool]] = {
     "missing_key": ({"schema"}, False),
     "label_str": ({"schema"}, True),
     "bad_split": ({"schema"}, True),
+    "leaked_eval_example_zero_width": ({"example_leakage"}, True),
+    "paraphrase_prompt_drift": ({"inputs_present"}, False),
+    "negative_prompt_other_input": ({"inputs_present"}, True),
+    "empty_negative_input": ({"text_valid"}, False),
+    "label_nan": ({"schema"}, False),
 }
 # a reason text that must be in the row's reasons (names the field and what is wrong)
 REASONS = {
@@ -318,6 +339,11 @@ REASONS = {
     "missing_key": "field 'negative_prompt' is missing (null)",
     "label_str": "field 'label' is a str",
     "bad_split": "field 'split' = 'dev' is not one of ['train', 'val']",
+    "leaked_eval_example_zero_width": "inputs contain evaluation example sst2.validation:5 of sst2",
+    "paraphrase_prompt_drift": "paraphrase_prompt does not use paraphrase_instruction",
+    "negative_prompt_other_input": "negative_inputs.sentence",
+    "empty_negative_input": "field 'negative_inputs.sentence' is empty",
+    "label_nan": "field 'label' is a float",
 }
 
 
@@ -353,6 +379,24 @@ def test_broken_row_rejected_by_right_check(broken_run, name):
     assert row["reasons"] and all(r.split(": ", 1)[0] in failed for r in row["reasons"])
     if name in REASONS:
         assert any(REASONS[name] in r for r in row["reasons"]), row["reasons"]
+
+
+def test_a_nan_label_is_not_called_missing(broken_run):
+    (row,) = broken_run[2]["broken:label_nan"]
+    assert not any("missing" in r for r in row["reasons"]), row["reasons"]
+
+
+def test_a_pair_id_with_a_lone_surrogate_is_rejected_and_every_output_written(real_rows, tokenizer, tmp_path,
+                                                                               embedder, eval_sources):
+    """summary.json and the reports name the first failing row's pair_id: a lone surrogate there crashed the gate
+    after valid.jsonl and rejects.jsonl were written (summary and report left from the run before)."""
+    rows = rows_copy(real_rows[:20])
+    rows[3]["pair_id"] += "\ud800"
+    report = gate(rows, tokenizer, tmp_path, embedder, eval_sources, min_pass_rate=0.5)
+    assert report.rows_rejected == 1
+    summary = read_json(tmp_path / "summary.json")
+    assert summary["checks"]["text_valid"]["example_pair_id"].endswith("\\ud800")
+    (tmp_path / "report.html").read_text(encoding="utf-8")
 
 
 def test_duplicate_pair_id_rejects_both(broken_run, real_rows):
@@ -455,8 +499,9 @@ def test_per_task_counts_and_a_task_left_without_rows_fails_the_gate(real_rows, 
 
 
 def test_no_rows_fails_the_gate(tokenizer, tmp_path, embedder, eval_sources):
-    with pytest.raises(GateFailed, match="no rows to validate"):
+    with pytest.raises(GateFailed, match="no rows to validate") as err:
         gate([], tokenizer, tmp_path, embedder, eval_sources, min_pass_rate=0.0)
+    assert "Build the pairs first" in str(err.value) and "or lower validate.min_pass_rate" not in str(err.value)
     assert (tmp_path / "rejects.jsonl").read_text() == ""
 
 
@@ -589,3 +634,13 @@ def run_checks_without_schema(rows, ctx):
     from coin.validation import run_checks
 
     return run_checks(rows, ctx, [n for n in CHECKS if n != "schema"])
+
+
+def test_read_jsonl_refuses_a_key_twice_as_read_json_does(tmp_path):
+    """A pairs or GLUE row with a key written twice: JSON keeps the last, and the gate validated that one."""
+    from coin.data.io import DataError
+
+    f = tmp_path / "rows.jsonl"
+    f.write_text('{"sentence": "a", "label": 0}\n{"label": 0, "sentence": "b", "label": 1}\n')
+    with pytest.raises(DataError, match=r"rows.jsonl:2: key 'label' appears twice"):
+        read_jsonl(f)

@@ -45,7 +45,10 @@ def read_jsonl(
             if not text.strip():
                 continue
             try:
-                row = json.loads(text)
+                row = json.loads(text, object_pairs_hook=_no_duplicate_keys)  # as read_json: a key twice is refused
+            except _DuplicateKey as exc:
+                raise DataError(f"{path}:{lineno}: key {exc.args[0]!r} appears twice in one object; JSON keeps only "
+                                "the last, so the first would be silently lost: keep one") from None
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: bad JSON on line {lineno} ({exc.msg.removesuffix(' at')}, "
                                 f"column {exc.colno}); fix or remove the line") from None

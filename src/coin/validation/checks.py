@@ -145,11 +145,12 @@ def text_valid(row: Row) -> list[Finding]:
             out.append(Finding("missing_text", f"field '{name}' is missing"))
         elif isinstance(value, str) and not value.strip():
             out.append(Finding("empty_text", f"field '{name}' is empty or whitespace only ({value!r})"))
-    inputs = row.get("inputs")
-    if isinstance(inputs, Mapping):
-        for k, v in inputs.items():
-            if isinstance(v, str) and not v.strip():
-                out.append(Finding("empty_text", f"field 'inputs.{k}' is empty or whitespace only ({v!r})"))
+    for field in ("inputs", "negative_inputs"):
+        inputs = row.get(field)
+        if isinstance(inputs, Mapping):
+            for k, v in inputs.items():
+                if isinstance(v, str) and not v.strip():
+                    out.append(Finding("empty_text", f"field '{field}.{k}' is empty or whitespace only ({v!r})"))
     for key, value in row.items():
         for path, text in iter_strings(value, str(key)):
             hit = bad_char(text)
@@ -265,6 +266,28 @@ def inputs_present(row: Row) -> list[Finding]:
             if not any(f in row[prompt] for f in forms):
                 out.append(Finding(f"input_missing_{prompt}",
                                    f"inputs.{name} ({_short(text)}) does not appear in {prompt}"))
+    # the hard negative's inputs are in its prompt (the leak check reads negative_inputs; training reads the prompt)
+    neg_inputs, neg_prompt = row.get("negative_inputs"), row.get("negative_prompt")
+    if isinstance(neg_inputs, Mapping) and isinstance(neg_prompt, str):
+        for name, text in neg_inputs.items():
+            if isinstance(text, str) and text.strip() and not any(
+                    f in neg_prompt for f in rendered_forms(row.get("task"), text)):
+                out.append(Finding("input_missing_negative_prompt",
+                                   f"negative_inputs.{name} ({_short(text)}) does not appear in negative_prompt"))
+    # each prompt is built from its own instruction (the similarity and leak checks read the instructions; training
+    # reads the prompts): the instruction's fixed text must be in it
+    for prompt, instruction in (("original_prompt", "original_instruction"),
+                                ("paraphrase_prompt", "paraphrase_instruction")):
+        if not isinstance(row.get(instruction), str):
+            continue
+        try:
+            chunks = _literal_chunks(row[instruction])
+        except ValueError:  # unbalanced braces: not a template, nothing to compare
+            continue
+        missing = [c for c in chunks if c not in row[prompt]]
+        if missing:
+            out.append(Finding("other_instruction",
+                               f"{prompt} does not use {instruction} (its text {_short(missing[0], 40)} is absent)"))
     return out
 
 

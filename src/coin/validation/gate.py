@@ -74,8 +74,8 @@ def run_checks(rows: Sequence[Row], ctx: CheckContext,
 
 
 def _pair_id(row: Row, i: int) -> str:
-    pid = row.get("pair_id")
-    return pid if isinstance(pid, str) else f"<row {i}: pair_id {pid!r}>"
+    pid = row.get("pair_id")  # shown in summary.json and the reports: a lone surrogate could not be written
+    return _escape_surrogates(pid) if isinstance(pid, str) else f"<row {i}: pair_id {_escape_surrogates(repr(pid))}>"
 
 
 def _check_stats(rows: Sequence[Row], results: list[CheckResult]) -> CheckStats:

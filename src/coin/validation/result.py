@@ -152,7 +152,11 @@ class GateReport:
         lines.append(f"Every rejected row and its reasons: {self.rejects_path} (report: {self.out_dir / REPORT_FILE}, "
                      f"summary: {self.summary_path}"
                      + (f", Data Docs: {self.data_docs_index})" if self.data_docs_index else ")"))
-        if self.rows_in and self.pass_rate >= self.min_pass_rate:  # only a task emptied: the threshold is no fix
+        if not self.rows_in:  # nothing to validate: no threshold helps
+            lines.append("Build the pairs first (`coin pairs`) and check pairs.tasks, pairs.rows_per_task and the "
+                         "data they read; lowering validate.min_pass_rate does not help, an empty set fails the gate "
+                         "at any threshold.")
+        elif self.pass_rate >= self.min_pass_rate:  # only a task emptied: the threshold is no fix
             lines.append(f"Fix the data or the settings that reject {', '.join(self.emptied_tasks)}'s rows (e.g. "
                          "pairs.cutoff_len), or remove the task from pairs.tasks; lowering validate.min_pass_rate "
                          "does not help, a task with no training row fails the gate at any threshold.")

@@ -17,6 +17,7 @@ The DataFrame (all ``object`` dtype, never the caller's rows)::
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -69,9 +70,12 @@ def _in_answers(row: Row, field: str) -> bool:
 
 
 def _gx_safe(value: Any) -> Any:
-    """GX encodes values as UTF-8 and raises on lone surrogates (text_valid reports them)."""
+    """GX encodes values as UTF-8 and raises on lone surrogates (text_valid reports them), and reads a NaN or
+    infinite float as null ("missing"): such a value is passed as its text, so the type check names it."""
     if isinstance(value, str):
         return replace_surrogates(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
     if isinstance(value, dict):
         return {_gx_safe(k): _gx_safe(v) for k, v in value.items()}
     if isinstance(value, list):

@@ -12,7 +12,9 @@ import unicodedata
 
 
 def squash(text: str) -> str:
-    """Casefolded NFKC text without whitespace and punctuation: equal squash = 'differs only in form'.
+    """Casefolded NFKC text without whitespace, punctuation and invisible format characters (Unicode category Cf:
+    soft hyphen, zero-width space and joiners, byte-order mark, which the tokenizers drop too): equal squash =
+    'differs only in form'.
 
     >>> squash("Is it  GOOD?") == squash("is it good")
     True
@@ -21,13 +23,16 @@ def squash(text: str) -> str:
     out = text.translate(_DROP_BMP)
     if out.isascii():
         return out
-    return "".join(c for c in out if not (c.isspace() or unicodedata.category(c).startswith("P")))
+    return "".join(c for c in out if not (c.isspace() or unicodedata.category(c)[0] == "P"
+                                          or unicodedata.category(c) == "Cf"))
 
 
-# whitespace and punctuation of the Basic Multilingual Plane, deleted by str.translate (fast path of squash)
+# whitespace, punctuation and format characters of the Basic Multilingual Plane, deleted by str.translate (fast
+# path of squash)
 _DROP_BMP = {
     i: None for i in range(0x10000)
-    if not 0xD800 <= i <= 0xDFFF and (chr(i).isspace() or unicodedata.category(chr(i)).startswith("P"))
+    if not 0xD800 <= i <= 0xDFFF and (chr(i).isspace() or unicodedata.category(chr(i))[0] == "P"
+                                      or unicodedata.category(chr(i)) == "Cf")
 }
 
 
