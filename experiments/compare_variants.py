@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from study_cells import cell_dirs, load_cell, pairs_sha, same_pairs, same_sample  # noqa: E402
+from study_cells import cell_dirs, load_cell, same_sample, variant_pairs  # noqa: E402
 
 from coin.data.io import write_json  # noqa: E402
 from coin.evaluation.uncertainty import N_BOOT, ROBUSTNESS  # noqa: E402
@@ -147,9 +147,8 @@ def main() -> int:
     labels = [v[0] for v in variants]
     if len(set(labels)) != len(labels):
         raise SystemExit(f"two variants share a label: {labels}")
-    dirs = dict.fromkeys(d for _, d, _, _ in variants)
-    valid_sha = pairs_sha(dirs) if args.pairs_may_differ else same_pairs(dirs)
     records, data = [], []
+    by_label: dict[str, list[dict[str, Any]]] = {}
     for label, study, method, sweep in variants:
         found = []
         for cell_dir in cell_dirs(study):
@@ -160,12 +159,14 @@ def main() -> int:
                 continue
             found.append(cell.seed)
             records.append(rec)
+            by_label.setdefault(label, []).append(rec)
             data.append(dataclasses.replace(cell, method=label))
         if not found:
             at = f" at {sweep}" if sweep else " without a sweep"
             raise SystemExit(f"{study / 'cells'}: no done cell of method {method!r}{at}")
         seeds = ",".join(map(str, sorted(found)))
         print(f"{label}: {study}/cells/{method}-s{{{seeds}}}" + (f"-{sweep}" if sweep else ""))
+    valid_sha = variant_pairs(by_label, args.pairs_may_differ)
     same_sample(records)
     pairs = [(labels[0], b) for b in labels[1:]] + list(itertools.combinations(labels[1:], 2))
     agg = aggregate_group(data, labels, n_boot=args.n_boot, pairs=pairs)
@@ -185,4 +186,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from coin.cli import run_script  # a user error in two lines, a bug with its traceback
+
+    raise SystemExit(run_script(main))

@@ -43,7 +43,10 @@ from coin.evaluation.report.blocks import FIGURE_NAMES as NAMES  # noqa: E402
 from coin.evaluation.uncertainty import LEVEL, SCORE_FIGURE  # noqa: E402
 from coin.study.cell import CELL_RECORD  # noqa: E402
 
-SAME = ("code", "params", "pairs", "eval_inputs")  # key parts that must match: only method and seed may differ
+# key parts that must match: only method and seed may differ. A base cell reads no training setting and no pairs, so
+# its params and pairs parts are compared with other base cells only (code and evaluation inputs with every cell)
+SAME = ("code", "eval_inputs")
+SAME_KIND = ("params", "pairs")
 SHOWN = tuple(SCORE_FIGURE.values())  # the figures the study bootstraps, in its order
 
 
@@ -52,6 +55,7 @@ def load_records(dirs: list[Path]) -> dict[tuple[str, int], dict[str, Any]]:
     out: dict[tuple[str, int], dict[str, Any]] = {}
     where: dict[tuple[str, int], Path] = {}
     ref: tuple[Path, dict[str, Any]] | None = None
+    kind_ref: dict[bool, tuple[Path, dict[str, Any]]] = {}  # trained (pairs read) or not -> its first cell
     for d in dirs:
         found = cell_dirs(d) if (Path(d) / "cells").is_dir() else []
         paths = [c / CELL_RECORD for c in found if (c / CELL_RECORD).is_file()]
@@ -65,10 +69,13 @@ def load_records(dirs: list[Path]) -> dict[tuple[str, int], dict[str, Any]]:
             parts = rec["key_parts"]
             if ref is None:
                 ref = (path, parts)
-            bad = [k for k in SAME if parts.get(k) != ref[1].get(k)]
-            if bad:
-                raise SystemExit(f"{path}: not comparable with {ref[0]}: its key differs in {', '.join(bad)} "
-                                 "(another recipe, code, pairs or evaluation sample); pool only cells of one recipe")
+            kind = kind_ref.setdefault(parts.get("pairs") is not None, (path, parts))
+            for other, keys in ((ref, SAME), (kind, SAME_KIND)):
+                bad = [k for k in keys if parts.get(k) != other[1].get(k)]
+                if bad:
+                    raise SystemExit(f"{path}: not comparable with {other[0]}: its key differs in {', '.join(bad)} "
+                                     "(another recipe, code, pairs or evaluation sample); pool only cells of one "
+                                     "recipe")
             cell = (rec["cell"]["method"], int(rec["cell"]["seed"]))
             if rec["cell"].get("sweep_key"):
                 raise SystemExit(f"{path}: a swept cell ({rec['cell']['sweep_key']}); pool unswept cells only")

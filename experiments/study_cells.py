@@ -61,6 +61,23 @@ def same_pairs(study_dirs: Iterable[Path]) -> str:
     return next(iter(valid.values()))
 
 
+def variant_pairs(records: dict[str, list[dict[str, Any]]], may_differ: bool = False) -> dict[str, str | None]:
+    """The validated pairs each variant's selected cells were trained on (the pairs hash their keys record; None
+    for base, which reads none), by label. Each variant's cells must share one; the variants too, unless
+    ``may_differ`` (a pairs.* setting is the variant). Read from the chosen cells, not the study directory: a
+    ``pairs.seed`` sweep keeps one set of pairs per draw and none at the top."""
+    out: dict[str, str | None] = {}
+    for label, recs in records.items():
+        keys = {r["key_parts"].get("pairs") for r in recs} - {None}
+        if len(keys) > 1:
+            raise SystemExit(f"{label}: its cells were trained on {len(keys)} different validated pairs")
+        out[label] = "cells:" + keys.pop() if keys else None
+    if len(set(out.values()) - {None}) > 1 and not may_differ:
+        raise SystemExit(f"the variants were trained on different validated pairs: {out}; pass --pairs-may-differ "
+                         "when a pairs.* setting is the variant")
+    return out
+
+
 def cell_dirs(study_dir: Path) -> list[Path]:
     """The cell directories of a study (its work and lock entries, which start with a dot, left out)."""
     return sorted(p for p in (Path(study_dir) / "cells").iterdir() if p.is_dir() and not p.name.startswith("."))

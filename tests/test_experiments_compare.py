@@ -153,3 +153,22 @@ def test_a_label_may_hold_an_equals_sign_and_a_sweep_suffix_still_parses(tmp_pat
     assert parse("a=b=missing:coin")[:2] == ("a", Path("b=missing"))
     with pytest.raises(SystemExit, match="LABEL=STUDY_DIR:METHOD"):
         parse("coin-without-a-study")
+
+
+def test_variant_pairs_reads_the_chosen_cells_so_a_pairs_seed_sweep_compares() -> None:
+    """A pairs.seed sweep keeps one set of pairs per draw and no validated/ at the top: the check reads the pairs
+    each variant's chosen cells were trained on (base reads none), so two methods of one draw compare, and two
+    draws compare only with --pairs-may-differ."""
+    _module()
+    import study_cells as cells
+
+    def recs(pairs: str | None, n: int = 2) -> list[dict]:
+        return [{"key_parts": {"pairs": pairs}} for _ in range(n)]
+
+    same_draw = cells.variant_pairs({"coin": recs("d42"), "sft": recs("d42"), "base": recs(None)})
+    assert same_draw == {"coin": "cells:d42", "sft": "cells:d42", "base": None}
+    with pytest.raises(SystemExit, match="different validated pairs"):
+        cells.variant_pairs({"coin@42": recs("d42"), "coin@7": recs("d7")})
+    assert cells.variant_pairs({"coin@42": recs("d42"), "coin@7": recs("d7")}, may_differ=True)["coin@7"] == "cells:d7"
+    with pytest.raises(SystemExit, match="coin: its cells were trained on 2 different"):
+        cells.variant_pairs({"coin": recs("d42", 1) + recs("d7", 1)})

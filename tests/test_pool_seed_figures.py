@@ -69,3 +69,17 @@ def test_refuses_cells_of_another_recipe_or_a_cell_passed_twice(tmp_path: Path) 
         mod.load_records([tmp_path / "a", tmp_path / "a"])
     with pytest.raises(SystemExit, match="no cells"):
         mod.load_records([tmp_path / "empty"])
+
+
+def test_base_cells_pool_beside_trained_ones(tmp_path: Path) -> None:
+    """A base cell's key has its own params part (seed, model, evaluate) and no pairs: every study holds one, and
+    the script refused any such study. Base cells are compared with base cells; a base of another model is not."""
+    mod = _module()
+    for seed in (0, 1):
+        _cell(tmp_path / "a", "coin", seed, 60.0 + seed)
+        _cell(tmp_path / "a", "base", seed, 40.0, params="pbase", pairs=None)
+    p = mod.pool(mod.load_records([tmp_path / "a"]), [("coin", "base")])
+    assert p["differences"][0]["perturbed_acc"]["delta"] == pytest.approx(20.5)
+    _cell(tmp_path / "b", "base", 2, 40.0, params="pbase-other-model", pairs=None)
+    with pytest.raises(SystemExit, match="key differs in params"):
+        mod.load_records([tmp_path / "a", tmp_path / "b"])
