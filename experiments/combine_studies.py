@@ -65,11 +65,34 @@ def main() -> int:
     methods = [m for m in STUDY_METHODS if any(r["cell"]["method"] == m for r in records)]
     seeds = sorted({r["cell"]["seed"] for r in records})
     settings, _ = load_study(args.params, [f"study.methods={methods}", f"study.seeds={seeds}"])
+    settings = _as_recorded(settings, records)
     out = render_study(settings, records, data, args.out)
     print(out["table"])
     print(per_task_table(data, methods, out["study"]))
     print("->", out["paths"]["report_md"])
     return 0
+
+
+def _as_recorded(settings, records: list[dict]):
+    """``settings`` with the backbone, training steps, evaluation seed and scoring the cells record (the report's
+    header names them; --params, the shipped params.yaml by default, need not be the cells' own). Cells that
+    disagree on one of them are not one study."""
+    def one(what: str, values: set) -> object:
+        values -= {None}
+        if len(values) > 1:
+            raise SystemExit(f"the cells differ in {what} ({sorted(map(str, values))}): not one study to combine")
+        return values.pop() if values else None
+
+    backbone = one("model.backbone", {r.get("params", {}).get("model.backbone") for r in records})
+    steps = one("train.max_steps", {r.get("params", {}).get("train.max_steps") for r in records})
+    seed = one("the evaluation seed", {r.get("eval_seed") for r in records})
+    scoring = one("the primary scoring", {r.get("scoring") for r in records})
+    model = settings.model.model_copy(update={"backbone": backbone} if backbone is not None else {})
+    train = settings.train.model_copy(update={"max_steps": steps} if steps is not None else {})
+    evaluate = settings.evaluate.model_copy(
+        update={"scoring": [scoring, *[m for m in settings.evaluate.scoring if m != scoring]]} if scoring else {})
+    return settings.model_copy(update={"model": model, "train": train, "evaluate": evaluate,
+                                       **({"seed": seed} if seed is not None else {})})
 
 
 if __name__ == "__main__":

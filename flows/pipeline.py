@@ -45,7 +45,7 @@ from pydantic import SecretStr
 
 import coin  # noqa: F401  (local-only environment before Prefect is imported)
 from coin import stages
-from coin.config import Settings, check_robustness_sets, load_settings
+from coin.config import ConfigError, Settings, check_robustness_sets, load_settings
 from coin.cpus import THREAD_VARS, cpu_budget, threads_per_worker, use_torch_threads
 from coin.secrets import reveal, seal_overrides, seal_text
 from flows.caching import missing_outputs, record_outputs, result_storage, stage_cache_policy
@@ -261,6 +261,20 @@ def dashboard_kwargs(dashboard: bool | str | None = None) -> dict[str, Any]:
     return {"dashboard_address": address, "scheduler_kwargs": {"dashboard": True}}
 
 
+def _check_dask_address(address: str) -> None:
+    """A scheduler address Dask can connect to (``host:port`` or ``scheme://host:port``), checked before any work:
+    DaskTaskRunner takes any text and fails only when the first task is submitted."""
+    from distributed.comm import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(address)
+        if scheme in ("tcp", "tls", "ws", "wss", "ucx"):
+            parse_host_port(location)
+    except ValueError as exc:
+        raise ConfigError(f"dask_address = {address!r} (--dask-address or study.dask_address): not a Dask scheduler "
+                          f"address ({exc}); give host:port, e.g. tcp://127.0.0.1:8786") from None
+
+
 def eval_task_runner(workers: int = 2, address: str | None = None, processes: bool = True,
                      dashboard: bool | str | None = None, threads: int | None = None) -> TaskRunner:
     """A Dask task runner: an existing scheduler at ``address``, or a local cluster of ``workers``
@@ -273,6 +287,7 @@ def eval_task_runner(workers: int = 2, address: str | None = None, processes: bo
     from prefect_dask import DaskTaskRunner
 
     if address:
+        _check_dask_address(address)
         return DaskTaskRunner(address=address)
     if workers < 1:
         raise ValueError(f"eval_workers = {workers}: needs at least 1 Dask worker")

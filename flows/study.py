@@ -81,9 +81,27 @@ def cell_task(params_path: str, overrides: Overrides, name: str, torch_threads: 
 def study_cells(params_path: str, overrides: Overrides, torch_threads: int | None = None) -> list[dict[str, Any]]:
     """One ``study-cell`` task per cell of the grid, submitted to this flow's task runner."""
     settings, _ = load_study(params_path, overrides)
-    futures = [cell_task.submit(params_path, overrides, c.name, torch_threads) for c in grid_cells(settings)]
+    cells = grid_cells(settings)
+    futures = [cell_task.submit(params_path, overrides, c.name, torch_threads) for c in cells]
     wait(futures)
-    return [f.result() for f in futures]  # raises the first failed cell's error
+    out = []
+    for cell, future in zip(cells, futures, strict=True):
+        try:
+            out.append(future.result())
+        except Exception as exc:  # the first failed cell's error, naming the cell (the others are kept, done)
+            named = _naming_cell(exc, cell.name)
+            if named is exc:
+                raise
+            raise named from exc
+    return out
+
+
+def _naming_cell(exc: Exception, name: str) -> Exception:
+    """``exc`` as the same type with ``cell <name>: `` in front (the type decides the exit code), else itself."""
+    try:
+        return type(exc)(f"cell {name}: {exc}")
+    except Exception:  # noqa: BLE001 -- an exception type that takes other arguments: kept as it is
+        return exc
 
 
 @task(name="study-aggregate", cache_policy=NO_CACHE)

@@ -103,3 +103,17 @@ def test_a_new_registration_prints_its_message_not_every_decision_field():
     text = "\n".join(summary_lines("register", {**reg, "message": registration_message(reg)}))
     assert "message: m v2: registered, not promoted (aliases: challenger): gain 0.4 < 1.0" in text
     assert "decision" not in text
+
+
+def test_the_study_dry_run_never_cuts_a_cell_name(capsys, monkeypatch):
+    """Two swept cells whose names differ only at the end were both shown cut with '…', reading alike."""
+    from coin.cli import _print_study_plan
+
+    monkeypatch.setenv("COLUMNS", "80")
+    names = [f"coin-s0-train.lora.target_modules=__q_proj_v_proj_{m}_proj__" + "x" * 100 for m in ("k", "o")]
+    _print_study_plan({"prepare": [], "cells": [{"cell": n, "action": "train", "why": "not computed yet"}
+                                                for n in names], "counts": {"train": 2}})
+    out = capsys.readouterr().out
+    assert "…" not in out
+    first_column = "".join(line.split("│")[1].strip() for line in out.splitlines() if line.startswith("│"))
+    assert first_column == "".join(names), out  # each name whole, wrapped over lines

@@ -172,3 +172,21 @@ def test_variant_pairs_reads_the_chosen_cells_so_a_pairs_seed_sweep_compares() -
     assert cells.variant_pairs({"coin@42": recs("d42"), "coin@7": recs("d7")}, may_differ=True)["coin@7"] == "cells:d7"
     with pytest.raises(SystemExit, match="coin: its cells were trained on 2 different"):
         cells.variant_pairs({"coin": recs("d42", 1) + recs("d7", 1)})
+
+
+def test_combine_studies_labels_the_report_with_the_cells_own_settings() -> None:
+    """combine_studies.py read backbone and steps from --params (the shipped params.yaml by default): tiny cells were
+    reported as MiniLM with 320 steps. They come from the cells' records; cells that disagree are refused."""
+    spec = importlib.util.spec_from_file_location("combine_studies", ROOT / "experiments" / "combine_studies.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from coin.config import Settings
+
+    def rec(backbone: str, steps: int | None) -> dict:
+        params = {"model.backbone": backbone, **({"train.max_steps": steps} if steps else {})}
+        return {"params": params, "eval_seed": 7, "scoring": "loglik"}
+
+    s = mod._as_recorded(Settings.model_validate({}), [rec("/m/tiny", 2), rec("/m/tiny", None)])  # + a base cell
+    assert (s.model.backbone, s.train.max_steps, s.seed, s.evaluate.scoring[0]) == ("/m/tiny", 2, 7, "loglik")
+    with pytest.raises(SystemExit, match="differ in model.backbone"):
+        mod._as_recorded(Settings.model_validate({}), [rec("/m/tiny", 2), rec("minilm", 2)])

@@ -140,3 +140,30 @@ def test_each_deployed_flow_quiets_prefects_logs_itself(module, flow_name, monke
     with pytest.raises(Exception):  # noqa: B017,PT011 -- outside a flow run the body stops at get_run_logger
         getattr(mod, flow_name).fn(params_path=str(tmp_path / "nosuch.yaml"))
     assert calls == ["quiet"]
+
+
+@pytest.mark.parametrize("address", ["notanaddress", "tcp://127.0.0.1", "127.0.0.1:notaport"])
+def test_a_malformed_dask_address_is_refused_naming_the_option(address):
+    """DaskTaskRunner took any text and failed at the first submitted task, after the pairs and the gate ran."""
+    from coin.config import ConfigError
+    from flows.pipeline import eval_task_runner
+
+    with pytest.raises(ConfigError, match=r"--dask-address or study.dask_address\): not a Dask scheduler address"):
+        eval_task_runner(1, address, True, None, None)
+    assert eval_task_runner(1, "tcp://127.0.0.1:8786", True, None, None) is not None  # not connected here
+
+
+def test_a_failed_study_cell_is_named_in_the_error_of_its_own_class():
+    """The study ended with the first failed cell's message alone, the cell named only in the log above."""
+    from coin.data.io import DataError
+    from flows.study import _naming_cell
+
+    named = _naming_cell(DataError("training needs at least 64 rows"), "coin-s0-train.batch_size=64")
+    assert type(named) is DataError and str(named) == "cell coin-s0-train.batch_size=64: training needs at least 64 rows"
+
+    class Odd(Exception):
+        def __init__(self, a: int, b: int) -> None:
+            super().__init__(a, b)
+
+    odd = Odd(1, 2)
+    assert _naming_cell(odd, "x") is odd  # a type that takes other arguments stays as it is

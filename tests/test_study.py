@@ -520,6 +520,48 @@ def test_aggregation_finds_a_known_gap_with_an_interval_that_holds_it():
     assert g["majority_class"]["tasks"] == {"sst2": 50.0, "rte": 75.0} and g["n_examples"] == 80
 
 
+def test_an_undefined_difference_counts_no_seeds_and_the_table_shows_a_dash():
+    """A clean-only group has no perturbed difference: study.json said 0 of 2 seeds agree with it, the table
+    '0/2', as if the seeds disagreed with something."""
+    from coin.study.aggregate import aggregate, cell_data
+    from coin.study.report import difference_rows
+
+    n = 20
+    labels = {"sst2": [e % 2 for e in range(n)]}
+    cells = [cell_data({"cell": {"method": m, "seed": s, "sweep_key": None, "sweep_value": None}},
+                       synth_result(f"{m}-s{s}", {"sst2": set(range(k))}, n=n, labels=labels, sets=("clean",)))
+             for s in (0, 1) for m, k in (("cit", 14), ("sft", 10))]
+    (g,) = aggregate(cells, ["cit", "sft"], n_boot=200)["groups"]
+    (d,) = g["differences"]
+    assert d["clean"]["delta"] == pytest.approx(20.0) and d["clean"]["seeds_same_sign"] == 2
+    assert d["perturbed"]["delta"] is None and d["perturbed"]["seeds_same_sign"] is None
+    (row,) = difference_rows(g, ("clean", "perturbed"))
+    assert row[2] == "2/2" and row[4] == "–"
+
+
+def test_a_clean_only_report_removes_the_perturbed_plots_an_earlier_one_drew(tmp_path):
+    from coin.study.aggregate import cell_data
+    from coin.study.report import render_study
+
+    def render(sets: tuple[str, ...]) -> dict:
+        n, labels = 20, {"sst2": [e % 2 for e in range(20)]}
+        data, records = [], []
+        for s in (0, 1):
+            for m, k in (("cit", 14), ("sft", 10)):
+                res = synth_result(f"{m}-s{s}", {"sst2": set(range(k))}, n=n, labels=labels, sets=sets)
+                cell = {"name": f"{m}-s{s}", "method": m, "seed": s, "sweep_key": None, "sweep_value": None}
+                data.append(cell_data({"cell": cell}, res))
+                records.append({"cell": cell, "figures": data[-1].figures, "levels": data[-1].levels, "wall_time_s": {"train": 1.0, "evaluate": 1.0},
+                                "device": "cpu", "computed_at": "2026-12-05T00:00:00+00:00"})
+        settings = Settings.model_validate({"study": {"methods": ["cit", "sft"], "seeds": [0, 1], "n_boot": 200}})
+        return render_study(settings, records, data, tmp_path)
+
+    render(("clean", "textfooler"))
+    assert {p.name for p in tmp_path.glob("*.png")} == {"spread.png", "robustness.png", "levels.png"}
+    render(("clean",))
+    assert {p.name for p in tmp_path.glob("*.png")} == {"spread.png"}  # no stale perturbed plots beside it
+
+
 def test_aggregation_gives_paired_consistency_and_worst_case_gaps_where_accuracy_is_equal():
     """Both methods are right on half the examples under each instruction. cit on the same half (0-19) under both
     instructions: consistency 100, worst case 50. sft on 0-19 under one and 10-29 under the other: it answers alike
@@ -1054,3 +1096,15 @@ def test_the_report_header_says_swept_for_a_swept_step_count():
         "Backbone `tiny`, training steps swept, scoring `loglik`.")
     assert setup_line({"backbone": "tiny", "max_steps": 2, "scoring": "loglik"}) == (
         "Backbone `tiny`, 2 training steps, scoring `loglik`.")
+
+
+def test_a_cell_names_a_missing_pairs_file_and_a_bad_device(study_project, capsys, tmp_path):
+    from coin.modeling.backbone import pick_device
+    from coin.study.cell import main
+
+    params = str(study_project["params"])
+    assert main(["--params", params, "--method", "coin", "--seed", "0", "--pairs", str(tmp_path / "nope.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "--pairs" in err and "nope.jsonl: file not found" in err and "or pass --pairs" not in err
+    with pytest.raises(ValueError, match="device 'tpu': use auto, cpu, cuda, cuda:N or mps"):
+        pick_device("tpu")

@@ -367,7 +367,7 @@ def _print_study_plan(plan: dict[str, Any]) -> None:
     colour = {"done": "green", "evaluate": "cyan", "copy": "cyan"}
     table = Table(title="coin study --dry-run: nothing computed", title_justify="left")
     for col in ("what", "action", "why"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # a long cell name wraps whole: two cut names could read alike
     for p in plan["prepare"]:
         table.add_row(escape(f"pairs {p['pairs']}"), f"[{colour.get(p['action'], 'yellow')}]{p['action']}[/]",
                       escape(p["why"]))

@@ -95,6 +95,8 @@ def pick_device(requested: str = "auto") -> torch.device:
         if not index.isdigit() or int(index) >= count:
             raise RuntimeError(f"device {requested!r}: this machine has {count} visible CUDA device(s)"
                                + (f" (cuda:0..cuda:{count - 1})" if count else "") + "; use one of them, cpu or auto")
+    elif requested not in ("cpu", "cuda", "mps"):  # model.device is checked at load; --device (study cells) here
+        raise ValueError(f"device {requested!r}: use auto, cpu, cuda, cuda:N or mps")
     return torch.device(requested)
 
 

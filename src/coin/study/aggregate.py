@@ -337,7 +337,8 @@ def aggregate_group(cells: list[CellData], methods: Sequence[str], *, n_boot: in
             pa = dict(zip(seeds[a], per_cell[part][a], strict=True))
             pb = dict(zip(seeds[b], per_cell[part][b], strict=True))
             per_seed = {s: float(pa[s] - pb[s]) for s in common}
-            same = seeds_agreeing(per_seed.values(), delta)
+            # an undefined difference (no perturbed set in this group) has no sign for a seed to agree with
+            same = seeds_agreeing(per_seed.values(), delta) if math.isfinite(delta) else None
             d[part] = {"delta": json_number(delta), "ci_low": json_number(lo), "ci_high": json_number(hi),
                        "excludes_zero": bool(not math.isnan(lo) and (lo > 0 or hi < 0)),
                        "seeds_same_sign": same, "seeds_paired": len(common),

@@ -382,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         settings, root = load_study(args.params, args.overrides)
+        if args.pairs is not None and not args.pairs.is_file():
+            raise ConfigError(f"--pairs {args.pairs}: file not found; pass the validated pairs "
+                              "(<study.out_dir>/validated/valid.jsonl, written by `coin study`), or drop --pairs")
         if args.all:
             if args.method or args.seed is not None or args.out:
                 raise ConfigError("--all runs the whole grid: drop --method, --seed and --out")

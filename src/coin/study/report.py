@@ -195,7 +195,8 @@ def difference_rows(group: dict[str, Any], parts: tuple[str, ...]) -> list[list[
             p = d.get(part) or {}
             mark = " *" if p.get("excludes_zero") else ""
             row += [f_ci(p.get("delta"), p.get("ci_low"), p.get("ci_high"), signed=True) + mark,
-                    f"{p['seeds_same_sign']}/{p['seeds_paired']}" if p else DASH]
+                    f"{p['seeds_same_sign']}/{p['seeds_paired']}"
+                    if p and p.get("delta") is not None and p.get("seeds_same_sign") is not None else DASH]
         rows.append(row)
     return rows
 
@@ -304,6 +305,9 @@ def _dots_per_seed(study: dict[str, Any], keys: list[str], majority_on: set[str]
     return fig
 
 
+PLOT_NAMES = ("spread", "robustness", "levels")  # every plot a study report can draw (render_study)
+
+
 def plot_spread(study: dict[str, Any]) -> Plot:
     """Per group and part (clean, perturbed; clean alone without perturbed figures): one dot per seed, a bar at
     the mean, the majority-class line."""
@@ -397,5 +401,7 @@ def render_study(settings: Settings, records: list[dict[str, Any]], data: list[C
     for p in plots:
         paths[f"plot_{p.name}"] = out / f"{p.name}.png"
         paths[f"plot_{p.name}"].write_bytes(p.png)
+    for name in set(PLOT_NAMES) - {p.name for p in plots}:  # an earlier aggregation's plot this one has not drawn
+        (out / f"{name}.png").unlink(missing_ok=True)
     log.info("study: %d cells aggregated -> %s", len(records), out)
     return {"paths": {k: str(v) for k, v in paths.items()}, "table": table, "study": study}

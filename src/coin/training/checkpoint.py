@@ -202,6 +202,8 @@ def save_adapter(model: torch.nn.Module, directory: Path, *, world: World) -> No
         state_dict = {n: full_tensor(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
     if world.is_main:
         model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict)  # type: ignore[operator]
+        for f in Path(directory).glob("*.safetensors"):  # safetensors writes 0600; outputs are ordinary files
+            f.chmod(0o644)
 
 
 def _load_adapter_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> Any:
