@@ -159,7 +159,8 @@ def test_a_failed_study_cell_is_named_in_the_error_of_its_own_class():
     from flows.study import _naming_cell
 
     named = _naming_cell(DataError("training needs at least 64 rows"), "coin-s0-train.batch_size=64")
-    assert type(named) is DataError and str(named) == "cell coin-s0-train.batch_size=64: training needs at least 64 rows"
+    assert type(named) is DataError
+    assert str(named) == "cell coin-s0-train.batch_size=64: training needs at least 64 rows"
 
     class Odd(Exception):
         def __init__(self, a: int, b: int) -> None:

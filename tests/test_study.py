@@ -551,7 +551,8 @@ def test_a_clean_only_report_removes_the_perturbed_plots_an_earlier_one_drew(tmp
                 res = synth_result(f"{m}-s{s}", {"sst2": set(range(k))}, n=n, labels=labels, sets=sets)
                 cell = {"name": f"{m}-s{s}", "method": m, "seed": s, "sweep_key": None, "sweep_value": None}
                 data.append(cell_data({"cell": cell}, res))
-                records.append({"cell": cell, "figures": data[-1].figures, "levels": data[-1].levels, "wall_time_s": {"train": 1.0, "evaluate": 1.0},
+                records.append({"cell": cell, "figures": data[-1].figures, "levels": data[-1].levels,
+                                "wall_time_s": {"train": 1.0, "evaluate": 1.0},
                                 "device": "cpu", "computed_at": "2026-12-05T00:00:00+00:00"})
         settings = Settings.model_validate({"study": {"methods": ["cit", "sft"], "seeds": [0, 1], "n_boot": 200}})
         return render_study(settings, records, data, tmp_path)
