@@ -348,12 +348,12 @@ def test_registration_keeps_the_card_as_artifacts_and_headline_tags(registry, ev
     client = MlflowClient()
     reg = registry["regs"][0]
     mv = client.get_model_version("tiny-card", "1")
-    assert mv.tags[TAG_CARD] == f"runs:/{reg.run_id}/coin_card/card.json"
+    assert mv.tags[TAG_CARD] == f"runs:/{reg.run_id}/coin_card/tiny-card/v1/card.json"
     card = json.loads((eval_dir / "cards" / "m" / "card.json").read_text())
     for key in HEADLINE:
         assert float(mv.tags[f"coin.card.{key}"]) == pytest.approx(card["headline"][key], abs=1e-4), key
-    assert sorted(a.path for a in client.list_artifacts(reg.run_id, "coin_card")) == [
-        "coin_card/card.html", "coin_card/card.json"]
+    assert sorted(a.path for a in client.list_artifacts(reg.run_id, "coin_card/tiny-card/v1")) == [
+        "coin_card/tiny-card/v1/card.html", "coin_card/tiny-card/v1/card.json"]
     loaded = load_card("models:/tiny-card/1")
     assert {k: v for k, v in loaded.items() if not k.startswith("_")} == card
     assert load_card("models:/tiny-card@champion")["model"] == "n" and load_card("tiny-card")["_version"] == "2"
@@ -386,13 +386,29 @@ def test_coin_card_prints_the_champions_card(registry):
     assert "100.0" in row
 
 
-def test_coin_card_compares_two_versions_side_by_side(registry):
+def test_coin_card_compares_two_versions_side_by_side(registry, eval_dir):
     res = _coin("models:/tiny-card/1", "models:/tiny-card@champion", params=registry["params"])
     assert res.exit_code == 0, res.output
     row = next(line for line in res.output.splitlines() if "pairwise consistency (perturbed)" in line)
     # m: (5/9 + 1) / 2 = 77.8 %, n: 100 %, difference +22.2 points
     assert "77.8" in row and "100.0" in row and "+22.2" in row
     assert "B − A" in res.output
+
+    # the two references whole in the header (cut, both read "models:/tiny-car…"), even on a narrow terminal
+    import json
+
+    from rich.console import Console
+
+    from coin.evaluation.report.card import rich_tables
+
+    cards = [{**json.loads((eval_dir / "cards" / m / "card.json").read_text()),
+              "_ref": f"models:/coin-minilm-with-a-long-name/{v}"} for m, v in (("m", 12), ("n", 13))]
+    console = Console(width=100, record=True)
+    console.print(rich_tables(cards)[0])
+    lines = [line.split("┃") for line in console.export_text().splitlines() if line.startswith("┃")]
+    assert "…" not in console.export_text()
+    for col, version in ((3, 12), (4, 13)):
+        assert "".join(parts[col].strip() for parts in lines) == f"models:/coin-minilm-with-a-long-name/{version}"
 
 
 def test_coin_card_errors_name_the_thing_at_fault(registry):

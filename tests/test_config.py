@@ -155,3 +155,12 @@ def test_an_unquoted_off_is_off():
     assert (s.train.autocast, s.evaluate.autocast) == ("off", "off")
     with pytest.raises(ConfigError, match="evaluate.autocast = True"):
         load_settings(ROOT / "params.yaml", ["evaluate.autocast=on"], check_project=False)
+
+
+@pytest.mark.parametrize("name", ["coin/minilm", "a:b", "coin@x", "it's", 'say "hi"', " padded"])
+def test_a_registered_model_name_mlflow_or_a_models_uri_cannot_hold_is_refused(name):
+    from coin.config import ConfigError, Settings
+
+    with pytest.raises((ConfigError, ValueError), match="register.model_name|registered model name"):
+        Settings.model_validate({"register": {"model_name": name}})
+    assert Settings.model_validate({"register": {"model_name": "coin-minilm.v2 exp"}}).register_.model_name

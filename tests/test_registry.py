@@ -116,6 +116,13 @@ def test_other_evaluation_protocol_never_promotes():
     assert decide_promotion(ModelFigures(90.0, 90.0, b), ModelFigures(50.0, 50.0), **GATE).promote
     back = decision_from_tags(far_better.to_tags())
     assert back.candidate.protocol == b and back.reason == far_better.reason
+    # the same sets in another order (a champion tagged before the sets were sorted): the same protocol
+    reordered = a.replace("sets clean,textfooler", "sets textfooler,clean")
+    assert decide_promotion(ModelFigures(90.0, 90.0, a), ModelFigures(50.0, 50.0, reordered), **GATE).promote
+    from coin.evaluation.result import evaluation_protocol
+
+    info = {"scorings": ["loglik"], "sets": ["textfooler", "clean"], "settings": {"seed": 42, "n_examples": {}}}
+    assert "sets clean,textfooler" in evaluation_protocol(info)
 
 
 def test_candidate_figures_carry_the_protocol_of_eval_info(tmp_path):
@@ -332,6 +339,52 @@ def _run_version(client, name: str) -> tuple[str, str]:
     return str(mv.version), run.info.run_id
 
 
+def test_a_refusal_that_decided_nothing_is_decided_anew_after_a_new_evaluation(store):
+    """The fix a 'Not comparable' refusal gives is to re-evaluate under the champion's protocol and register again,
+    but the recorded refusal stood for good ('decision unchanged'). Such a refusal, and only such, is decided anew
+    when the figures or protocol changed; a real refusal stands."""
+    from mlflow import MlflowClient
+
+    from coin.registry.promotion import TAG_DECISION, promote_version
+    from coin.registry.register import forget_undecided
+
+    client = MlflowClient()
+    v1, _ = _run_version(client, "redo")
+    v2, _ = _run_version(client, "redo")
+    assert promote_version("redo", v1, ModelFigures(70.0, 60.0, "protocol A", 50.0), **GATE).promote
+    other = ModelFigures(75.0, 70.0, "protocol B", 50.0)
+    refused = promote_version("redo", v2, other, **GATE)
+    assert not refused.promote and refused.reason.startswith("Not comparable")
+    assert not forget_undecided(client, "redo", v2, other)  # the same evaluation again: nothing new to decide
+    same_protocol = ModelFigures(75.0, 70.0, "protocol A", 50.0)
+    assert forget_undecided(client, "redo", v2, same_protocol)
+    assert TAG_DECISION not in client.get_model_version("redo", v2).tags
+    again = promote_version("redo", v2, same_protocol, **GATE)
+    assert again.promote and str(client.get_model_version_by_alias("redo", "champion").version) == v2
+    v3, _ = _run_version(client, "redo")
+    worse = ModelFigures(60.0, 55.0, "protocol A", 50.0)
+    assert not promote_version("redo", v3, worse, **GATE).promote  # a real refusal ...
+    assert not forget_undecided(client, "redo", v3, ModelFigures(80.0, 80.0, "protocol A", 50.0))  # ... stands
+
+
+def test_one_run_registered_under_two_names_keeps_each_versions_predictions(store):
+    """An experiment registers the same training run under its own register.model_name, from another
+    evaluation: the stored predictions lived at one path per run, and the second overwrote the first version's."""
+    from mlflow import MlflowClient
+
+    from coin.registry.promotion import load_predictions, store_predictions
+
+    client = MlflowClient()
+    v1, run = _run_version(client, "main-model")
+    client.create_registered_model("exp-model")
+    v_exp = str(client.create_model_version("exp-model", source="file:///nowhere", run_id=run).version)
+    first, second = _paired_table(CHAMP_RIGHT), _paired_table(CHAMP_RIGHT).iloc[:10]
+    store_predictions(client, "main-model", v1, run, first)
+    store_predictions(client, "exp-model", v_exp, run, second)
+    kept = load_predictions(client, "main-model", client.get_model_version("main-model", v1), what="v1")
+    assert len(kept) == len(first) != len(second)
+
+
 def test_interval_rule_promotes_an_established_gain_and_refuses_a_noisy_one(store):
     from mlflow import MlflowClient
 
@@ -349,7 +402,7 @@ def test_interval_rule_promotes_an_established_gain_and_refuses_a_noisy_one(stor
     v1, run1 = _run_version(client, "ci")
     champ = _paired_table(CHAMP_RIGHT)
     uri = keep_predictions("ci", v1, run1, _paired_figures(CHAMP_RIGHT), champ)
-    assert uri == f"runs:/{run1}/coin_eval/predictions.parquet"
+    assert uri == f"runs:/{run1}/coin_eval/ci/v{v1}/predictions.parquet"  # the version's own path
     assert client.get_model_version("ci", v1).tags[TAG_PREDICTIONS] == uri
     stored = load_predictions(client, "ci", client.get_model_version("ci", v1), what="v1")
     pd.testing.assert_frame_equal(stored, champ[list(stored.columns)])      # through MLflow's artifact API
@@ -509,8 +562,9 @@ def test_register_gate_idempotent_and_pyfunc_roundtrip(store, tmp_path, tiny_lla
     assert client.get_model_version_by_alias("tiny-coin", "champion").run_id == run.info.run_id
     # its per-example predictions are kept beside the logged model, in the same run
     assert client.get_model_version("tiny-coin", "1").tags["coin.eval_predictions"] == (
-        f"runs:/{run.info.run_id}/coin_eval/predictions.parquet")
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "coin_eval")] == ["coin_eval/predictions.parquet"]
+        f"runs:/{run.info.run_id}/coin_eval/tiny-coin/v1/predictions.parquet")
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "coin_eval/tiny-coin/v1")] == [
+        "coin_eval/tiny-coin/v1/predictions.parquet"]
 
     # same run again: no second version, the same decision, nothing moved
     again = register_candidate(adapter, run.info.run_id, "tiny-coin", ModelFigures(70.0, 55.0), **GATE)

@@ -488,6 +488,18 @@ class RegisterSettings(_Section):
     def _methods_registered(cls, v: list[str]) -> list[str]:
         return _registered_methods(v)
 
+    @field_validator("model_name")
+    @classmethod
+    def _model_name(cls, v: str) -> str:
+        # MLflow refuses / and : (only after the adapter was logged); @ splits models:/<name>@<alias>; a quote
+        # breaks the registry's search filter (the same run was registered twice)
+        bad = sorted({c for c in v if c in "/:@'\"" or c.isspace() and c != " "} | ({"leading or trailing space"}
+                     if v != v.strip() else set()))
+        if bad:
+            raise ValueError(f"{v!r} has {', '.join(map(repr, bad))}: a registered model name takes letters, digits, "
+                             "'-', '_', '.' and inner spaces (no / : @ or quotes)")
+        return v
+
 
 _TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
 

@@ -132,6 +132,15 @@ def load_result(directory: str | Path) -> EvalResult:
 
 
 
+def same_protocol(a: str, b: str) -> bool:
+    """Whether two :func:`evaluation_protocol` lines name one protocol: equal once the instruction sets are read as a
+    set (lines recorded before they were sorted list them in the configured order)."""
+    def key(text: str) -> list[str]:
+        return [",".join(sorted(p[5:].split(","))) if p.startswith("sets ") else p for p in text.split("; ")]
+
+    return key(a) == key(b)
+
+
 def evaluation_protocol(info: dict[str, Any]) -> str:
     """What must match for two models' headline figures to be comparable, as one readable line.
 
@@ -149,7 +158,7 @@ def evaluation_protocol(info: dict[str, Any]) -> str:
         + (f" (calibration {calibration})" if calibration != "none" else ""),
         f"seed {st.get('seed')}",
         "examples " + ",".join(f"{t}:{n[t]}" for t in sorted(n)),
-        "sets " + ",".join(info.get("sets", [])),
+        "sets " + ",".join(sorted(info.get("sets", []))),  # the same sets in another order: the same protocol
         f"instructions {st.get('instruction_sha256', st.get('instruction_file'))}",
         f"format {st.get('prompt_format')}",
     ])

@@ -3,7 +3,7 @@
 The evaluation writes each model's card under ``outputs/evaluate/cards/<model>/`` (``card.json`` and a
 self-contained ``card.html``, :mod:`coin.evaluation.card`). Registration keeps it with the version:
 
-- both files as artifacts of the version's run, under :data:`CARD_DIR` (beside the logged model);
+- both files as artifacts of the version's run, under ``<CARD_DIR>/<name>/v<version>`` (beside the logged model);
 - tag :data:`TAG_CARD` = their ``runs:/`` URI, and one tag ``coin.card.<figure>`` per headline figure
   (:data:`coin.evaluation.card.HEADLINE`; ``null`` when undefined), so the registry UI and a search show them.
 
@@ -26,7 +26,7 @@ from coin.registry.promotion import PromotionError
 log = logging.getLogger("coin")
 
 CARD_DIR = "coin_card"
-TAG_CARD = "coin.card"                   # runs:/<run_id>/coin_card/card.json
+TAG_CARD = "coin.card"                   # runs:/<run_id>/coin_card/<name>/v<version>/card.json
 TAG_CARD_FIGURE = "coin.card.{}"         # one per headline figure
 
 
@@ -68,10 +68,13 @@ def store_card(client, name: str, version: str, run_id: str, directory: str | Pa
         return mv.tags[TAG_CARD]
     directory = Path(directory)
     card = read_card(directory)
+    from coin.registry.promotion import version_artifact_dir
+
+    where = version_artifact_dir(CARD_DIR, name, str(version))  # the version's own: a run can have several
     for fname in (CARD_JSON, CARD_HTML):
         if (directory / fname).is_file():
-            client.log_artifact(run_id, str(directory / fname), artifact_path=CARD_DIR)
-    uri = f"runs:/{run_id}/{CARD_DIR}/{CARD_JSON}"
+            client.log_artifact(run_id, str(directory / fname), artifact_path=where)
+    uri = f"runs:/{run_id}/{where}/{CARD_JSON}"
     headline = card.get("headline", {})
     for key in HEADLINE:
         client.set_model_version_tag(name, str(version), TAG_CARD_FIGURE.format(key), _tag_value(headline.get(key)))

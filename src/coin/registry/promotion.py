@@ -32,7 +32,7 @@ The decision can therefore be re-derived from the registry alone (:func:`decisio
 it for a version that already has a decision changes nothing and returns the recorded decision.
 
 Each version also keeps its per-example predictions (primary scoring) as an artifact of its run
-(:data:`PREDICTIONS_ARTIFACT`, located by the version tag ``coin.eval_predictions``), so a later
+(``coin_eval/<name>/v<version>/predictions.parquet``, located by the version tag ``coin.eval_predictions``), so a later
 candidate can be compared with it example by example (:func:`store_predictions`, :func:`load_predictions`).
 """
 
@@ -58,7 +58,7 @@ TAG_CLEAN = "coin.clean_acc"
 TAG_PERTURBED = "coin.perturbed_acc"
 TAG_PROTOCOL = "coin.eval_protocol"
 TAG_MAJORITY = "coin.majority_acc"
-TAG_PREDICTIONS = "coin.eval_predictions"          # runs:/<run_id>/coin_eval/predictions.parquet
+TAG_PREDICTIONS = "coin.eval_predictions"          # runs:/<run_id>/coin_eval/<name>/v<version>/predictions.parquet
 TAG_DECISION = "coin.promotion.decision"
 TAG_REASON = "coin.promotion.reason"
 TAG_CHAMPION_VERSION = "coin.promotion.champion_version"
@@ -76,7 +76,14 @@ NONE = "none"
 _DIGITS = 6
 EVIDENCE = ("point", "interval")
 PREDICTIONS_DIR = "coin_eval"
-PREDICTIONS_ARTIFACT = f"{PREDICTIONS_DIR}/predictions.parquet"
+PREDICTIONS_FILE = "predictions.parquet"
+
+
+def version_artifact_dir(top: str, name: str, version: str) -> str:
+    """``<top>/<name>/v<version>``: where a model version keeps its files in its training run. One run can be
+    registered under several model names (an experiment's ``register.model_name``), each from its own evaluation:
+    a path per run let the second registration overwrite the first version's files."""
+    return f"{top}/{name}/v{version}"
 # what a paired comparison needs of a model's predictions (coin.evaluation.uncertainty.example_scores)
 PREDICTION_COLUMNS = ("scoring", "task", "set", "instruction_id", "example_id", "label", "pred")
 
@@ -261,7 +268,9 @@ def decide_promotion(candidate: ModelFigures, champion: ModelFigures | None, *, 
                  f"{_fmt(candidate.majority_acc)} ({margin:+g} pp)")
     if champion is None:
         return decision(True, f"No champion yet: the first candidate becomes champion{above}.")
-    if candidate.protocol and champion.protocol and candidate.protocol != champion.protocol:
+    from coin.evaluation.result import same_protocol
+
+    if candidate.protocol and champion.protocol and not same_protocol(candidate.protocol, champion.protocol):
         return decision(False, "Not comparable: the champion was evaluated under another protocol "
                         f"(champion: {champion.protocol} | candidate: {candidate.protocol}). Its figures cannot "
                         "gate this candidate; evaluate both under one protocol (evaluate.* as for the champion), "
@@ -392,16 +401,18 @@ def candidate_predictions(metrics_json: str | Path, model_label: str) -> pd.Data
 
 
 def store_predictions(client, name: str, version: str, run_id: str, predictions: pd.DataFrame) -> str:
-    """Log ``predictions`` (:data:`PREDICTION_COLUMNS`) as :data:`PREDICTIONS_ARTIFACT` of ``run_id`` (the
-    registered model's run) and record its ``runs:/`` URI in version tag :data:`TAG_PREDICTIONS`."""
+    """Log ``predictions`` (:data:`PREDICTION_COLUMNS`) as ``coin_eval/<name>/v<version>/predictions.parquet`` of
+    ``run_id`` (the registered model's run; :func:`version_artifact_dir`) and record its ``runs:/`` URI in version
+    tag :data:`TAG_PREDICTIONS`."""
     missing = [c for c in PREDICTION_COLUMNS if c not in predictions.columns]
     if missing:
         raise ValueError(f"predictions lack columns {missing}; have {list(predictions.columns)}")
+    where = version_artifact_dir(PREDICTIONS_DIR, name, str(version))
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / Path(PREDICTIONS_ARTIFACT).name
+        local = Path(tmp) / PREDICTIONS_FILE
         predictions[list(PREDICTION_COLUMNS)].to_parquet(local, index=False)
-        client.log_artifact(run_id, str(local), artifact_path=PREDICTIONS_DIR)
-    uri = f"runs:/{run_id}/{PREDICTIONS_ARTIFACT}"
+        client.log_artifact(run_id, str(local), artifact_path=where)
+    uri = f"runs:/{run_id}/{where}/{PREDICTIONS_FILE}"
     client.set_model_version_tag(name, str(version), TAG_PREDICTIONS, uri)
     return uri
 
@@ -498,6 +509,16 @@ def _same_figures(recorded: ModelFigures, given: ModelFigures) -> bool:
     return recorded == (given if recorded.majority_acc is not None else replace(given, majority_acc=None))
 
 
+# refusals that decided nothing about the candidate (its figures could not be compared with the champion's): a new
+# evaluation of the same run, registered again, is decided afresh (coin.registry.register.forget_undecided)
+UNDECIDED = ("Not comparable:", "No evidence for the interval rule")
+
+
+def same_figures(recorded: ModelFigures, given: ModelFigures) -> bool:
+    """Whether ``given`` are the figures (protocol included) ``recorded`` as tags."""
+    return _same_figures(recorded, given)
+
+
 def promote_version(name: str, version: str | int, figures: ModelFigures, *, min_improvement: float,
                     max_clean_drop: float, evidence: str = "point", predictions: pd.DataFrame | None = None,
                     client=None) -> PromotionDecision:
@@ -519,7 +540,8 @@ def promote_version(name: str, version: str | int, figures: ModelFigures, *, min
     if recorded is not None:
         if not _same_figures(recorded.candidate, figures):
             log.warning("%s version %s was already %s with figures %s; the figures given now (%s) differ "
-                        "(re-evaluated?). The recorded decision stands; register a new training run to re-decide.",
+                        "(re-evaluated?). The recorded decision stands (a version is decided once unless it was "
+                        "refused as not comparable or without evidence); register a new training run to re-decide.",
                         name, version, recorded.decision, recorded.candidate, figures)
         return recorded
 

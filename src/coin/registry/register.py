@@ -42,11 +42,18 @@ import coin
 from coin.modeling.adapter import META_FILE, read_meta
 from coin.registry.promotion import (
     CHALLENGER,
+    TAG_CLEAN,
+    TAG_DECISION,
+    TAG_MAJORITY,
+    TAG_PERTURBED,
     TAG_PREDICTIONS,
+    TAG_PROTOCOL,
+    UNDECIDED,
     ModelFigures,
     PromotionDecision,
     decision_from_tags,
     promote_version,
+    same_figures,
     split_runs_uri,
     store_predictions,
 )
@@ -281,6 +288,29 @@ def _artifact_exists(client, uri: str) -> bool:
         return False
 
 
+def forget_undecided(client, name: str, version: str, figures: ModelFigures) -> bool:
+    """When ``version``'s recorded decision is an :data:`~coin.registry.promotion.UNDECIDED` refusal (not comparable
+    with the champion, or no evidence for the interval rule) and ``figures`` (with their protocol) differ from the
+    recorded ones, remove that decision and what came with it (its figures, stored predictions and card), so this
+    registration decides and stores them anew; True when it did. Any other decision stands (a version is decided
+    once: register a new training run to re-decide it)."""
+    from coin.registry.card import TAG_CARD
+
+    mv = client.get_model_version(name, str(version))
+    recorded = decision_from_tags(mv.tags)
+    if recorded is None or recorded.promote or not recorded.reason.startswith(UNDECIDED):
+        return False
+    if same_figures(recorded.candidate, figures):
+        return False
+    drop = [k for k in mv.tags if k.startswith(("coin.promotion.", TAG_CARD)) or k in (
+        TAG_PREDICTIONS, TAG_CLEAN, TAG_PERTURBED, TAG_MAJORITY, TAG_PROTOCOL)]
+    for key in sorted(drop, key=lambda k: k != TAG_DECISION):  # the decision first: undecided at once
+        client.delete_model_version_tag(name, str(version), key)
+    log.info("%s version %s: its refusal (%s) decided nothing; evaluated again since, it is decided anew",
+             name, version, recorded.reason.split(":")[0])
+    return True
+
+
 def register_candidate(adapter_dir: Path, run_id: str, name: str, figures: ModelFigures, *,
                        min_improvement: float, max_clean_drop: float, evidence: str = "point",
                        predictions: pd.DataFrame | None = None, card: Path | None = None) -> Registration:
@@ -304,6 +334,8 @@ def register_candidate(adapter_dir: Path, run_id: str, name: str, figures: Model
         read_card(card)
     with registration_lock():
         reg = log_candidate(adapter_dir, run_id, name)
+        # refused as not comparable or without evidence, re-evaluated since (the fix the refusal gives): decided anew
+        forget_undecided(MlflowClient(), name, reg.version, figures)
         if predictions is not None:
             keep_predictions(name, reg.version, run_id, figures, predictions)
         if card is not None:

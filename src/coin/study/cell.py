@@ -411,18 +411,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(exc: Exception) -> int:
-    """The CLI's report (``error:``/``fix:`` and its class's exit code) where the orchestration stack is installed;
-    on a bare GPU machine (no typer/rich) the project's own errors in one line, exit 2, anything else raised."""
-    try:
-        from coin.cli import ExitCode, classify, report
-    except ImportError:
-        if isinstance(exc, (ConfigError, DataError, FileNotFoundError, RuntimeError)):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        raise exc from None
-    if classify(exc)[0] is ExitCode.BUG:
-        raise exc
-    return int(report(exc))
+    """A user error (bad params or option, a missing or damaged file, a library's refusal of its input) in one line,
+    exit 2; anything else is raised with its traceback. (Not coin.cli's report: this module runs on a bare GPU
+    machine without typer and rich, and coin.cli imports the study through its plan.)"""
+    user = (ConfigError, DataError, OSError, ValueError, RuntimeError)
+    if isinstance(exc, user) or type(exc).__name__ == "SafetensorError":
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    raise exc
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -124,7 +124,7 @@ def rich_tables(cards: list[dict[str, Any]]) -> list[Any]:
     head.add_column("figure", no_wrap=True)
     head.add_column("unit", no_wrap=True)
     for n in names:
-        head.add_column(n, justify="right")
+        head.add_column(n, justify="right", overflow="fold")  # whole: two references can differ at the end
     if len(cards) == 2:
         head.add_column("B − A", justify="right")
     for key, row in zip(HEADLINE, headline_rows(cards), strict=True):
