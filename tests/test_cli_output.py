@@ -117,3 +117,19 @@ def test_the_study_dry_run_never_cuts_a_cell_name(capsys, monkeypatch):
     assert "…" not in out
     first_column = "".join(line.split("│")[1].strip() for line in out.splitlines() if line.startswith("│"))
     assert first_column == "".join(names), out  # each name whole, wrapped over lines
+
+
+def test_a_long_summary_keeps_the_registration_verdict_and_the_run():
+    """coin pipeline's summary stopped at `register.name` under "... 9 more fields": the promotion decision, the
+    aliases and the MLflow parent run were never shown."""
+    from coin.stage_summary import MAX_LINES, summary_lines
+
+    result = {f"field{i}": i for i in range(40)}
+    result["register"] = {"name": "coin-minilm", "message": "coin-minilm v3: registered, promoted to champion",
+                          "aliases": ["challenger", "champion"]}
+    result["mlflow_parent_run_id"] = "0123abcd"
+    lines = summary_lines("pipeline", result)
+    text = "\n".join(lines)
+    assert "register.message: coin-minilm v3: registered, promoted to champion" in text
+    assert "register.aliases" in text and "mlflow_parent_run_id: 0123abcd" in text
+    assert len(lines) == 1 + MAX_LINES + 1 and "more fields" in lines[-1]

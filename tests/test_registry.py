@@ -778,3 +778,23 @@ def test_evaluating_a_method_whose_adapter_is_gone_says_to_train(tmp_path):
                {"methods": ["coin"], "runs": {"coin": {"run_id": "r", "adapter_dir": "outputs/train/coin/adapter"}}})
     with pytest.raises(DataError, match=r"adapter: no trained adapter of 'coin' there .* run `coin train` first"):
         stage_evaluate_unit(s, tmp_path, "coin")
+
+
+def test_a_training_run_of_another_experiment_is_reopened_under_its_own(store):
+    """tracking.experiment changed after training: the evaluation (which reruns on that change; training does not)
+    re-opens the training run, which MLflow refused from the new experiment ('active experiment ID does not
+    match'). The run is re-opened under its own experiment, and the new one is active again after."""
+    import mlflow
+    from mlflow.tracking import fluent
+
+    from coin.registry.tracking import resume_run
+
+    old = fluent._active_experiment_id  # the store fixture's experiment "t"
+    with mlflow.start_run() as run:
+        pass
+    new = mlflow.set_experiment("second").experiment_id
+    with resume_run(run.info.run_id) as again:
+        mlflow.log_metric("eval.clean_acc", 61.0)
+        assert again.info.experiment_id == old
+    assert fluent._active_experiment_id == new
+    assert mlflow.MlflowClient().get_run(run.info.run_id).data.metrics["eval.clean_acc"] == 61.0

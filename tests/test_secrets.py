@@ -221,3 +221,11 @@ def test_flow_parameters_stay_sealed_through_validation_and_serialise_redacted()
 def test_secretstr_overrides_are_accepted_by_load_settings():
     s = load_settings(ROOT / "params.yaml", [SecretStr("train.max_steps=4")])
     assert s.train.max_steps == 4
+
+
+def test_a_secret_word_run_together_is_still_secret():
+    """libpq's sslpassword in a tracking URI's query was recorded in MLflow params as written."""
+    from coin.secrets import redact_text
+
+    assert redact_text("postgresql://bob:pw@db/coin?sslpassword=zz&sslmode=require") == (
+        "postgresql://bob:***@db/coin?sslpassword=***&sslmode=require")

@@ -36,6 +36,7 @@ REDACTED = "***"
 # or ``tokenizer`` are not secret, ``hf_token`` and ``db.password`` are), and adjacent word pairs that do.
 SECRET_WORDS = frozenset({"password", "passwd", "pwd", "passphrase", "secret", "secrets", "token", "apikey",
                           "credential", "credentials", "auth", "authorization", "cookie", "sas", "sig", "signature"})
+SECRET_SUFFIXES = ("password", "passwd", "passphrase", "secret", "token", "apikey")  # run together: sslpassword
 SECRET_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key"), ("secret", "key"),
                           ("client", "secret"), ("account", "key"), ("session", "key")})
 
@@ -53,11 +54,15 @@ def is_secret_key(key: str) -> bool:
     """Whether a (dotted) key names a secret: one of its words is in :data:`SECRET_WORDS`, or two adjacent
     words are a pair of :data:`SECRET_PAIRS` (``api_key``, ``access-key``, ``client_secret``).
 
-    >>> [is_secret_key(k) for k in ("tracking.password", "hf_token", "aws.secret_access_key", "max_new_tokens")]
-    [True, True, True, False]
+    A word that ends in one of :data:`SECRET_SUFFIXES` is secret too (libpq's ``sslpassword``, ``accesstoken``).
+
+    >>> [is_secret_key(k) for k in ("tracking.password", "hf_token", "aws.secret_access_key", "max_new_tokens",
+    ...                             "sslpassword", "authtoken", "tokenizer")]
+    [True, True, True, False, True, True, False]
     """
     words = _words(key)
-    return any(w in SECRET_WORDS for w in words) or any(p in SECRET_PAIRS for p in zip(words, words[1:], strict=False))
+    return (any(w in SECRET_WORDS or w.endswith(SECRET_SUFFIXES) for w in words)
+            or any(p in SECRET_PAIRS for p in zip(words, words[1:], strict=False)))
 
 
 def redact_text(text: str) -> str:

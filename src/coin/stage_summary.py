@@ -58,15 +58,28 @@ def _flatten(d: dict[str, Any], prefix: str = "", depth: int = 0) -> list[tuple[
     return out
 
 
+PRIORITY = ("message", "aliases", "mlflow_parent_run_id")  # last dotted part of a field never cut from a summary
+
+
+def _priority(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in PRIORITY
+
+
 def summary_lines(stage: str, result: dict[str, Any], outputs: list[str] | None = None) -> list[str]:
     """The lines ``coin <stage>`` prints for ``result``: ``<stage>: done``, the fields, ``outputs:`` one per line."""
     lines = [f"{stage}: done"]
     fields = _flatten(result)
-    for key, value in fields[:MAX_LINES]:
+    # the verdicts and where to look are shown whatever the cut: a pipeline's registration message (its promotion
+    # decision), aliases and MLflow run came after the cut
+    first = {k for k, _ in fields if _priority(k)}
+    room = max(MAX_LINES - len(first), 0)
+    shown = [(k, v) for i, (k, v) in enumerate(fields)
+             if k in first or i < room + sum(1 for kk, _ in fields[:i] if kk in first)]
+    for key, value in shown:
         line = f"  {key}: {_short(value)}"
         lines.append(line if len(line) <= WIDTH else line[: WIDTH - 3] + "...")
-    if len(fields) > MAX_LINES:
-        lines.append(f"  ... {len(fields) - MAX_LINES} more fields (coin {stage} --json prints everything)")
+    if len(fields) > len(shown):
+        lines.append(f"  ... {len(fields) - len(shown)} more fields (coin {stage} --json prints everything)")
     if outputs:
         lines += ["outputs:", *(f"  {o}" for o in outputs)]
     return lines

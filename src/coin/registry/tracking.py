@@ -109,7 +109,7 @@ def resume_run(run_id: str) -> Iterator[Any]:
         yield active
         return
     try:
-        mlflow.MlflowClient().get_run(run_id)
+        held = mlflow.MlflowClient().get_run(run_id)
     except MlflowException:
         raise ModelUnavailable(
             f"MLflow run {run_id} (the training run this step logs into) is not in the tracking store "
@@ -117,8 +117,19 @@ def resume_run(run_id: str) -> Iterator[Any]:
             "the run was deleted. Train again under this store: `coin train`, then `coin evaluate` and `coin register` "
             "(with DVC: `dvc repro -f -s train evaluate register`); the coin-pipeline flow retrains by itself"
         ) from None
-    with mlflow.start_run(run_id=run_id, nested=active is not None) as run:
-        yield run
+    # MLflow re-opens a run only under its own experiment: one trained before tracking.experiment changed lives in
+    # the old one (the evaluation reruns on that change; training does not). Switched for the block, then back.
+    from mlflow.tracking import fluent
+
+    previous = fluent._active_experiment_id
+    if previous is not None and previous != held.info.experiment_id:
+        mlflow.set_experiment(experiment_id=held.info.experiment_id)
+    try:
+        with mlflow.start_run(run_id=run_id, nested=active is not None) as run:
+            yield run
+    finally:
+        if previous is not None and previous != held.info.experiment_id:
+            mlflow.set_experiment(experiment_id=previous)
 
 
 @contextmanager
