@@ -372,3 +372,12 @@ def test_run_script_keeps_a_bugs_traceback():
     with pytest.raises(ZeroDivisionError):
         run_script(boom)
     assert run_script(lambda: None) == 0 and run_script(lambda: 3) == 3
+
+
+def test_dvc_refusing_to_overwrite_edited_data_says_so_not_to_check_the_remote():
+    from dvc.exceptions import DvcException
+
+    code, msg, fix = classify(DvcException("Can't remove the following unsaved files without confirmation. "
+                                           "Use `--force` to force.\ndata/glue/sst2.train.jsonl"))
+    assert code == ExitCode.DATA and "sst2.train.jsonl" in msg
+    assert "changed in place" in fix and "dvc add data" in fix and "remote" not in fix

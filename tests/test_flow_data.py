@@ -141,3 +141,19 @@ def test_a_study_on_a_fresh_clone_pulls_the_data_before_it_builds_pairs(tmp_path
     moved = settings.model_copy(update={"study": settings.study.model_copy(update={"out_dir": "outputs/study-moved"})})
     again = prepare_pairs(moved, project)
     assert again["cached"] and again["valid_file"] == "outputs/study-moved/validated/valid.jsonl"
+
+
+def test_runs_of_data_changed_in_place_are_tagged_dirty(tmp_path, monkeypatch):
+    """A plain coin stage on data edited since data.dvc recorded it tagged its runs with the recorded version, as
+    if unchanged (the flow and dvc repro version the data first). The tag says -dirty, as the git commit does."""
+    from coin.registry.tracking import data_version, provenance_tags
+
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    project = copy_project(tmp_path)
+    settings = Settings.model_validate({})
+    version_data(settings, project, push=False)
+    v0 = data_version(project)
+    assert provenance_tags(settings, project, "pairs")["coin.data_version"] == v0
+    f = project / "data" / "glue" / "sst2.train.jsonl"
+    f.write_text(f.read_text().upper())
+    assert provenance_tags(settings, project, "pairs")["coin.data_version"] == f"{v0}-dirty"

@@ -138,6 +138,10 @@ def classify(exc: BaseException) -> tuple[ExitCode, str, str | None]:
     if _is(exc, "coin.registry.promotion", "PromotionError") or isinstance(exc, ModelUnavailable):
         return ExitCode.MODEL, msg, None
     flat = " ".join(msg.split())  # a library's message on one line
+    if _is(exc, "dvc.exceptions", "DvcException") and "unsaved files" in flat:  # data/ edited since data.dvc
+        return (ExitCode.DATA, f"DVC: {flat}",
+                "data/ was changed in place since data.dvc recorded it: `dvc add data` records the change as a new "
+                "version (commit data.dvc), `dvc checkout --force data` drops it")
     if _is(exc, "dvc.exceptions", "DvcException"):
         return (ExitCode.DATA, f"DVC: {flat}",
                 "data/ could not be restored from the DVC remote: check the remote (`dvc remote list`; the default "

@@ -74,10 +74,32 @@ def git_commit(root: Path) -> str:
         return "unknown"
 
 
+def data_modified(root: Path) -> bool:
+    """Whether ``data/`` differs from the version ``data.dvc`` records (changed in place since the last ``dvc add``):
+    the runs then used data ``coin.data_version`` does not name, as ``-dirty`` marks for the git commit. DVC reuses
+    its hash cache, so this costs well under a second on the shipped data. False without data.dvc or DVC."""
+    if not (root / "data.dvc").exists():
+        return False
+    try:
+        from dvc.repo import Repo
+
+        with Repo(str(root)) as repo:
+            status = repo.status(targets=[str(root / "data.dvc")])
+    except Exception:  # noqa: BLE001 -- no DVC here (the GPU machine) or not a DVC repo: nothing to say
+        return False
+    changed = [v for entries in status.values() for e in entries if isinstance(e, dict)
+               for v in e.get("changed outs", {}).values()]
+    return "modified" in changed
+
+
 def provenance_tags(settings: Settings, root: Path, stage: str) -> dict[str, Any]:
+    """Tags of every run: its stage, the data version (``-dirty`` when ``data/`` was changed in place since
+    ``data.dvc`` recorded it: the flow and ``dvc repro`` version it first, a plain ``coin`` stage does not), the
+    git commit (``-dirty`` likewise) and the backbone."""
+    version = data_version(root)
     return {
         "coin.stage": stage,
-        "coin.data_version": data_version(root),
+        "coin.data_version": version + ("-dirty" if version != "unknown" and data_modified(root) else ""),
         "mlflow.source.git.commit": git_commit(root),
         "coin.backbone": settings.model.backbone,
     }
