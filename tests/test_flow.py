@@ -122,6 +122,16 @@ def test_flow_end_to_end_then_cache_hits_and_partial_reruns(prefect_harness, tmp
         run = mlflow.get_run(rec["run_id"])
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.tags["coin.method"] == m and "train/loss" in run.data.metrics
+        assert not [k for k in run.data.metrics if k.startswith("eval.")]  # the training run stays the training's
+    # each evaluation is a run of its own beside its training run, nested under the same pipeline run
+    from coin.registry.tracking import child_runs
+
+    evals = child_runs(parent.info.run_id, stage="evaluate")
+    assert set(evals) == set(result["train"])
+    for m, run_id in evals.items():
+        ev = mlflow.get_run(run_id)
+        assert ev.data.tags["coin.train_run_id"] == result["train"][m]["run_id"] and ev.info.run_name == f"evaluate-{m}"
+        assert f"eval.{m}.summary.clean_acc" in ev.data.metrics
     assert MlflowClient().get_registered_model("coin-tiny").latest_versions
 
     # unchanged data and params: every cached stage is skipped

@@ -138,8 +138,9 @@ STAGE_SPECS: dict[str, StageSpec] = {
     ),
     "evaluate_report": StageSpec(
         # tracking.experiment, not tracking.uri: dvc.lock records param values as written, and a URI can hold a
-        # password. A switch of store shows in the training run (the flow retrains when its run is gone) or stops
-        # the report naming the missing run (coin.registry.tracking.resume_run)
+        # password. Each evaluation is a run of its own (evaluate-<method>, tagged with its training run's id); a
+        # switch of store shows in the training run (the flow retrains when its run is gone) or stops register
+        # naming the missing run (coin.registry.tracking.resume_run)
         params=("paths", "evaluate", "train.methods", "tracking.experiment"),
         inputs=lambda lay, _: [lay.eval_unit_dir(lbl) for lbl in eval_labels(lay.settings)] + [lay.train_record],
         # predictions.jsonl: the registry's paired evidence; accuracy.png: dvc.yaml's plot

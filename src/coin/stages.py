@@ -501,11 +501,12 @@ def _cache_base(settings: Settings, root: Path, result: Any) -> None:
 
 
 def stage_evaluate_report(settings: Settings, root: Path) -> dict[str, Any]:
-    """Combine the units' results into metrics.json + report (md/html) + plots; metrics to each model's run."""
+    """Combine the units' results into metrics.json + report (md/html) + plots; per trained method an MLflow run
+    ``evaluate-<method>`` (tag ``coin.train_run_id``) with the headline metrics and the report's files."""
     import mlflow
 
     from coin.evaluation import load_result, write_eval_outputs
-    from coin.registry.tracking import resume_run, setup_tracking
+    from coin.registry.tracking import method_run, setup_tracking
 
     lay = Layout(root, settings)
     labels = eval_units(settings, root)
@@ -522,7 +523,10 @@ def stage_evaluate_report(settings: Settings, root: Path) -> dict[str, Any]:
     for method, rec in runs.items():
         if method not in labels:
             continue
-        with resume_run(rec["run_id"]):  # nested-safe: the flow may hold the pipeline run open
+        # one run per evaluation, beside its method's training run (nested under the pipeline run when there is
+        # one): a re-evaluation logged into the training run mixed two evaluations' figures, params and files there
+        with method_run(settings, root, method, stage="evaluate", run_name=f"evaluate-{method}"):
+            mlflow.set_tag("coin.train_run_id", rec["run_id"])
             # headline figures only (summary, per set, per level of every model); the full nested
             # metrics.json (per task, category, ...) is logged as an artifact below
             mlflow.log_metrics(_numeric_leaves(_headline(metrics), "eval"))

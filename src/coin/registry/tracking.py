@@ -204,14 +204,15 @@ def method_run(settings: Settings, root: Path, method: str, *, parent_run_id: st
         yield run
 
 
-def child_runs(parent_run_id: str) -> dict[str, str]:
-    """``{method: run_id}`` of the child runs under a pipeline run (the latest per method)."""
+def child_runs(parent_run_id: str, stage: str = "train") -> dict[str, str]:
+    """``{method: run_id}`` of the ``stage`` child runs under a pipeline run (the latest per method; ``train``:
+    the training runs, ``evaluate``: the evaluations)."""
     import mlflow
 
     parent = mlflow.get_run(parent_run_id)
     runs = mlflow.search_runs(
         experiment_ids=[parent.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`coin.stage` = '{stage}'",
         order_by=["attributes.start_time ASC"], output_format="list",
     )
     return {r.data.tags.get("coin.method", r.info.run_name): r.info.run_id for r in runs}
