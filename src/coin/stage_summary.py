@@ -71,10 +71,12 @@ def summary_lines(stage: str, result: dict[str, Any], outputs: list[str] | None 
     fields = _flatten(result)
     # the verdicts and where to look are shown whatever the cut: a pipeline's registration message (its promotion
     # decision), aliases and MLflow run came after the cut
-    first = {k for k, _ in fields if _priority(k)}
-    room = max(MAX_LINES - len(first), 0)
-    shown = [(k, v) for i, (k, v) in enumerate(fields)
-             if k in first or i < room + sum(1 for kk, _ in fields[:i] if kk in first)]
+    room = max(MAX_LINES - sum(_priority(k) for k, _ in fields), 0)  # lines left for the other fields
+    shown = []
+    for key, value in fields:
+        if _priority(key) or room > 0:
+            room -= not _priority(key)
+            shown.append((key, value))
     for key, value in shown:
         line = f"  {key}: {_short(value)}"
         lines.append(line if len(line) <= WIDTH else line[: WIDTH - 3] + "...")

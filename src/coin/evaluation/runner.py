@@ -141,12 +141,12 @@ def _evaluate_task(
     items = [(s, i, instr, row) for s, instrs in per_set.items() for i, instr in enumerate(instrs) for row in rows]
     limit = max_positions(model)
     cut = {} if cut is None else cut
+    pairs = [(instr, spec.render_content(row)) for _, _, instr, row in items]  # (instruction, input) per item
 
     def prompts_for(mode: str) -> list[str]:
         """The prompts of ``mode``, each input cut to leave room for the answer (the longest label word, or
         max_new_tokens) as coin predict cuts it; how many were cut goes to ``cut``."""
         room = _answer_tokens(tokenizer, list(spec.label_words)) if mode == "loglik" else cfg.max_new_tokens
-        pairs = [(instr, spec.render_content(row)) for _, _, instr, row in items]
         texts, n_cut, n_long = fit_inputs(tokenizer, pairs, fmt=cfg.prompt_format,
                                           limit=None if limit is None else limit - room)
         if n_cut or n_long:

@@ -503,7 +503,7 @@ def _alias_version(client, name: str, alias: str):
         raise
 
 
-def _same_figures(recorded: ModelFigures, given: ModelFigures) -> bool:
+def same_figures(recorded: ModelFigures, given: ModelFigures) -> bool:
     """Equal as tags; a recorded version without a majority tag (decided before it existed) matches on the rest."""
     given = given.rounded()
     return recorded == (given if recorded.majority_acc is not None else replace(given, majority_acc=None))
@@ -512,11 +512,6 @@ def _same_figures(recorded: ModelFigures, given: ModelFigures) -> bool:
 # refusals that decided nothing about the candidate (its figures could not be compared with the champion's): a new
 # evaluation of the same run, registered again, is decided afresh (coin.registry.register.forget_undecided)
 UNDECIDED = ("Not comparable:", "No evidence for the interval rule")
-
-
-def same_figures(recorded: ModelFigures, given: ModelFigures) -> bool:
-    """Whether ``given`` are the figures (protocol included) ``recorded`` as tags."""
-    return _same_figures(recorded, given)
 
 
 def promote_version(name: str, version: str | int, figures: ModelFigures, *, min_improvement: float,
@@ -538,7 +533,7 @@ def promote_version(name: str, version: str | int, figures: ModelFigures, *, min
     mv = client.get_model_version(name, version)
     recorded = decision_from_tags(mv.tags)
     if recorded is not None:
-        if not _same_figures(recorded.candidate, figures):
+        if not same_figures(recorded.candidate, figures):
             log.warning("%s version %s was already %s with figures %s; the figures given now (%s) differ "
                         "(re-evaluated?). The recorded decision stands (a version is decided once unless it was "
                         "refused as not comparable or without evidence); register a new training run to re-decide.",

@@ -278,16 +278,8 @@ def inputs_present(row: Row) -> list[Finding]:
     # reads the prompts): the instruction's fixed text must be in it
     for prompt, instruction in (("original_prompt", "original_instruction"),
                                 ("paraphrase_prompt", "paraphrase_instruction")):
-        if not isinstance(row.get(instruction), str):
-            continue
-        try:
-            chunks = _literal_chunks(row[instruction])
-        except ValueError:  # unbalanced braces: not a template, nothing to compare
-            continue
-        missing = [c for c in chunks if c not in row[prompt]]
-        if missing:
-            out.append(Finding("other_instruction",
-                               f"{prompt} does not use {instruction} (its text {_short(missing[0], 40)} is absent)"))
+        if isinstance(row.get(instruction), str):
+            out += _uses_instruction(row, prompt, instruction)
     return out
 
 
@@ -366,6 +358,20 @@ def _literal_chunks(template: str) -> list[str]:
     return [lit.strip() for lit, _, _, _ in string.Formatter().parse(template) if lit.strip()]
 
 
+def _uses_instruction(row: Row, prompt: str, instruction: str) -> list[Finding]:
+    """An ``other_instruction`` finding when the fixed text of ``row[instruction]`` (a template) is not all in
+    ``row[prompt]``: the prompt was not built from that instruction."""
+    try:
+        chunks = _literal_chunks(row[instruction])
+    except ValueError:  # unbalanced braces: not a template, nothing to compare
+        return []
+    missing = [c for c in chunks if c not in row[prompt]]
+    if not missing:
+        return []
+    return [Finding("other_instruction",
+                    f"{prompt} does not use {instruction} (its text {_short(missing[0], 40)} is absent)")]
+
+
 @row_check("negative_valid", needs={k: str for k in (
     "negative_prompt", "original_prompt", "original_instruction", "example_id", "negative_example_id",
     "target", "negative_target")})
@@ -377,17 +383,7 @@ def negative_valid(row: Row) -> list[Finding]:
         out.append(Finding("same_example", f"negative_example_id equals example_id ({row['example_id']!r})"))
     if row["negative_target"] == row["target"]:
         out.append(Finding("same_target", f"negative_target equals target ({row['target']!r})"))
-    try:
-        chunks = _literal_chunks(row["original_instruction"])
-    except ValueError:  # unbalanced braces: not a template, nothing to compare
-        chunks = []
-    missing = [c for c in chunks if c not in row["negative_prompt"]]
-    if missing:
-        out.append(Finding(
-            "other_instruction",
-            f"negative_prompt does not use original_instruction (its text {_short(missing[0], 40)} is absent)",
-        ))
-    return out
+    return out + _uses_instruction(row, "negative_prompt", "original_instruction")
 
 
 # --------------------------------------------------------------------------- leakage
