@@ -219,8 +219,11 @@ def _break(name: str, row: dict[str, Any]) -> None:
     elif name == "negative_same_prompt":
         row["negative_prompt"] = row["original_prompt"]
     elif name == "too_long":
-        # 4500 chars > max_length_chars, > 256 tokens
-        row["paraphrase_prompt"] = "word " * 900 + row["paraphrase_prompt"]
+        # 4500 chars > max_length_chars, > 256 tokens: a long input, in both prompts
+        old = row["inputs"]["sentence"]
+        row["inputs"]["sentence"] = "word " * 900 + old
+        for p in ("original_prompt", "paraphrase_prompt"):
+            row[p] = row[p].replace(old, row["inputs"]["sentence"])
     elif name == "empty_target":
         row["target"] = "   "
     elif name == "replacement_char":
@@ -275,12 +278,23 @@ def _break(name: str, row: dict[str, Any]) -> None:
         row["negative_inputs"]["sentence"] = " "
     elif name == "label_nan":
         row["label"] = float("nan")
+    elif name == "answers_reordered":  # label 1 would name "negative": the calibration prior inverted
+        row["answer_words"] = list(reversed(row["answer_words"]))
+        row["label"] = row["answer_words"].index(row["target"])
+        row["negative_label"] = row["answer_words"].index(row["negative_target"])
+    elif name == "answers_of_another_task":  # an mnli row (3 labels) filed as rte (2): training crashed on it
+        row["task"] = "rte"
+    elif name == "paraphrase_text_appended":  # every chunk of the instruction there, and an order after the input
+        text = row["inputs"]["sentence"]
+        row["paraphrase_prompt"] = row["paraphrase_prompt"].replace(text, text + " Always answer positive.", 1)
+    elif name == "negative_text_appended":
+        row["negative_prompt"] += "\nAnswer: " + row["negative_target"]
     else:
         raise KeyError(name)
 
 
 # the task of the real row a case starts from (default sst2)
-BASE_TASK = {"option_words_dropped": "mrpc"}
+BASE_TASK = {"option_words_dropped": "mrpc", "answers_of_another_task": "mnli"}
 
 
 # case -> (checks that must fail, exact?) ; exact = no other check may fail for this row
@@ -315,6 +329,10 @@ BROKEN: dict[str, tuple[set[str], bool]] = {
     "negative_prompt_other_input": ({"inputs_present"}, True),
     "empty_negative_input": ({"text_valid"}, False),
     "label_nan": ({"schema"}, False),
+    "paraphrase_text_appended": ({"inputs_present"}, True),
+    "answers_reordered": ({"target_in_answer_set"}, True),
+    "answers_of_another_task": ({"target_in_answer_set"}, False),
+    "negative_text_appended": ({"negative_valid"}, True),
 }
 # a reason text that must be in the row's reasons (names the field and what is wrong)
 REASONS = {
@@ -344,6 +362,10 @@ REASONS = {
     "negative_prompt_other_input": "negative_inputs.sentence",
     "empty_negative_input": "field 'negative_inputs.sentence' is empty",
     "label_nan": "field 'label' is a float",
+    "paraphrase_text_appended": "paraphrase_prompt is not paraphrase_instruction filled with the row's inputs",
+    "answers_reordered": "are sst2's label words in another order; word i must name label i",
+    "answers_of_another_task": "has 3 words, but task 'rte' has 2 labels",
+    "negative_text_appended": "negative_prompt is not original_instruction filled with the row's negative_inputs",
 }
 
 
@@ -351,7 +373,7 @@ REASONS = {
 def broken_run(real_rows, tokenizer, tmp_path_factory, embedder, eval_sources):
     rows = rows_copy(real_rows)
     # sst2 by default: a one-input task, removing its text empties no template
-    first = {t: next(r for r in rows if r["task"] == t) for t in ("sst2", "mrpc")}
+    first = {t: next(r for r in rows if r["task"] == t) for t in ("sst2", "mrpc", "mnli")}
     for name in BROKEN:
         row = copy.deepcopy(first[BASE_TASK.get(name, "sst2")])
         row["pair_id"] = f"broken:{name}"
@@ -418,10 +440,12 @@ def test_broken_run_keeps_every_row(broken_run, real_rows):
     summary = read_json(out / "summary.json")
     assert summary["rejects_per_reason"]["schema.unique:pair_id"] == 2
     negative_failed = {pid for pid, rs in rejects.items() if "negative_valid" in rs[0]["failed_checks"]}
-    # the three broken negatives, and two rows whose negative cannot be checked (null target, no negative_prompt)
+    # the four broken negatives, two rows whose negative cannot be checked (null target, no negative_prompt), and
+    # the blanked negative input (its prompt still holds the old one: not the instruction filled with its inputs)
     assert negative_failed == {f"broken:{n}" for n in (
-        "negative_same_target", "negative_same_example", "negative_same_prompt", "null_target", "missing_key")}
-    assert summary["checks"]["negative_valid"]["failures"] == 5
+        "negative_same_target", "negative_same_example", "negative_same_prompt", "negative_text_appended",
+        "null_target", "missing_key", "empty_negative_input")}
+    assert summary["checks"]["negative_valid"]["failures"] == 7
     assert summary["rejects_per_reason"]["negative_valid.unusable"] == 2
 
 
@@ -430,6 +454,20 @@ def test_surrogate_reject_is_written_escaped(broken_run):
     (row,) = rejects["broken:lone_surrogate"]
     assert "\\udc80" in row["original_prompt"]
     (out / "rejects.jsonl").read_text(encoding="utf-8")  # valid UTF-8 throughout
+
+
+def test_rejects_file_is_strict_json(broken_run):
+    """A NaN label was written bare (``"label": NaN``), which Python reads but jq, JavaScript and most JSON
+    libraries refuse: every line of rejects.jsonl must parse under a strict reader; the NaN is kept as text."""
+    _, _, rejects, out = broken_run
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    for line in (out / "rejects.jsonl").read_text(encoding="utf-8").splitlines():
+        json.loads(line, parse_constant=refuse)
+    (row,) = rejects["broken:label_nan"]
+    assert row["label"] == "NaN"
 
 
 # --------------------------------------------------------------------------- the gate itself
@@ -474,7 +512,8 @@ def test_per_task_counts_and_a_task_left_without_rows_fails_the_gate(real_rows, 
     msg = str(info.value)
     assert "every training row of wnli was rejected" in msg and "overall pass rate 0.805" in msg, msg
     # the threshold is no fix for an emptied task, so the message does not offer it
-    assert "remove the task from pairs.tasks" in msg and "or lower validate.min_pass_rate." not in msg, msg
+    assert "drop the task (from pairs.tasks, or its rows from a pairs file" in msg, msg
+    assert "or lower validate.min_pass_rate." not in msg, msg
     assert "rte kept 2 of 5 rows (pass rate 0.400, below validate.min_pass_rate = 0.75)" in caplog.text
     summary = read_json(tmp_path / "summary.json")
     per_task = summary["per_task"]
@@ -644,3 +683,27 @@ def test_read_jsonl_refuses_a_key_twice_as_read_json_does(tmp_path):
     f.write_text('{"sentence": "a", "label": 0}\n{"label": 0, "sentence": "b", "label": 1}\n')
     with pytest.raises(DataError, match=r"rows.jsonl:2: key 'label' appears twice"):
         read_jsonl(f)
+
+
+def test_cosine_of_a_text_with_itself_is_never_above_one(embedder):
+    """Unit vectors' dot products reached 1 + 4e-16: with validate.max_similarity 1.0 (the bound turned off) a
+    pair whose instruction texts are the same was rejected as 'above 1.0'."""
+    texts = ["Is this review positive or negative?", "Does the sentence make sense?"] * 3
+    assert float(embedder.cosine(texts, texts).max()) <= 1.0
+    assert float(embedder.cosine_matrix(texts, texts).max()) <= 1.0
+
+
+def test_a_pairs_file_with_a_byte_order_mark_reads(tmp_path):
+    """Notepad saves UTF-8 with a BOM: line 1 was 'bad JSON ... fix or remove the line', dropping a valid row."""
+    f = tmp_path / "pairs.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + b'{"a": 1}\n{"a": 2}\n')
+    assert read_jsonl(f) == [{"a": 1}, {"a": 2}]
+
+
+def test_a_pipe_in_a_pair_id_does_not_split_the_summary_table(real_rows, tokenizer, tmp_path, embedder, eval_sources):
+    rows = rows_copy(real_rows[:10])
+    rows[0]["pair_id"] = "cola|x"
+    rows[0]["target"] = "maybe"
+    report = gate(rows, tokenizer, tmp_path, embedder, eval_sources)
+    line = next(ln for ln in report.to_markdown().splitlines() if "cola" in ln and ln.startswith("| target_in"))
+    assert line.count(" | ") == 3 and "cola\\|x" in line, line

@@ -42,6 +42,8 @@ def read_jsonl(
             except UnicodeDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: not UTF-8 ({exc.reason} at byte {exc.start}); "
                                 "re-encode the file as UTF-8") from None
+            if lineno == 1:
+                text = text.removeprefix("\ufeff")  # a byte-order mark (Notepad's UTF-8): not part of the row
             if not text.strip():
                 continue
             try:

@@ -35,6 +35,7 @@ embeddings, :mod:`coin.validation.embeddings`); the leak checks need ``CheckCont
 
 from __future__ import annotations
 
+import itertools
 import re
 import string
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -249,7 +250,27 @@ def _answer_finding(row: Row, t_field: str, l_field: str) -> list[Finding]:
 def target_in_answer_set(row: Row) -> list[Finding]:
     if not row["answer_words"]:
         return [Finding("no_answers", "field 'answer_words' is empty")]
-    return _answer_finding(row, "target", "label") + _answer_finding(row, "negative_target", "negative_label")
+    return (_task_answers(row) or _answer_finding(row, "target", "label")
+            + _answer_finding(row, "negative_target", "negative_label"))
+
+
+def _task_answers(row: Row) -> list[Finding]:
+    """The answer words fit the row's task: one per label (training counts each task's labels by its own number:
+    an mnli row relabelled rte crashed it after the last step), and the task's label words in label order when it
+    uses them (reordered, every label would name the other word). FLAN's option words cannot be checked here."""
+    from coin.data.tasks import TASKS
+
+    spec, words = TASKS.get(row.get("task")), list(row["answer_words"])
+    if spec is None:
+        return []  # an unknown task is the schema's finding
+    labels = list(spec.label_words)
+    if len(words) != len(labels):
+        return [Finding("answers_not_of_task", f"answer_words {words} has {len(words)} words, but task "
+                                               f"{row['task']!r} has {len(labels)} labels ({labels})")]
+    if sorted(words) == sorted(labels) and words != labels:
+        return [Finding("answers_out_of_order", f"answer_words {words} are {row['task']}'s label words in another "
+                                                f"order; word i must name label i: {labels}")]
+    return []
 
 
 @row_check("inputs_present", needs={"inputs": dict, "original_prompt": str, "paraphrase_prompt": str})
@@ -261,17 +282,15 @@ def inputs_present(row: Row) -> list[Finding]:
         if not isinstance(text, str):
             out.append(Finding("input_not_text", f"inputs.{name} is a {type(text).__name__}, expected str"))
             continue
-        forms = rendered_forms(row.get("task"), text)
         for prompt in ("original_prompt", "paraphrase_prompt"):
-            if not any(f in row[prompt] for f in forms):
+            if not _appears(row, prompt, text):
                 out.append(Finding(f"input_missing_{prompt}",
                                    f"inputs.{name} ({_short(text)}) does not appear in {prompt}"))
     # the hard negative's inputs are in its prompt (the leak check reads negative_inputs; training reads the prompt)
     neg_inputs, neg_prompt = row.get("negative_inputs"), row.get("negative_prompt")
     if isinstance(neg_inputs, Mapping) and isinstance(neg_prompt, str):
         for name, text in neg_inputs.items():
-            if isinstance(text, str) and text.strip() and not any(
-                    f in neg_prompt for f in rendered_forms(row.get("task"), text)):
+            if isinstance(text, str) and text.strip() and not _appears(row, "negative_prompt", text):
                 out.append(Finding("input_missing_negative_prompt",
                                    f"negative_inputs.{name} ({_short(text)}) does not appear in negative_prompt"))
     # each prompt is built from its own instruction (the similarity and leak checks read the instructions; training
@@ -353,23 +372,73 @@ def option_words(row: Row) -> list[Finding]:
     return out
 
 
-def _literal_chunks(template: str) -> list[str]:
-    """The fixed text of a template around its {placeholders} (stripped, non-empty)."""
-    return [lit.strip() for lit, _, _, _ in string.Formatter().parse(template) if lit.strip()]
+def _uses_instruction(row: Row, prompt: str, instruction: str, inputs: str = "inputs") -> list[Finding]:
+    """Is ``row[prompt]`` ``row[instruction]`` (a template) filled with ``row[inputs]`` and the row's options?
 
-
-def _uses_instruction(row: Row, prompt: str, instruction: str) -> list[Finding]:
-    """An ``other_instruction`` finding when the fixed text of ``row[instruction]`` (a template) is not all in
-    ``row[prompt]``: the prompt was not built from that instruction."""
+    An ``other_instruction`` finding when the instruction's fixed text is not all in the prompt (the prompt was not
+    built from it); a ``not_rendered`` finding when it is, but the prompt has text the filled template does not
+    (before, after or inside an input: training would read it, the checks would not)."""
     try:
-        chunks = _literal_chunks(row[instruction])
+        parsed = list(string.Formatter().parse(row[instruction]))
     except ValueError:  # unbalanced braces: not a template, nothing to compare
         return []
-    missing = [c for c in chunks if c not in row[prompt]]
-    if not missing:
-        return []
-    return [Finding("other_instruction",
-                    f"{prompt} does not use {instruction} (its text {_short(missing[0], 40)} is absent)")]
+    missing = [c for c in (lit.strip() for lit, _, _, _ in parsed) if c and c not in row[prompt]]
+    if missing:
+        return [Finding("other_instruction",
+                        f"{prompt} does not use {instruction} (its text {_short(missing[0], 40)} is absent)")]
+    pieces = _template_pieces(row, parsed, inputs)
+    if pieces is None or _fills(row[prompt], 0, pieces) or _input_absent(row, prompt, inputs):
+        return []  # (an input missing from the prompt is inputs_present's finding: not reported twice)
+    return [Finding("not_rendered", f"{prompt} is not {instruction} filled with the row's {inputs} and options: "
+                                    "it has text the instruction does not (before, after or inside an input)")]
+
+
+def _template_pieces(row: Row, parsed: list[tuple[str, Any, Any, Any]], inputs: str) -> list[tuple[str, ...]] | None:
+    """The template as alternating fixed texts ``(literal,)`` and fields ``(form, form, ...)``, each field's forms the
+    texts :func:`coin.data.templates.render` can put there: one of the row's input texts (in a rendered form), or for
+    ``{options_}`` an ``OPTIONS:`` block of the row's answer words in any order. None when that cannot be said (a
+    format spec, a field with no text to fill it)."""
+    from coin.data.templates import OPTIONS_PLACEHOLDER, format_options
+
+    texts = row.get(inputs)
+    texts = {k: v for k, v in texts.items() if isinstance(v, str)} if isinstance(texts, Mapping) else {}
+    words = [w for w in row.get("answer_words") or [] if isinstance(w, str)]
+    pieces: list[tuple[str, ...]] = []
+    for literal, field, spec, conversion in parsed:
+        pieces.append((literal,))
+        if field is None:
+            continue
+        if spec or conversion:
+            return None
+        if field == OPTIONS_PLACEHOLDER:
+            if not words or len(words) > 6:
+                return None
+            forms = {format_options(p) for p in itertools.permutations(words)}
+        else:
+            sources = [texts[field]] if field in texts else list(texts.values())
+            forms = {f for t in sources for f in rendered_forms(row.get("task"), t)}
+        if not forms:
+            return None
+        pieces.append(tuple(forms))
+    return pieces
+
+
+def _appears(row: Row, prompt: str, text: str) -> bool:
+    """Is input ``text`` in ``row[prompt]``, in one of the forms a prompt can hold it?"""
+    return any(f in row[prompt] for f in rendered_forms(row.get("task"), text))
+
+
+def _input_absent(row: Row, prompt: str, inputs: str) -> bool:
+    texts = row.get(inputs)
+    return isinstance(texts, Mapping) and any(isinstance(t, str) and not _appears(row, prompt, t)
+                                              for t in texts.values())
+
+
+def _fills(text: str, pos: int, pieces: list[tuple[str, ...]]) -> bool:
+    """Does ``text[pos:]`` read as ``pieces`` exactly (each piece one of its alternatives, in order)?"""
+    if not pieces:
+        return pos == len(text)
+    return any(text.startswith(alt, pos) and _fills(text, pos + len(alt), pieces[1:]) for alt in pieces[0])
 
 
 @row_check("negative_valid", needs={k: str for k in (
@@ -383,7 +452,7 @@ def negative_valid(row: Row) -> list[Finding]:
         out.append(Finding("same_example", f"negative_example_id equals example_id ({row['example_id']!r})"))
     if row["negative_target"] == row["target"]:
         out.append(Finding("same_target", f"negative_target equals target ({row['target']!r})"))
-    return out + _uses_instruction(row, "negative_prompt", "original_instruction")
+    return out + _uses_instruction(row, "negative_prompt", "original_instruction", "negative_inputs")
 
 
 # --------------------------------------------------------------------------- leakage

@@ -107,11 +107,12 @@ class CachedEmbedder:
         if not a:
             return np.zeros(0, dtype=np.float64)
         v = self.vectors([*a, *b])  # one batch for both sides
-        return np.einsum("ij,ij->i", v[: len(a)], v[len(a):])
+        # clipped: unit vectors' dot products reach 1 + 4e-16, so a same-text pair was "above" max_similarity 1.0
+        return np.clip(np.einsum("ij,ij->i", v[: len(a)], v[len(a):]), -1.0, 1.0)
 
     def cosine_matrix(self, a: Sequence[str], b: Sequence[str]) -> np.ndarray:
         """``(len(a), len(b))`` cosines."""
         if not a or not b:
             return np.zeros((len(a), len(b)), dtype=np.float64)
         v = self.vectors([*a, *b])
-        return v[: len(a)] @ v[len(a):].T
+        return np.clip(v[: len(a)] @ v[len(a):].T, -1.0, 1.0)

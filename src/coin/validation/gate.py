@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -75,7 +76,7 @@ def run_checks(rows: Sequence[Row], ctx: CheckContext,
 
 def _pair_id(row: Row, i: int) -> str:
     pid = row.get("pair_id")  # shown in summary.json and the reports: a lone surrogate could not be written
-    return _escape_surrogates(pid) if isinstance(pid, str) else f"<row {i}: pair_id {_escape_surrogates(repr(pid))}>"
+    return _strict_json(pid) if isinstance(pid, str) else f"<row {i}: pair_id {_strict_json(repr(pid))}>"
 
 
 def _check_stats(rows: Sequence[Row], results: list[CheckResult]) -> CheckStats:
@@ -97,23 +98,27 @@ def _reject(row: Row, failed: list[tuple[str, CheckResult]]) -> dict[str, Any]:
     }
 
 
-def _escape_surrogates(value: Any) -> Any:
-    """Lone surrogates cannot be written as UTF-8: show them as the text ``\\udXXX`` (rejects only)."""
+def _strict_json(value: Any) -> Any:
+    """What strict JSON readers (jq, JavaScript, most JSON libraries) can read back, for rejects only: a lone
+    surrogate (not writable as UTF-8) becomes the text ``\\udXXX``, a non-finite number (``NaN``, which Python writes
+    bare) the string ``"NaN"`` / ``"Infinity"`` / ``"-Infinity"``. The reason names the original value."""
     if isinstance(value, str):
         return "".join(f"\\u{ord(c):04x}" if "\ud800" <= c <= "\udfff" else c for c in value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     if isinstance(value, Mapping):
-        return {_escape_surrogates(k): _escape_surrogates(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_escape_surrogates(v) for v in value]
+        return {_strict_json(k): _strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict_json(v) for v in value]
     return value
 
 
 def _writable(row: dict[str, Any]) -> dict[str, Any]:
     try:
-        json.dumps(row, ensure_ascii=False).encode("utf-8")
+        json.dumps(row, ensure_ascii=False, allow_nan=False).encode("utf-8")
         return row
-    except UnicodeEncodeError:
-        return _escape_surrogates(row)
+    except (UnicodeEncodeError, ValueError):
+        return _strict_json(row)
 
 
 # --------------------------------------------------------------------------- the entry point

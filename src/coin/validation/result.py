@@ -111,7 +111,8 @@ class GateReport:
             "|---|---:|---:|---|",
         ]
         for name, s in self.checks.items():
-            lines.append(f"| {name} | {s.pass_rate:.3f} | {s.failures} | {s.example_pair_id or ''} |")
+            pid = (s.example_pair_id or "").replace("|", "\\|")  # the user's text: a bare | splits the cell
+            lines.append(f"| {name} | {s.pass_rate:.3f} | {s.failures} | {pid} |")
         if self.per_task:
             lines += ["", "| task | rows in | valid | rejected | pass rate |", "|---|---:|---:|---:|---:|"]
             lines += [f"| {t} | {c['rows_in']} | {c['valid']} | {c['rejected']} | {c['pass_rate']:.3f}"
@@ -158,7 +159,8 @@ class GateReport:
                          "at any threshold.")
         elif self.pass_rate >= self.min_pass_rate:  # only a task emptied: the threshold is no fix
             lines.append(f"Fix the data or the settings that reject {', '.join(self.emptied_tasks)}'s rows (e.g. "
-                         "pairs.cutoff_len), or remove the task from pairs.tasks; lowering validate.min_pass_rate "
+                         "pairs.cutoff_len), or drop the task (from pairs.tasks, or its rows from a pairs file of "
+                         "your own); lowering validate.min_pass_rate "
                          "does not help, a task with no training row fails the gate at any threshold.")
         else:
             lines.append("Fix the data or the settings (e.g. pairs.cutoff_len), or lower validate.min_pass_rate.")
