@@ -406,10 +406,16 @@ def unit_line(unit: dict[str, Any]) -> str:
 
 def registration_markdown(reg: dict[str, Any]) -> str:
     """The registration result (version, aliases, promotion decision if any) as a Markdown table; a run
-    registered before (a cached re-registration) says so in one line instead of repeating its old decision."""
+    registered before (a cached re-registration) says so in one line instead of repeating its old decision.
+    Several candidates (``register.methods``): one such section each, in the order they were registered."""
+    if len(reg.get("candidates") or []) > 1:
+        return "\n\n".join(f"### {c.get('method', '?')}\n\n" + registration_markdown(c) for c in reg["candidates"])
+    reg = {k: v for k, v in reg.items() if k != "candidates"}
     if reg.get("created") is False and not reg.get("decided_now", False):
-        return f"**Already registered** `{reg.get('name', '?')}` as version {reg.get('version', '?')}; decision " \
-               f"unchanged (aliases: {', '.join(map(str, reg.get('aliases') or [])) or 'none'})."
+        from coin.registry.register import unchanged
+
+        return f"**Already registered** `{reg.get('name', '?')}` as version {reg.get('version', '?')}; " \
+               f"{unchanged(reg)}."
     head = f"**Registered** `{reg.get('name', '?')}` version {reg.get('version', '?')}"
     if reg.get("aliases"):
         head += f", aliases: {', '.join(map(str, reg['aliases']))}"

@@ -494,10 +494,14 @@ def test_interval_rule_without_comparable_champion_predictions_refuses_with_the_
     # but only those of the evaluation its recorded figures came from
     assert keep_predictions("old", v1, run1, _paired_figures(STEADY_RIGHT), _paired_table(STEADY_RIGHT)) is None
     assert keep_predictions("old", v1, run1, _paired_figures(CHAMP_RIGHT), _paired_table(CHAMP_RIGHT))
-    v3, run3 = _run_version(client, "old")
-    keep_predictions("old", v3, run3, _paired_figures(STEADY_RIGHT), steady)
-    assert promote_version("old", v3, _paired_figures(STEADY_RIGHT), **gate).promote
+    # ... and the refused candidate, registered again, is decided anew now that the evidence is there (its own
+    # figures did not change, so its refusal stood for good: "decision unchanged")
+    from coin.registry.register import forget_undecided
 
+    assert forget_undecided(client, "old", v2, _paired_figures(STEADY_RIGHT), "interval")
+    assert promote_version("old", v2, _paired_figures(STEADY_RIGHT), **gate).promote
+    assert _alias(client, "old", "champion") == v2
+    assert not forget_undecided(client, "old", v2, _paired_figures(STEADY_RIGHT), "interval")  # promoted: stands
     # a champion whose predictions share no example with the candidate (another sample)
     w1, wrun1 = _run_version(client, "apart")
     keep_predictions("apart", w1, wrun1, _paired_figures(CHAMP_RIGHT), _paired_table(CHAMP_RIGHT, ids="other-"))
@@ -524,6 +528,56 @@ def test_interval_rule_without_comparable_champion_predictions_refuses_with_the_
 
 
 # --------------------------------------------------------------------------- logged model
+
+
+def test_a_refusal_for_want_of_evidence_is_decided_anew_under_another_rule(store):
+    """register.evidence: point is the other fix a 'No evidence' refusal names; registering again under it kept
+    the refusal ('decision unchanged')."""
+    from mlflow import MlflowClient
+
+    from coin.registry.promotion import TAG_EVIDENCE
+    from coin.registry.register import forget_undecided
+
+    client = MlflowClient()
+    v1, _ = _run_version(client, "rule")
+    assert promote_version("rule", v1, _paired_figures(CHAMP_RIGHT), **GATE).promote
+    v2, _ = _run_version(client, "rule")
+    figures = _paired_figures(STEADY_RIGHT)
+    d = promote_version("rule", v2, figures, predictions=_paired_table(STEADY_RIGHT),
+                        **{**GATE, "evidence": "interval"})
+    assert not d.promote and d.reason.startswith("No evidence")
+    assert forget_undecided(client, "rule", v2, figures, "point")
+    again = promote_version("rule", v2, figures, **GATE)
+    assert again.promote and client.get_model_version("rule", v2).tags[TAG_EVIDENCE] == "point"
+
+
+def test_not_comparable_records_no_paired_gain_and_a_lost_champion_is_not_called_the_first(store):
+    """A 'Not comparable' refusal recorded (tags, description) a paired gain between the two evaluations it called
+    incomparable; a candidate after the champion's version was deleted read 'the first candidate'."""
+    from dataclasses import replace
+
+    from mlflow import MlflowClient
+
+    from coin.registry.promotion import TAG_GAIN, TAG_SHARED
+    from coin.registry.register import keep_predictions
+
+    client = MlflowClient()
+    v1, run1 = _run_version(client, "cmp")
+    champ = replace(_paired_figures(CHAMP_RIGHT), protocol="protocol A")
+    first = promote_version("cmp", v1, champ, **GATE)
+    assert first.promote and first.reason.startswith("No champion yet: the first")
+    keep_predictions("cmp", v1, run1, champ, _paired_table(CHAMP_RIGHT))
+    v2, _ = _run_version(client, "cmp")
+    other = replace(_paired_figures(STEADY_RIGHT), protocol="protocol B")
+    d = promote_version("cmp", v2, other, predictions=_paired_table(STEADY_RIGHT), **{**GATE, "evidence": "interval"})
+    assert d.reason.startswith("Not comparable") and d.paired is None
+    tags = client.get_model_version("cmp", v2).tags
+    assert TAG_GAIN not in tags and TAG_SHARED not in tags and "Evidence:" not in d.description()
+    client.delete_registered_model_alias("cmp", "champion")  # by hand (or the champion's version deleted)
+    v3, _ = _run_version(client, "cmp")
+    d = promote_version("cmp", v3, _paired_figures(STEADY_RIGHT), **GATE)
+    assert d.promote and d.reason.startswith("No champion set (no version holds the alias)")
+
 
 
 def _adapter(tiny_llama_dir: Path, out: Path) -> Path:

@@ -50,7 +50,8 @@ def _flatten(d: dict[str, Any], prefix: str = "", depth: int = 0) -> list[tuple[
         if key == "decision" and "message" in d:  # a registration: its message holds the verdict and the reason
             continue
         if isinstance(value, list) and value and all(isinstance(v, dict) and "message" in v for v in value):
-            value = [v["message"] for v in value]  # registrations: their one-line messages
+            # registrations: their one-line messages, each under its method when there is one
+            value = [f"{v['method']}: {v['message']}" if v.get("method") else v["message"] for v in value]
         if isinstance(value, dict) and value and depth < DEPTH:
             out += _flatten(value, f"{prefix}{key}.", depth + 1)
         else:
@@ -58,7 +59,8 @@ def _flatten(d: dict[str, Any], prefix: str = "", depth: int = 0) -> list[tuple[
     return out
 
 
-PRIORITY = ("message", "aliases", "mlflow_parent_run_id")  # last dotted part of a field never cut from a summary
+# last dotted part of a field never cut from a summary (candidates: every registered method's verdict)
+PRIORITY = ("message", "aliases", "candidates", "mlflow_parent_run_id")
 
 
 def _priority(key: str) -> bool:

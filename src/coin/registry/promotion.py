@@ -240,8 +240,12 @@ def _fmt(x: float) -> str:
 
 def decide_promotion(candidate: ModelFigures, champion: ModelFigures | None, *, min_improvement: float,
                      max_clean_drop: float, champion_version: str | None = None, evidence: str = "point",
-                     paired: PairedGain | None = None, paired_error: str | None = None) -> PromotionDecision:
+                     paired: PairedGain | None = None, paired_error: str | None = None,
+                     lost_champion: bool = False) -> PromotionDecision:
     """The gate on numbers alone (see the module docstring for the rule).
+
+    ``lost_champion``: without a champion, whether another version was promoted before (its version deleted or the
+    alias removed): only the reason's wording differs.
 
     ``evidence="interval"`` needs ``paired``, the candidate-minus-champion interval on shared examples; when
     it could not be computed, ``paired_error`` says why, and the candidate is not promoted for that reason.
@@ -251,10 +255,11 @@ def decide_promotion(candidate: ModelFigures, champion: ModelFigures | None, *, 
     if evidence not in EVIDENCE:
         raise ValueError(f"evidence = {evidence!r}: must be one of {', '.join(EVIDENCE)} (register.evidence)")
 
-    def decision(promote: bool, reason: str) -> PromotionDecision:
+    def decision(promote: bool, reason: str, compared: bool = False) -> PromotionDecision:
+        # the paired interval only where the decision compared the two (not beside "not comparable")
         return PromotionDecision(promote, reason, candidate, champion, champion_version if champion else None,
                                  float(min_improvement), float(max_clean_drop), evidence,
-                                 paired if champion is not None and evidence == "interval" else None)
+                                 paired if compared and champion is not None and evidence == "interval" else None)
 
     above = ""
     if candidate.majority_acc is not None:
@@ -267,6 +272,9 @@ def decide_promotion(candidate: ModelFigures, champion: ModelFigures | None, *, 
         above = (f"; clean accuracy {_fmt(candidate.clean_acc)} is above the majority-class rate "
                  f"{_fmt(candidate.majority_acc)} ({margin:+g} pp)")
     if champion is None:
+        if lost_champion:  # a version was promoted before; none holds the alias now (deleted, or moved by hand)
+            return decision(True, f"No champion set (no version holds the alias): this candidate becomes "
+                                  f"champion{above}.")
         return decision(True, f"No champion yet: the first candidate becomes champion{above}.")
     from coin.evaluation.result import same_protocol
 
@@ -290,11 +298,11 @@ def decide_promotion(candidate: ModelFigures, champion: ModelFigures | None, *, 
         lo = round(paired.ci_low, _DIGITS)
         interval = f"{paired.text()}, lower bound needed > {need:g}"
         if lo <= need:
-            return decision(False, f"Gain not established by the interval: {interval}; {figures}.")
+            return decision(False, f"Gain not established by the interval: {interval}; {figures}.", True)
         if drop > tol:
-            return decision(False, f"Clean accuracy drops past the tolerance: {interval}; {figures}.")
+            return decision(False, f"Clean accuracy drops past the tolerance: {interval}; {figures}.", True)
         return decision(True, f"More robust by the margin beyond the sampling noise, clean accuracy within "
-                        f"tolerance: {interval}; {figures}.")
+                        f"tolerance: {interval}; {figures}.", True)
     if gain <= 0 or gain < need:
         return decision(False, f"Not more robust than the champion by the margin: {figures}.")
     if drop > tol:
@@ -561,10 +569,12 @@ def promote_version(name: str, version: str | int, figures: ModelFigures, *, min
         paired, paired_error = None, None
         if evidence == "interval" and champion is not None:
             paired, paired_error = _paired_evidence(client, name, mv, champ_mv, predictions)
+        lost = champion is None and any(str(v.version) != version and v.tags.get(TAG_DECISION) == "promoted"
+                                        for v in client.search_model_versions(f"name = '{name}'"))
         decision = decide_promotion(figures, champion, min_improvement=min_improvement,
                                     max_clean_drop=max_clean_drop,
                                     champion_version=str(champ_mv.version) if champ_mv is not None else None,
-                                    evidence=evidence, paired=paired, paired_error=paired_error)
+                                    evidence=evidence, paired=paired, paired_error=paired_error, lost_champion=lost)
     client.update_model_version(name, version, description=decision.description())
     tags = decision.to_tags()
     for key in sorted(k for k in tags if k != TAG_DECISION):

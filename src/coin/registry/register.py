@@ -137,16 +137,24 @@ class Registration:
         return asdict(self)
 
 
+def unchanged(reg: dict[str, Any]) -> str:
+    """"decision unchanged (<verdict> when registered; aliases: ...)" for a version registered before: the verdict,
+    not its reason again (a retried flow task lands here for a version its first try decided)."""
+    decision = reg.get("decision") or {}
+    verdict = ("promoted to champion" if decision.get("promote") else "not promoted") if decision else ""
+    aliases = ", ".join(map(str, reg.get("aliases") or [])) or "none"
+    return f"decision unchanged ({verdict + ' when registered; ' if verdict else ''}aliases: {aliases})"
+
+
 def registration_message(reg: dict[str, Any]) -> str:
     """One line on a registration (:meth:`Registration.to_dict`): a new version and its decision, or, for a run
     registered before, that nothing changed (its decision was made then; repeating its text reads as news)."""
     head = f"{reg.get('name', '?')} v{reg.get('version', '?')}"
     aliases = ", ".join(map(str, reg.get("aliases") or [])) or "none"
-    if reg.get("created") is False and not reg.get("decided_now", False):
-        return f"{reg.get('name', '?')}: already registered as v{reg.get('version', '?')}; decision unchanged " \
-               f"(aliases: {aliases})"
     decision = reg.get("decision") or {}
     verdict = "promoted to champion" if decision.get("promote") else "not promoted"
+    if reg.get("created") is False and not reg.get("decided_now", False):
+        return f"{reg.get('name', '?')}: already registered as v{reg.get('version', '?')}; {unchanged(reg)}"
     return f"{head}: registered, {verdict} (aliases: {aliases}): {decision.get('reason', 'no decision')}"
 
 
@@ -288,26 +296,34 @@ def _artifact_exists(client, uri: str) -> bool:
         return False
 
 
-def forget_undecided(client, name: str, version: str, figures: ModelFigures) -> bool:
+def forget_undecided(client, name: str, version: str, figures: ModelFigures, evidence: str | None = None) -> bool:
     """When ``version``'s recorded decision is an :data:`~coin.registry.promotion.UNDECIDED` refusal (not comparable
-    with the champion, or no evidence for the interval rule) and ``figures`` (with their protocol) differ from the
-    recorded ones, remove that decision and what came with it (its figures, stored predictions and card), so this
-    registration decides and stores them anew; True when it did. Any other decision stands (a version is decided
-    once: register a new training run to re-decide it)."""
+    with the champion, or no evidence for the interval rule) that may go otherwise now, remove it so this
+    registration decides anew; True when it did. It may when ``figures`` (with their protocol) differ from the
+    recorded ones (re-evaluated: its figures, stored predictions and card go too, to be stored anew), when it was
+    refused for want of evidence (the champion's stored predictions may be back: the fix that refusal names), or
+    when ``evidence`` (register.evidence) is not the rule it was refused under. Any other decision stands (a version
+    is decided once: register a new training run to re-decide it)."""
     from coin.registry.card import TAG_CARD
+    from coin.registry.promotion import TAG_EVIDENCE
 
     mv = client.get_model_version(name, str(version))
     recorded = decision_from_tags(mv.tags)
     if recorded is None or recorded.promote or not recorded.reason.startswith(UNDECIDED):
         return False
-    if same_figures(recorded.candidate, figures):
+    new_figures = not same_figures(recorded.candidate, figures)
+    no_evidence = recorded.reason.startswith(UNDECIDED[1])
+    other_rule = evidence is not None and mv.tags.get(TAG_EVIDENCE, "point") != evidence
+    if not (new_figures or no_evidence or other_rule):
         return False
-    drop = [k for k in mv.tags if k.startswith(("coin.promotion.", TAG_CARD)) or k in (
-        TAG_PREDICTIONS, TAG_CLEAN, TAG_PERTURBED, TAG_MAJORITY, TAG_PROTOCOL)]
+    drop = [k for k in mv.tags if k.startswith("coin.promotion.") or new_figures and (
+        k.startswith(TAG_CARD) or k in (TAG_PREDICTIONS, TAG_CLEAN, TAG_PERTURBED, TAG_MAJORITY, TAG_PROTOCOL))]
     for key in sorted(drop, key=lambda k: k != TAG_DECISION):  # the decision first: undecided at once
         client.delete_model_version_tag(name, str(version), key)
-    log.info("%s version %s: its refusal (%s) decided nothing; evaluated again since, it is decided anew",
-             name, version, recorded.reason.split(":")[0])
+    why = ("evaluated again since" if new_figures else f"register.evidence is {evidence} now" if other_rule
+           else "the evidence may be there now")
+    log.info("%s version %s: its refusal (%s) decided nothing; %s, it is decided anew",
+             name, version, recorded.reason.split(":")[0], why)
     return True
 
 
@@ -335,7 +351,7 @@ def register_candidate(adapter_dir: Path, run_id: str, name: str, figures: Model
     with registration_lock():
         reg = log_candidate(adapter_dir, run_id, name)
         # refused as not comparable or without evidence, re-evaluated since (the fix the refusal gives): decided anew
-        forget_undecided(MlflowClient(), name, reg.version, figures)
+        forget_undecided(MlflowClient(), name, reg.version, figures, evidence)
         if predictions is not None:
             keep_predictions(name, reg.version, run_id, figures, predictions)
         if card is not None:
