@@ -94,7 +94,8 @@ def probe(settings: Any, steps: int) -> dict[str, Any]:
     cuda = torch.cuda.is_available() and settings.model.device in ("auto", "cuda")
     before = torch.cuda.memory_allocated() if cuda else _rss_bytes()
     bb = load_backbone(settings.model.backbone, dtype=settings.model.dtype, device=settings.model.device,
-                       seed=settings.seed, attention=settings.model.attention, readout=settings.model.readout)
+                       seed=settings.seed, attention=settings.model.attention, readout=settings.model.readout,
+                       quantization=settings.model.quantization, double_quant=settings.model.double_quant)
     with torch.no_grad():  # safetensors weights may stay memory-mapped: touch them so they count as loaded
         for p in bb.model.parameters():
             p.sum()

@@ -73,6 +73,14 @@ def _launch(mode: str, model_dir: Path, out: Path, *extra: str) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
+def test_two_methods_train_in_one_launch(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """`coin train` with two train.methods under torchrun: each train() created and destroyed the process group,
+    and re-creating it on the launcher's store failed in 3 runs of 4 (gloo: connection refused)."""
+    _launch("twice", tiny_llama_dir, tmp_path / "twice")
+    losses = json.loads((tmp_path / "twice" / "twice.json").read_text())
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in losses)
+
+
 @dataclass
 class _OneProcess:
     step: dict[str, float]           # one CoIN step on the whole global batch of 4 pairs
@@ -226,9 +234,11 @@ def test_fsdp_in_one_process_trains_unsharded_and_accelerate_fsdp_launch_is_refu
 
     # accelerate's own FSDP plugin would shard nothing here: that launch stops, naming the project's setting
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ConfigError, match="train.sharding"):
-        train(load_backbone(str(tiny_llama_dir), device="cpu"), rows, cfg.model_copy(update={"sharding": "none"}),
-              out_dir=tmp_path / "acc", seed=0, cutoff_len=CUTOFF, progress=False)
+    for sharding in ("none", "fsdp"):  # with fsdp its fsdp_config keys (offload, strategy) were silently ignored
+        with pytest.raises(ConfigError, match="fsdp_config keys would be ignored"):
+            train(load_backbone(str(tiny_llama_dir), device="cpu"), rows,
+                  cfg.model_copy(update={"sharding": sharding}), out_dir=tmp_path / "acc", seed=0, cutoff_len=CUTOFF,
+                  progress=False)
 
 
 def test_fsdp_with_a_quantised_base_is_refused_with_the_fix() -> None:

@@ -209,9 +209,27 @@ def test_the_plan_reads_model_quantization(tiny_llama_dir: Path) -> None:
         m = plan_training(q).methods[0]
         assert m.workload.bits_per_weight == QUANT_BITS[(quant, double)]
         shape = plan_training(q).shape
-        want = round(shape.n_matmul_params * m.workload.bits_per_weight / 8
-                     + (shape.n_params - shape.n_matmul_params) * m.workload.weight_bytes)
+        want = round(shape.n_quantised_params * m.workload.bits_per_weight / 8
+                     + (shape.n_params - shape.n_quantised_params) * m.workload.weight_bytes)
         assert m.estimate.weights == want < plain.estimate.weights
+
+
+@pytest.mark.parametrize("quant", ["8bit", "4bit"])
+def test_quantised_weights_are_planned_as_loaded(tiny_llama_dir: Path, quant: str) -> None:
+    """The LM head stays in full precision when the base is quantised (transformers skips it, as does
+    load_backbone for an encoder's head); the plan counted it at 4 or 8 bits (MiniLM 4bit: 12.1 MiB planned, 51.3
+    held). The plan's weights are now the bytes the loaded model holds, within the quantisation constants."""
+    from coin.modeling.backbone import load_backbone
+
+    s = _settings(tiny_llama_dir)
+    s = s.model_copy(update={"model": s.model.model_copy(update={"quantization": quant})})
+    plan = plan_training(s)
+    shape = plan.shape
+    head = 32 * shape.vocab  # untied lm_head: hidden 32 x vocab
+    assert shape.n_quantised_params == shape.n_matmul_params - head
+    model = load_backbone(str(tiny_llama_dir), device="cpu", quantization=quant).model
+    held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    assert plan.methods[0].estimate.weights == pytest.approx(held, rel=0.03)
 
 
 # --------------------------------------------------------------------------- sharded training (train.sharding: fsdp)
@@ -309,3 +327,21 @@ def test_a_multi_process_run_that_cannot_fit_is_told_to_shard(tiny_llama_dir: Pa
     fsdp = plan_training(_settings(tiny_llama_dir, sharding="fsdp", **small), world_size=2, response_tokens=1)
     assert fsdp.verdict == "will not fit" and "train.sharding=fsdp" not in memory.refusal(fsdp)  # already sharded
     assert "train.sharding" in memory.SETTINGS_TO_CHANGE
+
+
+def test_the_plan_summary_counts_processes_once_and_suggests_only_what_is_left(
+        tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--plan --world-size 2` printed 'needs <2 x per process> x 2 processes' (the total read as per process,
+    times 2 again), and suggested train.sharding to a run that already sets it."""
+    monkeypatch.setattr(memory, "available_memory", lambda device: (2**20, "host RAM available"))
+    args = ["train", "--plan", "--params", str(_params(tmp_path)), "--set", f"model.backbone={tiny_llama_dir}",
+            "--set", "train.lora.target_modules=auto", "--set", "train.sharding=fsdp", "--world-size", "2"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    import re
+
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("needs "))
+    m = re.match(r"needs ([\d.]+) GiB \(([\d.]+) GiB per process x 2 processes on this host\)", line)
+    assert m and float(m[1]) == pytest.approx(2 * float(m[2]), abs=0.011), line
+    hint = next(ln for ln in res.output.splitlines() if ln.startswith("lower it with"))
+    assert "train.batch_size" in hint and "train.sharding" not in hint

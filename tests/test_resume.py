@@ -53,7 +53,13 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_adapter(tiny_bert_encoder_di
     assert resumed.resumed_from == 4 and resumed.steps == 6 and logged == [5, 6]  # only steps 5 and 6 ran
     n_train = sum(r.get("split") == "train" for r in resume_rows())
     assert resumed.train_rows == uninterrupted.train_rows == n_train
-    assert resumed.epochs == uninterrupted.epochs == pytest.approx(6 / (n_train // cfg.batch_size), abs=1e-4)
+    # each of the 6 steps takes grad_accum (2) batches: 12 batches over n_train // batch_size per epoch (the test
+    # said 6 / ..., which the code then counted too, half the passes the stream had made)
+    assert cfg.grad_accum == 2
+    assert resumed.epochs == uninterrupted.epochs == pytest.approx(6 * 2 / (n_train // cfg.batch_size), abs=1e-4)
+    stream = json.loads((killed / "checkpoints" / "step-0000006" / "state.json").read_text())["data"]
+    per_epoch = n_train // cfg.batch_size
+    assert stream["epoch"] + stream["next_batch"] / per_epoch == pytest.approx(resumed.epochs, abs=1e-4)
     assert [h["step"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
     for ours, theirs in zip(resumed.history, uninterrupted.history, strict=True):
         assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-6)
@@ -262,6 +268,25 @@ def test_a_run_killed_after_saving_its_adapter_leaves_no_record_of_the_old_run(t
     assert not record.exists() and "sft" not in read_json(index)["runs"]  # ... under no run
     with pytest.raises(DataError, match="no training run for method"):
         stages.eval_units(s, tmp_path)
+
+
+def test_a_run_refused_before_it_trains_keeps_the_old_record(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """The old record went before training, so a run refused by its own checks (here: too few rows for the batch;
+    under torchrun also a resume with another process count) left the old adapter with no record, and evaluate
+    then asked for a training run that was there."""
+    from coin import stages
+    from coin.data.io import read_json
+
+    rows = make_rows(4)
+    s = _sft_settings(tiny_llama_dir)
+    stages.write_train_index(s, tmp_path, {"sft": stages._train_one(s, tmp_path, rows, "sft")})
+    record = tmp_path / "outputs" / "train" / "sft" / "train.json"
+    before = read_json(record)
+    with pytest.raises(ValueError, match="train.batch_size"):
+        stages._train_one(_sft_settings(tiny_llama_dir, batch_size=64), tmp_path, rows, "sft")
+    assert read_json(record) == before
+    assert "sft" in read_json(tmp_path / "outputs" / "train" / "train.json")["runs"]
+    stages.eval_units(s, tmp_path)  # the old run is still there to evaluate
 
 
 def test_a_second_train_of_the_same_method_and_out_dir_is_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:

@@ -813,6 +813,21 @@ def test_more_architectures_load_and_take_lora_with_the_default_settings(
     assert logits.shape == (b.resp_rows.numel(), len(bb.tokenizer)) and bool(torch.isfinite(logits).all())
 
 
+def test_a_model_that_rescales_its_logits_is_trained_and_scored_on_the_logits_it_samples_from(
+        tiny_granite_dir: Path) -> None:
+    """Granite divides its head's output by config.logits_scaling in forward(); the body + head path skipped that,
+    so training and label scoring used logits 4x too large (scores off by 3.3 nats on a tiny model)."""
+    from coin.modeling.backbone import split_body_head
+
+    bb = load_backbone(str(tiny_granite_dir), device="cpu")
+    assert split_body_head(bb.model)[1] is None  # the full forward
+    b = PairCollator(bb.tokenizer, "coin", cutoff_len=64)(make_rows(2))
+    with torch.no_grad():
+        _, logits = selected_logits(bb.model, b.input_ids, b.attention_mask, b.resp_rows, b.resp_cols)
+        full = bb.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    torch.testing.assert_close(logits, full[b.resp_rows, b.resp_cols], atol=1e-5, rtol=1e-5)
+
+
 def test_a_tiny_phi3_trains_with_the_default_lora_targets(tiny_phi3_dir: Path, tmp_path: Path) -> None:
     bb = load_backbone(str(tiny_phi3_dir), device="cpu")
     cfg = cfg_for("coin", max_steps=2, lora={"r": 4, "alpha": 8, "dropout": 0.0})
@@ -838,6 +853,11 @@ def test_batches_seeded_train_only_and_cycling() -> None:
     assert all(len(set(batch)) == 2 for batch in a)
     with pytest.raises(ValueError, match="batch_size"):
         train_rows_of(make_rows(1) + make_rows(5, split="val"), 2)
+    # under torchrun the message names the user's batch_size and the process count (it named their product as
+    # train.batch_size, then said to multiply by the processes again)
+    with pytest.raises(ValueError, match=r"train.batch_size 8 x 2 processes = 16 pair rows .* got 10"):
+        train_rows_of(make_rows(10), 8, 2)
+    assert len(train_rows_of(make_rows(10), 4, 2)) == 10
 
 
 def test_batch_stream_resumes_where_it_stopped() -> None:

@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc_per_node 2 tests/training_workers.py ddp MODEL_DIR OUT_DIR THREADS
     torchrun --standalone --nproc_per_node 2 tests/training_workers.py fsdp MODEL_DIR OUT_DIR THREADS ENCODER_DIR
+    torchrun --standalone --nproc_per_node 2 tests/training_workers.py twice MODEL_DIR OUT_DIR THREADS
     python tests/training_workers.py killed MODEL_DIR OUT_DIR THREADS KILL_AT_STEP
 """
 
@@ -145,6 +146,25 @@ def run_fsdp(model_dir: str, out_dir: Path, encoder_dir: str) -> None:
     world.finish()
 
 
+def run_twice(model_dir: str, out_dir: Path) -> None:
+    """Two train() calls in one process, as `coin train` with two train.methods under torchrun: the first creates
+    the process group, the second must reuse it (re-creating it on the launcher's store raced)."""
+    import torch.distributed as dist
+
+    from coin.modeling.backbone import load_backbone
+    from coin.training.loop import train
+
+    losses = []
+    for method in ("coin", "cit"):
+        cfg = cfg_for(method, batch_size=2, max_steps=2, lr=1e-2, checkpoint_every=0)
+        res = train(load_backbone(model_dir, device="cpu", seed=0), make_rows(DDP_ROWS, varied_targets=True), cfg,
+                    out_dir=out_dir / method, seed=0, cutoff_len=CUTOFF, progress=False)
+        assert dist.is_initialized(), "train() left the process group: the next method would create it again"
+        losses.append(res.history[-1])
+    if dist.get_rank() == 0:
+        (out_dir / "twice.json").write_text(json.dumps(losses))
+
+
 def run_killed(model_dir: str, out_dir: Path, kill_at: int) -> None:
     """Train with the resume settings and SIGKILL this very process right after step ``kill_at``."""
     from coin.modeling.backbone import load_backbone
@@ -167,6 +187,8 @@ if __name__ == "__main__":
         run_ddp(model_dir, out)
     elif mode == "fsdp":
         run_fsdp(model_dir, out, sys.argv[5])
+    elif mode == "twice":
+        run_twice(model_dir, out)
     elif mode == "killed":
         run_killed(model_dir, out, int(sys.argv[5]))
     else:

@@ -80,13 +80,27 @@ def check_data(settings: Settings, root: Path) -> dict[str, int]:
     and the flow's data versioning before it records or pushes anything: nothing that fails here is
     versioned. Returns the rows per file read.
     """
+    lay = Layout(root, settings)
+    try:
+        return _read_data(settings, root, lay)
+    except DataError as exc:
+        tracked = (root / "data").resolve()
+        if lay.data_dir.resolve() == tracked or "dvc pull" not in str(exc):
+            raise
+        # paths.data_dir is a folder of the user's: DVC (and so `coin data`) restores only data/
+        raise DataError(str(exc).split(" Run `dvc pull`")[0].split("; restore it (dvc pull")[0].rstrip(". ")
+                        + f". paths.data_dir = {settings.paths.data_dir} is not the DVC-tracked data/, which is all "
+                        "`dvc pull` and `coin data` restore: put the file there, or point paths.data_dir at a "
+                        "folder that has it") from None
+
+
+def _read_data(settings: Settings, root: Path, lay: Layout) -> dict[str, int]:
     from coin.data.pairs import load_examples
     from coin.data.tasks import get_task, train_file
     from coin.data.templates import load_templates
     from coin.evaluation.instructions import load_instruction_sets
     from coin.evaluation.sampling import SplitUnavailable, load_validation_rows
 
-    lay = Layout(root, settings)
     counts: dict[str, int] = {}
     for task in settings.pairs.tasks:
         spec = get_task(task)
@@ -263,7 +277,7 @@ def write_train_index(settings: Settings, root: Path,
 
 def train_adapter(settings: Settings, rows: list[dict[str, Any]], method: str, out_dir: Path, *,
                   seed: int | None = None, device: str | None = None, on_metrics: Any = None,
-                  progress: bool = True) -> Any:
+                  progress: bool = True, before_save: Any = None) -> Any:
     """Load the backbone, train ``method``'s LoRA adapter on ``rows`` into ``out_dir/adapter`` (with its
     ``coin_model.json``) and return the :class:`~coin.training.loop.TrainResult`. No MLflow, no index.
 
@@ -284,7 +298,7 @@ def train_adapter(settings: Settings, rows: list[dict[str, Any]], method: str, o
                              readout=settings.model.readout, quantization=settings.model.quantization,
                              double_quant=settings.model.double_quant)
     result = train(backbone, rows, cfg, out_dir=Path(out_dir), seed=seed, cutoff_len=settings.pairs.cutoff_len,
-                   on_metrics=on_metrics, resume=cfg.resume, progress=progress)
+                   on_metrics=on_metrics, resume=cfg.resume, progress=progress, before_save=before_save)
     if is_main_process():  # under torchrun every rank trains; rank 0 alone writes
         # a relative backbone directory is recorded absolute: the adapter then loads from any working directory
         # (the settings keep it relative, so cache keys stay portable between checkouts)
@@ -340,11 +354,15 @@ def _train_one(settings: Settings, root: Path, rows: list[dict[str, Any]], metho
         train_adapter(settings, rows, method, out_dir)
         return {"method": method, "rank": "worker"}
     with _train_lock(lay, method), method_run(settings, root, method, stage="train", run_name=f"train-{method}") as run:
-        # the old run's record goes first: a run killed after it saved the new adapter but before it wrote the new
-        # record must not leave the new weights under the old run's id (evaluate and register read the record)
-        (out_dir / "train.json").unlink(missing_ok=True)
-        write_train_index(settings, root)
-        result = train_adapter(settings, rows, method, out_dir, on_metrics=on_metrics)
+        def forget_old_record() -> None:
+            # the old run's record goes before the new adapter replaces the old one: a run killed after it saved
+            # the new weights but before it wrote the new record must not leave them under the old run's id
+            # (evaluate and register read the record). Not sooner: a run refused or failed before that leaves the
+            # old adapter and its record as they were
+            (out_dir / "train.json").unlink(missing_ok=True)
+            write_train_index(settings, root)
+
+        result = train_adapter(settings, rows, method, out_dir, on_metrics=on_metrics, before_save=forget_old_record)
         # the full history: after a resume, on_metrics saw only the steps run in this process
         _write_history_csv(out_dir / "loss.csv", [{**h, "step": int(h["step"])} for h in (result.history or history)])
         mlflow.log_metrics({"train/wall_s": result.wall_time_s, "train/steps": float(result.steps),
@@ -611,6 +629,13 @@ def stage_register(settings: Settings, root: Path) -> dict[str, Any]:
                                  card=candidate_card(metrics_file, method))
         regs.append({"method": method, **reg.to_dict(), "message": registration_message(reg.to_dict())})
         log.info("register[%s]: %s", method, regs[-1]["message"])
+    if len(regs) > 1:  # a later candidate may have taken an earlier one's aliases: each as it stands at the end
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        for r in regs:
+            r["aliases"] = sorted(client.get_model_version(r["name"], r["version"]).aliases)
+            r["message"] = registration_message(r)
     out = {**regs[-1], "candidates": regs}
     write_json(lay.register_record, out)
     return out

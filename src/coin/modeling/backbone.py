@@ -542,6 +542,12 @@ def set_backbone_dropout(model: nn.Module, rate: float | None) -> int:
     return n
 
 
+# config fields by which a causal-LM class rescales its head's output in forward(): the body + head path would score
+# logits that many times too large or small (Cohere's logit_scale, Granite's logits_scaling, Falcon-H1's
+# lm_head_multiplier); such models take the full forward
+LOGIT_SCALES = ("logit_scale", "logits_scaling", "lm_head_multiplier")
+
+
 def split_body_head(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     """The transformer body (returns final-norm hidden states) and the LM head module.
 
@@ -553,7 +559,8 @@ def split_body_head(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     body = hf.base_model
     cfg = hf.config
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
+    if getattr(cfg, "final_logit_softcapping", None) or any(
+            getattr(cfg, k, None) not in (None, 1, 1.0) for k in LOGIT_SCALES):
         return body, None
     others = [m for name, m in hf.named_children() if m is not body]
     return body, (others[0] if len(others) == 1 else None)

@@ -97,6 +97,16 @@ SETTINGS_TO_CHANGE = ("train.batch_size", "pairs.cutoff_len", "train.gradient_ch
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
+def settings_to_change(plan: MemoryPlan) -> list[str]:
+    """:data:`SETTINGS_TO_CHANGE` less those already at their lowest (gradient checkpointing on, 4-bit weights,
+    sharded over more than one process; sharding with one process only: it has nothing to shard)."""
+    s = plan.settings
+    done = {"train.gradient_checkpointing": bool(s.get("train.gradient_checkpointing")),
+            "model.quantization": s.get("bits_per_weight", 32) <= 4,
+            "train.sharding": s.get("train.sharding") == "fsdp" or s.get("world_size", 1) <= 1}
+    return [k for k in SETTINGS_TO_CHANGE if not done.get(k, False)]
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What the estimate reads off a model: its parameter counts and shapes, and its LoRA layers."""
@@ -116,6 +126,8 @@ class ModelShape:
     lora_dropout: float = 0.0
     attention: str = "sdpa"       # config._attn_implementation
     attention_dropout: float = 0.0
+    n_quantised_params: int | None = None  # of which what 8bit/4bit quantise: the body's linear weights (the LM
+    #                               head and an encoder's head stay in the model dtype); None: n_matmul_params
     # inside the decoder layers (coin.training.distributed.decoder_layers: what FSDP shards one unit per layer)
     layer_units: int = 0          # decoder layers found
     layer_params: int = 0         # backbone parameters in them (the rest, the root, is never split by layer)
@@ -223,17 +235,19 @@ def logit_bytes(shape: ModelShape, work: Workload) -> int:
     return positions * shape.vocab * LOGIT_BYTES * (2 if work.consistency else 1)
 
 
-def _weight_bytes(n_params: int, n_matmul: int, work: Workload) -> int:
-    """Bytes of ``n_params`` backbone weights of which ``n_matmul`` are matmul weights (quantised if bits given)."""
+def _weight_bytes(n_params: int, n_quantised: int, work: Workload) -> int:
+    """Bytes of ``n_params`` backbone weights of which ``n_quantised`` are quantised when bits are given."""
     if work.bits_per_weight is None:
         return n_params * work.weight_bytes
-    # quantised: the matmul weights at that many bits, the rest (embeddings, norms) in the model dtype
-    return round(n_matmul * work.bits_per_weight / 8 + (n_params - n_matmul) * work.weight_bytes)
+    # quantised: the body's linear weights at that many bits, the rest (embeddings, norms, the LM head, which
+    # load_backbone keeps in full precision as transformers does) in the model dtype
+    return round(n_quantised * work.bits_per_weight / 8 + (n_params - n_quantised) * work.weight_bytes)
 
 
 def estimate(shape: ModelShape, work: Workload) -> MemoryEstimate:
     """The memory of one training step of one process (module docstring for every term)."""
-    weights = _weight_bytes(shape.n_params, shape.n_matmul_params, work)
+    quantised = shape.n_matmul_params if shape.n_quantised_params is None else shape.n_quantised_params
+    weights = _weight_bytes(shape.n_params, quantised, work)
     copies = 2 * shape.n_matmul_params if work.autocast and work.weight_bytes == 4 else 0
     trainable = 4 * shape.lora_params + work.weight_bytes * shape.saved_params
     optimizer = 2 * 4 * shape.trainable_params
@@ -306,6 +320,11 @@ def model_shape(backbone: str, lora: Any, *, attention_impl: str | None = None) 
     n_params = sum(p.numel() for p in model.parameters())
     matmul = {id(m.weight): m.weight.numel() for m in model.modules()
               if isinstance(m, (torch.nn.Linear, Conv1D)) or m is head}
+    # what bitsandbytes quantises (coin.modeling.backbone.load_backbone): the linear layers of the body; the head
+    # (a causal LM's lm_head, an encoder's cls, with any weight tied to it) is skipped
+    kept = {id(p) for p in head.parameters()} if head is not None else set()
+    quantised = {id(m.weight): m.weight.numel() for m in model.base_model.modules()
+                 if isinstance(m, (torch.nn.Linear, Conv1D)) and id(m.weight) not in kept}
     layers = decoder_layers(model)  # FSDP's units (train.sharding: fsdp), counted before LoRA is injected
     in_layers = {id(p): p.numel() for layer in layers for p in layer.parameters()}
     attn = getattr(model.config, "_attn_implementation", None) or "eager"
@@ -320,7 +339,7 @@ def model_shape(backbone: str, lora: Any, *, attention_impl: str | None = None) 
     sizes = sorted((sum(p.numel() for p in layer.parameters()) for layer in units), reverse=True)
     layer_lora = sum(p.numel() for n, p in trained if "lora_" in n)
     return ModelShape(
-        n_params=n_params, n_matmul_params=sum(matmul.values()),
+        n_params=n_params, n_matmul_params=sum(matmul.values()), n_quantised_params=sum(quantised.values()),
         n_layers=_config_int(text, "num_hidden_layers", "n_layer", "num_layers"), hidden=hidden,
         intermediate=_config_int(text, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
         n_heads=_config_int(text, "num_attention_heads", "n_head"),

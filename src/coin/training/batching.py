@@ -34,14 +34,17 @@ from coin.training.collator import GROUP_COLUMNS
 BUCKET_WINDOW = 32  # batches per sorting window
 
 
-def train_rows_of(rows: list[dict[str, Any]], batch_size: int) -> list[dict[str, Any]]:
-    """The ``split == 'train'`` rows; at least one full contrastive batch of distinct pairs."""
+def train_rows_of(rows: list[dict[str, Any]], batch_size: int, processes: int = 1) -> list[dict[str, Any]]:
+    """The ``split == 'train'`` rows; at least one full contrastive batch of distinct pairs over all processes
+    (``batch_size`` per process)."""
     train_rows = [r for r in rows if r.get("split") == "train"]
-    if len(train_rows) < batch_size:
+    need = batch_size * processes
+    if len(train_rows) < need:
+        what = (f"train.batch_size {batch_size} x {processes} processes = {need}" if processes > 1
+                else f"train.batch_size = {batch_size}")
         raise ValueError(
-            f"training needs at least train.batch_size = {batch_size} pair rows with split 'train' "
-            f"(times the number of processes under torchrun), got {len(train_rows)} (of {len(rows)} rows); "
-            f"add data or lower train.batch_size"
+            f"training needs at least {what} pair rows with split 'train', got {len(train_rows)} (of {len(rows)} "
+            f"rows); add data or lower train.batch_size" + (" (or launch fewer processes)" if processes > 1 else "")
         )
     return train_rows
 

@@ -28,6 +28,7 @@ into shards (:func:`shard_like`), so their files are the same as an unsharded ru
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -44,7 +45,7 @@ class World:
 
     rank: int = 0
     size: int = 1
-    created: bool = False  # True when init_world created the process group (and finish() destroys it)
+    created: bool = False  # True when init_world created the process group (it is left at the process's exit)
 
     @property
     def is_main(self) -> bool:
@@ -67,7 +68,10 @@ class World:
             dist.barrier()
 
     def finish(self) -> None:
-        """Leave the process group if :func:`init_world` created it."""
+        """Leave the process group now if :func:`init_world` created it (else it is left at the process's exit).
+        For a caller that is done with distributed work; ``train`` does not call it, as a second ``train`` in the
+        same process (``train.methods`` lists several) reuses the group: destroying and re-creating it on the
+        launcher's store raced, one rank reading the other's old address (gloo "connection refused")."""
         if self.created and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -101,7 +105,13 @@ def init_world(device: torch.device) -> World:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    atexit.register(_leave_group)  # once: a later init_world reuses the live group
     return World(dist.get_rank(), dist.get_world_size(), created=True)
+
+
+def _leave_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def gather_with_local_grad(x: torch.Tensor, world: World) -> torch.Tensor:

@@ -87,6 +87,7 @@ class TrainRun:
     progress: bool = True                       # a progress bar (rank 0)
     resume: bool = False                        # continue from the latest complete checkpoint, if any
     checkpoint_dir: Path | None = None          # None: out_dir / "checkpoints"
+    before_save: Callable[[], None] | None = None  # rank 0, once the steps are done, just before the adapter is saved
 
     @property
     def adapter_dir(self) -> Path:
@@ -107,7 +108,7 @@ class TrainResult:
     tokens_per_s: float = 0.0            # real (non-pad) tokens forwarded per second, all ranks
     resumed_from: int = 0                # the checkpoint step this run continued from (0: a fresh run)
     train_rows: int = 0                  # pair rows with split "train" that the batches are drawn from
-    epochs: float = 0.0                  # passes over them: steps / full global batches per epoch
+    epochs: float = 0.0                  # passes over them: steps x grad_accum / full global batches per epoch
 
 
 def step_scale(batches: list[Batch], world: World) -> StepScale:
@@ -171,6 +172,7 @@ def train(
     progress: bool = True,
     resume: bool = False,
     checkpoint_dir: Path | None = None,
+    before_save: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on ``backbone`` (wrapped in place) and save it to ``out_dir / 'adapter'``.
 
@@ -181,13 +183,11 @@ def train(
     """
     check_cutoff_len(cutoff_len, max_positions(backbone.model), backbone.reference)
     run = TrainRun(backbone=backbone, rows=rows, cfg=cfg, out_dir=Path(out_dir), seed=seed, cutoff_len=cutoff_len,
-                   on_metrics=on_metrics, progress=progress, resume=resume, checkpoint_dir=checkpoint_dir)
+                   on_metrics=on_metrics, progress=progress, resume=resume, checkpoint_dir=checkpoint_dir,
+                   before_save=before_save)
     device = next(backbone.model.parameters()).device
-    world = init_world(device)
-    try:
-        return _train(run, world, device)
-    finally:
-        world.finish()
+    # joined once per process and kept: the next method's train() reuses the group (World.finish says why)
+    return _train(run, init_world(device), device)
 
 
 # train.lr_schedule -> the transformers scheduler that follows the warm-up with it
@@ -199,7 +199,7 @@ def _train(run: TrainRun, world: World, device: torch.device) -> TrainResult:
 
     backbone, cfg, seed, checkpoint_dir = run.backbone, run.cfg, run.seed, run.checkpoint_root
     global_batch = cfg.batch_size * world.size
-    train_rows = train_rows_of(run.rows, global_batch)
+    train_rows = train_rows_of(run.rows, cfg.batch_size, world.size)
     set_backbone_dropout(backbone.model, cfg.backbone_dropout)
     torch.manual_seed(seed)  # LoRA A init: the same on every rank
     model = apply_lora(backbone, cfg.lora)
@@ -287,6 +287,8 @@ def _train(run: TrainRun, world: World, device: torch.device) -> TrainResult:
 
     model.eval()
     adapter_dir = run.adapter_dir
+    if world.is_main and run.before_save is not None:
+        run.before_save()
     save_adapter(model, adapter_dir, world=world)
     if world.is_main:
         backbone.tokenizer.save_pretrained(str(adapter_dir))
@@ -295,7 +297,7 @@ def _train(run: TrainRun, world: World, device: torch.device) -> TrainResult:
     per_epoch = len(train_rows) // global_batch  # BatchStream drops each epoch's last partial batch
     return TrainResult(adapter_dir=adapter_dir, steps=cfg.max_steps, metrics=last, history=history, wall_time_s=wall,
                        tokens_per_s=tokens / max(wall, 1e-9), resumed_from=start, train_rows=len(train_rows),
-                       epochs=round(cfg.max_steps / max(per_epoch, 1), 4))
+                       epochs=round(cfg.max_steps * cfg.grad_accum / max(per_epoch, 1), 4))
 
 
 def _model_identity(backbone: Backbone) -> dict[str, Any]:
@@ -311,11 +313,12 @@ def _wrap(fused: FusedLM, model: nn.Module, cfg: TrainSettings, world: World, de
     """The fused model as the world trains it: as it is in one process; under ``torchrun``, DDP
     (``train.sharding: none``) or FSDP2 shards (``fsdp``: :func:`~coin.training.distributed.shard_model`)."""
     launched_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
-    if launched_fsdp and cfg.sharding != "fsdp":
+    if launched_fsdp:  # with train.sharding fsdp too: the plugin's fsdp_config (offload, strategy) would be ignored
         raise ConfigError(
-            "launched with an accelerate config whose distributed_type is FSDP, but train.sharding is "
-            f"{cfg.sharding!r}: this project shards by its own setting. Launch with configs/accelerate/fsdp.yaml "
-            "(distributed_type MULTI_GPU) and --set train.sharding=fsdp"
+            "launched with an accelerate config whose distributed_type is FSDP (train.sharding is "
+            f"{cfg.sharding!r}): this project shards by its own setting, and the config's fsdp_config keys would be "
+            "ignored. Launch with configs/accelerate/fsdp.yaml (distributed_type MULTI_GPU) and --set "
+            "train.sharding=fsdp"
         )
     if cfg.sharding == "fsdp":
         if not world.distributed:
