@@ -81,7 +81,7 @@ def test_a_cached_registration_says_so_instead_of_repeating_its_decision():
     assert registration_message(new) == ("coin-minilm v1: registered, promoted to champion (aliases: champion, "
                                          "challenger): No champion yet: promoted.")
     assert registration_message(again) == ("coin-minilm: already registered as v1; decision unchanged "
-                                           "(aliases: champion, challenger)")
+                                           "(promoted to champion when registered; aliases: champion, challenger)")
     # a version created by a registration that stopped before deciding (a damaged card): decided now, and said so
     half = {**new, "created": False, "decided_now": True}
     assert "promoted to champion" in registration_message(half) and "unchanged" not in registration_message(half)
@@ -92,7 +92,7 @@ def test_a_cached_registration_says_so_instead_of_repeating_its_decision():
     result = {**again, "message": registration_message(again), "candidates": [{**again, "message": "m1"}]}
     text = "\n".join(summary_lines("register", result))
     assert "already registered as v1; decision unchanged" in text and "No champion yet" not in text
-    assert 'candidates: ["m1"]' in text
+    assert 'candidates: ["m1"]' in text  # no method in the record: the message alone
 
 
 def test_a_new_registration_prints_its_message_not_every_decision_field():
@@ -133,3 +133,17 @@ def test_a_long_summary_keeps_the_registration_verdict_and_the_run():
     assert "register.message: coin-minilm v3: registered, promoted to champion" in text
     assert "register.aliases" in text and "mlflow_parent_run_id: 0123abcd" in text
     assert len(lines) == 1 + MAX_LINES + 1 and "more fields" in lines[-1]
+
+
+def test_a_long_summary_keeps_every_candidates_verdict_under_its_method():
+    """With two register.methods the pipeline's summary kept only the last candidate's message (cit's), with no
+    method named: coin's own verdict was among the cut fields."""
+    from coin.stage_summary import summary_lines
+
+    result = {f"field{i}": i for i in range(40)}
+    coin = {"method": "coin", "version": "1", "message": "coin-minilm v1: registered, promoted to champion"}
+    cit = {"method": "cit", "version": "2", "message": "coin-minilm v2: registered, not promoted"}
+    result["register"] = {"name": "coin-minilm", **cit, "candidates": [coin, cit]}
+    text = "\n".join(summary_lines("pipeline", result))
+    assert ('register.candidates: ["coin: coin-minilm v1: registered, promoted to champion", '
+            '"cit: coin-minilm v2: registered, not promoted"]') in text, text

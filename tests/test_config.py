@@ -114,6 +114,24 @@ def test_overrides_are_typed_and_validated(tmp_path):
     assert apply_overrides({"a": {"b": 1}}, ["a.b=2"]) == {"a": {"b": 2}}
 
 
+def test_a_section_given_as_a_mapping_changes_only_the_keys_it_names(tmp_path):
+    """--set 'train.lora={r: 4}' replaced the whole section: target_modules fell back to auto (peft's
+    query/value only) and alpha to its default, with no warning. A section is merged; a value that is itself a
+    mapping (pairs.rows_per_task) is replaced, as its dotted override would be."""
+    p = tmp_path / "params.yaml"
+    p.write_text((ROOT / "params.yaml").read_text())
+    shipped = load_settings(p)
+    s = load_settings(p, ["train.lora={r: 4}"])
+    assert s.train.lora.r == 4 and s.train.lora.target_modules == shipped.train.lora.target_modules != "auto"
+    assert s.train.lora.alpha == shipped.train.lora.alpha
+    s = load_settings(p, ["train={max_steps: 3, lora: {dropout: 0.1}}"])
+    assert (s.train.max_steps, s.train.lr, s.train.lora.dropout) == (3, shipped.train.lr, 0.1)
+    assert s.train.lora.target_modules == shipped.train.lora.target_modules
+    s = load_settings(p, ["pairs.tasks=[sst2]", "pairs.rows_per_task={sst2: 30}"])
+    assert s.pairs.rows_per_task == {"sst2": 30} and s.pairs.cutoff_len == shipped.pairs.cutoff_len
+    assert load_settings(p, ["pairs={tasks: [sst2], rows_per_task: {sst2: 30}}"]).pairs.rows_per_task == {"sst2": 30}
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_settings(tmp_path / "nope.yaml")
@@ -164,3 +182,30 @@ def test_a_registered_model_name_mlflow_or_a_models_uri_cannot_hold_is_refused(n
     with pytest.raises((ConfigError, ValueError), match="register.model_name|registered model name"):
         Settings.model_validate({"register": {"model_name": name}})
     assert Settings.model_validate({"register": {"model_name": "coin-minilm.v2 exp"}}).register_.model_name
+
+
+@pytest.mark.parametrize("override, key", [("train.max_steps=yes", "train.max_steps"), ("train.lr=true", "train.lr"),
+                                           ("seed=on", "seed"), ("pairs.rows_per_task=true", "pairs.rows_per_task")])
+def test_a_bool_where_a_number_belongs_is_refused(tmp_path, override, key):
+    """pydantic's lax mode read `yes` as 1: train.max_steps: yes trained one step with no word."""
+    p = tmp_path / "params.yaml"
+    p.write_text((ROOT / "params.yaml").read_text())
+    with pytest.raises(ConfigError, match=rf"{key} = True: True is a bool .* not a number; change the value"):
+        load_settings(p, [override])
+    assert load_settings(p, ["train.append_eos=yes"]).train.append_eos is True  # a bool field takes it
+
+
+def test_pydantic_value_error_prefix_never_reaches_the_message(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text((ROOT / "params.yaml").read_text())
+    for override in ("pairs.rows_per_task=-3", "evaluate.scoring=[loglik,loglik]"):
+        with pytest.raises(ConfigError) as err:
+            load_settings(p, [override])
+        assert "Value error" not in str(err.value)
+
+
+def test_a_dotted_key_into_a_value_says_how_to_write_the_mapping(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text((ROOT / "params.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"'min_words' is not a section .* --set 'pairs.min_words=\{sst2: 7\}'"):
+        load_settings(p, ["pairs.min_words.sst2=7"])

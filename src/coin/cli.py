@@ -388,7 +388,7 @@ def _print_plan(plan: Any) -> None:
     """The memory plan as a rich table on stdout: one column per method, then the verdict."""
     from rich.table import Table
 
-    from coin.modeling.memory import CLEARLY, SETTINGS_TO_CHANGE
+    from coin.modeling.memory import CLEARLY, settings_to_change
 
     def size(n: float) -> str:
         return f"{n / 2**30:.2f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:.1f} MiB"
@@ -415,12 +415,13 @@ def _print_plan(plan: Any) -> None:
     table.add_row("[bold]total[/]", *(f"[bold]{size(m.estimate.total)}[/]" for m in plan.methods))
     table.add_row("tokens per micro-batch", *(f"{m.workload.tokens:,}" for m in plan.methods))
     out.print(table)
-    procs = f" x {plan.processes_here} processes on this host" if plan.processes_here > 1 else ""
+    n = plan.processes_here  # plan.needed is already every process on this host together
+    procs = f" ({size(plan.worst.estimate.total)} per process x {n} processes on this host)" if n > 1 else ""
     colour = {"fits": "green", "tight": "yellow"}.get(plan.verdict, "red")
     out.print(f"needs {size(plan.needed)}{procs}; {size(plan.available)} {escape(plan.available_what)}: "
               f"[bold {colour}]{plan.verdict}[/]", highlight=False)
     if plan.verdict != "fits":
-        out.print(f"lower it with: {', '.join(SETTINGS_TO_CHANGE)}"
+        out.print(f"lower it with: {', '.join(settings_to_change(plan))}"
                   + (f" (`coin train` stops above {CLEARLY:g} x the available memory)"
                      if plan.verdict == "will not fit" else ""), highlight=False)
 
@@ -439,7 +440,8 @@ def evaluate(
         "gives evaluate.instruction_sets / evaluate.tasks")] = None,
     out: Annotated[Optional[Path], typer.Option(
         help="with --model or --instructions: write the report, results and cache here (default "
-        "outputs/evaluate-any/, or outputs/evaluate-<instruction file stem>/ for the pipeline's models)")] = None,
+        "<paths.out_dir>/evaluate-any/, or <paths.out_dir>/evaluate-<instruction file stem>/ for the pipeline's "
+        "models)")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(
         help="with --model: results cached per (model fingerprint, protocol) (default <out>/cache)")] = None,
     json_: JsonOpt = False,
@@ -502,7 +504,7 @@ def study(
                      typer.Option(help="sweep one key: KEY=[v1,v2,...], e.g. train.lr=[5.0e-4,1.0e-3]; "
                                   "pairs.seed=[42,7,11] sweeps the draw of training rows and pools the draws")] = None,
     workers: Annotated[Optional[int], typer.Option(help="local Dask workers (default: study.workers, else one per GPU, "
-                                                        "else one per 2 CPU cores)")] = None,
+                                                        "else one per 2 CPU cores)", min=1)] = None,
     dask_address: Annotated[Optional[str],
                             typer.Option(help="an existing Dask scheduler, e.g. tcp://127.0.0.1:8786")] = None,
     dask_threads: Annotated[bool,

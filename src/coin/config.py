@@ -34,6 +34,8 @@ import difflib
 import json
 import logging
 import re
+import types
+import typing
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -72,9 +74,28 @@ def _registered_methods(v: list[str], also: tuple[str, ...] = ()) -> list[str]:
     return v
 
 
+def _leaf_types(annotation: Any) -> set[Any]:
+    """The plain types an annotation admits at its top level (``int | None`` -> {int, NoneType})."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, typing.Annotated):
+        return set().union(*(_leaf_types(a) for a in (args[:1] if typing.get_origin(annotation) is typing.Annotated
+                                                       else args)))
+    return {typing.get_origin(annotation) or annotation}
+
+
 class _Section(BaseModel):
     # allow_inf_nan=False: `.inf` / `.nan` in a float field is a typo or a trap (weight_decay: .inf trains on NaN)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, v: Any, info: Any) -> Any:
+        """pydantic's lax mode reads ``true`` as 1: ``train.max_steps: yes`` trained one step, unannounced."""
+        if isinstance(v, bool) and info.field_name in cls.model_fields:
+            kinds = _leaf_types(cls.model_fields[info.field_name].annotation)
+            if kinds & {int, float} and bool not in kinds:
+                raise ValueError(f"{v} is a bool (YAML reads true/false/yes/no/on/off as one), not a number")
+        return v
 
 
 class PathsSettings(_Section):
@@ -790,12 +811,12 @@ def _explain(exc: ValidationError, raw: Any) -> str:
             continue
         value = _lookup(raw, loc)
         shown = f" = {redact_value(key, value)!r}" if value is not _MISSING and loc else ""
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if not loc:  # a rule across sections: its message names the keys and the fix itself
-            lines.append(f"  - {msg.removeprefix('Value error, ')}.")
+            lines.append(f"  - {msg}.")
             continue
         if typ == "value_error" and isinstance(value, dict):  # a rule over a mapping: the key, not the dump
-            lines.append(f"  - {key}: {msg.removeprefix('Value error, ')}.")
+            lines.append(f"  - {key}: {msg}.")
             continue
         if value is None and isinstance(loc[-1], str) and ":" in loc[-1]:  # YAML's {sst2:7}: a key 'sst2:7', no value
             k, _, v = loc[-1].partition(":")
@@ -947,13 +968,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str | SecretStr] | None
             raise ConfigError(f"override {shown!r}: the key {key.strip()!r} has an empty part; write "
                               "section.key=VALUE, e.g. train.max_steps=10")
         cur = raw
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             nxt = cur.setdefault(p, {})
             if not isinstance(nxt, dict):
-                raise ConfigError(f"override {shown!r}: '{p}' is not a section")
+                head, rest = ".".join(parts[:i + 1]), ".".join(parts[i + 1:])
+                example = value.strip() if shown == item and value.strip() else "..."  # never a secret's text
+                raise ConfigError(f"override {shown!r}: '{p}' is not a section (it holds {nxt!r}); give {head} "
+                                  f"whole, e.g. --set '{head}={{{rest}: {example}}}' for a mapping")
             cur = nxt
         try:
-            cur[parts[-1]] = yaml_load(value)
+            new = yaml_load(value)
         except yaml.YAMLError as exc:
             problem = exc.problem if isinstance(exc, DuplicateKeyError) else _yaml_problem(exc, with_line=False)
             raise ConfigError(
@@ -961,7 +985,38 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str | SecretStr] | None
                 "Write it as YAML, e.g. pairs.tasks=[sst2,rte], train.lr=1.0e-3, tracking.uri=null "
                 "(quote the whole --set argument in the shell)"
             ) from None
+        old = cur.get(parts[-1])
+        if isinstance(new, dict) and isinstance(old, dict) and _names_section(parts):
+            # a settings section given as a mapping (train.lora={r: 4}) changes the keys it names: replacing the
+            # section reset every other key to the library default (lora.target_modules to auto), unannounced
+            cur[parts[-1]] = _merged(old, new, parts)
+        else:
+            cur[parts[-1]] = new
     return raw
+
+
+def _names_section(parts: list[str]) -> bool:
+    """Does the dotted key name a settings section (a pydantic model: ``train``, ``train.lora``), not a value
+    (``pairs.rows_per_task``, whose mapping is the value itself)?"""
+    model: type[BaseModel] = Settings
+    for part in parts:
+        f = {fl.alias or n: fl for n, fl in model.model_fields.items()}.get(part)
+        ann = getattr(f, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return False
+        model = ann
+    return True
+
+
+def _merged(old: dict[str, Any], new: dict[str, Any], parts: list[str]) -> dict[str, Any]:
+    """Section ``parts``'s ``old`` mapping with ``new``'s keys set; a sub-section merged the same way, a value
+    (even a mapping, as ``rows_per_task``) replaced, as the dotted override of that key would."""
+    out = dict(old)
+    for k, v in new.items():
+        sub = [*parts, str(k)]
+        merge = isinstance(v, dict) and isinstance(out.get(k), dict) and _names_section(sub)
+        out[k] = _merged(out[k], v, sub) if merge else v
+    return out
 
 
 def load_settings(path: str | Path = "params.yaml", overrides: list[str | SecretStr] | None = None, *,
