@@ -126,6 +126,18 @@ def tiny_gemma2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _save_tiny(Gemma2ForCausalLM, config, tmp_path_factory.mktemp("tiny_gemma2"))
 
 
+@pytest.fixture(scope="session")
+def tiny_granite_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, hidden-32 GraniteForCausalLM whose forward divides the head's logits by logits_scaling = 4."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    config = GraniteConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, tie_word_embeddings=False, logits_scaling=4.0, **_special_ids(),
+    )
+    return _save_tiny(GraniteForCausalLM, config, tmp_path_factory.mktemp("tiny_granite"))
+
+
 @pytest.fixture
 def one_torch_thread():
     """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP's

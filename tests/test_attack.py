@@ -287,6 +287,28 @@ def test_cli_attack_on_a_tiny_model_writes_a_loadable_file(tiny_llama_dir: Path,
     assert CliRunner().invoke(app, [*args, "--set", "model.backbone=Org/absent-model"]).exit_code == 0
 
 
+def test_model_scorer_scores_under_the_evaluations_autocast(tiny_llama_dir: Path) -> None:
+    """The scorer ran in fp32 where the evaluation (evaluate.autocast: auto) ran bf16 autocast, so the attack's
+    logged accuracies and margins were not what `coin evaluate` then measured on its file."""
+    import numpy as np
+
+    bb = load_backbone(str(tiny_llama_dir), device="cpu")
+    rows, _ = sample_examples(DATA, "sst2", 6, 0)
+    instrs = _clean(["sst2"])["sst2"]
+    margins = {}
+    for mode in ("bf16", "off"):
+        cfg = EvaluateSettings(instruction_file=str(INSTRUCTIONS), tasks=["sst2"], instruction_sets=["clean"],
+                               samples_per_task=6, batch_size=16, autocast=mode, scoring=["loglik"])
+        margins[mode] = [s.margin for s in model_scorer(bb.model, bb.tokenizer, {"sst2": rows}, cfg)("sst2", instrs)]
+        if mode == "bf16":
+            res = evaluate_model(bb.model, bb.tokenizer, cfg, data_dir=DATA, seed=0, model_label="t")
+            p = res.predictions
+            want = p.assign(m=[s[y] - max(v for j, v in enumerate(s) if j != y)
+                               for s, y in zip(p["scores"], p["label"], strict=True)]).groupby("instruction_id")["m"]
+            assert margins["bf16"] == pytest.approx(want.mean().round(6).tolist(), abs=2e-6)
+    assert not np.allclose(margins["bf16"], margins["off"], atol=1e-5)  # the two numerics do differ here
+
+
 def test_attacked_file_goes_straight_into_the_evaluation_with_the_logged_accuracies(tiny_llama_dir: Path,
                                                                                    tmp_path: Path) -> None:
     """The written file is evaluated as is, and on the attack's sample and seed the evaluation measures, per

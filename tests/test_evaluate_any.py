@@ -373,6 +373,35 @@ def test_an_adapters_fingerprint_follows_its_base_model_files(project, tiny_llam
     assert resolve_target(f"a={adapter}", settings, project["root"]).fingerprint != before
 
 
+def test_a_registered_versions_fingerprint_follows_its_base_model_files(project, tiny_llama_dir):
+    """A registered version loads onto the base its MLmodel names, as an adapter directory does: base weights
+    replaced in place were served the old figures under models:/ and runs:/ (the key held the run id only)."""
+    import mlflow
+
+    from coin.evaluation.anymodel import resolve_target
+    from coin.registry.register import log_candidate
+    from coin.registry.tracking import setup_tracking
+
+    base = project["tmp"] / "base"
+    shutil.copytree(tiny_llama_dir, base)
+    adapter = _adapter(base, project["tmp"] / "train")
+    settings = _settings(project)
+    setup_tracking(settings, project["root"])
+    with mlflow.start_run(run_name="train-coin") as run:
+        pass
+    log_candidate(adapter, run.info.run_id, "tiny-coin")
+    specs = ["models:/tiny-coin/1", "models:/tiny-coin@challenger", f"runs:/{run.info.run_id}/model"]
+    before = [resolve_target(s, settings, project["root"]).fingerprint for s in specs]
+    assert before[0] == before[1] and [resolve_target(s, settings, project["root"]).fingerprint
+                                       for s in specs] == before  # stable
+    weights = next(base.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    after = [resolve_target(s, settings, project["root"]).fingerprint for s in specs]
+    assert all(a != b for a, b in zip(after, before, strict=True))
+
+
 def test_the_protocol_keys_the_numerics_resolved_on_this_machine(project, monkeypatch):
     """`auto` dtype and autocast resolve per machine: a bf16 machine and an fp32 one must not share a result."""
     import coin.modeling.backbone as backbone

@@ -208,6 +208,24 @@ def test_registration_markdown_shows_the_decision():
     assert "| decision.promoted | False |" in md and "perturbed 0.61" in md
 
 
+def test_registration_markdown_shows_every_candidate():
+    """With two register.methods the artifact showed only the last candidate's version and decision (and the others
+    as one Python repr in a cell): a run that promoted coin read 'not promoted' under cit's heading."""
+    from flows.pipeline import registration_markdown
+
+    coin = {"method": "coin", "name": "coin-minilm", "version": 4, "aliases": ["champion"],
+            "decision": {"promote": True, "reason": "first candidate"}}
+    cit = {"method": "cit", "name": "coin-minilm", "version": 5, "aliases": ["challenger"],
+           "decision": {"promote": False, "reason": "perturbed 0.61 < 0.62 + margin"}}
+    md = registration_markdown({**cit, "candidates": [coin, cit]})
+    assert md.index("### coin") < md.index("version 4, aliases: champion") < md.index("### cit") \
+        < md.index("version 5, aliases: challenger")
+    assert "| decision.promote | True |" in md and "| decision.promote | False |" in md
+    assert "candidates" not in md and "{'" not in md
+    one = registration_markdown({**coin, "candidates": [coin]})
+    assert "###" not in one and "candidates" not in one and "version 4" in one
+
+
 def test_prefect_yaml_deploys_the_pipeline_on_a_process_pool_with_a_cron_schedule():
     from prefect.client.schemas.schedules import CronSchedule
 

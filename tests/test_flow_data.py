@@ -119,6 +119,22 @@ def test_empty_task_files_are_errors_not_smaller_averages(tmp_path):
         sample_examples(data, "rte", 10, seed=0)
 
 
+def test_a_file_missing_from_a_data_dir_of_ones_own_is_not_sent_to_dvc_pull(tmp_path):
+    """coin data with paths.data_dir elsewhere said 'Run dvc pull (or coin data) to restore the data': coin data
+    was the command that failed, and DVC restores only data/."""
+    from coin.stages import check_data
+
+    root = Path(__file__).resolve().parents[1]
+    other = tmp_path / "mine"
+    other.mkdir()
+    s = Settings.model_validate({"paths": {"data_dir": str(other)}})
+    with pytest.raises(DataError) as err:
+        check_data(s, root)
+    msg = str(err.value)
+    assert "sst2.train.jsonl: file not found" in msg and "dvc pull` and `coin data` restore" in msg
+    assert "Run `dvc pull`" not in msg and f"paths.data_dir = {other}" in msg
+
+
 def test_a_study_on_a_fresh_clone_pulls_the_data_before_it_builds_pairs(tmp_path, monkeypatch):
     """`coin study` before any pipeline run: data/ exists only in the DVC remote. The study's prepare step pulls
     it, as the pipeline's data stage does, instead of stopping with 'file not found'."""

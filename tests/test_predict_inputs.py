@@ -158,6 +158,15 @@ def test_too_many_new_tokens_are_refused(trained):
         answer_rows(model, tok, meta, pd.DataFrame({"instruction": ["Say: "], "input": ["hi"]}), max_new_tokens=600)
 
 
+def test_max_new_tokens_is_not_checked_for_rows_that_are_scored(trained):
+    """A request whose rows all name a task is scored on label words and generates nothing: a max_new_tokens out
+    of range (a client's default) was refused anyway (HTTP 400)."""
+    model, tok, meta = trained
+    df = pd.DataFrame({"instruction": ["Is this review positive or negative? "], "input": ["A gem."], "task": ["sst2"]})
+    out = answer_rows(model, tok, meta, df, max_new_tokens=600)
+    assert out["answer"].tolist()[0] in ("positive", "negative")
+
+
 def test_max_new_tokens_that_crowd_out_the_instruction_are_named_not_the_instruction(trained):
     """511 new tokens pass the range check but leave one position for a 10-odd-token instruction: the fix is
     max_new_tokens, which the message names with the largest value that fits."""

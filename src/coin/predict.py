@@ -212,9 +212,6 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
     length_normalise = bool(meta.get("length_normalise", False))
     rows = [row for _, row in df.iterrows()]
     limit = max_positions(model)
-    if limit is not None and not 1 <= max_new_tokens < limit:
-        raise ValueError(f"max_new_tokens = {max_new_tokens}: give 1..{limit - 1} (the model reads at most {limit} "
-                         "positions, prompt included)")
     answers, scores, prompts = [""] * len(rows), [""] * len(rows), [""] * len(rows)
     by_options: dict[tuple[tuple[str, ...], str | None], list[int]] = {}
     free: list[int] = []
@@ -225,6 +222,9 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
             options = _options_for(row)
             task = check_task(row["task"]) if "task" in row else None
             instruction, text = _text(row["instruction"]), _text(row["input"])
+            if not options and limit is not None and not 1 <= max_new_tokens < limit:  # only a generated row uses it
+                raise ValueError(f"max_new_tokens = {max_new_tokens}: give 1..{limit - 1} (the model reads at most "
+                                 f"{limit} positions, prompt included)")
             if limit is not None:  # room for the answer: the longest option, or the generated tokens
                 room = max_new_tokens if not options else reserve.setdefault(
                     tuple(options), _answer_tokens(tokenizer, options))

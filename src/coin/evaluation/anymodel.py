@@ -189,7 +189,7 @@ def _resolve_registry(spec: str, scheme: str, settings: Settings, root: Path) ->
                                    "(tracking.uri)") from None
         if not client.list_artifacts(run_id, path):
             raise ModelUnavailable(f"--model {spec}: run {run_id} has no artifact {path!r}")
-        return spec, _sha_text("run", run_id, path), {"run_id": run_id, "path": path}
+        return spec, _sha_text("run", run_id, path, *_registered_base(spec)), {"run_id": run_id, "path": path}
     name, at, alias = rest.partition("@")
     version = None
     if not at:
@@ -216,7 +216,24 @@ def _resolve_registry(spec: str, scheme: str, settings: Settings, root: Path) ->
     details = {"name": name, "version": str(mv.version), "run_id": mv.run_id, "source": mv.source}
     if at:
         details["alias"] = alias
-    return f"models:/{name}/{mv.version}", _sha_text("registry", mv.run_id, mv.source), details
+    uri = f"models:/{name}/{mv.version}"
+    return uri, _sha_text("registry", mv.run_id, mv.source, *_registered_base(uri)), details
+
+
+def _registered_base(uri: str) -> tuple[str, ...]:
+    """The hash of the files of the base a registered coin model is loaded onto (its MLmodel's ``coin_base``), as
+    :func:`adapter_fingerprint` hashes an adapter directory's: base weights replaced in place served the old
+    figures from the cache. Empty when the model names no base (not a coin model) or the base is not here (its
+    load then fails with its own message)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        base = (mlflow.models.get_model_info(uri).metadata or {}).get("coin_base")
+    except (MlflowException, OSError):
+        return ()
+    base_dir = _base_dir(str(base)) if base else None
+    return () if base_dir is None else (str(base), _sha_files(_files(base_dir, _BASE_FILES), base_dir))
 
 
 def _base_fingerprint(reference: str, directory: Path | None, settings: Settings) -> str:

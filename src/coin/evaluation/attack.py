@@ -385,13 +385,16 @@ def model_scorer(model, tokenizer, samples: dict[str, list[dict[str, Any]]], cfg
     """A :data:`Scorer` that decides exactly as the evaluation does (``runner._evaluate_task``, loglik with
     ``cfg``'s prompt format, length normalisation and calibration) on ``samples`` (``{task: rows}``)."""
     from coin.evaluation.runner import _evaluate_task
+    from coin.modeling.backbone import autocast_context
 
     loglik = cfg.model_copy(update={"scoring": ["loglik"]})
+    device = next(model.parameters()).device
 
     def score(task: str, instructions: Sequence[str]) -> list[Score]:
         timing = {"loglik": {"seconds": 0.0, "items": 0, "forward_tokens": 0}}
-        (frame,) = _evaluate_task(model, tokenizer, task, samples[task], {"attack": list(instructions)}, loglik,
-                                  {}, timing, [], (label_counts or {}).get(task))
+        with autocast_context(device, cfg.autocast, "evaluate.autocast"):  # the evaluation's numerics (bf16 or not)
+            (frame,) = _evaluate_task(model, tokenizer, task, samples[task], {"attack": list(instructions)}, loglik,
+                                      {}, timing, [], (label_counts or {}).get(task))
         frame = frame.assign(margin=[_margin(s, y) for s, y in zip(frame["scores"], frame["label"], strict=True)])
         by = frame.groupby("instruction_id")
         acc, margin = by["correct"].mean(), by["margin"].mean()
@@ -488,6 +491,7 @@ def run_attack(settings, root: Path, *, model: str, out: str | Path, instruction
     from coin.data.tasks import get_task
     from coin.evaluation.generation import label_choices
     from coin.evaluation.sampling import SplitUnavailable
+    from coin.modeling.backbone import uses_bf16
 
     t0 = time.perf_counter()
     seed = settings.seed if seed is None else seed
@@ -529,7 +533,9 @@ def run_attack(settings, root: Path, *, model: str, out: str | Path, instruction
                 "samples": {t: len(r) for t, r in rows.items()}, "seed": seed, "holdout": holdout,
                 "budget": asdict(budget),
                 "prompt_format": settings.evaluate.prompt_format, "calibration": settings.evaluate.calibration,
-                "length_normalise": settings.evaluate.length_normalise}
+                "length_normalise": settings.evaluate.length_normalise,
+                "bf16_autocast": uses_bf16(next(net.parameters()).device, settings.evaluate.autocast,
+                                           "evaluate.autocast")}
     path, log_file = write_attack_files(out, clean, outcomes, source=source, source_set=source_set, settings=recorded)
     table = {f"{LEVELS[o.level]}/{o.task}": [] for o in outcomes}
     for o in outcomes:
