@@ -430,3 +430,62 @@ def test_coin_card_errors_name_the_thing_at_fault(registry):
     assert res.exit_code == ExitCode.CONFIG and "model reference 'models:/tiny-card/latest'" in res.output
     res = _coin("a@x", "b@x", "c@x", params=registry["params"])
     assert res.exit_code == ExitCode.CONFIG and "one or two models" in res.output
+
+
+def test_coin_card_keeps_the_evaluations_order_of_sets_and_tasks(tmp_path):
+    """card.json is written with sorted keys: `coin card` (which reads it back) listed deepwordbug before textfooler
+    and rte before sst2, where the report and card.html keep the evaluation's order."""
+    import json
+
+    from rich.console import Console
+
+    from coin.evaluation.report import write_eval_outputs
+    from coin.evaluation.report.card import card_blocks, rich_tables
+
+    extra = TABLE[TABLE["set"] == "textfooler"].replace({"set": {"textfooler": "deepwordbug"}})
+    table = pd.concat([TABLE, extra], ignore_index=True)
+    res = _result("m", table)
+    res.sets = ["clean", "textfooler", "deepwordbug"]
+    write_eval_outputs([res], tmp_path)
+    card = json.loads((tmp_path / "cards" / "m" / "card.json").read_text())
+    assert list(card["sets"]) == ["clean", "deepwordbug", "textfooler"]  # as stored: sorted
+    console = Console(record=True, width=200)
+    for t in rich_tables([card]):
+        console.print(t)
+    text = console.export_text()
+    assert text.index("textfooler") < text.index("deepwordbug")
+    headings = [b.text for b in card_blocks(card) if type(b).__name__ == "Heading"]
+    assert headings.index("sst2") < headings.index("rte")
+
+
+def test_a_model_keeps_its_colour_across_scoring_panels_and_notes_name_their_model(tmp_path, monkeypatch):
+    """models.png / pdr.png coloured bars by position among the models a panel has, so a model scored both ways
+    took another model's colour in the panel the other lacked; the report's run notes (inputs cut, tokens per
+    prompt) were pooled without saying whose they were."""
+    import matplotlib.axes
+
+    from coin.evaluation.report import plots, write_eval_outputs
+
+    gen = STEADY.assign(scoring="generate")
+    n = _result("n", pd.concat([STEADY, gen], ignore_index=True))
+    n.scorings = ["loglik", "generate"]
+    m = _result("m", TABLE)
+    m.notes, n.notes = ["loglik: inputs cut (rte 12 of 36)", "shared"], ["loglik: inputs cut (rte 3 of 36)", "shared"]
+    real_bar, drawn = matplotlib.axes.Axes.bar, []
+
+    def spy(self, *args, **kwargs):  # the colour each model's bars are drawn in
+        bars = real_bar(self, *args, **kwargs)
+        if bars.patches:
+            drawn.append((kwargs.get("label"), tuple(bars.patches[0].get_facecolor())))
+        return bars
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", spy)
+    for plot in (plots.plot_models, plots.plot_pdr):
+        drawn.clear()
+        plot([m, n])
+        colours = {label: {c for lab, c in drawn if lab == label} for label in ("m", "n")}
+        assert len(colours["n"]) == 1 and colours["n"] != colours["m"], (plot.__name__, drawn)
+    md = write_eval_outputs([m, n], tmp_path)["report_md"].read_text()
+    details = md[md.index("## Run details"):]
+    assert "- m: loglik: inputs cut (rte 12 of 36)" in details and "- n: loglik: inputs cut (rte 3 of 36)" in details
+    assert "- shared" in details

@@ -769,6 +769,10 @@ def test_a_study_sweeping_the_row_draw_prepares_pairs_per_draw_and_pools_them(pr
     assert pooled["n_seeds"] == 2 and pooled["interval"]["clean"]["mean"] == pytest.approx(np.mean(cells), abs=1e-3)
     report = (out / "report.md").read_text()
     assert "pooled over pairs.seed" in report and "resamples the draws" in report
+    # the pooled group counts cells (draws × seeds), not seeds, in its table header and captions
+    pooled_part = report[report.index("## Methods · pooled over pairs.seed"):]
+    pooled_part = pooled_part[:pooled_part.index("\n![", 1)]  # its tables, not the figures of every group
+    assert "| method | cells |" in pooled_part and "over seeds" not in pooled_part
 
 
 # --------------------------------------------------------------------------- grid and settings
@@ -1109,3 +1113,13 @@ def test_a_cell_names_a_missing_pairs_file_and_a_bad_device(study_project, capsy
     assert "--pairs" in err and "nope.jsonl: file not found" in err and "or pass --pairs" not in err
     with pytest.raises(ValueError, match="device 'tpu': use auto, cpu, cuda, cuda:N or mps"):
         pick_device("tpu")
+
+
+def test_zero_workers_is_refused_before_the_study_starts():
+    """--workers 0 passed --dry-run and, in a real run, failed only after Prefect had started a flow run."""
+    from typer.testing import CliRunner
+
+    from coin.cli import app
+
+    res = CliRunner().invoke(app, ["study", "--dry-run", "--workers", "0"])
+    assert res.exit_code == 2 and "--workers" in res.output, res.output

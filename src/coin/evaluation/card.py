@@ -282,6 +282,8 @@ def build_card(preds: pd.DataFrame, model: str, scoring: str | None = None) -> d
     agg = aggregate(card_cells(rows))
     return _json({"card_version": CARD_VERSION, "model": model, "scoring": scoring,
                   "headline": headline(agg["overall"]), **agg,
+                  # the evaluation's order of sets, levels and tasks: card.json's keys are written sorted
+                  "order": {k: list(agg[k]) for k in ("sets", "levels", "tasks")},
                   "definitions": DEFINITIONS, "notes": list(NOTES)})
 
 

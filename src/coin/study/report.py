@@ -135,7 +135,7 @@ def _header(study: dict[str, Any]) -> list[Any]:
     if info.get("sweep_key"):
         values = [str(g["sweep"]).split("=", 1)[-1] for g in study["groups"] if not g.get("pooled")]
         items.append(f"Swept: `{info['sweep_key']}` over {', '.join(values)}.")
-    if any(g.get("pooled") for g in study["groups"]):
+    if _has_pooled(study):
         items.append(f"Each value of `{info['sweep_key']}` is a draw of training rows, with its own pairs and "
                      f"validation gate. The group *{pooled_label(info['sweep_key'])}* takes every cell: per method "
                      "the mean over draws of the mean over seeds, and an interval that resamples the draws, the seeds "
@@ -159,8 +159,10 @@ def _summary(study: dict[str, Any]) -> list[Any]:
     out: list[Any] = []
     perturbed = "perturbed" in parts_of(study)
     part, shown = ("perturbed", FIGURES) if perturbed else ("clean", FIGURES[:1])
-    header = ["method", "seeds", *[FIGURE_NAMES[f] for f in shown[:2]], f"{part} 95% interval",
-              *[FIGURE_NAMES[f] for f in shown[2:]]]
+    def header(g: dict[str, Any]) -> list[str]:  # a pooled group counts cells (draws × seeds), not seeds
+        return ["method", "cells" if g.get("pooled") else "seeds", *[FIGURE_NAMES[f] for f in shown[:2]],
+                f"{part} 95% interval", *[FIGURE_NAMES[f] for f in shown[2:]]]
+
     caption = ("Accuracy in %, mean ± sample std over the training seeds (each seed: mean over tasks, the protocol's "
                "figures). " + ("Std over instructions = the protocol's spread across rewordings (mean over perturbed "
                                "sets). " if perturbed else "") + f"{part.capitalize()} 95% interval: hierarchical "
@@ -173,7 +175,7 @@ def _summary(study: dict[str, Any]) -> list[Any]:
             rows.append([m, str(b["n_seeds"]), *[f_ms(b["figures"][f], fmt(f)) for f in shown[:2]],
                          f_ci(iv["mean"], iv["ci_low"], iv["ci_high"]),
                          *[f_ms(b["figures"][f], fmt(f)) for f in shown[2:]]])
-        out += [Heading("Methods" + _group_title(g)), Table(header, rows, text_cols=1, caption=caption if not g.get(
+        out += [Heading("Methods" + _group_title(g)), Table(header(g), rows, text_cols=1, caption=caption if not g.get(
             "pooled") else caption.replace("over the training seeds (each seed", "over every cell, draws × seeds (each "
                                            "cell").replace("over seeds and examples", "over draws, seeds within each "
                                                            "draw, and examples"))]
@@ -181,7 +183,7 @@ def _summary(study: dict[str, Any]) -> list[Any]:
             continue
         lv = _levels(g)
         rows = [[m, *[f_ms(b["levels"].get(lvl)) for lvl in lv]] for m, b in g["methods"].items()]
-        out += [Table(["method", *lv], rows, caption="Accuracy per perturbation level, mean ± std over seeds.")]
+        out += [Table(["method", *lv], rows, caption=f"Accuracy per perturbation level, mean ± std over {_over(g)}.")]
     return out
 
 
@@ -274,6 +276,16 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _has_pooled(study: dict[str, Any]) -> bool:
+    """Does the study have a group pooled over draws of training rows?"""
+    return any(g.get("pooled") for g in study["groups"])
+
+
+def _over(g: dict[str, Any]) -> str:
+    """What a group's means and stds run over: its seeds, or a pooled group's cells."""
+    return "cells (draws × seeds)" if g.get("pooled") else "seeds"
+
+
 def _dots_per_seed(study: dict[str, Any], keys: list[str], majority_on: set[str]):
     """One panel per group and figure in ``keys``: one dot per seed per method, a bar at the mean over seeds, and
     the majority-class line on the panels in ``majority_on``. Returns the figure."""
@@ -291,7 +303,7 @@ def _dots_per_seed(study: dict[str, Any], keys: list[str], majority_on: set[str]
                 mean = g["methods"][m]["figures"][fig_key]["mean"]
                 if _num(mean):
                     ax.hlines(mean, i - 0.3, i + 0.3, color="black", linewidth=2, zorder=4,
-                              label="mean over seeds" if i == 0 else None)
+                              label=f"mean over {_over(g)}" if i == 0 else None)
             maj = g["majority_class"]["avg"]
             if fig_key in majority_on and _num(maj):
                 ax.axhline(maj, color="grey", linestyle="--", linewidth=1, label=f"majority class {maj:.1f}")
@@ -312,8 +324,10 @@ def plot_spread(study: dict[str, Any]) -> Plot:
     """Per group and part (clean, perturbed; clean alone without perturbed figures): one dot per seed, a bar at
     the mean, the majority-class line."""
     keys = [f"{part}_acc" for part in parts_of(study)]
+    pooled = _has_pooled(study)
     return Plot("spread", _png(_dots_per_seed(study, keys, set(keys))), "Accuracy per method: one dot per training "
-                "seed, bar = mean over seeds, dashed = majority-class rate")
+                "seed, bar = mean over seeds" + ("; the pooled group: one dot per cell (draw × seed), bar = mean over "
+                                                 "them" if pooled else "") + ", dashed = majority-class rate")
 
 
 def plot_robustness(study: dict[str, Any]) -> Plot:
@@ -323,8 +337,9 @@ def plot_robustness(study: dict[str, Any]) -> Plot:
     return Plot("robustness", _png(_dots_per_seed(study, ["consistency", "worst_acc"], {"worst_acc"})),
                 "Robustness per method over the perturbed sets: all-agree consistency (the share of examples every "
                 "instruction of a set answers alike) and worst case (the share every instruction answers right); one "
-                "dot per training seed, bar = mean. A constant answer scores 100 on consistency and the majority rate "
-                "(dashed) on worst case.")
+                "dot per training seed, bar = mean"
+                + ("; the pooled group: one dot per cell (draw × seed)" if _has_pooled(study) else "")
+                + ". A constant answer scores 100 on consistency and the majority rate (dashed) on worst case.")
 
 
 def plot_levels(study: dict[str, Any]) -> Plot:
@@ -349,8 +364,11 @@ def plot_levels(study: dict[str, Any]) -> Plot:
         ax.set_ylabel("accuracy (%)")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize="x-small", ncols=min(len(methods) + 1, 6), loc="upper left")
-        ax.set_title(f"accuracy per perturbation level, mean ± std over seeds{_group_title(g)}", fontsize="medium")
-    return Plot("levels", _png(fig), "Accuracy per perturbation level (mean over seeds, error bars: std over seeds)")
+        ax.set_title(f"accuracy per perturbation level, mean ± std over {_over(g)}{_group_title(g)}",
+                     fontsize="medium")
+    pooled = _has_pooled(study)
+    return Plot("levels", _png(fig), "Accuracy per perturbation level (mean over seeds, error bars: std over seeds"
+                                     + ("; the pooled group: over its cells, draws × seeds)" if pooled else ")"))
 
 
 # --------------------------------------------------------------------------- outputs

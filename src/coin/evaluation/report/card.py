@@ -62,6 +62,17 @@ def definitions_table() -> Table:
                          "instruction i; [·]: 1 if true else 0.")
 
 
+def in_order(card: dict[str, Any], key: str, block: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``card[key]`` (or ``block``, keyed like it) in the evaluation's order: card.json is written with sorted keys,
+    so ``coin card`` read ``deepwordbug`` before ``textfooler`` where the report has them the other way round. A card
+    without ``order`` (written before it was kept): the clean set first, the rest as stored."""
+    block = dict(card[key] if block is None else block)
+    order = [k for k in (card.get("order") or {}).get(key, []) if k in block]
+    if not order and CLEAN in block:
+        order = [CLEAN]
+    return {**{k: block[k] for k in order}, **{k: v for k, v in block.items() if k not in order}}
+
+
 def card_blocks(card: dict[str, Any]) -> list[Block]:
     """The whole card of one model: headline, by set, by level, by task, definitions and notes."""
     overall = {"clean": card["overall"]["clean"], "perturbed": card["overall"]["perturbed"]}
@@ -70,12 +81,12 @@ def card_blocks(card: dict[str, Any]) -> list[Block]:
         Bullets([f"scoring: {card['scoring']}", f"card version: {card['card_version']}"]),
         Heading("Headline"), Table(["figure", "unit", card["model"]], headline_rows([card]), text_cols=2),
         Heading("Clean and perturbed"), _figure_table(overall, label=str),
-        Heading("By instruction set"), _figure_table(card["sets"]),
-        Heading("By perturbation level"), _figure_table(card["levels"], label=str),
+        Heading("By instruction set"), _figure_table(in_order(card, "sets")),
+        Heading("By perturbation level"), _figure_table(in_order(card, "levels"), label=str),
         Heading("By task"),
     ]
-    for task, sets in card["tasks"].items():
-        blocks += [Heading(task, 3), _figure_table(sets)]
+    for task, sets in in_order(card, "tasks").items():
+        blocks += [Heading(task, 3), _figure_table(in_order(card, "sets", sets))]
     blocks += [Heading("Definitions"), definitions_table(), Bullets(list(card.get("notes", [])))]
     return blocks
 
@@ -98,9 +109,7 @@ def card_section(cards: dict[str, dict[str, Any]]) -> list[Block]:
                       "tasks. The whole card of each model is cards/<model>/card.json (+ card.html)."),
     ]
     for m in models:
-        sets = {s: v for s, v in cards[m]["sets"].items()}
-        if CLEAN in sets:
-            sets = {CLEAN: sets.pop(CLEAN), **sets}
+        sets = in_order(cards[m], "sets")
         out += [Heading(f"{m} · {cards[m]['scoring']}: by instruction set", 3), _figure_table(sets)]
     out += [Heading("Card definitions", 3), definitions_table()]
     return out
@@ -134,10 +143,7 @@ def rich_tables(cards: list[dict[str, Any]]) -> list[Any]:
         head.add_row(*(escape(str(v)) for v in (*row, *extra)))
     out: list[Any] = [head]
     for name, card in zip(names, cards, strict=True):
-        sets = dict(card.get("sets", {}))
-        if CLEAN in sets:
-            sets = {CLEAN: sets.pop(CLEAN), **sets}
-        t = _figure_table(sets)
+        t = _figure_table(in_order(card, "sets", card.get("sets", {})))
         by_set = RichTable(title=f"{name} · {escape(str(card['model']))} · {escape(str(card['scoring']))}: by "
                                  "instruction set", title_justify="left")
         for i, h in enumerate(t.header):

@@ -402,14 +402,16 @@ def _scoring_comparison(results: list[EvalResult]) -> list[Block]:
 
 
 def _run_details(results: list[EvalResult]) -> list[Block]:
-    rows, notes = [], []
+    rows, notes = [], {}
     for r in results:
         speed = "; ".join(f"{m}: {t.get('items', 0)} items in {t.get('seconds', 0):.1f} s "
                           f"({t.get('items_per_s', 0):.1f}/s)" for m, t in r.timing.items())
         rows.append([r.model_label, speed or DASH, f"{r.wall_time_s:.1f}"])
-        notes += [n for n in r.notes if n not in notes]
+        for n in r.notes:  # a note holds one model's figures (inputs cut, tokens per prompt): say whose
+            notes.setdefault(n, []).append(r.model_label)
     table = Table(["model", "throughput per scoring mode", "wall time (s)"], rows, text_cols=2)
-    return [Heading("Run details"), table] + ([Bullets(notes)] if notes else [])
+    bullets = [n if len(models) == len(results) else f"{', '.join(models)}: {n}" for n, models in notes.items()]
+    return [Heading("Run details"), table] + ([Bullets(bullets)] if bullets else [])
 
 
 def build_report(results: list[EvalResult], plots: dict[str, Plot] | None = None,

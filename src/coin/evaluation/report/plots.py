@@ -57,8 +57,10 @@ def _png(fig) -> bytes:
 
 
 def _bars(ax, groups: list[str], series: list[tuple[str, list[float], list[float]]], *, ylabel: str,
-          ylim: tuple[float, float] | None = (0, 100), refs: list[tuple[str, list[float]]] = ()) -> None:
-    """Grouped bars: ``series`` = (label, heights, errors) with one value per group (NaN = no bar);
+          ylim: tuple[float, float] | None = (0, 100), refs: list[tuple[str, list[float]]] = (),
+          colors: list[str] | None = None) -> None:
+    """Grouped bars: ``series`` = (label, heights, errors) with one value per group (NaN = no bar), ``colors``
+    one per series (default: matplotlib's cycle in series order);
     ``refs`` = [(label, one level per group)]: a line across each group's bars, dashed for the first (the
     majority-class rate), dotted for the second (chance)."""
     width = 0.8 / max(len(series), 1)
@@ -72,7 +74,7 @@ def _bars(ax, groups: list[str], series: list[tuple[str, list[float], list[float
         keep = [g for g in range(len(groups)) if _isnum(ys[g])]  # undefined values get no bar (not a 0 bar)
         xs = [g + (k - (len(series) - 1) / 2) * width for g in keep]
         ax.bar(xs, [ys[g] for g in keep], width, yerr=[errs[g] if _isnum(errs[g]) else 0 for g in keep],
-               capsize=2, label=label)
+               capsize=2, label=label, color=colors[k] if colors else None)
     ax.set_xticks(range(len(groups)), groups, fontsize="small")
     if ylim:
         ax.set_ylim(*ylim)
@@ -116,10 +118,11 @@ def plot_models(results: list[EvalResult], refs: References | None = None) -> Pl
     sets = list(dict.fromkeys(s for r in results for s in r.sets))
     fig, axes = _figure(len(scorings), max(7.0, 1.4 * (len(sets) + 1) * max(1, len(results)) / 2))
     for ax, m in zip(axes, scorings, strict=True):
-        series = []
-        for r in results:
+        series, colors = [], []
+        for i, r in enumerate(results):
             if m not in r.scorings:
                 continue
+            colors.append(f"C{i}")  # a model keeps its colour in every panel, also where another one has no bars
             ys, es = [], []
             for s in sets:
                 a = _set_avg(r, m, s)
@@ -129,7 +132,7 @@ def plot_models(results: list[EvalResult], refs: References | None = None) -> Pl
             series.append((r.model_label, ys + [o["perturbed_acc"]], es + [o["perturbed_std"]]))
         _bars(ax, [_set_name(s).replace(" (", "\n(") for s in sets] + ["perturbed\n(mean)"], series,
               ylabel="accuracy (%)", refs=[("majority class", [majority] * (len(sets) + 1)),
-                                           ("chance", [chance] * (len(sets) + 1))])
+                                           ("chance", [chance] * (len(sets) + 1))], colors=colors)
         ax.set_title(f"{m}: models compared (mean over tasks; error bars: mean std over instructions)",
                      fontsize="medium")
     return Plot("models", _png(fig),
@@ -145,13 +148,15 @@ def plot_pdr(results: list[EvalResult]) -> Plot | None:
         return None
     fig, axes = _figure(len(scorings), max(7.0, 1.3 * len(pert) * max(1, len(results)) / 2), height=2.8)
     for ax, m in zip(axes, scorings, strict=True):
-        series = []
-        for r in results:
+        series, colors = [], []
+        for i, r in enumerate(results):
             if m not in r.scorings:
                 continue
+            colors.append(f"C{i}")
             vals = [a["pdr"] if (a := _set_avg(r, m, s)) is not None else math.nan for s in pert]
             series.append((r.model_label, vals, [math.nan] * len(vals)))
-        _bars(ax, [perturbation_level(s) + f"\n({s})" for s in pert], series, ylabel="PDR (set means)", ylim=None)
+        _bars(ax, [perturbation_level(s) + f"\n({s})" for s in pert], series, ylabel="PDR (set means)", ylim=None,
+              colors=colors)
         ax.axhline(0, color="black", linewidth=0.8)
         if not any(_isnum(v) for _, vals, _ in series for v in vals):
             ax.text(0.5, 0.5, "undefined: clean accuracy 0", transform=ax.transAxes, ha="center", va="center")
