@@ -454,11 +454,12 @@ def report(args: argparse.Namespace, settings: Settings, variants: list[Variant]
         f"| (not the same sequences) |",
         f"| `coin` vs `sft` (three times the sequences) | {overhead('coin', 'sft')} | |",
         f"| (c) `coin` achieved FLOP/s / measured matmul peak of its dtype | "
-        f"{100 * get('coin', 'flop_s', stats) / coin_peak:.1f}% | |",
-        f"| (d) step memory `coin` / `coin_padded` / `reference` | {get('coin', 'step_mb', memory):.0f} / "
-        f"{get('coin_padded', 'step_mb', memory):.0f} / {get('reference', 'step_mb', memory):.0f} MB | |",
+        f"{figure(100 * get('coin', 'flop_s', stats) / coin_peak, '.1f', '%')} | |",
+        "| (d) step memory `coin` / `coin_padded` / `reference` | "
+        + " / ".join(figure(get(v, "step_mb", memory), ".0f") for v in ("coin", "coin_padded", "reference"))
+        + " MB | |",
         f"| length bucketing: tokens/s `coin_bucketed` / `coin` (other batches) | "
-        f"{get('coin_bucketed', 'tokens_s', stats) / get('coin', 'tokens_s', stats):.2f}x | |",
+        f"{figure(get('coin_bucketed', 'tokens_s', stats) / get('coin', 'tokens_s', stats), '.2f', 'x')} | |",
         f"| dropout off (params.yaml) vs on (checkpoint + reference rates): `coin` vs `coin_dropout` | "
         f"{speedup('coin', 'coin_dropout')} | |",
         f"| fp32 attention in CPU training vs autocast's bf16: `coin` vs `coin_bf16_attention` | "
@@ -475,6 +476,11 @@ def report(args: argparse.Namespace, settings: Settings, variants: list[Variant]
         f"{overhead('consistency', 'cit')} / {overhead('coin_consistency', 'cit')} | (not the same sequences) |",
     ]
     return "\n".join(lines)
+
+
+def figure(value: float, spec: str, unit: str = "") -> str:
+    """``value`` formatted, or ``n/a`` where it is not finite (a variant not among --variants), as the other rows."""
+    return f"{value:{spec}}{unit}" if math.isfinite(value) else "n/a"
 
 
 def main(argv: list[str] | None = None) -> None:

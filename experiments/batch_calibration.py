@@ -20,6 +20,8 @@ majority-class rate of the same sample.
 import argparse
 import json
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -27,6 +29,9 @@ import torch
 
 from coin.evaluation.reference import reference_rates
 from coin.evaluation.scoring import label_log_prior
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scaling import model_files  # noqa: E402  (a sibling script: the same NAME=PARQUET,JSON arguments)
 
 
 def batch_calibrated(scores: torch.Tensor, groups: list) -> torch.Tensor:
@@ -59,16 +64,19 @@ def decide(d: pd.DataFrame, counts: dict[str, list[int]]) -> pd.DataFrame:
     return pd.DataFrame(out).T
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="+", help="name=predictions.parquet,coin_model.json")
     args = ap.parse_args()
     frames = []
     for spec in args.models:
-        name, paths = spec.split("=", 1)
-        pq, meta = paths.split(",")
+        name, pq, meta = model_files(spec, "NAME=PREDICTIONS.parquet,COIN_MODEL.json (e.g. "
+                                     "coin-s0=<cell>/eval/predictions.parquet,<cell>/adapter/coin_model.json)")
         d = pd.read_parquet(pq)
         d = d[d.scoring == "loglik"]
+        if "clean" not in set(d.set):
+            raise SystemExit(f"{pq}: no clean loglik rows to re-decide; give an evaluation scored with loglik on the "
+                             "clean set")
         t = decide(d, json.load(open(meta)).get("label_counts") or {})
         t["model"] = name
         frames.append(t)
@@ -86,7 +94,10 @@ def main() -> None:
     if len(pert):
         per_model = pert.groupby("model").mean(numeric_only=True)
         print("perturbed sets, mean over models:", per_model.mean().round(1).to_dict())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from coin.cli import run_script  # a user error in two lines, a bug with its traceback
+
+    raise SystemExit(run_script(main))

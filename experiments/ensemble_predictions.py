@@ -11,8 +11,9 @@ decides on; ``--raw`` takes ``raw_scores``) and answers the label with the highe
 protocol's: per task the mean over examples of the share of instructions answered right, then the mean over tasks.
 
 Prints one JSON object: per task and averaged, the ensemble's accuracy, each model's own (as a check: it equals the
-evaluation's figure), their mean, and the sample's majority-class rate. Used for RESULTS.md §23 (what three times the
-training compute buys on the shipped recipe). It is a measurement, not a feature: the pipeline ships one adapter.
+evaluation's figure; named by its label, or ``N:label`` by its ``--cell`` position where labels repeat), their mean,
+and the sample's majority-class rate. Used for RESULTS.md §23 (what three times the training compute buys on the
+shipped recipe). It is a measurement, not a feature: the pipeline ships one adapter.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def load_predictions(path: Path, sets: list[str] | None) -> pd.DataFrame:
 
     d = Path(path)
     d = d / "eval" if (d / "eval").is_dir() else d
+    if not (d / "result.json").exists() and (d / "models").is_dir():  # a `coin evaluate --out` directory
+        labels = sorted(p.name for p in (d / "models").iterdir() if p.is_dir())
+        raise SystemExit(f"{path}: an evaluation of models {labels}, not one model's; pass each model's own "
+                         f"directory, models/<label>/ (e.g. --cell {d / 'models' / (labels or ['LABEL'])[0]})")
     res = load_result(d)
     df = res.predictions
     df = df[df["scoring"] == res.primary]
@@ -75,8 +80,11 @@ def ensemble(frames: list[pd.DataFrame], column: str = "scores") -> dict:
     frame = base.reset_index()
     label = frame["label"].to_numpy()
     ens = pd.Series([int(np.argmax(np.mean(row, axis=0))) for row in zip(*stacks, strict=True)] == label)
-    singles = {str(f["model"].iloc[0]): protocol_accuracy(pd.Series([int(np.argmax(r)) for r in s] == label), frame)
-               for f, s in zip(frames, stacks, strict=True)}
+    names = [str(f["model"].iloc[0]) for f in frames]
+    if len(set(names)) < len(names):  # cells of one label (coin of two studies): named by their --cell position
+        names = [f"{i + 1}:{n}" for i, n in enumerate(names)]
+    singles = {n: protocol_accuracy(pd.Series([int(np.argmax(r)) for r in s] == label), frame)
+               for n, s in zip(names, stacks, strict=True)}
     from coin.evaluation.reference import reference_rates
 
     rates = reference_rates(frame[["task", "example_id", "label"]].drop_duplicates())
@@ -102,4 +110,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from coin.cli import run_script  # a user error in two lines, a bug with its traceback
+
+    raise SystemExit(run_script(main))

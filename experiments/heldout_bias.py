@@ -21,7 +21,8 @@ The plan, fixed before any adapter was trained, is ``results/heldout-bias/PLAN.m
 
 Also computed, as an in-sample bound only: the bias fitted on the evaluation's own clean predictions.
 Writes ``summary.json`` (paired differences with intervals, clean and perturbed), ``per-task.md`` and
-``offsets.csv`` (each fitted offset, with the held-out accuracy before and after it) under ``--out``.
+``offsets.csv`` (each fitted offset, with the held-out accuracy before and after it) under ``--out``. An evaluation
+of the clean set only (``evaluate.instruction_sets: [clean]``) has no perturbed part.
 """
 
 from __future__ import annotations
@@ -140,10 +141,11 @@ def main() -> int:
     held = {t: heldout_rows(data_dir, t, used[t], args.rows) for t in tasks}
     for spec in args.adapter:
         label, _, adapter_dir = spec.partition("=")
-        if all((label, t) in offsets for t in tasks):
+        todo = [t for t in tasks if (label, t) not in offsets]  # reused offsets (--offsets) are not refitted
+        if not todo:
             continue
         model, tokenizer, meta = load_trained(Path(adapter_dir), device="cpu")
-        for task in tasks:
+        for task in todo:
             rows = held[task]
             with torch.no_grad():
                 cal = heldout_scores(model, tokenizer, settings, task, rows, meta.get("label_counts", {}).get(task))
@@ -166,6 +168,10 @@ def main() -> int:
     lines = ["| variant | set | " + " | ".join(tasks) + " | avg |", "|---|---|" + "---:|" * (len(tasks) + 1)]
     for name, frame in variants.items():
         for part, mask in (("clean", frame["set"] == "clean"), ("perturbed", frame["set"] != "clean")):
+            if not mask.any():  # a clean-only evaluation (evaluate.instruction_sets: [clean]) has no perturbed part
+                if name == "shipped":
+                    print(f"{args.predictions}: no {part} rows; the {part} part is left out", flush=True)
+                continue
             table = per_example_frame(frame[mask], labels)
             by_task = table.groupby(level="task").mean().mean(axis=1)
             lines.append(f"| {name} | {part} | " + " | ".join(f"{by_task[t]:.1f}" for t in tasks)

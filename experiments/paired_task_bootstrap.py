@@ -11,6 +11,8 @@ instructions. A side may be given several times (``--a E1:s0,s1 --a E2:s0``): it
 order, so pairs can span evaluations (e.g. one per draw of training rows). ``--set clean`` keeps the rows of that
 instruction set only (repeatable; default every row given); ``--per-task`` adds each task's own paired difference;
 ``--tasks T,T,...`` keeps those tasks' examples only (their average, tasks weighted equally, is the difference).
+Of an evaluation that scored two ways (``evaluate.scoring: [loglik, generate]``) the rows of its primary scoring are
+used (the first, as its ``eval_info.json`` records), or those of ``--scoring MODE``; a study cell gives its own.
 
 Per model and example, the score is the share of instructions answered right (the protocol's per-example clean
 accuracy). The interval resamples the examples within each task as the study does
@@ -43,9 +45,11 @@ from study_cells import load_cell  # noqa: E402
 from coin.study.aggregate import hierarchical_replicates, point_weights, task_codes  # noqa: E402
 
 
-def per_example(path: Path, models: list[str], sets: list[str] | None = None) -> pd.DataFrame:
+def per_example(path: Path, models: list[str], sets: list[str] | None = None,
+                scoring: str | None = None) -> pd.DataFrame:
     """Rows (task, example_id), one column per model: the share of instructions it answered right (percent);
-    ``sets``: only the rows of these instruction sets (``None``: every row)."""
+    ``sets``: only the rows of these instruction sets (``None``: every row); ``scoring``: only the rows of this
+    scoring mode (``None``: the evaluation's primary one, see :func:`one_scoring`)."""
     if not path.is_file():
         raise SystemExit(f"{path}: no such file; give a study cell's predictions (cells/<cell>/eval/...) or an "
                          "evaluation's predictions.jsonl")
@@ -57,7 +61,31 @@ def per_example(path: Path, models: list[str], sets: list[str] | None = None) ->
         df = df[df["set"].isin(sets)]
         if df.empty:
             raise SystemExit(f"{path}: no rows of instruction set(s) {sets}")
-    return per_example_frame(df, models, where=str(path))
+    return per_example_frame(one_scoring(df, path, models, scoring), models, where=str(path))
+
+
+def one_scoring(df: pd.DataFrame, path: Path, models: list[str], scoring: str | None) -> pd.DataFrame:
+    """The rows of one scoring mode: ``scoring``, else the only one there is, else the primary one (the first of the
+    ``scorings`` that ``eval_info.json`` beside ``path`` records for these models). An evaluation with
+    ``evaluate.scoring: [loglik, generate]`` writes each item once per mode: averaging both mixes two measurements."""
+    if "scoring" not in df:
+        if scoring is not None:
+            raise SystemExit(f"{path}: its rows name no scoring mode; drop --scoring")
+        return df
+    present = list(dict.fromkeys(df["scoring"]))
+    if scoring is None and len(present) > 1:
+        info = path.parent / "eval_info.json"
+        entries = json.loads(info.read_text()) if info.is_file() else {}
+        primary = {(entries.get(m) or {}).get("scorings", [None])[0] for m in models} - {None}
+        if len(primary) != 1:
+            raise SystemExit(f"{path}: holds the scoring modes {present} (no eval_info.json beside it names the "
+                             "primary one); give --scoring loglik or --scoring generate")
+        scoring = primary.pop()
+    if scoring is not None:
+        df = df[df["scoring"] == scoring]
+        if df.empty:
+            raise SystemExit(f"{path}: no rows of scoring {scoring!r}; it holds {present}")
+    return df
 
 
 def cells_frame(spec: str, sets: list[str] | None = None) -> pd.DataFrame:
@@ -66,11 +94,13 @@ def cells_frame(spec: str, sets: list[str] | None = None) -> pd.DataFrame:
     ``eval/``, else its ``scores.csv``, which keep the examples in other orders), one column per cell, rows sorted."""
     if sets is not None and set(sets) != {"clean"}:
         raise SystemExit(f"{spec}: a study cell gives its clean per-example scores; give --set clean or none")
-    frame = pd.DataFrame({Path(d).name: load_cell(Path(d))[1].scores["clean"] for d in spec.split(",")})
+    # named by position: two cells of one name (the same cell of two studies) are two columns, not one
+    frame = pd.DataFrame({f"{i}:{Path(d).name}": load_cell(Path(d))[1].scores["clean"]
+                          for i, d in enumerate(spec.split(","))})
     return frame.sort_index()  # the order per_example's pivot gives: the bootstrap then does not depend on the source
 
 
-def side_frame(specs: list[str], sets: list[str] | None = None) -> pd.DataFrame:
+def side_frame(specs: list[str], sets: list[str] | None = None, scoring: str | None = None) -> pd.DataFrame:
     """One side's models, ``PREDICTIONS:MODEL,MODEL,...`` or ``CELL_DIR,CELL_DIR,...`` specs in order, as one
     :func:`per_example` table whose columns are named ``k:model`` (k = the spec's index, so a model name may repeat
     across evaluations)."""
@@ -82,7 +112,7 @@ def side_frame(specs: list[str], sets: list[str] | None = None) -> pd.DataFrame:
         elif not path or not models:
             raise SystemExit(f"{spec!r}: give PREDICTIONS:MODEL,MODEL,... or CELL_DIR,CELL_DIR,...")
         else:
-            frame = per_example(Path(path), models.split(","), sets)
+            frame = per_example(Path(path), models.split(","), sets, scoring)
         frames.append(frame.set_axis([f"{k}:{m}" for m in frame.columns], axis=1))
     for spec, frame in zip(specs[1:], frames[1:], strict=True):
         if not frame.index.equals(frames[0].index):
@@ -158,6 +188,8 @@ def main() -> int:
                     help="PREDICTIONS:MODEL,MODEL,... (seed order, paired with --a); repeatable likewise")
     ap.add_argument("--set", action="append", dest="sets", metavar="NAME",
                     help="keep only the rows of this instruction set (repeatable; default: every row)")
+    ap.add_argument("--scoring", help="keep only the rows of this scoring mode (loglik or generate; default: the "
+                    "evaluation's primary one, the first of evaluate.scoring)")
     ap.add_argument("--per-task", action="store_true", help="add each task's own paired difference")
     ap.add_argument("--tasks", help="keep only these tasks' examples, comma-separated (e.g. cola,mrpc): the "
                     "difference is then their average, tasks weighted equally")
@@ -166,7 +198,7 @@ def main() -> int:
     ap.add_argument("--n-boot", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    a, b = side_frame(args.a, args.sets), side_frame(args.b, args.sets)
+    a, b = side_frame(args.a, args.sets, args.scoring), side_frame(args.b, args.sets, args.scoring)
     if args.tasks:
         a, b = only_tasks(a, args.tasks.split(",")), only_tasks(b, args.tasks.split(","))
     draws = args.draws.split(",") if args.draws else None

@@ -42,6 +42,58 @@ def load_model(pq: str, meta: str) -> tuple[pd.DataFrame, int]:
     return d[(d.scoring == "loglik") & (d.set == "clean")], sum(sum(c) for c in counts.values())
 
 
+def model_files(spec: str, usage: str) -> tuple[str, str, str]:
+    """``(name, predictions.parquet, coin_model.json)`` of a ``NAME=PARQUET,JSON`` argument, both files there;
+    ``usage`` is the form to show when it is not (batch_calibration.py reads the same arguments)."""
+    name, _, paths = spec.partition("=")
+    files = paths.split(",")
+    if not name or len(files) != 2 or not all(files):
+        raise SystemExit(f"{spec!r}: give {usage}")
+    for f in files:
+        if not Path(f).is_file():
+            raise SystemExit(f"{spec!r}: {f}: no such file")
+    return name, files[0], files[1]
+
+
+def parse_spec(spec: str) -> tuple[str, str, str, str]:
+    """``(budget, seed, predictions.parquet, coin_model.json)`` of a ``budget:seed=PARQUET,JSON`` argument."""
+    usage = ("BUDGET:SEED=PREDICTIONS.parquet,COIN_MODEL.json (e.g. "
+             "default:s0=<eval>/models/coin-s0/predictions.parquet,<adapter>/coin_model.json)")
+    name, pq, meta = model_files(spec, usage)
+    budget, _, seed = name.partition(":")
+    if not budget or not seed:
+        raise SystemExit(f"{spec!r}: give {usage}")
+    return budget, seed, pq, meta
+
+
+def probe_references(p: dict, where: Path, tasks: list[str]) -> list[dict]:
+    """The frozen bi-encoder probes of ``frozen_probe.py``'s probe.json ``p``, on the 1,000-example sample of
+    ``tasks``; a probe of other tasks, or made without ``--samples 1000``, is refused by name."""
+    missing = [t for t in tasks if t not in p.get("tasks", {})]
+    if missing:
+        raise SystemExit(f"--probe {where}: no probe of task(s) {missing}; run experiments/frozen_probe.py on them "
+                         "(or drop --probe)")
+    if any("majority_sample_1000" not in p["tasks"][t] for t in tasks):
+        raise SystemExit(f"--probe {where}: has no figures on the 1,000-example sample; make it with "
+                         "experiments/frozen_probe.py --samples 1000")
+    probe = []
+    for run in p["tasks"][tasks[0]]["runs"]:
+        if not run.startswith("bi"):
+            continue
+        accs = [p["tasks"][t]["runs"][run]["acc_sample_1000"] for t in tasks]
+        majs = [p["tasks"][t]["majority_sample_1000"] for t in tasks]
+        n = sum(p["tasks"][t]["runs"][run]["rows"] for t in tasks)  # fit on all of them (the decoder: 95%)
+        probe.append(
+            {
+                "run": f"frozen {run}",
+                "rows": n,
+                "avg": float(np.mean(accs)),
+                "avg_minus_majority": float(np.mean(accs) - np.mean(majs)),
+            }
+        )
+    return probe
+
+
 def fit(x: np.ndarray, y: np.ndarray, target: float) -> tuple[float, float, float]:
     """OLS of y on x = log2(rows): (intercept, slope per doubling, rows at which the line reaches target)."""
     slope, icpt = np.polyfit(x, y, 1)
@@ -73,7 +125,7 @@ def fit_with_interval(
     }
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="+", help="budget:seed=predictions.parquet,coin_model.json")
     ap.add_argument("--target", type=float, default=10.0, help="points above the majority rate (issue 11: 10)")
@@ -84,9 +136,9 @@ def main() -> None:
 
     rows, ids, ref = [], None, None
     for spec in args.models:
-        name, paths = spec.split("=", 1)
-        budget, seed = name.split(":", 1)
-        d, n_rows = load_model(*paths.split(","))
+        budget, seed, pq, meta = parse_spec(spec)
+        name = f"{budget}:{seed}"
+        d, n_rows = load_model(pq, meta)
         seen = frozenset(zip(d.task, d.example_id, strict=True))
         if ids is None:
             ids, ref = seen, reference_rates(d)
@@ -119,23 +171,7 @@ def main() -> None:
     for a, b in zip(order, order[1:], strict=False):  # consecutive budgets: does the return per doubling hold?
         fits[f"{a} → {b}"] = fit_with_interval(df[df.budget.isin([a, b])], [a, b], args.target, args.n_boot, rng)
 
-    probe = []
-    if args.probe:
-        p = json.loads(args.probe.read_text())
-        for run in next(iter(p["tasks"].values()))["runs"]:
-            if not run.startswith("bi"):
-                continue
-            accs = [p["tasks"][t]["runs"][run]["acc_sample_1000"] for t in tasks]
-            majs = [p["tasks"][t]["majority_sample_1000"] for t in tasks]
-            n = sum(p["tasks"][t]["runs"][run]["rows"] for t in tasks)  # fit on all of them (the decoder: 95%)
-            probe.append(
-                {
-                    "run": f"frozen {run}",
-                    "rows": n,
-                    "avg": float(np.mean(accs)),
-                    "avg_minus_majority": float(np.mean(accs) - np.mean(majs)),
-                }
-            )
+    probe = probe_references(json.loads(args.probe.read_text()), args.probe, tasks) if args.probe else []
 
     lines = [
         "| budget | training rows | seeds | " + " | ".join(tasks) + " | avg clean | avg − majority |",
@@ -239,7 +275,10 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(args.out / "scaling.png", dpi=120)
     print(f"wrote {args.out}/table.md, scaling.json, scaling.png")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from coin.cli import run_script  # a user error in two lines, a bug with its traceback
+
+    raise SystemExit(run_script(main))

@@ -20,10 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from coin.evaluation.scoring import label_log_prior
-from coin.modeling.adapter import read_meta
+from coin.modeling.adapter import META_FILE, read_meta
 
 
 def log_priors(adapter_dir: Path) -> dict[str, np.ndarray]:
+    if not (adapter_dir / META_FILE).is_file():
+        raise SystemExit(f"{adapter_dir}: not a trained adapter (no {META_FILE}); give the adapter directory coin "
+                         "train wrote (<out_dir>/train/<method>/adapter, a study cell's adapter/)")
     counts = read_meta(adapter_dir).get("label_counts", {})
     return {task: label_log_prior(c).numpy().astype(float) for task, c in counts.items()}
 
@@ -44,19 +47,30 @@ def main() -> int:
     ap.add_argument("--model", action="append", required=True, help="LABEL=OWN_ADAPTER:PRIOR_ADAPTER")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args()
+    if not args.predictions.is_file():
+        raise SystemExit(f"--predictions {args.predictions}: no such file; give a coin evaluate run's "
+                         "predictions.jsonl")
     swaps = {}
     for spec in args.model:
         label, _, dirs = spec.partition("=")
         own, _, other = dirs.partition(":")
+        if not label or not own or not other:
+            raise SystemExit(f"--model {spec!r}: give LABEL=OWN_ADAPTER:PRIOR_ADAPTER")
         swaps[label] = (log_priors(Path(own)), log_priors(Path(other)))
-    out = []
+    out, models = [], set()
     for line in args.predictions.read_text().splitlines():
         if not line.strip():
             continue
         row = json.loads(line)
-        if row.get("scoring") != "loglik" or row["model"] not in swaps:
+        if row.get("scoring") != "loglik":
             continue
-        out.append(swap(row, *swaps[row["model"]]))
+        models.add(row["model"])
+        if row["model"] in swaps:
+            out.append(swap(row, *swaps[row["model"]]))
+    missing = sorted(set(swaps) - models)
+    if missing:
+        raise SystemExit(f"{args.predictions}: no loglik predictions of model(s) {missing}; it holds {sorted(models)}"
+                         " (--model's LABEL is the model's label in that file)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("".join(json.dumps(r) + "\n" for r in out))
     print(f"{len(out)} rows re-decided -> {args.out}")
@@ -64,4 +78,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from coin.cli import run_script  # a user error in two lines, a bug with its traceback
+
+    raise SystemExit(run_script(main))

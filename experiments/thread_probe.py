@@ -44,7 +44,8 @@ def main() -> None:
         torch.set_num_threads(args.set_threads)
     settings, root = load_study(args.params, ["train.log_every=1", f"study.out_dir={args.study_dir}"])
     cell = make_cell(settings, args.method, args.seed)
-    rows = read_jsonl(valid_file(settings, root))
+    rows = read_jsonl(valid_file(settings, root), missing_hint="Run `coin study` first, or pass the out_dir of a "
+                      f"study that ran as --study-dir (given: {args.study_dir}).")
     steps: dict[int, list[float]] = {}
 
     def record(step: int, metrics: dict[str, float]) -> None:

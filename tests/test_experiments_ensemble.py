@@ -43,3 +43,30 @@ def test_models_scored_on_other_rows_are_refused():
         mod.ensemble([m0, _frame("m1", [[0, 1], [0, 3]], labels=(0, 1))])
     with pytest.raises(SystemExit, match="at least two"):
         mod.ensemble([m0])
+
+
+def test_models_of_one_label_are_each_counted():
+    """Two cells labelled coin (the same method of two studies): both are listed, by --cell position, and their
+    mean is over both (66.67 and 33.33: 50.0), not over the one that a key by label kept."""
+    res = _module().ensemble([_frame("coin", [[2, 0], [1, 0], [0, 3]]), _frame("coin", [[0, 1], [0, 3], [1, 0]])])
+    assert res["models"] == {"1:coin": {"sst2": 66.67, "avg": 66.67}, "2:coin": {"sst2": 33.33, "avg": 33.33}}
+    assert res["mean_of_models"]["avg"] == 50.0
+
+
+def test_an_evaluation_of_several_models_is_refused_with_the_directory_to_pass(tmp_path: Path):
+    """A `coin evaluate --out` directory (models/<label>/ per model) as --cell: one line naming models/<label>/, no
+    traceback; a directory with no evaluation: its missing result.json, no traceback."""
+    import subprocess
+    import sys
+
+    for label in ("s0", "s1"):
+        (tmp_path / "ev" / "models" / label).mkdir(parents=True)
+    script = str(ROOT / "experiments" / "ensemble_predictions.py")
+    out = subprocess.run([sys.executable, script, "--cell", str(tmp_path / "ev"), "--cell", str(tmp_path / "ev")],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "pass each model's own directory, models/<label>/" in out.stderr
+    out = subprocess.run([sys.executable, script, "--cell", str(tmp_path), "--cell", str(tmp_path)],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode != 0 and "Traceback" not in out.stdout + out.stderr
+    assert "result.json: file not found" in out.stdout + out.stderr

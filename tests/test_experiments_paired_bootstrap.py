@@ -135,3 +135,32 @@ def test_study_cells_as_sides_and_a_subset_of_tasks(tmp_path: Path) -> None:
     assert _run("--a", shuffled, "--b", b, "--n-boot", "500") == res
     (tmp_path / "vb/coin-s1/cell.json").write_text(json.dumps({"complete": False}))
     assert "not complete" in _run("--a", a, "--b", b)["error"]
+
+
+def test_cells_of_one_name_from_two_studies_stay_two_models(tmp_path: Path) -> None:
+    """coin-s0 of two studies on side A, paired with two cells on side B: two pairs (+80 and +70 on sst2, rte
+    equal), not one column for the name both cells share."""
+    a = ",".join(_cell(tmp_path / f"{study}/coin-s0", {"sst2": 10, "rte": 5}) for study in ("va", "vb"))
+    b = ",".join(_cell(tmp_path / f"vc/coin-s{s}", {"sst2": 2 + s, "rte": 5}) for s in (0, 1))
+    res = _run("--a", a, "--b", b, "--n-boot", "200")
+    assert res["difference_per_seed"] == [40.0, 35.0] and res["a"] == [75.0, 75.0]
+
+
+def test_an_evaluation_of_two_scorings_uses_its_primary_one_or_scoring(tmp_path: Path) -> None:
+    """evaluate.scoring [loglik, generate]: every item once per mode. A is right on all 10 sst2 examples under
+    loglik, on none under generate; B on 5 under both. The primary mode (loglik, first in eval_info.json) gives
+    +50, --scoring generate -50; the mix (+0) is never reported, and without eval_info.json it is refused."""
+    rows = []
+    for scoring, right in (("loglik", {"a": 10, "b": 5}), ("generate", {"a": 0, "b": 5})):
+        for model, k in right.items():
+            rows += [{"model": model, "task": "sst2", "example_id": f"sst2:{i}", "instruction_id": 0,
+                      "set": "clean", "scoring": scoring, "correct": i < k} for i in range(10)]
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "eval_info.json").write_text(json.dumps({m: {"scorings": ["loglik", "generate"]} for m in "ab"}))
+    args = ["--a", f"{tmp_path / 'predictions.jsonl'}:a", "--b", f"{tmp_path / 'predictions.jsonl'}:b",
+            "--n-boot", "200"]
+    assert _run(*args)["difference"] == 50.0
+    assert _run(*args, "--scoring", "generate")["difference"] == -50.0
+    assert "no rows of scoring 'mc'" in _run(*args, "--scoring", "mc")["error"]
+    (tmp_path / "eval_info.json").unlink()
+    assert "give --scoring loglik or --scoring generate" in _run(*args)["error"]

@@ -84,3 +84,20 @@ def test_segments_show_falling_returns(tmp_path: Path) -> None:
     assert fits["all budgets"]["slope_per_doubling"] == pytest.approx(3.0)
     assert fits["all budgets"]["rows_at_target"] < 16000
     assert "b onwards" not in fits  # from b onwards is the segment b → c itself
+
+
+def test_user_errors_are_one_line(tmp_path: Path) -> None:
+    """A model given without its coin_model.json, and a --probe of other tasks or made without --samples 1000:
+    each refused in one line that names the fix (a TypeError and a KeyError 'sst2' before)."""
+    a, b = _model(tmp_path, "a", 1000, 31), _model(tmp_path, "b", 2000, 33)
+    out = _run(tmp_path, [f"a:s0={a.split(',')[0]}", f"b:s0={b}"])
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "give BUDGET:SEED=PREDICTIONS.parquet,COIN_MODEL.json" in out.stderr
+    run = {"rows": 100, "C": 1.0, "acc_sample": 70.0, "acc_full": 70.0, "acc_sample_50": 70.0}
+    for tasks, message in (({"rte": {"majority_sample_1000": 50.0, "runs": {"bi, all rows": run}}},
+                            "no probe of task(s) ['sst2']"),
+                           ({"sst2": {"majority_sample_50": 50.0, "runs": {"bi, all rows": run}}},
+                            "--samples 1000")):
+        (tmp_path / "probe.json").write_text(json.dumps({"tasks": tasks}))
+        out = _run(tmp_path, [f"a:s0={a}", f"b:s0={b}", "--probe", str(tmp_path / "probe.json")])
+        assert out.returncode != 0 and "Traceback" not in out.stderr and message in out.stderr, out.stderr

@@ -42,3 +42,27 @@ def test_cli_rewrites_only_the_named_models(tmp_path):
     assert out.returncode == 0, out.stderr
     got = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert [(r["model"], r["pred"], r["correct"]) for r in got] == [("m", 0, True)]
+
+
+def test_cli_refuses_what_it_cannot_swap(tmp_path):
+    """A label not in the file (it wrote an empty file and exited 0), a missing --predictions, a directory that is
+    no adapter: each one line that names the fix, no traceback, nothing written."""
+    (tmp_path / "ad").mkdir()
+    (tmp_path / "ad" / "coin_model.json").write_text(json.dumps({"label_counts": {"t": [5, 5]}}))
+    row = {"model": "m", "scoring": "loglik", "task": "t", "label": 0, "scores": [-0.3, 0.0], "pred": 1,
+           "correct": False}
+    (tmp_path / "p.jsonl").write_text(json.dumps(row) + "\n")
+
+    def run(predictions: str, model: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "experiments" / "swap_prior.py"), "--predictions",
+                               str(tmp_path / predictions), "--model", model, "--out", str(tmp_path / "o.jsonl")],
+                              capture_output=True, text=True, check=False)
+
+    ad = tmp_path / "ad"
+    for predictions, model, message in (("p.jsonl", f"x={ad}:{ad}", "no loglik predictions of model(s) ['x']; it "
+                                         "holds ['m']"),
+                                        ("nope.jsonl", f"m={ad}:{ad}", "no such file"),
+                                        ("p.jsonl", f"m={ad}:{tmp_path}", "not a trained adapter")):
+        out = run(predictions, model)
+        assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "o.jsonl").exists()
