@@ -275,6 +275,27 @@ def _check_dask_address(address: str) -> None:
                           f"address ({exc}); give host:port, e.g. tcp://127.0.0.1:8786") from None
 
 
+def check_dask_reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse, naming the option, a scheduler address nothing answers at (a TCP connection within ``timeout``
+    seconds), before any work: Dask tried for 30 s only when the first task was submitted, after the pairs, the
+    gate and the MLflow parent run. Schemes other than tcp/tls/ws/wss are left to Dask."""
+    import socket
+
+    from distributed.comm import parse_address, parse_host_port
+
+    _check_dask_address(address)
+    scheme, location = parse_address(address)
+    if scheme not in ("tcp", "tls", "ws", "wss"):
+        return
+    host, port = parse_host_port(location.rpartition("@")[2])
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(f"dask_address (--dask-address or study.dask_address): no Dask scheduler answers at "
+                          f"{host}:{port} ({exc.strerror or type(exc).__name__}); start one (dask scheduler "
+                          "--host 127.0.0.1) or leave the option out for a local cluster") from None
+
+
 def eval_task_runner(workers: int = 2, address: str | None = None, processes: bool = True,
                      dashboard: bool | str | None = None, threads: int | None = None) -> TaskRunner:
     """A Dask task runner: an existing scheduler at ``address``, or a local cluster of ``workers``
@@ -470,6 +491,8 @@ def coin_pipeline(
     # a bad cluster option fails here too
     threads = None if dask_address else threads_per_worker(eval_workers)  # torch threads per worker (coin.cpus)
     runner = eval_task_runner(eval_workers, dask_address, dask_processes, dask_dashboard, threads)
+    if dask_address:
+        check_dask_reachable(dask_address)
 
     data = data_task(params_path, overrides, push=push_data)
     logger.info("data version %s (pulled: %s, new version: %s, pushed: %s)",

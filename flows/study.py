@@ -48,6 +48,7 @@ from coin.study.report import write_study_outputs
 from flows.pipeline import (
     Overrides,
     _transient,
+    check_dask_reachable,
     eval_task_runner,
     quiet_prefect_logs,
     restore_process_env,
@@ -73,7 +74,7 @@ def prepare_task(params_path: str, overrides: Overrides, parent_run_id: str | No
 def cell_task(params_path: str, overrides: Overrides, name: str, torch_threads: int | None = None) -> dict[str, Any]:
     """Train + evaluate one cell (or find it done); runs on a Dask worker."""
     settings, root = load_study(params_path, overrides)
-    device = configure_worker(torch_threads)
+    device = configure_worker(torch_threads, settings.model.device)
     return run_cell(settings, root, cell_named(settings, name), device=device, progress=False)
 
 
@@ -153,6 +154,8 @@ def coin_study(
     # a bad cluster option fails here too
     runner = eval_task_runner(plan.workers, plan.address, dask_processes, settings.study.dask_dashboard,
                               plan.torch_threads)
+    if plan.address:
+        check_dask_reachable(plan.address)
 
     parent = open_study_run_task(params_path, overrides, flow_run.get_id())
     status = "FAILED"
@@ -198,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dask-threads", action="store_true",
                     help="one Dask worker thread in this process (one worker: --workers above 1 is refused)")
     args = ap.parse_args(argv)
+    if args.workers is not None and args.workers < 1:  # refused before Prefect starts, as `coin study` does
+        ap.error(f"--workers {args.workers}: give at least 1")
     if args.dask_threads:  # one worker thread, whatever study.workers and the core count say
         if args.workers is not None and args.workers > 1:
             ap.error(f"--dask-threads runs one worker thread in this process: drop --workers {args.workers} (or give "

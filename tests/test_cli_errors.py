@@ -153,6 +153,7 @@ class Case:
     stage: tuple[str, Callable] | None = None
     params: str | bytes | None = None      # the params file's content (default: the shipped one)
     setup: Callable[[Path], None] | None = None  # more of the project (tmp dir) before the command runs
+    absent: tuple[str, ...] = ()           # what the message must not say (a wrong fix)
 
 
 def _dvc_project_without_remote(tmp: Path) -> None:
@@ -200,6 +201,7 @@ CASES = [
          ["--options", "'||'", "empty answer"]),
     Case("predict-unknown-task", _p(*PREDICT, "--task", "imdb"), ExitCode.CONFIG,
          ["--task", "'imdb'", "sst2", "rte"]),
+    Case("predict-blank-task", _p(*PREDICT, "--task", " "), ExitCode.CONFIG, ["--task ' ' is blank", "sst2"]),
     Case("predict-input-not-utf8", lambda tmp: ["predict", "--params", str(tmp / "params.yaml"), "--instruction",
                                                 "x", "--input", "caf\udce9"], ExitCode.CONFIG,
          ["--input", "not valid UTF-8", "0xe9"]),
@@ -228,6 +230,8 @@ CASES = [
          ["adapter_model.safetensors", "damaged safetensors file", "restore it"], stage=("train", _half_safetensors)),
     Case("predict-model-missing", _p(*PREDICT, "--set", "register.model_name=nope"), ExitCode.MODEL,
          ["cannot load models:/nope@champion", "coin register"]),
+    Case("predict-uri-scheme-unknown", _p(*PREDICT, "--model-uri", "nonsense://x"), ExitCode.MODEL,
+         ["cannot load nonsense://x", "models:/<name>@<alias>"], absent=("coin pipeline",)),
     Case("registry-refuses", _p("register"), ExitCode.MODEL, ["MLflow", "coin-minilm not found"],
          stage=("register", _registry_refuses)),
     # 5: runtime
@@ -260,6 +264,8 @@ def test_bad_input_gives_a_named_one_or_two_line_error_and_its_exit_code(case: C
     assert res.exit_code == case.code, f"exit {res.exit_code}, expected {int(case.code)}:\n{out}"
     for part in case.names:
         assert part in out, f"{part!r} not in:\n{out}"
+    for part in case.absent:
+        assert part not in out, f"{part!r} in:\n{out}"
     _no_traceback(out)
     error_lines = [ln for ln in out.splitlines() if ln.startswith(("error:", "fix:", "interrupted"))]
     assert 1 <= len(error_lines) <= 2, out

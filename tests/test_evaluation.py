@@ -167,6 +167,27 @@ def test_shared_instruction_prefix_gives_the_same_scores(kind: str, request: pyt
                                atol=1e-4, rtol=1e-5)
 
 
+def test_an_overlong_prompt_is_cut_once_for_every_label_on_both_paths(eval_llama: Backbone, monkeypatch) -> None:
+    """The per-label path cut each (prompt, label) sequence on its own: a 1-token label kept 4 more prompt tokens
+    than a 5-token one, so the labels of one row were scored on different contexts and the path disagreed with the
+    kv-cache path (which cuts the prompt once, leaving room for the longest label)."""
+    m, tok = eval_llama.model, eval_llama.tokenizer
+    monkeypatch.setattr(m.config, "max_position_embeddings", 40)
+    prompt = "Is the review positive? " + " ".join(f"w{i}" for i in range(40))
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in m.parameters()]
+        for p in m.parameters():
+            p.mul_(3)  # a sharper random model: a few more prompt tokens move the scores visibly
+        try:
+            kv = score_label_words(m, tok, [prompt], LABELS).scores
+            per_label = score_label_words(m, tok, [prompt], LABELS, use_cache=False)
+        finally:
+            for p, s in zip(m.parameters(), saved, strict=True):
+                p.copy_(s)
+    assert per_label.path == "per-label"
+    torch.testing.assert_close(per_label.scores, kv, atol=1e-4, rtol=1e-5)
+
+
 def test_sliding_window_model_falls_back_to_per_label_and_says_why(eval_mistral: Backbone) -> None:
     m, tok = eval_mistral.model, eval_mistral.tokenizer
     assert "sliding" in (cache_support(m) or "")

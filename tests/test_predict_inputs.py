@@ -4,6 +4,7 @@ through ``answer_rows`` and through the model server's own app (the HTTP layer o
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +223,33 @@ def test_a_bad_row_among_several_is_named_by_its_index(trained):
         answer_rows(model, tok, meta, df)
 
 
+def test_answers_keep_the_index_of_the_rows_they_answer(trained):
+    """The answers came back under a fresh 0..n-1 index: `sub["answer"] = model.predict(sub)["answer"]` paired
+    row 1's answer with the wrong review and left the other empty."""
+    model, tok, meta = trained
+    df = pd.DataFrame({"instruction": [INSTRUCTION] * 3, "input": ["a gem", "a mess", "fine"], "task": ["sst2"] * 3})
+    sub = df.iloc[[2, 0]]
+    out = answer_rows(model, tok, meta, sub)
+    assert out.index.tolist() == [2, 0]
+    assert out["answer"].tolist() == answer_rows(model, tok, meta, sub.reset_index(drop=True))["answer"].tolist()
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("input", ["a gem", "dull"], "input = ['a gem', 'dull'] (list): must be text"),
+    ("input", {"sentence1": "x"}, "(dict): must be text"),
+    ("input", True, "input = True (bool): must be text"),
+    ("instruction", None, "instruction is missing: give its text"),
+])
+def test_an_instruction_or_input_that_is_not_text_is_refused(trained, field, value, expected):
+    """The model server does not enforce the signature: a list input was scored as its Python repr."""
+    model, tok, meta = trained
+    row = {"instruction": INSTRUCTION, "input": "a gem", "task": "sst2", field: value}
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        answer_rows(model, tok, meta, pd.DataFrame([row]))
+    number = pd.DataFrame([{"instruction": INSTRUCTION, "input": 5, "task": "sst2"}])  # a CSV column of numbers
+    assert answer_rows(model, tok, meta, number)["answer"].iloc[0] in TASKS["sst2"].label_words
+
+
 # --------------------------------------------------------------------------- over HTTP (the model server's app)
 
 
@@ -280,6 +308,22 @@ def test_http_a_long_input_is_answered(server):
     assert preds[0]["answer"] in TASKS["sst2"].label_words and set(json.loads(preds[0]["scores"])) == {
         "negative", "positive"}
     assert isinstance(preds[1]["answer"], str)
+
+
+def test_http_an_input_that_is_not_text_is_a_400(server):
+    res = _post(server, [{"instruction": INSTRUCTION, "input": ["a gem", "dull"], "task": "sst2"}])
+    assert res.status_code == 400 and "input = ['a gem', 'dull'] (list): must be text" in res.json()["message"], \
+        res.text
+    res = _post(server, [{"instruction": INSTRUCTION, "task": "sst2"}, {"instruction": INSTRUCTION, "input": "ok"}])
+    assert res.status_code == 400 and "row 0: input is missing" in res.json()["message"], res.text
+
+
+def test_http_a_null_or_fractional_max_new_tokens(server):
+    """max_new_tokens: null was an 'unexpected error' with a raw TypeError traceback, even for a scored row."""
+    res = _post(server, [{"instruction": INSTRUCTION, "input": "a gem", "task": "sst2"}], max_new_tokens=None)
+    assert res.status_code == 200, res.text
+    res = _post(server, [{"instruction": "Say: ", "input": "a gem"}], max_new_tokens=2.5)
+    assert res.status_code == 400 and "unexpected error" not in res.json()["message"], res.text
 
 
 def test_the_training_prior_follows_the_options_in_any_order(trained):

@@ -806,6 +806,34 @@ def test_register_refuses_figures_of_another_adapter_or_without_eval_info(tmp_pa
         stage_register(s, tmp_path)
 
 
+def test_register_refuses_figures_scored_otherwise_than_the_adapter_answers(tmp_path):
+    """coin train (content_free), then coin evaluate and coin register with --set evaluate.calibration=none: the
+    gate decided on figures the registered model, which answers as recorded at training, does not give."""
+    from coin.data.io import DataError, write_json
+    from coin.modeling.adapter import write_meta
+    from coin.modeling.adapter_files import adapter_sha256
+    from coin.stages import stage_register
+
+    s = Settings.model_validate({"paths": {"mlruns_dir": str(tmp_path / "mlruns")}, "tracking": {"experiment": "t"}})
+    adapter = tmp_path / "outputs" / "train" / "coin" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text('{"r": 4}')
+    write_meta(adapter, {"base": "minilm", "calibration": "content_free", "length_normalise": False,
+                         "prompt_format": "train"})
+    write_json(tmp_path / "outputs" / "train" / "train.json",
+               {"methods": ["coin"],
+                "runs": {"coin": {"run_id": "0" * 32, "adapter_dir": "outputs/train/coin/adapter"}}})
+    write_json(tmp_path / "outputs" / "evaluate" / "metrics.json", {})
+    write_json(tmp_path / "outputs" / "evaluate" / "eval_info.json", {"coin": {"settings": {
+        "adapter_sha256": adapter_sha256(adapter), "calibration": "none", "length_normalise": True,
+        "prompt_format": "train"}}})
+    with pytest.raises(DataError) as err:
+        stage_register(s, tmp_path)
+    msg = str(err.value)
+    assert "evaluate.calibration: evaluated with 'none', the adapter answers with 'content_free'" in msg, msg
+    assert "evaluate.length_normalise: evaluated with True" in msg and "prompt_format" not in msg
+
+
 def test_a_damaged_card_or_predictions_file_is_named_not_metrics_json(tmp_path):
     """Both were read with json.loads, and the CLI blamed the error on metrics.json (a local of the frame); a
     damaged card also left a version registered without its decision."""

@@ -910,6 +910,22 @@ def test_worker_plan_and_defaults():
     assert worker_plan(s, address="tcp://127.0.0.1:8786", cpus=8).address == "tcp://127.0.0.1:8786"
 
 
+def test_model_device_cpu_is_kept_on_a_multi_gpu_host(monkeypatch):
+    """A Dask worker on a machine with two GPUs placed its cells on cuda:<worker index> whatever model.device
+    said: model.device = cpu ran on the GPUs."""
+    import types
+
+    import distributed
+
+    from coin.study import placement
+
+    monkeypatch.setattr(placement, "gpu_count", lambda: 2)
+    monkeypatch.setattr(distributed, "get_worker", lambda: types.SimpleNamespace(name=3))
+    assert placement.configure_worker(None, "auto") == "cuda:1"
+    assert placement.configure_worker(None, "cuda") == "cuda:1"
+    assert placement.configure_worker(None, "cpu") is None and placement.worker_device("mps") is None
+
+
 @pytest.mark.parametrize(
     "study, expected",
     [
@@ -1066,6 +1082,12 @@ def test_a_done_cell_with_damaged_files_is_computed_again(study_project, capsys)
     with pytest.raises(DataError, match="predictions.parquet: damaged Parquet file"):
         load_result(copy / EVAL_DIR)
     preds.write_bytes(good)
+    result = copy / EVAL_DIR / "result.json"  # cut short: it read as done, and the aggregation failed on it
+    whole = result.read_bytes()
+    result.write_bytes(whole[:100])
+    assert "eval/result.json is damaged" in cell_status(copy, parts, trained=True)
+    result.write_bytes(whole)
+    assert cell_status(copy, parts, trained=True) is None
     weights = copy / ADAPTER_DIR / "adapter_model.safetensors"
     trained = weights.read_bytes()
     weights.write_bytes(trained[:-100])
@@ -1101,6 +1123,61 @@ def test_the_report_header_says_swept_for_a_swept_step_count():
         "Backbone `tiny`, training steps swept, scoring `loglik`.")
     assert setup_line({"backbone": "tiny", "max_steps": 2, "scoring": "loglik"}) == (
         "Backbone `tiny`, 2 training steps, scoring `loglik`.")
+
+
+def test_the_header_gives_each_value_its_sample_under_a_samples_sweep():
+    """Sweeping evaluate.samples_per_task, the header said every cell used the first value's sample sizes."""
+    from coin.study.report import _header
+
+    mc = {"avg": 50.0, "chance_avg": 50.0}
+    study = {"study": {"seeds": [0], "eval_seed": 42, "backbone": "b", "max_steps": 2, "scoring": "loglik",
+                       "sweep_key": "evaluate.samples_per_task"},
+             "methods": ["base"], "cells": [{"figures": {"perturbed_acc": None}}],
+             "groups": [{"sweep": "evaluate.samples_per_task=2", "tasks": {"sst2": 2}, "majority_class": mc},
+                        {"sweep": "evaluate.samples_per_task=3", "tasks": {"sst2": 3}, "majority_class": mc}]}
+    text = json.dumps([str(getattr(b, "items", b)) for b in _header(study)])
+    assert "every cell of a value: 2: sst2 (2); 3: sst2 (3) examples" in text, text
+    study["groups"][1]["tasks"] = {"sst2": 2}
+    assert "for every cell: sst2 (2) examples" in json.dumps([str(getattr(b, "items", b)) for b in _header(study)])
+
+
+def test_equal_sweep_values_spelled_differently_are_called_duplicates():
+    """YAML reads 1e-3 as text: [0.001, 1e-3] passed the raw duplicate check and was refused as values whose
+    cell names collide ("use values that differ in letters, digits ..."), though they are one value."""
+    from coin.study.grid import grid_cells, sweep_overrides
+
+    s = Settings.model_validate({"study": {"sweep_key": "train.lr", "sweep_values": [0.001, "1e-3"]}})
+    with pytest.raises(ConfigError, match=r"lists 0.001 twice \(0.001 and '1e-3' are the same train.lr\)"):
+        grid_cells(s)
+    with pytest.raises(ConfigError, match="--sweep '=\\[1,2\\]': no key before '='"):
+        sweep_overrides("=[1,2]")
+
+
+def test_the_study_flow_refuses_zero_workers_before_prefect_starts(capsys):
+    from flows.study import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["--workers", "0"])
+    assert err.value.code == 2 and "--workers 0: give at least 1" in capsys.readouterr().err
+
+
+def test_an_unreachable_dask_address_is_refused_naming_the_option():
+    """coin study --dask-address tcp://127.0.0.1:9 built the pairs, ran the gate and opened an MLflow run, then
+    failed after 30 s with Dask's own message, which did not name the option."""
+    import socket
+
+    from flows.pipeline import check_dask_reachable
+
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    with pytest.raises(ConfigError, match=rf"--dask-address or study.dask_address\): no Dask scheduler answers at "
+                                          rf"127.0.0.1:{port}"):
+        check_dask_reachable(f"tcp://127.0.0.1:{port}", timeout=2)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        check_dask_reachable(f"tcp://127.0.0.1:{listening.getsockname()[1]}")  # something answers: accepted
 
 
 def test_a_cell_names_a_missing_pairs_file_and_a_bad_device(study_project, capsys, tmp_path):

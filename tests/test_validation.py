@@ -428,6 +428,16 @@ def test_duplicate_pair_id_rejects_both(broken_run, real_rows):
     assert "is not unique (2 rows share it)" in dup[0]["reasons"][0]
 
 
+def test_an_int_pair_id_does_not_make_its_text_twin_a_duplicate(real_rows):
+    """Wrong-typed text fields reached GX as their repr: the int 17 read as '17', and a valid row whose pair_id is
+    the text '17' was rejected as 'not unique (1 rows share it)'."""
+    rows = rows_copy(real_rows[:2])
+    rows[0]["pair_id"], rows[1]["pair_id"] = 17, "17"
+    first, second = CHECKS["schema"](rows, CheckContext(max_length_chars=4000, cutoff_len=CUTOFF, tokenizer=None))
+    assert second.passed, second.findings
+    assert not first.passed and [f.code for f in first.findings] == ["type:pair_id"], first.findings
+
+
 def test_broken_run_keeps_every_row(broken_run, real_rows):
     rows, report, rejects, out = broken_run
     valid = read_jsonl(out / "valid.jsonl")
@@ -542,6 +552,42 @@ def test_no_rows_fails_the_gate(tokenizer, tmp_path, embedder, eval_sources):
         gate([], tokenizer, tmp_path, embedder, eval_sources, min_pass_rate=0.0)
     assert "Build the pairs first" in str(err.value) and "or lower validate.min_pass_rate" not in str(err.value)
     assert (tmp_path / "rejects.jsonl").read_text() == ""
+
+
+def test_a_gate_that_keeps_no_row_fails_at_any_threshold(real_rows, tokenizer, tmp_path, embedder, eval_sources):
+    """Every row rejected (each with a split that is neither train nor val) passed the gate at min_pass_rate 0 with
+    an empty valid.jsonl, and training then blamed pairs.val_fraction."""
+    rows = [dict(r, split="test") for r in rows_copy(real_rows)]
+    with pytest.raises(GateFailed) as err:
+        gate(rows, tokenizer, tmp_path, embedder, eval_sources, min_pass_rate=0.0)
+    assert err.value.report.rows_valid == 0 and "Every row was rejected" in str(err.value)
+    assert "or lower validate.min_pass_rate." not in str(err.value)
+
+
+def test_a_task_whose_rows_have_a_wrong_split_is_emptied(real_rows, tokenizer, tmp_path, embedder, eval_sources):
+    """A task whose rows are all rejected for their split ('Train', missing) had no 'training row' to lose: the
+    gate passed and training ran without the task, with only a warning."""
+    rows = rows_copy(real_rows)
+    for r in (r for r in rows if r["task"] == "sst2"):
+        r["split"] = "Train"
+    with pytest.raises(GateFailed) as err:
+        gate(rows, tokenizer, tmp_path, embedder, eval_sources, min_pass_rate=0.5)
+    assert err.value.report.emptied_tasks == ["sst2"]
+    assert err.value.report.per_task["sst2"]["train_in"] == 5
+
+
+@pytest.mark.parametrize("field, value", [
+    ("answer_words", ["negative", 1]), ("answer_words", [None, "positive"]), ("answer_words", [["a"], "b"]),
+    ("task", ["sst2"]), ("task", {"name": "sst2"})])
+def test_a_wrong_typed_answer_word_or_task_is_a_finding_not_a_crash(real_rows, field, value):
+    """One row with a number among its answer words, or a list for its task, stopped the whole gate with a
+    TypeError (after the schema check had rebuilt data_docs/)."""
+    row = copy.deepcopy(next(r for r in real_rows if r["task"] == "sst2"))
+    row[field] = value
+    (res,) = CHECKS["target_in_answer_set"]([row], CheckContext(max_length_chars=4000, cutoff_len=CUTOFF,
+                                                                tokenizer=None))
+    if field == "answer_words":
+        assert not res.passed and res.findings[0].code == "answer_not_text"
 
 
 # --------------------------------------------------------------------------- semantic and leak checks, unit level

@@ -579,6 +579,7 @@ def predict(
     set_: SetOpt = None,
 ) -> None:
     """Answer an instruction + input with the registered champion (MLflow pyfunc)."""
+    from coin.data.tasks import TASKS
     from coin.predict import check_task, parse_options
 
     inputs = input or [""]
@@ -586,6 +587,9 @@ def predict(
                         ("--options", options)):
         _text_option(name, value)
     # checked before the model loads: a typo costs no model load
+    if task is not None and not task.strip():  # check_task reads blank as absent: the model would generate
+        raise ValueError(f"--task {task!r} is blank: give a GLUE task ({', '.join(TASKS)}), or leave it out to "
+                         "generate free text")
     if task:
         try:
             check_task(task)
@@ -609,7 +613,10 @@ def predict(
         model = mlflow.pyfunc.load_model(uri)
     except Exception as exc:  # noqa: BLE001 -- MLflow raises several types for a missing model
         why = str(exc).strip().rstrip(".")
-        if _is(exc, "mlflow.exceptions", "MlflowException") or isinstance(exc, FileNotFoundError):
+        if not uri.startswith(("models:/", "runs:/")) and "artifact repository" in why:  # no such URI scheme
+            hint = (" Give models:/<name>@<alias>, models:/<name>/<version>, runs:/<run id>/<path> or a model "
+                    "directory.")
+        elif _is(exc, "mlflow.exceptions", "MlflowException") or isinstance(exc, FileNotFoundError):
             # the registered model, alias, version or run is not in the store: the pipeline makes one
             hint = " Run `coin pipeline` (or `coin register`) first."
             if "alias champion not found" in why:

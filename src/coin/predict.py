@@ -40,9 +40,19 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and value != value)
 
 
-def _text(value: Any) -> str:
-    """A cell as text: missing (None/NaN, e.g. an absent optional value in a JSON request) is ""."""
-    return "" if _missing(value) else str(value)
+def _field_text(row: Any, field: str) -> str:
+    """Row ``field`` (``instruction`` or ``input``, the signature's required text columns) as text. Refused, naming
+    the field: a missing value (a record without the key: it was answered as if empty) and a value that is not
+    text (a list, a mapping, a bool: the model server does not enforce the signature, and its Python form was
+    scored as the prompt). A number is taken as its digits (a CSV column of numbers)."""
+    value = row[field]
+    if isinstance(value, str):
+        return value
+    if _missing(value):
+        raise ValueError(f"{field} is missing: give its text ('' for none)")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"{field} = {value!r} ({type(value).__name__}): must be text")
 
 
 def check_task(task: Any) -> str | None:
@@ -221,7 +231,7 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
         try:
             options = _options_for(row)
             task = check_task(row["task"]) if "task" in row else None
-            instruction, text = _text(row["instruction"]), _text(row["input"])
+            instruction, text = _field_text(row, "instruction"), _field_text(row, "input")
             if not options and limit is not None and not 1 <= max_new_tokens < limit:  # only a generated row uses it
                 raise ValueError(f"max_new_tokens = {max_new_tokens}: give 1..{limit - 1} (the model reads at most "
                                  f"{limit} positions, prompt included)")
@@ -266,16 +276,18 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
                 answers[i] = text.strip()
         calibrate = meta.get("calibration", "none") == "content_free"
         for (options, task), idx in by_options.items():
+            instructions = [_field_text(rows[i], "instruction") for i in idx]
             s = score_label_words(model, tokenizer, [prompts[i] for i in idx], list(options), fmt=fmt,
-                                  batch_size=batch_size, groups=[_text(rows[i]["instruction"]) for i in idx],
+                                  batch_size=batch_size, groups=instructions,
                                   length_normalise=length_normalise, desc="predict").scores
             if calibrate:  # as the evaluation decided (evaluate.calibration when the model was trained)
-                s = _calibrate(model, tokenizer, meta, [_text(rows[i]["instruction"]) for i in idx], options, task, s,
-                               fmt, batch_size, length_normalise)
+                s = _calibrate(model, tokenizer, meta, instructions, options, task, s, fmt, batch_size,
+                               length_normalise)
             for j, i in enumerate(idx):
                 answers[i] = options[int(s[j].argmax())]
                 scores[i] = json.dumps({o: round(float(v), 4) for o, v in zip(options, s[j], strict=True)})
-    return pd.DataFrame({"answer": answers, "scores": scores})
+    # the caller's index: a frame of selected rows (df.iloc[[2, 0]]) gets its answers back under their own labels
+    return pd.DataFrame({"answer": answers, "scores": scores}, index=df.index)
 
 
 def _calibrate(model, tokenizer, meta: dict[str, Any], instructions: list[str], options: tuple[str, ...],

@@ -586,6 +586,29 @@ def stage_evaluate(settings: Settings, root: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- register
 
 
+# how the registered model answers (the adapter's coin_model.json, written at training from evaluate.*) and how the
+# evaluation scored: the gate must decide on figures the served model gives
+SERVED_SCORING = ("calibration", "length_normalise", "prompt_format")
+
+
+def _check_scored_as_served(method: str, evaluated: dict[str, Any], adapter_dir: Path) -> None:
+    """Refuse figures scored with other evaluate.* settings than the adapter answers with (a standalone ``coin
+    evaluate --set evaluate.calibration=none`` on an adapter trained under content_free): the promotion gate would
+    decide on figures the registered model does not produce. Keys one side lacks (older records) are not compared."""
+    from coin.modeling.adapter import read_meta
+
+    try:
+        meta = read_meta(adapter_dir)
+    except DataError:  # no readable record: registering it fails with its own message
+        return
+    differ = [f"evaluate.{k}: evaluated with {evaluated[k]!r}, the adapter answers with {meta[k]!r}"
+              for k in SERVED_SCORING if k in evaluated and k in meta and evaluated[k] != meta[k]]
+    if differ:
+        raise DataError(f"{method}: its figures were scored otherwise than the registered model would answer "
+                        f"({'; '.join(differ)}; the adapter's are recorded at training in {adapter_dir}/"
+                        "coin_model.json): evaluate with the training's settings, or train again with these")
+
+
 def stage_register(settings: Settings, root: Path) -> dict[str, Any]:
     """Register each method of ``register.methods`` as a candidate and apply the robustness gate.
 
@@ -622,6 +645,7 @@ def stage_register(settings: Settings, root: Path) -> dict[str, Any]:
             raise DataError(f"{lay.eval_dir}: the figures of {method!r} belong to another adapter than "
                             f"{rec['adapter_dir']} (trained again since it was evaluated); run `coin evaluate`, then "
                             "`coin register`")
+        _check_scored_as_served(method, (infos.get(method) or {}).get("settings", {}), root / rec["adapter_dir"])
         reg = register_candidate(root / rec["adapter_dir"], rec["run_id"], cfg.model_name,
                                  candidate_figures(metrics_file, method),
                                  min_improvement=cfg.min_improvement, max_clean_drop=cfg.max_clean_drop,

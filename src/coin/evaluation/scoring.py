@@ -98,12 +98,19 @@ def label_token_ids(tokenizer, label_words: Sequence[str]) -> list[list[int]]:
 def build_sequences(
     tokenizer, prompts: list[str], label_words: list[str], *, fmt: PromptFormat, max_length: int | None = None
 ) -> list[ScoredSequence]:
-    """One sequence per (prompt, label word), prompt-major: index ``i * len(label_words) + j``."""
+    """One sequence per (prompt, label word), prompt-major: index ``i * len(label_words) + j``.
+
+    A prompt too long for ``max_length`` is cut once for all its labels, to leave room for the longest (as the
+    kv-cache path cuts it): cut per label, a shorter label word was scored after more of the prompt than a longer
+    one, and the two paths disagreed."""
     seqs: list[ScoredSequence] = []
     truncated = 0
+    # the answer is tokenised on its own, so its length does not depend on the prompt
+    lengths = [encode(tokenizer, "", w, fmt=fmt, append_eos=False).n_response for w in label_words]
     for prompt in prompts:
-        for word in label_words:
-            enc = encode(tokenizer, prompt, word, fmt=fmt, append_eos=False, max_length=max_length)
+        for word, n in zip(label_words, lengths, strict=True):
+            room = None if max_length is None else max_length - max(lengths) + n  # the same prompt budget for each
+            enc = encode(tokenizer, prompt, word, fmt=fmt, append_eos=False, max_length=room)
             if enc.n_response == 0:
                 raise ValueError(f"label word {word!r} tokenises to nothing; it cannot be scored")
             truncated += enc.truncated > 0

@@ -36,14 +36,26 @@ class CoinModel(mlflow.pyfunc.PythonModel):
         from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
 
         from coin.predict import answer_rows
+        from coin.registry.register import PREDICT_PARAMS
 
         params = params or {}
         try:
+            raw = params.get("max_new_tokens")  # null (the key given without a value): the default
             out = answer_rows(self.model, self.tokenizer, self.meta, model_input,
-                              max_new_tokens=int(params.get("max_new_tokens", 7)))
+                              max_new_tokens=PREDICT_PARAMS["max_new_tokens"] if raw is None else _whole(raw))
         except ValueError as exc:  # the caller's input: say what is wrong (the server's 400 carries this message)
             raise MlflowException(f"invalid input: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
         return out if bool(params.get("return_scores", False)) else out[["answer"]]
+
+
+def _whole(value: object) -> int:
+    """``params.max_new_tokens`` as an int; a value that is not a whole number is the caller's error."""
+    try:
+        if isinstance(value, bool) or int(value) != float(value):
+            raise ValueError
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"max_new_tokens = {value!r}: give a whole number of tokens") from None
 
 
 mlflow.models.set_model(CoinModel())

@@ -112,8 +112,9 @@ def cell_status(cell_dir: Path, parts: dict[str, Any], trained: bool) -> str | N
 
 def _damage(cell_dir: Path, trained: bool) -> str | None:
     """Why a cell's files are present but cannot be read back whole (a copy from a GPU machine cut short), or None:
-    the predictions' Parquet footer and, for a trained cell, the adapter's weight files (no tensor is read)."""
-    from coin.evaluation.result import PREDICTIONS_FILE
+    the predictions' Parquet footer, the evaluation's result.json and, for a trained cell, the adapter's weight files
+    (no tensor is read)."""
+    from coin.evaluation.result import PREDICTIONS_FILE, RESULT_FILE
 
     preds = cell_dir / EVAL_DIR / PREDICTIONS_FILE
     try:
@@ -125,6 +126,10 @@ def _damage(cell_dir: Path, trained: bool) -> str | None:
             pq.read_metadata(preds)
         except Exception as exc:  # noqa: BLE001 -- any reason the footer does not read: damaged
             return f"{preds.relative_to(cell_dir)} is damaged ({type(exc).__name__})"
+    try:  # cut short, it read as done and the aggregation failed on it at every rerun
+        read_json(cell_dir / EVAL_DIR / RESULT_FILE)
+    except DataError as exc:
+        return f"{EVAL_DIR}/{RESULT_FILE} is damaged ({exc})"
     if trained and (why := weights_damage(cell_dir / ADAPTER_DIR)):
         return f"adapter damaged: {why}"
     return None

@@ -81,6 +81,9 @@ def sweep_overrides(sweep: str | None) -> list[str]:
     if "=" not in sweep:
         raise ConfigError(f"--sweep {sweep!r}: expected KEY=[v1,v2,...], e.g. --sweep train.lr=[5.0e-4,1.0e-3]")
     key, values = sweep.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--sweep {sweep!r}: no key before '='; write KEY=[v1,v2,...], e.g. --sweep "
+                          "'train.lr=[5.0e-4,1.0e-3]'")
     try:
         parsed = yaml.safe_load(values)
     except yaml.YAMLError:
@@ -166,7 +169,15 @@ def cell_settings(settings: Settings, cell: Cell) -> Settings:
 def grid_cells(settings: Settings) -> list[Cell]:
     """Every cell of the study: for each sweep value, each method (``study.methods`` order), each seed."""
     st = settings.study
-    cells = [Cell(m, seed, st.sweep_key, value) for value, _ in sweep_points(settings)
+    points = sweep_points(settings)
+    seen: dict[str, Any] = {}
+    for raw, (value, _) in zip(st.sweep_values or [], points if st.sweep_key else [], strict=True):
+        norm = json.dumps(value, sort_keys=True)  # YAML reads 1e-3 as text: equal to 0.001 only once validated
+        if norm in seen:
+            raise ConfigError(f"study.sweep_values = {st.sweep_values} lists {value!r} twice ({seen[norm]!r} and "
+                              f"{raw!r} are the same {st.sweep_key}); list each value once")
+        seen[norm] = raw
+    cells = [Cell(m, seed, st.sweep_key, value) for value, _ in points
              for m in st.methods for seed in st.seeds]
     names = [c.name for c in cells]
     dup = sorted({n for n in names if names.count(n) > 1})

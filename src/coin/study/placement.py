@@ -57,9 +57,11 @@ def worker_plan(settings: Settings, workers: int | None = None, address: str | N
     return WorkerPlan(n, address, threads_per_worker(n, cpus) if processes and not address else None)
 
 
-def worker_device() -> str | None:
-    """``cuda:<worker index mod GPUs>`` inside a local Dask worker on a multi-GPU machine, else None
-    (use ``model.device``)."""
+def worker_device(model_device: str = "auto") -> str | None:
+    """``cuda:<worker index mod GPUs>`` inside a local Dask worker on a multi-GPU machine when ``model_device``
+    (``model.device``) is ``auto`` or ``cuda``, else None (use ``model.device``: ``cpu`` stays on the CPU)."""
+    if model_device not in ("auto", "cuda"):
+        return None
     try:
         from distributed import get_worker
 
@@ -74,8 +76,9 @@ def worker_device() -> str | None:
     return f"cuda:{index % n}"
 
 
-def configure_worker(torch_threads: int | None = None) -> str | None:
-    """Set this process's torch threads (when given) and return the device its cells should use (or None)."""
+def configure_worker(torch_threads: int | None = None, model_device: str = "auto") -> str | None:
+    """Set this process's torch threads (when given) and return the device its cells should use (or None:
+    ``model_device``)."""
     if torch_threads:
         use_torch_threads(torch_threads)
-    return worker_device()
+    return worker_device(model_device)

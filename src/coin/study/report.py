@@ -123,13 +123,20 @@ def setup_line(info: dict[str, Any]) -> str:
 
 def _header(study: dict[str, Any]) -> list[Any]:
     info = study["study"]
-    g0 = study["groups"][0]
-    tasks = ", ".join(f"{t} ({n})" for t, n in g0["tasks"].items())
+    def tasks(g: dict[str, Any]) -> str:
+        return ", ".join(f"{t} ({n})" for t, n in g["tasks"].items())
+
+    own = [g for g in study["groups"] if not g.get("pooled")] or study["groups"]
+    if len({tasks(g) for g in own}) == 1:
+        sample = f"the same seeded sample (seed {info['eval_seed']}) for every cell: {tasks(own[0])} examples"
+    else:  # a sweep that changes the sample (evaluate.samples_per_task): one per value, not the first for all
+        sample = (f"the same seeded sample (seed {info['eval_seed']}) for every cell of a value: "
+                  + "; ".join(f"{str(g['sweep']).split('=', 1)[-1]}: {tasks(g)}" for g in own) + " examples")
     items = [
         "Methods: " + ", ".join(f"**{m}**" for m in study["methods"])
         + ("; `base` is the untouched backbone." if "base" in study["methods"] else "."),
         f"Training seeds: {', '.join(map(str, info['seeds']))} (backbone init of new weights, LoRA init, data order, "
-        f"dropout). Evaluation: the same seeded sample (seed {info['eval_seed']}) for every cell: {tasks} examples.",
+        f"dropout). Evaluation: {sample}.",
         setup_line(info),
     ]
     if info.get("sweep_key"):

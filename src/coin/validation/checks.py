@@ -260,9 +260,12 @@ def _task_answers(row: Row) -> list[Finding]:
     uses them (reordered, every label would name the other word). FLAN's option words cannot be checked here."""
     from coin.data.tasks import TASKS
 
-    spec, words = TASKS.get(row.get("task")), list(row["answer_words"])
+    task, words = row.get("task"), list(row["answer_words"])
+    if not all(isinstance(w, str) for w in words):  # a number or null among them: compared with text below
+        return [Finding("answer_not_text", f"answer_words {words!r} holds a word that is not text")]
+    spec = TASKS.get(task) if isinstance(task, str) else None
     if spec is None:
-        return []  # an unknown task is the schema's finding
+        return []  # an unknown task (or one that is not text) is the schema's finding
     labels = list(spec.label_words)
     if len(words) != len(labels):
         return [Finding("answers_not_of_task", f"answer_words {words} has {len(words)} words, but task "

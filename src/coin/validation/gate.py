@@ -158,7 +158,9 @@ def run_gate(
         failed = [(name, res[i]) for name, res in results.items() if not res[i].passed]
         task = row.get("task")
         counts = per_task.setdefault(task if isinstance(task, str) and task in ALL_TASKS else OTHER_TASK, Counter())
-        train = row.get("split") == "train"
+        # meant for training unless it says val: a row whose split is wrong ("Train", missing) is rejected, and its
+        # task must not count as one that never had a training row
+        train = row.get("split") != "val"
         counts["rows_in"] += 1
         counts["train_in"] += train
         if not failed:

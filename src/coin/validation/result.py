@@ -39,13 +39,13 @@ class GateReport:
     check_seconds: dict[str, float] = field(default_factory=dict)
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-check figures (similarity distribution, ...)
     per_task: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> rows_in, valid, rejected, pass_rate,
-    # and train_in / train_valid: the rows of split train (what training reads)
+    # and train_in / train_valid: the rows meant for training (split other than val: what training reads)
 
     @property
     def passed(self) -> bool:
         """Pass rate at or above the threshold, and no task left without a valid row (a task that loses every
         row would be missing from training while the overall rate still passes)."""
-        return self.rows_in > 0 and self.pass_rate >= self.min_pass_rate and not self.emptied_tasks
+        return self.rows_valid > 0 and self.pass_rate >= self.min_pass_rate and not self.emptied_tasks
 
     @property
     def emptied_tasks(self) -> list[str]:
@@ -55,7 +55,7 @@ class GateReport:
 
     @property
     def thinned_tasks(self) -> list[str]:
-        """Tasks that kept some rows, at a pass rate below ``min_pass_rate`` (warned about; the gate is overall)."""
+        """Tasks not emptied whose pass rate is below ``min_pass_rate`` (warned about; the gate is overall)."""
         return [t for t, c in self.per_task.items()
                 if t != OTHER_TASK and t not in self.emptied_tasks and c["pass_rate"] < self.min_pass_rate]
 
@@ -157,6 +157,9 @@ class GateReport:
             lines.append("Build the pairs first (`coin pairs`) and check pairs.tasks, pairs.rows_per_task and the "
                          "data they read; lowering validate.min_pass_rate does not help, an empty set fails the gate "
                          "at any threshold.")
+        elif not self.rows_valid:
+            lines.append("Every row was rejected: fix the data or the settings (e.g. pairs.cutoff_len); lowering "
+                         "validate.min_pass_rate does not help, a gate that keeps no row fails at any threshold.")
         elif self.pass_rate >= self.min_pass_rate:  # only a task emptied: the threshold is no fix
             lines.append(f"Fix the data or the settings that reject {', '.join(self.emptied_tasks)}'s rows (e.g. "
                          "pairs.cutoff_len), or drop the task (from pairs.tasks, or its rows from a pairs file of "

@@ -90,7 +90,8 @@ def _frame(rows: Sequence[Row]) -> Any:
     for c, typ in FIELD_TYPES.items():
         values = [_gx_safe(r.get(c)) for r in rows]
         if typ is str:  # a wrong-typed value would break GX's string expectations; type_ok__<c> reports it
-            values = [v if v is None or isinstance(v, str) else repr(v) for v in values]
+            # typed, so it cannot equal a text value: the int 17 shown as '17' made pair_id '17' "not unique"
+            values = [v if v is None or isinstance(v, str) else f"<{type(v).__name__}> {v!r}" for v in values]
         cols[c] = values
     for c, typ in FIELD_TYPES.items():
         cols[f"type_ok__{c}"] = [_type_ok(r.get(c), typ) for r in rows]
