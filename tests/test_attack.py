@@ -367,3 +367,31 @@ def test_default_tasks_skip_what_cannot_be_attacked_and_named_tasks_do_not(tiny_
 
 def test_settings_default_instruction_file_is_the_shipped_one() -> None:
     assert Settings.model_validate({}).evaluate.instruction_file.endswith("coin_perturbed_instructions.json")
+
+
+def test_attack_refuses_an_out_that_is_a_directory_or_its_own_source(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """--out naming the attacked instruction file replaced it with the attack's sets, exit 0 (the default source is
+    the DVC-tracked file); --out naming a directory failed with a bare errno after the whole search."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from coin.cli import app
+
+    root = Path(__file__).resolve().parents[1]
+    shipped = root / "data" / "promptbench" / "coin_perturbed_instructions.json"
+    params = tmp_path / "params.yaml"
+    params.write_text((root / "params.yaml").read_text())
+    src = tmp_path / "src.json"
+    shutil.copy(shipped, src)
+    before = src.read_bytes()
+    base = ["attack", "--model", str(tiny_llama_dir), "--instructions", str(src), "--tasks", "sst2", "--budget", "1",
+            "--max-queries", "2", "--per-step", "1", "--samples", "2", "--params", str(params),
+            "--set", f"paths.data_dir={root / 'data'}", "--set", f"evaluate.instruction_file={shipped}"]
+    res = CliRunner().invoke(app, [*base, "--out", str(src)])
+    assert res.exit_code == 2 and "--out" in res.output and "would overwrite" in res.output, res.output
+    assert src.read_bytes() == before
+    res = CliRunner().invoke(app, [*base, "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "--out" in res.output and "is a directory" in res.output, res.output
+    res = CliRunner().invoke(app, ["evaluate", "--params", str(params), "--instructions", str(tmp_path)])
+    assert res.exit_code == 3 and "is a directory; pass the file itself" in res.output, res.output

@@ -34,6 +34,8 @@ def read_jsonl(
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found. {missing_hint}")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; pass the file itself")
     rows: list[dict[str, Any]] = []
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
@@ -125,6 +127,8 @@ def read_json(path: str | Path, *, missing_hint: str = "") -> Any:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found. {missing_hint}".rstrip(". ") + ("." if missing_hint else ""))
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; pass the file itself")
     try:
         return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
     except _DuplicateKey as exc:

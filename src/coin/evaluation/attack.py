@@ -337,6 +337,19 @@ def log_path(out: str | Path) -> Path:
     return out.with_name(f"{out.stem}.log.json")
 
 
+def _check_out(out: Path, source: Path) -> None:
+    """``--out`` must be a file path that is neither the attacked instruction file nor a directory: the first was
+    silently replaced by the attack's sets (the DVC-tracked default among them), the second failed only after the
+    whole search."""
+    from coin.config import ConfigError
+
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a directory; give a file path, e.g. --out {out / 'attack.json'}")
+    if source.resolve() in (out.resolve(), log_path(out).resolve()):  # the two files the attack writes
+        raise ConfigError(f"--out {out}: would overwrite the instruction file being attacked ({source}); write the "
+                          "attack to another file")
+
+
 def write_attack_files(out: str | Path, clean: dict[str, list[str]], outcomes: list[AttackOutcome], *,
                        source: str | Path, source_set: str, settings: dict[str, Any]) -> tuple[Path, Path]:
     """The instruction file (shipped schema: ``clean`` plus one ``attack-<level>`` set per level, ``sources``
@@ -523,6 +536,7 @@ def run_attack(settings, root: Path, *, model: str, out: str | Path, instruction
     tasks = list(rows)
     # a file given on the command line is relative to the working directory, the configured one to the project
     source = Path(instructions) if instructions is not None else root / settings.evaluate.instruction_file
+    _check_out(Path(out), source)  # before the model loads and the search runs
     clean = _source_set(source, source_set, tasks)
     protected = {t: protected_words(get_task(t).label_words, label_choices(get_task(t).label_words, source, t))
                  for t in tasks}
