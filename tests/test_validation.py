@@ -554,6 +554,33 @@ def test_no_rows_fails_the_gate(tokenizer, tmp_path, embedder, eval_sources):
     assert (tmp_path / "rejects.jsonl").read_text() == ""
 
 
+def _verdict_icons(out: Path) -> list[str]:
+    """The Data Docs checks page's status icon of each of the gate's two verdict expectations."""
+    page = next((out / "data_docs" / "validations" / "coin_gate_checks").rglob("*.html")).read_text()
+    icons = []
+    for text in ("the gate: at least validate.min_pass_rate", "the gate: no task loses every training row"):
+        before = page[: page.index(text)]
+        icons.append(re.findall(r'<i class="fas (fa-[a-z-]+)', before)[-1])
+    return icons
+
+
+def test_the_data_docs_state_the_gates_verdict(real_rows, tokenizer, tmp_path, embedder, eval_sources):
+    """The Data Docs showed only that some rows failed some checks ("Failed") when the gate had passed, and
+    never the pass rate against validate.min_pass_rate or an emptied task: the gate's verdict is on the page."""
+    rows = rows_copy(real_rows)
+    _break("unknown_target", rows[0])
+    assert gate(rows, tokenizer, tmp_path / "passed", embedder, eval_sources, min_pass_rate=0.9).passed
+    assert _verdict_icons(tmp_path / "passed") == ["fa-check-circle", "fa-check-circle"]
+    with pytest.raises(GateFailed):
+        gate(rows, tokenizer, tmp_path / "rate", embedder, eval_sources, min_pass_rate=1.0)
+    assert _verdict_icons(tmp_path / "rate") == ["fa-times", "fa-check-circle"]
+    for r in (r for r in rows if r["task"] == "wnli"):
+        _break("unknown_target", r)
+    with pytest.raises(GateFailed):
+        gate(rows, tokenizer, tmp_path / "emptied", embedder, eval_sources, min_pass_rate=0.5)
+    assert _verdict_icons(tmp_path / "emptied") == ["fa-check-circle", "fa-times"]
+
+
 def test_a_gate_that_keeps_no_row_fails_at_any_threshold(real_rows, tokenizer, tmp_path, embedder, eval_sources):
     """Every row rejected (each with a split that is neither train nor val) passed the gate at min_pass_rate 0 with
     an empty valid.jsonl, and training then blamed pairs.val_fraction."""

@@ -175,9 +175,6 @@ def run_gate(
     write_jsonl(out_dir / REJECTS_FILE, rejects)
     from coin.validation.schema import document_checks
 
-    t_docs = time.perf_counter()
-    document_checks(ctx, rows, results)
-    check_seconds["data_docs"] = time.perf_counter() - t_docs
     report = GateReport(
         rows_in=len(rows), rows_valid=len(valid), rows_rejected=len(rejects),
         pass_rate=len(valid) / len(rows) if rows else 0.0, min_pass_rate=cfg.min_pass_rate,
@@ -189,6 +186,9 @@ def run_gate(
                       "pass_rate": round(c["valid"] / c["rows_in"], 6), "train_in": c["train_in"],
                       "train_valid": c["train_valid"]} for t, c in per_task.items()},
     )
+    t_docs = time.perf_counter()
+    document_checks(ctx, rows, results, report)  # the checks' page, with the gate's own verdict on it
+    check_seconds["data_docs"] = time.perf_counter() - t_docs
     for t in report.thinned_tasks:
         c = report.per_task[t]
         log.warning("validation gate: %s kept %d of %d rows (pass rate %.3f, below validate.min_pass_rate = %s); "

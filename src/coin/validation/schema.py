@@ -202,14 +202,20 @@ def _validate(rows: Sequence[Row], rules: list[Rule], ctx: CheckContext) -> list
 
 
 CHECKS_SUITE = "coin_gate_checks"
+VALID_COLUMN = "gate: row passes every check"   # the checks page's verdict columns
+TASK_COLUMN = "gate: its task keeps a training row"
 
 
-def document_checks(ctx: CheckContext, rows: Sequence[Row], results: dict[str, list[CheckResult]]) -> None:
+def document_checks(ctx: CheckContext, rows: Sequence[Row], results: dict[str, list[CheckResult]],
+                    report: Any = None) -> None:
     """Add a page for *every* gate check to the Data Docs site the schema check built.
 
     One column per check holds each row's reasons (null when it passed), validated by
     ``expect_column_values_to_be_null``: the page shows each check's failure count and its most
-    frequent reasons, next to the schema suite's page. No-op when no site was built.
+    frequent reasons, next to the schema suite's page. With the gate's ``report`` (a
+    :class:`~coin.validation.result.GateReport`), two more expectations state its verdict: at least
+    ``validate.min_pass_rate`` of the rows (and at least one) pass every check, and no task loses every training
+    row; so the page says what the gate decided, not only that some rows failed. No-op when no site was built.
     """
     if "gx" not in ctx.artifacts:
         return
@@ -226,6 +232,20 @@ def document_checks(ctx: CheckContext, rows: Sequence[Row], results: dict[str, l
     }
     for name, res in results.items():
         cols[name] = [None if r.passed else replace_surrogates(r.reason)[:300] for r in res]
+    verdict = []
+    if report is not None:
+        emptied = set(report.emptied_tasks)
+        cols[VALID_COLUMN] = [all(res[i].passed for res in results.values()) for i in range(len(rows))]
+        cols[TASK_COLUMN] = [r.get("task") not in emptied for r in rows]
+        verdict = [
+            gxe.ExpectColumnValuesToBeInSet(
+                column=VALID_COLUMN, value_set=[True], mostly=max(report.min_pass_rate, 1e-9),
+                description=f"the gate: at least validate.min_pass_rate = {report.min_pass_rate:g} of the rows, and "
+                            "at least one, pass every check"),
+            gxe.ExpectColumnValuesToBeInSet(
+                column=TASK_COLUMN, value_set=[True],
+                description="the gate: no task loses every training row (training would lack it)"),
+        ]
     frame = pd.DataFrame(cols, dtype=object)
     batch = (gctx.data_sources.add_pandas("gate").add_dataframe_asset("checks")
              .add_batch_definition_whole_dataframe("all"))
@@ -233,6 +253,8 @@ def document_checks(ctx: CheckContext, rows: Sequence[Row], results: dict[str, l
     for name in results:
         suite.add_expectation(gxe.ExpectColumnValuesToBeNull(
             column=name, description=f"every row passes gate check '{name}' (a failing row shows its reasons)"))
+    for expectation in verdict:
+        suite.add_expectation(expectation)
     vd = gctx.validation_definitions.add(gx.ValidationDefinition(name="gate_checks", data=batch, suite=suite))
     cp = gctx.checkpoints.add(gx.Checkpoint(
         name="gate_checks", validation_definitions=[vd],
