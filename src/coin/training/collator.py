@@ -12,9 +12,10 @@ Sequence ``g*B + i`` belongs to pair ``i``: pair ``i``'s original, paraphrase an
 sequences ``i``, ``B+i`` and ``2B+i``, so the contrastive loss can slice the pooled block by ``B``.
 
 Labels are the input ids with ``-100`` on the prompt (BOS + prompt + response marker) and on the
-padding. The negatives carry no generation loss: their labels are ``-100`` everywhere, unless the method's
-output-consistency term reads their response logits (:attr:`coin.methods.Method.logit_groups`); then they are
-labelled like the others and :func:`coin.training.loss.generation_sums` leaves them out of the CE::
+padding. The negatives' labels are ``-100`` everywhere unless the method reads their response logits
+(:attr:`coin.methods.Method.logit_groups`: coin_neg's generation term, or an output-consistency term); then they
+are labelled like the others, and :func:`coin.training.loss.generation_sums` puts them in the CE only for a
+method whose generation groups include them (coin_neg)::
 
     encode(tok, "Is it good?", "yes") with the MiniLM tokenizer, padded to T = 14 (n_prompt = 10):
 

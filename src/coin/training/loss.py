@@ -10,7 +10,9 @@ caller to log.
 How a micro-batch's loss enters an optimiser step (``grad_accum`` micro-batches, ``W`` ranks)::
 
     L_step = sum_g  (sum of CE over group g's response tokens in the whole step, all ranks)
-                    / (number of those tokens)                                  g in {original, paraphrase}
+                    / (number of those tokens)        g in the method's generation groups
+                                                      (Method.generation_groups: original, paraphrase; coin_neg
+                                                      adds the negative; sft the original only)
            + (1 / grad_accum) * sum_m  (w_m * L_cl(m) + L_oc(m))               m = micro-batch, all ranks
 
 - The generation loss is normalised by the response-token count of the *whole step* (torchtune's
