@@ -139,3 +139,39 @@ def test_the_evaluate_stage_logs_the_two_averages_to_mlflow(tmp_path: Path) -> N
     assert logged["eval.reference.chance.avg"] == pytest.approx(44.4444, abs=1e-4)
     assert logged["eval.coin.summary.clean_vs_majority"] == pytest.approx(43.8889, abs=1e-3)
     assert "eval.reference.majority.sst2" not in logged  # per task stays in the metrics.json artifact
+
+
+def _rows(correct: dict[str, list[int]], labels: list[int]) -> list[dict]:
+    """One sst2 model's predictions: per set, per instruction, the number of leading examples answered right."""
+    return [{"model": "m", "scoring": "loglik", "task": "sst2", "category": "sentiment", "set": s, "level": s,
+             "instruction_id": i, "example_id": f"e{k}", "label": y, "pred": y if k < c else 1 - y,
+             "correct": k < c, "label_word": "x", "pred_word": "x", "scores": [0.0, 0.0], "raw_scores": None,
+             "output": None} for s, cs in correct.items() for i, c in enumerate(cs) for k, y in enumerate(labels)]
+
+
+def _one_model(correct: dict[str, list[int]], labels: list[int]):
+    import pandas as pd
+
+    from coin.evaluation.result import EvalResult
+
+    return EvalResult(model_label="m", predictions=pd.DataFrame(_rows(correct, labels)), tasks=["sst2"],
+                      sets=list(correct), scorings=["loglik"])
+
+
+def test_clean_vs_majority_is_rounded_once(tmp_path):
+    """It was the difference of the already rounded clean accuracy and the majority rate: -33.3334, not -33.3333."""
+    from coin.evaluation.report import write_eval_outputs
+
+    write_eval_outputs([_one_model({"clean": [1]}, [1, 1, 0])], tmp_path)  # clean 1/3, majority 2/3
+    s = json.loads((tmp_path / "metrics.json").read_text())["m"]["summary"]
+    assert s["clean_vs_majority"] == round(100 / 3 - 200 / 3, 4)
+
+
+def test_an_unchanged_accuracy_has_a_pdr_of_zero_not_minus_zero(tmp_path):
+    """Two equal set means summed in another order gave PDR -0.0, shown '-0.000': a gain where there is none."""
+    from coin.evaluation.report import write_eval_outputs
+
+    r = _one_model({"clean": [3, 4, 4, 3, 4, 3], "textfooler": [4, 3, 4, 2, 4, 4]}, [1] * 6)  # both 58.33 %
+    write_eval_outputs([r], tmp_path)
+    pdr = json.loads((tmp_path / "metrics.json").read_text())["m"]["loglik"]["tasks"]["sst2"]["textfooler"]["pdr"]
+    assert str(pdr) == "0.0" and "-0.000" not in (tmp_path / "report.md").read_text()

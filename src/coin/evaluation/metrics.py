@@ -148,6 +148,7 @@ def task_set_table(preds: pd.DataFrame, sources: Sources | None = None) -> pd.Da
     ref = pd.Series([clean.get((s, t), math.nan) for s, t in zip(table["scoring"], table["task"], strict=True)],
                     index=table.index)
     pdr = 1.0 - table["acc_mean"] / ref.where(ref > 0)
+    pdr = pdr.mask(pdr.abs() < 1e-12, 0.0)  # equal means summed in another order: -0.0000 read as a gain
     table["pdr"] = pdr.where(table["set"] != CLEAN)
     table = table.merge(pair_pdr(per_instr, sources), on=CELL, how="left")
     table["pdr_pairs"] = table["pdr_pairs"].astype(float)
@@ -233,7 +234,8 @@ def agreement_table(preds: pd.DataFrame) -> pd.DataFrame:
 
 def json_number(x: Any) -> float | None:
     """JSON-safe rounded float; NaN (undefined, e.g. PDR without clean) becomes null."""
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), 4)
+    # + 0.0: a -0.0 (a difference of equal figures) is written 0.0
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), 4) + 0.0
 
 
 def metrics_dict(m: Metrics, primary: str) -> dict[str, Any]:

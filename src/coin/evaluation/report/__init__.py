@@ -131,7 +131,9 @@ def write_eval_outputs(results: list[EvalResult], out_dir: str | Path,
     for r in results:
         nested = r.metrics_nested()
         summary = nested["summary"]
-        nested["summary"] = {**summary, **refs.model_summary(r, r.primary, summary["clean_acc"])}
+        # from the unrounded clean accuracy: the difference of two rounded figures was off in its last digit
+        clean = float(r.metrics.overall.set_index("scoring").loc[r.primary, "clean_acc"])
+        nested["summary"] = {**summary, **refs.model_summary(r, r.primary, clean)}
         doc[r.model_label] = {**nested, "uncertainty": unc[r.model_label]}
     cards = {r.model_label: build_card(r.predictions, r.model_label, r.primary) for r in results}
     for label, card in cards.items():  # a new key: the card's headline figures (DVC metrics, MLflow)
