@@ -61,7 +61,8 @@ _DEFS: dict[str, tuple[str, str, str, str]] = {
     "acc_mean": ("accuracy", "%", "mean_i acc_i over the instructions of the set",
                  "PromptBench (Zhu et al., arXiv 2306.04528); docs/protocol.md#metrics"),
     "pairwise_consistency": (
-        "pairwise consistency", "%", "mean_x 1/C(n,2) · Σ_{i<j} [pred_i(x) = pred_j(x) ≠ −1] (an unparsed answer agrees with nothing)",
+        "pairwise consistency", "%",
+        "mean_x 1/C(n,2) · Σ_{i<j} [pred_i(x) = pred_j(x) ≠ −1] (an unparsed answer agrees with nothing)",
         "SCORE consistency rate (Nalbandyan et al., arXiv 2503.00137; lm-evaluation-harness tasks/score)"),
     "all_agree_consistency": ("all-agree consistency", "%", "mean_x [pred_1(x) = … = pred_n(x) ≠ −1]",
                               "docs/protocol.md#metrics (metrics.json key `consistency`)"),
