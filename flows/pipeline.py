@@ -47,7 +47,7 @@ import coin  # noqa: F401  (local-only environment before Prefect is imported)
 from coin import stages
 from coin.config import ConfigError, Settings, check_robustness_sets, load_settings
 from coin.cpus import THREAD_VARS, cpu_budget, threads_per_worker, use_torch_threads
-from coin.secrets import reveal, seal_overrides, seal_text
+from coin.secrets import RedactingFilter, redact_text, reveal, seal_overrides, seal_text
 from flows.caching import missing_outputs, record_outputs, result_storage, stage_cache_policy
 from flows.data_sync import version_data
 
@@ -268,6 +268,14 @@ def _check_dask_address(address: str) -> None:
 
     try:
         scheme, location = parse_address(address)
+    except ValueError as exc:
+        raise ConfigError(f"dask_address = {address!r} (--dask-address or study.dask_address): not a Dask scheduler "
+                          f"address ({exc}); give host:port, e.g. tcp://127.0.0.1:8786") from None
+    if "@" in location:  # Dask takes no user info; its own message would quote the password
+        raise ConfigError(f"dask_address = {redact_text(address)!r} (--dask-address or study.dask_address): a Dask "
+                          "scheduler address takes no user:password@; give host:port (secure the connection with "
+                          "Dask's TLS settings instead)")
+    try:
         if scheme in ("tcp", "tls", "ws", "wss", "ucx"):
             parse_host_port(location)
     except ValueError as exc:
@@ -287,7 +295,7 @@ def check_dask_reachable(address: str, timeout: float = 5.0) -> None:
     scheme, location = parse_address(address)
     if scheme not in ("tcp", "tls", "ws", "wss"):
         return
-    host, port = parse_host_port(location.rpartition("@")[2])
+    host, port = parse_host_port(location)
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as exc:
@@ -559,6 +567,10 @@ def quiet_prefect_logs() -> None:
     for target in (logging.getLogger("prefect.flow_runs"), logging.getLogger("prefect.task_runs"), *consoles):
         if not any(isinstance(f, _UserErrorTracebacks) for f in target.filters):
             target.addFilter(_UserErrorTracebacks())
+        # a password in an exception's text (an MLflow URI) is hidden in the run logs, on the console and in what
+        # the API log handler stores (the "prefect" logger has no handler: filters there reached nothing)
+        if not any(isinstance(f, RedactingFilter) for f in target.filters):
+            target.addFilter(RedactingFilter())
     for handler in consoles:
         if hasattr(handler.console, "_emoji"):
             handler.console._emoji = False  # rich's Console(emoji=...) after the fact; Prefect has no setting for it

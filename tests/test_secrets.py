@@ -38,6 +38,7 @@ PASSWORD = "hunter2-Sup3r"
     (f"see https://x:{PASSWORD}@h/a and s3://k:{PASSWORD}@b/c", "see https://x:***@h/a and s3://k:***@b/c"),
     (f"https://h/api?token={PASSWORD}&page=2", "https://h/api?token=***&page=2"),
     (f"https://acct.blob.core.windows.net/c?sv=2024&sig={PASSWORD}", "https://acct.blob.core.windows.net/c?sv=2024&sig=***"),
+    (f"http://u:p@{PASSWORD}@127.0.0.1:5000/x", "http://u:***@127.0.0.1:5000/x"),  # split at the last '@'
     ("postgresql://bob@db/coin", "postgresql://bob@db/coin"),  # no password, nothing to hide
     ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
     ("sqlite:////abs/mlruns/mlflow.db", "sqlite:////abs/mlruns/mlflow.db"),
@@ -229,3 +230,38 @@ def test_a_secret_word_run_together_is_still_secret():
 
     assert redact_text("postgresql://bob:pw@db/coin?sslpassword=zz&sslmode=require") == (
         "postgresql://bob:***@db/coin?sslpassword=***&sslmode=require")
+
+
+def test_prefect_run_loggers_and_console_redact_once_the_flow_sets_up_its_logs():
+    """The run logs (console, and the API handler that stores them) showed an MLflow error's URI with its password:
+    coin redacted the "prefect" logger's handlers, and that logger has none."""
+    from flows.pipeline import quiet_prefect_logs
+
+    quiet_prefect_logs()
+    msg = f"Task run failed with exception: MlflowException('API request to http://u:{PASSWORD}@127.0.0.1:9/')"
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        record = logging.LogRecord(name, logging.ERROR, __file__, 1, msg, None, None)
+        assert logging.getLogger(name).filter(record) and PASSWORD not in record.getMessage(), name
+
+
+def test_an_unreachable_tracking_store_is_named_without_its_password(tmp_path, monkeypatch):
+    """Prefect records a failed task's exception text in the run's state, beyond any log filter: the first MLflow
+    error is raised again with the URI redacted."""
+    from mlflow.exceptions import MlflowException
+
+    from coin.registry.tracking import setup_tracking
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    s = Settings.model_validate({"tracking": {"uri": f"http://u:{PASSWORD}@127.0.0.1:9"}})
+    with pytest.raises(MlflowException) as err:
+        setup_tracking(s, tmp_path)
+    assert PASSWORD not in str(err.value) and "http://u:***@127.0.0.1:9" in str(err.value)
+
+
+def test_a_dask_address_with_a_password_is_refused_without_quoting_it():
+    from flows.pipeline import _check_dask_address
+
+    with pytest.raises(ConfigError) as err:
+        _check_dask_address(f"tcp://u:{PASSWORD}@127.0.0.1:8786")
+    assert PASSWORD not in str(err.value) and "takes no user:password@" in str(err.value)

@@ -488,7 +488,6 @@ def pipeline(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, json_
     _settings(params, set_)  # fail on bad params before Prefect starts
     from flows.pipeline import coin_pipeline, quiet_prefect_logs  # the installed `flows` package (pyproject.toml)
 
-    install_log_redaction(logging.getLogger("prefect"))  # Prefect's console and API log handlers
     quiet_prefect_logs()  # no traceback for a user error without --debug, text printed literally
     # a secret in an override is recorded redacted as the flow run's parameter, and applied as given
     with interrupt_guard():  # Ctrl-C also stops Prefect's temporary server: coin.interrupt
@@ -538,7 +537,6 @@ def study(
     from flows.pipeline import quiet_prefect_logs
     from flows.study import coin_study
 
-    install_log_redaction(logging.getLogger("prefect"))  # Prefect's console and API log handlers
     quiet_prefect_logs()
     with interrupt_guard():
         result = coin_study(params_path=str(params.resolve()), overrides=seal_overrides(overrides), workers=workers,

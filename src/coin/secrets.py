@@ -40,8 +40,9 @@ SECRET_SUFFIXES = ("password", "passwd", "passphrase", "secret", "token", "apike
 SECRET_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key"), ("secret", "key"),
                           ("client", "secret"), ("account", "key"), ("session", "key")})
 
-# scheme://user:password@  (the password part may not contain '@', '/' or whitespace; ':' is allowed)
-_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:@/?#]*):(?P<pw>[^\s@/]*)@")
+# scheme://user:password@  (the password runs to the last '@' before the path, query or whitespace, as HTTP
+# clients split it: a literal '@' in it is part of it; ':' is allowed)
+_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:@/?#]*):(?P<pw>[^\s/?#]*)@")
 # ?token=...  &password=...  (a query parameter whose name is secret)
 _QUERY = re.compile(r"(?P<head>[?&;](?P<name>[A-Za-z0-9_.\-]+)=)(?P<value>[^&;#\s'\"]*)")
 
@@ -70,6 +71,8 @@ def redact_text(text: str) -> str:
 
     >>> redact_text("cannot reach http://alice:s3cr%40t@mlflow:5000/api?token=abc&x=1")
     'cannot reach http://alice:***@mlflow:5000/api?token=***&x=1'
+    >>> redact_text("http://u:p@ss@host:5000/x")  # split at the last '@', as urllib does: all of it hidden
+    'http://u:***@host:5000/x'
     >>> redact_text("postgresql://bob@db/coin")  # no password: nothing to hide
     'postgresql://bob@db/coin'
     """

@@ -39,14 +39,27 @@ def setup_tracking(settings: Settings, root: Path) -> str:
     uri = tracking_uri(settings, root)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    exp = mlflow.get_experiment_by_name(settings.tracking.experiment)
-    if exp is not None:
-        exp_id = exp.experiment_id
-    else:
-        artifacts = None
-        if not settings.tracking.uri:  # local default: artifacts beside the db, inside mlruns/
-            artifacts = ((root / settings.paths.mlruns_dir).resolve() / "artifacts").as_uri()
-        exp_id = mlflow.create_experiment(settings.tracking.experiment, artifact_location=artifacts)
+    from mlflow.exceptions import MlflowException
+
+    from coin.secrets import redact_text
+
+    try:
+        exp = mlflow.get_experiment_by_name(settings.tracking.experiment)
+        if exp is not None:
+            exp_id = exp.experiment_id
+        else:
+            artifacts = None
+            if not settings.tracking.uri:  # local default: artifacts beside the db, inside mlruns/
+                artifacts = ((root / settings.paths.mlruns_dir).resolve() / "artifacts").as_uri()
+            exp_id = mlflow.create_experiment(settings.tracking.experiment, artifact_location=artifacts)
+    except MlflowException as exc:  # the first contact with the store: its message names the URI, password and all,
+        # and Prefect stores an exception's text in the run's state, where no log filter reaches
+        message = redact_text(exc.message)
+        if message == exc.message:
+            raise
+        from mlflow.protos.databricks_pb2 import ErrorCode
+
+        raise MlflowException(message, error_code=ErrorCode.Value(exc.error_code)) from None
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
