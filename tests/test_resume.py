@@ -233,6 +233,32 @@ def test_resuming_a_finished_run_keeps_its_final_metrics(tiny_llama_dir: Path, t
     assert json.dumps(read_json(tmp_path / "outputs" / "train" / "sft" / "train.json")["final"], sort_keys=True) == same
 
 
+def test_a_resumed_run_logs_every_step_to_its_mlflow_run(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """The run train.json names after a resume held only the steps run after the checkpoint (loss.csv had them
+    all): the steps restored with the checkpoint are logged to it too, once, and it is tagged coin.resumed_from."""
+    import mlflow
+
+    from coin.config import Settings
+    from coin.stages import _train_one
+
+    def settings(resume: bool) -> Settings:
+        return Settings.model_validate({
+            "model": {"backbone": str(tiny_llama_dir), "device": "cpu"},
+            "train": {"methods": ["sft"], "max_steps": 4, "batch_size": 2, "checkpoint_every": 2, "log_every": 1,
+                      "autocast": "off", "resume": resume,
+                      "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+            "register": {"methods": ["sft"]}, "study": {"methods": ["base", "sft"]}})
+
+    rows = make_rows(4)
+    _train_one(settings(False), tmp_path, rows, "sft")
+    shutil.rmtree(tmp_path / "outputs" / "train" / "sft" / "checkpoints" / "step-0000004")  # as if killed at step 3
+    again = _train_one(settings(True), tmp_path, rows, "sft")
+    client = mlflow.MlflowClient()
+    steps = [m.step for m in client.get_metric_history(again["run_id"], "train/loss")]
+    assert sorted(steps) == [1, 2, 3, 4]
+    assert client.get_run(again["run_id"]).data.tags["coin.resumed_from"] == "2"
+
+
 def _sft_settings(model_dir: Path, **train):
     from coin.config import Settings
 

@@ -365,6 +365,7 @@ def _train_one(settings: Settings, root: Path, rows: list[dict[str, Any]], metho
         result = train_adapter(settings, rows, method, out_dir, on_metrics=on_metrics, before_save=forget_old_record)
         # the full history: after a resume, on_metrics saw only the steps run in this process
         _write_history_csv(out_dir / "loss.csv", [{**h, "step": int(h["step"])} for h in (result.history or history)])
+        _log_restored_steps(run.info.run_id, result, {int(h["step"]) for h in history})
         mlflow.log_metrics({"train/wall_s": result.wall_time_s, "train/steps": float(result.steps),
                             "train/epochs": result.epochs, "train/rows": float(result.train_rows)})
         if (out_dir / "loss.csv").exists():
@@ -381,6 +382,26 @@ def _train_one(settings: Settings, root: Path, rows: list[dict[str, Any]], metho
     log.info("train[%s]: %d steps (%.2f epochs of %d rows) in %.1f s -> %s", method, result.steps, result.epochs,
              result.train_rows, result.wall_time_s, out_dir)
     return record
+
+
+def _log_restored_steps(run_id: str, result: Any, seen: set[int]) -> None:
+    """Log to the training run the steps of ``result.history`` this process did not run (a resumed training: those
+    before its checkpoint, restored with it), so the run ``train.json`` names holds every step once, as loss.csv
+    does; the run is tagged ``coin.resumed_from``. Nothing for a fresh run."""
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    if not result.resumed_from:
+        return
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"train/{k}", float(v), now, int(h["step"])) for h in result.history or []
+               if int(h["step"]) not in seen for k, v in h.items() if k != "step" and math.isfinite(float(v))]
+    client = MlflowClient()
+    for i in range(0, len(metrics), 1000):  # MLflow's batch limit
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    client.set_tag(run_id, "coin.resumed_from", str(result.resumed_from))
 
 
 @contextmanager
