@@ -61,9 +61,13 @@ for p in ('torch', 'transformers', 'peft', 'accelerate', 'pydantic', 'pandas', '
     except Exception as e: print(p, 'missing', e)
 print('cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-')
 import coin.study.cell  # the whole import chain of a cell
+import pyarrow.parquet  # the evaluation's Parquet engine: pandas loads it only when a cell saves, after its work
 print('coin.study.cell imports')
-"; nproc --all; free -g; } > "$OUT/env.txt" 2>&1
+" || echo "ENVIRONMENT CHECK FAILED"; nproc --all; free -g; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
+if grep -q "ENVIRONMENT CHECK FAILED" "$OUT/env.txt"; then
+  say "the environment check failed (env.txt): no cell started"; exit 3
+fi
 
 cells=()  # method:seed[:sweep value]; with SWEEP_VALUES, value-major in its order
 for v in ${SWEEP_VALUES:-_}; do v=${v//,/ }; for w in $v; do

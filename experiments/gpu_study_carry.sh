@@ -28,4 +28,4 @@ digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in Path("/tm
 digests[f"{study}/validated/valid.jsonl"] = hashlib.sha256(Path(study, "validated", "valid.jsonl").read_bytes()).hexdigest()
 (carry / "minilm" / "sha256.json").write_text(json.dumps(digests, indent=1))
 PYEOF
-du -sh "$CARRY" "$CARRY"/*
+du -sh "$CARRY"/* "$CARRY"  # the parts, then the total (du counts a file once: the total first hid the parts)

