@@ -862,6 +862,35 @@ def test_evaluating_a_method_whose_adapter_is_gone_says_to_train(tmp_path):
         stage_evaluate_unit(s, tmp_path, "coin")
 
 
+def test_an_adapter_replaced_while_it_is_evaluated_is_refused(tmp_path, monkeypatch):
+    """The adapter's hash was taken after the evaluation: a coin train saving over it meanwhile recorded the old
+    adapter's figures under the new one's hash, which register then accepted."""
+    import types
+
+    import coin.evaluation
+    import coin.modeling.adapter
+    from coin.data.io import DataError, write_json
+    from coin.stages import stage_evaluate_unit
+
+    s = Settings.model_validate({"paths": {"mlruns_dir": str(tmp_path / "mlruns")}})
+    adapter = tmp_path / "outputs" / "train" / "coin" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "coin_model.json").write_text("{}")
+    (adapter / "adapter_config.json").write_text('{"r": 4}')
+    write_json(tmp_path / "outputs" / "train" / "train.json",
+               {"methods": ["coin"], "runs": {"coin": {"run_id": "r", "adapter_dir": "outputs/train/coin/adapter"}}})
+    model = types.SimpleNamespace(eval=lambda: None)
+    monkeypatch.setattr(coin.modeling.adapter, "load_trained", lambda *a, **k: (model, None, {}))
+
+    def evaluate(*a, **k):
+        (adapter / "adapter_config.json").write_text('{"r": 8}')  # a coin train saves its new adapter meanwhile
+        return types.SimpleNamespace(settings={})
+
+    monkeypatch.setattr(coin.evaluation, "evaluate_model", evaluate)
+    with pytest.raises(DataError, match="replaced while it was being evaluated"):
+        stage_evaluate_unit(s, tmp_path, "coin")
+
+
 def test_a_training_run_of_another_experiment_is_reopened_under_its_own(store):
     """tracking.experiment changed after training: the evaluation (which reruns on that change; training does not)
     re-opens the training run, which MLflow refused from the new experiment ('active experiment ID does not

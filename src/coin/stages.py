@@ -493,6 +493,9 @@ def stage_evaluate_unit(settings: Settings, root: Path, label: str) -> dict[str,
         if not (adapter / "coin_model.json").is_file():
             raise DataError(f"{adapter}: no trained adapter of {label!r} there ({lay.train_record} names it); run "
                             "`coin train` first")
+        from coin.modeling.adapter_files import adapter_sha256
+
+        loaded_sha = adapter_sha256(adapter)  # before loading: what the figures below belong to
         # the base, seed and attention the adapter was trained with (its coin_model.json), as the pyfunc loads it
         model, tokenizer, meta = load_trained(adapter, device=settings.model.device)
         counts = meta.get("label_counts")
@@ -501,9 +504,10 @@ def stage_evaluate_unit(settings: Settings, root: Path, label: str) -> dict[str,
     result = evaluate_model(model, tokenizer, settings.evaluate, data_dir=settings.paths.data_dir,
                             seed=settings.seed, model_label=label, root=root, label_counts=counts)
     if label != "base":  # which adapter these figures belong to: register refuses to pair them with another
-        from coin.modeling.adapter_files import adapter_sha256
-
-        result.settings["adapter_sha256"] = adapter_sha256(root / runs[label]["adapter_dir"])
+        if adapter_sha256(adapter) != loaded_sha:  # a coin train saved over it while this evaluation ran
+            raise DataError(f"{adapter}: replaced while it was being evaluated (a `coin train` of {label!r} saved "
+                            "a new adapter); run `coin evaluate` again once training is done")
+        result.settings["adapter_sha256"] = loaded_sha
     save_result(result, lay.eval_unit_dir(label))
     if label == "base":
         _cache_base(settings, root, result)

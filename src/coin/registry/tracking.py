@@ -32,6 +32,27 @@ def tracking_uri(settings: Settings, root: Path) -> str:
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
+@contextmanager
+def _store_init_lock(uri: str, timeout: float = 600.0) -> Iterator[None]:
+    """One process at a time opens a SQLite store for the first time: MLflow's first access creates its tables
+    (alembic migrations), and two coin commands started at once on a fresh project ran them together, failing one
+    ("duplicate column name: step") and sometimes leaving the store half-built for every later command. Other
+    stores (a tracking server) serialise this themselves."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    lock = db.with_name(db.name + ".coin-init.lock")
+    try:
+        with FileLock(str(lock), timeout=timeout):
+            yield
+    except Timeout:
+        raise TimeoutError(f"{lock}: another coin command has been opening the MLflow store {db} for {timeout:g} s; "
+                           "if none runs, delete the lock file") from None
+
+
 def setup_tracking(settings: Settings, root: Path) -> str:
     """Point MLflow at the configured store and make sure the experiment exists; returns its id."""
     import mlflow
@@ -44,14 +65,15 @@ def setup_tracking(settings: Settings, root: Path) -> str:
     from coin.secrets import redact_text
 
     try:
-        exp = mlflow.get_experiment_by_name(settings.tracking.experiment)
-        if exp is not None:
-            exp_id = exp.experiment_id
-        else:
-            artifacts = None
-            if not settings.tracking.uri:  # local default: artifacts beside the db, inside mlruns/
-                artifacts = ((root / settings.paths.mlruns_dir).resolve() / "artifacts").as_uri()
-            exp_id = mlflow.create_experiment(settings.tracking.experiment, artifact_location=artifacts)
+        with _store_init_lock(uri):
+            exp = mlflow.get_experiment_by_name(settings.tracking.experiment)
+            if exp is not None:
+                exp_id = exp.experiment_id
+            else:
+                artifacts = None
+                if not settings.tracking.uri:  # local default: artifacts beside the db, inside mlruns/
+                    artifacts = ((root / settings.paths.mlruns_dir).resolve() / "artifacts").as_uri()
+                exp_id = mlflow.create_experiment(settings.tracking.experiment, artifact_location=artifacts)
     except MlflowException as exc:  # the first contact with the store: its message names the URI, password and all,
         # and Prefect stores an exception's text in the run's state, where no log filter reaches
         message = redact_text(exc.message)
