@@ -98,3 +98,17 @@ def test_docs_cross_links_resolve() -> None:
             elif m.group(2) and m.group(2) not in anchors(target):
                 bad.append(f"{doc.name}: {m.group(0)} (no such heading)")
     assert not bad, "\n".join(bad)
+
+
+def test_the_strong_params_say_how_to_run_them_under_dvc_and_what_unnamed_tasks_get():
+    """dvc.yaml's stages read params.yaml only: the strong file said "use it wherever params.yaml goes", and a
+    user's dvc repro silently ran the default. And unnamed tasks of a per-task pairs.templates get the
+    classification templates, not "all"."""
+    from coin.data.pairs import templates_for
+
+    root = Path(__file__).resolve().parents[1]
+    assert "cp params-strong.yaml params.yaml" in (root / "README.md").read_text()
+    assert "cp params-strong.yaml params.yaml" in (root / "params-strong.yaml").read_text()
+    assert templates_for("cola", {"sst2": [0, 4]}) == "classification"
+    for name in ("params.yaml", "params-strong.yaml"):
+        assert "(others: all)" not in (root / name).read_text() and "(others: classification)" in (root / name).read_text()
