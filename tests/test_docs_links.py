@@ -111,4 +111,5 @@ def test_the_strong_params_say_how_to_run_them_under_dvc_and_what_unnamed_tasks_
     assert "cp params-strong.yaml params.yaml" in (root / "params-strong.yaml").read_text()
     assert templates_for("cola", {"sst2": [0, 4]}) == "classification"
     for name in ("params.yaml", "params-strong.yaml"):
-        assert "(others: all)" not in (root / name).read_text() and "(others: classification)" in (root / name).read_text()
+        text = (root / name).read_text()
+        assert "(others: all)" not in text and "(others: classification)" in text
