@@ -1142,3 +1142,28 @@ def test_batches_hold_one_row_per_example_when_examples_repeat():
     assert any(len({rows[i]["example_id"] for i in b}) < 6 for b in plain)
     unique = [{"pair_id": f"p{i}", "example_id": f"x{i}", "split": "train"} for i in range(48)]
     assert BatchStream(unique, 6, seed=0)._epoch_batches(0) == plain  # nothing to repair: unchanged
+
+
+@pytest.mark.parametrize("autocast", ["off", "bf16"])
+def test_the_fully_trained_head_learns_on_a_bf16_base(tiny_bert_encoder_dir: Path, tmp_path: Path,
+                                                      autocast: str) -> None:
+    """model.dtype = bfloat16 (and auto on a bf16 GPU): the new head transform (modules_to_save) stayed bf16, so
+    AdamW's lr-sized steps rounded away near 1.0 (bf16's spacing there is 2^-8 > lr): its LayerNorm weight never
+    moved. It now trains in float32, as the LoRA weights do, and the step still runs with and without autocast."""
+    from helpers_training import adapter_tensors
+
+    bb = load_backbone(str(tiny_bert_encoder_dir), device="cpu", dtype="bfloat16")
+    train(bb, make_rows(8), cfg_for(max_steps=3, warmup_ratio=0.0, lr_schedule="constant", autocast=autocast),
+          out_dir=tmp_path, seed=0, cutoff_len=64, progress=False)
+    ln = next(v for k, v in adapter_tensors(tmp_path / "adapter").items() if k.endswith("transform.LayerNorm.weight"))
+    assert bool((ln.float() != 1.0).any())
+    assert all(torch.isfinite(v.float()).all() for v in adapter_tensors(tmp_path / "adapter").values())
+
+
+def test_float16_weights_on_a_cpu_are_refused_naming_the_setting(tiny_bert_encoder_dir: Path) -> None:
+    """float16 on a CPU saved a NaN head after one step (AdamW's eps is 0 in fp16), or failed with a raw
+    'mixed dtype (CPU)' error under the CPU's bf16 autocast."""
+    from coin.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.dtype = float16 on a CPU"):
+        load_backbone(str(tiny_bert_encoder_dir), device="cpu", dtype="float16")

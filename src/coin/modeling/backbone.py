@@ -107,10 +107,18 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """``model.dtype`` on ``device``: ``auto`` is bf16 on a CUDA GPU that has it, else fp32. float16 on a CPU is
+    refused: its LayerNorm has no kernel under the CPU's bf16 autocast (a raw "mixed dtype" error), and without
+    autocast AdamW's eps (1e-8) is 0 in fp16, so a trained head turns NaN after one step."""
     if requested == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
+    if requested == "float16" and device.type == "cpu":
+        from coin.errors import ConfigError
+
+        raise ConfigError("model.dtype = float16 on a CPU: use bfloat16 (this CPU's bf16 autocast is the fast path) "
+                          "or float32; float16 weights do not train or score reliably there")
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
 
 

@@ -224,10 +224,35 @@ def apply_lora(backbone: Backbone, cfg: LoraSettings) -> PeftModel:
 
         prepare_model_for_kbit_training(backbone.model, use_gradient_checkpointing=False)  # in place
     peft_model = inject_lora(backbone.model, lora_config(backbone, cfg), cfg)
+    _fp32_trained_copies(peft_model)
     n_train = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in peft_model.parameters())
     log.info("LoRA: %d trainable of %d parameters (%.3f%%)", n_train, n_all, 100.0 * n_train / max(n_all, 1))
     return peft_model
+
+
+def _fp32_trained_copies(model: PeftModel) -> int:
+    """Keep the fully trained modules (``modules_to_save``: MiniLM's new head transform) in float32 on a half-
+    precision base, as peft keeps the LoRA weights: in bf16, an AdamW step of lr-size (1e-3) rounds away against
+    bf16's spacing near 1.0 (2^-8), and the head's LayerNorm weight never moved (model.dtype: bfloat16, and
+    ``auto`` on a bf16 GPU). Each copy takes its input in float32 and gives its output back in the base's dtype.
+    A quantised base is upcast by ``prepare_model_for_kbit_training`` already. Returns the copies upcast."""
+    from peft.utils import ModulesToSaveWrapper
+
+    def to_fp32(_module: nn.Module, args: tuple) -> tuple:
+        return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    n = 0
+    for wrapper in (m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)):
+        half = next(wrapper.original_module.parameters(), torch.empty(0)).dtype
+        if half not in (torch.bfloat16, torch.float16):
+            continue
+        for copy in wrapper.modules_to_save.values():
+            copy.float()
+            copy.register_forward_pre_hook(to_fp32)
+            copy.register_forward_hook(lambda _m, _a, out, dtype=half: out.to(dtype) if torch.is_tensor(out) else out)
+            n += 1
+    return n
 
 
 def load_adapter(backbone: Backbone, adapter_dir: str | Path) -> PeftModel:
