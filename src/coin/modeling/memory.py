@@ -17,8 +17,9 @@ shapes (:class:`ModelShape`) and of the step's shape (:class:`Workload`):
   e.g. by a quantization setting).
 - **autocast copies**: under bf16 autocast with fp32 weights, torch keeps a bf16 copy of every matmul weight
   for the step (its autocast cache): 2 bytes per weight of the ``nn.Linear`` / ``Conv1D`` modules and the head.
-- **trainable**: LoRA parameters in fp32 (peft keeps adapters in fp32 on half-precision weights), modules
-  trained in full (``modules_to_save``, a copy) in the weights' dtype; **gradients**: the same again;
+- **trainable**: LoRA parameters in fp32 (peft keeps adapters in fp32 on half-precision weights), and modules
+  trained in full (``modules_to_save``, a copy) in fp32 too (:func:`coin.modeling.lora.apply_lora` upcasts them on
+  a half-precision or quantised base); **gradients**: the same again;
   **optimiser**: AdamW's two fp32 moments, 8 bytes per trainable parameter. Under DDP (world size > 1) the
   gradient buckets hold one more copy of the gradients.
 - **sharded** (``train.sharding: fsdp``, W > 1 processes; :func:`~coin.training.distributed.shard_model`): each
@@ -249,7 +250,7 @@ def estimate(shape: ModelShape, work: Workload) -> MemoryEstimate:
     quantised = shape.n_matmul_params if shape.n_quantised_params is None else shape.n_quantised_params
     weights = _weight_bytes(shape.n_params, quantised, work)
     copies = 2 * shape.n_matmul_params if work.autocast and work.weight_bytes == 4 else 0
-    trainable = 4 * shape.lora_params + work.weight_bytes * shape.saved_params
+    trainable = 4 * shape.trainable_params  # LoRA and the modules_to_save copies, all in fp32
     optimizer = 2 * 4 * shape.trainable_params
     activations, logits = activation_bytes(shape, work), logit_bytes(shape, work)
     if not (work.sharded and work.world_size > 1):
@@ -259,7 +260,7 @@ def estimate(shape: ModelShape, work: Workload) -> MemoryEstimate:
         )
     w = work.world_size
     layer_w = _weight_bytes(shape.layer_params, shape.layer_matmul_params, work)
-    layer_t = 4 * shape.layer_lora_params + work.weight_bytes * shape.layer_saved_params
+    layer_t = 4 * (shape.layer_lora_params + shape.layer_saved_params)
     layer_o = 2 * 4 * (shape.layer_lora_params + shape.layer_saved_params)
 
     def shard(total: int, in_layers: int) -> int:  # 1/W of the layers' part and of the root's, each rounded up
