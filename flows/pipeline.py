@@ -47,6 +47,7 @@ import coin  # noqa: F401  (local-only environment before Prefect is imported)
 from coin import stages
 from coin.config import ConfigError, Settings, check_robustness_sets, load_settings
 from coin.cpus import THREAD_VARS, cpu_budget, threads_per_worker, use_torch_threads
+from coin.interrupt import interrupted
 from coin.secrets import RedactingFilter, redact_text, reveal, seal_overrides, seal_text
 from flows.caching import missing_outputs, record_outputs, result_storage, stage_cache_policy
 from flows.data_sync import version_data
@@ -217,7 +218,10 @@ def _executor() -> dict[str, Any]:
         worker = get_worker()
     except (ImportError, ValueError):
         return {"runner": "local", "pid": os.getpid()}
-    workers = len(get_client().scheduler_info()["workers"])
+    try:
+        workers = len(get_client().scheduler_info()["workers"])
+    except (RuntimeError, OSError):  # the scheduler already closed (a Ctrl-C): the figures are done, say less
+        return {"runner": "dask", "worker": worker.address, "pid": os.getpid()}
     return {"runner": "dask", "worker": worker.address, "cluster_workers": workers, "pid": os.getpid()}
 
 
@@ -533,7 +537,10 @@ def coin_pipeline(
                                  description="model registry: version, aliases, promotion decision")
         status = "FINISHED"
     finally:
-        close_pipeline_run(params_path, overrides, parent, status)
+        if interrupted():  # Prefect's API went with the Ctrl-C: a task could not start; the store is still here
+            close_pipeline_run.fn(params_path, overrides, parent, "KILLED")
+        else:
+            close_pipeline_run(params_path, overrides, parent, status)
     return {
         "data": data, "pairs": pairs, "validate": {k: v for k, v in gate.items() if k != "markdown"},
         "train": trained, "evaluate": evaluated["metrics"], "table": evaluated["table"],
@@ -581,7 +588,7 @@ def run_main(check: Callable[[], Any], run: Callable[[], Any]) -> None:
     Prefect starts, then ``run()``. A user error, there or in the flow, ends as ``coin`` ends it (one or two lines,
     the exit code of its class, the traceback with ``COIN_DEBUG=1``), not as a traceback of a failed flow run."""
     from coin.cli import ExitCode, _debug_requested, report
-    from coin.interrupt import interrupt_guard, interrupted
+    from coin.interrupt import interrupt_guard
 
     debug = _debug_requested(None)  # COIN_DEBUG, as coin reads it
     try:

@@ -37,6 +37,7 @@ from prefect.runtime import flow_run
 from pydantic import SecretStr
 
 import coin  # noqa: F401  (local-only environment before Prefect is imported)
+from coin.interrupt import interrupted
 from coin.secrets import reveal, seal_overrides, seal_text
 from coin.study import tracking as study_tracking
 from coin.study.cell import run_cell
@@ -176,7 +177,10 @@ def coin_study(
                                  description="methods x seeds: mean ± std over seeds, paired differences")
         status = "FINISHED"
     finally:
-        close_study_run_task(params_path, overrides, parent, status)
+        if interrupted():  # Prefect's API went with the Ctrl-C: a task could not start; the store is still here
+            close_study_run_task.fn(params_path, overrides, parent, "KILLED")
+        else:
+            close_study_run_task(params_path, overrides, parent, status)
     return {
         "study_dir": str(Path(outputs["paths"]["study"]).parent), "paths": outputs["paths"],
         "cells": {c["cell"]["name"]: {"cached": c["cached"], "run_token": c["run_token"], **c["figures"]}

@@ -83,3 +83,57 @@ def test_a_plain_command_interrupted_inside_a_library_call_ends_interrupted(sig,
     res = subprocess.run([sys.executable, "-c", PLAIN, sig], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == code, res.stderr
     assert "interrupted" in res.stderr and "database is locked" not in res.stderr, res.stderr
+
+
+REAL_FLOW = """
+import time
+from prefect import flow
+from flows.pipeline import run_main
+
+@flow
+def sleepy():
+    print("started", flush=True)
+    time.sleep(120)
+
+run_main(lambda: None, sleepy)
+"""
+
+
+def test_sigterm_to_the_process_group_during_a_real_flow_ends_interrupted(tmp_path):
+    """Inside a real flow run Prefect's engine replaces the SIGTERM handler: a SIGTERM to the process group (timeout,
+    systemd, kill -TERM -<pgid>) stopped the temporary server too, and the run ended 2-3 minutes later as an
+    "unexpected ConnectError ... this is a bug", exit 1. It is recorded through Prefect's handler now."""
+    import signal
+
+    env = {**os.environ, "COIN_INTERRUPT_GRACE_S": "5", "PREFECT_HOME": str(tmp_path),
+           "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
+    env.pop("COIN_DEBUG", None)
+    p = subprocess.Popen([sys.executable, "-c", REAL_FLOW], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env, start_new_session=True)
+    try:
+        assert p.stdout.readline().strip() == "started"
+        time.sleep(3)
+        os.killpg(p.pid, signal.SIGTERM)
+        _, err = p.communicate(timeout=90)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 143, err[-2000:]
+    assert "interrupted" in err and "bug" not in err, err[-2000:]
+
+
+def test_a_unit_that_finishes_after_the_scheduler_closed_still_returns(monkeypatch):
+    """A Ctrl-C closed the Dask scheduler while an evaluation unit finished: asking it for the cluster size raised
+    'ConnectionPool is closed', and its traceback joined the interrupted run's output."""
+    import types
+
+    import distributed
+
+    from flows.pipeline import _executor
+
+    def closed():
+        raise RuntimeError("ConnectionPool is closed")
+
+    monkeypatch.setattr(distributed, "get_worker", lambda: types.SimpleNamespace(address="tcp://127.0.0.1:1"))
+    monkeypatch.setattr(distributed, "get_client", closed)
+    assert _executor() == {"runner": "dask", "worker": "tcp://127.0.0.1:1", "pid": os.getpid()}

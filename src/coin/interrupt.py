@@ -6,6 +6,10 @@ the server too. The flow engine then retried the dead API for minutes and ended 
 as usual (the engine marks its runs crashed where it still can), and whatever is raised after it counts as the
 interruption (:func:`interrupted`). If the process has not ended ``COIN_INTERRUPT_GRACE_S`` seconds later
 (default 10) it ends there, and a second signal ends it at once.
+
+Inside a flow run Prefect's engine puts its own SIGTERM handler in place of this one (it raises its
+``TerminationSignal``); the guard wraps that handler too, so a SIGTERM there is recorded and timed the same way
+(it had ended as an "unexpected ConnectError", exit 1, minutes later).
 """
 
 from __future__ import annotations
@@ -46,16 +50,35 @@ def interrupt_guard() -> Iterator[None]:
     except ValueError:
         grace_s = 10.0
 
-    def handler(signum: int, frame: object) -> None:
-        if _SIGNAL:  # the second one: now
-            os._exit(128 + _SIGNAL[0])
+    relayed: list[int] = []  # a signal Prefect's handler took first and hands on to this one: not a second one
+
+    def record(signum: int) -> None:
         _SIGNAL.append(signum)
         threading.Thread(target=_end_after, args=(grace_s, 128 + signum), daemon=True).start()
+
+    def handler(signum: int, frame: object) -> None:
+        if _SIGNAL and not (relayed and relayed.pop() == signum):  # the second one: now
+            os._exit(128 + _SIGNAL[0])
+        if not _SIGNAL:
+            record(signum)
         raise KeyboardInterrupt
 
+    engine = sys.modules.get("prefect.utilities.engine")  # loaded by the flow modules before a flow runs
+    prefect_handler = getattr(engine, "_prefect_sigterm_handler", None)
+
+    def prefect_bridge(signum: int, *args: object) -> object:
+        if not _SIGNAL:
+            record(signum)
+            relayed.append(signum)  # the engine re-sends it to the handler it replaced (ours)
+        return prefect_handler(signum, *args)
+
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    if prefect_handler is not None:  # the engine looks the name up when it installs its handler
+        engine._prefect_sigterm_handler = prefect_bridge
     try:
         yield
     finally:
+        if prefect_handler is not None:
+            engine._prefect_sigterm_handler = prefect_handler
         for s, h in previous.items():
             signal.signal(s, h)
