@@ -238,7 +238,7 @@ def test_answers_keep_the_index_of_the_rows_they_answer(trained):
     ("input", ["a gem", "dull"], "input = ['a gem', 'dull'] (list): must be text"),
     ("input", {"sentence1": "x"}, "(dict): must be text"),
     ("input", True, "input = True (bool): must be text"),
-    ("instruction", None, "instruction is missing: give its text"),
+    ("instruction", ["a", "b"], "instruction = ['a', 'b'] (list): must be text"),
 ])
 def test_an_instruction_or_input_that_is_not_text_is_refused(trained, field, value, expected):
     """The model server does not enforce the signature: a list input was scored as its Python repr."""
@@ -315,7 +315,7 @@ def test_http_an_input_that_is_not_text_is_a_400(server):
     assert res.status_code == 400 and "input = ['a gem', 'dull'] (list): must be text" in res.json()["message"], \
         res.text
     res = _post(server, [{"instruction": INSTRUCTION, "task": "sst2"}, {"instruction": INSTRUCTION, "input": "ok"}])
-    assert res.status_code == 400 and "row 0: input is missing" in res.json()["message"], res.text
+    assert res.status_code == 200, res.text  # a record without the key: an empty input, as documented
 
 
 def test_http_a_null_or_fractional_max_new_tokens(server):

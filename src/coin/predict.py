@@ -41,15 +41,15 @@ def _missing(value: Any) -> bool:
 
 
 def _field_text(row: Any, field: str) -> str:
-    """Row ``field`` (``instruction`` or ``input``, the signature's required text columns) as text. Refused, naming
-    the field: a missing value (a record without the key: it was answered as if empty) and a value that is not
-    text (a list, a mapping, a bool: the model server does not enforce the signature, and its Python form was
-    scored as the prompt). A number is taken as its digits (a CSV column of numbers)."""
+    """Row ``field`` (``instruction`` or ``input``) as text: a missing value (None/NaN, e.g. a key absent from one
+    record of a JSON request) is "", a number its digits (a CSV column of numbers). Refused, naming the field: a
+    value that is not text (a list, a mapping, a bool: the model server does not enforce the signature, and its
+    Python form was scored as the prompt)."""
     value = row[field]
     if isinstance(value, str):
         return value
     if _missing(value):
-        raise ValueError(f"{field} is missing: give its text ('' for none)")
+        return ""
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
     raise ValueError(f"{field} = {value!r} ({type(value).__name__}): must be text")
