@@ -82,9 +82,10 @@ def registration_lock_path(registry_uri: str | None = None) -> Path:
     directory named by a hash of the registry URI (so it never holds the URI, nor its credentials)."""
     import mlflow
 
+    from coin.registry.tracking import sqlite_db
+
     uri = registry_uri or mlflow.get_registry_uri()
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    if (db := sqlite_db(uri)) is not None:
         return db.with_name(db.name + ".coin-register.lock")
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"coin-register-{digest}.lock"

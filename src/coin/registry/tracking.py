@@ -32,18 +32,23 @@ def tracking_uri(settings: Settings, root: Path) -> str:
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
+def sqlite_db(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking or registry URI (its query cut off), else None."""
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0]) if uri.startswith("sqlite:///") else None
+
+
 @contextmanager
 def _store_init_lock(uri: str, timeout: float = 600.0) -> Iterator[None]:
     """One process at a time opens a SQLite store for the first time: MLflow's first access creates its tables
     (alembic migrations), and two coin commands started at once on a fresh project ran them together, failing one
     ("duplicate column name: step") and sometimes leaving the store half-built for every later command. Other
     stores (a tracking server) serialise this themselves."""
-    if not uri.startswith("sqlite:///"):
+    db = sqlite_db(uri)
+    if db is None:
         yield
         return
     from filelock import FileLock, Timeout
 
-    db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
     lock = db.with_name(db.name + ".coin-init.lock")
     try:
         with FileLock(str(lock), timeout=timeout):
