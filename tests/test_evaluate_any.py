@@ -247,6 +247,7 @@ def test_sets_named_by_set_are_checked_against_the_instructions_file(project, ti
     ("instructions", 3, ["bad_instructions.json", "perturbations.clean.sst2[1]"]),
     ("duplicate-label", 2, ["label(s) ['x'] given twice"]),
     ("reserved-label", 2, ["'reference' is reserved"]),
+    ("bad-label", 3, ["my model=", "if 'my model' is meant as the LABEL, rename it"]),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_malformed_inputs_are_refused_before_any_model_loads(project, tiny_llama_dir, monkeypatch, case, code,
                                                              expect):
@@ -281,7 +282,7 @@ def test_malformed_inputs_are_refused_before_any_model_loads(project, tiny_llama
             "unknown-version": ["models:/tiny-coin/7"], "unknown-run": ["runs:/0123abcd/model"],
             "instructions": [str(tiny_llama_dir)],
             "duplicate-label": [f"x={tiny_llama_dir}", f"x={tiny_llama_dir}"],
-            "reserved-label": [f"reference={tiny_llama_dir}"]}[case]
+            "reserved-label": [f"reference={tiny_llama_dir}"], "bad-label": [f"my model={tiny_llama_dir}"]}[case]
     if case == "instructions":
         bad = project["tmp"] / "bad_instructions.json"
         bad.write_text(json.dumps({"perturbations": {"clean": {"sst2": ["ok: ", 7]}}}))
@@ -293,6 +294,20 @@ def test_malformed_inputs_are_refused_before_any_model_loads(project, tiny_llama
     for part in expect:
         assert part in flat, flat
     assert not (project["tmp"] / "out" / "metrics.json").exists()
+
+
+def test_an_existing_directory_with_an_equals_sign_is_a_spec_not_a_label(tmp_path, tiny_llama_dir, monkeypatch):
+    """A study cell's directory is named like ``coin-s0-train.lr=0.0005``: given by a relative path, it is the spec
+    whole (it was split at its '=' into the label 'coin-s0-train.lr' and the missing path '0.0005/adapter')."""
+    from coin.config import Settings
+    from coin.evaluation.anymodel import resolve_target
+
+    shutil.copytree(tiny_llama_dir, tmp_path / "coin-s0-train.lr=0.0005" / "adapter")
+    monkeypatch.chdir(tmp_path)
+    target = resolve_target("coin-s0-train.lr=0.0005/adapter", Settings.model_validate({}), tmp_path)
+    assert (target.spec, target.kind) == ("coin-s0-train.lr=0.0005/adapter", "base")
+    labelled = resolve_target("mine=coin-s0-train.lr=0.0005/adapter", Settings.model_validate({}), tmp_path)
+    assert (labelled.label, labelled.spec) == ("mine", "coin-s0-train.lr=0.0005/adapter")
 
 
 def test_without_model_the_options_of_any_model_are_refused(project):

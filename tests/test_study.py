@@ -563,6 +563,31 @@ def test_a_clean_only_report_removes_the_perturbed_plots_an_earlier_one_drew(tmp
     assert {p.name for p in tmp_path.glob("*.png")} == {"spread.png"}  # no stale perturbed plots beside it
 
 
+def test_study_plots_draw_a_sweep_value_with_dollars_as_text(tmp_path):
+    """A swept instruction-set name is the user's: '$x^$' in a panel title was read as an invalid formula and
+    stopped the study after every cell was done, with no report written."""
+    from coin.study.aggregate import cell_data
+    from coin.study.report import render_study
+
+    key, values = "evaluate.instruction_sets", [["clean", "$x^$ typos"], ["clean", "textfooler"]]
+    labels, data, records = {"sst2": [e % 2 for e in range(20)]}, [], []
+    for v in values:
+        for s in (0, 1):
+            for m, k in (("cit", 14), ("sft", 10)):
+                res = synth_result(f"{m}-s{s}", {"sst2": set(range(k))}, n=20, labels=labels,
+                                   sets=("clean", "textfooler"))
+                cell = {"name": f"{m}-s{s}", "method": m, "seed": s, "sweep_key": key, "sweep_value": v}
+                data.append(cell_data({"cell": cell}, res))
+                records.append({"cell": cell, "figures": data[-1].figures, "levels": data[-1].levels,
+                                "wall_time_s": {"train": 1.0, "evaluate": 1.0}, "device": "cpu",
+                                "computed_at": "2026-12-05T00:00:00+00:00"})
+    settings = Settings.model_validate({"study": {"methods": ["cit", "sft"], "seeds": [0, 1], "n_boot": 200,
+                                                  "sweep_key": key, "sweep_values": values}})
+    render_study(settings, records, data, tmp_path)
+    assert {p.name for p in tmp_path.glob("*.png")} == {"spread.png", "robustness.png", "levels.png"}
+    assert "$x^$ typos" in (tmp_path / "report.md").read_text()
+
+
 def test_aggregation_gives_paired_consistency_and_worst_case_gaps_where_accuracy_is_equal():
     """Both methods are right on half the examples under each instruction. cit on the same half (0-19) under both
     instructions: consistency 100, worst case 50. sft on 0-19 under one and 10-29 under the other: it answers alike

@@ -89,11 +89,23 @@ class EvaluationRun:
 
 
 def split_label(arg: str) -> tuple[str | None, str]:
-    """``"mine=models:/x@y"`` -> ``("mine", "models:/x@y")``; no label -> ``(None, arg)``."""
+    """``"mine=models:/x@y"`` -> ``("mine", "models:/x@y")``; no label -> ``(None, arg)``. An existing path is a
+    spec whole, ``=`` and all (a study cell's directory is named ``coin-s0-train.lr=0.0005``)."""
+    if "=" in arg and Path(arg).expanduser().exists():
+        return None, arg
     head, sep, tail = arg.partition("=")
     if sep and tail and _LABEL.match(head):
         return head, tail
     return None, arg
+
+
+def _label_hint(spec: str) -> str:
+    """Why ``spec`` was not split at its ``=``: the part before it is not a valid LABEL."""
+    head, sep, tail = spec.partition("=")
+    if not (sep and tail) or _LABEL.match(head):
+        return ""
+    return (f"; if {head!r} is meant as the LABEL, rename it: a label is letters, digits and _ . @ + -, starting "
+            "with a letter or digit")
 
 
 def _sha_files(files: list[Path], root: Path) -> str:
@@ -271,13 +283,14 @@ def resolve_target(arg: str, settings: Settings, root: Path) -> ModelTarget:
             kind, fingerprint = _check_directory(spec, path, settings)
         elif _looks_like_path(spec):
             raise DataError(f"--model {spec}: no such directory ({path.resolve()}); give an adapter directory "
-                            "(coin train writes outputs/train/<method>/adapter), a model directory or a registry URI")
+                            "(coin train writes outputs/train/<method>/adapter), a model directory or a registry URI"
+                            + _label_hint(spec))
         else:
             cached = _hf_cached_dir(spec)
             if cached is None:
                 raise ModelUnavailable(
                     f"--model {spec}: not a directory, not 'minilm', not a registry URI, and not a Hugging Face model "
-                    "in the local cache (nothing is downloaded: Hugging Face runs offline)")
+                    "in the local cache (nothing is downloaded: Hugging Face runs offline)" + _label_hint(spec))
             kind, location = "base", spec
             fingerprint = _base_fingerprint(spec, cached, settings)
     label = label or _label_of(kind, spec, details)

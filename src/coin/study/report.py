@@ -26,6 +26,7 @@ from coin.config import STUDY_DRAW_KEY, Settings
 from coin.data.io import DataError, read_json, write_json
 from coin.evaluation.report import Bullets, Heading, Plot, Table, Text, to_html, to_markdown
 from coin.evaluation.report.blocks import DASH, FIGURE_NAMES
+from coin.evaluation.report.plots import plain_text
 from coin.evaluation.uncertainty import ROBUSTNESS
 from coin.study.aggregate import FIGURES, SCORES_FILE, CellData, aggregate, cell_data, pooled_label, write_scores
 from coin.study.cell import CELL_RECORD, EVAL_DIR, cell_status
@@ -327,6 +328,7 @@ def _dots_per_seed(study: dict[str, Any], keys: list[str], majority_on: set[str]
 PLOT_NAMES = ("spread", "robustness", "levels")  # every plot a study report can draw (render_study)
 
 
+@plain_text
 def plot_spread(study: dict[str, Any]) -> Plot:
     """Per group and part (clean, perturbed; clean alone without perturbed figures): one dot per seed, a bar at
     the mean, the majority-class line."""
@@ -337,6 +339,7 @@ def plot_spread(study: dict[str, Any]) -> Plot:
                                                  "them" if pooled else "") + ", dashed = majority-class rate")
 
 
+@plain_text
 def plot_robustness(study: dict[str, Any]) -> Plot:
     """Per group, over the perturbed sets: all-agree consistency and worst-case accuracy, one dot per seed, a bar at
     the mean. A constant answer is 100% consistent and its worst case is the majority rate, so the majority line is
@@ -349,6 +352,7 @@ def plot_robustness(study: dict[str, Any]) -> Plot:
                 + ". A constant answer scores 100 on consistency and the majority rate (dashed) on worst case.")
 
 
+@plain_text
 def plot_levels(study: dict[str, Any]) -> Plot:
     """Per group: groups = perturbation levels, one bar per method (mean over seeds, error bar = std)."""
     groups = study["groups"]

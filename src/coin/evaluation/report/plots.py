@@ -28,7 +28,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _plain_text(plot: Callable[P, R]) -> Callable[P, R]:
+def plain_text(plot: Callable[P, R]) -> Callable[P, R]:
     """Draw ``plot``'s figure with every label as plain text: set, task and model names are the user's, and
     matplotlib would read ``$...$`` in them as math (an invalid formula stopped the report after scoring)."""
     @functools.wraps(plot)
@@ -84,7 +84,7 @@ def _bars(ax, groups: list[str], series: list[tuple[str, list[float], list[float
         ax.legend(fontsize="x-small", ncols=min(len(series) + len(refs), 6), loc="upper left")
 
 
-@_plain_text
+@plain_text
 def plot_accuracy(results: list[EvalResult], refs: References | None = None) -> Plot:
     """One panel per (model, scoring): groups = tasks + avg, one bar per set, error bar = std over instructions;
     a dashed line over each group at the majority-class rate of the model's sample."""
@@ -108,7 +108,7 @@ def plot_accuracy(results: list[EvalResult], refs: References | None = None) -> 
                                        "majority-class rate of the evaluated sample; dotted: chance)")
 
 
-@_plain_text
+@plain_text
 def plot_models(results: list[EvalResult], refs: References | None = None) -> Plot:
     """One panel per scoring: groups = sets + perturbed mean, one bar per model, error bar = mean std; a dashed
     line at the sample's majority-class rate (mean over tasks: the same on every set)."""
@@ -139,7 +139,7 @@ def plot_models(results: list[EvalResult], refs: References | None = None) -> Pl
                 "Models compared per instruction set (dashed: majority-class rate; dotted: chance)")
 
 
-@_plain_text
+@plain_text
 def plot_pdr(results: list[EvalResult]) -> Plot | None:
     """One panel per scoring: groups = perturbation levels, one bar per model. None without clean + perturbed."""
     scorings = list(dict.fromkeys(m for r in results for m in r.scorings))
