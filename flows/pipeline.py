@@ -506,41 +506,45 @@ def coin_pipeline(
     if dask_address:
         check_dask_reachable(dask_address)
 
-    data = data_task(params_path, overrides, push=push_data)
-    logger.info("data version %s (pulled: %s, new version: %s, pushed: %s)",
-                data["data_version"], data["pulled"], data["versioned"], data["pushed"])
-    parent = open_pipeline_run(params_path, overrides, flow_run.get_id())
-    status = "FAILED"
-    try:
-        pairs = _fresh(pairs_task, "pairs", settings, root)(params_path, overrides, parent)
-        logger.info("pairs: %s", pairs["per_task"])
-        gate = _fresh(validate_task, "validate", settings, root)(params_path, overrides, parent)
-        create_markdown_artifact(gate["markdown"], key="validation-summary", description="paraphrase-validation gate")
-
-        trained = {m: _fresh(train_task, "train", settings, root, m)(params_path, overrides, m, parent)
-                   for m in settings.train.methods}
-        for m, rec in trained.items():
-            logger.info("train[%s]: %s steps, run %s", m, rec["steps"], rec["run_id"])
-        train_index_task(params_path, overrides)
-
+    # one run at a time into paths.out_dir: a second would evaluate and register the first one's adapter (the
+    # deployments queue their runs too: prefect.yaml's concurrency_limit)
+    with stages.pipeline_lock(settings, root):
+        data = data_task(params_path, overrides, push=push_data)
+        logger.info("data version %s (pulled: %s, new version: %s, pushed: %s)",
+                    data["data_version"], data["pulled"], data["versioned"], data["pushed"])
+        parent = open_pipeline_run(params_path, overrides, flow_run.get_id())
+        status = "FAILED"
         try:
-            evaluated = evaluate_models.with_options(task_runner=runner)(params_path, overrides, parent, threads)
-        finally:
-            restore_process_env()  # the local cluster's nannies wrote the workers' thread settings into this process
-        for unit in evaluated["units"]:  # the units ran in the subflow, on Dask: say here what each did
-            logger.info("%s", unit_line(unit))
-        create_markdown_artifact(evaluated["table"], key="robustness-table",
-                                 description="accuracy mean ± std over instructions, per model, task and set")
+            pairs = _fresh(pairs_task, "pairs", settings, root)(params_path, overrides, parent)
+            logger.info("pairs: %s", pairs["per_task"])
+            gate = _fresh(validate_task, "validate", settings, root)(params_path, overrides, parent)
+            create_markdown_artifact(gate["markdown"], key="validation-summary",
+                                     description="paraphrase-validation gate")
 
-        registered = register_task(params_path, overrides, parent)
-        create_markdown_artifact(registration_markdown(registered), key="registration",
-                                 description="model registry: version, aliases, promotion decision")
-        status = "FINISHED"
-    finally:
-        if interrupted():  # Prefect's API went with the Ctrl-C: a task could not start; the store is still here
-            close_pipeline_run.fn(params_path, overrides, parent, "KILLED")
-        else:
-            close_pipeline_run(params_path, overrides, parent, status)
+            trained = {m: _fresh(train_task, "train", settings, root, m)(params_path, overrides, m, parent)
+                       for m in settings.train.methods}
+            for m, rec in trained.items():
+                logger.info("train[%s]: %s steps, run %s", m, rec["steps"], rec["run_id"])
+            train_index_task(params_path, overrides)
+
+            try:
+                evaluated = evaluate_models.with_options(task_runner=runner)(params_path, overrides, parent, threads)
+            finally:
+                restore_process_env()  # the local cluster's nannies wrote the workers' thread settings in this process
+            for unit in evaluated["units"]:  # the units ran in the subflow, on Dask: say here what each did
+                logger.info("%s", unit_line(unit))
+            create_markdown_artifact(evaluated["table"], key="robustness-table",
+                                     description="accuracy mean ± std over instructions, per model, task and set")
+
+            registered = register_task(params_path, overrides, parent)
+            create_markdown_artifact(registration_markdown(registered), key="registration",
+                                     description="model registry: version, aliases, promotion decision")
+            status = "FINISHED"
+        finally:
+            if interrupted():  # Prefect's API went with the Ctrl-C: a task could not start; the store is still here
+                close_pipeline_run.fn(params_path, overrides, parent, "KILLED")
+            else:
+                close_pipeline_run(params_path, overrides, parent, status)
     return {
         "data": data, "pairs": pairs, "validate": {k: v for k, v in gate.items() if k != "markdown"},
         "train": trained, "evaluate": evaluated["metrics"], "table": evaluated["table"],

@@ -189,6 +189,26 @@ def test_failing_validation_gate_stops_the_flow_with_its_message(prefect_harness
     assert list(pipeline_runs["status"]) == ["FAILED"]
 
 
+def test_a_second_pipeline_run_into_the_same_outputs_is_refused_before_any_work(prefect_harness, tmp_path):
+    """Two runs into one paths.out_dir (two runs of the nightly deployment, or a scheduled one beside a manual
+    one) interleaved: the second evaluated and registered the adapter the first trained, under its own settings,
+    and ended Completed. While one run holds the out_dir, a second is refused, naming the lock."""
+    from filelock import FileLock
+
+    from coin.config import Settings
+    from coin.layout import Layout
+    from flows.pipeline import coin_pipeline
+
+    params = _params(tmp_path, TINY)
+    lock = Layout(tmp_path, Settings.model_validate(TINY)).pipeline_lock
+    lock.parent.mkdir(parents=True)
+    with FileLock(str(lock)), pytest.raises(RuntimeError, match=r"another pipeline run is using it .*pipeline\.lock"):
+        coin_pipeline(params_path=str(params), overrides=[])
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == [".locks"]  # no stage ran
+    with stages.pipeline_lock(Settings.model_validate(TINY), tmp_path):  # released by the holder: free again
+        pass
+
+
 def test_flow_rejects_bad_params_before_any_work(prefect_harness, tmp_path):
     from coin.config import ConfigError
     from flows.pipeline import coin_pipeline

@@ -242,6 +242,17 @@ def test_prefect_yaml_deploys_the_pipeline_on_a_process_pool_with_a_cron_schedul
     assert steps == ["prefect.deployments.steps.set_working_directory"]
 
 
+def test_deployments_run_one_at_a_time_and_queue_the_next():
+    """Two runs of one deployment share outputs/: the second must wait for the first (it evaluated and registered
+    the other run's adapter), queued by Prefect rather than refused by the pipeline's lock."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    doc = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    for dep in doc["deployments"]:
+        limit = ConcurrencyLimitConfig.model_validate(dep.get("concurrency_limit") or {"limit": 0})
+        assert (limit.limit, limit.collision_strategy) == (1, ConcurrencyLimitStrategy.ENQUEUE), dep["name"]
+
+
 def test_every_deployment_names_a_flow_that_accepts_its_parameters():
     """Each deployment's entrypoint is a flow function in this repository, its parameters pass the flow's own
     validation, and it uses the project's build and pull steps (working directory pinned at deploy time)."""

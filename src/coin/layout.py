@@ -53,6 +53,12 @@ class Layout:
         return self._out(".locks", f"train-{method}.lock")
 
     @property
+    def pipeline_lock(self) -> Path:
+        """``outputs/.locks/pipeline.lock``: held while a pipeline flow run trains, evaluates and registers into
+        ``paths.out_dir`` (a second run there would evaluate and register the first one's adapter)."""
+        return self._out(".locks", "pipeline.lock")
+
+    @property
     def train_record(self) -> Path:
         """Index of the training runs: ``{"methods": [...], "runs": {method: record}}``."""
         return self.train_dir / "train.json"

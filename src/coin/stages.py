@@ -19,7 +19,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -405,23 +405,38 @@ def _log_restored_steps(run_id: str, result: Any, seen: set[int]) -> None:
 
 
 @contextmanager
-def _train_lock(lay: Layout, method: str) -> Iterator[None]:
-    """Refuse a second ``coin train`` of ``method`` into the same ``paths.out_dir`` while one runs (both clear and
-    write the same checkpoints, adapter and record). The OS releases the lock when its holder dies."""
+def exclusive(path: Path, busy: str) -> Iterator[None]:
+    """Hold the file lock ``path`` for the block, or refuse at once with ``busy`` (a RuntimeError) while another
+    process holds it. The OS releases the lock when its holder dies, so a killed run leaves nothing to clean up."""
     from filelock import FileLock, Timeout
 
-    path = lay.train_lock(method)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path), timeout=0)
     try:
         lock.acquire()
     except Timeout:
-        raise RuntimeError(f"{lay.method_dir(method)}: another `coin train` is writing it (it holds {path}); wait for "
-                           "it to finish, or train into another paths.out_dir") from None
+        raise RuntimeError(busy) from None
     try:
         yield
     finally:
         lock.release()
+
+
+def _train_lock(lay: Layout, method: str) -> AbstractContextManager[None]:
+    """Refuse a second ``coin train`` of ``method`` into the same ``paths.out_dir`` while one runs (both clear and
+    write the same checkpoints, adapter and record)."""
+    path = lay.train_lock(method)
+    return exclusive(path, f"{lay.method_dir(method)}: another `coin train` is writing it (it holds {path}); wait "
+                           "for it to finish, or train into another paths.out_dir")
+
+
+def pipeline_lock(settings: Settings, root: Path) -> AbstractContextManager[None]:
+    """Refuse a second pipeline flow run into the same ``paths.out_dir`` while one runs: the second would
+    evaluate and register the adapter the first trained, under its own settings, and the first one's adapter would
+    be written over (two runs of the nightly deployment, or a scheduled run beside a manual one)."""
+    path = Layout(root, settings).pipeline_lock
+    return exclusive(path, f"{root / settings.paths.out_dir}: another pipeline run is using it (it holds {path}); "
+                           "wait for it to finish, or run with another paths.out_dir")
 
 
 def _rel(path: Path, root: Path) -> str:
