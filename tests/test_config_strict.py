@@ -204,6 +204,33 @@ def test_duplicate_instructions_are_warned_about_naming_set_task_and_text(tmp_pa
     assert len(dup) == 1 and "set 'textfooler', task 'sst2'" in dup[0] and "'Is it positive? '" in dup[0]
 
 
+def test_instructions_that_differ_only_by_the_trailing_space_are_warned_about(tmp_path, caplog):
+    """A space is added between an instruction without one and its input, so the two build the same prompts."""
+    p = _project(tmp_path, instructions=_doc(clean={"sst2": SIX}, mine={"sst2": ["Sentiment?", "Sentiment? "]}))
+    with caplog.at_level(logging.WARNING, logger="coin"):
+        load_settings(p, ["evaluate.tasks=[sst2]", "evaluate.instruction_sets=[clean, mine]"])
+    dup = [r.getMessage() for r in caplog.records if "listed 2 times" in r.getMessage()]
+    assert len(dup) == 1 and "'Sentiment?' / 'Sentiment? '" in dup[0] and "the same prompts" in dup[0]
+
+
+def test_an_edited_instruction_file_in_another_data_dir_is_named_with_the_key_that_reads_it(tmp_path, caplog):
+    """paths.data_dir does not move evaluate.instruction_file: a user who copied data/ and edited its instruction
+    file was evaluated on the shipped one, without a word."""
+    p = _project(tmp_path, instructions=_doc(clean={"sst2": SIX}))
+    mine = tmp_path / "mydata" / "promptbench" / "coin_perturbed_instructions.json"
+    mine.parent.mkdir(parents=True)
+    mine.write_text(json.dumps(_doc(clean={"sst2": ["MY EDITED INSTRUCTION: "] * 6})))
+    with caplog.at_level(logging.WARNING, logger="coin"):
+        load_settings(p, ["evaluate.tasks=[sst2]", "evaluate.instruction_sets=[clean]", "paths.data_dir=mydata"])
+    said = [r.getMessage() for r in caplog.records if "not " in r.getMessage() and "paths.data_dir" in r.getMessage()]
+    assert len(said) == 1 and f"evaluate.instruction_file={mine}" in said[0], said
+    caplog.clear()
+    mine.write_text((tmp_path / "data" / "promptbench" / "coin_perturbed_instructions.json").read_text())
+    with caplog.at_level(logging.WARNING, logger="coin"):  # the same bytes: nothing to say
+        load_settings(p, ["evaluate.tasks=[sst2]", "evaluate.instruction_sets=[clean]", "paths.data_dir=mydata"])
+    assert not [r for r in caplog.records if "paths.data_dir" in r.getMessage()]
+
+
 def test_a_promptbench_set_with_another_count_is_warned_about(tmp_path, caplog):
     p = _project(tmp_path, instructions=_doc(clean={"sst2": SIX}, textfooler={"sst2": SIX[:3]},
                                              mine={"sst2": SIX[:2]}))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -288,6 +289,33 @@ def test_label_choices_from_the_shipped_file_and_rejection_of_contradicting_ids(
     with pytest.raises(DataError) as exc:
         label_choices(("not_entailment", "entailment"), flipped, "wnli")
     assert str(flipped) in str(exc.value) and "label_to_id.wnli.not_entailment" in str(exc.value)
+
+
+@pytest.mark.parametrize("alias, idx", [("positive'", 0), (" positive", 0), ("Positive", 0), ("", 1), (".", 1)])
+def test_an_alias_that_reads_as_another_label_or_as_nothing_is_refused(tmp_path: Path, alias: str, idx: int) -> None:
+    """Answers are matched case- and punctuation-blind, longest alias first: "positive'" -> 0 turned every
+    "positive" answer into label 0, and an alias "" made every unparsed answer count as a label."""
+    f = tmp_path / "mine.json"
+    f.write_text(json.dumps({"perturbations": {"clean": {"sst2": ["Sentiment? "]}},
+                             "label_set": {"sst2": ["negative", "positive", alias]},
+                             "label_to_id": {"sst2": {"negative": 0, "positive": 1, alias: idx}}}))
+    with pytest.raises(DataError, match=rf"label_to_id\.sst2\.{re.escape(alias)}'"):
+        label_choices(["negative", "positive"], f, "sst2")
+    f.write_text(json.dumps({"label_set": {"sst2": ["positive'", "Negative"]},
+                             "label_to_id": {"sst2": {"positive'": 1, "Negative": 0}}}))  # agreeing variants stay
+    assert label_choices(["negative", "positive"], f, "sst2") == {"negative": 0, "positive": 1, "positive'": 1,
+                                                                  "Negative": 0}
+
+
+def test_a_bad_validation_label_names_the_files_line(tmp_path: Path) -> None:
+    from coin.evaluation.sampling import load_validation_rows
+
+    (tmp_path / "glue").mkdir()
+    rows = [{"sentence": "good", "label": 1}, {"sentence": "bad", "label": 0}, {"sentence": "odd", "label": 5}]
+    (tmp_path / "glue" / "sst2.validation.jsonl").write_text(
+        json.dumps(rows[0]) + "\n\n\n" + json.dumps(rows[1]) + "\n" + json.dumps(rows[2]) + "\n")
+    with pytest.raises(DataError, match=r"sst2\.validation\.jsonl:5: field 'label' = 5 is not a sst2 label id"):
+        load_validation_rows(tmp_path, "sst2")
 
 
 # --------------------------------------------------------------------------- sampling

@@ -36,7 +36,6 @@ import logging
 import re
 import types
 import typing
-from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -1035,7 +1034,8 @@ def load_settings(path: str | Path = "params.yaml", overrides: list[str | Secret
     """
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"{path}: not found. Run from the project root or pass --params PATH.")
+        raise ConfigError(f"{path}: not found ({path.resolve()}). Run from the project root or pass --params PATH "
+                          "(a Prefect deployment: its params_path parameter, relative to the project root).")
     if path.is_dir():
         raise ConfigError(f"{path}: is a directory; pass the params file itself, e.g. --params {path / 'params.yaml'}")
     data = path.read_bytes()
@@ -1188,6 +1188,21 @@ def check_robustness_sets(settings: Settings, command: str, *, perturbed: bool =
                       "with `coin evaluate --model NAME=ADAPTER_DIR`. Nothing was run.")
 
 
+def _warn_shipped_instructions(settings: Settings, root: Path, path: Path) -> None:
+    """``evaluate.instruction_file`` is its own setting, not read under ``paths.data_dir``: warn when a data copy
+    elsewhere holds a different file at the same place, which the user most likely edited to evaluate on."""
+    rel = Path(settings.evaluate.instruction_file)
+    if rel.is_absolute() or rel.parts[:1] != ("data",) or len(rel.parts) < 2:
+        return
+    data_dir = root / settings.paths.data_dir
+    mine = data_dir.joinpath(*rel.parts[1:])
+    if data_dir.resolve() == (root / "data").resolve() or not mine.is_file() or not path.is_file():
+        return
+    if mine.read_bytes() != path.read_bytes():
+        log.warning("evaluate.instruction_file reads %s, not %s under paths.data_dir (the two differ): to evaluate "
+                    "on your copy, set evaluate.instruction_file=%s", path, mine, mine)
+
+
 def check_instruction_file(settings: Settings, root: Path, *, source: str | Path = "params.yaml") -> None:
     """Check ``evaluate.instruction_sets`` and ``evaluate.tasks`` against ``evaluate.instruction_file`` (relative
     to ``root``) when the settings are loaded, so a misspelt set fails before training, not at evaluation.
@@ -1203,6 +1218,7 @@ def check_instruction_file(settings: Settings, root: Path, *, source: str | Path
     path = Path(ev.instruction_file)
     if not path.is_absolute():
         path = Path(root) / path
+    _warn_shipped_instructions(settings, Path(root), path)
     if not path.is_file():
         log.debug("%s: not there (yet); evaluate.instruction_sets and evaluate.tasks are checked against it once it "
                   "is (the data stage restores data/)", path)
@@ -1238,11 +1254,19 @@ def check_instruction_file(settings: Settings, root: Path, *, source: str | Path
         label_choices(get_task(t).label_words, path, t)
     for s, by_task in sets.items():
         for t, items in by_task.items():
-            for text, n in Counter(items).items():
-                if n > 1:
-                    log.warning("%s: set '%s', task '%s': the instruction %r is listed %d times; the set's std and "
+            # as prompts: an instruction without a trailing space gets one before the input (join_instruction), so
+            # "Sentiment?" and "Sentiment? " build the same prompts
+            same: dict[str, list[str]] = {}
+            for text in items:
+                same.setdefault(text if text[-1:].isspace() else text + " ", []).append(text)
+            for texts in same.values():
+                if len(texts) > 1:
+                    variants = list(dict.fromkeys(texts))
+                    shown = " / ".join(repr(x) for x in variants)
+                    log.warning("%s: set '%s', task '%s': the instruction %s is listed %d times%s; the set's std and "
                                 "consistency look better than they are (identical instructions agree by construction). "
-                                "Make the instructions distinct.", path, s, t, text, n)
+                                "Make the instructions distinct.", path, s, t, shown, len(texts),
+                                " (the same prompts: a space is added before the input)" if len(variants) > 1 else "")
             if s in PERTURBATION_LEVELS and len(items) != PROMPTBENCH_INSTRUCTIONS_PER_TASK:
                 log.warning("%s: set '%s', task '%s' has %d instructions; the shipped PromptBench set has %d, so its "
                             "figures are not comparable with the shipped evaluation's", path, s, t, len(items),

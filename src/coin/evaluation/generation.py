@@ -106,12 +106,25 @@ def label_choices(label_words: Sequence[str], instruction_file: str | Path | Non
                             f"'{word}' is label {idx} in the data (coin.data.tasks); fix the file")
     # an alias of label_set without an id in label_to_id is not an answer: the reference's own file lists such
     # variants ("positive'") and maps only some of them
+    # answers are matched after normalise_output (case, spaces, punctuation at the ends): an alias is refused where
+    # it reads as another label's word ("Positive" -> 0 would turn every "positive" into label 0) or as nothing
+    # (every answer starts with "", so no output would stay unparsed)
+    taken = {normalise_output(w): i for w, i in choices.items()}
     for alias in label_set:
         if isinstance(alias, str) and alias in to_id and alias not in choices:
             idx = to_id[alias]
-            if not isinstance(idx, int) or not 0 <= idx < len(label_words):
-                raise DataError(f"{path}: task '{task}': field 'label_to_id.{task}.{alias}' = {idx!r} is not a "
-                                f"label index 0..{len(label_words) - 1}")
+            field = f"{path}: task '{task}': field 'label_to_id.{task}.{alias}'"
+            if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(label_words):
+                raise DataError(f"{field} = {idx!r} is not a label index 0..{len(label_words) - 1}")
+            key = normalise_output(alias)
+            if not key:
+                raise DataError(f"{field}: the alias {alias!r} reads as nothing once case, spaces and punctuation "
+                                f"are set aside, so every answer would count as label {idx}; drop it")
+            if taken.get(key, idx) != idx:
+                raise DataError(f"{field} = {idx} but answers are matched case- and punctuation-blind, and "
+                                f"{alias!r} reads as {key!r}, which is label {taken[key]}: it would flip those "
+                                "answers; fix the id or drop the alias")
+            taken[key] = idx
             choices[alias] = idx
     return choices
 

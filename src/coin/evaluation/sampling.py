@@ -39,11 +39,13 @@ def load_validation_rows(data_dir: str | Path, task: str) -> tuple[list[dict[str
     required: dict[str, type | tuple[type, ...]] = {f: str for f in spec.fields}
     required["label"] = int
     rows: list[dict[str, Any]] = []
+    def check(row: dict[str, Any]) -> str | None:  # raised with the file's line number in front
+        if 0 <= row["label"] < spec.num_labels:
+            return None
+        return f"field 'label' = {row['label']} is not a {task} label id (0..{spec.num_labels - 1}); fix the row"
+
     for path in paths:
-        for i, row in enumerate(read_jsonl(path, required=required)):
-            if not 0 <= row["label"] < spec.num_labels:
-                raise DataError(f"{path}: row {i + 1}: label {row['label']} outside 0..{spec.num_labels - 1} "
-                                f"for {task}")
+        for i, row in enumerate(read_jsonl(path, required=required, check=check)):
             rows.append({**row, "example_id": f"{path.stem}:{i}"})
     if not rows:  # an evaluation average over the other tasks would pass for the configured one
         files = ", ".join(str(p) for p in paths)
