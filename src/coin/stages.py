@@ -365,7 +365,8 @@ def _train_one(settings: Settings, root: Path, rows: list[dict[str, Any]], metho
         result = train_adapter(settings, rows, method, out_dir, on_metrics=on_metrics, before_save=forget_old_record)
         # the full history: after a resume, on_metrics saw only the steps run in this process
         _write_history_csv(out_dir / "loss.csv", [{**h, "step": int(h["step"])} for h in (result.history or history)])
-        _log_restored_steps(run.info.run_id, result, {int(h["step"]) for h in history})
+        _log_restored_steps(run.info.run_id, result, {int(h["step"]) for h in history},
+                            log_every=settings.train.log_every, max_steps=settings.train.max_steps)
         mlflow.log_metrics({"train/wall_s": result.wall_time_s, "train/steps": float(result.steps),
                             "train/epochs": result.epochs, "train/rows": float(result.train_rows)})
         if (out_dir / "loss.csv").exists():
@@ -379,15 +380,19 @@ def _train_one(settings: Settings, root: Path, rows: list[dict[str, Any]], metho
                       for k, v in ((result.history or history or [{}])[-1]).items()},
         }
         write_json(out_dir / "train.json", record)
+        # in the index at once: a later method of the same `coin train` that fails or is refused must not leave
+        # this one out of it (forget_old_record took it out)
+        write_train_index(settings, root)
     log.info("train[%s]: %d steps (%.2f epochs of %d rows) in %.1f s -> %s", method, result.steps, result.epochs,
              result.train_rows, result.wall_time_s, out_dir)
     return record
 
 
-def _log_restored_steps(run_id: str, result: Any, seen: set[int]) -> None:
+def _log_restored_steps(run_id: str, result: Any, seen: set[int], *, log_every: int, max_steps: int) -> None:
     """Log to the training run the steps of ``result.history`` this process did not run (a resumed training: those
-    before its checkpoint, restored with it), so the run ``train.json`` names holds every step once, as loss.csv
-    does; the run is tagged ``coin.resumed_from``. Nothing for a fresh run."""
+    up to its checkpoint, restored with it) that a fresh run logs (every ``log_every``-th and the last), so the run
+    ``train.json`` names holds what a fresh run's holds, each step once; the run is tagged ``coin.resumed_from``.
+    Nothing for a fresh run."""
     import time
 
     from mlflow import MlflowClient
@@ -396,8 +401,10 @@ def _log_restored_steps(run_id: str, result: Any, seen: set[int]) -> None:
     if not result.resumed_from:
         return
     now = int(time.time() * 1000)
-    metrics = [Metric(f"train/{k}", float(v), now, int(h["step"])) for h in result.history or []
-               if int(h["step"]) not in seen for k, v in h.items() if k != "step" and math.isfinite(float(v))]
+    restored = [h for h in result.history or [] if int(h["step"]) not in seen and int(h["step"]) <= result.resumed_from
+                and (int(h["step"]) % log_every == 0 or int(h["step"]) == max_steps)]
+    metrics = [Metric(f"train/{k}", float(v), now, int(h["step"])) for h in restored
+               for k, v in h.items() if k != "step" and math.isfinite(float(v))]
     client = MlflowClient()
     for i in range(0, len(metrics), 1000):  # MLflow's batch limit
         client.log_batch(run_id, metrics=metrics[i:i + 1000])

@@ -25,6 +25,7 @@ to repair, and their batches are exactly as before.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -32,6 +33,7 @@ from typing import Any
 from coin.training.collator import GROUP_COLUMNS
 
 BUCKET_WINDOW = 32  # batches per sorting window
+log = logging.getLogger(__name__)
 
 
 def train_rows_of(rows: list[dict[str, Any]], batch_size: int, processes: int = 1) -> list[dict[str, Any]]:
@@ -70,6 +72,7 @@ class BatchStream:
         self._examples = keys if len(set(keys)) < len(keys) else None  # None: one row per example
         self.epoch, self.next_batch = 0, 0
         self._cache: tuple[int, list[list[int]]] | None = None
+        self._warned = False
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         """Row indices of every batch of ``epoch`` (deterministic in ``(seed, epoch)``)."""
@@ -90,7 +93,13 @@ class BatchStream:
                 batches += [chunk[i : i + bs] for i in range(0, len(chunk), bs)]
             rng.shuffle(batches)
         if self._examples is not None:
-            spread_examples(batches, self._examples, rng)
+            left = spread_examples(batches, self._examples, rng)
+            if left and not self._warned:  # once per run: every epoch is alike
+                self._warned = True
+                log.warning("%d of %d rows of epoch %d share a batch with a row of their own example (%d examples, "
+                            "batches of %d): InfoNCE pushes those apart although they are positives. Lower "
+                            "train.batch_size, add rows, or use pairs.strategy: random (one row per example)",
+                            left, usable, epoch, len(set(self._examples)), bs)
         self._cache = (epoch, batches)
         return batches
 

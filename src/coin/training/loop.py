@@ -224,8 +224,10 @@ def _train(run: TrainRun, world: World, device: torch.device) -> TrainResult:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     param_names, params = [n for n, _ in named], [p for _, p in named]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = get_scheduler(_SCHEDULES[cfg.lr_schedule], opt, num_warmup_steps=round(cfg.warmup_ratio * cfg.max_steps),
-                          num_training_steps=cfg.max_steps)
+    # a warm-up as long as the run never reached train.lr (max_steps 1: the only step ran at lr 0, and the adapter
+    # stayed at its initial state): the last step is always past it
+    warmup = min(round(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps - 1)
+    sched = get_scheduler(_SCHEDULES[cfg.lr_schedule], opt, num_warmup_steps=warmup, num_training_steps=cfg.max_steps)
     stream = BatchStream(train_rows, global_batch, seed, bucket_by_length=cfg.bucket_by_length)
     state = TrainingState(model=model, optimizer=opt, scheduler=sched, param_names=param_names,
                           fingerprint=fingerprint(cfg.model_dump(mode="json"), seed=seed, cutoff_len=run.cutoff_len,

@@ -1,0 +1,77 @@
+"""Training settings at their edges: a later method failing after an earlier one trained, a warm-up as long as the
+run, batches that cannot keep an example apart, and what a resumed run logs against a fresh one."""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers_training import adapter_tensors, cfg_for, make_rows
+
+from coin.modeling.backbone import load_backbone
+from coin.training.loop import train
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _settings(model_dir: Path, methods: list[str], **train):
+    from coin.config import Settings
+
+    return Settings.model_validate({
+        "model": {"backbone": str(model_dir), "device": "cpu"},
+        "train": {"methods": methods, "max_steps": 2, "batch_size": 2, "checkpoint_every": 1, "autocast": "off",
+                  "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}, **train},
+        "register": {"methods": methods}, "study": {"methods": ["base", *methods]}})
+
+
+def test_a_failed_second_method_keeps_the_first_in_the_index(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from coin import stages
+    from coin.data.io import read_json, write_jsonl
+
+    s = _settings(tiny_llama_dir, ["sft", "cit"])
+    write_jsonl(stages.Layout(tmp_path, s).valid_file, make_rows(4))
+    stages.stage_train(s, tmp_path)
+    stages.stage_train(_settings(tiny_llama_dir, ["cit"], lr=2e-3), tmp_path)  # cit's checkpoints: another lr
+    with pytest.raises(ValueError, match="cannot resume"):
+        stages.stage_train(_settings(tiny_llama_dir, ["sft", "cit"], resume=True), tmp_path)  # sft done, cit refused
+    assert (tmp_path / "outputs/train/sft/train.json").exists()
+    assert "sft" in read_json(tmp_path / "outputs/train/train.json")["runs"]
+
+
+def test_a_warmup_as_long_as_the_run_still_trains(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    res = train(load_backbone(str(tiny_llama_dir), device="cpu"), make_rows(4),
+                cfg_for("sft", max_steps=1, warmup_ratio=0.6, lr=1e-1), out_dir=tmp_path, seed=0, cutoff_len=64,
+                progress=False)
+    assert res.history[-1]["lr"] > 0
+    assert any(float(v.abs().max()) > 0 for k, v in adapter_tensors(res.adapter_dir).items() if "lora_B" in k)
+
+
+def test_batches_that_must_repeat_an_example_are_reported(caplog) -> None:
+    from coin.training.batching import BatchStream
+
+    rows = [dict(r, example_id=f"ex{i % 3}") for i, r in enumerate(make_rows(8))]  # 3 examples, batches of 4
+    with caplog.at_level(logging.WARNING, logger="coin.training.batching"):
+        next(BatchStream(rows, 4, 0))
+    assert "example" in caplog.text
+
+
+def test_a_resumed_run_logs_what_a_fresh_run_logs(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import mlflow
+
+    from coin.stages import _train_one
+
+    rows = make_rows(4)
+
+    def s(resume):
+        return _settings(tiny_llama_dir, ["sft"], max_steps=5, checkpoint_every=2, log_every=2, resume=resume)
+
+    fresh = _train_one(s(False), tmp_path, rows, "sft")
+    shutil.rmtree(tmp_path / "outputs/train/sft/checkpoints/step-0000004")
+    again = _train_one(s(True), tmp_path, rows, "sft")
+    c = mlflow.MlflowClient()
+
+    def steps(run):
+        return sorted(m.step for m in c.get_metric_history(run["run_id"], "train/loss"))
+
+    assert steps(again) == steps(fresh) == [2, 4, 5]
