@@ -489,3 +489,42 @@ def test_a_model_keeps_its_colour_across_scoring_panels_and_notes_name_their_mod
     details = md[md.index("## Run details"):]
     assert "- m: loglik: inputs cut (rte 12 of 36)" in details and "- n: loglik: inputs cut (rte 3 of 36)" in details
     assert "- shared" in details
+
+
+def test_coin_card_side_by_side_says_when_the_two_were_evaluated_differently(eval_dir):
+    """The gate calls two versions scored on different samples "Not comparable"; coin card printed their B − A
+    without a word."""
+    import copy
+    import json
+
+    from rich.console import Console
+
+    from coin.evaluation.report.card import rich_tables
+
+    a = json.loads((eval_dir / "cards" / "m" / "card.json").read_text())
+    b = json.loads((eval_dir / "cards" / "n" / "card.json").read_text())
+
+    def said(x, y):
+        console = Console(width=200, record=True)
+        for t in rich_tables([{**x, "_ref": "models:/x/1"}, {**y, "_ref": "models:/x/2"}]):
+            console.print(t)
+        return " ".join(console.export_text().split())
+
+    assert "Not comparable" not in said(a, b)  # one protocol: the difference stands
+    more = copy.deepcopy(b)
+    for cells in more["tasks"].values():  # B scored on more examples per task
+        for cell in cells.values():
+            cell["n"] += 2
+    text = said(a, more)
+    assert "Not comparable as B − A" in text and "examples" in text
+
+
+def test_a_model_dropped_from_the_evaluation_leaves_no_card_of_it(tmp_path):
+    import json
+
+    from coin.evaluation.report import write_eval_outputs
+
+    write_eval_outputs([_result("m", TABLE), _result("n", STEADY)], tmp_path)
+    write_eval_outputs([_result("m", TABLE)], tmp_path)
+    assert "n" not in json.loads((tmp_path / "metrics.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "cards").iterdir()) == ["m"]

@@ -135,6 +135,19 @@ def test_a_long_summary_keeps_the_registration_verdict_and_the_run():
     assert len(lines) == 1 + MAX_LINES + 1 and "more fields" in lines[-1]
 
 
+def test_a_long_summary_keeps_each_models_headline_beside_the_registration_that_quotes_it():
+    """With three models evaluated the pipeline's summary cut `evaluate.sft` and `register.method`, and kept the
+    message quoting sft's "clean accuracy 60.0" right after coin's line (56.7): it read as a contradiction."""
+    result = {f"field{i}": i for i in range(40)}
+    result["evaluate"] = {m: {"summary": {"clean_acc": acc, "perturbed_acc": acc - 5}, "by_task": {}}
+                          for m, acc in (("base", 40.0), ("coin", 56.7), ("sft", 60.0))}
+    result["register"] = {"method": "sft", "message": "coin-tiny v2: registered, not promoted: clean accuracy 60.0"}
+    text = "\n".join(summary_lines("pipeline", result))
+    for m in ("base", "coin", "sft"):
+        assert f"evaluate.{m}: {{\"clean_acc\"" in text, text
+    assert "register.method: sft" in text and "register.message" in text
+
+
 def test_a_long_summary_keeps_every_candidates_verdict_under_its_method():
     """With two register.methods the pipeline's summary kept only the last candidate's message (cit's), with no
     method named: coin's own verdict was among the cut fields."""

@@ -173,3 +173,5 @@ def test_runs_of_data_changed_in_place_are_tagged_dirty(tmp_path, monkeypatch):
     f = project / "data" / "glue" / "sst2.train.jsonl"
     f.write_text(f.read_text().upper())
     assert provenance_tags(settings, project, "pairs")["coin.data_version"] == f"{v0}-dirty"
+    (project / "data.dvc").unlink()  # no DVC: the data stage and every run's tag use one word
+    assert provenance_tags(settings, project, "pairs")["coin.data_version"] == "untracked" == data_version(project)

@@ -60,11 +60,14 @@ def _flatten(d: dict[str, Any], prefix: str = "", depth: int = 0) -> list[tuple[
 
 
 # last dotted part of a field never cut from a summary (candidates: every registered method's verdict)
-PRIORITY = ("message", "aliases", "candidates", "mlflow_parent_run_id")
+PRIORITY = ("message", "method", "aliases", "candidates", "mlflow_parent_run_id")
 
 
-def _priority(key: str) -> bool:
-    return key.rsplit(".", 1)[-1] in PRIORITY
+def _priority(key: str, value: Any = None) -> bool:
+    """A verdict, where to look, or a model's headline figures (a registration message quotes them: cut, the
+    message read against another model's line)."""
+    headline = isinstance(value, dict) and bool(value) and set(value) <= set(HEADLINE)
+    return headline or key.rsplit(".", 1)[-1] in PRIORITY
 
 
 def summary_lines(stage: str, result: dict[str, Any], outputs: list[str] | None = None) -> list[str]:
@@ -73,11 +76,11 @@ def summary_lines(stage: str, result: dict[str, Any], outputs: list[str] | None 
     fields = _flatten(result)
     # the verdicts and where to look are shown whatever the cut: a pipeline's registration message (its promotion
     # decision), aliases and MLflow run came after the cut
-    room = max(MAX_LINES - sum(_priority(k) for k, _ in fields), 0)  # lines left for the other fields
+    room = max(MAX_LINES - sum(_priority(k, v) for k, v in fields), 0)  # lines left for the other fields
     shown = []
     for key, value in fields:
-        if _priority(key) or room > 0:
-            room -= not _priority(key)
+        if _priority(key, value) or room > 0:
+            room -= not _priority(key, value)
             shown.append((key, value))
     for key, value in shown:
         line = f"  {key}: {_short(value)}"

@@ -58,7 +58,7 @@ def stage_data(settings: Settings, root: Path) -> dict[str, Any]:
     if not (root / "data.dvc").exists():
         if not lay.data_dir.exists():
             raise DataError(f"{lay.data_dir}: missing and no data.dvc to restore it from")
-        return {"data_version": "untracked", "pulled": False}
+        return {"data_version": data_version(root), "pulled": False}  # 'untracked', as every run's tag says
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:

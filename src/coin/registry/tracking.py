@@ -92,10 +92,11 @@ def setup_tracking(settings: Settings, root: Path) -> str:
 
 
 def data_version(root: Path) -> str:
-    """The md5 of the DVC-tracked data directory, from ``data.dvc`` ('unknown' if absent)."""
+    """The md5 of the DVC-tracked data directory, from ``data.dvc``: 'untracked' without one (the data stage's
+    word too), 'unknown' when it records no md5."""
     f = root / "data.dvc"
     if not f.exists():
-        return "unknown"
+        return "untracked"
     doc = yaml.safe_load(f.read_text()) or {}
     outs = doc.get("outs") or [{}]
     return str(outs[0].get("md5", "unknown"))
@@ -139,7 +140,8 @@ def provenance_tags(settings: Settings, root: Path, stage: str) -> dict[str, Any
     version = data_version(root)
     return {
         "coin.stage": stage,
-        "coin.data_version": version + ("-dirty" if version != "unknown" and data_modified(root) else ""),
+        "coin.data_version": version + ("-dirty" if version not in ("unknown", "untracked") and data_modified(root)
+                                        else ""),
         "mlflow.source.git.commit": git_commit(root),
         "coin.backbone": settings.model.backbone,
     }

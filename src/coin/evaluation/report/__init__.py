@@ -37,6 +37,7 @@ writer, which computes the references and intervals once and writes the files):
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,10 @@ def write_eval_outputs(results: list[EvalResult], out_dir: str | Path,
     frame = pd.concat([r.predictions for r in results], ignore_index=True)
     write_jsonl(paths["predictions"], json.loads(frame.to_json(orient="records", force_ascii=False)))
     paths["cards"] = out / CARDS_DIR
+    keep = {card_dir(out, label) for label in cards}
+    for old in sorted(paths["cards"].glob(f"*/{CARD_JSON}")):  # a model no longer evaluated: its card goes too
+        if old.parent not in keep:
+            shutil.rmtree(old.parent)
     for label, card in cards.items():
         d = card_dir(out, label)
         d.mkdir(parents=True, exist_ok=True)

@@ -121,6 +121,29 @@ def _delta(a: Any, b: Any, unit: str) -> str:
     return f"{b - a:+.1f}" if unit in ("%", "points") else f"{b - a:+.3f}"
 
 
+def _examples_per_task(card: dict[str, Any]) -> dict[str, list[int]]:
+    return {t: sorted({int(c["n"]) for c in cells.values() if isinstance(c, dict) and "n" in c})
+            for t, cells in (card.get("tasks") or {}).items()}
+
+
+def _unlike(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """What differs between the protocols two cards were scored under ('' when nothing): their scoring, their
+    instruction sets, their examples per task (the gate calls such a pair "Not comparable")."""
+    diffs = []
+    if a.get("scoring") != b.get("scoring"):
+        diffs.append(f"scoring {a.get('scoring')} / {b.get('scoring')}")
+    sets_a, sets_b = [sorted((c.get("order") or {}).get("sets") or []) for c in (a, b)]
+    if sets_a != sets_b:
+        diffs.append(f"sets {', '.join(sets_a)} / {', '.join(sets_b)}")
+    n_a, n_b = _examples_per_task(a), _examples_per_task(b)
+    if n_a != n_b:
+        tasks = sorted(set(n_a) | set(n_b))
+        diffs.append("examples " + ", ".join(f"{t} {'/'.join(map(str, n_a.get(t, []))) or DASH} / "
+                                              f"{'/'.join(map(str, n_b.get(t, []))) or DASH}"
+                                              for t in tasks if n_a.get(t) != n_b.get(t)))
+    return "; ".join(diffs)
+
+
 def rich_tables(cards: list[dict[str, Any]]) -> list[Any]:
     """``coin card``'s output: the headline of one card, or of two side by side with their difference, then
     each card's figures by instruction set (``rich.table.Table`` objects)."""
@@ -142,6 +165,12 @@ def rich_tables(cards: list[dict[str, Any]]) -> list[Any]:
             extra = [_delta(cards[0]["headline"].get(key), cards[1]["headline"].get(key), row[1])]
         head.add_row(*(escape(str(v)) for v in (*row, *extra)))
     out: list[Any] = [head]
+    if len(cards) == 2 and (unlike := _unlike(cards[0], cards[1])):
+        from rich.text import Text
+
+        out.append(Text(f"Not comparable as B − A: the two were evaluated differently ({unlike}); each column stands "
+                        "alone. Evaluate both under one protocol (coin evaluate --model A --model B) to compare them.",
+                        style="bold yellow"))
     for name, card in zip(names, cards, strict=True):
         t = _figure_table(in_order(card, "sets", card.get("sets", {})))
         by_set = RichTable(title=f"{name} · {escape(str(card['model']))} · {escape(str(card['scoring']))}: by "
