@@ -64,3 +64,15 @@ def test_gate_failure_message_is_printed_verbatim(tmp_path):
     assert res.exit_code == 3  # the gate refused the data (ExitCode.DATA)
     assert "validation gate failed" in res.output and "pair_id 'sst2:train:" in res.output
     assert (tmp_path / "outputs" / "validated" / "rejects.jsonl").exists()
+
+
+def test_the_study_dry_run_help_names_the_actions_it_prints():
+    from typer.testing import CliRunner
+
+    from coin.study import plan
+
+    text = " ".join(CliRunner().invoke(app, ["study", "--help"]).output.split())
+    for action in (plan.DONE, plan.EVALUATE, plan.TRAIN, plan.COPY):
+        assert action in text, action
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert "(done, evaluate, train + evaluate, copy;" in readme and "evaluate only" not in readme

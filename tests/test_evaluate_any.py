@@ -310,6 +310,29 @@ def test_an_existing_directory_with_an_equals_sign_is_a_spec_not_a_label(tmp_pat
     assert (labelled.label, labelled.spec) == ("mine", "coin-s0-train.lr=0.0005/adapter")
 
 
+def test_instructions_without_model_say_each_file_warning_once(project, monkeypatch, caplog):
+    """The settings were loaded twice (once to find the pipeline's models), and every warning about the file was
+    printed twice, once before logging was set up."""
+    import logging
+
+    import coin.evaluation.anymodel as anymodel
+    import coin.stages
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop
+
+    monkeypatch.setattr(coin.stages, "pipeline_model_specs", lambda settings, root: ["minilm"])
+    monkeypatch.setattr(anymodel, "evaluate_models", stop)
+    with caplog.at_level(logging.WARNING, logger="coin"):
+        res = runner.invoke(app, ["evaluate", *project["common"], "--instructions", str(project["instr"])])
+    assert isinstance(res.exception, SystemExit) or res.exit_code != 0  # stopped before any model, as arranged
+    said = [r.getMessage() for r in caplog.records if "has 2 instructions" in r.getMessage()]
+    assert len(said) == 1, said
+
+
 def test_without_model_the_options_of_any_model_are_refused(project):
     res = runner.invoke(app, ["evaluate", *project["common"], "--out", str(project["tmp"] / "x")])
     assert res.exit_code == 2 and "--out / --cache-dir go with --model" in res.output

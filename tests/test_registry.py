@@ -672,6 +672,8 @@ def test_register_gate_idempotent_and_pyfunc_roundtrip(store, tmp_path, tiny_lla
     params = tmp_path / "params.yaml"
     params.write_text((ROOT / "params.yaml").read_text())
     common = ["--params", str(params), "--set", "tracking.experiment=t"]
+    for meta in tmp_path.rglob("registered_model_meta"):  # what the load above wrote into the store
+        meta.unlink()
     res = CliRunner().invoke(app, ["predict", "--instruction", "Is this 'positive' or 'negative'? ", "--input",
                                    "what a film", "--task", "sst2", *common, "--set", "register.model_name=tiny-coin"])
     assert res.exit_code == 0, res.output
@@ -693,6 +695,7 @@ def test_register_gate_idempotent_and_pyfunc_roundtrip(store, tmp_path, tiny_lla
     lines = [ln for ln in odd.stdout.splitlines() if "\t" in ln]
     assert [ln.split("\t", 1)[1] for ln in lines] == ["line one\\nline\\ttwo", "b"]
     assert "no [/]" in odd.output and "MarkupError" not in odd.output
+    assert not list(tmp_path.rglob("registered_model_meta"))  # coin predict reads the store, never writes it
     missing = CliRunner().invoke(app, ["predict", "--instruction", "x", *common, "--set", "register.model_name=nope"])
     assert missing.exit_code == 4 and "cannot load models:/nope@champion" in missing.output  # ExitCode.MODEL
 

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import traceback
 from enum import IntEnum
 from pathlib import Path
@@ -449,13 +450,17 @@ def evaluate(
     """Robustness evaluation: the pipeline's models, or any models (--model) on any instruction file."""
     overrides = list(set_ or [])
     explicit = bool(model)  # models named here: model.backbone is not read
+    loaded = None
     if not model and instructions is not None:
         # the pipeline's models on another instruction file: a separate evaluation (own out dir, own MLflow runs),
         # never written over the pipeline's evaluation or into its training runs
         from coin.evaluation.anymodel import load_for_instructions
         from coin.stages import pipeline_model_specs
 
-        model = pipeline_model_specs(*load_for_instructions(params, overrides, instructions))
+        _setup_logging()
+        instructions = instructions.expanduser().resolve()
+        loaded = load_for_instructions(params, overrides, instructions)  # once: its warnings are said once
+        model = pipeline_model_specs(*loaded)
         default_out = f"evaluate-{instructions.stem}"
     else:
         default_out = "evaluate-any"
@@ -471,7 +476,7 @@ def evaluate(
     _setup_logging()
     if instructions is not None:
         instructions = instructions.expanduser().resolve()
-    settings, root = load_for_instructions(params, overrides, instructions, uses_backbone=not explicit)
+    settings, root = loaded or load_for_instructions(params, overrides, instructions, uses_backbone=not explicit)
     out_dir = out.expanduser().resolve() if out is not None else root / settings.paths.out_dir / default_out
     run = evaluate_models(model, settings, root, out_dir, instruction_file=instructions, cache_dir=cache_dir)
     table = (out_dir / "table.md").read_text()
@@ -509,8 +514,8 @@ def study(
     dask_threads: Annotated[bool,
                             typer.Option(help="one Dask worker thread in this process (one worker; --workers above "
                                               "1 is refused)")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="list what each cell would do (done, evaluate only, "
-                                          "train, copy) and stop; computes nothing")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list what each cell would do (done, evaluate, "
+                                          "train + evaluate, copy) and stop; computes nothing")] = False,
 ) -> None:
     """Methods x training seeds [x one swept key]: train + evaluate each cell, then mean ± std and paired differences
     (Prefect flow).
@@ -607,41 +612,44 @@ def predict(
     settings, root = _settings(params, set_, check_project=False)  # predict reads neither data nor the backbone
     setup_tracking(settings, root)
     uri = model_uri or f"models:/{settings.register_.model_name}@champion"
-    try:
-        model = mlflow.pyfunc.load_model(uri)
-    except Exception as exc:  # noqa: BLE001 -- MLflow raises several types for a missing model
-        why = str(exc).strip().rstrip(".")
-        if not uri.startswith(("models:/", "runs:/")) and "artifact repository" in why:  # no such URI scheme
-            hint = (" Give models:/<name>@<alias>, models:/<name>/<version>, runs:/<run id>/<path> or a model "
-                    "directory.")
-        elif _is(exc, "mlflow.exceptions", "MlflowException") or isinstance(exc, FileNotFoundError):
-            # the registered model, alias, version or run is not in the store: the pipeline makes one
-            hint = " Run `coin pipeline` (or `coin register`) first."
-            if "alias champion not found" in why:
-                hint = (" No candidate has passed the promotion gate yet (see `coin.promotion.reason` on its version, "
-                        "or outputs/register/registration.json); the newest candidate is "
-                        f"--model-uri models:/{settings.register_.model_name}@challenger.")
-        else:  # the model is registered but does not load here (its base, a library): its own message says why
-            hint = ""
-        raise ModelUnavailable(f"cannot load {uri}: {why}.{hint}") from None
-    n = len(inputs)
-    row = {"instruction": [instruction] * n, "input": inputs}
-    if task:
-        row["task"] = [task] * n
-    if options:
-        row["options"] = [options] * n
-    try:
-        out = model.predict(pd.DataFrame(row), params={"return_scores": True})
-    except mlflow.exceptions.MlflowException as exc:  # the pyfunc's refusal of an input (coin.predict): exit 2
-        if not exc.message.startswith("invalid input:"):
-            raise
-        raise ValueError(exc.message) from None
-    for text, answer, scores in zip(inputs, out["answer"], out["scores"], strict=True):
-        # several inputs: one `answer<TAB>input` line each, so a tab or line break inside either is escaped
-        print(answer if n == 1 else f"{_one_line(answer)}\t{_one_line(text)}")
-        if scores:  # the options are user text: printed literally, never as rich markup
-            console.print(f"[dim]scores (label log-likelihoods; calibrated if the model was trained with "
-                          f"evaluate.calibration: content_free): {escape(scores)}[/]", highlight=False)
+    # a copy of the model in a temp dir: loaded in place, MLflow writes its registered_model_meta file into the
+    # store's own artifact folder (the evaluation loads from a copy for the same reason)
+    with tempfile.TemporaryDirectory(prefix="coin-predict-model-") as tmp:
+        try:
+            model = mlflow.pyfunc.load_model(uri, dst_path=tmp)
+        except Exception as exc:  # noqa: BLE001 -- MLflow raises several types for a missing model
+            why = str(exc).strip().rstrip(".")
+            if not uri.startswith(("models:/", "runs:/")) and "artifact repository" in why:  # no such URI scheme
+                hint = (" Give models:/<name>@<alias>, models:/<name>/<version>, runs:/<run id>/<path> or a model "
+                        "directory.")
+            elif _is(exc, "mlflow.exceptions", "MlflowException") or isinstance(exc, FileNotFoundError):
+                # the registered model, alias, version or run is not in the store: the pipeline makes one
+                hint = " Run `coin pipeline` (or `coin register`) first."
+                if "alias champion not found" in why:
+                    hint = (" No candidate has passed the promotion gate yet (see `coin.promotion.reason` on its "
+                            "version, or outputs/register/registration.json); the newest candidate is "
+                            f"--model-uri models:/{settings.register_.model_name}@challenger.")
+            else:  # the model is registered but does not load here (its base, a library): its own message says why
+                hint = ""
+            raise ModelUnavailable(f"cannot load {uri}: {why}.{hint}") from None
+        n = len(inputs)
+        row = {"instruction": [instruction] * n, "input": inputs}
+        if task:
+            row["task"] = [task] * n
+        if options:
+            row["options"] = [options] * n
+        try:
+            out = model.predict(pd.DataFrame(row), params={"return_scores": True})
+        except mlflow.exceptions.MlflowException as exc:  # the pyfunc's refusal of an input (coin.predict): exit 2
+            if not exc.message.startswith("invalid input:"):
+                raise
+            raise ValueError(exc.message) from None
+        for text, answer, scores in zip(inputs, out["answer"], out["scores"], strict=True):
+            # several inputs: one `answer<TAB>input` line each, so a tab or line break inside either is escaped
+            print(answer if n == 1 else f"{_one_line(answer)}\t{_one_line(text)}")
+            if scores:  # the options are user text: printed literally, never as rich markup
+                console.print(f"[dim]scores (label log-likelihoods; calibrated if the model was trained with "
+                              f"evaluate.calibration: content_free): {escape(scores)}[/]", highlight=False)
 
 
 def _one_line(text: str) -> str:
