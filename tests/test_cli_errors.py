@@ -387,3 +387,99 @@ def test_dvc_refusing_to_overwrite_edited_data_says_so_not_to_check_the_remote()
                                            "Use `--force` to force.\ndata/glue/sst2.train.jsonl"))
     assert code == ExitCode.DATA and "sst2.train.jsonl" in msg
     assert "changed in place" in fix and "dvc add data" in fix and "remote" not in fix
+
+
+# --------------------------------------------------------------------------- stage records and folders a user broke
+
+
+def _with_train_record(tmp_path: Path, record) -> Path:
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text().replace("data_dir: data", f"data_dir: {ROOT / 'data'}")
+                      .replace("instruction_file: data/", f"instruction_file: {ROOT / 'data'}/"))
+    rec = tmp_path / "outputs" / "train" / "train.json"
+    rec.parent.mkdir(parents=True)
+    rec.write_text(json.dumps(record))
+    return params
+
+
+@pytest.mark.parametrize("record", [
+    {"methods": ["coin"], "runs": {"coin": {"run_id": "x"}}},  # no adapter_dir: blamed on params.yaml before
+    [],                                                       # not an object: an AttributeError called a bug
+    {"runs": {"coin": "x"}},                                  # a TypeError called a bug
+], ids=["missing-key", "a-list", "a-string-record"])
+def test_a_broken_training_index_is_a_data_error_naming_it(tmp_path, monkeypatch, record):
+    monkeypatch.chdir(tmp_path)
+    _with_train_record(tmp_path, record)
+    res = runner.invoke(app, ["evaluate", "-p", "params.yaml", "--set", "train.methods=[coin]"])
+    err = " ".join(res.output.split())
+    assert res.exit_code == ExitCode.DATA and "train.json" in err and "params.yaml: no entry" not in err, err
+    assert "rerun `coin train`" in err
+
+
+def test_a_missing_key_names_a_file_only_from_the_frame_that_looked_it_up(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("x: 1\n")
+
+    def outer(params_path: Path) -> None:
+        inner({"a": 1})
+
+    def inner(doc: dict) -> None:
+        doc["b"]
+
+    with pytest.raises(KeyError) as info:
+        outer(params)
+    code, msg, _ = classify(info.value)
+    assert code == ExitCode.DATA and msg == "no entry 'b'", msg
+
+
+def test_an_adapter_without_its_weights_is_refused_before_the_base_loads(tmp_path, monkeypatch):
+    import coin.modeling.adapter as adapter
+    from coin.data.io import DataError
+
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / "coin_model.json").write_text(json.dumps({"base": "minilm"}))
+    (d / "adapter_config.json").write_text("{}")
+    monkeypatch.setattr(adapter, "load_backbone", lambda *a, **k: pytest.fail("the base was loaded"))
+    with pytest.raises(DataError, match="not a complete adapter .*adapter_model.safetensors"):
+        adapter.load_trained(d, device="cpu")
+    (d / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # cut short
+    with pytest.raises(DataError, match="no readable safetensors header"):
+        adapter.load_trained(d, device="cpu")
+
+
+@pytest.mark.parametrize("key", ["paths.out_dir", "paths.mlruns_dir", "study.out_dir"])
+def test_an_output_folder_setting_that_is_a_file_names_the_setting(tmp_path, monkeypatch, key):
+    monkeypatch.chdir(tmp_path)
+    params = _params(tmp_path)
+    (tmp_path / "afile").write_text("")
+    for value in (tmp_path / "afile", tmp_path / "afile" / "below"):
+        res = runner.invoke(app, ["pairs", "-p", str(params), "--set", f"paths.data_dir={ROOT / 'data'}",
+                                  "--set", f"{key}={value}", "--set", "pairs.tasks=[rte]",
+                                  "--set", "pairs.rows_per_task=4"])
+        out = " ".join(res.output.split())
+        assert res.exit_code == ExitCode.CONFIG and f"{key} = " in out and "is a file" in out, out
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_evaluate_any_refuses_an_unwritable_out_before_scoring(tmp_path, monkeypatch):
+    import coin.evaluation.anymodel as anymodel
+
+    monkeypatch.setattr(anymodel, "evaluate_models", lambda *a, **k: pytest.fail("scored before the check"))
+    (tmp_path / "afile").write_text("")
+    res = runner.invoke(app, ["evaluate", "-p", str(_params(tmp_path)), "--set", f"paths.data_dir={ROOT / 'data'}",
+                              "--model", "minilm", "--out", str(tmp_path / "afile")])
+    out = " ".join(res.output.split())
+    assert res.exit_code == ExitCode.CONFIG and "--out" in out and "give a writable folder" in out, out
+
+
+def test_predict_on_an_adapter_directory_says_how_to_answer_with_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    adapter = tmp_path / "adapter"  # what `coin train` writes
+    adapter.mkdir()
+    (adapter / "coin_model.json").write_text('{"base": "minilm"}')
+    res = runner.invoke(app, [PREDICT[0], "--params", str(_params(tmp_path)), *PREDICT[1:], "--model-uri",
+                              str(adapter)])
+    out = " ".join(res.output.split())
+    assert res.exit_code == ExitCode.MODEL and "coin pipeline" not in out, out
+    assert "adapter directory (coin train)" in out and "models:/" in out, out

@@ -368,7 +368,12 @@ def test_an_adapter_whose_base_moved_names_its_record_not_model_backbone(tmp_pat
     from coin.modeling.adapter import load_trained
     from coin.registry.errors import ModelUnavailable
 
+    import torch
+    from safetensors.torch import save_file
+
     write_json(tmp_path / "coin_model.json", {"base": str(tmp_path / "moved-away"), "quantization": "none"})
+    write_json(tmp_path / "adapter_config.json", {"r": 4})  # the adapter itself is whole: only its base is gone
+    save_file({"lora_A": torch.zeros(1)}, str(tmp_path / "adapter_model.safetensors"))
     with pytest.raises(ModelUnavailable) as err:
         load_trained(tmp_path, device="cpu")
     msg = str(err.value)

@@ -94,13 +94,15 @@ def _raised_in(exc: BaseException, packages: tuple[str, ...]) -> bool:
     return any(mod.split(".")[0] in packages for _, mod in _frames(exc)[:1])
 
 
-def _file_at_fault(exc: BaseException) -> str | None:
+def _file_at_fault(exc: BaseException, *, innermost_only: bool = False) -> str | None:
     """The file an error was reading, for errors that do not name it (JSON, UTF-8, safetensors, a missing
-    key): ``exc.filename``, else the innermost traceback frame holding a path to an existing file."""
+    key): ``exc.filename``, else the innermost traceback frame holding a path to an existing file (with
+    ``innermost_only``, that frame or none: a missing key is looked up in data already read, and an outer frame's
+    path, the params file's, was named instead of the file that lacked it)."""
     name = getattr(exc, "filename", None)
     if name:
         return str(name)
-    for frame, _ in _frames(exc):
+    for frame, _ in _frames(exc)[:1] if innermost_only else _frames(exc):
         for value in list(frame.f_locals.values()):
             if hasattr(value, "read") and isinstance(getattr(value, "name", None), str):
                 value = value.name  # an open file (json.load(fh))
@@ -163,7 +165,8 @@ def classify(exc: BaseException) -> tuple[ExitCode, str, str | None]:
     if isinstance(exc, UnicodeError):
         return ExitCode.CONFIG, f"not valid UTF-8 text: {flat}", "pass UTF-8 text"
     if isinstance(exc, KeyError):
-        return (ExitCode.DATA, f"{_in_file(exc)}no entry {exc.args[0]!r}" if exc.args else msg,
+        f = _file_at_fault(exc, innermost_only=True)
+        return (ExitCode.DATA, f"{f + ': ' if f else ''}no entry {exc.args[0]!r}" if exc.args else msg,
                 "the file lacks it (written by another configuration or a partial run): rerun the stage that writes it")
     if isinstance(exc, FileNotFoundError):
         fix = None if exc.filename is None else "restore the file or rerun the stage that writes it"
@@ -175,7 +178,9 @@ def classify(exc: BaseException) -> tuple[ExitCode, str, str | None]:
         if _raised_in(exc, _MODEL_LIBS):
             return ExitCode.MODEL, msg, "check model.backbone and the model files"
         hint = {errno.ENOSPC: "free disk space", errno.EACCES: "check the permissions of that path",
-                errno.EROFS: "write somewhere writable (paths.out_dir, paths.mlruns_dir)"}.get(exc.errno or 0)
+                errno.EROFS: "write somewhere writable (paths.out_dir, paths.mlruns_dir, or the --out given)",
+                errno.ENOTDIR: "a part of that path is a file: give a folder",
+                errno.EEXIST: "that path is a file where a folder is needed: give a folder"}.get(exc.errno or 0)
         return ExitCode.RUNTIME, msg, hint
     if isinstance(exc, ValueError):
         if _raised_in(exc, _MODEL_LIBS):
@@ -478,6 +483,8 @@ def evaluate(
         instructions = instructions.expanduser().resolve()
     settings, root = loaded or load_for_instructions(params, overrides, instructions, uses_backbone=not explicit)
     out_dir = out.expanduser().resolve() if out is not None else root / settings.paths.out_dir / default_out
+    for option, folder in (("--out", out_dir), ("--cache-dir", cache_dir)):
+        _check_writable(option, folder)  # before any model is scored: the scoring was lost at the first write
     run = evaluate_models(model, settings, root, out_dir, instruction_file=instructions, cache_dir=cache_dir)
     table = (out_dir / "table.md").read_text()
     if json_:
@@ -574,7 +581,8 @@ def _text_option(name: str, value: str | None) -> None:
 def predict(
     instruction: Annotated[str, typer.Option(help="the instruction, e.g. \"Is this review positive or negative?\"")],
     input: Annotated[Optional[list[str]], typer.Option(
-        "--input", help="the input text; repeat it for several inputs, answered in one batch, one line each")] = None,
+        "--input", help="the input text; repeat it for several inputs, answered in one batch, one line each. A "
+        "two-field task takes one input in the evaluation's form, e.g. rte: 'Sentence 1: ... Sentence 2: ...'")] = None,
     task: Annotated[Optional[str], typer.Option(help="GLUE task: answer with its label words (loglik)")] = None,
     options: Annotated[Optional[str], typer.Option(help="candidate answers separated by '|', or a JSON list")] = None,
     model_uri: Annotated[Optional[str], typer.Option(help="default: models:/<register.model_name>@champion")] = None,
@@ -612,6 +620,11 @@ def predict(
     settings, root = _settings(params, set_, check_project=False)  # predict reads neither data nor the backbone
     setup_tracking(settings, root)
     uri = model_uri or f"models:/{settings.register_.model_name}@champion"
+    local = Path(uri).expanduser()
+    if local.is_dir() and (local / "coin_model.json").is_file() and not (local / "MLmodel").is_file():
+        raise ModelUnavailable(f"cannot load {uri}: it is an adapter directory (coin train), not an MLflow model. "
+                               "Register it (`coin register`) and pass --model-uri models:/<name>/<version>, or "
+                               "score it with `coin evaluate --model NAME=DIR`.")
     # a copy of the model in a temp dir: loaded in place, MLflow writes its registered_model_meta file into the
     # store's own artifact folder (the evaluation loads from a copy for the same reason)
     with tempfile.TemporaryDirectory(prefix="coin-predict-model-") as tmp:
@@ -650,6 +663,20 @@ def predict(
             if scores:  # the options are user text: printed literally, never as rich markup
                 console.print(f"[dim]scores (label log-likelihoods; calibrated if the model was trained with "
                               f"evaluate.calibration: content_free): {escape(scores)}[/]", highlight=False)
+
+
+def _check_writable(option: str, folder: Path | None) -> None:
+    """Create ``folder`` and write a probe file in it, or raise a ConfigError naming ``option``."""
+    if folder is None:
+        return
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".coin-probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{option} {folder}: cannot write there ({exc.strerror or exc}); give a writable folder") \
+            from None
 
 
 def _one_line(text: str) -> str:

@@ -1095,7 +1095,20 @@ def check_names(settings: Settings, root: Path, *, source: str | Path = "params.
     if backbone:
         check_backbone(settings.model.backbone)
     check_quantization(settings.model)
+    check_folders(settings, root)
     check_instruction_file(settings, root, source=source)
+
+
+def check_folders(settings: Settings, root: Path) -> None:
+    """Refuse, naming the key, an output folder setting that is a file or lies under one: it failed with a bare
+    errno (``Not a directory``, ``File exists``), after a training had run all its steps."""
+    for key, value in (("paths.out_dir", settings.paths.out_dir), ("paths.mlruns_dir", settings.paths.mlruns_dir),
+                       ("study.out_dir", settings.study.out_dir)):
+        path = Path(root) / Path(value).expanduser()
+        blocked = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        if blocked is not None:
+            raise ConfigError(f"{key} = {value!r}: {blocked} is a file, so nothing can be written "
+                              f"{'there' if blocked == path else 'under it'}; give a folder (--set {key}=...)")
 
 
 # --------------------------------------------------------------------------- what the settings name in the project

@@ -467,11 +467,27 @@ def _write_history_csv(path: Path, history: list[dict[str, Any]]) -> None:
 # --------------------------------------------------------------------------- evaluate
 
 
+def train_runs(lay: Layout) -> dict[str, dict[str, Any]]:
+    """The training index's runs, ``{method: record}``, each checked to name its MLflow run and its adapter (a
+    hand-edited or foreign index was a KeyError blamed on the params file, or an AttributeError called a bug)."""
+    index = read_json(lay.train_record, missing_hint="Run `coin train` first.")
+    runs = index.get("runs") if isinstance(index, dict) else None
+    if not isinstance(runs, dict):
+        raise DataError(f"{lay.train_record}: not a training index (a JSON object with 'runs'); rerun `coin train`, "
+                        "which rewrites it")
+    for method, rec in runs.items():
+        lacks = [k for k in ("run_id", "adapter_dir") if not isinstance(rec, dict) or not isinstance(rec.get(k), str)]
+        if lacks:
+            raise DataError(f"{lay.train_record}: runs.{method} has no {' / '.join(lacks)}; rerun `coin train`, "
+                            "which rewrites it")
+    return runs
+
+
 def eval_units(settings: Settings, root: Path) -> list[str]:
     """The models to evaluate: ``base`` (if ``evaluate.include_base``) + every trained method, in order."""
     lay = Layout(root, settings)
-    index = read_json(lay.train_record, missing_hint="Run `coin train` first.")
-    missing = [m for m in settings.train.methods if m not in index.get("runs", {})]
+    runs = train_runs(lay)
+    missing = [m for m in settings.train.methods if m not in runs]
     if missing:
         raise DataError(f"{lay.train_record}: no training run for method(s) {missing}; run `coin train` first")
     return eval_labels(settings)
@@ -508,7 +524,7 @@ def stage_evaluate_unit(settings: Settings, root: Path, label: str) -> dict[str,
                                  double_quant=settings.model.double_quant)
         model, tokenizer, counts = backbone.model, backbone.tokenizer, None  # no training rows: a uniform prior
     else:
-        runs = read_json(lay.train_record, missing_hint="Run `coin train` first.").get("runs", {})
+        runs = train_runs(lay)
         if label not in runs:
             raise DataError(f"{lay.train_record}: no training run for {label!r}; run `coin train` first")
         adapter = root / runs[label]["adapter_dir"]
@@ -583,7 +599,7 @@ def stage_evaluate_report(settings: Settings, root: Path) -> dict[str, Any]:
         results.append(load_result(d))
     paths = write_eval_outputs(results, lay.eval_dir, summary_file=lay.metrics_summary)  # + DVC's metrics file
     metrics = read_json(lay.eval_dir / "metrics.json")
-    runs = read_json(lay.train_record).get("runs", {})
+    runs = train_runs(lay)
     setup_tracking(settings, root)
     for method, rec in runs.items():
         if method not in labels:
@@ -672,7 +688,7 @@ def stage_register(settings: Settings, root: Path) -> dict[str, Any]:
     from coin.registry.tracking import setup_tracking
 
     lay = Layout(root, settings)
-    runs = read_json(lay.train_record, missing_hint="Run `coin train` first.").get("runs", {})
+    runs = train_runs(lay)
     metrics_file = lay.eval_dir / "metrics.json"
     if not metrics_file.exists():
         raise DataError(f"{metrics_file}: missing; the promotion gate needs the evaluation. Run `coin evaluate` first.")
@@ -681,6 +697,9 @@ def stage_register(settings: Settings, root: Path) -> dict[str, Any]:
     regs = []
     info_file = lay.eval_dir / "eval_info.json"
     infos = read_json(info_file, missing_hint="The evaluation writes it beside metrics.json: run `coin evaluate`.")
+    if not isinstance(infos, dict) or not all(isinstance(v, dict) for v in infos.values()):
+        raise DataError(f"{info_file}: not the evaluation's record (a JSON object of one object per model); rerun "
+                        "`coin evaluate`, which rewrites it")
     from coin.modeling.adapter_files import adapter_sha256
 
     for method in cfg.methods:
@@ -693,6 +712,13 @@ def stage_register(settings: Settings, root: Path) -> dict[str, Any]:
                             f"{rec['adapter_dir']} (trained again since it was evaluated); run `coin evaluate`, then "
                             "`coin register`")
         _check_scored_as_served(method, (infos.get(method) or {}).get("settings", {}), root / rec["adapter_dir"])
+        from coin.modeling.adapter_files import has_adapter, weights_damage
+
+        adapter_dir = root / rec["adapter_dir"]  # an evaluation recorded before adapter hashes did not check this
+        if not has_adapter(adapter_dir) or (damage := weights_damage(adapter_dir)) is not None:
+            what = "adapter_config.json or its weights are missing" if not has_adapter(adapter_dir) else damage
+            raise DataError(f"{adapter_dir}: the adapter of {method!r} is not whole ({what}); it would be registered "
+                            "unloadable. Rerun `coin train`, `coin evaluate`, then `coin register`")
         reg = register_candidate(root / rec["adapter_dir"], rec["run_id"], cfg.model_name,
                                  candidate_figures(metrics_file, method),
                                  min_improvement=cfg.min_improvement, max_clean_drop=cfg.max_clean_drop,

@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from coin.data.io import read_json, write_json
-from coin.modeling.adapter_files import META_FILE  # noqa: F401  (re-exported: where callers have always found it)
+from coin.data.io import DataError, read_json, write_json
+from coin.modeling.adapter_files import META_FILE, has_adapter, weights_damage
 from coin.modeling.backbone import load_backbone, pick_device, quantization_problem
 
 
@@ -30,6 +30,9 @@ def load_trained(adapter_dir: Path, *, device: str = "auto"):
     from coin.modeling.lora import load_adapter
 
     meta = read_meta(adapter_dir)
+    if not isinstance(meta, dict) or not isinstance(meta.get("base"), str):
+        raise DataError(f"{Path(adapter_dir) / META_FILE}: no 'base' naming the base model the adapter was trained "
+                        "on; rerun `coin train`, which writes it")
     # adapters written before model.quantization existed were trained on an unquantised base
     quantization = str(meta.get("quantization", "none"))
     problem = quantization_problem(quantization, pick_device(device))
@@ -40,6 +43,12 @@ def load_trained(adapter_dir: Path, *, device: str = "auto"):
             f"{Path(adapter_dir) / META_FILE}: quantization = {quantization!r} {problem}. The adapter was trained on "
             "a base quantised so and is loaded only the same way"
         )
+    # checked before the base loads: a folder without its weights failed after it, as a Hugging Face "Repo id"
+    if not has_adapter(Path(adapter_dir)):
+        raise DataError(f"{adapter_dir}: not a complete adapter (it needs adapter_config.json and its weights, "
+                        "adapter_model.safetensors); rerun `coin train`, or restore the folder")
+    if (damage := weights_damage(Path(adapter_dir))) is not None:
+        raise DataError(f"{damage}; rerun `coin train`, or restore the file")
     # adapters written before model.attention existed were trained causally
     try:
         backbone = load_backbone(meta["base"], dtype=meta.get("dtype", "auto"), device=device,
