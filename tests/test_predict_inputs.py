@@ -364,12 +364,12 @@ def test_predict_scores_labels_as_the_model_was_evaluated(trained, normalise):
 def test_an_adapter_whose_base_moved_names_its_record_not_model_backbone(tmp_path):
     """The base path comes from the adapter's coin_model.json, not from any params key the user set, and running
     the pipeline again cannot bring it back: the message says where the path is recorded and what to do."""
+    import torch
+    from safetensors.torch import save_file
+
     from coin.data.io import write_json
     from coin.modeling.adapter import load_trained
     from coin.registry.errors import ModelUnavailable
-
-    import torch
-    from safetensors.torch import save_file
 
     write_json(tmp_path / "coin_model.json", {"base": str(tmp_path / "moved-away"), "quantization": "none"})
     write_json(tmp_path / "adapter_config.json", {"r": 4})  # the adapter itself is whole: only its base is gone

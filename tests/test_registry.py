@@ -809,12 +809,11 @@ def test_register_refuses_figures_of_another_adapter_or_without_eval_info(tmp_pa
         stage_register(s, tmp_path)
 
 
-def test_register_refuses_an_adapter_without_its_weights_under_an_older_evaluation_record(tmp_path):
-    """An eval_info.json from before adapter hashes skipped the hash check, and a folder whose weights were gone was
-    registered (exit 0), to fail at every load after."""
-    from coin.data.io import DataError, write_json
+def _content_free_adapter_project(tmp_path):
+    """Settings and a trained-looking coin adapter (config, content_free coin_model.json, no weights), indexed, with
+    an empty metrics.json: what register reads before its checks."""
+    from coin.data.io import write_json
     from coin.modeling.adapter import write_meta
-    from coin.stages import stage_register
 
     s = Settings.model_validate({"paths": {"mlruns_dir": str(tmp_path / "mlruns")}, "tracking": {"experiment": "t"}})
     adapter = tmp_path / "outputs" / "train" / "coin" / "adapter"
@@ -826,6 +825,16 @@ def test_register_refuses_an_adapter_without_its_weights_under_an_older_evaluati
                {"methods": ["coin"],
                 "runs": {"coin": {"run_id": "0" * 32, "adapter_dir": "outputs/train/coin/adapter"}}})
     write_json(tmp_path / "outputs" / "evaluate" / "metrics.json", {})
+    return s, adapter
+
+
+def test_register_refuses_an_adapter_without_its_weights_under_an_older_evaluation_record(tmp_path):
+    """An eval_info.json from before adapter hashes skipped the hash check, and a folder whose weights were gone was
+    registered (exit 0), to fail at every load after."""
+    from coin.data.io import DataError, write_json
+    from coin.stages import stage_register
+
+    s, adapter = _content_free_adapter_project(tmp_path)
     write_json(tmp_path / "outputs" / "evaluate" / "eval_info.json", {"coin": {"settings": {
         "calibration": "content_free", "length_normalise": False, "prompt_format": "train"}}})  # no hash
     with pytest.raises(DataError, match=r"adapter of 'coin' is not whole \(adapter_config.json or its weights"):
@@ -836,20 +845,10 @@ def test_register_refuses_figures_scored_otherwise_than_the_adapter_answers(tmp_
     """coin train (content_free), then coin evaluate and coin register with --set evaluate.calibration=none: the
     gate decided on figures the registered model, which answers as recorded at training, does not give."""
     from coin.data.io import DataError, write_json
-    from coin.modeling.adapter import write_meta
     from coin.modeling.adapter_files import adapter_sha256
     from coin.stages import stage_register
 
-    s = Settings.model_validate({"paths": {"mlruns_dir": str(tmp_path / "mlruns")}, "tracking": {"experiment": "t"}})
-    adapter = tmp_path / "outputs" / "train" / "coin" / "adapter"
-    adapter.mkdir(parents=True)
-    (adapter / "adapter_config.json").write_text('{"r": 4}')
-    write_meta(adapter, {"base": "minilm", "calibration": "content_free", "length_normalise": False,
-                         "prompt_format": "train"})
-    write_json(tmp_path / "outputs" / "train" / "train.json",
-               {"methods": ["coin"],
-                "runs": {"coin": {"run_id": "0" * 32, "adapter_dir": "outputs/train/coin/adapter"}}})
-    write_json(tmp_path / "outputs" / "evaluate" / "metrics.json", {})
+    s, adapter = _content_free_adapter_project(tmp_path)
     write_json(tmp_path / "outputs" / "evaluate" / "eval_info.json", {"coin": {"settings": {
         "adapter_sha256": adapter_sha256(adapter), "calibration": "none", "length_normalise": True,
         "prompt_format": "train"}}})
