@@ -1166,6 +1166,33 @@ def test_the_header_gives_each_value_its_sample_under_a_samples_sweep():
     assert "for every cell: sst2 (2) examples" in json.dumps([str(getattr(b, "items", b)) for b in _header(study)])
 
 
+@pytest.mark.parametrize("values", [[None, 42], [42, None, 7]])
+def test_a_draw_sweep_refuses_two_values_that_draw_the_same_rows(values):
+    """pairs.seed null draws with the global seed: under seed 42, [null, 42] built the same rows twice, trained each
+    cell twice into the same adapter and pooled the two copies as independent draws of rows."""
+    from coin.study.grid import grid_cells
+
+    s = Settings.model_validate({"seed": 42, "study": {"sweep_key": "pairs.seed", "sweep_values": values}})
+    with pytest.raises(ConfigError, match=r"lists .* twice \(.*both draw the rows with seed 42: null draws with the "
+                                          r"global seed\)"):
+        grid_cells(s)
+    assert len(grid_cells(Settings.model_validate({"seed": 1, "study": {"sweep_key": "pairs.seed",
+                                                                        "sweep_values": values}}))) > 0
+
+
+def test_the_global_seed_is_not_part_of_a_cells_training_key():
+    """A cell trains with its own seed; the global one fixes the pairs (here pinned by pairs.seed) and the evaluation
+    sample. It was in the training key, so a new global seed retrained every cell into the same adapter."""
+    from coin.study.grid import Cell
+    from coin.study.keys import train_key
+
+    a = Settings.model_validate({"seed": 42, "pairs": {"seed": 42}})
+    b = Settings.model_validate({"seed": 7, "pairs": {"seed": 42}})
+    cell = Cell("coin", 0, None, None)
+    assert train_key(a, cell, "same-pairs") == train_key(b, cell, "same-pairs")
+    assert train_key(a, Cell("coin", 1, None, None), "same-pairs") != train_key(a, cell, "same-pairs")
+
+
 def test_equal_sweep_values_spelled_differently_are_called_duplicates():
     """YAML reads 1e-3 as text: [0.001, 1e-3] passed the raw duplicate check and was refused as values whose
     cell names collide ("use values that differ in letters, digits ..."), though they are one value."""

@@ -171,11 +171,17 @@ def grid_cells(settings: Settings) -> list[Cell]:
     st = settings.study
     points = sweep_points(settings)
     seen: dict[str, Any] = {}
-    for raw, (value, _) in zip(st.sweep_values or [], points if st.sweep_key else [], strict=True):
-        norm = json.dumps(value, sort_keys=True)  # YAML reads 1e-3 as text: equal to 0.001 only once validated
+    for raw, (value, s) in zip(st.sweep_values or [], points if st.sweep_key else [], strict=True):
+        # YAML reads 1e-3 as text: equal to 0.001 only once validated. A draw of rows is its seed as resolved: null
+        # draws with the global seed, so [null, 42] under seed 42 was one draw pooled as two independent ones
+        same = s.pairs.draw_seed(s.seed) if st.sweep_key == STUDY_DRAW_KEY else value
+        norm = json.dumps(same, sort_keys=True)
         if norm in seen:
+            why = (f"both draw the rows with seed {same}: null draws with the global seed" if
+                   st.sweep_key == STUDY_DRAW_KEY and (raw is None or seen[norm] is None) else
+                   f"are the same {st.sweep_key}")
             raise ConfigError(f"study.sweep_values = {st.sweep_values} lists {value!r} twice ({seen[norm]!r} and "
-                              f"{raw!r} are the same {st.sweep_key}); list each value once")
+                              f"{raw!r} {why}); list each value once")
         seen[norm] = raw
     cells = [Cell(m, seed, st.sweep_key, value) for value, _ in points
              for m in st.methods for seed in st.seeds]

@@ -140,8 +140,10 @@ def key_of(parts: dict[str, Any]) -> str:
 # cell's key) lets a cell whose evaluation settings changed (more instruction sets, another sample size) evaluate
 # the adapter it already trained instead of training it again. ``evaluate.calibration`` and ``evaluate.autocast``
 # are in: the adapter's ``coin_model.json`` records them for ``coin predict``.
-TRAIN_PARAMS = tuple(p for p in STAGE_SPECS["train"].params if p != "paths")  # the train stage's (the study has
-# its own directories)
+# The train stage's, less the study's own directories and the global seed: a cell trains with its own seed
+# (``cell.seed``, in the key; coin.stages.train_adapter reads no other), so a new global seed with the same pairs
+# retrained every cell into the same adapter
+TRAIN_PARAMS = tuple(p for p in STAGE_SPECS["train"].params if p not in ("paths", "seed"))
 TRAIN_CODE = (*STAGE_SPECS["train"].code, "methods.py", "stages.py", "study/cell_train.py")  # not study/cell.py:
 # its bookkeeping (records, locks, the evaluation call) cannot change an adapter, and an edit to it must not retrain
 # one. methods.py is in: it declares what each method's objective adds up
