@@ -28,6 +28,7 @@ Nothing is computed here: each task calls the same stage function as ``coin <sta
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import os
 import sys
@@ -327,8 +328,10 @@ def eval_task_runner(workers: int = 2, address: str | None = None, processes: bo
     if not processes and workers > 1:
         raise ValueError(f"eval_workers = {workers} with dask_processes = False: threads in one process cannot "
                          "load models concurrently; use dask_processes = True or eval_workers = 1")
+    # the worker's own HTTP routes on the loopback too: a worker in this process (dask_processes=False) listened
+    # on every interface
     kwargs: dict[str, Any] = {"n_workers": workers, "threads_per_worker": 1, "processes": processes,
-                              **dashboard_kwargs(dashboard)}
+                              "worker_dashboard_address": "127.0.0.1:0", **dashboard_kwargs(dashboard)}
     if processes:
         kwargs["host"] = "127.0.0.1"
         _worker_environ(threads or threads_per_worker(workers))
@@ -557,6 +560,13 @@ class _UserErrorTracebacks(logging.Filter):
     setting, a failed gate, a missing model: every class but coin.cli's "bug"), unless ``COIN_DEBUG`` is set: the
     log keeps the one-line message, and the run ends as ``coin`` ends it (README, "Errors and exit codes")."""
 
+    def __init__(self, *, console: bool = False) -> None:
+        super().__init__()
+        # on the console, a user error is said once: Prefect logged it four more times (the task's failure, its
+        # final state, the flow's exception and its final state), each on one long line with \n escaped, before
+        # coin's own readable `error:` lines. The run loggers (the API, the UI) keep every record.
+        self.console, self._said = console, collections.deque(maxlen=16)
+
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, Exception):
@@ -564,6 +574,15 @@ class _UserErrorTracebacks(logging.Filter):
 
             if not _debug_requested(None) and classify(exc)[0] != ExitCode.BUG:
                 record.exc_info, record.exc_text = None, None
+                if self.console:
+                    key = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:60]
+                    if key in self._said:
+                        return False
+                    self._said.append(key)
+        elif self.console and self._said and record.name.startswith("prefect"):
+            text = record.getMessage()
+            if ("Finished in state" in text or "Encountered exception" in text) and any(k in text for k in self._said):
+                return False
         return True
 
 
@@ -577,7 +596,7 @@ def quiet_prefect_logs() -> None:
     # the run loggers first: a logger's filters see a record before any handler formats it
     for target in (logging.getLogger("prefect.flow_runs"), logging.getLogger("prefect.task_runs"), *consoles):
         if not any(isinstance(f, _UserErrorTracebacks) for f in target.filters):
-            target.addFilter(_UserErrorTracebacks())
+            target.addFilter(_UserErrorTracebacks(console=target in consoles))
         # a password in an exception's text (an MLflow URI) is hidden in the run logs, on the console and in what
         # the API log handler stores (the "prefect" logger has no handler: filters there reached nothing)
         if not any(isinstance(f, RedactingFilter) for f in target.filters):

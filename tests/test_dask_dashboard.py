@@ -65,3 +65,18 @@ def test_pipeline_cli_flags_choose_threads_or_processes(monkeypatch):
     assert seen == [True, False, True]
     with pytest.raises(SystemExit):
         fp.main(["--dask-threads", "--dask-processes"])
+
+
+def test_a_worker_in_this_process_listens_on_the_loopback_only():
+    """--dask-threads: the in-process worker's HTTP routes listened on every interface (0.0.0.0 and ::)."""
+    import os
+
+    import psutil
+    from distributed import LocalCluster
+
+    from flows.pipeline import eval_task_runner
+
+    kwargs = eval_task_runner(1, None, processes=False).cluster_kwargs
+    with LocalCluster(**kwargs):
+        hosts = {c.laddr.ip for c in psutil.Process(os.getpid()).net_connections() if c.status == "LISTEN"}
+    assert hosts and hosts <= {"127.0.0.1", "::1"}, hosts

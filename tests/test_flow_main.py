@@ -168,3 +168,33 @@ def test_a_failed_study_cell_is_named_in_the_error_of_its_own_class():
 
     odd = Odd(1, 2)
     assert _naming_cell(odd, "x") is odd  # a type that takes other arguments stays as it is
+
+
+def test_the_console_says_a_user_error_once_and_the_run_logs_keep_every_record():
+    """A failed gate was printed five times on the console (the task's failure, its state, the flow's exception and
+    its state, each on one long line), before coin's own `error:` lines."""
+    import logging
+
+    from coin.config import ConfigError
+    from flows.pipeline import _UserErrorTracebacks
+
+    exc = ConfigError("validation gate failed: pass rate 0.125 (2/16 rows) is below validate.min_pass_rate\nmore")
+
+    def records():
+        def rec(name, msg, with_exc):
+            r = logging.LogRecord(name, logging.ERROR, __file__, 1, msg, None, (ConfigError, exc, None) if with_exc
+                                  else None)
+            return r
+        return [rec("prefect.task_runs", "Task run failed with exception: %r" % exc, True),
+                rec("prefect.task_runs", "Finished in state Failed('Task run encountered an exception ConfigError: "
+                    f"{exc}')", False),
+                rec("prefect.flow_runs", "Encountered exception during execution: %r" % exc, True),
+                rec("prefect.flow_runs", f"Finished in state Failed('Flow run encountered an exception: {exc}')",
+                    False),
+                rec("prefect.flow_runs", "Finished in state Completed()", False)]
+
+    console = _UserErrorTracebacks(console=True)
+    kept = [r.getMessage() for r in records() if console.filter(r)]
+    assert len(kept) == 2 and kept[0].startswith("Task run failed") and kept[1] == "Finished in state Completed()"
+    run_logger = _UserErrorTracebacks()
+    assert all(run_logger.filter(r) for r in records())  # what the API and the UI store: every record

@@ -780,3 +780,24 @@ def test_a_pipe_in_a_pair_id_does_not_split_the_summary_table(real_rows, tokeniz
     report = gate(rows, tokenizer, tmp_path, embedder, eval_sources)
     line = next(ln for ln in report.to_markdown().splitlines() if "cola" in ln and ln.startswith("| target_in"))
     assert line.count(" | ") == 3 and "cola\\|x" in line, line
+
+
+def test_quiet_gx_drops_the_info_chatter_of_a_logger_that_sets_its_own_level():
+    """great_expectations.data_context.types.base sets INFO on itself at import: "Created temporary directory ...
+    for ephemeral docs site" was printed by every validate."""
+    import logging
+
+    from coin.validation.schema import quiet_gx
+
+    quiet_gx()
+    import great_expectations.data_context.types.base  # noqa: F401
+
+    quiet_gx()
+    assert not logging.getLogger("great_expectations.data_context.types.base").isEnabledFor(logging.INFO)
+
+
+def test_the_gates_embedder_loads_without_a_progress_bar(capfd):
+    from coin.validation.embeddings import minilm_embedder
+
+    minilm_embedder()
+    assert "Loading weights" not in capfd.readouterr().err

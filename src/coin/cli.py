@@ -617,6 +617,7 @@ def predict(
 
     from coin.registry.tracking import setup_tracking
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the answers alone, as coin card
     settings, root = _settings(params, set_, check_project=False)  # predict reads neither data nor the backbone
     setup_tracking(settings, root)
     uri = model_uri or f"models:/{settings.register_.model_name}@champion"

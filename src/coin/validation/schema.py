@@ -42,6 +42,8 @@ def quiet_gx() -> None:
     """Keep Great Expectations' warnings, drop its INFO chatter: importing it logs ~200 "Skipping registering
     function" lines, which a stage run (``dvc repro``, ``coin validate``) would print. Called before every import."""
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    # this one sets INFO on itself at import ("Created temporary directory ... for ephemeral docs site")
+    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
 
 
 def _type_ok(value: Any, typ: type) -> bool:
