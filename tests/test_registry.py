@@ -125,6 +125,40 @@ def test_other_evaluation_protocol_never_promotes():
     assert "sets clean,textfooler" in evaluation_protocol(info)
 
 
+def test_the_same_example_ids_on_other_data_are_not_one_protocol():
+    """An example id is a file's row number: after a new data version the same ids name other rows, and both rules
+    compared the two evaluations as one protocol (the interval rule paired row i with row i)."""
+    from coin.evaluation.result import evaluation_protocol
+
+    a = "scoring loglik; seed 42; examples rte:100,sst2:100; sets clean,textfooler; instructions ab12; format train"
+    new, other = a + "; data 1111", a + "; data 2222"
+    refused = decide_promotion(ModelFigures(90.0, 90.0, other), ModelFigures(50.0, 50.0, new), **GATE)
+    assert not refused.promote and "Not comparable" in refused.reason and "data 2222" in refused.reason
+    assert decide_promotion(ModelFigures(90.0, 90.0, new), ModelFigures(50.0, 50.0, new), **GATE).promote
+    assert decide_promotion(ModelFigures(90.0, 90.0, new), ModelFigures(50.0, 50.0, a), **GATE).promote  # older tag
+    info = {"scorings": ["loglik"], "sets": ["clean"], "settings": {"seed": 42, "n_examples": {},
+                                                                    "sample_sha256": "abcd"}}
+    assert evaluation_protocol(info).endswith("; data abcd")
+
+
+def test_interval_rule_refuses_the_same_ids_with_other_labels(store):
+    """The champion's stored predictions and the candidate's share their example ids but not their rows (another
+    data version): the gain on 200 'shared' examples of opposite labels was called beyond the sampling noise."""
+    from mlflow import MlflowClient
+
+    from coin.registry.register import keep_predictions
+
+    client = MlflowClient()
+    gate = {**GATE, "evidence": "interval"}
+    v1, run1 = _run_version(client, "data")
+    keep_predictions("data", v1, run1, _paired_figures(CHAMP_RIGHT), _paired_table(CHAMP_RIGHT))
+    assert promote_version("data", v1, _paired_figures(CHAMP_RIGHT), **gate).promote
+    other = _paired_table(STEADY_RIGHT).assign(label=lambda f: 1 - f["label"], pred=lambda f: 1 - f["pred"])
+    v2, _ = _run_version(client, "data")
+    d = promote_version("data", v2, _paired_figures(STEADY_RIGHT), predictions=other, **gate)
+    assert not d.promote and "different data" in d.reason, d.reason
+
+
 def test_candidate_figures_carry_the_protocol_of_eval_info(tmp_path):
     from coin.evaluation.result import evaluation_protocol
     from coin.registry.promotion import candidate_figures

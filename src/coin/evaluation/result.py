@@ -134,19 +134,23 @@ def load_result(directory: str | Path) -> EvalResult:
 
 def same_protocol(a: str, b: str) -> bool:
     """Whether two :func:`evaluation_protocol` lines name one protocol: equal once the instruction sets are read as a
-    set (lines recorded before they were sorted list them in the configured order)."""
-    def key(text: str) -> list[str]:
-        return [",".join(sorted(p[5:].split(","))) if p.startswith("sets ") else p for p in text.split("; ")]
+    set (lines recorded before they were sorted list them in the configured order), and the evaluated data's
+    fingerprint compared where both record one (lines recorded before it have none)."""
+    def key(text: str, data: bool) -> list[str]:
+        return [",".join(sorted(p[5:].split(","))) if p.startswith("sets ") else p for p in text.split("; ")
+                if data or not p.startswith("data ")]
 
-    return key(a) == key(b)
+    both = "; data " in a and "; data " in b
+    return key(a, both) == key(b, both)
 
 
 def evaluation_protocol(info: dict[str, Any]) -> str:
     """What must match for two models' headline figures to be comparable, as one readable line.
 
     ``info`` is a model's entry of ``eval_info.json`` (:meth:`EvalResult.info`): primary scoring, seed,
-    examples per task, instruction sets and the instruction file's content hash, prompt format and
-    length normalisation. The registry records it on every version; the promotion gate refuses to
+    examples per task, instruction sets and the instruction file's content hash, prompt format,
+    length normalisation, and the evaluated examples' content (:func:`coin.evaluation.runner.sample_fingerprint`).
+    The registry records it on every version; the promotion gate refuses to
     compare figures measured under different protocols.
     """
     st = info.get("settings", {})
@@ -161,4 +165,5 @@ def evaluation_protocol(info: dict[str, Any]) -> str:
         "sets " + ",".join(sorted(info.get("sets", []))),  # the same sets in another order: the same protocol
         f"instructions {st.get('instruction_sha256', st.get('instruction_file'))}",
         f"format {st.get('prompt_format')}",
+        *([f"data {st['sample_sha256']}"] if st.get("sample_sha256") else []),  # same ids, other rows: not the same
     ])

@@ -13,6 +13,7 @@ report for any number of models) and ``robustness_summary`` (the promotion gate'
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import replace
@@ -108,8 +109,22 @@ def evaluate_model(
                   "calibration": cfg.calibration,
                   "label_counts": {t: c for t, c in (label_counts or {}).items() if t in samples},
                   "n_examples": {t: len(r) for t, r in samples.items()},
+                  "sample_sha256": sample_fingerprint(samples),
                   **({"prompts_cut": cut} if cut else {})},
     )
+
+
+def sample_fingerprint(samples: dict[str, list[dict[str, Any]]]) -> str:
+    """The evaluated examples' content (task, id, label, inputs): two evaluations with the same example ids on
+    another version of the data read alike everywhere else, and the promotion gate paired row i of one with row i
+    of the other (evaluation_protocol records this)."""
+    h = hashlib.sha256()
+    for task in sorted(samples):
+        fields = get_task(task).fields
+        for row in samples[task]:
+            h.update(json.dumps([task, str(row["example_id"]), row["label"], *(row[f] for f in fields)],
+                                ensure_ascii=False).encode() + b"\n")
+    return h.hexdigest()[:16]
 
 
 def _cut_notes(cut: dict[str, dict[str, dict[str, int]]], limit: int | None) -> list[str]:

@@ -475,6 +475,16 @@ def paired_gain(candidate: pd.DataFrame, champion: pd.DataFrame) -> PairedGain:
         raise ValueError(f"the two were evaluated on different examples ({len(mine - theirs)} only the candidate's, "
                          f"{len(theirs - mine)} only the champion's, in {', '.join(only)}), so a gain on the shared "
                          "ones would not be the gain their figures show: evaluate both on the same sample")
+    def labels(frame: pd.DataFrame) -> dict[tuple[str, str], Any]:
+        return dict(zip(zip(frame["task"].astype(str), frame["example_id"].astype(str), strict=True),
+                        frame["label"], strict=True))
+
+    mine_l, theirs_l = labels(candidate), labels(champion)
+    other = sum(mine_l[k] != theirs_l[k] for k in mine & theirs)
+    if other:  # an example id is a file's row number: on another data version it names another row
+        raise ValueError(f"the two were evaluated on different data: {other} of {len(mine & theirs)} shared example "
+                         "ids carry another label, so they are not the same examples; evaluate both on one data "
+                         "version")
     d = paired_delta(example_scores(candidate, scoring), example_scores(champion, scoring))
     if d["perturbed_delta_ci_low"] is None or d["perturbed_delta"] is None:
         raise ValueError(f"the two share {d['n_examples']} examples but no perturbed instruction set on all of them: "
