@@ -262,8 +262,25 @@ def dashboard_kwargs(dashboard: bool | str | None = None) -> dict[str, Any]:
     """
     if dashboard is None or dashboard is False:
         return {"dashboard_address": "127.0.0.1:0", "scheduler_kwargs": {"dashboard": False}}
-    address = "127.0.0.1:8787" if dashboard is True else str(dashboard)
+    address = "127.0.0.1:8787" if dashboard is True else check_dashboard_address(str(dashboard))
     return {"dashboard_address": address, "scheduler_kwargs": {"dashboard": True}}
+
+
+def check_dashboard_address(address: str) -> str:
+    """``address`` if it is a host:port this machine resolves, else a ConfigError naming the option: a bad one failed
+    only when the evaluation's cluster started, after training, as "Cluster failed to start"."""
+    import socket
+
+    from distributed.comm import parse_host_port
+
+    where = "dask_dashboard (--dask-dashboard or study.dask_dashboard)"
+    try:
+        host, port = parse_host_port(address)
+        socket.getaddrinfo(host, port)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"{where} = {address!r}: not an address to serve the dashboard at ({exc}); give host:port, "
+                          "e.g. 127.0.0.1:8787 (port 0: any free port), or true") from None
+    return address
 
 
 def _check_dask_address(address: str) -> None:
@@ -574,12 +591,17 @@ class _UserErrorTracebacks(logging.Filter):
 
             if not _debug_requested(None) and classify(exc)[0] != ExitCode.BUG:
                 record.exc_info, record.exc_text = None, None
-                if self.console:
-                    key = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:60]
-                    if key in self._said:
-                        return False
-                    self._said.append(key)
-        elif self.console and self._said and record.name.startswith("prefect"):
+                # kept on the record: the run logger's filter (this one, first) clears exc_info before the
+                # console handler's filter sees the record
+                record.coin_user_error = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:60]
+        if not self.console:
+            return True
+        key = getattr(record, "coin_user_error", None)
+        if key is not None:
+            if key in self._said:
+                return False
+            self._said.append(key)
+        elif self._said and record.name.startswith("prefect"):
             text = record.getMessage()
             if ("Finished in state" in text or "Encountered exception" in text) and any(k in text for k in self._said):
                 return False
@@ -656,6 +678,7 @@ def main(argv: list[str] | None = None) -> None:
     def check() -> None:
         settings, _ = _load(args.params, overrides)
         check_robustness_sets(settings, "the pipeline (its register stage gates on both)")
+        dashboard_kwargs(args.dask_dashboard)  # a bad address: refused here, not after training
 
     run_main(check, lambda: coin_pipeline(
         params_path=args.params, overrides=overrides, eval_workers=args.eval_workers,

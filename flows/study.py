@@ -50,6 +50,7 @@ from flows.pipeline import (
     Overrides,
     _transient,
     check_dask_reachable,
+    dashboard_kwargs,
     eval_task_runner,
     quiet_prefect_logs,
     restore_process_env,
@@ -216,7 +217,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def check() -> None:
         overrides.extend(seal_overrides([*args.overrides, *sweep_overrides(args.sweep)]))
-        preflight_study(load_study(args.params, overrides)[0])
+        settings = load_study(args.params, overrides)[0]
+        preflight_study(settings)
+        dashboard_kwargs(settings.study.dask_dashboard)  # a bad address: refused here, not when the cluster starts
 
     run_main(check, lambda: coin_study(params_path=args.params, overrides=overrides, workers=args.workers,
                                        dask_address=seal_text(args.dask_address),

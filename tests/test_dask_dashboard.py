@@ -5,10 +5,13 @@ off means ``dashboard=False`` and those routes on a free loopback port."""
 
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from flows.pipeline import dashboard_kwargs, eval_task_runner
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_kwargs_off_by_default_on_by_setting():
@@ -80,3 +83,20 @@ def test_a_worker_in_this_process_listens_on_the_loopback_only():
     with LocalCluster(**kwargs):
         hosts = {c.laddr.ip for c in psutil.Process(os.getpid()).net_connections() if c.status == "LISTEN"}
     assert hosts and hosts <= {"127.0.0.1", "::1"}, hosts
+
+
+@pytest.mark.parametrize("entry", ["pipeline", "study"])
+def test_a_bad_dashboard_address_is_refused_before_the_flow_starts(entry, monkeypatch, capsys):
+    """--dask-dashboard bogus (or study.dask_dashboard) failed only when the evaluation's cluster started, after the
+    whole training, as 'Cluster failed to start: Name or service not known', exit 5."""
+    import flows.pipeline
+    import flows.study
+
+    module = flows.pipeline if entry == "pipeline" else flows.study
+    flow = "coin_pipeline" if entry == "pipeline" else "coin_study"
+    monkeypatch.setattr(module, flow, lambda **kw: pytest.fail("the flow started (it would train first)"))
+    args = (["--dask-dashboard", "bogus"] if entry == "pipeline" else ["--set", "study.dask_dashboard=bogus"])
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--params", str(ROOT / "params.yaml"), *args])
+    err = " ".join(capsys.readouterr().err.split())
+    assert exit_.value.code == 2 and "--dask-dashboard or study.dask_dashboard" in err and "'bogus'" in err, err

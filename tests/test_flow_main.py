@@ -193,8 +193,9 @@ def test_the_console_says_a_user_error_once_and_the_run_logs_keep_every_record()
                     False),
                 rec("prefect.flow_runs", "Finished in state Completed()", False)]
 
-    console = _UserErrorTracebacks(console=True)
-    kept = [r.getMessage() for r in records() if console.filter(r)]
-    assert len(kept) == 2 and kept[0].startswith("Task run failed") and kept[1] == "Finished in state Completed()"
-    run_logger = _UserErrorTracebacks()
-    assert all(run_logger.filter(r) for r in records())  # what the API and the UI store: every record
+    # as logging runs them: the run logger's filter first (it clears exc_info), then the console handler's
+    run_logger, console = _UserErrorTracebacks(), _UserErrorTracebacks(console=True)
+    kept = [r for r in records() if run_logger.filter(r) and console.filter(r)]
+    assert len(kept) == 2 and kept[0].getMessage().startswith("Task run failed"), kept
+    assert kept[1].getMessage() == "Finished in state Completed()" and kept[0].exc_info is None
+    assert all(_UserErrorTracebacks().filter(r) for r in records())  # what the API and the UI store: every record
