@@ -3,6 +3,7 @@ pyfunc round trip through ``models:/<name>@champion``, and the pipeline/method r
 
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -612,6 +613,35 @@ def test_not_comparable_records_no_paired_gain_and_a_lost_champion_is_not_called
     d = promote_version("cmp", v3, _paired_figures(STEADY_RIGHT), **GATE)
     assert d.promote and d.reason.startswith("No champion set (no version holds the alias)")
 
+
+
+def test_the_only_promoted_version_deleted_is_a_lost_champion_and_its_deleted_run_is_named(store):
+    """The champion's version deleted by hand (the only promoted one): the next candidate read "No champion yet: the
+    first candidate", though the versions left name the champion they were gated against. And a champion whose run
+    was deleted: the refusal advised registering that run again, which cannot work."""
+    from mlflow import MlflowClient
+
+    from coin.registry.promotion import PromotionError
+    from coin.registry.register import keep_predictions
+
+    client = MlflowClient()
+    v1, run1 = _run_version(client, "lost")
+    assert promote_version("lost", v1, _paired_figures(STEADY_RIGHT), **GATE).promote
+    keep_predictions("lost", v1, run1, _paired_figures(STEADY_RIGHT), _paired_table(STEADY_RIGHT))
+    v2, _ = _run_version(client, "lost")
+    assert not promote_version("lost", v2, _paired_figures(CHAMP_RIGHT), **GATE).promote  # gated against v1
+    client.delete_run(run1)  # and its artifacts cleaned up (mlflow gc)
+    shutil.rmtree(Path(client.get_run(run1).info.artifact_uri.removeprefix("file://")), ignore_errors=True)
+    v3, _ = _run_version(client, "lost")
+    d = promote_version("lost", v3, _paired_figures(STEADY_RIGHT), predictions=_paired_table(STEADY_RIGHT),
+                        **{**GATE, "evidence": "interval"})
+    assert "was deleted, so they cannot be stored again" in d.reason and "register.evidence: point" in d.reason
+    with pytest.raises(PromotionError, match="training run .* was deleted"):
+        keep_predictions("lost", v1, run1, _paired_figures(STEADY_RIGHT), _paired_table(STEADY_RIGHT))
+    client.delete_model_version("lost", v1)
+    v4, _ = _run_version(client, "lost")
+    d = promote_version("lost", v4, _paired_figures(STEADY_RIGHT), **GATE)
+    assert d.promote and d.reason.startswith("No champion set"), d.reason
 
 
 def _adapter(tiny_llama_dir: Path, out: Path) -> Path:

@@ -446,10 +446,23 @@ def load_predictions(client, name: str, mv, *, what: str) -> pd.DataFrame:
         try:
             return pd.read_parquet(client.download_artifacts(run_id, path, tmp))
         except Exception as exc:  # noqa: BLE001 -- MLflow and pyarrow raise several types for a missing/bad file
+            if run_gone(client, run_id):  # registering the run again cannot work: say what can
+                raise PromotionError(f"{what}, {name} version {mv.version}: its stored predictions {uri} are gone "
+                                     f"with its run {run_id}, which was deleted, so they cannot be stored again. Gate "
+                                     "with register.evidence: point, or move the champion alias by hand to a version "
+                                     "whose evidence is stored") from None
             raise PromotionError(f"{what}, {name} version {mv.version}: its stored predictions {uri} cannot be read "
                                  f"({type(exc).__name__}: {exc}). If the file is gone, register its training run "
                                  "again to store it anew; if it is damaged, delete it and do that; or gate with "
                                  "register.evidence: point") from None
+
+
+def run_gone(client, run_id: str) -> bool:
+    """Whether the MLflow run ``run_id`` is deleted (in the UI, or removed for good by ``mlflow gc``)."""
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "deleted"
+    except Exception:  # noqa: BLE001 -- MLflow raises MlflowException for a run removed for good
+        return True
 
 
 def split_runs_uri(uri: str) -> tuple[str, str] | None:
@@ -579,8 +592,12 @@ def promote_version(name: str, version: str | int, figures: ModelFigures, *, min
         paired, paired_error = None, None
         if evidence == "interval" and champion is not None:
             paired, paired_error = _paired_evidence(client, name, mv, champ_mv, predictions)
-        lost = champion is None and any(str(v.version) != version and v.tags.get(TAG_DECISION) == "promoted"
-                                        for v in client.search_model_versions(f"name = '{name}'"))
+        # a champion existed once: a version still carries a promotion, or names a champion it was gated against
+        # (the only promoted version deleted by hand left the next candidate called "the first")
+        lost = champion is None and any(
+            str(v.version) != version and (v.tags.get(TAG_DECISION) == "promoted"
+                                           or v.tags.get(TAG_CHAMPION_VERSION, NONE) != NONE)
+            for v in client.search_model_versions(f"name = '{name}'"))
         decision = decide_promotion(figures, champion, min_improvement=min_improvement,
                                     max_clean_drop=max_clean_drop,
                                     champion_version=str(champ_mv.version) if champ_mv is not None else None,

@@ -51,8 +51,10 @@ from coin.registry.promotion import (
     UNDECIDED,
     ModelFigures,
     PromotionDecision,
+    PromotionError,
     decision_from_tags,
     promote_version,
+    run_gone,
     same_figures,
     split_runs_uri,
     store_predictions,
@@ -281,6 +283,10 @@ def keep_predictions(name: str, version: str, run_id: str, figures: ModelFigures
             "%s version %s: not storing per-example predictions: they come from another evaluation than its "
             "recorded figures (%s vs now %s)", name, version, recorded.candidate, figures)
         return None
+    if run_gone(client, run_id):  # what the interval rule's refusal advised, for a run deleted since: say so
+        raise PromotionError(f"{name} version {version}: its training run {run_id} was deleted, so its per-example "
+                             "predictions cannot be stored with it again; gate with register.evidence: point, or "
+                             "train and register anew")
     return store_predictions(client, name, version, run_id, predictions)
 
 
