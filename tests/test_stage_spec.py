@@ -97,7 +97,8 @@ def test_one_list_of_evaluated_models(tmp_path):
     from coin.stages import Layout, eval_units
 
     s = Settings.model_validate({"train": {"methods": ["cit", "coin"]}, "evaluate": {"include_base": True}})
-    write_json(Layout(tmp_path, s).train_record, {"runs": {"cit": {}, "coin": {}}})
+    write_json(Layout(tmp_path, s).train_record, {"runs": {m: {"run_id": "0" * 32, "adapter_dir": f"outputs/train/{m}"}
+                                                           for m in ("cit", "coin")}})
     assert eval_units(s, tmp_path) == eval_labels(s) == ["base", "cit", "coin"]
     lay = Layout(tmp_path, s)
     report_inputs = STAGE_SPECS["evaluate_report"].inputs(lay, None)
