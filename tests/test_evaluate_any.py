@@ -237,7 +237,8 @@ def test_sets_named_by_set_are_checked_against_the_instructions_file(project, ti
     ("scheme", 2, ["s3://bucket/model", "unknown URI scheme 's3'"]),
     ("missing-dir", 3, ["./no/such/adapter", "no such directory"]),
     ("neither", 3, ["neither a CoIN adapter", "nor a Hugging Face model"]),
-    ("half-adapter", 3, ["coin_model.json but no adapter_config.json"]),
+    ("half-adapter", 3, ["coin_model.json but is not a complete adapter", "adapter_config.json or its weights"]),
+    ("damaged-adapter", 3, ["coin_model.json but is not a complete adapter", "no readable safetensors header"]),
     ("no-tokenizer", 3, ["has config.json but no tokenizer files", "tokenizer.json"]),
     ("not-cached-hf", 4, ["some-org-xyz/not-a-model", "not a Hugging Face model in the local cache"]),
     ("unknown-model", 4, ["models:/nope@champion", "no registered model 'nope'"]),
@@ -260,6 +261,10 @@ def test_malformed_inputs_are_refused_before_any_model_loads(project, tiny_llama
     half = project["tmp"] / "half"
     half.mkdir()
     (half / "coin_model.json").write_text(json.dumps({"base": "minilm"}))
+    damaged = project["tmp"] / "damaged"  # a copy cut short: its weights would fail only after the base loads
+    shutil.copytree(half, damaged)
+    (damaged / "adapter_config.json").write_text("{}")
+    (damaged / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00")
     notok = project["tmp"] / "notok"
     notok.mkdir()
     shutil.copy(tiny_llama_dir / "config.json", notok / "config.json")
@@ -277,7 +282,8 @@ def test_malformed_inputs_are_refused_before_any_model_loads(project, tiny_llama
         v = client.create_model_version("tiny-coin", f"runs:/{run.info.run_id}/model", run.info.run_id)
         client.set_registered_model_alias("tiny-coin", "challenger", v.version)
     spec = {"scheme": ["s3://bucket/model"], "missing-dir": ["./no/such/adapter"], "neither": [str(empty)],
-            "half-adapter": [str(half)], "no-tokenizer": [str(notok)], "not-cached-hf": ["some-org-xyz/not-a-model"],
+            "half-adapter": [str(half)], "damaged-adapter": [str(damaged)], "no-tokenizer": [str(notok)],
+            "not-cached-hf": ["some-org-xyz/not-a-model"],
             "unknown-model": ["models:/nope@champion"], "unknown-alias": ["models:/tiny-coin@champion"],
             "unknown-version": ["models:/tiny-coin/7"], "unknown-run": ["runs:/0123abcd/model"],
             "instructions": [str(tiny_llama_dir)],

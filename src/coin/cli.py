@@ -622,7 +622,9 @@ def predict(
     setup_tracking(settings, root)
     uri = model_uri or f"models:/{settings.register_.model_name}@champion"
     local = Path(uri).expanduser()
-    if local.is_dir() and (local / "coin_model.json").is_file() and not (local / "MLmodel").is_file():
+    from coin.modeling.adapter_files import is_adapter_dir
+
+    if local.is_dir() and is_adapter_dir(local) and not (local / "MLmodel").is_file():
         raise ModelUnavailable(f"cannot load {uri}: it is an adapter directory (coin train), not an MLflow model. "
                                "Register it (`coin register`) and pass --model-uri models:/<name>/<version>, or "
                                "score it with `coin evaluate --model NAME=DIR`.")

@@ -712,11 +712,10 @@ def stage_register(settings: Settings, root: Path) -> dict[str, Any]:
                             f"{rec['adapter_dir']} (trained again since it was evaluated); run `coin evaluate`, then "
                             "`coin register`")
         _check_scored_as_served(method, (infos.get(method) or {}).get("settings", {}), root / rec["adapter_dir"])
-        from coin.modeling.adapter_files import has_adapter, weights_damage
+        from coin.modeling.adapter_files import adapter_problem
 
         adapter_dir = root / rec["adapter_dir"]  # an evaluation recorded before adapter hashes did not check this
-        if not has_adapter(adapter_dir) or (damage := weights_damage(adapter_dir)) is not None:
-            what = "adapter_config.json or its weights are missing" if not has_adapter(adapter_dir) else damage
+        if (what := adapter_problem(adapter_dir)) is not None:
             raise DataError(f"{adapter_dir}: the adapter of {method!r} is not whole ({what}); it would be registered "
                             "unloadable. Rerun `coin train`, `coin evaluate`, then `coin register`")
         reg = register_candidate(root / rec["adapter_dir"], rec["run_id"], cfg.model_name,

@@ -304,14 +304,14 @@ def resolve_target(arg: str, settings: Settings, root: Path) -> ModelTarget:
 def _check_directory(spec: str, path: Path, settings: Settings) -> tuple[str, str]:
     """``(kind, fingerprint)`` of an existing path: a CoIN adapter or a Hugging Face model directory."""
     from coin.modeling.adapter import META_FILE, read_meta
-    from coin.modeling.adapter_files import has_adapter
+    from coin.modeling.adapter_files import adapter_problem, is_adapter_dir
 
     if not path.is_dir():
         raise DataError(f"--model {spec}: {path} is a file; give an adapter or model directory")
-    if (path / META_FILE).is_file():
-        if not has_adapter(path):
-            raise DataError(f"--model {spec}: {path} has {META_FILE} but no adapter_config.json and adapter weights "
-                            "(*.safetensors); it is not a complete adapter: rerun `coin train`")
+    if is_adapter_dir(path):
+        if (problem := adapter_problem(path)) is not None:
+            raise DataError(f"--model {spec}: {path} has {META_FILE} but is not a complete adapter ({problem}): "
+                            "rerun `coin train`")
         meta = read_meta(path)
         if not isinstance(meta, dict) or not meta.get("base"):
             raise DataError(f"--model {spec}: {path / META_FILE}: no 'base' key naming the base model")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from coin.data.io import DataError, read_json, write_json
-from coin.modeling.adapter_files import META_FILE, has_adapter, weights_damage
+from coin.modeling.adapter_files import META_FILE, adapter_problem
 from coin.modeling.backbone import load_backbone, pick_device, quantization_problem
 
 
@@ -44,11 +44,9 @@ def load_trained(adapter_dir: Path, *, device: str = "auto"):
             "a base quantised so and is loaded only the same way"
         )
     # checked before the base loads: a folder without its weights failed after it, as a Hugging Face "Repo id"
-    if not has_adapter(Path(adapter_dir)):
-        raise DataError(f"{adapter_dir}: not a complete adapter (it needs adapter_config.json and its weights, "
-                        "adapter_model.safetensors); rerun `coin train`, or restore the folder")
-    if (damage := weights_damage(Path(adapter_dir))) is not None:
-        raise DataError(f"{damage}; rerun `coin train`, or restore the file")
+    if (problem := adapter_problem(Path(adapter_dir))) is not None:
+        raise DataError(f"{adapter_dir}: not a complete adapter ({problem}); rerun `coin train`, or restore the "
+                        "folder")
     # adapters written before model.attention existed were trained causally
     try:
         backbone = load_backbone(meta["base"], dtype=meta.get("dtype", "auto"), device=device,

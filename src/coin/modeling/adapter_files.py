@@ -18,6 +18,12 @@ def _glob(adapter_dir: Path, patterns: tuple[str, ...]) -> list[Path]:
     return sorted({p for pat in patterns for p in Path(adapter_dir).glob(pat) if p.is_file()})
 
 
+def is_adapter_dir(path: Path) -> bool:
+    """A folder that ``coin train`` wrote (its :data:`META_FILE`), whole or not: what tells an adapter from a Hugging
+    Face model or an MLflow model directory."""
+    return (Path(path) / META_FILE).is_file()
+
+
 def has_adapter(adapter_dir: Path) -> bool:
     """An adapter that loads: its config *and* its weights (a study cell brought back from a GPU machine without
     its weights, as ``experiments/gpu_study.sh`` packs all but ADAPTERS_OF, has only the config)."""
@@ -50,9 +56,20 @@ def weights_damage(adapter_dir: Path) -> str | None:
     return None
 
 
+MISSING = "adapter_config.json or its weights (adapter_model.safetensors) are missing"
+
+
+def adapter_problem(adapter_dir: Path) -> str | None:
+    """Why an adapter directory would not load (:data:`MISSING` files, or :func:`weights_damage`), or None: the one
+    check that loading, registration and the study make before trusting a folder."""
+    if not has_adapter(adapter_dir):
+        return MISSING
+    return weights_damage(adapter_dir)
+
+
 def adapter_intact(adapter_dir: Path) -> bool:
-    """:func:`has_adapter`, and its weight files whole (:func:`weights_damage`)."""
-    return has_adapter(adapter_dir) and weights_damage(adapter_dir) is None
+    """:func:`adapter_problem` finds nothing."""
+    return adapter_problem(adapter_dir) is None
 
 
 def adapter_sha256(adapter_dir: Path) -> str:
