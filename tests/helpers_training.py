@@ -148,7 +148,9 @@ def naive_objective(
     def adaptive(mode: str, lam: float, fixed: float, l_gen: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         if mode == "fixed":
             return torch.tensor(fixed)
-        return (l_gen / value).detach() if lam * value > l_gen else torch.tensor(lam)
+        if lam * value > l_gen:  # the reference's c * min(lam, L_gen / c), c = lam * value
+            return (lam * torch.clamp(l_gen / (lam * value), max=lam)).detach()
+        return torch.tensor(lam)
 
     def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:   # one position each, (V,)
         p, q = F.softmax(p_logits, -1), F.softmax(q_logits, -1)

@@ -119,6 +119,17 @@ def test_adaptive_weight_uncapped_branch() -> None:
     assert l_cl.grad.item() == pytest.approx(1000.0)
 
 
+def test_adaptive_weight_below_one_logs_the_weight_it_applies() -> None:
+    """With lambda < 1 the reference's clamp of L_gen / c at lambda can bind: c = 0.5 * 1.0 > 0.4, and c is
+    multiplied by min(0.5, 0.8) = 0.5, a weight of lambda² = 0.25 on L_cl. The logged w said L_gen / L_cl = 0.4."""
+    l_gen, l_cl = torch.tensor(0.4), torch.tensor(1.0, requires_grad=True)
+    term, w = contrastive_weight(l_gen, l_cl, "adaptive", 0.5, 0.1)
+    term.backward()
+    assert w == pytest.approx(0.25)
+    assert term.item() == pytest.approx(w * l_cl.item())  # the logged w * L_cl is the optimised value
+    assert l_cl.grad.item() == pytest.approx(w)  # and w the weight its gradient gets
+
+
 def test_adaptive_weight_small_lambda_and_fixed() -> None:
     l_gen, l_cl = torch.tensor(3.0), torch.tensor(2.0, requires_grad=True)
     term, w = contrastive_weight(l_gen, l_cl, "adaptive", 1.0, 9.0)  # c = 2 <= 3: w = lambda = 1

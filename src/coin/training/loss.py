@@ -156,8 +156,10 @@ def contrastive_weight(
     """``(weighted contrastive term, effective w)``.
 
     adaptive (reference ``scale_contrastive_loss``): ``c = lam * L_cl``; if ``c > L_gen`` then
-    ``c = c * min(lam, L_gen / c)`` with both values detached. Its value is then ``L_gen`` and its
-    gradient is ``L_gen / L_cl`` times that of ``L_cl``: in effect ``w = min(lam, L_gen / L_cl)``.
+    ``c = c * min(lam, L_gen / c)`` with both values detached. For ``lam >= 1`` its value is then ``L_gen`` and
+    its gradient ``L_gen / L_cl`` times that of ``L_cl``: in effect ``w = min(lam, L_gen / L_cl)``. For
+    ``lam < 1`` the clamp can bind and the weight is ``min(lam ** 2, L_gen / L_cl)`` on that branch; the ``w``
+    returned is always the one applied.
     fixed: ``w = fixed``.
 
     >>> l_cl = torch.tensor(0.5, requires_grad=True)
@@ -173,9 +175,8 @@ def contrastive_weight(
         raise ValueError(f"train.cl_weighting = {mode!r}: use adaptive or fixed")
     c = lam * l_cl
     if bool(c != 0) and bool(c > l_gen):
-        ratio = l_gen.detach() / c.detach()
-        c = c * torch.clamp(ratio, max=lam)
-        return c, min(float(lam), float(l_gen.detach() / l_cl.detach()))
+        factor = torch.clamp(l_gen.detach() / c.detach(), max=lam)
+        return c * factor, float(lam * factor)  # the weight applied: L_gen / L_cl, or lambda² where that is less
     return c, float(lam)
 
 
