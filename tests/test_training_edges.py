@@ -75,3 +75,32 @@ def test_a_resumed_run_logs_what_a_fresh_run_logs(tiny_llama_dir: Path, tmp_path
         return sorted(m.step for m in c.get_metric_history(run["run_id"], "train/loss"))
 
     assert steps(again) == steps(fresh) == [2, 4, 5]
+
+
+@pytest.mark.parametrize("emptied", [True, False])
+def test_training_refuses_the_rows_of_a_failed_gate(tiny_llama_dir: Path, tmp_path: Path, emptied: bool) -> None:
+    """The gate writes its valid rows before it raises; `coin validate` then `coin train` trained on them, a task
+    whose every row was rejected left out without a word. A valid.jsonl with no summary beside it (a file given by
+    hand, --pairs) is read as it is."""
+    from coin import stages
+    from coin.data.io import DataError, write_json, write_jsonl
+
+    s = _settings(tiny_llama_dir, ["sft"])
+    lay = stages.Layout(tmp_path, s)
+    write_jsonl(lay.valid_file, make_rows(4))
+    per_task = {"wnli": {"train_in": 4, "train_valid": 0}} if emptied else {}
+    write_json(lay.validated_dir / "summary.json", {"rows_in": 8, "rows_valid": 4, "pass_rate": 0.5,
+                                                    "min_pass_rate": 0.9 if not emptied else 0.1,
+                                                    "gate_passed": False, "per_task": per_task})
+    with pytest.raises(DataError, match="validation gate failed on these rows") as err:
+        stages.stage_train(s, tmp_path)
+    assert ("every training row of wnli was rejected" in str(err.value)) == emptied
+    assert "rejects.jsonl" in str(err.value)
+    assert not (tmp_path / "outputs/train/sft/adapter").exists()
+    from coin.study.cell_train import train_cell
+
+    with pytest.raises(DataError, match="validation gate failed on these rows"):
+        train_cell(s, "sft", 0, "sft-s0", tmp_path / "cell", lay.valid_file, "cpu", progress=False)
+    (lay.validated_dir / "summary.json").unlink()
+    stages.stage_train(s, tmp_path)
+    assert (tmp_path / "outputs/train/sft/adapter/adapter_config.json").exists()

@@ -248,9 +248,9 @@ def stage_train(settings: Settings, root: Path, method: str | None = None) -> di
             raise ValueError(f"method {m!r} is not in train.methods = {settings.train.methods}")
     preflight(settings, methods)
     lay = Layout(root, settings)
-    rows = read_jsonl(lay.valid_file, missing_hint="Run `coin validate` first.")
-    if not any(r.get("split") == "train" for r in rows):
-        raise DataError(f"{lay.valid_file}: no rows with split 'train' to train on; check pairs.val_fraction")
+    from coin.validation.result import read_training_rows
+
+    rows = read_training_rows(lay.valid_file, missing_hint="Run `coin validate` first.")
     records = {m: _train_one(settings, root, rows, m) for m in methods}
     from coin.training.distributed import is_main_process
 

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from coin.config import Settings
-from coin.data.io import DataError, read_json, read_jsonl, write_json
+from coin.data.io import read_json, write_json
 from coin.modeling.adapter_files import has_adapter, weights_damage
+from coin.validation.result import read_training_rows
 
 log = logging.getLogger("coin.study")
 
@@ -54,9 +55,7 @@ def train_cell(s: Settings, method: str, seed: int, name: str, tmp: Path, pairs:
         log.warning("cell %s: the adapter an earlier run trained is damaged (%s); training again", name, damage)
         done.unlink()
         shutil.rmtree(tmp / ADAPTER_DIR, ignore_errors=True)
-    rows = read_jsonl(pairs, missing_hint="Run `coin study` (it prepares the pairs) or pass --pairs FILE.")
-    if not any(r.get("split") == "train" for r in rows):
-        raise DataError(f"{pairs}: no rows with split 'train' to train on; check pairs.val_fraction")
+    rows = read_training_rows(pairs, missing_hint="Run `coin study` (it prepares the pairs) or pass --pairs FILE.")
     # continue from the work directory's latest checkpoint, if an earlier run of this cell left one
     # (train.resume is not part of the cell's key: it cannot change the result)
     s_run = s.model_copy(update={"train": s.train.model_copy(update={"resume": True})})

@@ -16,6 +16,36 @@ REPORT_FILE = "report.html"
 OTHER_TASK = "(no known task)"  # per_task's bucket for rows whose task field is missing or unknown (schema rejects)
 
 
+def read_training_rows(valid_file: Path, missing_hint: str) -> list[dict[str, Any]]:
+    """The rows of a gate's ``valid.jsonl`` that training reads, refused where the gate that wrote them failed.
+
+    The gate writes its valid rows before it raises, for inspection; run stage by stage (``coin validate`` then
+    ``coin train``, or ``coin study cell``), training read them anyway and left out a task whose every row was
+    rejected without a word. The verdict is the ``summary.json`` beside the file (a file given by hand, with no
+    summary beside it, is taken as it is)."""
+    from coin.data.io import DataError, read_json, read_jsonl
+
+    valid_file = Path(valid_file)
+    summary_file = valid_file.parent / SUMMARY_FILE
+    rows = read_jsonl(valid_file, missing_hint=missing_hint)
+    summary = read_json(summary_file) if valid_file.name == VALID_FILE and summary_file.is_file() else None
+    if isinstance(summary, dict) and summary.get("gate_passed") is False:
+        per_task = summary.get("per_task") if isinstance(summary.get("per_task"), dict) else {}
+        emptied = [t for t, c in per_task.items()
+                   if t != OTHER_TASK and isinstance(c, dict) and c.get("train_in") and not c.get("train_valid")]
+        why = (f"{summary.get('rows_valid')}/{summary.get('rows_in')} rows valid, pass rate "
+               f"{summary.get('pass_rate')} against validate.min_pass_rate = {summary.get('min_pass_rate')}")
+        if emptied:
+            why += f"; every training row of {', '.join(emptied)} was rejected"
+        raise DataError(f"{valid_file}: the validation gate failed on these rows ({why}; {summary_file}). Training "
+                        f"on them would go ahead without what was rejected. See {valid_file.parent / REJECTS_FILE} "
+                        "for each rejected row and its reasons, fix the data or the validate.* thresholds, and rerun "
+                        "`coin validate`")
+    if not any(r.get("split") == "train" for r in rows):
+        raise DataError(f"{valid_file}: no rows with split 'train' to train on; check pairs.val_fraction")
+    return rows
+
+
 @dataclass(frozen=True)
 class CheckStats:
     failures: int                   # rows this check rejected
