@@ -552,13 +552,19 @@ def test_no_rows_fails_the_gate(tokenizer, tmp_path, embedder, eval_sources):
         gate([], tokenizer, tmp_path, embedder, eval_sources, min_pass_rate=0.0)
     assert "Build the pairs first" in str(err.value) and "or lower validate.min_pass_rate" not in str(err.value)
     assert (tmp_path / "rejects.jsonl").read_text() == ""
+    # every page says so: the Data Docs' verdict read "Succeeded" (GX passes a column check on no rows), and the
+    # report page and the markdown summary (the flow's artifact) said FAILED with no reason
+    assert _verdict_icons(tmp_path)[2] == "fa-times"
+    assert "no rows to validate" in (tmp_path / "report.html").read_text()
+    assert "no rows to validate" in err.value.report.to_markdown()
 
 
 def _verdict_icons(out: Path) -> list[str]:
-    """The Data Docs checks page's status icon of each of the gate's two verdict expectations."""
+    """The Data Docs checks page's status icon of each of the gate's three verdict expectations."""
     page = next((out / "data_docs" / "validations" / "coin_gate_checks").rglob("*.html")).read_text()
     icons = []
-    for text in ("the gate: at least validate.min_pass_rate", "the gate: no task loses every training row"):
+    for text in ("the gate: at least validate.min_pass_rate", "the gate: no task loses every training row",
+                 "the gate: there are rows to validate"):
         before = page[: page.index(text)]
         icons.append(re.findall(r'<i class="fas (fa-[a-z-]+)', before)[-1])
     return icons
@@ -570,15 +576,15 @@ def test_the_data_docs_state_the_gates_verdict(real_rows, tokenizer, tmp_path, e
     rows = rows_copy(real_rows)
     _break("unknown_target", rows[0])
     assert gate(rows, tokenizer, tmp_path / "passed", embedder, eval_sources, min_pass_rate=0.9).passed
-    assert _verdict_icons(tmp_path / "passed") == ["fa-check-circle", "fa-check-circle"]
+    assert _verdict_icons(tmp_path / "passed") == ["fa-check-circle", "fa-check-circle", "fa-check-circle"]
     with pytest.raises(GateFailed):
         gate(rows, tokenizer, tmp_path / "rate", embedder, eval_sources, min_pass_rate=1.0)
-    assert _verdict_icons(tmp_path / "rate") == ["fa-times", "fa-check-circle"]
+    assert _verdict_icons(tmp_path / "rate") == ["fa-times", "fa-check-circle", "fa-check-circle"]
     for r in (r for r in rows if r["task"] == "wnli"):
         _break("unknown_target", r)
     with pytest.raises(GateFailed):
         gate(rows, tokenizer, tmp_path / "emptied", embedder, eval_sources, min_pass_rate=0.5)
-    assert _verdict_icons(tmp_path / "emptied") == ["fa-check-circle", "fa-times"]
+    assert _verdict_icons(tmp_path / "emptied") == ["fa-check-circle", "fa-times", "fa-check-circle"]
 
 
 def test_a_gate_that_keeps_no_row_fails_at_any_threshold(real_rows, tokenizer, tmp_path, embedder, eval_sources):

@@ -201,7 +201,10 @@ class GateReport:
 
     @property
     def emptied_note(self) -> str:
-        """The verdict's reason when a task lost every training row (empty otherwise)."""
+        """The verdict's reason when there was nothing to validate or a task lost every training row (empty
+        otherwise): what the markdown summary and the report page add to a failed verdict's figures."""
+        if not self.rows_in:
+            return "no rows to validate (the pairs stage produced nothing)"
         if not self.emptied_tasks:
             return ""
         return f"every training row of {', '.join(self.emptied_tasks)} was rejected, so training would lack it"

@@ -247,6 +247,8 @@ def document_checks(ctx: CheckContext, rows: Sequence[Row], results: dict[str, l
             gxe.ExpectColumnValuesToBeInSet(
                 column=TASK_COLUMN, value_set=[True],
                 description="the gate: no task loses every training row (training would lack it)"),
+            gxe.ExpectTableRowCountToBeBetween(  # GX passes a column check on no rows at all
+                min_value=1, description="the gate: there are rows to validate"),
         ]
     frame = pd.DataFrame(cols, dtype=object)
     batch = (gctx.data_sources.add_pandas("gate").add_dataframe_asset("checks")
