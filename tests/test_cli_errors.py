@@ -483,3 +483,29 @@ def test_predict_on_an_adapter_directory_says_how_to_answer_with_it(tmp_path, mo
     out = " ".join(res.output.split())
     assert res.exit_code == ExitCode.MODEL and "coin pipeline" not in out, out
     assert "adapter directory (coin train)" in out and "models:/" in out, out
+
+
+def test_a_cli_stage_is_refused_while_a_pipeline_run_holds_the_outputs(tmp_path, monkeypatch):
+    """Only the flow took outputs/.locks/pipeline.lock: `dvc repro` (which runs `coin <stage>`) beside a running
+    flow evaluated and registered into the outputs the flow was writing."""
+    from filelock import FileLock
+
+    from coin import stages
+    from coin.config import Settings
+    from coin.layout import Layout
+
+    (tmp_path / "params.yaml").write_text("{}\n")
+    ran = []
+    monkeypatch.setitem(stages.STAGES, "register", lambda s, root: ran.append(root) or {"ran": True})
+    import coin.cli as cli
+
+    monkeypatch.setattr(cli, "_settings", lambda params, overrides, **k: (Settings.model_validate({}), tmp_path))
+    lock = Layout(tmp_path, Settings.model_validate({})).pipeline_lock
+    lock.parent.mkdir(parents=True)
+    with FileLock(str(lock)):
+        res = runner.invoke(app, ["register", "--params", str(tmp_path / "params.yaml")])
+    assert res.exit_code == ExitCode.RUNTIME, res.output
+    assert "another pipeline run is using it" in " ".join(res.output.split()) and not ran
+    res = runner.invoke(app, ["register", "--params", str(tmp_path / "params.yaml")])
+    assert res.exit_code == 0, res.output
+    assert ran == [tmp_path]

@@ -279,11 +279,12 @@ def _setup_logging() -> None:
 
 
 def _run_stage(name: str, params: Path, overrides: list[str] | None) -> dict:
-    from coin.stages import STAGES
+    from coin.stages import STAGES, pipeline_lock
 
     _setup_logging()
     settings, root = _settings(params, overrides)
-    return STAGES[name](settings, root)
+    with pipeline_lock(settings, root):  # `coin <stage>` and `dvc repro` beside a flow run share its outputs/
+        return STAGES[name](settings, root)
 
 
 def _print(result: dict) -> None:

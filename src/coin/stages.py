@@ -438,9 +438,10 @@ def _train_lock(lay: Layout, method: str) -> AbstractContextManager[None]:
 
 
 def pipeline_lock(settings: Settings, root: Path) -> AbstractContextManager[None]:
-    """Refuse a second pipeline flow run into the same ``paths.out_dir`` while one runs: the second would
-    evaluate and register the adapter the first trained, under its own settings, and the first one's adapter would
-    be written over (two runs of the nightly deployment, or a scheduled run beside a manual one)."""
+    """Refuse a second pipeline run into the same ``paths.out_dir`` while one runs: the second would evaluate and
+    register the adapter the first trained, under its own settings, and the first one's adapter would be written
+    over (two runs of the nightly deployment, a scheduled run beside a manual one, or ``dvc repro`` / a
+    ``coin <stage>`` beside a flow run: the flow holds it from data to register, each CLI stage for its own run)."""
     path = Layout(root, settings).pipeline_lock
     return exclusive(path, f"{root / settings.paths.out_dir}: another pipeline run is using it (it holds {path}); "
                            "wait for it to finish, or run with another paths.out_dir")
