@@ -104,3 +104,17 @@ def test_training_refuses_the_rows_of_a_failed_gate(tiny_llama_dir: Path, tmp_pa
     (lay.validated_dir / "summary.json").unlink()
     stages.stage_train(s, tmp_path)
     assert (tmp_path / "outputs/train/sft/adapter/adapter_config.json").exists()
+
+
+def test_a_dropped_methods_folder_is_named(tiny_llama_dir: Path, tmp_path: Path, caplog) -> None:
+    """dvc plots drew a dropped method's old loss curve beside the current ones, with nothing to say so."""
+    from coin import stages
+    from coin.data.io import write_jsonl
+
+    write_jsonl(stages.Layout(tmp_path, _settings(tiny_llama_dir, ["sft"])).valid_file, make_rows(4))
+    stages.stage_train(_settings(tiny_llama_dir, ["sft", "cit"]), tmp_path)
+    with caplog.at_level(logging.WARNING, logger="coin"):
+        stages.stage_train(_settings(tiny_llama_dir, ["sft"]), tmp_path)
+    said = [r.getMessage() for r in caplog.records if "not in train.methods" in r.getMessage()]
+    assert len(said) == 1 and "'cit'" in said[0] and "outputs/train/cit" in said[0], said
+    assert (tmp_path / "outputs/train/cit/loss.csv").exists()  # kept: the user's

@@ -252,11 +252,26 @@ def stage_train(settings: Settings, root: Path, method: str | None = None) -> di
 
     rows = read_training_rows(lay.valid_file, missing_hint="Run `coin validate` first.")
     records = {m: _train_one(settings, root, rows, m) for m in methods}
+    if method is None:
+        _warn_dropped_methods(settings, lay)
     from coin.training.distributed import is_main_process
 
     if not is_main_process():  # under torchrun rank 0 alone writes the index (a worker's record has no run)
         return {"methods": methods, "runs": records, "rank": "worker"}
     return write_train_index(settings, root, records)
+
+
+def _warn_dropped_methods(settings: Settings, lay: Layout) -> None:
+    """Name the folders of methods trained earlier and since dropped from ``train.methods``: they are kept (their
+    checkpoints, adapter and loss curve are the user's), but ``dvc plots show`` draws their old curve beside the
+    current ones (dvc.yaml lists every method's ``loss.csv``)."""
+    from coin.methods import METHODS
+
+    for m in METHODS:
+        if m not in settings.train.methods and (lay.method_dir(m) / "loss.csv").exists():
+            log.warning("%s: %r is not in train.methods, but this folder holds an earlier run of it; `dvc plots show` "
+                        "still draws its loss curve. Delete the folder to drop it (its runs stay in MLflow)",
+                        lay.method_dir(m), m)
 
 
 def write_train_index(settings: Settings, root: Path,
