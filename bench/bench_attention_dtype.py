@@ -52,13 +52,15 @@ def time_cell(args: argparse.Namespace, dtype: torch.dtype, backend: SDPBackend,
 
 
 def main() -> None:
+    from coin.cli import positive_int  # counts below 1 refused at the command line
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", type=int, default=24)
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--length", type=int, default=136)
-    ap.add_argument("--head-dim", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--rows", type=positive_int, default=24)
+    ap.add_argument("--heads", type=positive_int, default=12)
+    ap.add_argument("--length", type=positive_int, default=136)
+    ap.add_argument("--head-dim", type=positive_int, default=32)
+    ap.add_argument("--threads", type=positive_int, default=2)
+    ap.add_argument("--reps", type=positive_int, default=10)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"q/k/v ({args.rows}, {args.heads}, {args.length}, {args.head_dim}), torch {torch.__version__}, "
@@ -74,4 +76,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from coin.cli import run_script  # a user error in two lines, a bug with its traceback
+
+    raise SystemExit(run_script(main))

@@ -74,10 +74,12 @@ def in_dask(threads: int, args, out_dir: str, *, env: str) -> tuple[float, float
 
 
 def main() -> None:
+    from coin.cli import positive_int  # counts below 1 refused at the command line
+
     ap = argparse.ArgumentParser()
-    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--samples", type=positive_int, default=16)
     ap.add_argument("--tasks", nargs="+", default=["sst2", "rte", "mnli"])
-    ap.add_argument("--threads", nargs="+", type=int, default=[2, 1], help="torch thread counts to compare")
+    ap.add_argument("--threads", nargs="+", type=positive_int, default=[2, 1], help="torch thread counts to compare")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench-dask-")
 

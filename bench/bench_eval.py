@@ -69,13 +69,15 @@ def _timed(fn, warm):
 
 
 def main() -> None:
+    from coin.cli import positive_int  # counts below 1 refused at the command line
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backbone", default="minilm")
     ap.add_argument("--tasks", nargs="+", default=["sst2", "rte"])
     ap.add_argument("--set", default="clean", help="instruction set whose instructions are used")
     ap.add_argument("--examples", type=int, default=8, help="examples per task (x 6 instructions)")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--max-new-tokens", type=int, default=7)
+    ap.add_argument("--batch-size", type=positive_int, default=32)
+    ap.add_argument("--max-new-tokens", type=positive_int, default=7)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave torch's default)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--protocol", action="store_true", help="also time the full evaluate protocol of params.yaml")

@@ -30,12 +30,14 @@ sys.path.insert(0, str(ROOT))  # flows/ is a project directory, not an installed
 
 
 def main() -> None:
+    from coin.cli import positive_int  # counts below 1 refused at the command line
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--project", type=Path, default=ROOT, help="a project that has run `coin train`")
-    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--samples", type=positive_int, default=16)
     ap.add_argument("--tasks", nargs="+", default=["sst2", "rte", "mnli"])
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of the unit")
+    ap.add_argument("--reps", type=positive_int, default=3)
+    ap.add_argument("--threads", type=positive_int, default=2, help="torch threads of the unit")
     args = ap.parse_args()
 
     from prefect import flow
@@ -85,4 +87,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from coin.cli import run_script  # a user error in two lines, a bug with its traceback
+
+    raise SystemExit(run_script(main))

@@ -27,10 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> int:
+    from coin.cli import positive_int  # counts below 1 refused at the command line
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--set", action="append", default=[], help="override, e.g. pairs.rows_per_task=120")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=positive_int, default=3)
     ap.add_argument("--out", help="write the markdown result here")
     args = ap.parse_args()
 
@@ -96,6 +98,7 @@ def main() -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # bench/results/ is git-ignored: not in a clone
         Path(args.out).write_text(text)
     return 0
 

@@ -168,14 +168,16 @@ def compare(settings: Any, measured: dict[str, Any], nproc: int = 1) -> dict[str
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from coin.cli import positive_int  # counts below 1 refused at the command line
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="params override KEY=VALUE")
     ap.add_argument("--backbone", default=None,
                     help="minilm (params' model.backbone) | a local path | " + " | ".join(LLAMAS))
-    ap.add_argument("--steps", type=int, default=3, help="optimiser steps measured")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    ap.add_argument("--processes", type=int, default=1, help="processes (torch.distributed.run, gloo on CPU)")
+    ap.add_argument("--steps", type=positive_int, default=3, help="optimiser steps measured")
+    ap.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--processes", type=positive_int, default=1, help="processes (torch.distributed.run, gloo on CPU)")
     ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:

@@ -82,11 +82,13 @@ def _serve(uri_env: dict[str, str], rows: int, repeats: int, out: dict[str, str]
 
 
 def main() -> None:
+    from coin.cli import positive_int  # counts below 1 refused at the command line
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--rows", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    ap.add_argument("--rows", type=positive_int, default=16)
+    ap.add_argument("--repeats", type=positive_int, default=5)
+    ap.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's own choice)")
     ap.add_argument("--no-serve", action="store_true")
     args = ap.parse_args()
     if args.threads:

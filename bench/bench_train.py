@@ -485,15 +485,19 @@ def figure(value: float, spec: str, unit: str = "") -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from coin.cli import positive_int  # counts below 1 refused at the command line
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="params override KEY=VALUE")
     ap.add_argument("--backbone", default="minilm", help="minilm | a local model path | tinyllama-config")
-    ap.add_argument("--layers", type=int, default=None, help="tinyllama-config only: fewer layers (smoke runs)")
-    ap.add_argument("--batch-size", type=int, default=8, help="pairs per step")
-    ap.add_argument("--reps", type=int, default=12, help="timed steps per variant (cycling over the batches)")
-    ap.add_argument("--n-batches", type=int, default=6, help="distinct batches (one untimed pass over them first)")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--layers", type=positive_int, default=None,
+                    help="tinyllama-config only: fewer layers (smoke runs)")
+    ap.add_argument("--batch-size", type=positive_int, default=8, help="pairs per step")
+    ap.add_argument("--reps", type=positive_int, default=12, help="timed steps per variant (cycling over the batches)")
+    ap.add_argument("--n-batches", type=positive_int, default=6,
+                    help="distinct batches (one untimed pass over them first)")
+    ap.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--out", default=None, help="also write the table (with the command) to this Markdown file")
     ap.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)

@@ -647,15 +647,18 @@ def export_minilm(dest: Path) -> None:
 
 def main(argv: list[str] | None = None) -> str:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from coin.cli import positive_int  # counts below 1 refused at the command line
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, help="write the table, environment and notes to this Markdown file")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, any device: the same code paths in seconds")
-    ap.add_argument("--batch-sizes", type=int, nargs="+", help="pairs per step for the 1B rows (default 8 32 64)")
-    ap.add_argument("--ref-batch", type=int, help="batch of the reference-style row (default: the middle one)")
-    ap.add_argument("--q4-batch", type=int, help="pairs per step of the 7B 4-bit row (default 8)")
-    ap.add_argument("--reps", type=int, help="timed steps per row (default 10)")
-    ap.add_argument("--n-batches", type=int, help="distinct batches per row (default 3)")
-    ap.add_argument("--matmul-n", type=int, help="size of the peak matmuls (default 8192)")
+    ap.add_argument("--batch-sizes", type=positive_int, nargs="+",
+                    help="pairs per step for the 1B rows (default 8 32 64)")
+    ap.add_argument("--ref-batch", type=positive_int, help="batch of the reference-style row (default: the middle one)")
+    ap.add_argument("--q4-batch", type=positive_int, help="pairs per step of the 7B 4-bit row (default 8)")
+    ap.add_argument("--reps", type=positive_int, help="timed steps per row (default 10)")
+    ap.add_argument("--n-batches", type=positive_int, help="distinct batches per row (default 3)")
+    ap.add_argument("--matmul-n", type=positive_int, help="size of the peak matmuls (default 8192)")
     ap.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, where its name is not known")
     ap.add_argument("--device", default="auto", help="auto | cuda | cuda:1 | cpu")
     ap.add_argument("--seed", type=int, default=0)

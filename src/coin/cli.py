@@ -205,6 +205,21 @@ def report(exc: BaseException, *, debug: bool = False) -> ExitCode:
     return code
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for a bench or experiment script's counts (``--reps``, ``--steps``, ``--batch-size``,
+    ``--threads``...): a count below 1 is refused at the command line, not as a ZeroDivisionError or an empty
+    median minutes into the run."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1: give a count of 1 or more")
+    return value
+
+
 def run_script(main: Any, *args: Any) -> int:
     """Run a bench or experiment script's ``main`` under the CLI's error handling: a user error (a bad
     ``--params``, a missing file) prints ``error:``/``fix:`` and exits with its class's code; a bug keeps its
