@@ -42,7 +42,7 @@ from coin.evaluation.generation import generate_answers, generate_reference_styl
 from coin.evaluation.instructions import load_instruction_sets
 from coin.evaluation.sampling import sample_examples
 from coin.evaluation.scoring import score_label_words
-from coin.modeling.backbone import load_backbone
+from coin.modeling.backbone import autocast_context, load_backbone
 from coin.predict import join_instruction
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,11 +61,13 @@ def _prompts(args, instruction_file: Path) -> list[tuple[str, int, str, str]]:
     return out
 
 
-def _timed(fn, warm):
-    warm()
-    t0 = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - t0
+def _timed(fn, warm, autocast: str):
+    """Warm up, then time ``fn`` under ``evaluate.autocast`` (as ``coin evaluate`` runs: bf16 where it is native)."""
+    with autocast_context(torch.device("cpu"), autocast, "evaluate.autocast"):
+        warm()
+        t0 = time.perf_counter()
+        result = fn()
+        return result, time.perf_counter() - t0
 
 
 def main() -> None:
@@ -117,7 +119,7 @@ def main() -> None:
             o = score_label_words(model, tok, prompts, list(get_task(task).label_words), batch_size=args.batch_size,
                                   groups=[items[k][2] for k in idx] if kw.get("prefix") else None,
                                   use_cache=kw.get("cache", True), desc=f"loglik {task}")
-            return o.scores.argmax(1).tolist(), (o.path, o.forward_tokens)
+            return o.scores.argmax(1).tolist(), (o.path, *o.notes)
         return lambda: per_task(run)
 
     def gen(reference: bool):
@@ -134,17 +136,19 @@ def main() -> None:
     warm_ref = lambda: generate_reference_style(dec, tok, warm_prompts[:1], max_new_tokens=2)  # noqa: E731
 
     modes = {
-        "loglik (kv cache + shared instruction prefix; default)": (loglik(prefix=True), warm_ll),
+        "loglik (kv cache + shared instruction prefix where the model allows; default)": (loglik(prefix=True), warm_ll),
         "loglik (kv cache, no prefix sharing)": (loglik(), warm_ll),
         "loglik (one sequence per label, no cache)": (loglik(cache=False), warm_ll),
         f"generate (batched, left padding, KV cache, {args.max_new_tokens} tokens; causal)": (gen(False), warm_gen),
         f"reference loop (batch 1, no KV cache, {args.max_new_tokens} tokens; causal)": (gen(True), warm_ref),
     }
     load_before = os.getloadavg()[0]
-    results = {}
+    results, paths = {}, {}
     for name, (fn, warm) in modes.items():
-        (out, _info), secs = _timed(fn, warm)
+        (out, info), secs = _timed(fn, warm, settings.evaluate.autocast)
         results[name] = (out, secs)
+        if name.startswith("loglik"):  # the scorer's path, and why prefix sharing was not applied where it was not
+            paths[name] = sorted({"; ".join(dict.fromkeys(i)) for i in info})
         print(f"{name}: {secs:.1f} s", file=sys.stderr)
 
     names = list(modes)
@@ -166,7 +170,8 @@ def main() -> None:
         f"Model `{args.backbone}` on CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads); {n} prompts = tasks "
         f"{', '.join(args.tasks)} x the 6 `{args.set}` instructions x {args.examples} seeded examples; "
-        f"batch size {args.batch_size}. Every mode scores the same prompts, one after the other, after a warm-up. "
+        f"batch size {args.batch_size}; `evaluate.autocast: {settings.evaluate.autocast}` as `coin evaluate` runs. "
+        "Every mode scores the same prompts, one after the other, after a warm-up. "
         f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other processes share the "
         "CPU when it is well above 0).",
         "",
@@ -177,6 +182,8 @@ def main() -> None:
         secs = results[nm][1]
         lines.append(f"| {nm} | {secs:.1f} | {n / secs:.2f} | {ref_secs / secs:.1f}x | {acc[nm]:.1f} |")
     unparsed = {nm: 100 * sum(p < 0 for p in parsed[nm]) / n for nm in parsed}
+    lines += ["", "Scoring path of each loglik row (the scorer's own record):", ""]
+    lines += [f"- {nm}: {' | '.join(p)}" for nm, p in paths.items()]
     lines += [
         "",
         "Agreement between modes (same prompts):",
