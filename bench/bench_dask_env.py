@@ -6,7 +6,7 @@ Needs a trained project (outputs/train/train.json) only for its index; the unit 
 Prints a Markdown table: where the unit ran, torch threads, wall, user and system CPU seconds of the
 process that ran it. Variants, one after another on the same examples:
 
-- plain process, 2 and 1 torch threads;
+- plain process, 2 and 1 torch threads (each a fresh process, as each Dask worker is);
 - Dask worker with Dask's default worker environment (``MALLOC_TRIM_THRESHOLD_=65536``, OpenMP/MKL/OpenBLAS at 1);
 - Dask worker without ``MALLOC_TRIM_THRESHOLD_``, thread libraries at Dask's 1 (the flow's until RESULTS.md §18);
 - Dask worker with the flow's environment (:func:`flows.pipeline._worker_environ`: thread libraries at the
@@ -39,6 +39,17 @@ def unit(threads: int, samples: int, tasks: list[str], out_dir: str) -> tuple[fl
     stage_evaluate_unit(s, ROOT, "base")
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     return time.perf_counter() - t0, r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
+
+
+def in_process(threads: int, args, out_dir: str) -> tuple[float, float, float]:
+    """:func:`unit` in a fresh (spawned) process: it imports the model stack and loads the backbone inside its
+    timed region, so in this script's own process a second plain row ran warm while every Dask row, in a fresh
+    worker, paid those one-off costs."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(unit, threads, args.samples, args.tasks, out_dir).result()
 
 
 # the worker environments compared: Dask's default; the flow's until RESULTS.md §18 (no MALLOC_TRIM_THRESHOLD_,
@@ -93,7 +104,7 @@ def main() -> None:
 
     rows = []
     for n in args.threads:  # Dask's default environment at 1 thread only, as first measured (BENCHMARKS.md)
-        rows += [("plain process", n, unit(n, args.samples, args.tasks, fresh())),
+        rows += [("plain process", n, in_process(n, args, fresh())),
                  *[(ENVS[e], n, in_dask(n, args, fresh(), env=e)) for e in (("dask",) if n == 1 else ())
                    + ("flow-before", "flow")]]
     print(f"base model, tasks {' '.join(args.tasks)} x {args.samples} examples x 5 sets x 6 instructions\n")
