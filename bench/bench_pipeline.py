@@ -25,14 +25,17 @@ def main() -> None:
     settings = load_settings(args.params, args.overrides)
     root = Path(args.params).resolve().parent
     times: dict[str, float] = {}
+    notes: dict[str, str] = {}
     for name, fn in STAGES.items():
         t0 = time.perf_counter()
-        fn(settings, root)
+        out = fn(settings, root)
         times[name] = time.perf_counter() - t0
+        if isinstance(out, dict) and out.get("cached_units"):  # a rerun serves base from the evaluation cache
+            notes[name] = f" (cached, not computed: {', '.join(out['cached_units'])})"
     total = sum(times.values())
     print("| stage | s | share |\n|---|---:|---:|")
     for name, s in times.items():
-        print(f"| {name} | {s:.1f} | {100 * s / total:.0f}% |")
+        print(f"| {name}{notes.get(name, '')} | {s:.1f} | {100 * s / total:.0f}% |")
     print(f"| **total** | **{total:.1f}** | |")
 
 

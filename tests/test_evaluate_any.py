@@ -371,6 +371,12 @@ def test_pipeline_base_evaluation_is_cached_per_protocol(tmp_path, tiny_llama_di
     assert (unit / "predictions.parquet").read_bytes() == before
     stage_evaluate_unit(settings(2), tmp_path, "base")  # another protocol
     assert calls == ["base", "base"]
+    # the whole stage says which of its units it served from the cache (bench_pipeline timed them as computed)
+    import coin.stages
+
+    monkeypatch.setattr(coin.stages, "eval_units", lambda s, root: ["base"])  # no trained method here
+    monkeypatch.setattr(coin.stages, "stage_evaluate_report", lambda s, root: {"report": "r"})
+    assert coin.stages.stage_evaluate(settings(2), tmp_path) == {"report": "r", "cached_units": ["base"]}
 
 
 def test_instructions_without_model_evaluate_the_pipelines_models_apart_from_the_pipeline(project, tiny_llama_dir):

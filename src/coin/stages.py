@@ -655,11 +655,10 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
 def stage_evaluate(settings: Settings, root: Path) -> dict[str, Any]:
     """Robustness evaluation of the base model (optional) and every trained method, then the report."""
     t0 = time.perf_counter()
-    for label in eval_units(settings, root):
-        stage_evaluate_unit(settings, root, label)
+    cached = [label for label in eval_units(settings, root) if stage_evaluate_unit(settings, root, label).get("cached")]
     out = stage_evaluate_report(settings, root)
     log.info("evaluate: %.1f s", time.perf_counter() - t0)
-    return out
+    return {**out, "cached_units": cached}  # served from the evaluation cache, not computed (bench_pipeline says so)
 
 
 # --------------------------------------------------------------------------- register
