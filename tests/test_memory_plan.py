@@ -346,3 +346,24 @@ def test_the_plan_summary_counts_processes_once_and_suggests_only_what_is_left(
     assert m and float(m[1]) == pytest.approx(2 * float(m[2]), abs=0.011), line
     hint = next(ln for ln in res.output.splitlines() if ln.startswith("lower it with"))
     assert "train.batch_size" in hint and "train.sharding" not in hint
+
+
+def test_the_readmes_launch_lines_plan_another_architecture(tiny_llama_dir):
+    """README 'Launching on GPUs': `coin train --set model.backbone=/models/llama-7b` with the shipped params.yaml
+    stopped at its MiniLM target_modules; the lines now carry the README's own LORA override, read from there."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from coin.config import load_settings
+    from coin.modeling.lora import LoraTargetError
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    lora = shlex.split(re.search(r'^LORA="([^"]+)"', readme, re.M).group(1))
+    assert "./run.sh coin train --set model.backbone=/models/llama-7b $LORA" in readme
+    sets = [lora[i + 1] for i, a in enumerate(lora) if a == "--set"]
+    base = [f"model.backbone={tiny_llama_dir}", "model.device=cpu"]
+    with pytest.raises(LoraTargetError, match="match no module of LlamaForCausalLM"):
+        plan_training(load_settings(root / "params.yaml", base))
+    assert plan_training(load_settings(root / "params.yaml", base + sets)).shape.lora_params > 0
