@@ -378,3 +378,24 @@ def test_an_adapter_whose_base_moved_names_its_record_not_model_backbone(tmp_pat
         load_trained(tmp_path, device="cpu")
     msg = str(err.value)
     assert "coin_model.json: its base model" in msg and "moved-away" in msg and "model.backbone" not in msg
+
+
+def test_a_float16_adapter_loads_in_float32_on_a_cpu(tiny_llama_dir, tmp_path, caplog):
+    """An adapter trained on a GPU without bf16 (model.dtype: float16) could not be evaluated or served on a CPU:
+    the loader refused float16 there and named model.dtype, which a trained adapter's loading never reads."""
+    import torch
+
+    from coin.modeling.adapter import load_trained, write_meta
+    from coin.modeling.backbone import load_backbone
+    from coin.modeling.lora import apply_lora
+
+    torch.set_num_threads(1)
+    bb = load_backbone(str(tiny_llama_dir), device="cpu")
+    apply_lora(bb, LoraSettings(r=2, alpha=4, target_modules=["q_proj"])).save_pretrained(str(tmp_path))
+    bb.tokenizer.save_pretrained(str(tmp_path))
+    write_meta(tmp_path, {"base": str(tiny_llama_dir), "dtype": "float16", "seed": 0, "attention": "causal",
+                          "readout": "last", "quantization": "none"})
+    with caplog.at_level(logging.INFO, logger="coin"):
+        model, _, meta = load_trained(tmp_path, device="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.float32} and meta["dtype"] == "float16"
+    assert any("loaded in float32 on this CPU" in r.getMessage() for r in caplog.records)

@@ -9,6 +9,7 @@ was trained, on a base loaded the way it was trained on.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,14 @@ def load_trained(adapter_dir: Path, *, device: str = "auto"):
     if (problem := adapter_problem(Path(adapter_dir))) is not None:
         raise DataError(f"{adapter_dir}: not a complete adapter ({problem}); rerun `coin train`, or restore the "
                         "folder")
+    dtype = str(meta.get("dtype", "auto"))
+    if dtype == "float16" and pick_device(device).type == "cpu":  # trained on a GPU without bf16: no fp16 CPU kernels
+        logging.getLogger("coin").info("%s: trained on a float16 base; the base is loaded in float32 on this CPU "
+                                       "(the LoRA weights are float32 already)", adapter_dir)
+        dtype = "float32"
     # adapters written before model.attention existed were trained causally
     try:
-        backbone = load_backbone(meta["base"], dtype=meta.get("dtype", "auto"), device=device,
+        backbone = load_backbone(meta["base"], dtype=dtype, device=device,
                                  seed=int(meta.get("seed", 0)), attention=meta.get("attention", "causal"),
                                  readout=meta.get("readout", "last"), quantization=quantization,
                                  double_quant=bool(meta.get("double_quant", False)))
