@@ -399,3 +399,41 @@ def test_a_float16_adapter_loads_in_float32_on_a_cpu(tiny_llama_dir, tmp_path, c
         model, _, meta = load_trained(tmp_path, device="cpu")
     assert {p.dtype for p in model.parameters()} == {torch.float32} and meta["dtype"] == "float16"
     assert any("loaded in float32 on this CPU" in r.getMessage() for r in caplog.records)
+
+
+def test_coin_predict_loads_the_model_on_model_device(bert_adapter, tmp_path, monkeypatch):
+    """`coin predict --set model.device=...` was ignored (the registered model always loaded on 'auto'), while
+    coin train and coin evaluate obey it: on a GPU machine a busy or small GPU could not be avoided."""
+    import mlflow
+    from typer.testing import CliRunner
+
+    import coin.modeling.adapter as adapter_mod
+    from coin.cli import app
+    from coin.config import Settings
+    from coin.registry.register import log_candidate
+    from coin.registry.tracking import setup_tracking
+
+    (tmp_path / "params.yaml").write_text(f"paths: {{mlruns_dir: {tmp_path / 'mlruns'}}}\n")
+    setup_tracking(Settings.model_validate({"paths": {"mlruns_dir": str(tmp_path / "mlruns")}}), tmp_path)
+    with mlflow.start_run() as run:
+        pass
+    reg = log_candidate(bert_adapter, run.info.run_id, "tiny-device")
+    devices: list[str] = []
+    real = adapter_mod.load_trained
+    monkeypatch.setattr(adapter_mod, "load_trained", lambda d, device="auto": devices.append(device) or real(d))
+    monkeypatch.chdir(tmp_path)
+    args = ["predict", "--model-uri", reg.model_uri, "--instruction", "Positive or negative? ", "--input", "fine",
+            "--task", "sst2"]
+    res = CliRunner().invoke(app, [*args, "--set", "model.device=cpu"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert devices == ["cpu", "auto"]
+    # a version registered before versions took a device: refused, not loaded on 'auto' in silence
+    real_log = mlflow.pyfunc.log_model
+    monkeypatch.setattr(mlflow.pyfunc, "log_model", lambda *a, **k: real_log(*a, **{**k, "model_config": None}))
+    with mlflow.start_run() as run:
+        pass
+    old = log_candidate(bert_adapter, run.info.run_id, "tiny-device-old")
+    res = CliRunner().invoke(app, [*args[:2], old.model_uri, *args[3:], "--set", "model.device=cpu"])
+    assert res.exit_code == 2 and "cannot apply to" in " ".join(res.output.split()), res.output

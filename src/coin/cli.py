@@ -648,7 +648,8 @@ def predict(
     # store's own artifact folder (the evaluation loads from a copy for the same reason)
     with tempfile.TemporaryDirectory(prefix="coin-predict-model-") as tmp:
         try:
-            model = mlflow.pyfunc.load_model(uri, dst_path=tmp)
+            model = mlflow.pyfunc.load_model(uri, dst_path=tmp, model_config={"device": settings.model.device}
+                                             if settings.model.device != "auto" else None)
         except Exception as exc:  # noqa: BLE001 -- MLflow raises several types for a missing model
             why = str(exc).strip().rstrip(".")
             if not uri.startswith(("models:/", "runs:/")) and "artifact repository" in why:  # no such URI scheme
@@ -664,6 +665,10 @@ def predict(
             else:  # the model is registered but does not load here (its base, a library): its own message says why
                 hint = ""
             raise ModelUnavailable(f"cannot load {uri}: {why}.{hint}") from None
+        if settings.model.device != "auto" and "device" not in (model.model_config or {}):
+            raise ConfigError(f"model.device = {settings.model.device!r} cannot apply to {uri}: it was registered "
+                              "before registered models took a device (it loaded on 'auto'). Leave model.device at "
+                              "auto for it, or register a new training run")
         n = len(inputs)
         row = {"instruction": [instruction] * n, "input": inputs}
         if task:

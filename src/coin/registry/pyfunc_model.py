@@ -30,7 +30,9 @@ class CoinModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from coin.modeling.adapter import load_trained
 
-        self.model, self.tokenizer, self.meta = load_trained(Path(context.artifacts["adapter"]))
+        # `coin predict` passes its model.device (model_config); a server or a plain load_model picks (auto)
+        device = str((getattr(context, "model_config", None) or {}).get("device", "auto"))
+        self.model, self.tokenizer, self.meta = load_trained(Path(context.artifacts["adapter"]), device=device)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException

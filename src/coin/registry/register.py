@@ -238,6 +238,8 @@ def log_candidate(adapter_dir: Path, run_id: str, name: str) -> Registration:
             signature=model_signature(),
             input_example=(INPUT_EXAMPLE, PREDICT_PARAMS),
             pip_requirements=_requirements(),
+            model_config={"device": "auto"},  # where the base loads: `coin predict` passes its model.device, a
+            # server takes MLflow's MLFLOW_PYFUNC_INFERENCE_CONFIG='{"device": "cpu"}'
             registered_model_name=name,
             metadata={"coin_base": str(meta["base"]), "coin_method": str(meta.get("method", "")),
                       "coin_quantization": str(meta.get("quantization", "none"))},
