@@ -113,6 +113,11 @@ def test_summary_and_docs_written(valid_run):
     assert "Paraphrase-validation gate" in page and "40 of 40 rows valid" in page
     assert all(f"<code>{name}</code>" in page for name in CHECKS)
     assert "http://" not in page and "https://" not in page and "<script" not in page
+    # every threshold applied, named as in params.yaml (the lengths were nowhere on a passing run's pages)
+    applied = summary["stats"]["settings"]
+    assert applied["pairs.cutoff_len"] == CUTOFF and applied["validate.max_length_chars"] == 4000
+    assert applied["validate.min_pass_rate"] == 1.0 and "validate.max_similarity" in applied
+    assert "<code>pairs.cutoff_len</code>" in page and "<code>validate.max_length_chars</code>" in page
     links = re.findall(r'href="([^"]+)"', page)
     assert len(links) == 2 and all((out / link).is_file() for link in links)
     sim = summary["stats"]["semantic_similarity"]

@@ -149,6 +149,9 @@ def run_gate(
                        embedder=embedder, eval_sources=eval_sources)
     results, check_seconds = run_checks(rows, ctx)
     ctx.stats["eval_sources"] = eval_sources.summary()
+    # every threshold the checks applied, named as in params.yaml: a passing run's pages said none of the lengths
+    ctx.stats["settings"] = {**{f"validate.{k}": v for k, v in cfg.model_dump(mode="json").items()},
+                             "pairs.cutoff_len": cutoff_len}
 
     valid: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []

@@ -10,6 +10,7 @@ without styles).
 from __future__ import annotations
 
 import html
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,10 @@ def render(report: GateReport, out_dir: Path) -> str:
             f"with a training input</li>",
             *[f"<li>{_e(n)}</li>" for n in src.get("notes", [])], "</ul>",
         ]
+    if settings := report.stats.get("settings"):
+        parts += ["<h2>Settings applied</h2>", "<table><tr><th>key</th><th>value</th></tr>",
+                  _rows([[f"<code>{_e(k)}</code>", f"<code>{_e(json.dumps(v))}</code>"] for k, v in settings.items()],
+                        set()), "</table>"]
     pages = sorted((out_dir / "data_docs" / "validations").rglob("*.html")) if (out_dir / "data_docs").is_dir() else []
     if pages:
         parts.append("<h2>Great Expectations Data Docs</h2><ul>")
