@@ -566,7 +566,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(request: pytest.Fixture
         model = apply_lora(bb, cfg.lora)
         perturb_lora_b(model)
         if checkpointing:
-            _enable_gradient_checkpointing(model)
+            import warnings
+
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                _enable_gradient_checkpointing(model)
+            assert not [w for w in said if "deprecated" in str(w.message)], [str(w.message) for w in said]
         model.train()
         assert model.get_base_model().is_gradient_checkpointing is checkpointing
         b = PairCollator.from_settings(bb.tokenizer, cfg, 64)(make_rows(3))

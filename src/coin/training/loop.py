@@ -153,7 +153,10 @@ def _enable_gradient_checkpointing(model: nn.Module) -> None:
         raise ValueError(
             f"train.gradient_checkpointing = true: {type(hf).__name__} does not support it; set it to false"
         )
-    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(hf, "activation_checkpointing_enable"):  # transformers' name since gradient_checkpointing_enable's
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})  # deprecation
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _take_rank(batch: list[dict[str, Any]], world: World, batch_size: int) -> list[dict[str, Any]]:
