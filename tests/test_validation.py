@@ -812,3 +812,35 @@ def test_the_gates_embedder_loads_without_a_progress_bar(capfd):
 
     minilm_embedder()
     assert "Loading weights" not in capfd.readouterr().err
+
+
+def test_the_report_logged_to_mlflow_finds_its_data_docs_pages(valid_run, tmp_path):
+    """report.html links to the Data Docs pages by relative links; only summary.json, rejects.jsonl and report.html
+    were logged, so every link of the run's report was dead in MLflow."""
+    import shutil
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from coin.config import Settings
+    from coin.layout import Layout
+    from coin.registry.tracking import setup_tracking
+    from coin.stages import _log_gate
+
+    _, report, out = valid_run
+    settings = Settings.model_validate({"paths": {"mlruns_dir": str(tmp_path / "mlruns")}})
+    lay = Layout(tmp_path, settings)
+    shutil.copytree(out, lay.validated_dir)
+    setup_tracking(settings, tmp_path)
+    with mlflow.start_run() as run:
+        _log_gate(report, lay)
+    client = MlflowClient()
+
+    def files(path: str) -> list[str]:
+        return [x for a in client.list_artifacts(run.info.run_id, path)
+                for x in (files(a.path) if a.is_dir else [a.path])]
+
+    logged = set(files("validate"))
+    links = re.findall(r'href="([^"#]+)"', (lay.validated_dir / "report.html").read_text())
+    assert links and all(f"validate/{link}" in logged for link in links), (links, sorted(logged))
+    assert not any("/static/" in p for p in logged)  # the pages' fonts and styles stay behind

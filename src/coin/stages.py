@@ -209,6 +209,13 @@ def _log_gate(report: Any, lay: Layout) -> None:
     for name in ("summary.json", "rejects.jsonl", "report.html"):
         if (lay.validated_dir / name).exists():
             mlflow.log_artifact(str(lay.validated_dir / name), artifact_path="validate")
+    # the Data Docs pages report.html links to (relative links: they resolve in the run's artifacts too), not their
+    # static/ fonts and styles (most of the folder's bytes; the pages show unstyled offline anyway)
+    docs = lay.validated_dir / "data_docs"
+    for page in sorted(docs.rglob("*.html")) if docs.is_dir() else []:
+        rel = page.relative_to(lay.validated_dir)
+        if "static" not in rel.parts:
+            mlflow.log_artifact(str(page), artifact_path=f"validate/{rel.parent.as_posix()}")
 
 
 def _numeric_leaves(d: dict[str, Any], prefix: str) -> dict[str, float]:
