@@ -257,7 +257,11 @@ def test_batched_left_padded_generation_equals_the_reference_loop(kind: str, req
         ("not entailment", UNPARSED),  # a different answer (the reference counts it wrong too)
         ("entailmentnot", 0),          # starts with the label: the reference's startswith rule
         ("the answer is entailment", UNPARSED), ("", UNPARSED), ("   ", UNPARSED), ("...", UNPARSED),
-        ("1", 1), ("0.", 0),           # the file's aliases for rte
+        ("1", 1), ("0.", 0), ("1, because", 1),   # the file's aliases for rte
+        # a digit alias names a label only as a whole number: the start of another number, a decimal or a
+        # signed number is not one (a tiny model's "1728 torn banner" counted as label 1)
+        ("10", UNPARSED), ("01", UNPARSED), ("1728 torn banner", UNPARSED), ("1.5 stars", UNPARSED),
+        ("0.5", UNPARSED), ("0,5", UNPARSED), ("-1", UNPARSED), ("+0", UNPARSED),
     ],
 )
 def test_parse_generation_edge_cases(text: str, want: int) -> None:

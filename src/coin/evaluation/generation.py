@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 UNPARSED = -1
 _STRIP = string.whitespace + string.punctuation
 _UNDERSCORE_SPACES = re.compile(r"\s*_\s*")
+_SIGNED_NUMBER = re.compile(r"\s*[-+\u2212]\s*\d")
+_NUMBER_GOES_ON = re.compile(r"[.,]?\d")
 
 
 # --------------------------------------------------------------------------- parsing
@@ -67,12 +69,17 @@ def parse_answer(text: str, choices: Mapping[str, int]) -> int:
     (1, 0)
     >>> parse_answer("not entailment", choices), parse_answer("", choices), parse_answer("the answer", choices)
     (-1, -1, -1)
+    >>> digits = {"0": 0, "1": 1}
+    >>> [parse_answer(t, digits) for t in ("1.", "10", "1.5 stars", "-1")]
+    [1, -1, -1, -1]
     """
     norm = normalise_output(text)
-    if not norm:
+    if not norm or _SIGNED_NUMBER.match(text):  # "-1": the sign is no punctuation to strip before a digit alias
         return UNPARSED
     for word in sorted(choices, key=len, reverse=True):
-        if norm.startswith(normalise_output(word)):
+        w = normalise_output(word)
+        # a digit alias ("0", "1") names a label only as a whole number: "10", "1.5 stars" and "1728 ..." do not
+        if norm.startswith(w) and not (w[-1:].isdigit() and _NUMBER_GOES_ON.match(norm, len(w))):
             return int(choices[word])
     return UNPARSED
 
