@@ -52,7 +52,7 @@ def time_cell(args: argparse.Namespace, dtype: torch.dtype, backend: SDPBackend,
 
 
 def main() -> None:
-    from coin.cli import positive_int  # counts below 1 refused at the command line
+    from coin.argtypes import positive_int  # counts below 1 refused at the command line
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=positive_int, default=24)

@@ -85,7 +85,7 @@ def in_dask(threads: int, args, out_dir: str, *, env: str) -> tuple[float, float
 
 
 def main() -> None:
-    from coin.cli import positive_int  # counts below 1 refused at the command line
+    from coin.argtypes import positive_int  # counts below 1 refused at the command line
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=positive_int, default=16)

@@ -71,7 +71,7 @@ def _timed(fn, warm, autocast: str):
 
 
 def main() -> None:
-    from coin.cli import positive_int  # counts below 1 refused at the command line
+    from coin.argtypes import positive_int  # counts below 1 refused at the command line
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backbone", default="minilm")

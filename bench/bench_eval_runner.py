@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))  # flows/ is a project directory, not an installed
 
 
 def main() -> None:
-    from coin.cli import positive_int  # counts below 1 refused at the command line
+    from coin.argtypes import positive_int  # counts below 1 refused at the command line
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--project", type=Path, default=ROOT, help="a project that has run `coin train`")

@@ -82,7 +82,7 @@ def _serve(uri_env: dict[str, str], rows: int, repeats: int, out: dict[str, str]
 
 
 def main() -> None:
-    from coin.cli import positive_int  # counts below 1 refused at the command line
+    from coin.argtypes import positive_int  # counts below 1 refused at the command line
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--params", default="params.yaml")

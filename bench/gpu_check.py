@@ -647,7 +647,7 @@ def export_minilm(dest: Path) -> None:
 
 def main(argv: list[str] | None = None) -> str:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from coin.cli import positive_int  # counts below 1 refused at the command line
+    from coin.argtypes import positive_int  # counts below 1 refused at the command line
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, help="write the table, environment and notes to this Markdown file")

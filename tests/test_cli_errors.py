@@ -537,3 +537,11 @@ def test_a_cli_stage_is_refused_while_a_pipeline_run_holds_the_outputs(tmp_path,
     res = runner.invoke(app, ["register", "--params", str(tmp_path / "params.yaml")])
     assert res.exit_code == 0, res.output
     assert ran == [tmp_path]
+    # under torchrun / accelerate launch every rank runs `coin train`: rank 0 holds the lock for the launch, and a
+    # worker rank runs its stage beside it (every rank but the first was refused)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with FileLock(str(lock)):
+        res = runner.invoke(app, ["register", "--params", str(tmp_path / "params.yaml")])
+    assert res.exit_code == 0, res.output
+    assert ran == [tmp_path, tmp_path]

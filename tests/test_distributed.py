@@ -81,6 +81,32 @@ def test_two_methods_train_in_one_launch(tiny_llama_dir: Path, tmp_path: Path) -
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in losses)
 
 
+def test_coin_train_runs_under_torchrun_from_the_cli(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """The README's launch line, `torchrun ... coin train`: every rank runs the CLI stage. When each `coin <stage>`
+    began to take the pipeline lock, every rank but the first was refused it and the launch failed."""
+    import yaml
+
+    from coin.data.io import write_jsonl
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "paths": {"data_dir": str(root / "data")}, "model": {"backbone": str(tiny_llama_dir), "device": "cpu"},
+        "train": {"methods": ["sft"], "max_steps": 2, "batch_size": 2, "autocast": "off", "checkpoint_every": 0,
+                  "lora": {"r": 4, "alpha": 8, "target_modules": "auto"}},
+        "register": {"methods": ["sft"]}, "study": {"methods": ["base", "sft"]}}))
+    write_jsonl(tmp_path / "outputs" / "validated" / "valid.jsonl", make_rows(8))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "coin.cli",
+         "train", "--params", str(tmp_path / "params.yaml")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "another pipeline run" not in proc.stderr
+    index = json.loads((tmp_path / "outputs" / "train" / "train.json").read_text())
+    assert index["methods"] == ["sft"] and (tmp_path / "outputs/train/sft/adapter/adapter_config.json").exists()
+
+
 @dataclass
 class _OneProcess:
     step: dict[str, float]           # one CoIN step on the whole global batch of 4 pairs

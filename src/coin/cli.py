@@ -24,6 +24,7 @@ import os
 import sys
 import tempfile
 import traceback
+from contextlib import nullcontext
 from enum import IntEnum
 from pathlib import Path
 from types import TracebackType
@@ -205,21 +206,6 @@ def report(exc: BaseException, *, debug: bool = False) -> ExitCode:
     return code
 
 
-def positive_int(text: str) -> int:
-    """An argparse ``type`` for a bench or experiment script's counts (``--reps``, ``--steps``, ``--batch-size``,
-    ``--threads``...): a count below 1 is refused at the command line, not as a ZeroDivisionError or an empty
-    median minutes into the run."""
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is below 1: give a count of 1 or more")
-    return value
-
-
 def run_script(main: Any, *args: Any) -> int:
     """Run a bench or experiment script's ``main`` under the CLI's error handling: a user error (a bad
     ``--params``, a missing file) prints ``error:``/``fix:`` and exits with its class's code; a bug keeps its
@@ -298,7 +284,11 @@ def _run_stage(name: str, params: Path, overrides: list[str] | None) -> dict:
 
     _setup_logging()
     settings, root = _settings(params, overrides)
-    with pipeline_lock(settings, root):  # `coin <stage>` and `dvc repro` beside a flow run share its outputs/
+    from coin.training.distributed import is_main_process
+
+    # `coin <stage>` and `dvc repro` beside a flow run share its outputs/. Under torchrun / accelerate launch every
+    # rank runs `coin train`: rank 0 holds the lock for the launch (were it refused, the launcher stops the others)
+    with pipeline_lock(settings, root) if is_main_process() else nullcontext():
         return STAGES[name](settings, root)
 
 
