@@ -434,6 +434,13 @@ def test_coin_predict_loads_the_model_on_model_device(bert_adapter, tmp_path, mo
     monkeypatch.setattr(mlflow.pyfunc, "log_model", lambda *a, **k: real_log(*a, **{**k, "model_config": None}))
     with mlflow.start_run() as run:
         pass
-    old = log_candidate(bert_adapter, run.info.run_id, "tiny-device-old")
+    old = log_candidate(bert_adapter, run.info.run_id, "tiny-device-old")  # (MLflow loads it to check the example)
+    devices.clear()
     res = CliRunner().invoke(app, [*args[:2], old.model_uri, *args[3:], "--set", "model.device=cpu"])
     assert res.exit_code == 2 and "cannot apply to" in " ".join(res.output.split()), res.output
+    assert devices == []  # refused before the load: on a busy GPU the load itself failed
+    # MLflow's server-side variable does not override coin predict's own model.device, auto included
+    monkeypatch.setenv("MLFLOW_PYFUNC_INFERENCE_CONFIG", '{"device": "cpu"}')
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert devices == ["auto"]

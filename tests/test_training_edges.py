@@ -101,6 +101,12 @@ def test_training_refuses_the_rows_of_a_failed_gate(tiny_llama_dir: Path, tmp_pa
 
     with pytest.raises(DataError, match="validation gate failed on these rows"):
         train_cell(s, "sft", 0, "sft-s0", tmp_path / "cell", lay.valid_file, "cpu", progress=False)
+    # nothing to validate: the pairs are at fault, not the rows or the thresholds
+    write_json(lay.validated_dir / "summary.json", {"rows_in": 0, "rows_valid": 0, "pass_rate": 0.0,
+                                                    "min_pass_rate": 0.9, "gate_passed": False, "per_task": {}})
+    with pytest.raises(DataError, match="no rows to validate") as err:
+        stages.stage_train(s, tmp_path)
+    assert "thresholds" not in str(err.value) and "coin pairs" in str(err.value)
     (lay.validated_dir / "summary.json").unlink()
     stages.stage_train(s, tmp_path)
     assert (tmp_path / "outputs/train/sft/adapter/adapter_config.json").exists()

@@ -292,6 +292,26 @@ def _run_stage(name: str, params: Path, overrides: list[str] | None) -> dict:
         return STAGES[name](settings, root)
 
 
+def _device_config(uri: str, settings: Settings) -> dict[str, str] | None:
+    """The ``model_config`` that places a registered model where ``model.device`` says, read from its MLmodel
+    before anything loads. Always given to a version that takes it (so MLflow's MLFLOW_PYFUNC_INFERENCE_CONFIG, meant
+    for a server, does not override it); a version registered before versions took a device loads on 'auto' only,
+    and another model.device is refused before the load, not after it (on a busy GPU the load itself failed)."""
+    from mlflow.models import get_model_info
+
+    try:
+        takes = "device" in (get_model_info(uri).flavors.get("python_function", {}).get("config") or {})
+    except Exception:  # noqa: BLE001 -- the load that follows says why the model cannot be found
+        return None
+    if takes:
+        return {"device": settings.model.device}
+    if settings.model.device != "auto":
+        raise ConfigError(f"model.device = {settings.model.device!r} cannot apply to {uri}: it was registered before "
+                          "registered models took a device, and loads on 'auto' only. Leave model.device at auto "
+                          "for it, or register a new training run")
+    return None
+
+
 def _print(result: dict) -> None:
     """``--json``: the whole result as one JSON document (a Markdown ``table`` or ``markdown`` is a string in it),
     so ``coin ... --json | jq`` parses it."""
@@ -637,9 +657,9 @@ def predict(
     # a copy of the model in a temp dir: loaded in place, MLflow writes its registered_model_meta file into the
     # store's own artifact folder (the evaluation loads from a copy for the same reason)
     with tempfile.TemporaryDirectory(prefix="coin-predict-model-") as tmp:
+        placed = _device_config(uri, settings)
         try:
-            model = mlflow.pyfunc.load_model(uri, dst_path=tmp, model_config={"device": settings.model.device}
-                                             if settings.model.device != "auto" else None)
+            model = mlflow.pyfunc.load_model(uri, dst_path=tmp, model_config=placed)
         except Exception as exc:  # noqa: BLE001 -- MLflow raises several types for a missing model
             why = str(exc).strip().rstrip(".")
             if not uri.startswith(("models:/", "runs:/")) and "artifact repository" in why:  # no such URI scheme
@@ -655,10 +675,6 @@ def predict(
             else:  # the model is registered but does not load here (its base, a library): its own message says why
                 hint = ""
             raise ModelUnavailable(f"cannot load {uri}: {why}.{hint}") from None
-        if settings.model.device != "auto" and "device" not in (model.model_config or {}):
-            raise ConfigError(f"model.device = {settings.model.device!r} cannot apply to {uri}: it was registered "
-                              "before registered models took a device (it loaded on 'auto'). Leave model.device at "
-                              "auto for it, or register a new training run")
         n = len(inputs)
         row = {"instruction": [instruction] * n, "input": inputs}
         if task:

@@ -365,7 +365,7 @@ class TrainSettings(_Section):
     temperature: float = Field(0.05, gt=0.0, le=10.0, description="InfoNCE temperature tau")
     cl_weighting: Literal["adaptive", "fixed"] = Field(
         "fixed", description="fixed: w = cl_weight (default: RESULTS.md section 8); adaptive: the reference rule "
-        "w = min(lambda, L_gen/L_cl) (detached)"
+        "w = min(lambda, L_gen/L_cl) (detached; for lambda < 1 see docs/design.md)"
     )
     cl_lambda: float = Field(1000.0, gt=0.0, description="lambda of the adaptive rule")
     cl_weight: float = Field(0.1, ge=0.0, description="w of the fixed rule")

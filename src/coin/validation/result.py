@@ -29,6 +29,10 @@ def read_training_rows(valid_file: Path, missing_hint: str) -> list[dict[str, An
     summary_file = valid_file.parent / SUMMARY_FILE
     rows = read_jsonl(valid_file, missing_hint=missing_hint)
     summary = read_json(summary_file) if valid_file.name == VALID_FILE and summary_file.is_file() else None
+    if isinstance(summary, dict) and summary.get("gate_passed") is False and summary.get("rows_in") == 0:
+        raise DataError(f"{valid_file}: the validation gate had no rows to validate (the pairs stage produced "
+                        f"nothing; {summary_file}). Build the pairs first (`coin pairs`; check pairs.tasks and "
+                        "pairs.rows_per_task), then rerun `coin validate`")
     if isinstance(summary, dict) and summary.get("gate_passed") is False:
         per_task = summary.get("per_task") if isinstance(summary.get("per_task"), dict) else {}
         emptied = [t for t, c in per_task.items()
