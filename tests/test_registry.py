@@ -998,3 +998,46 @@ def test_a_training_run_of_another_experiment_is_reopened_under_its_own(store):
         assert again.info.experiment_id == old
     assert fluent._active_experiment_id == new
     assert mlflow.MlflowClient().get_run(run.info.run_id).data.metrics["eval.clean_acc"] == 61.0
+
+
+def test_a_failed_registration_keeps_the_training_runs_status_and_end(store):
+    """`coin register` re-opens the training run to log the model into it: a registration that raised or was
+    interrupted left a finished training run FAILED, and any registration moved its end time (its duration then
+    covered evaluation and registration too)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from coin.registry.tracking import resume_run
+
+    with mlflow.start_run() as run:  # a training that finished
+        pass
+    before = MlflowClient().get_run(run.info.run_id).info
+    with pytest.raises(OSError), resume_run(run.info.run_id):
+        raise OSError("log_model failed")
+    with pytest.raises(KeyboardInterrupt), resume_run(run.info.run_id):
+        raise KeyboardInterrupt
+    with resume_run(run.info.run_id):
+        mlflow.log_metric("eval.clean_acc", 61.0)
+    after = MlflowClient().get_run(run.info.run_id)
+    assert (after.info.status, after.info.end_time) == (before.status, before.end_time)
+    assert after.data.metrics["eval.clean_acc"] == 61.0
+
+
+def test_a_database_tracking_uri_keeps_the_artifacts_in_the_project(tmp_path, monkeypatch):
+    """A sqlite (or postgresql) tracking.uri created the experiment without an artifact location, so MLflow put every
+    artifact in ./mlruns of whatever folder the command ran in."""
+    import mlflow
+
+    from coin.config import Settings
+    from coin.registry.tracking import setup_tracking
+
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "db").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    s = Settings.model_validate({"tracking": {"uri": f"sqlite:///{tmp_path}/db/mlflow.db"}})
+    setup_tracking(s, tmp_path)
+    (tmp_path / "a.txt").write_text("x")
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(tmp_path / "a.txt"))
+    assert not (tmp_path / "cwd" / "mlruns").exists()
+    assert run.info.artifact_uri.startswith((tmp_path / "mlruns" / "artifacts").as_uri())

@@ -75,8 +75,10 @@ def setup_tracking(settings: Settings, root: Path) -> str:
             if exp is not None:
                 exp_id = exp.experiment_id
             else:
-                artifacts = None
-                if not settings.tracking.uri:  # local default: artifacts beside the db, inside mlruns/
+                artifacts = None  # a tracking server keeps its own artifact store
+                if not (settings.tracking.uri or "").startswith(("http://", "https://", "databricks")):
+                    # the local default, and a database URI of one's own (sqlite, postgresql, ...): the project's
+                    # mlruns/artifacts, where MLflow would take ./mlruns of whatever folder the command ran in
                     artifacts = ((root / settings.paths.mlruns_dir).resolve() / "artifacts").as_uri()
                 exp_id = mlflow.create_experiment(settings.tracking.experiment, artifact_location=artifacts)
     except MlflowException as exc:  # the first contact with the store: its message names the URI, password and all,
@@ -158,7 +160,9 @@ def resume_run(run_id: str) -> Iterator[Any]:
 
     If ``run_id`` is already active it is yielded as is (and left open); if another run is active
     (e.g. the pipeline parent) it is re-opened nested under it; else it is re-opened as a top-level run.
-    On exit the re-opened run keeps its status (FINISHED, or FAILED if the block raised). A run the tracking
+    On exit a re-opened run that had ended gets back its status and end time, whatever the block did (a failed or
+    interrupted registration is not the training's failure); one still running is ended as MLflow ends it. A run the
+    tracking
     store does not hold (trained while ``tracking.uri`` named another store, or deleted) is
     :class:`~coin.registry.errors.ModelUnavailable`, saying to train again.
     """
@@ -194,6 +198,9 @@ def resume_run(run_id: str) -> Iterator[Any]:
     finally:
         if previous is not None and previous != held.info.experiment_id:
             mlflow.set_experiment(experiment_id=previous)
+        if held.info.status != "RUNNING":  # a finished training keeps its outcome and its end: a registration that
+            # fails or is interrupted is not the training's failure (MLflow's exit wrote FAILED and a new end time)
+            mlflow.MlflowClient().set_terminated(run_id, status=held.info.status, end_time=held.info.end_time)
 
 
 @contextmanager
