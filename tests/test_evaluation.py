@@ -249,6 +249,27 @@ def test_batched_left_padded_generation_equals_the_reference_loop(kind: str, req
     assert len(set(batched.texts)) > 1  # prompts of very different lengths gave different outputs
 
 
+def test_greedy_generation_ignores_the_checkpoints_generation_config(tiny_gemma2_dir: Path, tmp_path: Path) -> None:
+    """transformers filled the keys our greedy config leaves unset from the checkpoint's generation_config.json:
+    a repetition penalty there changed the batched answers, and not the reference loop's (its own forward passes)."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_gemma2_dir, d)
+    gc = GenerationConfig.from_pretrained(d) if (d / "generation_config.json").exists() else GenerationConfig()
+    gc.repetition_penalty, gc.no_repeat_ngram_size = 10.0, 1
+    gc.save_pretrained(d)
+    bb = load_backbone(str(d), device="cpu")
+    assert bb.model.generation_config.repetition_penalty == 10.0
+    prompts = ["word " * 40, "short one", "alpha beta " * 20]
+    ref = generate_reference_style(bb.model, bb.tokenizer, prompts, max_new_tokens=7).texts
+    assert any(len(set(t.split())) < len(t.split()) for t in ref)  # a repeat the penalty would have forbidden
+    assert generate_answers(bb.model, bb.tokenizer, prompts, max_new_tokens=7).texts == ref
+    assert bb.model.generation_config.repetition_penalty == 10.0  # the checkpoint's config is given back
+
+
 @pytest.mark.parametrize(
     "text,want",
     [

@@ -30,7 +30,8 @@ from __future__ import annotations
 import logging
 import re
 import string
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,8 +160,29 @@ def _prompt_ids(tokenizer, prompts: Sequence[str], fmt: PromptFormat, max_length
     return [e.input_ids for e in ids]
 
 
+@contextmanager
+def _neutral_generation_config(model: nn.Module) -> Iterator[None]:
+    """Hold a default ``GenerationConfig`` on the model for the block. transformers fills every key that the config
+    passed to ``generate`` leaves unset from the model's own (the checkpoint's ``generation_config.json``):
+    ``repetition_penalty``, ``no_repeat_ngram_size``, ``min_new_tokens``, ``suppress_tokens``, ... would change
+    "greedy" answers (Qwen2.5-Instruct ships ``repetition_penalty: 1.05``)."""
+    from transformers import GenerationConfig
+
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = getattr(hf, "generation_config", None)
+    if saved is None:
+        yield
+        return
+    hf.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        hf.generation_config = saved
+
+
 def _gen_config(tokenizer, max_new_tokens: int):
-    """Greedy decoding, overriding whatever sampling defaults the checkpoint's generation_config has."""
+    """Greedy decoding, overriding whatever sampling defaults the checkpoint's generation_config has (with
+    :func:`_neutral_generation_config`: the keys this config leaves unset as well)."""
     from transformers import GenerationConfig
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -205,7 +227,7 @@ def generate_answers(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), _neutral_generation_config(model):
             for idx in tqdm(batches, desc=desc, unit="batch", leave=False, disable=len(batches) < 2):
                 width = max(len(ids[i]) for i in idx)
                 x = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -300,7 +322,7 @@ def _generate_prefix_lm(model: nn.Module, tokenizer, ids: list[list[int]], batch
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), _neutral_generation_config(model):
             for idx in tqdm(batches, desc=desc, unit="batch", leave=False, disable=len(batches) < 2):
                 rows = _greedy_rows(model, [ids[i] for i in idx], max_new_tokens, tokenizer.eos_token_id, pad)
                 for i, row in zip(idx, rows, strict=True):
