@@ -249,6 +249,27 @@ def test_batched_left_padded_generation_equals_the_reference_loop(kind: str, req
     assert len(set(batched.texts)) > 1  # prompts of very different lengths gave different outputs
 
 
+def test_evaluate_refuses_a_max_new_tokens_the_model_cannot_fit(tmp_path: Path) -> None:
+    """A tiny GPT-2 of 128 positions and evaluate.max_new_tokens = 200 (the config allows 256): the prompts' room was
+    negative, the warnings blamed the instructions, and the run ended in "unexpected IndexError: this is a bug"."""
+    from conftest import _save_tiny, _special_ids
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from coin.config import EvaluateSettings
+    from coin.evaluation.runner import evaluate_model
+
+    d = _save_tiny(GPT2LMHeadModel, GPT2Config(n_embd=32, n_layer=1, n_head=4, n_positions=128, **_special_ids()),
+                   tmp_path / "g")
+    bb = load_backbone(str(d), device="cpu")
+    for n in (200, 127):
+        cfg = EvaluateSettings.model_validate({"scoring": ["generate"], "max_new_tokens": n, "tasks": ["sst2"],
+                                               "samples_per_task": 1, "instruction_sets": ["clean"],
+                                               "instruction_file": str(INSTRUCTIONS)})
+        with pytest.raises(ValueError, match=rf"evaluate.max_new_tokens = {n}: give 1\.\.\d+ \(the model reads at "
+                                             "most 128 positions"):
+            evaluate_model(bb.model, bb.tokenizer, cfg, data_dir=DATA, seed=0, model_label="g")
+
+
 def test_greedy_generation_ignores_the_checkpoints_generation_config(tiny_gemma2_dir: Path, tmp_path: Path) -> None:
     """transformers filled the keys our greedy config leaves unset from the checkpoint's generation_config.json:
     a repetition penalty there changed the batched answers, and not the reference loop's (its own forward passes)."""

@@ -40,6 +40,21 @@ log = logging.getLogger(__name__)
 __all__ = ["EvalResult", "evaluate_model", "load_result", "robustness_summary", "save_result", "write_eval_outputs"]
 
 
+def _check_generation_room(tokenizer, limit: int | None, cfg: EvaluateSettings) -> None:
+    """Refuse an ``evaluate.max_new_tokens`` that leaves the prompts no room in the model's ``limit`` positions:
+    the prompt's frame (BOS, answer marker) and at least one token of it must fit beside the answer. A negative room
+    ended in a raw IndexError, after warnings that blamed the instructions; a room of a token or two cut every
+    prompt to nothing without a word. (``coin predict`` checks each generated row against its own prompt.)"""
+    from coin.predict import _prompt_tokens, join_instruction
+
+    if limit is None:
+        return
+    top = limit - _prompt_tokens(tokenizer, join_instruction("", ""), cfg.prompt_format) - 1
+    if cfg.max_new_tokens > top:
+        raise ValueError(f"evaluate.max_new_tokens = {cfg.max_new_tokens}: give 1..{max(top, 1)} (the model reads at "
+                         f"most {limit} positions, the prompt included)")
+
+
 def evaluate_model(
     model: nn.Module, tokenizer, cfg: EvaluateSettings, *, data_dir: str | Path, seed: int, model_label: str,
     root: str | Path | None = None, label_counts: dict[str, list[int]] | None = None,
@@ -73,6 +88,8 @@ def evaluate_model(
     if not samples:
         reasons = "; ".join(f"{t}: {r}" for t, r in skipped.items())
         raise ValueError(f"no task could be evaluated ({model_label}): {reasons}")
+    if "generate" in cfg.scoring:  # before any model work: the answer must leave the prompt room
+        _check_generation_room(tokenizer, max_positions(model), cfg)
     # every instruction problem is reported before any model work starts
     instructions = load_instruction_sets(cfg.instruction_file, cfg.instruction_sets, list(samples))
     sources = load_instruction_sources(cfg.instruction_file, cfg.instruction_sets, list(samples))  # per-pair PDR
