@@ -895,3 +895,21 @@ def test_a_prompt_too_long_for_the_model_has_its_input_cut_as_predict_cuts_it(ev
         assert got == pytest.approx([want[w] for w in spec.label_words], abs=2e-3)
     assert not all(a == pytest.approx(b, abs=2e-3)  # and they are not the uncut prompts' scores
                    for a, b in zip(short.predictions["scores"], whole.predictions["scores"], strict=True))
+
+
+def test_the_generate_note_names_the_decoder_that_ran(tiny_bert_encoder_dir: Path, eval_llama: Backbone) -> None:
+    """A prefix-LM backbone (the default MiniLM's mode) decodes with the project's own loop, right-padded; the
+    report's run details said 'batched with left padding' for it too."""
+    from coin.config import EvaluateSettings
+    from coin.evaluation.runner import evaluate_model
+    from coin.modeling.backbone import attention_mode
+
+    cfg = EvaluateSettings.model_validate({"scoring": ["generate"], "tasks": ["sst2"], "samples_per_task": 1,
+                                           "instruction_sets": ["clean"], "instruction_file": str(INSTRUCTIONS),
+                                           "max_new_tokens": 2})
+    notes = {}
+    for bb in (load_backbone(str(tiny_bert_encoder_dir), device="cpu"), eval_llama):  # prefix LM (as MiniLM), causal
+        res = evaluate_model(bb.model, bb.tokenizer, cfg, data_dir=DATA, seed=0, model_label="m")
+        notes[attention_mode(bb.model)] = next(n for n in res.notes if n.startswith("generate:"))
+    assert "prefix LM" in notes["prefix"] and "left padding" not in notes["prefix"]
+    assert "left padding" in notes["causal"]

@@ -290,6 +290,8 @@ def _notes(cfg: EvaluateSettings, paths: list[tuple[str, str, float, int]],
                          + "; ".join(fallback))
     if "generate" in cfg.scoring:
         accepted = "; ".join(f"{t}: {', '.join(sorted(c, key=c.get))}" for t, c in choices.items())
-        notes.append(f"generate: greedy, {cfg.max_new_tokens} new tokens, batched with left padding and a KV cache; "
+        how = ("the prompt run once with full attention (prefix LM), then each new token causally on its KV cache, "
+               "right padding" if whole_prompt else "batched with left padding and a KV cache")
+        notes.append(f"generate: greedy, {cfg.max_new_tokens} new tokens, {how}; "
                      f"an output counts as the first label it starts with (accepted: {accepted}), else wrong")
     return notes
