@@ -1041,3 +1041,27 @@ def test_a_database_tracking_uri_keeps_the_artifacts_in_the_project(tmp_path, mo
         mlflow.log_artifact(str(tmp_path / "a.txt"))
     assert not (tmp_path / "cwd" / "mlruns").exists()
     assert run.info.artifact_uri.startswith((tmp_path / "mlruns" / "artifacts").as_uri())
+
+
+def test_an_interrupted_stage_run_ends_killed_and_leaves_its_parent_alone(store, tmp_path):
+    """A Ctrl-C in `coin train` (or in the flow's training task) ended the stage's run FAILED, while the pipeline's
+    parent ended KILLED: an interruption read as a crash. An error still ends it FAILED."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from coin.config import Settings
+    from coin.registry.tracking import method_run
+
+    s = Settings.model_validate({"paths": {"mlruns_dir": str(tmp_path / "mlruns")}})
+    ids = {}
+    with mlflow.start_run(run_name="pipeline") as parent:
+        for what, exc in (("interrupted", KeyboardInterrupt), ("broken", OSError)):
+            with pytest.raises(exc), method_run(s, tmp_path, what, log_params=False) as run:
+                ids[what] = run.info.run_id
+                raise exc
+        assert mlflow.active_run().info.run_id == parent.info.run_id
+    client = MlflowClient()
+    assert client.get_run(ids["interrupted"]).info.status == "KILLED"
+    assert client.get_run(ids["broken"]).info.status == "FAILED"
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    assert client.get_run(ids["interrupted"]).data.tags["mlflow.parentRunId"] == parent.info.run_id

@@ -190,7 +190,9 @@ def stage_validate(settings: Settings, root: Path) -> dict[str, Any]:
     eval_sources = load_eval_sources(root / settings.evaluate.instruction_file, lay.data_dir, settings.evaluate.tasks)
     eval_sources.instruction_file = settings.evaluate.instruction_file  # as configured: same bytes in every checkout
     setup_tracking(settings, root)
-    with mlflow.start_run(run_name="validate", tags=_run_tags(settings, root, "validate")):
+    from coin.registry.tracking import stage_run
+
+    with stage_run(run_name="validate", tags=_run_tags(settings, root, "validate")):
         mlflow.log_params(stage_params("validate", settings))  # what it reads (coin.stage_specs)
         try:
             report = run_gate(rows, cfg=settings.validate_, cutoff_len=settings.pairs.cutoff_len,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -246,11 +247,30 @@ def method_run(settings: Settings, root: Path, method: str, *, parent_run_id: st
     active = mlflow.active_run()
     parent = parent_run_id or (active.info.run_id if active is not None else None) or os.environ.get(PARENT_RUN_ENV)
     tags = {**provenance_tags(settings, root, stage), "coin.method": method}
-    with mlflow.start_run(run_name=run_name or f"{stage}-{method}", nested=parent is not None,
-                          parent_run_id=parent, tags=tags) as run:
+    with stage_run(run_name=run_name or f"{stage}-{method}", nested=parent is not None, parent_run_id=parent,
+                   tags=tags) as run:
         if log_params:
             mlflow.log_params({**settings.to_flat_dict(), "train.method": method})
         yield run
+
+
+@contextmanager
+def stage_run(**start_run: Any) -> Iterator[Any]:
+    """``mlflow.start_run(**start_run)`` for a stage, ended KILLED on a Ctrl-C or SIGTERM, as the pipeline's parent
+    run is: MLflow's own exit writes FAILED for any exception, which reads as a crash. (Set after that exit, on this
+    run only: ending a nested run must not touch its parent.)"""
+    import mlflow
+
+    run = None
+    try:
+        with mlflow.start_run(**start_run) as run:
+            yield run
+    except BaseException:
+        from coin.interrupt import interrupted
+
+        if run is not None and (interrupted() or isinstance(sys.exc_info()[1], KeyboardInterrupt)):
+            mlflow.MlflowClient().set_terminated(run.info.run_id, status="KILLED")
+        raise
 
 
 def child_runs(parent_run_id: str, stage: str = "train") -> dict[str, str]:
