@@ -200,15 +200,29 @@ def open_pipeline_run(params_path: str, overrides: Overrides, flow_run_id: str |
 
 @task(name="mlflow-pipeline-run-end", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient,
       cache_policy=NO_CACHE)
-def close_pipeline_run(params_path: str, overrides: Overrides, run_id: str, status: str) -> None:
+def close_pipeline_run(params_path: str, overrides: Overrides, run_id: str, status: str,
+                       tags: dict[str, str] | None = None) -> None:
+    """End the parent run; ``tags`` name what it stands for (:func:`outcome_tags`)."""
     from mlflow import MlflowClient
 
     from coin.registry.tracking import setup_tracking
 
     settings, root = _load(params_path, overrides)
     setup_tracking(settings, root)
-    MlflowClient().set_terminated(run_id, status=status)
+    client = MlflowClient()
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, status=status)
     _nest_under(None)
+
+
+def outcome_tags(trained: dict[str, dict[str, Any]], registered: dict[str, Any] | None) -> dict[str, str]:
+    """The training runs and registered versions a pipeline execution stands for, as tags of its parent run: a fully
+    cached execution has no child run of its own (its stages reused earlier ones), and said nothing of them."""
+    tags = {f"coin.train_run_id.{m}": str(rec["run_id"]) for m, rec in trained.items() if rec.get("run_id")}
+    for reg in (registered or {}).get("candidates", []):
+        tags[f"coin.registered.{reg['method']}"] = f"models:/{reg['name']}/{reg['version']}"
+    return tags
 
 
 def _executor() -> dict[str, Any]:
@@ -533,7 +547,7 @@ def coin_pipeline(
         logger.info("data version %s (pulled: %s, new version: %s, pushed: %s)",
                     data["data_version"], data["pulled"], data["versioned"], data["pushed"])
         parent = open_pipeline_run(params_path, overrides, flow_run.get_id())
-        status = "FAILED"
+        status, outcome = "FAILED", {}
         try:
             pairs = _fresh(pairs_task, "pairs", settings, root)(params_path, overrides, parent)
             logger.info("pairs: %s", pairs["per_task"])
@@ -556,15 +570,17 @@ def coin_pipeline(
             create_markdown_artifact(evaluated["table"], key="robustness-table",
                                      description="accuracy mean ± std over instructions, per model, task and set")
 
+            outcome = outcome_tags(trained, None)
             registered = register_task(params_path, overrides, parent)
+            outcome = outcome_tags(trained, registered)
             create_markdown_artifact(registration_markdown(registered), key="registration",
                                      description="model registry: version, aliases, promotion decision")
             status = "FINISHED"
         finally:
             if interrupted():  # Prefect's API went with the Ctrl-C: a task could not start; the store is still here
-                close_pipeline_run.fn(params_path, overrides, parent, "KILLED")
+                close_pipeline_run.fn(params_path, overrides, parent, "KILLED", outcome)
             else:
-                close_pipeline_run(params_path, overrides, parent, status)
+                close_pipeline_run(params_path, overrides, parent, status, outcome)
     return {
         "data": data, "pairs": pairs, "validate": {k: v for k, v in gate.items() if k != "markdown"},
         "train": trained, "evaluate": evaluated["metrics"], "table": evaluated["table"],

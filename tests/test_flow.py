@@ -144,6 +144,12 @@ def test_flow_end_to_end_then_cache_hits_and_partial_reruns(prefect_harness, tmp
     assert all(u["cached"] for u in units) and unit_line(units[0]).endswith(" s)")
     assert "cached (evaluated earlier in" in unit_line(units[0])
     assert "decision unchanged" in _artifact("registration")  # the same run, registered by the first flow run
+    # its parent run has no child of its own (every stage cached): its tags name the runs and versions it reused
+    again = mlflow.get_run(state2.result()["mlflow_parent_run_id"]).data.tags
+    assert {m: again[f"coin.train_run_id.{m}"] for m in ("coin", "cit")} == {
+        m: result["train"][m]["run_id"] for m in ("coin", "cit")}
+    assert again["coin.registered.coin"].startswith("models:/coin-tiny/")
+    assert mlflow.get_run(parent.info.run_id).data.tags["coin.registered.coin"] == again["coin.registered.coin"]
     states = _task_states(state2)
     for name in ("train-coin", "train-cit", "evaluate-coin", "evaluate-cit"):
         assert states[name] == "Cached", states
