@@ -303,7 +303,9 @@ def test_greedy_generation_ignores_the_checkpoints_generation_config(tiny_gemma2
         # a digit alias names a label only as a whole number: the start of another number, a decimal or a
         # signed number is not one (a tiny model's "1728 torn banner" counted as label 1)
         ("10", UNPARSED), ("01", UNPARSED), ("1728 torn banner", UNPARSED), ("1.5 stars", UNPARSED),
-        ("0.5", UNPARSED), ("0,5", UNPARSED), ("-1", UNPARSED), ("+0", UNPARSED),
+        ("0.5", UNPARSED), ("0,5", UNPARSED), ("-1", UNPARSED), ("+0", UNPARSED), ("1st place", UNPARSED),
+        ("1. 5 stars", UNPARSED), ("1, 000 reviews", UNPARSED),   # as WordPiece decodes "1.5" and "1,000"
+        ("1 positive", 1),
     ],
 )
 def test_parse_generation_edge_cases(text: str, want: int) -> None:
@@ -897,19 +899,26 @@ def test_a_prompt_too_long_for_the_model_has_its_input_cut_as_predict_cuts_it(ev
                    for a, b in zip(short.predictions["scores"], whole.predictions["scores"], strict=True))
 
 
-def test_the_generate_note_names_the_decoder_that_ran(tiny_bert_encoder_dir: Path, eval_llama: Backbone) -> None:
+def test_the_generate_note_names_the_decoder_that_ran(tiny_bert_encoder_dir: Path, eval_llama: Backbone,
+                                                      eval_tiny_dirs: dict[str, Path], tiny_gemma2_dir: Path) -> None:
     """A prefix-LM backbone (the default MiniLM's mode) decodes with the project's own loop, right-padded; the
     report's run details said 'batched with left padding' for it too."""
     from coin.config import EvaluateSettings
     from coin.evaluation.runner import evaluate_model
-    from coin.modeling.backbone import attention_mode
 
     cfg = EvaluateSettings.model_validate({"scoring": ["generate"], "tasks": ["sst2"], "samples_per_task": 1,
                                            "instruction_sets": ["clean"], "instruction_file": str(INSTRUCTIONS),
                                            "max_new_tokens": 2})
-    notes = {}
-    for bb in (load_backbone(str(tiny_bert_encoder_dir), device="cpu"), eval_llama):  # prefix LM (as MiniLM), causal
+    def note(bb: Backbone) -> str:
         res = evaluate_model(bb.model, bb.tokenizer, cfg, data_dir=DATA, seed=0, model_label="m")
-        notes[attention_mode(bb.model)] = next(n for n in res.notes if n.startswith("generate:"))
-    assert "prefix LM" in notes["prefix"] and "left padding" not in notes["prefix"]
-    assert "left padding" in notes["causal"]
+        return next(n for n in res.notes if n.startswith("generate:"))
+
+    prefix = note(load_backbone(str(tiny_bert_encoder_dir), device="cpu"))  # a prefix LM, as the default MiniLM
+    assert "prefix LM" in prefix and "left padding" not in prefix and "on its KV cache" in prefix
+    assert "left padding" in note(eval_llama)
+    # a causal model with the mean readout runs the own loop without full attention; a model without a shareable
+    # cache re-runs the sequence per token (both were described as a prefix LM on its KV cache)
+    mean = note(load_backbone(str(eval_tiny_dirs["llama"]), device="cpu", attention="causal", readout="mean"))
+    assert "prefix LM" not in mean and "mean state" in mean
+    gemma = note(load_backbone(str(tiny_gemma2_dir), device="cpu", attention="prefix"))
+    assert "re-running the whole sequence (no shareable cache" in gemma

@@ -1041,6 +1041,15 @@ def test_a_database_tracking_uri_keeps_the_artifacts_in_the_project(tmp_path, mo
         mlflow.log_artifact(str(tmp_path / "a.txt"))
     assert not (tmp_path / "cwd" / "mlruns").exists()
     assert run.info.artifact_uri.startswith((tmp_path / "mlruns" / "artifacts").as_uri())
+    # a server keeps its own artifact store, whatever the case of its scheme (the config accepts HTTP://)
+    created = []
+    monkeypatch.setattr(mlflow, "create_experiment", lambda name, artifact_location=None: created.append(
+        artifact_location) or "1")
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", lambda name: None)
+    monkeypatch.setattr(mlflow, "set_experiment", lambda **k: None)
+    for uri in ("HTTP://127.0.0.1:1", "https://example.invalid", "postgresql+psycopg2://u@h/db"):
+        setup_tracking(Settings.model_validate({"tracking": {"uri": uri}}), tmp_path)
+    assert created[:2] == [None, None] and created[2].startswith((tmp_path / "mlruns").as_uri())
 
 
 def test_an_interrupted_stage_run_ends_killed_and_leaves_its_parent_alone(store, tmp_path):

@@ -522,6 +522,13 @@ class RegisterSettings(_Section):
 
 
 _TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+TRACKING_SERVERS = ("http", "https", "databricks")  # schemes whose server keeps its own artifact store
+
+
+def tracking_scheme(uri: str | None) -> str:
+    """The scheme of a tracking URI, lower-case, without a driver (``postgresql+psycopg2`` is ``postgresql``);
+    '' for none."""
+    return uri.split("://", 1)[0].split("+", 1)[0].lower() if uri and "://" in uri else ""
 
 
 class TrackingSettings(_Section):
@@ -535,7 +542,7 @@ class TrackingSettings(_Section):
     def _uri_scheme(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        scheme = v.split("://", 1)[0].split("+", 1)[0].lower() if "://" in v else ""
+        scheme = tracking_scheme(v)
         if scheme not in _TRACKING_SCHEMES:
             raise ValueError(
                 f"is not a database or server URI (scheme {scheme or 'missing'!r}; MLflow 3 refuses a plain "

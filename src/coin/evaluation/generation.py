@@ -51,7 +51,7 @@ UNPARSED = -1
 _STRIP = string.whitespace + string.punctuation
 _UNDERSCORE_SPACES = re.compile(r"\s*_\s*")
 _SIGNED_NUMBER = re.compile(r"\s*[-+\u2212]\s*\d")
-_NUMBER_GOES_ON = re.compile(r"[.,]?\d")
+_NUMBER_GOES_ON = re.compile(r"\d|[.,]\s?\d|[a-z]")  # "10", "1.5" (WordPiece decodes it "1. 5"), "1st"
 
 
 # --------------------------------------------------------------------------- parsing
@@ -79,7 +79,7 @@ def parse_answer(text: str, choices: Mapping[str, int]) -> int:
         return UNPARSED
     for word in sorted(choices, key=len, reverse=True):
         w = normalise_output(word)
-        # a digit alias ("0", "1") names a label only as a whole number: "10", "1.5 stars" and "1728 ..." do not
+        # a digit alias ("0", "1") names a label only as a whole number: "10", "1.5 stars", "1st" and "1728 ..." do not
         if norm.startswith(w) and not (w[-1:].isdigit() and _NUMBER_GOES_ON.match(norm, len(w))):
             return int(choices[word])
     return UNPARSED

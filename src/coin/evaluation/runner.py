@@ -115,7 +115,8 @@ def evaluate_model(
         model_label=model_label, predictions=preds, tasks=list(samples), sets=list(cfg.instruction_sets),
         scorings=list(cfg.scoring), caveats=caveats, skipped=skipped, wall_time_s=time.perf_counter() - start,
         timing=timing, sources=sources,
-        notes=_notes(cfg, paths, choices, attention_mode(model) == "prefix" or readout_mode(model) == "mean")
+        notes=_notes(cfg, paths, choices, attention_mode(model) == "prefix" or readout_mode(model) == "mean",
+                     _decoder(model) if "generate" in cfg.scoring else "")
         + _cut_notes(cut, max_positions(model)),
         settings={"scoring": list(cfg.scoring), "prompt_format": cfg.prompt_format, "seed": seed,
                   "samples_per_task": cfg.samples_per_task, "instruction_file": configured_file,
@@ -263,8 +264,25 @@ def _content_free_calibrated(
     return calibrated(scores, per_item, prior)
 
 
+def _decoder(model: nn.Module) -> str:
+    """How :func:`coin.evaluation.generation.generate_answers` decodes ``model``, for the report's generate note."""
+    from coin.evaluation.scoring import cache_support
+
+    prefix, mean = attention_mode(model) == "prefix", readout_mode(model) == "mean"
+    if not (prefix or mean):
+        return "batched with left padding and a KV cache (model.generate)"
+    why = cache_support(model)
+    return ", ".join([
+        "the project's own greedy loop, right padding",
+        "the prompt run once with full attention (prefix LM)" if prefix else "the prompt run causally",
+        *(["the first new token read from the prompt's mean state"] if mean else []),
+        "then each new token causally on its KV cache" if why is None
+        else f"each new token by re-running the whole sequence (no shareable cache: {why})",
+    ])
+
+
 def _notes(cfg: EvaluateSettings, paths: list[tuple[str, str, float, int]],
-           choices: dict[str, dict[str, int]], whole_prompt: bool = False) -> list[str]:
+           choices: dict[str, dict[str, int]], whole_prompt: bool = False, decoder: str = "") -> list[str]:
     """How the numbers were computed, one line per scoring mode (shown in the report's run details)."""
     notes = []
     if "loglik" in cfg.scoring:
@@ -290,8 +308,6 @@ def _notes(cfg: EvaluateSettings, paths: list[tuple[str, str, float, int]],
                          + "; ".join(fallback))
     if "generate" in cfg.scoring:
         accepted = "; ".join(f"{t}: {', '.join(sorted(c, key=c.get))}" for t, c in choices.items())
-        how = ("the prompt run once with full attention (prefix LM), then each new token causally on its KV cache, "
-               "right padding" if whole_prompt else "batched with left padding and a KV cache")
-        notes.append(f"generate: greedy, {cfg.max_new_tokens} new tokens, {how}; "
+        notes.append(f"generate: greedy, {cfg.max_new_tokens} new tokens, {decoder or 'batched'}; "
                      f"an output counts as the first label it starts with (accepted: {accepted}), else wrong")
     return notes

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from coin.config import Settings
+from coin.config import TRACKING_SERVERS, Settings, tracking_scheme
 
 
 def tracking_uri(settings: Settings, root: Path) -> str:
@@ -77,7 +77,7 @@ def setup_tracking(settings: Settings, root: Path) -> str:
                 exp_id = exp.experiment_id
             else:
                 artifacts = None  # a tracking server keeps its own artifact store
-                if not (settings.tracking.uri or "").startswith(("http://", "https://", "databricks")):
+                if tracking_scheme(settings.tracking.uri) not in TRACKING_SERVERS:
                     # the local default, and a database URI of one's own (sqlite, postgresql, ...): the project's
                     # mlruns/artifacts, where MLflow would take ./mlruns of whatever folder the command ran in
                     artifacts = ((root / settings.paths.mlruns_dir).resolve() / "artifacts").as_uri()
