@@ -180,7 +180,10 @@ def test_a_run_that_cannot_fit_stops_before_any_work(tmp_path: Path, tiny_llama_
     for key in ("train.batch_size (512)", "pairs.cutoff_len (4096)", "train.gradient_checkpointing",
                 "model.quantization"):
         assert key in msg, key
-    assert not (tmp_path / "outputs").exists()  # stopped before reading data (there is none: it would exit 3)
+    # stopped before reading data (there is none: it would exit 3); the CLI stage's pipeline lock is all it made
+    out = tmp_path / "outputs"
+    assert not out.exists() or sorted(p.name for p in out.iterdir()) == [".locks"]
+    assert not (out / "train").exists()
 
     monkeypatch.setenv(memory.CHECK_ENV, "0")  # the check skipped: the stage goes on, to the missing data
     res = runner.invoke(app, args)

@@ -28,6 +28,8 @@ NEUTRAL = {
     "coin.registry.tracking": "MLflow runs, params and tags of a stage; not its outputs",
     "coin.cpus": "thread counts",
     "coin.study.keys": "content hashes for cache keys (the evaluation's result cache keys its scoring code)",
+    "coin.validation.result": "the gate's file names and verdict: training reads it to refuse the rows of a failed "
+                              "gate, which decides whether it starts, not what it writes",
 }
 # Modules a stage runs (they are in ALWAYS_CODE) whose own imports are not followed, with why.
 NOT_FOLLOWED = {
