@@ -16,6 +16,15 @@ REPORT_FILE = "report.html"
 OTHER_TASK = "(no known task)"  # per_task's bucket for rows whose task field is missing or unknown (schema rejects)
 
 
+def emptied_tasks(per_task: dict[str, Any]) -> list[str]:
+    """Tasks that had training rows (split other than val) and kept none: training would lack them. One rule for
+    the gate's verdict (:attr:`GateReport.emptied_tasks`) and for training's read of a written ``summary.json``
+    (:func:`read_training_rows`), whose ``per_task`` may be hand-edited, so entries that are not mappings are
+    skipped."""
+    return [t for t, c in per_task.items()
+            if t != OTHER_TASK and isinstance(c, dict) and c.get("train_in") and not c.get("train_valid")]
+
+
 def read_training_rows(valid_file: Path, missing_hint: str) -> list[dict[str, Any]]:
     """The rows of a gate's ``valid.jsonl`` that training reads, refused where the gate that wrote them failed.
 
@@ -35,8 +44,7 @@ def read_training_rows(valid_file: Path, missing_hint: str) -> list[dict[str, An
                         "pairs.rows_per_task), then rerun `coin validate`")
     if isinstance(summary, dict) and summary.get("gate_passed") is False:
         per_task = summary.get("per_task") if isinstance(summary.get("per_task"), dict) else {}
-        emptied = [t for t, c in per_task.items()
-                   if t != OTHER_TASK and isinstance(c, dict) and c.get("train_in") and not c.get("train_valid")]
+        emptied = emptied_tasks(per_task)
         why = (f"{summary.get('rows_valid')}/{summary.get('rows_in')} rows valid, pass rate "
                f"{summary.get('pass_rate')} against validate.min_pass_rate = {summary.get('min_pass_rate')}")
         if emptied:
@@ -83,9 +91,8 @@ class GateReport:
 
     @property
     def emptied_tasks(self) -> list[str]:
-        """Tasks that had training rows (split train) and kept none: training would lack them."""
-        return [t for t, c in self.per_task.items()
-                if t != OTHER_TASK and c.get("train_in") and not c.get("train_valid")]
+        """Tasks that had training rows and kept none (:func:`emptied_tasks`): training would lack them."""
+        return emptied_tasks(self.per_task)
 
     @property
     def thinned_tasks(self) -> list[str]:
