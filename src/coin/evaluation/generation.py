@@ -43,7 +43,13 @@ from tqdm.auto import tqdm
 from coin.data.io import DataError, read_json
 from coin.data.prompts import PromptFormat, encode
 from coin.evaluation.scoring import length_batches
-from coin.modeling.backbone import attention_mode, readout_mode, row_attention_mask, selected_logits
+from coin.modeling.backbone import (
+    attention_mode,
+    readout_mode,
+    reads_prompt_whole,
+    row_attention_mask,
+    selected_logits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +224,7 @@ def generate_answers(
     device = next(model.parameters()).device
     ids = _prompt_ids(tokenizer, prompts, fmt, _budget(model, max_new_tokens))
     batches = length_batches(list(map(len, ids)), batch_size, blocks)
-    if attention_mode(model) == "prefix" or readout_mode(model) == "mean":
+    if reads_prompt_whole(model):
         return _generate_prefix_lm(model, tokenizer, ids, batches, max_new_tokens=max_new_tokens, desc=desc)
     cfg = _gen_config(tokenizer, max_new_tokens)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
@@ -342,7 +348,7 @@ def generate_reference_style(
     a model loaded as a prefix LM or with the mean readout is refused (compare against it loaded
     ``attention='causal', readout='last'``), since this loop would decode another model than
     :func:`generate_answers` does."""
-    if (attention_mode(model), readout_mode(model)) != ("causal", "last"):
+    if reads_prompt_whole(model):
         raise ValueError(f"the reference loop decodes a plain causal LM; this model reads with attention = "
                          f"{attention_mode(model)!r}, readout = {readout_mode(model)!r}: load it with "
                          "attention='causal', readout='last' to compare")

@@ -33,7 +33,14 @@ from coin.evaluation.report import write_eval_outputs
 from coin.evaluation.result import EvalResult, load_result, save_result
 from coin.evaluation.sampling import SplitUnavailable, sample_examples
 from coin.evaluation.scoring import ScoringRequest, calibrated, label_log_prior, score_labels
-from coin.modeling.backbone import attention_mode, autocast_context, max_positions, readout_mode, uses_bf16
+from coin.modeling.backbone import (
+    attention_mode,
+    autocast_context,
+    max_positions,
+    readout_mode,
+    reads_prompt_whole,
+    uses_bf16,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +122,7 @@ def evaluate_model(
         model_label=model_label, predictions=preds, tasks=list(samples), sets=list(cfg.instruction_sets),
         scorings=list(cfg.scoring), caveats=caveats, skipped=skipped, wall_time_s=time.perf_counter() - start,
         timing=timing, sources=sources,
-        notes=_notes(cfg, paths, choices, attention_mode(model) == "prefix" or readout_mode(model) == "mean",
+        notes=_notes(cfg, paths, choices, reads_prompt_whole(model),
                      _decoder(model) if "generate" in cfg.scoring else "")
         + _cut_notes(cut, max_positions(model)),
         settings={"scoring": list(cfg.scoring), "prompt_format": cfg.prompt_format, "seed": seed,

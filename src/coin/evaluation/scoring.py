@@ -40,6 +40,7 @@ from coin.modeling.backbone import (
     attention_mode,
     bidirectional_mask,
     readout_mode,
+    reads_prompt_whole,
     row_attention_mask,
     selected_logits,
     split_body_head,
@@ -343,9 +344,8 @@ def _score_cached(
     groups = list(request.groups) if request.groups is not None else None
     lm = _CachedLM.of(model, _pad_id(request.tokenizer))
     head, device = lm.head, lm.device
-    prefix_lm = attention_mode(model) == "prefix"
-    mean_readout = readout_mode(model) == "mean"
-    if prefix_lm or mean_readout:
+    prefix_lm, mean_readout = attention_mode(model) == "prefix", readout_mode(model) == "mean"
+    if reads_prompt_whole(model):
         groups = None  # a prefix LM's prompt is seen whole (its instruction's states depend on the input); the
         # mean readout needs every prompt state in one pass
     n_labels = len(labels)
@@ -485,7 +485,7 @@ def _score_on_cache(request: ScoringRequest, labels: list[list[int]]) -> LoglikO
         log.warning("%d of %d prompts lost tokens from the left to fit %s tokens", truncated, len(encs), max_len)
     scores, prefix, work = _score_cached(request, [e.input_ids for e in encs], labels)
     out = LoglikOutput(scores=scores, path="kv-cache", prefix_tokens=prefix, forward_tokens=work)
-    if request.groups is not None and (attention_mode(model) == "prefix" or readout_mode(model) == "mean"):
+    if request.groups is not None and reads_prompt_whole(model):
         out.notes.append("prefix sharing not applied: under the prefix-LM attention every prompt token sees "
                          "the input, and the mean readout needs every prompt state, so no instruction prefix "
                          "is shared")

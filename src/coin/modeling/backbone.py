@@ -419,6 +419,14 @@ def attention_mode(model: nn.Module) -> str:
     return getattr(getattr(unwrap_model(model), "config", None), _ATTENTION_ATTR, "causal")
 
 
+def reads_prompt_whole(model: nn.Module) -> bool:
+    """Whether every prompt state a model answers from depends on the whole prompt: under ``prefix`` attention each
+    prompt token sees the input, and the ``mean`` readout averages every prompt state. Such a model shares no
+    instruction prefix between prompts (loglik scoring) and decodes with the project's own loop (generate), not
+    ``model.generate``."""
+    return attention_mode(model) == "prefix" or readout_mode(model) == "mean"
+
+
 def set_attention_mode(model: nn.Module, mode: str) -> None:
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention mode {mode!r}: use one of {', '.join(ATTENTION_MODES)}")
