@@ -142,6 +142,32 @@ def test_the_same_example_ids_on_other_data_are_not_one_protocol():
     assert evaluation_protocol(info).endswith("; data abcd")
 
 
+def test_generate_figures_under_another_token_budget_or_bf16_are_not_one_protocol():
+    """generate's answers are cut at evaluate.max_new_tokens (MiniLM spells 'not_entailment' in 5 tokens): a
+    champion scored with 2 and the same model with 7 were one protocol, and the gate promoted the model over
+    itself. bf16 autocast likewise; a line recorded before either part is compared as before."""
+    from coin.evaluation.result import evaluation_protocol, same_protocol
+
+    st = {"seed": 42, "n_examples": {"rte": 4}, "instruction_sha256": "abc", "prompt_format": "train",
+          "sample_sha256": "d1", "max_new_tokens": 7, "bf16_autocast": True}
+    gen = {"scorings": ["generate"], "sets": ["clean", "textfooler"], "settings": st}
+    short = {**gen, "settings": {**st, "max_new_tokens": 2}}
+    assert "max new tokens 7" in evaluation_protocol(gen) and evaluation_protocol(gen).endswith("; bf16 on")
+    assert not same_protocol(evaluation_protocol(gen), evaluation_protocol(short))
+    fp32 = {**gen, "settings": {**st, "bf16_autocast": False}}
+    assert not same_protocol(evaluation_protocol(gen), evaluation_protocol(fp32))
+    loglik = {**gen, "scorings": ["loglik"]}  # loglik generates nothing: its budget is no part of it
+    assert "max new tokens" not in evaluation_protocol(loglik)
+    assert same_protocol(evaluation_protocol(loglik), evaluation_protocol({**short, "scorings": ["loglik"]}))
+    older = {**gen, "settings": {k: v for k, v in st.items() if k not in ("max_new_tokens", "bf16_autocast")}}
+    assert same_protocol(evaluation_protocol(gen), evaluation_protocol(older))
+    assert same_protocol(evaluation_protocol(short), evaluation_protocol(older))
+    champion, candidate = (ModelFigures(75.0, 75.0, evaluation_protocol(short)),
+                           ModelFigures(100.0, 100.0, evaluation_protocol(gen)))
+    refused = decide_promotion(candidate, champion, **GATE)
+    assert not refused.promote and "Not comparable" in refused.reason and "max new tokens 2" in refused.reason
+
+
 def test_interval_rule_refuses_the_same_ids_with_other_labels(store):
     """The champion's stored predictions and the candidate's share their example ids but not their rows (another
     data version): the gain on 200 'shared' examples of opposite labels was called beyond the sampling noise."""
@@ -475,6 +501,42 @@ def test_interval_rule_promotes_an_established_gain_and_refuses_a_noisy_one(stor
     assert paired_gain(_paired_table(STEADY_RIGHT), champ) == d3.paired
 
 
+def _interval_champion(client, name: str) -> tuple[str, str, pd.DataFrame, str]:
+    """A first version of ``name`` with stored predictions, promoted under the interval rule: (version, its run,
+    its predictions, their URI)."""
+    from coin.registry.register import keep_predictions
+
+    v1, run1 = _run_version(client, name)
+    champ = _paired_table(CHAMP_RIGHT)
+    uri = keep_predictions(name, v1, run1, _paired_figures(CHAMP_RIGHT), champ)
+    assert promote_version(name, v1, _paired_figures(CHAMP_RIGHT), **GATE, evidence="interval").promote
+    return v1, run1, champ, uri
+
+
+@pytest.mark.parametrize("replacement", ["other columns", "no rows"])
+def test_a_champions_replaced_predictions_are_named_not_blamed_on_the_candidate(store, replacement):
+    """The champion's stored predictions readable but not what the gate stores (another table, an empty one): the
+    refusal names that file and the fix, where it raised a bare KeyError or blamed the candidate's scoring."""
+    from urllib.parse import urlparse
+
+    from mlflow import MlflowClient
+
+    from coin.registry.register import keep_predictions
+
+    client = MlflowClient()
+    gate = {**GATE, "evidence": "interval"}
+    v1, run1, champ, uri = _interval_champion(client, "swap")
+    stored = Path(urlparse(client.get_run(run1).info.artifact_uri).path) / uri.split("/", 2)[2]
+    (pd.DataFrame({"a": [1]}) if replacement == "other columns" else champ.iloc[:0]).to_parquet(stored, index=False)
+    steady = _paired_table(STEADY_RIGHT)
+    v2, run2 = _run_version(client, "swap")
+    keep_predictions("swap", v2, run2, _paired_figures(STEADY_RIGHT), steady)
+    d = promote_version("swap", v2, _paired_figures(STEADY_RIGHT), predictions=steady, **gate)
+    assert not d.promote and d.reason.startswith("No evidence") and uri in d.reason, d.reason
+    assert ("lack the column(s) scoring, task" if replacement == "other columns" else "hold no rows") in d.reason
+    assert "Delete the file and register its training run again" in d.reason
+
+
 def test_registering_again_restores_a_champions_lost_predictions(store, caplog):
     """The champion's stored predictions deleted from the artifact store: the interval rule refuses, naming the
     fix (register its run again), and that fix stores them anew, so the next candidate is gated on them."""
@@ -487,10 +549,7 @@ def test_registering_again_restores_a_champions_lost_predictions(store, caplog):
 
     client = MlflowClient()
     gate = {**GATE, "evidence": "interval"}
-    v1, run1 = _run_version(client, "lost")
-    champ = _paired_table(CHAMP_RIGHT)
-    uri = keep_predictions("lost", v1, run1, _paired_figures(CHAMP_RIGHT), champ)
-    assert promote_version("lost", v1, _paired_figures(CHAMP_RIGHT), **gate).promote
+    v1, run1, champ, uri = _interval_champion(client, "lost")
     shutil.rmtree(Path(urlparse(client.get_run(run1).info.artifact_uri).path) / "coin_eval")
     steady = _paired_table(STEADY_RIGHT)
     v2, run2 = _run_version(client, "lost")
@@ -657,6 +716,51 @@ def _adapter(tiny_llama_dir: Path, out: Path) -> Path:
     write_meta(adapter, {"base": str(tiny_llama_dir), "dtype": "float32", "seed": 0, "method": "coin",
                          "prompt_format": "train", "append_eos": True})
     return adapter
+
+
+def test_a_registration_retried_after_a_failure_still_marks_the_newest_candidate(store, tmp_path, tiny_llama_dir,
+                                                                                 monkeypatch):
+    """A store error between creating a version and tagging it (the flow's register task retries it): the retry
+    finds the version and must finish it, tags and challenger alias, not return it half-made."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    adapter = _adapter(tiny_llama_dir, tmp_path)
+    with mlflow.start_run() as r1:
+        pass
+    with mlflow.start_run() as r2:
+        pass
+    register_candidate(adapter, r1.info.run_id, "m", _paired_figures(CHAMP_RIGHT), **GATE,
+                       predictions=_paired_table(CHAMP_RIGHT))
+    orig = MlflowClient.set_model_version_tag
+
+    def locked(self, *a, **k):
+        monkeypatch.setattr(MlflowClient, "set_model_version_tag", orig)
+        raise MlflowException("(sqlite3.OperationalError) database is locked")
+
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", locked)
+    worse, rows = _paired_figures(CHAMP_RIGHT[:-2]), _paired_table(CHAMP_RIGHT[:-2])
+    with pytest.raises(MlflowException):
+        register_candidate(adapter, r2.info.run_id, "m", worse, **GATE, predictions=rows)
+    reg = register_candidate(adapter, r2.info.run_id, "m", worse, **GATE, predictions=rows)
+    client = MlflowClient()
+    assert reg.version == "2" and not reg.created and reg.decision["decision"] == "rejected"
+    assert _alias(client, "m", "challenger") == "2" and _alias(client, "m", "champion") == "1"
+    assert client.get_model_version("m", "2").tags.get("coin.method") == "coin"
+
+    # an undecided older version finished late keeps its tags but leaves challenger on the newer candidate
+    with mlflow.start_run() as r3:
+        pass
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", locked)
+    with pytest.raises(MlflowException):
+        register_candidate(adapter, r3.info.run_id, "m", worse, **GATE, predictions=rows)
+    with mlflow.start_run() as r4:
+        pass
+    register_candidate(adapter, r4.info.run_id, "m", worse, **GATE, predictions=rows)
+    late = register_candidate(adapter, r3.info.run_id, "m", worse, **GATE, predictions=rows)
+    assert late.version == "3" and client.get_model_version("m", "3").tags.get("coin.base") == str(tiny_llama_dir)
+    assert _alias(client, "m", "challenger") == "4"
 
 
 def test_tracking_uri_defaults_to_sqlite_in_mlruns(tmp_path):

@@ -134,14 +134,25 @@ def load_result(directory: str | Path) -> EvalResult:
 
 def same_protocol(a: str, b: str) -> bool:
     """Whether two :func:`evaluation_protocol` lines name one protocol: equal once the instruction sets are read as a
-    set (lines recorded before they were sorted list them in the configured order), and the evaluated data's
-    fingerprint compared where both record one (lines recorded before it have none)."""
-    def key(text: str, data: bool) -> list[str]:
-        return [",".join(sorted(p[5:].split(","))) if p.startswith("sets ") else p for p in text.split("; ")
-                if data or not p.startswith("data ")]
+    set (lines recorded before they were sorted list them in the configured order), and each part of
+    :data:`_LATER_PARTS` (the evaluated data's fingerprint, generate's token budget, bf16) compared where both
+    lines record it (lines recorded before it have none)."""
+    parts_a, parts_b = a.split("; "), b.split("; ")
 
-    both = "; data " in a and "; data " in b
-    return key(a, both) == key(b, both)
+    def has(parts: list[str], prefix: str) -> bool:
+        return any(p.startswith(prefix) for p in parts)
+
+    skip = tuple(x for x in _LATER_PARTS if not (has(parts_a, x) and has(parts_b, x)))
+
+    def key(parts: list[str]) -> list[str]:
+        return [",".join(sorted(p[5:].split(","))) if p.startswith("sets ") else p for p in parts
+                if not p.startswith(skip)]
+
+    return key(parts_a) == key(parts_b)
+
+
+# parts of a protocol line added after versions were first tagged with it: compared only where both lines have one
+_LATER_PARTS = ("data ", "max new tokens ", "bf16 ")
 
 
 def evaluation_protocol(info: dict[str, Any]) -> str:
@@ -149,7 +160,8 @@ def evaluation_protocol(info: dict[str, Any]) -> str:
 
     ``info`` is a model's entry of ``eval_info.json`` (:meth:`EvalResult.info`): primary scoring, seed,
     examples per task, instruction sets and the instruction file's content hash, prompt format,
-    length normalisation, and the evaluated examples' content (:func:`coin.evaluation.runner.sample_fingerprint`).
+    length normalisation, the evaluated examples' content (:func:`coin.evaluation.runner.sample_fingerprint`),
+    generate's token budget (``evaluate.max_new_tokens``, where generate is the primary scoring) and bf16 autocast.
     The registry records it on every version; the promotion gate refuses to
     compare figures measured under different protocols.
     """
@@ -166,4 +178,8 @@ def evaluation_protocol(info: dict[str, Any]) -> str:
         f"instructions {st.get('instruction_sha256', st.get('instruction_file'))}",
         f"format {st.get('prompt_format')}",
         *([f"data {st['sample_sha256']}"] if st.get("sample_sha256") else []),  # same ids, other rows: not the same
+        # generate's answers are cut at the token budget ('not_entailment' needs 5 MiniLM tokens); bf16 autocast
+        # rounds every score, which flips near ties (evaluate.autocast; the evaluation cache keys on it too)
+        *([f"max new tokens {st['max_new_tokens']}"] if scorings[0] == "generate" and "max_new_tokens" in st else []),
+        *([f"bf16 {'on' if st['bf16_autocast'] else 'off'}"] if "bf16_autocast" in st else []),
     ])

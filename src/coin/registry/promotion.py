@@ -46,6 +46,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from coin.evaluation.metrics import PREDICTION_COLUMNS  # what a paired comparison needs of a model's predictions
+
 if TYPE_CHECKING:  # pandas is only needed where predictions are handled
     import pandas as pd
 
@@ -84,8 +86,6 @@ def version_artifact_dir(top: str, name: str, version: str) -> str:
     registered under several model names (an experiment's ``register.model_name``), each from its own evaluation:
     a path per run let the second registration overwrite the first version's files."""
     return f"{top}/{name}/v{version}"
-# what a paired comparison needs of a model's predictions (coin.evaluation.uncertainty.example_scores)
-PREDICTION_COLUMNS = ("scoring", "task", "set", "instruction_id", "example_id", "label", "pred")
 
 
 class PromotionError(RuntimeError):
@@ -444,7 +444,7 @@ def load_predictions(client, name: str, mv, *, what: str) -> pd.DataFrame:
     run_id, path = parts
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            return pd.read_parquet(client.download_artifacts(run_id, path, tmp))
+            frame = pd.read_parquet(client.download_artifacts(run_id, path, tmp))
         except Exception as exc:  # noqa: BLE001 -- MLflow and pyarrow raise several types for a missing/bad file
             if run_gone(client, run_id):  # registering the run again cannot work: say what can
                 raise PromotionError(f"{what}, {name} version {mv.version}: its stored predictions {uri} are gone "
@@ -455,6 +455,14 @@ def load_predictions(client, name: str, mv, *, what: str) -> pd.DataFrame:
                                  f"({type(exc).__name__}: {exc}). If the file is gone, register its training run "
                                  "again to store it anew; if it is damaged, delete it and do that; or gate with "
                                  "register.evidence: point") from None
+    missing = [c for c in PREDICTION_COLUMNS if c not in frame.columns]
+    if missing or frame.empty:  # read, but not what store_predictions writes: the gate would blame the candidate
+        raise PromotionError(f"{what}, {name} version {mv.version}: its stored predictions {uri} "
+                             + (f"lack the column(s) {', '.join(missing)}" if missing else "hold no rows")
+                             + " of what the gate compares; they were replaced or damaged. Delete the file and "
+                             "register its training run again to store them anew, or gate with register.evidence: "
+                             "point")
+    return frame
 
 
 def run_gone(client, run_id: str) -> bool:

@@ -225,8 +225,13 @@ def log_candidate(adapter_dir: Path, run_id: str, name: str) -> Registration:
     client = MlflowClient()
     found = existing_version(client, name, run_id)
     if found is not None:
-        return Registration(name, str(found.version), run_id, f"models:/{name}/{found.version}",
-                            sorted(client.get_model_version(name, found.version).aliases), created=False)
+        version = str(found.version)
+        if TAG_DECISION not in client.get_model_version(name, version).tags:
+            # registered, never decided: an earlier try stopped between creating the version and deciding it (a
+            # store error the flow's retry repeats, a Ctrl-C), maybe before its tags and challenger alias were set
+            _finish_version(client, name, version, _check_adapter(adapter_dir), newest_only=True)
+        return Registration(name, version, run_id, f"models:/{name}/{version}",
+                            sorted(client.get_model_version(name, version).aliases), created=False)
 
     meta = _check_adapter(adapter_dir)
     with resume_run(run_id):
@@ -252,12 +257,20 @@ def log_candidate(adapter_dir: Path, run_id: str, name: str) -> Registration:
         client.delete_model_version(name, version)
         return Registration(name, str(first.version), run_id, f"models:/{name}/{first.version}",
                             sorted(client.get_model_version(name, first.version).aliases), created=False)
+    _finish_version(client, name, version, meta)
+    return Registration(name, version, run_id, f"models:/{name}/{version}", [CHALLENGER], created=True)
+
+
+def _finish_version(client, name: str, version: str, meta: dict[str, Any], *, newest_only: bool = False) -> None:
+    """A created version's tags (base, method, quantisation) and the ``challenger`` alias, which marks the newest
+    candidate (``newest_only``: moved only when no later version exists, for a registration finished late)."""
     client.set_model_version_tag(name, version, "coin.base", str(meta["base"]))
     client.set_model_version_tag(name, version, "coin.method", str(meta.get("method", "")))
     # how the pyfunc loads the base (coin_model.json, which the adapter artifact carries, is what it reads)
     client.set_model_version_tag(name, version, "coin.quantization", str(meta.get("quantization", "none")))
+    if newest_only and any(int(v.version) > int(version) for v in client.search_model_versions(f"name = '{name}'")):
+        return
     client.set_registered_model_alias(name, CHALLENGER, version)
-    return Registration(name, version, run_id, f"models:/{name}/{version}", [CHALLENGER], created=True)
 
 
 def keep_predictions(name: str, version: str, run_id: str, figures: ModelFigures, predictions: pd.DataFrame,
