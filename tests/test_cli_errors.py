@@ -493,12 +493,31 @@ def test_an_output_folder_setting_that_is_a_file_names_the_setting(tmp_path, mon
 def test_evaluate_any_refuses_an_unwritable_out_before_scoring(tmp_path, monkeypatch):
     import coin.evaluation.anymodel as anymodel
 
-    monkeypatch.setattr(anymodel, "evaluate_models", lambda *a, **k: pytest.fail("scored before the check"))
+    monkeypatch.setattr(anymodel, "load_target", lambda *a, **k: pytest.fail("scored before the check"))
     (tmp_path / "afile").write_text("")
     res = runner.invoke(app, ["evaluate", "-p", str(_params(tmp_path)), "--set", f"paths.data_dir={ROOT / 'data'}",
                               "--model", "minilm", "--out", str(tmp_path / "afile")])
     out = " ".join(res.output.split())
     assert res.exit_code == ExitCode.CONFIG and "--out" in out and "give a writable folder" in out, out
+
+
+@pytest.mark.parametrize("given", ["missing", "empty folder", "train folder"])
+def test_predict_on_a_local_path_that_is_no_model_names_that_path(tmp_path, monkeypatch, given):
+    """A path with no MLmodel was reported with MLflow's temp copy's path (gone when read) and 'Run `coin pipeline`
+    first', which a wrong path does not need; a train folder holding an adapter one level down is named."""
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "not-a-model"
+    if given != "missing":
+        target.mkdir()
+    if given == "train folder":
+        (target / "coin" / "adapter").mkdir(parents=True)
+        (target / "coin" / "adapter" / "coin_model.json").write_text('{"base": "minilm"}')
+    res = runner.invoke(app, [PREDICT[0], "--params", str(_params(tmp_path)), *PREDICT[1:], "--model-uri",
+                              str(target)])
+    out = " ".join(res.output.split())
+    assert res.exit_code == ExitCode.MODEL and "coin pipeline" not in out and "coin-predict-model-" not in out, out
+    assert {"missing": "no such file or folder", "empty folder": "holds no MLmodel file",
+            "train folder": "coin/adapter is an adapter"}[given] in out, out
 
 
 def test_predict_on_an_adapter_directory_says_how_to_answer_with_it(tmp_path, monkeypatch):

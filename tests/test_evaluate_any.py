@@ -538,3 +538,89 @@ def test_the_python_api_evaluates_a_files_own_sets_and_runs_carry_provenance(pro
     got = mlflow.get_run(run.run_ids[0])
     assert "coin.data_version" in got.data.tags and "mlflow.source.git.commit" in got.data.tags
     assert got.data.params["evaluate.samples_per_task"] == "3"
+
+
+def test_a_base_models_fingerprint_follows_every_tokenizer_file(project, tiny_llama_dir):
+    """A BPE tokenizer saved without tokenizer.json is vocab.json + merges.txt; added and special tokens change
+    the ids too: a change to any of them served the old figures from the cache."""
+    from coin.evaluation.anymodel import resolve_target
+
+    d = project["tmp"] / "m"
+    shutil.copytree(tiny_llama_dir, d)
+    settings = _settings(project)
+    before = resolve_target(str(d), settings, project["root"]).fingerprint
+    for name in ("merges.txt", "vocab.json", "special_tokens_map.json", "added_tokens.json"):
+        (d / name).write_text("x")
+        after = resolve_target(str(d), settings, project["root"]).fingerprint
+        assert after != before, name
+        before = after
+
+
+@pytest.mark.parametrize("problem", ["no weights", "not a causal LM"])
+def test_a_model_dir_that_cannot_load_is_refused_before_any_model_loads(project, tiny_llama_dir, monkeypatch,
+                                                                       problem):
+    """A folder with config.json and a tokenizer but no weights, or a T5 config, passed the spec check: the models
+    before it were scored and logged, then the command stopped with a hint about model.backbone."""
+    import coin.evaluation.anymodel as anymodel
+
+    monkeypatch.setattr(anymodel, "load_target", lambda *a, **k: pytest.fail("a model was loaded"))
+    bad = project["tmp"] / "bad"
+    bad.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_llama_dir / f, bad / f)
+    if problem == "not a causal LM":
+        from transformers import T5Config
+
+        T5Config(vocab_size=64, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2).save_pretrained(bad)
+        shutil.copy(next(tiny_llama_dir.glob("*.safetensors")), bad)
+    res = _evaluate(project, "--model", f"ok={tiny_llama_dir}", "--model", f"bad={bad}",
+                    "--out", str(project["tmp"] / "out"))
+    out = " ".join(res.output.split())
+    assert res.exit_code == 3, res.output
+    assert ("no weight files" in out if problem == "no weights" else "is a 't5' model" in out), out
+
+
+def test_the_python_api_refuses_an_out_file_before_any_model(project, tiny_llama_dir, monkeypatch):
+    """The flow and the Python API found a file at --out only after scoring the first model (and the flow retried
+    that as transient, scoring it three times)."""
+    import coin.evaluation.anymodel as anymodel
+    from coin.config import ConfigError
+
+    monkeypatch.setattr(anymodel, "load_target", lambda *a, **k: pytest.fail("a model was loaded"))
+    out = project["tmp"] / "afile"
+    out.write_text("")
+    with pytest.raises(ConfigError, match="afile"):
+        anymodel.evaluate_models([str(tiny_llama_dir)], _settings(project), project["root"], out,
+                                 instruction_file=project["instr"], track=False)
+
+
+def test_a_tokenizer_larger_than_the_models_embeddings_is_refused(project, tiny_llama_dir):
+    """A model saved beside another model's tokenizer: the first id past the embedding table ended as
+    'unexpected IndexError ... this is a bug'."""
+    from transformers import AutoConfig
+
+    d = project["tmp"] / "short-vocab"
+    shutil.copytree(tiny_llama_dir, d)
+    cfg = AutoConfig.from_pretrained(d)
+    n = cfg.vocab_size
+    cfg.vocab_size = n - 10
+    cfg.save_pretrained(d)
+    res = _evaluate(project, "--model", str(d), "--out", str(project["tmp"] / "out"))
+    out = " ".join(res.output.split())
+    assert res.exit_code == 4, res.output
+    assert f"the tokenizer has {n} ids but the model's embeddings only {n - 10}" in out, out
+
+
+def test_label_words_the_tokenizer_cannot_tell_apart_are_refused():
+    """Both label words read as the unknown token: every item tied and the first label won, with no word."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from coin.evaluation.scoring import label_token_ids
+
+    t = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]")
+    with pytest.raises(ValueError, match="'positive' and 'negative' are the same tokens"):
+        label_token_ids(tok, ["positive", "negative"])
+    assert label_token_ids(tok, ["a", "positive"]) == [[1], [0]]

@@ -444,3 +444,36 @@ def test_coin_predict_loads_the_model_on_model_device(bert_adapter, tmp_path, mo
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert devices == ["auto"]
+
+
+def test_options_the_tokenizer_cannot_tell_apart_are_refused(trained):
+    """MiniLM's WordPiece is uncased: 'Yes' and 'yes' are one token, scored alike, and the first listed won every
+    row without a word."""
+    model, tok, meta = trained
+    with pytest.raises(ValueError, match="options: 'Yes' and 'yes' are the same tokens"):
+        answer_rows(model, tok, meta, pd.DataFrame({"instruction": ["Answer: "], "input": ["x"],
+                                                    "options": ["Yes|yes"]}))
+
+
+def test_a_missing_champion_names_the_challenger_of_the_model_asked_for(bert_adapter, tmp_path, monkeypatch):
+    """`--model-uri models:/tiny-hint@champion` with no champion pointed at register.model_name's challenger
+    (coin-minilm, which may not exist), not tiny-hint's."""
+    import mlflow
+    from typer.testing import CliRunner
+
+    from coin.cli import app
+    from coin.config import Settings
+    from coin.registry.register import log_candidate
+    from coin.registry.tracking import setup_tracking
+
+    (tmp_path / "params.yaml").write_text(f"paths: {{mlruns_dir: {tmp_path / 'mlruns'}}}\n")
+    setup_tracking(Settings.model_validate({"paths": {"mlruns_dir": str(tmp_path / "mlruns")}}), tmp_path)
+    with mlflow.start_run() as run:
+        pass
+    log_candidate(bert_adapter, run.info.run_id, "tiny-hint")  # challenger only
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["predict", "--model-uri", "models:/tiny-hint@champion", "--instruction", "Q? ",
+                                   "--input", "x", "--task", "sst2"])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 4 and "alias champion not found" in out, out
+    assert "--model-uri models:/tiny-hint@challenger" in out and "coin-minilm" not in out, out

@@ -21,6 +21,7 @@ import errno
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import traceback
@@ -79,6 +80,7 @@ def _is(exc: BaseException, module: str, name: str) -> bool:
 
 
 _MODEL_LIBS = ("transformers", "huggingface_hub", "peft", "safetensors", "tokenizers")
+_MODEL_HINT = "check the model named (model.backbone, --model, or an adapter's base) and its files"
 
 
 def _frames(exc: BaseException) -> list[tuple[Any, str]]:
@@ -177,7 +179,7 @@ def classify(exc: BaseException) -> tuple[ExitCode, str, str | None]:
                 "lower train.batch_size / evaluate.batch_size, or use a machine with more memory")
     if isinstance(exc, OSError):
         if _raised_in(exc, _MODEL_LIBS):
-            return ExitCode.MODEL, msg, "check model.backbone and the model files"
+            return ExitCode.MODEL, msg, _MODEL_HINT
         hint = {errno.ENOSPC: "free disk space", errno.EACCES: "check the permissions of that path",
                 errno.EROFS: "write somewhere writable (paths.out_dir, paths.mlruns_dir, or the --out given)",
                 errno.ENOTDIR: "a part of that path is a file: give a folder",
@@ -185,7 +187,7 @@ def classify(exc: BaseException) -> tuple[ExitCode, str, str | None]:
         return ExitCode.RUNTIME, msg, hint
     if isinstance(exc, ValueError):
         if _raised_in(exc, _MODEL_LIBS):
-            return ExitCode.MODEL, msg, "check model.backbone and the model files"
+            return ExitCode.MODEL, msg, _MODEL_HINT
         return ExitCode.CONFIG, msg, None
     if isinstance(exc, RuntimeError):  # a non-finite loss, a distributed set-up, ... carry their own explanation
         return ExitCode.RUNTIME, msg, None
@@ -509,8 +511,6 @@ def evaluate(
         instructions = instructions.expanduser().resolve()
     settings, root = loaded or load_for_instructions(params, overrides, instructions, uses_backbone=not explicit)
     out_dir = out.expanduser().resolve() if out is not None else root / settings.paths.out_dir / default_out
-    for option, folder in (("--out", out_dir), ("--cache-dir", cache_dir)):
-        _check_writable(option, folder)  # before any model is scored: the scoring was lost at the first write
     run = evaluate_models(model, settings, root, out_dir, instruction_file=instructions, cache_dir=cache_dir)
     table = (out_dir / "table.md").read_text()
     if json_:
@@ -654,6 +654,20 @@ def predict(
         raise ModelUnavailable(f"cannot load {uri}: it is an adapter directory (coin train), not an MLflow model. "
                                "Register it (`coin register`) and pass --model-uri models:/<name>/<version>, or "
                                "score it with `coin evaluate --model NAME=DIR`.")
+    if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", uri):  # a local path: say what is wrong with it, not MLflow's temp
+        # copy's path and a `coin pipeline` that would not help
+        if not local.exists():
+            raise ModelUnavailable(f"cannot load {uri}: no such file or folder. Give models:/<name>@<alias>, "
+                                   "models:/<name>/<version>, runs:/<run id>/<path> or an MLflow model folder.")
+        if not (local / "MLmodel").is_file():
+            adapters = sorted(p.parent.relative_to(local)  # one or two levels down: a method's or a train folder
+                              for p in [*local.glob("*/coin_model.json"), *local.glob("*/*/coin_model.json")])
+            raise ModelUnavailable(
+                f"cannot load {uri}: {local.resolve()} holds no MLmodel file, so it is not an MLflow model folder"
+                + (f"; {local / adapters[0]} is an adapter: register it (`coin register`) or score it with `coin "
+                   "evaluate --model NAME=DIR`" if adapters else "")
+                + ". Give models:/<name>@<alias>, models:/<name>/<version>, runs:/<run id>/<path> or an MLflow "
+                "model folder.")
     # a copy of the model in a temp dir: loaded in place, MLflow writes its registered_model_meta file into the
     # store's own artifact folder (the evaluation loads from a copy for the same reason)
     with tempfile.TemporaryDirectory(prefix="coin-predict-model-") as tmp:
@@ -669,9 +683,10 @@ def predict(
                 # the registered model, alias, version or run is not in the store: the pipeline makes one
                 hint = " Run `coin pipeline` (or `coin register`) first."
                 if "alias champion not found" in why:
+                    asked = uri.removeprefix("models:/").split("@")[0].split("/")[0]  # the model named, not ours
                     hint = (" No candidate has passed the promotion gate yet (see `coin.promotion.reason` on its "
                             "version, or outputs/register/registration.json); the newest candidate is "
-                            f"--model-uri models:/{settings.register_.model_name}@challenger.")
+                            f"--model-uri models:/{asked or settings.register_.model_name}@challenger.")
             else:  # the model is registered but does not load here (its base, a library): its own message says why
                 hint = ""
             raise ModelUnavailable(f"cannot load {uri}: {why}.{hint}") from None
@@ -693,20 +708,6 @@ def predict(
             if scores:  # the options are user text: printed literally, never as rich markup
                 console.print(f"[dim]scores (label log-likelihoods; calibrated if the model was trained with "
                               f"evaluate.calibration: content_free): {escape(scores)}[/]", highlight=False)
-
-
-def _check_writable(option: str, folder: Path | None) -> None:
-    """Create ``folder`` and write a probe file in it, or raise a ConfigError naming ``option``."""
-    if folder is None:
-        return
-    folder = Path(folder).expanduser()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".coin-probe-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"{option} {folder}: cannot write there ({exc.strerror or exc}); give a writable folder") \
-            from None
 
 
 def _one_line(text: str) -> str:

@@ -213,7 +213,7 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
     model work (module docstring); an input too long for the model is cut to fit, with a warning.
     """
     from coin.evaluation.generation import generate_answers
-    from coin.evaluation.scoring import score_label_words
+    from coin.evaluation.scoring import label_token_ids, score_label_words
     from coin.modeling.backbone import autocast_context, max_positions
 
     _check_columns(df)
@@ -226,10 +226,17 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
     by_options: dict[tuple[tuple[str, ...], str | None], list[int]] = {}
     free: list[int] = []
     reserve: dict[tuple[str, ...], int] = {}
+    told_apart: set[tuple[str, ...]] = set()
     for i, row in enumerate(rows):
         where = f"row {i}: " if len(rows) > 1 else ""
         try:
             options = _options_for(row)
+            if options and tuple(options) not in told_apart:  # once per option list: answers its tokens tell apart
+                try:
+                    label_token_ids(tokenizer, options)
+                except ValueError as exc:
+                    raise ValueError(f"options: {exc}; list one of them") from None
+                told_apart.add(tuple(options))
             task = check_task(row["task"]) if "task" in row else None
             instruction, text = _field_text(row, "instruction"), _field_text(row, "input")
             if not options and limit is not None and not 1 <= max_new_tokens < limit:  # only a generated row uses it

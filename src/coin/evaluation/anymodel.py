@@ -48,7 +48,11 @@ URI_SCHEMES = ("models", "runs")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]*$")
 
-_BASE_FILES = ("config.json", "*.safetensors", "*.bin", "tokenizer*.json", "vocab.txt", "*.model")
+# what a base model's outputs are read from: its config, weights and every tokenizer file (a BPE tokenizer saved
+# without tokenizer.json is vocab.json + merges.txt; added and special tokens change the ids too)
+_BASE_FILES = ("config.json", "*.safetensors", "*.bin", "tokenizer*.json", "vocab.txt", "vocab.json", "merges.txt",
+               "*.model", "special_tokens_map.json", "added_tokens.json")
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 KEY_FILE = "cache_key.json"
 
 
@@ -324,9 +328,45 @@ def _check_directory(spec: str, path: Path, settings: Settings) -> tuple[str, st
         if not has_tokenizer(path):
             raise DataError(f"--model {spec}: {path} has config.json but no tokenizer files (none of "
                             f"{', '.join(TOKENIZER_FILES)}); save the tokenizer beside the model")
+        if not any(any(path.glob(g)) for g in _WEIGHT_FILES):
+            raise DataError(f"--model {spec}: {path} has config.json but no weight files (none of "
+                            f"{', '.join(_WEIGHT_FILES)}); save the model's weights beside it (save_pretrained)")
+        _check_causal(spec, path)
         return "base", _base_fingerprint(str(path.resolve()), path, settings)
     raise DataError(f"--model {spec}: {path} is neither a CoIN adapter (no {META_FILE}) nor a Hugging Face model "
                     "directory (no config.json)")
+
+
+def _check_causal(spec: str, path: Path) -> None:
+    """Refuse a model directory whose architecture has no causal-LM class in transformers (T5, a classifier...):
+    read from its config.json alone, before any model of the command loads."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        model_type = AutoConfig.from_pretrained(str(path), local_files_only=True).model_type
+    except (OSError, ValueError) as exc:
+        raise DataError(f"--model {spec}: {path / 'config.json'} cannot be read as a model config "
+                        f"({' '.join(str(exc).split())[:200]}); save the model with save_pretrained") from None
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise DataError(f"--model {spec}: {path} is a {model_type!r} model, which transformers cannot load as a "
+                        "causal LM (AutoModelForCausalLM); give a decoder (Llama, Qwen2, GPT-2, ...) or an encoder "
+                        "with a causal-LM head (BERT, as the embedded MiniLM)")
+
+
+def check_writable(option: str, folder: Path | None) -> None:
+    """Create ``folder`` and write a probe file in it, or raise a ConfigError naming ``option``: before any model
+    is scored, where the scoring was lost at the first write (the flow retried it as if transient)."""
+    if folder is None:
+        return
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".coin-probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{option} {folder}: cannot write there ({exc.strerror or exc}); give a writable folder") \
+            from None
 
 
 def resolve_targets(args: list[str], settings: Settings, root: Path) -> list[ModelTarget]:
@@ -611,6 +651,9 @@ def evaluate_models(models: list[str], settings: Settings, root: Path, out_dir: 
     from coin.evaluation.runner import evaluate_model
 
     root, out_dir = Path(root).resolve(), Path(out_dir).resolve()
+    cache_dir = Path(cache_dir).resolve() if cache_dir is not None else out_dir / "cache"
+    for option, folder in (("--out", out_dir), ("--cache-dir", cache_dir)):
+        check_writable(option, folder)  # first: the scoring was lost at the first write (the flow retried it)
     if instruction_file is not None:
         file = Path(instruction_file).expanduser().resolve()  # relative: from the working directory, as the CLI
         configured = Path(settings.evaluate.instruction_file)
@@ -621,7 +664,6 @@ def evaluate_models(models: list[str], settings: Settings, root: Path, out_dir: 
     check_instructions(settings, root)                  # DataError naming the file, set, task and field
     targets = resolve_targets(list(models), settings, root)
     protocol = protocol_of(settings, root)
-    cache_dir = Path(cache_dir).resolve() if cache_dir is not None else out_dir / "cache"
     results, cached, run_ids = [], [], []
     for target in targets:
         result = load_cached(cache_dir, target.fingerprint, protocol, target.label,

@@ -32,7 +32,7 @@ from coin.evaluation.metrics import robustness_summary
 from coin.evaluation.report import write_eval_outputs
 from coin.evaluation.result import EvalResult, load_result, save_result
 from coin.evaluation.sampling import SplitUnavailable, sample_examples
-from coin.evaluation.scoring import ScoringRequest, calibrated, label_log_prior, score_labels
+from coin.evaluation.scoring import ScoringRequest, calibrated, label_log_prior, label_token_ids, score_labels
 from coin.modeling.backbone import (
     attention_mode,
     autocast_context,
@@ -97,6 +97,14 @@ def evaluate_model(
         raise ValueError(f"no task could be evaluated ({model_label}): {reasons}")
     if "generate" in cfg.scoring:  # before any model work: the answer must leave the prompt room
         _check_generation_room(tokenizer, max_positions(model), cfg)
+    if "loglik" in cfg.scoring:  # and the label words must be told apart by this tokenizer
+        for task in samples:
+            try:
+                label_token_ids(tokenizer, list(get_task(task).label_words))
+            except ValueError as exc:
+                raise ValueError(f"evaluate[{model_label}]: {task}'s label words: {exc}. Score the others "
+                                 f"(evaluate.tasks without {task}) or use a model whose tokenizer tells them apart") \
+                    from None
     # every instruction problem is reported before any model work starts
     instructions = load_instruction_sets(cfg.instruction_file, cfg.instruction_sets, list(samples))
     sources = load_instruction_sources(cfg.instruction_file, cfg.instruction_sets, list(samples))  # per-pair PDR

@@ -83,13 +83,22 @@ def _pad_id(tokenizer) -> int:
 
 
 def label_token_ids(tokenizer, label_words: Sequence[str]) -> list[list[int]]:
-    """Token ids of each label word as a response (no BOS/EOS), exactly as :func:`encode` tokenises it."""
+    """Token ids of each label word as a response (no BOS/EOS), exactly as :func:`encode` tokenises it. Two words
+    this tokenizer reads as the same ids (an uncased tokenizer's 'Yes' and 'yes', words it maps to its unknown
+    token) are refused: they would score alike, and the first listed would win every tie."""
     out = []
     for word in label_words:
         ids = tokenizer(word, add_special_tokens=False)["input_ids"] if word else []
         if not ids:
             raise ValueError(f"label word {word!r} tokenises to nothing; it cannot be scored")
         out.append(list(ids))
+    seen: dict[tuple[int, ...], str] = {}
+    for word, ids in zip(label_words, out, strict=True):
+        first = seen.setdefault(tuple(ids), word)
+        if first != word:
+            raise ValueError(f"{first!r} and {word!r} are the same tokens {ids} to this model's tokenizer (it ignores "
+                             "case or accents, or cannot encode them), so the model cannot choose between them; "
+                             f"answers scored on them would always be {first!r}")
     return out
 
 

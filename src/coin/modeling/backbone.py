@@ -332,6 +332,20 @@ def _quiet_transformers():
         hf_logging.enable_progress_bar()
 
 
+def _check_vocabulary(name_or_path: str, tok, config) -> None:
+    """Refuse a tokenizer with more ids than the model has embeddings (a model saved beside another model's
+    tokenizer): the first id past the table failed deep in the forward pass as a bare IndexError."""
+    from coin.registry.errors import ModelUnavailable
+
+    text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    n = getattr(text, "vocab_size", None)
+    if isinstance(n, int) and n > 0 and len(tok) > n:
+        raise ModelUnavailable(
+            f"{name_or_path}: the tokenizer has {len(tok)} ids but the model's embeddings only {n} (config.json "
+            "vocab_size): the tokenizer saved beside it is not the model's. Save the tokenizer the model was trained "
+            "with, or resize the model's embeddings to the tokenizer (resize_token_embeddings) and save both")
+
+
 def _load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
@@ -464,6 +478,8 @@ def load_backbone(
             f"model.backbone = {name_or_path!r}: not a local directory and not in the local Hugging Face cache "
             f"({exc.__class__.__name__}). This tool never downloads; copy the model to a directory and pass its path."
         ) from None
+    tok = _load_tokenizer(path)
+    _check_vocabulary(name_or_path, tok, config)
     mode = resolve_attention(attention, config)
     read = resolve_readout(readout, config)
     extra = {}
@@ -485,7 +501,6 @@ def load_backbone(
         )
     if not quant:
         model.to(dev)
-    tok = _load_tokenizer(path)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     set_attention_mode(model, mode)
