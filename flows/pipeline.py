@@ -48,7 +48,7 @@ import coin  # noqa: F401  (local-only environment before Prefect is imported)
 from coin import stages
 from coin.config import ConfigError, Settings, check_robustness_sets, load_settings
 from coin.cpus import THREAD_VARS, cpu_budget, threads_per_worker, use_torch_threads
-from coin.interrupt import interrupted
+from coin.interrupt import interrupted, on_stop
 from coin.secrets import RedactingFilter, redact_text, reveal, seal_overrides, seal_text
 from flows.caching import missing_outputs, record_outputs, result_storage, stage_cache_policy
 from flows.data_sync import version_data
@@ -548,6 +548,8 @@ def coin_pipeline(
                     data["data_version"], data["pulled"], data["versioned"], data["pushed"])
         parent = open_pipeline_run(params_path, overrides, flow_run.get_id())
         status, outcome = "FAILED", {}
+        # a Ctrl-C whose shutdown outlasts the grace period ends the process before the finally below: close it then
+        killed = on_stop(lambda: close_pipeline_run.fn(params_path, overrides, parent, "KILLED", outcome))
         try:
             pairs = _fresh(pairs_task, "pairs", settings, root)(params_path, overrides, parent)
             logger.info("pairs: %s", pairs["per_task"])
@@ -578,8 +580,9 @@ def coin_pipeline(
             status = "FINISHED"
         finally:
             if interrupted():  # Prefect's API went with the Ctrl-C: a task could not start; the store is still here
-                close_pipeline_run.fn(params_path, overrides, parent, "KILLED", outcome)
+                killed()
             else:
+                killed.cancel()
                 close_pipeline_run(params_path, overrides, parent, status, outcome)
     return {
         "data": data, "pairs": pairs, "validate": {k: v for k, v in gate.items() if k != "markdown"},

@@ -37,7 +37,7 @@ from prefect.runtime import flow_run
 from pydantic import SecretStr
 
 import coin  # noqa: F401  (local-only environment before Prefect is imported)
-from coin.interrupt import interrupted
+from coin.interrupt import interrupted, on_stop
 from coin.secrets import reveal, seal_overrides, seal_text
 from coin.study import tracking as study_tracking
 from coin.study.cell import run_cell
@@ -161,6 +161,8 @@ def coin_study(
 
     parent = open_study_run_task(params_path, overrides, flow_run.get_id())
     status = "FAILED"
+    # a Ctrl-C whose shutdown outlasts the grace period ends the process before the finally below: close it then
+    killed = on_stop(lambda: close_study_run_task.fn(params_path, overrides, parent, "KILLED"))
     try:
         prep = prepare_task(params_path, overrides, parent)
         logger.info("study pairs: %s (%s)", prep["valid_file"], "unchanged" if prep["cached"] else "rebuilt")
@@ -179,8 +181,9 @@ def coin_study(
         status = "FINISHED"
     finally:
         if interrupted():  # Prefect's API went with the Ctrl-C: a task could not start; the store is still here
-            close_study_run_task.fn(params_path, overrides, parent, "KILLED")
+            killed()
         else:
+            killed.cancel()
             close_study_run_task(params_path, overrides, parent, status)
     return {
         "study_dir": str(Path(outputs["paths"]["study"]).parent), "paths": outputs["paths"],

@@ -55,6 +55,54 @@ def test_a_flow_stuck_after_the_interrupt_ends_after_the_grace_period():
     assert took < 60
 
 
+STOP = """
+import os, signal, sys, time
+from coin.interrupt import on_stop
+from flows.pipeline import run_main
+
+def run():
+    closed = on_stop(lambda: open(sys.argv[1], "a").write("KILLED\\n"))
+    done = on_stop(lambda: open(sys.argv[1], "a").write("never\\n"))
+    done.cancel()                      # a clean-up the block no longer needs
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    except KeyboardInterrupt:
+        while True:                    # a subflow retrying the dead API: the finally below never comes
+            time.sleep(0.05)
+    finally:
+        closed()
+
+run_main(lambda: None, run)
+"""
+
+
+def test_the_grace_period_runs_what_was_registered_to_run_on_stop_once(tmp_path):
+    """A study's subflow retried the dead Prefect API past the grace period, and os._exit skipped the flow's finally:
+    its MLflow parent run stayed RUNNING. What a flow registers with on_stop runs before the process ends."""
+    marker = tmp_path / "closed.txt"
+    env = {**os.environ, "COIN_INTERRUPT_GRACE_S": "1", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
+    env.pop("COIN_DEBUG", None)
+    res = subprocess.run([sys.executable, "-c", STOP, str(marker)], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 130, res.stderr
+    assert marker.read_text() == "KILLED\n", res.stderr
+
+
+def test_a_stop_action_runs_once_whoever_calls_it():
+    from coin.interrupt import _STOP_ACTIONS, _run_stop_actions, on_stop
+
+    calls: list[int] = []
+    action = on_stop(lambda: calls.append(1))
+    assert action in _STOP_ACTIONS
+    _run_stop_actions()
+    action()
+    assert calls == [1] and action not in _STOP_ACTIONS
+    failing = on_stop(lambda: 1 / 0)
+    _run_stop_actions()  # a clean-up that fails is reported, not raised into the exit path
+    assert failing not in _STOP_ACTIONS
+
+
 PLAIN = """
 import os, signal, sys, time
 import coin.cli as cli

@@ -1279,3 +1279,29 @@ def test_a_cell_without_pyarrow_stops_before_any_work(monkeypatch, capsys):
     assert "pyarrow not installed" in capsys.readouterr().err
     err = ModuleNotFoundError("No module named 'pydantic'", name="pydantic")
     assert cell._report(err) == 2 and "pydantic is not installed here" in capsys.readouterr().err
+
+
+def test_study_pairs_are_rebuilt_after_a_failed_gate_once_the_thresholds_go_back(tiny_llama_dir, tmp_path):
+    """A failed gate rewrote summary.json (failed) beside an unchanged valid.jsonl and left the earlier pass's
+    prepare.json: with the thresholds put back, the study reused the pairs and every cell was refused, quoting a
+    threshold no longer set and advising `coin validate`, which does not write the study's pairs."""
+    from coin.study.grid import load_study
+    from coin.study.prepare import prepare_pairs
+    from coin.validation.gate import GateFailed
+    from coin.validation.result import read_training_rows
+
+    p = tiny_params(tiny_llama_dir)
+    p["validate"]["max_length_chars"] = 380  # a few rte rows rejected: the gate passes at 0.5, fails at 0.95
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    ok, root = load_study(tmp_path / "params.yaml", [])
+    assert prepare_pairs(ok, root)["cached"] is False
+    validated = root / "outputs" / "study" / "validated"
+    strict, _ = load_study(tmp_path / "params.yaml", ["validate.min_pass_rate=0.95"])
+    with pytest.raises(GateFailed):
+        prepare_pairs(strict, root)
+    with pytest.raises(DataError, match="rerun `coin study`"):  # what a cell says of the failed pairs
+        read_training_rows(validated / "valid.jsonl", "", rerun="coin study")
+    assert prepare_pairs(ok, root)["cached"] is False  # built anew, not the failed gate's pairs
+    assert json.loads((validated / "summary.json").read_text())["gate_passed"] is True
+    read_training_rows(validated / "valid.jsonl", "")
+    assert prepare_pairs(ok, root)["cached"] is True

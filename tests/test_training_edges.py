@@ -95,12 +95,13 @@ def test_training_refuses_the_rows_of_a_failed_gate(tiny_llama_dir: Path, tmp_pa
     with pytest.raises(DataError, match="validation gate failed on these rows") as err:
         stages.stage_train(s, tmp_path)
     assert ("every training row of wnli was rejected" in str(err.value)) == emptied
-    assert "rejects.jsonl" in str(err.value)
+    assert "rejects.jsonl" in str(err.value) and "rerun `coin validate`" in str(err.value)
     assert not (tmp_path / "outputs/train/sft/adapter").exists()
     from coin.study.cell_train import train_cell
 
-    with pytest.raises(DataError, match="validation gate failed on these rows"):
+    with pytest.raises(DataError, match="validation gate failed on these rows") as err:
         train_cell(s, "sft", 0, "sft-s0", tmp_path / "cell", lay.valid_file, "cpu", progress=False)
+    assert "rerun `coin study`" in str(err.value)  # the command that rebuilds a study's pairs, not coin validate
     # nothing to validate: the pairs are at fault, not the rows or the thresholds
     write_json(lay.validated_dir / "summary.json", {"rows_in": 0, "rows_valid": 0, "pass_rate": 0.0,
                                                     "min_pass_rate": 0.9, "gate_passed": False, "per_task": {}})

@@ -10,6 +10,10 @@ interruption (:func:`interrupted`). If the process has not ended ``COIN_INTERRUP
 Inside a flow run Prefect's engine puts its own SIGTERM handler in place of this one (it raises its
 ``TerminationSignal``); the guard wraps that handler too, so a SIGTERM there is recorded and timed the same way
 (it had ended as an "unexpected ConnectError", exit 1, minutes later).
+
+Ending the process at the grace period skips every ``finally``: what must happen even then (a flow marking its
+MLflow parent run KILLED, which a study's subflow retrying the dead API for a minute delayed past the grace) is
+registered with :func:`on_stop`, and runs once, from the block or from the grace timer, whichever comes first.
 """
 
 from __future__ import annotations
@@ -19,10 +23,48 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 _SIGNAL: list[int] = []  # the signal received, once one was
+_STOP_ACTIONS: list[StopAction] = []  # run before the grace period ends the process
+STOP_ACTION_LIMIT_S = 15.0  # how long the grace timer waits for them before it ends the process anyway
+
+
+class StopAction:
+    """A clean-up run at most once: by the code that registered it (:func:`on_stop`), or by the grace timer
+    before it ends the process. A second caller waits for the first to finish, then returns."""
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self._fn, self._lock, self._done = fn, threading.Lock(), False
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+            try:
+                self._fn()
+            finally:
+                self._forget()
+
+    def _forget(self) -> None:
+        if self in _STOP_ACTIONS:
+            _STOP_ACTIONS.remove(self)
+
+    def cancel(self) -> None:
+        """Never run it (the block ended without needing it) and stop the grace timer from doing so."""
+        with self._lock:
+            self._done = True
+        self._forget()
+
+
+def on_stop(fn: Callable[[], object]) -> StopAction:
+    """Register ``fn`` to run if the grace period ends the process; call the returned action where the block
+    would run it itself (it then runs once), or ``cancel()`` it when it is not needed."""
+    action = StopAction(fn)
+    _STOP_ACTIONS.append(action)
+    return action
 
 
 def interrupted() -> int | None:
@@ -30,8 +72,20 @@ def interrupted() -> int | None:
     return 128 + _SIGNAL[0] if _SIGNAL else None
 
 
+def _run_stop_actions() -> None:
+    for action in list(_STOP_ACTIONS):
+        try:
+            action()
+        except Exception as exc:  # noqa: BLE001 -- the process ends next: say it, do not stop the others
+            sys.stderr.write(f"interrupted: a clean-up failed ({type(exc).__name__}: {exc})\n")
+
+
 def _end_after(grace_s: float, code: int) -> None:
     time.sleep(grace_s)
+    if _STOP_ACTIONS:  # in a thread of their own: a clean-up stuck on a locked store does not hold the exit
+        worker = threading.Thread(target=_run_stop_actions, daemon=True)
+        worker.start()
+        worker.join(STOP_ACTION_LIMIT_S)
     sys.stderr.write(f"interrupted (still shutting down after {grace_s:g} s: stopped)\n")
     sys.stderr.flush()
     os._exit(code)

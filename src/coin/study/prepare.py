@@ -22,6 +22,7 @@ from coin.config import Settings
 from coin.data.io import DataError, read_json, write_json
 from coin.study.grid import format_value, prep_points, sweeps_draws
 from coin.study.keys import key_of, prep_key_parts, sha256_files
+from coin.validation.result import SUMMARY_FILE
 
 log = logging.getLogger("coin.study")
 
@@ -65,9 +66,13 @@ def prepared(s: Settings, root: Path, key: str | None = None) -> dict[str, Any] 
     except DataError:
         return None
     key = key or key_of(prep_key_parts(s, Path(root)))
-    if rec.get("key") == key and rec.get("valid_sha256") == sha256_files([valid]):
-        return rec
-    return None
+    if not (rec.get("key") == key and rec.get("valid_sha256") == sha256_files([valid])):
+        return None
+    try:  # a gate that failed since (the record is that of an earlier pass) rewrote its verdict beside the rows
+        verdict = read_json(valid.parent / SUMMARY_FILE)
+    except DataError:
+        return None
+    return rec if isinstance(verdict, dict) and verdict.get("gate_passed") is True else None
 
 
 def _prepare_one(s: Settings, root: Path, parent_run_id: str | None, force: bool) -> dict[str, Any]:
@@ -84,6 +89,7 @@ def _prepare_one(s: Settings, root: Path, parent_run_id: str | None, force: bool
     if not force and (rec := prepared(s, root, key)) is not None:
         log.info("study: pairs and validation unchanged (%s); reusing them", valid)
         return {**rec, "valid_file": str(shown), "cached": True}  # where they are now (the study may have moved)
+    record_file.unlink(missing_ok=True)  # built anew: a gate that fails below must leave no record of a pass
     previous = os.environ.get(PARENT_RUN_ENV)
     if parent_run_id:  # the validate stage nests its MLflow run under the study run
         os.environ[PARENT_RUN_ENV] = parent_run_id

@@ -25,13 +25,14 @@ def emptied_tasks(per_task: dict[str, Any]) -> list[str]:
             if t != OTHER_TASK and isinstance(c, dict) and c.get("train_in") and not c.get("train_valid")]
 
 
-def read_training_rows(valid_file: Path, missing_hint: str) -> list[dict[str, Any]]:
+def read_training_rows(valid_file: Path, missing_hint: str, rerun: str = "coin validate") -> list[dict[str, Any]]:
     """The rows of a gate's ``valid.jsonl`` that training reads, refused where the gate that wrote them failed.
 
     The gate writes its valid rows before it raises, for inspection; run stage by stage (``coin validate`` then
     ``coin train``, or ``coin study cell``), training read them anyway and left out a task whose every row was
     rejected without a word. The verdict is the ``summary.json`` beside the file (a file given by hand, with no
-    summary beside it, is taken as it is)."""
+    summary beside it, is taken as it is). ``rerun``: the command that rebuilds the file (``coin study`` for a
+    study's pairs)."""
     from coin.data.io import DataError, read_json, read_jsonl
 
     valid_file = Path(valid_file)
@@ -41,7 +42,7 @@ def read_training_rows(valid_file: Path, missing_hint: str) -> list[dict[str, An
     if isinstance(summary, dict) and summary.get("gate_passed") is False and summary.get("rows_in") == 0:
         raise DataError(f"{valid_file}: the validation gate had no rows to validate (the pairs stage produced "
                         f"nothing; {summary_file}). Build the pairs first (`coin pairs`; check pairs.tasks and "
-                        "pairs.rows_per_task), then rerun `coin validate`")
+                        f"pairs.rows_per_task), then rerun `{rerun}`")
     if isinstance(summary, dict) and summary.get("gate_passed") is False:
         per_task = summary.get("per_task") if isinstance(summary.get("per_task"), dict) else {}
         emptied = emptied_tasks(per_task)
@@ -52,7 +53,7 @@ def read_training_rows(valid_file: Path, missing_hint: str) -> list[dict[str, An
         raise DataError(f"{valid_file}: the validation gate failed on these rows ({why}; {summary_file}). Training "
                         f"on them would go ahead without what was rejected. See {valid_file.parent / REJECTS_FILE} "
                         "for each rejected row and its reasons, fix the data or the validate.* thresholds, and rerun "
-                        "`coin validate`")
+                        f"`{rerun}`")
     if not any(r.get("split") == "train" for r in rows):
         raise DataError(f"{valid_file}: no rows with split 'train' to train on; check pairs.val_fraction")
     return rows
