@@ -582,8 +582,10 @@ def coin_pipeline(
             if interrupted():  # Prefect's API went with the Ctrl-C: a task could not start; the store is still here
                 killed()
             else:
-                killed.cancel()
-                close_pipeline_run(params_path, overrides, parent, status, outcome)
+                try:
+                    close_pipeline_run(params_path, overrides, parent, status, outcome)
+                finally:  # a Ctrl-C during the close (it retries a dead API) still ends the run KILLED
+                    killed() if interrupted() else killed.cancel()
     return {
         "data": data, "pairs": pairs, "validate": {k: v for k, v in gate.items() if k != "markdown"},
         "train": trained, "evaluate": evaluated["metrics"], "table": evaluated["table"],

@@ -183,8 +183,10 @@ def coin_study(
         if interrupted():  # Prefect's API went with the Ctrl-C: a task could not start; the store is still here
             killed()
         else:
-            killed.cancel()
-            close_study_run_task(params_path, overrides, parent, status)
+            try:
+                close_study_run_task(params_path, overrides, parent, status)
+            finally:  # a Ctrl-C during the close (it retries a dead API) still ends the run KILLED
+                killed() if interrupted() else killed.cancel()
     return {
         "study_dir": str(Path(outputs["paths"]["study"]).parent), "paths": outputs["paths"],
         "cells": {c["cell"]["name"]: {"cached": c["cached"], "run_token": c["run_token"], **c["figures"]}

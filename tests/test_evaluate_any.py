@@ -611,6 +611,24 @@ def test_a_tokenizer_larger_than_the_models_embeddings_is_refused(project, tiny_
     assert f"the tokenizer has {n} ids but the model's embeddings only {n - 10}" in out, out
 
 
+def test_an_added_token_past_the_embeddings_is_no_refusal(tiny_llama_dir, tmp_path, caplog):
+    """Some checkpoints add a token past the table that text never produces (Gemma 3's image token): only the base
+    vocabulary must fit, the rest is a warning."""
+    from transformers import AutoTokenizer
+
+    from coin.modeling.backbone import load_backbone
+
+    d = tmp_path / "added"
+    shutil.copytree(tiny_llama_dir, d)
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.add_special_tokens({"additional_special_tokens": ["<image_soft_token>"]})
+    tok.save_pretrained(d)
+    with caplog.at_level(logging.WARNING):
+        bb = load_backbone(str(d), seed=0)
+    assert bb.model.get_input_embeddings().num_embeddings == len(tok) - 1
+    assert "past the model's" in caplog.text
+
+
 def test_label_words_the_tokenizer_cannot_tell_apart_are_refused():
     """Both label words read as the unknown token: every item tied and the first label won, with no word."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -168,6 +168,24 @@ def test_generate_figures_under_another_token_budget_or_bf16_are_not_one_protoco
     assert not refused.promote and "Not comparable" in refused.reason and "max new tokens 2" in refused.reason
 
 
+def test_a_version_tagged_before_the_protocol_gained_a_part_has_the_same_figures():
+    """The same eval_info gives a longer protocol line now (bf16, generate's budget): a version decided before was
+    taken as re-evaluated, and a refusal that decided nothing was undone and decided again."""
+    from coin.evaluation.result import evaluation_protocol
+    from coin.registry.promotion import same_figures
+
+    st = {"seed": 42, "n_examples": {"rte": 4}, "instruction_sha256": "abc", "prompt_format": "train",
+          "sample_sha256": "d1", "bf16_autocast": False}
+    info = {"scorings": ["loglik"], "sets": ["clean", "textfooler"], "settings": st}
+    now = evaluation_protocol(info)
+    before = now.removesuffix("; bf16 off")
+    assert before != now
+    assert same_figures(ModelFigures(70.0, 60.0, before, 50.0), ModelFigures(70.0, 60.0, now, 50.0))
+    other = evaluation_protocol({**info, "settings": {**st, "seed": 1}})
+    assert not same_figures(ModelFigures(70.0, 60.0, before, 50.0), ModelFigures(70.0, 60.0, other, 50.0))
+    assert not same_figures(ModelFigures(70.0, 60.0, before, 50.0), ModelFigures(70.5, 60.0, now, 50.0))
+
+
 def test_interval_rule_refuses_the_same_ids_with_other_labels(store):
     """The champion's stored predictions and the candidate's share their example ids but not their rows (another
     data version): the gain on 200 'shared' examples of opposite labels was called beyond the sampling noise."""
@@ -743,7 +761,9 @@ def test_a_registration_retried_after_a_failure_still_marks_the_newest_candidate
     worse, rows = _paired_figures(CHAMP_RIGHT[:-2]), _paired_table(CHAMP_RIGHT[:-2])
     with pytest.raises(MlflowException):
         register_candidate(adapter, r2.info.run_id, "m", worse, **GATE, predictions=rows)
+    moved = adapter.rename(adapter.with_name("moved"))  # the retry reads what the version was logged with
     reg = register_candidate(adapter, r2.info.run_id, "m", worse, **GATE, predictions=rows)
+    moved.rename(adapter)
     client = MlflowClient()
     assert reg.version == "2" and not reg.created and reg.decision["decision"] == "rejected"
     assert _alias(client, "m", "challenger") == "2" and _alias(client, "m", "champion") == "1"

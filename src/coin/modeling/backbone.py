@@ -339,11 +339,18 @@ def _check_vocabulary(name_or_path: str, tok, config) -> None:
 
     text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
     n = getattr(text, "vocab_size", None)
-    if isinstance(n, int) and n > 0 and len(tok) > n:
+    base = getattr(tok, "vocab_size", None)  # without added tokens: some checkpoints add one past the table (Gemma
+    # 3's image token), never produced from text, so only the base vocabulary must fit
+    if not (isinstance(n, int) and n > 0 and isinstance(base, int)):
+        return
+    if base > n:
         raise ModelUnavailable(
-            f"{name_or_path}: the tokenizer has {len(tok)} ids but the model's embeddings only {n} (config.json "
+            f"{name_or_path}: the tokenizer has {base} ids but the model's embeddings only {n} (config.json "
             "vocab_size): the tokenizer saved beside it is not the model's. Save the tokenizer the model was trained "
             "with, or resize the model's embeddings to the tokenizer (resize_token_embeddings) and save both")
+    if len(tok) > n:
+        log.warning("%s: the tokenizer's added tokens reach id %d, past the model's %d embeddings; text that "
+                    "contains them cannot be read", name_or_path, len(tok) - 1, n)
 
 
 def _load_tokenizer(path: str):

@@ -543,9 +543,17 @@ def _alias_version(client, name: str, alias: str):
 
 
 def same_figures(recorded: ModelFigures, given: ModelFigures) -> bool:
-    """Equal as tags; a recorded version without a majority tag (decided before it existed) matches on the rest."""
+    """Equal as tags; a recorded version without a majority tag (decided before it existed) matches on the rest,
+    and the protocols are compared as the gate compares them (:func:`coin.evaluation.result.same_protocol`: a line
+    tagged before a part was added to it matches the same evaluation's line with it)."""
+    from coin.evaluation.result import same_protocol
+
     given = given.rounded()
-    return recorded == (given if recorded.majority_acc is not None else replace(given, majority_acc=None))
+    if recorded.majority_acc is None:
+        given = replace(given, majority_acc=None)
+    if recorded.protocol and given.protocol and same_protocol(recorded.protocol, given.protocol):
+        given = replace(given, protocol=recorded.protocol)
+    return recorded == given
 
 
 # refusals that decided nothing about the candidate (its figures could not be compared with the champion's): a new

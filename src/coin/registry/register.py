@@ -229,7 +229,7 @@ def log_candidate(adapter_dir: Path, run_id: str, name: str) -> Registration:
         if TAG_DECISION not in client.get_model_version(name, version).tags:
             # registered, never decided: an earlier try stopped between creating the version and deciding it (a
             # store error the flow's retry repeats, a Ctrl-C), maybe before its tags and challenger alias were set
-            _finish_version(client, name, version, _check_adapter(adapter_dir), newest_only=True)
+            _finish_version(client, name, version, _registered_meta(name, version, adapter_dir), newest_only=True)
         return Registration(name, version, run_id, f"models:/{name}/{version}",
                             sorted(client.get_model_version(name, version).aliases), created=False)
 
@@ -259,6 +259,21 @@ def log_candidate(adapter_dir: Path, run_id: str, name: str) -> Registration:
                             sorted(client.get_model_version(name, first.version).aliases), created=False)
     _finish_version(client, name, version, meta)
     return Registration(name, version, run_id, f"models:/{name}/{version}", [CHALLENGER], created=True)
+
+
+def _registered_meta(name: str, version: str, adapter_dir: Path) -> dict[str, Any]:
+    """What a registered version's tags are made of (base, method, quantisation): the metadata it was logged with,
+    so a retry needs no adapter folder; the adapter's own record where that metadata cannot be read."""
+    from mlflow.models import get_model_info
+
+    try:
+        md = get_model_info(f"models:/{name}/{version}").metadata or {}
+    except Exception:  # noqa: BLE001 -- MLflow raises several types for an unreadable MLmodel
+        md = {}
+    if "coin_base" not in md:
+        return _check_adapter(adapter_dir)
+    return {"base": md["coin_base"], "method": md.get("coin_method", ""),
+            "quantization": md.get("coin_quantization", "none")}
 
 
 def _finish_version(client, name: str, version: str, meta: dict[str, Any], *, newest_only: bool = False) -> None:
