@@ -444,3 +444,36 @@ def test_pairs_seed_draws_other_rows_and_leaves_the_global_seed(tmp_path):
     assert drawn_7 != pairs_bytes("c", 42)
     with pytest.raises(ValueError, match="greater than or equal to 0"):
         PairsSettings(seed=-1)
+
+
+def _cola_rows(tmp_path, rows):
+    data = _data_copy(tmp_path, tasks=("cola",))
+    (data / "glue" / "cola.train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+def test_a_hard_negative_never_has_the_originals_input(tmp_path):
+    """cola repeats sentences under both labels: the other label's copy was drawn as the negative, a prompt equal
+    to the original's (the gate then dropped the row)."""
+    from coin.data.io import DataError
+
+    data = _cola_rows(tmp_path, [{"sentence": "A b c.", "label": 1}, {"sentence": "A b c.", "label": 0},
+                                 {"sentence": "X y z.", "label": 1}, {"sentence": "Q r s.", "label": 0}])
+    for seed in range(8):
+        for r in build_task_pairs(data, "cola", _cfg(tasks=["cola"], rows_per_task=4, val_fraction=0.0), seed):
+            assert r["negative_inputs"] != r["inputs"] and r["negative_prompt"] != r["original_prompt"], r
+    only_twins = _cola_rows(tmp_path / "twins", [{"sentence": "A b c.", "label": 1},
+                                                 {"sentence": "A b c.", "label": 0}])
+    with pytest.raises(DataError, match="has its input; no hard negative is possible"):
+        list(build_task_pairs(only_twins, "cola", _cfg(tasks=["cola"], rows_per_task=2, val_fraction=0.0), 0))
+
+
+def test_the_val_split_is_disjoint_by_input(tmp_path):
+    """Rows were held out by index: a repeated input could be held out and trained on."""
+    data = _cola_rows(tmp_path, [{"sentence": "A b c.", "label": 1}, {"sentence": "A b c.", "label": 1},
+                                 {"sentence": "X y z.", "label": 0}, {"sentence": "Q r s.", "label": 0}])
+    for seed in range(8):
+        rows = list(build_task_pairs(data, "cola", _cfg(tasks=["cola"], rows_per_task=4, val_fraction=0.25), seed))
+        val = {r["inputs"]["sentence"] for r in rows if r["split"] == "val"}
+        train = {r["inputs"]["sentence"] for r in rows if r["split"] == "train"}
+        assert val and train and not val & train, (seed, val, train)

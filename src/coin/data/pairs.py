@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,16 +188,24 @@ def build_task_pairs(data_dir: str | Path, task: str, cfg: PairsSettings, seed: 
     n_val = round(n * cfg.val_fraction)
     val_ids = set(rng.sample(chosen, n_val)) if n_val else set()
     by_label: dict[int, list[int]] = {}
+    by_input: dict[tuple[str, ...], set[int]] = {}  # GLUE repeats some inputs (cola: 7 sentences under both labels)
     for i, ex in enumerate(pool):
         by_label.setdefault(ex.label, []).append(i)
+        by_input.setdefault(_input_key(ex.row, spec.fields), set()).add(i)
+    if val_ids:  # an input held out is held out whole: its repeats drawn for training join it (no draw consumed)
+        held = {_input_key(pool[i].row, spec.fields) for i in val_ids}
+        val_ids |= {i for i in chosen if _input_key(pool[i].row, spec.fields) in held}
 
     for i in chosen:
         ex = pool[i]
         others = [j for lab, idx in sorted(by_label.items()) if lab != ex.label for j in idx]
-        if not others:
+        # a negative is another input: the same sentence under the other label would be the same prompt
+        twins = by_input[_input_key(ex.row, spec.fields)]
+        if not any(j not in twins for j in others):
             why = (f"every train row with pairs.min_words = {need} or more input words has label {ex.label} "
                    f"({len(short)} shorter rows not drawn); lower pairs.min_words for {task}" if short else
-                   f"every train row has label {ex.label}")
+                   f"every train row has label {ex.label}" if not any(lab != ex.label for lab in by_label) else
+                   f"every train row with another label than {ex.example_id} has its input")
             raise DataError(f"task {task}: {why}; no hard negative is possible")
         if cfg.strategy == "random":
             a = rng.choice(originals)
@@ -206,7 +214,7 @@ def build_task_pairs(data_dir: str | Path, task: str, cfg: PairsSettings, seed: 
             combos = [(a, b) for a in originals for b in candidates[a.template_id]]
         order = tuple(option_rng.sample(range(len(words)), len(words))) if cfg.option_order == "shuffled" else None
         for a, b in combos:
-            neg = pool[rng.choice(others)]
+            neg = pool[_draw_other(rng, others, twins)]
             orig_prompt, target = render(a, tt, ex.row, words, order)
             para_prompt, para_target = render(b, tt, ex.row, words, order)
             neg_prompt, neg_target = render(a, tt, neg.row, words, order)
@@ -233,6 +241,20 @@ def build_task_pairs(data_dir: str | Path, task: str, cfg: PairsSettings, seed: 
                 "negative_prompt": neg_prompt,
                 "negative_target": neg_target,
             }
+
+
+def _draw_other(rng: random.Random, others: list[int], twins: set[int]) -> int:
+    """One of ``others`` that is not one of ``twins`` (rows with the same input), drawn again when a twin is drawn:
+    the draws, and so the pairs, stay those of earlier versions wherever no twin came up."""
+    while True:
+        j = rng.choice(others)
+        if j not in twins:
+            return j
+
+
+def _input_key(row: dict[str, Any], fields: Sequence[str]) -> tuple[str, ...]:
+    """What makes two rows the same input: their input fields' text."""
+    return tuple(str(row.get(f)) for f in fields)
 
 
 def build_pairs(data_dir: str | Path, cfg: PairsSettings, seed: int) -> list[dict[str, Any]]:
