@@ -532,6 +532,7 @@ def coin_pipeline(
     dask_address = reveal(dask_address)  # sealed (seal_text) when it holds a credential
     settings, root = _load(params_path, overrides)  # bad params fail here, before any work
     check_robustness_sets(settings, "the pipeline (its register stage gates on both)")
+    stages.preflight_pipeline(settings)  # ... and LoRA targets, cutoff_len or a run that clearly cannot fit
     params_path = str(Path(params_path).resolve())  # workers may run elsewhere than the flow's cwd
     eval_workers = default_eval_workers() if eval_workers is None else eval_workers
     # a bad cluster option fails here too

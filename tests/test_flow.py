@@ -225,4 +225,10 @@ def test_flow_rejects_bad_params_before_any_work(prefect_harness, tmp_path):
     params = _params(tmp_path, TINY)  # register gates on perturbed accuracy: a clean-only run stops before training
     with pytest.raises(ConfigError, match=r"lacks a perturbed set: the pipeline"):
         coin_pipeline(params_path=str(params), overrides=["evaluate.instruction_sets=[clean]"])
+    # LoRA targets that match nothing, a cutoff_len past the model's positions: refused before the data and pairs
+    # stages (the train stage found them after minutes of pairs and validation)
+    with pytest.raises(ValueError, match=r"\['qury'\] match no module"):
+        coin_pipeline(params_path=str(params), overrides=["train.lora.target_modules=[qury,value]"])
+    with pytest.raises(ConfigError, match=r"pairs.cutoff_len = 4096 is longer than"):
+        coin_pipeline(params_path=str(params), overrides=["pairs.cutoff_len=4096"])
     assert not (tmp_path / "outputs").exists()

@@ -43,6 +43,12 @@ SECRET_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key"),
 # scheme://user:password@  (the password runs to the last '@' before the path, query or whitespace, as HTTP
 # clients split it: a literal '@' in it is part of it; ':' is allowed)
 _USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:@/?#]*):(?P<pw>[^\s/?#]*)@")
+# a database URL's password, as SQLAlchemy reads it: anything (also '/', '?', '#') up to the last '@' of the word
+_DB_SCHEME = r"(?:postgres(?:ql)?|mysql|mariadb|mssql|oracle|cockroachdb)(?:\+[A-Za-z0-9_]+)?"
+# a value that is one database URL (a setting): its password may hold a space too, up to the last '@'
+_DB_WHOLE = re.compile(rf"^(?P<head>{_DB_SCHEME}://[^\s:@/?#]*):(?P<pw>.*)@(?P<rest>[^@]*)$", re.IGNORECASE | re.DOTALL)
+_DB_USERINFO = re.compile(r"(?P<head>\b(?:postgres(?:ql)?|mysql|mariadb|mssql|oracle|cockroachdb)(?:\+[A-Za-z0-9_]+)?"
+                          r"://[^\s:@/?#]*):(?P<pw>\S*)@", re.IGNORECASE)
 # ?token=...  &password=...  (a query parameter whose name is secret)
 _QUERY = re.compile(r"(?P<head>[?&;](?P<name>[A-Za-z0-9_.\-]+)=)(?P<value>[^&;#\s'\"]*)")
 
@@ -75,10 +81,15 @@ def redact_text(text: str) -> str:
     'http://u:***@host:5000/x'
     >>> redact_text("postgresql://bob@db/coin")  # no password: nothing to hide
     'postgresql://bob@db/coin'
+    >>> redact_text("postgresql+psycopg2://u:pa/ss#1@127.0.0.1/db")  # SQLAlchemy takes '/' and '#' in one
+    'postgresql+psycopg2://u:***@127.0.0.1/db'
     """
     if not isinstance(text, str) or ("://" not in text and "=" not in text):
         return text
-    out = _USERINFO.sub(lambda m: f"{m['head']}:{REDACTED}@", text)
+    whole = _DB_WHOLE.match(text.strip())
+    out = (f"{whole['head']}:{REDACTED}@{whole['rest']}" if whole
+           else _DB_USERINFO.sub(lambda m: f"{m['head']}:{REDACTED}@", text))
+    out = _USERINFO.sub(lambda m: f"{m['head']}:{REDACTED}@", out)
 
     def query(m: re.Match[str]) -> str:
         return f"{m['head']}{REDACTED}" if m["value"] and is_secret_key(m["name"]) else m.group(0)

@@ -169,6 +169,18 @@ def stage_pairs(settings: Settings, root: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- validate
 
 
+def preflight_pipeline(settings: Settings) -> None:
+    """What the pipeline checks before it builds anything (as ``coin study`` does with
+    :func:`coin.study.grid.preflight_study`): ``pairs.cutoff_len`` within the positions the backbone reads, and the
+    memory plan of every trained method, whose LoRA targets that match nothing stop here too. Run late, they
+    refused only after the data, pairs and validation stages had run (minutes on the default)."""
+    from coin.modeling.backbone import check_cutoff_len, config_positions
+    from coin.modeling.memory import preflight
+
+    check_cutoff_len(settings.pairs.cutoff_len, config_positions(settings.model.backbone), settings.model.backbone)
+    preflight(settings, list(settings.train.methods))
+
+
 def stage_validate(settings: Settings, root: Path) -> dict[str, Any]:
     """The paraphrase-validation gate: validated rows, rejects with reasons, Data Docs, summary in MLflow.
 
