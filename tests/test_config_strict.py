@@ -266,3 +266,47 @@ def test_predict_does_not_need_the_project(tmp_path):
     s = load_settings(_project(tmp_path), ["model.backbone=/nonexistent"], check_project=False)
     assert s.model.backbone == "/nonexistent"
 
+
+
+def test_a_swept_instruction_set_the_file_lacks_is_refused_when_the_study_loads(tmp_path):
+    """Checked only per cell, after its model loaded (and its training ran): a swept value the instruction file
+    lacks now stops the study when it loads, naming the sweep value."""
+    from coin.study.grid import load_study, sweep_overrides
+
+    p = _project(tmp_path, instructions=json.loads(INSTRUCTIONS.read_text()))
+    with pytest.raises(ConfigError, match=r"(?s)at evaluate.instruction_sets = \[.clean., .deepwordbugg.\]: .*"
+                                          r"'deepwordbugg' is not a set"):
+        load_study(p, sweep_overrides("evaluate.instruction_sets=[[clean],[clean,deepwordbugg]]"))
+    load_study(p, sweep_overrides("evaluate.instruction_sets=[[clean],[clean,deepwordbug]]"))
+
+
+def test_evaluate_tasks_with_no_offline_validation_split_are_refused_at_load(tmp_path):
+    """evaluate.tasks = [qqp] was accepted, and failed at evaluation, after data, pairs, validation and training."""
+    p = _project(tmp_path, instructions=json.loads(INSTRUCTIONS.read_text()))
+    data = ["--set", f"paths.data_dir={ROOT / 'data'}"][1:]
+    with pytest.raises(ConfigError, match=r"evaluate.tasks = \['qqp'\]: none has an offline validation split.*sst2"):
+        load_settings(p, [*data, "evaluate.tasks=[qqp]"])
+    load_settings(p, [*data, "evaluate.tasks=[qqp, rte]"])  # one is enough: qqp is skipped, with a caveat
+
+
+@pytest.mark.parametrize("key", ["paths.out_dir", "paths.mlruns_dir", "study.out_dir"])
+@pytest.mark.parametrize("where", ["data", "data/outputs"])
+def test_outputs_inside_the_dvc_tracked_data_folder_are_refused(tmp_path, key, where):
+    """paths.out_dir=data wrote the stages' folders into DVC's data/: the next data stage refused it as data changed
+    in place, and its fix (`dvc add data`) would have versioned the outputs as data."""
+    p = _project(tmp_path, instructions=json.loads(INSTRUCTIONS.read_text()))
+    with pytest.raises(ConfigError, match=rf"{key} = '{where}' lies inside paths.data_dir"):
+        load_settings(p, [f"{key}={where}"])
+
+
+def test_the_project_folder_itself_is_no_out_dir(tmp_path):
+    p = _project(tmp_path, instructions=json.loads(INSTRUCTIONS.read_text()))
+    with pytest.raises(ConfigError, match=r"paths.out_dir = '\.' is the project folder itself"):
+        load_settings(p, ["paths.out_dir=."])
+
+
+def test_register_methods_and_a_sweep_key_are_refused_as_written_twice_or_padded():
+    with pytest.raises(ConfigError, match="lists coin twice"):
+        Settings.model_validate({"register": {"methods": ["coin", "coin"]}})
+    with pytest.raises(ConfigError, match="has spaces around it"):
+        Settings.model_validate({"study": {"sweep_key": " pairs.cutoff_len", "sweep_values": [64, 128]}})

@@ -506,6 +506,9 @@ class RegisterSettings(_Section):
     @field_validator("methods")
     @classmethod
     def _methods_registered(cls, v: list[str]) -> list[str]:
+        dup = sorted({m for m in v if v.count(m) > 1})
+        if dup:  # registered twice, the second pass reported 'already registered' as another candidate
+            raise ValueError(f"lists {', '.join(dup)} twice; list each method once")
         return _registered_methods(v)
 
     @field_validator("model_name")
@@ -616,6 +619,13 @@ class StudySettings(_Section):
         "host:port (needs bokeh)"
     )
     n_boot: int = Field(2000, ge=100, le=1_000_000, description="bootstrap resamples of the intervals")
+
+    @field_validator("sweep_key")
+    @classmethod
+    def _sweep_key_bare(cls, v: str | None) -> str | None:
+        if v is not None and v != v.strip():  # ' pairs.cutoff_len' passed the fixed-key check, then failed late
+            raise ValueError(f"{v!r} has spaces around it; write the dotted key alone, e.g. {v.strip()!r}")
+        return v
 
     @field_validator("methods")
     @classmethod
@@ -1104,11 +1114,37 @@ def check_names(settings: Settings, root: Path, *, source: str | Path = "params.
     check_quantization(settings.model)
     check_folders(settings, root)
     check_instruction_file(settings, root, source=source)
+    check_evaluable_tasks(settings, root)
+
+
+def check_evaluable_tasks(settings: Settings, root: Path) -> None:
+    """Refuse ``evaluate.tasks`` of which none has an offline validation split (``[qqp]``): it was found after
+    data, pairs, validation and training had run. Skipped while ``paths.data_dir`` has no ``glue/`` folder yet
+    (the data stage restores it, and checks again)."""
+    from coin.data.tasks import TASKS, validation_files
+
+    data_dir = Path(root) / Path(settings.paths.data_dir).expanduser()
+    if not (data_dir / "glue").is_dir():
+        return
+    tasks = list(settings.evaluate.tasks)
+    if any(validation_files(data_dir, t)[0] for t in tasks):
+        return
+    usable = [t for t in TASKS if validation_files(data_dir, t)[0]]
+    raise ConfigError(f"evaluate.tasks = {tasks}: none has an offline validation split under {data_dir} "
+                      f"({validation_files(data_dir, tasks[0])[1]}), so nothing could be evaluated; add one of "
+                      f"{', '.join(usable)}")
+
+
+def _default(key: str) -> Any:
+    """The code default of a ``section.key`` setting (the shipped value a fix can suggest)."""
+    section, name = key.split(".", 1)
+    return Settings.model_fields[section].annotation.model_fields[name].default
 
 
 def check_folders(settings: Settings, root: Path) -> None:
     """Refuse, naming the key, an output folder setting that is a file or lies under one: it failed with a bare
     errno (``Not a directory``, ``File exists``), after a training had run all its steps."""
+    data = (Path(root) / Path(settings.paths.data_dir).expanduser()).resolve()
     for key, value in (("paths.out_dir", settings.paths.out_dir), ("paths.mlruns_dir", settings.paths.mlruns_dir),
                        ("study.out_dir", settings.study.out_dir)):
         path = Path(root) / Path(value).expanduser()
@@ -1116,6 +1152,14 @@ def check_folders(settings: Settings, root: Path) -> None:
         if blocked is not None:
             raise ConfigError(f"{key} = {value!r}: {blocked} is a file, so nothing can be written "
                               f"{'there' if blocked == path else 'under it'}; give a folder (--set {key}=...)")
+        if path.resolve() == data or data in path.resolve().parents:  # data/ is DVC's: outputs there break it
+            raise ConfigError(f"{key} = {value!r} lies inside paths.data_dir ({data}), which DVC versions as the "
+                              "data: the next data stage would refuse it as data changed in place. Give a folder "
+                              f"outside it, e.g. --set {key}={_default(key)}")
+    if (Path(root) / Path(settings.paths.out_dir).expanduser()).resolve() == Path(root).resolve():
+        raise ConfigError(f"paths.out_dir = {settings.paths.out_dir!r} is the project folder itself: the stages' "
+                          "folders would sit beside the code and a scratch run would write the tracked "
+                          "metrics/summary.json. Give a folder of its own, e.g. --set paths.out_dir=outputs")
 
 
 # --------------------------------------------------------------------------- what the settings name in the project

@@ -30,6 +30,8 @@ from coin.config import (
     ConfigError,
     Settings,
     apply_overrides,
+    check_evaluable_tasks,
+    check_instruction_file,
     check_robustness_sets,
     load_settings,
 )
@@ -98,11 +100,18 @@ def load_study(params_path: str | Path, overrides: list[str] | None = None) -> t
     """Parse and check the params of a study (bad keys, methods, seeds or sweep stop here, before any work);
     returns the settings and the project root (the params file's directory)."""
     settings = load_settings(params_path, overrides)
+    root = Path(params_path).resolve().parent
     grid_cells(settings)  # names must be unique
     for value, s in sweep_points(settings):  # every cell is compared on the clean set (perturbed sets optional)
         where = "a study" if value is None else f"a study at {settings.study.sweep_key} = {value}"
         check_robustness_sets(s, where, perturbed=False)
-    return settings, Path(params_path).resolve().parent
+        if value is not None and settings.study.sweep_key.startswith("evaluate."):
+            try:  # a swept set or task the instruction file lacks: here, not in each cell after its training
+                check_instruction_file(s, root, source=params_path)
+                check_evaluable_tasks(s, root)
+            except ConfigError as exc:
+                raise ConfigError(f"at {settings.study.sweep_key} = {value}: {exc}") from None
+    return settings, root
 
 
 # --------------------------------------------------------------------------- the grid
