@@ -21,7 +21,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """A fresh clone has no data/ yet: restore it from the in-repo DVC remote (offline), exactly as the
-    pipeline's `data` stage does, before any test reads the real GLUE rows or templates."""
+    pipeline's `data` stage does, before any test reads the real GLUE rows or templates.
+
+    DVC is imported here in any case: its import binds its console handlers to the sys.stdout of that moment, and
+    first imported inside a CliRunner invocation (`coin data` in test_cli_errors, with data/ present) they wrote to
+    a stream closed since, failing a later test's DVC call with 'I/O operation on closed file'."""
+    import dvc  # noqa: F401
+
     if not (ROOT / "data" / "flan" / "flan_glue_templates.json").exists():
         from coin.config import Settings
         from coin.stages import stage_data

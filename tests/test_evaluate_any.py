@@ -642,3 +642,25 @@ def test_label_words_the_tokenizer_cannot_tell_apart_are_refused():
     with pytest.raises(ValueError, match="'positive' and 'negative' are the same tokens"):
         label_token_ids(tok, ["positive", "negative"])
     assert label_token_ids(tok, ["a", "positive"]) == [[1], [0]]
+
+
+def test_the_evaluate_stage_refuses_an_adapter_trained_on_another_base(tmp_path, tiny_llama_dir, tiny_gpt2_dir):
+    """outputs/train held an adapter trained on GPT-2; model.backbone switched to Llama and `coin evaluate` scored
+    that adapter beside the Llama base as its fine-tune, without a word."""
+    from coin.config import Settings
+    from coin.data.io import DataError
+    from coin.stages import stage_evaluate_unit
+
+    adapter = _adapter(tiny_llama_dir, tmp_path / "outputs" / "train")  # recorded base: the tiny Llama
+    (tmp_path / "outputs" / "train" / "train.json").write_text(json.dumps(
+        {"methods": ["coin"], "runs": {"coin": {"adapter_dir": str(adapter), "run_id": "r0"}}}))
+
+    def settings(backbone: Path) -> Settings:
+        return Settings.model_validate({
+            "paths": {"data_dir": str(ROOT / "data")}, "model": {"backbone": str(backbone), "device": "cpu"},
+            "evaluate": {"tasks": ["sst2"], "instruction_sets": ["clean"], "samples_per_task": 2, "autocast": "off",
+                         "instruction_file": str(ROOT / "data" / "promptbench" / "coin_perturbed_instructions.json")}})
+
+    with pytest.raises(DataError, match=r"trained on .*, but model.backbone is .*run `coin train` again"):
+        stage_evaluate_unit(settings(tiny_gpt2_dir), tmp_path, "coin")
+    assert stage_evaluate_unit(settings(tiny_llama_dir), tmp_path, "coin")["label"] == "coin"

@@ -125,3 +125,32 @@ def test_a_dropped_methods_folder_is_named(tiny_llama_dir: Path, tmp_path: Path,
     said = [r.getMessage() for r in caplog.records if "not in train.methods" in r.getMessage()]
     assert len(said) == 1 and "'cit'" in said[0] and "outputs/train/cit" in said[0], said
     assert (tmp_path / "outputs/train/cit/loss.csv").exists()  # kept: the user's
+
+
+def test_append_eos_without_an_eos_token_is_said_and_recorded_as_not_done(tiny_gpt2_dir: Path, tmp_path: Path,
+                                                                           caplog) -> None:
+    """A tokenizer with no EOS (nor SEP): encode appended nothing, without a word, and coin_model.json said
+    "append_eos": true, so every record claimed the model had learnt to stop."""
+    import json
+
+    from coin import stages
+
+    base = tmp_path / "noeos"
+    shutil.copytree(tiny_gpt2_dir, base)
+    cfg = json.loads((base / "tokenizer_config.json").read_text())
+    for k in ("eos_token", "sep_token", "bos_token", "cls_token", "unk_token", "mask_token"):
+        cfg.pop(k, None)
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (base / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for f in base.glob("special_tokens_map.json"):
+        f.unlink()
+    s = _settings(base, ["sft"], lora={"r": 4, "alpha": 8, "target_modules": "auto"})
+    assert load_backbone(str(base)).tokenizer.eos_token_id is None
+    with caplog.at_level(logging.WARNING, logger="coin"):
+        stages.train_adapter(s, make_rows(4), "sft", tmp_path / "out", progress=False)
+    meta = json.loads((tmp_path / "out" / "adapter" / "coin_model.json").read_text())
+    assert meta["append_eos"] is False
+    assert "train.append_eos = true, but the tokenizer" in caplog.text
+    stages.train_adapter(_settings(tiny_gpt2_dir, ["sft"], lora={"r": 4, "alpha": 8, "target_modules": "auto"}),
+                         make_rows(4), "sft", tmp_path / "eos", progress=False)
+    assert json.loads((tmp_path / "eos" / "adapter" / "coin_model.json").read_text())["append_eos"] is True

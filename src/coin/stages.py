@@ -118,6 +118,11 @@ def _read_data(settings: Settings, root: Path, lay: Layout) -> dict[str, int]:
             continue
         counts[f"{task}.validation"] = len(rows)
         evaluated.append(task)
+    if not evaluated:  # the data just restored: the load-time check (coin.config.check_evaluable_tasks) again
+        from coin.config import check_evaluable_tasks
+
+        check_evaluable_tasks(settings.model_copy(update={"paths": settings.paths.model_copy(
+            update={"data_dir": str(lay.data_dir)})}), root)
     instruction_file = root / settings.evaluate.instruction_file
     if evaluated and instruction_file.exists():
         load_instruction_sets(instruction_file, settings.evaluate.instruction_sets, evaluated)
@@ -335,21 +340,40 @@ def train_adapter(settings: Settings, rows: list[dict[str, Any]], method: str, o
                              double_quant=settings.model.double_quant)
     result = train(backbone, rows, cfg, out_dir=Path(out_dir), seed=seed, cutoff_len=settings.pairs.cutoff_len,
                    on_metrics=on_metrics, resume=cfg.resume, progress=progress, before_save=before_save)
+    eos = cfg.append_eos and backbone.tokenizer.eos_token_id is not None
+    if cfg.append_eos and not eos:
+        log.warning("train.append_eos = true, but the tokenizer of %s has no EOS (nor SEP) token: the responses were "
+                    "trained without one, so generation runs to max_new_tokens; give the tokenizer an eos_token, or "
+                    "set train.append_eos: false (coin_model.json records false)", backbone.reference)
     if is_main_process():  # under torchrun every rank trains; rank 0 alone writes
-        # a relative backbone directory is recorded absolute: the adapter then loads from any working directory
-        # (the settings keep it relative, so cache keys stay portable between checkouts)
-        base = backbone.reference
-        if base != "minilm" and not Path(base).is_absolute() and Path(base).is_dir():
-            base = str(Path(base).resolve())
         write_meta(Path(out_dir) / "adapter", {
-            "base": base, "dtype": settings.model.dtype, "seed": seed, "attention": backbone.attention,
+            "base": recorded_base(backbone.reference), "dtype": settings.model.dtype, "seed": seed,
+            "attention": backbone.attention,
             "readout": backbone.readout, "quantization": backbone.quantization,
             "double_quant": backbone.double_quant, "label_counts": label_counts(rows),
             "calibration": settings.evaluate.calibration, "autocast": settings.evaluate.autocast,
             "method": method, "prompt_format": settings.evaluate.prompt_format,
-            "length_normalise": settings.evaluate.length_normalise, "append_eos": cfg.append_eos,
+            "length_normalise": settings.evaluate.length_normalise, "append_eos": eos,  # what was trained
         })
     return result
+
+
+def _same_base(recorded: str, backbone: str, root: Path) -> bool:
+    """Whether an adapter's recorded base is ``model.backbone`` (a relative directory: from the working directory
+    training ran in, or from the project root, where a Dask worker may run)."""
+    if recorded == backbone:
+        return True
+    if "minilm" in (recorded, backbone) or not Path(recorded).is_absolute():
+        return False
+    return Path(recorded).resolve() in {Path(backbone).resolve(), (Path(root) / backbone).resolve()}
+
+
+def recorded_base(backbone: str) -> str:
+    """``model.backbone`` as an adapter's ``coin_model.json`` records it: a relative directory made absolute, so the
+    adapter loads from any working directory (the settings keep it relative: cache keys stay portable)."""
+    if backbone != "minilm" and not Path(backbone).is_absolute() and Path(backbone).is_dir():
+        return str(Path(backbone).resolve())
+    return backbone
 
 
 def label_counts(rows: list[dict[str, Any]]) -> dict[str, list[int]]:
@@ -568,8 +592,15 @@ def stage_evaluate_unit(settings: Settings, root: Path, label: str) -> dict[str,
         if not (adapter / "coin_model.json").is_file():
             raise DataError(f"{adapter}: no trained adapter of {label!r} there ({lay.train_record} names it); run "
                             "`coin train` first")
+        from coin.modeling.adapter import read_meta
         from coin.modeling.adapter_files import adapter_sha256
 
+        trained_on = read_meta(adapter).get("base")
+        if isinstance(trained_on, str) and not _same_base(trained_on, settings.model.backbone, root):
+            # it would be scored and reported beside today's base as that base's fine-tune
+            raise DataError(f"{adapter}: trained on {trained_on!r}, but model.backbone is "
+                            f"{settings.model.backbone!r}; run `coin train` again (or set model.backbone back), or "
+                            "score the adapter alone with `coin evaluate --model NAME=DIR`")
         loaded_sha = adapter_sha256(adapter)  # before loading: what the figures below belong to
         # the base, seed and attention the adapter was trained with (its coin_model.json), as the pyfunc loads it
         model, tokenizer, meta = load_trained(adapter, device=settings.model.device)
