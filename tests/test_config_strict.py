@@ -5,6 +5,7 @@ file does not have, duplicated instructions in a set, a backbone that cannot be 
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -280,23 +281,39 @@ def test_a_swept_instruction_set_the_file_lacks_is_refused_when_the_study_loads(
     load_study(p, sweep_overrides("evaluate.instruction_sets=[[clean],[clean,deepwordbug]]"))
 
 
-def test_evaluate_tasks_with_no_offline_validation_split_are_refused_at_load(tmp_path):
-    """evaluate.tasks = [qqp] was accepted, and failed at evaluation, after data, pairs, validation and training."""
+def test_evaluate_tasks_with_no_offline_validation_split_are_refused_by_the_data_stage(tmp_path):
+    """evaluate.tasks = [qqp] was accepted, and failed at evaluation, after pairs, validation and training. The data
+    check (the data stage, before pairs) refuses it; loading does not, so `coin data` can still repair a
+    half-restored data/ (the diff review found the load-time check refusing exactly that)."""
+    from coin.stages import check_data
+
     p = _project(tmp_path, instructions=json.loads(INSTRUCTIONS.read_text()))
-    data = ["--set", f"paths.data_dir={ROOT / 'data'}"][1:]
+    data = tmp_path / "mydata"
+    shutil.copytree(ROOT / "data", data)
+    s = load_settings(p, [f"paths.data_dir={data}", "evaluate.tasks=[qqp]", "pairs.tasks=[rte]"])
     with pytest.raises(ConfigError, match=r"evaluate.tasks = \['qqp'\]: none has an offline validation split.*sst2"):
-        load_settings(p, [*data, "evaluate.tasks=[qqp]"])
-    load_settings(p, [*data, "evaluate.tasks=[qqp, rte]"])  # one is enough: qqp is skipped, with a caveat
+        check_data(s, tmp_path)
+    check_data(load_settings(p, [f"paths.data_dir={data}", "evaluate.tasks=[qqp, rte]", "pairs.tasks=[rte]"]),
+               tmp_path)  # one is enough: qqp is skipped, with a caveat
+    for f in (data / "glue").glob("*.validation.jsonl"):  # half restored: loading still works, for `coin data`
+        f.unlink()
+    load_settings(p, [f"paths.data_dir={data}"])
 
 
 @pytest.mark.parametrize("key", ["paths.out_dir", "paths.mlruns_dir", "study.out_dir"])
 @pytest.mark.parametrize("where", ["data", "data/outputs"])
 def test_outputs_inside_the_dvc_tracked_data_folder_are_refused(tmp_path, key, where):
     """paths.out_dir=data wrote the stages' folders into DVC's data/: the next data stage refused it as data changed
-    in place, and its fix (`dvc add data`) would have versioned the outputs as data."""
+    in place, and its fix (`dvc add data`) would have versioned the outputs as data. A data folder of the user's
+    own (paths.data_dir elsewhere, no DVC) may hold outputs."""
     p = _project(tmp_path, instructions=json.loads(INSTRUCTIONS.read_text()))
-    with pytest.raises(ConfigError, match=rf"{key} = '{where}' lies inside paths.data_dir"):
+    load_settings(p, [f"{key}={where}"])  # no data.dvc: data/ is nobody's DVC folder here
+    (tmp_path / "data.dvc").write_text("outs:\n- path: data\n")
+    with pytest.raises(ConfigError, match=rf"{key} = '{where}' lies inside .*data, which DVC versions"):
         load_settings(p, [f"{key}={where}"])
+    mine = tmp_path / "store"  # paths.data_dir of one's own: outputs beside the data copy are fine
+    shutil.copytree(ROOT / "data" / "promptbench", mine / "data" / "promptbench")
+    load_settings(p, [f"paths.data_dir={mine}", f"{key}={mine / 'outputs'}"])
 
 
 def test_the_project_folder_itself_is_no_out_dir(tmp_path):

@@ -276,6 +276,22 @@ def test_a_database_password_sqlalchemy_accepts_is_redacted(pw):
     s = Settings.model_validate({"tracking": {"uri": f"postgresql://u:{pw}@127.0.0.1/db"}})
     shown = json.dumps(s.to_flat_dict())
     assert pw not in shown and "postgresql://u:***@127.0.0.1/db" in shown, shown
-    if " " not in pw:  # in running text too (a log line), up to the word's last '@'
+    if " " not in pw and "@" not in pw:  # in running text too (a log line), up to the '@' of the host
         assert redact_text(f"cannot reach mysql+pymysql://u:{pw}@db:3306/x now") == (
             "cannot reach mysql+pymysql://u:***@db:3306/x now")
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("postgresql://db:5432/coin unreachable; ask ops@example.com",
+     "postgresql://db:5432/coin unreachable; ask ops@example.com"),  # no password: nothing hidden
+    ("postgresql://u:pw@db/coin unreachable; ask ops@example.com",
+     "postgresql://u:***@db/coin unreachable; ask ops@example.com"),
+    ("postgresql://u:pw@h1/db and mysql://v:pw2@h2/db", "postgresql://u:***@h1/db and mysql://v:***@h2/db"),
+    ("mysql://u:pw@h1/db\nother line mail@x.org", "mysql://u:***@h1/db\nother line mail@x.org"),
+    ('{"tracking.uri":"postgresql://u:pw@db/coin","owner":"me@example.com"}',
+     '{"tracking.uri":"postgresql://u:***@db/coin","owner":"me@example.com"}'),
+])
+def test_running_text_around_a_database_url_is_kept(text, shown):
+    """The first cut of the database rule hid everything up to the last '@' of a log message: hosts, databases
+    and other people's addresses went with the password."""
+    assert redact_text(text) == shown

@@ -1114,25 +1114,21 @@ def check_names(settings: Settings, root: Path, *, source: str | Path = "params.
     check_quantization(settings.model)
     check_folders(settings, root)
     check_instruction_file(settings, root, source=source)
-    check_evaluable_tasks(settings, root)
 
 
-def check_evaluable_tasks(settings: Settings, root: Path) -> None:
-    """Refuse ``evaluate.tasks`` of which none has an offline validation split (``[qqp]``): it was found after
-    data, pairs, validation and training had run. Skipped while ``paths.data_dir`` has no ``glue/`` folder yet
-    (the data stage restores it, and checks again)."""
+def check_evaluable_tasks(settings: Settings, data_dir: Path) -> None:
+    """Refuse ``evaluate.tasks`` of which none has an offline validation split in ``data_dir`` (``[qqp]``): it was
+    found after pairs, validation and training had run. The data stage calls it once ``data/`` is restored (at
+    load, a half-restored folder is what ``coin data`` is there to repair)."""
     from coin.data.tasks import TASKS, validation_files
 
-    data_dir = Path(root) / Path(settings.paths.data_dir).expanduser()
-    if not (data_dir / "glue").is_dir():
-        return
     tasks = list(settings.evaluate.tasks)
     if any(validation_files(data_dir, t)[0] for t in tasks):
         return
     usable = [t for t in TASKS if validation_files(data_dir, t)[0]]
     raise ConfigError(f"evaluate.tasks = {tasks}: none has an offline validation split under {data_dir} "
-                      f"({validation_files(data_dir, tasks[0])[1]}), so nothing could be evaluated; add one of "
-                      f"{', '.join(usable)}")
+                      f"({validation_files(data_dir, tasks[0])[1]}), so nothing could be evaluated"
+                      + (f"; add one of {', '.join(usable)}" if usable else "; restore the data (`coin data`)"))
 
 
 def _default(key: str) -> Any:
@@ -1144,7 +1140,8 @@ def _default(key: str) -> Any:
 def check_folders(settings: Settings, root: Path) -> None:
     """Refuse, naming the key, an output folder setting that is a file or lies under one: it failed with a bare
     errno (``Not a directory``, ``File exists``), after a training had run all its steps."""
-    data = (Path(root) / Path(settings.paths.data_dir).expanduser()).resolve()
+    # what DVC versions as the data: data/ beside data.dvc (a paths.data_dir of the user's own is no DVC folder)
+    tracked = (Path(root) / "data").resolve() if (Path(root) / "data.dvc").is_file() else None
     for key, value in (("paths.out_dir", settings.paths.out_dir), ("paths.mlruns_dir", settings.paths.mlruns_dir),
                        ("study.out_dir", settings.study.out_dir)):
         path = Path(root) / Path(value).expanduser()
@@ -1152,10 +1149,10 @@ def check_folders(settings: Settings, root: Path) -> None:
         if blocked is not None:
             raise ConfigError(f"{key} = {value!r}: {blocked} is a file, so nothing can be written "
                               f"{'there' if blocked == path else 'under it'}; give a folder (--set {key}=...)")
-        if path.resolve() == data or data in path.resolve().parents:  # data/ is DVC's: outputs there break it
-            raise ConfigError(f"{key} = {value!r} lies inside paths.data_dir ({data}), which DVC versions as the "
-                              "data: the next data stage would refuse it as data changed in place. Give a folder "
-                              f"outside it, e.g. --set {key}={_default(key)}")
+        if tracked is not None and (path.resolve() == tracked or tracked in path.resolve().parents):
+            raise ConfigError(f"{key} = {value!r} lies inside {tracked}, which DVC versions as the data (data.dvc): "
+                              "the next data stage would refuse it as data changed in place. Give a folder outside "
+                              f"it, e.g. --set {key}={_default(key)}")
     if (Path(root) / Path(settings.paths.out_dir).expanduser()).resolve() == Path(root).resolve():
         raise ConfigError(f"paths.out_dir = {settings.paths.out_dir!r} is the project folder itself: the stages' "
                           "folders would sit beside the code and a scratch run would write the tracked "

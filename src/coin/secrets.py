@@ -45,10 +45,13 @@ SECRET_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key"),
 _USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:@/?#]*):(?P<pw>[^\s/?#]*)@")
 # a database URL's password, as SQLAlchemy reads it: anything (also '/', '?', '#') up to the last '@' of the word
 _DB_SCHEME = r"(?:postgres(?:ql)?|mysql|mariadb|mssql|oracle|cockroachdb)(?:\+[A-Za-z0-9_]+)?"
-# a value that is one database URL (a setting): its password may hold a space too, up to the last '@'
-_DB_WHOLE = re.compile(rf"^(?P<head>{_DB_SCHEME}://[^\s:@/?#]*):(?P<pw>.*)@(?P<rest>[^@]*)$", re.IGNORECASE | re.DOTALL)
-_DB_USERINFO = re.compile(r"(?P<head>\b(?:postgres(?:ql)?|mysql|mariadb|mssql|oracle|cockroachdb)(?:\+[A-Za-z0-9_]+)?"
-                          r"://[^\s:@/?#]*):(?P<pw>\S*)@", re.IGNORECASE)
+# a database URL's password as SQLAlchemy reads it: up to the first '@', '/', '?' and '#' included; in running
+# text it stops at whitespace too (the generic rule below then hides a password that holds an '@')
+_DB_USERINFO = re.compile(rf"(?P<head>\b{_DB_SCHEME}://[^\s:@/?#]*):(?P<pw>[^@\s]*)@", re.IGNORECASE)
+# a setting whose whole value is one database URL: its password may hold a space or an '@' too (hidden up to
+# the last '@': what follows is the host)
+_DB_WHOLE = re.compile(rf"^(?P<head>{_DB_SCHEME}://[^\s:@/?#]*):(?P<pw>.*)@(?P<rest>[^@\s]*)$",
+                       re.IGNORECASE | re.DOTALL)
 # ?token=...  &password=...  (a query parameter whose name is secret)
 _QUERY = re.compile(r"(?P<head>[?&;](?P<name>[A-Za-z0-9_.\-]+)=)(?P<value>[^&;#\s'\"]*)")
 
@@ -86,9 +89,7 @@ def redact_text(text: str) -> str:
     """
     if not isinstance(text, str) or ("://" not in text and "=" not in text):
         return text
-    whole = _DB_WHOLE.match(text.strip())
-    out = (f"{whole['head']}:{REDACTED}@{whole['rest']}" if whole
-           else _DB_USERINFO.sub(lambda m: f"{m['head']}:{REDACTED}@", text))
+    out = _DB_USERINFO.sub(lambda m: f"{m['head']}:{REDACTED}@", text)
     out = _USERINFO.sub(lambda m: f"{m['head']}:{REDACTED}@", out)
 
     def query(m: re.Match[str]) -> str:
@@ -103,7 +104,7 @@ def redact_value(key: str, value: Any) -> Any:
     if is_secret_key(key) and value not in (None, "", [], {}):
         return REDACTED
     if isinstance(value, str):
-        return redact_text(value)
+        return redact_text(_redact_db_value(value))
     if isinstance(value, Mapping):
         return {k: redact_value(f"{key}.{k}", v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -125,7 +126,15 @@ def redact_override(item: str) -> str:
     if "=" not in item:
         return redact_text(item)
     key, value = item.split("=", 1)
-    return f"{key}={REDACTED}" if is_secret_key(key) and value.strip() else f"{key}={redact_text(value)}"
+    return (f"{key}={REDACTED}" if is_secret_key(key) and value.strip()
+            else f"{key}={redact_text(_redact_db_value(value))}")
+
+
+def _redact_db_value(value: str) -> str:
+    """A setting that is one database URL with its password hidden, spaces and all (running text cannot tell
+    a space in a password from the end of the URL); any other value unchanged."""
+    whole = _DB_WHOLE.match(value.strip())
+    return f"{whole['head']}:{REDACTED}@{whole['rest']}" if whole else value
 
 
 class Sealed(SecretStr):

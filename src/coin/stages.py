@@ -118,11 +118,10 @@ def _read_data(settings: Settings, root: Path, lay: Layout) -> dict[str, int]:
             continue
         counts[f"{task}.validation"] = len(rows)
         evaluated.append(task)
-    if not evaluated:  # the data just restored: the load-time check (coin.config.check_evaluable_tasks) again
+    if not evaluated:  # nothing to evaluate: said here, before pairs, validation and training run
         from coin.config import check_evaluable_tasks
 
-        check_evaluable_tasks(settings.model_copy(update={"paths": settings.paths.model_copy(
-            update={"data_dir": str(lay.data_dir)})}), root)
+        check_evaluable_tasks(settings, lay.data_dir)
     instruction_file = root / settings.evaluate.instruction_file
     if evaluated and instruction_file.exists():
         load_instruction_sets(instruction_file, settings.evaluate.instruction_sets, evaluated)

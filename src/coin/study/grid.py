@@ -30,7 +30,6 @@ from coin.config import (
     ConfigError,
     Settings,
     apply_overrides,
-    check_evaluable_tasks,
     check_instruction_file,
     check_robustness_sets,
     load_settings,
@@ -96,6 +95,10 @@ def sweep_overrides(sweep: str | None) -> list[str]:
     return [f"study.sweep_key={key.strip()}", f"study.sweep_values={values}"]
 
 
+# swept keys the instruction file is checked against at each sweep point (the load checks the unswept settings)
+_INSTRUCTION_KEYS = ("evaluate.instruction_sets", "evaluate.tasks", "evaluate.instruction_file")
+
+
 def load_study(params_path: str | Path, overrides: list[str] | None = None) -> tuple[Settings, Path]:
     """Parse and check the params of a study (bad keys, methods, seeds or sweep stop here, before any work);
     returns the settings and the project root (the params file's directory)."""
@@ -105,10 +108,9 @@ def load_study(params_path: str | Path, overrides: list[str] | None = None) -> t
     for value, s in sweep_points(settings):  # every cell is compared on the clean set (perturbed sets optional)
         where = "a study" if value is None else f"a study at {settings.study.sweep_key} = {value}"
         check_robustness_sets(s, where, perturbed=False)
-        if value is not None and settings.study.sweep_key.startswith("evaluate."):
+        if value is not None and settings.study.sweep_key in _INSTRUCTION_KEYS:
             try:  # a swept set or task the instruction file lacks: here, not in each cell after its training
                 check_instruction_file(s, root, source=params_path)
-                check_evaluable_tasks(s, root)
             except ConfigError as exc:
                 raise ConfigError(f"at {settings.study.sweep_key} = {value}: {exc}") from None
     return settings, root
