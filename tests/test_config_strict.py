@@ -327,3 +327,13 @@ def test_register_methods_and_a_sweep_key_are_refused_as_written_twice_or_padded
         Settings.model_validate({"register": {"methods": ["coin", "coin"]}})
     with pytest.raises(ConfigError, match="has spaces around it"):
         Settings.model_validate({"study": {"sweep_key": " pairs.cutoff_len", "sweep_values": [64, 128]}})
+
+
+@pytest.mark.parametrize("override", ["pairs.templates=[yes,2]", "study.seeds=[no,yes]", "pairs.min_words={sst2: on}",
+                                      "pairs.rows_per_task={sst2: true}"])
+def test_a_bool_inside_a_list_or_mapping_of_numbers_is_refused(override):
+    """The top-level check read `train.max_steps: yes` as a bool; inside a list or mapping it was still 0/1:
+    study.seeds: [no, yes] ran seeds 0 and 1, and rows_per_task {sst2: true} blamed the range of 1."""
+    with pytest.raises(ConfigError, match="a bool .* where a number goes"):
+        Settings.model_validate(apply_overrides({}, [override]))
+    Settings.model_validate(apply_overrides({}, ["study.seeds=[0, 1]", "pairs.min_words={sst2: 2}"]))

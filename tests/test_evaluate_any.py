@@ -662,5 +662,13 @@ def test_the_evaluate_stage_refuses_an_adapter_trained_on_another_base(tmp_path,
                          "instruction_file": str(ROOT / "data" / "promptbench" / "coin_perturbed_instructions.json")}})
 
     with pytest.raises(DataError, match=r"trained on .*, but model.backbone is .*run `coin train` again"):
-        stage_evaluate_unit(settings(tiny_gpt2_dir), tmp_path, "coin")
+        stage_evaluate_unit(settings(tiny_llama_dir.parent / "elsewhere"), tmp_path, "coin")
     assert stage_evaluate_unit(settings(tiny_llama_dir), tmp_path, "coin")["label"] == "coin"
+    from coin.modeling.backbone import embedded_minilm_path
+    from coin.stages import _same_base
+
+    assert not _same_base(str(tiny_gpt2_dir), str(tiny_llama_dir), tmp_path)
+    # the embedded model named or given by its packaged folder is one base
+    assert _same_base("minilm", str(embedded_minilm_path()), tmp_path)
+    assert _same_base(str(embedded_minilm_path()), "minilm", tmp_path)
+    assert not _same_base("minilm", str(tiny_llama_dir), tmp_path)

@@ -82,6 +82,21 @@ def _leaf_types(annotation: Any) -> set[Any]:
     return {typing.get_origin(annotation) or annotation}
 
 
+def _items(v: Any) -> list[Any]:
+    """Every value inside a list or mapping, nested ones included (not the keys)."""
+    vals = list(v.values()) if isinstance(v, dict) else list(v)
+    return [y for x in vals for y in ([x] if not isinstance(x, (list, tuple, dict)) else [x, *_items(x)])]
+
+
+def _nested_types(annotation: Any) -> set[Any]:
+    """Every plain type an annotation admits, at any depth (``int | dict[str, list[int]]``: int, dict, str, list)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if not args:
+        return {annotation}
+    return ({origin} if origin not in (typing.Union, types.UnionType, typing.Annotated, None) else set()).union(
+        *(_nested_types(a) for a in (args[:1] if origin is typing.Annotated else args)))
+
+
 class _Section(BaseModel):
     # allow_inf_nan=False: `.inf` / `.nan` in a float field is a typo or a trap (weight_decay: .inf trains on NaN)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
@@ -94,6 +109,13 @@ class _Section(BaseModel):
             kinds = _leaf_types(cls.model_fields[info.field_name].annotation)
             if kinds & {int, float} and bool not in kinds:
                 raise ValueError(f"{v} is a bool (YAML reads true/false/yes/no/on/off as one), not a number")
+        inner = _items(v) if isinstance(v, (list, tuple, dict)) else []
+        if any(isinstance(x, bool) for x in inner) and info.field_name in cls.model_fields:
+            kinds = _nested_types(cls.model_fields[info.field_name].annotation)  # study.seeds: [no, yes] read 0, 1
+            if kinds & {int, float} and not kinds & {bool, Any}:
+                bad = next(x for x in inner if isinstance(x, bool))
+                raise ValueError(f"{v!r} holds {bad}, a bool (YAML reads true/false/yes/no/on/off as one), where a "
+                                 "number goes")
         return v
 
 

@@ -360,9 +360,16 @@ def train_adapter(settings: Settings, rows: list[dict[str, Any]], method: str, o
 def _same_base(recorded: str, backbone: str, root: Path) -> bool:
     """Whether an adapter's recorded base is ``model.backbone`` (a relative directory: from the working directory
     training ran in, or from the project root, where a Dask worker may run)."""
+    from coin.modeling.backbone import resolve_backbone
+
     if recorded == backbone:
         return True
-    if "minilm" in (recorded, backbone) or not Path(recorded).is_absolute():
+    if "minilm" in (recorded, backbone):  # the embedded model, named or given by its packaged folder
+        try:
+            recorded, backbone = resolve_backbone(recorded), resolve_backbone(backbone)
+        except Exception:  # noqa: BLE001 -- the package is missing: loading says so
+            return False
+    if not Path(recorded).is_absolute():
         return False
     return Path(recorded).resolve() in {Path(backbone).resolve(), (Path(root) / backbone).resolve()}
 
