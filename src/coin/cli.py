@@ -21,7 +21,6 @@ import errno
 import json
 import logging
 import os
-import re
 import sys
 import tempfile
 import traceback
@@ -654,7 +653,9 @@ def predict(
         raise ModelUnavailable(f"cannot load {uri}: it is an adapter directory (coin train), not an MLflow model. "
                                "Register it (`coin register`) and pass --model-uri models:/<name>/<version>, or "
                                "score it with `coin evaluate --model NAME=DIR`.")
-    if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", uri):  # a local path: say what is wrong with it, not MLflow's temp
+    from coin.evaluation.anymodel import URI_SCHEME
+
+    if not URI_SCHEME.match(uri):  # a local path: say what is wrong with it, not MLflow's temp
         # copy's path and a `coin pipeline` that would not help
         if not local.exists():
             raise ModelUnavailable(f"cannot load {uri}: no such file or folder. Give models:/<name>@<alias>, "

@@ -225,26 +225,23 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
     answers, scores, prompts = [""] * len(rows), [""] * len(rows), [""] * len(rows)
     by_options: dict[tuple[tuple[str, ...], str | None], list[int]] = {}
     free: list[int] = []
-    reserve: dict[tuple[str, ...], int] = {}
-    told_apart: set[tuple[str, ...]] = set()
+    option_ids: dict[tuple[str, ...], list[list[int]]] = {}  # each option list's token ids, tokenized once
     for i, row in enumerate(rows):
         where = f"row {i}: " if len(rows) > 1 else ""
         try:
             options = _options_for(row)
-            if options and tuple(options) not in told_apart:  # once per option list: answers its tokens tell apart
+            if options and tuple(options) not in option_ids:  # answers its tokens tell apart
                 try:
-                    label_token_ids(tokenizer, options)
+                    option_ids[tuple(options)] = label_token_ids(tokenizer, options)
                 except ValueError as exc:
                     raise ValueError(f"options: {exc}; list one of them") from None
-                told_apart.add(tuple(options))
             task = check_task(row["task"]) if "task" in row else None
             instruction, text = _field_text(row, "instruction"), _field_text(row, "input")
             if not options and limit is not None and not 1 <= max_new_tokens < limit:  # only a generated row uses it
                 raise ValueError(f"max_new_tokens = {max_new_tokens}: give 1..{limit - 1} (the model reads at most "
                                  f"{limit} positions, prompt included)")
             if limit is not None:  # room for the answer: the longest option, or the generated tokens
-                room = max_new_tokens if not options else reserve.setdefault(
-                    tuple(options), _answer_tokens(tokenizer, options))
+                room = max_new_tokens if not options else max(map(len, option_ids[tuple(options)]))
                 if options:  # the options are at fault only if the longest answer leaves no room at all;
                     # an instruction too long beside an answer that fits is fit_input's error, naming the instruction
                     empty = _prompt_tokens(tokenizer, join_instruction("", ""), fmt)

@@ -45,7 +45,7 @@ from coin.data.io import DataError, read_json, write_json
 log = logging.getLogger("coin")
 
 URI_SCHEMES = ("models", "runs")
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")
+URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")  # models:/, runs:/, file:/, s3://...
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]*$")
 
 # what a base model's outputs are read from: its config, weights and every tokenizer file (a BPE tokenizer saved
@@ -270,7 +270,7 @@ def resolve_target(arg: str, settings: Settings, root: Path) -> ModelTarget:
     if not spec:
         raise ConfigError("--model: empty model spec; give a registry URI, an adapter directory or a base model")
     details: dict[str, Any] = {}
-    scheme = _SCHEME.match(spec)
+    scheme = URI_SCHEME.match(spec)
     if scheme:
         if scheme.group(1) not in URI_SCHEMES:
             raise ConfigError(f"--model {spec}: unknown URI scheme {scheme.group(1)!r}; use models:/<name>@<alias>, "
