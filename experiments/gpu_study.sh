@@ -16,6 +16,11 @@
 # JOBS   cells computed at once; METHODS, SEEDS: comma lists, cells started in this order (method-major); SWEEP_VALUES
 #        (optional, comma list): the study sweeps study.sweep_key (pass it with --set), one cell per value, value-major
 # DEADLINE_S  seconds from the start after which running cells are stopped (a stopped cell never looks done)
+# Size: the device copies the tracked tree beside CARRY, 64 MiB in all. results/ and dvc-remote/ are not read
+# there (data/ comes in CARRY): where they push it over, take them out of git's index for the call and put them
+# back after it; the files stay on disk (RESULTS §30):
+#   git rm -r -q --cached results dvc-remote && printf '/results/\n/dvc-remote/\n' >> .git/info/exclude
+#   ... the device call ...;  git reset -q && sed -i '/^\/results\/$/d;/^\/dvc-remote\/$/d' .git/info/exclude
 set -u
 CARRY=$1 OUT=$2 JOBS=$3 DEADLINE=$4 METHODS=$5 SEEDS=$6
 shift 6

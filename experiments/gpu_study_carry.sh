@@ -29,3 +29,13 @@ digests[f"{study}/validated/valid.jsonl"] = hashlib.sha256(Path(study, "validate
 (carry / "minilm" / "sha256.json").write_text(json.dumps(digests, indent=1))
 PYEOF
 du -sh "$CARRY"/* "$CARRY"  # the parts, then the total (du counts a file once: the total first hid the parts)
+# what a device call copies: the tracked tree, untracked files git does not ignore, and CARRY; 64 MiB at most
+tree=$( { git ls-files -z; git ls-files -z --others --exclude-standard; } | xargs -0 -r stat -c %s -- 2>/dev/null \
+  | awk '{s += $1} END {print s + 0}')
+carried=$(du -sb "$CARRY" | cut -f1)
+total=$(( tree + carried ))
+echo "a device call copies $(( total / 1048576 )) MiB: the working tree $(( tree / 1048576 )) MiB + CARRY $(( carried / 1048576 )) MiB"
+if (( total > 64 * 1048576 )); then
+  echo "over the 64 MiB a device call takes: results/ and dvc-remote/ are not read there; take them out of git's" \
+       "index for the call (experiments/gpu_study.sh's header shows how), or carry less" >&2
+fi
