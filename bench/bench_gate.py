@@ -37,7 +37,7 @@ def main() -> int:
     args = ap.parse_args()
 
     t0 = time.perf_counter()
-    from coin.config import load_settings
+    from coin.config import load_settings, project_root
     from coin.data.pairs import build_pairs
     from coin.modeling.backbone import load_tokenizer
     from coin.validation.embeddings import CachedEmbedder, minilm_embedder
@@ -46,7 +46,7 @@ def main() -> int:
 
     t_import = time.perf_counter() - t0
     settings = load_settings(args.params, args.set)
-    root = Path(args.params).resolve().parent
+    root = project_root(args.params)
     data_dir = root / settings.paths.data_dir
 
     t = time.perf_counter()

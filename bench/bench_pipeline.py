@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import coin  # noqa: F401
-from coin.config import load_settings
+from coin.config import load_settings, project_root
 from coin.stages import STAGES
 
 
@@ -23,7 +22,7 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     settings = load_settings(args.params, args.overrides)
-    root = Path(args.params).resolve().parent
+    root = project_root(args.params)
     times: dict[str, float] = {}
     notes: dict[str, str] = {}
     for name, fn in STAGES.items():

@@ -34,7 +34,7 @@ from typing import Any
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.utilities.hashing import hash_objects
 
-from coin.config import Settings, load_settings
+from coin.config import Settings, load_settings, project_root
 from coin.registry.tracking import data_version
 from coin.stage_specs import ALWAYS_CODE, STAGE_SPECS, StageSpec, select_params, stage_params
 from coin.stages import Layout
@@ -148,7 +148,7 @@ class StageCachePolicy(CachePolicy):
                     **kwargs: Any) -> str | None:
         params_path = Path(inputs["params_path"])
         settings = load_settings(params_path, inputs.get("overrides") or [])
-        return cache_key(self.stage, settings, params_path.resolve().parent, inputs.get("item"))
+        return cache_key(self.stage, settings, project_root(params_path), inputs.get("item"))
 
 
 def stage_cache_policy(stage: str) -> CachePolicy:

@@ -46,7 +46,7 @@ from pydantic import SecretStr
 
 import coin  # noqa: F401  (local-only environment before Prefect is imported)
 from coin import stages
-from coin.config import ConfigError, Settings, check_robustness_sets, load_settings
+from coin.config import ConfigError, Settings, check_robustness_sets, load_settings, project_root
 from coin.cpus import THREAD_VARS, cpu_budget, threads_per_worker, use_torch_threads
 from coin.interrupt import interrupted, on_stop
 from coin.secrets import RedactingFilter, redact_text, reveal, seal_overrides, seal_text
@@ -63,7 +63,7 @@ Overrides = list[str | SecretStr]
 
 
 def _load(params_path: str, overrides: Overrides | None) -> tuple[Settings, Path]:
-    return load_settings(params_path, overrides), Path(params_path).resolve().parent
+    return load_settings(params_path, overrides), project_root(params_path)
 
 
 def _nest_under(parent_run_id: str | None) -> None:
@@ -532,7 +532,7 @@ def coin_pipeline(
     dask_address = reveal(dask_address)  # sealed (seal_text) when it holds a credential
     settings, root = _load(params_path, overrides)  # bad params fail here, before any work
     check_robustness_sets(settings, "the pipeline (its register stage gates on both)")
-    stages.preflight_pipeline(settings)  # ... and LoRA targets, cutoff_len or a run that clearly cannot fit
+    stages.preflight_pipeline(settings, root)  # ... and LoRA targets, cutoff_len or a run that clearly cannot fit
     params_path = str(Path(params_path).resolve())  # workers may run elsewhere than the flow's cwd
     eval_workers = default_eval_workers() if eval_workers is None else eval_workers
     # a bad cluster option fails here too

@@ -150,7 +150,7 @@ def coin_study(
     logger.info("%s", run_banner("coin-study", params_path, overrides))
     dask_address = reveal(dask_address)  # sealed (seal_text) when it holds a credential
     settings, root = load_study(params_path, overrides)  # bad params, methods, seeds or sweep fail here
-    preflight_study(settings)  # ... and a grid with a cell that clearly cannot fit (the memory plan)
+    preflight_study(settings, root)  # ... and a grid with a cell that clearly cannot fit (the memory plan)
     params_path = str(Path(params_path).resolve())  # workers may run elsewhere than the flow's cwd
     plan = worker_plan(settings, workers, dask_address, dask_processes)
     # a bad cluster option fails here too
@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def check() -> None:
         overrides.extend(seal_overrides([*args.overrides, *sweep_overrides(args.sweep)]))
-        settings = load_study(args.params, overrides)[0]
-        preflight_study(settings)
+        settings, root = load_study(args.params, overrides)
+        preflight_study(settings, root)
         dashboard_kwargs(settings.study.dask_dashboard)  # a bad address: refused here, not when the cluster starts
 
     run_main(check, lambda: coin_study(params_path=args.params, overrides=overrides, workers=args.workers,

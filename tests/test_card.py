@@ -528,3 +528,27 @@ def test_a_model_dropped_from_the_evaluation_leaves_no_card_of_it(tmp_path):
     write_eval_outputs([_result("m", TABLE)], tmp_path)
     assert "n" not in json.loads((tmp_path / "metrics.json").read_text())
     assert sorted(p.name for p in (tmp_path / "cards").iterdir()) == ["m"]
+
+
+def test_a_one_instruction_set_has_no_consistency_in_any_figure():
+    """A set with one instruction (the README's own example file has one) scored 100% all-agree consistency for
+    any model and counted it, while pairwise consistency left it out: the card could show pairwise below all-agree,
+    which cannot happen on the same cells. Both are now undefined there, in the metrics, the card and the
+    per-example scores the bootstrap uses; the set with two instructions keeps its figure."""
+    from coin.evaluation.card import build_card
+    from coin.evaluation.metrics import compute_metrics
+    from coin.evaluation.uncertainty import robustness_scores
+
+    rows = [{"scoring": "loglik", "task": "sst2", "set": s, "instruction_id": i, "example_id": str(e),
+             "label": e % 2, "pred": (e + i) % 2 if s == "swap" else 0, "scores": [0.0, -1.0]}
+            for s, n in (("clean", 2), ("typo", 1), ("swap", 2)) for i in range(n) for e in range(4)]
+    preds = pd.DataFrame(rows)
+    cells = compute_metrics(preds).cells.set_index("set")
+    assert math.isnan(cells.loc["typo", "consistency"]) and cells.loc["swap", "consistency"] == 0.0
+    head = build_card(preds, "m")["headline"]
+    assert head["all_agree_consistency"] == head["pairwise_consistency"] == 0.0, head  # swap's alone
+    per_example = robustness_scores(preds, "loglik")
+    assert (per_example["consistency"] == 0.0).all(), per_example  # typo's NaN left out of each example's mean
+    only_typo = preds[preds["set"] != "swap"]
+    assert build_card(only_typo, "m")["headline"]["all_agree_consistency"] is None
+    assert robustness_scores(only_typo, "loglik")["consistency"].isna().all()

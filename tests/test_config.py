@@ -209,3 +209,61 @@ def test_a_dotted_key_into_a_value_says_how_to_write_the_mapping(tmp_path):
     p.write_text((ROOT / "params.yaml").read_text())
     with pytest.raises(ConfigError, match=r"'min_words' is not a section .* --set 'pairs.min_words=\{sst2: 7\}'"):
         load_settings(p, ["pairs.min_words.sst2=7"])
+
+
+def test_a_dotted_index_into_a_list_says_how_to_write_the_list(tmp_path):
+    """evaluate.tasks.0=rte: the list whole, with that item replaced (a mapping there is refused as the wrong type)."""
+    p = tmp_path / "params.yaml"
+    p.write_text((ROOT / "params.yaml").read_text())
+    tasks = load_settings(p).evaluate.tasks
+    with pytest.raises(ConfigError) as err:
+        load_settings(p, ["evaluate.tasks.0=rte"])
+    msg = str(err.value)
+    assert "'tasks' is a list, not a section" in msg and "for a mapping" not in msg, msg
+    assert f"--set 'evaluate.tasks=[{', '.join(['rte', *tasks[1:]])}]'" in msg, msg
+    with pytest.raises(ConfigError, match=rf"evaluate.tasks=\[{', '.join(tasks)}, rte\]"):
+        load_settings(p, ["evaluate.tasks.x=rte"])
+
+
+def test_an_empty_mapping_stays_in_the_flat_params(tmp_path):
+    """pairs.templates={} (ids per task, none given) is recorded as {}: the flat dict (coin params, MLflow params,
+    cache keys) dropped the key."""
+    p = tmp_path / "params.yaml"
+    p.write_text((ROOT / "params.yaml").read_text())
+    flat = load_settings(p, ["pairs.templates={}"]).to_flat_dict()
+    assert flat["pairs.templates"] == {}
+    assert load_settings(p).to_flat_dict()["pairs.templates"] == "classification"
+
+
+def test_a_home_folder_in_a_path_setting_is_the_home_folder(tmp_path, monkeypatch):
+    """paths.out_dir = ~/coin out: the folder checks looked in $HOME while every stage wrote to a folder named '~'
+    inside the project, and printed '~/coin out/...', which reads as the home folder."""
+    from coin.layout import Layout
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    s = Settings.model_validate({"paths": {"out_dir": "~/coin out", "mlruns_dir": "~/mlr", "data_dir": "~/d"},
+                                 "study": {"out_dir": "~/study"}})
+    assert s.paths.out_dir == str(tmp_path / "home" / "coin out")
+    assert s.paths.mlruns_dir == str(tmp_path / "home" / "mlr")
+    assert s.paths.data_dir == str(tmp_path / "home" / "d") and s.study.out_dir == str(tmp_path / "home" / "study")
+    assert Layout(tmp_path / "project", s).pairs_file == tmp_path / "home" / "coin out" / "pairs" / "pairs.jsonl"
+    assert Settings.model_validate({}).paths.out_dir == "outputs"
+
+
+def test_a_params_file_linked_to_a_shared_config_stays_in_its_project(tmp_path):
+    """params.yaml -> ../shared cfg/coin.yaml: the root followed the link, so data was looked for (with a `dvc
+    pull` hint) and outputs written beside the shared file."""
+    import os
+
+    from coin.config import project_root
+
+    (tmp_path / "shared cfg").mkdir()
+    (tmp_path / "shared cfg" / "coin.yaml").write_text((ROOT / "params.yaml").read_text())
+    (tmp_path / "project").mkdir()
+    link = tmp_path / "project" / "params.yaml"
+    os.symlink(tmp_path / "shared cfg" / "coin.yaml", link)
+    assert project_root(link) == (tmp_path / "project").resolve()
+    assert project_root(tmp_path / "shared cfg" / "coin.yaml") == (tmp_path / "shared cfg").resolve()
+    from coin.cli import _settings
+
+    assert _settings(link, None)[1] == (tmp_path / "project").resolve()

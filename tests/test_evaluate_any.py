@@ -672,3 +672,45 @@ def test_the_evaluate_stage_refuses_an_adapter_trained_on_another_base(tmp_path,
     assert _same_base("minilm", str(embedded_minilm_path()), tmp_path)
     assert _same_base(str(embedded_minilm_path()), "minilm", tmp_path)
     assert not _same_base("minilm", str(tiny_llama_dir), tmp_path)
+
+
+def test_a_pad_token_past_the_embeddings_pads_with_one_the_model_has(tiny_gpt2_dir, tmp_path):
+    """A pad token added without resizing the embeddings (common in fine-tuned checkpoints): every batch with two
+    prompt lengths embedded its id in the padded slots and failed with a bare IndexError, in scoring, generation
+    and training. Padding is masked, so the load pads with EOS instead; batched scores equal one-by-one scores."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from coin.evaluation.generation import generate_answers
+    from coin.evaluation.scoring import score_label_words
+    from coin.modeling.backbone import load_backbone
+
+    d = tmp_path / "pad"
+    shutil.copytree(tiny_gpt2_dir, d)
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    tok.save_pretrained(d)
+    bb = load_backbone(str(d), device="cpu", seed=0)
+    n = bb.model.get_input_embeddings().num_embeddings
+    assert bb.tokenizer.pad_token_id < n
+    prompts = ["Is it good? a fine and moving film", "bad"]
+    both = score_label_words(bb.model, bb.tokenizer, prompts, ["negative", "positive"]).scores
+    alone = torch.cat([score_label_words(bb.model, bb.tokenizer, [p], ["negative", "positive"]).scores
+                       for p in prompts])
+    torch.testing.assert_close(both, alone, rtol=1e-4, atol=1e-4)
+    assert len(generate_answers(bb.model, bb.tokenizer, prompts, max_new_tokens=2).texts) == 2
+
+
+def test_an_eos_token_past_the_embeddings_is_refused_naming_it(tiny_gpt2_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from coin.modeling.backbone import load_backbone
+    from coin.registry.errors import ModelUnavailable
+
+    d = tmp_path / "eos"
+    shutil.copytree(tiny_gpt2_dir, d)
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.add_special_tokens({"eos_token": "<my_eos>"})
+    tok.save_pretrained(d)
+    with pytest.raises(ModelUnavailable, match=r"eos token '<my_eos>' has id \d+, past the model's \d+ embeddings"):
+        load_backbone(str(d), device="cpu", seed=0)

@@ -249,6 +249,36 @@ def test_batched_left_padded_generation_equals_the_reference_loop(kind: str, req
     assert len(set(batched.texts)) > 1  # prompts of very different lengths gave different outputs
 
 
+def test_evaluate_refuses_a_max_new_tokens_too_short_for_a_label_word(eval_llama: Backbone) -> None:
+    """MiniLM's tokenizer spells rte's 'not_entailment' in 5 tokens: with evaluate.max_new_tokens = 4 a perfect
+    answer was cut, parsed as no answer, and every not_entailment example counted as wrong, without a word."""
+    from coin.evaluation.runner import evaluate_model
+
+    cfg = _settings(tasks=["rte"], instruction_sets=["clean"], samples_per_task=1, scoring=["generate"],
+                    max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"evaluate.max_new_tokens = 4 cannot produce rte's answer 'not_entailment' "
+                                         r"\(5 tokens for this tokenizer\).*give at least 5"):
+        evaluate_model(eval_llama.model, eval_llama.tokenizer, cfg, data_dir=DATA, seed=0, model_label="m")
+    loglik = cfg.model_copy(update={"scoring": ["loglik"]})  # scored on the words: no answer is generated
+    assert len(evaluate_model(eval_llama.model, eval_llama.tokenizer, loglik, data_dir=DATA, seed=0,
+                              model_label="m").predictions)
+    # and before the pipeline builds or trains anything (its pre-flight, with the backbone's tokenizer)
+    from coin.config import ConfigError, Settings
+    from coin.stages import preflight_pipeline
+
+    s = Settings.model_validate({"evaluate": {"scoring": ["loglik", "generate"], "max_new_tokens": 4,
+                                              "tasks": ["sst2", "rte"]}})
+    with pytest.raises(ConfigError, match=r"cannot produce rte's answer 'not_entailment' \(5 tokens"):
+        preflight_pipeline(s)
+    preflight_pipeline(s.model_copy(update={"evaluate": s.evaluate.model_copy(update={"max_new_tokens": 5})}))
+    # only the tasks the evaluation scores: qqp has no validation split, so its 'not_equivalent' does not count
+    qqp = Settings.model_validate({"evaluate": {"scoring": ["generate"], "max_new_tokens": 2,
+                                                "tasks": ["sst2", "cola", "qqp"]}})
+    preflight_pipeline(qqp, DATA.parent)
+    with pytest.raises(ConfigError, match="qqp's answer 'not_equivalent'"):
+        preflight_pipeline(qqp)  # without the data folder every configured task counts
+
+
 def test_evaluate_refuses_a_max_new_tokens_the_model_cannot_fit(tmp_path: Path) -> None:
     """A tiny GPT-2 of 128 positions and evaluate.max_new_tokens = 200 (the config allows 256): the prompts' room was
     negative, the warnings blamed the instructions, and the run ended in "unexpected IndexError: this is a bug"."""
@@ -601,7 +631,7 @@ def test_evaluate_settings_defaults_and_validation() -> None:
 @pytest.fixture(scope="module")
 def small_run(eval_llama: Backbone) -> EvalResult:
     cfg = _settings(tasks=["qqp", "wnli", "mnli"], instruction_sets=["clean", "textfooler"], samples_per_task=3,
-                    scoring=["loglik", "generate"], max_new_tokens=3)
+                    scoring=["loglik", "generate"], max_new_tokens=5)  # wnli's not_entailment: 5 tokens
     return evaluate_model(eval_llama.model, eval_llama.tokenizer, cfg, data_dir=DATA, seed=42, model_label="tiny")
 
 
@@ -615,7 +645,7 @@ def test_runner_skips_qqp_with_reason_and_marks_mnli(small_run: EvalResult) -> N
     assert small_run.examples_per_s > 0 and small_run.wall_time_s > 0
     assert set(small_run.timing) == {"loglik", "generate"} and small_run.timing["loglik"]["items"] == 72
     assert any("prefix run once and shared via its KV cache" in n for n in small_run.notes)
-    assert any(n.startswith("generate: greedy, 3 new tokens") and "wnli: not_entailment, 0, entailment, 1" in n
+    assert any(n.startswith("generate: greedy, 5 new tokens") and "wnli: not_entailment, 0, entailment, 1" in n
                for n in small_run.notes)
 
 
@@ -646,7 +676,7 @@ def test_runner_predictions_match_direct_scoring_and_generation(small_run: EvalR
     assert lrow.scores == pytest.approx(direct.tolist(), abs=1e-3)
     assert (lrow.pred == int(direct.argmax()) and lrow.label == ex["label"]
             and lrow.correct == (lrow.pred == ex["label"]))
-    text = generate_reference_style(eval_llama.model, eval_llama.tokenizer, [prompt], max_new_tokens=3).texts[0]
+    text = generate_reference_style(eval_llama.model, eval_llama.tokenizer, [prompt], max_new_tokens=5).texts[0]
     assert grow.output == text
     assert grow.pred == parse_answer(text, label_choices(spec.label_words, INSTRUCTIONS, "wnli"))
 
@@ -768,7 +798,7 @@ def test_write_eval_outputs_for_several_models(small_run: EvalResult, tmp_path: 
 def test_report_without_perturbed_or_clean_sets(sets: list[str], scoring: list[str], eval_llama: Backbone,
                                                 tmp_path: Path) -> None:
     """Undefined figures (no perturbed set; no clean set, so no PDR) are shown as '–', never as numbers."""
-    cfg = _settings(tasks=["rte"], instruction_sets=sets, samples_per_task=2, scoring=scoring, max_new_tokens=2)
+    cfg = _settings(tasks=["rte"], instruction_sets=sets, samples_per_task=2, scoring=scoring, max_new_tokens=5)
     res = evaluate_model(eval_llama.model, eval_llama.tokenizer, cfg, data_dir=DATA, seed=0, model_label="m")
     paths = write_eval_outputs([res], tmp_path)
     lines = paths["report_md"].read_text().splitlines()
@@ -797,7 +827,7 @@ def test_a_sets_figures_do_not_depend_on_which_other_sets_are_evaluated(eval_tin
     bb = load_backbone(str(eval_tiny_dirs["bert"]), device="cpu", attention=attention,
                        readout="mean" if attention == "prefix" else "last")
     cfg = _settings(tasks=["rte", "sst2"], instruction_sets=["clean"], samples_per_task=5, batch_size=4,
-                    scoring=["loglik", "generate"], max_new_tokens=2, autocast="bf16", calibration="content_free")
+                    scoring=["loglik", "generate"], max_new_tokens=5, autocast="bf16", calibration="content_free")
     alone = evaluate_model(bb.model, bb.tokenizer, cfg, data_dir=DATA, seed=0, model_label="x")
     more = cfg.model_copy(update={"instruction_sets": ["textfooler", "clean", "deepwordbug", "semantic", "checklist"]})
     beside = evaluate_model(bb.model, bb.tokenizer, more, data_dir=DATA, seed=0, model_label="x")

@@ -117,7 +117,7 @@ def test_study_dask_threads_means_one_worker(monkeypatch, capsys):
 
     got: dict = {}
     monkeypatch.setattr(fs, "coin_study", lambda **kw: got.update(kw))
-    monkeypatch.setattr(fs, "preflight_study", lambda settings: None)
+    monkeypatch.setattr(fs, "preflight_study", lambda settings, root=None: None)
     fs.main(["--params", str(ROOT / "params.yaml"), "--dask-threads"])
     assert got["workers"] == 1 and got["dask_processes"] is False
     with pytest.raises(SystemExit) as exit_:

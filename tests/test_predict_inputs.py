@@ -204,6 +204,8 @@ def test_an_absent_task_generates(trained):
     ("yes||no", r"has an empty answer"),
     ("yes|no|yes", r"lists 'yes' twice"),
     ("[]", r"lists no answer"),
+    ("yes", r"options 'yes': lists one answer, which would be the answer whatever the input"),
+    ('["yes"]', r"lists one answer"),
     ('["yes", ["no"]]', r"\['no'\] is not an answer"),
 ])
 def test_malformed_options_are_refused_naming_them(options, expected):
@@ -254,7 +256,20 @@ def test_an_instruction_or_input_that_is_not_text_is_refused(trained, field, val
 
 
 @pytest.fixture(scope="module")
-def server(bert_adapter, tmp_path_factory):
+def pyfunc_path(bert_adapter, tmp_path_factory):
+    """The logged pyfunc, as the registry saves it."""
+    import mlflow
+
+    from coin.registry.register import PYFUNC_FILE, model_signature
+
+    path = tmp_path_factory.mktemp("pyfunc") / "model"
+    mlflow.pyfunc.save_model(str(path), python_model=str(PYFUNC_FILE), artifacts={"adapter": str(bert_adapter)},
+                             signature=model_signature())
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(pyfunc_path):
     """The app ``mlflow models serve`` runs (``mlflow.pyfunc.scoring_server``), on the logged pyfunc, in process."""
     import os
 
@@ -262,13 +277,8 @@ def server(bert_adapter, tmp_path_factory):
     from fastapi.testclient import TestClient
     from mlflow.pyfunc import scoring_server
 
-    from coin.registry.register import PYFUNC_FILE, model_signature
-
-    path = tmp_path_factory.mktemp("pyfunc") / "model"
-    mlflow.pyfunc.save_model(str(path), python_model=str(PYFUNC_FILE), artifacts={"adapter": str(bert_adapter)},
-                             signature=model_signature())
     before = dict(os.environ)
-    app = scoring_server.init(mlflow.pyfunc.load_model(str(path)))
+    app = scoring_server.init(mlflow.pyfunc.load_model(str(pyfunc_path)))
     try:
         with TestClient(app) as client:
             yield client
@@ -316,6 +326,17 @@ def test_http_an_input_that_is_not_text_is_a_400(server):
         res.text
     res = _post(server, [{"instruction": INSTRUCTION, "task": "sst2"}, {"instruction": INSTRUCTION, "input": "ok"}])
     assert res.status_code == 200, res.text  # a record without the key: an empty input, as documented
+
+
+def test_http_option_words_split_across_rows_are_a_400(server):
+    """An 'inputs' body with a list of option words: MLflow splits it across the rows by position, so each row got
+    one option and its answer was fixed, with a 200. A single option is refused, naming it."""
+    body = {"inputs": {"instruction": [INSTRUCTION] * 2, "input": ["a gem", "a dull mess"],
+                       "options": ["negative", "positive"]}}
+    res = server.post("/invocations", json=body)
+    assert res.status_code == 400 and "lists one answer" in res.json()["message"], res.text
+    res = server.post("/invocations", json={"inputs": {**body["inputs"], "options": "negative|positive"}})
+    assert res.status_code == 200, res.text
 
 
 def test_http_a_null_or_fractional_max_new_tokens(server):
@@ -413,7 +434,7 @@ def test_coin_predict_loads_the_model_on_model_device(bert_adapter, tmp_path, mo
     from coin.registry.register import log_candidate
     from coin.registry.tracking import setup_tracking
 
-    (tmp_path / "params.yaml").write_text(f"paths: {{mlruns_dir: {tmp_path / 'mlruns'}}}\n")
+    (tmp_path / "params.yaml").write_text(f"paths: {{mlruns_dir: {tmp_path / 'mlruns'}, out_dir: my out}}\n")
     setup_tracking(Settings.model_validate({"paths": {"mlruns_dir": str(tmp_path / "mlruns")}}), tmp_path)
     with mlflow.start_run() as run:
         pass
@@ -466,7 +487,7 @@ def test_a_missing_champion_names_the_challenger_of_the_model_asked_for(bert_ada
     from coin.registry.register import log_candidate
     from coin.registry.tracking import setup_tracking
 
-    (tmp_path / "params.yaml").write_text(f"paths: {{mlruns_dir: {tmp_path / 'mlruns'}}}\n")
+    (tmp_path / "params.yaml").write_text(f"paths: {{mlruns_dir: {tmp_path / 'mlruns'}, out_dir: my out}}\n")
     setup_tracking(Settings.model_validate({"paths": {"mlruns_dir": str(tmp_path / "mlruns")}}), tmp_path)
     with mlflow.start_run() as run:
         pass
@@ -477,3 +498,46 @@ def test_a_missing_champion_names_the_challenger_of_the_model_asked_for(bert_ada
     out = " ".join(res.output.split())
     assert res.exit_code == 4 and "alias champion not found" in out, out
     assert "--model-uri models:/tiny-hint@challenger" in out and "coin-minilm" not in out, out
+    assert "or my out/register/registration.json)" in out, out  # paths.out_dir's record, not outputs/'s
+
+
+def test_python_a_mapping_of_columns_is_read_as_rows(pyfunc_path):
+    """``model.predict({"instruction": [a, b], ...})``, the column form pandas takes: MLflow passes it on as one row
+    of lists, which was refused as a bad instruction. Each position is a row, as over HTTP."""
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(str(pyfunc_path))
+    columns = {"instruction": ["Is this review positive or negative? "] * 2, "input": ["a gem", "a dull mess"],
+               "task": ["sst2", "sst2"]}
+    out = model.predict(columns)
+    assert list(out.columns) == ["answer"] and len(out) == 2
+    rows = model.predict(pd.DataFrame(columns))
+    assert out["answer"].tolist() == rows["answer"].tolist()
+    broadcast = model.predict({**columns, "task": "sst2"})  # a scalar beside the lists: every row's
+    assert broadcast["answer"].tolist() == rows["answer"].tolist()
+    # a list of plain words is one option list for every row, not one option per row (whose answer it would fix)
+    words = {k: v for k, v in columns.items() if k != "task"}
+    as_list = model.predict({**words, "options": ["negative", "positive"]}, params={"return_scores": True})
+    as_text = model.predict({**words, "options": "negative|positive"}, params={"return_scores": True})
+    assert as_list["scores"].tolist() == as_text["scores"].tolist()
+    assert all(set(json.loads(s)) == {"negative", "positive"} for s in as_list["scores"])
+    per_row = model.predict({**words, "options": ["negative|positive", "yes|no"]})
+    assert per_row["answer"].tolist()[1] in {"yes", "no"}
+    assert len(model.predict({"instruction": "Is this review positive? ", "input": "a gem", "task": "sst2"})) == 1
+    with pytest.raises(Exception, match=r"lists of different lengths.*instruction 2.*input 1"):
+        model.predict({"instruction": ["a? ", "b? "], "input": ["x"], "task": ["sst2", "sst2"]})
+
+
+@pytest.mark.parametrize("field", ["instruction", "input", "options"])
+def test_text_with_a_lone_surrogate_is_refused_naming_the_field(trained, field):
+    """A JSON request with a cut emoji escape ('\\ud83d'): in options the tokenizer raised a TypeError (a 500, 'this
+    is a bug'), in the instruction or input an encoding error that named no field."""
+    model, tok, meta = trained
+    row = {"instruction": "Is this positive? ", "input": "a gem", "task": "sst2"}
+    if field == "options":
+        row = {**row, "task": None, "options": '["yes", "n\\ud800o"]'}
+    else:
+        row[field] = row[field] + "\ud83d"
+    with pytest.raises(ValueError, match=rf"{field}.*not valid Unicode \(a lone surrogate"):
+        answer_rows(model, tok, meta, pd.DataFrame([row], dtype=object), max_new_tokens=3)  # pandas' str dtype
+        # refuses to hold the text at all

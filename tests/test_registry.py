@@ -1047,6 +1047,23 @@ def test_register_refuses_figures_scored_otherwise_than_the_adapter_answers(tmp_
     assert "evaluate.length_normalise: evaluated with True" in msg and "prompt_format" not in msg
 
 
+def test_register_refuses_figures_scored_under_another_autocast_than_the_adapter_answers(tmp_path):
+    """coin train (evaluate.autocast off, recorded), then coin evaluate --set evaluate.autocast=bf16: the gate
+    decided on bf16 figures that coin predict and the pyfunc (which answer with the recorded off) do not give."""
+    from coin.data.io import DataError, write_json
+    from coin.modeling.adapter import read_meta, write_meta
+    from coin.modeling.adapter_files import adapter_sha256
+    from coin.stages import stage_register
+
+    s, adapter = _content_free_adapter_project(tmp_path)
+    write_meta(adapter, {**read_meta(adapter), "autocast": "off"})
+    write_json(tmp_path / "outputs" / "evaluate" / "eval_info.json", {"coin": {"settings": {
+        "adapter_sha256": adapter_sha256(adapter), "calibration": "content_free", "length_normalise": False,
+        "prompt_format": "train", "autocast": "bf16", "bf16_autocast": True}}})
+    with pytest.raises(DataError, match=r"evaluate.autocast: evaluated with 'bf16', the adapter answers with 'off'"):
+        stage_register(s, tmp_path)
+
+
 def test_a_damaged_card_or_predictions_file_is_named_not_metrics_json(tmp_path):
     """Both were read with json.loads, and the CLI blamed the error on metrics.json (a local of the frame); a
     damaged card also left a version registered without its decision."""
@@ -1198,3 +1215,85 @@ def test_an_interrupted_stage_run_ends_killed_and_leaves_its_parent_alone(store,
     assert client.get_run(ids["broken"]).info.status == "FAILED"
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
     assert client.get_run(ids["interrupted"]).data.tags["mlflow.parentRunId"] == parent.info.run_id
+
+
+def test_a_project_moved_with_its_store_writes_no_artifacts_at_its_old_path(tmp_path):
+    """MLflow fixes an experiment's artifact location at creation: after `mv project moved`, every new run wrote its
+    model to the old project's folder (recreated), and a copy's runs into the original's. The store is refused,
+    naming both folders and the ways out."""
+    import shutil
+
+    import mlflow
+
+    from coin.config import ConfigError, Settings
+    from coin.registry.tracking import setup_tracking
+
+    s = Settings.model_validate({"tracking": {"experiment": "t"}})
+    setup_tracking(s, tmp_path / "project")
+    shutil.move(tmp_path / "project", tmp_path / "moved")
+    with pytest.raises(ConfigError) as err:
+        setup_tracking(s, tmp_path / "moved")
+    msg = " ".join(str(err.value).split())
+    assert f"keeps its artifacts in {tmp_path / 'project' / 'mlruns' / 'artifacts'}" in msg, msg
+    assert f"not in this project's {tmp_path / 'moved' / 'mlruns' / 'artifacts'}" in msg, msg
+    assert "tracking.experiment" in msg
+    assert not (tmp_path / "project").exists()
+    setup_tracking(s.model_copy(update={"tracking": s.tracking.model_copy(update={"experiment": "t2"})}),
+                   tmp_path / "moved")  # a new experiment in the moved store: its artifacts are the project's
+    with mlflow.start_run() as run:
+        pass
+    assert run.info.artifact_uri.startswith((tmp_path / "moved" / "mlruns" / "artifacts").as_uri())
+    setup_tracking(s.model_copy(update={"tracking": s.tracking.model_copy(update={"experiment": "t2"})}),
+                   tmp_path / "moved")  # and the same project again: no refusal
+
+
+def test_a_relative_sqlite_tracking_uri_is_the_projects(tmp_path, monkeypatch):
+    """tracking.uri = sqlite:///mlruns/mlflow.db (the README's consumer example) was read against the working
+    directory: a command run elsewhere made an empty store there. Like every relative path in the params file, it
+    is the project's; an absolute one, and its query, stay as written."""
+    from coin.config import ConfigError, Settings
+    from coin.registry.tracking import tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "project"
+    rel = Settings.model_validate({"tracking": {"uri": "sqlite:///mlruns/mlflow.db?timeout=20"}})
+    assert tracking_uri(rel, root) == f"sqlite:///{(root / 'mlruns' / 'mlflow.db').resolve()}?timeout=20"
+    absolute = Settings.model_validate({"tracking": {"uri": f"sqlite:///{tmp_path}/db.db"}})
+    assert tracking_uri(absolute, root) == f"sqlite:///{tmp_path}/db.db"
+    odd = Settings.model_validate({"paths": {"mlruns_dir": str(tmp_path / "a?b" / "mlr")}})
+    with pytest.raises(ConfigError, match=r"paths.mlruns_dir = .*holds a '\?'"):
+        tracking_uri(odd, root)
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_store_moved_to_another_disk_and_linked_back_is_this_projects(tmp_path, monkeypatch, caplog):
+    """mv mlruns to a bigger disk, ln -s it back: the artifacts still are the project's, and it was refused as a
+    moved project. Read-only commands (predict, card) only warn of a store whose artifacts lie elsewhere, and a
+    sqlite tracking.uri naming the project's own store is checked as the default is."""
+    import logging
+    import os
+    import shutil
+
+    from coin.config import ConfigError, Settings
+    from coin.registry.tracking import setup_tracking
+
+    s = Settings.model_validate({"tracking": {"experiment": "t"}})
+    setup_tracking(s, tmp_path / "p")
+    shutil.move(tmp_path / "p" / "mlruns", tmp_path / "disk")
+    os.symlink(tmp_path / "disk", tmp_path / "p" / "mlruns")
+    setup_tracking(s, tmp_path / "p")  # no refusal
+    shutil.move(tmp_path / "p", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "disk" / "artifacts", ignore_errors=True)
+    (tmp_path / "moved" / "mlruns").unlink()
+    shutil.copytree(tmp_path / "disk", tmp_path / "moved" / "mlruns")
+    with caplog.at_level(logging.WARNING):
+        setup_tracking(s, tmp_path / "moved", writes=False)
+    assert "keeps its artifacts in" in caplog.text
+    monkeypatch.chdir(tmp_path)
+    own = Settings.model_validate({"tracking": {"experiment": "t", "uri": "sqlite:///moved/mlruns/mlflow.db"}})
+    with pytest.raises(ConfigError, match="moved or copied"):
+        setup_tracking(own, tmp_path)
+    # an absolute sqlite store may be shared on purpose (dvc exp run --temp runs in a copy of the workspace)
+    shared = Settings.model_validate({"tracking": {"experiment": "t", "uri": f"sqlite:///{tmp_path}/shared.db"}})
+    setup_tracking(shared, tmp_path / "workspace")
+    setup_tracking(shared, tmp_path / "workspace" / ".dvc" / "tmp" / "exps" / "tmpabc")

@@ -436,6 +436,13 @@ def test_a_study_that_cannot_fit_stops_before_any_work(prefect_harness, study_pr
     with pytest.raises(memory.MemoryPlanError, match=r"at train.batch_size = 512: .*will not fit"):
         preflight_study(settings)
     preflight_study(load_study(params, ["study.methods=[base]", "train.batch_size=512"])[0])  # base trains nothing
+    # generated answers without room for a label word (rte's not_entailment: 5 tokens) stop here too, at the sweep
+    # point, not after every cell has trained; base is evaluated, so it is checked as well
+    swept = load_study(params, ["study.methods=[base]", "evaluate.scoring=[loglik,generate]", "evaluate.tasks=[rte]",
+                                "study.sweep_key=evaluate.max_new_tokens", "study.sweep_values=[7, 4]"])[0]
+    with pytest.raises(ConfigError, match=r"at evaluate.max_new_tokens = 4: evaluate.max_new_tokens = 4 cannot "
+                                          r"produce rte's answer 'not_entailment'"):
+        preflight_study(swept)
 
     out = tmp_path / "cell"  # one cell on its own (python -m coin.study.cell), against the study's pairs
     args = ["--params", str(study_project["params"]), "--method", "coin", "--seed", "0", "--out", str(out)]
@@ -966,6 +973,10 @@ def test_model_device_cpu_is_kept_on_a_multi_gpu_host(monkeypatch):
         ({"sweep_key": "pairs.rows_per_task", "sweep_values": [4]}, ["cannot be swept", "built once per study"]),
         ({"sweep_key": "train.methods", "sweep_values": [["cit"]]}, ["cannot be swept", "study.methods"]),
         ({"sweep_key": "train", "sweep_values": [{}]}, ["names a whole section"]),
+        # keys a cell's key leaves out: each value would train and score the same cells again
+        ({"sweep_key": "train.log_every", "sweep_values": [5, 10]}, ["'train.log_every' cannot be swept",
+                                                                    "changes no cell's figures"]),
+        ({"sweep_key": "model.device", "sweep_values": ["cpu"]}, ["'model.device' cannot be swept", "e.g. train.lr"]),
         ({"sweep_key": "train.lr"}, ["sweep_key and study.sweep_values go together"]),
         ({"sweep_key": "train.lr", "sweep_values": []}, ["study.sweep_values is empty"]),
         ({"sweep_key": "train.lr", "sweep_values": [0.1, 0.1]}, ["lists a value twice"]),
@@ -1305,3 +1316,36 @@ def test_study_pairs_are_rebuilt_after_a_failed_gate_once_the_thresholds_go_back
     assert json.loads((validated / "summary.json").read_text())["gate_passed"] is True
     read_training_rows(validated / "valid.jsonl", "")
     assert prepare_pairs(ok, root)["cached"] is True
+
+
+@pytest.mark.parametrize("sets", [("clean", "textfooler"), ("clean", "textfooler", "deepwordbug")],
+                         ids=["rte-has-none", "rte-has-one-set"])
+def test_a_one_instruction_set_leaves_consistency_intervals_and_differences_defined(sets):
+    """rte's perturbed set with one instruction has no consistency (634bd61): its examples' NaN entered the
+    bootstrap's weighted sums and made every replicate NaN, so the interval and the difference of consistency read
+    '–' though the figure was defined. They now average over the tasks that have one, as the figure does."""
+    from coin.evaluation.result import EvalResult
+    from coin.study.aggregate import aggregate, cell_data
+
+    n = 20
+    labels = {"sst2": [e % 2 for e in range(n)], "rte": [e % 2 for e in range(n)]}
+    rng = np.random.default_rng(0)
+    cells = []
+    for s in (0, 1):
+        for m, k in (("cit", 14), ("sft", 10)):
+            ok = {t: [set(rng.choice(n, k, replace=False).tolist()) for _ in range(2)] for t in ("sst2", "rte")}
+            # with a second perturbed set, the figure's set-major mean and the examples' task-major mean weighed
+            # the tasks otherwise (the interval sat around another value than the figure)
+            r = synth_result(f"{m}-s{s}", ok, n=n, labels=labels, sets=sets, n_instr=2)
+            p = r.predictions
+            p = p[~((p.task == "rte") & (p["set"] == "textfooler") & (p.instruction_id == 1))].reset_index(drop=True)
+            r = EvalResult(f"{m}-s{s}", p, ["sst2", "rte"], list(sets), ["loglik"])
+            cells.append(cell_data({"cell": {"method": m, "seed": s, "sweep_key": None, "sweep_value": None}}, r))
+    assert cells[0].scores["consistency"].isna().any() == (len(sets) == 2)  # else rte keeps deepwordbug's
+    (g,) = aggregate(cells, ["cit", "sft"], n_boot=200)["groups"]
+    for m in ("cit", "sft"):
+        ci = g["methods"][m]["interval"]["consistency"]
+        own = np.mean([c.figures["consistency"] for c in cells if c.method == m])
+        assert ci["mean"] == pytest.approx(own) and ci["ci_low"] <= ci["mean"] <= ci["ci_high"], ci
+    (d,) = g["differences"]
+    assert d["consistency"]["delta"] is not None and d["consistency"]["ci_low"] is not None, d["consistency"]

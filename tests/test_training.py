@@ -1176,6 +1176,29 @@ def test_the_fully_trained_head_learns_on_a_bf16_base(tiny_bert_encoder_dir: Pat
     assert all(torch.isfinite(v.float()).all() for v in adapter_tensors(tmp_path / "adapter").values())
 
 
+def test_a_bf16_adapter_is_scored_with_the_float32_head_it_trained(tiny_bert_encoder_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    """The head transform (modules_to_save) trains and is saved in float32 on a bf16 base; loading the adapter on
+    a bf16 base cast it back to bf16, rounding the trained LayerNorm steps away (most back to 1.0)."""
+    from helpers_training import adapter_tensors
+
+    from coin.modeling.adapter import load_trained, write_meta
+
+    bb = load_backbone(str(tiny_bert_encoder_dir), device="cpu", dtype="bfloat16")
+    train(bb, make_rows(8), cfg_for(max_steps=3, warmup_ratio=0.0, lr_schedule="constant"), out_dir=tmp_path,
+          seed=0, cutoff_len=64, progress=False)
+    write_meta(tmp_path / "adapter", {"base": str(tiny_bert_encoder_dir), "dtype": "bfloat16", "seed": 0})
+    saved = next(v for k, v in adapter_tensors(tmp_path / "adapter").items()
+                 if k.endswith("transform.LayerNorm.weight"))
+    model, _, _ = load_trained(tmp_path / "adapter", device="cpu")
+    loaded = next(p for n, p in model.named_parameters() if n.endswith("modules_to_save.default.LayerNorm.weight"))
+    assert loaded.dtype == torch.float32
+    torch.testing.assert_close(loaded.detach(), saved)
+    with torch.no_grad():  # the float32 copy between bf16 layers: a forward pass runs and gives finite logits
+        logits = model(input_ids=torch.tensor([[2, 5, 7, 3]])).logits
+    assert torch.isfinite(logits.float()).all()
+
+
 def test_float16_weights_on_a_cpu_are_refused_naming_the_setting(tiny_bert_encoder_dir: Path) -> None:
     """float16 on a CPU saved a NaN head after one step (AdamW's eps is 0 in fp16), or failed with a raw
     'mixed dtype (CPU)' error under the CPU's bf16 autocast."""

@@ -784,6 +784,37 @@ def test_a_pairs_file_with_a_byte_order_mark_reads(tmp_path):
     assert read_jsonl(f) == [{"a": 1}, {"a": 2}]
 
 
+def test_a_json_file_with_a_byte_order_mark_reads_as_a_jsonl_one_does(tmp_path):
+    """An instruction file or FLAN template file saved by Notepad was refused with Python's 'decode using
+    utf-8-sig', which no user can act on; read_jsonl already read past the mark."""
+    from coin.data.io import read_json
+    from coin.evaluation.instructions import load_instruction_sets
+
+    f = tmp_path / "mine.json"
+    f.write_bytes(b"\xef\xbb\xbf" + json.dumps({"perturbations": {"clean": {"sst2": ["Sentiment: "]}}}).encode())
+    assert read_json(f)["perturbations"]["clean"] == {"sst2": ["Sentiment: "]}
+    assert load_instruction_sets(f, ["clean"], ["sst2"]) == {"clean": {"sst2": ["Sentiment: "]}}
+
+
+def test_a_lone_surrogate_escape_is_refused_naming_the_file_line_and_field(tmp_path):
+    """An emoji escape cut in half ('\\ud83d', e.g. a substring before JSON.stringify) is valid JSON but no text: a
+    data row failed at the next write with an encoding error naming no file (exit 2), an instruction failed coin
+    validate with a tokenizer TypeError reported as a bug. A whole pair (an emoji) still reads."""
+    from coin.data.io import DataError, read_json
+
+    rows = tmp_path / "sst2.train.jsonl"
+    rows.write_text('{"sentence": "fine \\ud83d\\ude00", "label": 1}\n{"sentence": "caf\\u00e9 \\ud83d", "label": 0}\n')
+    with pytest.raises(DataError, match=r"sst2\.train\.jsonl:2: field 'sentence' holds a lone UTF-16 surrogate "
+                                        r"\(\\ud83d at character 5"):
+        read_jsonl(rows)
+    rows.write_text('{"sentence": "fine \\ud83d\\ude00", "label": 1}\n')
+    assert read_jsonl(rows)[0]["sentence"] == "fine \U0001f600"
+    doc = tmp_path / "mine.json"
+    doc.write_text('{"perturbations": {"clean": {"sst2": ["Sentiment: ", "Is it good? \\udc00"]}}}')
+    with pytest.raises(DataError, match=r"mine\.json: field 'perturbations\.clean\.sst2\[1\]' holds a lone"):
+        read_json(doc)
+
+
 def test_a_pipe_in_a_pair_id_does_not_split_the_summary_table(real_rows, tokenizer, tmp_path, embedder, eval_sources):
     rows = rows_copy(real_rows[:10])
     rows[0]["pair_id"] = "cola|x"

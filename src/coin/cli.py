@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.markup import escape
 
 import coin  # noqa: F401  (sets the local-only environment first)
-from coin.config import ConfigError, Settings, load_settings
+from coin.config import ConfigError, Settings, load_settings, project_root
 from coin.data.io import DataError
 from coin.interrupt import interrupt_guard, interrupted
 from coin.registry.errors import ModelUnavailable
@@ -256,7 +256,8 @@ app = typer.Typer(cls=_CoinGroup, add_completion=False, no_args_is_help=True, he
                   epilog=EXIT_CODES_HELP, pretty_exceptions_enable=False)
 console = Console(stderr=True)
 
-ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (project root = its directory)")]
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (project root = its folder; a symbolic "
+                                                                "link stays in its own project)")]
 SetOpt = Annotated[Optional[list[str]],
                    typer.Option("--set", "-s", help="override a key: section.key=value (repeatable)")]
 
@@ -271,7 +272,7 @@ def _options(
 
 def _settings(params: Path, overrides: list[str] | None, *, check_project: bool = True) -> tuple[Settings, Path]:
     settings = load_settings(params, overrides, check_project=check_project)
-    return settings, params.resolve().parent
+    return settings, project_root(params)
 
 
 def _setup_logging() -> None:
@@ -644,7 +645,7 @@ def predict(
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the answers alone, as coin card
     settings, root = _settings(params, set_, check_project=False)  # predict reads neither data nor the backbone
-    setup_tracking(settings, root)
+    setup_tracking(settings, root, writes=False)
     uri = model_uri or f"models:/{settings.register_.model_name}@champion"
     local = Path(uri).expanduser()
     from coin.modeling.adapter_files import is_adapter_dir
@@ -685,8 +686,12 @@ def predict(
                 hint = " Run `coin pipeline` (or `coin register`) first."
                 if "alias champion not found" in why:
                     asked = uri.removeprefix("models:/").split("@")[0].split("/")[0]  # the model named, not ours
+                    from coin.layout import Layout
+
+                    record = Layout(root, settings).register_record  # paths.out_dir's, shown from here
+                    shown = record.relative_to(Path.cwd()) if record.is_relative_to(Path.cwd()) else record
                     hint = (" No candidate has passed the promotion gate yet (see `coin.promotion.reason` on its "
-                            "version, or outputs/register/registration.json); the newest candidate is "
+                            f"version, or {shown}); the newest candidate is "
                             f"--model-uri models:/{asked or settings.register_.model_name}@challenger.")
             else:  # the model is registered but does not load here (its base, a library): its own message says why
                 hint = ""
@@ -733,7 +738,7 @@ def card(
     for ref in models:
         parse_model_ref(ref)  # a malformed reference fails before the registry is opened
     settings, root = _settings(params, set_, check_project=False)  # reads only the registry
-    setup_tracking(settings, root)
+    setup_tracking(settings, root, writes=False)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the card alone on stdout
     out = Console(width=max(100, Console().width))
     for table in rich_tables([load_card(ref) for ref in models]):

@@ -33,6 +33,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import os
 import re
 import types
 import typing
@@ -119,10 +120,18 @@ class _Section(BaseModel):
         return v
 
 
+def _home(value: str) -> str:
+    """A folder setting's leading ``~`` is the home folder, as in a shell: kept as written, the folder checks
+    looked in $HOME while the stages wrote to a folder named '~' inside the project."""
+    return os.path.expanduser(value) if isinstance(value, str) else value
+
+
 class PathsSettings(_Section):
     data_dir: str = Field("data", description="raw data directory tracked by data.dvc")
     out_dir: str = Field("outputs", description="where stages write their outputs")
     mlruns_dir: str = Field("mlruns", description="local MLflow store (SQLite db + artifacts)")
+
+    expand_home = field_validator("data_dir", "out_dir", "mlruns_dir", mode="before")(_home)
 
 
 class ModelSettings(_Section):
@@ -642,6 +651,8 @@ class StudySettings(_Section):
     )
     n_boot: int = Field(2000, ge=100, le=1_000_000, description="bootstrap resamples of the intervals")
 
+    expand_home = field_validator("out_dir", mode="before")(_home)
+
     @field_validator("sweep_key")
     @classmethod
     def _sweep_key_bare(cls, v: str | None) -> str | None:
@@ -687,6 +698,12 @@ class StudySettings(_Section):
         return self
 
 
+# the params keys no study cell's figures depend on: a cell's key (coin.study.keys) leaves them out, and a study
+# refuses to sweep them (check_study_sweep)
+CELL_PARAMS_EXCLUDE = ("model.device", "train.methods", "train.resume", "train.log_every", "train.checkpoint_every",
+                       "train.keep_checkpoints", "evaluate.include_base")
+
+
 def check_study_sweep(settings: "Settings") -> None:
     """Raise ``ValueError`` naming ``study.sweep_key`` unless every sweep value, applied with the override
     machinery (:func:`apply_overrides`, as ``--set key=value``), gives valid params."""
@@ -700,6 +717,11 @@ def check_study_sweep(settings: "Settings") -> None:
                              "model.* key")
     if "." not in key:
         raise ValueError(f"study.sweep_key = {key!r} names a whole section; name one key in it, e.g. train.lr")
+    if any(key == p or key.startswith(p + ".") for p in CELL_PARAMS_EXCLUDE):
+        raise ValueError(f"study.sweep_key = {key!r} cannot be swept: it changes no cell's figures (a cell's key "
+                         f"leaves out {', '.join(CELL_PARAMS_EXCLUDE)}), so every value would train and score the "
+                         "same cells again. Sweep a train.*, evaluate.* or model.* key that changes them, e.g. "
+                         "train.lr")
     raw = settings.model_dump(by_alias=True, mode="json")
     raw["study"].update(sweep_key=None, sweep_values=None)
     for value in st.sweep_values or []:
@@ -899,7 +921,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict):
+        if isinstance(v, dict) and v:  # an empty mapping stays, as {}: recorders would otherwise lose the key
             out.update(_flatten(v, key + "."))
         else:
             out[key] = v
@@ -1011,6 +1033,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str | SecretStr] | None
             if not isinstance(nxt, dict):
                 head, rest = ".".join(parts[:i + 1]), ".".join(parts[i + 1:])
                 example = value.strip() if shown == item and value.strip() else "..."  # never a secret's text
+                if isinstance(nxt, list):  # evaluate.tasks.0=sst2: the list whole, with that item replaced
+                    items = [str(x) for x in nxt]
+                    if rest.isdigit() and int(rest) < len(items):
+                        items[int(rest)] = example
+                    else:
+                        items.append(example)
+                    raise ConfigError(f"override {shown!r}: '{p}' is a list, not a section (it holds {nxt!r}); give "
+                                      f"{head} whole, e.g. --set '{head}=[{', '.join(items)}]'")
                 raise ConfigError(f"override {shown!r}: '{p}' is not a section (it holds {nxt!r}); give {head} "
                                   f"whole, e.g. --set '{head}={{{rest}: {example}}}' for a mapping")
             cur = nxt
@@ -1055,6 +1085,13 @@ def _merged(old: dict[str, Any], new: dict[str, Any], parts: list[str]) -> dict[
         merge = isinstance(v, dict) and isinstance(out.get(k), dict) and _names_section(sub)
         out[k] = _merged(out[k], v, sub) if merge else v
     return out
+
+
+def project_root(params_path: str | Path) -> Path:
+    """The project root: the params file's own folder. A params file that is a symbolic link (to a shared
+    configuration) stays in its link's project: following the link moved the data, outputs and store beside the
+    link's target."""
+    return Path(os.path.abspath(params_path)).parent.resolve()
 
 
 def load_settings(path: str | Path = "params.yaml", overrides: list[str | SecretStr] | None = None, *,
@@ -1111,7 +1148,7 @@ def load_settings(path: str | Path = "params.yaml", overrides: list[str | Secret
         raise ConfigError(settings_source(path, overrides) + verb + msg[len(SETTINGS_PROBLEMS) - len(" problems"):]) \
             from None
     if check_project:
-        check_names(settings, path.resolve().parent, source=settings_source(path, overrides))
+        check_names(settings, project_root(path), source=settings_source(path, overrides))
     return settings
 
 
@@ -1351,6 +1388,6 @@ def check_instruction_file(settings: Settings, root: Path, *, source: str | Path
                                 "Make the instructions distinct.", path, s, t, shown, len(texts),
                                 " (the same prompts: a space is added before the input)" if len(variants) > 1 else "")
             if s in PERTURBATION_LEVELS and len(items) != PROMPTBENCH_INSTRUCTIONS_PER_TASK:
-                log.warning("%s: set '%s', task '%s' has %d instructions; the shipped PromptBench set has %d, so its "
+                log.warning("%s: set '%s', task '%s' has %d instruction%s; the shipped PromptBench set has %d, so its "
                             "figures are not comparable with the shipped evaluation's", path, s, t, len(items),
-                            PROMPTBENCH_INSTRUCTIONS_PER_TASK)
+                            "" if len(items) == 1 else "s", PROMPTBENCH_INSTRUCTIONS_PER_TASK)

@@ -22,6 +22,7 @@ from typing import Any
 
 import pandas as pd
 
+from coin.data.io import SURROGATE
 from coin.data.tasks import TASKS
 
 log = logging.getLogger("coin")
@@ -40,6 +41,15 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and value != value)
 
 
+def _unicode(text: str, what: str) -> None:
+    """Refuse text with a lone surrogate (a cut emoji escape in a JSON request, '\\ud83d'), naming ``what``: the
+    tokenizer failed on it with a TypeError (a 500 from the server) or an encoding error that named no field."""
+    m = SURROGATE.search(text)
+    if m:
+        raise ValueError(f"{what}: not valid Unicode (a lone surrogate {m.group()!r} at character {m.start()}, e.g. "
+                         "an emoji cut in half); send whole characters")
+
+
 def _field_text(row: Any, field: str) -> str:
     """Row ``field`` (``instruction`` or ``input``) as text: a missing value (None/NaN, e.g. a key absent from one
     record of a JSON request) is "", a number its digits (a CSV column of numbers). Refused, naming the field: a
@@ -47,6 +57,7 @@ def _field_text(row: Any, field: str) -> str:
     Python form was scored as the prompt)."""
     value = row[field]
     if isinstance(value, str):
+        _unicode(value, field)
         return value
     if _missing(value):
         return ""
@@ -106,12 +117,17 @@ def parse_options(value: Any) -> list[str] | None:
     if bad:
         raise ValueError(f"options {value!r}: {bad[0]!r} is not an answer; every option must be a string")
     answers = [str(o) for o in items]
+    for a in answers:
+        _unicode(a, f"options {value!r}: {a!r}")
     if any(not a.strip() for a in answers):
         raise ValueError(f"options {value!r}: has an empty answer; give non-empty answers separated by '|' "
                          "(e.g. 'yes|no') or a JSON list")
     dup = sorted({a for a in answers if answers.count(a) > 1})
     if dup:
         raise ValueError(f"options {value!r}: lists {', '.join(map(repr, dup))} twice; list each answer once")
+    if len(answers) == 1:  # e.g. a list of words split across rows by position (an HTTP 'inputs' body)
+        raise ValueError(f"options {value!r}: lists one answer, which would be the answer whatever the input; give "
+                         "each row at least two, as 'a|b' or a JSON list string")
     return answers
 
 
@@ -200,6 +216,10 @@ def _check_columns(df: pd.DataFrame) -> None:
     missing = [c for c in ("instruction", "input") if c not in df.columns]
     if missing:
         raise ValueError(f"predict input lacks column(s) {missing}; expected instruction, input[, task][, options]")
+    for col in ("instruction", "input"):  # before rows are read: pandas' text dtype fails on it, naming no field
+        for i, value in enumerate(df[col].tolist()):
+            if isinstance(value, str):
+                _unicode(value, f"row {i}: {col}" if len(df) > 1 else col)
 
 
 def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max_new_tokens: int = 7,

@@ -173,16 +173,18 @@ def stage_pairs(settings: Settings, root: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- validate
 
 
-def preflight_pipeline(settings: Settings) -> None:
+def preflight_pipeline(settings: Settings, root: Path | None = None) -> None:
     """What the pipeline checks before it builds anything (as ``coin study`` does with
     :func:`coin.study.grid.preflight_study`): ``pairs.cutoff_len`` within the positions the backbone reads, and the
     memory plan of every trained method, whose LoRA targets that match nothing stop here too. Run late, they
     refused only after the data, pairs and validation stages had run (minutes on the default)."""
+    from coin.evaluation.runner import check_generation_budget
     from coin.modeling.backbone import check_cutoff_len, config_positions
     from coin.modeling.memory import preflight
 
     check_cutoff_len(settings.pairs.cutoff_len, config_positions(settings.model.backbone), settings.model.backbone)
     preflight(settings, list(settings.train.methods))
+    check_generation_budget(settings, root)  # generated answers long enough for every label word scored
 
 
 def stage_validate(settings: Settings, root: Path) -> dict[str, Any]:
@@ -724,7 +726,7 @@ def stage_evaluate(settings: Settings, root: Path) -> dict[str, Any]:
 
 # how the registered model answers (the adapter's coin_model.json, written at training from evaluate.*) and how the
 # evaluation scored: the gate must decide on figures the served model gives
-SERVED_SCORING = ("calibration", "length_normalise", "prompt_format")
+SERVED_SCORING = ("calibration", "length_normalise", "prompt_format", "autocast")
 
 
 def _check_scored_as_served(method: str, evaluated: dict[str, Any], adapter_dir: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -58,6 +59,7 @@ def read_jsonl(
                                 f"column {exc.colno}); fix or remove the line") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+            _refuse_surrogates(row, f"{path}:{lineno}", text)
             for field, typ in (required or {}).items():
                 if field not in row:
                     raise DataError(f"{path}:{lineno}: missing field '{field}' (row has: {', '.join(row)})")
@@ -129,8 +131,9 @@ def read_json(path: str | Path, *, missing_hint: str = "") -> Any:
         raise DataError(f"{path}: file not found. {missing_hint}".rstrip(". ") + ("." if missing_hint else ""))
     if path.is_dir():
         raise DataError(f"{path}: is a directory; pass the file itself")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
+    try:  # a byte-order mark (Notepad's UTF-8) is not part of the document, as in read_jsonl
+        text = path.read_text(encoding="utf-8").removeprefix("\ufeff")
+        doc = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except _DuplicateKey as exc:
         raise DataError(f"{path}: key {exc.args[0]!r} appears twice in one object ({exc.args[1]}); JSON keeps only "
                         "the last, so the first would be silently lost: merge them into one") from None
@@ -139,3 +142,31 @@ def read_json(path: str | Path, *, missing_hint: str = "") -> Any:
                         f"column {exc.colno}); fix the file") from None
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    _refuse_surrogates(doc, str(path), text)
+    return doc
+
+
+SURROGATE = re.compile("[\ud800-\udfff]")  # a lone UTF-16 surrogate: no text (also coin.predict's check)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how one is written in JSON text (UTF-8 cannot hold one)
+
+
+def _refuse_surrogates(doc: Any, where: str, text: str | None = None) -> None:
+    """Refuse a string holding a lone UTF-16 surrogate (a JSON escape such as ``\\ud83d`` whose other half was cut
+    off, e.g. by a substring before JSON.stringify): valid JSON, but no text; it failed stages later with an
+    encoding error naming no file, or a tokenizer TypeError reported as a bug. Names the field's path."""
+    if text is not None and not _SURROGATE_ESCAPE.search(text):  # the common case: no escape, nothing to walk
+        return
+    stack: list[tuple[Any, str]] = [(doc, "")]
+    while stack:
+        value, at = stack.pop()
+        if isinstance(value, str):
+            m = SURROGATE.search(value)
+            if m:
+                raise DataError(f"{where}: {'field ' + repr(at) if at else 'the text'} holds a lone UTF-16 surrogate "
+                                f"(\\u{ord(m.group()):04x} at character {m.start()}, half of a character such as an "
+                                "emoji cut in two); fix or remove it")
+        elif isinstance(value, dict):
+            stack.extend((v, f"{at}.{k}" if at else str(k)) for k, v in value.items())
+            stack.extend((k, f"{at} (a key)" if at else "a key") for k in value if isinstance(k, str))
+        elif isinstance(value, list):
+            stack.extend((v, f"{at}[{i}]") for i, v in enumerate(value))

@@ -38,6 +38,7 @@ from coin.config import (
     check_names,
     has_tokenizer,
     load_settings,
+    project_root,
     settings_source,
 )
 from coin.data.io import DataError, read_json, write_json
@@ -191,7 +192,7 @@ def _resolve_registry(spec: str, scheme: str, settings: Settings, root: Path) ->
     from coin.registry.errors import ModelUnavailable
     from coin.registry.tracking import setup_tracking
 
-    setup_tracking(settings, root)
+    setup_tracking(settings, root, writes=False)  # resolving a registered model's files
     client = MlflowClient()
     rest = spec[len(scheme) + 2:]
     if scheme == "runs":
@@ -384,17 +385,10 @@ def resolve_targets(args: list[str], settings: Settings, root: Path) -> list[Mod
 # --------------------------------------------------------------------------- protocol and cache
 
 
-def evaluable_tasks(settings: Settings, root: Path) -> list[str]:
-    """The configured tasks that have validation data (the runner skips the others, e.g. qqp)."""
-    from coin.data.tasks import validation_files
-
-    data_dir = root / settings.paths.data_dir
-    return [t for t in settings.evaluate.tasks if validation_files(data_dir, t)[0]]
-
-
 def check_instructions(settings: Settings, root: Path) -> None:
     """Read the instruction file against the schema for the configured sets and evaluable tasks (DataError)."""
     from coin.evaluation.instructions import load_instruction_sets
+    from coin.evaluation.runner import evaluable_tasks
 
     tasks = evaluable_tasks(settings, root)
     if not tasks:
@@ -468,7 +462,7 @@ def load_for_instructions(params: str | Path, overrides: list[Any] | None,
     *before* the project checks, so ``--set evaluate.instruction_sets=...`` is checked against ``FILE``'s sets,
     not the configured file's. Without a file, :func:`~coin.config.load_settings` as usual. ``uses_backbone``
     false (explicit ``--model`` specs): ``model.backbone`` is not read, so it is not checked."""
-    root = Path(params).resolve().parent
+    root = project_root(params)
     if file is None:
         settings = load_settings(params, overrides, check_project=False)
         check_names(settings, root, source=settings_source(params, overrides), backbone=uses_backbone)

@@ -115,9 +115,9 @@ def pairwise_consistency(preds: np.ndarray) -> float:
 
 def all_agree_consistency(preds: np.ndarray) -> float:
     """Share (%) of examples predicted identically under every instruction, with a label (an unparsed generation,
-    a negative label, agrees with nothing)."""
+    a negative label, agrees with nothing); NaN under 2 instructions, as :func:`pairwise_consistency`."""
     preds = np.asarray(preds)
-    if preds.shape[0] == 0:
+    if preds.shape[0] == 0 or preds.shape[1] < 2:
         return math.nan
     return 100.0 * float(np.mean([len(np.unique(row)) == 1 and row.min() >= 0 for row in preds]))
 

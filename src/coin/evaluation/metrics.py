@@ -102,8 +102,10 @@ def _cell_stats(grp: pd.DataFrame) -> pd.Series:
     correct = grp.assign(ok=grp["pred"] == grp["label"]).pivot(index="example_id", columns="instruction_id",
                                                                 values="ok")
     return pd.Series({
-        # an unparsed generation (pred -1) names no label, so it agrees with nothing, itself included
-        "consistency": 100.0 * float(((preds.nunique(axis=1) == 1) & (preds >= 0).all(axis=1)).mean()),
+        # an unparsed generation (pred -1) names no label, so it agrees with nothing, itself included; one
+        # instruction has nothing to agree with: undefined (NaN, left out of the means), as pairwise consistency
+        "consistency": (100.0 * float(((preds.nunique(axis=1) == 1) & (preds >= 0).all(axis=1)).mean())
+                        if preds.shape[1] > 1 else math.nan),
         "worst_acc": 100.0 * float(correct.all(axis=1).mean()),
         "unparsed": 100.0 * float((grp["pred"] < 0).mean()),
     })
@@ -188,21 +190,33 @@ def compute_metrics(preds: pd.DataFrame, sources: Sources | None = None) -> Metr
     levels = sets.groupby(["scoring", "level"], sort=False)[list(STATS)].mean().reset_index()
     categories = _mean_over(cells, ["scoring", "category", "set"])
     return Metrics(cells=cells.reset_index(drop=True), sets=sets.reset_index(drop=True), levels=levels,
-                   categories=categories, overall=_overall(sets), agreement=agreement_table(preds))
+                   categories=categories, overall=_overall(sets, cells), agreement=agreement_table(preds))
 
 
-def _overall(sets: pd.DataFrame) -> pd.DataFrame:
+def _task_major_consistency(cells: pd.DataFrame, scoring: str) -> float:
+    """Consistency over the perturbed sets as the per-example scores and their intervals take it: per task the mean
+    over its sets that have one, then the mean over tasks. Used where a (task, set) has none (one instruction): the
+    set-major mean then weighs the tasks otherwise, and the interval sat around another value than the figure."""
+    pert = cells[(cells["scoring"] == scoring) & (cells["set"] != CLEAN)]
+    return float(pert.groupby("task")["consistency"].mean().mean())
+
+
+def _overall(sets: pd.DataFrame, cells: pd.DataFrame | None = None) -> pd.DataFrame:
     rows = []
     for scoring, grp in sets.groupby("scoring", sort=False):
         clean, pert = grp[grp["set"] == CLEAN], grp[grp["set"] != CLEAN]
         mean = (lambda col, pert=pert: float(pert[col].mean()) if len(pert) else math.nan)  # noqa: E731
+        consistency = mean("consistency")
+        if cells is not None and len(pert) and cells.loc[(cells["scoring"] == scoring)
+                                                         & (cells["set"] != CLEAN), "consistency"].isna().any():
+            consistency = _task_major_consistency(cells, scoring)
         rows.append({
             "scoring": scoring,
             "clean_acc": float(clean["acc_mean"].iloc[0]) if len(clean) else math.nan,
             "clean_std": float(clean["acc_std"].iloc[0]) if len(clean) else math.nan,
             "perturbed_acc": mean("acc_mean"), "perturbed_std": mean("acc_std"), "pdr": mean("pdr"),
             "pdr_pairs": mean("pdr_pairs"),
-            "consistency": mean("consistency"), "worst_acc": mean("worst_acc"), "unparsed": mean("unparsed"),
+            "consistency": consistency, "worst_acc": mean("worst_acc"), "unparsed": mean("unparsed"),
             "n_perturbed_sets": len(pert),
         })
     return pd.DataFrame(rows)

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from coin.config import EvaluateSettings
+from coin.config import ConfigError, EvaluateSettings, Settings
 from coin.data.tasks import get_task
 from coin.evaluation.generation import UNPARSED, generate_answers, label_choices, parse_answer
 from coin.evaluation.instructions import load_instruction_sets, load_instruction_sources, perturbation_level
@@ -60,6 +60,44 @@ def _check_generation_room(tokenizer, limit: int | None, cfg: EvaluateSettings) 
     if cfg.max_new_tokens > top:
         raise ValueError(f"evaluate.max_new_tokens = {cfg.max_new_tokens}: give 1..{max(top, 1)} (the model reads at "
                          f"most {limit} positions, the prompt included)")
+
+
+def _check_answers_fit(tokenizer, max_new_tokens: int, tasks: list[str]) -> None:
+    """Refuse an ``evaluate.max_new_tokens`` too short for a task's label word, the answer training teaches and the
+    prompt's options list: a perfect answer was cut, parsed as no answer, and that label counted as wrong in every
+    example, without a word (MiniLM spells rte's 'not_entailment' in 5 tokens). An instruction file's shorter aliases
+    (the reference's digits) do not count: a model trained on the words does not answer with them."""
+    for task in tasks:
+        n, word = max((len(tokenizer(w, add_special_tokens=False)["input_ids"]), w) for w in get_task(task).label_words)
+        if max_new_tokens < n:
+            raise ValueError(f"evaluate.max_new_tokens = {max_new_tokens} cannot produce {task}'s answer {word!r} "
+                             f"({n} tokens for this tokenizer): every such example would count as wrong; give at "
+                             f"least {n}")
+
+
+def evaluable_tasks(settings: Settings, root: Path) -> list[str]:
+    """The configured tasks that have validation data (the runner skips the others, e.g. qqp)."""
+    from coin.data.tasks import validation_files
+
+    data_dir = root / settings.paths.data_dir
+    return [t for t in settings.evaluate.tasks if validation_files(data_dir, t)[0]]
+
+
+def check_generation_budget(settings: Settings, root: Path | None = None) -> None:
+    """:func:`_check_answers_fit` before any work (the pipeline's and the study's pre-flight), with the backbone's
+    tokenizer: found at evaluation, it stopped the run after every method had trained. The tasks are those the
+    evaluation scores: with ``root``, those with validation data (qqp has none); a data folder not restored yet
+    leaves the check to the evaluation."""
+    if "generate" in settings.evaluate.scoring:
+        from coin.modeling.backbone import load_tokenizer
+
+        tasks = list(settings.evaluate.tasks) if root is None else evaluable_tasks(settings, Path(root))
+        if not tasks:
+            return
+        try:
+            _check_answers_fit(load_tokenizer(settings.model.backbone), settings.evaluate.max_new_tokens, tasks)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def evaluate_model(
@@ -109,6 +147,8 @@ def evaluate_model(
     instructions = load_instruction_sets(cfg.instruction_file, cfg.instruction_sets, list(samples))
     sources = load_instruction_sources(cfg.instruction_file, cfg.instruction_sets, list(samples))  # per-pair PDR
     choices = {t: label_choices(get_task(t).label_words, cfg.instruction_file, t) for t in samples}
+    if "generate" in cfg.scoring:  # each label word must fit in max_new_tokens
+        _check_answers_fit(tokenizer, cfg.max_new_tokens, list(samples))
 
     timing: dict[str, dict[str, Any]] = {m: {"seconds": 0.0, "items": 0, "forward_tokens": 0} for m in cfg.scoring}
     paths: list[tuple[str, str, float, int]] = []  # loglik (path, reason, mean prefix tokens, prompts) per task
@@ -138,7 +178,7 @@ def evaluate_model(
                   "instruction_sha256": hashlib.sha256(Path(cfg.instruction_file).read_bytes()).hexdigest()[:16],
                   "length_normalise": cfg.length_normalise, "max_new_tokens": cfg.max_new_tokens,
                   "prefix_cache": cfg.prefix_cache, "batch_size": cfg.batch_size,
-                  "bf16_autocast": uses_bf16(device, cfg.autocast, "evaluate.autocast"),
+                  "bf16_autocast": uses_bf16(device, cfg.autocast, "evaluate.autocast"), "autocast": cfg.autocast,
                   "calibration": cfg.calibration,
                   "label_counts": {t: c for t, c in (label_counts or {}).items() if t in samples},
                   "n_examples": {t: len(r) for t, r in samples.items()},

@@ -73,7 +73,9 @@ def robustness_scores(preds: pd.DataFrame, scoring: str) -> pd.DataFrame:
                             index=pd.MultiIndex.from_tuples([], names=["task", "example_id"]))
     grouped = p.assign(_ok=p["pred"] == p["label"]).groupby(index, sort=False)
     # an unparsed generation (pred -1) agrees with nothing, as in coin.evaluation.metrics
-    per_set = pd.DataFrame({"consistency": (grouped["pred"].nunique().eq(1) & grouped["pred"].min().ge(0)) * 100.0,
+    # one instruction in a set has nothing to agree with: its consistency is undefined (NaN), as in the metrics
+    consistency = (grouped["pred"].nunique().eq(1) & grouped["pred"].min().ge(0)) * 100.0
+    per_set = pd.DataFrame({"consistency": consistency.where(grouped["instruction_id"].nunique() > 1),
                             "worst_acc": grouped["_ok"].all() * 100.0})
     return per_set.groupby(level=["task", "example_id"], sort=False).mean()
 

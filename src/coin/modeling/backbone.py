@@ -348,6 +348,21 @@ def _check_vocabulary(name_or_path: str, tok, config) -> None:
             f"{name_or_path}: the tokenizer has {base} ids but the model's embeddings only {n} (config.json "
             "vocab_size): the tokenizer saved beside it is not the model's. Save the tokenizer the model was trained "
             "with, or resize the model's embeddings to the tokenizer (resize_token_embeddings) and save both")
+    for role in ("bos", "eos"):  # every sequence carries them: nothing could be read
+        tid = getattr(tok, f"{role}_token_id", None)
+        if isinstance(tid, int) and tid >= n:
+            raise ModelUnavailable(
+                f"{name_or_path}: the tokenizer's {role} token {getattr(tok, f'{role}_token')!r} has id {tid}, past "
+                f"the model's {n} embeddings: resize the model's embeddings to the tokenizer (resize_token_embeddings) "
+                "and save both, or save the tokenizer the model was trained with")
+    pad = tok.pad_token_id
+    if isinstance(pad, int) and pad >= n:  # a pad token added without resizing (common in fine-tuned checkpoints):
+        # padding is masked everywhere, so any id the table holds will do, but the padded slots are still embedded
+        spare = next((t for t in (tok.eos_token, tok.unk_token) if t is not None
+                      and isinstance(tok.convert_tokens_to_ids(t), int) and tok.convert_tokens_to_ids(t) < n), None)
+        log.info("%s: the pad token %r (id %d) is past the model's %d embeddings; padding with %r instead (padding "
+                 "is masked)", name_or_path, tok.pad_token, pad, n, spare if spare is not None else "id 0")
+        tok.pad_token = spare if spare is not None else tok.convert_ids_to_tokens(0)
     if len(tok) > n:
         log.warning("%s: the tokenizer's added tokens reach id %d, past the model's %d embeddings; text that "
                     "contains them cannot be read", name_or_path, len(tok) - 1, n)

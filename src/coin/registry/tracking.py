@@ -12,6 +12,7 @@ the logged model. Parent/child links are MLflow's own ``mlflow.parentRunId`` tag
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -24,11 +25,28 @@ import yaml
 
 from coin.config import TRACKING_SERVERS, Settings, tracking_scheme
 
+log = logging.getLogger(__name__)
+
 
 def tracking_uri(settings: Settings, root: Path) -> str:
-    if settings.tracking.uri:
-        return settings.tracking.uri
+    """The MLflow tracking (and registry) URI: ``tracking.uri``, else the project's SQLite store in
+    ``paths.mlruns_dir``. A relative ``sqlite:///`` path is the project's, like every other relative path in the
+    params file (MLflow read it against the working directory, and a command run elsewhere made an empty store
+    there)."""
+    from coin.config import ConfigError
+
+    uri = settings.tracking.uri
+    if uri:
+        db = sqlite_db(uri)
+        if db is not None and not db.is_absolute() and str(db) not in ("", ":memory:"):
+            _, sep, query = uri.partition("?")
+            return f"sqlite:///{(root / db).resolve()}{sep}{query}"
+        return uri
     store = (root / settings.paths.mlruns_dir).resolve()
+    if "?" in str(store):  # a SQLite URI's query starts there: the database would land at the path before it
+        raise ConfigError(f"paths.mlruns_dir = {settings.paths.mlruns_dir!r}: the store's folder {store} holds a '?', "
+                          "which a SQLite URI reads as the start of its options (the database would be made at the "
+                          "path before it); choose a folder without '?'")
     store.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{store / 'mlflow.db'}"
 
@@ -59,8 +77,9 @@ def _store_init_lock(uri: str, timeout: float = 600.0) -> Iterator[None]:
                            "if none runs, delete the lock file") from None
 
 
-def setup_tracking(settings: Settings, root: Path) -> str:
-    """Point MLflow at the configured store and make sure the experiment exists; returns its id."""
+def setup_tracking(settings: Settings, root: Path, *, writes: bool = True) -> str:
+    """Point MLflow at the configured store and make sure the experiment exists; returns its id. ``writes``: the
+    caller logs runs or artifacts (a store whose artifacts lie elsewhere is then refused, else only warned of)."""
     import mlflow
 
     uri = tracking_uri(settings, root)
@@ -75,6 +94,11 @@ def setup_tracking(settings: Settings, root: Path) -> str:
             exp = mlflow.get_experiment_by_name(settings.tracking.experiment)
             if exp is not None:
                 exp_id = exp.experiment_id
+                own = sqlite_db(settings.tracking.uri) if settings.tracking.uri else None
+                if not settings.tracking.uri or (own is not None and not own.is_absolute()):
+                    # the project's own store (the default, or a relative sqlite path: the params file's reading);
+                    # an absolute sqlite path may be shared on purpose (dvc exp run --temp, a team's store)
+                    _check_artifacts_here(exp, settings, root, writes)
             else:
                 artifacts = None  # a tracking server keeps its own artifact store
                 if tracking_scheme(settings.tracking.uri) not in TRACKING_SERVERS:
@@ -92,6 +116,32 @@ def setup_tracking(settings: Settings, root: Path) -> str:
         raise MlflowException(message, error_code=ErrorCode.Value(exc.error_code)) from None
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def _check_artifacts_here(exp: Any, settings: Settings, root: Path, writes: bool = True) -> None:
+    """Refuse a local store whose experiment keeps its artifacts in another folder than this project's
+    ``<mlruns_dir>/artifacts``: MLflow fixes an experiment's artifact location when it is created, so a project moved
+    or copied with its store wrote each new run's model to the old place (recreated after a move, the original
+    project's after a copy), without a word."""
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    from coin.config import ConfigError
+
+    where = str(exp.artifact_location or "")
+    if not where.startswith("file:"):
+        return
+    want = (root / settings.paths.mlruns_dir).resolve() / "artifacts"
+    have = Path(local_file_uri_to_path(where)).resolve()  # a store moved elsewhere and linked back is still here
+    if have != want and not writes:  # reading the registry (predict, card) writes nothing there
+        log.warning("the MLflow experiment %r keeps its artifacts in %s, not in this project's %s (moved or copied "
+                    "with its store); commands that log runs will refuse it", settings.tracking.experiment, have, want)
+    elif have != want:
+        raise ConfigError(
+            f"{want.parent}: this MLflow store's experiment {settings.tracking.experiment!r} keeps its artifacts in "
+            f"{have}, not in this project's {want}: the project was moved or copied with its store, and new runs "
+            "would write their models there. Move the project back, delete this copy's "
+            f"{settings.paths.mlruns_dir}/ to start a fresh store, or use another experiment "
+            "(--set tracking.experiment=NAME)")
 
 
 def data_version(root: Path) -> str:

@@ -196,12 +196,24 @@ def hierarchical_replicates(matrices: dict[str, dict[str, np.ndarray]], codes: n
                 raise ValueError(f"method {method!r} has no cell in draw {d}: every method needs every draw")
             picks.append((members, rng.integers(0, len(members), size=(n_boot, len(members)))))  # seeds, replaced
         for part, by_method in matrices.items():
-            per_seed = weights @ by_method[method].T                            # (n_boot, n_seeds)
+            per_seed = weighted_means(weights, by_method[method])               # (n_boot, n_seeds)
             per_draw = np.stack([np.take_along_axis(per_seed[:, members], pick, axis=1).mean(axis=1)
                                  for members, pick in picks], axis=1)           # (n_boot, n_draws)
             out[part][method] = (per_draw[:, 0] if draw_pick is None
                                  else np.take_along_axis(per_draw, draw_pick, axis=1).mean(axis=1))
     return out
+
+
+def weighted_means(weights: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """``weights @ scores.T`` (``(n_boot, n_examples)`` by ``(n_seeds, n_examples)``): each replicate's weighted mean
+    of each seed's per-example scores. Examples whose score is undefined (NaN: consistency where a task's sets each
+    have one instruction) are left out and the rest re-weighted, so the figure is the mean over the tasks that have
+    one, as the evaluation's own; with none defined it is NaN. Without NaN it is the plain product, to the bit."""
+    missing = np.isnan(scores)
+    if not missing.any():
+        return weights @ scores.T
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (weights @ np.where(missing, 0.0, scores).T) / (weights @ (~missing).T.astype(float))
 
 
 def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
@@ -304,7 +316,8 @@ def aggregate_group(cells: list[CellData], methods: Sequence[str], *, n_boot: in
                              "method in every draw")
     mats = {part: {m: np.stack([c.scores.loc[index, part].to_numpy(dtype=float) for c in cs])
                    for m, cs in per_method.items()} for part in BOOTSTRAPPED}
-    per_cell = {part: {m: s @ w0 for m, s in mats[part].items()} for part in BOOTSTRAPPED}  # per seed = the figures
+    per_cell = {part: {m: weighted_means(w0[None, :], s)[0] for m, s in mats[part].items()}
+                for part in BOOTSTRAPPED}  # per seed = the figures
     # the point estimate: the mean over seeds, or over draws of the mean over each draw's seeds
     points = per_cell if not pooled else {
         part: {m: np.array([v[draws[m] == d].mean() for d in sorted(set(draws[m]))]) for m, v in by.items()}

@@ -33,6 +33,7 @@ from coin.config import (
     check_instruction_file,
     check_robustness_sets,
     load_settings,
+    project_root,
 )
 from coin.methods import METHODS
 
@@ -103,7 +104,7 @@ def load_study(params_path: str | Path, overrides: list[str] | None = None) -> t
     """Parse and check the params of a study (bad keys, methods, seeds or sweep stop here, before any work);
     returns the settings and the project root (the params file's directory)."""
     settings = load_settings(params_path, overrides)
-    root = Path(params_path).resolve().parent
+    root = project_root(params_path)
     grid_cells(settings)  # names must be unique
     for value, s in sweep_points(settings):  # every cell is compared on the clean set (perturbed sets optional)
         where = "a study" if value is None else f"a study at {settings.study.sweep_key} = {value}"
@@ -150,22 +151,24 @@ def sweep_points(settings: Settings) -> list[tuple[Any, Settings]]:
     return points
 
 
-def preflight_study(settings: Settings) -> None:
+def preflight_study(settings: Settings, root: Path | None = None) -> None:
     """The memory plan (:func:`coin.modeling.memory.preflight`) of every trained method at every sweep point: a
     grid with a cell that clearly cannot fit stops here, before the pairs are built, naming the settings to
-    change (and the sweep value). ``COIN_MEMORY_CHECK=0`` skips it, as for ``coin train``."""
+    change (and the sweep value). ``COIN_MEMORY_CHECK=0`` skips it, as for ``coin train``. Generated answers must
+    have room for every label word there too (``evaluate.max_new_tokens``)."""
+    from coin.evaluation.runner import check_generation_budget
     from coin.modeling.memory import MemoryPlanError, preflight
 
     trained = [m for m in settings.study.methods if m != BASE_METHOD]
-    if not trained:
-        return
     for value, s in sweep_points(settings):
         try:
-            preflight(s, trained)
-        except MemoryPlanError as exc:
+            check_generation_budget(s, root)  # every cell's evaluation, base's too: generated answers must fit
+            if trained:
+                preflight(s, trained)
+        except (MemoryPlanError, ConfigError) as exc:
             if value is None:
                 raise
-            raise MemoryPlanError(f"at {settings.study.sweep_key} = {value}: {exc}") from None
+            raise type(exc)(f"at {settings.study.sweep_key} = {value}: {exc}") from None
 
 
 def cell_settings(settings: Settings, cell: Cell) -> Settings:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import coin
-from coin.config import Settings
+from coin.config import CELL_PARAMS_EXCLUDE, Settings
 from coin.data.tasks import validation_files
 from coin.stage_specs import STAGE_SPECS, key_under, select_params
 
@@ -41,8 +41,6 @@ KEY_FORMAT = 1
 _CHUNK = 1 << 20
 
 CELL_PARAMS = ("seed", "model", "pairs.cutoff_len", "train", "evaluate")
-CELL_PARAMS_EXCLUDE = ("model.device", "train.methods", "train.resume", "train.log_every", "train.checkpoint_every",
-                       "train.keep_checkpoints", "evaluate.include_base")
 BASE_PARAMS = ("seed", "model", "evaluate")
 # the pipeline's train and evaluate_unit stages' code (coin.stage_specs, checked against their imports by
 # tests/test_stage_code.py) and the cell's own modules

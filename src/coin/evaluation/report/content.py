@@ -151,7 +151,8 @@ def _header(results: list[EvalResult], refs: References) -> list[Block]:
         "Scoring: " + ", ".join(f"`{m}`" + (" (primary: summary and promotion gate)" if i == 0 else "")
                                 for i, m in enumerate(scorings)) + ".",
         tasks_line,
-        "Instruction sets (" + "/".join(map(str, n_instr)) + " instructions per task): "
+        "Instruction sets (" + "/".join(map(str, n_instr))
+        + (" instruction" if set(n_instr) == {1} else " instructions") + " per task): "
         + ", ".join(_set_name(s) for s in sets) + f"; file `{first.settings.get('instruction_file')}`.",
         f"Prompt format: `{first.settings.get('prompt_format')}`"
         + (", label log-probs length-normalised" if first.settings.get("length_normalise") else "") + ".",
