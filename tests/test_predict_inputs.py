@@ -127,6 +127,19 @@ def test_a_20000_character_input_is_cut_to_fit_keeping_the_instruction(trained, 
     assert not [r for r in caplog.records if "lost" in r.getMessage() and "from the left" in r.getMessage()]
 
 
+def test_special_token_text_in_an_input_is_read_as_text_not_as_control_tokens(trained):
+    """A review quoting "[SEP]" (MiniLM's end of sequence) or "[CLS]" put that control token mid-prompt, in training,
+    evaluation and predict alike: the model read an end of sequence inside the input."""
+    _, tok, _ = trained
+    text = "A dull [SEP] film [CLS] with [MASK] and [PAD] scenes"
+    enc = encode(tok, INSTRUCTION + "\n" + text, "negative", fmt="train")
+    control = {tok.sep_token_id, tok.cls_token_id, tok.mask_token_id, tok.pad_token_id}
+    inside = enc.input_ids[1:-1]  # BOS and EOS are added by id, at the ends only
+    assert not control & set(inside), tok.convert_ids_to_tokens(inside)
+    assert enc.input_ids[0] == tok.bos_token_id and enc.input_ids[-1] == tok.eos_token_id
+    assert "[ sep ]" in tok.decode(inside)  # the text survives, spelled out
+
+
 def test_fit_input_keeps_short_inputs_and_refuses_an_instruction_that_cannot_fit(trained):
     _, tok, _ = trained
     assert fit_input(tok, INSTRUCTION, "a gem", fmt="train", limit=512) == ("a gem", 0)

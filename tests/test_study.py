@@ -883,6 +883,14 @@ def test_dry_run_says_what_each_cell_would_do_and_computes_nothing(study_project
     assert "its training is unchanged, the adapter is reused" in res.output
     assert sorted(str(p) for p in root.rglob("*")) == before  # nothing computed, nothing written
 
+    # a study the run would refuse before any cell (answers without room: rte's not_entailment takes 5 tokens) is
+    # refused by the dry run too: it listed every cell as ready to run
+    res = CliRunner().invoke(app, ["study", "--params", str(params), "--set", "evaluate.scoring=[loglik,generate]",
+                                   "--set", "evaluate.tasks=[rte]", "--set", "evaluate.max_new_tokens=2", "--dry-run"])
+    assert res.exit_code == 2, res.output
+    assert "evaluate.max_new_tokens = 2 cannot produce rte's answer" in " ".join(res.output.split())
+    assert "cells)" not in res.output
+
 
 def test_grid_cells_names_and_sweep_values_go_through_the_override_machinery():
     from coin.study.grid import cell_settings, grid_cells, make_cell, sweep_overrides

@@ -547,8 +547,9 @@ def study(
     dask_threads: Annotated[bool,
                             typer.Option(help="one Dask worker thread in this process (one worker; --workers above "
                                               "1 is refused)")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="list what each cell would do (done, evaluate, "
-                                          "train + evaluate, copy) and stop; computes nothing")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="run the study's pre-flight checks, list what each cell "
+                                          "would do (done, evaluate, train + evaluate, copy) and stop; trains and "
+                                          "scores nothing")] = False,
 ) -> None:
     """Methods x training seeds [x one swept key]: train + evaluate each cell, then mean ± std and paired differences
     (Prefect flow).
@@ -568,8 +569,10 @@ def study(
         workers = 1
     settings, root = load_study(params, overrides)  # fail on bad params (methods, seeds, sweep) before Prefect starts
     if dry_run:
+        from coin.study.grid import preflight_study
         from coin.study.plan import study_plan
 
+        preflight_study(settings, root)  # a study the run would refuse (memory plan, answer room) is refused here too
         _print_study_plan(study_plan(settings, root))
         return
     from flows.pipeline import quiet_prefect_logs

@@ -371,7 +371,9 @@ def _check_vocabulary(name_or_path: str, tok, config) -> None:
 def _load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    # Text is read as text: a review that quotes "[SEP]" or "</s>" must not put a control token (an end of sequence
+    # mid-prompt) in the model's input. BOS/EOS/padding are added by id (coin.data.prompts.encode), never as strings.
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, split_special_tokens=True)
     # BERT has no BOS/EOS: [CLS] opens and [SEP] closes a sequence, as in its pre-training.
     if tok.bos_token is None and tok.cls_token is not None:
         tok.bos_token = tok.cls_token
