@@ -24,6 +24,7 @@ fingerprint x protocol, under ``<out_dir>/cache`` unless ``cache_dir``) and logs
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,7 @@ def coin_evaluate(
     models = list(models) if models else default_models(settings)
     logger.info("coin-evaluate: models %s; instructions %s", ", ".join(models),
                 instruction_file or f"{settings.evaluate.instruction_file} (evaluate.instruction_file)")
-    result = evaluate_any_task(str(Path(params_path).resolve()), overrides, models, instruction_file, out_dir,
+    result = evaluate_any_task(os.path.abspath(params_path), overrides, models, instruction_file, out_dir,
                                cache_dir)
     for unit in result["units"]:
         logger.info("%s", unit_line(unit))

@@ -533,7 +533,7 @@ def coin_pipeline(
     settings, root = _load(params_path, overrides)  # bad params fail here, before any work
     check_robustness_sets(settings, "the pipeline (its register stage gates on both)")
     stages.preflight_pipeline(settings, root)  # ... and LoRA targets, cutoff_len or a run that clearly cannot fit
-    params_path = str(Path(params_path).resolve())  # workers may run elsewhere than the flow's cwd
+    params_path = os.path.abspath(params_path)  # workers may run elsewhere; a link stays in its project
     eval_workers = default_eval_workers() if eval_workers is None else eval_workers
     # a bad cluster option fails here too
     threads = None if dask_address else threads_per_worker(eval_workers)  # torch threads per worker (coin.cpus)

@@ -26,6 +26,7 @@ Nothing is computed here: each task calls one function of ``coin.study``.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,7 @@ def coin_study(
     dask_address = reveal(dask_address)  # sealed (seal_text) when it holds a credential
     settings, root = load_study(params_path, overrides)  # bad params, methods, seeds or sweep fail here
     preflight_study(settings, root)  # ... and a grid with a cell that clearly cannot fit (the memory plan)
-    params_path = str(Path(params_path).resolve())  # workers may run elsewhere than the flow's cwd
+    params_path = os.path.abspath(params_path)  # workers may run elsewhere; a link stays in its project
     plan = worker_plan(settings, workers, dask_address, dask_processes)
     # a bad cluster option fails here too
     runner = eval_task_runner(plan.workers, plan.address, dask_processes, settings.study.dask_dashboard,

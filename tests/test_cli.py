@@ -76,3 +76,16 @@ def test_the_study_dry_run_help_names_the_actions_it_prints():
         assert action in text, action
     readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
     assert "(done, evaluate, train + evaluate, copy;" in readme and "evaluate only" not in readme
+
+
+def test_python_dash_m_coin_runs_the_cli():
+    """`python -m coin --help` failed (no coin.__main__) where the console script is not on PATH."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    res = subprocess.run([sys.executable, "-m", "coin", "--help"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "pipeline" in res.stdout and "predict" in res.stdout

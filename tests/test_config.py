@@ -267,3 +267,51 @@ def test_a_params_file_linked_to_a_shared_config_stays_in_its_project(tmp_path):
     from coin.cli import _settings
 
     assert _settings(link, None)[1] == (tmp_path / "project").resolve()
+
+
+def test_the_pipeline_and_study_flows_keep_a_linked_params_file_in_its_project(tmp_path, monkeypatch):
+    """coin pipeline / coin study (and their flows, as a deployment runs them) resolved the link before handing the
+    path to their tasks: the pre-flight checked the link's project, then data, pairs, training and registration
+    worked beside the shared file."""
+    import logging
+    import os
+
+    from typer.testing import CliRunner
+
+    import flows.pipeline as fp
+    import flows.study as fs
+    from coin.cli import app
+    from coin.config import project_root
+
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "coin.yaml").write_text((ROOT / "params.yaml").read_text())
+    (tmp_path / "project").mkdir()
+    link = tmp_path / "project" / "params.yaml"
+    os.symlink(tmp_path / "shared" / "coin.yaml", link)
+    project = (tmp_path / "project").resolve()
+    seen: list[str] = []
+
+    class Stop(Exception):
+        pass
+
+    def first_task(params_path, *args, **kwargs):
+        seen.append(params_path)
+        raise Stop
+
+    for mod in (fp, fs):
+        monkeypatch.setattr(mod, "get_run_logger", lambda: logging.getLogger("test"))
+    monkeypatch.setattr(fp, "data_task", first_task)
+    monkeypatch.setattr(fs, "open_study_run_task", first_task)
+    monkeypatch.setattr(fp.stages, "preflight_pipeline", lambda settings, root=None: None)
+    monkeypatch.setattr(fs, "preflight_study", lambda settings, root=None: None)
+    with pytest.raises(Stop):
+        fp.coin_pipeline.fn(params_path=str(link), overrides=[])
+    with pytest.raises(Stop):
+        fs.coin_study.fn(params_path=str(link), overrides=[], workers=1, dask_processes=False)
+    # the CLI hands the flows the path as given (made absolute), not the link's target
+    monkeypatch.setattr(fp, "coin_pipeline", lambda params_path, overrides: first_task(params_path))
+    monkeypatch.setattr(fs, "coin_study", lambda params_path, **kw: first_task(params_path))
+    CliRunner().invoke(app, ["pipeline", "--params", str(link)])
+    CliRunner().invoke(app, ["study", "--params", str(link)])
+    assert len(seen) == 4, seen
+    assert [project_root(p) for p in seen] == [project] * 4, seen

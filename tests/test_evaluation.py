@@ -279,6 +279,22 @@ def test_evaluate_refuses_a_max_new_tokens_too_short_for_a_label_word(eval_llama
         preflight_pipeline(qqp)  # without the data folder every configured task counts
 
 
+def test_a_fresh_clone_checks_the_answers_room_once_its_data_is_restored(tmp_path: Path) -> None:
+    """On a fresh clone data/ is not there at the pre-flight (the pipeline's data stage restores it), so no task
+    counted as evaluated and a too-short evaluate.max_new_tokens passed: it was refused only at evaluation, after
+    every method had trained. The data stage's check of the restored files refuses it, before pairs and training."""
+    from coin.config import ConfigError, Settings
+    from coin.stages import check_data, preflight_pipeline
+
+    s = Settings.model_validate({"evaluate": {"scoring": ["loglik", "generate"], "max_new_tokens": 2}})
+    preflight_pipeline(s, tmp_path)  # nothing restored yet: left to the data stage
+    (tmp_path / "data").symlink_to(DATA)
+    with pytest.raises(ConfigError, match=r"evaluate.max_new_tokens = 2 cannot produce \w+'s answer"):
+        check_data(s, tmp_path)
+    ok = s.model_copy(update={"evaluate": s.evaluate.model_copy(update={"max_new_tokens": 5})})
+    assert check_data(ok, tmp_path)["sst2.validation"] > 0
+
+
 def test_evaluate_refuses_a_max_new_tokens_the_model_cannot_fit(tmp_path: Path) -> None:
     """A tiny GPT-2 of 128 positions and evaluate.max_new_tokens = 200 (the config allows 256): the prompts' room was
     negative, the warnings blamed the instructions, and the run ended in "unexpected IndexError: this is a bug"."""

@@ -529,7 +529,7 @@ def pipeline(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, json_
     quiet_prefect_logs()  # no traceback for a user error without --debug, text printed literally
     # a secret in an override is recorded redacted as the flow run's parameter, and applied as given
     with interrupt_guard():  # Ctrl-C also stops Prefect's temporary server: coin.interrupt
-        result = coin_pipeline(params_path=str(params.resolve()), overrides=seal_overrides(set_))
+        result = coin_pipeline(params_path=os.path.abspath(params), overrides=seal_overrides(set_))
     _report("pipeline", result, params, set_, json_)
 
 
@@ -580,7 +580,7 @@ def study(
 
     quiet_prefect_logs()
     with interrupt_guard():
-        result = coin_study(params_path=str(params.resolve()), overrides=seal_overrides(overrides), workers=workers,
+        result = coin_study(params_path=os.path.abspath(params), overrides=seal_overrides(overrides), workers=workers,
                             dask_address=seal_text(dask_address), dask_processes=not dask_threads)
     # the figures as JSON, then the study's table as Markdown, readable on the terminal
     _print({k: v for k, v in result.items() if k != "table"})

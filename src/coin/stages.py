@@ -122,6 +122,10 @@ def _read_data(settings: Settings, root: Path, lay: Layout) -> dict[str, int]:
         from coin.config import check_evaluable_tasks
 
         check_evaluable_tasks(settings, lay.data_dir)
+    # the pre-flight checked the answers' room over the tasks whose data was there; on a fresh clone none was
+    from coin.evaluation.runner import check_generation_budget
+
+    check_generation_budget(settings, root)
     instruction_file = root / settings.evaluate.instruction_file
     if evaluated and instruction_file.exists():
         load_instruction_sets(instruction_file, settings.evaluate.instruction_sets, evaluated)
