@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -1357,3 +1358,31 @@ def test_a_one_instruction_set_leaves_consistency_intervals_and_differences_defi
         assert ci["mean"] == pytest.approx(own) and ci["ci_low"] <= ci["mean"] <= ci["ci_high"], ci
     (d,) = g["differences"]
     assert d["consistency"]["delta"] is not None and d["consistency"]["ci_low"] is not None, d["consistency"]
+
+
+def test_the_robustness_plot_leaves_out_consistency_where_no_set_has_it():
+    """Every perturbed set with one instruction per task: consistency is undefined everywhere, and the robustness
+    plot still drew its panel (an empty axis from −0.04 to 0.04 %, a 'seeds' legend without dots) under a caption
+    saying a constant answer scores 100 on it."""
+    from PIL import Image
+
+    from coin.study.aggregate import aggregate, cell_data
+    from coin.study.report import plot_robustness
+
+    n = 12
+    labels = {"sst2": [e % 2 for e in range(n)]}
+    rng = np.random.default_rng(0)
+
+    def study(n_instr: int) -> dict:
+        cells = [cell_data({"cell": {"method": m, "seed": s, "sweep_key": None, "sweep_value": None}},
+                           synth_result(f"{m}-s{s}", {"sst2": set(rng.choice(n, 7, replace=False).tolist())}, n=n,
+                                        labels=labels, n_instr=n_instr))
+                 for s in (0, 1) for m in ("cit", "sft")]
+        return {"study": {"methods": ["cit", "sft"]}, "methods": ["cit", "sft"],
+                **aggregate(cells, ["cit", "sft"], n_boot=50)}
+
+    one, two = plot_robustness(study(1)), plot_robustness(study(2))
+    assert "undefined" in one.alt and "scores 100 on consistency" not in one.alt
+    assert "undefined" not in two.alt and "scores 100 on consistency" in two.alt
+    w_one, w_two = (Image.open(io.BytesIO(p.png)).size[0] for p in (one, two))
+    assert w_one < w_two  # one panel, not two

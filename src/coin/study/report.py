@@ -343,13 +343,20 @@ def plot_spread(study: dict[str, Any]) -> Plot:
 def plot_robustness(study: dict[str, Any]) -> Plot:
     """Per group, over the perturbed sets: all-agree consistency and worst-case accuracy, one dot per seed, a bar at
     the mean. A constant answer is 100% consistent and its worst case is the majority rate, so the majority line is
-    drawn on the worst-case panel: consistency means something only next to accuracy."""
-    return Plot("robustness", _png(_dots_per_seed(study, ["consistency", "worst_acc"], {"worst_acc"})),
-                "Robustness per method over the perturbed sets: all-agree consistency (the share of examples every "
-                "instruction of a set answers alike) and worst case (the share every instruction answers right); one "
-                "dot per training seed, bar = mean"
+    drawn on the worst-case panel: consistency means something only next to accuracy. Sets of one instruction have
+    no consistency (undefined, not 100): without any, its panel is left out and the caption says why."""
+    agree = any(_num(v) for g in study["groups"] for b in g["methods"].values()
+                for v in b["figures"]["consistency"]["values"].values())
+    keys = ["consistency", "worst_acc"] if agree else ["worst_acc"]
+    what = ("all-agree consistency (the share of examples every instruction of a set answers alike) and worst case "
+            if agree else "worst case ")
+    return Plot("robustness", _png(_dots_per_seed(study, keys, {"worst_acc"})),
+                f"Robustness per method over the perturbed sets: {what}(the share every instruction answers right); "
+                "one dot per training seed, bar = mean"
                 + ("; the pooled group: one dot per cell (draw × seed)" if _has_pooled(study) else "")
-                + ". A constant answer scores 100 on consistency and the majority rate (dashed) on worst case.")
+                + (". A constant answer scores 100 on consistency and the majority rate (dashed) on worst case."
+                   if agree else ". A constant answer scores the majority rate (dashed). All-agree consistency is "
+                   "undefined here, so not drawn: every perturbed set has one instruction per task."))
 
 
 @plain_text
