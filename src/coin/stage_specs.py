@@ -125,7 +125,8 @@ STAGE_SPECS: dict[str, StageSpec] = {
         inputs=lambda lay, m: [lay.valid_file],
         outputs=lambda lay, m: [lay.adapter_dir(str(m)), lay.method_dir(str(m)) / "train.json",
                                 lay.method_dir(str(m)) / "loss.csv"],
-        code=("training", "modeling", "data"),
+        # validation/result.py: read_training_rows decides which of the gate's rows training reads
+        code=("training", "modeling", "data", "validation/result.py"),
         extra_check=_mlflow_run_gone,
     ),
     "evaluate_unit": StageSpec(  # item = model label (base, coin, cit, ...)
