@@ -89,3 +89,21 @@ def test_python_dash_m_coin_runs_the_cli():
                          timeout=300)
     assert res.returncode == 0, res.stderr
     assert "pipeline" in res.stdout and "predict" in res.stdout
+
+
+def test_the_local_prefect_server_gets_time_to_start_on_busy_cores():
+    """Prefect gives its local (ephemeral) server 20 s to start; on two busy cores a study ended "Timed out while
+    attempting to connect to ephemeral Prefect API server" (exit 5) before any work. A value the user set wins."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import coin; from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as s; "
+            "print(s.value())")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and int(out.stdout.split()[-1]) >= 120, out.stderr[-2000:]
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "33"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.stdout.split()[-1] == "33", out.stderr[-2000:]

@@ -18,6 +18,9 @@ LOCAL_ONLY_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # the local (ephemeral) Prefect server: on two busy cores its start outlasted Prefect's 20 s, and the run ended
+    # "Timed out while attempting to connect to ephemeral Prefect API server" before any work
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }
 for _k, _v in LOCAL_ONLY_ENV.items():
     os.environ.setdefault(_k, _v)
