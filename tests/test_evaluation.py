@@ -816,7 +816,11 @@ def test_report_without_perturbed_or_clean_sets(sets: list[str], scoring: list[s
     """Undefined figures (no perturbed set; no clean set, so no PDR) are shown as '–', never as numbers."""
     cfg = _settings(tasks=["rte"], instruction_sets=sets, samples_per_task=2, scoring=scoring, max_new_tokens=5)
     res = evaluate_model(eval_llama.model, eval_llama.tokenizer, cfg, data_dir=DATA, seed=0, model_label="m")
+    (tmp_path / "pdr.png").write_bytes(b"an earlier run's figure")
     paths = write_eval_outputs([res], tmp_path)
+    # pdr.png (declared in dvc.yaml) says there is no drop rate, not an earlier run's figure; the report leaves it out
+    assert paths["plot_pdr"] == tmp_path / "pdr.png" and paths["plot_pdr"].read_bytes().startswith(b"\x89PNG")
+    assert "pdr.png" not in paths["report_md"].read_text()
     lines = paths["report_md"].read_text().splitlines()
     header = next(line for line in lines if line.startswith("| model | scoring |"))
     row = next(line for line in lines if line.startswith("| m |"))
@@ -824,11 +828,10 @@ def test_report_without_perturbed_or_clean_sets(sets: list[str], scoring: list[s
     assert "nan" not in paths["report_md"].read_text().lower()
     metrics = json.loads(paths["metrics"].read_text())["m"]
     if "clean" in sets:
-        assert metrics["summary"]["perturbed_acc"] is None and "plot_pdr" not in paths
+        assert metrics["summary"]["perturbed_acc"] is None
         assert summary["perturbed"] == summary["PDR (set means)"] == "–" and summary["clean"] != "–"
     else:
         assert metrics["summary"]["clean_acc"] is None and metrics["summary"]["pdr"] is None
-        assert "plot_pdr" not in paths
         assert summary["clean"] == summary["PDR (set means)"] == "–" and summary["perturbed"] != "–"
     with pytest.raises(ValueError, match="undefined"):
         robustness_summary(paths["metrics"], "m")

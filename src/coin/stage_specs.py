@@ -92,8 +92,9 @@ def _mlflow_run_gone(settings: Settings, root: Path, method: str | None) -> str 
 
 
 EVAL_REPORT_FILES = ("metrics.json", "eval_info.json", "predictions.jsonl", "report.md", "report.html", "table.md",
-                     "accuracy.png", "cards")  # cards/<model>/card.json + card.html: the robustness card the registry
-# keeps; eval_info.json: each model's protocol (the gate compares it) and the adapter it evaluated
+                     "accuracy.png", "models.png", "pdr.png", "cards")  # cards/<model>/card.json + card.html: the
+# robustness card the registry keeps; eval_info.json: each model's protocol (the gate compares it) and the adapter it
+# evaluated; pdr.png says so where there is no drop rate to draw (no clean + perturbed sets)
 
 
 def _instruction_file(lay: Layout) -> Path:

@@ -13,7 +13,7 @@
     table.md            the compact summary (Prefect artifact)
     accuracy.png        accuracy by instruction set and task (one panel per model and scoring)
     models.png          model-vs-model bars per set, error bars = std over instructions
-    pdr.png             performance drop rate by perturbation level
+    pdr.png             performance drop rate by perturbation level (a note where no set is perturbed)
     eval_info.json      per model: tasks, caveats, skipped tasks, timings, settings, notes
     cards/<model>/      the model's robustness card (``coin.evaluation.card``): card.json and a self-contained
                         card.html; its headline and definitions are also a section of the report
@@ -68,7 +68,7 @@ from coin.evaluation.report.content import (
     references,
     uncertainty,
 )
-from coin.evaluation.report.plots import plot_accuracy, plot_models, plot_pdr
+from coin.evaluation.report.plots import no_pdr_plot, plot_accuracy, plot_models, plot_pdr
 from coin.evaluation.report.render_html import to_html
 from coin.evaluation.report.render_md import to_markdown
 from coin.evaluation.result import EvalResult
@@ -160,7 +160,7 @@ def write_eval_outputs(results: list[EvalResult], out_dir: str | Path,
     paths["report_md"].write_text(to_markdown(blocks), encoding="utf-8")
     paths["report_html"].write_text(to_html(blocks), encoding="utf-8")
     paths["table"].write_text(to_markdown(build_table(results, unc, refs)), encoding="utf-8")
-    for name, plot in plots.items():
+    for name, plot in {**plots, **({} if "pdr" in plots else {"pdr": no_pdr_plot()})}.items():
         paths[f"plot_{name}"] = out / f"{name}.png"
         paths[f"plot_{name}"].write_bytes(plot.png)
     write_json(paths["info"], {r.model_label: r.info() for r in results})

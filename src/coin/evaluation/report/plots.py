@@ -140,6 +140,17 @@ def plot_models(results: list[EvalResult], refs: References | None = None) -> Pl
 
 
 @plain_text
+@plain_text
+def no_pdr_plot() -> Plot:
+    """``pdr.png`` where there is no drop rate to draw (no clean + perturbed sets): the file a pipeline declares
+    (dvc.yaml) says so, instead of an earlier run's figure staying behind. The report does not embed it."""
+    fig, (ax,) = _figure(1, 7.0, height=1.2)
+    ax.axis("off")
+    ax.text(0.5, 0.5, "No performance drop rate: this evaluation has no clean + perturbed instruction sets",
+            transform=ax.transAxes, ha="center", va="center")
+    return Plot("pdr", _png(fig), "No performance drop rate: no clean + perturbed instruction sets were evaluated")
+
+
 def plot_pdr(results: list[EvalResult]) -> Plot | None:
     """One panel per scoring: groups = perturbation levels, one bar per model. None without clean + perturbed."""
     scorings = list(dict.fromkeys(m for r in results for m in r.scorings))
