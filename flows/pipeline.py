@@ -48,7 +48,7 @@ import coin  # noqa: F401  (local-only environment before Prefect is imported)
 from coin import stages
 from coin.config import ConfigError, Settings, check_robustness_sets, load_settings, project_root
 from coin.cpus import THREAD_VARS, cpu_budget, threads_per_worker, use_torch_threads
-from coin.interrupt import interrupted, on_stop
+from coin.interrupt import interrupted, on_stop, stopped
 from coin.secrets import RedactingFilter, redact_text, reveal, seal_overrides, seal_text
 from flows.caching import missing_outputs, record_outputs, result_storage, stage_cache_policy
 from flows.data_sync import version_data
@@ -579,6 +579,10 @@ def coin_pipeline(
             create_markdown_artifact(registration_markdown(registered), key="registration",
                                      description="model registry: version, aliases, promotion decision")
             status = "FINISHED"
+        except BaseException as exc:
+            if stopped(exc):  # a cancelled deployment run too (Prefect's TerminationSignal): KILLED, not FAILED
+                status = "KILLED"
+            raise
         finally:
             if interrupted():  # Prefect's API went with the Ctrl-C: a task could not start; the store is still here
                 killed()

@@ -38,7 +38,7 @@ from prefect.runtime import flow_run
 from pydantic import SecretStr
 
 import coin  # noqa: F401  (local-only environment before Prefect is imported)
-from coin.interrupt import interrupted, on_stop
+from coin.interrupt import interrupted, on_stop, stopped
 from coin.secrets import reveal, seal_overrides, seal_text
 from coin.study import tracking as study_tracking
 from coin.study.cell import run_cell
@@ -180,6 +180,10 @@ def coin_study(
         create_markdown_artifact(outputs["table"], key="study-summary",
                                  description="methods x seeds: mean ± std over seeds, paired differences")
         status = "FINISHED"
+    except BaseException as exc:
+        if stopped(exc):  # a cancelled deployment run too (Prefect's TerminationSignal): KILLED, not FAILED
+            status = "KILLED"
+        raise
     finally:
         if interrupted():  # Prefect's API went with the Ctrl-C: a task could not start; the store is still here
             killed()

@@ -315,3 +315,43 @@ def test_the_pipeline_and_study_flows_keep_a_linked_params_file_in_its_project(t
     CliRunner().invoke(app, ["study", "--params", str(link)])
     assert len(seen) == 4, seen
     assert [project_root(p) for p in seen] == [project] * 4, seen
+
+
+@pytest.mark.parametrize("flow", ["pipeline", "study"])
+def test_a_cancelled_deployment_run_ends_its_mlflow_parent_killed(tmp_path, monkeypatch, flow):
+    """Cancelling a deployment run (UI, `prefect flow-run cancel`): the worker's SIGTERM reaches the flow as Prefect's
+    TerminationSignal, outside any `coin` interrupt guard, and the parent run ended FAILED, read as a crash."""
+    import logging
+
+    from prefect.exceptions import TerminationSignal
+
+    import flows.pipeline as fp
+    import flows.study as fs
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    closed: list[str] = []
+
+    def cancelled(*args, **kwargs):
+        raise TerminationSignal(15)
+
+    mod = fp if flow == "pipeline" else fs
+    monkeypatch.setattr(mod, "get_run_logger", lambda: logging.getLogger("test"))
+    if flow == "pipeline":
+        monkeypatch.setattr(fp.stages, "preflight_pipeline", lambda settings, root=None: None)
+        monkeypatch.setattr(fp, "data_task", lambda *a, **k: {"data_version": "v", "pulled": False,
+                                                              "versioned": False, "pushed": False})
+        monkeypatch.setattr(fp, "open_pipeline_run", lambda *a: "run-id")
+        monkeypatch.setattr(fp, "_fresh", lambda task, *a: task)
+        monkeypatch.setattr(fp, "pairs_task", cancelled)
+        monkeypatch.setattr(fp, "close_pipeline_run", lambda p, o, run, status, tags=None: closed.append(status))
+        call = lambda: fp.coin_pipeline.fn(params_path=str(tmp_path / "params.yaml"), overrides=[])  # noqa: E731
+    else:
+        monkeypatch.setattr(fs, "preflight_study", lambda settings, root=None: None)
+        monkeypatch.setattr(fs, "open_study_run_task", lambda *a: "run-id")
+        monkeypatch.setattr(fs, "prepare_task", cancelled)
+        monkeypatch.setattr(fs, "close_study_run_task", lambda p, o, run, status: closed.append(status))
+        call = lambda: fs.coin_study.fn(params_path=str(tmp_path / "params.yaml"), overrides=[],  # noqa: E731
+                                        workers=1, dask_processes=False)
+    with pytest.raises(TerminationSignal):
+        call()
+    assert closed == ["KILLED"]

@@ -1205,13 +1205,18 @@ def test_an_interrupted_stage_run_ends_killed_and_leaves_its_parent_alone(store,
     s = Settings.model_validate({"paths": {"mlruns_dir": str(tmp_path / "mlruns")}})
     ids = {}
     with mlflow.start_run(run_name="pipeline") as parent:
-        for what, exc in (("interrupted", KeyboardInterrupt), ("broken", OSError)):
-            with pytest.raises(exc), method_run(s, tmp_path, what, log_params=False) as run:
+        from prefect.exceptions import TerminationSignal
+
+        # "cancelled": a deployment run cancelled from the UI (the worker's SIGTERM, raised by Prefect's engine)
+        for what, exc in (("interrupted", KeyboardInterrupt()), ("cancelled", TerminationSignal(15)),
+                          ("broken", OSError())):
+            with pytest.raises(type(exc)), method_run(s, tmp_path, what, log_params=False) as run:
                 ids[what] = run.info.run_id
                 raise exc
         assert mlflow.active_run().info.run_id == parent.info.run_id
     client = MlflowClient()
     assert client.get_run(ids["interrupted"]).info.status == "KILLED"
+    assert client.get_run(ids["cancelled"]).info.status == "KILLED"
     assert client.get_run(ids["broken"]).info.status == "FAILED"
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
     assert client.get_run(ids["interrupted"]).data.tags["mlflow.parentRunId"] == parent.info.run_id

@@ -72,6 +72,20 @@ def interrupted() -> int | None:
     return 128 + _SIGNAL[0] if _SIGNAL else None
 
 
+def stopped(exc: BaseException | None) -> bool:
+    """Whether ``exc`` ends a run because it was stopped, not broken: a Ctrl-C or SIGTERM under
+    :func:`interrupt_guard`, a ``KeyboardInterrupt``, or Prefect's ``TerminationSignal``: a deployment run cancelled
+    from the UI or ``prefect flow-run cancel`` (its worker's SIGTERM, in a process no guard runs). Such a run ends
+    KILLED in MLflow; it had ended FAILED, read as a crash."""
+    if interrupted() or isinstance(exc, KeyboardInterrupt):
+        return True
+    try:
+        from prefect.exceptions import TerminationSignal
+    except ImportError:  # a machine without the orchestration stack (a GPU cell)
+        return False
+    return isinstance(exc, TerminationSignal)
+
+
 def _run_stop_actions() -> None:
     for action in list(_STOP_ACTIONS):
         try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -315,10 +314,10 @@ def stage_run(**start_run: Any) -> Iterator[Any]:
     try:
         with mlflow.start_run(**start_run) as run:
             yield run
-    except BaseException:
-        from coin.interrupt import interrupted
+    except BaseException as exc:
+        from coin.interrupt import stopped
 
-        if run is not None and (interrupted() or isinstance(sys.exc_info()[1], KeyboardInterrupt)):
+        if run is not None and stopped(exc):
             mlflow.MlflowClient().set_terminated(run.info.run_id, status="KILLED")
         raise
 
