@@ -39,6 +39,40 @@ def test_a_failed_second_method_keeps_the_first_in_the_index(tiny_llama_dir: Pat
     assert "sft" in read_json(tmp_path / "outputs/train/train.json")["runs"]
 
 
+def test_adding_a_method_trains_only_that_method(tiny_llama_dir: Path, tmp_path: Path, caplog) -> None:
+    """`coin train` / `dvc repro` (one stage for every method): adding cit to train.methods retrained sft to the same
+    weights under a new MLflow run, which the register stage then registered again as a new version. A method whose
+    params, pairs, code and saved adapter are unchanged is kept; any of them changed trains it again."""
+    from coin import stages
+    from coin.data.io import read_json, write_jsonl
+
+    write_jsonl(stages.Layout(tmp_path, _settings(tiny_llama_dir, ["sft"])).valid_file, make_rows(4))
+    first = stages.stage_train(_settings(tiny_llama_dir, ["sft"]), tmp_path)["runs"]["sft"]
+    with caplog.at_level(logging.INFO, logger="coin"):
+        both = stages.stage_train(_settings(tiny_llama_dir, ["sft", "cit"]), tmp_path)["runs"]
+    assert both["sft"]["run_id"] == first["run_id"] and both["cit"]["run_id"] != first["run_id"]
+    assert "train[sft]: unchanged since run" in caplog.text
+    assert read_json(tmp_path / "outputs/train/train.json")["runs"]["sft"]["run_id"] == first["run_id"]
+
+    def sft_run(**train) -> str:
+        return stages.stage_train(_settings(tiny_llama_dir, ["sft", "cit"], **train), tmp_path)["runs"]["sft"]["run_id"]
+
+    assert sft_run() == first["run_id"]
+    assert (lr := sft_run(lr=2e-3)) != first["run_id"]  # another learning rate: trained again
+    assert sft_run(lr=2e-3) == lr
+    adapter = tmp_path / "outputs/train/sft/adapter/adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes())  # the same bytes: kept
+    assert sft_run(lr=2e-3) == lr
+    shutil.copy(tmp_path / "outputs/train/cit/adapter/adapter_model.safetensors", adapter)  # another adapter there
+    assert (swapped := sft_run(lr=2e-3)) != lr
+    write_jsonl(stages.Layout(tmp_path, _settings(tiny_llama_dir, ["sft"])).valid_file, make_rows(4)[:3])
+    assert (pairs := sft_run(lr=2e-3)) != swapped  # other pairs
+    explicit = stages.stage_train(_settings(tiny_llama_dir, ["sft", "cit"], lr=2e-3), tmp_path, "sft")
+    assert explicit["runs"]["sft"]["run_id"] != pairs  # one method (the flow, after its own cache key): trained
+    (tmp_path / "outputs/train/sft/train.json").unlink()  # what the log line says to do to train it again
+    assert sft_run(lr=2e-3) != explicit["runs"]["sft"]["run_id"]
+
+
 def test_a_warmup_as_long_as_the_run_still_trains(tiny_llama_dir: Path, tmp_path: Path) -> None:
     res = train(load_backbone(str(tiny_llama_dir), device="cpu"), make_rows(4),
                 cfg_for("sft", max_steps=1, warmup_ratio=0.6, lr=1e-1), out_dir=tmp_path, seed=0, cutoff_len=64,

@@ -282,7 +282,11 @@ def stage_train(settings: Settings, root: Path, method: str | None = None) -> di
     from coin.validation.result import read_training_rows
 
     rows = read_training_rows(lay.valid_file, missing_hint="Run `coin validate` first.")
-    records = {m: _train_one(settings, root, rows, m) for m in methods}
+    # the whole list (`coin train`, `dvc repro`: one stage for every method) keeps a method whose training would come
+    # out as its last one did: adding cit to train.methods retrained coin to the same weights and registered them
+    # again as a new version. The Prefect flow trains one method per call (method=M), after its own cache key
+    records = {m: (method is None and _unchanged_training(settings, root, m)) or _train_one(settings, root, rows, m)
+               for m in methods}
     if method is None:
         _warn_dropped_methods(settings, lay)
     from coin.training.distributed import is_main_process
@@ -407,9 +411,50 @@ def label_counts(rows: list[dict[str, Any]]) -> dict[str, list[int]]:
     return counts
 
 
+def training_key(settings: Settings, root: Path, method: str) -> str:
+    """What ``method``'s training reads, the parts of the flow's cache key for the train stage
+    (:mod:`coin.stage_specs`): its params (not ``train.methods``), its input files' content (the validated pairs) and
+    its code. Recorded in ``train.json``."""
+    from coin.stage_specs import ALWAYS_CODE, STAGE_SPECS
+    from coin.study.keys import code_hash, sha256_files, sha256_json
+
+    spec = STAGE_SPECS["train"]
+    return sha256_json({"method": method, "params": stage_params("train", settings),
+                        "inputs": sha256_files(spec.inputs(Layout(root, settings), method), base=root),
+                        "code": code_hash((*ALWAYS_CODE, *spec.code))})
+
+
+def _unchanged_training(settings: Settings, root: Path, method: str) -> dict[str, Any] | None:
+    """``method``'s record when its last training read what this one would (:func:`training_key`), its adapter is
+    the one that training saved, and its MLflow run is still in the store; else None (train it)."""
+    from coin.modeling.adapter_files import adapter_problem, adapter_sha256
+    from coin.stage_specs import STAGE_SPECS
+    from coin.training.distributed import is_main_process
+
+    lay = Layout(root, settings)
+    rec_file = lay.method_dir(method) / "train.json"
+    if not is_main_process() or not rec_file.is_file():  # under torchrun every rank trains: no rank skips alone
+        return None
+    try:
+        record = read_json(rec_file)
+    except DataError:
+        return None
+    if not isinstance(record, dict) or record.get("training_key") != training_key(settings, root, method):
+        return None
+    adapter = lay.adapter_dir(method)
+    if adapter_problem(adapter) is not None or record.get("adapter_sha256") != adapter_sha256(adapter):
+        return None
+    if STAGE_SPECS["train"].extra_check(settings, root, method):  # its MLflow run is gone
+        return None
+    log.info("train[%s]: unchanged since run %s (the same params, pairs and code); kept. Delete %s to train it "
+             "again", method, record.get("run_id"), rec_file)
+    return record
+
+
 def _train_one(settings: Settings, root: Path, rows: list[dict[str, Any]], method: str) -> dict[str, Any]:
     import mlflow
 
+    from coin.modeling.adapter_files import adapter_sha256
     from coin.registry.tracking import method_run
     from coin.training.distributed import is_main_process
 
@@ -450,6 +495,9 @@ def _train_one(settings: Settings, root: Path, rows: list[dict[str, Any]], metho
             # the last step's metrics: the full history's (a resume of a finished run runs no step here)
             "final": {k: int(v) if k == "step" else round(float(v), 6)
                       for k, v in ((result.history or history or [{}])[-1]).items()},
+            # what it read and what it saved: a later `coin train` / `dvc repro` keeps it where both still hold
+            "training_key": training_key(settings, root, method),
+            "adapter_sha256": adapter_sha256(lay.adapter_dir(method)),
         }
         write_json(out_dir / "train.json", record)
         # in the index at once: a later method of the same `coin train` that fails or is refused must not leave
