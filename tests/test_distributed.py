@@ -96,15 +96,22 @@ def test_coin_train_runs_under_torchrun_from_the_cli(tiny_llama_dir: Path, tmp_p
         "register": {"methods": ["sft"]}, "study": {"methods": ["base", "sft"]}}))
     write_jsonl(tmp_path / "outputs" / "validated" / "valid.jsonl", make_rows(8))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "coin.cli",
-         "train", "--params", str(tmp_path / "params.yaml")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "another pipeline run" not in proc.stderr
-    index = json.loads((tmp_path / "outputs" / "train" / "train.json").read_text())
+
+    def launch(timeout: int) -> dict:
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "coin.cli",
+             "train", "--params", str(tmp_path / "params.yaml")],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        assert "another pipeline run" not in proc.stderr
+        return json.loads((tmp_path / "outputs" / "train" / "train.json").read_text())
+
+    index = launch(600)
     assert index["methods"] == ["sft"] and (tmp_path / "outputs/train/sft/adapter/adapter_config.json").exists()
+    # launched again on the same pairs: every rank trains (a `coin train` alone keeps an unchanged method; here rank 0
+    # kept it and rank 1 waited for it in the process group for ever)
+    assert launch(300)["runs"]["sft"]["run_id"] != index["runs"]["sft"]["run_id"]
 
 
 @dataclass

@@ -85,9 +85,11 @@ def _mlflow_run_gone(settings: Settings, root: Path, method: str | None) -> str 
     if not run_id:
         return f"{rec_file} has no run_id"
     try:
-        MlflowClient(tracking_uri=tracking_uri(settings, root)).get_run(run_id)
+        run = MlflowClient(tracking_uri=tracking_uri(settings, root)).get_run(run_id)
     except MlflowException:
         return f"MLflow run {run_id} of {method!r} is not in the tracking store"
+    if run.info.lifecycle_stage == "deleted":  # in MLflow's trash: get_run still finds it, nothing can log into it
+        return f"MLflow run {run_id} of {method!r} was deleted"
     return None
 
 

@@ -429,11 +429,13 @@ def _unchanged_training(settings: Settings, root: Path, method: str) -> dict[str
     the one that training saved, and its MLflow run is still in the store; else None (train it)."""
     from coin.modeling.adapter_files import adapter_problem, adapter_sha256
     from coin.stage_specs import STAGE_SPECS
-    from coin.training.distributed import is_main_process
+    from coin.training.distributed import env_world_size
 
     lay = Layout(root, settings)
     rec_file = lay.method_dir(method) / "train.json"
-    if not is_main_process() or not rec_file.is_file():  # under torchrun every rank trains: no rank skips alone
+    # under torchrun every rank trains, and they must decide alike: a rank that kept the method left the others
+    # waiting for it in the process group for ever
+    if env_world_size() > 1 or not rec_file.is_file():
         return None
     try:
         record = read_json(rec_file)

@@ -140,7 +140,6 @@ def plot_models(results: list[EvalResult], refs: References | None = None) -> Pl
 
 
 @plain_text
-@plain_text
 def no_pdr_plot() -> Plot:
     """``pdr.png`` where there is no drop rate to draw (no clean + perturbed sets): the file a pipeline declares
     (dvc.yaml) says so, instead of an earlier run's figure staying behind. The report does not embed it."""
@@ -151,6 +150,7 @@ def no_pdr_plot() -> Plot:
     return Plot("pdr", _png(fig), "No performance drop rate: no clean + perturbed instruction sets were evaluated")
 
 
+@plain_text
 def plot_pdr(results: list[EvalResult]) -> Plot | None:
     """One panel per scoring: groups = perturbation levels, one bar per model. None without clean + perturbed."""
     scorings = list(dict.fromkeys(m for r in results for m in r.scorings))
