@@ -970,6 +970,13 @@ def test_pipeline_parent_with_nested_method_runs(tmp_path):
     with pytest.raises(ModelUnavailable, match=r"run .* is not in the tracking store .*Train again"):
         with resume_run(ids["coin"]):
             pass
+    # deleted in the UI (MLflow's trash): get_run still finds it; MLflow's own error said "must be in the 'active'
+    # state", masked by a second one, and coin blamed the registered model
+    setup_tracking(settings, ROOT)
+    mlflow.MlflowClient().delete_run(ids["coin"])
+    with pytest.raises(ModelUnavailable, match=r"not in the tracking store .*deleted runs.*Train again"):
+        with resume_run(ids["coin"]):
+            pass
 
 
 def test_register_refuses_figures_of_another_adapter_or_without_eval_info(tmp_path):

@@ -229,11 +229,15 @@ def resume_run(run_id: str) -> Iterator[Any]:
     try:
         held = mlflow.MlflowClient().get_run(run_id)
     except MlflowException:
+        held = None
+    if held is None or held.info.lifecycle_stage == "deleted":  # in MLflow's trash: found, but nothing logs into it
         raise ModelUnavailable(
             f"MLflow run {run_id} (the training run this step logs into) is not in the tracking store "
-            f"{redact_text(mlflow.get_tracking_uri())}: it was trained while tracking.uri named another store, or "
-            "the run was deleted. Train again under this store: `coin train`, then `coin evaluate` and `coin register` "
-            "(with DVC: `dvc repro -f -s train evaluate register`); the coin-pipeline flow retrains by itself"
+            f"{redact_text(mlflow.get_tracking_uri())}"
+            + (" (it is in MLflow's deleted runs)" if held is not None else "")
+            + ": it was trained while tracking.uri named another store, or the run was deleted. Train again under "
+            "this store: `coin train`, then `coin evaluate` and `coin register` (with DVC: `dvc repro -f -s train "
+            "evaluate register`); the coin-pipeline flow retrains by itself"
         ) from None
     # MLflow re-opens a run only under its own experiment: one trained before tracking.experiment changed lives in
     # the old one (the evaluation reruns on that change; training does not). Switched for the block, then back.
