@@ -11,7 +11,8 @@ A stage task's cache key (:class:`StageCachePolicy`) is a hash of
   rerun upstream stage that wrote different bytes invalidates everything below it,
 - the content hash of the stage's code (the ``coin`` subpackages it runs, plus ``stages.py``),
 
-plus Prefect's ``TASK_SOURCE`` (the task wrapper itself). ``dvc.yaml`` declares the same stages from the
+the last three composed by :func:`coin.stages.stage_reads` (``train.json``'s training key reads the same), plus
+Prefect's ``TASK_SOURCE`` (the task wrapper itself). ``dvc.yaml`` declares the same stages from the
 same specs (checked by ``tests/test_stage_spec.py``), without the per-method / per-model split the flow adds.
 
 A cache hit is only valid while the stage's outputs are still on disk *and are the ones that run wrote*: every
@@ -36,9 +37,9 @@ from prefect.utilities.hashing import hash_objects
 
 from coin.config import Settings, load_settings, project_root
 from coin.registry.tracking import data_version
-from coin.stage_specs import ALWAYS_CODE, STAGE_SPECS, StageSpec, select_params, stage_params
-from coin.stages import Layout
-from coin.study.keys import code_hash, sha256_files
+from coin.stage_specs import STAGE_SPECS, StageSpec, select_params
+from coin.stages import Layout, stage_reads
+from coin.study.keys import sha256_files
 
 log = logging.getLogger("coin.flows")
 
@@ -118,17 +119,13 @@ def missing_outputs(stage: str, settings: Settings, root: Path, item: str | None
 
 def cache_key(stage: str, settings: Settings, root: Path, item: str | None = None) -> str:
     """The input-based key of one stage task (see the module docstring for what goes in)."""
-    spec = STAGE_SPECS[stage]
-    lay = Layout(root, settings)
     return hash_objects(
         {
             "stage": stage,
             "item": item,
             "root": str(root.resolve()),
-            "params": stage_params(stage, settings),
             "data_version": data_version(root),
-            "inputs": fingerprint(spec.inputs(lay, item), base=root),
-            "code": code_hash((*ALWAYS_CODE, *spec.code)),  # the coin package that actually runs
+            **stage_reads(stage, settings, root, item),  # params, inputs' content, the coin package that runs
         },
         raise_on_failure=True,
     )

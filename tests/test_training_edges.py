@@ -39,17 +39,21 @@ def test_a_failed_second_method_keeps_the_first_in_the_index(tiny_llama_dir: Pat
     assert "sft" in read_json(tmp_path / "outputs/train/train.json")["runs"]
 
 
-def test_adding_a_method_trains_only_that_method(tiny_llama_dir: Path, tmp_path: Path, caplog) -> None:
+def test_adding_a_method_trains_only_that_method(tiny_llama_dir: Path, tmp_path: Path, caplog, monkeypatch) -> None:
     """`coin train` / `dvc repro` (one stage for every method): adding cit to train.methods retrained sft to the same
     weights under a new MLflow run, which the register stage then registered again as a new version. A method whose
     params, pairs, code and saved adapter are unchanged is kept; any of them changed trains it again."""
     from coin import stages
     from coin.data.io import read_json, write_jsonl
 
+    real_reads = stages.stage_reads
     write_jsonl(stages.Layout(tmp_path, _settings(tiny_llama_dir, ["sft"])).valid_file, make_rows(4))
     first = stages.stage_train(_settings(tiny_llama_dir, ["sft"]), tmp_path)["runs"]["sft"]
+    reads = []
+    monkeypatch.setattr(stages, "stage_reads", lambda *a, **k: reads.append(a) or real_reads(*a, **k))
     with caplog.at_level(logging.INFO, logger="coin"):
         both = stages.stage_train(_settings(tiny_llama_dir, ["sft", "cit"]), tmp_path)["runs"]
+    assert len(reads) == 1  # the pairs and code hashed once for the call, not once per method
     assert both["sft"]["run_id"] == first["run_id"] and both["cit"]["run_id"] != first["run_id"]
     assert "train[sft]: unchanged since run" in caplog.text
     assert read_json(tmp_path / "outputs/train/train.json")["runs"]["sft"]["run_id"] == first["run_id"]

@@ -285,8 +285,10 @@ def stage_train(settings: Settings, root: Path, method: str | None = None) -> di
     # the whole list (`coin train`, `dvc repro`: one stage for every method) keeps a method whose training would come
     # out as its last one did: adding cit to train.methods retrained coin to the same weights and registered them
     # again as a new version. The Prefect flow trains one method per call (method=M), after its own cache key
-    records = {m: (method is None and _unchanged_training(settings, root, m)) or _train_one(settings, root, rows, m)
-               for m in methods}
+    # what training reads, hashed once (before any training, so each record names what its training read)
+    reads = stage_reads("train", settings, root)
+    records = {m: (method is None and _unchanged_training(settings, root, m, reads))
+               or _train_one(settings, root, rows, m, reads) for m in methods}
     if method is None:
         _warn_dropped_methods(settings, lay)
     from coin.training.distributed import is_main_process
@@ -411,20 +413,30 @@ def label_counts(rows: list[dict[str, Any]]) -> dict[str, list[int]]:
     return counts
 
 
-def training_key(settings: Settings, root: Path, method: str) -> str:
-    """What ``method``'s training reads, the parts of the flow's cache key for the train stage
-    (:mod:`coin.stage_specs`): its params (not ``train.methods``), its input files' content (the validated pairs) and
-    its code. Recorded in ``train.json``."""
+def stage_reads(stage: str, settings: Settings, root: Path, item: str | None = None) -> dict[str, Any]:
+    """What one task of ``stage`` reads (:mod:`coin.stage_specs`): its params, its input files' content and its code.
+    The one home of that composition: the Prefect flow's cache key (``flows/caching.cache_key``) adds the project root
+    and data version to it, and ``train.json``'s :func:`training_key` is the train stage's with the method."""
     from coin.stage_specs import ALWAYS_CODE, STAGE_SPECS
-    from coin.study.keys import code_hash, sha256_files, sha256_json
+    from coin.study.keys import code_hash, sha256_files
 
-    spec = STAGE_SPECS["train"]
-    return sha256_json({"method": method, "params": stage_params("train", settings),
-                        "inputs": sha256_files(spec.inputs(Layout(root, settings), method), base=root),
-                        "code": code_hash((*ALWAYS_CODE, *spec.code))})
+    spec = STAGE_SPECS[stage]
+    return {"params": stage_params(stage, settings),
+            "inputs": sha256_files(spec.inputs(Layout(root, settings), item), base=root),
+            "code": code_hash((*ALWAYS_CODE, *spec.code))}
 
 
-def _unchanged_training(settings: Settings, root: Path, method: str) -> dict[str, Any] | None:
+def training_key(settings: Settings, root: Path, method: str, reads: dict[str, Any] | None = None) -> str:
+    """What ``method``'s training reads (:func:`stage_reads` of the train stage: params but ``train.methods``, the
+    validated pairs, code), as one hash recorded in ``train.json``. ``reads``: those parts, computed once for every
+    method of a ``stage_train`` call (the train stage's inputs are the same for each)."""
+    from coin.study.keys import sha256_json
+
+    parts = reads if reads is not None else stage_reads("train", settings, root, method)
+    return sha256_json({"method": method, **parts})
+
+
+def _unchanged_training(settings: Settings, root: Path, method: str, reads: dict[str, Any]) -> dict[str, Any] | None:
     """``method``'s record when its last training read what this one would (:func:`training_key`), its adapter is
     the one that training saved, and its MLflow run is still in the store; else None (train it)."""
     from coin.modeling.adapter_files import adapter_problem, adapter_sha256
@@ -441,7 +453,7 @@ def _unchanged_training(settings: Settings, root: Path, method: str) -> dict[str
         record = read_json(rec_file)
     except DataError:
         return None
-    if not isinstance(record, dict) or record.get("training_key") != training_key(settings, root, method):
+    if not isinstance(record, dict) or record.get("training_key") != training_key(settings, root, method, reads):
         return None
     adapter = lay.adapter_dir(method)
     if adapter_problem(adapter) is not None or record.get("adapter_sha256") != adapter_sha256(adapter):
@@ -453,7 +465,8 @@ def _unchanged_training(settings: Settings, root: Path, method: str) -> dict[str
     return record
 
 
-def _train_one(settings: Settings, root: Path, rows: list[dict[str, Any]], method: str) -> dict[str, Any]:
+def _train_one(settings: Settings, root: Path, rows: list[dict[str, Any]], method: str,
+               reads: dict[str, Any] | None = None) -> dict[str, Any]:
     import mlflow
 
     from coin.modeling.adapter_files import adapter_sha256
@@ -498,7 +511,7 @@ def _train_one(settings: Settings, root: Path, rows: list[dict[str, Any]], metho
             "final": {k: int(v) if k == "step" else round(float(v), 6)
                       for k, v in ((result.history or history or [{}])[-1]).items()},
             # what it read and what it saved: a later `coin train` / `dvc repro` keeps it where both still hold
-            "training_key": training_key(settings, root, method),
+            "training_key": training_key(settings, root, method, reads),
             "adapter_sha256": adapter_sha256(lay.adapter_dir(method)),
         }
         write_json(out_dir / "train.json", record)
