@@ -21,7 +21,7 @@ def test_an_evaluation_result_prints_its_headline_not_every_figure(tmp_path):
     metrics = json.loads(paths["metrics"].read_text())
     res = {"metrics": metrics, "table": paths["table"].read_text(), "paths": {k: str(v) for k, v in paths.items()}}
     settings = Settings.model_validate({"train": {"methods": ["coin", "cit"]}})
-    lines = summary_lines("evaluate", res, stage_outputs("evaluate", settings, tmp_path))
+    lines = summary_lines("evaluate", res, stage_outputs("evaluate", settings, tmp_path, cwd=tmp_path))
     full = json.dumps({k: v for k, v in res.items() if k != "table"}, indent=2).splitlines()
     assert len(lines) <= MAX_LINES + 12 < len(full)
     assert all(len(line) <= WIDTH for line in lines)
@@ -31,6 +31,18 @@ def test_an_evaluation_result_prints_its_headline_not_every_figure(tmp_path):
     assert "acc_mean" not in text and "|" not in text  # no per-set figures, no table
     shown = lines[lines.index("outputs:") + 1:]
     assert shown == ["  outputs/evaluate/models/", "  outputs/evaluate/", "  metrics/summary.json"]  # 9 paths, by dir
+
+
+def test_outputs_are_shown_from_where_coin_runs(tmp_path):
+    """From a subdirectory (`coin pairs -p ../params.yaml`) the outputs were shown relative to the project root,
+    paths that are not there from the user's shell; they are relative to the current directory, or absolute."""
+    settings = Settings.model_validate({})
+    (tmp_path / "src").mkdir()
+    files = ["pairs.jsonl", "stats.json", "short_rows.jsonl"]
+    assert stage_outputs("pairs", settings, tmp_path, cwd=tmp_path) == [f"outputs/pairs/{f}" for f in files]
+    assert stage_outputs("pairs", settings, tmp_path, cwd=tmp_path / "src") == [
+        str(tmp_path.resolve() / "outputs" / "pairs" / f) for f in files]
+    assert stage_outputs("pairs", settings, tmp_path, cwd=tmp_path / "outputs") == [f"pairs/{f}" for f in files]
 
 
 def test_a_long_result_is_cut():

@@ -50,6 +50,35 @@ def test_a_file_that_omits_sections_is_warned_about_by_name(tmp_path, caplog):
     assert "library defaults" in warned
 
 
+def test_a_section_with_everything_under_it_commented_out_takes_the_defaults(tmp_path, caplog):
+    """`register:` whose keys are all commented out is null in YAML: it was refused as 'not a valid dictionary or
+    instance of RegisterSettings; fix the type', and `--set register.model_name=x` as 'not a section'."""
+    text = "seed: 1\nregister:\n  # model_name: x\ntrain:\n  max_steps: 3\n  lora:\n    # r: 4\n"
+    p = _project(tmp_path, text)
+    with caplog.at_level(logging.WARNING, logger="coin"):
+        s = load_settings(p)
+    assert s.register_.model_name == Settings().register_.model_name and s.train.max_steps == 3
+    assert s.train.lora.r == Settings().train.lora.r
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "register, train.lora have nothing under it" in warned and "'register: {}'" in warned
+    assert load_settings(p, ["register.model_name=x", "train.lora.r=2"]).register_.model_name == "x"
+
+
+def test_a_relative_backbone_is_the_projects_wherever_coin_runs(tmp_path, tiny_llama_dir, monkeypatch):
+    """model.backbone = models/tiny was read from the current directory: from a subdirectory the same params file
+    failed ('no such directory'), and `../models/tiny` loaded there but not from the root, where dvc and Prefect run.
+    Every other relative path of the params file is the project root's."""
+    shutil.copytree(tiny_llama_dir, tmp_path / "models" / "tiny")
+    p = _project(tmp_path, "seed: 1\nmodel:\n  backbone: models/tiny\n")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    s = load_settings(Path("..") / "params.yaml")
+    assert s.model.backbone == str((tmp_path / "models" / "tiny").resolve())
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(p).model.backbone == s.model.backbone
+    assert load_settings(p, ["model.backbone=minilm"]).model.backbone == "minilm"  # a name: left alone
+
+
 # Where the code's default may differ from the shipped params.yaml, and why.
 SHIPPED_ONLY = {
     # the shipped file names MiniLM's linear layers; the code's "auto" (peft's per-architecture default) also

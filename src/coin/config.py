@@ -1063,6 +1063,23 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str | SecretStr] | None
     return raw
 
 
+def _empty_sections(raw: dict[str, Any], model: type[BaseModel] = Settings, prefix: str = "") -> list[str]:
+    """Replace, in place, each settings section of ``raw`` written with nothing under it (``register:`` whose keys
+    are all commented out: null in YAML) by an empty mapping, as an omitted section is read; their dotted names."""
+    fields = {f.alias or n: f for n, f in model.model_fields.items()}
+    emptied: list[str] = []
+    for key, value in raw.items():
+        ann = getattr(fields.get(key), "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            continue
+        if value is None:
+            raw[key] = {}
+            emptied.append(prefix + key)
+        elif isinstance(value, dict):
+            emptied += _empty_sections(value, ann, f"{prefix}{key}.")
+    return emptied
+
+
 def _names_section(parts: list[str]) -> bool:
     """Does the dotted key name a settings section (a pydantic model: ``train``, ``train.lora``), not a value
     (``pairs.rows_per_task``, whose mapping is the value itself)?"""
@@ -1134,6 +1151,11 @@ def load_settings(path: str | Path = "params.yaml", overrides: list[str | Secret
                           "file); start from the shipped params.yaml (every key documented).")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (seed, paths, model, ...)")
+    emptied = _empty_sections(raw)
+    if emptied:  # `register:` with every key under it commented out: YAML reads it as null, not as a section
+        log.warning("%s: %s %s nothing under it, which YAML reads as null: the library defaults apply there (write "
+                    "'%s: {}' or remove the line)", path, ", ".join(emptied), "has" if len(emptied) == 1 else "have",
+                    emptied[0])
     omitted = [k for k in _known_keys(Settings) if k not in raw]
     if omitted:
         log.warning("%s sets no %s: the library defaults apply there (coin.config; the shipped params.yaml's "
@@ -1147,9 +1169,21 @@ def load_settings(path: str | Path = "params.yaml", overrides: list[str | Secret
         verb = " have" if overrides else " has"
         raise ConfigError(settings_source(path, overrides) + verb + msg[len(SETTINGS_PROBLEMS) - len(" problems"):]) \
             from None
+    project_backbone(settings, project_root(path))
     if check_project:
         check_names(settings, project_root(path), source=settings_source(path, overrides))
     return settings
+
+
+def project_backbone(settings: Settings, root: Path) -> None:
+    """A relative ``model.backbone`` that names a directory of the project is read from the project root, as every
+    relative path of the params file is (made absolute, in place): from a subdirectory it was read from the current
+    directory, so the same params file loaded a model, or failed, by where it was run. Anything else is left as it is
+    (``minilm``, an absolute path, a directory beside the current one, a Hugging Face cache name)."""
+    name = settings.model.backbone
+    if name == EMBEDDED_BACKBONE or Path(name).is_absolute() or not (root / name).is_dir():
+        return
+    settings.model.backbone = str((root / name).resolve())
 
 
 def settings_source(path: str | Path, overrides: list[str | SecretStr] | None) -> str:

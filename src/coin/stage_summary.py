@@ -92,22 +92,22 @@ def summary_lines(stage: str, result: dict[str, Any], outputs: list[str] | None 
     return lines
 
 
-def stage_outputs(stage: str, settings: Any, root: Path) -> list[str]:
-    """Where ``stage`` writes (its specs' outputs, relative to ``root``; per method / evaluated model collapsed
-    to their common directory when there are many)."""
+def stage_outputs(stage: str, settings: Any, root: Path, cwd: Path | None = None) -> list[str]:
+    """Where ``stage`` writes (its specs' outputs, relative to ``cwd``, the current directory, when under it and
+    absolute otherwise: a run from a subdirectory printed root-relative paths that were not there; per method /
+    evaluated model collapsed to their common directory when there are many)."""
     from coin.layout import Layout
     from coin.stage_specs import DVC_STAGES, STAGE_SPECS, _items
 
     lay = Layout(root, settings)
+    here = (cwd or Path.cwd()).resolve()
     paths: list[str] = []
     for name in DVC_STAGES.get(stage, ()):
         spec = STAGE_SPECS[name]
         for item in _items(name, settings):
             for p in spec.outputs(lay, item):
-                try:
-                    rel = str(Path(p).relative_to(root))
-                except ValueError:
-                    rel = str(p)
+                full = Path(p).resolve()
+                rel = str(full.relative_to(here)) if full.is_relative_to(here) else str(full)
                 if rel not in paths:
                     paths.append(rel)
     if len(paths) > 8:  # e.g. every file of every method: their directories (a lone file stays itself)
