@@ -202,6 +202,8 @@ CASES = [
     Case("predict-unknown-task", _p(*PREDICT, "--task", "imdb"), ExitCode.CONFIG,
          ["--task", "'imdb'", "sst2", "rte"]),
     Case("predict-blank-task", _p(*PREDICT, "--task", " "), ExitCode.CONFIG, ["--task ' ' is blank", "sst2"]),
+    Case("predict-blank-options", _p(*PREDICT, "--options", "  "), ExitCode.CONFIG,
+         ["--options '  ' is blank", "'yes|no'"]),
     Case("predict-input-not-utf8", lambda tmp: ["predict", "--params", str(tmp / "params.yaml"), "--instruction",
                                                 "x", "--input", "caf\udce9"], ExitCode.CONFIG,
          ["--input", "not valid UTF-8", "0xe9"]),

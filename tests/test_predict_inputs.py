@@ -199,6 +199,7 @@ def test_max_new_tokens_that_crowd_out_the_instruction_are_named_not_the_instruc
     (np.int64(7), r"task = 7 \((int|int64)\): must be the name of a GLUE task"),
     (True, r"task = True \(bool\)"),
     ("imdb", r"task 'imdb' is not a known GLUE task; the known tasks: sst2, cola"),
+    ("  ", r"task = '  ' is blank: give a GLUE task"),  # was read as absent: the row was generated
 ])
 def test_a_bad_task_is_refused_naming_it(trained, task, expected):
     model, tok, meta = trained
@@ -228,7 +229,19 @@ def test_malformed_options_are_refused_naming_them(options, expected):
 
 def test_good_options_parse():
     assert parse_options("yes | no") == ["yes", "no"] and parse_options('["a b", "c"]') == ["a b", "c"]
-    assert parse_options(None) is None and parse_options("  ") is None
+    assert parse_options(None) is None and parse_options("") is None  # an empty cell: absent
+    with pytest.raises(ValueError, match=r"options = '  ' is blank"):  # was read as absent: the row was generated
+        parse_options("  ")
+
+
+@pytest.mark.parametrize("column, meant", [("Task", "task"), ("option", "options"), ("OPTIONS", "options")])
+def test_a_misspelled_column_is_refused_naming_the_one_meant(trained, column, meant):
+    """`Task` or `option` was ignored: the row was generated, free text, instead of scored on the labels."""
+    model, tok, meta = trained
+    df = pd.DataFrame({"instruction": ["Is it good? "], "input": ["a gem"], column: ["sst2"]})
+    with pytest.raises(ValueError, match=rf"column '{column}', which is not read: did you mean '{meant}'"):
+        answer_rows(model, tok, meta, df)
+    answer_rows(model, tok, meta, df.assign(id=[1]).drop(columns=[column]))  # an unrelated column: ignored
 
 
 def test_a_bad_row_among_several_is_named_by_its_index(trained):

@@ -875,6 +875,10 @@ def test_register_gate_idempotent_and_pyfunc_roundtrip(store, tmp_path, tiny_lla
     expected = model.predict(pd.DataFrame({"instruction": ["Is this 'positive' or 'negative'? "] * 3, "input": texts,
                                            "task": ["sst2"] * 3}))["answer"]
     assert several.stdout.splitlines()[-3:] == [f"{a}\t{t}" for a, t in zip(expected, texts, strict=True)]
+    # each input's scores on one line that names it (rich wrapped them at 80 columns, unnumbered)
+    score_lines = [ln for ln in several.stderr.splitlines() if ln.startswith("scores")]
+    assert [ln.split(" (", 1)[0] for ln in score_lines] == [f"scores of input {k}" for k in (1, 2, 3)], several.stderr
+    assert all(ln.rstrip().endswith("}") and '"positive": ' in ln for ln in score_lines), several.stderr
     # a line break or tab inside an input stays on its answer's line (escaped), and options print literally
     odd = CliRunner().invoke(app, ["predict", "--instruction", "Pick: ", "--input", "line one\nline\ttwo",
                                    "--input", "b", "--options", "yes|no [/]", *common,

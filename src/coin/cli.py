@@ -636,6 +636,9 @@ def predict(
         except ValueError as exc:
             raise ValueError(f"--task: {exc}") from None
     if options is not None:
+        if not options.strip():  # parse_options reads "" as absent: the model would generate
+            raise ValueError(f"--options {options!r} is blank: give two answers or more ('yes|no'), or leave it out "
+                             "to generate free text")
         try:
             parse_options(options)
         except ValueError as exc:
@@ -711,12 +714,15 @@ def predict(
             if not exc.message.startswith("invalid input:"):
                 raise
             raise ValueError(exc.message) from None
-        for text, answer, scores in zip(inputs, out["answer"], out["scores"], strict=True):
+        for k, (text, answer, scores) in enumerate(zip(inputs, out["answer"], out["scores"], strict=True), 1):
             # several inputs: one `answer<TAB>input` line each, so a tab or line break inside either is escaped
             print(answer if n == 1 else f"{_one_line(answer)}\t{_one_line(text)}")
-            if scores:  # the options are user text: printed literally, never as rich markup
-                console.print(f"[dim]scores (label log-likelihoods; calibrated if the model was trained with "
-                              f"evaluate.calibration: content_free): {escape(scores)}[/]", highlight=False)
+            if scores:  # the options are user text: printed literally, never as rich markup; one line each (a pipe
+                # wrapped it at 80 columns), numbered as the inputs are when there are several
+                which = "" if n == 1 else f" of input {k}"
+                console.print(f"[dim]scores{which} (label log-likelihoods; calibrated if the model was trained with "
+                              f"evaluate.calibration: content_free): {escape(scores)}[/]", highlight=False,
+                              soft_wrap=True)
 
 
 def _one_line(text: str) -> str:

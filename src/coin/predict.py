@@ -77,8 +77,11 @@ def check_task(task: Any) -> str | None:
     if not isinstance(task, str):
         raise ValueError(f"task = {task!r} ({type(task).__name__}): must be the name of a GLUE task, as a string "
                          f"({', '.join(TASKS)}), or absent")
-    if not task.strip():
+    if not task:
         return None
+    if not task.strip():  # "" is an empty CSV cell (absent); spaces are a value that would make the model generate
+        raise ValueError(f"task = {task!r} is blank: give a GLUE task ({', '.join(TASKS)}), or leave it empty to "
+                         "generate free text")
     if task not in TASKS:
         raise ValueError(f"task {task!r} is not a known GLUE task; the known tasks: {', '.join(TASKS)}. "
                          "Fix the name, omit it, or pass options")
@@ -93,8 +96,11 @@ def parse_options(value: Any) -> list[str] | None:
         return None
     if isinstance(value, str):
         text = value.strip()
-        if not text:
+        if not value:
             return None
+        if not text:  # as for task: spaces are not an empty cell, and would make the model generate
+            raise ValueError(f"options = {value!r} is blank: give two answers or more ('yes|no'), or leave it empty "
+                             "to generate free text")
         if text.startswith("["):
             try:
                 items = json.loads(text)
@@ -212,10 +218,20 @@ def fit_inputs(tokenizer, pairs: list[tuple[str, str]], *, fmt: str, limit: int 
     return out, cut, too_long
 
 
+COLUMNS = ("instruction", "input", "task", "options")
+
+
 def _check_columns(df: pd.DataFrame) -> None:
     missing = [c for c in ("instruction", "input") if c not in df.columns]
     if missing:
         raise ValueError(f"predict input lacks column(s) {missing}; expected instruction, input[, task][, options]")
+    import difflib
+
+    for col in df.columns:  # `Task` or `option` was ignored: the rows were generated, not scored on the task's labels
+        near = [] if col in COLUMNS else difflib.get_close_matches(str(col).lower(), COLUMNS, n=1, cutoff=0.6)
+        if near and near[0] not in df.columns:
+            raise ValueError(f"predict input has a column {col!r}, which is not read: did you mean {near[0]!r}? "
+                             "The columns: instruction, input[, task][, options]")
     for col in ("instruction", "input"):  # before rows are read: pandas' text dtype fails on it, naming no field
         for i, value in enumerate(df[col].tolist()):
             if isinstance(value, str):
