@@ -185,3 +185,65 @@ def test_a_unit_that_finishes_after_the_scheduler_closed_still_returns(monkeypat
     monkeypatch.setattr(distributed, "get_worker", lambda: types.SimpleNamespace(address="tcp://127.0.0.1:1"))
     monkeypatch.setattr(distributed, "get_client", closed)
     assert _executor() == {"runner": "dask", "worker": "tcp://127.0.0.1:1", "pid": os.getpid()}
+
+
+# --------------------------------------------------------------------------- killed outright (SIGKILL): nothing runs
+
+KILLED_REOPEN = """
+import os, signal, sys
+import mlflow
+from coin.registry.tracking import resume_run
+
+mlflow.set_tracking_uri(sys.argv[1])
+with resume_run(sys.argv[2]):
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_registration_killed_outright_leaves_the_training_its_outcome_for_the_next(tmp_path):
+    """`coin register` reopens the finished training run; SIGKILLed there, it left the run RUNNING, and the next
+    registration ended it FINISHED at its own time: the training's end was lost."""
+    from mlflow import MlflowClient
+
+    from coin.registry.tracking import REOPENED_TAG, resume_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    client.set_terminated(run_id, status="FAILED", end_time=1_700_000_000_000)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
+    res = subprocess.run([sys.executable, "-c", KILLED_REOPEN, uri, run_id], env=env, capture_output=True, timeout=300)
+    assert res.returncode == -9, res.stderr
+    assert client.get_run(run_id).info.status == "RUNNING"  # what the kill left
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    with resume_run(run_id):
+        pass
+    after = client.get_run(run_id)
+    assert (after.info.status, after.info.end_time) == ("FAILED", 1_700_000_000_000)
+    assert REOPENED_TAG not in after.data.tags
+
+
+def test_a_training_killed_outright_has_its_run_ended_by_the_next(tiny_llama_dir, tmp_path):
+    """A SIGKILLed `coin train` left its MLflow run RUNNING for ever, beside the run that trained again."""
+    from helpers_training import make_rows
+    from mlflow import MlflowClient
+    from test_training_edges import _settings
+
+    from coin import stages
+    from coin.data.io import write_jsonl
+    from coin.registry.tracking import setup_tracking, tracking_uri
+
+    s = _settings(tiny_llama_dir, ["sft"])
+    lay = stages.Layout(tmp_path, s)
+    write_jsonl(lay.valid_file, make_rows(4))
+    setup_tracking(s, tmp_path)
+    client = MlflowClient(tracking_uri=tracking_uri(s, tmp_path))
+    killed = client.create_run(client.get_experiment_by_name(s.tracking.experiment).experiment_id).info.run_id
+    lay.train_open_run("sft").parent.mkdir(parents=True, exist_ok=True)
+    lay.train_open_run("sft").write_text(killed)  # what the killed training left, with its run RUNNING
+    new = stages.stage_train(s, tmp_path)["runs"]["sft"]["run_id"]
+    left = client.get_run(killed)
+    assert left.info.status == "KILLED" and left.data.tags["coin.superseded_by"] == new
+    assert client.get_run(new).info.status == "FINISHED" and not lay.train_open_run("sft").exists()

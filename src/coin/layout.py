@@ -52,6 +52,11 @@ class Layout:
         (outside ``outputs/train``, which DVC hashes as the train stage's output)."""
         return self._out(".locks", f"train-{method}.lock")
 
+    def train_open_run(self, method: str) -> Path:
+        """``outputs/.locks/train-<method>.run``: the MLflow run id of the ``coin train`` of ``method`` under way; one
+        left behind names the run of a training killed outright (SIGKILL), which the next one ends."""
+        return self._out(".locks", f"train-{method}.run")
+
     @property
     def pipeline_lock(self) -> Path:
         """``outputs/.locks/pipeline.lock``: held while a pipeline flow run trains, evaluates and registers into

@@ -485,7 +485,9 @@ def _train_one(settings: Settings, root: Path, rows: list[dict[str, Any]], metho
     if not is_main_process():  # under torchrun every rank trains; rank 0 alone tracks and writes
         train_adapter(settings, rows, method, out_dir)
         return {"method": method, "rank": "worker"}
-    with _train_lock(lay, method), method_run(settings, root, method, stage="train", run_name=f"train-{method}") as run:
+    with (_train_lock(lay, method),
+          method_run(settings, root, method, stage="train", run_name=f"train-{method}") as run,
+          _open_run_marked(lay, method, run.info.run_id)):
         def forget_old_record() -> None:
             # the old run's record goes before the new adapter replaces the old one: a run killed after it saved
             # the new weights but before it wrote the new record must not leave them under the old run's id
@@ -564,6 +566,35 @@ def exclusive(path: Path, busy: str) -> Iterator[None]:
         lock.release()
 
 
+@contextmanager
+def _open_run_marked(lay: Layout, method: str, run_id: str) -> Iterator[None]:
+    """Record ``run_id`` as the training of ``method`` under way, for the block (held under its train lock). A run id
+    left there by a training killed outright (SIGKILL, out of memory: nothing in it could end its run) names an
+    MLflow run still RUNNING, for ever: it is ended KILLED, tagged with the run that took over."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    marker = lay.train_open_run(method)
+    left = marker.read_text().strip() if marker.is_file() else ""
+    if left and left != run_id:
+        client = MlflowClient()
+        try:
+            held = client.get_run(left)
+        except MlflowException:
+            held = None
+        if held is not None and held.info.status == "RUNNING":
+            client.set_tag(left, "coin.superseded_by", run_id)
+            client.set_terminated(left, status="KILLED")
+            log.warning("train[%s]: MLflow run %s, of a training whose process was killed, was still RUNNING; "
+                        "ended KILLED (this run, %s, takes over)", method, left, run_id)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(run_id)
+    try:
+        yield
+    finally:
+        marker.unlink(missing_ok=True)
+
+
 def _train_lock(lay: Layout, method: str) -> AbstractContextManager[None]:
     """Refuse a second ``coin train`` of ``method`` into the same ``paths.out_dir`` while one runs (both clear and
     write the same checkpoints, adapter and record)."""
@@ -578,8 +609,9 @@ def pipeline_lock(settings: Settings, root: Path) -> AbstractContextManager[None
     over (two runs of the nightly deployment, a scheduled run beside a manual one, or ``dvc repro`` / a
     ``coin <stage>`` beside a flow run: the flow holds it from data to register, each CLI stage for its own run)."""
     path = Layout(root, settings).pipeline_lock
-    return exclusive(path, f"{root / settings.paths.out_dir}: another pipeline run is using it (it holds {path}); "
-                           "wait for it to finish, or run with another paths.out_dir")
+    return exclusive(path, f"{root / settings.paths.out_dir}: another pipeline run is using it (a flow, `dvc repro` or "
+                           f"a `coin` stage; it holds {path}); wait for it to finish, or run with another "
+                           "paths.out_dir")
 
 
 def _rel(path: Path, root: Path) -> str:

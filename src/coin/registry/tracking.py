@@ -204,6 +204,9 @@ def provenance_tags(settings: Settings, root: Path, stage: str) -> dict[str, Any
 PARENT_RUN_ENV = "COIN_PARENT_RUN_ID"  # the pipeline run's id, for stages in other threads or processes
 
 
+REOPENED_TAG = "coin.reopened_from"  # "<status>:<end ms>" of an ended run while resume_run holds it open
+
+
 @contextmanager
 def resume_run(run_id: str) -> Iterator[Any]:
     """Make ``run_id`` the active run for the block, whatever is active in this thread.
@@ -211,7 +214,9 @@ def resume_run(run_id: str) -> Iterator[Any]:
     If ``run_id`` is already active it is yielded as is (and left open); if another run is active
     (e.g. the pipeline parent) it is re-opened nested under it; else it is re-opened as a top-level run.
     On exit a re-opened run that had ended gets back its status and end time, whatever the block did (a failed or
-    interrupted registration is not the training's failure); one still running is ended as MLflow ends it. A run the
+    interrupted registration is not the training's failure); one still running is ended as MLflow ends it. They are
+    kept in a tag while the run is open (``coin.reopened_from``), so a block killed outright (SIGKILL) leaves the next
+    one what to restore. A run the
     tracking
     store does not hold (trained while ``tracking.uri`` named another store, or deleted) is
     :class:`~coin.registry.errors.ModelUnavailable`, saying to train again.
@@ -243,6 +248,15 @@ def resume_run(run_id: str) -> Iterator[Any]:
     # the old one (the evaluation reruns on that change; training does not). Switched for the block, then back.
     from mlflow.tracking import fluent
 
+    client = mlflow.MlflowClient()
+    status, end_time = held.info.status, held.info.end_time
+    saved = held.data.tags.get(REOPENED_TAG, "")
+    if status == "RUNNING" and saved:  # a block killed outright (SIGKILL) while it held the run open: the training's
+        # own outcome is the one it saved, not RUNNING (a registration would otherwise end it FINISHED, now)
+        status, _, end = saved.partition(":")
+        end_time = int(end) if end.isdigit() else None
+    if status != "RUNNING":
+        client.set_tag(run_id, REOPENED_TAG, f"{status}:{end_time or ''}")
     previous = fluent._active_experiment_id
     if previous is not None and previous != held.info.experiment_id:
         mlflow.set_experiment(experiment_id=held.info.experiment_id)
@@ -252,9 +266,10 @@ def resume_run(run_id: str) -> Iterator[Any]:
     finally:
         if previous is not None and previous != held.info.experiment_id:
             mlflow.set_experiment(experiment_id=previous)
-        if held.info.status != "RUNNING":  # a finished training keeps its outcome and its end: a registration that
+        if status != "RUNNING":  # a finished training keeps its outcome and its end: a registration that
             # fails or is interrupted is not the training's failure (MLflow's exit wrote FAILED and a new end time)
-            mlflow.MlflowClient().set_terminated(run_id, status=held.info.status, end_time=held.info.end_time)
+            client.set_terminated(run_id, status=status, end_time=end_time)
+            client.delete_tag(run_id, REOPENED_TAG)
 
 
 @contextmanager
