@@ -248,7 +248,7 @@ def test_model_scorer_agrees_with_the_evaluation(tiny_llama_dir: Path) -> None:
     assert all(isinstance(s.margin, float) for s in got)
 
 
-def test_cli_attack_on_a_tiny_model_writes_a_loadable_file(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_cli_attack_on_a_tiny_model_writes_a_loadable_file(tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
     params = tmp_path / "params.yaml"
     params.write_text((ROOT / "params.yaml").read_text())
     out = tmp_path / "att" / "attack.json"
@@ -259,6 +259,12 @@ def test_cli_attack_on_a_tiny_model_writes_a_loadable_file(tiny_llama_dir: Path,
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     first = out.read_bytes()
+    # the command it prints works from anywhere: `coin evaluate` reads a relative instruction_file from the root
+    monkeypatch.chdir(tmp_path)
+    relative = [a if a != str(out) else "att/attack.json" for a in args]
+    summary = json.loads(CliRunner().invoke(app, relative).stdout)
+    assert out.read_bytes() == first
+    assert f"--set evaluate.instruction_file={out.resolve()} " in summary["evaluate_with"], summary
     load_instruction_sets(out, ["clean", "attack-char", "attack-word"], ["sst2"])
     record = json.loads(log_path(out).read_text())
     assert record["settings"]["budget"] == {"max_edits": 1, "max_queries": 4, "per_step": 3}

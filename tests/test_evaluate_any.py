@@ -198,6 +198,10 @@ def test_python_api_evaluates_a_base_path(project, tiny_llama_dir):
     assert run.results[0].model_label == tiny_llama_dir.name and (out / "metrics.json").is_file()
     assert evaluate_models([str(tiny_llama_dir)], settings, project["root"], out,
                            instruction_file=project["instr"], track=False).cached == [True]
+    # the same --out for another model: the earlier one's models/<label>/ goes, as its card does
+    again = evaluate_models([f"other={tiny_llama_dir}"], settings, project["root"], out,
+                            instruction_file=project["instr"], track=False)
+    assert again.cached == [True] and sorted(p.name for p in (out / "models").iterdir()) == ["other"]
 
 
 def test_a_renamed_instruction_file_hits_the_cache_and_the_report_names_the_new_one(project, tiny_llama_dir):
@@ -245,6 +249,8 @@ def test_sets_named_by_set_are_checked_against_the_instructions_file(project, ti
     ("unknown-alias", 4, ["models:/tiny-coin@champion", "has no alias 'champion'", "challenger"]),
     ("unknown-version", 4, ["models:/tiny-coin/7", "has no version 7"]),
     ("unknown-run", 4, ["runs:/0123abcd/model", "no MLflow run '0123abcd'"]),
+    # a run's folder that holds no model: found only when its turn came, after the models before it were scored
+    ("not-a-model-run", 4, ["/evaluate is not an MLflow model", "runs:/<run id>/model"]),
     ("instructions", 3, ["bad_instructions.json", "perturbations.clean.sst2[1]"]),
     ("duplicate-label", 2, ["label(s) ['x'] given twice"]),
     ("reserved-label", 2, ["'reference' is reserved"]),
@@ -268,7 +274,8 @@ def test_malformed_inputs_are_refused_before_any_model_loads(project, tiny_llama
     notok = project["tmp"] / "notok"
     notok.mkdir()
     shutil.copy(tiny_llama_dir / "config.json", notok / "config.json")
-    if case in ("unknown-alias", "unknown-version"):
+    run_id = ""
+    if case in ("unknown-alias", "unknown-version", "not-a-model-run"):
         import mlflow
         from mlflow import MlflowClient
 
@@ -276,7 +283,8 @@ def test_malformed_inputs_are_refused_before_any_model_loads(project, tiny_llama
 
         setup_tracking(_settings(project), project["root"])
         with mlflow.start_run() as run:
-            pass
+            mlflow.log_text("{}", "evaluate/metrics.json")
+        run_id = run.info.run_id
         client = MlflowClient()
         client.create_registered_model("tiny-coin")
         v = client.create_model_version("tiny-coin", f"runs:/{run.info.run_id}/model", run.info.run_id)
@@ -286,6 +294,7 @@ def test_malformed_inputs_are_refused_before_any_model_loads(project, tiny_llama
             "not-cached-hf": ["some-org-xyz/not-a-model"],
             "unknown-model": ["models:/nope@champion"], "unknown-alias": ["models:/tiny-coin@champion"],
             "unknown-version": ["models:/tiny-coin/7"], "unknown-run": ["runs:/0123abcd/model"],
+            "not-a-model-run": [str(tiny_llama_dir), f"runs:/{run_id}/evaluate"],
             "instructions": [str(tiny_llama_dir)],
             "duplicate-label": [f"x={tiny_llama_dir}", f"x={tiny_llama_dir}"],
             "reserved-label": [f"reference={tiny_llama_dir}"], "bad-label": [f"my model={tiny_llama_dir}"]}[case]

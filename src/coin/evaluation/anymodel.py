@@ -206,6 +206,7 @@ def _resolve_registry(spec: str, scheme: str, settings: Settings, root: Path) ->
                                    "(tracking.uri)") from None
         if not client.list_artifacts(run_id, path):
             raise ModelUnavailable(f"--model {spec}: run {run_id} has no artifact {path!r}")
+        _check_mlflow_model(spec, spec)
         return spec, _sha_text("run", run_id, path, *_registered_base(spec)), {"run_id": run_id, "path": path}
     name, at, alias = rest.partition("@")
     version = None
@@ -234,7 +235,23 @@ def _resolve_registry(spec: str, scheme: str, settings: Settings, root: Path) ->
     if at:
         details["alias"] = alias
     uri = f"models:/{name}/{mv.version}"
+    _check_mlflow_model(spec, uri)
     return uri, _sha_text("registry", mv.run_id, mv.source, *_registered_base(uri)), details
+
+
+def _check_mlflow_model(spec: str, uri: str) -> None:
+    """Refuse, when the models are resolved (before any is loaded), a URI that is no MLflow model: a run's
+    ``evaluate`` folder was found only when its turn came to load, after the models before it were scored."""
+    import mlflow
+
+    from coin.registry.errors import ModelUnavailable
+
+    try:
+        mlflow.models.get_model_info(uri)
+    except Exception:  # noqa: BLE001 -- MLflow raises several types for a folder without an MLmodel
+        raise ModelUnavailable(f"--model {spec}: {uri} is not an MLflow model (no MLmodel file there); give the "
+                               "artifact path of a model logged by `coin register`, e.g. runs:/<run id>/model") \
+            from None
 
 
 def _registered_base(uri: str) -> tuple[str, ...]:
@@ -680,6 +697,10 @@ def evaluate_models(models: list[str], settings: Settings, root: Path, out_dir: 
         results.append(result)
         cached.append(hit)
         run_ids.append(_log_run(target, protocol, hit, result, unit_dir, settings, root) if track else "")
+    keep = {t.label for t in targets}
+    for old in (out_dir / "models").glob("*/model.json"):  # an earlier evaluation's models in the same --out
+        if old.parent.name not in keep:
+            shutil.rmtree(old.parent)
     paths = write_eval_outputs(results, out_dir)
     run = EvaluationRun(targets, results, cached, run_ids, protocol, paths, out_dir)
     write_json(out_dir / "evaluation.json", run.summary())

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import random
 import re
+import shlex
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -554,11 +555,12 @@ def run_attack(settings, root: Path, *, model: str, out: str | Path, instruction
     table = {f"{LEVELS[o.level]}/{o.task}": [] for o in outcomes}
     for o in outcomes:
         table[f"{LEVELS[o.level]}/{o.task}"].append((o.clean_accuracy, o.attacked_accuracy))
+    path = path.resolve()  # `coin evaluate` reads a relative instruction_file from the project root, not from here
     return {"instruction_file": str(path), "log": str(log_file), "wall_time_s": round(time.perf_counter() - t0, 1),
             "skipped": skipped,
             "queries": sum(o.queries for o in outcomes),
             "accuracy": {k: {"clean": round(sum(c for c, _ in v) / len(v), 4),
                              "attacked": round(sum(a for _, a in v) / len(v), 4)} for k, v in table.items()},
-            "evaluate_with": f"--set evaluate.instruction_file={path} "
+            "evaluate_with": f"--set {shlex.quote(f'evaluate.instruction_file={path}')} "
                              f"--set 'evaluate.instruction_sets=[clean,{','.join(LEVELS[lv] for lv in levels)}]' "
                              f"--set 'evaluate.tasks=[{','.join(tasks)}]'"}
