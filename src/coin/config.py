@@ -1154,8 +1154,8 @@ def load_settings(path: str | Path = "params.yaml", overrides: list[str | Secret
     emptied = _empty_sections(raw)
     if emptied:  # `register:` with every key under it commented out: YAML reads it as null, not as a section
         log.warning("%s: %s %s nothing under it, which YAML reads as null: the library defaults apply there (write "
-                    "'%s: {}' or remove the line)", path, ", ".join(emptied), "has" if len(emptied) == 1 else "have",
-                    emptied[0])
+                    "'%s: {}' there, or remove the line)", path, ", ".join(emptied),
+                    "has" if len(emptied) == 1 else "have", emptied[0].rpartition(".")[2])
     omitted = [k for k in _known_keys(Settings) if k not in raw]
     if omitted:
         log.warning("%s sets no %s: the library defaults apply there (coin.config; the shipped params.yaml's "
@@ -1169,21 +1169,9 @@ def load_settings(path: str | Path = "params.yaml", overrides: list[str | Secret
         verb = " have" if overrides else " has"
         raise ConfigError(settings_source(path, overrides) + verb + msg[len(SETTINGS_PROBLEMS) - len(" problems"):]) \
             from None
-    project_backbone(settings, project_root(path))
     if check_project:
         check_names(settings, project_root(path), source=settings_source(path, overrides))
     return settings
-
-
-def project_backbone(settings: Settings, root: Path) -> None:
-    """A relative ``model.backbone`` that names a directory of the project is read from the project root, as every
-    relative path of the params file is (made absolute, in place): from a subdirectory it was read from the current
-    directory, so the same params file loaded a model, or failed, by where it was run. Anything else is left as it is
-    (``minilm``, an absolute path, a directory beside the current one, a Hugging Face cache name)."""
-    name = settings.model.backbone
-    if name == EMBEDDED_BACKBONE or Path(name).is_absolute() or not (root / name).is_dir():
-        return
-    settings.model.backbone = str((root / name).resolve())
 
 
 def settings_source(path: str | Path, overrides: list[str | SecretStr] | None) -> str:
@@ -1203,7 +1191,7 @@ def check_names(settings: Settings, root: Path, *, source: str | Path = "params.
     ``backbone=False`` where ``model.backbone`` is not read (``coin evaluate --model``, ``coin attack``: the
     models are named on the command line and checked there)."""
     if backbone:
-        check_backbone(settings.model.backbone)
+        check_backbone(settings.model.backbone, root)
     check_quantization(settings.model)
     check_folders(settings, root)
     check_instruction_file(settings, root, source=source)
@@ -1268,7 +1256,7 @@ def has_tokenizer(directory: Path) -> bool:
     return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
 
 
-def check_backbone(backbone: str) -> None:
+def check_backbone(backbone: str, root: Path | None = None) -> None:
     """Raise :class:`ConfigError` naming ``model.backbone`` unless the loader can load it offline: ``minilm``,
     a directory holding a saved model (``config.json``), or a model name in the local Hugging Face cache.
 
@@ -1299,6 +1287,12 @@ def check_backbone(backbone: str) -> None:
     except Exception:  # noqa: BLE001 -- not a valid repository name either (HFValidationError), or no hub client
         found = None
     if not isinstance(found, str):
+        if root is not None and not p.is_absolute() and (Path(root) / p).is_dir():
+            # read from the current directory, as Hugging Face reads it, so that it keys the same in every copy of the
+            # project (study cells carried to another machine): the fix is where to run, not another path
+            raise ConfigError(f"model.backbone = {backbone!r}: a relative directory is read from the current one "
+                              f"({Path.cwd()}), which has none; the project root ({root}) has it. Run coin from the "
+                              "project root (./run.sh, dvc and the Prefect flows do), or give an absolute path")
         raise ConfigError(f"model.backbone = {backbone!r}: no such directory, and no model of that name in the local "
                           f"Hugging Face cache (nothing is ever downloaded). {fix}")
 
