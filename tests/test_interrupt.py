@@ -223,6 +223,9 @@ def test_a_registration_killed_outright_leaves_the_training_its_outcome_for_the_
     after = client.get_run(run_id)
     assert (after.info.status, after.info.end_time) == ("FAILED", 1_700_000_000_000)
     assert REOPENED_TAG not in after.data.tags
+    with resume_run(run_id):  # another registration (another machine) reopened it too, and left first
+        client.delete_tag(run_id, REOPENED_TAG)
+    assert client.get_run(run_id).info.status == "FAILED"
 
 
 def test_a_training_killed_outright_has_its_run_ended_by_the_next(tiny_llama_dir, tmp_path):
@@ -247,3 +250,10 @@ def test_a_training_killed_outright_has_its_run_ended_by_the_next(tiny_llama_dir
     left = client.get_run(killed)
     assert left.info.status == "KILLED" and left.data.tags["coin.superseded_by"] == new
     assert client.get_run(new).info.status == "FINISHED" and not lay.train_open_run("sft").exists()
+    # the stuck run deleted in the UI instead: it cannot be ended, and must not stop the training (it did, for good)
+    stuck = client.create_run(left.info.experiment_id).info.run_id
+    lay.train_open_run("sft").write_text(stuck)
+    client.delete_run(stuck)
+    (lay.method_dir("sft") / "train.json").unlink()
+    assert stages.stage_train(s, tmp_path)["runs"]["sft"]["run_id"] not in (new, stuck)
+    assert not lay.train_open_run("sft").exists()

@@ -234,14 +234,16 @@ def test_good_options_parse():
         parse_options("  ")
 
 
-@pytest.mark.parametrize("column, meant", [("Task", "task"), ("option", "options"), ("OPTIONS", "options")])
+@pytest.mark.parametrize("column, meant", [("Task", "task"), ("option", "options"), ("OPTIONS", "options"),
+                                           ("tasks", "task")])
 def test_a_misspelled_column_is_refused_naming_the_one_meant(trained, column, meant):
     """`Task` or `option` was ignored: the row was generated, free text, instead of scored on the labels."""
     model, tok, meta = trained
     df = pd.DataFrame({"instruction": ["Is it good? "], "input": ["a gem"], column: ["sst2"]})
     with pytest.raises(ValueError, match=rf"column '{column}', which is not read: did you mean '{meant}'"):
         answer_rows(model, tok, meta, df)
-    answer_rows(model, tok, meta, df.assign(id=[1]).drop(columns=[column]))  # an unrelated column: ignored
+    others = df.drop(columns=[column]).assign(id=[1], stars=[5], caption=["c"], mask=[0], text=["t"])
+    answer_rows(model, tok, meta, others)  # a frame's own columns, however close to a name: ignored
 
 
 def test_a_bad_row_among_several_is_named_by_its_index(trained):

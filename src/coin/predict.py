@@ -225,10 +225,10 @@ def _check_columns(df: pd.DataFrame) -> None:
     missing = [c for c in ("instruction", "input") if c not in df.columns]
     if missing:
         raise ValueError(f"predict input lacks column(s) {missing}; expected instruction, input[, task][, options]")
-    import difflib
-
     for col in df.columns:  # `Task` or `option` was ignored: the rows were generated, not scored on the task's labels
-        near = [] if col in COLUMNS else difflib.get_close_matches(str(col).lower(), COLUMNS, n=1, cutoff=0.6)
+        # a variant of a column's name (case, plural) only: a frame's own columns (stars, caption) are no near miss
+        base = str(col).strip().lower()
+        near = [c for c in COLUMNS if col != c and base in (c, c.rstrip("s"), c + "s")]
         if near and near[0] not in df.columns:
             raise ValueError(f"predict input has a column {col!r}, which is not read: did you mean {near[0]!r}? "
                              "The columns: instruction, input[, task][, options]")

@@ -582,11 +582,15 @@ def _open_run_marked(lay: Layout, method: str, run_id: str) -> Iterator[None]:
             held = client.get_run(left)
         except MlflowException:
             held = None
-        if held is not None and held.info.status == "RUNNING":
-            client.set_tag(left, "coin.superseded_by", run_id)
-            client.set_terminated(left, status="KILLED")
-            log.warning("train[%s]: MLflow run %s, of a training whose process was killed, was still RUNNING; "
-                        "ended KILLED (this run, %s, takes over)", method, left, run_id)
+        if held is not None and held.info.status == "RUNNING" and held.info.lifecycle_stage != "deleted":
+            try:
+                client.set_tag(left, "coin.superseded_by", run_id)
+                client.set_terminated(left, status="KILLED")
+                log.warning("train[%s]: MLflow run %s, of a training whose process was killed, was still RUNNING; "
+                            "ended KILLED (this run, %s, takes over)", method, left, run_id)
+            except MlflowException as exc:  # an old run that cannot be ended must not stop this training
+                log.warning("train[%s]: could not end MLflow run %s, left RUNNING by a killed training: %s", method,
+                            left, exc)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(run_id)
     try:

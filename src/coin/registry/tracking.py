@@ -12,6 +12,7 @@ the logged model. Parent/child links are MLflow's own ``mlflow.parentRunId`` tag
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -269,7 +270,8 @@ def resume_run(run_id: str) -> Iterator[Any]:
         if status != "RUNNING":  # a finished training keeps its outcome and its end: a registration that
             # fails or is interrupted is not the training's failure (MLflow's exit wrote FAILED and a new end time)
             client.set_terminated(run_id, status=status, end_time=end_time)
-            client.delete_tag(run_id, REOPENED_TAG)
+            with contextlib.suppress(MlflowException):  # already gone: another registration reopened it meanwhile
+                client.delete_tag(run_id, REOPENED_TAG)
 
 
 @contextmanager
