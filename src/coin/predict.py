@@ -100,7 +100,7 @@ def parse_options(value: Any) -> list[str] | None:
             return None
         if not text:  # as for task: spaces are not an empty cell, and would make the model generate
             raise ValueError(f"options = {value!r} is blank: give two answers or more ('yes|no'), or leave it empty "
-                             "to generate free text")
+                             "(the task's label words where a task is given, else free text)")
         if text.startswith("["):
             try:
                 items = json.loads(text)

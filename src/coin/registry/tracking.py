@@ -217,10 +217,8 @@ def resume_run(run_id: str) -> Iterator[Any]:
     On exit a re-opened run that had ended gets back its status and end time, whatever the block did (a failed or
     interrupted registration is not the training's failure); one still running is ended as MLflow ends it. They are
     kept in a tag while the run is open (``coin.reopened_from``), so a block killed outright (SIGKILL) leaves the next
-    one what to restore. A run the
-    tracking
-    store does not hold (trained while ``tracking.uri`` named another store, or deleted) is
-    :class:`~coin.registry.errors.ModelUnavailable`, saying to train again.
+    one what to restore. A run the tracking store does not hold (trained while ``tracking.uri`` named another store,
+    or deleted) is :class:`~coin.registry.errors.ModelUnavailable`, saying to train again.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
