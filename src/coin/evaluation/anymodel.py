@@ -206,8 +206,8 @@ def _resolve_registry(spec: str, scheme: str, settings: Settings, root: Path) ->
                                    "(tracking.uri)") from None
         if not client.list_artifacts(run_id, path):
             raise ModelUnavailable(f"--model {spec}: run {run_id} has no artifact {path!r}")
-        _check_mlflow_model(spec, spec)
-        return spec, _sha_text("run", run_id, path, *_registered_base(spec)), {"run_id": run_id, "path": path}
+        base = _registered_base(_mlmodel_metadata(spec, spec))
+        return spec, _sha_text("run", run_id, path, *base), {"run_id": run_id, "path": path}
     name, at, alias = rest.partition("@")
     version = None
     if not at:
@@ -235,37 +235,31 @@ def _resolve_registry(spec: str, scheme: str, settings: Settings, root: Path) ->
     if at:
         details["alias"] = alias
     uri = f"models:/{name}/{mv.version}"
-    _check_mlflow_model(spec, uri)
-    return uri, _sha_text("registry", mv.run_id, mv.source, *_registered_base(uri)), details
+    return uri, _sha_text("registry", mv.run_id, mv.source, *_registered_base(_mlmodel_metadata(spec, uri))), details
 
 
-def _check_mlflow_model(spec: str, uri: str) -> None:
-    """Refuse, when the models are resolved (before any is loaded), a URI that is no MLflow model: a run's
-    ``evaluate`` folder was found only when its turn came to load, after the models before it were scored."""
+def _mlmodel_metadata(spec: str, uri: str) -> dict[str, Any]:
+    """The metadata of the MLflow model at ``uri`` (read once per URI); refused, when the models are resolved (before
+    any is loaded), for a URI that is no MLflow model: a run's ``evaluate`` folder was found only when its turn came to
+    load, after the models before it were scored."""
     import mlflow
 
     from coin.registry.errors import ModelUnavailable
 
     try:
-        mlflow.models.get_model_info(uri)
+        return mlflow.models.get_model_info(uri).metadata or {}
     except Exception:  # noqa: BLE001 -- MLflow raises several types for a folder without an MLmodel
         raise ModelUnavailable(f"--model {spec}: {uri} is not an MLflow model (no MLmodel file there); give the "
                                "artifact path of a model logged by `coin register`, e.g. runs:/<run id>/model") \
             from None
 
 
-def _registered_base(uri: str) -> tuple[str, ...]:
-    """The hash of the files of the base a registered coin model is loaded onto (its MLmodel's ``coin_base``), as
-    :func:`adapter_fingerprint` hashes an adapter directory's: base weights replaced in place served the old
-    figures from the cache. Empty when the model names no base (not a coin model) or the base is not here (its
+def _registered_base(metadata: dict[str, Any]) -> tuple[str, ...]:
+    """The hash of the files of the base a registered coin model is loaded onto (its MLmodel's ``coin_base``, in
+    ``metadata``), as :func:`adapter_fingerprint` hashes an adapter directory's: base weights replaced in place served
+    the old figures from the cache. Empty when the model names no base (not a coin model) or the base is not here (its
     load then fails with its own message)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    try:
-        base = (mlflow.models.get_model_info(uri).metadata or {}).get("coin_base")
-    except (MlflowException, OSError):
-        return ()
+    base = metadata.get("coin_base")
     base_dir = _base_dir(str(base)) if base else None
     return () if base_dir is None else (str(base), _sha_files(_files(base_dir, _BASE_FILES), base_dir))
 
