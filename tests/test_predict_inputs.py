@@ -207,6 +207,27 @@ def test_a_bad_task_is_refused_naming_it(trained, task, expected):
         answer_rows(model, tok, meta, pd.DataFrame({"instruction": ["x"], "input": ["y"], "task": [task]}))
 
 
+def test_a_two_text_task_given_one_text_is_scored_with_a_warning_naming_the_form(trained, caplog):
+    """One sentence given to rte was scored with nothing to compare it to, silently; the input's form is the
+    evaluation's ("Sentence 1: ... Sentence 2: ..."), which the warning names. Rows in that form, case aside, and
+    one-text tasks are not warned about."""
+    model, tok, meta = trained
+    df = pd.DataFrame({"instruction": ["Does the first sentence entail the second?"] * 5,
+                       "input": ["A man is playing a guitar.",
+                                 "Sentence 1: A man plays. Sentence 2: Someone plays.",
+                                 "sentence 1: a man plays. SENTENCE 2: someone plays.",
+                                 "Premise: A man plays. Hypothesis: Someone plays.",
+                                 "A man is playing a guitar."],
+                       "task": ["rte", "rte", "rte", "mnli", "sst2"]})
+    with caplog.at_level(logging.WARNING):
+        out = answer_rows(model, tok, meta, df)
+    assert list(out.index) == list(range(5)) and all(out["answer"] != "")  # every row scored all the same
+    warned = [r.getMessage() for r in caplog.records if "compares two texts" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert warned[0].startswith("predict: row 0: task rte compares two texts")
+    assert "'Sentence 1: ... Sentence 2: ...'" in warned[0] and "no 'Sentence 1:' or 'Sentence 2:'" in warned[0]
+
+
 def test_an_absent_task_generates(trained):
     assert check_task(None) is None and check_task(float("nan")) is None and check_task("") is None
     assert check_task("rte") == "rte"

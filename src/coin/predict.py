@@ -238,6 +238,21 @@ def _check_columns(df: pd.DataFrame) -> None:
                 _unicode(value, f"row {i}: {col}" if len(df) > 1 else col)
 
 
+def _warn_unmarked_fields(task: str, text: str, where: str) -> None:
+    """Warn when a two-text task's input lacks a field marker of the evaluation's form ("Sentence 1: ... Sentence 2:
+    ..."): one sentence given to rte or mrpc was scored as the whole input, with nothing to compare it to, and its
+    answer looked as sure as any. Scored as given (a user may phrase the pair otherwise), with the form to use."""
+    prefixes = TASKS[task].content_prefixes
+    if prefixes == ("",):
+        return
+    folded = text.casefold()
+    absent = [p for p in prefixes if p.casefold() not in folded]
+    if absent:
+        form = " ".join(f"{p} ..." for p in prefixes)
+        log.warning("predict: %stask %s compares two texts, given in one input as %r; this input has no %s, so it "
+                    "was scored as given", where, task, form, " or ".join(repr(p) for p in absent))
+
+
 def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max_new_tokens: int = 7,
                 batch_size: int = 32) -> pd.DataFrame:
     """One answer per row of ``df`` (columns: instruction, input[, task][, options]), in row order.
@@ -273,6 +288,8 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
                     raise ValueError(f"options: {exc}; list one of them") from None
             task = check_task(row["task"]) if "task" in row else None
             instruction, text = _field_text(row, "instruction"), _field_text(row, "input")
+            if task and text:
+                _warn_unmarked_fields(task, text, where)
             if not options and limit is not None and not 1 <= max_new_tokens < limit:  # only a generated row uses it
                 raise ValueError(f"max_new_tokens = {max_new_tokens}: give 1..{limit - 1} (the model reads at most "
                                  f"{limit} positions, prompt included)")
