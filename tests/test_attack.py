@@ -268,7 +268,8 @@ def test_cli_attack_on_a_tiny_model_writes_a_loadable_file(tiny_llama_dir: Path,
     load_instruction_sets(out, ["clean", "attack-char", "attack-word"], ["sst2"])
     record = json.loads(log_path(out).read_text())
     assert record["settings"]["budget"] == {"max_edits": 1, "max_queries": 4, "per_step": 3}
-    assert record["settings"]["samples"] == {"sst2": 4} and record["settings"]["model_kind"] == "backbone"
+    assert record["settings"]["samples"] == {"sst2": 4} and record["settings"]["model_kind"] == "base"
+    assert record["settings"]["model_location"] == str(tiny_llama_dir.resolve())
     assert record["settings"]["holdout"] is True
     assert all(e["queries"] <= 4 and len(e["edits"]) <= 1 for e in record["instructions"])
     assert CliRunner().invoke(app, args).exit_code == 0 and out.read_bytes() == first  # deterministic end to end
@@ -288,7 +289,7 @@ def test_cli_attack_on_a_tiny_model_writes_a_loadable_file(tiny_llama_dir: Path,
     # a model name that is not loadable offline is blamed on --model, not on model.backbone
     bad = CliRunner().invoke(app, [*args[:2], "nosuch", *args[3:]])
     flat = " ".join(bad.output.split())
-    assert bad.exit_code == 2 and "--model nosuch" in flat and "model.backbone" not in flat, flat
+    assert bad.exit_code == 4 and "--model nosuch" in flat and "model.backbone" not in flat, flat  # as evaluate
     # and model.backbone, which the attack does not read, is not checked
     assert CliRunner().invoke(app, [*args, "--set", "model.backbone=Org/absent-model"]).exit_code == 0
 

@@ -183,6 +183,37 @@ def test_registry_alias_version_and_run_uri_evaluate(project, tiny_llama_dir):
     assert store in local.parents and (local / "registered_model_meta").is_file()
 
 
+def test_attack_reads_a_registry_uri_as_evaluate_does(project, tiny_llama_dir):
+    """`coin attack --model models:/...` said "no such directory": the attack resolved only paths and names. It now
+    resolves as `coin evaluate --model` does, and attacking the registered version is attacking its adapter."""
+    import mlflow
+
+    from coin.evaluation.attack import Budget, log_path, run_attack
+    from coin.registry.register import log_candidate
+    from coin.registry.tracking import setup_tracking
+
+    adapter = _adapter(tiny_llama_dir, project["tmp"] / "train")
+    settings = _settings(project)
+    setup_tracking(settings, project["root"])
+    with mlflow.start_run(run_name="train-coin") as run:
+        pass
+    log_candidate(adapter, run.info.run_id, "tiny-coin")  # version 1, alias challenger
+    logs = {}
+    for name, spec in (("reg", "models:/tiny-coin@challenger"), ("dir", str(adapter))):
+        out = project["tmp"] / f"attack-{name}.json"
+        run_attack(settings, project["root"], model=spec, out=out, instructions=project["instr"], tasks=["sst2"],
+                   budget=Budget(max_edits=1, max_queries=4, per_step=3), samples=4, seed=0, holdout=False)
+        logs[name] = json.loads(log_path(out).read_text())
+    reg, local = logs["reg"]["settings"], logs["dir"]["settings"]
+    assert (reg["model_kind"], reg["model_location"]) == ("registry", "models:/tiny-coin/1")
+    assert (local["model_kind"], local["model_location"]) == ("adapter", str(adapter.resolve()))
+    assert logs["reg"]["instructions"] == logs["dir"]["instructions"]  # the same model, the same search
+    res = runner.invoke(app, ["attack", "--model", "models:/tiny-coin@champion", "--out",
+                              str(project["tmp"] / "x.json"), "--instructions", str(project["instr"]),
+                              "--tasks", "sst2", *project["common"]])
+    assert res.exit_code == 4 and "has no alias 'champion'" in " ".join(res.output.split()), res.output
+
+
 def test_python_api_evaluates_a_base_path(project, tiny_llama_dir):
     from coin.evaluation import evaluate_models
     from coin.evaluation.anymodel import sets_and_tasks_of

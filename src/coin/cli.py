@@ -756,7 +756,9 @@ def card(
 
 @app.command()
 def attack(
-    model: Annotated[str, typer.Option(help="an adapter directory written by `coin train`, or a backbone (minilm)")],
+    model: Annotated[str, typer.Option(help="as coin evaluate --model reads it: an adapter directory written by "
+                                       "`coin train`, models:/<name>@<alias>, models:/<name>/<version>, "
+                                       "runs:/<id>/<path>, minilm, or a HF model directory or cached name")],
     out: Annotated[Path, typer.Option(help="instruction file to write; its edit log goes beside it (<stem>.log.json)")],
     instructions: Annotated[Optional[Path], typer.Option(help="default: evaluate.instruction_file")] = None,
     source_set: Annotated[str, typer.Option(help="the set of --instructions to attack")] = "clean",

@@ -425,34 +425,17 @@ def _margin(scores: Sequence[float], label: int) -> float:
 # --------------------------------------------------------------------------- `coin attack`
 
 
-def load_model(spec: str, settings) -> tuple[Any, Any, dict[str, list[int]] | None, str]:
-    """``(model, tokenizer, label_counts, kind)``: an adapter directory written by ``coin train`` (it has
-    ``coin_model.json``; run the way it was trained, with its training label counts) or a backbone name/path
-    (``minilm``; ``model.*`` settings, a uniform prior), as the evaluation loads them."""
-    from coin.config import ConfigError, check_backbone
-    from coin.modeling.adapter import META_FILE, load_trained
-    from coin.modeling.backbone import load_backbone
+def load_model(spec: str, settings, root: Path | str = ".") -> tuple[Any, Any, dict[str, list[int]] | None, str]:
+    """``(model, tokenizer, label_counts, kind)`` of ``spec`` as ``coin evaluate --model`` resolves and loads it
+    (:mod:`coin.evaluation.anymodel`): a registry URI (``models:/<name>@<alias>``, ``runs:/<id>/<path>``), an adapter
+    directory written by ``coin train`` (run the way it was trained, with its training label counts), ``minilm``, a
+    model directory or a cached Hugging Face name (``model.*`` settings, a uniform prior). ``kind``: registry,
+    adapter or base."""
+    from coin.evaluation.anymodel import load_target, resolve_target
 
-    path = Path(spec)
-    if path.is_dir() and not (path / META_FILE).is_file() and not (path / "config.json").is_file():
-        raise DataError(f"{spec}: neither an adapter directory written by `coin train` (no {META_FILE}) nor a model "
-                        f"checkpoint (no config.json)")
-    if not path.exists() and ("/" in spec or "\\" in spec):
-        raise DataError(f"{spec}: no such directory; pass an adapter directory written by `coin train` "
-                        f"(outputs/train/<method>/adapter) or a backbone name such as minilm")
-    if (path / META_FILE).is_file():
-        model, tokenizer, meta = load_trained(path, device=settings.model.device)
-        return model, tokenizer, meta.get("label_counts"), "adapter"
-    try:  # offline-loadable, as model.backbone is checked; the error names the option the spec came from
-        check_backbone(spec)
-    except ConfigError as exc:
-        raise ConfigError(str(exc).replace(f"model.backbone = {spec!r}", f"--model {spec}", 1)
-                          .replace("Set model.backbone to", "Give --model as")) from None
-    m = settings.model
-    bb = load_backbone(spec, dtype=m.dtype, device=m.device, seed=settings.seed, attention=m.attention,
-                       readout=m.readout, quantization=m.quantization, double_quant=m.double_quant)
-    bb.model.eval()
-    return bb.model, bb.tokenizer, None, "backbone"
+    target = resolve_target(spec, settings, Path(root))
+    model, tokenizer, counts = load_target(target, settings)
+    return model, tokenizer, counts, target.kind
 
 
 def attack_sample(settings, root: Path, task: str, n: int, seed: int, *, holdout: bool = True) -> list[dict[str, Any]]:
@@ -521,6 +504,9 @@ def run_attack(settings, root: Path, *, model: str, out: str | Path, instruction
             get_task(t)
         except KeyError as exc:
             raise ValueError(f"--tasks: {exc.args[0]}") from None
+    from coin.evaluation.anymodel import load_target, resolve_target
+
+    target = resolve_target(model, settings, Path(root))  # a bad --model fails before the rows are sampled
     rows: dict[str, list[dict[str, Any]]] = {}
     skipped: dict[str, str] = {}
     for t in tasks:
@@ -541,10 +527,11 @@ def run_attack(settings, root: Path, *, model: str, out: str | Path, instruction
     clean = _source_set(source, source_set, tasks)
     protected = {t: protected_words(get_task(t).label_words, label_choices(get_task(t).label_words, source, t))
                  for t in tasks}
-    net, tokenizer, counts, kind = load_model(model, settings)
+    net, tokenizer, counts = load_target(target, settings)
     scorer = model_scorer(net, tokenizer, rows, settings.evaluate, label_counts=counts)
     outcomes = attack_sets(clean, scorer=scorer, protected=protected, levels=levels, budget=budget, seed=seed)
-    recorded = {"model": str(model), "model_kind": kind, "tasks": tasks, "levels": list(levels),
+    recorded = {"model": str(model), "model_kind": target.kind, "model_location": target.location, "tasks": tasks,
+                "levels": list(levels),
                 "samples": {t: len(r) for t, r in rows.items()}, "seed": seed, "holdout": holdout,
                 "budget": asdict(budget),
                 "prompt_format": settings.evaluate.prompt_format, "calibration": settings.evaluate.calibration,
