@@ -145,6 +145,24 @@ def test_missing_and_malformed_files(tmp_path):
         load_settings(lst)
 
 
+@pytest.mark.parametrize("value, form", [("010", "octal"), ("0b11", "binary"), ("5:20", "base-60"),
+                                         ("[42, 007]", "octal"), ("1:30.5", "base-60")])
+def test_a_number_yaml_1_1_reads_otherwise_than_dvc_is_refused(tmp_path, value, form):
+    """seed: 010 was 8 here (YAML 1.1 octal) while DVC (YAML 1.2) recorded 10 in dvc.lock; 5:20 was 320 (base 60)
+    where DVC reads text. Refused in a params file and in --set alike, naming the value; 0x10, 1_000, 0 and -0 read
+    as before."""
+    key = "study.seeds" if value.startswith("[") else "train.lr" if "." in value else "seed"
+    with pytest.raises(ConfigError, match=rf"'{re.escape(value.strip('[]').split(', ')[-1])}' is read as a .*{form}"):
+        load_settings(ROOT / "params.yaml", [f"{key}={value}"])
+    p = tmp_path / "params.yaml"
+    p.write_text((ROOT / "params.yaml").read_text().replace("\nseed: 42", f"\nseed: {value}", 1))
+    assert p.read_text() != (ROOT / "params.yaml").read_text()
+    with pytest.raises(ConfigError, match=f"is read as a .*{form}.*DVC"):
+        load_settings(p)
+    for ok, want in (("0x10", 16), ("1_000", 1000), ("0", 0), ("-0", 0), ("+7", 7)):
+        assert load_settings(ROOT / "params.yaml", [f"seed={ok}"]).seed == want
+
+
 def test_the_error_names_the_params_file_and_the_overrides(tmp_path):
     """The first line names the file that was read (not always params.yaml), and the --set overrides when any."""
     strong = ROOT / "params-strong.yaml"
@@ -248,6 +266,25 @@ def test_a_home_folder_in_a_path_setting_is_the_home_folder(tmp_path, monkeypatc
     assert s.paths.data_dir == str(tmp_path / "home" / "d") and s.study.out_dir == str(tmp_path / "home" / "study")
     assert Layout(tmp_path / "project", s).pairs_file == tmp_path / "home" / "coin out" / "pairs" / "pairs.jsonl"
     assert Settings.model_validate({}).paths.out_dir == "outputs"
+    # and the two other settings that name a file or folder: the instruction file and a backbone path
+    s = Settings.model_validate({"evaluate": {"instruction_file": "~/ins.json"}, "model": {"backbone": "~/m"}})
+    assert s.evaluate.instruction_file == str(tmp_path / "home" / "ins.json")
+    assert s.model.backbone == str(tmp_path / "home" / "m")
+    assert Settings.model_validate({"model": {"backbone": "Org/name~1"}}).model.backbone == "Org/name~1"
+
+
+def test_an_instruction_file_in_the_home_folder_is_checked_at_load(tmp_path, monkeypatch):
+    """evaluate.instruction_file = ~/ins.json was read as '<root>/~/ins.json', not there yet: a misspelt
+    instruction set passed the load-time check and the evaluation failed after training."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "ins.json").write_text((ROOT / "data" / "promptbench" / "coin_perturbed_instructions.json").read_text())
+    monkeypatch.setenv("HOME", str(home))
+    with pytest.raises(ConfigError, match="nosuch"):
+        load_settings(ROOT / "params.yaml",
+                      ["evaluate.instruction_file=~/ins.json", "evaluate.instruction_sets=[nosuch]"])
+    s = load_settings(ROOT / "params.yaml", ["evaluate.instruction_file=~/ins.json"])
+    assert s.evaluate.instruction_file == str(home / "ins.json")
 
 
 def test_a_params_file_linked_to_a_shared_config_stays_in_its_project(tmp_path):

@@ -165,6 +165,8 @@ class ModelSettings(_Section):
         True, description="4bit only: also quantise the quantisation constants (QLoRA's double quantisation)"
     )
 
+    expand_home = field_validator("backbone", mode="before")(_home)  # a leading ~: the home folder, as in paths.*
+
 
 # pairs.templates: every classification template, the same ids for every task, or ids per task
 TemplateChoice = Literal["classification"] | list[int] | dict[GlueTask, list[int]]
@@ -501,6 +503,7 @@ class EvaluateSettings(_Section):
         "AVX512-BF16 or AMX), off elsewhere; bf16: always; off: never (fp32 scores)"
     )
     _autocast_off = field_validator("autocast", mode="before")(_yaml_off)
+    expand_home = field_validator("instruction_file", mode="before")(_home)  # as paths.* read a leading ~
 
     @field_validator("instruction_sets", "tasks", "scoring")
     @classmethod
@@ -961,6 +964,31 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     raise DuplicateKeyError(key, first, line, key_node.start_mark)
                 seen[key] = line
         return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        """YAML 1.1's integer forms that YAML 1.2 (DVC's reader) reads otherwise are refused, naming the value: a
+        leading 0 is octal here (``seed: 010`` was 8 while dvc.lock recorded 10), ``5:20`` base 60 (320) and
+        ``0b11`` binary, where DVC reads 10 and two strings."""
+        digits = str(node.value).replace("_", "").lstrip("+-")
+        octal = len(digits) > 1 and digits[0] == "0" and digits[1] not in "xX"
+        if octal or ":" in digits:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value!r} is read as a {'base-60' if ':' in digits else 'binary or octal'} number "
+                "in YAML 1.1 and as something else by DVC (YAML 1.2); write the number without a leading 0 or ':' "
+                "(or quote it for text)", node.start_mark)
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        """A base-60 float (``1:30.5``, YAML 1.1 only) is refused as :meth:`construct_yaml_int` refuses ``5:20``."""
+        if ":" in str(node.value):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value!r} is read as a base-60 number in YAML 1.1 and as text by DVC (YAML 1.2); "
+                "write the number without ':' (or quote it for text)", node.start_mark)
+        return super().construct_yaml_float(node)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", _UniqueKeyLoader.construct_yaml_float)
 
 
 def yaml_load(text: str) -> Any:
