@@ -754,3 +754,24 @@ def test_an_eos_token_past_the_embeddings_is_refused_naming_it(tiny_gpt2_dir, tm
     tok.save_pretrained(d)
     with pytest.raises(ModelUnavailable, match=r"eos token '<my_eos>' has id \d+, past the model's \d+ embeddings"):
         load_backbone(str(d), device="cpu", seed=0)
+
+
+def test_an_evaluation_stopped_while_logging_ends_its_run_killed(project, tiny_llama_dir, monkeypatch):
+    """`coin evaluate --model` stopped by Ctrl-C while its run was open ended it FAILED (MLflow's own exit), which
+    reads as a crash; a pipeline stage's run ends KILLED. Now both do."""
+    import mlflow
+
+    from coin.evaluation import evaluate_models
+    from coin.evaluation.anymodel import sets_and_tasks_of
+
+    settings = sets_and_tasks_of(_settings(project), project["instr"])
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlflow, "log_artifacts", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_models([f"tiny={tiny_llama_dir}"], settings, project["root"], project["tmp"] / "stopped",
+                        instruction_file=project["instr"])
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("evaluate-tiny", "KILLED")]

@@ -175,3 +175,23 @@ def test_an_unchanged_accuracy_has_a_pdr_of_zero_not_minus_zero(tmp_path):
     write_eval_outputs([r], tmp_path)
     pdr = json.loads((tmp_path / "metrics.json").read_text())["m"]["loglik"]["tasks"]["sst2"]["textfooler"]["pdr"]
     assert str(pdr) == "0.0" and "-0.000" not in (tmp_path / "report.md").read_text()
+
+
+def test_an_evaluation_stopped_while_writing_leaves_no_eval_info(tmp_path: Path, monkeypatch) -> None:
+    """eval_info.json marks a whole evaluation: a Ctrl-C between metrics.json and the end left the new metrics.json
+    beside the last evaluation's predictions, cards and eval_info.json, and `coin register` combined them."""
+    import coin.evaluation.report as report
+
+    first = write_eval_outputs([result("base", constant), result("coin", oracle)], tmp_path)
+    assert first["info"].is_file()
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "write_jsonl", stopped)  # after metrics.json, before predictions.jsonl
+    with pytest.raises(KeyboardInterrupt):
+        write_eval_outputs([result("base", oracle), result("coin", constant)], tmp_path)
+    assert not first["info"].exists() and first["predictions"].is_file()  # the last one's predictions stay
+    monkeypatch.undo()
+    again = write_eval_outputs([result("base", oracle), result("coin", constant)], tmp_path)
+    assert set(json.loads(again["info"].read_text())) == {"base", "coin"}

@@ -1387,3 +1387,39 @@ def test_the_robustness_plot_leaves_out_consistency_where_no_set_has_it():
     assert "undefined" not in two.alt and "scores 100 on consistency" in two.alt
     w_one, w_two = (Image.open(io.BytesIO(p.png)).size[0] for p in (one, two))
     assert w_one < w_two  # one panel, not two
+
+
+@pytest.mark.parametrize("stop, status", [(KeyboardInterrupt, "KILLED"), (RuntimeError, "FAILED")])
+def test_a_stop_while_the_studys_runs_are_logged_ends_them(tmp_path, monkeypatch, stop, status):
+    """A Ctrl-C while a cell's child run (or the parent, before its id reached the flow) was being logged left the
+    run RUNNING for ever: nothing later closes it. It now ends KILLED, or FAILED on an error."""
+    from mlflow import MlflowClient
+
+    from coin.config import load_settings
+    from coin.study import tracking as st
+
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    settings = load_settings(params, check_project=False)
+    real = MlflowClient.log_batch
+
+    def stopped(self, *args, **kwargs):
+        raise stop("stopped")
+
+    monkeypatch.setattr(MlflowClient, "log_batch", stopped)
+    with pytest.raises(stop):
+        st.open_study_run(settings, tmp_path)
+    monkeypatch.setattr(MlflowClient, "log_batch", real)
+    parent = st.open_study_run(settings, tmp_path)
+    rec = {"cell": {"name": "coin-s0", "method": "coin", "seed": 0, "sweep_key": None, "sweep_value": None},
+           "key": "k", "figures": {"clean_acc": 50.0}, "dir": str(tmp_path)}
+    monkeypatch.setattr(MlflowClient, "log_batch", stopped)
+    with pytest.raises(stop):
+        st.log_cell_runs(settings, tmp_path, parent, [rec])
+    monkeypatch.setattr(MlflowClient, "log_batch", real)
+    by_name: dict[str, list[str]] = {}
+    for r in MlflowClient().search_runs([MlflowClient().get_run(parent).info.experiment_id]):
+        by_name.setdefault(r.info.run_name, []).append(r.info.status)
+    # the second parent is open: the flow ends it (its on_stop is registered once the id is known)
+    assert {k: sorted(v) for k, v in by_name.items()} == {"study": sorted(["RUNNING", status]),
+                                                          "cell-coin-s0": [status]}, by_name

@@ -874,7 +874,8 @@ def stage_register(settings: Settings, root: Path) -> dict[str, Any]:
     setup_tracking(settings, root)
     regs = []
     info_file = lay.eval_dir / "eval_info.json"
-    infos = read_json(info_file, missing_hint="The evaluation writes it beside metrics.json: run `coin evaluate`.")
+    infos = read_json(info_file, missing_hint="The evaluation writes it last, beside metrics.json; an evaluation "
+                      "stopped before its end leaves none: run `coin evaluate`.")
     if not isinstance(infos, dict) or not all(isinstance(v, dict) for v in infos.values()):
         raise DataError(f"{info_file}: not the evaluation's record (a JSON object of one object per model); rerun "
                         "`coin evaluate`, which rewrites it")

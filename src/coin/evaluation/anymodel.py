@@ -622,7 +622,7 @@ def _log_run(target: ModelTarget, protocol: dict[str, Any], cached: bool, result
     """One new MLflow run per evaluation (never a training run reopened): tags, headline metrics, the result."""
     import mlflow
 
-    from coin.registry.tracking import provenance_tags, setup_tracking
+    from coin.registry.tracking import provenance_tags, setup_tracking, stage_run
     from coin.stage_specs import stage_params
 
     setup_tracking(settings, root)
@@ -630,8 +630,9 @@ def _log_run(target: ModelTarget, protocol: dict[str, Any], cached: bool, result
     # the data version and the git commit (with -dirty) as every other run records them; the evaluated model is
     # named by the coin.eval.model_* tags, not by model.backbone
     prov = {k: v for k, v in provenance_tags(settings, root, "evaluate").items() if k != "coin.backbone"}
-    with mlflow.start_run(run_name=f"evaluate-{target.label}", nested=mlflow.active_run() is not None,
-                          tags={**prov, **_tags(target, protocol, cached)}) as run:
+    # a Ctrl-C ends it KILLED, as a pipeline stage's run (MLflow's own exit wrote FAILED, which reads as a crash)
+    with stage_run(run_name=f"evaluate-{target.label}", nested=mlflow.active_run() is not None,
+                   tags={**prov, **_tags(target, protocol, cached)}) as run:
         mlflow.log_params(stage_params("evaluate_unit", settings))  # what the evaluation reads
         mlflow.log_metrics({f"eval/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))})
         mlflow.log_artifacts(str(unit_dir), artifact_path="evaluate")

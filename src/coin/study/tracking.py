@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,23 @@ def _metric(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and x == x else None
 
 
+@contextmanager
+def _ended_if_stopped(client: Any, run_id: str) -> Iterator[None]:
+    """A run created by the client is ended KILLED (Ctrl-C, SIGTERM) or FAILED if the work on it stops: before, a
+    stop between ``create_run`` and ``set_terminated`` (or before the caller knew the run's id) left it RUNNING for
+    ever."""
+    try:
+        yield
+    except BaseException as exc:
+        from coin.interrupt import stopped
+
+        try:
+            client.set_terminated(run_id, status="KILLED" if stopped(exc) else "FAILED")
+        except Exception:  # noqa: BLE001 -- the first error is the one to report
+            pass
+        raise
+
+
 def open_study_run(settings: Settings, root: Path, flow_run_id: str | None = None) -> str:
     """Create the parent run ``study`` (provenance tags, all params); returns its id."""
     from mlflow import MlflowClient
@@ -39,16 +58,16 @@ def open_study_run(settings: Settings, root: Path, flow_run_id: str | None = Non
     tags = {**provenance_tags(settings, root, "study"), "prefect.flow_run_id": str(flow_run_id)}
     client = MlflowClient()
     run = client.create_run(exp_id, run_name="study", tags=tags)
-    params = [Param(k, str(v)[:6000]) for k, v in settings.to_flat_dict().items()]
-    for i in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[i:i + 100])
+    with _ended_if_stopped(client, run.info.run_id):  # the caller ends it once it has the id
+        params = [Param(k, str(v)[:6000]) for k, v in settings.to_flat_dict().items()]
+        for i in range(0, len(params), 100):
+            client.log_batch(run.info.run_id, params=params[i:i + 100])
     return run.info.run_id
 
 
 def log_cell_runs(settings: Settings, root: Path, parent_run_id: str, records: list[dict[str, Any]]) -> dict[str, str]:
     """One child run per cell record (``run_cell``'s return value); returns ``{cell name: run id}``."""
     from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
 
     from coin.registry.tracking import provenance_tags, setup_tracking
 
@@ -61,22 +80,31 @@ def log_cell_runs(settings: Settings, root: Path, parent_run_id: str, records: l
                 "coin.method": cell["method"], "coin.study.cell": cell["name"], "coin.study.key": rec["key"],
                 "coin.study.cached": str(bool(rec.get("cached"))).lower(), "coin.study.device": str(rec.get("device"))}
         run = client.create_run(exp_id, run_name=f"cell-{cell['name']}", tags=tags)
-        params = {"method": cell["method"], "seed": cell["seed"], "sweep_key": cell["sweep_key"],
-                  "sweep_value": cell["sweep_value"], "eval_seed": rec.get("eval_seed"), "scoring": rec.get("scoring")}
-        values: dict[str, Any] = {**rec["figures"], **{f"level/{k}": v for k, v in rec.get("levels", {}).items()},
-                                  **{f"wall_s/{k}": v for k, v in rec.get("wall_time_s", {}).items()}}
-        if rec.get("train"):
-            values["train/steps"] = rec["train"].get("steps")
-            values.update({f"train/{k}": v for k, v in rec["train"].get("final", {}).items()})
-        ts = int(time.time() * 1000)
-        metrics = [Metric(_key(k), m, ts, 0) for k, v in values.items() if (m := _metric(v)) is not None]
-        client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
-        record_file = Path(rec["dir"]) / "cell.json"
-        if record_file.exists():
-            client.log_artifact(run.info.run_id, str(record_file), artifact_path="cell")
+        with _ended_if_stopped(client, run.info.run_id):
+            _log_cell(client, run.info.run_id, rec)
         client.set_terminated(run.info.run_id, status="FINISHED")
         out[cell["name"]] = run.info.run_id
     return out
+
+
+def _log_cell(client: Any, run_id: str, rec: dict[str, Any]) -> None:
+    """A cell record's params, metrics and cell.json on its run."""
+    from mlflow.entities import Metric, Param
+
+    cell = rec["cell"]
+    params = {"method": cell["method"], "seed": cell["seed"], "sweep_key": cell["sweep_key"],
+              "sweep_value": cell["sweep_value"], "eval_seed": rec.get("eval_seed"), "scoring": rec.get("scoring")}
+    values: dict[str, Any] = {**rec["figures"], **{f"level/{k}": v for k, v in rec.get("levels", {}).items()},
+                              **{f"wall_s/{k}": v for k, v in rec.get("wall_time_s", {}).items()}}
+    if rec.get("train"):
+        values["train/steps"] = rec["train"].get("steps")
+        values.update({f"train/{k}": v for k, v in rec["train"].get("final", {}).items()})
+    ts = int(time.time() * 1000)
+    metrics = [Metric(_key(k), m, ts, 0) for k, v in values.items() if (m := _metric(v)) is not None]
+    client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
+    record_file = Path(rec["dir"]) / "cell.json"
+    if record_file.exists():
+        client.log_artifact(run_id, str(record_file), artifact_path="cell")
 
 
 def study_metrics(study: dict[str, Any]) -> dict[str, float]:

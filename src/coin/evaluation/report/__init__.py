@@ -140,6 +140,10 @@ def write_eval_outputs(results: list[EvalResult], out_dir: str | Path,
     for label, card in cards.items():  # a new key: the card's headline figures (DVC metrics, MLflow)
         doc[label]["card"] = dict(card["headline"])
     doc[REFERENCE_KEY] = refs.all.to_dict()
+    # eval_info.json marks a whole evaluation: gone while the files are rewritten, written last. An evaluation
+    # interrupted in between left the new metrics.json beside the last one's predictions, cards and protocol,
+    # and `coin register` combined them into one registered version
+    paths["info"].unlink(missing_ok=True)
     write_json(paths["metrics"], doc)
     if summary_file is not None:
         paths["summary"] = Path(summary_file)
