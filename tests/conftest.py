@@ -71,6 +71,39 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_metaspace_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer LlamaForCausalLM with a Llama-2-style tokenizer of its own: SentencePiece-like BPE whose
+    pre-tokenizer marks a word's leading space ('▁positive' for 'positive' at the start of a text), BOS added,
+    left padding, no pad token. Trained on a few words here, so nothing is downloaded."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizerFast
+
+    words = ("positive negative great film movie review sentiment is this the a of and it was bad good terrible yes "
+             "no entailment not_entailment equivalent not_equivalent question answer sentence response Is Sentiment "
+             "Response ### : ? gem boring").split()
+    corpus = [" ".join(words[i:] + words[:i]) + "\n\n### Response:\n" + w for i in range(len(words)) for w in words]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    space = {"replacement": "\u2581", "prepend_scheme": "first"}
+    split = pre_tokenizers.Split("\n", "isolated")
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([split, pre_tokenizers.Metaspace(**space)])
+    bpe.decoder = decoders.Metaspace(**space)
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ?:#_\n\u2581")))
+    tok = LlamaTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                             add_bos_token=True, add_eos_token=False, padding_side="left")
+    out = tmp_path_factory.mktemp("tiny_metaspace_llama")
+    tok.save_pretrained(str(out))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, hidden-32 GPT2LMHeadModel (head tied to the embeddings, Conv1D attention)."""
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -153,8 +153,10 @@ def _prompt_tokens(tokenizer, prompt: str, fmt: str) -> int:
     return len(encode(tokenizer, prompt, "", fmt=fmt, append_eos=False).input_ids)
 
 
-def _answer_tokens(tokenizer, options: list[str]) -> int:
-    return max(len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in options)
+def _answer_tokens(tokenizer, options: list[str], fmt: str = "train") -> int:
+    from coin.data.prompts import response_ids
+
+    return max(len(response_ids(tokenizer, o, fmt)) for o in options)
 
 
 def _head(tokenizer, text: str, n_tokens: int) -> str:
@@ -283,7 +285,7 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
             options = _options_for(row)
             if options and tuple(options) not in option_ids:  # answers its tokens tell apart
                 try:
-                    option_ids[tuple(options)] = label_token_ids(tokenizer, options)
+                    option_ids[tuple(options)] = label_token_ids(tokenizer, options, fmt)
                 except ValueError as exc:
                     raise ValueError(f"options: {exc}; list one of them") from None
             task = check_task(row["task"]) if "task" in row else None

@@ -27,6 +27,40 @@ def format_prompt(prompt: str, fmt: PromptFormat = "train") -> str:
     return prompt + RESPONSE_MARKER[fmt]
 
 
+def response_lengths(tokenizer, responses: list[str], fmt: PromptFormat = "train") -> dict[str, int]:
+    """Token count of each distinct response as :func:`response_ids` tokenises it, in one batch call."""
+    uniq = sorted({r for r in responses if r})
+    if not uniq:
+        return {}
+    marker = RESPONSE_MARKER[fmt]
+    head = tokenizer(marker, add_special_tokens=False)["input_ids"]
+    whole = tokenizer([marker + r for r in uniq], add_special_tokens=False)["input_ids"]
+    out = {r: len(ids) - len(head) for r, ids in zip(uniq, whole, strict=True)
+           if list(ids[:len(head)]) == list(head) and len(ids) > len(head)}
+    rest = [r for r in uniq if r not in out]
+    if rest:
+        out.update({r: len(ids) for r, ids in zip(rest, tokenizer(rest, add_special_tokens=False)["input_ids"],
+                                                  strict=True)})
+    return out
+
+
+def response_ids(tokenizer, response: str, fmt: PromptFormat = "train") -> list[int]:
+    """Token ids of ``response`` as this tokenizer writes it after the answer marker: the tokens of marker +
+    response past the marker's own (lm-evaluation-harness's split of the joined text). Tokenised alone, a
+    SentencePiece tokenizer that marks a word's leading space (Llama 1/2, Mistral) gave '▁positive', a token it never
+    writes after the marker's newline, where it writes 'positive'; WordPiece (MiniLM) and byte-level BPE (GPT-2,
+    Qwen2, Llama 3) give the same ids either way. Where the marker's tokens change with what follows, the
+    response is tokenised alone, as before."""
+    if not response:
+        return []
+    marker = RESPONSE_MARKER[fmt]
+    head = tokenizer(marker, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(marker + response, add_special_tokens=False)["input_ids"]
+    if list(whole[:len(head)]) == list(head) and len(whole) > len(head):
+        return list(whole[len(head):])
+    return list(tokenizer(response, add_special_tokens=False)["input_ids"])
+
+
 @dataclass(frozen=True)
 class Encoded:
     input_ids: list[int]
@@ -50,12 +84,13 @@ def encode(
     """``[BOS] prompt+marker | response [EOS]`` as token ids, with the prompt/response boundary.
 
     Prompt and response are tokenised separately so the boundary is exact for any tokenizer (BERT
-    WordPiece, GPT-2 BPE, SentencePiece). Over-long rows lose prompt tokens from the left (after BOS),
+    WordPiece, GPT-2 BPE, SentencePiece); the response as the tokenizer writes it after the marker
+    (:func:`response_ids`). Over-long rows lose prompt tokens from the left (after BOS),
     never response tokens: a response that loses its tokens would silently train on nothing.
     """
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     p_ids = tokenizer(format_prompt(prompt, fmt), add_special_tokens=False)["input_ids"]
-    r_ids = tokenizer(response, add_special_tokens=False)["input_ids"] if response else []
+    r_ids = response_ids(tokenizer, response, fmt)
     if append_eos and tokenizer.eos_token_id is not None:
         r_ids = r_ids + [tokenizer.eos_token_id]
     truncated = 0

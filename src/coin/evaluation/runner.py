@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from coin.config import ConfigError, EvaluateSettings, Settings
+from coin.data.prompts import response_ids
 from coin.data.tasks import get_task
 from coin.evaluation.generation import UNPARSED, generate_answers, label_choices, parse_answer
 from coin.evaluation.instructions import load_instruction_sets, load_instruction_sources, perturbation_level
@@ -62,13 +63,13 @@ def _check_generation_room(tokenizer, limit: int | None, cfg: EvaluateSettings) 
                          f"most {limit} positions, the prompt included)")
 
 
-def _check_answers_fit(tokenizer, max_new_tokens: int, tasks: list[str]) -> None:
+def _check_answers_fit(tokenizer, max_new_tokens: int, tasks: list[str], fmt: str = "train") -> None:
     """Refuse an ``evaluate.max_new_tokens`` too short for a task's label word, the answer training teaches and the
     prompt's options list: a perfect answer was cut, parsed as no answer, and that label counted as wrong in every
     example, without a word (MiniLM spells rte's 'not_entailment' in 5 tokens). An instruction file's shorter aliases
     (the reference's digits) do not count: a model trained on the words does not answer with them."""
     for task in tasks:
-        n, word = max((len(tokenizer(w, add_special_tokens=False)["input_ids"]), w) for w in get_task(task).label_words)
+        n, word = max((len(response_ids(tokenizer, w, fmt)), w) for w in get_task(task).label_words)
         if max_new_tokens < n:
             raise ValueError(f"evaluate.max_new_tokens = {max_new_tokens} cannot produce {task}'s answer {word!r} "
                              f"({n} tokens for this tokenizer): every such example would count as wrong; give at "
@@ -95,7 +96,8 @@ def check_generation_budget(settings: Settings, root: Path | None = None) -> Non
         if not tasks:
             return
         try:
-            _check_answers_fit(load_tokenizer(settings.model.backbone), settings.evaluate.max_new_tokens, tasks)
+            _check_answers_fit(load_tokenizer(settings.model.backbone), settings.evaluate.max_new_tokens, tasks,
+                               settings.evaluate.prompt_format)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 
@@ -138,7 +140,7 @@ def evaluate_model(
     if "loglik" in cfg.scoring:  # and the label words must be told apart by this tokenizer
         for task in samples:
             try:
-                label_token_ids(tokenizer, list(get_task(task).label_words))
+                label_token_ids(tokenizer, list(get_task(task).label_words), cfg.prompt_format)
             except ValueError as exc:
                 raise ValueError(f"evaluate[{model_label}]: {task}'s label words: {exc}. Score the others "
                                  f"(evaluate.tasks without {task}) or use a model whose tokenizer tells them apart") \
@@ -148,7 +150,7 @@ def evaluate_model(
     sources = load_instruction_sources(cfg.instruction_file, cfg.instruction_sets, list(samples))  # per-pair PDR
     choices = {t: label_choices(get_task(t).label_words, cfg.instruction_file, t) for t in samples}
     if "generate" in cfg.scoring:  # each label word must fit in max_new_tokens
-        _check_answers_fit(tokenizer, cfg.max_new_tokens, list(samples))
+        _check_answers_fit(tokenizer, cfg.max_new_tokens, list(samples), cfg.prompt_format)
 
     timing: dict[str, dict[str, Any]] = {m: {"seconds": 0.0, "items": 0, "forward_tokens": 0} for m in cfg.scoring}
     paths: list[tuple[str, str, float, int]] = []  # loglik (path, reason, mean prefix tokens, prompts) per task
@@ -234,7 +236,8 @@ def _evaluate_task(
     def prompts_for(mode: str) -> list[str]:
         """The prompts of ``mode``, each input cut to leave room for the answer (the longest label word, or
         max_new_tokens) as coin predict cuts it; how many were cut goes to ``cut``."""
-        room = _answer_tokens(tokenizer, list(spec.label_words)) if mode == "loglik" else cfg.max_new_tokens
+        room = (_answer_tokens(tokenizer, list(spec.label_words), cfg.prompt_format) if mode == "loglik"
+                else cfg.max_new_tokens)
         texts, n_cut, n_long = fit_inputs(tokenizer, pairs, fmt=cfg.prompt_format,
                                           limit=None if limit is None else limit - room)
         if n_cut or n_long:

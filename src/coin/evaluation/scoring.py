@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from coin.data.prompts import PromptFormat, encode
+from coin.data.prompts import PromptFormat, encode, response_ids
 from coin.modeling.backbone import (
     attention_mode,
     bidirectional_mask,
@@ -82,13 +82,14 @@ def _pad_id(tokenizer) -> int:
     return int(pad) if pad is not None else 0
 
 
-def label_token_ids(tokenizer, label_words: Sequence[str]) -> list[list[int]]:
-    """Token ids of each label word as a response (no BOS/EOS), exactly as :func:`encode` tokenises it. Two words
+def label_token_ids(tokenizer, label_words: Sequence[str], fmt: PromptFormat = "train") -> list[list[int]]:
+    """Token ids of each label word as a response (no BOS/EOS), exactly as :func:`encode` tokenises it after the
+    ``fmt`` answer marker (:func:`coin.data.prompts.response_ids`). Two words
     this tokenizer reads as the same ids (an uncased tokenizer's 'Yes' and 'yes', words it maps to its unknown
     token) are refused: they would score alike, and the first listed would win every tie."""
     out = []
     for word in label_words:
-        ids = tokenizer(word, add_special_tokens=False)["input_ids"] if word else []
+        ids = response_ids(tokenizer, word, fmt)
         if not ids:
             raise ValueError(f"label word {word!r} tokenises to nothing; it cannot be scored")
         out.append(list(ids))
@@ -473,7 +474,7 @@ class ScoringRequest:
 
 def score_labels(request: ScoringRequest) -> LoglikOutput:
     """Label-word log-likelihoods of every prompt of ``request``, with how they were computed."""
-    labels = label_token_ids(request.tokenizer, request.label_words)
+    labels = label_token_ids(request.tokenizer, request.label_words, request.fmt)
     n_label_tokens = torch.tensor([len(w) for w in labels], dtype=torch.float32)
     reason = cache_support(request.model) if request.use_cache else "disabled (use_cache=False)"
     out = _score_on_cache(request, labels) if reason is None else _score_per_label(request, reason)

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from coin.data.prompts import PromptFormat, format_prompt
+from coin.data.prompts import PromptFormat, format_prompt, response_lengths
 from coin.validation.embeddings import instruction_text
 from coin.validation.leakage import ExampleIndex, InstructionHit, example_leaks, max_text_ratio, normalise, text_ratios
 from coin.validation.text import replace_surrogates, squash
@@ -568,7 +568,7 @@ def token_lengths(
 ) -> list[int]:
     """``len(encode(tokenizer, p, r, fmt=fmt, append_eos=append_eos).input_ids)`` for each pair, batched."""
     p_len = _lengths(tokenizer, [format_prompt(p, fmt) for p in prompts])
-    r_len = _lengths(tokenizer, [r for r in responses if r])
+    r_len = response_lengths(tokenizer, list(responses), fmt)  # as encode tokenises them, after the marker
     extra = (tokenizer.bos_token_id is not None) + (append_eos and tokenizer.eos_token_id is not None)
     return [p_len[format_prompt(p, fmt)] + (r_len[r] if r else 0) + extra
             for p, r in zip(prompts, responses, strict=True)]
