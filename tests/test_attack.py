@@ -328,6 +328,7 @@ def test_attacked_file_goes_straight_into_the_evaluation_with_the_logged_accurac
     run_attack(settings, tmp_path, model=str(tiny_llama_dir), out=out, instructions=INSTRUCTIONS, tasks=["rte"],
                budget=Budget(max_edits=2, max_queries=7, per_step=3), samples=5, seed=7, holdout=False)
     model, tok, counts, kind = load_model(str(tiny_llama_dir), settings)
+    assert kind == "base"
     cfg = settings.evaluate.model_copy(update={"instruction_file": str(out), "tasks": ["rte"], "samples_per_task": 5,
                                                "instruction_sets": ["clean", "attack-char", "attack-word"],
                                                "scoring": ["loglik"]})
@@ -402,3 +403,19 @@ def test_attack_refuses_an_out_that_is_a_directory_or_its_own_source(tiny_llama_
     assert res.exit_code == 2 and "--out" in res.output and "is a directory" in res.output, res.output
     res = CliRunner().invoke(app, ["evaluate", "--params", str(params), "--instructions", str(tmp_path)])
     assert res.exit_code == 3 and "is a directory; pass the file itself" in res.output, res.output
+
+
+def test_the_attack_resolves_its_model_without_hashing_its_files(tiny_llama_dir: Path, monkeypatch) -> None:
+    """The attack resolves --model as the evaluation does, but needs no cache fingerprint: every weight file (13 GB
+    for a 7B base) was read and hashed, then dropped."""
+    import coin.evaluation.anymodel as anymodel
+
+    def hashed(*args, **kwargs):
+        raise AssertionError("the model's files were hashed")
+
+    settings = load_settings(ROOT / "params.yaml", [f"paths.data_dir={DATA}"])
+    monkeypatch.setattr(anymodel, "_sha_files", hashed)
+    assert anymodel.resolve_target(str(tiny_llama_dir), settings, ROOT, fingerprint=False).fingerprint == ""
+    assert load_model(str(tiny_llama_dir), settings)[3] == "base"
+    with pytest.raises(AssertionError, match="hashed"):  # the evaluation's resolution does hash them
+        anymodel.resolve_target(str(tiny_llama_dir), settings, ROOT)

@@ -223,9 +223,21 @@ def test_a_two_text_task_given_one_text_is_scored_with_a_warning_naming_the_form
         out = answer_rows(model, tok, meta, df)
     assert list(out.index) == list(range(5)) and all(out["answer"] != "")  # every row scored all the same
     warned = [r.getMessage() for r in caplog.records if "compares two texts" in r.getMessage()]
-    assert len(warned) == 1, warned
-    assert warned[0].startswith("predict: row 0: task rte compares two texts")
-    assert "'Sentence 1: ... Sentence 2: ...'" in warned[0] and "no 'Sentence 1:' or 'Sentence 2:'" in warned[0]
+    assert warned == ["predict: task rte compares two texts, given in one input as 'Sentence 1: ... Sentence 2: "
+                      "...'; 1 of 5 rows (row 0) lack a field marker of that form, so they were scored as given"]
+    # one warning per task for a whole batch, naming the first rows (a line per row flooded the server's log)
+    caplog.clear()
+    many = pd.DataFrame({"instruction": ["Entailed?"] * 12, "input": ["A man plays."] * 12, "task": ["rte"] * 12})
+    with caplog.at_level(logging.WARNING):
+        answer_rows(model, tok, meta, many)
+    warned = [r.getMessage() for r in caplog.records if "compares two texts" in r.getMessage()]
+    assert len(warned) == 1 and "12 of 12 rows (row 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, ...)" in warned[0], warned
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        answer_rows(model, tok, meta, many.iloc[:1])
+    assert [r.getMessage() for r in caplog.records if "compares two texts" in r.getMessage()] == [
+        "predict: task rte compares two texts, given in one input as 'Sentence 1: ... Sentence 2: ...'; the input "
+        "lacks a field marker of that form, so it was scored as given"]
 
 
 def test_an_absent_task_generates(trained):

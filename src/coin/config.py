@@ -503,7 +503,17 @@ class EvaluateSettings(_Section):
         "AVX512-BF16 or AMX), off elsewhere; bf16: always; off: never (fp32 scores)"
     )
     _autocast_off = field_validator("autocast", mode="before")(_yaml_off)
-    expand_home = field_validator("instruction_file", mode="before")(_home)  # as paths.* read a leading ~
+
+    @field_validator("instruction_file", mode="before")
+    @classmethod
+    def _no_home(cls, v: Any) -> Any:
+        """A leading ``~`` is refused, not expanded as ``paths.*`` expand it: dvc.yaml hands this value to DVC as a
+        dependency as written, and DVC does not expand it, so `dvc repro` failed on a file coin read. Read as
+        written, it was '<root>/~/...', a file not there, and its sets and tasks went unchecked at load."""
+        if isinstance(v, str) and v.startswith("~"):
+            raise ValueError(f"{v!r}: write the full path ({os.path.expanduser(v)}); dvc.yaml gives this value to "
+                             "DVC as written, and DVC does not expand ~")
+        return v
 
     @field_validator("instruction_sets", "tasks", "scoring")
     @classmethod
@@ -966,24 +976,25 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
-        """YAML 1.1's integer forms that YAML 1.2 (DVC's reader) reads otherwise are refused, naming the value: a
+        """YAML 1.1's integer forms that YAML 1.2 (DVC's reader) reads otherwise are refused, by position (the
+        value is not echoed: it may be a secret override's): a
         leading 0 is octal here (``seed: 010`` was 8 while dvc.lock recorded 10), ``5:20`` base 60 (320) and
         ``0b11`` binary, where DVC reads 10 and two strings."""
         digits = str(node.value).replace("_", "").lstrip("+-")
         octal = len(digits) > 1 and digits[0] == "0" and digits[1] not in "xX"
         if octal or ":" in digits:
             raise yaml.constructor.ConstructorError(
-                None, None, f"{node.value!r} is read as a {'base-60' if ':' in digits else 'binary or octal'} number "
-                "in YAML 1.1 and as something else by DVC (YAML 1.2); write the number without a leading 0 or ':' "
-                "(or quote it for text)", node.start_mark)
+                None, None, f"a number written {'with :' if ':' in digits else 'with a leading 0'} is read as a "
+                f"{'base-60' if ':' in digits else 'binary or octal'} number in YAML 1.1 and as something else by DVC "
+                "(YAML 1.2); write the number without a leading 0 or ':' (or quote it for text)", node.start_mark)
         return super().construct_yaml_int(node)
 
     def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
         """A base-60 float (``1:30.5``, YAML 1.1 only) is refused as :meth:`construct_yaml_int` refuses ``5:20``."""
         if ":" in str(node.value):
             raise yaml.constructor.ConstructorError(
-                None, None, f"{node.value!r} is read as a base-60 number in YAML 1.1 and as text by DVC (YAML 1.2); "
-                "write the number without ':' (or quote it for text)", node.start_mark)
+                None, None, "a number written with : is read as a base-60 number in YAML 1.1 and as text by DVC "
+                "(YAML 1.2); write the number without ':' (or quote it for text)", node.start_mark)
         return super().construct_yaml_float(node)
 
 

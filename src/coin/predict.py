@@ -240,19 +240,29 @@ def _check_columns(df: pd.DataFrame) -> None:
                 _unicode(value, f"row {i}: {col}" if len(df) > 1 else col)
 
 
-def _warn_unmarked_fields(task: str, text: str, where: str) -> None:
-    """Warn when a two-text task's input lacks a field marker of the evaluation's form ("Sentence 1: ... Sentence 2:
-    ..."): one sentence given to rte or mrpc was scored as the whole input, with nothing to compare it to, and its
-    answer looked as sure as any. Scored as given (a user may phrase the pair otherwise), with the form to use."""
+def _unmarked_fields(task: str, text: str) -> list[str]:
+    """The field markers of the evaluation's form ("Sentence 1: ... Sentence 2: ...") that a two-text task's input
+    lacks (case aside); none for a one-text task. One sentence given to rte or mrpc was scored as the whole input,
+    with nothing to compare it to, and its answer looked as sure as any."""
     prefixes = TASKS[task].content_prefixes
     if prefixes == ("",):
-        return
+        return []
     folded = text.casefold()
-    absent = [p for p in prefixes if p.casefold() not in folded]
-    if absent:
-        form = " ".join(f"{p} ..." for p in prefixes)
-        log.warning("predict: %stask %s compares two texts, given in one input as %r; this input has no %s, so it "
-                    "was scored as given", where, task, form, " or ".join(repr(p) for p in absent))
+    return [p for p in prefixes if p.casefold() not in folded]
+
+
+def _warn_unmarked(unmarked: dict[str, list[int]], n_rows: int) -> None:
+    """One warning per task, naming how many rows (and which) lack a field marker: scored as given (a user may
+    phrase the pair otherwise), with the form to use. Per row, a batch of 10,000 logged 10,000 lines."""
+    for task, rows in unmarked.items():
+        form = " ".join(f"{p} ..." for p in TASKS[task].content_prefixes)
+        if n_rows == 1:
+            which = "the input lacks a field marker of that form, so it was"
+        else:
+            shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+            which = f"{len(rows)} of {n_rows} rows (row {shown}) lack a field marker of that form, so they were"
+        log.warning("predict: task %s compares two texts, given in one input as %r; %s scored as given", task, form,
+                    which)
 
 
 def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max_new_tokens: int = 7,
@@ -279,6 +289,7 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
     by_options: dict[tuple[tuple[str, ...], str | None], list[int]] = {}
     free: list[int] = []
     option_ids: dict[tuple[str, ...], list[list[int]]] = {}  # each option list's token ids, tokenized once
+    unmarked: dict[str, list[int]] = {}  # rows of a two-text task whose input lacks a field marker, per task
     for i, row in enumerate(rows):
         where = f"row {i}: " if len(rows) > 1 else ""
         try:
@@ -290,8 +301,8 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
                     raise ValueError(f"options: {exc}; list one of them") from None
             task = check_task(row["task"]) if "task" in row else None
             instruction, text = _field_text(row, "instruction"), _field_text(row, "input")
-            if task and text:
-                _warn_unmarked_fields(task, text, where)
+            if task and text and _unmarked_fields(task, text):
+                unmarked.setdefault(task, []).append(i)
             if not options and limit is not None and not 1 <= max_new_tokens < limit:  # only a generated row uses it
                 raise ValueError(f"max_new_tokens = {max_new_tokens}: give 1..{limit - 1} (the model reads at most "
                                  f"{limit} positions, prompt included)")
@@ -324,6 +335,7 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
             by_options.setdefault((tuple(options), task if task and task in TASKS else None), []).append(i)
         else:
             free.append(i)
+    _warn_unmarked(unmarked, len(rows))
     # the evaluation's numerics: bf16 autocast as evaluate.autocast said when the model was trained (resolved on
     # this machine as the evaluation resolves it); an adapter from before the key was recorded scores in fp32
     device = next(model.parameters()).device

@@ -184,8 +184,10 @@ def _label_of(kind: str, spec: str, details: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9_.@+-]", "-", raw).strip("-.") or kind
 
 
-def _resolve_registry(spec: str, scheme: str, settings: Settings, root: Path) -> tuple[str, str, dict[str, Any]]:
-    """``(resolved uri, fingerprint, details)`` of a ``models:/`` or ``runs:/`` URI; the store is asked only."""
+def _resolve_registry(spec: str, scheme: str, settings: Settings, root: Path,
+                      fingerprint: bool = True) -> tuple[str, str, dict[str, Any]]:
+    """``(resolved uri, fingerprint, details)`` of a ``models:/`` or ``runs:/`` URI; the store is asked only.
+    Without ``fingerprint`` the base model's files are not hashed and the fingerprint is ""."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -206,8 +208,9 @@ def _resolve_registry(spec: str, scheme: str, settings: Settings, root: Path) ->
                                    "(tracking.uri)") from None
         if not client.list_artifacts(run_id, path):
             raise ModelUnavailable(f"--model {spec}: run {run_id} has no artifact {path!r}")
-        base = _registered_base(_mlmodel_metadata(spec, spec))
-        return spec, _sha_text("run", run_id, path, *base), {"run_id": run_id, "path": path}
+        metadata = _mlmodel_metadata(spec, spec)  # refuses a run artifact that is no MLflow model
+        key = _sha_text("run", run_id, path, *_registered_base(metadata)) if fingerprint else ""
+        return spec, key, {"run_id": run_id, "path": path}
     name, at, alias = rest.partition("@")
     version = None
     if not at:
@@ -235,7 +238,8 @@ def _resolve_registry(spec: str, scheme: str, settings: Settings, root: Path) ->
     if at:
         details["alias"] = alias
     uri = f"models:/{name}/{mv.version}"
-    return uri, _sha_text("registry", mv.run_id, mv.source, *_registered_base(_mlmodel_metadata(spec, uri))), details
+    metadata = _mlmodel_metadata(spec, uri)
+    return uri, _sha_text("registry", mv.run_id, mv.source, *_registered_base(metadata)) if fingerprint else "", details
 
 
 def _mlmodel_metadata(spec: str, uri: str) -> dict[str, Any]:
@@ -274,8 +278,10 @@ def _base_fingerprint(reference: str, directory: Path | None, settings: Settings
     return _sha_text("base", reference, files, m.attention, m.readout, m.dtype, settings.seed, *quant)
 
 
-def resolve_target(arg: str, settings: Settings, root: Path) -> ModelTarget:
-    """Resolve and check one ``--model [LABEL=]SPEC``; loads no model."""
+def resolve_target(arg: str, settings: Settings, root: Path, *, fingerprint: bool = True) -> ModelTarget:
+    """Resolve and check one ``--model [LABEL=]SPEC``; loads no model. ``fingerprint=False``: the files are not
+    hashed (the evaluation cache's key, which ``coin attack`` does not use; a 7B base is 13 GB read), and
+    ``ModelTarget.fingerprint`` is ""."""
     from coin.registry.errors import ModelUnavailable
 
     label, spec = split_label(arg.strip())
@@ -288,15 +294,15 @@ def resolve_target(arg: str, settings: Settings, root: Path) -> ModelTarget:
             raise ConfigError(f"--model {spec}: unknown URI scheme {scheme.group(1)!r}; use models:/<name>@<alias>, "
                               "models:/<name>/<version>, runs:/<run id>/<path>, an adapter directory or a base model")
         kind = "registry"
-        location, fingerprint, details = _resolve_registry(spec, scheme.group(1), settings, root)
+        location, key, details = _resolve_registry(spec, scheme.group(1), settings, root, fingerprint)
     elif spec == "minilm":
         kind, location = "base", "minilm"
-        fingerprint = _base_fingerprint(spec, _base_dir(spec), settings)
+        key = _base_fingerprint(spec, _base_dir(spec), settings) if fingerprint else ""
     else:
         path = Path(spec).expanduser()
         if path.exists():
             location = str(path.resolve())
-            kind, fingerprint = _check_directory(spec, path, settings)
+            kind, key = _check_directory(spec, path, settings, fingerprint)
         elif _looks_like_path(spec):
             raise DataError(f"--model {spec}: no such directory ({path.resolve()}); give an adapter directory "
                             "(coin train writes outputs/train/<method>/adapter), a model directory or a registry URI"
@@ -308,17 +314,18 @@ def resolve_target(arg: str, settings: Settings, root: Path) -> ModelTarget:
                     f"--model {spec}: not a directory, not 'minilm', not a registry URI, and not a Hugging Face model "
                     "in the local cache (nothing is downloaded: Hugging Face runs offline)" + _label_hint(spec))
             kind, location = "base", spec
-            fingerprint = _base_fingerprint(spec, cached, settings)
+            key = _base_fingerprint(spec, cached, settings) if fingerprint else ""
     label = label or _label_of(kind, spec, details)
     from coin.evaluation.metrics import REFERENCE_KEY
 
     if label == REFERENCE_KEY:
         raise ConfigError(f"--model {arg}: the label {REFERENCE_KEY!r} is reserved; give another: --model LABEL=SPEC")
-    return ModelTarget(label=label, spec=spec, kind=kind, location=location, fingerprint=fingerprint, details=details)
+    return ModelTarget(label=label, spec=spec, kind=kind, location=location, fingerprint=key, details=details)
 
 
-def _check_directory(spec: str, path: Path, settings: Settings) -> tuple[str, str]:
-    """``(kind, fingerprint)`` of an existing path: a CoIN adapter or a Hugging Face model directory."""
+def _check_directory(spec: str, path: Path, settings: Settings, fingerprint: bool = True) -> tuple[str, str]:
+    """``(kind, fingerprint)`` of an existing path: a CoIN adapter or a Hugging Face model directory (fingerprint
+    "" without ``fingerprint``: nothing hashed)."""
     from coin.modeling.adapter import META_FILE, read_meta
     from coin.modeling.adapter_files import adapter_problem, is_adapter_dir
 
@@ -335,7 +342,7 @@ def _check_directory(spec: str, path: Path, settings: Settings) -> tuple[str, st
         if base_dir is None:
             raise DataError(f"--model {spec}: its base model {meta['base']!r} ({path / META_FILE}) is neither "
                             "'minilm', a local directory, nor a Hugging Face model in the local cache")
-        return "adapter", adapter_fingerprint(path, base_dir)
+        return "adapter", adapter_fingerprint(path, base_dir) if fingerprint else ""
     if (path / "config.json").is_file():
         if not has_tokenizer(path):
             raise DataError(f"--model {spec}: {path} has config.json but no tokenizer files (none of "
@@ -344,7 +351,7 @@ def _check_directory(spec: str, path: Path, settings: Settings) -> tuple[str, st
             raise DataError(f"--model {spec}: {path} has config.json but no weight files (none of "
                             f"{', '.join(_WEIGHT_FILES)}); save the model's weights beside it (save_pretrained)")
         _check_causal(spec, path)
-        return "base", _base_fingerprint(str(path.resolve()), path, settings)
+        return "base", _base_fingerprint(str(path.resolve()), path, settings) if fingerprint else ""
     raise DataError(f"--model {spec}: {path} is neither a CoIN adapter (no {META_FILE}) nor a Hugging Face model "
                     "directory (no config.json)")
 

@@ -433,7 +433,7 @@ def load_model(spec: str, settings, root: Path | str = ".") -> tuple[Any, Any, d
     adapter or base."""
     from coin.evaluation.anymodel import load_target, resolve_target
 
-    target = resolve_target(spec, settings, Path(root))
+    target = resolve_target(spec, settings, Path(root), fingerprint=False)
     model, tokenizer, counts = load_target(target, settings)
     return model, tokenizer, counts, target.kind
 
@@ -506,7 +506,8 @@ def run_attack(settings, root: Path, *, model: str, out: str | Path, instruction
             raise ValueError(f"--tasks: {exc.args[0]}") from None
     from coin.evaluation.anymodel import load_target, resolve_target
 
-    target = resolve_target(model, settings, Path(root))  # a bad --model fails before the rows are sampled
+    # a bad --model fails before the rows are sampled; the evaluation cache's fingerprint is not needed here
+    target = resolve_target(model, settings, Path(root), fingerprint=False)
     rows: dict[str, list[dict[str, Any]]] = {}
     skipped: dict[str, str] = {}
     for t in tasks:
