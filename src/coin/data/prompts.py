@@ -48,9 +48,11 @@ def response_ids(tokenizer, response: str, fmt: PromptFormat = "train") -> list[
     """Token ids of ``response`` as this tokenizer writes it after the answer marker: the tokens of marker +
     response past the marker's own (lm-evaluation-harness's split of the joined text). Tokenised alone, a
     SentencePiece tokenizer that marks a word's leading space (Llama 1/2, Mistral) gave '▁positive', a token it never
-    writes after the marker's newline, where it writes 'positive'; WordPiece (MiniLM) and byte-level BPE (GPT-2,
-    Qwen2, Llama 3) give the same ids either way. Where the marker's tokens change with what follows, the
-    response is tokenised alone, as before."""
+    writes after the marker's newline, where it writes 'positive'. WordPiece (MiniLM) gives the same ids either way;
+    byte-level BPE (GPT-2, Qwen2, Llama 3) too after the training marker, and after the reference marker's ':' it
+    splits a leading contraction as the joined text does ("'s" as "'", "s"). Where the marker's tokens change with
+    what follows, the response is tokenised alone, as before. (An adapter trained before this rule on a
+    leading-space tokenizer learned the '▁' tokens: retrain it.)"""
     if not response:
         return []
     marker = RESPONSE_MARKER[fmt]
