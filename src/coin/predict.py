@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 
 from coin.data.io import SURROGATE
+from coin.data.prompts import response_ids
 from coin.data.tasks import TASKS
 
 log = logging.getLogger("coin")
@@ -154,8 +155,6 @@ def _prompt_tokens(tokenizer, prompt: str, fmt: str) -> int:
 
 
 def _answer_tokens(tokenizer, options: list[str], fmt: str = "train") -> int:
-    from coin.data.prompts import response_ids
-
     return max(len(response_ids(tokenizer, o, fmt)) for o in options)
 
 
@@ -240,15 +239,13 @@ def _check_columns(df: pd.DataFrame) -> None:
                 _unicode(value, f"row {i}: {col}" if len(df) > 1 else col)
 
 
-def _unmarked_fields(task: str, text: str) -> list[str]:
-    """The field markers of the evaluation's form ("Sentence 1: ... Sentence 2: ...") that a two-text task's input
-    lacks (case aside); none for a one-text task. One sentence given to rte or mrpc was scored as the whole input,
+def _lacks_marker(task: str, text: str) -> bool:
+    """Whether a two-text task's input lacks a field marker of the evaluation's form ("Sentence 1: ... Sentence 2:
+    ...", case aside); never for a one-text task. One sentence given to rte or mrpc was scored as the whole input,
     with nothing to compare it to, and its answer looked as sure as any."""
     prefixes = TASKS[task].content_prefixes
-    if prefixes == ("",):
-        return []
     folded = text.casefold()
-    return [p for p in prefixes if p.casefold() not in folded]
+    return prefixes != ("",) and any(p.casefold() not in folded for p in prefixes)
 
 
 def _warn_unmarked(unmarked: dict[str, list[int]], n_rows: int) -> None:
@@ -301,7 +298,7 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
                     raise ValueError(f"options: {exc}; list one of them") from None
             task = check_task(row["task"]) if "task" in row else None
             instruction, text = _field_text(row, "instruction"), _field_text(row, "input")
-            if task and text and _unmarked_fields(task, text):
+            if task and text and _lacks_marker(task, text):
                 unmarked.setdefault(task, []).append(i)
             if not options and limit is not None and not 1 <= max_new_tokens < limit:  # only a generated row uses it
                 raise ValueError(f"max_new_tokens = {max_new_tokens}: give 1..{limit - 1} (the model reads at most "

@@ -27,6 +27,13 @@ def format_prompt(prompt: str, fmt: PromptFormat = "train") -> str:
     return prompt + RESPONSE_MARKER[fmt]
 
 
+def _past_marker(head: list[int], whole: list[int]) -> list[int] | None:
+    """The ids of marker + response past the marker's own ``head``; None where the marker's tokens changed with
+    what follows (the response is then tokenised alone)."""
+    whole = list(whole)
+    return whole[len(head):] if whole[:len(head)] == list(head) and len(whole) > len(head) else None
+
+
 def response_lengths(tokenizer, responses: list[str], fmt: PromptFormat = "train") -> dict[str, int]:
     """Token count of each distinct response as :func:`response_ids` tokenises it, in one batch call."""
     uniq = sorted({r for r in responses if r})
@@ -35,8 +42,7 @@ def response_lengths(tokenizer, responses: list[str], fmt: PromptFormat = "train
     marker = RESPONSE_MARKER[fmt]
     head = tokenizer(marker, add_special_tokens=False)["input_ids"]
     whole = tokenizer([marker + r for r in uniq], add_special_tokens=False)["input_ids"]
-    out = {r: len(ids) - len(head) for r, ids in zip(uniq, whole, strict=True)
-           if list(ids[:len(head)]) == list(head) and len(ids) > len(head)}
+    out = {r: len(past) for r, ids in zip(uniq, whole, strict=True) if (past := _past_marker(head, ids)) is not None}
     rest = [r for r in uniq if r not in out]
     if rest:
         out.update({r: len(ids) for r, ids in zip(rest, tokenizer(rest, add_special_tokens=False)["input_ids"],
@@ -57,10 +63,8 @@ def response_ids(tokenizer, response: str, fmt: PromptFormat = "train") -> list[
         return []
     marker = RESPONSE_MARKER[fmt]
     head = tokenizer(marker, add_special_tokens=False)["input_ids"]
-    whole = tokenizer(marker + response, add_special_tokens=False)["input_ids"]
-    if list(whole[:len(head)]) == list(head) and len(whole) > len(head):
-        return list(whole[len(head):])
-    return list(tokenizer(response, add_special_tokens=False)["input_ids"])
+    past = _past_marker(head, tokenizer(marker + response, add_special_tokens=False)["input_ids"])
+    return past if past is not None else list(tokenizer(response, add_special_tokens=False)["input_ids"])
 
 
 @dataclass(frozen=True)
