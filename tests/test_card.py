@@ -552,3 +552,28 @@ def test_a_one_instruction_set_has_no_consistency_in_any_figure():
     only_typo = preds[preds["set"] != "swap"]
     assert build_card(only_typo, "m")["headline"]["all_agree_consistency"] is None
     assert robustness_scores(only_typo, "loglik")["consistency"].isna().all()
+
+
+def test_the_cards_all_agree_consistency_is_the_summarys_where_a_set_has_one_instruction():
+    """sst2's typo has one instruction (no consistency) and its swap agrees everywhere (100); rte's typo agrees
+    nowhere (0) and its swap on half the examples (50). The summary averages per task, then over tasks: (100 + 25)
+    / 2 = 62.5. The card's all-agree consistency, documented as that figure and tagged on registered versions,
+    averaged per set (75 and 0: 37.5), so one report showed the one figure twice with two values."""
+    from coin.evaluation.card import build_card
+    from coin.evaluation.metrics import compute_metrics
+
+    answers = {("sst2", "typo"): [[0, 1, 0, 1]], ("sst2", "swap"): [[0, 1, 0, 1]] * 2,
+               ("rte", "typo"): [[0, 0, 0, 0], [1, 1, 1, 1]], ("rte", "swap"): [[0, 0, 0, 0], [0, 0, 1, 1]],
+               ("sst2", "clean"): [[0, 1, 0, 1]] * 2, ("rte", "clean"): [[0, 1, 0, 1]] * 2}
+    preds = pd.DataFrame([{"scoring": "loglik", "task": t, "set": s, "instruction_id": i, "example_id": str(e),
+                           "label": e % 2, "pred": p, "scores": [0.0, -1.0] if p == 0 else [-1.0, 0.0]}
+                          for (t, s), grid in answers.items() for i, row in enumerate(grid) for e, p in enumerate(row)])
+    summary = compute_metrics(preds).overall.iloc[0]
+    assert summary["consistency"] == 62.5
+    card = build_card(preds, "m")
+    assert card["headline"]["all_agree_consistency"] == 62.5, card["headline"]
+    assert card["overall"]["perturbed"]["all_agree_consistency"] == 62.5
+    # without a one-instruction set the two means agree and the card keeps the set-major mean, unchanged
+    full = preds[~((preds["task"] == "sst2") & (preds["set"] == "typo"))]
+    assert build_card(full, "m")["headline"]["all_agree_consistency"] == compute_metrics(full).overall.iloc[0][
+        "consistency"]

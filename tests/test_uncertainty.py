@@ -162,6 +162,36 @@ def test_paired_gap_separates_consistency_from_accuracy() -> None:
     assert clean_only["clean_ci_low"] < 60.0 < clean_only["clean_ci_high"]
 
 
+def test_a_task_whose_sets_each_have_one_instruction_leaves_the_consistency_intervals_defined() -> None:
+    """rte's perturbed set has one instruction, so rte has no consistency figure; the metrics average the
+    figure over the tasks that have one (cola alone), and so do the interval and the paired gap: the same
+    replicates as cola scored alone (cola, first in the index, draws first), not a null interval beside a
+    defined figure."""
+    rng = np.random.default_rng(7)
+    n = 60
+
+    def tables(model: str, p: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+        cola = {"clean": rng.random((2, n)) < p, "textfooler": rng.random((2, n)) < p}
+        rte = {"clean": rng.random((2, n)) < p, "textfooler": rng.random((1, n)) < p}
+        return _table({"cola": cola, "rte": rte}, model), _table({"cola": cola}, model)
+
+    (a, a_cola), (b, b_cola) = tables("a", 0.8), tables("b", 0.5)
+    ci, alone = bootstrap_ci(all_scores(a, "loglik")), bootstrap_ci(all_scores(a_cola, "loglik"))
+    summary = compute_metrics(a).overall.iloc[0]
+    assert ci["consistency_ci_low"] is not None
+    assert (ci["consistency_ci_low"], ci["consistency_ci_high"]) == (alone["consistency_ci_low"],
+                                                                      alone["consistency_ci_high"])
+    assert ci["consistency_ci_low"] <= summary["consistency"] <= ci["consistency_ci_high"]
+    assert ci["clean_ci_low"] < summary["clean_acc"] < ci["clean_ci_high"]  # every other figure over both tasks
+    assert ci["clean_ci_low"] != alone["clean_ci_low"]
+    d = paired_delta(all_scores(a, "loglik"), all_scores(b, "loglik"))
+    d_alone = paired_delta(all_scores(a_cola, "loglik"), all_scores(b_cola, "loglik"))
+    assert d["consistency_delta"] == d_alone["consistency_delta"]
+    assert d["consistency_delta_ci_low"] is not None
+    assert (d["consistency_delta_ci_low"], d["consistency_delta_ci_high"]) == (d_alone["consistency_delta_ci_low"],
+                                                                              d_alone["consistency_delta_ci_high"])
+
+
 def test_paired_delta_needs_a_shared_sample() -> None:
     a = _table({"sst2": {"clean": np.ones((1, 3), bool)}})
     b = a.assign(example_id=a["example_id"] + "-other")

@@ -234,17 +234,28 @@ def _mean(frame: pd.DataFrame, col: str) -> float:
     return float(vals.mean()) if len(vals) else math.nan
 
 
+def _task_major(pert_cells: pd.DataFrame, col: str) -> float:
+    """Per task the mean over its perturbed sets where ``col`` is defined, then the mean over tasks: the rule of
+    the metrics' summary ``consistency`` (``coin.evaluation.metrics``) where a set has one instruction, so that the
+    card's all-agree consistency is that figure (the set-major mean weighs the tasks otherwise there)."""
+    return float(pert_cells.groupby("task", sort=False)[col].mean().mean())
+
+
 def aggregate(cells: pd.DataFrame) -> dict[str, Any]:
     """``sets`` (mean over tasks), ``levels`` (mean over the level's sets), ``overall`` (``clean`` and
-    ``perturbed``: mean over the perturbed sets), ``tasks`` (per task and set) of one scoring's cells."""
+    ``perturbed``: mean over the perturbed sets; a figure undefined in some (task, set), e.g. consistency where a set
+    has one instruction, is averaged per task first, then over tasks, as the metrics' summary does), ``tasks`` (per
+    task and set) of one scoring's cells."""
     sets: dict[str, dict[str, float]] = {}
     for s, grp in cells.groupby("set", sort=False):
         sets[str(s)] = {k: _mean(grp, k) for k in FIGURES}
     set_frame = pd.DataFrame([{"set": s, "level": perturbation_level(s), **v} for s, v in sets.items()])
     levels = {str(lv): {k: _mean(g, k) for k in FIGURES} for lv, g in set_frame.groupby("level", sort=False)}
     pert = set_frame[set_frame["set"] != CLEAN]
+    pert_cells = cells[cells["set"] != CLEAN]
     overall = {"clean": sets.get(CLEAN, dict.fromkeys(FIGURES, math.nan)),
-               "perturbed": {k: _mean(pert, k) for k in FIGURES}}
+               "perturbed": {k: _task_major(pert_cells, k) if pert_cells[k].isna().any() else _mean(pert, k)
+                             for k in FIGURES}}
     tasks: dict[str, dict[str, Any]] = {}
     for _, r in cells.iterrows():
         tasks.setdefault(str(r["task"]), {})[str(r["set"])] = {

@@ -38,7 +38,9 @@ Aggregates (each task counts once, whatever its sample size; mnli's fallback cou
 - **overall**: per scoring, ``clean_acc`` (the clean set's mean over tasks), ``perturbed_acc`` (the
   mean over the perturbed sets of their means over tasks) and, over the perturbed sets, the mean
   ``perturbed_std``, ``pdr``, ``pdr_pairs`` (over the perturbed sets where it is defined), ``consistency``
-  and ``worst_acc``.
+  and ``worst_acc``. Where a (task, set) has no consistency (one instruction), ``consistency`` is the mean over
+  tasks of each task's mean over its sets that have one (the set-major mean would weigh the tasks otherwise, and
+  the per-example bootstrap centres on this one); the card's all-agree consistency follows the same rule.
 
 With two scorings, **agreement** is the share of (instruction, example) items on which both modes
 predict the same label, per (task, set), per task and pooled over everything.

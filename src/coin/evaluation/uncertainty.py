@@ -87,16 +87,25 @@ def all_scores(preds: pd.DataFrame, scoring: str) -> pd.DataFrame:
 
 
 def _boot_means(scores: pd.DataFrame, n_boot: int, seed: int) -> dict[str, np.ndarray]:
-    """Per column of ``scores``: ``n_boot`` bootstrap replicates of the mean over tasks of the mean over examples."""
+    """Per column of ``scores``: ``n_boot`` bootstrap replicates of the mean over tasks of the mean over examples.
+
+    A task whose column is undefined for every example (NaN: consistency where each of its perturbed sets has one
+    instruction, or no clean set) is left out of that column's mean, as the metrics' mean over tasks leaves it out;
+    with no task left the replicates are NaN (the figure was not evaluated). Without such a task the replicates are
+    those of the plain mean over tasks, to the bit."""
     rng = np.random.default_rng(seed)
     reps = {c: np.zeros(n_boot) for c in scores.columns}
-    tasks = list(dict.fromkeys(scores.index.get_level_values("task")))
-    for task in tasks:
+    counted = dict.fromkeys(scores.columns, 0)  # tasks in each column's mean
+    for task in dict.fromkeys(scores.index.get_level_values("task")):
         block = scores.xs(task, level="task")
         idx = rng.integers(0, len(block), size=(n_boot, len(block)))  # one draw per task, shared by every column
         for c in scores.columns:
-            reps[c] += block[c].to_numpy()[idx].mean(axis=1)
-    return {c: r / len(tasks) for c, r in reps.items()}
+            values = block[c].to_numpy()
+            if np.isnan(values).all():
+                continue
+            reps[c] += values[idx].mean(axis=1)
+            counted[c] += 1
+    return {c: r / counted[c] if counted[c] else np.full(n_boot, math.nan) for c, r in reps.items()}
 
 
 def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
