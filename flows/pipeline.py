@@ -290,6 +290,8 @@ def check_dashboard_address(address: str) -> str:
     where = "dask_dashboard (--dask-dashboard or study.dask_dashboard)"
     try:
         host, port = parse_host_port(address)
+        if not 0 <= int(port) <= 65535:  # getaddrinfo takes 99999 as a service name and passes it
+            raise ValueError(f"port {port} is outside 0-65535")
         socket.getaddrinfo(host, port)
     except (ValueError, OSError) as exc:
         raise ConfigError(f"{where} = {address!r}: not an address to serve the dashboard at ({exc}); give host:port, "

@@ -100,3 +100,16 @@ def test_a_bad_dashboard_address_is_refused_before_the_flow_starts(entry, monkey
         module.main(["--params", str(ROOT / "params.yaml"), *args])
     err = " ".join(capsys.readouterr().err.split())
     assert exit_.value.code == 2 and "--dask-dashboard or study.dask_dashboard" in err and "'bogus'" in err, err
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:99999", "127.0.0.1:65536"])
+def test_a_dashboard_port_past_65535_is_refused(address):
+    """getaddrinfo takes 99999 as a service name and passed it: the cluster failed only once it started, after
+    training. Port 0 (any free port) and 65535 stay accepted."""
+    from coin.config import ConfigError
+    from flows.pipeline import check_dashboard_address
+
+    with pytest.raises(ConfigError, match=r"outside 0-65535"):
+        check_dashboard_address(address)
+    assert check_dashboard_address("127.0.0.1:0") == "127.0.0.1:0"
+    assert check_dashboard_address("127.0.0.1:65535") == "127.0.0.1:65535"
