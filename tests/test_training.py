@@ -208,6 +208,21 @@ def test_collator_warns_once_when_a_prompt_is_cut_to_the_cutoff(minilm_tok: Any,
     assert not caplog.records
 
 
+@pytest.mark.parametrize("method", ["coin", "sft"])
+def test_a_response_longer_than_the_cutoff_is_refused_naming_the_pair(minilm_tok: Any, method: str) -> None:
+    """A row whose response alone does not fit pairs.cutoff_len (validated at a larger cutoff) kept one prompt
+    token and made a sequence past the cutoff: a batch wider than the memory plan, and past the model's
+    positions a raw shape error from inside the model. It is refused, naming the pair, the column and the fix."""
+    from coin.data.io import DataError
+
+    rows = make_rows(2)
+    rows[1]["target"] = " ".join(["positive"] * 30)
+    with pytest.raises(DataError, match=rf"target of pair {rows[1]['pair_id']} takes 31 tokens .*over "
+                                        r"pairs.cutoff_len = 16.*coin validate"):
+        PairCollator(minilm_tok, method, cutoff_len=16)(rows)
+    assert PairCollator(minilm_tok, method, cutoff_len=64)(rows).input_ids.shape[1] <= 64
+
+
 @pytest.mark.parametrize(("method", "groups"), [("coin", 3), ("cit", 2), ("sft", 1)])
 def test_collator_layout_and_masking(minilm_tok: Any, method: str, groups: int) -> None:
     rows = make_rows(3)

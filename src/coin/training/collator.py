@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from coin.data.io import DataError
 from coin.data.prompts import PromptFormat, encode
 from coin.methods import GEN_GROUPS, get_method
 
@@ -202,6 +203,12 @@ class PairCollator:
         enc = encode(
             self.tokenizer, row[p_col], row[t_col], fmt=self.fmt, append_eos=self.append_eos, max_length=self.cutoff_len
         )
+        if len(enc.input_ids) > self.cutoff_len:  # the response alone does not fit: the prompt cannot give way
+            raise DataError(
+                f"train: {t_col} of pair {row.get('pair_id', '?')} takes {len(enc.input_ids) - enc.n_prompt} tokens "
+                f"(with EOS), so its sequence is {len(enc.input_ids)} tokens even with the prompt cut to "
+                f"{enc.n_prompt}: over pairs.cutoff_len = {self.cutoff_len}. The gate rejects such rows at the cutoff "
+                "it checked: validate the pairs at this cutoff (coin validate), or raise pairs.cutoff_len")
         if enc.truncated:
             if not self.cut_sequences:  # the gate rejects such rows; a row set validated at another cutoff is not
                 log.warning("train: %s of pair %s is %d tokens over pairs.cutoff_len = %d: its prompt loses them from "
