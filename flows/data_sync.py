@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from coin.config import Settings
+from coin.registry.tracking import data_version
 from coin.stages import check_data, stage_data
 
 log = logging.getLogger("coin.flows")
@@ -52,7 +53,8 @@ def version_data(settings: Settings, root: Path, push: bool = True) -> dict[str,
         return {**stage_data(settings, root), "versioned": False, "pushed": 0}
     from dvc.repo import Repo
 
-    data_dir = root / settings.paths.data_dir
+    data_dir = root / "data"  # data.dvc's out: what DVC restores, versions and pushes, whatever paths.data_dir says
+    own = (root / settings.paths.data_dir).resolve() != data_dir.resolve()
     versioned = False
     with Repo(str(root)) as repo:
         changes = _out_status(repo, dvc_file)
@@ -64,6 +66,14 @@ def version_data(settings: Settings, root: Path, push: bool = True) -> dict[str,
                         "remote", len(gone), data_dir, ", ".join(gone[:5]) + (" ..." if len(gone) > 5 else ""))
             repo.pull(targets=[str(root / p) for p in gone])
             changes = _out_status(repo, dvc_file)
+        if own and data_dir.exists() and any(v == "modified" for v in changes.values()):
+            # this run reads a folder of the user's (paths.data_dir), which DVC does not track: a change to data/
+            # is neither versioned from here (it was not what this run checks) nor pulled over (DVC refuses to)
+            log.warning("data: %s differs from data.dvc (%s); this run reads paths.data_dir = %s, so the change is "
+                        "not recorded as a new DVC version: run with paths.data_dir = data to record it, or "
+                        "`dvc add data` by hand", data_dir, changes, settings.paths.data_dir)
+            return {"data_version": data_version(root), "pulled": False, "rows": check_data(settings, root),
+                    "versioned": False, "pushed": 0}
         if data_dir.exists() and any(v == "modified" for v in changes.values()):
             # validated before it is versioned: a broken file stops here (DataError naming file and line,
             # never retried), so it is neither recorded in data.dvc nor pushed; rerunning refuses again

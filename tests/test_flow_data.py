@@ -175,3 +175,33 @@ def test_runs_of_data_changed_in_place_are_tagged_dirty(tmp_path, monkeypatch):
     assert provenance_tags(settings, project, "pairs")["coin.data_version"] == f"{v0}-dirty"
     (project / "data.dvc").unlink()  # no DVC: the data stage and every run's tag use one word
     assert provenance_tags(settings, project, "pairs")["coin.data_version"] == "untracked" == data_version(project)
+
+
+def test_a_data_folder_of_the_users_own_is_never_dvc_added_and_a_changed_data_dir_is_left_as_is(tmp_path,
+                                                                                                monkeypatch):
+    """paths.data_dir of the user's own beside a data/ changed in place: the flow `dvc add`-ed the user's folder
+    (mydata.dvc, mydata hidden from git by a new .gitignore) and then failed on DVC's raw 'Can't remove the
+    following unsaved files' while pulling over data/. data/ alone is DVC's; the change is left for the user,
+    with a warning that says how to record it, and the run reads its own folder."""
+    import shutil
+
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    project = copy_project(tmp_path)
+    version_data(Settings.model_validate({}), project)
+    v0 = _md5(project)
+    shutil.copytree(project / "data", project / "mydata")
+    extra = project / "data" / "glue" / "extra.jsonl"
+    extra.write_text('{"sentence": "new row", "label": 1}\n')
+    settings = Settings.model_validate({"paths": {"data_dir": "mydata"}})
+    out = version_data(settings, project)
+    assert _status(out) == {"data_version": v0, "pulled": False, "versioned": False, "pushed": 0}
+    assert out["rows"]["sst2.train"] == 5000
+    assert not (project / "mydata.dvc").exists() and _md5(project) == v0 and extra.exists()
+    gitignore = project / ".gitignore"
+    assert not gitignore.exists() or "mydata" not in gitignore.read_text()
+    # with data/ in sync, a folder of one's own still gets data/ restored (the instruction file lives there)
+    extra.unlink()
+    (project / "data" / "glue" / "qqp.train.jsonl").unlink()
+    out = version_data(settings, project, push=False)
+    assert not out["versioned"] and (project / "data" / "glue" / "qqp.train.jsonl").exists()
+    assert not (project / "mydata.dvc").exists()
