@@ -274,6 +274,13 @@ def _break(name: str, row: dict[str, Any]) -> None:
         row["inputs"]["sentence"] = hidden
         for p in ("original_prompt", "paraphrase_prompt"):
             row[p] = row[p].replace(old, hidden)
+    elif name == "leaked_eval_example_control":  # ... with control characters (NUL, DEL) WordPiece drops as well
+        val = load_validation_rows("data", "sst2")[0][11]["sentence"]
+        hidden = val.replace(" ", " \x00", 1).replace("e", "e\x7f", 1)
+        old = row["inputs"]["sentence"]
+        row["inputs"]["sentence"] = hidden
+        for p in ("original_prompt", "paraphrase_prompt"):
+            row[p] = row[p].replace(old, hidden)
     elif name == "paraphrase_prompt_drift":  # the prompt trained on is not built from paraphrase_instruction
         row["paraphrase_prompt"] = "Translate this sentence into French: " + row["inputs"]["sentence"]
     elif name == "negative_prompt_other_input":  # negative_inputs (what the leak check reads) not in the prompt
@@ -330,6 +337,7 @@ BROKEN: dict[str, tuple[set[str], bool]] = {
     "label_str": ({"schema"}, True),
     "bad_split": ({"schema"}, True),
     "leaked_eval_example_zero_width": ({"example_leakage"}, True),
+    "leaked_eval_example_control": ({"example_leakage"}, True),
     "paraphrase_prompt_drift": ({"inputs_present"}, False),
     "negative_prompt_other_input": ({"inputs_present"}, True),
     "empty_negative_input": ({"text_valid"}, False),
@@ -363,6 +371,7 @@ REASONS = {
     "label_str": "field 'label' is a str",
     "bad_split": "field 'split' = 'dev' is not one of ['train', 'val']",
     "leaked_eval_example_zero_width": "inputs contain evaluation example sst2.validation:5 of sst2",
+    "leaked_eval_example_control": "inputs contain evaluation example sst2.validation:11 of sst2",
     "paraphrase_prompt_drift": "paraphrase_prompt does not use paraphrase_instruction",
     "negative_prompt_other_input": "negative_inputs.sentence",
     "empty_negative_input": "field 'negative_inputs.sentence' is empty",

@@ -12,9 +12,10 @@ import unicodedata
 
 
 def squash(text: str) -> str:
-    """Casefolded NFKC text without whitespace, punctuation and invisible format characters (Unicode category Cf:
-    soft hyphen, zero-width space and joiners, byte-order mark, which the tokenizers drop too): equal squash =
-    'differs only in form'.
+    """Casefolded NFKC text without whitespace, punctuation, invisible format characters (Unicode category Cf:
+    soft hyphen, zero-width space and joiners, byte-order mark) and control characters (Cc: NUL, DEL, the C1
+    block), which WordPiece drops too: equal squash = 'differs only in form'. A NUL inside a copied evaluation
+    example hid it from the leak check, while the tokenizer gave the model the example's very ids.
 
     >>> squash("Is it  GOOD?") == squash("is it good")
     True
@@ -24,15 +25,17 @@ def squash(text: str) -> str:
     if out.isascii():
         return out
     return "".join(c for c in out if not (c.isspace() or unicodedata.category(c)[0] == "P"
-                                          or unicodedata.category(c) == "Cf"))
+                                          or unicodedata.category(c) in _INVISIBLE))
 
 
-# whitespace, punctuation and format characters of the Basic Multilingual Plane, deleted by str.translate (fast
-# path of squash)
+_INVISIBLE = ("Cf", "Cc")  # format and control characters
+
+# whitespace, punctuation, format and control characters of the Basic Multilingual Plane, deleted by str.translate
+# (fast path of squash)
 _DROP_BMP = {
     i: None for i in range(0x10000)
     if not 0xD800 <= i <= 0xDFFF and (chr(i).isspace() or unicodedata.category(chr(i))[0] == "P"
-                                      or unicodedata.category(chr(i)) == "Cf")
+                                      or unicodedata.category(chr(i)) in _INVISIBLE)
 }
 
 
