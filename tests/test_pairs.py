@@ -99,6 +99,13 @@ def test_template_ids_are_checked():
         list(build_task_pairs(DATA, "sst2", _cfg(templates=[0, 8]), seed=0))
 
 
+def test_a_template_that_repeats_another_is_named_as_a_copy():
+    """FLAN's CoLA template 3 is a classification template whose text repeats template 0's; naming it was refused
+    as 'not usable' with no word of why."""
+    with pytest.raises(DataError, match=r"template ids \[3\] of task cola .*template 3 repeats template 0's text"):
+        list(build_task_pairs(DATA, "cola", _cfg(tasks=["cola"], templates=[0, 3]), seed=0))
+
+
 def test_malformed_train_file_names_file_line_field(tmp_path):
     (tmp_path / "glue").mkdir()
     (tmp_path / "flan").mkdir()

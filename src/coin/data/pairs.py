@@ -107,10 +107,12 @@ def templates_for(task: str, choice: TemplateChoice) -> str | list[int]:
 def select_templates(tt: TaskTemplates, choice: str | list[int], *, min_templates: int = 2) -> list[Template]:
     """The classification templates to draw (A, B) from; a template whose text repeats an earlier one
     (FLAN's CoLA templates 0 and 3 are identical) is dropped, as it would make copy 'paraphrases'."""
-    usable, seen = [], set()
+    usable, first, copies = [], {}, {}  # first: text -> id of the first template with it; copies: id -> that id
     for t in tt.classification():
-        if t.input not in seen:
-            seen.add(t.input)
+        if t.input in first:
+            copies[t.template_id] = first[t.input]
+        else:
+            first[t.input] = t.template_id
             usable.append(t)
     if choice == "classification":
         chosen = usable
@@ -118,9 +120,10 @@ def select_templates(tt: TaskTemplates, choice: str | list[int], *, min_template
         by_id = {t.template_id: t for t in usable}
         bad = [i for i in choice if i not in by_id]
         if bad:
+            why = "; ".join(f"template {i} repeats template {copies[i]}'s text" for i in bad if i in copies)
             raise DataError(
                 f"pairs.templates: template ids {bad} of task {tt.task} are not usable classification templates "
-                f"(usable: {sorted(by_id)}); remove them or use 'classification'"
+                f"({why + '; ' if why else ''}usable: {sorted(by_id)}); remove them or use 'classification'"
             )
         chosen = [by_id[i] for i in choice]
     if len(chosen) < min_templates:
