@@ -205,6 +205,12 @@ def _set_paraphrase(row: dict[str, Any], instruction: str) -> None:
     row["paraphrase_prompt"] = instruction.format(sentence=row["inputs"]["sentence"], options_=opts)
 
 
+# an sst2 validation sentence (index) with its first space and first 'e' rewritten: zero-width space and soft
+# hyphen (format characters, Cf), or NUL and DEL (control characters, Cc): the tokenizer drops both kinds
+HIDDEN_LEAKS = {"leaked_eval_example_zero_width": (5, " \u200b", "\u00ade"),
+                "leaked_eval_example_control": (11, " \x00", "e\x7f")}
+
+
 def _break(name: str, row: dict[str, Any]) -> None:
     if name == "copy_paraphrase":
         row["paraphrase_instruction"], row["paraphrase_prompt"] = row["original_instruction"], row["original_prompt"]
@@ -267,16 +273,9 @@ def _break(name: str, row: dict[str, Any]) -> None:
         old = row["negative_inputs"]["sentence"]
         row["negative_inputs"]["sentence"] = val
         row["negative_prompt"] = row["negative_prompt"].replace(old, val)
-    elif name == "leaked_eval_example_zero_width":  # the same leak with invisible characters the tokenizer drops
-        val = load_validation_rows("data", "sst2")[0][5]["sentence"]
-        hidden = val.replace(" ", " \u200b", 1).replace("e", "\u00ade", 1)
-        old = row["inputs"]["sentence"]
-        row["inputs"]["sentence"] = hidden
-        for p in ("original_prompt", "paraphrase_prompt"):
-            row[p] = row[p].replace(old, hidden)
-    elif name == "leaked_eval_example_control":  # ... with control characters (NUL, DEL) WordPiece drops as well
-        val = load_validation_rows("data", "sst2")[0][11]["sentence"]
-        hidden = val.replace(" ", " \x00", 1).replace("e", "e\x7f", 1)
+    elif name in HIDDEN_LEAKS:  # the same leak with invisible characters the tokenizer drops
+        index, space, e = HIDDEN_LEAKS[name]
+        hidden = load_validation_rows("data", "sst2")[0][index]["sentence"].replace(" ", space, 1).replace("e", e, 1)
         old = row["inputs"]["sentence"]
         row["inputs"]["sentence"] = hidden
         for p in ("original_prompt", "paraphrase_prompt"):
