@@ -16,7 +16,7 @@ from typing import Any
 
 from coin.config import Settings
 from coin.registry.tracking import data_version
-from coin.stages import check_data, stage_data
+from coin.stages import check_data, pull_data, stage_data
 
 log = logging.getLogger("coin.flows")
 
@@ -64,7 +64,7 @@ def version_data(settings: Settings, root: Path, push: bool = True) -> dict[str,
             # would push that); to drop a file from the data for good, `dvc add data` by hand and commit data.dvc
             log.warning("data: %d file(s) of data.dvc are missing from %s (%s); restoring them from the DVC "
                         "remote", len(gone), data_dir, ", ".join(gone[:5]) + (" ..." if len(gone) > 5 else ""))
-            repo.pull(targets=[str(root / p) for p in gone])
+            pull_data(repo, root, [str(root / p) for p in gone])
             changes = _out_status(repo, dvc_file)
         if own and data_dir.exists() and any(v == "modified" for v in changes.values()):
             # this run reads a folder of the user's (paths.data_dir), which DVC does not track: a change to data/

@@ -205,3 +205,27 @@ def test_a_data_folder_of_the_users_own_is_never_dvc_added_and_a_changed_data_di
     out = version_data(settings, project, push=False)
     assert not out["versioned"] and (project / "data" / "glue" / "qqp.train.jsonl").exists()
     assert not (project / "mydata.dvc").exists()
+
+
+def test_a_file_the_remote_lacks_is_named_without_dvcs_traceback(tmp_path, monkeypatch, caplog, capfd):
+    """A data file whose object is in neither the remote nor the cache: coin data printed DVC's transfer traceback
+    (17 lines naming only the object's hash) before 'DVC: 1 files failed to download'. The error names the file."""
+    from coin.stages import stage_data
+
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    project = copy_project(tmp_path)
+    settings = Settings.model_validate({})
+    stage_data(settings, project)
+    cola = project / "data" / "glue" / "cola.train.jsonl"
+    import hashlib
+
+    md5 = hashlib.md5(cola.read_bytes()).hexdigest()
+    for store in (project / "dvc-remote", project / ".dvc" / "cache"):
+        (store / "files" / "md5" / md5[:2] / md5[2:]).unlink()
+    cola.unlink()
+    capfd.readouterr()
+    with caplog.at_level("DEBUG"), pytest.raises(DataError, match=r"in neither the DVC remote nor the cache: "
+                                                                  r"data/glue/cola\.train\.jsonl\. Push them"):
+        stage_data(settings, project)
+    assert not [r for r in caplog.records if r.name.startswith(("dvc_data", "dvc_objects"))]
+    assert "Traceback" not in capfd.readouterr().err

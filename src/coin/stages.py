@@ -65,9 +65,51 @@ def stage_data(settings: Settings, root: Path) -> dict[str, Any]:
         status = repo.status(targets=[str(root / "data.dvc")])
         if status:
             log.info("data not in sync with data.dvc (%s); pulling from the DVC remote", status)
-            repo.pull(targets=[str(root / "data.dvc")])
+            pull_data(repo, root)
             pulled = True
     return {"data_version": data_version(root), "pulled": pulled, "rows": check_data(settings, root)}
+
+
+def pull_data(repo: Any, root: Path, targets: list[str] | None = None) -> None:
+    """``dvc pull`` of ``targets`` (default: data.dvc). DVC's transfer errors are not printed (a traceback per
+    object, naming only its hash); a pull that leaves files of data.dvc missing raises a DataError naming them."""
+    from dvc.exceptions import DvcException
+
+    quiet = [logging.getLogger(name) for name in ("dvc_data", "dvc_objects")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.CRITICAL)
+    try:
+        repo.pull(targets=targets or [str(root / "data.dvc")])
+    except DvcException as exc:
+        missing = _missing_data_files(root)
+        if not missing or "unsaved files" in str(exc):
+            raise
+        raise DataError(
+            f"DVC: {' '.join(str(exc).split())}: {len(missing)} file(s) of data.dvc are in neither the DVC remote nor "
+            f"the cache: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Push them from a checkout "
+            "that has them (dvc push), or check the remote (`dvc remote list`; the default is dvc-remote/) and "
+            ".dvc/config") from None
+    finally:
+        for q, level in zip(quiet, levels, strict=True):
+            q.setLevel(level)
+
+
+def _missing_data_files(root: Path) -> list[str]:
+    """Files data.dvc records (its directory listing in the DVC cache) that are not in data/: [] when the listing
+    itself is not in the cache."""
+    import json
+
+    import yaml
+
+    try:
+        out = yaml.safe_load((root / "data.dvc").read_text())["outs"][0]
+        md5 = str(out["md5"])
+        listing = json.loads((root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]).read_text())
+    except (OSError, KeyError, IndexError, TypeError, ValueError):
+        return []
+    data = root / str(out.get("path", "data"))
+    return sorted(f"{data.name}/{e['relpath']}" for e in listing if not (data / e["relpath"]).exists())
 
 
 def check_data(settings: Settings, root: Path) -> dict[str, int]:
