@@ -210,6 +210,8 @@ def test_a_data_folder_of_the_users_own_is_never_dvc_added_and_a_changed_data_di
 def test_a_file_the_remote_lacks_is_named_without_dvcs_traceback(tmp_path, monkeypatch, caplog, capfd):
     """A data file whose object is in neither the remote nor the cache: coin data printed DVC's transfer traceback
     (17 lines naming only the object's hash) before 'DVC: 1 files failed to download'. The error names the file."""
+    import shutil
+
     from coin.stages import stage_data
 
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
@@ -224,8 +226,16 @@ def test_a_file_the_remote_lacks_is_named_without_dvcs_traceback(tmp_path, monke
         (store / "files" / "md5" / md5[:2] / md5[2:]).unlink()
     cola.unlink()
     capfd.readouterr()
-    with caplog.at_level("DEBUG"), pytest.raises(DataError, match=r"in neither the DVC remote nor the cache: "
-                                                                  r"data/glue/cola\.train\.jsonl\. Push them"):
+    one = r": 1 file\(s\) of data.dvc are in neither the DVC remote nor the cache: data/glue/cola\.train\.jsonl\. Push"
+    with caplog.at_level("DEBUG"), pytest.raises(DataError, match=one):
         stage_data(settings, project)
     assert not [r for r in caplog.records if r.name.startswith(("dvc_data", "dvc_objects"))]
     assert "Traceback" not in capfd.readouterr().err
+    # data/ gone with the cache warm: only the file that could not be fetched, not every file data/ lacks
+    shutil.rmtree(project / "data")
+    with pytest.raises(DataError, match=one):
+        stage_data(settings, project)
+    # an empty cache (a fresh clone): the failed pull caches no directory listing; it is read from the remote
+    shutil.rmtree(project / ".dvc" / "cache")
+    with pytest.raises(DataError, match=one):
+        stage_data(settings, project)

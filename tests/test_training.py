@@ -220,6 +220,8 @@ def test_a_response_longer_than_the_cutoff_is_refused_naming_the_pair(minilm_tok
     with pytest.raises(DataError, match=rf"target of pair {rows[1]['pair_id']} takes 31 tokens .*over "
                                         r"pairs.cutoff_len = 16.*coin validate"):
         PairCollator(minilm_tok, method, cutoff_len=16)(rows)
+    with pytest.raises(DataError, match=r"takes 30 tokens, so its sequence is 32 tokens"):  # no EOS: not said
+        PairCollator(minilm_tok, method, cutoff_len=16, append_eos=False)(rows)
     assert PairCollator(minilm_tok, method, cutoff_len=64)(rows).input_ids.shape[1] <= 64
 
 

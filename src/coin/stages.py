@@ -82,7 +82,7 @@ def pull_data(repo: Any, root: Path, targets: list[str] | None = None) -> None:
     try:
         repo.pull(targets=targets or [str(root / "data.dvc")])
     except DvcException as exc:
-        missing = _missing_data_files(root)
+        missing = _missing_data_files(repo, root)
         if not missing or "unsaved files" in str(exc):
             raise
         raise DataError(
@@ -95,9 +95,10 @@ def pull_data(repo: Any, root: Path, targets: list[str] | None = None) -> None:
             q.setLevel(level)
 
 
-def _missing_data_files(root: Path) -> list[str]:
-    """Files data.dvc records (its directory listing in the DVC cache) that are not in data/: [] when the listing
-    itself is not in the cache."""
+def _missing_data_files(repo: Any, root: Path) -> list[str]:
+    """Files data.dvc records whose object is not in the DVC cache after a pull: the ones neither the remote nor
+    the cache could give. The directory listing is read from the cache, else from the default remote (a failed
+    pull does not cache it); [] when neither has it."""
     import json
 
     import yaml
@@ -105,11 +106,22 @@ def _missing_data_files(root: Path) -> list[str]:
     try:
         out = yaml.safe_load((root / "data.dvc").read_text())["outs"][0]
         md5 = str(out["md5"])
-        listing = json.loads((root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]).read_text())
-    except (OSError, KeyError, IndexError, TypeError, ValueError):
+    except (OSError, KeyError, IndexError, TypeError, ValueError, yaml.YAMLError):
         return []
-    data = root / str(out.get("path", "data"))
-    return sorted(f"{data.name}/{e['relpath']}" for e in listing if not (data / e["relpath"]).exists())
+    cache = repo.cache.local
+    listing = None
+    for odb in (cache, None):
+        try:
+            odb = odb or repo.cloud.get_remote_odb(None)
+            listing = json.loads(odb.fs.cat_file(odb.oid_to_path(md5)))
+            break
+        except Exception:  # noqa: BLE001 - no remote, no listing there, or not readable: try the next, else []
+            continue
+    if not isinstance(listing, list):
+        return []
+    data = str(out.get("path", "data")).rstrip("/")
+    return sorted(f"{data}/{e['relpath']}" for e in listing
+                  if isinstance(e, dict) and not cache.fs.exists(cache.oid_to_path(str(e.get("md5")))))
 
 
 def check_data(settings: Settings, root: Path) -> dict[str, int]:

@@ -204,9 +204,10 @@ class PairCollator:
             self.tokenizer, row[p_col], row[t_col], fmt=self.fmt, append_eos=self.append_eos, max_length=self.cutoff_len
         )
         if len(enc.input_ids) > self.cutoff_len:  # the response alone does not fit: the prompt cannot give way
+            eos = " (with EOS)" if self.append_eos and self.tokenizer.eos_token_id is not None else ""
             raise DataError(
-                f"train: {t_col} of pair {row.get('pair_id', '?')} takes {len(enc.input_ids) - enc.n_prompt} tokens "
-                f"(with EOS), so its sequence is {len(enc.input_ids)} tokens even with the prompt cut to "
+                f"train: {t_col} of pair {row.get('pair_id', '?')} takes {len(enc.input_ids) - enc.n_prompt} tokens"
+                f"{eos}, so its sequence is {len(enc.input_ids)} tokens even with the prompt cut to "
                 f"{enc.n_prompt}: over pairs.cutoff_len = {self.cutoff_len}. The gate rejects such rows at the cutoff "
                 "it checked: validate the pairs at this cutoff (coin validate), or raise pairs.cutoff_len")
         if enc.truncated:
