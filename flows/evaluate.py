@@ -35,6 +35,7 @@ from prefect.cache_policies import NO_CACHE
 import coin  # noqa: F401  (local-only environment before Prefect is imported)
 from coin.config import Settings
 from coin.evaluation.anymodel import load_for_instructions
+from coin.evaluation.report.blocks import DASH
 from coin.secrets import seal_overrides
 from flows.pipeline import Overrides, _failure, _transient, quiet_prefect_logs, run_banner, run_main, unit_line
 
@@ -60,7 +61,7 @@ def _retryable(task: Task, task_run: Any, state: Any) -> bool:
 def headline_markdown(metrics: dict[str, Any], summary: dict[str, Any], instruction_file: str) -> str:
     """Per model (in the order evaluated): where its result came from and its headline figures, in percent."""
     def cell(v: Any) -> str:
-        return "n/a" if v is None else f"{float(v):.1f}"
+        return DASH if v is None else f"{float(v):.1f}"
 
     proto = summary.get("protocol", {})
     lines = [f"**coin-evaluate** on `{instruction_file}`: sets "

@@ -577,3 +577,12 @@ def test_the_cards_all_agree_consistency_is_the_summarys_where_a_set_has_one_ins
     full = preds[~((preds["task"] == "sst2") & (preds["set"] == "typo"))]
     assert build_card(full, "m")["headline"]["all_agree_consistency"] == compute_metrics(full).overall.iloc[0][
         "consistency"]
+
+
+def test_a_set_name_with_a_line_break_keeps_the_markdown_table_whole():
+    """An instruction file of one's own may name a set 'typos\\nv2': the header cell broke the table there, and
+    report.md and table.md (the Prefect artifact) lost it and every table after it. The break is a space."""
+    from coin.evaluation.report import Table, to_markdown
+
+    md = to_markdown([Table(["task", "clean", "typos\nv2|b"], [["sst2", "90.0", "8\r\n0"]])])
+    assert md.splitlines()[:3] == ["| task | clean | typos v2\\|b |", "|---|---:|---:|", "| sst2 | 90.0 | 8 0 |"]

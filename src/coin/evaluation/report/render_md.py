@@ -6,7 +6,9 @@ from coin.evaluation.report.blocks import DASH, Block, Bullets, Heading, Plot, T
 
 
 def _md_escape(text: str) -> str:
-    return text.replace("|", "\\|")
+    """A table cell as Markdown: ``|`` escaped, a line break as a space (a set name of one's own with a newline
+    in it ended the table there, and every table after it in report.md and table.md)."""
+    return " ".join(text.replace("|", "\\|").splitlines())
 
 
 def to_markdown(blocks: list[Block]) -> str:
