@@ -66,7 +66,8 @@ def version_data(settings: Settings, root: Path, push: bool = True) -> dict[str,
                         "remote", len(gone), data_dir, ", ".join(gone[:5]) + (" ..." if len(gone) > 5 else ""))
             pull_data(repo, root, [str(root / p) for p in gone])
             changes = _out_status(repo, dvc_file)
-        if own and data_dir.exists() and any(v == "modified" for v in changes.values()):
+        modified = data_dir.exists() and "modified" in changes.values()
+        if own and modified:
             # this run reads a folder of the user's (paths.data_dir), which DVC does not track: a change to data/
             # is neither versioned from here (it was not what this run checks) nor pulled over (DVC refuses to)
             log.warning("data: %s differs from data.dvc (%s); this run reads paths.data_dir = %s, so the change is "
@@ -74,7 +75,7 @@ def version_data(settings: Settings, root: Path, push: bool = True) -> dict[str,
                         "`dvc add data` by hand", data_dir, changes, settings.paths.data_dir)
             return {"data_version": data_version(root), "pulled": False, "rows": check_data(settings, root),
                     "versioned": False, "pushed": 0}
-        if data_dir.exists() and any(v == "modified" for v in changes.values()):
+        if modified:
             # validated before it is versioned: a broken file stops here (DataError naming file and line,
             # never retried), so it is neither recorded in data.dvc nor pushed; rerunning refuses again
             check_data(settings, root)

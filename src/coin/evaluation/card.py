@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from coin.evaluation.instructions import perturbation_level
-from coin.evaluation.metrics import CELL, CLEAN, check_predictions, json_number
+from coin.evaluation.metrics import CELL, CLEAN, check_predictions, json_number, task_major_mean
 
 CARD_VERSION = 1
 CARDS_DIR = "cards"  # beside metrics.json: cards/<model>/card.json and card.html
@@ -234,13 +234,6 @@ def _mean(frame: pd.DataFrame, col: str) -> float:
     return float(vals.mean()) if len(vals) else math.nan
 
 
-def _task_major(pert_cells: pd.DataFrame, col: str) -> float:
-    """Per task the mean over its perturbed sets where ``col`` is defined, then the mean over tasks: the rule of
-    the metrics' summary ``consistency`` (``coin.evaluation.metrics``) where a set has one instruction, so that the
-    card's all-agree consistency is that figure (the set-major mean weighs the tasks otherwise there)."""
-    return float(pert_cells.groupby("task", sort=False)[col].mean().mean())
-
-
 def aggregate(cells: pd.DataFrame) -> dict[str, Any]:
     """``sets`` (mean over tasks), ``levels`` (mean over the level's sets), ``overall`` (``clean`` and
     ``perturbed``: mean over the perturbed sets; a figure undefined in some (task, set), e.g. consistency where a set
@@ -254,7 +247,7 @@ def aggregate(cells: pd.DataFrame) -> dict[str, Any]:
     pert = set_frame[set_frame["set"] != CLEAN]
     pert_cells = cells[cells["set"] != CLEAN]
     overall = {"clean": sets.get(CLEAN, dict.fromkeys(FIGURES, math.nan)),
-               "perturbed": {k: _task_major(pert_cells, k) if pert_cells[k].isna().any() else _mean(pert, k)
+               "perturbed": {k: task_major_mean(pert_cells, k) if pert_cells[k].isna().any() else _mean(pert, k)
                              for k in FIGURES}}
     tasks: dict[str, dict[str, Any]] = {}
     for _, r in cells.iterrows():

@@ -195,12 +195,12 @@ def compute_metrics(preds: pd.DataFrame, sources: Sources | None = None) -> Metr
                    categories=categories, overall=_overall(sets, cells), agreement=agreement_table(preds))
 
 
-def _task_major_consistency(cells: pd.DataFrame, scoring: str) -> float:
-    """Consistency over the perturbed sets as the per-example scores and their intervals take it: per task the mean
-    over its sets that have one, then the mean over tasks. Used where a (task, set) has none (one instruction): the
-    set-major mean then weighs the tasks otherwise, and the interval sat around another value than the figure."""
-    pert = cells[(cells["scoring"] == scoring) & (cells["set"] != CLEAN)]
-    return float(pert.groupby("task")["consistency"].mean().mean())
+def task_major_mean(pert_cells: pd.DataFrame, col: str) -> float:
+    """``col`` over perturbed (task, set) cells as the per-example scores and their intervals take it: per task the
+    mean over its sets where it is defined, then the mean over tasks. Used where a (task, set) has none (consistency
+    with one instruction): the set-major mean then weighs the tasks otherwise, and the interval sat around another
+    value than the figure. The summary's ``consistency`` and the card's perturbed figures both take it."""
+    return float(pert_cells.groupby("task")[col].mean().mean())
 
 
 def _overall(sets: pd.DataFrame, cells: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -209,9 +209,9 @@ def _overall(sets: pd.DataFrame, cells: pd.DataFrame | None = None) -> pd.DataFr
         clean, pert = grp[grp["set"] == CLEAN], grp[grp["set"] != CLEAN]
         mean = (lambda col, pert=pert: float(pert[col].mean()) if len(pert) else math.nan)  # noqa: E731
         consistency = mean("consistency")
-        if cells is not None and len(pert) and cells.loc[(cells["scoring"] == scoring)
-                                                         & (cells["set"] != CLEAN), "consistency"].isna().any():
-            consistency = _task_major_consistency(cells, scoring)
+        pert_cells = None if cells is None else cells[(cells["scoring"] == scoring) & (cells["set"] != CLEAN)]
+        if pert_cells is not None and len(pert) and pert_cells["consistency"].isna().any():
+            consistency = task_major_mean(pert_cells, "consistency")
         rows.append({
             "scoring": scoring,
             "clean_acc": float(clean["acc_mean"].iloc[0]) if len(clean) else math.nan,
