@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel
 
 from coin.config import ConfigError, Settings, apply_overrides, load_settings
+from coin.evaluation.instructions import set_name_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "params.yaml"
@@ -188,6 +189,21 @@ def _doc(**sets: dict[str, list[str]]) -> dict:
 
 
 SIX = [f"Classify the sentiment, variant {i}: " for i in range(6)]
+
+
+@pytest.mark.parametrize("name", ["typo`s", "my **set**", "<b>x</b>", "two words", "a\nb", "-x", "avg"])
+def test_an_instruction_set_name_with_markup_or_spaces_is_refused_naming_it(tmp_path, name):
+    """A set's name is a header and a key in every report and in MLflow metric names. '<b>x</b>' passed into
+    report.md as HTML, a backtick or '**' turned into code or bold in report.html and card.html only, and a line
+    break ended report.md's tables: such names are refused before any work, with the rule."""
+    p = _project(tmp_path, instructions=json.loads(INSTRUCTIONS.read_text()))
+    with pytest.raises(ConfigError) as err:
+        load_settings(p, [f"evaluate.instruction_sets={json.dumps(['clean', name])}"])
+    msg = str(err.value)
+    assert "evaluate.instruction_sets" in msg and repr(name) in msg, msg
+    assert ("reserved" if name == "avg" else "start with a letter or digit and hold only letters, digits") in msg
+    for fine in ("attack-word", "typos_v2.1", "Mine+2"):
+        assert set_name_problem(fine) is None
 
 
 def test_a_misspelt_instruction_set_is_refused_at_load_naming_key_file_and_guess(tmp_path):

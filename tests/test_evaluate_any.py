@@ -532,6 +532,10 @@ def test_an_instruction_file_is_checked_whole_before_any_model(project, caplog):
         load_for_instructions(project["params"], [], twice, uses_backbone=False)
     with pytest.raises(DataError, match=r"instruction set 'avg' .* reserved"):
         load({"perturbations": {"clean": {"sst2": ["A? "]}, "avg": {"sst2": ["B? "]}}})
+    # a set of the file's own reaches every report as a header: no markup, no spaces (coin.evaluation.instructions)
+    with pytest.raises(DataError, match=r"instruction set 'my `set`' under 'perturbations': the set name .* should "
+                                        r"start with a letter or digit"):
+        load({"perturbations": {"clean": {"sst2": ["A? "]}, "my `set`": {"sst2": ["B? "]}}})
     with pytest.raises(DataError, match=r"field 'x' should be a JSON object, got list"):
         load({"perturbations": {"clean": {"sst2": ["A? "]}, "x": []}})
     with pytest.raises(DataError, match=r"'label_to_id.sst2' is given but 'label_set.sst2' is not"):

@@ -515,6 +515,16 @@ class EvaluateSettings(_Section):
                              "DVC as written, and DVC does not expand ~")
         return v
 
+    @field_validator("instruction_sets")
+    @classmethod
+    def _set_names(cls, v: list[str]) -> list[str]:
+        from coin.evaluation.instructions import set_name_problem
+
+        bad = [why for why in map(set_name_problem, v) if why]
+        if bad:
+            raise ValueError("; ".join(bad) + ": rename the set in the instruction file and here")
+        return v
+
     @field_validator("instruction_sets", "tasks", "scoring")
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:

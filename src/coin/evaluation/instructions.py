@@ -18,6 +18,7 @@ not one of the five PromptBench levels gets the level ``custom``. Every problem 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,23 @@ PERTURBATION_LEVELS: dict[str, str] = {
 # The name of the rows pooled over sets (or tasks) in the metrics and reports (coin.evaluation.metrics.AVG), so no
 # instruction set may be called that.
 POOLED = "avg"
+
+
+# What a set may be called. A set's name is a column header, a heading and a key in every report (Markdown, HTML,
+# the terminal card, Prefect artifacts) and in MLflow metric names, so it holds no markup and no spaces: a name
+# with '<', a backtick or '**' turned into HTML or code or bold in some reports and not others, and one with a line
+# break ended report.md's tables. The model labels of `coin evaluate --model NAME=...` follow the same rule.
+SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+SET_NAME_RULE = "start with a letter or digit and hold only letters, digits and _ . + -"
+
+
+def set_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name an instruction set, or None when it can (:data:`SET_NAME`, not :data:`POOLED`)."""
+    if not isinstance(name, str) or not SET_NAME.fullmatch(name):
+        return f"the set name {name!r} should {SET_NAME_RULE}"
+    if name == POOLED:
+        return f"the set name '{POOLED}' is reserved for the figures pooled over sets"
+    return None
 
 
 def perturbation_level(set_name: str) -> str:
@@ -119,9 +137,9 @@ def _mapping(obj: Any, path: Path, key: str, *, where: str) -> dict[str, Any]:
 
 
 def _load_set(perturbations: dict[str, Any], path: Path, set_name: str, tasks: list[str]) -> dict[str, list[str]]:
-    if set_name == POOLED:
-        raise DataError(f"{path}: instruction set '{POOLED}' under 'perturbations': the name is reserved for the "
-                        "figures pooled over sets; rename the set")
+    why = set_name_problem(set_name)
+    if why is not None:
+        raise DataError(f"{path}: instruction set {set_name!r} under 'perturbations': {why}; rename the set")
     if set_name not in perturbations:
         have = ", ".join(map(str, perturbations)) or "none"
         raise DataError(
