@@ -130,6 +130,19 @@ def close_study_run_task(params_path: str, overrides: Overrides, run_id: str, st
     study_tracking.close_study_run(settings, root, run_id, status)
 
 
+def check_cluster(settings: Any, workers: int | None = None, dask_address: str | None = None,
+                  dask_processes: bool = True) -> Any:
+    """The study's worker plan (:func:`coin.study.placement.worker_plan`), after refusing what its Dask set-up would
+    refuse: a scheduler address that is malformed or where nothing answers, and a dashboard address that is not one.
+    The flow, ``python -m flows.study`` and ``coin study`` (its dry run too) call it before anything starts; the dry
+    run planned a study on a scheduler nothing answered at, which the run then refused."""
+    plan = worker_plan(settings, workers, dask_address, dask_processes)
+    dashboard_kwargs(settings.study.dask_dashboard)
+    if plan.address:
+        check_dask_reachable(plan.address)
+    return plan
+
+
 @flow(name="coin-study", log_prints=True)
 def coin_study(
     params_path: str = "params.yaml",
@@ -153,12 +166,9 @@ def coin_study(
     settings, root = load_study(params_path, overrides)  # bad params, methods, seeds or sweep fail here
     preflight_study(settings, root)  # ... and a grid with a cell that clearly cannot fit (the memory plan)
     params_path = os.path.abspath(params_path)  # workers may run elsewhere; a link stays in its project
-    plan = worker_plan(settings, workers, dask_address, dask_processes)
-    # a bad cluster option fails here too
+    plan = check_cluster(settings, workers, dask_address, dask_processes)  # a bad cluster option fails here too
     runner = eval_task_runner(plan.workers, plan.address, dask_processes, settings.study.dask_dashboard,
                               plan.torch_threads)
-    if plan.address:
-        check_dask_reachable(plan.address)
 
     parent = open_study_run_task(params_path, overrides, flow_run.get_id())
     status = "FAILED"
@@ -229,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         overrides.extend(seal_overrides([*args.overrides, *sweep_overrides(args.sweep)]))
         settings, root = load_study(args.params, overrides)
         preflight_study(settings, root)
-        dashboard_kwargs(settings.study.dask_dashboard)  # a bad address: refused here, not when the cluster starts
+        check_cluster(settings, args.workers, args.dask_address, not args.dask_threads)  # before Prefect starts
 
     run_main(check, lambda: coin_study(params_path=args.params, overrides=overrides, workers=args.workers,
                                        dask_address=seal_text(args.dask_address),

@@ -14,7 +14,7 @@ import pytest
 from coin.config import LoraSettings
 from coin.data.prompts import encode
 from coin.data.tasks import TASKS
-from coin.modeling.backbone import max_positions
+from coin.modeling.backbone import load_tokenizer, max_positions
 from coin.predict import answer_rows, check_task, fit_input, parse_options
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -138,6 +138,23 @@ def test_special_token_text_in_an_input_is_read_as_text_not_as_control_tokens(tr
     assert not control & set(inside), tok.convert_ids_to_tokens(inside)
     assert enc.input_ids[0] == tok.bos_token_id and enc.input_ids[-1] == tok.eos_token_id
     assert "[ sep ]" in tok.decode(inside)  # the text survives, spelled out
+
+
+def test_a_long_input_cut_to_fit_draws_no_transformers_warning_of_indexing_errors(capfd):
+    """transformers warned, once per tokenizer, that a text longer than the model's 512 positions "will result in
+    indexing errors" when coin only counted its tokens to cut it to fit: beside coin's own warning, it told the user
+    the model would fail. Nothing fails: the input is cut (test above), and the warning is gone."""
+    from transformers.utils import logging as hf_logging
+
+    tok = load_tokenizer("minilm")  # a tokenizer of its own: the warning is once per tokenizer
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
+    try:
+        cut, dropped = fit_input(tok, INSTRUCTION, LONG, fmt="train", limit=500)
+    finally:
+        hf_logging.set_verbosity(before)
+    assert dropped > 0 and LONG.startswith(cut)
+    assert "indexing errors" not in capfd.readouterr().err
 
 
 def test_fit_input_keeps_short_inputs_and_refuses_an_instruction_that_cannot_fit(trained):
@@ -557,9 +574,19 @@ def test_a_missing_champion_names_the_challenger_of_the_model_asked_for(bert_ada
     res = CliRunner().invoke(app, ["predict", "--model-uri", "models:/tiny-hint@champion", "--instruction", "Q? ",
                                    "--input", "x", "--task", "sst2"])
     out = " ".join(res.output.split())
-    assert res.exit_code == 4 and "alias champion not found" in out, out
+    assert res.exit_code == 4 and "model 'tiny-hint' has no alias 'champion' (its aliases: challenger)" in out, out
     assert "--model-uri models:/tiny-hint@challenger" in out and "coin-minilm" not in out, out
     assert "or my out/register/registration.json)" in out, out  # paths.out_dir's record, not outputs/'s
+
+    # an alias or version the registry lacks is named with what it has, as `coin card` does: MLflow's "alias nosuch
+    # not found" came with "Run `coin pipeline`", which never makes alias nosuch or version 7
+    for uri, said in (("models:/tiny-hint@nosuch", "has no alias 'nosuch' (its aliases: challenger)"),
+                      ("models:/tiny-hint/7", "has no version 7 (its versions: 1)"),
+                      ("models:/tiny-hnt@champion", "no registered model 'tiny-hnt' (registered: tiny-hint)")):
+        res = CliRunner().invoke(app, ["predict", "--model-uri", uri, "--instruction", "Q? ", "--input", "x"])
+        out = " ".join(res.output.split())
+        assert res.exit_code == 4 and f"cannot load {uri}: " in out, out
+        assert said in out and "coin pipeline" not in out and "challenger." not in out, out
 
 
 def test_python_a_mapping_of_columns_is_read_as_rows(pyfunc_path):

@@ -1284,8 +1284,9 @@ def test_a_relative_sqlite_tracking_uri_is_the_projects(tmp_path, monkeypatch):
 
 def test_a_store_moved_to_another_disk_and_linked_back_is_this_projects(tmp_path, monkeypatch, caplog):
     """mv mlruns to a bigger disk, ln -s it back: the artifacts still are the project's, and it was refused as a
-    moved project. Read-only commands (predict, card) only warn of a store whose artifacts lie elsewhere, and a
-    sqlite tracking.uri naming the project's own store is checked as the default is."""
+    moved project. Read-only commands (predict, card) only warn of a store whose artifacts lie in another project
+    that is still there, and stop when that folder is gone; a sqlite tracking.uri naming the project's own store is
+    checked as the default is."""
     import logging
     import os
     import shutil
@@ -1302,9 +1303,18 @@ def test_a_store_moved_to_another_disk_and_linked_back_is_this_projects(tmp_path
     shutil.rmtree(tmp_path / "disk" / "artifacts", ignore_errors=True)
     (tmp_path / "moved" / "mlruns").unlink()
     shutil.copytree(tmp_path / "disk", tmp_path / "moved" / "mlruns")
+    # moved, the old folder gone: the registered models' files cannot be read (predict and card failed with MLflow's
+    # "no MLmodel" and a `coin pipeline` hint that a moved store refuses): stop, naming the link that mends it
+    with pytest.raises(ConfigError, match=r"artifacts in .*/p/mlruns/artifacts, which no longer exists.* ln -s "):
+        setup_tracking(s, tmp_path / "moved", writes=False)
+    (tmp_path / "p" / "mlruns" / "artifacts").mkdir(parents=True)  # copied: the original is there, and is read
     with caplog.at_level(logging.WARNING):
         setup_tracking(s, tmp_path / "moved", writes=False)
     assert "keeps its artifacts in" in caplog.text
+    (tmp_path / "p" / "mlruns" / "artifacts").rmdir()  # the fix the refusal names: the old place links to the new
+    (tmp_path / "moved" / "mlruns" / "artifacts").mkdir(exist_ok=True)
+    os.symlink(tmp_path / "moved" / "mlruns" / "artifacts", tmp_path / "p" / "mlruns" / "artifacts")
+    setup_tracking(s, tmp_path / "moved")  # reads and writes: the store is this project's again
     monkeypatch.chdir(tmp_path)
     own = Settings.model_validate({"tracking": {"experiment": "t", "uri": "sqlite:///moved/mlruns/mlflow.db"}})
     with pytest.raises(ConfigError, match="moved or copied"):

@@ -528,6 +528,22 @@ def test_aggregation_finds_a_known_gap_with_an_interval_that_holds_it():
     assert g["majority_class"]["tasks"] == {"sst2": 50.0, "rte": 75.0} and g["n_examples"] == 80
 
 
+def test_the_intervals_do_not_depend_on_the_order_study_methods_lists_them():
+    """Each method's seed draw came off the shared stream in study.methods' order: [sft, cit] and [cit, sft] gave the
+    same cells other intervals, and a study rebuilt from its cells (combine_studies, which lists them in
+    STUDY_METHODS order) did not read as the study had."""
+    from coin.study.aggregate import aggregate
+
+    cells = synth_cells(gap=4, seed_spread={0: 3, 1: -2, 2: 0, 3: 5})  # seeds that differ: the seed draw matters
+    one, other = (aggregate(cells, order, n_boot=300)["groups"][0] for order in (["cit", "sft"], ["sft", "cit"]))
+    for m in ("cit", "sft"):
+        assert one["methods"][m]["interval"] == other["methods"][m]["interval"], m
+    assert one["methods"]["cit"]["interval"]["clean"]["ci_low"] < one["methods"]["cit"]["interval"]["clean"]["ci_high"]
+    diffs = {(d["a"], d["b"]): d for d in one["differences"]}
+    for d in other["differences"]:
+        assert d["clean"] == diffs[(d["a"], d["b"])]["clean"] and d["perturbed"] == diffs[(d["a"], d["b"])]["perturbed"]
+
+
 def test_an_undefined_difference_counts_no_seeds_and_the_table_shows_a_dash():
     """A clean-only group has no perturbed difference: study.json said 0 of 2 seeds agree with it, the table
     '0/2', as if the seeds disagreed with something."""
@@ -572,12 +588,13 @@ def test_a_clean_only_report_removes_the_perturbed_plots_an_earlier_one_drew(tmp
 
 
 def test_study_plots_draw_a_sweep_value_with_dollars_as_text(tmp_path):
-    """A swept instruction-set name is the user's: '$x^$' in a panel title was read as an invalid formula and
-    stopped the study after every cell was done, with no report written."""
+    """A swept value is the user's text: '$x^$' in a panel title was read as an invalid formula and stopped the
+    study after every cell was done, with no report written. (It was an instruction-set name; set names are now
+    letters, digits and _ . + -, and a module name of train.lora.target_modules is still free text.)"""
     from coin.study.aggregate import cell_data
     from coin.study.report import render_study
 
-    key, values = "evaluate.instruction_sets", [["clean", "$x^$ typos"], ["clean", "textfooler"]]
+    key, values = "train.lora.target_modules", [["$x^$_proj"], ["query"]]
     labels, data, records = {"sst2": [e % 2 for e in range(20)]}, [], []
     for v in values:
         for s in (0, 1):
@@ -593,7 +610,7 @@ def test_study_plots_draw_a_sweep_value_with_dollars_as_text(tmp_path):
                                                   "sweep_key": key, "sweep_values": values}})
     render_study(settings, records, data, tmp_path)
     assert {p.name for p in tmp_path.glob("*.png")} == {"spread.png", "robustness.png", "levels.png"}
-    assert "$x^$ typos" in (tmp_path / "report.md").read_text()
+    assert "$x^$_proj" in (tmp_path / "report.md").read_text()
 
 
 def test_aggregation_gives_paired_consistency_and_worst_case_gaps_where_accuracy_is_equal():
@@ -909,6 +926,31 @@ def test_grid_cells_names_and_sweep_values_go_through_the_override_machinery():
     assert make_cell(s, "coin", 3, "5e-4") == cells[1]
     plain = Settings.model_validate({})
     assert [c.name for c in grid_cells(plain)][:4] == ["base-s0", "base-s1", "base-s2", "coin_consistency-s0"]
+
+
+def test_a_cell_run_on_its_own_outside_the_grid_is_said_to_be(caplog):
+    """`python -m coin.study.cell --sweep-value 0.005` for a grid of 5e-4 and 1e-3 trained a cell the study never
+    reports, silently, and left the one meant undone. It runs (a new seed or value is a choice), with a warning naming
+    what is outside the grid; a cell of the grid draws none."""
+    import logging
+
+    from coin.config import apply_overrides
+    from coin.study.grid import make_cell, sweep_overrides
+
+    s = Settings.model_validate(apply_overrides({"study": {"methods": ["base", "coin"], "seeds": [0, 1]}},
+                                                sweep_overrides("train.lr=[5e-4, 1.0e-3]")))
+    caplog.set_level(logging.WARNING, logger="coin")
+    make_cell(s, "coin", 1, "0.0005")
+    assert not caplog.records
+    make_cell(s, "coin", 1, "0.005")
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "coin-s1-train.lr=0.005 is outside this study's grid" in said, said
+    assert "--sweep-value 0.005 (study.sweep_values: [" in said and "--seed" not in said and "--method" not in said
+    caplog.clear()
+    make_cell(s, "cit", 7, "1e-3")
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "--method cit (study.methods: base, coin); --seed 7 (study.seeds: [0, 1])" in said, said
+    assert "--sweep-value" not in said
 
 
 def test_a_cell_of_a_method_that_trains_on_negatives_is_refused_without_them():
@@ -1273,6 +1315,27 @@ def test_zero_workers_is_refused_before_the_study_starts():
 
     res = CliRunner().invoke(app, ["study", "--dry-run", "--workers", "0"])
     assert res.exit_code == 2 and "--workers" in res.output, res.output
+
+
+def test_the_dry_run_refuses_a_dask_set_up_the_run_would_refuse():
+    """The dry run planned a study on a scheduler nothing answers at, and one with a dashboard address that is not
+    one, and the run then refused both (the dashboard only after Prefect had started a flow run). Both refuse now,
+    with the run's message, before any plan or flow."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    from coin.cli import app
+
+    with socket.socket() as closed:  # a port bound and not listening: nothing answers there
+        closed.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{closed.getsockname()[1]}"
+        res = CliRunner().invoke(app, ["study", "--dry-run", "--dask-address", address])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2 and "no Dask scheduler answers at" in out and "cells)" not in out, out
+    res = CliRunner().invoke(app, ["study", "--dry-run", "--set", "study.dask_dashboard=notanaddress"])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2 and "dask_dashboard" in out and "'notanaddress'" in out and "cells)" not in out, out
 
 
 def test_minilm_without_its_package_is_a_config_error_naming_the_fix(monkeypatch):

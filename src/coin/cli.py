@@ -568,6 +568,9 @@ def study(
                               "give --workers 1), or leave out --dask-threads for worker processes")
         workers = 1
     settings, root = load_study(params, overrides)  # fail on bad params (methods, seeds, sweep) before Prefect starts
+    from flows.study import check_cluster
+
+    check_cluster(settings, workers, dask_address, not dask_threads)  # ... and a bad Dask set-up, dry run or not
     if dry_run:
         from coin.study.grid import preflight_study
         from coin.study.plan import study_plan
@@ -604,6 +607,34 @@ def _text_option(name: str, value: str | None) -> None:
     except UnicodeEncodeError as exc:
         raise ValueError(f"{name}: not valid UTF-8 text (byte 0x{ord(value[exc.start]) & 0xFF:02x} at character "
                          f"{exc.start}); pass UTF-8 text") from None
+
+
+def _check_registered(uri: str, settings: Any, root: Path) -> None:
+    """Refuse a ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` that the registry does not hold, naming
+    what it holds (:func:`coin.evaluation.anymodel.registered_version`); a registered model without its champion yet
+    is told where the newest candidate is."""
+    from mlflow import MlflowClient
+
+    from coin.evaluation.anymodel import registered_version
+
+    name, at, alias = uri.removeprefix("models:/").partition("@")
+    version = None
+    if not at:
+        name, _, version = name.partition("/")
+    if not name or not (alias if at else (version or "").isdigit()):
+        return  # not a form coin resolves (models:/<name>/latest, ...): MLflow's own answer
+    try:
+        registered_version(MlflowClient(), name, alias=alias if at else None, version=version)
+    except LookupError as exc:
+        hint = ""
+        if at and alias == "champion" and "has no alias" in str(exc):
+            from coin.layout import Layout
+
+            record = Layout(root, settings).register_record  # paths.out_dir's, shown from here
+            shown = record.relative_to(Path.cwd()) if record.is_relative_to(Path.cwd()) else record
+            hint = (" No candidate has passed the promotion gate yet (see `coin.promotion.reason` on its version, or "
+                    f"{shown}); the newest candidate is --model-uri models:/{name}@challenger.")
+        raise ModelUnavailable(f"cannot load {uri}: {exc}.{hint}") from None
 
 
 @app.command()
@@ -676,6 +707,10 @@ def predict(
                    "evaluate --model NAME=DIR`" if adapters else "")
                 + ". Give models:/<name>@<alias>, models:/<name>/<version>, runs:/<run id>/<path> or an MLflow "
                 "model folder.")
+    if uri.startswith("models:/"):  # the registry says what it has instead (models, aliases, versions), as `coin
+        # card` and `coin evaluate --model` do, before MLflow downloads anything; MLflow's own "alias nosuch not
+        # found" came with a `coin pipeline` hint that never makes alias nosuch
+        _check_registered(uri, settings, root)
     # a copy of the model in a temp dir: loaded in place, MLflow writes its registered_model_meta file into the
     # store's own artifact folder (the evaluation loads from a copy for the same reason)
     with tempfile.TemporaryDirectory(prefix="coin-predict-model-") as tmp:
@@ -688,17 +723,8 @@ def predict(
                 hint = (" Give models:/<name>@<alias>, models:/<name>/<version>, runs:/<run id>/<path> or a model "
                         "directory.")
             elif _is(exc, "mlflow.exceptions", "MlflowException") or isinstance(exc, FileNotFoundError):
-                # the registered model, alias, version or run is not in the store: the pipeline makes one
+                # the run is not in the store: the pipeline makes one
                 hint = " Run `coin pipeline` (or `coin register`) first."
-                if "alias champion not found" in why:
-                    asked = uri.removeprefix("models:/").split("@")[0].split("/")[0]  # the model named, not ours
-                    from coin.layout import Layout
-
-                    record = Layout(root, settings).register_record  # paths.out_dir's, shown from here
-                    shown = record.relative_to(Path.cwd()) if record.is_relative_to(Path.cwd()) else record
-                    hint = (" No candidate has passed the promotion gate yet (see `coin.promotion.reason` on its "
-                            f"version, or {shown}); the newest candidate is "
-                            f"--model-uri models:/{asked or settings.register_.model_name}@challenger.")
             else:  # the model is registered but does not load here (its base, a library): its own message says why
                 hint = ""
             raise ModelUnavailable(f"cannot load {uri}: {why}.{hint}") from None

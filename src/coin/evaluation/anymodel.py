@@ -184,6 +184,29 @@ def _label_of(kind: str, spec: str, details: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9_.@+-]", "-", raw).strip("-.") or kind
 
 
+def registered_version(client: Any, name: str, *, alias: str | None = None, version: str | None = None) -> Any:
+    """The model version ``models:/<name>@<alias>`` (or ``models:/<name>/<version>``) names, or :class:`LookupError`
+    saying what the registry has instead: its registered models, the model's aliases, or its versions. ``coin
+    evaluate --model`` and ``coin predict`` both resolve a registry URI with it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        known = sorted(m.name for m in client.search_registered_models())
+        raise LookupError(f"no registered model {name!r} (registered: {', '.join(known) or 'none'}); `coin "
+                          "register` registers one") from None
+    try:
+        return client.get_model_version_by_alias(name, alias) if alias is not None else \
+            client.get_model_version(name, str(version))
+    except MlflowException:
+        if alias is not None:
+            have = ", ".join(sorted(client.get_registered_model(name).aliases)) or "none"
+            raise LookupError(f"registered model {name!r} has no alias {alias!r} (its aliases: {have})") from None
+        have = ", ".join(str(v.version) for v in client.search_model_versions(f"name = '{name}'")) or "none"
+        raise LookupError(f"registered model {name!r} has no version {version} (its versions: {have})") from None
+
+
 def _resolve_registry(spec: str, scheme: str, settings: Settings, root: Path,
                       fingerprint: bool = True) -> tuple[str, str, dict[str, Any]]:
     """``(resolved uri, fingerprint, details)`` of a ``models:/`` or ``runs:/`` URI; the store is asked only.
@@ -218,22 +241,9 @@ def _resolve_registry(spec: str, scheme: str, settings: Settings, root: Path,
         if not version or not version.isdigit():
             raise ConfigError(f"--model {spec}: a registry URI is models:/<name>@<alias> or models:/<name>/<version>")
     try:
-        client.get_registered_model(name)
-    except MlflowException:
-        known = sorted(m.name for m in client.search_registered_models())
-        raise ModelUnavailable(f"--model {spec}: no registered model {name!r} (registered: "
-                               f"{', '.join(known) or 'none'}); `coin register` registers one") from None
-    try:
-        mv = client.get_model_version_by_alias(name, alias) if at else client.get_model_version(name, str(version))
-    except MlflowException:
-        rm = client.get_registered_model(name)
-        if at:
-            have = ", ".join(sorted(rm.aliases)) or "none"
-            raise ModelUnavailable(f"--model {spec}: registered model {name!r} has no alias {alias!r} "
-                                   f"(its aliases: {have})") from None
-        have = ", ".join(str(v.version) for v in client.search_model_versions(f"name = '{name}'")) or "none"
-        raise ModelUnavailable(f"--model {spec}: registered model {name!r} has no version {version} "
-                               f"(its versions: {have})") from None
+        mv = registered_version(client, name, alias=alias if at else None, version=version)
+    except LookupError as exc:
+        raise ModelUnavailable(f"--model {spec}: {exc}") from None
     details = {"name": name, "version": str(mv.version), "run_id": mv.run_id, "source": mv.source}
     if at:
         details["alias"] = alias

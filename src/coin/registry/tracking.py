@@ -132,7 +132,14 @@ def _check_artifacts_here(exp: Any, settings: Settings, root: Path, writes: bool
         return
     want = (root / settings.paths.mlruns_dir).resolve() / "artifacts"
     have = Path(local_file_uri_to_path(where)).resolve()  # a store moved elsewhere and linked back is still here
-    if have != want and not writes:  # reading the registry (predict, card) writes nothing there
+    if have != want and not writes and not have.exists():  # moved: the models' files went with it
+        raise ConfigError(
+            f"{want.parent}: this MLflow store's experiment {settings.tracking.experiment!r} keeps its artifacts in "
+            f"{have}, which no longer exists: the project was moved with its store, and the registered models' files "
+            f"are read from there. Link the old place to this project's (mkdir -p {have.parent} && ln -s {want} "
+            f"{have}), move the project back, or delete this copy's {settings.paths.mlruns_dir}/ and run `coin "
+            "pipeline` for a fresh store")
+    if have != want and not writes:  # a copy: reading the registry (predict, card) reads the original's files
         log.warning("the MLflow experiment %r keeps its artifacts in %s, not in this project's %s (moved or copied "
                     "with its store); commands that log runs will refuse it", settings.tracking.experiment, have, want)
     elif have != want:

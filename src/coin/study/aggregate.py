@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from coin.config import BASE_METHOD, TRAIN_METHODS
+from coin.config import BASE_METHOD, STUDY_METHODS, TRAIN_METHODS
 from coin.evaluation.metrics import json_number
 from coin.evaluation.uncertainty import LEVEL, N_BOOT, all_scores
 from coin.evaluation.uncertainty import SCORES as BOOTSTRAPPED  # the per-example scores with intervals and deltas
@@ -187,7 +187,11 @@ def hierarchical_replicates(matrices: dict[str, dict[str, np.ndarray]], codes: n
     first = next(iter(matrices.values()), {})
     n_draws = 1 + max((int(d.max()) for d in draws.values() if len(d)), default=0) if draws else 1
     draw_pick = rng.integers(0, n_draws, size=(n_boot, n_draws)) if n_draws > 1 else None   # shared by the methods
-    for method in first:
+    # each method's seed draw comes off the one stream in a fixed order (STUDY_METHODS, then others as given), not
+    # study.methods': listed [sft, coin] or [coin, sft], the same cells gave other intervals, and a study rebuilt
+    # from its cells (experiments/combine_studies.py) did not read as the study had
+    known = {m: i for i, m in enumerate(STUDY_METHODS)}
+    for method in sorted(first, key=lambda m: known.get(m, len(known))):  # stable: unknown ones keep their order
         rows = np.zeros(first[method].shape[0], dtype=int) if draws is None else np.asarray(draws[method])
         picks = []
         for d in range(n_draws):
@@ -201,7 +205,7 @@ def hierarchical_replicates(matrices: dict[str, dict[str, np.ndarray]], codes: n
                                  for members, pick in picks], axis=1)           # (n_boot, n_draws)
             out[part][method] = (per_draw[:, 0] if draw_pick is None
                                  else np.take_along_axis(per_draw, draw_pick, axis=1).mean(axis=1))
-    return out
+    return {part: {m: by_method[m] for m in first} for part, by_method in out.items()}
 
 
 def weighted_means(weights: np.ndarray, scores: np.ndarray) -> np.ndarray:

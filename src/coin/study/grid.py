@@ -16,6 +16,7 @@ Layout under ``study.out_dir`` (default ``outputs/study``)::
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,6 +37,8 @@ from coin.config import (
     project_root,
 )
 from coin.methods import METHODS
+
+log = logging.getLogger("coin")
 
 
 @dataclass(frozen=True)
@@ -234,7 +237,25 @@ def make_cell(settings: Settings, method: str, seed: int, sweep_value: Any = NOT
         raise ConfigError(f"--method {method}: it trains on the hard negatives (a generation loss on them), but "
                           "train.hard_negatives = false drops them; set train.hard_negatives to true or pick "
                           "another method")
+    _warn_outside_grid(settings, cell)
     return cell
+
+
+def _warn_outside_grid(settings: Settings, cell: Cell) -> None:
+    """Say so when a cell run on its own is not one of the study's: a cell of a new seed or value is a choice (the
+    study takes it up, done, once its params list it), a typo (--sweep-value 0.005 for 0.0005) a whole training
+    spent on a cell the study never reports, with the one meant left undone."""
+    st = settings.study
+    if cell.name in {c.name for c in grid_cells(settings)}:
+        return
+    outside = [f"--method {cell.method} (study.methods: {', '.join(st.methods)})"] if cell.method not in st.methods \
+        else []
+    outside += [f"--seed {cell.seed} (study.seeds: {st.seeds})"] if cell.seed not in st.seeds else []
+    if cell.sweep_key is not None and json.dumps(cell.sweep_value, sort_keys=True) not in {
+            json.dumps(v, sort_keys=True) for v, _ in sweep_points(settings)}:
+        outside.append(f"--sweep-value {cell.sweep_value!r} (study.sweep_values: {st.sweep_values})")
+    log.warning("cell %s is outside this study's grid: %s. `coin study` reports it only once the params list it; "
+                "check for a typo", cell.name, "; ".join(outside))
 
 
 def cell_named(settings: Settings, name: str) -> Cell:
