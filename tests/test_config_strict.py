@@ -325,6 +325,30 @@ def test_a_swept_instruction_set_the_file_lacks_is_refused_when_the_study_loads(
     load_study(p, sweep_overrides("evaluate.instruction_sets=[[clean],[clean,deepwordbug]]"))
 
 
+def test_a_trained_task_without_its_validation_split_is_warned_of_by_the_data_stage(tmp_path, caplog):
+    """A data directory of one's own with mnli's validation files under Hugging Face's names (not read): mnli was
+    trained on, not evaluated, and the gate's leak check left its training rows unchecked, said only in a note of
+    the validation summary. The data stage warns of a trained task; a task only listed for evaluation stays quiet."""
+    import logging
+
+    from coin.stages import check_data
+
+    p = _project(tmp_path, instructions=json.loads(INSTRUCTIONS.read_text()))
+    data = tmp_path / "mydata"
+    shutil.copytree(ROOT / "data", data)
+    for f in (data / "glue_fallback").glob("mnli.validation_*.jsonl"):
+        f.rename(data / "glue" / f.name.replace(".textfooler1000", ""))  # glue/mnli.validation_matched.jsonl
+    caplog.set_level(logging.INFO, logger="coin")
+    counts = check_data(load_settings(p, [f"paths.data_dir={data}", "evaluate.tasks=[rte, mnli, qqp]",
+                                          "pairs.tasks=[rte, mnli]"]), tmp_path)
+    assert "rte.validation" in counts and "mnli.validation" not in counts
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "evaluate.tasks" in r.msg]
+    assert len(warned) == 1 and "mnli is trained on (pairs.tasks) but will not be evaluated" in warned[0], warned
+    assert "glue/mnli.validation.jsonl or glue_fallback/mnli.validation_*.jsonl is not in the data directory" \
+        in warned[0]
+    assert any("qqp is skipped" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+
+
 def test_evaluate_tasks_with_no_offline_validation_split_are_refused_by_the_data_stage(tmp_path):
     """evaluate.tasks = [qqp] was accepted, and failed at evaluation, after pairs, validation and training. The data
     check (the data stage, before pairs) refuses it; loading does not, so `coin data` can still repair a

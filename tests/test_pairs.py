@@ -195,7 +195,7 @@ def test_templates_per_task():
 @pytest.mark.parametrize(("params", "message"), [
     ({"pairs": {"paraphrase_source": "gpt"}}, "pairs.paraphrase_source = 'gpt'"),
     ({"pairs": {"templates": {"sst2": [0, 0]}}}, "lists a template id twice (task sst2)"),
-    ({"pairs": {"templates": {"sst2": [0, 12]}}}, "template ids must be 0..9 (task sst2)"),
+    ({"pairs": {"templates": {"sst2": [0, -1]}}}, "template ids are 0 or more (task sst2)"),
     ({"pairs": {"templates": {"stsb": [0, 1]}}}, "pairs.templates"),
     ({"validate": {"min_similarity": 0.9, "max_similarity": 0.5}},
      "validate.min_similarity (0.9) must be below validate.max_similarity"),
@@ -253,6 +253,13 @@ def _edit_templates(data: Path, edit) -> None:
      r"tasks.sst2.templates_v1\[0\].input: unknown placeholder\(s\) \{sentense\} for task sst2"),
     (lambda e: e["templates_v1"][0].update(input="Review: {sentence\n{options_}"),
      r"tasks.sst2.templates_v1\[0\].input: not a valid template"),
+    # fields rendering cannot fill passed `coin data` and stopped `coin pairs` with Python's bare IndexError/ValueError
+    (lambda e: e["templates_v1"][0].update(input="Review (reply as {}): {sentence}\n{options_}"),
+     r"tasks.sst2.templates_v1\[0\].input: '\{\}' is not a named placeholder"),
+    (lambda e: e["templates_v1"][0].update(input="Review: {sentence!x}\n{options_}"),
+     r"tasks.sst2.templates_v1\[0\].input: '\{sentence!x\}': a placeholder takes no conversion or format spec"),
+    (lambda e: e["templates_v1"][0].update(target="{answer:d}"),
+     r"tasks.sst2.templates_v1\[0\].target: '\{answer:d\}': a placeholder takes no conversion"),
     (lambda e: e["templates_v1"][5].update(template_id=4),
      r"tasks.sst2.templates_v1: template_id \[4\] used more than once"),
     (lambda e: e.update(templates_v1={}), r"tasks.sst2.templates_v1: should be a JSON list"),
@@ -262,6 +269,31 @@ def test_malformed_templates_file_names_field(tmp_path, edit, message):
     _edit_templates(data, edit)
     with pytest.raises(DataError, match=r"flan_glue_templates.json: " + message):
         build_pairs(data, _cfg(tasks=["sst2"]), seed=0)
+
+
+def test_own_template_ids_past_9_are_selectable_and_a_wordy_target_is_named(tmp_path, caplog):
+    """pairs.templates allowed ids 0..9 only (FLAN's ten), though a file of one's own may number its templates
+    otherwise; and a template marked is_classification whose target is more than '{answer}' was dropped without a
+    word (and, selected by id, refused without the reason)."""
+    import logging
+
+    data = _data_copy(tmp_path)
+
+    def edit(e):
+        e["templates_v1"][0].update(template_id=10)
+        e["templates_v1"][1].update(template_id=11)
+        e["templates_v1"][2].update(target="The answer is {answer}")
+    _edit_templates(data, edit)
+    rows = build_pairs(data, _cfg(tasks=["sst2"], templates={"sst2": [10, 11]}), seed=0)
+    assert {r["template_a"] for r in rows} == {10, 11}
+    caplog.set_level(logging.WARNING, logger="coin")
+    kept = build_pairs(data, _cfg(tasks=["sst2"]), seed=0)
+    assert 2 not in {r["template_a"] for r in kept} | {r["template_b"] for r in kept}
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "task sst2: template(s) [2] are marked is_classification, but their target is not '{answer}'" in said
+    with pytest.raises(DataError, match=r"template ids \[2\] of task sst2 .*template 2's target 'The answer is "
+                                        r"\{answer\}' is not '\{answer\}'"):
+        build_pairs(data, _cfg(tasks=["sst2"], templates={"sst2": [2, 10]}), seed=0)
 
 
 def test_templates_file_bad_json_names_line(tmp_path):

@@ -115,8 +115,33 @@ def test_report_labels_both_definitions(tmp_path: Path) -> None:
     plain = write_eval_outputs([_result({})], tmp_path / "plain")
     text = plain["report_md"].read_text()
     assert "PDR (set means)" in text and "| PDR (per pair)" not in text and "+0.375" not in text
+    # the legend defines the columns the table has: no per-pair PDR and no unparsed column, no definition of them
+    assert "PDR (per pair) = PromptBench's definition" in paired and "PDR (per pair)" not in text
+    assert "Unparsed = " not in text and "worst-case and unparsed here" not in text
+    # and says what a ± over tasks is: not the std of the task-averaged accuracy over instructions
+    assert "its ± (as in every row averaged over tasks) the mean over tasks of each task's std" in text
     metrics = json.loads(plain["metrics"].read_text())["m"]
     assert metrics["loglik"]["overall"]["pdr_pairs"] is None  # null, never a number made up
+
+
+def test_bars_without_errors_draw_no_error_bars():
+    """pdr.png drew a zero-length error bar with caps on every bar (PDR has no error here), which read as a marker
+    or an interval; bars with errors keep theirs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from coin.evaluation.report.plots import _bars
+
+    fig, ax = plt.subplots()
+    _bars(ax, ["character", "word"], [("m", [0.01, -0.02], [math.nan, math.nan]), ("n", [50.0, 60.0], [1.5, math.nan])],
+          ylabel="y", ylim=None)
+    from matplotlib.container import BarContainer
+
+    plain, with_err = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert plain.errorbar is None and with_err.errorbar is not None
+    plt.close(fig)
 
 
 def _write(tmp_path: Path, sources, clean=None) -> Path:

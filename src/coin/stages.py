@@ -168,7 +168,15 @@ def _read_data(settings: Settings, root: Path, lay: Layout) -> dict[str, int]:
     for task in settings.evaluate.tasks:
         try:
             rows, _ = load_validation_rows(lay.data_dir, task)
-        except SplitUnavailable:
+        except SplitUnavailable as exc:
+            # a task trained on without its evaluation split is not evaluated, and the validation gate cannot check
+            # its training rows for evaluation examples: said now, not after training (a task only listed for
+            # evaluation, qqp by default, is skipped quietly here and said at evaluation)
+            if task in settings.pairs.tasks:
+                log.warning("evaluate.tasks: %s is trained on (pairs.tasks) but will not be evaluated, and the leak "
+                            "check cannot cover its training rows: %s", task, exc.reason)
+            else:
+                log.info("evaluate.tasks: %s is skipped: %s", task, exc.reason)
             continue
         counts[f"{task}.validation"] = len(rows)
         evaluated.append(task)

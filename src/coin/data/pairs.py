@@ -114,13 +114,21 @@ def select_templates(tt: TaskTemplates, choice: str | list[int], *, min_template
         else:
             first[t.input] = t.template_id
             usable.append(t)
+    # marked a classification template, but its answer is more than the label word: a user's own file (the shipped
+    # one has none); FLAN's CoIN pairs train on the label word alone, so it is not drawn, and the user is told
+    wordy = {t.template_id: t.target for t in tt.templates if t.is_classification and t.target != "{answer}"}
     if choice == "classification":
         chosen = usable
+        if wordy:
+            log.warning("pairs: task %s: template(s) %s are marked is_classification, but their target is not "
+                        "'{answer}' (%s); they are not drawn. Make the target '{answer}' to use them", tt.task,
+                        sorted(wordy), "; ".join(f"{i}: {t!r}" for i, t in sorted(wordy.items())))
     else:
         by_id = {t.template_id: t for t in usable}
         bad = [i for i in choice if i not in by_id]
         if bad:
-            why = "; ".join(f"template {i} repeats template {copies[i]}'s text" for i in bad if i in copies)
+            why = "; ".join([f"template {i} repeats template {copies[i]}'s text" for i in bad if i in copies]
+                            + [f"template {i}'s target {wordy[i]!r} is not '{{answer}}'" for i in bad if i in wordy])
             raise DataError(
                 f"pairs.templates: template ids {bad} of task {tt.task} are not usable classification templates "
                 f"({why + '; ' if why else ''}usable: {sorted(by_id)}); remove them or use 'classification'"

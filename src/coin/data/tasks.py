@@ -77,5 +77,6 @@ def validation_files(data_dir: str | Path, task: str) -> tuple[list[Path], str |
         if fb:
             return fb, ("fallback sample (TextFooler's PTB-tokenised 2x1000 MNLI dev rows), "
                         "not comparable to the paper")
-    return [], (f"no validation split for {task} (glue/{task}.validation.jsonl is not in the data directory; "
-                "see data/README.md, 'What is missing')")
+    read = f"glue/{task}.validation.jsonl" + (" or glue_fallback/mnli.validation_*.jsonl" if task == "mnli" else "")
+    return [], (f"no validation split for {task} ({read} is not in the data directory; see data/README.md, "
+                "'What is missing')")

@@ -45,6 +45,21 @@ def placeholders(text: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(text) if name}
 
 
+def _field_problem(text: str) -> str | None:
+    """What in a (brace-balanced) template its rendering cannot fill: a positional field (``{}``, ``{0}``: filled by
+    name only), a conversion (``{sentence!r}``) or a format spec (``{sentence:d}``). Each passed `coin data` and
+    then stopped `coin pairs` with Python's bare IndexError or ValueError, naming no file or template."""
+    for _, name, spec, conversion in string.Formatter().parse(text):
+        if name is None:
+            continue
+        field = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        if name == "" or name.isdigit():
+            return f"'{field}' is not a named placeholder (fields are filled by name, e.g. {{sentence}})"
+        if conversion or spec:
+            return f"'{field}': a placeholder takes no conversion or format spec; write {{{name}}}"
+    return None
+
+
 @dataclass(frozen=True)
 class TaskTemplates:
     task: str
@@ -87,6 +102,9 @@ def _template(raw: Any, path: Path, where: str, task: str, allowed: set[str]) ->
             raise DataError(
                 f"{path}: {where}.{field}: not a valid template ({exc}); escape literal braces as '{{{{' and '}}}}'"
             ) from None
+        bad = _field_problem(value)
+        if bad:
+            raise DataError(f"{path}: {where}.{field}: {bad}; escape literal braces as '{{{{' and '}}}}'")
         unknown = sorted(names - allowed)
         if unknown:
             raise DataError(

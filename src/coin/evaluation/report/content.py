@@ -185,15 +185,22 @@ def _header(results: list[EvalResult], refs: References) -> list[Block]:
 
 
 DEFINITIONS = (
-    "Accuracy in % as mean ± population std over the instructions of a set; `avg` = unweighted mean over tasks. "
+    "Accuracy in % as mean ± population std over the instructions of a set; `avg` = unweighted mean over tasks, and "
+    "its ± (as in every row averaged over tasks) the mean over tasks of each task's std, not the std of the "
+    "task-averaged accuracy over instructions. "
     "Perturbed = mean over the perturbed sets. PDR (set means) = 1 − acc_mean(set)/acc_mean(clean) per task and set "
-    "(negative: the perturbed set did better), averaged over tasks. PDR (per pair) = PromptBench's definition, the "
-    "mean over the pairs (clean instruction i, its perturbed version i′) of 1 − acc(i′)/acc(i), averaged over tasks; "
-    "shown only where the instruction file records each perturbed instruction's clean source (`sources`, written "
-    "by `coin attack`), else –. All-agree consistency = % of examples with the same prediction "
-    "under every instruction of the set (the robustness card adds the pairwise rate); worst-case = % of examples "
-    "correct under every instruction. Unparsed = % of generations that named no label (counted wrong)."
+    "(negative: the perturbed set did better), averaged over tasks. All-agree consistency = % of examples with the "
+    "same prediction under every instruction of the set (the robustness card adds the pairwise rate); worst-case = % "
+    "of examples correct under every instruction."
 )
+# said only where the column is there: the summary has a per-pair PDR column only when an instruction file records
+# pairs, and an unparsed column only when generation was scored
+DEFINITION_PDR_PAIRS = (
+    " PDR (per pair) = PromptBench's definition, the mean over the pairs (clean instruction i, its perturbed version "
+    "i′) of 1 − acc(i′)/acc(i), averaged over tasks; defined only where the instruction file records each perturbed "
+    "instruction's clean source (`sources`, written by `coin attack`), else –."
+)
+DEFINITION_UNPARSED = " Unparsed = % of generations that named no label (counted wrong)."
 MAJORITY_ROW, CHANCE_ROW, REFERENCE_SCORING = "majority class", "chance", "(reference)"
 REFERENCES_NOTE = (
     "Majority class = always answering each task's most frequent label of the evaluated sample (the same on every "
@@ -230,9 +237,10 @@ def _summary(results: list[EvalResult], refs: References) -> list[Block]:
         rows.append([name, REFERENCE_SCORING, f_pct(rate), DASH, *[f_pct(rate)] * len(levels),
                      f_pct(rate) if levels else DASH,  # no perturbed set: no perturbed mean, as for the models
                      *[DASH] * (3 + has_pairs + has_gen)])
-    return [Heading("Summary"), Table(header, rows, text_cols=2, caption=DEFINITIONS + " All-agree consistency, "
-                                      "worst-case and unparsed here are means over the perturbed sets. "
-                                      + REFERENCES_NOTE)]
+    caption = (DEFINITIONS + (DEFINITION_PDR_PAIRS if has_pairs else "") + (DEFINITION_UNPARSED if has_gen else "")
+               + " All-agree consistency, worst-case" + (" and unparsed" if has_gen else "")
+               + " here are means over the perturbed sets. " + REFERENCES_NOTE)
+    return [Heading("Summary"), Table(header, rows, text_cols=2, caption=caption)]
 
 
 def uncertainty(results: list[EvalResult]) -> dict[str, dict[str, Any]]:

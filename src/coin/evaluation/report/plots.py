@@ -73,8 +73,10 @@ def _bars(ax, groups: list[str], series: list[tuple[str, list[float], list[float
     for k, (label, ys, errs) in enumerate(series):
         keep = [g for g in range(len(groups)) if _isnum(ys[g])]  # undefined values get no bar (not a 0 bar)
         xs = [g + (k - (len(series) - 1) / 2) * width for g in keep]
-        ax.bar(xs, [ys[g] for g in keep], width, yerr=[errs[g] if _isnum(errs[g]) else 0 for g in keep],
-               capsize=2, label=label, color=colors[k] if colors else None)
+        has_err = any(_isnum(errs[g]) for g in keep)  # no error at all (PDR): no zero-length bars with caps
+        ax.bar(xs, [ys[g] for g in keep], width,
+               yerr=[errs[g] if _isnum(errs[g]) else 0 for g in keep] if has_err else None,
+               capsize=2 if has_err else 0, label=label, color=colors[k] if colors else None)
     ax.set_xticks(range(len(groups)), groups, fontsize="small")
     if ylim:
         ax.set_ylim(*ylim)
@@ -104,8 +106,9 @@ def plot_accuracy(results: list[EvalResult], refs: References | None = None) -> 
         _bars(ax, [_task_name(r, g) if g != AVG else AVG for g in groups], series, ylabel="accuracy (%)",
               refs=[("majority class", majority), ("chance", chance)])
         ax.set_title(f"{r.model_label} · {m}: accuracy by task and instruction set", fontsize="medium")
-    return Plot("accuracy", _png(fig), "Accuracy by task and instruction set (mean ± std over instructions; dashed: "
-                                       "majority-class rate of the evaluated sample; dotted: chance)")
+    return Plot("accuracy", _png(fig), "Accuracy by task and instruction set (mean ± std over instructions; avg: the "
+                                       "mean over tasks of both; dashed: majority-class rate of the evaluated sample; "
+                                       "dotted: chance)")
 
 
 @plain_text
