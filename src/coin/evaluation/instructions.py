@@ -42,7 +42,7 @@ POOLED = "avg"
 # What a set may be called. A set's name is a column header, a heading and a key in every report (Markdown, HTML,
 # the terminal card, Prefect artifacts) and in MLflow metric names, so it holds no markup and no spaces: a name
 # with '<', a backtick or '**' turned into HTML or code or bold in some reports and not others, and one with a line
-# break ended report.md's tables. The model labels of `coin evaluate --model NAME=...` follow the same rule.
+# break ended report.md's tables. (The labels of `coin evaluate --model LABEL=...` follow a like rule, '@' allowed.)
 SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 SET_NAME_RULE = "start with a letter or digit and hold only letters, digits and _ . + -"
 
