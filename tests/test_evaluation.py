@@ -189,6 +189,33 @@ def test_an_overlong_prompt_is_cut_once_for_every_label_on_both_paths(eval_llama
     torch.testing.assert_close(per_label.scores, kv, atol=1e-4, rtol=1e-5)
 
 
+def test_a_local_attention_model_falls_back_to_per_label_and_scores_alike_in_any_batch(tmp_path) -> None:
+    """GPT-Neo's local layers keep their window as a band over cache slots in a plain DynamicCache: the kv-cache path
+    took it, and a row right-padded in a batch counted its padding as window positions, so a two-token label's score
+    moved with the batch size (1.4 nats here) and with prefix_cache. It falls back to the per-label path, saying why."""
+    from conftest import _save_tiny, _special_ids
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    ids = _special_ids()
+    d = _save_tiny(GPTNeoForCausalLM, GPTNeoConfig(
+        hidden_size=32, num_layers=2, num_heads=4, window_size=16, attention_types=[[["global", "local"], 1]],
+        max_position_embeddings=128, **ids), tmp_path / "neo")
+    bb = load_backbone(str(d), device="cpu")
+    m, tok = bb.model, bb.tokenizer
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(3)  # a sharper random model
+    prompts = ["Classify the sentiment: a gripping film",
+               "Classify the sentiment: dull and long, really quite boring and far too long to sit through",
+               "Classify the sentiment: ok", "Classify the sentiment: a gem"]
+    labels = ["entailment", "not_entailment"]
+    assert "local attention" in (cache_support(m) or "")
+    one = score_label_words(m, tok, prompts, labels, batch_size=1)
+    four = score_label_words(m, tok, prompts, labels, batch_size=4)
+    assert one.path == four.path == "per-label" and "local attention" in four.path_note
+    torch.testing.assert_close(one.scores, four.scores, atol=1e-4, rtol=1e-5)
+
+
 def test_sliding_window_model_falls_back_to_per_label_and_says_why(eval_mistral: Backbone) -> None:
     m, tok = eval_mistral.model, eval_mistral.tokenizer
     assert "sliding" in (cache_support(m) or "")

@@ -62,6 +62,9 @@ def test_adding_a_method_trains_only_that_method(tiny_llama_dir: Path, tmp_path:
         return stages.stage_train(_settings(tiny_llama_dir, ["sft", "cit"], **train), tmp_path)["runs"]["sft"]["run_id"]
 
     assert sft_run() == first["run_id"]
+    # logging and checkpointing settings change nothing a training computes (coin.config.TRAIN_RESULT_FREE_KEYS): kept
+    assert sft_run(log_every=2, checkpoint_every=0, keep_checkpoints=1, gradient_checkpointing=True,
+                   resume=True) == first["run_id"]
     assert (lr := sft_run(lr=2e-3)) != first["run_id"]  # another learning rate: trained again
     assert sft_run(lr=2e-3) == lr
     adapter = tmp_path / "outputs/train/sft/adapter/adapter_model.safetensors"
@@ -199,3 +202,36 @@ def test_append_eos_without_an_eos_token_is_said_and_recorded_as_not_done(tiny_g
     stages.train_adapter(_settings(tiny_gpt2_dir, ["sft"], lora={"r": 4, "alpha": 8, "target_modules": "auto"}),
                          make_rows(4), "sft", tmp_path / "eos", progress=False)
     assert json.loads((tmp_path / "eos" / "adapter" / "coin_model.json").read_text())["append_eos"] is True
+
+
+SAVE_ADAPTER = """
+import sys
+from pathlib import Path
+from coin.config import LoraSettings
+from coin.modeling.backbone import load_backbone
+from coin.modeling.lora import apply_lora
+from coin.training.checkpoint import save_adapter
+from coin.training.distributed import SINGLE
+bb = load_backbone(sys.argv[1], device="cpu", seed=0)
+model = apply_lora(bb, LoraSettings(target_modules=["q_proj", "v_proj", "k_proj", "o_proj"]))
+save_adapter(model, Path(sys.argv[2]), world=SINGLE)
+"""
+
+
+def test_the_adapter_config_is_the_same_bytes_whatever_the_hash_seed(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """peft writes target_modules in set order, which follows PYTHONHASHSEED: identical trainings wrote
+    [v_proj, q_proj] and [q_proj, v_proj], so train.json's adapter_sha256 (and the evaluation cache's key) changed
+    between runs that trained the same weights. The saved config is canonical now."""
+    import os
+    import subprocess
+    import sys
+
+    texts = []
+    for seed in ("1", "3", "7"):
+        out = tmp_path / f"adapter-{seed}"
+        env = {**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, "-c", SAVE_ADAPTER, str(tiny_llama_dir), str(out)], env=env, check=True,
+                       timeout=300, capture_output=True)
+        texts.append((out / "adapter_config.json").read_text())
+    assert texts[0] == texts[1] == texts[2]
+    assert '"k_proj",\n    "o_proj",\n    "q_proj",\n    "v_proj"' in texts[0]

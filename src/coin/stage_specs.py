@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coin.config import Settings
+from coin.config import TRAIN_RESULT_FREE_KEYS, Settings
 from coin.layout import Layout
 
 PathsFn = Callable[[Layout, "str | None"], list[Path]]
@@ -124,7 +124,8 @@ STAGE_SPECS: dict[str, StageSpec] = {
         # registered model answers as it was evaluated
         params=("seed", "paths", "model", "pairs.cutoff_len", "train", "evaluate.calibration", "evaluate.autocast",
                 "evaluate.prompt_format", "evaluate.length_normalise"),
-        exclude=("train.methods",),  # adding sft must not retrain coin; the method is the item
+        # adding sft must not retrain coin (the method is the item), nor a new log_every or checkpoint_every a kept one
+        exclude=("train.methods", *(f"train.{k}" for k in TRAIN_RESULT_FREE_KEYS)),
         inputs=lambda lay, m: [lay.valid_file],
         outputs=lambda lay, m: [lay.adapter_dir(str(m)), lay.method_dir(str(m)) / "train.json",
                                 lay.method_dir(str(m)) / "loss.csv"],

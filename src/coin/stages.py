@@ -349,8 +349,14 @@ def stage_train(settings: Settings, root: Path, method: str | None = None) -> di
     # again as a new version. The Prefect flow trains one method per call (method=M), after its own cache key
     # what training reads, hashed once (before any training, so each record names what its training read)
     reads = stage_reads("train", settings, root)
-    records = {m: (method is None and _unchanged_training(settings, root, m, reads))
-               or _train_one(settings, root, rows, m, reads) for m in methods}
+    records: dict[str, dict[str, Any]] = {}
+    for m in methods:
+        kept = _unchanged_training(settings, root, m, reads) if method is None else None
+        if kept:  # in the index at once, as a trained method is: a later method that fails must not leave it out
+            records[m] = kept
+            write_train_index(settings, root)
+        else:
+            records[m] = _train_one(settings, root, rows, m, reads)
     if method is None:
         _warn_dropped_methods(settings, lay)
     from coin.training.distributed import is_main_process

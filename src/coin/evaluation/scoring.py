@@ -232,7 +232,8 @@ def cache_support(model: nn.Module) -> str | None:
 
     Needs: a separable LM head (:func:`split_body_head`), a body that takes ``position_ids`` and
     ``past_key_values``, and a returned cache that is a plain ``DynamicCache`` of full-attention
-    layers (rows can then be selected/repeated freely). Checked with a 2-token forward pass.
+    layers (rows can then be selected/repeated freely), in a model without a local window over cache slots
+    (GPT-Neo's local layers). Checked with a 2-token forward pass.
     """
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
@@ -240,6 +241,13 @@ def cache_support(model: nn.Module) -> str | None:
     body, head = split_body_head(model)
     if head is None:
         return "no separable LM head (logit post-processing or an unusual head)"
+    cfg = getattr(getattr(model, "get_base_model", lambda: model)(), "config", None)
+    layers = getattr(cfg, "attention_layers", None)
+    if isinstance(layers, (list, tuple)) and "local" in layers:
+        # GPT-Neo: its local layers' window is a fixed band over cache slots, kept in plain DynamicLayers, so a
+        # row right-padded in a shared cache counts its padding as window positions: scores moved with the batch
+        return (f"local attention over a window of {getattr(cfg, 'window_size', '?')} cache slots (GPT-Neo): a "
+                "padded row's holes would count as positions")
     params = inspect.signature(body.forward).parameters
     if not {"position_ids", "past_key_values"} <= set(params):
         return f"{type(body).__name__}.forward takes no position_ids/past_key_values"

@@ -35,18 +35,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from coin.config import TRAIN_RESULT_FREE_KEYS
 from coin.training.distributed import World, full_tensor, is_sharded, shard_like
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step-(\d+)$")
 STATE_FILE = "state.json"
-# Settings that may change between a run and its resumption without changing the result
-# (gradient checkpointing recomputes the very same activations: turn it on to resume after running out of memory).
-# settings that cannot change what a run computes; ``resume`` above all: whether to resume must never decide
-# whether one can (a run started with resume: false is continued with --set train.resume=true)
-RESUME_FREE_KEYS = frozenset({"log_every", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing",
-                              "resume"})
+# Settings that may change between a run and its resumption without changing the result (coin.config)
+RESUME_FREE_KEYS = frozenset(TRAIN_RESULT_FREE_KEYS)
 
 
 class DamagedCheckpoint(RuntimeError):
@@ -204,6 +201,24 @@ def save_adapter(model: torch.nn.Module, directory: Path, *, world: World) -> No
         model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict)  # type: ignore[operator]
         for f in Path(directory).glob("*.safetensors"):  # safetensors writes 0600; outputs are ordinary files
             f.chmod(0o644)
+        _canonical_adapter_config(Path(directory) / "adapter_config.json")
+
+
+# peft keeps these as sets and writes them in set order, which follows PYTHONHASHSEED: two identical trainings wrote
+# [v_proj, q_proj] and [q_proj, v_proj], so the adapter's hash (train.json's adapter_sha256, the evaluation cache's
+# key) differed between runs that trained the same weights. peft reads them back as sets: the order means nothing
+_SET_FIELDS = ("target_modules", "modules_to_save")
+
+
+def _canonical_adapter_config(path: Path) -> None:
+    """Rewrite peft's ``adapter_config.json`` with its set-valued lists sorted (:data:`_SET_FIELDS`)."""
+    if not path.is_file():
+        return
+    conf = json.loads(path.read_text())
+    for key in _SET_FIELDS:
+        if isinstance(conf.get(key), list) and all(isinstance(x, str) for x in conf[key]):
+            conf[key] = sorted(conf[key])
+    path.write_text(json.dumps(conf, indent=2, sort_keys=True))
 
 
 def _load_adapter_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> Any:
