@@ -62,7 +62,7 @@ def test_adding_a_method_trains_only_that_method(tiny_llama_dir: Path, tmp_path:
         return stages.stage_train(_settings(tiny_llama_dir, ["sft", "cit"], **train), tmp_path)["runs"]["sft"]["run_id"]
 
     assert sft_run() == first["run_id"]
-    # logging and checkpointing settings change nothing a training computes (coin.config.TRAIN_RESULT_FREE_KEYS): kept
+    # logging and checkpointing settings change nothing a training computes (coin.training.TRAIN_RESULT_FREE_KEYS)
     assert sft_run(log_every=2, checkpoint_every=0, keep_checkpoints=1, gradient_checkpointing=True,
                    resume=True) == first["run_id"]
     assert (lr := sft_run(lr=2e-3)) != first["run_id"]  # another learning rate: trained again

@@ -721,11 +721,6 @@ class StudySettings(_Section):
         return self
 
 
-# train.* settings that cannot change what a training computes: a resumed run may change them (coin.training.
-# checkpoint), and a method's kept training is kept whatever they are (the train stage's key, coin.stage_specs).
-# Gradient checkpointing recomputes the very same activations (dropout too: torch restores the RNG state), so it
-# can be turned on to resume after running out of memory; and whether to resume must never decide whether one can
-TRAIN_RESULT_FREE_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing", "resume")
 # the params keys no study cell's figures depend on: a cell's key (coin.study.keys) leaves them out, and a study
 # refuses to sweep them (check_study_sweep)
 CELL_PARAMS_EXCLUDE = ("model.device", "train.methods", "train.resume", "train.log_every", "train.checkpoint_every",

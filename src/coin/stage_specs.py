@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coin.config import TRAIN_RESULT_FREE_KEYS, Settings
+from coin.config import Settings
 from coin.layout import Layout
+from coin.training import TRAIN_RESULT_FREE_KEYS
 
 PathsFn = Callable[[Layout, "str | None"], list[Path]]
 

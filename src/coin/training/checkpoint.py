@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from coin.config import TRAIN_RESULT_FREE_KEYS
+from coin.training import TRAIN_RESULT_FREE_KEYS
 from coin.training.distributed import World, full_tensor, is_sharded, shard_like
 
 log = logging.getLogger(__name__)
