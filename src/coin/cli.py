@@ -615,19 +615,17 @@ def _check_registered(uri: str, settings: Any, root: Path) -> None:
     is told where the newest candidate is."""
     from mlflow import MlflowClient
 
-    from coin.evaluation.anymodel import registered_version
+    from coin.evaluation.anymodel import registered_version, registry_ref
 
-    name, at, alias = uri.removeprefix("models:/").partition("@")
-    version = None
-    if not at:
-        name, _, version = name.partition("/")
-    if not name or not (alias if at else (version or "").isdigit()):
+    ref = registry_ref(uri.removeprefix("models:/"))
+    if ref is None or not ref[0] or ref[1] == "":
         return  # not a form coin resolves (models:/<name>/latest, ...): MLflow's own answer
+    name, alias, version = ref
     try:
-        registered_version(MlflowClient(), name, alias=alias if at else None, version=version)
+        registered_version(MlflowClient(), name, alias=alias, version=version)
     except LookupError as exc:
         hint = ""
-        if at and alias == "champion" and "has no alias" in str(exc):
+        if alias == "champion" and "has no alias" in str(exc):
             from coin.layout import Layout
 
             record = Layout(root, settings).register_record  # paths.out_dir's, shown from here

@@ -184,6 +184,16 @@ def _label_of(kind: str, spec: str, details: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9_.@+-]", "-", raw).strip("-.") or kind
 
 
+def registry_ref(rest: str) -> tuple[str, str | None, str | None] | None:
+    """``(name, alias, version)`` of a ``models:/`` URI's tail, ``<name>@<alias>`` or ``<name>/<digits>`` (the other
+    one None); None for any other form (``<name>/latest``, ...). ``coin evaluate --model`` and ``coin predict``."""
+    name, at, alias = rest.partition("@")
+    if at:
+        return name, alias, None
+    name, _, version = rest.partition("/")
+    return (name, None, version) if version.isdigit() else None
+
+
 def registered_version(client: Any, name: str, *, alias: str | None = None, version: str | None = None) -> Any:
     """The model version ``models:/<name>@<alias>`` (or ``models:/<name>/<version>``) names, or :class:`LookupError`
     saying what the registry has instead: its registered models, the model's aliases, or its versions. ``coin
@@ -234,18 +244,16 @@ def _resolve_registry(spec: str, scheme: str, settings: Settings, root: Path,
         metadata = _mlmodel_metadata(spec, spec)  # refuses a run artifact that is no MLflow model
         key = _sha_text("run", run_id, path, *_registered_base(metadata)) if fingerprint else ""
         return spec, key, {"run_id": run_id, "path": path}
-    name, at, alias = rest.partition("@")
-    version = None
-    if not at:
-        name, _, version = rest.partition("/")
-        if not version or not version.isdigit():
-            raise ConfigError(f"--model {spec}: a registry URI is models:/<name>@<alias> or models:/<name>/<version>")
+    ref = registry_ref(rest)
+    if ref is None:
+        raise ConfigError(f"--model {spec}: a registry URI is models:/<name>@<alias> or models:/<name>/<version>")
+    name, alias, version = ref
     try:
-        mv = registered_version(client, name, alias=alias if at else None, version=version)
+        mv = registered_version(client, name, alias=alias, version=version)
     except LookupError as exc:
         raise ModelUnavailable(f"--model {spec}: {exc}") from None
     details = {"name": name, "version": str(mv.version), "run_id": mv.run_id, "source": mv.source}
-    if at:
+    if alias is not None:
         details["alias"] = alias
     uri = f"models:/{name}/{mv.version}"
     metadata = _mlmodel_metadata(spec, uri)

@@ -246,13 +246,14 @@ def _warn_outside_grid(settings: Settings, cell: Cell) -> None:
     study takes it up, done, once its params list it), a typo (--sweep-value 0.005 for 0.0005) a whole training
     spent on a cell the study never reports, with the one meant left undone."""
     st = settings.study
-    if cell.name in {c.name for c in grid_cells(settings)}:
+    grid = grid_cells(settings)
+    if cell.name in {c.name for c in grid}:
         return
     outside = [f"--method {cell.method} (study.methods: {', '.join(st.methods)})"] if cell.method not in st.methods \
         else []
     outside += [f"--seed {cell.seed} (study.seeds: {st.seeds})"] if cell.seed not in st.seeds else []
     if cell.sweep_key is not None and json.dumps(cell.sweep_value, sort_keys=True) not in {
-            json.dumps(v, sort_keys=True) for v, _ in sweep_points(settings)}:
+            json.dumps(c.sweep_value, sort_keys=True) for c in grid}:  # the grid's values, normalised as the cell's
         outside.append(f"--sweep-value {cell.sweep_value!r} (study.sweep_values: {st.sweep_values})")
     log.warning("cell %s is outside this study's grid: %s. `coin study` reports it only once the params list it; "
                 "check for a typo", cell.name, "; ".join(outside))
