@@ -439,6 +439,25 @@ def test_a_bad_validation_label_names_the_files_line(tmp_path: Path) -> None:
         load_validation_rows(tmp_path, "sst2")
 
 
+@pytest.mark.parametrize("bad,expect", [
+    ({"sentence": " ", "label": 0, "idx": 2}, r"sst2\.validation\.jsonl:3: field 'sentence' is empty or whitespace"),
+    ({"sentence": "a copy", "label": 1, "idx": 0}, r"sst2\.validation\.jsonl:3: field 'idx' = 0 repeats line 1"),
+], ids=["blank-text", "repeated-idx"])
+def test_a_blank_or_copied_validation_row_is_refused_not_scored(tmp_path: Path, bad: dict, expect: str) -> None:
+    # A blank input is the content-free calibration probe (calibrated scores all 0, a tie that picks label 0), and
+    # a copied row weighs twice in the accuracy and the bootstrap: both were scored without a word.
+    from coin.evaluation.sampling import load_validation_rows
+
+    (tmp_path / "glue").mkdir()
+    rows = [{"sentence": "good", "label": 1, "idx": 0}, {"sentence": "bad", "label": 0, "idx": 1}, bad]
+    (tmp_path / "glue" / "sst2.validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=expect):
+        load_validation_rows(tmp_path, "sst2")
+    rows[2] = {**bad, "sentence": "fine", "idx": None}  # idx null (mnli's fallback files): not checked
+    (tmp_path / "glue" / "sst2.validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(load_validation_rows(tmp_path, "sst2")[0]) == 3
+
+
 # --------------------------------------------------------------------------- sampling
 
 
@@ -629,8 +648,11 @@ def test_good_custom_instruction_file_loads(tmp_path: Path) -> None:
          ["set 'clean'", "task 'sst2'", "perturbations.clean.sst2[0]"]),
         (lambda d: {"perturbations": {**d["perturbations"], "clean": {"sst2": []}}},
          ["set 'clean'", "task 'sst2'", "non-empty list"]),
+        (lambda d: {"perturbations": {**d["perturbations"], "clean": {"sst2": ["ok", "Rate {content} please"]}}},
+         ["set 'clean'", "task 'sst2'", "perturbations.clean.sst2[1]", "placeholder '{content}'", "remove it"]),
     ],
-    ids=["not-json", "no-perturbations", "set-missing", "task-missing", "non-string", "blank", "empty-list"],
+    ids=["not-json", "no-perturbations", "set-missing", "task-missing", "non-string", "blank", "empty-list",
+         "placeholder"],
 )
 def test_malformed_instruction_file_is_rejected(tmp_path: Path, mutate, expect: list[str]) -> None:
     doc = mutate(_good_doc())

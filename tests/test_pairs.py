@@ -232,6 +232,9 @@ def test_label_out_of_range_names_line(tmp_path):
     f.write_text('{"sentence": "ok", "label": 1}\n[1, 2]\n')
     with pytest.raises(DataError, match=r"sst2.train.jsonl:2: expected a JSON object per line"):
         build_pairs(data, _cfg(tasks=["sst2"]), seed=0)
+    f.write_text('{"sentence": "ok", "label": 1, "idx": 4}\n{"sentence": "ok", "label": 1, "idx": 4}\n')
+    with pytest.raises(DataError, match=r"sst2.train.jsonl:2: field 'idx' = 4 repeats line 1; .*remove the copy"):
+        build_pairs(data, _cfg(tasks=["sst2"]), seed=0)  # a copied row would be drawn as a second example
 
 
 def _edit_templates(data: Path, edit) -> None:

@@ -21,11 +21,13 @@ def read_jsonl(
     *,
     missing_hint: str = "Run `dvc pull` (or `coin data`) to restore the data.",
     check: Callable[[dict[str, Any]], str | None] | None = None,
+    unique: str | None = None,
 ) -> list[dict[str, Any]]:
     """Read a JSONL file; check that every row has the ``required`` fields with the given types.
 
     ``check(row)`` may return a problem with a row's values (e.g. a label out of range); it is raised
-    with the file and line number in front. Blank lines are skipped.
+    with the file and line number in front. ``unique`` names a field whose non-null values may not repeat
+    (GLUE's ``idx``): a copied row would silently count twice. Blank lines are skipped.
 
     >>> read_jsonl("missing.jsonl")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -38,6 +40,7 @@ def read_jsonl(
     if path.is_dir():
         raise DataError(f"{path}: is a directory; pass the file itself")
     rows: list[dict[str, Any]] = []
+    seen: dict[Any, int] = {}  # unique field value -> the line it was first on
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
@@ -72,6 +75,15 @@ def read_jsonl(
             problem = check(row) if check is not None else None
             if problem:
                 raise DataError(f"{path}:{lineno}: {problem}")
+            key = row.get(unique) if unique is not None else None
+            if key is not None:
+                if isinstance(key, (dict, list)):
+                    key = json.dumps(key, sort_keys=True)
+                if key in seen:
+                    raise DataError(f"{path}:{lineno}: field '{unique}' = {row[unique]!r} repeats line {seen[key]}; "
+                                    "a copied row would count twice: remove the copy (or give it its own "
+                                    f"{unique})")
+                seen[key] = lineno
             rows.append(row)
     return rows
 

@@ -50,8 +50,8 @@ class Example:
 
 
 def load_examples(data_dir: str | Path, spec: TaskSpec) -> list[Example]:
-    """The task's GLUE train rows; a missing field, a wrong type, a bad JSON line or a label that is not
-    a label id of the task stops with ``<file>:<line>: ...`` naming the field."""
+    """The task's GLUE train rows; a missing field, a wrong type, a bad JSON line, a label that is not
+    a label id of the task or an ``idx`` that repeats stops with ``<file>:<line>: ...`` naming the field."""
     required: dict[str, Any] = {f: str for f in spec.fields}
     required["label"] = int
 
@@ -61,7 +61,7 @@ def load_examples(data_dir: str | Path, spec: TaskSpec) -> list[Example]:
                     "fix the row")
         return None
 
-    rows = read_jsonl(train_file(data_dir, spec.name), required=required, check=label_ok)
+    rows = read_jsonl(train_file(data_dir, spec.name), required=required, check=label_ok, unique="idx")
     return [Example(f"{spec.name}:train:{i}", row) for i, row in enumerate(rows)]
 
 

@@ -170,7 +170,17 @@ def _load_task(by_task: dict[str, Any], path: Path, set_name: str, task: str) ->
                 f"{path}: set '{set_name}', task '{task}': field '{field}[{i}]' should be a non-empty string, "
                 f"got {_describe(text)}"
             )
+        placeholder = _PLACEHOLDER.search(text)
+        if placeholder is not None:
+            raise DataError(
+                f"{path}: set '{set_name}', task '{task}': field '{field}[{i}]' holds the placeholder "
+                f"{placeholder.group()!r}, which coin would keep as literal text: the evaluation puts the input "
+                "after the instruction, so remove it"
+            )
     return list(items)
+
+
+_PLACEHOLDER = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")  # {content}, {sentence}: PromptBench's newer format
 
 
 def _describe(value: Any) -> str:
