@@ -7,8 +7,9 @@ pipeline's ``evaluate-unit`` task (model ``base``) on :func:`flows.pipeline.eval
 worker, once as a process (``processes=True``: the cluster, a nanny and a worker process that imports the
 stack and starts its own Prefect client, then shuts down; the default) and once as a thread in this process
 (``processes=False``). This process has not trained, unlike the pipeline's (BENCHMARKS.md: there the thread was slower);
-the two alternate, so drifts in machine speed hit both. Prints a Markdown table: the flow's wall time, the
-unit's own evaluation time (``wall_time_s``) and the difference, the runner's overhead.
+the two alternate which goes first, so drifts in machine speed hit both, after one untimed warm-up flow of each
+(Prefect's temporary server and the first imports would otherwise land in rep 0). Prints a Markdown table: the
+flow's wall time, the unit's own evaluation time (``wall_time_s``) and the difference, the runner's overhead.
 
 Needs a project that has trained (``<project>/outputs/train/train.json``, for its index); the unit scored is
 ``base``, each rep into a fresh output directory (nothing cached).
@@ -54,24 +55,32 @@ def main() -> None:
     def one(params: str, overrides: list[str]) -> dict:
         return unit.submit(params, overrides, "base", None, args.threads).result()
 
+    def run(processes: bool, samples: int) -> tuple[float, dict]:
+        out = Path(tempfile.mkdtemp(prefix="bench-runner-"))
+        (out / "train").mkdir()
+        shutil.copy(index, out / "train" / "train.json")
+        overrides = [f"evaluate.samples_per_task={samples}", f"paths.out_dir={out}",
+                     f"evaluate.tasks=[{', '.join(args.tasks)}]"]
+        runner = eval_task_runner(1, processes=processes)
+        t0 = time.perf_counter()
+        rec = one.with_options(task_runner=runner)(str(args.project / "params.yaml"), overrides)
+        wall = time.perf_counter() - t0
+        shutil.rmtree(out, ignore_errors=True)
+        pid_here = rec["executor"]["pid"] == os.getpid()
+        assert pid_here != processes, rec["executor"]  # the runner ran the unit where it says
+        return wall, rec
+
+    # untimed warm-up, one flow of each kind: Prefect's temporary server starts in this process and the model stack
+    # is imported into it once, costs that otherwise landed inside rep 0's first (process) row
+    for processes in (True, False):
+        run(processes, 1)
     results: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
     for rep in range(args.reps):
-        for processes in (True, False):
-            out = Path(tempfile.mkdtemp(prefix="bench-runner-"))
-            (out / "train").mkdir()
-            shutil.copy(index, out / "train" / "train.json")
-            overrides = [f"evaluate.samples_per_task={args.samples}", f"paths.out_dir={out}",
-                         f"evaluate.tasks=[{', '.join(args.tasks)}]"]
-            runner = eval_task_runner(1, processes=processes)
-            t0 = time.perf_counter()
-            rec = one.with_options(task_runner=runner)(str(args.project / "params.yaml"), overrides)
-            wall = time.perf_counter() - t0
-            pid_here = rec["executor"]["pid"] == os.getpid()
-            assert pid_here != processes, rec["executor"]  # the runner ran the unit where it says
+        for processes in ((True, False) if rep % 2 == 0 else (False, True)):  # alternate which goes first
+            wall, rec = run(processes, args.samples)
             results[processes].append((wall, float(rec["wall_time_s"])))
             where = "process" if processes else "thread "
             print(f"rep {rep}: {where} flow {wall:.1f} s, unit {rec['wall_time_s']:.1f} s", flush=True)
-            shutil.rmtree(out, ignore_errors=True)
 
     print(f"\nbase model, tasks {' '.join(args.tasks)} x {args.samples} examples, {args.threads} torch threads, "
           f"{args.reps} reps each, alternating\n")

@@ -184,10 +184,13 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     label = args.backbone or "params' backbone"
     with tempfile.TemporaryDirectory() as tmp:
-        child = [a for a in argv if a != "--probe"]
         if args.backbone in LLAMAS and not args.probe:
-            name, args.backbone = args.backbone, str(tiny_llama(Path(tmp) / args.backbone, args.backbone))
-            child = [args.backbone if a == name else a for a in child]
+            args.backbone = str(tiny_llama(Path(tmp) / args.backbone, args.backbone))
+        # the probe's arguments rebuilt from the parsed ones (a built model's path in place of its name, whichever
+        # way the flag was spelt: --backbone=tiny-llama reached the probe as the name)
+        child = ["--params", args.params, *[x for o in args.overrides for x in ("--set", o)],
+                 "--steps", str(args.steps), *(["--threads", str(args.threads)] if args.threads else []),
+                 *(["--backbone", args.backbone] if args.backbone else [])]
         settings = load_settings(args.params, [*args.overrides, *([f"model.backbone={args.backbone}"]
                                                                   if args.backbone else [])])
         if args.probe:

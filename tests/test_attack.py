@@ -266,6 +266,14 @@ def test_cli_attack_on_a_tiny_model_writes_a_loadable_file(tiny_llama_dir: Path,
     assert out.read_bytes() == first
     assert f"--set evaluate.instruction_file={out.resolve()} " in summary["evaluate_with"], summary
     load_instruction_sets(out, ["clean", "attack-char", "attack-word"], ["sst2"])
+    assert set(summary["accuracy"]["attack-char/sst2"]) == {"clean", "attacked"} and "note" not in summary
+    # another source set is the new file's clean set: the output says so and names its accuracy by that set
+    other = json.loads(CliRunner().invoke(app, [*relative, "--source-set", "semantic", "--levels", "char",
+                                                "--out", "att/sem.json"]).stdout)
+    assert set(other["accuracy"]["attack-char/sst2"]) == {"semantic", "attacked"}, other
+    assert "'clean' set holds the 'semantic' instructions" in other["note"], other
+    assert load_instruction_sets(tmp_path / "att" / "sem.json", ["clean"], ["sst2"])["clean"] == \
+        load_instruction_sets(INSTRUCTIONS, ["semantic"], ["sst2"])["semantic"]
     record = json.loads(log_path(out).read_text())
     assert record["settings"]["budget"] == {"max_edits": 1, "max_queries": 4, "per_step": 3}
     assert record["settings"]["samples"] == {"sst2": 4} and record["settings"]["model_kind"] == "base"

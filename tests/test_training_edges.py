@@ -48,11 +48,16 @@ def test_adding_a_method_trains_only_that_method(tiny_llama_dir: Path, tmp_path:
 
     real_reads = stages.stage_reads
     write_jsonl(stages.Layout(tmp_path, _settings(tiny_llama_dir, ["sft"])).valid_file, make_rows(4))
-    first = stages.stage_train(_settings(tiny_llama_dir, ["sft"]), tmp_path)["runs"]["sft"]
+    out = stages.stage_train(_settings(tiny_llama_dir, ["sft"]), tmp_path)
+    first = out["runs"]["sft"]
+    assert "kept" not in out
     reads = []
     monkeypatch.setattr(stages, "stage_reads", lambda *a, **k: reads.append(a) or real_reads(*a, **k))
     with caplog.at_level(logging.INFO, logger="coin"):
-        both = stages.stage_train(_settings(tiny_llama_dir, ["sft", "cit"]), tmp_path)["runs"]
+        out = stages.stage_train(_settings(tiny_llama_dir, ["sft", "cit"]), tmp_path)
+    both = out["runs"]
+    assert out["kept"] == ["sft"]  # said in the result (bench_pipeline notes it), not written into the index
+    assert "kept" not in read_json(tmp_path / "outputs/train/train.json")
     assert len(reads) == 1  # the pairs and code hashed once for the call, not once per method
     assert both["sft"]["run_id"] == first["run_id"] and both["cit"]["run_id"] != first["run_id"]
     assert "train[sft]: unchanged since run" in caplog.text

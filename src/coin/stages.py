@@ -350,10 +350,12 @@ def stage_train(settings: Settings, root: Path, method: str | None = None) -> di
     # what training reads, hashed once (before any training, so each record names what its training read)
     reads = stage_reads("train", settings, root)
     records: dict[str, dict[str, Any]] = {}
+    kept_methods: list[str] = []
     for m in methods:
         kept = _unchanged_training(settings, root, m, reads) if method is None else None
         if kept:  # in the index at once, as a trained method is: a later method that fails must not leave it out
             records[m] = kept
+            kept_methods.append(m)
             write_train_index(settings, root)
         else:
             records[m] = _train_one(settings, root, rows, m, reads)
@@ -363,7 +365,9 @@ def stage_train(settings: Settings, root: Path, method: str | None = None) -> di
 
     if not is_main_process():  # under torchrun rank 0 alone writes the index (a worker's record has no run)
         return {"methods": methods, "runs": records, "rank": "worker"}
-    return write_train_index(settings, root, records)
+    index = write_train_index(settings, root, records)
+    # returned, not written: the index's bytes do not depend on whether this call trained (bench_pipeline reads it)
+    return {**index, "kept": kept_methods} if kept_methods else index
 
 
 def _warn_dropped_methods(settings: Settings, lay: Layout) -> None:

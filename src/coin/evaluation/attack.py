@@ -544,10 +544,15 @@ def run_attack(settings, root: Path, *, model: str, out: str | Path, instruction
     for o in outcomes:
         table[f"{LEVELS[o.level]}/{o.task}"].append((o.clean_accuracy, o.attacked_accuracy))
     path = path.resolve()  # `coin evaluate` reads a relative instruction_file from the project root, not from here
-    return {"instruction_file": str(path), "log": str(log_file), "wall_time_s": round(time.perf_counter() - t0, 1),
+    baseline = {} if source_set == "clean" else {  # the written file's clean set is the attacked one (PDR's baseline)
+        "note": f"the file's 'clean' set holds the {source_set!r} instructions of {source} (the attack's baseline, "
+                f"which the attack sets' sources and PDR refer to); its evaluated clean figures are theirs"}
+    return {"instruction_file": str(path), "log": str(log_file), **baseline,
+            "wall_time_s": round(time.perf_counter() - t0, 1),
             "skipped": skipped,
             "queries": sum(o.queries for o in outcomes),
-            "accuracy": {k: {"clean": round(sum(c for c, _ in v) / len(v), 4),
+            # keyed by the attacked set's own name: --source-set semantic measured the semantic instructions
+            "accuracy": {k: {source_set: round(sum(c for c, _ in v) / len(v), 4),
                              "attacked": round(sum(a for _, a in v) / len(v), 4)} for k, v in table.items()},
             "evaluate_with": f"--set {shlex.quote(f'evaluate.instruction_file={path}')} "
                              f"--set 'evaluate.instruction_sets=[clean,{','.join(LEVELS[lv] for lv in levels)}]' "
