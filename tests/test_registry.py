@@ -519,6 +519,59 @@ def test_interval_rule_promotes_an_established_gain_and_refuses_a_noisy_one(stor
     assert paired_gain(_paired_table(STEADY_RIGHT), champ) == d3.paired
 
 
+def test_interval_rule_refuses_predictions_under_other_instructions_or_empty(store):
+    """Without a recorded protocol (a version tagged before protocols were), the pairing checked examples and labels
+    but not the instructions: a gain on checklist against one on textfooler passed as paired, and promoted."""
+    from mlflow import MlflowClient
+
+    from coin.registry.promotion import paired_gain, store_predictions
+
+    champ = _paired_table(CHAMP_RIGHT)
+    steady = _paired_table(STEADY_RIGHT)
+    other_set = steady.assign(set=steady["set"].replace({"textfooler": "checklist"}))
+    fewer = pd.concat([steady, steady[steady["set"] == "textfooler"].assign(instruction_id=lambda f: f.instruction_id
+                                                                              + 2)], ignore_index=True)
+    for cand, what in ((other_set, "candidate: checklist (2 task-instructions), clean (2 task-instructions); "
+                                   "champion: clean (2 task-instructions), textfooler (2 task-instructions)"),
+                       (fewer, "candidate: clean (2 task-instructions), textfooler (4 task-instructions)")):
+        with pytest.raises(ValueError, match="scored under other instructions") as exc:
+            paired_gain(cand, champ)
+        assert what in str(exc.value), str(exc.value)
+    assert paired_gain(steady, champ).delta == pytest.approx(10.0)  # the same instructions: paired as before
+    with pytest.raises(ValueError, match="the candidate's predictions hold no rows"):
+        paired_gain(steady.iloc[:0], champ)
+    client = MlflowClient()
+    v1, run1 = _run_version(client, "empty")
+    with pytest.raises(ValueError, match="hold no rows; re-run `coin evaluate`"):  # not stored, to be blamed later
+        store_predictions(client, "empty", v1, run1, steady.iloc[:0])
+    # through the gate: the first version's stored predictions, then a candidate scored on another set is refused
+    _, _, _, _ = _interval_champion(client, "sets")
+    v2, _ = _run_version(client, "sets")
+    d = promote_version("sets", v2, _paired_figures(STEADY_RIGHT), predictions=other_set, **GATE, evidence="interval")
+    assert not d.promote and d.reason.startswith("No evidence") and "other instructions" in d.reason, d.reason
+
+
+def test_a_champion_set_by_hand_is_recorded_as_such_with_its_majority_margin(store, caplog):
+    """A version holding the champion alias before its gate ran was recorded "promoted" with no figures, even below
+    the majority-class rate, which the gate checks always."""
+    import logging
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    low, good = _bare_version(client, "hand"), _bare_version(client, "hand")
+    client.set_registered_model_alias("hand", "champion", low)
+    with caplog.at_level(logging.WARNING, logger="coin"):
+        d = promote_version("hand", low, ModelFigures(50.0, 50.0, majority_acc=58.0), **GATE)
+    assert d.reason == ("Already the champion (alias set before this gate ran; the gate did not decide it): clean "
+                        "accuracy 50.0 % against the majority-class rate 58.0 % (-8 pp), not above it: the gate would "
+                        "have refused it."), d.reason
+    assert "the gate would have refused it" in caplog.text and _alias(client, "hand", "champion") == low
+    client.set_registered_model_alias("hand", "champion", good)
+    d = promote_version("hand", good, ModelFigures(70.0, 65.0, majority_acc=58.0), **GATE)
+    assert d.reason.endswith("(+12 pp).") and "refused" not in d.reason
+
+
 def _interval_champion(client, name: str) -> tuple[str, str, pd.DataFrame, str]:
     """A first version of ``name`` with stored predictions, promoted under the interval rule: (version, its run,
     its predictions, their URI)."""

@@ -359,10 +359,12 @@ class ConsistencySettings(_Section):
     )
     weighting: Literal["adaptive", "fixed"] = Field(
         "fixed", description="weight of the pull term D(orig, para): fixed = consistency.weight; adaptive = the "
-        "reference rule, w = min(consistency.cap, L_gen / D) per micro-batch (values detached)"
+        "reference rule, w = min(consistency.cap, L_gen / D) per micro-batch (values detached; for cap < 1 see "
+        "docs/design.md)"
     )
     weight: float = Field(1.0, ge=0.0, description="w_oc of the fixed rule")
-    cap: float = Field(1000.0, gt=0.0, description="lambda of the adaptive rule (CoIPO and CoIN: 1000)")
+    cap: float = Field(1000.0, gt=0.0, description="lambda of the adaptive rule (CoIPO and CoIN: 1000; for cap < 1 "
+                       "see docs/design.md)")
     push_weight: float = Field(
         1.0, ge=0.0, description="w_push of the contrastive part softplus((D_pos - D_neg) / push_temperature), which "
         "pushes the hard negative's distribution away from the original's (0 = off; needs train.hard_negatives)"

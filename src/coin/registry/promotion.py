@@ -415,6 +415,9 @@ def store_predictions(client, name: str, version: str, run_id: str, predictions:
     missing = [c for c in PREDICTION_COLUMNS if c not in predictions.columns]
     if missing:
         raise ValueError(f"predictions lack columns {missing}; have {list(predictions.columns)}")
+    if predictions.empty:  # load_predictions refuses an empty file, and would blame the next candidate's gate on it
+        raise ValueError(f"the predictions to store with {name} version {version} hold no rows; re-run `coin evaluate` "
+                         "with this model")
     where = version_artifact_dir(PREDICTIONS_DIR, name, str(version))
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / PREDICTIONS_FILE
@@ -485,7 +488,9 @@ def paired_gain(candidate: pd.DataFrame, champion: pd.DataFrame) -> PairedGain:
     paired comparison to make (other scoring, other examples, no perturbed set in common)."""
     from coin.evaluation.uncertainty import LEVEL, example_scores, paired_delta
 
-    scoring = str(candidate["scoring"].iloc[0]) if len(candidate) else "?"
+    if candidate.empty:
+        raise ValueError("the candidate's predictions hold no rows: re-run `coin evaluate` with it")
+    scoring = str(candidate["scoring"].iloc[0])
     if scoring not in set(map(str, champion["scoring"])):
         raise ValueError(f"the champion's stored predictions have no {scoring!r} scoring (they have "
                          f"{sorted(set(map(str, champion['scoring'])))}): evaluate both with the same evaluate.scoring")
@@ -506,6 +511,23 @@ def paired_gain(candidate: pd.DataFrame, champion: pd.DataFrame) -> PairedGain:
         raise ValueError(f"the two were evaluated on different data: {other} of {len(mine & theirs)} shared example "
                          "ids carry another label, so they are not the same examples; evaluate both on one data "
                          "version")
+    # the same instructions too: with no recorded protocol (a version tagged before protocols were), a gain measured on
+    # checklist against one measured on textfooler passed as a paired gain
+    def cells(frame: pd.DataFrame) -> set[tuple[str, str, int]]:
+        f = frame[frame["scoring"].astype(str) == scoring]
+        return set(zip(f["task"].astype(str), f["set"].astype(str), f["instruction_id"].astype(int), strict=True))
+
+    mine_c, theirs_c = cells(candidate), cells(champion)
+    if mine_c != theirs_c:
+        def sets(cs: set[tuple[str, str, int]]) -> str:
+            by_set: dict[str, int] = {}
+            for _, s, _ in cs:
+                by_set[s] = by_set.get(s, 0) + 1
+            return ", ".join(f"{s} ({n} task-instructions)" for s, n in sorted(by_set.items()))
+
+        raise ValueError(f"the two were scored under other instructions (candidate: {sets(mine_c)}; champion: "
+                         f"{sets(theirs_c)}), so their perturbed accuracies are not the same quantity: evaluate both "
+                         "with the same evaluate.instruction_file and evaluate.instruction_sets")
     d = paired_delta(example_scores(candidate, scoring), example_scores(champion, scoring))
     if d["perturbed_delta_ci_low"] is None or d["perturbed_delta"] is None:
         raise ValueError(f"the two share {d['n_examples']} examples but no perturbed instruction set on all of them: "
@@ -561,6 +583,25 @@ def same_figures(recorded: ModelFigures, given: ModelFigures) -> bool:
 UNDECIDED = ("Not comparable:", "No evidence for the interval rule")
 
 
+def _already_champion(name: str, version: str, figures: ModelFigures) -> str:
+    """The reason recorded on a version that held ``champion`` before its gate ran (set by hand): the gate did not
+    decide it, so the reason says that, with its figures against the majority-class rate (the rule checked always),
+    and a version not above that rate is warned of."""
+    reason = "Already the champion (alias set before this gate ran; the gate did not decide it)"
+    if figures.majority_acc is None:
+        return reason + "."
+    margin = round(figures.clean_acc - figures.majority_acc, _DIGITS)
+    reason += (f": clean accuracy {_fmt(figures.clean_acc)} % against the majority-class rate "
+               f"{_fmt(figures.majority_acc)} % ({margin:+.6g} pp)")
+    if margin > 0:
+        return reason + "."
+    log.warning("%s version %s holds the champion alias, set by hand, but its clean accuracy %s %% is not above the "
+                "majority-class rate %s %%: the gate would have refused it. Move the alias to a version that learned "
+                "(MlflowClient().set_registered_model_alias(%r, 'champion', '<version>')).", name, version,
+                _fmt(figures.clean_acc), _fmt(figures.majority_acc), name)
+    return reason + ", not above it: the gate would have refused it."
+
+
 def promote_version(name: str, version: str | int, figures: ModelFigures, *, min_improvement: float,
                     max_clean_drop: float, evidence: str = "point", predictions: pd.DataFrame | None = None,
                     client=None) -> PromotionDecision:
@@ -602,7 +643,7 @@ def promote_version(name: str, version: str | int, figures: ModelFigures, *, min
         # the final decision tag is not), or the alias was set by hand. Record that; move nothing.
         partial = decision_from_tags({**mv.tags, TAG_DECISION: "promoted"}) if TAG_REASON in mv.tags else None
         decision = partial or PromotionDecision(
-            True, "Already the champion (alias set before this gate ran).", figures, None, None,
+            True, _already_champion(name, version, figures), figures, None, None,
             float(min_improvement), float(max_clean_drop), evidence)
     else:
         paired, paired_error = None, None
