@@ -204,6 +204,12 @@ CASES = [
     Case("predict-blank-task", _p(*PREDICT, "--task", " "), ExitCode.CONFIG, ["--task ' ' is blank", "sst2"]),
     Case("predict-blank-options", _p(*PREDICT, "--options", "  "), ExitCode.CONFIG,
          ["--options '  ' is blank", "'yes|no'"]),
+    Case("params-symlink-loop", lambda tmp: ["params", "--params", str(tmp / "loop.yaml")], ExitCode.CONFIG,
+         ["loop.yaml: not found", "--params PATH"],
+         setup=lambda tmp: (tmp / "loop.yaml").symlink_to(tmp / "loop.yaml")),  # resolve() raised RuntimeError
+    Case("out-dir-cannot-be-created", _p("pairs", "--set", "paths.out_dir=/proc/coin-out", "--set", "pairs.tasks=[rte]",
+                                         "--set", f"paths.data_dir={ROOT / 'data'}"), ExitCode.CONFIG,
+         ["cannot create the folder /proc/coin-out", "paths.out_dir"], absent=("restore the file",)),
     Case("predict-input-not-utf8", lambda tmp: ["predict", "--params", str(tmp / "params.yaml"), "--instruction",
                                                 "x", "--input", "caf\udce9"], ExitCode.CONFIG,
          ["--input", "not valid UTF-8", "0xe9"]),
@@ -501,6 +507,18 @@ def test_evaluate_any_refuses_an_unwritable_out_before_scoring(tmp_path, monkeyp
                               "--model", "minilm", "--out", str(tmp_path / "afile")])
     out = " ".join(res.output.split())
     assert res.exit_code == ExitCode.CONFIG and "--out" in out and "give a writable folder" in out, out
+
+
+def test_attack_refuses_an_unwritable_out_before_the_model_loads(tmp_path, monkeypatch):
+    import coin.evaluation.anymodel as anymodel
+
+    monkeypatch.setattr(anymodel, "load_target", lambda *a, **k: pytest.fail("loaded before the check"))
+    (tmp_path / "afile").write_text("")
+    for out in (tmp_path / "afile" / "attack.json", Path("/proc/attack.json")):  # a file in the way; no folder there
+        res = runner.invoke(app, ["attack", "-p", str(_params(tmp_path)), "--set", f"paths.data_dir={ROOT / 'data'}",
+                                  "--model", "minilm", "--tasks", "rte", "--out", str(out)])
+        flat = " ".join(res.output.split())
+        assert res.exit_code == ExitCode.CONFIG and f"--out {out.parent}" in flat and "writable folder" in flat, flat
 
 
 @pytest.mark.parametrize("given", ["missing", "empty folder", "train folder"])

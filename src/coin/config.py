@@ -1178,8 +1178,8 @@ def load_settings(path: str | Path = "params.yaml", overrides: list[str | Secret
     """
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"{path}: not found ({path.resolve()}). Run from the project root or pass --params PATH "
-                          "(a Prefect deployment: its params_path parameter, relative to the project root).")
+        raise ConfigError(f"{path}: not found ({os.path.abspath(path)}). Run from the project root or pass --params "
+                          "PATH (a Prefect deployment: its params_path parameter, relative to the project root).")
     if path.is_dir():
         raise ConfigError(f"{path}: is a directory; pass the params file itself, e.g. --params {path / 'params.yaml'}")
     data = path.read_bytes()

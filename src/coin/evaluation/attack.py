@@ -339,9 +339,9 @@ def log_path(out: str | Path) -> Path:
 
 
 def _check_out(out: Path, source: Path) -> None:
-    """``--out`` must be a file path that is neither the attacked instruction file nor a directory: the first was
-    silently replaced by the attack's sets (the DVC-tracked default among them), the second failed only after the
-    whole search."""
+    """``--out`` must be a file path that is neither the attacked instruction file nor a directory, in a folder that
+    can be written: the first was silently replaced by the attack's sets (the DVC-tracked default among them), the
+    others failed only after the whole search."""
     from coin.config import ConfigError
 
     if out.is_dir():
@@ -349,6 +349,9 @@ def _check_out(out: Path, source: Path) -> None:
     if source.resolve() in (out.resolve(), log_path(out).resolve()):  # the two files the attack writes
         raise ConfigError(f"--out {out}: would overwrite the instruction file being attacked ({source}); write the "
                           "attack to another file")
+    from coin.evaluation.anymodel import check_writable
+
+    check_writable("--out", out.parent)  # a read-only or uncreatable folder failed at the write, after the search
 
 
 def write_attack_files(out: str | Path, clean: dict[str, list[str]], outcomes: list[AttackOutcome], *,
