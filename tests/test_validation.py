@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from coin.config import ALL_TASKS, EvaluateSettings, PairsSettings, ValidateSettings
-from coin.data.io import read_json, read_jsonl, write_jsonl
+from coin.data.io import DataError, read_json, read_jsonl, write_jsonl
 from coin.data.pairs import build_pairs
 from coin.data.prompts import encode
 from coin.evaluation.sampling import load_validation_rows
@@ -634,6 +634,57 @@ def test_a_wrong_typed_answer_word_or_task_is_a_finding_not_a_crash(real_rows, f
                                                                 tokenizer=None))
     if field == "answer_words":
         assert not res.passed and res.findings[0].code == "answer_not_text"
+
+
+def test_a_list_task_or_a_number_for_answer_words_is_rejected_by_the_whole_gate(real_rows, tokenizer, tmp_path,
+                                                                                  embedder, eval_sources):
+    """Through run_gate, not one check: a list task crashed the Data Docs' verdict column (unhashable) after
+    valid.jsonl was written, and answer_words = 2 crashed inputs_present; each left the last run's verdict."""
+    rows = rows_copy(real_rows[:6])
+    rows[0]["task"] = ["sst2"]
+    rows[1]["answer_words"] = 2
+    rows[2]["answer_words"] = True
+    report = gate(rows, tokenizer, tmp_path, embedder, eval_sources, min_pass_rate=0.0)
+    rejected = {r["pair_id"]: r for r in read_jsonl(tmp_path / "rejects.jsonl")}
+    assert set(rejected) == {rows[i]["pair_id"] for i in range(3)} and report.rows_valid == 3
+    assert read_json(tmp_path / "summary.json")["rows_rejected"] == 3
+
+
+def test_training_refuses_rows_that_the_verdict_beside_them_did_not_judge(real_rows, tokenizer, tmp_path, embedder,
+                                                                         eval_sources, monkeypatch):
+    """A gate stopped between writing valid.jsonl and summary.json (killed; a crash in its pages) left new rows
+    beside the last run's passing verdict, and training read them as passed."""
+    import coin.validation.schema as schema
+    from coin.validation.result import read_training_rows
+
+    rows = rows_copy(real_rows[:10])
+    gate(rows, tokenizer, tmp_path, embedder, eval_sources, min_pass_rate=0.9)
+    assert read_training_rows(tmp_path / "valid.jsonl", "") == rows  # the verdict's own rows: read
+    for r in rows[5:]:
+        _break("copy_paraphrase", r)  # a run that would fail the gate ...
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt  # ... stopped while it builds its pages, after valid.jsonl
+
+    monkeypatch.setattr(schema, "document_checks", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        gate(rows, tokenizer, tmp_path, embedder, eval_sources, min_pass_rate=0.9)
+    assert read_json(tmp_path / "summary.json")["gate_passed"] is True  # the last run's verdict ...
+    assert len(read_jsonl(tmp_path / "valid.jsonl")) == 5  # ... beside this run's rows
+    with pytest.raises(DataError, match=r"valid\.jsonl: not the rows .*summary\.json judged .*Rerun `coin validate`"):
+        read_training_rows(tmp_path / "valid.jsonl", "")
+
+
+def test_a_gate_that_keeps_no_row_at_threshold_0_says_so_not_an_unnamed_task(real_rows, tokenizer, tmp_path,
+                                                                             embedder, eval_sources):
+    rows = [dict(r, split="val") for r in rows_copy(real_rows[:5])]
+    for r in rows:
+        _break("copy_paraphrase", r)
+    with pytest.raises(GateFailed) as err:
+        gate(rows, tokenizer, tmp_path, embedder, eval_sources, min_pass_rate=0.0)
+    msg = str(err.value)
+    assert msg.startswith("validation gate failed: no row passed every check (5 rows in, all rejected)."), msg
+    assert "every training row of  was" not in msg and err.value.report.emptied_note == "no row passed every check"
 
 
 # --------------------------------------------------------------------------- semantic and leak checks, unit level

@@ -405,7 +405,8 @@ def _template_pieces(row: Row, parsed: list[tuple[str, Any, Any, Any]], inputs: 
 
     texts = row.get(inputs)
     texts = {k: v for k, v in texts.items() if isinstance(v, str)} if isinstance(texts, Mapping) else {}
-    words = [w for w in row.get("answer_words") or [] if isinstance(w, str)]
+    answer_words = row.get("answer_words")  # a number or a bool there is the schema check's finding, not a crash
+    words = [w for w in answer_words if isinstance(w, str)] if isinstance(answer_words, list) else []
     pieces: list[tuple[str, ...]] = []
     for literal, field, spec, conversion in parsed:
         pieces.append((literal,))

@@ -17,6 +17,7 @@ nothing is silently dropped, and a failed gate still leaves everything needed to
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -176,6 +177,7 @@ def run_gate(
 
     write_jsonl(out_dir / VALID_FILE, valid)
     write_jsonl(out_dir / REJECTS_FILE, rejects)
+    valid_sha256 = hashlib.sha256((out_dir / VALID_FILE).read_bytes()).hexdigest()  # the verdict names its rows
     from coin.validation.schema import document_checks
 
     report = GateReport(
@@ -188,6 +190,7 @@ def run_gate(
         per_task={t: {"rows_in": c["rows_in"], "valid": c["valid"], "rejected": c["rows_in"] - c["valid"],
                       "pass_rate": round(c["valid"] / c["rows_in"], 6), "train_in": c["train_in"],
                       "train_valid": c["train_valid"]} for t, c in per_task.items()},
+        valid_sha256=valid_sha256,
     )
     t_docs = time.perf_counter()
     document_checks(ctx, rows, results, report)  # the checks' page, with the gate's own verdict on it

@@ -7,6 +7,7 @@ A leaf of :mod:`coin.validation` (as :mod:`coin.evaluation.result` is for the ev
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,12 @@ def read_training_rows(valid_file: Path, missing_hint: str, rerun: str = "coin v
     summary_file = valid_file.parent / SUMMARY_FILE
     rows = read_jsonl(valid_file, missing_hint=missing_hint)
     summary = read_json(summary_file) if valid_file.name == VALID_FILE and summary_file.is_file() else None
+    judged = summary.get("valid_sha256") if isinstance(summary, dict) else None
+    if isinstance(judged, str) and judged != hashlib.sha256(valid_file.read_bytes()).hexdigest():
+        # the gate writes valid.jsonl, then its pages, then summary.json: a run stopped in between (killed, crashed)
+        # left new rows beside the last run's verdict, which training took as theirs
+        raise DataError(f"{valid_file}: not the rows {summary_file} judged (their sha256 differs): a `{rerun}` stopped "
+                        f"part-way, or the file was edited. Rerun `{rerun}`")
     if isinstance(summary, dict) and summary.get("gate_passed") is False and summary.get("rows_in") == 0:
         raise DataError(f"{valid_file}: the validation gate had no rows to validate (the pairs stage produced "
                         f"nothing; {summary_file}). Build the pairs first (`coin pairs`; check pairs.tasks and "
@@ -83,6 +90,7 @@ class GateReport:
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-check figures (similarity distribution, ...)
     per_task: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> rows_in, valid, rejected, pass_rate,
     # and train_in / train_valid: the rows meant for training (split other than val: what training reads)
+    valid_sha256: str | None = None  # of the valid.jsonl this verdict is about (read_training_rows checks it)
 
     @property
     def passed(self) -> bool:
@@ -131,6 +139,7 @@ class GateReport:
             "stats": self.stats,
             "outputs": {"valid": VALID_FILE, "rejects": REJECTS_FILE, "report": REPORT_FILE,
                         "data_docs": f"{DOCS_DIR}/index.html"},
+            "valid_sha256": self.valid_sha256,
         }
 
     def to_metrics(self) -> dict[str, float]:
@@ -176,6 +185,8 @@ class GateReport:
     def failure_message(self, top: int = 3) -> str:
         if self.rows_in == 0:
             head = "validation gate failed: no rows to validate (the pairs stage produced nothing)."
+        elif not self.rows_valid:  # at min_pass_rate 0 no task need be emptied (every row a val row, or no task)
+            head = f"validation gate failed: no row passed every check ({self.rows_in} rows in, all rejected)."
         elif self.pass_rate >= self.min_pass_rate:
             head = (f"validation gate failed: every training row of {', '.join(self.emptied_tasks)} was rejected, so "
                     f"training would lack that task (overall pass rate {self.pass_rate:.3f}).")
@@ -217,6 +228,8 @@ class GateReport:
         otherwise): what the markdown summary and the report page add to a failed verdict's figures."""
         if not self.rows_in:
             return "no rows to validate (the pairs stage produced nothing)"
+        if not self.rows_valid:
+            return "no row passed every check"
         if not self.emptied_tasks:
             return ""
         return f"every training row of {', '.join(self.emptied_tasks)} was rejected, so training would lack it"
