@@ -538,6 +538,8 @@ def test_interval_rule_refuses_predictions_under_other_instructions_or_empty(sto
             paired_gain(cand, champ)
         assert what in str(exc.value), str(exc.value)
     assert paired_gain(steady, champ).delta == pytest.approx(10.0)  # the same instructions: paired as before
+    with pytest.raises(ValueError, match="share no evaluated example"):  # other tasks: that cause, not instructions
+        paired_gain(steady.assign(task="rte"), champ)
     with pytest.raises(ValueError, match="the candidate's predictions hold no rows"):
         paired_gain(steady.iloc[:0], champ)
     client = MlflowClient()

@@ -513,8 +513,11 @@ def paired_gain(candidate: pd.DataFrame, champion: pd.DataFrame) -> PairedGain:
                          "version")
     # the same instructions too: with no recorded protocol (a version tagged before protocols were), a gain measured on
     # checklist against one measured on textfooler passed as a paired gain
+    # (on the tasks they share: with none shared, paired_delta says the two share no example, the right cause)
+    shared_tasks = {t for t, _ in mine & theirs}
+
     def cells(frame: pd.DataFrame) -> set[tuple[str, str, int]]:
-        f = frame[frame["scoring"].astype(str) == scoring]
+        f = frame[(frame["scoring"].astype(str) == scoring) & frame["task"].astype(str).isin(shared_tasks)]
         return set(zip(f["task"].astype(str), f["set"].astype(str), f["instruction_id"].astype(int), strict=True))
 
     mine_c, theirs_c = cells(candidate), cells(champion)
