@@ -114,17 +114,22 @@ def test_protected_words_and_placeholders_survive_every_candidate_edit(level: st
     placeholders, keeps the label words, the answer options and the placeholders, and adds none."""
     cases = [(t, text) for t, texts in _clean(list(TASKS)).items() for text in texts]
     cases.append(("sst2", TEMPLATE))
+    checked = 0  # the asserts sit in the loop: a filter that dropped every edit passed it
     for task, text in cases:
         prot = _protected(task)
         keep = protected_spans(text, prot)
         words = get_task(task).label_words
+        offered = 0
         for seed in range(5):
             for e in candidate_edits(level, text, prot, set(), random.Random(seed)):
+                offered += 1
                 new = e.apply(text, prot)
                 assert new != text
                 assert protected_spans(new, prot) == keep, (task, text, e)
                 assert _label_counts(new, words) == _label_counts(text, words), (task, text, e)
                 assert re.findall(r"\{[^{}]*\}", new) == re.findall(r"\{[^{}]*\}", text)
+        checked += offered > 0
+    assert checked == len(cases), (level, checked, len(cases))  # every instruction was offered edits
 
 
 def test_an_edit_that_would_create_a_label_word_is_dropped() -> None:
