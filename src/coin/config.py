@@ -593,7 +593,8 @@ def tracking_scheme(uri: str | None) -> str:
 class TrackingSettings(_Section):
     experiment: str = Field("coin", min_length=1, description="MLflow experiment name")
     uri: str | None = Field(
-        None, description="MLflow tracking URI; null = sqlite:///<project>/mlruns/mlflow.db (artifacts beside it)"
+        None, description="MLflow tracking URI; null = sqlite:///<project>/<paths.mlruns_dir>/mlflow.db (artifacts "
+        "beside it)"
     )
 
     @field_validator("uri")
