@@ -5,7 +5,8 @@
 #   ./run.sh test            install (first time) + lint (ruff check) + run the test suite (what CI runs)
 #   ./run.sh <command ...>   run any command inside the venv, e.g. ./run.sh dvc repro, ./run.sh coin --help
 #
-# Set-up: torch==2.13.0 is installed first, on its own (the CPU wheel here; an unpinned torch would pull
+# Set-up: torch==2.13.0 is installed first, on its own (the CPU wheel here, from pip's configured index; stock PyPI
+# serves Linux the CUDA build: set COIN_TORCH_SPEC or PIP_INDEX_URL there; an unpinned torch would pull
 # several GB of CUDA packages), then the project with the exact versions of requirements.lock, by uv (resolves
 # and installs in under a minute, bytecode compiled, where pip takes about two; pip is the fallback when uv cannot,
 # e.g. behind a mirror that only pip is configured for: set UV_INDEX_URL / UV_EXTRA_INDEX_URL to point uv at it).

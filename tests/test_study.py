@@ -1028,6 +1028,8 @@ def test_model_device_cpu_is_kept_on_a_multi_gpu_host(monkeypatch):
         ({"sweep_key": "train.log_every", "sweep_values": [5, 10]}, ["'train.log_every' cannot be swept",
                                                                     "changes no cell's figures"]),
         ({"sweep_key": "model.device", "sweep_values": ["cpu"]}, ["'model.device' cannot be swept", "e.g. train.lr"]),
+        ({"sweep_key": "train.gradient_checkpointing", "sweep_values": [True, False]},  # the same weights either way
+         ["'train.gradient_checkpointing' cannot be swept", "changes no cell's figures"]),
         ({"sweep_key": "train.lr"}, ["sweep_key and study.sweep_values go together"]),
         ({"sweep_key": "train.lr", "sweep_values": []}, ["study.sweep_values is empty"]),
         ({"sweep_key": "train.lr", "sweep_values": [0.1, 0.1]}, ["lists a value twice"]),

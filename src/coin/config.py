@@ -743,11 +743,17 @@ def check_study_sweep(settings: "Settings") -> None:
                              "model.* key")
     if "." not in key:
         raise ValueError(f"study.sweep_key = {key!r} names a whole section; name one key in it, e.g. train.lr")
-    if any(key == p or key.startswith(p + ".") for p in CELL_PARAMS_EXCLUDE):
-        raise ValueError(f"study.sweep_key = {key!r} cannot be swept: it changes no cell's figures (a cell's key "
-                         f"leaves out {', '.join(CELL_PARAMS_EXCLUDE)}), so every value would train and score the "
-                         "same cells again. Sweep a train.*, evaluate.* or model.* key that changes them, e.g. "
-                         "train.lr")
+    # and the train.* keys no training's result depends on (coin.training.TRAIN_RESULT_FREE_KEYS): a cell's key still
+    # counts train.gradient_checkpointing (dropping it would re-key every cached cell), but a sweep over it trained
+    # the same cells twice
+    from coin.training import TRAIN_RESULT_FREE_KEYS
+
+    free = (*CELL_PARAMS_EXCLUDE, *(k for k in (f"train.{f}" for f in TRAIN_RESULT_FREE_KEYS)
+                                    if k not in CELL_PARAMS_EXCLUDE))
+    if any(key == p or key.startswith(p + ".") for p in free):
+        raise ValueError(f"study.sweep_key = {key!r} cannot be swept: it changes no cell's figures ({', '.join(free)} "
+                         "change none), so every value would train and score the same cells again. Sweep a train.*, "
+                         "evaluate.* or model.* key that changes them, e.g. train.lr")
     raw = settings.model_dump(by_alias=True, mode="json")
     raw["study"].update(sweep_key=None, sweep_values=None)
     for value in st.sweep_values or []:
