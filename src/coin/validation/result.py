@@ -185,7 +185,9 @@ class GateReport:
     def failure_message(self, top: int = 3) -> str:
         if self.rows_in == 0:
             head = "validation gate failed: no rows to validate (the pairs stage produced nothing)."
-        elif not self.rows_valid:  # at min_pass_rate 0 no task need be emptied (every row a val row, or no task)
+        elif self.pass_rate >= self.min_pass_rate and not self.emptied_tasks:
+            # min_pass_rate 0 and no row kept, yet no task emptied (every row a val row, or of no known task): the
+            # headline below named an empty list of tasks
             head = f"validation gate failed: no row passed every check ({self.rows_in} rows in, all rejected)."
         elif self.pass_rate >= self.min_pass_rate:
             head = (f"validation gate failed: every training row of {', '.join(self.emptied_tasks)} was rejected, so "
@@ -228,8 +230,6 @@ class GateReport:
         otherwise): what the markdown summary and the report page add to a failed verdict's figures."""
         if not self.rows_in:
             return "no rows to validate (the pairs stage produced nothing)"
-        if not self.rows_valid:
-            return "no row passed every check"
         if not self.emptied_tasks:
-            return ""
+            return "" if self.rows_valid else "no row passed every check"
         return f"every training row of {', '.join(self.emptied_tasks)} was rejected, so training would lack it"
