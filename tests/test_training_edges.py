@@ -240,3 +240,38 @@ def test_the_adapter_config_is_the_same_bytes_whatever_the_hash_seed(tiny_llama_
         texts.append((out / "adapter_config.json").read_text())
     assert texts[0] == texts[1] == texts[2]
     assert '"k_proj",\n    "o_proj",\n    "q_proj",\n    "v_proj"' in texts[0]
+
+
+def test_an_embedded_minilm_adapter_names_its_base_without_the_install_path(tmp_path: Path) -> None:
+    """peft wrote the embedded MiniLM's directory inside the checkout's .venv as the adapter's base (in
+    adapter_config.json and its README.md card), so the same training in two clones hashed apart (train.json's
+    adapter_sha256, the evaluation cache's key, dvc.lock). The adapter now names it ``minilm``, as coin_model.json
+    does, and still loads (load_trained reads coin_model.json) with its trained weights and no warning from peft."""
+    import json
+    import warnings
+
+    import torch
+
+    from coin import stages
+    from coin.modeling.adapter import load_trained
+    from coin.modeling.backbone import embedded_minilm_path
+
+    s = _settings(Path("minilm"), ["sft"], max_steps=1, checkpoint_every=0,
+                  lora={"r": 4, "alpha": 8, "target_modules": "auto"})
+    out = tmp_path / "out"
+    stages.train_adapter(s, make_rows(2), "sft", out, progress=False)
+    adapter = out / "adapter"
+    installed = str(embedded_minilm_path())
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "minilm"
+    assert json.loads((adapter / "coin_model.json").read_text())["base"] == "minilm"
+    holding = [f.name for f in adapter.iterdir() if f.is_file() and installed.encode() in f.read_bytes()]
+    assert holding == [], f"{holding} still name {installed}"
+    assert "base_model: minilm" in (adapter / "README.md").read_text()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, tok, _ = load_trained(adapter, device="cpu")
+    assert not [w for w in caught if "base_model" in str(w.message)], [str(w.message) for w in caught]
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)  # the trained weights
+    with torch.no_grad():
+        logits = model(**tok(["A dull, lifeless film."], return_tensors="pt")).logits
+    assert torch.isfinite(logits).all()

@@ -170,8 +170,9 @@ def classify(exc: BaseException) -> tuple[ExitCode, str, str | None]:
         f = _file_at_fault(exc, innermost_only=True)
         return (ExitCode.DATA, f"{f + ': ' if f else ''}no entry {exc.args[0]!r}" if exc.args else msg,
                 "the file lacks it (written by another configuration or a partial run): rerun the stage that writes it")
-    if isinstance(exc, FileNotFoundError) and _frames(exc)[:1] and \
-            _frames(exc)[0][0].f_code.co_name in ("mkdir", "makedirs"):  # an output folder, not a missing input
+    innermost = _frames(exc)[:1]
+    if isinstance(exc, FileNotFoundError) and innermost and \
+            innermost[0][0].f_code.co_name in ("mkdir", "makedirs"):  # an output folder, not a missing input
         return (ExitCode.CONFIG, f"cannot create the folder {exc.filename} ({exc.strerror})",
                 "give a folder that can be created: paths.out_dir, paths.mlruns_dir, study.out_dir or the --out given")
     if isinstance(exc, FileNotFoundError):

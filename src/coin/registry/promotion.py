@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -523,9 +524,7 @@ def paired_gain(candidate: pd.DataFrame, champion: pd.DataFrame) -> PairedGain:
     mine_c, theirs_c = cells(candidate), cells(champion)
     if mine_c != theirs_c:
         def sets(cs: set[tuple[str, str, int]]) -> str:
-            by_set: dict[str, int] = {}
-            for _, s, _ in cs:
-                by_set[s] = by_set.get(s, 0) + 1
+            by_set = Counter(s for _, s, _ in cs)
             return ", ".join(f"{s} ({n} task-instructions)" for s, n in sorted(by_set.items()))
 
         raise ValueError(f"the two were scored under other instructions (candidate: {sets(mine_c)}; champion: "

@@ -190,10 +190,13 @@ def model_is_sharded(model: torch.nn.Module) -> bool:
     return any(is_sharded(p) for p in model.parameters())
 
 
-def save_adapter(model: torch.nn.Module, directory: Path, *, world: World) -> None:
+def save_adapter(model: torch.nn.Module, directory: Path, *, world: World, base: str | None = None) -> None:
     """Write the peft adapter of ``model`` (safetensors + config) to ``directory`` from rank 0. Every rank must
     call it: a sharded model's trainable tensors are first gathered whole, so the files are the same as an
-    unsharded run's and load anywhere (one process, another world size, ``coin evaluate``)."""
+    unsharded run's and load anywhere (one process, another world size, ``coin evaluate``).
+
+    ``base``: the backbone's reference (``Backbone.reference``); for the embedded default (``minilm``) it replaces
+    the installed checkpoint's path that peft writes as the adapter's base (:func:`_canonical_adapter_config`)."""
     state_dict = None
     if model_is_sharded(model):
         state_dict = {n: full_tensor(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
@@ -201,7 +204,7 @@ def save_adapter(model: torch.nn.Module, directory: Path, *, world: World) -> No
         model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict)  # type: ignore[operator]
         for f in Path(directory).glob("*.safetensors"):  # safetensors writes 0600; outputs are ordinary files
             f.chmod(0o644)
-        _canonical_adapter_config(Path(directory) / "adapter_config.json")
+        _canonical_adapter_config(Path(directory) / "adapter_config.json", base=base)
 
 
 # peft keeps these as sets and writes them in set order, which follows PYTHONHASHSEED: two identical trainings wrote
@@ -210,14 +213,29 @@ def save_adapter(model: torch.nn.Module, directory: Path, *, world: World) -> No
 _SET_FIELDS = ("target_modules", "modules_to_save")
 
 
-def _canonical_adapter_config(path: Path) -> None:
-    """Rewrite peft's ``adapter_config.json`` with its set-valued lists sorted (:data:`_SET_FIELDS`)."""
+def _canonical_adapter_config(path: Path, *, base: str | None = None) -> None:
+    """Rewrite peft's ``adapter_config.json`` with its set-valued lists sorted (:data:`_SET_FIELDS`), and, for the
+    embedded default backbone (``base == "minilm"``), its ``base_model_name_or_path`` as ``minilm``.
+
+    peft writes there the path the base was loaded from: for the embedded MiniLM, the package's directory inside
+    the checkout's ``.venv``. So the same training in two clones wrote two configs, two adapter_sha256 values (the
+    evaluation cache's key, train.json's record) and two dvc.lock hashes. Nothing loads the base from that field:
+    ``coin_model.json``'s ``base`` is what :func:`coin.modeling.adapter.load_trained` reads, and it says
+    ``minilm``. peft's model card (``README.md`` beside it) names the same path, and gets the same name."""
     if not path.is_file():
         return
     conf = json.loads(path.read_text())
     for key in _SET_FIELDS:
         if isinstance(conf.get(key), list) and all(isinstance(x, str) for x in conf[key]):
             conf[key] = sorted(conf[key])
+    from coin.modeling.backbone import DEFAULT_BACKBONE
+
+    local = conf.get("base_model_name_or_path")
+    if base == DEFAULT_BACKBONE and isinstance(local, str) and local and local != base:
+        conf["base_model_name_or_path"] = base
+        card = path.with_name("README.md")
+        if card.is_file():
+            card.write_text(card.read_text().replace(local, base))
     path.write_text(json.dumps(conf, indent=2, sort_keys=True))
 
 

@@ -294,7 +294,7 @@ def _train(run: TrainRun, world: World, device: torch.device) -> TrainResult:
     adapter_dir = run.adapter_dir
     if world.is_main and run.before_save is not None:
         run.before_save()
-    save_adapter(model, adapter_dir, world=world)
+    save_adapter(model, adapter_dir, world=world, base=backbone.reference)
     if world.is_main:
         backbone.tokenizer.save_pretrained(str(adapter_dir))
     world.barrier()
