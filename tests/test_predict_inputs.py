@@ -15,7 +15,7 @@ from coin.config import LoraSettings
 from coin.data.prompts import encode
 from coin.data.tasks import TASKS
 from coin.modeling.backbone import load_tokenizer, max_positions
-from coin.predict import answer_rows, check_task, fit_input, parse_options
+from coin.predict import answer_rows, check_task, fit_input, join_instruction, parse_options
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -155,6 +155,49 @@ def test_a_long_input_cut_to_fit_draws_no_transformers_warning_of_indexing_error
         hf_logging.set_verbosity(before)
     assert dropped > 0 and LONG.startswith(cut)
     assert "indexing errors" not in capfd.readouterr().err
+
+
+S1 = "The committee, after long deliberation over many months, approved the new budget for the city parks. " * 40
+
+
+@pytest.mark.parametrize("hypothesis", ["The budget was rejected.", "The budget was approved."])
+def test_a_long_pair_input_is_cut_in_each_field_and_keeps_the_second_text(trained, seen, caplog, hypothesis):
+    """An rte input whose first sentence overflows the model was cut from its end as one text: the hypothesis was
+    gone, and "rejected" and "approved" got the same answer and the same scores. Now the longest field is cut and
+    both markers and the hypothesis stay."""
+    model, tok, meta = trained
+    text = f"Sentence 1: {S1.strip()} Sentence 2: {hypothesis}"
+    df = pd.DataFrame({"instruction": ["Does sentence 1 entail sentence 2? "], "input": [text], "task": ["rte"]})
+    with caplog.at_level(logging.WARNING):
+        answer_rows(model, tok, meta, df)
+    (prompt,) = seen["score"]
+    assert prompt.endswith(f" Sentence 2: {hypothesis}") and "Sentence 1: The committee" in prompt
+    assert len(encode(tok, prompt, "", fmt="train", append_eos=False).input_ids) <= 512
+    warned = [r.getMessage() for r in caplog.records if "too long for the model" in r.getMessage()]
+    assert len(warned) == 1 and "cut each of its fields (Sentence 1:, Sentence 2:)" in warned[0], warned
+    assert not [r for r in caplog.records if "lacks a field marker" in r.getMessage()]
+
+
+def test_fit_input_cuts_the_longest_fields_first_and_the_evaluation_the_same_way(trained):
+    from coin.predict import fit_inputs
+
+    _, tok, _ = trained
+    pair = f"Premise: {S1.strip()} Hypothesis: {'Parks got money. ' * 30}".strip()
+    cut, dropped = fit_input(tok, INSTRUCTION, pair, fmt="train", limit=120,
+                             prefixes=TASKS["mnli"].content_prefixes)
+    head, hyp = cut.split(" Hypothesis: ")
+    n = [len(tok(x, add_special_tokens=False)["input_ids"]) for x in (head[len("Premise: "):], hyp)]
+    assert dropped > 0 and abs(n[0] - n[1]) <= 2, n  # both cut to about the same length
+    assert S1.startswith(head[len("Premise: "):]) and pair.split(" Hypothesis: ")[1].startswith(hyp)
+    assert len(encode(tok, join_instruction(INSTRUCTION, cut), "", fmt="train", append_eos=False).input_ids) <= 120
+    assert fit_inputs(tok, [(INSTRUCTION, pair)], fmt="train", limit=120,
+                      prefixes=TASKS["mnli"].content_prefixes)[0] == [cut]
+    # a short field is kept whole, the long one takes the cut; text without its markers is cut as one text
+    short = f"Premise: {S1.strip()} Hypothesis: Parks got money."
+    assert fit_input(tok, INSTRUCTION, short, fmt="train", limit=120,
+                     prefixes=TASKS["mnli"].content_prefixes)[0].endswith(" Hypothesis: Parks got money.")
+    plain, _ = fit_input(tok, INSTRUCTION, S1, fmt="train", limit=120, prefixes=TASKS["mnli"].content_prefixes)
+    assert S1.startswith(plain)
 
 
 def test_fit_input_keeps_short_inputs_and_refuses_an_instruction_that_cannot_fit(trained):
@@ -328,6 +371,19 @@ def test_an_instruction_or_input_that_is_not_text_is_refused(trained, field, val
         answer_rows(model, tok, meta, pd.DataFrame([row]))
     number = pd.DataFrame([{"instruction": INSTRUCTION, "input": 5, "task": "sst2"}])  # a CSV column of numbers
     assert answer_rows(model, tok, meta, number)["answer"].iloc[0] in TASKS["sst2"].label_words
+
+
+@pytest.mark.parametrize("task", ["sst2", None], ids=["scored", "generated"])
+def test_an_instruction_with_a_template_placeholder_is_refused_as_the_evaluation_refuses_it(trained, task):
+    """"Is the review '{content}' positive or negative?" was scored as literal text, the input after it, with no
+    warning; the evaluation's instruction files refuse the same text. A brace that is not a placeholder passes."""
+    model, tok, meta = trained
+    row = {"instruction": "Is the review '{content}' positive or negative? ", "input": "A gem.",
+           **({"task": task} if task else {})}
+    with pytest.raises(ValueError, match=r"instruction: holds the placeholder '\{content\}', .* remove it"):
+        answer_rows(model, tok, meta, pd.DataFrame([row]), max_new_tokens=2)
+    ok = {**row, "instruction": "Is it positive? Answer in {1 word}: "}
+    assert len(answer_rows(model, tok, meta, pd.DataFrame([ok]), max_new_tokens=2)) == 1
 
 
 # --------------------------------------------------------------------------- over HTTP (the model server's app)

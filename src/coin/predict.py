@@ -9,7 +9,8 @@ answers a 400 that says what is wrong instead of "unexpected error".
 Long inputs: the model reads at most ``max_position_embeddings`` positions (MiniLM: 512), which must hold the
 prompt (BOS, instruction, input, answer marker) and the answer (the longest option, or ``max_new_tokens``
 generated tokens). An input that does not fit is cut to its first tokens that do (:func:`fit_input`), with a
-warning; the instruction and the answer marker are always kept whole. The evaluation cuts its inputs by the same
+warning; a two-text task's input is cut within each field, keeping both markers; the instruction and the answer
+marker are always kept whole. The evaluation cuts its inputs by the same
 rule (:func:`fit_inputs`), so both score the same prompt. (The encoder's left truncation of the whole prompt, the
 last resort for an instruction that alone is too long, would cut the instruction first.)
 """
@@ -55,10 +56,18 @@ def _field_text(row: Any, field: str) -> str:
     """Row ``field`` (``instruction`` or ``input``) as text: a missing value (None/NaN, e.g. a key absent from one
     record of a JSON request) is "", a number its digits (a CSV column of numbers). Refused, naming the field: a
     value that is not text (a list, a mapping, a bool: the model server does not enforce the signature, and its
-    Python form was scored as the prompt)."""
+    Python form was scored as the prompt), and an instruction holding a template placeholder (``{content}``), as the
+    evaluation's instruction files refuse it."""
     value = row[field]
     if isinstance(value, str):
         _unicode(value, field)
+        if field == "instruction":
+            from coin.evaluation.instructions import placeholder_in
+
+            placeholder = placeholder_in(value)
+            if placeholder is not None:  # scored as literal text ("Is the review '{content}' ...? A gem.")
+                raise ValueError(f"instruction: holds the placeholder {placeholder!r}, which would be read as "
+                                 "literal text: the input is put after the instruction, so remove it")
         return value
     if _missing(value):
         return ""
@@ -170,10 +179,48 @@ def _head(tokenizer, text: str, n_tokens: int) -> str:
         return tokenizer.decode(ids[:n_tokens], skip_special_tokens=True)
 
 
-def fit_input(tokenizer, instruction: str, text: str, *, fmt: str, limit: int) -> tuple[str, int]:
-    """``(input, tokens dropped)``: ``text`` cut to its first tokens so that the prompt (BOS, instruction, input,
-    answer marker) takes at most ``limit`` tokens; the instruction is never cut. ``ValueError`` when the
-    instruction alone does not fit."""
+def split_fields(text: str, prefixes: tuple[str, ...]) -> list[tuple[str, str]] | None:
+    """A two-text task's input cut at its field markers (``prefixes``, e.g. ``("Sentence 1:", "Sentence 2:")``),
+    found in order, case aside: ``[(marker, body), ...]``, where the first marker carries any text before it, so
+    that joining the parts gives ``text`` back. None for a one-text task, or where a marker is missing."""
+    import re
+
+    if len(prefixes) < 2:
+        return None
+    starts, pos = [], 0
+    for p in prefixes:
+        m = re.compile(re.escape(p), re.IGNORECASE).search(text, pos)
+        if m is None:
+            return None
+        starts.append((m.start(), m.end()))
+        pos = m.end()
+    ends = [a for a, _ in starts[1:]] + [len(text)]
+    return [(text[(0 if k == 0 else a):b], text[b:e]) for k, ((a, b), e) in enumerate(zip(starts, ends, strict=True))]
+
+
+def _cut_fields(tokenizer, parts: list[tuple[str, str]], budget: int) -> str:
+    """The fields' bodies cut from their ends to ``budget`` tokens in all, the longest first (each body keeps
+    ``min(its tokens, cap)`` for the largest cap that fits), every marker kept."""
+    sizes = [len(tokenizer(body, add_special_tokens=False)["input_ids"]) for _, body in parts]
+    cap = max(sizes, default=0)
+    while cap > 0 and sum(min(n, cap) for n in sizes) > budget:
+        cap -= 1
+    out = []
+    for (marker, body), n in zip(parts, sizes, strict=True):
+        if n > cap:  # keep the whitespace that separated it from the next marker
+            body = _head(tokenizer, body, cap).rstrip() + body[len(body.rstrip()):]
+        out.append(marker + body)
+    return "".join(out)
+
+
+def fit_input(tokenizer, instruction: str, text: str, *, fmt: str, limit: int,
+              prefixes: tuple[str, ...] = ("",)) -> tuple[str, int]:
+    """``(input, tokens dropped)``: ``text`` cut so that the prompt (BOS, instruction, input, answer marker) takes
+    at most ``limit`` tokens; the instruction is never cut. A one-text input keeps its first tokens. A two-text
+    task's input (its ``prefixes``, :attr:`coin.data.tasks.TaskSpec.content_prefixes`) written with its field
+    markers is cut in each field, the longest first, and keeps every marker: cutting the whole text from its end
+    dropped the second sentence, so an rte or mrpc answer no longer read the text it compares (it did only where
+    even the markers alone do not fit). ``ValueError`` when the instruction alone does not fit."""
     n = _prompt_tokens(tokenizer, join_instruction(instruction, text), fmt)
     if n <= limit:
         return text, 0
@@ -182,6 +229,18 @@ def fit_input(tokenizer, instruction: str, text: str, *, fmt: str, limit: int) -
         raise ValueError(f"instruction: {bare} tokens with the answer marker, but the model reads at most {limit} "
                          "before the answer; shorten the instruction")
     total = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    parts = split_fields(text, prefixes)
+    if parts is not None:
+        sizes = sum(len(tokenizer(body, add_special_tokens=False)["input_ids"]) for _, body in parts)
+        budget = max(sizes - (n - limit), 0)
+        for _ in range(8):
+            cut = _cut_fields(tokenizer, parts, budget)
+            over = _prompt_tokens(tokenizer, join_instruction(instruction, cut), fmt) - limit
+            if over <= 0:
+                return cut, max(total - len(tokenizer(cut, add_special_tokens=False)["input_ids"]), 1)
+            if budget == 0:
+                break  # the markers alone do not fit: the head of the whole text, as for one text
+            budget = max(budget - over, 0)
     keep = max(total - (n - limit), 0)
     for _ in range(8):  # token counts of the joined prompt can differ by a token or two at the seam
         cut = _head(tokenizer, text, keep)
@@ -192,8 +251,8 @@ def fit_input(tokenizer, instruction: str, text: str, *, fmt: str, limit: int) -
     return "", total
 
 
-def fit_inputs(tokenizer, pairs: list[tuple[str, str]], *, fmt: str, limit: int | None
-               ) -> tuple[list[str], int, int]:
+def fit_inputs(tokenizer, pairs: list[tuple[str, str]], *, fmt: str, limit: int | None,
+               prefixes: tuple[str, ...] = ("",)) -> tuple[list[str], int, int]:
     """:func:`fit_input` over ``(instruction, input)`` pairs, as the evaluation needs it: ``(inputs, inputs cut,
     instructions too long)``. An instruction that alone does not fit keeps its input whole (the encoder then cuts
     the prompt from the left, instruction first) and is counted, not raised: one bad instruction must not stop an
@@ -209,7 +268,7 @@ def fit_inputs(tokenizer, pairs: list[tuple[str, str]], *, fmt: str, limit: int 
             out.append(text)
             continue
         try:
-            fitted, dropped = fit_input(tokenizer, instruction, text, fmt=fmt, limit=limit)
+            fitted, dropped = fit_input(tokenizer, instruction, text, fmt=fmt, limit=limit, prefixes=prefixes)
         except ValueError:
             out.append(text)
             too_long += 1
@@ -319,11 +378,15 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
                                          f"positions for the prompt, but the instruction with the answer marker "
                                          f"takes {bare}; lower max_new_tokens to at most {limit - bare} or shorten "
                                          "the instruction")
-                fitted, dropped = fit_input(tokenizer, instruction, text, fmt=fmt, limit=limit - room)
+                prefixes = TASKS[task].content_prefixes if task in TASKS else ("",)
+                fitted, dropped = fit_input(tokenizer, instruction, text, fmt=fmt, limit=limit - room,
+                                            prefixes=prefixes)
                 if dropped:
+                    fields = split_fields(fitted, prefixes)
+                    how = (f"cut each of its fields ({', '.join(m.strip() for m, _ in fields)}) from the end, "
+                           f"{len(fitted)} characters kept" if fields else f"kept its first {len(fitted)} characters")
                     log.warning("predict: %sthe input is %d tokens too long for the model (%d positions with the "
-                                "instruction and the answer); kept its first %d characters, the instruction whole",
-                                where, dropped, limit, len(fitted))
+                                "instruction and the answer); %s, the instruction whole", where, dropped, limit, how)
                 text = fitted
         except ValueError as exc:
             raise ValueError(f"{where}{exc}") from None

@@ -170,17 +170,25 @@ def _load_task(by_task: dict[str, Any], path: Path, set_name: str, task: str) ->
                 f"{path}: set '{set_name}', task '{task}': field '{field}[{i}]' should be a non-empty string, "
                 f"got {_describe(text)}"
             )
-        placeholder = _PLACEHOLDER.search(text)
+        placeholder = placeholder_in(text)
         if placeholder is not None:
             raise DataError(
                 f"{path}: set '{set_name}', task '{task}': field '{field}[{i}]' holds the placeholder "
-                f"{placeholder.group()!r}, which coin would keep as literal text: the evaluation puts the input "
+                f"{placeholder!r}, which coin would keep as literal text: the evaluation puts the input "
                 "after the instruction, so remove it"
             )
     return list(items)
 
 
 _PLACEHOLDER = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")  # {content}, {sentence}: PromptBench's newer format
+
+
+def placeholder_in(instruction: str) -> str | None:
+    """The first template placeholder (``{content}``, ``{sentence}``: PromptBench's newer format) in an
+    instruction, or None. coin puts the input after the instruction, so a placeholder would stay literal text:
+    the evaluation's instruction files and ``coin predict`` refuse it."""
+    m = _PLACEHOLDER.search(instruction)
+    return None if m is None else m.group()
 
 
 def _describe(value: Any) -> str:

@@ -239,7 +239,8 @@ def _evaluate_task(
         room = (_answer_tokens(tokenizer, list(spec.label_words), cfg.prompt_format) if mode == "loglik"
                 else cfg.max_new_tokens)
         texts, n_cut, n_long = fit_inputs(tokenizer, pairs, fmt=cfg.prompt_format,
-                                          limit=None if limit is None else limit - room)
+                                          limit=None if limit is None else limit - room,
+                                          prefixes=spec.content_prefixes)
         if n_cut or n_long:
             cut.setdefault(mode, {})[task] = {"inputs_cut": n_cut, "instructions_too_long": n_long,
                                               "prompts": len(items)}
