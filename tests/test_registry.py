@@ -1378,3 +1378,21 @@ def test_a_store_moved_to_another_disk_and_linked_back_is_this_projects(tmp_path
     shared = Settings.model_validate({"tracking": {"experiment": "t", "uri": f"sqlite:///{tmp_path}/shared.db"}})
     setup_tracking(shared, tmp_path / "workspace")
     setup_tracking(shared, tmp_path / "workspace" / ".dvc" / "tmp" / "exps" / "tmpabc")
+
+
+def test_a_search_filter_that_fails_is_an_error_not_an_unregistered_run(store):
+    """existing_version read every MlflowException as "not registered yet": a name ending in a backslash made the
+    run-id filter fail to parse, and the same training run became a second gated version. Only a missing model is
+    "none" now; the config also refuses such a name (tests/test_config.py)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from coin.registry.register import existing_version
+
+    client = MlflowClient()
+    client.create_registered_model("plain")
+    assert existing_version(client, "plain", "0" * 32) is None  # a model with no version from that run
+    assert existing_version(client, "absent", "0" * 32) is None  # no model at all
+    client.create_registered_model("coin\\")
+    with pytest.raises(MlflowException):
+        existing_version(client, "coin\\", "0" * 32)

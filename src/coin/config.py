@@ -570,14 +570,20 @@ class RegisterSettings(_Section):
     @field_validator("model_name")
     @classmethod
     def _model_name(cls, v: str) -> str:
-        # MLflow refuses / and : (only after the adapter was logged); @ splits models:/<name>@<alias>; a quote
-        # breaks the registry's search filter (the same run was registered twice)
-        bad = sorted({c for c in v if c in "/:@'\"" or c.isspace() and c != " "} | ({"leading or trailing space"}
+        # MLflow refuses / and : (only after the adapter was logged); @ splits models:/<name>@<alias>; a quote, or a
+        # backslash at the end, breaks the registry's search filter (the same run was registered twice); # ? and %
+        # end or re-decode the runs:/ URI of the version's stored predictions and card (the gate read neither)
+        bad = sorted({c for c in v if c in _NAME_UNSAFE or c.isspace() and c != " "} | ({"leading or trailing space"}
                      if v != v.strip() else set()))
         if bad:
-            raise ValueError(f"{v!r} has {', '.join(map(repr, bad))}: a registered model name takes letters, digits, "
-                             "'-', '_', '.' and inner spaces (no / : @ or quotes)")
+            raise ValueError(f"{v!r} has {', '.join(map(repr, bad))}: a registered model name cannot hold "
+                             f"{' '.join(c for c in _NAME_UNSAFE if c not in _QUOTES)}, quotes or whitespace other "
+                             "than inner spaces; letters, digits, '-', '_', '.' and inner spaces are safe")
         return v
+
+
+_QUOTES = "'\""
+_NAME_UNSAFE = "/:@#?%\\" + _QUOTES  # what a registered model name cannot hold (RegisterSettings._model_name)
 
 
 _TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")

@@ -192,7 +192,9 @@ def existing_version(client, name: str, run_id: str):
 
     try:
         versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    except MlflowException:  # registered model does not exist yet
+    except MlflowException as exc:  # the registered model does not exist yet; any other error is not "no version":
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":  # a filter that failed to parse registered the run twice
+            raise
         return None
     return min(versions, key=lambda v: int(v.version)) if versions else None
 
