@@ -389,6 +389,18 @@ def test_coin_card_prints_the_champions_card(registry):
 def test_coin_card_compares_two_versions_side_by_side(registry, eval_dir):
     res = _coin("models:/tiny-card/1", "models:/tiny-card@champion", params=registry["params"])
     assert res.exit_code == 0, res.output
+    from mlflow import MlflowClient
+
+    from coin.registry.card import load_card
+    from coin.registry.promotion import TAG_PROTOCOL
+
+    client = MlflowClient()  # a version's protocol tag travels with its card (_unlike compares it)
+    assert "_protocol" not in load_card("models:/tiny-card/1")
+    client.set_model_version_tag("tiny-card", "1", TAG_PROTOCOL, "scoring loglik; seed 3")
+    try:
+        assert load_card("models:/tiny-card/1")["_protocol"] == "scoring loglik; seed 3"
+    finally:
+        client.delete_model_version_tag("tiny-card", "1", TAG_PROTOCOL)
     row = next(line for line in res.output.splitlines() if "pairwise consistency (perturbed)" in line)
     # m: (5/9 + 1) / 2 = 77.8 %, n: 100 %, difference +22.2 points
     assert "77.8" in row and "100.0" in row and "+22.2" in row
@@ -517,6 +529,13 @@ def test_coin_card_side_by_side_says_when_the_two_were_evaluated_differently(eva
             cell["n"] += 2
     text = said(a, more)
     assert "Not comparable as B − A" in text and "examples" in text
+    # two registered versions whose protocol lines (coin.eval_protocol, as load_card passes them) differ elsewhere,
+    # in the evaluation seed: the gate refuses to compare them, and B − A was printed without a word
+    line = "scoring loglik; seed 0; examples rte:4; sets clean,textfooler; prompt train"
+    text = said({**a, "_protocol": line}, {**b, "_protocol": line.replace("seed 0", "seed 7")})
+    assert "Not comparable as B − A" in text and "seed 0 / seed 7" in text, text
+    reordered = line.replace("clean,textfooler", "textfooler,clean")  # one protocol, as same_protocol reads it
+    assert "Not comparable" not in said({**a, "_protocol": line}, {**b, "_protocol": reordered})
 
 
 def test_a_model_dropped_from_the_evaluation_leaves_no_card_of_it(tmp_path):
@@ -586,3 +605,30 @@ def test_a_set_name_with_a_line_break_keeps_the_markdown_table_whole():
 
     md = to_markdown([Table(["task", "clean", "typos\nv2|b"], [["sst2", "90.0", "8\r\n0"]])])
     assert md.splitlines()[:3] == ["| task | clean | typos v2\\|b |", "|---|---:|---:|", "| sst2 | 90.0 | 8 0 |"]
+
+
+def test_an_undefined_pdr_panel_names_its_reason(monkeypatch):
+    """Two models, one scored on textfooler only and one on clean only: no PDR is defined, and the panel said
+    "clean accuracy 0" although the clean model scored well. It names the reason now; a clean accuracy of 0 keeps
+    its own."""
+    import matplotlib.axes
+
+    from coin.evaluation.report import plots
+
+    real_text, said = matplotlib.axes.Axes.text, []
+
+    def spy(self, x, y, s, *args, **kwargs):
+        said.append(str(s))
+        return real_text(self, x, y, s, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "text", spy)
+    only_tf = _result("a", TABLE[TABLE["set"] == "textfooler"])
+    only_clean = _result("b", TABLE[TABLE["set"] == "clean"])
+    only_tf.sets, only_clean.sets = ["textfooler"], ["clean"]
+    assert plots.plot_pdr([only_tf, only_clean]) is not None
+    assert "undefined: no model was scored on both clean and a perturbed set" in said, said
+    said.clear()
+    zero = TABLE.copy()
+    zero.loc[zero["set"] == "clean", "pred"] = 1 - zero.loc[zero["set"] == "clean", "label"]  # every clean answer wrong
+    plots.plot_pdr([_result("z", zero)])
+    assert "undefined: clean accuracy 0" in said, said

@@ -286,6 +286,10 @@ def test_sets_named_by_set_are_checked_against_the_instructions_file(project, ti
     ("duplicate-label", 2, ["label(s) ['x'] given twice"]),
     ("reserved-label", 2, ["'reference' is reserved"]),
     ("bad-label", 3, ["my model=", "if 'my model' is meant as the LABEL, rename it"]),
+    # '$' let 'foo\n' pass as a label: metrics.json keys, report headings and cards/<label> broke at the newline
+    ("newline-label", 3, ["if 'foo\\n' is meant as the LABEL, rename it"]),
+    # the whole LABEL=SPEC was tried as a path first: a 260-character label exited 5 with "File name too long"
+    ("long-label", 4, ["is meant as the LABEL, rename it: a label is at most 100 letters"]),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_malformed_inputs_are_refused_before_any_model_loads(project, tiny_llama_dir, monkeypatch, case, code,
                                                              expect):
@@ -328,7 +332,8 @@ def test_malformed_inputs_are_refused_before_any_model_loads(project, tiny_llama
             "not-a-model-run": [str(tiny_llama_dir), f"runs:/{run_id}/evaluate"],
             "instructions": [str(tiny_llama_dir)],
             "duplicate-label": [f"x={tiny_llama_dir}", f"x={tiny_llama_dir}"],
-            "reserved-label": [f"reference={tiny_llama_dir}"], "bad-label": [f"my model={tiny_llama_dir}"]}[case]
+            "reserved-label": [f"reference={tiny_llama_dir}"], "bad-label": [f"my model={tiny_llama_dir}"],
+            "newline-label": [f"foo\n={tiny_llama_dir}"], "long-label": ["a" * 260 + "=minilm"]}[case]
     if case == "instructions":
         bad = project["tmp"] / "bad_instructions.json"
         bad.write_text(json.dumps({"perturbations": {"clean": {"sst2": ["ok: ", 7]}}}))

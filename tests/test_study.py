@@ -819,6 +819,8 @@ def test_a_study_sweeping_the_row_draw_prepares_pairs_per_draw_and_pools_them(pr
     assert pooled["n_seeds"] == 2 and pooled["interval"]["clean"]["mean"] == pytest.approx(np.mean(cells), abs=1e-3)
     report = (out / "report.md").read_text()
     assert "pooled over pairs.seed" in report and "resamples the draws" in report
+    page = (out / "report.html").read_text()  # the group's name in bold on the page too, not between literal *s
+    assert "The group <b>pooled over pairs.seed</b> takes" in page and "*pooled" not in page
     # the pooled group counts cells (draws × seeds), not seeds, in its table header and captions
     pooled_part = report[report.index("## Methods · pooled over pairs.seed"):]
     pooled_part = pooled_part[:pooled_part.index("\n![", 1)]  # its tables, not the figures of every group

@@ -47,7 +47,10 @@ log = logging.getLogger("coin")
 
 URI_SCHEMES = ("models", "runs")
 URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")  # models:/, runs:/, file:/, s3://...
-_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]*$")
+# a label names a report column and the folders cards/<label>, models/<label>: whole-string matches only (``$``
+# let a label end in a newline), and short enough for a file name
+LABEL_MAX = 100
+_LABEL = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.@+-]{{0,{LABEL_MAX - 1}}}")
 
 # what a base model's outputs are read from: its config, weights and every tokenizer file (a BPE tokenizer saved
 # without tokenizer.json is vocab.json + merges.txt; added and special tokens change the ids too)
@@ -96,21 +99,29 @@ class EvaluationRun:
 def split_label(arg: str) -> tuple[str | None, str]:
     """``"mine=models:/x@y"`` -> ``("mine", "models:/x@y")``; no label -> ``(None, arg)``. An existing path is a
     spec whole, ``=`` and all (a study cell's directory is named ``coin-s0-train.lr=0.0005``)."""
-    if "=" in arg and Path(arg).expanduser().exists():
+    if "=" in arg and _exists(arg):
         return None, arg
     head, sep, tail = arg.partition("=")
-    if sep and tail and _LABEL.match(head):
+    if sep and tail and _LABEL.fullmatch(head):
         return head, tail
     return None, arg
+
+
+def _exists(path: str) -> bool:
+    """``Path(path).expanduser().exists()``, False for a string no file can have (too long a name: ENAMETOOLONG)."""
+    try:
+        return Path(path).expanduser().exists()
+    except (OSError, ValueError):
+        return False
 
 
 def _label_hint(spec: str) -> str:
     """Why ``spec`` was not split at its ``=``: the part before it is not a valid LABEL."""
     head, sep, tail = spec.partition("=")
-    if not (sep and tail) or _LABEL.match(head):
+    if not (sep and tail) or _LABEL.fullmatch(head):
         return ""
-    return (f"; if {head!r} is meant as the LABEL, rename it: a label is letters, digits and _ . @ + -, starting "
-            "with a letter or digit")
+    return (f"; if {head[:60]!r}{'...' if len(head) > 60 else ''} is meant as the LABEL, rename it: a label is at most "
+            f"{LABEL_MAX} letters, digits and _ . @ + -, starting with a letter or digit")
 
 
 def _sha_files(files: list[Path], root: Path) -> str:
@@ -318,7 +329,7 @@ def resolve_target(arg: str, settings: Settings, root: Path, *, fingerprint: boo
         key = _base_fingerprint(spec, _base_dir(spec), settings) if fingerprint else ""
     else:
         path = Path(spec).expanduser()
-        if path.exists():
+        if _exists(spec):
             location = str(path.resolve())
             kind, key = _check_directory(spec, path, settings, fingerprint)
         elif _looks_like_path(spec):

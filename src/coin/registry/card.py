@@ -122,7 +122,8 @@ def resolve_version(client, ref: str):
 
 
 def load_card(ref: str, client=None) -> dict[str, Any]:
-    """The robustness card of the version ``ref`` names, with ``_ref`` / ``_name`` / ``_version`` added."""
+    """The robustness card of the version ``ref`` names, with ``_ref`` / ``_name`` / ``_version`` added, and
+    ``_protocol``, the version's evaluation protocol line, where it has one."""
     from mlflow import MlflowClient
 
     client = client or MlflowClient()
@@ -139,4 +140,7 @@ def load_card(ref: str, client=None) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 -- MLflow raises several types for a missing artifact
             raise CardUnavailable(f"{ref}: {mv.name} version {mv.version}: its card {uri} cannot be read "
                                   f"({type(exc).__name__}: {exc})") from None
-    return {**card, "_ref": ref, "_name": mv.name, "_version": str(mv.version)}
+    from coin.registry.promotion import TAG_PROTOCOL
+
+    protocol = {"_protocol": mv.tags[TAG_PROTOCOL]} if mv.tags.get(TAG_PROTOCOL) else {}  # what the gate compares
+    return {**card, "_ref": ref, "_name": mv.name, "_version": str(mv.version), **protocol}

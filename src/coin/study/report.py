@@ -145,7 +145,7 @@ def _header(study: dict[str, Any]) -> list[Any]:
         items.append(f"Swept: `{info['sweep_key']}` over {', '.join(values)}.")
     if _has_pooled(study):
         items.append(f"Each value of `{info['sweep_key']}` is a draw of training rows, with its own pairs and "
-                     f"validation gate. The group *{pooled_label(info['sweep_key'])}* takes every cell: per method "
+                     f"validation gate. The group **{pooled_label(info['sweep_key'])}** takes every cell: per method "
                      "the mean over draws of the mean over seeds, and an interval that resamples the draws, the seeds "
                      "within each draw and the examples. Quote that interval for a recipe: the rows it trains on "
                      "move the result as much as the training seed.")

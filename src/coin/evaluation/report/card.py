@@ -128,8 +128,20 @@ def _examples_per_task(card: dict[str, Any]) -> dict[str, list[int]]:
 
 def _unlike(a: dict[str, Any], b: dict[str, Any]) -> str:
     """What differs between the protocols two cards were scored under ('' when nothing): their scoring, their
-    instruction sets, their examples per task (the gate calls such a pair "Not comparable")."""
+    instruction sets, their examples per task, and, for two registered versions (``_protocol``, their
+    ``coin.eval_protocol`` tags), any other part of the protocol the promotion gate compares (the evaluation seed,
+    the data, the instruction file, ...): the gate calls such a pair "Not comparable"."""
+    from coin.evaluation.result import same_protocol
+
     diffs = []
+    line_a, line_b = a.get("_protocol"), b.get("_protocol")
+    if isinstance(line_a, str) and isinstance(line_b, str) and not same_protocol(line_a, line_b):
+        parts_a, parts_b = line_a.split("; "), line_b.split("; ")
+        own = ("scoring ", "sets ", "examples ")  # compared below from the cards themselves
+        only_a = [p for p in parts_a if p not in parts_b and not p.startswith(own)]
+        only_b = [p for p in parts_b if p not in parts_a and not p.startswith(own)]
+        if only_a or only_b:
+            diffs.append(f"{', '.join(only_a) or DASH} / {', '.join(only_b) or DASH}")
     if a.get("scoring") != b.get("scoring"):
         diffs.append(f"scoring {a.get('scoring')} / {b.get('scoring')}")
     sets_a, sets_b = [sorted((c.get("order") or {}).get("sets") or []) for c in (a, b)]

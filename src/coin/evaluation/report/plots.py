@@ -173,7 +173,9 @@ def plot_pdr(results: list[EvalResult]) -> Plot | None:
               colors=colors)
         ax.axhline(0, color="black", linewidth=0.8)
         if not any(_isnum(v) for _, vals, _ in series for v in vals):
-            ax.text(0.5, 0.5, "undefined: clean accuracy 0", transform=ax.transAxes, ha="center", va="center")
+            paired = any(m in r.scorings and CLEAN in r.sets and set(_perturbed(r)) for r in results)
+            why = "clean accuracy 0" if paired else "no model was scored on both clean and a perturbed set"
+            ax.text(0.5, 0.5, f"undefined: {why}", transform=ax.transAxes, ha="center", va="center")
         ax.set_title(f"{m}: performance drop rate vs clean by perturbation level (lower is more robust)",
                      fontsize="medium")
     return Plot("pdr", _png(fig), "Performance drop rate by perturbation level: PDR (set means), 1 − acc/acc_clean, "
