@@ -770,6 +770,21 @@ def test_pooled_draws_pair_by_draw_and_seed_and_widen_the_interval_by_the_draw()
         aggregate(lopsided, ["cit", "sft"], n_boot=200, pool="pairs.seed")
 
 
+def test_a_pooled_figure_is_the_mean_over_draws_also_with_unequal_seeds_per_draw():
+    """Draw 42 with four seeds (cit 70), draw 7 with one (cit 50): the pooled figure was the mean over the five cells
+    (66.0) beside an interval centred on the mean over draws (60.0), which README and the difference use."""
+    from coin.study.aggregate import aggregate
+
+    cells = synth_cells(gap=8, seeds=(0, 1, 2, 3), sweep="pairs.seed=42") + synth_cells(gap=0, seeds=(0,),
+                                                                                        sweep="pairs.seed=7")
+    pooled = aggregate(cells, ["cit", "sft"], n_boot=200, pool="pairs.seed")["groups"][-1]
+    cit = pooled["methods"]["cit"]
+    assert cit["figures"]["clean_acc"]["mean"] == pytest.approx(60.0) == cit["interval"]["clean"]["mean"]
+    assert cit["levels"]["clean"]["mean"] == pytest.approx(60.0) and cit["n_seeds"] == 5
+    assert cit["figures"]["clean_acc"]["std"] == pytest.approx(8.944, abs=1e-3)  # still over every cell
+    assert pooled["differences"][0]["clean"]["delta"] == pytest.approx(10.0)
+
+
 def test_a_study_sweeping_the_row_draw_prepares_pairs_per_draw_and_pools_them(prefect_harness, tiny_llama_dir,
                                                                              tmp_path):
     """--sweep pairs.seed=[3,4]: each draw gets its own pairs and validation gate (the rows `coin pairs` draws with
@@ -825,6 +840,7 @@ def test_a_study_sweeping_the_row_draw_prepares_pairs_per_draw_and_pools_them(pr
     pooled_part = report[report.index("## Methods · pooled over pairs.seed"):]
     pooled_part = pooled_part[:pooled_part.index("\n![", 1)]  # its tables, not the figures of every group
     assert "| method | cells |" in pooled_part and "over seeds" not in pooled_part
+    assert "mean over draws of each draw's seed mean ± sample std over every cell" in pooled_part
 
 
 # --------------------------------------------------------------------------- grid and settings

@@ -328,6 +328,19 @@ def aggregate_group(cells: list[CellData], methods: Sequence[str], *, n_boot: in
         for part, by in per_cell.items()}
     reps = hierarchical_replicates(mats, codes, n_boot=n_boot, seed=seed, draws=draws)  # one draw for every part
 
+    def summary(values: list[Any], m: str) -> dict[str, Any]:
+        """Mean ± sample std of one figure over a method's cells; pooled, the mean is over draws of each draw's mean
+        (as ``points``): with unequal seeds per draw, the mean over every cell disagreed with the interval's centre
+        and the differences (66.0 against 60.0 for draws of 4 seeds and 1 seed)."""
+        out = _mean_std(values)
+        if pooled and out["mean"] is not None:
+            by_draw: dict[int, list[float]] = {}
+            for v, d in zip(values, draws[m], strict=True):
+                if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                    by_draw.setdefault(int(d), []).append(float(v))
+            out["mean"] = json_number(float(np.mean([np.mean(vs) for vs in by_draw.values()])))
+        return out
+
     methods_out: dict[str, Any] = {}
     for m, cs in per_method.items():
         levels = list(dict.fromkeys(lvl for c in cs for lvl in c.levels))
@@ -338,9 +351,9 @@ def aggregate_group(cells: list[CellData], methods: Sequence[str], *, n_boot: in
                         "ci_high": json_number(hi)}
         methods_out[m] = {
             "seeds": seeds[m], "n_seeds": len(cs),
-            "figures": {f: {**_mean_std(c.figures.get(f) for c in cs),
+            "figures": {f: {**summary([c.figures.get(f) for c in cs], m),
                             "values": {str(unit(c)): json_number(c.figures.get(f)) for c in cs}} for f in FIGURES},
-            "levels": {lvl: _mean_std(c.levels.get(lvl) for c in cs) for lvl in levels},
+            "levels": {lvl: summary([c.levels.get(lvl) for c in cs], m) for lvl in levels},
             "interval": ci,
         }
 

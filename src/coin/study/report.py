@@ -183,10 +183,12 @@ def _summary(study: dict[str, Any]) -> list[Any]:
             rows.append([m, str(b["n_seeds"]), *[f_ms(b["figures"][f], fmt(f)) for f in shown[:2]],
                          f_ci(iv["mean"], iv["ci_low"], iv["ci_high"]),
                          *[f_ms(b["figures"][f], fmt(f)) for f in shown[2:]]])
-        out += [Heading("Methods" + _group_title(g)), Table(header(g), rows, text_cols=1, caption=caption if not g.get(
-            "pooled") else caption.replace("over the training seeds (each seed", "over every cell, draws × seeds (each "
-                                           "cell").replace("over seeds and examples", "over draws, seeds within each "
-                                                           "draw, and examples"))]
+        pooled_caption = caption.replace(
+            "mean ± sample std over the training seeds (each seed",
+            "mean over draws of each draw's seed mean ± sample std over every cell, draws × seeds (each cell",
+        ).replace("over seeds and examples", "over draws, seeds within each draw, and examples")
+        out += [Heading("Methods" + _group_title(g)),
+                Table(header(g), rows, text_cols=1, caption=pooled_caption if g.get("pooled") else caption)]
         if not perturbed:  # one level, the clean column above
             continue
         lv = _levels(g)
