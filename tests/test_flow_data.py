@@ -171,10 +171,18 @@ def test_runs_of_data_changed_in_place_are_tagged_dirty(tmp_path, monkeypatch):
     v0 = data_version(project)
     assert provenance_tags(settings, project, "pairs")["coin.data_version"] == v0
     f = project / "data" / "glue" / "sst2.train.jsonl"
-    f.write_text(f.read_text().upper())
+    original = f.read_text()
+    f.write_text(original.upper())
     assert provenance_tags(settings, project, "pairs")["coin.data_version"] == f"{v0}-dirty"
     (project / "data.dvc").unlink()  # no DVC: the data stage and every run's tag use one word
     assert provenance_tags(settings, project, "pairs")["coin.data_version"] == "untracked" == data_version(project)
+    # untracked data is checked all the same: the stage said "done" over a bad row, found only by `coin pairs`
+    f.write_text(original)
+    assert version_data(settings, project)["rows"]["sst2.train"] == original.count("\n")
+    with f.open("a") as fh:
+        fh.write('{"sentence": "x", "label": 7}\n')
+    with pytest.raises(DataError, match=r"sst2\.train\.jsonl:\d+: field 'label' = 7 is not a sst2 label id"):
+        version_data(settings, project)
 
 
 def test_a_data_folder_of_the_users_own_is_never_dvc_added_and_a_changed_data_dir_is_left_as_is(tmp_path,

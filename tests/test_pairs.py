@@ -510,6 +510,39 @@ def test_a_hard_negative_never_has_the_originals_input(tmp_path):
         list(build_task_pairs(only_twins, "cola", _cfg(tasks=["cola"], rows_per_task=2, val_fraction=0.0), 0))
 
 
+def test_inputs_that_differ_only_in_unicode_form_or_spaces_are_one_input(tmp_path):
+    """"a café" composed (NFC) and decomposed (NFD), or GLUE's "a b c . " beside "a b c .", tokenize alike, but were
+    two inputs: each was the other's hard negative (the same prompt, the other target), and one could be held out
+    while its twin was trained on. Case and punctuation still tell rows apart (cola's rows differ by a comma)."""
+    import unicodedata
+
+    from coin.data.pairs import same_form
+    from coin.validation.checks import negative_valid
+
+    nfc, nfd = unicodedata.normalize("NFC", "A café I loved."), unicodedata.normalize("NFD", "A café I loved.")
+    assert nfc != nfd and same_form(nfc) == same_form(nfd) == same_form(" A  café I loved. ")
+    comma, none, lower = "The man, a ball kicked.", "The man a ball kicked.", "the man a ball kicked."
+    assert same_form(comma) != same_form(none) != same_form(lower)
+    data = _cola_rows(tmp_path, [{"sentence": nfc, "label": 1}, {"sentence": nfd, "label": 0},
+                                 {"sentence": "X y z.", "label": 1}, {"sentence": "Q r s.", "label": 0}])
+    for seed in range(8):
+        for r in build_task_pairs(data, "cola", _cfg(tasks=["cola"], rows_per_task=4, val_fraction=0.0), seed):
+            assert same_form(r["negative_inputs"]["sentence"]) != same_form(r["inputs"]["sentence"]), r
+            assert not negative_valid(r)
+    spaced = _cola_rows(tmp_path / "spaced", [{"sentence": "A b c . ", "label": 1},
+                                              {"sentence": "A b c .", "label": 1},
+                                              {"sentence": "X y z.", "label": 0}, {"sentence": "Q r s.", "label": 0}])
+    for seed in range(8):
+        rows = list(build_task_pairs(spaced, "cola", _cfg(tasks=["cola"], rows_per_task=4, val_fraction=0.25), seed))
+        val = {same_form(r["inputs"]["sentence"]) for r in rows if r["split"] == "val"}
+        train = {same_form(r["inputs"]["sentence"]) for r in rows if r["split"] == "train"}
+        assert val and train and not val & train, (seed, val, train)
+    # the gate's check reads the two prompts alike too
+    row = next(iter(build_task_pairs(data, "cola", _cfg(tasks=["cola"], rows_per_task=4, val_fraction=0.0), 0)))
+    twin = {**row, "negative_prompt": unicodedata.normalize("NFD", row["original_prompt"]).replace(" ", "  ")}
+    assert [f.code for f in negative_valid(twin)][:1] == ["same_prompt"]
+
+
 def test_the_val_split_is_disjoint_by_input(tmp_path):
     """Rows were held out by index: a repeated input could be held out and trained on."""
     data = _cola_rows(tmp_path, [{"sentence": "A b c.", "label": 1}, {"sentence": "A b c.", "label": 1},

@@ -300,6 +300,18 @@ def _break(name: str, row: dict[str, Any]) -> None:
         row["paraphrase_prompt"] = row["paraphrase_prompt"].replace(text, text + " Always answer positive.", 1)
     elif name == "negative_text_appended":
         row["negative_prompt"] += "\nAnswer: " + row["negative_target"]
+    elif name == "negative_same_input":  # the original's own input, its options listed the other way round
+        row["negative_inputs"] = dict(row["inputs"])
+        words = row["answer_words"]
+        row["negative_prompt"] = row["original_prompt"].replace("- " + "\n- ".join(words),
+                                                                "- " + "\n- ".join(reversed(words)))
+        assert row["negative_prompt"] != row["original_prompt"]
+    elif name == "leaked_eval_example_in_instruction":  # a validation sentence as the instruction's worked case
+        val = load_validation_rows("data", "sst2")[0][3]["sentence"]
+        _set_paraphrase(row, f"Is this movie review positive or negative? For example, '{val}' is positive."
+                             "\n{sentence}\n{options_}")
+    elif name == "wordless_paraphrase":  # no instruction at all: the placeholders and the options
+        _set_paraphrase(row, "{sentence}\n{options_}")
     else:
         raise KeyError(name)
 
@@ -345,6 +357,9 @@ BROKEN: dict[str, tuple[set[str], bool]] = {
     "answers_reordered": ({"target_in_answer_set"}, True),
     "answers_of_another_task": ({"target_in_answer_set"}, False),
     "negative_text_appended": ({"negative_valid"}, True),
+    "negative_same_input": ({"negative_valid"}, True),
+    "leaked_eval_example_in_instruction": ({"example_leakage"}, False),
+    "wordless_paraphrase": ({"paraphrase_differs"}, False),
 }
 # a reason text that must be in the row's reasons (names the field and what is wrong)
 REASONS = {
@@ -378,6 +393,10 @@ REASONS = {
     "paraphrase_text_appended": "paraphrase_prompt is not paraphrase_instruction filled with the row's inputs",
     "answers_reordered": "are sst2's label words in another order; word i must name label i",
     "answers_of_another_task": "has 3 words, but task 'rte' has 2 labels",
+    "negative_same_input": "negative_inputs equal inputs (up to Unicode form and whitespace)",
+    "leaked_eval_example_in_instruction":
+        "paraphrase_instruction contains evaluation example sst2.validation:3 of sst2",
+    "wordless_paraphrase": "paraphrase_instruction has no words beside its placeholders",
     "negative_text_appended": "negative_prompt is not original_instruction filled with the row's negative_inputs",
 }
 
@@ -463,12 +482,12 @@ def test_broken_run_keeps_every_row(broken_run, real_rows):
     summary = read_json(out / "summary.json")
     assert summary["rejects_per_reason"]["schema.unique:pair_id"] == 2
     negative_failed = {pid for pid, rs in rejects.items() if "negative_valid" in rs[0]["failed_checks"]}
-    # the four broken negatives, two rows whose negative cannot be checked (null target, no negative_prompt), and
+    # the five broken negatives, two rows whose negative cannot be checked (null target, no negative_prompt), and
     # the blanked negative input (its prompt still holds the old one: not the instruction filled with its inputs)
     assert negative_failed == {f"broken:{n}" for n in (
         "negative_same_target", "negative_same_example", "negative_same_prompt", "negative_text_appended",
-        "null_target", "missing_key", "empty_negative_input")}
-    assert summary["checks"]["negative_valid"]["failures"] == 7
+        "negative_same_input", "null_target", "missing_key", "empty_negative_input")}
+    assert summary["checks"]["negative_valid"]["failures"] == 8
     assert summary["rejects_per_reason"]["negative_valid.unusable"] == 2
 
 
@@ -555,6 +574,12 @@ def test_per_task_counts_and_a_task_left_without_rows_fails_the_gate(real_rows, 
     assert "FAILED**: 33/41 rows valid" in info.value.report.to_markdown()
     assert "; **every training row of wnli was rejected" in info.value.report.to_markdown().splitlines()[0]
     assert "| wnli | 5 | 1 | 4 | 0.200 (**no training row left**) |" in info.value.report.to_markdown()
+    # below the threshold too: lowering it alone is still no fix for the emptied task, and the message said it was
+    with pytest.raises(GateFailed) as both:
+        gate(rows, tokenizer, tmp_path / "both", embedder, eval_sources, min_pass_rate=0.9)
+    msg = str(both.value)
+    assert "is below validate.min_pass_rate = 0.9" in msg and "drop the task (from pairs.tasks" in msg, msg
+    assert "or lower validate.min_pass_rate." not in msg, msg
     # the stray row alone: rejected, counted apart, and the gate passes at threshold 0
     assert gate([stray, *rows_copy(real_rows)], tokenizer, tmp_path / "again", embedder, eval_sources,
                 min_pass_rate=0.0).passed
@@ -673,6 +698,22 @@ def test_training_refuses_rows_that_the_verdict_beside_them_did_not_judge(real_r
     assert len(read_jsonl(tmp_path / "valid.jsonl")) == 5  # ... beside this run's rows
     with pytest.raises(DataError, match=r"valid\.jsonl: not the rows .*summary\.json judged .*Rerun `coin validate`"):
         read_training_rows(tmp_path / "valid.jsonl", "")
+
+
+def test_training_at_a_shorter_cutoff_than_the_gate_judged_is_refused_before_any_step(real_rows, tokenizer, tmp_path,
+                                                                                     embedder, eval_sources):
+    """`coin train --set pairs.cutoff_len=N` below the gate's cutoff read the rows, then failed on the first row that
+    did not fit, after a number of steps the data order decided (and again on resume). Refused up front now; the
+    same or a longer cutoff reads the rows."""
+    from coin.validation.result import read_training_rows
+
+    rows = rows_copy(real_rows[:6])
+    gate(rows, tokenizer, tmp_path, embedder, eval_sources, cutoff=CUTOFF)
+    valid = tmp_path / "valid.jsonl"
+    assert read_training_rows(valid, "", cutoff_len=CUTOFF) == read_training_rows(valid, "", cutoff_len=CUTOFF + 64)
+    with pytest.raises(DataError, match=rf"judged these rows at pairs.cutoff_len = {CUTOFF}, and training cuts at "
+                                        rf"{CUTOFF - 1}: .*Rerun `coin validate` with pairs.cutoff_len = {CUTOFF - 1}"):
+        read_training_rows(valid, "", cutoff_len=CUTOFF - 1)
 
 
 def test_a_gate_that_keeps_no_row_at_threshold_0_says_so_not_an_unnamed_task(real_rows, tokenizer, tmp_path,
@@ -934,3 +975,12 @@ def test_the_report_logged_to_mlflow_finds_its_data_docs_pages(valid_run, tmp_pa
     links = re.findall(r'href="([^"#]+)"', (lay.validated_dir / "report.html").read_text())
     assert links and all(f"validate/{link}" in logged for link in links), (links, sorted(logged))
     assert not any("/static/" in p for p in logged)  # the pages' fonts and styles stay behind
+
+
+def test_a_cosine_beside_its_bound_is_printed_with_the_digits_that_tell_them_apart():
+    """0.68487 against min_similarity 0.685 read "is 0.685, below validate.min_similarity = 0.685"; a cosine just
+    below 0.684867710895852 read "0.685, below" it."""
+    from coin.validation.checks import _apart
+
+    assert _apart(0.68487, 0.685) == "0.6849" and _apart(0.9803, 0.98) == "0.9803"
+    assert _apart(0.6848677108, 0.684867710895852) == "0.6848677" and _apart(0.5, 0.4) == "0.500"

@@ -48,8 +48,8 @@ def _run_tags(settings: Settings, root: Path, stage: str) -> dict[str, Any]:
 def stage_data(settings: Settings, root: Path) -> dict[str, Any]:
     """Make sure the DVC-tracked data is in the workspace (``dvc pull`` from the configured remote if not).
 
-    Returns ``{"data_version": md5, "pulled": bool}``. Offline by construction: the default remote is
-    ``dvc-remote/`` inside the repository.
+    Returns ``{"data_version": md5, "pulled": bool, "rows": ...}`` (:func:`check_data`'s row counts, also for data
+    that no data.dvc tracks). Offline by construction: the default remote is ``dvc-remote/`` inside the repository.
     """
     from coin.registry.tracking import data_version
 
@@ -58,7 +58,8 @@ def stage_data(settings: Settings, root: Path) -> dict[str, Any]:
     if not (root / "data.dvc").exists():
         if not lay.data_dir.exists():
             raise DataError(f"{lay.data_dir}: missing and no data.dvc to restore it from")
-        return {"data_version": data_version(root), "pulled": False}  # 'untracked', as every run's tag says
+        # 'untracked', as every run's tag says; checked all the same (a bad row surfaced only later, in pairs)
+        return {"data_version": data_version(root), "pulled": False, "rows": check_data(settings, root)}
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
@@ -343,7 +344,8 @@ def stage_train(settings: Settings, root: Path, method: str | None = None) -> di
     lay = Layout(root, settings)
     from coin.validation.result import read_training_rows
 
-    rows = read_training_rows(lay.valid_file, missing_hint="Run `coin validate` first.")
+    rows = read_training_rows(lay.valid_file, missing_hint="Run `coin validate` first.",
+                              cutoff_len=settings.pairs.cutoff_len)
     # the whole list (`coin train`, `dvc repro`: one stage for every method) keeps a method whose training would come
     # out as its last one did: adding cit to train.methods retrained coin to the same weights and registered them
     # again as a new version. The Prefect flow trains one method per call (method=M), after its own cache key

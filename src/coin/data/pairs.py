@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,8 +265,17 @@ def _draw_other(rng: random.Random, others: list[int], twins: set[int]) -> int:
 
 
 def _input_key(row: dict[str, Any], fields: Sequence[str]) -> tuple[str, ...]:
-    """What makes two rows the same input: their input fields' text."""
-    return tuple(str(row.get(f)) for f in fields)
+    """What makes two rows the same input: their input fields' text, up to its form (:func:`same_form`)."""
+    return tuple(same_form(str(row.get(f))) for f in fields)
+
+
+def same_form(text: str) -> str:
+    """``text`` in NFKC with its whitespace runs made single spaces, ends stripped: two texts equal so differ only in
+    form, and a tokenizer reads them alike ("café" composed or not, GLUE's "a charming journey . " and "a
+    charming journey ."). Compared raw, such twins were each other's hard negative (the same prompt under the
+    other target) and one was trained on while the other was held out. Case and punctuation stay: cola's
+    "The man, a ball kicked." and "The man a ball kicked." are rows of their own, with different labels."""
+    return " ".join(unicodedata.normalize("NFKC", text).split())
 
 
 def build_pairs(data_dir: str | Path, cfg: PairsSettings, seed: int) -> list[dict[str, Any]]:

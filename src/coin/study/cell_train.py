@@ -56,7 +56,7 @@ def train_cell(s: Settings, method: str, seed: int, name: str, tmp: Path, pairs:
         done.unlink()
         shutil.rmtree(tmp / ADAPTER_DIR, ignore_errors=True)
     rows = read_training_rows(pairs, missing_hint="Run `coin study` (it prepares the pairs) or pass --pairs FILE.",
-                              rerun="coin study")
+                              rerun="coin study", cutoff_len=s.pairs.cutoff_len)
     # continue from the work directory's latest checkpoint, if an earlier run of this cell left one
     # (train.resume is not part of the cell's key: it cannot change the result)
     s_run = s.model_copy(update={"train": s.train.model_copy(update={"resume": True})})

@@ -17,14 +17,15 @@ imported lazily because ``great_expectations`` takes ~4 s to import) first, then
 
 ====================  ==========================================================================
 text_valid            required text present, not empty, valid UTF-8 (no U+FFFD / lone surrogates)
-paraphrase_differs    paraphrase instruction and prompt differ from the original beyond case/space/punct.
+paraphrase_differs    paraphrase instruction and prompt differ from the original beyond case/space/punct.,
+                      and the paraphrase instruction has words of its own
 semantic_similarity   MiniLM cosine of the two instructions within [validate.min_similarity, max_similarity]
 target_in_answer_set  target / negative_target are the answer words of label / negative_label
 inputs_present        every input text appears in both prompts
 option_words          option / label words the original instruction names survive in the paraphrase
-negative_valid        negative: the original's instruction, another example, another target
+negative_valid        negative: the original's instruction, another example and input, another target
 instruction_leakage   no evaluation instruction in, or near-duplicate of, a training instruction
-example_leakage       no evaluation example in a row's inputs
+example_leakage       no evaluation example in a row's inputs, its negative's, or its instructions
 token_length          prompt + response tokens within pairs.cutoff_len
 ====================  ==========================================================================
 
@@ -43,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from coin.data.pairs import same_form
 from coin.data.prompts import PromptFormat, format_prompt, response_lengths
 from coin.validation.embeddings import instruction_text
 from coin.validation.leakage import ExampleIndex, InstructionHit, example_leaks, max_text_ratio, normalise, text_ratios
@@ -180,6 +182,11 @@ def paraphrase_differs(row: Row) -> list[Finding]:
                 f"paraphrase_{kind} equals original_{kind} up to case, whitespace and punctuation "
                 f"({_short(b, 30)} vs {_short(a, 30)})",
             ))
+    if not re.search(r"\w", instruction_text(row["paraphrase_instruction"], fields=False)):
+        # "{sentence}\n{options_}": the similarity check reads its placeholders' names as words ("sentence"), and
+        # passed it as a paraphrase of an instruction that speaks of sentences
+        out.append(Finding("no_instruction", f"paraphrase_instruction has no words beside its placeholders "
+                                             f"({_short(row['paraphrase_instruction'], 30)}): it instructs nothing"))
     return out
 
 
@@ -194,6 +201,17 @@ def _describe(values: list[float]) -> dict[str, Any]:
     q = np.percentile(a, [0, 5, 50, 95, 100])
     return {"n": len(values),
             **{k: round(float(v), 4) for k, v in zip(("min", "p05", "median", "p95", "max"), q, strict=True)}}
+
+
+def _apart(value: float, bound: float) -> str:
+    """``value`` to 3 decimals, or to as many more as it takes to read on the same side of ``bound`` as it is (a
+    cosine of 0.68487 was printed "0.685, below validate.min_similarity = 0.685", and 0.6848677 "0.685, below
+    validate.min_similarity = 0.684867710895852")."""
+    for digits in range(3, 16):
+        text = f"{value:.{digits}f}"
+        if (float(text) < bound) == (value < bound) and (float(text) > bound) == (value > bound):
+            return text
+    return repr(value)
 
 
 @register("semantic_similarity")
@@ -213,13 +231,13 @@ def semantic_similarity(rows: Sequence[Row], ctx: CheckContext) -> list[CheckRes
         if c < lo:
             findings[i].append(Finding(
                 "meaning_drift",
-                f"MiniLM cosine of original_instruction and paraphrase_instruction is {c:.3f}, below "
+                f"MiniLM cosine of original_instruction and paraphrase_instruction is {_apart(c, lo)}, below "
                 f"validate.min_similarity = {lo} (the paraphrase may not mean the same)",
             ))
         elif c > hi:
             findings[i].append(Finding(
                 "near_copy",
-                f"MiniLM cosine of original_instruction and paraphrase_instruction is {c:.3f}, above "
+                f"MiniLM cosine of original_instruction and paraphrase_instruction is {_apart(c, hi)}, above "
                 f"validate.max_similarity = {hi} (a near-copy, not a paraphrase)",
             ))
     ctx.artifacts["similarity"] = per_row
@@ -450,8 +468,16 @@ def _fills(text: str, pos: int, pieces: list[tuple[str, ...]]) -> bool:
     "target", "negative_target")})
 def negative_valid(row: Row) -> list[Finding]:
     out = []
-    if row["negative_prompt"] == row["original_prompt"]:
-        out.append(Finding("same_prompt", "negative_prompt equals original_prompt"))
+    if same_form(row["negative_prompt"]) == same_form(row["original_prompt"]):  # Unicode form, spaces aside
+        out.append(Finding("same_prompt", "negative_prompt equals original_prompt"
+                           + ("" if row["negative_prompt"] == row["original_prompt"] else
+                              " up to Unicode form and whitespace (the model reads the two alike)")))
+    mine, theirs = row.get("inputs"), row.get("negative_inputs")
+    if isinstance(mine, Mapping) and isinstance(theirs, Mapping) and mine and mine.keys() == theirs.keys() and all(
+            isinstance(mine[k], str) and isinstance(theirs[k], str) and same_form(mine[k]) == same_form(theirs[k])
+            for k in mine):  # another prompt (options in another order) around the same input: not another example
+        out.append(Finding("same_input", "negative_inputs equal inputs (up to Unicode form and whitespace): the "
+                                         "hard negative must be another input"))
     if row["negative_example_id"] == row["example_id"]:
         out.append(Finding("same_example", f"negative_example_id equals example_id ({row['example_id']!r})"))
     if row["negative_target"] == row["target"]:
@@ -525,15 +551,19 @@ def instruction_leakage(rows: Sequence[Row], ctx: CheckContext) -> list[CheckRes
 def example_leakage(rows: Sequence[Row], ctx: CheckContext) -> list[CheckResult]:
     """No evaluation example (every field of a validation row of an evaluation task) in a row's inputs, nor in
     its hard negative's (``negative_inputs``: coin contrasts against the negative's prompt, and coin_neg trains on
-    its answer). Each example is matched within one of the two, never half in each."""
+    its answer), nor in the words of either instruction (an example written into an instruction as a worked case
+    is in every prompt built from it). Each example is matched within one of these, never half in each."""
     src = ctx.need_eval_sources("example_leakage")
-    sources = ("inputs", "negative_inputs")
-    findings = [_unusable(r, dict.fromkeys(sources, dict)) for r in rows]
+    sources = {"inputs": dict, "negative_inputs": dict, "original_instruction": str, "paraphrase_instruction": str}
+    findings = [_unusable(r, sources) for r in rows]
     usable = [(i, c) for i, f in enumerate(findings) if not f for c in sources]  # one index row per (row, column)
-    index = ExampleIndex(
-        [[replace_surrogates(v) for v in rows[i][c].values() if isinstance(v, str)] for i, c in usable],
-        ctx.cfg.leak_min_chars,
-    )
+
+    def texts(value: Any) -> list[str]:
+        if isinstance(value, str):  # an instruction: its words, placeholders dropped
+            return [instruction_text(replace_surrogates(value), fields=False)]
+        return [replace_surrogates(v) for v in value.values() if isinstance(v, str)]
+
+    index = ExampleIndex([texts(rows[i][c]) for i, c in usable], ctx.cfg.leak_min_chars)
     leaks, partial = example_leaks(index, src.examples)
     leaking: set[int] = set()
     for k, exs in leaks.items():
@@ -541,7 +571,8 @@ def example_leakage(rows: Sequence[Row], ctx: CheckContext) -> list[CheckResult]
         ex = exs[0]
         fields = ", ".join(f"{f} {_short(t, 40)}" for f, t in ex.texts)
         more = f" (and {len(exs) - 1} more)" if len(exs) > 1 else ""
-        whose = "inputs contain" if column == "inputs" else "the hard negative's inputs (negative_inputs) contain"
+        whose = {"inputs": "inputs contain", "negative_inputs": "the hard negative's inputs (negative_inputs) "
+                 "contain"}.get(column, f"{column} contains")
         findings[i].append(Finding(
             "eval_example", f"{whose} evaluation example {ex.example_id} of {ex.task} ({fields}){more}"))
         leaking.add(i)

@@ -26,14 +26,16 @@ def emptied_tasks(per_task: dict[str, Any]) -> list[str]:
             if t != OTHER_TASK and isinstance(c, dict) and c.get("train_in") and not c.get("train_valid")]
 
 
-def read_training_rows(valid_file: Path, missing_hint: str, rerun: str = "coin validate") -> list[dict[str, Any]]:
+def read_training_rows(valid_file: Path, missing_hint: str, rerun: str = "coin validate",
+                       cutoff_len: int | None = None) -> list[dict[str, Any]]:
     """The rows of a gate's ``valid.jsonl`` that training reads, refused where the gate that wrote them failed.
 
     The gate writes its valid rows before it raises, for inspection; run stage by stage (``coin validate`` then
     ``coin train``, or ``coin study cell``), training read them anyway and left out a task whose every row was
     rejected without a word. The verdict is the ``summary.json`` beside the file (a file given by hand, with no
     summary beside it, is taken as it is). ``rerun``: the command that rebuilds the file (``coin study`` for a
-    study's pairs)."""
+    study's pairs). ``cutoff_len``: the ``pairs.cutoff_len`` training cuts at; rows the gate judged at a larger one
+    are refused (a row that fits there may not fit here, and failed mid-training, at a step set by the data order)."""
     from coin.data.io import DataError, read_json, read_jsonl
 
     valid_file = Path(valid_file)
@@ -61,6 +63,13 @@ def read_training_rows(valid_file: Path, missing_hint: str, rerun: str = "coin v
                         f"on them would go ahead without what was rejected. See {valid_file.parent / REJECTS_FILE} "
                         "for each rejected row and its reasons, fix the data or the validate.* thresholds, and rerun "
                         f"`{rerun}`")
+    stats = summary.get("stats") if isinstance(summary, dict) else None
+    judged_at = (stats.get("settings") or {}).get("pairs.cutoff_len") if isinstance(stats, dict) else None
+    if cutoff_len is not None and isinstance(judged_at, int) and cutoff_len < judged_at:
+        raise DataError(f"{valid_file}: the validation gate judged these rows at pairs.cutoff_len = {judged_at}, and "
+                        f"training cuts at {cutoff_len}: a row that fits there may not fit here. Rerun `{rerun}` with "
+                        f"pairs.cutoff_len = {cutoff_len} (it rejects the rows that do not fit, with the reason), or "
+                        f"train at {judged_at}")
     if not any(r.get("split") == "train" for r in rows):
         raise DataError(f"{valid_file}: no rows with split 'train' to train on; check pairs.val_fraction")
     return rows
@@ -215,7 +224,7 @@ class GateReport:
         elif not self.rows_valid:
             lines.append("Every row was rejected: fix the data or the settings (e.g. pairs.cutoff_len); lowering "
                          "validate.min_pass_rate does not help, a gate that keeps no row fails at any threshold.")
-        elif self.pass_rate >= self.min_pass_rate:  # only a task emptied: the threshold is no fix
+        elif self.emptied_tasks:  # a task emptied (with or without a low pass rate): the threshold is no fix
             lines.append(f"Fix the data or the settings that reject {', '.join(self.emptied_tasks)}'s rows (e.g. "
                          "pairs.cutoff_len), or drop the task (from pairs.tasks, or its rows from a pairs file of "
                          "your own); lowering validate.min_pass_rate "
