@@ -30,6 +30,7 @@ from coin.evaluation.attack import (
     model_scorer,
     protected_spans,
     protected_words,
+    rescore_as_evaluated,
     run_attack,
     write_attack_files,
 )
@@ -97,6 +98,12 @@ def test_word_operators_synonyms_keep_case_and_swaps_are_adjacent() -> None:
     # only words separated by whitespace alone swap: not across punctuation
     other = candidate_edits("word", "Rate tone: this", frozenset(), set(), random.Random(0))
     assert [e.apply("Rate tone: this", frozenset()) for e in other if e.op == "swap_words"] == ["tone Rate: this"]
+    # a swap across other whitespace is logged with that whitespace: the log matches the text it edits
+    spaced = "Classify the\n\ntone  of this review: "
+    logged = {(e.before, e.after, e.apply(spaced, frozenset()))
+              for e in candidate_edits("word", spaced, frozenset(), set(), random.Random(0)) if e.op == "swap_words"}
+    assert ("the\n\ntone", "tone\n\nthe", "Classify tone\n\nthe  of this review: ") in logged
+    assert all(before in spaced and after in edited for before, after, edited in logged), logged
 
 
 def test_unknown_level_and_bad_budget_are_refused() -> None:
@@ -188,6 +195,52 @@ def test_no_edit_that_does_not_lower_the_objective_is_kept() -> None:
 def _random_stub(task, instructions):
     """Deterministic pseudo-accuracies from the text (a 'model' the search can move by any edit)."""
     return [Score(random.Random(s).randrange(0, 11) / 10, random.Random(s + "m").uniform(-1, 1)) for s in instructions]
+
+
+def test_logged_accuracies_are_those_of_each_set_scored_whole_as_the_evaluation_batches_it() -> None:
+    """Under bf16 autocast a score's last bits follow its batch: the search scores an instruction alone or beside
+    its candidates, the evaluation with the rest of its set, and the log's accuracies differed from the
+    evaluation's. A stub whose accuracy follows the batch it is scored in shows which figures the log keeps."""
+    calls = []
+
+    def batch_dependent(task, instructions):
+        calls.append(list(instructions))
+        return [Score(round(random.Random(s).randrange(0, 11) / 10 + len(instructions) / 1000, 6),
+                      random.Random(s + "m").uniform(-1, 1)) for s in instructions]
+
+    clean = _clean(["sst2"])
+    outcomes = attack_sets(clean, scorer=batch_dependent, protected={"sst2": _protected("sst2")},
+                           levels=list(LEVELS), budget=Budget(max_edits=1, max_queries=3, per_step=2), seed=0)
+    calls.clear()
+    rescore_as_evaluated(outcomes, clean, batch_dependent)
+    whole = {"clean": batch_dependent("sst2", clean["sst2"])}
+    for level, name in LEVELS.items():
+        written = [o.attacked for o in sorted((o for o in outcomes if o.level == level), key=lambda o: o.index)]
+        whole[name] = batch_dependent("sst2", written)
+    assert len(calls) == 2 * (1 + len(LEVELS))  # one call per set: clean, then each attack set
+    for o in outcomes:
+        assert o.clean_accuracy == whole["clean"][o.index].accuracy
+        assert o.attacked_accuracy == whole[LEVELS[o.level]][o.index].accuracy
+
+
+def test_a_repeated_level_is_searched_once_and_its_evaluate_with_runs(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """--levels char,char searched twice and printed evaluate.instruction_sets=[clean,attack-char,attack-char],
+    which coin evaluate refuses; a path holding ': ' broke the printed --set, which --set reads as YAML."""
+    settings = load_settings(ROOT / "params.yaml", [f"paths.data_dir={DATA}",
+                                                    f"evaluate.instruction_file={INSTRUCTIONS}"])
+    out = tmp_path / "x, y [1]" / "a: b.json"
+    out.parent.mkdir()
+    res = run_attack(settings, tmp_path, model=str(tiny_llama_dir), out=out, instructions=INSTRUCTIONS,
+                     tasks=["sst2"], levels=["char", "char"], budget=Budget(max_edits=1, max_queries=2, per_step=1),
+                     samples=2, seed=0)
+    record = json.loads(log_path(out).read_text())
+    assert record["settings"]["levels"] == ["char"] and len(record["instructions"]) == len(_clean(["sst2"])["sst2"])
+    import shlex
+
+    sets = [a for a in shlex.split(res["evaluate_with"]) if a != "--set"]  # what --set receives, parsed as it is
+    again = load_settings(ROOT / "params.yaml", sets, check_project=False)
+    assert again.evaluate.instruction_file == str(out.resolve())
+    assert again.evaluate.instruction_sets == ["clean", "attack-char"]
 
 
 def _attack_files(tmp_path: Path, name: str, seed: int, tasks=("sst2", "rte", "mnli")) -> tuple[Path, Path]:

@@ -31,6 +31,7 @@ a stub; :func:`model_scorer` builds the real one on the evaluation's own scoring
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import shlex
@@ -227,9 +228,9 @@ def candidate_edits(level: str, text: str, protected: frozenset[str], edited: Co
             out += [Edit("synonym", i, t.text, _case_like(s, t.text)) for s in table.get(t.text.lower(), ())]
             if i + 1 < len(toks):
                 n = toks[i + 1]
-                if (n.editable and i + 1 not in edited and text[t.end:n.start].isspace()
-                        and t.text.lower() != n.text.lower()):
-                    out.append(Edit("swap_words", i, f"{t.text} {n.text}", f"{n.text} {t.text}"))
+                sep = text[t.end:n.start]  # logged as it is: "the\n\ntone" was logged as "the tone"
+                if n.editable and i + 1 not in edited and sep.isspace() and t.text.lower() != n.text.lower():
+                    out.append(Edit("swap_words", i, f"{t.text}{sep}{n.text}", f"{n.text}{sep}{t.text}"))
     else:
         raise ValueError(f"unknown attack level {level!r}; use one of {', '.join(LEVELS)}")
     keep = protected_spans(text, protected)
@@ -420,6 +421,25 @@ def model_scorer(model, tokenizer, samples: dict[str, list[dict[str, Any]]], cfg
     return score
 
 
+def rescore_as_evaluated(outcomes: list[AttackOutcome], clean: dict[str, list[str]], scorer: Scorer) -> None:
+    """Set each outcome's ``clean_accuracy`` and ``attacked_accuracy`` to its instruction's accuracy scored with the
+    rest of its set, as ``coin evaluate`` batches the written file (per task: the clean set whole, then each
+    attack set whole). The search scores an instruction alone or beside its candidates; under bf16 autocast a
+    batch's composition moves the last bits of a score, and the log's accuracies differed from the evaluation's
+    (rte at 6 examples: 0.5 logged, 0.333 evaluated). The kept edits' own accuracies stay the search's."""
+    for task, texts in clean.items():
+        mine = [o for o in outcomes if o.task == task]
+        if not mine:
+            continue
+        as_clean = [_as_score(x).accuracy for x in scorer(task, list(texts))]
+        for level in dict.fromkeys(o.level for o in mine):
+            attacked = {o.index: o for o in mine if o.level == level}
+            written = [attacked[i].attacked if i in attacked else t for i, t in enumerate(texts)]
+            as_attacked = [_as_score(x).accuracy for x in scorer(task, written)]
+            for i, o in attacked.items():
+                o.clean_accuracy, o.attacked_accuracy = as_clean[i], as_attacked[i]
+
+
 def _margin(scores: Sequence[float], label: int) -> float:
     others = [s for j, s in enumerate(scores) if j != label]
     return float(scores[label] - max(others)) if others else 0.0
@@ -497,6 +517,7 @@ def run_attack(settings, root: Path, *, model: str, out: str | Path, instruction
     seed = settings.seed if seed is None else seed
     named = bool(tasks)  # an empty --tasks means the default, as no --tasks does
     tasks = list(tasks or settings.evaluate.tasks)
+    levels = list(dict.fromkeys(levels))  # --levels char,char searched twice and printed a set list evaluate refuses
     bad = [lv for lv in levels if lv not in LEVELS]
     if bad or not levels:
         raise ValueError(f"--levels: unknown {', '.join(bad) or '(none)'}; use one or more of {', '.join(LEVELS)}")
@@ -534,6 +555,7 @@ def run_attack(settings, root: Path, *, model: str, out: str | Path, instruction
     net, tokenizer, counts = load_target(target, settings)
     scorer = model_scorer(net, tokenizer, rows, settings.evaluate, label_counts=counts)
     outcomes = attack_sets(clean, scorer=scorer, protected=protected, levels=levels, budget=budget, seed=seed)
+    rescore_as_evaluated(outcomes, clean, scorer)
     recorded = {"model": str(model), "model_kind": target.kind, "model_location": target.location, "tasks": tasks,
                 "levels": list(levels),
                 "samples": {t: len(r) for t, r in rows.items()}, "seed": seed, "holdout": holdout,
@@ -557,6 +579,7 @@ def run_attack(settings, root: Path, *, model: str, out: str | Path, instruction
             # keyed by the attacked set's own name: --source-set semantic measured the semantic instructions
             "accuracy": {k: {source_set: round(sum(c for c, _ in v) / len(v), 4),
                              "attacked": round(sum(a for _, a in v) / len(v), 4)} for k, v in table.items()},
-            "evaluate_with": f"--set {shlex.quote(f'evaluate.instruction_file={path}')} "
+            # --set reads its value as YAML: a path holding ": " or "[" is quoted as a YAML (JSON) string
+            "evaluate_with": f"--set {shlex.quote('evaluate.instruction_file=' + json.dumps(str(path)))} "
                              f"--set 'evaluate.instruction_sets=[clean,{','.join(LEVELS[lv] for lv in levels)}]' "
                              f"--set 'evaluate.tasks=[{','.join(tasks)}]'"}
