@@ -536,6 +536,13 @@ def test_coin_card_side_by_side_says_when_the_two_were_evaluated_differently(eva
     assert "Not comparable as B − A" in text and "seed 0 / seed 7" in text, text
     reordered = line.replace("clean,textfooler", "textfooler,clean")  # one protocol, as same_protocol reads it
     assert "Not comparable" not in said({**a, "_protocol": line}, {**b, "_protocol": reordered})
+    # the scoring line's suffixes (length normalisation, calibration) are not in the card's own scoring field
+    normalised = line.replace("scoring loglik", "scoring loglik (length-normalised)")
+    text = said({**a, "_protocol": line}, {**b, "_protocol": normalised})
+    assert "Not comparable as B − A" in text and "scoring loglik / scoring loglik (length-normalised)" in text, text
+    # a later part (the data's fingerprint) that only one line records is not compared, nor listed
+    text = said({**a, "_protocol": line + "; data d1"}, {**b, "_protocol": line.replace("seed 0", "seed 7")})
+    assert "seed 0 / seed 7" in text and "data d1" not in text, text
 
 
 def test_a_model_dropped_from_the_evaluation_leaves_no_card_of_it(tmp_path):

@@ -198,6 +198,13 @@ def test_fit_input_cuts_the_longest_fields_first_and_the_evaluation_the_same_way
                      prefixes=TASKS["mnli"].content_prefixes)[0].endswith(" Hypothesis: Parks got money.")
     plain, _ = fit_input(tok, INSTRUCTION, S1, fmt="train", limit=120, prefixes=TASKS["mnli"].content_prefixes)
     assert S1.startswith(plain)
+    # a first field that holds the second marker's words in another case ("In this context: ...") keeps the real
+    # second field: the marker as the evaluation writes it is found first
+    q = "In this context: " + "what did the many delegates from several nations sign and why " * 20 + "?"
+    cut, _ = fit_input(tok, "Answer yes or no. ", f"Question: {q} Context: The treaty was signed in Paris.",
+                       fmt="train", limit=80, prefixes=TASKS["qnli"].content_prefixes)
+    assert cut.startswith("Question: In this context: what")
+    assert cut.endswith(" Context: The treaty was signed in Paris.")
 
 
 def test_fit_input_keeps_short_inputs_and_refuses_an_instruction_that_cannot_fit(trained):

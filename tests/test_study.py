@@ -783,6 +783,9 @@ def test_a_pooled_figure_is_the_mean_over_draws_also_with_unequal_seeds_per_draw
     assert cit["levels"]["clean"]["mean"] == pytest.approx(60.0) and cit["n_seeds"] == 5
     assert cit["figures"]["clean_acc"]["std"] == pytest.approx(8.944, abs=1e-3)  # still over every cell
     assert pooled["differences"][0]["clean"]["delta"] == pytest.approx(10.0)
+    from coin.study.report import _ms_over  # the labels of the pooled levels table and plots say which mean it is
+
+    assert _ms_over(pooled) == "mean over draws of each draw's seed mean ± std over cells (draws × seeds)"
 
 
 def test_a_study_sweeping_the_row_draw_prepares_pairs_per_draw_and_pools_them(prefect_harness, tiny_llama_dir,

@@ -188,8 +188,10 @@ def split_fields(text: str, prefixes: tuple[str, ...]) -> list[tuple[str, str]] 
     if len(prefixes) < 2:
         return None
     starts, pos = [], 0
-    for p in prefixes:
-        m = re.compile(re.escape(p), re.IGNORECASE).search(text, pos)
+    for p in prefixes:  # as written ("Context:", at a word's start) first: "In this context: ..." inside a question
+        # is not the context's marker; any case after that (a user's "sentence 2:")
+        marker = rf"(?<!\w){re.escape(p)}"
+        m = re.compile(marker).search(text, pos) or re.compile(marker, re.IGNORECASE).search(text, pos)
         if m is None:
             return None
         starts.append((m.start(), m.end()))

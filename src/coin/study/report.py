@@ -193,7 +193,7 @@ def _summary(study: dict[str, Any]) -> list[Any]:
             continue
         lv = _levels(g)
         rows = [[m, *[f_ms(b["levels"].get(lvl)) for lvl in lv]] for m, b in g["methods"].items()]
-        out += [Table(["method", *lv], rows, caption=f"Accuracy per perturbation level, mean ± std over {_over(g)}.")]
+        out += [Table(["method", *lv], rows, caption=f"Accuracy per perturbation level, {_ms_over(g)}.")]
     return out
 
 
@@ -292,8 +292,18 @@ def _has_pooled(study: dict[str, Any]) -> bool:
 
 
 def _over(g: dict[str, Any]) -> str:
-    """What a group's means and stds run over: its seeds, or a pooled group's cells."""
+    """What a group's stds run over: its seeds, or a pooled group's cells."""
     return "cells (draws × seeds)" if g.get("pooled") else "seeds"
+
+
+def _mean_over(g: dict[str, Any]) -> str:
+    """What a group's means run over: its seeds, or for a pooled group the draws, each its seeds' mean (as the
+    interval's centre and the differences; the mean over cells differs where draws have unequal seeds)."""
+    return "draws of each draw's seed mean" if g.get("pooled") else "seeds"
+
+
+def _ms_over(g: dict[str, Any]) -> str:
+    return f"mean over {_mean_over(g)} ± std over {_over(g)}" if g.get("pooled") else "mean ± std over seeds"
 
 
 def _dots_per_seed(study: dict[str, Any], keys: list[str], majority_on: set[str]):
@@ -313,7 +323,7 @@ def _dots_per_seed(study: dict[str, Any], keys: list[str], majority_on: set[str]
                 mean = g["methods"][m]["figures"][fig_key]["mean"]
                 if _num(mean):
                     ax.hlines(mean, i - 0.3, i + 0.3, color="black", linewidth=2, zorder=4,
-                              label=f"mean over {_over(g)}" if i == 0 else None)
+                              label=f"mean over {_mean_over(g)}" if i == 0 else None)
             maj = g["majority_class"]["avg"]
             if fig_key in majority_on and _num(maj):
                 ax.axhline(maj, color="grey", linestyle="--", linewidth=1, label=f"majority class {maj:.1f}")
@@ -384,11 +394,12 @@ def plot_levels(study: dict[str, Any]) -> Plot:
         ax.set_ylabel("accuracy (%)")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize="x-small", ncols=min(len(methods) + 1, 6), loc="upper left")
-        ax.set_title(f"accuracy per perturbation level, mean ± std over {_over(g)}{_group_title(g)}",
+        ax.set_title(f"accuracy per perturbation level, {_ms_over(g)}{_group_title(g)}",
                      fontsize="medium")
     pooled = _has_pooled(study)
     return Plot("levels", _png(fig), "Accuracy per perturbation level (mean over seeds, error bars: std over seeds"
-                                     + ("; the pooled group: over its cells, draws × seeds)" if pooled else ")"))
+                                     + ("; the pooled group: mean over draws of each draw's seed mean, std over "
+                                        "its cells, draws × seeds)" if pooled else ")"))
 
 
 # --------------------------------------------------------------------------- outputs

@@ -131,15 +131,20 @@ def _unlike(a: dict[str, Any], b: dict[str, Any]) -> str:
     instruction sets, their examples per task, and, for two registered versions (``_protocol``, their
     ``coin.eval_protocol`` tags), any other part of the protocol the promotion gate compares (the evaluation seed,
     the data, the instruction file, ...): the gate calls such a pair "Not comparable"."""
-    from coin.evaluation.result import same_protocol
+    from coin.evaluation.result import _LATER_PARTS, same_protocol
 
     diffs = []
     line_a, line_b = a.get("_protocol"), b.get("_protocol")
-    if isinstance(line_a, str) and isinstance(line_b, str) and not same_protocol(line_a, line_b):
+    unlike_tags = isinstance(line_a, str) and isinstance(line_b, str) and not same_protocol(line_a, line_b)
+    if unlike_tags:
         parts_a, parts_b = line_a.split("; "), line_b.split("; ")
-        own = ("scoring ", "sets ", "examples ")  # compared below from the cards themselves
-        only_a = [p for p in parts_a if p not in parts_b and not p.startswith(own)]
-        only_b = [p for p in parts_b if p not in parts_a and not p.startswith(own)]
+        # sets and examples are compared below from the cards themselves (the scoring line's suffixes, length
+        # normalisation and calibration, are not in the card's own scoring field); a later part only one line
+        # records is one same_protocol does not compare
+        skip = ("sets ", "examples ", *(x for x in _LATER_PARTS if not (any(p.startswith(x) for p in parts_a) and
+                                                                        any(p.startswith(x) for p in parts_b))))
+        only_a = [p for p in parts_a if p not in parts_b and not p.startswith(skip)]
+        only_b = [p for p in parts_b if p not in parts_a and not p.startswith(skip)]
         if only_a or only_b:
             diffs.append(f"{', '.join(only_a) or DASH} / {', '.join(only_b) or DASH}")
     if a.get("scoring") != b.get("scoring"):
@@ -153,6 +158,8 @@ def _unlike(a: dict[str, Any], b: dict[str, Any]) -> str:
         diffs.append("examples " + ", ".join(f"{t} {'/'.join(map(str, n_a.get(t, []))) or DASH} / "
                                               f"{'/'.join(map(str, n_b.get(t, []))) or DASH}"
                                               for t in tasks if n_a.get(t) != n_b.get(t)))
+    if unlike_tags and not diffs:  # the gate finds them unlike where no part above shows it
+        diffs.append("their protocol tags")
     return "; ".join(diffs)
 
 
