@@ -52,8 +52,12 @@ def test_device_comes_from_the_environment(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert pick_device("auto") == torch.device("cpu")
-    with pytest.raises(RuntimeError, match="no CUDA device"):
+    from coin.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.device = 'cuda' but no CUDA device"):  # a setting to change: exit 2
         pick_device("cuda")
+    with pytest.raises(ConfigError, match="model.device = 'mps' but this machine has no MPS device"):
+        pick_device("mps")  # it was returned unchecked: the plan said "on mps: fits", then torch's raw error
     with pytest.raises(RuntimeError, match=r"device 'cuda:1': this machine has 0 visible CUDA device"):
         pick_device("cuda:1")  # a study worker's --device (it was torch's "not compiled with CUDA" assertion)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

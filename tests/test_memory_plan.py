@@ -96,8 +96,9 @@ def test_the_savers_and_the_precision_change_what_the_formula_says() -> None:
     bf16 = estimate(SHAPE, replace(WORK, weight_bytes=2))          # half-precision weights: a = 2
     # the trained copies (modules_to_save) stay fp32 on a half-precision base, as the LoRA weights do
     assert bf16.weights == 200_000 and bf16.trainable == (3_000 + 500) * 4
-    # a x 448 (frozen layer) + (a + 1) x 64 (LoRA dropout) + a x 32 (LoRA A) + 560 (scores, fp32) per token and layer
-    assert bf16.activations == 60 * (3 * (2 * 448 + 3 * 64 + 2 * 32 + 560) + 2 * 32 * 2)
+    # a x 448 (frozen layer) + 5 x 64 (LoRA dropout) + 4 x 32 (LoRA A: the LoRA path runs in its fp32) + 560
+    # (scores, fp32) per token and layer
+    assert bf16.activations == 60 * (3 * (2 * 448 + 5 * 64 + 4 * 32 + 560) + 2 * 32 * 2)
     auto = estimate(SHAPE, replace(WORK, autocast=True))            # bf16 autocast of fp32 weights: a = 3
     assert auto.autocast_copies == 2 * 80_000
     assert auto.activations == 60 * (3 * (3 * 448 + 4 * 64 + 3 * 32 + 560) + 2 * 32 * 3)
@@ -172,14 +173,20 @@ def test_a_run_that_cannot_fit_stops_before_any_work(tmp_path: Path, tiny_llama_
     monkeypatch.setattr(memory, "available_memory", lambda device: (64 * 2**20, "host RAM available"))
     args = ["train", "--params", str(_params(tmp_path)), "--set", f"model.backbone={tiny_llama_dir}",
             "--set", "train.lora.target_modules=auto", "--set", "train.batch_size=512",
-            "--set", "pairs.cutoff_len=4096"]
+            "--set", "pairs.cutoff_len=512"]
     res = runner.invoke(app, args)
     assert res.exit_code == 2, res.output  # a configuration error: the settings must change
     msg = " ".join(res.output.split())
     assert "will not fit" in msg and "nothing was run" in msg
-    for key in ("train.batch_size (512)", "pairs.cutoff_len (4096)", "train.gradient_checkpointing",
+    for key in ("train.batch_size (512)", "pairs.cutoff_len (512)", "train.gradient_checkpointing",
                 "model.quantization"):
         assert key in msg, key
+    # a cutoff longer than the model reads: refused here too, and by --plan, which said "fits" (training refused
+    # it only after reading the rows, opening an MLflow run and loading the weights)
+    for extra in ([], ["--plan"]):
+        longer = runner.invoke(app, [*args[:-1], "pairs.cutoff_len=4096", *extra])
+        flat = " ".join(longer.output.split())
+        assert longer.exit_code == 2 and "pairs.cutoff_len = 4096 is longer than model.backbone" in flat, flat
     # stopped before reading data (there is none: it would exit 3); the CLI stage's pipeline lock is all it made
     out = tmp_path / "outputs"
     assert not out.exists() or sorted(p.name for p in out.iterdir()) == [".locks"]

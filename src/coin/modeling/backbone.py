@@ -93,8 +93,12 @@ def pick_device(requested: str = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("model.device = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    if requested == "cuda" and not torch.cuda.is_available():  # a setting this machine cannot honour: exit 2
+        raise ConfigError("model.device = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        # torch.device("mps") was returned unchecked: the plan said "on mps: fits", then a raw torch error at load
+        raise ConfigError("model.device = 'mps' but this machine has no MPS device (Apple silicon); use 'auto' or "
+                          "'cpu'")
     if requested.startswith("cuda:"):  # a study worker's --device cuda:N
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         index = requested.partition(":")[2]

@@ -207,9 +207,12 @@ def layer_bytes_per_token(shape: ModelShape, work: Workload) -> float:
     a = work.act_bytes
     per = a * (ACT_HIDDEN * shape.hidden + ACT_INTER * shape.intermediate)
     layers = max(shape.n_layers, 1)
+    # the LoRA path runs in its adapters' fp32 on a half-precision base (peft casts the input up): its dropout
+    # output and lora_A's output are saved at 4 bytes (counted at 2, a bf16 base's plan fell 21-31% short)
+    la = 4 if work.weight_bytes == 2 else a
     if shape.lora_dropout > 0:
-        per += (a + 1) * shape.lora_inputs / layers
-    per += a * shape.lora_r * shape.lora_modules / layers
+        per += (la + 1) * shape.lora_inputs / layers
+    per += la * shape.lora_r * shape.lora_modules / layers
     if stores_scores(shape, work):
         per += SCORE_COPIES * shape.n_heads * work.seq_len * 4
     if fp32_attention(shape, work):
@@ -461,9 +464,12 @@ def plan_training(settings: Any, *, methods: list[str] | None = None, world_size
     the model dtype's (a quantization setting passes its own).
     """
     from coin.methods import get_method
-    from coin.modeling.backbone import pick_device, pick_dtype, uses_bf16
+    from coin.modeling.backbone import check_cutoff_len, config_positions, pick_device, pick_dtype, uses_bf16
 
     train = settings.train
+    # a cutoff longer than the model reads was refused only in the training loop, after the rows were read, an
+    # MLflow run opened and the weights loaded, and `coin train --plan` said "fits"
+    check_cutoff_len(settings.pairs.cutoff_len, config_positions(settings.model.backbone), settings.model.backbone)
     quantization = getattr(settings.model, "quantization", "none")
     if bits_per_weight is None and quantization != "none":
         bits_per_weight = QUANT_BITS[(quantization, bool(getattr(settings.model, "double_quant", False)))]
