@@ -7,7 +7,8 @@ computed later. ``coin study`` itself would recompute the older cells, because t
 code, which the consistency objective changed (without changing what coin, cit and sft compute: the tests
 check their objective against the textbook one). This script checks instead that every directory was built
 from the same validated pairs and evaluation sample (cell records: eval_seed, data_version; the studies'
-valid.jsonl) and that each (method, seed) appears once, then aggregates with the study's own code.
+valid.jsonl), under the same recorded settings (cell records: params), and that each (method, seed) appears once,
+then aggregates with the study's own code.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def main() -> int:
             records.append(rec)
             data.append(cell)
     same_sample(records)
+    one_recipe(records)
     methods = [m for m in STUDY_METHODS if any(r["cell"]["method"] == m for r in records)]
     seeds = sorted({r["cell"]["seed"] for r in records})
     settings, _ = load_study(args.params, [f"study.methods={methods}", f"study.seeds={seeds}"])
@@ -71,6 +73,21 @@ def main() -> int:
     print(per_task_table(data, methods, out["study"]))
     print("->", out["paths"]["report_md"])
     return 0
+
+
+def one_recipe(records: list[dict]) -> None:
+    """Refuse cells whose recorded settings differ (``params`` of their cell.json: model, pairs, train, evaluate):
+    studies of two learning rates, calibrations or prompt formats were pooled and their gap reported as a method
+    difference. A key a record lacks (added to the settings after it was computed) is not compared."""
+    values: dict[str, set[str]] = {}
+    for r in records:
+        for k, v in (r.get("params") or {}).items():
+            values.setdefault(k, set()).add(repr(v))
+    differ = {k: sorted(v) for k, v in sorted(values.items()) if len(v) > 1}
+    if differ:
+        shown = "; ".join(f"{k}: {', '.join(v)}" for k, v in list(differ.items())[:4])
+        raise SystemExit(f"the cells were computed under other settings ({shown}"
+                         f"{'; ...' if len(differ) > 4 else ''}): not one study to combine")
 
 
 def _as_recorded(settings, records: list[dict]):

@@ -97,7 +97,8 @@ def cells_frame(spec: str, sets: list[str] | None = None) -> pd.DataFrame:
     # named by position: two cells of one name (the same cell of two studies) are two columns, not one
     frame = pd.DataFrame({f"{i}:{Path(d).name}": load_cell(Path(d))[1].scores["clean"]
                           for i, d in enumerate(spec.split(","))})
-    return frame.sort_index()  # the order per_example's pivot gives: the bootstrap then does not depend on the source
+    # sorted as per_example's pivot orders: the bootstrap then does not depend on the source
+    return _whole(frame, spec).sort_index()
 
 
 def side_frame(specs: list[str], sets: list[str] | None = None, scoring: str | None = None) -> pd.DataFrame:
@@ -142,7 +143,18 @@ def per_example_frame(df: pd.DataFrame, models: list[str], where: str = "predict
     if missing:
         raise SystemExit(f"{where}: no predictions of model(s) {missing}")
     table = df.pivot_table(index=["task", "example_id"], columns="model", values="correct", aggfunc="mean") * 100
-    return table[models]
+    return _whole(table[models], where)
+
+
+def _whole(table: pd.DataFrame, where: str) -> pd.DataFrame:
+    """``table`` refused where a model has no score on an example another has: the pivot (or the join of cells)
+    left a hole, and the difference came out NaN beside a finite interval."""
+    holes = table.isna().sum()
+    if holes.any():
+        which = ", ".join(f"{m} ({n})" for m, n in holes[holes > 0].items())
+        raise SystemExit(f"{where}: model(s) {which} lack examples the others scored; every model must have scored "
+                         "the same examples")
+    return table
 
 
 def paired_difference(a: pd.DataFrame, b: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0,

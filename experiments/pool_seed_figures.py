@@ -102,22 +102,31 @@ def pool(records: dict[tuple[str, int], dict[str, Any]], pairs: list[tuple[str, 
     for m in methods:
         seeds = sorted(s for mm, s in records if mm == m)
         per_method[m] = {"seeds": seeds, "figures": {}}
-        for f in SHOWN:
-            vals = [records[(m, s)]["figures"][f] for s in seeds]
-            per_method[m]["figures"][f] = {"mean": statistics.mean(vals),
-                                           "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+        for f in SHOWN:  # a figure a cell leaves undefined (perturbed ones of a clean-only study: None) is left out
+            vals = [v for s in seeds if (v := records[(m, s)]["figures"].get(f)) is not None]
+            per_method[m]["figures"][f] = {"mean": statistics.mean(vals) if vals else None,
+                                           "std": (statistics.stdev(vals) if len(vals) > 1 else 0.0) if vals else None}
     diffs = []
     for a, b in pairs:
         for m in (a, b):
             if m not in per_method:
                 raise SystemExit(f"--pair {a}-{b}: no cell of method {m!r} (have {', '.join(methods)})")
         seeds = sorted(set(per_method[a]["seeds"]) & set(per_method[b]["seeds"]))
+        if not seeds:
+            raise SystemExit(f"--pair {a}-{b}: no seed shared by {a} (seeds {per_method[a]['seeds']}) and {b} "
+                             f"(seeds {per_method[b]['seeds']}); a difference pairs the cells of one seed")
         row: dict[str, Any] = {"label": f"{a} − {b}", "seeds": seeds}
         for f in SHOWN:
-            d = [records[(a, s)]["figures"][f] - records[(b, s)]["figures"][f] for s in seeds]
+            pa = {s: records[(a, s)]["figures"].get(f) for s in seeds}
+            pb = {s: records[(b, s)]["figures"].get(f) for s in seeds}
+            d = [pa[s] - pb[s] for s in seeds if pa[s] is not None and pb[s] is not None]
+            if not d:  # undefined in these cells (no perturbed set)
+                row[f] = None
+                continue
             mean = statistics.mean(d)
             lo, hi = t_interval(d)
-            row[f] = {"delta": mean, "ci_low": lo, "ci_high": hi, "per_seed": dict(zip(seeds, d, strict=True)),
+            defined = [s for s in seeds if pa[s] is not None and pb[s] is not None]
+            row[f] = {"delta": mean, "ci_low": lo, "ci_high": hi, "per_seed": dict(zip(defined, d, strict=True)),
                       "seeds_same_sign": sum((x > 0) == (mean > 0) and x != 0 for x in d),
                       "excludes_zero": bool(lo > 0 or hi < 0)}
         diffs.append(row)
@@ -128,13 +137,17 @@ def table(p: dict[str, Any]) -> str:
     lines = ["| method | seeds | " + " | ".join(NAMES[f] for f in SHOWN) + " |", "|---|---|" + "---:|" * len(SHOWN)]
     for m, b in p["methods"].items():
         lines.append(f"| {m} | {','.join(map(str, b['seeds']))} | " + " | ".join(
-            f"{b['figures'][f]['mean']:.1f} ± {b['figures'][f]['std']:.1f}" for f in SHOWN) + " |")
+            "—" if b["figures"][f]["mean"] is None else f"{b['figures'][f]['mean']:.1f} ± {b['figures'][f]['std']:.1f}"
+            for f in SHOWN) + " |")
     lines += ["", "| difference | seeds | " + " | ".join(f"Δ {NAMES[f]} [{LEVEL:.0%} t, seeds only]" for f in SHOWN)
               + " |", "|---|---|" + "---:|" * len(SHOWN)]
     for d in p["differences"]:
         cells = []
         for f in SHOWN:
             x = d[f]
+            if x is None:
+                cells.append("—")
+                continue
             star = " *" if x["excludes_zero"] else ""
             cells.append(f"{x['delta']:+.1f} [{x['ci_low']:+.1f}, {x['ci_high']:+.1f}]{star} "
                          f"{x['seeds_same_sign']}/{len(d['seeds'])}")
@@ -168,4 +181,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from coin.cli import run_script  # a user error in two lines, a bug with its traceback
+
+    raise SystemExit(run_script(main))

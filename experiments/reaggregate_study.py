@@ -26,6 +26,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("study", type=Path, help="a study directory with study.json and cells/")
     args = ap.parse_args()
+    if not (args.study / "study.json").is_file():
+        raise SystemExit(f"{args.study}: no study.json; give a coin study out_dir (or a results copy) that holds one")
     stored = json.loads((args.study / "study.json").read_text())
     data = [load_cell(c)[1] for c in cell_dirs(args.study)]
     pool = "pairs.seed" if stored["study"].get("sweep_key") == "pairs.seed" else None
@@ -50,4 +52,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from coin.cli import run_script  # a user error in two lines, a bug with its traceback
+
+    raise SystemExit(run_script(main))

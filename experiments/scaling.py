@@ -135,9 +135,14 @@ def main() -> int:
     args = ap.parse_args()
 
     rows, ids, ref = [], None, None
+    given: dict[str, str] = {}
     for spec in args.models:
         budget, seed, pq, meta = parse_spec(spec)
         name = f"{budget}:{seed}"
+        for key in (name, str(Path(pq).resolve())):  # one model given twice counted as two seeds of no spread
+            if key in given:
+                raise SystemExit(f"{spec}: {key} is given twice (also in {given[key]}); give each model once")
+            given[key] = spec
         d, n_rows = load_model(pq, meta)
         seen = frozenset(zip(d.task, d.example_id, strict=True))
         if ids is None:
@@ -158,7 +163,9 @@ def main() -> int:
         )
     df = pd.DataFrame(rows)
     tasks = [t for t in ALL_TASKS if t in df.columns]
-    order = list(dict.fromkeys(df.budget))
+    # budgets by their training rows, not by the order given: "from each budget onwards" and "consecutive budgets"
+    # are in rows (given d a c b, "a onwards" left out the largest)
+    order = list(df.groupby("budget", sort=False)["rows"].mean().sort_values(kind="stable").index)
 
     if df.rows.nunique() < 2:
         raise SystemExit("give models of at least two row budgets: a fit over one budget says nothing")

@@ -8,7 +8,8 @@ instruction's content-free scores plus the log label share of the model's traini
 ``label_counts``, add-one smoothed). ``--model LABEL=OWN_ADAPTER:PRIOR_ADAPTER`` swaps that share for
 ``PRIOR_ADAPTER``'s: ``scores - log prior_own + log prior_other``, then ``pred`` and ``correct`` are re-decided. Only
 the prior changes; the model's scores are the same. Writes the re-decided rows (loglik only) as JSON lines, for
-``paired_task_bootstrap.py``.
+``paired_task_bootstrap.py``. Where the evaluation's ``eval_info.json`` is beside the predictions, a model it did not
+calibrate so, or calibrated with other label counts than OWN_ADAPTER's, is refused.
 """
 
 from __future__ import annotations
@@ -41,6 +42,26 @@ def swap(row: dict, own: dict[str, np.ndarray], other: dict[str, np.ndarray]) ->
     return {**row, "scores": scores.round(5).tolist(), "pred": pred, "correct": pred == int(row["label"])}
 
 
+def _check_recorded(predictions: Path, label: str, own: Path) -> None:
+    """Refuse a model the evaluation beside ``predictions`` (its eval_info.json, where there is one) did not decide
+    under ``content_free`` calibration, or decided with other label counts than OWN_ADAPTER's: there is then no such
+    prior in its scores to swap out, and the arithmetic re-decided them wrongly."""
+    info_file = predictions.parent / "eval_info.json"
+    if not info_file.is_file():
+        return
+    settings = (json.loads(info_file.read_text()).get(label) or {}).get("settings") or {}
+    if not settings:
+        return
+    if settings.get("calibration") != "content_free":
+        raise SystemExit(f"--model {label}: {info_file} records evaluate.calibration = {settings.get('calibration')!r}"
+                         " for it; its scores hold no label prior to swap (only content_free calibration adds one)")
+    recorded = settings.get("label_counts") or {}
+    mine = read_meta(own).get("label_counts", {})
+    if recorded and recorded != mine:
+        raise SystemExit(f"--model {label}: its evaluation used the label counts {recorded} ({info_file}), not "
+                         f"OWN_ADAPTER's {mine} ({own}); give the adapter that evaluation scored")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--predictions", required=True, type=Path)
@@ -57,6 +78,7 @@ def main() -> int:
         if not label or not own or not other:
             raise SystemExit(f"--model {spec!r}: give LABEL=OWN_ADAPTER:PRIOR_ADAPTER")
         swaps[label] = (log_priors(Path(own)), log_priors(Path(other)))
+        _check_recorded(args.predictions, label, Path(own))
     out, models = [], set()
     for line in args.predictions.read_text().splitlines():
         if not line.strip():

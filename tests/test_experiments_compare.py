@@ -190,3 +190,18 @@ def test_combine_studies_labels_the_report_with_the_cells_own_settings() -> None
     assert (s.model.backbone, s.train.max_steps, s.seed, s.evaluate.scoring[0]) == ("/m/tiny", 2, 7, "loglik")
     with pytest.raises(SystemExit, match="differ in model.backbone"):
         mod._as_recorded(Settings.model_validate({}), [rec("/m/tiny", 2), rec("minilm", 2)])
+
+
+def test_combine_studies_refuses_cells_computed_under_other_settings() -> None:
+    """Two studies of one pairs file and sample but of learning rates 1e-3 and 5e-4 (and other calibrations) were
+    pooled, and their gap reported as coin − sft; a key only one record has is not compared."""
+    spec = importlib.util.spec_from_file_location("combine_studies", ROOT / "experiments" / "combine_studies.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    a = {"params": {"train.lr": 0.001, "evaluate.calibration": "content_free", "model.backbone": "/m/tiny"}}
+    b = {"params": {"train.lr": 0.0005, "evaluate.calibration": "none", "model.backbone": "/m/tiny"}}
+    with pytest.raises(SystemExit, match=r"other settings \(evaluate.calibration: 'content_free', 'none'; "
+                                         r"train.lr: 0.0005, 0.001\)"):
+        mod.one_recipe([a, b])
+    newer = {"params": {**a["params"], "train.consistency.weight": 1.0}}  # a key added after a was computed
+    mod.one_recipe([a, dict(a), newer])

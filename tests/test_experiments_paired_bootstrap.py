@@ -51,6 +51,12 @@ def test_unpaired_inputs_are_refused(tmp_path: Path) -> None:
     assert "pair them seed by seed" in res["error"]
     res = _run("--a", f"{tmp_path / 'a.jsonl'}:a0,a9", "--b", f"{tmp_path / 'b.jsonl'}:b0,b1")
     assert "no predictions of model(s) ['a9']" in res["error"]
+    # a model that scored fewer examples than the others: the pivot's holes gave a NaN difference and ci95 [0, 0]
+    lines = (tmp_path / "b.jsonl").read_text().splitlines()
+    (tmp_path / "short.jsonl").write_text("\n".join(
+        x for x in lines if not ('"b1"' in x and '"sst2:9"' in x)) + "\n")
+    res = _run("--a", f"{tmp_path / 'short.jsonl'}:b0,b1", "--b", f"{tmp_path / 'b.jsonl'}:b0,b1")
+    assert "model(s) b1 (1) lack examples the others scored" in res["error"], res
 
 
 def test_pairs_spanning_evaluations_one_set_and_per_task(tmp_path: Path) -> None:

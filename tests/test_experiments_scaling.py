@@ -84,6 +84,13 @@ def test_segments_show_falling_returns(tmp_path: Path) -> None:
     assert fits["all budgets"]["slope_per_doubling"] == pytest.approx(3.0)
     assert fits["all budgets"]["rows_at_target"] < 16000
     assert "b onwards" not in fits  # from b onwards is the segment b → c itself
+    # given in another order, the budgets are still taken by their rows: the same fits under the same names
+    again = _run(tmp_path, [specs[2], specs[0], specs[1]])
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "o" / "scaling.json").read_text())["fits"].keys() == fits.keys()
+    # one model given twice was two seeds of no spread, weighted double in the fits
+    twice = _run(tmp_path, [specs[0], specs[0], specs[1]])
+    assert twice.returncode != 0 and "a:s0 is given twice" in twice.stderr, twice.stderr
 
 
 def test_user_errors_are_one_line(tmp_path: Path) -> None:

@@ -66,3 +66,27 @@ def test_cli_refuses_what_it_cannot_swap(tmp_path):
         out = run(predictions, model)
         assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_cli_refuses_a_model_the_evaluation_did_not_calibrate_with_that_prior(tmp_path):
+    """Predictions of an evaluation under calibration 'none' hold no prior: swapping one out re-decided them wrongly.
+    The eval_info.json beside the predictions says how each model was decided."""
+    (tmp_path / "ad").mkdir()
+    (tmp_path / "ad" / "coin_model.json").write_text(json.dumps({"label_counts": {"t": [5, 5]}}))
+    row = {"model": "m", "scoring": "loglik", "task": "t", "label": 0, "scores": [-0.3, 0.0], "pred": 1,
+           "correct": False}
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    (ev / "predictions.jsonl").write_text(json.dumps(row) + "\n")
+    cmd = [sys.executable, str(ROOT / "experiments" / "swap_prior.py"), "--predictions", str(ev / "predictions.jsonl"),
+           "--model", f"m={tmp_path / 'ad'}:{tmp_path / 'ad'}", "--out", str(tmp_path / "o.jsonl")]
+    for settings, message in (({"calibration": "none", "label_counts": {}}, "records evaluate.calibration = 'none'"),
+                              ({"calibration": "content_free", "label_counts": {"t": [9, 1]}},
+                               "used the label counts {'t': [9, 1]}"),
+                              ({"calibration": "content_free", "label_counts": {"t": [5, 5]}}, None)):
+        (ev / "eval_info.json").write_text(json.dumps({"m": {"settings": settings}}))
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if message is None:
+            assert out.returncode == 0, out.stderr
+        else:
+            assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr, out.stderr

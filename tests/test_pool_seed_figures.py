@@ -83,3 +83,24 @@ def test_base_cells_pool_beside_trained_ones(tmp_path: Path) -> None:
     _cell(tmp_path / "b", "base", 2, 40.0, params="pbase-other-model", pairs=None)
     with pytest.raises(SystemExit, match="key differs in params"):
         mod.load_records([tmp_path / "a", tmp_path / "b"])
+
+
+def test_a_pair_with_no_shared_seed_is_refused_and_undefined_figures_are_left_out(tmp_path: Path) -> None:
+    """coin at seeds 0-1 against cit at seed 2 crashed (StatisticsError), and a clean-only study's None perturbed
+    figures crashed the pooling (TypeError)."""
+    mod = _module()
+    for seed in (0, 1):
+        _cell(tmp_path / "a", "coin", seed, 50.0 + seed)
+    _cell(tmp_path / "a", "cit", 2, 60.0)
+    with pytest.raises(SystemExit, match=r"--pair coin-cit: no seed shared by coin \(seeds \[0, 1\]\) and cit"):
+        mod.pool(mod.load_records([tmp_path / "a"]), [("coin", "cit")])
+    _cell(tmp_path / "a", "cit", 0, 55.0)
+    _cell(tmp_path / "a", "cit", 1, 55.0)
+    records = mod.load_records([tmp_path / "a"])
+    for rec in records.values():  # clean-only: the perturbed figures are undefined
+        rec["figures"].update(perturbed_acc=None, worst_acc=None, pdr=None, perturbed_std=None, consistency=None)
+    p = mod.pool(records, [("coin", "cit")])
+    assert p["methods"]["coin"]["figures"]["perturbed_acc"]["mean"] is None
+    assert p["differences"][0]["perturbed_acc"] is None
+    assert p["differences"][0]["clean_acc"]["delta"] == pytest.approx(((51.0 - 56.0) + (52.0 - 56.0)) / 2)
+    assert "—" in mod.table(p)
