@@ -980,7 +980,29 @@ def test_the_report_logged_to_mlflow_finds_its_data_docs_pages(valid_run, tmp_pa
 def test_a_cosine_beside_its_bound_is_printed_with_the_digits_that_tell_them_apart():
     """0.68487 against min_similarity 0.685 read "is 0.685, below validate.min_similarity = 0.685"; a cosine just
     below 0.684867710895852 read "0.685, below" it."""
-    from coin.validation.checks import _apart
+    from coin.validation.text import apart as _apart
 
     assert _apart(0.68487, 0.685) == "0.6849" and _apart(0.9803, 0.98) == "0.9803"
     assert _apart(0.6848677108, 0.684867710895852) == "0.6848677" and _apart(0.5, 0.4) == "0.500"
+
+
+def test_the_gates_pages_show_row_text_as_text_whole_or_marked_cut(real_rows, tokenizer, tmp_path, embedder,
+                                                                     eval_sources):
+    """A target '<script>...' ran as markup in the Data Docs page; a line break in a pair_id split the markdown
+    summary's row; its threshold was rounded to 3 decimals (FAILED beside "pass rate 0.997, threshold 0.997"); a
+    reason longer than 300 characters was cut with nothing to say so."""
+    rows = rows_copy(real_rows[:8])
+    rows[0]["pair_id"] = "row|one\nsecond <b>line</b>"  # the first failing row: the one the summaries name
+    rows[0]["target"] = "ok " * 120
+    rows[1]["target"] = "<script>alert('x')</script>"
+    with pytest.raises(GateFailed) as info:
+        gate(rows, tokenizer, tmp_path, embedder, eval_sources, min_pass_rate=0.7654)
+    pages = "".join(p.read_text() for p in (tmp_path / "data_docs").rglob("*.html"))
+    assert "<script>alert" not in pages and "&lt;script&gt;alert" in pages
+    assert "&amp;lt;script" not in pages  # escaped once, not twice
+    md = info.value.report.to_markdown()
+    row = next(line for line in md.splitlines() if "row\\|one" in line)
+    assert row.endswith(" |") and "second <b>line</b>" in row  # the whole cell on one line
+    assert "threshold 0.7654" in md and "pass rate 0.750" in md
+    assert len(info.value.report.checks["target_in_answer_set"].example_reason) > 300
+    assert "… (cut; whole in rejects.jsonl)" in (tmp_path / "report.html").read_text()

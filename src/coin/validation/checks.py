@@ -48,7 +48,7 @@ from coin.data.pairs import same_form
 from coin.data.prompts import PromptFormat, format_prompt, response_lengths
 from coin.validation.embeddings import instruction_text
 from coin.validation.leakage import ExampleIndex, InstructionHit, example_leaks, max_text_ratio, normalise, text_ratios
-from coin.validation.text import replace_surrogates, squash
+from coin.validation.text import apart, replace_surrogates, squash
 from coin.validation.types import CHECKS, CheckContext, CheckResult, Finding, Row, register  # noqa: F401 (CHECKS: doctest)
 
 # --------------------------------------------------------------------------- helpers
@@ -203,17 +203,6 @@ def _describe(values: list[float]) -> dict[str, Any]:
             **{k: round(float(v), 4) for k, v in zip(("min", "p05", "median", "p95", "max"), q, strict=True)}}
 
 
-def _apart(value: float, bound: float) -> str:
-    """``value`` to 3 decimals, or to as many more as it takes to read on the same side of ``bound`` as it is (a
-    cosine of 0.68487 was printed "0.685, below validate.min_similarity = 0.685", and 0.6848677 "0.685, below
-    validate.min_similarity = 0.684867710895852")."""
-    for digits in range(3, 16):
-        text = f"{value:.{digits}f}"
-        if (float(text) < bound) == (value < bound) and (float(text) > bound) == (value > bound):
-            return text
-    return repr(value)
-
-
 @register("semantic_similarity")
 def semantic_similarity(rows: Sequence[Row], ctx: CheckContext) -> list[CheckResult]:
     """MiniLM cosine of the two instructions (:func:`~coin.validation.embeddings.instruction_text`, no
@@ -231,13 +220,13 @@ def semantic_similarity(rows: Sequence[Row], ctx: CheckContext) -> list[CheckRes
         if c < lo:
             findings[i].append(Finding(
                 "meaning_drift",
-                f"MiniLM cosine of original_instruction and paraphrase_instruction is {_apart(c, lo)}, below "
+                f"MiniLM cosine of original_instruction and paraphrase_instruction is {apart(c, lo)}, below "
                 f"validate.min_similarity = {lo} (the paraphrase may not mean the same)",
             ))
         elif c > hi:
             findings[i].append(Finding(
                 "near_copy",
-                f"MiniLM cosine of original_instruction and paraphrase_instruction is {_apart(c, hi)}, above "
+                f"MiniLM cosine of original_instruction and paraphrase_instruction is {apart(c, hi)}, above "
                 f"validate.max_similarity = {hi} (a near-copy, not a paraphrase)",
             ))
     ctx.artifacts["similarity"] = per_row

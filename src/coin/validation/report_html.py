@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from coin.validation.result import GateReport
+from coin.validation.result import REJECTS_FILE, GateReport
+from coin.validation.text import apart, shorten
 
 _CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -47,7 +48,8 @@ def render(report: GateReport, out_dir: Path) -> str:
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         "<title>CoIN validation gate</title>", f"<style>{_CSS}</style></head><body>",
         f"<h1>Paraphrase-validation gate {verdict}</h1>",
-        f"<p>{report.rows_valid} of {report.rows_in} rows valid: pass rate <b>{report.pass_rate:.3f}</b> "
+        f"<p>{report.rows_valid} of {report.rows_in} rows valid: pass rate "
+        f"<b>{apart(report.pass_rate, report.min_pass_rate)}</b> "
         f"(threshold <code>validate.min_pass_rate</code> = {report.min_pass_rate}); {report.rows_rejected} rejected "
         f"to <code>rejects.jsonl</code> with their reasons."
         + (f' <span class="fail">And {_e(report.emptied_note)}.</span>' if report.emptied_note else "") + "</p>",
@@ -55,7 +57,8 @@ def render(report: GateReport, out_dir: Path) -> str:
         "<table><tr><th>check</th><th>pass rate</th><th>failures</th><th>first failing row</th></tr>",
         _rows([[f"<code>{_e(name)}</code>", f"{s.pass_rate:.3f}", s.failures,
                 "" if s.example_pair_id is None else
-                f'<code>{_e(s.example_pair_id)}</code><div class="reason">{_e((s.example_reason or "")[:300])}</div>']
+                f'<code>{_e(s.example_pair_id)}</code><div class="reason">'
+                f'{_e(shorten(s.example_reason or "", 300, REJECTS_FILE))}</div>']
                for name, s in report.checks.items()], {1, 2}),
         "</table>",
     ]

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coin.validation.text import apart
+
 VALID_FILE, REJECTS_FILE, SUMMARY_FILE, DOCS_DIR = "valid.jsonl", "rejects.jsonl", "summary.json", "data_docs"
 REPORT_FILE = "report.html"
 OTHER_TASK = "(no known task)"  # per_task's bucket for rows whose task field is missing or unknown (schema rejects)
@@ -164,14 +166,16 @@ class GateReport:
         verdict = "passed" if self.passed else "FAILED"
         lines = [
             f"**Validation gate {verdict}**: {self.rows_valid}/{self.rows_in} rows valid "
-            f"(pass rate {self.pass_rate:.3f}, threshold {self.min_pass_rate:.3f}), {self.seconds:.1f} s"
+            f"(pass rate {apart(self.pass_rate, self.min_pass_rate)}, threshold {self.min_pass_rate}), "
+            f"{self.seconds:.1f} s"
             + (f"; **{self.emptied_note}**" if self.emptied_note else ""),
             "",
             "| check | pass rate | failures | example pair_id |",
             "|---|---:|---:|---|",
         ]
         for name, s in self.checks.items():
-            pid = (s.example_pair_id or "").replace("|", "\\|")  # the user's text: a bare | splits the cell
+            # the user's text: a bare | splits the cell, a line break the row
+            pid = " ".join((s.example_pair_id or "").replace("|", "\\|").splitlines())
             lines.append(f"| {name} | {s.pass_rate:.3f} | {s.failures} | {pid} |")
         if self.per_task:
             lines += ["", "| task | rows in | valid | rejected | pass rate |", "|---|---:|---:|---:|---:|"]

@@ -16,6 +16,7 @@ The DataFrame (all ``object`` dtype, never the caller's rows)::
 
 from __future__ import annotations
 
+import html
 import logging
 import math
 import shutil
@@ -26,7 +27,7 @@ from typing import Any
 
 from coin.config import ALL_TASKS
 from coin.data.pairs import PAIR_COLUMNS
-from coin.validation.text import replace_surrogates
+from coin.validation.text import replace_surrogates, shorten
 from coin.validation.types import CheckContext, CheckResult, Finding, Row
 
 SPLITS = ("train", "val")
@@ -227,13 +228,15 @@ def document_checks(ctx: CheckContext, rows: Sequence[Row], results: dict[str, l
     import pandas as pd
 
     gctx, sites = ctx.artifacts["gx"]
+    # the page shows these cells' text as HTML, unescaped: a row's text ("<script>" in a target) ran as markup
     cols: dict[str, list[Any]] = {
         "_row": list(range(len(rows))),
-        "pair_id": [replace_surrogates(r["pair_id"]) if isinstance(r.get("pair_id"), str) else f"<row {i}>"
-                    for i, r in enumerate(rows)],
+        "pair_id": [html.escape(replace_surrogates(r["pair_id"])) if isinstance(r.get("pair_id"), str)
+                    else html.escape(f"<row {i}>") for i, r in enumerate(rows)],
     }
     for name, res in results.items():
-        cols[name] = [None if r.passed else replace_surrogates(r.reason)[:300] for r in res]
+        cols[name] = [None if r.passed else html.escape(shorten(replace_surrogates(r.reason), 300, "rejects.jsonl"))
+                      for r in res]
     verdict = []
     if report is not None:
         emptied = set(report.emptied_tasks)

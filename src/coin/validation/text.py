@@ -46,3 +46,22 @@ def replace_surrogates(text: str) -> str:
     """Lone surrogates as U+FFFD (same length): GX and the Rust tokenizers refuse them outright.
     Only rows that text_valid rejects contain them."""
     return _SURROGATES.sub("\ufffd", text)
+
+
+def apart(value: float, bound: float, digits: int = 3) -> str:
+    """``value`` to ``digits`` decimals, or to as many more as it takes to read on the same side of ``bound`` as it
+    is (a cosine of 0.68487 was printed "0.685, below validate.min_similarity = 0.685"; a pass rate of 0.997 beside a
+    threshold of 0.9974 read "pass rate 0.997, threshold 0.997" next to FAILED)."""
+    for n in range(digits, 16):
+        text = f"{value:.{n}f}"
+        if (float(text) < bound) == (value < bound) and (float(text) > bound) == (value > bound):
+            return text
+    return repr(value)
+
+
+def shorten(text: str, limit: int, where: str) -> str:
+    """``text`` whole, or cut to ``limit`` characters with a mark that says where the whole is (``where``): a reason
+    cut at 300 characters lost what was wrong, with nothing to say it had been cut."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rstrip() + f" … (cut; whole in {where})"
