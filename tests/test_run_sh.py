@@ -1,7 +1,10 @@
 """``run.sh`` answers --help and refuses an unknown option before it installs anything."""
 
+import os
 import subprocess
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,3 +19,29 @@ def test_an_unknown_option_is_refused_with_the_usage():
     res = subprocess.run(["bash", str(ROOT / "run.sh"), "--pipeline"], capture_output=True, text=True, timeout=30)
     assert res.returncode == 2
     assert "unknown option '--pipeline'" in res.stderr and "./run.sh pipeline" in res.stderr
+
+
+def test_a_relative_or_linked_run_sh_finds_itself_and_a_bare_one_prints_the_usage(tmp_path):
+    """Called by a relative path, --help failed (sed read run.sh from the caller's directory, exit 2); through a
+    symlink every command failed. A bare ./run.sh started the whole pipeline; it prints the usage now."""
+    link = tmp_path / "coinrun"
+    link.symlink_to(ROOT / "run.sh")
+    for cmd, cwd in (([str(link), "--help"], tmp_path), (["bash", f"{ROOT.name}/run.sh", "--help"], ROOT.parent)):
+        res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0 and "./run.sh pipeline" in res.stdout, res.stderr
+    bare = subprocess.run([str(link)], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert bare.returncode == 2 and "give a command" in bare.stderr and "./run.sh pipeline" in bare.stderr
+    missing = subprocess.run([str(link), "python", "-V"], cwd=tmp_path, env={**os.environ, "COIN_PYTHON": "python3.99"},
+                             capture_output=True, text=True, timeout=30)
+    assert missing.returncode == 2 and "COIN_PYTHON=python3.99 is not an interpreter" in missing.stderr
+
+
+@pytest.mark.skipif(not (ROOT / ".venv" / ".coin-installed").is_file(), reason="needs the installed .venv")
+def test_a_command_runs_where_it_is_called_offline_whatever_the_shell_had(tmp_path):
+    """A command given to run.sh ran in the project root, so a relative --params read the project's file in place
+    of the user's. The local-only variables stay set outright (docs/design.md): offline whatever the shell had."""
+    code = "import os; print(os.getcwd(), os.environ['HF_HUB_OFFLINE'], os.environ['DO_NOT_TRACK'])"
+    res = subprocess.run([str(ROOT / "run.sh"), "python", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "0"}, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [str(tmp_path), "1", "true"]
