@@ -322,7 +322,7 @@ def test_cli_attack_on_a_tiny_model_writes_a_loadable_file(tiny_llama_dir: Path,
     relative = [a if a != str(out) else "att/attack.json" for a in args]
     summary = json.loads(CliRunner().invoke(app, relative).stdout)
     assert out.read_bytes() == first
-    assert f"--set evaluate.instruction_file={out.resolve()} " in summary["evaluate_with"], summary
+    assert f"""--set 'evaluate.instruction_file="{out.resolve()}"' """ in summary["evaluate_with"], summary
     load_instruction_sets(out, ["clean", "attack-char", "attack-word"], ["sst2"])
     assert set(summary["accuracy"]["attack-char/sst2"]) == {"clean", "attacked"} and "note" not in summary
     # another source set is the new file's clean set: the output says so and names its accuracy by that set

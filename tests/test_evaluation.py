@@ -216,6 +216,33 @@ def test_a_local_attention_model_falls_back_to_per_label_and_scores_alike_in_any
     torch.testing.assert_close(one.scores, four.scores, atol=1e-4, rtol=1e-5)
 
 
+def test_a_model_numbering_positions_from_an_offset_scores_and_decodes_at_its_own_positions(
+        tmp_path, eval_llama: Backbone) -> None:
+    """RoBERTa-family decoders number positions from padding_idx + 1. The kv-cache path and model.generate passed
+    positions from 0: greedy answers that the model's own forward rated far below its argmax (-7.7 against -4.1
+    nats), and label scores off by up to 1.6 nats. Such a model is scored per label and decoded by the project's loop,
+    which leaves the positions to the model."""
+    from conftest import _save_tiny, _special_ids
+    from transformers import RobertaConfig, RobertaForCausalLM
+
+    from coin.evaluation.scoring import offsets_positions
+
+    d = _save_tiny(RobertaForCausalLM, RobertaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=514,
+        is_decoder=True, initializer_range=0.3, **_special_ids()), tmp_path / "roberta")
+    bb = load_backbone(str(d), device="cpu", dtype="float32", attention="causal", readout="last")
+    m, tok = bb.model, bb.tokenizer
+    assert offsets_positions(m) and "offset" in (cache_support(m) or "")
+    prompts = ["ok", "Classify the sentiment: a gripping film"]
+    out = score_label_words(m, tok, prompts, LABELS, batch_size=2)
+    assert out.path == "per-label" and "offset" in out.path_note
+    torch.testing.assert_close(out.scores, _hand_scores(m, tok, prompts, LABELS, MARKERS["train"]),
+                               atol=1e-4, rtol=1e-5)
+    assert generate_answers(m, tok, prompts, max_new_tokens=3).texts == \
+        generate_reference_style(m, tok, prompts, max_new_tokens=3).texts
+    assert not offsets_positions(eval_llama.model)  # a model numbering from 0 keeps the cache and model.generate
+
+
 def test_sliding_window_model_falls_back_to_per_label_and_says_why(eval_mistral: Backbone) -> None:
     m, tok = eval_mistral.model, eval_mistral.tokenizer
     assert "sliding" in (cache_support(m) or "")
@@ -379,6 +406,9 @@ def test_greedy_generation_ignores_the_checkpoints_generation_config(tiny_gemma2
         ("0.5", UNPARSED), ("0,5", UNPARSED), ("-1", UNPARSED), ("+0", UNPARSED), ("1st place", UNPARSED),
         ("1. 5 stars", UNPARSED), ("1, 000 reviews", UNPARSED),   # as WordPiece decodes "1.5" and "1,000"
         ("1 positive", 1),
+        # a sign inside quotes or brackets is a sign too, and a fraction or a superscript goes on past the digit
+        ("(-1)", UNPARSED), ("'-1'", UNPARSED), ('"-1"', UNPARSED), ("( - 1 )", UNPARSED), ("1/2", UNPARSED),
+        ("1 / 2", UNPARSED), ("1½", UNPARSED), ("1²", UNPARSED), ("(1)", 1), ("'0'", 0),
     ],
 )
 def test_parse_generation_edge_cases(text: str, want: int) -> None:

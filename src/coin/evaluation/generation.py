@@ -57,7 +57,9 @@ UNPARSED = -1
 _STRIP = string.whitespace + string.punctuation
 _UNDERSCORE_SPACES = re.compile(r"\s*_\s*")
 _SIGNED_NUMBER = re.compile(r"\s*[-+\u2212]\s*\d")
-_NUMBER_GOES_ON = re.compile(r"\d|[.,]\s?\d|[a-z]")  # "10", "1.5" (WordPiece decodes it "1. 5"), "1st"
+_NOT_A_SIGN = _STRIP.replace("-", "").replace("+", "")  # what may come before a sign: '(-1)', '"-1"' are signed too
+# "10", "1.5" (WordPiece decodes it "1. 5"), "1st", "1/2" ("1 / 2"); any other letter or digit ("1½", "1²") below
+_NUMBER_GOES_ON = re.compile(r"\d|[.,]\s?\d|\s?/\s?\d|[a-z]")
 
 
 # --------------------------------------------------------------------------- parsing
@@ -77,16 +79,19 @@ def parse_answer(text: str, choices: Mapping[str, int]) -> int:
     >>> parse_answer("not entailment", choices), parse_answer("", choices), parse_answer("the answer", choices)
     (-1, -1, -1)
     >>> digits = {"0": 0, "1": 1}
-    >>> [parse_answer(t, digits) for t in ("1.", "10", "1.5 stars", "-1")]
-    [1, -1, -1, -1]
+    >>> [parse_answer(t, digits) for t in ("1.", "10", "1.5 stars", "-1", "(-1)", "'-1'", "1 / 2", "1½", "(1)")]
+    [1, -1, -1, -1, -1, -1, -1, -1, 1]
     """
     norm = normalise_output(text)
-    if not norm or _SIGNED_NUMBER.match(text):  # "-1": the sign is no punctuation to strip before a digit alias
+    # "-1": the sign is no punctuation to strip before a digit alias, also inside quotes or brackets ('(-1)')
+    if not norm or _SIGNED_NUMBER.match(text.lower().lstrip(_NOT_A_SIGN)):
         return UNPARSED
     for word in sorted(choices, key=len, reverse=True):
         w = normalise_output(word)
-        # a digit alias ("0", "1") names a label only as a whole number: "10", "1.5 stars", "1st" and "1728 ..." do not
-        if norm.startswith(w) and not (w[-1:].isdigit() and _NUMBER_GOES_ON.match(norm, len(w))):
+        # a digit alias ("0", "1") names a label only as a whole number: "10", "1.5 stars", "1st", "1/2", "1½" and
+        # "1728 ..." do not
+        if norm.startswith(w) and not (w[-1:].isdigit() and (_NUMBER_GOES_ON.match(norm, len(w))
+                                                             or norm[len(w):len(w) + 1].isalnum())):
             return int(choices[word])
     return UNPARSED
 
@@ -224,7 +229,11 @@ def generate_answers(
     device = next(model.parameters()).device
     ids = _prompt_ids(tokenizer, prompts, fmt, _budget(model, max_new_tokens))
     batches = length_batches(list(map(len, ids)), batch_size, blocks)
-    if reads_prompt_whole(model):
+    from coin.evaluation.scoring import offsets_positions
+
+    # model.generate numbers positions from 0; a model that numbers its own from an offset (RoBERTa) decodes with
+    # the project's loop, which leaves them to the model
+    if reads_prompt_whole(model) or offsets_positions(model):
         return _generate_prefix_lm(model, tokenizer, ids, batches, max_new_tokens=max_new_tokens, desc=desc)
     cfg = _gen_config(tokenizer, max_new_tokens)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0

@@ -258,6 +258,9 @@ def cache_support(model: nn.Module) -> str | None:
             out = body(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
     except Exception as exc:  # noqa: BLE001 - any failure means: use the plain path
         return f"a cached forward pass failed ({type(exc).__name__}: {exc})"
+    if offsets_positions(model):
+        return ("it numbers positions from an offset (RoBERTa's padding_idx + 1), and the cache path numbers them "
+                "from 0")
     cache = getattr(out, "past_key_values", None)
     if not isinstance(cache, DynamicCache):
         return f"the model returns {type(cache).__name__} as its cache, not a DynamicCache"
@@ -265,6 +268,26 @@ def cache_support(model: nn.Module) -> str | None:
     if any(type(layer) is not DynamicLayer for layer in cache.layers):
         return f"cache layers of type {sorted(kinds)} (sliding-window/linear) cannot be shared across rows"
     return None
+
+
+def offsets_positions(model: nn.Module) -> bool:
+    """Whether ``model``'s body, given no ``position_ids``, numbers its tokens other than 0, 1, 2, ... (RoBERTa,
+    XLM-R, CamemBERT: from ``padding_idx + 1``). The cache path and ``model.generate`` pass positions from 0, so such a
+    model scored and decoded at positions it was never run at: greedy answers its own forward rated far below the
+    argmax. Checked with a 2-token forward pass with and without ``position_ids``."""
+    body, _ = split_body_head(model)
+    if "position_ids" not in inspect.signature(body.forward).parameters:
+        return False
+    device = _model_device(model)
+    ids = torch.tensor([[5, 6]], dtype=torch.long, device=device)
+    mask = torch.ones_like(ids)
+    try:
+        with _eval_mode(model), torch.inference_mode():
+            own = body(input_ids=ids, attention_mask=mask)[0]
+            numbered = body(input_ids=ids, attention_mask=mask, position_ids=torch.arange(2, device=device)[None])[0]
+    except Exception:  # noqa: BLE001 - a body that cannot run this probe is judged by the callers' own checks
+        return False
+    return not torch.allclose(own.float(), numbered.float(), rtol=1e-3, atol=1e-4)
 
 
 @dataclass
