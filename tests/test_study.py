@@ -422,7 +422,7 @@ def test_a_study_that_cannot_fit_stops_before_any_work(prefect_harness, study_pr
     from coin.study.grid import load_study, preflight_study
 
     monkeypatch.setattr(memory, "available_memory", lambda device: (64 * 2**20, "host RAM available"))
-    big = ["--set", "train.batch_size=512", "--set", "pairs.cutoff_len=4096"]
+    big = ["--set", "train.batch_size=512", "--set", "pairs.cutoff_len=512"]  # within the 512 positions it reads
     root = tmp_path / "project"
     root.mkdir()
     params = root / "params.yaml"
@@ -430,7 +430,7 @@ def test_a_study_that_cannot_fit_stops_before_any_work(prefect_harness, study_pr
     res = CliRunner().invoke(app, ["study", "--params", str(params), "--workers", "1", "--dask-threads", *big])
     msg = " ".join(res.output.split())
     assert res.exit_code == 2, res.output
-    assert "will not fit" in msg and "train.batch_size (512)" in msg and "pairs.cutoff_len (4096)" in msg
+    assert "will not fit" in msg and "train.batch_size (512)" in msg and "pairs.cutoff_len (512)" in msg
     assert not (root / "outputs" / "study").exists()  # no pairs, no cells
 
     settings, _ = load_study(params, ["study.sweep_key=train.batch_size", "study.sweep_values=[2, 512]"])
