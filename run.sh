@@ -68,7 +68,8 @@ venv_here() {  # .venv's interpreter runs and is this folder's (a checkout moved
   prefix=$("$VENV/bin/python" -c 'import sys; print(sys.prefix)' 2>/dev/null) || return 1
   [[ "$(readlink -f "$prefix")" == "$(readlink -f "$VENV")" ]] || return 1
   # its python finds itself wherever it is; its scripts' first lines name the folder they were made in
-  [[ ! -f "$VENV/bin/pip" || "$(head -n1 "$VENV/bin/pip")" == "#!$PWD/$VENV/bin/python"* ]]
+  # (a path with a space or over 127 bytes gets pip's two-line /bin/sh launcher: the path is on its second line)
+  [[ ! -f "$VENV/bin/pip" ]] || head -n2 "$VENV/bin/pip" | grep -qF "$PWD/$VENV/bin/python"
 }
 
 setup() {

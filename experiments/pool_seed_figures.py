@@ -127,6 +127,7 @@ def pool(records: dict[tuple[str, int], dict[str, Any]], pairs: list[tuple[str, 
             lo, hi = t_interval(d)
             defined = [s for s in seeds if pa[s] is not None and pb[s] is not None]
             row[f] = {"delta": mean, "ci_low": lo, "ci_high": hi, "per_seed": dict(zip(defined, d, strict=True)),
+                      "n": len(d),  # the seeds this figure is defined in (a clean-only study's: fewer)
                       "seeds_same_sign": sum((x > 0) == (mean > 0) and x != 0 for x in d),
                       "excludes_zero": bool(lo > 0 or hi < 0)}
         diffs.append(row)
@@ -150,7 +151,7 @@ def table(p: dict[str, Any]) -> str:
                 continue
             star = " *" if x["excludes_zero"] else ""
             cells.append(f"{x['delta']:+.1f} [{x['ci_low']:+.1f}, {x['ci_high']:+.1f}]{star} "
-                         f"{x['seeds_same_sign']}/{len(d['seeds'])}")
+                         f"{x['seeds_same_sign']}/{x.get('n', len(d['seeds']))}")
         lines.append(f"| {d['label']} | {len(d['seeds'])} | " + " | ".join(cells) + " |")
     lines += ["", "Mean ± sample std over seeds; differences paired by seed, with a Student-t interval over the "
               "per-seed differences and the seeds that share the mean's sign (* = the interval excludes 0). The "

@@ -543,6 +543,11 @@ def test_coin_card_side_by_side_says_when_the_two_were_evaluated_differently(eva
     # a later part (the data's fingerprint) that only one line records is not compared, nor listed
     text = said({**a, "_protocol": line + "; data d1"}, {**b, "_protocol": line.replace("seed 0", "seed 7")})
     assert "seed 0 / seed 7" in text and "data d1" not in text, text
+    # a scoring difference the cards themselves show is said once
+    from coin.evaluation.report.card import _unlike
+
+    gen = {**b, "scoring": "generate", "_protocol": line.replace("scoring loglik", "scoring generate")}
+    assert _unlike({**a, "_protocol": line}, gen).count("generate") == 1
 
 
 def test_a_model_dropped_from_the_evaluation_leaves_no_card_of_it(tmp_path):

@@ -72,7 +72,7 @@ def test_cli_refuses_a_model_the_evaluation_did_not_calibrate_with_that_prior(tm
     """Predictions of an evaluation under calibration 'none' hold no prior: swapping one out re-decided them wrongly.
     The eval_info.json beside the predictions says how each model was decided."""
     (tmp_path / "ad").mkdir()
-    (tmp_path / "ad" / "coin_model.json").write_text(json.dumps({"label_counts": {"t": [5, 5]}}))
+    (tmp_path / "ad" / "coin_model.json").write_text(json.dumps({"label_counts": {"t": [5, 5], "u": [3, 7]}}))
     row = {"model": "m", "scoring": "loglik", "task": "t", "label": 0, "scores": [-0.3, 0.0], "pred": 1,
            "correct": False}
     ev = tmp_path / "ev"
@@ -84,6 +84,7 @@ def test_cli_refuses_a_model_the_evaluation_did_not_calibrate_with_that_prior(tm
                               ({"calibration": "content_free", "label_counts": {"t": [9, 1]}},
                                "used the label counts {'t': [9, 1]}"),
                               ({"calibration": "content_free", "label_counts": {"t": [5, 5]}}, None)):
+        # (the adapter's own counts, of t only: the evaluation records the tasks it scored)
         (ev / "eval_info.json").write_text(json.dumps({"m": {"settings": settings}}))
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if message is None:

@@ -104,3 +104,14 @@ def test_a_pair_with_no_shared_seed_is_refused_and_undefined_figures_are_left_ou
     assert p["differences"][0]["perturbed_acc"] is None
     assert p["differences"][0]["clean_acc"]["delta"] == pytest.approx(((51.0 - 56.0) + (52.0 - 56.0)) / 2)
     assert "—" in mod.table(p)
+    # a figure some seeds lack counts the seeds it has: the sign count is over those
+    _cell(tmp_path / "b", "coin", 0, 60.0)
+    _cell(tmp_path / "b", "sft", 0, 50.0)
+    _cell(tmp_path / "b", "coin", 1, 60.0)
+    _cell(tmp_path / "b", "sft", 1, 50.0)
+    mixed = mod.load_records([tmp_path / "b"])
+    for m in ("coin", "sft"):
+        mixed[(m, 1)]["figures"]["perturbed_acc"] = None
+    row = mod.pool(mixed, [("coin", "sft")])["differences"][0]
+    assert row["perturbed_acc"]["n"] == 1 and row["clean_acc"]["n"] == 2
+    assert "+10.0 [+nan, +nan] 1/1 |" in mod.table(mod.pool(mixed, [("coin", "sft")]))  # was 1/2

@@ -205,6 +205,12 @@ def test_fit_input_cuts_the_longest_fields_first_and_the_evaluation_the_same_way
                        fmt="train", limit=80, prefixes=TASKS["qnli"].content_prefixes)
     assert cut.startswith("Question: In this context: what")
     assert cut.endswith(" Context: The treaty was signed in Paris.")
+    # and a lower-case marker that opens its field (after a sentence's end) is taken before a later exact one
+    from coin.predict import split_fields
+
+    got = split_fields("question: Who won? context: The report (see Context: below) says Ann won.",
+                       TASKS["qnli"].content_prefixes)
+    assert got[1] == ("context:", " The report (see Context: below) says Ann won.")
 
 
 def test_fit_input_keeps_short_inputs_and_refuses_an_instruction_that_cannot_fit(trained):

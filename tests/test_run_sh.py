@@ -45,3 +45,23 @@ def test_a_command_runs_where_it_is_called_offline_whatever_the_shell_had(tmp_pa
                          env={**os.environ, "HF_HUB_OFFLINE": "0"}, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == [str(tmp_path), "1", "true"]
+
+
+def test_a_venv_in_a_folder_with_a_space_is_recognised_as_this_folders(tmp_path):
+    """pip writes a two-line /bin/sh launcher where the path has a space (or is over 127 bytes): the check read only
+    its first line, so every ./run.sh there made the venv anew and reinstalled everything."""
+    import sys
+
+    here = tmp_path / "a folder" / "proj"
+    here.mkdir(parents=True)
+    subprocess.run([sys.executable, "-m", "venv", ".venv"], cwd=here, check=True, timeout=300)
+    src = (ROOT / "run.sh").read_text()
+    func = src[src.index("venv_here() {"):src.index("\n}\n", src.index("venv_here() {")) + 3]
+    check = subprocess.run(["bash", "-c", f"VENV=.venv\n{func}\nvenv_here && echo same || echo other"], cwd=here,
+                           capture_output=True, text=True, timeout=60)
+    assert check.stdout.strip() == "same", (check.stdout, check.stderr, (here / ".venv/bin/pip").read_text()[:200])
+    moved = tmp_path / "moved"
+    (tmp_path / "a folder").rename(moved)
+    check = subprocess.run(["bash", "-c", f"VENV=.venv\n{func}\nvenv_here && echo same || echo other"],
+                           cwd=moved / "proj", capture_output=True, text=True, timeout=60)
+    assert check.stdout.strip() == "other"  # the same venv, moved: its scripts name the old folder

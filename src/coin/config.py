@@ -1372,7 +1372,8 @@ def check_quantization(model: ModelSettings) -> None:
 
     try:
         device = pick_device(model.device)
-    except RuntimeError:  # model.device = cuda without a GPU: the loader refuses that with its own message
+    except RuntimeError:  # cuda:N absent: the loader refuses that with its own message ('cuda' or 'mps' absent is a
+        # ConfigError from pick_device, which names the key)
         return
     check(model.quantization, device)
 

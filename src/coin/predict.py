@@ -187,11 +187,14 @@ def split_fields(text: str, prefixes: tuple[str, ...]) -> list[tuple[str, str]] 
 
     if len(prefixes) < 2:
         return None
+    def opens_field(m: re.Match) -> bool:  # as the evaluation writes it ("Context:"), or where a field can start
+        return m.group() == p or not text[:m.start()].strip() or re.search(r"[.?!;\n]\s*$", text[:m.start()])
+
     starts, pos = [], 0
-    for p in prefixes:  # as written ("Context:", at a word's start) first: "In this context: ..." inside a question
-        # is not the context's marker; any case after that (a user's "sentence 2:")
-        marker = rf"(?<!\w){re.escape(p)}"
-        m = re.compile(marker).search(text, pos) or re.compile(marker, re.IGNORECASE).search(text, pos)
+    for p in prefixes:  # at a word's start, any case ("sentence 2:"), but "In this context: ..." inside a question
+        # is no field's start: the first match written as the marker is, or one after a sentence's end
+        found = list(re.compile(rf"(?<!\w){re.escape(p)}", re.IGNORECASE).finditer(text, pos))
+        m = next((x for x in found if opens_field(x)), found[0] if found else None)
         if m is None:
             return None
         starts.append((m.start(), m.end()))

@@ -553,7 +553,8 @@ def _numerics(settings: Settings) -> dict[str, Any]:
 
     try:
         device = pick_device(settings.model.device)
-    except RuntimeError:  # cuda asked for and absent: the load will say so; key what was asked
+    except RuntimeError:  # a study worker's cuda:N absent: the load will say so; key what was asked ('cuda' or 'mps'
+        # absent is a ConfigError, raised here: the configuration names a device this machine lacks)
         return {"device": settings.model.device}
     return {"device": device.type, "dtype": str(pick_dtype(settings.model.dtype, device)).removeprefix("torch."),
             "bf16_autocast": uses_bf16(device, settings.evaluate.autocast, "evaluate.autocast")}

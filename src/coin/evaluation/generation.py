@@ -59,7 +59,7 @@ _UNDERSCORE_SPACES = re.compile(r"\s*_\s*")
 _SIGNED_NUMBER = re.compile(r"\s*[-+\u2212]\s*\d")
 _NOT_A_SIGN = _STRIP.replace("-", "").replace("+", "")  # what may come before a sign: '(-1)', '"-1"' are signed too
 # "10", "1.5" (WordPiece decodes it "1. 5"), "1st", "1/2" ("1 / 2"); any other letter or digit ("1½", "1²") below
-_NUMBER_GOES_ON = re.compile(r"\d|[.,]\s?\d|\s?/\s?\d|[a-z]")
+_NUMBER_GOES_ON = re.compile(r"\d|[.,]\s?\d|\s?[/\u2044\u2215]\s?\d|[a-z]")  # /, the fraction and division slashes
 
 
 # --------------------------------------------------------------------------- parsing

@@ -279,12 +279,16 @@ def offsets_positions(model: nn.Module) -> bool:
     if "position_ids" not in inspect.signature(body.forward).parameters:
         return False
     device = _model_device(model)
-    ids = torch.tensor([[5, 6]], dtype=torch.long, device=device)
-    mask = torch.ones_like(ids)
     try:
+        vocab = model.get_input_embeddings().num_embeddings
+        pad = getattr(getattr(body, "config", None), "pad_token_id", None)
+        probe = [t for t in (vocab - 3, vocab - 2, vocab - 1) if t >= 0 and t != pad][-2:]  # ids any vocabulary holds
+        ids = torch.tensor([probe], dtype=torch.long, device=device)
+        mask = torch.ones_like(ids)
         with _eval_mode(model), torch.inference_mode():
             own = body(input_ids=ids, attention_mask=mask)[0]
-            numbered = body(input_ids=ids, attention_mask=mask, position_ids=torch.arange(2, device=device)[None])[0]
+            numbered = body(input_ids=ids, attention_mask=mask,
+                            position_ids=torch.arange(ids.size(1), device=device)[None])[0]
     except Exception:  # noqa: BLE001 - a body that cannot run this probe is judged by the callers' own checks
         return False
     return not torch.allclose(own.float(), numbered.float(), rtol=1e-3, atol=1e-4)

@@ -141,8 +141,9 @@ def _unlike(a: dict[str, Any], b: dict[str, Any]) -> str:
         # sets and examples are compared below from the cards themselves (the scoring line's suffixes, length
         # normalisation and calibration, are not in the card's own scoring field); a later part only one line
         # records is one same_protocol does not compare
-        skip = ("sets ", "examples ", *(x for x in _LATER_PARTS if not (any(p.startswith(x) for p in parts_a) and
-                                                                        any(p.startswith(x) for p in parts_b))))
+        skip = ("sets ", "examples ", *(("scoring ",) if a.get("scoring") != b.get("scoring") else ()),
+                *(x for x in _LATER_PARTS if not (any(p.startswith(x) for p in parts_a) and
+                                                  any(p.startswith(x) for p in parts_b))))
         only_a = [p for p in parts_a if p not in parts_b and not p.startswith(skip)]
         only_b = [p for p in parts_b if p not in parts_a and not p.startswith(skip)]
         if only_a or only_b:
