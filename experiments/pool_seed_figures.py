@@ -119,13 +119,13 @@ def pool(records: dict[tuple[str, int], dict[str, Any]], pairs: list[tuple[str, 
         for f in SHOWN:
             pa = {s: records[(a, s)]["figures"].get(f) for s in seeds}
             pb = {s: records[(b, s)]["figures"].get(f) for s in seeds}
-            d = [pa[s] - pb[s] for s in seeds if pa[s] is not None and pb[s] is not None]
+            defined = [s for s in seeds if pa[s] is not None and pb[s] is not None]
+            d = [pa[s] - pb[s] for s in defined]
             if not d:  # undefined in these cells (no perturbed set)
                 row[f] = None
                 continue
             mean = statistics.mean(d)
             lo, hi = t_interval(d)
-            defined = [s for s in seeds if pa[s] is not None and pb[s] is not None]
             row[f] = {"delta": mean, "ci_low": lo, "ci_high": hi, "per_seed": dict(zip(defined, d, strict=True)),
                       "n": len(d),  # the seeds this figure is defined in (a clean-only study's: fewer)
                       "seeds_same_sign": sum((x > 0) == (mean > 0) and x != 0 for x in d),

@@ -203,10 +203,9 @@ def split_fields(text: str, prefixes: tuple[str, ...]) -> list[tuple[str, str]] 
     return [(text[(0 if k == 0 else a):b], text[b:e]) for k, ((a, b), e) in enumerate(zip(starts, ends, strict=True))]
 
 
-def _cut_fields(tokenizer, parts: list[tuple[str, str]], budget: int) -> str:
-    """The fields' bodies cut from their ends to ``budget`` tokens in all, the longest first (each body keeps
-    ``min(its tokens, cap)`` for the largest cap that fits), every marker kept."""
-    sizes = [len(tokenizer(body, add_special_tokens=False)["input_ids"]) for _, body in parts]
+def _cut_fields(tokenizer, parts: list[tuple[str, str]], sizes: list[int], budget: int) -> str:
+    """The fields' bodies (of ``sizes`` tokens each) cut from their ends to ``budget`` tokens in all, the longest
+    first (each body keeps ``min(its tokens, cap)`` for the largest cap that fits), every marker kept."""
     cap = max(sizes, default=0)
     while cap > 0 and sum(min(n, cap) for n in sizes) > budget:
         cap -= 1
@@ -236,10 +235,10 @@ def fit_input(tokenizer, instruction: str, text: str, *, fmt: str, limit: int,
     total = len(tokenizer(text, add_special_tokens=False)["input_ids"])
     parts = split_fields(text, prefixes)
     if parts is not None:
-        sizes = sum(len(tokenizer(body, add_special_tokens=False)["input_ids"]) for _, body in parts)
-        budget = max(sizes - (n - limit), 0)
+        sizes = [len(tokenizer(body, add_special_tokens=False)["input_ids"]) for _, body in parts]  # tokenised once
+        budget = max(sum(sizes) - (n - limit), 0)
         for _ in range(8):
-            cut = _cut_fields(tokenizer, parts, budget)
+            cut = _cut_fields(tokenizer, parts, sizes, budget)
             over = _prompt_tokens(tokenizer, join_instruction(instruction, cut), fmt) - limit
             if over <= 0:
                 return cut, max(total - len(tokenizer(cut, add_special_tokens=False)["input_ids"]), 1)
