@@ -9,6 +9,7 @@ the semantic and leak checks run on the real model, the fast unit tests inject a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import doctest
 import json
 import re
@@ -1006,3 +1007,37 @@ def test_the_gates_pages_show_row_text_as_text_whole_or_marked_cut(real_rows, to
     assert "threshold 0.7654" in md and "pass rate 0.750" in md
     assert len(info.value.report.checks["target_in_answer_set"].example_reason) > 300
     assert "… (cut; whole in rejects.jsonl)" in (tmp_path / "report.html").read_text()
+
+
+def test_the_schema_page_shows_failing_values_as_text_and_the_gate_reads_the_same_numbers(real_rows, tokenizer,
+                                                                                          tmp_path, embedder,
+                                                                                          eval_sources):
+    """The schema suite's page printed a failing task, split, pair_id or prompt unescaped ('<img onerror=...>' ran as
+    markup); the failure message printed a pass rate of 0.68750 as "0.688 ... is below validate.min_pass_rate =
+    0.68751" and cut its example reason mid-word at 200 characters with nothing to say so."""
+    rows = rows_copy(real_rows[:16])
+    rows[0]["task"] = "<img src=x onerror=alert(1)>"
+    rows[1]["split"] = "<b>BOLDSPLIT</b>"
+    rows[2]["pair_id"] = rows[3]["pair_id"] = "<u>UNDERPID</u>"
+    rows[4]["original_prompt"] = "<i>" * 1400  # 4,200 characters as written (more once escaped): too long
+    rows[5]["original_prompt"] = "<" * 4000    # exactly validate.max_length_chars as written: not too long
+    rows[0]["split"] = "training" + "y" * 150  # the first failing row's reason, the one the message quotes: long
+    with pytest.raises(GateFailed) as info:
+        gate(rows, tokenizer, tmp_path, embedder, eval_sources, min_pass_rate=0.99)
+    report = info.value.report
+    pages = "".join(p.read_text() for p in (tmp_path / "data_docs").rglob("*.html"))
+    for markup in ("<img src=x", "<b>BOLDSPLIT", "<u>UNDERPID", "<i><i>"):
+        assert markup not in pages, markup
+    assert "&lt;u&gt;UNDERPID&lt;/u&gt;" in pages
+    rejects = [json.loads(line) for line in (tmp_path / "rejects.jsonl").open()]
+    reasons = {r["pair_id"]: json.dumps(r["reasons"]) for r in rejects}
+    first = reasons[real_rows[0]["pair_id"]]
+    assert "is not one of" in first and "<img src=x onerror" in first
+    assert "has 4200 chars, outside 1..4000" in reasons[real_rows[4]["pair_id"]]
+    assert "chars, outside" not in reasons.get(real_rows[5]["pair_id"], "")  # its tokens are what is too long
+    assert "is not unique (2 rows share it)" in reasons["<u>UNDERPID</u>"]
+    # the headline's pass rate reads below the threshold it failed, however close
+    close = dataclasses.replace(report, min_pass_rate=report.pass_rate + 1e-5)
+    rate = re.search(r"pass rate ([0-9.]+) \(", close.failure_message()).group(1)
+    assert float(rate) < close.min_pass_rate, rate
+    assert "(cut; whole in " in report.failure_message()

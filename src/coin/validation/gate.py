@@ -43,6 +43,7 @@ from coin.validation.result import (
     CheckStats,
     GateReport,
 )
+from coin.validation.text import apart
 from coin.validation.types import CHECKS, CheckContext, CheckResult, Row
 
 log = logging.getLogger(__name__)
@@ -197,8 +198,9 @@ def run_gate(
     check_seconds["data_docs"] = time.perf_counter() - t_docs
     for t in report.thinned_tasks:
         c = report.per_task[t]
-        log.warning("validation gate: %s kept %d of %d rows (pass rate %.3f, below validate.min_pass_rate = %s); "
-                    "its reasons are in %s", t, c["valid"], c["rows_in"], c["pass_rate"], cfg.min_pass_rate,
+        log.warning("validation gate: %s kept %d of %d rows (pass rate %s, below validate.min_pass_rate = %s); "
+                    "its reasons are in %s", t, c["valid"], c["rows_in"], apart(c["pass_rate"], cfg.min_pass_rate),
+                    cfg.min_pass_rate,
                     out_dir / REJECTS_FILE)
     write_json(out_dir / SUMMARY_FILE, report.to_summary())
     (out_dir / REPORT_FILE).write_text(render_report_html(report, out_dir), encoding="utf-8")

@@ -66,8 +66,9 @@ def render(report: GateReport, out_dir: Path) -> str:
         parts += ["<h2>Rows per task</h2>",
                   "<table><tr><th>task</th><th>rows in</th><th>valid</th><th>rejected</th><th>pass rate</th></tr>",
                   _rows([[f"<code>{_e(t)}</code>", c["rows_in"], c["valid"], c["rejected"],
-                          f"{c['pass_rate']:.3f}" + (" (no training row left)" if t in report.emptied_tasks else
-                                                     " (below the threshold)" if t in report.thinned_tasks else "")]
+                          apart(c["pass_rate"], report.min_pass_rate)
+                          + (" (no training row left)" if t in report.emptied_tasks else
+                             " (below the threshold)" if t in report.thinned_tasks else "")]
                          for t, c in report.per_task.items()], {1, 2, 3, 4}), "</table>"]
     if report.rejects_per_reason:
         parts += ["<h2>Rejected rows per reason</h2>", "<table><tr><th>check.reason</th><th>rows</th></tr>",

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coin.validation.text import apart
+from coin.validation.text import apart, shorten
 
 VALID_FILE, REJECTS_FILE, SUMMARY_FILE, DOCS_DIR = "valid.jsonl", "rejects.jsonl", "summary.json", "data_docs"
 REPORT_FILE = "report.html"
@@ -179,7 +179,8 @@ class GateReport:
             lines.append(f"| {name} | {s.pass_rate:.3f} | {s.failures} | {pid} |")
         if self.per_task:
             lines += ["", "| task | rows in | valid | rejected | pass rate |", "|---|---:|---:|---:|---:|"]
-            lines += [f"| {t} | {c['rows_in']} | {c['valid']} | {c['rejected']} | {c['pass_rate']:.3f}"
+            lines += [f"| {t} | {c['rows_in']} | {c['valid']} | {c['rejected']} | "
+                      f"{apart(c['pass_rate'], self.min_pass_rate)}"
                       + (" (below the threshold)" if t in self.thinned_tasks else "")
                       + (" (**no training row left**)" if t in self.emptied_tasks else "") + " |"
                       for t, c in self.per_task.items()]
@@ -204,10 +205,11 @@ class GateReport:
             head = f"validation gate failed: no row passed every check ({self.rows_in} rows in, all rejected)."
         elif self.pass_rate >= self.min_pass_rate:
             head = (f"validation gate failed: every training row of {', '.join(self.emptied_tasks)} was rejected, so "
-                    f"training would lack that task (overall pass rate {self.pass_rate:.3f}).")
+                    f"training would lack that task (overall pass rate {apart(self.pass_rate, self.min_pass_rate)}).")
         else:
             head = (
-                f"validation gate failed: pass rate {self.pass_rate:.3f} ({self.rows_valid}/{self.rows_in} rows) "
+                f"validation gate failed: pass rate {apart(self.pass_rate, self.min_pass_rate)} ({self.rows_valid}/"
+                f"{self.rows_in} rows) "
                 f"is below validate.min_pass_rate = {self.min_pass_rate}."
             )
             if self.emptied_tasks:
@@ -216,7 +218,7 @@ class GateReport:
         lines = [head, "Top failing checks:"] if failing else [head]
         for n, name in reversed(failing[-top:]):
             s = self.checks[name]
-            reason = (s.example_reason or "")[:200]
+            reason = shorten(s.example_reason or "", 200, str(self.rejects_path))
             lines.append(f"  - {name}: {n} rows (e.g. pair_id {s.example_pair_id!r}: {reason})")
         lines.append(f"Every rejected row and its reasons: {self.rejects_path} (report: {self.out_dir / REPORT_FILE}, "
                      f"summary: {self.summary_path}"

@@ -95,6 +95,12 @@ def _frame(rows: Sequence[Row]) -> Any:
         if typ is str:  # a wrong-typed value would break GX's string expectations; type_ok__<c> reports it
             # typed, so it cannot equal a text value: the int 17 shown as '17' made pair_id '17' "not unique"
             values = [v if v is None or isinstance(v, str) else f"<{type(v).__name__}> {v!r}" for v in values]
+        if typ is str:
+            # the schema page shows failing values as HTML, unescaped: a task '<img onerror=...>' or a prompt's
+            # markup ran on the page. Escaping is one-to-one, so uniqueness and set membership are unchanged; the
+            # lengths are taken before it, from the text the row holds
+            cols[f"length__{c}"] = [len(v) if isinstance(v, str) else None for v in values]
+            values = [html.escape(v) if isinstance(v, str) else v for v in values]
         cols[c] = values
     for c, typ in FIELD_TYPES.items():
         cols[f"type_ok__{c}"] = [_type_ok(r.get(c), typ) for r in rows]
@@ -141,8 +147,8 @@ def _rules(gxe: Any, max_chars: int, pair_id_counts: Counter) -> list[Rule]:
         ))
     for c in ("original_prompt", "paraphrase_prompt", "negative_prompt"):
         rules.append(Rule(
-            gxe.ExpectColumnValueLengthsToBeBetween(
-                column=c, min_value=1, max_value=max_chars,
+            gxe.ExpectColumnValuesToBeBetween(
+                column=f"length__{c}", min_value=1, max_value=max_chars,
                 description=f"{c} has 1..{max_chars} chars (validate.max_length_chars)"
             ),
             f"length:{c}",
