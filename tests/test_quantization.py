@@ -164,6 +164,39 @@ def test_a_quantised_base_loads_with_its_head_in_full_precision(tiny_llama_dir, 
 
 
 @needs_bnb
+def test_a_checkpoint_saved_quantised_loads_only_as_saved(tiny_llama_dir, tmp_path):
+    """A checkpoint saved quantised (a "-bnb-4bit" upload) loads as it was saved whatever model.quantization says:
+    coin_model.json recorded the setting, not the model, and with quantization none on this CPU the 4-bit model
+    crashed in bitsandbytes' bf16 re-packing ("shape '[32, 0]' is invalid"). Refused at load and in the plan, naming
+    the settings to use; loaded as saved when they agree."""
+    from coin.modeling.memory import plan_training
+
+    saved = {}
+    for q in ("4bit", "8bit"):
+        bb = load_backbone(str(tiny_llama_dir), device="cpu", quantization=q, double_quant=False)
+        saved[q] = tmp_path / f"saved{q}"
+        bb.model.save_pretrained(saved[q])
+        bb.tokenizer.save_pretrained(saved[q])
+    with pytest.raises(ConfigError, match=r"saved quantised .*4bit\), but model.quantization = none.*set "
+                                          r"model.quantization: 4bit, model.double_quant: false"):
+        load_backbone(str(saved["4bit"]), device="cpu")
+    with pytest.raises(ConfigError, match=r"but model.double_quant = true; .*model.double_quant: false"):
+        load_backbone(str(saved["4bit"]), device="cpu", quantization="4bit", double_quant=True)
+    with pytest.raises(ConfigError, match=r"8bit\), but model.quantization = 4bit"):
+        load_backbone(str(saved["8bit"]), device="cpu", quantization="4bit")
+    with pytest.raises(ConfigError, match="but model.quantization = none"):  # before the plan counts it at fp32
+        plan_training(_settings(str(saved["8bit"]), "none"), device="cpu")
+    bb = load_backbone(str(saved["4bit"]), device="cpu", quantization="4bit", double_quant=False)
+    assert quantization_of(bb.model) == bb.quantization == "4bit"
+    assert torch.isfinite(_logits(bb.model, bb.tokenizer)).all()  # the CPU path, not the re-packing that crashed
+    config = json.loads((saved["4bit"] / "config.json").read_text())
+    config["quantization_config"]["quant_method"] = "gptq"
+    (saved["4bit"] / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="gptq.*bitsandbytes only: give the unquantised checkpoint"):
+        load_backbone(str(saved["4bit"]), device="cpu", quantization="4bit")
+
+
+@needs_bnb
 def test_a_checkpoint_without_some_body_weights_is_refused_naming_them(tiny_llama_dir, tmp_path):
     import shutil
 

@@ -50,6 +50,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -254,6 +255,48 @@ def check_quantization(quantization: str, device: torch.device, *, key: str = "m
         raise ConfigError(f"{key} = {quantization!r} {problem}; or set model.quantization: none")
 
 
+def saved_quantization(config: Any) -> dict[str, Any] | None:
+    """The ``quantization_config`` a checkpoint's ``config.json`` carries (saved quantised, e.g. a "-bnb-4bit"
+    upload), as a dict, or None."""
+    q = getattr(config, "quantization_config", None)
+    if q is None:
+        return None
+    return dict(q) if isinstance(q, dict) else q.to_dict()
+
+
+def check_saved_quantization(name: str, config: Any, quantization: str, double_quant: bool) -> None:
+    """Refuse (:class:`~coin.config.ConfigError`) a checkpoint saved quantised other than ``model.quantization`` and
+    ``model.double_quant`` say: transformers loads it as it was saved whatever the setting, so the adapter's
+    ``coin_model.json``, the memory plan and the cache keys recorded the setting, not the model, and a 4-bit model
+    loaded unquantised on a CPU crashed in bitsandbytes' bf16 re-packing (``shape '[32, 0]' is invalid``)."""
+    saved = saved_quantization(config)
+    if saved is None:
+        return
+    method = str(saved.get("quant_method", "")).lower()
+    where = f"model.backbone = {name!r} is saved quantised (its config.json's quantization_config"
+    if "bitsandbytes" not in method:
+        raise ConfigError(f"{where}: {method or 'an unknown method'}); this tool quantises with bitsandbytes only: "
+                          "give the unquantised checkpoint (and model.quantization: 4bit or 8bit to quantise it)")
+    if saved.get("load_in_8bit"):
+        want = {"model.quantization": "8bit"}
+    elif saved.get("load_in_4bit"):
+        if str(saved.get("bnb_4bit_quant_type", "nf4")).lower() != "nf4":
+            raise ConfigError(f"{where}: 4-bit {saved.get('bnb_4bit_quant_type')}); this tool loads NF4 4-bit only: "
+                              "give the unquantised checkpoint, with model.quantization: 4bit")
+        want = {"model.quantization": "4bit",
+                "model.double_quant": bool(saved.get("bnb_4bit_use_double_quant", False))}
+    else:
+        raise ConfigError(f"{where}: bitsandbytes, neither 4-bit nor 8-bit); give the unquantised checkpoint")
+    have = {"model.quantization": quantization, "model.double_quant": double_quant}
+    wrong = {k: v for k, v in want.items() if have[k] != v}
+    if wrong:
+        fix = ", ".join(f"{k}: {str(v).lower()}" for k, v in want.items())
+        raise ConfigError(f"{where}: {want['model.quantization']}), but "
+                          + ", ".join(f"{k} = {str(have[k]).lower()}" for k in wrong)
+                          + f"; it loads as it was saved, whatever the setting: set {fix} (recorded with the "
+                          "adapter), or give the unquantised checkpoint")
+
+
 class _Once(logging.Filter):
     """Lets a message through the first time only (bitsandbytes' 8-bit matmul warns on every call that it
     casts its float32 inputs to float16)."""
@@ -405,14 +448,18 @@ def max_positions(model) -> int | None:
     return n if isinstance(n, int) and n > 0 else None
 
 
+def backbone_config(name_or_path: str) -> Any:
+    """The backbone's transformers config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_backbone(name_or_path), local_files_only=True)
+
+
 def config_positions(name_or_path: str) -> int | None:
     """:func:`max_positions` of a backbone from its config alone (no weights loaded)."""
     from types import SimpleNamespace
 
-    from transformers import AutoConfig
-
-    return max_positions(SimpleNamespace(config=AutoConfig.from_pretrained(resolve_backbone(name_or_path),
-                                                                          local_files_only=True)))
+    return max_positions(SimpleNamespace(config=backbone_config(name_or_path)))
 
 
 def check_cutoff_len(cutoff_len: int, positions: int | None, backbone: str) -> None:
@@ -512,6 +559,7 @@ def load_backbone(
             f"model.backbone = {name_or_path!r}: not a local directory and not in the local Hugging Face cache "
             f"({exc.__class__.__name__}). This tool never downloads; copy the model to a directory and pass its path."
         ) from None
+    check_saved_quantization(name_or_path, config, quantization, double_quant)
     tok = _load_tokenizer(path)
     _check_vocabulary(name_or_path, tok, config)
     mode = resolve_attention(attention, config)
@@ -527,6 +575,8 @@ def load_backbone(
         quant = {"quantization_config": quantization_config(quantization, weights_dtype, double_quant=double_quant,
                                                             skip_modules=skip),
                  "device_map": {"": dev}}  # quantised on load, on the device; a quantised model is not moved later
+        if saved_quantization(config) is not None:  # saved quantised, as set (checked above): its own config rules
+            del quant["quantization_config"]
     # Newly initialised weights (MiniLM's LM-head transform) are random: seed them so two loads agree.
     torch.manual_seed(seed)
     with _quiet_transformers():  # its load report is replaced by our one-line log of new weights

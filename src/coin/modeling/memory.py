@@ -464,13 +464,23 @@ def plan_training(settings: Any, *, methods: list[str] | None = None, world_size
     the model dtype's (a quantization setting passes its own).
     """
     from coin.methods import get_method
-    from coin.modeling.backbone import check_cutoff_len, config_positions, pick_device, pick_dtype, uses_bf16
+    from coin.modeling.backbone import (
+        backbone_config,
+        check_cutoff_len,
+        check_saved_quantization,
+        config_positions,
+        pick_device,
+        pick_dtype,
+        uses_bf16,
+    )
 
     train = settings.train
     # a cutoff longer than the model reads was refused only in the training loop, after the rows were read, an
     # MLflow run opened and the weights loaded, and `coin train --plan` said "fits"
     check_cutoff_len(settings.pairs.cutoff_len, config_positions(settings.model.backbone), settings.model.backbone)
     quantization = getattr(settings.model, "quantization", "none")
+    check_saved_quantization(settings.model.backbone, backbone_config(settings.model.backbone), quantization,
+                             bool(getattr(settings.model, "double_quant", False)))
     if bits_per_weight is None and quantization != "none":
         bits_per_weight = QUANT_BITS[(quantization, bool(getattr(settings.model, "double_quant", False)))]
     dev = pick_device(device or settings.model.device)
