@@ -723,6 +723,53 @@ def test_the_evaluate_stage_refuses_an_adapter_trained_on_another_base(tmp_path,
     assert not _same_base("minilm", str(tiny_llama_dir), tmp_path)
 
 
+def test_a_base_replaced_in_place_is_trained_anew_and_its_old_adapter_is_not_scored_on_it(tmp_path, tiny_llama_dir,
+                                                                                         monkeypatch):
+    """A local model.backbone whose weights were replaced at the same path: `coin train` (and `dvc repro -f -s
+    train`) kept the adapter ("unchanged since run ..."), and the evaluation scored it on the new weights, without a
+    word. The train and evaluate keys now cover the base's files, and the adapter records their hash."""
+    import shutil
+
+    import torch
+    from helpers_training import make_rows
+    from safetensors.torch import load_file, save_file
+
+    from coin.config import Settings
+    from coin.data.io import DataError
+    from coin.modeling.adapter import read_meta
+    from coin.modeling.base_files import base_files_sha256
+    from coin.stages import stage_evaluate_unit, stage_reads, train_adapter, training_key
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama_dir, base)
+    monkeypatch.chdir(tmp_path)  # the project root, where the CLI runs
+    settings = Settings.model_validate({
+        "paths": {"data_dir": str(ROOT / "data")}, "model": {"backbone": "base", "device": "cpu"},  # relative
+        "train": {"methods": ["coin"], "max_steps": 1, "batch_size": 2, "checkpoint_every": 0, "autocast": "off",
+                  "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}},
+        "evaluate": {"tasks": ["sst2"], "instruction_sets": ["clean"], "samples_per_task": 2, "autocast": "off",
+                     "instruction_file": str(ROOT / "data" / "promptbench" / "coin_perturbed_instructions.json")}})
+    out = tmp_path / "outputs" / "train" / "coin"
+    before = base_files_sha256("base", tmp_path)
+    assert before == base_files_sha256(str(base)) and before is not None
+    train_adapter(settings, make_rows(4), "coin", out, progress=False, root=tmp_path)
+    assert read_meta(out / "adapter")["base_sha256"] == before
+    (tmp_path / "outputs" / "train" / "train.json").write_text(json.dumps(
+        {"methods": ["coin"], "runs": {"coin": {"adapter_dir": "outputs/train/coin/adapter", "run_id": "r0"}}}))
+    key = training_key(settings, tmp_path, "coin")
+    assert stage_reads("evaluate_unit", settings, tmp_path, "base")["base"] == before
+    assert stage_evaluate_unit(settings, tmp_path, "coin")["label"] == "coin"  # its own base: scored
+
+    weights = load_file(str(base / "model.safetensors"))  # other weights, the same path and names
+    save_file({k: v + 0.01 * torch.randn_like(v) for k, v in weights.items()}, str(base / "model.safetensors"),
+              metadata={"format": "pt"})
+    assert base_files_sha256("base", tmp_path) != before
+    assert training_key(settings, tmp_path, "coin") != key  # coin train trains again
+    with pytest.raises(DataError, match=r"trained on other files of model.backbone 'base' .*replaced since.*"
+                                        r"dvc repro -f -s train"):
+        stage_evaluate_unit(settings, tmp_path, "coin")
+
+
 def test_a_pad_token_past_the_embeddings_pads_with_one_the_model_has(tiny_gpt2_dir, tmp_path):
     """A pad token added without resizing the embeddings (common in fine-tuned checkpoints): every batch with two
     prompt lengths embedded its id in the padded slots and failed with a bare IndexError, in scoring, generation

@@ -40,6 +40,9 @@ class StageSpec:
     outputs: PathsFn                   # what it writes (all of it must still exist for a flow cache hit to count)
     code: tuple[str, ...]              # coin subpackages it runs (stages.py, config.py, methods.py always count)
     exclude: tuple[str, ...] = ()      # params under ``params`` that do not affect this task (flow: the item)
+    # reads model.backbone's files (config, weights, tokenizer): hashed into its key, since weights replaced in place
+    # keep the name that ``params`` holds (dvc.yaml cannot name them: README "Cache")
+    base_files: bool = False
     extra_check: Callable[[Settings, Path, str | None], str | None] | None = field(default=None, compare=False)
 
 
@@ -133,6 +136,7 @@ STAGE_SPECS: dict[str, StageSpec] = {
         # validation/result.py: read_training_rows decides which of the gate's rows training reads
         code=("training", "modeling", "data", "validation/result.py"),
         extra_check=_mlflow_run_gone,
+        base_files=True,
     ),
     "evaluate_unit": StageSpec(  # item = model label (base, coin, cit, ...)
         params=("seed", "paths", "model", "evaluate"),
@@ -141,6 +145,7 @@ STAGE_SPECS: dict[str, StageSpec] = {
         + ([] if label == "base" else [lay.adapter_dir(str(label))]),
         outputs=lambda lay, label: [lay.eval_unit_dir(str(label))],
         code=("evaluation", "modeling", "data", "predict.py"),  # predict.py: the prompt builder the scorer uses
+        base_files=True,
     ),
     "evaluate_report": StageSpec(
         # tracking.experiment, not tracking.uri: dvc.lock records param values as written, and a URI can hold a

@@ -403,7 +403,8 @@ def write_train_index(settings: Settings, root: Path,
 
 def train_adapter(settings: Settings, rows: list[dict[str, Any]], method: str, out_dir: Path, *,
                   seed: int | None = None, device: str | None = None, on_metrics: Any = None,
-                  progress: bool = True, before_save: Any = None) -> Any:
+                  progress: bool = True, before_save: Any = None, root: Path | None = None,
+                  base_sha256: str | None = None) -> Any:
     """Load the backbone, train ``method``'s LoRA adapter on ``rows`` into ``out_dir/adapter`` (with its
     ``coin_model.json``) and return the :class:`~coin.training.loop.TrainResult`. No MLflow, no index.
 
@@ -411,13 +412,19 @@ def train_adapter(settings: Settings, rows: list[dict[str, Any]], method: str, o
     the LoRA init, the data order and dropout. ``None`` = the global ``settings.seed`` (the pipeline).
     ``coin study`` passes each cell's seed while its evaluation keeps ``settings.seed``, so every cell is
     scored on the same sample. ``device`` overrides ``model.device`` (e.g. ``cuda:1`` for a study worker).
+    ``base_sha256``: the base's files' hash when the caller has it (else hashed here; a relative ``model.backbone`` is
+    looked for from the working directory, then ``root``), recorded so that evaluation scores the adapter on its own
+    base only.
     """
     from coin.modeling.adapter import write_meta
     from coin.modeling.backbone import load_backbone
+    from coin.modeling.base_files import base_files_sha256
     from coin.training.distributed import is_main_process
     from coin.training.loop import train
 
     seed = settings.seed if seed is None else seed
+    # before training: the files the weights are about to be read from
+    base_sha256 = base_sha256 or base_files_sha256(settings.model.backbone, root)
     cfg = settings.train.for_method(method)
     backbone = load_backbone(settings.model.backbone, dtype=settings.model.dtype,
                              device=device or settings.model.device, seed=seed, attention=settings.model.attention,
@@ -432,7 +439,8 @@ def train_adapter(settings: Settings, rows: list[dict[str, Any]], method: str, o
                     "set train.append_eos: false (coin_model.json records false)", backbone.reference)
     if is_main_process():  # under torchrun every rank trains; rank 0 alone writes
         write_meta(Path(out_dir) / "adapter", {
-            "base": recorded_base(backbone.reference), "dtype": settings.model.dtype, "seed": seed,
+            "base": recorded_base(backbone.reference), "base_sha256": base_sha256, "dtype": settings.model.dtype,
+            "seed": seed,
             "attention": backbone.attention,
             "readout": backbone.readout, "quantization": backbone.quantization,
             "double_quant": backbone.double_quant, "label_counts": label_counts(rows),
@@ -488,16 +496,22 @@ def label_counts(rows: list[dict[str, Any]]) -> dict[str, list[int]]:
 
 
 def stage_reads(stage: str, settings: Settings, root: Path, item: str | None = None) -> dict[str, Any]:
-    """What one task of ``stage`` reads (:mod:`coin.stage_specs`): its params, its input files' content and its code.
+    """What one task of ``stage`` reads (:mod:`coin.stage_specs`): its params, its input files' content and its code,
+    and for a stage that loads the base, the base's files (``base``: weights replaced in place keep their name).
     The one home of that composition: the Prefect flow's cache key (``flows/caching.cache_key``) adds the project root
     and data version to it, and ``train.json``'s :func:`training_key` is the train stage's with the method."""
     from coin.stage_specs import ALWAYS_CODE, STAGE_SPECS
     from coin.study.keys import code_hash, sha256_files
 
     spec = STAGE_SPECS[stage]
-    return {"params": stage_params(stage, settings),
-            "inputs": sha256_files(spec.inputs(Layout(root, settings), item), base=root),
-            "code": code_hash((*ALWAYS_CODE, *spec.code))}
+    reads = {"params": stage_params(stage, settings),
+             "inputs": sha256_files(spec.inputs(Layout(root, settings), item), base=root),
+             "code": code_hash((*ALWAYS_CODE, *spec.code))}
+    if spec.base_files:
+        from coin.modeling.base_files import base_files_sha256
+
+        reads["base"] = base_files_sha256(settings.model.backbone, root)
+    return reads
 
 
 def training_key(settings: Settings, root: Path, method: str, reads: dict[str, Any] | None = None) -> str:
@@ -557,7 +571,7 @@ def _train_one(settings: Settings, root: Path, rows: list[dict[str, Any]], metho
         mlflow.log_metrics(finite, step=step)  # sft has no contrastive term: its l_cl/cosines are NaN
 
     if not is_main_process():  # under torchrun every rank trains; rank 0 alone tracks and writes
-        train_adapter(settings, rows, method, out_dir)
+        train_adapter(settings, rows, method, out_dir, root=root)
         return {"method": method, "rank": "worker"}
     with (_train_lock(lay, method),
           method_run(settings, root, method, stage="train", run_name=f"train-{method}") as run,
@@ -570,7 +584,8 @@ def _train_one(settings: Settings, root: Path, rows: list[dict[str, Any]], metho
             (out_dir / "train.json").unlink(missing_ok=True)
             write_train_index(settings, root)
 
-        result = train_adapter(settings, rows, method, out_dir, on_metrics=on_metrics, before_save=forget_old_record)
+        result = train_adapter(settings, rows, method, out_dir, on_metrics=on_metrics, before_save=forget_old_record,
+                               root=root, base_sha256=(reads or {}).get("base"))
         # the full history: after a resume, on_metrics saw only the steps run in this process
         _write_history_csv(out_dir / "loss.csv", [{**h, "step": int(h["step"])} for h in (result.history or history)])
         _log_restored_steps(run.info.run_id, result, {int(h["step"]) for h in history},
@@ -780,12 +795,23 @@ def stage_evaluate_unit(settings: Settings, root: Path, label: str) -> dict[str,
         from coin.modeling.adapter import read_meta
         from coin.modeling.adapter_files import adapter_sha256
 
-        trained_on = read_meta(adapter).get("base")
+        meta = read_meta(adapter)
+        trained_on = meta.get("base")
         if isinstance(trained_on, str) and not _same_base(trained_on, settings.model.backbone, root):
             # it would be scored and reported beside today's base as that base's fine-tune
             raise DataError(f"{adapter}: trained on {trained_on!r}, but model.backbone is "
                             f"{settings.model.backbone!r}; run `coin train` again (or set model.backbone back), or "
                             "score the adapter alone with `coin evaluate --model NAME=DIR`")
+        from coin.modeling.base_files import base_files_sha256
+
+        trained_sha = meta.get("base_sha256")
+        if trained_sha and trained_sha != (now := base_files_sha256(settings.model.backbone, root)) and now:
+            # the same name, other weights (replaced in place): the adapter's figures would be another base's
+            raise DataError(f"{adapter}: trained on other files of model.backbone {settings.model.backbone!r} "
+                            f"(base_sha256 {trained_sha[:12]}... in its coin_model.json; the files there now hash to "
+                            f"{now[:12]}...): its weights were replaced since. Train again: `coin train` does (its "
+                            "key covers the base's files); under DVC, which sees the backbone's name but not its "
+                            "files, `dvc repro -f -s train` and then `dvc repro`")
         loaded_sha = adapter_sha256(adapter)  # before loading: what the figures below belong to
         # the base, seed and attention the adapter was trained with (its coin_model.json), as the pyfunc loads it
         model, tokenizer, meta = load_trained(adapter, device=settings.model.device)

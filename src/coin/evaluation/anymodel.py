@@ -42,6 +42,11 @@ from coin.config import (
     settings_source,
 )
 from coin.data.io import DataError, read_json, write_json
+from coin.modeling.base_files import BASE_FILES as _BASE_FILES
+from coin.modeling.base_files import base_dir as _base_dir
+from coin.modeling.base_files import files as _files
+from coin.modeling.base_files import hf_cached_dir as _hf_cached_dir
+from coin.modeling.base_files import sha_files as _sha_files
 
 log = logging.getLogger("coin")
 
@@ -52,10 +57,6 @@ URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")  # models:/, runs:/, fi
 LABEL_MAX = 100
 _LABEL = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.@+-]{{0,{LABEL_MAX - 1}}}")
 
-# what a base model's outputs are read from: its config, weights and every tokenizer file (a BPE tokenizer saved
-# without tokenizer.json is vocab.json + merges.txt; added and special tokens change the ids too)
-_BASE_FILES = ("config.json", "*.safetensors", "*.bin", "tokenizer*.json", "vocab.txt", "vocab.json", "merges.txt",
-               "*.model", "special_tokens_map.json", "added_tokens.json")
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 KEY_FILE = "cache_key.json"
 
@@ -124,20 +125,6 @@ def _label_hint(spec: str) -> str:
             f"{LABEL_MAX} letters, digits and _ . @ + -, starting with a letter or digit")
 
 
-def _sha_files(files: list[Path], root: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(files):
-        h.update(str(f.relative_to(root)).encode() + b"\0")
-        with f.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def _files(directory: Path, patterns: tuple[str, ...]) -> list[Path]:
-    return sorted({p for pat in patterns for p in directory.glob(pat) if p.is_file()})
-
-
 def _sha_text(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -152,29 +139,6 @@ def adapter_fingerprint(adapter_dir: Path, base_dir: Path | None = None) -> str:
     if base_dir is None:
         return _sha_text("adapter", own)
     return _sha_text("adapter", own, _sha_files(_files(base_dir, _BASE_FILES), base_dir))
-
-
-def _hf_cached_dir(name: str) -> Path | None:
-    """The local snapshot of Hugging Face model ``name`` (offline: the cache only), or None."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(name, "config.json")
-    except Exception:  # noqa: BLE001 -- an invalid repo id is simply not a cached model
-        return None
-    return Path(found).parent if isinstance(found, str) else None
-
-
-def _base_dir(reference: str) -> Path | None:
-    """Where the files of base ``reference`` are: the embedded MiniLM, a local directory, or the HF cache."""
-    if reference == "minilm":
-        from coin.modeling.backbone import embedded_minilm_path
-
-        return embedded_minilm_path()
-    p = Path(reference).expanduser()
-    if p.is_dir():
-        return p
-    return _hf_cached_dir(reference)
 
 
 def _looks_like_path(spec: str) -> bool:

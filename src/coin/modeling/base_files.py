@@ -1,0 +1,75 @@
+"""A base model's files, found and hashed: what its outputs depend on beyond its name.
+
+``model.backbone`` names a base (``minilm``, a local directory, a Hugging Face name in the local cache); weights
+replaced in place keep the name. The training key (:func:`coin.stages.stage_reads`), the adapter's
+``coin_model.json`` (``base_sha256``) and ``coin evaluate --model``'s cache key hash the files, so a base changed in
+place is trained and scored anew, and an adapter is not scored on a base other than its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+# what a base model's outputs are read from: its config, weights and every tokenizer file (a BPE tokenizer saved
+# without tokenizer.json is vocab.json + merges.txt; added and special tokens change the ids too)
+BASE_FILES = ("config.json", "*.safetensors", "*.bin", "tokenizer*.json", "vocab.txt", "vocab.json", "merges.txt",
+              "*.model", "special_tokens_map.json", "added_tokens.json")
+
+
+def sha_files(files: list[Path], root: Path) -> str:
+    """sha256 over ``files``' paths relative to ``root`` and their bytes (the same in any checkout)."""
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(str(f.relative_to(root)).encode() + b"\0")
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def files(directory: Path, patterns: tuple[str, ...]) -> list[Path]:
+    return sorted({p for pat in patterns for p in directory.glob(pat) if p.is_file()})
+
+
+def hf_cached_dir(name: str) -> Path | None:
+    """The local snapshot of Hugging Face model ``name`` (offline: the cache only), or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json")
+    except Exception:  # noqa: BLE001 -- an invalid repo id is simply not a cached model
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def base_dir(reference: str, root: Path | None = None) -> Path | None:
+    """Where the files of base ``reference`` are: the embedded MiniLM, a local directory (relative: from the working
+    directory, or from ``root``, the project root, as the backbone loads), or the HF cache; None when not found."""
+    if reference == "minilm":
+        from coin.modeling.backbone import embedded_minilm_path
+
+        return embedded_minilm_path()
+    p = Path(reference).expanduser()
+    if p.is_dir():
+        return p
+    if root is not None and not p.is_absolute() and (Path(root) / p).is_dir():
+        return Path(root) / p
+    return hf_cached_dir(reference)
+
+
+_DIGESTS: dict[tuple, str] = {}  # this process's digests, by the files' (path, size, mtime, inode)
+
+
+def base_files_sha256(reference: str, root: Path | None = None) -> str | None:
+    """Hash of base ``reference``'s files (:data:`BASE_FILES`), or None when they are not found here (loading the
+    base then fails with its own message). Hashed once per process while the files' sizes and times stay the same:
+    a pipeline asks for it once per stage task, and a 7B base is 13 GB read."""
+    directory = base_dir(reference, root)
+    if directory is None:
+        return None
+    found = files(directory, BASE_FILES)
+    stats = tuple((str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ino) for f in found for st in [f.stat()])
+    if stats not in _DIGESTS:
+        _DIGESTS[stats] = sha_files(found, directory)
+    return _DIGESTS[stats]
