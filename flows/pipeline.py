@@ -299,6 +299,9 @@ def check_dashboard_address(address: str) -> str:
     return address
 
 
+DASK_SCHEMES = ("tcp", "tls", "ws", "wss")  # how a scheduler elsewhere is reached (distributed's comm backends)
+
+
 def _check_dask_address(address: str) -> None:
     """A scheduler address Dask can connect to (``host:port`` or ``scheme://host:port``), checked before any work:
     DaskTaskRunner takes any text and fails only when the first task is submitted."""
@@ -313,33 +316,59 @@ def _check_dask_address(address: str) -> None:
         raise ConfigError(f"dask_address = {redact_text(address)!r} (--dask-address or study.dask_address): a Dask "
                           "scheduler address takes no user:password@; give host:port (secure the connection with "
                           "Dask's TLS settings instead)")
+    if scheme not in DASK_SCHEMES:  # inproc is this process's own; ucx needs ucx-py (its connector failed as "a bug")
+        raise ConfigError(f"dask_address = {address!r} (--dask-address or study.dask_address): a scheduler is "
+                          f"reached over {', '.join(DASK_SCHEMES)}, not {scheme}://; give tcp://host:port, e.g. "
+                          "tcp://127.0.0.1:8786 (the scheduler's port, not its dashboard's)")
     try:
-        if scheme in ("tcp", "tls", "ws", "wss", "ucx"):
-            parse_host_port(location)
+        parse_host_port(location)
     except ValueError as exc:
         raise ConfigError(f"dask_address = {address!r} (--dask-address or study.dask_address): not a Dask scheduler "
                           f"address ({exc}); give host:port, e.g. tcp://127.0.0.1:8786") from None
 
 
 def check_dask_reachable(address: str, timeout: float = 5.0) -> None:
-    """Refuse, naming the option, a scheduler address nothing answers at (a TCP connection within ``timeout``
-    seconds), before any work: Dask tried for 30 s only when the first task was submitted, after the pairs, the
-    gate and the MLflow parent run. Schemes other than tcp/tls/ws/wss are left to Dask."""
+    """Refuse, naming the option, a scheduler address where no Dask scheduler answers (a TCP connection, then
+    Dask's handshake and ``identity``, within ``timeout`` seconds each), before any work: Dask tried for 30 s only
+    when the first task was submitted, after the pairs, the gate and the MLflow parent run, and an address where
+    something else listens (the scheduler's dashboard port, any web server) hung the study for good."""
+    import asyncio
     import socket
+    from concurrent.futures import ThreadPoolExecutor
 
-    from distributed.comm import parse_address, parse_host_port
+    from distributed.comm import connect, parse_address, parse_host_port
+    from distributed.security import Security
 
     _check_dask_address(address)
     scheme, location = parse_address(address)
-    if scheme not in ("tcp", "tls", "ws", "wss"):
-        return
     host, port = parse_host_port(location)
+    where = "dask_address (--dask-address or study.dask_address)"
+    fix = "start one (dask scheduler --host 127.0.0.1) or leave the option out for a local cluster"
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as exc:
-        raise ConfigError(f"dask_address (--dask-address or study.dask_address): no Dask scheduler answers at "
-                          f"{host}:{port} ({exc.strerror or type(exc).__name__}); start one (dask scheduler "
-                          "--host 127.0.0.1) or leave the option out for a local cluster") from None
+        raise ConfigError(f"{where}: no Dask scheduler answers at {host}:{port} "
+                          f"({exc.strerror or type(exc).__name__}); {fix}") from None
+
+    async def identity() -> dict:
+        comm = await connect(address, timeout=timeout, **Security().get_connection_args("client"))
+        try:
+            await comm.write({"op": "identity"})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    try:  # on a thread of its own: a flow may call this with an event loop running in its thread
+        with ThreadPoolExecutor(1) as pool:
+            info = pool.submit(asyncio.run, asyncio.wait_for(identity(), 2 * timeout)).result()
+    except Exception as exc:  # noqa: BLE001 -- a timeout, a refused handshake, a protocol error: not a scheduler
+        raise ConfigError(f"{where}: something listens at {host}:{port}, but no Dask scheduler answered its "
+                          f"handshake within {2 * timeout:g} s ({type(exc).__name__}); is it the dashboard's port "
+                          f"(8787) rather than the scheduler's (8786)? {fix}") from None
+    kind = info.get("type") if isinstance(info, dict) else None
+    if kind != "Scheduler":
+        raise ConfigError(f"{where}: a Dask {kind or 'process'} answers at {host}:{port}, not a scheduler; give "
+                          "the scheduler's address (its log: 'Scheduler at: tcp://...')")
 
 
 def eval_task_runner(workers: int = 2, address: str | None = None, processes: bool = True,

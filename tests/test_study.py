@@ -1312,10 +1312,35 @@ def test_an_unreachable_dask_address_is_refused_naming_the_option():
     with pytest.raises(ConfigError, match=rf"--dask-address or study.dask_address\): no Dask scheduler answers at "
                                           rf"127.0.0.1:{port}"):
         check_dask_reachable(f"tcp://127.0.0.1:{port}", timeout=2)
-    with socket.socket() as listening:
+
+
+
+def test_a_dask_address_where_no_scheduler_answers_is_refused_not_waited_on():
+    """Something listening that is no scheduler (the scheduler's dashboard port, a web server) passed the TCP check
+    and the study then hung for good; http:// or inproc:// passed the check and failed later with Dask's own message
+    (ucx:// "a bug"), after an MLflow parent run was opened."""
+    import socket
+
+    from distributed import LocalCluster
+
+    from flows.pipeline import check_dask_reachable
+
+    with socket.socket() as listening:  # accepts connections, says nothing
         listening.bind(("127.0.0.1", 0))
         listening.listen()
-        check_dask_reachable(f"tcp://127.0.0.1:{listening.getsockname()[1]}")  # something answers: accepted
+        with pytest.raises(ConfigError, match=r"something listens at 127.0.0.1:\d+, but no Dask scheduler answered "
+                                              r"its handshake within 2 s .*dashboard's port"):
+            check_dask_reachable(f"tcp://127.0.0.1:{listening.getsockname()[1]}", timeout=1)
+    for bad in ("http://127.0.0.1:8786", "inproc://x", "ucx://127.0.0.1:1"):
+        with pytest.raises(ConfigError, match=r"--dask-address or study.dask_address\): a scheduler is reached over "
+                                              r"tcp, tls, ws, wss, not \w+://"):
+            check_dask_reachable(bad)
+    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, dashboard_address=None,
+                      protocol="tcp://", host="127.0.0.1") as cluster:
+        check_dask_reachable(cluster.scheduler_address, timeout=2)  # a scheduler: accepted
+        worker = next(iter(cluster.scheduler_info["workers"]))
+        with pytest.raises(ConfigError, match="a Dask Worker answers at .*, not a scheduler"):
+            check_dask_reachable(worker, timeout=2)
 
 
 def test_a_cell_names_a_missing_pairs_file_and_a_bad_device(study_project, capsys, tmp_path):
