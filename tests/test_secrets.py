@@ -178,7 +178,7 @@ def test_real_mlflow_runs_log_no_password(tmp_path):
 
 def test_prefect_flow_run_parameters_hold_no_password(tmp_path):
     """A sealed override is recorded redacted as the flow run's parameter (the flow fails right after reading
-    its params here: no cluster for 0 evaluation workers), not in plain text."""
+    its params here: no tracking server answers at its URI), not in plain text."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
     from prefect.testing.utilities import prefect_test_harness
@@ -190,15 +190,48 @@ def test_prefect_flow_run_parameters_hold_no_password(tmp_path):
     params.write_text((ROOT / "params.yaml").read_text())
     secret = f"tracking.uri=http://alice:{PASSWORD}@127.0.0.1:9"
     with prefect_test_harness(server_startup_timeout=120):
-        with pytest.raises(ValueError, match="eval_workers = 0"):
+        with pytest.raises(ConfigError, match="no tracking server answers there") as err:
             coin_pipeline(params_path=str(params), overrides=seal_overrides([secret, "train.max_steps=2"]),
                           eval_workers=0)
+        assert PASSWORD not in str(err.value) and "http://alice:***@127.0.0.1:9" in str(err.value)
         with get_client(sync_client=True) as client:
             runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["coin-pipeline"])))
     assert len(runs) == 1
     recorded = runs[0].parameters
     assert PASSWORD not in json.dumps(recorded)
     assert recorded["overrides"] == ["tracking.uri=http://alice:***@127.0.0.1:9", "train.max_steps=2"]
+
+
+def test_a_tracking_server_that_does_not_answer_is_refused_at_once(tmp_path):
+    """A stopped tracking server: MLflow retried each request 7 times with growing waits (about 4 minutes of
+    silence), and the flow's retries made it 12.5 minutes holding the pipeline lock. One short try now, naming
+    tracking.uri, its password redacted; any HTTP answer counts as a server."""
+    import http.server
+    import socket
+    import threading
+    import time
+
+    from coin.registry.tracking import check_server_answers, setup_tracking
+    from coin.stages import preflight_pipeline
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    settings = load_settings(ROOT / "params.yaml", [f"tracking.uri=http://alice:{PASSWORD}@127.0.0.1:{port}"])
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"tracking.uri = 'http://alice:\*\*\*@127.0.0.1:{port}': no tracking "
+                                          "server answers there") as err:
+        setup_tracking(settings, tmp_path)
+    assert time.monotonic() - start < 30 and PASSWORD not in str(err.value)
+    with pytest.raises(ConfigError, match="no tracking server answers there"):
+        preflight_pipeline(settings, tmp_path)  # before any stage, in the flow and the CLI's pipeline
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        check_server_answers(f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+    check_server_answers("sqlite:///nowhere/mlflow.db")  # not a server: nothing to ask
 
 
 def test_flow_parameters_stay_sealed_through_validation_and_serialise_redacted():

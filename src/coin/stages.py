@@ -243,11 +243,16 @@ def stage_pairs(settings: Settings, root: Path) -> dict[str, Any]:
 def preflight_pipeline(settings: Settings, root: Path | None = None) -> None:
     """What the pipeline checks before it builds anything (as ``coin study`` does with
     :func:`coin.study.grid.preflight_study`): ``pairs.cutoff_len`` within the positions the backbone reads, and the
-    memory plan of every trained method, whose LoRA targets that match nothing stop here too. Run late, they
-    refused only after the data, pairs and validation stages had run (minutes on the default)."""
+    memory plan of every trained method, whose LoRA targets that match nothing stop here too, and a tracking server
+    that answers. Run late, they refused only after the data, pairs and validation stages had run (minutes on the
+    default)."""
     from coin.evaluation.runner import check_generation_budget
     from coin.modeling.backbone import check_cutoff_len, config_positions
     from coin.modeling.memory import preflight
+    from coin.registry.tracking import check_server_answers, tracking_uri
+
+    if root is not None:
+        check_server_answers(tracking_uri(settings, root))
 
     check_cutoff_len(settings.pairs.cutoff_len, config_positions(settings.model.backbone), settings.model.backbone)
     preflight(settings, list(settings.train.methods))

@@ -77,12 +77,34 @@ def _store_init_lock(uri: str, timeout: float = 600.0) -> Iterator[None]:
                            "if none runs, delete the lock file") from None
 
 
+def check_server_answers(uri: str, timeout: float = 5.0) -> None:
+    """Refuse (:class:`~coin.config.ConfigError`, naming ``tracking.uri``) an ``http(s)`` tracking URI where nothing
+    answers, in one try of ``timeout`` seconds: MLflow retries a refused connection 7 times with growing waits,
+    about 4 minutes of silence per request, and the flow's task retries made a stopped server 12.5 minutes of a
+    silent run holding the pipeline lock. Any HTTP answer (even 401 or 404) counts: the server is there."""
+    if tracking_scheme(uri) not in ("http", "https"):
+        return
+    import requests
+
+    from coin.config import ConfigError
+    from coin.secrets import redact_text
+
+    try:
+        requests.get(uri, timeout=timeout, allow_redirects=False).close()
+    except requests.RequestException as exc:
+        reason = type(exc).__name__
+        raise ConfigError(f"tracking.uri = {redact_text(uri)!r}: no tracking server answers there ({reason} within "
+                          f"{timeout:g} s); start it (mlflow server --host 127.0.0.1 ...), fix the address, or "
+                          "leave tracking.uri out for the project's own store") from None
+
+
 def setup_tracking(settings: Settings, root: Path, *, writes: bool = True) -> str:
     """Point MLflow at the configured store and make sure the experiment exists; returns its id. ``writes``: the
     caller logs runs or artifacts (a store whose artifacts lie elsewhere is then refused, else only warned of)."""
     import mlflow
 
     uri = tracking_uri(settings, root)
+    check_server_answers(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     from mlflow.exceptions import MlflowException

@@ -158,9 +158,14 @@ def preflight_study(settings: Settings, root: Path | None = None) -> None:
     """The memory plan (:func:`coin.modeling.memory.preflight`) of every trained method at every sweep point: a
     grid with a cell that clearly cannot fit stops here, before the pairs are built, naming the settings to
     change (and the sweep value). ``COIN_MEMORY_CHECK=0`` skips it, as for ``coin train``. Generated answers must
-    have room for every label word there too (``evaluate.max_new_tokens``)."""
+    have room for every label word there too (``evaluate.max_new_tokens``), and an ``http(s)`` tracking server must
+    answer."""
     from coin.evaluation.runner import check_generation_budget
     from coin.modeling.memory import MemoryPlanError, preflight
+    from coin.registry.tracking import check_server_answers, tracking_uri
+
+    if root is not None:
+        check_server_answers(tracking_uri(settings, root))
 
     trained = [m for m in settings.study.methods if m != BASE_METHOD]
     for value, s in sweep_points(settings):
