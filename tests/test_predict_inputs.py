@@ -178,6 +178,28 @@ def test_a_long_pair_input_is_cut_in_each_field_and_keeps_the_second_text(traine
     assert not [r for r in caplog.records if "lacks a field marker" in r.getMessage()]
 
 
+def test_a_long_pair_input_without_a_task_is_cut_in_each_field_as_the_evaluation_cuts_it(trained, seen, caplog):
+    """A row with options and no task, or with neither (generated: what a generate-mode evaluation is matched by),
+    had its long rte input cut from the end as one text: the second sentence and half its marker were gone, while
+    the evaluation's prompt kept both fields. The markers are now read from the input itself."""
+    from coin.predict import markers_in
+
+    model, tok, meta = trained
+    text = f"Sentence 1: {S1.strip()} Sentence 2: The budget was approved."
+    rows = {"instruction": ["Does sentence 1 entail sentence 2? "] * 3, "input": [text] * 3,
+            "task": ["rte", None, None], "options": [None, "entailment|not_entailment", None]}
+    with caplog.at_level(logging.WARNING):
+        answer_rows(model, tok, meta, pd.DataFrame(rows), max_new_tokens=3)
+    (generated_prompt,) = seen["generate"]
+    for prompt in [*seen["score"], generated_prompt]:  # the room left for the answer differs, the cut's form not
+        assert prompt.endswith(" Sentence 2: The budget was approved.") and "Sentence 1: The committee" in prompt
+    warned = [r.getMessage() for r in caplog.records if "too long for the model" in r.getMessage()]
+    assert len(warned) == 3 and all("cut each of its fields (Sentence 1:, Sentence 2:)" in w for w in warned)
+    assert markers_in(text) == TASKS["rte"].content_prefixes
+    assert markers_in(f"Premise: {S1} Hypothesis: no.") == TASKS["mnli"].content_prefixes
+    assert markers_in(S1) == ("",)  # one text: cut from its end as before
+
+
 def test_fit_input_cuts_the_longest_fields_first_and_the_evaluation_the_same_way(trained):
     from coin.predict import fit_inputs
 

@@ -203,6 +203,16 @@ def split_fields(text: str, prefixes: tuple[str, ...]) -> list[tuple[str, str]] 
     return [(text[(0 if k == 0 else a):b], text[b:e]) for k, ((a, b), e) in enumerate(zip(starts, ends, strict=True))]
 
 
+def markers_in(text: str) -> tuple[str, ...]:
+    """The field markers of the first two-text task whose markers ``text`` holds, in order (a row with ``options``
+    or none, and no ``task``: its long input was cut from the end as one text, dropping the second field that the
+    evaluation's prompt, cut within each field, kept); ``("",)``, one text, when none fits."""
+    for spec in TASKS.values():
+        if len(spec.content_prefixes) > 1 and split_fields(text, spec.content_prefixes) is not None:
+            return spec.content_prefixes
+    return ("",)
+
+
 def _cut_fields(tokenizer, parts: list[tuple[str, str]], sizes: list[int], budget: int) -> str:
     """The fields' bodies (of ``sizes`` tokens each) cut from their ends to ``budget`` tokens in all, the longest
     first (each body keeps ``min(its tokens, cap)`` for the largest cap that fits), every marker kept."""
@@ -382,7 +392,7 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
                                          f"positions for the prompt, but the instruction with the answer marker "
                                          f"takes {bare}; lower max_new_tokens to at most {limit - bare} or shorten "
                                          "the instruction")
-                prefixes = TASKS[task].content_prefixes if task in TASKS else ("",)
+                prefixes = TASKS[task].content_prefixes if task in TASKS else markers_in(text)
                 fitted, dropped = fit_input(tokenizer, instruction, text, fmt=fmt, limit=limit - room,
                                             prefixes=prefixes)
                 if dropped:
