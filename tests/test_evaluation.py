@@ -414,11 +414,23 @@ def test_greedy_generation_ignores_the_checkpoints_generation_config(tiny_gemma2
         # a sign inside quotes or brackets is a sign too, and a fraction or a superscript goes on past the digit
         ("(-1)", UNPARSED), ("'-1'", UNPARSED), ('"-1"', UNPARSED), ("( - 1 )", UNPARSED), ("1/2", UNPARSED),
         ("1 / 2", UNPARSED), ("1½", UNPARSED), ("1²", UNPARSED), ("1\u20442", UNPARSED), ("(1)", 1), ("'0'", 0),
+        # a range, a ratio, a percentage or a second number is no whole number either (they counted as label 1)
+        ("1-2", UNPARSED), ("0 - 1", UNPARSED), ("1\u20132", UNPARSED), ("1:1", UNPARSED), ("1 2", UNPARSED),
+        ("1%", UNPARSED), ("1 %", UNPARSED), ("1 - yes", 1), ("1: positive", 1),
     ],
 )
 def test_parse_generation_edge_cases(text: str, want: int) -> None:
     choices = label_choices(("entailment", "not_entailment"), INSTRUCTIONS, "rte")
     assert parse_answer(text, choices) == want
+
+
+def test_generation_doctests() -> None:
+    import doctest
+
+    import coin.evaluation.generation as generation
+
+    result = doctest.testmod(generation)
+    assert result.attempted > 0 and result.failed == 0
 
 
 def test_parse_prefers_the_longest_matching_label() -> None:

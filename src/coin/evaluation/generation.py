@@ -58,8 +58,10 @@ _STRIP = string.whitespace + string.punctuation
 _UNDERSCORE_SPACES = re.compile(r"\s*_\s*")
 _SIGNED_NUMBER = re.compile(r"\s*[-+\u2212]\s*\d")
 _NOT_A_SIGN = _STRIP.replace("-", "").replace("+", "")  # what may come before a sign: '(-1)', '"-1"' are signed too
-# "10", "1.5" (WordPiece decodes it "1. 5"), "1st", "1/2" ("1 / 2"); any other letter or digit ("1½", "1²") below
-_NUMBER_GOES_ON = re.compile(r"\d|[.,]\s?\d|\s?[/\u2044\u2215]\s?\d|[a-z]")  # /, the fraction and division slashes
+# "10", "1.5" (WordPiece decodes it "1. 5"), "1st", "1/2" ("1 / 2"), a range "1-2" / "1 – 2", a ratio "1:1", "1 2",
+# "1%"; any other letter or digit ("1½", "1²") below. The slashes: /, the fraction and division slashes; the dashes:
+# hyphen, its Unicode forms, the en and em dash and the minus sign
+_NUMBER_GOES_ON = re.compile(r"\d|[.,]\s?\d|\s?[/\u2044\u2215]\s?\d|\s?[-\u2010-\u2014\u2212:]\s?\d|\s\d|\s?%|[a-z]")
 
 
 # --------------------------------------------------------------------------- parsing
@@ -81,17 +83,21 @@ def parse_answer(text: str, choices: Mapping[str, int]) -> int:
     >>> digits = {"0": 0, "1": 1}
     >>> [parse_answer(t, digits) for t in ("1.", "10", "1.5 stars", "-1", "(-1)", "'-1'", "1 / 2", "1½", "(1)")]
     [1, -1, -1, -1, -1, -1, -1, -1, 1]
+    >>> [parse_answer(t, digits) for t in ("1-2", "0 – 1", "1:1", "1 2", "1%", "1 - yes", "1: positive", "1, because")]
+    [-1, -1, -1, -1, -1, 1, 1, 1]
     """
     norm = normalise_output(text)
     # "-1": the sign is no punctuation to strip before a digit alias, also inside quotes or brackets ('(-1)')
     if not norm or _SIGNED_NUMBER.match(text.lower().lstrip(_NOT_A_SIGN)):
         return UNPARSED
+    raw = _UNDERSCORE_SPACES.sub("_", text.lower()).lstrip(_STRIP)  # its end kept: "1%" is no whole number
     for word in sorted(choices, key=len, reverse=True):
         w = normalise_output(word)
-        # a digit alias ("0", "1") names a label only as a whole number: "10", "1.5 stars", "1st", "1/2", "1½" and
-        # "1728 ..." do not
-        if norm.startswith(w) and not (w[-1:].isdigit() and (_NUMBER_GOES_ON.match(norm, len(w))
-                                                             or norm[len(w):len(w) + 1].isalnum())):
+        # a digit alias ("0", "1") names a label only as a whole number: "10", "1.5 stars", "1st", "1/2", "1½",
+        # "1-2", "1:1", "1%" and "1728 ..." do not
+        goes_on = w[-1:].isdigit() and (_NUMBER_GOES_ON.match(norm, len(w)) or norm[len(w):len(w) + 1].isalnum()
+                                        or (raw.startswith(w) and _NUMBER_GOES_ON.match(raw, len(w))))
+        if norm.startswith(w) and not goes_on:
             return int(choices[word])
     return UNPARSED
 
