@@ -111,7 +111,26 @@ def test_coin_train_runs_under_torchrun_from_the_cli(tiny_llama_dir: Path, tmp_p
     assert index["methods"] == ["sft"] and (tmp_path / "outputs/train/sft/adapter/adapter_config.json").exists()
     # launched again on the same pairs: every rank trains (a `coin train` alone keeps an unchanged method; here rank 0
     # kept it and rank 1 waited for it in the process group for ever)
-    assert launch(300)["runs"]["sft"]["run_id"] != index["runs"]["sft"]["run_id"]
+    again = launch(300)["runs"]["sft"]
+    assert again["run_id"] != index["runs"]["sft"]["run_id"]
+    # one process trains on a contrastive batch half as large: it trains again rather than keep the two ranks'
+    # adapter (it kept it, "unchanged since run ..."), and keeps its own next time
+    def alone() -> tuple[dict, str]:
+        proc = subprocess.run([sys.executable, "-m", "coin.cli", "train", "--params", str(tmp_path / "params.yaml")],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        return json.loads((tmp_path / "outputs" / "train" / "train.json").read_text())["runs"]["sft"], proc.stderr
+
+    first, log = alone()
+    assert first["run_id"] != again["run_id"] and "unchanged since run" not in log
+    assert first["training_key"] != again["training_key"]
+    kept, log = alone()
+    assert kept["run_id"] == first["run_id"] and "unchanged since run" in log
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    assert client.get_run(again["run_id"]).data.params["train.world_size"] == "2"
+    assert client.get_run(first["run_id"]).data.params["train.world_size"] == "1"
 
 
 @dataclass

@@ -524,9 +524,12 @@ def training_key(settings: Settings, root: Path, method: str, reads: dict[str, A
     validated pairs, code), as one hash recorded in ``train.json``. ``reads``: those parts, computed once for every
     method of a ``stage_train`` call (the train stage's inputs are the same for each)."""
     from coin.study.keys import sha256_json
+    from coin.training.distributed import env_world_size
 
     parts = reads if reads is not None else stage_reads("train", settings, root, method)
-    return sha256_json({"method": method, **parts})
+    # the processes: the contrastive batch is train.batch_size x processes, so an adapter trained by torchrun on 2
+    # is not the one a single process would train (it was kept as if it were)
+    return sha256_json({"method": method, **parts, "world_size": env_world_size()})
 
 
 def _unchanged_training(settings: Settings, root: Path, method: str, reads: dict[str, Any]) -> dict[str, Any] | None:
@@ -564,7 +567,7 @@ def _train_one(settings: Settings, root: Path, rows: list[dict[str, Any]], metho
 
     from coin.modeling.adapter_files import adapter_sha256
     from coin.registry.tracking import method_run
-    from coin.training.distributed import is_main_process
+    from coin.training.distributed import env_world_size, is_main_process
 
     lay = Layout(root, settings)
     out_dir = lay.method_dir(method)
@@ -597,6 +600,7 @@ def _train_one(settings: Settings, root: Path, rows: list[dict[str, Any]], metho
                             log_every=settings.train.log_every, max_steps=settings.train.max_steps)
         mlflow.log_metrics({"train/wall_s": result.wall_time_s, "train/steps": float(result.steps),
                             "train/epochs": result.epochs, "train/rows": float(result.train_rows)})
+        mlflow.log_param("train.world_size", env_world_size())  # processes (torchrun): the contrastive batch's factor
         if (out_dir / "loss.csv").exists():
             mlflow.log_artifact(str(out_dir / "loss.csv"), artifact_path="train")
         record = {
