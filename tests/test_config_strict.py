@@ -5,6 +5,7 @@ file does not have, duplicated instructions in a set, a backbone that cannot be 
 import json
 import logging
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -133,6 +134,24 @@ def test_a_nested_duplicate_names_its_dotted_path(tmp_path):
 def test_a_duplicate_inside_an_override_value_is_an_error():
     with pytest.raises(ConfigError, match=r"pairs\.rows_per_task.*'sst2' is written twice"):
         apply_overrides({}, ["pairs.rows_per_task={sst2: 2, sst2: 3}"])
+
+
+@pytest.mark.parametrize("override", ["paths.out_dir=run #2", "register.model_name=coin #2", "train.max_steps=#5",
+                                      "pairs.tasks=[sst2, rte] # both"])
+def test_a_comment_in_an_override_value_is_refused_not_dropped(override):
+    """`--set "paths.out_dir=run #2"` read as "run" (YAML's comment): every stage wrote to run/, and a model name
+    with " #" registered versions under another model, without a word."""
+    key, value = override.split("=", 1)
+    with pytest.raises(ConfigError, match=rf"the value of {key} holds a '#' .* Quote the value to keep it: --set "
+                                          + re.escape(f"\"{key}='{value}'\"; or leave the comment out")):
+        apply_overrides({}, [override])
+    assert apply_overrides({}, [f"{key}='{value}'"]) == {key.split(".")[0]: {key.split(".")[1]: value}}
+
+
+def test_a_hash_that_starts_no_comment_is_kept():
+    assert apply_overrides({}, ["paths.out_dir=run#2"]) == {"paths": {"out_dir": "run#2"}}
+    assert apply_overrides({}, ['paths.out_dir="a # b"']) == {"paths": {"out_dir": "a # b"}}
+    assert load_settings(SHIPPED, ["paths.out_dir='run #2'"]).paths.out_dir == "run #2"
 
 
 def test_yaml_anchors_and_merge_keys_still_work(tmp_path):

@@ -1033,6 +1033,19 @@ def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
 
 
+def _yaml_comment(text: str) -> int | None:
+    """Where a YAML comment starts in ``text`` (a ``#`` at its start or after whitespace, outside every token, so
+    not inside a quoted string), or None."""
+    try:
+        spans = [(t.start_mark.index, t.end_mark.index) for t in yaml.scan(text, Loader=yaml.SafeLoader)]
+    except yaml.YAMLError:
+        return None
+    for i, ch in enumerate(text):
+        if ch == "#" and (i == 0 or text[i - 1] in " \t\r\n") and not any(a <= i < b for a, b in spans):
+            return i
+    return None
+
+
 def _key_path(text: str, line: int) -> str | None:
     """The dotted path (``train.lr``) of the mapping key that starts on ``line`` (1-based) of ``text``."""
 
@@ -1117,6 +1130,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str | SecretStr] | None
                 "Write it as YAML, e.g. pairs.tasks=[sst2,rte], train.lr=1.0e-3, tracking.uri=null "
                 "(quote the whole --set argument in the shell)"
             ) from None
+        if (at := _yaml_comment(value)) is not None:  # "run #2": YAML read "run", and the outputs went to run/
+            plain = shown == item  # never a secret's text
+            read = f" (it would read as {new!r})" if plain else ""
+            quoted = "'" + (value.strip().replace("'", "''") if plain else "...") + "'"
+            raise ConfigError(f"override {shown!r}: the value of {key.strip()} holds a '#' at its start or after a "
+                              f"space, where YAML starts a comment: the text from character {at + 1} on would be "
+                              f"dropped{read}. Quote the value to keep it: --set \"{key.strip()}={quoted}\"; or "
+                              "leave the comment out")
         old = cur.get(parts[-1])
         if isinstance(new, dict) and isinstance(old, dict) and _names_section(parts):
             # a settings section given as a mapping (train.lora={r: 4}) changes the keys it names: replacing the
