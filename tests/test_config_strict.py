@@ -137,20 +137,24 @@ def test_a_duplicate_inside_an_override_value_is_an_error():
 
 
 @pytest.mark.parametrize("override", ["paths.out_dir=run #2", "register.model_name=coin #2", "train.max_steps=#5",
-                                      "pairs.tasks=[sst2, rte] # both"])
+                                      "pairs.tasks=[sst2, rte] # both", 'paths.out_dir="run"#2',
+                                      "pairs.tasks=[sst2,rte]#,mnli"])
 def test_a_comment_in_an_override_value_is_refused_not_dropped(override):
     """`--set "paths.out_dir=run #2"` read as "run" (YAML's comment): every stage wrote to run/, and a model name
     with " #" registered versions under another model, without a word."""
     key, value = override.split("=", 1)
+    quoted = value.replace("'", "''")
     with pytest.raises(ConfigError, match=rf"the value of {key} holds a '#' .* Quote the value to keep it: --set "
-                                          + re.escape(f"\"{key}='{value}'\"; or leave the comment out")):
+                                          + re.escape(f"\"{key}='{quoted}'\"; or leave the comment out")):
         apply_overrides({}, [override])
-    assert apply_overrides({}, [f"{key}='{value}'"]) == {key.split(".")[0]: {key.split(".")[1]: value}}
+    assert apply_overrides({}, [f"{key}='{quoted}'"]) == {key.split(".")[0]: {key.split(".")[1]: value}}
 
 
 def test_a_hash_that_starts_no_comment_is_kept():
     assert apply_overrides({}, ["paths.out_dir=run#2"]) == {"paths": {"out_dir": "run#2"}}
     assert apply_overrides({}, ['paths.out_dir="a # b"']) == {"paths": {"out_dir": "a # b"}}
+    assert apply_overrides({}, ["tracking.uri=http://h/#x"]) == {"tracking": {"uri": "http://h/#x"}}
+    assert apply_overrides({}, ["paths.out_dir=C#"]) == {"paths": {"out_dir": "C#"}}
     assert load_settings(SHIPPED, ["paths.out_dir='run #2'"]).paths.out_dir == "run #2"
 
 

@@ -768,6 +768,11 @@ def test_a_base_replaced_in_place_is_trained_anew_and_its_old_adapter_is_not_sco
     with pytest.raises(DataError, match=r"trained on other files of model.backbone 'base' .*replaced since.*"
                                         r"dvc repro -f -s train"):
         stage_evaluate_unit(settings, tmp_path, "coin")
+    from coin.modeling.adapter import load_trained
+
+    # every loader refuses it too: the pyfunc, coin predict and coin evaluate --model load through load_trained
+    with pytest.raises(DataError, match=r"coin_model.json: trained on other files of its base .*replaced since"):
+        load_trained(out / "adapter", device="cpu")
 
 
 def test_a_pad_token_past_the_embeddings_pads_with_one_the_model_has(tiny_gpt2_dir, tmp_path):

@@ -417,6 +417,8 @@ def test_greedy_generation_ignores_the_checkpoints_generation_config(tiny_gemma2
         # a range, a ratio, a percentage or a second number is no whole number either (they counted as label 1)
         ("1-2", UNPARSED), ("0 - 1", UNPARSED), ("1\u20132", UNPARSED), ("1:1", UNPARSED), ("1 2", UNPARSED),
         ("1%", UNPARSED), ("1 %", UNPARSED), ("1 - yes", 1), ("1: positive", 1),
+        # however many spaces or blank lines come between (a generated answer often has "\n\n")
+        ("1  2", UNPARSED), ("1\n\n2", UNPARSED), ("1 \n2", UNPARSED), ("1  -  2", UNPARSED), ("1  %", UNPARSED),
     ],
 )
 def test_parse_generation_edge_cases(text: str, want: int) -> None:

@@ -198,6 +198,9 @@ def test_a_long_pair_input_without_a_task_is_cut_in_each_field_as_the_evaluation
     assert markers_in(text) == TASKS["rte"].content_prefixes
     assert markers_in(f"Premise: {S1} Hypothesis: no.") == TASKS["mnli"].content_prefixes
     assert markers_in(S1) == ("",)  # one text: cut from its end as before
+    # a review that names a premise and a hypothesis along the way is one text too: the markers must open the input
+    assert markers_in(f"The premise: a detective retires. {S1} My hypothesis: the studio cut it.") == ("",)
+    assert markers_in(f"  premise: {S1} hypothesis: no.") == TASKS["mnli"].content_prefixes
 
 
 def test_fit_input_cuts_the_longest_fields_first_and_the_evaluation_the_same_way(trained):

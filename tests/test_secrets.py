@@ -229,6 +229,9 @@ def test_a_tracking_server_that_does_not_answer_is_refused_at_once(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         check_server_answers(f"http://127.0.0.1:{server.server_address[1]}")
+        # a TLS handshake that fails (here: no TLS at all; a self-signed certificate alike) is a server answering:
+        # MLflow reaches it with its own certificate settings (MLFLOW_TRACKING_INSECURE_TLS, ..._CERT_PATH)
+        check_server_answers(f"https://127.0.0.1:{server.server_address[1]}")
     finally:
         server.shutdown()
     check_server_answers("sqlite:///nowhere/mlflow.db")  # not a server: nothing to ask

@@ -1034,14 +1034,15 @@ def yaml_load(text: str) -> Any:
 
 
 def _yaml_comment(text: str) -> int | None:
-    """Where a YAML comment starts in ``text`` (a ``#`` at its start or after whitespace, outside every token, so
-    not inside a quoted string), or None."""
+    """Where a YAML comment starts in ``text`` (a ``#`` outside every token: not inside a quoted or plain scalar,
+    where ``C#`` and ``http://h/#x`` keep theirs; YAML allows only whitespace and comments between tokens, so also
+    right after a closing quote or bracket, ``"run"#2``), or None."""
     try:
         spans = [(t.start_mark.index, t.end_mark.index) for t in yaml.scan(text, Loader=yaml.SafeLoader)]
     except yaml.YAMLError:
         return None
     for i, ch in enumerate(text):
-        if ch == "#" and (i == 0 or text[i - 1] in " \t\r\n") and not any(a <= i < b for a, b in spans):
+        if ch == "#" and not any(a <= i < b for a, b in spans):
             return i
     return None
 
@@ -1134,10 +1135,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str | SecretStr] | None
             plain = shown == item  # never a secret's text
             read = f" (it would read as {new!r})" if plain else ""
             quoted = "'" + (value.strip().replace("'", "''") if plain else "...") + "'"
-            raise ConfigError(f"override {shown!r}: the value of {key.strip()} holds a '#' at its start or after a "
-                              f"space, where YAML starts a comment: the text from character {at + 1} on would be "
-                              f"dropped{read}. Quote the value to keep it: --set \"{key.strip()}={quoted}\"; or "
-                              "leave the comment out")
+            raise ConfigError(f"override {shown!r}: the value of {key.strip()} holds a '#' where YAML starts a "
+                              f"comment (after a space, a quote or a bracket): the text from character {at + 1} on "
+                              f"would be dropped{read}. Quote the value to keep it: --set "
+                              f"\"{key.strip()}={quoted}\"; or leave the comment out")
         old = cur.get(parts[-1])
         if isinstance(new, dict) and isinstance(old, dict) and _names_section(parts):
             # a settings section given as a mapping (train.lora={r: 4}) changes the keys it names: replacing the

@@ -206,10 +206,13 @@ def split_fields(text: str, prefixes: tuple[str, ...]) -> list[tuple[str, str]] 
 def markers_in(text: str) -> tuple[str, ...]:
     """The field markers of the first two-text task whose markers ``text`` holds, in order (a row with ``options``
     or none, and no ``task``: its long input was cut from the end as one text, dropping the second field that the
-    evaluation's prompt, cut within each field, kept); ``("",)``, one text, when none fits."""
-    for spec in TASKS.values():
-        if len(spec.content_prefixes) > 1 and split_fields(text, spec.content_prefixes) is not None:
-            return spec.content_prefixes
+    evaluation's prompt, cut within each field, kept); ``("",)``, one text, when none fits. The input must open
+    with the first marker: a review that says "the premise: ..." somewhere is one text."""
+    head = text.lstrip().lower()
+    for spec in TASKS.values():  # as the evaluation writes them: the input opens with the first marker
+        p = spec.content_prefixes
+        if len(p) > 1 and head.startswith(p[0].lower()) and split_fields(text, p) is not None:
+            return p
     return ("",)
 
 

@@ -811,15 +811,14 @@ def stage_evaluate_unit(settings: Settings, root: Path, label: str) -> dict[str,
             raise DataError(f"{adapter}: trained on {trained_on!r}, but model.backbone is "
                             f"{settings.model.backbone!r}; run `coin train` again (or set model.backbone back), or "
                             "score the adapter alone with `coin evaluate --model NAME=DIR`")
-        from coin.modeling.base_files import base_files_sha256
+        from coin.modeling.base_files import base_files_changed
 
-        trained_sha = meta.get("base_sha256")
-        if trained_sha and trained_sha != (now := base_files_sha256(settings.model.backbone, root)) and now:
+        if (changed := base_files_changed(meta, settings.model.backbone, root)) is not None:
             # the same name, other weights (replaced in place): the adapter's figures would be another base's
             raise DataError(f"{adapter}: trained on other files of model.backbone {settings.model.backbone!r} "
-                            f"(base_sha256 {trained_sha[:12]}... in its coin_model.json; the files there now hash to "
-                            f"{now[:12]}...): its weights were replaced since. Train again: `coin train` does (its "
-                            "key covers the base's files); under DVC, which sees the backbone's name but not its "
+                            f"(base_sha256 {changed[0][:12]}... in its coin_model.json; the files there now hash to "
+                            f"{changed[1][:12]}...): its weights were replaced since. Train again: `coin train` does "
+                            "(its key covers the base's files); under DVC, which sees the backbone's name but not its "
                             "files, `dvc repro -f -s train` and then `dvc repro`")
         loaded_sha = adapter_sha256(adapter)  # before loading: what the figures below belong to
         # the base, seed and attention the adapter was trained with (its coin_model.json), as the pyfunc loads it

@@ -61,7 +61,7 @@ _NOT_A_SIGN = _STRIP.replace("-", "").replace("+", "")  # what may come before a
 # "10", "1.5" (WordPiece decodes it "1. 5"), "1st", "1/2" ("1 / 2"), a range "1-2" / "1 – 2", a ratio "1:1", "1 2",
 # "1%"; any other letter or digit ("1½", "1²") below. The slashes: /, the fraction and division slashes; the dashes:
 # hyphen, its Unicode forms, the en and em dash and the minus sign
-_NUMBER_GOES_ON = re.compile(r"\d|[.,]\s?\d|\s?[/\u2044\u2215]\s?\d|\s?[-\u2010-\u2014\u2212:]\s?\d|\s\d|\s?%|[a-z]")
+_NUMBER_GOES_ON = re.compile(r"\d|[.,]\s?\d|\s?[/\u2044\u2215]\s?\d|\s*[-\u2010-\u2014\u2212:]\s*\d|\s+\d|\s*%|[a-z]")
 
 
 # --------------------------------------------------------------------------- parsing

@@ -48,6 +48,13 @@ def load_trained(adapter_dir: Path, *, device: str = "auto"):
     if (problem := adapter_problem(Path(adapter_dir))) is not None:
         raise DataError(f"{adapter_dir}: not a complete adapter ({problem}); rerun `coin train`, or restore the "
                         "folder")
+    from coin.modeling.base_files import base_files_changed
+
+    if (changed := base_files_changed(meta)) is not None:  # the pyfunc, coin predict, coin evaluate --model
+        raise DataError(f"{Path(adapter_dir) / META_FILE}: trained on other files of its base {meta['base']!r} "
+                        f"(base_sha256 {changed[0][:12]}...; the files there now hash to {changed[1][:12]}...): its "
+                        "weights were replaced since, and its answers would be another model's. Train the adapter "
+                        "again on this base, or put back the base it was trained on")
     dtype = str(meta.get("dtype", "auto"))
     if dtype == "float16" and pick_device(device).type == "cpu":  # trained on a GPU without bf16: no fp16 CPU kernels
         logging.getLogger("coin").info("%s: trained on a float16 base; the base is loaded in float32 on this CPU "

@@ -73,3 +73,15 @@ def base_files_sha256(reference: str, root: Path | None = None) -> str | None:
     if stats not in _DIGESTS:
         _DIGESTS[stats] = sha_files(found, directory)
     return _DIGESTS[stats]
+
+
+def base_files_changed(meta: dict, reference: str | None = None, root: Path | None = None) -> tuple[str, str] | None:
+    """``(recorded, now)`` when an adapter's ``coin_model.json`` (``meta``) records its base's files
+    (``base_sha256``) and the files of that base (``reference``, default the recorded ``base``) hash otherwise now:
+    its weights were replaced in place. None when they agree, or either hash is unknown (an adapter from before the
+    record, a base not here: loading it says so)."""
+    recorded = meta.get("base_sha256")
+    if not recorded:
+        return None
+    now = base_files_sha256(str(reference or meta.get("base")), root)
+    return (recorded, now) if now and now != recorded else None

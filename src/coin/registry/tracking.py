@@ -91,6 +91,8 @@ def check_server_answers(uri: str, timeout: float = 5.0) -> None:
 
     try:
         requests.get(uri, timeout=timeout, allow_redirects=False).close()
+    except requests.exceptions.SSLError:  # a TLS handshake: a server is there (MLflow has its own certificate settings)
+        return
     except requests.RequestException as exc:
         reason = type(exc).__name__
         raise ConfigError(f"tracking.uri = {redact_text(uri)!r}: no tracking server answers there ({reason} within "
