@@ -384,6 +384,7 @@ def test_coin_card_prints_the_champions_card(registry):
     assert "Downloading artifacts" not in out  # no progress bar in the printout
     row = next(line for line in out.splitlines() if "pairwise consistency (perturbed)" in line)
     assert "100.0" in row
+    assert "(v2)" in out  # which version the alias names now (after a rollback by hand it was not said)
 
 
 def test_coin_card_compares_two_versions_side_by_side(registry, eval_dir):

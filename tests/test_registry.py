@@ -446,6 +446,60 @@ def test_a_refusal_that_decided_nothing_is_decided_anew_after_a_new_evaluation(s
     assert not forget_undecided(client, "redo", v3, ModelFigures(80.0, 80.0, "protocol A", 50.0))  # ... stands
 
 
+def test_a_not_comparable_refusal_is_decided_anew_once_the_champion_alias_moved(store):
+    """The 'Not comparable' refusal advises moving the champion alias by hand; once moved (to a version of the
+    candidate's protocol), registering the candidate again left the refusal standing, still naming the old
+    champion."""
+    from mlflow import MlflowClient
+
+    from coin.registry.promotion import promote_version
+    from coin.registry.register import forget_undecided
+
+    client = MlflowClient()
+    v1, v2, v3 = (_bare_version(client, "moved") for _ in range(3))
+    assert promote_version("moved", v1, ModelFigures(70.0, 60.0, "protocol A", 50.0), **GATE).promote
+    b = ModelFigures(75.0, 70.0, "protocol B", 50.0)
+    for v in (v2, v3):
+        assert promote_version("moved", v, b, **GATE).reason.startswith("Not comparable")
+    assert not forget_undecided(client, "moved", v2, b)  # the same champion: nothing new to decide
+    client.set_registered_model_alias("moved", "champion", v3)  # the operator, as the refusal advises
+    assert forget_undecided(client, "moved", v2, b)
+    again = promote_version("moved", v2, b, **GATE)
+    assert "Not comparable" not in again.reason and again.champion_version == v3, again.reason
+
+
+def test_predict_and_evaluate_name_a_lost_champion_and_a_version_without_its_files(store, tmp_path):
+    """The champion's version deleted: `coin predict` said "No candidate has passed the promotion gate yet" and
+    pointed at the refused challenger, though v1 had passed it. A champion whose model files were deleted: the
+    errors named a temporary folder and advised `coin pipeline` / a runs:/ path, which cannot bring them back."""
+    from mlflow import MlflowClient
+
+    from coin.cli import _check_registered
+    from coin.evaluation.anymodel import resolve_target
+    from coin.registry.errors import ModelUnavailable
+    from coin.registry.promotion import promote_version
+
+    client = MlflowClient()
+    v1, v2, v3 = (_bare_version(client, "gone") for _ in range(3))
+    assert promote_version("gone", v1, ModelFigures(70.0, 60.0, "p", 50.0), **GATE).promote
+    assert promote_version("gone", v2, ModelFigures(80.0, 75.0, "p", 50.0), **GATE).promote
+    assert not promote_version("gone", v3, ModelFigures(60.0, 55.0, "p", 50.0), **GATE).promote
+    # v2 (the champion) holds no model files (a bare version, as if they were deleted from the store)
+    for check in (lambda: _check_registered("models:/gone@champion", store, tmp_path),
+                  lambda: resolve_target("models:/gone@champion", store, tmp_path)):
+        with pytest.raises(ModelUnavailable, match=r"version 2 of 'gone' \(alias champion\) has no model files in "
+                                                   r"the store .*move the alias .*or train anew"):
+            check()
+    client.delete_model_version("gone", v2)
+    for check in (lambda: _check_registered("models:/gone@champion", store, tmp_path),
+                  lambda: resolve_target("models:/gone@champion", store, tmp_path)):
+        with pytest.raises(ModelUnavailable, match=r"has no alias 'champion' \(its aliases: none\); yet version "
+                                                   r"1 passed the promotion gate .*set_registered_model_alias\('gone', "
+                                                   r"'champion', '1'\)") as err:
+            check()
+        assert "No candidate has passed" not in str(err.value)
+
+
 def test_one_run_registered_under_two_names_keeps_each_versions_predictions(store):
     """An experiment registers the same training run under its own register.model_name, from another
     evaluation: the stored predictions lived at one path per run, and the second overwrote the first version's."""
@@ -1254,6 +1308,9 @@ def test_a_database_tracking_uri_keeps_the_artifacts_in_the_project(tmp_path, mo
         artifact_location) or "1")
     monkeypatch.setattr(mlflow, "get_experiment_by_name", lambda name: None)
     monkeypatch.setattr(mlflow, "set_experiment", lambda **k: None)
+    import coin.registry.tracking as tracking
+
+    monkeypatch.setattr(tracking, "check_server_answers", lambda uri, timeout=5.0: None)  # no server here
     for uri in ("HTTP://127.0.0.1:1", "https://example.invalid", "postgresql+psycopg2://u@h/db"):
         setup_tracking(Settings.model_validate({"tracking": {"uri": uri}}), tmp_path)
     assert created[:2] == [None, None] and created[2].startswith((tmp_path / "mlruns").as_uri())

@@ -627,10 +627,10 @@ def _check_registered(uri: str, settings: Any, root: Path) -> None:
         return  # not a form coin resolves (models:/<name>/latest, ...): MLflow's own answer
     name, alias, version = ref
     try:
-        registered_version(MlflowClient(), name, alias=alias, version=version)
+        mv = registered_version(MlflowClient(), name, alias=alias, version=version)
     except LookupError as exc:
         hint = ""
-        if alias == "champion" and "has no alias" in str(exc):
+        if alias == "champion" and "has no alias" in str(exc) and "passed the promotion gate" not in str(exc):
             from coin.layout import Layout
 
             record = Layout(root, settings).register_record  # paths.out_dir's, shown from here
@@ -638,6 +638,14 @@ def _check_registered(uri: str, settings: Any, root: Path) -> None:
             hint = (" No candidate has passed the promotion gate yet (see `coin.promotion.reason` on its version, or "
                     f"{shown}); the newest candidate is --model-uri models:/{name}@challenger.")
         raise ModelUnavailable(f"cannot load {uri}: {exc}.{hint}") from None
+    import mlflow
+
+    try:
+        mlflow.models.get_model_info(f"models:/{name}/{mv.version}")
+    except Exception:  # noqa: BLE001 -- MLflow raises several types for a version without its MLmodel
+        from coin.evaluation.anymodel import registered_files_gone
+
+        raise ModelUnavailable(f"cannot load {uri}: {registered_files_gone(name, mv, alias)}") from None
 
 
 @app.command()

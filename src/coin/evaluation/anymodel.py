@@ -187,7 +187,19 @@ def registered_version(client: Any, name: str, *, alias: str | None = None, vers
     except MlflowException:
         if alias is not None:
             have = ", ".join(sorted(client.get_registered_model(name).aliases)) or "none"
-            raise LookupError(f"registered model {name!r} has no alias {alias!r} (its aliases: {have})") from None
+            lost = ""
+            if alias == "champion":  # versions were promoted, yet none holds it: moved away by hand, or deleted
+                from coin.registry.promotion import TAG_DECISION
+
+                promoted = sorted((int(v.version) for v in client.search_model_versions(f"name = '{name}'")
+                                   if v.tags.get(TAG_DECISION) == "promoted"), reverse=True)
+                if promoted:
+                    lost = (f"; yet version{'s' if len(promoted) > 1 else ''} {', '.join(map(str, promoted))} "
+                            f"passed the promotion gate (the alias was removed, or its version deleted): give "
+                            f"the alias back to one, MlflowClient().set_registered_model_alias({name!r}, "
+                            f"'champion', '{promoted[0]}')")
+            raise LookupError(f"registered model {name!r} has no alias {alias!r} (its aliases: {have}){lost}") \
+                from None
         have = ", ".join(str(v.version) for v in client.search_model_versions(f"name = '{name}'")) or "none"
         raise LookupError(f"registered model {name!r} has no version {version} (its versions: {have})") from None
 
@@ -231,14 +243,15 @@ def _resolve_registry(spec: str, scheme: str, settings: Settings, root: Path,
     if alias is not None:
         details["alias"] = alias
     uri = f"models:/{name}/{mv.version}"
-    metadata = _mlmodel_metadata(spec, uri)
+    metadata = _mlmodel_metadata(spec, uri, missing=registered_files_gone(name, mv, alias))
     return uri, _sha_text("registry", mv.run_id, mv.source, *_registered_base(metadata)) if fingerprint else "", details
 
 
-def _mlmodel_metadata(spec: str, uri: str) -> dict[str, Any]:
+def _mlmodel_metadata(spec: str, uri: str, missing: str | None = None) -> dict[str, Any]:
     """The metadata of the MLflow model at ``uri`` (read once per URI); refused, when the models are resolved (before
     any is loaded), for a URI that is no MLflow model: a run's ``evaluate`` folder was found only when its turn came to
-    load, after the models before it were scored."""
+    load, after the models before it were scored. ``missing``: what to say instead for a registered version (its files
+    were deleted from the store; the run-artifact advice does not bring them back)."""
     import mlflow
 
     from coin.registry.errors import ModelUnavailable
@@ -246,9 +259,19 @@ def _mlmodel_metadata(spec: str, uri: str) -> dict[str, Any]:
     try:
         return mlflow.models.get_model_info(uri).metadata or {}
     except Exception:  # noqa: BLE001 -- MLflow raises several types for a folder without an MLmodel
-        raise ModelUnavailable(f"--model {spec}: {uri} is not an MLflow model (no MLmodel file there); give the "
-                               "artifact path of a model logged by `coin register`, e.g. runs:/<run id>/model") \
-            from None
+        raise ModelUnavailable(f"--model {spec}: " + (missing or f"{uri} is not an MLflow model (no MLmodel file "
+                               "there); give the artifact path of a model logged by `coin register`, e.g. "
+                               "runs:/<run id>/model")) from None
+
+
+def registered_files_gone(name: str, mv: Any, alias: str | None) -> str:
+    """Why a registered version that resolves does not load: its model files are gone from the store, and what
+    brings a loadable model back (registering the same training run again returns this version as it is)."""
+    held = f" (alias {alias})" if alias else ""
+    return (f"version {mv.version} of {name!r}{held} has no model files in the store (no MLmodel at {mv.source}: "
+            "deleted?); move the alias to a version that has them, MlflowClient().set_registered_model_alias("
+            f"{name!r}, '{alias or 'champion'}', '<version>'), or train anew (another seed or settings: a new "
+            "training run) and `coin register` it")
 
 
 def _registered_base(metadata: dict[str, Any]) -> tuple[str, ...]:

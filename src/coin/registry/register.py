@@ -340,11 +340,12 @@ def forget_undecided(client, name: str, version: str, figures: ModelFigures, evi
     with the champion, or no evidence for the interval rule) that may go otherwise now, remove it so this
     registration decides anew; True when it did. It may when ``figures`` (with their protocol) differ from the
     recorded ones (re-evaluated: its figures, stored predictions and card go too, to be stored anew), when it was
-    refused for want of evidence (the champion's stored predictions may be back: the fix that refusal names), or
-    when ``evidence`` (register.evidence) is not the rule it was refused under. Any other decision stands (a version
-    is decided once: register a new training run to re-decide it)."""
+    refused for want of evidence (the champion's stored predictions may be back: the fix that refusal names),
+    when ``evidence`` (register.evidence) is not the rule it was refused under, or when the champion it was refused
+    against no longer holds the alias (moved by hand, as a "Not comparable" refusal advises). Any other decision
+    stands (a version is decided once: register a new training run to re-decide it)."""
     from coin.registry.card import TAG_CARD
-    from coin.registry.promotion import TAG_EVIDENCE
+    from coin.registry.promotion import NONE, TAG_CHAMPION_VERSION, TAG_EVIDENCE
 
     mv = client.get_model_version(name, str(version))
     recorded = decision_from_tags(mv.tags)
@@ -353,14 +354,21 @@ def forget_undecided(client, name: str, version: str, figures: ModelFigures, evi
     new_figures = not same_figures(recorded.candidate, figures)
     no_evidence = recorded.reason.startswith(UNDECIDED[1])
     other_rule = evidence is not None and mv.tags.get(TAG_EVIDENCE, "point") != evidence
-    if not (new_figures or no_evidence or other_rule):
+    # the champion it was refused against no longer holds the alias (moved by hand, as a "Not comparable" refusal
+    # advises): the refusal stood, still naming the old champion
+    try:
+        now = str(client.get_model_version_by_alias(name, "champion").version)
+    except Exception:  # noqa: BLE001 -- no champion now: MLflow raises when the alias is not set
+        now = NONE
+    other_champion = mv.tags.get(TAG_CHAMPION_VERSION, NONE) != now
+    if not (new_figures or no_evidence or other_rule or other_champion):
         return False
     drop = [k for k in mv.tags if k.startswith("coin.promotion.") or new_figures and (
         k.startswith(TAG_CARD) or k in (TAG_PREDICTIONS, TAG_CLEAN, TAG_PERTURBED, TAG_MAJORITY, TAG_PROTOCOL))]
     for key in sorted(drop, key=lambda k: k != TAG_DECISION):  # the decision first: undecided at once
         client.delete_model_version_tag(name, str(version), key)
     why = ("evaluated again since" if new_figures else f"register.evidence is {evidence} now" if other_rule
-           else "the evidence may be there now")
+           else "the evidence may be there now" if no_evidence else f"the champion is version {now} now")
     log.info("%s version %s: its refusal (%s) decided nothing; %s, it is decided anew",
              name, version, recorded.reason.split(":")[0], why)
     return True

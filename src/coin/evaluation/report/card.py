@@ -171,7 +171,11 @@ def rich_tables(cards: list[dict[str, Any]]) -> list[Any]:
     from rich.table import Table as RichTable
 
     # every name and cell is the user's text (set names, refs, model labels): printed literally, never as markup
-    names = [escape(str(c.get("_ref") or c["model"])) for c in cards]
+    # the version an alias names now: after a rollback of @champion by hand, the card said which alias, not which
+    # version, it showed
+    names = [escape(str(c.get("_ref") or c["model"])
+                    + (f" (v{c['_version']})" if c.get("_version") and f"/{c['_version']}" not in str(c.get("_ref"))
+                       else "")) for c in cards]
     head = RichTable(title="Robustness card" + (" (side by side)" if len(cards) > 1 else ""), title_justify="left")
     head.add_column("figure", no_wrap=True)
     head.add_column("unit", no_wrap=True)
