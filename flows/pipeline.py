@@ -384,6 +384,7 @@ def eval_task_runner(workers: int = 2, address: str | None = None, processes: bo
 
     if address:
         _check_dask_address(address)
+        _DeadDashboardLink.install(off=False)  # the cluster's own dashboard, whatever it serves
         return DaskTaskRunner(address=address)
     if workers < 1:
         raise ValueError(f"eval_workers = {workers}: needs at least 1 Dask worker")
@@ -397,7 +398,25 @@ def eval_task_runner(workers: int = 2, address: str | None = None, processes: bo
     if processes:
         kwargs["host"] = "127.0.0.1"
         _worker_environ(threads or threads_per_worker(workers))
+    _DeadDashboardLink.install(off=dashboard is None or dashboard is False)
     return DaskTaskRunner(cluster_kwargs=kwargs)
+
+
+class _DeadDashboardLink(logging.Filter):
+    """Drops prefect-dask's "The Dask dashboard is available at ..." while the local cluster's dashboard is off (the
+    default): it logs the link whatever the setting, and the page answers 404."""
+
+    off = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (type(self).off and "dashboard is available" in str(record.msg))
+
+    @classmethod
+    def install(cls, *, off: bool) -> None:
+        cls.off = off
+        runner_log = logging.getLogger("prefect.task_runner.dask")
+        if not any(isinstance(f, cls) for f in runner_log.filters):
+            runner_log.addFilter(cls())
 
 
 MALLOC_VAR = "MALLOC_TRIM_THRESHOLD_"
@@ -586,6 +605,8 @@ def coin_pipeline(
             pairs = _fresh(pairs_task, "pairs", settings, root)(params_path, overrides, parent)
             logger.info("pairs: %s", pairs["per_task"])
             gate = _fresh(validate_task, "validate", settings, root)(params_path, overrides, parent)
+            logger.info("validate: %s of %s rows pass every check (pass rate %s, validate.min_pass_rate %s)",
+                        gate["rows_valid"], gate["rows_in"], gate["pass_rate"], gate["min_pass_rate"])
             create_markdown_artifact(gate["markdown"], key="validation-summary",
                                      description="paraphrase-validation gate")
 
@@ -606,6 +627,8 @@ def coin_pipeline(
 
             outcome = outcome_tags(trained, None)
             registered = register_task(params_path, overrides, parent)
+            for reg in registered.get("candidates", [registered]):  # the decision, in the run's own log
+                logger.info("register[%s]: %s", reg.get("method"), reg.get("message"))
             outcome = outcome_tags(trained, registered)
             create_markdown_artifact(registration_markdown(registered), key="registration",
                                      description="model registry: version, aliases, promotion decision")

@@ -172,3 +172,58 @@ def test_a_long_summary_keeps_every_candidates_verdict_under_its_method():
     text = "\n".join(summary_lines("pipeline", result))
     assert ('register.candidates: ["coin: coin-minilm v1: registered, promoted to champion", '
             '"cit: coin-minilm v2: registered, not promoted"]') in text, text
+
+
+def test_training_draws_its_bar_on_a_terminal_and_writes_lines_to_a_log(tiny_llama_dir, tmp_path, capfd, caplog,
+                                                                          monkeypatch):
+    """Piped (CI, a Prefect worker, `2> log`), tqdm's frames were kept: 24 steps made one physical line of 52
+    carriage-return frames, with the next log record glued to it. Without a terminal, about ten log lines say how
+    far training got; on a terminal the bar is drawn as before."""
+    import logging
+
+    from helpers_training import cfg_for, make_rows
+
+    import coin.progress
+    from coin.modeling.backbone import load_backbone
+    from coin.training.loop import train
+
+    cfg = cfg_for(max_steps=20, batch_size=2, checkpoint_every=0)
+    with caplog.at_level(logging.INFO, logger="coin"):
+        train(load_backbone(str(tiny_llama_dir), seed=0), make_rows(8), cfg, out_dir=tmp_path / "a", seed=0,
+              cutoff_len=64, progress=True)
+    err = capfd.readouterr().err
+    assert "\r" not in err and "train[coin]:" not in err  # no frames
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train[coin]: step")]
+    assert len(lines) == 10 and lines[-1].startswith("train[coin]: step 20/20, loss ")
+    monkeypatch.setattr(coin.progress, "on_terminal", lambda: True)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="coin"):
+        train(load_backbone(str(tiny_llama_dir), seed=0), make_rows(8), cfg, out_dir=tmp_path / "b", seed=0,
+              cutoff_len=64, progress=True)
+    assert "train[coin]: 100%" in capfd.readouterr().err  # the bar
+    assert not [r for r in caplog.records if r.getMessage().startswith("train[coin]: step")]
+
+
+def test_the_pipeline_names_where_its_outputs_are_and_its_logs_stay_on_coins_lines(tmp_path):
+    """`coin pipeline` printed no outputs block (stage_outputs knew no 'pipeline'); MLflow's download bar, Dask's INFO
+    chatter and a link to a dashboard that is off (404) filled its log."""
+    import logging
+
+    from flows.pipeline import _DeadDashboardLink, eval_task_runner
+
+    shown = stage_outputs("pipeline", Settings.model_validate({}), tmp_path, cwd=tmp_path)
+    assert {"outputs/pairs/", "outputs/validated/", "outputs/train/coin/", "outputs/evaluate/",
+            "outputs/register/registration.json"} <= set(shown), shown
+    assert len(shown) <= 8
+    assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"
+    import distributed  # noqa: F401 -- its loggers configured from dask's config, which coin set first
+
+    assert logging.getLogger("distributed.scheduler").getEffectiveLevel() == logging.WARNING
+    record = logging.LogRecord("prefect.task_runner.dask", logging.INFO, "", 0,
+                               "The Dask dashboard is available at http://127.0.0.1:1/status", None, None)
+    dask_log = logging.getLogger("prefect.task_runner.dask")
+    eval_task_runner(1, processes=False)  # the default: dashboard off
+    assert not all(f.filter(record) for f in dask_log.filters)
+    eval_task_runner(1, processes=False, dashboard=True)
+    assert all(f.filter(record) for f in dask_log.filters)
+    assert _DeadDashboardLink.off is False

@@ -27,6 +27,9 @@ NEUTRAL = {
     "coin.stage_specs": "these declarations: which params and code a stage reads",
     "coin.registry.tracking": "MLflow runs, params and tags of a stage; not its outputs",
     "coin.cpus": "thread counts",
+    "coin.progress": "progress bars and progress log lines",
+    "coin.registry.promotion": "the gate's tags and decisions; the evaluation reads them only to name a lost "
+                               "champion in an error (the register stage, which decides, lists all of registry)",
     "coin.study.keys": "content hashes for cache keys (the evaluation's result cache keys its scoring code)",
     "coin.validation.result": "the gate's file names and verdict: training reads it to refuse the rows of a failed "
                               "gate, which decides whether it starts, not what it writes",

@@ -21,6 +21,11 @@ LOCAL_ONLY_ENV = {
     # the local (ephemeral) Prefect server: on two busy cores its start outlasted Prefect's 20 s, and the run ended
     # "Timed out while attempting to connect to ephemeral Prefect API server" before any work
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    # MLflow's "Downloading artifacts" bar in `coin register` and the pipeline's log (copies of local files)
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # Dask's INFO lines (nannies starting, client connections, "pip install jupyter-server-proxy"): half of a
+    # pipeline's log; the workers inherit this too
+    "DASK_LOGGING__DISTRIBUTED": "warning",
 }
 for _k, _v in LOCAL_ONLY_ENV.items():
     os.environ.setdefault(_k, _v)

@@ -102,7 +102,9 @@ def stage_outputs(stage: str, settings: Any, root: Path, cwd: Path | None = None
     lay = Layout(root, settings)
     here = (cwd or Path.cwd()).resolve()
     paths: list[str] = []
-    for name in DVC_STAGES.get(stage, ()):
+    # the pipeline: every stage's (collapsed to directories below)
+    names = [n for ns in DVC_STAGES.values() for n in ns] if stage == "pipeline" else DVC_STAGES.get(stage, ())
+    for name in names:
         spec = STAGE_SPECS[name]
         for item in _items(name, settings):
             for p in spec.outputs(lay, item):

@@ -38,7 +38,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from coin.data.io import DataError, read_json
 from coin.data.prompts import PromptFormat, encode
@@ -50,6 +49,7 @@ from coin.modeling.backbone import (
     row_attention_mask,
     selected_logits,
 )
+from coin.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ def generate_answers(
     model.eval()
     try:
         with torch.inference_mode(), _neutral_generation_config(model):
-            for idx in tqdm(batches, desc=desc, unit="batch", leave=False, disable=len(batches) < 2):
+            for idx in bar(batches, desc=desc, unit="batch", leave=False, show=len(batches) > 1):
                 width = max(len(ids[i]) for i in idx)
                 x = torch.full((len(idx), width), pad, dtype=torch.long)
                 m = torch.zeros((len(idx), width), dtype=torch.long)
@@ -344,7 +344,7 @@ def _generate_prefix_lm(model: nn.Module, tokenizer, ids: list[list[int]], batch
     model.eval()
     try:
         with torch.inference_mode(), _neutral_generation_config(model):
-            for idx in tqdm(batches, desc=desc, unit="batch", leave=False, disable=len(batches) < 2):
+            for idx in bar(batches, desc=desc, unit="batch", leave=False, show=len(batches) > 1):
                 rows = _greedy_rows(model, [ids[i] for i in idx], max_new_tokens, tokenizer.eos_token_id, pad)
                 for i, row in zip(idx, rows, strict=True):
                     new_tokens += len(row)
@@ -375,7 +375,7 @@ def generate_reference_style(
     model.eval()
     try:
         with torch.inference_mode():
-            for p in tqdm(ids, desc=desc, unit="prompt", leave=False, disable=len(ids) < 2):
+            for p in bar(ids, desc=desc, unit="prompt", leave=False, show=len(ids) > 1):
                 x = torch.tensor([p], device=device)
                 new: list[int] = []
                 for _ in range(max_new_tokens):

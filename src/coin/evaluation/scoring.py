@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from coin.data.prompts import PromptFormat, encode, response_ids
 from coin.modeling.backbone import (
@@ -45,6 +44,7 @@ from coin.modeling.backbone import (
     selected_logits,
     split_body_head,
 )
+from coin.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +204,8 @@ def score_sequences(
     batches = length_batches([len(q.input_ids) for q in seqs], batch_size, blocks)
     out = torch.empty(len(seqs), dtype=torch.float32)
     with _eval_mode(model), torch.inference_mode():
-        for idx in tqdm(batches, desc=desc, unit="batch", leave=False,
-                        disable=len(batches) < 2):  # no bar for a single batch (predict)
+        for idx in bar(batches, desc=desc, unit="batch", leave=False,
+                       show=len(batches) > 1):  # no bar for a single batch (predict)
             out[idx] = _score_batch(model, [seqs[i] for i in idx], pad_id, device)
     return out
 
@@ -417,7 +417,7 @@ def _score_cached(
         batches += [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
 
     with _eval_mode(model), torch.inference_mode():
-        for idx in tqdm(batches, desc=request.desc, unit="batch", leave=False, disable=len(batches) < 2):
+        for idx in bar(batches, desc=request.desc, unit="batch", leave=False, show=len(batches) > 1):
             in_batch = list(dict.fromkeys(group_of[i] for i in idx))
             state, rows, cut = None, None, {g: 0 for g in in_batch}
             if groups is not None and all(prefix_len[g] >= min_prefix for g in in_batch):

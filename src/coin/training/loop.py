@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from coin.errors import ConfigError
 from coin.methods import Method, get_method
@@ -44,6 +43,8 @@ from coin.modeling.backbone import (
     unwrap_model,
 )
 from coin.modeling.lora import apply_lora
+from coin.progress import bar as progress_bar
+from coin.progress import every
 from coin.training.batching import BatchStream, iterate_batches, train_rows_of
 from coin.training.checkpoint import (
     DamagedCheckpoint,
@@ -266,8 +267,10 @@ def _train(run: TrainRun, world: World, device: torch.device) -> TrainResult:
 
     model.train()
     tokens, t0 = 0.0, time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, initial=start, desc=f"train[{cfg.method}]", unit="step",
-               disable=not (run.progress and world.is_main))
+    show = run.progress and world.is_main
+    bar = progress_bar(total=cfg.max_steps, initial=start, desc=f"train[{cfg.method}]", unit="step", show=show)
+    log_lines = show and bar.disable  # no terminal (a log, CI, a worker): about ten lines instead of the bar
+    line_every = every(cfg.max_steps)
     stepper = _Stepper(fused=fused, params=params, optimizer=opt, stream=stream, collate=collate, cfg=cfg,
                        world=world, device=device)
     for step in range(start + 1, cfg.max_steps + 1):
@@ -281,6 +284,9 @@ def _train(run: TrainRun, world: World, device: torch.device) -> TrainResult:
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", l_cl=f"{metrics['l_cl']:.3f}",
                         tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if log_lines and (step % line_every == 0 or step == cfg.max_steps):
+            log.info("train[%s]: step %d/%d, loss %.4f, l_cl %.3f, %.0f tokens/s", cfg.method, step, cfg.max_steps,
+                     metrics["loss"], metrics["l_cl"], metrics["tokens_per_s"])
         if world.is_main and run.on_metrics is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
             run.on_metrics(step, dict(metrics))
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:

@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from coin.progress import on_terminal
+
 log = logging.getLogger(__name__)
 
 # texts -> (len(texts), dim) float array of L2-normalised rows
@@ -74,7 +76,7 @@ def minilm_embedder(batch_size: int = 64, device: str = "cpu") -> Embedder:
 
     def embed(texts: list[str]) -> np.ndarray:
         return model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                            show_progress_bar=len(texts) > 4 * batch_size)
+                            show_progress_bar=len(texts) > 4 * batch_size and on_terminal())
 
     return embed
 
