@@ -173,13 +173,13 @@ def rich_tables(cards: list[dict[str, Any]]) -> list[Any]:
     # every name and cell is the user's text (set names, refs, model labels): printed literally, never as markup
     # the version an alias names now: after a rollback of @champion by hand, the card said which alias, not which
     # version, it showed
-    names = [escape(str(c.get("_ref") or c["model"])
-                    + (f" (v{c['_version']})" if c.get("_version") and f"/{c['_version']}" not in str(c.get("_ref"))
-                       else "")) for c in cards]
+    names = [escape(str(c.get("_ref") or c["model"])) for c in cards]
+    columns = [n + (f" (v{c['_version']})" if c.get("_version") and not n.endswith(f"/{c['_version']}") else "")
+               for n, c in zip(names, cards, strict=True)]
     head = RichTable(title="Robustness card" + (" (side by side)" if len(cards) > 1 else ""), title_justify="left")
     head.add_column("figure", no_wrap=True)
     head.add_column("unit", no_wrap=True)
-    for n in names:
+    for n in columns:
         head.add_column(n, justify="right", overflow="fold")  # whole: two references can differ at the end
     if len(cards) == 2:
         head.add_column("B − A", justify="right")
