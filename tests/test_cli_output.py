@@ -219,6 +219,15 @@ def test_the_pipeline_names_where_its_outputs_are_and_its_logs_stay_on_coins_lin
     import distributed  # noqa: F401 -- its loggers configured from dask's config, which coin set first
 
     assert logging.getLogger("distributed.scheduler").getEffectiveLevel() == logging.WARNING
+    # a Dask config file of the user's that sets logging wins (an environment variable would outrank it)
+    (tmp_path / "dask.yaml").write_text("logging:\n  distributed: info\n")
+    probe = ("import coin, logging, distributed; "
+             "print(logging.getLevelName(logging.getLogger('distributed.scheduler').getEffectiveLevel()))")
+    env = {k: v for k, v in os.environ.items() if k != "DASK_LOGGING__DISTRIBUTED"}
+    for config, level in ((str(tmp_path / "dask.yaml"), "INFO"), (str(tmp_path / "none"), "WARNING")):
+        out = subprocess.run([sys.executable, "-c", probe], env={**env, "DASK_CONFIG": config}, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        assert out == level, (config, out)
     record = logging.LogRecord("prefect.task_runner.dask", logging.INFO, "", 0,
                                "The Dask dashboard is available at http://127.0.0.1:1/status", None, None)
     dask_log = logging.getLogger("prefect.task_runner.dask")

@@ -942,8 +942,11 @@ def _base_name(peft_name: str) -> str:
 
 
 def test_train_updates_lora_only_and_saves(
-    tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import coin.progress
+
+    monkeypatch.setattr(coin.progress, "on_terminal", lambda: True)  # the bar is drawn on a terminal only
     bb = load_backbone(str(tiny_llama_dir), device="cpu")
     before = _snapshot(bb.model)
     logged: list[tuple[int, dict[str, float]]] = []

@@ -642,10 +642,11 @@ def _check_registered(uri: str, settings: Any, root: Path) -> None:
 
     try:
         mlflow.models.get_model_info(f"models:/{name}/{mv.version}")
-    except Exception:  # noqa: BLE001 -- MLflow raises several types for a version without its MLmodel
-        from coin.evaluation.anymodel import registered_files_gone
+    except Exception as exc:  # noqa: BLE001 -- MLflow raises several types for a version without its MLmodel
+        from coin.evaluation.anymodel import files_missing, registered_files_gone
 
-        raise ModelUnavailable(f"cannot load {uri}: {registered_files_gone(name, mv, alias)}") from None
+        if files_missing(exc):  # any other cause (no S3 client, credentials): the load below says it in its words
+            raise ModelUnavailable(f"cannot load {uri}: {registered_files_gone(name, mv, alias)}") from None
 
 
 @app.command()

@@ -258,20 +258,30 @@ def _mlmodel_metadata(spec: str, uri: str, missing: str | None = None) -> dict[s
 
     try:
         return mlflow.models.get_model_info(uri).metadata or {}
-    except Exception:  # noqa: BLE001 -- MLflow raises several types for a folder without an MLmodel
+    except Exception as exc:  # noqa: BLE001 -- MLflow raises several types for a folder without an MLmodel
+        if not files_missing(exc):  # another cause (no S3 client, credentials, a server's error): its own words
+            raise ModelUnavailable(f"--model {spec}: cannot read the MLmodel of {uri}: {exc}") from None
         raise ModelUnavailable(f"--model {spec}: " + (missing or f"{uri} is not an MLflow model (no MLmodel file "
                                "there); give the artifact path of a model logged by `coin register`, e.g. "
                                "runs:/<run id>/model")) from None
 
 
+def files_missing(exc: BaseException) -> bool:
+    """Whether MLflow's ``exc`` says a model's files are not there (not that they could not be reached: a missing
+    S3 client or credentials, a tracking server's error)."""
+    if isinstance(exc, FileNotFoundError):
+        return True
+    return getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST" or "MLmodel" in str(exc)
+
+
 def registered_files_gone(name: str, mv: Any, alias: str | None) -> str:
     """Why a registered version that resolves does not load: its model files are gone from the store, and what
     brings a loadable model back (registering the same training run again returns this version as it is)."""
-    held = f" (alias {alias})" if alias else ""
-    return (f"version {mv.version} of {name!r}{held} has no model files in the store (no MLmodel at {mv.source}: "
-            "deleted?); move the alias to a version that has them, MlflowClient().set_registered_model_alias("
-            f"{name!r}, '{alias or 'champion'}', '<version>'), or train anew (another seed or settings: a new "
-            "training run) and `coin register` it")
+    head = (f"version {mv.version} of {name!r}{f' (alias {alias})' if alias else ''} has no model files in the "
+            f"store (no MLmodel at {mv.source}: deleted?); ")
+    other = (f"move the alias to a version that has them, MlflowClient().set_registered_model_alias({name!r}, "
+             f"{alias!r}, '<version>')" if alias else f"name another version, models:/{name}/<version>")
+    return head + other + ", or train anew (another seed or settings: a new training run) and `coin register` it"
 
 
 def _registered_base(metadata: dict[str, Any]) -> tuple[str, ...]:
