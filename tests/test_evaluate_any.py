@@ -836,3 +836,44 @@ def test_an_evaluation_stopped_while_logging_ends_its_run_killed(project, tiny_l
                         instruction_file=project["instr"])
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert [(r.info.run_name, r.info.status) for r in runs] == [("evaluate-tiny", "KILLED")]
+
+
+def test_an_instruction_file_resaved_with_crlf_and_a_bom_is_the_same_protocol(project, tiny_llama_dir):
+    """Notepad's re-save (a byte-order mark, CRLF endings) of the same instructions hashed as another protocol: the
+    cache missed, and the gate refused a better candidate as "Not comparable". Hashes of clean files are unchanged."""
+    import hashlib
+
+    from coin.data.io import text_sha256
+
+    clean = project["instr"].read_bytes()
+    first = _evaluate(project, "--model", f"tiny={tiny_llama_dir}", "--out", str(project["tmp"] / "a"))
+    assert first.exit_code == 0, first.output
+    project["instr"].write_bytes(b"\xef\xbb\xbf" + json.dumps(DOC, indent=2).replace("\n", "\r\n").encode())
+    indented = project["instr"].read_bytes()
+    project["instr"].write_bytes(b"\xef\xbb\xbf" + clean.replace(b"\n", b"\r\n"))  # one line: only the BOM differs
+    again = _evaluate(project, "--model", f"tiny={tiny_llama_dir}", "--out", str(project["tmp"] / "a"))
+    assert again.exit_code == 0, again.output
+    assert [m["cached"] for m in _summary(again)["models"]] == [True]
+    assert text_sha256(project["instr"]) == hashlib.sha256(clean).hexdigest()  # as recorded before this rule
+    crlf = project["tmp"] / "crlf.json"
+    crlf.write_bytes(indented)
+    lf = project["tmp"] / "lf.json"
+    lf.write_bytes(indented.removeprefix(b"\xef\xbb\xbf").replace(b"\r\n", b"\n"))
+    assert text_sha256(crlf) == text_sha256(lf)
+
+
+def test_a_file_not_in_utf8_names_its_line_and_the_fix(tmp_path):
+    from coin.data.io import DataError, read_json
+
+    p = tmp_path / "instr.json"
+    p.write_bytes('{"perturbations":\n {"clean": {"sst2": ["Is it good \u2014 or bad? "]}}}'.encode("cp1252"))
+    with pytest.raises(DataError, match=r"instr.json:2: not UTF-8 text \(byte 0x97 on line 2, .*save the file as "
+                                        r"UTF-8"):
+        read_json(p)
+
+
+def test_a_path_with_a_carriage_return_is_shown_with_it(tmp_path):
+    """A path pasted from a CRLF script: "file not found" for a file that exists, the \\r deleted by the console."""
+    res = runner.invoke(app, ["params", "-p", str(ROOT / "params.yaml") + "\r"])
+    assert res.exit_code == 2 and "params.yaml\\r" in res.output, res.output
+    assert "carriage return" in res.output and "Windows line endings" in res.output

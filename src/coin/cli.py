@@ -21,6 +21,7 @@ import errno
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import traceback
@@ -199,10 +200,17 @@ def classify(exc: BaseException) -> tuple[ExitCode, str, str | None]:
             "this is a bug: rerun with --debug for the traceback and report it")
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # shown escaped ('\r'): the console would delete them
+
+
 def report(exc: BaseException, *, debug: bool = False) -> ExitCode:
     """Print ``exc`` as one or two lines (``error: ...`` and ``fix: ...``), credentials redacted; the traceback
     first with ``debug``. Returns the exit code of its class."""
     code, msg, hint = classify(exc)
+    if "\r" in msg:  # rich deletes control characters: "file not found" for a path that exists, its \r unseen
+        hint = ((hint + " ") if hint else "") + ("It holds a carriage return (\\r): from a script saved with Windows "
+                                                 "line endings? Save it with LF endings.")
+    msg = _CONTROL.sub(lambda m: repr(m.group())[1:-1], msg)
     if debug:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         console.print(escape(redact_text(tb)), soft_wrap=True, highlight=False, emoji=False, markup=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -137,6 +138,14 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def text_sha256(path: str | Path) -> str:
+    """sha256 of a text file as the readers take it: without a byte-order mark and with CRLF line endings read as LF
+    (an instruction file re-saved by Notepad hashed as another protocol, and the gate refused its candidate as "Not
+    comparable"). A file already without either hashes as its bytes do, so hashes recorded before stay valid."""
+    data = Path(path).read_bytes()
+    return hashlib.sha256(data.removeprefix(b"\xef\xbb\xbf").replace(b"\r\n", b"\n")).hexdigest()
+
+
 def read_json(path: str | Path, *, missing_hint: str = "") -> Any:
     path = Path(path)
     if not path.exists():
@@ -153,7 +162,9 @@ def read_json(path: str | Path, *, missing_hint: str = "") -> Any:
         raise DataError(f"{path}:{exc.lineno}: bad JSON on line {exc.lineno} ({exc.msg.removesuffix(' at')}, "
                         f"column {exc.colno}); fix the file") from None
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line {line}, "
+                        f"{exc.reason}); save the file as UTF-8") from None
     _refuse_surrogates(doc, str(path), text)
     return doc
 

@@ -41,7 +41,7 @@ from coin.config import (
     project_root,
     settings_source,
 )
-from coin.data.io import DataError, read_json, write_json
+from coin.data.io import DataError, read_json, text_sha256, write_json
 from coin.modeling.base_files import BASE_FILES as _BASE_FILES
 from coin.modeling.base_files import base_dir as _base_dir
 from coin.modeling.base_files import files as _files
@@ -532,7 +532,7 @@ def protocol_of(settings: Settings, root: Path) -> dict[str, Any]:
     data_dir = root / settings.paths.data_dir
     data_files = [f for t in ev.tasks for f in validation_files(data_dir, t)[0]]
     return {
-        "instruction_sha256": hashlib.sha256((root / ev.instruction_file).read_bytes()).hexdigest(),
+        "instruction_sha256": text_sha256(root / ev.instruction_file),
         "instruction_sets": list(ev.instruction_sets), "tasks": list(ev.tasks),
         "samples_per_task": ev.samples_per_task, "seed": settings.seed, "scoring": list(ev.scoring),
         "calibration": ev.calibration, "prompt_format": ev.prompt_format, "length_normalise": ev.length_normalise,

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from coin.config import ConfigError, EvaluateSettings, Settings
+from coin.data.io import text_sha256
 from coin.data.prompts import response_ids
 from coin.data.tasks import get_task
 from coin.evaluation.generation import UNPARSED, generate_answers, label_choices, parse_answer
@@ -177,7 +178,7 @@ def evaluate_model(
         + _cut_notes(cut, max_positions(model)),
         settings={"scoring": list(cfg.scoring), "prompt_format": cfg.prompt_format, "seed": seed,
                   "samples_per_task": cfg.samples_per_task, "instruction_file": configured_file,
-                  "instruction_sha256": hashlib.sha256(Path(cfg.instruction_file).read_bytes()).hexdigest()[:16],
+                  "instruction_sha256": text_sha256(cfg.instruction_file)[:16],
                   "length_normalise": cfg.length_normalise, "max_new_tokens": cfg.max_new_tokens,
                   "prefix_cache": cfg.prefix_cache, "batch_size": cfg.batch_size,
                   "bf16_autocast": uses_bf16(device, cfg.autocast, "evaluate.autocast"), "autocast": cfg.autocast,
