@@ -683,6 +683,41 @@ def test_a_missing_champion_names_the_challenger_of_the_model_asked_for(bert_ada
         assert said in out and "coin pipeline" not in out and "challenger." not in out, out
 
 
+def test_model_uri_forms_read_as_coin_card_reads_them(bert_adapter, tmp_path, monkeypatch):
+    """`--model-uri models:/tiny-forms` (its champion, as `coin card` reads it) got "Logged model with ID ... not
+    found. Run `coin pipeline`"; an empty alias or a trailing space the same hint; a `~/` folder passed coin's checks
+    and failed in MLflow ("No such artifact"); option scores printed non-ASCII words as escapes."""
+    import mlflow
+    from typer.testing import CliRunner
+
+    from coin.cli import app
+    from coin.config import Settings
+    from coin.registry.register import log_candidate
+    from coin.registry.tracking import setup_tracking
+
+    (tmp_path / "params.yaml").write_text(f"paths: {{mlruns_dir: {tmp_path / 'mlruns'}}}\n")
+    setup_tracking(Settings.model_validate({"paths": {"mlruns_dir": str(tmp_path / "mlruns")}}), tmp_path)
+    with mlflow.start_run() as run:
+        pass
+    reg = log_candidate(bert_adapter, run.info.run_id, "tiny-forms")
+    mlflow.MlflowClient().set_registered_model_alias("tiny-forms", "champion", reg.version)
+    monkeypatch.chdir(tmp_path)
+    ask = ["--instruction", "Pick: ", "--input", "x", "--options", '["été", "日本"]']
+    for uri in ("models:/tiny-forms", "models:/tiny-forms/1 "):
+        res = CliRunner().invoke(app, ["predict", "--model-uri", uri, *ask])
+        assert res.exit_code == 0, res.output
+        assert '"été":' in res.output and '"日本":' in res.output  # the user's words, not escapes
+    res = CliRunner().invoke(app, ["predict", "--model-uri", "models:/tiny-forms@", *ask])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2 and "give models:/<name>@<alias>, models:/<name>/<version> or models:/<name>" in out
+    assert "coin pipeline" not in out
+    folder = mlflow.MlflowClient().get_model_version("tiny-forms", reg.version).source
+    local = Path(mlflow.artifacts.download_artifacts(folder, dst_path=str(tmp_path / "home" / "model")))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    res = CliRunner().invoke(app, ["predict", "--model-uri", f"~/{local.relative_to(tmp_path / 'home')}", *ask])
+    assert res.exit_code == 0, res.output
+
+
 def test_python_a_mapping_of_columns_is_read_as_rows(pyfunc_path):
     """``model.predict({"instruction": [a, b], ...})``, the column form pandas takes: MLflow passes it on as one row
     of lists, which was refused as a bad instruction. Each position is a row, as over HTTP."""

@@ -704,6 +704,15 @@ def predict(
     settings, root = _settings(params, set_, check_project=False)  # predict reads neither data nor the backbone
     setup_tracking(settings, root, writes=False)
     uri = model_uri or f"models:/{settings.register_.model_name}@champion"
+    if uri.startswith("models:/"):  # read as `coin card` reads a reference: a bare name is its champion
+        body = uri[len("models:/"):].strip()
+        if body and "@" not in body and "/" not in body:
+            uri = f"models:/{body}@champion"
+        elif not body or body.endswith(("@", "/")) or body.startswith(("@", "/")):
+            raise ValueError(f"--model-uri {uri!r}: give models:/<name>@<alias>, models:/<name>/<version> or "
+                             "models:/<name> (its champion)")
+        else:
+            uri = f"models:/{body}"
     local = Path(uri).expanduser()
     from coin.modeling.adapter_files import is_adapter_dir
 
@@ -736,7 +745,9 @@ def predict(
     with tempfile.TemporaryDirectory(prefix="coin-predict-model-") as tmp:
         placed = _device_config(uri, settings)
         try:
-            model = mlflow.pyfunc.load_model(uri, dst_path=tmp, model_config=placed)
+            # a local folder as expanded (~/...): MLflow took '~' for a folder of that name
+            model = mlflow.pyfunc.load_model(uri if URI_SCHEME.match(uri) else str(local), dst_path=tmp,
+                                             model_config=placed)
         except Exception as exc:  # noqa: BLE001 -- MLflow raises several types for a missing model
             why = str(exc).strip().rstrip(".")
             if not uri.startswith(("models:/", "runs:/")) and "artifact repository" in why:  # no such URI scheme

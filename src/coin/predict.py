@@ -433,7 +433,8 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
                                length_normalise)
             for j, i in enumerate(idx):
                 answers[i] = options[int(s[j].argmax())]
-                scores[i] = json.dumps({o: round(float(v), 4) for o, v in zip(options, s[j], strict=True)})
+                scores[i] = json.dumps({o: round(float(v), 4) for o, v in zip(options, s[j], strict=True)},
+                                       ensure_ascii=False)  # the user's words as written ("été", not "\u00e9t\u00e9")
     # the caller's index: a frame of selected rows (df.iloc[[2, 0]]) gets its answers back under their own labels
     return pd.DataFrame({"answer": answers, "scores": scores}, index=df.index)
 
