@@ -716,6 +716,17 @@ def test_model_uri_forms_read_as_coin_card_reads_them(bert_adapter, tmp_path, mo
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     res = CliRunner().invoke(app, ["predict", "--model-uri", f"~/{local.relative_to(tmp_path / 'home')}", *ask])
     assert res.exit_code == 0, res.output
+    # the generation length from the shell: --set evaluate.max_new_tokens was the evaluation's, silently unused
+    said = {}
+    for n in (1, 12):
+        res = CliRunner().invoke(app, ["predict", "--model-uri", "models:/tiny-forms", "--instruction", "Say: ",
+                                       "--input", "x", "--max-new-tokens", str(n)])
+        assert res.exit_code == 0, res.output
+        said[n] = res.output.strip()
+    assert len(said[1]) < len(said[12]), said
+    res = CliRunner().invoke(app, ["predict", "--model-uri", "models:/tiny-forms", "--instruction", "Say: ",
+                                   "--input", "x", "--max-new-tokens", "0"])
+    assert res.exit_code == 2 and "max_new_tokens = 0" in res.output, res.output
 
 
 def test_python_a_mapping_of_columns_is_read_as_rows(pyfunc_path):

@@ -666,6 +666,9 @@ def predict(
     task: Annotated[Optional[str], typer.Option(help="GLUE task: answer with its label words (loglik)")] = None,
     options: Annotated[Optional[str], typer.Option(help="candidate answers separated by '|', or a JSON list")] = None,
     model_uri: Annotated[Optional[str], typer.Option(help="default: models:/<register.model_name>@champion")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        help="without --task or --options: the most tokens generated (the model's max_new_tokens param; default "
+             "7). evaluate.max_new_tokens is the evaluation's, not this")] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
@@ -766,7 +769,8 @@ def predict(
         if options:
             row["options"] = [options] * n
         try:
-            out = model.predict(pd.DataFrame(row), params={"return_scores": True})
+            out = model.predict(pd.DataFrame(row), params={
+                "return_scores": True, **({} if max_new_tokens is None else {"max_new_tokens": max_new_tokens})})
         except mlflow.exceptions.MlflowException as exc:  # the pyfunc's refusal of an input (coin.predict): exit 2
             if not exc.message.startswith("invalid input:"):
                 raise
