@@ -221,13 +221,20 @@ def test_the_pipeline_names_where_its_outputs_are_and_its_logs_stay_on_coins_lin
     assert logging.getLogger("distributed.scheduler").getEffectiveLevel() == logging.WARNING
     # a Dask config file of the user's that sets logging wins (an environment variable would outrank it)
     (tmp_path / "dask.yaml").write_text("logging:\n  distributed: info\n")
+    (tmp_path / "json").mkdir()
+    (tmp_path / "json" / "MINE.JSON").write_text('{"logging": {"distributed": "info"}}')
+    (tmp_path / "comment.yaml").write_text("# no logging changes here\ntemporary-directory: /tmp\n")
     probe = ("import coin, logging, distributed; "
              "print(logging.getLevelName(logging.getLogger('distributed.scheduler').getEffectiveLevel()))")
-    env = {k: v for k, v in os.environ.items() if k != "DASK_LOGGING__DISTRIBUTED"}
-    for config, level in ((str(tmp_path / "dask.yaml"), "INFO"), (str(tmp_path / "none"), "WARNING")):
-        out = subprocess.run([sys.executable, "-c", probe], env={**env, "DASK_CONFIG": config}, capture_output=True,
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_LOGGING")}
+    for extra, level in (({"DASK_CONFIG": str(tmp_path / "dask.yaml")}, "INFO"),
+                         ({"DASK_CONFIG": str(tmp_path / "json")}, "INFO"),  # any file Dask reads, as Dask reads it
+                         ({"DASK_LOGGING": '{"distributed": "info"}'}, "INFO"),
+                         ({"DASK_CONFIG": str(tmp_path / "comment.yaml")}, "WARNING"),  # a comment sets nothing
+                         ({"DASK_CONFIG": str(tmp_path / "none")}, "WARNING")):
+        out = subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, capture_output=True,
                              text=True, check=True).stdout.strip()
-        assert out == level, (config, out)
+        assert out == level, (extra, out)
     record = logging.LogRecord("prefect.task_runner.dask", logging.INFO, "", 0,
                                "The Dask dashboard is available at http://127.0.0.1:1/status", None, None)
     dask_log = logging.getLogger("prefect.task_runner.dask")

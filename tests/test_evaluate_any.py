@@ -862,6 +862,30 @@ def test_an_instruction_file_resaved_with_crlf_and_a_bom_is_the_same_protocol(pr
     assert text_sha256(crlf) == text_sha256(lf)
 
 
+def test_a_study_keys_the_instruction_file_as_read_and_runs_sources_are_not_called_deleted(tmp_path):
+    """A study re-keyed its prep and every evaluation cell after a Notepad re-save of the instruction file; a
+    runs:/ model source that could not be reached (no S3 client) was called deleted: MLflow reports any failure
+    there as a missing MLmodel."""
+    import shutil
+
+    from mlflow.exceptions import MlflowException
+
+    from coin.config import Settings
+    from coin.evaluation.anymodel import files_missing
+    from coin.study.keys import eval_inputs_hash, prep_key_parts, sha256_files
+
+    shutil.copytree(ROOT / "data" / "promptbench", tmp_path / "data" / "promptbench")
+    settings = Settings.model_validate({"paths": {"data_dir": str(ROOT / "data")}})
+    instr = tmp_path / settings.evaluate.instruction_file
+    before = (eval_inputs_hash(settings, tmp_path), prep_key_parts(settings, tmp_path)["instructions"])
+    assert before[1] == sha256_files([instr], base=instr.parent)  # a clean file keys as it did
+    instr.write_bytes(b"\xef\xbb\xbf" + instr.read_bytes().replace(b"\n", b"\r\n"))
+    assert (eval_inputs_hash(settings, tmp_path), prep_key_parts(settings, tmp_path)["instructions"]) == before
+    assert not files_missing(MlflowException("Failed to download artifacts from path 'MLmodel', please ensure "
+                                             "that the path is correct.", error_code=4))
+    assert files_missing(MlflowException("No such artifact: 'MLmodel'"))
+
+
 def test_a_file_not_in_utf8_names_its_line_and_the_fix(tmp_path):
     from coin.data.io import DataError, read_json
 

@@ -714,8 +714,15 @@ def test_model_uri_forms_read_as_coin_card_reads_them(bert_adapter, tmp_path, mo
     folder = mlflow.MlflowClient().get_model_version("tiny-forms", reg.version).source
     local = Path(mlflow.artifacts.download_artifacts(folder, dst_path=str(tmp_path / "home" / "model")))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    res = CliRunner().invoke(app, ["predict", "--model-uri", f"~/{local.relative_to(tmp_path / 'home')}", *ask])
+    placed = []
+    real_load = mlflow.pyfunc.load_model
+    monkeypatch.setattr(mlflow.pyfunc, "load_model", lambda *a, **k: placed.append(k.get("model_config"))
+                        or real_load(*a, **k))
+    res = CliRunner().invoke(app, ["predict", "--model-uri", f"~/{local.relative_to(tmp_path / 'home')}", *ask,
+                                   "--set", "model.device=cpu"])
     assert res.exit_code == 0, res.output
+    assert placed == [{"device": "cpu"}]  # model.device reaches a ~/ folder too (it read nothing there)
+    monkeypatch.setattr(mlflow.pyfunc, "load_model", real_load)
     # the generation length from the shell: --set evaluate.max_new_tokens was the evaluation's, silently unused
     said = {}
     for n in (1, 12):

@@ -29,31 +29,25 @@ for _k, _v in LOCAL_ONLY_ENV.items():
 
 
 def _dask_config_sets_logging() -> bool:
-    """Whether a Dask config file of the user's (the folders Dask reads) sets ``logging``: an environment variable
-    outranks those files, so setting one would silently override the user's choice."""
-    import glob
-    import site
-    import sys
+    """Whether the user set Dask's ``logging`` (a config file Dask reads, or a ``DASK_LOGGING...`` variable): an
+    environment variable of coin's would outrank a file, and silently override the user's choice."""
+    if any(k.startswith("DASK_LOGGING") for k in os.environ):
+        return True
+    try:
+        import dask.config
 
-    folders = [os.environ.get("DASK_ROOT_CONFIG", "/etc/dask"), os.path.join(sys.prefix, "etc", "dask"),
-               *(os.path.join(p, "etc", "dask") for p in getattr(site, "PREFIXES", [])),
-               os.path.join(os.path.expanduser("~"), ".config", "dask"), os.environ.get("DASK_CONFIG", "")]
-    for folder in filter(None, folders):
-        for path in glob.glob(os.path.join(folder, "*.y*ml")) if os.path.isdir(folder) else [folder]:
-            try:
-                with open(path, encoding="utf-8", errors="replace") as fh:
-                    if "logging" in fh.read():
-                        return True
-            except OSError:
-                continue
-    return False
+        return any(isinstance(c, dict) and "logging" in c for c in dask.config.collect_yaml(dask.config.paths))
+    except Exception:  # noqa: BLE001 -- no dask, or a config Dask itself will refuse: nothing to keep
+        return False
 
 
 # Dask's INFO lines (nannies starting, client connections, "pip install jupyter-server-proxy") were half of a
 # pipeline's log; the workers inherit the variable too. DASK_LOGGING__DISTRIBUTED=info, or `logging:` in a Dask config
 # file of one's own, keeps them
-if "DASK_LOGGING__DISTRIBUTED" not in os.environ and not _dask_config_sets_logging():
+if not _dask_config_sets_logging():
     os.environ["DASK_LOGGING__DISTRIBUTED"] = "warning"
+    if "dask.config" in __import__("sys").modules:  # read when dask was imported: again, with this variable
+        __import__("dask.config").config.refresh()
 
 # bitsandbytes (which peft imports) warns on CPUs with AVX512-BF16 that an optional fused 4-bit kernel (the `kernels`
 # package) is missing; coin keeps 4-bit layers off that kernel (coin.modeling.backbone._plain_cpu_4bit): noise here.

@@ -739,6 +739,8 @@ def predict(
                    "evaluate --model NAME=DIR`" if adapters else "")
                 + ". Give models:/<name>@<alias>, models:/<name>/<version>, runs:/<run id>/<path> or an MLflow "
                 "model folder.")
+    if not URI_SCHEME.match(uri):  # a local folder as expanded (~/...) from here on: MLflow took '~' for a folder of
+        uri = str(local)  # that name, and the device placement read nothing
     if uri.startswith("models:/"):  # the registry says what it has instead (models, aliases, versions), as `coin
         # card` and `coin evaluate --model` do, before MLflow downloads anything; MLflow's own "alias nosuch not
         # found" came with a `coin pipeline` hint that never makes alias nosuch
@@ -748,9 +750,7 @@ def predict(
     with tempfile.TemporaryDirectory(prefix="coin-predict-model-") as tmp:
         placed = _device_config(uri, settings)
         try:
-            # a local folder as expanded (~/...): MLflow took '~' for a folder of that name
-            model = mlflow.pyfunc.load_model(uri if URI_SCHEME.match(uri) else str(local), dst_path=tmp,
-                                             model_config=placed)
+            model = mlflow.pyfunc.load_model(uri, dst_path=tmp, model_config=placed)
         except Exception as exc:  # noqa: BLE001 -- MLflow raises several types for a missing model
             why = str(exc).strip().rstrip(".")
             if not uri.startswith(("models:/", "runs:/")) and "artifact repository" in why:  # no such URI scheme

@@ -142,8 +142,12 @@ def text_sha256(path: str | Path) -> str:
     """sha256 of a text file as the readers take it: without a byte-order mark and with CRLF line endings read as LF
     (an instruction file re-saved by Notepad hashed as another protocol, and the gate refused its candidate as "Not
     comparable"). A file already without either hashes as its bytes do, so hashes recorded before stay valid."""
-    data = Path(path).read_bytes()
-    return hashlib.sha256(data.removeprefix(b"\xef\xbb\xbf").replace(b"\r\n", b"\n")).hexdigest()
+    return hashlib.sha256(text_bytes(path)).hexdigest()
+
+
+def text_bytes(path: str | Path) -> bytes:
+    """A text file's bytes as the readers take them: no byte-order mark, CRLF line endings as LF."""
+    return Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf").replace(b"\r\n", b"\n")
 
 
 def read_json(path: str | Path, *, missing_hint: str = "") -> Any:

@@ -271,6 +271,8 @@ def files_missing(exc: BaseException) -> bool:
     S3 client or credentials, a tracking server's error)."""
     if isinstance(exc, FileNotFoundError):
         return True
+    if "Failed to download artifacts" in str(exc):  # a runs:/ source: MLflow says this for any failure (a missing
+        return False  # S3 client, credentials), so it cannot tell "not there" from "not reached"
     return getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST" or "MLmodel" in str(exc)
 
 

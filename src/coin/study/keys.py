@@ -56,11 +56,14 @@ PREP_PARAMS_EXCLUDE = ("paths",)
 PREP_CODE = (*dict.fromkeys(c for s in PREP_STAGES for c in STAGE_SPECS[s].code), "stages.py")
 
 
-def sha256_files(paths: Iterable[Path], base: Path | None = None, exclude: Iterable[Path] = ()) -> str:
+def sha256_files(paths: Iterable[Path], base: Path | None = None, exclude: Iterable[Path] = (),
+                 text: Iterable[Path] = ()) -> str:
     """sha256 over names (relative to ``base``) and contents of ``paths`` (directories walked in sorted order;
     ``__pycache__``/``*.pyc`` skipped; a missing path hashes as a ``missing`` marker). ``exclude``: files, or
-    directories (everything under them)."""
+    directories (everything under them). ``text``: files hashed as read (``coin.data.io.text_sha256``: no byte-order
+    mark, CRLF as LF; a file without either hashes as before)."""
     skip = {Path(p).resolve() for p in exclude}
+    as_text = {Path(p).resolve() for p in text}
     h = hashlib.sha256()
     for path in paths:
         path = Path(path)
@@ -73,9 +76,14 @@ def sha256_files(paths: Iterable[Path], base: Path | None = None, exclude: Itera
             if not f.exists():
                 h.update(b"<missing>\0")
                 continue
-            with f.open("rb") as fh:
-                while chunk := fh.read(_CHUNK):
-                    h.update(chunk)
+            if f.resolve() in as_text:
+                from coin.data.io import text_bytes
+
+                h.update(text_bytes(f))
+            else:
+                with f.open("rb") as fh:
+                    while chunk := fh.read(_CHUNK):
+                        h.update(chunk)
             h.update(b"\0")
     return h.hexdigest()
 
@@ -94,7 +102,8 @@ def eval_inputs_hash(settings: Settings, root: Path) -> str:
     files: list[Path] = []
     for task in settings.evaluate.tasks:
         files += validation_files(data_dir, task)[0]
-    return sha256_files([*files, Path(root) / settings.evaluate.instruction_file], base=Path(root))
+    instructions = Path(root) / settings.evaluate.instruction_file
+    return sha256_files([*files, instructions], base=Path(root), text=[instructions])  # Notepad's re-save: the same
 
 
 def cell_params(settings: Settings, trained: bool) -> dict[str, Any]:
@@ -166,6 +175,6 @@ def prep_key_parts(settings: Settings, root: Path) -> dict[str, Any]:
         "format": KEY_FORMAT,
         "params": sha256_json(select_params(settings, PREP_PARAMS, PREP_PARAMS_EXCLUDE)),
         "data": sha256_files([Path(root) / settings.paths.data_dir], base=Path(root) / settings.paths.data_dir),
-        "instructions": sha256_files([instructions], base=instructions.parent),
+        "instructions": sha256_files([instructions], base=instructions.parent, text=[instructions]),
         "code": code_hash(PREP_CODE),
     }
