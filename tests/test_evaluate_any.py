@@ -773,6 +773,16 @@ def test_a_base_replaced_in_place_is_trained_anew_and_its_old_adapter_is_not_sco
     # every loader refuses it too: the pyfunc, coin predict and coin evaluate --model load through load_trained
     with pytest.raises(DataError, match=r"coin_model.json: trained on other files of its base .*replaced since"):
         load_trained(out / "adapter", device="cpu")
+    # training again with train.resume: the finished run's checkpoints were of the old weights. They were "resumed"
+    # at their last step (no step ran) and the old adapter saved again under the new files' hash
+    resumed = settings.model_copy(update={"train": settings.train.model_copy(update={"resume": True,
+                                                                                       "checkpoint_every": 1})})
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})  # the old weights back
+    train_adapter(resumed, make_rows(4), "coin", tmp_path / "r", progress=False, root=tmp_path)  # old weights
+    save_file({k: v + 0.01 * torch.randn_like(v) for k, v in weights.items()}, str(base / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="cannot resume, this run differs from the checkpointed one .*base_files"):
+        train_adapter(resumed, make_rows(4), "coin", tmp_path / "r", progress=False, root=tmp_path)
 
 
 def test_a_pad_token_past_the_embeddings_pads_with_one_the_model_has(tiny_gpt2_dir, tmp_path):

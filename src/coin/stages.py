@@ -436,7 +436,8 @@ def train_adapter(settings: Settings, rows: list[dict[str, Any]], method: str, o
                              readout=settings.model.readout, quantization=settings.model.quantization,
                              double_quant=settings.model.double_quant)
     result = train(backbone, rows, cfg, out_dir=Path(out_dir), seed=seed, cutoff_len=settings.pairs.cutoff_len,
-                   on_metrics=on_metrics, resume=cfg.resume, progress=progress, before_save=before_save)
+                   on_metrics=on_metrics, resume=cfg.resume, progress=progress, before_save=before_save,
+                   base_sha256=base_sha256)
     eos = cfg.append_eos and backbone.tokenizer.eos_token_id is not None
     if cfg.append_eos and not eos:
         log.warning("train.append_eos = true, but the tokenizer of %s has no EOS (nor SEP) token: the responses were "

@@ -226,8 +226,11 @@ def _resolve_registry(spec: str, scheme: str, settings: Settings, root: Path,
         except MlflowException:
             raise ModelUnavailable(f"--model {spec}: no MLflow run {run_id!r} in the tracking store "
                                    "(tracking.uri)") from None
-        if not client.list_artifacts(run_id, path):
+        listed = client.list_artifacts(run_id, path)
+        if not listed:
             raise ModelUnavailable(f"--model {spec}: run {run_id} has no artifact {path!r}")
+        if not any(Path(a.path).name == "MLmodel" for a in listed):  # listed, so reached: no model there
+            raise ModelUnavailable(f"--model {spec}: {_NOT_A_MODEL.format(uri=spec)}")
         metadata = _mlmodel_metadata(spec, spec)  # refuses a run artifact that is no MLflow model
         key = _sha_text("run", run_id, path, *_registered_base(metadata)) if fingerprint else ""
         return spec, key, {"run_id": run_id, "path": path}
@@ -261,9 +264,11 @@ def _mlmodel_metadata(spec: str, uri: str, missing: str | None = None) -> dict[s
     except Exception as exc:  # noqa: BLE001 -- MLflow raises several types for a folder without an MLmodel
         if not files_missing(exc):  # another cause (no S3 client, credentials, a server's error): its own words
             raise ModelUnavailable(f"--model {spec}: cannot read the MLmodel of {uri}: {exc}") from None
-        raise ModelUnavailable(f"--model {spec}: " + (missing or f"{uri} is not an MLflow model (no MLmodel file "
-                               "there); give the artifact path of a model logged by `coin register`, e.g. "
-                               "runs:/<run id>/model")) from None
+        raise ModelUnavailable(f"--model {spec}: " + (missing or _NOT_A_MODEL.format(uri=uri))) from None
+
+
+_NOT_A_MODEL = ("{uri} is not an MLflow model (no MLmodel file there); give the artifact path of a model logged by "
+                "`coin register`, e.g. runs:/<run id>/model")
 
 
 def files_missing(exc: BaseException) -> bool:

@@ -89,6 +89,7 @@ class TrainRun:
     resume: bool = False                        # continue from the latest complete checkpoint, if any
     checkpoint_dir: Path | None = None          # None: out_dir / "checkpoints"
     before_save: Callable[[], None] | None = None  # rank 0, once the steps are done, just before the adapter is saved
+    base_sha256: str | None = None              # the base's files: a checkpoint of other weights is not resumed
 
     @property
     def adapter_dir(self) -> Path:
@@ -177,18 +178,20 @@ def train(
     resume: bool = False,
     checkpoint_dir: Path | None = None,
     before_save: Callable[[], None] | None = None,
+    base_sha256: str | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on ``backbone`` (wrapped in place) and save it to ``out_dir / 'adapter'``.
 
     ``resume=True`` continues from the latest complete checkpoint in ``checkpoint_dir`` (default
     ``out_dir / 'checkpoints'``) to the same final adapter as an uninterrupted run; without a
     checkpoint it starts fresh. ``resume=False`` removes old checkpoints there first. Checkpoints are
-    written every ``cfg.checkpoint_every`` steps (0: never). Run under ``torchrun`` for DDP.
+    written every ``cfg.checkpoint_every`` steps (0: never). Run under ``torchrun`` for DDP. ``base_sha256``: the
+    hash of the base's files (``coin.modeling.base_files``), part of what a checkpoint must share to be resumed.
     """
     check_cutoff_len(cutoff_len, max_positions(backbone.model), backbone.reference)
     run = TrainRun(backbone=backbone, rows=rows, cfg=cfg, out_dir=Path(out_dir), seed=seed, cutoff_len=cutoff_len,
                    on_metrics=on_metrics, progress=progress, resume=resume, checkpoint_dir=checkpoint_dir,
-                   before_save=before_save)
+                   before_save=before_save, base_sha256=base_sha256)
     device = next(backbone.model.parameters()).device
     # joined once per process and kept: the next method's train() reuses the group (World.finish says why)
     return _train(run, init_world(device), device)
@@ -236,7 +239,7 @@ def _train(run: TrainRun, world: World, device: torch.device) -> TrainResult:
     state = TrainingState(model=model, optimizer=opt, scheduler=sched, param_names=param_names,
                           fingerprint=fingerprint(cfg.model_dump(mode="json"), seed=seed, cutoff_len=run.cutoff_len,
                                                   world_size=world.size, rows=train_rows,
-                                                  model=_model_identity(backbone)))
+                                                  model=_model_identity(backbone, run.base_sha256)))
 
     history: list[dict[str, float]] = []
     start = 0
@@ -311,13 +314,15 @@ def _train(run: TrainRun, world: World, device: torch.device) -> TrainResult:
                        epochs=round(cfg.max_steps * cfg.grad_accum / max(per_epoch, 1), 4))
 
 
-def _model_identity(backbone: Backbone) -> dict[str, Any]:
+def _model_identity(backbone: Backbone, base_sha256: str | None = None) -> dict[str, Any]:
     """What a resumed run's backbone must share with the checkpointed one: a checkpoint of another base, mask,
-    readout, quantisation or dtype would load (the LoRA shapes may even match) and silently train something else."""
+    readout, quantisation or dtype would load (the LoRA shapes may even match) and silently train something else.
+    ``base_sha256`` (the base's files, when known): a finished run's checkpoints on weights since replaced in place
+    were "resumed" at their last step, and the old adapter saved again under the new files' hash."""
     dtype = next(backbone.model.parameters()).dtype
     return {"backbone": backbone.reference, "attention": backbone.attention, "readout": backbone.readout,
             "quantization": backbone.quantization, "double_quant": backbone.double_quant,
-            "dtype": str(dtype).removeprefix("torch.")}
+            "dtype": str(dtype).removeprefix("torch."), **({"base_files": base_sha256} if base_sha256 else {})}
 
 
 def _wrap(fused: FusedLM, model: nn.Module, cfg: TrainSettings, world: World, device: torch.device) -> nn.Module:
