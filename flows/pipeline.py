@@ -44,7 +44,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner
 from pydantic import SecretStr
 
-import coin  # noqa: F401  (local-only environment before Prefect is imported)
+import coin  # (local-only environment before Prefect is imported)
 from coin import stages
 from coin.config import ConfigError, Settings, check_robustness_sets, load_settings, project_root
 from coin.cpus import THREAD_VARS, cpu_budget, threads_per_worker, use_torch_threads
@@ -52,6 +52,8 @@ from coin.interrupt import interrupted, on_stop, stopped
 from coin.secrets import RedactingFilter, redact_text, reveal, seal_overrides, seal_text
 from flows.caching import missing_outputs, record_outputs, result_storage, stage_cache_policy
 from flows.data_sync import version_data
+
+coin.quiet_dask_logs()  # before Dask is imported (only inside this module's functions): its loggers read it then
 
 log = logging.getLogger("coin.flows")
 

@@ -224,7 +224,7 @@ def test_the_pipeline_names_where_its_outputs_are_and_its_logs_stay_on_coins_lin
     (tmp_path / "json").mkdir()
     (tmp_path / "json" / "MINE.JSON").write_text('{"logging": {"distributed": "info"}}')
     (tmp_path / "comment.yaml").write_text("# no logging changes here\ntemporary-directory: /tmp\n")
-    probe = ("import coin, logging, distributed; "
+    probe = ("import coin, logging; coin.quiet_dask_logs(); import distributed; "
              "print(logging.getLevelName(logging.getLogger('distributed.scheduler').getEffectiveLevel()))")
     env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_LOGGING")}
     for extra, level in (({"DASK_CONFIG": str(tmp_path / "dask.yaml")}, "INFO"),

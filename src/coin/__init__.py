@@ -41,13 +41,16 @@ def _dask_config_sets_logging() -> bool:
         return False
 
 
-# Dask's INFO lines (nannies starting, client connections, "pip install jupyter-server-proxy") were half of a
-# pipeline's log; the workers inherit the variable too. DASK_LOGGING__DISTRIBUTED=info, or `logging:` in a Dask config
-# file of one's own, keeps them
-if not _dask_config_sets_logging():
-    os.environ["DASK_LOGGING__DISTRIBUTED"] = "warning"
-    if "dask.config" in __import__("sys").modules:  # read when dask was imported: again, with this variable
-        __import__("dask.config").config.refresh()
+def quiet_dask_logs() -> None:
+    """Dask's INFO lines (nannies starting, client connections, "pip install jupyter-server-proxy") were half of a
+    pipeline's log: warnings only, unless the user set Dask's logging (``DASK_LOGGING__DISTRIBUTED=info``, or
+    ``logging:`` in a Dask config file of one's own). Set in the environment, so the workers inherit it. The flows
+    call it when imported, before Dask is: reading Dask's config cost every ``coin`` command a third of its start."""
+    if not _dask_config_sets_logging():
+        os.environ["DASK_LOGGING__DISTRIBUTED"] = "warning"
+        import dask.config  # read when dask was imported: again, with this variable
+
+        dask.config.refresh()
 
 # bitsandbytes (which peft imports) warns on CPUs with AVX512-BF16 that an optional fused 4-bit kernel (the `kernels`
 # package) is missing; coin keeps 4-bit layers off that kernel (coin.modeling.backbone._plain_cpu_4bit): noise here.
