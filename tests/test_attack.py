@@ -475,12 +475,14 @@ def test_the_attack_resolves_its_model_without_hashing_its_files(tiny_llama_dir:
     """The attack resolves --model as the evaluation does, but needs no cache fingerprint: every weight file (13 GB
     for a 7B base) was read and hashed, then dropped."""
     import coin.evaluation.anymodel as anymodel
+    import coin.modeling.base_files as base_files
 
     def hashed(*args, **kwargs):
         raise AssertionError("the model's files were hashed")
 
     settings = load_settings(ROOT / "params.yaml", [f"paths.data_dir={DATA}"])
-    monkeypatch.setattr(anymodel, "_sha_files", hashed)
+    monkeypatch.setattr(base_files, "sha_files", hashed)
+    monkeypatch.setattr(base_files, "_DIGESTS", {})  # nothing hashed earlier in this process counts
     assert anymodel.resolve_target(str(tiny_llama_dir), settings, ROOT, fingerprint=False).fingerprint == ""
     assert load_model(str(tiny_llama_dir), settings)[3] == "base"
     with pytest.raises(AssertionError, match="hashed"):  # the evaluation's resolution does hash them

@@ -42,9 +42,8 @@ from coin.config import (
     settings_source,
 )
 from coin.data.io import DataError, read_json, text_sha256, write_json
-from coin.modeling.base_files import BASE_FILES as _BASE_FILES
 from coin.modeling.base_files import base_dir as _base_dir
-from coin.modeling.base_files import files as _files
+from coin.modeling.base_files import directory_sha256
 from coin.modeling.base_files import hf_cached_dir as _hf_cached_dir
 from coin.modeling.base_files import sha_files as _sha_files
 
@@ -138,7 +137,7 @@ def adapter_fingerprint(adapter_dir: Path, base_dir: Path | None = None) -> str:
     own = adapter_sha256(adapter_dir)
     if base_dir is None:
         return _sha_text("adapter", own)
-    return _sha_text("adapter", own, _sha_files(_files(base_dir, _BASE_FILES), base_dir))
+    return _sha_text("adapter", own, directory_sha256(base_dir))
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -298,14 +297,14 @@ def _registered_base(metadata: dict[str, Any]) -> tuple[str, ...]:
     load then fails with its own message)."""
     base = metadata.get("coin_base")
     base_dir = _base_dir(str(base)) if base else None
-    return () if base_dir is None else (str(base), _sha_files(_files(base_dir, _BASE_FILES), base_dir))
+    return () if base_dir is None else (str(base), directory_sha256(base_dir))
 
 
 def _base_fingerprint(reference: str, directory: Path | None, settings: Settings) -> str:
     """A base model's outputs depend on its files and on how it is loaded (attention, readout, dtype, quantisation
     and the seed of the weights a checkpoint lacks, e.g. MiniLM's LM-head transform)."""
     m = settings.model
-    files = _sha_files(_files(directory, _BASE_FILES), directory) if directory is not None else None
+    files = directory_sha256(directory) if directory is not None else None
     # unquantised: the key of earlier versions, so their cached results stay valid
     quant = () if m.quantization == "none" else (m.quantization, m.double_quant and m.quantization == "4bit")
     return _sha_text("base", reference, files, m.attention, m.readout, m.dtype, settings.seed, *quant)

@@ -66,8 +66,12 @@ def base_files_sha256(reference: str, root: Path | None = None) -> str | None:
     base then fails with its own message). Hashed once per process while the files' sizes and times stay the same:
     a pipeline asks for it once per stage task, and a 7B base is 13 GB read."""
     directory = base_dir(reference, root)
-    if directory is None:
-        return None
+    return None if directory is None else directory_sha256(directory)
+
+
+def directory_sha256(directory: Path) -> str:
+    """Hash of the base model files (:data:`BASE_FILES`) in ``directory``, once per process while their sizes and
+    times stay the same (the evaluation cache's key and the adapter's base check read the same files)."""
     found = files(directory, BASE_FILES)
     stats = tuple((str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ino) for f in found for st in [f.stat()])
     if stats not in _DIGESTS:
