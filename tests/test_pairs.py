@@ -237,6 +237,21 @@ def test_label_out_of_range_names_line(tmp_path):
         build_pairs(data, _cfg(tasks=["sst2"]), seed=0)  # a copied row would be drawn as a second example
 
 
+def test_an_empty_train_input_is_refused_by_line_not_drawn_as_other_rows_hard_negative(tmp_path):
+    """An empty rte sentence in a train file passed `coin data` and `coin pairs`; drawn as the hard negative of five
+    good examples, it cost their rows at the gate, whose error named a good example, not the bad line."""
+    data = _data_copy(tmp_path, tasks=("rte",))
+    f = data / "glue" / "rte.train.jsonl"
+    head = f.read_text().splitlines()[:19]
+    for bad in ('""', '"   "', '"\\n"'):
+        f.write_text("\n".join(head) + f'\n{{"sentence1": {bad}, "sentence2": "b", "label": 1, "idx": 9000}}\n')
+        with pytest.raises(DataError, match=r"rte\.train\.jsonl:20: field 'sentence1' is empty or whitespace only"):
+            build_pairs(data, _cfg(tasks=["rte"], rows_per_task=20), seed=0)
+    f.write_text("\n".join(head) + '\n{"sentence1": "a", "sentence2": " ", "label": 1, "idx": 9000}\n')
+    with pytest.raises(DataError, match=r"rte\.train\.jsonl:20: field 'sentence2' is empty or whitespace only"):
+        build_pairs(data, _cfg(tasks=["rte"], rows_per_task=20), seed=0)
+
+
 def _edit_templates(data: Path, edit) -> None:
     path = data / "flan" / "flan_glue_templates.json"
     doc = json.loads(path.read_text())

@@ -51,18 +51,11 @@ class Example:
 
 
 def load_examples(data_dir: str | Path, spec: TaskSpec) -> list[Example]:
-    """The task's GLUE train rows; a missing field, a wrong type, a bad JSON line, a label that is not
-    a label id of the task or an ``idx`` that repeats stops with ``<file>:<line>: ...`` naming the field."""
+    """The task's GLUE train rows; a missing field, a wrong type, a bad JSON line, an empty input field, a label
+    that is not a label id of the task or an ``idx`` that repeats stops with ``<file>:<line>: ...`` naming the field."""
     required: dict[str, Any] = {f: str for f in spec.fields}
     required["label"] = int
-
-    def label_ok(row: dict[str, Any]) -> str | None:
-        if not 0 <= row["label"] < spec.num_labels:
-            return (f"field 'label' = {row['label']} is not a {spec.name} label id (0..{spec.num_labels - 1}); "
-                    "fix the row")
-        return None
-
-    rows = read_jsonl(train_file(data_dir, spec.name), required=required, check=label_ok, unique="idx")
+    rows = read_jsonl(train_file(data_dir, spec.name), required=required, check=spec.row_problem, unique="idx")
     return [Example(f"{spec.name}:train:{i}", row) for i, row in enumerate(rows)]
 
 

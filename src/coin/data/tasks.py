@@ -24,6 +24,19 @@ class TaskSpec:
     def num_labels(self) -> int:
         return len(self.label_words)
 
+    def row_problem(self, row: dict) -> str | None:
+        """What is wrong with a GLUE row's values (an empty input field, a label that is not one of the task's ids),
+        or None; train and validation files are read with it, and the reader puts ``<file>:<line>`` in front.
+        An empty input is refused in both: in a validation file it is the content-free calibration probe, in a train
+        file it would be drawn as other examples' hard negative, and the gate would reject those rows for it."""
+        for f in self.fields:
+            if not row[f].strip():
+                return f"field '{f}' is empty or whitespace only ({row[f]!r}); fix or remove the row"
+        if 0 <= row["label"] < self.num_labels:
+            return None
+        return (f"field 'label' = {row['label']} is not a {self.name} label id (0..{self.num_labels - 1}); "
+                "fix the row")
+
     def render_content(self, row: dict) -> str:
         """The input part of an evaluation prompt, as CoIN's PromptBench builds it."""
         if self.content_prefixes == ("",):
