@@ -4,7 +4,8 @@
 pipeline also has to handle the other direction: when ``data/`` was *changed* in place (a refresh job
 dropped new files), the change is recorded as a new DVC version (``dvc add data`` rewrites
 ``data.dvc``) and pushed to the configured remote, so the version that the runs are tagged with can
-be pulled again anywhere. Commit the new ``data.dvc`` afterwards (the step says so in the log). A file
+be pulled again anywhere. Commit the new ``data.dvc`` afterwards, and the remote's new files where the remote is a
+folder inside the project, as the shipped ``dvc-remote/`` is (the step says so in the log). A file
 ``data.dvc`` records that is gone from ``data/`` is restored from the remote first, not versioned away.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 from coin.config import Settings
 from coin.registry.tracking import data_version
-from coin.stages import check_data, pull_data, stage_data
+from coin.stages import check_data, pull_data, remote_in_project, stage_data
 
 log = logging.getLogger("coin.flows")
 
@@ -96,6 +97,9 @@ def version_data(settings: Settings, root: Path, push: bool = True) -> dict[str,
                 log.warning("data: no DVC remote configured, version %s stays local; add one with "
                             "`dvc remote add -d NAME URL`", result["data_version"])
     if versioned:
-        log.warning("data: new version %s; commit it: git add %s && git commit -m 'data version'",
-                    result["data_version"], dvc_file.name)
+        with Repo(str(root)) as repo:  # the shipped remote, dvc-remote/, is a folder git tracks: its new files too
+            inside = remote_in_project(repo, root) if push else None
+        log.warning("data: new version %s; commit it: git add %s && git commit -m 'data version'%s",
+                    result["data_version"], " ".join([dvc_file.name, *([inside] if inside else [])]),
+                    "" if push else " (and `dvc push` it: this run did not push)")
     return {**result, "versioned": versioned, "pushed": pushed}

@@ -247,3 +247,50 @@ def test_a_file_the_remote_lacks_is_named_without_dvcs_traceback(tmp_path, monke
     shutil.rmtree(project / ".dvc" / "cache")
     with pytest.raises(DataError, match=one):
         stage_data(settings, project)
+
+
+def test_a_new_data_version_says_to_commit_the_in_project_remote_and_an_unpushed_one_is_named(tmp_path, monkeypatch,
+                                                                                              caplog):
+    """The flow's log said `git add data.dvc` only: the shipped remote dvc-remote/ is a folder git tracks, so a clone
+    of that commit could not pull the version, and `coin data` there printed DVC's generic checkout error, its colour
+    codes escaped, with a fix (`dvc push` from the checkout) that did nothing."""
+    import shutil
+
+    from coin.cli import classify, report
+    from coin.stages import stage_data
+
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    project = copy_project(tmp_path)
+    settings = Settings.model_validate({})
+    version_data(settings, project)
+    (project / "data" / "glue" / "extra.jsonl").write_text('{"sentence": "new row", "label": 1}\n')
+    with caplog.at_level("WARNING", logger="coin.flows"):
+        assert version_data(settings, project)["versioned"]
+    said = [r.getMessage() for r in caplog.records if "new version" in r.getMessage()]
+    assert said and "git add data.dvc dvc-remote && git commit" in said[-1], said
+    # recorded, never pushed, then cloned: neither the cache nor the remote has the version
+    (project / "data" / "glue" / "more.jsonl").write_text('{"sentence": "one more", "label": 0}\n')
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="coin.flows"):
+        assert version_data(settings, project, push=False)["versioned"]
+    assert "(and `dvc push` it: this run did not push)" in caplog.records[-1].getMessage()
+    assert "dvc-remote" not in caplog.records[-1].getMessage().split("commit it:")[1]
+    shutil.rmtree(project / ".dvc" / "cache")
+    shutil.rmtree(project / "data")
+    with pytest.raises(DataError) as info:
+        stage_data(settings, project)
+    msg = str(info.value)
+    assert f"data.dvc's version {_md5(project)} is in neither the DVC cache nor the remote" in msg
+    assert "git add data.dvc dvc-remote && git commit" in msg and "\x1b" not in msg
+    assert classify(info.value)[2] is None  # its own fix, not the generic "check the remote" one
+    assert report(info.value) == 3
+
+
+def test_io_doctests():
+    """plain() drops DVC's colour codes from its messages (they were shown escaped, \\x1b[36m)."""
+    import doctest
+
+    from coin.data import io
+
+    result = doctest.testmod(io)
+    assert result.failed == 0 and result.attempted >= 2

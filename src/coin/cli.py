@@ -39,7 +39,7 @@ from rich.markup import escape
 
 import coin  # noqa: F401  (sets the local-only environment first)
 from coin.config import ConfigError, Settings, load_settings, project_root
-from coin.data.io import DataError
+from coin.data.io import DataError, plain, strip_ansi
 from coin.interrupt import interrupt_guard, interrupted
 from coin.registry.errors import ModelUnavailable
 from coin.secrets import install_log_redaction, redact_text, seal_overrides, seal_text
@@ -143,7 +143,7 @@ def classify(exc: BaseException) -> tuple[ExitCode, str, str | None]:
         return ExitCode.DATA, msg, None
     if _is(exc, "coin.registry.promotion", "PromotionError") or isinstance(exc, ModelUnavailable):
         return ExitCode.MODEL, msg, None
-    flat = " ".join(msg.split())  # a library's message on one line
+    flat = plain(msg)  # a library's message on one line, without its colour codes
     if _is(exc, "dvc.exceptions", "DvcException") and "unsaved files" in flat:  # data/ edited since data.dvc
         return (ExitCode.DATA, f"DVC: {flat}",
                 "data/ was changed in place since data.dvc recorded it: `dvc add data` records the change as a new "
@@ -210,7 +210,7 @@ def report(exc: BaseException, *, debug: bool = False) -> ExitCode:
     if "\r" in msg:  # rich deletes control characters: "file not found" for a path that exists, its \r unseen
         hint = ((hint + " ") if hint else "") + ("It holds a carriage return (\\r): from a script saved with Windows "
                                                  "line endings? Save it with LF endings.")
-    msg = _CONTROL.sub(lambda m: repr(m.group())[1:-1], msg)
+    msg = _CONTROL.sub(lambda m: repr(m.group())[1:-1], strip_ansi(msg))  # colour codes dropped, others shown
     if debug:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         console.print(escape(redact_text(tb)), soft_wrap=True, highlight=False, emoji=False, markup=True)

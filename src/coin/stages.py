@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from coin.config import Settings
-from coin.data.io import DataError, read_json, read_jsonl, write_json, write_jsonl
+from coin.data.io import DataError, plain, read_json, read_jsonl, write_json, write_jsonl
 from coin.layout import Layout
 from coin.registry.tracking import PARENT_RUN_ENV
 from coin.stage_specs import eval_labels, stage_params
@@ -83,43 +83,85 @@ def pull_data(repo: Any, root: Path, targets: list[str] | None = None) -> None:
     try:
         repo.pull(targets=targets or [str(root / "data.dvc")])
     except DvcException as exc:
+        if "unsaved files" in str(exc):
+            raise
         missing = _missing_data_files(repo, root)
-        if not missing or "unsaved files" in str(exc):
+        said = f"DVC: {plain(str(exc))}"
+        inside = remote_in_project(repo, root)
+        commit = (f"; the remote {inside}/ is inside this project, so its new files are committed with data.dvc "
+                  f"(git add data.dvc {inside} && git commit)") if inside else ""
+        if missing is None:  # not even the version's directory listing: this data.dvc was never pushed here
+            raise DataError(
+                f"{said}: data.dvc's version {_data_md5(root)} is in neither the DVC cache nor the remote, so it "
+                "was recorded (`dvc add data`) but never pushed to this remote. From the checkout that recorded it: "
+                f"dvc push{commit}. Or go back to a data.dvc whose version was pushed (git checkout data.dvc)"
+            ) from None
+        if not missing:
             raise
         raise DataError(
-            f"DVC: {' '.join(str(exc).split())}: {len(missing)} file(s) of data.dvc are in neither the DVC remote nor "
+            f"{said}: {len(missing)} file(s) of data.dvc are in neither the DVC remote nor "
             f"the cache: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Push them from a checkout "
-            "that has them (dvc push), or check the remote (`dvc remote list`; the default is dvc-remote/) and "
-            ".dvc/config") from None
+            f"that has them (dvc push{commit}), or check the remote (`dvc remote list`; the default is dvc-remote/) "
+            "and .dvc/config") from None
     finally:
         for q, level in zip(quiet, levels, strict=True):
             q.setLevel(level)
 
 
-def _missing_data_files(repo: Any, root: Path) -> list[str]:
-    """Files data.dvc records whose object is not in the DVC cache after a pull: the ones neither the remote nor
-    the cache could give. The directory listing is read from the cache, else from the default remote (a failed
-    pull does not cache it); [] when neither has it."""
-    import json
+def remote_in_project(repo: Any, root: Path) -> str | None:
+    """The default DVC remote's folder relative to the project root when it is a local folder inside it (the shipped
+    ``dvc-remote/``, tracked by git: what ``dvc push`` adds there is committed beside ``data.dvc``), else None."""
+    try:
+        remote = repo.cloud.get_remote(None)
+        if remote.fs.protocol != "local":
+            return None
+        return Path(remote.path).resolve().relative_to(root.resolve()).as_posix()
+    except Exception:  # noqa: BLE001 - no remote configured, or one outside the project
+        return None
 
+
+def _data_out(root: Path) -> dict[str, Any] | None:
     import yaml
 
     try:
         out = yaml.safe_load((root / "data.dvc").read_text())["outs"][0]
-        md5 = str(out["md5"])
+        str(out["md5"])
+        return out
     except (OSError, KeyError, IndexError, TypeError, ValueError, yaml.YAMLError):
+        return None
+
+
+def _data_md5(root: Path) -> str:
+    out = _data_out(root)
+    return str(out["md5"]) if out else "?"
+
+
+def _missing_data_files(repo: Any, root: Path) -> list[str] | None:
+    """Files data.dvc records whose object is not in the DVC cache after a pull: the ones neither the remote nor
+    the cache could give. The directory listing is read from the cache, else from the default remote (a failed
+    pull does not cache it); None when both say they lack it, [] when data.dvc or a store cannot be read."""
+    import json
+
+    out = _data_out(root)
+    if out is None:
         return []
+    md5 = str(out["md5"])
     cache = repo.cache.local
     listing = None
+    absent = 0  # stores that answered "no such file" for the listing (an unreachable remote does not count)
     for odb in (cache, None):
         try:
             odb = odb or repo.cloud.get_remote_odb(None)
-            listing = json.loads(odb.fs.cat_file(odb.oid_to_path(md5)))
+            path = odb.oid_to_path(md5)
+            if not odb.fs.exists(path):
+                absent += 1
+                continue
+            listing = json.loads(odb.fs.cat_file(path))
             break
-        except Exception:  # noqa: BLE001 - no remote, no listing there, or not readable: try the next, else []
+        except Exception:  # noqa: BLE001 - no remote, or not readable: try the next, else []
             continue
     if not isinstance(listing, list):
-        return []
+        return None if absent == 2 else []
     data = str(out.get("path", "data")).rstrip("/")
     return sorted(f"{data}/{e['relpath']}" for e in listing
                   if isinstance(e, dict) and not cache.fs.exists(cache.oid_to_path(str(e.get("md5")))))

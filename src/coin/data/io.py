@@ -16,6 +16,23 @@ class DataError(ValueError):
     """Malformed input data; the message names file, line and field and says how to fix it."""
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # a terminal's colour or cursor codes
+
+
+def plain(text: str) -> str:
+    r"""A library's message on one line, without terminal colour codes (DVC colours its links).
+
+    >>> plain("Is your cache up to date?\n<\x1b[36mhttps://error.dvc.org/missing-files\x1b[39m>")
+    'Is your cache up to date? <https://error.dvc.org/missing-files>'
+    """
+    return " ".join(strip_ansi(text).split())
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without a terminal's colour or cursor codes."""
+    return _ANSI.sub("", text)
+
+
 def read_jsonl(
     path: str | Path,
     required: Mapping[str, type | tuple[type, ...]] | None = None,
