@@ -152,6 +152,8 @@ def _missing_data_files(repo: Any, root: Path) -> list[str] | None:
     for odb in (cache, None):
         try:
             odb = odb or repo.cloud.get_remote_odb(None)
+            if odb is not cache and not odb.fs.exists(odb.path):  # the remote's store itself is gone: not "lacks it"
+                continue
             path = odb.oid_to_path(md5)
             if not odb.fs.exists(path):
                 absent += 1
