@@ -318,3 +318,21 @@ def test_shipped_accelerate_configs_launch_processes_only() -> None:
         assert cfg.num_processes == 8 and str(cfg.mixed_precision) in ("no", "PrecisionType.NO"), f
         assert f"--config_file configs/accelerate/{f.name}" in readme, f"README has no launch line for {f.name}"
     assert "--set train.sharding=fsdp" in readme
+
+
+def test_the_accelerate_configs_launch_lines_set_lora_targets_for_the_llama_they_name() -> None:
+    """The launch line in each config's comment named a Llama backbone under params.yaml's LoRA targets (MiniLM's
+    query/key/value/dense): copied as written, every rank stopped on 'match no module of LlamaForCausalLM'."""
+    root = Path(__file__).resolve().parents[1]
+    for f in sorted((root / "configs" / "accelerate").glob("*.yaml")):
+        lines = [ln.lstrip("#").strip() for ln in f.read_text(encoding="utf-8").splitlines() if ln.startswith("#")]
+        start = next(i for i, ln in enumerate(lines) if ln.startswith("./run.sh accelerate launch"))
+        launch = lines[start]
+        while launch.split("#")[0].rstrip().endswith("\\"):
+            start += 1
+            launch = launch.split("#")[0].rstrip()[:-1] + " " + lines[start]
+        command = launch.split("#")[0].split()
+        assert command[command.index("--config_file") + 1] == f"configs/accelerate/{f.name}", f
+        sets = [command[i + 1] for i, word in enumerate(command) if word == "--set"]
+        assert any(s.startswith("model.backbone=/models/llama") for s in sets), (f, sets)
+        assert "train.lora.target_modules=auto" in sets, (f, sets)
