@@ -1,7 +1,8 @@
 """The calibration probe of RESULTS.md: re-decide a finished clean evaluation three ways (raw argmax, minus the
 content-free scores, plus the training label prior) from its saved per-item scores and one extra forward pass per
-instruction. OUT is an out_dir of `coin train` + `coin evaluate` (evaluate.calibration: none); of its predictions the
-clean loglik rows of model METHOD are re-decided:
+instruction. OUT is an out_dir of `coin train` + `coin evaluate`; of its predictions the clean loglik rows of model
+METHOD are re-decided from their raw label scores (``raw_scores``; ``scores`` where the evaluation ran with
+evaluate.calibration: none), under the clean instructions of the file the evaluation read (``eval_info.json``):
 
     ./run.sh python experiments/calibration_probe.py OUT coin
 """
@@ -9,6 +10,7 @@ import collections
 import json
 import math
 import sys
+from pathlib import Path
 
 import torch
 
@@ -34,20 +36,65 @@ def probe_rows(preds: list[dict], method: str, where: str = "predictions") -> li
     return rows
 
 
+def evaluation_settings(out: Path, method: str) -> dict:
+    """The evaluation's settings for ``method`` (``<out>/evaluate/eval_info.json``): its calibration and the
+    instruction file it read."""
+    where = out / "evaluate" / "eval_info.json"
+    if not where.exists():
+        raise SystemExit(f"{where}: missing; the evaluation writes it last: run `coin evaluate` to its end")
+    settings = (json.loads(where.read_text(encoding="utf-8")).get(method) or {}).get("settings")
+    if not isinstance(settings, dict) or "instruction_file" not in settings:
+        raise SystemExit(f"{where}: no settings of model {method!r}; rerun `coin evaluate`")
+    return settings
+
+
+def raw_scores(row: dict, calibration: str) -> list[float]:
+    """A row's label scores before any calibration: the probe adds its own. ``scores`` are the calibrated decision's
+    under evaluate.calibration: content_free, so they would be calibrated twice and shown as "raw"."""
+    if row.get("raw_scores") is not None:
+        return row["raw_scores"]
+    if calibration == "none":
+        return row["scores"]
+    raise SystemExit(f"{row['example_id']}: no raw_scores under evaluate.calibration: {calibration}; "
+                     "re-evaluate (an evaluation of this version keeps them) or with evaluate.calibration=none")
+
+
+def instruction_file(out: Path, settings: dict) -> Path:
+    """The instruction file the evaluation read: a relative path is the project's (OUT's parent), else the working
+    directory's; its content must be the one the evaluation hashed."""
+    from coin.data.io import text_sha256
+
+    named = Path(settings["instruction_file"])
+    for path in [named] if named.is_absolute() else [out.parent / named, named]:
+        if path.is_file():
+            if text_sha256(path)[:16] == settings.get("instruction_sha256", text_sha256(path)[:16]):
+                return path
+            raise SystemExit(f"{path}: changed since the evaluation read it (sha256 {settings['instruction_sha256']}"
+                             "...); restore it, or rerun `coin evaluate`")
+    raise SystemExit(f"{named}: the evaluation's instruction file is not found from {out.parent} or the working "
+                     "directory; run the probe where the evaluation ran")
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] in ("-h", "--help"):
         raise SystemExit("usage: python experiments/calibration_probe.py OUT_DIR METHOD  (OUT_DIR: a run's outputs/ "
                          "with train/<METHOD>/adapter, evaluate/predictions.jsonl and validated/valid.jsonl)")
     torch.set_num_threads(2)
-    out = argv[0].rstrip("/")
+    out = Path(argv[0]).resolve()
     method = argv[1]
-    where = f"{out}/evaluate/predictions.jsonl"
-    preds = probe_rows([json.loads(line) for line in open(where) if line.strip()], method, where)
-    model, tok, meta = load_trained(f"{out}/train/{method}/adapter")
+    where = out / "evaluate" / "predictions.jsonl"
+    if not where.exists():
+        raise SystemExit(f"{where}: missing; run `coin evaluate` first")
+    preds = probe_rows([json.loads(line) for line in open(where, encoding="utf-8") if line.strip()], method,
+                       str(where))
+    settings = evaluation_settings(out, method)
+    raw = {id(p): raw_scores(p, settings.get("calibration", "none")) for p in preds}
+    instructions = instruction_file(out, settings)
+    model, tok, meta = load_trained(out / "train" / method / "adapter")
     tasks = sorted({p["task"] for p in preds})
-    instr = load_instruction_sets("data/promptbench/coin_perturbed_instructions.json", ["clean"], tasks)
+    instr = load_instruction_sets(instructions, ["clean"], tasks)
     # training prior per task
-    valid = [json.loads(line) for line in open(f"{out}/validated/valid.jsonl")]
+    valid = [json.loads(line) for line in open(out / "validated" / "valid.jsonl", encoding="utf-8")]
     prior = {}
     for t in tasks:
         c = collections.Counter(r["label"] for r in valid if r["task"] == t and r["split"] == "train")
@@ -66,7 +113,7 @@ def main(argv: list[str]) -> int:
         res = collections.defaultdict(lambda: [0, 0, 0, 0])
         for p in preds:
             t = p["task"]
-            s = torch.tensor(p["scores"])
+            s = torch.tensor(raw[id(p)])
             c = cf[(t, variant)][p["instruction_id"]]
             pr = torch.tensor(prior[t])
             r = res[t]

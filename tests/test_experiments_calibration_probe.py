@@ -44,3 +44,38 @@ def test_user_errors_are_one_line(tmp_path: Path):
     out = subprocess.run([sys.executable, script, str(tmp_path), "cot"], capture_output=True, text=True,
                          check=False)
     assert out.returncode != 0 and "no predictions of model 'cot'" in out.stderr
+
+
+def test_the_probe_re_decides_raw_scores_under_the_evaluations_instruction_file(tmp_path: Path):
+    """On a default evaluation (evaluate.calibration: content_free) the probe read the calibrated ``scores`` as
+    "raw" and calibrated them a second time, and it always read the shipped instruction file from the working
+    directory, whatever file the evaluation had read."""
+    from coin.data.io import text_sha256
+    from experiments.calibration_probe import evaluation_settings, instruction_file, raw_scores
+
+    row = {"example_id": "sst2:0", "scores": [0.5, -0.5], "raw_scores": [-2.0, -1.0]}
+    assert raw_scores(row, "content_free") == [-2.0, -1.0]
+    assert raw_scores({**row, "raw_scores": None}, "none") == [0.5, -0.5]
+    with pytest.raises(SystemExit, match=r"sst2:0: no raw_scores under evaluate.calibration: content_free"):
+        raw_scores({**row, "raw_scores": None}, "content_free")
+
+    project = tmp_path / "project"
+    out = project / "outputs"
+    (out / "evaluate").mkdir(parents=True)
+    mine = project / "mine.json"
+    mine.write_text('{"perturbations": {"clean": {"sst2": ["Say it. "]}}}\n')
+    settings = {"instruction_file": "mine.json", "instruction_sha256": text_sha256(mine)[:16],
+                "calibration": "content_free"}
+    with pytest.raises(SystemExit, match="eval_info.json: missing"):
+        evaluation_settings(out, "coin")
+    (out / "evaluate" / "eval_info.json").write_text(json.dumps({"coin": {"settings": settings}}))
+    assert evaluation_settings(out, "coin") == settings
+    with pytest.raises(SystemExit, match="no settings of model 'cit'"):
+        evaluation_settings(out, "cit")
+    assert instruction_file(out, settings) == project / "mine.json"  # the project's, from any working directory
+    mine.write_text('{"perturbations": {"clean": {"sst2": ["Said otherwise. "]}}}\n')
+    with pytest.raises(SystemExit, match=r"mine.json: changed since the evaluation read it"):
+        instruction_file(out, settings)
+    mine.unlink()
+    with pytest.raises(SystemExit, match=r"mine.json: the evaluation's instruction file is not found"):
+        instruction_file(out, settings)
