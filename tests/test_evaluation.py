@@ -297,6 +297,49 @@ def test_scoring_restores_training_mode_and_works_through_peft(eval_llama: Backb
 # --------------------------------------------------------------------------- generation
 
 
+def test_generating_an_unpadded_batch_on_a_gpt2_style_tokenizer_prints_no_padding_warning(tiny_gpt2_dir: Path
+                                                                                            ) -> None:
+    """GPT-2-style tokenizers have pad = BOS = EOS. generate drops an all-ones attention mask, the forward then finds
+    the pad id at position 0 (the prompt's BOS) and transformers printed "We strongly recommend passing in an
+    `attention_mask` since your input_ids may be padded" on every evaluation and `coin predict`: coin passes the mask
+    and pads nothing there."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from coin.modeling.backbone import load_backbone
+
+    class Seen(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.said: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.said.append(record.getMessage())
+
+    bb = load_backbone(str(tiny_gpt2_dir), device="cpu", dtype="float32")
+    prompts = ["Is this review positive? good film", "Is this review negative? a bad one"]
+    ids = [bb.tokenizer(p).input_ids for p in prompts]
+    prompts = [p for p, i in zip(prompts, ids, strict=True) if len(i) == len(ids[0])]
+    bb.model.config.pad_token_id = ids[0][0]  # the pad id is the first prompt token, as pad = BOS makes it
+    logger, seen = logging.getLogger("transformers.modeling_utils"), Seen()
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
+    logger.addHandler(seen)
+    try:
+        hf_logging.warning_once.cache_clear()
+        bb.model.warn_if_padding_and_no_attention_mask(torch.tensor([ids[0]]), None)  # the check fires here
+        assert any(m.startswith("We strongly recommend passing in an `attention_mask`") for m in seen.said), seen.said
+        seen.said.clear()
+        hf_logging.warning_once.cache_clear()
+        out = generate_answers(bb.model, bb.tokenizer, prompts, max_new_tokens=2)
+    finally:
+        logger.removeHandler(seen)
+        hf_logging.set_verbosity(level)
+    assert len(out.texts) == len(prompts)
+    assert not [m for m in seen.said if "attention_mask" in m], seen.said
+
+
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_batched_left_padded_generation_equals_the_reference_loop(kind: str, request: pytest.FixtureRequest) -> None:
     """Left padding + KV cache must decode every row exactly as the one-at-a-time, no-cache loop does."""

@@ -197,6 +197,26 @@ def _neutral_generation_config(model: nn.Module) -> Iterator[None]:
         hf.generation_config = saved
 
 
+class _UnpaddedBatchWarning(logging.Filter):
+    """Drops transformers' "We strongly recommend passing in an `attention_mask` since your input_ids may be padded"
+    for ``generate`` here. The mask is always passed; ``generate`` drops it when a batch has no padding, and the
+    forward then guesses from the first token: for GPT-2-style tokenizers (pad = BOS = EOS) that token is BOS, and
+    the warning told the user the answers might be wrong when they were not."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("We strongly recommend passing in an `attention_mask`")
+
+
+@contextmanager
+def _no_unpadded_batch_warning() -> Iterator[None]:
+    logger, only = logging.getLogger("transformers.modeling_utils"), _UnpaddedBatchWarning()
+    logger.addFilter(only)
+    try:
+        yield
+    finally:
+        logger.removeFilter(only)
+
+
 def _gen_config(tokenizer, max_new_tokens: int):
     """Greedy decoding, overriding whatever sampling defaults the checkpoint's generation_config has (with
     :func:`_neutral_generation_config`: the keys this config leaves unset as well)."""
@@ -248,7 +268,7 @@ def generate_answers(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), _neutral_generation_config(model):
+        with torch.inference_mode(), _neutral_generation_config(model), _no_unpadded_batch_warning():
             for idx in bar(batches, desc=desc, unit="batch", leave=False, show=len(batches) > 1):
                 width = max(len(ids[i]) for i in idx)
                 x = torch.full((len(idx), width), pad, dtype=torch.long)
