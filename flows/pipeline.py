@@ -399,6 +399,7 @@ def eval_task_runner(workers: int = 2, address: str | None = None, processes: bo
                               "worker_dashboard_address": "127.0.0.1:0", **dashboard_kwargs(dashboard)}
     if processes:
         kwargs["host"] = "127.0.0.1"
+        kwargs["preload"] = ["coin.interrupt"]  # its dask_setup: a terminal's Ctrl-C is the parent's to handle
         _worker_environ(threads or threads_per_worker(workers))
     _DeadDashboardLink.install(off=dashboard is None or dashboard is False)
     return DaskTaskRunner(cluster_kwargs=kwargs)

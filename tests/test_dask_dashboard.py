@@ -113,3 +113,18 @@ def test_a_dashboard_port_past_65535_is_refused(address):
         check_dashboard_address(address)
     assert check_dashboard_address("127.0.0.1:0") == "127.0.0.1:0"
     assert check_dashboard_address("127.0.0.1:65535") == "127.0.0.1:65535"
+
+
+def test_local_worker_processes_ignore_a_terminals_ctrl_c():
+    """A Ctrl-C reaches the whole process group: during `coin pipeline`'s evaluation a worker process raised
+    KeyboardInterrupt and printed a 30-line traceback beside "interrupted". Its parent closes the cluster instead."""
+    import signal
+
+    from distributed import Client, LocalCluster
+
+    kwargs = {**eval_task_runner(1).cluster_kwargs, "n_workers": 1}
+    assert kwargs["preload"] == ["coin.interrupt"]
+    with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
+        seen = client.run(lambda: signal.getsignal(signal.SIGINT) is signal.SIG_IGN)
+    assert list(seen.values()) == [True]
+    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # this process keeps its own

@@ -150,3 +150,16 @@ def interrupt_guard() -> Iterator[None]:
             engine._prefect_sigterm_handler = prefect_handler
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def dask_setup(worker: object) -> None:
+    """Dask's preload hook: the flows' local worker processes load this module (``preload``, see
+    ``flows.pipeline.eval_task_runner``) and ignore SIGINT. They share the terminal's process group, so a Ctrl-C
+    reached them too: a worker's event loop raised ``KeyboardInterrupt`` and multiprocessing printed its 30-line
+    traceback beside coin's "interrupted". The parent, under :func:`interrupt_guard`, closes the cluster and its
+    workers; SIGTERM and the nanny's kill still end them. Only in a child process: a worker thread of the parent
+    (``processes=False``) leaves the parent's handler alone."""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
