@@ -1159,22 +1159,42 @@ def test_register_refuses_an_adapter_without_its_weights_under_an_older_evaluati
         stage_register(s, tmp_path)
 
 
-def test_register_refuses_figures_scored_otherwise_than_the_adapter_answers(tmp_path):
-    """coin train (content_free), then coin evaluate and coin register with --set evaluate.calibration=none: the
-    gate decided on figures the registered model, which answers as recorded at training, does not give."""
+def _register_refusal(s, root, adapter, **scored) -> str:
+    """``coin register``'s refusal of an evaluation recorded (eval_info.json) as scored with ``scored``."""
     from coin.data.io import DataError, write_json
     from coin.modeling.adapter_files import adapter_sha256
     from coin.stages import stage_register
 
-    s, adapter = _content_free_adapter_project(tmp_path)
-    write_json(tmp_path / "outputs" / "evaluate" / "eval_info.json", {"coin": {"settings": {
-        "adapter_sha256": adapter_sha256(adapter), "calibration": "none", "length_normalise": True,
-        "prompt_format": "train"}}})
+    write_json(root / "outputs" / "evaluate" / "eval_info.json", {"coin": {"settings": {
+        "adapter_sha256": adapter_sha256(adapter), "prompt_format": "train", **scored}}})
     with pytest.raises(DataError) as err:
-        stage_register(s, tmp_path)
-    msg = str(err.value)
+        stage_register(s, root)
+    return str(err.value)
+
+
+def test_register_refuses_figures_scored_otherwise_than_the_adapter_answers(tmp_path):
+    """coin train (content_free), then coin evaluate and coin register with --set evaluate.calibration=none: the
+    gate decided on figures the registered model, which answers as recorded at training, does not give."""
+    s, adapter = _content_free_adapter_project(tmp_path)
+    msg = _register_refusal(s, tmp_path, adapter, calibration="none", length_normalise=True)
     assert "evaluate.calibration: evaluated with 'none', the adapter answers with 'content_free'" in msg, msg
     assert "evaluate.length_normalise: evaluated with True" in msg and "prompt_format" not in msg
+
+
+def test_register_refuses_calibrated_figures_of_an_adapter_from_before_calibration_was_recorded(tmp_path):
+    """An adapter whose coin_model.json predates the calibration key answers uncalibrated (coin predict, the pyfunc),
+    but the check compared only keys both sides had: its content_free figures passed the gate and promoted it, and
+    the served model answered otherwise than the evaluation on 20 of 48 decisions."""
+    from coin.modeling.adapter import SERVED_DEFAULTS, read_meta, served, write_meta
+
+    s, adapter = _content_free_adapter_project(tmp_path)
+    old = {k: v for k, v in read_meta(adapter).items() if k not in ("calibration", "length_normalise")}
+    write_meta(adapter, old)
+    assert served(old, "calibration") == SERVED_DEFAULTS["calibration"] == "none"
+    msg = _register_refusal(s, tmp_path, adapter, calibration="content_free", length_normalise=False)
+    assert ("evaluate.calibration: evaluated with 'content_free', the adapter answers with 'none' (its "
+            "coin_model.json predates the key)") in msg, msg
+    assert "length_normalise" not in msg and "prompt_format" not in msg  # the defaults these were scored with
 
 
 def test_register_refuses_figures_scored_under_another_autocast_than_the_adapter_answers(tmp_path):

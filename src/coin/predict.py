@@ -350,12 +350,13 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
     """
     from coin.evaluation.generation import generate_answers
     from coin.evaluation.scoring import label_token_ids, score_label_words
+    from coin.modeling.adapter import served
     from coin.modeling.backbone import autocast_context, max_positions
 
     _check_columns(df)
-    fmt = meta.get("prompt_format", "train")
-    # as the evaluation scored (recorded with the adapter); an adapter from before the key was recorded: off
-    length_normalise = bool(meta.get("length_normalise", False))
+    fmt = served(meta, "prompt_format")
+    # as the evaluation scored (recorded with the adapter; an older adapter's: coin.modeling.adapter.SERVED_DEFAULTS)
+    length_normalise = bool(served(meta, "length_normalise"))
     rows = [row for _, row in df.iterrows()]
     limit = max_positions(model)
     answers, scores, prompts = [""] * len(rows), [""] * len(rows), [""] * len(rows)
@@ -416,13 +417,13 @@ def answer_rows(model, tokenizer, meta: dict[str, Any], df: pd.DataFrame, *, max
     # the evaluation's numerics: bf16 autocast as evaluate.autocast said when the model was trained (resolved on
     # this machine as the evaluation resolves it); an adapter from before the key was recorded scores in fp32
     device = next(model.parameters()).device
-    with autocast_context(device, meta.get("autocast", "off"), "evaluate.autocast"):
+    with autocast_context(device, served(meta, "autocast"), "evaluate.autocast"):
         if free:  # the evaluation's greedy decoder: it honours the model's attention (causal or prefix LM)
             gen = generate_answers(model, tokenizer, [prompts[i] for i in free], fmt=fmt, max_new_tokens=max_new_tokens,
                                    batch_size=batch_size, desc="predict")
             for i, text in zip(free, gen.texts, strict=True):
                 answers[i] = text.strip()
-        calibrate = meta.get("calibration", "none") == "content_free"
+        calibrate = served(meta, "calibration") == "content_free"
         for (options, task), idx in by_options.items():
             instructions = [_field_text(rows[i], "instruction") for i in idx]
             s = score_label_words(model, tokenizer, [prompts[i] for i in idx], list(options), fmt=fmt,

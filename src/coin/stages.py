@@ -980,23 +980,24 @@ def stage_evaluate(settings: Settings, root: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- register
 
 
-# how the registered model answers (the adapter's coin_model.json, written at training from evaluate.*) and how the
-# evaluation scored: the gate must decide on figures the served model gives
-SERVED_SCORING = ("calibration", "length_normalise", "prompt_format", "autocast")
-
 
 def _check_scored_as_served(method: str, evaluated: dict[str, Any], adapter_dir: Path) -> None:
     """Refuse figures scored with other evaluate.* settings than the adapter answers with (a standalone ``coin
     evaluate --set evaluate.calibration=none`` on an adapter trained under content_free): the promotion gate would
-    decide on figures the registered model does not produce. Keys one side lacks (older records) are not compared."""
-    from coin.modeling.adapter import read_meta
+    decide on figures the registered model does not produce. An adapter whose coin_model.json predates a key answers
+    with its default (``coin.modeling.adapter.SERVED_DEFAULTS``: an old adapter is served uncalibrated, so its
+    calibrated figures were refused nowhere and promoted it); an evaluation record that lacks a key is not compared."""
+    from coin.modeling.adapter import SERVED_DEFAULTS, read_meta, served
 
     try:
         meta = read_meta(adapter_dir)
     except DataError:  # no readable record: registering it fails with its own message
         return
-    differ = [f"evaluate.{k}: evaluated with {evaluated[k]!r}, the adapter answers with {meta[k]!r}"
-              for k in SERVED_SCORING if k in evaluated and k in meta and evaluated[k] != meta[k]]
+    if not isinstance(meta, dict):
+        return
+    differ = [f"evaluate.{k}: evaluated with {evaluated[k]!r}, the adapter answers with {served(meta, k)!r}"
+              + ("" if k in meta else " (its coin_model.json predates the key)")
+              for k in SERVED_DEFAULTS if k in evaluated and evaluated[k] != served(meta, k)]
     if differ:
         raise DataError(f"{method}: its figures were scored otherwise than the registered model would answer "
                         f"({'; '.join(differ)}; the adapter's are recorded at training in {adapter_dir}/"

@@ -26,6 +26,19 @@ def read_meta(adapter_dir: Path) -> dict[str, Any]:
     return read_json(Path(adapter_dir) / META_FILE)
 
 
+# How an adapter answers: coin_model.json records these evaluate.* settings at training, and `coin predict` and the
+# pyfunc score with them. An adapter from before a key was recorded answers with the value here; the registration
+# compares an evaluation's settings with these answers (coin.stages), so both read this one table.
+SERVED_DEFAULTS: dict[str, Any] = {"calibration": "none", "length_normalise": False, "prompt_format": "train",
+                                   "autocast": "off"}
+
+
+def served(meta: dict[str, Any], key: str) -> Any:
+    """The ``evaluate.*`` setting ``key`` an adapter answers with (:data:`SERVED_DEFAULTS` where its
+    ``coin_model.json`` predates the key)."""
+    return meta.get(key, SERVED_DEFAULTS[key])
+
+
 def load_trained(adapter_dir: Path, *, device: str = "auto"):
     """``(model, tokenizer, meta)``: the base from ``coin_model.json`` with the adapter applied, in eval mode."""
     from coin.modeling.lora import load_adapter
