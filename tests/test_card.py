@@ -549,6 +549,10 @@ def test_coin_card_side_by_side_says_when_the_two_were_evaluated_differently(eva
 
     gen = {**b, "scoring": "generate", "_protocol": line.replace("scoring loglik", "scoring generate")}
     assert _unlike({**a, "_protocol": line}, gen).count("generate") == 1
+    # a card written before "order" was kept (the same card format): its sets are its own, not none
+    older = {k: v for k, v in a.items() if k != "order"}
+    assert _unlike(older, b) == "" and "Not comparable" not in said(older, b)
+    assert "sets" in _unlike(older, {**b, "sets": {k: v for k, v in b["sets"].items() if k == "clean"}})
 
 
 def test_a_model_dropped_from_the_evaluation_leaves_no_card_of_it(tmp_path):

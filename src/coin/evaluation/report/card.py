@@ -150,7 +150,7 @@ def _unlike(a: dict[str, Any], b: dict[str, Any]) -> str:
             diffs.append(f"{', '.join(only_a) or DASH} / {', '.join(only_b) or DASH}")
     if a.get("scoring") != b.get("scoring"):
         diffs.append(f"scoring {a.get('scoring')} / {b.get('scoring')}")
-    sets_a, sets_b = [sorted((c.get("order") or {}).get("sets") or []) for c in (a, b)]
+    sets_a, sets_b = [sorted(c.get("sets") or {}) for c in (a, b)]  # a card's own sets (older cards lack "order")
     if sets_a != sets_b:
         diffs.append(f"sets {', '.join(sets_a)} / {', '.join(sets_b)}")
     n_a, n_b = _examples_per_task(a), _examples_per_task(b)
