@@ -233,6 +233,15 @@ def test_python_api_evaluates_a_base_path(project, tiny_llama_dir):
     again = evaluate_models([f"other={tiny_llama_dir}"], settings, project["root"], out,
                             instruction_file=project["instr"], track=False)
     assert again.cached == [True] and sorted(p.name for p in (out / "models").iterdir()) == ["other"]
+    # a second evaluation into the same --out while one writes it: they removed each other's models/<label>/ and
+    # the report named whichever ended last, both exiting 0; now the second is refused at once, naming the lock
+    from filelock import FileLock
+
+    with FileLock(str(out / ".lock")), pytest.raises(RuntimeError, match=r"another `coin evaluate` is writing it "
+                                                                         r"\(it holds .*\.lock\).*another --out"):
+        evaluate_models([f"third={tiny_llama_dir}"], settings, project["root"], out,
+                        instruction_file=project["instr"], track=False)
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["other"]  # nothing touched
 
 
 def test_a_renamed_instruction_file_hits_the_cache_and_the_report_names_the_new_one(project, tiny_llama_dir):

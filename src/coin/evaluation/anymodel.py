@@ -690,12 +690,9 @@ def evaluate_models(models: list[str], settings: Settings, root: Path, out_dir: 
     they all cover are evaluated (:func:`with_instruction_file`; settings whose ``evaluate.instruction_file``
     already names it are kept as they are). Every spec and the instruction file are checked before any model is
     loaded. A model already evaluated under the same protocol (same fingerprint) is read from ``cache_dir``
-    (default ``out_dir/cache``). With ``track``, each model's evaluation is a new MLflow run.
+    (default ``out_dir/cache``). With ``track``, each model's evaluation is a new MLflow run. A second evaluation
+    into ``out_dir`` while one writes it is refused at once (a RuntimeError naming the lock, ``out_dir/.lock``).
     """
-    from coin.evaluation.report import write_eval_outputs
-    from coin.evaluation.result import save_result
-    from coin.evaluation.runner import evaluate_model
-
     root, out_dir = Path(root).resolve(), Path(out_dir).resolve()
     cache_dir = Path(cache_dir).resolve() if cache_dir is not None else out_dir / "cache"
     for option, folder in (("--out", out_dir), ("--cache-dir", cache_dir)):
@@ -709,6 +706,22 @@ def evaluate_models(models: list[str], settings: Settings, root: Path, out_dir: 
             update={"instruction_file": str(file)})})
     check_instructions(settings, root)                  # DataError naming the file, set, task and field
     targets = resolve_targets(list(models), settings, root)
+    from coin.stages import exclusive
+
+    # two evaluations into one --out removed each other's models/<label>/ and left a report of whichever ended last
+    lock = out_dir / ".lock"
+    with exclusive(lock, f"{out_dir}: another `coin evaluate` is writing it (it holds {lock}); wait for it to "
+                         "finish, or give this one another --out"):
+        return _evaluate_into(targets, settings, root, out_dir, cache_dir, track)
+
+
+def _evaluate_into(targets: list[ModelTarget], settings: Settings, root: Path, out_dir: Path, cache_dir: Path,
+                   track: bool) -> EvaluationRun:
+    """:func:`evaluate_models` once its inputs are checked, under the lock of ``out_dir``."""
+    from coin.evaluation.report import write_eval_outputs
+    from coin.evaluation.result import save_result
+    from coin.evaluation.runner import evaluate_model
+
     protocol = protocol_of(settings, root)
     results, cached, run_ids = [], [], []
     for target in targets:
