@@ -427,6 +427,34 @@ def test_dvc_refusing_to_overwrite_edited_data_says_so_not_to_check_the_remote()
     assert "changed in place" in fix and "dvc add data" in fix and "remote" not in fix
 
 
+def test_a_dvc_lock_held_by_another_process_is_named_not_a_missing_data_version(tmp_path, monkeypatch):
+    """`coin data` while another DVC process held .dvc/tmp/lock (a `dvc push`, a pipeline's data step beside a
+    study's) said the data could not be restored and to check the remote: the data and the remote were fine."""
+    import subprocess
+    import sys
+
+    from helpers_project import copy_project
+
+    from coin.config import Settings
+    from coin.stages import stage_data
+
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    project = copy_project(tmp_path)
+    hold = ("import sys; from dvc.repo import Repo; r = Repo(sys.argv[1]); r.lock.lock(); print('held', flush=True); "
+            "sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(project)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(Exception) as info:
+            stage_data(Settings.model_validate({}), project)
+    finally:
+        holder.communicate("", timeout=60)
+    code, msg, fix = classify(info.value)
+    assert code == ExitCode.RUNTIME and msg.startswith("DVC: Unable to acquire lock"), msg
+    assert "another DVC process holds this project's lock (.dvc/tmp/lock)" in fix and "remote" not in fix
+
+
 # --------------------------------------------------------------------------- stage records and folders a user broke
 
 

@@ -148,6 +148,10 @@ def classify(exc: BaseException) -> tuple[ExitCode, str, str | None]:
         return (ExitCode.DATA, f"DVC: {flat}",
                 "data/ was changed in place since data.dvc recorded it: `dvc add data` records the change as a new "
                 "version (commit data.dvc), `dvc checkout --force data` drops it")
+    if _is(exc, "dvc.lock", "LockError"):  # a busy project, not a missing data version
+        return (ExitCode.RUNTIME, f"DVC: {flat}",
+                "another DVC process holds this project's lock (.dvc/tmp/lock): a `dvc` command, `dvc repro`, or a "
+                "pipeline's or study's data step; wait for it to finish, then run this again")
     if _is(exc, "dvc.exceptions", "DvcException"):
         return (ExitCode.DATA, f"DVC: {flat}",
                 "data/ could not be restored from the DVC remote: check the remote (`dvc remote list`; the default "
