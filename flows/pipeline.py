@@ -48,7 +48,7 @@ import coin  # (local-only environment before Prefect is imported)
 from coin import stages
 from coin.config import ConfigError, Settings, check_robustness_sets, load_settings, project_root
 from coin.cpus import THREAD_VARS, cpu_budget, threads_per_worker, use_torch_threads
-from coin.interrupt import interrupted, on_stop, stopped
+from coin.interrupt import end_parent_run, interrupted, on_stop, stopped
 from coin.secrets import RedactingFilter, redact_text, reveal, seal_overrides, seal_text
 from flows.caching import missing_outputs, record_outputs, result_storage, stage_cache_policy
 from flows.data_sync import version_data
@@ -640,14 +640,8 @@ def coin_pipeline(
             if stopped(exc):  # a cancelled deployment run too (Prefect's TerminationSignal): KILLED, not FAILED
                 status = "KILLED"
             raise
-        finally:
-            if interrupted():  # Prefect's API went with the Ctrl-C: a task could not start; the store is still here
-                killed()
-            else:
-                try:
-                    close_pipeline_run(params_path, overrides, parent, status, outcome)
-                finally:  # a Ctrl-C during the close (it retries a dead API) still ends the run KILLED
-                    killed() if interrupted() else killed.cancel()
+        finally:  # KILLED after a Ctrl-C, even one during the close
+            end_parent_run(lambda: close_pipeline_run(params_path, overrides, parent, status, outcome), killed)
     return {
         "data": data, "pairs": pairs, "validate": {k: v for k, v in gate.items() if k != "markdown"},
         "train": trained, "evaluate": evaluated["metrics"], "table": evaluated["table"],

@@ -38,7 +38,8 @@ from prefect.runtime import flow_run
 from pydantic import SecretStr
 
 import coin  # noqa: F401  (local-only environment before Prefect is imported)
-from coin.interrupt import interrupted, on_stop, stopped
+from coin import stages
+from coin.interrupt import end_parent_run, on_stop, stopped
 from coin.secrets import reveal, seal_overrides, seal_text
 from coin.study import tracking as study_tracking
 from coin.study.cell import run_cell
@@ -143,6 +144,9 @@ def check_cluster(settings: Any, workers: int | None = None, dask_address: str |
     return plan
 
 
+DIFFERENCE_FIGURES = ("delta", "ci_low", "ci_high", "seeds_same_sign", "seeds_paired")  # per paired difference
+
+
 @flow(name="coin-study", log_prints=True)
 def coin_study(
     params_path: str = "params.yaml",
@@ -170,48 +174,44 @@ def coin_study(
     runner = eval_task_runner(plan.workers, plan.address, dask_processes, settings.study.dask_dashboard,
                               plan.torch_threads)
 
-    parent = open_study_run_task(params_path, overrides, flow_run.get_id())
-    status = "FAILED"
-    # a Ctrl-C whose shutdown outlasts the grace period ends the process before the finally below: close it then
-    killed = on_stop(lambda: close_study_run_task.fn(params_path, overrides, parent, "KILLED"))
-    try:
-        prep = prepare_task(params_path, overrides, parent)
-        logger.info("study pairs: %s (%s)", prep["valid_file"], "unchanged" if prep["cached"] else "rebuilt")
-        counts = study_plan(settings, root)["counts"]  # what `coin study --dry-run` shows, cell by cell
-        logger.info("study plan: %s (%d cells)", ", ".join(f"{n} {a}" for a, n in counts.items()), sum(counts.values()))
+    # one study per study.out_dir at a time: a second one's preparation rewrote the pairs the first one's cells read
+    with stages.study_lock(settings, root):
+        parent = open_study_run_task(params_path, overrides, flow_run.get_id())
+        status = "FAILED"
+        # a Ctrl-C whose shutdown outlasts the grace period ends the process before the finally below: close it then
+        killed = on_stop(lambda: close_study_run_task.fn(params_path, overrides, parent, "KILLED"))
         try:
-            cells = study_cells.with_options(task_runner=runner)(params_path, overrides, plan.torch_threads)
-        finally:
-            restore_process_env()  # the local cluster's nannies wrote the workers' thread settings into this process
-        logger.info("study cells: %d computed, %d already done", sum(not c["cached"] for c in cells),
-                    sum(c["cached"] for c in cells))
-        outputs = aggregate_task(params_path, overrides)
-        runs = log_study_task(params_path, overrides, parent, cells, outputs)
-        create_markdown_artifact(outputs["table"], key="study-summary",
-                                 description="methods x seeds: mean ± std over seeds, paired differences")
-        status = "FINISHED"
-    except BaseException as exc:
-        if stopped(exc):  # a cancelled deployment run too (Prefect's TerminationSignal): KILLED, not FAILED
-            status = "KILLED"
-        raise
-    finally:
-        if interrupted():  # Prefect's API went with the Ctrl-C: a task could not start; the store is still here
-            killed()
-        else:
+            prep = prepare_task(params_path, overrides, parent)
+            logger.info("study pairs: %s (%s)", prep["valid_file"], "unchanged" if prep["cached"] else "rebuilt")
+            counts = study_plan(settings, root)["counts"]  # what `coin study --dry-run` shows, cell by cell
+            logger.info("study plan: %s (%d cells)", ", ".join(f"{n} {a}" for a, n in counts.items()),
+                        sum(counts.values()))
             try:
-                close_study_run_task(params_path, overrides, parent, status)
-            finally:  # a Ctrl-C during the close (it retries a dead API) still ends the run KILLED
-                killed() if interrupted() else killed.cancel()
-    return {
-        "study_dir": str(Path(outputs["paths"]["study"]).parent), "paths": outputs["paths"],
-        "cells": {c["cell"]["name"]: {"cached": c["cached"], "run_token": c["run_token"], **c["figures"]}
-                  for c in cells},
-        "differences": [{"a": d["a"], "b": d["b"], "sweep": g["sweep"],
-                         **{p: {k: d[p][k] for k in ("delta", "ci_low", "ci_high", "seeds_same_sign", "seeds_paired")}
-                            for p in ("clean", "perturbed")}}
-                        for g in outputs["study"]["groups"] for d in g["differences"]],
-        "table": outputs["table"], "mlflow_parent_run_id": parent, "mlflow_cell_runs": runs,
-    }
+                cells = study_cells.with_options(task_runner=runner)(params_path, overrides, plan.torch_threads)
+            finally:
+                restore_process_env()  # the local cluster's nannies wrote the workers' thread settings into ours
+            logger.info("study cells: %d computed, %d already done", sum(not c["cached"] for c in cells),
+                        sum(c["cached"] for c in cells))
+            outputs = aggregate_task(params_path, overrides)
+            runs = log_study_task(params_path, overrides, parent, cells, outputs)
+            create_markdown_artifact(outputs["table"], key="study-summary",
+                                     description="methods x seeds: mean ± std over seeds, paired differences")
+            status = "FINISHED"
+        except BaseException as exc:
+            if stopped(exc):  # a cancelled deployment run too (Prefect's TerminationSignal): KILLED, not FAILED
+                status = "KILLED"
+            raise
+        finally:  # KILLED after a Ctrl-C, even one during the close
+            end_parent_run(lambda: close_study_run_task(params_path, overrides, parent, status), killed)
+        return {
+            "study_dir": str(Path(outputs["paths"]["study"]).parent), "paths": outputs["paths"],
+            "cells": {c["cell"]["name"]: {"cached": c["cached"], "run_token": c["run_token"], **c["figures"]}
+                      for c in cells},
+            "differences": [{"a": d["a"], "b": d["b"], "sweep": g["sweep"],
+                             **{p: {k: d[p][k] for k in DIFFERENCE_FIGURES} for p in ("clean", "perturbed")}}
+                            for g in outputs["study"]["groups"] for d in g["differences"]],
+            "table": outputs["table"], "mlflow_parent_run_id": parent, "mlflow_cell_runs": runs,
+        }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -229,6 +229,22 @@ def test_rerun_recomputes_no_cell(study_project):
     assert (cells.parent / "prepare.json").stat().st_mtime_ns == prep_before  # pairs + gate not rerun either
 
 
+def test_a_second_study_into_the_same_out_dir_is_refused_while_one_runs(study_project):
+    """Two studies sharing study.out_dir: the second one's preparation rewrote valid.jsonl while the first one's
+    cells were about to train on it, under the first one's settings and report. Now the second stops at once."""
+    from filelock import FileLock
+
+    from flows.study import coin_study
+
+    study = study_project["root"] / "outputs" / "study"
+    prep_before = (study / "prepare.json").stat().st_mtime_ns
+    with FileLock(str(study / ".locks" / "study.lock")), pytest.raises(
+            RuntimeError, match=r"another `coin study` is using it \(it holds .*study\.lock\).*another study.out_dir"):
+        coin_study(params_path=str(study_project["params"]), overrides=["pairs.seed=2"], workers=1,
+                   dask_processes=False)
+    assert (study / "prepare.json").stat().st_mtime_ns == prep_before  # nothing prepared
+
+
 def test_killed_study_resumes_recomputing_only_the_broken_cells(study_project):
     from flows.study import coin_study
 

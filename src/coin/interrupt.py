@@ -67,6 +67,20 @@ def on_stop(fn: Callable[[], object]) -> StopAction:
     return action
 
 
+def end_parent_run(close: Callable[[], object], killed: StopAction) -> None:
+    """End a flow's MLflow parent run, from the flow's ``finally``. After a Ctrl-C Prefect's API has gone with it
+    (a task could not start), so ``killed`` (its :func:`on_stop` action) ends the run KILLED in the store; otherwise
+    ``close`` ends it with the flow's status, and a Ctrl-C during the close (it retries a dead API) still ends it
+    KILLED."""
+    if interrupted():
+        killed()
+        return
+    try:
+        close()
+    finally:
+        killed() if interrupted() else killed.cancel()
+
+
 def interrupted() -> int | None:
     """The exit code of the interruption (130 for SIGINT, 143 for SIGTERM), or None when there was none."""
     return 128 + _SIGNAL[0] if _SIGNAL else None

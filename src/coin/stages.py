@@ -761,6 +761,15 @@ def pipeline_lock(settings: Settings, root: Path) -> AbstractContextManager[None
                            "paths.out_dir")
 
 
+def study_lock(settings: Settings, root: Path) -> AbstractContextManager[None]:
+    """Refuse a second ``coin study`` into the same ``study.out_dir`` while one runs: its preparation rewrote the
+    validated pairs the first one's cells were about to train on, under the first one's settings and report."""
+    folder = root / settings.study.out_dir
+    path = folder / ".locks" / "study.lock"
+    return exclusive(path, f"{folder}: another `coin study` is using it (it holds {path}); wait for it to finish, "
+                           "or run this one with another study.out_dir")
+
+
 def _rel(path: Path, root: Path) -> str:
     """``path`` relative to the project root when inside it (portable records), else absolute."""
     try:
