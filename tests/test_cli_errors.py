@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -614,3 +615,167 @@ def test_a_cli_stage_is_refused_while_a_pipeline_run_holds_the_outputs(tmp_path,
         res = runner.invoke(app, ["register", "--params", str(tmp_path / "params.yaml")])
     assert res.exit_code == 0, res.output
     assert ran == [tmp_path, tmp_path]
+
+
+# --------------------------------------------------------------------------- full disk, file-size limit, full store
+
+_WRITE_UNDER_A_FILE_SIZE_LIMIT = r'''
+import json, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from transformers import PreTrainedTokenizerFast
+from coin.cli import classify
+from coin.data.io import write_json
+from coin.evaluation.result import save_result
+from test_references import _one_model
+d = sys.argv[1]
+result = _one_model({"clean": [40, 38]}, [0, 1] * 20)
+tok = Tokenizer(WordLevel({"word" * 50: 0}, unk_token="word" * 50))
+fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def save_tokenizer():  # as transformers' PreTrainedTokenizerFast._save_pretrained
+    tokenizer_file = f"{d}/tokenizer.json"
+    tok.save(tokenizer_file)
+
+
+resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
+out = {}
+for name, write in {"safetensors": lambda: save_file({"a": torch.zeros(300)}, f"{d}/optimizer.safetensors"),
+                    "tokenizers": save_tokenizer,
+                    "transformers": lambda: fast.save_pretrained(f"{d}/tok"),
+                    "write_json": lambda: write_json(f"{d}/metrics.json", {"x": "y" * 500}),
+                    "save_result": lambda: save_result(result, f"{d}/eval")}.items():
+    try:
+        write()
+    except Exception as exc:
+        code, msg, fix = classify(exc)
+        out[name] = [int(code), msg, fix]
+print(json.dumps(out))
+'''
+
+
+def test_a_write_stopped_by_a_file_size_limit_names_the_file_and_the_limit(tmp_path):
+    """Real errors of a write past `ulimit -f` (the same paths as a full disk): safetensors' was a 'damaged
+    safetensors file' naming params.yaml (4), tokenizers' bare Exception a bug (1), an OSError inside transformers
+    a model problem (4), coin's own JSON and Parquet writers named no file and gave no fix."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root), str(root / "tests")]),
+           "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", _WRITE_UNDER_A_FILE_SIZE_LIMIT, str(tmp_path)], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.splitlines()[-1])
+    limit = "a file-size limit (ulimit -f) stopped the write: raise it"
+    assert out.keys() == {"safetensors", "tokenizers", "transformers", "write_json", "save_result"}, out
+    for name, (code, _, fix) in out.items():
+        assert (code, fix) == (ExitCode.RUNTIME, limit), (name, out[name])
+    assert out["safetensors"][1].startswith(f"{tmp_path}/optimizer.safetensors: "), out
+    assert out["tokenizers"][1].startswith(f"{tmp_path}/tokenizer.json: "), out
+    assert out["transformers"][1].startswith(f"{tmp_path}/tok/tokenizer_config.json: "), out
+    assert out["write_json"][1] == f"[Errno 27] File too large: '{tmp_path}/metrics.json'", out
+    assert out["save_result"][1].endswith(f"File too large: '{tmp_path}/eval/predictions.parquet'"), out
+    assert not list((tmp_path / "eval").iterdir())  # no partial temp file left on a full disk
+
+
+def test_a_full_disk_in_a_library_write_is_a_runtime_error_naming_the_file_not_params(tmp_path):
+    """safetensors and tokenizers give ENOSPC only in their message ('(os error 28)')."""
+    from safetensors import SafetensorError
+
+    params = _params(tmp_path)
+    target = tmp_path / "checkpoints" / ".tmp-step-0000020" / "optimizer.safetensors"
+    target.parent.mkdir(parents=True)
+
+    def save(path: Path, message: str) -> None:  # as safetensors.torch.save_file: its file is gone after the failure
+        raise SafetensorError(message)
+
+    def stage(params: Path) -> BaseException:
+        try:
+            save(target, "Error while serializing: I/O error: No space left on device (os error 28)")
+        except SafetensorError as exc:
+            return exc
+        raise AssertionError
+
+    code, msg, fix = classify(stage(params))
+    assert (code, fix) == (ExitCode.RUNTIME, "free disk space"), msg
+    assert msg.startswith(f"{target}: ") and "params.yaml" not in msg, msg
+    code, msg, fix = classify(Exception("No space left on device (os error 28)"))  # tokenizers' Tokenizer.save
+    assert (code, fix) == (ExitCode.RUNTIME, "free disk space"), msg
+
+
+def _full_mlflow_store(tmp_path: Path, pragma: str) -> BaseException:
+    """A real SQLite MLflow store that refuses writes: no page beyond its size (a full disk), or query_only."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from sqlalchemy import event
+
+    store = SqlAlchemyStore(f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "artifacts"))
+
+    def refuse(dbapi_conn, _record) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA page_count")
+        cur.execute(pragma.format(pages=cur.fetchone()[0]))
+        cur.close()
+
+    event.listen(store.engine, "connect", refuse)
+    store.engine.dispose()
+    try:
+        for _ in range(1000):
+            store.create_experiment(f"{'e' * 400}{uuid.uuid4().hex}")
+    except Exception as exc:  # noqa: BLE001
+        return exc
+    raise AssertionError("the store took every write")
+
+
+@pytest.mark.parametrize("pragma,said,fix", [
+    ("PRAGMA max_page_count = {pages}", "is full (database or disk is full)", "free disk space"),
+    ("PRAGMA query_only = ON", "is read-only (attempt to write a readonly database)", "writable")])
+def test_a_full_or_read_only_mlflow_store_names_the_store_without_a_logged_traceback(tmp_path, monkeypatch, pragma,
+                                                                                      said, fix):
+    """Was 'check tracking.uri and the registered model' (4), after 85 lines of traceback logged by MLflow."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("mlflow.store.db.utils").addHandler(handler)
+    monkeypatch.delenv("COIN_DEBUG", raising=False)
+    _params(tmp_path)
+
+    def register(settings, root):
+        raise _full_mlflow_store(tmp_path, pragma)
+
+    monkeypatch.setitem(stages.STAGES, "register", register)
+    try:
+        res = runner.invoke(app, ["register", "--params", str(tmp_path / "params.yaml")])
+        assert res.exit_code == ExitCode.RUNTIME, res.output
+        assert f"the MLflow store {tmp_path}/mlflow.db {said}" in res.output and fix in res.output, res.output
+        assert not [r for r in records if r.levelno >= logging.ERROR], [r.getMessage()[:200] for r in records]
+        _no_traceback(res.output)
+        runner.invoke(app, ["--debug", "register", "--params", str(tmp_path / "params.yaml")])
+        assert [r for r in records if r.levelno >= logging.ERROR]  # --debug keeps MLflow's own log
+    finally:
+        logging.getLogger("mlflow.store.db.utils").removeHandler(handler)
+
+
+def test_data_docs_rendering_errors_are_not_logged_before_coins_own_error(tmp_path, monkeypatch, caplog):
+    """On a full disk `coin validate` printed Great Expectations' ERROR blocks, each with a traceback inline, before
+    coin's two lines; --debug keeps them."""
+    monkeypatch.delenv("COIN_DEBUG", raising=False)
+    _params(tmp_path)
+
+    def validate(settings, root):  # as GX's SiteBuilder: it logs a failed page and goes on; coin's write then fails
+        import logging
+
+        logging.getLogger("great_expectations.render.renderer.site_builder").error(
+            'An unexpected Exception occurred during data docs rendering. OSError: "[Errno 28]". Traceback: "..."')
+        raise OSError(errno.ENOSPC, "No space left on device", str(root / "outputs" / "validate" / "summary.json"))
+
+    monkeypatch.setitem(stages.STAGES, "validate", validate)
+    res = runner.invoke(app, ["validate", "--params", str(tmp_path / "params.yaml")])
+    assert res.exit_code == ExitCode.RUNTIME and "summary.json" in res.output and "free disk space" in res.output
+    assert "data docs rendering" not in caplog.text + res.output, caplog.text
+    runner.invoke(app, ["--debug", "validate", "--params", str(tmp_path / "params.yaml")])
+    assert "data docs rendering" in caplog.text

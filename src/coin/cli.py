@@ -81,6 +81,16 @@ def _is(exc: BaseException, module: str, name: str) -> bool:
 
 _MODEL_LIBS = ("transformers", "huggingface_hub", "peft", "safetensors", "tokenizers")
 _MODEL_HINT = "check the model named (model.backbone, --model, or an adapter's base) and its files"
+# the fix for an OS error, by errno: also for a library that gives it only in its message (_os_error_in_text)
+_OS_FIX = {errno.ENOSPC: "free disk space", errno.EFBIG: "a file-size limit (ulimit -f) stopped the write: raise it",
+           errno.EACCES: "check the permissions of that path",
+           errno.EROFS: "write somewhere writable (paths.out_dir, paths.mlruns_dir, or the --out given)",
+           errno.ENOTDIR: "a part of that path is a file: give a folder",
+           errno.EEXIST: "that path is a file where a folder is needed: give a folder"}
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors and tokenizers (Rust) give an errno
+# libraries that log an error coin reports itself with its traceback first (85 lines for a full MLflow store; Great
+# Expectations' Data Docs on a full disk): silent unless --debug
+_LOUD_LOGGERS = ("mlflow.store.db.utils", "great_expectations.render.renderer.site_builder")
 
 
 def _frames(exc: BaseException) -> list[tuple[Any, str]]:
@@ -97,11 +107,12 @@ def _raised_in(exc: BaseException, packages: tuple[str, ...]) -> bool:
     return any(mod.split(".")[0] in packages for _, mod in _frames(exc)[:1])
 
 
-def _file_at_fault(exc: BaseException, *, innermost_only: bool = False) -> str | None:
+def _file_at_fault(exc: BaseException, *, innermost_only: bool = False, written: bool = False) -> str | None:
     """The file an error was reading, for errors that do not name it (JSON, UTF-8, safetensors, a missing
     key): ``exc.filename``, else the innermost traceback frame holding a path to an existing file (with
     ``innermost_only``, that frame or none: a missing key is looked up in data already read, and an outer frame's
-    path, the params file's, was named instead of the file that lacked it)."""
+    path, the params file's, was named instead of the file that lacked it). ``written``: also a file not there
+    (a failed write removes its file) in a folder that is."""
     name = getattr(exc, "filename", None)
     if name:
         return str(name)
@@ -112,16 +123,33 @@ def _file_at_fault(exc: BaseException, *, innermost_only: bool = False) -> str |
             if isinstance(value, Path) or (isinstance(value, str) and os.sep in value and "\n" not in value
                                            and len(value) < 4096):
                 try:
-                    if os.path.isfile(value):
+                    if os.path.isfile(value) or (written and not os.path.exists(value)
+                                                 and os.path.isdir(os.path.dirname(value) or ".")):
                         return str(value)
                 except (OSError, ValueError):
                     continue
     return None
 
 
-def _in_file(exc: BaseException) -> str:
-    f = _file_at_fault(exc)
+def _in_file(exc: BaseException, **how: bool) -> str:
+    f = _file_at_fault(exc, **how)
     return f"{f}: " if f else ""
+
+
+def _os_error_in_text(flat: str) -> int | None:
+    """The errno a Rust library's message ends with ("No space left on device (os error 28)"), else None."""
+    m = _RUST_OS_ERROR.search(flat)
+    return int(m.group(1)) if m else None
+
+
+def _mlflow_store(exc: BaseException) -> str:
+    """The MLflow store an error was writing to (a SQLite file's path, else its URI), from the store object in the
+    traceback; else "the MLflow store"."""
+    for frame, _ in _frames(exc):
+        uri = getattr(frame.f_locals.get("self"), "db_uri", None)
+        if isinstance(uri, str):
+            return f"the MLflow store {uri.removeprefix('sqlite:///')}"
+    return "the MLflow store"
 
 
 def classify(exc: BaseException) -> tuple[ExitCode, str, str | None]:
@@ -156,6 +184,15 @@ def classify(exc: BaseException) -> tuple[ExitCode, str, str | None]:
         return (ExitCode.DATA, f"DVC: {flat}",
                 "data/ could not be restored from the DVC remote: check the remote (`dvc remote list`; the default "
                 "is dvc-remote/) holds this data version (`dvc push` it from a checkout that has it), and .dvc/config")
+    os_code = None if isinstance(exc, OSError) else _os_error_in_text(flat)
+    if os_code in _OS_FIX or (_is(exc, "safetensors", "SafetensorError") and "I/O error" in flat):
+        # a write that failed (a full disk, a file-size limit), not a damaged file: the file being written
+        return ExitCode.RUNTIME, f"{_in_file(exc, innermost_only=True, written=True)}{flat}", _OS_FIX.get(os_code or 0)
+    if _is(exc, "mlflow.exceptions", "MlflowException") and "database or disk is full" in flat:
+        return ExitCode.RUNTIME, f"{_mlflow_store(exc)} is full (database or disk is full)", _OS_FIX[errno.ENOSPC]
+    if _is(exc, "mlflow.exceptions", "MlflowException") and "readonly database" in flat:
+        return (ExitCode.RUNTIME, f"{_mlflow_store(exc)} is read-only (attempt to write a readonly database)",
+                "make that file and its folder writable, or point tracking.uri (paths.mlruns_dir) somewhere writable")
     if _is(exc, "mlflow.exceptions", "MlflowException"):
         return (ExitCode.MODEL, f"MLflow: {flat}",
                 "check tracking.uri and the registered model (`coin register` registers one)")
@@ -187,12 +224,11 @@ def classify(exc: BaseException) -> tuple[ExitCode, str, str | None]:
         return (ExitCode.RUNTIME, f"out of memory: {msg}",
                 "lower train.batch_size / evaluate.batch_size, or use a machine with more memory")
     if isinstance(exc, OSError):
-        if _raised_in(exc, _MODEL_LIBS):
+        hint = _OS_FIX.get(exc.errno or 0)  # a full disk or a permission inside a model library is still that
+        if hint is None and _raised_in(exc, _MODEL_LIBS):
             return ExitCode.MODEL, msg, _MODEL_HINT
-        hint = {errno.ENOSPC: "free disk space", errno.EACCES: "check the permissions of that path",
-                errno.EROFS: "write somewhere writable (paths.out_dir, paths.mlruns_dir, or the --out given)",
-                errno.ENOTDIR: "a part of that path is a file: give a folder",
-                errno.EEXIST: "that path is a file where a folder is needed: give a folder"}.get(exc.errno or 0)
+        if exc.errno in (errno.ENOSPC, errno.EFBIG) and not exc.filename:  # a write: name its file where found
+            msg = f"{_in_file(exc, innermost_only=True, written=True)}{msg}"
         return ExitCode.RUNTIME, msg, hint
     if isinstance(exc, ValueError):
         if _raised_in(exc, _MODEL_LIBS):
@@ -251,6 +287,11 @@ class _CoinGroup(typer.core.TyperGroup):
     user can cause ends in one or two lines and the exit code of its class; usage errors stay typer's (code 2)."""
 
     def invoke(self, ctx: Any) -> Any:
+        loud = [logging.getLogger(name) for name in _LOUD_LOGGERS]
+        levels = [q.level for q in loud]
+        if not _debug_requested(ctx):
+            for q in loud:
+                q.setLevel(logging.CRITICAL)
         try:
             # SIGINT/SIGTERM end every command as `interrupted` (130/143), also one stopped inside a library call
             # (an MLflow write) that then raised something else; without it SIGTERM left MLflow runs RUNNING
@@ -266,6 +307,9 @@ class _CoinGroup(typer.core.TyperGroup):
                 console.print("[bold red]interrupted[/]")
                 raise typer.Exit(code=interrupted()) from None
             raise typer.Exit(code=report(exc, debug=_debug_requested(ctx))) from None
+        finally:
+            for q, level in zip(loud, levels, strict=True):
+                q.setLevel(level)
 
 
 app = typer.Typer(cls=_CoinGroup, add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0],

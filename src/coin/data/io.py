@@ -7,9 +7,10 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 
 class DataError(ValueError):
@@ -108,32 +109,41 @@ def read_jsonl(
 
 def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> int:
     """Write rows atomically (temp file + rename) with sorted keys: same rows -> same bytes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-                n += 1
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _atomic_text(Path(path)) as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+            n += 1
     return n
 
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically, pretty and key-sorted (stable for DVC metrics and diffs)."""
-    path = Path(path)
+    with _atomic_text(Path(path)) as fh:
+        json.dump(obj, fh, ensure_ascii=False, sort_keys=True, indent=2)
+        fh.write("\n")
+
+
+@contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """An OSError that names no file (a full disk, a file-size limit: ``[Errno 28] No space left on device``) raised
+    naming ``path``, the file being written: the CLI prints the file at fault."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno and exc.filename is None:
+            exc.filename = str(path)
+        raise
+
+
+@contextmanager
+def _atomic_text(path: Path) -> Iterator[TextIO]:
+    """A UTF-8 text file written to a temp file beside ``path`` and renamed onto it when complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            json.dump(obj, fh, ensure_ascii=False, sort_keys=True, indent=2)
-            fh.write("\n")
+        with naming(path), os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            yield fh
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary files
         os.replace(tmp, path)
     except BaseException:

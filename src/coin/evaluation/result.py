@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from coin.data.io import DataError, read_json, write_json
+from coin.data.io import DataError, naming, read_json, write_json
 from coin.evaluation.metrics import Metrics, Sources, compute_metrics, metrics_dict
 
 RESULT_FILE = "result.json"
@@ -103,7 +103,12 @@ def save_result(result: EvalResult, directory: str | Path) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tmp = d / f".{PREDICTIONS_FILE}.{uuid.uuid4().hex[:8]}.tmp"  # its own name: concurrent writers do not collide
-    result.predictions.to_parquet(tmp, index=False)
+    try:
+        with naming(d / PREDICTIONS_FILE):  # a full disk: that file named
+            result.predictions.to_parquet(tmp, index=False)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(d / PREDICTIONS_FILE)
     write_json(d / RESULT_FILE, result.info())  # written last: its presence marks a complete result
     return d
