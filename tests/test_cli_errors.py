@@ -706,6 +706,25 @@ def test_a_full_disk_in_a_library_write_is_a_runtime_error_naming_the_file_not_p
     assert (code, fix) == (ExitCode.RUNTIME, "free disk space"), msg
 
 
+
+def test_inside_a_model_library_a_write_errno_keeps_its_fix_and_a_path_error_the_models():
+    """A full disk while peft saved the adapter was called a model problem (exit 4); a model path through a file
+    (ENOTDIR) inside a model library is still the model named."""
+    def raised_in_transformers(err: int) -> OSError:
+        scope = {"__name__": "transformers.modeling_utils"}
+        exec("def load(err):\n    raise OSError(err, 'failed', '/models/x/config.json')", scope)  # noqa: S102
+        try:
+            scope["load"](err)
+        except OSError as exc:
+            return exc
+        raise AssertionError
+
+    assert classify(raised_in_transformers(errno.ENOSPC))[::2] == (ExitCode.RUNTIME, "free disk space")
+    assert classify(raised_in_transformers(errno.EROFS))[0] == ExitCode.RUNTIME
+    code, _, fix = classify(raised_in_transformers(errno.ENOTDIR))
+    assert code == ExitCode.MODEL and "check the model named" in fix
+
+
 def _full_mlflow_store(tmp_path: Path, pragma: str) -> BaseException:
     """A real SQLite MLflow store that refuses writes: no page beyond its size (a full disk), or query_only."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
@@ -762,7 +781,7 @@ def test_a_full_or_read_only_mlflow_store_names_the_store_without_a_logged_trace
 
 def test_data_docs_rendering_errors_are_not_logged_before_coins_own_error(tmp_path, monkeypatch, caplog):
     """On a full disk `coin validate` printed Great Expectations' ERROR blocks, each with a traceback inline, before
-    coin's two lines; --debug keeps them."""
+    coin's two lines: the page that could not be rendered is still said, its traceback only with --debug."""
     monkeypatch.delenv("COIN_DEBUG", raising=False)
     _params(tmp_path)
 
@@ -770,12 +789,15 @@ def test_data_docs_rendering_errors_are_not_logged_before_coins_own_error(tmp_pa
         import logging
 
         logging.getLogger("great_expectations.render.renderer.site_builder").error(
-            'An unexpected Exception occurred during data docs rendering. OSError: "[Errno 28]". Traceback: "..."')
+            'An unexpected Exception occurred during data docs rendering. OSError: "[Errno 28]".  Traceback: '
+            '"Traceback (most recent call last):\n  File \"x.py\", line 1\nOSError: [Errno 28]".')
         raise OSError(errno.ENOSPC, "No space left on device", str(root / "outputs" / "validate" / "summary.json"))
 
     monkeypatch.setitem(stages.STAGES, "validate", validate)
     res = runner.invoke(app, ["validate", "--params", str(tmp_path / "params.yaml")])
     assert res.exit_code == ExitCode.RUNTIME and "summary.json" in res.output and "free disk space" in res.output
-    assert "data docs rendering" not in caplog.text + res.output, caplog.text
+    assert "data docs rendering" in caplog.text and "most recent call last" not in caplog.text + res.output
+    assert "(traceback: coin --debug)" in caplog.text, caplog.text
+    caplog.clear()
     runner.invoke(app, ["--debug", "validate", "--params", str(tmp_path / "params.yaml")])
-    assert "data docs rendering" in caplog.text
+    assert "most recent call last" in caplog.text

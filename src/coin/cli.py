@@ -88,9 +88,24 @@ _OS_FIX = {errno.ENOSPC: "free disk space", errno.EFBIG: "a file-size limit (uli
            errno.ENOTDIR: "a part of that path is a file: give a folder",
            errno.EEXIST: "that path is a file where a folder is needed: give a folder"}
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors and tokenizers (Rust) give an errno
-# libraries that log an error coin reports itself with its traceback first (85 lines for a full MLflow store; Great
-# Expectations' Data Docs on a full disk): silent unless --debug
-_LOUD_LOGGERS = ("mlflow.store.db.utils", "great_expectations.render.renderer.site_builder")
+# a write that fails inside a model library (saving an adapter, a tokenizer) is the disk's or the folder's, not the
+# model's: these errnos keep their own fix there
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EACCES)
+# a library that logs an error coin then reports itself, with its traceback first (85 lines for a full MLflow store):
+# silent unless --debug
+_LOUD_LOGGERS = ("mlflow.store.db.utils",)
+_GX_PAGES = "great_expectations.render.renderer.site_builder"
+
+
+class _OneLine(logging.Filter):
+    """Great Expectations logs a Data Docs page it could not render (and goes on without it) with the whole traceback
+    inside the message, 30 lines per page on a full disk: the message is kept, its traceback only with --debug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if 'Traceback: "' in text:
+            record.msg, record.args = text.split('Traceback: "')[0].rstrip() + " (traceback: coin --debug)", ()
+        return True
 
 
 def _frames(exc: BaseException) -> list[tuple[Any, str]]:
@@ -225,7 +240,7 @@ def classify(exc: BaseException) -> tuple[ExitCode, str, str | None]:
                 "lower train.batch_size / evaluate.batch_size, or use a machine with more memory")
     if isinstance(exc, OSError):
         hint = _OS_FIX.get(exc.errno or 0)  # a full disk or a permission inside a model library is still that
-        if hint is None and _raised_in(exc, _MODEL_LIBS):
+        if exc.errno not in _WRITE_ERRNOS and _raised_in(exc, _MODEL_LIBS):
             return ExitCode.MODEL, msg, _MODEL_HINT
         if exc.errno in (errno.ENOSPC, errno.EFBIG) and not exc.filename:  # a write: name its file where found
             msg = f"{_in_file(exc, innermost_only=True, written=True)}{msg}"
@@ -289,9 +304,11 @@ class _CoinGroup(typer.core.TyperGroup):
     def invoke(self, ctx: Any) -> Any:
         loud = [logging.getLogger(name) for name in _LOUD_LOGGERS]
         levels = [q.level for q in loud]
+        pages, one_line = logging.getLogger(_GX_PAGES), _OneLine()
         if not _debug_requested(ctx):
             for q in loud:
                 q.setLevel(logging.CRITICAL)
+            pages.addFilter(one_line)
         try:
             # SIGINT/SIGTERM end every command as `interrupted` (130/143), also one stopped inside a library call
             # (an MLflow write) that then raised something else; without it SIGTERM left MLflow runs RUNNING
@@ -310,6 +327,7 @@ class _CoinGroup(typer.core.TyperGroup):
         finally:
             for q, level in zip(loud, levels, strict=True):
                 q.setLevel(level)
+            pages.removeFilter(one_line)
 
 
 app = typer.Typer(cls=_CoinGroup, add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0],
