@@ -430,7 +430,8 @@ def test_coin_card_errors_name_the_thing_at_fault(registry):
     from coin.cli import ExitCode
 
     res = _coin("models:/nope@champion", params=registry["params"])
-    assert res.exit_code == ExitCode.MODEL and "no registered model 'nope'" in res.output
+    assert res.exit_code == ExitCode.MODEL and "no registered model 'nope' in the registry sqlite:///" in \
+        " ".join(res.output.split())  # the store it looked in: the shell's MLFLOW_TRACKING_URI is not read
     assert "tiny-card" in res.output  # the models there are
     res = _coin("models:/tiny-card@gold", params=registry["params"])
     assert res.exit_code == ExitCode.MODEL and "has no alias 'gold'" in res.output and "champion" in res.output

@@ -676,7 +676,8 @@ def test_a_missing_champion_names_the_challenger_of_the_model_asked_for(bert_ada
     # not found" came with "Run `coin pipeline`", which never makes alias nosuch or version 7
     for uri, said in (("models:/tiny-hint@nosuch", "has no alias 'nosuch' (its aliases: challenger)"),
                       ("models:/tiny-hint/7", "has no version 7 (its versions: 1)"),
-                      ("models:/tiny-hnt@champion", "no registered model 'tiny-hnt' (registered: tiny-hint)")):
+                      ("models:/tiny-hnt@champion", "no registered model 'tiny-hnt' in the registry sqlite:///"),
+                      ("models:/tiny-hnt@champion", "(registered: tiny-hint)")):
         res = CliRunner().invoke(app, ["predict", "--model-uri", uri, "--instruction", "Q? ", "--input", "x"])
         out = " ".join(res.output.split())
         assert res.exit_code == 4 and f"cannot load {uri}: " in out, out

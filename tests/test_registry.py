@@ -1049,6 +1049,50 @@ def test_log_candidate_rejects_a_non_adapter_dir(store, tmp_path):
 # --------------------------------------------------------------------------- run layout
 
 
+def test_a_shells_mlflow_run_id_is_dropped_not_logged_into(tmp_path, monkeypatch, caplog):
+    """``MLFLOW_RUN_ID`` left in the shell: ``mlflow.start_run()`` took it over the run's name and nesting, so
+    ``coin train`` renamed a finished run to ``train-cit`` and mixed its params, or failed it on "Changing param
+    values is not allowed". Now it is removed with a warning, and the stage starts a run of its own."""
+    import logging
+
+    import mlflow
+
+    settings = Settings.model_validate({"paths": {"mlruns_dir": str(tmp_path / "mlruns")},
+                                        "tracking": {"experiment": "t"}})
+    setup_tracking(settings, tmp_path)
+    with mlflow.start_run(run_name="validate") as old:
+        mlflow.log_param("train.method", "sft")
+    monkeypatch.setenv("MLFLOW_RUN_ID", old.info.run_id)
+    with caplog.at_level(logging.WARNING, logger="coin"), method_run(settings, tmp_path, "cit") as run:
+        mlflow.log_metric("train/loss", 1.0)
+    assert run.info.run_id != old.info.run_id and "MLFLOW_RUN_ID" not in os.environ
+    assert f"MLFLOW_RUN_ID={old.info.run_id}" in caplog.text and "coin starts its own runs" in caplog.text
+    kept, new = mlflow.get_run(old.info.run_id), mlflow.get_run(run.info.run_id)
+    assert (kept.info.run_name, kept.info.status, kept.data.params, kept.data.metrics) == \
+        ("validate", "FINISHED", {"train.method": "sft"}, {})
+    assert (new.info.run_name, new.info.status, new.data.params["train.method"]) == ("train-cit", "FINISHED", "cit")
+
+
+def test_a_shells_mlflow_store_is_named_where_coin_uses_another(tmp_path, monkeypatch, caplog):
+    """``MLFLOW_TRACKING_URI`` in the shell was replaced by the project's store without a word (``coin card`` then
+    found no model, in a store it did not name). Now each variable naming another store is warned of once,
+    credentials redacted, with how to use it; one naming coin's own store is not."""
+    import logging
+
+    settings = Settings.model_validate({"paths": {"mlruns_dir": str(tmp_path / "mlruns")},
+                                        "tracking": {"experiment": "t"}})
+    ours = tracking_uri(settings, tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:hunter2@127.0.0.1:5000")
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", ours)
+    with caplog.at_level(logging.WARNING, logger="coin"):
+        setup_tracking(settings, tmp_path)
+        setup_tracking(settings, tmp_path)
+    said = [r.getMessage() for r in caplog.records if "MLFLOW_" in r.getMessage()]
+    assert len(said) == 1 and "hunter2" not in said[0], said
+    assert said[0].startswith("MLFLOW_TRACKING_URI=http://alice:***@127.0.0.1:5000 is set"), said
+    assert ours in said[0] and '--set tracking.uri="$MLFLOW_TRACKING_URI"' in said[0], said
+
+
 def test_pipeline_parent_with_nested_method_runs(tmp_path):
     import mlflow
 

@@ -178,8 +178,10 @@ def registered_version(client: Any, name: str, *, alias: str | None = None, vers
         client.get_registered_model(name)
     except MlflowException:
         known = sorted(m.name for m in client.search_registered_models())
-        raise LookupError(f"no registered model {name!r} (registered: {', '.join(known) or 'none'}); `coin "
-                          "register` registers one") from None
+        from coin.registry.tracking import registry_uri_of
+
+        raise LookupError(f"no registered model {name!r} in the registry {registry_uri_of(client)} (registered: "
+                          f"{', '.join(known) or 'none'}); `coin register` registers one") from None
     try:
         return client.get_model_version_by_alias(name, alias) if alias is not None else \
             client.get_model_version(name, str(version))

@@ -108,8 +108,10 @@ def resolve_version(client, ref: str):
         client.get_registered_model(name)
     except MlflowException:
         names = sorted(m.name for m in client.search_registered_models())
-        raise CardUnavailable(f"{ref}: no registered model {name!r} in the registry (models: "
-                              f"{', '.join(names) or 'none'}); `coin register` registers one") from None
+        from coin.registry.tracking import registry_uri_of
+
+        raise CardUnavailable(f"{ref}: no registered model {name!r} in the registry {registry_uri_of(client)} "
+                              f"(models: {', '.join(names) or 'none'}); `coin register` registers one") from None
     try:
         if alias is not None:
             return client.get_model_version_by_alias(name, alias)

@@ -100,12 +100,58 @@ def check_server_answers(uri: str, timeout: float = 5.0) -> None:
                           "leave tracking.uri out for the project's own store") from None
 
 
+SHELL_STORE_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+_warned_env: set[tuple[str, str, str]] = set()  # (variable, its value, coin's store): said once per process
+
+
+def _mind_shell_mlflow_env(uri: str) -> None:
+    """MLflow's own variables a shell may hold, which coin's runs must not follow unsaid. ``MLFLOW_RUN_ID`` is
+    removed with a warning: ``mlflow.start_run()`` without a run id takes it, ignoring the run's name and nesting, and
+    ``coin train`` logged into that old run (renaming it, mixing params, or failing a finished run); coin nests its
+    runs by ``COIN_PARENT_RUN_ID``. ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` naming another store than
+    ``uri`` (coin's, from ``tracking.uri``) are warned of once: coin does not read them."""
+    from coin.secrets import redact_text
+
+    run_id = os.environ.pop("MLFLOW_RUN_ID", None)
+    if run_id:
+        log.warning("MLFLOW_RUN_ID=%s is set in the environment: ignored (removed), coin starts its own runs and "
+                    "never logs into an existing run that way", run_id)
+    for var in SHELL_STORE_VARS:
+        theirs = os.environ.get(var, "").strip()
+        if not theirs or _same_store(theirs, uri) or (var, theirs, uri) in _warned_env:
+            continue
+        _warned_env.add((var, theirs, uri))
+        log.warning("%s=%s is set in the environment, but coin uses its own store, %s (tracking.uri, else the "
+                    "project's paths.mlruns_dir); to use yours, add --set tracking.uri=\"$%s\" (or set tracking.uri "
+                    "in params.yaml)", var, redact_text(theirs), redact_text(uri), var)
+
+
+def _same_store(a: str, b: str) -> bool:
+    """Whether two tracking URIs name one store: the same SQLite file (a relative one read against the working
+    directory, as MLflow reads it), else the same text up to a trailing '/'."""
+    da, db = sqlite_db(a), sqlite_db(b)
+    if da is not None and db is not None:
+        return da.resolve() == db.resolve()
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def registry_uri_of(client: Any) -> str:
+    """The registry URI ``client`` (an ``MlflowClient``) reads, credentials redacted, for a message saying where
+    a model was looked for."""
+    import mlflow
+
+    from coin.secrets import redact_text
+
+    return redact_text(getattr(client, "_registry_uri", None) or mlflow.get_registry_uri())
+
+
 def setup_tracking(settings: Settings, root: Path, *, writes: bool = True) -> str:
     """Point MLflow at the configured store and make sure the experiment exists; returns its id. ``writes``: the
     caller logs runs or artifacts (a store whose artifacts lie elsewhere is then refused, else only warned of)."""
     import mlflow
 
     uri = tracking_uri(settings, root)
+    _mind_shell_mlflow_env(uri)
     check_server_answers(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
