@@ -339,6 +339,21 @@ def test_classify_sorts_library_errors_into_their_classes(tmp_path):
     assert classify(TypeError("x"))[0] == ExitCode.BUG
 
 
+def test_a_prefect_server_that_does_not_answer_names_prefect_api_url():
+    """A dead ``PREFECT_API_URL`` in the shell ended ``coin pipeline`` with Prefect's bare "Failed to reach API at
+    ..." and no fix; now the fix names the variable (the exception is the one Prefect's client raises)."""
+    from prefect.client.orchestration import SyncPrefectClient
+
+    try:
+        SyncPrefectClient(api="http://127.0.0.1:9/api").raise_for_api_version_mismatch()
+    except RuntimeError as exc:
+        code, msg, fix = classify(exc)
+    else:
+        raise AssertionError("nothing answers on port 9, yet Prefect reached it")
+    assert code == ExitCode.RUNTIME and "Failed to reach API at http://127.0.0.1:9/api" in msg, msg
+    assert fix is not None and "PREFECT_API_URL" in fix and "unset PREFECT_API_URL" in fix, fix
+
+
 # --------------------------------------------------------------------------- the real process
 
 

@@ -249,6 +249,10 @@ def classify(exc: BaseException) -> tuple[ExitCode, str, str | None]:
         if _raised_in(exc, _MODEL_LIBS):
             return ExitCode.MODEL, msg, _MODEL_HINT
         return ExitCode.CONFIG, msg, None
+    if isinstance(exc, RuntimeError) and "Failed to reach API at " in flat:  # Prefect's client: its server
+        return (ExitCode.RUNTIME, f"Prefect: {flat}",
+                "PREFECT_API_URL (set in the shell or the Prefect profile) points at a Prefect server that does not "
+                "answer: start it, or unset PREFECT_API_URL to use a temporary local server")
     if isinstance(exc, RuntimeError):  # a non-finite loss, a distributed set-up, ... carry their own explanation
         return ExitCode.RUNTIME, msg, None
     return (ExitCode.BUG, f"unexpected {type(exc).__name__}: {flat}",
