@@ -1091,6 +1091,13 @@ def test_a_shells_mlflow_store_is_named_where_coin_uses_another(tmp_path, monkey
     assert len(said) == 1 and "hunter2" not in said[0], said
     assert said[0].startswith("MLFLOW_TRACKING_URI=http://alice:***@127.0.0.1:5000 is set"), said
     assert ours in said[0] and '--set tracking.uri="$MLFLOW_TRACKING_URI"' in said[0], said
+    # mlflow.set_tracking_uri exports the variable: a second store in this process (tests, a tool evaluating two
+    # projects) is not warned of against the one coin itself set before
+    other = Settings.model_validate({"paths": {"mlruns_dir": str(tmp_path / "other")}, "tracking": {"experiment": "t"}})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="coin"):
+        setup_tracking(other, tmp_path)
+    assert not [r for r in caplog.records if "MLFLOW_" in r.getMessage()]
 
 
 def test_pipeline_parent_with_nested_method_runs(tmp_path):

@@ -102,6 +102,7 @@ def check_server_answers(uri: str, timeout: float = 5.0) -> None:
 
 SHELL_STORE_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 _warned_env: set[tuple[str, str, str]] = set()  # (variable, its value, coin's store): said once per process
+_set_here: set[str] = set()  # stores this process pointed MLflow at: mlflow.set_tracking_uri exports the variable
 
 
 def _mind_shell_mlflow_env(uri: str) -> None:
@@ -118,7 +119,7 @@ def _mind_shell_mlflow_env(uri: str) -> None:
                     "never logs into an existing run that way", run_id)
     for var in SHELL_STORE_VARS:
         theirs = os.environ.get(var, "").strip()
-        if not theirs or _same_store(theirs, uri) or (var, theirs, uri) in _warned_env:
+        if not theirs or theirs in _set_here or _same_store(theirs, uri) or (var, theirs, uri) in _warned_env:
             continue
         _warned_env.add((var, theirs, uri))
         log.warning("%s=%s is set in the environment, but coin uses its own store, %s (tracking.uri, else the "
@@ -155,6 +156,7 @@ def setup_tracking(settings: Settings, root: Path, *, writes: bool = True) -> st
     check_server_answers(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    _set_here.add(uri)
     from mlflow.exceptions import MlflowException
 
     from coin.secrets import redact_text
