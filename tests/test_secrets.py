@@ -130,7 +130,7 @@ def test_coin_params_and_cli_errors_print_no_secret(tmp_path):
 # --------------------------------------------------------------------------- real recorders
 
 
-def test_real_mlflow_runs_log_no_password(tmp_path):
+def test_real_mlflow_runs_log_no_password(tmp_path, capfd):
     """``tracking.uri: http://alice:<password>@127.0.0.1:<port>`` pointing at a real ``mlflow server``: the
     pipeline parent run, a training child run and the Prefect flow's parent run (``open_pipeline_run``) record
     the URI redacted, while the runs did go through that URI."""
@@ -164,6 +164,8 @@ def test_real_mlflow_runs_log_no_password(tmp_path):
         flow_parent = open_pipeline_run.fn(str(params), overrides, None)
         close_pipeline_run.fn(str(params), overrides, flow_parent, "FINISHED")
 
+        printed = capfd.readouterr()  # MLflow printed "View run train-coin at: http://alice:<password>@..." per run
+        assert PASSWORD not in printed.out + printed.err, printed.out
         client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
         for run_id in (parent.info.run_id, child.info.run_id, flow_parent):
             run = client.get_run(run_id)
@@ -318,6 +320,21 @@ def test_a_database_password_sqlalchemy_accepts_is_redacted(pw):
     if " " not in pw and "@" not in pw:  # in running text too (a log line), up to the '@' of the host
         assert redact_text(f"cannot reach mysql+pymysql://u:{pw}@db:3306/x now") == (
             "cannot reach mysql+pymysql://u:***@db:3306/x now")
+
+
+@pytest.mark.parametrize("pw", ["Sp4ce PW", "a@b c", "p:w x"])
+def test_an_http_password_with_a_space_is_redacted_and_sealed(pw):
+    """The whole-value rule covered database URLs only: `http://alice:S3 CRET@host:1` was in clear in `coin params`,
+    the runs' MLflow params and (unsealed) the Prefect flow's overrides."""
+    from coin.config import Settings
+    from coin.secrets import SealedOverride
+
+    uri = f"http://alice:{pw}@127.0.0.1:5951"
+    shown = json.dumps(Settings.model_validate({"tracking": {"uri": uri}}).to_flat_dict())
+    assert pw not in shown and "http://alice:***@127.0.0.1:5951" in shown, shown
+    sealed = seal_overrides([f"tracking.uri={uri}"])[0]
+    assert isinstance(sealed, SealedOverride) and str(sealed) == "tracking.uri=http://alice:***@127.0.0.1:5951"
+    assert redact_text("http://127.0.0.1:5000/a@b") == "http://127.0.0.1:5000/a@b"  # no user info: kept
 
 
 @pytest.mark.parametrize(("text", "shown"), [

@@ -52,6 +52,10 @@ _DB_USERINFO = re.compile(rf"(?P<head>\b{_DB_SCHEME}://[^\s:@/?#]*):(?P<pw>[^@\s
 # the last '@': what follows is the host)
 _DB_WHOLE = re.compile(rf"^(?P<head>{_DB_SCHEME}://[^\s:@/?#]*):(?P<pw>.*)@(?P<rest>[^@\s]*)$",
                        re.IGNORECASE | re.DOTALL)
+# a setting whose whole value is one URI of any other scheme (http(s), s3, ...): its password may hold a space or an
+# '@' (HTTP clients take the user info up to the last '@' before the path, and send a space as it is)
+_ANY_WHOLE = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^\s:@/?#]*):(?P<pw>[^/?#]*)@"
+                        r"(?P<rest>[^@/?#]*(?:[/?#].*)?)$", re.DOTALL)
 # ?token=...  &password=...  (a query parameter whose name is secret)
 _QUERY = re.compile(r"(?P<head>[?&;](?P<name>[A-Za-z0-9_.\-]+)=)(?P<value>[^&;#\s'\"]*)")
 
@@ -104,7 +108,7 @@ def redact_value(key: str, value: Any) -> Any:
     if is_secret_key(key) and value not in (None, "", [], {}):
         return REDACTED
     if isinstance(value, str):
-        return redact_text(_redact_db_value(value))
+        return redact_text(_redact_whole_uri(value))
     if isinstance(value, Mapping):
         return {k: redact_value(f"{key}.{k}", v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -127,13 +131,20 @@ def redact_override(item: str) -> str:
         return redact_text(item)
     key, value = item.split("=", 1)
     return (f"{key}={REDACTED}" if is_secret_key(key) and value.strip()
-            else f"{key}={redact_text(_redact_db_value(value))}")
+            else f"{key}={redact_text(_redact_whole_uri(value))}")
 
 
-def _redact_db_value(value: str) -> str:
-    """A setting that is one database URL with its password hidden, spaces and all (running text cannot tell
-    a space in a password from the end of the URL); any other value unchanged."""
-    whole = _DB_WHOLE.match(value.strip())
+def _redact_whole_uri(value: str) -> str:
+    """A setting that is one URL with its password hidden, spaces and all (running text cannot tell a space in a
+    password from the end of the URL: ``http://alice:S3 CRET@host:1`` was recorded in clear); any other value
+    unchanged.
+
+    >>> _redact_whole_uri("http://alice:S3 CRET@127.0.0.1:5000"), _redact_whole_uri("postgresql://u:p w@db/coin")
+    ('http://alice:***@127.0.0.1:5000', 'postgresql://u:***@db/coin')
+    >>> _redact_whole_uri("http://127.0.0.1:5000/a@b"), _redact_whole_uri("a plain value: x@y")
+    ('http://127.0.0.1:5000/a@b', 'a plain value: x@y')
+    """
+    whole = _DB_WHOLE.match(value.strip()) or _ANY_WHOLE.match(value.strip())
     return f"{whole['head']}:{REDACTED}@{whole['rest']}" if whole else value
 
 

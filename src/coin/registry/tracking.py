@@ -154,6 +154,10 @@ def setup_tracking(settings: Settings, root: Path, *, writes: bool = True) -> st
     uri = tracking_uri(settings, root)
     _mind_shell_mlflow_env(uri)
     check_server_answers(uri)
+    from coin.secrets import redact_text
+
+    if redact_text(uri) != uri:  # MLflow prints "View run ... at: <the URI>" to stdout as each run ends, password too
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     _set_here.add(uri)
