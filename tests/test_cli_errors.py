@@ -816,3 +816,15 @@ def test_data_docs_rendering_errors_are_not_logged_before_coins_own_error(tmp_pa
     caplog.clear()
     runner.invoke(app, ["--debug", "validate", "--params", str(tmp_path / "params.yaml")])
     assert "most recent call last" in caplog.text
+
+
+def test_a_database_tracking_uri_without_its_driver_is_a_config_error_not_a_bug(tmp_path):
+    """`coin card --set tracking.uri=postgresql://...` ended 'unexpected ModuleNotFoundError ... this is a bug'
+    (exit 1): the driver is not in the lock file (README: Tracking), so the configuration asks for what is missing."""
+    params = _params(tmp_path)
+    res = runner.invoke(app, ["card", "--params", str(params), "--set",
+                              "tracking.uri=postgresql://u:pw@127.0.0.1:1/db", "models:/coin-minilm@champion"])
+    said = " ".join(res.output.split())
+    assert res.exit_code == ExitCode.CONFIG, res.output
+    assert "tracking.uri names a PostgreSQL database, whose Python driver 'psycopg2' is not installed" in said, said
+    assert "pip install psycopg2-binary" in said and ":pw@" not in said

@@ -88,6 +88,11 @@ _OS_FIX = {errno.ENOSPC: "free disk space", errno.EFBIG: "a file-size limit (uli
            errno.ENOTDIR: "a part of that path is a file: give a folder",
            errno.EEXIST: "that path is a file where a folder is needed: give a folder"}
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors and tokenizers (Rust) give an errno
+# the drivers SQLAlchemy imports for a database tracking.uri (none is in the lock file), and their pip names
+_DB_DRIVERS = {"psycopg2": "PostgreSQL", "psycopg": "PostgreSQL", "pg8000": "PostgreSQL", "MySQLdb": "MySQL",
+               "pymysql": "MySQL", "pymssql": "SQL Server", "pyodbc": "SQL Server", "cx_Oracle": "Oracle",
+               "oracledb": "Oracle"}
+_DB_PACKAGES = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]", "MySQLdb": "mysqlclient"}
 # a write that fails inside a model library (saving an adapter, a tokenizer) is the disk's or the folder's, not the
 # model's: these errnos keep their own fix there
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EACCES)
@@ -203,6 +208,11 @@ def classify(exc: BaseException) -> tuple[ExitCode, str, str | None]:
     if os_code in _OS_FIX or (_is(exc, "safetensors", "SafetensorError") and "I/O error" in flat):
         # a write that failed (a full disk, a file-size limit), not a damaged file: the file being written
         return ExitCode.RUNTIME, f"{_in_file(exc, innermost_only=True, written=True)}{flat}", _OS_FIX.get(os_code or 0)
+    if isinstance(exc, ModuleNotFoundError) and exc.name in _DB_DRIVERS:  # SQLAlchemy imports it for tracking.uri
+        return (ExitCode.CONFIG, f"tracking.uri names a {_DB_DRIVERS[exc.name]} database, whose Python driver "
+                f"'{exc.name}' is not installed", f"install it in the project's environment (`./run.sh python -m "
+                f"pip install {_DB_PACKAGES.get(exc.name, exc.name)}`), or use an MLflow server or the project's "
+                "own store (README: Tracking)")
     if _is(exc, "mlflow.exceptions", "MlflowException") and "database or disk is full" in flat:
         return ExitCode.RUNTIME, f"{_mlflow_store(exc)} is full (database or disk is full)", _OS_FIX[errno.ENOSPC]
     if _is(exc, "mlflow.exceptions", "MlflowException") and "readonly database" in flat:
