@@ -1371,6 +1371,19 @@ def test_a_cell_names_a_missing_pairs_file_and_a_bad_device(study_project, capsy
         pick_device("tpu")
 
 
+def test_a_cells_sweep_value_is_read_as_an_option_and_refused_beside_all(study_project, capsys):
+    """`python -m coin.study.cell --sweep-value '[1,'` ended in PyYAML's traceback (exit 1), and `--all` ran the grid's
+    values, silently dropping the --sweep-value asked for."""
+    from coin.study.cell import main
+
+    params = str(study_project["params"])
+    assert main(["--params", params, "--method", "coin", "--seed", "0", "--sweep-value", "[1,"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--sweep-value '[1,': not valid YAML" in err and "Traceback" not in err, err
+    assert main(["--params", params, "--all", "--sweep-value", "0.5"]) == 2
+    assert "drop --method, --seed, --sweep-value and --out" in capsys.readouterr().err
+
+
 def test_zero_workers_is_refused_before_the_study_starts():
     """--workers 0 passed --dry-run and, in a real run, failed only after Prefect had started a flow run."""
     from typer.testing import CliRunner

@@ -369,8 +369,6 @@ def run_cell(settings: Settings, root: Path, cell: Cell, *, out_dir: Path | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    import yaml
-
     ap = argparse.ArgumentParser(prog="python -m coin.study.cell", description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml", help="params file (project root = its directory)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value (repeatable)")
@@ -392,8 +390,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--pairs {args.pairs}: file not found; pass the validated pairs "
                               "(<study.out_dir>/validated/valid.jsonl, written by `coin study`), or drop --pairs")
         if args.all:
-            if args.method or args.seed is not None or args.out:
-                raise ConfigError("--all runs the whole grid: drop --method, --seed and --out")
+            if args.method or args.seed is not None or args.out or args.sweep_value is not None:
+                raise ConfigError("--all runs the whole grid: drop --method, --seed, --sweep-value and --out")
             if args.pairs and sweeps_draws(settings):
                 raise ConfigError("--all with --pairs: this study sweeps pairs.seed, so each draw trains on its own "
                                   "pairs (<study.out_dir>/draws/pairs.seed=<v>/validated/); drop --pairs")
@@ -405,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if args.method is None or args.seed is None:
                 raise ConfigError("give --method and --seed (or --all)")
-            value = yaml.safe_load(args.sweep_value) if args.sweep_value is not None else NOT_GIVEN
+            value = _sweep_value(args.sweep_value) if args.sweep_value is not None else NOT_GIVEN
             cell = make_cell(settings, args.method, args.seed, value)
             records = [run_cell(settings, root, cell, out_dir=args.out, pairs_file=args.pairs, device=args.device,
                                 force=args.force)]
@@ -414,6 +412,17 @@ def main(argv: list[str] | None = None) -> int:
     for r in records:
         print(json.dumps({"cell": r["cell"]["name"], "cached": r["cached"], "dir": r["dir"], **r["figures"]}))
     return 0
+
+
+def _sweep_value(text: str) -> object:
+    """``--sweep-value`` read as YAML, as ``--set`` reads a value; bad YAML is the option's error, not a traceback."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--sweep-value {text!r}: not valid YAML ({' '.join(str(exc).split())}); give the value "
+                          "as --set would take it, e.g. --sweep-value 0.001 or --sweep-value '[a, b]'") from None
 
 
 # what a cell needs beyond its imports: pandas loads pyarrow only when the evaluation is saved, after all the work
