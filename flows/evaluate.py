@@ -34,7 +34,7 @@ from prefect.cache_policies import NO_CACHE
 
 import coin  # noqa: F401  (local-only environment before Prefect is imported)
 from coin.config import Settings
-from coin.evaluation.anymodel import load_for_instructions
+from coin.evaluation.anymodel import load_for_instructions, resolve_targets
 from coin.evaluation.report.blocks import DASH
 from coin.secrets import seal_overrides
 from flows.pipeline import Overrides, _failure, _transient, quiet_prefect_logs, run_banner, run_main, unit_line
@@ -146,7 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache-dir", default=None, help="result cache (default: <out>/cache)")
     args = ap.parse_args(argv)
     overrides = seal_overrides(args.overrides)
-    run_main(lambda: load_for_instructions(args.params, overrides, args.instructions, uses_backbone=False),
+    def check() -> None:  # before Prefect starts: a bad spec (empty, a label twice, no such model) cost a flow run
+        settings, root = load_for_instructions(args.params, overrides, args.instructions, uses_backbone=False)
+        if args.models is not None:
+            resolve_targets(args.models, settings, root, fingerprint=False)
+
+    run_main(check,
              lambda: coin_evaluate(params_path=args.params, overrides=overrides, models=args.models,
                                    instruction_file=args.instructions, out_dir=args.out, cache_dir=args.cache_dir))
 

@@ -746,6 +746,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-push", action="store_true", help="do not `dvc push` a new data version")
     args = ap.parse_args(argv)
     overrides = seal_overrides(args.overrides)
+    if args.eval_workers is not None and args.eval_workers < 1:  # refused before Prefect starts, as flows.study does
+        ap.error(f"--eval-workers {args.eval_workers}: give at least 1")
     if not args.dask_processes and args.eval_workers is None:
         args.eval_workers = 1  # --dask-threads: one worker thread in this process, whatever the core count
     if not args.dask_processes and args.eval_workers > 1:

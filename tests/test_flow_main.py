@@ -43,6 +43,22 @@ def test_an_error_inside_the_flow_is_reported_with_its_exit_code(monkeypatch, ca
     assert "Traceback" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name, args, said", [
+    ("pipeline", ["--eval-workers", "0"], "--eval-workers 0: give at least 1"),
+    ("evaluate", ["--model", ""], "--model: empty model spec"),
+    ("evaluate", ["--model", "a=minilm", "--model", "a=minilm"], "label(s) ['a'] given twice"),
+])
+def test_a_bad_option_is_refused_before_prefect_starts(name, args, said, monkeypatch, capsys):
+    """`python -m flows.pipeline --eval-workers 0` and `python -m flows.evaluate --model ''` started Prefect's server
+    and a flow run that then failed (51 s); `coin evaluate` and `flows.study` refuse the same at once."""
+    mod = importlib.import_module(f"flows.{name}")
+    monkeypatch.setattr(mod, FLOWS[name], lambda **kw: pytest.fail("the flow started"))
+    with pytest.raises(SystemExit) as exit_:
+        mod.main(["--params", str(ROOT / "params.yaml"), *args])
+    assert exit_.value.code == 2
+    assert said in " ".join(capsys.readouterr().err.split())
+
+
 def test_dask_threads_means_one_worker_whatever_the_core_count(monkeypatch, capsys):
     """`--dask-threads` alone ran the default workers (one per 2 cores) as threads, refused inside the flow on a
     4-core machine; it now means one, and more is refused before Prefect starts, naming the options."""

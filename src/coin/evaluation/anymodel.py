@@ -422,11 +422,12 @@ def check_writable(option: str, folder: Path | None) -> None:
             from None
 
 
-def resolve_targets(args: list[str], settings: Settings, root: Path) -> list[ModelTarget]:
-    """Every ``--model`` resolved and checked, labels unique; loads no model."""
+def resolve_targets(args: list[str], settings: Settings, root: Path, *, fingerprint: bool = True) -> list[ModelTarget]:
+    """Every ``--model`` resolved and checked, labels unique; loads no model (``fingerprint``: as
+    :func:`resolve_target`)."""
     if not args:
         raise ConfigError("--model: give at least one model to evaluate")
-    targets = [resolve_target(a, settings, root) for a in args]
+    targets = [resolve_target(a, settings, root, fingerprint=fingerprint) for a in args]
     labels = [t.label for t in targets]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
