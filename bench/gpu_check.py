@@ -503,15 +503,30 @@ def cell_missing(args: argparse.Namespace) -> list[str]:
                        "`python bench/gpu_check.py --export-minilm DIR` writes where the package is)")
     if not (ROOT / "data" / "glue").is_dir():
         missing.append("data/ (the DVC-tracked data: `dvc pull` or copy it)")
-    pairs = Path(args.pairs) if args.pairs else ROOT / "outputs" / "study" / "validated" / "valid.jsonl"
-    if not pairs.exists():
+    try:
+        readable = all(importlib.util.find_spec(m) for m in ("pydantic", "yaml"))  # else no --params is read
+        pairs = study_pairs(args) if readable or args.pairs else None
+    except Exception as exc:  # noqa: BLE001 -- a params file the cell would refuse: the row is skipped, saying why
+        return [*missing, f"--params {args.params}: {' '.join(str(exc).split())}"]
+    if pairs is not None and not pairs.exists():
         shown = pairs.relative_to(ROOT) if pairs.is_relative_to(ROOT) else pairs
         missing.append(f"the study's validated pairs ({shown}; run `coin study` or pass --pairs)")
     return missing
 
 
+def study_pairs(args: argparse.Namespace) -> Path:
+    """``--pairs``, else what the cell itself reads without it: ``<study.out_dir>/validated/valid.jsonl`` of
+    ``--params`` (a fixed ``outputs/study/`` ignored the params file's study.out_dir)."""
+    if args.pairs:
+        return Path(args.pairs)
+    from coin.study.grid import load_study, valid_file
+
+    settings, root = load_study(args.params, [])
+    return valid_file(settings, root)
+
+
 def cell_command(args: argparse.Namespace, out_dir: Path, device: torch.device) -> list[str]:
-    pairs = Path(args.pairs) if args.pairs else ROOT / "outputs" / "study" / "validated" / "valid.jsonl"
+    pairs = study_pairs(args)
     cmd = [sys.executable, "-m", "coin.study.cell", "--params", str(Path(args.params).resolve()), "--method", "coin",
            "--seed", "1", "--out", str(out_dir), "--pairs", str(pairs), "--device", str(device), "--force"]
     if args.minilm:
@@ -665,7 +680,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--no-4bit", action="store_true", help="skip the 7B 4-bit row")
     ap.add_argument("--no-cell", action="store_true", help="skip the MiniLM study cell")
     ap.add_argument("--params", default=str(ROOT / "params.yaml"), help="params file of the study cell")
-    ap.add_argument("--pairs", help="the study's validated pairs (default outputs/study/validated/valid.jsonl)")
+    ap.add_argument("--pairs", help="the study's validated pairs (default <study.out_dir>/validated/valid.jsonl of "
+                    "--params, as the cell reads them)")
     ap.add_argument("--minilm", help="a MiniLM directory (from --export-minilm) instead of the package")
     ap.add_argument("--cell-timeout", type=float, default=3600.0, help="seconds before the cell is given up")
     ap.add_argument("--export-minilm", type=Path, metavar="DIR", help="only write a bf16 MiniLM copy to DIR, exit")

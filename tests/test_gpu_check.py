@@ -153,6 +153,29 @@ def test_cell_row_times_the_command_or_says_why_not() -> None:
     assert cmd[1:3] == ["-m", "coin.study.cell"] and "model.backbone=/m" in cmd and "train.max_steps=2" in cmd
 
 
+
+def test_the_cell_row_reads_the_pairs_where_its_params_put_the_study(tmp_path: Path) -> None:
+    """The row looked for outputs/study/validated/valid.jsonl whatever --params said: with study.out_dir elsewhere
+    it was skipped, advising `coin study`, which writes them where the cell (without --pairs) reads them."""
+    import yaml
+
+    params = tmp_path / "params.yaml"
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["paths"]["data_dir"] = str(ROOT / "data")
+    raw["evaluate"]["instruction_file"] = str(ROOT / raw["evaluate"]["instruction_file"])
+    raw["study"]["out_dir"] = "elsewhere/study2"
+    params.write_text(yaml.safe_dump(raw))
+    args = _args(params=str(params), pairs=None)
+    pairs = tmp_path / "elsewhere" / "study2" / "validated" / "valid.jsonl"
+    assert gpu_check.study_pairs(args) == pairs
+    assert any(f"validated pairs ({pairs}" in m for m in gpu_check.cell_missing(args))
+    pairs.parent.mkdir(parents=True)
+    pairs.write_text("")
+    assert not any("validated pairs" in m for m in gpu_check.cell_missing(args))
+    cmd = gpu_check.cell_command(args, Path("/o"), gpu_check.torch.device("cpu"))
+    assert cmd[cmd.index("--pairs") + 1] == str(pairs)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
 def test_4bit_layers_get_lora() -> None:
     import torch
