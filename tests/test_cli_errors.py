@@ -94,9 +94,9 @@ def _resume_refused(settings, root: Path):  # coin.training.checkpoint._check_fi
 
 
 def _diverged(settings, root: Path):  # coin.training.loop: a non-finite loss stops the run
-    raise RuntimeError("step 12: loss is nan (loss=nan); the optimiser step was not taken, the adapter keeps the "
-                       "weights of step 11. pair_ids of the batch: ['sst2:train:3']. Lower train.lr or inspect these "
-                       "rows.")
+    raise RuntimeError("step 12: loss is nan (loss=nan); the optimiser step was not taken. pair_ids of the batch: "
+                       "['sst2:train:3']. Lower train.lr or inspect these rows. This run saved no adapter: it saved no "
+                       "checkpoint (train.checkpoint_every).")
 
 
 def _permission_denied(settings, root: Path):

@@ -1035,6 +1035,20 @@ def test_non_finite_step_stops_before_the_optimiser_step(
         assert torch.equal(value, after_step_1[name]), name
     assert not (tmp_path / "adapter").exists()  # no final adapter from a poisoned run
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000001"]
+    # what is on disk, said as it is: the message claimed "the adapter keeps the weights of step 1" where no adapter
+    # was saved, and an adapter left by an earlier training read as this run's
+    said = " ".join(str(err.value).split())
+    assert (f"This run saved no adapter: its latest checkpoint, {tmp_path / 'checkpoints' / 'step-0000001'}, holds "
+            "step 1.") in said, said
+    if poison == "loss":
+        (tmp_path / "again" / "adapter").mkdir(parents=True)  # an earlier training's, in the same out_dir
+        calls.clear()
+        with pytest.raises(RuntimeError) as err:
+            train(bb, make_rows(8), cfg_for(max_steps=3, grad_accum=2, lr=1e-2, checkpoint_every=0),
+                  out_dir=tmp_path / "again", seed=0, cutoff_len=64, progress=False)
+        said = " ".join(str(err.value).split())
+        assert "it saved no checkpoint (train.checkpoint_every)" in said, said
+        assert f"{tmp_path / 'again' / 'adapter'} is an earlier training's adapter, not this run's" in said, said
 
 
 @pytest.mark.parametrize("tiny", ["tiny_bert_encoder_dir", "tiny_gpt2_dir"])

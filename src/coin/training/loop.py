@@ -9,8 +9,9 @@ generation loss can be normalised by the response tokens of the whole step (see
 of ``split == 'train'`` come from a seeded, resumable :class:`~coin.training.batching.BatchStream`.
 
 Safety: a non-finite loss stops the run before that micro-batch's backward pass, and a non-finite
-gradient norm before the optimiser step; both name the step and the pair ids, and the adapter keeps
-the weights of the last good step. The adapter (safetensors) and the tokenizer are written to
+gradient norm before the optimiser step; both name the step and the pair ids, and say what is on disk: the run
+saves no adapter, its latest checkpoint (if any) holds its last good step, and an adapter already in ``out_dir``
+is an earlier training's. The adapter (safetensors) and the tokenizer are written to
 ``out_dir / 'adapter'``; checkpoints to ``checkpoint_dir`` (default ``out_dir / 'checkpoints'``).
 Under DDP and FSDP only rank 0 writes files and calls ``on_metrics``; all ranks return the same result.
 """
@@ -140,13 +141,25 @@ def _merge(parts: list[dict[str, float]], method: Method) -> dict[str, float]:
     return out
 
 
-def _non_finite(what: str, step: int, batches: list[Batch], world: World, detail: str) -> RuntimeError:
+class NonFiniteStep(RuntimeError):
+    """A step whose loss or gradient norm is not finite: the run stops before its optimiser step."""
+
+
+def _non_finite(what: str, step: int, batches: list[Batch], world: World, detail: str) -> NonFiniteStep:
     ids = [pid for b in batches for pid in b.pair_ids]
     where = f" (rank {world.rank} of {world.size})" if world.distributed else ""
-    return RuntimeError(
-        f"step {step}: {what} ({detail}); the optimiser step was not taken, the adapter keeps the weights of "
-        f"step {step - 1}. pair_ids of the batch{where}: {ids}. Lower train.lr or inspect these rows."
-    )
+    return NonFiniteStep(f"step {step}: {what} ({detail}); the optimiser step was not taken. pair_ids of the "
+                         f"batch{where}: {ids}. Lower train.lr or inspect these rows.")
+
+
+def _on_disk(checkpoint_dir: Path, adapter_dir: Path) -> str:
+    """What a stopped run leaves: it saves no adapter (the message said "the adapter keeps the weights of step N-1",
+    and an adapter in ``adapter_dir`` was an earlier training's, on another base even)."""
+    done = list_checkpoints(checkpoint_dir)
+    last = (f"its latest checkpoint, {done[-1][1]}, holds step {done[-1][0]}" if done
+            else "it saved no checkpoint (train.checkpoint_every)")
+    earlier = f"; {adapter_dir} is an earlier training's adapter, not this run's" if adapter_dir.exists() else ""
+    return f"This run saved no adapter: {last}{earlier}."
 
 
 def _enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -278,7 +291,10 @@ def _train(run: TrainRun, world: World, device: torch.device) -> TrainResult:
                        world=world, device=device)
     for step in range(start + 1, cfg.max_steps + 1):
         t_step = time.perf_counter()
-        metrics = stepper.step(step)
+        try:
+            metrics = stepper.step(step)
+        except NonFiniteStep as exc:
+            raise NonFiniteStep(f"{exc} {_on_disk(checkpoint_dir, run.adapter_dir)}") from None
         sched.step()
         tokens += metrics["n_tokens"]
         elapsed = time.perf_counter() - t0
