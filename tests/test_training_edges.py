@@ -3,6 +3,7 @@ run, batches that cannot keep an example apart, and what a resumed run logs agai
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -163,6 +164,39 @@ def test_training_refuses_the_rows_of_a_failed_gate(tiny_llama_dir: Path, tmp_pa
     assert "thresholds" not in str(err.value) and "coin pairs" in str(err.value)
     (lay.validated_dir / "summary.json").unlink()
     stages.stage_train(s, tmp_path)
+    assert (tmp_path / "outputs/train/sft/adapter/adapter_config.json").exists()
+
+
+def test_training_rows_lacking_a_column_their_method_reads_are_refused_before_the_run(tiny_llama_dir: Path,
+                                                                                        tmp_path: Path) -> None:
+    """A hand-given valid.jsonl with a null paraphrase_prompt failed mid-run as 'unexpected TypeError ... a bug'
+    (or not at all, when the data order never drew the row), a null target trained on an empty answer, and a column
+    missing from every row gave "no entry 'paraphrase_prompt'" without the file or row."""
+    from coin import stages
+    from coin.data.io import DataError, write_jsonl
+    from coin.study.cell_train import train_cell
+
+    rows = make_rows(4)
+    lay = stages.Layout(tmp_path, _settings(tiny_llama_dir, ["cit"]))
+    for column, value, said in (("paraphrase_prompt", None, "None, not a non-empty text"),
+                                ("target", " ", "' ', not a non-empty text"), ("paraphrase_prompt", ..., "missing")):
+        bad = [dict(r) for r in rows]
+        if value is ...:
+            del bad[2][column]
+        else:
+            bad[2][column] = value
+        write_jsonl(lay.valid_file, bad)
+        want = rf"valid.jsonl: row 3 \(pair_id '{bad[2]['pair_id']}'\): column '{column}' is {re.escape(said)}, " \
+               r"and method cit trains on it"
+        with pytest.raises(DataError, match=want):
+            stages.stage_train(_settings(tiny_llama_dir, ["cit"]), tmp_path)
+        with pytest.raises(DataError, match=want):
+            train_cell(_settings(tiny_llama_dir, ["cit"]), "cit", 0, "cit-s0", tmp_path / "cell", lay.valid_file,
+                       "cpu", progress=False)
+        assert not (tmp_path / "outputs/train/cit").exists() and not (tmp_path / "cell").exists()
+    # sft reads the originals only: a row without its paraphrase trains
+    write_jsonl(lay.valid_file, [{k: v for k, v in r.items() if k != "paraphrase_prompt"} for r in rows])
+    stages.stage_train(_settings(tiny_llama_dir, ["sft"]), tmp_path)
     assert (tmp_path / "outputs/train/sft/adapter/adapter_config.json").exists()
 
 

@@ -391,10 +391,12 @@ def stage_train(settings: Settings, root: Path, method: str | None = None) -> di
             raise ValueError(f"method {m!r} is not in train.methods = {settings.train.methods}")
     preflight(settings, methods)
     lay = Layout(root, settings)
+    from coin.training.collator import columns_read
     from coin.validation.result import read_training_rows
 
     rows = read_training_rows(lay.valid_file, missing_hint="Run `coin validate` first.",
-                              cutoff_len=settings.pairs.cutoff_len)
+                              cutoff_len=settings.pairs.cutoff_len,
+                              columns=columns_read(methods, settings.train.hard_negatives))
     # the whole list (`coin train`, `dvc repro`: one stage for every method) keeps a method whose training would come
     # out as its last one did: adding cit to train.methods retrained coin to the same weights and registered them
     # again as a new version. The Prefect flow trains one method per call (method=M), after its own cache key

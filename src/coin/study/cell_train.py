@@ -55,8 +55,11 @@ def train_cell(s: Settings, method: str, seed: int, name: str, tmp: Path, pairs:
         log.warning("cell %s: the adapter an earlier run trained is damaged (%s); training again", name, damage)
         done.unlink()
         shutil.rmtree(tmp / ADAPTER_DIR, ignore_errors=True)
+    from coin.training.collator import columns_read
+
     rows = read_training_rows(pairs, missing_hint="Run `coin study` (it prepares the pairs) or pass --pairs FILE.",
-                              rerun="coin study", cutoff_len=s.pairs.cutoff_len)
+                              rerun="coin study", cutoff_len=s.pairs.cutoff_len,
+                              columns=columns_read([method], s.train.hard_negatives))
     # continue from the work directory's latest checkpoint, if an earlier run of this cell left one
     # (train.resume is not part of the cell's key: it cannot change the result)
     s_run = s.model_copy(update={"train": s.train.model_copy(update={"resume": True})})

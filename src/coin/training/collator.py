@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:  # settings are duck-typed here: the step imports without pydantic (bench/gpu_check.py)
     from coin.config import TrainSettings
 
-__all__ = ["GEN_GROUPS", "GROUP_COLUMNS", "Batch", "PairCollator", "method_groups", "pack_sequences"]
+__all__ = ["GEN_GROUPS", "GROUP_COLUMNS", "Batch", "PairCollator", "columns_read", "method_groups", "pack_sequences"]
 
 # (prompt column, target column) of each group in a pair row.
 GROUP_COLUMNS: dict[str, tuple[str, str]] = {
@@ -75,6 +75,17 @@ GROUP_COLUMNS: dict[str, tuple[str, str]] = {
 def method_groups(method: str, hard_negatives: bool = True) -> tuple[str, ...]:
     """The sequence blocks of a batch, in order, for a training method (declared in :mod:`coin.methods`)."""
     return get_method(method).groups(hard_negatives)
+
+
+def columns_read(methods: list[str], hard_negatives: bool = True) -> dict[str, str]:
+    """``{column: the first of methods that trains on it}``: the prompt and target columns of every group the
+    methods' batches hold (the training rows are checked for them before a run opens)."""
+    out: dict[str, str] = {}
+    for m in methods:
+        for group in method_groups(m, hard_negatives):
+            for column in GROUP_COLUMNS[group]:
+                out.setdefault(column, m)
+    return out
 
 
 @dataclass

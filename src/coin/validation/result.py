@@ -29,7 +29,7 @@ def emptied_tasks(per_task: dict[str, Any]) -> list[str]:
 
 
 def read_training_rows(valid_file: Path, missing_hint: str, rerun: str = "coin validate",
-                       cutoff_len: int | None = None) -> list[dict[str, Any]]:
+                       cutoff_len: int | None = None, columns: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """The rows of a gate's ``valid.jsonl`` that training reads, refused where the gate that wrote them failed.
 
     The gate writes its valid rows before it raises, for inspection; run stage by stage (``coin validate`` then
@@ -37,7 +37,9 @@ def read_training_rows(valid_file: Path, missing_hint: str, rerun: str = "coin v
     rejected without a word. The verdict is the ``summary.json`` beside the file (a file given by hand, with no
     summary beside it, is taken as it is). ``rerun``: the command that rebuilds the file (``coin study`` for a
     study's pairs). ``cutoff_len``: the ``pairs.cutoff_len`` training cuts at; rows the gate judged at a larger one
-    are refused (a row that fits there may not fit here, and failed mid-training, at a step set by the data order)."""
+    are refused (a row that fits there may not fit here, and failed mid-training, at a step set by the data order).
+    ``columns``: ``{column: method}`` (:func:`coin.training.collator.columns_read`), each a non-empty string in every
+    training row; a null prompt failed mid-run as a bug, a null target trained on an empty answer."""
     from coin.data.io import DataError, read_json, read_jsonl
 
     valid_file = Path(valid_file)
@@ -74,6 +76,13 @@ def read_training_rows(valid_file: Path, missing_hint: str, rerun: str = "coin v
                         f"train at {judged_at}")
     if not any(r.get("split") == "train" for r in rows):
         raise DataError(f"{valid_file}: no rows with split 'train' to train on; check pairs.val_fraction")
+    for n, row in enumerate(rows, 1):
+        for column, method in (columns or {}).items() if row.get("split") == "train" else ():
+            value = row.get(column)
+            if not (isinstance(value, str) and value.strip()):
+                what = "missing" if column not in row else f"{value!r}, not a non-empty text"
+                raise DataError(f"{valid_file}: row {n} (pair_id {row.get('pair_id')!r}): column {column!r} is "
+                                f"{what}, and method {method} trains on it. Rerun `{rerun}`, or fix the row")
     return rows
 
 
