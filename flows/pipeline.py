@@ -90,14 +90,17 @@ def _failure(state: Any) -> BaseException | None:
 
 def _transient(task: Task, task_run: Any, state: Any) -> bool:
     """Retry condition of the I/O tasks: retry network, lock and server trouble, not a deterministic
-    refusal (bad params or data, a promotion the registry cannot decide) that would only fail again."""
+    refusal (bad params or data, a promotion the registry cannot decide) that would only fail again, nor a run of
+    coin's that another process holds for its whole length (:class:`coin.errors.Busy`: an evaluation into the same
+    ``--out`` was refused three times, 5 s apart)."""
     exc = _failure(state)
     if exc is None:
         return True
+    from coin.errors import Busy
     from coin.registry.promotion import PromotionError
 
     # ValueError covers ConfigError and DataError
-    return not isinstance(exc, (ValueError, TypeError, KeyError, PromotionError))
+    return not isinstance(exc, (ValueError, TypeError, KeyError, PromotionError, Busy))
 
 
 # --------------------------------------------------------------------------- tasks (thin shells)

@@ -282,5 +282,21 @@ def test_io_tasks_retry_transient_errors_only():
 
     for exc in (OSError("connection reset"), TimeoutError("slow remote"), RuntimeError("database is locked")):
         assert _transient(None, None, Failed(data=exc)), exc
-    for exc in (ConfigError("bad key"), DataError("bad row"), PromotionError("champion has no figures")):
+    from coin.errors import Busy
+    from coin.stages import exclusive
+
+    for exc in (ConfigError("bad key"), DataError("bad row"), PromotionError("champion has no figures"),
+                Busy("another `coin evaluate` is writing it")):
         assert not _transient(None, None, Failed(data=exc)), exc
+    # what a held lock raises is that refusal: a flow's evaluate task retried it twice, 5 s apart
+    import tempfile
+    from pathlib import Path
+
+    from filelock import FileLock
+
+    with tempfile.TemporaryDirectory() as d, FileLock(str(Path(d) / ".lock")):
+        try:
+            with exclusive(Path(d) / ".lock", "busy"):
+                raise AssertionError("the lock was taken twice")
+        except Busy as exc:
+            assert not _transient(None, None, Failed(data=exc))
