@@ -98,8 +98,8 @@ def version_data(settings: Settings, root: Path, push: bool = True) -> dict[str,
                             "`dvc remote add -d NAME URL`", result["data_version"])
     if versioned:
         with Repo(str(root)) as repo:  # the shipped remote, dvc-remote/, is a folder git tracks: its new files too
-            inside = remote_in_project(repo, root) if push else None
-        log.warning("data: new version %s; commit it: git add %s && git commit -m 'data version'%s",
-                    result["data_version"], " ".join([dvc_file.name, *([inside] if inside else [])]),
-                    "" if push else " (and `dvc push` it: this run did not push)")
+            inside = remote_in_project(repo, root)
+        commit = f"git add {' '.join([dvc_file.name, *([inside] if inside else [])])} && git commit -m 'data version'"
+        log.warning("data: new version %s; %s", result["data_version"],
+                    f"commit it: {commit}" if push else f"this run did not push it: dvc push, then {commit}")
     return {**result, "versioned": versioned, "pushed": pushed}
