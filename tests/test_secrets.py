@@ -335,6 +335,29 @@ def test_an_http_password_with_a_space_is_redacted_and_sealed(pw):
     sealed = seal_overrides([f"tracking.uri={uri}"])[0]
     assert isinstance(sealed, SealedOverride) and str(sealed) == "tracking.uri=http://alice:***@127.0.0.1:5951"
     assert redact_text("http://127.0.0.1:5000/a@b") == "http://127.0.0.1:5000/a@b"  # no user info: kept
+    # and wherever coin names the URI itself (the review found the space case still printed): the refusal of a
+    # server that does not answer, a sealed Dask-style address, and the switch that keeps MLflow's "View run ... at:"
+    # lines (the URI, password and all) off stdout
+    import os
+
+    from coin.registry.tracking import check_server_answers, keep_off_stdout
+    from coin.secrets import seal_text
+
+    dead = f"http://alice:{pw}@127.0.0.1:9"
+    with pytest.raises(ConfigError) as err:
+        check_server_answers(dead, timeout=1)
+    assert pw not in str(err.value) and "http://alice:***@127.0.0.1:9" in str(err.value), str(err.value)
+    assert pw not in str(seal_text(f"tcp://u:{pw}@127.0.0.1:8786"))
+    previous = os.environ.pop("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", None)
+    try:
+        keep_off_stdout("http://127.0.0.1:5000")
+        assert "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT" not in os.environ  # nothing to hide: MLflow's links stay
+        keep_off_stdout(dead)
+        assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"
+    finally:
+        os.environ.pop("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", None)
+        if previous is not None:
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = previous
 
 
 @pytest.mark.parametrize(("text", "shown"), [

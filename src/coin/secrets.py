@@ -108,7 +108,7 @@ def redact_value(key: str, value: Any) -> Any:
     if is_secret_key(key) and value not in (None, "", [], {}):
         return REDACTED
     if isinstance(value, str):
-        return redact_text(_redact_whole_uri(value))
+        return redact_uri(value)
     if isinstance(value, Mapping):
         return {k: redact_value(f"{key}.{k}", v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -131,7 +131,13 @@ def redact_override(item: str) -> str:
         return redact_text(item)
     key, value = item.split("=", 1)
     return (f"{key}={REDACTED}" if is_secret_key(key) and value.strip()
-            else f"{key}={redact_text(_redact_whole_uri(value))}")
+            else f"{key}={redact_uri(value)}")
+
+
+def redact_uri(value: str) -> str:
+    """A value that is one URI (``tracking.uri``, a Dask address) in its recorded form: its password hidden, also one
+    with a space or an '@' (:func:`redact_text` alone reads running text, where a space ends the URI)."""
+    return redact_text(_redact_whole_uri(value))
 
 
 def _redact_whole_uri(value: str) -> str:
@@ -173,10 +179,10 @@ class SealedOverride(Sealed):
 
 
 def seal_text(value: str | SecretStr | None) -> str | SecretStr | None:
-    """``value`` as a flow parameter: :class:`Sealed` when it holds a credential (:func:`redact_text`), else as is."""
-    if value is None or isinstance(value, SecretStr) or redact_text(value) == value:
+    """``value`` as a flow parameter: :class:`Sealed` when it holds a credential (:func:`redact_uri`), else as is."""
+    if value is None or isinstance(value, SecretStr) or redact_uri(value) == value:
         return value
-    return Sealed(value)
+    return Sealed(value, redact_uri(value))
 
 
 def reveal(value: str | SecretStr | None) -> str | None:

@@ -87,7 +87,7 @@ def check_server_answers(uri: str, timeout: float = 5.0) -> None:
     import requests
 
     from coin.config import ConfigError
-    from coin.secrets import redact_text
+    from coin.secrets import redact_uri
 
     try:
         requests.get(uri, timeout=timeout, allow_redirects=False).close()
@@ -95,7 +95,7 @@ def check_server_answers(uri: str, timeout: float = 5.0) -> None:
         return
     except requests.RequestException as exc:
         reason = type(exc).__name__
-        raise ConfigError(f"tracking.uri = {redact_text(uri)!r}: no tracking server answers there ({reason} within "
+        raise ConfigError(f"tracking.uri = {redact_uri(uri)!r}: no tracking server answers there ({reason} within "
                           f"{timeout:g} s); start it (mlflow server --host 127.0.0.1 ...), fix the address, or "
                           "leave tracking.uri out for the project's own store") from None
 
@@ -111,7 +111,7 @@ def _mind_shell_mlflow_env(uri: str) -> None:
     ``coin train`` logged into that old run (renaming it, mixing params, or failing a finished run); coin nests its
     runs by ``COIN_PARENT_RUN_ID``. ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` naming another store than
     ``uri`` (coin's, from ``tracking.uri``) are warned of once: coin does not read them."""
-    from coin.secrets import redact_text
+    from coin.secrets import redact_uri
 
     run_id = os.environ.pop("MLFLOW_RUN_ID", None)
     if run_id:
@@ -124,7 +124,7 @@ def _mind_shell_mlflow_env(uri: str) -> None:
         _warned_env.add((var, theirs, uri))
         log.warning("%s=%s is set in the environment, but coin uses its own store, %s (tracking.uri, else the "
                     "project's paths.mlruns_dir); to use yours, add --set tracking.uri=\"$%s\" (or set tracking.uri "
-                    "in params.yaml)", var, redact_text(theirs), redact_text(uri), var)
+                    "in params.yaml)", var, redact_uri(theirs), redact_uri(uri), var)
 
 
 def _same_store(a: str, b: str) -> bool:
@@ -141,9 +141,18 @@ def registry_uri_of(client: Any) -> str:
     a model was looked for."""
     import mlflow
 
-    from coin.secrets import redact_text
+    from coin.secrets import redact_uri
 
-    return redact_text(getattr(client, "_registry_uri", None) or mlflow.get_registry_uri())
+    return redact_uri(getattr(client, "_registry_uri", None) or mlflow.get_registry_uri())
+
+
+def keep_off_stdout(uri: str) -> None:
+    """MLflow prints "View run ... at: <the URI>" to stdout as each run ends (a REST store's ``_log_url``, outside
+    logging and its redaction): not where the URI holds a credential."""
+    from coin.secrets import redact_uri
+
+    if redact_uri(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 def setup_tracking(settings: Settings, root: Path, *, writes: bool = True) -> str:
@@ -154,16 +163,13 @@ def setup_tracking(settings: Settings, root: Path, *, writes: bool = True) -> st
     uri = tracking_uri(settings, root)
     _mind_shell_mlflow_env(uri)
     check_server_answers(uri)
-    from coin.secrets import redact_text
-
-    if redact_text(uri) != uri:  # MLflow prints "View run ... at: <the URI>" to stdout as each run ends, password too
-        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    keep_off_stdout(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     _set_here.add(uri)
     from mlflow.exceptions import MlflowException
 
-    from coin.secrets import redact_text
+    from coin.secrets import redact_text, redact_uri
 
     try:
         with _store_init_lock(uri):
@@ -184,7 +190,7 @@ def setup_tracking(settings: Settings, root: Path, *, writes: bool = True) -> st
                 exp_id = mlflow.create_experiment(settings.tracking.experiment, artifact_location=artifacts)
     except MlflowException as exc:  # the first contact with the store: its message names the URI, password and all,
         # and Prefect stores an exception's text in the run's state, where no log filter reaches
-        message = redact_text(exc.message)
+        message = redact_text(exc.message.replace(uri, redact_uri(uri)))  # the URI itself as a value, then the rest
         if message == exc.message:
             raise
         from mlflow.protos.databricks_pb2 import ErrorCode
@@ -307,7 +313,7 @@ def resume_run(run_id: str) -> Iterator[Any]:
     from mlflow.exceptions import MlflowException
 
     from coin.registry.errors import ModelUnavailable
-    from coin.secrets import redact_text
+    from coin.secrets import redact_uri
 
     active = mlflow.active_run()
     if active is not None and active.info.run_id == run_id:
@@ -320,7 +326,7 @@ def resume_run(run_id: str) -> Iterator[Any]:
     if held is None or held.info.lifecycle_stage == "deleted":  # in MLflow's trash: found, but nothing logs into it
         raise ModelUnavailable(
             f"MLflow run {run_id} (the training run this step logs into) is not in the tracking store "
-            f"{redact_text(mlflow.get_tracking_uri())}"
+            f"{redact_uri(mlflow.get_tracking_uri())}"
             + (" (it is in MLflow's deleted runs)" if held is not None else "")
             + ": it was trained while tracking.uri named another store, or the run was deleted. Train again under "
             "this store: `coin train`, then `coin evaluate` and `coin register` (with DVC: `dvc repro -f -s train "
