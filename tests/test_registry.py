@@ -1248,6 +1248,22 @@ def test_register_refuses_calibrated_figures_of_an_adapter_from_before_calibrati
     assert "length_normalise" not in msg and "prompt_format" not in msg  # the defaults these were scored with
 
 
+def test_an_fp32_evaluation_of_an_adapter_from_before_autocast_was_recorded_is_its_own(tmp_path):
+    """An adapter whose coin_model.json predates evaluate.autocast answers in fp32 ('off'); an evaluation under the
+    default 'auto' that ran in fp32 (a CPU or GPU without bf16) gives its figures, and was refused on the setting's
+    name (diff review). One that ran in bf16 is still refused."""
+    from coin.data.io import DataError
+    from coin.modeling.adapter import read_meta, write_meta
+    from coin.stages import _check_scored_as_served
+
+    _, adapter = _content_free_adapter_project(tmp_path)
+    write_meta(adapter, {k: v for k, v in read_meta(adapter).items() if k != "autocast"})
+    scored = {"calibration": "content_free", "length_normalise": False, "prompt_format": "train", "autocast": "auto"}
+    _check_scored_as_served("coin", {**scored, "bf16_autocast": False}, adapter)
+    with pytest.raises(DataError, match=r"evaluate.autocast: evaluated with 'auto', the adapter answers with 'off'"):
+        _check_scored_as_served("coin", {**scored, "bf16_autocast": True}, adapter)
+
+
 def test_register_refuses_figures_scored_under_another_autocast_than_the_adapter_answers(tmp_path):
     """coin train (evaluate.autocast off, recorded), then coin evaluate --set evaluate.autocast=bf16: the gate
     decided on bf16 figures that coin predict and the pyfunc (which answer with the recorded off) do not give."""

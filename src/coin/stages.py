@@ -83,7 +83,9 @@ def pull_data(repo: Any, root: Path, targets: list[str] | None = None) -> None:
     try:
         repo.pull(targets=targets or [str(root / "data.dvc")])
     except DvcException as exc:
-        if "unsaved files" in str(exc):
+        from dvc.lock import LockError
+
+        if isinstance(exc, LockError) or "unsaved files" in str(exc):  # a busy project or edited data: not missing
             raise
         missing = _missing_data_files(repo, root)
         said = f"DVC: {plain(str(exc))}"
@@ -995,6 +997,15 @@ def stage_evaluate(settings: Settings, root: Path) -> dict[str, Any]:
 
 
 
+def _scored_otherwise(key: str, evaluated: dict[str, Any], answers: Any) -> bool:
+    """Whether the evaluation's ``evaluate.<key>`` gives other figures than the adapter's ``answers``. For autocast
+    the numerics decide where the evaluation recorded them (``bf16_autocast``): ``auto`` that ran in fp32 scores as
+    an adapter served ``off`` (one whose coin_model.json predates the key) and was refused on the setting's name."""
+    if key == "autocast" and isinstance(evaluated.get("bf16_autocast"), bool) and answers in ("off", "bf16"):
+        return evaluated["bf16_autocast"] != (answers == "bf16")
+    return evaluated[key] != answers
+
+
 def _check_scored_as_served(method: str, evaluated: dict[str, Any], adapter_dir: Path) -> None:
     """Refuse figures scored with other evaluate.* settings than the adapter answers with (a standalone ``coin
     evaluate --set evaluate.calibration=none`` on an adapter trained under content_free): the promotion gate would
@@ -1011,7 +1022,7 @@ def _check_scored_as_served(method: str, evaluated: dict[str, Any], adapter_dir:
         return
     differ = [f"evaluate.{k}: evaluated with {evaluated[k]!r}, the adapter answers with {served(meta, k)!r}"
               + ("" if k in meta else " (its coin_model.json predates the key)")
-              for k in SERVED_DEFAULTS if k in evaluated and evaluated[k] != served(meta, k)]
+              for k in SERVED_DEFAULTS if k in evaluated and _scored_otherwise(k, evaluated, served(meta, k))]
     if differ:
         raise DataError(f"{method}: its figures were scored otherwise than the registered model would answer "
                         f"({'; '.join(differ)}; the adapter's are recorded at training in {adapter_dir}/"
