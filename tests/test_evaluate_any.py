@@ -920,3 +920,37 @@ def test_a_path_with_a_carriage_return_is_shown_with_it(tmp_path):
     res = runner.invoke(app, ["params", "-p", str(ROOT / "params.yaml") + "\r"])
     assert res.exit_code == 2 and "params.yaml\\r" in res.output, res.output
     assert "carriage return" in res.output and "Windows line endings" in res.output
+
+
+def test_a_dead_tracking_server_or_the_pipelines_folder_is_refused_before_any_scoring(project, tiny_llama_dir,
+                                                                                      monkeypatch):
+    """`coin evaluate --model` scored every model (46 s on ten examples) before it found that tracking.uri answered
+    nowhere, or that the database driver was missing; and `--out outputs/evaluate` replaced the pipeline's report,
+    which `coin register` reads, outside the pipeline's lock. Each is refused now before a model loads."""
+    import coin.evaluation.runner as runner_mod
+
+    monkeypatch.setattr(runner_mod, "evaluate_model", lambda *a, **k: pytest.fail("scored before the refusal"))
+    dead = _evaluate(project, "--model", f"tiny={tiny_llama_dir}", "--out", str(project["tmp"] / "dead"),
+                     "--set", "tracking.uri=http://127.0.0.1:9")
+    assert dead.exit_code == 2 and "no tracking server answers there" in " ".join(dead.output.split()), dead.output
+    driver = _evaluate(project, "--model", f"tiny={tiny_llama_dir}", "--out", str(project["tmp"] / "db"),
+                       "--set", "tracking.uri=postgresql://u:pw@127.0.0.1:1/db")
+    said = " ".join(driver.output.split())
+    assert driver.exit_code == 2 and "whose Python driver 'psycopg2' is not installed" in said, driver.output
+    for out in (project["root"] / "outputs" / "evaluate", project["root"] / "outputs" / "evaluate" / "mine"):
+        res = _evaluate(project, "--model", f"tiny={tiny_llama_dir}", "--out", str(out))
+        said = " ".join(res.output.split())
+        assert res.exit_code == 2 and "the pipeline's evaluation folder" in said, res.output
+    assert not (project["root"] / "outputs" / "evaluate").exists()
+
+
+def test_the_evaluate_stage_checks_the_tracking_store_before_scoring_its_units(monkeypatch, tmp_path):
+    """`coin evaluate` (the stage, which `dvc repro` runs) scored every unit before its report found the server
+    dead."""
+    from coin import stages
+    from coin.config import ConfigError, Settings
+
+    monkeypatch.setattr(stages, "stage_evaluate_unit", lambda *a, **k: pytest.fail("scored before the refusal"))
+    s = Settings.model_validate({"tracking": {"uri": "http://127.0.0.1:9"}})
+    with pytest.raises(ConfigError, match="no tracking server answers there"):
+        stages.stage_evaluate(s, tmp_path)

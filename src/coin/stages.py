@@ -986,6 +986,9 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def stage_evaluate(settings: Settings, root: Path) -> dict[str, Any]:
     """Robustness evaluation of the base model (optional) and every trained method, then the report."""
+    from coin.registry.tracking import check_store
+
+    check_store(settings, root)  # the report tracks: a dead server or missing driver refused before the scoring
     t0 = time.perf_counter()
     cached = [label for label in eval_units(settings, root) if stage_evaluate_unit(settings, root, label).get("cached")]
     out = stage_evaluate_report(settings, root)
@@ -994,7 +997,6 @@ def stage_evaluate(settings: Settings, root: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- register
-
 
 
 def _scored_otherwise(key: str, evaluated: dict[str, Any], answers: Any) -> bool:

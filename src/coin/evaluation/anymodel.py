@@ -698,6 +698,13 @@ def evaluate_models(models: list[str], settings: Settings, root: Path, out_dir: 
     """
     root, out_dir = Path(root).resolve(), Path(out_dir).resolve()
     cache_dir = Path(cache_dir).resolve() if cache_dir is not None else out_dir / "cache"
+    from coin.layout import Layout
+
+    pipeline_eval = Layout(root, settings).eval_dir.resolve()
+    if out_dir == pipeline_eval or out_dir.is_relative_to(pipeline_eval):  # its report replaced the pipeline's,
+        # which `coin register` then read, outside the pipeline's lock
+        raise ConfigError(f"--out {out_dir}: the pipeline's evaluation folder (paths.out_dir/evaluate), which "
+                          "`coin register` reads; give another folder (default: <paths.out_dir>/evaluate-any)")
     for option, folder in (("--out", out_dir), ("--cache-dir", cache_dir)):
         check_writable(option, folder)  # first: the scoring was lost at the first write (the flow retried it)
     if instruction_file is not None:
@@ -708,6 +715,10 @@ def evaluate_models(models: list[str], settings: Settings, root: Path, out_dir: 
         settings = settings.model_copy(update={"evaluate": settings.evaluate.model_copy(
             update={"instruction_file": str(file)})})
     check_instructions(settings, root)                  # DataError naming the file, set, task and field
+    if track:  # a dead tracking server or a missing database driver: refused before minutes of scoring, not after
+        from coin.registry.tracking import check_store
+
+        check_store(settings, root)
     targets = resolve_targets(list(models), settings, root)
     from coin.stages import exclusive
 

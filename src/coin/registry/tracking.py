@@ -146,6 +146,24 @@ def registry_uri_of(client: Any) -> str:
     return redact_uri(getattr(client, "_registry_uri", None) or mlflow.get_registry_uri())
 
 
+def check_store(settings: Settings, root: Path) -> None:
+    """What :func:`setup_tracking` would refuse, checked before any work (a command that scores for minutes first, then
+    tracks): a tracking server that does not answer (:func:`check_server_answers`), and a database ``tracking.uri``
+    whose Python driver is not installed (the ModuleNotFoundError SQLAlchemy raises, which the CLI names)."""
+    from coin.config import TRACKING_SERVERS, tracking_scheme
+
+    uri = tracking_uri(settings, root)
+    check_server_answers(uri)
+    if tracking_scheme(uri) not in ("", "sqlite", "file", *TRACKING_SERVERS):
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+        try:
+            make_url(uri).get_dialect().import_dbapi()
+        except (ArgumentError, NoSuchModuleError):  # not a URL SQLAlchemy reads: MLflow's own message says so later
+            return
+
+
 def keep_off_stdout(uri: str) -> None:
     """MLflow prints "View run ... at: <the URI>" to stdout as each run ends (a REST store's ``_log_url``, outside
     logging and its redaction): not where the URI holds a credential."""

@@ -10,10 +10,11 @@ of ``split == 'train'`` come from a seeded, resumable :class:`~coin.training.bat
 
 Safety: a non-finite loss stops the run before that micro-batch's backward pass, and a non-finite
 gradient norm before the optimiser step; both name the step and the pair ids, and say what is on disk: the run
-saves no adapter, its latest checkpoint (if any) holds its last good step, and an adapter already in ``out_dir``
-is an earlier training's. The adapter (safetensors) and the tokenizer are written to
-``out_dir / 'adapter'``; checkpoints to ``checkpoint_dir`` (default ``out_dir / 'checkpoints'``).
-Under DDP and FSDP only rank 0 writes files and calls ``on_metrics``; all ranks return the same result.
+saves no adapter, its latest checkpoint (if any) and that checkpoint's step (``train.checkpoint_every``: an earlier
+good step), and that an adapter already in ``out_dir`` is an earlier training's. The adapter (safetensors) and the
+tokenizer are written to ``out_dir / 'adapter'``; checkpoints to ``checkpoint_dir`` (default
+``out_dir / 'checkpoints'``). Under DDP and FSDP only rank 0 writes files and calls ``on_metrics``; all ranks
+return the same result.
 """
 
 from __future__ import annotations
