@@ -48,7 +48,7 @@ import coin  # (local-only environment before Prefect is imported)
 from coin import stages
 from coin.config import ConfigError, Settings, check_robustness_sets, load_settings, project_root
 from coin.cpus import THREAD_VARS, cpu_budget, threads_per_worker, use_torch_threads
-from coin.interrupt import end_parent_run, interrupted, on_stop, stopped
+from coin.interrupt import end_parent_run, interrupted, on_stop, stop_if_interrupted, stopped
 from coin.secrets import RedactingFilter, redact_text, reveal, seal_overrides, seal_text
 from flows.caching import missing_outputs, record_outputs, result_storage, stage_cache_policy
 from flows.data_sync import version_data
@@ -626,6 +626,7 @@ def coin_pipeline(
                 evaluated = evaluate_models.with_options(task_runner=runner)(params_path, overrides, parent, threads)
             finally:
                 restore_process_env()  # the local cluster's nannies wrote the workers' thread settings in this process
+            stop_if_interrupted()  # a Ctrl-C in the subflow's teardown: Prefect swallowed it
             for unit in evaluated["units"]:  # the units ran in the subflow, on Dask: say here what each did
                 logger.info("%s", unit_line(unit))
             create_markdown_artifact(evaluated["table"], key="robustness-table",

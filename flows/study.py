@@ -39,7 +39,7 @@ from pydantic import SecretStr
 
 import coin  # noqa: F401  (local-only environment before Prefect is imported)
 from coin import stages
-from coin.interrupt import end_parent_run, on_stop, stopped
+from coin.interrupt import end_parent_run, on_stop, stop_if_interrupted, stopped
 from coin.secrets import reveal, seal_overrides, seal_text
 from coin.study import tracking as study_tracking
 from coin.study.cell import run_cell
@@ -190,6 +190,7 @@ def coin_study(
                 cells = study_cells.with_options(task_runner=runner)(params_path, overrides, plan.torch_threads)
             finally:
                 restore_process_env()  # the local cluster's nannies wrote the workers' thread settings into ours
+            stop_if_interrupted()  # a Ctrl-C in the subflow's teardown: Prefect swallowed it
             logger.info("study cells: %d computed, %d already done", sum(not c["cached"] for c in cells),
                         sum(c["cached"] for c in cells))
             outputs = aggregate_task(params_path, overrides)

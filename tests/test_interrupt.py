@@ -55,6 +55,42 @@ def test_a_flow_stuck_after_the_interrupt_ends_after_the_grace_period():
     assert took < 60
 
 
+SWALLOWED = """
+import os, signal, sys, time
+from coin.interrupt import stop_if_interrupted
+from flows.pipeline import run_main
+
+def run():
+    try:                               # a subflow's teardown: Prefect's engine logs the KeyboardInterrupt, goes on
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    except BaseException:
+        pass
+    stop_if_interrupted()
+    open(sys.argv[1], "w").write("aggregated after the Ctrl-C")
+
+run_main(lambda: None, run)
+"""
+
+
+def test_a_ctrl_c_prefect_swallowed_in_a_subflows_teardown_still_stops_the_flow(tmp_path):
+    """A Ctrl-C while the study's cells subflow closed its Dask cluster was only logged by Prefect's engine: the
+    study aggregated, logged to MLflow and wrote its report, then waited out the grace period under a parent run
+    ended KILLED. The flows check after each subflow."""
+    env = {**os.environ, "COIN_INTERRUPT_GRACE_S": "30", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
+    out = tmp_path / "after"
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", SWALLOWED, str(out)], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 130 and "interrupted" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not out.exists() and time.monotonic() - t0 < 25  # stopped there, not at the end of the grace period
+    import flows.pipeline
+    import flows.study
+
+    for flow in (flows.pipeline, flows.study):  # each checks right after its subflow
+        assert "stop_if_interrupted()  # a Ctrl-C in the subflow's teardown" in Path(flow.__file__).read_text()
+
+
 STOP = """
 import os, signal, sys, time
 from coin.interrupt import on_stop

@@ -81,6 +81,15 @@ def end_parent_run(close: Callable[[], object], killed: StopAction) -> None:
         killed() if interrupted() else killed.cancel()
 
 
+def stop_if_interrupted() -> None:
+    """Raise ``KeyboardInterrupt`` where a signal was received and swallowed: Prefect's flow engine only logs a
+    ``BaseException`` raised after a subflow's own code returned (its teardown, closing the local Dask cluster), so a
+    Ctrl-C there let the study aggregate, log and report under a parent run then ended KILLED. Called after each
+    subflow."""
+    if interrupted():
+        raise KeyboardInterrupt
+
+
 def interrupted() -> int | None:
     """The exit code of the interruption (130 for SIGINT, 143 for SIGTERM), or None when there was none."""
     return 128 + _SIGNAL[0] if _SIGNAL else None
