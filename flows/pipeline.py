@@ -92,7 +92,7 @@ def _transient(task: Task, task_run: Any, state: Any) -> bool:
     """Retry condition of the I/O tasks: retry network, lock and server trouble, not a deterministic
     refusal (bad params or data, a promotion the registry cannot decide) that would only fail again, nor a run of
     coin's that another process holds for its whole length (:class:`coin.errors.Busy`: an evaluation into the same
-    ``--out`` was refused three times, 5 s apart)."""
+    ``--out`` was refused three times, 5 s apart), nor a library this machine lacks (a database driver)."""
     exc = _failure(state)
     if exc is None:
         return True
@@ -100,7 +100,7 @@ def _transient(task: Task, task_run: Any, state: Any) -> bool:
     from coin.registry.promotion import PromotionError
 
     # ValueError covers ConfigError and DataError
-    return not isinstance(exc, (ValueError, TypeError, KeyError, PromotionError, Busy))
+    return not isinstance(exc, (ValueError, TypeError, KeyError, ImportError, PromotionError, Busy))
 
 
 # --------------------------------------------------------------------------- tasks (thin shells)

@@ -937,6 +937,10 @@ def test_a_dead_tracking_server_or_the_pipelines_folder_is_refused_before_any_sc
                        "--set", "tracking.uri=postgresql://u:pw@127.0.0.1:1/db")
     said = " ".join(driver.output.split())
     assert driver.exit_code == 2 and "whose Python driver 'psycopg2' is not installed" in said, driver.output
+    port = _evaluate(project, "--model", f"tiny={tiny_llama_dir}", "--out", str(project["tmp"] / "port"),
+                     "--set", "tracking.uri=postgresql://u:pw@db:54x2/coin")
+    said = " ".join(port.output.split())
+    assert port.exit_code == 2 and "tracking.uri = 'postgresql://u:***@db:54x2/coin': not a database URL" in said, said
     for out in (project["root"] / "outputs" / "evaluate", project["root"] / "outputs" / "evaluate" / "mine"):
         res = _evaluate(project, "--model", f"tiny={tiny_llama_dir}", "--out", str(out))
         said = " ".join(res.output.split())

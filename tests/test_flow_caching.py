@@ -286,7 +286,8 @@ def test_io_tasks_retry_transient_errors_only():
     from coin.stages import exclusive
 
     for exc in (ConfigError("bad key"), DataError("bad row"), PromotionError("champion has no figures"),
-                Busy("another `coin evaluate` is writing it")):
+                Busy("another `coin evaluate` is writing it"),
+                ModuleNotFoundError("No module named 'psycopg2'", name="psycopg2")):
         assert not _transient(None, None, Failed(data=exc)), exc
     # what a held lock raises is that refusal: a flow's evaluate task retried it twice, 5 s apart
     import tempfile

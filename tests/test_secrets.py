@@ -378,6 +378,7 @@ def test_running_text_around_a_database_url_is_kept(text, shown):
 
 @pytest.mark.parametrize("uri, shown", [
     ("http://my user:s3cret@127.0.0.1:5999", "http://my user:***@127.0.0.1:5999"),
+    ("http://a  b:s3cret@h", "http://a  b:***@h"),
     ("postgresql://us er:p w@h/db", "postgresql://us er:***@h/db")])
 def test_a_user_name_with_a_space_does_not_unhide_the_password(uri, shown):
     """The whole-value rules read the user name up to a space, so no rule matched and `coin params`, the overrides
@@ -386,6 +387,7 @@ def test_a_user_name_with_a_space_does_not_unhide_the_password(uri, shown):
     from coin.secrets import SealedOverride, redact_uri
 
     assert redact_uri(uri) == shown
+    assert redact_uri("http://host\nuser: me@example.com") == "http://host\nuser: me@example.com"  # two lines: no URI
     assert "s3cret" not in json.dumps(Settings.model_validate({"tracking": {"uri": uri}}).to_flat_dict())
     sealed = seal_overrides([f"tracking.uri={uri}"])[0]
     assert isinstance(sealed, SealedOverride) and str(sealed) == f"tracking.uri={shown}"

@@ -48,13 +48,16 @@ _DB_SCHEME = r"(?:postgres(?:ql)?|mysql|mariadb|mssql|oracle|cockroachdb)(?:\+[A
 # a database URL's password as SQLAlchemy reads it: up to the first '@', '/', '?' and '#' included; in running
 # text it stops at whitespace too (the generic rule below then hides a password that holds an '@')
 _DB_USERINFO = re.compile(rf"(?P<head>\b{_DB_SCHEME}://[^\s:@/?#]*):(?P<pw>[^@\s]*)@", re.IGNORECASE)
+# a whole value's user name: spaces inside it, no line break (a value over two lines is not one URI); a note
+# such as "https://host see: bob@corp.com" is still hidden up to its '@', the safe side
+_WHOLE_USER = r"[^\r\n:@/?#]*"
 # a setting whose whole value is one database URL: its user name may hold a space, its password a space or an '@'
 # too (hidden up to the last '@': what follows is the host)
-_DB_WHOLE = re.compile(rf"^(?P<head>{_DB_SCHEME}://[^:@/?#]*):(?P<pw>.*)@(?P<rest>[^@\s]*)$",
+_DB_WHOLE = re.compile(rf"^(?P<head>{_DB_SCHEME}://{_WHOLE_USER}):(?P<pw>.*)@(?P<rest>[^@\s]*)$",
                        re.IGNORECASE | re.DOTALL)
 # a setting whose whole value is one URI of any other scheme (http(s), s3, ...): its user name may hold a space, its
 # password a space or an '@' (HTTP clients take the user info up to the last '@' before the path, spaces and all)
-_ANY_WHOLE = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:@/?#]*):(?P<pw>[^/?#]*)@"
+_ANY_WHOLE = re.compile(rf"^(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://{_WHOLE_USER}):(?P<pw>[^/?#]*)@"
                         r"(?P<rest>[^@/?#]*(?:[/?#].*)?)$", re.DOTALL)
 # ?token=...  &password=...  (a query parameter whose name is secret)
 _QUERY = re.compile(r"(?P<head>[?&;](?P<name>[A-Za-z0-9_.\-]+)=)(?P<value>[^&;#\s'\"]*)")

@@ -159,8 +159,17 @@ def check_store(settings: Settings, root: Path) -> None:
         from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
         try:
-            make_url(uri).get_dialect().import_dbapi()
-        except (ArgumentError, NoSuchModuleError):  # not a URL SQLAlchemy reads: MLflow's own message says so later
+            url = make_url(uri)
+        except (ArgumentError, ValueError) as exc:  # a port that is not a number, ...
+            from coin.config import ConfigError
+            from coin.secrets import redact_uri
+
+            raise ConfigError(f"tracking.uri = {redact_uri(uri)!r}: not a database URL SQLAlchemy reads "
+                              f"({' '.join(str(exc).split())}); fix it, or leave tracking.uri out for the project's "
+                              "own store") from None
+        try:
+            url.get_dialect().import_dbapi()
+        except NoSuchModuleError:  # a dialect SQLAlchemy does not know: MLflow's own message says so later
             return
 
 
