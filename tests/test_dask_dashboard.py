@@ -125,11 +125,15 @@ def test_local_worker_processes_ignore_a_terminals_ctrl_c():
 
     kwargs = {**eval_task_runner(1).cluster_kwargs, "n_workers": 1}
     assert kwargs["preload"] == ["coin.interrupt"]
-    # failed once in a CI run on two cores shared with other jobs (its error not kept; alone and in order it passes):
-    # generous start-up timeouts, and the assertion says what the worker answered
-    with dask.config.set({"distributed.comm.timeouts.connect": "180s"}), LocalCluster(**kwargs) as cluster, \
-            Client(cluster, timeout="180s") as client:
-        client.wait_for_workers(1, timeout=180)
-        seen = client.run(lambda: str(signal.getsignal(signal.SIGINT)))
+    # a process started in the background by a non-interactive shell (a CI job) ignores SIGINT already, and its
+    # children inherit that: Python's own handler for the test, so the worker's SIG_IGN can only be the preload's
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with dask.config.set({"distributed.comm.timeouts.connect": "180s"}), LocalCluster(**kwargs) as cluster, \
+                Client(cluster, timeout="180s") as client:
+            client.wait_for_workers(1, timeout=180)
+            seen = client.run(lambda: str(signal.getsignal(signal.SIGINT)))
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # this process keeps its own
+    finally:
+        signal.signal(signal.SIGINT, outer)
     assert list(seen.values()) == [str(signal.SIG_IGN)], seen
-    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # this process keeps its own

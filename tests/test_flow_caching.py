@@ -283,7 +283,7 @@ def test_io_tasks_retry_transient_errors_only():
     for exc in (OSError("connection reset"), TimeoutError("slow remote"), RuntimeError("database is locked")):
         assert _transient(None, None, Failed(data=exc)), exc
     from coin.errors import Busy
-    from coin.stages import exclusive
+    from coin.locks import exclusive
 
     for exc in (ConfigError("bad key"), DataError("bad row"), PromotionError("champion has no figures"),
                 Busy("another `coin evaluate` is writing it"),

@@ -23,6 +23,7 @@ NEUTRAL = {
     "coin.errors": "exception classes",
     "coin.registry.errors": "exception classes",
     "coin.layout": "where files go (the paths are params)",
+    "coin.locks": "file locks: whether a run may start beside another, not what it writes",
     "coin.secrets": "redaction of what is logged",
     "coin.stage_specs": "these declarations: which params and code a stage reads",
     "coin.registry.tracking": "MLflow runs, params and tags of a stage; not its outputs",

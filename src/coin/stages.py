@@ -26,6 +26,7 @@ from typing import Any
 from coin.config import Settings
 from coin.data.io import DataError, plain, read_json, read_jsonl, write_json, write_jsonl
 from coin.layout import Layout
+from coin.locks import exclusive
 from coin.registry.tracking import PARENT_RUN_ENV
 from coin.stage_specs import eval_labels, stage_params
 
@@ -695,25 +696,6 @@ def _log_restored_steps(run_id: str, result: Any, seen: set[int], *, log_every: 
     client.set_tag(run_id, "coin.resumed_from", str(result.resumed_from))
 
 
-@contextmanager
-def exclusive(path: Path, busy: str) -> Iterator[None]:
-    """Hold the file lock ``path`` for the block, or refuse at once with ``busy`` (:class:`coin.errors.Busy`, a
-    RuntimeError the flows never retry) while another process holds it. The OS releases the lock when its holder
-    dies, so a killed run leaves nothing to clean up."""
-    from filelock import FileLock, Timeout
-
-    from coin.errors import Busy
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path), timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise Busy(busy) from None
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 @contextmanager

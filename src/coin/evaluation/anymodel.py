@@ -720,7 +720,7 @@ def evaluate_models(models: list[str], settings: Settings, root: Path, out_dir: 
 
         check_store(settings, root)
     targets = resolve_targets(list(models), settings, root)
-    from coin.stages import exclusive
+    from coin.locks import exclusive
 
     # two evaluations into one --out removed each other's models/<label>/ and left a report of whichever ended last
     lock = out_dir / ".lock"
