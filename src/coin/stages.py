@@ -296,10 +296,10 @@ def preflight_pipeline(settings: Settings, root: Path | None = None) -> None:
     from coin.evaluation.runner import check_generation_budget
     from coin.modeling.backbone import check_cutoff_len, config_positions
     from coin.modeling.memory import preflight
-    from coin.registry.tracking import check_server_answers, tracking_uri
+    from coin.registry.tracking import check_store
 
     if root is not None:
-        check_server_answers(tracking_uri(settings, root))
+        check_store(settings, root)
 
     check_cutoff_len(settings.pairs.cutoff_len, config_positions(settings.model.backbone), settings.model.backbone)
     preflight(settings, list(settings.train.methods))

@@ -162,10 +162,10 @@ def preflight_study(settings: Settings, root: Path | None = None) -> None:
     answer."""
     from coin.evaluation.runner import check_generation_budget
     from coin.modeling.memory import MemoryPlanError, preflight
-    from coin.registry.tracking import check_server_answers, tracking_uri
+    from coin.registry.tracking import check_store
 
     if root is not None:
-        check_server_answers(tracking_uri(settings, root))
+        check_store(settings, root)
 
     trained = [m for m in settings.study.methods if m != BASE_METHOD]
     for value, s in sweep_points(settings):
